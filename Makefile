@@ -1,0 +1,37 @@
+# SegAssist developer entry points. Two targets matter on a fresh machine:
+#   make demo   set up .venv and run an interactive session on the bundled model and sample
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+OUT ?= out/demo
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch alone and first, so nothing else drags in a different build
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/segassist demo --out $(OUT)
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check SegAssistLib SegAssist Testing benchmarks
+
+bench: setup
+	$(PY) benchmarks/latency.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

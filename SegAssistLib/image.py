@@ -1,0 +1,101 @@
+"""A 3D image with its geometry, and the checks every image passes before it is segmented.
+
+Torch-free. The array is indexed ``[k, j, i]``; spacing, origin and direction follow ITK
+(physical LPS coordinates, ``direction`` columns are the i, j, k axes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from SegAssistLib.errors import ImageError
+
+MAX_VOXELS_DEFAULT = 1024 * 1024 * 1024  # about 1 G voxels: a 1024x1024x1000 volume
+
+
+@dataclass
+class Volume:
+    array: np.ndarray
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    modality: Optional[str] = None  # "CT", "MR" or None (guessed from intensities when needed)
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+        self.origin = tuple(float(s) for s in self.origin)  # type: ignore[assignment]
+        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def shape_ijk(self) -> Tuple[int, int, int]:
+        k, j, i = self.array.shape
+        return (i, j, k)
+
+    def ijk_to_physical(self, ijk: Sequence[float]) -> np.ndarray:
+        ijk = np.asarray(ijk, dtype=float)
+        return np.asarray(self.origin) + (self.direction * np.asarray(self.spacing)) @ ijk
+
+    def physical_to_ijk(self, point: Sequence[float]) -> np.ndarray:
+        m = self.direction * np.asarray(self.spacing)
+        return np.linalg.solve(m, np.asarray(point, dtype=float) - np.asarray(self.origin))
+
+    def content_hash(self) -> str:
+        """SHA-256 of voxels and geometry: the same image always hashes the same."""
+        h = hashlib.sha256()
+        arr = np.ascontiguousarray(self.array)
+        h.update(str(arr.dtype.str).encode())
+        h.update(np.asarray(arr.shape, np.int64).tobytes())
+        h.update(np.asarray(self.spacing + self.origin, np.float64).tobytes())
+        h.update(np.asarray(self.direction, np.float64).tobytes())
+        h.update(memoryview(arr).cast("B"))
+        return h.hexdigest()
+
+
+_ALLOWED_KINDS = "biuf"
+
+
+def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None:
+    """Raise :class:`ImageError` naming the problem if the image cannot be segmented."""
+    arr = volume.array
+    if not isinstance(arr, np.ndarray):
+        raise ImageError(f"image must be a numpy array, got {type(arr).__name__}")
+    if arr.ndim == 4 and 1 in arr.shape:
+        raise ImageError(
+            f"image has 4 dimensions {arr.shape}: squeeze the singleton axis or pick one channel first"
+        )
+    if arr.ndim != 3:
+        raise ImageError(f"image must be 3D, got {arr.ndim}D with shape {arr.shape}")
+    if arr.dtype.kind not in _ALLOWED_KINDS:
+        raise ImageError(f"image dtype {arr.dtype} is not numeric (integer or float expected)")
+    if arr.size == 0 or min(arr.shape) < 1:
+        raise ImageError(f"image is empty: shape {arr.shape}")
+    if min(arr.shape) < 2:
+        raise ImageError(f"image is a single slice (shape {arr.shape}): a 3D volume is needed")
+    if arr.size > max_voxels:
+        raise ImageError(f"image has {arr.size} voxels, above the limit of {max_voxels}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ImageError(f"image has {bad} NaN or infinite voxels: fill or mask them before segmenting")
+    sp = np.asarray(volume.spacing)
+    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ImageError(f"image spacing must be 3 positive numbers, got {volume.spacing}")
+    d = np.asarray(volume.direction)
+    if d.shape != (3, 3) or not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
+        raise ImageError("image direction must be an invertible 3x3 matrix")
+    if float(arr.max()) == float(arr.min()):
+        raise ImageError("image is constant: there is nothing to segment")
+
+
+def guess_modality(volume: Volume) -> str:
+    """'CT' when intensities look like Hounsfield units, else 'MR'."""
+    if volume.modality:
+        return volume.modality
+    arr = volume.array
+    step = max(1, int(round((arr.size / 200_000) ** (1 / 3))))
+    sample = arr[::step, ::step, ::step]
+    lo, hi = np.percentile(sample, [1, 99])
+    return "CT" if lo <= -500 and hi >= 0 and hi < 5000 else "MR"
