@@ -1,0 +1,92 @@
+"""Datasets in the MSD / nnU-Net layout and the fixed evaluation split. Torch-free.
+
+A dataset folder holds ``imagesTr/<case>.nii.gz`` (or ``<case>_0000.nii.gz`` for multi-channel
+cases), ``labelsTr/<case>.nii.gz`` and ``dataset.json``. The evaluation split lives in
+``Resources/splits.json``: training never reads a case listed there. Cases of one patient (ACDC's
+two frames, Sunnybrook's two phases) always fall on the same side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from SegAssistLib.errors import SegAssistError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPLITS_FILE = REPO_ROOT / "Resources" / "splits.json"
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Case:
+    dataset: str
+    name: str
+    image: Path
+    label: Path
+
+    @property
+    def patient(self) -> str:
+        return patient_of(self.name)
+
+
+def patient_of(case_name: str) -> str:
+    """Group key: ACDC ``patient001_frame01`` -> ``patient001``; Sunnybrook ``SCD0000101_phase08`` ->
+    ``SCD0000101``; otherwise the case name."""
+    return re.sub(r"_(frame|phase)\d+$", "", case_name)
+
+
+def _strip_suffix(name: str) -> Optional[str]:
+    for suffix in _IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
+    """Cases that have both an image (channel ``channel`` for multi-channel cases) and a label."""
+    root = Path(dataset_dir)
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir() or not labels_dir.is_dir():
+        raise SegAssistError(f"{root} is not a dataset folder: it needs imagesTr/ and labelsTr/")
+    labels: Dict[str, Path] = {}
+    for path in labels_dir.iterdir():
+        stem = _strip_suffix(path.name)
+        if stem is not None and not path.name.startswith("."):
+            labels[stem] = path
+    cases = []
+    for path in sorted(images_dir.iterdir()):
+        stem = _strip_suffix(path.name)
+        if stem is None or path.name.startswith("."):
+            continue
+        match = re.match(r"^(.*)_(\d{4})$", stem)
+        if match and match.group(1) in labels:
+            if int(match.group(2)) != channel:
+                continue
+            stem = match.group(1)
+        if stem in labels:
+            cases.append(Case(root.name, stem, path, labels[stem]))
+    return cases
+
+
+def load_splits() -> Dict[str, List[str]]:
+    """Evaluation cases per dataset name."""
+    return json.loads(SPLITS_FILE.read_text())["evaluation"]
+
+
+def split_cases(cases: List[Case], part: str) -> List[Case]:
+    """``part`` is ``"evaluation"`` or ``"training"``; datasets absent from the split file are all
+    evaluation (a new folder is never trained on by accident)."""
+    if part not in ("evaluation", "training"):
+        raise ValueError(f"unknown split part {part!r}")
+    splits = load_splits()
+    out = []
+    for case in cases:
+        evaluation = splits.get(case.dataset)
+        is_eval = True if evaluation is None else case.name in evaluation
+        if (part == "evaluation") == is_eval:
+            out.append(case)
+    return out
