@@ -1,0 +1,79 @@
+"""Atomic file writes: write a temporary file beside the target, fsync it, rename it, fsync the folder.
+
+A reader (or a process restarted after a crash) sees either no file or the complete file, never a
+partial one. Temporary files are named ``.tmp-<random>-<final name>`` so that recovery can find
+and remove the ones a killed writer left behind; they keep the final name's suffix because
+SimpleITK picks the file format from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+TMP_PREFIX = ".tmp-"
+
+
+def temp_path_for(dest: Path) -> Path:
+    return dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}")
+
+
+def is_temp_file(path: Path) -> bool:
+    return path.name.startswith(TMP_PREFIX)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(dest: Path, writer: Callable[[Path], object], overwrite: bool = False) -> str:
+    """Write ``dest`` through ``writer(temp_path)``; returns the SHA-256 of the written file.
+
+    With ``overwrite=False`` (the default) an existing ``dest`` is an error: stored data is never
+    replaced in place.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and dest.exists():
+        raise FileExistsError(f"refusing to overwrite {dest}")
+    tmp = temp_path_for(dest)
+    try:
+        writer(tmp)
+        if not tmp.is_file():
+            raise OSError(f"the writer did not create {tmp}")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        if not overwrite and dest.exists():
+            raise FileExistsError(f"refusing to overwrite {dest}")
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dest.parent)
+    return digest
+
+
+def atomic_write_bytes(dest: Path, data: bytes, overwrite: bool = False) -> str:
+    return atomic_write(Path(dest), lambda p: Path(p).write_bytes(data), overwrite=overwrite)

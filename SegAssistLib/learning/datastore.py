@@ -1,0 +1,744 @@
+"""The embedded datastore: a local folder plus SQLite (stdlib ``sqlite3``). Torch-free.
+
+Layout of the store folder::
+
+    segassist.sqlite              cases, label versions (with provenance and prompt logs), reviews
+    images/<case id>.nii.gz       the imported image, converted once to NIfTI
+    labels/<case id>/<label id>.nii.gz   one file per label version, written once, never changed
+
+Rules that make it safe to kill the process at any moment:
+
+- Every file is written to a temporary name beside its target, fsynced and renamed (``_atomic``);
+  a label version is a *new* file named by a fresh random id, so nothing is overwritten in place.
+- The database row that makes a file visible is inserted only after the file is complete, in one
+  SQLite transaction (WAL journal, ``synchronous=FULL``). A killed writer leaves either no row (the
+  old version stays the latest) or a row pointing at a complete file (the new version).
+- Leftovers of an interrupted write (temporary files, files without a row) are ignored by readers,
+  reported by :meth:`Datastore.verify` and removed by :meth:`Datastore.recover`.
+- Every stored file's SHA-256 is recorded; labels are checked on every read.
+
+All ids are generated here (random hex) and validated on the way in; user-supplied names (case
+names, users, model names) are never used to build a file path.
+
+The store may be opened by several processes at once (the server and a background trainer):
+SQLite serialises writers, and a connection here is shared by threads behind a lock. Keep the
+store on a local disk: SQLite's WAL mode does not work on network file systems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from SegAssistLib.errors import ImageError, PromptError
+from SegAssistLib.image import Volume, validate_image
+from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, volume_to_sitk
+from SegAssistLib.learning._atomic import atomic_write, is_temp_file, sha256_file
+from SegAssistLib.learning.errors import (
+    CaseLockedError,
+    CorruptDataError,
+    DatastoreError,
+    DuplicateCaseError,
+    InvalidStateError,
+    NotFoundError,
+)
+from SegAssistLib.learning.records import (
+    CaseRecord,
+    CaseStatus,
+    ImportReport,
+    IntegrityReport,
+    LabelVersion,
+    Review,
+    check_case_id,
+    check_label_id,
+    check_text,
+    check_user,
+    new_case_id,
+    new_label_id,
+    parse_statuses,
+)
+from SegAssistLib.learning.sources import find_sources
+from SegAssistLib.prompts import PromptLog
+
+SCHEMA_VERSION = 1
+DB_NAME = "segassist.sqlite"
+DEFAULT_LOCK_TTL_S = 30 * 60.0
+MAX_LOCK_TTL_S = 24 * 3600.0
+DEFAULT_RECOVER_AGE_S = 600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cases (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    spacing TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    content_hash TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    imported_at REAL NOT NULL,
+    imported_by TEXT NOT NULL,
+    locked_by TEXT,
+    lock_expires REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cases_status ON cases(status);
+CREATE TABLE IF NOT EXISTS labels (
+    id TEXT PRIMARY KEY,
+    case_id TEXT NOT NULL REFERENCES cases(id),
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    model TEXT,
+    adapter_version TEXT,
+    n_interactions INTEGER NOT NULL,
+    seconds_spent REAL NOT NULL,
+    submitted INTEGER NOT NULL,
+    n_foreground INTEGER NOT NULL,
+    prompt_log TEXT,
+    UNIQUE (case_id, version)
+);
+CREATE TABLE IF NOT EXISTS reviews (
+    id TEXT PRIMARY KEY,
+    label_id TEXT NOT NULL REFERENCES labels(id),
+    reviewer TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
+    note TEXT,
+    created_at REAL NOT NULL
+);
+"""
+
+_CASE_QUERY = """
+SELECT c.*,
+       (SELECT COUNT(*) FROM labels l WHERE l.case_id = c.id) AS n_labels,
+       (SELECT l.id FROM labels l WHERE l.case_id = c.id ORDER BY l.version DESC LIMIT 1) AS latest_label_id
+FROM cases c
+"""
+_LABEL_COLUMNS = (
+    "id, case_id, version, sha256, user, created_at, model, adapter_version, n_interactions, "
+    "seconds_spent, submitted, n_foreground, prompt_log IS NOT NULL AS has_prompt_log"
+)
+
+PromptLogLike = Union[PromptLog, str, dict, None]
+
+
+class Datastore:
+    """Cases, locks and versioned labels in a folder. See the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        create: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.root = Path(root)
+        self._clock = clock
+        db_path = self.root / DB_NAME
+        if not db_path.is_file():
+            if not create:
+                raise DatastoreError(f"no SegAssist datastore at {self.root} (missing {DB_NAME})")
+            self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "images").mkdir(exist_ok=True)
+        (self.root / "labels").mkdir(exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._init_schema()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _init_schema(self) -> None:
+        with self._lock:
+            self._conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); runs outside a transaction
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise DatastoreError(
+                    f"datastore {self.root} has schema {row['value']}, newer than this SegAssist reads "
+                    f"({SCHEMA_VERSION}): upgrade SegAssist"
+                )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``BEGIN IMMEDIATE`` takes the write lock up front (no upgrade deadlock)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence = ()) -> List[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Datastore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def image_path(self, case_id: str) -> Path:
+        return self.root / "images" / f"{check_case_id(case_id)}.nii.gz"
+
+    def label_path(self, case_id: str, label_id: str) -> Path:
+        return self.root / "labels" / check_case_id(case_id) / f"{check_label_id(label_id)}.nii.gz"
+
+    # ------------------------------------------------------------------ import
+
+    def import_images(
+        self,
+        source: Union[str, Path],
+        user: str,
+        channel: Optional[int] = None,
+        recursive: bool = True,
+    ) -> ImportReport:
+        """Import one image file, one DICOM series folder, or every image in a folder.
+
+        Images already in the store (same voxels and geometry) and images that cannot be
+        segmented are skipped with the reason; the rest become cases with status ``new``.
+        ``source`` is a path on this machine given by the operator, not by a remote client.
+        """
+        check_user(user)
+        try:
+            sources = find_sources(Path(source), recursive=recursive)
+        except (OSError, RuntimeError) as exc:
+            raise DatastoreError(f"cannot import from {source}: {exc}") from exc
+        report = ImportReport()
+        for path, name in sources:
+            try:
+                volume = load_volume(path, channel=channel)
+                report.added.append(self.import_volume(volume, name=name, user=user, source=str(path)))
+            except (ImageError, DuplicateCaseError) as exc:
+                report.skipped.append((str(path), str(exc)))
+        return report
+
+    def import_volume(self, volume: Volume, name: str, user: str, source: str = "") -> CaseRecord:
+        """Add an in-memory image as a new case; raises :class:`DuplicateCaseError` if already stored."""
+        check_user(user)
+        name = check_text(name, "case name") or ""
+        if not name:
+            raise DatastoreError("a case needs a non-empty name")
+        source = check_text(source, "source", limit=4096) or ""
+        validate_image(volume)
+        content_hash = volume.content_hash()
+        self._raise_if_duplicate(content_hash)
+        case_id = new_case_id()
+        path = self.image_path(case_id)
+        digest = atomic_write(path, lambda tmp: sitk.WriteImage(volume_to_sitk(volume), str(tmp), True))
+        now = self._clock()
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO cases (id, name, status, shape, spacing, origin, direction, image_sha256, "
+                    "content_hash, source, imported_at, imported_by, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        case_id,
+                        name,
+                        CaseStatus.NEW.value,
+                        json.dumps([int(n) for n in volume.array.shape]),
+                        json.dumps(list(volume.spacing)),
+                        json.dumps(list(volume.origin)),
+                        json.dumps(np.asarray(volume.direction, float).ravel().tolist()),
+                        digest,
+                        content_hash,
+                        source,
+                        now,
+                        user,
+                        now,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            path.unlink(missing_ok=True)
+            self._raise_if_duplicate(content_hash)
+            raise
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return self.get_case(case_id)
+
+    def _raise_if_duplicate(self, content_hash: str) -> None:
+        rows = self._read("SELECT id, name FROM cases WHERE content_hash = ?", (content_hash,))
+        if rows:
+            raise DuplicateCaseError(
+                f"image already imported as case {rows[0]['id']} ({rows[0]['name']})", rows[0]["id"]
+            )
+
+    # ------------------------------------------------------------------ cases
+
+    def _case_from_row(self, row: sqlite3.Row) -> CaseRecord:
+        locked_by, expires = row["locked_by"], row["lock_expires"]
+        if locked_by is not None and (expires is None or expires <= self._clock()):
+            locked_by, expires = None, None  # an expired lock is no lock
+        return CaseRecord(
+            id=row["id"],
+            name=row["name"],
+            status=CaseStatus(row["status"]),
+            shape=tuple(json.loads(row["shape"])),
+            spacing=tuple(json.loads(row["spacing"])),
+            image_sha256=row["image_sha256"],
+            content_hash=row["content_hash"],
+            source=row["source"],
+            imported_at=row["imported_at"],
+            imported_by=row["imported_by"],
+            locked_by=locked_by,
+            lock_expires=expires,
+            n_labels=int(row["n_labels"]),
+            latest_label_id=row["latest_label_id"],
+        )
+
+    def get_case(self, case_id: str) -> CaseRecord:
+        rows = self._read(_CASE_QUERY + " WHERE c.id = ?", (check_case_id(case_id),))
+        if not rows:
+            raise NotFoundError(f"no case {case_id}")
+        return self._case_from_row(rows[0])
+
+    def list_cases(
+        self,
+        status: Union[None, str, CaseStatus, Iterable[Union[str, CaseStatus]]] = None,
+        locked_by: Optional[str] = None,
+        limit: Optional[int] = None,
+        offset: int = 0,
+    ) -> List[CaseRecord]:
+        """Cases in import order, optionally only those of some statuses or locked by one user."""
+        where, params = [], []
+        statuses = parse_statuses(status)
+        if statuses is not None:
+            if not statuses:
+                return []
+            where.append(f"c.status IN ({', '.join('?' * len(statuses))})")
+            params.extend(s.value for s in statuses)
+        if locked_by is not None:
+            where.append("c.locked_by = ? AND c.lock_expires > ?")
+            params.extend([check_user(locked_by), self._clock()])
+        sql = _CASE_QUERY + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY c.imported_at, c.rowid"
+        if limit is not None:
+            if int(limit) < 0 or int(offset) < 0:
+                raise DatastoreError("limit and offset must not be negative")
+            sql += " LIMIT ? OFFSET ?"
+            params.extend([int(limit), int(offset)])
+        return [self._case_from_row(r) for r in self._read(sql, params)]
+
+    def count_by_status(self) -> Dict[str, int]:
+        counts = {s.value: 0 for s in CaseStatus}
+        for row in self._read("SELECT status, COUNT(*) AS n FROM cases GROUP BY status"):
+            counts[row["status"]] = int(row["n"])
+        return counts
+
+    def _geometry(self, case_id: str) -> Tuple[Tuple[int, ...], Volume]:
+        rows = self._read(
+            "SELECT shape, spacing, origin, direction FROM cases WHERE id = ?", (check_case_id(case_id),)
+        )
+        if not rows:
+            raise NotFoundError(f"no case {case_id}")
+        row = rows[0]
+        reference = Volume(
+            array=np.zeros((0, 0, 0), np.uint8),
+            spacing=tuple(json.loads(row["spacing"])),
+            origin=tuple(json.loads(row["origin"])),
+            direction=np.asarray(json.loads(row["direction"]), float).reshape(3, 3),
+        )
+        return tuple(json.loads(row["shape"])), reference
+
+    def load_image(self, case_id: str) -> Volume:
+        self.get_case(case_id)
+        path = self.image_path(case_id)
+        if not path.is_file():
+            raise CorruptDataError(f"the image file of case {case_id} is missing from the store")
+        return load_volume(path)
+
+    def reference_geometry(self, case_id: str) -> Volume:
+        """The case's geometry (spacing, origin, direction) without reading its voxels."""
+        return self._geometry(case_id)[1]
+
+    # ------------------------------------------------------------------ locks
+
+    def _check_lock(self, row: sqlite3.Row, user: str, now: float) -> None:
+        holder, expires = row["locked_by"], row["lock_expires"]
+        if holder is not None and holder != user and expires is not None and expires > now:
+            minutes = max(1, int(round((expires - now) / 60.0)))
+            raise CaseLockedError(
+                f"case {row['id']} ({row['name']}) is locked by {holder} for about {minutes} more "
+                "minute(s); pick another case or ask them to release it"
+            )
+
+    def lock(self, case_id: str, user: str, ttl_s: float = DEFAULT_LOCK_TTL_S) -> CaseRecord:
+        """Lock a case to ``user`` for ``ttl_s`` seconds (renews the user's own lock).
+
+        A ``new`` case becomes ``in_progress``. Raises :class:`CaseLockedError` when another user
+        holds an unexpired lock.
+        """
+        check_case_id(case_id)
+        check_user(user)
+        ttl = float(ttl_s)
+        if not (0 < ttl <= MAX_LOCK_TTL_S):
+            raise DatastoreError(f"lock duration must be between 0 and {MAX_LOCK_TTL_S:.0f} s, got {ttl_s}")
+        with self._write() as db:
+            now = self._clock()
+            row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no case {case_id}")
+            self._check_lock(row, user, now)
+            status = CaseStatus.IN_PROGRESS.value if row["status"] == CaseStatus.NEW.value else row["status"]
+            db.execute(
+                "UPDATE cases SET locked_by = ?, lock_expires = ?, status = ?, updated_at = ? WHERE id = ?",
+                (user, now + ttl, status, now, case_id),
+            )
+        return self.get_case(case_id)
+
+    def unlock(self, case_id: str, user: str, force: bool = False) -> CaseRecord:
+        """Release a lock. Only its holder may, unless ``force`` (an administrator's override).
+
+        An ``in_progress`` case without any label goes back to ``new``.
+        """
+        check_case_id(case_id)
+        check_user(user)
+        with self._write() as db:
+            now = self._clock()
+            row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no case {case_id}")
+            if not force:
+                self._check_lock(row, user, now)
+            n_labels = db.execute("SELECT COUNT(*) FROM labels WHERE case_id = ?", (case_id,)).fetchone()[0]
+            status = row["status"]
+            if status == CaseStatus.IN_PROGRESS.value and n_labels == 0:
+                status = CaseStatus.NEW.value
+            db.execute(
+                "UPDATE cases SET locked_by = NULL, lock_expires = NULL, status = ?, updated_at = ? "
+                "WHERE id = ?",
+                (status, now, case_id),
+            )
+        return self.get_case(case_id)
+
+    # ------------------------------------------------------------------ labels
+
+    def save_label(
+        self,
+        case_id: str,
+        mask: np.ndarray,
+        user: str,
+        prompt_log: PromptLogLike = None,
+        model: Optional[str] = None,
+        adapter_version: Optional[str] = None,
+        n_interactions: Optional[int] = None,
+        seconds_spent: float = 0.0,
+        submit: bool = True,
+    ) -> LabelVersion:
+        """Save a new label version of a case with its provenance; never changes an earlier version.
+
+        ``mask`` is in array order ``[k, j, i]`` on the case's grid, integer values 0-255.
+        ``n_interactions`` defaults to the number of prompts in ``prompt_log``. With ``submit``
+        the case becomes ``submitted`` and its lock is released; otherwise the version is a draft
+        and the case stays ``in_progress``. Raises :class:`CaseLockedError` when another user
+        holds the case.
+        """
+        check_case_id(case_id)
+        check_user(user)
+        model = check_text(model, "model")
+        adapter_version = check_text(adapter_version, "adapter version")
+        log = _parse_prompt_log(prompt_log)
+        if n_interactions is None:
+            n_interactions = len(log.prompts) if log is not None else 0
+        if isinstance(n_interactions, bool) or int(n_interactions) != n_interactions or n_interactions < 0:
+            raise DatastoreError(f"n_interactions must be a non-negative integer, got {n_interactions!r}")
+        seconds = float(seconds_spent)
+        if not np.isfinite(seconds) or seconds < 0:
+            raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")
+        shape, reference = self._geometry(case_id)
+        labels = _check_mask(mask, shape)
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+        self._check_lock(row, user, self._clock())  # fail before the (slow) write
+
+        label_id = new_label_id()
+        path = self.label_path(case_id, label_id)
+        digest = atomic_write(path, lambda tmp: save_mask_nifti(labels, reference, tmp))
+        try:
+            with self._write() as db:
+                now = self._clock()
+                row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no case {case_id}")
+                self._check_lock(row, user, now)
+                version = db.execute(
+                    "SELECT COALESCE(MAX(version), 0) + 1 FROM labels WHERE case_id = ?", (case_id,)
+                ).fetchone()[0]
+                db.execute(
+                    "INSERT INTO labels (id, case_id, version, sha256, user, created_at, model, "
+                    "adapter_version, n_interactions, seconds_spent, submitted, n_foreground, prompt_log) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        label_id,
+                        case_id,
+                        int(version),
+                        digest,
+                        user,
+                        now,
+                        model,
+                        adapter_version,
+                        int(n_interactions),
+                        seconds,
+                        int(bool(submit)),
+                        int(np.count_nonzero(labels)),
+                        log.to_json() if log is not None else None,
+                    ),
+                )
+                if submit:
+                    db.execute(
+                        "UPDATE cases SET status = ?, locked_by = NULL, lock_expires = NULL, updated_at = ? "
+                        "WHERE id = ?",
+                        (CaseStatus.SUBMITTED.value, now, case_id),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE cases SET status = ?, updated_at = ? WHERE id = ?",
+                        (CaseStatus.IN_PROGRESS.value, now, case_id),
+                    )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return self.get_label(label_id)
+
+    @staticmethod
+    def _label_from_row(row: sqlite3.Row) -> LabelVersion:
+        return LabelVersion(
+            id=row["id"],
+            case_id=row["case_id"],
+            version=int(row["version"]),
+            user=row["user"],
+            created_at=row["created_at"],
+            sha256=row["sha256"],
+            model=row["model"],
+            adapter_version=row["adapter_version"],
+            n_interactions=int(row["n_interactions"]),
+            seconds_spent=float(row["seconds_spent"]),
+            submitted=bool(row["submitted"]),
+            n_foreground=int(row["n_foreground"]),
+            has_prompt_log=bool(row["has_prompt_log"]),
+        )
+
+    def get_label(self, label_id: str) -> LabelVersion:
+        rows = self._read(f"SELECT {_LABEL_COLUMNS} FROM labels WHERE id = ?", (check_label_id(label_id),))
+        if not rows:
+            raise NotFoundError(f"no label version {label_id}")
+        return self._label_from_row(rows[0])
+
+    def label_versions(self, case_id: str) -> List[LabelVersion]:
+        """Every label version of a case, oldest first."""
+        self.get_case(case_id)
+        rows = self._read(
+            f"SELECT {_LABEL_COLUMNS} FROM labels WHERE case_id = ? ORDER BY version", (case_id,)
+        )
+        return [self._label_from_row(r) for r in rows]
+
+    def latest_label(self, case_id: str, submitted_only: bool = False) -> Optional[LabelVersion]:
+        self.get_case(case_id)
+        sql = f"SELECT {_LABEL_COLUMNS} FROM labels WHERE case_id = ?"
+        if submitted_only:
+            sql += " AND submitted = 1"
+        rows = self._read(sql + " ORDER BY version DESC LIMIT 1", (case_id,))
+        return self._label_from_row(rows[0]) if rows else None
+
+    def load_label(self, label_id: str) -> np.ndarray:
+        """The label version's voxels (uint8, array order), checked against the recorded checksum."""
+        label = self.get_label(label_id)
+        path = self.label_path(label.case_id, label.id)
+        if not path.is_file():
+            raise CorruptDataError(f"the file of label version {label_id} is missing from the store")
+        if sha256_file(path) != label.sha256:
+            raise CorruptDataError(f"the file of label version {label_id} does not match its checksum")
+        return load_mask(path).astype(np.uint8, copy=False)
+
+    def prompt_log(self, label_id: str) -> Optional[PromptLog]:
+        rows = self._read("SELECT prompt_log FROM labels WHERE id = ?", (check_label_id(label_id),))
+        if not rows:
+            raise NotFoundError(f"no label version {label_id}")
+        text = rows[0]["prompt_log"]
+        return PromptLog.from_json(text) if text is not None else None
+
+    def training_cases(
+        self, statuses: Iterable[Union[str, CaseStatus]] = (CaseStatus.SUBMITTED, CaseStatus.REVIEWED)
+    ) -> List[Tuple[CaseRecord, LabelVersion]]:
+        """Each case of the given statuses with its latest submitted label version: what a trainer reads."""
+        out = []
+        for case in self.list_cases(status=list(statuses)):
+            label = self.latest_label(case.id, submitted_only=True)
+            if label is not None:
+                out.append((case, label))
+        return out
+
+    # ------------------------------------------------------------------ reviews
+
+    def review(self, case_id: str, reviewer: str, accepted: bool, note: Optional[str] = None) -> Review:
+        """Record a review of the case's latest submitted label: accepted -> ``reviewed``, rejected ->
+        back to ``in_progress``."""
+        check_case_id(case_id)
+        check_user(reviewer)
+        note = check_text(note, "review note", limit=2000)
+        review_id = new_label_id()
+        with self._write() as db:
+            now = self._clock()
+            row = db.execute("SELECT status FROM cases WHERE id = ?", (case_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no case {case_id}")
+            if row["status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
+                raise InvalidStateError(
+                    f"case {case_id} is {row['status']}: only submitted cases can be reviewed"
+                )
+            label = db.execute(
+                "SELECT id FROM labels WHERE case_id = ? AND submitted = 1 ORDER BY version DESC LIMIT 1",
+                (case_id,),
+            ).fetchone()
+            if label is None:
+                raise InvalidStateError(f"case {case_id} has no submitted label to review")
+            db.execute(
+                "INSERT INTO reviews (id, label_id, reviewer, accepted, note, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (review_id, label["id"], reviewer, int(bool(accepted)), note, now),
+            )
+            status = CaseStatus.REVIEWED if accepted else CaseStatus.IN_PROGRESS
+            db.execute(
+                "UPDATE cases SET status = ?, updated_at = ? WHERE id = ?", (status.value, now, case_id)
+            )
+        return Review(review_id, label["id"], reviewer, bool(accepted), note, now)
+
+    def reviews(self, case_id: str) -> List[Review]:
+        self.get_case(case_id)
+        rows = self._read(
+            "SELECT r.* FROM reviews r JOIN labels l ON r.label_id = l.id WHERE l.case_id = ? "
+            "ORDER BY r.created_at",
+            (case_id,),
+        )
+        return [
+            Review(r["id"], r["label_id"], r["reviewer"], bool(r["accepted"]), r["note"], r["created_at"])
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------------ integrity
+
+    def _referenced_files(self) -> Dict[Path, Tuple[str, str]]:
+        """Every file a record points at -> (what, recorded sha256)."""
+        files: Dict[Path, Tuple[str, str]] = {}
+        for row in self._read("SELECT id, image_sha256 FROM cases"):
+            files[self.image_path(row["id"])] = (f"image of case {row['id']}", row["image_sha256"])
+        for row in self._read("SELECT id, case_id, sha256 FROM labels"):
+            files[self.label_path(row["case_id"], row["id"])] = (f"label version {row['id']}", row["sha256"])
+        return files
+
+    def _stored_files(self) -> List[Path]:
+        out = [p for p in (self.root / "images").iterdir() if p.is_file()]
+        for folder in (self.root / "labels").iterdir():
+            if folder.is_dir():
+                out.extend(p for p in folder.iterdir() if p.is_file())
+        return out
+
+    def verify(self, check_images: bool = True) -> IntegrityReport:
+        """Check every referenced file exists and matches its checksum; list unreferenced files."""
+        referenced = self._referenced_files()
+        corrupt = []
+        for path, (what, digest) in sorted(referenced.items()):
+            if not check_images and path.parent.name == "images":
+                continue
+            if not path.is_file():
+                corrupt.append(f"{what}: file missing")
+            elif sha256_file(path) != digest:
+                corrupt.append(f"{what}: checksum mismatch")
+        orphans = sorted(str(p.relative_to(self.root)) for p in self._stored_files() if p not in referenced)
+        return IntegrityReport(corrupt=tuple(corrupt), orphans=tuple(orphans))
+
+    def recover(self, min_age_s: float = DEFAULT_RECOVER_AGE_S) -> List[str]:
+        """Delete leftovers of interrupted writes (temporary files and files no record points at).
+
+        Only files older than ``min_age_s`` are removed, so that a write in progress in another
+        process is left alone; pass 0 when no other process uses the store.
+        """
+        referenced = self._referenced_files()
+        now = time.time()
+        removed = []
+        for path in self._stored_files():
+            if path in referenced:
+                continue
+            try:
+                if now - path.stat().st_mtime < min_age_s:
+                    continue
+                path.unlink()
+                removed.append(str(path.relative_to(self.root)))
+            except FileNotFoundError:
+                continue
+        for folder in (self.root / "labels").iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                with suppress(OSError):
+                    folder.rmdir()
+        return sorted(removed)
+
+    def pending_writes(self) -> List[Path]:
+        """Temporary files of writes in progress (or interrupted) right now."""
+        return [p for p in self._stored_files() if is_temp_file(p)]
+
+
+def _parse_prompt_log(value: PromptLogLike) -> Optional[PromptLog]:
+    if value is None or isinstance(value, PromptLog):
+        return value
+    try:
+        if isinstance(value, str):
+            return PromptLog.from_json(value)
+        if isinstance(value, dict):
+            return PromptLog.model_validate(value)
+    except PromptError:
+        raise
+    except Exception as exc:
+        raise PromptError(f"invalid prompt log: {exc}") from exc
+    raise PromptError(f"a prompt log must be a PromptLog, JSON text or a dict, got {type(value).__name__}")
+
+
+def _check_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    arr = np.asarray(mask)
+    if arr.ndim != 3 or tuple(arr.shape) != tuple(shape):
+        raise DatastoreError(f"label shape {arr.shape} does not match the case's image shape {tuple(shape)}")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    integral = arr.dtype.kind in "iu" or (
+        arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr)))
+    )
+    if not integral:
+        raise DatastoreError(f"label values must be integers 0-255, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise DatastoreError(f"label values must be 0-255, got {arr.min()}..{arr.max()}")
+    return np.ascontiguousarray(arr.astype(np.uint8))
+
+
+def open_datastore(root: Union[str, Path], create: bool = False) -> Datastore:
+    """Open an existing store (``create=False``: a missing store is an error, not a new empty one)."""
+    root = Path(os.fspath(root))
+    return Datastore(root, create=create)

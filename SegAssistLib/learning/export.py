@@ -1,0 +1,145 @@
+"""Exporting the datastore: the MSD / nnU-Net layout and Slicer ``.seg.nrrd`` files. Torch-free.
+
+An MSD export is a folder ``imagesTr/<name>.nii.gz``, ``labelsTr/<name>.nii.gz`` (optionally
+``segmentations/<name>.seg.nrrd``) and ``dataset.json``, written last: a folder without
+``dataset.json`` is an interrupted export. ``dataset.json`` carries, beside the MSD keys, a
+``segassist`` section with each case's label version and provenance.
+
+File names come from case names, reduced to ``[A-Za-z0-9_-]`` (a case name may have come from a
+client) and made unique with the case id when two cases share a name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from SegAssistLib.image import guess_modality
+from SegAssistLib.io import save_segmentation_nrrd
+from SegAssistLib.learning._atomic import atomic_write, atomic_write_bytes, sha256_file
+from SegAssistLib.learning.datastore import Datastore
+from SegAssistLib.learning.errors import CorruptDataError, DatastoreError
+from SegAssistLib.learning.records import CaseRecord, CaseStatus, LabelVersion, iso_time, new_label_id
+
+DEFAULT_EXPORT_STATUSES = (CaseStatus.SUBMITTED, CaseStatus.REVIEWED)
+
+
+def safe_file_stem(name: str, fallback: str = "case") -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:64]
+    return stem or fallback
+
+
+def _unique_stems(cases: Sequence[CaseRecord]) -> Dict[str, str]:
+    stems = {c.id: safe_file_stem(c.name) for c in cases}
+    counts: Dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    return {cid: (stem if counts[stem] == 1 else f"{stem}_{cid}") for cid, stem in stems.items()}
+
+
+def _copy_checked(src: Path, digest: str, dest: Path, what: str) -> None:
+    if not src.is_file() or sha256_file(src) != digest:
+        raise CorruptDataError(f"{what} is missing or does not match its checksum: run verify()")
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _fresh_dest(store: Datastore, dest: Optional[Union[str, Path]]) -> Path:
+    if dest is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        dest = store.root / "exports" / f"{stamp}-{new_label_id()[:6]}"
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise DatastoreError(f"export folder {dest} is not empty: choose a new folder")
+    dest.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def export_seg_nrrd(
+    store: Datastore,
+    label_id: str,
+    dest: Path,
+    segment_names: Sequence[str] = ("SegAssist",),
+) -> Path:
+    """Write one label version as a Slicer segmentation (``dest`` must end in ``.seg.nrrd``)."""
+    dest = Path(dest)
+    if not dest.name.endswith(".seg.nrrd"):
+        raise DatastoreError(f"a Slicer segmentation file name ends in .seg.nrrd, got {dest.name}")
+    label = store.get_label(label_id)
+    mask = store.load_label(label_id)
+    reference = store.reference_geometry(label.case_id)
+    atomic_write(dest, lambda tmp: save_segmentation_nrrd(mask, reference, tmp, segment_names=segment_names))
+    return dest
+
+
+def export_msd(
+    store: Datastore,
+    dest: Optional[Union[str, Path]] = None,
+    statuses: Iterable[Union[str, CaseStatus]] = DEFAULT_EXPORT_STATUSES,
+    label_names: Sequence[str] = ("foreground",),
+    dataset_name: str = "SegAssist",
+    modality: Optional[str] = None,
+    seg_nrrd: bool = True,
+) -> Path:
+    """Export each case of the given statuses with its latest submitted label version.
+
+    ``dest`` must be a new or empty folder (default: ``<store>/exports/<time>-<id>``). Returns the
+    folder. ``modality`` (``"CT"``/``"MR"``) is guessed from the first image when not given.
+    """
+    pairs: List[Tuple[CaseRecord, LabelVersion]] = store.training_cases(statuses)
+    if not pairs:
+        raise DatastoreError("nothing to export: no case of those statuses has a submitted label")
+    if not label_names:
+        raise DatastoreError("label_names must name at least one label")
+    out = _fresh_dest(store, dest)
+    stems = _unique_stems([c for c, _ in pairs])
+    if modality is None:
+        modality = guess_modality(store.load_image(pairs[0][0].id))
+    training, provenance = [], []
+    for case, label in pairs:
+        stem = stems[case.id]
+        _copy_checked(
+            store.image_path(case.id), case.image_sha256, out / "imagesTr" / f"{stem}.nii.gz", "image"
+        )
+        _copy_checked(
+            store.label_path(case.id, label.id),
+            label.sha256,
+            out / "labelsTr" / f"{stem}.nii.gz",
+            f"label version {label.id}",
+        )
+        if seg_nrrd:
+            export_seg_nrrd(store, label.id, out / "segmentations" / f"{stem}.seg.nrrd", label_names)
+        training.append({"image": f"./imagesTr/{stem}.nii.gz", "label": f"./labelsTr/{stem}.nii.gz"})
+        provenance.append(
+            {
+                "file": f"{stem}.nii.gz",
+                "case_id": case.id,
+                "case_name": case.name,
+                "status": case.status.value,
+                "label_id": label.id,
+                "label_version": label.version,
+                "user": label.user,
+                "created_at": iso_time(label.created_at),
+                "model": label.model,
+                "adapter_version": label.adapter_version,
+                "n_interactions": label.n_interactions,
+                "seconds_spent": label.seconds_spent,
+            }
+        )
+    dataset = {
+        "name": dataset_name,
+        "description": "Exported from a SegAssist datastore",
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI" if modality == "MR" else modality},
+        "labels": {"0": "background", **{str(i + 1): n for i, n in enumerate(label_names)}},
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+        "segassist": {"exported_at": iso_time(time.time()), "cases": provenance},
+    }
+    atomic_write_bytes(out / "dataset.json", json.dumps(dataset, indent=1).encode())
+    return out

@@ -1,0 +1,73 @@
+"""Finding the images to import in a folder: single-file images and DICOM series folders. Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Tuple
+
+import SimpleITK as sitk
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Files that hold segmentations or sidecar data, not images to annotate.
+_SKIP_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
+
+
+def image_stem(path: Path) -> str:
+    """The file name without its image suffix: ``case_001.nii.gz`` -> ``case_001``."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_image_file(path: Path) -> bool:
+    name = path.name.lower()
+    if name.startswith(".") or any(name.endswith(s) for s in _SKIP_SUFFIXES):
+        return False
+    return path.is_file() and any(name.endswith(s) for s in IMAGE_SUFFIXES)
+
+
+def is_dicom_series_dir(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns for every folder without DICOM
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def find_sources(source: Path, recursive: bool = True) -> List[Tuple[Path, str]]:
+    """``(path, display name)`` of every image below ``source``, sorted by path.
+
+    ``source`` may be one image file, one DICOM series folder, or a folder holding image files and
+    DICOM series folders (searched recursively when ``recursive``). For an MSD-style dataset folder
+    only ``imagesTr`` and ``imagesTs`` are read, so its labels are not imported as images.
+    """
+    source = Path(source)
+    if source.is_file():
+        return [(source, image_stem(source))]
+    if not source.is_dir():
+        raise FileNotFoundError(f"nothing to import: {source} is neither a file nor a folder")
+    msd = [source / d for d in ("imagesTr", "imagesTs") if (source / d).is_dir()]
+    roots = msd or [source]
+    found: List[Tuple[Path, str]] = []
+    for root in roots:
+        found.extend(_scan(root, recursive))
+    return sorted(found, key=lambda item: str(item[0]))
+
+
+def _scan(folder: Path, recursive: bool) -> List[Tuple[Path, str]]:
+    found: List[Tuple[Path, str]] = []
+    if is_dicom_series_dir(folder):
+        found.append((folder, folder.name))
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if is_image_file(child):
+            found.append((child, image_stem(child)))
+        elif child.is_dir() and recursive:
+            found.extend(_scan(child, recursive))
+    return found
