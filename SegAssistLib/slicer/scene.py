@@ -1,0 +1,166 @@
+"""A headless MRML scene with the module logics SegAssist uses, and slice nodes without views.
+
+Inside the Slicer application use ``slicer.mrmlScene`` instead of :func:`create_headless_scene`;
+the functions of this package take the scene or nodes explicitly and work on either.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import slicer
+
+from SegAssistLib.errors import SegAssistError
+
+_STANDARD_ORIENTATIONS = ("Axial", "Sagittal", "Coronal")
+
+
+def _empty_home_directory() -> str:
+    """An empty Slicer "home" with a ``share/ColorFiles`` folder.
+
+    slicer-core ships no colour files; pointing the application logic at an empty folder lets the
+    Colors logic start quietly instead of logging an error for each scene.
+    """
+    home = os.path.join(tempfile.gettempdir(), f"segassist-slicer-home-{os.getuid()}")
+    os.makedirs(os.path.join(home, "share", "ColorFiles"), exist_ok=True)
+    return home
+
+
+@dataclass
+class SlicerContext:
+    """A scene, its application logic and the module logics registered on it."""
+
+    scene: slicer.vtkMRMLScene
+    app_logic: slicer.vtkSlicerApplicationLogic
+    logics: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def volumes_logic(self) -> slicer.vtkSlicerVolumesLogic:
+        return self.logics["Volumes"]
+
+    @property
+    def segmentations_logic(self) -> slicer.vtkSlicerSegmentationsModuleLogic:
+        return self.logics["Segmentations"]
+
+    @property
+    def markups_logic(self) -> slicer.vtkSlicerMarkupsLogic:
+        return self.logics["Markups"]
+
+    @property
+    def subject_hierarchy_logic(self) -> slicer.vtkSlicerSubjectHierarchyModuleLogic:
+        return self.logics["SubjectHierarchy"]
+
+    def close(self) -> None:
+        """Detach the logics and clear the scene (nodes, observers)."""
+        self.scene.Clear(True)
+        for logic in self.logics.values():
+            logic.SetMRMLScene(None)
+        self.logics.clear()
+
+    def __enter__(self) -> SlicerContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def create_headless_scene(home_directory: Optional[str] = None) -> SlicerContext:
+    """A new scene with application logic and Colors, Volumes, Segmentations, SubjectHierarchy, Markups.
+
+    The Terminologies logic is not registered: slicer-core ships no terminology files.
+    Segments can be created only once the Segmentations logic has the scene, which this ensures.
+    """
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    home = home_directory or _empty_home_directory()
+    app_logic.SetHomeDirectory(home)
+    app_logic.SetShareDirectory("share")
+
+    colors = slicer.vtkSlicerColorLogic()
+    app_logic.SetColorLogic(colors)
+    logics: Dict[str, object] = {"Colors": colors}
+    logics["Volumes"] = slicer.vtkSlicerVolumesLogic()
+    logics["Segmentations"] = slicer.vtkSlicerSegmentationsModuleLogic()
+    logics["SubjectHierarchy"] = slicer.vtkSlicerSubjectHierarchyModuleLogic()
+    logics["Markups"] = slicer.vtkSlicerMarkupsLogic()
+    for name, logic in logics.items():
+        logic.SetMRMLApplicationLogic(app_logic)
+        logic.SetMRMLScene(scene)
+        app_logic.SetModuleLogic(name, logic)
+    return SlicerContext(scene=scene, app_logic=app_logic, logics=logics)
+
+
+def install_util_globals(context: SlicerContext) -> None:
+    """Set ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` for ``slicer.util`` helpers.
+
+    Only outside the Slicer application (slicer-core, batch scripts): inside Slicer these globals
+    belong to the application and are left alone.
+    """
+    if hasattr(slicer, "app"):
+        raise SegAssistError(
+            "install_util_globals is for headless use: the Slicer application owns its globals"
+        )
+
+    def module(logic: object) -> types.SimpleNamespace:
+        return types.SimpleNamespace(logic=lambda: logic)
+
+    slicer.mrmlScene = context.scene
+    slicer.modules = types.SimpleNamespace(
+        **{name.lower(): module(logic) for name, logic in context.logics.items()}
+    )
+
+
+def add_slice_node(
+    scene: slicer.vtkMRMLScene,
+    orientation: Union[str, Sequence[float]] = "Axial",
+    dimensions: Tuple[int, int] = (256, 256),
+    field_of_view: Tuple[float, float] = (256.0, 256.0),
+    center_ras: Optional[Sequence[float]] = None,
+    layout_name: str = "Red",
+) -> slicer.vtkMRMLSliceNode:
+    """A slice node as a slice view would hold it: ``dimensions`` pixels showing ``field_of_view`` mm.
+
+    ``orientation`` is "Axial", "Sagittal", "Coronal", or a slice normal in RAS for an oblique
+    (reformatted) slice. ``center_ras`` is put at the centre of the view.
+    """
+    if scene.GetDefaultNodeByClass("vtkMRMLSliceNode") is None:
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    node = slicer.vtkMRMLSliceNode()
+    node.SetLayoutName(layout_name)
+    node.SetName(layout_name)
+    node.SetSingletonTag(f"SegAssist{layout_name}")
+    scene.AddNode(node)
+    node.SetDimensions(int(dimensions[0]), int(dimensions[1]), 1)
+    node.SetFieldOfView(float(field_of_view[0]), float(field_of_view[1]), 1.0)
+    orient_slice(node, orientation)
+    if center_ras is not None:
+        c = np.asarray(center_ras, float)
+        node.JumpSliceByCentering(float(c[0]), float(c[1]), float(c[2]))
+    node.UpdateMatrices()
+    return node
+
+
+def orient_slice(node: slicer.vtkMRMLSliceNode, orientation: Union[str, Sequence[float]]) -> None:
+    """Set a standard orientation by name, or an oblique one by its normal (RAS), keeping the centre."""
+    if isinstance(orientation, str):
+        if orientation not in _STANDARD_ORIENTATIONS:
+            raise SegAssistError(
+                f"unknown slice orientation {orientation!r}: use one of {_STANDARD_ORIENTATIONS}"
+            )
+        node.SetOrientation(orientation)
+        return
+    normal = np.asarray(orientation, float)
+    if normal.shape != (3,) or not np.all(np.isfinite(normal)) or np.linalg.norm(normal) == 0:
+        raise SegAssistError(f"an oblique slice orientation is a non-zero RAS normal, got {orientation!r}")
+    normal = normal / np.linalg.norm(normal)
+    # The transverse (in-plane x) axis: patient left, as in axial views, unless the normal is along R-L.
+    transverse = np.array([-1.0, 0.0, 0.0]) if abs(normal[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    center = np.asarray(node.GetSliceToRAS().MultiplyPoint((0.0, 0.0, 0.0, 1.0))[:3])
+    node.SetSliceToRASByNTP(*normal, *transverse, *center, 0)
+    node.UpdateMatrices()

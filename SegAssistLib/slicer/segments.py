@@ -1,0 +1,335 @@
+"""Segments <-> numpy masks on a reference volume's grid; region writes with undo; ``.seg.nrrd`` IO.
+
+Masks are ``uint8`` arrays ``[k, j, i]`` of 0 and 1 with the reference volume's shape. A segment's
+own labelmap may be stored on another grid, cropped, or shared with other segments in one layer
+(label values 1, 2, ...): reads resample it (nearest neighbour) onto the volume's grid and keep only
+this segment's label. Writes go onto the volume's grid expressed in the segmentation's frame, so
+different parent transforms on the volume and the segmentation are accounted for (linear only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from SegAssistLib.engine.base import MaskUpdate
+from SegAssistLib.errors import ImageError, SegAssistError, SessionError
+
+BINARY_LABELMAP = "Binary labelmap"
+_Logic = slicer.vtkSlicerSegmentationsModuleLogic
+
+
+def create_segmentation(
+    scene: slicer.vtkMRMLScene,
+    reference_volume_node: slicer.vtkMRMLScalarVolumeNode,
+    name: str = "SegAssist",
+) -> slicer.vtkMRMLSegmentationNode:
+    """A segmentation node whose reference geometry (the grid segments are stored on) is the volume's."""
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+    return node
+
+
+def add_segment(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    name: str,
+    color: Optional[Sequence[float]] = None,
+    segment_id: str = "",
+) -> str:
+    """Add an empty segment and return its ID."""
+    segmentation = segmentation_node.GetSegmentation()
+    if color is None:
+        new_id = segmentation.AddEmptySegment(segment_id, name)
+    else:
+        new_id = segmentation.AddEmptySegment(segment_id, name, [float(c) for c in color])
+    if not new_id:
+        raise SegAssistError(f"could not add segment {name!r} (is the Segmentations logic set on the scene?)")
+    return new_id
+
+
+def _segment(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str) -> slicer.vtkSegment:
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        ids = list(segmentation_node.GetSegmentation().GetSegmentIDs())
+        raise SegAssistError(
+            f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r} (has {ids})"
+        )
+    return segment
+
+
+def reference_geometry(
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+) -> slicer.vtkOrientedImageData:
+    """An empty oriented image with the volume's grid, expressed in the segmentation node's frame."""
+    image_data = reference_volume_node.GetImageData()
+    if image_data is None:
+        raise ImageError(f"volume {reference_volume_node.GetName()!r} has no image data")
+    volume_to_segmentation = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+        reference_volume_node.GetParentTransformNode(),
+        segmentation_node.GetParentTransformNode(),
+        volume_to_segmentation,
+    ):
+        raise SegAssistError(
+            f"the transform between volume {reference_volume_node.GetName()!r} and segmentation "
+            f"{segmentation_node.GetName()!r} is not linear: harden it first"
+        )
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    reference_volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    image_to_segmentation = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Multiply4x4(volume_to_segmentation, ijk_to_ras, image_to_segmentation)
+    geometry = slicer.vtkOrientedImageData()
+    geometry.SetExtent(image_data.GetExtent())
+    geometry.SetImageToWorldMatrix(image_to_segmentation)
+    return geometry
+
+
+def _shape_kji(image: vtk.vtkImageData) -> Tuple[int, int, int]:
+    ni, nj, nk = image.GetDimensions()
+    return (nk, nj, ni)
+
+
+def oriented_labelmap(
+    voxels: np.ndarray,
+    geometry: slicer.vtkOrientedImageData,
+    offset: Sequence[int] = (0, 0, 0),
+) -> slicer.vtkOrientedImageData:
+    """A ``uint8`` oriented image holding ``voxels`` [k, j, i] at array ``offset`` of the grid."""
+    voxels = np.asarray(voxels)
+    if voxels.ndim != 3:
+        raise ImageError(f"a labelmap needs a 3D array [k, j, i], got shape {voxels.shape}")
+    e = geometry.GetExtent()
+    ok, oj, oi = (int(o) for o in offset)
+    nk, nj, ni = voxels.shape
+    image = slicer.vtkOrientedImageData()
+    matrix = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    image.SetExtent(
+        e[0] + oi, e[0] + oi + ni - 1, e[2] + oj, e[2] + oj + nj - 1, e[4] + ok, e[4] + ok + nk - 1
+    )
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = (voxels > 0).astype(np.uint8).ravel()
+    return image
+
+
+def _ensure_binary_labelmap_source(segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetSourceRepresentationName() == BINARY_LABELMAP:
+        return
+    if not segmentation.CreateRepresentation(BINARY_LABELMAP):
+        raise SegAssistError(
+            f"segmentation {segmentation_node.GetName()!r} cannot be converted to a binary labelmap"
+        )
+    segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
+
+
+def segment_to_array(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    segment_id: str,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+) -> np.ndarray:
+    """The segment as a 0/1 ``uint8`` mask ``[k, j, i]`` on the reference volume's grid."""
+    segment = _segment(segmentation_node, segment_id)
+    geometry = reference_geometry(reference_volume_node, segmentation_node)
+    shape = _shape_kji(geometry)
+    segmentation_node.GetSegmentation().CreateRepresentation(BINARY_LABELMAP)
+    labelmap = slicer.vtkOrientedImageData()
+    if not _Logic.GetSegmentBinaryLabelmapRepresentation(segmentation_node, segment_id, labelmap, False):
+        raise SegAssistError(f"segment {segment_id!r} has no binary labelmap representation")
+    if labelmap.IsEmpty() or labelmap.GetPointData().GetScalars() is None:
+        return np.zeros(shape, np.uint8)
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        labelmap, geometry, resampled
+    ):
+        raise SegAssistError(f"could not resample segment {segment_id!r} onto the reference grid")
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape)
+    # A layer shared by several segments holds each one as its own label value.
+    return (values == segment.GetLabelValue()).astype(np.uint8)
+
+
+def array_to_segment(
+    mask: np.ndarray,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    segment_id: str,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+) -> None:
+    """Replace the whole segment by ``mask`` (nonzero = inside), ``[k, j, i]`` on the volume's grid.
+
+    Other segments are left as they are (a shared layer is split if they would overlap). No undo:
+    use :class:`SegmentEditor` for that.
+    """
+    _segment(segmentation_node, segment_id)
+    geometry = reference_geometry(reference_volume_node, segmentation_node)
+    shape = _shape_kji(geometry)
+    if np.shape(mask) != shape:
+        raise ImageError(f"mask shape {np.shape(mask)} differs from the reference volume's {shape} [k, j, i]")
+    _ensure_binary_labelmap_source(segmentation_node)
+    labelmap = oriented_labelmap(mask, geometry)
+    if not _Logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, _Logic.MODE_REPLACE):
+        raise SegAssistError(f"could not write segment {segment_id!r}")
+
+
+def _check_box(update: MaskUpdate, shape: Tuple[int, int, int]) -> None:
+    lo = np.asarray(update.offset, int)
+    hi = lo + np.asarray(update.voxels.shape, int)
+    if update.voxels.ndim != 3 or np.any(lo < 0) or np.any(hi > np.asarray(shape)):
+        raise ImageError(
+            f"mask update box {lo.tolist()}..{hi.tolist()} [k, j, i] does not fit in the volume {list(shape)}"
+        )
+
+
+def update_labelmaps(
+    update: MaskUpdate,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+) -> Tuple[slicer.vtkOrientedImageData, slicer.vtkOrientedImageData, Tuple[int, ...]]:
+    """A :class:`MaskUpdate` as segment editor input: (voxels to add, voxels to remove, extent).
+
+    Both labelmaps cover exactly the update's box; the extent limits the write to it. This is what
+    ``scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, mode, extent)`` takes in Slicer.
+    """
+    geometry = reference_geometry(reference_volume_node, segmentation_node)
+    _check_box(update, _shape_kji(geometry))
+    inside = np.asarray(update.voxels) > 0
+    add = oriented_labelmap(inside, geometry, update.offset)
+    remove = oriented_labelmap(~inside, geometry, update.offset)
+    return add, remove, tuple(add.GetExtent())
+
+
+class SegmentEditor:
+    """Region writes through Slicer's C++ segment editor logic, with its undo and redo.
+
+    The logic honours its editor node's settings: by default editing is allowed everywhere and
+    other segments are never overwritten (``overwrite_other_segments=True`` lets a write take
+    voxels from them, like painting in Slicer's Segment Editor).
+    """
+
+    def __init__(
+        self,
+        segmentation_node: slicer.vtkMRMLSegmentationNode,
+        source_volume_node: slicer.vtkMRMLScalarVolumeNode,
+        overwrite_other_segments: bool = False,
+        max_undo_states: int = 10,
+    ) -> None:
+        scene = segmentation_node.GetScene()
+        if scene is None:
+            raise SegAssistError("the segmentation node is not in a scene")
+        self.segmentation_node = segmentation_node
+        self.source_volume_node = source_volume_node
+        self.editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "SegAssist editor")
+        self.editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+        self.editor_node.SetOverwriteMode(
+            slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments
+            if overwrite_other_segments
+            else slicer.vtkMRMLSegmentEditorNode.OverwriteNone
+        )
+        self.logic = slicer.vtkSlicerSegmentEditorLogic()
+        self.logic.SetVerbose(True)
+        self.logic.SetMRMLScene(scene)
+        self.logic.SetSegmentEditorNode(self.editor_node)
+        self.logic.SetSegmentationNode(segmentation_node)
+        self.logic.SetSourceVolumeNode(source_volume_node)
+        self.logic.SetMaximumNumberOfUndoStates(int(max_undo_states))
+
+    def write(self, segment_id: str, update: MaskUpdate, save_undo: bool = True) -> None:
+        """Set the segment to ``update.voxels`` inside the update's box; nothing outside it changes."""
+        _segment(self.segmentation_node, segment_id)
+        if update.voxels.size == 0:
+            return
+        _ensure_binary_labelmap_source(self.segmentation_node)
+        add, remove, extent = update_labelmaps(update, self.segmentation_node, self.source_volume_node)
+        if save_undo and not self.logic.SaveStateForUndo():
+            raise SessionError("the segment editor could not save the state for undo")
+        for labelmap, mode in (
+            (add, self.logic.ModificationModeAdd),
+            (remove, self.logic.ModificationModeRemove),
+        ):
+            self.logic.ModifySegmentByLabelmap(
+                self.segmentation_node, segment_id, labelmap, mode, extent, False, False
+            )
+
+    def write_mask(self, segment_id: str, mask: np.ndarray, save_undo: bool = True) -> None:
+        """Set the whole segment to ``mask`` ([k, j, i] on the volume's grid), undoably."""
+        mask = np.asarray(mask)
+        self.write(segment_id, MaskUpdate(offset=(0, 0, 0), voxels=(mask > 0).astype(np.uint8)), save_undo)
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self.logic.CanUndo())
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self.logic.CanRedo())
+
+    def undo(self) -> None:
+        if not self.can_undo:
+            raise SessionError("nothing to undo")
+        self.logic.Undo()
+
+    def redo(self) -> None:
+        if not self.can_redo:
+            raise SessionError("nothing to redo")
+        self.logic.Redo()
+
+    def close(self) -> None:
+        """Forget the undo history and remove the editor node from the scene."""
+        self.logic.ClearUndoState()
+        self.logic.SetSegmentEditorNode(None)
+        scene = self.editor_node.GetScene()
+        if scene is not None:
+            scene.RemoveNode(self.editor_node)
+
+
+def save_segmentation(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    path: Union[str, Path],
+    compress: bool = True,
+) -> Path:
+    """Write ``.seg.nrrd`` through the node's segmentation storage node (created when missing).
+
+    The file holds the segmentation in its own frame: a parent transform is not saved in it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = segmentation_node.GetStorageNode()
+    if storage is None:
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        segmentation_node.GetScene().AddNode(storage)
+        segmentation_node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(bool(compress))
+    if not storage.WriteData(segmentation_node):
+        raise SegAssistError(f"could not write segmentation to {path}")
+    return path
+
+
+def load_segmentation(
+    scene: slicer.vtkMRMLScene,
+    path: Union[str, Path],
+    name: Optional[str] = None,
+) -> slicer.vtkMRMLSegmentationNode:
+    """Read a ``.seg.nrrd`` (or any file the segmentation storage node reads) into a new node."""
+    path = Path(path)
+    if not path.is_file():
+        raise SegAssistError(f"segmentation file not found: {path}")
+    stem = path.name.split(".")[0]
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or stem)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise SegAssistError(f"could not read a segmentation from {path}")
+    node.CreateDefaultDisplayNodes()
+    return node
