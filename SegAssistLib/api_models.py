@@ -1,0 +1,259 @@
+"""Request and reply models of the SegAssist HTTP API, shared by server and client. Torch-free.
+
+The API is versioned by its path prefix (:data:`API_PREFIX`); a change that breaks a client gets a
+new prefix. Every failure answers :class:`ErrorReply`: HTTP status, a machine-readable ``code``
+(one of :class:`ErrorCode`) and a message a person can act on.
+
+Array order is the engine's: ``[k, j, i]`` for shapes and offsets; prompt coordinates are voxel
+indices ``(i, j, k)`` as in :mod:`SegAssistLib.prompts`.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from SegAssistLib import transport
+from SegAssistLib.prompts import AnyPrompt
+
+API_VERSION = "1"
+API_PREFIX = "/v1"
+FRAME_MEDIA_TYPE = transport.FRAME_MEDIA_TYPE
+#: Mutating requests carry a client-chosen id; the server answers a repeat of the last one from
+#: its cache instead of applying it twice, which is what makes client retries safe.
+REQUEST_ID_HEADER = "X-SegAssist-Request-Id"
+#: Codecs the client reads, best first (comma-separated); the server picks the best it also has.
+ACCEPT_CODECS_HEADER = "X-SegAssist-Accept-Codecs"
+
+IMAGE_ID_PATTERN = r"^[0-9a-f]{64}$"
+SESSION_ID_PATTERN = r"^[0-9a-f]{32}$"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+Vec3 = Tuple[float, float, float]
+Shape3 = Tuple[int, int, int]
+
+
+class ErrorCode:
+    """Every ``code`` the server sends, grouped by HTTP status."""
+
+    MALFORMED_BODY = "malformed_body"  # 400: not JSON / not a frame / fields missing
+    TRUNCATED_BODY = "truncated_body"  # 400: fewer bytes than declared
+    MALFORMED_ARRAY = "malformed_array"  # 400: payload does not decompress
+    INVALID_ID = "invalid_id"  # 400: a session or image id of the wrong form
+    HASH_MISMATCH = "hash_mismatch"  # 400: the uploaded image does not hash to what the client said
+    UNAUTHORIZED = "unauthorized"  # 401: token missing or wrong
+    NOT_FOUND = "not_found"  # 404: no such endpoint
+    IMAGE_NOT_FOUND = "image_not_found"  # 404: upload it first
+    SESSION_NOT_FOUND = "session_not_found"  # 404: never existed, closed, or the server restarted
+    SESSION_EXPIRED = "session_expired"  # 404: closed after being idle too long
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
+    SESSION_STATE = "session_state"  # 409: nothing to undo / redo
+    PROMPT_LIMIT = "prompt_limit"  # 409: the session has had its maximum number of prompts
+    BODY_TOO_LARGE = "body_too_large"  # 413
+    IMAGE_TOO_LARGE = "image_too_large"  # 413: voxel count or an axis above the limit
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415
+    INVALID_REQUEST = "invalid_request"  # 422: a field fails validation
+    INVALID_PROMPT = "invalid_prompt"  # 422: degenerate or malformed prompt
+    PROMPT_OUTSIDE_IMAGE = "prompt_outside_image"  # 422
+    INVALID_IMAGE = "invalid_image"  # 422: NaN, constant, not 3D, bad geometry
+    UNSUPPORTED_DTYPE = "unsupported_dtype"  # 422
+    INVALID_SHAPE = "invalid_shape"  # 422: shape and byte count disagree
+    UNSUPPORTED_CODEC = "unsupported_codec"  # 422
+    UNSUPPORTED_PROMPT = "unsupported_prompt"  # 422: the model does not take this prompt kind
+    TOO_MANY_SESSIONS = "too_many_sessions"  # 429: per user or in total
+    TOO_MANY_UPLOADS = "too_many_uploads"  # 429: too many uploads at once
+    QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
+    SHUTTING_DOWN = "shutting_down"  # 503
+    INTERNAL_ERROR = "internal_error"  # 500: a bug; the message says where to look
+
+    @classmethod
+    def all(cls) -> List[str]:
+        return sorted(v for k, v in vars(cls).items() if k.isupper())
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(_Model):
+    status: int = Field(description="HTTP status, repeated for clients that only see the body")
+    code: str = Field(description="machine-readable code, see ErrorCode")
+    message: str = Field(description="what went wrong and what to do about it")
+    details: Optional[Dict[str, Any]] = None
+
+
+class ErrorReply(_Model):
+    error: ErrorBody
+
+
+class Health(_Model):
+    status: Literal["ok"] = "ok"
+    version: str
+    api_version: str = API_VERSION
+
+
+class ModelInfo(_Model):
+    name: str
+    version: str
+    licence: str
+    description: str = ""
+
+
+class LimitsInfo(_Model):
+    max_voxels: int
+    max_axis: int
+    max_body_bytes: int
+    max_json_bytes: int
+    max_sessions_per_user: int
+    max_sessions_total: int
+    max_prompts_per_session: int
+    idle_timeout_s: float
+
+
+class ServerInfo(_Model):
+    version: str
+    api_version: str = API_VERSION
+    model: ModelInfo
+    prompt_kinds: List[str]
+    patch_size: Shape3
+    devices: List[str]
+    codecs: List[str]
+    limits: LimitsInfo
+    auth_required: bool
+    user: str
+
+
+class ArrayPayload(_Model):
+    """A compressed array inside a JSON reply (base64 of the codec's output)."""
+
+    dtype: str
+    shape: List[int]
+    codec: str
+    nbytes: int
+    payload_nbytes: int
+    data: str = Field(description="base64 of the compressed little-endian C-order bytes")
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, codec: str = "zstd", level: int = 3) -> ArrayPayload:
+        meta, payload = transport.encode_array(array, codec=codec, level=level)
+        return cls(data=base64.b64encode(payload).decode("ascii"), **meta.to_dict())
+
+    def to_array(self, max_voxels: Optional[int] = None) -> np.ndarray:
+        meta = transport.ArrayMeta.from_dict(self.model_dump(exclude={"data"}))
+        try:
+            payload = base64.b64decode(self.data, validate=True)
+        except ValueError as exc:
+            raise transport.TransportError(
+                f"array data is not valid base64: {exc}", "malformed_body"
+            ) from exc
+        return transport.decode_array(meta, payload, max_voxels)
+
+
+class ImageHeader(_Model):
+    """The JSON header of an image upload frame (``POST /v1/images``).
+
+    The frame also carries the :class:`~SegAssistLib.transport.ArrayMeta` fields (dtype, shape,
+    codec, nbytes, payload_nbytes) of the voxels, array order ``[k, j, i]``.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+    spacing: Vec3 = (1.0, 1.0, 1.0)
+    origin: Vec3 = (0.0, 0.0, 0.0)
+    direction: Tuple[float, float, float, float, float, float, float, float, float] = (
+        1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0,
+    )  # fmt: skip
+    modality: Optional[Literal["CT", "MR"]] = None
+    sha256: Optional[str] = Field(
+        None, pattern=IMAGE_ID_PATTERN, description="the client's content hash; checked when given"
+    )
+
+
+class ImageInfo(_Model):
+    image_id: str = Field(description="SHA-256 of voxels and geometry (Volume.content_hash)")
+    shape: Shape3 = Field(description="array order [k, j, i]")
+    dtype: str
+    spacing: Vec3
+    origin: Vec3
+    direction: List[float]
+    modality: Optional[str] = None
+    uploaded: bool = Field(False, description="true when this request stored the image")
+
+
+class CreateSession(_Model):
+    image_id: str = Field(pattern=IMAGE_ID_PATTERN)
+    prompts: List[AnyPrompt] = Field(default_factory=list, description="replayed first (a stored log)")
+    modality: Optional[Literal["CT", "MR"]] = None
+
+
+class AddPrompt(_Model):
+    prompt: AnyPrompt
+
+
+SessionState = Literal["idle", "queued", "running"]
+
+
+class SessionInfo(_Model):
+    session_id: str
+    image_id: str
+    shape: Shape3
+    device: str
+    n_prompts: int = Field(description="prompts added so far, undone ones included")
+    can_undo: bool
+    can_redo: bool
+    state: SessionState
+    queue_position: Optional[int] = Field(
+        None, description="jobs of other sessions that run before this session's next one (when queued)"
+    )
+    queue_length: int = Field(description="jobs waiting on this session's device, all sessions")
+    idle_timeout_s: float
+    expires_in_s: float
+
+
+class MaskUpdateReply(_Model):
+    """The box of the mask that changed and its new voxels; ``mask`` is null when nothing changed."""
+
+    session_id: str
+    offset: Shape3 = Field(description="array order [k, j, i]")
+    shape: Shape3
+    mask: Optional[ArrayPayload] = None
+    can_undo: bool
+    can_redo: bool
+    n_prompts: int
+    latency_s: float = Field(description="engine time")
+    queue_wait_s: float = Field(description="time spent queued behind other sessions")
+    info: Dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("info", mode="before")
+    @classmethod
+    def _jsonable_info(cls, v: Any) -> Dict[str, Any]:
+        return {str(k): _jsonable(x) for k, x in dict(v or {}).items()}
+
+
+class ResultReply(_Model):
+    session_id: str
+    mask: ArrayPayload
+    n_prompts: int
+
+
+def _jsonable(value: Any) -> Any:
+    """Engine ``info`` dicts may hold numpy scalars and tuples; make them JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= 64 else f"<array {list(value.shape)}>"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def parse_codecs(header: Optional[str]) -> Sequence[str]:
+    if not header:
+        return ("zlib",)  # what every Python can read
+    return tuple(c.strip() for c in header.split(",") if c.strip())

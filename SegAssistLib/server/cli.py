@@ -1,0 +1,170 @@
+"""``segassist serve`` (and ``python -m SegAssistLib.server``): options, checks, start."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+from SegAssistLib.server.auth import env_token_entry, issue_token, parse_token_file
+from SegAssistLib.server.settings import Limits, ServerSettings, check_exposure
+
+log = logging.getLogger("segassist.server")
+
+_EPILOG = """\
+Authentication: each user has a token; the server stores only its SHA-256. Make one with
+  segassist serve --token-file tokens.txt --issue-token alice
+(the token is printed once), or give one token in the environment variable SEGASSIST_TOKEN.
+Without any token the server listens on loopback only.
+
+TLS: give --tls-cert and --tls-key, or run behind a reverse proxy that terminates TLS and forwards
+to 127.0.0.1 (then pass --proxy-headers --forwarded-allow-ips <proxy address>). See docs/api.md.
+"""
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8470, help="port (0: any free port; see --port-file)")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint file (default: the bundled model)")
+    p.add_argument("--device", default="cpu", help="device(s), comma-separated (cpu, cuda:0,cuda:1): one worker each")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--token-file", type=Path, default=None, help="lines 'user:sha256:<hex>' (see below)")
+    p.add_argument("--issue-token", metavar="USER", default=None, help="add a token for USER and exit")
+    p.add_argument("--data-dir", type=Path, default=None, help="keep uploaded images here across restarts")
+    p.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
+    p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from --forwarded-allow-ips")
+    p.add_argument("--forwarded-allow-ips", default="127.0.0.1", help="reverse proxy addresses to trust")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = p.add_argument_group("limits")
+    defaults = Limits()
+    for name, field in Limits.model_fields.items():
+        kind = float if isinstance(getattr(defaults, name), float) else int
+        g.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(defaults, name),
+            help=f"{field.description or name.replace('_', ' ')} (default: %(default)s)",
+        )
+    h = p.add_argument_group("launcher (used by the client's LocalBackend)")
+    h.add_argument("--port-file", type=Path, default=None, help="write the port here once listening")
+    h.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when standard input closes (the launching process ended)",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand; its handler is :func:`run_serve`."""
+    p = subparsers.add_parser(
+        "serve",
+        help="run the backend server",
+        description="Run the SegAssist backend: sessions, auth, limits, one inference worker per device.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    entries = parse_token_file(args.token_file) if args.token_file else []
+    env_entry = env_token_entry()
+    if env_entry:
+        entries.append(env_entry)
+    limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
+    return ServerSettings(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        devices=tuple(d.strip() for d in args.device.split(",") if d.strip()),
+        token_hashes=entries,
+        data_dir=args.data_dir,
+        limits=limits,
+        tls_certfile=args.tls_cert,
+        tls_keyfile=args.tls_key,
+    )
+
+
+def _watch_parent(server) -> None:
+    """Stop the server when stdin reaches end of file: the launching process is gone."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(1):
+                pass
+        except (OSError, ValueError):
+            pass
+        log.info("the launching process ended: shutting down")
+        server.should_exit = True
+
+    threading.Thread(target=watch, name="segassist-parent-watch", daemon=True).start()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.issue_token:
+        if not args.token_file:
+            print("--issue-token needs --token-file", file=sys.stderr)
+            return 2
+        try:
+            token = issue_token(args.token_file, args.issue_token)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(token)
+        print(f"token for {args.issue_token!r} added to {args.token_file}; it is not shown again", file=sys.stderr)
+        return 0
+    try:
+        settings = settings_from_args(args)
+        check_exposure(settings)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from SegAssistLib.server.app import create_app
+    from SegAssistLib.server.runner import bind_socket, uvicorn_server, write_port_file
+
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    port = sock.getsockname()[1]
+    server = uvicorn_server(
+        create_app(settings),
+        log_level=args.log_level,
+        ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
+        proxy_headers=args.proxy_headers,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+    )
+    if args.exit_with_parent:
+        _watch_parent(server)
+    if args.port_file:
+        write_port_file(args.port_file, port)
+    scheme = "https" if settings.tls_certfile else "http"
+    log.info("SegAssist backend on %s://%s:%d (auth %s)", scheme, settings.host, port,
+             "on" if settings.auth_required else "off: loopback only")  # fmt: skip
+    server.run(sockets=[sock])
+    return 0 if server.started else 3
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m SegAssistLib.server",
+        description="Run the SegAssist backend server (same options as `segassist serve`).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

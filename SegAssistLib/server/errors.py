@@ -1,0 +1,131 @@
+"""The one error shape: every failure becomes ``{"error": {status, code, message, details}}``.
+
+Library exceptions (prompt, image, session, transport errors) map to 4xx by their type; FastAPI's
+own validation and routing errors are reshaped; anything else is a bug and answers 500 with a
+message pointing at the server log, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from SegAssistLib.api_models import ErrorBody, ErrorCode, ErrorReply
+from SegAssistLib.errors import ImageError, PromptError, SessionError
+from SegAssistLib.transport import TransportError
+
+log = logging.getLogger("segassist.server")
+
+#: HTTP status of each transport error code (the rest are 400).
+_TRANSPORT_STATUS = {
+    ErrorCode.IMAGE_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_DTYPE: 422,
+    ErrorCode.INVALID_SHAPE: 422,
+    ErrorCode.UNSUPPORTED_CODEC: 422,
+}
+
+
+class ApiError(StarletteHTTPException):
+    """An error with its code; raise it anywhere in a request (FastAPI passes HTTPExceptions through)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Optional[Dict[str, Any]] = None,
+        headers: Optional[Dict[str, str]] = None,
+    ) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def error_response(
+    status: int, code: str, message: str, details: Optional[Dict[str, Any]] = None, headers=None
+) -> JSONResponse:
+    body = ErrorReply(error=ErrorBody(status=status, code=code, message=message, details=details))
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def from_library_error(exc: Exception) -> ApiError:
+    """The API error for an exception the library raises on purpose."""
+    if isinstance(exc, TransportError):
+        return ApiError(_TRANSPORT_STATUS.get(exc.code, 400), exc.code, str(exc))
+    if isinstance(exc, PromptError):
+        return ApiError(422, ErrorCode.INVALID_PROMPT, str(exc))
+    if isinstance(exc, ImageError):
+        return ApiError(422, ErrorCode.INVALID_IMAGE, str(exc))
+    if isinstance(exc, SessionError):
+        return ApiError(409, ErrorCode.SESSION_STATE, str(exc))
+    raise TypeError(f"not a library error: {exc!r}")
+
+
+LIBRARY_ERRORS = (TransportError, PromptError, ImageError, SessionError)
+
+_STATUS_CODES = {
+    400: ErrorCode.MALFORMED_BODY,
+    401: ErrorCode.UNAUTHORIZED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.BODY_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
+
+
+def _validation_code(exc: RequestValidationError) -> tuple:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, ErrorCode.MALFORMED_BODY
+    if any("prompt" in e.get("loc", ()) or "prompts" in e.get("loc", ()) for e in errors):
+        return 422, ErrorCode.INVALID_PROMPT
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return 400, ErrorCode.MALFORMED_BODY
+    if any(tuple(e.get("loc", ()))[:1] == ("path",) for e in errors):
+        return 400, ErrorCode.INVALID_ID
+    return 422, ErrorCode.INVALID_REQUEST
+
+
+def _describe(errors: list) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, code = _validation_code(exc)
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        errors = [{**e, "loc": [str(x) for x in e.get("loc", ())]} for e in errors]
+        return error_response(status, code, _describe(exc.errors()), {"errors": errors[:20]})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, ErrorCode.MALFORMED_BODY)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path}: see /docs or docs/api.md"
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(
+            500,
+            ErrorCode.INTERNAL_ERROR,
+            f"internal error ({type(exc).__name__}); the server log has the details",
+        )

@@ -1,0 +1,22 @@
+"""The error replies every route documents in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Union
+
+from SegAssistLib.api_models import ErrorReply
+
+ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
+    status: {"model": ErrorReply, "description": description}
+    for status, description in (
+        (400, "malformed or truncated body, malformed id"),
+        (401, "token missing or wrong"),
+        (404, "unknown image or session, or expired session"),
+        (409, "nothing to undo or redo; prompt limit reached"),
+        (413, "body or image above the limits"),
+        (415, "wrong content type"),
+        (422, "invalid prompt, image, dtype or shape"),
+        (429, "too many sessions"),
+        (503, "queue full or shutting down"),
+    )
+}

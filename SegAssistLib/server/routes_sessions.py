@@ -1,0 +1,218 @@
+"""``/v1/sessions``: open a session on a held image, prompt it, undo, redo, reset, read, close."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from fastapi import APIRouter, Depends, Path, Response
+from starlette.concurrency import run_in_threadpool
+
+from SegAssistLib.api_models import (
+    SESSION_ID_PATTERN,
+    AddPrompt,
+    ArrayPayload,
+    CreateSession,
+    ErrorCode,
+    MaskUpdateReply,
+    ResultReply,
+    SessionInfo,
+)
+from SegAssistLib.engine.base import EngineSession, MaskUpdate
+from SegAssistLib.prompts import Prompt, PromptLog
+from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
+from SegAssistLib.server.errors import ApiError
+from SegAssistLib.server.limits import check_prompt_inside
+from SegAssistLib.server.responses import ERROR_RESPONSES
+from SegAssistLib.server.sessions import ServerSession
+from SegAssistLib.server.state import Outcome, ServerState
+
+router = APIRouter(tags=["sessions"], responses=ERROR_RESPONSES)
+
+SessionId = Path(pattern=SESSION_ID_PATTERN, description="32 lowercase hex digits, from POST /v1/sessions")
+
+
+def _check_prompt(state: ServerState, session_shape, prompt: Prompt) -> None:
+    kinds = state.pool.capabilities.prompt_kinds
+    if prompt.kind not in kinds:
+        raise ApiError(
+            422, ErrorCode.UNSUPPORTED_PROMPT,
+            f"this model does not take {prompt.kind!r} prompts (it takes {', '.join(kinds)})",
+        )  # fmt: skip
+    check_prompt_inside(prompt, session_shape)
+
+
+async def _reply(session: ServerSession, outcome: Outcome, queue_wait_s: float, codec: str) -> MaskUpdateReply:
+    update, can_undo, can_redo = outcome
+
+    def build() -> MaskUpdateReply:  # compression runs in the thread pool, off the worker
+        empty = update.voxels.size == 0
+        return MaskUpdateReply(
+            session_id=session.session_id,
+            offset=update.offset,
+            shape=(0, 0, 0) if empty else tuple(int(n) for n in update.voxels.shape),
+            mask=None if empty else ArrayPayload.from_array(update.voxels.astype("uint8", copy=False), codec),
+            can_undo=can_undo,
+            can_redo=can_redo,
+            n_prompts=session.n_prompts,
+            latency_s=float(update.latency_s),
+            queue_wait_s=queue_wait_s,
+            info=update.info,
+        )
+
+    return await run_in_threadpool(build)
+
+
+@router.post("/sessions", response_model=SessionInfo, status_code=201, summary="Open a session on a held image")
+async def create_session(
+    body: CreateSession,
+    state: ServerState = Depends(get_state),
+    user: str = Depends(current_user),
+) -> SessionInfo:
+    limit = state.limits.max_prompts_per_session
+    if len(body.prompts) > limit:
+        raise ApiError(
+            409, ErrorCode.PROMPT_LIMIT, f"{len(body.prompts)} prompts to replay, above the limit of {limit}"
+        )
+    state.sessions.reserve(user)
+    try:
+        volume = await run_in_threadpool(state.images.get, body.image_id)
+        if volume is None:
+            raise ApiError(404, ErrorCode.IMAGE_NOT_FOUND, f"no image {body.image_id} on this server: upload it first")
+        if body.modality:
+            volume = dataclasses.replace(volume, modality=body.modality)
+        shape = tuple(int(n) for n in volume.array.shape)
+        for prompt in body.prompts:
+            _check_prompt(state, shape, prompt)
+        session = state.sessions.add(user, body.image_id, shape, state.pool.pick())  # type: ignore[arg-type]
+    finally:
+        state.sessions.release(user)
+    prompts = list(body.prompts)
+    try:
+        await state.open(session, lambda engine: engine.open_session(volume, prompts or None))
+    except BaseException:
+        state.sessions.remove(session.session_id)
+        raise
+    session.n_prompts = len(prompts)
+    return state.session_info(session)
+
+
+@router.get("/sessions/{session_id}", response_model=SessionInfo, summary="Session state and queue position")
+async def get_session(
+    session_id: str = SessionId,
+    state: ServerState = Depends(get_state),
+    user: str = Depends(current_user),
+) -> SessionInfo:
+    return state.session_info(state.sessions.get(user, session_id))
+
+
+async def _mutate(
+    state: ServerState,
+    user: str,
+    session_id: str,
+    req_id: Optional[str],
+    codec: str,
+    fn: Callable[[EngineSession], MaskUpdate],
+) -> MaskUpdateReply:
+    session = state.sessions.get(user, session_id)
+    outcome, wait = await state.mutate(session, req_id, fn)
+    return await _reply(session, outcome, wait, codec)
+
+
+@router.post(
+    "/sessions/{session_id}/prompts",
+    response_model=MaskUpdateReply,
+    summary="Add a prompt; the reply holds only the changed box of the mask",
+)
+async def add_prompt(
+    body: AddPrompt,
+    session_id: str = SessionId,
+    state: ServerState = Depends(get_state),
+    user: str = Depends(current_user),
+    codec: str = Depends(reply_codec),
+    req_id: Optional[str] = Depends(request_id),
+) -> MaskUpdateReply:
+    session = state.sessions.get(user, session_id)
+    _check_prompt(state, session.shape, body.prompt)
+    limit = state.limits.max_prompts_per_session
+
+    def add(es: EngineSession) -> MaskUpdate:
+        if session.n_prompts >= limit:
+            raise ApiError(
+                409, ErrorCode.PROMPT_LIMIT,
+                f"this session has had {limit} prompts (the limit): accept the result and open a new session",
+            )  # fmt: skip
+        update = es.add_prompt(body.prompt)
+        session.n_prompts += 1
+        return update
+
+    return await _mutate(state, user, session_id, req_id, codec, add)
+
+
+def _simple_op(name: str, summary: str) -> None:
+    async def endpoint(
+        session_id: str = SessionId,
+        state: ServerState = Depends(get_state),
+        user: str = Depends(current_user),
+        codec: str = Depends(reply_codec),
+        req_id: Optional[str] = Depends(request_id),
+    ) -> MaskUpdateReply:
+        return await _mutate(state, user, session_id, req_id, codec, lambda es: getattr(es, name)())
+
+    endpoint.__name__ = name
+    router.add_api_route(
+        f"/sessions/{{session_id}}/{name}",
+        endpoint,
+        methods=["POST"],
+        response_model=MaskUpdateReply,
+        summary=summary,
+    )
+
+
+_simple_op("undo", "Undo the last prompt (409 when there is nothing to undo)")
+_simple_op("redo", "Redo the last undone prompt (409 when there is nothing to redo)")
+_simple_op("reset", "Clear the mask and forget the prompts (itself undoable)")
+
+
+@router.get("/sessions/{session_id}/result", response_model=ResultReply, summary="The full current mask")
+async def get_result(
+    session_id: str = SessionId,
+    state: ServerState = Depends(get_state),
+    user: str = Depends(current_user),
+    codec: str = Depends(reply_codec),
+) -> ResultReply:
+    session = state.sessions.get(user, session_id)
+    mask, _ = await state.submit(session, lambda es: es.result().copy())
+
+    def build() -> ResultReply:
+        payload = ArrayPayload.from_array(mask.astype("uint8", copy=False), codec)
+        return ResultReply(session_id=session_id, mask=payload, n_prompts=session.n_prompts)
+
+    return await run_in_threadpool(build)
+
+
+@router.get(
+    "/sessions/{session_id}/prompt-log",
+    response_model=PromptLog,
+    summary="The replayable prompts that produced the current mask",
+)
+async def get_prompt_log(
+    session_id: str = SessionId,
+    state: ServerState = Depends(get_state),
+    user: str = Depends(current_user),
+) -> PromptLog:
+    session = state.sessions.get(user, session_id)
+    log, _ = await state.submit(session, lambda es: es.prompt_log())
+    return log
+
+
+@router.delete("/sessions/{session_id}", status_code=204, summary="Close a session and free its memory")
+async def close_session(
+    session_id: str = SessionId,
+    state: ServerState = Depends(get_state),
+    user: str = Depends(current_user),
+) -> Response:
+    session = state.sessions.get(user, session_id)
+    state.sessions.remove(session.session_id)
+    state.close_in_background(session)
+    return Response(status_code=204)

@@ -1,0 +1,95 @@
+"""Running the app on uvicorn: on a socket bound here (port 0 allowed), in this thread or another.
+
+Binding the socket before uvicorn starts gives the real port at once (no race for a "free" port)
+and lets a launcher read it from ``--port-file``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import uvicorn
+from fastapi import FastAPI
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share a port
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Atomically, so a reader never sees a half-written number."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".port-")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(port))
+    os.replace(tmp, path)
+
+
+def uvicorn_server(app: FastAPI, **config: Any) -> uvicorn.Server:
+    config.setdefault("log_level", "info")
+    config.setdefault("lifespan", "on")  # a model that fails to load stops the server
+    config.setdefault("timeout_graceful_shutdown", 10)
+    return uvicorn.Server(uvicorn.Config(app, **config))
+
+
+class ServerThread:
+    """The app on a loopback port in a background thread (tests, benchmarks, embedding)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+        self.app = app
+        self.host = host
+        self._port = port
+        config.setdefault("log_level", "warning")
+        self._config = config
+        self.server: Optional[uvicorn.Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self.port: int = 0
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._config.get("ssl_certfile") else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ServerThread:
+        sock = bind_socket(self.host, self._port)
+        self.port = sock.getsockname()[1]
+        self.server = uvicorn_server(self.app, **self._config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, name="segassist-uvicorn", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                sock.close()
+                raise RuntimeError("the server stopped during startup (see the log above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"the server did not start within {timeout} s")
+            self._thread.join(0.01)  # waits on the thread, doubling as the poll interval
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

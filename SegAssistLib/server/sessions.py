@@ -1,0 +1,141 @@
+"""Interactive sessions: who owns them, which worker runs them, and when they expire.
+
+The store is touched from the event loop only (handlers and the expiry sweep), so it needs no
+lock for its own bookkeeping; the engine session inside each entry is touched on its worker only.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from SegAssistLib.api_models import SESSION_ID_PATTERN, ErrorCode
+from SegAssistLib.engine.base import EngineSession
+from SegAssistLib.server.errors import ApiError
+from SegAssistLib.server.worker import InferenceWorker
+
+_ID = re.compile(SESSION_ID_PATTERN)
+_FORGET_EXPIRED = 1024  # how many expired ids to remember, to answer "expired" rather than "not found"
+
+
+@dataclass
+class ServerSession:
+    session_id: str
+    user: str
+    image_id: str
+    shape: Tuple[int, int, int]
+    worker: InferenceWorker
+    last_used: float
+    engine_session: Optional[EngineSession] = None  # worker thread only
+    n_prompts: int = 0
+    can_undo: bool = False
+    can_redo: bool = False
+    closed: bool = False
+    #: the id and outcome of the last mutating request: a retried request gets the same answer
+    last_request: Optional[Tuple[str, Any]] = None
+    pending: int = 0  # requests in flight: a session with work in progress does not expire
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+class SessionStore:
+    def __init__(
+        self,
+        idle_timeout_s: float,
+        max_per_user: int,
+        max_total: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sessions: Dict[str, ServerSession] = {}
+        self._reserved: Dict[str, int] = {}  # per user: sessions being opened (counted in limits)
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self.idle_timeout_s = idle_timeout_s
+        self.max_per_user = max_per_user
+        self.max_total = max_total
+        self.clock = clock
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def count(self, user: str) -> int:
+        return sum(1 for s in self._sessions.values() if s.user == user) + self._reserved.get(user, 0)
+
+    def reserve(self, user: str) -> None:
+        """Hold a place for a session about to open; raises 429 when a limit is reached."""
+        if self.count(user) >= self.max_per_user:
+            raise ApiError(
+                429, ErrorCode.TOO_MANY_SESSIONS,
+                f"user {user!r} already has {self.max_per_user} open sessions (the limit): close one first",
+                {"limit": self.max_per_user},
+            )  # fmt: skip
+        if len(self._sessions) + sum(self._reserved.values()) >= self.max_total:
+            raise ApiError(
+                429, ErrorCode.TOO_MANY_SESSIONS,
+                f"the server holds {self.max_total} sessions (its limit): try again later",
+                {"limit": self.max_total},
+                {"Retry-After": "30"},
+            )  # fmt: skip
+        self._reserved[user] = self._reserved.get(user, 0) + 1
+
+    def release(self, user: str) -> None:
+        n = self._reserved.get(user, 0) - 1
+        if n > 0:
+            self._reserved[user] = n
+        else:
+            self._reserved.pop(user, None)
+
+    def add(self, user: str, image_id: str, shape: Tuple[int, int, int], worker: InferenceWorker) -> ServerSession:
+        session = ServerSession(secrets.token_hex(16), user, image_id, shape, worker, self.clock())
+        self._sessions[session.session_id] = session
+        worker.n_sessions += 1
+        return session
+
+    def get(self, user: str, session_id: str) -> ServerSession:
+        """The user's session; 400 for a malformed id, 404 for another user's or an unknown one."""
+        if not _ID.match(session_id):
+            raise ApiError(400, ErrorCode.INVALID_ID, "session id must be 32 lowercase hex digits")
+        session = self._sessions.get(session_id)
+        if session is not None and self._is_idle(session):
+            self.remove(session_id, expired=True)
+            session = None
+        if session is None or session.user != user:
+            if session_id in self._expired:
+                raise ApiError(
+                    404, ErrorCode.SESSION_EXPIRED,
+                    f"session {session_id} was closed after {self.idle_timeout_s:.0f} s idle: open a new one",
+                )  # fmt: skip
+            raise ApiError(
+                404, ErrorCode.SESSION_NOT_FOUND,
+                f"no session {session_id}: it was closed, or the server restarted; open a new one "
+                "(the client's recover() replays its prompts)",
+            )  # fmt: skip
+        session.last_used = self.clock()
+        return session
+
+    def _is_idle(self, session: ServerSession) -> bool:
+        return session.pending == 0 and self.clock() - session.last_used > self.idle_timeout_s
+
+    def remove(self, session_id: str, expired: bool = False) -> Optional[ServerSession]:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.closed = True
+            session.worker.n_sessions -= 1
+            if expired:
+                self._expired[session_id] = None
+                while len(self._expired) > _FORGET_EXPIRED:
+                    self._expired.popitem(last=False)
+        return session
+
+    def expire_idle(self) -> List[ServerSession]:
+        """Remove and return the sessions idle for longer than the timeout."""
+        idle = [sid for sid, s in self._sessions.items() if self._is_idle(s)]
+        return [s for s in (self.remove(sid, expired=True) for sid in idle) if s is not None]
+
+    def all(self) -> List[ServerSession]:
+        return list(self._sessions.values())
+
+    def expires_in(self, session: ServerSession) -> float:
+        return max(0.0, self.idle_timeout_s - (self.clock() - session.last_used))

@@ -1,0 +1,73 @@
+"""Server settings: where to listen, which model, who may connect, and the limits."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from SegAssistLib.api_models import LimitsInfo
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+class Limits(BaseModel):
+    """Every bound the server enforces; each breach is answered with a 4xx naming the limit."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_voxels: int = Field(600 * 1024 * 1024, gt=0, description="voxels per image")
+    max_axis: int = Field(2048, gt=0, description="voxels along any one axis")
+    max_body_bytes: int = Field(2 * 1024**3, gt=0, description="bytes of one image upload")
+    max_json_bytes: int = Field(32 * 1024**2, gt=0, description="bytes of any other request body")
+    max_sessions_per_user: int = Field(8, gt=0)
+    max_sessions_total: int = Field(64, gt=0)
+    max_prompts_per_session: int = Field(2000, gt=0)
+    idle_timeout_s: float = Field(1800.0, gt=0)
+    max_concurrent_uploads: int = Field(2, gt=0, description="uploads decoded at once (bounds memory)")
+    max_queued_jobs: int = Field(256, gt=0, description="inference jobs waiting per device")
+    image_cache_bytes: int = Field(8 * 1024**3, ge=0, description="decoded images kept in memory")
+
+    def info(self) -> LimitsInfo:
+        return LimitsInfo(**self.model_dump(include=set(LimitsInfo.model_fields)))
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(8470, ge=0, le=65535)
+    model: Optional[Path] = Field(None, description="checkpoint; None: the bundled default model")
+    devices: Tuple[str, ...] = ("cpu",)
+    token_hashes: List[Tuple[str, str]] = Field(
+        default_factory=list, description="(user, sha256 hex of token); empty: no authentication"
+    )
+    data_dir: Optional[Path] = Field(None, description="uploaded images persist here across restarts")
+    limits: Limits = Field(default_factory=Limits)
+    tls_certfile: Optional[Path] = None
+    tls_keyfile: Optional[Path] = None
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.token_hashes)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: ServerSettings) -> None:
+    """Refuse a configuration that would serve without authentication beyond this machine."""
+    if not settings.auth_required and not is_loopback(settings.host):
+        raise ValueError(
+            f"refusing to listen on {settings.host!r} without tokens: anyone who can reach it could use the "
+            "model and read uploaded images. Give --token-file (see `segassist serve --issue-token`) or "
+            "set SEGASSIST_TOKEN, or listen on 127.0.0.1 only."
+        )
+    if bool(settings.tls_certfile) != bool(settings.tls_keyfile):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")

@@ -1,0 +1,166 @@
+"""What one running server holds: images, sessions, workers; and the way requests reach a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
+
+from SegAssistLib.api_models import ErrorCode, SessionInfo
+from SegAssistLib.engine.base import Engine, EngineSession, MaskUpdate
+from SegAssistLib.server.auth import TokenVerifier
+from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
+from SegAssistLib.server.images import ImageStore
+from SegAssistLib.server.sessions import ServerSession, SessionStore
+from SegAssistLib.server.settings import ServerSettings
+from SegAssistLib.server.worker import QueueFull, WorkerPool, WorkerStopped
+
+log = logging.getLogger("segassist.server")
+
+EngineFactory = Callable[[str], Engine]
+#: what a session operation returns from the worker: the update and the undo/redo state after it
+Outcome = Tuple[MaskUpdate, bool, bool]
+
+
+def default_engine_factory(model: Optional[Path]) -> EngineFactory:
+    """Build the built-in engine on a device (imported lazily: torch loads on the worker)."""
+
+    def build(device: str) -> Engine:
+        from SegAssistLib.engine import builtin
+
+        if model is None:
+            return builtin.load_default_engine(device=device)
+        return builtin.BuiltinEngine.from_checkpoint(model, device=device)
+
+    return build
+
+
+class SessionGone(Exception):
+    """A job found its session closed while it waited in the queue."""
+
+
+class ServerState:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        engine_factory: EngineFactory,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        limits = settings.limits
+        self.settings = settings
+        self.limits = limits
+        self.verifier = TokenVerifier(settings.token_hashes)
+        self.images = ImageStore(settings.data_dir, limits.image_cache_bytes, limits.max_voxels)
+        self.sessions = SessionStore(
+            limits.idle_timeout_s, limits.max_sessions_per_user, limits.max_sessions_total, clock
+        )
+        self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs)
+        self.upload_slots: Optional[asyncio.Semaphore] = None  # made on the server's event loop
+        self.clock = clock
+
+    async def submit(self, session: ServerSession, fn: Callable[[EngineSession], Any]) -> Tuple[Any, float]:
+        """Run ``fn(engine_session)`` on the session's worker; returns its value and the queue wait."""
+
+        def job(engine: Engine) -> Any:
+            if session.closed:
+                raise SessionGone()
+            return fn(session.engine_session)  # type: ignore[arg-type]
+
+        return await self._await_job(session, job)
+
+    async def _await_job(self, session: ServerSession, job: Callable[[Engine], Any]) -> Tuple[Any, float]:
+        session.pending += 1
+        try:
+            try:
+                future = session.worker.submit(session.session_id, job)
+            except QueueFull as exc:
+                raise ApiError(
+                    503, ErrorCode.QUEUE_FULL, f"the inference queue is full ({exc}): retry shortly",
+                    headers={"Retry-After": "2"},
+                ) from exc  # fmt: skip
+            except WorkerStopped as exc:
+                raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+            try:
+                value = await asyncio.wrap_future(future)
+            except LIBRARY_ERRORS as exc:
+                raise from_library_error(exc) from exc
+            except SessionGone as exc:
+                raise ApiError(
+                    404, ErrorCode.SESSION_NOT_FOUND, f"session {session.session_id} was closed meanwhile"
+                ) from exc
+            except WorkerStopped as exc:
+                raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+            return value, float(getattr(future, "queue_wait_s", 0.0))
+        finally:
+            session.pending -= 1
+            session.last_used = self.clock()
+
+    async def open(self, session: ServerSession, fn: Callable[[Engine], EngineSession]) -> None:
+        def job(engine: Engine) -> None:
+            es = fn(engine)
+            session.engine_session = es
+            session.can_undo, session.can_redo = es.can_undo, es.can_redo
+
+        await self._await_job(session, job)
+
+    async def mutate(
+        self, session: ServerSession, request_id: Optional[str], fn: Callable[[EngineSession], MaskUpdate]
+    ) -> Tuple[Outcome, float]:
+        """A state-changing operation, answered from the cache when it repeats the last request id."""
+
+        def op(es: EngineSession) -> Outcome:
+            if request_id is not None and session.last_request and session.last_request[0] == request_id:
+                return session.last_request[1]
+            update = fn(es)
+            outcome = (update, es.can_undo, es.can_redo)
+            session.can_undo, session.can_redo = es.can_undo, es.can_redo
+            session.last_request = (request_id, outcome) if request_id is not None else None
+            return outcome
+
+        return await self.submit(session, op)
+
+    def close_in_background(self, session: ServerSession) -> None:
+        """Release the engine session on its worker without waiting (after queued jobs)."""
+
+        def job(engine: Engine) -> None:
+            if session.engine_session is not None:
+                session.engine_session.close()
+                session.engine_session = None
+
+        try:
+            future = session.worker.submit(session.session_id, job, force=True)
+        except WorkerStopped:
+            return
+        future.add_done_callback(_log_failure)
+
+    def session_info(self, session: ServerSession) -> SessionInfo:
+        state, position, length = session.worker.state(session.session_id)
+        return SessionInfo(
+            session_id=session.session_id,
+            image_id=session.image_id,
+            shape=session.shape,
+            device=session.worker.device,
+            n_prompts=session.n_prompts,
+            can_undo=session.can_undo,
+            can_redo=session.can_redo,
+            state=state,  # type: ignore[arg-type]
+            queue_position=position,
+            queue_length=length,
+            idle_timeout_s=self.limits.idle_timeout_s,
+            expires_in_s=self.sessions.expires_in(session),
+        )
+
+    def expire_idle(self) -> int:
+        expired = self.sessions.expire_idle()
+        for session in expired:
+            log.info("session %s expired after %.0f s idle", session.session_id, self.limits.idle_timeout_s)
+            self.close_in_background(session)
+        return len(expired)
+
+
+def _log_failure(future: concurrent.futures.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("closing a session failed: %r", future.exception())

@@ -1,0 +1,280 @@
+"""Moving numpy arrays between client and server: compression with explicit dtype/shape metadata.
+
+Torch-free and pickle-free; shared by :mod:`SegAssistLib.client` and :mod:`SegAssistLib.server`.
+
+An array travels as its raw little-endian C-order bytes, compressed with one *codec*, next to a
+small metadata record (:class:`ArrayMeta`): dtype, shape, codec, raw byte count and compressed
+byte count. The receiver checks every field before it decompresses anything, so a truncated,
+corrupt, oversize or mislabelled payload is refused with a :class:`TransportError` whose ``code``
+says which (the server turns it into a 4xx).
+
+Codecs: ``zstd`` (the default, via the ``zstandard`` package) and ``zlib`` (standard library).
+``zlib`` exists so that a client with numpy and requests only (a bare ``PythonSlicer``) still
+works; the client announces the codecs it reads and the server answers in the best one of them.
+
+Large uploads travel as a *frame*, one self-describing byte string::
+
+    b"SGAF" | uint32 little-endian header length | UTF-8 JSON header | payload
+
+The JSON header holds the :class:`ArrayMeta` fields plus whatever else the sender adds (an
+image's spacing, origin and direction). Small arrays in JSON replies travel as base64 of the
+same compressed payload (see :class:`SegAssistLib.api_models.ArrayPayload`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from SegAssistLib.errors import SegAssistError
+
+try:  # zstandard is optional on the client side (see module docstring)
+    import zstandard
+except ImportError:  # pragma: no cover - exercised only where zstandard is absent
+    zstandard = None  # type: ignore[assignment]
+
+FRAME_MAGIC = b"SGAF"
+FRAME_MEDIA_TYPE = "application/x-segassist-frame"
+MAX_HEADER_BYTES = 64 * 1024
+MAX_NDIM = 4
+
+#: dtypes accepted on the wire, all little-endian (or byte-sized). No object, bool or complex.
+WIRE_DTYPES: Tuple[str, ...] = ("|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")
+
+
+def available_codecs() -> Tuple[str, ...]:
+    """Codecs this Python can read and write, best first."""
+    return ("zstd", "zlib", "none") if zstandard is not None else ("zlib", "none")
+
+
+def best_codec(accepted: Optional[Sequence[str]]) -> str:
+    """The best codec both this side and a peer that accepts ``accepted`` can use."""
+    ours = available_codecs()
+    if not accepted:
+        return ours[0]
+    for codec in ours:
+        if codec in accepted:
+            return codec
+    return "none"
+
+
+class TransportError(SegAssistError, ValueError):
+    """An array payload or frame is malformed; ``code`` names the problem for the error reply."""
+
+    code = "malformed_array"
+
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """What a receiver needs to rebuild an array, checked before decompression."""
+
+    dtype: str
+    shape: Tuple[int, ...]
+    codec: str
+    nbytes: int  # raw (decompressed) bytes
+    payload_nbytes: int  # compressed bytes
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> ArrayMeta:
+        try:
+            shape = tuple(int(n) for n in data["shape"])
+            meta = cls(
+                dtype=str(data["dtype"]),
+                shape=shape,
+                codec=str(data["codec"]),
+                nbytes=int(data["nbytes"]),
+                payload_nbytes=int(data["payload_nbytes"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TransportError(
+                f"array metadata is incomplete or mistyped: {exc}", "malformed_body"
+            ) from exc
+        meta.check()
+        return meta
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    def check(self, max_voxels: Optional[int] = None) -> None:
+        """Reject metadata that does not describe a sane array (before anything is decompressed)."""
+        if self.dtype not in WIRE_DTYPES:
+            raise TransportError(
+                f"dtype {self.dtype!r} is not accepted; use one of {', '.join(WIRE_DTYPES)}",
+                "unsupported_dtype",
+            )
+        if not 1 <= len(self.shape) <= MAX_NDIM or any(n < 0 for n in self.shape):
+            raise TransportError(f"shape {list(self.shape)} is not a valid array shape", "invalid_shape")
+        if self.codec not in ("zstd", "zlib", "none"):
+            raise TransportError(f"codec {self.codec!r} is unknown (zstd, zlib or none)", "unsupported_codec")
+        if max_voxels is not None and self.size > max_voxels:
+            raise TransportError(
+                f"array has {self.size} voxels, above the limit of {max_voxels}", "image_too_large"
+            )
+        expected = self.size * np.dtype(self.dtype).itemsize
+        if self.nbytes != expected:
+            raise TransportError(
+                f"nbytes {self.nbytes} does not match dtype {self.dtype} and shape {list(self.shape)} "
+                f"({expected} bytes expected)",
+                "invalid_shape",
+            )
+        if self.payload_nbytes < 0:
+            raise TransportError("payload_nbytes is negative", "malformed_body")
+
+
+def wire_array(array: np.ndarray) -> np.ndarray:
+    """The array as it travels: C-contiguous, little-endian, a wire dtype (bool becomes uint8)."""
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "uif":
+        raise TransportError(
+            f"dtype {arr.dtype} cannot be sent (integer or float arrays only)", "unsupported_dtype"
+        )
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and np.little_endian is False):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.str not in WIRE_DTYPES:
+        raise TransportError(f"dtype {arr.dtype} cannot be sent", "unsupported_dtype")
+    return arr
+
+
+def compress(raw: bytes, codec: str, level: int = 3, threads: int = 0) -> bytes:
+    if codec == "zstd":
+        if zstandard is None:
+            raise TransportError("the zstandard package is not installed", "unsupported_codec")
+        return zstandard.ZstdCompressor(level=level, threads=threads).compress(raw)
+    if codec == "zlib":
+        return zlib.compress(raw, max(1, min(level, 9)))
+    if codec == "none":
+        return bytes(raw)
+    raise TransportError(f"codec {codec!r} is unknown", "unsupported_codec")
+
+
+def decompress(payload: bytes, codec: str, nbytes: int) -> np.ndarray:
+    """Decompress exactly ``nbytes`` bytes into a fresh writable uint8 buffer.
+
+    Anything else (corrupt, short, longer than declared) is refused. zstd streams straight into
+    the output buffer, so a large image is never held twice in memory.
+    """
+    out = np.empty(nbytes, np.uint8)
+    try:
+        if codec == "zstd":
+            if zstandard is None:
+                raise TransportError("the zstandard package is not installed", "unsupported_codec")
+            with zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=True) as reader:
+                view = memoryview(out)
+                filled = 0
+                while filled < nbytes:
+                    n = reader.readinto(view[filled:])
+                    if not n:
+                        break
+                    filled += n
+                extra = reader.read(1)
+            if filled != nbytes or extra:
+                raise TransportError(
+                    f"zstd payload decompresses to {'more' if extra else filled} bytes, "
+                    f"but {nbytes} were declared",
+                    "truncated_body",
+                )
+        elif codec == "zlib":
+            d = zlib.decompressobj()
+            raw = d.decompress(payload, nbytes + 1)
+            if len(raw) != nbytes or not d.eof:
+                raise TransportError(
+                    f"zlib payload does not decompress to the declared {nbytes} bytes (truncated or corrupt)",
+                    "truncated_body",
+                )
+            out[:] = np.frombuffer(raw, np.uint8)
+        elif codec == "none":
+            if len(payload) != nbytes:
+                raise TransportError(f"raw payload has {len(payload)} bytes, not {nbytes}", "truncated_body")
+            out[:] = np.frombuffer(payload, np.uint8)
+        else:
+            raise TransportError(f"codec {codec!r} is unknown", "unsupported_codec")
+    except TransportError:
+        raise
+    except Exception as exc:  # zstandard.ZstdError and zlib.error share no base class
+        raise TransportError(f"{codec} payload cannot be decompressed (corrupt or truncated): {exc}") from exc
+    return out
+
+
+def encode_array(
+    array: np.ndarray, codec: str = "zstd", level: int = 3, threads: int = 0
+) -> Tuple[ArrayMeta, bytes]:
+    """Compress an array; returns its metadata and the compressed bytes."""
+    arr = wire_array(array)
+    payload = compress(memoryview(arr).cast("B") if arr.size else b"", codec, level, threads)
+    meta = ArrayMeta(arr.dtype.str, tuple(int(n) for n in arr.shape), codec, int(arr.nbytes), len(payload))
+    return meta, payload
+
+
+def decode_array(meta: ArrayMeta, payload: bytes, max_voxels: Optional[int] = None) -> np.ndarray:
+    """Rebuild an array; checks metadata, payload length and decompressed length."""
+    meta.check(max_voxels)
+    if len(payload) != meta.payload_nbytes:
+        raise TransportError(
+            f"payload has {len(payload)} bytes, but {meta.payload_nbytes} were declared (truncated body?)",
+            "truncated_body",
+        )
+    raw = decompress(payload, meta.codec, meta.nbytes)
+    return raw.view(np.dtype(meta.dtype)).reshape(meta.shape)
+
+
+def pack_frame(header: Dict[str, Any], payload: bytes) -> bytes:
+    """One byte string: magic, header length, JSON header, payload."""
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(head) > MAX_HEADER_BYTES:
+        raise TransportError(f"frame header is {len(head)} bytes, above {MAX_HEADER_BYTES}", "malformed_body")
+    return b"".join((FRAME_MAGIC, struct.pack("<I", len(head)), head, payload))
+
+
+def unpack_frame(data: bytes) -> Tuple[Dict[str, Any], memoryview]:
+    """Split a frame into its JSON header and its payload (a view, not a copy)."""
+    view = memoryview(data)
+    if len(view) < 8 or bytes(view[:4]) != FRAME_MAGIC:
+        raise TransportError(
+            f"body is not a SegAssist frame (it must start with {FRAME_MAGIC!r})", "malformed_body"
+        )
+    (head_len,) = struct.unpack("<I", view[4:8])
+    if head_len > MAX_HEADER_BYTES:
+        raise TransportError(f"frame header length {head_len} is above {MAX_HEADER_BYTES}", "malformed_body")
+    if len(view) < 8 + head_len:
+        raise TransportError("frame ends inside its header (truncated body)", "truncated_body")
+    try:
+        header = json.loads(bytes(view[8 : 8 + head_len]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise TransportError(f"frame header is not valid JSON: {exc}", "malformed_body") from exc
+    if not isinstance(header, dict):
+        raise TransportError("frame header must be a JSON object", "malformed_body")
+    return header, view[8 + head_len :]
+
+
+def encode_frame(array: np.ndarray, extra: Optional[Dict[str, Any]] = None, **kwargs: Any) -> bytes:
+    """An array and extra header fields as one frame."""
+    meta, payload = encode_array(array, **kwargs)
+    header = dict(extra or {})
+    header.update(meta.to_dict())
+    return pack_frame(header, payload)
+
+
+def decode_frame(data: bytes, max_voxels: Optional[int] = None) -> Tuple[Dict[str, Any], np.ndarray]:
+    """The header and the array of a frame, every field checked."""
+    header, payload = unpack_frame(data)
+    meta = ArrayMeta.from_dict(header)
+    return header, decode_array(meta, payload, max_voxels)
