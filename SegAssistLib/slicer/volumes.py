@@ -7,7 +7,8 @@ direction columns = i, j, k axes): LPS and RAS differ by the sign of x and y.
 
 from __future__ import annotations
 
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
 import numpy as np
 import slicer
@@ -147,3 +148,48 @@ def harden_transform(node: slicer.vtkMRMLTransformableNode) -> None:
         return
     if not node.HardenTransform():
         raise SegAssistError(f"could not harden the transform of {node.GetName()!r}")
+
+
+def load_volume_file(
+    scene: slicer.vtkMRMLScene,
+    path: Union[str, Path],
+    name: Optional[str] = None,
+    labelmap: bool = False,
+) -> slicer.vtkMRMLVolumeNode:
+    """Read an image file (NRRD, NIfTI, MHA, ...) into a new volume node through a storage node.
+
+    ``slicer.util.loadVolume`` needs the Qt application; this works headless too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image file not found: {path}")
+    class_name = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(class_name, name or path.name.split(".")[0])
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise ImageError(f"could not read an image from {path}")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def save_volume_file(
+    volume_node: slicer.vtkMRMLVolumeNode, path: Union[str, Path], compress: bool = True
+) -> Path:
+    """Write a volume node to a file through its storage node (its own frame: transforms not applied)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = volume_node.GetStorageNode()
+    if storage is None:
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        volume_node.GetScene().AddNode(storage)
+        volume_node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(bool(compress))
+    if not storage.WriteData(volume_node):
+        raise ImageError(f"could not write volume {volume_node.GetName()!r} to {path}")
+    return path
