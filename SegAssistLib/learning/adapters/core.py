@@ -1,0 +1,427 @@
+"""Applying adapters to a network, and adapter files.
+
+:func:`apply_adapter` wraps the chosen layers of a network in place, freezes every base parameter
+and returns an :class:`AdapterSet`: the handle to train (its ``parameters()``), count, merge,
+save and remove the adapter.
+
+An adapter file is a ``torch.save`` dict loadable with ``weights_only=True``::
+
+    {"format": "segassist-adapter", "format_version": 1, "kind": "lora" | "salt",
+     "config": {...AdapterConfig...}, "base_identity": "<16 hex>",
+     "state": {"<layer>.<parameter>": tensor, ...}, "meta": {...JSON-compatible...}}
+
+``base_identity`` is :func:`SegAssistLib.engine.network.weights_identity` of the base weights
+(the same value as ``LoadedModel.identity``); :func:`load_adapter` refuses a file made for other
+base weights, since an adapter is meaningless (and SALT's singular basis wrong) on another base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from SegAssistLib.engine.network import weights_identity
+from SegAssistLib.learning._atomic import atomic_write
+from SegAssistLib.learning.adapters.layers import AdaptedLayer, is_supported
+from SegAssistLib.learning.adapters.lora import LoRALayer
+from SegAssistLib.learning.adapters.salt import SALTLayer
+from SegAssistLib.learning.errors import AdapterError
+
+ADAPTER_FORMAT = "segassist-adapter"
+ADAPTER_FORMAT_VERSION = 1
+DEFAULT_LORA_RANK = 4
+DEFAULT_SALT_RANK = 8
+DEFAULT_SALT_LORA_RANK = 4
+
+Targets = Union[None, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+class AdapterKind(str, Enum):
+    LORA = "lora"
+    SALT = "salt"
+
+    @classmethod
+    def parse(cls, value: Union[str, AdapterKind]) -> AdapterKind:
+        try:
+            return cls(str(value.value if isinstance(value, AdapterKind) else value).lower())
+        except ValueError:
+            raise AdapterError(f"unknown adapter kind {value!r} (known: lora, salt)") from None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """How an adapter was built. ``rank``: LoRA rank, or for SALT the number of top singular values;
+    ``lora_rank``: SALT's low-rank update of the remaining subspace (0 for LoRA)."""
+
+    kind: AdapterKind
+    rank: int
+    lora_rank: int = 0
+    alpha: Optional[float] = None
+    targets: Tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["kind"] = self.kind.value
+        out["targets"] = list(self.targets)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> AdapterConfig:
+        try:
+            return cls(
+                kind=AdapterKind.parse(data["kind"]),
+                rank=int(data["rank"]),
+                lora_rank=int(data.get("lora_rank", 0)),
+                alpha=None if data.get("alpha") is None else float(data["alpha"]),
+                targets=tuple(str(t) for t in data.get("targets", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdapterError(f"invalid adapter config {data!r}: {exc}") from exc
+
+
+def _adapted_layers(network: nn.Module) -> Dict[str, AdaptedLayer]:
+    return {name: m for name, m in network.named_modules() if isinstance(m, AdaptedLayer)}
+
+
+def base_state_dict(network: nn.Module) -> Dict[str, torch.Tensor]:
+    """The network's state dict as its base model had it: original keys, un-merged weights,
+    no adapter parameters. Works on plain and adapted networks alike."""
+    layers = _adapted_layers(network)
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in network.state_dict().items():
+        owner = next((n for n in layers if key.startswith(n + ".")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        rest = key[len(owner) + 1 :]
+        if not rest.startswith("base."):
+            continue  # an adapter parameter
+        rest = rest[len("base.") :]
+        if rest == "weight":
+            value = layers[owner].original_weight()
+        out[f"{owner}.{rest}"] = value
+    return out
+
+
+def base_identity(network: nn.Module) -> str:
+    """``weights_identity`` of the base weights, whether or not adapters are applied or merged."""
+    return weights_identity(base_state_dict(network))
+
+
+def _select_targets(network: nn.Module, targets: Targets) -> List[str]:
+    candidates = {name: m for name, m in network.named_modules() if name and is_supported(m)}
+    if targets is None:
+        chosen = list(candidates)
+    elif callable(targets):
+        chosen = [n for n, m in candidates.items() if targets(n, m)]
+    else:
+        names = list(targets)
+        modules = dict(network.named_modules())
+        for name in names:
+            if name not in modules:
+                raise AdapterError(f"the network has no layer named {name!r}")
+            if name not in candidates:
+                raise AdapterError(f"layer {name!r} ({type(modules[name]).__name__}) cannot be adapted")
+        chosen = names
+    if not chosen:
+        raise AdapterError("no layer to adapt: the network has no (selected) linear or convolution layer")
+    return chosen
+
+
+def _make_layer(base: nn.Module, config: AdapterConfig) -> AdaptedLayer:
+    if config.kind is AdapterKind.LORA:
+        return LoRALayer(base, rank=config.rank, alpha=config.alpha)
+    return SALTLayer(base, rank=config.rank, lora_rank=config.lora_rank, alpha=config.alpha)
+
+
+class AdapterSet:
+    """The adapters applied to one network (see :func:`apply_adapter`)."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        config: AdapterConfig,
+        identity: str,
+        layers: Dict[str, AdaptedLayer],
+        frozen_flags: Dict[str, bool],
+    ) -> None:
+        self.network = network
+        self.config = config
+        self.base_identity = identity
+        self.layers = layers
+        self._frozen_flags = frozen_flags
+        self._removed = False
+
+    @property
+    def kind(self) -> AdapterKind:
+        return self.config.kind
+
+    # --- parameters ---------------------------------------------------------------------------
+    def named_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        for layer_name, layer in self.layers.items():
+            for pname, p in layer.adapter_parameters().items():
+                yield f"{layer_name}.{pname}", p
+
+    def parameters(self) -> List[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def base_parameter_count(self) -> int:
+        return sum(v.numel() for k, v in base_state_dict(self.network).items() if self._is_param(k))
+
+    def _is_param(self, key: str) -> bool:
+        return key in self._frozen_flags
+
+    def trainable_share(self) -> float:
+        """Trainable parameters / all parameters (base plus adapter), the usual PEFT convention."""
+        trainable = self.trainable_parameter_count()
+        return trainable / float(self.base_parameter_count() + trainable)
+
+    # --- merge --------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.layers.values())
+
+    def merge(self) -> None:
+        """Fold the adapters into the weights for inference (undo with :meth:`unmerge` to train on)."""
+        self._check_alive()
+        for layer in self.layers.values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        self._check_alive()
+        for layer in self.layers.values():
+            layer.unmerge()
+
+    # --- state --------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load adapter parameters (all of them, with matching shapes); unmerges first."""
+        self._check_alive()
+        own = dict(self.named_parameters())
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise AdapterError(
+                f"adapter state does not fit this adapter: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for name, p in own.items():
+            value = state[name]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise AdapterError(f"adapter parameter {name}: expected shape {tuple(p.shape)}, got {got}")
+            if not torch.isfinite(value).all():
+                raise AdapterError(f"adapter parameter {name} holds NaN or infinite values")
+        was_merged = self.merged
+        self.unmerge()
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(state[name].to(dtype=p.dtype, device=p.device))
+        if was_merged:
+            self.merge()
+
+    def save(
+        self, path: Union[str, Path], meta: Optional[Dict[str, Any]] = None, overwrite: bool = False
+    ) -> Path:
+        """Write the adapter file atomically (``meta``: JSON-compatible provenance, e.g. version, data)."""
+        self._check_alive()
+        meta = dict(meta or {})
+        try:
+            meta = json.loads(json.dumps(meta))  # only plain data, so weights_only loading accepts it
+        except (TypeError, ValueError) as exc:
+            raise AdapterError(f"adapter meta must be JSON-compatible: {exc}") from exc
+        payload = {
+            "format": ADAPTER_FORMAT,
+            "format_version": ADAPTER_FORMAT_VERSION,
+            "kind": self.kind.value,
+            "config": self.config.to_dict(),
+            "base_identity": self.base_identity,
+            "layers": {name: layer.hyperparameters() for name, layer in self.layers.items()},
+            "trainable_parameters": self.trainable_parameter_count(),
+            "state": self.state_dict(),
+            "meta": meta,
+        }
+        path = Path(path)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=overwrite)
+        return path
+
+    # --- removal ------------------------------------------------------------------------------
+    def remove(self, keep_merged: bool = False) -> nn.Module:
+        """Put the original layers back and restore each parameter's ``requires_grad``.
+
+        With ``keep_merged`` the adapters' updates stay folded into the weights (a plain network
+        with the adapted behaviour, for export); otherwise the exact base weights come back.
+        """
+        self._check_alive()
+        if keep_merged:
+            self.merge()
+        else:
+            self.unmerge()
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = self.network.get_submodule(parent_name) if parent_name else self.network
+            setattr(parent, child, layer.base)
+        for key, p in self.network.named_parameters():
+            p.requires_grad_(self._frozen_flags.get(key, True))
+        self._removed = True
+        return self.network
+
+    def _check_alive(self) -> None:
+        if self._removed:
+            raise AdapterError("this adapter was removed from its network")
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "config": self.config.to_dict(),
+            "base_identity": self.base_identity,
+            "trainable_parameters": self.trainable_parameter_count(),
+            "base_parameters": self.base_parameter_count(),
+            "trainable_share": self.trainable_share(),
+            "merged": self.merged,
+        }
+
+
+def apply_adapter(
+    network: nn.Module,
+    kind: Union[str, AdapterKind],
+    rank: Optional[int] = None,
+    *,
+    lora_rank: Optional[int] = None,
+    alpha: Optional[float] = None,
+    targets: Targets = None,
+    expected_identity: Optional[str] = None,
+) -> AdapterSet:
+    """Wrap layers of ``network`` in place with ``kind`` adapters and freeze every base parameter.
+
+    ``rank``: LoRA rank (default 4) or the number of SALT's top singular values (default 8);
+    ``lora_rank``: SALT's low-rank update of the rest (default 4); ``alpha``: scale of the
+    low-rank update (default: equal to its rank, i.e. scale 1). ``targets``: ``None`` for every
+    linear and (transposed) convolution layer, a list of layer names, or a predicate
+    ``(name, module) -> bool``. ``expected_identity`` (for example ``LoadedModel.identity``) is
+    checked against the network's weights.
+    """
+    kind = AdapterKind.parse(kind)
+    if _adapted_layers(network):
+        raise AdapterError("the network already carries adapters: remove() them before applying others")
+    identity = base_identity(network)
+    if expected_identity is not None and expected_identity != identity:
+        raise AdapterError(
+            f"the network's weights (identity {identity}) are not the expected base model "
+            f"(identity {expected_identity})"
+        )
+    if kind is AdapterKind.LORA:
+        if lora_rank not in (None, 0):
+            raise AdapterError("lora_rank is a SALT setting; for LoRA use rank")
+        config = AdapterConfig(kind, rank if rank is not None else DEFAULT_LORA_RANK, 0, alpha)
+    else:
+        lr = lora_rank if lora_rank is not None else DEFAULT_SALT_LORA_RANK
+        config = AdapterConfig(kind, rank if rank is not None else DEFAULT_SALT_RANK, lr, alpha)
+    if config.alpha is not None and (not math.isfinite(config.alpha) or config.alpha <= 0):
+        raise AdapterError(f"alpha must be a positive number, got {alpha!r}")
+    names = _select_targets(network, targets)
+    config = AdapterConfig(config.kind, config.rank, config.lora_rank, config.alpha, tuple(names))
+    frozen_flags = {key: p.requires_grad for key, p in network.named_parameters()}
+    layers: Dict[str, AdaptedLayer] = {}
+    for name in names:
+        layers[name] = _make_layer(network.get_submodule(name), config)  # validates ranks first
+    for p in network.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = network.get_submodule(parent_name) if parent_name else network
+        setattr(parent, child, layer)
+    return AdapterSet(network, config, identity, layers, frozen_flags)
+
+
+def remove_adapters(network: nn.Module) -> nn.Module:
+    """Unwrap every adapted layer of a network (original weights back), without its handle."""
+    for name, layer in _adapted_layers(network).items():
+        layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        parent = network.get_submodule(parent_name) if parent_name else network
+        setattr(parent, child, layer.base)
+    return network
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    path: Path
+    config: AdapterConfig
+    base_identity: str
+    state: Dict[str, torch.Tensor]
+    meta: Dict[str, Any]
+    trainable_parameters: int
+
+
+def read_adapter_file(path: Union[str, Path]) -> AdapterFile:
+    """Read and check an adapter file without applying it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterError(f"cannot read adapter file {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{path} is not a SegAssist adapter file (no 'format': '{ADAPTER_FORMAT}')")
+    if int(payload.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} has adapter format {payload['format_version']}, newer than this SegAssist reads "
+            f"({ADAPTER_FORMAT_VERSION}): upgrade SegAssist"
+        )
+    state = payload.get("state")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"adapter file {path} has no valid 'state'")
+    identity = payload.get("base_identity")
+    if not isinstance(identity, str) or not identity:
+        raise AdapterError(f"adapter file {path} does not say which base model it belongs to")
+    return AdapterFile(
+        path=path,
+        config=AdapterConfig.from_dict(payload.get("config", {})),
+        base_identity=identity,
+        state=state,
+        meta=dict(payload.get("meta") or {}),
+        trainable_parameters=int(payload.get("trainable_parameters", 0)),
+    )
+
+
+def load_adapter(network: nn.Module, path: Union[str, Path], merge: bool = False) -> AdapterSet:
+    """Apply the adapter saved at ``path`` to ``network`` (a plain base network) and load its weights.
+
+    Raises :class:`AdapterError` when the file was made for different base weights. With ``merge``
+    the adapter is folded into the weights at once (inference).
+    """
+    file = read_adapter_file(path)
+    identity = base_identity(network)
+    if identity != file.base_identity:
+        raise AdapterError(
+            f"adapter {file.path.name} was trained on base model {file.base_identity}, but this network "
+            f"is base model {identity}: load it onto the model it was trained for"
+        )
+    adapters = apply_adapter(
+        network,
+        file.config.kind,
+        file.config.rank,
+        lora_rank=file.config.lora_rank if file.config.kind is AdapterKind.SALT else None,
+        alpha=file.config.alpha,
+        targets=list(file.config.targets),
+    )
+    try:
+        adapters.load_state_dict(file.state)
+    except AdapterError:
+        adapters.remove()
+        raise
+    if merge:
+        adapters.merge()
+    return adapters

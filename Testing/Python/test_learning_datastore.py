@@ -1,0 +1,463 @@
+"""The datastore: import, list and filter, locks, versioned labels with provenance, review, export,
+integrity, and a real SIGKILL during a label save."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegAssistLib.errors import PromptError
+from SegAssistLib.image import Volume
+from SegAssistLib.io import load_mask, load_volume, volume_to_sitk
+from SegAssistLib.learning import (
+    CaseLockedError,
+    CaseStatus,
+    CorruptDataError,
+    Datastore,
+    DatastoreError,
+    DuplicateCaseError,
+    InvalidIdentifierError,
+    InvalidStateError,
+    NotFoundError,
+    export_msd,
+    export_seg_nrrd,
+    open_datastore,
+)
+from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_volume(shape=(12, 16, 20), seed=0, spacing=(0.8, 0.9, 2.0)) -> Volume:
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    array = (100 * np.sin(k / 3.0) + j * i + rng.integers(0, 5, shape)).astype(np.int16)
+    return Volume(array=array, spacing=spacing, origin=(1.0, -2.0, 3.0))
+
+
+def box_mask(shape, lo, hi) -> np.ndarray:
+    m = np.zeros(shape, np.uint8)
+    m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = 1
+    return m
+
+
+class Clock:
+    """A settable clock for lock expiry (the store takes any ``() -> float``)."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock):
+    ds = Datastore(tmp_path / "store", clock=clock)
+    yield ds
+    ds.close()
+
+
+def add_case(ds: Datastore, seed=0, name=None, shape=(12, 16, 20)):
+    return ds.import_volume(make_volume(shape, seed), name=name or f"case_{seed:03d}", user="admin")
+
+
+def write_dicom_series(folder: Path, array: np.ndarray, slice_gap: float = 2.0) -> None:
+    folder.mkdir(parents=True)
+    uid = "1.2.826.0.1.3680043.2.1125.1.4242"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(array.shape[0]):
+        sl = sitk.GetImageFromArray(array[k])
+        sl.SetSpacing((0.8, 0.8))
+        tags = {
+            "0008|0060": "CT",
+            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",
+            "0008|0018": f"{uid}.3.{k + 1}",
+            "0020|000d": f"{uid}.1",
+            "0020|000e": f"{uid}.2",
+            "0020|0013": str(k + 1),
+            "0020|0032": f"0\\0\\{k * slice_gap}",
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": str(slice_gap),
+        }
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+# ---------------------------------------------------------------------------------------- import
+
+
+def test_import_folder_of_formats_and_dicom_skips_duplicates_and_bad_images(tmp_path: Path, store: Datastore):
+    src = tmp_path / "incoming"
+    src.mkdir()
+    for n, suffix in enumerate((".nii.gz", ".nrrd", ".mha")):
+        sitk.WriteImage(volume_to_sitk(make_volume(seed=n)), str(src / f"img{n}{suffix}"))
+    sitk.WriteImage(volume_to_sitk(make_volume(seed=0)), str(src / "zz_copy_of_img0.nii.gz"))  # duplicate
+    constant = Volume(array=np.zeros((8, 8, 8), np.int16))
+    sitk.WriteImage(volume_to_sitk(constant), str(src / "blank.nrrd"))  # cannot be segmented
+    sitk.WriteImage(volume_to_sitk(make_volume(seed=9)), str(src / "old.seg.nrrd"))  # not an image to annotate
+    dicom = (np.arange(6 * 20 * 24).reshape(6, 20, 24) % 97).astype(np.int16)
+    write_dicom_series(src / "series1", dicom)
+
+    report = store.import_images(src, user="alice")
+    names = sorted(c.name for c in report.added)
+    assert names == ["img0", "img1", "img2", "series1"]
+    reasons = dict((Path(p).name, r) for p, r in report.skipped)
+    assert set(reasons) == {"zz_copy_of_img0.nii.gz", "blank.nrrd"}
+    assert "already imported" in reasons["zz_copy_of_img0.nii.gz"]
+    assert "constant" in reasons["blank.nrrd"]
+
+    series = next(c for c in report.added if c.name == "series1")
+    assert series.shape == (6, 20, 24) and series.spacing[2] == pytest.approx(2.0)
+    assert np.array_equal(store.load_image(series.id).array, dicom)
+    # every case is new, ids are generated, nothing of the source name is in the stored file names
+    for case in report.added:
+        assert case.status is CaseStatus.NEW and case.imported_by == "alice"
+        assert store.image_path(case.id).name == f"{case.id}.nii.gz"
+    # a second import adds nothing
+    again = store.import_images(src, user="alice")
+    assert again.added == [] and len(again.skipped) == 6
+
+
+def test_import_hippocampus_real_data(tmp_path: Path, hippocampus_dir: Path, store: Datastore):
+    files = sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[:3]
+    src = tmp_path / "hippo" / "imagesTr"
+    src.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, src)
+    report = store.import_images(src.parent, user="alice")  # an MSD folder: only imagesTr is read
+    assert [c.name for c in report.added] == [f.name[: -len(".nii.gz")] for f in files]
+    for case, f in zip(report.added, files):
+        original = load_volume(f)
+        stored = store.load_image(case.id)
+        assert np.array_equal(stored.array, original.array)
+        assert np.allclose(stored.spacing, original.spacing) and np.allclose(stored.origin, original.origin)
+        assert case.shape == original.array.shape
+    assert store.count_by_status()["new"] == 3
+
+
+def test_import_errors_are_clear(tmp_path: Path, store: Datastore):
+    with pytest.raises(DatastoreError, match="neither a file nor a folder"):
+        store.import_images(tmp_path / "missing", user="alice")
+    with pytest.raises(InvalidIdentifierError, match="user name"):
+        store.import_images(tmp_path, user="../root")
+    add_case(store, seed=1)
+    with pytest.raises(DuplicateCaseError, match="already imported"):
+        add_case(store, seed=1, name="other name")
+
+
+# ---------------------------------------------------------------------------------- list, locks
+
+
+def test_list_and_filter_by_status(store: Datastore):
+    cases = [add_case(store, seed=s) for s in range(5)]
+    store.lock(cases[1].id, "alice")
+    store.save_label(cases[2].id, box_mask(cases[2].shape, (1, 1, 1), (5, 5, 5)), "bob")
+    store.save_label(cases[3].id, box_mask(cases[3].shape, (1, 1, 1), (5, 5, 5)), "bob")
+    store.review(cases[3].id, "carol", accepted=True)
+
+    assert [c.id for c in store.list_cases()] == [c.id for c in cases]
+    assert {c.id for c in store.list_cases(status="new")} == {cases[0].id, cases[4].id}
+    assert [c.id for c in store.list_cases(status="in progress")] == [cases[1].id]
+    assert [c.id for c in store.list_cases(status=CaseStatus.SUBMITTED)] == [cases[2].id]
+    assert [c.id for c in store.list_cases(status=["submitted", "reviewed"])] == [cases[2].id, cases[3].id]
+    assert [c.id for c in store.list_cases(locked_by="alice")] == [cases[1].id]
+    assert [c.id for c in store.list_cases(limit=2, offset=1)] == [cases[1].id, cases[2].id]
+    assert store.count_by_status() == {"new": 2, "in_progress": 1, "submitted": 1, "reviewed": 1}
+    with pytest.raises(InvalidIdentifierError, match="unknown case status"):
+        store.list_cases(status="done")
+
+
+def test_lock_belongs_to_one_annotator_and_expires(store: Datastore, clock: Clock):
+    case = add_case(store)
+    locked = store.lock(case.id, "alice", ttl_s=600)
+    assert locked.locked_by == "alice" and locked.status is CaseStatus.IN_PROGRESS
+    with pytest.raises(CaseLockedError, match=r"locked by alice for about 10 more minute"):
+        store.lock(case.id, "bob")
+    with pytest.raises(CaseLockedError, match="locked by alice"):
+        store.save_label(case.id, np.zeros(case.shape, np.uint8), "bob")
+    with pytest.raises(CaseLockedError):
+        store.unlock(case.id, "bob")
+    assert store.lock(case.id, "alice", ttl_s=600).lock_expires == clock.t + 600  # renewal
+
+    clock.t += 601  # alice's lock has expired: bob may take the case
+    assert store.get_case(case.id).locked_by is None
+    assert store.lock(case.id, "bob").locked_by == "bob"
+    with pytest.raises(CaseLockedError, match="locked by bob"):
+        store.lock(case.id, "alice")
+    released = store.unlock(case.id, "admin", force=True)  # an administrator's override
+    assert released.locked_by is None and released.status is CaseStatus.NEW  # no label: back to new
+    with pytest.raises(DatastoreError, match="lock duration"):
+        store.lock(case.id, "alice", ttl_s=0)
+
+
+# ------------------------------------------------------------------------------------- labels
+
+
+def test_label_versions_are_new_files_with_provenance_never_overwritten(store: Datastore, clock: Clock):
+    case = add_case(store)
+    log = PromptLog(model="builtin-v1", prompts=[PointPrompt(position=(5, 6, 7)), PointPrompt(position=(4, 4, 4))])
+    store.lock(case.id, "alice")
+    m1 = box_mask(case.shape, (2, 2, 2), (6, 8, 9))
+    v1 = store.save_label(
+        case.id,
+        m1,
+        "alice",
+        prompt_log=log,
+        model="builtin-v1",
+        adapter_version="salt-3",
+        seconds_spent=42.5,
+        submit=False,
+    )
+    assert (v1.version, v1.user, v1.model, v1.adapter_version) == (1, "alice", "builtin-v1", "salt-3")
+    assert v1.n_interactions == 2 and v1.seconds_spent == 42.5 and v1.n_foreground == int(m1.sum())
+    assert v1.created_at == clock.t and not v1.submitted and v1.has_prompt_log
+    assert store.get_case(case.id).status is CaseStatus.IN_PROGRESS  # a draft keeps the lock
+    assert store.get_case(case.id).locked_by == "alice"
+    path1 = store.label_path(case.id, v1.id)
+    bytes1, stat1 = path1.read_bytes(), path1.stat()
+
+    clock.t += 10
+    m2 = box_mask(case.shape, (1, 1, 1), (7, 9, 10))
+    log2 = PromptLog(prompts=[BoxPrompt(min_corner=(1, 1, 1), max_corner=(9, 8, 6))])
+    v2 = store.save_label(case.id, m2, "alice", prompt_log=log2.to_json(), n_interactions=5, seconds_spent=3)
+    assert v2.version == 2 and v2.id != v1.id and v2.n_interactions == 5 and v2.submitted
+    case_now = store.get_case(case.id)
+    assert case_now.status is CaseStatus.SUBMITTED and case_now.locked_by is None
+    assert case_now.n_labels == 2 and case_now.latest_label_id == v2.id
+
+    # version 1 is untouched, on disk and in content
+    assert path1.read_bytes() == bytes1 and path1.stat().st_mtime_ns == stat1.st_mtime_ns
+    assert np.array_equal(store.load_label(v1.id), m1)
+    assert np.array_equal(store.load_label(v2.id), m2)
+    assert [v.id for v in store.label_versions(case.id)] == [v1.id, v2.id]
+    assert store.latest_label(case.id).id == v2.id
+    assert store.prompt_log(v1.id) == log and store.prompt_log(v2.id) == log2
+    # labels are written on the image's grid
+    written = sitk.ReadImage(str(store.label_path(case.id, v2.id)))
+    assert np.allclose(written.GetSpacing(), (0.8, 0.9, 2.0)) and np.allclose(written.GetOrigin(), (1, -2, 3))
+
+
+def test_review_flow_and_training_cases(store: Datastore):
+    a, b, c = (add_case(store, seed=s) for s in range(3))
+    with pytest.raises(InvalidStateError, match="only submitted cases"):
+        store.review(a.id, "carol", accepted=True)
+    la = store.save_label(a.id, box_mask(a.shape, (0, 0, 0), (3, 3, 3)), "alice")
+    store.save_label(b.id, box_mask(b.shape, (0, 0, 0), (3, 3, 3)), "bob")
+    store.save_label(c.id, box_mask(c.shape, (0, 0, 0), (3, 3, 3)), "bob", submit=False)  # a draft only
+    review = store.review(a.id, "carol", accepted=True, note="fine")
+    assert review.label_id == la.id and store.get_case(a.id).status is CaseStatus.REVIEWED
+    store.review(b.id, "carol", accepted=False, note="missed the tail")
+    assert store.get_case(b.id).status is CaseStatus.IN_PROGRESS
+    assert [r.note for r in store.reviews(b.id)] == ["missed the tail"]
+    assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id)]
+
+
+def test_bad_input_is_refused_with_clear_errors(store: Datastore):
+    case = add_case(store)
+    good = np.zeros(case.shape, np.uint8)
+    for bad_id in ("../../etc/passwd", "ABCDEF0123456789", "", None, "0" * 15):
+        with pytest.raises(InvalidIdentifierError, match="invalid case id"):
+            store.save_label(bad_id, good, "alice")
+    with pytest.raises(InvalidIdentifierError, match="invalid label version id"):
+        store.load_label("../" + "a" * 29)
+    for bad_user in ("", "a/b", "..", "x" * 65, "name with space", "\u00e9"):
+        with pytest.raises(InvalidIdentifierError, match="user name"):
+            store.lock(case.id, bad_user)
+    with pytest.raises(NotFoundError):
+        store.get_case("0123456789abcdef")
+    with pytest.raises(DatastoreError, match="does not match the case's image shape"):
+        store.save_label(case.id, np.zeros((3, 3, 3), np.uint8), "alice")
+    with pytest.raises(DatastoreError, match="0-255"):
+        store.save_label(case.id, np.full(case.shape, 300, np.int32), "alice")
+    with pytest.raises(DatastoreError, match="integers"):
+        store.save_label(case.id, np.full(case.shape, 0.5), "alice")
+    with pytest.raises(DatastoreError, match="seconds_spent"):
+        store.save_label(case.id, good, "alice", seconds_spent=float("nan"))
+    with pytest.raises(PromptError, match="invalid prompt log"):
+        store.save_label(case.id, good, "alice", prompt_log='{"prompts": [{"kind": "nope"}]}')
+    with pytest.raises(InvalidIdentifierError, match="model"):
+        store.save_label(case.id, good, "alice", model="x\n" * 3)
+    assert store.label_versions(case.id) == []  # nothing was written by the refused calls
+    assert store.verify().orphans == ()
+
+
+# ----------------------------------------------------------------------------- integrity, reopen
+
+
+def test_reopen_keeps_everything_and_corruption_is_detected(tmp_path: Path):
+    root = tmp_path / "store"
+    with Datastore(root) as ds:
+        case = add_case(ds)
+        label = ds.save_label(case.id, box_mask(case.shape, (1, 1, 1), (4, 4, 4)), "alice")
+    with pytest.raises(DatastoreError, match="no SegAssist datastore"):
+        open_datastore(tmp_path / "elsewhere")
+    with open_datastore(root) as ds:
+        assert ds.get_case(case.id).latest_label_id == label.id
+        assert ds.verify().ok
+        path = ds.label_path(case.id, label.id)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with pytest.raises(CorruptDataError, match="checksum"):
+            ds.load_label(label.id)
+        report = ds.verify()
+        assert not report.ok and "checksum mismatch" in report.corrupt[0]
+
+
+def test_recover_removes_only_old_leftovers(store: Datastore):
+    case = add_case(store)
+    folder = store.root / "labels" / case.id
+    folder.mkdir(parents=True, exist_ok=True)
+    leftover = folder / ".tmp-abc-0123.nii.gz"
+    leftover.write_bytes(b"partial")
+    assert store.verify().orphans == (f"labels/{case.id}/.tmp-abc-0123.nii.gz",)
+    assert store.recover() == []  # too recent: it may be another process's write in progress
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    assert store.recover() == [f"labels/{case.id}/.tmp-abc-0123.nii.gz"]
+    assert store.verify().orphans == ()
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+def test_export_msd_layout_and_seg_nrrd(tmp_path: Path, store: Datastore):
+    a = add_case(store, seed=0, name="liver 01/../x")  # an unsafe name becomes a safe file name
+    b = add_case(store, seed=1, name="liver_02")
+    c = add_case(store, seed=2, name="liver_03")  # never labelled: not exported
+    ma = box_mask(a.shape, (2, 3, 4), (6, 7, 8))
+    store.save_label(a.id, np.zeros(a.shape, np.uint8), "alice")
+    la = store.save_label(a.id, ma, "alice", model="builtin-v1", adapter_version="lora-2", seconds_spent=9)
+    mb = box_mask(b.shape, (1, 1, 1), (3, 3, 3)) * 2  # label value 2
+    store.save_label(b.id, mb, "bob")
+    store.review(b.id, "carol", accepted=True)
+
+    out = export_msd(store, tmp_path / "export", label_names=("liver", "tumour"))
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["numTraining"] == 2 and dataset["labels"] == {"0": "background", "1": "liver", "2": "tumour"}
+    assert dataset["modality"]["0"] in ("CT", "MRI")
+    stems = sorted(Path(t["image"]).name for t in dataset["training"])
+    assert stems == ["liver_01_x.nii.gz", "liver_02.nii.gz"]
+    for entry in dataset["training"]:
+        assert (out / entry["image"]).is_file() and (out / entry["label"]).is_file()
+    prov = {p["case_id"]: p for p in dataset["segassist"]["cases"]}
+    assert c.id not in prov
+    assert prov[a.id]["label_id"] == la.id and prov[a.id]["label_version"] == 2
+    assert prov[a.id]["adapter_version"] == "lora-2" and prov[a.id]["user"] == "alice"
+    assert np.array_equal(load_mask(out / "labelsTr" / "liver_01_x.nii.gz"), ma)
+    assert np.array_equal(load_volume(out / "imagesTr" / "liver_02.nii.gz").array, make_volume(seed=1).array)
+
+    seg = sitk.ReadImage(str(out / "segmentations" / "liver_02.seg.nrrd"))
+    assert seg.GetMetaData("Segment1_Name") == "tumour" and seg.GetMetaData("Segment1_LabelValue") == "2"
+    assert np.array_equal(sitk.GetArrayFromImage(seg), mb)
+    assert not any(p.name.startswith(".tmp-") for p in out.rglob("*"))
+
+    with pytest.raises(DatastoreError, match="not empty"):
+        export_msd(store, out)
+    single = export_seg_nrrd(store, la.id, tmp_path / "one.seg.nrrd")
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(single))), ma)
+    with pytest.raises(FileExistsError):  # an export never overwrites either
+        export_seg_nrrd(store, la.id, single)
+    default = export_msd(store, statuses=["reviewed"], seg_nrrd=False)
+    assert default.parent == store.root / "exports"
+    assert json.loads((default / "dataset.json").read_text())["numTraining"] == 1
+
+
+# ------------------------------------------------------------------------------ kill during save
+
+_SAVE_IN_CHILD = """
+import sys
+import numpy as np
+from SegAssistLib.learning import Datastore
+root, case_id, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mask = (np.random.default_rng(7).random((n, n, n), dtype=np.float32) < 0.5).astype(np.uint8)
+ds = Datastore(root, create=False)
+ds.save_label(case_id, mask, "killed", model="child")
+print("saved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill_when", ["temp file appears", "final file appears"])
+def test_sigkill_during_save_leaves_old_or_new_version_never_corrupt(tmp_path: Path, kill_when: str):
+    n = 192  # a random mask of 192^3 voxels takes ~0.4 s to compress and write
+    root = tmp_path / "store"
+    with Datastore(root) as ds:
+        case = ds.import_volume(make_volume((n, n, n)), name="big", user="admin")
+        old_mask = box_mask(case.shape, (10, 10, 10), (50, 60, 70))
+        old = ds.save_label(case.id, old_mask, "alice", submit=False)
+    new_mask = (np.random.default_rng(7).random((n, n, n), dtype=np.float32) < 0.5).astype(np.uint8)
+    folder = root / "labels" / case.id
+    old_file = folder / f"{old.id}.nii.gz"
+
+    def watched() -> bool:
+        names = [p.name for p in folder.iterdir()]
+        if kill_when == "temp file appears":
+            return any(name.startswith(".tmp-") for name in names)
+        return any(not name.startswith(".tmp-") and name != old_file.name for name in names)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SAVE_IN_CHILD, str(root), case.id, str(n)],
+        cwd=str(REPO_ROOT),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not watched():  # poll the folder: the child's write is what we wait for
+            if child.poll() is not None:
+                break
+            assert time.monotonic() < deadline, "the child never started writing"
+            time.sleep(0.001)
+        seen_pending = [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    err = child.stderr.read().decode()
+    child.stdout.close()
+    child.stderr.close()
+    assert "Traceback" not in err, err
+    if kill_when == "temp file appears":
+        # the kill really landed mid-write: the child died by the signal with its temp file on disk
+        assert child.returncode == -signal.SIGKILL and seen_pending
+
+    with Datastore(root, create=False) as ds:
+        versions = ds.label_versions(case.id)
+        assert [v.id for v in versions][:1] == [old.id] and len(versions) in (1, 2)
+        latest = ds.latest_label(case.id)
+        loaded = ds.load_label(latest.id)  # checksum-verified
+        if latest.id == old.id:
+            assert np.array_equal(loaded, old_mask)
+        else:
+            assert latest.version == 2 and latest.user == "killed" and np.array_equal(loaded, new_mask)
+        assert np.array_equal(ds.load_label(old.id), old_mask)
+        report = ds.verify(check_images=False)
+        assert report.ok, report.corrupt
+        assert ds.recover(min_age_s=0) == sorted(report.orphans)
+        assert ds.verify().orphans == ()
+        # the store goes on working: the next version gets the next number
+        nxt = ds.save_label(case.id, old_mask, "alice")
+        assert nxt.version == len(versions) + 1
