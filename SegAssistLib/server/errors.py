@@ -85,7 +85,7 @@ def _validation_code(exc: RequestValidationError) -> tuple:
         return 400, ErrorCode.MALFORMED_BODY
     if any("prompt" in e.get("loc", ()) or "prompts" in e.get("loc", ()) for e in errors):
         return 422, ErrorCode.INVALID_PROMPT
-    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+    if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
         return 400, ErrorCode.MALFORMED_BODY
     if any(tuple(e.get("loc", ()))[:1] == ("path",) for e in errors):
         return 400, ErrorCode.INVALID_ID

@@ -68,7 +68,11 @@ async def create_session(
     body: CreateSession,
     state: ServerState = Depends(get_state),
     user: str = Depends(current_user),
+    req_id: Optional[str] = Depends(request_id),
 ) -> SessionInfo:
+    earlier = state.sessions.created_by(user, req_id)
+    if earlier is not None:  # a retry of a create whose reply was lost
+        return state.session_info(earlier)
     limit = state.limits.max_prompts_per_session
     if len(body.prompts) > limit:
         raise ApiError(
@@ -94,6 +98,7 @@ async def create_session(
         state.sessions.remove(session.session_id)
         raise
     session.n_prompts = len(prompts)
+    state.sessions.remember_create(user, req_id, session)
     return state.session_info(session)
 
 

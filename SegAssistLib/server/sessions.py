@@ -93,6 +93,21 @@ class SessionStore:
         worker.n_sessions += 1
         return session
 
+    def created_by(self, user: str, request_id: Optional[str]) -> Optional[ServerSession]:
+        """The live session an earlier create with this request id made, if any."""
+        if request_id is None:
+            return None
+        sid = self._creates.get((user, request_id))
+        session = self._sessions.get(sid) if sid else None
+        return session if session is not None and session.engine_session is not None else None
+
+    def remember_create(self, user: str, request_id: Optional[str], session: ServerSession) -> None:
+        if request_id is None:
+            return
+        self._creates[(user, request_id)] = session.session_id
+        while len(self._creates) > _FORGET_EXPIRED:
+            self._creates.popitem(last=False)
+
     def get(self, user: str, session_id: str) -> ServerSession:
         """The user's session; 400 for a malformed id, 404 for another user's or an unknown one."""
         if not _ID.match(session_id):

@@ -146,11 +146,13 @@ class InferenceWorker:
                 continue  # the request went away while queued
             self._running_key = key
             try:
-                item.future.set_result(item.fn(self.engine))
+                value = item.fn(self.engine)
             except BaseException as exc:
-                item.future.set_exception(exc)
-            finally:
                 self._running_key = None
+                item.future.set_exception(exc)
+            else:
+                self._running_key = None  # before the result: a caller woken by it sees "idle"
+                item.future.set_result(value)
 
     def submit(self, key: str, fn: Job, force: bool = False) -> concurrent.futures.Future:
         """Queue ``fn(engine)`` behind ``key``'s earlier jobs; the future's result is fn's return.

@@ -1,0 +1,211 @@
+"""The HTTP layer: one requests session per thread, timeouts, safe retries, typed errors.
+
+Retries: a request is retried (a few times, with a short backoff) when the connection fails or
+the server answers 503, and only if it is *safe* to repeat. Reads are; uploads are (an image is
+stored under its content hash, twice is once); and every state-changing request carries a
+request id that the server uses to answer a repeat from its cache instead of applying it twice.
+Read timeouts are not retried: the server may still be working on the request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+from urllib.parse import urlsplit
+
+import requests
+
+from SegAssistLib.api_models import ACCEPT_CODECS_HEADER
+from SegAssistLib.client.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ClientError,
+    ProtocolError,
+    ServerBusyError,
+    error_for,
+)
+from SegAssistLib.transport import available_codecs
+
+Timeout = Union[float, Tuple[float, float]]
+DEFAULT_TIMEOUT: Tuple[float, float] = (5.0, 120.0)  # connect, read (a click may wait in a queue)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: Optional[str] = None,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        retries: int = 2,
+        verify: Union[bool, str] = True,
+        allow_insecure_token: bool = False,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"backend URL must be http(s)://host:port, got {base_url!r}")
+        if token and parts.scheme == "http" and not _is_loopback_url(base_url) and not allow_insecure_token:
+            raise ValueError(
+                f"refusing to send a token in clear text to {parts.hostname}: use https:// (or pass "
+                "allow_insecure_token=True on a network you trust)"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.retries = retries
+        self.verify = verify
+        self._local = threading.local()  # requests.Session is not meant to be shared across threads
+
+    @property
+    def session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.headers["User-Agent"] = "segassist-client"
+            s.headers[ACCEPT_CODECS_HEADER] = ",".join(c for c in available_codecs() if c != "none")
+            if self.token:
+                s.headers["Authorization"] = f"Bearer {self.token}"
+            self._local.session = s
+        return s
+
+    def close(self) -> None:
+        s = getattr(self._local, "session", None)
+        if s is not None:
+            s.close()
+            self._local.session = None
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        body: Optional[Callable[[], Any]] = None,
+        headers: Optional[Dict[str, str]] = None,
+        timeout: Optional[Timeout] = None,
+        safe: bool = True,
+        auth: bool = True,
+    ) -> requests.Response:
+        """Send a request; returns a 2xx response or raises a :class:`ClientError`.
+
+        ``body()`` makes a fresh body for each attempt (a file-like object cannot be re-read).
+        ``safe``: the request may be repeated after a connection failure or a 503.
+        """
+        url = self.base_url + path
+        attempts = 1 + (self.retries if safe else 0)
+        last: Optional[ClientError] = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))  # backoff between retries
+            try:
+                response = self.session.request(
+                    method,
+                    url,
+                    json=json,
+                    data=body() if body is not None else None,
+                    headers=headers,
+                    timeout=timeout or self.timeout,
+                    verify=self.verify,
+                    auth=None if auth else _NoAuth(),
+                )
+            except requests.exceptions.ReadTimeout as exc:
+                raise BackendTimeoutError(
+                    f"{method} {path}: no answer from {self.base_url} within the read timeout "
+                    f"({self._read_timeout(timeout)} s); the server may be busy"
+                ) from exc
+            except (requests.exceptions.ConnectionError, requests.exceptions.ConnectTimeout) as exc:
+                self.close()  # drop pooled connections: the server may have restarted
+                last = BackendUnavailableError(f"cannot reach the SegAssist backend at {self.base_url}: {exc}")
+                continue
+            if response.status_code < 400:
+                return response
+            error = self._error(response)
+            if isinstance(error, ServerBusyError) and attempt + 1 < attempts:
+                last = error
+                continue
+            raise error
+        assert last is not None
+        raise last
+
+    def _read_timeout(self, timeout: Optional[Timeout]) -> float:
+        t = timeout or self.timeout
+        return t[1] if isinstance(t, tuple) else t
+
+    @staticmethod
+    def _error(response: requests.Response) -> ClientError:
+        try:
+            body = response.json()["error"]
+            return error_for(int(body["status"]), str(body["code"]), str(body["message"]), body.get("details"))
+        except (ValueError, KeyError, TypeError):
+            text = response.text[:200].strip()
+            return error_for(
+                response.status_code,
+                "http_error",
+                f"HTTP {response.status_code} without the SegAssist error shape "
+                f"(is {response.url} a SegAssist server?): {text}",
+            )
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.request(method, path, **kwargs)
+        if response.status_code == 204:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ProtocolError(f"{method} {path}: the reply is not JSON: {response.text[:200]!r}") from exc
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Strip the session's Authorization header (health needs no token)."""
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        r.headers.pop("Authorization", None)
+        return r
+
+
+class ProgressBody:
+    """A bytes body that reports upload progress; has a length, so Content-Length is sent.
+
+    ``callback(sent_bytes, total_bytes)`` runs on the uploading thread, at most about a hundred
+    times per upload (every 1 %) and always once at the end.
+    """
+
+    def __init__(self, data: bytes, callback: Optional[Callable[[int, int], None]], chunk: int = 1 << 20):
+        self._view = memoryview(data)
+        self._pos = 0
+        self._callback = callback
+        self._chunk = chunk
+        self.len = len(data)
+        self._step = max(1, self.len // 100)
+        self._reported = -1
+
+    def __len__(self) -> int:
+        return self.len
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.len - self._pos
+        size = min(size, self._chunk, self.len - self._pos)
+        out = bytes(self._view[self._pos : self._pos + size])
+        self._pos += size
+        due = self._pos == self.len or self._pos - self._reported >= self._step
+        if self._callback is not None and due and self._pos != self._reported:
+            self._reported = self._pos
+            self._callback(self._pos, self.len)
+        return out

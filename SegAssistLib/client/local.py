@@ -1,0 +1,309 @@
+"""A backend on this machine, started for the user: ``python -m SegAssistLib.server`` in a child.
+
+The child listens on a free loopback port (it binds port 0 and reports the port through a file,
+so there is no race for the port) and requires a fresh random token, passed in its environment,
+never on its command line. The launcher polls health until a deadline. The child stops when the
+launcher calls :meth:`LocalBackend.stop`, at the launcher's exit, and when the launcher dies
+however it dies: the child watches its standard input, a pipe from the launcher that the
+operating system closes when the launcher ends.
+
+A running backend is reused: its URL, token and pid live in a state file (mode 0600) in the
+state directory; a new launcher that finds a healthy backend there with the same model and device
+uses it instead of starting another (it lives as long as the process that started it).
+
+The server needs torch, MONAI and FastAPI; when the client runs in a Python without them (Slicer's),
+give ``python=`` (or ``SEGASSIST_SERVER_PYTHON``) pointing at a Python that has them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from SegAssistLib.client.errors import ClientError
+from SegAssistLib.client.remote import SegAssistClient
+
+PYTHON_ENV = "SEGASSIST_SERVER_PYTHON"
+STATE_DIR_ENV = "SEGASSIST_STATE_DIR"
+_TOKEN_ENV = "SEGASSIST_TOKEN"  # read by the server (SegAssistLib.server.auth)
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding SegAssistLib
+
+
+class LocalBackendError(ClientError):
+    """The local backend could not be started (the message holds the end of its log)."""
+
+    code = "local_backend_failed"
+
+
+def default_state_dir() -> Path:
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV])
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "SegAssist"
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "segassist"
+
+
+def process_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie waiting to be reaped."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":  # pragma: no cover - no Windows in CI
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc (macOS): kill(0) said it exists
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomically write a file only this user can read (it holds a token)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-")
+    try:
+        os.chmod(tmp, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class LocalBackend:
+    """Start a backend on loopback, or reuse the one already running with the same model and device.
+
+    >>> with LocalBackend(model="weights.pt") as backend:     # doctest: +SKIP
+    ...     session = backend.client().open_session(volume)
+    """
+
+    _shared: Dict[Tuple[str, str, str], LocalBackend] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(
+        self,
+        model: Optional[os.PathLike] = None,
+        device: str = "cpu",
+        *,
+        state_dir: Optional[os.PathLike] = None,
+        python: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 180.0,
+        reuse: bool = True,
+        env: Optional[Dict[str, str]] = None,
+    ) -> None:
+        self.model = str(Path(model).resolve()) if model else None
+        self.device = device
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.python = python or os.environ.get(PYTHON_ENV) or sys.executable
+        self.extra_args = list(extra_args)
+        self.startup_timeout = startup_timeout
+        self.reuse = reuse
+        self.env = dict(env or {})
+        self.url: Optional[str] = None
+        self.token: Optional[str] = None
+        self.pid: Optional[int] = None
+        self.owned = False  # True when this object started the process (and will stop it)
+        self._process: Optional[subprocess.Popen] = None
+        key = f"{self.model}|{self.device}"
+        self._state_file = self.state_dir / f"backend-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+        self.log_file = self._state_file.with_suffix(".log")
+
+    @classmethod
+    def shared(cls, model: Optional[os.PathLike] = None, device: str = "cpu", **kwargs: Any) -> LocalBackend:
+        """One started backend per (model, device, state dir) in this process."""
+        probe = cls(model, device, **kwargs)
+        key = (str(probe.model), probe.device, str(probe.state_dir))
+        with cls._shared_lock:
+            backend = cls._shared.get(key)
+            if backend is None or not backend.running:
+                backend = cls._shared[key] = probe.start()
+            return backend
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> LocalBackend:
+        if self.running:
+            return self
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.reuse and self._try_reuse():
+            return self
+        self._spawn()
+        return self
+
+    @property
+    def running(self) -> bool:
+        if self.pid is None or not process_alive(self.pid):
+            return False
+        return self._process is None or self._process.poll() is None
+
+    def client(self, **kwargs: Any) -> SegAssistClient:
+        if not self.url:
+            raise LocalBackendError("the local backend is not started: call start() first")
+        return SegAssistClient(self.url, self.token, **kwargs)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the backend if this object started it (a reused one belongs to its starter)."""
+        process, self._process = self._process, None
+        if not self.owned or process is None:
+            return
+        self.owned = False
+        if process.poll() is None:
+            try:
+                if process.stdin:
+                    process.stdin.close()  # end of input: the server shuts down gracefully
+            except OSError:
+                pass
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.terminate()
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
+        self._forget_state()
+
+    def __enter__(self) -> LocalBackend:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _try_reuse(self) -> bool:
+        try:
+            state = json.loads(self._state_file.read_text())
+            url, token, pid = str(state["url"]), str(state["token"]), int(state["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if state.get("model") != self.model or state.get("device") != self.device or not process_alive(pid):
+            return False
+        probe = SegAssistClient(url, token, timeout=(1.0, 10.0), retries=0)
+        try:
+            probe.health()
+            probe.info()  # also proves the token is accepted
+        except ClientError:
+            return False
+        finally:
+            probe.close()
+        self.url, self.token, self.pid, self.owned = url, token, pid, False
+        return True
+
+    def _command(self, port_file: Path) -> List[str]:
+        cmd = [self.python, "-m", "SegAssistLib.server", "--host", "127.0.0.1", "--port", "0"]
+        cmd += ["--port-file", str(port_file), "--exit-with-parent", "--device", self.device]
+        if self.model:
+            cmd += ["--model", self.model]
+        return cmd + self.extra_args
+
+    def _spawn(self) -> None:
+        token = secrets.token_urlsafe(32)
+        port_file = self.state_dir / f".port-{secrets.token_hex(6)}"
+        env = dict(os.environ)
+        env.update(self.env)
+        env[_TOKEN_ENV] = token
+        env.pop("SEGASSIST_TOKEN_USER", None)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+        with open(self.log_file, "ab") as log:
+            process = subprocess.Popen(
+                self._command(port_file), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        self._process, self.pid, self.token, self.owned = process, process.pid, token, True
+        _register_exit(self)
+        try:
+            self.url = self._wait_until_healthy(process, port_file, token)
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+        finally:
+            if port_file.exists():
+                port_file.unlink()
+        state = {"url": self.url, "token": token, "pid": process.pid, "model": self.model, "device": self.device}
+        _write_private(self._state_file, json.dumps(state))
+
+    def _wait_until_healthy(self, process: subprocess.Popen, port_file: Path, token: str) -> str:
+        deadline = time.monotonic() + self.startup_timeout
+        url: Optional[str] = None
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise LocalBackendError(
+                    f"the local backend exited with code {process.returncode} during startup; "
+                    f"end of {self.log_file}:\n{self._log_tail()}"
+                )
+            if url is None and port_file.exists():
+                text = port_file.read_text().strip()
+                url = f"http://127.0.0.1:{int(text)}" if text.isdigit() else None
+            if url is not None:
+                probe = SegAssistClient(url, token, timeout=(0.5, 2.0), retries=0)
+                try:
+                    probe.health()
+                    return url
+                except ClientError:
+                    pass  # listening, but the model is still loading
+                finally:
+                    probe.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(0.05)  # a pause that ends early if the child exits
+        raise LocalBackendError(
+            f"the local backend did not become healthy within {self.startup_timeout:.0f} s; "
+            f"end of {self.log_file}:\n{self._log_tail()}"
+        )
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _forget_state(self) -> None:
+        try:
+            state = json.loads(self._state_file.read_text())
+            if int(state.get("pid", -1)) == self.pid:
+                self._state_file.unlink()
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+_running: weakref.WeakSet[LocalBackend] = weakref.WeakSet()
+_exit_hook_installed = False
+
+
+def _register_exit(backend: LocalBackend) -> None:
+    global _exit_hook_installed
+    _running.add(backend)
+    if not _exit_hook_installed:
+        atexit.register(_stop_all)
+        _exit_hook_installed = True
+
+
+def _stop_all() -> None:
+    for backend in list(_running):
+        with contextlib.suppress(Exception):  # at exit, one failure must not keep the others running
+            backend.stop(timeout=10)

@@ -1,0 +1,181 @@
+"""The client for one backend: the :class:`~SegAssistLib.engine.base.Engine` interface over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from SegAssistLib.api_models import (
+    API_PREFIX,
+    FRAME_MEDIA_TYPE,
+    REQUEST_ID_HEADER,
+    Health,
+    ImageInfo,
+    ServerInfo,
+    SessionInfo,
+)
+from SegAssistLib.client.errors import ImageNotFoundError, PayloadTooLargeError
+from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, new_request_id
+from SegAssistLib.client.session import RemoteSession
+from SegAssistLib.engine.base import Capabilities, Engine
+from SegAssistLib.image import Volume
+from SegAssistLib.prompts import Prompt, parse_prompt
+from SegAssistLib.transport import available_codecs, encode_frame, wire_array
+
+Progress = Callable[[int, int], None]
+_THREADED_COMPRESSION_BYTES = 16 * 1024 * 1024
+
+
+def wire_volume(volume: Union[Volume, np.ndarray]) -> Volume:
+    """The volume as the server will see it (little-endian, contiguous), so both hash it the same."""
+    if isinstance(volume, np.ndarray):
+        volume = Volume(volume)
+    array = wire_array(volume.array)
+    return volume if array is volume.array else dataclasses.replace(volume, array=array)
+
+
+class SegAssistClient(Engine):
+    """Talks to one SegAssist backend. Thread-safe (one HTTP connection pool per thread).
+
+    >>> client = SegAssistClient("http://127.0.0.1:8470", token)     # doctest: +SKIP
+    >>> with client.open_session(volume) as session:                 # doctest: +SKIP
+    ...     update = session.add_prompt(PointPrompt(position=(40, 52, 17)))
+    ...     mask = session.result()
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: Optional[str] = None,
+        *,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        retries: int = 2,
+        verify: Union[bool, str] = True,
+        allow_insecure_token: bool = False,
+    ) -> None:
+        """``timeout``: (connect, read) seconds; ``verify``: TLS verification, or a CA bundle path."""
+        self.http = HttpClient(url, token, timeout, retries, verify, allow_insecure_token)
+        self._info: Optional[ServerInfo] = None
+
+    @property
+    def url(self) -> str:
+        return self.http.base_url
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> SegAssistClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- server ------------------------------------------------------------------------------
+    def health(self, timeout: Optional[Timeout] = None) -> Health:
+        return Health.model_validate(self.http.json("GET", f"{API_PREFIX}/health", timeout=timeout, auth=False))
+
+    def info(self, refresh: bool = False) -> ServerInfo:
+        if self._info is None or refresh:
+            self._info = ServerInfo.model_validate(self.http.json("GET", f"{API_PREFIX}/info"))
+        return self._info
+
+    def capabilities(self) -> Capabilities:
+        info = self.info()
+        return Capabilities(
+            name=info.model.name,
+            version=info.model.version,
+            licence=info.model.licence,
+            prompt_kinds=tuple(info.prompt_kinds),
+            patch_size=tuple(info.patch_size),  # type: ignore[arg-type]
+            device=",".join(info.devices),
+            description=info.model.description,
+        )
+
+    # ---- images ------------------------------------------------------------------------------
+    def image(self, image_id: str) -> ImageInfo:
+        """What the server holds under this id; raises ImageNotFoundError when nothing."""
+        return ImageInfo.model_validate(self.http.json("GET", f"{API_PREFIX}/images/{image_id}"))
+
+    def upload_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> ImageInfo:
+        """Upload an image (stored under its content hash; a second upload stores nothing)."""
+        vol = wire_volume(volume)
+        image_id = vol.content_hash()
+        codec = available_codecs()[0]
+        header = {
+            "spacing": list(vol.spacing),
+            "origin": list(vol.origin),
+            "direction": [float(x) for x in np.asarray(vol.direction).ravel()],
+            "modality": vol.modality,
+            "sha256": image_id,
+        }
+        threads = -1 if vol.array.nbytes > _THREADED_COMPRESSION_BYTES else 0
+        frame = encode_frame(vol.array, header, codec=codec, threads=threads)
+        limits = self.info().limits
+        if len(frame) > limits.max_body_bytes or vol.array.size > limits.max_voxels:
+            raise PayloadTooLargeError(
+                f"the image ({vol.array.size} voxels, {len(frame)} bytes compressed) is above this server's "
+                f"limits ({limits.max_voxels} voxels, {limits.max_body_bytes} bytes)",
+                status=413,
+                code="body_too_large" if len(frame) > limits.max_body_bytes else "image_too_large",
+            )
+        reply = self.http.json(
+            "POST",
+            f"{API_PREFIX}/images",
+            body=lambda: ProgressBody(frame, progress),
+            headers={"Content-Type": FRAME_MEDIA_TYPE},
+        )
+        return ImageInfo.model_validate(reply)
+
+    def ensure_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> str:
+        """The image's id, uploading it only if the server does not hold it yet."""
+        vol = wire_volume(volume)
+        image_id = vol.content_hash()
+        try:
+            self.image(image_id)
+        except ImageNotFoundError:
+            self.upload_image(vol, progress)
+        return image_id
+
+    # ---- sessions ----------------------------------------------------------------------------
+    def open_session(
+        self,
+        volume: Union[Volume, np.ndarray, str],
+        prompts: Optional[Sequence[Union[Prompt, dict]]] = None,
+        *,
+        progress: Optional[Progress] = None,
+        modality: Optional[str] = None,
+    ) -> RemoteSession:
+        """Open a session on an image (a Volume, an array, or the id of an image the server holds).
+
+        The image is uploaded only when the server does not hold it already; ``prompts`` (a
+        stored log) are replayed first; ``progress(sent, total)`` reports the upload.
+        """
+        plist: List[Prompt] = [p if not isinstance(p, dict) else parse_prompt(p) for p in (prompts or [])]
+        if isinstance(volume, str):
+            return RemoteSession(self, self._create_session(volume, plist, modality), None, plist)
+        vol = wire_volume(volume)
+        image_id = vol.content_hash()
+        try:
+            info = self._create_session(image_id, plist, modality)
+        except ImageNotFoundError:
+            self.upload_image(vol, progress)
+            info = self._create_session(image_id, plist, modality)
+        return RemoteSession(self, info, vol, plist)
+
+    def session(self, session_id: str) -> RemoteSession:
+        """Attach to an open session by id (the local mask starts from the server's result)."""
+        info = SessionInfo.model_validate(self.http.json("GET", f"{API_PREFIX}/sessions/{session_id}"))
+        session = RemoteSession(self, info, None, [])
+        session._mask = session.fetch_result()
+        return session
+
+    def _create_session(self, image_id: str, prompts: List[Prompt], modality: Optional[str] = None) -> SessionInfo:
+        body: dict[str, Any] = {"image_id": image_id, "prompts": [p.model_dump(mode="json") for p in prompts]}
+        if modality:
+            body["modality"] = modality
+        reply = self.http.json(
+            "POST", f"{API_PREFIX}/sessions", json=body, headers={REQUEST_ID_HEADER: new_request_id()}
+        )
+        return SessionInfo.model_validate(reply)

@@ -1,0 +1,208 @@
+"""A session on the server, with the engine session's interface and a local copy of the mask.
+
+Replies carry only the changed box of the mask; the session writes each into its local copy, so
+:meth:`RemoteSession.result` costs no transfer. :meth:`RemoteSession.fetch_result` asks the server
+for the whole mask (the two are equal; the tests check it).
+
+The session also remembers which prompts produced the current mask, so that after the server
+lost the session (restart, idle expiry) :meth:`RemoteSession.recover` opens a new one and
+replays them: the mask comes back, the undo history does not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from SegAssistLib.api_models import API_PREFIX, REQUEST_ID_HEADER, MaskUpdateReply, SessionInfo
+from SegAssistLib.client.errors import ProtocolError, SessionNotFoundError
+from SegAssistLib.client.http import new_request_id
+from SegAssistLib.engine.base import EngineSession, MaskUpdate
+from SegAssistLib.image import Volume
+from SegAssistLib.prompts import Prompt, PromptLog, parse_prompt
+
+if TYPE_CHECKING:
+    from SegAssistLib.client.remote import SegAssistClient
+
+
+class _History:
+    """The prompt lists behind each undo step, mirroring the server's undo/redo (for recovery)."""
+
+    def __init__(self, prompts: List[Prompt]) -> None:
+        self.states: List[Tuple[Prompt, ...]] = [tuple(prompts)]
+        self.cursor = 0
+
+    @property
+    def current(self) -> List[Prompt]:
+        return list(self.states[self.cursor])
+
+    def push(self, state: Tuple[Prompt, ...]) -> None:
+        del self.states[self.cursor + 1 :]
+        self.states.append(state)
+        self.cursor += 1
+
+    def apply(self, op: str, prompt: Optional[Prompt] = None) -> None:
+        if op == "prompt":
+            self.push(self.states[self.cursor] + (prompt,))
+        elif op == "reset":
+            self.push(())
+        elif op == "undo":
+            self.cursor = max(0, self.cursor - 1)
+        elif op == "redo":
+            self.cursor = min(len(self.states) - 1, self.cursor + 1)
+
+
+class RemoteSession(EngineSession):
+    def __init__(
+        self,
+        client: SegAssistClient,
+        info: SessionInfo,
+        volume: Optional[Volume],
+        prompts: List[Prompt],
+    ) -> None:
+        self.client = client
+        self.info = info
+        self._volume = volume  # kept (not copied) so recover() can upload again if the server lost it
+        self._history = _History(prompts)
+        self._mask = np.zeros(tuple(info.shape), np.uint8)
+        self._closed = False
+        if prompts:  # the replayed prompts made a mask: start from the server's copy
+            self._mask = self.fetch_result()
+
+    # ---- identity and state --------------------------------------------------------------------
+    @property
+    def session_id(self) -> str:
+        return self.info.session_id
+
+    @property
+    def image_id(self) -> str:
+        return self.info.image_id
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.info.shape)  # type: ignore[return-value]
+
+    @property
+    def can_undo(self) -> bool:
+        return self.info.can_undo
+
+    @property
+    def can_redo(self) -> bool:
+        return self.info.can_redo
+
+    @property
+    def _path(self) -> str:
+        return f"{API_PREFIX}/sessions/{self.session_id}"
+
+    def status(self) -> SessionInfo:
+        """State on the server: ``idle``, ``queued`` (with ``queue_position``) or ``running``."""
+        self.info = SessionInfo.model_validate(self.client.http.json("GET", self._path))
+        return self.info
+
+    # ---- the engine session interface ------------------------------------------------------------
+    def add_prompt(self, prompt: Union[Prompt, Dict[str, Any], str]) -> MaskUpdate:
+        p = prompt if not isinstance(prompt, (dict, str)) else parse_prompt(prompt)
+        update = self._mutate("prompts", {"prompt": p.model_dump(mode="json")})
+        self._history.apply("prompt", p)
+        return update
+
+    def undo(self) -> MaskUpdate:
+        update = self._mutate("undo")
+        self._history.apply("undo")
+        return update
+
+    def redo(self) -> MaskUpdate:
+        update = self._mutate("redo")
+        self._history.apply("redo")
+        return update
+
+    def reset(self) -> MaskUpdate:
+        update = self._mutate("reset")
+        self._history.apply("reset")
+        return update
+
+    def result(self) -> np.ndarray:
+        """The current mask (a copy of the local one, kept up to date by every reply)."""
+        return self._mask.copy()
+
+    def fetch_result(self) -> np.ndarray:
+        """The current mask as the server holds it (one full transfer)."""
+        from SegAssistLib.api_models import ResultReply
+
+        reply = ResultReply.model_validate(self.client.http.json("GET", self._path + "/result"))
+        return reply.mask.to_array()
+
+    def prompt_log(self) -> PromptLog:
+        return PromptLog.model_validate(self.client.http.json("GET", self._path + "/prompt-log"))
+
+    def local_prompts(self) -> List[Prompt]:
+        """The prompts behind the current mask, as this client saw them (what recover() replays)."""
+        return self._history.current
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(SessionNotFoundError):  # already gone (expired, restarted): closed
+            self.client.http.request("DELETE", self._path)
+
+    def __enter__(self) -> RemoteSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- recovery --------------------------------------------------------------------------------
+    def recover(self) -> RemoteSession:
+        """Open a new server session on the same image and replay the prompts of the current mask.
+
+        Use it after :class:`SessionNotFoundError` (server restarted, session expired). The image
+        is uploaded again only if the server no longer holds it.
+        """
+        prompts = self._history.current
+        if self._volume is not None:
+            self.client.ensure_image(self._volume)
+        info = self.client._create_session(self.image_id, prompts)
+        self.info = info
+        self._history = _History(prompts)
+        self._mask = self.fetch_result() if prompts else np.zeros(tuple(info.shape), np.uint8)
+        self._closed = False
+        return self
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _mutate(self, op: str, body: Optional[dict] = None) -> MaskUpdate:
+        started = time.perf_counter()
+        response = self.client.http.request(
+            "POST", f"{self._path}/{op}", json=body, headers={REQUEST_ID_HEADER: new_request_id()}
+        )
+        round_trip = time.perf_counter() - started
+        try:
+            reply = MaskUpdateReply.model_validate_json(response.content)
+        except ValueError as exc:
+            raise ProtocolError(f"{op}: the reply is not a mask update: {exc}") from exc
+        if reply.mask is not None:
+            voxels = reply.mask.to_array()
+            if voxels.ndim != 3 or tuple(voxels.shape) != tuple(reply.shape):
+                raise ProtocolError(f"{op}: mask box shape {voxels.shape} differs from the declared {reply.shape}")
+        else:
+            voxels = np.zeros((0, 0, 0), np.uint8)
+        update = MaskUpdate(
+            offset=tuple(reply.offset),  # type: ignore[arg-type]
+            voxels=voxels,
+            latency_s=round_trip,
+            info={
+                **reply.info,
+                "engine_s": reply.latency_s,
+                "queue_wait_s": reply.queue_wait_s,
+                "round_trip_s": round_trip,
+                "reply_bytes": len(response.content),
+            },
+        )
+        update.apply_to(self._mask)
+        self.info = self.info.model_copy(
+            update={"can_undo": reply.can_undo, "can_redo": reply.can_redo, "n_prompts": reply.n_prompts}
+        )
+        return update
