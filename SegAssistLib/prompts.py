@@ -134,7 +134,7 @@ class MaskPrompt(_Prompt):
     data: str = Field(description="base64 of zlib-compressed np.packbits of the boolean box, C order")
 
     @classmethod
-    def from_array(cls, mask: np.ndarray) -> "MaskPrompt":
+    def from_array(cls, mask: np.ndarray) -> MaskPrompt:
         """Encode a full-image mask (array order ``[k, j, i]``), keeping only its bounding box."""
         mask = np.asarray(mask)
         if mask.ndim != 3:
@@ -208,7 +208,7 @@ class PromptLog(BaseModel):
         return self.model_dump_json(indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "PromptLog":
+    def from_json(cls, text: str) -> PromptLog:
         try:
             return cls.model_validate_json(text)
         except Exception as exc:
@@ -218,7 +218,7 @@ class PromptLog(BaseModel):
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "PromptLog":
+    def load(cls, path: Union[str, Path]) -> PromptLog:
         return cls.from_json(Path(path).read_text())
 
 

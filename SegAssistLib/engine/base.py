@@ -54,7 +54,7 @@ class MaskUpdate:
             mask[self.slices] = self.voxels
 
     @classmethod
-    def between(cls, before: np.ndarray, after: np.ndarray, **kwargs) -> "MaskUpdate":
+    def between(cls, before: np.ndarray, after: np.ndarray, **kwargs) -> MaskUpdate:
         """The smallest box holding every voxel that differs between two masks."""
         changed = np.argwhere(before != after)
         if len(changed) == 0:

@@ -1,0 +1,48 @@
+"""The ``segassist`` command: one subcommand per job, each registered by the module that does it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# (module, attribute) of each subcommand's register(subparsers); imported lazily so that
+# `segassist --help` and torch-free subcommands start fast and work without torch.
+SUBCOMMANDS = [
+    ("SegAssistLib.demo", "register"),
+    ("SegAssistLib.evaluation.cli", "register"),
+    ("SegAssistLib.training.train", "register"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segassist", description="Interactive 3D segmentation of CT and MRI")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module_name, attr in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            if exc.name and exc.name.startswith("SegAssistLib"):
+                continue  # a part not installed in this build
+            raise
+        getattr(module, attr)(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from SegAssistLib.errors import SegAssistError
+
+    try:
+        return int(args.func(args) or 0)
+    except SegAssistError as exc:
+        print(f"segassist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The built-in engine: the shipped promptable U-Net behind the :class:`Engine` interface.
+
+Answering a prompt:
+
+1. Look at a window around the newest prompt, at the finest zoom level that holds the prompt.
+2. While the predicted object touches a window side that is not the image's edge, zoom out
+   (double the window) and predict again: structures larger than the patch come out whole.
+3. If the answer came from a zoomed-out window, refine it with tiles at a finer level over the
+   object's bounding box (each tile sees the coarse answer as its previous mask).
+4. Paste into the full mask; only the changed box is returned and kept for undo.
+
+Every prompt of the session's history is drawn into the windows it falls in, so corrections keep
+the effect of earlier prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from SegAssistLib.engine import patching
+from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUpdate
+from SegAssistLib.engine.encoding import assemble_input, draw_prompts, prompts_in_window
+from SegAssistLib.engine.network import LoadedModel, load_checkpoint
+from SegAssistLib.errors import PromptError, SessionError
+from SegAssistLib.image import Volume, guess_modality, validate_image
+from SegAssistLib.prompts import (
+    PROMPT_KINDS,
+    BoxPrompt,
+    LassoPrompt,
+    MaskPrompt,
+    PointPrompt,
+    Prompt,
+    PromptLog,
+    ScribblePrompt,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
+MAX_REFINE_TILES = 8
+
+
+def _prompt_points_kji(prompt: Prompt) -> np.ndarray:
+    if isinstance(prompt, PointPrompt):
+        pts = [prompt.position]
+    elif isinstance(prompt, BoxPrompt):
+        pts = [prompt.min_corner, prompt.max_corner]
+    elif isinstance(prompt, (ScribblePrompt, LassoPrompt)):
+        pts = prompt.points
+    else:
+        raise PromptError(f"prompt kind {prompt.kind!r} has no coordinates")
+    return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
+
+
+def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
+    """Raise PromptError unless every coordinate of the prompt lies within the image."""
+    if isinstance(prompt, MaskPrompt):
+        prompt.to_array(shape_kji)  # raises when the mask box is outside
+        return
+    pts = _prompt_points_kji(prompt)
+    upper = np.asarray(shape_kji, float) - 0.5
+    outside = np.any((pts < -0.5) | (pts > upper), axis=1)
+    if outside.any():
+        bad = pts[np.argmax(outside)][::-1]
+        raise PromptError(
+            f"{prompt.kind} coordinate (i, j, k) = {np.round(bad, 2).tolist()} lies outside the image "
+            f"(size i, j, k = {list(shape_kji[::-1])})"
+        )
+
+
+@dataclass
+class _Step:
+    """One undoable change: the prompt list before and after, and the changed box of the mask."""
+
+    prompts_before: List[Prompt]
+    prompts_after: List[Prompt]
+    offset: Tuple[int, int, int]
+    before: np.ndarray
+    after: np.ndarray
+
+
+class BuiltinSession(EngineSession):
+    def __init__(self, engine: BuiltinEngine, volume: Volume):
+        validate_image(volume)
+        self.engine = engine
+        self.volume = volume
+        self.array = volume.array
+        self.shape = tuple(volume.array.shape)
+        self.spacing_kji = tuple(volume.spacing[::-1])
+        self.modality = guess_modality(volume)
+        self.mask = np.zeros(self.shape, np.uint8)
+        self.prompts: List[Prompt] = []
+        self._undo: List[_Step] = []
+        self._redo: List[_Step] = []
+        self._closed = False
+
+    # ----- public API ---------------------------------------------------------------------------
+    def add_prompt(self, prompt: Prompt) -> MaskUpdate:
+        self._check_open()
+        check_prompt_inside(prompt, self.shape)
+        t0 = time.perf_counter()
+        if isinstance(prompt, MaskPrompt):
+            new_mask = prompt.to_array(self.shape)
+            info = {"levels": []}
+        else:
+            new_mask, info = self._predict(prompt)
+        update = self._commit(self.prompts + [prompt], new_mask)
+        update.latency_s = time.perf_counter() - t0
+        update.info = info
+        return update
+
+    def undo(self) -> MaskUpdate:
+        self._check_open()
+        if not self._undo:
+            raise SessionError("nothing to undo")
+        step = self._undo.pop()
+        self._redo.append(step)
+        self._write(step.offset, step.before)
+        self.prompts = list(step.prompts_before)
+        return MaskUpdate(step.offset, step.before.copy())
+
+    def redo(self) -> MaskUpdate:
+        self._check_open()
+        if not self._redo:
+            raise SessionError("nothing to redo")
+        step = self._redo.pop()
+        self._undo.append(step)
+        self._write(step.offset, step.after)
+        self.prompts = list(step.prompts_after)
+        return MaskUpdate(step.offset, step.after.copy())
+
+    def reset(self) -> MaskUpdate:
+        self._check_open()
+        return self._commit([], np.zeros(self.shape, np.uint8))
+
+    def result(self) -> np.ndarray:
+        self._check_open()
+        return self.mask.copy()
+
+    def prompt_log(self) -> PromptLog:
+        return PromptLog(model=self.engine.capabilities().name + "@" + self.engine.capabilities().version,
+                         prompts=list(self.prompts))
+
+    def close(self) -> None:
+        self._closed = True
+        self.mask = np.zeros((0, 0, 0), np.uint8)
+        self._undo.clear()
+        self._redo.clear()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    # ----- internals ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SessionError("session is closed")
+
+    def _write(self, offset, voxels: np.ndarray) -> None:
+        sl = tuple(slice(o, o + n) for o, n in zip(offset, voxels.shape))
+        self.mask[sl] = voxels
+
+    def _commit(self, prompts_after: List[Prompt], new_mask: np.ndarray) -> MaskUpdate:
+        update = MaskUpdate.between(self.mask, new_mask)
+        before = self.mask[update.slices].copy() if update.voxels.size else update.voxels.copy()
+        self._undo.append(_Step(list(self.prompts), list(prompts_after), update.offset, before, update.voxels.copy()))
+        self._redo.clear()
+        update.apply_to(self.mask)
+        self.prompts = list(prompts_after)
+        return update
+
+    def _forward(self, window: patching.Window, prior: np.ndarray, prompts: List[Prompt]) -> torch.Tensor:
+        patch = window.patch
+        image = patching.extract_image_patch(self.array, window, self.modality)
+        previous = patching.extract_mask_patch(prior, window)
+        channels = draw_prompts(prompts_in_window(prompts, window), patch)
+        x = assemble_input(image, previous, channels)[None].to(self.engine.device)
+        with torch.inference_mode():
+            return self.engine.network(x)[0, 0].float().cpu()
+
+    def _first_level(self, prompt: Prompt) -> int:
+        pts = _prompt_points_kji(prompt)
+        extent = pts.max(0) - pts.min(0) + 1
+        for level in range(patching.max_level(self.shape, self.spacing_kji, self.engine.patch) + 1):
+            if np.all(np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, level)) >= extent * 1.25):
+                return level
+        return patching.max_level(self.shape, self.spacing_kji, self.engine.patch)
+
+    def _touches_open_side(self, pred: torch.Tensor, window: patching.Window) -> bool:
+        at_edge = window.touches_image_border(self.shape)
+        for axis in range(3):
+            for side, index in ((0, 0), (1, pred.shape[axis] - 1)):
+                if not at_edge[side, axis] and bool(pred.select(axis, index).any()):
+                    return True
+        return False
+
+    def _predict(self, prompt: Prompt) -> Tuple[np.ndarray, dict]:
+        patch = self.engine.patch
+        prompts = self.prompts + [prompt]
+        pts = _prompt_points_kji(prompt)
+        anchor = (pts.min(0) + pts.max(0)) / 2.0
+        top = patching.max_level(self.shape, self.spacing_kji, patch)
+        level = first = self._first_level(prompt)
+        while True:
+            window = patching.window_around(anchor, self.spacing_kji, patch, level)
+            logits = self._forward(window, self.mask, prompts)
+            if level >= top or not self._touches_open_side(logits > 0, window):
+                break
+            level += 1
+        new_mask = self.mask.copy()
+        self._paste(new_mask, window, logits)
+        levels = list(range(first, level + 1))
+        tiles = 0
+        if level > first:
+            tiles = self._refine(new_mask, window, prompts, first, level)
+        return new_mask, {"levels": levels, "refine_tiles": tiles}
+
+    @staticmethod
+    def _paste(mask: np.ndarray, window: patching.Window, logits: torch.Tensor, cell=None) -> None:
+        full = patching.logits_to_window(logits, window) > 0
+        img_sl, win_sl = window.image_slices(mask.shape)
+        if cell is None:
+            mask[img_sl] = full[win_sl].numpy()
+            return
+        # paste only inside the cell (image coordinates), which lies within the window
+        lo, hi = cell
+        start = np.asarray(window.start)
+        sub_img = tuple(slice(a, b) for a, b in zip(lo, hi))
+        sub_win = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+        mask[sub_img] = full[sub_win].numpy()
+
+    def _refine(self, mask: np.ndarray, window: patching.Window, prompts, first: int, level: int) -> int:
+        img_sl, _ = window.image_slices(mask.shape)
+        region = mask[img_sl]
+        nz = np.argwhere(region)
+        if len(nz) == 0:
+            return 0
+        offset = np.asarray([s.start for s in img_sl])
+        lo = np.maximum(nz.min(0) + offset - 2, 0)
+        hi = np.minimum(nz.max(0) + offset + 3, mask.shape)
+        extent = hi - lo
+        for r in range(first, level):
+            size = np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, r))
+            counts = np.maximum(1, np.ceil(extent / (size * 0.8)).astype(int))
+            if counts.prod() <= MAX_REFINE_TILES:
+                break
+        else:
+            return 0
+        prior = mask.copy()
+        edges = [np.linspace(a, b, n + 1).round().astype(int) for a, b, n in zip(lo, hi, counts)]
+        tiles = 0
+        for ci in range(counts[0]):
+            for cj in range(counts[1]):
+                for ck in range(counts[2]):
+                    c_lo = np.array([edges[0][ci], edges[1][cj], edges[2][ck]])
+                    c_hi = np.array([edges[0][ci + 1], edges[1][cj + 1], edges[2][ck + 1]])
+                    tile = patching.window_around((c_lo + c_hi - 1) / 2.0, self.spacing_kji, self.engine.patch, r)
+                    logits = self._forward(tile, prior, prompts)
+                    self._paste(mask, tile, logits, cell=(c_lo, c_hi))
+                    tiles += 1
+        return tiles
+
+
+class BuiltinEngine(Engine):
+    """The shipped network. Not thread-safe: one worker thread per device owns an engine."""
+
+    def __init__(self, model: LoadedModel, device: str = "cpu", threads: Optional[int] = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = model
+        self.device = torch.device(device)
+        self.network = model.network.to(self.device).eval()
+        self.patch = int(model.config.patch_size)
+        self.version = str(model.meta.get("version", model.identity))
+
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None):
+        return cls(load_checkpoint(path, device), device, threads)
+
+    def swap_network(self, network: torch.nn.Module, version: str) -> None:
+        """Switch weights (for example a merged adapter) without reopening sessions."""
+        self.network = network.to(self.device).eval()
+        self.version = version
+
+    def capabilities(self) -> Capabilities:
+        meta = self.model.meta
+        return Capabilities(
+            name=str(meta.get("name", "segassist-unet")),
+            version=self.version,
+            licence=str(meta.get("licence", "Apache-2.0")),
+            prompt_kinds=PROMPT_KINDS,
+            patch_size=(self.patch,) * 3,
+            device=str(self.device),
+            description=str(meta.get("description", "promptable 3D U-Net (MONAI), prompts as input channels")),
+        )
+
+    def open_session(self, volume: Volume, prompts: Optional[List[Prompt]] = None) -> BuiltinSession:
+        session = BuiltinSession(self, volume)
+        for prompt in prompts or []:
+            session.add_prompt(prompt)
+        return session
+
+
+def load_default_engine(
+    checkpoint: Optional[Union[str, Path]] = None, device: str = "cpu", threads: Optional[int] = None
+) -> BuiltinEngine:
+    """The engine with the shipped weights (or ``checkpoint``)."""
+    return BuiltinEngine.from_checkpoint(checkpoint or DEFAULT_CHECKPOINT, device, threads)

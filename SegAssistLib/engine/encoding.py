@@ -1,0 +1,91 @@
+"""Prompts as network input channels.
+
+Every prompt kind is drawn into its own channel of the patch, the approach of nnInteractive and
+DeepEdit: one network serves every prompt kind and a correction is just more ink in a channel.
+The same drawing code serves training (prompts simulated in patch coordinates) and inference
+(user prompts mapped into the patch through its :class:`~SegAssistLib.engine.patching.Window`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import numpy as np
+import torch
+
+from SegAssistLib import rasterize
+from SegAssistLib.engine.patching import Window
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
+
+CHANNELS = ("image", "previous_mask", "point+", "point-", "scribble+", "scribble-", "box_or_lasso+")
+POINT_RADIUS = 1.5  # patch voxels
+SCRIBBLE_RADIUS = 1.0
+
+
+@dataclass
+class PatchPrompt:
+    """A prompt in patch coordinates ``[z, y, x]``.
+
+    ``kind``: ``point`` (one coordinate), ``scribble`` (dense samples along the stroke),
+    ``lasso`` (polygon vertices on a plane), ``box`` (two corners).
+    """
+
+    kind: str
+    positive: bool
+    coords: np.ndarray
+
+
+def to_patch_prompt(prompt: Prompt, window: Window) -> Optional[PatchPrompt]:
+    """Map a user prompt (voxel ``(i, j, k)``) into a window; ``None`` for kinds with no channel."""
+
+    def kji(points) -> np.ndarray:
+        return window.to_patch(np.asarray(points, float).reshape(-1, 3)[:, ::-1])
+
+    if isinstance(prompt, PointPrompt):
+        return PatchPrompt("point", prompt.positive, kji([prompt.position]))
+    if isinstance(prompt, BoxPrompt):
+        return PatchPrompt("box", True, kji([prompt.min_corner, prompt.max_corner]))
+    if isinstance(prompt, ScribblePrompt):
+        samples = rasterize.polyline_samples(np.asarray(prompt.points, float), step=0.5)
+        return PatchPrompt("scribble", prompt.positive, kji(samples))
+    if isinstance(prompt, LassoPrompt):
+        return PatchPrompt("lasso", prompt.positive, kji(prompt.points))
+    return None
+
+
+def draw_prompts(prompts: Iterable[PatchPrompt], patch: int) -> np.ndarray:
+    """The five prompt channels (bool, shape ``(5, patch, patch, patch)``)."""
+    ch = np.zeros((5,) + (patch,) * 3, bool)
+    for p in prompts:
+        if p.kind == "point":
+            rasterize.draw_balls(ch[0 if p.positive else 1], p.coords, POINT_RADIUS)
+        elif p.kind == "scribble":
+            rasterize.draw_balls(ch[2 if p.positive else 3], p.coords, SCRIBBLE_RADIUS)
+        elif p.kind == "box":
+            lo, hi = np.minimum(p.coords[0], p.coords[1]), np.maximum(p.coords[0], p.coords[1])
+            rasterize.fill_box(ch[4], lo, hi)
+        elif p.kind == "lasso":
+            rasterize.fill_planar_polygon(ch[4 if p.positive else 3], p.coords)
+        else:
+            raise ValueError(f"unknown patch prompt kind {p.kind!r}")
+    return ch
+
+
+def assemble_input(image: torch.Tensor, previous_mask: torch.Tensor, prompt_channels: np.ndarray) -> torch.Tensor:
+    """(7, P, P, P) float input: image, previous mask, prompt channels."""
+    return torch.cat([image[None], previous_mask[None], torch.from_numpy(prompt_channels).float()], 0)
+
+
+def prompts_in_window(prompts: List[Prompt], window: Window) -> List[PatchPrompt]:
+    """Every prompt of the history that touches the window, in patch coordinates."""
+    out = []
+    margin = 3.0
+    for prompt in prompts:
+        pp = to_patch_prompt(prompt, window)
+        if pp is None:
+            continue
+        lo, hi = pp.coords.min(0), pp.coords.max(0)
+        if np.all(hi >= -margin) and np.all(lo <= window.patch - 1 + margin):
+            out.append(pp)
+    return out

@@ -1,0 +1,114 @@
+"""The built-in promptable network and its checkpoint format.
+
+The network is a plain MONAI 3D U-Net: prompts enter as input channels (see ``encoding.CHANNELS``),
+the output is one logit channel. A checkpoint is a ``torch.save`` dict::
+
+    {"format": "segassist-checkpoint", "format_version": 1,
+     "config": NetworkConfig as dict, "state_dict": ..., "meta": {...free-form provenance...}}
+
+loaded with ``weights_only=True`` (no pickle of arbitrary objects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union
+
+import torch
+from monai.networks.nets import UNet
+
+from SegAssistLib.errors import ModelError
+
+CHECKPOINT_FORMAT = "segassist-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    in_channels: int = 7
+    out_channels: int = 1
+    channels: Tuple[int, ...] = (16, 32, 64, 128)
+    strides: Tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 0
+    patch_size: int = 64
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> NetworkConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key in ("channels", "strides"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+def build_network(config: NetworkConfig) -> torch.nn.Module:
+    return UNet(
+        spatial_dims=3,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        channels=config.channels,
+        strides=config.strides,
+        num_res_units=config.num_res_units,
+    )
+
+
+@dataclass
+class LoadedModel:
+    network: torch.nn.Module
+    config: NetworkConfig
+    meta: Dict[str, Any] = field(default_factory=dict)
+    identity: str = ""  # hash of the base weights: adapters check it before they load
+
+
+def weights_identity(state_dict: Dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: Union[str, Path], network: torch.nn.Module, config: NetworkConfig, meta: Dict[str, Any]
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "config": asdict(config),
+        "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "meta": meta,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
+    """Load a SegAssist checkpoint; raises :class:`ModelError` saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is not a SegAssist checkpoint (no 'format': '{CHECKPOINT_FORMAT}')")
+    if int(payload.get("format_version", 0)) > CHECKPOINT_VERSION:
+        raise ModelError(
+            f"{path} has checkpoint format {payload['format_version']}, newer than this SegAssist "
+            f"reads ({CHECKPOINT_VERSION}): upgrade SegAssist"
+        )
+    config = NetworkConfig.from_dict(payload.get("config", {}))
+    network = build_network(config)
+    try:
+        network.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, KeyError) as exc:
+        raise ModelError(f"checkpoint {path} does not match its network config: {exc}") from exc
+    network.to(device).eval()
+    return LoadedModel(network, config, dict(payload.get("meta", {})), weights_identity(payload["state_dict"]))

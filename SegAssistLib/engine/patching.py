@@ -1,0 +1,138 @@
+"""Windows of the image the network looks at: where, how big, resampling in and out.
+
+A :class:`Window` is a box of the image (array order ``[k, j, i]``, integer voxel range, possibly
+reaching past the image, which is then padded) that is resampled to the network's cubic patch.
+Zoom level ``L`` covers ``patch * base_spacing * 2**L`` millimetres on every axis, so the network
+always sees roughly isotropic voxels: anisotropic images (5 mm slices) are upsampled along their
+coarse axis. Training and inference use these same functions, so what the network sees at run time
+is what it saw in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MIN_BASE_SPACING_MM = 0.6  # finer images are looked at in 0.6 mm steps at zoom level 0
+CT_CLIP = (-1024.0, 3071.0)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: Tuple[int, int, int]
+    size: Tuple[int, int, int]
+    patch: int
+    level: int = 0
+
+    @property
+    def scale(self) -> np.ndarray:
+        """Patch voxels per image voxel, per axis."""
+        return self.patch / np.asarray(self.size, float)
+
+    def to_patch(self, coords: np.ndarray) -> np.ndarray:
+        """Image array coordinates ``[k, j, i]`` -> patch coordinates (voxel centres at integers)."""
+        coords = np.asarray(coords, float)
+        return (coords - np.asarray(self.start) + 0.5) * self.scale - 0.5
+
+    def image_slices(self, image_shape: Sequence[int]) -> Tuple[Tuple[slice, ...], Tuple[slice, ...]]:
+        """(slices into the image, slices into the window) of their overlap."""
+        img, win = [], []
+        for s, n, dim in zip(self.start, self.size, image_shape):
+            a, b = max(s, 0), min(s + n, dim)
+            img.append(slice(a, max(a, b)))
+            win.append(slice(a - s, max(a, b) - s))
+        return tuple(img), tuple(win)
+
+    def touches_image_border(self, image_shape: Sequence[int]) -> np.ndarray:
+        """Per axis and side (shape 2x3): does the window edge lie at or beyond the image edge?"""
+        start = np.asarray(self.start)
+        end = start + np.asarray(self.size)
+        return np.stack([start <= 0, end >= np.asarray(image_shape)])
+
+
+def base_spacing(spacing_kji: Sequence[float]) -> float:
+    return max(float(min(spacing_kji)), MIN_BASE_SPACING_MM)
+
+
+def window_size(spacing_kji: Sequence[float], patch: int, level: int) -> Tuple[int, int, int]:
+    extent_mm = patch * base_spacing(spacing_kji) * (2.0**level)
+    return tuple(max(1, int(round(extent_mm / s))) for s in spacing_kji)  # type: ignore[return-value]
+
+
+def window_around(centre_kji: Sequence[float], spacing_kji: Sequence[float], patch: int, level: int) -> Window:
+    size = window_size(spacing_kji, patch, level)
+    start = tuple(int(np.floor(c + 0.5 - n / 2.0)) for c, n in zip(centre_kji, size))
+    return Window(start, size, patch, level)
+
+
+def max_level(image_shape: Sequence[int], spacing_kji: Sequence[float], patch: int, cap: int = 6) -> int:
+    """The smallest level whose window covers the whole image on every axis (at most ``cap``)."""
+    for level in range(cap + 1):
+        if all(n >= d for n, d in zip(window_size(spacing_kji, patch, level), image_shape)):
+            return level
+    return cap
+
+
+def _crop_padded(array: np.ndarray, window: Window, pad_value: float) -> np.ndarray:
+    img_sl, win_sl = window.image_slices(array.shape)
+    region = array[img_sl]
+    if region.shape == tuple(window.size):
+        return np.asarray(region, np.float32)
+    out = np.full(window.size, pad_value, np.float32)
+    out[win_sl] = region
+    return out
+
+
+def resample_to_patch(region: torch.Tensor, patch: int) -> torch.Tensor:
+    """(D, H, W) -> (patch, patch, patch): box-average where shrinking, trilinear where growing."""
+    x = region[None, None].float()
+    shape = tuple(x.shape[2:])
+    shrunk = tuple(min(n, patch) for n in shape)
+    if shrunk != shape:
+        x = F.adaptive_avg_pool3d(x, shrunk)
+    if shrunk != (patch,) * 3:
+        x = F.interpolate(x, size=(patch,) * 3, mode="trilinear", align_corners=False)
+    return x[0, 0]
+
+
+def normalise_patch(patch: torch.Tensor) -> torch.Tensor:
+    """Robust per-patch z-score: clip to the 0.5-99.5 percentiles, then zero mean, unit variance.
+
+    Per-patch statistics make one network serve CT and every MRI contrast, at every zoom level.
+    """
+    flat = patch.reshape(-1).numpy()
+    if flat.size > 32768:
+        flat = flat[:: flat.size // 32768]
+    lo, hi = np.percentile(flat, [0.5, 99.5])
+    clipped = patch.clamp(float(lo), float(hi))
+    sample = np.clip(flat, lo, hi)
+    mean, std = float(sample.mean()), float(sample.std())
+    return (clipped - mean) / (std if std > 1e-6 else 1.0)
+
+
+def extract_image_patch(array: np.ndarray, window: Window, modality: str = "MR") -> torch.Tensor:
+    """The image under ``window``, resampled to the patch and normalised."""
+    img_sl, _ = window.image_slices(array.shape)
+    region = array[img_sl]
+    pad = float(region.min()) if region.size else 0.0
+    if modality == "CT":
+        pad = max(min(pad, CT_CLIP[1]), CT_CLIP[0])
+    crop = _crop_padded(array, window, pad)
+    if modality == "CT":
+        np.clip(crop, *CT_CLIP, out=crop)
+    return normalise_patch(resample_to_patch(torch.from_numpy(crop), window.patch))
+
+
+def extract_mask_patch(mask: np.ndarray, window: Window) -> torch.Tensor:
+    """A binary mask under ``window`` as a soft [0, 1] patch."""
+    crop = _crop_padded(mask, window, 0.0)
+    return resample_to_patch(torch.from_numpy(crop), window.patch)
+
+
+def logits_to_window(logits: torch.Tensor, window: Window) -> torch.Tensor:
+    """Patch logits (patch^3) resampled back onto the window's voxel grid."""
+    return F.interpolate(logits[None, None], size=tuple(window.size), mode="trilinear", align_corners=False)[0, 0]

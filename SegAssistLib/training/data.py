@@ -1,0 +1,119 @@
+"""Training samples: real cases of the training split and synthetic volumes, cut into patches the
+way the engine cuts them at run time (same windows, zoom levels, resampling, normalisation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from SegAssistLib.datasets import list_cases, split_cases
+from SegAssistLib.engine import patching
+from SegAssistLib.image import Volume, guess_modality
+from SegAssistLib.training.synthetic import synthetic_case
+
+MIN_TARGET_VOXELS = 30
+
+
+@dataclass
+class TrainCase:
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    spacing_kji: Tuple[float, float, float]
+    modality: str
+    targets: List[Tuple[int, ...]] = field(default_factory=list)
+    _boxes: Dict[Tuple[int, ...], Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def box(self, target: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
+        if target not in self._boxes:
+            nz = np.argwhere(np.isin(self.labels, target))
+            self._boxes[target] = (nz.min(0), nz.max(0))
+        return self._boxes[target]
+
+
+def _targets(labels: np.ndarray, rng_union: bool = True) -> List[Tuple[int, ...]]:
+    values, counts = np.unique(labels, return_counts=True)
+    single = [(int(v),) for v, c in zip(values, counts) if v != 0 and c >= MIN_TARGET_VOXELS]
+    if rng_union and len(single) > 1 and len(single) <= 6:
+        single.append(tuple(v for (v,) in single))
+    return single
+
+
+def load_training_cases(data_root: Path, datasets: Optional[Sequence[str]] = None) -> Dict[str, List[TrainCase]]:
+    """Every training-split case of every dataset folder under ``data_root``, grouped by dataset."""
+    out: Dict[str, List[TrainCase]] = {}
+    for folder in sorted(p for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir()):
+        if datasets and folder.name not in datasets:
+            continue
+        cases = split_cases(list_cases(folder), "training")
+        loaded = []
+        for case in cases:
+            img = sitk.ReadImage(str(case.image))
+            arr = sitk.GetArrayFromImage(img).astype(np.float32)
+            lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))).astype(np.int16)
+            if arr.shape != lab.shape:
+                continue
+            spacing = tuple(float(s) for s in img.GetSpacing()[::-1])
+            modality = guess_modality(Volume(arr, spacing[::-1]))
+            tc = TrainCase(case.name, arr, lab, spacing, modality, _targets(lab))
+            if tc.targets:
+                loaded.append(tc)
+        if loaded:
+            out[folder.name] = loaded
+    return out
+
+
+def synthetic_train_case(rng: np.random.Generator) -> TrainCase:
+    syn = synthetic_case(rng, size=int(rng.integers(72, 112)))
+    return TrainCase("synthetic", syn.image, syn.labels, syn.spacing_kji, "MR", _targets(syn.labels, False))
+
+
+def needed_level(extent_vox: np.ndarray, spacing_kji, patch: int, margin: float = 1.15) -> int:
+    for level in range(7):
+        size = np.asarray(patching.window_size(spacing_kji, patch, level))
+        if np.all(size >= extent_vox * margin):
+            return level
+    return 6
+
+
+def sample_patch(
+    case: TrainCase, target: Tuple[int, ...], rng: np.random.Generator, patch: int
+) -> Optional[Tuple[torch.Tensor, np.ndarray]]:
+    """(normalised image patch, boolean target patch) around ``target``; None if the view misses it."""
+    lo, hi = case.box(target)
+    level = needed_level(hi - lo + 1, case.spacing_kji, patch)
+    partial = rng.random() < 0.25 and level > 0
+    if partial:
+        level = max(0, level - int(rng.integers(1, 3)))
+        for _ in range(50):
+            centre = rng.integers(lo, hi + 1)
+            if case.labels[tuple(centre)] in target:
+                break
+    else:
+        size = np.asarray(patching.window_size(case.spacing_kji, patch, level))
+        slack = np.maximum(size - (hi - lo + 1), 0) / 2.0
+        centre = (lo + hi) / 2.0 + rng.uniform(-0.7, 0.7, 3) * slack
+    window = patching.window_around(centre, case.spacing_kji, patch, level)
+    img_sl, win_sl = window.image_slices(case.labels.shape)
+    crop = np.zeros(window.size, np.float32)
+    crop[win_sl] = np.isin(case.labels[img_sl], target)
+    gt = patching.resample_to_patch(torch.from_numpy(crop), patch).numpy() > 0.5
+    if gt.sum() < 8:
+        return None
+    image = patching.extract_image_patch(case.image, window, case.modality)
+    # augmentation: flips and axis order, then a gamma on the intensities
+    for axis in range(3):
+        if rng.random() < 0.5:
+            image, gt = image.flip(axis), np.flip(gt, axis)
+    perm = tuple(int(a) for a in rng.permutation(3))
+    image, gt = image.permute(perm), np.ascontiguousarray(gt.transpose(perm))
+    if rng.random() < 0.3:
+        lo_v = image.min()
+        image = ((image - lo_v) / (image.max() - lo_v + 1e-6)) ** float(rng.uniform(0.6, 1.6))
+        image = (image - image.mean()) / (image.std() + 1e-6)
+    return image.contiguous(), gt

@@ -1,0 +1,222 @@
+"""Training the built-in promptable network.
+
+Each step: cut a batch of patches (real training-split cases and synthetic volumes), give each a
+simulated first prompt, optionally run the network a few rounds without gradients and add a
+correction at the largest error each round (or start from a corrupted previous mask), then learn
+from the final round. The schedule is a cosine over a wall-clock budget, so a run of any length
+ends at a low learning rate; checkpoints are written atomically and a run resumes from them.
+
+Usage: ``segassist train --out runs/v1 --minutes 120 [--resume runs/v1/state.pt] [--config cfg.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+
+from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
+from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
+from SegAssistLib.training import simulation
+from SegAssistLib.training.data import TrainCase, load_training_cases, sample_patch, synthetic_train_case
+
+
+@dataclass
+class TrainConfig:
+    data_root: str = "../shared/data"
+    datasets: Optional[List[str]] = None
+    network: dict = field(default_factory=lambda: asdict(NetworkConfig()))
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    minutes: float = 60.0
+    max_steps: int = 1_000_000
+    synthetic_share: float = 0.35
+    max_correction_rounds: int = 3
+    corrupt_share: float = 0.2
+    checkpoint_minutes: float = 5.0
+    threads: int = 1  # see ARCHITECTURE.md: 2 threads beside other work are 4-7x slower than 1
+    loader_workers: int = 1  # patches are cut in a separate process while the network trains
+    seed: int = 0
+
+
+class PatchStream(torch.utils.data.IterableDataset):
+    """An endless stream of (image patch, target patch) pairs, real or synthetic."""
+
+    def __init__(self, cfg: TrainConfig, patch: int, offset: int = 0):
+        self.cfg, self.patch, self.offset = cfg, patch, offset
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        torch.set_num_threads(1)
+        rng = np.random.default_rng([self.cfg.seed, self.offset, info.id if info else 0])
+        real = load_training_cases(Path(self.cfg.data_root), self.cfg.datasets) if self.cfg.data_root else {}
+        print(f"training cases: { {k: len(v) for k, v in real.items()} }", flush=True)
+        names = sorted(real)
+        pool: List[TrainCase] = []
+        while True:
+            if not real or rng.random() < self.cfg.synthetic_share:
+                # synthetic volumes are costly to make: keep a small pool and refresh it slowly
+                if len(pool) < 12 or rng.random() < 0.1:
+                    pool = (pool + [synthetic_train_case(rng)])[-12:]
+                case = pool[int(rng.integers(len(pool)))]
+            else:
+                cases = real[names[int(rng.integers(len(names)))]]
+                case = cases[int(rng.integers(len(cases)))]
+            target = case.targets[int(rng.integers(len(case.targets)))]
+            sample = sample_patch(case, target, rng, self.patch)
+            if sample is not None:
+                yield sample
+
+
+def _batch_inputs(images, prevs, prompts: List[List[PatchPrompt]], patch: int) -> torch.Tensor:
+    return torch.stack(
+        [assemble_input(img, prev, draw_prompts(pp, patch)) for img, prev, pp in zip(images, prevs, prompts)]
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path, resume: Optional[Path] = None):
+        self.cfg, self.out = cfg, out
+        out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.net_cfg = NetworkConfig.from_dict(cfg.network)
+        self.net = build_network(self.net_cfg)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.loss = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.step, self.elapsed = 0, 0.0
+        if resume:
+            state = torch.load(resume, map_location="cpu", weights_only=False)
+            self.net.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.step, self.elapsed = state["step"], state["elapsed"]
+            self.rng = np.random.default_rng(cfg.seed + self.step)
+            print(f"resumed from {resume} at step {self.step}", flush=True)
+        self.stream = iter(
+            torch.utils.data.DataLoader(
+                PatchStream(cfg, self.net_cfg.patch_size, self.step),
+                batch_size=cfg.batch_size,
+                num_workers=cfg.loader_workers,
+                collate_fn=list,
+                persistent_workers=cfg.loader_workers > 0,
+                prefetch_factor=4 if cfg.loader_workers > 0 else None,
+            )
+        )
+
+    def _batch(self):
+        batch = next(self.stream)
+        return [b[0] for b in batch], [b[1] for b in batch]
+
+    def _lr(self) -> float:
+        frac = min(1.0, self.elapsed / (self.cfg.minutes * 60.0))
+        return self.cfg.learning_rate * max(0.03, 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def train_step(self) -> dict:
+        patch = self.net_cfg.patch_size
+        images, gts = self._batch()
+        prompts = simulation.first_prompts_batch(gts, self.rng)
+        prevs = [torch.zeros((patch,) * 3) for _ in gts]
+        for i, gt in enumerate(gts):
+            if self.rng.random() < self.cfg.corrupt_share:
+                prior = simulation.corrupt_mask(gt, self.rng)
+                correction = simulation.correction_prompt(gt, prior, self.rng)
+                prevs[i] = torch.from_numpy(prior.astype(np.float32))
+                prompts[i] = ([] if self.rng.random() < 0.5 else prompts[i]) + ([correction] if correction else [])
+                if not prompts[i]:
+                    prompts[i] = [simulation.first_prompt(gt, self.rng)]
+        rounds = int(self.rng.integers(0, self.cfg.max_correction_rounds + 1))
+        self.net.eval()
+        with torch.no_grad():
+            for _ in range(rounds):
+                pred = self.net(_batch_inputs(images, prevs, prompts, patch))[:, 0] > 0
+                for i, gt in enumerate(gts):
+                    p = pred[i].numpy()
+                    correction = simulation.correction_prompt(gt, p, self.rng)
+                    if correction is not None:
+                        prompts[i].append(correction)
+                    prevs[i] = pred[i].float()
+        self.net.train()
+        x = _batch_inputs(images, prevs, prompts, patch)
+        y = torch.from_numpy(np.stack(gts)[:, None].astype(np.float32))
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr()
+        logits = self.net(x)
+        loss = self.loss(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            pred = logits > 0
+            inter = (pred & (y > 0)).sum((1, 2, 3, 4)).float()
+            dice = (2 * inter / (pred.sum((1, 2, 3, 4)) + (y > 0).sum((1, 2, 3, 4)) + 1e-6)).mean()
+        return {"loss": float(loss.detach()), "dice": float(dice), "rounds": rounds}
+
+    def save(self, final: bool = False) -> None:
+        state = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                 "elapsed": self.elapsed, "config": asdict(self.cfg)}
+        tmp = self.out / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.out / "state.pt")
+        meta = {"name": "segassist-unet", "steps": self.step, "train_seconds": round(self.elapsed),
+                "train_config": asdict(self.cfg), "final": final}
+        save_checkpoint(self.out / "model.pt", self.net, self.net_cfg, meta)
+
+    def run(self) -> None:
+        budget = self.cfg.minutes * 60.0
+        last_ckpt = time.time()
+        history = []
+        log = (self.out / "log.jsonl").open("a")
+        while self.step < self.cfg.max_steps and self.elapsed < budget:
+            t0 = time.time()
+            stats = self.train_step()
+            self.step += 1
+            self.elapsed += time.time() - t0
+            history.append(stats)
+            if self.step % 25 == 0:
+                recent = history[-25:]
+                line = {"step": self.step, "elapsed_s": round(self.elapsed), "lr": self._lr(),
+                        "loss": float(np.mean([h["loss"] for h in recent])),
+                        "dice": float(np.mean([h["dice"] for h in recent]))}
+                print(json.dumps(line), flush=True)
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+            if time.time() - last_ckpt > self.cfg.checkpoint_minutes * 60:
+                self.save()
+                last_ckpt = time.time()
+        self.save(final=True)
+        print(f"done: {self.step} steps in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the built-in network (CPU or GPU)")
+    p.add_argument("--out", required=True, type=Path, help="run folder: state.pt, model.pt, log.jsonl")
+    p.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
+    p.add_argument("--minutes", type=float, help="wall-clock budget (overrides the config)")
+    p.add_argument("--data-root", help="folder of datasets in MSD layout (default ../shared/data)")
+    p.add_argument("--resume", type=Path, help="state.pt of an earlier run")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(**json.loads(args.config.read_text())) if args.config else TrainConfig()
+    if args.minutes is not None:
+        cfg.minutes = args.minutes
+    if args.data_root is not None:
+        cfg.data_root = args.data_root
+    if args.seed is not None:
+        cfg.seed = args.seed
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    Trainer(cfg, args.out, args.resume).run()
+    return 0
