@@ -87,6 +87,8 @@ def _validation_code(exc: RequestValidationError) -> tuple:
         return 422, ErrorCode.INVALID_PROMPT
     if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
         return 400, ErrorCode.MALFORMED_BODY
+    if any(tuple(e.get("loc", ()))[-1:] in (("image_id",), ("session_id",)) for e in errors):
+        return 400, ErrorCode.INVALID_ID
     if any(tuple(e.get("loc", ()))[:1] == ("path",) for e in errors):
         return 400, ErrorCode.INVALID_ID
     return 422, ErrorCode.INVALID_REQUEST

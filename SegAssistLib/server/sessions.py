@@ -52,6 +52,8 @@ class SessionStore:
         self._sessions: Dict[str, ServerSession] = {}
         self._reserved: Dict[str, int] = {}  # per user: sessions being opened (counted in limits)
         self._expired: OrderedDict[str, None] = OrderedDict()
+        #: (user, request id) of recent session creations: a retried create gets the same session
+        self._creates: OrderedDict[Tuple[str, str], str] = OrderedDict()
         self.idle_timeout_s = idle_timeout_s
         self.max_per_user = max_per_user
         self.max_total = max_total

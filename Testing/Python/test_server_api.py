@@ -1,0 +1,203 @@
+"""Happy paths through the real server and the real client: every prompt kind, upload once,
+region replies, undo/redo/reset, prompt logs, info, close."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_server_fixtures import TOKENS, make_volume, raw
+
+from SegAssistLib.api_models import REQUEST_ID_HEADER
+from SegAssistLib.client import SegAssistClient, SessionNotFoundError, SessionStateError
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, ScribblePrompt
+
+pytest_plugins = ["test_server_fixtures"]
+
+CENTRE = (24.0, 20.0, 12.0)  # (i, j, k) of the test volume's blob
+
+PROMPTS = {
+    "point+": PointPrompt(position=CENTRE),
+    "point-": PointPrompt(position=(5.0, 5.0, 3.0), positive=False),
+    "box2d": BoxPrompt(min_corner=(12.0, 10.0, 12.0), max_corner=(36.0, 30.0, 12.0)),
+    "box3d": BoxPrompt(min_corner=(12.0, 10.0, 5.0), max_corner=(36.0, 30.0, 19.0)),
+    "scribble+": ScribblePrompt(points=[(20.0, 18.0, 12.0), (28.0, 22.0, 12.0)]),
+    "scribble-": ScribblePrompt(points=[(2.0, 2.0, 2.0), (8.0, 3.0, 2.0)], positive=False, width=2.0),
+    "lasso+": LassoPrompt(points=[(14.0, 12.0, 12.0), (34.0, 12.0, 12.0), (34.0, 28.0, 12.0), (14.0, 28.0, 12.0)]),
+    # drawn on a sagittal slice (i fixed): any orientation travels as its polygon, never a volume
+    "lasso-": LassoPrompt(points=[(30.0, 2.0, 2.0), (30.0, 10.0, 2.0), (30.0, 10.0, 8.0)], positive=False),
+}
+
+
+def test_health_needs_no_token_and_info_describes_the_model(shared_server, client):
+    health = raw(shared_server, "GET", "/v1/health", token=None)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    info = client.info()
+    assert info.model.name == "test"
+    assert set(info.prompt_kinds) == {"point", "box", "scribble", "lasso", "mask"}
+    assert info.patch_size == (64, 64, 64) and info.devices == ["cpu"]
+    assert info.auth_required and info.user == "alice"
+    assert info.limits.max_voxels == 400_000 and "zstd" in info.codecs
+    caps = client.capabilities()
+    assert caps.name == "test" and caps.device == "cpu"
+
+
+@pytest.mark.parametrize("name", sorted(PROMPTS))
+def test_every_prompt_kind_updates_a_region_that_reassembles_to_the_full_result(client, volume, name):
+    with client.open_session(volume) as session:
+        update = session.add_prompt(PROMPTS[name])
+        assert update.voxels.dtype == np.uint8 and update.voxels.ndim == 3
+        lo = np.asarray(update.offset)
+        assert np.all(lo >= 0) and np.all(lo + update.voxels.shape <= volume.array.shape)
+        assert update.info["reply_bytes"] > 0 and update.info["engine_s"] > 0
+        assert np.array_equal(session.result(), session.fetch_result())
+        assert session.can_undo and not session.can_redo
+
+
+def test_mask_prompt_reply_is_only_the_changed_box(client, volume):
+    mask = np.zeros(volume.array.shape, np.uint8)
+    mask[10:14, 20:25, 30:33] = 1
+    with client.open_session(volume) as session:
+        update = session.add_prompt(MaskPrompt.from_array(mask))
+        assert update.offset == (10, 20, 30) and update.voxels.shape == (4, 5, 3)
+        full = session.fetch_result()
+        assert np.array_equal(full, mask) and np.array_equal(session.result(), mask)
+        # nothing changes: an empty reply
+        again = session.add_prompt(MaskPrompt.from_array(mask))
+        assert again.voxels.size == 0
+
+
+def test_a_sequence_of_region_replies_reassembles_exactly(client, volume):
+    with client.open_session(volume) as session:
+        for name in ("point+", "scribble+", "point-", "box3d", "lasso-"):
+            session.add_prompt(PROMPTS[name])
+            assert np.array_equal(session.result(), session.fetch_result()), name
+        session.undo()
+        session.undo()
+        session.redo()
+        assert np.array_equal(session.result(), session.fetch_result())
+        session.reset()
+        assert not session.result().any() and not session.fetch_result().any()
+        session.undo()  # a reset is undoable
+        assert np.array_equal(session.result(), session.fetch_result()) and session.result().any()
+
+
+def test_undo_redo_reset_and_their_state_errors(client, volume):
+    with client.open_session(volume) as session:
+        assert not session.can_undo
+        with pytest.raises(SessionStateError) as e:
+            session.undo()
+        assert e.value.status == 409 and e.value.code == "session_state"
+        with pytest.raises(SessionStateError):
+            session.redo()
+        session.add_prompt(PROMPTS["point+"])
+        first = session.result()
+        session.add_prompt(PROMPTS["box2d"])
+        session.undo()
+        assert np.array_equal(session.result(), first) and session.can_redo
+        session.redo()
+        assert not session.can_redo
+        status = session.status()
+        assert status.n_prompts == 2 and status.state == "idle" and status.queue_position is None
+
+
+def test_prompt_log_replays_to_the_same_mask(client, volume):
+    with client.open_session(volume) as session:
+        for name in ("point+", "scribble-", "lasso+"):
+            session.add_prompt(PROMPTS[name])
+        log = session.prompt_log()
+        assert [p.kind for p in log.prompts] == ["point", "scribble", "lasso"]
+        assert log.prompts == session.local_prompts()
+        expected = session.result()
+    with client.open_session(volume, prompts=log.prompts) as replay:
+        assert replay.status().n_prompts == 3
+        assert np.array_equal(replay.result(), expected)
+
+
+def test_an_image_is_uploaded_once(client):
+    vol = make_volume(seed=11)
+    progress = []
+    first = client.upload_image(vol, progress=lambda sent, total: progress.append((sent, total)))
+    assert first.uploaded and first.image_id == vol.content_hash()
+    assert progress and progress[-1][0] == progress[-1][1]
+    assert all(a[0] <= b[0] for a, b in zip(progress, progress[1:]))
+    assert not client.upload_image(vol).uploaded  # held already: stored nothing
+    progress.clear()
+    with client.open_session(vol, progress=lambda s, t: progress.append(s)) as session:
+        assert session.image_id == first.image_id
+    assert progress == []  # opened by hash: no upload
+    # another user's client sees the same content-addressed image without uploading
+    with SegAssistClient(client.url, TOKENS["bob"]) as bob:
+        assert bob.image(first.image_id).shape == vol.array.shape
+        with bob.open_session(first.image_id) as session:
+            assert session.shape == vol.array.shape
+
+
+def test_open_session_uploads_when_the_server_lacks_the_image(client):
+    vol = make_volume(seed=12, dtype=np.int16)
+    sent = []
+    with client.open_session(vol, progress=lambda s, t: sent.append(s)) as session:
+        assert sent and session.image_id == vol.content_hash()
+        info = client.image(session.image_id)
+        assert info.dtype == "<i2" and tuple(info.spacing) == vol.spacing
+
+
+def test_big_endian_arrays_hash_like_the_server(client):
+    vol = make_volume(seed=13)
+    big = make_volume(seed=13)
+    big.array = vol.array.astype(">f4")
+    assert client.upload_image(big).image_id == vol.content_hash()
+
+
+def test_closed_session_is_gone(client, volume):
+    session = client.open_session(volume)
+    session.close()
+    session.close()  # closing twice is fine
+    with pytest.raises(SessionNotFoundError) as e:
+        session.add_prompt(PROMPTS["point+"])
+    assert e.value.status == 404 and e.value.code == "session_not_found"
+
+
+def test_sessions_belong_to_their_user(shared_server, client, volume):
+    with client.open_session(volume) as session:
+        with SegAssistClient(shared_server.url, TOKENS["bob"]) as bob, pytest.raises(SessionNotFoundError):
+            bob.session(session.session_id)
+        attached = client.session(session.session_id)
+        assert attached.shape == session.shape
+
+
+def test_a_repeated_request_id_is_answered_once(shared_server, client, volume):
+    with client.open_session(volume) as session:
+        path = f"/v1/sessions/{session.session_id}/prompts"
+        body = {"prompt": PROMPTS["point+"].model_dump(mode="json")}
+        headers = {REQUEST_ID_HEADER: "retry-1"}
+        a = raw(shared_server, "POST", path, json=body, headers=headers)
+        b = raw(shared_server, "POST", path, json=body, headers=headers)
+        assert a.status_code == b.status_code == 200
+        first, repeat = a.json(), b.json()
+        first.pop("queue_wait_s"), repeat.pop("queue_wait_s")
+        assert first == repeat and repeat["n_prompts"] == 1
+        undo = {REQUEST_ID_HEADER: "retry-2"}
+        raw(shared_server, "POST", f"/v1/sessions/{session.session_id}/undo", headers=undo)
+        again = raw(shared_server, "POST", f"/v1/sessions/{session.session_id}/undo", headers=undo)
+        assert again.status_code == 200  # the second undo is the first one's answer, not a 409
+
+
+def test_a_repeated_session_create_opens_one_session(shared_server, client, volume):
+    image_id = client.ensure_image(volume)
+    headers = {REQUEST_ID_HEADER: "create-1"}
+    a = raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id}, headers=headers)
+    b = raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id}, headers=headers)
+    assert a.status_code == 201 and a.json()["session_id"] == b.json()["session_id"]
+    raw(shared_server, "DELETE", f"/v1/sessions/{a.json()['session_id']}")
+
+
+def test_replies_use_zlib_for_a_client_without_zstd(shared_server, client, volume):
+    with client.open_session(volume) as session:
+        reply = raw(
+            shared_server,
+            "POST",
+            f"/v1/sessions/{session.session_id}/prompts",
+            json={"prompt": PROMPTS["point+"].model_dump(mode="json")},
+            headers={"X-SegAssist-Accept-Codecs": "zlib"},
+        )
+        assert reply.status_code == 200 and reply.json()["mask"]["codec"] == "zlib"
