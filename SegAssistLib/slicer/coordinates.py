@@ -111,9 +111,7 @@ def xy_to_ras(slice_node: slicer.vtkMRMLSliceNode, xy: Points) -> np.ndarray:
     return ras[0] if single else ras
 
 
-def xy_to_ijk(
-    slice_node: slicer.vtkMRMLSliceNode, xy: Points, volume_node: slicer.vtkMRMLVolumeNode
-) -> np.ndarray:
+def xy_to_ijk(slice_node: slicer.vtkMRMLSliceNode, xy: Points, volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
     """Slice-view position(s) -> continuous IJK of the volume."""
     return ras_to_ijk(xy_to_ras(slice_node, xy), volume_node)
 
@@ -176,9 +174,7 @@ def box_prompt(
     (x0, y0), (x1, y1) = (float(v) for v in xy_start[:2]), (float(v) for v in xy_end[:2])
     corners_xy = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
     corners = xy_to_ijk(slice_node, corners_xy, volume_node)
-    flat = slice_flat_axis(
-        slice_node, volume_node, at_xy=(min(x0, x1), min(y0, y1)), tolerance_rad=tolerance_rad
-    )
+    flat = slice_flat_axis(slice_node, volume_node, at_xy=(min(x0, x1), min(y0, y1)), tolerance_rad=tolerance_rad)
     if flat is None:
         return build_prompt(LassoPrompt, "box on an oblique slice", points=corners, positive=True)
     lo, hi = corners.min(axis=0), corners.max(axis=0)

@@ -46,8 +46,7 @@ def is_positive(markups_node: slicer.vtkMRMLMarkupsNode, index: int) -> bool:
         return polarity == "positive"
     if polarity:
         raise SegAssistError(
-            f"markups {markups_node.GetName()!r} has {POLARITY_ATTRIBUTE}={polarity!r}: "
-            "use 'positive' or 'negative'"
+            f"markups {markups_node.GetName()!r} has {POLARITY_ATTRIBUTE}={polarity!r}: use 'positive' or 'negative'"
         )
     label = markups_node.GetNthControlPointLabel(index) or ""
     return not label.strip().startswith(NEGATIVE_LABEL_PREFIX)

@@ -56,10 +56,12 @@ class SlicerContext:
         return self.logics["SubjectHierarchy"]
 
     def close(self) -> None:
-        """Detach the logics and clear the scene (nodes, observers)."""
+        """Clear the scene (nodes, observers) and drop the logics.
+
+        The logics are not detached one by one: the SubjectHierarchy logic warns when its scene
+        becomes None, and a cleared scene gives them nothing more to do.
+        """
         self.scene.Clear(True)
-        for logic in self.logics.values():
-            logic.SetMRMLScene(None)
         self.logics.clear()
 
     def __enter__(self) -> SlicerContext:
@@ -103,17 +105,13 @@ def install_util_globals(context: SlicerContext) -> None:
     belong to the application and are left alone.
     """
     if hasattr(slicer, "app"):
-        raise SegAssistError(
-            "install_util_globals is for headless use: the Slicer application owns its globals"
-        )
+        raise SegAssistError("install_util_globals is for headless use: the Slicer application owns its globals")
 
     def module(logic: object) -> types.SimpleNamespace:
         return types.SimpleNamespace(logic=lambda: logic)
 
     slicer.mrmlScene = context.scene
-    slicer.modules = types.SimpleNamespace(
-        **{name.lower(): module(logic) for name, logic in context.logics.items()}
-    )
+    slicer.modules = types.SimpleNamespace(**{name.lower(): module(logic) for name, logic in context.logics.items()})
 
 
 def add_slice_node(
@@ -131,11 +129,12 @@ def add_slice_node(
     """
     if scene.GetDefaultNodeByClass("vtkMRMLSliceNode") is None:
         slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-    node = slicer.vtkMRMLSliceNode()
+    node = scene.CreateNodeByClass("vtkMRMLSliceNode")  # copies the scene's default (orientation presets)
+    node.UnRegister(None)  # CreateNodeByClass hands over a reference Python already holds
     node.SetLayoutName(layout_name)
     node.SetName(layout_name)
     node.SetSingletonTag(f"SegAssist{layout_name}")
-    scene.AddNode(node)
+    node = scene.AddNode(node)  # a node with the same layout name is reused (singleton tag)
     node.SetDimensions(int(dimensions[0]), int(dimensions[1]), 1)
     node.SetFieldOfView(float(field_of_view[0]), float(field_of_view[1]), 1.0)
     orient_slice(node, orientation)
@@ -150,10 +149,9 @@ def orient_slice(node: slicer.vtkMRMLSliceNode, orientation: Union[str, Sequence
     """Set a standard orientation by name, or an oblique one by its normal (RAS), keeping the centre."""
     if isinstance(orientation, str):
         if orientation not in _STANDARD_ORIENTATIONS:
-            raise SegAssistError(
-                f"unknown slice orientation {orientation!r}: use one of {_STANDARD_ORIENTATIONS}"
-            )
-        node.SetOrientation(orientation)
+            raise SegAssistError(f"unknown slice orientation {orientation!r}: use one of {_STANDARD_ORIENTATIONS}")
+        if not node.SetOrientation(orientation):
+            raise SegAssistError(f"slice node {node.GetName()!r} has no {orientation!r} orientation preset")
         return
     normal = np.asarray(orientation, float)
     if normal.shape != (3,) or not np.all(np.isfinite(normal)) or np.linalg.norm(normal) == 0:

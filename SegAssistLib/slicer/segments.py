@@ -57,9 +57,7 @@ def _segment(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str)
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     if segment is None:
         ids = list(segmentation_node.GetSegmentation().GetSegmentIDs())
-        raise SegAssistError(
-            f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r} (has {ids})"
-        )
+        raise SegAssistError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r} (has {ids})")
     return segment
 
 
@@ -112,9 +110,7 @@ def oriented_labelmap(
     matrix = vtk.vtkMatrix4x4()
     geometry.GetImageToWorldMatrix(matrix)
     image.SetImageToWorldMatrix(matrix)
-    image.SetExtent(
-        e[0] + oi, e[0] + oi + ni - 1, e[2] + oj, e[2] + oj + nj - 1, e[4] + ok, e[4] + ok + nk - 1
-    )
+    image.SetExtent(e[0] + oi, e[0] + oi + ni - 1, e[2] + oj, e[2] + oj + nj - 1, e[4] + ok, e[4] + ok + nk - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = (voxels > 0).astype(np.uint8).ravel()
     return image
@@ -125,9 +121,7 @@ def _ensure_binary_labelmap_source(segmentation_node: slicer.vtkMRMLSegmentation
     if segmentation.GetSourceRepresentationName() == BINARY_LABELMAP:
         return
     if not segmentation.CreateRepresentation(BINARY_LABELMAP):
-        raise SegAssistError(
-            f"segmentation {segmentation_node.GetName()!r} cannot be converted to a binary labelmap"
-        )
+        raise SegAssistError(f"segmentation {segmentation_node.GetName()!r} cannot be converted to a binary labelmap")
     segmentation.SetSourceRepresentationName(BINARY_LABELMAP)
 
 
@@ -253,9 +247,7 @@ class SegmentEditor:
             (add, self.logic.ModificationModeAdd),
             (remove, self.logic.ModificationModeRemove),
         ):
-            self.logic.ModifySegmentByLabelmap(
-                self.segmentation_node, segment_id, labelmap, mode, extent, False, False
-            )
+            self.logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, labelmap, mode, extent, False, False)
 
     def write_mask(self, segment_id: str, mask: np.ndarray, save_undo: bool = True) -> None:
         """Set the whole segment to ``mask`` ([k, j, i] on the volume's grid), undoably."""

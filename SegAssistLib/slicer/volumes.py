@@ -100,9 +100,7 @@ def _slicer_compatible(array: np.ndarray) -> np.ndarray:
         target = np.int32 if array.dtype.kind == "i" else np.uint32
         info = np.iinfo(target)
         if array.size and (array.min() < info.min or array.max() > info.max):
-            raise ImageError(
-                f"{array.dtype} voxels outside the {np.dtype(target)} range cannot be stored in Slicer"
-            )
+            raise ImageError(f"{array.dtype} voxels outside the {np.dtype(target)} range cannot be stored in Slicer")
         return array.astype(target)
     if array.dtype.kind not in "iuf":
         raise ImageError(f"voxel type {array.dtype} cannot be stored in a Slicer volume")
@@ -177,9 +175,7 @@ def load_volume_file(
     return node
 
 
-def save_volume_file(
-    volume_node: slicer.vtkMRMLVolumeNode, path: Union[str, Path], compress: bool = True
-) -> Path:
+def save_volume_file(volume_node: slicer.vtkMRMLVolumeNode, path: Union[str, Path], compress: bool = True) -> Path:
     """Write a volume node to a file through its storage node (its own frame: transforms not applied)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

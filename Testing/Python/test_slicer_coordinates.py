@@ -1,0 +1,182 @@
+"""Slice-view clicks, boxes, scribbles and lassos -> prompts, on real slice nodes (slicer-core)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mrml_fixtures import (
+    add_linear_transform,
+    add_volume,
+    affine,
+    oblique_ijk_to_ras,
+    random_volume,
+    rotation,
+    slicer_xy_to_voxel,
+    voxel_world,
+    world_image_geometry,
+)
+
+from SegAssistLib.errors import PromptError
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
+
+slicer = pytest.importorskip("slicer")
+from SegAssistLib.slicer import coordinates  # noqa: E402
+from SegAssistLib.slicer.scene import add_slice_node, create_headless_scene  # noqa: E402
+
+DIMS = (300, 200)
+FOV = (150.0, 100.0)
+OBLIQUE_NORMAL = (0.3, -0.5, 0.8)
+CENTER = (150.0, 100.0)
+
+
+@pytest.fixture
+def ctx():
+    with create_headless_scene() as context:
+        yield context
+
+
+def _oblique_transformed_volume(scene):
+    outer = add_linear_transform(scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
+    inner = add_linear_transform(scene, affine(rotation((1, -1, 2), 35), (-20.5, 4.0, 11.0)), "inner", outer)
+    return add_volume(scene, random_volume((20, 24, 28)), oblique_ijk_to_ras(), "oblique", parent=inner)
+
+
+def _lps_volume(scene, transform=None):
+    """An ordinary axis-aligned scan: i -> left, j -> posterior, k -> superior (LPS identity)."""
+    parent = add_linear_transform(scene, transform, "scanner") if transform is not None else None
+    ijk_to_ras = affine(np.diag([-0.9, -0.9, 2.0]), (50.0, 40.0, -20.0))
+    return add_volume(scene, random_volume((20, 24, 28)), ijk_to_ras, "lps", parent=parent)
+
+
+def _xy_to_ijk_oracle(slice_node, volume_node, xys):
+    """Slicer's matrices only: XY -> RAS by the slice node, RAS -> IJK by the inverted world geometry."""
+    xy_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetXYToRAS())
+    ras_to_ijk = np.linalg.inv(world_image_geometry(volume_node))
+    pts = np.column_stack([np.asarray(xys, float), np.zeros(len(xys)), np.ones(len(xys))])
+    return (ras_to_ijk @ xy_to_ras @ pts.T).T[:, :3]
+
+
+@pytest.mark.parametrize("orientation", ["Axial", "Sagittal", "Coronal", OBLIQUE_NORMAL])
+def test_clicks_land_on_the_right_voxel(ctx, orientation):
+    volume = _oblique_transformed_volume(ctx.scene)
+    target = (5, 7, 4)
+    view = add_slice_node(ctx.scene, orientation, DIMS, FOV, center_ras=voxel_world(volume, target))
+
+    prompt = coordinates.point_prompt(view, CENTER, volume, positive=False)
+    assert isinstance(prompt, PointPrompt) and prompt.positive is False
+    assert np.allclose(prompt.position, target, atol=1e-6)
+    assert coordinates.voxel_index(prompt.position) == target == slicer_xy_to_voxel(view, CENTER, volume)
+
+    rng = np.random.default_rng(1)
+    inside = 0
+    for xy in rng.uniform([120, 70], [180, 130], size=(40, 2)):
+        ijk = coordinates.xy_to_ijk(view, xy, volume)
+        assert np.allclose(ijk, _xy_to_ijk_oracle(view, volume, [xy])[0], atol=1e-9)
+        if np.all(ijk > -0.5) and np.all(ijk < np.array([28, 24, 20]) - 0.5):
+            # (outside the image Slicer's rounding truncates towards zero; only voxels matter)
+            inside += 1
+            assert coordinates.voxel_index(ijk) == slicer_xy_to_voxel(view, xy, volume)
+    assert inside >= 10
+
+
+def test_ras_and_ijk_conversions_follow_nested_transforms(ctx):
+    volume = _oblique_transformed_volume(ctx.scene)
+    ijk = np.array([[0.0, 0.0, 0.0], [3.25, 9.5, 1.75], [27.0, 23.0, 19.0]])
+    ras = coordinates.ijk_to_ras(ijk, volume)
+    assert np.allclose(ras, [voxel_world(volume, p) for p in ijk], atol=1e-9)
+    assert np.allclose(coordinates.ras_to_ijk(ras, volume), ijk, atol=1e-9)
+    assert coordinates.ras_to_ijk(ras[1], volume).shape == (3,)
+    assert coordinates.voxel_index((2.5, -0.5, 3.49)) == (3, 0, 3)
+
+
+@pytest.mark.parametrize(
+    ("transform", "orientation", "flat_axis"),
+    [
+        (None, "Axial", 2),
+        (None, "Sagittal", 0),
+        (None, "Coronal", 1),
+        (affine(rotation((0, 0, 1), 90), (3, 2, 1)), "Axial", 2),  # in-plane axes swap, still aligned
+        (affine(rotation((0, 1, 0), 90), (0, 0, 0)), "Axial", 0),  # the scan lies on its side
+        (affine(rotation((1, 0, 0), -90), (0, 0, 0)), "Coronal", 2),
+    ],
+)
+def test_box_on_a_grid_aligned_slice_is_a_flat_box(ctx, transform, orientation, flat_axis):
+    volume = _lps_volume(ctx.scene, transform)
+    target = (14, 12, 8)
+    view = add_slice_node(ctx.scene, orientation, DIMS, FOV, center_ras=voxel_world(volume, target))
+    start, end = (162.0, 113.5), (131.25, 88.0)  # dragged right-to-left, top-to-bottom
+
+    box = coordinates.box_prompt(view, start, end, volume)
+    assert isinstance(box, BoxPrompt) and box.is_2d
+    assert coordinates.slice_flat_axis(view, volume) == flat_axis
+    corners = _xy_to_ijk_oracle(view, volume, [start, (end[0], start[1]), end, (start[0], end[1])])
+    lo, hi = np.asarray(box.min_corner), np.asarray(box.max_corner)
+    assert lo[flat_axis] == hi[flat_axis]
+    assert abs(lo[flat_axis] - target[flat_axis]) < 1e-6  # the slice shown: through the target voxel
+    assert np.allclose(lo, corners.min(0), atol=1e-6) and np.allclose(hi, corners.max(0), atol=1e-6)
+    # The box's corner voxels are the ones Slicer's segment editor paints at the drag's corners.
+    painted = np.array([slicer_xy_to_voxel(view, start, volume), slicer_xy_to_voxel(view, end, volume)])
+    assert coordinates.voxel_index(lo) == tuple(painted.min(0))
+    assert coordinates.voxel_index(hi) == tuple(painted.max(0))
+
+
+@pytest.mark.parametrize("case", ["oblique slice", "oblique volume", "rotated in plane"])
+def test_box_on_an_oblique_slice_is_a_four_vertex_lasso(ctx, case):
+    volume = _oblique_transformed_volume(ctx.scene) if case == "oblique volume" else _lps_volume(ctx.scene)
+    orientation = OBLIQUE_NORMAL if case == "oblique slice" else "Axial"
+    view = add_slice_node(ctx.scene, orientation, DIMS, FOV, center_ras=voxel_world(volume, (14, 12, 8)))
+    if case == "rotated in plane":
+        slice_to_ras = slicer.util.arrayFromVTKMatrix(view.GetSliceToRAS())
+        slice_to_ras[:3, :3] = slice_to_ras[:3, :3] @ rotation((0, 0, 1), 30)
+        view.GetSliceToRAS().DeepCopy(slicer.util.vtkMatrixFromArray(slice_to_ras))
+        view.UpdateMatrices()
+    start, end = (136.0, 90.0), (161.0, 112.5)
+
+    lasso = coordinates.box_prompt(view, start, end, volume)
+    assert isinstance(lasso, LassoPrompt) and lasso.positive
+    assert coordinates.slice_flat_axis(view, volume) is None
+    corners_xy = [start, (end[0], start[1]), end, (start[0], end[1])]
+    assert np.allclose(lasso.points, _xy_to_ijk_oracle(view, volume, corners_xy), atol=1e-6)
+    assert [coordinates.voxel_index(p) for p in lasso.points] == [
+        slicer_xy_to_voxel(view, xy, volume) for xy in corners_xy
+    ]
+
+
+def test_scribbles_and_lassos_on_an_oblique_slice(ctx):
+    volume = _oblique_transformed_volume(ctx.scene)
+    view = add_slice_node(ctx.scene, OBLIQUE_NORMAL, DIMS, FOV, center_ras=voxel_world(volume, (10, 10, 8)))
+    t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    stroke = np.column_stack([150 + 40 * t / np.pi, 100 + 15 * np.sin(t)])
+    outline = np.column_stack([150 + 30 * np.cos(t), 100 + 20 * np.sin(t)])
+
+    scribble = coordinates.scribble_prompt(view, stroke, volume, positive=False, width=2.5)
+    assert isinstance(scribble, ScribblePrompt) and not scribble.positive and scribble.width == 2.5
+    assert [coordinates.voxel_index(p) for p in scribble.points] == [
+        slicer_xy_to_voxel(view, xy, volume) for xy in stroke
+    ]
+    lasso = coordinates.lasso_prompt(view, outline, volume)
+    assert isinstance(lasso, LassoPrompt) and len(lasso.points) == 24
+    assert np.allclose(lasso.points, _xy_to_ijk_oracle(view, volume, outline), atol=1e-6)
+
+
+def test_degenerate_shapes_raise_prompt_errors(ctx):
+    volume = _lps_volume(ctx.scene)
+    axial = add_slice_node(ctx.scene, "Axial", DIMS, FOV, center_ras=voxel_world(volume, (14, 12, 8)))
+    oblique = add_slice_node(
+        ctx.scene,
+        OBLIQUE_NORMAL,
+        DIMS,
+        FOV,
+        center_ras=voxel_world(volume, (14, 12, 8)),
+        layout_name="Yellow",
+    )
+    with pytest.raises(PromptError, match="box"):
+        coordinates.box_prompt(axial, (100, 50), (100, 90), volume)  # no width
+    with pytest.raises(PromptError, match="collinear"):
+        coordinates.box_prompt(oblique, (100, 50), (100, 90), volume)
+    with pytest.raises(PromptError, match="lasso"):
+        coordinates.lasso_prompt(axial, [(10, 10), (20, 20), (30, 30)], volume)
+    with pytest.raises(PromptError, match="coordinates"):
+        coordinates.xy_to_ijk(axial, [(1.0, 2.0, 3.0, 4.0)], volume)
+    with pytest.raises(PromptError, match="non-finite"):
+        coordinates.point_prompt(axial, (np.nan, 3.0), volume)

@@ -1,0 +1,244 @@
+"""Segments <-> masks, region writes with undo, and .seg.nrrd files, on real MRML scenes (slicer-core)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mrml_fixtures import (
+    add_linear_transform,
+    add_volume,
+    affine,
+    oblique_ijk_to_ras,
+    random_volume,
+    rotation,
+    segment_ids,
+    world_image_geometry,
+)
+
+from SegAssistLib.engine.base import MaskUpdate
+from SegAssistLib.errors import ImageError, SegAssistError, SessionError
+from SegAssistLib.io import save_segmentation_nrrd
+
+slicer = pytest.importorskip("slicer")
+import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+from SegAssistLib.slicer import segments, volumes  # noqa: E402
+from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
+
+SHAPE = (12, 14, 16)  # [k, j, i]
+
+
+@pytest.fixture
+def ctx():
+    with create_headless_scene() as context:
+        yield context
+
+
+def _volume(scene):
+    outer = add_linear_transform(scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
+    inner = add_linear_transform(scene, affine(rotation((1, -1, 2), 35), (-20.5, 4.0, 11.0)), "inner", outer)
+    return add_volume(scene, random_volume(SHAPE), oblique_ijk_to_ras(), "oblique", parent=inner)
+
+
+def _masks():
+    a = np.zeros(SHAPE, np.uint8)
+    a[2:7, 3:9, 4:10] = 1
+    b = np.zeros(SHAPE, np.uint8)
+    b[5:10, 6:12, 8:14] = 1
+    b[a > 0] = 0  # a and b touch but do not overlap, so they can share a layer
+    c = np.zeros(SHAPE, np.uint8)
+    c[9:11, 0:3, 0:4] = 1
+    return {"a": a, "b": b, "c": c}
+
+
+def _segmentation(ctx, volume, masks, transform=None):
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+    if transform is not None:
+        seg.SetAndObserveTransformNodeID(add_linear_transform(ctx.scene, transform, "seg frame").GetID())
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    colors = {"a": (1.0, 0.0, 0.0), "b": (0.0, 1.0, 0.0), "c": (0.0, 0.0, 1.0)}
+    for sid, mask in masks.items():
+        assert segments.add_segment(seg, f"segment {sid}", colors[sid], segment_id=sid) == sid
+        segments.array_to_segment(mask, seg, sid, volume)
+    return seg
+
+
+def _slicer_export(seg, segment_id, volume):
+    """Oracle: Slicer's own export of one segment onto the volume's grid."""
+    labelmap = seg.GetScene().AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(seg, [segment_id], labelmap, volume)
+    out = slicer.util.arrayFromVolume(labelmap).copy()
+    seg.GetScene().RemoveNode(labelmap)
+    return out
+
+
+def _read_all(seg, volume):
+    return {sid: segments.segment_to_array(seg, sid, volume) for sid in segment_ids(seg)}
+
+
+def test_masks_round_trip_on_a_transformed_oblique_volume(ctx):
+    volume = _volume(ctx.scene)
+    masks = _masks()
+    seg = _segmentation(ctx, volume, masks, transform=affine(rotation((0, 1, 1), -20), (1.5, 2.5, -4.0)))
+
+    assert seg.GetSegmentation().GetNumberOfLayers() < 3  # some segments share a layer
+    for sid, mask in masks.items():
+        got = segments.segment_to_array(seg, sid, volume)
+        assert got.dtype == np.uint8 and got.shape == SHAPE
+        assert np.array_equal(got, mask), sid
+    # Where Slicer itself puts the stored segments in the world (it applies the segmentation's parent
+    # transform) is where the volume's voxels are (nested transforms, composed by transform nodes).
+    ijk_from_world = np.linalg.inv(world_image_geometry(volume))
+    for sid, mask in masks.items():
+        assert np.array_equal(_voxels_in_world_frame(seg, sid, ijk_from_world), np.argwhere(mask > 0)), sid
+
+    # Slicer's own export agrees in the simple case (it composes two or more linear transforms
+    # differently; SegAssist composes them with GetMatrixTransformBetweenNodes).
+    volume.SetAndObserveTransformNodeID(None)
+    seg2 = _segmentation(ctx, volume, masks, transform=affine(rotation((0, 1, 1), -20), (1.5, 2.5, -4.0)))
+    for sid, mask in masks.items():
+        assert np.array_equal(_slicer_export(seg2, sid, volume), mask), sid
+
+
+def _voxels_in_world_frame(seg, segment_id, ijk_from_world):
+    """[k, j, i] indices, sorted, of the segment's voxels, placed by Slicer in world RAS."""
+    image = slicer.vtkOrientedImageData()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(seg, segment_id, image, True)
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1])
+    label = seg.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    e = image.GetExtent()
+    ijk = np.argwhere(values == label)[:, ::-1] + [e[0], e[2], e[4]]
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    world = slicer.util.arrayFromVTKMatrix(m) @ np.column_stack([ijk, np.ones(len(ijk))]).T
+    volume_ijk = np.rint((ijk_from_world @ world).T[:, :3]).astype(int)
+    return volume_ijk[np.lexsort(volume_ijk.T)][:, ::-1] if len(volume_ijk) else volume_ijk
+
+
+def test_region_write_keeps_other_segments_and_undo_restores(ctx):
+    volume = _volume(ctx.scene)
+    masks = _masks()
+    seg = _segmentation(ctx, volume, masks)
+    editor = segments.SegmentEditor(seg, volume)
+    assert not editor.can_undo
+    with pytest.raises(SessionError):
+        editor.undo()
+
+    rng = np.random.default_rng(7)
+    box = (rng.random((4, 5, 6)) > 0.4).astype(np.uint8)
+    update = MaskUpdate(offset=(4, 5, 6), voxels=box)  # overlaps a and b, not c
+    expected_a = masks["a"].copy()
+    update.apply_to(expected_a)
+    assert np.any(expected_a & masks["b"])  # the write covers voxels of b
+
+    editor.write("a", update)
+    after = _read_all(seg, volume)
+    assert np.array_equal(after["a"], expected_a)
+    assert np.array_equal(after["b"], masks["b"])  # never overwritten
+    assert np.array_equal(after["c"], masks["c"])
+
+    second = MaskUpdate(offset=(0, 0, 0), voxels=np.zeros((3, 4, 5), np.uint8))
+    editor.write("a", second)
+    expected_a2 = expected_a.copy()
+    second.apply_to(expected_a2)
+    assert np.array_equal(segments.segment_to_array(seg, "a", volume), expected_a2)
+
+    editor.undo()
+    assert np.array_equal(segments.segment_to_array(seg, "a", volume), expected_a)
+    editor.undo()
+    restored = _read_all(seg, volume)
+    for sid, mask in masks.items():
+        assert np.array_equal(restored[sid], mask), sid
+    assert editor.can_redo
+    editor.redo()
+    assert np.array_equal(segments.segment_to_array(seg, "a", volume), expected_a)
+    assert np.array_equal(segments.segment_to_array(seg, "b", volume), masks["b"])
+    editor.close()
+    assert editor.editor_node.GetScene() is None
+
+
+def test_overwriting_write_takes_voxels_only_inside_the_box(ctx):
+    volume = _volume(ctx.scene)
+    masks = _masks()
+    seg = _segmentation(ctx, volume, masks)
+    editor = segments.SegmentEditor(seg, volume, overwrite_other_segments=True)
+    update = MaskUpdate(offset=(4, 5, 6), voxels=np.ones((4, 5, 6), np.uint8))
+    editor.write("a", update)
+
+    expected_b = masks["b"].copy()
+    expected_b[update.slices] = 0
+    after = _read_all(seg, volume)
+    assert np.array_equal(after["b"], expected_b)
+    assert after["a"][update.slices].all()
+    assert np.array_equal(after["c"], masks["c"])
+    editor.undo()
+    assert np.array_equal(segments.segment_to_array(seg, "b", volume), masks["b"])
+
+
+def test_update_labelmaps_cover_exactly_the_box(ctx):
+    volume = _volume(ctx.scene)
+    seg = _segmentation(ctx, volume, {})
+    voxels = np.zeros((2, 3, 4), np.uint8)
+    voxels[1, 2, 3] = 1
+    add, remove, extent = segments.update_labelmaps(MaskUpdate((5, 6, 7), voxels), seg, volume)
+    assert extent == (7, 10, 6, 8, 5, 6)  # i, j, k ranges, inclusive
+    assert add.GetExtent() == remove.GetExtent() == extent
+    assert add.GetPointData().GetScalars().GetRange() == (0.0, 1.0)
+    with pytest.raises(ImageError, match="does not fit"):
+        segments.update_labelmaps(MaskUpdate((11, 0, 0), voxels), seg, volume)
+
+
+def test_seg_nrrd_reloads_identically_through_storage_nodes(tmp_path):
+    masks = _masks()
+    with create_headless_scene() as first:
+        volume = _volume(first.scene)
+        seg = _segmentation(first, volume, masks)
+        # Save the volume hardened, as a file on its own grid in world space, and the segmentation.
+        volumes.harden_transform(volume)
+        volume_file = volumes.save_volume_file(volume, tmp_path / "image.nrrd")
+        seg_file = segments.save_segmentation(seg, tmp_path / "labels.seg.nrrd")
+        names = {sid: seg.GetSegmentation().GetSegment(sid).GetName() for sid in masks}
+        colors = {sid: seg.GetSegmentation().GetSegment(sid).GetColor() for sid in masks}
+
+    with create_headless_scene() as second:
+        volume = volumes.load_volume_file(second.scene, volume_file)
+        seg = segments.load_segmentation(second.scene, seg_file)
+        assert seg.GetName() == "labels"
+        assert segment_ids(seg) == list(masks)
+        for sid, mask in masks.items():
+            segment = seg.GetSegmentation().GetSegment(sid)
+            assert segment.GetName() == names[sid]
+            assert np.allclose(segment.GetColor(), colors[sid])
+            assert np.array_equal(segments.segment_to_array(seg, sid, volume), mask), sid
+
+
+def test_seg_nrrd_written_by_simpleitk_loads_into_slicer(ctx, tmp_path):
+    volume = _volume(ctx.scene)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[1:5, 2:6, 3:9] = 1
+    labels[6:9, 8:12, 2:5] = 2
+    path = save_segmentation_nrrd(
+        labels,
+        volumes.volume_from_node(volume),
+        tmp_path / "sitk.seg.nrrd",
+        segment_names=("liver", "tumour"),
+    )
+    seg = segments.load_segmentation(ctx.scene, path)
+    ids = segment_ids(seg)
+    assert [seg.GetSegmentation().GetSegment(i).GetName() for i in ids] == ["liver", "tumour"]
+    for value, sid in enumerate(ids, start=1):
+        assert np.array_equal(segments.segment_to_array(seg, sid, volume), (labels == value).astype(np.uint8))
+
+
+def test_clear_errors(ctx, tmp_path):
+    volume = _volume(ctx.scene)
+    seg = _segmentation(ctx, volume, {"a": _masks()["a"]})
+    with pytest.raises(SegAssistError, match="no segment 'zz'"):
+        segments.segment_to_array(seg, "zz", volume)
+    with pytest.raises(ImageError, match="shape"):
+        segments.array_to_segment(np.zeros((2, 2, 2)), seg, "a", volume)
+    with pytest.raises(SegAssistError, match="not found"):
+        segments.load_segmentation(ctx.scene, tmp_path / "missing.seg.nrrd")
+    empty = segments.add_segment(seg, "empty")
+    assert not segments.segment_to_array(seg, empty, volume).any()

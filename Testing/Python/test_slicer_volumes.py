@@ -1,0 +1,143 @@
+"""Volume nodes <-> SegAssist volumes on real MRML scenes (slicer-core): geometry, transforms, files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mrml_fixtures import (
+    add_linear_transform,
+    add_volume,
+    affine,
+    local_ijk_to_ras,
+    oblique_ijk_to_ras,
+    random_volume,
+    rotation,
+    world_image_geometry,
+)
+
+from SegAssistLib.errors import ImageError, SegAssistError
+from SegAssistLib.image import Volume
+from SegAssistLib.io import load_volume, volume_to_sitk
+
+slicer = pytest.importorskip("slicer")
+from SegAssistLib.slicer import volumes  # noqa: E402
+from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
+
+
+@pytest.fixture
+def ctx():
+    with create_headless_scene() as context:
+        yield context
+
+
+def _transformed_oblique_volume(ctx):
+    outer = add_linear_transform(ctx.scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
+    inner = add_linear_transform(
+        ctx.scene, affine(rotation((1, -1, 2), 35) * 1.0, (-20.5, 4.0, 11.0)), "inner", parent=outer
+    )
+    array = random_volume((9, 11, 13))
+    node = add_volume(ctx.scene, array, oblique_ijk_to_ras(), "oblique", parent=inner)
+    return node, array
+
+
+def test_oblique_transformed_volume_round_trips_exactly(ctx):
+    node, array = _transformed_oblique_volume(ctx)
+    world = world_image_geometry(node)  # Slicer's own composition of the transform chain
+
+    volume = volumes.volume_from_node(node)
+    assert volume.array.dtype == np.int16 and np.array_equal(volume.array, array)
+    assert volume.shape_ijk == (13, 11, 9)
+    # LPS geometry: the same physical point as Slicer's world RAS with x and y negated.
+    for ijk in [(0, 0, 0), (12, 10, 8), (3.5, 7.25, 1.0)]:
+        ras = (world @ np.append(ijk, 1.0))[:3]
+        assert np.allclose(volume.ijk_to_physical(ijk), ras * [-1, -1, 1], atol=1e-9)
+    assert np.allclose(volume.spacing, (0.8, 1.1, 2.5), atol=1e-12)  # rigid transforms keep spacing
+
+    # Back into a node with no transform: same world geometry, same voxels.
+    plain = volumes.volume_to_node(volume, ctx.scene, "plain")
+    assert plain.GetParentTransformNode() is None
+    assert np.allclose(local_ijk_to_ras(plain), world, atol=1e-9)
+    assert np.array_equal(slicer.util.arrayFromVolume(plain), array)
+    assert slicer.util.arrayFromVolume(plain).dtype == np.int16
+
+    # Back into a node under the original transform: its own matrix is the original one.
+    again = volumes.volume_to_node(volume, ctx.scene, "again", parent_transform=node.GetParentTransformNode())
+    assert np.allclose(local_ijk_to_ras(again), local_ijk_to_ras(node), atol=1e-9)
+    assert np.allclose(world_image_geometry(again), world, atol=1e-9)
+    assert np.array_equal(slicer.util.arrayFromVolume(again), array)
+
+
+def test_local_geometry_ignores_transforms_and_hardening_matches_world(ctx):
+    node, array = _transformed_oblique_volume(ctx)
+    local = volumes.volume_from_node(node, world=False)
+    assert np.allclose(volumes.ijk_to_ras_from_volume(local), oblique_ijk_to_ras(), atol=1e-12)
+
+    world = volumes.volume_from_node(node)
+    volumes.harden_transform(node)
+    assert node.GetParentTransformNode() is None
+    hardened = volumes.volume_from_node(node)
+    assert np.array_equal(hardened.array, array)
+    assert np.allclose(hardened.origin, world.origin, atol=1e-9)
+    assert np.allclose(hardened.spacing, world.spacing, atol=1e-9)
+    assert np.allclose(hardened.direction, world.direction, atol=1e-9)
+
+
+def test_file_written_by_simpleitk_loads_with_the_same_lps_geometry(ctx, tmp_path):
+    direction = rotation((0.3, -1.0, 0.4), 17)
+    volume = Volume(
+        array=random_volume((7, 8, 10), seed=3),
+        spacing=(0.7, 0.9, 3.0),
+        origin=(-101.5, 33.25, -12.0),
+        direction=direction,
+    )
+    import SimpleITK as sitk
+
+    path = tmp_path / "oblique.nrrd"
+    sitk.WriteImage(volume_to_sitk(volume), str(path))
+
+    node = volumes.load_volume_file(ctx.scene, path)
+    read = volumes.volume_from_node(node)
+    assert np.array_equal(read.array, volume.array)
+    assert np.allclose(read.spacing, volume.spacing, atol=1e-9)
+    assert np.allclose(read.origin, volume.origin, atol=1e-9)
+    assert np.allclose(read.direction, direction, atol=1e-9)
+
+    # And Slicer's writer produces a file SimpleITK reads with that geometry.
+    out = volumes.save_volume_file(volumes.volume_to_node(read, ctx.scene, "copy"), tmp_path / "copy.nrrd")
+    back = load_volume(out)
+    assert np.array_equal(back.array, volume.array)
+    assert np.allclose(back.origin, volume.origin, atol=1e-6)
+    assert np.allclose(back.direction, direction, atol=1e-6)
+
+
+def test_nonlinear_parent_transform_is_refused_with_a_clear_error(ctx):
+    node = add_volume(ctx.scene, random_volume(), oblique_ijk_to_ras())
+    grid = ctx.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    import vtk
+    from vtk.util import numpy_support
+
+    field = vtk.vtkImageData()
+    field.SetDimensions(3, 3, 3)
+    field.SetOrigin(-50, -50, -50)
+    field.SetSpacing(50, 50, 50)
+    field.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    numpy_support.vtk_to_numpy(field.GetPointData().GetScalars())[:] = 1.0
+    warp = slicer.vtkOrientedGridTransform()
+    warp.SetDisplacementGridData(field)
+    grid.SetAndObserveTransformFromParent(warp)
+    node.SetAndObserveTransformNodeID(grid.GetID())
+    with pytest.raises(SegAssistError, match="non-linear"):
+        volumes.volume_from_node(node)
+    assert volumes.volume_from_node(node, world=False).shape_ijk == (13, 11, 9)
+
+
+def test_voxel_types_slicer_cannot_hold_are_narrowed_or_refused(ctx):
+    small = Volume(array=np.arange(2 * 3 * 4, dtype=np.int64).reshape(2, 3, 4))
+    node = volumes.volume_to_node(small, ctx.scene)
+    assert slicer.util.arrayFromVolume(node).dtype == np.int32
+    assert np.array_equal(slicer.util.arrayFromVolume(node), small.array)
+    big = Volume(array=np.full((2, 2, 2), 2**40, dtype=np.int64))
+    with pytest.raises(ImageError, match="range"):
+        volumes.volume_to_node(big, ctx.scene)
+    with pytest.raises(ImageError, match="3D"):
+        volumes.volume_to_node(Volume(array=np.zeros((2, 2, 2, 2))), ctx.scene)
