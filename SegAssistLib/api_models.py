@@ -50,6 +50,7 @@ class ErrorCode:
     SESSION_NOT_FOUND = "session_not_found"  # 404: never existed, closed, or the server restarted
     SESSION_EXPIRED = "session_expired"  # 404: closed after being idle too long
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
+    UPLOAD_TIMEOUT = "upload_timeout"  # 408: the body did not arrive within the upload time limit
     SESSION_STATE = "session_state"  # 409: nothing to undo / redo
     PROMPT_LIMIT = "prompt_limit"  # 409: the session has had its maximum number of prompts
     BODY_TOO_LARGE = "body_too_large"  # 413
@@ -146,9 +147,7 @@ class ArrayPayload(_Model):
         try:
             payload = base64.b64decode(self.data, validate=True)
         except ValueError as exc:
-            raise transport.TransportError(
-                f"array data is not valid base64: {exc}", "malformed_body"
-            ) from exc
+            raise transport.TransportError(f"array data is not valid base64: {exc}", "malformed_body") from exc
         return transport.decode_array(meta, payload, max_voxels)
 
 

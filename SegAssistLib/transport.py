@@ -101,9 +101,7 @@ class ArrayMeta:
                 payload_nbytes=int(data["payload_nbytes"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise TransportError(
-                f"array metadata is incomplete or mistyped: {exc}", "malformed_body"
-            ) from exc
+            raise TransportError(f"array metadata is incomplete or mistyped: {exc}", "malformed_body") from exc
         meta.check()
         return meta
 
@@ -123,9 +121,7 @@ class ArrayMeta:
         if self.codec not in ("zstd", "zlib", "none"):
             raise TransportError(f"codec {self.codec!r} is unknown (zstd, zlib or none)", "unsupported_codec")
         if max_voxels is not None and self.size > max_voxels:
-            raise TransportError(
-                f"array has {self.size} voxels, above the limit of {max_voxels}", "image_too_large"
-            )
+            raise TransportError(f"array has {self.size} voxels, above the limit of {max_voxels}", "image_too_large")
         expected = self.size * np.dtype(self.dtype).itemsize
         if self.nbytes != expected:
             raise TransportError(
@@ -143,9 +139,7 @@ def wire_array(array: np.ndarray) -> np.ndarray:
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     if arr.dtype.kind not in "uif":
-        raise TransportError(
-            f"dtype {arr.dtype} cannot be sent (integer or float arrays only)", "unsupported_dtype"
-        )
+        raise TransportError(f"dtype {arr.dtype} cannot be sent (integer or float arrays only)", "unsupported_dtype")
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and np.little_endian is False):
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     arr = np.ascontiguousarray(arr)
@@ -188,8 +182,7 @@ def decompress(payload: bytes, codec: str, nbytes: int) -> np.ndarray:
                 extra = reader.read(1)
             if filled != nbytes or extra:
                 raise TransportError(
-                    f"zstd payload decompresses to {'more' if extra else filled} bytes, "
-                    f"but {nbytes} were declared",
+                    f"zstd payload decompresses to {'more' if extra else filled} bytes, but {nbytes} were declared",
                     "truncated_body",
                 )
         elif codec == "zlib":
@@ -214,9 +207,7 @@ def decompress(payload: bytes, codec: str, nbytes: int) -> np.ndarray:
     return out
 
 
-def encode_array(
-    array: np.ndarray, codec: str = "zstd", level: int = 3, threads: int = 0
-) -> Tuple[ArrayMeta, bytes]:
+def encode_array(array: np.ndarray, codec: str = "zstd", level: int = 3, threads: int = 0) -> Tuple[ArrayMeta, bytes]:
     """Compress an array; returns its metadata and the compressed bytes."""
     arr = wire_array(array)
     payload = compress(memoryview(arr).cast("B") if arr.size else b"", codec, level, threads)
@@ -248,9 +239,7 @@ def unpack_frame(data: bytes) -> Tuple[Dict[str, Any], memoryview]:
     """Split a frame into its JSON header and its payload (a view, not a copy)."""
     view = memoryview(data)
     if len(view) < 8 or bytes(view[:4]) != FRAME_MAGIC:
-        raise TransportError(
-            f"body is not a SegAssist frame (it must start with {FRAME_MAGIC!r})", "malformed_body"
-        )
+        raise TransportError(f"body is not a SegAssist frame (it must start with {FRAME_MAGIC!r})", "malformed_body")
     (head_len,) = struct.unpack("<I", view[4:8])
     if head_len > MAX_HEADER_BYTES:
         raise TransportError(f"frame header length {head_len} is above {MAX_HEADER_BYTES}", "malformed_body")

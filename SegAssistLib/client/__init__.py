@@ -30,6 +30,7 @@ from SegAssistLib.client.errors import (
     ServerReplyError,
     SessionNotFoundError,
     SessionStateError,
+    UploadTimeoutError,
 )
 from SegAssistLib.client.local import LocalBackend, LocalBackendError
 from SegAssistLib.client.remote import SegAssistClient
@@ -57,4 +58,5 @@ __all__ = [
     "ServerReplyError",
     "SessionNotFoundError",
     "SessionStateError",
+    "UploadTimeoutError",
 ]

@@ -82,6 +82,10 @@ class SessionStateError(ServerReplyError, SessionError):
     """409: nothing to undo or redo, or the session's prompt limit is reached."""
 
 
+class UploadTimeoutError(ServerReplyError):
+    """408: the upload's body did not reach the server within its time limit (slow link?)."""
+
+
 class PayloadTooLargeError(ServerReplyError, ValueError):
     """413: the body or the image is above the server's limits (``details['limit']``)."""
 
@@ -128,6 +132,7 @@ _BY_STATUS: Dict[int, Type[ServerReplyError]] = {
     403: AuthenticationError,
     404: NotFoundError,
     405: BadRequestError,
+    408: UploadTimeoutError,
     409: SessionStateError,
     413: PayloadTooLargeError,
     415: BadRequestError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable, Sequence
 
 import numpy as np
@@ -66,14 +67,27 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def read_body(request: Request) -> bytes:
-    """The whole body; raises ApiError on a disconnect or when shorter than Content-Length."""
+async def read_body(request: Request, timeout_s: float) -> bytes:
+    """The whole body; raises ApiError on a disconnect, a timeout, or fewer bytes than declared.
+
+    The timeout keeps a stalled or deliberately slow upload from holding an upload slot forever.
+    """
     chunks = bytearray()
-    try:
+
+    async def receive_all() -> None:
         async for chunk in request.stream():
-            chunks += chunk
+            chunks.extend(chunk)
+
+    try:
+        await asyncio.wait_for(receive_all(), timeout_s)
     except ClientDisconnect as exc:
         raise ApiError(400, ErrorCode.TRUNCATED_BODY, "the client disconnected during the upload") from exc
+    except asyncio.TimeoutError as exc:
+        raise ApiError(
+            408, ErrorCode.UPLOAD_TIMEOUT,
+            f"the body did not arrive within {timeout_s:g} s ({len(chunks)} bytes received)",
+            headers={"Connection": "close"},
+        ) from exc  # fmt: skip
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) != len(chunks):
         raise ApiError(

@@ -12,6 +12,7 @@ ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
         (400, "malformed or truncated body, malformed id"),
         (401, "token missing or wrong"),
         (404, "unknown image or session, or expired session"),
+        (408, "upload body not received in time"),
         (409, "nothing to undo or redo; prompt limit reached"),
         (413, "body or image above the limits"),
         (415, "wrong content type"),

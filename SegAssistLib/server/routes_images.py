@@ -60,8 +60,8 @@ async def upload_image(
         )  # fmt: skip
     assert state.upload_slots is not None
     async with state.upload_slots:  # bounds the memory held by uploads being decoded
-        body = await read_body(request)
         limits = state.limits
+        body = await read_body(request, limits.upload_timeout_s)
 
         def decode() -> Tuple[str, Volume, ImageHeader]:
             header, _ = unpack_frame(body)

@@ -25,6 +25,7 @@ class Limits(BaseModel):
     max_sessions_total: int = Field(64, gt=0)
     max_prompts_per_session: int = Field(2000, gt=0)
     idle_timeout_s: float = Field(1800.0, gt=0)
+    upload_timeout_s: float = Field(600.0, gt=0, description="seconds to receive one upload's body")
     max_concurrent_uploads: int = Field(2, gt=0, description="uploads decoded at once (bounds memory)")
     max_queued_jobs: int = Field(256, gt=0, description="inference jobs waiting per device")
     image_cache_bytes: int = Field(8 * 1024**3, ge=0, description="decoded images kept in memory")

@@ -49,7 +49,7 @@ def make_volume(shape=(24, 40, 48), seed: int = 0, dtype=np.float32, spacing=(1.
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def server_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch = pytest.importorskip("torch")
     from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
 
@@ -96,16 +96,16 @@ class Servers:
 
 
 @pytest.fixture
-def servers(tiny_checkpoint: Path) -> Iterator[Servers]:
-    s = Servers(tiny_checkpoint)
+def servers(server_checkpoint: Path) -> Iterator[Servers]:
+    s = Servers(server_checkpoint)
     yield s
     s.stop_all()
 
 
 @pytest.fixture(scope="session")
-def shared_server(tiny_checkpoint: Path):
+def shared_server(server_checkpoint: Path):
     """One server for the tests that do not change its configuration or clock."""
-    s = Servers(tiny_checkpoint)
+    s = Servers(server_checkpoint)
     server = s.start(max_voxels=400_000, max_axis=256, max_body_bytes=4_000_000, max_json_bytes=512_000)
     yield server
     s.stop_all()
