@@ -82,8 +82,8 @@ def points_in_polygon(xy: np.ndarray, polygon: np.ndarray) -> np.ndarray:
 def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) -> None:
     """Fill a closed polygon that lies on a plane of any orientation, one voxel thick.
 
-    The voxels kept are those whose centre is within half a voxel (in the max-norm sense, which
-    keeps the digital plane connected) of the polygon's plane and whose projection falls inside it.
+    The voxels kept form the standard digital plane (centre within ``|n|_1 / 2`` of the polygon's
+    plane, which leaves no 6-connected gaps on oblique planes) and project inside the polygon.
     The outline itself is drawn too, so thin polygons never vanish.
     """
     verts = np.asarray(vertices, float).reshape(-1, 3)

@@ -1,0 +1,119 @@
+"""Drawing prompts into voxel grids and network channels; windows on anisotropic images."""
+
+import numpy as np
+import pytest
+import torch
+
+from SegAssistLib import rasterize
+from SegAssistLib.engine import patching
+from SegAssistLib.engine.encoding import CHANNELS, assemble_input, draw_prompts, prompts_in_window, to_patch_prompt
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
+
+
+def test_fill_planar_polygon_axis_aligned_square_is_one_slice_thick():
+    out = np.zeros((20, 20, 20), bool)
+    rasterize.fill_planar_polygon(out, [(5, 2, 2), (5, 2, 11), (5, 11, 11), (5, 11, 2)])
+    assert out[5].sum() == 100 and out.sum() == 100
+
+
+def test_fill_planar_polygon_oblique_plane_area_and_flatness():
+    out = np.zeros((40, 40, 40), bool)
+    normal = np.array([1.0, 1.0, 1.0]) / np.sqrt(3)
+    u = np.array([1.0, -1.0, 0.0]) / np.sqrt(2)
+    v = np.cross(normal, u)
+    centre = np.array([20.0, 20.0, 20.0])
+    radius = 10.0
+    verts = [centre + radius * (np.cos(t) * u + np.sin(t) * v) for t in np.linspace(0, 2 * np.pi, 48, endpoint=False)]
+    rasterize.fill_planar_polygon(out, verts)
+    pts = np.argwhere(out)
+    dist = np.abs((pts - centre) @ normal)
+    assert dist.max() <= 0.5 * np.abs(normal).sum() + 1e-6  # a digital plane
+    # a standard (6-connected) digital plane holds |n|_1 voxels per unit of area
+    expected = np.pi * radius**2 * np.abs(normal).sum()
+    assert 0.85 * expected < len(pts) < 1.25 * expected
+    assert np.linalg.norm(pts - centre, axis=1).max() <= radius + 1.5
+
+
+def test_balls_polyline_and_box():
+    out = np.zeros((10, 10, 10), bool)
+    rasterize.draw_balls(out, [(5, 5, 5)], 1.0)
+    assert out.sum() == 7
+    out[:] = False
+    rasterize.draw_polyline(out, [(0, 0, 0), (0, 0, 9)])
+    assert out[0, 0].all() and out.sum() == 10
+    out[:] = False
+    rasterize.fill_box(out, (2, 2, 2), (4, 5, 2))
+    assert out.sum() == 3 * 4 * 1 and out[2:5, 2:6, 2].all()
+    out[:] = False
+    rasterize.draw_balls(out, [(50, 50, 50)], 2.0)  # outside: nothing, no error
+    assert not out.any()
+
+
+def test_window_on_anisotropic_image_sees_isotropic_millimetres():
+    spacing_kji = (5.0, 0.8, 0.8)
+    win = patching.window_around((10, 100, 100), spacing_kji, 64, level=0)
+    assert win.size == (10, 64, 64)  # 64 voxels of 0.8 mm in plane, 51.2 mm / 5 mm across slices
+    win2 = patching.window_around((10, 100, 100), spacing_kji, 64, level=1)
+    assert win2.size == (20, 128, 128)
+    centre_in_patch = win.to_patch(np.array([10.0, 100.0, 100.0]))
+    assert np.allclose(centre_in_patch, 31.5, atol=3.3)
+
+
+def test_window_padding_outside_the_image():
+    array = np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 8, 8)
+    win = patching.Window(start=(-4, -4, -4), size=(16, 16, 16), patch=16)
+    img_sl, win_sl = win.image_slices(array.shape)
+    assert img_sl == (slice(0, 8),) * 3 and win_sl == (slice(4, 12),) * 3
+    patch = patching.extract_image_patch(array, win)
+    assert patch.shape == (16, 16, 16) and torch.isfinite(patch).all()
+    assert win.touches_image_border(array.shape).all()
+
+
+def test_max_level_covers_the_image():
+    shape = (300, 512, 512)
+    spacing = (1.0, 0.7, 0.7)
+    level = patching.max_level(shape, spacing, 64)
+    assert all(n >= d for n, d in zip(patching.window_size(spacing, 64, level), shape))
+    assert not all(n >= d for n, d in zip(patching.window_size(spacing, 64, level - 1), shape))
+
+
+def test_each_prompt_kind_lands_in_its_channel_at_the_right_place():
+    win = patching.Window(start=(0, 0, 0), size=(32, 32, 32), patch=32)
+    prompts = [
+        PointPrompt(position=(3, 4, 5)),
+        PointPrompt(position=(20, 20, 20), positive=False),
+        ScribblePrompt(points=[(10, 10, 12), (15, 10, 12)]),
+        ScribblePrompt(points=[(25, 5, 12), (25, 9, 12)], positive=False),
+        BoxPrompt(min_corner=(1, 1, 30), max_corner=(6, 6, 30)),
+        LassoPrompt(points=[(20, 20, 2), (28, 20, 2), (28, 28, 2)]),
+    ]
+    ch = draw_prompts(prompts_in_window(prompts, win), 32)
+    assert ch.shape == (5, 32, 32, 32) and len(CHANNELS) == 7
+    assert ch[0][5, 4, 3] and not ch[0][20, 20, 20]
+    assert ch[1][20, 20, 20] and ch[1].sum() == ch[0].sum()
+    assert ch[2][12, 10, 10:16].all()
+    assert ch[3][12, 5:10, 25].all()
+    assert ch[4][30, 1:7, 1:7].all() and ch[4][2, 21, 26]  # the box and the positive lasso
+    x = assemble_input(torch.zeros(32, 32, 32), torch.zeros(32, 32, 32), ch)
+    assert x.shape == (7, 32, 32, 32)
+
+
+def test_negative_lasso_is_background_ink():
+    win = patching.Window(start=(0, 0, 0), size=(16, 16, 16), patch=16)
+    pp = to_patch_prompt(LassoPrompt(points=[(2, 2, 8), (10, 2, 8), (10, 10, 8)], positive=False), win)
+    ch = draw_prompts([pp], 16)
+    assert ch[3].any() and not ch[4].any()
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_prompt_mapping_follows_the_window_scale(level):
+    spacing = (2.0, 1.0, 1.0)
+    win = patching.window_around((20, 40, 40), spacing, 32, level)
+    pp = to_patch_prompt(PointPrompt(position=(40, 40, 20)), win)
+    assert np.allclose(pp.coords[0], win.to_patch(np.array([20.0, 40.0, 40.0])))
+    assert np.all(np.abs(pp.coords[0] - 15.5) <= 1.0 + 2 ** level)
+
+
+def test_prompts_far_outside_the_window_are_left_out():
+    win = patching.Window(start=(0, 0, 0), size=(16, 16, 16), patch=16)
+    assert prompts_in_window([PointPrompt(position=(100, 100, 100))], win) == []

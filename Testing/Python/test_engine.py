@@ -1,0 +1,206 @@
+"""The built-in engine's mechanics: sessions, undo/redo, replay, bad input, zoom, checkpoints.
+
+These use a small randomly initialised network in the real checkpoint format; segmentation quality
+is tested with the shipped model in test_engine_quality.py.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from SegAssistLib.engine.base import MaskUpdate
+from SegAssistLib.engine.builtin import BuiltinEngine
+from SegAssistLib.engine.network import NetworkConfig, build_network, load_checkpoint, save_checkpoint
+from SegAssistLib.errors import ImageError, ModelError, PromptError, SessionError
+from SegAssistLib.image import Volume
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, PromptLog, ScribblePrompt
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    return BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1)
+
+
+def _blob_volume(shape=(24, 40, 40), spacing=(1.0, 1.0, 1.0)):
+    rng = np.random.default_rng(1)
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    c = np.asarray(shape) / 2
+    blob = ((k - c[0]) / 6) ** 2 + ((j - c[1]) / 9) ** 2 + ((i - c[2]) / 9) ** 2 <= 1
+    arr = (blob * 100 + rng.normal(0, 5, shape)).astype(np.float32)
+    return Volume(arr, spacing=spacing), blob
+
+
+def _all_kinds(shape_kji):
+    k, j, i = (n // 2 for n in shape_kji)
+    return [
+        PointPrompt(position=(i, j, k)),
+        PointPrompt(position=(i + 5, j, k), positive=False),
+        BoxPrompt(min_corner=(i - 5, j - 5, k), max_corner=(i + 5, j + 5, k)),
+        BoxPrompt(min_corner=(i - 5, j - 5, k - 3), max_corner=(i + 5, j + 5, k + 3)),
+        ScribblePrompt(points=[(i - 3, j, k), (i + 3, j + 1, k)]),
+        ScribblePrompt(points=[(i, j - 3, k + 1), (i, j + 3, k + 1)], positive=False),
+        LassoPrompt(points=[(i - 6, j - 6, k), (i + 6, j - 6, k), (i + 6, j + 6, k), (i - 6, j + 6, k)]),
+        LassoPrompt(points=[(i - 2, j - 2, k), (i + 2, j - 2, k), (i, j + 2, k)], positive=False),
+    ]
+
+
+def test_every_prompt_kind_and_updates_reassemble_the_result(engine):
+    vol, _ = _blob_volume()
+    session = engine.open_session(vol)
+    mirror = np.zeros(vol.array.shape, np.uint8)
+    for prompt in _all_kinds(vol.array.shape):
+        update = session.add_prompt(prompt)
+        assert update.latency_s > 0
+        update.apply_to(mirror)
+        assert np.array_equal(mirror, session.result())
+    assert len(session.prompt_log().prompts) == 8
+
+
+def test_undo_redo_reset(engine):
+    vol, _ = _blob_volume()
+    session = engine.open_session(vol)
+    with pytest.raises(SessionError, match="nothing to undo"):
+        session.undo()
+    states = [session.result()]
+    for prompt in _all_kinds(vol.array.shape)[:3]:
+        session.add_prompt(prompt)
+        states.append(session.result())
+    mirror = states[-1].copy()
+    for expected in reversed(states[:-1]):
+        session.undo().apply_to(mirror)
+        assert np.array_equal(session.result(), expected) and np.array_equal(mirror, expected)
+    assert session.prompt_log().prompts == []
+    with pytest.raises(SessionError, match="nothing to undo"):
+        session.undo()
+    for expected in states[1:]:
+        session.redo().apply_to(mirror)
+        assert np.array_equal(session.result(), expected) and np.array_equal(mirror, expected)
+    with pytest.raises(SessionError, match="nothing to redo"):
+        session.redo()
+    session.reset()
+    assert not session.result().any() and session.prompt_log().prompts == []
+    session.undo()  # a reset can itself be undone
+    assert np.array_equal(session.result(), states[-1])
+    session.undo()
+    session.add_prompt(_all_kinds(vol.array.shape)[0])  # a new prompt clears the redo stack
+    with pytest.raises(SessionError, match="nothing to redo"):
+        session.redo()
+
+
+def test_replaying_a_log_gives_the_same_mask(engine):
+    vol, _ = _blob_volume()
+    session = engine.open_session(vol)
+    for prompt in _all_kinds(vol.array.shape):
+        session.add_prompt(prompt)
+    log = PromptLog.from_json(session.prompt_log().to_json())
+    replayed = engine.open_session(vol, log.prompts)
+    assert np.array_equal(replayed.result(), session.result())
+
+
+def test_initial_mask_becomes_the_result(engine):
+    vol, blob = _blob_volume()
+    session = engine.open_session(vol)
+    session.add_prompt(MaskPrompt.from_array(blob))
+    assert np.array_equal(session.result(), blob.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        PointPrompt(position=(40, 5, 5)),
+        PointPrompt(position=(-1, 5, 5)),
+        BoxPrompt(min_corner=(0, 0, 0), max_corner=(50, 10, 10)),
+        ScribblePrompt(points=[(1, 1, 1), (1, 1, 30)]),
+    ],
+)
+def test_prompts_outside_the_image_are_refused_and_change_nothing(engine, prompt):
+    vol, _ = _blob_volume()
+    session = engine.open_session(vol)
+    session.add_prompt(PointPrompt(position=(20, 20, 12)))
+    before = session.result()
+    with pytest.raises(PromptError, match="outside the image"):
+        session.add_prompt(prompt)
+    assert np.array_equal(session.result(), before) and len(session.prompt_log().prompts) == 1
+
+
+def test_bad_images_are_refused(engine):
+    with pytest.raises(ImageError, match="NaN"):
+        engine.open_session(Volume(np.full((8, 8, 8), np.nan, np.float32)))
+    with pytest.raises(ImageError, match="3D"):
+        vol = Volume(np.zeros((8, 8, 8), np.float32))
+        vol.array = np.zeros((8, 8), np.float32)
+        engine.open_session(vol)
+
+
+def test_closed_session_refuses_work(engine):
+    vol, _ = _blob_volume()
+    session = engine.open_session(vol)
+    session.close()
+    with pytest.raises(SessionError, match="closed"):
+        session.add_prompt(PointPrompt(position=(5, 5, 5)))
+
+
+def test_large_anisotropic_ct_zooms_out_and_pastes_within_bounds(engine):
+    """A 5 mm-slice CT-like volume bigger than the patch: the window grows and the result stays on the grid."""
+    rng = np.random.default_rng(0)
+    shape = (40, 160, 160)
+    arr = rng.normal(-100, 20, shape).astype(np.float32)
+    arr[:, :, :] -= 900 * (np.hypot(*np.ogrid[-80:80, -80:80]) > 75)[None]
+    vol = Volume(arr, spacing=(0.8, 0.8, 5.0))
+    session = engine.open_session(vol)
+    update = session.add_prompt(BoxPrompt(min_corner=(10, 10, 5), max_corner=(150, 150, 35)))
+    assert update.info["levels"][0] >= 1  # the box does not fit a level-0 window
+    assert session.result().shape == shape
+    assert all(o + n <= s for o, n, s in zip(update.offset, update.voxels.shape, shape))
+
+
+def test_mask_update_between():
+    a = np.zeros((5, 5, 5), np.uint8)
+    b = a.copy()
+    b[1:3, 2, 3:5] = 1
+    up = MaskUpdate.between(a, b)
+    assert up.offset == (1, 2, 3) and up.voxels.shape == (2, 1, 2)
+    assert MaskUpdate.between(a, a).voxels.size == 0
+
+
+def test_capabilities(engine):
+    caps = engine.capabilities()
+    assert caps.patch_size == (32, 32, 32)
+    assert set(caps.prompt_kinds) == {"point", "box", "scribble", "lasso", "mask"}
+    assert caps.licence and caps.device == "cpu"
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
+    with pytest.raises(ModelError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ModelError, match="cannot read"):
+        load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ModelError, match="not a SegAssist checkpoint"):
+        load_checkpoint(other)
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["format_version"] = 99
+    newer = tmp_path / "newer.pt"
+    torch.save(payload, newer)
+    with pytest.raises(ModelError, match="newer"):
+        load_checkpoint(newer)
+    payload["format_version"] = 1
+    payload["config"]["channels"] = [4, 8, 16]
+    mismatch = tmp_path / "mismatch.pt"
+    torch.save(payload, mismatch)
+    with pytest.raises(ModelError, match="does not match"):
+        load_checkpoint(mismatch)
+
+
+def test_checkpoint_round_trip_preserves_outputs(tmp_path):
+    config = NetworkConfig(channels=(4, 8), strides=(2,), patch_size=16)
+    net = build_network(config).eval()
+    path = save_checkpoint(tmp_path / "m.pt", net, config, {"name": "x"})
+    loaded = load_checkpoint(path)
+    x = torch.randn(1, 7, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net(x), loaded.network(x))
+    assert loaded.meta["name"] == "x" and len(loaded.identity) == 16

@@ -1,0 +1,128 @@
+"""Image IO (NIfTI, NRRD, MHA, DICOM series), geometry, and the checks on bad images."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegAssistLib.errors import ImageError
+from SegAssistLib.image import Volume, guess_modality, validate_image
+from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd, volume_to_sitk
+
+
+def _oblique_volume() -> Volume:
+    rng = np.random.default_rng(0)
+    angle = np.deg2rad(25)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    arr = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    return Volume(arr, spacing=(0.7, 0.8, 5.0), origin=(10, -20, 30), direction=direction)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_file_round_trip_keeps_voxels_and_geometry(tmp_path, suffix):
+    vol = _oblique_volume()
+    path = tmp_path / f"img{suffix}"
+    sitk.WriteImage(volume_to_sitk(vol), str(path))
+    back = load_volume(path)
+    assert np.array_equal(back.array, vol.array)
+    assert np.allclose(back.spacing, vol.spacing)
+    assert np.allclose(back.origin, vol.origin, atol=1e-4)
+    assert np.allclose(back.direction, vol.direction, atol=1e-5)
+
+
+def test_index_to_physical_matches_simpleitk_on_an_oblique_anisotropic_image():
+    vol = _oblique_volume()
+    image = volume_to_sitk(vol)
+    for ijk in [(0, 0, 0), (3, 4, 5), (7.5, 0.25, 2.0)]:
+        expected = image.TransformContinuousIndexToPhysicalPoint(ijk)
+        assert np.allclose(vol.ijk_to_physical(ijk), expected)
+        assert np.allclose(vol.physical_to_ijk(expected), ijk)
+
+
+def test_dicom_series_directory(shared_data):
+    folder = shared_data / "totalsegmentator_examples" / "dicom_ct"
+    vol = load_volume(folder)
+    assert vol.array.ndim == 3 and vol.array.shape[0] == 20
+    assert guess_modality(vol) == "CT"
+
+
+def test_masks_are_written_on_the_reference_grid(tmp_path):
+    vol = _oblique_volume()
+    mask = np.zeros(vol.array.shape, np.uint8)
+    mask[1:3, 2:5, 3:6] = 1
+    nii = save_mask_nifti(mask, vol, tmp_path / "m.nii.gz")
+    seg = save_segmentation_nrrd(mask, vol, tmp_path / "m.seg.nrrd", segment_names=("liver",))
+    assert np.array_equal(load_mask(nii), mask)
+    back = sitk.ReadImage(str(seg))
+    assert np.array_equal(sitk.GetArrayFromImage(back), mask)
+    assert back.GetMetaData("Segment0_Name") == "liver"
+    assert back.GetMetaData("Segment0_LabelValue") == "1"
+    assert np.allclose(back.GetSpacing(), vol.spacing)
+
+
+def test_content_hash_depends_on_voxels_and_geometry():
+    a, b = _oblique_volume(), _oblique_volume()
+    assert a.content_hash() == b.content_hash()
+    b.array[0, 0, 0] += 1
+    assert a.content_hash() != b.content_hash()
+    c = _oblique_volume()
+    c.spacing = (1.0, 1.0, 1.0)
+    assert a.content_hash() != c.content_hash()
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((5, 5), np.float32), "must be 3D"),
+        (np.zeros((2, 5, 5, 5), np.float32), "must be 3D"),
+        (np.zeros((1, 5, 5, 5), np.float32), "4 dimensions"),
+        (np.zeros((0, 5, 5), np.float32), "empty"),
+        (np.zeros((1, 5, 5), np.float32), "single slice"),
+        (np.full((4, 4, 4), np.nan, np.float32), "NaN"),
+        (np.ones((4, 4, 4), np.float32), "constant"),
+        (np.array([[["a"]]]), "not numeric"),
+    ],
+)
+def test_bad_images_are_named(array, message):
+    with pytest.raises(ImageError, match=message):
+        validate_image(Volume(array) if array.ndim == 3 else _raw(array))
+
+
+def _raw(array):
+    vol = Volume(np.zeros((2, 2, 2)))
+    vol.array = array
+    return vol
+
+
+def test_partial_nan_is_counted():
+    arr = np.random.default_rng(0).normal(size=(4, 4, 4)).astype(np.float32)
+    arr[0, 0, :2] = np.nan
+    with pytest.raises(ImageError, match="2 NaN"):
+        validate_image(Volume(arr))
+
+
+def test_bad_spacing_and_oversize():
+    arr = np.random.default_rng(0).normal(size=(4, 4, 4)).astype(np.float32)
+    with pytest.raises(ImageError, match="spacing"):
+        validate_image(Volume(arr, spacing=(1, 0, 1)))
+    with pytest.raises(ImageError, match="above the limit"):
+        validate_image(Volume(arr), max_voxels=10)
+
+
+def test_unreadable_and_missing_files(tmp_path):
+    with pytest.raises(ImageError, match="not found"):
+        load_volume(tmp_path / "nope.nii.gz")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="cannot read"):
+        load_volume(bad)
+    with pytest.raises(ImageError, match="no DICOM series"):
+        load_volume(tmp_path)
+
+
+def test_four_d_file_needs_a_channel(tmp_path):
+    arr = np.random.default_rng(0).normal(size=(2, 4, 5, 6)).astype(np.float32)
+    path = tmp_path / "4d.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr, isVector=False), str(path))
+    with pytest.raises(ImageError, match="4D"):
+        load_volume(path)
+    assert load_volume(path, channel=1).array.shape == (4, 5, 6)
