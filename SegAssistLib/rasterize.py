@@ -101,6 +101,7 @@ def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) ->
     near_plane = np.abs(rel @ normal) <= 0.5 * np.abs(normal).sum() + 1e-9
     candidates = grid[near_plane]
     rel = rel[near_plane]
-    inside = points_in_polygon(np.stack([rel @ u, rel @ v], 1), np.stack([(verts - centre) @ u, (verts - centre) @ v], 1))
+    polygon_2d = np.stack([(verts - centre) @ u, (verts - centre) @ v], 1)
+    inside = points_in_polygon(np.stack([rel @ u, rel @ v], 1), polygon_2d)
     _scatter(out, candidates[inside])
     draw_polyline(out, np.concatenate([verts, verts[:1]]))

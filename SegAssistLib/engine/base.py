@@ -91,7 +91,7 @@ class EngineSession(abc.ABC):
     def prompt_log(self) -> PromptLog:
         """The prompts that produced the current result, replayable."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release memory held for this session."""
 
     @property
