@@ -5,6 +5,11 @@ own labelmap may be stored on another grid, cropped, or shared with other segmen
 (label values 1, 2, ...): reads resample it (nearest neighbour) onto the volume's grid and keep only
 this segment's label. Writes go onto the volume's grid expressed in the segmentation's frame, so
 different parent transforms on the volume and the segmentation are accounted for (linear only).
+
+The volume-to-segmentation matrix comes from ``vtkMRMLTransformNode.GetMatrixTransformBetweenNodes``,
+not from ``CreateOrientedImageDataFromVolumeNode`` or ``ExportSegmentsToLabelmapNode``: in slicer-core
+5.13 those misplace the grid when the path between the nodes has two or more linear transforms
+(nested transforms came out in the wrong order; one transform on each node was dropped).
 """
 
 from __future__ import annotations
@@ -214,6 +219,8 @@ class SegmentEditor:
         overwrite_other_segments: bool = False,
         max_undo_states: int = 10,
     ) -> None:
+        if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
+            raise SegAssistError("region writes with undo need Slicer 5.10 or later (vtkSlicerSegmentEditorLogic)")
         scene = segmentation_node.GetScene()
         if scene is None:
             raise SegAssistError("the segmentation node is not in a scene")
