@@ -80,15 +80,25 @@ _STATUS_CODES = {
 }
 
 
+def _about_a_prompt(error: dict) -> bool:
+    """Inside a prompt (not a missing ``prompt`` field, which is a malformed request)."""
+    loc = tuple(error.get("loc", ()))
+    if "prompt" not in loc and "prompts" not in loc:
+        return False
+    return len(loc) > 2 or error.get("type") != "missing"
+
+
 def _validation_code(exc: RequestValidationError) -> tuple:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, ErrorCode.MALFORMED_BODY
-    if any("prompt" in e.get("loc", ()) or "prompts" in e.get("loc", ()) for e in errors):
+    if any(_about_a_prompt(e) for e in errors):
         return 422, ErrorCode.INVALID_PROMPT
     if any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # no body, or not a JSON object
         return 400, ErrorCode.MALFORMED_BODY
-    if any(tuple(e.get("loc", ()))[-1:] in (("image_id",), ("session_id",)) for e in errors):
+    if any(
+        tuple(e.get("loc", ()))[-1:] in (("image_id",), ("session_id",)) and e.get("type") != "missing" for e in errors
+    ):
         return 400, ErrorCode.INVALID_ID
     if any(tuple(e.get("loc", ()))[:1] == ("path",) for e in errors):
         return 400, ErrorCode.INVALID_ID
