@@ -105,11 +105,10 @@ class BuiltinSession(EngineSession):
         check_prompt_inside(prompt, self.shape)
         t0 = time.perf_counter()
         if isinstance(prompt, MaskPrompt):
-            new_mask = prompt.to_array(self.shape)
-            info = {"levels": []}
+            box, new_region, info = self._whole(), prompt.to_array(self.shape), {"levels": []}
         else:
-            new_mask, info = self._predict(prompt)
-        update = self._commit(self.prompts + [prompt], new_mask)
+            box, new_region, info = self._predict(prompt)
+        update = self._commit(self.prompts + [prompt], box, new_region)
         update.latency_s = time.perf_counter() - t0
         update.info = info
         return update
@@ -136,7 +135,7 @@ class BuiltinSession(EngineSession):
 
     def reset(self) -> MaskUpdate:
         self._check_open()
-        return self._commit([], np.zeros(self.shape, np.uint8))
+        return self._commit([], self._whole(), np.zeros(self.shape, np.uint8))
 
     def result(self) -> np.ndarray:
         self._check_open()
@@ -169,19 +168,37 @@ class BuiltinSession(EngineSession):
         sl = tuple(slice(o, o + n) for o, n in zip(offset, voxels.shape))
         self.mask[sl] = voxels
 
-    def _commit(self, prompts_after: List[Prompt], new_mask: np.ndarray) -> MaskUpdate:
-        update = MaskUpdate.between(self.mask, new_mask)
-        before = self.mask[update.slices].copy() if update.voxels.size else update.voxels.copy()
-        self._undo.append(_Step(list(self.prompts), list(prompts_after), update.offset, before, update.voxels.copy()))
+    def _commit(self, prompts_after: List[Prompt], box: Tuple[slice, ...], new_region: np.ndarray) -> MaskUpdate:
+        """Make ``new_region`` (the mask inside ``box``) current; record the change for undo."""
+        old_region = self.mask[box]
+        changed = old_region != new_region
+        offset0 = tuple(s.start for s in box)
+        if changed.any():
+            lo, hi = [], []
+            for axis in range(3):
+                hit = np.flatnonzero(changed.any(axis=tuple(a for a in range(3) if a != axis)))
+                lo.append(int(hit[0]))
+                hi.append(int(hit[-1]) + 1)
+            sub = tuple(slice(a, b) for a, b in zip(lo, hi))
+            offset = tuple(int(o + a) for o, a in zip(offset0, lo))
+            before, after = old_region[sub].copy(), np.ascontiguousarray(new_region[sub])
+        else:
+            offset, before = (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
+            after = before
+        self._undo.append(_Step(list(self.prompts), list(prompts_after), offset, before, after))
         self._redo.clear()
-        update.apply_to(self.mask)
+        if after.size:
+            self._write(offset, after)
         self.prompts = list(prompts_after)
-        return update
+        return MaskUpdate(offset, after.copy())
 
-    def _forward(self, window: patching.Window, prior: np.ndarray, prompts: List[Prompt]) -> torch.Tensor:
+    def _whole(self) -> Tuple[slice, ...]:
+        return tuple(slice(0, n) for n in self.shape)
+
+    def _forward(self, window: patching.Window, prompts: List[Prompt]) -> torch.Tensor:
         patch = window.patch
         image = patching.extract_image_patch(self.array, window, self.modality)
-        previous = patching.extract_mask_patch(prior, window)
+        previous = patching.extract_mask_patch(self.mask, window)
         channels = draw_prompts(prompts_in_window(prompts, window), patch)
         x = assemble_input(image, previous, channels)[None].to(self.engine.device)
         with torch.inference_mode():
@@ -190,10 +207,11 @@ class BuiltinSession(EngineSession):
     def _first_level(self, prompt: Prompt) -> int:
         pts = _prompt_points_kji(prompt)
         extent = pts.max(0) - pts.min(0) + 1
-        for level in range(patching.max_level(self.shape, self.spacing_kji, self.engine.patch) + 1):
+        top = patching.max_level(self.shape, self.spacing_kji, self.engine.patch)
+        for level in range(top + 1):
             if np.all(np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, level)) >= extent * 1.25):
                 return level
-        return patching.max_level(self.shape, self.spacing_kji, self.engine.patch)
+        return top
 
     def _touches_open_side(self, pred: torch.Tensor, window: patching.Window) -> bool:
         at_edge = window.touches_image_border(self.shape)
@@ -203,7 +221,8 @@ class BuiltinSession(EngineSession):
                     return True
         return False
 
-    def _predict(self, prompt: Prompt) -> Tuple[np.ndarray, dict]:
+    def _predict(self, prompt: Prompt) -> Tuple[Tuple[slice, ...], np.ndarray, dict]:
+        """(box of the image, new mask inside it, info). The session mask is left as it was."""
         patch = self.engine.patch
         prompts = self.prompts + [prompt]
         pts = _prompt_points_kji(prompt)
@@ -212,41 +231,53 @@ class BuiltinSession(EngineSession):
         level = first = self._first_level(prompt)
         while True:
             window = patching.window_around(anchor, self.spacing_kji, patch, level)
-            logits = self._forward(window, self.mask, prompts)
+            logits = self._forward(window, prompts)
             if level >= top or not self._touches_open_side(logits > 0, window):
                 break
             level += 1
-        new_mask = self.mask.copy()
-        self._paste(new_mask, window, logits)
-        levels = list(range(first, level + 1))
-        tiles = 0
-        if level > first:
-            tiles = self._refine(new_mask, window, prompts, first, level)
-        return new_mask, {"levels": levels, "refine_tiles": tiles}
+        box, _ = window.image_slices(self.shape)
+        old = self.mask[box].copy()
+        try:  # work in the session mask (it is the next windows' prior), then put the old box back
+            self._paste(window, logits)
+            tiles = self._refine(window, prompts, first, level) if level > first else 0
+            new = self.mask[box].copy()
+        finally:
+            self.mask[box] = old
+        return box, new, {"levels": list(range(first, level + 1)), "refine_tiles": tiles}
 
-    @staticmethod
-    def _paste(mask: np.ndarray, window: patching.Window, logits: torch.Tensor, cell=None) -> None:
-        full = patching.logits_to_window(logits, window) > 0
-        img_sl, win_sl = window.image_slices(mask.shape)
-        if cell is None:
-            mask[img_sl] = full[win_sl].numpy()
-            return
-        # paste only inside the cell (image coordinates), which lies within the window
-        lo, hi = cell
+    def _paste(self, window: patching.Window, logits: torch.Tensor, cell=None) -> None:
+        """Write the window's prediction into the session mask: all of the window's overlap with
+        the image, or only ``cell`` (image voxel box lo, hi) when given."""
         start = np.asarray(window.start)
-        sub_img = tuple(slice(a, b) for a, b in zip(lo, hi))
-        sub_win = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-        mask[sub_img] = full[sub_win].numpy()
+        if cell is None:
+            img_sl, win_sl = window.image_slices(self.shape)
+            self.mask[img_sl] = 0
+            found = patching.positive_box(logits, window)
+            if found is None:
+                return
+            lo = np.maximum(found[0], [s.start for s in win_sl])
+            hi = np.minimum(found[1], [s.stop for s in win_sl])
+        else:
+            lo, hi = np.asarray(cell[0]) - start, np.asarray(cell[1]) - start
+        if np.any(hi <= lo):
+            return
+        values = patching.logits_in_box(logits, window, lo, hi) > 0
+        target = tuple(slice(int(a + s), int(b + s)) for a, b, s in zip(lo, hi, start))
+        self.mask[target] = values.numpy()
 
-    def _refine(self, mask: np.ndarray, window: patching.Window, prompts, first: int, level: int) -> int:
-        img_sl, _ = window.image_slices(mask.shape)
-        region = mask[img_sl]
-        nz = np.argwhere(region)
-        if len(nz) == 0:
+    def _refine(self, window: patching.Window, prompts, first: int, level: int) -> int:
+        """Re-predict the object's bounding box with finer tiles (at most MAX_REFINE_TILES)."""
+        img_sl, _ = window.image_slices(self.shape)
+        region = self.mask[img_sl]
+        if not region.any():
             return 0
         offset = np.asarray([s.start for s in img_sl])
-        lo = np.maximum(nz.min(0) + offset - 2, 0)
-        hi = np.minimum(nz.max(0) + offset + 3, mask.shape)
+        lo_hi = []
+        for axis in range(3):
+            hit = np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != axis)))
+            lo_hi.append((hit[0], hit[-1] + 1))
+        lo = np.maximum(np.array([a for a, _ in lo_hi]) + offset - 2, 0)
+        hi = np.minimum(np.array([b for _, b in lo_hi]) + offset + 2, self.shape)
         extent = hi - lo
         for r in range(first, level):
             size = np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, r))
@@ -255,19 +286,22 @@ class BuiltinSession(EngineSession):
                 break
         else:
             return 0
-        prior = mask.copy()
         edges = [np.linspace(a, b, n + 1).round().astype(int) for a, b, n in zip(lo, hi, counts)]
-        tiles = 0
+        cells = []
         for ci in range(counts[0]):
             for cj in range(counts[1]):
                 for ck in range(counts[2]):
                     c_lo = np.array([edges[0][ci], edges[1][cj], edges[2][ck]])
                     c_hi = np.array([edges[0][ci + 1], edges[1][cj + 1], edges[2][ck + 1]])
-                    tile = patching.window_around((c_lo + c_hi - 1) / 2.0, self.spacing_kji, self.engine.patch, r)
-                    logits = self._forward(tile, prior, prompts)
-                    self._paste(mask, tile, logits, cell=(c_lo, c_hi))
-                    tiles += 1
-        return tiles
+                    cells.append((c_lo, c_hi))
+        # every tile sees the coarse answer as its prior: predict all, then paste
+        results = []
+        for c_lo, c_hi in cells:
+            tile = patching.window_around((c_lo + c_hi - 1) / 2.0, self.spacing_kji, self.engine.patch, r)
+            results.append((tile, self._forward(tile, prompts), (c_lo, c_hi)))
+        for tile, logits, cell in results:
+            self._paste(tile, logits, cell=cell)
+        return len(cells)
 
 
 class BuiltinEngine(Engine):

@@ -77,13 +77,38 @@ def max_level(image_shape: Sequence[int], spacing_kji: Sequence[float], patch: i
     return cap
 
 
-def _crop_padded(array: np.ndarray, window: Window, pad_value: float) -> np.ndarray:
-    img_sl, win_sl = window.image_slices(array.shape)
+def sampling_strides(window: Window) -> Tuple[int, int, int]:
+    """Every how many voxels a large window is read: keeps at least 2 samples per patch voxel, so the
+    box average that follows still anti-aliases, while a whole-CT window reads a small share of it."""
+    return tuple(max(1, n // (2 * window.patch)) for n in window.size)  # type: ignore[return-value]
+
+
+def _strided_overlap(window: Window, image_shape: Sequence[int]):
+    """(slices into the image, slices into the strided window) of the sampled voxels inside the image."""
+    img, out = [], []
+    for s, n, step, dim in zip(window.start, window.size, sampling_strides(window), image_shape):
+        first = s + step // 2  # sample the middle voxel of each group of ``step``
+        count = -(-n // step)
+        t0 = max(0, -(-(0 - first) // step))
+        t1 = min(count, (dim - 1 - first) // step + 1)
+        t1 = max(t1, t0)
+        img.append(slice(first + t0 * step, first + t0 * step + (t1 - t0) * step, step) if t1 > t0 else slice(0, 0))
+        out.append(slice(t0, t1))
+    return tuple(img), tuple(out)
+
+
+def crop_window(array: np.ndarray, window: Window, pad_value=None) -> np.ndarray:
+    """The (strided) window as float32, padded outside the image with ``pad_value`` (default: the
+    smallest value inside)."""
+    img_sl, out_sl = _strided_overlap(window, array.shape)
     region = array[img_sl]
-    if region.shape == tuple(window.size):
+    if pad_value is None:
+        pad_value = float(region.min()) if region.size else 0.0
+    shape = tuple(-(-n // st) for n, st in zip(window.size, sampling_strides(window)))
+    if region.shape == shape:
         return np.asarray(region, np.float32)
-    out = np.full(window.size, pad_value, np.float32)
-    out[win_sl] = region
+    out = np.full(shape, pad_value, np.float32)
+    out[out_sl] = region
     return out
 
 
@@ -116,12 +141,7 @@ def normalise_patch(patch: torch.Tensor) -> torch.Tensor:
 
 def extract_image_patch(array: np.ndarray, window: Window, modality: str = "MR") -> torch.Tensor:
     """The image under ``window``, resampled to the patch and normalised."""
-    img_sl, _ = window.image_slices(array.shape)
-    region = array[img_sl]
-    pad = float(region.min()) if region.size else 0.0
-    if modality == "CT":
-        pad = max(min(pad, CT_CLIP[1]), CT_CLIP[0])
-    crop = _crop_padded(array, window, pad)
+    crop = crop_window(array, window)
     if modality == "CT":
         np.clip(crop, *CT_CLIP, out=crop)
     return normalise_patch(resample_to_patch(torch.from_numpy(crop), window.patch))
@@ -129,10 +149,45 @@ def extract_image_patch(array: np.ndarray, window: Window, modality: str = "MR")
 
 def extract_mask_patch(mask: np.ndarray, window: Window) -> torch.Tensor:
     """A binary mask under ``window`` as a soft [0, 1] patch."""
-    crop = _crop_padded(mask, window, 0.0)
+    crop = crop_window(mask, window, 0.0)
     return resample_to_patch(torch.from_numpy(crop), window.patch)
 
 
 def logits_to_window(logits: torch.Tensor, window: Window) -> torch.Tensor:
-    """Patch logits (patch^3) resampled back onto the window's voxel grid."""
+    """Patch logits (patch^3) resampled back onto the window's whole voxel grid."""
     return F.interpolate(logits[None, None], size=tuple(window.size), mode="trilinear", align_corners=False)[0, 0]
+
+
+def _linear_weights(n_out: int, n_in: int, lo: int, hi: int):
+    """Indices and weights of 1D linear interpolation (align_corners=False) for outputs lo..hi-1."""
+    x = torch.arange(lo, hi, dtype=torch.float64)
+    u = ((x + 0.5) * (n_in / n_out) - 0.5).clamp(0, n_in - 1)
+    i0 = u.floor().long()
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w = (u - i0).float()
+    return i0, i1, w
+
+
+def logits_in_box(logits: torch.Tensor, window: Window, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+    """The window-grid logits only inside window voxels ``lo..hi`` (exclusive), the same values
+    ``logits_to_window`` gives there, computed one axis at a time so the cost follows the box."""
+    out = logits
+    for axis in range(3):
+        i0, i1, w = _linear_weights(window.size[axis], logits.shape[axis], int(lo[axis]), int(hi[axis]))
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        w = w.reshape(shape)
+        out = out.index_select(axis, i0) * (1 - w) + out.index_select(axis, i1) * w
+    return out
+
+
+def positive_box(logits: torch.Tensor, window: Window, margin: int = 2):
+    """Window-voxel box (lo, hi) holding every voxel whose logit may be positive, or None."""
+    pos = logits > 0
+    if not bool(pos.any()):
+        return None
+    idx = [torch.nonzero(pos.any(dim=tuple(a for a in range(3) if a != axis))).flatten() for axis in range(3)]
+    scale = np.asarray(window.size, float) / window.patch
+    lo = [max(0, int(np.floor((int(i[0]) - margin + 0.5) * sc - 0.5))) for i, sc in zip(idx, scale)]
+    hi = [min(n, int(np.ceil((int(i[-1]) + margin + 1.5) * sc + 0.5))) for i, sc, n in zip(idx, scale, window.size)]
+    return lo, hi

@@ -99,9 +99,7 @@ def sample_patch(
         slack = np.maximum(size - (hi - lo + 1), 0) / 2.0
         centre = (lo + hi) / 2.0 + rng.uniform(-0.7, 0.7, 3) * slack
     window = patching.window_around(centre, case.spacing_kji, patch, level)
-    img_sl, win_sl = window.image_slices(case.labels.shape)
-    crop = np.zeros(window.size, np.float32)
-    crop[win_sl] = np.isin(case.labels[img_sl], target)
+    crop = np.isin(patching.crop_window(case.labels, window, 0), target).astype(np.float32)
     gt = patching.resample_to_patch(torch.from_numpy(crop), patch).numpy() > 0.5
     if gt.sum() < 8:
         return None

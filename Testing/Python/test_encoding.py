@@ -117,3 +117,36 @@ def test_prompt_mapping_follows_the_window_scale(level):
 def test_prompts_far_outside_the_window_are_left_out():
     win = patching.Window(start=(0, 0, 0), size=(16, 16, 16), patch=16)
     assert prompts_in_window([PointPrompt(position=(100, 100, 100))], win) == []
+
+
+def test_logits_in_box_equals_full_trilinear_upsampling():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 8, 8)
+    win = patching.Window(start=(0, 0, 0), size=(13, 29, 40), patch=8)
+    full = patching.logits_to_window(logits, win)
+    lo, hi = (2, 5, 7), (11, 20, 39)
+    part = patching.logits_in_box(logits, win, lo, hi)
+    assert torch.allclose(part, full[2:11, 5:20, 7:39], atol=1e-5)
+
+
+def test_positive_box_holds_every_positive_voxel():
+    logits = -torch.ones(8, 8, 8)
+    logits[3:5, 2:4, 6] = 1.0
+    win = patching.Window(start=(0, 0, 0), size=(32, 16, 64), patch=8)
+    lo, hi = patching.positive_box(logits, win)
+    full = patching.logits_to_window(logits, win) > 0
+    nz = np.argwhere(full.numpy())
+    assert np.all(nz.min(0) >= lo) and np.all(nz.max(0) < hi)
+    assert patching.positive_box(-torch.ones(8, 8, 8), win) is None
+
+
+def test_large_windows_are_read_with_a_stride_but_keep_their_extent():
+    array = np.zeros((64, 512, 512), np.float32)
+    array[:, :, 256:] = 1.0  # right half bright
+    win = patching.Window(start=(0, 0, 0), size=(64, 512, 512), patch=32)
+    assert patching.sampling_strides(win) == (1, 8, 8)
+    crop = patching.crop_window(array, win)
+    assert crop.shape == (64, 64, 64)
+    assert crop[:, :, :32].max() == 0 and crop[:, :, 32:].min() == 1
+    patch = patching.extract_image_patch(array, win)
+    assert patch[:, :, :15].mean() < 0 < patch[:, :, 17:].mean()
