@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -156,7 +156,7 @@ class RemoteSession(EngineSession):
         self.close()
 
     # ---- recovery --------------------------------------------------------------------------------
-    def recover(self) -> RemoteSession:
+    def recover(self, progress: Optional[Callable[[int, int], None]] = None) -> RemoteSession:
         """Open a new server session on the same image and replay the prompts of the current mask.
 
         Use it after :class:`SessionNotFoundError` (server restarted, session expired). The image
@@ -164,7 +164,7 @@ class RemoteSession(EngineSession):
         """
         prompts = self._history.current
         if self._volume is not None:
-            self.client.ensure_image(self._volume)
+            self.client.ensure_image(self._volume, progress)
         info = self.client._create_session(self.image_id, prompts)
         self.info = info
         self._history = _History(prompts)

@@ -44,17 +44,17 @@ class _Item:
 
 
 class FairQueue:
-    """Round robin over keys (sessions), FIFO within a key. Thread-safe."""
+    """Round robin over keys (sessions), FIFO within a key. Thread-safe; items are opaque."""
 
     def __init__(self, max_items: int = 256) -> None:
-        self._queues: Dict[str, Deque[_Item]] = {}
+        self._queues: Dict[str, Deque[Any]] = {}
         self._order: Deque[str] = deque()  # keys with waiting items, in serving order
         self._cond = threading.Condition()
         self._max = max_items
         self._count = 0
         self._closed = False
 
-    def put(self, key: str, item: _Item, force: bool = False) -> None:
+    def put(self, key: str, item: Any, force: bool = False) -> None:
         """Queue an item; ``force`` skips the length limit (for jobs that free memory: close)."""
         with self._cond:
             if self._closed:
@@ -69,7 +69,7 @@ class FairQueue:
             self._count += 1
             self._cond.notify()
 
-    def get(self) -> Optional[Tuple[str, _Item]]:
+    def get(self) -> Optional[Tuple[str, Any]]:
         """The next item in round-robin order; blocks; None once closed and drained."""
         with self._cond:
             while not self._order:
@@ -98,7 +98,7 @@ class FairQueue:
         with self._cond:
             return self._count
 
-    def close(self) -> List[_Item]:
+    def close(self) -> List[Any]:
         """Stop accepting; returns the items still waiting (their futures are the caller's)."""
         with self._cond:
             self._closed = True

@@ -1,0 +1,52 @@
+"""A server restarted under a client: a clear error while it is down, then recovery."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_server_fixtures import TOKENS, make_volume
+
+from SegAssistLib.client import BackendUnavailableError, SegAssistClient, SessionNotFoundError
+from SegAssistLib.prompts import PointPrompt, ScribblePrompt
+
+pytest_plugins = ["test_server_fixtures"]
+
+FIRST = [PointPrompt(position=(24.0, 20.0, 12.0)), ScribblePrompt(points=[(20.0, 18.0, 12.0), (28.0, 22.0, 12.0)])]
+LATER = PointPrompt(position=(5.0, 5.0, 3.0), positive=False)
+
+
+@pytest.mark.parametrize("keep_images", [True, False], ids=["data-dir", "memory-only"])
+def test_server_restarted_under_a_client(servers, tmp_path, keep_images):
+    data_dir = tmp_path / "data" if keep_images else None
+    first = servers.start(data_dir=data_dir)
+    client = SegAssistClient(first.url, TOKENS["alice"], retries=1)
+    volume = make_volume(seed=31)
+    session = client.open_session(volume)
+    for prompt in FIRST:
+        session.add_prompt(prompt)
+    session.undo()
+    session.redo()
+    before = session.result()
+
+    first.stop()
+    with pytest.raises(BackendUnavailableError) as down:
+        session.add_prompt(LATER)
+    assert first.url in str(down.value)
+    with pytest.raises(BackendUnavailableError):
+        client.health()
+
+    servers.start(port=first.port, data_dir=data_dir)  # the same address, a fresh process state
+    assert client.health().status == "ok"
+    with pytest.raises(SessionNotFoundError) as gone:
+        session.add_prompt(LATER)
+    assert "restarted" in str(gone.value)
+
+    uploads = []
+    session.recover(progress=lambda sent, total: uploads.append(sent))
+    assert bool(uploads) is not keep_images  # with a data directory the image survived the restart
+    assert np.array_equal(session.result(), before)
+    assert np.array_equal(session.fetch_result(), before)
+    assert [p.kind for p in session.prompt_log().prompts] == ["point", "scribble"]
+    session.add_prompt(LATER)
+    assert np.array_equal(session.result(), session.fetch_result())
+    session.close()
