@@ -1,0 +1,372 @@
+"""The evaluation harness: a simulated user segments every case of a dataset with one engine.
+
+For each case and target (a label, or a union such as ``1+2+3+4``) the harness opens a session,
+sends the protocol's first prompt (nothing, the target's box, or a scribble on the central axial
+slice) and then corrective clicks from :mod:`SegAssistLib.evaluation.simulator`, recording the Dice
+after every interaction, the engine's wall-clock latency per interaction and the peak memory.
+
+Counting: ``max_clicks`` is the number of clicks. With ``box+clicks`` and ``scribble+clicks`` the
+box or scribble is one more interaction, the first, so every record has ``max_clicks`` (clicks) or
+``max_clicks + 1`` interactions; NoC counts interactions, the box or scribble included. When the
+prediction is already perfect the user stops; the remaining Dice values repeat the last one.
+
+Memory: the resident set size of this process is sampled every 5 ms by a background thread
+reading ``/proc/self/statm`` while each case runs (``peak_rss_mb``, includes the loaded image and
+the engine); where torch runs on CUDA, ``torch.cuda.max_memory_allocated`` is reported as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from SegAssistLib.datasets import Case, list_cases, split_cases
+from SegAssistLib.engine.base import Engine
+from SegAssistLib.errors import PromptError, SegAssistError
+from SegAssistLib.evaluation import metrics, simulator
+from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.prompts import Prompt, dumps_prompt
+
+PROTOCOLS = ("clicks", "box+clicks", "scribble+clicks")
+ENGINES = ("builtin", "growcut", "randomwalker")
+SPLITS = ("evaluation", "training", "all")
+NOC_THRESHOLDS = (0.80, 0.85, 0.90)
+MEMORY_CONVENTION = "peak resident set size of the process, sampled every 5 ms from /proc/self/statm per case"
+Target = Tuple[int, ...]
+
+
+# --- targets -----------------------------------------------------------------------------------
+def parse_targets(text: str) -> List[Target]:
+    """``"1,2,1+2+3+4"`` -> ``[(1,), (2,), (1, 2, 3, 4)]``."""
+    targets = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            ids = tuple(sorted({int(x) for x in part.split("+")}))
+        except ValueError:
+            raise SegAssistError(f"bad target {part!r}: use label ids such as 1 or 1+2+3+4") from None
+        if any(i <= 0 for i in ids):
+            raise SegAssistError(f"bad target {part!r}: label ids are positive (0 is background)")
+        targets.append(ids)
+    if not targets:
+        raise SegAssistError(f"no targets in {text!r}")
+    return targets
+
+
+def target_name(target: Target) -> str:
+    return "+".join(str(i) for i in target)
+
+
+def default_targets(dataset_dir: Path) -> List[Target]:
+    """Every numeric, non-background label of ``dataset.json``."""
+    path = dataset_dir / "dataset.json"
+    if not path.is_file():
+        raise SegAssistError(f"{path} not found: pass --labels")
+    labels = json.loads(path.read_text()).get("labels", {})
+    ids = sorted(int(k) for k, v in labels.items() if str(k).isdigit() and int(k) > 0 and isinstance(v, str))
+    if not ids:
+        raise SegAssistError(f"{path} names no numeric labels at its top level: pass --labels")
+    return [(i,) for i in ids]
+
+
+# --- engines -----------------------------------------------------------------------------------
+def make_engine(name: str, model: Optional[str] = None, device: str = "cpu") -> Engine:
+    if name == "builtin":
+        from SegAssistLib.engine.builtin import load_default_engine
+
+        return (
+            load_default_engine(device=device)
+            if model is None
+            else load_default_engine(device=device, checkpoint=model)
+        )
+    if model is not None:
+        raise SegAssistError(f"--model applies to the builtin engine only, not {name}")
+    from SegAssistLib.evaluation.baselines import BASELINES
+
+    if name not in BASELINES:
+        raise SegAssistError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
+    return BASELINES[name]()
+
+
+# --- memory ------------------------------------------------------------------------------------
+class PeakMemory:
+    """Samples this process's resident set size in a background thread (context manager)."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:  # not Linux: the process-lifetime peak is the best available
+            scale = 1 if sys.platform == "darwin" else 1024
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak_bytes = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._rss())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+def _cuda_peak_mb_reset() -> Optional[Callable[[], float]]:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    return lambda: torch.cuda.max_memory_allocated() / 2**20
+
+
+# --- one case ----------------------------------------------------------------------------------
+def initial_prompt(protocol: str, target: np.ndarray, spacing: Sequence[float]) -> Optional[Prompt]:
+    if protocol == "clicks":
+        return None
+    if protocol == "box+clicks":
+        return simulator.box_prompt(target)
+    if protocol == "scribble+clicks":
+        return simulator.scribble_prompt(target, spacing)
+    raise SegAssistError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
+
+
+def run_session(engine: Engine, volume, target: np.ndarray, protocol: str = "clicks", max_clicks: int = 10) -> Dict:
+    """Drive one session; returns the interaction kinds, prompts, Dice and latency lists."""
+    spacing = volume.spacing
+    session = engine.open_session(volume)
+    prompts: List[Prompt] = []
+    dices: List[float] = []
+    latencies: List[float] = []
+    try:
+        first = initial_prompt(protocol, target, spacing)
+        planned = max_clicks + (first is not None)
+        pred = np.zeros(target.shape, np.uint8)
+        while len(dices) < planned:
+            if first is not None and not prompts:
+                prompt: Optional[Prompt] = first
+            else:
+                prompt = simulator.next_click(target, pred, spacing)
+            if prompt is None:  # perfect: the user stops
+                dices.extend([dices[-1] if dices else 1.0] * (planned - len(dices)))
+                break
+            start = time.perf_counter()
+            update = session.add_prompt(prompt)
+            latencies.append(time.perf_counter() - start)
+            update.apply_to(pred)
+            prompts.append(prompt)
+            dices.append(metrics.dice(target, pred))
+        final = session.result()
+    finally:
+        session.close()
+    return {"prompts": prompts, "dice": dices, "latency_s": latencies, "final": final}
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return None if not math.isfinite(value) else float(value)
+
+
+def evaluate_case(
+    engine: Engine, case: Case, targets: Sequence[Target], protocol: str, max_clicks: int
+) -> Tuple[List[Dict], List[Dict]]:
+    """Records and skips of one case."""
+    volume = load_volume(case.image)
+    labels = load_mask(case.label)
+    if labels.shape != volume.array.shape:
+        raise SegAssistError(
+            f"{case.name}: label grid {labels.shape} differs from image grid {volume.array.shape}"
+        )
+    records, skipped = [], []
+    for target in targets:
+        name = target_name(target)
+        mask = np.isin(labels, target).astype(np.uint8)
+        if not mask.any():
+            skipped.append({"case": case.name, "target": name, "reason": "target label absent"})
+            continue
+        cuda_peak = _cuda_peak_mb_reset()
+        with PeakMemory() as memory:
+            try:
+                out = run_session(engine, volume, mask, protocol, max_clicks)
+            except PromptError as exc:
+                skipped.append({"case": case.name, "target": name, "reason": f"prompt rejected: {exc}"})
+                continue
+        dices = out["dice"]
+        allowed = len(dices)
+        noc, reached = {}, {}
+        for t in NOC_THRESHOLDS:
+            key = f"{round(t * 100)}"
+            noc[key], reached[key] = metrics.number_of_clicks(dices, t, allowed)
+        record = {
+            "case": case.name,
+            "target": name,
+            "protocol": protocol,
+            "interactions": [p.kind for p in out["prompts"]],
+            "prompts": [json.loads(dumps_prompt(p)) for p in out["prompts"]],
+            "dice": [round(d, 6) for d in dices],
+            "latency_s": [round(x, 6) for x in out["latency_s"]],
+            "noc": noc,
+            "reached": reached,
+            "final_dice": round(dices[-1], 6),
+            "final_hd95_mm": _finite_or_none(metrics.hd95(mask, out["final"], volume.spacing)),
+            "peak_rss_mb": round(memory.peak_mb, 1),
+            "target_voxels": int(mask.sum()),
+            "image_shape_ijk": list(volume.shape_ijk),
+            "spacing": list(volume.spacing),
+        }
+        if cuda_peak is not None:
+            record["peak_cuda_mb"] = round(cuda_peak(), 1)
+        records.append(record)
+    return records, skipped
+
+
+# --- summary -----------------------------------------------------------------------------------
+def summarise(records: Sequence[Dict]) -> Dict:
+    if not records:
+        return {"records": 0}
+    n = max(len(r["dice"]) for r in records)
+    # carry the last value forward so records of different lengths average per interaction
+    dice = np.asarray([r["dice"] + [r["dice"][-1]] * (n - len(r["dice"])) for r in records])
+    latencies = np.concatenate([np.asarray(r["latency_s"], float) for r in records])
+    hd = [r["final_hd95_mm"] for r in records if r["final_hd95_mm"] is not None]
+    out = {
+        "records": len(records),
+        "mean_dice": [round(float(x), 4) for x in dice.mean(0)],
+        "mean_noc": {k: round(float(np.mean([r["noc"][k] for r in records])), 3) for k in records[0]["noc"]},
+        "fraction_reached": {
+            k: round(float(np.mean([r["reached"][k] for r in records])), 3) for k in records[0]["reached"]
+        },
+        "median_latency_s": round(float(np.median(latencies)), 4) if latencies.size else None,
+        "p95_latency_s": round(float(np.percentile(latencies, 95)), 4) if latencies.size else None,
+        "max_peak_rss_mb": max(r["peak_rss_mb"] for r in records),
+        "mean_final_hd95_mm": round(float(np.mean(hd)), 3) if hd else None,
+    }
+    cuda = [r["peak_cuda_mb"] for r in records if "peak_cuda_mb" in r]
+    if cuda:
+        out["max_peak_cuda_mb"] = max(cuda)
+    return out
+
+
+# --- the whole run -----------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    dataset_dir: Union[str, Path]
+    targets: Optional[List[Target]] = None
+    protocol: str = "clicks"
+    max_clicks: int = 10
+    cases: Optional[int] = None
+    split: str = "evaluation"
+    engine: str = "growcut"
+    model: Optional[str] = None
+    device: str = "cpu"
+    channel: int = 0
+
+
+def select_cases(dataset_dir: Path, split: str, count: Optional[int], channel: int = 0) -> List[Case]:
+    if split not in SPLITS:
+        raise SegAssistError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    cases = list_cases(dataset_dir, channel=channel)
+    if split != "all":
+        cases = split_cases(cases, split)
+    if not cases:
+        raise SegAssistError(f"no {split} cases in {dataset_dir}")
+    return cases if count is None else cases[: max(0, int(count))]
+
+
+def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Callable[[str], None] = print) -> Dict:
+    """Run the evaluation and return the JSON-ready result (``config``, ``records``, ``skipped``,
+    ``summary``, ``per_target``)."""
+    dataset_dir = Path(config.dataset_dir)
+    if config.protocol not in PROTOCOLS:
+        raise SegAssistError(f"unknown protocol {config.protocol!r} (choose from {', '.join(PROTOCOLS)})")
+    if config.max_clicks < 1:
+        raise SegAssistError("max_clicks must be at least 1")
+    targets = config.targets or default_targets(dataset_dir)
+    cases = select_cases(dataset_dir, config.split, config.cases, config.channel)
+    engine = engine or make_engine(config.engine, config.model, config.device)
+    caps = engine.capabilities()
+    needed = {"box+clicks": "box", "scribble+clicks": "scribble"}.get(config.protocol, "point")
+    if needed not in caps.prompt_kinds or "point" not in caps.prompt_kinds:
+        raise SegAssistError(
+            f"engine {caps.name} does not take the prompts of protocol {config.protocol} "
+            f"(it takes {', '.join(caps.prompt_kinds)})"
+        )
+    records: List[Dict] = []
+    skipped: List[Dict] = []
+    started = time.time()
+    for index, case in enumerate(cases, start=1):
+        case_records, case_skipped = evaluate_case(engine, case, targets, config.protocol, config.max_clicks)
+        records.extend(case_records)
+        skipped.extend(case_skipped)
+        parts = []
+        for r in case_records:
+            d = r["dice"]
+            parts.append(
+                f"target {r['target']}: Dice@1 {d[0]:.3f} @5 {d[min(4, len(d) - 1)]:.3f} @last {d[-1]:.3f} "
+                f"NoC85 {r['noc']['85']}{'' if r['reached']['85'] else '*'} "
+                f"{np.median(r['latency_s']) if r['latency_s'] else 0:.2f} s"
+            )
+        parts += [f"target {s['target']}: skipped ({s['reason']})" for s in case_skipped]
+        progress(f"[{index}/{len(cases)}] {case.name} " + "; ".join(parts))
+    per_target = {}
+    for target in targets:
+        name = target_name(target)
+        per_target[name] = summarise([r for r in records if r["target"] == name])
+    return {
+        "config": {
+            "dataset": str(dataset_dir),
+            "dataset_name": dataset_dir.name,
+            "split": config.split,
+            "cases": [c.name for c in cases],
+            "targets": [target_name(t) for t in targets],
+            "protocol": config.protocol,
+            "max_clicks": config.max_clicks,
+            "channel": config.channel,
+            "engine": caps.to_dict(),
+            "noc_thresholds": list(NOC_THRESHOLDS),
+            "conventions": {**metrics.CONVENTIONS, "memory": MEMORY_CONVENTION},
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "wall_s": round(time.time() - started, 2),
+        },
+        "records": records,
+        "skipped": skipped,
+        "summary": summarise(records),
+        "per_target": per_target,
+    }
+
+
+def write_json(result: Dict, path: Union[str, Path]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path
