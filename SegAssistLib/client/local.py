@@ -151,7 +151,7 @@ class LocalBackend:
         if self.running:
             return self
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.reuse and self._try_reuse():
+        if self.reuse and self.attach():
             return self
         self._spawn()
         return self
@@ -197,7 +197,8 @@ class LocalBackend:
         self.stop()
 
     # ---- internals -------------------------------------------------------------------------------
-    def _try_reuse(self) -> bool:
+    def attach(self) -> bool:
+        """Use the healthy backend of the state file if it serves the same model and device."""
         try:
             state = json.loads(self._state_file.read_text())
             url, token, pid = str(state["url"]), str(state["token"]), int(state["pid"])

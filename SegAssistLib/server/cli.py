@@ -123,6 +123,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         check_exposure(settings)
+        if settings.model is not None and not settings.model.is_file():
+            raise ValueError(f"model checkpoint not found: {settings.model}")
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

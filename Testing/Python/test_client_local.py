@@ -1,0 +1,108 @@
+"""The local backend: started in a child process for the user, reused, and stopped with its parent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server_fixtures import make_volume
+
+from SegAssistLib.client import AuthenticationError, LocalBackend, LocalBackendError, SegAssistClient
+from SegAssistLib.client.local import process_alive
+from SegAssistLib.prompts import PointPrompt
+
+pytest_plugins = ["test_server_fixtures"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_until(condition, seconds: float, poll) -> bool:
+    """Poll ``condition`` until it holds or the deadline passes; ``poll()`` paces the loop."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        poll()
+    return True
+
+
+def test_local_backend_starts_serves_is_reused_and_stops(server_checkpoint, tmp_path):
+    backend = LocalBackend(model=server_checkpoint, state_dir=tmp_path, startup_timeout=120).start()
+    try:
+        assert backend.owned and backend.running and backend.url.startswith("http://127.0.0.1:")
+        state_file = next(tmp_path.glob("backend-*.json"))
+        assert oct(state_file.stat().st_mode & 0o777) == "0o600"
+        assert json.loads(state_file.read_text())["pid"] == backend.pid
+        client = backend.client()
+        info = client.info()
+        assert info.auth_required and info.user == "local" and info.model.name == "test"
+        with pytest.raises(AuthenticationError):  # a fresh token guards even the local backend
+            SegAssistClient(backend.url).info()
+        with client.open_session(make_volume(seed=41)) as session:
+            session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0)))
+            assert np.array_equal(session.result(), session.fetch_result())
+
+        second = LocalBackend(model=server_checkpoint, state_dir=tmp_path).start()
+        assert not second.owned and second.url == backend.url and second.pid == backend.pid
+        second.stop()  # not its process: nothing happens
+        assert backend.running and second.client().health().status == "ok"
+        assert LocalBackend.shared(model=server_checkpoint, state_dir=tmp_path).url == backend.url
+    finally:
+        backend.stop()
+    assert not process_alive(backend.pid)
+    assert not list(tmp_path.glob("backend-*.json"))
+
+
+def test_local_backend_stops_when_its_parent_dies(server_checkpoint, tmp_path):
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import sys
+                from SegAssistLib.client import LocalBackend
+                backend = LocalBackend(model=sys.argv[1], state_dir=sys.argv[2], startup_timeout=120).start()
+                print(backend.pid, flush=True)
+                sys.stdin.read()  # until killed
+                """
+            ),
+            str(server_checkpoint),
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = parent.stdout.readline()  # the child prints once its backend is healthy
+        assert line.strip().isdigit(), f"the launcher failed (exit {parent.poll()})"
+        server_pid = int(line)
+        assert process_alive(server_pid)
+    finally:
+        parent.kill()  # no atexit, no cleanup: only the closed pipe tells the server
+        parent.wait(30)
+    assert wait_until(lambda: not process_alive(server_pid), 60, lambda: parent.wait(0.05))
+    stale = LocalBackend(model=server_checkpoint, state_dir=tmp_path)
+    assert not stale.attach()  # the state file names a dead process: not reused
+
+
+def test_local_backend_reports_a_failed_start(tmp_path):
+    backend = LocalBackend(model=tmp_path / "missing.pt", state_dir=tmp_path, startup_timeout=60)
+    with pytest.raises(LocalBackendError) as e:
+        backend.start()
+    assert "missing.pt" in str(e.value) and "exited with code 2" in str(e.value)
+    assert not backend.running
+
+
+def test_local_backend_passes_the_token_in_the_environment_only(tmp_path):
+    backend = LocalBackend(model=tmp_path / "m.pt", state_dir=tmp_path)
+    command = backend._command(tmp_path / "port")
+    assert "--exit-with-parent" in command and "127.0.0.1" in command
+    assert not any("token" in part.lower() for part in command)

@@ -1,0 +1,108 @@
+"""Tokens (hashed, compared against every entry), exposure rules, and the serve command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+
+import pytest
+
+from SegAssistLib.server import register, run_serve
+from SegAssistLib.server.auth import (
+    TokenVerifier,
+    env_token_entry,
+    hash_token,
+    issue_token,
+    new_token,
+    parse_token_file,
+)
+from SegAssistLib.server.cli import settings_from_args
+from SegAssistLib.server.settings import ServerSettings, check_exposure, is_loopback
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="segassist")
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_issued_tokens_are_stored_hashed(tmp_path):
+    path = tmp_path / "tokens.txt"
+    alice = issue_token(path, "alice")
+    bob = issue_token(path, "bob")
+    text = path.read_text()
+    assert alice not in text and bob not in text
+    assert f"alice:sha256:{hash_token(alice)}" in text
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert parse_token_file(path) == [("alice", hash_token(alice)), ("bob", hash_token(bob))]
+    with pytest.raises(ValueError, match="already has a token"):
+        issue_token(path, "alice")
+    with pytest.raises(ValueError, match="characters"):
+        issue_token(path, "eve/../x")
+
+
+def test_token_file_lines_are_checked(tmp_path):
+    path = tmp_path / "tokens.txt"
+    path.write_text("# team\n\nalice:sha256:" + "a" * 64 + "\n")
+    assert parse_token_file(path) == [("alice", "a" * 64)]
+    path.write_text("alice:plain-token-in-the-clear\n")
+    with pytest.raises(ValueError, match=r"tokens.txt:1: expected"):
+        parse_token_file(path)
+    path.write_text("a b:sha256:" + "a" * 64 + "\n")
+    with pytest.raises(ValueError, match="user name"):
+        parse_token_file(path)
+
+
+def test_verifier_finds_the_user_of_a_token():
+    alice, bob = new_token(), new_token()
+    assert len(alice) >= 40 and alice != bob
+    verifier = TokenVerifier([("alice", hash_token(alice)), ("bob", hash_token(bob))])
+    assert verifier.enabled
+    assert verifier.user_for(alice) == "alice" and verifier.user_for(bob) == "bob"
+    assert verifier.user_for(alice[:-1]) is None and verifier.user_for("") is None
+    assert verifier.user_for(None) is None and verifier.user_for("\udcff") is None
+    assert not TokenVerifier([]).enabled
+
+
+def test_token_from_the_environment():
+    assert env_token_entry({}) is None
+    assert env_token_entry({"SEGASSIST_TOKEN": "x" * 20}) == ("local", hash_token("x" * 20))
+    assert env_token_entry({"SEGASSIST_TOKEN": "x" * 20, "SEGASSIST_TOKEN_USER": "ann"})[0] == "ann"
+    with pytest.raises(ValueError, match="shorter"):
+        env_token_entry({"SEGASSIST_TOKEN": "short"})
+
+
+def test_no_token_means_loopback_only():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+    check_exposure(ServerSettings(host="127.0.0.1"))
+    with pytest.raises(ValueError, match="refusing to listen"):
+        check_exposure(ServerSettings(host="0.0.0.0"))
+    check_exposure(ServerSettings(host="0.0.0.0", token_hashes=[("alice", "a" * 64)]))
+    with pytest.raises(ValueError, match="TLS needs both"):
+        check_exposure(ServerSettings(tls_certfile="cert.pem"))
+
+
+def test_serve_refuses_an_open_address_without_tokens(capsys, monkeypatch):
+    monkeypatch.delenv("SEGASSIST_TOKEN", raising=False)
+    assert run_serve(serve_args("--host", "0.0.0.0")) == 2
+    assert "refusing to listen" in capsys.readouterr().err
+
+
+def test_serve_issues_tokens_and_reads_limits(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SEGASSIST_TOKEN", raising=False)
+    tokens = tmp_path / "tokens.txt"
+    assert run_serve(serve_args("--token-file", str(tokens), "--issue-token", "carol")) == 0
+    token = capsys.readouterr().out.strip()
+    assert parse_token_file(tokens) == [("carol", hash_token(token))]
+    args = serve_args(
+        "--host", "0.0.0.0", "--token-file", str(tokens), "--max-voxels", "1000",
+        "--idle-timeout-s", "5", "--device", "cpu,cuda:1",
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    check_exposure(settings)
+    assert settings.limits.max_voxels == 1000 and settings.limits.idle_timeout_s == 5.0
+    assert settings.devices == ("cpu", "cuda:1") and settings.auth_required
+    monkeypatch.setenv("SEGASSIST_TOKEN", "env-token-0123456789")
+    assert [u for u, _ in settings_from_args(args).token_hashes] == ["carol", "local"]
