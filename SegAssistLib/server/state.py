@@ -162,5 +162,7 @@ class ServerState:
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
+    if future.cancelled() or isinstance(future.exception(), WorkerStopped):
+        return  # shutting down: the process is about to release everything anyway
+    if future.exception() is not None:
         log.error("closing a session failed: %r", future.exception())
