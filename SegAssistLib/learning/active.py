@@ -1,0 +1,418 @@
+"""Active learning: which case to annotate next, and the adapted model's proposal for it.
+
+Strategies (``next_case(strategy=...)``), over the cases nobody has started (``new``, or
+``in_progress`` with an expired lock and no label):
+
+- ``first``: import order.
+- ``random``: uniformly at random, reproducible with ``seed``.
+- ``uncertainty``: the case where the model disagrees most with itself under perturbation (see
+  *Proposal*), plus ``diversity_weight`` times the diversity term, so that the next case is both
+  hard for the current model and unlike what is already labelled.
+- ``diversity``: the diversity term alone (needs no model).
+
+Diversity: every image gets a small embedding (its intensity histogram after a robust 0.5-99.5
+percentile normalisation, as Hellinger coordinates; the mean intensity of a 4x4x4 grid of blocks;
+the log field of view in mm); a candidate's diversity is its distance to the nearest case already
+taken up (submitted, reviewed or in progress), scaled to [0, 1] over the candidates. With nothing
+taken up yet the term is 0.
+
+Proposal (what the annotator starts from). No ground truth exists for a new case, so the prompt
+must come from what the labelled cases teach: the *structure prior* is the mean position of the
+structure relative to the image extent and its typical volume (from the submitted labels; the
+image centre when there are none). The proposal is computed as follows, every step through real
+engine sessions:
+
+1. Click (positive) at the prior position, then re-click at the most interior voxel of the answer
+   (the simulated annotator's first click is the most interior voxel of the object, which is what
+   the network was trained on; this recentring makes the automatic click look like it).
+2. Run ``n_perturbations`` perturbed versions: the image flipped left-right and front-back (the
+   click mirrored, the answer flipped back), and the click moved by 30 % of the structure's
+   radius along two fixed diagonals.
+3. The proposal is the voxel-wise majority vote of the answers (test-time augmentation); the
+   *agreement* is their mean pairwise Dice, an empty answer counting as full disagreement (the
+   model offers nothing there). Uncertainty = 1 - agreement.
+
+The annotator opens a session on the case with the proposal as its initial mask
+(``MaskPrompt.from_array(proposal.mask)``) and corrects it. Embeddings and label statistics are
+cached per process by the stored file's checksum / label id (both immutable).
+
+Torch-free: the engine is passed in (anything with ``open_session`` and ``version``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from SegAssistLib.evaluation.simulator import most_interior_voxel
+from SegAssistLib.image import Volume
+from SegAssistLib.learning.datastore import Datastore
+from SegAssistLib.learning.loop_errors import ActiveLearningError, NoCandidateError
+from SegAssistLib.learning.records import CaseRecord, CaseStatus
+from SegAssistLib.learning.traindata import foreground
+from SegAssistLib.prompts import PointPrompt
+
+STRATEGIES = ("first", "random", "uncertainty", "diversity")
+NEEDS_ENGINE = ("uncertainty",)
+DEFAULT_DIVERSITY_WEIGHT = 0.5
+DEFAULT_MAX_CANDIDATES = 16
+DEFAULT_PERTURBATIONS = 4
+HIST_BINS = 32
+GRID = 4
+SHIFT_FRACTION = 0.3
+_CACHE_SIZE = 512
+
+
+class _LRU(OrderedDict):
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = make()
+        self[key] = value
+        while len(self) > _CACHE_SIZE:
+            self.popitem(last=False)
+        return value
+
+
+_EMBEDDINGS = _LRU()
+_LABEL_STATS = _LRU()
+
+
+# ---------------------------------------------------------------------------------------- prior
+
+
+@dataclass(frozen=True)
+class StructurePrior:
+    """Where the structure usually is (relative to the image extent) and how big, from the labels."""
+
+    rel_centroid: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # array order, fractions of the extent
+    volume_mm3: Optional[float] = None  # median over the labelled cases
+    n_cases: int = 0
+
+    def click_kji(self, shape: Sequence[int]) -> np.ndarray:
+        pos = np.asarray(self.rel_centroid) * np.asarray(shape, float) - 0.5
+        return np.clip(np.round(pos), 0, np.asarray(shape) - 1).astype(int)
+
+    def radius_mm(self) -> Optional[float]:
+        if self.volume_mm3 is None:
+            return None
+        return float((3.0 * self.volume_mm3 / (4.0 * math.pi)) ** (1.0 / 3.0))
+
+
+def _label_stats(store: Datastore, case: CaseRecord, label_id: str, label_value: Optional[int]):
+    def make():
+        mask = foreground(store.load_label(label_id), label_value)
+        n = int(mask.sum())
+        if n == 0:
+            return None
+        centroid = np.argwhere(mask).mean(0)
+        rel = (centroid + 0.5) / np.asarray(mask.shape, float)
+        return rel, n * float(np.prod(case.spacing))
+
+    return _LABEL_STATS.get_or((label_id, label_value), make)
+
+
+def structure_prior(store: Datastore, label_value: Optional[int] = None) -> StructurePrior:
+    """The prior from every submitted or reviewed case's latest submitted label."""
+    stats = [s for s in (_label_stats(store, c, lv.id, label_value) for c, lv in store.training_cases()) if s]
+    if not stats:
+        return StructurePrior()
+    rel = np.mean([s[0] for s in stats], axis=0)
+    return StructurePrior(
+        rel_centroid=tuple(float(x) for x in rel),
+        volume_mm3=float(np.median([s[1] for s in stats])),
+        n_cases=len(stats),
+    )
+
+
+# ---------------------------------------------------------------------------------------- diversity
+
+
+def _block_means(array: np.ndarray, grid: int) -> np.ndarray:
+    out = np.zeros((grid,) * 3)
+    for a, ka in enumerate(np.array_split(np.arange(array.shape[0]), grid)):
+        for b, jb in enumerate(np.array_split(np.arange(array.shape[1]), grid)):
+            for c, ic in enumerate(np.array_split(np.arange(array.shape[2]), grid)):
+                if len(ka) and len(jb) and len(ic):
+                    out[a, b, c] = array[ka[0] : ka[-1] + 1, jb[0] : jb[-1] + 1, ic[0] : ic[-1] + 1].mean()
+    return out.ravel()
+
+
+def image_embedding(volume: Volume) -> np.ndarray:
+    """A small descriptor of an image's appearance and extent (see the module docstring)."""
+    arr = volume.array
+    step = max(1, int(round((arr.size / 200_000) ** (1.0 / 3.0))))
+    sample = np.asarray(arr[::step, ::step, ::step], np.float32)
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    norm = np.clip((sample - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    hist = np.histogram(norm, bins=HIST_BINS, range=(0.0, 1.0))[0].astype(float)
+    hellinger = np.sqrt(hist / max(hist.sum(), 1.0))
+    layout = _block_means(norm, GRID)
+    layout = (layout - layout.mean()) / math.sqrt(layout.size)
+    extent_mm = np.asarray(arr.shape, float) * np.asarray(volume.spacing[::-1], float)
+    extent = 0.25 * np.log(np.maximum(extent_mm, 1e-3))
+    return np.concatenate([hellinger, layout, extent])
+
+
+def case_embedding(store: Datastore, case: CaseRecord) -> np.ndarray:
+    return _EMBEDDINGS.get_or(case.image_sha256, lambda: image_embedding(store.load_image(case.id)))
+
+
+def diversity_scores(store: Datastore, candidates: Sequence[CaseRecord]) -> Dict[str, float]:
+    """Distance of each candidate to the nearest case already taken up, scaled to [0, 1]."""
+    taken = [c for c in store.list_cases() if c.status is not CaseStatus.NEW and c.id not in {x.id for x in candidates}]
+    if not taken or not candidates:
+        return {c.id: 0.0 for c in candidates}
+    reference = np.stack([case_embedding(store, c) for c in taken])
+    raw = {}
+    for c in candidates:
+        e = case_embedding(store, c)
+        raw[c.id] = float(np.sqrt(((reference - e) ** 2).sum(1)).min())
+    top = max(raw.values())
+    return {k: (v / top if top > 0 else 0.0) for k, v in raw.items()}
+
+
+# ---------------------------------------------------------------------------------------- proposal
+
+
+@dataclass
+class Proposal:
+    """The model's initial mask for a case and how sure the model is of it."""
+
+    mask: np.ndarray  # uint8, array order, the case's shape
+    prompts: List[PointPrompt]  # the automatic click (after recentring) that produced the main answer
+    agreement: float  # mean pairwise Dice of the perturbed answers (1: all identical)
+    members: int
+    engine_version: str
+    method: str = "prior click, recentred; majority vote over flips and shifted clicks"
+
+    @property
+    def uncertainty(self) -> float:
+        return 1.0 - self.agreement
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "prompts": [p.model_dump(mode="json") for p in self.prompts],
+            "agreement": self.agreement,
+            "uncertainty": self.uncertainty,
+            "members": self.members,
+            "engine_version": self.engine_version,
+            "method": self.method,
+            "foreground_voxels": int(np.count_nonzero(self.mask)),
+        }
+
+
+def _ijk(kji: Sequence[float]) -> Tuple[float, float, float]:
+    return (float(kji[2]), float(kji[1]), float(kji[0]))
+
+
+def _answer(engine, volume: Volume, click_kji: np.ndarray, flip_axis: Optional[int] = None) -> np.ndarray:
+    """The engine's answer to one positive click, optionally on the image flipped along an axis."""
+    shape = np.asarray(volume.array.shape)
+    click = np.clip(np.round(np.asarray(click_kji, float)), 0, shape - 1)
+    if flip_axis is not None:
+        click = click.copy()
+        click[flip_axis] = shape[flip_axis] - 1 - click[flip_axis]
+        volume = Volume(np.ascontiguousarray(np.flip(volume.array, flip_axis)), volume.spacing, volume.origin,
+                        volume.direction, volume.modality)
+    session = engine.open_session(volume)
+    try:
+        session.add_prompt(PointPrompt(position=_ijk(click), positive=True))
+        mask = session.result()
+    finally:
+        session.close()
+    if flip_axis is not None:
+        mask = np.ascontiguousarray(np.flip(mask, flip_axis))
+    return mask > 0
+
+
+def _pairwise_agreement(masks: Sequence[np.ndarray]) -> float:
+    scores = []
+    for a in range(len(masks)):
+        for b in range(a + 1, len(masks)):
+            total = int(masks[a].sum()) + int(masks[b].sum())
+            both_empty = total == 0
+            scores.append(0.0 if both_empty else 2.0 * int((masks[a] & masks[b]).sum()) / total)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def propose(
+    engine, volume: Volume, prior: Optional[StructurePrior] = None, n_perturbations: int = DEFAULT_PERTURBATIONS
+) -> Proposal:
+    """The model's proposal for an unlabelled image and its agreement (see the module docstring)."""
+    prior = prior or StructurePrior()
+    shape = volume.array.shape
+    spacing_kji = np.asarray(volume.spacing[::-1], float)
+    click = prior.click_kji(shape)
+    main = _answer(engine, volume, click)
+    if main.any():
+        centre = np.asarray(most_interior_voxel(main, volume.spacing))
+        if not np.array_equal(centre, click):
+            click = centre
+            main = _answer(engine, volume, click)
+    radius = prior.radius_mm()
+    if radius is None:
+        radius = (3.0 * main.sum() * np.prod(spacing_kji) / (4.0 * math.pi)) ** (1.0 / 3.0) if main.any() else 3.0
+    shift = SHIFT_FRACTION * radius / spacing_kji  # voxels per axis
+    perturbations = [
+        ("flip", 2, None),
+        ("flip", 1, None),
+        ("shift", None, np.array([1.0, 1.0, 1.0]) / math.sqrt(3.0)),
+        ("shift", None, np.array([-1.0, 1.0, -1.0]) / math.sqrt(3.0)),
+    ][: max(0, int(n_perturbations))]
+    masks = [main]
+    for kind, axis, direction in perturbations:
+        if kind == "flip":
+            masks.append(_answer(engine, volume, click, flip_axis=axis))
+        else:
+            masks.append(_answer(engine, volume, click + direction * shift))
+    votes = np.sum(masks, axis=0)
+    consensus = votes * 2 > len(masks)
+    if not consensus.any() and main.any():
+        consensus = main
+    return Proposal(
+        mask=consensus.astype(np.uint8),
+        prompts=[PointPrompt(position=_ijk(click), positive=True)],
+        agreement=_pairwise_agreement(masks) if len(masks) > 1 else float(main.any()),
+        members=len(masks),
+        engine_version=str(getattr(engine, "version", "")),
+    )
+
+
+# ---------------------------------------------------------------------------------------- ranking
+
+
+@dataclass
+class CaseScore:
+    case_id: str
+    name: str
+    score: float
+    uncertainty: Optional[float] = None
+    diversity: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class NextCase:
+    case: CaseRecord
+    strategy: str
+    score: CaseScore
+    proposal: Optional[Proposal]
+    ranking: List[CaseScore] = field(default_factory=list)
+    prior: Optional[StructurePrior] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "case": self.case.to_dict(),
+            "strategy": self.strategy,
+            "score": self.score.to_dict(),
+            "proposal": self.proposal.to_dict() if self.proposal is not None else None,
+            "ranking": [s.to_dict() for s in self.ranking],
+        }
+
+
+def candidate_cases(store: Datastore) -> List[CaseRecord]:
+    """Cases nobody is working on: ``new``, or ``in_progress`` with an expired lock and no label yet."""
+    out = []
+    for case in store.list_cases(status=[CaseStatus.NEW, CaseStatus.IN_PROGRESS]):
+        if case.status is CaseStatus.NEW or (case.locked_by is None and case.n_labels == 0):
+            out.append(case)
+    return out
+
+
+def rank_cases(
+    store: Datastore,
+    engine=None,
+    strategy: str = "uncertainty",
+    *,
+    seed: int = 0,
+    diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    n_perturbations: int = DEFAULT_PERTURBATIONS,
+    label_value: Optional[int] = None,
+    candidates: Optional[List[CaseRecord]] = None,
+    proposals: Optional[Dict[str, Proposal]] = None,
+    prior: Optional[StructurePrior] = None,
+) -> List[CaseScore]:
+    """Candidates best first under ``strategy``. Deterministic for a given store, model and seed.
+
+    ``uncertainty`` and ``diversity`` score at most ``max_candidates`` cases, drawn with ``seed``
+    (so a large pool is explored across calls with different seeds). ``proposals``, when given, is
+    filled with the proposals computed while scoring uncertainty.
+    """
+    if strategy not in STRATEGIES:
+        raise ActiveLearningError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if strategy in NEEDS_ENGINE and engine is None:
+        raise ActiveLearningError(f"the {strategy!r} strategy needs a model (an engine) to score cases")
+    if not math.isfinite(diversity_weight) or diversity_weight < 0:
+        raise ActiveLearningError(f"diversity_weight must be a non-negative number, got {diversity_weight!r}")
+    pool = candidate_cases(store) if candidates is None else list(candidates)
+    if not pool:
+        raise NoCandidateError("no case left to annotate: every case is labelled or being worked on")
+    rng = np.random.default_rng(seed)
+    if strategy == "first":
+        return [CaseScore(c.id, c.name, float(-i)) for i, c in enumerate(pool)]
+    if strategy == "random":
+        order = rng.permutation(len(pool))
+        return [CaseScore(pool[i].id, pool[i].name, float(len(pool) - r)) for r, i in enumerate(order)]
+    if len(pool) > max_candidates:
+        keep = np.sort(rng.choice(len(pool), size=max(1, int(max_candidates)), replace=False))
+        pool = [pool[i] for i in keep]
+    div = diversity_scores(store, pool)
+    scores: List[CaseScore] = []
+    if strategy == "diversity":
+        scores = [CaseScore(c.id, c.name, div[c.id], diversity=div[c.id]) for c in pool]
+    else:
+        prior = prior or structure_prior(store, label_value)
+        for c in pool:
+            proposal = propose(engine, store.load_image(c.id), prior, n_perturbations)
+            if proposals is not None:
+                proposals[c.id] = proposal
+            u = proposal.uncertainty
+            scores.append(CaseScore(c.id, c.name, u + diversity_weight * div[c.id], uncertainty=u, diversity=div[c.id]))
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i].score, i))  # ties: import order
+    return [scores[i] for i in order]
+
+
+def next_case(
+    store: Datastore,
+    engine=None,
+    strategy: str = "uncertainty",
+    *,
+    seed: int = 0,
+    user: Optional[str] = None,
+    lock: bool = False,
+    with_proposal: bool = True,
+    diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT,
+    max_candidates: int = DEFAULT_MAX_CANDIDATES,
+    n_perturbations: int = DEFAULT_PERTURBATIONS,
+    label_value: Optional[int] = None,
+) -> NextCase:
+    """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
+
+    With ``lock`` the case is locked to ``user`` (raises ``CaseLockedError`` if someone took it
+    in the meantime; ask again).
+    """
+    if lock and not user:
+        raise ActiveLearningError("locking the next case needs the user it is for")
+    proposals: Dict[str, Proposal] = {}
+    prior = structure_prior(store, label_value) if engine is not None else None
+    ranking = rank_cases(
+        store, engine, strategy, seed=seed, diversity_weight=diversity_weight, max_candidates=max_candidates,
+        n_perturbations=n_perturbations, label_value=label_value, proposals=proposals, prior=prior,
+    )
+    best = ranking[0]
+    case = store.get_case(best.case_id)
+    proposal = proposals.get(case.id)
+    if proposal is None and with_proposal and engine is not None:
+        proposal = propose(engine, store.load_image(case.id), prior, n_perturbations)
+    if lock:
+        case = store.lock(case.id, user)
+    return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior)

@@ -1,0 +1,266 @@
+"""``segassist learn ...``: the human-in-the-loop learning loop from a terminal.
+
+    segassist learn import SOURCE --store DIR --user NAME     images (folder, file, DICOM series) -> cases
+    segassist learn status --store DIR                       cases by status, current version, last job
+    segassist learn train --store DIR [--kind salt] [--minutes 5] [--detach]
+    segassist learn cancel --store DIR [--job ID]
+    segassist learn versions --store DIR
+    segassist learn rollback --store DIR [--to v2|base]
+    segassist learn next --store DIR [--strategy uncertainty] [--user NAME --lock] [--out proposal.nii.gz]
+
+``train`` follows the job's progress until it ends (Ctrl-C cancels it cleanly) unless ``--detach``.
+Every subcommand takes ``--json`` for machine-readable output. Register with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from SegAssistLib.learning.datastore import Datastore, open_datastore
+from SegAssistLib.learning.registry import AdapterRegistry, version_label
+
+
+def register(subparsers) -> None:
+    """Add ``learn`` and its subcommands to the ``segassist`` parser."""
+    learn = subparsers.add_parser("learn", help="human-in-the-loop learning: datastore, adapters, next case")
+    sub = learn.add_subparsers(dest="learn_command", required=True)
+
+    def add(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--store", required=True, type=Path, help="datastore folder")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("import", "import images as new cases (creates the store if needed)", cmd_import)
+    p.add_argument("source", type=Path, help="an image file, a DICOM series folder or a folder of images")
+    p.add_argument("--user", required=True)
+    p.add_argument("--channel", type=int, help="channel of multi-channel / 4D images")
+    p.add_argument("--no-recursive", action="store_true")
+
+    add("status", "cases by status, the current adapter version, the last training job", cmd_status)
+
+    p = add("train", "train an adapter on the submitted labels in a background process", cmd_train)
+    p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
+    p.add_argument("--kind", choices=("lora", "salt", "full"), default="salt")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--lr", type=float, dest="learning_rate")
+    p.add_argument("--steps", type=int, dest="max_steps")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float)
+    budget.add_argument("--seconds", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--val-clicks", type=int)
+    p.add_argument("--validate-every", type=int)
+    p.add_argument("--min-improvement", type=float)
+    p.add_argument("--label-value", type=int, help="learn one label value (default: every labelled voxel)")
+    p.add_argument("--threads", type=int, help="torch threads of the job (default 1)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-warm-start", action="store_true", help="start from the base model, not the current version")
+    p.add_argument("--detach", action="store_true", help="start the job and return at once")
+
+    p = add("cancel", "ask a running training job to stop", cmd_cancel)
+    p.add_argument("--job", help="job id (default: the newest)")
+
+    add("versions", "the adapter version history", cmd_versions)
+
+    p = add("rollback", "make an earlier adapter version (or the base model) current", cmd_rollback)
+    p.add_argument("--to", help="version id or 'base' (default: one step back)")
+    p.add_argument("--user", help="who rolls back (recorded)")
+
+    p = add("next", "the case to annotate next, with the model's proposal", cmd_next)
+    p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
+    p.add_argument("--strategy", choices=("first", "random", "uncertainty", "diversity"), default="uncertainty")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--user", help="lock the case to this user (with --lock)")
+    p.add_argument("--lock", action="store_true")
+    p.add_argument("--no-proposal", action="store_true")
+    p.add_argument("--diversity-weight", type=float, default=0.5)
+    p.add_argument("--max-candidates", type=int, default=16)
+    p.add_argument("--out", type=Path, help="write the proposal mask here (.nii.gz or .seg.nrrd)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the proposal")
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=1, default=str) if args.json else text)
+
+
+def _open(args: argparse.Namespace) -> Datastore:
+    return open_datastore(args.store)
+
+
+def _checkpoint(path: Optional[Path]) -> Path:
+    if path is not None:
+        return path
+    from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT
+
+    return DEFAULT_CHECKPOINT
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with Datastore(args.store, create=True) as store:
+        report = store.import_images(args.source, user=args.user, channel=args.channel,
+                                     recursive=not args.no_recursive)
+    lines = [f"imported {len(report.added)} case(s), skipped {len(report.skipped)}"]
+    lines += [f"  + {c.id}  {c.name}" for c in report.added]
+    lines += [f"  - {s}: {r}" for s, r in report.skipped]
+    _print(args, report.to_dict(), "\n".join(lines))
+    return 0
+
+
+def _job_line(status: Dict[str, Any]) -> str:
+    parts = [f"job {status.get('job_id')}: {status.get('state')}"]
+    if status.get("phase"):
+        parts.append(str(status["phase"]))
+    if status.get("step") is not None:
+        parts.append(f"step {status['step']}/{status.get('max_steps', '?')}")
+    if status.get("loss_avg") is not None:
+        parts.append(f"loss {status['loss_avg']:.4f}")
+    if status.get("incumbent_dice") is not None:
+        parts.append(f"incumbent Dice {status['incumbent_dice']:.4f}")
+    if status.get("val_dice") is not None:
+        parts.append(f"val Dice {status['val_dice']:.4f}")
+    if status.get("elapsed_s") is not None:
+        parts.append(f"{status['elapsed_s']:.0f}/{status.get('time_budget_s', 0):.0f} s")
+    line = ", ".join(parts)
+    if status.get("message"):
+        line += f"\n  {status['message']}"
+    if status.get("error"):
+        line += f"\n  error: {status['error']}"
+    return line
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from SegAssistLib.learning.jobs import list_jobs
+
+    with _open(args) as store:
+        counts = store.count_by_status()
+        root = store.root
+    current = AdapterRegistry(root).current()
+    jobs = list_jobs(root)
+    data = {"cases": counts, "current_version": current.to_dict() if current else None,
+            "last_job": jobs[0] if jobs else None}
+    text = "cases: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    text += f"\ncurrent version: {version_label(current)}"
+    if current is not None:
+        text += f" ({current.kind}, validation Dice {current.val_dice:.4f})"
+    text += "\n" + (_job_line(jobs[0]) if jobs else "no training job yet")
+    _print(args, data, text)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from SegAssistLib.learning.jobs import FINAL_STATES, start_training
+
+    settings: Dict[str, Any] = {"kind": args.kind}
+    for name in ("rank", "lora_rank", "alpha", "learning_rate", "max_steps", "batch_size", "val_clicks",
+                 "validate_every", "min_improvement", "label_value", "threads", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    if args.minutes is not None:
+        settings["time_budget_s"] = args.minutes * 60.0
+    elif args.seconds is not None:
+        settings["time_budget_s"] = args.seconds
+    if args.no_warm_start:
+        settings["warm_start"] = False
+    _open(args).close()  # a clear error for a missing store before anything starts
+    job = start_training(args.store, _checkpoint(args.checkpoint), settings)
+    if args.detach:
+        _print(args, {"job_id": job.job_id, "folder": str(job.folder)}, f"started job {job.job_id}")
+        return 0
+    last = ""
+    try:
+        while True:
+            status = job.status()
+            line = _job_line(status)
+            if line != last and not args.json:
+                print(line, flush=True)
+                last = line
+            if status.get("state") in FINAL_STATES:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("cancelling ...", file=sys.stderr, flush=True)
+        job.cancel()
+        status = job.wait(timeout=120)
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+    return 0 if status.get("state") in ("done", "cancelled") else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from SegAssistLib.learning.jobs import cancel_job
+
+    status = cancel_job(args.store, args.job)
+    _print(args, status, f"asked job {status.get('job_id')} to stop ({status.get('state')})")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    _open(args).close()
+    state = AdapterRegistry(args.store).read()
+    lines = [f"current: {state.current or 'base'}"]
+    for r in state.versions:
+        mark = "*" if r.id == state.current else " "
+        lines.append(
+            f"{mark} {r.id:<5} {r.kind:<5} {r.status:<11} val Dice {r.val_dice:.4f} vs {r.incumbent_dice:.4f} "
+            f"({r.incumbent or 'base'}), {r.steps} steps, {r.train_seconds:.0f} s, "
+            f"{len(r.train_cases)}+{len(r.val_cases)} cases, {100 * r.trainable_share:.2f}% trainable"
+        )
+    data = {"current": state.current, "versions": [r.to_dict() for r in state.versions], "events": state.events}
+    _print(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    _open(args).close()
+    record = AdapterRegistry(args.store).rollback(args.to, user=args.user)
+    _print(args, {"current": record.id if record else None}, f"current version: {version_label(record)}")
+    return 0
+
+
+def cmd_next(args: argparse.Namespace) -> int:
+    from SegAssistLib.learning.active import NEEDS_ENGINE, next_case
+
+    engine = None
+    if args.strategy in NEEDS_ENGINE or not args.no_proposal:
+        import torch
+
+        from SegAssistLib.engine.builtin import BuiltinEngine
+        from SegAssistLib.learning.deploy import activate
+
+        torch.set_num_threads(max(1, args.threads))
+        engine = BuiltinEngine.from_checkpoint(_checkpoint(args.checkpoint))
+        activate(engine, AdapterRegistry(args.store))
+    with _open(args) as store:
+        result = next_case(
+            store, engine, args.strategy, seed=args.seed, user=args.user, lock=args.lock,
+            with_proposal=not args.no_proposal, diversity_weight=args.diversity_weight,
+            max_candidates=args.max_candidates,
+        )
+        data = result.to_dict()
+        text = f"next case: {result.case.id} ({result.case.name}), {args.strategy} score {result.score.score:.4f}"
+        if result.proposal is not None:
+            p = result.proposal
+            text += (f"\nproposal by {p.engine_version}: {int(p.mask.sum())} voxels, agreement "
+                     f"{p.agreement:.3f} over {p.members} perturbed answers")
+            if args.out is not None:
+                reference = store.reference_geometry(result.case.id)
+                from SegAssistLib.io import save_mask_nifti, save_segmentation_nrrd
+
+                if str(args.out).endswith(".seg.nrrd"):
+                    save_segmentation_nrrd(p.mask, reference, args.out)
+                else:
+                    save_mask_nifti(p.mask, reference, args.out)
+                data["proposal_file"] = str(args.out)
+                text += f"\nwritten to {args.out}"
+    _print(args, data, text)
+    return 0

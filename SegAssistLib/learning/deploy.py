@@ -1,0 +1,170 @@
+"""Putting a registered version into a running engine, without a restart.
+
+A version is turned into a plain network with the adapter merged into its weights (inference at
+the base model's speed) and handed to :meth:`BuiltinEngine.swap_network`. The base model itself
+(``engine.model``) is never modified: every version is built on a fresh copy of the base weights,
+so switching back and forth (rollback) is exact.
+
+The engine's ``version`` string names what answers: ``"<base version>+v3"``, or the base
+version alone. Sessions report it, and a saved label records it as its adapter version.
+
+:class:`EngineSync` is for the process that owns an engine (the server's inference worker): call
+``refresh(engine)`` between requests and it swaps in whatever version the registry holds as
+current, after a promotion by the trainer process or a rollback from the CLI. The engine is not
+thread-safe, so refresh from the thread that runs inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from SegAssistLib.engine.network import LoadedModel, NetworkConfig, build_network, weights_identity
+from SegAssistLib.learning._atomic import atomic_write
+from SegAssistLib.learning.adapters import base_state_dict, load_adapter
+from SegAssistLib.learning.errors import AdapterError
+from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord
+
+FINETUNE_FORMAT = "segassist-finetune"
+FINETUNE_FORMAT_VERSION = 1
+FULL = "full"
+CURRENT = "current"
+
+
+def base_copy(base: LoadedModel) -> nn.Module:
+    """A new network holding the base model's weights (the base model stays untouched)."""
+    network = build_network(base.config)
+    network.load_state_dict(base_state_dict(base.network), strict=True)
+    return network.eval()
+
+
+def save_full_version(
+    path: Path, network: nn.Module, config: NetworkConfig, base_identity: str, meta: Dict[str, Any]
+) -> Path:
+    """A fully fine-tuned network (the reference the adapters are compared with), written once."""
+    payload = {
+        "format": FINETUNE_FORMAT,
+        "format_version": FINETUNE_FORMAT_VERSION,
+        "base_identity": base_identity,
+        "config": asdict(config),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+        "meta": dict(meta),
+    }
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    return Path(path)
+
+
+def load_full_version(base: LoadedModel, path: Union[str, Path]) -> nn.Module:
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterError(f"cannot read fine-tuned weights {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FINETUNE_FORMAT:
+        raise AdapterError(f"{path} is not a SegAssist fine-tuned weights file")
+    if payload.get("base_identity") != base.identity:
+        raise AdapterError(
+            f"{path.name} was fine-tuned from base model {payload.get('base_identity')}, but the loaded base "
+            f"model is {base.identity}"
+        )
+    network = build_network(base.config)
+    try:
+        network.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, KeyError) as exc:
+        raise AdapterError(f"fine-tuned weights {path.name} do not fit the base network: {exc}") from exc
+    return network.eval()
+
+
+def version_network(
+    base: LoadedModel, registry: AdapterRegistry, record: VersionRecord, merge: bool = True
+) -> nn.Module:
+    """The network of a registered version on a fresh copy of the base weights.
+
+    With ``merge`` (inference) the adapter is folded into the weights: a plain network; without it
+    the network carries its adapter layers (to train on from there).
+    """
+    if record.base_identity != base.identity:
+        raise AdapterError(
+            f"version {record.id} was trained on base model {record.base_identity}, but the loaded base "
+            f"model is {base.identity}: it cannot be used with these weights"
+        )
+    path = registry.file_path(record)
+    if record.kind == FULL:
+        return load_full_version(base, path)
+    network = base_copy(base)
+    adapters = load_adapter(network, path, merge=merge)
+    if merge:
+        # a plain network (no wrapper layers): the merged weights, base-model speed, and nothing
+        # left that could be trained or un-merged by mistake
+        adapters.remove(keep_merged=True)
+    return network.eval()
+
+
+def base_version(engine) -> str:
+    """The version string of the engine's base model (what ``BuiltinEngine`` reports unswapped)."""
+    model: LoadedModel = engine.model
+    return str(model.meta.get("version", model.identity))
+
+
+def engine_version_for(engine, record: Optional[VersionRecord]) -> str:
+    return base_version(engine) if record is None else f"{base_version(engine)}+{record.id}"
+
+
+def activate(engine, registry: AdapterRegistry, version: Optional[str] = CURRENT) -> str:
+    """Swap the engine to a version: ``"current"`` (the registry's), ``None`` or ``"base"`` (the base
+    model) or a version id. Returns the engine's new version string. Does not change the registry.
+    """
+    if version == CURRENT:
+        record = registry.current()
+    elif version is None or version == "base":
+        record = None
+    else:
+        record = registry.get(version)
+    if record is None:
+        engine.swap_network(engine.model.network, engine_version_for(engine, None))
+    else:
+        engine.swap_network(version_network(engine.model, registry, record), engine_version_for(engine, record))
+    return engine.version
+
+
+class EngineSync:
+    """Keeps an engine on the registry's current version (see the module docstring)."""
+
+    def __init__(self, registry: AdapterRegistry) -> None:
+        self.registry = registry
+        self._stamp: Optional[tuple] = None
+        self._applied: Optional[str] = "<never>"
+        self.last_error: Optional[str] = None
+
+    def refresh(self, engine, force: bool = False) -> bool:
+        """Swap the engine if the current version changed; returns whether it swapped.
+
+        A version that cannot be loaded (made for other base weights, file missing) leaves the
+        engine as it is; the reason is kept in ``last_error`` and the check is retried only after
+        the registry changes again.
+        """
+        stamp = self.registry.stamp()
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        record = self.registry.current()
+        wanted = record.id if record is not None else None
+        if not force and wanted == self._applied:
+            return False
+        try:
+            activate(engine, self.registry, wanted if wanted is not None else None)
+        except AdapterError as exc:
+            self.last_error = str(exc)
+            return False
+        self._applied = wanted
+        self.last_error = None
+        return True
+
+
+def network_identity(network: nn.Module) -> str:
+    """Identity of a network's current (possibly merged) weights: tells two versions apart."""
+    return weights_identity(network.state_dict())

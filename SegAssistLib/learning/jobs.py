@@ -1,0 +1,319 @@
+"""Training jobs in a separate process: start, progress, cancel, time budget, one job at a time.
+
+:func:`start_training` launches ``python -m SegAssistLib.learning.jobs <job folder>`` and returns a
+:class:`TrainingJob`. Everything between the two processes goes through files in the job folder
+(``<store>/adapters/jobs/<job id>/``), so any process (the server, ``segassist learn status`` in
+another terminal) can follow or cancel a job, and a restarted server finds it again:
+
+    job.json      what to run (store, checkpoint, settings), written before the start
+    status.json   progress (state, phase, step, loss, validation Dice, result), replaced whole
+    cancel        created to ask the job to stop; it stops between steps or validation cases
+    worker.log    the process's output (tracebacks)
+
+Why a process and not a thread: training and inference would share the interpreter lock and torch's
+thread pool. The worker runs with ``threads`` torch threads (1 by default) and a lower CPU priority
+(``nice``), so interactive inference keeps a core and wins the CPU when both want it.
+
+One job per datastore: the parent takes an exclusive ``flock`` on ``adapters/.train.lock`` and hands
+the locked descriptor to the worker, which holds it until it exits (the kernel releases it even when
+the worker is killed). A second start finds the lock taken and raises :class:`TrainingBusyError`.
+The worker also arms a watchdog that ends it if it overruns its time budget by a wide margin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from SegAssistLib.learning.loop_errors import JobNotFoundError, TrainingBusyError, TrainingError
+from SegAssistLib.learning.registry import FOLDER
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: one job per process only
+    fcntl = None  # type: ignore[assignment]
+
+FINAL_STATES = ("done", "cancelled", "failed")
+LOCK_NAME = ".train.lock"
+WATCHDOG_GRACE_S = 60.0
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def jobs_folder(store_root: Union[str, Path]) -> Path:
+    return Path(store_root) / FOLDER / "jobs"
+
+
+def _lock_path(store_root: Union[str, Path]) -> Path:
+    return Path(store_root) / FOLDER / LOCK_NAME
+
+
+def _try_lock(store_root: Union[str, Path]) -> Optional[int]:
+    """An fd holding the training lock, or ``None`` if another process holds it."""
+    path = _lock_path(store_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def training_running(store_root: Union[str, Path]) -> bool:
+    """Whether some process holds this datastore's training lock right now."""
+    fd = _try_lock(store_root)
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _log_tail(folder: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join((folder / "worker.log").read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+@dataclass
+class TrainingJob:
+    """A handle on a job (the process, when this process started it)."""
+
+    job_id: str
+    folder: Path
+    store_root: Path
+    process: Optional[subprocess.Popen] = None
+
+    def status(self) -> Dict[str, Any]:
+        """The job's latest status; a worker that died without saying so shows as ``failed``."""
+        data = _read_json(self.folder / "status.json") or {"state": "starting"}
+        data["job_id"] = self.job_id
+        if data.get("state") in FINAL_STATES:
+            return data
+        if self.process is not None:
+            dead, code = self.process.poll() is not None, self.process.returncode
+        else:
+            dead, code = not training_running(self.store_root), None
+            if dead:  # it may have finished between the two reads
+                data = _read_json(self.folder / "status.json") or data
+                data["job_id"] = self.job_id
+                if data.get("state") in FINAL_STATES:
+                    return data
+        if dead:
+            data.update(
+                state="failed",
+                error=f"the training process ended unexpectedly (exit code {code})",
+                log_tail=_log_tail(self.folder),
+            )
+        return data
+
+    @property
+    def finished(self) -> bool:
+        return self.status().get("state") in FINAL_STATES
+
+    def cancel(self) -> None:
+        """Ask the job to stop (it does between steps); ``wait`` for it to end."""
+        (self.folder / "cancel").touch()
+
+    def wait(self, timeout: Optional[float] = None, poll_s: float = 0.2) -> Dict[str, Any]:
+        """Block until the job ends (or ``timeout``); returns its status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            data = self.status()
+            if data.get("state") in FINAL_STATES:
+                if self.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=10)
+                return data
+            if deadline is not None and time.monotonic() >= deadline:
+                return data
+            time.sleep(poll_s)
+
+    def kill(self) -> None:
+        """End the worker at once (last resort: cancel is the clean way; nothing half-written stays)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_training(
+    store_root: Union[str, Path],
+    checkpoint: Union[str, Path],
+    config: Optional[Any] = None,
+    python: Optional[str] = None,
+) -> TrainingJob:
+    """Start a training job in a new process; raises :class:`TrainingBusyError` if one is running.
+
+    ``config`` is an ``AdapterTrainConfig`` or a dict of its fields (checked here, so a bad setting
+    fails at once, not in the worker).
+    """
+    from SegAssistLib.learning.trainer import AdapterTrainConfig  # torch: only when training
+
+    if config is None:
+        cfg = AdapterTrainConfig().check()
+    elif isinstance(config, dict):
+        cfg = AdapterTrainConfig.from_dict(config)
+    else:
+        cfg = config.check()
+    store_root = Path(store_root).resolve()
+    if not (store_root / "segassist.sqlite").is_file():
+        raise TrainingError(f"no SegAssist datastore at {store_root}")
+    checkpoint = Path(checkpoint).resolve()
+    if not checkpoint.is_file():
+        raise TrainingError(f"model checkpoint not found: {checkpoint}")
+    fd = _try_lock(store_root)
+    if fd is None:
+        running = [j for j in list_jobs(store_root) if j.get("state") not in FINAL_STATES]
+        which = f" (job {running[0]['job_id']})" if running else ""
+        raise TrainingBusyError(
+            f"a training job is already running on this datastore{which}: wait for it or cancel it"
+        )
+    try:
+        job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        folder = jobs_folder(store_root) / job_id
+        folder.mkdir(parents=True)
+        spec = {"store_root": str(store_root), "checkpoint": str(checkpoint), "config": cfg.to_dict(), "job_id": job_id}
+        (folder / "job.json").write_text(json.dumps(spec, indent=1))
+        from SegAssistLib.learning.trainer import write_json_replace
+
+        write_json_replace(folder / "status.json", {"state": "starting", "job_id": job_id, "started_at": time.time(),
+                                                    "kind": cfg.kind, "time_budget_s": cfg.time_budget_s})
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(cfg.threads)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        with open(folder / "worker.log", "ab") as log:
+            process = subprocess.Popen(
+                [python or sys.executable, "-m", "SegAssistLib.learning.jobs", str(folder), str(fd)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(fd,),
+                start_new_session=True,  # Ctrl-C in a terminal goes to the CLI, which cancels cleanly
+            )
+    finally:
+        os.close(fd)  # the worker holds its own copy of the locked descriptor
+    return TrainingJob(job_id, folder, store_root, process)
+
+
+def list_jobs(store_root: Union[str, Path]) -> List[Dict[str, Any]]:
+    """Status of every job of the datastore, newest first."""
+    folder = jobs_folder(store_root)
+    if not folder.is_dir():
+        return []
+    out = []
+    for job_dir in sorted((p for p in folder.iterdir() if p.is_dir()), reverse=True):
+        out.append(TrainingJob(job_dir.name, job_dir, Path(store_root)).status())
+    return out
+
+
+def get_job(store_root: Union[str, Path], job_id: Optional[str] = None) -> TrainingJob:
+    """A job by id, or the newest one."""
+    folder = jobs_folder(store_root)
+    if job_id is None:
+        jobs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        if not jobs:
+            raise JobNotFoundError("no training job has run on this datastore yet")
+        return TrainingJob(jobs[-1].name, jobs[-1], Path(store_root))
+    if not job_id or "/" in job_id or job_id.startswith(".") or not (folder / job_id).is_dir():
+        raise JobNotFoundError(f"no training job {job_id!r}")
+    return TrainingJob(job_id, folder / job_id, Path(store_root))
+
+
+def cancel_job(store_root: Union[str, Path], job_id: Optional[str] = None) -> Dict[str, Any]:
+    """Ask a job (default: the newest) to stop; returns its status at that moment."""
+    job = get_job(store_root, job_id)
+    status = job.status()
+    if status.get("state") not in FINAL_STATES:
+        job.cancel()
+    return job.status()
+
+
+# ---------------------------------------------------------------------------------------- worker
+
+
+def _worker(folder: Path) -> int:
+    spec = json.loads((folder / "job.json").read_text())
+    from SegAssistLib.learning.trainer import AdapterTrainConfig, StatusWriter, run_training
+
+    cfg = AdapterTrainConfig.from_dict(spec["config"])
+    status_path = folder / "status.json"
+    if cfg.nice and hasattr(os, "nice"):
+        with contextlib.suppress(OSError):
+            os.nice(int(cfg.nice))
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    with contextlib.suppress(RuntimeError):  # already set in this process
+        torch.set_num_interop_threads(1)
+
+    def watchdog() -> None:
+        writer = StatusWriter(status_path)
+        writer.data.update(_read_json(status_path) or {})
+        writer.update(
+            force=True, state="failed", phase="finished",
+            error=f"the job overran its time budget of {cfg.time_budget_s:.0f} s by more than "
+            f"{max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s):.0f} s and was stopped",
+        )
+        os._exit(3)
+
+    timer = threading.Timer(cfg.time_budget_s + max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s), watchdog)
+    timer.daemon = True
+    timer.start()
+    cancel_flag = folder / "cancel"
+    try:
+        run_training(
+            spec["store_root"],
+            spec["checkpoint"],
+            cfg,
+            job_id=spec["job_id"],
+            status_path=status_path,
+            should_stop=cancel_flag.exists,
+            status_extra={"threads": torch.get_num_threads(), "nice": cfg.nice},
+        )
+        return 0
+    except Exception as exc:
+        traceback.print_exc()
+        data = _read_json(status_path) or {}
+        data.update(state="failed", phase="finished", error=str(exc), error_code=getattr(exc, "code", "internal"),
+                    updated_at=time.time())
+        from SegAssistLib.learning.trainer import write_json_replace
+
+        write_json_replace(status_path, data)
+        return 1
+    finally:
+        timer.cancel()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: python -m SegAssistLib.learning.jobs <job folder> [<locked fd>]", file=sys.stderr)
+        return 2
+    # argv[1] is the locked descriptor inherited from the parent: keeping it open holds the lock
+    return _worker(Path(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""The adapter version registry: every trained version, which one is current, and rollback. Torch-free.
+
+Layout, under the datastore root::
+
+    adapters/registry.json        the history (below), replaced atomically on every change
+    adapters/v<n>-<kind>.pt       one file per version, written once, never changed
+    adapters/.registry.lock       an advisory file lock serialising read-modify-write cycles
+
+``registry.json``::
+
+    {"format": "segassist-adapter-registry", "format_version": 1,
+     "current": "v3" | null,          # null: the base model answers
+     "next_number": 4,
+     "versions": [VersionRecord, ...],   # oldest first
+     "events": [{"time", "action": "promote" | "reject" | "rollback" | "activate", "from", "to", ...}]}
+
+Why one JSON file and not SQLite: the registry is small, read far more often than written (the
+server checks it before inference to pick up a new version), and a single atomically replaced file
+can never be seen half-written. Writers (a trainer process, a rollback from the CLI or the server)
+take an exclusive ``flock`` for the whole read-modify-write cycle, so concurrent changes serialise.
+
+A version's ``status`` is ``promoted`` (it beat the version current when it was validated),
+``rejected`` (it did not; its file is kept for inspection) or ``rolled_back`` (it was current and
+a rollback replaced it). Only ``promoted`` and ``rolled_back`` versions can become current again.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+from SegAssistLib.learning._atomic import atomic_write, atomic_write_bytes
+from SegAssistLib.learning.loop_errors import RegistryError, VersionNotFoundError
+
+try:  # POSIX; on Windows the registry is serialised within one process only
+    import fcntl
+except ImportError:  # pragma: no cover - not on the platforms CI runs
+    fcntl = None  # type: ignore[assignment]
+
+REGISTRY_FORMAT = "segassist-adapter-registry"
+REGISTRY_FORMAT_VERSION = 1
+FOLDER = "adapters"
+BASE = "base"  # the name a user gives the base model in a rollback
+MAX_EVENTS = 1000
+
+PROMOTED = "promoted"
+REJECTED = "rejected"
+ROLLED_BACK = "rolled_back"
+STATUSES = (PROMOTED, REJECTED, ROLLED_BACK)
+
+
+@dataclass
+class VersionRecord:
+    """One trained version: what it is, what it was trained and validated on, and how it did."""
+
+    id: str  # "v<number>"
+    number: int
+    kind: str  # "lora", "salt" or "full"
+    file: str  # file name inside the adapters folder
+    base_identity: str  # weights_identity of the base model it belongs to
+    created_at: float
+    status: str
+    val_dice: float  # the candidate's validation score (mean Dice over the simulated clicks)
+    incumbent: Optional[str]  # the version it was compared with (None: the base model)
+    incumbent_dice: float  # the incumbent's score on the same held-out cases, same run
+    train_cases: List[str] = field(default_factory=list)
+    val_cases: List[str] = field(default_factory=list)
+    steps: int = 0
+    train_seconds: float = 0.0
+    trainable_parameters: int = 0
+    trainable_share: float = 0.0
+    warm_start: Optional[str] = None  # the version whose weights the training started from
+    reason: str = ""
+    config: Dict[str, Any] = field(default_factory=dict)
+    job_id: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> VersionRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise RegistryError(f"invalid version record {data.get('id')!r}: {exc}") from exc
+
+
+@dataclass
+class RegistryState:
+    current: Optional[str] = None
+    next_number: int = 1
+    versions: List[VersionRecord] = field(default_factory=list)
+    events: List[Dict[str, Any]] = field(default_factory=list)
+
+    def find(self, version_id: str) -> VersionRecord:
+        for record in self.versions:
+            if record.id == version_id:
+                return record
+        known = ", ".join(r.id for r in self.versions) or "none yet"
+        raise VersionNotFoundError(f"no adapter version {version_id!r} (known: {known})")
+
+    def current_record(self) -> Optional[VersionRecord]:
+        return self.find(self.current) if self.current is not None else None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "format": REGISTRY_FORMAT,
+            "format_version": REGISTRY_FORMAT_VERSION,
+            "current": self.current,
+            "next_number": self.next_number,
+            "versions": [r.to_dict() for r in self.versions],
+            "events": self.events[-MAX_EVENTS:],
+        }
+
+
+class AdapterRegistry:
+    """The version history of one datastore (see the module docstring). Safe across processes."""
+
+    def __init__(self, store_root: Union[str, Path], clock: Callable[[], float] = time.time) -> None:
+        self.folder = Path(store_root) / FOLDER
+        self.path = self.folder / "registry.json"
+        self._lock_path = self.folder / ".registry.lock"
+        self._clock = clock
+        self._thread_lock = threading.RLock()
+
+    # ------------------------------------------------------------------ reading
+
+    def read(self) -> RegistryState:
+        """A snapshot of the registry (an empty one before the first version)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return RegistryState()
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise RegistryError(f"the adapter registry {self.path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != REGISTRY_FORMAT:
+            raise RegistryError(f"{self.path} is not a SegAssist adapter registry")
+        if int(data.get("format_version", 0)) > REGISTRY_FORMAT_VERSION:
+            raise RegistryError(
+                f"{self.path} has registry format {data['format_version']}, newer than this SegAssist "
+                f"reads ({REGISTRY_FORMAT_VERSION}): upgrade SegAssist"
+            )
+        return RegistryState(
+            current=data.get("current"),
+            next_number=int(data.get("next_number", 1)),
+            versions=[VersionRecord.from_dict(v) for v in data.get("versions", [])],
+            events=list(data.get("events", [])),
+        )
+
+    def versions(self) -> List[VersionRecord]:
+        return self.read().versions
+
+    def get(self, version_id: str) -> VersionRecord:
+        return self.read().find(version_id)
+
+    def current(self) -> Optional[VersionRecord]:
+        """The current version's record, or ``None`` when the base model answers."""
+        return self.read().current_record()
+
+    def file_path(self, record: VersionRecord) -> Path:
+        path = self.folder / record.file
+        if path.parent != self.folder:  # a record's file is always a plain name in the folder
+            raise RegistryError(f"version {record.id} names an invalid file {record.file!r}")
+        return path
+
+    def stamp(self) -> Optional[tuple]:
+        """A cheap change marker (mtime, size) of the registry file, for pollers."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    # ------------------------------------------------------------------ writing
+
+    @contextmanager
+    def _locked(self) -> Iterator[RegistryState]:
+        """Exclusive read-modify-write: yields the state; it is written back if no error occurs."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._thread_lock, open(self._lock_path, "a+") as lock_file:
+            if fcntl is not None:
+                fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+            try:
+                state = self.read()
+                yield state
+                payload = json.dumps(state.to_dict(), indent=1).encode()
+                atomic_write_bytes(self.path, payload, overwrite=True)
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+
+    def _event(self, state: RegistryState, action: str, **details: Any) -> None:
+        state.events.append({"time": self._clock(), "action": action, **details})
+
+    def add_version(
+        self,
+        kind: str,
+        writer: Callable[[Path, str], None],
+        fields: Dict[str, Any],
+        promote: bool,
+        expected_current: Optional[str],
+    ) -> VersionRecord:
+        """Number, write and record a new version; make it current when ``promote``.
+
+        ``writer(path, version_id)`` writes the version's file (atomically, see ``_atomic``).
+        ``expected_current`` is the version the candidate was compared with: if another process
+        changed the current version meanwhile (a rollback, another promotion) the comparison is
+        stale, and the version is recorded as rejected instead of promoted.
+        """
+        with self._locked() as state:
+            number = state.next_number
+            version_id = f"v{number}"
+            file_name = f"{version_id}-{kind}.pt"
+            reason = str(fields.pop("reason", ""))
+            if promote and state.current != expected_current:
+                promote = False
+                reason = (
+                    f"the current version changed during training (from {expected_current or BASE} to "
+                    f"{state.current or BASE}): not promoted; train again to compare with it"
+                )
+            path = self.folder / file_name
+            if path.exists():  # a leftover of a writer killed before it could record the version
+                path.unlink()
+            writer(path, version_id)
+            record = VersionRecord(
+                id=version_id,
+                number=number,
+                kind=kind,
+                file=file_name,
+                created_at=self._clock(),
+                status=PROMOTED if promote else REJECTED,
+                reason=reason,
+                **fields,
+            )
+            state.versions.append(record)
+            state.next_number = number + 1
+            previous = state.current
+            if promote:
+                state.current = version_id
+            self._event(
+                state,
+                "promote" if promote else "reject",
+                **{"from": previous, "to": state.current, "version": version_id},
+            )
+        return record
+
+    def rollback(
+        self, to: Optional[str] = None, user: Optional[str] = None, base_identity: Optional[str] = None
+    ) -> Optional[VersionRecord]:
+        """Make an earlier version current; returns it (``None``: the base model now answers).
+
+        ``to=None`` goes back one step: to the newest promoted version older than the current one,
+        or to the base model. ``to="base"`` goes to the base model; ``to="v2"`` to that version,
+        which must have been promoted once (a rejected version never beat its incumbent). The
+        replaced version becomes ``rolled_back``. ``base_identity``, when given, refuses a version
+        made for other base weights.
+        """
+        with self._locked() as state:
+            current = state.current_record()
+            if to is None:
+                if current is None:
+                    raise RegistryError("the base model is already current: nothing to roll back")
+                older = [
+                    r for r in state.versions if r.status == PROMOTED and r.number < current.number
+                ]
+                if base_identity is not None:
+                    older = [r for r in older if r.base_identity == base_identity]
+                target = older[-1] if older else None
+            elif to == BASE:
+                target = None
+            else:
+                target = state.find(to)
+                if target.status == REJECTED:
+                    raise RegistryError(
+                        f"version {target.id} was rejected ({target.reason or 'not better than its incumbent'})"
+                        ": only versions promoted once can become current"
+                    )
+                if base_identity is not None and target.base_identity != base_identity:
+                    raise RegistryError(
+                        f"version {target.id} belongs to base model {target.base_identity}, not to the "
+                        f"loaded base model {base_identity}"
+                    )
+            if target is not None:
+                path = self.file_path(target)
+                if not path.is_file():
+                    raise RegistryError(f"the file of version {target.id} is missing: {path}")
+            target_id = target.id if target is not None else None
+            if current is not None and current.id != target_id:
+                current.status = ROLLED_BACK
+            if target is not None:
+                target.status = PROMOTED
+            self._event(state, "rollback", **{"from": state.current, "to": target_id, "user": user})
+            state.current = target_id
+        return target
+
+    def write_file(self, path: Path, writer: Callable[[Path], object]) -> str:
+        """Write a version file atomically (used by ``add_version`` writers)."""
+        return atomic_write(path, writer, overwrite=False)
+
+
+def version_label(record: Optional[VersionRecord]) -> str:
+    return record.id if record is not None else BASE

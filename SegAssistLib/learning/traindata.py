@@ -1,0 +1,106 @@
+"""What a training job learns from and validates on: the datastore's submitted labels.
+
+The hold-out split is deterministic and stable as the store grows. Each case gets a fixed
+pseudo-random number ``u`` from a hash of its id; the validation set is the (at most ``max_val``)
+cases with the smallest ``u`` below ``fraction``, topped up to ``min_val`` with the next smallest.
+Adding cases only pushes a case's rank down, so a case can move from validation into training
+but never from training into validation: a promoted version was never trained on a case that now
+validates its successor. (The incumbent is also re-scored on today's validation cases in the same
+run as the candidate, so the comparison is always like with like.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from SegAssistLib.image import Volume, guess_modality
+from SegAssistLib.learning.datastore import Datastore
+from SegAssistLib.learning.loop_errors import TrainingError
+from SegAssistLib.learning.records import CaseRecord, LabelVersion
+from SegAssistLib.training.data import MIN_TARGET_VOXELS, TrainCase
+
+HOLDOUT_SALT = "segassist-holdout-v1"
+TARGET = (1,)
+
+
+def holdout_number(case_id: str, salt: str = HOLDOUT_SALT) -> float:
+    """The case's fixed number in [0, 1) that decides its split."""
+    digest = hashlib.sha256(f"{salt}:{case_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / float(1 << 64)
+
+
+def holdout_split(
+    case_ids: Sequence[str], fraction: float = 0.2, min_val: int = 1, max_val: int = 8
+) -> Tuple[List[str], List[str]]:
+    """``(training ids, validation ids)``, each in the order given. See the module docstring."""
+    if not 0.0 <= fraction < 1.0:
+        raise TrainingError(f"the validation fraction must be in [0, 1), got {fraction}")
+    if min_val < 1 or max_val < min_val:
+        raise TrainingError(f"need 1 <= min_val <= max_val, got {min_val}, {max_val}")
+    ids = list(dict.fromkeys(case_ids))
+    if len(ids) < 2:
+        raise TrainingError(
+            f"training needs at least 2 submitted cases with a non-empty label (one to learn from, one "
+            f"to validate on); the datastore has {len(ids)}"
+        )
+    ranked = sorted(ids, key=lambda c: (holdout_number(c), c))
+    below = [c for c in ranked if holdout_number(c) < fraction][:max_val]
+    n_val = min(max(len(below), min_val), len(ids) - 1)
+    val = set(ranked[:n_val])
+    return [c for c in ids if c not in val], [c for c in ids if c in val]
+
+
+def foreground(labels: np.ndarray, label_value: Optional[int] = None) -> np.ndarray:
+    """The structure being learned: every labelled voxel, or those of one label value."""
+    return labels > 0 if label_value is None else labels == int(label_value)
+
+
+@dataclass
+class LabelledCase:
+    """A case with its image and target mask, ready for training (``train_case``) or validation."""
+
+    case: CaseRecord
+    label: LabelVersion
+    volume: Volume
+    target: np.ndarray  # bool, array order
+
+    def train_case(self) -> TrainCase:
+        return TrainCase(
+            name=self.case.name,
+            image=np.asarray(self.volume.array, np.float32),
+            labels=self.target.astype(np.int16),
+            spacing_kji=tuple(float(s) for s in self.volume.spacing[::-1]),
+            modality=guess_modality(self.volume),
+            targets=[TARGET],
+        )
+
+
+def usable_cases(
+    store: Datastore, label_value: Optional[int] = None
+) -> List[Tuple[CaseRecord, LabelVersion]]:
+    """Submitted and reviewed cases whose latest submitted label has enough foreground to learn from."""
+    out = []
+    for case, label in store.training_cases():
+        if label.n_foreground >= MIN_TARGET_VOXELS:
+            out.append((case, label))
+    if label_value is not None:
+        out = [
+            (c, lv) for c, lv in out
+            if int(foreground(store.load_label(lv.id), label_value).sum()) >= MIN_TARGET_VOXELS
+        ]
+    return out
+
+
+def load_labelled(
+    store: Datastore, pairs: Sequence[Tuple[CaseRecord, LabelVersion]], label_value: Optional[int] = None
+) -> List[LabelledCase]:
+    out = []
+    for case, label in pairs:
+        volume = store.load_image(case.id)
+        target = foreground(store.load_label(label.id), label_value)
+        out.append(LabelledCase(case, label, volume, target))
+    return out

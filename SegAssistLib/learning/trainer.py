@@ -1,0 +1,537 @@
+"""Training an adapter (LoRA, SALT, or full fine-tuning as the reference) on the datastore's labels.
+
+One run (:func:`run_training`):
+
+1. Read the submitted labels; split them into training and held-out validation cases
+   (deterministic and stable, see ``traindata``).
+2. Score the incumbent (the registry's current version, or the base model) on the held-out cases
+   with simulated interactive sessions (see ``validation``).
+3. Build the candidate on a fresh copy of the base weights: a new adapter, or (``warm_start``) the
+   incumbent's adapter of the same kind and ranks to continue from; full fine-tuning starts from
+   the incumbent's merged weights.
+4. Train with the base model's own recipe (``SegAssistLib.training``): patches cut by
+   ``sample_patch`` exactly as the engine cuts them, a simulated first prompt, then either a
+   corrupted previous mask with a correction or a few rounds of the network's own predictions
+   with corrections at the largest error, and DiceCE on the last round. Only the adapter's
+   parameters train; the learning rate follows a cosine over the run.
+5. Score the candidate on the same held-out cases; register it (file written once, atomically)
+   and promote it only if it beats the incumbent by more than ``min_improvement``.
+
+Progress (phase, step, loss, validation Dice) goes to a small JSON status file and/or a
+callback; ``should_stop`` cancels between steps and between validation cases. The time budget
+covers the whole run: training stops early enough to leave time for the final validation, whose
+cost is estimated from the incumbent's. This module does not change process settings (threads,
+priority): ``jobs`` does that in the separate process it starts, so that interactive inference
+keeps its core.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+
+from SegAssistLib.engine.builtin import BuiltinEngine
+from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
+from SegAssistLib.engine.network import LoadedModel, load_checkpoint
+from SegAssistLib.learning.adapters import AdapterKind, AdapterSet, apply_adapter, load_adapter
+from SegAssistLib.learning.datastore import open_datastore
+from SegAssistLib.learning.deploy import FULL, base_copy, save_full_version, version_network
+from SegAssistLib.learning.loop_errors import TrainingError
+from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord, version_label
+from SegAssistLib.learning.traindata import holdout_split, load_labelled, usable_cases
+from SegAssistLib.learning.validation import ValidationResult, validate
+from SegAssistLib.training import simulation
+from SegAssistLib.training.data import TrainCase, sample_patch
+
+KINDS = ("lora", "salt", FULL)
+DEFAULT_LEARNING_RATES = {"lora": 2e-3, "salt": 2e-3, FULL: 3e-4}
+VALIDATION_MARGIN = 1.25  # the final validation is budgeted at 1.25x the incumbent's
+
+
+@dataclass
+class AdapterTrainConfig:
+    """Settings of one training run. ``rank``/``lora_rank``/``alpha``: see ``apply_adapter``."""
+
+    kind: str = "salt"
+    rank: Optional[int] = None
+    lora_rank: Optional[int] = None
+    alpha: Optional[float] = None
+    learning_rate: Optional[float] = None  # None: DEFAULT_LEARNING_RATES[kind]
+    weight_decay: float = 1e-5
+    batch_size: int = 2  # >= 2: fp32 batch-1 3D convolutions hit a slow CPU kernel
+    max_steps: int = 2000
+    time_budget_s: float = 300.0  # the whole run, validation included
+    max_correction_rounds: int = 3
+    corrupt_share: float = 0.3
+    val_fraction: float = 0.2
+    min_val_cases: int = 1
+    max_val_cases: int = 8
+    val_clicks: int = 3
+    validate_every: int = 0  # steps between progress validations (0: only before and after)
+    min_improvement: float = 0.0  # promote only if val Dice > incumbent's + this
+    warm_start: bool = True
+    label_value: Optional[int] = None  # None: every labelled voxel is the structure
+    seed: int = 0
+    threads: int = 1  # applied by the background job (see jobs), not by run_training
+    nice: int = 10  # idem: the job's CPU priority below interactive inference (POSIX)
+    status_every_s: float = 0.5
+
+    def check(self) -> AdapterTrainConfig:
+        if self.kind not in KINDS:
+            raise TrainingError(f"unknown training kind {self.kind!r} (known: {', '.join(KINDS)})")
+        positive_ints = {
+            "batch_size": self.batch_size,
+            "max_steps": self.max_steps,
+            "val_clicks": self.val_clicks,
+            "threads": self.threads,
+            "min_val_cases": self.min_val_cases,
+            "max_val_cases": self.max_val_cases,
+        }
+        for name, value in positive_ints.items():
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise TrainingError(f"{name} must be a positive integer, got {value!r}")
+        if not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+            raise TrainingError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r}")
+        lr = self.lr
+        if not (math.isfinite(lr) and lr >= 0):
+            raise TrainingError(f"learning_rate must be a non-negative number, got {lr!r}")
+        if self.validate_every < 0 or self.max_correction_rounds < 0:
+            raise TrainingError("validate_every and max_correction_rounds must not be negative")
+        if not 0.0 <= self.corrupt_share <= 1.0:
+            raise TrainingError(f"corrupt_share must be in [0, 1], got {self.corrupt_share}")
+        return self
+
+    @property
+    def lr(self) -> float:
+        return float(self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.kind])
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> AdapterTrainConfig:
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TrainingError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**data).check()
+
+
+@dataclass
+class TrainingResult:
+    state: str  # "done" or "cancelled"
+    version: Optional[VersionRecord] = None  # the registered candidate (None: cancelled / no step)
+    promoted: bool = False
+    current: Optional[str] = None  # the registry's current version after the run
+    incumbent: Optional[str] = None
+    incumbent_dice: Optional[float] = None
+    val_dice: Optional[float] = None
+    steps: int = 0
+    train_seconds: float = 0.0
+    total_seconds: float = 0.0
+    reason: str = ""
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["version"] = self.version.to_dict() if self.version is not None else None
+        return out
+
+
+class StatusWriter:
+    """The job's status as a JSON file, replaced whole on each write (readers never see a partial one).
+
+    Not fsynced: it is progress for a person or a poller, recreated by the next write; what must
+    survive a crash (versions, the registry) is written with ``_atomic``.
+    """
+
+    def __init__(
+        self,
+        path: Optional[Path],
+        min_interval_s: float = 0.5,
+        callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+        **initial: Any,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.min_interval_s = min_interval_s
+        self.callback = callback
+        self.data: Dict[str, Any] = {"state": "starting", "pid": os.getpid(), "started_at": time.time()}
+        self.data.update(initial)
+        self._last = 0.0
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.data.update(fields)
+        now = time.time()
+        if not force and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        self.data["updated_at"] = now
+        if self.path is not None:
+            write_json_replace(self.path, self.data)
+        if self.callback is not None:
+            self.callback(dict(self.data))
+
+
+def write_json_replace(path: Path, data: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- steps
+
+
+def _inputs(images, prevs, prompts: List[List[PatchPrompt]], patch: int) -> torch.Tensor:
+    return torch.stack(
+        [assemble_input(img, prev, draw_prompts(pp, patch)) for img, prev, pp in zip(images, prevs, prompts)]
+    )
+
+
+def sample_batch(
+    cases: List[TrainCase], rng: np.random.Generator, patch: int, batch_size: int
+) -> Tuple[List[torch.Tensor], List[np.ndarray]]:
+    images, targets, tries = [], [], 0
+    while len(images) < batch_size:
+        tries += 1
+        if tries > 100 * batch_size:
+            raise TrainingError("no usable training patch found: are the labels almost empty?")
+        case = cases[int(rng.integers(len(cases)))]
+        sample = sample_patch(case, case.targets[int(rng.integers(len(case.targets)))], rng, patch)
+        if sample is not None:
+            images.append(sample[0])
+            targets.append(sample[1])
+    return images, targets
+
+
+def simulate_prompts(
+    network: torch.nn.Module,
+    images: List[torch.Tensor],
+    targets: List[np.ndarray],
+    rng: np.random.Generator,
+    patch: int,
+    max_rounds: int,
+    corrupt_share: float,
+) -> Tuple[List[torch.Tensor], List[List[PatchPrompt]]]:
+    """Previous masks and prompt lists for a batch: the simulated interaction the step learns from.
+
+    The same scheme as the base model's training: a first prompt; for a share of the batch a
+    corrupted previous mask (as an imperfect proposal would be) with a correction at its largest
+    error; then 0..max_rounds rounds of the network's own answer plus a correction.
+    """
+    prompts = simulation.first_prompts_batch(targets, rng)
+    prevs = [torch.zeros((patch,) * 3) for _ in targets]
+    for i, gt in enumerate(targets):
+        if rng.random() < corrupt_share:
+            prior = simulation.corrupt_mask(gt, rng)
+            correction = simulation.correction_prompt(gt, prior, rng)
+            prevs[i] = torch.from_numpy(prior.astype(np.float32))
+            prompts[i] = ([] if rng.random() < 0.5 else prompts[i]) + ([correction] if correction else [])
+            if not prompts[i]:
+                prompts[i] = [simulation.first_prompt(gt, rng)]
+    rounds = int(rng.integers(0, max_rounds + 1))
+    if rounds:
+        was_training = network.training
+        network.eval()
+        with torch.no_grad():
+            for _ in range(rounds):
+                pred = network(_inputs(images, prevs, prompts, patch))[:, 0] > 0
+                for i, gt in enumerate(targets):
+                    correction = simulation.correction_prompt(gt, pred[i].numpy(), rng)
+                    if correction is not None:
+                        prompts[i].append(correction)
+                    prevs[i] = pred[i].float()
+        network.train(was_training)
+    return prevs, prompts
+
+
+class _Candidate:
+    """The network being trained, its trainable parameters and how to save it."""
+
+    def __init__(self, base: LoadedModel, registry: AdapterRegistry, incumbent: Optional[VersionRecord],
+                 cfg: AdapterTrainConfig) -> None:
+        self.base, self.cfg = base, cfg
+        self.adapters: Optional[AdapterSet] = None
+        self.warm_from: Optional[str] = None
+        if cfg.kind == FULL:
+            if cfg.warm_start and incumbent is not None:
+                self.network = version_network(base, registry, incumbent, merge=True)
+                self.warm_from = incumbent.id
+            else:
+                self.network = base_copy(base)
+            for p in self.network.parameters():
+                p.requires_grad_(True)
+            self.parameters = list(self.network.parameters())
+            self.trainable = sum(p.numel() for p in self.parameters)
+            self.share = 1.0
+            return
+        self.network = base_copy(base)
+        if cfg.warm_start and incumbent is not None and incumbent.kind == cfg.kind:
+            adapters = load_adapter(self.network, registry.file_path(incumbent), merge=False)
+            if self._same_shape(adapters):
+                self.adapters, self.warm_from = adapters, incumbent.id
+            else:
+                adapters.remove()
+        if self.adapters is None:
+            self.adapters = apply_adapter(
+                self.network,
+                AdapterKind.parse(cfg.kind),
+                cfg.rank,
+                lora_rank=cfg.lora_rank if cfg.kind == "salt" else None,
+                alpha=cfg.alpha,
+                expected_identity=base.identity,
+            )
+        self.parameters = self.adapters.parameters()
+        self.trainable = self.adapters.trainable_parameter_count()
+        self.share = self.adapters.trainable_share()
+
+    def _same_shape(self, adapters: AdapterSet) -> bool:
+        """Continue from the incumbent only if the requested ranks are the incumbent's."""
+        c = adapters.config
+        return (
+            (self.cfg.rank is None or self.cfg.rank == c.rank)
+            and (self.cfg.lora_rank is None or self.cfg.kind != "salt" or self.cfg.lora_rank == c.lora_rank)
+            and (self.cfg.alpha is None or self.cfg.alpha == c.alpha)
+        )
+
+    def save(self, path: Path, meta: Dict[str, Any]) -> None:
+        if self.adapters is not None:
+            self.adapters.save(path, meta=meta)
+        else:
+            save_full_version(path, self.network, self.base.config, self.base.identity, meta)
+
+
+def train_step(
+    candidate: _Candidate,
+    optimiser: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    cases: List[TrainCase],
+    rng: np.random.Generator,
+    patch: int,
+    cfg: AdapterTrainConfig,
+    lr: float,
+) -> float:
+    network = candidate.network
+    images, targets = sample_batch(cases, rng, patch, cfg.batch_size)
+    prevs, prompts = simulate_prompts(
+        network, images, targets, rng, patch, cfg.max_correction_rounds, cfg.corrupt_share
+    )
+    network.train()
+    x = _inputs(images, prevs, prompts, patch)
+    y = torch.from_numpy(np.stack(targets)[:, None].astype(np.float32))
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+    loss = loss_fn(network(x), y)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    optimiser.step()
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
+def run_training(
+    store_root: Union[str, Path],
+    checkpoint: Union[str, Path],
+    config: Optional[AdapterTrainConfig] = None,
+    *,
+    job_id: Optional[str] = None,
+    status_path: Optional[Path] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+    status_extra: Optional[Dict[str, Any]] = None,
+) -> TrainingResult:
+    """One training run in this process (see the module docstring). ``jobs`` runs it in another.
+
+    ``status_path``: where to keep the JSON status; ``on_progress(status)``: called with the same
+    data (at most every ``status_every_s``, and at every phase change); ``should_stop()``: polled
+    between steps and validation cases; ``status_extra``: fields added to the status.
+    """
+    t_start = time.perf_counter()
+    cfg = (config or AdapterTrainConfig()).check()
+    stop = should_stop or (lambda: False)
+    status = StatusWriter(
+        status_path,
+        cfg.status_every_s,
+        on_progress,
+        job_id=job_id,
+        kind=cfg.kind,
+        max_steps=cfg.max_steps,
+        time_budget_s=cfg.time_budget_s,
+        step=0,
+        **(status_extra or {}),
+    )
+
+    def elapsed() -> float:
+        return time.perf_counter() - t_start
+
+    status.update(force=True, state="running", phase="loading")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    store = open_datastore(store_root)
+    try:
+        registry = AdapterRegistry(store.root)
+        base = load_checkpoint(checkpoint)
+        pairs = usable_cases(store, cfg.label_value)
+        train_ids, val_ids = holdout_split(
+            [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases
+        )
+        by_id = {c.id: (c, lv) for c, lv in pairs}
+        val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)
+        train_cases = [lc.train_case() for lc in load_labelled(store, [by_id[i] for i in train_ids], cfg.label_value)]
+    finally:
+        store.close()
+    if not train_cases or not val_cases:
+        raise TrainingError("training needs at least one training and one validation case")
+    status.update(force=True, train_cases=len(train_cases), val_cases=len(val_cases))
+
+    # the incumbent: the current version if it belongs to these base weights
+    state = registry.read()
+    incumbent = state.current_record()
+    expected_current = state.current
+    note = ""
+    if incumbent is not None and incumbent.base_identity != base.identity:
+        note = f"current version {incumbent.id} belongs to other base weights; compared with the base model"
+        incumbent = None
+    engine = BuiltinEngine(base)
+    if incumbent is not None:
+        engine.swap_network(version_network(base, registry, incumbent), f"incumbent {incumbent.id}")
+    status.update(force=True, phase="validating incumbent", incumbent=version_label(incumbent))
+    inc_val = validate(engine, val_cases, cfg.val_clicks, stop)
+    result = TrainingResult(state="cancelled", incumbent=version_label(incumbent), current=expected_current)
+    if inc_val is None:
+        return _finish(status, result, t_start, "cancelled before training")
+    result.incumbent_dice = inc_val.dice
+    status.update(force=True, incumbent_dice=inc_val.dice, incumbent_first_click_dice=inc_val.first_click_dice)
+
+    candidate = _Candidate(base, registry, incumbent, cfg)
+    optimiser = torch.optim.AdamW(candidate.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    patch = int(base.config.patch_size)
+    reserve = VALIDATION_MARGIN * inc_val.seconds + 0.5  # time kept for the final validation
+    train_budget = max(0.0, cfg.time_budget_s - elapsed() - reserve)
+    t_train0 = time.perf_counter()
+    losses: List[float] = []
+    step, cancelled, last_val = 0, False, None
+    status.update(force=True, phase="training", warm_start=candidate.warm_from,
+                  trainable_parameters=candidate.trainable, trainable_share=candidate.share)
+    while step < cfg.max_steps:
+        if stop():
+            cancelled = True
+            break
+        t_train = time.perf_counter() - t_train0
+        per_step = t_train / step if step else 0.0
+        if cfg.time_budget_s - elapsed() - reserve < per_step:  # the next step would overrun
+            break
+        progress = max(step / cfg.max_steps, t_train / train_budget if train_budget > 0 else 1.0)
+        lr = cfg.lr * max(0.05, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        losses.append(train_step(candidate, optimiser, loss_fn, train_cases, rng, patch, cfg, lr))
+        step += 1
+        status.update(step=step, loss=losses[-1], loss_avg=float(np.mean(losses[-20:])), lr=lr,
+                      elapsed_s=elapsed(), train_seconds=time.perf_counter() - t_train0)
+        due = bool(cfg.validate_every) and step % cfg.validate_every == 0 and step < cfg.max_steps
+        if due and cfg.time_budget_s - elapsed() - reserve > reserve:  # room for this and the final one
+            engine.swap_network(candidate.network, "candidate")
+            status.update(force=True, phase="validating")
+            last_val = validate(engine, val_cases, cfg.val_clicks, stop)
+            candidate.network.train()
+            if last_val is None:
+                cancelled = True
+                break
+            loss_avg = float(np.mean(losses[-20:]))
+            result.history.append({"step": step, "val_dice": last_val.dice, "loss_avg": loss_avg})
+            status.update(force=True, phase="training", val_dice=last_val.dice)
+    train_seconds = time.perf_counter() - t_train0
+    result.steps, result.train_seconds = step, train_seconds
+    status.update(force=True, step=step, train_seconds=train_seconds)
+    if cancelled:
+        return _finish(status, result, t_start, "cancelled")
+    if step == 0:
+        result.state = "done"
+        return _finish(
+            status, result, t_start,
+            f"no training step fitted in the time budget of {cfg.time_budget_s:.0f} s (loading and "
+            f"validation took {elapsed():.1f} s): nothing registered",
+        )
+
+    engine.swap_network(candidate.network, "candidate")
+    status.update(force=True, phase="validating")
+    cand_val: Optional[ValidationResult] = validate(engine, val_cases, cfg.val_clicks, stop)
+    if cand_val is None:
+        return _finish(status, result, t_start, "cancelled")
+    result.val_dice = cand_val.dice
+    status.update(force=True, phase="registering", val_dice=cand_val.dice,
+                  val_first_click_dice=cand_val.first_click_dice)
+    better = cand_val.dice > inc_val.dice + cfg.min_improvement
+    reason = (
+        f"validation Dice {cand_val.dice:.4f} vs {inc_val.dice:.4f} of {version_label(incumbent)}"
+        f" ({'better' if better else 'not better'}"
+        f"{f' by more than {cfg.min_improvement}' if cfg.min_improvement else ''})"
+    )
+    if note:
+        reason += f"; {note}"
+    meta = {
+        "job_id": job_id,
+        "val_dice": cand_val.dice,
+        "incumbent": version_label(incumbent),
+        "incumbent_dice": inc_val.dice,
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+        "steps": step,
+        "config": cfg.to_dict(),
+    }
+
+    def writer(path: Path, version_id: str) -> None:
+        candidate.save(path, dict(meta, version=version_id))
+
+    record = registry.add_version(
+        cfg.kind,
+        writer,
+        {
+            "base_identity": base.identity,
+            "val_dice": cand_val.dice,
+            "incumbent": incumbent.id if incumbent is not None else None,
+            "incumbent_dice": inc_val.dice,
+            "train_cases": train_ids,
+            "val_cases": val_ids,
+            "steps": step,
+            "train_seconds": round(train_seconds, 3),
+            "trainable_parameters": int(candidate.trainable),
+            "trainable_share": float(candidate.share),
+            "warm_start": candidate.warm_from,
+            "reason": reason,
+            "config": cfg.to_dict(),
+            "job_id": job_id,
+        },
+        promote=better,
+        expected_current=expected_current,
+    )
+    result.state = "done"
+    result.version = record
+    result.promoted = record.status == "promoted"
+    result.current = registry.read().current
+    return _finish(status, result, t_start, record.reason)
+
+
+def _finish(status: StatusWriter, result: TrainingResult, t_start: float, reason: str) -> TrainingResult:
+    result.reason = reason
+    result.total_seconds = time.perf_counter() - t_start
+    status.update(
+        force=True,
+        state=result.state,
+        phase="finished",
+        message=reason,
+        elapsed_s=result.total_seconds,
+        result=result.to_dict(),
+    )
+    return result
