@@ -29,6 +29,7 @@ from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUp
 from SegAssistLib.errors import PromptError, SessionError
 from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.prompts import ImageInfo, PointPrompt, Prompt, PromptLog, ScribblePrompt
+from SegAssistLib.rasterize import polyline_samples
 
 OBJECT, BACKGROUND = 1, 2
 SUPPORTED_KINDS = ("point", "scribble")
@@ -44,13 +45,9 @@ def _ball_offsets(radius_vox: float, spacing_kji: np.ndarray) -> np.ndarray:
 
 
 def _stroke_voxels(prompt: ScribblePrompt) -> np.ndarray:
-    """Array indices ``[k, j, i]`` along a polyline, sampled every half voxel."""
-    pts = np.asarray(prompt.points, float)[:, ::-1]
-    samples = [pts[:1]]
-    for a, b in zip(pts[:-1], pts[1:]):
-        n = max(2, int(np.ceil(np.linalg.norm(b - a) * 2)) + 1)
-        samples.append(a + (b - a) * np.linspace(0, 1, n)[:, None])
-    return np.unique(np.rint(np.concatenate(samples)).astype(int), axis=0)
+    """Array indices ``[k, j, i]`` of the voxels a polyline passes through."""
+    samples = polyline_samples(np.asarray(prompt.points, float)[:, ::-1])
+    return np.unique(np.rint(samples).astype(int), axis=0)
 
 
 class SeedSegmentationSession(EngineSession):

@@ -1,0 +1,147 @@
+"""The seeded baselines behind the Engine interface, and the harness that drives them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from SegAssistLib.datasets import list_cases, split_cases
+from SegAssistLib.errors import PromptError, SegAssistError, SessionError
+from SegAssistLib.evaluation import cli as eval_cli
+from SegAssistLib.evaluation.baselines import GrowCutEngine, RandomWalkerEngine
+from SegAssistLib.evaluation.metrics import dice
+from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets, run_session, write_json
+from SegAssistLib.evaluation.simulator import first_click
+from SegAssistLib.image import Volume
+from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.prompts import BoxPrompt, PointPrompt, ScribblePrompt
+
+ENGINES = [GrowCutEngine, RandomWalkerEngine]
+
+
+@pytest.fixture(scope="module")
+def sphere():
+    rng = np.random.default_rng(0)
+    k, j, i = np.mgrid[:24, :32, :32]
+    target = ((k - 12) ** 2 + (j - 15) ** 2 + (i - 17) ** 2 <= 36).astype(np.uint8)
+    image = (100.0 * target + rng.normal(0, 5, target.shape)).astype(np.float32)
+    return Volume(image, spacing=(1.0, 1.0, 1.0)), target
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
+def test_one_click_segments_a_bright_sphere(engine_cls, sphere):
+    volume, target = sphere
+    engine = engine_cls(margin_mm=10)
+    assert set(engine.capabilities().prompt_kinds) == {"point", "scribble"}
+    session = engine.open_session(volume)
+    update = session.add_prompt(first_click(target))
+    pred = np.zeros_like(target)
+    update.apply_to(pred)
+    assert np.array_equal(pred, session.result())
+    assert dice(target, pred) > 0.9
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
+def test_session_history_and_rejected_prompts(engine_cls, sphere):
+    volume, target = sphere
+    session = engine_cls(margin_mm=10).open_session(volume)
+    with pytest.raises(SessionError):
+        session.undo()
+    session.add_prompt(PointPrompt(position=(3, 3, 3), positive=False))
+    assert not session.result().any()  # background seeds alone segment nothing
+    session.add_prompt(PointPrompt(position=(17, 15, 12), positive=True))
+    after = session.result()
+    assert after.sum() > 0
+    session.undo()
+    assert not session.result().any()
+    session.redo()
+    assert np.array_equal(session.result(), after)
+    assert [p.kind for p in session.prompt_log().prompts] == ["point", "point"]
+    session.reset()
+    assert not session.result().any() and session.can_undo
+    with pytest.raises(PromptError, match="not support box"):
+        session.add_prompt(BoxPrompt(min_corner=(10, 10, 8), max_corner=(24, 21, 17)))
+    with pytest.raises(PromptError, match="outside the image"):
+        session.add_prompt(PointPrompt(position=(40, 3, 3)))
+
+
+def test_a_positive_scribble_seeds_the_object(sphere):
+    volume, target = sphere
+    session = GrowCutEngine(margin_mm=10).open_session(volume)
+    session.add_prompt(ScribblePrompt(points=[(14, 15, 12), (20, 15, 12)], positive=True))
+    assert dice(target, session.result()) > 0.9
+
+
+@pytest.fixture(scope="module")
+def hippocampus_case(hippocampus_dir):
+    case = split_cases(list_cases(hippocampus_dir), "evaluation")[1]
+    return load_volume(case.image), (load_mask(case.label) == 1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("engine_cls,floor", [(GrowCutEngine, 0.5), (RandomWalkerEngine, 0.65)])
+def test_baselines_on_a_real_hippocampus(engine_cls, floor, hippocampus_case):
+    volume, target = hippocampus_case
+    out = run_session(engine_cls(), volume, target, protocol="clicks", max_clicks=5)
+    assert len(out["dice"]) == len(out["latency_s"]) == 5
+    assert out["dice"][-1] > floor
+    assert out["dice"][-1] > out["dice"][0]
+    assert [p.kind for p in out["prompts"]] == ["point"] * 5
+
+
+def test_runner_writes_json_for_two_hippocampus_cases(hippocampus_dir, tmp_path):
+    lines = []
+    result = evaluate(
+        EvalConfig(hippocampus_dir, targets=parse_targets("1,1+2"), max_clicks=3, cases=2, engine="growcut"),
+        progress=lines.append,
+    )
+    path = write_json(result, tmp_path / "eval.json")
+    data = json.loads(path.read_text())
+    assert len(lines) == 2 and "hippocampus_" in lines[0]
+    assert {(r["case"], r["target"]) for r in data["records"]} == {
+        (c, t) for c in data["config"]["cases"] for t in ("1", "1+2")
+    }
+    for r in data["records"]:
+        assert len(r["dice"]) == len(r["latency_s"]) == 3
+        assert all(0.0 <= d <= 1.0 for d in r["dice"])
+        assert set(r["noc"]) == set(r["reached"]) == {"80", "85", "90"}
+        assert all(1 <= n <= 3 for n in r["noc"].values())
+        assert r["peak_rss_mb"] > 0
+        assert r["final_hd95_mm"] is None or r["final_hd95_mm"] >= 0
+    s = data["summary"]
+    assert s["records"] == 4 and len(s["mean_dice"]) == 3
+    assert set(s["mean_noc"]) == {"80", "85", "90"} and s["median_latency_s"] > 0
+    assert set(data["per_target"]) == {"1", "1+2"}
+
+
+def test_runner_records_absent_targets_and_refuses_unsupported_protocols(hippocampus_dir):
+    result = evaluate(
+        EvalConfig(hippocampus_dir, targets=parse_targets("7"), max_clicks=1, cases=1, engine="growcut"),
+        progress=lambda line: None,
+    )
+    assert result["records"] == [] and result["skipped"][0]["reason"] == "target label absent"
+    with pytest.raises(SegAssistError, match="box"):
+        evaluate(EvalConfig(hippocampus_dir, protocol="box+clicks", cases=1, engine="growcut"))
+
+
+def test_eval_subcommand(hippocampus_dir, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "r.json"
+    args = parser.parse_args(
+        ["eval", str(hippocampus_dir), "--labels", "2", "--engine", "growcut", "--protocol", "scribble+clicks",
+         "--max-clicks", "2", "--cases", "1", "--json", str(out)]
+    )
+    assert args.func(args) == 0
+    record = json.loads(out.read_text())["records"][0]
+    assert record["interactions"] == ["scribble", "point", "point"] and len(record["dice"]) == 3
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bad_targets_are_explained():
+    with pytest.raises(SegAssistError, match="label ids"):
+        parse_targets("1,liver")
+    with pytest.raises(SegAssistError, match="background"):
+        parse_targets("0")
