@@ -81,7 +81,7 @@ class _Model(BaseModel):
 
 class ErrorBody(_Model):
     status: int = Field(description="HTTP status, repeated for clients that only see the body")
-    code: str = Field(description="machine-readable code, see ErrorCode")
+    code: str = Field(description="machine-readable code, one of: " + ", ".join(ErrorCode.all()))
     message: str = Field(description="what went wrong and what to do about it")
     details: Optional[Dict[str, Any]] = None
 
@@ -170,7 +170,7 @@ class ImageHeader(_Model):
     )
 
 
-class ImageInfo(_Model):
+class StoredImage(_Model):
     image_id: str = Field(description="SHA-256 of voxels and geometry (Volume.content_hash)")
     shape: Shape3 = Field(description="array order [k, j, i]")
     dtype: str

@@ -12,9 +12,9 @@ from SegAssistLib.api_models import (
     FRAME_MEDIA_TYPE,
     REQUEST_ID_HEADER,
     Health,
-    ImageInfo,
     ServerInfo,
     SessionInfo,
+    StoredImage,
 )
 from SegAssistLib.client.errors import ImageNotFoundError, PayloadTooLargeError
 from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, new_request_id
@@ -94,11 +94,11 @@ class SegAssistClient(Engine):
         )
 
     # ---- images ------------------------------------------------------------------------------
-    def image(self, image_id: str) -> ImageInfo:
+    def image(self, image_id: str) -> StoredImage:
         """What the server holds under this id; raises ImageNotFoundError when nothing."""
-        return ImageInfo.model_validate(self.http.json("GET", f"{API_PREFIX}/images/{image_id}"))
+        return StoredImage.model_validate(self.http.json("GET", f"{API_PREFIX}/images/{image_id}"))
 
-    def upload_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> ImageInfo:
+    def upload_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> StoredImage:
         """Upload an image (stored under its content hash; a second upload stores nothing)."""
         vol = wire_volume(volume)
         image_id = vol.content_hash()
@@ -126,7 +126,7 @@ class SegAssistClient(Engine):
             body=lambda: ProgressBody(frame, progress),
             headers={"Content-Type": FRAME_MEDIA_TYPE},
         )
-        return ImageInfo.model_validate(reply)
+        return StoredImage.model_validate(reply)
 
     def ensure_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> str:
         """The image's id, uploading it only if the server does not hold it yet."""

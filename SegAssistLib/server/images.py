@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from SegAssistLib.api_models import IMAGE_ID_PATTERN, ImageHeader, ImageInfo
+from SegAssistLib.api_models import IMAGE_ID_PATTERN, ImageHeader, StoredImage
 from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.transport import ArrayMeta, TransportError, decode_array, unpack_frame
 
@@ -49,8 +49,8 @@ def decode_image_frame(body: bytes, max_voxels: int) -> Tuple[Volume, ImageHeade
     return volume, geometry, meta
 
 
-def image_info(image_id: str, volume: Volume, uploaded: bool = False) -> ImageInfo:
-    return ImageInfo(
+def image_info(image_id: str, volume: Volume, uploaded: bool = False) -> StoredImage:
+    return StoredImage(
         image_id=image_id,
         shape=tuple(int(n) for n in volume.array.shape),
         dtype=volume.array.dtype.str,

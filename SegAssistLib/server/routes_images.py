@@ -7,7 +7,7 @@ from typing import Tuple
 from fastapi import APIRouter, Depends, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from SegAssistLib.api_models import FRAME_MEDIA_TYPE, IMAGE_ID_PATTERN, ErrorCode, ImageHeader, ImageInfo
+from SegAssistLib.api_models import FRAME_MEDIA_TYPE, IMAGE_ID_PATTERN, ErrorCode, ImageHeader, StoredImage
 from SegAssistLib.errors import ImageError
 from SegAssistLib.image import Volume
 from SegAssistLib.server.deps import current_user, get_state
@@ -35,7 +35,7 @@ and the same image never travels twice."""
 
 @router.post(
     "/images",
-    response_model=ImageInfo,
+    response_model=StoredImage,
     status_code=201,
     summary="Upload an image",
     description=_UPLOAD_DOC,
@@ -43,6 +43,10 @@ and the same image never travels twice."""
         "requestBody": {
             "required": True,
             "content": {FRAME_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            "x-segassist-frame-header": {
+                "description": "the frame's JSON header: these fields plus dtype, shape, codec, nbytes, payload_nbytes",
+                **ImageHeader.model_json_schema(),
+            },
         }
     },
 )
@@ -51,7 +55,7 @@ async def upload_image(
     response: Response,
     state: ServerState = Depends(get_state),
     user: str = Depends(current_user),
-) -> ImageInfo:
+) -> StoredImage:
     media = request.headers.get("content-type", "").split(";")[0].strip()
     if media not in (FRAME_MEDIA_TYPE, "application/octet-stream"):
         raise ApiError(
@@ -87,12 +91,12 @@ async def upload_image(
     return image_info(image_id, volume, uploaded=not known)
 
 
-@router.get("/images/{image_id}", response_model=ImageInfo, summary="Is this image held? (by content hash)")
+@router.get("/images/{image_id}", response_model=StoredImage, summary="Is this image held? (by content hash)")
 async def get_image(
     image_id: str = Path(pattern=IMAGE_ID_PATTERN, description="SHA-256 content hash, 64 lowercase hex"),
     state: ServerState = Depends(get_state),
     user: str = Depends(current_user),
-) -> ImageInfo:
+) -> StoredImage:
     try:
         volume = await run_in_threadpool(state.images.get, image_id)
     except (ImageError, ValueError) as exc:  # a stored file that no longer decodes
