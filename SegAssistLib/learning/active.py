@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -340,12 +340,14 @@ def rank_cases(
     candidates: Optional[List[CaseRecord]] = None,
     proposals: Optional[Dict[str, Proposal]] = None,
     prior: Optional[StructurePrior] = None,
+    on_progress: Optional[Callable[[int, int], None]] = None,
 ) -> List[CaseScore]:
     """Candidates best first under ``strategy``. Deterministic for a given store, model and seed.
 
     ``uncertainty`` and ``diversity`` score at most ``max_candidates`` cases, drawn with ``seed``
     (so a large pool is explored across calls with different seeds). ``proposals``, when given, is
-    filled with the proposals computed while scoring uncertainty.
+    filled with the proposals computed while scoring uncertainty. ``on_progress(done, total)`` is
+    called after each case scored with the model (about ``n_perturbations + 2`` clicks each).
     """
     if strategy not in STRATEGIES:
         raise ActiveLearningError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
@@ -371,8 +373,10 @@ def rank_cases(
         scores = [CaseScore(c.id, c.name, div[c.id], diversity=div[c.id]) for c in pool]
     else:
         prior = prior or structure_prior(store, label_value)
-        for c in pool:
+        for done, c in enumerate(pool, 1):
             proposal = propose(engine, store.load_image(c.id), prior, n_perturbations)
+            if on_progress is not None:
+                on_progress(done, len(pool))
             if proposals is not None:
                 proposals[c.id] = proposal
             u = proposal.uncertainty
@@ -394,6 +398,7 @@ def next_case(
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     n_perturbations: int = DEFAULT_PERTURBATIONS,
     label_value: Optional[int] = None,
+    on_progress: Optional[Callable[[int, int], None]] = None,
 ) -> NextCase:
     """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
 
@@ -407,6 +412,7 @@ def next_case(
     ranking = rank_cases(
         store, engine, strategy, seed=seed, diversity_weight=diversity_weight, max_candidates=max_candidates,
         n_perturbations=n_perturbations, label_value=label_value, proposals=proposals, prior=prior,
+        on_progress=on_progress,
     )
     best = ranking[0]
     case = store.get_case(best.case_id)

@@ -1,0 +1,259 @@
+"""The background trainer: real (tiny) training runs on a datastore of synthetic cases, progress,
+cancel in a separate process, the time budget, promotion only when better, version history with
+rollback, and the hot swap of a version into a running engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from learning_fixtures import make_store, synthetic_case, tiny_checkpoint
+
+from SegAssistLib.engine.builtin import BuiltinEngine
+from SegAssistLib.learning import AdapterError
+from SegAssistLib.learning.deploy import EngineSync, activate, network_identity, version_network
+from SegAssistLib.learning.jobs import get_job, list_jobs, start_training, training_running
+from SegAssistLib.learning.loop_errors import RegistryError, TrainingBusyError, TrainingError
+from SegAssistLib.learning.registry import AdapterRegistry
+from SegAssistLib.learning.traindata import holdout_split
+from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
+from SegAssistLib.prompts import PointPrompt
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    store, cases = make_store(tmp_path / "store", n_labelled=5, n_new=1)
+    store.close()
+    return tmp_path / "store", tiny_checkpoint(tmp_path / "tiny.pt"), cases
+
+
+def quick(**kw) -> AdapterTrainConfig:
+    """A run of a few seconds on the tiny network."""
+    base = dict(kind="lora", rank=2, lora_rank=2, max_steps=12, time_budget_s=60.0, val_clicks=2, seed=0)
+    base.update(kw)
+    return AdapterTrainConfig(**base)
+
+
+def test_holdout_split_is_deterministic_stable_and_disjoint():
+    rng = np.random.default_rng(0)
+    ids = [f"{int(x):016x}" for x in rng.integers(0, 2**62, 40)]
+    train, val = holdout_split(ids[:10], fraction=0.2)
+    assert (train, val) == holdout_split(list(ids[:10]), fraction=0.2)
+    assert val and train and not set(train) & set(val) and set(train) | set(val) == set(ids[:10])
+    # as the store grows, no case ever moves from training into validation
+    for n in range(11, 41):
+        train_n, val_n = holdout_split(ids[:n], fraction=0.2, max_val=8)
+        assert not set(train) & set(val_n)
+        assert len(val_n) <= 8
+        train, val = train_n, val_n
+    assert holdout_split(ids[:2]) == holdout_split(ids[:2]) and len(holdout_split(ids[:2])[1]) == 1
+    with pytest.raises(TrainingError, match="at least 2 submitted cases"):
+        holdout_split(ids[:1])
+
+
+def test_training_reports_progress_and_promotes_only_when_better(setup):
+    store_root, ckpt, _ = setup
+    seen = []
+    status_path = store_root.parent / "status.json"
+    cfg = quick(kind="full", learning_rate=3e-3, max_steps=30, warm_start=False, status_every_s=0.0)
+    first = run_training(store_root, ckpt, cfg, status_path=status_path, on_progress=seen.append)
+
+    steps = [s["step"] for s in seen if s.get("phase") == "training"]
+    assert steps[-1] == 30 and steps == sorted(steps)
+    assert all(np.isfinite(s["loss"]) for s in seen if "loss" in s)
+    assert [p for p in dict.fromkeys(s.get("phase") for s in seen)] == [
+        "loading", "validating incumbent", "training", "validating", "registering", "finished"
+    ]
+    final = json.loads(status_path.read_text())
+    assert final["state"] == "done" and final["val_dice"] == first.val_dice
+    assert final["incumbent_dice"] == first.incumbent_dice and final["result"]["version"]["id"] == "v1"
+    # the random base network segments nothing useful; 30 steps on the structure do better
+    assert first.state == "done" and first.version.id == "v1"
+    assert first.val_dice > first.incumbent_dice and first.promoted and first.current == "v1"
+    assert first.version.trainable_share == 1.0 and first.version.incumbent is None
+
+    # the same weights again (warm start, learning rate 0): equal, so not better, so not promoted
+    second = run_training(store_root, ckpt, quick(kind="full", learning_rate=0.0, max_steps=3))
+    assert second.version.warm_start == "v1" and second.incumbent == "v1"
+    assert second.val_dice == pytest.approx(second.incumbent_dice, abs=1e-12)
+    assert not second.promoted and second.version.status == "rejected" and second.current == "v1"
+
+    registry = AdapterRegistry(store_root)
+    state = registry.read()
+    assert state.current == "v1" and [(v.id, v.status) for v in state.versions] == [
+        ("v1", "promoted"), ("v2", "rejected")
+    ]
+    assert all(registry.file_path(v).is_file() for v in state.versions)
+    # the split is recorded and disjoint; both runs validated on the same held-out cases
+    v1, v2 = state.versions
+    assert v1.val_cases == v2.val_cases and not set(v1.train_cases) & set(v1.val_cases)
+    assert [e["action"] for e in state.events] == ["promote", "reject"]
+
+
+def test_time_budget_is_respected(setup):
+    store_root, ckpt, _ = setup
+    t0 = time.perf_counter()
+    result = run_training(store_root, ckpt, quick(max_steps=100_000, time_budget_s=4.0))
+    wall = time.perf_counter() - t0
+    assert result.state == "done" and 0 < result.steps < 100_000
+    assert result.total_seconds <= 4.0 + 0.5 and wall <= 4.0 + 1.5
+    # a budget that cannot even hold the validation registers nothing and says why
+    tiny = run_training(store_root, ckpt, quick(time_budget_s=0.01))
+    assert tiny.steps == 0 and tiny.version is None and "time budget" in tiny.reason
+
+
+def test_rollback_history_and_hot_swap(setup, tmp_path: Path):
+    store_root, ckpt, _ = setup
+    registry = AdapterRegistry(store_root)
+    # force promotions (min_improvement < -1) to build a history quickly; promotion itself is tested above
+    v1 = run_training(store_root, ckpt, quick(kind="lora", learning_rate=2e-2, min_improvement=-2.0))
+    v2 = run_training(store_root, ckpt, quick(kind="salt", learning_rate=2e-2, min_improvement=-2.0))
+    v3 = run_training(store_root, ckpt, quick(kind="salt", max_steps=2, min_improvement=5.0))
+    assert (v1.version.id, v2.version.id, v3.version.id) == ("v1", "v2", "v3")
+    assert v1.promoted and v2.promoted and not v3.promoted and registry.read().current == "v2"
+    assert v2.version.warm_start is None  # a SALT candidate cannot continue from a LoRA version
+    assert 0 < v1.version.trainable_share < 0.2 and 0 < v2.version.trainable_share < 0.2
+
+    engine = BuiltinEngine.from_checkpoint(ckpt)
+    volume, truth = synthetic_case(777)
+    x = torch.randn(1, 7, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    click = PointPrompt(position=(14.0, 14.0, 10.0), positive=True)
+
+    def outputs():
+        with torch.no_grad():
+            logits = engine.network(x)
+        session = engine.open_session(volume)
+        session.add_prompt(click)
+        return logits, session.result(), session.prompt_log().model
+
+    base_logits, base_mask, base_model = outputs()
+    assert engine.version == "tiny-1"
+
+    sync = EngineSync(registry)
+    assert sync.refresh(engine) and engine.version == "tiny-1+v2"
+    assert not sync.refresh(engine)  # nothing changed since
+    v2_logits, v2_mask, v2_model = outputs()
+    assert not torch.allclose(v2_logits, base_logits) and not np.array_equal(v2_mask, base_mask)
+    assert v2_model.endswith("tiny-1+v2") and base_model.endswith("tiny-1")  # the session says who answered
+    # the engine runs the merged adapter: the same function as the adapted network, plain layers
+    assert not any("lora" in n or "scale" in n for n, _ in engine.network.named_parameters())
+
+    assert registry.rollback().id == "v1"  # one step back
+    assert registry.get("v2").status == "rolled_back"
+    assert sync.refresh(engine) and engine.version == "tiny-1+v1"
+    expected = version_network(engine.model, registry, registry.get("v1"))
+    assert network_identity(engine.network) == network_identity(expected)
+
+    assert registry.rollback() is None  # back to the base model: exactly the base weights again
+    assert sync.refresh(engine) and engine.version == "tiny-1"
+    assert torch.equal(outputs()[0], base_logits)
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        registry.rollback()
+    with pytest.raises(RegistryError, match="rejected"):
+        registry.rollback(to="v3")
+    assert registry.rollback(to="v2").id == "v2" and registry.read().current == "v2"
+    assert [e["action"] for e in registry.read().events][-3:] == ["rollback", "rollback", "rollback"]
+
+    # the next training compares with (and warm-starts from) the current version
+    v4 = run_training(store_root, ckpt, quick(kind="salt", max_steps=2, learning_rate=0.0))
+    assert v4.incumbent == "v2" and v4.version.warm_start == "v2" and not v4.promoted
+
+    # a version refuses other base weights; the engine keeps answering with what it had
+    other = BuiltinEngine.from_checkpoint(tiny_checkpoint(tmp_path / "other.pt", seed=1))
+    with pytest.raises(AdapterError, match="base model"):
+        activate(other, registry)
+    other_sync = EngineSync(registry)
+    assert not other_sync.refresh(other) and "base model" in other_sync.last_error
+    assert other.version == "tiny-1"
+
+
+def test_background_job_progress_cancel_and_exclusive(setup):
+    store_root, ckpt, _ = setup
+    job = start_training(store_root, ckpt, quick(max_steps=1_000_000, time_budget_s=300.0).to_dict())
+    try:
+        deadline = time.monotonic() + 120
+        status = job.status()
+        while status.get("step", 0) < 3 and status["state"] not in ("done", "failed", "cancelled"):
+            assert time.monotonic() < deadline, f"no progress: {status}"
+            time.sleep(0.3)
+            status = job.status()
+        assert status["state"] == "running" and status["phase"] == "training", status
+        assert status["threads"] == 1 and np.isfinite(status["loss"]) and "incumbent_dice" in status
+        assert training_running(store_root)
+        with pytest.raises(TrainingBusyError, match=job.job_id):
+            start_training(store_root, ckpt, quick())
+        t_cancel = time.monotonic()
+        job.cancel()
+        final = job.wait(timeout=60)
+        assert final["state"] == "cancelled", final
+        assert time.monotonic() - t_cancel < 30
+        assert job.process.returncode == 0
+    finally:
+        job.kill()
+    assert not training_running(store_root)  # the lock went with the process
+    assert AdapterRegistry(store_root).read().versions == []  # a cancelled job registers nothing
+    assert get_job(store_root).job_id == job.job_id and list_jobs(store_root)[0]["state"] == "cancelled"
+    # a worker that died without a word (killed, power cut) shows as failed to any other process
+    ghost = job.folder.parent / "29990101-000000-dead00"
+    ghost.mkdir()
+    (ghost / "status.json").write_text(json.dumps({"state": "running", "phase": "training", "step": 7}))
+    status = get_job(store_root).status()
+    assert status["job_id"] == ghost.name and status["state"] == "failed" and "unexpectedly" in status["error"]
+
+
+def test_bad_requests_fail_clearly(tmp_path: Path, setup):
+    store_root, ckpt, _ = setup
+    with pytest.raises(TrainingError, match="unknown training kind"):
+        AdapterTrainConfig(kind="dora").check()
+    with pytest.raises(TrainingError, match="unknown training settings: epochs"):
+        AdapterTrainConfig.from_dict({"epochs": 3})
+    with pytest.raises(TrainingError, match="time_budget_s"):
+        AdapterTrainConfig(time_budget_s=0).check()
+    with pytest.raises(TrainingError, match="checkpoint not found"):
+        start_training(store_root, tmp_path / "missing.pt")
+    with pytest.raises(TrainingError, match="no SegAssist datastore"):
+        start_training(tmp_path / "nowhere", ckpt)
+    lonely, _ = make_store(tmp_path / "lonely", n_labelled=1, n_new=1)
+    lonely.close()
+    with pytest.raises(TrainingError, match="at least 2 submitted cases"):
+        run_training(tmp_path / "lonely", ckpt, quick())
+
+
+def test_learn_cli(setup, capsys):
+    from SegAssistLib.learning.cli import register
+
+    store_root, ckpt, cases = setup
+    parser = argparse.ArgumentParser(prog="segassist")
+    register(parser.add_subparsers(dest="command"))
+
+    def run(*argv: str):
+        args = parser.parse_args(["learn", *argv])
+        code = args.func(args)
+        return code, capsys.readouterr().out
+
+    code, out = run("status", "--store", str(store_root), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["cases"]["submitted"] == 5 and data["current_version"] is None
+    code, out = run("versions", "--store", str(store_root))
+    assert code == 0 and "current: base" in out
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        run("rollback", "--store", str(store_root))
+    code, out = run("next", "--store", str(store_root), "--strategy", "first", "--no-proposal", "--json")
+    assert code == 0 and json.loads(out)["case"]["id"] == cases[-1].id
+    proposal = store_root.parent / "proposal.nii.gz"
+    code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
+                    "--out", str(proposal))
+    assert code == 0 and proposal.is_file() and "proposal by tiny-1" in out
