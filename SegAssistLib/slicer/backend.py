@@ -1,0 +1,323 @@
+"""Which backend the Slicer module talks to: settings, a local backend started for the user, a remote one.
+
+Qt-free. The Slicer module keeps :class:`BackendSettings` in ``qt.QSettings`` (never in the scene:
+a saved scene must not carry a token); anything with ``value(key, default)`` and
+``setValue(key, value)`` works as a store, so batch scripts and tests use :class:`MemorySettings`.
+
+Privacy rule: a remote server is contacted only after the user opted in
+(``remote_opt_in``): until then :meth:`BackendManager.client` refuses, even if a URL is set.
+
+Every :class:`BackendManager` method that talks to a server blocks (a local start loads the model,
+up to minutes): the GUI calls them on its worker thread, batch scripts call them directly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Protocol, Tuple
+
+from SegAssistLib.client import ClientError, LocalBackend, SegAssistClient
+from SegAssistLib.errors import SegAssistError
+
+LOCAL = "local"
+REMOTE = "remote"
+MODES: Tuple[str, ...] = (LOCAL, REMOTE)
+SETTINGS_PREFIX = "SegAssist/Backend/"
+#: The shipped weights, where the local server looks for them when no checkpoint is chosen.
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "segassist_unet.pt"
+
+
+class BackendConfigError(SegAssistError):
+    """The backend settings cannot be used as they are (the message says what to change)."""
+
+    code = "backend_config"
+
+
+class SettingsStore(Protocol):
+    """What :class:`BackendSettings` needs from a store: ``qt.QSettings`` has exactly this."""
+
+    def value(self, key: str, defaultValue: Any = None) -> Any: ...
+
+    def setValue(self, key: str, value: Any) -> None: ...
+
+
+class MemorySettings:
+    """A settings store in a dict (batch scripts, tests)."""
+
+    def __init__(self, values: Optional[Dict[str, Any]] = None) -> None:
+        self.values: Dict[str, Any] = dict(values or {})
+
+    def value(self, key: str, defaultValue: Any = None) -> Any:
+        return self.values.get(key, defaultValue)
+
+    def setValue(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+
+def _as_bool(value: Any) -> bool:
+    """QSettings hands back ``"true"``/``"false"`` strings on some platforms (INI files)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """Where the segmentation runs. The defaults: a local backend on the CPU with the shipped model."""
+
+    mode: str = LOCAL
+    remote_url: str = ""
+    remote_token: str = ""
+    #: The user's explicit consent to send images to ``remote_url``; nothing is sent without it.
+    remote_opt_in: bool = False
+    #: Send the token over plain http to a non-loopback host (a trusted network only).
+    allow_insecure_http: bool = False
+    local_model: str = ""  # checkpoint file; "" = the shipped model
+    local_device: str = "cpu"
+    local_python: str = ""  # the Python that runs the server; "" = SEGASSIST_SERVER_PYTHON or this one
+    local_threads: int = 0  # torch CPU threads of the local server; 0 = torch's choice
+
+    @classmethod
+    def load(cls, store: SettingsStore) -> BackendSettings:
+        defaults = cls()
+        values: Dict[str, Any] = {}
+        for f in fields(cls):
+            raw = store.value(SETTINGS_PREFIX + f.name, getattr(defaults, f.name))
+            default = getattr(defaults, f.name)
+            if isinstance(default, bool):
+                values[f.name] = _as_bool(raw)
+            elif isinstance(default, int):
+                values[f.name] = _as_int(raw, default)
+            else:
+                values[f.name] = "" if raw is None else str(raw)
+        if values["mode"] not in MODES:
+            values["mode"] = LOCAL
+        return cls(**values)
+
+    def save(self, store: SettingsStore) -> None:
+        for f in fields(self):
+            store.setValue(SETTINGS_PREFIX + f.name, getattr(self, f.name))
+
+    def with_changes(self, **changes: Any) -> BackendSettings:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise :class:`BackendConfigError` naming the setting to change."""
+        if self.mode not in MODES:
+            raise BackendConfigError(f"unknown backend mode {self.mode!r}: use {' or '.join(MODES)}")
+        if self.mode == REMOTE:
+            url = self.remote_url.strip()
+            if not url:
+                raise BackendConfigError("remote backend: enter the server URL (for example https://host:8470)")
+            if not url.startswith(("http://", "https://")):
+                raise BackendConfigError(f"remote backend URL must start with https:// or http://, got {url!r}")
+            if not self.remote_opt_in:
+                raise BackendConfigError(
+                    "remote backend: images are sent to another computer only after you agree; tick "
+                    "'Send images to this server' (or use the local backend)"
+                )
+        elif self.local_model and not Path(self.local_model).is_file():
+            raise BackendConfigError(f"local backend: the model file {self.local_model!r} does not exist")
+        elif not self.local_model and not SHIPPED_MODEL.is_file():
+            raise BackendConfigError(
+                f"local backend: the shipped model is missing ({SHIPPED_MODEL}); choose a checkpoint file"
+            )
+
+    def server_python(self) -> str:
+        """The interpreter for the local server.
+
+        Inside Slicer ``sys.executable`` is the application itself, not a Python; its interpreter
+        ``PythonSlicer`` sits beside it.
+        """
+        if self.local_python:
+            return self.local_python
+        if os.environ.get("SEGASSIST_SERVER_PYTHON"):
+            return os.environ["SEGASSIST_SERVER_PYTHON"]
+        exe = Path(sys.executable)
+        if exe.stem.lower().startswith(("python", "pythonslicer")):
+            return str(exe)
+        beside = shutil.which("PythonSlicer", path=str(exe.parent))
+        return beside or shutil.which("PythonSlicer") or str(exe)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """What the module panel shows: where, whether it answers, and which model."""
+
+    mode: str
+    connected: bool
+    url: str = ""
+    model: str = ""
+    version: str = ""
+    licence: str = ""
+    devices: str = ""
+    message: str = ""
+
+    @property
+    def model_text(self) -> str:
+        if not self.model:
+            return "(not connected)"
+        return f"{self.model} {self.version}".strip()
+
+    def summary(self) -> str:
+        where = "local backend" if self.mode == LOCAL else f"remote backend {self.url}"
+        if not self.connected:
+            return f"{where}: {self.message or 'not connected'}"
+        return f"{where}: connected, model {self.model_text} ({self.licence}) on {self.devices}"
+
+
+class BackendManager:
+    """Owns the backend connection: starts a local server on demand or connects to the remote one.
+
+    Thread-safe: the GUI thread changes settings while the worker thread uses the client.
+    """
+
+    def __init__(self, settings: Optional[BackendSettings] = None, state_dir: Optional[os.PathLike] = None) -> None:
+        self._settings = settings or BackendSettings()
+        self._state_dir = state_dir
+        self._lock = threading.RLock()
+        self._local: Optional[LocalBackend] = None
+        self._client: Optional[SegAssistClient] = None
+
+    @property
+    def settings(self) -> BackendSettings:
+        return self._settings
+
+    def update_settings(self, settings: BackendSettings) -> None:
+        """Use new settings; a connection made under different ones is dropped (a local server stays up)."""
+        with self._lock:
+            if settings == self._settings:
+                return
+            self._settings = settings
+            self._drop_client()
+
+    # ---- connection --------------------------------------------------------------------------
+    def client(self) -> SegAssistClient:
+        """The client for the configured backend; a local backend is started if needed (blocks)."""
+        with self._lock:
+            settings = self._settings
+            settings.validate()
+            if self._client is not None and (settings.mode == REMOTE or self.local_running):
+                return self._client
+            self._drop_client()
+            if settings.mode == LOCAL:
+                self._client = self._start_local(settings).client()
+            else:
+                self._client = SegAssistClient(
+                    settings.remote_url.strip(),
+                    settings.remote_token.strip() or None,
+                    allow_insecure_token=settings.allow_insecure_http,
+                )
+            return self._client
+
+    def test_connection(self) -> BackendStatus:
+        """Contact the backend (health, then info with the token) and describe it; never raises."""
+        settings = self._settings
+        try:
+            client = self.client()
+            client.health(timeout=(3.0, 10.0))
+            info = client.info(refresh=True)
+        except (SegAssistError, ValueError) as exc:
+            return BackendStatus(settings.mode, False, self._url_for(settings), message=str(exc))
+        return BackendStatus(
+            mode=settings.mode,
+            connected=True,
+            url=client.url,
+            model=info.model.name,
+            version=info.model.version,
+            licence=info.model.licence,
+            devices=", ".join(info.devices),
+            message="connected" + (f" as {info.user}" if info.auth_required else ""),
+        )
+
+    # ---- the local backend --------------------------------------------------------------------
+    @property
+    def local_running(self) -> bool:
+        return self._local is not None and self._local.running
+
+    def start_local(self) -> BackendStatus:
+        """Start (or reuse) the local backend with the current settings and describe it."""
+        with self._lock:
+            if self._settings.mode != LOCAL:
+                self._settings = self._settings.with_changes(mode=LOCAL)
+                self._drop_client()
+            self.client()
+        return self.test_connection()
+
+    def stop_local(self) -> None:
+        """Stop the local backend if this manager started it (one started by another process stays)."""
+        with self._lock:
+            self._drop_client()
+            local, self._local = self._local, None
+            if local is not None:
+                local.stop()
+
+    def local_status(self) -> BackendStatus:
+        """The local backend's state without contacting it."""
+        if self.local_running:
+            assert self._local is not None
+            owner = "started here" if self._local.owned else "shared with another process"
+            return BackendStatus(LOCAL, True, self._local.url or "", message=f"running ({owner})")
+        return BackendStatus(LOCAL, False, message="stopped")
+
+    def close(self) -> None:
+        """Drop the connection and stop a local backend this manager started."""
+        self.stop_local()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _start_local(self, settings: BackendSettings) -> LocalBackend:
+        if self.local_running and self._local is not None:
+            return self._local
+        extra = ["--threads", str(settings.local_threads)] if settings.local_threads > 0 else []
+        backend = LocalBackend(
+            model=settings.local_model or None,
+            device=settings.local_device or "cpu",
+            state_dir=self._state_dir,
+            python=settings.server_python(),
+            extra_args=extra,
+        )
+        try:
+            backend.start()
+        except ClientError:
+            raise
+        except OSError as exc:  # the interpreter could not be executed at all
+            raise BackendConfigError(
+                f"could not start the local backend with {backend.python!r}: {exc}. Set 'Server Python' to "
+                "a Python with torch, MONAI and FastAPI (see docs/slicer.md)"
+            ) from exc
+        self._local = backend
+        return backend
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    @staticmethod
+    def _url_for(settings: BackendSettings) -> str:
+        return settings.remote_url.strip() if settings.mode == REMOTE else ""
+
+
+_shared_lock = threading.Lock()
+_shared: Optional[BackendManager] = None
+
+
+def shared_manager() -> BackendManager:
+    """The process-wide manager the SegAssist module panel and its segment editor effect share."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = BackendManager()
+        return _shared

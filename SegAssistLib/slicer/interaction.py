@@ -1,0 +1,412 @@
+"""The SegAssist segment editor effect without Qt: tools, shortcuts, gestures, prompts, display.
+
+The effect (``SegAssist/SegAssistEffect``) forwards slice-view events here and draws what this
+module computes; everything that can be decided without Qt is decided here, so CI tests it on
+slicer-core. The prompt bookkeeping (pending requests, stale replies, undo/redo) is in
+:mod:`.session_state`.
+
+Mouse: a left click or drag in any slice view uses the active tool with the active polarity;
+holding Ctrl gives the opposite polarity for that one prompt. Shift- and Alt- drags, right-button
+and wheel events are left to Slicer (crosshair, panning, zoom, slice browsing).
+
+Keys: :data:`SHORTCUTS`. They avoid the keys the Segment Editor already takes
+(:data:`SEGMENT_EDITOR_KEYS`) and the slice views' own keys (:data:`SLICE_VIEW_KEYS`), with any
+modifier, and never use Ctrl or Alt (Slicer's application shortcuts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import slicer
+
+from SegAssistLib.errors import PromptError
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
+from SegAssistLib.slicer import coordinates
+
+XY = Tuple[float, float]
+
+
+class Tool(str, Enum):
+    CLICK = "click"
+    BOX = "box"
+    SCRIBBLE = "scribble"
+    LASSO = "lasso"
+
+
+TOOL_TITLES: Dict[Tool, str] = {
+    Tool.CLICK: "Click",
+    Tool.BOX: "Box",
+    Tool.SCRIBBLE: "Scribble",
+    Tool.LASSO: "Lasso",
+}
+
+
+class Action(str, Enum):
+    CLICK_TOOL = "click_tool"
+    BOX_TOOL = "box_tool"
+    SCRIBBLE_TOOL = "scribble_tool"
+    LASSO_TOOL = "lasso_tool"
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+    UNDO = "undo"
+    REDO = "redo"
+    RESET = "reset"
+    ACCEPT = "accept"
+    DROP_VERTEX = "drop_vertex"
+
+
+TOOL_FOR_ACTION: Dict[Action, Tool] = {
+    Action.CLICK_TOOL: Tool.CLICK,
+    Action.BOX_TOOL: Tool.BOX,
+    Action.SCRIBBLE_TOOL: Tool.SCRIBBLE,
+    Action.LASSO_TOOL: Tool.LASSO,
+}
+
+_KEY_NAMES = {"Return": "Enter", "KP_Enter": "Keypad Enter", "BackSpace": "Backspace"}
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """One key of the effect: a VTK keysym (letters in lower case), with or without Shift."""
+
+    key: str
+    action: Action
+    description: str
+    shift: bool = False
+
+    @property
+    def label(self) -> str:
+        name = _KEY_NAMES.get(self.key, self.key.upper() if len(self.key) == 1 else self.key)
+        return f"Shift+{name}" if self.shift else name
+
+
+SHORTCUTS: Tuple[Shortcut, ...] = (
+    Shortcut("c", Action.CLICK_TOOL, "click tool: each click adds a point"),
+    Shortcut("o", Action.BOX_TOOL, "box tool: drag a rectangle around the object on a slice"),
+    Shortcut("s", Action.SCRIBBLE_TOOL, "scribble tool: drag to draw a stroke"),
+    Shortcut("l", Action.LASSO_TOOL, "lasso tool: click the outline's corners (or drag); close it at the first one"),
+    Shortcut("p", Action.POSITIVE, "positive: the next prompts mark the object"),
+    Shortcut("n", Action.NEGATIVE, "negative: the next prompts mark background"),
+    Shortcut("u", Action.UNDO, "undo the last prompt"),
+    Shortcut("u", Action.REDO, "redo the last undone prompt", shift=True),
+    Shortcut("x", Action.RESET, "reset: drop this object's prompts and restore the segment", shift=True),
+    Shortcut("Return", Action.ACCEPT, "accept the result and start a new object (while drawing a lasso: close it)"),
+    Shortcut("KP_Enter", Action.ACCEPT, "accept, as Enter"),
+    Shortcut("BackSpace", Action.DROP_VERTEX, "remove the last lasso corner"),
+)
+
+_DIGITS = [str(d) for d in range(10)]
+#: Keys the Segment Editor takes (see SLICER.md): effect selection 0-9 and Shift+0-9 (the shifted
+#: digits' keysyms on a US layout too), Esc, Space, Z/Y (undo/redo), Q/W, / and *, comma and
+#: period, < and >, I. Blocked with any modifier.
+SEGMENT_EDITOR_KEYS = frozenset(
+    _DIGITS
+    + [f"KP_{d}" for d in _DIGITS]
+    + ["exclam", "at", "numbersign", "dollar", "percent", "asciicircum", "ampersand", "parenleft", "parenright"]
+    + ["Escape", "space", "z", "y", "q", "w", "slash", "asterisk", "KP_Divide", "KP_Multiply"]
+    + ["comma", "period", "less", "greater", "i"]
+)
+#: Keys Slicer's slice views handle themselves (vtkMRMLSliceIntersectionWidget): slice browsing,
+#: reset field of view, label/foreground opacity, slice visibility, volume switching.
+SLICE_VIEW_KEYS = frozenset(
+    ["f", "b", "r", "g", "t", "v", "Left", "Right", "Up", "Down"]
+    + ["bracketleft", "bracketright", "braceleft", "braceright", "Prior", "Next"]
+)
+
+
+def normalize_key(keysym: str) -> str:
+    """Letters in lower case (VTK reports Shift+u as ``U``); other keysyms as they are."""
+    return keysym.lower() if len(keysym) == 1 else keysym
+
+
+def reserved_key(keysym: str) -> bool:
+    """True when Slicer already uses this key (with any modifier) in the Segment Editor or slice views."""
+    key = normalize_key(keysym)
+    return key in SEGMENT_EDITOR_KEYS or key in SLICE_VIEW_KEYS
+
+
+def resolve_key(keysym: str, shift: bool = False, ctrl: bool = False, alt: bool = False) -> Optional[Action]:
+    """The effect's action for a key press, or None to leave the key to Slicer."""
+    if ctrl or alt or not keysym:
+        return None
+    shifted = shift or (len(keysym) == 1 and keysym.isalpha() and keysym.isupper())
+    key = normalize_key(keysym)
+    for shortcut in SHORTCUTS:
+        if shortcut.key == key and shortcut.shift == shifted:
+            return shortcut.action
+    return None
+
+
+def shortcut_labels(action: Action) -> str:
+    """The keys of an action as shown in tooltips: ``"Enter, Keypad Enter"``."""
+    return ", ".join(s.label for s in SHORTCUTS if s.action == action)
+
+
+def tooltip(action: Action, text: str) -> str:
+    keys = shortcut_labels(action)
+    return f"{text} ({keys})" if keys else text
+
+
+def mouse_help(tool: Tool, positive: bool) -> str:
+    """What a left click or drag does now, for the options panel and the cursor's tooltip."""
+    sign, other = ("positive (object)", "negative (background)") if positive else ("negative (background)", "positive")
+    if tool is Tool.CLICK:
+        return f"Click: add a {sign} point. Ctrl+click: a {other} point."
+    if tool is Tool.BOX:
+        return "Drag: draw a box around the object on this slice (boxes are always positive)."
+    if tool is Tool.SCRIBBLE:
+        return f"Drag: draw a {sign} scribble. Ctrl+drag: a {other} scribble."
+    return (
+        f"Click the corners of a {sign} lasso (or drag); click the first corner or press Enter to close it. "
+        f"Ctrl: {other}. Backspace removes the last corner."
+    )
+
+
+def help_rows() -> List[Tuple[str, str]]:
+    """(keys, what they do) for the help text, mouse first."""
+    rows = [
+        ("Left click / drag", "use the active tool with the active polarity"),
+        ("Ctrl + left click / drag", "the same with the opposite polarity"),
+    ]
+    return rows + [(s.label, s.description) for s in SHORTCUTS]
+
+
+# ---- gestures -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gesture:
+    """A finished mouse gesture in one slice view: positions in the view's XY pixels."""
+
+    tool: Tool
+    positive: bool
+    view: str
+    xy: Tuple[XY, ...]
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What to draw while a gesture is in progress."""
+
+    view: str
+    tool: Tool
+    positive: bool
+    xy: Tuple[XY, ...]
+    closed: bool
+
+
+def _distance(a: Sequence[float], b: Sequence[float]) -> float:
+    return math.hypot(float(a[0]) - float(b[0]), float(a[1]) - float(b[1]))
+
+
+class GestureRecorder:
+    """Turns left-button presses, moves and releases in slice views into :class:`Gesture` objects.
+
+    - click: press and release within ``click_tolerance_px`` (a longer drag is not a click);
+    - box: press, drag, release; both sides at least ``click_tolerance_px`` long;
+    - scribble: press, drag, release; a vertex every ``min_step_px``;
+    - lasso: a click per corner (a drag adds corners along the way); clicking within
+      ``close_radius_px`` of the first corner, or :meth:`finish`, closes it (3 corners at least).
+
+    ``hint`` says why the last gesture produced nothing.
+    """
+
+    def __init__(self, click_tolerance_px: float = 4.0, min_step_px: float = 2.0, close_radius_px: float = 8.0):
+        self.click_tolerance_px = click_tolerance_px
+        self.min_step_px = min_step_px
+        self.close_radius_px = close_radius_px
+        self.hint = ""
+        self._reset()
+
+    def _reset(self) -> None:
+        self._view: Optional[str] = None
+        self._tool: Optional[Tool] = None
+        self._positive = True
+        self._points: List[XY] = []
+        self._current: Optional[XY] = None
+        self._pressed = False
+
+    @property
+    def active(self) -> bool:
+        """A gesture is in progress (a button held, or a lasso not closed yet)."""
+        return self._pressed or (self._tool is Tool.LASSO and bool(self._points))
+
+    @property
+    def drawing_lasso(self) -> bool:
+        return self._tool is Tool.LASSO and bool(self._points)
+
+    def cancel(self) -> bool:
+        was_active = self.active
+        self._reset()
+        return was_active
+
+    def press(self, view: str, xy: Sequence[float], tool: Tool, positive: bool) -> Optional[Gesture]:
+        point = (float(xy[0]), float(xy[1]))
+        self.hint = ""
+        if tool is Tool.LASSO and self.drawing_lasso and self._view == view:
+            if len(self._points) >= 3 and _distance(point, self._points[0]) <= self.close_radius_px:
+                return self.finish()
+            self._pressed = True
+            self._add(point, force=True)
+            return None
+        self._reset()
+        self._view, self._tool, self._positive, self._pressed = view, tool, positive, True
+        self._points = [point]
+        self._current = point
+        return None
+
+    def move(self, view: str, xy: Sequence[float]) -> bool:
+        """Track the pointer; True when the feedback changed (redraw)."""
+        if not self._pressed or view != self._view:
+            return False
+        point = (float(xy[0]), float(xy[1]))
+        self._current = point
+        if self._tool in (Tool.SCRIBBLE, Tool.LASSO):
+            return self._add(point)
+        return self._tool is Tool.BOX
+
+    def release(self, view: str, xy: Sequence[float]) -> Optional[Gesture]:
+        if not self._pressed or view != self._view:
+            return None
+        point = (float(xy[0]), float(xy[1]))
+        self._pressed = False
+        tool, start = self._tool, self._points[0]
+        if tool is Tool.LASSO:
+            self._add(point)
+            return None
+        if tool is Tool.CLICK:
+            gesture = self._gesture((start,)) if _distance(start, point) <= self.click_tolerance_px else None
+            if gesture is None:
+                self.hint = "That was a drag, not a click: no point added"
+        elif tool is Tool.BOX:
+            big = min(abs(point[0] - start[0]), abs(point[1] - start[1])) >= self.click_tolerance_px
+            gesture = self._gesture((start, point)) if big else None
+            if gesture is None:
+                self.hint = "Drag to draw a box: the rectangle was too small"
+        else:
+            self._add(point)
+            gesture = self._gesture(tuple(self._points))
+        self._reset()
+        return gesture
+
+    def finish(self) -> Optional[Gesture]:
+        """Close the lasso being drawn (Enter or a click on its first corner)."""
+        if not self.drawing_lasso:
+            return None
+        if len(self._points) < 3:
+            self.hint = "A lasso needs at least 3 corners"
+            return None
+        gesture = self._gesture(tuple(self._points))
+        self._reset()
+        return gesture
+
+    def drop_last_vertex(self) -> bool:
+        if not self.drawing_lasso:
+            return False
+        self._points.pop()
+        if not self._points:
+            self._reset()
+        return True
+
+    def feedback(self) -> Optional[Feedback]:
+        """The rubber band to draw now, or None."""
+        if self._view is None or self._tool is None or not self.active:
+            return None
+        if self._tool is Tool.BOX and self._current is not None:
+            (x0, y0), (x1, y1) = self._points[0], self._current
+            corners = ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
+            return Feedback(self._view, self._tool, True, corners, True)
+        if self._tool in (Tool.SCRIBBLE, Tool.LASSO):
+            return Feedback(self._view, self._tool, self._positive, tuple(self._points), False)
+        return None
+
+    def _add(self, point: XY, force: bool = False) -> bool:
+        if not force and self._points and _distance(point, self._points[-1]) < self.min_step_px:
+            return False
+        self._points.append(point)
+        return True
+
+    def _gesture(self, xy: Tuple[XY, ...]) -> Gesture:
+        assert self._view is not None and self._tool is not None
+        positive = True if self._tool is Tool.BOX else self._positive
+        return Gesture(self._tool, positive, self._view, xy)
+
+
+# ---- prompts from gestures ----------------------------------------------------------------------
+def check_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
+    """Raise :class:`PromptError` when a prompt's coordinates leave the volume (with half a voxel of slack)."""
+    points, _ = prompt_points_ijk(prompt)
+    upper = np.asarray(shape_kji[::-1], float) - 0.5
+    outside = np.any((points < -0.5) | (points > upper), axis=1)
+    if outside.any():
+        what = "click" if isinstance(prompt, PointPrompt) else prompt.kind
+        raise PromptError(f"the {what} is outside the volume: draw inside the image")
+
+
+def gesture_to_prompt(
+    gesture: Gesture,
+    slice_node: slicer.vtkMRMLSliceNode,
+    volume_node: slicer.vtkMRMLVolumeNode,
+    scribble_width: float = 1.0,
+) -> Prompt:
+    """The prompt a gesture makes on this slice view and volume (voxel coordinates of the volume)."""
+    xy = [list(p) for p in gesture.xy]
+    if gesture.tool is Tool.CLICK:
+        prompt: Prompt = coordinates.point_prompt(slice_node, xy[0], volume_node, positive=gesture.positive)
+    elif gesture.tool is Tool.BOX:
+        prompt = coordinates.box_prompt(slice_node, xy[0], xy[1], volume_node)
+    elif gesture.tool is Tool.SCRIBBLE:
+        prompt = coordinates.scribble_prompt(slice_node, xy, volume_node, gesture.positive, scribble_width)
+    else:
+        prompt = coordinates.lasso_prompt(slice_node, xy, volume_node, gesture.positive)
+    image = volume_node.GetImageData()
+    if image is not None:
+        i, j, k = image.GetDimensions()
+        check_inside(prompt, (k, j, i))
+    return prompt
+
+
+# ---- display ------------------------------------------------------------------------------------
+def prompt_points_ijk(prompt: Prompt) -> Tuple[np.ndarray, bool]:
+    """A prompt's vertices in IJK (n, 3) and whether they form a closed outline."""
+    if isinstance(prompt, PointPrompt):
+        return np.asarray([prompt.position], float), False
+    if isinstance(prompt, BoxPrompt):
+        lo, hi = np.asarray(prompt.min_corner, float), np.asarray(prompt.max_corner, float)
+        if prompt.is_2d:
+            flat = int(np.argmin(hi - lo))
+            a, b = [axis for axis in range(3) if axis != flat]
+            corners = []
+            for ua, ub in ((lo[a], lo[b]), (hi[a], lo[b]), (hi[a], hi[b]), (lo[a], hi[b])):
+                c = lo.copy()
+                c[a], c[b] = ua, ub
+                corners.append(c)
+            return np.asarray(corners), True
+        return np.asarray([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]), False
+    if isinstance(prompt, (ScribblePrompt, LassoPrompt)):
+        return np.asarray(prompt.points, float), isinstance(prompt, LassoPrompt)
+    return np.zeros((0, 3)), False
+
+
+def project_to_slice(
+    points_ras: np.ndarray,
+    xy_to_ras: np.ndarray,
+    tolerance_mm: float,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Slice-view XY of RAS points, and which lie within ``tolerance_mm`` of the slice plane.
+
+    ``xy_to_ras`` is the slice node's ``GetXYToRAS()`` as a 4x4 array. Used to draw placed prompts
+    only on the slices they were drawn on (or pass through).
+    """
+    pts = np.atleast_2d(np.asarray(points_ras, float))
+    m = np.asarray(xy_to_ras, float)
+    normal = np.cross(m[:3, 0], m[:3, 1])
+    norm = np.linalg.norm(normal)
+    if norm == 0 or len(pts) == 0:
+        return np.zeros((len(pts), 2)), np.zeros(len(pts), bool)
+    distance = (pts - m[:3, 3]) @ (normal / norm)
+    xyz = np.linalg.solve(m, np.column_stack([pts, np.ones(len(pts))]).T).T
+    return xyz[:, :2], np.abs(distance) <= tolerance_mm

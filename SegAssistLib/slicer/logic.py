@@ -1,0 +1,230 @@
+"""Batch segmentation in a scene: a volume node and prompts in, a segment out. Qt-free, blocking.
+
+This is the Slicer module's logic without the GUI: batch scripts (``Slicer --no-main-window
+--python-script``), the module's self-tests and CI (slicer-core) all drive it. No dialogs: errors
+are exceptions (:class:`~SegAssistLib.errors.SegAssistError` subclasses with a message a user can
+act on), progress goes to a callback ``progress(fraction, message)``.
+
+Prompts can be SegAssist prompts (objects or their JSON dicts, voxel coordinates of the volume) or
+markups nodes, converted with the volume's geometry and every parent transform:
+
+- point list -> one point prompt per placed control point (polarity: see :mod:`.markups`);
+- ROI -> a 3D box (a 2D one when the ROI is thinner than a voxel);
+- closed curve -> a lasso through its curve points; open curve or line -> a scribble.
+
+The engine is anything with the engine interface: a :class:`~SegAssistLib.client.SegAssistClient`
+(local or remote backend, see :mod:`.backend`) or an in-process engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import slicer
+import slicer.util
+
+from SegAssistLib.engine.base import Engine, EngineSession
+from SegAssistLib.errors import PromptError, SegAssistError
+from SegAssistLib.prompts import LassoPrompt, Prompt, PromptLog, ScribblePrompt, parse_prompt
+from SegAssistLib.slicer import markups, segments, volumes
+from SegAssistLib.slicer.coordinates import build_prompt, ras_to_ijk
+
+ProgressCallback = Callable[[float, str], None]
+PromptSource = Union[Prompt, Dict[str, Any], slicer.vtkMRMLMarkupsNode]
+DEFAULT_SEGMENT_NAME = "SegAssist"
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    """The default progress callback: nothing to report to."""
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment_volume` made: where the segment is, the mask, and how it was made."""
+
+    segmentation_node: slicer.vtkMRMLSegmentationNode
+    segment_id: str
+    mask: np.ndarray  # uint8 [k, j, i] on the volume's grid
+    prompt_log: PromptLog
+    model: str
+    latencies_s: List[float] = field(default_factory=list)
+
+    @property
+    def voxel_count(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+def _curve_points_ijk(node: slicer.vtkMRMLMarkupsNode, volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
+    points = slicer.util.arrayFromMarkupsCurvePoints(node, world=True)
+    if points is None or len(points) == 0:
+        points = slicer.util.arrayFromMarkupsControlPoints(node, world=True)
+    if points is None or len(points) == 0:
+        raise PromptError(f"markups {node.GetName()!r} has no points")
+    return np.atleast_2d(ras_to_ijk(np.asarray(points, float), volume_node))
+
+
+def prompts_from_markups(
+    node: slicer.vtkMRMLMarkupsNode,
+    volume_node: slicer.vtkMRMLVolumeNode,
+) -> List[Prompt]:
+    """The prompts a markups node stands for, in the volume's voxel coordinates."""
+    name = node.GetName()
+    if node.IsA("vtkMRMLMarkupsROINode"):
+        return [markups.roi_box_prompt(node, volume_node)]
+    if node.IsA("vtkMRMLMarkupsPlaneNode") or node.IsA("vtkMRMLMarkupsAngleNode"):
+        raise PromptError(f"markups {name!r} ({node.GetClassName()}) cannot be a prompt: use points, ROI or curves")
+    if node.IsA("vtkMRMLMarkupsCurveNode") or node.IsA("vtkMRMLMarkupsLineNode"):
+        if node.GetNumberOfDefinedControlPoints() == 0:
+            raise PromptError(f"markups {name!r} has no placed control points")
+        positive = markups.is_positive(node, 0)
+        points = _curve_points_ijk(node, volume_node)
+        if node.IsA("vtkMRMLMarkupsClosedCurveNode"):
+            return [build_prompt(LassoPrompt, f"lasso from {name!r}", points=points, positive=positive)]
+        return [build_prompt(ScribblePrompt, f"scribble from {name!r}", points=points, positive=positive)]
+    prompts = markups.point_prompts(node, volume_node)
+    if not prompts:
+        raise PromptError(f"markups {name!r} has no placed control points")
+    return list(prompts)
+
+
+def collect_prompts(sources: Sequence[PromptSource], volume_node: slicer.vtkMRMLVolumeNode) -> List[Prompt]:
+    """Prompts from a mix of prompt objects, prompt dicts and markups nodes, in the given order."""
+    prompts: List[Prompt] = []
+    for source in sources:
+        if isinstance(source, slicer.vtkMRMLMarkupsNode):
+            prompts.extend(prompts_from_markups(source, volume_node))
+        elif isinstance(source, dict):
+            prompts.append(parse_prompt(source))
+        elif hasattr(source, "kind") and hasattr(source, "model_dump"):
+            prompts.append(source)  # type: ignore[arg-type]
+        else:
+            raise PromptError(f"not a prompt: {type(source).__name__} (give prompts, prompt dicts or markups nodes)")
+    return prompts
+
+
+def load_prompt_file(
+    path: Union[str, Path],
+    volume_node: slicer.vtkMRMLVolumeNode,
+    markups_logic: Optional[slicer.vtkSlicerMarkupsLogic] = None,
+) -> List[Prompt]:
+    """Prompts from a file: ``.mrk.json`` (markups, read into the scene) or SegAssist JSON.
+
+    SegAssist JSON is a prompt log (``{"schema_version": ..., "prompts": [...]}``), an object with
+    a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices of the volume.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file not found: {path}")
+    if path.name.lower().endswith(".mrk.json"):
+        if markups_logic is None:
+            raise SegAssistError("reading a .mrk.json file needs the Markups module logic")
+        node = markups.load_markups(markups_logic, str(path))
+        return prompts_from_markups(node, volume_node)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PromptError(f"cannot read prompts from {path}: {exc}") from exc
+    if isinstance(data, dict) and "schema_version" in data:
+        try:
+            return list(PromptLog.model_validate(data).prompts)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise PromptError(f"{path}: invalid prompt log: {exc}") from exc
+    items = data.get("prompts") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise PromptError(f"{path}: expected a list of prompts or an object with a 'prompts' list")
+    return [parse_prompt(item) for item in items]
+
+
+# ---- segmentation nodes -------------------------------------------------------------------------
+def find_or_add_segment(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    segment_name: str,
+    segment_id: Optional[str] = None,
+    color: Optional[Sequence[float]] = None,
+) -> str:
+    """The ID of the segment to write: ``segment_id`` if given, else the one named so, else a new one."""
+    segmentation = segmentation_node.GetSegmentation()
+    if segment_id:
+        if segmentation.GetSegment(segment_id) is None:
+            return segments.add_segment(segmentation_node, segment_name, color, segment_id=segment_id)
+        return segment_id
+    existing = segmentation.GetSegmentIdBySegmentName(segment_name)
+    if existing:
+        return existing
+    return segments.add_segment(segmentation_node, segment_name, color)
+
+
+def _open_session(engine: Engine, volume, progress: ProgressCallback) -> EngineSession:
+    from SegAssistLib.client import SegAssistClient
+
+    if isinstance(engine, SegAssistClient):
+
+        def uploaded(sent: int, total: int) -> None:
+            progress(0.05 + 0.25 * sent / max(total, 1), f"Uploading the image ({100 * sent // max(total, 1)} %)")
+
+        return engine.open_session(volume, progress=uploaded)
+    return engine.open_session(volume)
+
+
+def segment_volume(
+    engine: Engine,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
+    prompts: Sequence[PromptSource],
+    *,
+    segmentation_node: Optional[slicer.vtkMRMLSegmentationNode] = None,
+    segment_name: str = DEFAULT_SEGMENT_NAME,
+    segment_id: Optional[str] = None,
+    color: Optional[Sequence[float]] = None,
+    progress: Optional[ProgressCallback] = None,
+) -> SegmentationResult:
+    """Segment one object of ``volume_node`` from ``prompts`` into a segment, and return it.
+
+    The segment (``segment_id``, else the one called ``segment_name``, else a new one) is replaced
+    by the result; other segments are left as they are. Without ``segmentation_node`` a new
+    segmentation is created on the volume's geometry. Blocks until done.
+    """
+    report = progress or _no_progress
+    scene = volume_node.GetScene()
+    if scene is None:
+        raise SegAssistError(f"volume {volume_node.GetName()!r} is not in a scene")
+    report(0.0, "Reading the volume")
+    prompt_list = collect_prompts(prompts, volume_node)
+    if not prompt_list:
+        raise PromptError("no prompts: place at least one point, box, scribble or lasso")
+    volume = volumes.volume_from_node(volume_node)
+    report(0.05, "Opening a session")
+    session = _open_session(engine, volume, report)
+    latencies: List[float] = []
+    try:
+        for index, prompt in enumerate(prompt_list):
+            report(0.3 + 0.65 * index / len(prompt_list), f"Prompt {index + 1} of {len(prompt_list)}: {prompt.kind}")
+            started = time.perf_counter()
+            session.add_prompt(prompt)
+            latencies.append(time.perf_counter() - started)
+        mask = np.asarray(session.result(), np.uint8)
+        log = session.prompt_log()
+    finally:
+        with contextlib.suppress(SegAssistError, OSError):
+            session.close()
+    caps = engine.capabilities()
+    report(0.97, "Writing the segment")
+    if segmentation_node is None:
+        segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
+    target = find_or_add_segment(segmentation_node, segment_name, segment_id, color)
+    segments.array_to_segment(mask, segmentation_node, target, volume_node)
+    report(1.0, f"Done: {int(np.count_nonzero(mask))} voxels in segment {segment_name!r}")
+    return SegmentationResult(
+        segmentation_node=segmentation_node,
+        segment_id=target,
+        mask=mask,
+        prompt_log=log,
+        model=f"{caps.name} {caps.version}".strip(),
+        latencies_s=latencies,
+    )

@@ -1,0 +1,296 @@
+"""Prompt bookkeeping of the segment editor effect, and the backend session its worker thread drives.
+
+Qt-free. The effect works on one object at a time (an *epoch*): the prompts placed on the selected
+segment since the last accept or reset. Main thread: :class:`PromptState` numbers each request
+(``seq``), tracks which are still pending and tells whether a reply still counts. Worker thread:
+:class:`InteractiveSession` owns the backend session of one epoch.
+
+Why epochs and not "newest sequence number wins": a reply carries only the box that changed since
+the previous step, so every reply of the current object must be applied, in order (one worker
+thread guarantees the order). A reply is stale when its object is gone: the user pressed reset
+or accept, or switched segment or volume, while it was in flight. Those are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from SegAssistLib.client.errors import ClientError, SessionNotFoundError
+from SegAssistLib.engine.base import Engine, EngineSession, MaskUpdate
+from SegAssistLib.errors import SegAssistError, SessionError
+from SegAssistLib.image import Volume
+from SegAssistLib.prompts import MaskPrompt, Prompt
+from SegAssistLib.slicer.worker import ProgressNote
+
+#: Seconds a request may take before the effect shows a progress note (before that: a wait cursor).
+NOTE_AFTER_S = 1.0
+
+
+class Op(str, Enum):
+    PROMPT = "prompt"
+    UNDO = "undo"
+    REDO = "redo"
+
+
+@dataclass(frozen=True)
+class Request:
+    seq: int
+    epoch: int
+    op: Op
+    prompt: Optional[Prompt]
+    issued_at: float
+
+
+class _Stack:
+    """Prompts in effect and prompts undone, as the backend's undo/redo sees them."""
+
+    def __init__(self) -> None:
+        self.done: List[Prompt] = []
+        self.undone: List[Prompt] = []
+
+    def copy(self) -> _Stack:
+        other = _Stack()
+        other.done, other.undone = list(self.done), list(self.undone)
+        return other
+
+    def allows(self, op: Op) -> bool:
+        return op is Op.PROMPT or bool(self.done if op is Op.UNDO else self.undone)
+
+    def apply(self, op: Op, prompt: Optional[Prompt]) -> None:
+        if op is Op.PROMPT:
+            assert prompt is not None
+            self.done.append(prompt)
+            self.undone.clear()
+        elif op is Op.UNDO:
+            self.undone.append(self.done.pop())
+        else:
+            self.done.append(self.undone.pop())
+
+
+class PromptState:
+    """Requests of the current object: numbering, pending set, stale-reply filter, undo/redo gating.
+
+    ``expected`` is the prompt history as it will be once every pending request succeeds (what the
+    user sees and what undo/redo are checked against); ``confirmed`` is what the backend answered.
+    Undo cannot go past this object's first prompt: an initial mask taken from the segment is not
+    a user prompt.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.epoch = 0
+        self._next_seq = 1
+        self._pending: Dict[int, Request] = {}
+        self._confirmed = _Stack()
+        self._expected = _Stack()
+        self.dropped = 0
+        self.last_error: Optional[BaseException] = None
+
+    # ---- requests ---------------------------------------------------------------------------
+    def request(self, op: Op, prompt: Optional[Prompt] = None) -> Request:
+        """A numbered request for the worker; raises :class:`SessionError` if undo/redo has nothing to do."""
+        if (op is Op.PROMPT) != (prompt is not None):
+            raise ValueError("a prompt request needs a prompt, undo and redo none")
+        if not self._expected.allows(op):
+            raise SessionError("nothing to undo" if op is Op.UNDO else "nothing to redo")
+        self._expected.apply(op, prompt)
+        request = Request(self._next_seq, self.epoch, op, prompt, self._clock())
+        self._next_seq += 1
+        self._pending[request.seq] = request
+        return request
+
+    def is_current(self, request: Request) -> bool:
+        return request.epoch == self.epoch and request.seq in self._pending
+
+    def accept(
+        self, request: Request, update: Optional[MaskUpdate] = None, error: Optional[BaseException] = None
+    ) -> Optional[MaskUpdate]:
+        """Take a reply: the update to write, or None when it is stale, failed or empty."""
+        if not self.is_current(request):
+            self.dropped += 1
+            return None
+        del self._pending[request.seq]
+        if error is not None or update is None:
+            self.last_error = error
+            self._replan()
+            return None
+        self.last_error = None
+        self._confirmed.apply(request.op, request.prompt)
+        return update if update.voxels.size else None
+
+    def new_epoch(self) -> int:
+        """Start a new object: every pending reply becomes stale, the history empties."""
+        self.epoch += 1
+        self._pending.clear()
+        self._confirmed = _Stack()
+        self._expected = _Stack()
+        self.last_error = None
+        return self.epoch
+
+    def _replan(self) -> None:
+        """After a failure: the expected history is what the backend confirmed, plus what is still pending."""
+        expected = self._confirmed.copy()
+        for seq in sorted(self._pending):
+            request = self._pending[seq]
+            if expected.allows(request.op):
+                expected.apply(request.op, request.prompt)
+        self._expected = expected
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def pending(self) -> List[Request]:
+        return [self._pending[s] for s in sorted(self._pending)]
+
+    @property
+    def prompts(self) -> List[Prompt]:
+        """The prompts in effect once pending requests succeed (what to draw)."""
+        return list(self._expected.done)
+
+    @property
+    def confirmed_prompts(self) -> List[Prompt]:
+        return list(self._confirmed.done)
+
+    @property
+    def can_undo(self) -> bool:
+        return self._expected.allows(Op.UNDO)
+
+    @property
+    def can_redo(self) -> bool:
+        return self._expected.allows(Op.REDO)
+
+    def waited_s(self) -> float:
+        """Seconds since the oldest pending request was made (0 when nothing is pending)."""
+        if not self._pending:
+            return 0.0
+        return max(0.0, self._clock() - min(r.issued_at for r in self._pending.values()))
+
+    def progress_note(self, detail: str = "") -> Optional[str]:
+        """A line for the user once a reply takes longer than :data:`NOTE_AFTER_S`, else None."""
+        waited = self.waited_s()
+        if not self._pending or waited < NOTE_AFTER_S:
+            return None
+        count = len(self._pending)
+        text = f"Waiting for the backend ({count} request{'s' if count > 1 else ''}, {waited:.0f} s)"
+        return f"{text}: {detail}" if detail else text
+
+
+def describe_error(error: BaseException) -> str:
+    """A message for the status line: what went wrong and what to do."""
+    from SegAssistLib.client.errors import (
+        AuthenticationError,
+        BackendUnavailableError,
+        InvalidPromptError,
+        LimitExceededError,
+        PayloadTooLargeError,
+        ServerBusyError,
+    )
+
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    if isinstance(error, BackendUnavailableError):
+        return f"Backend unreachable: {text}. Start the local backend or check the server in the SegAssist module."
+    if isinstance(error, AuthenticationError):
+        return f"The backend refused the token: {text}. Check the token in the SegAssist module."
+    if isinstance(error, (ServerBusyError, LimitExceededError)):
+        return f"The backend is busy: {text}. Try again in a moment."
+    if isinstance(error, PayloadTooLargeError):
+        return f"The image is too large for this backend: {text}"
+    if isinstance(error, InvalidPromptError):
+        return f"The backend rejected the prompt: {text}"
+    if isinstance(error, SegAssistError):
+        return text
+    return f"Unexpected error ({type(error).__name__}): {text}"
+
+
+class InteractiveSession:
+    """The backend session of one object. Every method except :meth:`abandon` runs on the worker thread.
+
+    Opened on the first request: the image is uploaded (once per content hash) and the segment's
+    content at that moment, if any, becomes the session's initial mask, so prompts refine what is
+    already there. If the server lost the session (restart, idle expiry) it is recovered once by
+    replaying the prompts of the current mask.
+    """
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine],
+        volume: Volume,
+        initial_mask: Optional[np.ndarray] = None,
+        note: Optional[ProgressNote] = None,
+    ) -> None:
+        self._engine_factory = engine_factory
+        self._volume = volume
+        self._initial = None if initial_mask is None or not np.any(initial_mask) else np.asarray(initial_mask)
+        self._note = note or ProgressNote()
+        self._session: Optional[EngineSession] = None
+        self._abandoned = threading.Event()
+
+    def abandon(self) -> None:
+        """(Main thread) the user moved on: requests not started yet do nothing."""
+        self._abandoned.set()
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned.is_set()
+
+    def run(self, request: Request) -> Optional[MaskUpdate]:
+        if self._abandoned.is_set():
+            return None
+        try:
+            session = self._open()
+            try:
+                return self._apply(session, request)
+            except SessionNotFoundError:
+                recover = getattr(session, "recover", None)
+                if recover is None:
+                    raise
+                self._note.set("The backend lost the session: restoring it")
+                recover()
+                return self._apply(session, request)
+        finally:
+            self._note.set("")
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(ClientError, SegAssistError, OSError):
+                session.close()
+
+    def result(self) -> Optional[np.ndarray]:
+        return None if self._session is None else self._session.result()
+
+    def _open(self) -> EngineSession:
+        if self._session is not None:
+            return self._session
+        self._note.set("Connecting to the backend (a local one is started: the model loads)")
+        engine = self._engine_factory()
+        prompts = [MaskPrompt.from_array(self._initial)] if self._initial is not None else None
+        from SegAssistLib.client import SegAssistClient
+
+        if isinstance(engine, SegAssistClient):
+
+            def uploaded(sent: int, total: int) -> None:
+                self._note.set(f"Uploading the image ({100 * sent // max(total, 1)} %)")
+
+            self._session = engine.open_session(self._volume, prompts, progress=uploaded)
+        else:
+            self._session = engine.open_session(self._volume, prompts)
+        self._note.set("Segmenting")
+        return self._session
+
+    @staticmethod
+    def _apply(session: EngineSession, request: Request) -> MaskUpdate:
+        if request.op is Op.PROMPT:
+            assert request.prompt is not None
+            return session.add_prompt(request.prompt)
+        return session.undo() if request.op is Op.UNDO else session.redo()

@@ -1,0 +1,472 @@
+"""The segment editor effect without Qt: shortcuts, gestures, prompts, bookkeeping, worker, region writes.
+
+Everything the effect decides is exercised here on real MRML scenes (slicer-core) and a real
+engine; only drawing, cursors and Qt timers are left to the in-Slicer self-tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from mrml_fixtures import (
+    add_linear_transform,
+    add_volume,
+    affine,
+    oblique_ijk_to_ras,
+    rotation,
+    slicer_xy_to_voxel,
+    voxel_world,
+)
+
+from SegAssistLib.engine.base import MaskUpdate
+from SegAssistLib.errors import PromptError, SessionError
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
+
+slicer = pytest.importorskip("slicer")
+from SegAssistLib.slicer import coordinates, segments  # noqa: E402
+from SegAssistLib.slicer.interaction import (  # noqa: E402
+    SEGMENT_EDITOR_KEYS,
+    SHORTCUTS,
+    SLICE_VIEW_KEYS,
+    Action,
+    Gesture,
+    GestureRecorder,
+    Tool,
+    check_inside,
+    gesture_to_prompt,
+    help_rows,
+    mouse_help,
+    project_to_slice,
+    prompt_points_ijk,
+    reserved_key,
+    resolve_key,
+    tooltip,
+)
+from SegAssistLib.slicer.scene import add_slice_node, create_headless_scene  # noqa: E402
+from SegAssistLib.slicer.session_state import (  # noqa: E402
+    NOTE_AFTER_S,
+    InteractiveSession,
+    Op,
+    PromptState,
+    describe_error,
+)
+from SegAssistLib.slicer.volumes import volume_from_node  # noqa: E402
+from SegAssistLib.slicer.worker import BackgroundWorker  # noqa: E402
+
+SHAPE = (20, 32, 36)  # [k, j, i]
+DIMS, FOV, CENTER = (300, 200), (150.0, 100.0), (150.0, 100.0)
+
+
+class Clock:
+    """A time source moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def ctx():
+    with create_headless_scene() as context:
+        yield context
+
+
+def _blob(shape=SHAPE, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    blob = ((k / 0.6) ** 2 + (j / 0.5) ** 2 + (i / 0.45) ** 2) < 1
+    return (blob * 200 + rng.normal(0, 20, shape)).astype(np.float32)
+
+
+def _transformed_volume(scene, oblique: bool):
+    parent = add_linear_transform(scene, affine(rotation((0, 1, 1), 20), (4.0, -6.0, 2.5)), "scanner")
+    ijk_to_ras = oblique_ijk_to_ras((1.0, 0.9, 1.6)) if oblique else affine(np.diag([-1.0, -0.9, 1.6]), (30, 20, -10))
+    return add_volume(scene, _blob(), ijk_to_ras, "blob", parent=parent)
+
+
+# ---- shortcuts ----------------------------------------------------------------------------------
+def test_every_action_has_a_key_and_no_key_is_taken_twice():
+    assert {s.action for s in SHORTCUTS} == set(Action)
+    keys = [(s.key, s.shift) for s in SHORTCUTS]
+    assert len(keys) == len(set(keys))
+
+
+def test_shortcuts_avoid_the_segment_editor_and_slice_view_keys():
+    for shortcut in SHORTCUTS:
+        assert not reserved_key(shortcut.key), shortcut
+        assert shortcut.key.lower() not in {k.lower() for k in SEGMENT_EDITOR_KEYS | SLICE_VIEW_KEYS}
+    for key in ("z", "Z", "y", "5", "Escape", "space", "i", "comma", "less", "r", "f", "b", "Up"):
+        assert reserved_key(key)
+        assert resolve_key(key) is None and resolve_key(key, shift=True) is None
+
+
+def test_keys_resolve_with_shift_and_leave_ctrl_and_alt_to_slicer():
+    assert resolve_key("c") is Action.CLICK_TOOL
+    assert resolve_key("u") is Action.UNDO
+    assert resolve_key("U") is Action.REDO  # VTK reports Shift+u as "U"
+    assert resolve_key("u", shift=True) is Action.REDO
+    assert resolve_key("x") is None and resolve_key("X") is Action.RESET
+    assert resolve_key("Return") is resolve_key("KP_Enter") is Action.ACCEPT
+    assert resolve_key("c", ctrl=True) is None and resolve_key("u", alt=True) is None
+    assert resolve_key("") is None and resolve_key("h") is None
+
+
+def test_help_and_tooltips_name_every_shortcut():
+    text = " ".join(f"{keys} {what}" for keys, what in help_rows())
+    for shortcut in SHORTCUTS:
+        assert shortcut.label in text
+    assert tooltip(Action.UNDO, "Undo prompt") == "Undo prompt (U)"
+    assert tooltip(Action.REDO, "Redo prompt") == "Redo prompt (Shift+U)"
+    assert "Ctrl+click" in mouse_help(Tool.CLICK, True) and "negative" in mouse_help(Tool.CLICK, True)
+    assert mouse_help(Tool.SCRIBBLE, False).startswith("Drag: draw a negative")
+
+
+# ---- gestures -----------------------------------------------------------------------------------
+def test_click_is_a_press_and_release_in_place():
+    rec = GestureRecorder(click_tolerance_px=4)
+    rec.press("Red", (10, 20), Tool.CLICK, positive=False)
+    assert rec.active and not rec.move("Red", (12, 21))
+    gesture = rec.release("Red", (12, 21))
+    assert gesture == Gesture(Tool.CLICK, False, "Red", ((10.0, 20.0),))
+    assert not rec.active
+
+    rec.press("Red", (10, 20), Tool.CLICK, positive=True)
+    assert rec.release("Red", (40, 20)) is None and "drag" in rec.hint
+    rec.press("Red", (10, 20), Tool.CLICK, positive=True)
+    assert rec.release("Yellow", (10, 20)) is None  # a release in another view is not ours
+
+
+def test_box_needs_a_real_rectangle_and_is_always_positive():
+    rec = GestureRecorder()
+    rec.press("Green", (50, 60), Tool.BOX, positive=False)
+    assert rec.move("Green", (90, 100))
+    feedback = rec.feedback()
+    assert feedback is not None and feedback.closed and len(feedback.xy) == 4
+    gesture = rec.release("Green", (90, 100))
+    assert gesture is not None and gesture.positive and gesture.xy == ((50.0, 60.0), (90.0, 100.0))
+
+    rec.press("Green", (50, 60), Tool.BOX, positive=True)
+    assert rec.release("Green", (90, 61)) is None and "too small" in rec.hint
+
+
+def test_scribble_keeps_a_vertex_every_few_pixels():
+    rec = GestureRecorder(min_step_px=2)
+    rec.press("Red", (0, 0), Tool.SCRIBBLE, positive=True)
+    for x in np.arange(0.5, 10.5, 0.5):
+        rec.move("Red", (x, 0))
+    gesture = rec.release("Red", (10, 0))
+    assert gesture is not None and gesture.tool is Tool.SCRIBBLE
+    xs = [p[0] for p in gesture.xy]
+    assert xs[0] == 0 and xs[-1] == 10 and len(xs) == 6
+    assert np.all(np.diff(xs) >= 2 - 1e-9)
+
+
+def test_lasso_by_clicks_closes_on_the_first_corner_or_on_finish():
+    rec = GestureRecorder(close_radius_px=8)
+    for xy in [(0, 0), (50, 0), (50, 40)]:
+        assert rec.press("Red", xy, Tool.LASSO, positive=False) is None
+        assert rec.release("Red", xy) is None
+    assert rec.drawing_lasso and rec.feedback().xy[-1] == (50.0, 40.0)
+    gesture = rec.press("Red", (3, 2), Tool.LASSO, positive=False)  # near the first corner: close
+    assert gesture is not None and gesture.tool is Tool.LASSO and not gesture.positive
+    assert len(gesture.xy) == 3 and not rec.active
+
+    for xy in [(0, 0), (50, 0)]:
+        rec.press("Red", xy, Tool.LASSO, positive=True)
+        rec.release("Red", xy)
+    assert rec.finish() is None and "3 corners" in rec.hint
+    rec.press("Red", (50, 40), Tool.LASSO, positive=True)
+    rec.move("Red", (30, 45))  # a drag adds corners along the way
+    rec.release("Red", (20, 50))
+    assert rec.drop_last_vertex()
+    gesture = rec.finish()
+    assert gesture is not None and gesture.xy[-1] == (30.0, 45.0) and len(gesture.xy) == 4
+
+    rec.press("Red", (0, 0), Tool.LASSO, positive=True)
+    rec.release("Red", (0, 0))
+    rec.press("Yellow", (5, 5), Tool.LASSO, positive=True)  # another view starts another lasso
+    rec.release("Yellow", (5, 5))
+    assert rec.feedback().view == "Yellow" and len(rec.feedback().xy) == 1
+    assert rec.cancel() and not rec.cancel()
+
+
+# ---- prompts from gestures on real slice views --------------------------------------------------
+@pytest.mark.parametrize("orientation", ["Axial", "Sagittal", "Coronal", (0.3, -0.5, 0.8)])
+def test_gesture_clicks_land_on_the_voxel_slicer_would_paint(ctx, orientation):
+    volume = _transformed_volume(ctx.scene, oblique=True)
+    target = (17, 12, 9)
+    view = add_slice_node(ctx.scene, orientation, DIMS, FOV, center_ras=voxel_world(volume, target))
+    prompt = gesture_to_prompt(Gesture(Tool.CLICK, False, "Red", (CENTER,)), view, volume)
+    assert isinstance(prompt, PointPrompt) and not prompt.positive
+    assert coordinates.voxel_index(prompt.position) == target == slicer_xy_to_voxel(view, CENTER, volume)
+
+
+def _plain_volume(scene):
+    """An axis-aligned LPS scan without transforms: axial views are aligned with its grid."""
+    return add_volume(scene, _blob(), affine(np.diag([-1.0, -1.0, 1.6]), (30, 20, -10)), "plain")
+
+
+def test_gesture_box_is_a_flat_box_on_an_aligned_slice_and_a_lasso_on_an_oblique_one(ctx):
+    plain = _plain_volume(ctx.scene)
+    axial = add_slice_node(ctx.scene, "Axial", DIMS, FOV, center_ras=voxel_world(plain, (18, 16, 10)))
+    corners = ((140.0, 90.0), (160.0, 112.0))
+    box = gesture_to_prompt(Gesture(Tool.BOX, True, "Red", corners), axial, plain)
+    assert isinstance(box, BoxPrompt) and box.is_2d
+    assert box.min_corner[2] == box.max_corner[2] == pytest.approx(10.0)
+    ijk = coordinates.xy_to_ijk(axial, corners, plain)
+    assert np.allclose(box.min_corner[:2], ijk.min(axis=0)[:2]) and np.allclose(box.max_corner[:2], ijk.max(axis=0)[:2])
+
+    volume = _transformed_volume(ctx.scene, oblique=True)
+    oblique = add_slice_node(
+        ctx.scene, (0.3, -0.5, 0.8), DIMS, FOV, center_ras=voxel_world(volume, (18, 16, 10)), layout_name="Oblique"
+    )
+    lasso = gesture_to_prompt(Gesture(Tool.BOX, True, "Oblique", corners), oblique, volume)
+    assert isinstance(lasso, LassoPrompt) and len(lasso.points) == 4 and lasso.positive
+
+
+def test_gesture_scribble_and_lasso_follow_the_view(ctx):
+    volume = _transformed_volume(ctx.scene, oblique=True)
+    view = add_slice_node(ctx.scene, "Coronal", DIMS, FOV, center_ras=voxel_world(volume, (18, 16, 10)))
+    stroke = ((140.0, 95.0), (150.0, 100.0), (158.0, 104.0))
+    scribble = gesture_to_prompt(Gesture(Tool.SCRIBBLE, False, "Red", stroke), view, volume, scribble_width=2.0)
+    assert isinstance(scribble, ScribblePrompt) and not scribble.positive and scribble.width == 2.0
+    assert np.allclose(scribble.points, coordinates.xy_to_ijk(view, stroke, volume))
+    outline = ((140.0, 90.0), (160.0, 92.0), (155.0, 110.0), (142.0, 106.0))
+    lasso = gesture_to_prompt(Gesture(Tool.LASSO, True, "Red", outline), view, volume)
+    assert isinstance(lasso, LassoPrompt) and len(lasso.points) == 4
+
+
+def test_prompts_outside_the_volume_are_refused_with_a_clear_message(ctx):
+    volume = _transformed_volume(ctx.scene, oblique=True)
+    view = add_slice_node(ctx.scene, "Axial", DIMS, FOV, center_ras=voxel_world(volume, (18, 16, 10)))
+    with pytest.raises(PromptError, match="click is outside the volume"):
+        gesture_to_prompt(Gesture(Tool.CLICK, True, "Red", ((2.0, 2.0),)), view, volume)
+    with pytest.raises(PromptError, match="scribble is outside"):
+        check_inside(ScribblePrompt(points=[(1, 1, 1), (40, 1, 1)]), SHAPE)
+    check_inside(PointPrompt(position=(-0.4, 31.4, 19.4)), SHAPE)
+
+
+def test_placed_prompts_are_drawn_on_their_slice_only(ctx):
+    volume = _transformed_volume(ctx.scene, oblique=True)
+    center = voxel_world(volume, (18, 16, 10))
+    view = add_slice_node(ctx.scene, (0.3, -0.5, 0.8), DIMS, FOV, center_ras=center)
+    outline = ((140.0, 90.0), (160.0, 92.0), (155.0, 110.0))
+    lasso = gesture_to_prompt(Gesture(Tool.LASSO, True, "Red", outline), view, volume)
+    points, closed = prompt_points_ijk(lasso)
+    assert closed
+    xy_to_ras = slicer.util.arrayFromVTKMatrix(view.GetXYToRAS())
+    xy, near = project_to_slice(coordinates.ijk_to_ras(points, volume), xy_to_ras, tolerance_mm=0.5)
+    assert near.all() and np.allclose(xy, outline, atol=1e-6)
+
+    normal = np.array([0.3, -0.5, 0.8]) / np.linalg.norm([0.3, -0.5, 0.8])
+    elsewhere = add_slice_node(
+        ctx.scene, tuple(normal), DIMS, FOV, center_ras=center + 3.0 * normal, layout_name="Other"
+    )
+    _, near = project_to_slice(
+        coordinates.ijk_to_ras(points, volume), slicer.util.arrayFromVTKMatrix(elsewhere.GetXYToRAS()), 0.5
+    )
+    assert not near.any()
+
+    box = BoxPrompt(min_corner=(2, 3, 4), max_corner=(8, 9, 4))
+    corners, closed = prompt_points_ijk(box)
+    assert closed and corners.shape == (4, 3) and np.all(corners[:, 2] == 4)
+    assert prompt_points_ijk(BoxPrompt(min_corner=(2, 3, 4), max_corner=(8, 9, 6)))[0].shape == (8, 3)
+
+
+# ---- request bookkeeping ------------------------------------------------------------------------
+def _update(value: int = 1) -> MaskUpdate:
+    return MaskUpdate(offset=(0, 0, 0), voxels=np.full((1, 1, 1), value, np.uint8))
+
+
+def test_requests_are_numbered_and_replies_of_a_past_object_are_dropped():
+    state = PromptState()
+    p1, p2 = PointPrompt(position=(1, 2, 3)), PointPrompt(position=(4, 5, 6), positive=False)
+    r1 = state.request(Op.PROMPT, p1)
+    r2 = state.request(Op.PROMPT, p2)
+    assert (r1.seq, r2.seq) == (1, 2) and state.busy and state.prompts == [p1, p2]
+    assert state.accept(r1, _update()) is not None
+    assert state.confirmed_prompts == [p1]
+
+    state.new_epoch()  # reset / accept / another segment while r2 is in flight
+    assert not state.busy and state.prompts == []
+    assert state.accept(r2, _update()) is None and state.dropped == 1
+    assert state.accept(r1, _update()) is None and state.dropped == 2  # a duplicate is stale too
+    r3 = state.request(Op.PROMPT, p1)
+    assert r3.seq == 3 and r3.epoch == 1
+
+
+def test_undo_and_redo_are_gated_by_the_expected_history():
+    state = PromptState()
+    with pytest.raises(SessionError, match="nothing to undo"):
+        state.request(Op.UNDO)
+    p = PointPrompt(position=(1, 2, 3))
+    r1 = state.request(Op.PROMPT, p)
+    assert state.can_undo and not state.can_redo  # queued behind the prompt: allowed at once
+    r2 = state.request(Op.UNDO)
+    assert not state.can_undo and state.can_redo and state.prompts == []
+    with pytest.raises(ValueError):
+        state.request(Op.PROMPT)
+    assert state.accept(r1, _update()) is not None
+    assert state.accept(r2, MaskUpdate((0, 0, 0), np.zeros((0, 0, 0), np.uint8))) is None  # nothing changed
+    assert state.confirmed_prompts == [] and state.can_redo
+    r3 = state.request(Op.REDO)
+    assert state.accept(r3, _update()) is not None and state.confirmed_prompts == [p]
+
+
+def test_a_failed_request_is_rolled_back_and_later_ones_replanned():
+    state = PromptState()
+    p1, p2 = PointPrompt(position=(1, 2, 3)), PointPrompt(position=(3, 2, 1))
+    r1 = state.request(Op.PROMPT, p1)
+    r2 = state.request(Op.PROMPT, p2)
+    error = PromptError("outside")
+    assert state.accept(r1, error=error) is None and state.last_error is error
+    assert state.prompts == [p2] and state.busy
+    assert state.accept(r2, _update()) is not None and state.last_error is None
+    assert state.confirmed_prompts == [p2]
+
+
+def test_a_progress_note_appears_only_when_a_reply_takes_long():
+    clock = Clock()
+    state = PromptState(clock=clock)
+    assert state.progress_note() is None
+    state.request(Op.PROMPT, PointPrompt(position=(1, 2, 3)))
+    clock.now += NOTE_AFTER_S / 2
+    assert state.progress_note() is None  # a wait cursor is enough
+    clock.now += 2.0
+    note = state.progress_note("Uploading the image (40 %)")
+    assert note is not None and "1 request" in note and note.endswith("Uploading the image (40 %)")
+
+
+def test_errors_are_described_for_the_user():
+    from SegAssistLib.client.errors import AuthenticationError, BackendUnavailableError, InvalidPromptError
+
+    assert "Start the local backend" in describe_error(BackendUnavailableError("cannot reach x"))
+    assert "token" in describe_error(AuthenticationError("bad token", status=401, code="unauthorized"))
+    assert describe_error(InvalidPromptError("outside", status=422)).startswith("The backend rejected the prompt")
+    assert describe_error(RuntimeError("boom")) == "Unexpected error (RuntimeError): boom"
+
+
+# ---- the worker thread --------------------------------------------------------------------------
+def test_worker_returns_results_in_submission_order_with_errors_carried():
+    worker: BackgroundWorker[int] = BackgroundWorker()
+    release = threading.Event()
+    main = threading.get_ident()
+    threads = []
+
+    def job(value):
+        threads.append(threading.get_ident())
+        release.wait(5)
+        if value == 2:
+            raise PromptError("bad prompt")
+        return value * 10
+
+    for tag in (1, 2, 3):
+        worker.submit(tag, job, tag)
+    assert worker.busy and worker.poll() == [] and worker.pending_tags == [1, 2, 3]
+    release.set()
+    done = worker.wait(timeout=10)
+    assert [d.tag for d in done] == [1, 2, 3]
+    assert done[0].value == 10 and done[0].ok
+    assert isinstance(done[1].error, PromptError) and done[2].value == 30
+    assert len(set(threads)) == 1 and main not in threads  # one worker thread, never the caller's
+    worker.shutdown(wait=True)
+    with pytest.raises(RuntimeError):
+        worker.submit(4, job, 4)
+
+
+# ---- the effect's flow on a real scene and engine -----------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_checkpoint):
+    from SegAssistLib.engine.builtin import BuiltinEngine
+
+    return BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1)
+
+
+def _apply_replies(worker, state, editor, segment_id):
+    written = 0
+    for done in worker.wait(timeout=120):
+        update = state.accept(done.tag, done.value, done.error)
+        if update is not None:
+            editor.write(segment_id, update)
+            written += 1
+    return written
+
+
+def test_effect_flow_writes_replies_into_the_selected_segment_and_drops_stale_ones(ctx, tiny_engine):
+    """Gestures -> prompts -> worker -> bookkeeping -> region writes with undo, as the effect does it."""
+    volume_node = _transformed_volume(ctx.scene, oblique=True)
+    seg = segments.create_segmentation(ctx.scene, volume_node, "seg")
+    other = segments.add_segment(seg, "other", (0.0, 0.0, 1.0))
+    other_mask = np.zeros(SHAPE, np.uint8)
+    other_mask[0:3, 0:4, 0:5] = 1
+    segments.array_to_segment(other_mask, seg, other, volume_node)
+    target = segments.add_segment(seg, "target", (1.0, 0.0, 0.0))
+    baseline = np.zeros(SHAPE, np.uint8)
+    baseline[8:12, 14:18, 16:20] = 1  # painted before SegAssist was used: the session's initial mask
+    segments.array_to_segment(baseline, seg, target, volume_node)
+    editor = segments.SegmentEditor(seg, volume_node)
+
+    view = add_slice_node(ctx.scene, "Axial", DIMS, FOV, center_ras=voxel_world(volume_node, (18, 16, 10)))
+    state, worker = PromptState(), BackgroundWorker()
+    session = InteractiveSession(lambda: tiny_engine, volume_from_node(volume_node), baseline, worker.note)
+    rec = GestureRecorder()
+    try:
+        for xy, positive in (((150, 100), True), ((156, 104), False)):
+            rec.press("Red", xy, Tool.CLICK, positive)
+            prompt = gesture_to_prompt(rec.release("Red", xy), view, volume_node)
+            request = state.request(Op.PROMPT, prompt)
+            worker.submit(request, session.run, request)
+        assert _apply_replies(worker, state, editor, target) >= 1
+        result = session.result()
+        assert np.array_equal(segments.segment_to_array(seg, target, volume_node), result)
+        assert np.array_equal(segments.segment_to_array(seg, other, volume_node), other_mask)
+
+        # prompt undo goes through the backend and is written like any reply
+        request = state.request(Op.UNDO)
+        worker.submit(request, session.run, request)
+        _apply_replies(worker, state, editor, target)
+        assert len(state.confirmed_prompts) == 1
+        assert np.array_equal(segments.segment_to_array(seg, target, volume_node), session.result())
+        assert state.can_undo and state.can_redo
+
+        # a reply that arrives after reset is stale: the segment goes back to the baseline and stays there
+        request = state.request(Op.REDO)
+        worker.submit(request, session.run, request)
+        state.new_epoch()
+        session.abandon()
+        current = segments.segment_to_array(seg, target, volume_node)
+        editor.write(target, MaskUpdate.between(current, baseline))
+        assert _apply_replies(worker, state, editor, target) == 0 and state.dropped == 1
+        assert np.array_equal(segments.segment_to_array(seg, target, volume_node), baseline)
+        assert np.array_equal(segments.segment_to_array(seg, other, volume_node), other_mask)
+
+        # the segment editor's own undo steps back through the writes
+        editor.undo()
+        assert np.array_equal(segments.segment_to_array(seg, target, volume_node), current)
+    finally:
+        worker.submit(None, session.close)
+        worker.wait(timeout=30)
+        worker.shutdown(wait=True)
+        editor.close()
+
+
+def test_an_abandoned_session_does_no_more_work(tiny_engine):
+    calls = []
+
+    def factory():
+        calls.append(time.monotonic())
+        return tiny_engine
+
+    volume = _blob()
+    from SegAssistLib.image import Volume
+
+    session = InteractiveSession(factory, Volume(volume), None)
+    session.abandon()
+    state = PromptState()
+    assert session.run(state.request(Op.PROMPT, PointPrompt(position=(18, 16, 10)))) is None
+    assert calls == [] and session.result() is None
