@@ -1,0 +1,300 @@
+"""The Slicer module's logic on real MRML scenes (slicer-core) against real backends on loopback.
+
+- backend settings (as ``qt.QSettings`` stores them), opt-in before any remote contact;
+- markups and prompt files -> prompts;
+- end to end: a real hippocampus case from ../shared/data, prompts as markups, a real local
+  backend (``LocalBackend``, a server process) with a tiny checkpoint for the plumbing, and with
+  the shipped model for the Dice check (skipped, saying so, while the weights are not there).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from SegAssistLib.errors import PromptError
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, PromptLog, ScribblePrompt
+
+slicer = pytest.importorskip("slicer")
+from SegAssistLib.client import BackendUnavailableError, LocalBackend, SegAssistClient  # noqa: E402
+from SegAssistLib.slicer import coordinates, segments, volumes  # noqa: E402
+from SegAssistLib.slicer.backend import (  # noqa: E402
+    LOCAL,
+    REMOTE,
+    SETTINGS_PREFIX,
+    SHIPPED_MODEL,
+    BackendConfigError,
+    BackendManager,
+    BackendSettings,
+    MemorySettings,
+)
+from SegAssistLib.slicer.logic import (  # noqa: E402
+    collect_prompts,
+    load_prompt_file,
+    prompts_from_markups,
+    segment_volume,
+)
+from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
+
+CASE = "hippocampus_008"  # in the fixed evaluation split (Resources/splits.json): never trained on
+#: The shipped model, given an interior click and the target's 3D box, must reach this Dice.
+MIN_SHIPPED_DICE = 0.7
+
+
+@pytest.fixture
+def ctx():
+    with create_headless_scene() as context:
+        yield context
+
+
+# ---- settings and backend choice ----------------------------------------------------------------
+def test_settings_round_trip_through_a_qsettings_like_store():
+    store = MemorySettings()
+    settings = BackendSettings(
+        mode=REMOTE,
+        remote_url="https://seg.example.org:8470",
+        remote_token="secret",
+        remote_opt_in=True,
+        local_threads=2,
+    )
+    settings.save(store)
+    assert store.values[SETTINGS_PREFIX + "remote_url"] == "https://seg.example.org:8470"
+    assert BackendSettings.load(store) == settings
+    # QSettings INI files hand back strings
+    store = MemorySettings({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in store.values.items()})
+    assert BackendSettings.load(store) == settings
+    assert BackendSettings.load(MemorySettings()) == BackendSettings()
+    assert BackendSettings.load(MemorySettings({SETTINGS_PREFIX + "mode": "bogus"})).mode == LOCAL
+
+
+def test_a_remote_backend_is_not_contacted_before_the_user_opts_in():
+    settings = BackendSettings(mode=REMOTE, remote_url="https://seg.example.org:8470", remote_token="t")
+    manager = BackendManager(settings)
+    with pytest.raises(BackendConfigError, match="Send images to this server"):
+        manager.client()
+    status = manager.test_connection()
+    assert not status.connected and "Send images" in status.message
+    with pytest.raises(BackendConfigError, match="enter the server URL"):
+        BackendSettings(mode=REMOTE, remote_opt_in=True).validate()
+    with pytest.raises(BackendConfigError, match="must start with"):
+        BackendSettings(mode=REMOTE, remote_url="seg.example.org", remote_opt_in=True).validate()
+    with pytest.raises(BackendConfigError, match="does not exist"):
+        BackendSettings(local_model="/nonexistent/model.pt").validate()
+
+
+def test_unreachable_and_insecure_remotes_are_reported_clearly():
+    unreachable = BackendManager(BackendSettings(mode=REMOTE, remote_url="http://127.0.0.1:9", remote_opt_in=True))
+    status = unreachable.test_connection()
+    assert not status.connected and "cannot reach" in status.message
+    assert status.summary().startswith("remote backend http://127.0.0.1:9: ")
+    insecure = BackendManager(
+        BackendSettings(mode=REMOTE, remote_url="http://seg.example.org", remote_token="t", remote_opt_in=True)
+    )
+    assert "refusing to send a token in clear text" in insecure.test_connection().message
+
+
+# ---- markups and files -> prompts ---------------------------------------------------------------
+def _volume(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "v")
+    slicer.util.updateVolumeFromArray(node, np.zeros((20, 30, 40), np.int16))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.diag([-1.0, -1.0, 2.0, 1.0])))
+    return node
+
+
+def test_markups_of_every_kind_become_prompts(ctx):
+    volume = _volume(ctx.scene)
+    ras = lambda ijk: coordinates.ijk_to_ras(ijk, volume)  # noqa: E731
+    points = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    points.AddControlPointWorld(*ras((10, 12, 5)), "inside")
+    points.AddControlPointWorld(*ras((30, 2, 15)), "-background")
+    roi = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "roi")
+    roi.SetCenterWorld(*ras((10, 12, 5)))
+    roi.SetSize(8.0, 6.0, 4.0)
+    closed = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", "outline")
+    for ijk in [(5, 5, 7), (15, 5, 7), (15, 14, 7), (5, 14, 7)]:
+        closed.AddControlPointWorld(*ras(ijk))
+    stroke = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "stroke")
+    stroke.SetAttribute("SegAssist.Polarity", "negative")
+    for ijk in [(20, 20, 3), (24, 22, 3), (28, 21, 3)]:
+        stroke.AddControlPointWorld(*ras(ijk))
+
+    extra = [PointPrompt(position=(1, 1, 1)), {"kind": "point", "position": [2, 2, 2]}]
+    prompts = collect_prompts([points, roi, closed, stroke, *extra], volume)
+    kinds = [type(p) for p in prompts]
+    assert kinds == [PointPrompt, PointPrompt, BoxPrompt, LassoPrompt, ScribblePrompt, PointPrompt, PointPrompt]
+    assert np.allclose(prompts[0].position, (10, 12, 5)) and prompts[0].positive and not prompts[1].positive
+    assert np.allclose(prompts[2].min_corner, (6, 9, 4)) and np.allclose(prompts[2].max_corner, (14, 15, 6))
+    assert np.allclose(np.asarray(prompts[3].points)[:, 2], 7) and len(prompts[3].points) > 4  # the curve, sampled
+    assert not prompts[4].positive and np.allclose(np.asarray(prompts[4].points)[:, 2], 3)
+
+    plane = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsPlaneNode", "plane")
+    with pytest.raises(PromptError, match="cannot be a prompt"):
+        prompts_from_markups(plane, volume)
+    empty = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
+    with pytest.raises(PromptError, match="no placed control points"):
+        prompts_from_markups(empty, volume)
+    with pytest.raises(PromptError, match="not a prompt"):
+        collect_prompts(["point"], volume)
+
+
+def test_prompt_files_in_every_format(ctx, tmp_path):
+    volume = _volume(ctx.scene)
+    click, box = PointPrompt(position=(10, 12, 5)), BoxPrompt(min_corner=(4, 4, 5), max_corner=(16, 18, 5))
+    log = tmp_path / "log.json"
+    PromptLog(prompts=[click, box]).save(log)
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([click.model_dump(mode="json")]))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"prompts": [box.model_dump(mode="json")]}))
+    assert load_prompt_file(log, volume) == [click, box]
+    assert load_prompt_file(listed, volume) == [click]
+    assert load_prompt_file(wrapped, volume) == [box]
+
+    node = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    node.AddControlPointWorld(*coordinates.ijk_to_ras((10, 12, 5), volume), "-1")
+    storage = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsJsonStorageNode")
+    storage.SetFileName(str(tmp_path / "clicks.mrk.json"))
+    assert storage.WriteData(node)
+    loaded = load_prompt_file(tmp_path / "clicks.mrk.json", volume, ctx.markups_logic)
+    assert len(loaded) == 1 and np.allclose(loaded[0].position, (10, 12, 5)) and not loaded[0].positive
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": "9.0", "prompts": []}')
+    with pytest.raises(PromptError, match="invalid prompt log"):
+        load_prompt_file(bad, volume)
+    bad.write_text('{"points": []}')
+    with pytest.raises(PromptError, match="expected a list of prompts"):
+        load_prompt_file(bad, volume)
+    with pytest.raises(PromptError, match="not found"):
+        load_prompt_file(tmp_path / "missing.json", volume)
+
+
+# ---- end to end on a real case ------------------------------------------------------------------
+def _load_case(ctx, hippocampus_dir: Path):
+    image = volumes.load_volume_file(ctx.scene, hippocampus_dir / "imagesTr" / f"{CASE}.nii.gz", name=CASE)
+    label = volumes.load_volume_file(ctx.scene, hippocampus_dir / "labelsTr" / f"{CASE}.nii.gz", labelmap=True)
+    target = (slicer.util.arrayFromVolume(label) > 0).astype(np.uint8)  # anterior + posterior: one object
+    assert target.shape == slicer.util.arrayFromVolume(image).shape and target.any()
+    return image, target
+
+
+def _markups_for(ctx, image, target: np.ndarray):
+    """A click at the target's most interior voxel and an ROI around its 3D box, placed in world RAS."""
+    depth = ndimage.distance_transform_edt(target)
+    k, j, i = np.unravel_index(int(np.argmax(depth)), target.shape)
+    clicks = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "clicks")
+    clicks.AddControlPointWorld(*coordinates.ijk_to_ras((i, j, k), image), "inside")
+    nz = np.argwhere(target)
+    lo, hi = nz.min(0)[::-1].astype(float), nz.max(0)[::-1].astype(float)  # (i, j, k)
+    corners = coordinates.ijk_to_ras([lo, hi], image)
+    roi = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetCenterWorld(*corners.mean(axis=0))
+    roi.SetSize(*np.abs(corners[1] - corners[0]))
+    return clicks, roi
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_checkpoint, tmp_path_factory):
+    """A real server process on loopback (the client's LocalBackend) with a tiny checkpoint."""
+    backend = LocalBackend(
+        model=tiny_checkpoint, state_dir=tmp_path_factory.mktemp("state"), reuse=False, extra_args=["--threads", "1"]
+    ).start()
+    yield backend
+    backend.stop()
+
+
+def test_segment_a_real_case_from_markups_through_a_remote_backend(ctx, hippocampus_dir, tiny_backend, tmp_path):
+    """Plumbing: markups -> prompts -> HTTP -> segment, saved and reloaded; other segments intact."""
+    image, target = _load_case(ctx, hippocampus_dir)
+    clicks, roi = _markups_for(ctx, image, target)
+    seg = segments.create_segmentation(ctx.scene, image, "seg")
+    other = segments.add_segment(seg, "other", (0.0, 0.0, 1.0))
+    other_mask = np.zeros_like(target)
+    other_mask[:3, :4, :5] = 1
+    segments.array_to_segment(other_mask, seg, other, image)
+
+    manager = BackendManager(
+        BackendSettings(mode=REMOTE, remote_url=tiny_backend.url, remote_token=tiny_backend.token, remote_opt_in=True)
+    )
+    status = manager.test_connection()
+    assert status.connected and status.model == "tiny-test" and status.licence, status
+    progress = []
+    result = segment_volume(
+        manager.client(),
+        image,
+        [clicks, roi],
+        segmentation_node=seg,
+        segment_name="hippocampus",
+        progress=lambda f, m: progress.append((f, m)),
+    )
+    assert result.segmentation_node is seg and result.model.startswith("tiny-test")
+    assert [p.kind for p in result.prompt_log.prompts] == ["point", "box"] and len(result.latencies_s) == 2
+    fractions = [f for f, _ in progress]
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert any("Uploading" in m for _, m in progress) and progress[-1][1].startswith("Done")
+    written = segments.segment_to_array(seg, result.segment_id, image)
+    assert np.array_equal(written, result.mask) and result.voxel_count == int(written.sum())
+    assert np.array_equal(segments.segment_to_array(seg, other, image), other_mask)
+
+    # the same call again replaces the segment of that name instead of adding one
+    again = segment_volume(
+        manager.client(), image, [PointPrompt(position=(5, 5, 5))], segmentation_node=seg, segment_name="hippocampus"
+    )
+    assert again.segment_id == result.segment_id and seg.GetSegmentation().GetNumberOfSegments() == 2
+
+    path = segments.save_segmentation(seg, tmp_path / "result.seg.nrrd")
+    reloaded = segments.load_segmentation(ctx.scene, path)
+    assert np.array_equal(segments.segment_to_array(reloaded, again.segment_id, image), again.mask)
+    assert np.array_equal(segments.segment_to_array(reloaded, other, image), other_mask)
+    manager.close()
+    assert tiny_backend.running  # a remote backend is never stopped by the client
+
+
+def test_a_local_backend_is_started_and_stopped_for_the_user(ctx, tiny_checkpoint, tmp_path):
+    manager = BackendManager(BackendSettings(local_model=str(tiny_checkpoint), local_threads=1), state_dir=tmp_path)
+    assert not manager.local_status().connected
+    status = manager.start_local()
+    url = manager.local_status().url
+    try:
+        assert status.connected and status.mode == LOCAL and status.model == "tiny-test", status
+        assert manager.local_status().connected and "started here" in manager.local_status().message
+        volume = _volume(ctx.scene)
+        slicer.util.updateVolumeFromArray(
+            volume, (np.random.default_rng(0).normal(0, 1, (20, 30, 40))).astype(np.float32)
+        )
+        result = segment_volume(manager.client(), volume, [PointPrompt(position=(20, 15, 10))])
+        assert result.segmentation_node.GetSegmentation().GetSegment(result.segment_id).GetName() == "SegAssist"
+    finally:
+        manager.stop_local()
+    assert not manager.local_status().connected
+    with pytest.raises(BackendUnavailableError):
+        SegAssistClient(url, retries=0).health()  # the server process is gone
+
+
+def test_shipped_model_segments_a_real_case_with_good_dice(ctx, hippocampus_dir, request, tmp_path):
+    if not SHIPPED_MODEL.is_file():
+        pytest.skip(
+            f"the shipped model {SHIPPED_MODEL} is not there yet: the Dice check is skipped "
+            "(the plumbing ran with a tiny checkpoint in the tests above)"
+        )
+    shipped = request.getfixturevalue("shipped_checkpoint")
+    assert Path(shipped).resolve() == SHIPPED_MODEL.resolve()
+    image, target = _load_case(ctx, hippocampus_dir)
+    clicks, roi = _markups_for(ctx, image, target)
+    manager = BackendManager(BackendSettings(local_threads=1), state_dir=tmp_path)  # "" = the shipped model
+    try:
+        result = segment_volume(manager.client(), image, [clicks, roi], segment_name="hippocampus")
+        written = segments.segment_to_array(result.segmentation_node, result.segment_id, image)
+        dice = _dice(written, target)
+        assert dice >= MIN_SHIPPED_DICE, f"Dice {dice:.3f} on {CASE} with a click and a 3D box"
+    finally:
+        manager.close()
