@@ -63,6 +63,7 @@ def register(subparsers) -> None:
     p.add_argument("--label-value", type=int, help="learn one label value (default: every labelled voxel)")
     p.add_argument("--threads", type=int, help="torch threads of the job (default 1)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--no-warm-start", action="store_true", help="start from the base model, not the current version")
     p.add_argument("--detach", action="store_true", help="start the job and return at once")
 
@@ -161,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings: Dict[str, Any] = {"kind": args.kind}
     for name in ("rank", "lora_rank", "alpha", "learning_rate", "max_steps", "batch_size", "val_clicks",
-                 "validate_every", "min_improvement", "label_value", "threads", "seed"):
+                 "validate_every", "min_improvement", "label_value", "threads", "seed", "device"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value

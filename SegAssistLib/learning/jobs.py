@@ -18,6 +18,8 @@ One job per datastore: the parent takes an exclusive ``flock`` on ``adapters/.tr
 the locked descriptor to the worker, which holds it until it exits (the kernel releases it even when
 the worker is killed). A second start finds the lock taken and raises :class:`TrainingBusyError`.
 The worker also arms a watchdog that ends it if it overruns its time budget by a wide margin.
+(``flock`` is POSIX: on Windows jobs run, but one-at-a-time is not enforced across processes and a
+worker that died silently is not detected by processes other than the one that started it.)
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ def start_training(
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                pass_fds=(fd,),
+                pass_fds=(fd,) if fcntl is not None else (),
                 start_new_session=True,  # Ctrl-C in a terminal goes to the CLI, which cancels cleanly
             )
     finally:

@@ -82,6 +82,7 @@ class AdapterTrainConfig:
     warm_start: bool = True
     label_value: Optional[int] = None  # None: every labelled voxel is the structure
     seed: int = 0
+    device: str = "cpu"  # "cuda" for a GPU: training and validation run there
     threads: int = 1  # applied by the background job (see jobs), not by run_training
     nice: int = 10  # idem: the job's CPU priority below interactive inference (POSIX)
     status_every_s: float = 0.5
@@ -109,6 +110,12 @@ class AdapterTrainConfig:
             raise TrainingError("validate_every and max_correction_rounds must not be negative")
         if not 0.0 <= self.corrupt_share <= 1.0:
             raise TrainingError(f"corrupt_share must be in [0, 1], got {self.corrupt_share}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as exc:
+            raise TrainingError(f"invalid device {self.device!r}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
         return self
 
     @property
@@ -228,6 +235,7 @@ def simulate_prompts(
     corrupted previous mask (as an imperfect proposal would be) with a correction at its largest
     error; then 0..max_rounds rounds of the network's own answer plus a correction.
     """
+    device = next(network.parameters()).device
     prompts = simulation.first_prompts_batch(targets, rng)
     prevs = [torch.zeros((patch,) * 3) for _ in targets]
     for i, gt in enumerate(targets):
@@ -244,7 +252,7 @@ def simulate_prompts(
         network.eval()
         with torch.no_grad():
             for _ in range(rounds):
-                pred = network(_inputs(images, prevs, prompts, patch))[:, 0] > 0
+                pred = (network(_inputs(images, prevs, prompts, patch).to(device))[:, 0] > 0).cpu()
                 for i, gt in enumerate(targets):
                     correction = simulation.correction_prompt(gt, pred[i].numpy(), rng)
                     if correction is not None:
@@ -270,6 +278,7 @@ class _Candidate:
                 self.network = base_copy(base)
             for p in self.network.parameters():
                 p.requires_grad_(True)
+            self.network.to(cfg.device)
             self.parameters = list(self.network.parameters())
             self.trainable = sum(p.numel() for p in self.parameters)
             self.share = 1.0
@@ -290,6 +299,7 @@ class _Candidate:
                 alpha=cfg.alpha,
                 expected_identity=base.identity,
             )
+        self.network.to(cfg.device)  # before the optimiser sees the parameters
         self.parameters = self.adapters.parameters()
         self.trainable = self.adapters.trainable_parameter_count()
         self.share = self.adapters.trainable_share()
@@ -326,8 +336,9 @@ def train_step(
         network, images, targets, rng, patch, cfg.max_correction_rounds, cfg.corrupt_share
     )
     network.train()
-    x = _inputs(images, prevs, prompts, patch)
-    y = torch.from_numpy(np.stack(targets)[:, None].astype(np.float32))
+    device = next(network.parameters()).device
+    x = _inputs(images, prevs, prompts, patch).to(device)
+    y = torch.from_numpy(np.stack(targets)[:, None].astype(np.float32)).to(device)
     for group in optimiser.param_groups:
         group["lr"] = lr
     loss = loss_fn(network(x), y)
@@ -403,7 +414,7 @@ def run_training(
     if incumbent is not None and incumbent.base_identity != base.identity:
         note = f"current version {incumbent.id} belongs to other base weights; compared with the base model"
         incumbent = None
-    engine = BuiltinEngine(base)
+    engine = BuiltinEngine(base, device=cfg.device)
     if incumbent is not None:
         engine.swap_network(version_network(base, registry, incumbent), f"incumbent {incumbent.id}")
     status.update(force=True, phase="validating incumbent", incumbent=version_label(incumbent))

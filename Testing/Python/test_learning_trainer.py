@@ -220,6 +220,8 @@ def test_bad_requests_fail_clearly(tmp_path: Path, setup):
         AdapterTrainConfig(kind="dora").check()
     with pytest.raises(TrainingError, match="unknown training settings: epochs"):
         AdapterTrainConfig.from_dict({"epochs": 3})
+    with pytest.raises(TrainingError, match="invalid device"):
+        AdapterTrainConfig(device="tpu9").check()
     with pytest.raises(TrainingError, match="time_budget_s"):
         AdapterTrainConfig(time_budget_s=0).check()
     with pytest.raises(TrainingError, match="checkpoint not found"):
