@@ -7,13 +7,15 @@ Adding cases only pushes a case's rank down, so a case can move from validation 
 but never from training into validation: a promoted version was never trained on a case that now
 validates its successor. (The incumbent is also re-scored on today's validation cases in the same
 run as the candidate, so the comparison is always like with like.)
+
+Torch-free at import (``active`` uses it); ``SegAssistLib.training`` is imported when training.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,7 +23,9 @@ from SegAssistLib.image import Volume, guess_modality
 from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.loop_errors import TrainingError
 from SegAssistLib.learning.records import CaseRecord, LabelVersion
-from SegAssistLib.training.data import MIN_TARGET_VOXELS, TrainCase
+
+if TYPE_CHECKING:
+    from SegAssistLib.training.data import TrainCase
 
 HOLDOUT_SALT = "segassist-holdout-v1"
 TARGET = (1,)
@@ -69,6 +73,8 @@ class LabelledCase:
     target: np.ndarray  # bool, array order
 
     def train_case(self) -> TrainCase:
+        from SegAssistLib.training.data import TrainCase
+
         return TrainCase(
             name=self.case.name,
             image=np.asarray(self.volume.array, np.float32),
@@ -83,6 +89,8 @@ def usable_cases(
     store: Datastore, label_value: Optional[int] = None
 ) -> List[Tuple[CaseRecord, LabelVersion]]:
     """Submitted and reviewed cases whose latest submitted label has enough foreground to learn from."""
+    from SegAssistLib.training.data import MIN_TARGET_VOXELS
+
     out = []
     for case, label in store.training_cases():
         if label.n_foreground >= MIN_TARGET_VOXELS:
