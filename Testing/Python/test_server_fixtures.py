@@ -72,6 +72,7 @@ class Servers:
         clock: Optional[Callable[[], float]] = None,
         tokens: Optional[Dict[str, str]] = None,
         data_dir: Optional[Path] = None,
+        tls: Optional[tuple] = None,
         **limits,
     ):
         from SegAssistLib.server.app import create_app
@@ -85,7 +86,8 @@ class Servers:
             limits=Limits(**limits),
         )
         kwargs = {"clock": clock} if clock is not None else {}
-        server = ServerThread(create_app(settings, **kwargs), port=port).start()
+        uvicorn_config = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+        server = ServerThread(create_app(settings, **kwargs), port=port, **uvicorn_config).start()
         self.running.append(server)
         return server
 
