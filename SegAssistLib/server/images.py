@@ -8,6 +8,7 @@ server-computed hash, checked against a strict pattern; nothing a client sends b
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -23,6 +24,7 @@ from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.transport import ArrayMeta, TransportError, decode_array, unpack_frame
 
 _ID = re.compile(IMAGE_ID_PATTERN)
+log = logging.getLogger("segassist.server")
 
 
 def is_image_id(value: str) -> bool:
@@ -91,7 +93,12 @@ class ImageStore:
         path = self._path(image_id)
         if not path.is_file():
             return None
-        volume, _, _ = decode_image_frame(path.read_bytes(), self._max_voxels)
+        try:
+            volume, _, _ = decode_image_frame(path.read_bytes(), self._max_voxels)
+        except (ValueError, OSError) as exc:  # damaged on disk, or above a since-lowered limit
+            log.warning("stored image %s is unreadable (%s): removed; it will be uploaded again", image_id, exc)
+            path.unlink(missing_ok=True)
+            return None
         self._remember(image_id, volume)
         return volume
 

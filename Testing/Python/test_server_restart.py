@@ -50,3 +50,21 @@ def test_server_restarted_under_a_client(servers, tmp_path, keep_images):
     session.add_prompt(LATER)
     assert np.array_equal(session.result(), session.fetch_result())
     session.close()
+
+
+def test_a_damaged_stored_image_is_dropped_and_uploaded_again(servers, tmp_path):
+    data_dir = tmp_path / "data"
+    volume = make_volume(seed=32)
+    first = servers.start(data_dir=data_dir)
+    client = SegAssistClient(first.url, TOKENS["alice"])
+    image_id = client.upload_image(volume).image_id
+    stored = data_dir / "images" / f"{image_id}.sgaf"
+    assert stored.is_file() and not list((data_dir / "images").glob(".upload-*"))  # no temporary left
+    first.stop()
+    stored.write_bytes(stored.read_bytes()[:100])  # damaged while the server was down
+    second = servers.start(data_dir=data_dir)
+    client = SegAssistClient(second.url, TOKENS["alice"])
+    uploads = []
+    with client.open_session(volume, progress=lambda sent, total: uploads.append(sent)) as session:
+        assert uploads and session.image_id == image_id
+    assert stored.is_file()
