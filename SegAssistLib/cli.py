@@ -13,6 +13,8 @@ SUBCOMMANDS = [
     ("SegAssistLib.demo", "register"),
     ("SegAssistLib.evaluation.cli", "register"),
     ("SegAssistLib.training.train", "register"),
+    ("SegAssistLib.server.cli", "register"),
+    ("SegAssistLib.learning.cli", "register"),
 ]
 
 

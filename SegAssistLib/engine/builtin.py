@@ -75,13 +75,32 @@ def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
 
 @dataclass
 class _Step:
-    """One undoable change: the prompt list before and after, and the changed box of the mask."""
+    """One undoable change: the prompt list before and after, and the changed box of the mask,
+    bit-packed (a long session on a large organ keeps its history in a few MB)."""
 
     prompts_before: List[Prompt]
     prompts_after: List[Prompt]
     offset: Tuple[int, int, int]
-    before: np.ndarray
-    after: np.ndarray
+    shape: Tuple[int, int, int]
+    before_bits: np.ndarray
+    after_bits: np.ndarray
+
+    @classmethod
+    def make(cls, prompts_before, prompts_after, offset, before: np.ndarray, after: np.ndarray) -> _Step:
+        return cls(list(prompts_before), list(prompts_after), offset, before.shape,
+                   np.packbits(before.ravel()), np.packbits(after.ravel()))
+
+    def _unpack(self, bits: np.ndarray) -> np.ndarray:
+        n = int(np.prod(self.shape))
+        return np.unpackbits(bits, count=n).reshape(self.shape)
+
+    @property
+    def before(self) -> np.ndarray:
+        return self._unpack(self.before_bits)
+
+    @property
+    def after(self) -> np.ndarray:
+        return self._unpack(self.after_bits)
 
 
 class BuiltinSession(EngineSession):
@@ -119,9 +138,10 @@ class BuiltinSession(EngineSession):
             raise SessionError("nothing to undo")
         step = self._undo.pop()
         self._redo.append(step)
-        self._write(step.offset, step.before)
+        before = step.before
+        self._write(step.offset, before)
         self.prompts = list(step.prompts_before)
-        return MaskUpdate(step.offset, step.before.copy())
+        return MaskUpdate(step.offset, before)
 
     def redo(self) -> MaskUpdate:
         self._check_open()
@@ -129,9 +149,10 @@ class BuiltinSession(EngineSession):
             raise SessionError("nothing to redo")
         step = self._redo.pop()
         self._undo.append(step)
-        self._write(step.offset, step.after)
+        after = step.after
+        self._write(step.offset, after)
         self.prompts = list(step.prompts_after)
-        return MaskUpdate(step.offset, step.after.copy())
+        return MaskUpdate(step.offset, after)
 
     def reset(self) -> MaskUpdate:
         self._check_open()
@@ -185,7 +206,7 @@ class BuiltinSession(EngineSession):
         else:
             offset, before = (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
             after = before
-        self._undo.append(_Step(list(self.prompts), list(prompts_after), offset, before, after))
+        self._undo.append(_Step.make(self.prompts, prompts_after, offset, before, after))
         self._redo.clear()
         if after.size:
             self._write(offset, after)
@@ -195,14 +216,15 @@ class BuiltinSession(EngineSession):
     def _whole(self) -> Tuple[slice, ...]:
         return tuple(slice(0, n) for n in self.shape)
 
-    def _forward(self, window: patching.Window, prompts: List[Prompt]) -> torch.Tensor:
+    def _forward(self, window: patching.Window, prompts: List[Prompt]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, previous-mask patch) for one window."""
         patch = window.patch
         image = patching.extract_image_patch(self.array, window, self.modality)
         previous = patching.extract_mask_patch(self.mask, window)
         channels = draw_prompts(prompts_in_window(prompts, window), patch)
         x = assemble_input(image, previous, channels)[None].to(self.engine.device)
         with torch.inference_mode():
-            return self.engine.network(x)[0, 0].float().cpu()
+            return self.engine.network(x)[0, 0].float().cpu(), previous
 
     def _first_level(self, prompt: Prompt) -> int:
         pts = _prompt_points_kji(prompt)
@@ -213,7 +235,12 @@ class BuiltinSession(EngineSession):
                 return level
         return top
 
-    def _touches_open_side(self, pred: torch.Tensor, window: patching.Window) -> bool:
+    def _change_reaches_open_side(self, logits: torch.Tensor, previous: torch.Tensor, window) -> bool:
+        """Does the prediction differ from the previous mask on a window side inside the image?
+
+        Only then is the answer cut by the window; a local correction on a large object stays local.
+        """
+        pred = (logits > 0) != (previous > 0.5)
         at_edge = window.touches_image_border(self.shape)
         for axis in range(3):
             for side, index in ((0, 0), (1, pred.shape[axis] - 1)):
@@ -231,8 +258,8 @@ class BuiltinSession(EngineSession):
         level = first = self._first_level(prompt)
         while True:
             window = patching.window_around(anchor, self.spacing_kji, patch, level)
-            logits = self._forward(window, prompts)
-            if level >= top or not self._touches_open_side(logits > 0, window):
+            logits, previous = self._forward(window, prompts)
+            if level >= top or not self._change_reaches_open_side(logits, previous, window):
                 break
             level += 1
         box, _ = window.image_slices(self.shape)
@@ -279,12 +306,10 @@ class BuiltinSession(EngineSession):
         lo = np.maximum(np.array([a for a, _ in lo_hi]) + offset - 2, 0)
         hi = np.minimum(np.array([b for _, b in lo_hi]) + offset + 2, self.shape)
         extent = hi - lo
-        for r in range(first, level):
-            size = np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, r))
-            counts = np.maximum(1, np.ceil(extent / (size * 0.8)).astype(int))
-            if counts.prod() <= MAX_REFINE_TILES:
-                break
-        else:
+        r = level - 1  # one level finer than the answer: halves the blur at a bounded cost
+        size = np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, r))
+        counts = np.maximum(1, np.ceil(extent / (size * 0.8)).astype(int))
+        if counts.prod() > MAX_REFINE_TILES:
             return 0
         edges = [np.linspace(a, b, n + 1).round().astype(int) for a, b, n in zip(lo, hi, counts)]
         cells = []
@@ -293,12 +318,14 @@ class BuiltinSession(EngineSession):
                 for ck in range(counts[2]):
                     c_lo = np.array([edges[0][ci], edges[1][cj], edges[2][ck]])
                     c_hi = np.array([edges[0][ci + 1], edges[1][cj + 1], edges[2][ck + 1]])
-                    cells.append((c_lo, c_hi))
+                    cell = self.mask[tuple(slice(a, b) for a, b in zip(c_lo, c_hi))]
+                    if cell.any() and not cell.all():  # only cells the object's surface crosses
+                        cells.append((c_lo, c_hi))
         # every tile sees the coarse answer as its prior: predict all, then paste
         results = []
         for c_lo, c_hi in cells:
             tile = patching.window_around((c_lo + c_hi - 1) / 2.0, self.spacing_kji, self.engine.patch, r)
-            results.append((tile, self._forward(tile, prompts), (c_lo, c_hi)))
+            results.append((tile, self._forward(tile, prompts)[0], (c_lo, c_hi)))
         for tile, logits, cell in results:
             self._paste(tile, logits, cell=cell)
         return len(cells)

@@ -1,0 +1,169 @@
+"""Warm per-interaction latency and peak memory of the in-process engine on full-size volumes.
+
+Volumes (built from real data in ../shared/data, so the model sees real anatomy):
+
+- CT 512x512x300: TotalSegmentator's example_ct_sm (3 mm) resampled to 0.75 x 0.75 x 1 mm and
+  padded with air to 512 x 512 x 300 voxels; targets liver, spleen, left kidney, aorta, pancreas.
+- MRI 256^3: BraTS 2013 pat0001 FLAIR (1 mm) padded to 256 x 256 x 256; target whole tumour.
+
+Each target: a first click at the most interior voxel, then 4 correction clicks (the evaluation
+protocol's simulated user). One untimed target first warms the engine up. Reports median and 95th
+percentile latency per interaction and the process's peak resident memory.
+
+Usage: python benchmarks/engine_latency.py [--data ../shared/data] [--threads 2] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from SegAssistLib.engine.builtin import load_default_engine
+from SegAssistLib.evaluation.metrics import dice
+from SegAssistLib.evaluation.simulator import first_click, next_click
+from SegAssistLib.image import Volume
+
+CT_TARGETS = {"liver": (5,), "spleen": (1,), "kidney_left": (3,), "aorta": (52,), "pancreas": (7,)}
+
+
+def _resample(image: sitk.Image, spacing, size, interpolator, default) -> sitk.Image:
+    """Resample onto a grid of ``size`` voxels at ``spacing``, centred on the source image."""
+    src_size = np.asarray(image.GetSize()) * np.asarray(image.GetSpacing())
+    origin = np.asarray(image.GetOrigin()) + src_size / 2 - np.asarray(size) * np.asarray(spacing) / 2
+    return sitk.Resample(image, [int(s) for s in size], sitk.Transform(), interpolator, origin.tolist(),
+                         [float(s) for s in spacing], image.GetDirection(), default, image.GetPixelID())
+
+
+def ct_volume(data: Path):
+    img = sitk.ReadImage(str(data / "totalsegmentator_examples/imagesTr/example_ct_sm.nii.gz"))
+    lab = sitk.ReadImage(str(data / "totalsegmentator_examples/labelsTr/example_ct_sm.nii.gz"))
+    spacing, size = (0.75, 0.75, 1.0), (512, 512, 300)
+    img = _resample(img, spacing, size, sitk.sitkLinear, -1024)
+    lab = _resample(lab, spacing, size, sitk.sitkNearestNeighbor, 0)
+    vol = Volume(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(),
+                 np.asarray(img.GetDirection()).reshape(3, 3), modality="CT")
+    return vol, sitk.GetArrayFromImage(lab)
+
+
+def mri_volume(data: Path):
+    img = sitk.ReadImage(str(data / "brats/imagesTr/brats_2013_pat0001_1_0000.nii.gz"))
+    lab = sitk.ReadImage(str(data / "brats/labelsTr/brats_2013_pat0001_1.nii.gz"))
+    arr = sitk.GetArrayFromImage(img)
+    img = _resample(img, (1.0, 1.0, 1.0), (256, 256, 256), sitk.sitkLinear, float(arr.min()))
+    lab = _resample(lab, (1.0, 1.0, 1.0), (256, 256, 256), sitk.sitkNearestNeighbor, 0)
+    vol = Volume(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(),
+                 np.asarray(img.GetDirection()).reshape(3, 3), modality="MR")
+    return vol, sitk.GetArrayFromImage(lab)
+
+
+def run_target(engine, vol: Volume, target: np.ndarray, clicks: int = 5):
+    session = engine.open_session(vol)
+    rows = []
+    prompt = first_click(target, vol.spacing)
+    for _ in range(clicks):
+        with SAMPLER:
+            update = session.add_prompt(prompt)
+        result = session.result()
+        rows.append({"latency_s": update.latency_s, "dice": dice(result, target), "levels": update.info.get("levels"),
+                     "refine_tiles": update.info.get("refine_tiles")})
+        prompt = next_click(target, result, vol.spacing)
+        if prompt is None:
+            break
+    session.close()
+    return rows
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+class RssSampler:
+    """Highest resident memory seen while inside ``with`` blocks (sampled every 2 ms from /proc).
+
+    The simulated user (distance transforms on the full volume) runs outside these blocks, so the
+    figure is the engine's: image, mask, history and inference."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = 0
+        self._active = threading.Event()
+        self._page = resource.getpagesize()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self):
+        while True:
+            self._active.wait()
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.peak = max(self.peak, self._rss())
+        self._active.set()
+
+    def __exit__(self, *exc):
+        self._active.clear()
+        self.peak = max(self.peak, self._rss())
+
+
+SAMPLER = RssSampler()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    engine = load_default_engine(args.model, threads=args.threads)
+    cases = []
+    for name, loader, targets in (("CT 512x512x300", ct_volume, CT_TARGETS),
+                                  ("MRI 256^3", mri_volume, {"whole_tumour": (1, 2, 3, 4)})):
+        vol, labels = loader(args.data)
+        print(f"{name}: {vol.array.shape[::-1]} voxels, spacing {vol.spacing}", flush=True)
+        run_target(engine, vol, np.isin(labels, next(iter(targets.values()))), clicks=2)  # warm-up, untimed
+        for target_name, values in targets.items():
+            rows = run_target(engine, vol, np.isin(labels, values))
+            lat = [r["latency_s"] for r in rows]
+            print(f"  {target_name:12s} latency ms {[round(1000 * x) for x in lat]}  Dice "
+                  f"{[round(r['dice'], 3) for r in rows]}", flush=True)
+            cases.append({"volume": name, "target": target_name, "interactions": rows})
+        del vol, labels
+    summary = {}
+    for name in ("CT 512x512x300", "MRI 256^3"):
+        lat = np.array([r["latency_s"] for c in cases if c["volume"] == name for r in c["interactions"]])
+        summary[name] = {"median_ms": round(1000 * float(np.median(lat)), 1),
+                         "p95_ms": round(1000 * float(np.percentile(lat, 95)), 1), "interactions": int(lat.size)}
+    summary["engine_peak_rss_gib"] = round(SAMPLER.peak / 1024**3, 3)
+    summary["process_peak_rss_gib_incl_simulated_user"] = round(peak_rss_gib(), 3)
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
+               "date": time.strftime("%Y-%m-%d")}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        machine["cpu"] = names[0] if names else machine["cpu"]
+    report = {"machine": machine, "model": engine.capabilities().to_dict(), "summary": summary, "cases": cases}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine_latency.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({"summary": summary, "machine": machine}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
