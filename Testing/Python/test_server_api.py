@@ -28,35 +28,35 @@ PROMPTS = {
 }
 
 
-def test_health_needs_no_token_and_info_describes_the_model(shared_server, client):
+def test_health_needs_no_token_and_info_describes_the_model(shared_server, alice):
     health = raw(shared_server, "GET", "/v1/health", token=None)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    info = client.info()
+    info = alice.info()
     assert info.model.name == "test"
     assert set(info.prompt_kinds) == {"point", "box", "scribble", "lasso", "mask"}
     assert info.patch_size == (64, 64, 64) and info.devices == ["cpu"]
     assert info.auth_required and info.user == "alice"
     assert info.limits.max_voxels == 400_000 and "zstd" in info.codecs
-    caps = client.capabilities()
+    caps = alice.capabilities()
     assert caps.name == "test" and caps.device == "cpu"
 
 
 @pytest.mark.parametrize("name", sorted(PROMPTS))
-def test_every_prompt_kind_updates_a_region_that_reassembles_to_the_full_result(client, volume, name):
-    with client.open_session(volume) as session:
+def test_every_prompt_kind_updates_a_region_that_reassembles_to_the_full_result(alice, blob_volume, name):
+    with alice.open_session(blob_volume) as session:
         update = session.add_prompt(PROMPTS[name])
         assert update.voxels.dtype == np.uint8 and update.voxels.ndim == 3
         lo = np.asarray(update.offset)
-        assert np.all(lo >= 0) and np.all(lo + update.voxels.shape <= volume.array.shape)
+        assert np.all(lo >= 0) and np.all(lo + update.voxels.shape <= blob_volume.array.shape)
         assert update.info["reply_bytes"] > 0 and update.info["engine_s"] > 0
         assert np.array_equal(session.result(), session.fetch_result())
         assert session.can_undo and not session.can_redo
 
 
-def test_mask_prompt_reply_is_only_the_changed_box(client, volume):
-    mask = np.zeros(volume.array.shape, np.uint8)
+def test_mask_prompt_reply_is_only_the_changed_box(alice, blob_volume):
+    mask = np.zeros(blob_volume.array.shape, np.uint8)
     mask[10:14, 20:25, 30:33] = 1
-    with client.open_session(volume) as session:
+    with alice.open_session(blob_volume) as session:
         update = session.add_prompt(MaskPrompt.from_array(mask))
         assert update.offset == (10, 20, 30) and update.voxels.shape == (4, 5, 3)
         full = session.fetch_result()
@@ -66,8 +66,8 @@ def test_mask_prompt_reply_is_only_the_changed_box(client, volume):
         assert again.voxels.size == 0
 
 
-def test_a_sequence_of_region_replies_reassembles_exactly(client, volume):
-    with client.open_session(volume) as session:
+def test_a_sequence_of_region_replies_reassembles_exactly(alice, blob_volume):
+    with alice.open_session(blob_volume) as session:
         for name in ("point+", "scribble+", "point-", "box3d", "lasso-"):
             session.add_prompt(PROMPTS[name])
             assert np.array_equal(session.result(), session.fetch_result()), name
@@ -81,8 +81,8 @@ def test_a_sequence_of_region_replies_reassembles_exactly(client, volume):
         assert np.array_equal(session.result(), session.fetch_result()) and session.result().any()
 
 
-def test_undo_redo_reset_and_their_state_errors(client, volume):
-    with client.open_session(volume) as session:
+def test_undo_redo_reset_and_their_state_errors(alice, blob_volume):
+    with alice.open_session(blob_volume) as session:
         assert not session.can_undo
         with pytest.raises(SessionStateError) as e:
             session.undo()
@@ -100,56 +100,56 @@ def test_undo_redo_reset_and_their_state_errors(client, volume):
         assert status.n_prompts == 2 and status.state == "idle" and status.queue_position is None
 
 
-def test_prompt_log_replays_to_the_same_mask(client, volume):
-    with client.open_session(volume) as session:
+def test_prompt_log_replays_to_the_same_mask(alice, blob_volume):
+    with alice.open_session(blob_volume) as session:
         for name in ("point+", "scribble-", "lasso+"):
             session.add_prompt(PROMPTS[name])
         log = session.prompt_log()
         assert [p.kind for p in log.prompts] == ["point", "scribble", "lasso"]
         assert log.prompts == session.local_prompts()
         expected = session.result()
-    with client.open_session(volume, prompts=log.prompts) as replay:
+    with alice.open_session(blob_volume, prompts=log.prompts) as replay:
         assert replay.status().n_prompts == 3
         assert np.array_equal(replay.result(), expected)
 
 
-def test_an_image_is_uploaded_once(client):
+def test_an_image_is_uploaded_once(alice):
     vol = make_volume(seed=11)
     progress = []
-    first = client.upload_image(vol, progress=lambda sent, total: progress.append((sent, total)))
+    first = alice.upload_image(vol, progress=lambda sent, total: progress.append((sent, total)))
     assert first.uploaded and first.image_id == vol.content_hash()
     assert progress and progress[-1][0] == progress[-1][1]
     assert all(a[0] <= b[0] for a, b in zip(progress, progress[1:]))
-    assert not client.upload_image(vol).uploaded  # held already: stored nothing
+    assert not alice.upload_image(vol).uploaded  # held already: stored nothing
     progress.clear()
-    with client.open_session(vol, progress=lambda s, t: progress.append(s)) as session:
+    with alice.open_session(vol, progress=lambda s, t: progress.append(s)) as session:
         assert session.image_id == first.image_id
     assert progress == []  # opened by hash: no upload
     # another user's client sees the same content-addressed image without uploading
-    with SegAssistClient(client.url, TOKENS["bob"]) as bob:
+    with SegAssistClient(alice.url, TOKENS["bob"]) as bob:
         assert bob.image(first.image_id).shape == vol.array.shape
         with bob.open_session(first.image_id) as session:
             assert session.shape == vol.array.shape
 
 
-def test_open_session_uploads_when_the_server_lacks_the_image(client):
+def test_open_session_uploads_when_the_server_lacks_the_image(alice):
     vol = make_volume(seed=12, dtype=np.int16)
     sent = []
-    with client.open_session(vol, progress=lambda s, t: sent.append(s)) as session:
+    with alice.open_session(vol, progress=lambda s, t: sent.append(s)) as session:
         assert sent and session.image_id == vol.content_hash()
-        info = client.image(session.image_id)
+        info = alice.image(session.image_id)
         assert info.dtype == "<i2" and tuple(info.spacing) == vol.spacing
 
 
-def test_big_endian_arrays_hash_like_the_server(client):
+def test_big_endian_arrays_hash_like_the_server(alice):
     vol = make_volume(seed=13)
     big = make_volume(seed=13)
     big.array = vol.array.astype(">f4")
-    assert client.upload_image(big).image_id == vol.content_hash()
+    assert alice.upload_image(big).image_id == vol.content_hash()
 
 
-def test_closed_session_is_gone(client, volume):
-    session = client.open_session(volume)
+def test_closed_session_is_gone(alice, blob_volume):
+    session = alice.open_session(blob_volume)
     session.close()
     session.close()  # closing twice is fine
     with pytest.raises(SessionNotFoundError) as e:
@@ -157,16 +157,16 @@ def test_closed_session_is_gone(client, volume):
     assert e.value.status == 404 and e.value.code == "session_not_found"
 
 
-def test_sessions_belong_to_their_user(shared_server, client, volume):
-    with client.open_session(volume) as session:
+def test_sessions_belong_to_their_user(shared_server, alice, blob_volume):
+    with alice.open_session(blob_volume) as session:
         with SegAssistClient(shared_server.url, TOKENS["bob"]) as bob, pytest.raises(SessionNotFoundError):
             bob.session(session.session_id)
-        attached = client.session(session.session_id)
+        attached = alice.session(session.session_id)
         assert attached.shape == session.shape
 
 
-def test_a_repeated_request_id_is_answered_once(shared_server, client, volume):
-    with client.open_session(volume) as session:
+def test_a_repeated_request_id_is_answered_once(shared_server, alice, blob_volume):
+    with alice.open_session(blob_volume) as session:
         path = f"/v1/sessions/{session.session_id}/prompts"
         body = {"prompt": PROMPTS["point+"].model_dump(mode="json")}
         headers = {REQUEST_ID_HEADER: "retry-1"}
@@ -182,8 +182,8 @@ def test_a_repeated_request_id_is_answered_once(shared_server, client, volume):
         assert again.status_code == 200  # the second undo is the first one's answer, not a 409
 
 
-def test_a_repeated_session_create_opens_one_session(shared_server, client, volume):
-    image_id = client.ensure_image(volume)
+def test_a_repeated_session_create_opens_one_session(shared_server, alice, blob_volume):
+    image_id = alice.ensure_image(blob_volume)
     headers = {REQUEST_ID_HEADER: "create-1"}
     a = raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id}, headers=headers)
     b = raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id}, headers=headers)
@@ -191,8 +191,8 @@ def test_a_repeated_session_create_opens_one_session(shared_server, client, volu
     raw(shared_server, "DELETE", f"/v1/sessions/{a.json()['session_id']}")
 
 
-def test_replies_use_zlib_for_a_client_without_zstd(shared_server, client, volume):
-    with client.open_session(volume) as session:
+def test_replies_use_zlib_for_a_client_without_zstd(shared_server, alice, blob_volume):
+    with alice.open_session(blob_volume) as session:
         reply = raw(
             shared_server,
             "POST",

@@ -76,11 +76,11 @@ def test_eight_clients_at_once(shared_server):
     assert all(len(waits) == len(PROMPTS) and min(waits) >= 0 for *_, waits, _ in outcomes)
 
 
-def test_a_queued_client_sees_its_place(servers, volume):
-    server = servers.start()
+def test_a_queued_client_sees_its_place(server_factory, blob_volume):
+    server = server_factory.start()
     worker = server.app.state.segassist.pool.workers[0]
     client = SegAssistClient(server.url, TOKENS["alice"])
-    session = client.open_session(volume)
+    session = client.open_session(blob_volume)
     assert session.status().state == "idle"
     gate = threading.Event()
     blocker = worker.submit("another-session", lambda engine: gate.wait(60))  # occupies the worker

@@ -33,8 +33,8 @@ def frame_for(array: np.ndarray, **header) -> bytes:
 
 
 @pytest.fixture
-def session(client, volume):
-    with client.open_session(volume) as s:
+def session(alice, blob_volume):
+    with alice.open_session(blob_volume) as s:
         yield s
 
 
@@ -82,15 +82,15 @@ def test_malformed_json_bodies(shared_server, session):
     assert_error(raw(shared_server, "POST", "/v1/sessions", json={}), 422, "invalid_request")
 
 
-def test_malformed_and_truncated_uploads(shared_server, volume):
-    frame = frame_for(volume.array)
+def test_malformed_and_truncated_uploads(shared_server, blob_volume):
+    frame = frame_for(blob_volume.array)
     assert_error(raw(shared_server, "POST", "/v1/images", data=frame[:-10], headers=FRAME), 400, "truncated_body")
     assert_error(raw(shared_server, "POST", "/v1/images", data=frame[:30], headers=FRAME), 400, "truncated_body")
     assert_error(raw(shared_server, "POST", "/v1/images", data=b"GIF89a" + frame, headers=FRAME), 400, "malformed_body")
     assert_error(raw(shared_server, "POST", "/v1/images", data=b"", headers=FRAME), 400, "malformed_body")
     bad_json = b"SGAF" + (5).to_bytes(4, "little") + b"{nope"
     assert_error(raw(shared_server, "POST", "/v1/images", data=bad_json, headers=FRAME), 400, "malformed_body")
-    meta, payload = encode_array(volume.array)
+    meta, payload = encode_array(blob_volume.array)
     corrupt = bytearray(payload)
     corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\xff" * 64
     body = pack_frame({**meta.to_dict(), "spacing": [1, 1, 1]}, bytes(corrupt))
@@ -109,12 +109,12 @@ def test_a_frame_that_decompresses_past_its_declared_size_is_refused(shared_serv
     assert_error(response, 400, "truncated_body")
 
 
-def test_wrong_dtype_or_shape(shared_server, volume):
+def test_wrong_dtype_or_shape(shared_server, blob_volume):
     for dtype in ("<c8", "|O", "|b1", ">f4", "<U4"):
         header = {"dtype": dtype, "shape": [4, 4, 4], "codec": "none", "nbytes": 512, "payload_nbytes": 512}
         body = pack_frame(header, bytes(512))
         assert_error(raw(shared_server, "POST", "/v1/images", data=body, headers=FRAME), 422, "unsupported_dtype")
-    meta, payload = encode_array(volume.array)
+    meta, payload = encode_array(blob_volume.array)
     wrong = {**meta.to_dict(), "shape": [24, 40, 47]}  # nbytes no longer matches the shape
     body = pack_frame(wrong, payload)
     assert_error(raw(shared_server, "POST", "/v1/images", data=body, headers=FRAME), 422, "invalid_shape")
@@ -128,8 +128,8 @@ def test_wrong_dtype_or_shape(shared_server, volume):
     assert_error(raw(shared_server, "POST", "/v1/images", data=one_slice, headers=FRAME), 422, "invalid_image")
 
 
-def test_nan_constant_or_badly_placed_images(shared_server, volume):
-    nan = volume.array.copy()
+def test_nan_constant_or_badly_placed_images(shared_server, blob_volume):
+    nan = blob_volume.array.copy()
     nan[3, 4, 5] = np.nan
     error = assert_error(
         raw(shared_server, "POST", "/v1/images", data=frame_for(nan), headers=FRAME), 422, "invalid_image"
@@ -137,20 +137,20 @@ def test_nan_constant_or_badly_placed_images(shared_server, volume):
     assert "NaN" in error["message"]
     constant = frame_for(np.full((8, 8, 8), 7, np.int16))
     assert_error(raw(shared_server, "POST", "/v1/images", data=constant, headers=FRAME), 422, "invalid_image")
-    negative = frame_for(volume.array, spacing=[1, -1, 1])
+    negative = frame_for(blob_volume.array, spacing=[1, -1, 1])
     assert_error(raw(shared_server, "POST", "/v1/images", data=negative, headers=FRAME), 422, "invalid_image")
-    singular = frame_for(volume.array, direction=[1, 0, 0, 1, 0, 0, 0, 0, 1])
+    singular = frame_for(blob_volume.array, direction=[1, 0, 0, 1, 0, 0, 0, 0, 1])
     assert_error(raw(shared_server, "POST", "/v1/images", data=singular, headers=FRAME), 422, "invalid_image")
-    meta, payload = encode_array(volume.array)
+    meta, payload = encode_array(blob_volume.array)
     head = json.dumps({**meta.to_dict(), "spacing": [1, float("nan"), 1]}).encode()  # NaN in the header
     body = b"SGAF" + len(head).to_bytes(4, "little") + head + payload
     assert_error(raw(shared_server, "POST", "/v1/images", data=body, headers=FRAME), 422, "invalid_image")
-    claimed = frame_for(volume.array, sha256="0" * 64)
+    claimed = frame_for(blob_volume.array, sha256="0" * 64)
     assert_error(raw(shared_server, "POST", "/v1/images", data=claimed, headers=FRAME), 400, "hash_mismatch")
 
 
 # ---- oversize ----------------------------------------------------------------------------------------
-def test_oversize_images_and_bodies(shared_server, client):
+def test_oversize_images_and_bodies(shared_server, alice):
     big = np.zeros((80, 80, 80), np.uint8)  # 512 000 voxels, above the 400 000 limit
     big[0, 0, 0] = 1
     error = assert_error(
@@ -164,9 +164,9 @@ def test_oversize_images_and_bodies(shared_server, client):
     )
     # The client checks the limits before it sends anything.
     with pytest.raises(PayloadTooLargeError):
-        client.upload_image(big)
+        alice.upload_image(big)
     with pytest.raises(PayloadTooLargeError):
-        client.open_session(big)
+        alice.open_session(big)
     huge_json = {"image_id": "a" * 64, "prompts": [], "pad": "x" * 600_000}
     assert_error(raw(shared_server, "POST", "/v1/sessions", json=huge_json), 413, "body_too_large")
 
@@ -199,7 +199,7 @@ def _read_http_reply(sock: socket.socket) -> bytes:
 
 
 # ---- unknown ids -------------------------------------------------------------------------------------
-def test_unknown_and_malformed_ids(shared_server, client):
+def test_unknown_and_malformed_ids(shared_server, alice):
     unknown = "0123456789abcdef" * 2
     for method, suffix in (("GET", ""), ("POST", "/undo"), ("GET", "/result"), ("DELETE", "")):
         assert_error(raw(shared_server, method, f"/v1/sessions/{unknown}{suffix}"), 404, "session_not_found")
@@ -213,7 +213,7 @@ def test_unknown_and_malformed_ids(shared_server, client):
     assert_error(raw(shared_server, "GET", "/v1/nothing-here"), 404, "not_found")
     assert_error(raw(shared_server, "PUT", "/v1/health"), 405, "method_not_allowed")
     with pytest.raises(SessionNotFoundError):
-        client.session(unknown)
+        alice.session(unknown)
 
 
 # ---- prompts outside the image -----------------------------------------------------------------------
@@ -234,29 +234,29 @@ def test_prompts_outside_the_image_are_refused(shared_server, session, prompt):
     assert session.status().n_prompts == 0  # nothing applied
 
 
-def test_mask_prompt_outside_and_typed_client_errors(session, client, volume):
+def test_mask_prompt_outside_and_typed_client_errors(session, alice, blob_volume):
     mask = MaskPrompt(offset=(20, 0, 0), shape=(10, 4, 4), data=MaskPrompt.from_array(np.ones((10, 4, 4))).data)
     with pytest.raises(InvalidPromptError) as e:
         session.add_prompt(mask)
     assert e.value.code == "prompt_outside_image" and isinstance(e.value, ValueError)
     with pytest.raises(InvalidPromptError):
-        client.open_session(volume, prompts=[PointPrompt(position=(100, 1, 1))])
+        alice.open_session(blob_volume, prompts=[PointPrompt(position=(100, 1, 1))])
 
 
 # ---- limits on sessions and prompts, idle expiry -------------------------------------------------------
-def test_session_and_prompt_limits(servers, volume):
-    server = servers.start(max_sessions_per_user=2, max_sessions_total=3, max_prompts_per_session=2)
+def test_session_and_prompt_limits(server_factory, blob_volume):
+    server = server_factory.start(max_sessions_per_user=2, max_sessions_total=3, max_prompts_per_session=2)
     alice = SegAssistClient(server.url, TOKENS["alice"])
     bob = SegAssistClient(server.url, TOKENS["bob"])
-    a1, a2 = alice.open_session(volume), alice.open_session(volume)
+    a1, a2 = alice.open_session(blob_volume), alice.open_session(blob_volume)
     with pytest.raises(LimitExceededError) as e:
-        alice.open_session(volume)
+        alice.open_session(blob_volume)
     assert e.value.code == "too_many_sessions" and e.value.status == 429
-    b1 = bob.open_session(volume)
+    b1 = bob.open_session(blob_volume)
     with pytest.raises(LimitExceededError):  # the server-wide limit
-        bob.open_session(volume)
+        bob.open_session(blob_volume)
     a2.close()
-    a2 = alice.open_session(volume)  # a closed session frees its place
+    a2 = alice.open_session(blob_volume)  # a closed session frees its place
     a1.add_prompt(PointPrompt(position=(24, 20, 12)))
     a1.add_prompt(PointPrompt(position=(20, 20, 12)))
     with pytest.raises(SessionStateError) as e:
@@ -265,16 +265,16 @@ def test_session_and_prompt_limits(servers, volume):
     too_many = [PointPrompt(position=(24, 20, 12))] * 3
     a2.close()
     with pytest.raises(SessionStateError):
-        alice.open_session(volume, prompts=too_many)
+        alice.open_session(blob_volume, prompts=too_many)
     for s in (a1, b1):
         s.close()
 
 
-def test_idle_sessions_expire(servers, volume):
+def test_idle_sessions_expire(server_factory, blob_volume):
     clock = ManualClock()
-    server = servers.start(clock=clock, idle_timeout_s=0.4, max_sessions_per_user=1)
+    server = server_factory.start(clock=clock, idle_timeout_s=0.4, max_sessions_per_user=1)
     client = SegAssistClient(server.url, TOKENS["alice"])
-    session = client.open_session(volume)
+    session = client.open_session(blob_volume)
     session.add_prompt(PointPrompt(position=(24, 20, 12)))
     clock.advance(0.3)
     assert session.status().expires_in_s == pytest.approx(0.4)  # using it keeps it alive
@@ -282,7 +282,7 @@ def test_idle_sessions_expire(servers, volume):
     with pytest.raises(SessionNotFoundError) as e:
         session.add_prompt(PointPrompt(position=(24, 20, 12)))
     assert e.value.code == "session_expired"
-    other = client.open_session(volume)  # the expired session no longer counts against the limit
+    other = client.open_session(blob_volume)  # the expired session no longer counts against the limit
     clock.advance(0.5)
     state = server.app.state.segassist
     deadline = _deadline(10)
@@ -301,8 +301,8 @@ def _deadline(seconds: float):
 
 
 # ---- a client that disconnects mid-upload ---------------------------------------------------------------
-def test_a_client_that_disconnects_mid_upload_leaves_the_server_healthy(servers):
-    server = servers.start(max_concurrent_uploads=1)
+def test_a_client_that_disconnects_mid_upload_leaves_the_server_healthy(server_factory):
+    server = server_factory.start(max_concurrent_uploads=1)
     vol = make_volume(seed=21)
     frame = frame_for(vol.array)
     head = (
@@ -321,8 +321,8 @@ def test_a_client_that_disconnects_mid_upload_leaves_the_server_healthy(servers)
     assert info.uploaded and info.image_id == vol.content_hash()
 
 
-def test_a_stalled_upload_times_out(servers):
-    server = servers.start(upload_timeout_s=0.5)
+def test_a_stalled_upload_times_out(server_factory):
+    server = server_factory.start(upload_timeout_s=0.5)
     frame = frame_for(make_volume(seed=22).array)
     head = (
         "POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\n"

@@ -98,7 +98,7 @@ class Servers:
 
 
 @pytest.fixture
-def servers(server_checkpoint: Path) -> Iterator[Servers]:
+def server_factory(server_checkpoint: Path) -> Iterator[Servers]:
     s = Servers(server_checkpoint)
     yield s
     s.stop_all()
@@ -114,7 +114,7 @@ def shared_server(server_checkpoint: Path):
 
 
 @pytest.fixture
-def client(shared_server):
+def alice(shared_server):
     from SegAssistLib.client import SegAssistClient
 
     with SegAssistClient(shared_server.url, TOKENS["alice"], timeout=(5.0, 60.0)) as c:
@@ -122,7 +122,7 @@ def client(shared_server):
 
 
 @pytest.fixture(scope="session")
-def volume() -> Volume:
+def blob_volume() -> Volume:
     return make_volume()
 
 

@@ -16,9 +16,9 @@ LATER = PointPrompt(position=(5.0, 5.0, 3.0), positive=False)
 
 
 @pytest.mark.parametrize("keep_images", [True, False], ids=["data-dir", "memory-only"])
-def test_server_restarted_under_a_client(servers, tmp_path, keep_images):
+def test_server_restarted_under_a_client(server_factory, tmp_path, keep_images):
     data_dir = tmp_path / "data" if keep_images else None
-    first = servers.start(data_dir=data_dir)
+    first = server_factory.start(data_dir=data_dir)
     client = SegAssistClient(first.url, TOKENS["alice"], retries=1)
     volume = make_volume(seed=31)
     session = client.open_session(volume)
@@ -35,7 +35,7 @@ def test_server_restarted_under_a_client(servers, tmp_path, keep_images):
     with pytest.raises(BackendUnavailableError):
         client.health()
 
-    servers.start(port=first.port, data_dir=data_dir)  # the same address, a fresh process state
+    server_factory.start(port=first.port, data_dir=data_dir)  # the same address, a fresh process state
     assert client.health().status == "ok"
     with pytest.raises(SessionNotFoundError) as gone:
         session.add_prompt(LATER)
@@ -52,17 +52,17 @@ def test_server_restarted_under_a_client(servers, tmp_path, keep_images):
     session.close()
 
 
-def test_a_damaged_stored_image_is_dropped_and_uploaded_again(servers, tmp_path):
+def test_a_damaged_stored_image_is_dropped_and_uploaded_again(server_factory, tmp_path):
     data_dir = tmp_path / "data"
     volume = make_volume(seed=32)
-    first = servers.start(data_dir=data_dir)
+    first = server_factory.start(data_dir=data_dir)
     client = SegAssistClient(first.url, TOKENS["alice"])
     image_id = client.upload_image(volume).image_id
     stored = data_dir / "images" / f"{image_id}.sgaf"
     assert stored.is_file() and not list((data_dir / "images").glob(".upload-*"))  # no temporary left
     first.stop()
     stored.write_bytes(stored.read_bytes()[:100])  # damaged while the server was down
-    second = servers.start(data_dir=data_dir)
+    second = server_factory.start(data_dir=data_dir)
     client = SegAssistClient(second.url, TOKENS["alice"])
     uploads = []
     with client.open_session(volume, progress=lambda sent, total: uploads.append(sent)) as session:

@@ -29,13 +29,13 @@ def certificate(tmp_path_factory):
     return cert, key
 
 
-def test_tls_served_directly(servers, certificate, volume):
+def test_tls_served_directly(server_factory, certificate, blob_volume):
     cert, key = certificate
-    server = servers.start(tls=(cert, key))
+    server = server_factory.start(tls=(cert, key))
     assert server.url.startswith("https://")
     with SegAssistClient(server.url, TOKENS["alice"], verify=str(cert)) as client:
         assert client.info().user == "alice"
-        with client.open_session(volume) as session:
+        with client.open_session(blob_volume) as session:
             session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0)))
             assert (session.result() == session.fetch_result()).all()
     with SegAssistClient(server.url, TOKENS["alice"], retries=0) as untrusting, pytest.raises(BackendUnavailableError):
