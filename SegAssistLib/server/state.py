@@ -100,6 +100,8 @@ class ServerState:
 
     async def open(self, session: ServerSession, fn: Callable[[Engine], EngineSession]) -> None:
         def job(engine: Engine) -> None:
+            if session.closed:  # the request went away while the job waited
+                return
             es = fn(engine)
             session.engine_session = es
             session.can_undo, session.can_redo = es.can_undo, es.can_redo
