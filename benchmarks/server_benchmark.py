@@ -2,10 +2,10 @@
 
 Volumes and clicks are those of ``benchmarks/engine_latency.py`` (real CT 512x512x300 and MRI
 256^3 from ../shared/data; a first click at the most interior voxel, then corrections at the
-largest error, by the evaluation's simulated user). For each target the clicks are made once
-in-process (which also fixes the click sequence) and replayed through a real server over loopback,
-a child process started by the client's ``LocalBackend`` with the same model and thread count. The
-two masks must come out identical.
+largest error, by the evaluation's simulated user). Each click is made in-process and then, the same
+click, through a real server over loopback (a child process started by the client's
+``LocalBackend`` with the same model and thread count), alternately, so that both see the same load
+on the machine. The simulated user's next click follows the in-process result.
 
 Reports, per volume:
 
@@ -20,7 +20,7 @@ and, on the MRI, eight concurrent sessions (eight client threads, one server): m
 latency per click and throughput in clicks per second.
 
 Usage: python benchmarks/server_benchmark.py [--data ../shared/data] [--model M] [--threads 2]
-       [--clicks 5] [--concurrent 8] [--out benchmarks/results]
+       [--clicks 5] [--concurrent 8] [--concurrent-clicks 3] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -94,38 +94,57 @@ def stats(values: List[float]) -> Dict[str, float]:
 
 
 def in_process(engine, volume, target: np.ndarray, clicks: int):
-    """Clicks by the simulated user; returns the prompts, the wall time of each, the final mask."""
+    """Clicks by the simulated user on the in-process engine; returns the prompts."""
     session = engine.open_session(volume)
-    prompts, times = [], []
+    prompts = []
     prompt = first_click(target, volume.spacing)
     for _ in range(clicks):
-        t0 = time.perf_counter()
         session.add_prompt(prompt)
-        times.append(time.perf_counter() - t0)
         prompts.append(prompt)
         prompt = next_click(target, session.result(), volume.spacing)
         if prompt is None:
             break
-    result = session.result()
     session.close()
-    return prompts, times, result
+    return prompts
 
 
-def through_server(client: SegAssistClient, counter: WireCounter, volume, prompts):
-    session = client.open_session(volume)
+def paired(engine, client: SegAssistClient, counter: WireCounter, volume, target: np.ndarray, clicks: int) -> Dict:
+    """Each click in-process, then the same click through the server, so both see the same load."""
+    local = engine.open_session(volume)
+    remote = client.open_session(volume)  # the image is held: opened by its hash
     counter.take()
-    times, wire, reply_bodies = [], [], []
-    for prompt in prompts:
+    local_times, remote_times, wire, bodies = [], [], [], []
+    prompt = first_click(target, volume.spacing)
+    for _ in range(clicks):
         t0 = time.perf_counter()
-        update = session.add_prompt(prompt)
-        times.append(time.perf_counter() - t0)
+        local.add_prompt(prompt)
+        local_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        update = remote.add_prompt(prompt)
+        remote_times.append(time.perf_counter() - t0)
         wire.append(counter.take())
-        reply_bodies.append(update.info["reply_bytes"])
-    full = session.fetch_result()
+        bodies.append(update.info["reply_bytes"])
+        prompt = next_click(target, local.result(), volume.spacing)
+        if prompt is None:
+            break
+    full = remote.fetch_result()
     full_wire = counter.take()
-    reassembled = bool(np.array_equal(full, session.result()))  # region replies rebuild the result
-    session.close()
-    return times, wire, reply_bodies, full_wire, full, reassembled
+    local_result = local.result()
+    row = {
+        "clicks": len(local_times),
+        "in_process_s": [round(t, 4) for t in local_times],
+        "server_s": [round(t, 4) for t in remote_times],
+        "wire_bytes_per_click": wire,
+        "reply_body_bytes": bodies,
+        "full_mask_reply_wire_bytes": full_wire,
+        "full_mask_raw_bytes": int(full.size),
+        "regions_reassemble_to_result": bool(np.array_equal(full, remote.result())),
+        "voxels_differing_from_in_process": int(np.count_nonzero(full != local_result)),
+        "mask_voxels_in_process": int(np.count_nonzero(local_result)),
+    }
+    local.close()
+    remote.close()
+    return row
 
 
 def concurrent_sessions(url: str, token: str, volume, prompts, n: int) -> Dict:
@@ -183,6 +202,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--concurrent-clicks", type=int, default=3, help="clicks per concurrent session")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args(argv)
     model = (args.model or DEFAULT_CHECKPOINT).resolve()
@@ -210,32 +230,17 @@ def main(argv=None) -> int:
             upload = {"seconds": round(time.perf_counter() - t0, 2), "wire_bytes": counter.take()}
             upload["raw_bytes"] = int(volume.array.nbytes)
             warm_target = np.isin(labels, next(iter(targets.values())))
-            warm_prompts, _, _ = in_process(engine, volume, warm_target, 2)  # warm-up, untimed
-            through_server(client, counter, volume, warm_prompts)
+            paired(engine, client, counter, volume, warm_target, 2)  # warm-up, untimed
             rows = []
             for target_name, values in targets.items():
-                target = np.isin(labels, values)
-                prompts, local_times, local_result = in_process(engine, volume, target, args.clicks)
-                remote_times, wire, bodies, full_wire, remote_result, reassembled = through_server(
-                    client, counter, volume, prompts
-                )
-                rows.append(
-                    {
-                        "target": target_name,
-                        "clicks": len(prompts),
-                        "in_process_s": [round(t, 4) for t in local_times],
-                        "server_s": [round(t, 4) for t in remote_times],
-                        "wire_bytes_per_click": wire,
-                        "reply_body_bytes": bodies,
-                        "full_mask_reply_wire_bytes": full_wire,
-                        "full_mask_raw_bytes": int(remote_result.size),
-                        "regions_reassemble_to_result": reassembled,
-                        "voxels_differing_from_in_process": int(np.count_nonzero(remote_result != local_result)),
-                        "mask_voxels_in_process": int(np.count_nonzero(local_result)),
-                    }
-                )
-                print(f"  {target_name}: in-process {stats(local_times)}  server {stats(remote_times)}  "
-                      f"wire/click {int(np.median(wire))} B  full mask reply {full_wire} B", flush=True)  # fmt: skip
+                row = {
+                    "target": target_name,
+                    **paired(engine, client, counter, volume, np.isin(labels, values), args.clicks),
+                }
+                rows.append(row)
+                print(f"  {target_name}: in-process {stats(row['in_process_s'])}  server {stats(row['server_s'])}  "
+                      f"wire/click {int(np.median(row['wire_bytes_per_click']))} B  "
+                      f"full mask reply {row['full_mask_reply_wire_bytes']} B", flush=True)  # fmt: skip
             local = [t for r in rows for t in r["in_process_s"]]
             remote = [t for r in rows for t in r["server_s"]]
             wire = [b for r in rows for b in r["wire_bytes_per_click"]]
@@ -244,6 +249,7 @@ def main(argv=None) -> int:
                 "in_process": stats(local),
                 "server": stats(remote),
                 "overhead_ratio_of_medians": round(float(np.median(remote) / np.median(local)), 3),
+                "overhead_ratio_per_click_median": round(float(np.median(np.divide(remote, local))), 3),
                 "median_overhead_ms": round(1000 * float(np.median(np.subtract(remote, local))), 1),
                 "wire_bytes_per_click_median": int(np.median(wire)),
                 "full_mask_reply_wire_bytes": int(full_wire),
@@ -254,7 +260,8 @@ def main(argv=None) -> int:
                 "upload": upload,
             }
             if name.startswith("MRI") and args.concurrent > 1:
-                prompts, _, _ = in_process(engine, volume, np.isin(labels, MRI_TARGETS["whole_tumour"]), args.clicks)
+                target = np.isin(labels, MRI_TARGETS["whole_tumour"])
+                prompts = in_process(engine, volume, target, args.concurrent_clicks)
                 summary["concurrent"] = concurrent_sessions(
                     backend.url, backend.token, volume, prompts, args.concurrent
                 )
