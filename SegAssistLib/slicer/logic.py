@@ -31,6 +31,7 @@ import slicer.util
 
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
+from SegAssistLib.image import Volume
 from SegAssistLib.prompts import LassoPrompt, Prompt, PromptLog, ScribblePrompt, parse_prompt
 from SegAssistLib.slicer import markups, segments, volumes
 from SegAssistLib.slicer.coordinates import build_prompt, ras_to_ijk
@@ -161,7 +162,23 @@ def find_or_add_segment(
     return segments.add_segment(segmentation_node, segment_name, color)
 
 
-def _open_session(engine: Engine, volume, progress: ProgressCallback) -> EngineSession:
+class Cancelled(SegAssistError):
+    """The user cancelled a job (raised from a progress callback)."""
+
+    code = "cancelled"
+
+
+@dataclass
+class EngineRun:
+    """What the engine made from the prompts: no nodes, so it can cross threads."""
+
+    mask: np.ndarray  # uint8 [k, j, i] on the volume's grid
+    prompt_log: PromptLog
+    model: str
+    latencies_s: List[float]
+
+
+def _open_session(engine: Engine, volume: Volume, progress: ProgressCallback) -> EngineSession:
     from SegAssistLib.client import SegAssistClient
 
     if isinstance(engine, SegAssistClient):
@@ -171,6 +188,63 @@ def _open_session(engine: Engine, volume, progress: ProgressCallback) -> EngineS
 
         return engine.open_session(volume, progress=uploaded)
     return engine.open_session(volume)
+
+
+def run_prompts(
+    engine: Engine,
+    volume: Volume,
+    prompts: Sequence[Prompt],
+    progress: Optional[ProgressCallback] = None,
+) -> EngineRun:
+    """Open a session on ``volume``, apply ``prompts`` in order, return the mask; the session is closed.
+
+    Touches no MRML node: the module runs it on its worker thread. ``progress`` may raise
+    :class:`Cancelled` to stop between steps.
+    """
+    report = progress or _no_progress
+    if not prompts:
+        raise PromptError("no prompts: place at least one point, box, scribble or lasso")
+    report(0.05, "Opening a session")
+    session = _open_session(engine, volume, report)
+    latencies: List[float] = []
+    try:
+        for index, prompt in enumerate(prompts):
+            report(0.3 + 0.65 * index / len(prompts), f"Prompt {index + 1} of {len(prompts)}: {prompt.kind}")
+            started = time.perf_counter()
+            session.add_prompt(prompt)
+            latencies.append(time.perf_counter() - started)
+        mask = np.asarray(session.result(), np.uint8)
+        log = session.prompt_log()
+    finally:
+        with contextlib.suppress(SegAssistError, OSError):
+            session.close()
+    caps = engine.capabilities()
+    return EngineRun(mask=mask, prompt_log=log, model=f"{caps.name} {caps.version}".strip(), latencies_s=latencies)
+
+
+def write_result(
+    run: EngineRun,
+    volume_node: slicer.vtkMRMLScalarVolumeNode,
+    *,
+    segmentation_node: Optional[slicer.vtkMRMLSegmentationNode] = None,
+    segment_name: str = DEFAULT_SEGMENT_NAME,
+    segment_id: Optional[str] = None,
+    color: Optional[Sequence[float]] = None,
+) -> SegmentationResult:
+    """Write an engine run into a segment (main thread): replaced whole, other segments left as they are."""
+    scene = volume_node.GetScene()
+    if segmentation_node is None:
+        segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
+    target = find_or_add_segment(segmentation_node, segment_name, segment_id, color)
+    segments.array_to_segment(run.mask, segmentation_node, target, volume_node)
+    return SegmentationResult(
+        segmentation_node=segmentation_node,
+        segment_id=target,
+        mask=run.mask,
+        prompt_log=run.prompt_log,
+        model=run.model,
+        latencies_s=run.latencies_s,
+    )
 
 
 def segment_volume(
@@ -191,40 +265,20 @@ def segment_volume(
     segmentation is created on the volume's geometry. Blocks until done.
     """
     report = progress or _no_progress
-    scene = volume_node.GetScene()
-    if scene is None:
+    if volume_node.GetScene() is None:
         raise SegAssistError(f"volume {volume_node.GetName()!r} is not in a scene")
     report(0.0, "Reading the volume")
     prompt_list = collect_prompts(prompts, volume_node)
-    if not prompt_list:
-        raise PromptError("no prompts: place at least one point, box, scribble or lasso")
     volume = volumes.volume_from_node(volume_node)
-    report(0.05, "Opening a session")
-    session = _open_session(engine, volume, report)
-    latencies: List[float] = []
-    try:
-        for index, prompt in enumerate(prompt_list):
-            report(0.3 + 0.65 * index / len(prompt_list), f"Prompt {index + 1} of {len(prompt_list)}: {prompt.kind}")
-            started = time.perf_counter()
-            session.add_prompt(prompt)
-            latencies.append(time.perf_counter() - started)
-        mask = np.asarray(session.result(), np.uint8)
-        log = session.prompt_log()
-    finally:
-        with contextlib.suppress(SegAssistError, OSError):
-            session.close()
-    caps = engine.capabilities()
+    run = run_prompts(engine, volume, prompt_list, report)
     report(0.97, "Writing the segment")
-    if segmentation_node is None:
-        segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
-    target = find_or_add_segment(segmentation_node, segment_name, segment_id, color)
-    segments.array_to_segment(mask, segmentation_node, target, volume_node)
-    report(1.0, f"Done: {int(np.count_nonzero(mask))} voxels in segment {segment_name!r}")
-    return SegmentationResult(
+    result = write_result(
+        run,
+        volume_node,
         segmentation_node=segmentation_node,
-        segment_id=target,
-        mask=mask,
-        prompt_log=log,
-        model=f"{caps.name} {caps.version}".strip(),
-        latencies_s=latencies,
+        segment_name=segment_name,
+        segment_id=segment_id,
+        color=color,
     )
+    report(1.0, f"Done: {result.voxel_count} voxels in segment {segment_name!r}")
+    return result

@@ -298,3 +298,43 @@ def test_shipped_model_segments_a_real_case_with_good_dice(ctx, hippocampus_dir,
         assert dice >= MIN_SHIPPED_DICE, f"Dice {dice:.3f} on {CASE} with a click and a 3D box"
     finally:
         manager.close()
+
+
+# ---- the batch example --------------------------------------------------------------------------
+def _example_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "Resources" / "Examples" / "batch_segment.py"
+    spec = importlib.util.spec_from_file_location("segassist_batch_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_example_segments_the_bundled_sample(tiny_backend, tmp_path, capsys):
+    """Resources/Examples/batch_segment.py, as Slicer would run it, on slicer-core against a real server."""
+    example = _example_module()
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sample.seg.nrrd"
+    args = [
+        "--image", str(root / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"),
+        "--prompts", str(root / "Resources" / "Examples" / "hippocampus_001_prompts.json"),
+        "--prompts", str(root / "Resources" / "Examples" / "hippocampus_001_clicks.mrk.json"),
+        "--out", str(out),
+        "--segment-name", "hippocampus",
+        "--url", tiny_backend.url,
+        "--token", tiny_backend.token,
+    ]  # fmt: skip
+    assert example.main(args) == 1  # no consent yet: nothing is sent
+    assert "Send images to this server" in capsys.readouterr().err and not out.exists()
+
+    assert example.main([*args, "--send-images-to-remote"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 prompts" in printed and "[100.0 %] Done" in printed
+    with create_headless_scene() as ctx:
+        image = volumes.load_volume_file(ctx.scene, root / "Resources" / "Samples" / "hippocampus_001_image.nii.gz")
+        seg = segments.load_segmentation(ctx.scene, out)
+        segment_id = seg.GetSegmentation().GetSegmentIdBySegmentName("hippocampus")
+        assert segment_id
+        assert segments.segment_to_array(seg, segment_id, image).shape == slicer.util.arrayFromVolume(image).shape
+    assert example.main(["--image", "x"]) == 2  # usage error

@@ -1,0 +1,146 @@
+"""Segment an image from a prompt file, headless, and save the result as ``.seg.nrrd``.
+
+In 3D Slicer (with the SegAssist extension installed, or its source folder as a module path)::
+
+    Slicer --no-main-window --python-script batch_segment.py \\
+        --image Resources/Samples/hippocampus_001_image.nii.gz \\
+        --prompts Resources/Examples/hippocampus_001_prompts.json \\
+        --out hippocampus_001.seg.nrrd
+
+``--prompts`` takes SegAssist JSON (voxel coordinates (i, j, k) of the image: a prompt log, an
+object with a ``prompts`` list, or a list) or a Slicer markups file (``.mrk.json``: point lists
+are clicks, a label starting with ``-`` makes a point negative; an ROI is a box; a closed curve
+a lasso; an open curve a scribble). Several ``--prompts`` files are applied in order.
+
+The backend: by default a local one on this computer's CPU with the shipped model (``--model``,
+``--device``, ``--server-python`` change it). ``--url`` sends the image to a remote SegAssist
+server instead, and only with ``--send-images-to-remote`` (explicit consent); its token comes
+from ``--token`` or the environment variable ``SEGASSIST_REMOTE_TOKEN``.
+
+The same script runs in any Python with slicer-core (``pip install slicer-core``): then it uses a
+scene of its own. Exit status: 0 on success, 1 on an error (the message says why), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _ensure_library_path() -> None:
+    """From a source checkout: SegAssistLib is two folders up (an installed extension has it on sys.path)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "SegAssistLib" / "__init__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="batch_segment.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", required=True, type=Path, help="image file (NRRD, NIfTI, MHA, ...)")
+    p.add_argument("--prompts", required=True, type=Path, action="append", help="SegAssist JSON or .mrk.json")
+    p.add_argument("--out", required=True, type=Path, help="result .seg.nrrd")
+    p.add_argument("--segment-name", default="SegAssist", help="name of the segment (default SegAssist)")
+    local = p.add_argument_group("local backend (default)")
+    local.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
+    local.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    local.add_argument("--threads", type=int, default=0, help="CPU threads of the model (0: default)")
+    local.add_argument("--server-python", default="", help="a Python with torch, MONAI and FastAPI")
+    remote = p.add_argument_group("remote backend")
+    remote.add_argument("--url", default="", help="SegAssist server URL, for example https://host:8470")
+    remote.add_argument("--token", default=os.environ.get("SEGASSIST_REMOTE_TOKEN", ""), help="access token")
+    remote.add_argument(
+        "--send-images-to-remote", action="store_true", help="consent to send the image to --url (required)"
+    )
+    remote.add_argument("--allow-insecure-http", action="store_true", help="allow the token over plain http")
+    return p.parse_args(argv)
+
+
+def backend_settings(args: argparse.Namespace):
+    from SegAssistLib.slicer.backend import BackendSettings
+
+    if args.url:
+        return BackendSettings(
+            mode="remote",
+            remote_url=args.url,
+            remote_token=args.token,
+            remote_opt_in=bool(args.send_images_to_remote),
+            allow_insecure_http=bool(args.allow_insecure_http),
+        )
+    return BackendSettings(
+        mode="local",
+        local_model=str(args.model or ""),
+        local_device=args.device,
+        local_threads=int(args.threads),
+        local_python=args.server_python,
+    )
+
+
+def run(args: argparse.Namespace, scene, markups_logic):
+    """Load, segment, save; returns the SegmentationResult. Raises SegAssistError with the reason."""
+    from SegAssistLib.slicer import segments, volumes
+    from SegAssistLib.slicer.backend import BackendManager
+    from SegAssistLib.slicer.logic import load_prompt_file, segment_volume
+
+    volume_node = volumes.load_volume_file(scene, args.image)
+    prompts = []
+    for path in args.prompts:
+        prompts.extend(load_prompt_file(path, volume_node, markups_logic))
+    manager = BackendManager(backend_settings(args))
+    try:
+        result = segment_volume(
+            manager.client(),
+            volume_node,
+            prompts,
+            segment_name=args.segment_name,
+            progress=lambda fraction, message: print(f"[{100 * fraction:5.1f} %] {message}", flush=True),
+        )
+    finally:
+        manager.close()
+    segments.save_segmentation(result.segmentation_node, args.out)
+    print(f"{len(prompts)} prompts -> {result.voxel_count} voxels ({result.model}); wrote {args.out}", flush=True)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    _ensure_library_path()
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # argparse: --help (0) or bad usage (2)
+        return int(exc.code or 0)
+    import slicer
+
+    from SegAssistLib.errors import SegAssistError
+
+    in_slicer = hasattr(slicer, "app")
+    context = None
+    if in_slicer:
+        scene, markups_logic = slicer.mrmlScene, slicer.modules.markups.logic()
+    else:
+        from SegAssistLib.slicer.scene import create_headless_scene
+
+        context = create_headless_scene()
+        scene, markups_logic = context.scene, context.markups_logic
+    try:
+        run(args, scene, markups_logic)
+    except (SegAssistError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if context is not None:
+            context.close()
+    return 0
+
+
+if __name__ == "__main__":
+    status = main()
+    try:
+        import slicer
+
+        if hasattr(slicer, "app"):
+            slicer.util.exit(status)
+    except ImportError:
+        pass
+    sys.exit(status)
