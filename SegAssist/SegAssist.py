@@ -9,8 +9,6 @@ this file is the thin Qt layer. SegAssistLib is imported lazily: the module must
 offer to install its dependencies, even before they are there.
 """
 
-from __future__ import annotations
-
 import logging
 import sys
 import threading
@@ -55,9 +53,12 @@ ensureLibraryPath()
 
 
 def _helpText() -> str:
-    from SegAssistLib.slicer.shortcuts import help_rows
+    try:
+        from SegAssistLib.slicer.shortcuts import help_rows
 
-    rows = "".join(f"<li><b>{keys}</b>: {what}</li>" for keys, what in help_rows())
+        rows = "".join(f"<li><b>{keys}</b>: {what}</li>" for keys, what in help_rows())
+    except ImportError:  # a broken installation: still load, and point to the documentation
+        rows = ""
     return _(
         "Interactive AI segmentation of CT and MRI. In the Segment Editor, pick the <b>SegAssist</b> effect, "
         "choose a tool (click, box, scribble, lasso) and prompt in any slice view; the selected segment "
@@ -433,7 +434,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setVisible(True)
             self.ui.cancelButton.enabled = True
             self._checkCanApply()
-            self._submit("batch", self.logic.runPrepared, prepared, self._reportProgress)
+            self._submit("batch", self.logic.runPrepared, prepared, self._reportProgress, self.logic.manager().client)
 
     def _reportProgress(self, fraction: float, message: str) -> None:
         """Called on the worker thread: only store (the timer shows it); raising cancels the job."""
@@ -535,12 +536,10 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         self.manager().update_settings(settings)
 
     def manager(self):
-        """The backend manager shared with the SegAssist effect, with the saved settings applied."""
+        """The backend manager shared with the SegAssist effect (created with the saved settings)."""
         from SegAssistLib.slicer.backend import shared_manager
 
-        manager = shared_manager()
-        manager.update_settings(self.backendSettings())
-        return manager
+        return shared_manager(self.backendSettings)
 
     def engine(self, backend: Any = None):
         """A client or engine for ``backend`` (None: the panel's settings; or BackendSettings; or an engine)."""
@@ -565,12 +564,22 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Select a volume to segment"))
         return volume_from_node(volumeNode), collect_prompts(list(prompts), volumeNode)
 
-    def runPrepared(self, prepared, progress: Optional[Callable[[float, str], None]] = None, backend: Any = None):
-        """(any thread) Run prepared prompts on the backend; no MRML is touched."""
+    def runPrepared(
+        self,
+        prepared,
+        progress: Optional[Callable[[float, str], None]] = None,
+        engineFactory: Optional[Callable[[], Any]] = None,
+    ):
+        """(any thread) Run prepared prompts; no MRML and no Qt is touched.
+
+        ``engineFactory`` (for example ``logic.manager().client``, taken on the main thread) gives
+        the engine; it may block while a local backend starts.
+        """
         from SegAssistLib.slicer.logic import run_prompts
 
         volume, prompts = prepared
-        return run_prompts(self.engine(backend), volume, prompts, progress)
+        engine = engineFactory() if engineFactory is not None else self.engine()
+        return run_prompts(engine, volume, prompts, progress)
 
     def writeResult(self, run, volumeNode, segmentationNode=None, segmentName: str = "SegAssist") -> SegAssistResult:
         """(main thread) Replace (or add) the named segment with an engine run's mask."""
@@ -759,4 +768,5 @@ class SegAssistTest(ScriptedLoadableModuleTest):
         effect.self().performAction("reset")
         self.assertEqual(int(segments.segment_to_array(segmentationNode, segmentId, volumeNode).sum()), 0)
         editorWidget.setActiveEffect(None)
+        shared_manager().update_settings(SegAssistLogic().backendSettings())  # the user's settings again
         self.delayDisplay("Effect test passed")

@@ -215,8 +215,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 f"SegAssist cannot run: {IMPORT_ERROR}. Open the SegAssist module to install its packages.", True
             )
             return
-        settings = BackendSettings.load(qt.QSettings())
-        shared_manager().update_settings(settings)
+        settings = shared_manager(lambda: BackendSettings.load(qt.QSettings())).settings
         if settings.mode == REMOTE:
             consent = "images are sent there" if settings.remote_opt_in else "not enabled: nothing is sent"
             self.backendLabel.text = f"Backend: remote {settings.remote_url or '(no URL)'} ({consent})"

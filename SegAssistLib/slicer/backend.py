@@ -19,7 +19,7 @@ import sys
 import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
 from SegAssistLib.client import ClientError, LocalBackend, SegAssistClient
 from SegAssistLib.errors import SegAssistError
@@ -314,10 +314,14 @@ _shared_lock = threading.Lock()
 _shared: Optional[BackendManager] = None
 
 
-def shared_manager() -> BackendManager:
-    """The process-wide manager the SegAssist module panel and its segment editor effect share."""
+def shared_manager(initial_settings: Optional[Callable[[], BackendSettings]] = None) -> BackendManager:
+    """The process-wide manager the SegAssist module panel and its segment editor effect share.
+
+    ``initial_settings`` is called once, when the manager is created (in Slicer: the settings
+    saved in ``qt.QSettings``); afterwards the module panel updates it as the user edits them.
+    """
     global _shared
     with _shared_lock:
         if _shared is None:
-            _shared = BackendManager()
+            _shared = BackendManager(initial_settings() if initial_settings is not None else None)
         return _shared

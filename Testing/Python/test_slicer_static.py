@@ -297,3 +297,14 @@ def test_effect_follows_the_segment_editor_effect_template():
         next(n for n in _tree(MODULE_FILE).body if getattr(n, "name", "") == "registerEditorEffect")
     )
     assert "SegAssistEffect" in registration and "SegmentEditorEffect.py" in registration
+
+
+def test_the_user_documentation_lists_every_shortcut():
+    docs = (ROOT / "docs" / "slicer.md").read_text()
+    table = {
+        m.group(1): m.group(2) for m in re.finditer(r"^\| ([^|]+?) \| ([^|]+?) \|$", docs, re.M) if m.group(1) != "Key"
+    }
+    for shortcut in SHORTCUTS:
+        if shortcut.key == "KP_Enter":
+            continue  # documented with Enter
+        assert shortcut.label in table, f"docs/slicer.md lacks the shortcut {shortcut.label}"
