@@ -321,7 +321,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._reset()
         elif action is Action.ACCEPT:
             if self._recorder.drawing_lasso:
-                self._afterGesture(self._recorder.finish(), self._lassoView())
+                view = self._lassoView()  # before finish(): it forgets the view
+                gesture = self._recorder.finish()
+                if view is not None:
+                    self._afterGesture(gesture, view)
             else:
                 self._endObject("Accepted: the result stays in the segment; the next prompt starts a new object")
         elif action is Action.DROP_VERTEX:
