@@ -12,6 +12,10 @@ Modules:
   ``.seg.nrrd`` IO.
 - :mod:`.coordinates`: slice-view XY -> RAS -> IJK; clicks, boxes, scribbles, lassos as prompts.
 - :mod:`.markups`: point lists and ROIs as prompts.
+- :mod:`.backend`: backend settings (kept in ``qt.QSettings`` by the module), local/remote backend.
+- :mod:`.logic`: batch segmentation, nodes in and nodes out (the module's logic without Qt).
+- :mod:`.shortcuts`, :mod:`.interaction`, :mod:`.session_state`, :mod:`.worker`: the segment
+  editor effect without Qt (keys, gestures, prompt bookkeeping, the worker thread).
 
 Conventions: RAS is Slicer's world frame; IJK is continuous voxel index ``(i, j, k)`` of the
 reference volume (voxel centres at integers), the frame of every SegAssist prompt. Parent
@@ -28,4 +32,16 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "SegAssistLib.slicer needs 3D Slicer's Python (PythonSlicer) or the 'slicer-core' package"
     ) from exc
 
-__all__ = ["coordinates", "markups", "scene", "segments", "volumes"]
+__all__ = [
+    "backend",
+    "coordinates",
+    "interaction",
+    "logic",
+    "markups",
+    "scene",
+    "segments",
+    "session_state",
+    "shortcuts",
+    "volumes",
+    "worker",
+]
