@@ -108,6 +108,7 @@ class PeakMemory:
     def __init__(self, interval_s: float = 0.005):
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.start_bytes = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -126,7 +127,7 @@ class PeakMemory:
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
-        self.peak_bytes = self._rss()
+        self.start_bytes = self.peak_bytes = self._rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -239,6 +240,7 @@ def evaluate_case(
             "final_dice": round(dices[-1], 6),
             "final_hd95_mm": _finite_or_none(metrics.hd95(mask, out["final"], volume.spacing)),
             "peak_rss_mb": round(memory.peak_mb, 1),
+            "rss_before_mb": round(memory.start_bytes / 2**20, 1),
             "target_voxels": int(mask.sum()),
             "image_shape_ijk": list(volume.shape_ijk),
             "spacing": list(volume.spacing),
