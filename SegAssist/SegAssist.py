@@ -543,15 +543,12 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
 
     def engine(self, backend: Any = None):
         """A client or engine for ``backend`` (None: the panel's settings; or BackendSettings; or an engine)."""
-        from SegAssistLib.slicer.backend import BackendManager, BackendSettings
+        from SegAssistLib.slicer.backend import BackendSettings, manager_for
 
         if backend is None:
             return self.manager().client()
         if isinstance(backend, BackendSettings):
-            manager = self.manager()
-            if backend != manager.settings:
-                manager = BackendManager(backend)
-            return manager.client()
+            return manager_for(backend).client()
         return backend
 
     # ---- segmentation --------------------------------------------------------------------------

@@ -196,10 +196,17 @@ class BackendManager:
         return self._settings
 
     def update_settings(self, settings: BackendSettings) -> None:
-        """Use new settings; a connection made under different ones is dropped (a local server stays up)."""
+        """Use new settings; a connection made under different ones is dropped.
+
+        A local backend stays up unless what it runs changed (model, device, Python, threads).
+        """
         with self._lock:
             if settings == self._settings:
                 return
+            if _local_key(settings) != _local_key(self._settings) and self._local is not None:
+                self._drop_client()
+                local, self._local = self._local, None
+                local.stop()
             self._settings = settings
             self._drop_client()
 
@@ -310,6 +317,10 @@ class BackendManager:
         return settings.remote_url.strip() if settings.mode == REMOTE else ""
 
 
+def _local_key(settings: BackendSettings) -> Tuple[str, str, str, int]:
+    return (settings.local_model, settings.local_device, settings.local_python, settings.local_threads)
+
+
 _shared_lock = threading.Lock()
 _shared: Optional[BackendManager] = None
 
@@ -325,3 +336,23 @@ def shared_manager(initial_settings: Optional[Callable[[], BackendSettings]] = N
         if _shared is None:
             _shared = BackendManager(initial_settings() if initial_settings is not None else None)
         return _shared
+
+
+_by_settings: Dict[BackendSettings, BackendManager] = {}
+
+
+def manager_for(settings: BackendSettings) -> BackendManager:
+    """A manager for these exact settings, kept as long as the process runs.
+
+    A local backend lives as long as the object that started it (its stdin pipe is the lifeline),
+    so a manager made for one call must not be dropped while its client is still in use.
+    """
+    with _shared_lock:
+        shared = _shared
+    if shared is not None and shared.settings == settings:
+        return shared
+    with _shared_lock:
+        manager = _by_settings.get(settings)
+        if manager is None:
+            manager = _by_settings[settings] = BackendManager(settings)
+        return manager

@@ -273,6 +273,11 @@ def test_a_local_backend_is_started_and_stopped_for_the_user(ctx, tiny_checkpoin
         )
         result = segment_volume(manager.client(), volume, [PointPrompt(position=(20, 15, 10))])
         assert result.segmentation_node.GetSegmentation().GetSegment(result.segment_id).GetName() == "SegAssist"
+        # another model: the running backend is replaced, not reused
+        manager.update_settings(manager.settings.with_changes(local_model=str(tiny_checkpoint.with_name("none.pt"))))
+        assert not manager.local_status().connected
+        with pytest.raises(BackendConfigError, match="does not exist"):
+            manager.client()
     finally:
         manager.stop_local()
     assert not manager.local_status().connected
@@ -338,3 +343,13 @@ def test_batch_example_segments_the_bundled_sample(tiny_backend, tmp_path, capsy
         assert segment_id
         assert segments.segment_to_array(seg, segment_id, image).shape == slicer.util.arrayFromVolume(image).shape
     assert example.main(["--image", "x"]) == 2  # usage error
+
+
+def test_managers_for_explicit_settings_live_as_long_as_the_process():
+    from SegAssistLib.slicer.backend import manager_for, shared_manager
+
+    settings = BackendSettings(mode=REMOTE, remote_url="https://seg.example.org", remote_opt_in=True)
+    assert manager_for(settings) is manager_for(BackendSettings(**vars(settings)))
+    assert manager_for(settings) is not manager_for(settings.with_changes(remote_url="https://other.example.org"))
+    shared = shared_manager()
+    assert manager_for(shared.settings) is shared
