@@ -333,7 +333,8 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         for r in case_records:
             d = r["dice"]
             parts.append(
-                f"target {r['target']}: Dice@1 {d[0]:.3f} @5 {d[min(4, len(d) - 1)]:.3f} @last {d[-1]:.3f} "
+                f"target {r['target']}: Dice@1 {d[0]:.3f} @{min(5, len(d))} {d[min(4, len(d) - 1)]:.3f} "
+                f"@{len(d)} {d[-1]:.3f} "
                 f"NoC85 {r['noc']['85']}{'' if r['reached']['85'] else '*'} "
                 f"{np.median(r['latency_s']) if r['latency_s'] else 0:.2f} s"
             )
