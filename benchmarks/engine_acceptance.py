@@ -1,0 +1,92 @@
+"""The engine issue's acceptance table: Dice after 5 clicks on the evaluation split, for the shipped
+model and the two baselines fed the same clicks (``segassist eval``'s click protocol).
+
+Writes ``benchmarks/results/acceptance.json`` (every record) and ``acceptance.md`` (the table).
+
+Usage: python benchmarks/engine_acceptance.py [--data ../shared/data] [--model CKPT]
+       [--engines builtin,growcut,randomwalker] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets
+
+# dataset, targets, minimum Dice@5 for the model, case limit per engine (None: whole evaluation split)
+SELECTION = [
+    ("hippocampus", "1,2", 0.85, {}),
+    ("left_atrium", "1", 0.85, {"randomwalker": 2}),
+    ("acdc", "1,2,3", 0.85, {}),
+    ("brats", "1+2+3+4", 0.75, {}),
+    ("totalsegmentator_examples", "1,2,3,5,7,52", 0.75, {}),
+]
+CLICKS = 5
+
+
+def required_margin(baseline: float) -> float:
+    """Ahead by 0.10, or by a third of the way from the baseline to 1.0 where that is smaller."""
+    return min(0.10, (1.0 - baseline) / 3.0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--engines", default="builtin,growcut,randomwalker")
+    parser.add_argument("--datasets", help="comma-separated subset of the selection")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    engines = args.engines.split(",")
+    chosen = [s for s in SELECTION if not args.datasets or s[0] in args.datasets.split(",")]
+    results = {}
+    t0 = time.time()
+    for engine_name in engines:
+        model = str(args.model) if args.model and engine_name == "builtin" else None
+        engine = make_engine(engine_name, model)
+        for dataset, targets, _, limits in chosen:
+            cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS,
+                             limits.get(engine_name), "evaluation", engine_name)
+            print(f"== {engine_name} on {dataset} ({targets})", flush=True)
+            res = evaluate(cfg, engine=engine, progress=lambda line: print("  " + line, flush=True))
+            results[f"{engine_name}/{dataset}"] = res
+    rows = []
+    for dataset, targets, floor, _ in chosen:
+        row = {"dataset": dataset, "targets": targets, "floor": floor}
+        for engine_name in engines:
+            res = results[f"{engine_name}/{dataset}"]
+            dice5 = [r["dice"][min(CLICKS, len(r["dice"])) - 1] for r in res["records"]]
+            row[engine_name] = {"dice5": round(float(np.mean(dice5)), 4), "n": len(dice5),
+                                "median_latency_s": res["summary"].get("median_latency_s")}
+        rows.append(row)
+    lines = ["| dataset | targets | SegAssist Dice@5 | floor | Grow-from-seeds | random walker | ahead of both |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        model = row.get("builtin", {}).get("dice5")
+        base = [row[e]["dice5"] for e in ("growcut", "randomwalker") if e in row]
+        ahead = model is not None and all(model - b >= required_margin(b) for b in base)
+        cells = [f"{row[e]['dice5']:.3f} (n={row[e]['n']})" if e in row else "-"
+                 for e in ("builtin", "growcut", "randomwalker")]
+        lines.append(f"| {row['dataset']} | {row['targets']} | {cells[0]} | {row['floor']} | {cells[1]} | {cells[2]} "
+                     f"| {'yes' if ahead else 'no'} |")
+    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {sys.version.split()[0]}"
+    table = "\n".join(lines)
+    md = (f"# Engine acceptance: mean Dice after {CLICKS} clicks, evaluation split\n\n"
+          f"Command: `python benchmarks/engine_acceptance.py`; machine: {machine}; {time.strftime('%Y-%m-%d')}; "
+          f"wall time {time.time() - t0:.0f} s.\n\n{table}\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "acceptance.md").write_text(md)
+    (args.out / "acceptance.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=1, default=str))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
