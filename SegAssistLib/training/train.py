@@ -43,6 +43,7 @@ class TrainConfig:
     max_correction_rounds: int = 3
     corrupt_share: float = 0.2
     checkpoint_minutes: float = 5.0
+    device: str = "cpu"  # "cuda" trains on a GPU; patches are still cut on the CPU by the loader
     threads: int = 1  # see ARCHITECTURE.md: 2 threads beside other work are 4-7x slower than 1
     loader_workers: int = 1  # patches are cut in a separate process while the network trains
     seed: int = 0
@@ -91,12 +92,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.net_cfg = NetworkConfig.from_dict(cfg.network)
-        self.net = build_network(self.net_cfg)
+        self.device = torch.device(cfg.device)
+        self.net = build_network(self.net_cfg).to(self.device)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.loss = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.step, self.elapsed = 0, 0.0
         if resume:
-            state = torch.load(resume, map_location="cpu", weights_only=False)
+            state = torch.load(resume, map_location=self.device, weights_only=False)
             self.net.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.step, self.elapsed = state["step"], state["elapsed"]
@@ -138,7 +140,7 @@ class Trainer:
         self.net.eval()
         with torch.no_grad():
             for _ in range(rounds):
-                pred = self.net(_batch_inputs(images, prevs, prompts, patch))[:, 0] > 0
+                pred = (self.net(_batch_inputs(images, prevs, prompts, patch).to(self.device))[:, 0] > 0).cpu()
                 for i, gt in enumerate(gts):
                     p = pred[i].numpy()
                     correction = simulation.correction_prompt(gt, p, self.rng)
@@ -146,8 +148,8 @@ class Trainer:
                         prompts[i].append(correction)
                     prevs[i] = pred[i].float()
         self.net.train()
-        x = _batch_inputs(images, prevs, prompts, patch)
-        y = torch.from_numpy(np.stack(gts)[:, None].astype(np.float32))
+        x = _batch_inputs(images, prevs, prompts, patch).to(self.device)
+        y = torch.from_numpy(np.stack(gts)[:, None].astype(np.float32)).to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         logits = self.net(x)
@@ -162,8 +164,13 @@ class Trainer:
         return {"loss": float(loss.detach()), "dice": float(dice), "rounds": rounds}
 
     def save(self, final: bool = False) -> None:
-        state = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-                 "elapsed": self.elapsed, "config": asdict(self.cfg)}
+        state = {
+            "model": {k: v.cpu() for k, v in self.net.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "config": asdict(self.cfg),
+        }
         tmp = self.out / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(self.out / "state.pt")
@@ -205,6 +212,7 @@ def register(subparsers) -> None:
     p.add_argument("--data-root", help="folder of datasets in MSD layout (default ../shared/data)")
     p.add_argument("--resume", type=Path, help="state.pt of an earlier run")
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu (default) or cuda")
     p.set_defaults(func=run_train)
 
 
@@ -216,6 +224,8 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.data_root = args.data_root
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.device is not None:
+        cfg.device = args.device
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     Trainer(cfg, args.out, args.resume).run()
