@@ -28,7 +28,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check SegAssistLib SegAssist Testing benchmarks
+	$(VENV)/bin/ruff check SegAssistLib SegAssist Testing benchmarks scripts
 
 bench: setup
 	$(PY) benchmarks/latency.py
