@@ -11,10 +11,14 @@ Seeds, the same for both:
   segmentation is computed inside that box only (everything outside is background), which keeps
   both methods fast on big images. Positive clicks far from the others grow the box.
   The default margin, 30 mm, was picked on training cases (hippocampus, brats whole tumour,
-  left atrium; 20, 30 and 40 mm tried): smaller cuts big objects, larger lets Grow from seeds leak.
+  left atrium; 20, 30 and 40 mm tried): smaller cuts big objects, larger lets Grow from seeds leak;
+- a box prompt (the user's statement "the object lies in here") replaces that heuristic: the
+  background shell is the surface one voxel outside the newest box. A box paints no object seed,
+  so a box alone segments nothing; the clicks that follow grow the object inside it. This is how
+  the box-then-clicks protocol feeds the baselines the same interactions as the model.
 
-Later prompts paint over earlier ones. Boxes, lassos and masks raise :class:`PromptError`. Each
-prompt recomputes the result from all prompts, so undo and redo simply recompute.
+Later prompts paint over earlier ones. Lassos and masks raise :class:`PromptError`. Each prompt
+recomputes the result from all prompts, so undo and redo simply recompute.
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ import numpy as np
 from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError, SessionError
 from SegAssistLib.image import Volume, validate_image
-from SegAssistLib.prompts import ImageInfo, PointPrompt, Prompt, PromptLog, ScribblePrompt
+from SegAssistLib.prompts import BoxPrompt, ImageInfo, PointPrompt, Prompt, PromptLog, ScribblePrompt
 from SegAssistLib.rasterize import polyline_samples
 
 OBJECT, BACKGROUND = 1, 2
-SUPPORTED_KINDS = ("point", "scribble")
+SUPPORTED_KINDS = ("point", "scribble", "box")
 Box = Tuple[slice, slice, slice]
 
 
@@ -71,7 +75,12 @@ class SeedSegmentationSession(EngineSession):
                 f"{self._engine.capabilities().name} does not support {prompt.kind} prompts "
                 f"(supported: {', '.join(SUPPORTED_KINDS)})"
             )
-        positions = [prompt.position] if isinstance(prompt, PointPrompt) else prompt.points
+        if isinstance(prompt, PointPrompt):
+            positions = [prompt.position]
+        elif isinstance(prompt, BoxPrompt):
+            positions = [prompt.min_corner, prompt.max_corner]
+        else:
+            positions = prompt.points
         upper = np.asarray(self._shape[::-1]) - 0.5
         for p in positions:
             if np.any(np.asarray(p) < -0.5) or np.any(np.asarray(p) >= upper):
@@ -82,15 +91,21 @@ class SeedSegmentationSession(EngineSession):
     def _object_points(self, prompts: Sequence[Prompt]) -> np.ndarray:
         pts = []
         for p in prompts:
-            if p.positive:
+            if p.positive and not isinstance(p, BoxPrompt):
                 pts.extend([p.position] if isinstance(p, PointPrompt) else p.points)
         return np.rint(np.asarray(pts, float)[:, ::-1]).astype(int) if pts else np.zeros((0, 3), int)
 
     def roi(self, prompts: Sequence[Prompt]) -> Optional[Box]:
-        """The box the baseline works in: object seeds enlarged by the margin, clipped to the image."""
+        """The box the baseline works in: the newest box prompt enlarged by one voxel, else the
+        object seeds enlarged by the margin; clipped to the image. ``None`` without object seeds."""
         pts = self._object_points(prompts)
         if len(pts) == 0:
             return None
+        boxes = [p for p in prompts if isinstance(p, BoxPrompt)]
+        if boxes:
+            lo = np.maximum(np.floor(np.asarray(boxes[-1].min_corner)[::-1] + 0.5).astype(int) - 1, 0)
+            hi = np.minimum(np.ceil(np.asarray(boxes[-1].max_corner)[::-1] - 0.5).astype(int) + 2, self._shape)
+            return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
         margin = np.ceil(self._engine.margin_mm / self._spacing_kji).astype(int)
         lo = np.maximum(pts.min(0) - margin, 0)
         hi = np.minimum(pts.max(0) + margin + 1, self._shape)
@@ -104,6 +119,8 @@ class SeedSegmentationSession(EngineSession):
         seeds[1:-1, 1:-1, 1:-1] = 0  # the box surface is the background shell
         ball = _ball_offsets(self._engine.seed_radius, self._spacing_kji)
         for p in prompts:
+            if isinstance(p, BoxPrompt):
+                continue  # the box is the shell (see roi), not a seed
             value = OBJECT if p.positive else BACKGROUND
             if isinstance(p, PointPrompt):
                 centre = np.rint(np.asarray(p.position)[::-1]).astype(int)

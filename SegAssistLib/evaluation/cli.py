@@ -6,7 +6,8 @@ import argparse
 import sys
 
 PROTOCOL_CHOICES = ("clicks", "box+clicks", "scribble+clicks")
-ENGINE_CHOICES = ("builtin", "growcut", "randomwalker")
+ENGINE_CHOICES = ("builtin", "growcut", "randomwalker", "ablation")
+ORIENTATION_CHOICES = ("axial", "coronal", "sagittal", "oblique")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,10 +31,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--max-clicks", type=int, default=10, help="clicks per target (default 10)")
     parser.add_argument("--cases", type=int, default=None, help="only the first N cases of the split")
     parser.add_argument("--split", choices=("evaluation", "training", "all"), default="evaluation")
-    parser.add_argument("--engine", choices=ENGINE_CHOICES, default="builtin")
-    parser.add_argument("--model", default=None, help="checkpoint for the builtin engine (default: shipped)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        default="builtin",
+        help="ablation = the builtin model answering each interaction alone (current mask + newest prompt)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="checkpoint for the builtin and ablation engines (default: shipped)"
+    )
     parser.add_argument("--device", default="cpu", help="device of the builtin engine (cpu, cuda)")
     parser.add_argument("--channel", type=int, default=0, help="image channel of multi-channel cases (default 0)")
+    parser.add_argument(
+        "--scribble-orientation", choices=ORIENTATION_CHOICES, default="axial",
+        help="plane of the simulated scribble of scribble+clicks (default axial; oblique is tilted 35 degrees)",
+    )
+    parser.add_argument("--scribble-source", choices=("skeleton", "contour"), default="skeleton")
+    parser.add_argument(
+        "--scribble-jitter", type=float, default=0.0, metavar="MM", help="hand jitter in mm (default 0)"
+    )
     parser.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
     parser.set_defaults(func=run_eval)
     return parser
@@ -41,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run_eval(args: argparse.Namespace) -> int:
     from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets, write_json
+    from SegAssistLib.evaluation.scribbles import ScribbleSpec
 
     config = EvalConfig(
         dataset_dir=args.dataset_dir,
@@ -53,6 +70,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         channel=args.channel,
+        scribble=ScribbleSpec(args.scribble_orientation, args.scribble_source, args.scribble_jitter),
     )
     result = evaluate(config, progress=lambda line: print(line, flush=True))
     path = write_json(result, args.json)

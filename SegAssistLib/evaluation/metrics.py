@@ -12,6 +12,11 @@ Conventions (also written into every evaluation JSON, see :data:`CONVENTIONS`):
   to the nearest surface voxel of the other, both directions together. Surface voxels are the
   mask's voxels with a face neighbour outside the mask (the image border counts as outside).
   Both masks empty: 0.0; exactly one empty: ``inf``.
+- Dice AUC (the CVPR 2025 interactive 3D segmentation challenge's DSC_AUC): the trapezoidal area
+  under Dice against the interaction index with unit steps, over the click steps only (after the
+  box or scribble, which the challenge treats as optional). With 5 clicks it lies in [0, 4]. The
+  normalised AUC divides by (number of clicks - 1), giving a mean-Dice-like number in [0, 1] that is
+  comparable between protocols with different numbers of clicks.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ CONVENTIONS = {
     "hd95_mm": (
         "95th percentile of pooled surface-to-surface distances in mm (both directions); "
         "both empty = 0, one empty = inf (written as null in JSON)"
+    ),
+    "dice_auc": (
+        "trapezoidal area under Dice vs interaction index (unit steps) over the click steps after "
+        "the box or scribble (CVPR 2025 challenge DSC_AUC); dice_auc_norm = dice_auc / (clicks - 1)"
     ),
 }
 
@@ -56,6 +65,24 @@ def number_of_clicks(
         if value >= threshold:
             return n, True
     return limit, False
+
+
+def dice_auc(dice_per_click: Sequence[float]) -> float:
+    """Trapezoidal area under the Dice curve with unit steps; 0.0 for fewer than two values."""
+    values = np.asarray(list(dice_per_click), float)
+    if values.size < 2:
+        return 0.0
+    return float(np.sum((values[1:] + values[:-1]) / 2.0))
+
+
+def normalised_dice_auc(dice_per_click: Sequence[float]) -> float:
+    """:func:`dice_auc` divided by its maximum (number of values - 1); the single value if only one."""
+    values = list(dice_per_click)
+    if not values:
+        raise ValueError("normalised_dice_auc: no Dice values")
+    if len(values) == 1:
+        return float(values[0])
+    return dice_auc(values) / (len(values) - 1)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

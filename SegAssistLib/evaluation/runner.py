@@ -1,9 +1,11 @@
 """The evaluation harness: a simulated user segments every case of a dataset with one engine.
 
 For each case and target (a label, or a union such as ``1+2+3+4``) the harness opens a session,
-sends the protocol's first prompt (nothing, the target's box, or a scribble on the central axial
-slice) and then corrective clicks from :mod:`SegAssistLib.evaluation.simulator`, recording the Dice
-after every interaction, the engine's wall-clock latency per interaction and the peak memory.
+sends the protocol's first prompt (nothing, the target's box, or a scribble on a slice through the
+object, see :mod:`SegAssistLib.evaluation.scribbles`) and then corrective clicks from
+:mod:`SegAssistLib.evaluation.simulator`, recording the Dice and HD95 after every interaction, the
+engine's wall-clock latency per interaction (the simulator and the metrics are not timed) and the
+peak memory.
 
 Counting: ``max_clicks`` is the number of clicks. With ``box+clicks`` and ``scribble+clicks`` the
 box or scribble is one more interaction, the first, so every record has ``max_clicks`` (clicks) or
@@ -35,11 +37,12 @@ from SegAssistLib.datasets import Case, list_cases, split_cases
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
+from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.io import load_mask, load_volume
 from SegAssistLib.prompts import Prompt, dumps_prompt
 
 PROTOCOLS = ("clicks", "box+clicks", "scribble+clicks")
-ENGINES = ("builtin", "growcut", "randomwalker")
+ENGINES = ("builtin", "growcut", "randomwalker", "ablation")
 SPLITS = ("evaluation", "training", "all")
 NOC_THRESHOLDS = (0.80, 0.85, 0.90)
 MEMORY_CONVENTION = "peak resident set size of the process, sampled every 5 ms from /proc/self/statm per case"
@@ -83,17 +86,20 @@ def default_targets(dataset_dir: Path) -> List[Target]:
 
 
 # --- engines -----------------------------------------------------------------------------------
-def make_engine(name: str, model: Optional[str] = None, device: str = "cpu") -> Engine:
-    if name == "builtin":
+def make_engine(name: str, model: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None) -> Engine:
+    """``builtin`` (the shipped model or ``model``), ``ablation`` (the same model without prompt
+    history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut`` or ``randomwalker``."""
+    if name in ("builtin", "ablation"):
         from SegAssistLib.engine.builtin import load_default_engine
 
-        return (
-            load_default_engine(device=device)
-            if model is None
-            else load_default_engine(device=device, checkpoint=model)
-        )
+        builtin = load_default_engine(checkpoint=model, device=device, threads=threads)
+        if name == "builtin":
+            return builtin
+        from SegAssistLib.evaluation.ablation import NoHistoryEngine
+
+        return NoHistoryEngine(builtin)
     if model is not None:
-        raise SegAssistError(f"--model applies to the builtin engine only, not {name}")
+        raise SegAssistError(f"--model applies to the builtin and ablation engines only, not {name}")
     from SegAssistLib.evaluation.baselines import BASELINES
 
     if name not in BASELINES:
@@ -152,25 +158,40 @@ def _cuda_peak_mb_reset() -> Optional[Callable[[], float]]:
 
 
 # --- one case ----------------------------------------------------------------------------------
-def initial_prompt(protocol: str, target: np.ndarray, spacing: Sequence[float]) -> Optional[Prompt]:
+def initial_prompt(
+    protocol: str, target: np.ndarray, spacing: Sequence[float], scribble: Optional[ScribbleSpec] = None
+) -> Optional[Prompt]:
     if protocol == "clicks":
         return None
     if protocol == "box+clicks":
         return simulator.box_prompt(target)
     if protocol == "scribble+clicks":
-        return simulator.scribble_prompt(target, spacing)
+        spec = scribble or ScribbleSpec()
+        return simulator.scribble_prompt(
+            target, spacing, orientation=spec.orientation, source=spec.source, jitter_mm=spec.jitter_mm, seed=spec.seed
+        )
     raise SegAssistError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
 
 
-def run_session(engine: Engine, volume, target: np.ndarray, protocol: str = "clicks", max_clicks: int = 10) -> Dict:
-    """Drive one session; returns the interaction kinds, prompts, Dice and latency lists."""
+def run_session(
+    engine: Engine,
+    volume,
+    target: np.ndarray,
+    protocol: str = "clicks",
+    max_clicks: int = 10,
+    scribble: Optional[ScribbleSpec] = None,
+    hd95_each: bool = False,
+) -> Dict:
+    """Drive one session; returns the prompts and the Dice, latency (and, with ``hd95_each``, HD95
+    in mm after every interaction; ``inf`` when one mask is empty) lists and the final mask."""
     spacing = volume.spacing
     session = engine.open_session(volume)
     prompts: List[Prompt] = []
     dices: List[float] = []
+    hds: List[float] = []
     latencies: List[float] = []
     try:
-        first = initial_prompt(protocol, target, spacing)
+        first = initial_prompt(protocol, target, spacing, scribble)
         planned = max_clicks + (first is not None)
         pred = np.zeros(target.shape, np.uint8)
         while len(dices) < planned:
@@ -180,6 +201,8 @@ def run_session(engine: Engine, volume, target: np.ndarray, protocol: str = "cli
                 prompt = simulator.next_click(target, pred, spacing)
             if prompt is None:  # perfect: the user stops
                 dices.extend([dices[-1] if dices else 1.0] * (planned - len(dices)))
+                if hd95_each:
+                    hds.extend([hds[-1] if hds else 0.0] * (planned - len(hds)))
                 break
             start = time.perf_counter()
             update = session.add_prompt(prompt)
@@ -187,18 +210,80 @@ def run_session(engine: Engine, volume, target: np.ndarray, protocol: str = "cli
             update.apply_to(pred)
             prompts.append(prompt)
             dices.append(metrics.dice(target, pred))
+            if hd95_each:
+                hds.append(metrics.hd95(target, pred, spacing))
         final = session.result()
     finally:
         session.close()
-    return {"prompts": prompts, "dice": dices, "latency_s": latencies, "final": final}
+    out = {"prompts": prompts, "dice": dices, "latency_s": latencies, "final": final}
+    if hd95_each:
+        out["hd95_mm"] = hds
+    return out
 
 
 def _finite_or_none(value: float) -> Optional[float]:
     return None if not math.isfinite(value) else float(value)
 
 
+def evaluate_target(
+    engine: Engine,
+    volume,
+    mask: np.ndarray,
+    case_name: str,
+    target: str,
+    protocol: str,
+    max_clicks: int,
+    scribble: Optional[ScribbleSpec] = None,
+) -> Dict:
+    """The record of one session on one target (``mask``: uint8, the image's grid, not empty).
+
+    Raises :class:`PromptError` when the engine rejects a prompt of the protocol.
+    """
+    cuda_peak = _cuda_peak_mb_reset()
+    with PeakMemory() as memory:
+        out = run_session(engine, volume, mask, protocol, max_clicks, scribble, hd95_each=True)
+    dices = out["dice"]
+    allowed = len(dices)
+    noc, reached = {}, {}
+    for t in NOC_THRESHOLDS:
+        key = f"{round(t * 100)}"
+        noc[key], reached[key] = metrics.number_of_clicks(dices, t, allowed)
+    clicks = dices[1:] if protocol != "clicks" else dices  # the challenge's AUC is over the clicks
+    record = {
+        "case": case_name,
+        "target": target,
+        "protocol": protocol,
+        "interactions": [p.kind for p in out["prompts"]],
+        "prompts": [json.loads(dumps_prompt(p)) for p in out["prompts"]],
+        "dice": [round(d, 6) for d in dices],
+        "hd95_mm": [_finite_or_none(round(h, 4)) for h in out["hd95_mm"]],
+        "latency_s": [round(x, 6) for x in out["latency_s"]],
+        "noc": noc,
+        "reached": reached,
+        "dice_auc": round(metrics.dice_auc(clicks), 6),
+        "dice_auc_norm": round(metrics.normalised_dice_auc(clicks), 6),
+        "final_dice": round(dices[-1], 6),
+        "final_hd95_mm": _finite_or_none(metrics.hd95(mask, out["final"], volume.spacing)),
+        "peak_rss_mb": round(memory.peak_mb, 1),
+        "rss_before_mb": round(memory.start_bytes / 2**20, 1),
+        "target_voxels": int(mask.sum()),
+        "image_shape_ijk": list(volume.shape_ijk),
+        "spacing": list(volume.spacing),
+    }
+    if protocol == "scribble+clicks":
+        record["scribble"] = (scribble or ScribbleSpec()).to_dict()
+    if cuda_peak is not None:
+        record["peak_cuda_mb"] = round(cuda_peak(), 1)
+    return record
+
+
 def evaluate_case(
-    engine: Engine, case: Case, targets: Sequence[Target], protocol: str, max_clicks: int
+    engine: Engine,
+    case: Case,
+    targets: Sequence[Target],
+    protocol: str,
+    max_clicks: int,
+    scribble: Optional[ScribbleSpec] = None,
 ) -> Tuple[List[Dict], List[Dict]]:
     """Records and skips of one case."""
     volume = load_volume(case.image)
@@ -214,40 +299,10 @@ def evaluate_case(
         if not mask.any():
             skipped.append({"case": case.name, "target": name, "reason": "target label absent"})
             continue
-        cuda_peak = _cuda_peak_mb_reset()
-        with PeakMemory() as memory:
-            try:
-                out = run_session(engine, volume, mask, protocol, max_clicks)
-            except PromptError as exc:
-                skipped.append({"case": case.name, "target": name, "reason": f"prompt rejected: {exc}"})
-                continue
-        dices = out["dice"]
-        allowed = len(dices)
-        noc, reached = {}, {}
-        for t in NOC_THRESHOLDS:
-            key = f"{round(t * 100)}"
-            noc[key], reached[key] = metrics.number_of_clicks(dices, t, allowed)
-        record = {
-            "case": case.name,
-            "target": name,
-            "protocol": protocol,
-            "interactions": [p.kind for p in out["prompts"]],
-            "prompts": [json.loads(dumps_prompt(p)) for p in out["prompts"]],
-            "dice": [round(d, 6) for d in dices],
-            "latency_s": [round(x, 6) for x in out["latency_s"]],
-            "noc": noc,
-            "reached": reached,
-            "final_dice": round(dices[-1], 6),
-            "final_hd95_mm": _finite_or_none(metrics.hd95(mask, out["final"], volume.spacing)),
-            "peak_rss_mb": round(memory.peak_mb, 1),
-            "rss_before_mb": round(memory.start_bytes / 2**20, 1),
-            "target_voxels": int(mask.sum()),
-            "image_shape_ijk": list(volume.shape_ijk),
-            "spacing": list(volume.spacing),
-        }
-        if cuda_peak is not None:
-            record["peak_cuda_mb"] = round(cuda_peak(), 1)
-        records.append(record)
+        try:
+            records.append(evaluate_target(engine, volume, mask, case.name, name, protocol, max_clicks, scribble))
+        except PromptError as exc:
+            skipped.append({"case": case.name, "target": name, "reason": f"prompt rejected: {exc}"})
     return records, skipped
 
 
@@ -271,6 +326,7 @@ def summarise(records: Sequence[Dict]) -> Dict:
         "p95_latency_s": round(float(np.percentile(latencies, 95)), 4) if latencies.size else None,
         "max_peak_rss_mb": max(r["peak_rss_mb"] for r in records),
         "mean_final_hd95_mm": round(float(np.mean(hd)), 3) if hd else None,
+        "mean_dice_auc": round(float(np.mean([r["dice_auc"] for r in records])), 4),
     }
     cuda = [r["peak_cuda_mb"] for r in records if "peak_cuda_mb" in r]
     if cuda:
@@ -291,6 +347,7 @@ class EvalConfig:
     model: Optional[str] = None
     device: str = "cpu"
     channel: int = 0
+    scribble: ScribbleSpec = ScribbleSpec()
 
 
 def select_cases(dataset_dir: Path, split: str, count: Optional[int], channel: int = 0) -> List[Case]:
@@ -326,7 +383,9 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     skipped: List[Dict] = []
     started = time.time()
     for index, case in enumerate(cases, start=1):
-        case_records, case_skipped = evaluate_case(engine, case, targets, config.protocol, config.max_clicks)
+        case_records, case_skipped = evaluate_case(
+            engine, case, targets, config.protocol, config.max_clicks, config.scribble
+        )
         records.extend(case_records)
         skipped.extend(case_skipped)
         parts = []

@@ -23,11 +23,9 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import dijkstra
-from skimage.morphology import skeletonize
 
 from SegAssistLib.errors import PromptError
+from SegAssistLib.evaluation.scribbles import simulate_scribble
 from SegAssistLib.prompts import BoxPrompt, PointPrompt, ScribblePrompt
 
 Index3 = Tuple[int, int, int]
@@ -80,12 +78,23 @@ def next_click(
     pred = np.zeros_like(target) if prediction is None else np.asarray(prediction) > 0
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    # Work in the box of target | prediction: every error region lies in it and keeps its shape and
+    # scan order there, so the click is the same as on the whole image, only cheaper on big images.
+    either = target | pred
+    if not either.any():
+        return None
+    ranges = [np.flatnonzero(either.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    lo = [int(r[0]) for r in ranges]
+    hi = [int(r[-1]) + 1 for r in ranges]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    target, pred = target[box], pred[box]
     missed, missed_size = _largest_component(target & ~pred)
     spilled, spilled_size = _largest_component(pred & ~target)
     if missed_size == 0 and spilled_size == 0:
         return None
     positive = missed_size >= spilled_size
     kji = most_interior_voxel(missed if positive else spilled, spacing)
+    kji = tuple(int(x + o) for x, o in zip(kji, lo))
     return PointPrompt(position=kji_to_ijk(kji), positive=positive)
 
 
@@ -109,56 +118,19 @@ def box_prompt(target: np.ndarray) -> BoxPrompt:
         raise PromptError(f"the target's bounding box cannot be sent as a box: {exc}") from exc
 
 
-def _skeleton_path(skeleton: np.ndarray, sampling2d: Tuple[float, float]) -> np.ndarray:
-    """Pixels ``(row, col)`` of the longest shortest path in a 2D skeleton (its diameter), in order."""
-    pix = np.argwhere(skeleton)
-    n = len(pix)
-    if n == 1:
-        return pix
-    index = -np.ones(skeleton.shape, np.int64)
-    index[tuple(pix.T)] = np.arange(n)
-    rows, cols, weights = [], [], []
-    h, w = skeleton.shape
-    for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        r2, c2 = pix[:, 0] + dr, pix[:, 1] + dc
-        ok = (r2 >= 0) & (r2 < h) & (c2 >= 0) & (c2 < w)
-        src = np.flatnonzero(ok)
-        dst = index[r2[ok], c2[ok]]
-        keep = dst >= 0
-        rows.append(src[keep])
-        cols.append(dst[keep])
-        weights.append(np.full(int(keep.sum()), np.hypot(dr * sampling2d[0], dc * sampling2d[1])))
-    graph = coo_matrix((np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
-    d0 = dijkstra(graph, directed=False, indices=0)
-    far = int(np.argmax(np.where(np.isfinite(d0), d0, -1)))
-    dist, pred = dijkstra(graph, directed=False, indices=far, return_predecessors=True)
-    end = int(np.argmax(np.where(np.isfinite(dist), dist, -1)))
-    path = [end]
-    while path[-1] != far:
-        path.append(int(pred[path[-1]]))
-    return pix[path[::-1]]
-
-
 def scribble_prompt(
-    target: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0), width: float = 1.0
+    target: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    width: float = 1.0,
+    orientation: str = "axial",
+    source: str = "skeleton",
+    jitter_mm: float = 0.0,
+    seed: int = 0,
 ) -> ScribblePrompt:
-    """A positive scribble along the skeleton of the object on the axial slice through its centre.
+    """A positive scribble inside the object on a slice through it (any orientation).
 
-    The slice is the one nearest the object's centre of mass that holds the object; on it, the
-    stroke follows the longest path of the skeleton of the largest 8-connected piece.
+    The defaults give the original protocol: the longest skeleton path of the largest piece of the
+    axial slice nearest the object's centre of mass, without jitter. See
+    :mod:`SegAssistLib.evaluation.scribbles` for the orientations, sources and jitter.
     """
-    target = np.asarray(target) > 0
-    if not target.any():
-        raise ValueError("scribble_prompt: the target is empty")
-    centre_k = ndimage.center_of_mass(target)[0]
-    slices = np.flatnonzero(target.any(axis=(1, 2)))
-    k = int(slices[np.argmin(np.abs(slices - centre_k))])  # first of equals: the lower slice
-    labels, n = ndimage.label(target[k], structure=np.ones((3, 3), bool))
-    piece = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    skeleton = skeletonize(piece)
-    if not skeleton.any():
-        skeleton = piece
-    sampling = _sampling(spacing)
-    path = _skeleton_path(skeleton, (sampling[1], sampling[2]))
-    points = [(float(c), float(r), float(k)) for r, c in path]
-    return ScribblePrompt(points=points, positive=True, width=width)
+    return simulate_scribble(target, spacing, orientation, source, jitter_mm, seed, width)

@@ -17,7 +17,7 @@ from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets, 
 from SegAssistLib.evaluation.simulator import first_click
 from SegAssistLib.image import Volume
 from SegAssistLib.io import load_mask, load_volume
-from SegAssistLib.prompts import BoxPrompt, PointPrompt, ScribblePrompt
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
 
 ENGINES = [GrowCutEngine, RandomWalkerEngine]
 
@@ -35,7 +35,7 @@ def sphere():
 def test_one_click_segments_a_bright_sphere(engine_cls, sphere):
     volume, target = sphere
     engine = engine_cls(margin_mm=10)
-    assert set(engine.capabilities().prompt_kinds) == {"point", "scribble"}
+    assert set(engine.capabilities().prompt_kinds) == {"point", "scribble", "box"}
     session = engine.open_session(volume)
     update = session.add_prompt(first_click(target))
     pred = np.zeros_like(target)
@@ -62,10 +62,24 @@ def test_session_history_and_rejected_prompts(engine_cls, sphere):
     assert [p.kind for p in session.prompt_log().prompts] == ["point", "point"]
     session.reset()
     assert not session.result().any() and session.can_undo
-    with pytest.raises(PromptError, match="not support box"):
-        session.add_prompt(BoxPrompt(min_corner=(10, 10, 8), max_corner=(24, 21, 17)))
+    with pytest.raises(PromptError, match="not support lasso"):
+        session.add_prompt(LassoPrompt(points=[(10, 10, 8), (20, 10, 8), (15, 18, 8)]))
     with pytest.raises(PromptError, match="outside the image"):
         session.add_prompt(PointPrompt(position=(40, 3, 3)))
+
+
+@pytest.mark.parametrize("engine_cls", ENGINES)
+def test_a_box_alone_segments_nothing_and_bounds_the_clicks(engine_cls, sphere):
+    volume, target = sphere
+    session = engine_cls(margin_mm=10).open_session(volume)
+    session.add_prompt(BoxPrompt(min_corner=(11, 9, 6), max_corner=(23, 21, 18)))
+    assert not session.result().any()  # a box paints no object seed
+    session.add_prompt(first_click(target))
+    result = session.result()
+    assert dice(target, result) > 0.9
+    # the background shell lies one voxel outside the box: nothing grows beyond it
+    k, j, i = np.nonzero(result)
+    assert i.min() >= 10 and i.max() <= 24 and j.min() >= 8 and j.max() <= 22 and k.min() >= 5 and k.max() <= 19
 
 
 def test_a_positive_scribble_seeds_the_object(sphere):
@@ -122,8 +136,21 @@ def test_runner_records_absent_targets_and_refuses_unsupported_protocols(hippoca
         progress=lambda line: None,
     )
     assert result["records"] == [] and result["skipped"][0]["reason"] == "target label absent"
-    with pytest.raises(SegAssistError, match="box"):
-        evaluate(EvalConfig(hippocampus_dir, protocol="box+clicks", cases=1, engine="growcut"))
+    with pytest.raises(SegAssistError, match="unknown protocol"):
+        evaluate(EvalConfig(hippocampus_dir, protocol="lasso+clicks", cases=1, engine="growcut"))
+
+
+def test_box_protocol_feeds_the_baseline_the_same_box(hippocampus_dir):
+    result = evaluate(
+        EvalConfig(hippocampus_dir, targets=parse_targets("1"), protocol="box+clicks", max_clicks=2, cases=1,
+                   engine="growcut"),
+        progress=lambda line: None,
+    )
+    record = result["records"][0]
+    assert record["interactions"] == ["box", "point", "point"]
+    assert record["dice"][0] == 0.0 and record["hd95_mm"][0] is None  # the box alone: no object seed
+    assert record["dice"][-1] > 0.3
+    assert record["dice_auc"] == pytest.approx((record["dice"][1] + record["dice"][2]) / 2, abs=1e-5)
 
 
 def test_eval_subcommand(hippocampus_dir, tmp_path, capsys):
