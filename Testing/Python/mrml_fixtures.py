@@ -9,7 +9,7 @@ two nested linear transforms in the wrong order (B @ A instead of A @ B).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -71,6 +71,15 @@ def oblique_ijk_to_ras(
 
 def random_volume(shape: Tuple[int, int, int] = (9, 11, 13), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(-1000, 2000, size=shape).astype(np.int16)
+
+
+def add_nested_oblique_volume(scene, array: Optional[np.ndarray] = None, name: str = "oblique"):
+    """An oblique volume (:func:`oblique_ijk_to_ras`) under two nested rotated and shifted linear
+    transforms; its voxels are ``array`` (default: a ``random_volume`` of shape (20, 24, 28))."""
+    outer = add_linear_transform(scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
+    inner = add_linear_transform(scene, affine(rotation((1, -1, 2), 35), (-20.5, 4.0, 11.0)), "inner", outer)
+    voxels = random_volume((20, 24, 28)) if array is None else array
+    return add_volume(scene, voxels, oblique_ijk_to_ras(), name, parent=inner)
 
 
 def world_image_geometry(volume_node) -> np.ndarray:

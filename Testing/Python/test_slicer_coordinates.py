@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mrml_fixtures import (
     add_linear_transform,
+    add_nested_oblique_volume,
     add_volume,
     affine,
-    oblique_ijk_to_ras,
     random_volume,
     rotation,
     slicer_xy_to_voxel,
@@ -35,12 +35,6 @@ def ctx():
         yield context
 
 
-def _oblique_transformed_volume(scene):
-    outer = add_linear_transform(scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
-    inner = add_linear_transform(scene, affine(rotation((1, -1, 2), 35), (-20.5, 4.0, 11.0)), "inner", outer)
-    return add_volume(scene, random_volume((20, 24, 28)), oblique_ijk_to_ras(), "oblique", parent=inner)
-
-
 def _lps_volume(scene, transform=None):
     """An ordinary axis-aligned scan: i -> left, j -> posterior, k -> superior (LPS identity)."""
     parent = add_linear_transform(scene, transform, "scanner") if transform is not None else None
@@ -58,7 +52,7 @@ def _xy_to_ijk_oracle(slice_node, volume_node, xys):
 
 @pytest.mark.parametrize("orientation", ["Axial", "Sagittal", "Coronal", OBLIQUE_NORMAL])
 def test_clicks_land_on_the_right_voxel(ctx, orientation):
-    volume = _oblique_transformed_volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene)
     target = (5, 7, 4)
     view = add_slice_node(ctx.scene, orientation, DIMS, FOV, center_ras=voxel_world(volume, target))
 
@@ -80,7 +74,7 @@ def test_clicks_land_on_the_right_voxel(ctx, orientation):
 
 
 def test_ras_and_ijk_conversions_follow_nested_transforms(ctx):
-    volume = _oblique_transformed_volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene)
     ijk = np.array([[0.0, 0.0, 0.0], [3.25, 9.5, 1.75], [27.0, 23.0, 19.0]])
     ras = coordinates.ijk_to_ras(ijk, volume)
     assert np.allclose(ras, [voxel_world(volume, p) for p in ijk], atol=1e-9)
@@ -122,7 +116,7 @@ def test_box_on_a_grid_aligned_slice_is_a_flat_box(ctx, transform, orientation, 
 
 @pytest.mark.parametrize("case", ["oblique slice", "oblique volume", "rotated in plane"])
 def test_box_on_an_oblique_slice_is_a_four_vertex_lasso(ctx, case):
-    volume = _oblique_transformed_volume(ctx.scene) if case == "oblique volume" else _lps_volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene) if case == "oblique volume" else _lps_volume(ctx.scene)
     orientation = OBLIQUE_NORMAL if case == "oblique slice" else "Axial"
     view = add_slice_node(ctx.scene, orientation, DIMS, FOV, center_ras=voxel_world(volume, (14, 12, 8)))
     if case == "rotated in plane":
@@ -143,7 +137,7 @@ def test_box_on_an_oblique_slice_is_a_four_vertex_lasso(ctx, case):
 
 
 def test_scribbles_and_lassos_on_an_oblique_slice(ctx):
-    volume = _oblique_transformed_volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene)
     view = add_slice_node(ctx.scene, OBLIQUE_NORMAL, DIMS, FOV, center_ras=voxel_world(volume, (10, 10, 8)))
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     stroke = np.column_stack([150 + 40 * t / np.pi, 100 + 15 * np.sin(t)])

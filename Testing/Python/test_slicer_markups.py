@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mrml_fixtures import (
     add_linear_transform,
+    add_nested_oblique_volume,
     add_volume,
     affine,
-    oblique_ijk_to_ras,
     random_volume,
     rotation,
     voxel_world,
@@ -30,12 +30,6 @@ def ctx():
         yield context
 
 
-def _volume(scene):
-    outer = add_linear_transform(scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
-    inner = add_linear_transform(scene, affine(rotation((1, -1, 2), 35), (-20.5, 4.0, 11.0)), "inner", outer)
-    return add_volume(scene, random_volume((20, 24, 28)), oblique_ijk_to_ras(), "oblique", parent=inner)
-
-
 TARGETS = [
     ((4.0, 5.0, 6.0), "1"),
     ((10.25, 3.5, 7.75), "-2"),
@@ -55,7 +49,7 @@ def _point_list(ctx, volume, name="points"):
 
 
 def test_point_list_becomes_point_prompts_through_both_transforms(ctx):
-    volume = _volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene)
     node = _point_list(ctx, volume)
     local = [0.0, 0.0, 0.0]
     node.GetNthControlPointPosition(0, local)
@@ -69,7 +63,7 @@ def test_point_list_becomes_point_prompts_through_both_transforms(ctx):
 
 
 def test_node_polarity_attribute_overrides_labels(ctx):
-    volume = _volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene)
     node = _point_list(ctx, volume)
     markups.set_polarity(node, positive=False)
     assert node.GetAttribute(markups.POLARITY_ATTRIBUTE) == "negative"
@@ -84,7 +78,7 @@ def test_node_polarity_attribute_overrides_labels(ctx):
 
 
 def test_unplaced_points_are_skipped(ctx):
-    volume = _volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene)
     node = _point_list(ctx, volume)
     node.SetNthControlPointPositionMissing(1)
     node.UnsetNthControlPointPosition(2)
@@ -94,7 +88,7 @@ def test_unplaced_points_are_skipped(ctx):
 
 
 def test_mrk_json_file_reloads_to_the_same_prompts(ctx, tmp_path):
-    volume = _volume(ctx.scene)
+    volume = add_nested_oblique_volume(ctx.scene)
     node = _point_list(ctx, volume)
     before = markups.point_prompts(node, volume)
     storage = node.CreateDefaultStorageNode()
@@ -104,7 +98,7 @@ def test_mrk_json_file_reloads_to_the_same_prompts(ctx, tmp_path):
     assert storage.WriteData(node)
 
     with create_headless_scene() as other:
-        volume2 = _volume(other.scene)
+        volume2 = add_nested_oblique_volume(other.scene)
         loaded = markups.load_markups(other.markups_logic, tmp_path / "clicks.mrk.json")
         # The file holds positions in the list's own frame: put it back under the same transform.
         frame = add_linear_transform(other.scene, affine(rotation((2, 1, 0), 50), (-3.0, 8.0, 1.5)), "frame")

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from mrml_fixtures import (
     add_linear_transform,
-    add_volume,
+    add_nested_oblique_volume,
     affine,
-    oblique_ijk_to_ras,
     random_volume,
     rotation,
     segment_ids,
@@ -36,9 +35,7 @@ def ctx():
 
 
 def _volume(scene):
-    outer = add_linear_transform(scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
-    inner = add_linear_transform(scene, affine(rotation((1, -1, 2), 35), (-20.5, 4.0, 11.0)), "inner", outer)
-    return add_volume(scene, random_volume(SHAPE), oblique_ijk_to_ras(), "oblique", parent=inner)
+    return add_nested_oblique_volume(scene, random_volume(SHAPE))
 
 
 def _masks():

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mrml_fixtures import (
-    add_linear_transform,
+    add_nested_oblique_volume,
     add_volume,
-    affine,
     local_ijk_to_ras,
     oblique_ijk_to_ras,
     random_volume,
@@ -31,13 +30,8 @@ def ctx():
 
 
 def _transformed_oblique_volume(ctx):
-    outer = add_linear_transform(ctx.scene, affine(rotation((0, 0, 1), 90), (5, -7, 3)), "outer")
-    inner = add_linear_transform(
-        ctx.scene, affine(rotation((1, -1, 2), 35) * 1.0, (-20.5, 4.0, 11.0)), "inner", parent=outer
-    )
     array = random_volume((9, 11, 13))
-    node = add_volume(ctx.scene, array, oblique_ijk_to_ras(), "oblique", parent=inner)
-    return node, array
+    return add_nested_oblique_volume(ctx.scene, array), array
 
 
 def test_oblique_transformed_volume_round_trips_exactly(ctx):
