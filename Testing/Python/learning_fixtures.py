@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
+import pytest
 import torch
 
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
@@ -19,6 +20,15 @@ from SegAssistLib.learning import CaseRecord, Datastore
 
 TINY = NetworkConfig(channels=(8, 16, 32), strides=(2, 2), patch_size=32)
 SHAPE = (20, 28, 28)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Torch on one thread for each test of a module that imports this fixture (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from learning_fixtures import make_store, synthetic_case, tiny_checkpoint
+from learning_fixtures import (
+    make_store,
+    one_thread,  # noqa: F401  (autouse fixture)
+    synthetic_case,
+    tiny_checkpoint,
+)
 
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.image import Volume
@@ -24,14 +28,6 @@ from SegAssistLib.learning.active import (
     structure_prior,
 )
 from SegAssistLib.learning.loop_errors import ActiveLearningError, NoCandidateError
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from learning_fixtures import make_store, synthetic_case, tiny_checkpoint
+from learning_fixtures import (
+    make_store,
+    one_thread,  # noqa: F401  (autouse fixture)
+    synthetic_case,
+    tiny_checkpoint,
+)
 
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.learning import AdapterError
@@ -23,14 +28,6 @@ from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.learning.traindata import holdout_split
 from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
 from SegAssistLib.prompts import PointPrompt
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
