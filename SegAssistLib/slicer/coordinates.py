@@ -47,24 +47,25 @@ def _transform_points(transform: vtk.vtkAbstractTransform, points: np.ndarray) -
     return np.array([transform.TransformDoublePoint(*p) for p in points], dtype=float)
 
 
-def world_to_node_transform(node: slicer.vtkMRMLTransformableNode) -> Optional[vtk.vtkGeneralTransform]:
-    """World RAS -> the node's own frame, or None when the node has no parent transform."""
+def _parent_transform(node: slicer.vtkMRMLTransformableNode, to_world: bool) -> Optional[vtk.vtkGeneralTransform]:
+    """The node's own frame -> world RAS (``to_world``) or back, or None without a parent transform."""
     parent = node.GetParentTransformNode()
     if parent is None:
         return None
     transform = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, transform)
+    source, target = (parent, None) if to_world else (None, parent)
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, transform)
     return transform
+
+
+def world_to_node_transform(node: slicer.vtkMRMLTransformableNode) -> Optional[vtk.vtkGeneralTransform]:
+    """World RAS -> the node's own frame, or None when the node has no parent transform."""
+    return _parent_transform(node, to_world=False)
 
 
 def node_to_world_transform(node: slicer.vtkMRMLTransformableNode) -> Optional[vtk.vtkGeneralTransform]:
     """The node's own frame -> world RAS, or None when the node has no parent transform."""
-    parent = node.GetParentTransformNode()
-    if parent is None:
-        return None
-    transform = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(parent, None, transform)
-    return transform
+    return _parent_transform(node, to_world=True)
 
 
 def ras_to_ijk(points_ras: Points, volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
