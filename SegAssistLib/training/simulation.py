@@ -22,13 +22,16 @@ FIRST_KIND_WEIGHTS = (0.45, 0.13, 0.14, 0.14, 0.14)
 
 def interior_point(mask: np.ndarray, rng: np.random.Generator, exact: bool) -> Optional[np.ndarray]:
     """A voxel deep inside ``mask``: the distance-transform maximum, or a random voxel near it."""
-    if not mask.any():
+    nz = np.argwhere(mask)
+    if len(nz) == 0:
         return None
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    lo, hi = nz.min(0), nz.max(0) + 1  # the transform on the region's box only: errors are often small
+    crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    dist = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1, 1:-1]
     if exact:
-        return np.asarray(np.unravel_index(np.argmax(dist), mask.shape), float)
+        return np.asarray(np.unravel_index(np.argmax(dist), crop.shape), float) + lo
     candidates = np.argwhere(dist >= 0.5 * dist.max())
-    return candidates[rng.integers(len(candidates))].astype(float)
+    return (candidates[rng.integers(len(candidates))] + lo).astype(float)
 
 
 def _slice_through(mask: np.ndarray, rng: np.random.Generator):
