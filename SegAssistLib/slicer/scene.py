@@ -1,4 +1,5 @@
-"""A headless MRML scene with the module logics SegAssist uses, and slice nodes without views.
+"""A headless MRML scene with the module logics SegAssist uses, slice nodes without views, and
+nodes read from and written to files through their storage nodes.
 
 Inside the Slicer application use ``slicer.mrmlScene`` instead of :func:`create_headless_scene`;
 the functions of this package take the scene or nodes explicitly and work on either.
@@ -10,7 +11,8 @@ import os
 import tempfile
 import types
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import slicer
@@ -162,3 +164,56 @@ def orient_slice(node: slicer.vtkMRMLSliceNode, orientation: Union[str, Sequence
     center = np.asarray(node.GetSliceToRAS().MultiplyPoint((0.0, 0.0, 0.0, 1.0))[:3])
     node.SetSliceToRASByNTP(*normal, *transverse, *center, 0)
     node.UpdateMatrices()
+
+
+def read_node_file(
+    scene: slicer.vtkMRMLScene,
+    path: Path,
+    node_class: str,
+    storage: slicer.vtkMRMLStorageNode,
+    name: Optional[str],
+    what: str,
+    error: Type[SegAssistError] = SegAssistError,
+) -> slicer.vtkMRMLStorableNode:
+    """A new ``node_class`` node read from ``path`` through ``storage`` (added to the scene with it).
+
+    The node is named ``name``, or the file name up to its first dot. When the storage node cannot
+    read the file both nodes leave the scene again and ``error("could not read {what} from {path}")``
+    is raised.
+    """
+    node = scene.AddNewNodeByClass(node_class, name or path.name.split(".")[0])
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(node):
+        scene.RemoveNode(node)
+        scene.RemoveNode(storage)
+        raise error(f"could not read {what} from {path}")
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def write_node_file(
+    node: slicer.vtkMRMLStorableNode,
+    path: Union[str, Path],
+    storage_class: type,
+    compress: bool,
+    what: str,
+    error: Type[SegAssistError] = SegAssistError,
+) -> Path:
+    """Write ``node`` to ``path`` through its storage node (a new ``storage_class`` one when it has none).
+
+    Raises ``error("could not write {what} to {path}")`` when the storage node fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = node.GetStorageNode()
+    if storage is None:
+        storage = storage_class()
+        node.GetScene().AddNode(storage)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(bool(compress))
+    if not storage.WriteData(node):
+        raise error(f"could not write {what} to {path}")
+    return path

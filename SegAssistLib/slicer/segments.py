@@ -24,6 +24,7 @@ from vtk.util import numpy_support
 
 from SegAssistLib.engine.base import MaskUpdate
 from SegAssistLib.errors import ImageError, SegAssistError, SessionError
+from SegAssistLib.slicer.scene import read_node_file, write_node_file
 
 BINARY_LABELMAP = "Binary labelmap"
 _Logic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -297,18 +298,7 @@ def save_segmentation(
 
     The file holds the segmentation in its own frame: a parent transform is not saved in it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage = segmentation_node.GetStorageNode()
-    if storage is None:
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        segmentation_node.GetScene().AddNode(storage)
-        segmentation_node.SetAndObserveStorageNodeID(storage.GetID())
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(bool(compress))
-    if not storage.WriteData(segmentation_node):
-        raise SegAssistError(f"could not write segmentation to {path}")
-    return path
+    return write_node_file(segmentation_node, path, slicer.vtkMRMLSegmentationStorageNode, compress, "segmentation")
 
 
 def load_segmentation(
@@ -320,15 +310,5 @@ def load_segmentation(
     path = Path(path)
     if not path.is_file():
         raise SegAssistError(f"segmentation file not found: {path}")
-    stem = path.name.split(".")[0]
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or stem)
     storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise SegAssistError(f"could not read a segmentation from {path}")
-    node.CreateDefaultDisplayNodes()
-    return node
+    return read_node_file(scene, path, "vtkMRMLSegmentationNode", storage, name, "a segmentation")

@@ -17,6 +17,7 @@ import vtk
 
 from SegAssistLib.errors import ImageError, SegAssistError
 from SegAssistLib.image import Volume
+from SegAssistLib.slicer.scene import read_node_file, write_node_file
 
 #: Multiplying RAS coordinates by this gives LPS ones, and back (it is its own inverse).
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -162,30 +163,11 @@ def load_volume_file(
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     class_name = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
-    node = scene.AddNewNodeByClass(class_name, name or path.name.split(".")[0])
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(str(path))
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    if not storage.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(storage)
-        raise ImageError(f"could not read an image from {path}")
-    node.CreateDefaultDisplayNodes()
-    return node
+    return read_node_file(scene, path, class_name, storage, name, "an image", ImageError)
 
 
 def save_volume_file(volume_node: slicer.vtkMRMLVolumeNode, path: Union[str, Path], compress: bool = True) -> Path:
     """Write a volume node to a file through its storage node (its own frame: transforms not applied)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage = volume_node.GetStorageNode()
-    if storage is None:
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        volume_node.GetScene().AddNode(storage)
-        volume_node.SetAndObserveStorageNodeID(storage.GetID())
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(bool(compress))
-    if not storage.WriteData(volume_node):
-        raise ImageError(f"could not write volume {volume_node.GetName()!r} to {path}")
-    return path
+    what = f"volume {volume_node.GetName()!r}"
+    return write_node_file(volume_node, path, slicer.vtkMRMLVolumeArchetypeStorageNode, compress, what, ImageError)
