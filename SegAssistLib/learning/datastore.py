@@ -383,6 +383,14 @@ class Datastore:
 
     # ------------------------------------------------------------------ locks
 
+    @staticmethod
+    def _case_row(db: sqlite3.Connection, case_id: str) -> sqlite3.Row:
+        """The case's whole row, read in ``db``'s transaction; :class:`NotFoundError` when there is none."""
+        row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no case {case_id}")
+        return row
+
     def _check_lock(self, row: sqlite3.Row, user: str, now: float) -> None:
         holder, expires = row["locked_by"], row["lock_expires"]
         if holder is not None and holder != user and expires is not None and expires > now:
@@ -405,9 +413,7 @@ class Datastore:
             raise DatastoreError(f"lock duration must be between 0 and {MAX_LOCK_TTL_S:.0f} s, got {ttl_s}")
         with self._write() as db:
             now = self._clock()
-            row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no case {case_id}")
+            row = self._case_row(db, case_id)
             self._check_lock(row, user, now)
             status = CaseStatus.IN_PROGRESS.value if row["status"] == CaseStatus.NEW.value else row["status"]
             db.execute(
@@ -425,9 +431,7 @@ class Datastore:
         check_user(user)
         with self._write() as db:
             now = self._clock()
-            row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no case {case_id}")
+            row = self._case_row(db, case_id)
             if not force:
                 self._check_lock(row, user, now)
             n_labels = db.execute("SELECT COUNT(*) FROM labels WHERE case_id = ?", (case_id,)).fetchone()[0]
@@ -487,9 +491,7 @@ class Datastore:
         try:
             with self._write() as db:
                 now = self._clock()
-                row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
-                if row is None:
-                    raise NotFoundError(f"no case {case_id}")
+                row = self._case_row(db, case_id)
                 self._check_lock(row, user, now)
                 version = db.execute(
                     "SELECT COALESCE(MAX(version), 0) + 1 FROM labels WHERE case_id = ?", (case_id,)
