@@ -20,6 +20,7 @@ import torch
 from monai.networks.nets import UNet
 
 from SegAssistLib.errors import ModelError
+from SegAssistLib.files import atomic_write
 
 CHECKPOINT_FORMAT = "segassist-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -74,7 +75,6 @@ def save_checkpoint(
     path: Union[str, Path], network: torch.nn.Module, config: NetworkConfig, meta: Dict[str, Any]
 ) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -82,9 +82,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
         "meta": meta,
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), overwrite=True)
     return path
 
 

@@ -8,7 +8,7 @@ Layout of the store folder::
 
 Rules that make it safe to kill the process at any moment:
 
-- Every file is written to a temporary name beside its target, fsynced and renamed (``_atomic``);
+- Every file is written to a temporary name beside its target, fsynced and renamed (``SegAssistLib.files``);
   a label version is a *new* file named by a fresh random id, so nothing is overwritten in place.
 - The database row that makes a file visible is inserted only after the file is complete, in one
   SQLite transaction (WAL journal, ``synchronous=FULL``). A killed writer leaves either no row (the
@@ -40,9 +40,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from SegAssistLib.errors import ImageError, PromptError
+from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
 from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, volume_to_sitk
-from SegAssistLib.learning._atomic import atomic_write, is_temp_file, sha256_file
 from SegAssistLib.learning.errors import (
     CaseLockedError,
     CorruptDataError,

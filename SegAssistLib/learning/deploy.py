@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from SegAssistLib.engine.network import LoadedModel, NetworkConfig, build_network, weights_identity
-from SegAssistLib.learning._atomic import atomic_write
+from SegAssistLib.files import atomic_write
 from SegAssistLib.learning.adapters import base_state_dict, load_adapter
 from SegAssistLib.learning.errors import AdapterError
 from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from SegAssistLib.files import atomic_write, atomic_write_bytes, sha256_file
 from SegAssistLib.image import guess_modality
 from SegAssistLib.io import save_segmentation_nrrd
-from SegAssistLib.learning._atomic import atomic_write, atomic_write_bytes, sha256_file
 from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.errors import CorruptDataError, DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus, LabelVersion, iso_time, new_label_id

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-from SegAssistLib.learning._atomic import atomic_write, atomic_write_bytes
+from SegAssistLib.files import atomic_write, atomic_write_bytes
 from SegAssistLib.learning.loop_errors import RegistryError, VersionNotFoundError
 
 try:  # POSIX; on Windows the registry is serialised within one process only
@@ -210,7 +210,7 @@ class AdapterRegistry:
     ) -> VersionRecord:
         """Number, write and record a new version; make it current when ``promote``.
 
-        ``writer(path, version_id)`` writes the version's file (atomically, see ``_atomic``).
+        ``writer(path, version_id)`` writes the version's file (atomically, see ``SegAssistLib.files``).
         ``expected_current`` is the version the candidate was compared with: if another process
         changed the current version meanwhile (a rollback, another promotion) the comparison is
         stale, and the version is recorded as rejected instead of promoted.

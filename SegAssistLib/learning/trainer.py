@@ -158,7 +158,7 @@ class StatusWriter:
     """The job's status as a JSON file, replaced whole on each write (readers never see a partial one).
 
     Not fsynced: it is progress for a person or a poller, recreated by the next write; what must
-    survive a crash (versions, the registry) is written with ``_atomic``.
+    survive a crash (versions, the registry) is written with ``SegAssistLib.files``.
     """
 
     def __init__(

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from SegAssistLib.engine.network import weights_identity
-from SegAssistLib.learning._atomic import atomic_write
+from SegAssistLib.files import atomic_write
 from SegAssistLib.learning.adapters.layers import AdaptedLayer, is_supported
 from SegAssistLib.learning.adapters.lora import LoRALayer
 from SegAssistLib.learning.adapters.salt import SALTLayer

@@ -1,4 +1,6 @@
-"""Atomic file writes: write a temporary file beside the target, fsync it, rename it, fsync the folder.
+"""Files SegAssist writes for itself (checkpoints, adapters, the version registry, the datastore). Torch-free.
+
+Atomic file writes: write a temporary file beside the target, fsync it, rename it, fsync the folder.
 
 A reader (or a process restarted after a crash) sees either no file or the complete file, never a
 partial one. Temporary files are named ``.tmp-<random>-<final name>`` so that recovery can find
