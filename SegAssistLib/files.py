@@ -2,6 +2,9 @@
 
 Atomic file writes: write a temporary file beside the target, fsync it, rename it, fsync the folder.
 
+Each such file is a dict tagged ``"format"`` and ``"format_version"``, checked on reading by
+:func:`check_format`.
+
 A reader (or a process restarted after a crash) sees either no file or the complete file, never a
 partial one. Temporary files are named ``.tmp-<random>-<final name>`` so that recovery can find
 and remove the ones a killed writer left behind; they keep the final name's suffix because
@@ -14,7 +17,7 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Dict, Type
 
 TMP_PREFIX = ".tmp-"
 
@@ -79,3 +82,16 @@ def atomic_write(dest: Path, writer: Callable[[Path], object], overwrite: bool =
 
 def atomic_write_bytes(dest: Path, data: bytes, overwrite: bool = False) -> str:
     return atomic_write(Path(dest), lambda p: Path(p).write_bytes(data), overwrite=overwrite)
+
+
+def check_format(data: object, path: Path, fmt: str, version: int, what: str, error: Type[Exception]) -> Dict[str, Any]:
+    """``data`` (read from ``path``) when it is a dict tagged ``"format": fmt`` with a ``"format_version"``
+    of at most ``version``; otherwise ``error``, whose message calls the file a ``what``."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path} is not a SegAssist {what} (no 'format': '{fmt}')")
+    if int(data.get("format_version", 0)) > version:
+        raise error(
+            f"{path} has {what} format {data['format_version']}, newer than this SegAssist reads ({version}): "
+            "upgrade SegAssist"
+        )
+    return data

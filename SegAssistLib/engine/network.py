@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Tuple, Type, Union
 
 import torch
 from monai.networks.nets import UNet
 
 from SegAssistLib.errors import ModelError
-from SegAssistLib.files import atomic_write
+from SegAssistLib.files import atomic_write, check_format
 
 CHECKPOINT_FORMAT = "segassist-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -86,22 +86,29 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
-    """Load a SegAssist checkpoint; raises :class:`ModelError` saying what is wrong."""
+def load_tagged_file(
+    path: Union[str, Path], fmt: str, version: int, what: str, error: Type[Exception]
+) -> Dict[str, Any]:
+    """The dict in a SegAssist torch file (a checkpoint, an adapter, fine-tuned weights), loaded with
+    ``weights_only=True`` and checked with :func:`~SegAssistLib.files.check_format`.
+
+    Every failure (missing, unreadable, another kind of file, a newer format) is an ``error`` whose
+    message calls the file a ``what``.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"model checkpoint not found: {path}")
+        raise error(f"{what} not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not a SegAssist checkpoint (no 'format': '{CHECKPOINT_FORMAT}')")
-    if int(payload.get("format_version", 0)) > CHECKPOINT_VERSION:
-        raise ModelError(
-            f"{path} has checkpoint format {payload['format_version']}, newer than this SegAssist "
-            f"reads ({CHECKPOINT_VERSION}): upgrade SegAssist"
-        )
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+    return check_format(payload, path, fmt, version, what, error)
+
+
+def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
+    """Load a SegAssist checkpoint; raises :class:`ModelError` saying what is wrong."""
+    path = Path(path)
+    payload = load_tagged_file(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ModelError)
     config = NetworkConfig.from_dict(payload.get("config", {}))
     network = build_network(config)
     try:

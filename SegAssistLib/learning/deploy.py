@@ -23,7 +23,13 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from SegAssistLib.engine.network import LoadedModel, NetworkConfig, build_network, weights_identity
+from SegAssistLib.engine.network import (
+    LoadedModel,
+    NetworkConfig,
+    build_network,
+    load_tagged_file,
+    weights_identity,
+)
 from SegAssistLib.files import atomic_write
 from SegAssistLib.learning.adapters import base_state_dict, load_adapter
 from SegAssistLib.learning.errors import AdapterError
@@ -60,12 +66,7 @@ def save_full_version(
 
 def load_full_version(base: LoadedModel, path: Union[str, Path]) -> nn.Module:
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AdapterError(f"cannot read fine-tuned weights {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FINETUNE_FORMAT:
-        raise AdapterError(f"{path} is not a SegAssist fine-tuned weights file")
+    payload = load_tagged_file(path, FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, "fine-tuned weights file", AdapterError)
     if payload.get("base_identity") != base.identity:
         raise AdapterError(
             f"{path.name} was fine-tuned from base model {payload.get('base_identity')}, but the loaded base "

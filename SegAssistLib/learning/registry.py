@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-from SegAssistLib.files import atomic_write, atomic_write_bytes
+from SegAssistLib.files import atomic_write, atomic_write_bytes, check_format
 from SegAssistLib.learning.loop_errors import RegistryError, VersionNotFoundError
 
 try:  # POSIX; on Windows the registry is serialised within one process only
@@ -141,13 +141,7 @@ class AdapterRegistry:
             data = json.loads(text)
         except ValueError as exc:
             raise RegistryError(f"the adapter registry {self.path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or data.get("format") != REGISTRY_FORMAT:
-            raise RegistryError(f"{self.path} is not a SegAssist adapter registry")
-        if int(data.get("format_version", 0)) > REGISTRY_FORMAT_VERSION:
-            raise RegistryError(
-                f"{self.path} has registry format {data['format_version']}, newer than this SegAssist "
-                f"reads ({REGISTRY_FORMAT_VERSION}): upgrade SegAssist"
-            )
+        check_format(data, self.path, REGISTRY_FORMAT, REGISTRY_FORMAT_VERSION, "adapter registry", RegistryError)
         return RegistryState(
             current=data.get("current"),
             next_number=int(data.get("next_number", 1)),

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from SegAssistLib.engine.network import weights_identity
+from SegAssistLib.engine.network import load_tagged_file, weights_identity
 from SegAssistLib.files import atomic_write
 from SegAssistLib.learning.adapters.layers import AdaptedLayer, is_supported
 from SegAssistLib.learning.adapters.lora import LoRALayer
@@ -367,19 +367,7 @@ class AdapterFile:
 def read_adapter_file(path: Union[str, Path]) -> AdapterFile:
     """Read and check an adapter file without applying it."""
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"adapter file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AdapterError(f"cannot read adapter file {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != ADAPTER_FORMAT:
-        raise AdapterError(f"{path} is not a SegAssist adapter file (no 'format': '{ADAPTER_FORMAT}')")
-    if int(payload.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
-        raise AdapterError(
-            f"{path} has adapter format {payload['format_version']}, newer than this SegAssist reads "
-            f"({ADAPTER_FORMAT_VERSION}): upgrade SegAssist"
-        )
+    payload = load_tagged_file(path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, "adapter file", AdapterError)
     state = payload.get("state")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(f"adapter file {path} has no valid 'state'")
