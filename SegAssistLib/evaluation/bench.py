@@ -1,0 +1,421 @@
+"""``segassist bench``: every engine, every protocol, every dataset, one Markdown report.
+
+The benchmark drives the evaluation harness (:func:`SegAssistLib.evaluation.runner.evaluate_target`)
+over a selection of cases (:mod:`SegAssistLib.evaluation.selection`) with each engine and each
+protocol, feeding every engine exactly the same interactions: the box, the scribble and the first
+click are fixed by the ground truth, and every later click by the simulated user from the engine's
+own current mask (the same rule for every engine). It writes ``results.json`` and the report
+(:mod:`SegAssistLib.evaluation.report`) to the output folder, ``docs/benchmarks`` by default.
+
+Fixed choices, all stated in the report:
+
+- protocols: ``clicks`` (``--clicks``, 10 by default), ``box+clicks`` and ``scribble+clicks``
+  (``--refine-clicks``, 5 by default: the CVPR 2025 challenge's box then five clicks);
+- scribbles: orientation cycles axial, coronal, sagittal, oblique over the structures of each
+  dataset, the source alternates skeleton / contour every four, 1.5 mm of hand jitter, a seed from
+  the case and structure names;
+- the random walker runs only on images of at most ``--randomwalker-max-voxels`` (1 M by default):
+  its conjugate-gradient solve takes ~10 s per click on the 2.3 M-voxel left-atrium images on a
+  2-core CPU and its Dice there stays near 0 (seed-size bias);
+- one untimed warm-up interaction per engine before the first record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, TextIO, Tuple
+
+import numpy as np
+
+from SegAssistLib.engine.base import Engine
+from SegAssistLib.errors import ModelError, PromptError, SegAssistError
+from SegAssistLib.evaluation import scribbles
+from SegAssistLib.evaluation.progress import ProgressBar
+from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target
+from SegAssistLib.evaluation.scribbles import ScribbleSpec
+from SegAssistLib.evaluation.selection import (
+    Job,
+    default_data_root,
+    default_jobs,
+    describe,
+    jobs_for,
+    spec_for_folder,
+)
+from SegAssistLib.io import load_mask, load_volume
+
+BENCH_ENGINES = ("builtin", "ablation", "growcut", "randomwalker")
+DEFAULT_OUT = Path("docs") / "benchmarks"
+RESULTS_NAME = "results.json"
+BENCH_BUDGET = "60 minutes on a 2-core CPU (default selection); --quick about 5 minutes"
+
+
+@dataclass
+class BenchConfig:
+    folders: List[Path] = field(default_factory=list)  # explicit dataset folders; none = the default selection
+    data_root: Optional[Path] = None
+    datasets: Optional[List[str]] = None
+    out: Path = DEFAULT_OUT
+    quick: bool = False
+    engines: Tuple[str, ...] = BENCH_ENGINES
+    protocols: Tuple[str, ...] = PROTOCOLS
+    clicks: Optional[int] = None  # clicks-only protocol; default 10 (5 with --quick)
+    refine_clicks: Optional[int] = None  # after the box or scribble; default 5 (3 with --quick)
+    cases: Optional[int] = None
+    labels: Optional[str] = None
+    model: Optional[str] = None
+    device: str = "cpu"
+    threads: Optional[int] = None
+    randomwalker_max_voxels: int = 1_000_000
+    scribble_jitter_mm: float = 1.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.engines if e not in BENCH_ENGINES]
+        if unknown or not self.engines:
+            raise SegAssistError(f"unknown engine(s) {unknown} (choose from {', '.join(BENCH_ENGINES)})")
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad or not self.protocols:
+            raise SegAssistError(f"unknown protocol(s) {bad} (choose from {', '.join(PROTOCOLS)})")
+        if self.clicks is None:
+            self.clicks = 5 if self.quick else 10
+        if self.refine_clicks is None:
+            self.refine_clicks = 3 if self.quick else 5
+        if self.clicks < 1 or self.refine_clicks < 0:
+            raise SegAssistError("--clicks must be at least 1 and --refine-clicks at least 0")
+
+    def max_clicks(self, protocol: str) -> int:
+        return int(self.clicks if protocol == "clicks" else self.refine_clicks)
+
+
+# --- engines -----------------------------------------------------------------------------------
+def build_engines(config: BenchConfig) -> Dict[str, Engine]:
+    """One engine per name; ``builtin`` and ``ablation`` share the loaded model."""
+    engines: Dict[str, Engine] = {}
+    if "builtin" in config.engines or "ablation" in config.engines:
+        from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine
+        from SegAssistLib.evaluation.ablation import NoHistoryEngine
+
+        try:
+            builtin = load_default_engine(checkpoint=config.model, device=config.device, threads=config.threads)
+        except ModelError as exc:
+            hint = (
+                f" The shipped weights ({DEFAULT_CHECKPOINT}) are not there: pass --model CHECKPOINT, or run the "
+                "baselines only with --engines growcut,randomwalker."
+                if config.model is None
+                else ""
+            )
+            raise ModelError(f"{exc}.{hint}") from exc
+        if "builtin" in config.engines:
+            engines["builtin"] = builtin
+        if "ablation" in config.engines:
+            engines["ablation"] = NoHistoryEngine(builtin)
+    from SegAssistLib.evaluation.baselines import BASELINES
+
+    for name in ("growcut", "randomwalker"):
+        if name in config.engines:
+            engines[name] = BASELINES[name]()
+    return {name: engines[name] for name in config.engines}
+
+
+# --- selection ---------------------------------------------------------------------------------
+def select_jobs(config: BenchConfig) -> Tuple[List[Job], List[str]]:
+    """The jobs and the datasets of the default selection that were not found."""
+    if config.folders:
+        jobs: List[Job] = []
+        for folder in config.folders:
+            spec = spec_for_folder(Path(folder), config.labels, config.cases)
+            jobs.extend(jobs_for(Path(folder), spec, config.quick))
+        missing: List[str] = []
+    else:
+        if config.labels:
+            raise SegAssistError("--labels applies to dataset folders given on the command line")
+        root = Path(config.data_root) if config.data_root else default_data_root()
+        jobs, missing = default_jobs(root, config.quick, config.datasets, config.cases)
+    if not jobs:
+        raise SegAssistError("nothing to run: no evaluation cases with the selected structures were found")
+    return jobs, missing
+
+
+def scribble_for(dataset: str, case: str, structure: str, index: int, config: BenchConfig) -> ScribbleSpec:
+    """The scribble of the ``index``-th structure of a dataset (see the module docstring)."""
+    seed = zlib.crc32(f"{dataset}/{case}/{structure}".encode()) ^ int(config.seed)
+    return ScribbleSpec(
+        orientation=scribbles.ORIENTATIONS[index % len(scribbles.ORIENTATIONS)],
+        source=scribbles.SOURCES[(index // len(scribbles.ORIENTATIONS)) % len(scribbles.SOURCES)],
+        jitter_mm=config.scribble_jitter_mm,
+        seed=seed,
+    )
+
+
+# --- machine -----------------------------------------------------------------------------------
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def machine_info(device: str = "cpu") -> Dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    mem = next((int(line.split()[1]) / 2**20 for line in _read("/proc/meminfo").splitlines()
+                if line.startswith("MemTotal")), None)
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(mem, 1) if mem else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "device": device,
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if device.startswith("cuda") and torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            info["commit"] = commit.stdout.strip() + (" (with local changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+# --- the run -----------------------------------------------------------------------------------
+def _warm_up(engines: Dict[str, Engine], job: Job) -> None:
+    """One untimed interaction per engine, so that no record pays for lazy initialisation."""
+    from SegAssistLib.evaluation.simulator import first_click
+
+    volume = load_volume(job.case.image)
+    labels = load_mask(job.case.label)
+    for structure in job.structures:
+        mask = np.isin(labels, structure.labels)
+        if mask.any():
+            click = first_click(mask, volume.spacing)
+            for engine in engines.values():
+                session = engine.open_session(volume)
+                try:
+                    session.add_prompt(click)
+                finally:
+                    session.close()
+            return
+
+
+def run_bench(
+    config: BenchConfig,
+    engines: Optional[Dict[str, Engine]] = None,
+    stream: Optional[TextIO] = None,
+    command: str = "",
+) -> Dict:
+    """Run every job with every protocol and engine; returns the JSON-ready result."""
+    jobs, missing = select_jobs(config)
+    engines = engines if engines is not None else build_engines(config)
+    stream = stream if stream is not None else sys.stderr
+    for name in missing:
+        stream.write(f"bench: dataset {name} not found under the data folder; left out\n")
+    sessions = sum(len(j.structures) for j in jobs) * len(config.protocols) * len(engines)
+    stream.write(f"bench: {len(jobs)} case(s), {sessions} sessions; engines {', '.join(engines)}; "
+                 f"protocols {', '.join(config.protocols)}\n")
+    for line in describe(jobs):
+        stream.write(f"  {line}\n")
+    started = time.time()
+    _warm_up(engines, jobs[0])
+    bar = ProgressBar(sessions, stream=stream)
+    records: List[Dict] = []
+    skipped: List[Dict] = []
+    index_in_dataset: Dict[str, int] = {}
+    try:
+        for job in jobs:
+            volume = load_volume(job.case.image)
+            labels = load_mask(job.case.label)
+            if labels.shape != volume.array.shape:
+                raise SegAssistError(f"{job.case.name}: label grid {labels.shape} differs from image grid "
+                                     f"{volume.array.shape}")
+            for structure in job.structures:
+                mask = np.isin(labels, structure.labels).astype(np.uint8)
+                base = {"dataset": job.dataset, "case": job.case.name, "structure": structure.name,
+                        "target": structure.key}
+                if not mask.any():
+                    skipped.append({**base, "engine": "*", "protocol": "*", "reason": "structure absent in this case"})
+                    bar.update(len(config.protocols) * len(engines), label=f"{job.case.name} (absent)")
+                    continue
+                index = index_in_dataset.get(job.dataset, 0)
+                index_in_dataset[job.dataset] = index + 1
+                scribble = scribble_for(job.dataset, job.case.name, structure.name, index, config)
+                for protocol in config.protocols:
+                    for name, engine in engines.items():
+                        bar.update(0, label=f"{job.dataset}/{job.case.name} {structure.name}: {name} {protocol}")
+                        if name == "randomwalker" and volume.array.size > config.randomwalker_max_voxels:
+                            skipped.append({**base, "engine": name, "protocol": protocol,
+                                            "reason": f"image above {config.randomwalker_max_voxels:,} voxels"})
+                            bar.update(1)
+                            continue
+                        t0 = time.perf_counter()
+                        try:
+                            record = evaluate_target(engine, volume, mask, job.case.name, structure.key, protocol,
+                                                     config.max_clicks(protocol), scribble)
+                        except PromptError as exc:
+                            skipped.append({**base, "engine": name, "protocol": protocol,
+                                            "reason": f"prompt rejected: {exc}"})
+                            bar.update(1)
+                            continue
+                        record.update(base)
+                        record.update({
+                            "engine": name,
+                            "engine_name": engine.capabilities().name,
+                            "session_wall_s": round(time.perf_counter() - t0, 3),
+                            "image": str(job.case.image),
+                            "label": str(job.case.label),
+                            "labels": list(structure.labels),
+                        })
+                        records.append(record)
+                        bar.update(1)
+    finally:
+        bar.close()
+    capabilities = {name: e.capabilities().to_dict() for name, e in engines.items()}
+    return {
+        "format": "segassist-bench",
+        "format_version": 1,
+        "config": {
+            "command": command,
+            "quick": config.quick,
+            "engines": list(engines),
+            "engine_capabilities": capabilities,
+            "model": config.model,
+            "protocols": list(config.protocols),
+            "clicks": config.clicks,
+            "refine_clicks": config.refine_clicks,
+            "randomwalker_max_voxels": config.randomwalker_max_voxels,
+            "scribble_jitter_mm": config.scribble_jitter_mm,
+            "seed": config.seed,
+            "selection": describe(jobs),
+            "missing_datasets": missing,
+            "cases": {d: [j.case.name for j in jobs if j.dataset == d] for d in dict.fromkeys(j.dataset for j in jobs)},
+        },
+        "machine": machine_info(config.device),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+        "wall_s": round(time.time() - started, 1),
+        "records": records,
+        "skipped": skipped,
+    }
+
+
+def write_results(result: Dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_NAME
+    path.write_text(json.dumps(result, separators=(",", ":")))
+    return path
+
+
+# --- command line ------------------------------------------------------------------------------
+def _csv(text: str) -> Tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark the model and the baselines on every dataset; writes a Markdown report with plots",
+        description=(
+            "Simulated-user benchmark: protocols clicks, box+clicks (CVPR 2025 challenge) and scribble+clicks; "
+            "engines builtin (the model), ablation (the model without prompt history), growcut (3D Slicer's "
+            "Grow from seeds) and randomwalker, all fed the same interactions. Dice and HD95 after each "
+            "interaction, NoC@80/85/90, latency, peak memory, 95%% bootstrap intervals. Default selection: "
+            f"the evaluation split of every dataset under the data folder ({BENCH_BUDGET})."
+        ),
+    )
+    parser.add_argument("folders", nargs="*", metavar="DATASET_DIR",
+                        help="dataset folders in the MSD layout (default: the default selection under --data)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="folder holding the datasets (default: $SEGASSIST_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--datasets", default=None,
+                        help="only these datasets of the default selection (comma-separated)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default docs/benchmarks)")
+    parser.add_argument("--quick", action="store_true", help="a subset that runs in about 5 minutes on a 2-core CPU")
+    parser.add_argument("--engines", default=",".join(BENCH_ENGINES), help=f"default {','.join(BENCH_ENGINES)}")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"default {','.join(PROTOCOLS)}")
+    parser.add_argument("--clicks", type=int, default=None, help="clicks of the clicks protocol (default 10; quick 5)")
+    parser.add_argument("--refine-clicks", type=int, default=None,
+                        help="clicks after the box or scribble (default 5, the challenge's; quick 3)")
+    parser.add_argument("--cases", type=int, default=None, help="first N evaluation cases of every dataset")
+    parser.add_argument("--labels", default=None,
+                        help="targets for the given folders, e.g. 1,2,1+2 (default: dataset.json)")
+    parser.add_argument("--model", default=None, help="checkpoint of the model (default: the shipped weights)")
+    parser.add_argument("--device", default="cpu", help="device of the model: cpu, cuda, cuda:1 (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--randomwalker-max-voxels", type=int, default=1_000_000,
+                        help="skip the random walker on bigger images (default 1000000)")
+    parser.add_argument("--scribble-jitter", type=float, default=1.5, metavar="MM", help="hand jitter (default 1.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of scribbles and bootstrap (default 0)")
+    parser.add_argument("--list", action="store_true", help="print the selection and exit")
+    parser.add_argument("--from-json", default=None, metavar="RESULTS",
+                        help="render the report again from a results.json (replays the gallery sessions)")
+    parser.set_defaults(func=run_cli)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        folders=[Path(f) for f in args.folders],
+        data_root=Path(args.data) if args.data else None,
+        datasets=list(_csv(args.datasets)) if args.datasets else None,
+        out=Path(args.out),
+        quick=args.quick,
+        engines=_csv(args.engines),
+        protocols=_csv(args.protocols),
+        clicks=args.clicks,
+        refine_clicks=args.refine_clicks,
+        cases=args.cases,
+        labels=args.labels,
+        model=args.model,
+        device=args.device,
+        threads=args.threads,
+        randomwalker_max_voxels=args.randomwalker_max_voxels,
+        scribble_jitter_mm=args.scribble_jitter,
+        seed=args.seed,
+    )
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from SegAssistLib.evaluation.report import render_report
+
+    config = config_from_args(args)
+    if args.list:
+        jobs, missing = select_jobs(config)
+        for line in describe(jobs):
+            print(line)
+        for name in missing:
+            print(f"{name}: not found")
+        return 0
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        if result.get("format") != "segassist-bench":
+            raise SegAssistError(f"{args.from_json} is not a segassist bench results file")
+        engines = build_engines(BenchConfig(engines=tuple(result["config"]["engines"]), model=result["config"]["model"]
+                                            if args.model is None else args.model, device=config.device))
+    else:
+        command = "segassist bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
+        engines = build_engines(config)
+        result = run_bench(config, engines, command=command.strip())
+        print(f"wrote {write_results(result, config.out)}")
+    report = render_report(result, config.out, engines=engines)
+    print(f"wrote {report}")
+    return 0 if result["records"] else 1
