@@ -141,7 +141,7 @@ def pick_best_median_worst(records: Sequence[dict]) -> Tuple[Tuple[str, dict], .
     if not records:
         return ()
     ranked = sorted(records, key=lambda r: (-r["final_dice"], r["case"], r["structure"]))
-    picks = [("best", ranked[0]), ("median", ranked[len(ranked) // 2]), ("worst", ranked[-1])]
+    picks = [("best", ranked[0]), ("median", ranked[(len(ranked) - 1) // 2]), ("worst", ranked[-1])]
     out, seen = [], set()
     for name, r in picks:
         key = (r["case"], r["structure"])

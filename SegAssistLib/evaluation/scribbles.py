@@ -12,10 +12,11 @@ How a scribble is made (deterministic for a given ``seed``):
 2. **The stroke.** On the largest 8-connected piece of the section: either the longest path of its
    skeleton (``skeleton``: a centre-line stroke), or the longest path along the outline of the
    piece shrunk by ``CONTOUR_INSET`` of its half-thickness (``contour``: about half the outline,
-   drawn just inside the border, as users trace a boundary).
+   drawn just inside the border, as users trace a boundary). Where one gives a dot (the skeleton
+   of a round section) or nothing (the outline of a thin one), the other is used.
 3. **Jitter.** A smooth random displacement (Gaussian noise smoothed along the stroke, standard
-   deviation ``jitter_mm``), clamped at each vertex to its distance from the section's border minus
-   one pixel, so that a wobbly hand does not leave the object.
+   deviation ``jitter_mm``), clamped at each vertex to twice ``jitter_mm`` and to its distance from
+   the section's border minus one pixel, so that a wobbly hand does not leave the object.
 4. **Check.** The polyline is sampled as the engines rasterise it (every half voxel, rounded to the
    nearest voxel); if a sample falls outside the object the jitter is halved (three times, then
    dropped), and as a last resort the longest run of vertices whose segments stay inside is kept.
@@ -192,18 +193,36 @@ def _largest_piece(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
 
 
-def stroke_path(piece: np.ndarray, pixel_mm: Tuple[float, float], source: str) -> np.ndarray:
-    """The unjittered stroke (pixel ``(row, col)`` in order) on one 2D piece."""
-    if source == "contour":
-        depth = ndimage.distance_transform_edt(np.pad(piece, 1), sampling=pixel_mm)[1:-1, 1:-1]
-        inset = max(CONTOUR_INSET * float(depth.max()), max(pixel_mm))
-        shrunk = _largest_piece(depth > inset)
-        if shrunk.sum() >= 4:
-            outline = shrunk & ~ndimage.binary_erosion(shrunk, border_value=0)
-            return longest_path(_largest_piece(outline), pixel_mm)
-        # too thin for an outline inside it: the centre line is the only stroke that fits
+def _outline_path(piece: np.ndarray, pixel_mm: Tuple[float, float]) -> Optional[np.ndarray]:
+    """About half the outline of the piece shrunk by ``CONTOUR_INSET`` of its half-thickness."""
+    depth = ndimage.distance_transform_edt(np.pad(piece, 1), sampling=pixel_mm)[1:-1, 1:-1]
+    inset = max(CONTOUR_INSET * float(depth.max()), max(pixel_mm))
+    shrunk = _largest_piece(depth > inset)
+    if shrunk.sum() < 4:
+        return None  # too thin for an outline inside it
+    outline = shrunk & ~ndimage.binary_erosion(shrunk, border_value=0)
+    return longest_path(_largest_piece(outline), pixel_mm)
+
+
+def _skeleton_path(piece: np.ndarray, pixel_mm: Tuple[float, float]) -> np.ndarray:
     skeleton = skeletonize(piece)
     return longest_path(skeleton if skeleton.any() else piece, pixel_mm)
+
+
+def stroke_path(piece: np.ndarray, pixel_mm: Tuple[float, float], source: str) -> np.ndarray:
+    """The unjittered stroke (pixel ``(row, col)`` in order) on one 2D piece.
+
+    Each source falls back on the other where it gives fewer than three pixels: a round section has
+    a one-pixel skeleton (then the stroke follows the inner outline), a thin one has no outline
+    inside it (then the stroke follows the centre line).
+    """
+    first, second = (_outline_path, _skeleton_path) if source == "contour" else (_skeleton_path, _outline_path)
+    path = first(piece, pixel_mm)
+    if path is None or len(path) < 3:
+        other = second(piece, pixel_mm)
+        if other is not None and (path is None or len(other) > len(path)):
+            path = other
+    return path
 
 
 def _jitter(path: np.ndarray, depth_mm: np.ndarray, pixel_mm: Tuple[float, float], jitter_mm: float,
@@ -216,7 +235,7 @@ def _jitter(path: np.ndarray, depth_mm: np.ndarray, pixel_mm: Tuple[float, float
     noise = ndimage.gaussian_filter1d(noise, sigma=max(1.0, len(pts) / 8.0), axis=0, mode="nearest")
     noise /= max(float(noise.std()), 1e-9)
     shift_mm = noise * jitter_mm
-    room = np.maximum(depth_mm[path[:, 0], path[:, 1]] - max(pixel_mm), 0.0)
+    room = np.clip(depth_mm[path[:, 0], path[:, 1]] - max(pixel_mm), 0.0, 2.0 * jitter_mm)
     norm = np.linalg.norm(shift_mm, axis=1)
     scale = np.minimum(1.0, room / np.maximum(norm, 1e-9))
     return pts + shift_mm * scale[:, None] / np.asarray(pixel_mm)

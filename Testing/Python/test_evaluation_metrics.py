@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from SegAssistLib.evaluation.metrics import dice, hd95, number_of_clicks, surface
+from SegAssistLib.evaluation.metrics import dice, dice_auc, hd95, normalised_dice_auc, number_of_clicks, surface
+from SegAssistLib.evaluation.stats import bootstrap_mean, latency_summary
 
 
 def test_dice_hand_computed():
@@ -87,3 +88,69 @@ def test_hd95_empty_conventions():
     assert hd95(empty, empty) == 0.0
     assert math.isinf(hd95(one, empty))
     assert hd95(one, one) == 0.0
+
+
+def test_hd95_interpolates_between_pooled_distances_with_anisotropic_spacing():
+    spacing = (0.5, 1.0, 3.0)  # (i, j, k): slices 3 mm apart
+    a = np.zeros((3, 1, 4), bool)
+    a[0, 0, 0:4] = True  # a row of 4 voxels along i
+    b = a.copy()
+    b[2, 0, 0] = True  # one voxel two slices up: 6 mm from a
+    # pooled distances: 4 zeros (a -> b) + 4 zeros and 6.0 (b -> a); 95th percentile of 9 sorted
+    # values sits at position 0.95 * 8 = 7.6, between 0 and 6: 0.6 * 6 = 3.6 mm
+    assert hd95(a, b, spacing=spacing) == pytest.approx(3.6)
+    assert hd95(b, a, spacing=spacing) == pytest.approx(3.6)
+
+
+def test_noc_counts_the_box_or_scribble_as_an_interaction():
+    # box, then clicks: the box reaching 0.85 is one interaction
+    assert number_of_clicks([0.86, 0.9, 0.95], 0.85) == (1, True)
+    # a user who stopped on a perfect mask repeats the last value: NoC is unchanged
+    assert number_of_clicks([0.5, 1.0, 1.0, 1.0], 0.9) == (2, True)
+
+
+def test_dice_auc_is_the_challenge_trapezoid_over_the_clicks():
+    assert dice_auc([0.2, 0.5, 0.9]) == pytest.approx((0.2 + 0.5) / 2 + (0.5 + 0.9) / 2)  # 1.05
+    assert normalised_dice_auc([0.2, 0.5, 0.9]) == pytest.approx(1.05 / 2)
+    five = [0.6, 0.7, 0.8, 0.85, 0.9]  # five clicks after the box: the AUC is at most 4
+    assert dice_auc(five) == pytest.approx(0.65 + 0.75 + 0.825 + 0.875)
+    assert dice_auc([1.0] * 5) == pytest.approx(4.0)
+    assert dice_auc([0.7]) == 0.0 and normalised_dice_auc([0.7]) == 0.7
+
+
+def test_bootstrap_interval_of_two_values_covers_both():
+    # resampling two values gives means 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the central 95 %
+    # spans from 0 to 1
+    e = bootstrap_mean([0.0, 1.0], seed=3)
+    assert e.mean == 0.5 and e.low == 0.0 and e.high == 1.0 and e.n == 2
+
+
+def test_bootstrap_resamples_cases_not_values():
+    # case a has three structures at 1.0, case b one at 0.0: the pooled mean is 0.75, and resampling
+    # two cases gives 1.0 (a, a), 0.75 (a, b) or 0.0 (b, b)
+    e = bootstrap_mean([1.0, 1.0, 1.0, 0.0], groups=["a", "a", "a", "b"], seed=1)
+    assert e.mean == pytest.approx(0.75)
+    assert (e.low, e.high) == (0.0, 1.0)
+    single = bootstrap_mean([0.2, 0.4], groups=["a", "a"])
+    assert (single.mean, single.low, single.high) == pytest.approx((0.3, 0.3, 0.3))
+
+
+def test_bootstrap_is_seeded_drops_non_finite_values_and_matches_the_normal_width():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.8, 0.1, 400)
+    a, b = bootstrap_mean(values, seed=7), bootstrap_mean(values, seed=7)
+    assert (a.low, a.high) == (b.low, b.high)
+    assert a.low < a.mean < a.high
+    expected = 2 * 1.96 * values.std() / np.sqrt(len(values))
+    assert a.high - a.low == pytest.approx(expected, rel=0.15)
+    with_inf = bootstrap_mean([1.0, float("inf"), 3.0])
+    assert with_inf.mean == 2.0 and with_inf.n == 2
+    empty = bootstrap_mean([float("inf")])
+    assert empty.n == 0 and math.isnan(empty.mean) and empty.format() == "–"
+
+
+def test_latency_summary_median_and_p95():
+    s = latency_summary([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s["median_s"] == 3.0
+    assert s["p95_s"] == pytest.approx(4.0 + 0.8 * 96.0)  # position 0.95 * 4 = 3.8
+    assert latency_summary([]) == {"median_s": None, "p95_s": None, "n": 0}

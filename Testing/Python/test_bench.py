@@ -1,0 +1,173 @@
+"""``segassist bench``: selection, a tiny real run (the model with a tiny checkpoint, the ablation and
+Grow from seeds on real hippocampus cases), the report with its PNGs, and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import numpy as np
+import pytest
+
+from SegAssistLib.datasets import list_cases, split_cases
+from SegAssistLib.errors import ModelError, SegAssistError
+from SegAssistLib.evaluation import bench
+from SegAssistLib.evaluation.bench import BenchConfig, build_engines, run_bench, scribble_for, select_jobs
+from SegAssistLib.evaluation.progress import ProgressBar
+from SegAssistLib.evaluation.report import render_report
+from SegAssistLib.evaluation.selection import DEFAULT_SELECTION, default_jobs, spec_for_folder
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segassist")
+    bench.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+# --- selection ---------------------------------------------------------------------------------
+def test_default_selection_takes_the_first_evaluation_cases(shared_data):
+    jobs, missing = default_jobs(shared_data)
+    by_dataset = {}
+    for job in jobs:
+        by_dataset.setdefault(job.dataset, []).append(job)
+    expected = split_cases(list_cases(shared_data / "hippocampus"), "evaluation")[:10]
+    assert [j.case.name for j in by_dataset["hippocampus"]] == [c.name for c in expected]
+    names = {s.name for s in by_dataset["hippocampus"][0].structures}
+    assert names == {"anterior hippocampus", "posterior hippocampus"}
+    present = [s.name for s in DEFAULT_SELECTION if (shared_data / s.name / "imagesTr").is_dir()]
+    assert sorted(by_dataset) == sorted(present) and sorted(missing) == sorted(
+        s.name for s in DEFAULT_SELECTION if s.name not in present)
+    quick, _ = default_jobs(shared_data, quick=True)
+    assert sum(len(j.structures) for j in quick) < sum(len(j.structures) for j in jobs) / 3
+    assert "left_atrium" not in {j.dataset for j in quick}
+
+
+def test_a_folder_outside_the_selection_uses_its_dataset_json(hippocampus_dir, tmp_path):
+    spec = spec_for_folder(hippocampus_dir, "1+2", cases=2)
+    assert spec.cases == 2 and spec.structures[0].name == "anterior hippocampus + posterior hippocampus"
+    with pytest.raises(SegAssistError, match="not found"):
+        select_jobs(BenchConfig(folders=[tmp_path / "nowhere"]))
+    with pytest.raises(SegAssistError, match="unknown dataset"):
+        default_jobs(hippocampus_dir.parent, datasets=["liver"])
+
+
+def test_scribbles_cycle_through_orientations_and_sources():
+    config = BenchConfig(engines=("growcut",))
+    specs = [scribble_for("d", f"c{i}", "s", i, config) for i in range(8)]
+    assert [s.orientation for s in specs[:4]] == ["axial", "coronal", "sagittal", "oblique"]
+    assert {s.source for s in specs[:4]} == {"skeleton"} and {s.source for s in specs[4:]} == {"contour"}
+    assert specs[0].jitter_mm == 1.5 and specs[0].seed != specs[1].seed
+
+
+def test_config_errors_are_explained(tmp_path):
+    with pytest.raises(SegAssistError, match="unknown engine"):
+        BenchConfig(engines=("sam",))
+    with pytest.raises(SegAssistError, match="unknown protocol"):
+        BenchConfig(protocols=("lasso",))
+    with pytest.raises(ModelError, match="not found"):
+        build_engines(BenchConfig(engines=("builtin",), model=str(tmp_path / "missing.pt")))
+    from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT
+
+    if not DEFAULT_CHECKPOINT.is_file():  # before the shipped weights exist: say what to do instead
+        with pytest.raises(ModelError, match="--engines growcut,randomwalker"):
+            build_engines(BenchConfig(engines=("ablation",)))
+    assert BenchConfig(quick=True).clicks == 5 and BenchConfig().refine_clicks == 5
+
+
+# --- a tiny real run and its report ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(hippocampus_dir, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    config = BenchConfig(
+        folders=[hippocampus_dir], cases=2, labels="1", engines=("builtin", "ablation", "growcut", "randomwalker"),
+        clicks=2, refine_clicks=1, model=str(tiny_checkpoint), threads=1, randomwalker_max_voxels=10, out=out,
+    )
+    engines = build_engines(config)
+    stream = io.StringIO()
+    result = run_bench(config, engines, stream=stream, command="segassist bench (test)")
+    bench.write_results(result, out)
+    report = render_report(result, out, engines=engines)
+    return result, report, out, stream.getvalue()
+
+
+def test_every_engine_gets_the_same_interactions(tiny_run):
+    result, _, _, log = tiny_run
+    records = result["records"]
+    assert {r["engine"] for r in records} == {"builtin", "ablation", "growcut"}
+    assert len(records) == 2 * 3 * 3  # cases x protocols x engines (the random walker is over its limit)
+    for protocol in ("box+clicks", "scribble+clicks", "clicks"):
+        for case in {r["case"] for r in records}:
+            firsts = [r["prompts"][0] for r in records if r["protocol"] == protocol and r["case"] == case]
+            assert len(firsts) == 3 and all(p == firsts[0] for p in firsts)
+    for r in records:
+        n = 2  # two clicks, or the box or scribble and one click
+        assert len(r["dice"]) == len(r["hd95_mm"]) == n
+        assert r["dataset"] == "hippocampus" and r["structure"] == "anterior hippocampus"
+        assert 0 <= r["dice_auc_norm"] <= 1 and r["peak_rss_mb"] > 0
+    scribbles = [r["scribble"]["orientation"] for r in records if r["protocol"] == "scribble+clicks"]
+    assert set(scribbles) == {"axial", "coronal"}  # the two structures of the dataset, in turn
+    skipped = result["skipped"]
+    assert len(skipped) == 2 * 3 and all(s["engine"] == "randomwalker" and "voxels" in s["reason"] for s in skipped)
+    assert "sessions" in log and "100%" in log
+
+
+def test_report_renders_tables_plots_and_gallery(tiny_run):
+    result, report, out, _ = tiny_run
+    text = report.read_text()
+    for heading in ("# SegAssist benchmark", "## How it was measured", "## Cases", "## At a glance",
+                    "## Box then clicks (CVPR 2025 challenge protocol)", "## Per dataset", "## Per structure",
+                    "## Scribbles by orientation", "## Latency and memory", "## Gallery", "## Skipped sessions"):
+        assert heading in text, heading
+    assert "hippocampus_001" in text and "| hippocampus | SegAssist model |" in text
+    assert "segassist bench (test)" in text and result["machine"]["cpu_count"] >= 1
+    pngs = ["plots/dice_hippocampus.png", "plots/latency.png", "gallery/hippocampus_best.png",
+            "gallery/hippocampus_worst.png"]
+    for name in pngs:
+        path = out / name
+        assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC, name
+        assert f"]({name})" in text
+    per_case = (out / "per_case.md").read_text()
+    assert per_case.count("| hippocampus |") == 2 * 3
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["format"] == "segassist-bench" and len(saved["records"]) == len(result["records"])
+
+
+def test_report_renders_from_json_alone(tiny_run, tmp_path):
+    result, _, _, _ = tiny_run
+    report = render_report(json.loads(json.dumps(result)), tmp_path)
+    assert "gallery left out" in report.read_text()
+    assert (tmp_path / "plots" / "dice_hippocampus.png").is_file()
+
+
+# --- command line and progress -----------------------------------------------------------------
+def test_list_prints_the_selection(hippocampus_dir, capsys):
+    args = _parser().parse_args(["bench", str(hippocampus_dir), "--cases", "3", "--list"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("hippocampus: 3 case(s)") and "posterior hippocampus" in out
+
+
+def test_cli_defaults():
+    args = _parser().parse_args(["bench"])
+    config = bench.config_from_args(args)
+    assert str(config.out) == "docs/benchmarks" and config.engines == bench.BENCH_ENGINES
+    assert config.protocols == ("clicks", "box+clicks", "scribble+clicks") and config.clicks == 10
+
+
+def test_progress_bar_on_a_log_and_on_a_terminal():
+    log = io.StringIO()
+    bar = ProgressBar(4, stream=log, log_every_s=3600, interactive=False)
+    for _ in range(4):
+        bar.update(1, label="case")
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and lines[-1].startswith("[" + "#" * 24 + "] 4/4 100%")
+    tty = io.StringIO()
+    bar = ProgressBar(2, stream=tty, interactive=True)
+    bar.update(1, label="x")
+    bar.message("note")
+    bar.close()
+    assert "\r[" in tty.getvalue() and "1/2" in tty.getvalue() and "note\n" in tty.getvalue()
+    assert np.isfinite(bar.started)
