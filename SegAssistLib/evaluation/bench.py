@@ -254,7 +254,9 @@ def run_bench(
                 base = {"dataset": job.dataset, "case": job.case.name, "structure": structure.name,
                         "target": structure.key}
                 if not mask.any():
-                    skipped.append({**base, "engine": "*", "protocol": "*", "reason": "structure absent in this case"})
+                    skipped.extend({**base, "engine": name, "protocol": protocol,
+                                    "reason": "structure absent in this case"}
+                                   for protocol in config.protocols for name in engines)
                     bar.update(len(config.protocols) * len(engines), label=f"{job.case.name} (absent)")
                     continue
                 index = index_in_dataset.get(job.dataset, 0)

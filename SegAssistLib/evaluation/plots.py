@@ -74,6 +74,7 @@ def dice_curves(
         top.set_ylim(0, 1)
         bottom.set_xlabel("interaction" if protocol == "clicks" else "interaction (then clicks)")
         bottom.set_yscale("log")
+        bottom.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         bottom.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         bottom.yaxis.set_minor_formatter(ticker.NullFormatter())
         if col == 0:

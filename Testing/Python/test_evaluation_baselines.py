@@ -172,3 +172,20 @@ def test_bad_targets_are_explained():
         parse_targets("1,liver")
     with pytest.raises(SegAssistError, match="background"):
         parse_targets("0")
+
+
+def test_eval_subcommand_runs_the_ablation_with_an_oblique_scribble(hippocampus_dir, tiny_checkpoint, tmp_path):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "ablation.json"
+    args = parser.parse_args(
+        ["eval", str(hippocampus_dir), "--labels", "1", "--engine", "ablation", "--model", str(tiny_checkpoint),
+         "--protocol", "scribble+clicks", "--scribble-orientation", "oblique", "--scribble-source", "contour",
+         "--scribble-jitter", "1", "--max-clicks", "1", "--cases", "1", "--json", str(out)]
+    )
+    assert args.func(args) == 0
+    data = json.loads(out.read_text())
+    record = data["records"][0]
+    assert data["config"]["engine"]["name"].endswith("-nohistory")
+    assert record["interactions"] == ["scribble", "point"] and len(record["hd95_mm"]) == 2
+    assert record["scribble"] == {"orientation": "oblique", "source": "contour", "jitter_mm": 1.0, "seed": 0}
