@@ -56,7 +56,7 @@ from SegAssistLib.io import load_mask, load_volume
 BENCH_ENGINES = ("builtin", "ablation", "growcut", "randomwalker")
 DEFAULT_OUT = Path("docs") / "benchmarks"
 RESULTS_NAME = "results.json"
-BENCH_BUDGET = "60 minutes on a 2-core CPU (default selection); --quick about 5 minutes"
+BENCH_BUDGET = "about 25-40 minutes on a 2-core CPU, within the 60-minute budget; --quick about 5 minutes"
 
 
 @dataclass
@@ -340,7 +340,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Simulated-user benchmark: protocols clicks, box+clicks (CVPR 2025 challenge) and scribble+clicks; "
             "engines builtin (the model), ablation (the model without prompt history), growcut (3D Slicer's "
             "Grow from seeds) and randomwalker, all fed the same interactions. Dice and HD95 after each "
-            "interaction, NoC@80/85/90, latency, peak memory, 95%% bootstrap intervals. Default selection: "
+            "interaction, NoC@80/85/90, latency, peak memory, 95 percent bootstrap intervals. Default selection: "
             f"the evaluation split of every dataset under the data folder ({BENCH_BUDGET})."
         ),
     )

@@ -101,7 +101,7 @@ class Report:
             "builtin": "the SegAssist model with its full prompt history",
             "ablation": "the same model without prompt history: each interaction alone, in a fresh session with "
             "the current mask as its initial mask prompt (earlier clicks, box and scribble are forgotten; the "
-            "mask is kept)",
+            "mask is kept). Its latency includes opening that session",
             "growcut": "3D Slicer's Grow from seeds (`vtkImageGrowCutSegment`); clicks and scribbles become seed "
             "balls, background on a shell 30 mm around the object seeds (without the ground truth), or one voxel "
             "outside the box when there is one (a box alone paints no object seed: Dice 0 at the box step)",
@@ -208,7 +208,8 @@ class Report:
                                   "NoC@80", "NoC@85", "NoC@90", "HD95 final mm", "latency s (median / p95)"], rows)
 
     def per_structure(self) -> None:
-        self.lines += ["## Per structure", "", "Final Dice (and final HD95 in mm for clicks only) per protocol.", ""]
+        self.lines += ["## Per structure", "",
+                       "Final Dice per protocol; NoC@85 and final HD95 (mm) for the clicks-only protocol.", ""]
         rows = []
         for (d, st), recs in group_by(self.records, "dataset", "structure").items():
             for e in self.engine_names:

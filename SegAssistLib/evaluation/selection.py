@@ -6,7 +6,8 @@ them. Targets are named structures (a label id or a union of ids); datasets whos
 different things per case (TotalSegmentator's examples, the brain structures) name them per case.
 
 The default selection was sized so that three protocols x four engines run on a 2-core CPU in
-well under 60 minutes (see ``BENCH_BUDGET`` in the report): small structures get more cases, big
+well under 60 minutes (``bench.BENCH_BUDGET``; estimated from per-interaction timings of every
+engine on one case of each dataset): small structures get more cases, big
 volumes fewer. ``--quick`` keeps one structure of each dataset except the two biggest volumes
 (left atrium, the aorta crop), for a run of about 5 minutes.
 """
