@@ -12,6 +12,7 @@ from typing import List, Optional
 SUBCOMMANDS = [
     ("SegAssistLib.demo", "register"),
     ("SegAssistLib.evaluation.cli", "register"),
+    ("SegAssistLib.evaluation.bench", "register"),
     ("SegAssistLib.training.train", "register"),
     ("SegAssistLib.server.cli", "register"),
     ("SegAssistLib.learning.cli", "register"),
