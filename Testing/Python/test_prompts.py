@@ -99,3 +99,14 @@ def test_json_schema_is_published():
     kinds = json.dumps(schema)
     for kind in ("point", "box", "scribble", "lasso", "mask"):
         assert f'"{kind}"' in kinds
+
+
+def test_published_schema_file_is_current():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "export_prompt_schema.py"
+    spec = importlib.util.spec_from_file_location("export_prompt_schema", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.SCHEMA_FILE.read_text() == module.render(), "run python scripts/export_prompt_schema.py"
