@@ -1,0 +1,113 @@
+"""Smoke tests of the issue-5 benchmark scripts: their core functions run for real on tiny settings
+(the tiny random network, three small hippocampus cases, a training step or two) and produce
+results of the documented structure. The figures themselves are meaningless at this size; the
+committed results come from the full runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("torch")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (not a package) as a module."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                                     one_thread) -> None:
+    campaign = _script("campaign")
+    spec = campaign.STRUCTURES["hippocampus"]
+    cases = campaign.campaign_cases(hippocampus_dir.parent, spec, 3)
+    assert [c.name for c in cases] == ["hippocampus_001", "hippocampus_008", "hippocampus_019"]  # evaluation first
+    assert not any(c.seen_in_base_training for c in cases)
+    # accept_proposal=0: every non-empty proposal becomes the initial mask (the random network's are poor)
+    cfg = campaign.CampaignConfig(modes=("none", "lora", "full"), k=2, max_clicks=2, train_seconds=30.0,
+                                  train_steps=1, perturbations=1, accept_proposal=0.0)
+    result = campaign.run_campaign(spec, cases, tiny_checkpoint, cfg, work=tmp_path / "work", log=lambda _: None)
+
+    assert list(result["modes"]) == ["none", "lora", "full"]
+    for mode, res in result["modes"].items():
+        assert [r["case"] for r in res["cases"]] == [c.name for c in cases]
+        assert all(0 <= r["clicks"] <= 2 and 0.0 <= r["final_dice"] <= 1.0 for r in res["cases"])
+        assert all(r["proposal_dice"] is not None for r in res["cases"])  # proposals on in every mode
+        if mode == "none":
+            assert res["retrains"] == [] and res["trainable_share"] == 0.0
+        else:  # one retraining after case 2 of 3, one step, within its budget
+            (retrain,) = res["retrains"]
+            assert retrain["after_case"] == 2 and retrain["state"] == "done" and retrain["steps"] == 1
+            assert retrain["wall_s"] < 30.0 + 15.0
+    assert any(r["proposal_used"] for res in result["modes"].values() for r in res["cases"])
+    lora = result["modes"]["lora"]
+    assert 0.0 < lora["trainable_share"] < 1.0 and result["modes"]["full"]["trainable_share"] == 1.0
+    assert lora["trainable_share"] == pytest.approx(lora["retrains"][0]["trainable_share"])  # the trainer's own figure
+    summary = result["summary"]
+    assert summary["lora"]["clicks_per_case"] == [r["clicks"] for r in result["modes"]["lora"]["cases"]]
+    assert "reduction_vs_none_second_half" in summary["lora"] and "target_met" in summary["full"]
+    assert summary["none"]["mean_clicks_first_half"] == result["modes"]["none"]["cases"][0]["clicks"]
+    # the datastore saw every submission with its provenance
+    with campaign.Datastore(tmp_path / "work" / "store_lora", create=False) as store:
+        labels = [lv for _, lv in store.training_cases()]
+        assert len(labels) == 3 and all(lv.user == campaign.ANNOTATOR for lv in labels)
+
+    json_path, md_path = campaign.write_results(result, tmp_path / "out", spec, "cpu")
+    assert json_path.name == "campaign_hippocampus.json" and md_path.name == "campaign_hippocampus.md"
+    assert json.loads(json_path.read_text())["summary"].keys() == summary.keys()
+    assert "| lora |" in md_path.read_text()
+
+    # a later run of one mode keeps the others of a comparable earlier result
+    salt_only = campaign.CampaignConfig(**{**cfg.__dict__, "modes": ("salt",)})
+    merged = campaign.run_campaign(spec, cases, tiny_checkpoint, salt_only, work=tmp_path / "work2",
+                                   previous=json.loads(json_path.read_text()), log=lambda _: None)
+    assert list(merged["modes"]) == ["none", "lora", "salt", "full"]
+
+
+def test_latency_under_training_measures_both_conditions(hippocampus_dir: Path, tiny_checkpoint: Path,
+                                                        tmp_path: Path, one_thread) -> None:
+    bench = _script("latency_under_training")
+    cases = [bench.load_case(hippocampus_dir.parent, "hippocampus", name, 1)
+             for name in ("hippocampus_001", "hippocampus_008")]
+    train_cases = bench.training_cases(hippocampus_dir.parent, "hippocampus", 1, 3)
+    assert not {c.name for c in train_cases} & {"hippocampus_001", "hippocampus_008"}
+    cfg = bench.AdapterTrainConfig(kind="lora", time_budget_s=120.0, max_steps=1_000_000, val_clicks=1)
+    result = bench.run_benchmark(cases, train_cases, tiny_checkpoint, [1], clicks=2, n_rounds=1,
+                                 train_config=cfg, work=tmp_path, log=lambda _: None)
+
+    (res,) = result["results"]
+    assert res["engine_threads"] == 1
+    assert res["idle"]["interactions"] == 2 * res["idle_before"]["interactions"] > 0
+    assert res["under_training"]["interactions"] + res["excluded_interactions"] == res["idle_before"]["interactions"]
+    assert res["job"]["final_state"] == "cancelled" and res["job"]["threads"] == 1 and res["job"]["nice"] == 10
+    job_sched = res["scheduling"]["job"]
+    assert job_sched["pid"] != res["scheduling"]["benchmark"]["pid"]
+    assert job_sched["nice"] in (None, min(19, res["scheduling"]["benchmark"]["nice"] + 10))  # the job yields
+    if res["under_training"]["interactions"]:
+        assert res["degradation_ratio_median"] > 0 and res["target_ratio"] == 1.30
+        assert isinstance(res["target_met"], bool)
+    assert {r["phase"] for r in res["interactions"]} == {"idle_before", "under_training", "idle_after"}
+    json.dumps(result)  # the results file is plain JSON
