@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from SegAssistLib.datasets import Case, list_cases, split_cases
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.evaluation.runner import parse_targets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNKNOWN_FOLDER_CASES = 5
@@ -129,20 +130,7 @@ def _names(folder: Path) -> Dict[int, str]:
 def parse_labels(text: str, folder: Path) -> Tuple[Structure, ...]:
     """``"1,2,1+2"`` -> structures named from ``dataset.json`` where it names them."""
     names = _names(folder)
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            ids = tuple(sorted({int(x) for x in part.split("+")}))
-        except ValueError:
-            raise SegAssistError(f"bad target {part!r}: use label ids such as 1 or 1+2+3+4") from None
-        if any(i <= 0 for i in ids):
-            raise SegAssistError(f"bad target {part!r}: label ids are positive (0 is background)")
-        out.append(Structure(ids, " + ".join(names.get(i, f"label {i}") for i in ids)))
-    if not out:
-        raise SegAssistError(f"no targets in {text!r}")
-    return tuple(out)
+    return tuple(Structure(ids, " + ".join(names.get(i, f"label {i}") for i in ids)) for ids in parse_targets(text))
 
 
 def spec_for_folder(folder: Path, labels: Optional[str], cases: Optional[int]) -> DatasetSpec:
