@@ -32,6 +32,7 @@ def save_overlay_png(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,9 +52,9 @@ def save_overlay_png(
         img = np.take(arr, index, axis=axis)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin="lower", interpolation="nearest")
         m = np.take(mask, index, axis=axis) > 0
-        ax.imshow(
-            np.ma.masked_where(~m, m), cmap="autumn", alpha=0.45, aspect=aspect, origin="lower", interpolation="nearest"
-        )
+        overlay = np.ma.masked_where(~m, m)
+        ax.imshow(overlay, cmap=ListedColormap(["#ff8c1a"]), alpha=0.5, aspect=aspect, origin="lower",
+                  interpolation="nearest")
         if reference is not None:
             ref = np.take(reference, index, axis=axis) > 0
             if ref.any():
