@@ -13,7 +13,7 @@ SUBCOMMANDS = [
     ("SegAssistLib.demo", "register"),
     ("SegAssistLib.evaluation.cli", "register"),
     ("SegAssistLib.evaluation.bench", "register"),
-    ("SegAssistLib.training.train", "register"),
+    ("SegAssistLib.training.cli", "register"),
     ("SegAssistLib.server.cli", "register"),
     ("SegAssistLib.learning.cli", "register"),
 ]

@@ -7,11 +7,11 @@ from the final round. The schedule is a cosine over a wall-clock budget, so a ru
 ends at a low learning rate; checkpoints are written atomically and a run resumes from them.
 
 Usage: ``segassist train --out runs/v1 --minutes 120 [--resume runs/v1/state.pt] [--config cfg.json]``
+(the subcommand lives in ``training/cli.py`` so that ``segassist --help`` needs no torch).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -202,31 +202,3 @@ class Trainer:
                 last_ckpt = time.time()
         self.save(final=True)
         print(f"done: {self.step} steps in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train the built-in network (CPU or GPU)")
-    p.add_argument("--out", required=True, type=Path, help="run folder: state.pt, model.pt, log.jsonl")
-    p.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
-    p.add_argument("--minutes", type=float, help="wall-clock budget (overrides the config)")
-    p.add_argument("--data-root", help="folder of datasets in MSD layout (default ../shared/data)")
-    p.add_argument("--resume", type=Path, help="state.pt of an earlier run")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu (default) or cuda")
-    p.set_defaults(func=run_train)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(**json.loads(args.config.read_text())) if args.config else TrainConfig()
-    if args.minutes is not None:
-        cfg.minutes = args.minutes
-    if args.data_root is not None:
-        cfg.data_root = args.data_root
-    if args.seed is not None:
-        cfg.seed = args.seed
-    if args.device is not None:
-        cfg.device = args.device
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    Trainer(cfg, args.out, args.resume).run()
-    return 0
