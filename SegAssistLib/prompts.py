@@ -170,6 +170,20 @@ AnyPrompt = Annotated[Prompt, Field(discriminator="kind")]
 _PROMPT_ADAPTER: TypeAdapter = TypeAdapter(AnyPrompt)
 
 
+def prompt_vertices_kji(prompt: Prompt) -> np.ndarray:
+    """The prompt's coordinates as an ``(N, 3)`` array in array order ``[k, j, i]`` (empty for a mask):
+    the click, the two box corners, or the stroke's or polygon's vertices."""
+    if isinstance(prompt, PointPrompt):
+        pts = [prompt.position]
+    elif isinstance(prompt, BoxPrompt):
+        pts = [prompt.min_corner, prompt.max_corner]
+    elif isinstance(prompt, (ScribblePrompt, LassoPrompt)):
+        pts = prompt.points
+    else:
+        return np.zeros((0, 3))
+    return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
+
+
 def parse_prompt(data: Union[dict, str]) -> Prompt:
     """Parse one prompt from a dict or JSON text; raises :class:`PromptError` with the reason."""
     try:

@@ -31,13 +31,10 @@ from SegAssistLib.errors import PromptError, SessionError
 from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.prompts import (
     PROMPT_KINDS,
-    BoxPrompt,
-    LassoPrompt,
     MaskPrompt,
-    PointPrompt,
     Prompt,
     PromptLog,
-    ScribblePrompt,
+    prompt_vertices_kji,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,24 +42,12 @@ DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
 MAX_REFINE_TILES = 8
 
 
-def _prompt_points_kji(prompt: Prompt) -> np.ndarray:
-    if isinstance(prompt, PointPrompt):
-        pts = [prompt.position]
-    elif isinstance(prompt, BoxPrompt):
-        pts = [prompt.min_corner, prompt.max_corner]
-    elif isinstance(prompt, (ScribblePrompt, LassoPrompt)):
-        pts = prompt.points
-    else:
-        raise PromptError(f"prompt kind {prompt.kind!r} has no coordinates")
-    return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
-
-
 def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
     """Raise PromptError unless every coordinate of the prompt lies within the image."""
     if isinstance(prompt, MaskPrompt):
         prompt.to_array(shape_kji)  # raises when the mask box is outside
         return
-    pts = _prompt_points_kji(prompt)
+    pts = prompt_vertices_kji(prompt)
     upper = np.asarray(shape_kji, float) - 0.5
     outside = np.any((pts < -0.5) | (pts > upper), axis=1)
     if outside.any():
@@ -227,7 +212,7 @@ class BuiltinSession(EngineSession):
             return self.engine.network(x)[0, 0].float().cpu(), previous
 
     def _first_level(self, prompt: Prompt) -> int:
-        pts = _prompt_points_kji(prompt)
+        pts = prompt_vertices_kji(prompt)
         extent = pts.max(0) - pts.min(0) + 1
         top = patching.max_level(self.shape, self.spacing_kji, self.engine.patch)
         for level in range(top + 1):
@@ -252,7 +237,7 @@ class BuiltinSession(EngineSession):
         """(box of the image, new mask inside it, info). The session mask is left as it was."""
         patch = self.engine.patch
         prompts = self.prompts + [prompt]
-        pts = _prompt_points_kji(prompt)
+        pts = prompt_vertices_kji(prompt)
         anchor = (pts.min(0) + pts.max(0)) / 2.0
         top = patching.max_level(self.shape, self.spacing_kji, patch)
         level = first = self._first_level(prompt)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from SegAssistLib.image import Volume
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt, prompt_vertices_kji
 
 VIEWS = (("axial", 0), ("coronal", 1), ("sagittal", 2))  # name, array axis normal to the view ([k, j, i])
 
@@ -37,18 +37,6 @@ def _crop_box(shape: Sequence[int], *masks: Optional[np.ndarray], extra: Sequenc
     return np.stack([lo, hi], 1)
 
 
-def _prompt_points_kji(p: Prompt) -> np.ndarray:
-    if isinstance(p, PointPrompt):
-        pts = [p.position]
-    elif isinstance(p, BoxPrompt):
-        pts = [p.min_corner, p.max_corner]
-    elif isinstance(p, (ScribblePrompt, LassoPrompt)):
-        pts = p.points
-    else:
-        return np.zeros((0, 3))
-    return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
-
-
 def render_case(
     volume: Volume,
     mask: np.ndarray,
@@ -65,7 +53,7 @@ def render_case(
     arr = np.asarray(volume.array, np.float32)
     spacing_kji = np.asarray(volume.spacing[::-1], float)
     prompts = list(prompts)
-    prompt_pts = [_prompt_points_kji(p) for p in prompts]
+    prompt_pts = [prompt_vertices_kji(p) for p in prompts]
     box = _crop_box(arr.shape, reference, mask, extra=prompt_pts)
     crop = tuple(slice(int(a), int(b)) for a, b in box)
     lo_win, hi_win = np.percentile(arr[crop], [0.5, 99.5])
