@@ -105,9 +105,9 @@ class Report:
             "growcut": "3D Slicer's Grow from seeds (`vtkImageGrowCutSegment`); clicks and scribbles become seed "
             "balls, background on a shell 30 mm around the object seeds (without the ground truth), or one voxel "
             "outside the box when there is one (a box alone paints no object seed: Dice 0 at the box step)",
-            "randomwalker": f"scikit-image's random walker with the same seeds; run only on images of at most "
-            f"{rw:,} voxels (it needs ~10 s per click on the 2.3 M-voxel left-atrium images on 2 CPU cores and "
-            "its Dice there stays near 0), so it is absent where the image is larger",
+            "randomwalker": "scikit-image's random walker with the same seeds, in the same region as Grow from "
+            "seeds" + (f"; run only on images of at most {rw:,} voxels, so it is absent where the image is larger"
+                       if rw else " (it needs ~10 s per click on the 2.3 M-voxel left-atrium images on 2 CPU cores)"),
         }
         self.lines += ["## How it was measured", ""]
         self.lines += [

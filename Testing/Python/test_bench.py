@@ -75,6 +75,7 @@ def test_config_errors_are_explained(tmp_path):
         with pytest.raises(ModelError, match="--engines growcut,randomwalker"):
             build_engines(BenchConfig(engines=("ablation",)))
     assert BenchConfig(quick=True).clicks == 5 and BenchConfig().refine_clicks == 5
+    assert BenchConfig().randomwalker_max_voxels is None  # every dataset gets every baseline by default
 
 
 # --- a tiny real run and its report ------------------------------------------------------------
