@@ -49,10 +49,20 @@ class ErrorCode:
     IMAGE_NOT_FOUND = "image_not_found"  # 404: upload it first
     SESSION_NOT_FOUND = "session_not_found"  # 404: never existed, closed, or the server restarted
     SESSION_EXPIRED = "session_expired"  # 404: closed after being idle too long
+    LEARNING_DISABLED = "learning_disabled"  # 404: the server runs without --learn-store
+    CASE_NOT_FOUND = "case_not_found"  # 404: no such case (or label version) in the datastore
+    JOB_NOT_FOUND = "job_not_found"  # 404: no such training job
+    VERSION_NOT_FOUND = "version_not_found"  # 404: no such adapter version
+    NO_CASE_LEFT = "no_case_left"  # 404: every case is labelled or being worked on
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
     UPLOAD_TIMEOUT = "upload_timeout"  # 408: the body did not arrive within the upload time limit
     SESSION_STATE = "session_state"  # 409: nothing to undo / redo
     PROMPT_LIMIT = "prompt_limit"  # 409: the session has had its maximum number of prompts
+    DUPLICATE_CASE = "duplicate_case"  # 409: the image is already a case
+    CASE_LOCKED = "case_locked"  # 409: another annotator holds the case
+    CASE_STATE = "case_state"  # 409: the case is not in a state that allows this
+    TRAINING_BUSY = "training_busy"  # 409: a training job is running on this datastore
+    VERSION_STATE = "version_state"  # 409: that adapter version cannot be made current
     BODY_TOO_LARGE = "body_too_large"  # 413
     IMAGE_TOO_LARGE = "image_too_large"  # 413: voxel count or an axis above the limit
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415
@@ -64,6 +74,7 @@ class ErrorCode:
     INVALID_SHAPE = "invalid_shape"  # 422: shape and byte count disagree
     UNSUPPORTED_CODEC = "unsupported_codec"  # 422
     UNSUPPORTED_PROMPT = "unsupported_prompt"  # 422: the model does not take this prompt kind
+    TRAINING_REFUSED = "training_refused"  # 422: bad settings, or too few submitted labels to train on
     TOO_MANY_SESSIONS = "too_many_sessions"  # 429: per user or in total
     TOO_MANY_UPLOADS = "too_many_uploads"  # 429: too many uploads at once
     QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
@@ -209,6 +220,7 @@ class SessionInfo(_Model):
     queue_length: int = Field(description="jobs waiting on this session's device, all sessions")
     idle_timeout_s: float
     expires_in_s: float
+    model_version: Optional[str] = Field(None, description="the model (and adapter) version answering it")
 
 
 class MaskUpdateReply(_Model):
@@ -223,6 +235,7 @@ class MaskUpdateReply(_Model):
     n_prompts: int
     latency_s: float = Field(description="engine time")
     queue_wait_s: float = Field(description="time spent queued behind other sessions")
+    model_version: Optional[str] = Field(None, description="the model (and adapter) version that answered")
     info: Dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("info", mode="before")

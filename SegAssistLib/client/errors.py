@@ -106,6 +106,15 @@ class ServerBusyError(ServerReplyError):
     """503: the queue is full or the server is shutting down; retry later."""
 
 
+class LearningConflictError(ServerReplyError):
+    """409 from the learning endpoints: the case is locked by someone else or already imported, a
+    training job is already running, or that adapter version cannot be made current."""
+
+
+class LearningDisabledError(NotFoundError):
+    """404: the server runs without a learning datastore (``segassist serve --learn-store DIR``)."""
+
+
 class ServerError(ServerReplyError):
     """5xx: a server bug or an unexpected failure; its log has the details."""
 
@@ -124,6 +133,12 @@ _BY_CODE: Dict[str, Type[ServerReplyError]] = {
     "invalid_shape": InvalidImageError,
     "image_too_large": PayloadTooLargeError,
     "body_too_large": PayloadTooLargeError,
+    "learning_disabled": LearningDisabledError,
+    "duplicate_case": LearningConflictError,
+    "case_locked": LearningConflictError,
+    "case_state": LearningConflictError,
+    "training_busy": LearningConflictError,
+    "version_state": LearningConflictError,
 }
 
 _BY_STATUS: Dict[int, Type[ServerReplyError]] = {

@@ -18,6 +18,7 @@ from SegAssistLib.api_models import (
 )
 from SegAssistLib.client.errors import ImageNotFoundError, PayloadTooLargeError
 from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, new_request_id
+from SegAssistLib.client.learning import LearningClient
 from SegAssistLib.client.session import RemoteSession
 from SegAssistLib.engine.base import Capabilities, Engine
 from SegAssistLib.image import Volume
@@ -62,6 +63,11 @@ class SegAssistClient(Engine):
     @property
     def url(self) -> str:
         return self.http.base_url
+
+    @property
+    def learning(self) -> LearningClient:
+        """The learning loop on this server (cases, labels, training, versions, next case)."""
+        return LearningClient(self)
 
     def close(self) -> None:
         self.http.close()

@@ -197,6 +197,7 @@ class RemoteSession(EngineSession):
                 **reply.info,
                 "engine_s": reply.latency_s,
                 "queue_wait_s": reply.queue_wait_s,
+                "model_version": reply.model_version,
                 "round_trip_s": round_trip,
                 "reply_bytes": len(response.content),
             },

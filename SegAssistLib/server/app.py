@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from SegAssistLib import __version__
 from SegAssistLib.api_models import API_PREFIX, API_VERSION, Health, ModelInfo, ServerInfo
-from SegAssistLib.server import routes_images, routes_sessions
+from SegAssistLib.server import routes_images, routes_learning, routes_sessions
 from SegAssistLib.server.deps import current_user, get_state
 from SegAssistLib.server.errors import install_error_handlers
 from SegAssistLib.server.limits import BodyLimitMiddleware
@@ -85,6 +85,8 @@ def create_app(
                 state.sessions.remove(session.session_id)
                 state.close_in_background(session)
             await run_in_threadpool(state.pool.stop)
+            if state.learning is not None:
+                state.learning.close()
 
     app = FastAPI(
         title="SegAssist backend",
@@ -103,6 +105,6 @@ def create_app(
         BodyLimitMiddleware,
         limit_for=lambda path: limits.max_body_bytes if path == upload_path else limits.max_json_bytes,
     )
-    for router in (meta, routes_images.router, routes_sessions.router):
+    for router in (meta, routes_images.router, routes_sessions.router, routes_learning.router):
         app.include_router(router, prefix=API_PREFIX)
     return app

@@ -34,6 +34,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", type=Path, default=None, help="lines 'user:sha256:<hex>' (see below)")
     p.add_argument("--issue-token", metavar="USER", default=None, help="add a token for USER and exit")
     p.add_argument("--data-dir", type=Path, default=None, help="keep uploaded images here across restarts")
+    p.add_argument("--learn-store", type=Path, default=None, metavar="DIR",
+                   help="learning datastore (created if missing): enables /v1/learn and adapter hot swap")
     p.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
     p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from --forwarded-allow-ips")
@@ -85,6 +87,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         devices=tuple(d.strip() for d in args.device.split(",") if d.strip()),
         token_hashes=entries,
         data_dir=args.data_dir,
+        learn_store=args.learn_store,
         limits=limits,
         tls_certfile=args.tls_cert,
         tls_keyfile=args.tls_key,

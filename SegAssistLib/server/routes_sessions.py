@@ -57,6 +57,7 @@ async def _reply(session: ServerSession, outcome: Outcome, queue_wait_s: float, 
             n_prompts=session.n_prompts,
             latency_s=float(update.latency_s),
             queue_wait_s=queue_wait_s,
+            model_version=session.model_version,
             info=update.info,
         )
 

@@ -39,6 +39,9 @@ class ServerSession:
     last_request: Optional[Tuple[str, Any]] = None
     pending: int = 0  # requests in flight: a session with work in progress does not expire
     meta: Dict[str, Any] = field(default_factory=dict)
+    #: the model version that answered this session's latest job (changes when a new adapter
+    #: version is swapped in while the session is open)
+    model_version: Optional[str] = None
 
 
 class SessionStore:

@@ -44,6 +44,7 @@ class ServerSettings(BaseModel):
         default_factory=list, description="(user, sha256 hex of token); empty: no authentication"
     )
     data_dir: Optional[Path] = Field(None, description="uploaded images persist here across restarts")
+    learn_store: Optional[Path] = Field(None, description="learning datastore; None: no /v1/learn endpoints")
     limits: Limits = Field(default_factory=Limits)
     tls_certfile: Optional[Path] = None
     tls_keyfile: Optional[Path] = None

@@ -14,6 +14,7 @@ from SegAssistLib.engine.base import Engine, EngineSession, MaskUpdate
 from SegAssistLib.server.auth import TokenVerifier
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.images import ImageStore
+from SegAssistLib.server.learning import LearningState, base_checkpoint
 from SegAssistLib.server.sessions import ServerSession, SessionStore
 from SegAssistLib.server.settings import ServerSettings
 from SegAssistLib.server.worker import QueueFull, WorkerPool, WorkerStopped
@@ -60,6 +61,11 @@ class ServerState:
         self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs)
         self.upload_slots: Optional[asyncio.Semaphore] = None  # made on the server's event loop
         self.clock = clock
+        self.learning: Optional[LearningState] = None
+        if settings.learn_store is not None:
+            self.learning = LearningState(settings.learn_store, base_checkpoint(settings.model))
+            for worker in self.pool.workers:
+                worker.before_job = self.learning.sync_hook()
 
     async def submit(self, session: ServerSession, fn: Callable[[EngineSession], Any]) -> Tuple[Any, float]:
         """Run ``fn(engine_session)`` on the session's worker; returns its value and the queue wait."""
@@ -67,7 +73,9 @@ class ServerState:
         def job(engine: Engine) -> Any:
             if session.closed:
                 raise SessionGone()
-            return fn(session.engine_session)  # type: ignore[arg-type]
+            value = fn(session.engine_session)  # type: ignore[arg-type]
+            session.model_version = _answering_version(session)
+            return value
 
         return await self._await_job(session, job)
 
@@ -104,6 +112,7 @@ class ServerState:
                 return
             es = fn(engine)
             session.engine_session = es
+            session.model_version = _answering_version(session)
             session.can_undo, session.can_redo = es.can_undo, es.can_redo
 
         await self._await_job(session, job)
@@ -153,6 +162,7 @@ class ServerState:
             queue_length=length,
             idle_timeout_s=self.limits.idle_timeout_s,
             expires_in_s=self.sessions.expires_in(session),
+            model_version=session.model_version,
         )
 
     def expire_idle(self) -> int:
@@ -161,6 +171,12 @@ class ServerState:
             log.info("session %s expired after %.0f s idle", session.session_id, self.limits.idle_timeout_s)
             self.close_in_background(session)
         return len(expired)
+
+
+def _answering_version(session: ServerSession) -> Optional[str]:
+    """The model version of the session's worker, read on that worker right after a job."""
+    caps = session.worker.capabilities
+    return caps.version if caps is not None else None
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:

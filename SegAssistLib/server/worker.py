@@ -123,6 +123,9 @@ class InferenceWorker:
         self.engine: Optional[Engine] = None
         self.capabilities: Optional[Capabilities] = None  # read once, on the worker thread
         self.n_sessions = 0  # sessions placed on this worker (the pool balances on it)
+        #: called on the worker thread before each job (the learning loop's version hot swap);
+        #: returns whether it changed the engine, and then the capabilities are read again
+        self.before_job: Optional[Callable[[Engine], bool]] = None
 
     def start(self, timeout: Optional[float] = None) -> Engine:
         """Start the thread and wait until the engine is built; raises what building raised."""
@@ -146,6 +149,7 @@ class InferenceWorker:
                 continue  # the request went away while queued
             self._running_key = key
             try:
+                self._prepare()
                 value = item.fn(self.engine)
             except BaseException as exc:
                 self._running_key = None
@@ -153,6 +157,18 @@ class InferenceWorker:
             else:
                 self._running_key = None  # before the result: a caller woken by it sees "idle"
                 item.future.set_result(value)
+
+    def _prepare(self) -> None:
+        hook = self.before_job
+        if hook is None or self.engine is None:
+            return
+        try:
+            changed = hook(self.engine)
+        except Exception:  # a broken hook must not take the worker down; the job runs as before
+            log.exception("the before-job hook failed")
+            return
+        if changed:
+            self.capabilities = self.engine.capabilities()
 
     def submit(self, key: str, fn: Job, force: bool = False) -> concurrent.futures.Future:
         """Queue ``fn(engine)`` behind ``key``'s earlier jobs; the future's result is fn's return.

@@ -73,6 +73,7 @@ class Servers:
         tokens: Optional[Dict[str, str]] = None,
         data_dir: Optional[Path] = None,
         tls: Optional[tuple] = None,
+        learn_store: Optional[Path] = None,
         **limits,
     ):
         from SegAssistLib.server.app import create_app
@@ -83,6 +84,7 @@ class Servers:
             model=self.checkpoint,
             token_hashes=[(user, hash_token(token)) for user, token in tokens.items()],
             data_dir=data_dir,
+            learn_store=learn_store,
             limits=Limits(**limits),
         )
         kwargs = {"clock": clock} if clock is not None else {}

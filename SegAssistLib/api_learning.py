@@ -1,0 +1,164 @@
+"""Request and reply models of the learning endpoints (``/v1/learn/...``). Torch-free.
+
+The learning loop over HTTP: cases live in the server's datastore (``segassist serve
+--learn-store DIR``); an annotator imports an image (already uploaded, named by its content hash),
+asks for the next case and the model's proposal of it, corrects it in an ordinary session and
+submits the session as a label version; training jobs run in a separate process on the server and
+the server answers with the newest promoted version without a restart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayPayload, Shape3, Vec3
+
+CASE_ID_PATTERN = r"^[0-9a-f]{16}$"
+JOB_ID_PATTERN = r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
+VERSION_ID_PATTERN = r"^(v[0-9]{1,9}|base)$"
+CaseStatusName = Literal["new", "in_progress", "submitted", "reviewed"]
+Strategy = Literal["first", "random", "uncertainty", "diversity"]
+AdapterKindName = Literal["lora", "salt", "full"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CaseInfo(_Model):
+    """A case of the datastore (see ``SegAssistLib.learning.records.CaseRecord``)."""
+
+    id: str
+    name: str
+    status: CaseStatusName
+    shape: Shape3 = Field(description="array order [k, j, i]")
+    spacing: Vec3
+    image_sha256: str
+    content_hash: str
+    source: str
+    imported_at: float
+    imported_at_iso: Optional[str] = None
+    imported_by: str
+    locked_by: Optional[str] = None
+    lock_expires: Optional[float] = None
+    lock_expires_iso: Optional[str] = None
+    n_labels: int
+    latest_label_id: Optional[str] = None
+
+
+class ImportCase(_Model):
+    image_id: str = Field(pattern=IMAGE_ID_PATTERN, description="an image this server holds (upload it first)")
+    name: str = Field(min_length=1, max_length=256)
+
+
+class LockRequest(_Model):
+    ttl_s: float = Field(4 * 3600.0, gt=0, description="seconds until the lock lapses")
+
+
+class SaveLabel(_Model):
+    """A label version: the result of a session of this user on the case's image, or a mask."""
+
+    session_id: Optional[str] = Field(None, pattern=SESSION_ID_PATTERN)
+    mask: Optional[ArrayPayload] = Field(None, description="uint8 [k, j, i], the case's shape (without session)")
+    submit: bool = Field(True, description="true: the case becomes submitted; false: a draft")
+    seconds_spent: float = Field(0.0, ge=0)
+    n_interactions: Optional[int] = Field(None, ge=0)
+
+
+class LabelInfo(_Model):
+    id: str
+    case_id: str
+    version: int
+    user: str
+    created_at: float
+    created_at_iso: Optional[str] = None
+    sha256: str
+    model: Optional[str] = None
+    adapter_version: Optional[str] = None
+    n_interactions: int
+    seconds_spent: float
+    submitted: bool
+    n_foreground: int
+    has_prompt_log: bool
+
+
+class TrainRequest(_Model):
+    """Settings of one training job; unset fields take the trainer's defaults."""
+
+    kind: AdapterKindName = "salt"
+    rank: Optional[int] = Field(None, gt=0)
+    lora_rank: Optional[int] = Field(None, gt=0)
+    alpha: Optional[float] = Field(None, gt=0)
+    learning_rate: Optional[float] = Field(None, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    time_budget_s: Optional[float] = Field(None, gt=0)
+    batch_size: Optional[int] = Field(None, gt=0)
+    val_clicks: Optional[int] = Field(None, gt=0)
+    validate_every: Optional[int] = Field(None, gt=0)
+    min_improvement: Optional[float] = None
+    label_value: Optional[int] = Field(None, ge=1, le=255)
+    seed: Optional[int] = None
+    warm_start: Optional[bool] = None
+
+    def settings(self) -> Dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class JobStatus(BaseModel):
+    """A training job's status (``state``: starting, running, validating, done, cancelled, failed)
+    with its progress: step, loss, validation Dice, elapsed seconds; more fields as the job reports."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    state: str
+
+
+class VersionList(_Model):
+    current: Optional[str] = Field(None, description="the version that answers; null: the base model")
+    versions: List[Dict[str, Any]]
+    events: List[Dict[str, Any]] = Field(default_factory=list)
+
+
+class RollbackRequest(_Model):
+    to: Optional[str] = Field(None, pattern=VERSION_ID_PATTERN, description="a version id, 'base', or one step back")
+
+
+class CurrentVersion(_Model):
+    current: Optional[str]
+
+
+class LearningStatus(_Model):
+    cases: Dict[str, int]
+    current_version: Optional[Dict[str, Any]] = None
+    last_job: Optional[Dict[str, Any]] = None
+    engine_version: str = Field(description="the model version answering sessions now")
+
+
+class NextCaseRequest(_Model):
+    strategy: Strategy = "uncertainty"
+    lock: bool = Field(True, description="lock the case to the caller")
+    proposal: bool = Field(True, description="include the model's proposal")
+    seed: int = 0
+    diversity_weight: float = Field(0.5, ge=0)
+    max_candidates: int = Field(16, ge=1, le=256)
+
+
+class ProposalReply(_Model):
+    offset: Shape3 = Field(description="array order [k, j, i] of the mask box")
+    shape: Shape3
+    mask: Optional[ArrayPayload] = Field(None, description="uint8 box; null when the proposal is empty")
+    agreement: float
+    uncertainty: float
+    members: int
+    engine_version: str
+    prompts: List[Dict[str, Any]]
+
+
+class NextCaseReply(_Model):
+    case: CaseInfo
+    image_id: str = Field(description="open a session on this image to annotate the case")
+    strategy: Strategy
+    score: Dict[str, Any]
+    proposal: Optional[ProposalReply] = None

@@ -1,0 +1,242 @@
+"""The learning loop over HTTP: cases, labels, training jobs, versions, next case. Torch-free.
+
+Reached as ``SegAssistClient(...).learning``. A typical annotator's round::
+
+    learning = client.learning
+    nxt = learning.next_case()                        # locked to me, with the model's proposal
+    volume = learning.case_volume(nxt.case.id)        # to show it
+    with client.open_session(nxt.image_id, [learning.proposal_prompt(nxt)]) as session:
+        ...                                           # correct with clicks, scribbles, ...
+        learning.submit(nxt.case.id, session, seconds_spent=95)
+    job = learning.train(kind="salt", time_budget_s=600)
+    learning.wait_for_job(job.job_id, progress=print)  # the server swaps in a promoted version
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from SegAssistLib.api_learning import (
+    CaseInfo,
+    CurrentVersion,
+    JobStatus,
+    LabelInfo,
+    LearningStatus,
+    NextCaseReply,
+    VersionList,
+)
+from SegAssistLib.api_models import API_PREFIX, ArrayPayload
+from SegAssistLib.client.errors import BackendTimeoutError, ProtocolError
+from SegAssistLib.image import Volume
+from SegAssistLib.prompts import MaskPrompt
+from SegAssistLib.transport import available_codecs, decode_frame
+
+if TYPE_CHECKING:
+    from SegAssistLib.client.remote import SegAssistClient
+    from SegAssistLib.client.session import RemoteSession
+
+FINAL_JOB_STATES = ("done", "cancelled", "failed")
+_BASE = f"{API_PREFIX}/learn"
+
+
+@dataclass
+class NextCase:
+    """The chosen case, the image id to open a session on, and the proposal as a full mask."""
+
+    reply: NextCaseReply
+    proposal: Optional[np.ndarray]  # uint8 [k, j, i] of the case's shape; None without a proposal
+
+    @property
+    def case(self) -> CaseInfo:
+        return self.reply.case
+
+    @property
+    def image_id(self) -> str:
+        return self.reply.image_id
+
+    def proposal_prompt(self) -> Optional[MaskPrompt]:
+        """The proposal as an initial-mask prompt (the first prompt of the correcting session)."""
+        if self.proposal is None or not self.proposal.any():
+            return None
+        return MaskPrompt.from_array(self.proposal)
+
+
+class LearningClient:
+    def __init__(self, client: SegAssistClient) -> None:
+        self._client = client
+        self._http = client.http
+
+    # ---- status and cases --------------------------------------------------------------------------
+    def status(self) -> LearningStatus:
+        return LearningStatus.model_validate(self._http.json("GET", f"{_BASE}/status"))
+
+    def import_image(
+        self,
+        volume: Union[Volume, np.ndarray],
+        name: str,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> CaseInfo:
+        """Add an image as a new case (uploaded only if the server does not hold it yet)."""
+        image_id = self._client.ensure_image(volume, progress)
+        reply = self._http.json("POST", f"{_BASE}/cases", json={"image_id": image_id, "name": name}, safe=False)
+        return CaseInfo.model_validate(reply)
+
+    def cases(
+        self, status: Union[None, str, Sequence[str]] = None, limit: int = 500, offset: int = 0
+    ) -> List[CaseInfo]:
+        params: List[str] = [f"limit={int(limit)}", f"offset={int(offset)}"]
+        for s in [status] if isinstance(status, str) else list(status or []):
+            params.append(f"status={s}")
+        reply = self._http.json("GET", f"{_BASE}/cases?" + "&".join(params))
+        return [CaseInfo.model_validate(c) for c in reply]
+
+    def case(self, case_id: str) -> CaseInfo:
+        return CaseInfo.model_validate(self._http.json("GET", f"{_BASE}/cases/{case_id}"))
+
+    def case_volume(self, case_id: str) -> Volume:
+        """The case's image (to display it); the server then holds it for sessions too."""
+        response = self._http.request("GET", f"{_BASE}/cases/{case_id}/image")
+        try:
+            header, array = decode_frame(response.content)
+        except ValueError as exc:
+            raise ProtocolError(f"the image of case {case_id} is not a valid frame: {exc}") from exc
+        return Volume(
+            array,
+            spacing=tuple(header["spacing"]),
+            origin=tuple(header["origin"]),
+            direction=np.asarray(header["direction"], float).reshape(3, 3),
+            modality=header.get("modality"),
+        )
+
+    def lock(self, case_id: str, ttl_s: float = 4 * 3600.0) -> CaseInfo:
+        reply = self._http.json("POST", f"{_BASE}/cases/{case_id}/lock", json={"ttl_s": ttl_s})
+        return CaseInfo.model_validate(reply)
+
+    def unlock(self, case_id: str) -> CaseInfo:
+        return CaseInfo.model_validate(self._http.json("DELETE", f"{_BASE}/cases/{case_id}/lock"))
+
+    def labels(self, case_id: str) -> List[LabelInfo]:
+        return [LabelInfo.model_validate(v) for v in self._http.json("GET", f"{_BASE}/cases/{case_id}/labels")]
+
+    # ---- labels ----------------------------------------------------------------------------------
+    def submit(
+        self,
+        case_id: str,
+        session: Union[RemoteSession, str],
+        seconds_spent: float = 0.0,
+        submit: bool = True,
+        n_interactions: Optional[int] = None,
+    ) -> LabelInfo:
+        """Save the session's current mask as a label version, with its prompt log and the model
+        version that answered as provenance (``submit=False``: a draft, the case stays in progress)."""
+        session_id = session if isinstance(session, str) else session.session_id
+        body = {
+            "session_id": session_id,
+            "submit": submit,
+            "seconds_spent": float(seconds_spent),
+            "n_interactions": n_interactions,
+        }
+        return LabelInfo.model_validate(
+            self._http.json("POST", f"{_BASE}/cases/{case_id}/labels", json=body, safe=False)
+        )
+
+    def save_mask(
+        self,
+        case_id: str,
+        mask: np.ndarray,
+        seconds_spent: float = 0.0,
+        submit: bool = True,
+        n_interactions: Optional[int] = None,
+    ) -> LabelInfo:
+        """Save a mask drawn elsewhere (uint8 ``[k, j, i]``, the case's shape) as a label version."""
+        payload = ArrayPayload.from_array(np.ascontiguousarray(mask, np.uint8), available_codecs()[0])
+        body = {
+            "mask": payload.model_dump(),
+            "submit": submit,
+            "seconds_spent": float(seconds_spent),
+            "n_interactions": n_interactions,
+        }
+        return LabelInfo.model_validate(
+            self._http.json("POST", f"{_BASE}/cases/{case_id}/labels", json=body, safe=False)
+        )
+
+    # ---- training --------------------------------------------------------------------------------
+    def train(self, kind: str = "salt", **settings: Any) -> JobStatus:
+        """Start a training job on the submitted labels (``LearningConflictError`` when one runs)."""
+        body = {"kind": kind, **{k: v for k, v in settings.items() if v is not None}}
+        return JobStatus.model_validate(self._http.json("POST", f"{_BASE}/train", json=body, safe=False))
+
+    def jobs(self) -> List[JobStatus]:
+        return [JobStatus.model_validate(j) for j in self._http.json("GET", f"{_BASE}/jobs")]
+
+    def job(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(self._http.json("GET", f"{_BASE}/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> JobStatus:
+        return JobStatus.model_validate(self._http.json("POST", f"{_BASE}/jobs/{job_id}/cancel"))
+
+    def wait_for_job(
+        self,
+        job_id: str,
+        timeout: Optional[float] = None,
+        poll_s: float = 1.0,
+        progress: Optional[Callable[[JobStatus], None]] = None,
+    ) -> JobStatus:
+        """Poll a job until it ends; ``progress(status)`` sees every change of step or state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: Any = None
+        while True:
+            status = self.job(job_id)
+            seen = (status.state, getattr(status, "step", None), getattr(status, "phase", None))
+            if progress is not None and seen != last:
+                progress(status)
+            last = seen
+            if status.state in FINAL_JOB_STATES:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise BackendTimeoutError(f"training job {job_id} still {status.state} after {timeout} s")
+            time.sleep(poll_s)
+
+    # ---- versions --------------------------------------------------------------------------------
+    def versions(self) -> VersionList:
+        return VersionList.model_validate(self._http.json("GET", f"{_BASE}/versions"))
+
+    def rollback(self, to: Optional[str] = None) -> Optional[str]:
+        """Make an earlier version current (``to``: a version id, ``"base"``, or one step back)."""
+        reply = CurrentVersion.model_validate(self._http.json("POST", f"{_BASE}/rollback", json={"to": to}, safe=False))
+        return reply.current
+
+    # ---- active learning -------------------------------------------------------------------------
+    def next_case(
+        self,
+        strategy: str = "uncertainty",
+        lock: bool = True,
+        proposal: bool = True,
+        seed: int = 0,
+        diversity_weight: float = 0.5,
+        max_candidates: int = 16,
+    ) -> NextCase:
+        """The case to annotate next (locked to me by default) and the current model's proposal."""
+        body = {
+            "strategy": strategy,
+            "lock": lock,
+            "proposal": proposal,
+            "seed": seed,
+            "diversity_weight": diversity_weight,
+            "max_candidates": max_candidates,
+        }
+        reply = NextCaseReply.model_validate(self._http.json("POST", f"{_BASE}/next", json=body, safe=False))
+        mask = None
+        if reply.proposal is not None:
+            mask = np.zeros(tuple(reply.case.shape), np.uint8)
+            if reply.proposal.mask is not None:
+                box = reply.proposal.mask.to_array()
+                lo = np.asarray(reply.proposal.offset)
+                if tuple(box.shape) != tuple(reply.proposal.shape) or np.any(lo + box.shape > mask.shape):
+                    raise ProtocolError(f"the proposal box {box.shape} at {lo.tolist()} does not fit the case")
+                mask[tuple(slice(a, a + n) for a, n in zip(lo, box.shape))] = box
+        return NextCase(reply, mask)

@@ -1,0 +1,102 @@
+"""The server's side of the learning loop: its datastore, adapter registry and version hot swap.
+
+Enabled by ``segassist serve --learn-store DIR``. The datastore is the same folder the
+``segassist learn`` commands work on, so a training job started from a terminal is picked up by a
+running server too. Each inference worker checks the registry before every job (a file stat,
+microseconds) and swaps a newly promoted or rolled-back version into its engine on its own thread,
+so sessions keep going without a restart and every reply states the version that answered it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from SegAssistLib.api_models import ErrorCode
+from SegAssistLib.engine.base import Engine
+from SegAssistLib.errors import SegAssistError
+from SegAssistLib.learning import errors as learning_errors
+from SegAssistLib.learning import loop_errors
+from SegAssistLib.learning.datastore import Datastore
+from SegAssistLib.learning.registry import AdapterRegistry
+from SegAssistLib.server.errors import ApiError
+
+log = logging.getLogger("segassist.server")
+
+# most specific first: the first match decides (status, code)
+_ERRORS = (
+    (learning_errors.InvalidIdentifierError, 400, ErrorCode.INVALID_ID),
+    (learning_errors.NotFoundError, 404, ErrorCode.CASE_NOT_FOUND),
+    (loop_errors.JobNotFoundError, 404, ErrorCode.JOB_NOT_FOUND),
+    (loop_errors.VersionNotFoundError, 404, ErrorCode.VERSION_NOT_FOUND),
+    (loop_errors.NoCandidateError, 404, ErrorCode.NO_CASE_LEFT),
+    (learning_errors.DuplicateCaseError, 409, ErrorCode.DUPLICATE_CASE),
+    (learning_errors.CaseLockedError, 409, ErrorCode.CASE_LOCKED),
+    (learning_errors.InvalidStateError, 409, ErrorCode.CASE_STATE),
+    (loop_errors.TrainingBusyError, 409, ErrorCode.TRAINING_BUSY),
+    (loop_errors.TrainingError, 422, ErrorCode.TRAINING_REFUSED),
+    (loop_errors.ActiveLearningError, 422, ErrorCode.INVALID_REQUEST),
+    (learning_errors.AdapterError, 409, ErrorCode.VERSION_STATE),
+    (learning_errors.DatastoreError, 422, ErrorCode.INVALID_REQUEST),
+)
+LEARNING_ERRORS = tuple(cls for cls, _, _ in _ERRORS)
+
+
+def api_error_for(exc: SegAssistError) -> ApiError:
+    """The HTTP answer to an error of the learning library."""
+    for cls, status, code in _ERRORS:
+        if isinstance(exc, cls):
+            return ApiError(status, code, str(exc))
+    raise TypeError(f"not a learning error: {exc!r}")
+
+
+class LearningState:
+    """The datastore, the registry and the base checkpoint training jobs start from."""
+
+    def __init__(self, store_root: Path, checkpoint: Path) -> None:
+        self.store_root = Path(store_root).resolve()
+        self.store = Datastore(self.store_root, create=True)
+        self.registry = AdapterRegistry(self.store_root)
+        self.checkpoint = Path(checkpoint)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def sync_hook(self):
+        """A per-worker hook that keeps that worker's engine on the registry's current version."""
+        from SegAssistLib.learning.deploy import EngineSync  # torch: the worker has it loaded already
+
+        sync = EngineSync(self.registry)
+        reported = {"error": None}
+
+        def before_job(engine: Engine) -> bool:
+            swapped = sync.refresh(engine)
+            if swapped:
+                log.info("now answering with model version %s", engine.capabilities().version)
+            if sync.last_error != reported["error"]:
+                reported["error"] = sync.last_error
+                if sync.last_error:
+                    log.error("could not switch model version: %s", sync.last_error)
+            return swapped
+
+        return before_job
+
+
+def base_checkpoint(model: Optional[Path]) -> Path:
+    """The checkpoint the server's engine loads: training jobs adapt that one."""
+    if model is not None:
+        return Path(model)
+    from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT
+
+    return DEFAULT_CHECKPOINT
+
+
+def learning_or_404(state) -> LearningState:
+    learning: Optional[LearningState] = getattr(state, "learning", None)
+    if learning is None:
+        raise ApiError(
+            404, ErrorCode.LEARNING_DISABLED,
+            "this server has no learning datastore: start it with `segassist serve --learn-store DIR`",
+        )  # fmt: skip
+    return learning

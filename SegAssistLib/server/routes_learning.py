@@ -1,0 +1,352 @@
+"""``/v1/learn``: cases, label versions, training jobs, adapter versions and the next case.
+
+Blocking datastore work runs in the thread pool; anything that needs the model (the proposal of
+the next case) runs as a job on an inference worker, like a prompt; training runs in its own
+process (``SegAssistLib.learning.jobs``), never in the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from SegAssistLib.api_learning import (
+    CASE_ID_PATTERN,
+    JOB_ID_PATTERN,
+    CaseInfo,
+    CaseStatusName,
+    CurrentVersion,
+    ImportCase,
+    JobStatus,
+    LabelInfo,
+    LearningStatus,
+    LockRequest,
+    NextCaseReply,
+    NextCaseRequest,
+    ProposalReply,
+    RollbackRequest,
+    SaveLabel,
+    TrainRequest,
+    VersionList,
+)
+from SegAssistLib.api_models import FRAME_MEDIA_TYPE, ArrayPayload, ErrorCode
+from SegAssistLib.image import Volume
+from SegAssistLib.learning.records import CaseRecord
+from SegAssistLib.server.deps import current_user, get_state, reply_codec
+from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
+from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
+from SegAssistLib.server.responses import ERROR_RESPONSES
+from SegAssistLib.server.state import ServerState
+from SegAssistLib.server.worker import QueueFull, WorkerStopped
+from SegAssistLib.transport import encode_frame, wire_array
+
+router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES)
+
+CaseId = Path(pattern=CASE_ID_PATTERN, description="16 lowercase hex digits")
+JobId = Path(pattern=JOB_ID_PATTERN, description="as returned by POST /v1/learn/train")
+T = TypeVar("T")
+
+
+async def _call(fn: Callable[[], T]) -> T:
+    """Run blocking learning-library code in the thread pool, mapping its errors to the error shape."""
+    try:
+        return await run_in_threadpool(fn)
+    except LEARNING_ERRORS as exc:
+        raise api_error_for(exc) from exc
+    except LIBRARY_ERRORS as exc:
+        raise from_library_error(exc) from exc
+
+
+def _learning(state: ServerState = Depends(get_state)) -> LearningState:
+    return learning_or_404(state)
+
+
+def _case(record: CaseRecord) -> CaseInfo:
+    return CaseInfo(**record.to_dict())
+
+
+def _hold_case_image(state: ServerState, learning: LearningState, case_id: str) -> Tuple[str, Volume]:
+    """Put the case's image into the server's image store; returns its image id (content hash)."""
+    volume = learning.store.load_image(case_id)
+    volume = dataclasses.replace(volume, array=wire_array(volume.array))
+    image_id = volume.content_hash()
+    if not state.images.has(image_id):
+        state.images.put(image_id, volume, None)
+    return image_id, volume
+
+
+# ---------------------------------------------------------------------------------------- status
+
+
+@router.get("/status", response_model=LearningStatus, summary="Cases by status, current version, last job")
+async def status(
+    state: ServerState = Depends(get_state),
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+) -> LearningStatus:
+    from SegAssistLib.learning.jobs import list_jobs
+
+    def read() -> LearningStatus:
+        current = learning.registry.current()
+        jobs = list_jobs(learning.store_root)
+        return LearningStatus(
+            cases=learning.store.count_by_status(),
+            current_version=current.to_dict() if current is not None else None,
+            last_job=jobs[0] if jobs else None,
+            engine_version=state.pool.capabilities.version,
+        )
+
+    return await _call(read)
+
+
+# ---------------------------------------------------------------------------------------- cases
+
+
+@router.post("/cases", response_model=CaseInfo, status_code=201, summary="Import a held image as a new case")
+async def import_case(
+    body: ImportCase,
+    state: ServerState = Depends(get_state),
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+) -> CaseInfo:
+    volume = await run_in_threadpool(state.images.get, body.image_id)
+    if volume is None:
+        raise ApiError(404, ErrorCode.IMAGE_NOT_FOUND, f"no image {body.image_id} on this server: upload it first")
+    record = await _call(lambda: learning.store.import_volume(volume, name=body.name, user=user, source="upload"))
+    return _case(record)
+
+
+@router.get("/cases", response_model=List[CaseInfo], summary="Cases in import order, optionally by status")
+async def list_cases(
+    status: Optional[List[CaseStatusName]] = Query(None, description="repeat to give several"),
+    limit: int = Query(500, ge=1, le=10_000),
+    offset: int = Query(0, ge=0),
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+) -> List[CaseInfo]:
+    records = await _call(lambda: learning.store.list_cases(status=status, limit=limit, offset=offset))
+    return [_case(r) for r in records]
+
+
+@router.get("/cases/{case_id}", response_model=CaseInfo, summary="One case")
+async def get_case(
+    case_id: str = CaseId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+) -> CaseInfo:
+    return _case(await _call(lambda: learning.store.get_case(case_id)))
+
+
+@router.get(
+    "/cases/{case_id}/image",
+    summary="The case's image as an upload frame; the server holds it for sessions",
+    response_class=Response,
+    responses={200: {"content": {FRAME_MEDIA_TYPE: {}}, "description": "the frame (see docs/api.md)"}},
+)
+async def case_image(
+    case_id: str = CaseId,
+    state: ServerState = Depends(get_state),
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+    codec: str = Depends(reply_codec),
+) -> Response:
+    """The same frame format as ``POST /v1/images``; its header's ``sha256`` is the image id to open
+    a session on (``POST /v1/sessions``)."""
+
+    def frame() -> bytes:
+        image_id, volume = _hold_case_image(state, learning, case_id)
+        header = {
+            "spacing": list(volume.spacing), "origin": list(volume.origin),
+            "direction": [float(x) for x in np.asarray(volume.direction).ravel()],
+            "modality": volume.modality, "sha256": image_id, "case_id": case_id,
+        }  # fmt: skip
+        return encode_frame(volume.array, header, codec=codec)
+
+    return Response(content=await _call(frame), media_type=FRAME_MEDIA_TYPE)
+
+
+@router.post("/cases/{case_id}/lock", response_model=CaseInfo, summary="Lock the case to the caller")
+async def lock_case(
+    body: Optional[LockRequest] = None,
+    case_id: str = CaseId,
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+) -> CaseInfo:
+    ttl = (body or LockRequest()).ttl_s
+    return _case(await _call(lambda: learning.store.lock(case_id, user, ttl_s=ttl)))
+
+
+@router.delete("/cases/{case_id}/lock", response_model=CaseInfo, summary="Release the caller's lock")
+async def unlock_case(
+    case_id: str = CaseId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+) -> CaseInfo:
+    return _case(await _call(lambda: learning.store.unlock(case_id, user)))
+
+
+@router.get("/cases/{case_id}/labels", response_model=List[LabelInfo], summary="The case's label versions")
+async def list_labels(
+    case_id: str = CaseId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+) -> List[LabelInfo]:
+    versions = await _call(lambda: learning.store.label_versions(case_id))
+    return [LabelInfo(**v.to_dict()) for v in versions]
+
+
+@router.post("/cases/{case_id}/labels", response_model=LabelInfo, status_code=201, summary="Save a label version")
+async def save_label(
+    body: SaveLabel,
+    case_id: str = CaseId,
+    state: ServerState = Depends(get_state),
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+) -> LabelInfo:
+    """From a session of the caller (its mask, prompt log and model version are the provenance) or
+    from a mask; ``submit`` makes the case ``submitted``, otherwise the version is a draft."""
+    if (body.session_id is None) == (body.mask is None):
+        raise ApiError(422, ErrorCode.INVALID_REQUEST, "give exactly one of session_id and mask")
+    case = await _call(lambda: learning.store.get_case(case_id))
+    prompt_log, model, adapter = None, state.pool.capabilities.version, None
+    if body.session_id is not None:
+        session = state.sessions.get(user, body.session_id)
+        if tuple(session.shape) != tuple(case.shape):
+            raise ApiError(
+                422, ErrorCode.INVALID_SHAPE,
+                f"session {body.session_id} is on an image of shape {list(session.shape)}, not the case's "
+                f"{list(case.shape)}: open the session on the case's image (POST /v1/learn/cases/{case_id}/image)",
+            )  # fmt: skip
+        (mask, prompt_log), _ = await state.submit(session, lambda es: (es.result().copy(), es.prompt_log()))
+        model = session.model_version or model
+    else:
+        mask = await _call(lambda: body.mask.to_array(max_voxels=state.limits.max_voxels))  # type: ignore[union-attr]
+    if model and "+" in model:
+        adapter = model.split("+", 1)[1]
+
+    def save():
+        return learning.store.save_label(
+            case_id, mask, user=user, prompt_log=prompt_log, model=model, adapter_version=adapter,
+            n_interactions=body.n_interactions, seconds_spent=body.seconds_spent, submit=body.submit,
+        )  # fmt: skip
+
+    return LabelInfo(**(await _call(save)).to_dict())
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+@router.post("/train", response_model=JobStatus, status_code=202, summary="Start a training job (409 if busy)")
+async def train(
+    body: TrainRequest, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+) -> JobStatus:
+    from SegAssistLib.learning.jobs import start_training
+
+    job = await _call(lambda: start_training(learning.store_root, learning.checkpoint, body.settings()))
+    return JobStatus(**job.status())
+
+
+@router.get("/jobs", response_model=List[JobStatus], summary="Training jobs, newest first")
+async def list_jobs(learning: LearningState = Depends(_learning), user: str = Depends(current_user)) -> List[JobStatus]:
+    from SegAssistLib.learning.jobs import list_jobs as jobs_of
+
+    return [JobStatus(**j) for j in await _call(lambda: jobs_of(learning.store_root))]
+
+
+@router.get("/jobs/{job_id}", response_model=JobStatus, summary="A training job's progress")
+async def get_job(
+    job_id: str = JobId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+) -> JobStatus:
+    from SegAssistLib.learning.jobs import get_job as job_of
+
+    return JobStatus(**await _call(lambda: job_of(learning.store_root, job_id).status()))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobStatus, summary="Ask a training job to stop")
+async def cancel_job(
+    job_id: str = JobId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+) -> JobStatus:
+    from SegAssistLib.learning.jobs import cancel_job as cancel
+
+    return JobStatus(**await _call(lambda: cancel(learning.store_root, job_id)))
+
+
+# ---------------------------------------------------------------------------------------- versions
+
+
+@router.get("/versions", response_model=VersionList, summary="The adapter version history")
+async def versions(learning: LearningState = Depends(_learning), user: str = Depends(current_user)) -> VersionList:
+    reg = await _call(learning.registry.read)
+    return VersionList(current=reg.current, versions=[r.to_dict() for r in reg.versions], events=reg.events)
+
+
+@router.post("/rollback", response_model=CurrentVersion, summary="Make an earlier version (or the base) current")
+async def rollback(
+    body: RollbackRequest, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+) -> CurrentVersion:
+    record = await _call(lambda: learning.registry.rollback(body.to, user=user))
+    return CurrentVersion(current=record.id if record is not None else None)
+
+
+# ---------------------------------------------------------------------------------------- next case
+
+
+def _proposal_reply(proposal: Any, codec: str) -> ProposalReply:
+    mask = np.asarray(proposal.mask, np.uint8)
+    nz = np.argwhere(mask)
+    if len(nz):
+        lo, hi = nz.min(0), nz.max(0) + 1
+        box = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        payload: Optional[ArrayPayload] = ArrayPayload.from_array(np.ascontiguousarray(box), codec)
+    else:
+        lo, box, payload = np.zeros(3, int), np.zeros((0, 0, 0), np.uint8), None
+    d = proposal.to_dict()
+    return ProposalReply(
+        offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), mask=payload,
+        agreement=d["agreement"], uncertainty=d["uncertainty"], members=d["members"],
+        engine_version=d["engine_version"], prompts=d["prompts"],
+    )  # fmt: skip
+
+
+@router.post("/next", response_model=NextCaseReply, summary="The case to annotate next, with the model's proposal")
+async def next_case(
+    body: NextCaseRequest,
+    state: ServerState = Depends(get_state),
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+    codec: str = Depends(reply_codec),
+) -> NextCaseReply:
+    """Scoring by uncertainty and the proposal run the model: a job on an inference worker, queued
+    fairly with the prompts of open sessions."""
+    from SegAssistLib.learning import active
+
+    needs_model = body.proposal or body.strategy in active.NEEDS_ENGINE
+
+    def run(engine: Any):
+        return active.next_case(
+            learning.store, engine, body.strategy, seed=body.seed, user=user, lock=body.lock,
+            with_proposal=body.proposal, diversity_weight=body.diversity_weight, max_candidates=body.max_candidates,
+        )  # fmt: skip
+
+    if needs_model:
+        worker = state.pool.pick()
+        try:
+            future = worker.submit(f"learn:{user}", run)
+        except QueueFull as exc:
+            raise ApiError(503, ErrorCode.QUEUE_FULL, f"the inference queue is full ({exc}): retry shortly") from exc
+        except WorkerStopped as exc:
+            raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+        try:
+            chosen = await asyncio.wrap_future(future)
+        except LEARNING_ERRORS as exc:
+            raise api_error_for(exc) from exc
+    else:
+        chosen = await _call(lambda: run(None))
+    image_id, _ = await _call(lambda: _hold_case_image(state, learning, chosen.case.id))
+
+    def build() -> NextCaseReply:
+        return NextCaseReply(
+            case=_case(chosen.case), image_id=image_id, strategy=body.strategy, score=chosen.score.to_dict(),
+            proposal=_proposal_reply(chosen.proposal, codec) if chosen.proposal is not None else None,
+        )  # fmt: skip
+
+    return await run_in_threadpool(build)

@@ -1,0 +1,195 @@
+"""The learning loop over HTTP: a real server on loopback with a datastore, the real client.
+
+Cases are imported by content hash, the next case comes with the model's proposal, a corrected
+session is submitted as a label version with its provenance, a real training job runs in its own
+process, the promoted version answers the next prompt without a restart, and rollback returns to
+the base model. Every bad request gets the one error shape.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from learning_fixtures import synthetic_case
+from test_server_fixtures import TOKENS, assert_error, raw
+
+from SegAssistLib.client import SegAssistClient
+from SegAssistLib.client.errors import LearningConflictError, LearningDisabledError, NotFoundError
+from SegAssistLib.prompts import PointPrompt
+
+pytest_plugins = ["test_server_fixtures"]
+
+N_CASES = 4
+
+
+@pytest.fixture
+def learn_server(server_factory, tmp_path):
+    return server_factory.start(learn_store=tmp_path / "store", max_json_bytes=2_000_000)
+
+
+@pytest.fixture
+def clients(learn_server):
+    alice = SegAssistClient(learn_server.url, TOKENS["alice"], timeout=(5.0, 120.0))
+    bob = SegAssistClient(learn_server.url, TOKENS["bob"], timeout=(5.0, 120.0))
+    yield alice, bob
+    alice.close()
+    bob.close()
+
+
+@pytest.fixture
+def imported(clients):
+    alice, _ = clients
+    cases = []
+    for i in range(N_CASES):
+        volume, truth = synthetic_case(100 + i)
+        cases.append((alice.learning.import_image(volume, name=f"case_{i}"), volume, truth))
+    return cases
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_without_a_datastore_the_learning_endpoints_say_how_to_enable_them(alice, shared_server):
+    with pytest.raises(LearningDisabledError, match="--learn-store"):
+        alice.learning.status()
+    assert_error(raw(shared_server, "GET", "/v1/learn/cases"), 404, "learning_disabled")
+
+
+def test_import_list_lock_and_download(clients, imported, learn_server):
+    alice, bob = clients
+    case, volume, _ = imported[0]
+    assert case.status == "new" and case.imported_by == "alice" and tuple(case.shape) == volume.array.shape
+    assert [c.name for c in alice.learning.cases(status="new")] == [f"case_{i}" for i in range(N_CASES)]
+    assert alice.learning.status().cases["new"] == N_CASES
+    with pytest.raises(LearningConflictError, match="already"):
+        alice.learning.import_image(volume, name="again")  # the same image is one case
+
+    locked = alice.learning.lock(case.id)
+    assert locked.locked_by == "alice" and locked.status == "in_progress"
+    with pytest.raises(LearningConflictError) as exc:
+        bob.learning.lock(case.id)
+    assert exc.value.code == "case_locked"
+    assert alice.learning.unlock(case.id).locked_by is None
+
+    downloaded = bob.learning.case_volume(case.id)
+    np.testing.assert_array_equal(downloaded.array, volume.array)
+    np.testing.assert_allclose(downloaded.spacing, volume.spacing)
+
+    assert_error(
+        raw(learn_server, "POST", "/v1/learn/cases", json={"image_id": "e" * 64, "name": "x"}), 404, "image_not_found"
+    )
+    for bad in ("xyz", "0" * 17, "0" * 15 + "%00", "0" * 15 + "G"):
+        assert_error(raw(learn_server, "GET", f"/v1/learn/cases/{bad}"), 400, "invalid_id")
+    for escape in ("../../etc/passwd", "..%2F..%2Fetc"):  # decoded to another path: no such route
+        assert_error(raw(learn_server, "GET", f"/v1/learn/cases/{escape}"), 404, "not_found")
+    assert_error(raw(learn_server, "GET", "/v1/learn/cases/" + "0" * 16), 404, "case_not_found")
+    assert_error(raw(learn_server, "GET", "/v1/learn/cases", token="wrong-token"), 401, "unauthorized")
+    assert_error(raw(learn_server, "GET", "/v1/learn/jobs/20260101-000000-abcdef"), 404, "job_not_found")
+    assert_error(raw(learn_server, "GET", "/v1/learn/jobs/2026-01-01"), 400, "invalid_id")
+
+
+def test_next_case_proposal_correction_and_submission(clients, imported, learn_server):
+    alice, bob = clients
+    nxt = alice.learning.next_case(strategy="first")
+    first, volume, truth = imported[0]
+    assert nxt.case.id == first.id and nxt.case.locked_by == "alice"
+    assert nxt.proposal is not None and nxt.proposal.shape == truth.shape
+    assert 0.0 <= nxt.reply.proposal.agreement <= 1.0
+    with pytest.raises(LearningConflictError):
+        bob.learning.lock(first.id)
+
+    prompts = [nxt.proposal_prompt()] if nxt.proposal.any() else []
+    with alice.open_session(nxt.image_id, prompts) as session:
+        centre = np.argwhere(truth).mean(0)
+        update = session.add_prompt(PointPrompt(position=tuple(float(x) for x in centre[::-1])))
+        assert update.info["model_version"] == session.status().model_version
+        label = alice.learning.submit(first.id, session, seconds_spent=42.0)
+        result = session.result()
+    assert label.submitted and label.user == "alice" and label.has_prompt_log
+    assert label.n_interactions == len(prompts) + 1 and label.seconds_spent == 42.0
+    assert label.model == update.info["model_version"]
+    assert label.n_foreground == int(np.count_nonzero(result))
+    case = alice.learning.case(first.id)
+    assert case.status == "submitted" and case.locked_by is None
+    assert [v.id for v in alice.learning.labels(first.id)] == [label.id]
+
+    # the next case skips the submitted one; a mask of the wrong shape is refused and saves nothing
+    second = alice.learning.next_case(strategy="first", proposal=False)
+    assert second.case.id == imported[1][0].id and second.proposal is None
+    path = f"/v1/learn/cases/{second.case.id}/labels"
+    from SegAssistLib.api_models import ArrayPayload
+
+    wrong = ArrayPayload.from_array(np.zeros((3, 3, 3), np.uint8)).model_dump()
+    assert_error(raw(learn_server, "POST", path, json={"mask": wrong}), 422, "invalid_request")
+    assert_error(raw(learn_server, "POST", path, json={}), 422, "invalid_request")
+    # bob cannot save a label on alice's locked case
+    with pytest.raises(LearningConflictError):
+        bob.learning.save_mask(second.case.id, imported[1][2])
+    assert alice.learning.labels(second.case.id) == []
+
+
+def _submit_truths(alice, imported) -> None:
+    for case, _, truth in imported:
+        alice.learning.save_mask(case.id, truth, seconds_spent=10.0)
+
+
+def test_training_job_promotes_a_version_that_answers_without_restart(clients, imported, learn_server):
+    alice, bob = clients
+    _submit_truths(alice, imported)
+    base_version = alice.info().model.version
+    with alice.open_session(imported[0][1]) as session:
+        session.add_prompt(PointPrompt(position=(14.0, 14.0, 10.0)))
+        assert session.status().model_version == base_version
+
+        # min_improvement -1: promote whatever the validation says (this test is about the plumbing)
+        job = alice.learning.train(kind="lora", max_steps=4, time_budget_s=120, val_clicks=1, min_improvement=-1.0)
+        assert job.state in ("starting", "running")
+        with pytest.raises(LearningConflictError) as exc:
+            bob.learning.train(kind="salt", max_steps=4)
+        assert exc.value.code == "training_busy"
+        seen = []
+        final = alice.learning.wait_for_job(job.job_id, timeout=300, poll_s=0.2, progress=seen.append)
+        assert final.state == "done", final
+        assert seen and seen[-1].state == "done"
+        assert [j.job_id for j in alice.learning.jobs()] == [job.job_id]
+
+        versions = alice.learning.versions()
+        assert versions.current == "v1" and versions.versions[0]["kind"] == "lora"
+        update = session.add_prompt(PointPrompt(position=(15.0, 14.0, 10.0)))  # same session, new version
+        assert update.info["model_version"] == f"{base_version}+v1"
+        assert alice.info(refresh=True).model.version == f"{base_version}+v1"
+        assert alice.learning.status().engine_version == f"{base_version}+v1"
+
+        assert alice.learning.rollback("base") is None
+        update = session.add_prompt(PointPrompt(position=(14.0, 15.0, 10.0)))
+        assert update.info["model_version"] == base_version
+    with pytest.raises(NotFoundError):
+        alice.learning.rollback("v9")
+    assert_error(raw(learn_server, "POST", "/v1/learn/rollback", json={"to": "../v1"}), 422, "invalid_request")
+    # a finished job cannot be cancelled any more: cancel answers its final state
+    assert alice.learning.cancel(job.job_id).state == "done"
+
+
+def _wait_until_started(learning, job_id: str, timeout_s: float = 120.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = learning.job(job_id)
+        if status.state != "starting" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_a_running_job_can_be_cancelled(clients, imported):
+    alice, _ = clients
+    _submit_truths(alice, imported)
+    job = alice.learning.train(kind="salt", max_steps=100_000, time_budget_s=300, val_clicks=1)
+    status = _wait_until_started(alice.learning, job.job_id)
+    assert status.state not in ("starting", "done", "failed"), status
+    alice.learning.cancel(job.job_id)
+    final = alice.learning.wait_for_job(job.job_id, timeout=120, poll_s=0.2)
+    assert final.state == "cancelled", final
+    assert alice.learning.versions().current is None  # nothing promoted from a cancelled job
