@@ -255,15 +255,35 @@ def cancel_job(store_root: Union[str, Path], job_id: Optional[str] = None) -> Di
 # ---------------------------------------------------------------------------------------- worker
 
 
+def lower_priority(nice: int) -> Dict[str, Any]:
+    """Run this process ``nice`` steps below normal CPU priority; returns what took effect.
+
+    On Linux with autogroup scheduling (the default on desktops and most servers), a process
+    started in a new session (the job is: Ctrl-C must not reach it) gets its own scheduling group,
+    and a plain ``nice`` then only ranks it against its own threads: against the server it would
+    still take a full share. Writing the value to ``/proc/self/autogroup`` lowers the whole group.
+    """
+    applied: Dict[str, Any] = {"nice": None, "autogroup_nice": None}
+    if not nice:
+        return applied
+    if hasattr(os, "nice"):
+        with contextlib.suppress(OSError):
+            applied["nice"] = os.nice(int(nice))
+    autogroup = Path("/proc/self/autogroup")
+    if autogroup.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            autogroup.write_text(str(int(nice)))
+            applied["autogroup_nice"] = int(autogroup.read_text().split("nice")[-1])
+    return applied
+
+
 def _worker(folder: Path) -> int:
     spec = json.loads((folder / "job.json").read_text())
     from SegAssistLib.learning.trainer import AdapterTrainConfig, StatusWriter, run_training
 
     cfg = AdapterTrainConfig.from_dict(spec["config"])
     status_path = folder / "status.json"
-    if cfg.nice and hasattr(os, "nice"):
-        with contextlib.suppress(OSError):
-            os.nice(int(cfg.nice))
+    lower_priority(cfg.nice)
     import torch
 
     torch.set_num_threads(cfg.threads)

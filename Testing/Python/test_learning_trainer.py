@@ -256,3 +256,22 @@ def test_learn_cli(setup, capsys):
     code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
                     "--out", str(proposal))
     assert code == 0 and proposal.is_file() and "proposal by tiny-1" in out
+
+
+def test_a_job_in_its_own_session_really_runs_below_the_server(tmp_path):
+    """The job starts in a new session; with Linux autogroups a plain nice would rank it only
+    against itself, so lower_priority also lowers its scheduling group."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os; from SegAssistLib.learning.jobs import lower_priority; "
+        "applied = lower_priority(7); "
+        "print(json.dumps({'applied': applied, 'priority': os.getpriority(os.PRIO_PROCESS, 0)}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         start_new_session=True, timeout=60)
+    data = json.loads(out.stdout)
+    assert data["priority"] >= 7 and data["applied"]["nice"] == data["priority"]
+    if Path("/proc/self/autogroup").is_file():
+        assert data["applied"]["autogroup_nice"] == 7
