@@ -2,6 +2,10 @@
 
     segassist learn import SOURCE --store DIR --user NAME     images (folder, file, DICOM series) -> cases
     segassist learn status --store DIR                       cases by status, current version, last job
+    segassist learn cases --store DIR [--status new]         list cases (by status)
+    segassist learn lock CASE --store DIR --user NAME        lock a case to an annotator (unlock: release)
+    segassist learn save CASE MASK --store DIR --user NAME   a label version from a mask file (--draft)
+    segassist learn export OUT --store DIR                   MSD layout + .seg.nrrd of the submitted labels
     segassist learn train --store DIR [--kind salt] [--minutes 5] [--detach]
     segassist learn cancel --store DIR [--job ID]
     segassist learn versions --store DIR
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from SegAssistLib.learning.datastore import Datastore, open_datastore
+from SegAssistLib.learning.errors import DatastoreError
+from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.registry import AdapterRegistry, version_label
 
 
@@ -44,6 +50,33 @@ def register(subparsers) -> None:
     p.add_argument("--no-recursive", action="store_true")
 
     add("status", "cases by status, the current adapter version, the last training job", cmd_status)
+
+    p = add("cases", "list cases, optionally of some statuses", cmd_cases)
+    p.add_argument("--status", action="append", choices=[s.value for s in CaseStatus], help="repeatable")
+
+    for name, func, text in (("lock", cmd_lock, "lock a case to an annotator"),
+                             ("unlock", cmd_unlock, "release an annotator's lock on a case")):
+        p = add(name, text, func)
+        p.add_argument("case", help="case id")
+        p.add_argument("--user", required=True)
+        if name == "lock":
+            p.add_argument("--hours", type=float, default=4.0, help="lock duration (default 4)")
+        else:
+            p.add_argument("--force", action="store_true", help="release another user's lock (administrator)")
+
+    p = add("save", "save a label version of a case from a mask file on the case's grid", cmd_save)
+    p.add_argument("case", help="case id")
+    p.add_argument("mask", type=Path, help=".nii.gz, .nrrd or .seg.nrrd with the case's voxel grid")
+    p.add_argument("--user", required=True)
+    p.add_argument("--draft", action="store_true", help="keep the case in progress (not submitted)")
+    p.add_argument("--prompt-log", type=Path, help="the prompt log that produced the mask (JSON)")
+    p.add_argument("--model", help="model version that produced it (provenance)")
+    p.add_argument("--seconds", type=float, default=0.0, help="annotation time spent")
+
+    p = add("export", "export the submitted and reviewed cases (MSD layout, .seg.nrrd)", cmd_export)
+    p.add_argument("out", type=Path, help="a new or empty folder")
+    p.add_argument("--label-name", action="append", help="name of label 1, 2, ... (default: foreground)")
+    p.add_argument("--no-seg-nrrd", action="store_true")
 
     p = add("train", "train an adapter on the submitted labels in a background process", cmd_train)
     p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
@@ -113,6 +146,64 @@ def cmd_import(args: argparse.Namespace) -> int:
     lines += [f"  + {c.id}  {c.name}" for c in report.added]
     lines += [f"  - {s}: {r}" for s, r in report.skipped]
     _print(args, report.to_dict(), "\n".join(lines))
+    return 0
+
+
+def _case_line(c: CaseRecord) -> str:
+    lock = f", locked by {c.locked_by}" if c.locked_by else ""
+    return f"{c.id}  {c.status.value:<11} {c.n_labels} label(s){lock}  {c.name}"
+
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        cases = store.list_cases(status=args.status)
+    text = "\n".join(_case_line(c) for c in cases) or "no case"
+    _print(args, [c.to_dict() for c in cases], text)
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        case = store.lock(args.case, args.user, ttl_s=args.hours * 3600.0)
+    _print(args, case.to_dict(), _case_line(case))
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        case = store.unlock(args.case, args.user, force=args.force)
+    _print(args, case.to_dict(), _case_line(case))
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from SegAssistLib.io import load_mask
+
+    mask = load_mask(args.mask)
+    log = args.prompt_log.read_text() if args.prompt_log is not None else None
+    with _open(args) as store:
+        case = store.get_case(args.case)
+        if tuple(mask.shape) != tuple(case.shape):
+            raise DatastoreError(
+                f"{args.mask} has a voxel grid of shape {list(mask.shape)} (k, j, i), the case {list(case.shape)}: "
+                "export the segmentation on the image's geometry (in Slicer: a labelmap with the volume as "
+                "reference)"
+            )
+        label = store.save_label(case.id, mask, user=args.user, prompt_log=log, model=args.model,
+                                 seconds_spent=args.seconds, submit=not args.draft)
+    what = "draft" if args.draft else "submitted"
+    _print(args, label.to_dict(), f"saved label version {label.version} ({label.id}) of {case.name}, {what}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from SegAssistLib.learning.export import export_msd
+
+    with _open(args) as store:
+        out = export_msd(store, args.out, label_names=args.label_name or ("foreground",),
+                         seg_nrrd=not args.no_seg_nrrd)
+    n = len(json.loads((out / "dataset.json").read_text())["training"])
+    _print(args, {"folder": str(out), "cases": n}, f"exported {n} case(s) to {out}")
     return 0
 
 

@@ -20,8 +20,11 @@ from learning_fixtures import (
 )
 
 from SegAssistLib.engine.builtin import BuiltinEngine
+from SegAssistLib.image import Volume
+from SegAssistLib.io import save_mask_nifti
 from SegAssistLib.learning import AdapterError
 from SegAssistLib.learning.deploy import EngineSync, activate, network_identity, version_network
+from SegAssistLib.learning.errors import CaseLockedError, DatastoreError
 from SegAssistLib.learning.jobs import get_job, list_jobs, start_training, training_running
 from SegAssistLib.learning.loop_errors import RegistryError, TrainingBusyError, TrainingError
 from SegAssistLib.learning.registry import AdapterRegistry
@@ -256,6 +259,31 @@ def test_learn_cli(setup, capsys):
     code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
                     "--out", str(proposal))
     assert code == 0 and proposal.is_file() and "proposal by tiny-1" in out
+
+    # the annotator's round from a terminal: find the new case, lock it, save the corrected mask
+    new_case = cases[-1]
+    code, out = run("cases", "--store", str(store_root), "--status", "new", "--json")
+    assert code == 0 and [c["id"] for c in json.loads(out)] == [new_case.id]
+    code, out = run("lock", new_case.id, "--store", str(store_root), "--user", "carol")
+    assert code == 0 and "locked by carol" in out and "in_progress" in out
+    with pytest.raises(CaseLockedError):
+        run("save", new_case.id, str(proposal), "--store", str(store_root), "--user", "dave")
+    wrong_grid = store_root.parent / "wrong.nii.gz"
+    save_mask_nifti(np.zeros((4, 4, 4), np.uint8), Volume(np.zeros((4, 4, 4), np.float32)), wrong_grid)
+    with pytest.raises(DatastoreError, match="voxel grid of shape"):
+        run("save", new_case.id, str(wrong_grid), "--store", str(store_root), "--user", "carol")
+    code, out = run("save", new_case.id, str(proposal), "--store", str(store_root), "--user", "carol",
+                    "--seconds", "30", "--model", "tiny-1")
+    assert code == 0 and "label version 1" in out and "submitted" in out
+    code, out = run("cases", "--store", str(store_root), "--status", "submitted")
+    assert out.count("submitted") == 6
+    export = store_root.parent / "export"
+    code, out = run("export", str(export), "--store", str(store_root), "--label-name", "ellipsoid")
+    dataset = json.loads((export / "dataset.json").read_text())
+    assert code == 0 and dataset["numTraining"] == 6 and dataset["labels"]["1"] == "ellipsoid"
+    assert len(list((export / "segmentations").glob("*.seg.nrrd"))) == 6
+    provenance = {c["case_id"]: c for c in dataset["segassist"]["cases"]}
+    assert provenance[new_case.id]["user"] == "carol" and provenance[new_case.id]["seconds_spent"] == 30.0
 
 
 def test_a_job_in_its_own_session_really_runs_below_the_server(tmp_path):
