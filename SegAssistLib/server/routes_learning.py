@@ -41,8 +41,7 @@ from SegAssistLib.server.deps import current_user, get_state, reply_codec
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
 from SegAssistLib.server.responses import ERROR_RESPONSES
-from SegAssistLib.server.state import ServerState
-from SegAssistLib.server.worker import QueueFull, WorkerStopped
+from SegAssistLib.server.state import ServerState, queue_job
 from SegAssistLib.transport import encode_frame, wire_array
 
 router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES)
@@ -328,13 +327,7 @@ async def next_case(
         )  # fmt: skip
 
     if needs_model:
-        worker = state.pool.pick()
-        try:
-            future = worker.submit(f"learn:{user}", run)
-        except QueueFull as exc:
-            raise ApiError(503, ErrorCode.QUEUE_FULL, f"the inference queue is full ({exc}): retry shortly") from exc
-        except WorkerStopped as exc:
-            raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+        future = queue_job(state.pool.pick(), f"learn:{user}", run)
         try:
             chosen = await asyncio.wrap_future(future)
         except LEARNING_ERRORS as exc:

@@ -17,7 +17,7 @@ from SegAssistLib.server.images import ImageStore
 from SegAssistLib.server.learning import LearningState, base_checkpoint
 from SegAssistLib.server.sessions import ServerSession, SessionStore
 from SegAssistLib.server.settings import ServerSettings
-from SegAssistLib.server.worker import QueueFull, WorkerPool, WorkerStopped
+from SegAssistLib.server.worker import InferenceWorker, QueueFull, WorkerPool, WorkerStopped
 
 log = logging.getLogger("segassist.server")
 
@@ -82,15 +82,7 @@ class ServerState:
     async def _await_job(self, session: ServerSession, job: Callable[[Engine], Any]) -> Tuple[Any, float]:
         session.pending += 1
         try:
-            try:
-                future = session.worker.submit(session.session_id, job)
-            except QueueFull as exc:
-                raise ApiError(
-                    503, ErrorCode.QUEUE_FULL, f"the inference queue is full ({exc}): retry shortly",
-                    headers={"Retry-After": "2"},
-                ) from exc  # fmt: skip
-            except WorkerStopped as exc:
-                raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+            future = queue_job(session.worker, session.session_id, job)
             try:
                 value = await asyncio.wrap_future(future)
             except LIBRARY_ERRORS as exc:
@@ -171,6 +163,19 @@ class ServerState:
             log.info("session %s expired after %.0f s idle", session.session_id, self.limits.idle_timeout_s)
             self.close_in_background(session)
         return len(expired)
+
+
+def queue_job(worker: InferenceWorker, key: str, job: Callable[[Engine], Any]) -> concurrent.futures.Future:
+    """Queue a job on a worker behind ``key``'s earlier jobs; a full queue or a stopping worker is a 503."""
+    try:
+        return worker.submit(key, job)
+    except QueueFull as exc:
+        raise ApiError(
+            503, ErrorCode.QUEUE_FULL, f"the inference queue is full ({exc}): retry shortly",
+            headers={"Retry-After": "2"},
+        ) from exc  # fmt: skip
+    except WorkerStopped as exc:
+        raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
 
 
 def _answering_version(session: ServerSession) -> Optional[str]:
