@@ -10,10 +10,15 @@ Kinds:
 - ``box``: an axis-aligned box in IJK, inclusive corners. It is a 2D box when one axis has zero
   thickness (drawn on an axial, coronal or sagittal slice) and a 3D box otherwise. A box drawn on an
   oblique slice is sent as a 4-vertex ``lasso``: both say "the object lies within this outline".
-- ``scribble``: a positive or negative polyline drawn on a slice of any orientation.
+- ``scribble``: a positive or negative stroke drawn on a slice of any orientation.
 - ``lasso``: a closed, planar polygon drawn on a slice of any orientation. Positive: the object's
   outline on that slice lies close to it. Negative: everything inside is background.
 - ``mask``: an initial mask, stored compressed in the log, which becomes the current result.
+
+A scribble or lasso comes in one of two forms: ``points`` (the polyline or polygon vertices, as
+drawn) or ``slab`` (a :class:`Slab`: the voxels it covers on its slice, as a small bit-packed box
+one voxel thick plus its offset). :func:`to_slab` turns the first into the second; the remote
+client sends slabs, so what travels is a 2D stroke, never a volume.
 
 A :class:`PromptLog` is versioned (``schema_version``) so that logs written today stay readable.
 """
@@ -21,17 +26,35 @@ A :class:`PromptLog` is versioned (``schema_version``) so that logs written toda
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import zlib
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from SegAssistLib import rasterize
 from SegAssistLib.errors import PromptError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: scribbles and lassos may be given as a slab instead of points
+
+MAX_SLAB_AXIS = 4096  # voxels along any axis of a slab's box
+MAX_SLAB_VOXELS = 4096 * 4096  # voxels in a slab's box: 2 MiB of bits at most, whatever the client sends
+SLAB_PLANE_TOLERANCE = 1.0  # voxels: half the thickness of the layer that must hold a slab's voxel centres
+_MAX_SLAB_DATA_CHARS = 4 * ((MAX_SLAB_VOXELS // 8 + 4096) // 3 + 1)  # base64 of the worst zlib output
 
 Vec3 = Tuple[float, float, float]
 
@@ -43,6 +66,38 @@ def _finite_vec3(value: Sequence[float], what: str) -> Vec3:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{what} has a non-finite coordinate: {arr.tolist()}")
     return (float(arr[0]), float(arr[1]), float(arr[2]))
+
+
+def _pack_bits(box: np.ndarray) -> str:
+    """base64 of zlib-compressed ``np.packbits`` of a boolean array, C order."""
+    return base64.b64encode(zlib.compress(np.packbits(np.asarray(box, bool).ravel()).tobytes(), 6)).decode("ascii")
+
+
+def _unpack_bits(data: str, shape: Sequence[int], what: str) -> np.ndarray:
+    """The boolean array of ``shape`` that :func:`_pack_bits` encoded; a clear PromptError otherwise.
+
+    Decompression stops one byte past the size the shape needs, so a small body cannot expand into
+    gigabytes (a zlib bomb) before it is refused.
+    """
+    shape = tuple(int(n) for n in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    need = (n + 7) // 8
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PromptError(f"{what} data is not base64: {exc}") from exc
+    inflater = zlib.decompressobj()
+    try:
+        packed = inflater.decompress(raw, need + 1)
+    except zlib.error as exc:
+        raise PromptError(f"{what} data is not zlib-compressed bits: {exc}") from exc
+    if len(packed) > need or inflater.unconsumed_tail:
+        raise PromptError(f"{what} data holds more than the {n} bits of its shape {list(shape)}")
+    if len(packed) < need or not inflater.eof:
+        raise PromptError(
+            f"{what} data is truncated: {len(packed) * 8} bits for the {n} voxels of its shape {list(shape)}"
+        )
+    return np.unpackbits(np.frombuffer(packed, np.uint8), count=n).reshape(shape).astype(bool)
 
 
 class _Prompt(BaseModel):
@@ -91,16 +146,163 @@ class BoxPrompt(_Prompt):
         return bool(np.any(np.asarray(self.max_corner) - np.asarray(self.min_corner) < 1.0))
 
 
+class Slab(BaseModel):
+    """The voxels a stroke or lasso covers on the slice it was drawn on: a box of the image (array
+    order ``[k, j, i]``) one voxel thick along the slice normal, and its bits.
+
+    The box is 1 voxel thick along one axis for a stroke on an axial, coronal or sagittal slice; on
+    an oblique slice it is a 3D box whose set voxels lie on one plane (a digital plane).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    offset: Tuple[int, int, int] = Field(description="array index [k, j, i] of the box's first voxel")
+    shape: Tuple[int, int, int] = Field(description="box size [nk, nj, ni]")
+    data: str = Field(
+        max_length=_MAX_SLAB_DATA_CHARS,
+        description="base64 of zlib-compressed np.packbits of the boolean box, C order",
+    )
+
+    @model_validator(mode="after")
+    def _check_slab(self) -> Slab:
+        shape = np.asarray(self.shape, np.int64)
+        if np.any(shape < 1):
+            raise ValueError(f"slab shape {list(self.shape)} must be at least 1 voxel on every axis")
+        if np.any(shape > MAX_SLAB_AXIS) or int(np.prod(shape)) > MAX_SLAB_VOXELS:
+            raise ValueError(
+                f"slab of shape {list(self.shape)} is too large: at most {MAX_SLAB_AXIS} voxels along an axis "
+                f"and {MAX_SLAB_VOXELS} in its box"
+            )
+        if not self.to_box().any():
+            raise ValueError("empty slab: no voxel is set (an empty stroke is not a prompt)")
+        return self
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, offset: Sequence[int] = (0, 0, 0)) -> Slab:
+        """The slab of a boolean array (a whole image, or a box of it starting at ``offset``),
+        cropped to the bounding box of its set voxels."""
+        mask = np.asarray(mask)
+        if mask.ndim != 3:
+            raise PromptError(f"a slab is made from a 3D array, got shape {mask.shape}")
+        nz = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        if any(len(x) == 0 for x in nz):
+            raise PromptError("empty slab: no voxel is set (an empty stroke is not a prompt)")
+        lo = np.array([x[0] for x in nz])
+        hi = np.array([x[-1] + 1 for x in nz])
+        box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
+        start = np.asarray(offset, np.int64) + lo
+        return cls(offset=tuple(int(x) for x in start), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box))
+
+    def to_box(self) -> np.ndarray:
+        """The boolean box, shape :attr:`shape`."""
+        return _unpack_bits(self.data, self.shape, "slab")
+
+    def voxels_kji(self) -> np.ndarray:
+        """``(N, 3)`` int array of the set voxels, image array indices ``[k, j, i]`` (read-only)."""
+        return np.frombuffer(self._voxel_bytes, np.int64).reshape(-1, 3)
+
+    @cached_property
+    def _voxel_bytes(self) -> bytes:
+        # decoded once per slab (the engine asks in every window); bytes, so that equality of two
+        # slabs, which compares their __dict__ first, works whether or not either has decoded
+        return (np.argwhere(self.to_box()) + np.asarray(self.offset, np.int64)).astype(np.int64).tobytes()
+
+    def bounds(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(first, one past the last) voxel of the box, array order ``[k, j, i]``."""
+        lo = np.asarray(self.offset, np.int64)
+        return lo, lo + np.asarray(self.shape, np.int64)
+
+    def off_plane(self) -> float:
+        """Half the thickness (voxels) of the thinnest plane-parallel layer holding every set voxel
+        centre: 0 for a box one voxel thick along an axis, at most ``sqrt(3) / 2`` for a digital
+        plane of any orientation, 1 or more for a blob three voxels thick.
+
+        Only the two ends of each row of the box along its longest axis matter (a layer holding
+        them holds the row), which keeps the cost to the box's two smaller sides. Past
+        :data:`SLAB_PLANE_TOLERANCE` the value may be an over-estimate (a blob is not measured
+        precisely, only found too thick).
+        """
+        if min(self.shape) == 1:
+            return 0.0
+        box = self.to_box()
+        axis = int(np.argmax(self.shape))
+        rows = box.any(axis=axis)
+        first = np.argmax(box, axis=axis)[rows]
+        last = (self.shape[axis] - 1 - np.argmax(np.flip(box, axis=axis), axis=axis))[rows]
+        others = np.argwhere(rows)
+        ends = []
+        for along in (first, last):
+            pts = np.empty((len(along), 3))
+            pts[:, axis] = along
+            pts[:, [a for a in range(3) if a != axis]] = others
+            ends.append(pts)
+        pts = np.concatenate(ends)
+        centred = pts - pts.mean(0)
+        normal = np.linalg.eigh(centred.T @ centred)[1][:, 0]  # least-squares plane
+
+        def half_width(n: np.ndarray) -> float:
+            d = centred @ n
+            return float(d.max() - d.min()) / 2.0
+
+        best = half_width(normal)
+        # A layer thinner than 2 * tolerance holds at most this many voxels per column along the axis
+        # nearest its normal: more voxels than that in the box, and no refinement can find one.
+        per_column = int(np.floor(2 * SLAB_PLANE_TOLERANCE * np.sqrt(3))) + 1
+        crowded = np.count_nonzero(box) > per_column * box.size // min(self.shape)
+        step = 0.0 if crowded else 0.25
+        while best >= SLAB_PLANE_TOLERANCE and step > 1e-3:  # refine the normal: a thinner layer?
+            t1 = np.cross(normal, np.eye(3)[int(np.argmin(np.abs(normal)))])
+            t1 /= np.linalg.norm(t1)
+            t2 = np.cross(normal, t1)
+            trials = [normal + step * sign * t for t in (t1, t2) for sign in (1.0, -1.0)]
+            widths = [half_width(n / np.linalg.norm(n)) for n in trials]
+            i = int(np.argmin(widths))
+            if widths[i] < best:
+                best, normal = widths[i], trials[i] / np.linalg.norm(trials[i])
+            else:
+                step /= 2.0
+        return best
+
+
 class _PolyPrompt(_Prompt):
-    points: List[Vec3]
+    """A scribble or lasso: exactly one of ``points`` (as drawn) or ``slab`` (the voxels drawn)."""
+
+    points: Optional[List[Vec3]] = None
+    slab: Optional[Slab] = None
     positive: bool = True
 
     @field_validator("points", mode="before")
     @classmethod
     def _check_points(cls, v):
-        if v is None or len(v) == 0:
+        if v is None:
+            return None
+        if len(v) == 0:
             raise ValueError("no points: an empty stroke is not a prompt")
         return [_finite_vec3(p, "vertex") for p in v]
+
+    @model_validator(mode="after")
+    def _check_form(self):
+        if (self.points is None) == (self.slab is None):
+            both = "both" if self.points is not None else "neither"
+            raise ValueError(
+                f"a {self.kind} takes exactly one of 'points' (the vertices drawn) or 'slab' (the voxels drawn), "
+                f"got {both}"
+            )
+        if self.slab is not None:
+            off = self.slab.off_plane()
+            if off >= SLAB_PLANE_TOLERANCE:
+                raise ValueError(
+                    f"{self.kind} slab is not 2D: it is {2 * off:.1f} voxels thick across its best-fitting plane "
+                    f"(a slice is under {2 * SLAB_PLANE_TOLERANCE:g}); draw the {self.kind} on a single slice"
+                )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_form(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
+        out = handler(self)
+        for name in ("points", "slab"):
+            if out.get(name, 0) is None:
+                del out[name]
+        return out
 
 
 class ScribblePrompt(_PolyPrompt):
@@ -113,6 +315,8 @@ class LassoPrompt(_PolyPrompt):
 
     @model_validator(mode="after")
     def _check_polygon(self):
+        if self.points is None:
+            return self
         pts = np.asarray(self.points)
         if len(pts) < 3:
             raise ValueError(f"a lasso needs at least 3 vertices, got {len(pts)}")
@@ -146,15 +350,10 @@ class MaskPrompt(_Prompt):
         else:
             lo, hi = nz.min(0), nz.max(0) + 1
             box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
-        data = base64.b64encode(zlib.compress(np.packbits(box.ravel()).tobytes(), 6)).decode("ascii")
-        return cls(offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), data=data)
+        return cls(offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box))
 
     def to_array(self, image_shape: Sequence[int]) -> np.ndarray:
-        n = int(np.prod(self.shape))
-        bits = np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(self.data)), np.uint8))
-        if bits.size < n:
-            raise PromptError("initial mask data is truncated")
-        box = bits[:n].reshape(self.shape).astype(np.uint8)
+        box = _unpack_bits(self.data, self.shape, "initial mask").astype(np.uint8)
         out = np.zeros(tuple(image_shape), np.uint8)
         lo = np.asarray(self.offset)
         hi = lo + np.asarray(self.shape)
@@ -172,16 +371,109 @@ _PROMPT_ADAPTER: TypeAdapter = TypeAdapter(AnyPrompt)
 
 def prompt_vertices_kji(prompt: Prompt) -> np.ndarray:
     """The prompt's coordinates as an ``(N, 3)`` array in array order ``[k, j, i]`` (empty for a mask):
-    the click, the two box corners, or the stroke's or polygon's vertices."""
+    the click, the two box corners, the stroke's or polygon's vertices, or a slab's set voxels."""
     if isinstance(prompt, PointPrompt):
         pts = [prompt.position]
     elif isinstance(prompt, BoxPrompt):
         pts = [prompt.min_corner, prompt.max_corner]
     elif isinstance(prompt, (ScribblePrompt, LassoPrompt)):
+        if prompt.slab is not None:
+            return prompt.slab.voxels_kji().astype(float)
         pts = prompt.points
     else:
         return np.zeros((0, 3))
     return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
+
+
+def _stroke_plane_axes(verts_kji: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Two orthonormal in-plane directions of the slice a polyline was drawn on.
+
+    Vertices that share a coordinate lie on that axis-aligned slice (axial first, then coronal,
+    sagittal); otherwise the best-fit plane. A straight oblique stroke does not define its slice:
+    the plane through it closest to an axis-aligned one is used.
+    """
+    eye = np.eye(3)
+    flat = [axis for axis in range(3) if np.ptp(verts_kji[:, axis]) < 1e-6]
+    if flat:
+        normal = eye[flat[0]]
+    else:
+        centred = verts_kji - verts_kji.mean(0)
+        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
+        if len(sv) == 3 and sv[1] > 1e-6 * max(sv[0], 1.0):
+            normal = vt[2]
+        else:  # collinear: the plane holding the line whose normal is nearest an axis
+            direction = vt[0]
+            axis = int(np.argmin(np.abs(direction)))
+            normal = eye[axis] - direction * direction[axis]
+            normal /= np.linalg.norm(normal)
+    u = np.cross(normal, eye[int(np.argmin(np.abs(normal)))])
+    u /= np.linalg.norm(u)
+    return u, np.cross(normal, u)
+
+
+def _scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
+    """Voxels (array order) of a polyline with its width, thickened within the slice it was drawn on.
+
+    The line's voxels are the ones the engines, the baselines and the scribble simulator take for
+    "the voxels a polyline passes through": its points every half voxel, rounded to the nearest
+    voxel. Every one of them, and every point of the width's disc, lies on the slice's plane, so the
+    voxels form a digital plane (one voxel thick along the slice normal).
+    """
+    points = rasterize.polyline_samples(verts_kji, step=0.5)
+    radius = (width - 1.0) / 2.0
+    if radius > 0:
+        u, v = _stroke_plane_axes(verts_kji)
+        steps = np.arange(-radius, radius + 1e-9, 0.5)
+        a, b = np.meshgrid(steps, steps, indexing="ij")
+        keep = a**2 + b**2 <= radius**2 + 1e-9
+        disc = a[keep][:, None] * u + b[keep][:, None] * v
+        points = (points[:, None, :] + disc[None]).reshape(-1, 3)
+    return np.unique(np.rint(points).astype(np.int64), axis=0)
+
+
+def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+    """Voxels (array order) of a filled planar polygon, outline included (``fill_planar_polygon``),
+    drawn on a grid the size of its bounding box only."""
+    lo = np.maximum(np.floor(verts_kji.min(0)).astype(np.int64) - 1, 0)
+    hi = np.minimum(np.ceil(verts_kji.max(0)).astype(np.int64) + 2, np.asarray(image_shape, np.int64))
+    if np.any(hi <= lo):
+        return np.zeros((0, 3), np.int64)
+    local = np.zeros(tuple(hi - lo), bool)
+    rasterize.fill_planar_polygon(local, verts_kji - lo)
+    return np.argwhere(local) + lo
+
+
+def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
+    """The same prompt in slab form: a polyline scribble (with its width, in the plane it was drawn
+    on) or a lasso polygon (filled, outline included) rasterised into the image grid
+    (``image_shape``, array order ``[k, j, i]``) and cropped to its bounding box.
+
+    Other kinds, and scribbles and lassos already in slab form, are returned unchanged. Raises
+    :class:`PromptError` when nothing of the stroke lies in the image, or when its voxels cannot
+    form a valid slab (a stroke that is not on one slice, or one too large for a slab).
+    """
+    if not isinstance(prompt, (ScribblePrompt, LassoPrompt)) or prompt.slab is not None:
+        return prompt
+    shape = np.asarray(tuple(image_shape), np.int64)
+    if shape.shape != (3,):
+        raise PromptError(f"to_slab needs a 3D image shape, got {list(image_shape)}")
+    verts = np.asarray(prompt.points, float)[:, ::-1]
+    if isinstance(prompt, ScribblePrompt):
+        voxels = _scribble_voxels(verts, prompt.width)
+    else:
+        voxels = _lasso_voxels(verts, shape)
+    voxels = voxels[np.all((voxels >= 0) & (voxels < shape), axis=1)]
+    if len(voxels) == 0:
+        raise PromptError(f"the {prompt.kind} lies outside the image (array shape k, j, i = {shape.tolist()})")
+    lo = voxels.min(0)
+    box = np.zeros(tuple(voxels.max(0) - lo + 1), bool)
+    box[tuple((voxels - lo).T)] = True
+    fields = prompt.model_dump(exclude={"points", "slab", "kind"})
+    try:
+        return type(prompt)(slab=Slab.from_mask(box, lo), **fields)
+    except ValidationError as exc:  # not on one slice, too large
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise PromptError(f"the {prompt.kind} cannot be made a slab: {reasons}") from exc
 
 
 def parse_prompt(data: Union[dict, str]) -> Prompt:
