@@ -83,6 +83,10 @@ def _draw_prompts(ax, prompts, axis: int, index: int) -> None:
             xy, near = project([p.position])
             if near[0]:
                 ax.plot(xy[0, 0], xy[0, 1], "o", color="cyan" if p.positive else "red", ms=6, mec="black")
+        elif isinstance(p, (ScribblePrompt, LassoPrompt)) and p.slab is not None:
+            xy, near = project(p.slab.voxels_kji()[:, ::-1])  # the voxels drawn, as dots
+            if near.any():
+                ax.plot(xy[near, 0], xy[near, 1], ".", color="cyan" if p.positive else "red", ms=3)
         elif isinstance(p, (ScribblePrompt, LassoPrompt)):
             xy, near = project(p.points)
             if near.all():

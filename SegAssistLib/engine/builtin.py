@@ -47,6 +47,15 @@ def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
     if isinstance(prompt, MaskPrompt):
         prompt.to_array(shape_kji)  # raises when the mask box is outside
         return
+    slab = getattr(prompt, "slab", None)
+    if slab is not None:
+        lo, hi = slab.bounds()
+        if np.any(lo < 0) or np.any(hi > np.asarray(shape_kji)):
+            raise PromptError(
+                f"{prompt.kind} slab box {lo.tolist()}..{hi.tolist()} (array order k, j, i) lies outside the image "
+                f"(shape k, j, i = {list(shape_kji)})"
+            )
+        return
     pts = prompt_vertices_kji(prompt)
     upper = np.asarray(shape_kji, float) - 0.5
     outside = np.any((pts < -0.5) | (pts > upper), axis=1)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from SegAssistLib import rasterize
+from SegAssistLib.engine import patching
 from SegAssistLib.engine.patching import Window
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
 
@@ -27,8 +28,9 @@ SCRIBBLE_RADIUS = 1.0
 class PatchPrompt:
     """A prompt in patch coordinates ``[z, y, x]``.
 
-    ``kind``: ``point`` (one coordinate), ``scribble`` (dense samples along the stroke),
-    ``lasso`` (polygon vertices on a plane), ``box`` (two corners).
+    ``kind``: ``point`` (one coordinate), ``scribble`` (dense samples along the stroke, or the patch
+    voxels a scribble slab covers), ``lasso`` (polygon vertices on a plane), ``box`` (two corners),
+    ``region`` (the patch voxels a lasso slab covers: marked as they are).
     """
 
     kind: str
@@ -46,6 +48,12 @@ def to_patch_prompt(prompt: Prompt, window: Window) -> Optional[PatchPrompt]:
         return PatchPrompt("point", prompt.positive, kji([prompt.position]))
     if isinstance(prompt, BoxPrompt):
         return PatchPrompt("box", True, kji([prompt.min_corner, prompt.max_corner]))
+    if isinstance(prompt, (ScribblePrompt, LassoPrompt)) and prompt.slab is not None:
+        scribble = isinstance(prompt, ScribblePrompt)
+        pad = int(np.ceil(SCRIBBLE_RADIUS)) if scribble else 0
+        flat = [n == 1 for n in prompt.slab.shape] if min(prompt.slab.shape) == 1 else [False] * 3
+        covered = patching.slab_patch_voxels(window, prompt.slab.voxels_kji(), pad, flat)
+        return PatchPrompt("scribble" if scribble else "region", prompt.positive, covered.astype(float))
     if isinstance(prompt, ScribblePrompt):
         samples = rasterize.polyline_samples(np.asarray(prompt.points, float), step=0.5)
         return PatchPrompt("scribble", prompt.positive, kji(samples))
@@ -67,6 +75,8 @@ def draw_prompts(prompts: Iterable[PatchPrompt], patch: int) -> np.ndarray:
             rasterize.fill_box(ch[4], lo, hi)
         elif p.kind == "lasso":
             rasterize.fill_planar_polygon(ch[4 if p.positive else 3], p.coords)
+        elif p.kind == "region":
+            rasterize.draw_balls(ch[4 if p.positive else 3], p.coords, 0.0)
         else:
             raise ValueError(f"unknown patch prompt kind {p.kind!r}")
     return ch
@@ -83,7 +93,7 @@ def prompts_in_window(prompts: List[Prompt], window: Window) -> List[PatchPrompt
     margin = 3.0
     for prompt in prompts:
         pp = to_patch_prompt(prompt, window)
-        if pp is None:
+        if pp is None or len(pp.coords) == 0:  # no channel, or a slab that misses the window
             continue
         lo, hi = pp.coords.min(0), pp.coords.max(0)
         if np.all(hi >= -margin) and np.all(lo <= window.patch - 1 + margin):

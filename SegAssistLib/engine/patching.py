@@ -124,6 +124,63 @@ def resample_to_patch(region: torch.Tensor, patch: int) -> torch.Tensor:
     return x[0, 0]
 
 
+def _inked_range(v: np.ndarray, start: int, size: int, patch: int, flat: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Along one axis: the patch voxels ``first..stop-1`` that image voxels ``v`` ink.
+
+    Voxels are intervals, as in :meth:`Window.to_patch`: image voxel ``v`` spans window coordinates
+    ``[x, x + 1)`` with ``x = v - start``, and patch voxel ``o`` spans ``[o, o + 1) * size / patch``.
+    Where the window is shrunk to the patch, an image voxel inks every patch voxel it overlaps (the
+    support of :func:`resample_to_patch`'s box average); where it is grown (the 5 mm axis of an
+    anisotropic image), the patch voxels whose centre it holds (nearest neighbour). Either way a run
+    of image voxels inks a run of patch voxels without gaps, and a 5 mm voxel inks its 5 mm, no more.
+    ``flat``: the axis is the normal of an axis-aligned slab; the slice inks the one patch voxel
+    nearest its centre, as a polyline drawn on it does. Integer arithmetic: no rounding at the edges.
+    """
+    x = np.asarray(v, np.int64) - start
+    if flat:
+        nearest = np.rint((x + 0.5) * (patch / float(size)) - 0.5).astype(np.int64)  # Window.to_patch
+        return nearest, nearest + 1
+    if size < patch:  # grown: centre (o + 1/2) * size / patch in [x, x + 1)
+        first = -((size - 2 * x * patch) // (2 * size))
+        stop = -((size - 2 * (x + 1) * patch) // (2 * size))
+    else:  # shrunk: overlap of [o, o + 1) * size / patch with [x, x + 1) longer than zero
+        first = (x * patch) // size
+        stop = -((-(x + 1) * patch) // size)
+    return first, stop
+
+
+def slab_patch_voxels(window: Window, voxels_kji: np.ndarray, pad: int = 0, flat: Sequence[bool] = (False,) * 3):
+    """Patch voxels ``[z, y, x]`` (int, ``(N, 3)``, unique) that image voxels ``voxels_kji`` (a drawn
+    slab's) ink when the window is resampled to the patch.
+
+    The voxels are resampled, not their centres scattered (see :func:`_inked_range`, axis by axis),
+    so a stroke drawn across 5 mm slices stays connected in the patch. ``flat``: per axis, whether
+    it is the normal of a slab one voxel thick along it. ``pad`` patch voxels beyond each side are
+    kept (for drawing that reaches into the patch from just outside). The cost follows the number
+    of voxels drawn, never the window or the image.
+    """
+    voxels = np.asarray(voxels_kji, np.int64).reshape(-1, 3)
+    firsts, lengths = [], []
+    for axis in range(3):
+        first, stop = _inked_range(voxels[:, axis], window.start[axis], window.size[axis], window.patch, flat[axis])
+        first, stop = np.maximum(first, -pad), np.minimum(stop, window.patch + pad)
+        firsts.append(first)
+        lengths.append(stop - first)
+    keep = np.all(np.stack(lengths) > 0, axis=0)
+    if not keep.any():
+        return np.zeros((0, 3), np.int64)
+    lengths = [n[keep] for n in lengths]
+    corner = np.array([f[keep].min() for f in firsts])
+    firsts = [f[keep] - c for f, c in zip(firsts, corner)]
+    inked = np.zeros([int((f + n).max()) for f, n in zip(firsts, lengths)], bool)  # the inked box only
+    for dk in range(int(lengths[0].max())):
+        for dj in range(int(lengths[1].max())):
+            for di in range(int(lengths[2].max())):
+                ok = (dk < lengths[0]) & (dj < lengths[1]) & (di < lengths[2])
+                inked[firsts[0][ok] + dk, firsts[1][ok] + dj, firsts[2][ok] + di] = True
+    return np.argwhere(inked) + corner
+
+
 def normalise_patch(patch: torch.Tensor) -> torch.Tensor:
     """Robust per-patch z-score: clip to the 0.5-99.5 percentiles, then zero mean, unit variance.
 

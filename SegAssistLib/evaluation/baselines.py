@@ -6,6 +6,7 @@ Seeds, the same for both:
 - a positive click paints an object ball (radius ``seed_radius`` voxels along the finest axis, the
   same physical radius along coarser axes), a negative click a background ball;
 - a scribble paints its polyline (its width, at least one voxel), object or background by its sign;
+  a scribble in slab form paints its voxels (the width is in them already);
 - background is also seeded on a shell chosen without the ground truth: the surface of the box
   around every object seed, enlarged by ``margin_mm`` on each side and clipped to the image. The
   segmentation is computed inside that box only (everything outside is background), which keeps
@@ -33,7 +34,15 @@ import numpy as np
 from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError, SessionError
 from SegAssistLib.image import Volume, validate_image
-from SegAssistLib.prompts import BoxPrompt, ImageInfo, PointPrompt, Prompt, PromptLog, ScribblePrompt
+from SegAssistLib.prompts import (
+    BoxPrompt,
+    ImageInfo,
+    PointPrompt,
+    Prompt,
+    PromptLog,
+    ScribblePrompt,
+    prompt_vertices_kji,
+)
 from SegAssistLib.rasterize import polyline_samples
 
 OBJECT, BACKGROUND = 1, 2
@@ -50,7 +59,9 @@ def _ball_offsets(radius_vox: float, spacing_kji: np.ndarray) -> np.ndarray:
 
 
 def _stroke_voxels(prompt: ScribblePrompt) -> np.ndarray:
-    """Array indices ``[k, j, i]`` of the voxels a polyline passes through."""
+    """Array indices ``[k, j, i]`` of the voxels a polyline passes through, or a slab's voxels."""
+    if prompt.slab is not None:
+        return prompt.slab.voxels_kji()
     samples = polyline_samples(np.asarray(prompt.points, float)[:, ::-1])
     return np.unique(np.rint(samples).astype(int), axis=0)
 
@@ -76,25 +87,19 @@ class SeedSegmentationSession(EngineSession):
                 f"{self._engine.capabilities().name} does not support {prompt.kind} prompts "
                 f"(supported: {', '.join(SUPPORTED_KINDS)})"
             )
-        if isinstance(prompt, PointPrompt):
-            positions = [prompt.position]
-        elif isinstance(prompt, BoxPrompt):
-            positions = [prompt.min_corner, prompt.max_corner]
-        else:
-            positions = prompt.points
+        positions = prompt_vertices_kji(prompt)[:, ::-1]  # (i, j, k); a slab's voxels
         upper = np.asarray(self._shape[::-1]) - 0.5
-        for p in positions:
-            if np.any(np.asarray(p) < -0.5) or np.any(np.asarray(p) >= upper):
-                raise PromptError(
-                    f"prompt position {tuple(p)} lies outside the image (size i, j, k {self._shape[::-1]})"
-                )
+        outside = np.any((positions < -0.5) | (positions >= upper), axis=1)
+        if outside.any():
+            p = tuple(float(x) for x in positions[np.argmax(outside)])
+            raise PromptError(f"prompt position {p} lies outside the image (size i, j, k {self._shape[::-1]})")
 
     def _object_points(self, prompts: Sequence[Prompt]) -> np.ndarray:
         pts = []
         for p in prompts:
             if p.positive and not isinstance(p, BoxPrompt):
-                pts.extend([p.position] if isinstance(p, PointPrompt) else p.points)
-        return np.rint(np.asarray(pts, float)[:, ::-1]).astype(int) if pts else np.zeros((0, 3), int)
+                pts.append(prompt_vertices_kji(p))
+        return np.rint(np.concatenate(pts)).astype(int) if pts else np.zeros((0, 3), int)
 
     def roi(self, prompts: Sequence[Prompt]) -> Optional[Box]:
         """The box the baseline works in: the newest box prompt enlarged by one voxel, else the
@@ -128,7 +133,8 @@ class SeedSegmentationSession(EngineSession):
                 voxels = centre + ball
             else:
                 stroke = _stroke_voxels(p)
-                thick = _ball_offsets(max(0.0, (p.width - 1) / 2), self._spacing_kji)
+                radius = 0.0 if p.slab is not None else max(0.0, (p.width - 1) / 2)
+                thick = _ball_offsets(radius, self._spacing_kji)
                 voxels = (stroke[:, None, :] + thick[None, :, :]).reshape(-1, 3)
             local = voxels - lo
             inside = np.all((local >= 0) & (local < shape), axis=1)

@@ -104,6 +104,9 @@ def _draw(ax, p: Prompt, pts: np.ndarray, number: int, axis: int, index: int, ro
     if isinstance(p, PointPrompt):
         ax.plot(x, y, "o", ms=6, mec="black" if on_slice else colour, mfc=colour if on_slice else "none", mew=1.2)
         ax.annotate(str(number), (x[0], y[0]), xytext=(3, 3), textcoords="offset points", color=colour, fontsize=7)
+    elif isinstance(p, (ScribblePrompt, LassoPrompt)) and p.slab is not None:  # the voxels drawn, as dots
+        ax.plot(x, y, ".", color=colour, ms=3 if on_slice else 1.5)
+        ax.annotate(str(number), (x[0], y[0]), xytext=(3, 3), textcoords="offset points", color=colour, fontsize=7)
     elif isinstance(p, (ScribblePrompt, LassoPrompt)):
         xs, ys = (np.append(x, x[0]), np.append(y, y[0])) if isinstance(p, LassoPrompt) else (x, y)
         ax.plot(xs, ys, "-" if on_slice else "--", color=colour, lw=1.5 if on_slice else 1.0)

@@ -126,6 +126,10 @@ def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
     if isinstance(prompt, PointPrompt):
         if outside(np.asarray([prompt.position]))[0]:
             bad = f"point {list(prompt.position)}"
+    elif isinstance(prompt, (ScribblePrompt, LassoPrompt)) and prompt.slab is not None:
+        lo, hi = prompt.slab.bounds()
+        if np.any(lo < 0) or np.any(hi > np.asarray(shape_kji)):
+            bad = f"{prompt.kind} slab box {lo.tolist()}..{hi.tolist()} (array order k, j, i)"
     elif isinstance(prompt, (ScribblePrompt, LassoPrompt)):
         pts = np.asarray(prompt.points, float)
         out = outside(pts)

@@ -16,7 +16,7 @@ import numpy as np
 import slicer
 
 from SegAssistLib.errors import PromptError
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt, prompt_vertices_kji
 from SegAssistLib.slicer import coordinates
 from SegAssistLib.slicer.shortcuts import (
     SEGMENT_EDITOR_KEYS,
@@ -231,7 +231,7 @@ class GestureRecorder:
 # ---- prompts from gestures ----------------------------------------------------------------------
 def check_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
     """Raise :class:`PromptError` when a prompt's coordinates leave the volume (with half a voxel of slack)."""
-    points, _ = prompt_points_ijk(prompt)
+    points = prompt_vertices_kji(prompt)[:, ::-1]  # the click, box corners, vertices, or a slab's voxels
     upper = np.asarray(shape_kji[::-1], float) - 0.5
     outside = np.any((points < -0.5) | (points > upper), axis=1)
     if outside.any():
@@ -279,9 +279,29 @@ def prompt_points_ijk(prompt: Prompt) -> Tuple[np.ndarray, bool]:
                 corners.append(c)
             return np.asarray(corners), True
         return np.asarray([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]), False
+    if isinstance(prompt, (ScribblePrompt, LassoPrompt)) and prompt.slab is not None:
+        return _slab_outline_ijk(prompt)
     if isinstance(prompt, (ScribblePrompt, LassoPrompt)):
         return np.asarray(prompt.points, float), isinstance(prompt, LassoPrompt)
     return np.zeros((0, 3)), False
+
+
+def _slab_outline_ijk(prompt: Prompt) -> Tuple[np.ndarray, bool]:
+    """A line to draw for a scribble or lasso given as a slab: a scribble's voxels in order along
+    the stroke's main direction; a lasso's outermost voxel every 5 degrees around its centre, closed."""
+    pts = prompt_vertices_kji(prompt)[:, ::-1]
+    if len(pts) < 3:
+        return pts, False
+    centred = pts - pts.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    along, across = centred @ vt[0], centred @ vt[1]
+    if isinstance(prompt, ScribblePrompt):
+        return pts[np.argsort(along, kind="stable")], False
+    angle_bin = np.floor((np.arctan2(across, along) + np.pi) / (2 * np.pi) * 72).astype(int)
+    radius = np.hypot(along, across)
+    order = np.lexsort((-radius, angle_bin))  # by bin, farthest first
+    first = np.r_[True, angle_bin[order][1:] != angle_bin[order][:-1]]
+    return pts[order[first]], True
 
 
 def project_to_slice(

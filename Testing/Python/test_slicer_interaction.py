@@ -23,7 +23,7 @@ from mrml_fixtures import (
 
 from SegAssistLib.engine.base import MaskUpdate
 from SegAssistLib.errors import PromptError, SessionError
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt, to_slab
 
 slicer = pytest.importorskip("slicer")
 from SegAssistLib.slicer import coordinates, segments  # noqa: E402
@@ -248,6 +248,8 @@ def test_prompts_outside_the_volume_are_refused_with_a_clear_message(ctx):
         gesture_to_prompt(Gesture(Tool.CLICK, True, "Red", ((2.0, 2.0),)), view, volume)
     with pytest.raises(PromptError, match="scribble is outside"):
         check_inside(ScribblePrompt(points=[(1, 1, 1), (40, 1, 1)]), SHAPE)
+    with pytest.raises(PromptError, match="scribble is outside"):  # a slab: every voxel is checked
+        check_inside(to_slab(ScribblePrompt(points=[(1, 1, 1), (40, 1, 1)]), (20, 32, 50)), SHAPE)
     check_inside(PointPrompt(position=(-0.4, 31.4, 19.4)), SHAPE)
 
 
@@ -271,6 +273,13 @@ def test_placed_prompts_are_drawn_on_their_slice_only(ctx):
         coordinates.ijk_to_ras(points, volume), slicer.util.arrayFromVTKMatrix(elsewhere.GetXYToRAS()), 0.5
     )
     assert not near.any()
+
+    # a prompt in slab form (from a log) draws as a line through its voxels, a lasso closed
+    slab_lasso = to_slab(LassoPrompt(points=[(5, 5, 4), (15, 5, 4), (15, 12, 4), (5, 12, 4)]), SHAPE)
+    outline, closed = prompt_points_ijk(slab_lasso)
+    assert closed and np.all(outline[:, 2] == 4) and outline[:, 0].min() == 5 and outline[:, 0].max() == 15
+    stroke, closed = prompt_points_ijk(to_slab(ScribblePrompt(points=[(3, 7, 4), (12, 7, 4)]), SHAPE))
+    assert not closed and stroke[:, 0].tolist() == list(range(3, 13))
 
     box = BoxPrompt(min_corner=(2, 3, 4), max_corner=(8, 9, 4))
     corners, closed = prompt_points_ijk(box)
