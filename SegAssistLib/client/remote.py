@@ -19,7 +19,7 @@ from SegAssistLib.api_models import (
 from SegAssistLib.client.errors import ImageNotFoundError, PayloadTooLargeError
 from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, new_request_id
 from SegAssistLib.client.learning import LearningClient
-from SegAssistLib.client.session import RemoteSession
+from SegAssistLib.client.session import RemoteSession, wire_prompt
 from SegAssistLib.engine.base import Capabilities, Engine
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import Prompt, parse_prompt
@@ -156,12 +156,17 @@ class SegAssistClient(Engine):
         """Open a session on an image (a Volume, an array, or the id of an image the server holds).
 
         The image is uploaded only when the server does not hold it already; ``prompts`` (a
-        stored log) are replayed first; ``progress(sent, total)`` reports the upload.
+        stored log) are replayed first, scribbles and lassos sent as slabs (:func:`wire_prompt`);
+        ``progress(sent, total)`` reports the upload.
         """
         plist: List[Prompt] = [p if not isinstance(p, dict) else parse_prompt(p) for p in (prompts or [])]
         if isinstance(volume, str):
+            if any(p.kind in ("scribble", "lasso") for p in plist):
+                shape = self.image(volume).shape
+                plist = [wire_prompt(p, shape) for p in plist]
             return RemoteSession(self, self._create_session(volume, plist, modality), None, plist)
         vol = wire_volume(volume)
+        plist = [wire_prompt(p, vol.array.shape) for p in plist]
         image_id = vol.content_hash()
         try:
             info = self._create_session(image_id, plist, modality)

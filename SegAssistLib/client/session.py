@@ -7,13 +7,16 @@ for the whole mask (the two are equal; the tests check it).
 The session also remembers which prompts produced the current mask, so that after the server
 lost the session (restart, idle expiry) :meth:`RemoteSession.recover` opens a new one and
 replays them: the mask comes back, the undo history does not.
+
+Scribbles and lassos travel as the slab they cover on their slice (:func:`wire_prompt`): a few
+hundred bytes of packed bits and an offset, never a volume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -21,11 +24,26 @@ from SegAssistLib.api_models import API_PREFIX, REQUEST_ID_HEADER, MaskUpdateRep
 from SegAssistLib.client.errors import ProtocolError, SessionNotFoundError
 from SegAssistLib.client.http import new_request_id
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
+from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
-from SegAssistLib.prompts import Prompt, PromptLog, parse_prompt
+from SegAssistLib.prompts import Prompt, PromptLog, parse_prompt, to_slab
 
 if TYPE_CHECKING:
     from SegAssistLib.client.remote import SegAssistClient
+
+
+def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
+    """The form a prompt travels in: a polyline scribble or lasso as its slab (:func:`to_slab`) on
+    the image of array shape ``shape_kji``; anything else as it is.
+
+    A stroke that cannot be a slab travels as drawn and the server judges it: one outside the
+    image (the server's error says where), one not on a single slice, or one larger than a slab
+    may be.
+    """
+    try:
+        return to_slab(prompt, shape_kji)
+    except PromptError:
+        return prompt
 
 
 class _History:
@@ -105,6 +123,7 @@ class RemoteSession(EngineSession):
     # ---- the engine session interface ------------------------------------------------------------
     def add_prompt(self, prompt: Union[Prompt, Dict[str, Any], str]) -> MaskUpdate:
         p = prompt if not isinstance(prompt, (dict, str)) else parse_prompt(prompt)
+        p = wire_prompt(p, self.shape)
         update = self._mutate("prompts", {"prompt": p.model_dump(mode="json")})
         self._history.apply("prompt", p)
         return update

@@ -23,7 +23,7 @@ PROMPTS = {
     "scribble+": ScribblePrompt(points=[(20.0, 18.0, 12.0), (28.0, 22.0, 12.0)]),
     "scribble-": ScribblePrompt(points=[(2.0, 2.0, 2.0), (8.0, 3.0, 2.0)], positive=False, width=2.0),
     "lasso+": LassoPrompt(points=[(14.0, 12.0, 12.0), (34.0, 12.0, 12.0), (34.0, 28.0, 12.0), (14.0, 28.0, 12.0)]),
-    # drawn on a sagittal slice (i fixed): any orientation travels as its polygon, never a volume
+    # drawn on a sagittal slice (i fixed): any orientation travels as its 2D slab, never a volume
     "lasso-": LassoPrompt(points=[(30.0, 2.0, 2.0), (30.0, 10.0, 2.0), (30.0, 10.0, 8.0)], positive=False),
 }
 
@@ -106,6 +106,7 @@ def test_prompt_log_replays_to_the_same_mask(alice, blob_volume):
             session.add_prompt(PROMPTS[name])
         log = session.prompt_log()
         assert [p.kind for p in log.prompts] == ["point", "scribble", "lasso"]
+        assert log.prompts[1].slab is not None and log.prompts[2].slab is not None  # sent as slabs
         assert log.prompts == session.local_prompts()
         expected = session.result()
     with alice.open_session(blob_volume, prompts=log.prompts) as replay:
