@@ -5,7 +5,7 @@ Reached as ``SegAssistClient(...).learning``. A typical annotator's round::
     learning = client.learning
     nxt = learning.next_case()                        # locked to me, with the model's proposal
     volume = learning.case_volume(nxt.case.id)        # to show it
-    with client.open_session(nxt.image_id, [learning.proposal_prompt(nxt)]) as session:
+    with client.open_session(nxt.image_id, nxt.initial_prompts()) as session:
         ...                                           # correct with clicks, scribbles, ...
         learning.submit(nxt.case.id, session, seconds_spent=95)
     job = learning.train(kind="salt", time_budget_s=600)
@@ -63,6 +63,11 @@ class NextCase:
         if self.proposal is None or not self.proposal.any():
             return None
         return MaskPrompt.from_array(self.proposal)
+
+    def initial_prompts(self) -> List[MaskPrompt]:
+        """What to open the correcting session with: the proposal, when there is one."""
+        prompt = self.proposal_prompt()
+        return [prompt] if prompt is not None else []
 
 
 class LearningClient:

@@ -102,7 +102,8 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
     with pytest.raises(LearningConflictError):
         bob.learning.lock(first.id)
 
-    prompts = [nxt.proposal_prompt()] if nxt.proposal.any() else []
+    prompts = nxt.initial_prompts()
+    assert len(prompts) == int(nxt.proposal.any())
     with alice.open_session(nxt.image_id, prompts) as session:
         centre = np.argwhere(truth).mean(0)
         update = session.add_prompt(PointPrompt(position=tuple(float(x) for x in centre[::-1])))
