@@ -26,12 +26,13 @@ from typing import List, Optional
 import numpy as np
 
 from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUpdate
-from SegAssistLib.errors import SegAssistError, SessionError
+from SegAssistLib.errors import SegAssistError
+from SegAssistLib.evaluation.history import StateListHistory
 from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.prompts import MaskPrompt, Prompt, PromptLog
 
 
-class NoHistorySession(EngineSession):
+class NoHistorySession(StateListHistory, EngineSession):
     """One fresh inner session per interaction; keeps the masks of its own states for undo/redo."""
 
     def __init__(self, engine: NoHistoryEngine, volume: Volume):
@@ -44,17 +45,13 @@ class NoHistorySession(EngineSession):
         self._mask = empty
         self._closed = False
 
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise SessionError("the session is closed")
-
     def _unpack(self, packed: np.ndarray) -> np.ndarray:
         shape = self._volume.array.shape
         return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape)
 
-    def _go_to(self, state: int, latency_s: float = 0.0) -> MaskUpdate:
+    def _go_to(self, state: int) -> MaskUpdate:
         new = self._unpack(self._states[state][1])
-        update = MaskUpdate.between(self._mask, new, latency_s=latency_s)
+        update = MaskUpdate.between(self._mask, new, latency_s=0.0)
         self._mask, self._current = new, state
         return update
 
@@ -74,26 +71,13 @@ class NoHistorySession(EngineSession):
             finally:
                 inner.close()
         prompts = self._states[self._current][0] + [prompt]
-        self._states = self._states[: self._current + 1] + [(prompts, np.packbits(new.ravel()))]
-        return self._go_to(self._current + 1, time.perf_counter() - start)
-
-    def undo(self) -> MaskUpdate:
-        self._ensure_open()
-        if not self.can_undo:
-            raise SessionError("nothing to undo")
-        return self._go_to(self._current - 1)
-
-    def redo(self) -> MaskUpdate:
-        self._ensure_open()
-        if not self.can_redo:
-            raise SessionError("nothing to redo")
-        return self._go_to(self._current + 1)
+        update = self._push((prompts, np.packbits(new.ravel())))
+        update.latency_s = time.perf_counter() - start
+        return update
 
     def reset(self) -> MaskUpdate:
         self._ensure_open()
-        empty = np.zeros(self._mask.shape, np.uint8)
-        self._states = self._states[: self._current + 1] + [([], np.packbits(empty.ravel()))]
-        return self._go_to(self._current + 1)
+        return self._push(([], np.packbits(np.zeros(self._mask.shape, np.uint8).ravel())))
 
     def result(self) -> np.ndarray:
         self._ensure_open()
@@ -106,14 +90,6 @@ class NoHistorySession(EngineSession):
         self._closed = True
         self._states = []
         self._mask = np.zeros((0, 0, 0), np.uint8)
-
-    @property
-    def can_undo(self) -> bool:
-        return self._current > 0
-
-    @property
-    def can_redo(self) -> bool:
-        return self._current < len(self._states) - 1
 
 
 class NoHistoryEngine(Engine):

@@ -32,7 +32,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUpdate
-from SegAssistLib.errors import PromptError, SessionError
+from SegAssistLib.errors import PromptError
+from SegAssistLib.evaluation.history import StateListHistory
 from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.prompts import (
     BoxPrompt,
@@ -66,7 +67,7 @@ def _stroke_voxels(prompt: ScribblePrompt) -> np.ndarray:
     return np.unique(np.rint(samples).astype(int), axis=0)
 
 
-class SeedSegmentationSession(EngineSession):
+class SeedSegmentationSession(StateListHistory, EngineSession):
     """Session shared by the seeded baselines; the engine supplies ``segment_roi``."""
 
     def __init__(self, engine: SeedEngine, volume: Volume):
@@ -160,32 +161,14 @@ class SeedSegmentationSession(EngineSession):
         self._mask, self._current = new, state
         return update
 
-    def _ensure_open(self) -> None:
-        if self._closed:
-            raise SessionError("the session is closed")
-
     def add_prompt(self, prompt: Prompt) -> MaskUpdate:
         self._ensure_open()
         self._check(prompt)
-        self._states = self._states[: self._current + 1] + [self._states[self._current] + [prompt]]
-        return self._go_to(self._current + 1)
-
-    def undo(self) -> MaskUpdate:
-        self._ensure_open()
-        if not self.can_undo:
-            raise SessionError("nothing to undo")
-        return self._go_to(self._current - 1)
-
-    def redo(self) -> MaskUpdate:
-        self._ensure_open()
-        if not self.can_redo:
-            raise SessionError("nothing to redo")
-        return self._go_to(self._current + 1)
+        return self._push(self._states[self._current] + [prompt])
 
     def reset(self) -> MaskUpdate:
         self._ensure_open()
-        self._states = self._states[: self._current + 1] + [[]]
-        return self._go_to(self._current + 1)
+        return self._push([])
 
     def result(self) -> np.ndarray:
         return self._mask.copy()
@@ -200,14 +183,6 @@ class SeedSegmentationSession(EngineSession):
         self._mask = np.zeros((0, 0, 0), np.uint8)
         self._states = [[]]
         self._current = 0
-
-    @property
-    def can_undo(self) -> bool:
-        return self._current > 0
-
-    @property
-    def can_redo(self) -> bool:
-        return self._current < len(self._states) - 1
 
 
 class SeedEngine(Engine):
