@@ -158,6 +158,10 @@ def test_extension_cmake_has_the_catalog_metadata_and_installs_segassistlib():
     assert " ".join(sets["EXTENSION_CATEGORY"]) == '"Segmentation"'
     for key in ("HOMEPAGE", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
         assert sets.get(f"EXTENSION_{key}"), f"EXTENSION_{key} is not set"
+    for key in ("ICONURL", "SCREENSHOTURLS"):  # the catalog shows them: they name files of this repository
+        for url in " ".join(sets[f"EXTENSION_{key}"]).strip('"').split():
+            path = url.split("/main/", 1)[1]
+            assert (ROOT / path).is_file(), f"EXTENSION_{key} points at {path}, which is not in the repository"
     assert "find_package(Slicer REQUIRED)" in text and "add_subdirectory(SegAssist)" in text
     assert "include(${Slicer_EXTENSION_GENERATE_CONFIG})" in text and "include(${Slicer_EXTENSION_CPACK})" in text
     # SegAssistLib goes into qt-scripted-modules (build and install trees), with its data
