@@ -70,6 +70,11 @@ def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny
     assert summary["lora"]["clicks_per_case"] == [r["clicks"] for r in result["modes"]["lora"]["cases"]]
     assert "reduction_vs_none_second_half" in summary["lora"] and "target_met" in summary["full"]
     assert summary["none"]["mean_clicks_first_half"] == result["modes"]["none"]["cases"][0]["clicks"]
+    second_half = result["modes"]["lora"]["cases"][1:]  # of 3 cases: cases 2 and 3
+    second = summary["lora"]["second_half"]
+    assert 0.0 <= second["final_dice"] <= 1.0 and 0 <= second["clicks_to_085"] <= 2
+    expected = sum(r["final_dice"] for r in second_half) / len(second_half)
+    assert second["final_dice"] == pytest.approx(expected, abs=1e-3)
     # the datastore saw every submission with its provenance
     with campaign.Datastore(tmp_path / "work" / "store_lora", create=False) as store:
         labels = [lv for _, lv in store.training_cases()]
@@ -85,6 +90,19 @@ def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny
     merged = campaign.run_campaign(spec, cases, tiny_checkpoint, salt_only, work=tmp_path / "work2",
                                    previous=json.loads(json_path.read_text()), log=lambda _: None)
     assert list(merged["modes"]) == ["none", "lora", "salt", "full"]
+
+
+def test_campaign_secondary_measures_by_hand() -> None:
+    campaign = _script("campaign")
+    curve = [0.5, 0.7, 0.86, 0.88, 0.91]  # the kept proposal, then four clicks
+    assert campaign._clicks_to(curve, 0.85, 20) == 2 and campaign._clicks_to(curve, 0.95, 20) == 20
+    assert campaign._clicks_to([0.9], 0.85, 20) == 0  # the proposal was already good enough
+    assert campaign._dice_after(curve, 5) == 0.91 and campaign._dice_after(curve, 2) == 0.86
+    cases = [{"dice": [0.0, 0.6], "final_dice": 0.6, "proposal_dice": None},
+             {"dice": [0.5, 0.9], "final_dice": 0.9, "proposal_dice": 0.5},
+             {"dice": [0.7, 0.8, 0.86], "final_dice": 0.86, "proposal_dice": 0.7}]
+    second = campaign.secondary(cases, max_clicks=20)  # cases 2 and 3
+    assert second == {"proposal_dice": 0.6, "dice_after_5_clicks": 0.88, "final_dice": 0.88, "clicks_to_085": 1.5}
 
 
 def test_latency_under_training_measures_both_conditions(hippocampus_dir: Path, tiny_checkpoint: Path,
