@@ -241,6 +241,7 @@ def run_bench(
     for line in describe(jobs):
         stream.write(f"  {line}\n")
     started = time.time()
+    machine = machine_info(config.device)  # now: the commit whose code runs, not the one at the end
     _warm_up(engines, jobs[0])
     bar = ProgressBar(sessions, stream=stream)
     records: List[Dict] = []
@@ -316,7 +317,7 @@ def run_bench(
             "missing_datasets": missing,
             "cases": {d: [j.case.name for j in jobs if j.dataset == d] for d in dict.fromkeys(j.dataset for j in jobs)},
         },
-        "machine": machine_info(config.device),
+        "machine": machine,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
         "wall_s": round(time.time() - started, 1),
         "records": records,
