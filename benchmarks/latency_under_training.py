@@ -21,8 +21,9 @@ CPU. This measures it:
 
 Scheduling is recorded with the result (the nice value and Linux autogroup of both processes):
 where autogroup scheduling is on, ``start_training`` starts the worker in a new session, hence a
-new autogroup, and the scheduler then shares the CPU between the two groups as equals whatever
-the worker's nice value; an engine with as many threads as cores then loses a core's share.
+new autogroup, and a plain nice would then rank it only against itself; the job therefore also
+lowers its autogroup (``learning.jobs.lower_priority``), which the recorded ``autogroup`` line
+shows (``nice 10``).
 
 ``--threads`` may list several engine thread counts (for example ``1,2``): each is measured with
 its own job. The default is torch's choice, which is what the server uses unless told otherwise.
