@@ -86,13 +86,15 @@ def default_targets(dataset_dir: Path) -> List[Target]:
 
 
 # --- engines -----------------------------------------------------------------------------------
-def make_engine(name: str, model: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None) -> Engine:
+def make_engine(
+    name: str, model: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None, refine_depth: int = 1
+) -> Engine:
     """``builtin`` (the shipped model or ``model``), ``ablation`` (the same model without prompt
     history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut`` or ``randomwalker``."""
     if name in ("builtin", "ablation"):
         from SegAssistLib.engine.builtin import load_default_engine
 
-        builtin = load_default_engine(checkpoint=model, device=device, threads=threads)
+        builtin = load_default_engine(checkpoint=model, device=device, threads=threads, refine_depth=refine_depth)
         if name == "builtin":
             return builtin
         from SegAssistLib.evaluation.ablation import NoHistoryEngine
@@ -346,6 +348,7 @@ class EvalConfig:
     engine: str = "growcut"
     model: Optional[str] = None
     device: str = "cpu"
+    refine_depth: int = 1  # builtin engine: see BuiltinEngine
     channel: int = 0
     scribble: ScribbleSpec = ScribbleSpec()
 
@@ -371,7 +374,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         raise SegAssistError("max_clicks must be at least 1")
     targets = config.targets or default_targets(dataset_dir)
     cases = select_cases(dataset_dir, config.split, config.cases, config.channel)
-    engine = engine or make_engine(config.engine, config.model, config.device)
+    engine = engine or make_engine(config.engine, config.model, config.device, refine_depth=config.refine_depth)
     caps = engine.capabilities()
     needed = {"box+clicks": "box", "scribble+clicks": "scribble"}.get(config.protocol, "point")
     if needed not in caps.prompt_kinds or "point" not in caps.prompt_kinds:
@@ -414,6 +417,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
             "max_clicks": config.max_clicks,
             "channel": config.channel,
             "engine": caps.to_dict(),
+            "refine_depth": getattr(engine, "refine_depth", None),
             "noc_thresholds": list(NOC_THRESHOLDS),
             "conventions": {**metrics.CONVENTIONS, "memory": MEMORY_CONVENTION},
             "platform": platform.platform(),

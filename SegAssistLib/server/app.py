@@ -62,7 +62,8 @@ def create_app(
     ``engine_factory(device)`` builds the engine on its worker thread (default: the built-in
     engine from ``settings.model``); ``clock`` is the time source of idle expiry.
     """
-    state = ServerState(settings, engine_factory or default_engine_factory(settings.model), clock)
+    factory = engine_factory or default_engine_factory(settings.model, settings.refine_depth)
+    state = ServerState(settings, factory, clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

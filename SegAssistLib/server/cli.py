@@ -31,6 +31,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="checkpoint file (default: the bundled model)")
     p.add_argument("--device", default="cpu", help="device(s), comma-separated (cpu, cuda:0,cuda:1): one worker each")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--refine-depth", type=int, default=1, choices=(1, 2, 3, 4),
+                   help="re-predict zoomed-out answers this many levels finer (default 1; 2 sharpens large "
+                        "structures at about twice the latency of such clicks)")
     p.add_argument("--token-file", type=Path, default=None, help="lines 'user:sha256:<hex>' (see below)")
     p.add_argument("--issue-token", metavar="USER", default=None, help="add a token for USER and exit")
     p.add_argument("--data-dir", type=Path, default=None, help="keep uploaded images here across restarts")
@@ -85,6 +88,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         port=args.port,
         model=args.model,
         devices=tuple(d.strip() for d in args.device.split(",") if d.strip()),
+        refine_depth=args.refine_depth,
         token_hashes=entries,
         data_dir=args.data_dir,
         learn_store=args.learn_store,

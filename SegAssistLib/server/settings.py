@@ -40,6 +40,7 @@ class ServerSettings(BaseModel):
     port: int = Field(8470, ge=0, le=65535)
     model: Optional[Path] = Field(None, description="checkpoint; None: the bundled default model")
     devices: Tuple[str, ...] = ("cpu",)
+    refine_depth: int = Field(1, ge=1, le=4, description="zoom levels finer than a zoomed-out answer it is refined at")
     token_hashes: List[Tuple[str, str]] = Field(
         default_factory=list, description="(user, sha256 hex of token); empty: no authentication"
     )

@@ -26,15 +26,13 @@ EngineFactory = Callable[[str], Engine]
 Outcome = Tuple[MaskUpdate, bool, bool]
 
 
-def default_engine_factory(model: Optional[Path]) -> EngineFactory:
+def default_engine_factory(model: Optional[Path], refine_depth: int = 1) -> EngineFactory:
     """Build the built-in engine on a device (imported lazily: torch loads on the worker)."""
 
     def build(device: str) -> Engine:
         from SegAssistLib.engine import builtin
 
-        if model is None:
-            return builtin.load_default_engine(device=device)
-        return builtin.BuiltinEngine.from_checkpoint(model, device=device)
+        return builtin.load_default_engine(model, device=device, refine_depth=refine_depth)
 
     return build
 

@@ -204,3 +204,28 @@ def test_checkpoint_round_trip_preserves_outputs(tmp_path):
     with torch.no_grad():
         assert torch.equal(net(x), loaded.network(x))
     assert loaded.meta["name"] == "x" and len(loaded.identity) == 16
+
+
+@pytest.mark.parametrize("depth, tiles_limit, expected_level", [(1, 8, 1), (2, 64, 0), (2, 1, None)])
+def test_refine_depth_chooses_how_fine_a_zoomed_out_answer_is_redrawn(tiny_checkpoint, depth, tiles_limit,
+                                                                      expected_level):
+    """An answer from a level-2 window is refined ``refine_depth`` levels finer, over the tiles its
+    surface crosses, unless that needs more than ``max_refine_tiles`` tiles (then it stays as it is)."""
+    from SegAssistLib.engine import patching
+
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, refine_depth=depth,
+                                           max_refine_tiles=tiles_limit)
+    vol, _ = _blob_volume(shape=(96, 96, 96))
+    session = engine.open_session(vol)
+    session.mask[30:66, 30:66, 30:66] = 1  # what the coarse level-2 answer painted
+    window = patching.window_around((48, 48, 48), session.spacing_kji, engine.patch, 2)
+    session._refine_level = None
+    tiles = session._refine(window, [PointPrompt(position=(48, 48, 48))], 0, 2)
+    assert session._refine_level == expected_level
+    assert (tiles > 0) == (expected_level is not None)
+    assert session.mask.shape == (96, 96, 96)
+
+
+def test_refine_depth_must_be_positive(tiny_checkpoint):
+    with pytest.raises(ValueError, match="at least 1"):
+        BuiltinEngine.from_checkpoint(tiny_checkpoint, refine_depth=0)
