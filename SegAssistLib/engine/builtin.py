@@ -39,7 +39,7 @@ from SegAssistLib.prompts import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
-MAX_REFINE_TILES = 8
+MAX_REFINE_TILES = 8  # at refine depth 1 (see BuiltinEngine)
 
 
 def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
@@ -290,7 +290,7 @@ class BuiltinSession(EngineSession):
         self.mask[target] = values.numpy()
 
     def _refine(self, window: patching.Window, prompts, first: int, level: int) -> int:
-        """Re-predict the object's bounding box with finer tiles (at most MAX_REFINE_TILES)."""
+        """Re-predict the object's bounding box with finer tiles (at most the engine's max_refine_tiles)."""
         img_sl, _ = window.image_slices(self.shape)
         region = self.mask[img_sl]
         if not region.any():
@@ -339,11 +339,15 @@ class BuiltinEngine(Engine):
         device: str = "cpu",
         threads: Optional[int] = None,
         refine_depth: int = 1,
-        max_refine_tiles: int = MAX_REFINE_TILES,
+        max_refine_tiles: Optional[int] = None,
     ):
         """``refine_depth``: how many zoom levels finer than a zoomed-out answer its surface is
         re-predicted (1: the default; 2 sharpens large structures at about twice the latency of
-        such clicks); ``max_refine_tiles``: no refinement when more tiles would be needed."""
+        such clicks); ``max_refine_tiles``: no refinement when more tiles would be needed (default
+        ``(refine_depth + 1) ** 3`` up to 64: 8 at depth 1, 27 at depth 2, as a finer level needs
+        more tiles for the same surface)."""
+        if max_refine_tiles is None:
+            max_refine_tiles = min(64, (int(refine_depth) + 1) ** 3)
         if int(refine_depth) < 1 or int(max_refine_tiles) < 1:
             raise ValueError(f"refine_depth and max_refine_tiles must be at least 1, got {refine_depth}, "
                              f"{max_refine_tiles}")
