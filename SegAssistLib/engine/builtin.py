@@ -39,7 +39,6 @@ from SegAssistLib.prompts import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
-MAX_REFINE_TILES = 8  # at refine depth 1 (see BuiltinEngine)
 
 
 def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
