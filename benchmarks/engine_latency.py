@@ -128,8 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--refine-depth", type=int, default=1, help="the engine's refine depth (default 1)")
     args = parser.parse_args(argv)
-    engine = load_default_engine(args.model, threads=args.threads)
+    engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth)
     cases = []
     for name, loader, targets in (("CT 512x512x300", ct_volume, CT_TARGETS),
                                   ("MRI 256^3", mri_volume, {"whole_tumour": (1, 2, 3, 4)})):
