@@ -206,7 +206,7 @@ async def save_label(
     if (body.session_id is None) == (body.mask is None):
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "give exactly one of session_id and mask")
     case = await _call(lambda: learning.store.get_case(case_id))
-    prompt_log, model, adapter = None, state.pool.capabilities.version, None
+    prompt_log, model, adapter = None, None, None  # a mask drawn elsewhere: no model to credit
     if body.session_id is not None:
         session = state.sessions.get(user, body.session_id)
         if tuple(session.shape) != tuple(case.shape):
@@ -216,7 +216,7 @@ async def save_label(
                 f"{list(case.shape)}: open the session on the case's image (POST /v1/learn/cases/{case_id}/image)",
             )  # fmt: skip
         (mask, prompt_log), _ = await state.submit(session, lambda es: (es.result().copy(), es.prompt_log()))
-        model = session.model_version or model
+        model = session.model_version
     else:
         mask = await _call(lambda: body.mask.to_array(max_voxels=state.limits.max_voxels))  # type: ignore[union-attr]
     if model and "+" in model:

@@ -135,7 +135,8 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
 
 def _submit_truths(alice, imported) -> None:
     for case, _, truth in imported:
-        alice.learning.save_mask(case.id, truth, seconds_spent=10.0)
+        label = alice.learning.save_mask(case.id, truth, seconds_spent=10.0)
+        assert label.submitted and label.model is None and not label.has_prompt_log  # drawn elsewhere
 
 
 def test_training_job_promotes_a_version_that_answers_without_restart(clients, imported, learn_server):
