@@ -7,7 +7,6 @@ process (``SegAssistLib.learning.jobs``), never in the server.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
@@ -41,7 +40,7 @@ from SegAssistLib.server.deps import current_user, get_state, reply_codec
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
 from SegAssistLib.server.responses import ERROR_RESPONSES
-from SegAssistLib.server.state import ServerState, queue_job
+from SegAssistLib.server.state import ServerState, await_job, queue_job
 from SegAssistLib.transport import encode_frame, wire_array
 
 router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES)
@@ -329,7 +328,7 @@ async def next_case(
     if needs_model:
         future = queue_job(state.pool.pick(), f"learn:{user}", run)
         try:
-            chosen = await asyncio.wrap_future(future)
+            chosen = await await_job(future)
         except LEARNING_ERRORS as exc:
             raise api_error_for(exc) from exc
     else:

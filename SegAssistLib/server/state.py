@@ -82,15 +82,13 @@ class ServerState:
         try:
             future = queue_job(session.worker, session.session_id, job)
             try:
-                value = await asyncio.wrap_future(future)
+                value = await await_job(future)
             except LIBRARY_ERRORS as exc:
                 raise from_library_error(exc) from exc
             except SessionGone as exc:
                 raise ApiError(
                     404, ErrorCode.SESSION_NOT_FOUND, f"session {session.session_id} was closed meanwhile"
                 ) from exc
-            except WorkerStopped as exc:
-                raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
             return value, float(getattr(future, "queue_wait_s", 0.0))
         finally:
             session.pending -= 1
@@ -172,6 +170,14 @@ def queue_job(worker: InferenceWorker, key: str, job: Callable[[Engine], Any]) -
             503, ErrorCode.QUEUE_FULL, f"the inference queue is full ({exc}): retry shortly",
             headers={"Retry-After": "2"},
         ) from exc  # fmt: skip
+    except WorkerStopped as exc:
+        raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+
+
+async def await_job(future: concurrent.futures.Future) -> Any:
+    """The job's result; a job the worker dropped because the server is stopping is a 503."""
+    try:
+        return await asyncio.wrap_future(future)
     except WorkerStopped as exc:
         raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
 

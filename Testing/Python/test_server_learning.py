@@ -8,6 +8,7 @@ the base model. Every bad request gets the one error shape.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -195,3 +196,43 @@ def test_a_running_job_can_be_cancelled(clients, imported):
     final = alice.learning.wait_for_job(job.job_id, timeout=120, poll_s=0.2)
     assert final.state == "cancelled", final
     assert alice.learning.versions().current is None  # nothing promoted from a cancelled job
+
+
+def test_jobs_waiting_when_the_server_stops_get_503_and_change_nothing(clients, imported, learn_server):
+    """A next-case request and a prompt queued behind a running job when the worker stops: both
+    answer 503 ``shutting_down`` (not 500), and the case stays unlocked."""
+    alice, _ = clients
+    session = alice.open_session(imported[0][1])
+    worker = learn_server.app.state.segassist.pool.workers[0]
+    gate = threading.Event()
+    blocker = worker.submit("another-session", lambda engine: gate.wait(60))  # occupies the worker
+    replies = {}
+
+    def ask(name, call):
+        replies[name] = call()
+
+    askers = [
+        threading.Thread(target=ask, args=("next", lambda: raw(learn_server, "POST", "/v1/learn/next", json={}))),
+        threading.Thread(target=ask, args=("prompt", lambda: raw(
+            learn_server, "POST", f"/v1/sessions/{session.session_id}/prompts",
+            json={"prompt": PointPrompt(position=(5.0, 5.0, 5.0)).model_dump(mode="json")},
+        ))),
+    ]  # fmt: skip
+    stopper = threading.Thread(target=worker.stop)
+    try:
+        for t in askers:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(worker._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(worker._queue) == 2, "both requests should be waiting behind the blocker"
+        stopper.start()
+        for t in askers:
+            t.join(30)
+    finally:
+        gate.set()
+        blocker.result(10)
+    stopper.join(30)
+    for name in ("next", "prompt"):
+        assert_error(replies[name], 503, "shutting_down")
+    assert alice.learning.case(imported[0][0].id).locked_by is None
