@@ -33,7 +33,7 @@ from SegAssistLib.engine.network import (
 from SegAssistLib.files import atomic_write
 from SegAssistLib.learning.adapters import base_state_dict, load_adapter
 from SegAssistLib.learning.errors import AdapterError
-from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord
+from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord, model_version
 
 FINETUNE_FORMAT = "segassist-finetune"
 FINETUNE_FORMAT_VERSION = 1
@@ -112,7 +112,7 @@ def base_version(engine) -> str:
 
 
 def engine_version_for(engine, record: Optional[VersionRecord]) -> str:
-    return base_version(engine) if record is None else f"{base_version(engine)}+{record.id}"
+    return model_version(base_version(engine), record.id if record is not None else None)
 
 
 def activate(engine, registry: AdapterRegistry, version: Optional[str] = CURRENT) -> str:

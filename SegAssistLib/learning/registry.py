@@ -27,6 +27,7 @@ a rollback replaced it). Only ``promoted`` and ``rolled_back`` versions can beco
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -302,3 +303,21 @@ class AdapterRegistry:
 
 def version_label(record: Optional[VersionRecord]) -> str:
     return record.id if record is not None else BASE
+
+
+VERSION_SEPARATOR = "+"
+_VERSION_ID = re.compile(r"v[0-9]+")
+
+
+def model_version(base: str, record_id: Optional[str]) -> str:
+    """What an engine reports: the base model's version, plus ``+vN`` while a version answers."""
+    return base if record_id is None else f"{base}{VERSION_SEPARATOR}{record_id}"
+
+
+def adapter_id_of(version: Optional[str]) -> Optional[str]:
+    """The registry version id inside a model version string (``0.1.0+v3`` -> ``v3``); None for the
+    base model. The base version may itself carry ``+`` build metadata: only a trailing ``+vN`` counts."""
+    if not version or VERSION_SEPARATOR not in version:
+        return None
+    tail = version.rsplit(VERSION_SEPARATOR, 1)[1]
+    return tail if _VERSION_ID.fullmatch(tail) else None

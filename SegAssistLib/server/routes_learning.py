@@ -36,6 +36,7 @@ from SegAssistLib.api_learning import (
 from SegAssistLib.api_models import FRAME_MEDIA_TYPE, ArrayPayload, ErrorCode
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.records import CaseRecord
+from SegAssistLib.learning.registry import adapter_id_of
 from SegAssistLib.server.deps import current_user, get_state, reply_codec
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
@@ -205,7 +206,7 @@ async def save_label(
     if (body.session_id is None) == (body.mask is None):
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "give exactly one of session_id and mask")
     case = await _call(lambda: learning.store.get_case(case_id))
-    prompt_log, model, adapter = None, None, None  # a mask drawn elsewhere: no model to credit
+    prompt_log, model = None, None  # a mask drawn elsewhere: no model to credit
     if body.session_id is not None:
         session = state.sessions.get(user, body.session_id)
         if tuple(session.shape) != tuple(case.shape):
@@ -218,8 +219,7 @@ async def save_label(
         model = session.model_version
     else:
         mask = await _call(lambda: body.mask.to_array(max_voxels=state.limits.max_voxels))  # type: ignore[union-attr]
-    if model and "+" in model:
-        adapter = model.split("+", 1)[1]
+    adapter = adapter_id_of(model)
 
     def save():
         return learning.store.save_label(

@@ -27,7 +27,7 @@ from SegAssistLib.learning.deploy import EngineSync, activate, network_identity,
 from SegAssistLib.learning.errors import CaseLockedError, DatastoreError
 from SegAssistLib.learning.jobs import get_job, list_jobs, start_training, training_running
 from SegAssistLib.learning.loop_errors import RegistryError, TrainingBusyError, TrainingError
-from SegAssistLib.learning.registry import AdapterRegistry
+from SegAssistLib.learning.registry import AdapterRegistry, adapter_id_of, model_version
 from SegAssistLib.learning.traindata import holdout_split
 from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
 from SegAssistLib.prompts import PointPrompt
@@ -62,6 +62,14 @@ def test_holdout_split_is_deterministic_stable_and_disjoint():
     assert holdout_split(ids[:2]) == holdout_split(ids[:2]) and len(holdout_split(ids[:2])[1]) == 1
     with pytest.raises(TrainingError, match="at least 2 submitted cases"):
         holdout_split(ids[:1])
+
+
+def test_model_version_names_the_answering_adapter_version():
+    assert model_version("0.1.0", None) == "0.1.0" and model_version("0.1.0", "v3") == "0.1.0+v3"
+    assert adapter_id_of("0.1.0+v3") == "v3" and adapter_id_of(model_version("0.2.0+local", "v12")) == "v12"
+    # the base model alone, even one whose version carries build metadata, credits no adapter
+    for version in (None, "", "0.1.0", "0.2.0+local", "tiny-1+v", "0.1.0+v3x"):
+        assert adapter_id_of(version) is None, version
 
 
 def test_training_reports_progress_and_promotes_only_when_better(setup):
