@@ -221,11 +221,19 @@ class BuiltinSession(EngineSession):
             return self.engine.network(x)[0, 0].float().cpu(), previous
 
     def _first_level(self, prompt: Prompt) -> int:
+        """The finest level that holds the prompt and spans at least ``min_view_mm`` on every axis.
+
+        The floor matters on fine images (0.6 mm): there the finest view is 40 mm, too narrow to
+        show a large object's edges, and the network answers a click inside the left atrium with
+        a small blob that never reaches the window side, so the engine would never zoom out.
+        """
         pts = prompt_vertices_kji(prompt)
         extent = pts.max(0) - pts.min(0) + 1
         top = patching.max_level(self.shape, self.spacing_kji, self.engine.patch)
+        spacing = np.asarray(self.spacing_kji)
         for level in range(top + 1):
-            if np.all(np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, level)) >= extent * 1.25):
+            size = np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, level))
+            if np.all(size >= extent * 1.25) and np.min(size * spacing) >= self.engine.min_view_mm * 0.99:
                 return level
         return top
 
@@ -339,12 +347,15 @@ class BuiltinEngine(Engine):
         threads: Optional[int] = None,
         refine_depth: int = 1,
         max_refine_tiles: Optional[int] = None,
+        min_view_mm: float = 64.0,
     ):
         """``refine_depth``: how many zoom levels finer than a zoomed-out answer its surface is
         re-predicted (1: the default; 2 sharpens large structures at about twice the latency of
         such clicks); ``max_refine_tiles``: no refinement when more tiles would be needed (default
         ``(refine_depth + 1) ** 3`` up to 64: 8 at depth 1, 27 at depth 2, as a finer level needs
-        more tiles for the same surface)."""
+        more tiles for the same surface); ``min_view_mm``: the narrowest view a prompt is first
+        looked at (64 mm: what the shipped network sees at level 0 on 1 mm images; 0 turns the floor
+        off)."""
         if max_refine_tiles is None:
             max_refine_tiles = min(64, (int(refine_depth) + 1) ** 3)
         if int(refine_depth) < 1 or int(max_refine_tiles) < 1:
@@ -353,6 +364,7 @@ class BuiltinEngine(Engine):
         if threads:
             torch.set_num_threads(threads)
         self.refine_depth = int(refine_depth)
+        self.min_view_mm = float(min_view_mm)
         self.max_refine_tiles = int(max_refine_tiles)
         self.model = model
         self.device = torch.device(device)
@@ -362,7 +374,7 @@ class BuiltinEngine(Engine):
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None, **options):
-        """``options``: ``refine_depth``, ``max_refine_tiles`` (see the constructor)."""
+        """``options``: ``refine_depth``, ``max_refine_tiles``, ``min_view_mm`` (see the constructor)."""
         return cls(load_checkpoint(path, device), device, threads, **options)
 
     def swap_network(self, network: torch.nn.Module, version: str) -> None:

@@ -229,3 +229,13 @@ def test_refine_depth_chooses_how_fine_a_zoomed_out_answer_is_redrawn(tiny_check
 def test_refine_depth_must_be_positive(tiny_checkpoint):
     with pytest.raises(ValueError, match="at least 1"):
         BuiltinEngine.from_checkpoint(tiny_checkpoint, refine_depth=0)
+
+
+@pytest.mark.parametrize("spacing, min_view_mm, expected_level", [(0.6, 64.0, 2), (0.6, 0.0, 0), (2.0, 64.0, 0)])
+def test_the_first_view_spans_at_least_min_view_mm(tiny_checkpoint, spacing, min_view_mm, expected_level):
+    """On a fine image the finest window (32 voxels of 0.6 mm here) is too narrow to show a large
+    object's edges: a click starts at the first level whose window spans ``min_view_mm``."""
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, min_view_mm=min_view_mm)
+    vol, _ = _blob_volume(shape=(160, 160, 160), spacing=(spacing,) * 3)
+    update = engine.open_session(vol).add_prompt(PointPrompt(position=(80, 80, 80)))
+    assert update.info["levels"][0] == expected_level
