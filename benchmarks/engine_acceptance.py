@@ -4,7 +4,8 @@ model and the two baselines fed the same clicks (``segassist eval``'s click prot
 Writes ``benchmarks/results/acceptance.json`` (every record) and ``acceptance.md`` (the table).
 
 Usage: python benchmarks/engine_acceptance.py [--data ../shared/data] [--model CKPT]
-       [--engines builtin,growcut,randomwalker] [--out benchmarks/results]
+       [--engines builtin,growcut,randomwalker] [--out benchmarks/results] [--cases N]
+       [--baselines-from benchmarks/results/acceptance.json]   # new weights: rerun only the model
 """
 
 from __future__ import annotations
@@ -43,17 +44,31 @@ def main(argv=None) -> int:
     parser.add_argument("--engines", default="builtin,growcut,randomwalker")
     parser.add_argument("--datasets", help="comma-separated subset of the selection")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--cases", type=int, help="only the first N evaluation cases of each dataset (a quick check)")
+    parser.add_argument("--baselines-from", type=Path, metavar="JSON",
+                        help="take the growcut and randomwalker runs from an earlier acceptance.json (they do not "
+                             "depend on the model's weights) and run only the model")
     args = parser.parse_args(argv)
     engines = args.engines.split(",")
     chosen = [s for s in SELECTION if not args.datasets or s[0] in args.datasets.split(",")]
     results = {}
+    to_run = engines
+    if args.baselines_from:
+        earlier = json.loads(args.baselines_from.read_text())["runs"]
+        reused = [e for e in engines if e != "builtin"]
+        missing = [f"{e}/{d}" for e in reused for d, *_ in chosen if f"{e}/{d}" not in earlier]
+        if missing:
+            parser.error(f"{args.baselines_from} has no run of {', '.join(missing)}")
+        results.update({f"{e}/{d}": earlier[f"{e}/{d}"] for e in reused for d, *_ in chosen})
+        to_run = [e for e in engines if e == "builtin"]
     t0 = time.time()
-    for engine_name in engines:
+    for engine_name in to_run:
         model = str(args.model) if args.model and engine_name == "builtin" else None
         engine = make_engine(engine_name, model)
         for dataset, targets, _, limits in chosen:
-            cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS,
-                             limits.get(engine_name), "evaluation", engine_name)
+            limit = min(filter(None, (limits.get(engine_name), args.cases)), default=None)
+            cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS, limit, "evaluation",
+                             engine_name)
             print(f"== {engine_name} on {dataset} ({targets})", flush=True)
             res = evaluate(cfg, engine=engine, progress=lambda line: print("  " + line, flush=True))
             results[f"{engine_name}/{dataset}"] = res
@@ -80,7 +95,10 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     md = (f"# Engine acceptance: mean Dice after {CLICKS} clicks, evaluation split\n\n"
           f"Command: `python benchmarks/engine_acceptance.py`; machine: {machine}; {time.strftime('%Y-%m-%d')}; "
-          f"wall time {time.time() - t0:.0f} s.\n\n{table}\n")
+          f"wall time {time.time() - t0:.0f} s"
+          + (f" (baselines taken from an earlier run, `--baselines-from {args.baselines_from}`)" if args.baselines_from
+             else "")
+          + f".\n\n{table}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "acceptance.md").write_text(md)
     (args.out / "acceptance.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=1, default=str))

@@ -129,3 +129,28 @@ def test_latency_under_training_measures_both_conditions(hippocampus_dir: Path, 
         assert isinstance(res["target_met"], bool)
     assert {r["phase"] for r in res["interactions"]} == {"idle_before", "under_training", "idle_after"}
     json.dumps(result)  # the results file is plain JSON
+
+
+def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
+    hippocampus_dir: Path, tiny_checkpoint: Path, tmp_path: Path, one_thread
+) -> None:
+    acceptance = _script("engine_acceptance")
+    common = ["--data", str(hippocampus_dir.parent), "--datasets", "hippocampus", "--cases", "1",
+              "--model", str(tiny_checkpoint)]  # fmt: skip
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert acceptance.main(common + ["--engines", "builtin,growcut", "--out", str(first)]) == 0
+    earlier = json.loads((first / "acceptance.json").read_text())
+    assert earlier["rows"][0]["builtin"]["n"] == earlier["rows"][0]["growcut"]["n"] == 2  # labels 1 and 2
+
+    assert acceptance.main(common + ["--engines", "builtin,growcut", "--out", str(second),
+                                     "--baselines-from", str(first / "acceptance.json")]) == 0  # fmt: skip
+    again = json.loads((second / "acceptance.json").read_text())
+    assert again["runs"]["growcut/hippocampus"] == earlier["runs"]["growcut/hippocampus"]  # taken, not rerun
+    assert [r["dice"] for r in again["runs"]["builtin/hippocampus"]["records"]] == [
+        r["dice"] for r in earlier["runs"]["builtin/hippocampus"]["records"]
+    ]  # the model ran again, deterministically
+    assert "baselines taken from an earlier run" in (second / "acceptance.md").read_text()
+
+    with pytest.raises(SystemExit):  # the earlier run has no random walker to reuse
+        acceptance.main(common + ["--engines", "builtin,randomwalker", "--out", str(second),
+                                  "--baselines-from", str(first / "acceptance.json")])  # fmt: skip
