@@ -2,7 +2,8 @@
 
 Answering a prompt:
 
-1. Look at a window around the newest prompt, at the finest zoom level that holds the prompt.
+1. Look at a window around the newest prompt, at the finest zoom level that holds the prompt and
+   spans at least ``min_view_mm`` (64 mm).
 2. While the predicted object touches a window side that is not the image's edge, zoom out
    (double the window) and predict again: structures larger than the patch come out whole.
 3. If the answer came from a zoomed-out window, refine it with tiles at a finer level over the
