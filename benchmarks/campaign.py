@@ -444,7 +444,9 @@ def render_markdown(result: Dict[str, Any]) -> str:
         f"fixed order (evaluation split first), retraining after every {cfg['k']} submitted cases "
         f"({cfg['train_steps']} steps, budget {cfg['train_seconds']:.0f} s), Dice target {cfg['threshold']}, "
         f"at most {cfg['max_clicks']} clicks, proposal {cfg['proposal']} (kept at Dice >= {cfg['accept_proposal']}), "
-        f"submitted label: {cfg['submit']}. Model `{result['model']}`; device {cfg['device']}.",
+        f"submitted label: {cfg['submit']}. Model `{result['model']}` (version "
+        f"{result.get('model_version') or 'not recorded'}, weights {result.get('model_identity') or 'not recorded'}); "
+        f"device {cfg['device']}.",
         "",
         "| mode | trainable share | mean clicks, 1st half | 2nd half | 2nd half vs none | target (>= 30 %) "
         "| promoted / retrains | wall s per retraining (median, max) | s per step |",
@@ -502,9 +504,13 @@ def run_campaign(
     cfg.check()
     case_list = [{"name": c.name, "seen_in_base_training": c.seen_in_base_training,
                   "target_voxels": int(c.target.sum())} for c in cases]
+    base = load_checkpoint(checkpoint)
+    model_version, model_identity = str(base.meta.get("version", "")), base.identity
+    del base
     modes: Dict[str, Dict[str, Any]] = {}
+    # same weights, not the same path: new weights shipped under the old name must not mix with old modes
     if previous and previous.get("cases") == case_list and previous.get("comparable") == cfg.comparable() \
-            and previous.get("model") == str(checkpoint):
+            and previous.get("model_identity") == model_identity:
         modes = {m: r for m, r in previous.get("modes", {}).items() if m not in cfg.modes}
     with tempfile.TemporaryDirectory(prefix="segassist-campaign-") as tmp:
         root = Path(work) if work is not None else Path(tmp)
@@ -517,6 +523,8 @@ def run_campaign(
         "benchmark": "simulated annotation campaign (issue 5)",
         "structure": asdict(spec),
         "model": str(checkpoint),
+        "model_version": model_version,
+        "model_identity": model_identity,
         "config": asdict(cfg),
         "comparable": cfg.comparable(),
         "target": f"second half: >= {100 * TARGET_REDUCTION:.0f} % fewer clicks per case than mode none",

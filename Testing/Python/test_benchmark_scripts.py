@@ -90,6 +90,13 @@ def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny
     merged = campaign.run_campaign(spec, cases, tiny_checkpoint, salt_only, work=tmp_path / "work2",
                                    previous=json.loads(json_path.read_text()), log=lambda _: None)
     assert list(merged["modes"]) == ["none", "lora", "salt", "full"]
+    # ... but not one made with other weights, even from the same path (new weights shipped under the old name)
+    assert result["model_version"] == "0" and len(result["model_identity"]) == 16
+    assert f"(version 0, weights {result['model_identity']})" in md_path.read_text()
+    older = {**json.loads(json_path.read_text()), "model_identity": "0123456789abcdef"}
+    alone = campaign.run_campaign(spec, cases, tiny_checkpoint, salt_only, work=tmp_path / "work3",
+                                  previous=older, log=lambda _: None)  # fmt: skip
+    assert list(alone["modes"]) == ["salt"]
 
 
 def test_campaign_secondary_measures_by_hand() -> None:
