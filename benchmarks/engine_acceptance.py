@@ -16,10 +16,11 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
-from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets
+from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets, select_cases
 
 # dataset, targets, minimum Dice@5 for the model, case limit per engine (None: whole evaluation split)
 SELECTION = [
@@ -30,6 +31,11 @@ SELECTION = [
     ("totalsegmentator_examples", "1,2,3,5,7,52", 0.75, {}),
 ]
 CLICKS = 5
+
+
+def _limit(limits: dict, engine: str, cases: Optional[int]) -> Optional[int]:
+    """The case limit of an engine on a dataset: its own (the slow random walker's) or ``--cases``."""
+    return min(filter(None, (limits.get(engine), cases)), default=None)
 
 
 def required_margin(baseline: float) -> float:
@@ -59,6 +65,15 @@ def main(argv=None) -> int:
         missing = [f"{e}/{d}" for e in reused for d, *_ in chosen if f"{e}/{d}" not in earlier]
         if missing:
             parser.error(f"{args.baselines_from} has no run of {', '.join(missing)}")
+        for e in reused:
+            for dataset, _, _, limits in chosen:
+                run = earlier[f"{e}/{dataset}"]
+                had = {r["case"] for r in run["records"] + run.get("skipped", [])}
+                limit = _limit(limits, e, args.cases)
+                wanted = {c.name for c in select_cases(args.data / dataset, "evaluation", limit)}
+                if had != wanted:
+                    parser.error(f"the {e} run on {dataset} in {args.baselines_from} covers {len(had)} case(s), "
+                                 f"this run {len(wanted)}: give the same --cases as that run, or run the baselines")
         results.update({f"{e}/{d}": earlier[f"{e}/{d}"] for e in reused for d, *_ in chosen})
         to_run = [e for e in engines if e == "builtin"]
     t0 = time.time()
@@ -66,7 +81,7 @@ def main(argv=None) -> int:
         model = str(args.model) if args.model and engine_name == "builtin" else None
         engine = make_engine(engine_name, model)
         for dataset, targets, _, limits in chosen:
-            limit = min(filter(None, (limits.get(engine_name), args.cases)), default=None)
+            limit = _limit(limits, engine_name, args.cases)
             cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS, limit, "evaluation",
                              engine_name)
             print(f"== {engine_name} on {dataset} ({targets})", flush=True)

@@ -158,6 +158,9 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
     ]  # the model ran again, deterministically
     assert "baselines taken from an earlier run" in (second / "acceptance.md").read_text()
 
+    with pytest.raises(SystemExit):  # the earlier baselines cover one case, this run would cover two
+        acceptance.main([a if a != "1" else "2" for a in common] + [
+            "--engines", "builtin,growcut", "--out", str(second), "--baselines-from", str(first / "acceptance.json")])
     with pytest.raises(SystemExit):  # the earlier run has no random walker to reuse
         acceptance.main(common + ["--engines", "builtin,randomwalker", "--out", str(second),
                                   "--baselines-from", str(first / "acceptance.json")])  # fmt: skip
