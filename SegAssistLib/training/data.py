@@ -14,9 +14,15 @@ import torch
 from SegAssistLib.datasets import list_cases, split_cases
 from SegAssistLib.engine import patching
 from SegAssistLib.image import Volume, guess_modality
+from SegAssistLib.training.simulation import EXTENT_KINDS, FIRST_KINDS
 from SegAssistLib.training.synthetic import synthetic_case
 
 MIN_TARGET_VOXELS = 30
+# Datasets whose union of labels is itself the structure a click names (BraTS: the whole tumour,
+# the usual interactive target). Elsewhere a union (the whole heart, the whole hippocampus) is only
+# trained from a box or an outline: taught from a single click, the network learns to spill a
+# click in the left ventricle over the myocardium and the right ventricle.
+CLICK_UNION_DATASETS = ("brats",)
 
 
 @dataclass
@@ -27,6 +33,7 @@ class TrainCase:
     spacing_kji: Tuple[float, float, float]
     modality: str
     targets: List[Tuple[int, ...]] = field(default_factory=list)
+    click_unions: bool = False
     _boxes: Dict[Tuple[int, ...], Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def box(self, target: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
@@ -34,6 +41,10 @@ class TrainCase:
             nz = np.argwhere(np.isin(self.labels, target))
             self._boxes[target] = (nz.min(0), nz.max(0))
         return self._boxes[target]
+
+    def first_prompt_kinds(self, target: Tuple[int, ...]) -> Tuple[str, ...]:
+        """The prompt kinds that can start a session on ``target`` in this case."""
+        return EXTENT_KINDS if len(target) > 1 and not self.click_unions else FIRST_KINDS
 
 
 def _targets(labels: np.ndarray, rng_union: bool = True) -> List[Tuple[int, ...]]:
@@ -44,7 +55,11 @@ def _targets(labels: np.ndarray, rng_union: bool = True) -> List[Tuple[int, ...]
     return single
 
 
-def load_training_cases(data_root: Path, datasets: Optional[Sequence[str]] = None) -> Dict[str, List[TrainCase]]:
+def load_training_cases(
+    data_root: Path,
+    datasets: Optional[Sequence[str]] = None,
+    click_union_datasets: Sequence[str] = CLICK_UNION_DATASETS,
+) -> Dict[str, List[TrainCase]]:
     """Every training-split case of every dataset folder under ``data_root``, grouped by dataset."""
     out: Dict[str, List[TrainCase]] = {}
     for folder in sorted(p for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir()):
@@ -60,7 +75,8 @@ def load_training_cases(data_root: Path, datasets: Optional[Sequence[str]] = Non
                 continue
             spacing = tuple(float(s) for s in img.GetSpacing()[::-1])
             modality = guess_modality(Volume(arr, spacing[::-1]))
-            tc = TrainCase(case.name, arr, lab, spacing, modality, _targets(lab))
+            tc = TrainCase(case.name, arr, lab, spacing, modality, _targets(lab),
+                           click_unions=folder.name in click_union_datasets)
             if tc.targets:
                 loaded.append(tc)
         if loaded:

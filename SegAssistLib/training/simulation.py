@@ -7,7 +7,7 @@ network learns to answer the prompts users and benchmarks actually give.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -18,6 +18,9 @@ from SegAssistLib.engine.encoding import PatchPrompt
 
 FIRST_KINDS = ("point", "box3d", "box2d", "scribble", "lasso")
 FIRST_KIND_WEIGHTS = (0.45, 0.13, 0.14, 0.14, 0.14)
+# A click or a scribble inside one structure names that structure; only a prompt that shows the
+# extent (a box, an outline) can name a group of touching structures such as the whole heart.
+EXTENT_KINDS = ("box3d", "box2d", "lasso")
 
 
 def interior_point(mask: np.ndarray, rng: np.random.Generator, exact: bool) -> Optional[np.ndarray]:
@@ -100,8 +103,10 @@ def _lasso(mask, rng, positive: bool = True) -> Optional[PatchPrompt]:
     return PatchPrompt("lasso", positive, _lift(verts, axis, index))
 
 
-def first_prompt(mask: np.ndarray, rng: np.random.Generator) -> PatchPrompt:
-    kind = rng.choice(FIRST_KINDS, p=FIRST_KIND_WEIGHTS)
+def first_prompt(mask: np.ndarray, rng: np.random.Generator, kinds: Sequence[str] = FIRST_KINDS) -> PatchPrompt:
+    """A first prompt of one of ``kinds`` (drawn with the default weights, renormalised)."""
+    weights = np.asarray([FIRST_KIND_WEIGHTS[FIRST_KINDS.index(k)] for k in kinds])
+    kind = rng.choice(list(kinds), p=weights / weights.sum())
     prompt: Optional[PatchPrompt] = None
     if kind == "box3d":
         prompt = _box3d(mask, rng)
@@ -111,6 +116,8 @@ def first_prompt(mask: np.ndarray, rng: np.random.Generator) -> PatchPrompt:
         prompt = _scribble(mask, rng)
     elif kind == "lasso":
         prompt = _lasso(mask, rng)
+    if prompt is None and "point" not in kinds:
+        prompt = _box3d(mask, rng)
     if prompt is None:
         point = interior_point(mask, rng, exact=rng.random() < 0.5)
         prompt = PatchPrompt("point", True, point[None])
@@ -165,5 +172,8 @@ def corrupt_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def first_prompts_batch(masks: List[np.ndarray], rng: np.random.Generator) -> List[List[PatchPrompt]]:
-    return [[first_prompt(m, rng)] for m in masks]
+def first_prompts_batch(
+    masks: List[np.ndarray], rng: np.random.Generator, kinds: Optional[List[Sequence[str]]] = None
+) -> List[List[PatchPrompt]]:
+    kinds = kinds or [FIRST_KINDS] * len(masks)
+    return [[first_prompt(m, rng, k)] for m, k in zip(masks, kinds)]

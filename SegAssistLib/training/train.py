@@ -26,7 +26,13 @@ from monai.losses import DiceCELoss
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
 from SegAssistLib.training import simulation
-from SegAssistLib.training.data import TrainCase, load_training_cases, sample_patch, synthetic_train_case
+from SegAssistLib.training.data import (
+    CLICK_UNION_DATASETS,
+    TrainCase,
+    load_training_cases,
+    sample_patch,
+    synthetic_train_case,
+)
 
 
 @dataclass
@@ -40,6 +46,7 @@ class TrainConfig:
     minutes: float = 60.0
     max_steps: int = 1_000_000
     synthetic_share: float = 0.35
+    click_union_datasets: List[str] = field(default_factory=lambda: list(CLICK_UNION_DATASETS))
     max_correction_rounds: int = 3
     corrupt_share: float = 0.2
     checkpoint_minutes: float = 5.0
@@ -50,7 +57,7 @@ class TrainConfig:
 
 
 class PatchStream(torch.utils.data.IterableDataset):
-    """An endless stream of (image patch, target patch) pairs, real or synthetic."""
+    """An endless stream of (image patch, target patch, first prompt kinds), real or synthetic."""
 
     def __init__(self, cfg: TrainConfig, patch: int, offset: int = 0):
         self.cfg, self.patch, self.offset = cfg, patch, offset
@@ -59,7 +66,11 @@ class PatchStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         torch.set_num_threads(1)
         rng = np.random.default_rng([self.cfg.seed, self.offset, info.id if info else 0])
-        real = load_training_cases(Path(self.cfg.data_root), self.cfg.datasets) if self.cfg.data_root else {}
+        real = (
+            load_training_cases(Path(self.cfg.data_root), self.cfg.datasets, self.cfg.click_union_datasets)
+            if self.cfg.data_root
+            else {}
+        )
         print(f"training cases: { {k: len(v) for k, v in real.items()} }", flush=True)
         names = sorted(real)
         pool: List[TrainCase] = []
@@ -75,7 +86,7 @@ class PatchStream(torch.utils.data.IterableDataset):
             target = case.targets[int(rng.integers(len(case.targets)))]
             sample = sample_patch(case, target, rng, self.patch)
             if sample is not None:
-                yield sample
+                yield sample + (case.first_prompt_kinds(target),)
 
 
 def _batch_inputs(images, prevs, prompts: List[List[PatchPrompt]], patch: int) -> torch.Tensor:
@@ -117,7 +128,7 @@ class Trainer:
 
     def _batch(self):
         batch = next(self.stream)
-        return [b[0] for b in batch], [b[1] for b in batch]
+        return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
 
     def _lr(self) -> float:
         frac = min(1.0, self.elapsed / (self.cfg.minutes * 60.0))
@@ -125,8 +136,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         patch = self.net_cfg.patch_size
-        images, gts = self._batch()
-        prompts = simulation.first_prompts_batch(gts, self.rng)
+        images, gts, kinds = self._batch()
+        prompts = simulation.first_prompts_batch(gts, self.rng, kinds)
         prevs = [torch.zeros((patch,) * 3) for _ in gts]
         for i, gt in enumerate(gts):
             if self.rng.random() < self.cfg.corrupt_share:
@@ -135,7 +146,7 @@ class Trainer:
                 prevs[i] = torch.from_numpy(prior.astype(np.float32))
                 prompts[i] = ([] if self.rng.random() < 0.5 else prompts[i]) + ([correction] if correction else [])
                 if not prompts[i]:
-                    prompts[i] = [simulation.first_prompt(gt, self.rng)]
+                    prompts[i] = [simulation.first_prompt(gt, self.rng, kinds[i])]
         rounds = int(self.rng.integers(0, self.cfg.max_correction_rounds + 1))
         self.net.eval()
         with torch.no_grad():

@@ -58,3 +58,21 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     config.write_text(json.dumps(cfg))
     assert main(["train", "--out", str(out), "--config", str(config), "--resume", str(out / "state.pt")]) == 0
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 5
+
+
+def test_unions_of_touching_structures_start_from_a_box_or_an_outline_never_a_click():
+    from SegAssistLib.training.data import TrainCase, _targets
+
+    labels = np.zeros((20, 20, 20), np.int16)
+    labels[4:16, 4:10, 4:16], labels[4:16, 10:16, 4:16] = 1, 2
+    heart = TrainCase("heart", labels.astype(np.float32), labels, (1.0, 1.0, 1.0), "MR", _targets(labels))
+    tumour = TrainCase("tumour", labels.astype(np.float32), labels, (1.0, 1.0, 1.0), "MR", _targets(labels),
+                       click_unions=True)
+    assert (1, 2) in heart.targets
+    assert heart.first_prompt_kinds((1,)) == simulation.FIRST_KINDS
+    assert heart.first_prompt_kinds((1, 2)) == simulation.EXTENT_KINDS
+    assert tumour.first_prompt_kinds((1, 2)) == simulation.FIRST_KINDS
+    rng = np.random.default_rng(4)
+    union = np.isin(labels, (1, 2))
+    kinds = {simulation.first_prompt(union, rng, heart.first_prompt_kinds((1, 2))).kind for _ in range(40)}
+    assert kinds == {"box", "lasso"}
