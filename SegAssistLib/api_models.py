@@ -76,7 +76,6 @@ class ErrorCode:
     UNSUPPORTED_PROMPT = "unsupported_prompt"  # 422: the model does not take this prompt kind
     TRAINING_REFUSED = "training_refused"  # 422: bad settings, or too few submitted labels to train on
     TOO_MANY_SESSIONS = "too_many_sessions"  # 429: per user or in total
-    TOO_MANY_UPLOADS = "too_many_uploads"  # 429: too many uploads at once
     QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
     SHUTTING_DOWN = "shutting_down"  # 503
     INTERNAL_ERROR = "internal_error"  # 500: a bug; the message says where to look
