@@ -67,7 +67,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -188,6 +188,7 @@ class CampaignConfig:
     submit: str = "truth"
     device: str = "cpu"
     seed: int = 0
+    learning_rates: Dict[str, float] = field(default_factory=dict)  # per mode; empty: the trainer's defaults
 
     def check(self) -> CampaignConfig:
         unknown = [m for m in self.modes if m not in MODES]
@@ -197,16 +198,21 @@ class CampaignConfig:
             raise ValueError("k, max_clicks, train_steps and train_seconds must be positive")
         if self.proposal not in PROPOSAL_POLICIES or self.submit not in SUBMIT_POLICIES:
             raise ValueError(f"proposal must be one of {PROPOSAL_POLICIES}, submit one of {SUBMIT_POLICIES}")
+        bad = {m: lr for m, lr in self.learning_rates.items() if m not in MODES or m == "none" or not lr > 0}
+        if bad:
+            raise ValueError(f"learning rates need an adapting mode and a positive rate, got {bad}")
         return self
 
     def train_config(self, kind: str) -> AdapterTrainConfig:
         return AdapterTrainConfig(kind=kind, time_budget_s=self.train_seconds, max_steps=self.train_steps,
-                                  device=self.device, seed=self.seed)
+                                  learning_rate=self.learning_rates.get(kind), device=self.device, seed=self.seed)
 
     def comparable(self) -> Dict[str, Any]:
         """The settings two runs must share for their modes to sit in one results file."""
         out = asdict(self)
         out.pop("modes")
+        if not out["learning_rates"]:  # results made before the option existed stay comparable
+            out.pop("learning_rates")
         return out
 
 
@@ -446,7 +452,9 @@ def render_markdown(result: Dict[str, Any]) -> str:
         f"at most {cfg['max_clicks']} clicks, proposal {cfg['proposal']} (kept at Dice >= {cfg['accept_proposal']}), "
         f"submitted label: {cfg['submit']}. Model `{result['model']}` (version "
         f"{result.get('model_version') or 'not recorded'}, weights {result.get('model_identity') or 'not recorded'}); "
-        f"device {cfg['device']}.",
+        f"device {cfg['device']}"
+        + (f"; learning rates {cfg['learning_rates']}" if cfg.get("learning_rates") else "")
+        + ".",
         "",
         "| mode | trainable share | mean clicks, 1st half | 2nd half | 2nd half vs none | target (>= 30 %) "
         "| promoted / retrains | wall s per retraining (median, max) | s per step |",
@@ -549,6 +557,20 @@ def write_results(result: Dict[str, Any], out: Path, spec: StructureSpec, device
     return json_path, md_path
 
 
+def parse_learning_rates(items: Sequence[str]) -> Dict[str, float]:
+    """``["salt=1e-2", ...]`` -> ``{"salt": 0.01}``."""
+    out = {}
+    for item in items:
+        mode, sep, value = item.partition("=")
+        try:
+            out[mode.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SystemExit(f"--learning-rate wants MODE=LR (for example salt=1e-2), got {item!r}")
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--structure", default="hippocampus",
@@ -571,6 +593,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda: inference and training")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learning-rate", action="append", default=[], metavar="MODE=LR",
+                   help="learning rate of one mode's retraining (repeatable; default: the trainer's, "
+                        "2e-3 for lora and salt, 3e-4 for full)")
     p.add_argument("--work", type=Path, help="keep the per-mode datastores here (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -585,6 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_clicks=args.max_clicks, threshold=args.threshold, train_seconds=args.train_seconds,
         train_steps=args.train_steps, proposal=args.proposal, accept_proposal=args.accept_proposal,
         submit=args.submit, device=args.device, seed=args.seed,
+        learning_rates=parse_learning_rates(args.learning_rate),
     )
     try:
         cfg.check()

@@ -99,6 +99,23 @@ def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny
     assert list(alone["modes"]) == ["salt"]
 
 
+def test_campaign_learning_rates_reach_the_trainer_and_keep_old_results_comparable() -> None:
+    campaign = _script("campaign")
+    assert campaign.parse_learning_rates(["salt=1e-2", "lora=0.004"]) == {"salt": 0.01, "lora": 0.004}
+    for bad in (["salt"], ["salt=fast"]):
+        with pytest.raises(SystemExit, match="MODE=LR"):
+            campaign.parse_learning_rates(bad)
+    tuned = campaign.CampaignConfig(learning_rates={"salt": 0.01}).check()
+    assert tuned.train_config("salt").lr == 0.01
+    assert tuned.train_config("lora").lr == campaign.CampaignConfig().train_config("lora").lr == 2e-3
+    plain = campaign.CampaignConfig().comparable()
+    assert "learning_rates" not in plain  # as in results files written before the option
+    assert tuned.comparable() != plain and tuned.comparable()["learning_rates"] == {"salt": 0.01}
+    for bad_rates in ({"none": 0.01}, {"salt": 0.0}, {"dora": 0.01}):
+        with pytest.raises(ValueError, match="learning rates"):
+            campaign.CampaignConfig(learning_rates=bad_rates).check()
+
+
 def test_campaign_secondary_measures_by_hand() -> None:
     campaign = _script("campaign")
     curve = [0.5, 0.7, 0.86, 0.88, 0.91]  # the kept proposal, then four clicks
