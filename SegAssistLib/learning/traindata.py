@@ -1,7 +1,9 @@
 """What a training job learns from and validates on: the datastore's submitted labels.
 
 The hold-out split is deterministic and stable as the store grows. Each case gets a fixed
-pseudo-random number ``u`` from a hash of its id; the validation set is the (at most ``max_val``)
+pseudo-random number ``u`` from a hash of its image's content hash (voxels and geometry, so the
+same image is held out in every datastore it is imported into, whatever its random case id: two
+stores, or a campaign's modes, validate on the same cases); the validation set is the (at most ``max_val``)
 cases with the smallest ``u`` below ``fraction``, topped up to ``min_val`` with the next smallest.
 Adding cases only pushes a case's rank down, so a case can move from validation into training
 but never from training into validation: a promoted version was never trained on a case that now
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,9 +40,15 @@ def holdout_number(case_id: str, salt: str = HOLDOUT_SALT) -> float:
 
 
 def holdout_split(
-    case_ids: Sequence[str], fraction: float = 0.2, min_val: int = 1, max_val: int = 8
+    case_ids: Sequence[str],
+    fraction: float = 0.2,
+    min_val: int = 1,
+    max_val: int = 8,
+    keys: Optional[Mapping[str, str]] = None,
 ) -> Tuple[List[str], List[str]]:
-    """``(training ids, validation ids)``, each in the order given. See the module docstring."""
+    """``(training ids, validation ids)``, each in the order given. See the module docstring.
+
+    ``keys``: what each case's number is drawn from (default: the id itself)."""
     if not 0.0 <= fraction < 1.0:
         raise TrainingError(f"the validation fraction must be in [0, 1), got {fraction}")
     if min_val < 1 or max_val < min_val:
@@ -51,8 +59,9 @@ def holdout_split(
             f"training needs at least 2 submitted cases with a non-empty label (one to learn from, one "
             f"to validate on); the datastore has {len(ids)}"
         )
-    ranked = sorted(ids, key=lambda c: (holdout_number(c), c))
-    below = [c for c in ranked if holdout_number(c) < fraction][:max_val]
+    number = {c: holdout_number((keys or {}).get(c, c)) for c in ids}
+    ranked = sorted(ids, key=lambda c: (number[c], c))
+    below = [c for c in ranked if number[c] < fraction][:max_val]
     n_val = min(max(len(below), min_val), len(ids) - 1)
     val = set(ranked[:n_val])
     return [c for c in ids if c not in val], [c for c in ids if c in val]

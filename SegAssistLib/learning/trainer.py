@@ -395,7 +395,8 @@ def run_training(
         base = load_checkpoint(checkpoint)
         pairs = usable_cases(store, cfg.label_value)
         train_ids, val_ids = holdout_split(
-            [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases
+            [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases,
+            keys={c.id: c.content_hash for c, _ in pairs},
         )
         by_id = {c.id: (c, lv) for c, lv in pairs}
         val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)

@@ -23,6 +23,7 @@ from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.image import Volume
 from SegAssistLib.io import save_mask_nifti
 from SegAssistLib.learning import AdapterError
+from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.deploy import EngineSync, activate, network_identity, version_network
 from SegAssistLib.learning.errors import CaseLockedError, DatastoreError
 from SegAssistLib.learning.jobs import get_job, list_jobs, start_training, training_running
@@ -62,6 +63,20 @@ def test_holdout_split_is_deterministic_stable_and_disjoint():
     assert holdout_split(ids[:2]) == holdout_split(ids[:2]) and len(holdout_split(ids[:2])[1]) == 1
     with pytest.raises(TrainingError, match="at least 2 submitted cases"):
         holdout_split(ids[:1])
+
+
+def test_the_held_out_cases_follow_the_images_not_their_random_case_ids():
+    rng = np.random.default_rng(1)
+    images = [f"{int(x):016x}" for x in rng.integers(0, 2**62, 30)]  # content hashes
+    ids_a = [f"a{int(x):015x}" for x in rng.integers(0, 2**58, 30)]  # two stores, two sets of random ids
+    ids_b = [f"b{int(x):015x}" for x in rng.integers(0, 2**58, 30)]
+    _, val_a = holdout_split(ids_a, keys=dict(zip(ids_a, images)))
+    _, val_b = holdout_split(ids_b, keys=dict(zip(ids_b, images)))
+    assert len(val_a) >= 2
+    assert [images[ids_a.index(c)] for c in val_a] == [images[ids_b.index(c)] for c in val_b]
+    _, by_id_a = holdout_split(ids_a)
+    _, by_id_b = holdout_split(ids_b)
+    assert {images[ids_a.index(c)] for c in by_id_a} != {images[ids_b.index(c)] for c in by_id_b}
 
 
 def test_model_version_names_the_answering_adapter_version():
@@ -108,6 +123,9 @@ def test_training_reports_progress_and_promotes_only_when_better(setup):
     # the split is recorded and disjoint; both runs validated on the same held-out cases
     v1, v2 = state.versions
     assert v1.val_cases == v2.val_cases and not set(v1.train_cases) & set(v1.val_cases)
+    with Datastore(store_root, create=False) as store:  # held out by image content, not by case id
+        content = {c.id: c.content_hash for c, _ in store.training_cases()}
+    assert v1.val_cases == holdout_split(list(content), keys=content)[1]
     assert [e["action"] for e in state.events] == ["promote", "reject"]
 
 
