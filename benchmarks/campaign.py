@@ -595,7 +595,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learning-rate", action="append", default=[], metavar="MODE=LR",
                    help="learning rate of one mode's retraining (repeatable; default: the trainer's, "
-                        "2e-3 for lora and salt, 3e-4 for full)")
+                        "1e-2 for lora and salt, 3e-4 for full)")
     p.add_argument("--work", type=Path, help="keep the per-mode datastores here (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)

@@ -107,7 +107,7 @@ def test_campaign_learning_rates_reach_the_trainer_and_keep_old_results_comparab
             campaign.parse_learning_rates(bad)
     tuned = campaign.CampaignConfig(learning_rates={"salt": 0.01}).check()
     assert tuned.train_config("salt").lr == 0.01
-    assert tuned.train_config("lora").lr == campaign.CampaignConfig().train_config("lora").lr == 2e-3
+    assert tuned.train_config("lora").lr == campaign.CampaignConfig().train_config("lora").lr == 1e-2
     plain = campaign.CampaignConfig().comparable()
     assert "learning_rates" not in plain  # as in results files written before the option
     assert tuned.comparable() != plain and tuned.comparable()["learning_rates"] == {"salt": 0.01}
