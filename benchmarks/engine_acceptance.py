@@ -101,11 +101,14 @@ def main(argv=None) -> int:
     for row in rows:
         model = row.get("builtin", {}).get("dice5")
         base = [row[e]["dice5"] for e in ("growcut", "randomwalker") if e in row]
-        ahead = model is not None and all(model - b >= required_margin(b) for b in base)
+        if model is None or not base:
+            verdict = "-"  # nothing to compare: not a pass
+        else:
+            verdict = "yes" if all(model - b >= required_margin(b) for b in base) else "no"
         cells = [f"{row[e]['dice5']:.3f} (n={row[e]['n']})" if e in row else "-"
                  for e in ("builtin", "growcut", "randomwalker")]
         lines.append(f"| {row['dataset']} | {row['targets']} | {cells[0]} | {row['floor']} | {cells[1]} | {cells[2]} "
-                     f"| {'yes' if ahead else 'no'} |")
+                     f"| {verdict} |")
     machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {sys.version.split()[0]}"
     table = "\n".join(lines)
     md = (f"# Engine acceptance: mean Dice after {CLICKS} clicks, evaluation split\n\n"

@@ -174,6 +174,11 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
         r["dice"] for r in earlier["runs"]["builtin/hippocampus"]["records"]
     ]  # the model ran again, deterministically
     assert "baselines taken from an earlier run" in (second / "acceptance.md").read_text()
+    row = (second / "acceptance.md").read_text().splitlines()[-1]
+    assert row.endswith("| yes |") or row.endswith("| no |")  # a verdict against Grow-from-seeds
+    alone = tmp_path / "alone"
+    assert acceptance.main(common + ["--engines", "builtin", "--out", str(alone)]) == 0
+    assert (alone / "acceptance.md").read_text().splitlines()[-1].endswith("| - |")  # no baseline: no verdict
 
     with pytest.raises(SystemExit):  # the earlier baselines cover one case, this run would cover two
         acceptance.main([a if a != "1" else "2" for a in common] + [
