@@ -42,7 +42,7 @@ from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
 
 CASE = "hippocampus_008"  # in the fixed evaluation split (Resources/splits.json): never trained on
 #: The shipped model, given an interior click and the target's 3D box, must reach this Dice.
-MIN_SHIPPED_DICE = 0.35  # v0.1.0 and v0.2.0 weights both measured 0.43 (click + 3D box); untrained < 0.1
+MIN_SHIPPED_DICE = 0.35  # click + 3D box: v0.1.0 and v0.2.0 weights 0.43, v0.3.0 0.50; untrained < 0.1
 
 
 @pytest.fixture
