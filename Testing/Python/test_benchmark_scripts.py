@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -114,6 +115,25 @@ def test_campaign_learning_rates_reach_the_trainer_and_keep_old_results_comparab
     for bad_rates in ({"none": 0.01}, {"salt": 0.0}, {"dora": 0.01}):
         with pytest.raises(ValueError, match="learning rates"):
             campaign.CampaignConfig(learning_rates=bad_rates).check()
+
+
+def test_first_click_spill_counts_only_the_other_labels(hippocampus_dir: Path, tiny_checkpoint: Path,
+                                                        tmp_path: Path, one_thread) -> None:
+    spill = _script("first_click_spill")
+    labels = np.zeros((4, 4, 4), np.int16)
+    labels[:2], labels[2:] = 1, 2
+    prediction = np.zeros((4, 4, 4), bool)
+    prediction[1:3, :2] = True  # 16 voxels: 8 in label 1, 8 in label 2
+    assert spill.spill_share(prediction, labels, 1) == 0.5 and spill.spill_share(prediction, labels, 2) == 0.5
+    assert spill.spill_share(prediction, np.where(labels == 2, 0, labels), 1) == 0.0  # background is not spill
+    assert spill.spill_share(np.zeros_like(prediction), labels, 1) is None
+
+    out = tmp_path / "spill.json"
+    assert spill.main(["--dataset", str(hippocampus_dir), "--labels", "1,2", "--cases", "1",
+                       "--model", str(tiny_checkpoint), "--out", str(out)]) == 0  # fmt: skip
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["cases"] == ["hippocampus_001"] and run["targets_measured"] + run["empty_answers"] == 2
+    assert all(v is None or 0.0 <= v <= 1.0 for v in run["spill_by_target"].values())
 
 
 def test_campaign_secondary_measures_by_hand() -> None:
