@@ -76,3 +76,13 @@ def test_unions_of_touching_structures_start_from_a_box_or_an_outline_never_a_cl
     union = np.isin(labels, (1, 2))
     kinds = {simulation.first_prompt(union, rng, heart.first_prompt_kinds((1, 2))).kind for _ in range(40)}
     assert kinds == {"box", "lasso"}
+
+
+def test_the_committed_training_config_of_the_shipped_weights_loads():
+    from pathlib import Path
+
+    from SegAssistLib.training.train import TrainConfig
+
+    path = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "training_config_v0.3.0.json"
+    cfg = TrainConfig(**json.loads(path.read_text()))
+    assert cfg.learning_rate == 1e-3 and cfg.click_union_datasets == ["brats"] and cfg.network["patch_size"] == 64
