@@ -561,13 +561,11 @@ def parse_learning_rates(items: Sequence[str]) -> Dict[str, float]:
     """``["salt=1e-2", ...]`` -> ``{"salt": 0.01}``."""
     out = {}
     for item in items:
-        mode, sep, value = item.partition("=")
+        mode, _, value = item.partition("=")  # no "=": value "" fails float() below
         try:
             out[mode.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise SystemExit(f"--learning-rate wants MODE=LR (for example salt=1e-2), got {item!r}")
+            raise SystemExit(f"--learning-rate wants MODE=LR (for example salt=1e-2), got {item!r}") from None
     return out
 
 
