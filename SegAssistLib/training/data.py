@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from SegAssistLib.datasets import list_cases, split_cases
 from SegAssistLib.engine import patching
 from SegAssistLib.image import Volume, guess_modality
+from SegAssistLib.training import pack
 from SegAssistLib.training.simulation import EXTENT_KINDS, FIRST_KINDS
 from SegAssistLib.training.synthetic import synthetic_case
 
@@ -59,8 +59,16 @@ def load_training_cases(
     data_root: Path,
     datasets: Optional[Sequence[str]] = None,
     click_union_datasets: Sequence[str] = CLICK_UNION_DATASETS,
+    patch: Optional[int] = None,
 ) -> Dict[str, List[TrainCase]]:
-    """Every training-split case of every dataset folder under ``data_root``, grouped by dataset."""
+    """Every training-split case under ``data_root``, grouped by dataset: dataset folders in MSD
+    layout, or a training pack (see :mod:`SegAssistLib.training.pack`; ``patch`` is checked
+    against the patch size it was cut for), or a folder of packs."""
+    packs = pack.packs_in(Path(data_root))
+    if packs:
+        return _load_packs(packs, datasets, click_union_datasets, patch)
+    import SimpleITK as sitk  # only here: a pack needs no SimpleITK (GPU machines may lack it)
+
     out: Dict[str, List[TrainCase]] = {}
     for folder in sorted(p for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir()):
         if datasets and folder.name not in datasets:
@@ -82,6 +90,36 @@ def load_training_cases(
         if loaded:
             out[folder.name] = loaded
     return out
+
+
+def _load_packs(
+    folders: Sequence[Path], datasets: Optional[Sequence[str]], click_union_datasets: Sequence[str],
+    patch: Optional[int],
+) -> Dict[str, List[TrainCase]]:
+    out: Dict[str, List[TrainCase]] = {}
+    for folder in folders:
+        manifest = pack.read_manifest(folder, patch)
+        for dataset, entries in sorted(manifest["datasets"].items()):
+            if datasets and dataset not in datasets:
+                continue
+            if dataset in out:
+                raise pack.PackError(f"dataset {dataset} is in more than one pack under {Path(folder).parent}")
+            loaded = _packed_cases(folder, entries, dataset in click_union_datasets)
+            if loaded:
+                out[dataset] = loaded
+    return dict(sorted(out.items()))
+
+
+def _packed_cases(folder: Path, entries: List[Dict], click_unions: bool) -> List[TrainCase]:
+    loaded = []
+    for entry in entries:
+        image, labels = pack.read_case(folder, entry)
+        spacing = tuple(float(s) for s in entry["spacing_kji"])
+        tc = TrainCase(entry["name"], image, labels, spacing, entry["modality"], _targets(labels),
+                       click_unions=click_unions)
+        if tc.targets:
+            loaded.append(tc)
+    return loaded
 
 
 def synthetic_train_case(rng: np.random.Generator) -> TrainCase:

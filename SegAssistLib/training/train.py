@@ -67,7 +67,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         torch.set_num_threads(1)
         rng = np.random.default_rng([self.cfg.seed, self.offset, info.id if info else 0])
         real = (
-            load_training_cases(Path(self.cfg.data_root), self.cfg.datasets, self.cfg.click_union_datasets)
+            load_training_cases(Path(self.cfg.data_root), self.cfg.datasets, self.cfg.click_union_datasets, self.patch)
             if self.cfg.data_root
             else {}
         )

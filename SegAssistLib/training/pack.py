@@ -1,0 +1,184 @@
+"""A training pack: the training split cut down to what the patch sampler can ever look at.
+
+A GPU machine that cannot reach ``../shared`` gets its training data as a folder that travels with
+the repository. For every training-split case the pack keeps the box of the image that holds every
+window :func:`~SegAssistLib.training.data.sample_patch` can cut around any of the case's targets
+(the box centre of a target, plus or minus the window size at its zoom level), so sampling from a
+packed case gives exactly the patches the full case gives. Intensities are stored losslessly, in
+the smallest form that holds them: int16 for integer images (raw MRI, CT in HU), an 8- or 16-bit
+index into a table of values for images with few distinct values (the z-scored left-atrium MRIs
+have about 200), float32 otherwise. Files are compressed NumPy archives (``.npz``), one per case,
+and ``pack.json`` lists them with their geometry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from SegAssistLib.engine import patching
+from SegAssistLib.errors import SegAssistError
+from SegAssistLib.files import atomic_write, atomic_write_bytes, check_format
+
+PACK_FORMAT = "segassist-training-pack"
+PACK_VERSION = 1
+MANIFEST = "pack.json"
+
+
+class PackError(SegAssistError):
+    """A training pack that cannot be written or read."""
+
+
+@dataclass
+class PackSummary:
+    folder: Path
+    cases: Dict[str, int]
+    bytes: int
+    source_voxels: int
+    packed_voxels: int
+    seconds: float
+
+
+def sampling_box(
+    targets_boxes: Sequence[Tuple[np.ndarray, np.ndarray]],
+    spacing_kji: Sequence[float],
+    shape: Sequence[int],
+    patch: int,
+    levels: Callable[[np.ndarray], int],
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) voxel box of the image that holds every window sampled around any of the targets.
+
+    A sampled window is centred within half a window of its target's box centre (partial views
+    are centred on a voxel of the target, whole views within 0.35 windows of the centre), so the
+    box centre plus or minus one window (and two voxels for rounding) holds it.
+    """
+    lo_all = np.asarray(shape, int)
+    hi_all = np.zeros(3, int)
+    for lo, hi in targets_boxes:
+        size = np.asarray(patching.window_size(spacing_kji, patch, levels(hi - lo + 1)))
+        centre = (np.asarray(lo) + np.asarray(hi)) / 2.0
+        lo_all = np.minimum(lo_all, np.maximum(np.floor(centre - size - 2).astype(int), 0))
+        hi_all = np.maximum(hi_all, np.minimum(np.ceil(centre + size + 3).astype(int), shape))
+    return lo_all, hi_all
+
+
+def encode_image(array: np.ndarray) -> Dict[str, np.ndarray]:
+    """Arrays that hold ``array`` (float32) exactly, in the smallest of the forms described above."""
+    array = np.asarray(array, np.float32)
+    if not np.all(np.isfinite(array)):
+        raise PackError("the image has NaN or infinite values")
+    if array.size and array.min() >= -32768 and array.max() <= 32767 and np.array_equal(array, np.rint(array)):
+        return {"image": array.astype(np.int16)}
+    values, index = np.unique(array, return_inverse=True)
+    if len(values) <= 65536:
+        dtype = np.uint8 if len(values) <= 256 else np.uint16
+        return {"image_index": index.reshape(array.shape).astype(dtype), "image_values": values.astype(np.float32)}
+    return {"image": array}
+
+
+def decode_image(arrays) -> np.ndarray:
+    if "image_index" in arrays:
+        return np.asarray(arrays["image_values"], np.float32)[np.asarray(arrays["image_index"])]
+    return np.asarray(arrays["image"], np.float32)
+
+
+def _case_file_name(dataset: str, name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}__{name}")
+    return f"{safe}.npz"
+
+
+def write_pack(
+    data_root: Path,
+    out: Path,
+    patch: int = 64,
+    datasets: Optional[Sequence[str]] = None,
+    progress: Callable[[str], None] = print,
+) -> PackSummary:
+    """Pack the training split of every dataset folder under ``data_root`` into ``out`` (new or empty)."""
+    from SegAssistLib.training.data import load_training_cases, needed_level
+
+    started = time.time()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PackError(f"{out} is not empty: a pack is written into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest: Dict = {"format": PACK_FORMAT, "format_version": PACK_VERSION, "patch": int(patch),
+                      "source": str(data_root), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "datasets": {}}
+    total_bytes = source_voxels = packed_voxels = 0
+    counts: Dict[str, int] = {}
+    by_dataset = load_training_cases(Path(data_root), datasets, click_union_datasets=())
+    for dataset, cases in by_dataset.items():
+        entries: List[Dict] = []
+        for case in cases:
+            lo, hi = sampling_box([case.box(t) for t in case.targets], case.spacing_kji, case.image.shape,
+                                  patch, lambda extent, c=case: needed_level(extent, c.spacing_kji, patch))
+            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            arrays = encode_image(case.image[box])
+            labels = case.labels[box]
+            arrays["labels"] = labels.astype(np.uint8 if labels.min() >= 0 and labels.max() < 256 else np.int16)
+            name = _case_file_name(dataset, case.name)
+            atomic_write(out / name, lambda p, a=arrays: _save_npz(p, a))
+            size = (out / name).stat().st_size
+            total_bytes += size
+            source_voxels += case.image.size
+            packed_voxels += labels.size
+            entries.append({"name": case.name, "file": name, "shape": list(case.image.shape),
+                            "crop_start": [int(v) for v in lo], "spacing_kji": list(case.spacing_kji),
+                            "modality": case.modality, "bytes": size})
+        manifest["datasets"][dataset] = entries
+        counts[dataset] = len(entries)
+        progress(f"{dataset}: {len(entries)} cases, {sum(e['bytes'] for e in entries) / 2**20:.1f} MiB")
+    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return PackSummary(out, counts, total_bytes, source_voxels, packed_voxels, time.time() - started)
+
+
+def _save_npz(path: Path, arrays: Dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def is_pack(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def packs_in(folder: Path) -> List[Path]:
+    """``[folder]`` when it is a pack, else the packs directly inside it (a pack too large to travel
+    in one piece is written as several, one per group of datasets, into one folder)."""
+    folder = Path(folder)
+    if is_pack(folder):
+        return [folder]
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and is_pack(p))
+
+
+def read_manifest(folder: Path, patch: Optional[int] = None) -> Dict:
+    path = Path(folder) / MANIFEST
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PackError(f"cannot read the training pack manifest {path}: {exc}") from exc
+    check_format(data, path, PACK_FORMAT, PACK_VERSION, "training pack", PackError)
+    if patch is not None and int(patch) > int(data["patch"]):
+        raise PackError(f"{folder} was packed for patches of at most {data['patch']} voxels; this network's "
+                        f"patch is {patch}: pack the data again with --patch {patch}")
+    return data
+
+
+def read_case(folder: Path, entry: Dict) -> Tuple[np.ndarray, np.ndarray]:
+    """(image float32, labels int16) of one packed case, as cropped."""
+    path = Path(folder) / entry["file"]
+    try:
+        with np.load(path) as arrays:
+            image, labels = decode_image(arrays), np.asarray(arrays["labels"], np.int16)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PackError(f"cannot read packed case {path}: {exc}") from exc
+    if image.shape != labels.shape:
+        raise PackError(f"{path}: image {image.shape} and labels {labels.shape} differ in shape")
+    return image, labels

@@ -1,0 +1,113 @@
+"""Training packs: lossless intensity encoding, and sampling from a pack gives exactly the patches the
+original cases give."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SegAssistLib.training import pack
+from SegAssistLib.training.data import load_training_cases, sample_patch
+
+
+@pytest.mark.parametrize(
+    "array, stored",
+    [
+        (np.arange(-500, 500, dtype=np.float32).reshape(10, 10, 10), "image"),  # integers: int16
+        (np.linspace(-1, 5, 200, dtype=np.float32)[np.arange(1000) % 200].reshape(10, 10, 10), "image_index"),
+        (np.linspace(-1, 5, 3000, dtype=np.float32)[np.arange(3000)].reshape(10, 15, 20), "image_index"),
+        (np.random.default_rng(0).normal(size=(40, 40, 50)).astype(np.float32), "image"),  # many values
+        (np.full((4, 4, 4), 70000.0, np.float32), "image_index"),  # integer but past int16
+    ],
+)
+def test_encoding_is_lossless_and_small(array, stored):
+    arrays = pack.encode_image(array)
+    assert stored in arrays
+    decoded = pack.decode_image(arrays)
+    assert decoded.dtype == np.float32 and np.array_equal(decoded, array)
+    if stored == "image_index":
+        assert arrays["image_index"].dtype == (np.uint8 if len(np.unique(array)) <= 256 else np.uint16)
+
+
+def test_encoding_rejects_nan():
+    array = np.zeros((3, 3, 3), np.float32)
+    array[1, 1, 1] = np.nan
+    with pytest.raises(pack.PackError, match="NaN"):
+        pack.encode_image(array)
+
+
+@pytest.fixture(scope="module")
+def small_data_root(shared_data: Path, tmp_path_factory) -> Path:
+    """Two training-split datasets, a few cases each: Sunnybrook (the pack crops its volumes) and hippocampus."""
+    root = tmp_path_factory.mktemp("data")
+    picks = {
+        "sunnybrook": ["SCD0000201_phase07", "SCD0000301_phase20"],
+        "hippocampus": ["hippocampus_003", "hippocampus_004"],
+    }
+    for dataset, names in picks.items():
+        src, dst = shared_data / dataset, root / dataset
+        (dst / "imagesTr").mkdir(parents=True)
+        (dst / "labelsTr").mkdir()
+        shutil.copy(src / "dataset.json", dst / "dataset.json")
+        for name in names:
+            for image in sorted((src / "imagesTr").glob(f"{name}*")):
+                shutil.copy(image, dst / "imagesTr" / image.name)
+            shutil.copy(src / "labelsTr" / f"{name}.nii.gz", dst / "labelsTr" / f"{name}.nii.gz")
+    return root
+
+
+def test_sampling_from_a_pack_gives_the_same_patches(small_data_root: Path, tmp_path: Path):
+    summary = pack.write_pack(small_data_root, tmp_path / "pack", progress=lambda _: None)
+    assert summary.cases == {"sunnybrook": 2, "hippocampus": 2}
+    assert summary.packed_voxels < summary.source_voxels  # the Sunnybrook volumes were cropped
+    original = load_training_cases(small_data_root)
+    packed = load_training_cases(tmp_path / "pack", patch=64)
+    assert sorted(original) == sorted(packed)
+    for dataset in original:
+        for full, cut in zip(original[dataset], packed[dataset]):
+            assert (full.name, full.modality, full.targets) == (cut.name, cut.modality, cut.targets)
+            assert full.spacing_kji == cut.spacing_kji
+            for target in full.targets:
+                for seed in range(4):
+                    a = sample_patch(full, target, np.random.default_rng(seed), 64)
+                    b = sample_patch(cut, target, np.random.default_rng(seed), 64)
+                    assert (a is None) == (b is None)
+                    if a is not None:
+                        assert np.array_equal(a[0].numpy(), b[0].numpy()), (full.name, target, seed)
+                        assert np.array_equal(a[1], b[1])
+
+
+def test_pack_errors_are_clear(small_data_root: Path, tmp_path: Path):
+    out = tmp_path / "pack"
+    pack.write_pack(small_data_root, out, datasets=["hippocampus"], progress=lambda _: None)
+    with pytest.raises(pack.PackError, match="not empty"):
+        pack.write_pack(small_data_root, out, progress=lambda _: None)
+    with pytest.raises(pack.PackError, match="patches of at most 64"):
+        load_training_cases(out, patch=96)
+    entry = json.loads((out / pack.MANIFEST).read_text())["datasets"]["hippocampus"][0]
+    (out / entry["file"]).write_bytes(b"not an archive")
+    with pytest.raises(pack.PackError, match="cannot read packed case"):
+        load_training_cases(out)
+    (out / pack.MANIFEST).write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(pack.PackError, match="not a SegAssist training pack"):
+        load_training_cases(out)
+
+
+def test_a_folder_of_packs_reads_as_one(small_data_root: Path, tmp_path: Path):
+    """A pack too large to travel at once is written as several packs into one folder."""
+    whole = load_training_cases(pack.write_pack(small_data_root, tmp_path / "whole", progress=lambda _: None).folder)
+    for part, dataset in (("a", "hippocampus"), ("b", "sunnybrook")):
+        pack.write_pack(small_data_root, tmp_path / "parts" / part, datasets=[dataset], progress=lambda _: None)
+    parts = load_training_cases(tmp_path / "parts")
+    assert list(parts) == list(whole) == ["hippocampus", "sunnybrook"]
+    for dataset in whole:
+        for x, y in zip(whole[dataset], parts[dataset]):
+            assert x.name == y.name and np.array_equal(x.image, y.image) and np.array_equal(x.labels, y.labels)
+    assert list(load_training_cases(tmp_path / "parts", datasets=["sunnybrook"])) == ["sunnybrook"]
+    pack.write_pack(small_data_root, tmp_path / "parts" / "c", datasets=["sunnybrook"], progress=lambda _: None)
+    with pytest.raises(pack.PackError, match="sunnybrook is in more than one pack"):
+        load_training_cases(tmp_path / "parts")
