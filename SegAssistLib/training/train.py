@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +55,9 @@ class TrainConfig:
     device: str = "cpu"  # "cuda" trains on a GPU; patches are still cut on the CPU by the loader
     threads: int = 1  # see ARCHITECTURE.md: 2 threads beside other work are 4-7x slower than 1
     loader_workers: int = 1  # patches are cut in a separate process while the network trains
+    # processes that find the correction clicks between rounds (0: the training process does it).
+    # On a GPU the network is fast and this CPU work is what a step waits for.
+    simulation_workers: int = 0
     seed: int = 0
 
 
@@ -89,6 +94,11 @@ class PatchStream(torch.utils.data.IterableDataset):
                 yield sample + (case.first_prompt_kinds(target),)
 
 
+def _correction_job(job: Tuple[np.ndarray, np.ndarray, int]) -> Optional[PatchPrompt]:
+    target, prediction, seed = job
+    return simulation.correction_prompt(target, prediction, np.random.default_rng(seed))
+
+
 def _batch_inputs(images, prevs, prompts: List[List[PatchPrompt]], patch: int) -> torch.Tensor:
     return torch.stack(
         [assemble_input(img, prev, draw_prompts(pp, patch)) for img, prev, pp in zip(images, prevs, prompts)]
@@ -115,6 +125,11 @@ class Trainer:
             self.step, self.elapsed = state["step"], state["elapsed"]
             self.rng = np.random.default_rng(cfg.seed + self.step)
             print(f"resumed from {resume} at step {self.step}", flush=True)
+        self.pool = (
+            ProcessPoolExecutor(cfg.simulation_workers, mp_context=multiprocessing.get_context("fork"))
+            if cfg.simulation_workers > 0
+            else None
+        )
         self.stream = iter(
             torch.utils.data.DataLoader(
                 PatchStream(cfg, self.net_cfg.patch_size, self.step),
@@ -129,6 +144,21 @@ class Trainer:
     def _batch(self):
         batch = next(self.stream)
         return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+
+    def corrections(
+        self, targets: Sequence[np.ndarray], predictions: Sequence[np.ndarray]
+    ) -> List[Optional[PatchPrompt]]:
+        """The simulated user's next click (or scribble) on each sample, from one seed per sample, so
+        the answer is the same whether the pool or this process finds it."""
+        jobs = [(t, p, int(s)) for t, p, s in zip(targets, predictions, self.rng.integers(2**62, size=len(targets)))]
+        if self.pool is None:
+            return [_correction_job(job) for job in jobs]
+        return list(self.pool.map(_correction_job, jobs))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def _lr(self) -> float:
         frac = min(1.0, self.elapsed / (self.cfg.minutes * 60.0))
@@ -152,9 +182,7 @@ class Trainer:
         with torch.no_grad():
             for _ in range(rounds):
                 pred = (self.net(_batch_inputs(images, prevs, prompts, patch).to(self.device))[:, 0] > 0).cpu()
-                for i, gt in enumerate(gts):
-                    p = pred[i].numpy()
-                    correction = simulation.correction_prompt(gt, p, self.rng)
+                for i, correction in enumerate(self.corrections(gts, [p.numpy() for p in pred])):
                     if correction is not None:
                         prompts[i].append(correction)
                     prevs[i] = pred[i].float()
@@ -212,4 +240,5 @@ class Trainer:
                 self.save()
                 last_ckpt = time.time()
         self.save(final=True)
+        self.close()
         print(f"done: {self.step} steps in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)

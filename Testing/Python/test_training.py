@@ -45,6 +45,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
         "data_root": "",  # synthetic data only: the test does not depend on ../shared
         "network": {"channels": [4, 8], "strides": [2], "patch_size": 24},
         "batch_size": 2, "minutes": 5, "max_steps": 3, "loader_workers": 0, "max_correction_rounds": 1,
+        "simulation_workers": 1,  # the correction clicks found in a pool, as on a GPU machine
     }
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(cfg))
@@ -86,3 +87,29 @@ def test_the_committed_training_config_of_the_shipped_weights_loads():
     path = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "training_config_v0.3.0.json"
     cfg = TrainConfig(**json.loads(path.read_text()))
     assert cfg.learning_rate == 1e-3 and cfg.click_union_datasets == ["brats"] and cfg.network["patch_size"] == 64
+
+
+def test_correction_clicks_are_the_same_from_the_simulation_pool(tmp_path):
+    from SegAssistLib.training.train import TrainConfig, Trainer
+
+    rng = np.random.default_rng(5)
+    targets, predictions = [], []
+    for _ in range(6):
+        target = np.zeros((24, 24, 24), bool)
+        lo = rng.integers(2, 8, 3)
+        target[lo[0] : lo[0] + 12, lo[1] : lo[1] + 10, lo[2] : lo[2] + 14] = True
+        prediction = np.roll(target, int(rng.integers(-4, 5)), axis=int(rng.integers(3)))
+        targets.append(target)
+        predictions.append(prediction)
+    answers = []
+    for workers in (0, 2):
+        cfg = TrainConfig(data_root="", network={"channels": [4, 8], "strides": [2], "patch_size": 24},
+                          loader_workers=0, simulation_workers=workers)
+        trainer = Trainer(cfg, tmp_path / f"run{workers}")
+        answers.append(trainer.corrections(targets, predictions))
+        trainer.close()
+    assert all(a is not None for a in answers[0])
+    for a, b in zip(*answers):
+        assert (a.kind, a.positive) == (b.kind, b.positive) and np.array_equal(a.coords, b.coords)
+        k, j, i = np.rint(a.coords[0]).astype(int)
+        assert 0 <= k < 24 and 0 <= j < 24 and 0 <= i < 24

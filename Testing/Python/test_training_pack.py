@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,24 @@ def test_a_folder_of_packs_reads_as_one(small_data_root: Path, tmp_path: Path):
     pack.write_pack(small_data_root, tmp_path / "parts" / "c", datasets=["sunnybrook"], progress=lambda _: None)
     with pytest.raises(pack.PackError, match="sunnybrook is in more than one pack"):
         load_training_cases(tmp_path / "parts")
+
+
+def test_training_from_a_pack_needs_neither_simpleitk_nor_fastapi(small_data_root: Path, tmp_path: Path):
+    """What a GPU machine with only torch, MONAI and pydantic runs: ``python -m SegAssistLib.training``."""
+    pack.write_pack(small_data_root, tmp_path / "pack", progress=lambda _: None)
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({
+        "data_root": str(tmp_path / "pack"), "synthetic_share": 0.0,
+        "network": {"channels": [4, 8], "strides": [2], "patch_size": 24},
+        "batch_size": 2, "minutes": 5, "max_steps": 2, "loader_workers": 1, "max_correction_rounds": 1,
+    }))
+    blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('SimpleITK', 'fastapi', 'uvicorn')]; "
+    run = subprocess.run(
+        [sys.executable, "-c", blocked + "import runpy; runpy.run_module('SegAssistLib.training', run_name='__main__')",
+         "train", "--out", str(tmp_path / "run"), "--config", str(config)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "'hippocampus': 2, 'sunnybrook': 2" in run.stdout
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == str(tmp_path / "pack")
+    assert (tmp_path / "run" / "model.pt").is_file()
