@@ -1,19 +1,22 @@
 """Package a training run's model.pt as the shipped weights (Resources/Models/segassist_unet.pt).
 
 Adds the provenance the model card and ``Capabilities`` read: name, version, licence, description,
-training data, steps, wall time, hardware. Also copies the run's resumable state beside it, so the
-next training session continues where this one stopped.
+training data, steps, wall time, hardware (as the run recorded it). Also copies the run's resumable
+state beside it, so the next training session continues where this one stopped; a run without one
+(a GPU run whose state stayed on the GPU machine) removes the old state, which belongs to other weights.
 
 Usage: python scripts/package_model.py runs/v1 --version 0.1.0
 """
 
 import argparse
-import platform
 import shutil
 from pathlib import Path
 
+import torch
+
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT
 from SegAssistLib.engine.network import load_checkpoint, save_checkpoint
+from SegAssistLib.training.train import training_hardware
 
 
 def main() -> None:
@@ -22,19 +25,23 @@ def main() -> None:
     parser.add_argument("--version", required=True)
     args = parser.parse_args()
     model = load_checkpoint(args.run / "model.pt")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
     meta = dict(model.meta)
+    hardware = meta.get("hardware") or training_hardware(torch.device("cpu"))
     meta.update({
         "name": "segassist-unet",
         "version": args.version,
         "licence": "Apache-2.0",
         "description": "promptable 3D U-Net (MONAI): image, previous mask and 5 prompt channels in, one logit out",
         "training_data": "training split of ../shared/data (Resources/splits.json) + randomised synthetic volumes",
-        "hardware": f"{cpu}, {__import__('os').cpu_count()} cores, CPU only",
+        "hardware": hardware,
     })
     save_checkpoint(DEFAULT_CHECKPOINT, model.network, model.config, meta)
-    shutil.copyfile(args.run / "state.pt", DEFAULT_CHECKPOINT.with_name("training_state.pt"))
+    state = DEFAULT_CHECKPOINT.with_name("training_state.pt")
+    if (args.run / "state.pt").is_file():
+        shutil.copyfile(args.run / "state.pt", state)
+    elif state.exists():
+        state.unlink()
+        print(f"{args.run} has no state.pt: removed {state}, which belonged to the previous weights")
     print(f"wrote {DEFAULT_CHECKPOINT} (steps {meta.get('steps')}, {meta.get('train_seconds')} s)")
 
 

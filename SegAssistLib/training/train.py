@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
+import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -92,6 +94,20 @@ class PatchStream(torch.utils.data.IterableDataset):
             sample = sample_patch(case, target, rng, self.patch)
             if sample is not None:
                 yield sample + (case.first_prompt_kinds(target),)
+
+
+def training_hardware(device: torch.device) -> str:
+    """What the run trained on, for the model card: the GPU's name, or the CPU's and its cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA), {os.cpu_count()} CPU cores"
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, CPU only"
 
 
 def _correction_job(job: Tuple[np.ndarray, np.ndarray, int]) -> Optional[PatchPrompt]:
@@ -214,7 +230,7 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.out / "state.pt")
         meta = {"name": "segassist-unet", "steps": self.step, "train_seconds": round(self.elapsed),
-                "train_config": asdict(self.cfg), "final": final}
+                "train_config": asdict(self.cfg), "final": final, "hardware": training_hardware(self.device)}
         save_checkpoint(self.out / "model.pt", self.net, self.net_cfg, meta)
 
     def run(self) -> None:

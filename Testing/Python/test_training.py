@@ -89,6 +89,22 @@ def test_the_committed_training_config_of_the_shipped_weights_loads():
     assert cfg.learning_rate == 1e-3 and cfg.click_union_datasets == ["brats"] and cfg.network["patch_size"] == 64
 
 
+def test_the_gpu_training_config_loads_and_its_model_file_fits_a_transfer(tmp_path):
+    """scripts/gpu/train_config.json (docs/training.md): a valid config whose model.pt stays under the
+    16 MiB a file may have to come back from a GPU machine."""
+    from pathlib import Path
+
+    from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
+    from SegAssistLib.training.train import TrainConfig
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "train_config.json"
+    cfg = TrainConfig(**json.loads(path.read_text()))
+    assert cfg.device == "cuda" and cfg.simulation_workers > 0 and cfg.data_root == ".pack"
+    net_cfg = NetworkConfig.from_dict(cfg.network)
+    save_checkpoint(tmp_path / "model.pt", build_network(net_cfg), net_cfg, {"train_config": {}})
+    assert (tmp_path / "model.pt").stat().st_size < 16 * 2**20
+
+
 def test_correction_clicks_are_the_same_from_the_simulation_pool(tmp_path):
     from SegAssistLib.training.train import TrainConfig, Trainer
 
