@@ -141,8 +141,9 @@ class Trainer:
             self.step, self.elapsed = state["step"], state["elapsed"]
             self.rng = np.random.default_rng(cfg.seed + self.step)
             print(f"resumed from {resume} at step {self.step}", flush=True)
+        # spawned, not forked: by the first correction this process runs torch's and the loader's threads
         self.pool = (
-            ProcessPoolExecutor(cfg.simulation_workers, mp_context=multiprocessing.get_context("fork"))
+            ProcessPoolExecutor(cfg.simulation_workers, mp_context=multiprocessing.get_context("spawn"))
             if cfg.simulation_workers > 0
             else None
         )
