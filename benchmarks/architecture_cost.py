@@ -21,7 +21,7 @@ from typing import Dict, List
 import torch
 
 from SegAssistLib.engine.network import NetworkConfig, build_network
-from SegAssistLib.evaluation.bench import machine_info
+from SegAssistLib.machine import machine_info
 
 CANDIDATES = [
     ((16, 32, 64, 128), 0),  # shipped (v0.1.0 to v0.3.0)

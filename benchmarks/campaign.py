@@ -77,7 +77,6 @@ import torch
 from SegAssistLib.datasets import list_cases, load_splits
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
-from SegAssistLib.evaluation.bench import machine_info
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.simulator import next_click
 from SegAssistLib.image import Volume
@@ -89,6 +88,7 @@ from SegAssistLib.learning.deploy import FULL, EngineSync, base_copy
 from SegAssistLib.learning.loop_errors import TrainingError
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
+from SegAssistLib.machine import machine_info
 from SegAssistLib.prompts import MaskPrompt
 from SegAssistLib.training.data import MIN_TARGET_VOXELS
 

@@ -52,7 +52,6 @@ import torch
 from SegAssistLib.datasets import list_cases, load_splits
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import load_checkpoint
-from SegAssistLib.evaluation.bench import machine_info
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.simulator import first_click, next_click
 from SegAssistLib.evaluation.stats import latency_summary
@@ -61,6 +60,7 @@ from SegAssistLib.io import load_mask, load_volume
 from SegAssistLib.learning import Datastore
 from SegAssistLib.learning.jobs import FINAL_STATES, TrainingJob, start_training
 from SegAssistLib.learning.trainer import AdapterTrainConfig
+from SegAssistLib.machine import machine_info
 from SegAssistLib.prompts import Prompt
 
 TARGET_RATIO = 1.30

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ from monai.losses import DiceCELoss
 
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
+from SegAssistLib.machine import machine_info
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import (
     CLICK_UNION_DATASETS,
@@ -97,17 +96,11 @@ class PatchStream(torch.utils.data.IterableDataset):
 
 
 def training_hardware(device: torch.device) -> str:
-    """What the run trained on, for the model card: the GPU's name, or the CPU's and its cores."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA), {os.cpu_count()} CPU cores"
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, CPU only"
+    """What a run trains on, for the model card: the GPU's name, or the CPU's and its cores."""
+    info = machine_info(str(device))
+    if "gpu" in info:
+        return f"{info['gpu']} (CUDA), {info['cpu_count']} CPU cores"
+    return f"{info['cpu']}, {info['cpu_count']} cores, CPU only"
 
 
 def _correction_job(job: Tuple[np.ndarray, np.ndarray, int]) -> Optional[PatchPrompt]:
@@ -141,6 +134,7 @@ class Trainer:
             self.step, self.elapsed = state["step"], state["elapsed"]
             self.rng = np.random.default_rng(cfg.seed + self.step)
             print(f"resumed from {resume} at step {self.step}", flush=True)
+        self.hardware = training_hardware(self.device)
         # spawned, not forked: by the first correction this process runs torch's and the loader's threads
         self.pool = (
             ProcessPoolExecutor(cfg.simulation_workers, mp_context=multiprocessing.get_context("spawn"))
@@ -231,7 +225,7 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.out / "state.pt")
         meta = {"name": "segassist-unet", "steps": self.step, "train_seconds": round(self.elapsed),
-                "train_config": asdict(self.cfg), "final": final, "hardware": training_hardware(self.device)}
+                "train_config": asdict(self.cfg), "final": final, "hardware": self.hardware}
         save_checkpoint(self.out / "model.pt", self.net, self.net_cfg, meta)
 
     def run(self) -> None:
