@@ -62,9 +62,12 @@ def to_patch_prompt(prompt: Prompt, window: Window) -> Optional[PatchPrompt]:
     return None
 
 
-def draw_prompts(prompts: Iterable[PatchPrompt], patch: int) -> np.ndarray:
-    """The five prompt channels (bool, shape ``(5, patch, patch, patch)``)."""
-    ch = np.zeros((5,) + (patch,) * 3, bool)
+def draw_prompts(prompts: Iterable[PatchPrompt], patch: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The five prompt channels (bool, shape ``(5, patch, patch, patch)``); with ``out``, the prompts
+    are added to those channels in place (drawing only adds ink, so a correction is drawn alone)."""
+    ch = np.zeros((5,) + (patch,) * 3, bool) if out is None else out
+    if ch.shape != (5,) + (patch,) * 3 or ch.dtype != bool:
+        raise ValueError(f"prompt channels must be bool of shape {(5,) + (patch,) * 3}, got {ch.dtype} {ch.shape}")
     for p in prompts:
         if p.kind == "point":
             rasterize.draw_balls(ch[0 if p.positive else 1], p.coords, POINT_RADIUS)

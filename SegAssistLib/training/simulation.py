@@ -7,7 +7,7 @@ network learns to answer the prompts users and benchmarks actually give.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -170,6 +170,26 @@ def corrupt_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= r * r
         out = out & ~ball if rng.random() < 0.5 else out | ball
     return out
+
+
+def starting_point(
+    mask: np.ndarray, rng: np.random.Generator, kinds: Sequence[str] = FIRST_KINDS, corrupt_share: float = 0.0
+) -> Tuple[List[PatchPrompt], Optional[np.ndarray]]:
+    """How a training sample begins: (prompts, previous mask or ``None``).
+
+    Usually a first prompt on an empty mask; with probability ``corrupt_share`` an imperfect previous
+    mask instead (as after an earlier session or a pre-segmentation) with a correction at its largest
+    error, half the time after the first prompt.
+    """
+    prompts = [first_prompt(mask, rng, kinds)]
+    if rng.random() >= corrupt_share:
+        return prompts, None
+    prior = corrupt_mask(mask, rng)
+    correction = correction_prompt(mask, prior, rng)
+    prompts = ([] if rng.random() < 0.5 else prompts) + ([correction] if correction else [])
+    if not prompts:
+        prompts = [first_prompt(mask, rng, kinds)]
+    return prompts, prior
 
 
 def first_prompts_batch(

@@ -62,8 +62,28 @@ class TrainConfig:
     seed: int = 0
 
 
+@dataclass
+class Sample:
+    """A training patch and how its simulated session starts (built in the loader process, so the
+    training process only runs the network and the correction rounds)."""
+
+    image: torch.Tensor  # (P, P, P) normalised intensities
+    target: np.ndarray  # (P, P, P) bool
+    prompts: List[PatchPrompt]
+    previous: torch.Tensor  # (P, P, P) float: empty, or a corrupted mask to correct
+    channels: np.ndarray  # the prompts drawn (5, P, P, P) bool; corrections are added in place
+
+
+def start_sample(
+    image: torch.Tensor, target: np.ndarray, kinds: Sequence[str], rng: np.random.Generator, corrupt_share: float
+) -> Sample:
+    prompts, prior = simulation.starting_point(target, rng, kinds, corrupt_share)
+    previous = torch.zeros(target.shape) if prior is None else torch.from_numpy(prior.astype(np.float32))
+    return Sample(image, target, prompts, previous, draw_prompts(prompts, target.shape[0]))
+
+
 class PatchStream(torch.utils.data.IterableDataset):
-    """An endless stream of (image patch, target patch, first prompt kinds), real or synthetic."""
+    """An endless stream of :class:`Sample` (real or synthetic patches) with their first prompts."""
 
     def __init__(self, cfg: TrainConfig, patch: int, offset: int = 0):
         self.cfg, self.patch, self.offset = cfg, patch, offset
@@ -90,9 +110,9 @@ class PatchStream(torch.utils.data.IterableDataset):
                 cases = real[names[int(rng.integers(len(names)))]]
                 case = cases[int(rng.integers(len(cases)))]
             target = case.targets[int(rng.integers(len(case.targets)))]
-            sample = sample_patch(case, target, rng, self.patch)
-            if sample is not None:
-                yield sample + (case.first_prompt_kinds(target),)
+            cut = sample_patch(case, target, rng, self.patch)
+            if cut is not None:
+                yield start_sample(cut[0], cut[1], case.first_prompt_kinds(target), rng, self.cfg.corrupt_share)
 
 
 def training_hardware(device: torch.device) -> str:
@@ -108,10 +128,8 @@ def _correction_job(job: Tuple[np.ndarray, np.ndarray, int]) -> Optional[PatchPr
     return simulation.correction_prompt(target, prediction, np.random.default_rng(seed))
 
 
-def _batch_inputs(images, prevs, prompts: List[List[PatchPrompt]], patch: int) -> torch.Tensor:
-    return torch.stack(
-        [assemble_input(img, prev, draw_prompts(pp, patch)) for img, prev, pp in zip(images, prevs, prompts)]
-    )
+def _batch_inputs(samples: Sequence[Sample]) -> torch.Tensor:
+    return torch.stack([assemble_input(s.image, s.previous, s.channels) for s in samples])
 
 
 class Trainer:
@@ -152,10 +170,6 @@ class Trainer:
             )
         )
 
-    def _batch(self):
-        batch = next(self.stream)
-        return [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
-
     def corrections(
         self, targets: Sequence[np.ndarray], predictions: Sequence[np.ndarray]
     ) -> List[Optional[PatchPrompt]]:
@@ -176,30 +190,21 @@ class Trainer:
         return self.cfg.learning_rate * max(0.03, 0.5 * (1 + math.cos(math.pi * frac)))
 
     def train_step(self) -> dict:
-        patch = self.net_cfg.patch_size
-        images, gts, kinds = self._batch()
-        prompts = simulation.first_prompts_batch(gts, self.rng, kinds)
-        prevs = [torch.zeros((patch,) * 3) for _ in gts]
-        for i, gt in enumerate(gts):
-            if self.rng.random() < self.cfg.corrupt_share:
-                prior = simulation.corrupt_mask(gt, self.rng)
-                correction = simulation.correction_prompt(gt, prior, self.rng)
-                prevs[i] = torch.from_numpy(prior.astype(np.float32))
-                prompts[i] = ([] if self.rng.random() < 0.5 else prompts[i]) + ([correction] if correction else [])
-                if not prompts[i]:
-                    prompts[i] = [simulation.first_prompt(gt, self.rng, kinds[i])]
+        samples: List[Sample] = next(self.stream)
         rounds = int(self.rng.integers(0, self.cfg.max_correction_rounds + 1))
         self.net.eval()
         with torch.no_grad():
             for _ in range(rounds):
-                pred = (self.net(_batch_inputs(images, prevs, prompts, patch).to(self.device))[:, 0] > 0).cpu()
-                for i, correction in enumerate(self.corrections(gts, [p.numpy() for p in pred])):
+                pred = (self.net(_batch_inputs(samples).to(self.device))[:, 0] > 0).cpu()
+                targets = [s.target for s in samples]
+                for sample, p, correction in zip(samples, pred, self.corrections(targets, [p.numpy() for p in pred])):
                     if correction is not None:
-                        prompts[i].append(correction)
-                    prevs[i] = pred[i].float()
+                        sample.prompts.append(correction)
+                        draw_prompts([correction], self.net_cfg.patch_size, out=sample.channels)
+                    sample.previous = p.float()
         self.net.train()
-        x = _batch_inputs(images, prevs, prompts, patch).to(self.device)
-        y = torch.from_numpy(np.stack(gts)[:, None].astype(np.float32)).to(self.device)
+        x = _batch_inputs(samples).to(self.device)
+        y = torch.from_numpy(np.stack([s.target for s in samples])[:, None].astype(np.float32)).to(self.device)
         for group in self.opt.param_groups:
             group["lr"] = self._lr()
         logits = self.net(x)

@@ -206,3 +206,20 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
     with pytest.raises(SystemExit):  # the earlier run has no random walker to reuse
         acceptance.main(common + ["--engines", "builtin,randomwalker", "--out", str(second),
                                   "--baselines-from", str(first / "acceptance.json")])  # fmt: skip
+
+
+def test_training_throughput_times_real_steps_and_accounts_for_them(tmp_path: Path, one_thread) -> None:
+    throughput = _script("training_throughput")
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"data_root": "", "network": {"channels": [4, 8], "strides": [2], "patch_size": 24},
+                                  "batch_size": 2, "loader_workers": 0, "max_correction_rounds": 2}))
+    out = tmp_path / "throughput.json"
+    assert throughput.main(["--config", str(config), "--steps", "4", "--warmup", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["result"]
+    assert result["steps"] == 4 and result["batch_size"] == 2 and 0 <= result["mean_correction_rounds"] <= 2
+    parts = result["loader_wait_ms"] + result["corrections_ms"] + result["network_and_rest_ms"]
+    assert parts == pytest.approx(result["step_ms_mean"], abs=0.3)
+    assert result["loader_wait_ms"] > 0 and result["network_and_rest_ms"] > 0  # the loader runs in-process here
+    assert (result["corrections_ms"] > 0) == (result["mean_correction_rounds"] > 0)
+    with pytest.raises(SystemExit):
+        throughput.main(["--steps", "0"])

@@ -129,3 +129,44 @@ def test_correction_clicks_are_the_same_from_the_simulation_pool(tmp_path):
         assert (a.kind, a.positive) == (b.kind, b.positive) and np.array_equal(a.coords, b.coords)
         k, j, i = np.rint(a.coords[0]).astype(int)
         assert 0 <= k < 24 and 0 <= j < 24 and 0 <= i < 24
+
+
+def test_samples_arrive_from_the_loader_with_their_start_drawn_and_corrections_add_ink():
+    """The loader gives each patch its first prompt (or a corrupted prior and its correction) and
+    draws them; the training process then only draws the correction clicks, into the same channels."""
+    from SegAssistLib.training.train import PatchStream, TrainConfig
+
+    cfg = TrainConfig(data_root="", network={"channels": [4, 8], "strides": [2], "patch_size": 24},
+                      corrupt_share=0.5, seed=7)
+    stream = iter(PatchStream(cfg, 24))
+    samples = [next(stream) for _ in range(12)]
+    with_prior = [s for s in samples if s.previous.any()]
+    assert 0 < len(with_prior) < len(samples)  # both starts occur at corrupt_share 0.5
+    for s in samples:
+        assert s.image.shape == (24, 24, 24) and s.target.shape == (24, 24, 24) and s.target.any()
+        assert s.prompts and np.array_equal(s.channels, draw_prompts(s.prompts, 24))
+        assert set(np.unique(s.previous.numpy())) <= {0.0, 1.0}
+    s = samples[0]
+    click = simulation.correction_prompt(s.target, np.zeros_like(s.target), np.random.default_rng(0))
+    before = s.channels.copy()
+    draw_prompts([click], 24, out=s.channels)
+    assert np.array_equal(s.channels, draw_prompts(s.prompts + [click], 24))
+    assert (s.channels & ~before).any() and not (before & ~s.channels).any()
+
+
+def test_a_sample_starts_from_a_corrupted_prior_only_at_the_configured_share():
+    rng = np.random.default_rng(8)
+    target = np.zeros((24, 24, 24), bool)
+    target[6:18, 5:17, 7:19] = True
+    plain = [simulation.starting_point(target, rng, corrupt_share=0.0) for _ in range(10)]
+    assert all(prior is None and len(prompts) == 1 for prompts, prior in plain)
+    corrupted = [simulation.starting_point(target, rng, corrupt_share=1.0) for _ in range(10)]
+    assert all(prior is not None and prior.shape == target.shape and prompts for prompts, prior in corrupted)
+    assert any(not np.array_equal(prior, target) for _, prior in corrupted)
+
+
+def test_drawing_into_channels_of_the_wrong_shape_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="prompt channels"):
+        draw_prompts([], 16, out=np.zeros((5, 8, 8, 8), bool))
