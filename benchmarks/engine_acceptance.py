@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", help="comma-separated subset of the selection")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--cases", type=int, help="only the first N evaluation cases of each dataset (a quick check)")
+    parser.add_argument("--correction-zoom-share", type=float, default=None, metavar="S",
+                        help="the model engine's correction_zoom_share (default: the engine's, 0.025; 0: as before "
+                             "0.4.0)")
     parser.add_argument("--baselines-from", type=Path, metavar="JSON",
                         help="take the growcut and randomwalker runs from an earlier acceptance.json (they do not "
                              "depend on the model's weights) and run only the model")
@@ -79,7 +82,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     for engine_name in to_run:
         model = str(args.model) if args.model and engine_name == "builtin" else None
-        engine = make_engine(engine_name, model)
+        engine = make_engine(engine_name, model,
+                             correction_zoom_share=args.correction_zoom_share if engine_name == "builtin" else None)
         for dataset, targets, _, limits in chosen:
             limit = _limit(limits, engine_name, args.cases)
             cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS, limit, "evaluation",

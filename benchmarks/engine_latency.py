@@ -129,8 +129,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--refine-depth", type=int, default=1, help="the engine's refine depth (default 1)")
+    parser.add_argument("--correction-zoom-share", type=float, default=0.025,
+                        help="the engine's correction_zoom_share (default 0.025; 0: every correction that reaches "
+                             "a window side zooms out, as before 0.4.0)")
     args = parser.parse_args(argv)
-    engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth)
+    engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth,
+                                 correction_zoom_share=args.correction_zoom_share)
     cases = []
     for name, loader, targets in (("CT 512x512x300", ct_volume, CT_TARGETS),
                                   ("MRI 256^3", mri_volume, {"whole_tumour": (1, 2, 3, 4)})):

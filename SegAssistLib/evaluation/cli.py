@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--refine-depth", type=int, default=1, metavar="N",
                         help="builtin: re-predict zoomed-out answers N levels finer (default 1; 2 sharpens large "
                              "structures at about twice the latency of such clicks)")
+    parser.add_argument("--correction-zoom-share", type=float, default=None, metavar="S",
+                        help="builtin: a correction zooms out only when it changes more than this share of a window "
+                             "side (default 0.025; 0 = on any change)")
     parser.add_argument("--channel", type=int, default=0, help="image channel of multi-channel cases (default 0)")
     parser.add_argument(
         "--scribble-orientation", choices=ORIENTATION_CHOICES, default="axial",
@@ -73,6 +76,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model=args.model,
         device=args.device,
         refine_depth=args.refine_depth,
+        correction_zoom_share=args.correction_zoom_share,
         channel=args.channel,
         scribble=ScribbleSpec(args.scribble_orientation, args.scribble_source, args.scribble_jitter),
     )

@@ -87,14 +87,23 @@ def default_targets(dataset_dir: Path) -> List[Target]:
 
 # --- engines -----------------------------------------------------------------------------------
 def make_engine(
-    name: str, model: Optional[str] = None, device: str = "cpu", threads: Optional[int] = None, refine_depth: int = 1
+    name: str,
+    model: Optional[str] = None,
+    device: str = "cpu",
+    threads: Optional[int] = None,
+    refine_depth: int = 1,
+    correction_zoom_share: Optional[float] = None,
 ) -> Engine:
     """``builtin`` (the shipped model or ``model``), ``ablation`` (the same model without prompt
-    history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut`` or ``randomwalker``."""
+    history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut`` or ``randomwalker``.
+    ``refine_depth`` and ``correction_zoom_share`` (None: the engine's default) as for
+    :class:`~SegAssistLib.engine.builtin.BuiltinEngine`."""
     if name in ("builtin", "ablation"):
         from SegAssistLib.engine.builtin import load_default_engine
 
-        builtin = load_default_engine(checkpoint=model, device=device, threads=threads, refine_depth=refine_depth)
+        options = {} if correction_zoom_share is None else {"correction_zoom_share": correction_zoom_share}
+        builtin = load_default_engine(checkpoint=model, device=device, threads=threads, refine_depth=refine_depth,
+                                      **options)
         if name == "builtin":
             return builtin
         from SegAssistLib.evaluation.ablation import NoHistoryEngine
@@ -349,6 +358,7 @@ class EvalConfig:
     model: Optional[str] = None
     device: str = "cpu"
     refine_depth: int = 1  # builtin engine: see BuiltinEngine
+    correction_zoom_share: Optional[float] = None  # builtin engine: None = BuiltinEngine's default
     channel: int = 0
     scribble: ScribbleSpec = ScribbleSpec()
 
@@ -374,7 +384,8 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         raise SegAssistError("max_clicks must be at least 1")
     targets = config.targets or default_targets(dataset_dir)
     cases = select_cases(dataset_dir, config.split, config.cases, config.channel)
-    engine = engine or make_engine(config.engine, config.model, config.device, refine_depth=config.refine_depth)
+    engine = engine or make_engine(config.engine, config.model, config.device, refine_depth=config.refine_depth,
+                                  correction_zoom_share=config.correction_zoom_share)
     caps = engine.capabilities()
     needed = {"box+clicks": "box", "scribble+clicks": "scribble"}.get(config.protocol, "point")
     if needed not in caps.prompt_kinds or "point" not in caps.prompt_kinds:
@@ -418,6 +429,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
             "channel": config.channel,
             "engine": caps.to_dict(),
             "refine_depth": getattr(engine, "refine_depth", None),
+            "correction_zoom_share": getattr(engine, "correction_zoom_share", None),
             "noc_thresholds": list(NOC_THRESHOLDS),
             "conventions": {**metrics.CONVENTIONS, "memory": MEMORY_CONVENTION},
             "platform": platform.platform(),

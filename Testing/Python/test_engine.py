@@ -239,3 +239,44 @@ def test_the_first_view_spans_at_least_min_view_mm(tiny_checkpoint, spacing, min
     vol, _ = _blob_volume(shape=(160, 160, 160), spacing=(spacing,) * 3)
     update = engine.open_session(vol).add_prompt(PointPrompt(position=(80, 80, 80)))
     assert update.info["levels"][0] == expected_level
+
+
+@pytest.mark.parametrize("share", [0.025, 0.0])
+def test_a_correction_zooms_out_only_when_it_changes_more_than_a_share_of_a_side(tiny_checkpoint, share):
+    """A new object cut by the window zooms out at one voxel on an open side; a correction (the window
+    already held part of the mask) only when it changes more than ``correction_zoom_share`` of one,
+    and never for a side at the image's edge."""
+    from SegAssistLib.engine import patching
+
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, correction_zoom_share=share)
+    vol, _ = _blob_volume(shape=(96, 96, 96))
+    session = engine.open_session(vol)
+    inside = patching.window_around((48, 48, 48), session.spacing_kji, engine.patch, 0)  # 32^3 of 96^3
+    corner = patching.window_around((10, 10, 10), session.spacing_kji, engine.patch, 0)  # reaches the edge
+    empty = torch.zeros((32, 32, 32))
+    held = empty.clone()
+    held[8:32, 8:24, 8:24] = 1  # an object that crosses the window's far side along k
+    logits = torch.where(held > 0.5, 5.0, -5.0)
+
+    def with_change(voxels: int) -> torch.Tensor:
+        out = logits.clone()
+        out[31, 0, :voxels] = 5.0  # new voxels on that side, outside the object
+        return out
+
+    allowed = int(share * 32 * 32)  # 25 voxels of a 32^2 side at 0.025
+    assert session._change_reaches_open_side(logits, empty, inside)  # a new object, cut by the side
+    assert not session._change_reaches_open_side(logits, held, inside)  # nothing changed
+    assert session._change_reaches_open_side(with_change(allowed + 1), held, inside)
+    assert session._change_reaches_open_side(with_change(max(allowed, 1)), held, inside) == (share == 0.0)
+    # a side at the image's edge never asks for a wider view; the opposite side does
+    assert corner.start[0] < 0 and corner.start[0] + corner.size[0] < 96
+    near, far = torch.full((32, 32, 32), -5.0), torch.full((32, 32, 32), -5.0)
+    near[0, 4:28, 4:28] = 5.0
+    far[31, 4:28, 4:28] = 5.0
+    assert not session._change_reaches_open_side(near, empty, corner)
+    assert session._change_reaches_open_side(far, empty, corner)
+
+
+def test_correction_zoom_share_must_be_a_share(tiny_checkpoint):
+    with pytest.raises(ValueError, match="correction_zoom_share"):
+        BuiltinEngine.from_checkpoint(tiny_checkpoint, correction_zoom_share=1.5)
