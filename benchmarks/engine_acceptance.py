@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, share_of_a_side
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets, select_cases
 
 # dataset, targets, minimum Dice@5 for the model, case limit per engine (None: whole evaluation split)
@@ -51,9 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", help="comma-separated subset of the selection")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--cases", type=int, help="only the first N evaluation cases of each dataset (a quick check)")
-    parser.add_argument("--correction-zoom-share", type=float, default=None, metavar="S",
-                        help="the model engine's correction_zoom_share (default: the engine's, 0.025; 0: as before "
-                             "0.4.0)")
+    parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
+                        help=CORRECTION_ZOOM_SHARE_HELP)
     parser.add_argument("--baselines-from", type=Path, metavar="JSON",
                         help="take the growcut and randomwalker runs from an earlier acceptance.json (they do not "
                              "depend on the model's weights) and run only the model")

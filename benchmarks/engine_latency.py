@@ -28,6 +28,7 @@ import SimpleITK as sitk
 import torch
 
 from SegAssistLib.engine.builtin import load_default_engine
+from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, share_of_a_side
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.simulator import first_click, next_click
 from SegAssistLib.image import Volume
@@ -129,12 +130,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--refine-depth", type=int, default=1, help="the engine's refine depth (default 1)")
-    parser.add_argument("--correction-zoom-share", type=float, default=0.025,
-                        help="the engine's correction_zoom_share (default 0.025; 0: every correction that reaches "
-                             "a window side zooms out, as before 0.4.0)")
+    parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
+                        help=CORRECTION_ZOOM_SHARE_HELP)
     args = parser.parse_args(argv)
-    engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth,
-                                 correction_zoom_share=args.correction_zoom_share)
+    options = {} if args.correction_zoom_share is None else {"correction_zoom_share": args.correction_zoom_share}
+    engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth, **options)
     cases = []
     for name, loader, targets in (("CT 512x512x300", ct_volume, CT_TARGETS),
                                   ("MRI 256^3", mri_volume, {"whole_tumour": (1, 2, 3, 4)})):
@@ -172,7 +172,9 @@ def main(argv=None) -> int:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         machine["cpu"] = names[0] if names else machine["cpu"]
-    report = {"machine": machine, "model": engine.capabilities().to_dict(), "summary": summary, "cases": cases}
+    engine_options = {"refine_depth": engine.refine_depth, "correction_zoom_share": engine.correction_zoom_share}
+    report = {"machine": machine, "model": engine.capabilities().to_dict(), "engine_options": engine_options,
+              "summary": summary, "cases": cases}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_latency.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({"summary": summary, "machine": machine}, indent=1))

@@ -5,9 +5,9 @@ Answering a prompt:
 1. Look at a window around the newest prompt, at the finest zoom level that holds the prompt and
    spans at least ``min_view_mm`` (64 mm).
 2. While the predicted object touches a window side that is not the image's edge, zoom out
-   (double the window) and predict again: structures larger than the patch come out whole. A
-   correction (a window that already held part of the mask) zooms out only when it changes more
-   than a small share of such a side; otherwise its answer stays at the finer level.
+   (double the window) and predict again: structures larger than the patch come out whole. On a
+   side the mask already crossed (a correction of a large object), only a change of more than a
+   small share of the side counts; otherwise the answer stays at the finer level.
 3. If the answer came from a zoomed-out window, refine it with tiles at a finer level over the
    object's bounding box (each tile sees the coarse answer as its previous mask).
 4. Paste into the full mask; only the changed box is returned and kept for undo.
@@ -243,22 +243,24 @@ class BuiltinSession(EngineSession):
     def _change_reaches_open_side(self, logits: torch.Tensor, previous: torch.Tensor, window) -> bool:
         """Does the prediction change the mask on a window side inside the image?
 
-        Only then is the answer cut by the window. In a window that held nothing before (a new
-        object) one voxel is enough. In one that already held part of the mask (a correction), a
-        side must change in more than ``correction_zoom_share`` of its voxels: the boundary of a
-        large object redrawn a voxel differently where it crosses the side is no reason to predict
+        Only then is the answer cut by the window. Where the mask did not reach a side before, one
+        changed voxel there is enough: something new (a new object, or a part the mask lacked)
+        crosses it. Where the mask already crossed the side (a correction of an object larger than
+        the window), more than ``correction_zoom_share`` of the side's voxels must change: redrawing
+        that object's boundary a voxel differently where it crosses the side is no reason to predict
         the whole object again at a coarser level, which would undo the finer answers of earlier
         corrections (measured in the model card).
         """
-        changed = (logits > 0) != (previous > 0.5)
+        held = previous > 0.5
+        changed = (logits > 0) != held
         at_edge = window.touches_image_border(self.shape)
-        correcting = bool((previous > 0.5).any())
         for axis in range(3):
             for side, index in ((0, 0), (1, changed.shape[axis] - 1)):
                 if at_edge[side, axis]:
                     continue
                 face = changed.select(axis, index)
-                allowed = self.engine.correction_zoom_share * face.numel() if correcting else 0.0
+                crossed_before = bool(held.select(axis, index).any())
+                allowed = self.engine.correction_zoom_share * face.numel() if crossed_before else 0.0
                 if int(face.sum()) > allowed:
                     return True
         return False
@@ -369,18 +371,18 @@ class BuiltinEngine(Engine):
         ``(refine_depth + 1) ** 3`` up to 64: 8 at depth 1, 27 at depth 2, as a finer level needs
         more tiles for the same surface); ``min_view_mm``: the narrowest view a prompt is first
         looked at (64 mm: what the shipped network sees at level 0 on 1 mm images; 0 turns the floor
-        off); ``correction_zoom_share``: a correction zooms out only when it changes more than this
-        share of a window side inside the image (0.025: about 100 voxels of a 64^2 side; 0 zooms out
-        on any change, as a new object does)."""
+        off); ``correction_zoom_share``: on a window side inside the image that the mask already
+        crossed, a change zooms out only when it covers more than this share of the side (0.025:
+        about 100 voxels of a 64^2 side; 0: any change, as on a side the mask did not reach)."""
         if max_refine_tiles is None:
             max_refine_tiles = min(64, (int(refine_depth) + 1) ** 3)
         if int(refine_depth) < 1 or int(max_refine_tiles) < 1:
             raise ValueError(f"refine_depth and max_refine_tiles must be at least 1, got {refine_depth}, "
                              f"{max_refine_tiles}")
-        if threads:
-            torch.set_num_threads(threads)
         if not 0.0 <= float(correction_zoom_share) < 1.0:
             raise ValueError(f"correction_zoom_share must be in [0, 1), got {correction_zoom_share}")
+        if threads:
+            torch.set_num_threads(threads)
         self.correction_zoom_share = float(correction_zoom_share)
         self.refine_depth = int(refine_depth)
         self.min_view_mm = float(min_view_mm)

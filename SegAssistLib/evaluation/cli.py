@@ -8,6 +8,21 @@ import sys
 PROTOCOL_CHOICES = ("clicks", "box+clicks", "scribble+clicks")
 ENGINE_CHOICES = ("builtin", "growcut", "randomwalker", "ablation")
 ORIENTATION_CHOICES = ("axial", "coronal", "sagittal", "oblique")
+CORRECTION_ZOOM_SHARE_HELP = (
+    "builtin: a correction zooms out only when it changes more than this share of a window side the mask "
+    "already crossed (default 0.025; 0: on any change, the previous rule)"
+)
+
+
+def share_of_a_side(text: str) -> float:
+    """argparse type of ``--correction-zoom-share``: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,9 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--refine-depth", type=int, default=1, metavar="N",
                         help="builtin: re-predict zoomed-out answers N levels finer (default 1; 2 sharpens large "
                              "structures at about twice the latency of such clicks)")
-    parser.add_argument("--correction-zoom-share", type=float, default=None, metavar="S",
-                        help="builtin: a correction zooms out only when it changes more than this share of a window "
-                             "side (default 0.025; 0 = on any change)")
+    parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
+                        help=CORRECTION_ZOOM_SHARE_HELP)
     parser.add_argument("--channel", type=int, default=0, help="image channel of multi-channel cases (default 0)")
     parser.add_argument(
         "--scribble-orientation", choices=ORIENTATION_CHOICES, default="axial",

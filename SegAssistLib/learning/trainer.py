@@ -237,16 +237,10 @@ def simulate_prompts(
     error; then 0..max_rounds rounds of the network's own answer plus a correction.
     """
     device = next(network.parameters()).device
-    prompts = simulation.first_prompts_batch(targets, rng)
-    prevs = [torch.zeros((patch,) * 3) for _ in targets]
-    for i, gt in enumerate(targets):
-        if rng.random() < corrupt_share:
-            prior = simulation.corrupt_mask(gt, rng)
-            correction = simulation.correction_prompt(gt, prior, rng)
-            prevs[i] = torch.from_numpy(prior.astype(np.float32))
-            prompts[i] = ([] if rng.random() < 0.5 else prompts[i]) + ([correction] if correction else [])
-            if not prompts[i]:
-                prompts[i] = [simulation.first_prompt(gt, rng)]
+    starts = [simulation.starting_point(gt, rng, corrupt_share=corrupt_share) for gt in targets]
+    prompts = [start_prompts for start_prompts, _ in starts]
+    prevs = [torch.zeros((patch,) * 3) if prior is None else torch.from_numpy(prior.astype(np.float32))
+             for _, prior in starts]
     rounds = int(rng.integers(0, max_rounds + 1))
     if rounds:
         was_training = network.training

@@ -190,10 +190,3 @@ def starting_point(
     if not prompts:
         prompts = [first_prompt(mask, rng, kinds)]
     return prompts, prior
-
-
-def first_prompts_batch(
-    masks: List[np.ndarray], rng: np.random.Generator, kinds: Optional[List[Sequence[str]]] = None
-) -> List[List[PatchPrompt]]:
-    kinds = kinds or [FIRST_KINDS] * len(masks)
-    return [[first_prompt(m, rng, k)] for m, k in zip(masks, kinds)]

@@ -1,10 +1,11 @@
 """Training the built-in promptable network.
 
 Each step: cut a batch of patches (real training-split cases and synthetic volumes), give each a
-simulated first prompt, optionally run the network a few rounds without gradients and add a
-correction at the largest error each round (or start from a corrupted previous mask), then learn
-from the final round. The schedule is a cosine over a wall-clock budget, so a run of any length
-ends at a low learning rate; checkpoints are written atomically and a run resumes from them.
+simulated first prompt (or a corrupted previous mask and a correction of it) and draw it (both in
+the loader processes), optionally run the network a few rounds without gradients and add a
+correction at the largest error each round, then learn from the final round. The schedule is a
+cosine over a wall-clock budget, so a run of any length ends at a low learning rate; checkpoints
+are written atomically and a run resumes from them.
 
 Usage: ``segassist train --out runs/v1 --minutes 120 [--resume runs/v1/state.pt] [--config cfg.json]``
 (the subcommand lives in ``training/cli.py`` so that ``segassist --help`` needs no torch).
@@ -55,7 +56,9 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     device: str = "cpu"  # "cuda" trains on a GPU; patches are still cut on the CPU by the loader
     threads: int = 1  # see ARCHITECTURE.md: 2 threads beside other work are 4-7x slower than 1
-    loader_workers: int = 1  # patches are cut in a separate process while the network trains
+    # processes that cut patches and simulate and draw their first prompts while the network trains
+    # (0: the training process does it)
+    loader_workers: int = 1
     # processes that find the correction clicks between rounds (0: the training process does it).
     # On a GPU the network is fast and this CPU work is what a step waits for.
     simulation_workers: int = 0
@@ -64,14 +67,20 @@ class TrainConfig:
 
 @dataclass
 class Sample:
-    """A training patch and how its simulated session starts (built in the loader process, so the
-    training process only runs the network and the correction rounds)."""
+    """A training patch and how its simulated session starts (made where patches are cut: in the
+    loader processes when there are any, so the training process only runs the network and the
+    correction rounds). Tensors, not arrays, for the big parts: from a loader process they travel
+    through shared memory instead of being pickled."""
 
     image: torch.Tensor  # (P, P, P) normalised intensities
     target: np.ndarray  # (P, P, P) bool
     prompts: List[PatchPrompt]
     previous: torch.Tensor  # (P, P, P) float: empty, or a corrupted mask to correct
-    channels: np.ndarray  # the prompts drawn (5, P, P, P) bool; corrections are added in place
+    channels: torch.Tensor  # the prompts drawn, (5, P, P, P) bool; corrections are added in place
+
+    def add_correction(self, correction: PatchPrompt) -> None:
+        self.prompts.append(correction)
+        draw_prompts([correction], self.target.shape[0], out=self.channels.numpy())
 
 
 def start_sample(
@@ -79,18 +88,21 @@ def start_sample(
 ) -> Sample:
     prompts, prior = simulation.starting_point(target, rng, kinds, corrupt_share)
     previous = torch.zeros(target.shape) if prior is None else torch.from_numpy(prior.astype(np.float32))
-    return Sample(image, target, prompts, previous, draw_prompts(prompts, target.shape[0]))
+    channels = torch.from_numpy(draw_prompts(prompts, target.shape[0]))
+    return Sample(image, target, prompts, previous, channels)
 
 
 class PatchStream(torch.utils.data.IterableDataset):
-    """An endless stream of :class:`Sample` (real or synthetic patches) with their first prompts."""
+    """An endless stream of :class:`Sample`: real or synthetic patches, each with its start (a first
+    prompt, or a corrupted previous mask and its correction) simulated and drawn."""
 
     def __init__(self, cfg: TrainConfig, patch: int, offset: int = 0):
         self.cfg, self.patch, self.offset = cfg, patch, offset
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        torch.set_num_threads(1)
+        if info is not None:  # a loader process; in the training process cfg.threads holds
+            torch.set_num_threads(1)
         rng = np.random.default_rng([self.cfg.seed, self.offset, info.id if info else 0])
         real = (
             load_training_cases(Path(self.cfg.data_root), self.cfg.datasets, self.cfg.click_union_datasets, self.patch)
@@ -129,7 +141,7 @@ def _correction_job(job: Tuple[np.ndarray, np.ndarray, int]) -> Optional[PatchPr
 
 
 def _batch_inputs(samples: Sequence[Sample]) -> torch.Tensor:
-    return torch.stack([assemble_input(s.image, s.previous, s.channels) for s in samples])
+    return torch.stack([assemble_input(s.image, s.previous, s.channels.numpy()) for s in samples])
 
 
 class Trainer:
@@ -194,14 +206,14 @@ class Trainer:
         rounds = int(self.rng.integers(0, self.cfg.max_correction_rounds + 1))
         self.net.eval()
         with torch.no_grad():
+            targets = [s.target for s in samples]
             for _ in range(rounds):
                 pred = (self.net(_batch_inputs(samples).to(self.device))[:, 0] > 0).cpu()
-                targets = [s.target for s in samples]
-                for sample, p, correction in zip(samples, pred, self.corrections(targets, [p.numpy() for p in pred])):
+                found = self.corrections(targets, [mask.numpy() for mask in pred])
+                for sample, mask, correction in zip(samples, pred, found):
                     if correction is not None:
-                        sample.prompts.append(correction)
-                        draw_prompts([correction], self.net_cfg.patch_size, out=sample.channels)
-                    sample.previous = p.float()
+                        sample.add_correction(correction)
+                    sample.previous = mask.float()
         self.net.train()
         x = _batch_inputs(samples).to(self.device)
         y = torch.from_numpy(np.stack([s.target for s in samples])[:, None].astype(np.float32)).to(self.device)

@@ -242,10 +242,10 @@ def test_the_first_view_spans_at_least_min_view_mm(tiny_checkpoint, spacing, min
 
 
 @pytest.mark.parametrize("share", [0.025, 0.0])
-def test_a_correction_zooms_out_only_when_it_changes_more_than_a_share_of_a_side(tiny_checkpoint, share):
-    """A new object cut by the window zooms out at one voxel on an open side; a correction (the window
-    already held part of the mask) only when it changes more than ``correction_zoom_share`` of one,
-    and never for a side at the image's edge."""
+def test_a_side_the_mask_crossed_zooms_out_only_for_more_than_a_share_of_it(tiny_checkpoint, share):
+    """Where the mask did not reach a window side, one new voxel there zooms out (something new is
+    cut by the window); where it already crossed the side (a correction of a large object), only a
+    change of more than ``correction_zoom_share`` of the side does; a side at the image's edge never."""
     from SegAssistLib.engine import patching
 
     engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, correction_zoom_share=share)
@@ -258,9 +258,9 @@ def test_a_correction_zooms_out_only_when_it_changes_more_than_a_share_of_a_side
     held[8:32, 8:24, 8:24] = 1  # an object that crosses the window's far side along k
     logits = torch.where(held > 0.5, 5.0, -5.0)
 
-    def with_change(voxels: int) -> torch.Tensor:
+    def with_change(voxels: int, k: int = 31) -> torch.Tensor:
         out = logits.clone()
-        out[31, 0, :voxels] = 5.0  # new voxels on that side, outside the object
+        out[k, 4, 2 : 2 + voxels] = 5.0  # new voxels on side k, away from the other sides
         return out
 
     allowed = int(share * 32 * 32)  # 25 voxels of a 32^2 side at 0.025
@@ -268,7 +268,7 @@ def test_a_correction_zooms_out_only_when_it_changes_more_than_a_share_of_a_side
     assert not session._change_reaches_open_side(logits, held, inside)  # nothing changed
     assert session._change_reaches_open_side(with_change(allowed + 1), held, inside)
     assert session._change_reaches_open_side(with_change(max(allowed, 1)), held, inside) == (share == 0.0)
-    # a side at the image's edge never asks for a wider view; the opposite side does
+    assert session._change_reaches_open_side(with_change(1, k=0), held, inside)  # a side the mask never reached
     assert corner.start[0] < 0 and corner.start[0] + corner.size[0] < 96
     near, far = torch.full((32, 32, 32), -5.0), torch.full((32, 32, 32), -5.0)
     near[0, 4:28, 4:28] = 5.0
@@ -277,6 +277,43 @@ def test_a_correction_zooms_out_only_when_it_changes_more_than_a_share_of_a_side
     assert session._change_reaches_open_side(far, empty, corner)
 
 
-def test_correction_zoom_share_must_be_a_share(tiny_checkpoint):
+@pytest.mark.parametrize("share, expected_levels", [(0.025, [0]), (0.0, [0, 1])])
+def test_a_correction_that_redraws_a_large_object_by_a_few_voxels_stays_at_its_level(tiny_checkpoint, share,
+                                                                                     expected_levels):
+    """The whole answer path: a click on an object larger than the window, whose answer differs from
+    the mask by a few voxels where the object crosses a side, is answered at the first level (no
+    coarse re-prediction), unless the share is 0. The network's answer is fixed here (the mask plus
+    those voxels), so the test is about the engine, not the weights."""
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, correction_zoom_share=share, min_view_mm=0)
+    vol, _ = _blob_volume(shape=(96, 96, 96))
+    session = engine.open_session(vol)
+    session.mask[20:76, 20:76, 20:76] = 1  # an earlier answer, larger than a 32^3 window
+
+    def forward(window, prompts):
+        from SegAssistLib.engine import patching
+
+        previous = patching.extract_mask_patch(session.mask, window)
+        logits = torch.where(previous > 0.5, 5.0, -5.0)
+        if previous[-1, 10, 10:14].all():  # where the object crosses the side: 4 of its voxels redrawn
+            logits[-1, 10, 10:14] = -5.0
+        return logits, previous
+
+    session._forward = forward
+    update = session.add_prompt(PointPrompt(position=(48, 48, 48)))
+    assert update.info["levels"] == expected_levels
+
+
+@pytest.mark.parametrize("share", [1.5, 1.0, -0.1, float("nan")])
+def test_correction_zoom_share_must_be_a_share(tiny_checkpoint, share):
     with pytest.raises(ValueError, match="correction_zoom_share"):
-        BuiltinEngine.from_checkpoint(tiny_checkpoint, correction_zoom_share=1.5)
+        BuiltinEngine.from_checkpoint(tiny_checkpoint, correction_zoom_share=share)
+
+
+@pytest.mark.parametrize("text", ["1", "-0.5", "nan", "half"])
+def test_the_command_line_refuses_a_share_outside_0_to_1(text, capsys):
+    from SegAssistLib.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "somewhere", "--json", "out.json", "--correction-zoom-share", text])
+    assert exit_info.value.code == 2
+    assert "--correction-zoom-share" in capsys.readouterr().err

@@ -189,3 +189,17 @@ def test_eval_subcommand_runs_the_ablation_with_an_oblique_scribble(hippocampus_
     assert data["config"]["engine"]["name"].endswith("-nohistory")
     assert record["interactions"] == ["scribble", "point"] and len(record["hd95_mm"]) == 2
     assert record["scribble"] == {"orientation": "oblique", "source": "contour", "jitter_mm": 1.0, "seed": 0}
+
+
+def test_eval_passes_the_correction_zoom_share_to_the_model_and_records_it(hippocampus_dir, tiny_checkpoint,
+                                                                           tmp_path):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "builtin.json"
+    args = parser.parse_args(
+        ["eval", str(hippocampus_dir), "--labels", "1", "--engine", "builtin", "--model", str(tiny_checkpoint),
+         "--correction-zoom-share", "0.1", "--max-clicks", "2", "--cases", "1", "--json", str(out)]
+    )
+    assert args.func(args) == 0
+    config = json.loads(out.read_text())["config"]
+    assert config["correction_zoom_share"] == 0.1 and config["refine_depth"] == 1

@@ -131,38 +131,53 @@ def test_correction_clicks_are_the_same_from_the_simulation_pool(tmp_path):
         assert 0 <= k < 24 and 0 <= j < 24 and 0 <= i < 24
 
 
-def test_samples_arrive_from_the_loader_with_their_start_drawn_and_corrections_add_ink():
-    """The loader gives each patch its first prompt (or a corrupted prior and its correction) and
-    draws them; the training process then only draws the correction clicks, into the same channels."""
-    from SegAssistLib.training.train import PatchStream, TrainConfig
+def test_samples_come_from_a_loader_process_with_their_start_drawn_and_steps_add_the_corrections(tmp_path):
+    """A loader process gives each patch its start (a first prompt, or a corrupted prior and its
+    correction) already drawn; each correction round of a training step then draws only its new
+    click, into the same channels, so they always show every prompt of the sample."""
+    from SegAssistLib.training.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(data_root="", network={"channels": [4, 8], "strides": [2], "patch_size": 24},
-                      corrupt_share=0.5, seed=7)
-    stream = iter(PatchStream(cfg, 24))
-    samples = [next(stream) for _ in range(12)]
-    with_prior = [s for s in samples if s.previous.any()]
-    assert 0 < len(with_prior) < len(samples)  # both starts occur at corrupt_share 0.5
-    for s in samples:
-        assert s.image.shape == (24, 24, 24) and s.target.shape == (24, 24, 24) and s.target.any()
-        assert s.prompts and np.array_equal(s.channels, draw_prompts(s.prompts, 24))
-        assert set(np.unique(s.previous.numpy())) <= {0.0, 1.0}
-    s = samples[0]
-    click = simulation.correction_prompt(s.target, np.zeros_like(s.target), np.random.default_rng(0))
-    before = s.channels.copy()
-    draw_prompts([click], 24, out=s.channels)
-    assert np.array_equal(s.channels, draw_prompts(s.prompts + [click], 24))
-    assert (s.channels & ~before).any() and not (before & ~s.channels).any()
+    cfg = TrainConfig(data_root="", network={"channels": [4, 8], "strides": [2], "patch_size": 24}, batch_size=3,
+                      loader_workers=1, max_correction_rounds=2, corrupt_share=0.5, seed=7)
+    trainer = Trainer(cfg, tmp_path / "run")
+    seen = []
+    stream = trainer.stream
+
+    class Keep:
+        def __next__(self):
+            batch = next(stream)
+            seen.append((batch, [len(s.prompts) for s in batch]))
+            return batch
+
+    trainer.stream = Keep()
+    try:
+        rounds = [trainer.train_step()["rounds"] for _ in range(6)]
+    finally:
+        trainer.close()
+    assert any(rounds), "no step ran a correction round"
+    for (batch, start_lengths), n_rounds in zip(seen, rounds):
+        for sample, start_length in zip(batch, start_lengths):
+            assert sample.image.shape == (24, 24, 24) and sample.target.any() and start_length >= 1
+            assert start_length <= len(sample.prompts) <= start_length + n_rounds
+            assert np.array_equal(sample.channels.numpy(), draw_prompts(sample.prompts, 24))
+    assert any(len(s.prompts) > n for (batch, lengths), r in zip(seen, rounds) if r for s, n in zip(batch, lengths))
 
 
-def test_a_sample_starts_from_a_corrupted_prior_only_at_the_configured_share():
+def test_a_sample_starts_from_a_corrupted_prior_at_the_configured_share():
     rng = np.random.default_rng(8)
     target = np.zeros((24, 24, 24), bool)
     target[6:18, 5:17, 7:19] = True
     plain = [simulation.starting_point(target, rng, corrupt_share=0.0) for _ in range(10)]
     assert all(prior is None and len(prompts) == 1 for prompts, prior in plain)
-    corrupted = [simulation.starting_point(target, rng, corrupt_share=1.0) for _ in range(10)]
-    assert all(prior is not None and prior.shape == target.shape and prompts for prompts, prior in corrupted)
+    mixed = [simulation.starting_point(target, rng, corrupt_share=0.3) for _ in range(300)]
+    share = np.mean([prior is not None for _, prior in mixed])
+    assert 0.22 < share < 0.38
+    corrupted = [simulation.starting_point(target, rng, corrupt_share=1.0) for _ in range(40)]
+    assert all(prior is not None and prior.shape == target.shape for _, prior in corrupted)
     assert any(not np.array_equal(prior, target) for _, prior in corrupted)
+    # half keep the first prompt before the correction, half start from the correction alone
+    lengths = {len(prompts) for prompts, _ in corrupted}
+    assert lengths == {1, 2}
 
 
 def test_drawing_into_channels_of_the_wrong_shape_is_refused():
