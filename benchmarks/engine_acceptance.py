@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
                         help="take the growcut and randomwalker runs from an earlier acceptance.json (they do not "
                              "depend on the model's weights) and run only the model")
     args = parser.parse_args(argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # for the report's command line
     engines = args.engines.split(",")
     chosen = [s for s in SELECTION if not args.datasets or s[0] in args.datasets.split(",")]
     results = {}
@@ -113,10 +115,11 @@ def main(argv=None) -> int:
                  for e in ("builtin", "growcut", "randomwalker")]
         lines.append(f"| {row['dataset']} | {row['targets']} | {cells[0]} | {row['floor']} | {cells[1]} | {cells[2]} "
                      f"| {verdict} |")
+    command = shlex.join(["python", "benchmarks/engine_acceptance.py", *given])
     machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {sys.version.split()[0]}"
     table = "\n".join(lines)
     md = (f"# Engine acceptance: mean Dice after {CLICKS} clicks, evaluation split\n\n"
-          f"Command: `python benchmarks/engine_acceptance.py`; machine: {machine}; {time.strftime('%Y-%m-%d')}; "
+          f"Command: `{command}`; machine: {machine}; {time.strftime('%Y-%m-%d')}; "
           f"wall time {time.time() - t0:.0f} s"
           + (f" (baselines taken from an earlier run, `--baselines-from {args.baselines_from}`)" if args.baselines_from
              else "")

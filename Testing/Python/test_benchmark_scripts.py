@@ -194,6 +194,7 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
         r["dice"] for r in earlier["runs"]["builtin/hippocampus"]["records"]
     ]  # the model ran again, deterministically
     assert "baselines taken from an earlier run" in (second / "acceptance.md").read_text()
+    assert "--engines builtin,growcut --out" in (second / "acceptance.md").read_text()  # the command as given
     row = (second / "acceptance.md").read_text().splitlines()[-1]
     assert row.endswith("| yes |") or row.endswith("| no |")  # a verdict against Grow-from-seeds
     alone = tmp_path / "alone"
