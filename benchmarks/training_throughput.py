@@ -30,19 +30,18 @@ class _Timed:
     def __init__(self, inner):
         self.inner, self.seconds = inner, 0.0
 
-    def __call__(self, *args, **kwargs):
+    def _timed(self, work):
         t0 = time.perf_counter()
         try:
-            return self.inner(*args, **kwargs)
+            return work()
         finally:
             self.seconds += time.perf_counter() - t0
 
+    def __call__(self, *args, **kwargs):
+        return self._timed(lambda: self.inner(*args, **kwargs))
+
     def __next__(self):
-        t0 = time.perf_counter()
-        try:
-            return next(self.inner)
-        finally:
-            self.seconds += time.perf_counter() - t0
+        return self._timed(lambda: next(self.inner))
 
 
 def measure(cfg: TrainConfig, steps: int, warmup: int) -> Dict:
