@@ -5,6 +5,7 @@ Writes ``benchmarks/results/acceptance.json`` (every record) and ``acceptance.md
 
 Usage: python benchmarks/engine_acceptance.py [--data ../shared/data] [--model CKPT]
        [--engines builtin,growcut,randomwalker] [--out benchmarks/results] [--cases N]
+       [--correction-zoom-share S] [--edge-band B]
        [--baselines-from benchmarks/results/acceptance.json]   # new weights: rerun only the model
 """
 
@@ -21,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, share_of_a_side
+from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets, select_cases
 
 # dataset, targets, minimum Dice@5 for the model, case limit per engine (None: whole evaluation split)
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, help="only the first N evaluation cases of each dataset (a quick check)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
+    parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)
     parser.add_argument("--baselines-from", type=Path, metavar="JSON",
                         help="take the growcut and randomwalker runs from an earlier acceptance.json (they do not "
                              "depend on the model's weights) and run only the model")
@@ -84,8 +86,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     for engine_name in to_run:
         model = str(args.model) if args.model and engine_name == "builtin" else None
-        engine = make_engine(engine_name, model,
-                             correction_zoom_share=args.correction_zoom_share if engine_name == "builtin" else None)
+        own = engine_name == "builtin"  # the options are the model's; the baselines take none
+        engine = make_engine(engine_name, model, correction_zoom_share=args.correction_zoom_share if own else None,
+                             edge_band=args.edge_band if own else None)
         for dataset, targets, _, limits in chosen:
             limit = _limit(limits, engine_name, args.cases)
             cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS, limit, "evaluation",

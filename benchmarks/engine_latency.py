@@ -11,6 +11,7 @@ protocol's simulated user). One untimed target first warms the engine up. Report
 percentile latency per interaction and the process's peak resident memory.
 
 Usage: python benchmarks/engine_latency.py [--data ../shared/data] [--threads 2] [--out benchmarks/results]
+       [--correction-zoom-share S] [--edge-band B]
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import SimpleITK as sitk
 import torch
 
 from SegAssistLib.engine.builtin import load_default_engine
-from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, share_of_a_side
+from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.metrics import dice
+from SegAssistLib.evaluation.runner import builtin_options, edge_snap_record
 from SegAssistLib.evaluation.simulator import first_click, next_click
 from SegAssistLib.image import Volume
 
@@ -132,8 +134,9 @@ def main(argv=None) -> int:
     parser.add_argument("--refine-depth", type=int, default=1, help="the engine's refine depth (default 1)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
+    parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)
     args = parser.parse_args(argv)
-    options = {} if args.correction_zoom_share is None else {"correction_zoom_share": args.correction_zoom_share}
+    options = builtin_options(args.correction_zoom_share, args.edge_band)
     engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth, **options)
     cases = []
     for name, loader, targets in (("CT 512x512x300", ct_volume, CT_TARGETS),
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         machine["cpu"] = names[0] if names else machine["cpu"]
-    engine_options = {"refine_depth": engine.refine_depth, "correction_zoom_share": engine.correction_zoom_share}
+    engine_options = {"refine_depth": engine.refine_depth, "correction_zoom_share": engine.correction_zoom_share,
+                      "edge_snap": edge_snap_record(engine)}
     report = {"machine": machine, "model": engine.capabilities().to_dict(), "engine_options": engine_options,
               "summary": summary, "cases": cases}
     args.out.mkdir(parents=True, exist_ok=True)

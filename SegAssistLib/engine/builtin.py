@@ -10,7 +10,9 @@ Answering a prompt:
    small share of the side counts; otherwise the answer stays at the finer level.
 3. If the answer came from a zoomed-out window, refine it with tiles at a finer level over the
    object's bounding box (each tile sees the coarse answer as its previous mask).
-4. Paste into the full mask; only the changed box is returned and kept for undo.
+4. Snap the answer's surface to the image's edges (:mod:`SegAssistLib.engine.edges`: a random
+   walker re-decides a band two voxels wide around it).
+5. Paste into the full mask; only the changed box is returned and kept for undo.
 
 Every prompt of the session's history is drawn into the windows it falls in, so corrections keep
 the effect of earlier prompts.
@@ -28,6 +30,7 @@ import torch
 
 from SegAssistLib.engine import patching
 from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUpdate
+from SegAssistLib.engine.edges import EdgeSnap, seeds_from_prompts, snap_to_edges
 from SegAssistLib.engine.encoding import assemble_input, draw_prompts, prompts_in_window
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
 from SegAssistLib.errors import PromptError, SessionError
@@ -285,11 +288,30 @@ class BuiltinSession(EngineSession):
             self._paste(window, logits)
             self._refine_level = None
             tiles = self._refine(window, prompts, first, level) if level > first else 0
-            new = self.mask[box].copy()
+            new = self._snap(box, self.mask[box].copy(), prompts)
         finally:
             self.mask[box] = old
         info = {"levels": list(range(first, level + 1)), "refine_tiles": tiles, "refine_level": self._refine_level}
         return box, new, info
+
+    def _snap(self, box: Tuple[slice, ...], new: np.ndarray, prompts: List[Prompt]) -> np.ndarray:
+        """``new`` (the answer inside ``box``) with its surface snapped to the image's edges, within
+        ``box`` (the rest of the mask is earlier answers, already snapped)."""
+        settings = self.engine.edge_snap
+        if settings is None or not new.any():
+            return new
+        margin = int(np.ceil(settings.band)) + 2
+        lo, hi = [], []
+        for axis in range(3):
+            hit = np.flatnonzero(new.any(axis=tuple(a for a in range(3) if a != axis)))
+            lo.append(max(0, int(hit[0]) - margin))
+            hi.append(min(new.shape[axis], int(hit[-1]) + 1 + margin))
+        local = tuple(slice(a, b) for a, b in zip(lo, hi))
+        crop = tuple(slice(s.start + a, s.start + b) for s, a, b in zip(box, lo, hi))
+        marked_object, marked_background = seeds_from_prompts(prompts, crop, self.shape)
+        new[local] = snap_to_edges(self.array[crop], new[local] > 0, self.spacing_kji, settings,
+                                   marked_object, marked_background)
+        return new
 
     def _paste(self, window: patching.Window, logits: torch.Tensor, cell=None) -> None:
         """Write the window's prediction into the session mask: all of the window's overlap with
@@ -364,6 +386,7 @@ class BuiltinEngine(Engine):
         max_refine_tiles: Optional[int] = None,
         min_view_mm: float = 64.0,
         correction_zoom_share: float = 0.025,
+        edge_snap: Optional[EdgeSnap] = EdgeSnap(),
     ):
         """``refine_depth``: how many zoom levels finer than a zoomed-out answer its surface is
         re-predicted (1: the default; 2 sharpens large structures at about twice the latency of
@@ -373,7 +396,9 @@ class BuiltinEngine(Engine):
         looked at (64 mm: what the shipped network sees at level 0 on 1 mm images; 0 turns the floor
         off); ``correction_zoom_share``: on a window side inside the image that the mask already
         crossed, a change zooms out only when it covers more than this share of the side (0.025:
-        about 100 voxels of a 64^2 side; 0: any change, as on a side the mask did not reach)."""
+        about 100 voxels of a 64^2 side; 0: any change, as on a side the mask did not reach);
+        ``edge_snap``: how each answer's surface is snapped to the image's edges (None: not at all,
+        the network's answer as it is)."""
         if max_refine_tiles is None:
             max_refine_tiles = min(64, (int(refine_depth) + 1) ** 3)
         if int(refine_depth) < 1 or int(max_refine_tiles) < 1:
@@ -384,6 +409,7 @@ class BuiltinEngine(Engine):
         if threads:
             torch.set_num_threads(threads)
         self.correction_zoom_share = float(correction_zoom_share)
+        self.edge_snap = edge_snap
         self.refine_depth = int(refine_depth)
         self.min_view_mm = float(min_view_mm)
         self.max_refine_tiles = int(max_refine_tiles)
@@ -395,8 +421,8 @@ class BuiltinEngine(Engine):
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None, **options):
-        """``options``: ``refine_depth``, ``max_refine_tiles``, ``min_view_mm``, ``correction_zoom_share``
-        (see the constructor)."""
+        """``options``: ``refine_depth``, ``max_refine_tiles``, ``min_view_mm``, ``correction_zoom_share``,
+        ``edge_snap`` (see the constructor)."""
         return cls(load_checkpoint(path, device), device, threads, **options)
 
     def swap_network(self, network: torch.nn.Module, version: str) -> None:

@@ -25,6 +25,23 @@ def share_of_a_side(text: str) -> float:
     return value
 
 
+EDGE_BAND_HELP = (
+    "builtin: half-width in voxels of the band around each answer's surface that a random walker snaps to "
+    "the image's edges (default 2; 0: off, the network's answer as it is)"
+)
+
+
+def edge_band(text: str) -> float:
+    """argparse type of ``--edge-band``: 0 (off) or at least 1 voxel."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value == 0.0 or 1.0 <= value <= 10.0):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or between 1 and 10 voxels, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
@@ -61,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "structures at about twice the latency of such clicks)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
+    parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)
     parser.add_argument("--channel", type=int, default=0, help="image channel of multi-channel cases (default 0)")
     parser.add_argument(
         "--scribble-orientation", choices=ORIENTATION_CHOICES, default="axial",
@@ -91,6 +109,7 @@ def run_eval(args: argparse.Namespace) -> int:
         device=args.device,
         refine_depth=args.refine_depth,
         correction_zoom_share=args.correction_zoom_share,
+        edge_band=args.edge_band,
         channel=args.channel,
         scribble=ScribbleSpec(args.scribble_orientation, args.scribble_source, args.scribble_jitter),
     )

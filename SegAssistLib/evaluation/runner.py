@@ -27,7 +27,7 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -86,6 +86,25 @@ def default_targets(dataset_dir: Path) -> List[Target]:
 
 
 # --- engines -----------------------------------------------------------------------------------
+def builtin_options(correction_zoom_share: Optional[float] = None, edge_band: Optional[float] = None) -> Dict:
+    """Keyword options of the builtin engine for the command lines' ``--correction-zoom-share`` and
+    ``--edge-band`` (None: the engine's default; an edge band of 0 turns the snap off)."""
+    from SegAssistLib.engine.edges import EdgeSnap
+
+    options: Dict = {}
+    if correction_zoom_share is not None:
+        options["correction_zoom_share"] = correction_zoom_share
+    if edge_band is not None:
+        options["edge_snap"] = EdgeSnap(band=edge_band) if edge_band > 0 else None
+    return options
+
+
+def edge_snap_record(engine: Engine) -> Optional[Dict]:
+    """The builtin engine's edge snap settings for a report (None: off, or another engine)."""
+    snap = getattr(engine, "edge_snap", None)
+    return asdict(snap) if snap is not None else None
+
+
 def make_engine(
     name: str,
     model: Optional[str] = None,
@@ -93,15 +112,17 @@ def make_engine(
     threads: Optional[int] = None,
     refine_depth: int = 1,
     correction_zoom_share: Optional[float] = None,
+    edge_band: Optional[float] = None,
 ) -> Engine:
     """``builtin`` (the shipped model or ``model``), ``ablation`` (the same model without prompt
     history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut`` or ``randomwalker``.
     ``refine_depth`` and ``correction_zoom_share`` (None: the engine's default) as for
-    :class:`~SegAssistLib.engine.builtin.BuiltinEngine`."""
+    :class:`~SegAssistLib.engine.builtin.BuiltinEngine`; ``edge_band``: the band of its edge snap
+    (None: the default, 0: no snap)."""
     if name in ("builtin", "ablation"):
         from SegAssistLib.engine.builtin import load_default_engine
 
-        options = {} if correction_zoom_share is None else {"correction_zoom_share": correction_zoom_share}
+        options = builtin_options(correction_zoom_share, edge_band)
         builtin = load_default_engine(checkpoint=model, device=device, threads=threads, refine_depth=refine_depth,
                                       **options)
         if name == "builtin":
@@ -359,6 +380,7 @@ class EvalConfig:
     device: str = "cpu"
     refine_depth: int = 1  # builtin engine: see BuiltinEngine
     correction_zoom_share: Optional[float] = None  # builtin engine: None = BuiltinEngine's default
+    edge_band: Optional[float] = None  # builtin engine: None = the default edge snap, 0 = none
     channel: int = 0
     scribble: ScribbleSpec = ScribbleSpec()
 
@@ -385,7 +407,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     targets = config.targets or default_targets(dataset_dir)
     cases = select_cases(dataset_dir, config.split, config.cases, config.channel)
     engine = engine or make_engine(config.engine, config.model, config.device, refine_depth=config.refine_depth,
-                                  correction_zoom_share=config.correction_zoom_share)
+                                  correction_zoom_share=config.correction_zoom_share, edge_band=config.edge_band)
     caps = engine.capabilities()
     needed = {"box+clicks": "box", "scribble+clicks": "scribble"}.get(config.protocol, "point")
     if needed not in caps.prompt_kinds or "point" not in caps.prompt_kinds:
@@ -430,6 +452,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
             "engine": caps.to_dict(),
             "refine_depth": getattr(engine, "refine_depth", None),
             "correction_zoom_share": getattr(engine, "correction_zoom_share", None),
+            "edge_snap": edge_snap_record(engine),
             "noc_thresholds": list(NOC_THRESHOLDS),
             "conventions": {**metrics.CONVENTIONS, "memory": MEMORY_CONVENTION},
             "platform": platform.platform(),

@@ -1,0 +1,134 @@
+"""Edge snap: the random walk that re-decides a thin band around the network's answer."""
+
+import argparse
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from SegAssistLib.engine.builtin import BuiltinEngine
+from SegAssistLib.engine.edges import EdgeSnap, band_around_surface, seeds_from_prompts, snap_to_edges
+from SegAssistLib.evaluation import cli as eval_cli
+from SegAssistLib.image import Volume
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def _box_image(shape=(30, 40, 40), box=(slice(8, 22), slice(10, 30), slice(12, 28)), noise=0.3, seed=0):
+    """A bright box in noise: the true object and its image."""
+    truth = np.zeros(shape, bool)
+    truth[box] = True
+    image = truth * 2.0 + np.random.default_rng(seed).normal(0, noise, shape)
+    return image.astype(np.float32), truth
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_a_boundary_a_voxel_off_snaps_to_the_image_edge(grow):
+    image, truth = _box_image()
+    step = ndimage.binary_dilation if grow else ndimage.binary_erosion
+    answer = step(truth)  # the network's answer: a voxel too far out (or in) on every side
+    after = snap_to_edges(image, answer, (1.0, 1.0, 1.0), EdgeSnap())
+    assert _dice(answer, truth) < 0.9
+    assert _dice(after, truth) > 0.99
+    unknown, _, _ = band_around_surface(answer, (1.0, 1.0, 1.0), 2.0)
+    assert np.array_equal(after[~unknown], answer[~unknown])  # beyond the band: the network's word
+
+
+def test_the_band_spans_two_fine_voxels_and_stays_in_plane_across_coarse_slices():
+    mask = np.zeros((10, 30, 30), bool)
+    mask[3:7, 10:20, 10:20] = True
+    unknown, object_shell, background_shell = band_around_surface(mask, (5.0, 1.0, 1.0), 2.0)
+    row = unknown[5, 15, :]
+    assert np.flatnonzero(row).tolist() == [8, 9, 10, 11, 18, 19, 20, 21]  # two voxels each side, in plane
+    assert not unknown[:, 15, 15].any()  # at 5 mm the band does not reach across slices
+    assert object_shell[5, 15, 12] and background_shell[5, 15, 7]
+    assert not (unknown & (object_shell | background_shell)).any()
+    iso_unknown, _, _ = band_around_surface(mask, (1.0, 1.0, 1.0), 2.0)
+    assert iso_unknown[1:3, 15, 15].all() and iso_unknown[3:5, 15, 15].all()
+
+
+def test_voxels_the_user_marked_keep_their_sign():
+    image, truth = _box_image(noise=0.05)
+    positive = np.zeros_like(truth)
+    negative = np.zeros_like(truth)
+    negative[15, 20, 12] = True  # on the object's edge, inside: the user says background
+    positive[15, 20, 11] = True  # just outside: the user says object
+    out = snap_to_edges(image, truth, (1.0, 1.0, 1.0), EdgeSnap(), positive, negative)
+    assert not out[15, 20, 12] and out[15, 20, 11]
+    assert _dice(out, truth) > 0.99
+
+
+@pytest.mark.parametrize("case", ["empty", "full", "thin", "too large"])
+def test_nothing_to_decide_comes_back_as_it_was(case):
+    image, truth = _box_image()
+    mask = {"empty": np.zeros_like(truth), "full": np.ones_like(truth), "thin": np.zeros_like(truth),
+            "too large": truth}[case]
+    if case == "thin":
+        mask[15, 20, 20] = True  # no interior beyond the band
+    settings = EdgeSnap(max_voxels=truth.size - 1) if case == "too large" else EdgeSnap()
+    assert np.array_equal(snap_to_edges(image, mask, (1.0, 1.0, 1.0), settings), mask)
+
+
+@pytest.mark.parametrize("kwargs", [{"band": 0.5}, {"band": float("nan")}, {"beta": 0.0}, {"beta": -1.0},
+                                    {"max_voxels": 0}])
+def test_settings_are_checked(kwargs):
+    with pytest.raises(ValueError, match="edge snap"):
+        EdgeSnap(**kwargs)
+
+
+def test_image_and_mask_must_agree_in_shape():
+    with pytest.raises(ValueError, match="differ in shape"):
+        snap_to_edges(np.zeros((4, 4, 4)), np.zeros((4, 4, 5), bool), (1.0, 1.0, 1.0), EdgeSnap())
+
+
+def test_seeds_come_from_clicks_scribbles_and_lassos_not_boxes():
+    shape = (10, 20, 20)
+    crop = (slice(2, 8), slice(5, 15), slice(5, 15))
+    prompts = [
+        PointPrompt(position=(6, 7, 3)),  # (i, j, k)
+        PointPrompt(position=(8, 9, 4), positive=False),
+        PointPrompt(position=(1, 1, 1)),  # outside the crop
+        ScribblePrompt(points=[(6, 12, 5), (10, 12, 5)], positive=False),
+        LassoPrompt(points=[(10, 6, 6), (13, 6, 6), (13, 9, 6), (10, 9, 6)]),
+        BoxPrompt(min_corner=(5, 5, 2), max_corner=(14, 14, 7)),
+    ]
+    positive, negative = seeds_from_prompts(prompts, crop, shape)
+    assert positive.shape == negative.shape == (6, 10, 10)
+    assert positive[3 - 2, 7 - 5, 6 - 5] and negative[4 - 2, 9 - 5, 8 - 5]
+    assert negative[5 - 2, 12 - 5, (6 - 5):(11 - 5)].all()  # the scribble's voxels
+    assert positive[6 - 2, (6 - 5):(10 - 5), (10 - 5):(14 - 5)].all()  # the lasso's filled square
+    assert positive.sum() == 1 + 16 and negative.sum() == 1 + 5  # nothing from the box or the far click
+
+
+def test_the_engine_snaps_only_near_the_networks_surface(tiny_checkpoint):
+    image, truth = _box_image(shape=(24, 40, 40), box=(slice(6, 18), slice(10, 30), slice(12, 28)))
+    volume = Volume(image * 100.0, spacing=(1.0, 1.0, 1.0))
+    click = PointPrompt(position=(20, 20, 12))
+    raw = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, edge_snap=None).open_session(volume)
+    snapped = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1).open_session(volume)
+    raw.add_prompt(click)
+    update = snapped.add_prompt(click)
+    network, answer = raw.result().astype(bool), snapped.result().astype(bool)
+    assert network.any() and not network.all()  # the random network still answers something
+    unknown, _, _ = band_around_surface(network, (1.0, 1.0, 1.0), 2.0)
+    assert np.array_equal(answer[~unknown], network[~unknown])
+    mirror = np.zeros(truth.shape, np.uint8)
+    update.apply_to(mirror)  # the update holds the snapped answer
+    assert np.array_equal(mirror.astype(bool), answer)
+
+
+@pytest.mark.parametrize("text, ok", [("0", True), ("2", True), ("1.5", True), ("0.5", False), ("nan", False),
+                                      ("11", False), ("x", False)])
+def test_the_command_line_edge_band(text, ok, capsys):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    argv = ["eval", "data", "--edge-band", text, "--json", "out.json"]
+    if ok:
+        assert parser.parse_args(argv).edge_band == float(text)
+    else:
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert "--edge-band" in capsys.readouterr().err
