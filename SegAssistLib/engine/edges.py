@@ -35,14 +35,17 @@ class EdgeSnap:
     ``band``: half-width of the re-decided band, in voxels of the image's finest axis (a 5 mm axis
     of a 1 mm image gets none of it, only the voxels that touch the surface); ``beta``: the random
     walker's edge sensitivity on intensities scaled to [0, 1] (higher: walks stop at weaker edges);
-    ``max_voxels``: answers whose box (bounding box plus margin) holds more voxels are left as the
-    network gave them, which bounds the cost (large organs come from zoomed-out windows, whose
-    error is not a voxel at the edge). The defaults were chosen on the training split (model card).
+    ``max_voxels``: answers whose box (bounding box plus margin) holds more voxels (about 58^3) are
+    left as the network gave them. The snap pays on small structures, where a voxel at the edge is
+    a large share of the object (hippocampus, the heart's chambers on ACDC, small organs); on the
+    left atrium and the whole tumour it gained nothing, cost 70-100 ms a click, and its redrawn
+    boundary on window sides made more corrections zoom out (model card). Band and beta were
+    chosen on the training split (``benchmarks/edge_snap_sweep.py``).
     """
 
     band: float = 2.0
     beta: float = 500.0
-    max_voxels: int = 1_000_000
+    max_voxels: int = 200_000
 
     def __post_init__(self):
         if not np.isfinite(self.band) or self.band < 1:
