@@ -62,7 +62,7 @@ def create_app(
     ``engine_factory(device)`` builds the engine on its worker thread (default: the built-in
     engine from ``settings.model``); ``clock`` is the time source of idle expiry.
     """
-    factory = engine_factory or default_engine_factory(settings.model, settings.refine_depth)
+    factory = engine_factory or default_engine_factory(settings.model, settings.refine_depth, settings.edge_band)
     state = ServerState(settings, factory, clock)
 
     @contextlib.asynccontextmanager

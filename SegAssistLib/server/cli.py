@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
+from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band
 from SegAssistLib.server.auth import env_token_entry, issue_token, parse_token_file
 from SegAssistLib.server.settings import Limits, ServerSettings, check_exposure
 
@@ -34,6 +35,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-depth", type=int, default=1, choices=(1, 2, 3, 4),
                    help="re-predict zoomed-out answers this many levels finer (default 1; 2 sharpens large "
                         "structures at about twice the latency of such clicks)")
+    p.add_argument("--edge-band", type=edge_band, default=2.0, metavar="B",
+                   help=EDGE_BAND_HELP.replace("builtin: ", ""))
     p.add_argument("--token-file", type=Path, default=None, help="lines 'user:sha256:<hex>' (see below)")
     p.add_argument("--issue-token", metavar="USER", default=None, help="add a token for USER and exit")
     p.add_argument("--data-dir", type=Path, default=None, help="keep uploaded images here across restarts")
@@ -89,6 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         model=args.model,
         devices=tuple(d.strip() for d in args.device.split(",") if d.strip()),
         refine_depth=args.refine_depth,
+        edge_band=args.edge_band,
         token_hashes=entries,
         data_dir=args.data_dir,
         learn_store=args.learn_store,

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from SegAssistLib.api_models import LimitsInfo
 
@@ -41,6 +41,8 @@ class ServerSettings(BaseModel):
     model: Optional[Path] = Field(None, description="checkpoint; None: the bundled default model")
     devices: Tuple[str, ...] = ("cpu",)
     refine_depth: int = Field(1, ge=1, le=4, description="zoom levels finer than a zoomed-out answer it is refined at")
+    edge_band: float = Field(2.0, ge=0, le=10, description="edge snap band in voxels (0: off; otherwise at least 1)")
+
     token_hashes: List[Tuple[str, str]] = Field(
         default_factory=list, description="(user, sha256 hex of token); empty: no authentication"
     )
@@ -49,6 +51,13 @@ class ServerSettings(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     tls_certfile: Optional[Path] = None
     tls_keyfile: Optional[Path] = None
+
+    @field_validator("edge_band")
+    @classmethod
+    def _band_off_or_a_voxel(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError(f"edge_band must be 0 (off) or at least 1 voxel, got {value}")
+        return value
 
     @property
     def auth_required(self) -> bool:

@@ -26,13 +26,16 @@ EngineFactory = Callable[[str], Engine]
 Outcome = Tuple[MaskUpdate, bool, bool]
 
 
-def default_engine_factory(model: Optional[Path], refine_depth: int = 1) -> EngineFactory:
-    """Build the built-in engine on a device (imported lazily: torch loads on the worker)."""
+def default_engine_factory(model: Optional[Path], refine_depth: int = 1, edge_band: float = 2.0) -> EngineFactory:
+    """Build the built-in engine on a device (imported lazily: torch loads on the worker).
+    ``edge_band``: the band of its edge snap in voxels, 0 for none."""
 
     def build(device: str) -> Engine:
         from SegAssistLib.engine import builtin
+        from SegAssistLib.engine.edges import EdgeSnap
 
-        return builtin.load_default_engine(model, device=device, refine_depth=refine_depth)
+        snap = EdgeSnap(band=edge_band) if edge_band > 0 else None
+        return builtin.load_default_engine(model, device=device, refine_depth=refine_depth, edge_snap=snap)
 
     return build
 

@@ -132,3 +132,15 @@ def test_the_command_line_edge_band(text, ok, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert "--edge-band" in capsys.readouterr().err
+
+
+def test_the_server_builds_its_engine_with_the_edge_band(tiny_checkpoint):
+    from pydantic import ValidationError
+
+    from SegAssistLib.server.settings import ServerSettings
+    from SegAssistLib.server.state import default_engine_factory
+
+    assert default_engine_factory(tiny_checkpoint, edge_band=0)("cpu").edge_snap is None
+    assert default_engine_factory(tiny_checkpoint, edge_band=1.5)("cpu").edge_snap == EdgeSnap(band=1.5)
+    with pytest.raises(ValidationError, match="edge_band"):
+        ServerSettings(edge_band=0.5)

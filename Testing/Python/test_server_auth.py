@@ -98,12 +98,13 @@ def test_serve_issues_tokens_and_reads_limits(tmp_path, capsys, monkeypatch):
     assert parse_token_file(tokens) == [("carol", hash_token(token))]
     args = serve_args(
         "--host", "0.0.0.0", "--token-file", str(tokens), "--max-voxels", "1000",
-        "--idle-timeout-s", "5", "--device", "cpu,cuda:1", "--refine-depth", "2",
+        "--idle-timeout-s", "5", "--device", "cpu,cuda:1", "--refine-depth", "2", "--edge-band", "0",
     )  # fmt: skip
     settings = settings_from_args(args)
     check_exposure(settings)
     assert settings.limits.max_voxels == 1000 and settings.limits.idle_timeout_s == 5.0
     assert settings.refine_depth == 2 and settings_from_args(serve_args()).refine_depth == 1
+    assert settings.edge_band == 0 and settings_from_args(serve_args()).edge_band == 2.0
     assert settings.devices == ("cpu", "cuda:1") and settings.auth_required
     monkeypatch.setenv("SEGASSIST_TOKEN", "env-token-0123456789")
     assert [u for u, _ in settings_from_args(args).token_hashes] == ["carol", "local"]
