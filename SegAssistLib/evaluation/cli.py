@@ -14,12 +14,16 @@ CORRECTION_ZOOM_SHARE_HELP = (
 )
 
 
-def share_of_a_side(text: str) -> float:
-    """argparse type of ``--correction-zoom-share``: a number in [0, 1)."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def share_of_a_side(text: str) -> float:
+    """argparse type of ``--correction-zoom-share``: a number in [0, 1)."""
+    value = _number(text)
     if not 0.0 <= value < 1.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
@@ -33,10 +37,7 @@ EDGE_BAND_HELP = (
 
 def edge_band(text: str) -> float:
     """argparse type of ``--edge-band``: 0 (off) or at least 1 voxel."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _number(text)
     if not (value == 0.0 or 1.0 <= value <= 10.0):  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be 0 (off) or between 1 and 10 voxels, got {text}")
     return value
