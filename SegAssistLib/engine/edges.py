@@ -2,8 +2,9 @@
 
 The network answers at its patch's resolution and with a small model's precision: on a small
 structure such as the hippocampus its surface lies a voxel or two off the edge the image shows,
-and at 12 voxels across that costs a tenth of the Dice. A random walker (Grady 2006, scikit-image)
-fixes this cheaply: it re-decides only the voxels within a thin band around the predicted surface,
+and at 12 voxels across that costs a tenth of the Dice. A random walker (Grady 2006; the edge
+weights of scikit-image's, solved here on the band alone) fixes this cheaply: it re-decides only
+the voxels within a thin band around the predicted surface,
 seeded by the network's own interior and exterior just beyond the band and by the user's prompts.
 Voxels farther from the surface are left out of the graph, so the cost follows the surface area,
 not the object's volume, and the network keeps the last word on everything but the last voxels
@@ -32,8 +33,8 @@ PRIOR_WEIGHT = 1e-4
 class EdgeSnap:
     """How the boundary is re-decided.
 
-    ``band``: half-width of the re-decided band, in voxels of the image's finest axis (a 5 mm axis
-    of a 1 mm image gets none of it, only the voxels that touch the surface); ``beta``: the random
+    ``band``: half-width of the re-decided band, in voxels of the image's finest axis (along a 5 mm
+    axis of a 1 mm image the band does not reach: slices are re-decided in plane only); ``beta``: the random
     walker's edge sensitivity on intensities scaled to [0, 1] (higher: walks stop at weaker edges);
     ``max_voxels``: answers whose box (bounding box plus margin) holds more voxels (about 58^3) are
     left as the network gave them. The snap pays on small structures, where a voxel at the edge is
