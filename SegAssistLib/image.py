@@ -99,3 +99,11 @@ def guess_modality(volume: Volume) -> str:
     sample = arr[::step, ::step, ::step]
     lo, hi = np.percentile(sample, [1, 99])
     return "CT" if lo <= -500 and hi >= 0 and hi < 5000 else "MR"
+
+
+def scaled_to_unit(image: np.ndarray) -> np.ndarray:
+    """Intensities clipped to their 0.5-99.5 percentiles and scaled to [0, 1] (float32): what the
+    seeded methods (the baselines, the engine's edge snap) compare."""
+    image = np.asarray(image, np.float32)
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    return np.clip((image - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)

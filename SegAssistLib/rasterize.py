@@ -19,6 +19,17 @@ def _ball_offsets(radius: float) -> np.ndarray:
     return grid[(grid**2).sum(1) <= radius**2 + 1e-6]
 
 
+def ball_offsets_mm(radius_vox: float, spacing_kji: Sequence[float]) -> np.ndarray:
+    """``(N, 3)`` integer offsets within ``radius_vox`` voxels of the finest axis, measured in mm,
+    on a grid of ``spacing_kji`` (a coarse axis gets fewer offsets, none where it is coarser than
+    the radius)."""
+    spacing = np.asarray(spacing_kji, float)
+    radius_mm = radius_vox * float(spacing.min())
+    reach = np.floor(radius_mm / spacing + 1e-9).astype(int)
+    grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+    return grid[np.sum((grid * spacing) ** 2, axis=1) <= radius_mm**2 + 1e-9]
+
+
 def _scatter(out: np.ndarray, coords: np.ndarray) -> None:
     if len(coords) == 0:
         return

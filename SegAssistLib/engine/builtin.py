@@ -306,6 +306,8 @@ class BuiltinSession(EngineSession):
             hit = np.flatnonzero(new.any(axis=tuple(a for a in range(3) if a != axis)))
             lo.append(max(0, int(hit[0]) - margin))
             hi.append(min(new.shape[axis], int(hit[-1]) + 1 + margin))
+        if int(np.prod(np.subtract(hi, lo))) > settings.max_voxels:
+            return new  # left as the network gave it: do not build seeds for nothing
         local = tuple(slice(a, b) for a, b in zip(lo, hi))
         crop = tuple(slice(s.start + a, s.start + b) for s, a, b in zip(box, lo, hi))
         marked_object, marked_background = seeds_from_prompts(prompts, crop, self.shape)

@@ -34,7 +34,7 @@ import numpy as np
 from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
 from SegAssistLib.evaluation.history import StateListHistory
-from SegAssistLib.image import Volume, validate_image
+from SegAssistLib.image import Volume, scaled_to_unit, validate_image
 from SegAssistLib.prompts import (
     BoxPrompt,
     ImageInfo,
@@ -44,19 +44,11 @@ from SegAssistLib.prompts import (
     ScribblePrompt,
     prompt_vertices_kji,
 )
-from SegAssistLib.rasterize import polyline_samples
+from SegAssistLib.rasterize import ball_offsets_mm, polyline_samples
 
 OBJECT, BACKGROUND = 1, 2
 SUPPORTED_KINDS = ("point", "scribble", "box")
 Box = Tuple[slice, slice, slice]
-
-
-def _ball_offsets(radius_vox: float, spacing_kji: np.ndarray) -> np.ndarray:
-    radius_mm = radius_vox * float(spacing_kji.min())
-    reach = np.floor(radius_mm / spacing_kji + 1e-9).astype(int)
-    grid = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
-    keep = np.sum((grid * spacing_kji) ** 2, axis=1) <= radius_mm**2 + 1e-9
-    return grid[keep]
 
 
 def _stroke_voxels(prompt: ScribblePrompt) -> np.ndarray:
@@ -124,7 +116,7 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
         shape = tuple(s.stop - s.start for s in box)
         seeds = np.full(shape, BACKGROUND, np.uint8)
         seeds[1:-1, 1:-1, 1:-1] = 0  # the box surface is the background shell
-        ball = _ball_offsets(self._engine.seed_radius, self._spacing_kji)
+        ball = ball_offsets_mm(self._engine.seed_radius, self._spacing_kji)
         for p in prompts:
             if isinstance(p, BoxPrompt):
                 continue  # the box is the shell (see roi), not a seed
@@ -135,7 +127,7 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
             else:
                 stroke = _stroke_voxels(p)
                 radius = 0.0 if p.slab is not None else max(0.0, (p.width - 1) / 2)
-                thick = _ball_offsets(radius, self._spacing_kji)
+                thick = ball_offsets_mm(radius, self._spacing_kji)
                 voxels = (stroke[:, None, :] + thick[None, :, :]).reshape(-1, 3)
             local = voxels - lo
             inside = np.all((local >= 0) & (local < shape), axis=1)
@@ -148,9 +140,7 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
         if box is None:
             return mask
         seeds = self.seeds(prompts, box)
-        image = self._volume.array[box].astype(np.float32)
-        lo, hi = np.percentile(image, [0.5, 99.5])
-        image = np.clip((image - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+        image = scaled_to_unit(self._volume.array[box])
         mask[box] = self._engine.segment_roi(image, seeds, self._spacing_kji)
         return mask
 
