@@ -49,8 +49,9 @@ first, then the training split, each sorted by name; each case records whether t
 was trained on it.
 
 Outputs: ``<out>/campaign_<structure>[_<device>].json`` and ``.md``. A run with ``--modes``
-naming a subset keeps the other modes of an existing results file made with the same cases and
-settings, so the modes can be run in separate sessions.
+naming a subset keeps the other modes of an existing results file made with the same cases,
+settings, weights and engine settings (edge snap, refinement; a file that does not record them is
+never merged), so the modes can be run in separate sessions.
 
 Usage (from the repository root)::
 
@@ -78,6 +79,7 @@ from SegAssistLib.datasets import list_cases, load_splits
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
 from SegAssistLib.evaluation.metrics import dice
+from SegAssistLib.evaluation.runner import builtin_engine_record
 from SegAssistLib.evaluation.simulator import next_click
 from SegAssistLib.image import Volume
 from SegAssistLib.io import load_mask, load_volume
@@ -296,6 +298,11 @@ def _retrain(store_root: Path, checkpoint: Path, cfg: CampaignConfig, mode: str,
     return record
 
 
+def campaign_engine(base: LoadedModel, cfg: CampaignConfig) -> BuiltinEngine:
+    """The annotator's engine: the builtin engine's defaults, as the trainer's validation uses."""
+    return BuiltinEngine(base, device=cfg.device)
+
+
 def run_mode(
     mode: str,
     cases: Sequence[CampaignCase],
@@ -316,7 +323,7 @@ def run_mode(
         by_name[case.name] = case
         store.import_volume(case.volume, name=case.name, user=ANNOTATOR)
     base = load_checkpoint(checkpoint, cfg.device)
-    engine = BuiltinEngine(base, device=cfg.device)
+    engine = campaign_engine(base, cfg)
     registry = AdapterRegistry(store_root)
     sync = EngineSync(registry)
     rows: List[Dict[str, Any]] = []
@@ -441,6 +448,16 @@ def summarise(modes: Dict[str, Dict[str, Any]], max_clicks: int = 20) -> Dict[st
     return out
 
 
+def describe_engine(options: Optional[Dict[str, Any]]) -> str:
+    """The engine settings of a result in words (results made before they were recorded say so)."""
+    if not options:
+        return "settings not recorded"
+    snap = options.get("edge_snap")
+    snap_text = f"edge snap band {snap['band']:g}, beta {snap['beta']:g}" if snap else "edge snap off"
+    return (f"refine depth {options.get('refine_depth')}, correction zoom share "
+            f"{options.get('correction_zoom_share')}, {snap_text}")
+
+
 def render_markdown(result: Dict[str, Any]) -> str:
     s, cfg = result["summary"], result["config"]
     lines = [
@@ -452,7 +469,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
         f"at most {cfg['max_clicks']} clicks, proposal {cfg['proposal']} (kept at Dice >= {cfg['accept_proposal']}), "
         f"submitted label: {cfg['submit']}. Model `{result['model']}` (version "
         f"{result.get('model_version') or 'not recorded'}, weights {result.get('model_identity') or 'not recorded'}); "
-        f"device {cfg['device']}"
+        f"engine: {describe_engine(result.get('engine_options'))}; device {cfg['device']}"
         + (f"; learning rates {cfg['learning_rates']}" if cfg.get("learning_rates") else "")
         + ".",
         "",
@@ -514,11 +531,12 @@ def run_campaign(
                   "target_voxels": int(c.target.sum())} for c in cases]
     base = load_checkpoint(checkpoint)
     model_version, model_identity = str(base.meta.get("version", "")), base.identity
+    engine_options = builtin_engine_record(campaign_engine(base, cfg))
     del base
     modes: Dict[str, Dict[str, Any]] = {}
     # same weights, not the same path: new weights shipped under the old name must not mix with old modes
     if previous and previous.get("cases") == case_list and previous.get("comparable") == cfg.comparable() \
-            and previous.get("model_identity") == model_identity:
+            and previous.get("model_identity") == model_identity and previous.get("engine_options") == engine_options:
         modes = {m: r for m, r in previous.get("modes", {}).items() if m not in cfg.modes}
     with tempfile.TemporaryDirectory(prefix="segassist-campaign-") as tmp:
         root = Path(work) if work is not None else Path(tmp)
@@ -533,6 +551,7 @@ def run_campaign(
         "model": str(checkpoint),
         "model_version": model_version,
         "model_identity": model_identity,
+        "engine_options": engine_options,
         "config": asdict(cfg),
         "comparable": cfg.comparable(),
         "target": f"second half: >= {100 * TARGET_REDUCTION:.0f} % fewer clicks per case than mode none",

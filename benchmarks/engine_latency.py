@@ -31,7 +31,7 @@ import torch
 from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.metrics import dice
-from SegAssistLib.evaluation.runner import builtin_options, edge_snap_record
+from SegAssistLib.evaluation.runner import builtin_engine_record, builtin_options
 from SegAssistLib.evaluation.simulator import first_click, next_click
 from SegAssistLib.image import Volume
 
@@ -175,10 +175,8 @@ def main(argv=None) -> int:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         machine["cpu"] = names[0] if names else machine["cpu"]
-    engine_options = {"refine_depth": engine.refine_depth, "correction_zoom_share": engine.correction_zoom_share,
-                      "edge_snap": edge_snap_record(engine)}
-    report = {"machine": machine, "model": engine.capabilities().to_dict(), "engine_options": engine_options,
-              "summary": summary, "cases": cases}
+    report = {"machine": machine, "model": engine.capabilities().to_dict(),
+              "engine_options": builtin_engine_record(engine), "summary": summary, "cases": cases}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_latency.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({"summary": summary, "machine": machine}, indent=1))

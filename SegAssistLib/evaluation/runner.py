@@ -105,6 +105,14 @@ def edge_snap_record(engine: Engine) -> Optional[Dict]:
     return asdict(snap) if snap is not None else None
 
 
+def builtin_engine_record(engine: Engine) -> Dict:
+    """The builtin engine's answer-shaping settings for a report: results made with other settings
+    are not comparable even with the same weights."""
+    return {"refine_depth": getattr(engine, "refine_depth", None),
+            "correction_zoom_share": getattr(engine, "correction_zoom_share", None),
+            "edge_snap": edge_snap_record(engine)}
+
+
 def make_engine(
     name: str,
     model: Optional[str] = None,

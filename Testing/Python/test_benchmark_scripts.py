@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
+
+from SegAssistLib.engine.edges import EdgeSnap  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,6 +100,15 @@ def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny
     older = {**json.loads(json_path.read_text()), "model_identity": "0123456789abcdef"}
     alone = campaign.run_campaign(spec, cases, tiny_checkpoint, salt_only, work=tmp_path / "work3",
                                   previous=older, log=lambda _: None)  # fmt: skip
+    assert list(alone["modes"]) == ["salt"]
+    # ... nor one made before the engine's settings were recorded (an engine without the edge snap)
+    assert result["engine_options"] == {"refine_depth": 1, "correction_zoom_share": 0.025,
+                                        "edge_snap": asdict(EdgeSnap())}
+    assert "engine: refine depth 1, correction zoom share 0.025, edge snap band 2, beta 500" in md_path.read_text()
+    unrecorded = {k: v for k, v in json.loads(json_path.read_text()).items() if k != "engine_options"}
+    assert "engine: settings not recorded" in campaign.render_markdown(unrecorded)
+    alone = campaign.run_campaign(spec, cases, tiny_checkpoint, salt_only, work=tmp_path / "work4",
+                                  previous=unrecorded, log=lambda _: None)
     assert list(alone["modes"]) == ["salt"]
 
 
