@@ -57,6 +57,7 @@ Usage (from the repository root)::
 
     python benchmarks/campaign.py --structure hippocampus [--cases 24] [--k 4] [--train-steps 100]
         [--max-clicks 20] [--modes none,lora,salt,full] [--model runs/v1/model.pt] [--device cpu]
+    python benchmarks/campaign.py --from-json benchmarks/results/campaign_*.json   # re-render the tables
 """
 
 from __future__ import annotations
@@ -448,6 +449,14 @@ def summarise(modes: Dict[str, Dict[str, Any]], max_clicks: int = 20) -> Dict[st
     return out
 
 
+def _change_in_words(reduction: Optional[float]) -> str:
+    """A second half's clicks against ``none``: "31 % fewer", "4 % more", "same"."""
+    if reduction is None:
+        return "-"
+    percent = round(100 * reduction)
+    return "same" if percent == 0 else f"{abs(percent)} % {'fewer' if percent > 0 else 'more'}"
+
+
 def describe_engine(options: Optional[Dict[str, Any]]) -> str:
     """The engine settings of a result in words (results made before they were recorded say so)."""
     if not options:
@@ -481,7 +490,7 @@ def render_markdown(result: Dict[str, Any]) -> str:
         red = row.get("reduction_vs_none_second_half")
         lines.append(
             f"| {mode} | {100 * row['trainable_share']:.2f} % | {row['mean_clicks_first_half']:.2f} | "
-            f"{row['mean_clicks_second_half']:.2f} | {'-' if red is None else f'{100 * red:.0f} % fewer'} | "
+            f"{row['mean_clicks_second_half']:.2f} | {_change_in_words(red)} | "
             f"{'-' if 'target_met' not in row else ('met' if row['target_met'] else 'not met')} | "
             f"{row['promotions']} / {row['retrains']} | "
             f"{'-' if row['retrain_wall_s_median'] is None else row['retrain_wall_s_median']}, "
@@ -615,7 +624,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "1e-2 for lora and salt, 3e-4 for full)")
     p.add_argument("--work", type=Path, help="keep the per-mode datastores here (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    p.add_argument("--from-json", type=Path, nargs="+", metavar="RESULTS",
+                   help="only re-render the .md beside each of these results files (no campaign is run)")
     args = p.parse_args(argv)
+    if args.from_json:
+        for json_path in args.from_json:
+            md_path = json_path.with_suffix(".md")
+            md_path.write_text(render_markdown(json.loads(json_path.read_text())))
+            print("written:", md_path)
+        return 0
     if not args.model.is_file():
         raise SystemExit(f"model not found: {args.model} (until the shipped weights exist, pass "
                          "--model runs/v1/model.pt)")

@@ -88,6 +88,9 @@ def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny
     assert json_path.name == "campaign_hippocampus.json" and md_path.name == "campaign_hippocampus.md"
     assert json.loads(json_path.read_text())["summary"].keys() == summary.keys()
     assert "| lora |" in md_path.read_text()
+    rendered = md_path.read_text()
+    md_path.unlink()
+    assert campaign.main(["--from-json", str(json_path)]) == 0 and md_path.read_text() == rendered
 
     # a later run of one mode keeps the others of a comparable earlier result
     salt_only = campaign.CampaignConfig(**{**cfg.__dict__, "modes": ("salt",)})
@@ -236,3 +239,10 @@ def test_training_throughput_times_real_steps_and_accounts_for_them(tmp_path: Pa
     assert (result["corrections_ms"] > 0) == (result["mean_correction_rounds"] > 0)
     with pytest.raises(SystemExit):
         throughput.main(["--steps", "0"])
+
+
+def test_campaign_table_says_more_or_fewer_clicks() -> None:
+    campaign = _script("campaign")
+    assert campaign._change_in_words(0.31) == "31 % fewer"
+    assert campaign._change_in_words(-0.042) == "4 % more"
+    assert campaign._change_in_words(0.001) == "same" and campaign._change_in_words(None) == "-"
