@@ -104,7 +104,8 @@ def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny
     alone = campaign.run_campaign(spec, cases, tiny_checkpoint, salt_only, work=tmp_path / "work3",
                                   previous=older, log=lambda _: None)  # fmt: skip
     assert list(alone["modes"]) == ["salt"]
-    # ... nor one made before the engine's settings were recorded (an engine without the edge snap)
+    # ... nor one that does not record the engine's settings (results older than the record, made
+    # before or after the edge snap)
     assert result["engine_options"] == {"refine_depth": 1, "correction_zoom_share": 0.025,
                                         "edge_snap": asdict(EdgeSnap())}
     assert "engine: refine depth 1, correction zoom share 0.025, edge snap band 2, beta 500" in md_path.read_text()
