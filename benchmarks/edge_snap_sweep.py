@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "benchmarks/edge_snap_sweep.py", *(sys.argv[1:] if argv is None else argv)])
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     (args.out / "edge_snap_sweep.json").write_text(json.dumps({"command": command, "machine": machine,
                                                                "wall_s": round(time.time() - started),
                                                                "rows": rows}, indent=1))

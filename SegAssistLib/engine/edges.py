@@ -58,6 +58,12 @@ class EdgeSnap:
         if self.max_voxels < 1:
             raise ValueError(f"edge snap max_voxels must be positive, got {self.max_voxels}")
 
+    @classmethod
+    def from_band(cls, band: float) -> Optional[EdgeSnap]:
+        """The setting of an ``--edge-band`` option: None (no snap) for 0, else the default snap
+        with that band."""
+        return cls(band=band) if band > 0 else None
+
 
 def _ellipsoid(spacing_kji: Sequence[float], band: float) -> np.ndarray:
     """Structuring element: the offsets within ``band`` voxels of the finest axis."""

@@ -95,7 +95,7 @@ def builtin_options(correction_zoom_share: Optional[float] = None, edge_band: Op
     if correction_zoom_share is not None:
         options["correction_zoom_share"] = correction_zoom_share
     if edge_band is not None:
-        options["edge_snap"] = EdgeSnap(band=edge_band) if edge_band > 0 else None
+        options["edge_snap"] = EdgeSnap.from_band(edge_band)
     return options
 
 

@@ -42,7 +42,6 @@ class ServerSettings(BaseModel):
     devices: Tuple[str, ...] = ("cpu",)
     refine_depth: int = Field(1, ge=1, le=4, description="zoom levels finer than a zoomed-out answer it is refined at")
     edge_band: float = Field(2.0, ge=0, le=10, description="edge snap band in voxels (0: off; otherwise at least 1)")
-
     token_hashes: List[Tuple[str, str]] = Field(
         default_factory=list, description="(user, sha256 hex of token); empty: no authentication"
     )

@@ -34,8 +34,8 @@ def default_engine_factory(model: Optional[Path], refine_depth: int = 1, edge_ba
         from SegAssistLib.engine import builtin
         from SegAssistLib.engine.edges import EdgeSnap
 
-        snap = EdgeSnap(band=edge_band) if edge_band > 0 else None
-        return builtin.load_default_engine(model, device=device, refine_depth=refine_depth, edge_snap=snap)
+        return builtin.load_default_engine(model, device=device, refine_depth=refine_depth,
+                                           edge_snap=EdgeSnap.from_band(edge_band))
 
     return build
 

@@ -79,6 +79,13 @@ def test_settings_are_checked(kwargs):
         EdgeSnap(**kwargs)
 
 
+def test_an_edge_band_option_of_zero_means_no_snap():
+    assert EdgeSnap.from_band(0.0) is None
+    assert EdgeSnap.from_band(3.0) == EdgeSnap(band=3.0)
+    with pytest.raises(ValueError, match="edge snap"):
+        EdgeSnap.from_band(0.5)
+
+
 def test_image_and_mask_must_agree_in_shape():
     with pytest.raises(ValueError, match="differ in shape"):
         snap_to_edges(np.zeros((4, 4, 4)), np.zeros((4, 4, 5), bool), (1.0, 1.0, 1.0), EdgeSnap())
