@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
+from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
 from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band
 from SegAssistLib.server.auth import env_token_entry, issue_token, parse_token_file
 from SegAssistLib.server.settings import Limits, ServerSettings, check_exposure
@@ -35,7 +36,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-depth", type=int, default=1, choices=(1, 2, 3, 4),
                    help="re-predict zoomed-out answers this many levels finer (default 1; 2 sharpens large "
                         "structures at about twice the latency of such clicks)")
-    p.add_argument("--edge-band", type=edge_band, default=2.0, metavar="B",
+    p.add_argument("--edge-band", type=edge_band, default=DEFAULT_EDGE_BAND, metavar="B",
                    help=EDGE_BAND_HELP.replace("builtin: ", ""))
     p.add_argument("--token-file", type=Path, default=None, help="lines 'user:sha256:<hex>' (see below)")
     p.add_argument("--issue-token", metavar="USER", default=None, help="add a token for USER and exit")

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from SegAssistLib.api_models import LimitsInfo
+from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -41,7 +42,9 @@ class ServerSettings(BaseModel):
     model: Optional[Path] = Field(None, description="checkpoint; None: the bundled default model")
     devices: Tuple[str, ...] = ("cpu",)
     refine_depth: int = Field(1, ge=1, le=4, description="zoom levels finer than a zoomed-out answer it is refined at")
-    edge_band: float = Field(2.0, ge=0, le=10, description="edge snap band in voxels (0: off; otherwise at least 1)")
+    edge_band: float = Field(
+        DEFAULT_EDGE_BAND, ge=0, le=10, description="edge snap band in voxels (0: off; otherwise at least 1)"
+    )
     token_hashes: List[Tuple[str, str]] = Field(
         default_factory=list, description="(user, sha256 hex of token); empty: no authentication"
     )

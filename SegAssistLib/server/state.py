@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Tuple
 
 from SegAssistLib.api_models import ErrorCode, SessionInfo
 from SegAssistLib.engine.base import Engine, EngineSession, MaskUpdate
+from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
 from SegAssistLib.server.auth import TokenVerifier
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.images import ImageStore
@@ -26,7 +27,9 @@ EngineFactory = Callable[[str], Engine]
 Outcome = Tuple[MaskUpdate, bool, bool]
 
 
-def default_engine_factory(model: Optional[Path], refine_depth: int = 1, edge_band: float = 2.0) -> EngineFactory:
+def default_engine_factory(
+    model: Optional[Path], refine_depth: int = 1, edge_band: float = DEFAULT_EDGE_BAND
+) -> EngineFactory:
     """Build the built-in engine on a device (imported lazily: torch loads on the worker).
     ``edge_band``: the band of its edge snap in voxels, 0 for none."""
 

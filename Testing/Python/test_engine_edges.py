@@ -151,3 +151,17 @@ def test_the_server_builds_its_engine_with_the_edge_band(tiny_checkpoint):
     assert default_engine_factory(tiny_checkpoint, edge_band=1.5)("cpu").edge_snap == EdgeSnap(band=1.5)
     with pytest.raises(ValidationError, match="edge_band"):
         ServerSettings(edge_band=0.5)
+
+
+def test_the_server_defaults_to_the_engines_edge_snap(tiny_checkpoint):
+    import argparse
+
+    from SegAssistLib.server.cli import add_serve_arguments
+    from SegAssistLib.server.settings import ServerSettings
+    from SegAssistLib.server.state import default_engine_factory
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert ServerSettings().edge_band == EdgeSnap().band
+    assert parser.parse_args([]).edge_band == EdgeSnap().band
+    assert default_engine_factory(tiny_checkpoint)("cpu").edge_snap == EdgeSnap()
