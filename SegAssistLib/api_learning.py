@@ -87,6 +87,7 @@ class LabelInfo(_Model):
 class TrainRequest(_Model):
     """Settings of one training job; unset fields take the trainer's defaults."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON bodies may carry NaN/Infinity
     kind: AdapterKindName = "salt"
     rank: Optional[int] = Field(None, gt=0)
     lora_rank: Optional[int] = Field(None, gt=0)
@@ -97,7 +98,9 @@ class TrainRequest(_Model):
     batch_size: Optional[int] = Field(None, gt=0)
     val_clicks: Optional[int] = Field(None, gt=0)
     validate_every: Optional[int] = Field(None, gt=0)
-    min_improvement: Optional[float] = None
+    min_improvement: Optional[float] = Field(
+        None, ge=-1, le=1, description="promote only above the incumbent's validation Dice plus this"
+    )
     label_value: Optional[int] = Field(None, ge=1, le=255)
     seed: Optional[int] = None
     warm_start: Optional[bool] = None

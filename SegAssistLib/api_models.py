@@ -72,6 +72,7 @@ class ErrorCode:
     INVALID_IMAGE = "invalid_image"  # 422: NaN, constant, not 3D, bad geometry
     UNSUPPORTED_DTYPE = "unsupported_dtype"  # 422
     INVALID_SHAPE = "invalid_shape"  # 422: shape and byte count disagree
+    IMAGE_MISMATCH = "image_mismatch"  # 422: a label from a session on another image than the case's
     UNSUPPORTED_CODEC = "unsupported_codec"  # 422
     UNSUPPORTED_PROMPT = "unsupported_prompt"  # 422: the model does not take this prompt kind
     TRAINING_REFUSED = "training_refused"  # 422: bad settings, or too few submitted labels to train on

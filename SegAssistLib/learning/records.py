@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from SegAssistLib.learning.errors import InvalidIdentifierError
+from SegAssistLib.users import USER_NAME_RULE, is_user_name
 
 
 class CaseStatus(str, Enum):
@@ -50,9 +51,8 @@ def parse_statuses(
     return tuple(CaseStatus.parse(s) for s in status)
 
 
-_CASE_ID = re.compile(r"^[0-9a-f]{16}$")
-_LABEL_ID = re.compile(r"^[0-9a-f]{32}$")
-_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_CASE_ID = re.compile(r"[0-9a-f]{16}")
+_LABEL_ID = re.compile(r"[0-9a-f]{32}")
 _TEXT_LIMIT = 256
 
 
@@ -65,23 +65,20 @@ def new_label_id() -> str:
 
 
 def check_case_id(value: Any) -> str:
-    if not isinstance(value, str) or not _CASE_ID.match(value):
+    if not isinstance(value, str) or not _CASE_ID.fullmatch(value):
         raise InvalidIdentifierError(f"invalid case id {value!r}: expected 16 lowercase hex digits")
     return value
 
 
 def check_label_id(value: Any) -> str:
-    if not isinstance(value, str) or not _LABEL_ID.match(value):
+    if not isinstance(value, str) or not _LABEL_ID.fullmatch(value):
         raise InvalidIdentifierError(f"invalid label version id {value!r}: expected 32 lowercase hex digits")
     return value
 
 
 def check_user(value: Any) -> str:
-    if not isinstance(value, str) or not _USER.match(value):
-        raise InvalidIdentifierError(
-            f"invalid user name {value!r}: 1-64 characters, letters, digits and . _ @ - "
-            "(starting with a letter or digit)"
-        )
+    if not is_user_name(value):
+        raise InvalidIdentifierError(f"invalid user name {value!r}: {USER_NAME_RULE}")
     return value
 
 

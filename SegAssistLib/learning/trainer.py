@@ -107,6 +107,12 @@ class AdapterTrainConfig:
         lr = self.lr
         if not (math.isfinite(lr) and lr >= 0):
             raise TrainingError(f"learning_rate must be a non-negative number, got {lr!r}")
+        if not (math.isfinite(self.min_improvement) and -1.0 <= self.min_improvement <= 1.0):
+            raise TrainingError(
+                f"min_improvement must be a Dice difference in [-1, 1], got {self.min_improvement!r}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainingError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
         if self.validate_every < 0 or self.max_correction_rounds < 0:
             raise TrainingError("validate_every and max_correction_rounds must not be negative")
         if not 0.0 <= self.corrupt_share <= 1.0:

@@ -22,7 +22,8 @@ import secrets
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-USER_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+from SegAssistLib.users import USER_NAME_RULE, is_user_name
+
 MIN_TOKEN_CHARS = 16
 TOKEN_ENV = "SEGASSIST_TOKEN"
 TOKEN_USER_ENV = "SEGASSIST_TOKEN_USER"
@@ -49,16 +50,16 @@ def parse_token_file(path: Path) -> List[Tuple[str, str]]:
                 f"{path}:{number}: expected 'user:sha256:<64 hex digits>' (plain tokens are not stored; "
                 "use `segassist serve --issue-token USER --token-file FILE`)"
             )
-        if not USER_PATTERN.match(parts[0]):
-            raise ValueError(f"{path}:{number}: user name {parts[0]!r} has characters other than A-Z a-z 0-9 _ . @ -")
+        if not is_user_name(parts[0]):
+            raise ValueError(f"{path}:{number}: user name {parts[0]!r} is not valid: {USER_NAME_RULE}")
         entries.append((parts[0], parts[2]))
     return entries
 
 
 def issue_token(path: Path, user: str) -> str:
     """Make a token for ``user``, append its hash to the token file (mode 0600), return the token."""
-    if not USER_PATTERN.match(user):
-        raise ValueError(f"user name {user!r} has characters other than A-Z a-z 0-9 _ . @ -")
+    if not is_user_name(user):
+        raise ValueError(f"user name {user!r} is not valid: {USER_NAME_RULE}")
     path = Path(path)
     if path.exists() and any(u == user for u, _ in parse_token_file(path)):
         raise ValueError(f"{path} already has a token for {user!r}: remove its line first to replace it")
@@ -78,8 +79,8 @@ def env_token_entry(environ: Optional[dict] = None) -> Optional[Tuple[str, str]]
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"{TOKEN_ENV} is shorter than {MIN_TOKEN_CHARS} characters: use a random token")
     user = environ.get(TOKEN_USER_ENV, "local")
-    if not USER_PATTERN.match(user):
-        raise ValueError(f"{TOKEN_USER_ENV}={user!r} is not a valid user name")
+    if not is_user_name(user):
+        raise ValueError(f"{TOKEN_USER_ENV}={user!r} is not a valid user name: {USER_NAME_RULE}")
     return (user, hash_token(token))
 
 

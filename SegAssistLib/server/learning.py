@@ -9,18 +9,21 @@ so sessions keep going without a restart and every reply states the version that
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from SegAssistLib.api_models import ErrorCode
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.image import Volume
 from SegAssistLib.learning import errors as learning_errors
 from SegAssistLib.learning import loop_errors
 from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.server.errors import ApiError
+from SegAssistLib.transport import wire_array
 
 log = logging.getLogger("segassist.server")
 
@@ -59,6 +62,31 @@ class LearningState:
         self.store = Datastore(self.store_root, create=True)
         self.registry = AdapterRegistry(self.store_root)
         self.checkpoint = Path(checkpoint)
+        self._image_ids: Dict[str, str] = {}  # case id -> the image id its image is served under
+        self._base_identity: Optional[str] = None
+
+    def base_identity(self) -> str:
+        """Identity of the base weights the workers load (read once, with torch, on first use):
+        versions made for other weights cannot become current."""
+        if self._base_identity is None:
+            from SegAssistLib.engine.network import load_checkpoint
+
+            self._base_identity = load_checkpoint(self.checkpoint).identity
+        return self._base_identity
+
+    def case_image(self, case_id: str) -> Tuple[str, Volume]:
+        """(image id, image) of a case as ``GET /cases/{id}/image`` serves it: the wire form of the
+        stored image, whose content hash is the id sessions on it are opened with."""
+        volume = self.store.load_image(case_id)
+        volume = dataclasses.replace(volume, array=wire_array(volume.array))
+        image_id = volume.content_hash()
+        self._image_ids[case_id] = image_id
+        return image_id, volume
+
+    def case_image_id(self, case_id: str) -> str:
+        """The image id of :meth:`case_image`, cached (a case's image never changes)."""
+        image_id = self._image_ids.get(case_id)
+        return image_id if image_id is not None else self.case_image(case_id)[0]
 
     def close(self) -> None:
         self.store.close()

@@ -7,7 +7,6 @@ process (``SegAssistLib.learning.jobs``), never in the server.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -42,7 +41,7 @@ from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_er
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
 from SegAssistLib.server.responses import ERROR_RESPONSES
 from SegAssistLib.server.state import ServerState, await_job, queue_job
-from SegAssistLib.transport import encode_frame, wire_array
+from SegAssistLib.transport import encode_frame
 
 router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES)
 
@@ -71,9 +70,7 @@ def _case(record: CaseRecord) -> CaseInfo:
 
 def _hold_case_image(state: ServerState, learning: LearningState, case_id: str) -> Tuple[str, Volume]:
     """Put the case's image into the server's image store; returns its image id (content hash)."""
-    volume = learning.store.load_image(case_id)
-    volume = dataclasses.replace(volume, array=wire_array(volume.array))
-    image_id = volume.content_hash()
+    image_id, volume = learning.case_image(case_id)
     if not state.images.has(image_id):
         state.images.put(image_id, volume, None)
     return image_id, volume
@@ -213,7 +210,15 @@ async def save_label(
             raise ApiError(
                 422, ErrorCode.INVALID_SHAPE,
                 f"session {body.session_id} is on an image of shape {list(session.shape)}, not the case's "
-                f"{list(case.shape)}: open the session on the case's image (POST /v1/learn/cases/{case_id}/image)",
+                f"{list(case.shape)}: open the session on the case's image (GET /v1/learn/cases/{case_id}/image)",
+            )  # fmt: skip
+        case_images = {case.content_hash, await _call(lambda: learning.case_image_id(case_id))}
+        if session.image_id not in case_images:
+            raise ApiError(
+                422, ErrorCode.IMAGE_MISMATCH,
+                f"session {body.session_id} is on image {session.image_id[:12]}..., not on case {case_id}'s image "
+                f"(same shape, other voxels or geometry): its mask is not a label of this case; open the session "
+                f"on the case's image (GET /v1/learn/cases/{case_id}/image)",
             )  # fmt: skip
         (mask, prompt_log), _ = await state.submit(session, lambda es: (es.result().copy(), es.prompt_log()))
         model = session.model_version
@@ -281,7 +286,9 @@ async def versions(learning: LearningState = Depends(_learning), user: str = Dep
 async def rollback(
     body: RollbackRequest, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
 ) -> CurrentVersion:
-    record = await _call(lambda: learning.registry.rollback(body.to, user=user))
+    record = await _call(
+        lambda: learning.registry.rollback(body.to, user=user, base_identity=learning.base_identity())
+    )
     return CurrentVersion(current=record.id if record is not None else None)
 
 

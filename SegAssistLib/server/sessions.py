@@ -115,7 +115,7 @@ class SessionStore:
 
     def get(self, user: str, session_id: str) -> ServerSession:
         """The user's session; 400 for a malformed id, 404 for another user's or an unknown one."""
-        if not _ID.match(session_id):
+        if not _ID.fullmatch(session_id):
             raise ApiError(400, ErrorCode.INVALID_ID, "session id must be 32 lowercase hex digits")
         session = self._sessions.get(session_id)
         if session is not None and self._is_idle(session):

@@ -271,15 +271,36 @@ def test_review_flow_and_training_cases(store: Datastore):
     assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id)]
 
 
+def test_a_stray_draft_cannot_reopen_a_submitted_or_reviewed_case(store: Datastore):
+    a, b = (add_case(store, seed=s) for s in range(2))
+    la = store.save_label(a.id, box_mask(a.shape, (0, 0, 0), (3, 3, 3)), "alice")
+    lb = store.save_label(b.id, box_mask(b.shape, (0, 0, 0), (3, 3, 3)), "alice")
+    store.review(b.id, "carol", accepted=True)
+    draft = box_mask(a.shape, (0, 0, 0), (2, 2, 2))
+    for case, status in ((a, CaseStatus.SUBMITTED), (b, CaseStatus.REVIEWED)):
+        for user in ("alice", "dave"):  # neither the author nor anyone else, without the lock
+            with pytest.raises(InvalidStateError, match="lock the case first"):
+                store.save_label(case.id, draft, user, submit=False)
+        assert store.get_case(case.id).status is status and len(store.label_versions(case.id)) == 1
+    assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id), (b.id, lb.id)]
+    # reopening is deliberate: lock, then the draft takes the case back to in progress
+    store.lock(b.id, "dave")
+    store.save_label(b.id, draft, "dave", submit=False)
+    assert store.get_case(b.id).status is CaseStatus.IN_PROGRESS
+    assert [cs.id for cs, _ in store.training_cases()] == [a.id]
+
+
 def test_bad_input_is_refused_with_clear_errors(store: Datastore):
     case = add_case(store)
     good = np.zeros(case.shape, np.uint8)
-    for bad_id in ("../../etc/passwd", "ABCDEF0123456789", "", None, "0" * 15):
+    for bad_id in ("../../etc/passwd", "ABCDEF0123456789", "", None, "0" * 15, case.id + "\n"):
         with pytest.raises(InvalidIdentifierError, match="invalid case id"):
             store.save_label(bad_id, good, "alice")
     with pytest.raises(InvalidIdentifierError, match="invalid label version id"):
         store.load_label("../" + "a" * 29)
-    for bad_user in ("", "a/b", "..", "x" * 65, "name with space", "\u00e9"):
+    with pytest.raises(InvalidIdentifierError, match="invalid label version id"):
+        store.load_label("a" * 32 + "\n")
+    for bad_user in ("", "a/b", "..", "x" * 65, "name with space", "\u00e9", "_svc", "alice\n"):
         with pytest.raises(InvalidIdentifierError, match="user name"):
             store.lock(case.id, bad_user)
     with pytest.raises(NotFoundError):

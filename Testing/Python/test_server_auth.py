@@ -38,8 +38,22 @@ def test_issued_tokens_are_stored_hashed(tmp_path):
     assert parse_token_file(path) == [("alice", hash_token(alice)), ("bob", hash_token(bob))]
     with pytest.raises(ValueError, match="already has a token"):
         issue_token(path, "alice")
-    with pytest.raises(ValueError, match="characters"):
-        issue_token(path, "eve/../x")
+    for bad in ("eve/../x", "_svc", "-x", "carol\n", "carol\nmallory:sha256:" + "0" * 64):
+        with pytest.raises(ValueError, match="not valid: 1-64 characters"):
+            issue_token(path, bad)  # a name the datastore could not record, or a forged line
+    assert parse_token_file(path) == [("alice", hash_token(alice)), ("bob", hash_token(bob))]
+
+
+def test_every_token_user_can_be_recorded_by_the_datastore(tmp_path):
+    from SegAssistLib.learning.records import check_user
+
+    path = tmp_path / "tokens.txt"
+    for user in ("alice", "r.smith@example.org", "7", "a" * 64):
+        issue_token(path, user)
+        assert check_user(user) == user
+    path.write_text("_svc:sha256:" + "a" * 64 + "\n")
+    with pytest.raises(ValueError, match="tokens.txt:1: user name '_svc' is not valid"):
+        parse_token_file(path)
 
 
 def test_token_file_lines_are_checked(tmp_path):

@@ -17,7 +17,8 @@ from learning_fixtures import synthetic_case
 from test_server_fixtures import TOKENS, assert_error, raw
 
 from SegAssistLib.client import SegAssistClient
-from SegAssistLib.client.errors import LearningConflictError, LearningDisabledError, NotFoundError
+from SegAssistLib.client.errors import BadRequestError, LearningConflictError, LearningDisabledError, NotFoundError
+from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.prompts import PointPrompt
 
 pytest_plugins = ["test_server_fixtures"]
@@ -132,6 +133,39 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
     with pytest.raises(LearningConflictError):
         bob.learning.save_mask(second.case.id, imported[1][2])
     assert alice.learning.labels(second.case.id) == []
+
+
+def test_a_session_on_another_image_is_not_saved_as_a_label(clients, imported, learn_server):
+    alice, _ = clients
+    (first, first_volume, truth), (second, second_volume, _) = imported[0], imported[1]
+    assert first_volume.array.shape == second_volume.array.shape  # same shape: only the voxels differ
+    with alice.open_session(first_volume) as session:
+        session.add_prompt(PointPrompt(position=tuple(float(x) for x in np.argwhere(truth).mean(0)[::-1])))
+        with pytest.raises(BadRequestError) as exc:
+            alice.learning.submit(second.id, session)
+        assert exc.value.code == "image_mismatch" and second.id in str(exc.value)
+        assert alice.learning.labels(second.id) == [] and alice.learning.case(second.id).status == "new"
+        label = alice.learning.submit(first.id, session)  # the uploaded image is the case's own
+    assert label.submitted and [v.id for v in alice.learning.labels(first.id)] == [label.id]
+
+
+def test_rollback_refuses_a_version_made_for_other_base_weights(clients, learn_server, tmp_path):
+    alice, _ = clients
+    registry = AdapterRegistry(tmp_path / "store")
+    fields = {"base_identity": "0" * 16, "val_dice": 0.5, "incumbent": None, "incumbent_dice": 0.4}
+    registry.add_version("lora", lambda path, _: path.write_bytes(b"weights of another base model"),
+                         fields, promote=True, expected_current=None)  # fmt: skip
+    assert alice.learning.rollback("base") is None
+    with pytest.raises(LearningConflictError, match="base model") as exc:
+        alice.learning.rollback("v1")
+    assert exc.value.code == "version_state" and alice.learning.versions().current is None
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "2"])
+def test_training_settings_out_of_range_are_refused(learn_server, value):
+    body = f'{{"kind": "salt", "min_improvement": {value}}}'
+    reply = raw(learn_server, "POST", "/v1/learn/train", data=body, headers={"Content-Type": "application/json"})
+    assert "min_improvement" in assert_error(reply, 422, "invalid_request")["message"]
 
 
 def _submit_truths(alice, imported) -> None:
