@@ -250,6 +250,11 @@ def test_bad_requests_fail_clearly(tmp_path: Path, setup):
         AdapterTrainConfig(device="tpu9").check()
     with pytest.raises(TrainingError, match="time_budget_s"):
         AdapterTrainConfig(time_budget_s=0).check()
+    for bad in (float("nan"), float("-inf"), 1.5):  # NaN would never promote, -inf always
+        with pytest.raises(TrainingError, match="min_improvement"):
+            AdapterTrainConfig(min_improvement=bad).check()
+    with pytest.raises(TrainingError, match="weight_decay"):
+        AdapterTrainConfig(weight_decay=float("nan")).check()
     with pytest.raises(TrainingError, match="checkpoint not found"):
         start_training(store_root, tmp_path / "missing.pt")
     with pytest.raises(TrainingError, match="no SegAssist datastore"):
