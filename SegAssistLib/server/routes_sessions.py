@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Callable, Optional
 
@@ -71,9 +72,22 @@ async def create_session(
     user: str = Depends(current_user),
     req_id: Optional[str] = Depends(request_id),
 ) -> SessionInfo:
+    # a retry while an earlier try still opens (a long replay): wait for it, then answer its session
+    while (opening := state.sessions.opening(user, req_id)) is not None:
+        await asyncio.shield(opening)
     earlier = state.sessions.created_by(user, req_id)
     if earlier is not None:  # a retry of a create whose reply was lost
         return state.session_info(earlier)
+    state.sessions.begin_create(user, req_id)
+    session = None
+    try:
+        session = await _open_session(body, state, user)
+    finally:
+        state.sessions.end_create(user, req_id, session)
+    return state.session_info(session)
+
+
+async def _open_session(body: CreateSession, state: ServerState, user: str) -> ServerSession:
     limit = state.limits.max_prompts_per_session
     if len(body.prompts) > limit:
         raise ApiError(
@@ -99,8 +113,7 @@ async def create_session(
         state.sessions.remove(session.session_id)
         raise
     session.n_prompts = len(prompts)
-    state.sessions.remember_create(user, req_id, session)
-    return state.session_info(session)
+    return session
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="Session state and queue position")

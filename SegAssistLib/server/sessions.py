@@ -6,6 +6,7 @@ lock for its own bookkeeping; the engine session inside each entry is touched on
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -57,6 +58,8 @@ class SessionStore:
         self._expired: OrderedDict[str, None] = OrderedDict()
         #: (user, request id) of recent session creations: a retried create gets the same session
         self._creates: OrderedDict[Tuple[str, str], str] = OrderedDict()
+        #: creates still opening, by (user, request id): a retry that arrives meanwhile waits for it
+        self._opening: Dict[Tuple[str, str], asyncio.Future] = {}
         self.idle_timeout_s = idle_timeout_s
         self.max_per_user = max_per_user
         self.max_total = max_total
@@ -105,6 +108,26 @@ class SessionStore:
         sid = self._creates.get((user, request_id))
         session = self._sessions.get(sid) if sid else None
         return session if session is not None and session.engine_session is not None else None
+
+    def opening(self, user: str, request_id: Optional[str]) -> Optional[asyncio.Future]:
+        """The future of a create with this request id that is still opening (its result: the
+        session, or None when it failed), or None."""
+        return self._opening.get((user, request_id)) if request_id is not None else None
+
+    def begin_create(self, user: str, request_id: Optional[str]) -> None:
+        """Mark a create as opening, so that a retry with the same request id waits for it."""
+        if request_id is not None:
+            self._opening[(user, request_id)] = asyncio.get_running_loop().create_future()
+
+    def end_create(self, user: str, request_id: Optional[str], session: Optional[ServerSession]) -> None:
+        """The create has opened ``session`` (None: it failed); a retry waiting for it goes on."""
+        if request_id is None:
+            return
+        future = self._opening.pop((user, request_id), None)
+        if session is not None:
+            self.remember_create(user, request_id, session)
+        if future is not None and not future.done():
+            future.set_result(session)
 
     def remember_create(self, user: str, request_id: Optional[str], session: ServerSession) -> None:
         if request_id is None:

@@ -3,6 +3,8 @@ region replies, undo/redo/reset, prompt logs, info, close."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from test_server_fixtures import TOKENS, make_volume, raw
@@ -190,6 +192,32 @@ def test_a_repeated_session_create_opens_one_session(shared_server, alice, blob_
     b = raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id}, headers=headers)
     assert a.status_code == 201 and a.json()["session_id"] == b.json()["session_id"]
     raw(shared_server, "DELETE", f"/v1/sessions/{a.json()['session_id']}")
+
+
+def test_a_create_retried_while_the_first_still_opens_gets_the_same_session(shared_server, alice, blob_volume):
+    """A client that lost its connection during a long replay retries with the same request id
+    while the server is still opening the first session: one session, not an orphan and a twin."""
+    image_id = alice.ensure_image(blob_volume)
+    shape = blob_volume.array.shape
+    replay = [PointPrompt(position=(shape[2] / 2, shape[1] / 2, shape[0] / 2)).model_dump()]  # about a second
+    body = {"image_id": image_id, "prompts": replay}
+    headers = {REQUEST_ID_HEADER: "create-while-opening"}
+    start = threading.Barrier(2)
+    replies = []
+
+    def create():
+        start.wait()
+        replies.append(raw(shared_server, "POST", "/v1/sessions", json=body, headers=headers))
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in replies] == [201, 201], [r.text for r in replies]
+    ids = {r.json()["session_id"] for r in replies}
+    assert len(ids) == 1 and replies[0].json()["n_prompts"] == len(replay)
+    raw(shared_server, "DELETE", f"/v1/sessions/{ids.pop()}")
 
 
 def test_replies_use_zlib_for_a_client_without_zstd(shared_server, alice, blob_volume):
