@@ -79,6 +79,7 @@ class ErrorCode:
     TOO_MANY_SESSIONS = "too_many_sessions"  # 429: per user or in total
     QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
     SHUTTING_DOWN = "shutting_down"  # 503
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # 503: a stored file cannot be read right now (kept); retry
     INTERNAL_ERROR = "internal_error"  # 500: a bug; the message says where to look
 
     @classmethod

@@ -2,6 +2,14 @@
 
 Torch-free. The array is indexed ``[k, j, i]``; spacing, origin and direction follow ITK
 (physical LPS coordinates, ``direction`` columns are the i, j, k axes).
+
+A float16 array becomes float32 when the :class:`Volume` is made (lossless): SimpleITK, NIfTI
+writers and most numeric code have no float16, and doing it here means every path (a file, an
+upload frame, the client before it hashes) sees, hashes and stores the same float32 image.
+
+Geometry must fit the files images are stored in: NIfTI keeps spacing and origin as float32, so
+:func:`validate_image` refuses a NaN, infinite or out-of-float32-range origin or spacing instead of
+letting it become NaN or 0 on disk.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ class Volume:
     modality: Optional[str] = None  # "CT", "MR" or None (guessed from intensities when needed)
 
     def __post_init__(self) -> None:
+        if isinstance(self.array, np.ndarray) and self.array.dtype.kind == "f" and self.array.dtype.itemsize == 2:
+            self.array = self.array.astype(np.float32)  # lossless; see the module docstring
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
         self.origin = tuple(float(s) for s in self.origin)  # type: ignore[assignment]
         self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
@@ -56,6 +66,12 @@ class Volume:
 
 
 _ALLOWED_KINDS = "biuf"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fits_float32(values: np.ndarray) -> bool:
+    """Finite, and still finite once stored as float32 (NIfTI's spacing and origin)."""
+    return bool(np.all(np.isfinite(values)) and np.all(np.abs(values) <= _FLOAT32_MAX))
 
 
 def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None:
@@ -80,9 +96,15 @@ def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ImageError(f"image has {bad} NaN or infinite voxels: fill or mask them before segmenting")
-    sp = np.asarray(volume.spacing)
-    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ImageError(f"image spacing must be 3 positive numbers, got {volume.spacing}")
+    sp = np.asarray(volume.spacing, dtype=float)
+    if sp.shape != (3,) or not _fits_float32(sp) or np.any(sp.astype(np.float32) <= 0):
+        raise ImageError(f"image spacing must be 3 positive finite numbers within float32 range, got {volume.spacing}")
+    origin = np.asarray(volume.origin, dtype=float)
+    if origin.shape != (3,) or not _fits_float32(origin):
+        raise ImageError(
+            f"image origin must be 3 finite numbers within float32 range (|x| <= {_FLOAT32_MAX:.3g}, what "
+            f"NIfTI stores), got {volume.origin}"
+        )
     d = np.asarray(volume.direction)
     if d.shape != (3, 3) or not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
         raise ImageError("image direction must be an invertible 3x3 matrix")

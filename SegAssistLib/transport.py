@@ -6,7 +6,9 @@ An array travels as its raw little-endian C-order bytes, compressed with one *co
 small metadata record (:class:`ArrayMeta`): dtype, shape, codec, raw byte count and compressed
 byte count. The receiver checks every field before it decompresses anything, so a truncated,
 corrupt, oversize or mislabelled payload is refused with a :class:`TransportError` whose ``code``
-says which (the server turns it into a 4xx).
+says which (the server turns it into a 4xx). ``shape``, ``nbytes`` and ``payload_nbytes`` must be
+true integers (a JSON ``2.0``, ``1e400`` or ``true`` is refused, not coerced), and sizes are
+computed with Python integers, so no client number can overflow or wrap a check.
 
 Codecs: ``zstd`` (the default, via the ``zstandard`` package) and ``zlib`` (standard library).
 ``zlib`` exists so that a client with numpy and requests only (a bare ``PythonSlicer``) still
@@ -19,11 +21,15 @@ Large uploads travel as a *frame*, one self-describing byte string::
 The JSON header holds the :class:`ArrayMeta` fields plus whatever else the sender adds (an
 image's spacing, origin and direction). Small arrays in JSON replies travel as base64 of the
 same compressed payload (see :class:`SegAssistLib.api_models.ArrayPayload`).
+
+``<f2`` (float16) arrays travel as they are; an *image* made of one becomes float32 when its
+:class:`SegAssistLib.image.Volume` is built (see there), so its id is the float32 image's hash.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from dataclasses import asdict, dataclass
@@ -74,6 +80,27 @@ class TransportError(SegAssistError, ValueError):
             self.code = code
 
 
+#: Above this many bytes no array can exist on this machine (numpy's index limit).
+MAX_ARRAY_BYTES = int(np.iinfo(np.intp).max)
+
+
+def _is_int(value: Any) -> bool:
+    """A true integer: Python or numpy, not a bool and not a float (JSON's 2.0 or 1e400 are refused)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def describe_value(value: Any, limit: int = 60) -> str:
+    """A client-sent value for an error message, shortened (a 4000-digit number stays readable)."""
+    if isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(describe_value(v, 24) for v in value[:8]) + (", ..." if len(value) > 8 else "") + "]"
+    else:
+        try:
+            text = repr(value)
+        except ValueError:  # an int above Python's digit limit for str()
+            text = "a very large number"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class ArrayMeta:
     """What a receiver needs to rebuild an array, checked before decompression."""
@@ -91,15 +118,21 @@ class ArrayMeta:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> ArrayMeta:
+        """The metadata of a header or JSON payload, checked (see :meth:`check`); nothing is coerced:
+        ``shape``, ``nbytes`` and ``payload_nbytes`` must already be integers."""
         try:
-            shape = tuple(int(n) for n in data["shape"])
+            shape = data["shape"]
+            if not isinstance(shape, (list, tuple)):
+                raise TransportError(f"shape must be a list of integers, got {describe_value(shape)}", "malformed_body")
             meta = cls(
                 dtype=str(data["dtype"]),
-                shape=shape,
+                shape=tuple(shape),
                 codec=str(data["codec"]),
-                nbytes=int(data["nbytes"]),
-                payload_nbytes=int(data["payload_nbytes"]),
+                nbytes=data["nbytes"],
+                payload_nbytes=data["payload_nbytes"],
             )
+        except TransportError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise TransportError(f"array metadata is incomplete or mistyped: {exc}", "malformed_body") from exc
         meta.check()
@@ -107,30 +140,50 @@ class ArrayMeta:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        """Voxel count, an exact Python int (never a wrapped int64)."""
+        return math.prod(int(n) for n in self.shape)
 
     def check(self, max_voxels: Optional[int] = None) -> None:
-        """Reject metadata that does not describe a sane array (before anything is decompressed)."""
+        """Reject metadata that does not describe a sane array (before anything is decompressed).
+
+        Every number must be a true integer (not a float, not a bool); sizes are computed with
+        Python integers and compared with the limits before anything is allocated.
+        """
+        show = describe_value
         if self.dtype not in WIRE_DTYPES:
             raise TransportError(
-                f"dtype {self.dtype!r} is not accepted; use one of {', '.join(WIRE_DTYPES)}",
-                "unsupported_dtype",
+                f"dtype {show(self.dtype)} is not accepted; use one of {', '.join(WIRE_DTYPES)}", "unsupported_dtype"
             )
-        if not 1 <= len(self.shape) <= MAX_NDIM or any(n < 0 for n in self.shape):
-            raise TransportError(f"shape {list(self.shape)} is not a valid array shape", "invalid_shape")
+        if not 1 <= len(self.shape) <= MAX_NDIM:
+            raise TransportError(f"shape {show(self.shape)} must have 1 to {MAX_NDIM} entries", "invalid_shape")
+        if not all(_is_int(n) for n in self.shape):  # mistyped, as a missing field is: malformed
+            raise TransportError(f"shape {show(self.shape)} must be a list of integers", "malformed_body")
+        if any(n < 0 for n in self.shape):
+            raise TransportError(f"shape {show(self.shape)} has a negative size", "invalid_shape")
+        for name in ("nbytes", "payload_nbytes"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise TransportError(f"{name} must be a non-negative integer, got {show(value)}", "malformed_body")
         if self.codec not in ("zstd", "zlib", "none"):
-            raise TransportError(f"codec {self.codec!r} is unknown (zstd, zlib or none)", "unsupported_codec")
-        if max_voxels is not None and self.size > max_voxels:
-            raise TransportError(f"array has {self.size} voxels, above the limit of {max_voxels}", "image_too_large")
-        expected = self.size * np.dtype(self.dtype).itemsize
+            raise TransportError(f"codec {show(self.codec)} is unknown (zstd, zlib or none)", "unsupported_codec")
+        size = self.size
+        if max_voxels is not None and size > max_voxels:
+            raise TransportError(
+                f"array of shape {show(self.shape)} has {show(size)} voxels, above the limit of {max_voxels}",
+                "image_too_large",
+            )
+        expected = size * np.dtype(self.dtype).itemsize
+        if expected > MAX_ARRAY_BYTES:
+            raise TransportError(
+                f"array of shape {show(self.shape)} would need {show(expected)} bytes: no array is that large",
+                "invalid_shape",
+            )
         if self.nbytes != expected:
             raise TransportError(
-                f"nbytes {self.nbytes} does not match dtype {self.dtype} and shape {list(self.shape)} "
+                f"nbytes {show(self.nbytes)} does not match dtype {self.dtype} and shape {show(self.shape)} "
                 f"({expected} bytes expected)",
                 "invalid_shape",
             )
-        if self.payload_nbytes < 0:
-            raise TransportError("payload_nbytes is negative", "malformed_body")
 
 
 def wire_array(array: np.ndarray) -> np.ndarray:
@@ -248,8 +301,8 @@ def unpack_frame(data: bytes) -> Tuple[Dict[str, Any], memoryview]:
         raise TransportError("frame ends inside its header (truncated body)", "truncated_body")
     try:
         header = json.loads(bytes(view[8 : 8 + head_len]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise TransportError(f"frame header is not valid JSON: {exc}", "malformed_body") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise TransportError(f"frame header is not valid JSON: {str(exc)[:200]}", "malformed_body") from exc
     if not isinstance(header, dict):
         raise TransportError("frame header must be a JSON object", "malformed_body")
     return header, view[8 + head_len :]

@@ -2,8 +2,16 @@
 
 Decoded volumes stay in memory (least recently used first out, within a byte budget). With a data
 directory, the upload frame is also written to ``<data_dir>/images/<sha256>.sgaf`` (atomically:
-temporary file, fsync, rename), so images survive a restart. File names are always the
-server-computed hash, checked against a strict pattern; nothing a client sends becomes a path.
+temporary file, fsync, rename, fsync of the folder), so images survive a restart. File names are
+always the server-computed hash, checked against a strict pattern; nothing a client sends becomes a
+path.
+
+A stored file that no longer decodes (damaged, or above a since-lowered limit) is removed, and the
+image is simply uploaded again. A file that cannot be *read* right now (too many open files, an I/O
+error) is kept and the request answers 503 (retry later): a transient failure never deletes data.
+Temporary ``.upload-*.tmp`` files that a killed server left behind are removed when the store is
+opened, once they are older than :data:`STALE_UPLOAD_S` (a data directory may be shared by several
+server processes, so a fresh one may belong to a live upload).
 """
 
 from __future__ import annotations
@@ -13,18 +21,39 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 
-from SegAssistLib.api_models import IMAGE_ID_PATTERN, ImageHeader, StoredImage
+from SegAssistLib.api_models import IMAGE_ID_PATTERN, ErrorCode, ImageHeader, StoredImage
+from SegAssistLib.errors import ImageError
+from SegAssistLib.files import fsync_dir
 from SegAssistLib.image import Volume, validate_image
+from SegAssistLib.server.errors import ApiError
 from SegAssistLib.transport import ArrayMeta, TransportError, decode_array, unpack_frame
 
 _ID = re.compile(IMAGE_ID_PATTERN)
 log = logging.getLogger("segassist.server")
+
+UPLOAD_TMP_PREFIX, UPLOAD_TMP_SUFFIX = ".upload-", ".tmp"
+#: A temporary upload file untouched for this long belongs to no live writer (a write takes seconds).
+STALE_UPLOAD_S = 15 * 60.0
+
+
+def _read_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _unavailable(image_id: str, exc: OSError) -> ApiError:
+    return ApiError(
+        503, ErrorCode.STORAGE_UNAVAILABLE,
+        f"stored image {image_id} cannot be read right now ({exc.strerror or exc}); it is kept: retry later",
+        headers={"Retry-After": "2"},
+    )  # fmt: skip
 
 
 def is_image_id(value: str) -> bool:
@@ -69,10 +98,25 @@ class ImageStore:
         self._dir = Path(data_dir) / "images" if data_dir else None
         if self._dir:
             self._dir.mkdir(parents=True, exist_ok=True)
+            self._sweep_stale_uploads()
         self._cache: OrderedDict[str, Volume] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._max_voxels = max_voxels
         self._lock = threading.Lock()
+
+    def _sweep_stale_uploads(self, now: Optional[float] = None) -> None:
+        """Remove the temporary upload files a killed server left behind (see the module docstring)."""
+        assert self._dir is not None
+        now = time.time() if now is None else now
+        for tmp in self._dir.glob(f"{UPLOAD_TMP_PREFIX}*{UPLOAD_TMP_SUFFIX}"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_UPLOAD_S:
+                    tmp.unlink()
+                    log.info("removed %s, a temporary upload file left by an earlier server", tmp.name)
+            except FileNotFoundError:
+                pass  # another process swept it first
+            except OSError as exc:
+                log.warning("could not remove the stale upload file %s: %s", tmp, exc)
 
     def _path(self, image_id: str) -> Path:
         if not is_image_id(image_id) or self._dir is None:
@@ -94,9 +138,16 @@ class ImageStore:
         if not path.is_file():
             return None
         try:
-            volume, _, _ = decode_image_frame(path.read_bytes(), self._max_voxels)
-        except (ValueError, OSError) as exc:  # damaged on disk, or above a since-lowered limit
-            log.warning("stored image %s is unreadable (%s): removed; it will be uploaded again", image_id, exc)
+            data = _read_file(path)
+        except FileNotFoundError:  # removed meanwhile (by a process sharing the data directory)
+            return None
+        except OSError as exc:  # EMFILE, EIO, ...: maybe transient, and the file may be fine: keep it
+            log.warning("stored image %s cannot be read (%s): kept", image_id, exc)
+            raise _unavailable(image_id, exc) from exc
+        try:
+            volume, _, _ = decode_image_frame(data, self._max_voxels)
+        except (TransportError, ImageError, ValueError) as exc:  # damaged, or above a since-lowered limit
+            log.warning("stored image %s does not decode (%s): removed; it will be uploaded again", image_id, exc)
             path.unlink(missing_ok=True)
             return None
         self._remember(image_id, volume)
@@ -114,7 +165,9 @@ class ImageStore:
         if self._dir is not None and frame is not None:
             path = self._path(image_id)
             if not path.exists():
-                fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".upload-", suffix=".tmp")
+                # Not files.atomic_write: that reads the whole file back to hash it, and refuses an
+                # existing target (two processes uploading the same image at once is fine here).
+                fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=UPLOAD_TMP_PREFIX, suffix=UPLOAD_TMP_SUFFIX)
                 try:
                     with os.fdopen(fd, "wb") as f:
                         f.write(frame)
@@ -124,6 +177,7 @@ class ImageStore:
                 finally:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
+                fsync_dir(self._dir)  # the rename itself survives a power cut
         self._remember(image_id, volume)
 
     def _remember(self, image_id: str, volume: Volume) -> None:

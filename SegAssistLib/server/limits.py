@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from SegAssistLib.api_models import ErrorCode
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, Prompt, ScribblePrompt
 from SegAssistLib.server.errors import ApiError, error_response
+from SegAssistLib.transport import describe_value
 
 
 def _too_large(limit: int, what: str) -> ApiError:
@@ -97,19 +99,25 @@ async def read_body(request: Request, timeout_s: float) -> bytes:
 
 
 def check_image_shape(shape: Sequence[int], max_voxels: int, max_axis: int) -> None:
-    """Refuse an image by its declared shape, before it is decompressed."""
+    """Refuse an image by its declared shape, before it is decompressed.
+
+    ``shape`` comes from the client (checked integers, see ``ArrayMeta.check``); its product is an
+    exact Python int, so a shape such as [2**32, 2**32, 1] cannot wrap to a small number.
+    """
     if len(shape) != 3:
         raise ApiError(422, ErrorCode.INVALID_IMAGE, f"image must be 3D, got shape {list(shape)}")
-    size = int(np.prod(np.asarray(shape, np.int64)))
+    dims = [int(n) for n in shape]
+    size = math.prod(dims)
     if size > max_voxels:
+        shown = size if size < 10**30 else "more than 10^30"  # str() of a huge int can itself fail
         raise ApiError(
-            413, ErrorCode.IMAGE_TOO_LARGE, f"image has {size} voxels, above the limit of {max_voxels}",
+            413, ErrorCode.IMAGE_TOO_LARGE, f"image has {shown} voxels, above the limit of {max_voxels}",
             {"limit": max_voxels},
         )  # fmt: skip
-    if max(shape) > max_axis:
+    if max(dims) > max_axis:
         raise ApiError(
             413, ErrorCode.IMAGE_TOO_LARGE,
-            f"image shape {list(shape)} has an axis longer than the limit of {max_axis} voxels",
+            f"image shape {describe_value(dims)} has an axis longer than the limit of {max_axis} voxels",
             {"limit": max_axis},
         )  # fmt: skip
 
@@ -141,10 +149,10 @@ def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
         if np.any(hi < lo_ok) or np.any(lo > hi_ok):
             bad = f"box {list(prompt.min_corner)}..{list(prompt.max_corner)}"
     elif isinstance(prompt, MaskPrompt):
-        lo = np.asarray(prompt.offset)
-        hi = lo + np.asarray(prompt.shape)
-        if np.any(lo < 0) or np.any(hi > np.asarray(shape_kji)):
-            bad = f"mask box {lo.tolist()}..{hi.tolist()} (array order k, j, i)"
+        lo = [int(n) for n in prompt.offset]  # Python ints: a huge client number cannot wrap
+        hi = [a + int(n) for a, n in zip(lo, prompt.shape)]
+        if any(a < 0 for a in lo) or any(b > int(n) for b, n in zip(hi, shape_kji)):
+            bad = f"mask box {lo}..{hi} (array order k, j, i)"
     if bad:
         raise ApiError(
             422,
