@@ -57,7 +57,7 @@ def _unavailable(image_id: str, exc: OSError) -> ApiError:
 
 
 def is_image_id(value: str) -> bool:
-    return bool(_ID.match(value))
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
 def decode_image_frame(body: bytes, max_voxels: int) -> Tuple[Volume, ImageHeader, ArrayMeta]:
