@@ -55,6 +55,21 @@ MAX_SLAB_AXIS = 4096  # voxels along any axis of a slab's box
 MAX_SLAB_VOXELS = 4096 * 4096  # voxels in a slab's box: 2 MiB of bits at most, whatever the client sends
 SLAB_PLANE_TOLERANCE = 1.0  # voxels: half the thickness of the layer that must hold a slab's voxel centres
 _MAX_SLAB_DATA_CHARS = 4 * ((MAX_SLAB_VOXELS // 8 + 4096) // 3 + 1)  # base64 of the worst zlib output
+MAX_SLAB_OFFSET = 2**31  # |offset| of a slab's box on any axis: past any image, and no int64 overflow
+
+# Strokes given as points: whatever a client sends, rasterising one takes bounded memory and time.
+# Real strokes are far below these: a Slicer curve or a simulated scribble (one vertex per pixel of a
+# skeleton or an outline) has at most a few thousand vertices on the largest images (2048 per axis).
+MAX_STROKE_VERTICES = 16384  # vertices of a scribble's polyline or a lasso's polygon
+# A scribble is rasterised as its samples every half voxel, each widened by the points of a disc of
+# its width (1 point at width 1, about 1,100 at width 20), in chunks of _SCRIBBLE_CHUNK_POINTS.
+MAX_SCRIBBLE_SAMPLES = 2**19  # samples: a stroke about 260,000 voxels long (any width)
+MAX_SCRIBBLE_POINTS = 2**23  # samples x disc points: at width 20, a stroke about 3,700 voxels long
+_SCRIBBLE_CHUNK_POINTS = 2**18  # points rounded at once: ~6 MB per working array
+
+# An initial mask's box: a whole image of the largest size a server takes (600 Mi voxels) fits.
+MAX_MASK_VOXELS = 2**31  # voxels in a mask prompt's box
+MAX_MASK_EXTENT = 2**31  # offset + shape on any axis: no int64 overflow anywhere
 
 Vec3 = Tuple[float, float, float]
 
@@ -146,6 +161,13 @@ class BoxPrompt(_Prompt):
         return bool(np.any(np.asarray(self.max_corner) - np.asarray(self.min_corner) < 1.0))
 
 
+def _slab_too_large(shape: Sequence[int]) -> str:
+    return (
+        f"slab of shape {[int(n) for n in shape]} is too large: at most {MAX_SLAB_AXIS} voxels along an axis "
+        f"and {MAX_SLAB_VOXELS} in its box"
+    )
+
+
 class Slab(BaseModel):
     """The voxels a stroke or lasso covers on the slice it was drawn on: a box of the image (array
     order ``[k, j, i]``) one voxel thick along the slice normal, and its bits.
@@ -164,14 +186,13 @@ class Slab(BaseModel):
 
     @model_validator(mode="after")
     def _check_slab(self) -> Slab:
-        shape = np.asarray(self.shape, np.int64)
-        if np.any(shape < 1):
-            raise ValueError(f"slab shape {list(self.shape)} must be at least 1 voxel on every axis")
-        if np.any(shape > MAX_SLAB_AXIS) or int(np.prod(shape)) > MAX_SLAB_VOXELS:
-            raise ValueError(
-                f"slab of shape {list(self.shape)} is too large: at most {MAX_SLAB_AXIS} voxels along an axis "
-                f"and {MAX_SLAB_VOXELS} in its box"
-            )
+        shape = [int(n) for n in self.shape]  # Python ints: a huge entry is refused, not an int64 overflow
+        if any(n < 1 for n in shape):
+            raise ValueError(f"slab shape {shape} must be at least 1 voxel on every axis")
+        if any(n > MAX_SLAB_AXIS for n in shape) or shape[0] * shape[1] * shape[2] > MAX_SLAB_VOXELS:
+            raise ValueError(_slab_too_large(shape))
+        if any(abs(int(x)) > MAX_SLAB_OFFSET for x in self.offset):
+            raise ValueError(f"slab offset {list(self.offset)} is out of range: at most {MAX_SLAB_OFFSET} in magnitude")
         if not self.to_box().any():
             raise ValueError("empty slab: no voxel is set (an empty stroke is not a prompt)")
         return self
@@ -275,8 +296,15 @@ class _PolyPrompt(_Prompt):
     def _check_points(cls, v):
         if v is None:
             return None
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+            raise ValueError("points must be a list of vertices (i, j, k)")
         if len(v) == 0:
             raise ValueError("no points: an empty stroke is not a prompt")
+        if len(v) > MAX_STROKE_VERTICES:
+            raise ValueError(
+                f"too many points: {len(v)} vertices, above the limit of MAX_STROKE_VERTICES = {MAX_STROKE_VERTICES} "
+                "(send fewer vertices, or the stroke as a slab)"
+            )
         return [_finite_vec3(p, "vertex") for p in v]
 
     @model_validator(mode="after")
@@ -309,6 +337,14 @@ class ScribblePrompt(_PolyPrompt):
     kind: Literal["scribble"] = "scribble"
     width: float = Field(1.0, gt=0, le=20, description="stroke width in voxels")
 
+    @model_validator(mode="after")
+    def _check_budget(self):
+        if self.points is not None:  # refused here (a 422 on the server) rather than when rasterised
+            problem = _scribble_budget_error(np.asarray(self.points, float)[:, ::-1], self.width)  # as to_slab
+            if problem:
+                raise ValueError(problem)
+        return self
+
 
 class LassoPrompt(_PolyPrompt):
     kind: Literal["lasso"] = "lasso"
@@ -337,6 +373,20 @@ class MaskPrompt(_Prompt):
     shape: Tuple[int, int, int]
     data: str = Field(description="base64 of zlib-compressed np.packbits of the boolean box, C order")
 
+    @model_validator(mode="after")
+    def _check_box(self) -> MaskPrompt:
+        shape, offset = [int(n) for n in self.shape], [int(n) for n in self.offset]
+        if any(n < 1 for n in shape):
+            raise ValueError(f"mask shape {shape} must be at least 1 voxel on every axis")
+        if any(n < 0 for n in offset):
+            raise ValueError(f"mask offset {offset} must not be negative (array index k, j, i of the box's start)")
+        if any(o + n > MAX_MASK_EXTENT for o, n in zip(offset, shape)):
+            raise ValueError(f"mask offset {offset} + shape {shape} is beyond {MAX_MASK_EXTENT} on an axis")
+        voxels = shape[0] * shape[1] * shape[2]
+        if voxels > MAX_MASK_VOXELS:
+            raise ValueError(f"mask shape {shape} is too large: {voxels} voxels, above the limit of {MAX_MASK_VOXELS}")
+        return self
+
     @classmethod
     def from_array(cls, mask: np.ndarray) -> MaskPrompt:
         """Encode a full-image mask (array order ``[k, j, i]``), keeping only its bounding box."""
@@ -353,12 +403,12 @@ class MaskPrompt(_Prompt):
         return cls(offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box))
 
     def to_array(self, image_shape: Sequence[int]) -> np.ndarray:
-        box = _unpack_bits(self.data, self.shape, "initial mask").astype(np.uint8)
-        out = np.zeros(tuple(image_shape), np.uint8)
-        lo = np.asarray(self.offset)
-        hi = lo + np.asarray(self.shape)
-        if np.any(lo < 0) or np.any(hi > np.asarray(image_shape)):
+        lo = np.asarray(self.offset, np.int64)
+        hi = lo + np.asarray(self.shape, np.int64)
+        if np.any(lo < 0) or np.any(hi > np.asarray(image_shape)):  # before decoding: no work for a bad box
             raise PromptError(f"initial mask box {lo.tolist()}..{hi.tolist()} lies outside image {list(image_shape)}")
+        box = _unpack_bits(self.data, self.shape, "initial mask")
+        out = np.zeros(tuple(image_shape), np.uint8)
         out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = box
         return out
 
@@ -411,6 +461,48 @@ def _stroke_plane_axes(verts_kji: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return u, np.cross(normal, u)
 
 
+def _disc_coefficients(width: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """In-plane coordinates of the points that widen each sample of a stroke of ``width``: a disc on
+    a half-voxel grid (None at width 1 or less: the sample itself)."""
+    radius = (width - 1.0) / 2.0
+    if radius <= 0:
+        return None
+    steps = np.arange(-radius, radius + 1e-9, 0.5)
+    a, b = np.meshgrid(steps, steps, indexing="ij")
+    keep = a**2 + b**2 <= radius**2 + 1e-9
+    return a[keep], b[keep]
+
+
+def _scribble_disc(verts_kji: np.ndarray, width: float) -> np.ndarray:
+    """Offsets (array order) of the points that widen each sample of a stroke: a disc of the
+    stroke's width in the slice it was drawn on (one zero offset at width 1)."""
+    coefficients = _disc_coefficients(width)
+    if coefficients is None:
+        return np.zeros((1, 3))
+    u, v = _stroke_plane_axes(verts_kji)
+    a, b = coefficients
+    return a[:, None] * u + b[:, None] * v
+
+
+def _scribble_budget_error(verts: np.ndarray, width: float) -> Optional[str]:
+    """Why a polyline of ``width`` is beyond :data:`MAX_SCRIBBLE_SAMPLES` or :data:`MAX_SCRIBBLE_POINTS`
+    (None when within both): the work and memory of :func:`_scribble_voxels` follow these counts."""
+    coefficients = _disc_coefficients(width)
+    n_disc = 1 if coefficients is None else len(coefficients[0])
+    n_samples = rasterize.polyline_sample_count(verts, step=0.5)
+    n_points = n_samples * n_disc
+    if n_samples <= MAX_SCRIBBLE_SAMPLES and n_points <= MAX_SCRIBBLE_POINTS:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        length = float(np.sum(np.linalg.norm(np.diff(verts, axis=0), axis=1)))
+    return (
+        f"scribble too large to rasterise: {n_samples} samples (every half voxel along its {length:.0f} voxels, "
+        f"{len(verts)} vertices) x {n_disc} points of its width {width:g} = {n_points} points, above the limits of "
+        f"MAX_SCRIBBLE_SAMPLES = {MAX_SCRIBBLE_SAMPLES} samples and MAX_SCRIBBLE_POINTS = {MAX_SCRIBBLE_POINTS} "
+        "points; draw a shorter or thinner stroke"
+    )
+
+
 def _scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
     """Voxels (array order) of a polyline with its width, thickened within the slice it was drawn on.
 
@@ -418,28 +510,94 @@ def _scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
     "the voxels a polyline passes through": its points every half voxel, rounded to the nearest
     voxel. Every one of them, and every point of the width's disc, lies on the slice's plane, so the
     voxels form a digital plane (one voxel thick along the slice normal).
+
+    The samples are widened and rounded in chunks (``_SCRIBBLE_CHUNK_POINTS`` points), so memory
+    stays bounded; a stroke of more than :data:`MAX_SCRIBBLE_SAMPLES` samples, or more than
+    :data:`MAX_SCRIBBLE_POINTS` samples times disc points, is refused with a :class:`PromptError`.
+    Returns the sorted unique voxels, shape ``(N, 3)``.
     """
-    points = rasterize.polyline_samples(verts_kji, step=0.5)
-    radius = (width - 1.0) / 2.0
-    if radius > 0:
-        u, v = _stroke_plane_axes(verts_kji)
-        steps = np.arange(-radius, radius + 1e-9, 0.5)
-        a, b = np.meshgrid(steps, steps, indexing="ij")
-        keep = a**2 + b**2 <= radius**2 + 1e-9
-        disc = a[keep][:, None] * u + b[keep][:, None] * v
-        points = (points[:, None, :] + disc[None]).reshape(-1, 3)
-    return np.unique(np.rint(points).astype(np.int64), axis=0)
+    verts_kji = np.asarray(verts_kji, float).reshape(-1, 3)
+    problem = _scribble_budget_error(verts_kji, width)
+    if problem:
+        raise PromptError(problem)
+    radius = max((width - 1.0) / 2.0, 0.0)
+    disc = _scribble_disc(verts_kji, width)
+    if len(disc) == 0 or len(verts_kji) == 0:
+        return np.zeros((0, 3), np.int64)
+    # Each voxel becomes one int64 key in a box holding every point (the samples lie between the
+    # vertices, the disc within the radius); a sort of keys is a sort of rows, (k, j, i) order.
+    base = np.floor(verts_kji.min(0) - radius) - 2
+    top = np.ceil(verts_kji.max(0) + radius) + 2
+    keyed = bool(np.all(np.abs(np.concatenate([base, top])) < 2.0**52))
+    if keyed:
+        lo = base.astype(np.int64)
+        ext = (top - base + 1).astype(np.int64)
+        keyed = int(ext[0]) * int(ext[1]) * int(ext[2]) < 2**62
+    rows = max(1, _SCRIBBLE_CHUNK_POINTS // len(disc))
+    widen = radius > 0
+    merge = np.unique if keyed else (lambda rows_: np.unique(rows_, axis=0))
+    found, pending, n_pending = [], [], 0  # found: the unique voxels so far (0 or 1 array)
+    for samples in rasterize.polyline_sample_chunks(verts_kji, step=0.5, rows=rows):
+        points = (samples[:, None, :] + disc[None]).reshape(-1, 3) if widen else samples
+        voxels = np.rint(points).astype(np.int64)
+        del points
+        if keyed:
+            voxels -= lo
+            voxels = (voxels[:, 0] * ext[1] + voxels[:, 1]) * ext[2] + voxels[:, 2]
+        # else: coordinates beyond 2**52, rows compared directly (slower, same voxels)
+        pending.append(merge(voxels))
+        n_pending += len(pending[-1])
+        if n_pending > max(_SCRIBBLE_CHUNK_POINTS, len(found[0]) if found else 0):  # merged: memory ~ the result
+            found, pending, n_pending = [merge(np.concatenate(found + pending))], [], 0
+    keys = merge(np.concatenate(found + pending))
+    del found, pending
+    if not keyed:
+        return keys
+    out = np.empty((len(keys), 3), np.int64)
+    out[:, 2] = keys % ext[2]
+    keys //= ext[2]
+    out[:, 1] = keys % ext[1]
+    keys //= ext[1]
+    out[:, 0] = keys
+    out += lo
+    return out
+
+
+def _lasso_box(verts_kji: np.ndarray, image_shape: Sequence[int]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """A filled planar polygon, outline included (``fill_planar_polygon``), drawn on a grid the size
+    of its bounding box (clipped to the image) only: (the boolean box, its offset), or None when the
+    box misses the image.
+
+    Raises :class:`PromptError` before drawing when the polygon's voxels could not fit a slab
+    (:data:`MAX_SLAB_AXIS`, :data:`MAX_SLAB_VOXELS`): the voxel nearest each vertex inside the
+    image is drawn, so their extent is a lower bound of the slab's box.
+    """
+    shape = np.asarray(image_shape, np.int64)
+    lo = np.maximum(np.floor(verts_kji.min(0)).astype(np.int64) - 1, 0)
+    hi = np.minimum(np.ceil(verts_kji.max(0)).astype(np.int64) + 2, shape)
+    if np.any(hi <= lo):
+        return None
+    held = verts_kji[np.all((verts_kji >= 0) & (verts_kji <= shape - 1), axis=1)]
+    if len(held):
+        # a margin of a voxel for rounding: the voxel drawn nearest a vertex is within 0.5 (+ float error)
+        least = np.maximum(np.ceil(held.max(0) - 0.51) - np.floor(held.min(0) + 0.51) + 1, 1).astype(np.int64)
+        if np.any(least > MAX_SLAB_AXIS) or int(np.prod(least)) > MAX_SLAB_VOXELS:
+            raise PromptError(
+                f"the lasso cannot be made a slab: its voxels span at least {least.tolist()} (array order k, j, i), "
+                f"too large: at most {MAX_SLAB_AXIS} voxels along an axis and {MAX_SLAB_VOXELS} in its box"
+            )
+    local = np.zeros(tuple(hi - lo), bool)
+    rasterize.fill_planar_polygon(local, verts_kji - lo)
+    return local, lo
 
 
 def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
     """Voxels (array order) of a filled planar polygon, outline included (``fill_planar_polygon``),
     drawn on a grid the size of its bounding box only."""
-    lo = np.maximum(np.floor(verts_kji.min(0)).astype(np.int64) - 1, 0)
-    hi = np.minimum(np.ceil(verts_kji.max(0)).astype(np.int64) + 2, np.asarray(image_shape, np.int64))
-    if np.any(hi <= lo):
+    drawn = _lasso_box(verts_kji, image_shape)
+    if drawn is None:
         return np.zeros((0, 3), np.int64)
-    local = np.zeros(tuple(hi - lo), bool)
-    rasterize.fill_planar_polygon(local, verts_kji - lo)
+    local, lo = drawn
     return np.argwhere(local) + lo
 
 
@@ -458,16 +616,23 @@ def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
     if shape.shape != (3,):
         raise PromptError(f"to_slab needs a 3D image shape, got {list(image_shape)}")
     verts = np.asarray(prompt.points, float)[:, ::-1]
+    outside = f"the {prompt.kind} lies outside the image (array shape k, j, i = {shape.tolist()})"
     if isinstance(prompt, ScribblePrompt):
         voxels = _scribble_voxels(verts, prompt.width)
+        voxels = voxels[np.all((voxels >= 0) & (voxels < shape), axis=1)]
+        if len(voxels) == 0:
+            raise PromptError(outside)
+        lo = voxels.min(0)
+        extent = voxels.max(0) - lo + 1
+        if np.any(extent > MAX_SLAB_AXIS) or int(np.prod(extent)) > MAX_SLAB_VOXELS:  # before allocating its box
+            raise PromptError(f"the {prompt.kind} cannot be made a slab: {_slab_too_large(extent)}")
+        box = np.zeros(tuple(extent), bool)
+        box[tuple((voxels - lo).T)] = True
     else:
-        voxels = _lasso_voxels(verts, shape)
-    voxels = voxels[np.all((voxels >= 0) & (voxels < shape), axis=1)]
-    if len(voxels) == 0:
-        raise PromptError(f"the {prompt.kind} lies outside the image (array shape k, j, i = {shape.tolist()})")
-    lo = voxels.min(0)
-    box = np.zeros(tuple(voxels.max(0) - lo + 1), bool)
-    box[tuple((voxels - lo).T)] = True
+        drawn = _lasso_box(verts, shape)  # inside the image by construction
+        if drawn is None or not drawn[0].any():
+            raise PromptError(outside)
+        box, lo = drawn
     fields = prompt.model_dump(exclude={"points", "slab", "kind"})
     try:
         return type(prompt)(slab=Slab.from_mask(box, lo), **fields)

@@ -4,13 +4,19 @@ Every function takes coordinates in the target grid's array order ``[z, y, x]`` 
 indices, voxel centres at integers) and writes into a boolean array of that grid. The engine uses
 them on model patches (prompt coordinates mapped through the patch's affine), the evaluation code on
 full images.
+
+Memory is bounded whatever the coordinates: polylines, polygon candidates and the even-odd test are
+handled in chunks of at most :data:`CHUNK_ROWS` rows, so no working array grows with the length of
+a stroke or the size of a polygon's bounding box (the voxels drawn are the same as in one pass).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence, Tuple
 
 import numpy as np
+
+CHUNK_ROWS = 1 << 18  # points (or candidate voxels) a chunked rasteriser handles at once: ~6 MB per (N, 3) array
 
 
 def _ball_offsets(radius: float) -> np.ndarray:
@@ -61,11 +67,47 @@ def polyline_samples(points: Sequence[Sequence[float]], step: float = 0.5) -> np
     return np.concatenate(samples)
 
 
+def polyline_sample_count(points: Sequence[Sequence[float]], step: float = 0.5) -> float:
+    """How many points :func:`polyline_samples` returns, without making them (``inf`` when a
+    segment is too long for a float)."""
+    pts = np.asarray(points, float).reshape(-1, 3)
+    if len(pts) <= 1:
+        return len(pts)
+    total = 1
+    for a, b in zip(pts[:-1], pts[1:]):
+        ratio = np.linalg.norm(b - a) / step
+        if not np.isfinite(ratio):
+            return float("inf")
+        total += max(1, int(np.ceil(ratio)))
+    return total
+
+
+def polyline_sample_chunks(
+    points: Sequence[Sequence[float]], step: float = 0.5, rows: int = CHUNK_ROWS
+) -> Iterator[np.ndarray]:
+    """:func:`polyline_samples` in consecutive pieces of at most about ``2 * rows`` points (the same
+    points, bit for bit, in the same order), so that a long polyline never lies in memory at once."""
+    pts = np.asarray(points, float).reshape(-1, 3)
+    rows = max(1, int(rows))
+    pending, count = [pts[:1]], min(len(pts), 1)
+    for a, b in zip(pts[:-1], pts[1:]):
+        n = max(1, int(np.ceil(np.linalg.norm(b - a) / step)))
+        for first in range(1, n + 1, rows):
+            t = np.arange(first, min(first + rows, n + 1))[:, None] / n
+            pending.append(a + t * (b - a))
+            count += len(t)
+            if count >= rows:
+                yield np.concatenate(pending)
+                pending, count = [], 0
+    if count:
+        yield np.concatenate(pending)
+
+
 def draw_polyline(out: np.ndarray, points: Sequence[Sequence[float]], radius: float = 0.0) -> None:
-    """Mark the voxels a polyline passes through, thickened to ``radius``."""
-    samples = polyline_samples(points)
+    """Mark the voxels a polyline passes through, thickened to ``radius`` (in chunks of samples)."""
     offsets = _ball_offsets(max(radius, 0.0))
-    _scatter(out, (np.rint(samples)[:, None, :] + offsets[None]).reshape(-1, 3))
+    for samples in polyline_sample_chunks(points, 0.5, max(1, CHUNK_ROWS // len(offsets))):
+        _scatter(out, (np.rint(samples)[:, None, :] + offsets[None]).reshape(-1, 3))
 
 
 def fill_box(out: np.ndarray, lo: Sequence[float], hi: Sequence[float]) -> None:
@@ -80,14 +122,75 @@ def fill_box(out: np.ndarray, lo: Sequence[float], hi: Sequence[float]) -> None:
 
 
 def points_in_polygon(xy: np.ndarray, polygon: np.ndarray) -> np.ndarray:
-    """Even-odd rule test of many 2D points against one polygon (vertices in order)."""
-    x, y = xy[:, 0][:, None], xy[:, 1][:, None]
-    px, py = polygon[:, 0][None], polygon[:, 1][None]
-    qx, qy = np.roll(polygon[:, 0], -1)[None], np.roll(polygon[:, 1], -1)[None]
-    crosses = (py > y) != (qy > y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x_at = px + (y - py) * (qx - px) / (qy - py)
-    return np.logical_xor.reduce(crosses & (x < x_at), axis=1)
+    """Even-odd rule test of many 2D points against one polygon (vertices in order).
+
+    A point's ray (towards +x) crosses an edge only where the point's y lies in the edge's
+    half-open y range, so the points are sorted by y (a chunk of :data:`CHUNK_ROWS` at a time) and
+    each edge is tested against the run of points in its range only: memory stays bounded and the
+    work is the number of (point, crossed edge) pairs, not points times vertices. The crossing test
+    is the same float expression for every pair, so the answer is that of a dense test.
+    """
+    xy = np.asarray(xy, float).reshape(-1, 2)
+    poly = np.asarray(polygon, float).reshape(-1, 2)
+    px, py = poly[:, 0], poly[:, 1]
+    qx, qy = np.roll(px, -1), np.roll(py, -1)
+    edges = np.flatnonzero(py != qy)  # a horizontal edge is crossed by no ray
+    y_low, y_high = np.minimum(py, qy)[edges], np.maximum(py, qy)[edges]
+    inside = np.zeros(len(xy), bool)
+    for start in range(0, len(xy), CHUNK_ROWS):
+        chunk = xy[start : start + CHUNK_ROWS]
+        order = np.argsort(chunk[:, 1], kind="stable")
+        xs, ys = chunk[order, 0], chunk[order, 1]
+        first = np.searchsorted(ys, y_low, "left")  # (py > y) != (qy > y)  <=>  y_low <= y < y_high
+        stop = np.searchsorted(ys, y_high, "left")
+        odd = np.zeros(len(ys), bool)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            for e in np.flatnonzero(stop > first):
+                i, lo, hi = edges[e], first[e], stop[e]
+                x_at = px[i] + (ys[lo:hi] - py[i]) * (qx[i] - px[i]) / (qy[i] - py[i])
+                odd[lo:hi] ^= xs[lo:hi] < x_at
+        inside[start + order] = odd
+    return inside
+
+
+def _near_plane_chunks(
+    lo: np.ndarray, hi: np.ndarray, centre: np.ndarray, normal: np.ndarray, half: float
+) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """The voxels of the box ``[lo, hi)`` whose centre ``g`` has ``|(g - centre) . normal| <= half``,
+    and their ``g - centre``, in chunks of at most about :data:`CHUNK_ROWS` candidates.
+
+    Along the axis nearest the normal, each column of the box meets that layer in a short run
+    (``2 * half / |n_axis|`` voxels, at most about 3 for a unit normal): only a window around it is
+    tested, with the exact expression of a dense test, so the result is the same.
+    """
+    axis = int(np.argmax(np.abs(normal)))
+    b_axis, c_axis = [a for a in range(3) if a != axis]
+    ext = hi - lo
+    n_axis = float(normal[axis])
+    reach = half / abs(n_axis)
+    # slack for float rounding in the window's centre (none for coordinates of realistic size)
+    scale = float(np.abs(centre).max() + np.abs(hi).max() + 1.0)
+    slack = 2 + int(np.ceil(1e-12 * scale)) if np.isfinite(scale) else int(ext[axis])
+    width = int(min(int(np.ceil(2 * reach)) + 2 * slack + 1, int(ext[axis])))
+    n_columns = int(ext[b_axis] * ext[c_axis])
+    per_chunk = max(1, CHUNK_ROWS // width)
+    steps = np.arange(width, dtype=np.int64)
+    for c0 in range(0, n_columns, per_chunk):
+        b, c = np.unravel_index(np.arange(c0, min(c0 + per_chunk, n_columns)), (int(ext[b_axis]), int(ext[c_axis])))
+        gb, gc = b + lo[b_axis], c + lo[c_axis]
+        rest = (gb - centre[b_axis]) * normal[b_axis] + (gc - centre[c_axis]) * normal[c_axis]
+        middle = centre[axis] - rest / n_axis  # where the column crosses the plane
+        with np.errstate(invalid="ignore"):
+            start = np.floor(np.nan_to_num(middle - reach, posinf=hi[axis], neginf=lo[axis])) - slack
+        start = np.clip(start, lo[axis], hi[axis] - width).astype(np.int64)
+        grid = np.empty((len(start), width, 3), np.int64)
+        grid[..., axis] = start[:, None] + steps
+        grid[..., b_axis] = gb[:, None]
+        grid[..., c_axis] = gc[:, None]
+        grid = grid.reshape(-1, 3)
+        rel = grid - centre
+        near = np.abs(rel @ normal) <= half
+        yield grid[near], rel[near]
 
 
 def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) -> None:
@@ -95,24 +198,20 @@ def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) ->
 
     The voxels kept form the standard digital plane (centre within ``|n|_1 / 2`` of the polygon's
     plane, which leaves no 6-connected gaps on oblique planes) and project inside the polygon.
-    The outline itself is drawn too, so thin polygons never vanish.
+    The outline itself is drawn too, so thin polygons never vanish. The bounding box (clipped to
+    ``out``) is scanned in chunks of columns, so memory does not grow with its size.
     """
     verts = np.asarray(vertices, float).reshape(-1, 3)
     centre = verts.mean(0)
-    _, _, vt = np.linalg.svd(verts - centre)
+    _, _, vt = np.linalg.svd(verts - centre, full_matrices=len(verts) < 3)  # V only: no (n, n) U
     u, v, normal = vt[0], vt[1], vt[2]
     lo = np.maximum(np.floor(verts.min(0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(verts.max(0)).astype(int) + 2, out.shape)
     if np.any(hi <= lo):
         return
-    grid = np.stack(
-        np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), axis=-1
-    ).reshape(-1, 3)
-    rel = grid - centre
-    near_plane = np.abs(rel @ normal) <= 0.5 * np.abs(normal).sum() + 1e-9
-    candidates = grid[near_plane]
-    rel = rel[near_plane]
     polygon_2d = np.stack([(verts - centre) @ u, (verts - centre) @ v], 1)
-    inside = points_in_polygon(np.stack([rel @ u, rel @ v], 1), polygon_2d)
-    _scatter(out, candidates[inside])
+    half = 0.5 * np.abs(normal).sum() + 1e-9
+    for candidates, rel in _near_plane_chunks(lo, hi, centre, normal, half):
+        inside = points_in_polygon(np.stack([rel @ u, rel @ v], 1), polygon_2d)
+        _scatter(out, candidates[inside])
     draw_polyline(out, np.concatenate([verts, verts[:1]]))
