@@ -463,14 +463,15 @@ def _stroke_plane_axes(verts_kji: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def _disc_coefficients(width: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """In-plane coordinates of the points that widen each sample of a stroke of ``width``: a disc on
-    a half-voxel grid (None at width 1 or less: the sample itself)."""
+    a half-voxel grid (None at width 1 or less, and where the grid's points all miss the disc, as
+    for widths just above 1: the sample itself, so a stroke is never empty)."""
     radius = (width - 1.0) / 2.0
     if radius <= 0:
         return None
     steps = np.arange(-radius, radius + 1e-9, 0.5)
     a, b = np.meshgrid(steps, steps, indexing="ij")
     keep = a**2 + b**2 <= radius**2 + 1e-9
-    return a[keep], b[keep]
+    return (a[keep], b[keep]) if keep.any() else None
 
 
 def _scribble_disc(verts_kji: np.ndarray, width: float) -> np.ndarray:

@@ -340,3 +340,14 @@ def test_a_slab_box_beyond_any_image_is_a_validation_error(field, value, message
         Slab.model_validate({**good, field: value})
     with pytest.raises(PromptError, match=message):
         parse_prompt({"kind": "scribble", "slab": {**good, field: value}})
+
+
+@pytest.mark.parametrize("width", [1.2, 1.5])
+def test_a_scribble_just_wider_than_a_voxel_is_drawn_like_a_one_voxel_line(width):
+    """Widths whose half-voxel disc grid misses the disc (radius up to about 0.35) used to give no voxels
+    at all ("outside the image"); they draw the line itself, as width 1 does."""
+    points = [(2.0, 3.0, 4.0), (12.0, 9.0, 4.0)]
+    thin = to_slab(ScribblePrompt(points=points, width=1.0), (10, 20, 20))
+    wider = to_slab(ScribblePrompt(points=points, width=width), (10, 20, 20))
+    assert wider.slab.to_box().sum() == thin.slab.to_box().sum() > 0
+    np.testing.assert_array_equal(wider.slab.voxels_kji(), thin.slab.voxels_kji())
