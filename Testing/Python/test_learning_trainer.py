@@ -144,10 +144,11 @@ def test_time_budget_is_respected(setup):
 def test_rollback_history_and_hot_swap(setup, tmp_path: Path):
     store_root, ckpt, _ = setup
     registry = AdapterRegistry(store_root)
-    # force promotions (min_improvement < -1) to build a history quickly; promotion itself is tested above
-    v1 = run_training(store_root, ckpt, quick(kind="lora", learning_rate=2e-2, min_improvement=-2.0))
-    v2 = run_training(store_root, ckpt, quick(kind="salt", learning_rate=2e-2, min_improvement=-2.0))
-    v3 = run_training(store_root, ckpt, quick(kind="salt", max_steps=2, min_improvement=5.0))
+    # force promotions (min_improvement -1: any Dice above the incumbent's minus 1) and a rejection (+1:
+    # above the incumbent's plus 1, never) to build a history quickly; promotion itself is tested above
+    v1 = run_training(store_root, ckpt, quick(kind="lora", learning_rate=2e-2, min_improvement=-1.0))
+    v2 = run_training(store_root, ckpt, quick(kind="salt", learning_rate=2e-2, min_improvement=-1.0))
+    v3 = run_training(store_root, ckpt, quick(kind="salt", max_steps=2, min_improvement=1.0))
     assert (v1.version.id, v2.version.id, v3.version.id) == ("v1", "v2", "v3")
     assert v1.promoted and v2.promoted and not v3.promoted and registry.read().current == "v2"
     assert v2.version.warm_start is None  # a SALT candidate cannot continue from a LoRA version
