@@ -7,8 +7,10 @@ always the server-computed hash, checked against a strict pattern; nothing a cli
 path.
 
 A stored file that no longer decodes (damaged, or above a since-lowered limit) is removed, and the
-image is simply uploaded again. A file that cannot be *read* right now (too many open files, an I/O
-error) is kept and the request answers 503 (retry later): a transient failure never deletes data.
+image is simply uploaded again. A file that cannot be *read* right now (too many open files, out of
+memory, interrupted: :data:`TRANSIENT_ERRNOS`) is kept and the request answers 503 (retry later); a
+lasting read error (EIO, EACCES) removes it like a damaged one, so that uploading the image again
+repairs the store.
 Temporary ``.upload-*.tmp`` files that a killed server left behind are removed when the store is
 opened, once they are older than :data:`STALE_UPLOAD_S` (a data directory may be shared by several
 server processes, so a fresh one may belong to a live upload).
@@ -16,6 +18,7 @@ server processes, so a fresh one may belong to a live upload).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -38,6 +41,8 @@ from SegAssistLib.transport import ArrayMeta, TransportError, decode_array, unpa
 _ID = re.compile(IMAGE_ID_PATTERN)
 log = logging.getLogger("segassist.server")
 
+#: read errors that say "not now" (descriptors or memory exhausted, interrupted), not "this file is bad"
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR, errno.ENOMEM, errno.EBUSY})
 UPLOAD_TMP_PREFIX, UPLOAD_TMP_SUFFIX = ".upload-", ".tmp"
 #: A temporary upload file untouched for this long belongs to no live writer (a write takes seconds).
 STALE_UPLOAD_S = 15 * 60.0
@@ -141,9 +146,18 @@ class ImageStore:
             data = _read_file(path)
         except FileNotFoundError:  # removed meanwhile (by a process sharing the data directory)
             return None
-        except OSError as exc:  # EMFILE, EIO, ...: maybe transient, and the file may be fine: keep it
-            log.warning("stored image %s cannot be read (%s): kept", image_id, exc)
-            raise _unavailable(image_id, exc) from exc
+        except OSError as exc:
+            if exc.errno in TRANSIENT_ERRNOS:  # the file may be fine: keep it, ask to retry
+                log.warning("stored image %s cannot be read right now (%s): kept", image_id, exc)
+                raise _unavailable(image_id, exc) from exc
+            # a lasting failure (EIO, EACCES, ...): the file is a copy of an upload; dropping it lets
+            # the client upload the image again, which writes it anew, rather than leaving it stuck
+            log.warning("stored image %s cannot be read (%s): removed; it will be uploaded again", image_id, exc)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as gone:
+                log.error("could not remove the unreadable stored image %s: %s", path, gone)
+            return None
         try:
             volume, _, _ = decode_image_frame(data, self._max_voxels)
         except (TransportError, ImageError, ValueError) as exc:  # damaged, or above a since-lowered limit

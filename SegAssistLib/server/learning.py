@@ -70,8 +70,14 @@ class LearningState:
         versions made for other weights cannot become current."""
         if self._base_identity is None:
             from SegAssistLib.engine.network import load_checkpoint
+            from SegAssistLib.errors import ModelError
 
-            self._base_identity = load_checkpoint(self.checkpoint).identity
+            try:
+                self._base_identity = load_checkpoint(self.checkpoint).identity
+            except ModelError as exc:  # the file changed or vanished since the workers loaded it
+                raise loop_errors.RegistryError(
+                    f"cannot check the version against the base model: {exc}; only a rollback to 'base' works"
+                ) from exc
         return self._base_identity
 
     def case_image(self, case_id: str) -> Tuple[str, Volume]:

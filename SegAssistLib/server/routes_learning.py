@@ -35,7 +35,7 @@ from SegAssistLib.api_learning import (
 from SegAssistLib.api_models import FRAME_MEDIA_TYPE, ArrayPayload, ErrorCode
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.records import CaseRecord
-from SegAssistLib.learning.registry import adapter_id_of
+from SegAssistLib.learning.registry import BASE, adapter_id_of
 from SegAssistLib.server.deps import current_user, get_state, reply_codec
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
@@ -212,8 +212,9 @@ async def save_label(
                 f"session {body.session_id} is on an image of shape {list(session.shape)}, not the case's "
                 f"{list(case.shape)}: open the session on the case's image (GET /v1/learn/cases/{case_id}/image)",
             )  # fmt: skip
-        case_images = {case.content_hash, await _call(lambda: learning.case_image_id(case_id))}
-        if session.image_id not in case_images:
+        if session.image_id != case.content_hash and session.image_id != await _call(
+            lambda: learning.case_image_id(case_id)
+        ):
             raise ApiError(
                 422, ErrorCode.IMAGE_MISMATCH,
                 f"session {body.session_id} is on image {session.image_id[:12]}..., not on case {case_id}'s image "
@@ -287,7 +288,9 @@ async def rollback(
     body: RollbackRequest, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
 ) -> CurrentVersion:
     record = await _call(
-        lambda: learning.registry.rollback(body.to, user=user, base_identity=learning.base_identity())
+        lambda: learning.registry.rollback(
+            body.to, user=user, base_identity=None if body.to == BASE else learning.base_identity()
+        )
     )
     return CurrentVersion(current=record.id if record is not None else None)
 

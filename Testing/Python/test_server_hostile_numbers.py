@@ -217,3 +217,22 @@ def test_a_transient_read_error_keeps_the_stored_image(server, monkeypatch):
     assert raw(server, "GET", f"/v1/images/{first}").json()["image_id"] == first
     session = raw(server, "POST", "/v1/sessions", json={"image_id": first})
     assert session.status_code == 201, session.text
+
+
+def test_a_lasting_read_error_drops_the_stored_copy_so_an_upload_repairs_it(server, monkeypatch):
+    frame = encode_frame(make_volume(seed=13).array, {}, codec="zlib")
+    first = upload(server, frame).json()["image_id"]
+    upload(server, encode_frame(make_volume(seed=14).array, {}, codec="zlib"))  # evicts the first from memory
+    path = server.data_dir / "images" / f"{first}.sgaf"
+
+    def bad_block(file, *args, **kwargs):  # the disk cannot read this file: EIO every time
+        if Path(file) == path:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(images_module, "open", bad_block, raising=False)
+    assert_error(raw(server, "GET", f"/v1/images/{first}"), 404, "image_not_found")
+    assert not path.exists()  # dropped: it was a copy of an upload, not a user's annotation
+    monkeypatch.undo()
+    assert upload(server, frame).json()["image_id"] == first  # uploading again repairs the store
+    assert path.is_file() and raw(server, "GET", f"/v1/images/{first}").status_code == 200

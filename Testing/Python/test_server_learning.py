@@ -270,3 +270,20 @@ def test_jobs_waiting_when_the_server_stops_get_503_and_change_nothing(clients, 
     for name in ("next", "prompt"):
         assert_error(replies[name], 503, "shutting_down")
     assert alice.learning.case(imported[0][0].id).locked_by is None
+
+
+def test_rolling_back_to_base_works_even_when_the_base_file_is_gone(clients, learn_server, tmp_path, server_checkpoint):
+    """The emergency path needs no base identity; a version check that cannot read the base says so (409)."""
+    alice, _ = clients
+    registry = AdapterRegistry(tmp_path / "store")
+    fields = {"base_identity": "0" * 16, "val_dice": 0.5, "incumbent": None, "incumbent_dice": 0.4}
+    registry.add_version("lora", lambda path, _: path.write_bytes(b"weights"), fields, promote=True,
+                         expected_current=None)  # fmt: skip
+    moved = server_checkpoint.with_suffix(".moved")
+    server_checkpoint.rename(moved)
+    try:
+        assert alice.learning.rollback("base") is None
+        with pytest.raises(LearningConflictError, match="cannot check the version against the base model"):
+            alice.learning.rollback("v1")
+    finally:
+        moved.rename(server_checkpoint)
