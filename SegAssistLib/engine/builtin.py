@@ -346,8 +346,10 @@ class BuiltinSession(EngineSession):
         for axis in range(3):
             hit = np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != axis)))
             lo_hi.append((hit[0], hit[-1] + 1))
-        lo = np.maximum(np.array([a for a, _ in lo_hi]) + offset - 2, 0)
-        hi = np.minimum(np.array([b for _, b in lo_hi]) + offset + 2, self.shape)
+        # within the answer's box: a tile pasted beyond it would change the session mask where the
+        # returned update (and undo) does not look, and _predict only restores the box
+        lo = np.maximum(np.array([a for a, _ in lo_hi]) + offset - 2, offset)
+        hi = np.minimum(np.array([b for _, b in lo_hi]) + offset + 2, [s.stop for s in img_sl])
         extent = hi - lo
         # refine_depth levels finer than the answer (default one: halves the blur at a bounded cost)
         r = max(0, level - self.engine.refine_depth)

@@ -226,6 +226,28 @@ def test_refine_depth_chooses_how_fine_a_zoomed_out_answer_is_redrawn(tiny_check
     assert session.mask.shape == (96, 96, 96)
 
 
+def test_refinement_stays_inside_the_answers_box(tiny_checkpoint):
+    """The refine tiles cover the object's box plus a margin, but never beyond the window's box: the
+    session mask outside it is what the returned update and undo do not cover (a leak there made
+    a client's region-by-region mask differ from the server's result)."""
+    from SegAssistLib.engine import patching
+
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1)
+    vol, _ = _blob_volume(shape=(96, 96, 96))
+    session = engine.open_session(vol)
+    window = patching.window_around((48, 48, 48), session.spacing_kji, engine.patch, 1)
+    box, _ = window.image_slices(session.shape)
+    inside = np.zeros(session.shape, bool)
+    inside[box] = True
+    session.mask[box] = 0
+    session.mask[tuple(slice(s.stop - 16, s.stop) for s in box)] = 1  # the answer reaches the box's sides
+    before = session.mask.copy()
+    session._refine_level = None
+    assert session._refine(window, [PointPrompt(position=(48, 48, 48))], 0, 1) > 0
+    assert np.array_equal(session.mask[~inside], before[~inside])
+    assert not np.array_equal(session.mask[inside], before[inside])  # the tiles did redraw inside
+
+
 def test_refine_depth_must_be_positive(tiny_checkpoint):
     with pytest.raises(ValueError, match="at least 1"):
         BuiltinEngine.from_checkpoint(tiny_checkpoint, refine_depth=0)
