@@ -463,15 +463,16 @@ def _stroke_plane_axes(verts_kji: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def _disc_coefficients(width: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """In-plane coordinates of the points that widen each sample of a stroke of ``width``: a disc on
-    a half-voxel grid (None at width 1 or less, and where the grid's points all miss the disc, as
-    for widths just above 1: the sample itself, so a stroke is never empty)."""
+    the half-voxel grid centred on the sample, so a stroke widens by the same amount on both sides
+    whatever its width (None below width 2, where the disc holds the sample alone)."""
     radius = (width - 1.0) / 2.0
-    if radius <= 0:
+    half_steps = int(np.floor(2.0 * radius + 1e-9)) if radius > 0 else 0
+    if half_steps == 0:
         return None
-    steps = np.arange(-radius, radius + 1e-9, 0.5)
+    steps = 0.5 * np.arange(-half_steps, half_steps + 1)
     a, b = np.meshgrid(steps, steps, indexing="ij")
     keep = a**2 + b**2 <= radius**2 + 1e-9
-    return (a[keep], b[keep]) if keep.any() else None
+    return a[keep], b[keep]
 
 
 def _scribble_disc(verts_kji: np.ndarray, width: float) -> np.ndarray:

@@ -50,7 +50,8 @@ def _old_scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
     radius = (width - 1.0) / 2.0
     if radius > 0:
         u, v = prompts._stroke_plane_axes(verts_kji)
-        steps = np.arange(-radius, radius + 1e-9, 0.5)
+        half_steps = int(np.floor(2 * radius + 1e-9))  # the disc's grid is centred on each sample
+        steps = 0.5 * np.arange(-half_steps, half_steps + 1)
         a, b = np.meshgrid(steps, steps, indexing="ij")
         keep = a**2 + b**2 <= radius**2 + 1e-9
         disc = a[keep][:, None] * u + b[keep][:, None] * v
@@ -178,8 +179,6 @@ def test_scribble_voxels_are_those_of_the_previous_rasteriser(monkeypatch, chunk
         if trial % 3 == 0:
             verts = np.round(verts * 2) / 2  # vertices on half voxels: rounding ties
         expected = _old_scribble_voxels(verts, width)
-        if len(expected) == 0:  # the old disc grid missed the disc (width 1.5): now the line itself
-            expected = _old_scribble_voxels(verts, 1.0)
         got = prompts._scribble_voxels(verts, width)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, expected, err_msg=f"trial {trial} width {width}")
@@ -344,12 +343,30 @@ def test_a_slab_box_beyond_any_image_is_a_validation_error(field, value, message
         parse_prompt({"kind": "scribble", "slab": {**good, field: value}})
 
 
-@pytest.mark.parametrize("width", [1.2, 1.5])
+@pytest.mark.parametrize("width", [1.2, 1.5, 1.9])
 def test_a_scribble_just_wider_than_a_voxel_is_drawn_like_a_one_voxel_line(width):
-    """Widths whose half-voxel disc grid misses the disc (radius up to about 0.35) used to give no voxels
-    at all ("outside the image"); they draw the line itself, as width 1 does."""
+    """Below width 2 the disc holds the sample alone (once, widths 1.2-1.5 gave no voxels at all,
+    "outside the image"): these strokes draw the line itself, as width 1 does."""
     points = [(2.0, 3.0, 4.0), (12.0, 9.0, 4.0)]
     thin = to_slab(ScribblePrompt(points=points, width=1.0), (10, 20, 20))
     wider = to_slab(ScribblePrompt(points=points, width=width), (10, 20, 20))
     assert wider.slab.to_box().sum() == thin.slab.to_box().sum() > 0
     np.testing.assert_array_equal(wider.slab.voxels_kji(), thin.slab.voxels_kji())
+
+
+@pytest.mark.parametrize("width", [2.4, 3.0, 4.4, 5.3, 7.9])
+def test_a_scribble_widens_equally_on_both_sides_whatever_its_width(width):
+    """The disc's half-voxel grid is centred on each sample: a width that is not a multiple of a
+    half voxel (a brush size in mm over a voxel size) used to start the grid at -radius, so the
+    stroke came out shifted to one side (width 4.4: two voxels on one side, one on the other)."""
+    points = [(5.0, 20.0, 10.0), (25.0, 20.0, 10.0), (25.0, 35.0, 10.0)]  # (i, j, k): an L on slice k=10
+    voxels = to_slab(ScribblePrompt(points=points, width=width), (20, 60, 60)).slab.voxels_kji()
+    assert set(voxels[:, 0]) == {10}
+    radius = (width - 1) / 2
+    offsets = 0.5 * np.arange(-40, 41)
+    across = set(np.rint(20 + offsets[np.abs(offsets) <= radius + 1e-9]).astype(int))  # the disc across the leg
+    for i in range(8, 22):  # along the first leg, away from its ends and the corner
+        j = voxels[voxels[:, 2] == i, 1]
+        assert j.min() + j.max() == 40, f"i={i}: j from {j.min()} to {j.max()}"
+        assert set(j) == across
+    assert len(across) > 1 or width < 3
