@@ -182,15 +182,21 @@ class Datastore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; ``BEGIN IMMEDIATE`` takes the write lock up front (no upgrade deadlock)."""
+        """One write transaction; ``BEGIN IMMEDIATE`` takes the write lock up front (no upgrade deadlock).
+
+        A failed ``COMMIT`` (disk full, I/O error) is rolled back too: left open, the transaction would
+        show its rows to every reader of this shared connection and refuse every later write.
+        """
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    with suppress(sqlite3.Error):  # the original error says more
+                        self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def _read(self, sql: str, params: Sequence = ()) -> List[sqlite3.Row]:
         with self._lock:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -342,6 +343,41 @@ def test_reopen_keeps_everything_and_corruption_is_detected(tmp_path: Path):
             ds.load_label(label.id)
         report = ds.verify()
         assert not report.ok and "checksum mismatch" in report.corrupt[0]
+
+
+class _DiskFailsAtCommit:
+    """The store's SQLite connection with a disk that fails the next ``COMMIT`` (a full disk or an
+    I/O error at the moment SQLite writes its pages): the one part a test cannot make fail for real."""
+
+    def __init__(self, conn) -> None:
+        self.conn, self.armed = conn, True
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_a_failed_commit_leaves_no_label_behind_and_the_store_writable(store: Datastore):
+    case = add_case(store)
+    first = store.save_label(case.id, box_mask(case.shape, (1, 1, 1), (4, 4, 4)), "alice")
+    real = store._conn
+    store._conn = _DiskFailsAtCommit(real)
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+        store.save_label(case.id, box_mask(case.shape, (2, 2, 2), (6, 6, 6)), "alice")
+    store._conn = real
+    assert not real.in_transaction  # rolled back: no row without its file for any reader
+    assert [v.id for v in store.label_versions(case.id)] == [first.id]
+    assert sorted(p.name for p in store.label_path(case.id, first.id).parent.iterdir()) == [
+        store.label_path(case.id, first.id).name
+    ]
+    second = store.save_label(case.id, box_mask(case.shape, (2, 2, 2), (6, 6, 6)), "alice")  # writes go on
+    assert second.version == first.version + 1 and store.verify().ok
+    np.testing.assert_array_equal(store.load_label(first.id), box_mask(case.shape, (1, 1, 1), (4, 4, 4)))
 
 
 def test_recover_removes_only_old_leftovers(store: Datastore):
