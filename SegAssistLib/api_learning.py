@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayPayload, Shape3, Vec3
 
+#: How long a case stays locked to its annotator unless told otherwise: one default for the datastore, the
+#: server, the client and the command line (a work session; saving a draft renews nothing, locking again does).
+DEFAULT_LOCK_TTL_S = 4 * 3600.0
+MAX_LOCK_TTL_S = 24 * 3600.0
+
 CASE_ID_PATTERN = r"^[0-9a-f]{16}$"
 JOB_ID_PATTERN = r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
 VERSION_ID_PATTERN = r"^(v[0-9]{1,9}|base)$"
@@ -54,7 +59,7 @@ class ImportCase(_Model):
 
 
 class LockRequest(_Model):
-    ttl_s: float = Field(4 * 3600.0, gt=0, description="seconds until the lock lapses")
+    ttl_s: float = Field(DEFAULT_LOCK_TTL_S, gt=0, le=MAX_LOCK_TTL_S, description="seconds until the lock lapses")
 
 
 class SaveLabel(_Model):
@@ -142,6 +147,9 @@ class LearningStatus(_Model):
 class NextCaseRequest(_Model):
     strategy: Strategy = "uncertainty"
     lock: bool = Field(True, description="lock the case to the caller")
+    lock_ttl_s: float = Field(
+        DEFAULT_LOCK_TTL_S, gt=0, le=MAX_LOCK_TTL_S, description="seconds until the lock lapses (with lock)"
+    )
     proposal: bool = Field(True, description="include the model's proposal")
     seed: int = 0
     diversity_weight: float = Field(0.5, ge=0)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Union
 import numpy as np
 
 from SegAssistLib.api_learning import (
+    DEFAULT_LOCK_TTL_S,
     CaseInfo,
     CurrentVersion,
     JobStatus,
@@ -117,7 +118,7 @@ class LearningClient:
             modality=header.get("modality"),
         )
 
-    def lock(self, case_id: str, ttl_s: float = 4 * 3600.0) -> CaseInfo:
+    def lock(self, case_id: str, ttl_s: float = DEFAULT_LOCK_TTL_S) -> CaseInfo:
         reply = self._http.json("POST", f"{_BASE}/cases/{case_id}/lock", json={"ttl_s": ttl_s})
         return CaseInfo.model_validate(reply)
 
@@ -224,11 +225,13 @@ class LearningClient:
         seed: int = 0,
         diversity_weight: float = 0.5,
         max_candidates: int = 16,
+        lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
     ) -> NextCase:
         """The case to annotate next (locked to me by default) and the current model's proposal."""
         body = {
             "strategy": strategy,
             "lock": lock,
+            "lock_ttl_s": lock_ttl_s,
             "proposal": proposal,
             "seed": seed,
             "diversity_weight": diversity_weight,

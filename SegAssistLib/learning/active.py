@@ -50,7 +50,7 @@ import numpy as np
 
 from SegAssistLib.evaluation.simulator import most_interior_voxel
 from SegAssistLib.image import Volume
-from SegAssistLib.learning.datastore import Datastore
+from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore
 from SegAssistLib.learning.loop_errors import ActiveLearningError, NoCandidateError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.traindata import foreground
@@ -393,6 +393,7 @@ def next_case(
     seed: int = 0,
     user: Optional[str] = None,
     lock: bool = False,
+    lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
     with_proposal: bool = True,
     diversity_weight: float = DEFAULT_DIVERSITY_WEIGHT,
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
@@ -402,8 +403,8 @@ def next_case(
 ) -> NextCase:
     """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
 
-    With ``lock`` the case is locked to ``user`` (raises ``CaseLockedError`` if someone took it
-    in the meantime; ask again).
+    With ``lock`` the case is locked to ``user`` for ``lock_ttl_s`` seconds (raises ``CaseLockedError``
+    if someone took it in the meantime; ask again).
     """
     if lock and not user:
         raise ActiveLearningError("locking the next case needs the user it is for")
@@ -420,5 +421,5 @@ def next_case(
     if proposal is None and with_proposal and engine is not None:
         proposal = propose(engine, store.load_image(case.id), prior, n_perturbations)
     if lock:
-        case = store.lock(case.id, user)
+        case = store.lock(case.id, user, ttl_s=lock_ttl_s)
     return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from SegAssistLib.learning.datastore import Datastore, open_datastore
+from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.registry import AdapterRegistry, version_label
@@ -60,7 +60,7 @@ def register(subparsers) -> None:
         p.add_argument("case", help="case id")
         p.add_argument("--user", required=True)
         if name == "lock":
-            p.add_argument("--hours", type=float, default=4.0, help="lock duration (default 4)")
+            p.add_argument("--hours", type=float, default=DEFAULT_LOCK_TTL_S / 3600, help="lock duration (default 4)")
         else:
             p.add_argument("--force", action="store_true", help="release another user's lock (administrator)")
 
@@ -115,6 +115,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--user", help="lock the case to this user (with --lock)")
     p.add_argument("--lock", action="store_true")
+    p.add_argument("--hours", type=float, default=DEFAULT_LOCK_TTL_S / 3600,
+                   help="lock duration with --lock (default 4)")
     p.add_argument("--no-proposal", action="store_true")
     p.add_argument("--diversity-weight", type=float, default=0.5)
     p.add_argument("--max-candidates", type=int, default=16)
@@ -335,7 +337,7 @@ def cmd_next(args: argparse.Namespace) -> int:
     with _open(args) as store:
         result = next_case(
             store, engine, args.strategy, seed=args.seed, user=args.user, lock=args.lock,
-            with_proposal=not args.no_proposal, diversity_weight=args.diversity_weight,
+            lock_ttl_s=args.hours * 3600.0, with_proposal=not args.no_proposal, diversity_weight=args.diversity_weight,
             max_candidates=args.max_candidates,
         )
         data = result.to_dict()

@@ -39,6 +39,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 import SimpleITK as sitk
 
+from SegAssistLib.api_learning import DEFAULT_LOCK_TTL_S, MAX_LOCK_TTL_S
 from SegAssistLib.errors import ImageError, PromptError
 from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
 from SegAssistLib.image import Volume, validate_image
@@ -71,8 +72,6 @@ from SegAssistLib.prompts import PromptLog
 
 SCHEMA_VERSION = 1
 DB_NAME = "segassist.sqlite"
-DEFAULT_LOCK_TTL_S = 30 * 60.0
-MAX_LOCK_TTL_S = 24 * 3600.0
 DEFAULT_RECOVER_AGE_S = 600.0
 
 _SCHEMA = """

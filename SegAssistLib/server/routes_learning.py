@@ -332,6 +332,7 @@ async def next_case(
     def run(engine: Any):
         return active.next_case(
             learning.store, engine, body.strategy, seed=body.seed, user=user, lock=body.lock,
+            lock_ttl_s=body.lock_ttl_s,
             with_proposal=body.proposal, diversity_weight=body.diversity_weight, max_candidates=body.max_candidates,
         )  # fmt: skip
 

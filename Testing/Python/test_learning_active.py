@@ -17,7 +17,7 @@ from learning_fixtures import (
 
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.image import Volume
-from SegAssistLib.learning import CaseStatus
+from SegAssistLib.learning import DEFAULT_LOCK_TTL_S, CaseStatus, Datastore, DatastoreError
 from SegAssistLib.learning.active import (
     candidate_cases,
     diversity_scores,
@@ -121,6 +121,30 @@ def test_lock_exhaustion_and_bad_requests(world):
         next_case(store, None, "random")
     store.unlock(taken[0], "bob")  # released without a label: a candidate again
     assert next_case(store, None, "first").case.id == taken[0]
+
+
+def test_the_next_case_stays_locked_for_a_work_session(tmp_path: Path):
+    """The case handed out by ``next`` is locked as long as one locked by hand (4 hours unless told):
+    it once lapsed after 30 minutes, so a slow annotator's case went to the next caller and her
+    save was refused."""
+    now = [1_000_000.0]
+    with Datastore(tmp_path / "store", clock=lambda: now[0]) as store:
+        masks = {}
+        for i in range(3):
+            volume, mask = synthetic_case(i)
+            masks[store.import_volume(volume, name=f"case_{i}", user="admin").id] = mask
+        alice = next_case(store, None, "first", user="alice", lock=True)
+        assert DEFAULT_LOCK_TTL_S == 4 * 3600.0
+        assert alice.case.lock_expires == pytest.approx(now[0] + DEFAULT_LOCK_TTL_S)
+        now[0] += 31 * 60  # alice is still annotating: no draft saved yet
+        bob = next_case(store, None, "first", user="bob", lock=True, lock_ttl_s=600)
+        assert bob.case.id != alice.case.id and bob.case.lock_expires == pytest.approx(now[0] + 600)
+        label = store.save_label(alice.case.id, masks[alice.case.id], user="alice", submit=True)
+        assert label.user == "alice"
+        now[0] += 601  # bob's short lock has lapsed: his case is a candidate again
+        assert next_case(store, None, "first", user="carol", lock=True).case.id == bob.case.id
+        with pytest.raises(DatastoreError, match="lock duration"):
+            next_case(store, None, "first", user="dave", lock=True, lock_ttl_s=25 * 3600)
 
 
 def test_adapted_model_proposes_the_structure(tmp_path: Path):

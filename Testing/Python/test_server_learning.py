@@ -99,6 +99,7 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
     nxt = alice.learning.next_case(strategy="first")
     first, volume, truth = imported[0]
     assert nxt.case.id == first.id and nxt.case.locked_by == "alice"
+    assert nxt.case.lock_expires > time.time() + 3.9 * 3600  # a work session, as a lock by hand
     assert nxt.proposal is not None and nxt.proposal.shape == truth.shape
     assert 0.0 <= nxt.reply.proposal.agreement <= 1.0
     with pytest.raises(LearningConflictError):
@@ -129,6 +130,8 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
     wrong = ArrayPayload.from_array(np.zeros((3, 3, 3), np.uint8)).model_dump()
     assert_error(raw(learn_server, "POST", path, json={"mask": wrong}), 422, "invalid_request")
     assert_error(raw(learn_server, "POST", path, json={}), 422, "invalid_request")
+    for ttl in (0, 25 * 3600):
+        assert_error(raw(learn_server, "POST", "/v1/learn/next", json={"lock_ttl_s": ttl}), 422, "invalid_request")
     # bob cannot save a label on alice's locked case
     with pytest.raises(LearningConflictError):
         bob.learning.save_mask(second.case.id, imported[1][2])
