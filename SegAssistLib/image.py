@@ -65,6 +65,22 @@ class Volume:
         return h.hexdigest()
 
 
+def geometry_difference(a: Volume, b: Volume, tolerance: float = 1e-3) -> Optional[str]:
+    """How the geometry of image ``a`` differs from that of ``b`` (None when it is the same): spacing
+    (relative ``tolerance``), origin (``tolerance`` x ``b``'s finest spacing, in mm) or direction
+    (``tolerance`` per cosine); shapes are the caller's to compare. The tolerance absorbs float32
+    storage (NIfTI), not a shifted or reoriented grid."""
+    sa, sb = np.asarray(a.spacing, float), np.asarray(b.spacing, float)
+    if np.any(np.abs(sa - sb) > tolerance * np.abs(sb)):
+        return f"spacing {[round(float(s), 6) for s in sa]} mm instead of {[round(float(s), 6) for s in sb]}"
+    if np.any(np.abs(np.asarray(a.origin) - np.asarray(b.origin)) > tolerance * float(sb.min())):
+        return f"origin {[round(float(s), 4) for s in a.origin]} mm instead of {[round(float(s), 4) for s in b.origin]}"
+    if np.any(np.abs(np.asarray(a.direction) - np.asarray(b.direction)) > tolerance):
+        return (f"direction {np.round(a.direction, 4).ravel().tolist()} instead of "
+                f"{np.round(b.direction, 4).ravel().tolist()}")  # fmt: skip
+    return None
+
+
 _ALLOWED_KINDS = "biuf"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 

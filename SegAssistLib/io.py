@@ -60,6 +60,22 @@ def volume_from_sitk(image: sitk.Image, channel: Optional[int] = None) -> Volume
     )
 
 
+def read_geometry(path: PathLike) -> Volume:
+    """The spacing, origin and direction of an image file (its first three axes), without its voxels
+    (the returned volume's array is empty)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
+    if reader.GetDimension() < 3:
+        raise ImageError(f"image must be 3D, got {reader.GetDimension()}D (size {reader.GetSize()})")
+    n = reader.GetDimension()
+    direction = np.asarray(reader.GetDirection(), float).reshape(n, n)[:3, :3]
+    return Volume(np.zeros((0, 0, 0), np.uint8), reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction)
+
+
 def load_volume(path: PathLike, channel: Optional[int] = None) -> Volume:
     """Load a 3D image from a file or a DICOM series directory."""
     return volume_from_sitk(_read_sitk(Path(path)), channel=channel)

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
@@ -120,7 +121,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-proposal", action="store_true")
     p.add_argument("--diversity-weight", type=float, default=0.5)
     p.add_argument("--max-candidates", type=int, default=16)
-    p.add_argument("--out", type=Path, help="write the proposal mask here (.nii.gz or .seg.nrrd)")
+    p.add_argument("--out", type=Path, help="write the proposal mask here (.nii.gz or .seg.nrrd; an existing "
+                   "file is kept: it may be an annotation in progress)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the proposal")
 
 
@@ -179,17 +182,22 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    from SegAssistLib.io import load_mask
+    from SegAssistLib.image import geometry_difference
+    from SegAssistLib.io import load_mask, read_geometry
 
     mask = load_mask(args.mask)
     log = args.prompt_log.read_text() if args.prompt_log is not None else None
     with _open(args) as store:
         case = store.get_case(args.case)
-        if tuple(mask.shape) != tuple(case.shape):
+        difference = (
+            f"shape {list(mask.shape)} (k, j, i) instead of {list(case.shape)}"
+            if tuple(mask.shape) != tuple(case.shape)
+            else geometry_difference(read_geometry(args.mask), store.reference_geometry(case.id))
+        )
+        if difference is not None:  # same shape on another grid: stored as is, it would lie misplaced
             raise DatastoreError(
-                f"{args.mask} has a voxel grid of shape {list(mask.shape)} (k, j, i), the case {list(case.shape)}: "
-                "export the segmentation on the image's geometry (in Slicer: a labelmap with the volume as "
-                "reference)"
+                f"{args.mask} is not on the case's voxel grid: {difference}. Export the segmentation on the "
+                "image's geometry (in Slicer: a labelmap with the volume as reference)"
             )
         label = store.save_label(case.id, mask, user=args.user, prompt_log=log, model=args.model,
                                  seconds_spent=args.seconds, submit=not args.draft)
@@ -321,9 +329,16 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+_KEEP_EXISTING = (
+    "{path} exists and is kept (it may be a proposal being corrected): give another --out, or --overwrite"
+)
+
+
 def cmd_next(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.active import NEEDS_ENGINE, next_case
 
+    if args.out is not None and args.out.exists() and not args.overwrite:  # before any case is locked
+        raise SegAssistError(_KEEP_EXISTING.format(path=args.out))
     engine = None
     if args.strategy in NEEDS_ENGINE or not args.no_proposal:
         import torch
@@ -348,12 +363,14 @@ def cmd_next(args: argparse.Namespace) -> int:
                      f"{p.agreement:.3f} over {p.members} perturbed answers")
             if args.out is not None:
                 reference = store.reference_geometry(result.case.id)
+                from SegAssistLib.files import atomic_write
                 from SegAssistLib.io import save_mask_nifti, save_segmentation_nrrd
 
-                if str(args.out).endswith(".seg.nrrd"):
-                    save_segmentation_nrrd(p.mask, reference, args.out)
-                else:
-                    save_mask_nifti(p.mask, reference, args.out)
+                save = save_segmentation_nrrd if str(args.out).endswith(".seg.nrrd") else save_mask_nifti
+                try:  # written whole or not at all, and never over a file that appeared meanwhile
+                    atomic_write(args.out, lambda tmp: save(p.mask, reference, tmp), overwrite=args.overwrite)
+                except FileExistsError as exc:
+                    raise SegAssistError(_KEEP_EXISTING.format(path=args.out)) from exc
                 data["proposal_file"] = str(args.out)
                 text += f"\nwritten to {args.out}"
     _print(args, data, text)

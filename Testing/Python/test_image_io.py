@@ -5,8 +5,15 @@ import pytest
 import SimpleITK as sitk
 
 from SegAssistLib.errors import ImageError
-from SegAssistLib.image import Volume, guess_modality, validate_image
-from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd, volume_to_sitk
+from SegAssistLib.image import Volume, geometry_difference, guess_modality, validate_image
+from SegAssistLib.io import (
+    load_mask,
+    load_volume,
+    read_geometry,
+    save_mask_nifti,
+    save_segmentation_nrrd,
+    volume_to_sitk,
+)
 
 
 def _oblique_volume() -> Volume:
@@ -126,3 +133,21 @@ def test_four_d_file_needs_a_channel(tmp_path):
     with pytest.raises(ImageError, match="4D"):
         load_volume(path)
     assert load_volume(path, channel=1).array.shape == (4, 5, 6)
+
+
+def test_geometry_difference_tolerates_float32_storage_not_a_moved_grid(tmp_path):
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    image = Volume(np.zeros((4, 5, 6), np.float32), spacing=(0.7, 0.7, 2.5), origin=(-101.3, 17.9, 60.1),
+                   direction=rotation)
+    path = tmp_path / "stored.nii.gz"
+    save_mask_nifti(np.zeros((4, 5, 6), np.uint8), image, path)  # NIfTI keeps float32 geometry
+    stored = read_geometry(path)
+    assert stored.array.size == 0 and geometry_difference(stored, image) is None
+    assert np.allclose(stored.direction, rotation, atol=1e-6)
+    moved = {
+        "spacing": Volume(image.array, (0.7, 0.71, 2.5), image.origin, rotation),
+        "origin": Volume(image.array, image.spacing, (-101.3, 17.9, 60.2), rotation),
+        "direction": Volume(image.array, image.spacing, image.origin, np.eye(3)),
+    }
+    for what, other in moved.items():
+        assert geometry_difference(other, image).startswith(what)

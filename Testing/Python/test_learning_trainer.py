@@ -20,8 +20,9 @@ from learning_fixtures import (
 )
 
 from SegAssistLib.engine.builtin import BuiltinEngine
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.image import Volume
-from SegAssistLib.io import save_mask_nifti
+from SegAssistLib.io import load_mask, save_mask_nifti
 from SegAssistLib.learning import AdapterError
 from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.deploy import EngineSync, activate, network_identity, version_network
@@ -291,6 +292,15 @@ def test_learn_cli(setup, capsys):
     code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
                     "--out", str(proposal))
     assert code == 0 and proposal.is_file() and "proposal by tiny-1" in out
+    # the proposal file is the annotator's to edit: asking again keeps it unless told to replace it
+    edited = proposal.read_bytes()
+    with pytest.raises(SegAssistError, match="exists and is kept"):
+        run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
+            "--out", str(proposal))
+    assert proposal.read_bytes() == edited
+    code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
+                    "--out", str(proposal), "--overwrite")
+    assert code == 0 and proposal.is_file() and not list(proposal.parent.glob(".*proposal.nii.gz"))
 
     # the annotator's round from a terminal: find the new case, lock it, save the corrected mask
     new_case = cases[-1]
@@ -302,8 +312,19 @@ def test_learn_cli(setup, capsys):
         run("save", new_case.id, str(proposal), "--store", str(store_root), "--user", "dave")
     wrong_grid = store_root.parent / "wrong.nii.gz"
     save_mask_nifti(np.zeros((4, 4, 4), np.uint8), Volume(np.zeros((4, 4, 4), np.float32)), wrong_grid)
-    with pytest.raises(DatastoreError, match="voxel grid of shape"):
+    with pytest.raises(DatastoreError, match=r"not on the case's voxel grid: shape \[4, 4, 4\]"):
         run("save", new_case.id, str(wrong_grid), "--store", str(store_root), "--user", "carol")
+    # the right shape on another grid (shifted by a voxel, or flipped) would be stored misplaced
+    with Datastore(store_root) as ds:
+        reference = ds.reference_geometry(new_case.id)
+    proposal_mask = load_mask(proposal)
+    for change, what in ((dict(origin=tuple(np.add(reference.origin, reference.spacing))), "origin"),
+                         (dict(direction=np.diag([-1.0, 1.0, 1.0]) @ reference.direction), "direction")):
+        moved = Volume(np.zeros(proposal_mask.shape, np.float32), **{**dict(spacing=reference.spacing,
+                       origin=reference.origin, direction=reference.direction), **change})
+        save_mask_nifti(proposal_mask, moved, wrong_grid)
+        with pytest.raises(DatastoreError, match=f"not on the case's voxel grid: {what}"):
+            run("save", new_case.id, str(wrong_grid), "--store", str(store_root), "--user", "carol")
     code, out = run("save", new_case.id, str(proposal), "--store", str(store_root), "--user", "carol",
                     "--seconds", "30", "--model", "tiny-1")
     assert code == 0 and "label version 1" in out and "submitted" in out
