@@ -212,6 +212,10 @@ class AdapterRegistry:
         """
         with self._locked() as state:
             number = state.next_number
+            while any(self.folder.glob(f"v{number}-*.pt")):
+                # a file the registry does not list: a writer killed before it could record its version,
+                # or versions of a registry file restored from an older copy. Kept, never replaced.
+                number += 1
             version_id = f"v{number}"
             file_name = f"{version_id}-{kind}.pt"
             reason = str(fields.pop("reason", ""))
@@ -222,8 +226,6 @@ class AdapterRegistry:
                     f"{state.current or BASE}): not promoted; train again to compare with it"
                 )
             path = self.folder / file_name
-            if path.exists():  # a leftover of a writer killed before it could record the version
-                path.unlink()
             writer(path, version_id)
             record = VersionRecord(
                 id=version_id,
@@ -255,8 +257,9 @@ class AdapterRegistry:
         ``to=None`` goes back one step: to the newest promoted version older than the current one,
         or to the base model. ``to="base"`` goes to the base model; ``to="v2"`` to that version,
         which must have been promoted once (a rejected version never beat its incumbent). The
-        replaced version becomes ``rolled_back``. ``base_identity``, when given, refuses a version
-        made for other base weights.
+        replaced version becomes ``rolled_back``, unless the target is newer than it (going forward
+        again after a rollback leaves it promoted, so one step back returns to it). ``base_identity``,
+        when given, refuses a version made for other base weights.
         """
         with self._locked() as state:
             current = state.current_record()
@@ -288,8 +291,9 @@ class AdapterRegistry:
                 if not path.is_file():
                     raise RegistryError(f"the file of version {target.id} is missing: {path}")
             target_id = target.id if target is not None else None
-            if current is not None and current.id != target_id:
-                current.status = ROLLED_BACK
+            moving_forward = target is not None and current is not None and target.number > current.number
+            if current is not None and current.id != target_id and not moving_forward:
+                current.status = ROLLED_BACK  # judged worse; going forward again judges nothing
             if target is not None:
                 target.status = PROMOTED
             self._event(state, "rollback", **{"from": state.current, "to": target_id, "user": user})

@@ -1,0 +1,47 @@
+"""The adapter registry's bookkeeping on its own (no training): version numbers never reuse a file on
+disk, and one step back after going forward again returns to the version left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord
+
+
+def add(registry: AdapterRegistry, kind: str = "salt", promote: bool = True, content: bytes = b"") -> VersionRecord:
+    def writer(path: Path, version_id: str) -> None:
+        registry.write_file(path, lambda tmp: Path(tmp).write_bytes(content or version_id.encode()))
+
+    fields = dict(base_identity="base-1", val_dice=0.8, incumbent=None, incumbent_dice=0.7)
+    return registry.add_version(kind, writer, fields, promote=promote, expected_current=registry.read().current)
+
+
+def test_a_file_the_registry_does_not_list_is_kept_and_its_number_skipped(tmp_path: Path):
+    """A registry restored from an older copy (or a writer killed after its rename) leaves version files
+    the registry does not list; the next version takes a free number instead of deleting one."""
+    registry = AdapterRegistry(tmp_path)
+    assert add(registry).id == "v1"
+    backup = registry.path.read_bytes()
+    assert add(registry, content=b"the annotators' v2").id == "v2"
+    registry.path.write_bytes(backup)  # the registry as it was before v2
+    (registry.folder / "v3-lora.pt").write_bytes(b"an unrecorded v3")  # another kind: still v3's number
+    third = add(registry)
+    assert third.id == "v4" and registry.file_path(third).read_bytes() == b"v4"
+    assert (registry.folder / "v2-salt.pt").read_bytes() == b"the annotators' v2"
+    assert (registry.folder / "v3-lora.pt").read_bytes() == b"an unrecorded v3"
+    assert [v.id for v in registry.versions()] == ["v1", "v4"] and registry.read().current == "v4"
+
+
+def test_going_forward_after_a_rollback_keeps_the_older_version_one_step_back(tmp_path: Path):
+    registry = AdapterRegistry(tmp_path)
+    add(registry)
+    add(registry)
+    assert registry.rollback(to="v1").id == "v1" and registry.get("v2").status == "rolled_back"
+    assert registry.rollback(to="v2").id == "v2"
+    assert registry.get("v1").status == "promoted"  # left behind by going forward, not judged worse
+    assert registry.rollback().id == "v1"  # one step back: v1, not the base model
+    assert registry.get("v2").status == "rolled_back"
+    assert registry.rollback() is None and registry.get("v1").status == "rolled_back"
+    # a version rolled back because it was worse stays out of "one step back"
+    add(registry)
+    assert registry.read().current == "v3" and registry.rollback() is None
