@@ -29,7 +29,7 @@ from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
-from SegAssistLib.learning.registry import AdapterRegistry, version_label
+from SegAssistLib.learning.registry import BASE, AdapterRegistry, version_label
 
 
 def register(subparsers) -> None:
@@ -109,6 +109,8 @@ def register(subparsers) -> None:
     p = add("rollback", "make an earlier adapter version (or the base model) current", cmd_rollback)
     p.add_argument("--to", help="version id or 'base' (default: one step back)")
     p.add_argument("--user", help="who rolls back (recorded)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="the base model the version must belong to (default: the shipped one)")
 
     p = add("next", "the case to annotate next, with the model's proposal", cmd_next)
     p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
@@ -324,7 +326,12 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     _open(args).close()
-    record = AdapterRegistry(args.store).rollback(args.to, user=args.user)
+    base_identity = None
+    if args.to != BASE:  # a version made for other base weights cannot answer with this one
+        from SegAssistLib.engine.network import load_checkpoint
+
+        base_identity = load_checkpoint(_checkpoint(args.checkpoint)).identity
+    record = AdapterRegistry(args.store).rollback(args.to, user=args.user, base_identity=base_identity)
     _print(args, {"current": record.id if record else None}, f"current version: {version_label(record)}")
     return 0
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from learning_fixtures import tiny_checkpoint
+
 from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord
 
 
-def add(registry: AdapterRegistry, kind: str = "salt", promote: bool = True, content: bytes = b"") -> VersionRecord:
+def add(registry: AdapterRegistry, content: bytes = b"", base_identity: str = "base-1") -> VersionRecord:
     def writer(path: Path, version_id: str) -> None:
         registry.write_file(path, lambda tmp: Path(tmp).write_bytes(content or version_id.encode()))
 
-    fields = dict(base_identity="base-1", val_dice=0.8, incumbent=None, incumbent_dice=0.7)
-    return registry.add_version(kind, writer, fields, promote=promote, expected_current=registry.read().current)
+    fields = dict(base_identity=base_identity, val_dice=0.8, incumbent=None, incumbent_dice=0.7)
+    return registry.add_version("salt", writer, fields, promote=True, expected_current=registry.read().current)
 
 
 def test_a_file_the_registry_does_not_list_is_kept_and_its_number_skipped(tmp_path: Path):
@@ -45,3 +47,34 @@ def test_going_forward_after_a_rollback_keeps_the_older_version_one_step_back(tm
     # a version rolled back because it was worse stays out of "one step back"
     add(registry)
     assert registry.read().current == "v3" and registry.rollback() is None
+
+
+def test_the_command_line_rolls_back_only_to_versions_of_the_loaded_base_model(tmp_path: Path, capsys):
+    import argparse
+
+    import pytest
+
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning import Datastore
+    from SegAssistLib.learning.cli import register
+    from SegAssistLib.learning.loop_errors import RegistryError
+
+    Datastore(tmp_path).close()
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    registry = AdapterRegistry(tmp_path)
+    add(registry)  # made for "base-1", not for the tiny checkpoint
+    parser = argparse.ArgumentParser(prog="segassist")
+    register(parser.add_subparsers(dest="command"))
+
+    def rollback(*argv: str) -> int:
+        args = parser.parse_args(["learn", "rollback", "--store", str(tmp_path), *argv])
+        return args.func(args)
+
+    assert rollback("--to", "base") == 0 and registry.read().current is None
+    with pytest.raises(RegistryError, match="belongs to base model base-1"):
+        rollback("--to", "v1", "--checkpoint", str(checkpoint))
+    assert registry.read().current is None
+    add(registry, base_identity=load_checkpoint(checkpoint).identity)  # v2, now current
+    assert rollback("--to", "base") == 0
+    assert rollback("--to", "v2", "--checkpoint", str(checkpoint)) == 0 and registry.read().current == "v2"
+    assert "current version: v2" in capsys.readouterr().out
