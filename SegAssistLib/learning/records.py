@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from SegAssistLib.learning.errors import InvalidIdentifierError
+from SegAssistLib.learning.errors import DatastoreError, InvalidIdentifierError
 from SegAssistLib.users import USER_NAME_RULE, is_user_name
 
 
@@ -83,13 +83,14 @@ def check_user(value: Any) -> str:
 
 
 def check_text(value: Any, what: str, limit: int = _TEXT_LIMIT) -> Optional[str]:
-    """An optional free-text field (model name, adapter version, note): printable, bounded."""
+    """An optional free-text field (case name, model name, adapter version, note): printable, bounded.
+    Not an identifier: a bad one is a bad request (422 over HTTP, as the schema's own length limit)."""
     if value is None:
         return None
     if not isinstance(value, str):
-        raise InvalidIdentifierError(f"{what} must be text, got {type(value).__name__}")
+        raise DatastoreError(f"{what} must be text, got {type(value).__name__}")
     if len(value) > limit or not value.isprintable():
-        raise InvalidIdentifierError(f"{what} must be printable text of at most {limit} characters")
+        raise DatastoreError(f"{what} must be printable text of at most {limit} characters")
     return value
 
 

@@ -86,6 +86,10 @@ def test_import_list_lock_and_download(clients, imported, learn_server):
     )
     for bad in ("xyz", "0" * 17, "0" * 15 + "%00", "0" * 15 + "G"):
         assert_error(raw(learn_server, "GET", f"/v1/learn/cases/{bad}"), 400, "invalid_id")
+    image_id = alice.learning.case(case.id).content_hash
+    for name in ("tab\there", "x" * 257):  # a bad name is a bad request, whichever check finds it
+        assert_error(raw(learn_server, "POST", "/v1/learn/cases", json={"image_id": image_id, "name": name}),
+                     422, "invalid_request")
     for escape in ("../../etc/passwd", "..%2F..%2Fetc"):  # decoded to another path: no such route
         assert_error(raw(learn_server, "GET", f"/v1/learn/cases/{escape}"), 404, "not_found")
     assert_error(raw(learn_server, "GET", "/v1/learn/cases/" + "0" * 16), 404, "case_not_found")
