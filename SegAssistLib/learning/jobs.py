@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - Windows: one job per process only
 
 FINAL_STATES = ("done", "cancelled", "failed")
 LOCK_NAME = ".train.lock"
+LOCK_PATIENCE_S = 1.0
 WATCHDOG_GRACE_S = 60.0
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,6 +73,30 @@ def _try_lock(store_root: Union[str, Path]) -> Optional[int]:
         os.close(fd)
         return None
     return fd
+
+
+def _take_lock(store_root: Union[str, Path], patience_s: float = LOCK_PATIENCE_S) -> Optional[int]:
+    """:func:`_try_lock`, retried for ``patience_s``: :func:`training_running` holds the lock for an
+    instant to probe it, and a start at that instant is not a busy datastore."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        fd = _try_lock(store_root)
+        if fd is not None or time.monotonic() >= deadline:
+            return fd
+        time.sleep(0.05)
+
+
+def _pid_alive(pid: Any) -> bool:
+    """Whether a process of this id exists (a reused id says yes: the lock probe decides then)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return True  # unknown: no evidence of death
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def training_running(store_root: Union[str, Path]) -> bool:
@@ -114,8 +139,8 @@ class TrainingJob:
             return data
         if self.process is not None:
             dead, code = self.process.poll() is not None, self.process.returncode
-        else:
-            dead, code = not training_running(self.store_root), None
+        else:  # started by another process: its worker's pid, then the datastore's training lock
+            dead, code = not _pid_alive(data.get("pid")) or not training_running(self.store_root), None
             if dead:  # it may have finished between the two reads
                 data = _read_json(self.folder / "status.json") or data
                 data["job_id"] = self.job_id
@@ -183,7 +208,7 @@ def start_training(
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_file():
         raise TrainingError(f"model checkpoint not found: {checkpoint}")
-    fd = _try_lock(store_root)
+    fd = _take_lock(store_root)
     if fd is None:
         running = [j for j in list_jobs(store_root) if j.get("state") not in FINAL_STATES]
         which = f" (job {running[0]['job_id']})" if running else ""
@@ -291,8 +316,14 @@ def _worker(folder: Path) -> int:
         torch.set_num_interop_threads(1)
 
     def watchdog() -> None:
+        latest = _read_json(status_path) or {}
+        if latest.get("state") in FINAL_STATES:
+            return  # finished meanwhile: the worker is on its way out
+        if latest.get("phase") == "registering":  # recording a version: stopped now, the registry and
+            arm(WATCHDOG_GRACE_S)  # this status would disagree (promoted, yet "failed")
+            return
         writer = StatusWriter(status_path)
-        writer.data.update(_read_json(status_path) or {})
+        writer.data.update(latest)
         writer.update(
             force=True, state="failed", phase="finished",
             error=f"the job overran its time budget of {cfg.time_budget_s:.0f} s by more than "
@@ -300,9 +331,14 @@ def _worker(folder: Path) -> int:
         )
         os._exit(3)
 
-    timer = threading.Timer(cfg.time_budget_s + max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s), watchdog)
-    timer.daemon = True
-    timer.start()
+    timers: List[threading.Timer] = []
+
+    def arm(delay_s: float) -> None:
+        timers.append(threading.Timer(delay_s, watchdog))
+        timers[-1].daemon = True
+        timers[-1].start()
+
+    arm(cfg.time_budget_s + max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s))
     cancel_flag = folder / "cancel"
     try:
         run_training(
@@ -325,7 +361,8 @@ def _worker(folder: Path) -> int:
         write_json_replace(status_path, data)
         return 1
     finally:
-        timer.cancel()
+        for timer in timers:
+            timer.cancel()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
-from SegAssistLib.files import atomic_write, atomic_write_bytes, check_format
+from SegAssistLib.files import TMP_PREFIX, atomic_write, atomic_write_bytes, check_format
 from SegAssistLib.learning.loop_errors import RegistryError, VersionNotFoundError
 
 try:  # POSIX; on Windows the registry is serialised within one process only
@@ -178,12 +178,18 @@ class AdapterRegistry:
 
     @contextmanager
     def _locked(self) -> Iterator[RegistryState]:
-        """Exclusive read-modify-write: yields the state; it is written back if no error occurs."""
+        """Exclusive read-modify-write: yields the state; it is written back if no error occurs.
+
+        Every write to the folder happens under this lock, so a temporary file found here is the
+        leftover of a process killed mid-write (a job stopped by its watchdog): it is removed.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._thread_lock, open(self._lock_path, "a+") as lock_file:
             if fcntl is not None:
                 fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
             try:
+                for leftover in self.folder.glob(f"{TMP_PREFIX}*"):
+                    leftover.unlink(missing_ok=True)
                 state = self.read()
                 yield state
                 payload = json.dumps(state.to_dict(), indent=1).encode()

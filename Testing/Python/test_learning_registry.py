@@ -78,3 +78,18 @@ def test_the_command_line_rolls_back_only_to_versions_of_the_loaded_base_model(t
     assert rollback("--to", "base") == 0
     assert rollback("--to", "v2", "--checkpoint", str(checkpoint)) == 0 and registry.read().current == "v2"
     assert "current version: v2" in capsys.readouterr().out
+
+
+def test_leftovers_of_a_writer_killed_mid_write_are_swept_under_the_registry_lock(tmp_path: Path):
+    """A job stopped by its watchdog (``os._exit``) can leave a half-written version or registry file;
+    every registry write holds the registry's lock, so under it such a file is a leftover."""
+    registry = AdapterRegistry(tmp_path)
+    add(registry)
+    leftovers = [registry.folder / ".tmp-0123456789ab-v2-salt.pt", registry.folder / ".tmp-ba9876543210-registry.json"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    assert add(registry).id == "v2" and registry.file_path(registry.get("v2")).read_bytes() == b"v2"
+    assert not any(path.exists() for path in leftovers)
+    assert sorted(p.name for p in registry.folder.iterdir() if not p.name.startswith(".")) == [
+        "registry.json", "v1-salt.pt", "v2-salt.pt"
+    ]

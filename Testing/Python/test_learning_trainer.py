@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -356,3 +360,35 @@ def test_a_job_in_its_own_session_really_runs_below_the_server(tmp_path):
     assert data["priority"] >= 7 and data["applied"]["nice"] == data["priority"]
     if Path("/proc/self/autogroup").is_file():
         assert data["applied"]["autogroup_nice"] == 7
+
+
+def test_a_job_whose_worker_died_is_failed_even_while_another_job_runs(tmp_path: Path):
+    """Seen from another process (no handle on the worker), a job is judged by its worker's pid first:
+    the datastore's training lock, held by a newer job, once made a killed job look running."""
+    from SegAssistLib.learning import jobs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    folder = jobs.jobs_folder(tmp_path) / "20260101-000000-abcdef"
+    folder.mkdir(parents=True)
+    held = jobs._try_lock(tmp_path)  # a newer job's worker holds the training lock
+    try:
+        for pid, state in ((dead_pid, "failed"), (os.getpid(), "training")):
+            (folder / "status.json").write_text(json.dumps({"state": "training", "pid": pid}))
+            assert jobs.TrainingJob(folder.name, folder, tmp_path).status()["state"] == state
+    finally:
+        os.close(held)
+    (folder / "status.json").write_text(json.dumps({"state": "training", "pid": os.getpid()}))
+    assert jobs.TrainingJob(folder.name, folder, tmp_path).status()["state"] == "failed"  # nobody holds the lock
+
+
+def test_a_start_waits_out_an_instant_probe_of_the_training_lock(tmp_path: Path):
+    """Polling a job's status takes the lock for an instant; a start at that instant is not busy."""
+    from SegAssistLib.learning import jobs
+
+    probe = jobs._try_lock(tmp_path)
+    threading.Timer(0.2, os.close, [probe]).start()
+    fd = jobs._take_lock(tmp_path, patience_s=5.0)
+    assert fd is not None
+    assert jobs._take_lock(tmp_path, patience_s=0.2) is None  # really held: busy after the patience
+    os.close(fd)
