@@ -244,7 +244,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if self._session is not None:
                 self._session.abandon()
                 self._worker.submit(None, self._session.close)
-            self._worker.shutdown(wait=False)
+            self._worker.shutdown(wait=False, cancel_queued=False)  # the close still runs
             self._worker = None
 
     def createCursor(self, widget):
@@ -457,12 +457,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         for finished in self._worker.poll():
             if not isinstance(finished.tag, Request):
                 continue  # closing a session: nothing to show
-            update = self._state.accept(finished.tag, finished.value, finished.error)
-            if finished.error is not None and self._state.last_error is finished.error:
-                self._errorText = describe_error(finished.error)
-                logging.error("SegAssist: %s", self._errorText)
-            elif update is not None and self._alive(self._binding):
-                self._write(update, self._binding)
+            try:  # one reply that cannot be written must not lose the replies after it
+                current = self._state.is_current(finished.tag)  # else stale: accept drops it
+                update = self._state.accept(finished.tag, finished.value, finished.error)
+                error = self._state.last_error if current else None
+                if error is not None:
+                    self._errorText = describe_error(error)
+                    logging.error("SegAssist: %s", self._errorText)
+                elif update is not None and self._alive(self._binding):
+                    self._write(update, self._binding)
+            except Exception as exc:
+                self._errorText = describe_error(exc)
+                logging.exception("SegAssist: a reply could not be applied")
         note = self._state.progress_note(self._worker.note.get())
         if self._errorText:
             self._setStatus(self._errorText, True)

@@ -121,6 +121,10 @@ class PromptState:
             self.last_error = error
             self._replan()
             return None
+        if not self._confirmed.allows(request.op):  # cannot happen while the worker guards its history
+            self.last_error = SessionError(f"the backend answered a {request.op.value} with nothing to apply it to")
+            self._replan()
+            return None
         self.last_error = None
         self._confirmed.apply(request.op, request.prompt)
         return update if update.voxels.size else None
@@ -234,6 +238,10 @@ class InteractiveSession:
         self._note = note or ProgressNote()
         self._session: Optional[EngineSession] = None
         self._abandoned = threading.Event()
+        # this object's prompts in effect on the backend and undone there: an undo queued behind a
+        # prompt that failed must not reach the backend, whose history starts with the initial mask
+        self._done = 0
+        self._undone = 0
 
     def abandon(self) -> None:
         """(Main thread) the user moved on: requests not started yet do nothing."""
@@ -288,9 +296,19 @@ class InteractiveSession:
         self._note.set("Segmenting")
         return self._session
 
-    @staticmethod
-    def _apply(session: EngineSession, request: Request) -> MaskUpdate:
+    def _apply(self, session: EngineSession, request: Request) -> MaskUpdate:
         if request.op is Op.PROMPT:
             assert request.prompt is not None
-            return session.add_prompt(request.prompt)
-        return session.undo() if request.op is Op.UNDO else session.redo()
+            update = session.add_prompt(request.prompt)
+            self._done, self._undone = self._done + 1, 0
+        elif request.op is Op.UNDO:
+            if self._done == 0:
+                raise SessionError("nothing to undo: the prompt before it failed")
+            update = session.undo()
+            self._done, self._undone = self._done - 1, self._undone + 1
+        else:
+            if self._undone == 0:
+                raise SessionError("nothing to redo: the prompt before it failed")
+            update = session.redo()
+            self._done, self._undone = self._done + 1, self._undone - 1
+        return update

@@ -90,9 +90,10 @@ class BackgroundWorker(Generic[T]):
                 future.exception(timeout=timeout)
         return self.poll()
 
-    def shutdown(self, wait: bool = False) -> None:
-        """Cancel calls not started yet and stop the thread (a running call finishes on its own)."""
+    def shutdown(self, wait: bool = False, cancel_queued: bool = True) -> None:
+        """Stop the thread once a running call has finished; calls not started yet are cancelled, or
+        with ``cancel_queued=False`` still run (a session's close queued on the way out)."""
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=True)
+            executor.shutdown(wait=wait, cancel_futures=cancel_queued)
         self._in_flight.clear()

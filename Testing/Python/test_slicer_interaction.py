@@ -479,3 +479,53 @@ def test_an_abandoned_session_does_no_more_work(tiny_engine):
     state = PromptState()
     assert session.run(state.request(Op.PROMPT, PointPrompt(position=(18, 16, 10)))) is None
     assert calls == [] and session.result() is None
+
+
+def test_an_undo_queued_behind_a_failed_prompt_never_reaches_the_backend(tiny_engine):
+    """The segment had content, so the backend's history starts with it as an initial mask. A click
+    fails while an undo waits behind it: the undo must not take the initial mask away (it did, and the
+    effect's bookkeeping then raised IndexError, leaving every later reply pending)."""
+    from SegAssistLib.image import Volume
+
+    baseline = np.zeros(SHAPE, np.uint8)
+    baseline[8:12, 14:18, 16:20] = 1
+    state, worker = PromptState(), BackgroundWorker()
+    session = InteractiveSession(lambda: tiny_engine, Volume(_blob()), baseline, worker.note)
+    try:
+        outside = state.request(Op.PROMPT, PointPrompt(position=(500.0, 16.0, 10.0)))
+        undo = state.request(Op.UNDO)
+        for request in (outside, undo):
+            worker.submit(request, session.run, request)
+        replies = worker.wait(timeout=60)
+        assert [type(r.error).__name__ for r in replies] == ["PromptError", "SessionError"]
+        assert all(state.accept(r.tag, r.value, r.error) is None for r in replies)
+        assert not state.busy and state.prompts == [] and not state.can_undo
+        assert np.array_equal(session.result(), baseline)  # the initial mask is still there
+
+        click = state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))
+        undo = state.request(Op.UNDO)
+        for request in (click, undo):
+            worker.submit(request, session.run, request)
+        for reply in worker.wait(timeout=60):
+            assert reply.ok and state.accept(reply.tag, reply.value, reply.error) is not None
+        assert np.array_equal(session.result(), baseline) and state.can_redo
+    finally:
+        worker.submit(None, session.close)
+        worker.shutdown(wait=True, cancel_queued=False)
+
+
+def test_a_close_queued_on_the_way_out_still_runs():
+    worker: BackgroundWorker[int] = BackgroundWorker()
+    release, closed = threading.Event(), threading.Event()
+    worker.submit(1, release.wait, 5)  # a request still running
+    worker.submit(None, closed.set)  # the session's close
+    worker.shutdown(wait=False, cancel_queued=False)
+    release.set()
+    assert closed.wait(5)
+    cancelled: BackgroundWorker[int] = BackgroundWorker()
+    release.clear()
+    cancelled.submit(1, release.wait, 5)
+    skipped = cancelled.submit(None, closed.clear)
+    cancelled.shutdown(wait=False)
+    release.set()
+    assert skipped.cancelled() and closed.is_set()
