@@ -181,13 +181,16 @@ class BackendStatus:
 class BackendManager:
     """Owns the backend connection: starts a local server on demand or connects to the remote one.
 
-    Thread-safe: the GUI thread changes settings while the worker thread uses the client.
+    Thread-safe: the GUI thread changes settings while the worker thread uses the client. ``_lock``
+    guards the fields and is held only for an instant; starting a local backend (up to minutes while
+    the model loads) holds ``_start_lock`` instead, so the GUI never waits for a start.
     """
 
     def __init__(self, settings: Optional[BackendSettings] = None, state_dir: Optional[os.PathLike] = None) -> None:
         self._settings = settings or BackendSettings()
         self._state_dir = state_dir
         self._lock = threading.RLock()
+        self._start_lock = threading.Lock()
         self._local: Optional[LocalBackend] = None
         self._client: Optional[SegAssistClient] = None
 
@@ -200,34 +203,51 @@ class BackendManager:
 
         A local backend stays up unless what it runs changed (model, device, Python, threads).
         """
+        if settings == self._settings:  # the usual case (every edit of the module's form): no lock
+            return
+        retired = None
         with self._lock:
             if settings == self._settings:
                 return
             if _local_key(settings) != _local_key(self._settings) and self._local is not None:
-                self._drop_client()
-                local, self._local = self._local, None
-                local.stop()
+                retired, self._local = self._local, None
             self._settings = settings
             self._drop_client()
+        if retired is not None:
+            retired.stop()
 
     # ---- connection --------------------------------------------------------------------------
     def client(self) -> SegAssistClient:
-        """The client for the configured backend; a local backend is started if needed (blocks)."""
-        with self._lock:
-            settings = self._settings
-            settings.validate()
-            if self._client is not None and (settings.mode == REMOTE or self.local_running):
-                return self._client
-            self._drop_client()
-            if settings.mode == LOCAL:
-                self._client = self._start_local(settings).client()
-            else:
-                self._client = SegAssistClient(
-                    settings.remote_url.strip(),
-                    settings.remote_token.strip() or None,
-                    allow_insecure_token=settings.allow_insecure_http,
-                )
-            return self._client
+        """The client for the configured backend; a local backend is started if needed (blocks the
+        calling thread, not the others: settings can change meanwhile, and the start then counts for
+        nothing if they changed what the local backend runs)."""
+        while True:
+            with self._lock:
+                settings = self._settings
+                settings.validate()
+                if self._client is not None and (settings.mode == REMOTE or self.local_running):
+                    return self._client
+                self._drop_client()
+                if settings.mode == REMOTE:
+                    self._client = SegAssistClient(
+                        settings.remote_url.strip(),
+                        settings.remote_token.strip() or None,
+                        allow_insecure_token=settings.allow_insecure_http,
+                    )
+                    return self._client
+                if self.local_running and self._local is not None:
+                    self._client = self._local.client()
+                    return self._client
+            with self._start_lock:  # one start at a time
+                with self._lock:
+                    if self._settings != settings or self.local_running:
+                        continue  # changed, or started by another thread, while this one waited
+                backend = self._start_local(settings)
+                with self._lock:
+                    if self._local is None and _local_key(self._settings) == _local_key(settings):
+                        self._local, backend = backend, None
+                if backend is not None:  # the settings moved on during the start: not the backend asked for
+                    backend.stop()
 
     def test_connection(self) -> BackendStatus:
         """Contact the backend (health, then info with the token) and describe it; never raises."""
@@ -260,7 +280,7 @@ class BackendManager:
             if self._settings.mode != LOCAL:
                 self._settings = self._settings.with_changes(mode=LOCAL)
                 self._drop_client()
-            self.client()
+        self.client()
         return self.test_connection()
 
     def stop_local(self) -> None:
@@ -268,8 +288,8 @@ class BackendManager:
         with self._lock:
             self._drop_client()
             local, self._local = self._local, None
-            if local is not None:
-                local.stop()
+        if local is not None:
+            local.stop()
 
     def local_status(self) -> BackendStatus:
         """The local backend's state without contacting it."""
@@ -285,8 +305,7 @@ class BackendManager:
 
     # ---- internals ---------------------------------------------------------------------------
     def _start_local(self, settings: BackendSettings) -> LocalBackend:
-        if self.local_running and self._local is not None:
-            return self._local
+        """A started local backend for ``settings`` (called without ``_lock``)."""
         extra = ["--threads", str(settings.local_threads)] if settings.local_threads > 0 else []
         backend = LocalBackend(
             model=settings.local_model or None,
@@ -304,7 +323,6 @@ class BackendManager:
                 f"could not start the local backend with {backend.python!r}: {exc}. Set 'Server Python' to "
                 "a Python with torch, MONAI and FastAPI (see docs/slicer.md)"
             ) from exc
-        self._local = backend
         return backend
 
     def _drop_client(self) -> None:

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +285,51 @@ def test_a_local_backend_is_started_and_stopped_for_the_user(ctx, tiny_checkpoin
     assert not manager.local_status().connected
     with pytest.raises(BackendUnavailableError):
         SegAssistClient(url, retries=0).health()  # the server process is gone
+
+
+def _start_under_way(manager: BackendManager) -> threading.Thread:
+    """A worker thread asking for the client while the local backend starts (seconds: a real server
+    process loads the model); returns once the start holds its lock."""
+    outcome = {}
+
+    def ask():
+        try:
+            outcome["client"] = manager.client()
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=ask, daemon=True)
+    worker.outcome = outcome  # type: ignore[attr-defined]
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not manager._start_lock.locked() and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert manager._start_lock.locked(), outcome
+    return worker
+
+
+def test_settings_change_at_once_while_the_local_backend_starts(tiny_checkpoint, tmp_path):
+    """The module's form writes the settings on every edit; the GUI thread must not wait minutes for
+    a start on the worker thread (it did: the start held the manager's lock)."""
+    manager = BackendManager(BackendSettings(local_model=str(tiny_checkpoint), local_threads=1), state_dir=tmp_path)
+    try:
+        worker = _start_under_way(manager)
+        t0 = time.monotonic()
+        manager.update_settings(manager.settings)
+        manager.update_settings(manager.settings.with_changes(remote_url="https://segassist.example.org"))
+        assert time.monotonic() - t0 < 0.5 and manager._start_lock.locked()
+        worker.join(120)
+        assert "client" in worker.outcome and manager.local_running  # the change left the local backend alone
+
+        # another model asked for during a start: the started backend is stopped, the new one is tried
+        manager.stop_local()
+        worker = _start_under_way(manager)
+        missing = tiny_checkpoint.with_name("none.pt")
+        manager.update_settings(manager.settings.with_changes(local_model=str(missing)))
+        worker.join(120)
+        assert isinstance(worker.outcome.get("error"), BackendConfigError) and not manager.local_running
+    finally:
+        manager.stop_local()
 
 
 def test_shipped_model_segments_a_real_case_with_good_dice(ctx, hippocampus_dir, request, tmp_path):
