@@ -98,15 +98,16 @@ def _strided_overlap(window: Window, image_shape: Sequence[int]):
 
 
 def crop_window(array: np.ndarray, window: Window, pad_value=None) -> np.ndarray:
-    """The (strided) window as float32, padded outside the image with ``pad_value`` (default: the
-    smallest value inside)."""
+    """The (strided) window as a new float32 array (never a view of ``array``: callers clip it in
+    place, and ``array`` may be the user's image or read-only), padded outside the image with
+    ``pad_value`` (default: the smallest value inside)."""
     img_sl, out_sl = _strided_overlap(window, array.shape)
     region = array[img_sl]
     if pad_value is None:
         pad_value = float(region.min()) if region.size else 0.0
     shape = tuple(-(-n // st) for n, st in zip(window.size, sampling_strides(window)))
     if region.shape == shape:
-        return np.asarray(region, np.float32)
+        return np.array(region, np.float32)  # a copy, even of a float32 region
     out = np.full(shape, pad_value, np.float32)
     out[out_sl] = region
     return out

@@ -339,3 +339,22 @@ def test_the_command_line_refuses_a_share_outside_0_to_1(text, capsys):
         main(["eval", "somewhere", "--json", "out.json", "--correction-zoom-share", text])
     assert exit_info.value.code == 2
     assert "--correction-zoom-share" in capsys.readouterr().err
+
+
+def test_a_ct_image_is_read_never_written(engine):
+    """Clipping to the CT range worked on a view of the image when the window lay inside it: the
+    caller's float32 array (the server's cached image, shared by sessions) lost its bright voxels,
+    and a read-only array (memory-mapped) made every prompt fail."""
+    rng = np.random.default_rng(0)
+    array = rng.normal(40.0, 30.0, (96, 96, 96)).astype(np.float32)  # larger than the first window
+    array[44:52, 44:52, 44:52] = 3500.0  # above the clip range: dense bone or metal
+    array[0, 0, 0] = -1024.0
+    original = array.copy()
+    for writable in (True, False):
+        image = original.copy()
+        image.setflags(write=writable)
+        volume = Volume(image, spacing=(1.0, 1.0, 1.0), modality="CT")
+        session = engine.open_session(volume)
+        session.add_prompt(PointPrompt(position=(48.0, 48.0, 48.0)))
+        session.add_prompt(PointPrompt(position=(40.0, 40.0, 40.0), positive=False))
+        np.testing.assert_array_equal(volume.array, original)
