@@ -180,15 +180,17 @@ def seeds_from_prompts(
     prompts: Iterable[Prompt], crop: Tuple[slice, ...], image_shape: Sequence[int]
 ) -> Tuple[np.ndarray, np.ndarray]:
     """(object, background) voxels the user marked inside ``crop`` of the image: the voxel of each
-    click and the voxels of each scribble and lasso, by their sign. Boxes and masks mark no voxel
-    (a box holds background too; a mask prompt is the previous answer, not a mark)."""
+    click and the voxels of each scribble, by their sign, and of each negative lasso (erase inside).
+    Boxes, positive lassos and masks mark no voxel: a box or a positive lasso says the object lies
+    within it, so it holds background too, along its rim, just where the snap decides; a mask
+    prompt is the previous answer, not a mark."""
     lo = np.array([s.start for s in crop])
     shape = tuple(s.stop - s.start for s in crop)
     marked = {True: np.zeros(shape, bool), False: np.zeros(shape, bool)}
     for prompt in prompts:
         if isinstance(prompt, PointPrompt):
             voxels = np.rint(prompt_vertices_kji(prompt)).astype(np.int64)
-        elif isinstance(prompt, (ScribblePrompt, LassoPrompt)):
+        elif isinstance(prompt, ScribblePrompt) or (isinstance(prompt, LassoPrompt) and not prompt.positive):
             try:
                 voxels = to_slab(prompt, image_shape).slab.voxels_kji()
             except PromptError:  # nothing of it in the image: the engine has checked it already

@@ -91,7 +91,7 @@ def test_image_and_mask_must_agree_in_shape():
         snap_to_edges(np.zeros((4, 4, 4)), np.zeros((4, 4, 5), bool), (1.0, 1.0, 1.0), EdgeSnap())
 
 
-def test_seeds_come_from_clicks_scribbles_and_lassos_not_boxes():
+def test_seeds_come_from_clicks_scribbles_and_erasing_lassos_not_boxes_or_outlines():
     shape = (10, 20, 20)
     crop = (slice(2, 8), slice(5, 15), slice(5, 15))
     prompts = [
@@ -99,15 +99,16 @@ def test_seeds_come_from_clicks_scribbles_and_lassos_not_boxes():
         PointPrompt(position=(8, 9, 4), positive=False),
         PointPrompt(position=(1, 1, 1)),  # outside the crop
         ScribblePrompt(points=[(6, 12, 5), (10, 12, 5)], positive=False),
-        LassoPrompt(points=[(10, 6, 6), (13, 6, 6), (13, 9, 6), (10, 9, 6)]),
+        LassoPrompt(points=[(10, 6, 6), (13, 6, 6), (13, 9, 6), (10, 9, 6)], positive=False),
+        LassoPrompt(points=[(5, 5, 7), (14, 5, 7), (14, 14, 7), (5, 14, 7)]),  # an outline: holds background
         BoxPrompt(min_corner=(5, 5, 2), max_corner=(14, 14, 7)),
     ]
     positive, negative = seeds_from_prompts(prompts, crop, shape)
     assert positive.shape == negative.shape == (6, 10, 10)
     assert positive[3 - 2, 7 - 5, 6 - 5] and negative[4 - 2, 9 - 5, 8 - 5]
     assert negative[5 - 2, 12 - 5, (6 - 5):(11 - 5)].all()  # the scribble's voxels
-    assert positive[6 - 2, (6 - 5):(10 - 5), (10 - 5):(14 - 5)].all()  # the lasso's filled square
-    assert positive.sum() == 1 + 16 and negative.sum() == 1 + 5  # nothing from the box or the far click
+    assert negative[6 - 2, (6 - 5):(10 - 5), (10 - 5):(14 - 5)].all()  # the erasing lasso's filled square
+    assert positive.sum() == 1 and negative.sum() == 1 + 5 + 16  # nothing from the box, outline or far click
 
 
 def test_the_engine_snaps_only_near_the_networks_surface(tiny_checkpoint):
@@ -165,3 +166,16 @@ def test_the_server_defaults_to_the_engines_edge_snap(tiny_checkpoint):
     assert ServerSettings().edge_band == EdgeSnap().band
     assert parser.parse_args([]).edge_band == EdgeSnap().band
     assert default_engine_factory(tiny_checkpoint)("cpu").edge_snap == EdgeSnap()
+
+
+def test_an_outline_around_the_object_does_not_pull_the_surface_out_to_it():
+    """A positive lasso drawn a little outside the object: its rim is background, in the very band the
+    snap re-decides. Taken as object seeds (as it once was), it grew the answer out to the outline."""
+    image, truth = _box_image(shape=(30, 40, 40), box=(slice(8, 22), slice(10, 30), slice(12, 28)))
+    k = 15
+    outline = LassoPrompt(points=[(10, 8, k), (29, 8, k), (29, 31, k), (10, 31, k)])  # (i, j, k), 2 voxels out
+    crop = tuple(slice(0, n) for n in image.shape)
+    object_seeds, background_seeds = seeds_from_prompts([outline], crop, image.shape)
+    snapped = snap_to_edges(image, truth, (1.0, 1.0, 1.0), EdgeSnap(), object_seeds, background_seeds)
+    assert not object_seeds.any()
+    assert abs(int(snapped[k].sum()) - int(truth[k].sum())) <= 0.02 * truth[k].sum()
