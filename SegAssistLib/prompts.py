@@ -603,6 +603,12 @@ def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarr
     return np.argwhere(local) + lo
 
 
+def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
+    """The voxels (array order ``[k, j, i]``, not clipped to any image) of a scribble in points form
+    with its width, as :func:`to_slab` draws them."""
+    return _scribble_voxels(np.asarray(prompt.points, float)[:, ::-1], prompt.width)
+
+
 def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
     """The same prompt in slab form: a polyline scribble (with its width, in the plane it was drawn
     on) or a lasso polygon (filled, outline included) rasterised into the image grid

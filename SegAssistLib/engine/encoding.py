@@ -9,7 +9,7 @@ The same drawing code serves training (prompts simulated in patch coordinates) a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 from SegAssistLib import rasterize
 from SegAssistLib.engine import patching
 from SegAssistLib.engine.patching import Window
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt, scribble_voxels
 
 CHANNELS = ("image", "previous_mask", "point+", "point-", "scribble+", "scribble-", "box_or_lasso+")
 POINT_RADIUS = 1.5  # patch voxels
@@ -50,16 +50,30 @@ def to_patch_prompt(prompt: Prompt, window: Window) -> Optional[PatchPrompt]:
         return PatchPrompt("box", True, kji([prompt.min_corner, prompt.max_corner]))
     if isinstance(prompt, (ScribblePrompt, LassoPrompt)) and prompt.slab is not None:
         scribble = isinstance(prompt, ScribblePrompt)
-        pad = int(np.ceil(SCRIBBLE_RADIUS)) if scribble else 0
-        flat = [n == 1 for n in prompt.slab.shape] if min(prompt.slab.shape) == 1 else [False] * 3
-        covered = patching.slab_patch_voxels(window, prompt.slab.voxels_kji(), pad, flat)
-        return PatchPrompt("scribble" if scribble else "region", prompt.positive, covered.astype(float))
+        return _voxels_in_patch(prompt.slab.voxels_kji(), prompt.slab.shape, scribble, prompt.positive, window)
+    if isinstance(prompt, ScribblePrompt) and prompt.width >= 2.0:
+        # widened in the image, as its slab form is (the remote client sends that form): the same
+        # stroke gives the same input whichever form it came in
+        voxels = scribble_voxels(prompt)
+        extent = voxels.max(0) - voxels.min(0) + 1  # the box of the slab it would make
+        return _voxels_in_patch(voxels, tuple(int(n) for n in extent), True, prompt.positive, window)
     if isinstance(prompt, ScribblePrompt):
         samples = rasterize.polyline_samples(np.asarray(prompt.points, float), step=0.5)
         return PatchPrompt("scribble", prompt.positive, kji(samples))
     if isinstance(prompt, LassoPrompt):
         return PatchPrompt("lasso", prompt.positive, kji(prompt.points))
     return None
+
+
+def _voxels_in_patch(
+    voxels_kji: np.ndarray, box_shape: Tuple[int, ...], scribble: bool, positive: bool, window: Window
+) -> PatchPrompt:
+    """Image voxels (a slab's, in a box of ``box_shape``, or a wide stroke's) as the patch voxels
+    that cover them."""
+    flat = [n == 1 for n in box_shape] if min(box_shape) == 1 else [False] * 3
+    pad = int(np.ceil(SCRIBBLE_RADIUS)) if scribble else 0
+    covered = patching.slab_patch_voxels(window, voxels_kji, pad, flat)
+    return PatchPrompt("scribble" if scribble else "region", positive, covered.astype(float))
 
 
 def draw_prompts(prompts: Iterable[PatchPrompt], patch: int, out: Optional[np.ndarray] = None) -> np.ndarray:
