@@ -279,7 +279,13 @@ class BuiltinSession(EngineSession):
         while True:
             window = patching.window_around(anchor, self.spacing_kji, patch, level)
             logits, previous = self._forward(window, prompts)
-            if level >= top or not self._change_reaches_open_side(logits, previous, window):
+            if not self._change_reaches_open_side(logits, previous, window):
+                break
+            if level >= top:  # no coarser view left: shifted to hold the whole image, it sees the rest
+                covering = patching.covering(window, self.shape)
+                if covering != window:
+                    window = covering
+                    logits, previous = self._forward(window, prompts)
                 break
             level += 1
         box, _ = window.image_slices(self.shape)

@@ -69,6 +69,17 @@ def window_around(centre_kji: Sequence[float], spacing_kji: Sequence[float], pat
     return Window(start, size, patch, level)
 
 
+def covering(window: Window, image_shape: Sequence[int]) -> Window:
+    """The window shifted, on each axis where it is at least as long as the image, so that it holds
+    the whole image (centred on a prompt near an image edge, it would hang out over that edge and
+    stop short of the other one); other axes stay as they are."""
+    start = tuple(
+        int(min(max(s, dim - n), 0)) if n >= dim else int(s)
+        for s, n, dim in zip(window.start, window.size, image_shape)
+    )
+    return Window(start, window.size, window.patch, window.level)
+
+
 def max_level(image_shape: Sequence[int], spacing_kji: Sequence[float], patch: int, cap: int = 6) -> int:
     """The smallest level whose window covers the whole image on every axis (at most ``cap``)."""
     for level in range(cap + 1):

@@ -358,3 +358,26 @@ def test_a_ct_image_is_read_never_written(engine):
         session.add_prompt(PointPrompt(position=(48.0, 48.0, 48.0)))
         session.add_prompt(PointPrompt(position=(40.0, 40.0, 40.0), positive=False))
         np.testing.assert_array_equal(volume.array, original)
+
+
+def test_a_click_near_the_image_edge_still_gets_the_whole_object():
+    """At the coarsest level the window, centred on a click near an edge, hung out over that edge and
+    stopped short of the other: a large object came back cut off (slices 8-75 of 8-92 here). A stand-in
+    network that answers "the bright voxels in view" isolates the engine's windows from any weights."""
+    from SegAssistLib.engine.network import LoadedModel
+
+    class BrightVoxelsInView(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :1] * 10.0  # the normalised image: positive on the bright object
+
+    k, j, i = np.ogrid[:100, :100, :100]
+    ball = (k - 50) ** 2 + (j - 50) ** 2 + (i - 50) ** 2 <= 42**2
+    volume = Volume((ball * 100.0 + 1.0).astype(np.float32))
+    engine = BuiltinEngine(LoadedModel(BrightVoxelsInView(), NetworkConfig()), edge_snap=None)  # 64^3 patches
+    for click in [(50.0, 50.0, 50.0), (50.0, 50.0, 12.0), (88.0, 50.0, 50.0)]:  # (i, j, k)
+        session = engine.open_session(volume)
+        update = session.add_prompt(PointPrompt(position=click))
+        answer = session.result() > 0
+        extent = [(int(a.min()), int(a.max())) for a in np.nonzero(answer)]
+        assert extent == [(8, 92)] * 3, (click, extent, update.info)
+        assert 2 * (answer & ball).sum() / (answer.sum() + ball.sum()) > 0.99
