@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import threading
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
@@ -79,7 +79,7 @@ class BackendSettings:
 
     mode: str = LOCAL
     remote_url: str = ""
-    remote_token: str = ""
+    remote_token: str = field(default="", repr=False)  # never in a log line or a traceback
     #: The user's explicit consent to send images to ``remote_url``; nothing is sent without it.
     remote_opt_in: bool = False
     #: Send the token over plain http to a non-loopback host (a trusted network only).

@@ -66,6 +66,7 @@ def test_settings_round_trip_through_a_qsettings_like_store():
     settings.save(store)
     assert store.values[SETTINGS_PREFIX + "remote_url"] == "https://seg.example.org:8470"
     assert BackendSettings.load(store) == settings
+    assert "secret" not in repr(settings) and "secret" not in str(settings)  # logs and tracebacks show settings
     # QSettings INI files hand back strings
     store = MemorySettings({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in store.values.items()})
     assert BackendSettings.load(store) == settings
