@@ -393,7 +393,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         volume = volumes.volume_from_node(volumeNode)
         self._baseline = segments.segment_to_array(segmentationNode, segmentId, volumeNode)
         worker = self._ensureWorker()
-        self._session = InteractiveSession(shared_manager().client, volume, self._baseline, worker.note)
+        manager = shared_manager()
+        self._session = InteractiveSession(
+            manager.client, volume, self._baseline, worker.note, settings_generation=lambda: manager.generation
+        )
         self._binding = binding
         self._observeSegmentation(segmentationNode)
 

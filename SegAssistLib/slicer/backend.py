@@ -193,6 +193,13 @@ class BackendManager:
         self._start_lock = threading.Lock()
         self._local: Optional[LocalBackend] = None
         self._client: Optional[SegAssistClient] = None
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """A number that changes with the settings: a session opened under other settings (another
+        server, consent withdrawn) must not go on sending prompts, or re-upload its image."""
+        return self._generation
 
     @property
     def settings(self) -> BackendSettings:
@@ -212,6 +219,7 @@ class BackendManager:
             if _local_key(settings) != _local_key(self._settings) and self._local is not None:
                 retired, self._local = self._local, None
             self._settings = settings
+            self._generation += 1
             self._drop_client()
         if retired is not None:
             retired.stop()
@@ -279,6 +287,7 @@ class BackendManager:
         with self._lock:
             if self._settings.mode != LOCAL:
                 self._settings = self._settings.with_changes(mode=LOCAL)
+                self._generation += 1
                 self._drop_client()
         self.client()
         return self.test_connection()

@@ -231,8 +231,14 @@ class InteractiveSession:
         volume: Volume,
         initial_mask: Optional[np.ndarray] = None,
         note: Optional[ProgressNote] = None,
+        settings_generation: Optional[Callable[[], int]] = None,
     ) -> None:
+        """``settings_generation``: the backend settings' generation (``BackendManager.generation``);
+        once it changes, this object's requests are refused instead of going to the backend it was
+        opened on (the user may have withdrawn consent to send images there)."""
         self._engine_factory = engine_factory
+        self._generation = settings_generation
+        self._opened_under: Optional[int] = None
         self._volume = volume
         self._initial = None if initial_mask is None or not np.any(initial_mask) else np.asarray(initial_mask)
         self._note = note or ProgressNote()
@@ -254,6 +260,10 @@ class InteractiveSession:
     def run(self, request: Request) -> Optional[MaskUpdate]:
         if self._abandoned.is_set():
             return None
+        if self._session is not None and self._generation is not None and self._generation() != self._opened_under:
+            raise SessionError(
+                "the backend settings changed since this object was started: accept or reset it, then prompt again"
+            )
         try:
             session = self._open()
             try:
@@ -281,6 +291,7 @@ class InteractiveSession:
         if self._session is not None:
             return self._session
         self._note.set("Connecting to the backend (a local one is started: the model loads)")
+        self._opened_under = self._generation() if self._generation is not None else None
         engine = self._engine_factory()
         prompts = [MaskPrompt.from_array(self._initial)] if self._initial is not None else None
         from SegAssistLib.client import SegAssistClient

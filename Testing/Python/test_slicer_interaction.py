@@ -529,3 +529,29 @@ def test_a_close_queued_on_the_way_out_still_runs():
     cancelled.shutdown(wait=False)
     release.set()
     assert skipped.cancelled() and closed.is_set()
+
+
+def test_a_session_opened_under_other_backend_settings_sends_nothing_more(tiny_engine):
+    """The user withdrew consent to send images to a server (or switched backend) while an object was
+    open: its next prompt is refused instead of going to that server (and never re-uploads the image)."""
+    from SegAssistLib.errors import SessionError
+    from SegAssistLib.image import Volume
+    from SegAssistLib.slicer.backend import BackendManager, BackendSettings
+
+    manager = BackendManager(BackendSettings())
+    opened = []
+    session = InteractiveSession(lambda: opened.append(1) or tiny_engine, Volume(_blob()), None,
+                                 settings_generation=lambda: manager.generation)
+    state = PromptState()
+    first = state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))
+    assert session.run(first) is not None and opened == [1]
+    manager.update_settings(manager.settings)  # the same settings: nothing changes
+    again = state.request(Op.PROMPT, PointPrompt(position=(20.0, 16.0, 10.0)))
+    assert session.run(again) is not None
+    before = session.result()
+    manager.update_settings(manager.settings.with_changes(remote_url="https://elsewhere.example.org"))
+    late = state.request(Op.PROMPT, PointPrompt(position=(12.0, 16.0, 10.0), positive=False))
+    with pytest.raises(SessionError, match="settings changed"):
+        session.run(late)
+    assert opened == [1] and np.array_equal(session.result(), before)  # not sent, nothing reopened
+    session.close()
