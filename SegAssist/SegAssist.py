@@ -458,12 +458,16 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         volumeNode, segmentationNode, segmentName = self._batchTarget
         with slicer.util.tryWithErrorDisplay(_("Failed to write the segment."), waitCursor=True):
-            result = self.logic.writeResult(finished.value, volumeNode, segmentationNode, segmentName)
+            # a segment of that name that holds voxels (a previous run, maybe edited) is kept
+            result = self.logic.writeResult(
+                finished.value, volumeNode, segmentationNode, segmentName, keepExisting=True
+            )
             if self._parameterNode and not self._parameterNode.outputSegmentation:
                 self._parameterNode.outputSegmentation = result.segmentationNode
+            written = result.segmentationNode.GetSegmentation().GetSegment(result.segmentId).GetName()
             self.setStatus(
                 _("Segment '{name}': {voxels} voxels ({model})").format(
-                    name=segmentName, voxels=result.voxelCount, model=result.model
+                    name=written, voxels=result.voxelCount, model=result.model
                 )
             )
 
@@ -578,12 +582,16 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         engine = engineFactory() if engineFactory is not None else self.engine()
         return run_prompts(engine, volume, prompts, progress)
 
-    def writeResult(self, run, volumeNode, segmentationNode=None, segmentName: str = "SegAssist") -> SegAssistResult:
-        """(main thread) Replace (or add) the named segment with an engine run's mask."""
+    def writeResult(
+        self, run, volumeNode, segmentationNode=None, segmentName: str = "SegAssist", keepExisting: bool = False
+    ) -> SegAssistResult:
+        """(main thread) Replace (or add) the named segment with an engine run's mask; with
+        ``keepExisting`` a segment of that name that holds voxels is kept and a new one is added."""
         from SegAssistLib.slicer.logic import write_result
 
         return SegAssistResult(
-            write_result(run, volumeNode, segmentation_node=segmentationNode, segment_name=segmentName)
+            write_result(run, volumeNode, segmentation_node=segmentationNode, segment_name=segmentName,
+                         keep_existing=keepExisting)
         )
 
     def segment(

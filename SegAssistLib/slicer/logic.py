@@ -162,6 +162,24 @@ def find_or_add_segment(
     return segments.add_segment(segmentation_node, segment_name, color)
 
 
+def free_segment_name(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, name: str, volume_node: slicer.vtkMRMLScalarVolumeNode
+) -> str:
+    """``name`` if no segment of that name holds voxels, else the first free "name 2", "name 3", ..."""
+    segmentation = segmentation_node.GetSegmentation()
+
+    def taken(candidate: str) -> bool:
+        existing = segmentation.GetSegmentIdBySegmentName(candidate)
+        return bool(existing) and bool(segments.segment_to_array(segmentation_node, existing, volume_node).any())
+
+    if not taken(name):
+        return name
+    number = 2
+    while segmentation.GetSegmentIdBySegmentName(f"{name} {number}"):
+        number += 1
+    return f"{name} {number}"
+
+
 class Cancelled(SegAssistError):
     """The user cancelled a job (raised from a progress callback)."""
 
@@ -230,11 +248,18 @@ def write_result(
     segment_name: str = DEFAULT_SEGMENT_NAME,
     segment_id: Optional[str] = None,
     color: Optional[Sequence[float]] = None,
+    keep_existing: bool = False,
 ) -> SegmentationResult:
-    """Write an engine run into a segment (main thread): replaced whole, other segments left as they are."""
+    """Write an engine run into a segment (main thread): replaced whole, other segments left as they are.
+
+    ``keep_existing`` (the module's button): a segment of that name that already holds voxels (a
+    previous run, maybe edited since) is kept, and the result goes to a new segment, "name 2", ...
+    """
     scene = volume_node.GetScene()
     if segmentation_node is None:
         segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
+    if keep_existing and segment_id is None:
+        segment_name = free_segment_name(segmentation_node, segment_name, volume_node)
     target = find_or_add_segment(segmentation_node, segment_name, segment_id, color)
     segments.array_to_segment(run.mask, segmentation_node, target, volume_node)
     return SegmentationResult(

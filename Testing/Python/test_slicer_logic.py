@@ -35,10 +35,12 @@ from SegAssistLib.slicer.backend import (  # noqa: E402
     MemorySettings,
 )
 from SegAssistLib.slicer.logic import (  # noqa: E402
+    EngineRun,
     collect_prompts,
     load_prompt_file,
     prompts_from_markups,
     segment_volume,
+    write_result,
 )
 from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
 
@@ -106,6 +108,27 @@ def _volume(scene):
     slicer.util.updateVolumeFromArray(node, np.zeros((20, 30, 40), np.int16))
     node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.diag([-1.0, -1.0, 2.0, 1.0])))
     return node
+
+
+def test_the_module_button_keeps_a_segment_that_holds_someones_work(ctx):
+    """The batch API replaces the named segment (documented); the module's button keeps one that
+    holds voxels (a previous run, maybe edited by hand since) and adds "SegAssist 2"."""
+    volume = _volume(ctx.scene)
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+
+    def run(value):
+        mask = np.zeros((20, 30, 40), np.uint8)
+        mask[5 + value : 9 + value, 5:9, 5:9] = 1
+        return EngineRun(mask, PromptLog(prompts=[]), "test", [])
+
+    first = write_result(run(0), volume, segmentation_node=seg, keep_existing=True)
+    assert seg.GetSegmentation().GetSegment(first.segment_id).GetName() == "SegAssist"
+    second = write_result(run(2), volume, segmentation_node=seg, keep_existing=True)
+    assert second.segment_id != first.segment_id
+    assert seg.GetSegmentation().GetSegment(second.segment_id).GetName() == "SegAssist 2"
+    assert np.array_equal(segments.segment_to_array(seg, first.segment_id, volume), run(0).mask)  # kept
+    replaced = write_result(run(4), volume, segmentation_node=seg)  # the batch API: replaced, as documented
+    assert replaced.segment_id == first.segment_id and seg.GetSegmentation().GetNumberOfSegments() == 2
 
 
 def test_markups_of_every_kind_become_prompts(ctx):
