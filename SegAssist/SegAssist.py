@@ -332,11 +332,16 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOptInToggled(self, checked: bool) -> None:
         if checked:
             url = self.ui.remoteUrlLineEdit.text.strip() or _("(no URL yet)")
+            unencrypted = url.lower().startswith("http://")
+            warning = (
+                _(" The address starts with http://: the images travel unencrypted, readable on the way.")
+                if unencrypted else ""
+            )
             agreed = slicer.util.confirmOkCancelDisplay(
                 _(
                     "Images you segment with SegAssist will be sent to {url}. Only agree if you may share "
                     "these images with that server."
-                ).format(url=url),
+                ).format(url=url) + warning,
                 windowTitle=_("Send images to a remote server?"),
             )
             if not agreed:
