@@ -164,16 +164,19 @@ class SegAssistClient(Engine):
             if any(p.kind in ("scribble", "lasso") for p in plist):
                 shape = self.image(volume).shape
                 plist = [wire_prompt(p, shape) for p in plist]
-            return RemoteSession(self, self._create_session(volume, plist, modality), None, plist)
+            return RemoteSession(self, self._create_session(volume, plist, modality), None, plist, modality)
         vol = wire_volume(volume)
         plist = [wire_prompt(p, vol.array.shape) for p in plist]
         image_id = vol.content_hash()
+        # the volume's own modality counts too: it is not part of the image's hash, so an image the
+        # server already holds (uploaded without it, or by someone else) would not carry it
+        modality = modality or vol.modality
         try:
             info = self._create_session(image_id, plist, modality)
         except ImageNotFoundError:
             self.upload_image(vol, progress)
             info = self._create_session(image_id, plist, modality)
-        return RemoteSession(self, info, vol, plist)
+        return RemoteSession(self, info, vol, plist, modality)
 
     def session(self, session_id: str) -> RemoteSession:
         """Attach to an open session by id (the local mask starts from the server's result)."""

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 
 from SegAssistLib.api_models import API_PREFIX, REQUEST_ID_HEADER, MaskUpdateReply, SessionInfo
-from SegAssistLib.client.errors import ProtocolError, SessionNotFoundError
+from SegAssistLib.client.errors import BackendUnavailableError, ProtocolError, SessionNotFoundError
 from SegAssistLib.client.http import new_request_id
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
@@ -47,11 +47,15 @@ def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
 
 
 class _History:
-    """The prompt lists behind each undo step, mirroring the server's undo/redo (for recovery)."""
+    """The prompt lists behind each undo step, mirroring the server's undo/redo (for recovery).
+
+    Prompts a session is opened with are replayed on the server one by one, each an undo step
+    there: so they are here (undoing one of them and recovering must not bring it back).
+    """
 
     def __init__(self, prompts: List[Prompt]) -> None:
-        self.states: List[Tuple[Prompt, ...]] = [tuple(prompts)]
-        self.cursor = 0
+        self.states: List[Tuple[Prompt, ...]] = [tuple(prompts[:n]) for n in range(len(prompts) + 1)]
+        self.cursor = len(prompts)
 
     @property
     def current(self) -> List[Prompt]:
@@ -80,13 +84,18 @@ class RemoteSession(EngineSession):
         info: SessionInfo,
         volume: Optional[Volume],
         prompts: List[Prompt],
+        modality: Optional[str] = None,
     ) -> None:
         self.client = client
         self.info = info
         self._volume = volume  # kept (not copied) so recover() can upload again if the server lost it
+        self._modality = modality  # the session's, asked for again on recovery
         self._history = _History(prompts)
         self._mask = np.zeros(tuple(info.shape), np.uint8)
         self._closed = False
+        # a change the server may have made without this client seeing the reply (a read timeout
+        # twice over): the next call fetches the server's mask first and reports the difference too
+        self._out_of_sync = False
         if prompts:  # the replayed prompts made a mask: start from the server's copy
             self._mask = self.fetch_result()
 
@@ -184,19 +193,30 @@ class RemoteSession(EngineSession):
         prompts = self._history.current
         if self._volume is not None:
             self.client.ensure_image(self._volume, progress)
-        info = self.client._create_session(self.image_id, prompts)
+        info = self.client._create_session(self.image_id, prompts, self._modality)
         self.info = info
         self._history = _History(prompts)
         self._mask = self.fetch_result() if prompts else np.zeros(tuple(info.shape), np.uint8)
         self._closed = False
+        self._out_of_sync = False
         return self
 
     # ---- internals -------------------------------------------------------------------------------
     def _mutate(self, op: str, body: Optional[dict] = None) -> MaskUpdate:
+        before = self._resync() if self._out_of_sync else None
         started = time.perf_counter()
-        response = self.client.http.request(
-            "POST", f"{self._path}/{op}", json=body, headers={REQUEST_ID_HEADER: new_request_id()}
-        )
+        headers = {REQUEST_ID_HEADER: new_request_id()}
+        try:
+            response = self.client.http.request("POST", f"{self._path}/{op}", json=body, headers=headers)
+        except BackendUnavailableError:
+            # No reply, but the server may have done it (it does not stop a request whose client
+            # left): ask again under the same id, which the server answers from its record of that
+            # request (after the original, if that still runs), never by doing it twice.
+            try:
+                response = self.client.http.request("POST", f"{self._path}/{op}", json=body, headers=headers)
+            except BackendUnavailableError:
+                self._out_of_sync = True
+                raise
         round_trip = time.perf_counter() - started
         try:
             reply = MaskUpdateReply.model_validate_json(response.content)
@@ -225,4 +245,15 @@ class RemoteSession(EngineSession):
         self.info = self.info.model_copy(
             update={"can_undo": reply.can_undo, "can_redo": reply.can_redo, "n_prompts": reply.n_prompts}
         )
+        if before is not None:  # also what changed while out of sync: the caller never saw it
+            update = MaskUpdate.between(before, self._mask, latency_s=update.latency_s, info=update.info)
         return update
+
+    def _resync(self) -> np.ndarray:
+        """Take the server's mask and prompts after a reply was lost; returns the mask as the caller
+        last saw it."""
+        seen = self._mask
+        self._mask = self.fetch_result()
+        self._history = _History(list(self.prompt_log().prompts))
+        self._out_of_sync = False
+        return seen
