@@ -29,6 +29,9 @@ class Limits(BaseModel):
     upload_timeout_s: float = Field(600.0, gt=0, description="seconds to receive one upload's body")
     max_concurrent_uploads: int = Field(2, gt=0, description="uploads decoded at once (bounds memory)")
     max_queued_jobs: int = Field(256, gt=0, description="inference jobs waiting per device")
+    max_queued_per_session: int = Field(
+        16, gt=0, description="inference jobs one session (or one user's learning requests) may have waiting"
+    )
     image_cache_bytes: int = Field(8 * 1024**3, ge=0, description="decoded images kept in memory")
 
     def info(self) -> LimitsInfo:

@@ -62,7 +62,7 @@ class ServerState:
         self.sessions = SessionStore(
             limits.idle_timeout_s, limits.max_sessions_per_user, limits.max_sessions_total, clock
         )
-        self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs)
+        self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs, limits.max_queued_per_session)
         self.upload_slots: Optional[asyncio.Semaphore] = None  # made on the server's event loop
         self.clock = clock
         self.learning: Optional[LearningState] = None

@@ -46,11 +46,14 @@ class _Item:
 class FairQueue:
     """Round robin over keys (sessions), FIFO within a key. Thread-safe; items are opaque."""
 
-    def __init__(self, max_items: int = 256) -> None:
+    def __init__(self, max_items: int = 256, max_per_key: Optional[int] = None) -> None:
+        """``max_per_key``: items one key may have waiting, so that one session cannot fill the
+        queue and have every other user's click refused (default: no limit but ``max_items``)."""
         self._queues: Dict[str, Deque[Any]] = {}
         self._order: Deque[str] = deque()  # keys with waiting items, in serving order
         self._cond = threading.Condition()
         self._max = max_items
+        self._max_per_key = max_per_key or max_items
         self._count = 0
         self._closed = False
 
@@ -62,6 +65,11 @@ class FairQueue:
             if self._count >= self._max and not force:
                 raise QueueFull(f"{self._count} jobs are waiting (limit {self._max})")
             q = self._queues.get(key)
+            if q is not None and len(q) >= self._max_per_key and not force:
+                raise QueueFull(
+                    f"this session already has {len(q)} requests waiting (limit {self._max_per_key}): "
+                    "wait for their answers"
+                )
             if q is None:
                 q = self._queues[key] = deque()
                 self._order.append(key)
@@ -113,10 +121,16 @@ class FairQueue:
 class InferenceWorker:
     """The thread that owns one device's engine; builds the engine on that thread at start."""
 
-    def __init__(self, device: str, engine_factory: Callable[[str], Engine], max_queued: int = 256) -> None:
+    def __init__(
+        self,
+        device: str,
+        engine_factory: Callable[[str], Engine],
+        max_queued: int = 256,
+        max_queued_per_session: Optional[int] = None,
+    ) -> None:
         self.device = device
         self._factory = engine_factory
-        self._queue = FairQueue(max_queued)
+        self._queue = FairQueue(max_queued, max_queued_per_session)
         self._thread = threading.Thread(target=self._run, name=f"segassist-infer-{device}", daemon=True)
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._running_key: Optional[str] = None
@@ -207,8 +221,14 @@ class InferenceWorker:
 class WorkerPool:
     """One worker per device; a new session goes to the worker holding the fewest sessions."""
 
-    def __init__(self, devices: Tuple[str, ...], engine_factory: Callable[[str], Engine], max_queued: int) -> None:
-        self.workers = [InferenceWorker(d, engine_factory, max_queued) for d in devices]
+    def __init__(
+        self,
+        devices: Tuple[str, ...],
+        engine_factory: Callable[[str], Engine],
+        max_queued: int,
+        max_queued_per_session: Optional[int] = None,
+    ) -> None:
+        self.workers = [InferenceWorker(d, engine_factory, max_queued, max_queued_per_session) for d in devices]
 
     def start(self) -> None:
         for w in self.workers:

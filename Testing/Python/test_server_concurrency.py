@@ -50,6 +50,17 @@ def test_fair_queue_bounds_its_length_and_closes():
         q.put("a", 4)
 
 
+def test_one_session_cannot_fill_the_queue_for_everyone():
+    q = FairQueue(max_items=8, max_per_key=3)
+    for n in range(3):
+        q.put("greedy", n)
+    with pytest.raises(RuntimeError, match="this session already has 3 requests waiting"):
+        q.put("greedy", 3)
+    q.put("modest", "click")  # another session still gets in
+    q.put("greedy", "close", force=True)
+    assert len(q) == 5 and q.get() == ("greedy", 0) and q.get() == ("modest", "click")
+
+
 def test_eight_clients_at_once(shared_server):
     volumes = [make_volume(seed=100 + n) for n in range(4)]  # two clients per image: uploads race
     start = threading.Barrier(8)
