@@ -179,10 +179,11 @@ class SegAssistClient(Engine):
         return RemoteSession(self, info, vol, plist, modality)
 
     def session(self, session_id: str) -> RemoteSession:
-        """Attach to an open session by id (the local mask starts from the server's result)."""
+        """Attach to an open session by id (the local mask and prompts start from the server's, so
+        that ``recover()`` replays them; its earlier undo steps are not known here)."""
         info = SessionInfo.model_validate(self.http.json("GET", f"{API_PREFIX}/sessions/{session_id}"))
         session = RemoteSession(self, info, None, [])
-        session._mask = session.fetch_result()
+        session._resync()
         return session
 
     def _create_session(self, image_id: str, prompts: List[Prompt], modality: Optional[str] = None) -> SessionInfo:

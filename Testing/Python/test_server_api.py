@@ -164,8 +164,11 @@ def test_sessions_belong_to_their_user(shared_server, alice, blob_volume):
     with alice.open_session(blob_volume) as session:
         with SegAssistClient(shared_server.url, TOKENS["bob"]) as bob, pytest.raises(SessionNotFoundError):
             bob.session(session.session_id)
+        session.add_prompt(PROMPTS["point+"])
         attached = alice.session(session.session_id)
         assert attached.shape == session.shape
+        assert np.array_equal(attached.result(), session.result())
+        assert [p.kind for p in attached.local_prompts()] == ["point"]  # what recover() would replay
 
 
 def test_a_repeated_request_id_is_answered_once(shared_server, alice, blob_volume):
