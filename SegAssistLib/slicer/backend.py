@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
-from SegAssistLib.client import ClientError, LocalBackend, SegAssistClient
+from SegAssistLib.client import BackendUnavailableError, ClientError, LocalBackend, SegAssistClient
 from SegAssistLib.errors import SegAssistError
 
 LOCAL = "local"
@@ -194,6 +194,7 @@ class BackendManager:
         self._local: Optional[LocalBackend] = None
         self._client: Optional[SegAssistClient] = None
         self._generation = 0
+        self._stops = 0  # stop_local() calls: a start that a stop overtook is not adopted
 
     @property
     def generation(self) -> int:
@@ -218,8 +219,9 @@ class BackendManager:
                 return
             if _local_key(settings) != _local_key(self._settings) and self._local is not None:
                 retired, self._local = self._local, None
+            if _connection_key(settings) != _connection_key(self._settings):
+                self._generation += 1
             self._settings = settings
-            self._generation += 1
             self._drop_client()
         if retired is not None:
             retired.stop()
@@ -250,12 +252,19 @@ class BackendManager:
                 with self._lock:
                     if self._settings != settings or self.local_running:
                         continue  # changed, or started by another thread, while this one waited
+                stops = self._stops
                 backend = self._start_local(settings)
                 with self._lock:
-                    if self._local is None and _local_key(self._settings) == _local_key(settings):
-                        self._local, backend = backend, None
-                if backend is not None:  # the settings moved on during the start: not the backend asked for
+                    stopped = self._stops != stops
+                    wanted = not stopped and _local_key(self._settings) == _local_key(settings)
+                    if wanted and not self.local_running:  # a dead one (crashed, killed) is replaced
+                        backend, self._local = self._local, backend
+                if backend is not None:  # a dead predecessor, or a start the settings or a stop overtook
                     backend.stop()
+                if stopped:
+                    raise BackendUnavailableError("the local backend was stopped while it started")
+                if not wanted:
+                    continue
 
     def test_connection(self) -> BackendStatus:
         """Contact the backend (health, then info with the token) and describe it; never raises."""
@@ -297,6 +306,7 @@ class BackendManager:
         with self._lock:
             self._drop_client()
             local, self._local = self._local, None
+            self._stops += 1
         if local is not None:
             local.stop()
 
@@ -342,6 +352,15 @@ class BackendManager:
     @staticmethod
     def _url_for(settings: BackendSettings) -> str:
         return settings.remote_url.strip() if settings.mode == REMOTE else ""
+
+
+def _connection_key(settings: BackendSettings) -> Tuple[Any, ...]:
+    """What decides where prompts and images go: an edit of anything else (the remote address while
+    working locally) leaves open sessions alone."""
+    if settings.mode == REMOTE:
+        return (REMOTE, settings.remote_url.strip(), settings.remote_token.strip(), settings.remote_opt_in,
+                settings.allow_insecure_http)
+    return (LOCAL,) + _local_key(settings)
 
 
 def _local_key(settings: BackendSettings) -> Tuple[str, str, str, int]:

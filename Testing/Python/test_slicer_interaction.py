@@ -546,10 +546,11 @@ def test_a_session_opened_under_other_backend_settings_sends_nothing_more(tiny_e
     first = state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))
     assert session.run(first) is not None and opened == [1]
     manager.update_settings(manager.settings)  # the same settings: nothing changes
-    again = state.request(Op.PROMPT, PointPrompt(position=(20.0, 16.0, 10.0)))
-    assert session.run(again) is not None
-    before = session.result()
     manager.update_settings(manager.settings.with_changes(remote_url="https://elsewhere.example.org"))
+    again = state.request(Op.PROMPT, PointPrompt(position=(20.0, 16.0, 10.0)))
+    assert session.run(again) is not None  # a remote address typed in while working locally changes nothing
+    before = session.result()
+    manager.update_settings(manager.settings.with_changes(mode="remote", remote_opt_in=True))
     late = state.request(Op.PROMPT, PointPrompt(position=(12.0, 16.0, 10.0), positive=False))
     with pytest.raises(SessionError, match="settings changed"):
         session.run(late)

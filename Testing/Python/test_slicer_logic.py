@@ -355,6 +355,56 @@ def test_settings_change_at_once_while_the_local_backend_starts(tiny_checkpoint,
         manager.stop_local()
 
 
+class _Backend:
+    """A local backend's life cycle without its process (the edge: a server that crashes)."""
+
+    def __init__(self, alive: bool = True) -> None:
+        self.running, self.stopped = alive, False
+
+    def stop(self) -> None:
+        self.running, self.stopped = False, True
+
+    def client(self):
+        return _Client(self)
+
+
+class _Client:
+    def __init__(self, backend: _Backend) -> None:
+        self.backend = backend
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_crashed_local_backend_is_replaced_once(monkeypatch):
+    """The local server died (killed, out of memory): the next request starts one new backend and
+    uses it. The start was never adopted while the dead one stayed recorded, so it started again
+    and again, for ever."""
+    manager = BackendManager(BackendSettings())
+    started = []
+    monkeypatch.setattr(manager, "_start_local", lambda settings: started.append(_Backend()) or started[-1])
+    dead = _Backend(alive=False)
+    manager._local = dead
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(manager.client()), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and len(started) == 1
+    assert outcome[0].backend is started[0] and manager._local is started[0] and dead.stopped
+
+    # a stop during a start wins: the started backend is not adopted, the request says why
+    def start_and_be_overtaken(settings):
+        manager.stop_local()
+        started.append(_Backend())
+        return started[-1]
+
+    monkeypatch.setattr(manager, "_start_local", start_and_be_overtaken)
+    manager.stop_local()
+    with pytest.raises(BackendUnavailableError, match="stopped while it started"):
+        manager.client()
+    assert started[-1].stopped and manager._local is None
+
+
 def test_shipped_model_segments_a_real_case_with_good_dice(ctx, hippocampus_dir, request, tmp_path):
     if not SHIPPED_MODEL.is_file():
         pytest.skip(
