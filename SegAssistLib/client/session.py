@@ -94,8 +94,10 @@ class RemoteSession(EngineSession):
         self._mask = np.zeros(tuple(info.shape), np.uint8)
         self._closed = False
         # a change the server may have made without this client seeing the reply (a read timeout
-        # twice over): the next call fetches the server's mask first and reports the difference too
+        # twice over): the next call fetches the server's mask first, and the next update returned
+        # covers what changed since the mask the caller last saw (``_seen``)
         self._out_of_sync = False
+        self._seen: Optional[np.ndarray] = None
         if prompts:  # the replayed prompts made a mask: start from the server's copy
             self._mask = self.fetch_result()
 
@@ -203,7 +205,8 @@ class RemoteSession(EngineSession):
 
     # ---- internals -------------------------------------------------------------------------------
     def _mutate(self, op: str, body: Optional[dict] = None) -> MaskUpdate:
-        before = self._resync() if self._out_of_sync else None
+        if self._out_of_sync:
+            self._resync()
         started = time.perf_counter()
         headers = {REQUEST_ID_HEADER: new_request_id()}
         try:
@@ -215,6 +218,8 @@ class RemoteSession(EngineSession):
             try:
                 response = self.client.http.request("POST", f"{self._path}/{op}", json=body, headers=headers)
             except BackendUnavailableError:
+                if self._seen is None:
+                    self._seen = self._mask  # replaced, not changed, by the resync
                 self._out_of_sync = True
                 raise
         round_trip = time.perf_counter() - started
@@ -245,15 +250,13 @@ class RemoteSession(EngineSession):
         self.info = self.info.model_copy(
             update={"can_undo": reply.can_undo, "can_redo": reply.can_redo, "n_prompts": reply.n_prompts}
         )
-        if before is not None:  # also what changed while out of sync: the caller never saw it
-            update = MaskUpdate.between(before, self._mask, latency_s=update.latency_s, info=update.info)
+        if self._seen is not None:  # also what changed while out of sync: the caller never saw it
+            update = MaskUpdate.between(self._seen, self._mask, latency_s=update.latency_s, info=update.info)
+            self._seen = None
         return update
 
-    def _resync(self) -> np.ndarray:
-        """Take the server's mask and prompts after a reply was lost; returns the mask as the caller
-        last saw it."""
-        seen = self._mask
+    def _resync(self) -> None:
+        """Take the server's mask and prompts (after a reply was lost, or when attaching)."""
         self._mask = self.fetch_result()
         self._history = _History(list(self.prompt_log().prompts))
         self._out_of_sync = False
-        return seen

@@ -15,7 +15,7 @@ import pytest
 from test_server_fixtures import TOKENS, make_volume
 
 from SegAssistLib.client import SegAssistClient
-from SegAssistLib.client.errors import BackendTimeoutError
+from SegAssistLib.client.errors import BackendTimeoutError, InvalidPromptError
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.prompts import PointPrompt
 
@@ -92,6 +92,8 @@ def test_a_prompt_whose_reply_is_lost_is_neither_missed_nor_applied_twice(slow_s
             session.add_prompt(PointPrompt(position=(14.0, 14.0, 8.0)))
         time.sleep(2.5)
         delay["s"] = 0.0
+        with pytest.raises(InvalidPromptError):  # a refused call in between returns no update: the gap waits
+            session.add_prompt(PointPrompt(position=(500.0, 26.0, 14.0)))
         update = session.add_prompt(PointPrompt(position=(24.0, 26.0, 14.0)))
         update.apply_to(seen)
         np.testing.assert_array_equal(seen, session.fetch_result())  # the caller's copy is whole again
