@@ -221,7 +221,7 @@ class BuiltinSession(EngineSession):
         patch = window.patch
         image = patching.extract_image_patch(self.array, window, self.modality)
         previous = patching.extract_mask_patch(self.mask, window)
-        channels = draw_prompts(prompts_in_window(prompts, window), patch)
+        channels = draw_prompts(prompts_in_window(prompts, window, self.shape), patch)
         x = assemble_input(image, previous, channels)[None].to(self.engine.device)
         with torch.inference_mode():
             return self.engine.network(x)[0, 0].float().cpu(), previous

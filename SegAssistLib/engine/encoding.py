@@ -9,7 +9,7 @@ The same drawing code serves training (prompts simulated in patch coordinates) a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,8 +38,11 @@ class PatchPrompt:
     coords: np.ndarray
 
 
-def to_patch_prompt(prompt: Prompt, window: Window) -> Optional[PatchPrompt]:
-    """Map a user prompt (voxel ``(i, j, k)``) into a window; ``None`` for kinds with no channel."""
+def to_patch_prompt(
+    prompt: Prompt, window: Window, image_shape: Optional[Sequence[int]] = None
+) -> Optional[PatchPrompt]:
+    """Map a user prompt (voxel ``(i, j, k)``) into a window; ``None`` for kinds with no channel.
+    ``image_shape`` (array order): a wide stroke is clipped to the image, as its slab form is."""
 
     def kji(points) -> np.ndarray:
         return window.to_patch(np.asarray(points, float).reshape(-1, 3)[:, ::-1])
@@ -55,6 +58,10 @@ def to_patch_prompt(prompt: Prompt, window: Window) -> Optional[PatchPrompt]:
         # widened in the image, as its slab form is (the remote client sends that form): the same
         # stroke gives the same input whichever form it came in
         voxels = scribble_voxels(prompt)
+        if image_shape is not None:
+            voxels = voxels[np.all((voxels >= 0) & (voxels < np.asarray(image_shape)), axis=1)]
+        if len(voxels) == 0:
+            return None
         extent = voxels.max(0) - voxels.min(0) + 1  # the box of the slab it would make
         return _voxels_in_patch(voxels, tuple(int(n) for n in extent), True, prompt.positive, window)
     if isinstance(prompt, ScribblePrompt):
@@ -104,12 +111,14 @@ def assemble_input(image: torch.Tensor, previous_mask: torch.Tensor, prompt_chan
     return torch.cat([image[None], previous_mask[None], torch.from_numpy(prompt_channels).float()], 0)
 
 
-def prompts_in_window(prompts: List[Prompt], window: Window) -> List[PatchPrompt]:
+def prompts_in_window(
+    prompts: List[Prompt], window: Window, image_shape: Optional[Sequence[int]] = None
+) -> List[PatchPrompt]:
     """Every prompt of the history that touches the window, in patch coordinates."""
     out = []
     margin = 3.0
     for prompt in prompts:
-        pp = to_patch_prompt(prompt, window)
+        pp = to_patch_prompt(prompt, window, image_shape)
         if pp is None or len(pp.coords) == 0:  # no channel, or a slab that misses the window
             continue
         lo, hi = pp.coords.min(0), pp.coords.max(0)

@@ -312,13 +312,15 @@ def test_slab_prompts_land_in_the_channels_of_their_polyline_forms(kind, positiv
 def test_a_wide_scribble_gives_the_network_the_same_ink_in_either_form(width, level):
     """The in-process engine gets the points form, a remote server its slab: a wide stroke was drawn
     one voxel wide from points (its width ignored) but with its width from the slab."""
-    prompt = ScribblePrompt(points=[(20, 20, 16), (40, 22, 16), (30, 40, 16)], width=width)
-    window = patching.window_around((16, 30, 30), (1.0, 1.0, 1.0), 64, level)
-    slab_ch = draw_prompts(prompts_in_window([to_slab(prompt, SHAPE)], window), 64)
-    poly_ch = draw_prompts(prompts_in_window([prompt], window), 64)
-    thin = draw_prompts(prompts_in_window([prompt.model_copy(update={"width": 1.0})], window), 64)
-    assert np.array_equal(slab_ch, poly_ch)
-    assert poly_ch[2].sum() > thin[2].sum() or width < 3
+    inside, on_the_edge = [(20, 20, 16), (40, 22, 16), (30, 40, 16)], [(0, 20, 16), (1, 30, 16), (0, 44, 16)]
+    for points in (inside, on_the_edge):
+        prompt = ScribblePrompt(points=points, width=width)
+        window = patching.window_around((16, 30, 30), (1.0, 1.0, 1.0), 64, level)
+        slab_ch = draw_prompts(prompts_in_window([to_slab(prompt, SHAPE)], window, SHAPE), 64)
+        poly_ch = draw_prompts(prompts_in_window([prompt], window, SHAPE), 64)
+        thin = draw_prompts(prompts_in_window([prompt.model_copy(update={"width": 1.0})], window, SHAPE), 64)
+        assert np.array_equal(slab_ch, poly_ch), points
+        assert poly_ch[2].sum() > thin[2].sum() or width < 3
 
 
 def test_slabs_outside_the_image_are_refused_by_engine_and_server(tiny_checkpoint):
