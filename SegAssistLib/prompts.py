@@ -475,15 +475,24 @@ def _disc_coefficients(width: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     return a[keep], b[keep]
 
 
+_TIE_NUDGE = 1e-9  # voxels: see _scribble_disc
+
+
 def _scribble_disc(verts_kji: np.ndarray, width: float) -> np.ndarray:
     """Offsets (array order) of the points that widen each sample of a stroke: a disc of the
-    stroke's width in the slice it was drawn on (one zero offset at width 1)."""
+    stroke's width in the slice it was drawn on (one zero offset at width 1).
+
+    Each offset is nudged towards the disc's centre by far less than any coordinate's precision,
+    so that a point half-way between two voxels rounds to the one nearer the sample: otherwise
+    rounding (half to even) made a stroke on an even row wider or narrower than one on an odd row.
+    """
     coefficients = _disc_coefficients(width)
     if coefficients is None:
         return np.zeros((1, 3))
     u, v = _stroke_plane_axes(verts_kji)
     a, b = coefficients
-    return a[:, None] * u + b[:, None] * v
+    disc = a[:, None] * u + b[:, None] * v
+    return disc - _TIE_NUDGE * np.sign(disc)
 
 
 def _scribble_budget_error(verts: np.ndarray, width: float) -> Optional[str]:

@@ -55,6 +55,7 @@ def _old_scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
         a, b = np.meshgrid(steps, steps, indexing="ij")
         keep = a**2 + b**2 <= radius**2 + 1e-9
         disc = a[keep][:, None] * u + b[keep][:, None] * v
+        disc -= 1e-9 * np.sign(disc)  # half-way points round towards the sample
         points = (points[:, None, :] + disc[None]).reshape(-1, 3)
     return np.unique(np.rint(points).astype(np.int64), axis=0)
 
@@ -363,10 +364,23 @@ def test_a_scribble_widens_equally_on_both_sides_whatever_its_width(width):
     voxels = to_slab(ScribblePrompt(points=points, width=width), (20, 60, 60)).slab.voxels_kji()
     assert set(voxels[:, 0]) == {10}
     radius = (width - 1) / 2
-    offsets = 0.5 * np.arange(-40, 41)
-    across = set(np.rint(20 + offsets[np.abs(offsets) <= radius + 1e-9]).astype(int))  # the disc across the leg
+    reach = int(np.floor(radius + 1e-9))  # half-way points round towards the stroke
+    across = set(range(20 - reach, 20 + reach + 1))  # the disc across the leg
     for i in range(8, 22):  # along the first leg, away from its ends and the corner
         j = voxels[voxels[:, 2] == i, 1]
         assert j.min() + j.max() == 40, f"i={i}: j from {j.min()} to {j.max()}"
         assert set(j) == across
     assert len(across) > 1 or width < 3
+
+
+@pytest.mark.parametrize("width", [2.0, 3.0, 4.4, 6.0])
+def test_a_stroke_is_as_wide_on_an_even_row_as_on_an_odd_one(width):
+    """Half-way points of the disc used to round half to even: width 2 drew 1 voxel on an even row
+    and 3 on an odd one, width 4.4 5 and 3."""
+    spans = []
+    for row in (20, 21):
+        points = [(5.0, float(row), 10.0), (25.0, float(row), 10.0)]  # (i, j, k): along i on row j
+        voxels = to_slab(ScribblePrompt(points=points, width=width), (20, 60, 60)).slab.voxels_kji()
+        j = voxels[voxels[:, 2] == 15, 1]
+        spans.append((int(j.min()) - row, int(j.max()) - row))
+    assert spans[0] == spans[1] and spans[0][0] == -spans[0][1]
