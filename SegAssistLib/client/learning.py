@@ -231,12 +231,13 @@ class LearningClient:
         body = {
             "strategy": strategy,
             "lock": lock,
-            "lock_ttl_s": lock_ttl_s,
             "proposal": proposal,
             "seed": seed,
             "diversity_weight": diversity_weight,
             "max_candidates": max_candidates,
         }
+        if lock_ttl_s != DEFAULT_LOCK_TTL_S:  # sent only when asked: servers before it refuse the field
+            body["lock_ttl_s"] = lock_ttl_s
         reply = NextCaseReply.model_validate(self._http.json("POST", f"{_BASE}/next", json=body, safe=False))
         mask = None
         if reply.proposal is not None:

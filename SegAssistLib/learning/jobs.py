@@ -49,6 +49,7 @@ FINAL_STATES = ("done", "cancelled", "failed")
 LOCK_NAME = ".train.lock"
 LOCK_PATIENCE_S = 1.0
 WATCHDOG_GRACE_S = 60.0
+REGISTERING_GRACE_TURNS = 5  # watchdog turns a job may spend registering its version
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -319,9 +320,9 @@ def _worker(folder: Path) -> int:
         latest = _read_json(status_path) or {}
         if latest.get("state") in FINAL_STATES:
             return  # finished meanwhile: the worker is on its way out
-        if latest.get("phase") == "registering":  # recording a version: stopped now, the registry and
-            arm(WATCHDOG_GRACE_S)  # this status would disagree (promoted, yet "failed")
-            return
+        if latest.get("phase") == "registering" and len(timers) <= REGISTERING_GRACE_TURNS:
+            arm(WATCHDOG_GRACE_S)  # recording a version: stopped now, the registry and this status would
+            return  # disagree (promoted, yet "failed"); a registration stuck for minutes is stopped
         writer = StatusWriter(status_path)
         writer.data.update(latest)
         writer.update(
