@@ -126,7 +126,8 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
     assert [v.id for v in alice.learning.labels(first.id)] == [label.id]
 
     # the next case skips the submitted one; a mask of the wrong shape is refused and saves nothing
-    second = alice.learning.next_case(strategy="first", proposal=False)
+    second = alice.learning.next_case(strategy="first", proposal=False, lock_ttl_s=900.0)
+    assert second.case.lock_expires == pytest.approx(time.time() + 900.0, abs=60.0)  # the duration asked for
     assert second.case.id == imported[1][0].id and second.proposal is None
     path = f"/v1/learn/cases/{second.case.id}/labels"
     from SegAssistLib.api_models import ArrayPayload
