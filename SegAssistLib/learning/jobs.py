@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from SegAssistLib.client.local import process_alive
 from SegAssistLib.learning.loop_errors import JobNotFoundError, TrainingBusyError, TrainingError
 from SegAssistLib.learning.registry import FOLDER
 
@@ -87,17 +88,10 @@ def _take_lock(store_root: Union[str, Path], patience_s: float = LOCK_PATIENCE_S
         time.sleep(0.05)
 
 
-def _pid_alive(pid: Any) -> bool:
-    """Whether a process of this id exists (a reused id says yes: the lock probe decides then)."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return True  # unknown: no evidence of death
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+def _worker_gone(pid: Any) -> bool:
+    """Whether the worker of this recorded pid has certainly ended (an unknown pid says nothing)."""
+    known = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+    return known and not process_alive(pid)
 
 
 def training_running(store_root: Union[str, Path]) -> bool:
@@ -141,7 +135,7 @@ class TrainingJob:
         if self.process is not None:
             dead, code = self.process.poll() is not None, self.process.returncode
         else:  # started by another process: its worker's pid, then the datastore's training lock
-            dead, code = not _pid_alive(data.get("pid")) or not training_running(self.store_root), None
+            dead, code = _worker_gone(data.get("pid")) or not training_running(self.store_root), None
             if dead:  # it may have finished between the two reads
                 data = _read_json(self.folder / "status.json") or data
                 data["job_id"] = self.job_id
