@@ -121,11 +121,11 @@ class BuiltinSession(EngineSession):
     # ----- public API ---------------------------------------------------------------------------
     def add_prompt(self, prompt: Prompt) -> MaskUpdate:
         self._check_open()
-        check_prompt_inside(prompt, self.shape)
         t0 = time.perf_counter()
-        if isinstance(prompt, MaskPrompt):
+        if isinstance(prompt, MaskPrompt):  # to_array checks the box before it decodes (once)
             box, new_region, info = self._whole(), prompt.to_array(self.shape), {"levels": []}
         else:
+            check_prompt_inside(prompt, self.shape)
             box, new_region, info = self._predict(prompt)
         update = self._commit(self.prompts + [prompt], box, new_region)
         update.latency_s = time.perf_counter() - t0

@@ -22,6 +22,7 @@ from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, Sc
 CHANNELS = ("image", "previous_mask", "point+", "point-", "scribble+", "scribble-", "box_or_lasso+")
 POINT_RADIUS = 1.5  # patch voxels
 SCRIBBLE_RADIUS = 1.0
+LASSO_VERTEX_STEP = 0.25  # patch voxels: closer lasso vertices are thinned out (see thin_polygon)
 
 
 @dataclass
@@ -68,8 +69,24 @@ def to_patch_prompt(
         samples = rasterize.polyline_samples(np.asarray(prompt.points, float), step=0.5)
         return PatchPrompt("scribble", prompt.positive, kji(samples))
     if isinstance(prompt, LassoPrompt):
-        return PatchPrompt("lasso", prompt.positive, kji(prompt.points))
+        return PatchPrompt("lasso", prompt.positive, thin_polygon(kji(prompt.points), LASSO_VERTEX_STEP))
     return None
+
+
+def thin_polygon(vertices: np.ndarray, step: float) -> np.ndarray:
+    """The polygon with one vertex kept per ``step`` of its outline's length.
+
+    A lasso drawn on a fine image has many vertices per patch voxel when a coarse window sees it;
+    filling costs time per vertex and each later prompt redraws it in every window. The outline
+    moves by less than ``step``. Returned as it is when fewer than 3 vertices would be left.
+    """
+    vertices = np.asarray(vertices, float)
+    if len(vertices) <= 3:
+        return vertices
+    along = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(vertices, axis=0), axis=1))])
+    bins = np.floor(along / step)
+    keep = np.concatenate([[True], bins[1:] != bins[:-1]])
+    return vertices[keep] if keep.sum() >= 3 else vertices
 
 
 def _voxels_in_patch(

@@ -6,7 +6,15 @@ import torch
 
 from SegAssistLib import rasterize
 from SegAssistLib.engine import patching
-from SegAssistLib.engine.encoding import CHANNELS, assemble_input, draw_prompts, prompts_in_window, to_patch_prompt
+from SegAssistLib.engine.encoding import (
+    CHANNELS,
+    LASSO_VERTEX_STEP,
+    assemble_input,
+    draw_prompts,
+    prompts_in_window,
+    thin_polygon,
+    to_patch_prompt,
+)
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
 
 
@@ -103,6 +111,30 @@ def test_negative_lasso_is_background_ink():
     pp = to_patch_prompt(LassoPrompt(points=[(2, 2, 8), (10, 2, 8), (10, 10, 8)], positive=False), win)
     ch = draw_prompts([pp], 16)
     assert ch[3].any() and not ch[4].any()
+
+
+def test_a_dense_lasso_is_thinned_in_a_coarse_window_and_fills_the_same_voxels():
+    # 4000 vertices on a circle of radius 60 image voxels, seen by a window 4x coarser: about 60
+    # vertices per patch voxel of outline
+    angles = np.linspace(0, 2 * np.pi, 4000, endpoint=False)
+    points = [(80 + 60 * np.cos(a), 80 + 60 * np.sin(a), 64.0) for a in angles]
+    win = patching.Window(start=(0, 0, 0), size=(128, 160, 160), patch=32)
+    pp = to_patch_prompt(LassoPrompt(points=points), win)
+    exact = win.to_patch(np.asarray(points)[:, ::-1])
+    assert 3 <= len(pp.coords) < len(exact) / 10
+    gaps = np.linalg.norm(np.diff(np.vstack([pp.coords, pp.coords[:1]]), axis=0), axis=1)
+    assert gaps.max() < 2 * LASSO_VERTEX_STEP + 1e-9  # no vertex moved further than the step
+    thinned = draw_prompts([pp], 32)[4]
+    full = np.zeros((32,) * 3, bool)
+    rasterize.fill_planar_polygon(full, exact)
+    assert np.count_nonzero(thinned != full) <= 0.02 * full.sum()
+
+
+def test_thin_polygon_keeps_sparse_and_tiny_polygons_as_they_are():
+    square = np.array([[0, 0, 0], [0, 10, 0], [0, 10, 10], [0, 0, 10]], float)
+    assert np.array_equal(thin_polygon(square, LASSO_VERTEX_STEP), square)
+    speck = np.array([[0, 0, 0], [0, 0.01, 0], [0, 0.01, 0.01], [0, 0, 0.01], [0, 0.005, 0.005]], float)
+    assert np.array_equal(thin_polygon(speck, LASSO_VERTEX_STEP), speck)  # fewer than 3 would be left
 
 
 @pytest.mark.parametrize("level", [0, 1])
