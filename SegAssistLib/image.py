@@ -82,6 +82,7 @@ def geometry_difference(a: Volume, b: Volume, tolerance: float = 1e-3) -> Option
 
 
 _ALLOWED_KINDS = "biuf"
+ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I|: float32 storage (NIfTI quaternions) stays far below
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -122,8 +123,14 @@ def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None
             f"NIfTI stores), got {volume.origin}"
         )
     d = np.asarray(volume.direction)
-    if d.shape != (3, 3) or not np.all(np.isfinite(d)) or abs(np.linalg.det(d)) < 1e-6:
-        raise ImageError("image direction must be an invertible 3x3 matrix")
+    if d.shape != (3, 3) or not np.all(np.isfinite(d)):
+        raise ImageError("image direction must be a 3x3 matrix of finite numbers")
+    off = float(np.abs(d.T @ d - np.eye(3)).max())
+    if off > ORTHONORMAL_TOLERANCE:
+        raise ImageError(
+            f"image direction must be a rotation (orthonormal columns; off by {off:.3g}): a scaled or sheared "
+            "grid (an image under a non-rigid transform?) cannot be stored as NIfTI; harden or resample it first"
+        )
     if float(arr.max()) == float(arr.min()):
         raise ImageError("image is constant: there is nothing to segment")
 

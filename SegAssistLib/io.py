@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import SimpleITK as sitk
 
+from SegAssistLib.dicom import read_dicom_series
 from SegAssistLib.errors import ImageError
 from SegAssistLib.image import Volume
 
@@ -20,16 +21,7 @@ PathLike = Union[str, Path]
 
 def _read_sitk(path: Path) -> sitk.Image:
     if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        series = reader.GetGDCMSeriesIDs(str(path))
-        if not series:
-            raise ImageError(f"no DICOM series found in directory {path}")
-        if len(series) > 1:
-            raise ImageError(
-                f"{path} holds {len(series)} DICOM series ({', '.join(series)}): point at one series' folder"
-            )
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-        return reader.Execute()
+        return read_dicom_series(path)
     if not path.exists():
         raise ImageError(f"image file not found: {path}")
     try:
@@ -38,19 +30,34 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise ImageError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
 
 
+def _check_channel(channel: object, count: int, what: str) -> int:
+    if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)) or not 0 <= int(channel) < count:
+        raise ImageError(f"channel {channel!r} does not exist: the image has {what} (channels 0..{count - 1})")
+    return int(channel)
+
+
 def volume_from_sitk(image: sitk.Image, channel: Optional[int] = None) -> Volume:
+    """A 3D volume from a SimpleITK image; ``channel`` picks one volume of a 4D image or one component
+    of a vector image (a 4D image with one volume needs none; channel 0 of a scalar image is the
+    image)."""
     if image.GetDimension() == 4:
-        if channel is None:
+        count = image.GetSize()[3]
+        if channel is None and count > 1:
             raise ImageError(f"image is 4D (size {image.GetSize()}): choose a channel")
+        index = _check_channel(0 if channel is None else channel, count, f"{count} volumes along its 4th axis")
         size = list(image.GetSize())
         size[3] = 0
-        image = sitk.Extract(image, size, [0, 0, 0, channel])
+        image = sitk.Extract(image, size, [0, 0, 0, index])
+        channel = None
     if image.GetDimension() != 3:
         raise ImageError(f"image must be 3D, got {image.GetDimension()}D (size {image.GetSize()})")
-    if image.GetNumberOfComponentsPerPixel() > 1:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components > 1:
         if channel is None:
-            raise ImageError(f"image has {image.GetNumberOfComponentsPerPixel()} components: choose a channel")
-        image = sitk.VectorIndexSelectionCast(image, channel)
+            raise ImageError(f"image has {components} components: choose a channel")
+        image = sitk.VectorIndexSelectionCast(image, _check_channel(channel, components, f"{components} components"))
+    elif channel is not None:
+        _check_channel(channel, 1, "one channel")
     array = sitk.GetArrayFromImage(image)
     return Volume(
         array=array,
@@ -82,18 +89,40 @@ def load_volume(path: PathLike, channel: Optional[int] = None) -> Volume:
 
 
 def volume_to_sitk(volume: Volume, array: Optional[np.ndarray] = None) -> sitk.Image:
-    image = sitk.GetImageFromArray(volume.array if array is None else array)
+    values = np.asarray(volume.array if array is None else array)
+    if values.dtype == bool:
+        values = values.astype(np.uint8)
+    elif not values.dtype.isnative:  # SimpleITK takes native byte order only
+        values = values.astype(values.dtype.newbyteorder("="))
+    image = sitk.GetImageFromArray(values)
     image.SetSpacing(volume.spacing)
     image.SetOrigin(volume.origin)
     image.SetDirection(tuple(np.asarray(volume.direction, float).ravel()))
     return image
 
 
+def as_labels(mask: np.ndarray) -> np.ndarray:
+    """The mask as uint8 label values; :class:`ImageError` unless every value is an integer 0-255
+    (a cast would wrap 256 to 0 and -1 to 255, and truncate 0.9 to 0)."""
+    arr = np.asarray(mask)
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    integral = arr.dtype.kind in "iu" or (
+        arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr)))
+    )
+    if not integral:
+        raise ImageError(f"label values must be integers 0-255, got dtype {arr.dtype} with other values")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ImageError(f"label values must be 0-255, got {arr.min()}..{arr.max()}")
+    return np.ascontiguousarray(arr.astype(np.uint8))
+
+
 def save_mask_nifti(mask: np.ndarray, reference: Volume, path: PathLike) -> Path:
     """Write a label mask on the reference image's grid (``.nii.gz`` or any SimpleITK format)."""
     path = Path(path)
+    labels = as_labels(mask)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(volume_to_sitk(reference, np.asarray(mask, np.uint8)), str(path), useCompression=True)
+    sitk.WriteImage(volume_to_sitk(reference, labels), str(path), useCompression=True)
     return path
 
 
@@ -106,20 +135,23 @@ def save_segmentation_nrrd(
 ) -> Path:
     """Write a label mask as a Slicer segmentation file (``.seg.nrrd``, one layer).
 
-    Label value ``n`` becomes segment ``n``; the segment metadata keys are the ones Slicer's
-    segmentation storage node reads.
+    Label value ``n`` becomes segment ``n``, named ``segment_names[n - 1]`` (``Segment n`` past the
+    names given); every named label has a segment, present or not (an absent one with an empty
+    extent), and so has every label present. The metadata keys are the ones Slicer's segmentation
+    storage node reads.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labels = np.asarray(mask, np.uint8)
+    labels = as_labels(mask)
+    present = {int(v) for v in np.unique(labels) if v}
+    values = sorted(present | set(range(1, len(segment_names) + 1)))
     image = volume_to_sitk(reference, labels)
     image.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
     image.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
     image.SetMetaData("Segmentation_ReferenceImageExtentOffset", "0 0 0")
-    ext = " ".join(f"0 {n - 1}" for n in image.GetSize())
-    for index, name in enumerate(segment_names):
-        value = index + 1
-        color = colors[index % len(colors)]
+    full = " ".join(f"0 {n - 1}" for n in image.GetSize())
+    for index, value in enumerate(values):
+        name = segment_names[value - 1] if value <= len(segment_names) else f"Segment {value}"
+        color = colors[(value - 1) % len(colors)]
         prefix = f"Segment{index}_"
         image.SetMetaData(prefix + "ID", f"Segment_{value}")
         image.SetMetaData(prefix + "Name", name)
@@ -128,8 +160,9 @@ def save_segmentation_nrrd(
         image.SetMetaData(prefix + "ColorAutoGenerated", "0")
         image.SetMetaData(prefix + "LabelValue", str(value))
         image.SetMetaData(prefix + "Layer", "0")
-        image.SetMetaData(prefix + "Extent", ext)
+        image.SetMetaData(prefix + "Extent", full if value in present else "0 -1 0 -1 0 -1")
         image.SetMetaData(prefix + "Tags", "Segmentation.Status:inprogress|")
+    path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path), useCompression=True)
     return path
 

@@ -111,7 +111,8 @@ def draw_polyline(out: np.ndarray, points: Sequence[Sequence[float]], radius: fl
 
 
 def fill_box(out: np.ndarray, lo: Sequence[float], hi: Sequence[float]) -> None:
-    """Fill the voxels whose centres lie in ``[lo, hi]`` (at least one voxel thick on every axis)."""
+    """Fill the voxels the box ``[lo, hi]`` overlaps (a voxel spans its centre +- 0.5; at least one
+    voxel thick on every axis)."""
     lo_i = np.maximum(np.floor(np.asarray(lo, float) + 0.5).astype(int), 0)
     hi_i = np.ceil(np.asarray(hi, float) - 0.5).astype(int) + 1
     hi_i = np.maximum(hi_i, lo_i + 1)

@@ -38,7 +38,8 @@ from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
-from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.image import geometry_difference
+from SegAssistLib.io import load_mask, load_volume, read_geometry
 from SegAssistLib.prompts import Prompt, dumps_prompt
 
 PROTOCOLS = ("clicks", "box+clicks", "scribble+clicks")
@@ -332,6 +333,9 @@ def evaluate_case(
         raise SegAssistError(
             f"{case.name}: label grid {labels.shape} differs from image grid {volume.array.shape}"
         )
+    moved = geometry_difference(read_geometry(case.label), volume)
+    if moved:  # same shape, another place (a flipped axis): every Dice would be wrong
+        raise SegAssistError(f"{case.name}: the label is not on the image's grid: its {moved}")
     records, skipped = [], []
     for target in targets:
         name = target_name(target)

@@ -43,7 +43,7 @@ from SegAssistLib.api_learning import DEFAULT_LOCK_TTL_S, MAX_LOCK_TTL_S
 from SegAssistLib.errors import ImageError, PromptError
 from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
 from SegAssistLib.image import Volume, validate_image
-from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, volume_to_sitk
+from SegAssistLib.io import as_labels, load_mask, load_volume, save_mask_nifti, volume_to_sitk
 from SegAssistLib.learning.errors import (
     CaseLockedError,
     CorruptDataError,
@@ -750,16 +750,10 @@ def _check_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     arr = np.asarray(mask)
     if arr.ndim != 3 or tuple(arr.shape) != tuple(shape):
         raise DatastoreError(f"label shape {arr.shape} does not match the case's image shape {tuple(shape)}")
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    integral = arr.dtype.kind in "iu" or (
-        arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr)))
-    )
-    if not integral:
-        raise DatastoreError(f"label values must be integers 0-255, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise DatastoreError(f"label values must be 0-255, got {arr.min()}..{arr.max()}")
-    return np.ascontiguousarray(arr.astype(np.uint8))
+    try:
+        return as_labels(arr)
+    except ImageError as exc:
+        raise DatastoreError(str(exc)) from exc
 
 
 def open_datastore(root: Union[str, Path], create: bool = False) -> Datastore:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets, run_session, write_json
 from SegAssistLib.evaluation.simulator import first_click
 from SegAssistLib.image import Volume
-from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.io import load_mask, load_volume, save_mask_nifti
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
 
 ENGINES = [GrowCutEngine, RandomWalkerEngine]
@@ -138,6 +139,20 @@ def test_runner_records_absent_targets_and_refuses_unsupported_protocols(hippoca
     assert result["records"] == [] and result["skipped"][0]["reason"] == "target label absent"
     with pytest.raises(SegAssistError, match="unknown protocol"):
         evaluate(EvalConfig(hippocampus_dir, protocol="lasso+clicks", cases=1, engine="growcut"))
+
+
+def test_a_label_on_a_moved_grid_is_refused_not_scored(hippocampus_dir, tmp_path):
+    case = list_cases(hippocampus_dir)[0]
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    shutil.copy(case.image, tmp_path / "imagesTr" / case.image.name)
+    image = load_volume(case.image)
+    flipped = Volume(image.array, image.spacing, image.origin, image.direction @ np.diag([1.0, -1.0, 1.0]))
+    save_mask_nifti(load_mask(case.label), flipped, tmp_path / "labelsTr" / case.label.name)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a", "2": "b"}}))
+    with pytest.raises(SegAssistError, match=rf"{case.name}: the label is not on the image's grid: its direction"):
+        evaluate(EvalConfig(tmp_path, targets=parse_targets("1"), max_clicks=1, split="all", engine="growcut"),
+                 progress=lambda line: None)
 
 
 def test_box_protocol_feeds_the_baseline_the_same_box(hippocampus_dir):

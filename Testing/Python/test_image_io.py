@@ -151,3 +151,78 @@ def test_geometry_difference_tolerates_float32_storage_not_a_moved_grid(tmp_path
     }
     for what, other in moved.items():
         assert geometry_difference(other, image).startswith(what)
+
+
+def test_channels_are_checked_against_what_the_image_has(tmp_path):
+    volumes = np.random.default_rng(0).normal(size=(3, 4, 5, 6)).astype(np.float32)
+    four_d = tmp_path / "4d.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(volumes, isVector=False), str(four_d))
+    vector = tmp_path / "vector.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(volumes[:2], 0, -1), isVector=True), str(vector))
+    scalar = tmp_path / "scalar.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(volumes[0]), str(scalar))
+    for path, count in ((four_d, 3), (vector, 2), (scalar, 1)):
+        for bad in (count, -1, 1.5):
+            with pytest.raises(ImageError, match=rf"channel {bad!r} does not exist.*channels 0..{count - 1}"):
+                load_volume(path, channel=bad)
+        assert np.array_equal(load_volume(path, channel=count - 1).array, volumes[count - 1])
+    assert np.array_equal(load_volume(scalar).array, volumes[0])
+
+
+def test_a_four_d_file_with_one_volume_loads_as_three_d(tmp_path):
+    arr = np.random.default_rng(0).normal(size=(1, 4, 5, 6)).astype(np.float32)
+    path = tmp_path / "one.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(arr, isVector=False), str(path))
+    assert np.array_equal(load_volume(path).array, arr[0])
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.array([0, 1, 256], np.int32), "0-255, got 0..256"),
+    (np.array([0, -1, 2], np.int16), "0-255, got -1..2"),
+    (np.array([0.0, 0.9, 1.0], np.float32), "integers 0-255"),
+])
+def test_labels_are_never_wrapped_into_uint8(tmp_path, values, message):
+    vol = _oblique_volume()
+    mask = np.zeros(vol.array.shape, values.dtype)
+    mask[0, 0, :3] = values
+    for save in (save_mask_nifti, save_segmentation_nrrd):
+        target = tmp_path / f"m_{save.__name__}.nrrd"
+        with pytest.raises(ImageError, match=message):
+            save(mask, vol, target)
+        assert not target.exists()
+
+
+def test_a_segmentation_file_names_every_label_it_holds(tmp_path):
+    vol = _oblique_volume()
+    mask = np.zeros(vol.array.shape, np.uint8)
+    mask[0, 0, 0], mask[1, 1, 1] = 1, 3
+    path = save_segmentation_nrrd(mask, vol, tmp_path / "m.seg.nrrd", segment_names=("liver", "spleen"))
+    header = sitk.ReadImage(str(path))
+    segments = {}
+    index = 0
+    while header.HasMetaDataKey(f"Segment{index}_ID"):
+        key = f"Segment{index}_"
+        segments[int(header.GetMetaData(key + "LabelValue"))] = (header.GetMetaData(key + "Name"),
+                                                                  header.GetMetaData(key + "Extent"))
+        index += 1
+    full = " ".join(f"0 {n - 1}" for n in header.GetSize())
+    assert segments == {1: ("liver", full), 2: ("spleen", "0 -1 0 -1 0 -1"), 3: ("Segment 3", full)}
+
+
+def test_bool_and_big_endian_arrays_are_written(tmp_path):
+    vol = _oblique_volume()
+    big = Volume(vol.array.astype(">f4"), vol.spacing, vol.origin, vol.direction)
+    path = tmp_path / "big.nrrd"
+    sitk.WriteImage(volume_to_sitk(big), str(path))
+    assert np.array_equal(load_volume(path).array, vol.array)
+    flags = np.zeros(vol.array.shape, bool)
+    flags[2, 3, 4] = True
+    assert np.array_equal(sitk.GetArrayFromImage(volume_to_sitk(vol, flags)), flags.astype(np.uint8))
+
+
+@pytest.mark.parametrize("direction", [2 * np.eye(3), np.array([[1, 0.2, 0], [0, 1, 0], [0, 0, 1.0]])])
+def test_a_scaled_or_sheared_direction_is_refused(direction):
+    arr = np.random.default_rng(0).normal(size=(4, 4, 4)).astype(np.float32)
+    with pytest.raises(ImageError, match="must be a rotation"):
+        validate_image(Volume(arr, direction=direction))
+    validate_image(Volume(arr, direction=np.diag([-1.0, -1.0, 1.0])))  # LPS <-> RAS flip is fine
