@@ -1,0 +1,90 @@
+"""What an install of the backend (``segassist[engine,server]``, or the Slicer module's
+requirements-backend.txt) must hold: every third-party package that the server, the learning loop
+and training import when they load. A missing one would surface as an ImportError (an HTTP 500) on
+a user's machine, never here, where the development environment has everything."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+from typing import Iterable, Set
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "SegAssistLib"
+# the backend's entry points: the server (its learning routes included), learning, training
+BACKEND_ENTRY_MODULES = (
+    "SegAssistLib.server.app",
+    "SegAssistLib.server.cli",
+    "SegAssistLib.learning.cli",
+    "SegAssistLib.learning.trainer",
+    "SegAssistLib.learning.active",
+    "SegAssistLib.training.train",
+)
+# import name -> the distribution that brings it (starlette comes with fastapi)
+DISTRIBUTION_OF = {"skimage": "scikit-image", "SimpleITK": "simpleitk", "starlette": "fastapi"}
+
+
+def _module_file(name: str) -> Path:
+    path = ROOT.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _top_level_imports(path: Path) -> Iterable[str]:
+    """Modules imported at module level (not inside functions: those are optional features)."""
+    tree = ast.parse(path.read_text(), str(path))
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+
+
+def third_party_imports(entry_modules: Iterable[str]) -> Set[str]:
+    seen: Set[str] = set()
+    third_party: Set[str] = set()
+    todo = list(entry_modules)
+    stdlib = set(sys.stdlib_module_names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name.split(".")[0] == "SegAssistLib":
+            path = _module_file(name)
+            if path.is_file():
+                todo.extend(_top_level_imports(path))
+                parent = name.rsplit(".", 1)[0]
+                if parent != name:
+                    todo.append(parent)
+            continue
+        top = name.split(".")[0]
+        if top not in stdlib and top != "__future__":
+            third_party.add(top)
+    return third_party
+
+
+def _names(requirements: Iterable[str]) -> Set[str]:
+    return {re.split(r"[<>=!~\[ ;]", r.strip(), maxsplit=1)[0].lower() for r in requirements if r.strip()}
+
+
+def test_the_backend_install_holds_every_package_the_backend_imports():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = _names(project["dependencies"]) | _names(extras["engine"]) | _names(extras["server"])
+    backend_file = ROOT / "SegAssist" / "Resources" / "requirements-backend.txt"
+    client_file = ROOT / "SegAssist" / "Resources" / "requirements.txt"
+    in_slicer = _names(ln for f in (backend_file, client_file) for ln in f.read_text().splitlines()
+                       if not ln.startswith("#"))
+    needed = {DISTRIBUTION_OF.get(m, m).lower() for m in third_party_imports(BACKEND_ENTRY_MODULES)}
+    assert {"torch", "fastapi", "numpy"} <= needed  # the scan follows the imports
+    assert needed - declared == set(), "imported by the backend but in neither the core nor [engine,server]"
+    assert needed - in_slicer - {"numpy", "simpleitk", "scipy"} == set(), (
+        "imported by the backend but not in the Slicer module's requirements files (numpy, SimpleITK and "
+        "scipy come with Slicer)"
+    )
