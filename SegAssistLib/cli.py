@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from typing import List, Optional
 
@@ -23,13 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segassist", description="Interactive 3D segmentation of CT and MRI")
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name, attr in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            if exc.name and exc.name.startswith("SegAssistLib"):
-                continue  # a part not installed in this build
-            raise
-        getattr(module, attr)(sub)
+        if importlib.util.find_spec(module_name) is None:
+            continue  # a part not installed in this build; a part that is there but breaks must show
+        getattr(importlib.import_module(module_name), attr)(sub)
     return parser
 
 
@@ -41,6 +38,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(args.func(args) or 0)
     except SegAssistError as exc:
         print(f"segassist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder the command was pointed at: name it, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"segassist {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,8 +20,10 @@ from typing import List, Optional
 import numpy as np
 
 from SegAssistLib.datasets import REPO_ROOT
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_prompt
+from SegAssistLib.files import output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
 from SegAssistLib.prompts import BoxPrompt, Prompt
 
@@ -70,8 +72,17 @@ def run_demo(
     from SegAssistLib.engine.builtin import load_default_engine
     from SegAssistLib.visualize import save_overlay_png
 
+    problem = output_problem(out, folder=True)  # before the model runs, not after
+    if problem:
+        raise SegAssistError(f"--out {out}: {problem}")
     volume = load_volume(image)
-    target = np.isin(load_mask(label), label_values)
+    labels = load_mask(label)
+    if labels.shape != volume.array.shape:
+        raise SegAssistError(f"label {label} has shape {labels.shape}, the image {volume.array.shape}: "
+                             "the reference must be on the image's grid")
+    target = np.isin(labels, label_values)
+    if not target.any():
+        raise SegAssistError(f"label {label} holds none of the values {', '.join(map(str, label_values))} (--labels)")
     engine = load_default_engine(model)
     caps = engine.capabilities()
     print(
@@ -126,6 +137,11 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    values = tuple(int(v) for v in args.labels.split(","))
+    try:
+        values = tuple(int(v) for v in args.labels.split(","))
+    except ValueError:
+        raise SegAssistError(f"--labels {args.labels!r}: give label values separated by commas, e.g. 1,2") from None
+    if any(v < 1 for v in values):
+        raise SegAssistError(f"--labels {args.labels!r}: label values are 1 or more (0 is the background)")
     run_demo(args.out, args.image, args.label, values, args.model)
     return 0

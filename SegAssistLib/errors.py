@@ -25,6 +25,10 @@ class ModelError(SegAssistError, RuntimeError):
     code = "model_error"
 
 
+class DeviceError(ModelError):
+    """The device asked for does not exist or torch cannot use it here."""
+
+
 class SessionError(SegAssistError, RuntimeError):
     """An operation does not fit the session's state (nothing to undo, session closed)."""
 

@@ -17,9 +17,31 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Type
+from typing import Any, Callable, Dict, Optional, Type
 
 TMP_PREFIX = ".tmp-"
+
+
+def _first_existing(path: Path) -> Path:
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def output_problem(path: Path, folder: bool = False) -> Optional[str]:
+    """Why ``path`` could not be written as a file (``folder``: created or filled as a folder), found
+    before any work is done; None when nothing stands in the way."""
+    path = Path(path).absolute()
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder: give a file name"
+    parent = _first_existing(path.parent)
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    target = path if folder and path.is_dir() else parent
+    if not os.access(target, os.W_OK | os.X_OK):
+        return f"folder {target} is not writable"
+    return None
 
 
 def temp_path_for(dest: Path) -> Path:

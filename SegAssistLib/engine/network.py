@@ -12,6 +12,7 @@ loaded with ``weights_only=True`` (no pickle of arbitrary objects).
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple, Type, Union
@@ -19,7 +20,7 @@ from typing import Any, Dict, Tuple, Type, Union
 import torch
 from monai.networks.nets import UNet
 
-from SegAssistLib.errors import ModelError
+from SegAssistLib.errors import DeviceError, ModelError
 from SegAssistLib.files import atomic_write, check_format
 
 CHECKPOINT_FORMAT = "segassist-checkpoint"
@@ -96,18 +97,41 @@ def load_tagged_file(
     message calls the file a ``what``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a {what} file")
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's own message suggests weights_only=False: never
+        raise error(f"cannot read {what} {path}: it holds Python objects beyond tensors and plain data "
+                    "(refused: loading them could run code)") from exc
     except Exception as exc:
-        raise error(f"cannot read {what} {path}: {exc}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise error(f"cannot read {what} {path}: {reason}") from exc
     return check_format(payload, path, fmt, version, what, error)
+
+
+def torch_device(name: Union[str, torch.device]) -> torch.device:
+    """The torch device called ``name``; :class:`DeviceError` for an unknown name or a GPU torch
+    cannot see."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"invalid device {name!r} (cpu, cuda or cuda:N): {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    return device
 
 
 def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
     """Load a SegAssist checkpoint; raises :class:`ModelError` saying what is wrong."""
     path = Path(path)
+    device = torch_device(device)
     payload = load_tagged_file(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ModelError)
     config = NetworkConfig.from_dict(payload.get("config", {}))
     network = build_network(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 PROTOCOL_CHOICES = ("clicks", "box+clicks", "scribble+clicks")
 ENGINE_CHOICES = ("builtin", "growcut", "randomwalker", "ablation")
@@ -19,6 +20,30 @@ def _number(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _at_least(1)
+non_negative_int = _at_least(0)
+
+
+def non_negative_mm(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number of mm, at least 0, got {text}")
+    return value
 
 
 def share_of_a_side(text: str) -> float:
@@ -61,8 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="targets, comma-separated; '1+2+3+4' is a union (default: every numeric label of dataset.json)",
     )
     parser.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="clicks")
-    parser.add_argument("--max-clicks", type=int, default=10, help="clicks per target (default 10)")
-    parser.add_argument("--cases", type=int, default=None, help="only the first N cases of the split")
+    parser.add_argument("--max-clicks", type=positive_int, default=10, help="clicks per target (default 10)")
+    parser.add_argument("--cases", type=positive_int, default=None, help="only the first N cases of the split")
     parser.add_argument("--split", choices=("evaluation", "training", "all"), default="evaluation")
     parser.add_argument(
         "--engine",
@@ -74,20 +99,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--model", default=None, help="checkpoint for the builtin and ablation engines (default: shipped)"
     )
     parser.add_argument("--device", default="cpu", help="device of the builtin engine (cpu, cuda)")
-    parser.add_argument("--refine-depth", type=int, default=1, metavar="N",
+    parser.add_argument("--refine-depth", type=positive_int, default=1, metavar="N",
                         help="builtin: re-predict zoomed-out answers N levels finer (default 1; 2 sharpens large "
                              "structures at about twice the latency of such clicks)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
     parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)
-    parser.add_argument("--channel", type=int, default=0, help="image channel of multi-channel cases (default 0)")
+    parser.add_argument("--channel", type=non_negative_int, default=0,
+                        help="image channel of multi-channel cases (default 0)")
     parser.add_argument(
         "--scribble-orientation", choices=ORIENTATION_CHOICES, default="axial",
         help="plane of the simulated scribble of scribble+clicks (default axial; oblique is tilted 35 degrees)",
     )
     parser.add_argument("--scribble-source", choices=("skeleton", "contour"), default="skeleton")
     parser.add_argument(
-        "--scribble-jitter", type=float, default=0.0, metavar="MM", help="hand jitter in mm (default 0)"
+        "--scribble-jitter", type=non_negative_mm, default=0.0, metavar="MM", help="hand jitter in mm (default 0)"
     )
     parser.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
     parser.set_defaults(func=run_eval)
@@ -95,12 +121,20 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from SegAssistLib.errors import SegAssistError
     from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets, write_json
     from SegAssistLib.evaluation.scribbles import ScribbleSpec
+    from SegAssistLib.files import output_problem
+
+    problem = output_problem(Path(args.json))  # before the evaluation, not after it
+    if problem:
+        raise SegAssistError(f"--json {args.json}: {problem}")
+    if not Path(args.dataset_dir).is_dir():
+        raise SegAssistError(f"dataset folder not found: {args.dataset_dir}")
 
     config = EvalConfig(
         dataset_dir=args.dataset_dir,
-        targets=parse_targets(args.labels) if args.labels else None,
+        targets=parse_targets(args.labels) if args.labels is not None else None,
         protocol=args.protocol,
         max_clicks=args.max_clicks,
         cases=args.cases,

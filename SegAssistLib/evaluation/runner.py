@@ -38,6 +38,7 @@ from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
+from SegAssistLib.files import atomic_write_bytes
 from SegAssistLib.image import geometry_difference
 from SegAssistLib.io import load_mask, load_volume, read_geometry
 from SegAssistLib.prompts import Prompt, dumps_prompt
@@ -79,7 +80,12 @@ def default_targets(dataset_dir: Path) -> List[Target]:
     path = dataset_dir / "dataset.json"
     if not path.is_file():
         raise SegAssistError(f"{path} not found: pass --labels")
-    labels = json.loads(path.read_text()).get("labels", {})
+    try:
+        labels = json.loads(path.read_text()).get("labels", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise SegAssistError(f"{path} is not a dataset.json (a JSON object with 'labels'): {exc}") from exc
+    if not isinstance(labels, dict):
+        raise SegAssistError(f"{path}: 'labels' must map label ids to names")
     ids = sorted(int(k) for k, v in labels.items() if str(k).isdigit() and int(k) > 0 and isinstance(v, str))
     if not ids:
         raise SegAssistError(f"{path} names no numeric labels at its top level: pass --labels")
@@ -479,7 +485,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
 
 
 def write_json(result: Dict, path: Union[str, Path]) -> Path:
+    """Write the results whole or not at all (an interrupted run leaves the earlier file as it was)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    atomic_write_bytes(path, json.dumps(result, indent=1).encode(), overwrite=True)
     return path

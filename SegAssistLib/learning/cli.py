@@ -341,11 +341,27 @@ _KEEP_EXISTING = (
 )
 
 
+MASK_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
+
+
+def check_mask_output(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a mask output path that could not be written or would replace a file."""
+    from SegAssistLib.files import output_problem
+
+    if not str(path).lower().endswith(MASK_SUFFIXES):
+        raise SegAssistError(f"--out {path}: write the proposal as {', '.join(MASK_SUFFIXES)}")
+    problem = output_problem(path)
+    if problem:
+        raise SegAssistError(f"--out {path}: {problem}")
+    if path.exists() and not overwrite:
+        raise SegAssistError(_KEEP_EXISTING.format(path=path))
+
+
 def cmd_next(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.active import NEEDS_ENGINE, next_case
 
-    if args.out is not None and args.out.exists() and not args.overwrite:  # before any case is locked
-        raise SegAssistError(_KEEP_EXISTING.format(path=args.out))
+    if args.out is not None:  # before any case is locked
+        check_mask_output(args.out, args.overwrite)
     engine = None
     if args.strategy in NEEDS_ENGINE or not args.no_proposal:
         import torch
@@ -376,8 +392,12 @@ def cmd_next(args: argparse.Namespace) -> int:
                 save = save_segmentation_nrrd if str(args.out).endswith(".seg.nrrd") else save_mask_nifti
                 try:  # written whole or not at all, and never over a file that appeared meanwhile
                     atomic_write(args.out, lambda tmp: save(p.mask, reference, tmp), overwrite=args.overwrite)
-                except FileExistsError as exc:
-                    raise SegAssistError(_KEEP_EXISTING.format(path=args.out)) from exc
+                except BaseException as exc:
+                    if args.lock:  # the case is not left locked to someone who never got its proposal
+                        store.unlock(result.case.id, args.user)
+                    if isinstance(exc, FileExistsError) and args.out.exists():
+                        raise SegAssistError(_KEEP_EXISTING.format(path=args.out)) from exc
+                    raise
                 data["proposal_file"] = str(args.out)
                 text += f"\nwritten to {args.out}"
     _print(args, data, text)

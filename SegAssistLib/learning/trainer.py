@@ -42,7 +42,8 @@ from monai.losses import DiceCELoss
 
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
-from SegAssistLib.engine.network import LoadedModel, load_checkpoint
+from SegAssistLib.engine.network import LoadedModel, load_checkpoint, torch_device
+from SegAssistLib.errors import DeviceError
 from SegAssistLib.learning.adapters import AdapterKind, AdapterSet, apply_adapter, load_adapter
 from SegAssistLib.learning.datastore import open_datastore
 from SegAssistLib.learning.deploy import FULL, base_copy, save_full_version, version_network
@@ -118,11 +119,9 @@ class AdapterTrainConfig:
         if not 0.0 <= self.corrupt_share <= 1.0:
             raise TrainingError(f"corrupt_share must be in [0, 1], got {self.corrupt_share}")
         try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as exc:
-            raise TrainingError(f"invalid device {self.device!r}: {exc}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainingError(f"device {self.device!r} asked for, but torch sees no CUDA GPU")
+            torch_device(self.device)
+        except DeviceError as exc:
+            raise TrainingError(str(exc)) from None
         return self
 
     @property

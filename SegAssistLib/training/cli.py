@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
+
+from SegAssistLib.errors import SegAssistError
+from SegAssistLib.files import atomic_write_bytes
 
 
 def register(subparsers) -> None:
@@ -17,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", type=Path, help="state.pt of an earlier run")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that already holds weights (they are replaced)")
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser(
@@ -30,20 +37,54 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_pack)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from SegAssistLib.training.train import TrainConfig, Trainer
+def load_config(path: Optional[Path]):
+    """The TrainConfig of a JSON file (the defaults without one); SegAssistError naming the problem."""
+    from SegAssistLib.training.train import TrainConfig
 
-    cfg = TrainConfig(**json.loads(args.config.read_text())) if args.config else TrainConfig()
-    if args.minutes is not None:
-        cfg.minutes = args.minutes
-    if args.data_root is not None:
-        cfg.data_root = args.data_root
-    if args.seed is not None:
-        cfg.seed = args.seed
-    if args.device is not None:
-        cfg.device = args.device
+    if path is None:
+        return TrainConfig()
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SegAssistError(f"cannot read the training config {path}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise SegAssistError(f"training config {path} must be a JSON object of TrainConfig fields")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise SegAssistError(f"training config {path}: unknown field(s) {', '.join(unknown)} "
+                             f"(TrainConfig has {', '.join(sorted(known))})")
+    return TrainConfig(**fields)
+
+
+def check_run_folder(out: Path, resume: Optional[Path], overwrite: bool) -> None:
+    """A run folder that holds weights is only continued (--resume) or replaced on request."""
+    if out.exists() and not out.is_dir():
+        raise SegAssistError(f"--out {out} is a file, not a run folder")
+    held = [name for name in ("model.pt", "state.pt") if (out / name).exists()]
+    if held and resume is None and not overwrite:
+        raise SegAssistError(f"{out} already holds {' and '.join(held)} of an earlier run: continue it with "
+                             f"--resume {out / 'state.pt'}, choose another --out, or pass --overwrite")
+    if resume is not None and not resume.is_file():
+        raise SegAssistError(f"--resume {resume}: no such checkpoint file")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from SegAssistLib.engine.network import torch_device
+    from SegAssistLib.training.train import Trainer
+
+    cfg = load_config(args.config)
+    for name in ("minutes", "data_root", "seed", "device"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if not cfg.minutes > 0:
+        raise SegAssistError(f"the training budget must be more than 0 minutes, got {cfg.minutes}")
+    if cfg.data_root and not Path(cfg.data_root).is_dir():
+        raise SegAssistError(f"training data folder not found: {cfg.data_root} (--data-root)")
+    torch_device(cfg.device)
+    check_run_folder(args.out, args.resume, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    atomic_write_bytes(args.out / "config.json", json.dumps(asdict(cfg), indent=1).encode(), overwrite=True)
     Trainer(cfg, args.out, args.resume).run()
     return 0
 

@@ -1,12 +1,15 @@
 """The quick-start demo runs end to end on the bundled model and sample."""
 
 import json
+import re
 
 import numpy as np
 import SimpleITK as sitk
 
 from SegAssistLib.cli import main
 from SegAssistLib.demo import SAMPLE_IMAGE
+from SegAssistLib.image import Volume
+from SegAssistLib.io import save_mask_nifti
 from SegAssistLib.prompts import PromptLog
 
 
@@ -31,3 +34,23 @@ def test_demo_writes_every_output(tmp_path, shipped_checkpoint):
 def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--image", str(tmp_path / "missing.nii.gz")]) == 2
     assert "image file not found" in capsys.readouterr().err
+
+
+def test_demo_checks_its_inputs_and_output_before_the_model_runs(tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    other_grid = tmp_path / "small.nii.gz"
+    save_mask_nifti(np.ones((3, 4, 5), np.uint8), Volume(np.zeros((3, 4, 5), np.float32)), other_grid)
+    cases = [
+        (["--out", str(a_file)], "is a file, not a folder"),
+        (["--labels", "abc"], "give label values separated by commas"),
+        (["--labels", "0"], "label values are 1 or more"),
+        (["--labels", "7"], "holds none of the values 7"),
+        (["--label", str(other_grid)], r"has shape \(3, 4, 5\)"),
+    ]
+    for argv, message in cases:
+        out = [] if argv[0] == "--out" else ["--out", str(tmp_path / "o")]
+        assert main(["demo", *out, *argv]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "o").exists()

@@ -271,7 +271,7 @@ def test_bad_requests_fail_clearly(tmp_path: Path, setup):
         run_training(tmp_path / "lonely", ckpt, quick())
 
 
-def test_learn_cli(setup, capsys):
+def test_learn_cli(setup, capsys, monkeypatch):
     from SegAssistLib.learning.cli import register
 
     store_root, ckpt, cases = setup
@@ -305,6 +305,27 @@ def test_learn_cli(setup, capsys):
     code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
                     "--out", str(proposal), "--overwrite")
     assert code == 0 and proposal.is_file() and not list(proposal.parent.glob(".*proposal.nii.gz"))
+    # an output that cannot be written is refused before the case is locked, and a write that fails
+    # after the lock (here: a full disk) releases it: nobody holds a case whose proposal never came
+    not_a_folder = store_root.parent / "afile"
+    not_a_folder.write_text("x")
+    next_args = ("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt), "--lock",
+                 "--user", "bob")
+    for out, message in ((not_a_folder / "p.nii.gz", "is a file, not a folder"), (proposal.with_suffix(".txt"),
+                                                                                  "write the proposal as")):
+        with pytest.raises(SegAssistError, match=message):
+            run(*next_args, "--out", str(out))
+    import SegAssistLib.io
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SegAssistLib.io, "save_mask_nifti", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            run(*next_args, "--out", str(store_root.parent / "new_proposal.nii.gz"))
+    with Datastore(store_root) as ds:
+        assert all(c.locked_by is None for c in ds.list_cases())
 
     # the annotator's round from a terminal: find the new case, lock it, save the corrected mask
     new_case = cases[-1]

@@ -1,8 +1,10 @@
 """The training script: synthetic data, simulated interactions, checkpoints, resume."""
 
 import json
+import re
 
 import numpy as np
+import pytest
 import torch
 
 from SegAssistLib.cli import main
@@ -59,6 +61,43 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     config.write_text(json.dumps(cfg))
     assert main(["train", "--out", str(out), "--config", str(config), "--resume", str(out / "state.pt")]) == 0
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 5
+    # a finished run's weights are never replaced by a new run without being asked
+    weights = (out / "model.pt").read_bytes()
+    assert main(["train", "--out", str(out), "--config", str(config)]) == 2
+    assert (out / "model.pt").read_bytes() == weights
+
+
+@pytest.mark.parametrize("change, argv, message", [
+    ({}, ["--minutes", "0"], "more than 0 minutes, got 0.0"),
+    ({"data_root": "no/such/folder"}, [], "training data folder not found: no/such/folder"),
+    ({"learning_rat": 0.1}, [], r"unknown field\(s\) learning_rat"),
+    ({}, ["--device", "bogus"], "invalid device 'bogus'"),
+    ({}, ["--resume", "no_such_state.pt"], "no such checkpoint file"),
+])
+def test_train_refuses_bad_settings_before_it_starts(tmp_path, capsys, change, argv, message):
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"data_root": "", "max_steps": 1, **change}))
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(config), *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_file_or_folder_problem_is_one_line_naming_the_path(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the training config" in err and str(tmp_path) in err and err.count("\n") == 1
+    (tmp_path / "out.json").mkdir()
+    assert main(["eval", str(tmp_path), "--labels", "1", "--json", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert "out.json is a folder: give a file name" in err and err.count("\n") == 1
+    assert main(["eval", str(tmp_path / "nope"), "--json", str(tmp_path / "r.json")]) == 2
+    assert "dataset folder not found" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--labels", "", "--json", str(tmp_path / "r.json")]) == 2
+    assert "no targets in ''" in capsys.readouterr().err  # not every label of dataset.json
+    (tmp_path / "dataset.json").write_text("{not json")
+    assert main(["eval", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 2
+    assert "is not a dataset.json" in capsys.readouterr().err
 
 
 def test_unions_of_touching_structures_start_from_a_box_or_an_outline_never_a_click():
