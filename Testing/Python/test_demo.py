@@ -54,3 +54,16 @@ def test_demo_checks_its_inputs_and_output_before_the_model_runs(tmp_path, capsy
         err = capsys.readouterr().err
         assert re.search(message, err) and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_subcommand_whose_module_breaks_shows_the_error_instead_of_vanishing(monkeypatch):
+    import sys
+
+    import pytest
+
+    from SegAssistLib.cli import build_parser
+
+    monkeypatch.delitem(sys.modules, "SegAssistLib.learning.cli", raising=False)
+    monkeypatch.setitem(sys.modules, "SegAssistLib.learning.registry", None)  # as if it failed to import
+    with pytest.raises(ImportError, match="SegAssistLib.learning.registry"):
+        build_parser()

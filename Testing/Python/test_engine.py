@@ -11,7 +11,7 @@ import torch
 from SegAssistLib.engine.base import MaskUpdate
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.engine.network import NetworkConfig, build_network, load_checkpoint, save_checkpoint
-from SegAssistLib.errors import ImageError, ModelError, PromptError, SessionError
+from SegAssistLib.errors import DeviceError, ImageError, ModelError, PromptError, SessionError
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, PromptLog, ScribblePrompt
 
@@ -193,6 +193,18 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
     torch.save(payload, mismatch)
     with pytest.raises(ModelError, match="does not match"):
         load_checkpoint(mismatch)
+    with pytest.raises(ModelError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": {}, "hook": SessionError}, pickled)  # a class: only a full unpickler loads it
+    with pytest.raises(ModelError, match="holds Python objects beyond tensors") as refused:
+        load_checkpoint(pickled)
+    assert "weights_only=False" not in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(DeviceError, match="invalid device 'bogus'"):
+        load_checkpoint(tiny_checkpoint, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="torch sees no CUDA GPU"):
+            load_checkpoint(tiny_checkpoint, device="cuda")
 
 
 def test_checkpoint_round_trip_preserves_outputs(tmp_path):
