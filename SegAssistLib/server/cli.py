@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
-from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band
+from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band, positive_int
+from SegAssistLib.files import output_problem
 from SegAssistLib.server.auth import env_token_entry, issue_token, parse_token_file
 from SegAssistLib.server.settings import Limits, ServerSettings, check_exposure
 
@@ -32,7 +33,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8470, help="port (0: any free port; see --port-file)")
     p.add_argument("--model", type=Path, default=None, help="checkpoint file (default: the bundled model)")
     p.add_argument("--device", default="cpu", help="device(s), comma-separated (cpu, cuda:0,cuda:1): one worker each")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--refine-depth", type=int, default=1, choices=(1, 2, 3, 4),
                    help="re-predict zoomed-out answers this many levels finer (default 1; 2 sharpens large "
                         "structures at about twice the latency of such clicks)")
@@ -118,28 +119,64 @@ def _watch_parent(server) -> None:
     threading.Thread(target=watch, name="segassist-parent-watch", daemon=True).start()
 
 
+def _fail(message: object) -> int:
+    print(f"segassist serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _one_line(exc: Exception) -> str:
+    """A pydantic validation error as one line per field, joined; other errors as they are."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            return "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in errors())
+        except (TypeError, KeyError):
+            pass
+    return str(exc)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Files and folders the server will need, checked before it loads a model or binds a port."""
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--model", args.model)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    for flag, path, folder in (("--data-dir", args.data_dir, True), ("--learn-store", args.learn_store, True),
+                               ("--port-file", args.port_file, False)):
+        problem = output_problem(path, folder=folder) if path is not None else None
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.issue_token:
+    if args.issue_token is not None:
+        if not args.issue_token.strip():
+            return _fail("--issue-token needs the user name the token is for")
         if not args.token_file:
-            print("--issue-token needs --token-file", file=sys.stderr)
-            return 2
+            return _fail("--issue-token needs --token-file")
         try:
             token = issue_token(args.token_file, args.issue_token)
+        except OSError as exc:
+            return _fail(f"cannot write the token file {args.token_file}: {exc.strerror or exc}")
         except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return _fail(exc)
         print(token)
         print(f"token for {args.issue_token!r} added to {args.token_file}; it is not shown again", file=sys.stderr)
         return 0
     try:
+        check_paths(args)
         settings = settings_from_args(args)
         check_exposure(settings)
-        if settings.model is not None and not settings.model.is_file():
-            raise ValueError(f"model checkpoint not found: {settings.model}")
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(_one_line(exc))
+    from SegAssistLib.engine.network import torch_device
+    from SegAssistLib.errors import DeviceError
+
+    try:
+        for device in settings.devices:
+            torch_device(device)
+    except DeviceError as exc:
+        return _fail(exc)
     if args.threads:
         import torch
 
@@ -169,7 +206,11 @@ def run_serve(args: argparse.Namespace) -> int:
     scheme = "https" if settings.tls_certfile else "http"
     log.info("SegAssist backend on %s://%s:%d (auth %s)", scheme, settings.host, port,
              "on" if settings.auth_required else "off: loopback only")  # fmt: skip
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:  # a launcher must not find the port of a server that is gone
+        if args.port_file:
+            args.port_file.unlink(missing_ok=True)
     return 0 if server.started else 3
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import stat
 
 import pytest
@@ -102,6 +103,28 @@ def test_serve_refuses_an_open_address_without_tokens(capsys, monkeypatch):
     monkeypatch.delenv("SEGASSIST_TOKEN", raising=False)
     assert run_serve(serve_args("--host", "0.0.0.0")) == 2
     assert "refusing to listen" in capsys.readouterr().err
+
+
+def test_serve_refuses_bad_settings_in_one_line_before_it_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SEGASSIST_TOKEN", raising=False)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    cases = [
+        (("--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")), "--tls-cert .*: no such file"),
+        (("--model", str(tmp_path)), "--model .*: no such file"),
+        (("--data-dir", str(a_file)), "--data-dir .*afile is a file, not a folder"),
+        (("--learn-store", str(a_file / "store")), "--learn-store .*afile is a file, not a folder"),
+        (("--port-file", str(a_file / "port.txt")), "--port-file .*afile is a file, not a folder"),
+        (("--max-voxels", "-1"), "--max-voxels: Input should be greater than"),
+        (("--device", "bogus"), "invalid device 'bogus'"),
+        (("--issue-token", "", "--token-file", str(tmp_path / "t.txt")), "needs the user name"),
+        (("--issue-token", "ann", "--token-file", str(tmp_path)), "cannot write the token file"),
+    ]
+    for argv, message in cases:
+        assert run_serve(serve_args(*argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("segassist serve: error: ") and err.count("\n") == 1, err
+        assert re.search(message, err), (argv, err)
 
 
 def test_serve_issues_tokens_and_reads_limits(tmp_path, capsys, monkeypatch):
