@@ -37,6 +37,7 @@ import numpy as np
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
+from SegAssistLib.evaluation.cli import non_negative_mm, positive_int
 from SegAssistLib.evaluation.progress import ProgressBar
 from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
@@ -48,6 +49,7 @@ from SegAssistLib.evaluation.selection import (
     jobs_for,
     spec_for_folder,
 )
+from SegAssistLib.files import atomic_write_bytes, output_problem
 from SegAssistLib.io import load_mask, load_volume
 from SegAssistLib.machine import machine_info
 
@@ -284,9 +286,8 @@ def run_bench(
 
 
 def write_results(result: Dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_NAME
-    path.write_text(json.dumps(result, separators=(",", ":")))
+    atomic_write_bytes(path, json.dumps(result, separators=(",", ":")).encode(), overwrite=True)
     return path
 
 
@@ -317,18 +318,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a subset that runs in about 5 minutes on a 2-core CPU")
     parser.add_argument("--engines", default=",".join(BENCH_ENGINES), help=f"default {','.join(BENCH_ENGINES)}")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"default {','.join(PROTOCOLS)}")
-    parser.add_argument("--clicks", type=int, default=None, help="clicks of the clicks protocol (default 10; quick 5)")
-    parser.add_argument("--refine-clicks", type=int, default=None,
+    parser.add_argument("--clicks", type=positive_int, default=None,
+                        help="clicks of the clicks protocol (default 10; quick 5)")
+    parser.add_argument("--refine-clicks", type=positive_int, default=None,
                         help="clicks after the box or scribble (default 5, the challenge's; quick 3)")
-    parser.add_argument("--cases", type=int, default=None, help="first N evaluation cases of every dataset")
+    parser.add_argument("--cases", type=positive_int, default=None, help="first N evaluation cases of every dataset")
     parser.add_argument("--labels", default=None,
                         help="targets for the given folders, e.g. 1,2,1+2 (default: dataset.json)")
     parser.add_argument("--model", default=None, help="checkpoint of the model (default: the shipped weights)")
     parser.add_argument("--device", default="cpu", help="device of the model: cpu, cuda, cuda:1 (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--randomwalker-max-voxels", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--randomwalker-max-voxels", type=positive_int, default=None, metavar="N",
                         help="skip the random walker on images above N voxels (default: run it everywhere)")
-    parser.add_argument("--scribble-jitter", type=float, default=1.5, metavar="MM", help="hand jitter (default 1.5)")
+    parser.add_argument("--scribble-jitter", type=non_negative_mm, default=1.5, metavar="MM",
+                        help="hand jitter (default 1.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of scribbles and bootstrap (default 0)")
     parser.add_argument("--list", action="store_true", help="print the selection and exit")
     parser.add_argument("--from-json", default=None, metavar="RESULTS",
@@ -370,9 +374,15 @@ def run_cli(args: argparse.Namespace) -> int:
         for name in missing:
             print(f"{name}: not found")
         return 0
+    problem = output_problem(config.out, folder=True)  # before hours of work, not after
+    if problem:
+        raise SegAssistError(f"--out {config.out}: {problem}")
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-        if result.get("format") != "segassist-bench":
+        try:
+            result = json.loads(Path(args.from_json).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SegAssistError(f"cannot read the results file {args.from_json}: {exc}") from exc
+        if not isinstance(result, dict) or result.get("format") != "segassist-bench":
             raise SegAssistError(f"{args.from_json} is not a segassist bench results file")
         engines = build_engines(BenchConfig(engines=tuple(result["config"]["engines"]), model=result["config"]["model"]
                                             if args.model is None else args.model, device=config.device))

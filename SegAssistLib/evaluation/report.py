@@ -20,6 +20,7 @@ from SegAssistLib.evaluation.metrics import CONVENTIONS
 from SegAssistLib.evaluation.runner import PROTOCOLS
 from SegAssistLib.evaluation.selection import SPECS
 from SegAssistLib.evaluation.stats import CONFIDENCE, N_RESAMPLES, Estimate
+from SegAssistLib.files import atomic_write_bytes
 from SegAssistLib.prompts import parse_prompt
 
 REPORT_NAME = "report.md"
@@ -365,9 +366,9 @@ class Report:
             self.gallery()
         self.skipped()
         self.footer()
-        (self.out / PER_CASE_NAME).write_text("\n".join(self.per_case()) + "\n")
+        atomic_write_bytes(self.out / PER_CASE_NAME, ("\n".join(self.per_case()) + "\n").encode(), overwrite=True)
         path = self.out / REPORT_NAME
-        path.write_text("\n".join(self.lines) + "\n")
+        atomic_write_bytes(path, ("\n".join(self.lines) + "\n").encode(), overwrite=True)
         return path
 
 

@@ -172,3 +172,23 @@ def test_progress_bar_on_a_log_and_on_a_terminal():
     bar.close()
     assert "\r[" in tty.getvalue() and "1/2" in tty.getvalue() and "note\n" in tty.getvalue()
     assert np.isfinite(bar.started)
+
+
+def test_cli_refuses_bad_numbers_outputs_and_results_files_before_any_work(tmp_path, capsys):
+    bad_numbers = (["--threads", "-2"], ["--scribble-jitter", "-3"], ["--cases", "0"],
+                   ["--randomwalker-max-voxels", "-1"])
+    for argv in bad_numbers:
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["bench", *argv])
+        assert "must be" in capsys.readouterr().err
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    args = _parser().parse_args(["bench", "--out", str(a_file), "--engines", "growcut"])
+    with pytest.raises(SegAssistError, match="is a file, not a folder"):
+        args.func(args)
+    for content in ("{not json", "[1, 2]"):
+        results = tmp_path / "results.json"
+        results.write_text(content)
+        args = _parser().parse_args(["bench", "--from-json", str(results), "--out", str(tmp_path / "o")])
+        with pytest.raises(SegAssistError, match="cannot read the results file|not a segassist bench results"):
+            args.func(args)
