@@ -104,15 +104,27 @@ def write_pack(
 
     started = time.time()
     out = Path(out)
+    if not Path(data_root).is_dir():
+        raise PackError(f"data folder not found: {data_root}")
+    if int(patch) < 8:
+        raise PackError(f"the patch must be at least 8 voxels, got {patch}")
+    if out.exists() and not out.is_dir():
+        raise PackError(f"{out} is a file: a pack is written into a new folder")
     if out.exists() and any(out.iterdir()):
         raise PackError(f"{out} is not empty: a pack is written into a new folder")
+    by_dataset = load_training_cases(Path(data_root), datasets, click_union_datasets=())
+    missing = sorted(set(datasets or ()) - {name for name, cases in by_dataset.items() if cases})
+    if missing and any(by_dataset.values()):
+        raise PackError(f"no training cases of {', '.join(missing)} under {data_root} (--datasets)")
+    if not any(by_dataset.values()):
+        wanted = f" among {', '.join(datasets)}" if datasets else ""
+        raise PackError(f"no training cases found under {data_root}{wanted} (MSD layout: imagesTr, labelsTr)")
     out.mkdir(parents=True, exist_ok=True)
     manifest: Dict = {"format": PACK_FORMAT, "format_version": PACK_VERSION, "patch": int(patch),
                       "source": str(data_root), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                       "datasets": {}}
     total_bytes = source_voxels = packed_voxels = 0
     counts: Dict[str, int] = {}
-    by_dataset = load_training_cases(Path(data_root), datasets, click_union_datasets=())
     for dataset, cases in by_dataset.items():
         entries: List[Dict] = []
         for case in cases:

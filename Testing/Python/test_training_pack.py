@@ -97,6 +97,21 @@ def test_pack_errors_are_clear(small_data_root: Path, tmp_path: Path):
     (out / pack.MANIFEST).write_text(json.dumps({"format": "something else"}))
     with pytest.raises(pack.PackError, match="not a SegAssist training pack"):
         load_training_cases(out)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    refused = [
+        ((tmp_path / "nope", tmp_path / "p1"), {}, "data folder not found"),
+        ((small_data_root, a_file), {}, "is a file"),
+        ((small_data_root, tmp_path / "p2"), {"patch": 0}, "at least 8 voxels"),
+        ((small_data_root, tmp_path / "p3"), {"datasets": ["hippocampus", "nosuch"]}, "no training cases of nosuch"),
+        ((tmp_path / "empty",), {}, "no training cases found"),
+    ]
+    (tmp_path / "empty").mkdir()
+    for paths, options, message in refused:
+        target = paths[1] if len(paths) > 1 else tmp_path / "p4"
+        with pytest.raises(pack.PackError, match=message):
+            pack.write_pack(paths[0], target, progress=lambda _: None, **options)
+        assert target == a_file or not target.exists()  # nothing left behind
 
 
 def test_a_folder_of_packs_reads_as_one(small_data_root: Path, tmp_path: Path):
