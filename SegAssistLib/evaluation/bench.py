@@ -34,10 +34,10 @@ from typing import Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 
+from SegAssistLib.cli_types import non_negative_mm, positive_int
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
-from SegAssistLib.evaluation.cli import non_negative_mm, positive_int
 from SegAssistLib.evaluation.progress import ProgressBar
 from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target
 from SegAssistLib.evaluation.scribbles import ScribbleSpec

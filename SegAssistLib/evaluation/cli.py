@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from SegAssistLib.cli_types import non_negative_int, non_negative_mm, number, positive_int
+
 PROTOCOL_CHOICES = ("clicks", "box+clicks", "scribble+clicks")
 ENGINE_CHOICES = ("builtin", "growcut", "randomwalker", "ablation")
 ORIENTATION_CHOICES = ("axial", "coronal", "sagittal", "oblique")
@@ -15,40 +17,9 @@ CORRECTION_ZOOM_SHARE_HELP = (
 )
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = _at_least(1)
-non_negative_int = _at_least(0)
-
-
-def non_negative_mm(text: str) -> float:
-    value = _number(text)
-    if not 0.0 <= value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a finite number of mm, at least 0, got {text}")
-    return value
-
-
 def share_of_a_side(text: str) -> float:
     """argparse type of ``--correction-zoom-share``: a number in [0, 1)."""
-    value = _number(text)
+    value = number(text)
     if not 0.0 <= value < 1.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
@@ -62,7 +33,7 @@ EDGE_BAND_HELP = (
 
 def edge_band(text: str) -> float:
     """argparse type of ``--edge-band``: 0 (off) or at least 1 voxel."""
-    value = _number(text)
+    value = number(text)
     if not (value == 0.0 or 1.0 <= value <= 10.0):  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be 0 (off) or between 1 and 10 voxels, got {text}")
     return value

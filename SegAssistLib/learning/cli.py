@@ -25,11 +25,32 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from SegAssistLib.api_learning import MAX_LOCK_TTL_S
+from SegAssistLib.cli_types import positive_int
 from SegAssistLib.errors import SegAssistError
-from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, open_datastore
+from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, DUPLICATE_REASON, Datastore, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, version_label
+
+
+def lock_hours(text: str) -> float:
+    """argparse type of ``--hours``: a lock duration, more than 0 and at most the longest lock."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    longest = MAX_LOCK_TTL_S / 3600
+    if not 0 < value <= longest:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {longest:g} hours, got {text}")
+    return value
+
+
+def label_value(text: str) -> int:
+    value = positive_int(text)
+    if value > 255:
+        raise argparse.ArgumentTypeError(f"label values are 1-255, got {value}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -61,7 +82,8 @@ def register(subparsers) -> None:
         p.add_argument("case", help="case id")
         p.add_argument("--user", required=True)
         if name == "lock":
-            p.add_argument("--hours", type=float, default=DEFAULT_LOCK_TTL_S / 3600, help="lock duration (default 4)")
+            p.add_argument("--hours", type=lock_hours, default=DEFAULT_LOCK_TTL_S / 3600,
+                           help="lock duration (default 4)")
         else:
             p.add_argument("--force", action="store_true", help="release another user's lock (administrator)")
 
@@ -82,8 +104,8 @@ def register(subparsers) -> None:
     p = add("train", "train an adapter on the submitted labels in a background process", cmd_train)
     p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
     p.add_argument("--kind", choices=("lora", "salt", "full"), default="salt")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--rank", type=positive_int)
+    p.add_argument("--lora-rank", type=positive_int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--lr", type=float, dest="learning_rate")
     p.add_argument("--steps", type=int, dest="max_steps")
@@ -94,7 +116,7 @@ def register(subparsers) -> None:
     p.add_argument("--val-clicks", type=int)
     p.add_argument("--validate-every", type=int)
     p.add_argument("--min-improvement", type=float)
-    p.add_argument("--label-value", type=int, help="learn one label value (default: every labelled voxel)")
+    p.add_argument("--label-value", type=label_value, help="learn one label value (default: every labelled voxel)")
     p.add_argument("--threads", type=int, help="torch threads of the job (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu (default) or cuda")
@@ -118,11 +140,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--user", help="lock the case to this user (with --lock)")
     p.add_argument("--lock", action="store_true")
-    p.add_argument("--hours", type=float, default=DEFAULT_LOCK_TTL_S / 3600,
+    p.add_argument("--hours", type=lock_hours, default=DEFAULT_LOCK_TTL_S / 3600,
                    help="lock duration with --lock (default 4)")
     p.add_argument("--no-proposal", action="store_true")
     p.add_argument("--diversity-weight", type=float, default=0.5)
-    p.add_argument("--max-candidates", type=int, default=16)
+    p.add_argument("--max-candidates", type=positive_int, default=16)
     p.add_argument("--out", type=Path, help="write the proposal mask here (.nii.gz or .seg.nrrd; an existing "
                    "file is kept: it may be an annotation in progress)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -153,6 +175,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     lines += [f"  + {c.id}  {c.name}" for c in report.added]
     lines += [f"  - {s}: {r}" for s, r in report.skipped]
     _print(args, report.to_dict(), "\n".join(lines))
+    failed = [r for _, r in report.skipped if not r.startswith(DUPLICATE_REASON)]
+    if failed or not (report.added or report.skipped):
+        print("learn import: " + (f"{len(failed)} image(s) could not be imported" if failed else
+                                  f"no image found in {args.source}"), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -301,11 +328,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from SegAssistLib.learning.jobs import cancel_job
+    from SegAssistLib.learning.jobs import FINAL_STATES, cancel_job
 
     status = cancel_job(args.store, args.job)
-    _print(args, status, f"asked job {status.get('job_id')} to stop ({status.get('state')})")
-    return 0
+    if status.get("state") not in FINAL_STATES:
+        _print(args, status, f"asked job {status.get('job_id')} to stop ({status.get('state')})")
+        return 0
+    _print(args, status, f"job {status.get('job_id')} had already ended ({status.get('state')}): nothing to stop")
+    return 1
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

@@ -134,6 +134,9 @@ _LABEL_COLUMNS = (
 PromptLogLike = Union[PromptLog, str, dict, None]
 
 
+DUPLICATE_REASON = "image already imported as case"  # how an import report names a duplicate
+
+
 class Datastore:
     """Cases, locks and versioned labels in a folder. See the module docstring for the guarantees."""
 
@@ -149,6 +152,9 @@ class Datastore:
         if not db_path.is_file():
             if not create:
                 raise DatastoreError(f"no SegAssist datastore at {self.root} (missing {DB_NAME})")
+            if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
+                raise DatastoreError(f"{self.root} is not a SegAssist datastore and not an empty folder: a new store "
+                                     "is made in a new or empty folder (nothing there is touched)")
             self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "images").mkdir(exist_ok=True)
         (self.root / "labels").mkdir(exist_ok=True)
@@ -295,7 +301,7 @@ class Datastore:
         rows = self._read("SELECT id, name FROM cases WHERE content_hash = ?", (content_hash,))
         if rows:
             raise DuplicateCaseError(
-                f"image already imported as case {rows[0]['id']} ({rows[0]['name']})", rows[0]["id"]
+                f"{DUPLICATE_REASON} {rows[0]['id']} ({rows[0]['name']})", rows[0]["id"]
             )
 
     # ------------------------------------------------------------------ cases

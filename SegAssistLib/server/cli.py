@@ -9,8 +9,9 @@ import threading
 from pathlib import Path
 from typing import List, Optional
 
+from SegAssistLib.cli_types import positive_int
 from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
-from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band, positive_int
+from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band
 from SegAssistLib.files import output_problem
 from SegAssistLib.server.auth import env_token_entry, issue_token, parse_token_file
 from SegAssistLib.server.settings import Limits, ServerSettings, check_exposure

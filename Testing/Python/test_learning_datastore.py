@@ -165,6 +165,38 @@ def test_import_errors_are_clear(tmp_path: Path, store: Datastore):
         add_case(store, seed=1, name="other name")
 
 
+def test_a_new_store_is_never_made_in_a_folder_that_holds_other_things(tmp_path: Path):
+    folder = tmp_path / "my_scans"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(DatastoreError, match="not a SegAssist datastore and not an empty folder"):
+        Datastore(folder, create=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    Datastore(tmp_path / "new_store", create=True).close()
+    Datastore(tmp_path / "new_store", create=True).close()  # an existing store opens as it is
+
+
+def test_learn_import_exit_code_says_whether_every_image_came_in(tmp_path: Path, capsys):
+    from SegAssistLib.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    store = str(tmp_path / "store")
+    assert main(["learn", "import", str(src), "--store", store, "--user", "admin"]) == 1
+    assert "no image found" in capsys.readouterr().err
+    sitk.WriteImage(volume_to_sitk(make_volume((6, 8, 10), 1)), str(src / "a.nrrd"))
+    assert main(["learn", "import", str(src), "--store", store, "--user", "admin"]) == 0
+    assert main(["learn", "import", str(src), "--store", store, "--user", "admin"]) == 0  # a duplicate is fine
+    (src / "b.nii.gz").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert main(["learn", "import", str(src), "--store", store, "--user", "admin"]) == 1
+    assert "1 image(s) could not be imported" in capsys.readouterr().err
+    for argv in (["lock", "x", "--hours", "-1"], ["lock", "x", "--hours", "nan"], ["lock", "x", "--hours", "25"]):
+        with pytest.raises(SystemExit):
+            main(["learn", *argv, "--store", store, "--user", "ann"])
+        assert "must be more than 0 and at most 24 hours" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------- list, locks
 
 

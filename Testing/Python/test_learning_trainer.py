@@ -244,6 +244,10 @@ def test_background_job_progress_cancel_and_exclusive(setup):
     (ghost / "status.json").write_text(json.dumps({"state": "running", "phase": "training", "step": 7}))
     status = get_job(store_root).status()
     assert status["job_id"] == ghost.name and status["state"] == "failed" and "unexpectedly" in status["error"]
+    from SegAssistLib.cli import main
+
+    assert main(["learn", "cancel", "--store", str(store_root)]) == 1  # nothing to stop: not "asked to stop"
+    assert not (ghost / "cancel").exists()
 
 
 def test_bad_requests_fail_clearly(tmp_path: Path, setup):
