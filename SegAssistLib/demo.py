@@ -19,6 +19,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from SegAssistLib.cli_types import non_negative_int
 from SegAssistLib.datasets import REPO_ROOT
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
@@ -68,6 +69,7 @@ def run_demo(
     label: Optional[Path] = SAMPLE_LABEL,
     label_values: tuple = (1, 2),
     model: Optional[Path] = None,
+    channel: Optional[int] = None,
 ) -> dict:
     from SegAssistLib.engine.builtin import load_default_engine
     from SegAssistLib.visualize import save_overlay_png
@@ -75,7 +77,7 @@ def run_demo(
     problem = output_problem(out, folder=True)  # before the model runs, not after
     if problem:
         raise SegAssistError(f"--out {out}: {problem}")
-    volume = load_volume(image)
+    volume = load_volume(image, channel=channel)
     labels = load_mask(label)
     if labels.shape != volume.array.shape:
         raise SegAssistError(f"label {label} has shape {labels.shape}, the image {volume.array.shape}: "
@@ -133,6 +135,7 @@ def register(subparsers) -> None:
     p.add_argument("--label", type=Path, default=SAMPLE_LABEL, help="reference label map on the same grid")
     p.add_argument("--labels", default="1,2", help="label values that make the target (default 1,2)")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
+    p.add_argument("--channel", type=non_negative_int, help="volume of a 4D image or component of a vector image")
     p.set_defaults(func=_main)
 
 
@@ -143,5 +146,5 @@ def _main(args: argparse.Namespace) -> int:
         raise SegAssistError(f"--labels {args.labels!r}: give label values separated by commas, e.g. 1,2") from None
     if any(v < 1 for v in values):
         raise SegAssistError(f"--labels {args.labels!r}: label values are 1 or more (0 is the background)")
-    run_demo(args.out, args.image, args.label, values, args.model)
+    run_demo(args.out, args.image, args.label, values, args.model, args.channel)
     return 0

@@ -107,7 +107,12 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     """The one DICOM series in ``folder`` as a SimpleITK image; :class:`ImageError` with the reason
     when the folder holds no series, several, or one that is not a regular grid."""
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM lists every non-DICOM file it skips
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not series:
         raise ImageError(f"no DICOM series found in directory {folder}")
     if len(series) > 1:

@@ -6,6 +6,7 @@ directories. Writes masks as NIfTI (``.nii.gz``) and as Slicer segmentations (``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -24,6 +25,8 @@ def _read_sitk(path: Path) -> sitk.Image:
         return read_dicom_series(path)
     if not path.exists():
         raise ImageError(f"image file not found: {path}")
+    if not os.access(path, os.R_OK):  # ITK would say the file does not exist
+        raise ImageError(f"cannot read {path}: permission denied")
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:

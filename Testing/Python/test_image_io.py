@@ -226,3 +226,23 @@ def test_a_scaled_or_sheared_direction_is_refused(direction):
     with pytest.raises(ImageError, match="must be a rotation"):
         validate_image(Volume(arr, direction=direction))
     validate_image(Volume(arr, direction=np.diag([-1.0, -1.0, 1.0])))  # LPS <-> RAS flip is fine
+
+
+def test_an_unreadable_file_is_called_unreadable_not_missing(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "secret.nrrd"
+    sitk.WriteImage(volume_to_sitk(_oblique_volume()), str(path))
+    path.chmod(0)
+    code = f"from SegAssistLib.io import load_volume\nload_volume({str(path)!r})"
+    command = [sys.executable, "-c", code]
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        drop = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "permission denied" in result.stderr and "not found" not in result.stderr
