@@ -30,22 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_handled(args: argparse.Namespace, prog: str = "segassist") -> int:
+    """Run the parsed subcommand: a SegAssistError or a file problem is one line on stderr (exit 2),
+    Ctrl-C is exit 130; anything else is a bug and keeps its traceback."""
     from SegAssistLib.errors import SegAssistError
 
     try:
         return int(args.func(args) or 0)
     except SegAssistError as exc:
-        print(f"segassist {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or folder the command was pointed at: name it, no traceback
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"segassist {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_handled(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from SegAssistLib.errors import ImageError
 POSITION, ORIENTATION, SLOPE, INTERCEPT = "0020|0032", "0020|0037", "0028|1053", "0028|1052"
 STEP_TOLERANCE = 0.01  # slice steps that differ from their median by more than this share are uneven
 TILT_TOLERANCE = 0.01  # a slice shifted in its own plane by more than this share of the step: a tilt
+POSITION_ROUNDING_MM = 0.02  # positions written with 2 decimals: steps and shifts within this are even
 SAME_POSITION_MM = 1e-3
 
 
@@ -88,14 +89,14 @@ def check_slice_grid(headers: Sequence[SliceHeader], where: str) -> None:
             "points in one series?): put each volume's slices in a folder of its own"
         )
     median = float(np.median(steps))
-    if np.abs(steps - median).max() > STEP_TOLERANCE * median:
+    if np.abs(steps - median).max() > max(STEP_TOLERANCE * median, POSITION_ROUNDING_MM):
         raise ImageError(
             f"{where}: uneven slice spacing, steps from {steps.min():.4g} to {steps.max():.4g} mm (median "
             f"{median:.4g}; missing slices?): a regular grid is needed, resample the series first"
         )
     moves = np.diff(positions, axis=0)
     in_plane = np.linalg.norm(moves - np.outer(moves @ normal, normal), axis=1)
-    if in_plane.max() > TILT_TOLERANCE * median:
+    if in_plane.max() > max(TILT_TOLERANCE * median, POSITION_ROUNDING_MM):
         angle = float(np.degrees(np.arctan2(np.median(in_plane), median)))
         raise ImageError(
             f"{where}: each slice is shifted in its own plane from the last (gantry tilt of about {angle:.1f} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple, Type, Union
@@ -104,6 +105,9 @@ def load_tagged_file(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # torch's own message suggests weights_only=False: never
+        if not zipfile.is_zipfile(path):
+            raise error(f"cannot read {what} {path}: not a torch file (a truncated download, or a Git LFS "
+                        "pointer instead of the weights?)") from exc
         raise error(f"cannot read {what} {path}: it holds Python objects beyond tensors and plain data "
                     "(refused: loading them could run code)") from exc
     except Exception as exc:

@@ -65,7 +65,8 @@ def register(subparsers) -> None:
         p.set_defaults(func=func)
         return p
 
-    p = add("import", "import images as new cases (creates the store if needed)", cmd_import)
+    p = add("import", "import images as new cases (creates the store if needed, never in a folder of other files)",
+            cmd_import)
     p.add_argument("source", type=Path, help="an image file, a DICOM series folder or a folder of images")
     p.add_argument("--user", required=True)
     p.add_argument("--channel", type=int, help="channel of multi-channel / 4D images")

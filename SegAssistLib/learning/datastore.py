@@ -152,9 +152,7 @@ class Datastore:
         if not db_path.is_file():
             if not create:
                 raise DatastoreError(f"no SegAssist datastore at {self.root} (missing {DB_NAME})")
-            if self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir())):
-                raise DatastoreError(f"{self.root} is not a SegAssist datastore and not an empty folder: a new store "
-                                     "is made in a new or empty folder (nothing there is touched)")
+            _check_new_store_folder(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "images").mkdir(exist_ok=True)
         (self.root / "labels").mkdir(exist_ok=True)
@@ -750,6 +748,20 @@ def _parse_prompt_log(value: PromptLogLike) -> Optional[PromptLog]:
     except Exception as exc:
         raise PromptError(f"invalid prompt log: {exc}") from exc
     raise PromptError(f"a prompt log must be a PromptLog, JSON text or a dict, got {type(value).__name__}")
+
+
+def _check_new_store_folder(root: Path) -> None:
+    """A new store goes into a new folder or one holding only folders (a server's upload folder, a
+    disk's lost+found): never into a folder of someone's files, which it would mix with its own."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DatastoreError(f"{root} is a file, not a datastore folder")
+    files = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if files:
+        shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        raise DatastoreError(f"{root} holds files ({shown}) and no SegAssist datastore: make the new store in a "
+                             "new folder, or one that holds only folders")
 
 
 def _check_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:

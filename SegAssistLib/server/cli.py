@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
 import sys
 import threading
 from pathlib import Path
@@ -44,7 +45,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--issue-token", metavar="USER", default=None, help="add a token for USER and exit")
     p.add_argument("--data-dir", type=Path, default=None, help="keep uploaded images here across restarts")
     p.add_argument("--learn-store", type=Path, default=None, metavar="DIR",
-                   help="learning datastore (created if missing): enables /v1/learn and adapter hot swap")
+                   help="learning datastore (created if missing, never in a folder of other files): enables "
+                        "/v1/learn and adapter hot swap")
     p.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
     p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from --forwarded-allow-ips")
@@ -141,6 +143,12 @@ def check_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--model", args.model)):
         if path is not None and not path.is_file():
             raise ValueError(f"{flag} {path}: no such file")
+    if args.tls_cert is not None and args.tls_key is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(args.tls_cert), str(args.tls_key))
+        except ssl.SSLError as exc:
+            raise ValueError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: not a PEM certificate and "
+                             f"its private key ({exc.reason or exc})") from None
     for flag, path, folder in (("--data-dir", args.data_dir, True), ("--learn-store", args.learn_store, True),
                                ("--port-file", args.port_file, False)):
         problem = output_problem(path, folder=folder) if path is not None else None

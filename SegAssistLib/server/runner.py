@@ -34,6 +34,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def write_port_file(path: Path, port: int) -> None:
     """Atomically, so a reader never sees a half-written number."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".port-")
     with os.fdopen(fd, "w") as f:
         f.write(str(port))

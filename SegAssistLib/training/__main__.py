@@ -10,14 +10,14 @@ import argparse
 import sys
 from typing import List, Optional
 
+from SegAssistLib.cli import run_handled
 from SegAssistLib.training import cli
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SegAssistLib.training", description=__doc__.split("\n\n")[0])
     cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return run_handled(parser.parse_args(argv), prog=parser.prog)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ def run_train(args: argparse.Namespace) -> int:
     torch_device(cfg.device)
     check_run_folder(args.out, args.resume, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and args.resume is None:  # afresh: no old weights or log lines mixed with the new run's
+        for name in ("model.pt", "state.pt", "log.jsonl"):
+            (args.out / name).unlink(missing_ok=True)
     atomic_write_bytes(args.out / "config.json", json.dumps(asdict(cfg), indent=1).encode(), overwrite=True)
     Trainer(cfg, args.out, args.resume).run()
     return 0

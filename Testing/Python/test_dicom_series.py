@@ -60,6 +60,11 @@ def test_an_oblique_regular_series_loads_with_every_slice_where_the_scanner_put_
         assert vol.array[k, 0, 0] == 10 * k  # 1024 + 10 k stored, intercept -1024
 
 
+def test_positions_rounded_to_two_decimals_are_an_even_grid(tmp_path):
+    folder = write_series(tmp_path / "fine", [(0, 0, round(0.625 * k, 2)) for k in range(8)])
+    assert load_volume(folder).array.shape == (8, 6, 7)
+
+
 def test_a_gantry_tilted_series_is_refused_not_sheared(tmp_path):
     angle = np.deg2rad(20)
     orientation = (1, 0, 0, 0, np.cos(angle), np.sin(angle))

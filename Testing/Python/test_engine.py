@@ -195,6 +195,10 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
         load_checkpoint(mismatch)
     with pytest.raises(ModelError, match="is a folder, not a checkpoint file"):
         load_checkpoint(tmp_path)
+    pointer = tmp_path / "lfs.pt"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    with pytest.raises(ModelError, match="not a torch file .*Git LFS pointer"):
+        load_checkpoint(pointer)
     pickled = tmp_path / "pickled.pt"
     torch.save({"state_dict": {}, "hook": SessionError}, pickled)  # a class: only a full unpickler loads it
     with pytest.raises(ModelError, match="holds Python objects beyond tensors") as refused:

@@ -165,13 +165,15 @@ def test_import_errors_are_clear(tmp_path: Path, store: Datastore):
         add_case(store, seed=1, name="other name")
 
 
-def test_a_new_store_is_never_made_in_a_folder_that_holds_other_things(tmp_path: Path):
+def test_a_new_store_is_never_made_in_a_folder_of_someones_files(tmp_path: Path):
     folder = tmp_path / "my_scans"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(DatastoreError, match="not a SegAssist datastore and not an empty folder"):
+    with pytest.raises(DatastoreError, match=r"holds files \(notes.txt\) and no SegAssist datastore"):
         Datastore(folder, create=True)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    (tmp_path / "srv" / "uploads").mkdir(parents=True)  # a server's upload folder inside its store
+    Datastore(tmp_path / "srv", create=True).close()
     Datastore(tmp_path / "new_store", create=True).close()
     Datastore(tmp_path / "new_store", create=True).close()  # an existing store opens as it is
 

@@ -119,6 +119,7 @@ def test_serve_refuses_bad_settings_in_one_line_before_it_starts(tmp_path, capsy
         (("--device", "bogus"), "invalid device 'bogus'"),
         (("--issue-token", "", "--token-file", str(tmp_path / "t.txt")), "needs the user name"),
         (("--issue-token", "ann", "--token-file", str(tmp_path)), "cannot write the token file"),
+        (("--tls-cert", str(a_file), "--tls-key", str(a_file)), "not a PEM certificate and its private key"),
     ]
     for argv, message in cases:
         assert run_serve(serve_args(*argv)) == 2, argv
@@ -145,3 +146,11 @@ def test_serve_issues_tokens_and_reads_limits(tmp_path, capsys, monkeypatch):
     assert settings.devices == ("cpu", "cuda:1") and settings.auth_required
     monkeypatch.setenv("SEGASSIST_TOKEN", "env-token-0123456789")
     assert [u for u, _ in settings_from_args(args).token_hashes] == ["carol", "local"]
+
+
+def test_the_port_file_folder_is_made_when_missing(tmp_path):
+    from SegAssistLib.server.runner import write_port_file
+
+    target = tmp_path / "not" / "yet" / "port.txt"
+    write_port_file(target, 8471)
+    assert target.read_text() == "8471" and [p.name for p in target.parent.iterdir()] == ["port.txt"]

@@ -65,6 +65,12 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     weights = (out / "model.pt").read_bytes()
     assert main(["train", "--out", str(out), "--config", str(config)]) == 2
     assert (out / "model.pt").read_bytes() == weights
+    # asked to start afresh, the run's log holds only the new run
+    cfg["max_steps"] = 25
+    config.write_text(json.dumps(cfg))
+    assert main(["train", "--out", str(out), "--config", str(config), "--overwrite"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [25] and torch.load(out / "state.pt", weights_only=False)["step"] == 25
 
 
 @pytest.mark.parametrize("change, argv, message", [
@@ -81,6 +87,17 @@ def test_train_refuses_bad_settings_before_it_starts(tmp_path, capsys, change, a
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_training_entry_point_for_gpu_machines_reports_errors_in_one_line(tmp_path, capsys):
+    from SegAssistLib.training.__main__ import main as training_main
+
+    assert training_main(["train", "--out", str(tmp_path / "run"), "--minutes", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m SegAssistLib.training train: error: the training budget")
+    assert "Traceback" not in err
+    assert training_main(["pack-training", str(tmp_path / "nope"), str(tmp_path / "pack")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
 
 
 def test_a_file_or_folder_problem_is_one_line_naming_the_path(tmp_path, capsys):
