@@ -33,8 +33,16 @@ CONVENTIONS = {
         "noc = number of interactions allowed and reached = false"
     ),
     "hd95_mm": (
-        "95th percentile of pooled surface-to-surface distances in mm (both directions); "
+        "95th percentile of pooled surface-to-surface distances in mm (both directions, as medpy; MONAI's "
+        "compute_hausdorff_distance takes the larger one-way 95th percentile, a value at least as large); "
         "both empty = 0, one empty = inf (written as null in JSON)"
+    ),
+    "clicks": (
+        "at the most interior voxel (largest distance in mm to the region's edge; the image border counts "
+        "as edge) of the largest 6-connected region of missed voxels (positive click) or spilled voxels "
+        "(negative click), a missed region winning a size tie; distance ties go to the voxel nearest the "
+        "region's centre of mass, then the first in array order. The CVPR 2025 challenge's own rule differs: "
+        "one error mask, 26-connectivity, voxel-unit distances, a random tie-break"
     ),
     "dice_auc": (
         "trapezoidal area under Dice vs interaction index (unit steps) over the click steps after "

@@ -113,10 +113,12 @@ class Report:
         self.lines += ["## How it was measured", ""]
         self.lines += [
             f"- **Protocols** (every engine gets exactly the same interactions): clicks only ({c['clicks']} "
-            f"clicks); a box (the structure's 3D bounding box) then {c['refine_clicks']} clicks, the CVPR 2025 "
-            f"interactive 3D segmentation challenge protocol; a scribble then {c['refine_clicks']} clicks. "
-            "Each click goes to the most interior voxel of the largest error region (positive in a miss, "
-            "negative in a spill), computed from the engine's own current mask.",
+            f"clicks); a box (the structure's 3D bounding box) then {c['refine_clicks']} clicks, as in the CVPR "
+            f"2025 interactive 3D segmentation challenge; a scribble then {c['refine_clicks']} clicks. "
+            "Each click goes to the most interior voxel (distance in mm) of the largest 6-connected error region "
+            "(positive in a miss, negative in a spill), computed from the engine's own current mask; the "
+            "challenge's own click rule differs in details (one error mask, 26-connectivity, voxel units, random "
+            "ties), so its numbers and these are close but not identical.",
             "- **Scribbles** are drawn on a slice through the structure: axial, coronal, sagittal and oblique "
             "(35° tilt) in turn over the structures of a dataset, along the skeleton or just inside the outline "
             f"(alternating every four), with {c.get('scribble_jitter_mm', 0)} mm of smooth hand jitter that "

@@ -13,8 +13,10 @@ box or scribble is one more interaction, the first, so every record has ``max_cl
 prediction is already perfect the user stops; the remaining Dice values repeat the last one.
 
 Memory: the resident set size of this process is sampled every 5 ms by a background thread
-reading ``/proc/self/statm`` while each case runs (``peak_rss_mb``, includes the loaded image and
-the engine); where torch runs on CUDA, ``torch.cuda.max_memory_allocated`` is reported as well.
+reading ``/proc/self/statm`` while the engine opens each session and answers its prompts
+(``peak_rss_mb``, includes the loaded image and the engine; the simulated user and the metrics in
+between are not sampled); where torch runs on CUDA, ``torch.cuda.max_memory_allocated`` is
+reported as well.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import resource
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -47,7 +50,10 @@ PROTOCOLS = ("clicks", "box+clicks", "scribble+clicks")
 ENGINES = ("builtin", "growcut", "randomwalker", "ablation")
 SPLITS = ("evaluation", "training", "all")
 NOC_THRESHOLDS = (0.80, 0.85, 0.90)
-MEMORY_CONVENTION = "peak resident set size of the process, sampled every 5 ms from /proc/self/statm per case"
+MEMORY_CONVENTION = (
+    "peak resident set size of the process while the engine opens the session and answers prompts, sampled "
+    "every 5 ms from /proc/self/statm (the simulated user and the metrics between interactions are not sampled)"
+)
 Target = Tuple[int, ...]
 
 
@@ -156,15 +162,35 @@ def make_engine(
 
 # --- memory ------------------------------------------------------------------------------------
 class PeakMemory:
-    """Samples this process's resident set size in a background thread (context manager)."""
+    """Samples this process's resident set size in a background thread (context manager).
 
-    def __init__(self, interval_s: float = 0.005):
+    With ``engine_only``, only the spans inside :meth:`engine_call` are sampled: the simulated
+    user and the metrics that run between interactions allocate too (a distance transform of the
+    error, surface distances), and their peak is not the engine's.
+    """
+
+    def __init__(self, interval_s: float = 0.005, engine_only: bool = False):
         self.interval_s = interval_s
         self.peak_bytes = 0
         self.start_bytes = 0
         self._stop = threading.Event()
+        self._active = threading.Event()
+        self.engine_only = engine_only
+        if not engine_only:
+            self._active.set()
         self._thread: Optional[threading.Thread] = None
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    @contextmanager
+    def engine_call(self) -> Iterator[None]:
+        """Sample while the block runs (and once at its start and end)."""
+        self.peak_bytes = max(self.peak_bytes, self._rss())
+        self._active.set()
+        try:
+            yield
+        finally:
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+            self._active.clear()
 
     def _rss(self) -> int:
         try:
@@ -176,8 +202,9 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self._rss())
-            self._stop.wait(self.interval_s)
+            if self._active.wait(self.interval_s) and not self._stop.is_set():
+                self.peak_bytes = max(self.peak_bytes, self._rss())
+                self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
         self.start_bytes = self.peak_bytes = self._rss()
@@ -187,9 +214,11 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
+        self._active.set()  # wake the sampler so that it sees the stop
         if self._thread is not None:
             self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._rss())
+        if not self.engine_only:
+            self.peak_bytes = max(self.peak_bytes, self._rss())
 
     @property
     def peak_mb(self) -> float:
@@ -228,11 +257,18 @@ def run_session(
     max_clicks: int = 10,
     scribble: Optional[ScribbleSpec] = None,
     hd95_each: bool = False,
+    memory: Optional[PeakMemory] = None,
 ) -> Dict:
     """Drive one session; returns the prompts and the Dice, latency (and, with ``hd95_each``, HD95
-    in mm after every interaction; ``inf`` when one mask is empty) lists and the final mask."""
+    in mm after every interaction; ``inf`` when one mask is empty) lists and the final mask.
+    ``memory``: sampled while the engine works (see :class:`PeakMemory`)."""
     spacing = volume.spacing
-    session = engine.open_session(volume)
+
+    def engine_call():
+        return memory.engine_call() if memory is not None else nullcontext()
+
+    with engine_call():
+        session = engine.open_session(volume)
     prompts: List[Prompt] = []
     dices: List[float] = []
     hds: List[float] = []
@@ -251,9 +287,10 @@ def run_session(
                 if hd95_each:
                     hds.extend([hds[-1] if hds else 0.0] * (planned - len(hds)))
                 break
-            start = time.perf_counter()
-            update = session.add_prompt(prompt)
-            latencies.append(time.perf_counter() - start)
+            with engine_call():
+                start = time.perf_counter()
+                update = session.add_prompt(prompt)
+                latencies.append(time.perf_counter() - start)
             update.apply_to(pred)
             prompts.append(prompt)
             dices.append(metrics.dice(target, pred))
@@ -287,8 +324,8 @@ def evaluate_target(
     Raises :class:`PromptError` when the engine rejects a prompt of the protocol.
     """
     cuda_peak = _cuda_peak_mb_reset()
-    with PeakMemory() as memory:
-        out = run_session(engine, volume, mask, protocol, max_clicks, scribble, hd95_each=True)
+    with PeakMemory(engine_only=True) as memory:
+        out = run_session(engine, volume, mask, protocol, max_clicks, scribble, hd95_each=True, memory=memory)
     dices = out["dice"]
     allowed = len(dices)
     noc, reached = {}, {}
@@ -364,7 +401,7 @@ def summarise(records: Sequence[Dict]) -> Dict:
     # carry the last value forward so records of different lengths average per interaction
     dice = np.asarray([r["dice"] + [r["dice"][-1]] * (n - len(r["dice"])) for r in records])
     latencies = np.concatenate([np.asarray(r["latency_s"], float) for r in records])
-    hd = [r["final_hd95_mm"] for r in records if r["final_hd95_mm"] is not None]
+    hd = [r["final_hd95_mm"] for r in records if r["final_hd95_mm"] is not None]  # None: one mask empty
     out = {
         "records": len(records),
         "mean_dice": [round(float(x), 4) for x in dice.mean(0)],
@@ -376,6 +413,7 @@ def summarise(records: Sequence[Dict]) -> Dict:
         "p95_latency_s": round(float(np.percentile(latencies, 95)), 4) if latencies.size else None,
         "max_peak_rss_mb": max(r["peak_rss_mb"] for r in records),
         "mean_final_hd95_mm": round(float(np.mean(hd)), 3) if hd else None,
+        "final_hd95_undefined": len(records) - len(hd),  # sessions that ended with an empty mask
         "mean_dice_auc": round(float(np.mean([r["dice_auc"] for r in records])), 4),
     }
     cuda = [r["peak_cuda_mb"] for r in records if "peak_cuda_mb" in r]

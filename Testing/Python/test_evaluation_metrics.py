@@ -154,3 +154,23 @@ def test_latency_summary_median_and_p95():
     assert s["median_s"] == 3.0
     assert s["p95_s"] == pytest.approx(4.0 + 0.8 * 96.0)  # position 0.95 * 4 = 3.8
     assert latency_summary([]) == {"median_s": None, "p95_s": None, "n": 0}
+
+
+def test_peak_memory_of_the_engine_leaves_out_what_the_harness_allocates_between_calls():
+    import time
+
+    from SegAssistLib.evaluation.runner import PeakMemory
+
+    with PeakMemory(engine_only=True) as memory:
+        harness = np.ones(64 * 2**20, np.uint8)  # 64 MiB touched outside any engine call
+        time.sleep(0.05)
+        del harness
+        with memory.engine_call():
+            time.sleep(0.02)
+    assert memory.peak_bytes - memory.start_bytes < 32 * 2**20
+    with PeakMemory(engine_only=True) as memory:
+        with memory.engine_call():
+            engine = np.ones(64 * 2**20, np.uint8)  # inside the engine call: counted
+            time.sleep(0.05)
+            del engine
+    assert memory.peak_bytes - memory.start_bytes >= 60 * 2**20
