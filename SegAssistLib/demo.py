@@ -24,7 +24,7 @@ from SegAssistLib.datasets import REPO_ROOT
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_prompt
-from SegAssistLib.files import output_problem
+from SegAssistLib.files import atomic_write, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
 from SegAssistLib.prompts import BoxPrompt, Prompt
 
@@ -101,17 +101,16 @@ def run_demo(
     finals.append((dice(session.result(), target), session.result(), session.prompt_log()))
     best_dice, mask, log = max(finals, key=lambda f: f[0])
     out.mkdir(parents=True, exist_ok=True)
-    save_mask_nifti(mask, volume, out / "segmentation.nii.gz")
-    save_segmentation_nrrd(mask, volume, out / "segmentation.seg.nrrd", segment_names=("hippocampus",))
-    save_overlay_png(
-        volume,
-        mask,
-        out / "overlay.png",
-        reference=target,
-        prompts=log.prompts,
-        title=f"SegAssist demo: Dice {best_dice:.3f} (orange: result, green: reference)",
-    )
-    log.save(out / "prompts.json")
+
+    def write(name: str, writer) -> None:  # whole files only: an interrupted run leaves no half-written one
+        atomic_write(out / name, writer, overwrite=True)
+
+    write("segmentation.nii.gz", lambda p: save_mask_nifti(mask, volume, p))
+    write("segmentation.seg.nrrd", lambda p: save_segmentation_nrrd(mask, volume, p, segment_names=("hippocampus",)))
+    title = f"SegAssist demo: Dice {best_dice:.3f} (orange: result, green: reference)"
+    write("overlay.png",
+          lambda p: save_overlay_png(volume, mask, p, reference=target, prompts=log.prompts, title=title))
+    write("prompts.json", lambda p: log.save(p))
     latencies = [r[3] for r in rows]
     summary = {
         "image": str(image),
@@ -122,7 +121,7 @@ def run_demo(
         "final_dice": round(best_dice, 4),
         "median_latency_s": round(float(np.median(latencies)), 4),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write("summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))  # last: the run finished
     print(f"final Dice {best_dice:.3f}; median latency {1000 * summary['median_latency_s']:.1f} ms")
     print(f"wrote {out}/segmentation.nii.gz, segmentation.seg.nrrd, overlay.png, prompts.json, summary.json")
     return summary

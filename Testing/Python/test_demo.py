@@ -29,6 +29,8 @@ def test_demo_writes_every_output(tmp_path, shipped_checkpoint):
     assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert PromptLog.load(out / "prompts.json").prompts
     assert summary["final_dice"] > 0.5
+    assert sorted(p.name for p in out.iterdir()) == [  # every file whole, no temporary left
+        "overlay.png", "prompts.json", "segmentation.nii.gz", "segmentation.seg.nrrd", "summary.json"]
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):

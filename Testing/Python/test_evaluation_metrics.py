@@ -168,9 +168,8 @@ def test_peak_memory_of_the_engine_leaves_out_what_the_harness_allocates_between
         with memory.engine_call():
             time.sleep(0.02)
     assert memory.peak_bytes - memory.start_bytes < 32 * 2**20
-    with PeakMemory(engine_only=True) as memory:
-        with memory.engine_call():
-            engine = np.ones(64 * 2**20, np.uint8)  # inside the engine call: counted
-            time.sleep(0.05)
-            del engine
+    with PeakMemory(engine_only=True) as memory, memory.engine_call():
+        engine = np.ones(64 * 2**20, np.uint8)  # inside the engine call: counted
+        time.sleep(0.05)
+        del engine
     assert memory.peak_bytes - memory.start_bytes >= 60 * 2**20
