@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# optional packages and the extra that installs each (pyproject.toml)
+EXTRA_OF = {"torch": "engine", "monai": "engine", "skimage": "engine", "fastapi": "server", "uvicorn": "server",
+            "starlette": "server", "zstandard": "server", "matplotlib": "evaluation", "vtk": "slicer",
+            "slicer": "slicer"}
+
+
 def run_handled(args: argparse.Namespace, prog: str = "segassist") -> int:
     """Run the parsed subcommand: a SegAssistError or a file problem is one line on stderr (exit 2),
     Ctrl-C is exit 130; anything else is a bug and keeps its traceback."""
@@ -43,6 +49,13 @@ def run_handled(args: argparse.Namespace, prog: str = "segassist") -> int:
     except OSError as exc:  # a file or folder the command was pointed at: name it, no traceback
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog} {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a part this install does not have: say which extra brings it
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRA_OF:
+            raise
+        print(f"{prog} {args.command}: error: this command needs {top}, which this install lacks: "
+              f"pip install 'segassist[{EXTRA_OF[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -35,7 +35,6 @@ import numpy as np
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
-from skimage.morphology import skeletonize
 
 from SegAssistLib.prompts import ScribblePrompt
 from SegAssistLib.rasterize import polyline_samples
@@ -205,6 +204,8 @@ def _outline_path(piece: np.ndarray, pixel_mm: Tuple[float, float]) -> Optional[
 
 
 def _skeleton_path(piece: np.ndarray, pixel_mm: Tuple[float, float]) -> np.ndarray:
+    from skimage.morphology import skeletonize  # here: `segassist --help` and the client run without it
+
     skeleton = skeletonize(piece)
     return longest_path(skeleton if skeleton.any() else piece, pixel_mm)
 

@@ -88,3 +88,34 @@ def test_the_backend_install_holds_every_package_the_backend_imports():
         "imported by the backend but not in the Slicer module's requirements files (numpy, SimpleITK and "
         "scipy come with Slicer)"
     )
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCK = {"torch", "monai", "skimage", "fastapi", "uvicorn", "starlette", "zstandard", "matplotlib"}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Blocker())
+from SegAssistLib.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_core_install_runs_the_command_line_and_names_the_extra_a_command_needs(tmp_path):
+    """Core dependencies only (as in Slicer's Python): every subcommand's help works, and one that
+    needs the model says which extra to install instead of a traceback."""
+    import subprocess
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", BLOCKER, *argv], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+
+    assert run("--help").returncode == 0
+    for command in ("demo", "eval", "bench", "train", "pack-training", "serve", "learn"):
+        result = run(command, "--help")
+        assert result.returncode == 0, (command, result.stderr[-500:])
+    result = run("demo", "--out", str(tmp_path / "demo"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "needs torch, which this install lacks: pip install 'segassist[engine]'" in result.stderr
