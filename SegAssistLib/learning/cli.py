@@ -305,11 +305,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings["warm_start"] = False
     _open(args).close()  # a clear error for a missing store before anything starts
     job = start_training(args.store, _checkpoint(args.checkpoint), settings)
-    if args.detach:
-        _print(args, {"job_id": job.job_id, "folder": str(job.folder)}, f"started job {job.job_id}")
-        return 0
     last = ""
-    try:
+    try:  # from the job's start on: a Ctrl-C cancels it, it never runs on unseen
+        if args.detach:
+            _print(args, {"job_id": job.job_id, "folder": str(job.folder)}, f"started job {job.job_id}")
+            return 0
         while True:
             status = job.status()
             line = _job_line(status)
