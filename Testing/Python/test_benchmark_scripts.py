@@ -247,3 +247,23 @@ def test_campaign_table_says_more_or_fewer_clicks() -> None:
     assert campaign._change_in_words(0.31) == "31 % fewer"
     assert campaign._change_in_words(-0.042) == "4 % more"
     assert campaign._change_in_words(0.001) == "same" and campaign._change_in_words(None) == "-"
+
+
+def test_a_local_correction_keeps_only_the_change_that_reaches_the_click(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from SegAssistLib.engine import builtin
+    from SegAssistLib.prompts import PointPrompt
+
+    old = np.zeros((20, 20, 40), np.uint8)
+    old[5:15, 5:15, 5:15] = 1
+    new = old.copy()
+    new[5:15, 5:15, 15:18] = 1  # grows next to the click
+    new[8:12, 8:12, 30:34] = 1  # a far blob, not connected to the click's neighbourhood
+    box = tuple(slice(0, n) for n in old.shape)
+    monkeypatch.setattr(builtin.BuiltinSession, "_predict", lambda self, prompt: (box, new.copy(), {}))
+    predict = _script("correction_locality").keep_local_change(radius_mm=10.0)
+    session = SimpleNamespace(mask=old, spacing_kji=(1.0, 1.0, 1.0))
+    _, kept, _ = predict(session, PointPrompt(position=(16, 10, 10)))  # (i, j, k): beside the growth
+    assert kept[5:15, 5:15, 15:18].all() and not kept[8:12, 8:12, 30:34].any()
+    assert np.array_equal(kept[old > 0], old[old > 0])
