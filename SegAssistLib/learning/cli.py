@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from SegAssistLib.api_learning import MAX_LOCK_TTL_S
-from SegAssistLib.cli_types import positive_int
+from SegAssistLib.cli_types import number, positive_int
 from SegAssistLib.errors import SegAssistError
-from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, DUPLICATE_REASON, Datastore, open_datastore
+from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, version_label
@@ -36,10 +36,7 @@ from SegAssistLib.learning.registry import BASE, AdapterRegistry, version_label
 
 def lock_hours(text: str) -> float:
     """argparse type of ``--hours``: a lock duration, more than 0 and at most the longest lock."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    value = number(text)
     longest = MAX_LOCK_TTL_S / 3600
     if not 0 < value <= longest:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most {longest:g} hours, got {text}")
@@ -176,9 +173,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     lines += [f"  + {c.id}  {c.name}" for c in report.added]
     lines += [f"  - {s}: {r}" for s, r in report.skipped]
     _print(args, report.to_dict(), "\n".join(lines))
-    failed = [r for _, r in report.skipped if not r.startswith(DUPLICATE_REASON)]
-    if failed or not (report.added or report.skipped):
-        print("learn import: " + (f"{len(failed)} image(s) could not be imported" if failed else
+    if report.failed or not (report.added or report.skipped):
+        print("learn import: " + (f"{len(report.failed)} image(s) could not be imported" if report.failed else
                                   f"no image found in {args.source}"), file=sys.stderr)
         return 1
     return 0

@@ -53,6 +53,7 @@ from SegAssistLib.learning.errors import (
     NotFoundError,
 )
 from SegAssistLib.learning.records import (
+    DUPLICATE_REASON,
     CaseRecord,
     CaseStatus,
     ImportReport,
@@ -132,9 +133,6 @@ _LABEL_COLUMNS = (
 )
 
 PromptLogLike = Union[PromptLog, str, dict, None]
-
-
-DUPLICATE_REASON = "image already imported as case"  # how an import report names a duplicate
 
 
 class Datastore:

@@ -162,10 +162,18 @@ class Review:
         return asdict(self)
 
 
+DUPLICATE_REASON = "image already imported as case"  # how an import report names a duplicate
+
+
 @dataclass
 class ImportReport:
     added: List[CaseRecord] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (source, reason)
+
+    @property
+    def failed(self) -> List[Tuple[str, str]]:
+        """The skipped sources that could not be imported (not those already in the store)."""
+        return [(source, reason) for source, reason in self.skipped if not reason.startswith(DUPLICATE_REASON)]
 
     def to_dict(self) -> Dict[str, Any]:
         return {
