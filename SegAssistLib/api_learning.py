@@ -19,6 +19,8 @@ from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayP
 #: server, the client and the command line (a work session; saving a draft renews nothing, locking again does).
 DEFAULT_LOCK_TTL_S = 4 * 3600.0
 MAX_LOCK_TTL_S = 24 * 3600.0
+MAX_SEED = 2**32 - 1  # what every random generator in the loop accepts (numpy, torch)
+MAX_TRAIN_BUDGET_S = 7 * 24 * 3600.0
 
 CASE_ID_PATTERN = r"^[0-9a-f]{16}$"
 JOB_ID_PATTERN = r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
@@ -99,7 +101,7 @@ class TrainRequest(_Model):
     alpha: Optional[float] = Field(None, gt=0)
     learning_rate: Optional[float] = Field(None, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)
-    time_budget_s: Optional[float] = Field(None, gt=0)
+    time_budget_s: Optional[float] = Field(None, gt=0, le=MAX_TRAIN_BUDGET_S)
     batch_size: Optional[int] = Field(None, gt=0)
     val_clicks: Optional[int] = Field(None, gt=0)
     validate_every: Optional[int] = Field(None, gt=0)
@@ -107,7 +109,7 @@ class TrainRequest(_Model):
         None, ge=-1, le=1, description="promote only above the incumbent's validation Dice plus this"
     )
     label_value: Optional[int] = Field(None, ge=1, le=255)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     warm_start: Optional[bool] = None
 
     def settings(self) -> Dict[str, Any]:
@@ -151,7 +153,7 @@ class NextCaseRequest(_Model):
         DEFAULT_LOCK_TTL_S, gt=0, le=MAX_LOCK_TTL_S, description="seconds until the lock lapses (with lock)"
     )
     proposal: bool = Field(True, description="include the model's proposal")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     diversity_weight: float = Field(0.5, ge=0)
     max_candidates: int = Field(16, ge=1, le=256)
 

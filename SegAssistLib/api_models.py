@@ -80,6 +80,7 @@ class ErrorCode:
     QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
     SHUTTING_DOWN = "shutting_down"  # 503
     STORAGE_UNAVAILABLE = "storage_unavailable"  # 503: a stored file cannot be read right now (kept); retry
+    CORRUPT_DATA = "corrupt_data"  # 500: a datastore file is missing or fails its recorded checksum
     INTERNAL_ERROR = "internal_error"  # 500: a bug; the message says where to look
 
     @classmethod

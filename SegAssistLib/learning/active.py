@@ -48,9 +48,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from SegAssistLib.api_learning import MAX_SEED
 from SegAssistLib.evaluation.simulator import most_interior_voxel
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore
+from SegAssistLib.learning.errors import CaseLockedError
 from SegAssistLib.learning.loop_errors import ActiveLearningError, NoCandidateError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.traindata import foreground
@@ -355,6 +357,8 @@ def rank_cases(
         raise ActiveLearningError(f"the {strategy!r} strategy needs a model (an engine) to score cases")
     if not math.isfinite(diversity_weight) or diversity_weight < 0:
         raise ActiveLearningError(f"diversity_weight must be a non-negative number, got {diversity_weight!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ActiveLearningError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     pool = candidate_cases(store) if candidates is None else list(candidates)
     if not pool:
         raise NoCandidateError("no case left to annotate: every case is labelled or being worked on")
@@ -403,8 +407,9 @@ def next_case(
 ) -> NextCase:
     """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
 
-    With ``lock`` the case is locked to ``user`` for ``lock_ttl_s`` seconds (raises ``CaseLockedError``
-    if someone took it in the meantime; ask again).
+    With ``lock`` the case is locked to ``user`` for ``lock_ttl_s`` seconds; a case another annotator
+    locked while this one ranked passes to the next in the ranking (``NoCandidateError`` when all were
+    taken).
     """
     if lock and not user:
         raise ActiveLearningError("locking the next case needs the user it is for")
@@ -415,11 +420,20 @@ def next_case(
         n_perturbations=n_perturbations, label_value=label_value, proposals=proposals, prior=prior,
         on_progress=on_progress,
     )
-    best = ranking[0]
-    case = store.get_case(best.case_id)
-    proposal = proposals.get(case.id)
-    if proposal is None and with_proposal and engine is not None:
-        proposal = propose(engine, store.load_image(case.id), prior, n_perturbations)
-    if lock:
-        case = store.lock(case.id, user, ttl_s=lock_ttl_s)
-    return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior)
+    for best in ranking:
+        case = store.get_case(best.case_id)
+        if lock:
+            try:
+                case = store.lock(case.id, user, ttl_s=lock_ttl_s)
+            except CaseLockedError:  # another annotator took it while this ranking ran
+                continue
+        proposal = proposals.get(case.id)
+        if proposal is None and with_proposal and engine is not None:
+            try:
+                proposal = propose(engine, store.load_image(case.id), prior, n_perturbations)
+            except BaseException:
+                if lock:
+                    store.unlock(case.id, user)
+                raise
+        return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior)
+    raise NoCandidateError("every case ranked was locked by other annotators meanwhile; ask again")

@@ -407,16 +407,17 @@ class Datastore:
                 "minute(s); pick another case or ask them to release it"
             )
 
-    def _check_draft(self, row: sqlite3.Row, user: str, now: float) -> None:
-        """A draft of a submitted or reviewed case reopens it (back to ``in_progress``, out of the
-        training set): only a user who locked the case may do that, never a stray save."""
+    def _check_finished(self, row: sqlite3.Row, user: str, now: float) -> None:
+        """Any save to a submitted or reviewed case changes a finished label: a draft reopens the case
+        (back to ``in_progress``, out of the training set), a submission replaces the training label
+        and undoes a review. Only a user who locked the case may do either, never a stray save."""
         if row["status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
             return
         expires = row["lock_expires"]
         if row["locked_by"] != user or expires is None or expires <= now:
             raise InvalidStateError(
-                f"case {row['id']} ({row['name']}) is {row['status']}: a draft would reopen it; lock the "
-                "case first to reopen it, or submit the new version"
+                f"case {row['id']} ({row['name']}) is {row['status']}: a new version would replace its "
+                "finished label; lock the case first to change it"
             )
 
     def lock(self, case_id: str, user: str, ttl_s: float = DEFAULT_LOCK_TTL_S) -> CaseRecord:
@@ -484,8 +485,9 @@ class Datastore:
         ``n_interactions`` defaults to the number of prompts in ``prompt_log``. With ``submit``
         the case becomes ``submitted`` and its lock is released; otherwise the version is a draft
         and the case is ``in_progress``. Raises :class:`CaseLockedError` when another user holds
-        the case, and :class:`InvalidStateError` for a draft of a submitted or reviewed case whose
-        lock the user does not hold (a draft reopens the case and takes it out of training).
+        the case, and :class:`InvalidStateError` for any save to a submitted or reviewed case whose
+        lock the user does not hold (a draft would reopen the case and take it out of training, a
+        submission would replace its training label and undo its review).
         """
         check_case_id(case_id)
         check_user(user)
@@ -504,8 +506,7 @@ class Datastore:
         with self._lock:
             row = self._conn.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
         self._check_lock(row, user, self._clock())  # fail before the (slow) write
-        if not submit:
-            self._check_draft(row, user, self._clock())
+        self._check_finished(row, user, self._clock())
 
         label_id = new_label_id()
         path = self.label_path(case_id, label_id)
@@ -515,8 +516,7 @@ class Datastore:
                 now = self._clock()
                 row = self._case_row(db, case_id)
                 self._check_lock(row, user, now)
-                if not submit:
-                    self._check_draft(row, user, now)
+                self._check_finished(row, user, now)
                 version = db.execute(
                     "SELECT COALESCE(MAX(version), 0) + 1 FROM labels WHERE case_id = ?", (case_id,)
                 ).fetchone()[0]

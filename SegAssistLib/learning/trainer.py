@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
+from SegAssistLib.api_learning import MAX_SEED, MAX_TRAIN_BUDGET_S
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint, torch_device
@@ -103,8 +104,14 @@ class AdapterTrainConfig:
         for name, value in positive_ints.items():
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise TrainingError(f"{name} must be a positive integer, got {value!r}")
-        if not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
-            raise TrainingError(f"time_budget_s must be a positive number of seconds, got {self.time_budget_s!r}")
+        if not (math.isfinite(self.time_budget_s) and 0 < self.time_budget_s <= MAX_TRAIN_BUDGET_S):
+            raise TrainingError(
+                f"time_budget_s must be a positive number of seconds up to {MAX_TRAIN_BUDGET_S:.0f} (a week), "
+                f"got {self.time_budget_s!r}"
+            )
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise TrainingError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
         lr = self.lr
         if not (math.isfinite(lr) and lr >= 0):
             raise TrainingError(f"learning_rate must be a non-negative number, got {lr!r}")
@@ -509,6 +516,9 @@ def run_training(
 
     def writer(path: Path, version_id: str) -> None:
         candidate.save(path, dict(meta, version=version_id))
+
+    if stop():  # a cancel that arrived during the final validation still wins: nothing is registered
+        return _finish(status, result, t_start, "cancelled")
 
     record = registry.add_version(
         cfg.kind,

@@ -111,6 +111,9 @@ def test_lock_exhaustion_and_bad_requests(world):
         next_case(store, None, "uncertainty")
     with pytest.raises(ActiveLearningError, match="user"):
         next_case(store, None, "first", lock=True)
+    for seed in (-1, 2**40, 0.5):  # numpy would raise its own ValueError deep inside
+        with pytest.raises(ActiveLearningError, match="seed must be an integer"):
+            next_case(store, None, "random", seed=seed)
     taken = []
     for _ in range(5):
         got = next_case(store, None, "first", user="bob", lock=True)
@@ -121,6 +124,28 @@ def test_lock_exhaustion_and_bad_requests(world):
         next_case(store, None, "random")
     store.unlock(taken[0], "bob")  # released without a label: a candidate again
     assert next_case(store, None, "first").case.id == taken[0]
+
+
+@pytest.mark.parametrize("left_free", [1, 0])
+def test_cases_taken_while_ranking_pass_to_the_next_in_line(world, left_free):
+    """Two annotators asking at once: the ranking takes a while, and a case locked by the other in the
+    meantime is skipped (the next in the ranking is locked instead), never a 409 for a free case."""
+    store, cases, odd, engine = world
+    pool = [c.id for c in candidate_cases(store)]
+
+    def carol_takes_cases(done: int, total: int) -> None:
+        if done == total:  # ranking finished, nothing locked for bob yet
+            for case_id in pool[left_free:]:
+                store.lock(case_id, "carol")
+
+    if left_free:
+        got = next_case(store, engine, "uncertainty", user="bob", lock=True, on_progress=carol_takes_cases)
+        assert got.case.id == pool[0] != got.ranking[0].case_id and got.case.locked_by == "bob"
+        assert got.proposal is not None and sorted(s.case_id for s in got.ranking) == sorted(pool)
+    else:
+        with pytest.raises(NoCandidateError, match="locked by other annotators meanwhile"):
+            next_case(store, engine, "uncertainty", user="bob", lock=True, on_progress=carol_takes_cases)
+        assert all(store.get_case(c).locked_by == "carol" for c in pool)
 
 
 def test_the_next_case_stays_locked_for_a_work_session(tmp_path: Path):

@@ -306,7 +306,7 @@ def test_review_flow_and_training_cases(store: Datastore):
     assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id)]
 
 
-def test_a_stray_draft_cannot_reopen_a_submitted_or_reviewed_case(store: Datastore):
+def test_a_stray_save_cannot_change_a_submitted_or_reviewed_case(store: Datastore):
     a, b = (add_case(store, seed=s) for s in range(2))
     la = store.save_label(a.id, box_mask(a.shape, (0, 0, 0), (3, 3, 3)), "alice")
     lb = store.save_label(b.id, box_mask(b.shape, (0, 0, 0), (3, 3, 3)), "alice")
@@ -314,8 +314,9 @@ def test_a_stray_draft_cannot_reopen_a_submitted_or_reviewed_case(store: Datasto
     draft = box_mask(a.shape, (0, 0, 0), (2, 2, 2))
     for case, status in ((a, CaseStatus.SUBMITTED), (b, CaseStatus.REVIEWED)):
         for user in ("alice", "dave"):  # neither the author nor anyone else, without the lock
-            with pytest.raises(InvalidStateError, match="lock the case first"):
-                store.save_label(case.id, draft, user, submit=False)
+            for submit in (False, True):  # a draft would reopen it, a submission undo its review
+                with pytest.raises(InvalidStateError, match="lock the case first"):
+                    store.save_label(case.id, draft, user, submit=submit)
         assert store.get_case(case.id).status is status and len(store.label_versions(case.id)) == 1
     assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id), (b.id, lb.id)]
     # reopening is deliberate: lock, then the draft takes the case back to in progress
@@ -323,6 +324,11 @@ def test_a_stray_draft_cannot_reopen_a_submitted_or_reviewed_case(store: Datasto
     store.save_label(b.id, draft, "dave", submit=False)
     assert store.get_case(b.id).status is CaseStatus.IN_PROGRESS
     assert [cs.id for cs, _ in store.training_cases()] == [a.id]
+    # a deliberate resubmission: lock, submit; the new version becomes the training label
+    store.lock(a.id, "dave")
+    la2 = store.save_label(a.id, draft, "dave")
+    assert store.get_case(a.id).status is CaseStatus.SUBMITTED
+    assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la2.id)] and la2.id != la.id
 
 
 def test_bad_input_is_refused_with_clear_errors(store: Datastore):

@@ -134,6 +134,20 @@ def test_training_reports_progress_and_promotes_only_when_better(setup):
     assert [e["action"] for e in state.events] == ["promote", "reject"]
 
 
+def test_a_cancel_during_the_final_validation_registers_nothing(setup):
+    store_root, ckpt, _ = setup
+    cancel = threading.Event()
+
+    def on_progress(status: dict) -> None:
+        if status.get("phase") == "registering":  # validation done, the version not yet written
+            cancel.set()
+
+    result = run_training(store_root, ckpt, quick(status_every_s=0.0), on_progress=on_progress,
+                          should_stop=cancel.is_set)
+    assert cancel.is_set() and result.state == "cancelled" and result.version is None
+    assert AdapterRegistry(store_root).read().versions == []
+
+
 def test_time_budget_is_respected(setup):
     store_root, ckpt, _ = setup
     t0 = time.perf_counter()
@@ -258,8 +272,12 @@ def test_bad_requests_fail_clearly(tmp_path: Path, setup):
         AdapterTrainConfig.from_dict({"epochs": 3})
     with pytest.raises(TrainingError, match="invalid device"):
         AdapterTrainConfig(device="tpu9").check()
-    with pytest.raises(TrainingError, match="time_budget_s"):
-        AdapterTrainConfig(time_budget_s=0).check()
+    for budget in (0, 1e300):  # a budget beyond a week would overflow the job's watchdog timer
+        with pytest.raises(TrainingError, match="time_budget_s"):
+            AdapterTrainConfig(time_budget_s=budget).check()
+    for seed in (-1, 2**70, 1.5, True):  # numpy and torch refuse these only inside the job
+        with pytest.raises(TrainingError, match="seed must be an integer"):
+            AdapterTrainConfig(seed=seed).check()
     for bad in (float("nan"), float("-inf"), 1.5):  # NaN would never promote, -inf always
         with pytest.raises(TrainingError, match="min_improvement"):
             AdapterTrainConfig(min_improvement=bad).check()

@@ -176,6 +176,28 @@ def test_training_settings_out_of_range_are_refused(learn_server, value):
     assert "min_improvement" in assert_error(reply, 422, "invalid_request")["message"]
 
 
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/v1/learn/train", '{"kind": "salt", "seed": -1}', "seed"),
+        ("/v1/learn/train", '{"kind": "salt", "seed": 1180591620717411303424}', "seed"),
+        ("/v1/learn/train", '{"kind": "salt", "time_budget_s": 1e300}', "time_budget_s"),
+        ("/v1/learn/next", '{"strategy": "random", "proposal": false, "seed": -1}', "seed"),
+    ],
+)
+def test_seeds_and_budgets_out_of_range_are_refused_not_a_server_error(learn_server, path, body, field):
+    reply = raw(learn_server, "POST", path, data=body, headers={"Content-Type": "application/json"})
+    assert field in assert_error(reply, 422, "invalid_request")["message"]
+
+
+def test_a_damaged_store_is_the_servers_fault_not_the_request(clients, imported, learn_server, tmp_path):
+    alice, _ = clients
+    case, _, _ = imported[0]
+    (tmp_path / "store" / "images" / f"{case.id}.nii.gz").unlink()
+    reply = raw(learn_server, "GET", f"/v1/learn/cases/{case.id}/image")
+    assert "missing" in assert_error(reply, 500, "corrupt_data")["message"]
+
+
 def _submit_truths(alice, imported) -> None:
     for case, _, truth in imported:
         label = alice.learning.save_mask(case.id, truth, seconds_spent=10.0)
