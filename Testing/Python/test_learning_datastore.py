@@ -405,7 +405,7 @@ class _DiskFailsAtCommit:
 
 def test_a_failed_commit_leaves_no_label_behind_and_the_store_writable(store: Datastore):
     case = add_case(store)
-    first = store.save_label(case.id, box_mask(case.shape, (1, 1, 1), (4, 4, 4)), "alice")
+    first = store.save_label(case.id, box_mask(case.shape, (1, 1, 1), (4, 4, 4)), "alice", submit=False)
     real = store._conn
     store._conn = _DiskFailsAtCommit(real)
     with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
@@ -443,7 +443,7 @@ def test_export_msd_layout_and_seg_nrrd(tmp_path: Path, store: Datastore):
     b = add_case(store, seed=1, name="liver_02")
     c = add_case(store, seed=2, name="liver_03")  # never labelled: not exported
     ma = box_mask(a.shape, (2, 3, 4), (6, 7, 8))
-    store.save_label(a.id, np.zeros(a.shape, np.uint8), "alice")
+    store.save_label(a.id, np.zeros(a.shape, np.uint8), "alice", submit=False)  # a draft, then the submission
     la = store.save_label(a.id, ma, "alice", model="builtin-v1", adapter_version="lora-2", seconds_spent=9)
     mb = box_mask(b.shape, (1, 1, 1), (3, 3, 3)) * 2  # label value 2
     store.save_label(b.id, mb, "bob")
