@@ -47,6 +47,16 @@ def _is_loopback_url(url: str) -> bool:
         return False
 
 
+# the connection failed or a reply was cut off: nothing (or not all) came back, so the request may be
+# repeated where safe, and a state-changing one may have been done
+_CONNECTION_LOST = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ConnectTimeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
 class HttpClient:
     def __init__(
         self,
@@ -65,6 +75,9 @@ class HttpClient:
                 f"refusing to send a token in clear text to {parts.hostname}: use https:// (or pass "
                 "allow_insecure_token=True on a network you trust)"
             )
+        token = token.strip() if token else token  # a token read from a file keeps its newline
+        if token and any(ch.isspace() or not ch.isprintable() for ch in token):
+            raise ValueError("the token holds spaces or control characters; check the token file")  # never echo it
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -129,7 +142,7 @@ class HttpClient:
                     f"{method} {path}: no answer from {self.base_url} within the read timeout "
                     f"({self._read_timeout(timeout)} s); the server may be busy"
                 ) from exc
-            except (requests.exceptions.ConnectionError, requests.exceptions.ConnectTimeout) as exc:
+            except _CONNECTION_LOST as exc:
                 self.close()  # drop pooled connections: the server may have restarted
                 last = BackendUnavailableError(f"cannot reach the SegAssist backend at {self.base_url}: {exc}")
                 continue
@@ -146,6 +159,17 @@ class HttpClient:
     def _read_timeout(self, timeout: Optional[Timeout]) -> float:
         t = timeout or self.timeout
         return t[1] if isinstance(t, tuple) else t
+
+    def upload_timeout(self) -> Tuple[float, float]:
+        """Timeouts for a large body: urllib3 sends the body under the *connect* timeout, and a server
+        at its upload limit stops reading until a slot frees, so sending gets the read timeout too."""
+        connect, read = self.timeout if isinstance(self.timeout, tuple) else (self.timeout, self.timeout)
+        return (max(connect, read), read)
+
+    def read_timeout_plus(self, seconds: float) -> Tuple[float, float]:
+        """The default timeouts with ``seconds`` more to read the reply (a replay of many prompts)."""
+        connect, read = self.timeout if isinstance(self.timeout, tuple) else (self.timeout, self.timeout)
+        return (connect, read + seconds)
 
     @staticmethod
     def _error(response: requests.Response) -> ClientError:

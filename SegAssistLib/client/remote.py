@@ -16,7 +16,7 @@ from SegAssistLib.api_models import (
     SessionInfo,
     StoredImage,
 )
-from SegAssistLib.client.errors import ImageNotFoundError, PayloadTooLargeError
+from SegAssistLib.client.errors import BackendTimeoutError, ImageNotFoundError, PayloadTooLargeError
 from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, new_request_id
 from SegAssistLib.client.learning import LearningClient
 from SegAssistLib.client.session import RemoteSession, wire_prompt
@@ -27,6 +27,7 @@ from SegAssistLib.transport import available_codecs, encode_frame, wire_array
 
 Progress = Callable[[int, int], None]
 _THREADED_COMPRESSION_BYTES = 16 * 1024 * 1024
+REPLAY_SECONDS_PER_PROMPT = 1.0  # extra read time when opening with a log: a CPU answers one in 0.1-0.5 s
 
 
 def wire_volume(volume: Union[Volume, np.ndarray]) -> Volume:
@@ -116,21 +117,29 @@ class SegAssistClient(Engine):
             "modality": vol.modality,
             "sha256": image_id,
         }
+        limits = self.info().limits
+        refusal, longest = None, max(vol.array.shape)
+        if longest > limits.max_axis:
+            refusal = f"its longest axis has {longest} voxels, above this server's limit of {limits.max_axis}"
+        elif vol.array.size > limits.max_voxels:
+            refusal = f"{vol.array.size} voxels, above this server's limit of {limits.max_voxels}"
+        if refusal is not None:  # found before compressing and sending it
+            raise PayloadTooLargeError(f"the image is too large: {refusal}", status=413, code="image_too_large")
         threads = -1 if vol.array.nbytes > _THREADED_COMPRESSION_BYTES else 0
         frame = encode_frame(vol.array, header, codec=codec, threads=threads)
-        limits = self.info().limits
-        if len(frame) > limits.max_body_bytes or vol.array.size > limits.max_voxels:
+        if len(frame) > limits.max_body_bytes:
             raise PayloadTooLargeError(
-                f"the image ({vol.array.size} voxels, {len(frame)} bytes compressed) is above this server's "
-                f"limits ({limits.max_voxels} voxels, {limits.max_body_bytes} bytes)",
+                f"the image is {len(frame)} bytes compressed, above this server's limit of "
+                f"{limits.max_body_bytes} bytes",
                 status=413,
-                code="body_too_large" if len(frame) > limits.max_body_bytes else "image_too_large",
+                code="body_too_large",
             )
         reply = self.http.json(
             "POST",
             f"{API_PREFIX}/images",
             body=lambda: ProgressBody(frame, progress),
             headers={"Content-Type": FRAME_MEDIA_TYPE},
+            timeout=self.http.upload_timeout(),
         )
         return StoredImage.model_validate(reply)
 
@@ -190,7 +199,13 @@ class SegAssistClient(Engine):
         body: dict[str, Any] = {"image_id": image_id, "prompts": [p.model_dump(mode="json") for p in prompts]}
         if modality:
             body["modality"] = modality
-        reply = self.http.json(
-            "POST", f"{API_PREFIX}/sessions", json=body, headers={REQUEST_ID_HEADER: new_request_id()}
-        )
+        headers = {REQUEST_ID_HEADER: new_request_id()}
+        timeout = self.http.read_timeout_plus(REPLAY_SECONDS_PER_PROMPT * len(prompts))
+        try:
+            reply = self.http.json("POST", f"{API_PREFIX}/sessions", json=body, headers=headers, timeout=timeout)
+        except BackendTimeoutError:
+            # The server finishes an open whose client stopped waiting (a long replay): asking again
+            # under the same id waits for that session instead of opening a second one, which would
+            # hold one of the user's session slots until it expired.
+            reply = self.http.json("POST", f"{API_PREFIX}/sessions", json=body, headers=headers, timeout=timeout)
         return SessionInfo.model_validate(reply)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 
 from SegAssistLib.api_models import API_PREFIX, REQUEST_ID_HEADER, MaskUpdateReply, SessionInfo
-from SegAssistLib.client.errors import BackendUnavailableError, ProtocolError, SessionNotFoundError
+from SegAssistLib.client.errors import BackendUnavailableError, ClientError, ProtocolError, SessionNotFoundError
 from SegAssistLib.client.http import new_request_id
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
@@ -141,13 +141,21 @@ class RemoteSession(EngineSession):
 
     def undo(self) -> MaskUpdate:
         update = self._mutate("undo")
-        self._history.apply("undo")
+        self._follow("undo", self._history.cursor > 0)
         return update
 
     def redo(self) -> MaskUpdate:
         update = self._mutate("redo")
-        self._history.apply("redo")
+        self._follow("redo", self._history.cursor < len(self._history.states) - 1)
         return update
+
+    def _follow(self, op: str, known_here: bool) -> None:
+        """Move the local history as the server did. After a resync or attach it starts at the
+        server's current prompts without the earlier steps: a step it does not know is read back."""
+        if known_here:
+            self._history.apply(op)
+        else:
+            self._history = _History(list(self.prompt_log().prompts))
 
     def reset(self) -> MaskUpdate:
         update = self._mutate("reset")
@@ -175,15 +183,21 @@ class RemoteSession(EngineSession):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         with contextlib.suppress(SessionNotFoundError):  # already gone (expired, restarted): closed
             self.client.http.request("DELETE", self._path)
+        self._closed = True  # only now: a close that failed can be tried again
 
     def __enter__(self) -> RemoteSession:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # the block's own error is the one to see; a server that cannot be told to close lets the
+        # session expire when idle
+        with contextlib.suppress(ClientError):
+            self.close()
 
     # ---- recovery --------------------------------------------------------------------------------
     def recover(self, progress: Optional[Callable[[int, int], None]] = None) -> RemoteSession:
@@ -217,7 +231,10 @@ class RemoteSession(EngineSession):
             # request (after the original, if that still runs), never by doing it twice.
             try:
                 response = self.client.http.request("POST", f"{self._path}/{op}", json=body, headers=headers)
-            except BackendUnavailableError:
+            except SessionNotFoundError:
+                raise  # gone: recover() starts again from the local prompts
+            except Exception:
+                # whatever answered the repeat (lost again, 503, ...), the first try may have been done
                 if self._seen is None:
                     self._seen = self._mask  # replaced, not changed, by the resync
                 self._out_of_sync = True

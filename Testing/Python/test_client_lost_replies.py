@@ -45,22 +45,28 @@ class _SlowEngine(Engine):
         return session
 
 
-@pytest.fixture
-def slow_server(server_checkpoint):
+def _start_slow_server(checkpoint, **limits):
     from SegAssistLib.engine.builtin import load_default_engine
     from SegAssistLib.server.app import create_app
     from SegAssistLib.server.auth import hash_token
     from SegAssistLib.server.runner import ServerThread
-    from SegAssistLib.server.settings import ServerSettings
+    from SegAssistLib.server.settings import Limits, ServerSettings
 
     delay: Dict[str, float] = {"s": 0.0}
     modalities: List[Optional[str]] = []
-    settings = ServerSettings(model=server_checkpoint, token_hashes=[("alice", hash_token(TOKENS["alice"]))])
+    settings = ServerSettings(
+        model=checkpoint, token_hashes=[("alice", hash_token(TOKENS["alice"]))], limits=Limits(**limits)
+    )
 
     def factory(device: str) -> Engine:
-        return _SlowEngine(load_default_engine(server_checkpoint, device=device), delay, modalities)
+        return _SlowEngine(load_default_engine(checkpoint, device=device), delay, modalities)
 
-    server = ServerThread(create_app(settings, engine_factory=factory)).start()
+    return ServerThread(create_app(settings, engine_factory=factory)).start(), delay, modalities
+
+
+@pytest.fixture
+def slow_server(server_checkpoint):
+    server, delay, modalities = _start_slow_server(server_checkpoint)
     yield server, delay, modalities
     server.stop()
 
@@ -99,8 +105,72 @@ def test_a_prompt_whose_reply_is_lost_is_neither_missed_nor_applied_twice(slow_s
         np.testing.assert_array_equal(seen, session.fetch_result())  # the caller's copy is whole again
         assert session.status().n_prompts == 4
         _agrees_with_server(session)
-        session.undo()
+        # a reset, then a client that attaches (as a resync does): it starts from the empty state
+        # and knows nothing of the steps before it; undoing the reset reads them back
+        mask = session.result()
+        session.reset()
+        attached = client.session(session.session_id)
+        assert attached.local_prompts() == []
+        attached.undo()
+        np.testing.assert_array_equal(attached.result(), mask)
+        _agrees_with_server(attached)
+        attached.redo()
+        attached.undo()
+        _agrees_with_server(attached)
+        assert len(attached.local_prompts()) == 4
+        attached.client.http.request("DELETE", attached._path)  # the server loses the session
+        attached.recover()  # replays what the mask came from: the same mask, not an empty one
+        np.testing.assert_array_equal(attached.fetch_result(), mask)
+        _agrees_with_server(attached)
+
+
+def test_a_repeat_answered_by_another_error_still_resyncs(slow_server):
+    """The first try's reply is lost and the repeat under its id is refused (here: the queue is full,
+    injected at the HTTP layer): the server may have done the first, so the next call resyncs."""
+    from SegAssistLib.client.errors import ServerBusyError
+
+    server, delay, _ = slow_server
+    with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 1.0)) as client:
+        session = client.open_session(make_volume())
+        seen = session.result()
+        real_request, calls = client.http.request, []
+
+        def busy_on_repeat(method, path, **kwargs):
+            calls.append(path)
+            if len(calls) == 2:
+                raise ServerBusyError("inference queue full", status=503, code="queue_full")
+            return real_request(method, path, **kwargs)
+
+        client.http.request = busy_on_repeat
+        delay["s"] = 1.5
+        with pytest.raises(ServerBusyError):
+            session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0)))
+        client.http.request = real_request
+        time.sleep(1.0)
+        delay["s"] = 0.0
+        assert session.status().n_prompts == 1  # the server did apply it
+        update = session.add_prompt(PointPrompt(position=(30.0, 22.0, 12.0), positive=False))
+        update.apply_to(seen)
+        np.testing.assert_array_equal(seen, session.fetch_result())
         _agrees_with_server(session)
+
+
+def test_an_open_whose_replay_outlasts_the_timeout_is_asked_again_not_opened_twice(server_checkpoint):
+    """Opening with a log replays it before answering; a reply later than the read timeout (already
+    given one second per prompt) is asked for again under the same id: the server answers the session
+    it opened. With one session per user allowed, a second open would be refused."""
+    server, delay, _ = _start_slow_server(server_checkpoint, max_sessions_per_user=1)
+    try:
+        prompts = [PointPrompt(position=(24.0, 20.0, 12.0)), PointPrompt(position=(30.0, 22.0, 12.0))]
+        with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 0.5)) as client:
+            delay["s"] = 1.6  # 3.2 s of replay against 0.5 + 2 x 1.0 s of read timeout
+            session = client.open_session(make_volume(), prompts)
+            delay["s"] = 0.0
+            _agrees_with_server(session)
+            assert len(session.local_prompts()) == 2
+            session.close()
+    finally:
+        server.stop()
 
 
 def test_replayed_prompts_are_undo_steps_on_both_sides_and_the_modality_survives_recovery(slow_server):

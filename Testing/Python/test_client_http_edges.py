@@ -1,0 +1,99 @@
+"""The client at the edges of HTTP: a reply cut off mid-body, a token read with its newline, timeouts
+for large bodies and long replays, a close that fails while the caller's own error propagates, and
+an image refused before it is compressed and sent. Real servers on loopback: a SegAssist server,
+and a bare socket that drops a reply half-way (what a proxy or a crashing server does)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from SegAssistLib.client.errors import BackendUnavailableError, PayloadTooLargeError, SessionNotFoundError
+from SegAssistLib.client.http import HttpClient
+from SegAssistLib.image import Volume
+
+pytest_plugins = ["test_server_fixtures"]
+
+
+class _HalfReply:
+    """A server that answers every connection with the headers of a chunked reply and part of its
+    body, then closes the connection."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self.connections += 1
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"40\r\n{\"status\": \"o"
+                )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_reply_cut_off_mid_body_is_a_lost_connection_and_safe_requests_are_repeated():
+    server = _HalfReply()
+    try:
+        http = HttpClient(server.url, timeout=(2.0, 2.0), retries=2)
+        with pytest.raises(BackendUnavailableError, match="cannot reach"):
+            http.request("GET", "/v1/health")
+        assert server.connections == 3  # a read: tried again twice
+        before = server.connections
+        with pytest.raises(BackendUnavailableError):
+            http.request("POST", "/v1/sessions/x/prompts", json={}, safe=False)
+        assert server.connections == before + 1  # a change: never repeated by this layer
+    finally:
+        server.close()
+
+
+def test_a_token_read_with_its_newline_is_stripped_and_a_bad_one_never_echoed():
+    http = HttpClient("http://127.0.0.1:8470", "alice-token-0123456789abcdef\n")
+    assert http.session.headers["Authorization"] == "Bearer alice-token-0123456789abcdef"
+    with pytest.raises(ValueError, match="spaces or control characters") as exc:
+        HttpClient("http://127.0.0.1:8470", "alice-token 0123456789abcdef")
+    assert "0123456789abcdef" not in str(exc.value)
+
+
+def test_large_bodies_are_sent_under_the_read_timeout_and_replays_get_time_per_prompt():
+    http = HttpClient("http://127.0.0.1:8470", timeout=(5.0, 120.0))
+    assert http.upload_timeout() == (120.0, 120.0)  # urllib3 sends a body under the connect timeout
+    assert http.read_timeout_plus(30.0) == (5.0, 150.0)
+    assert HttpClient("http://127.0.0.1:8470", timeout=10.0).upload_timeout() == (10.0, 10.0)
+
+
+def test_a_failed_close_does_not_hide_the_callers_error_and_can_be_tried_again(alice, blob_volume):
+    session = alice.open_session(blob_volume)
+    url = alice.http.base_url
+    alice.http.base_url = "http://127.0.0.1:9"  # the server is out of reach while the block fails
+    try:
+        with pytest.raises(KeyError, match="the caller's own error"), session:
+            raise KeyError("the caller's own error")
+    finally:
+        alice.http.base_url = url
+    session.close()  # the first close never reached the server: this one does
+    with pytest.raises(SessionNotFoundError):
+        session.status()
+
+
+def test_an_image_over_the_axis_limit_is_refused_before_it_is_sent(alice):
+    long_axis = Volume(np.zeros((8, 8, 300), np.float32) + np.arange(300, dtype=np.float32))  # limit 256
+    with pytest.raises(PayloadTooLargeError, match="longest axis has 300 voxels") as exc:
+        alice.upload_image(long_axis)
+    assert exc.value.code == "image_too_large"
+
