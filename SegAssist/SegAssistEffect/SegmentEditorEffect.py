@@ -14,6 +14,7 @@ a new object. Switching segment or volume, or editing the segment by other means
 editor's own undo), accepts the current object.
 """
 
+import contextlib
 import logging
 import os
 import time
@@ -41,6 +42,7 @@ try:  # needs the packages the SegAssist module installs (pydantic, ...): report
         prompt_points_ijk,
         resolve_key,
     )
+    from SegAssistLib.slicer.segment_watch import SegmentChangeWatch
     from SegAssistLib.slicer.session_state import InteractiveSession, Op, PromptState, Request, describe_error
     from SegAssistLib.slicer.worker import BackgroundWorker
 
@@ -49,9 +51,6 @@ except ImportError as exc:
     IMPORT_ERROR = exc
 
 POLL_MS = 50
-_SOURCE_MODIFIED = getattr(slicer.vtkSegmentation, "SourceRepresentationModified", None) or getattr(
-    slicer.vtkSegmentation, "MasterRepresentationModified", None
-)
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -71,9 +70,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._binding: Optional[Tuple] = None  # (segmentation node, segment ID, source volume node)
         self._baseline = None  # the segment when this object's first prompt was placed
         self._overlays = {}
-        self._observedSegmentation = None
-        self._observerTag = None
-        self._writing = False
+        self._watch = None  # ends the object when the segment changes outside SegAssist
         self._lastBusy = False
         self._errorText = ""
 
@@ -239,7 +236,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        self._unobserveSegmentation()
+        self._unwatchSegment()
         if self._worker is not None:
             if self._session is not None:
                 self._session.abandon()
@@ -325,8 +322,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 gesture = self._recorder.finish()
                 if view is not None:
                     self._afterGesture(gesture, view)
+            elif self._session is not None and not self._state.ask_accept():
+                count = len(self._state.pending)
+                self._setStatus(f"Accepting once the {count} pending answer{'s are' if count > 1 else ' is'} in")
             else:
-                self._endObject("Accepted: the result stays in the segment; the next prompt starts a new object")
+                self._acceptObject()
         elif action is Action.DROP_VERTEX:
             if not self._recorder.drop_last_vertex():
                 return False
@@ -398,18 +398,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             manager.client, volume, self._baseline, worker.note, settings_generation=lambda: manager.generation
         )
         self._binding = binding
-        self._observeSegmentation(segmentationNode)
+        self._watchSegment(segmentationNode, binding[1])
+
+    def _acceptObject(self) -> None:
+        self._endObject("Accepted: the result stays in the segment; the next prompt starts a new object")
 
     def _endObject(self, message: str = "") -> None:
         """Stop prompting on the current object; its result stays, its pending replies become stale."""
         if self._session is None:
             return
+        dropped = len(self._state.pending)
+        if message and dropped:
+            message += f" ({dropped} pending prompt{'s' if dropped > 1 else ''} not applied)"
         self._state.new_epoch()
         self._session.abandon()
         self._worker.submit(None, self._session.close)
         self._startPolling()
         self._session, self._baseline, self._binding = None, None, None
-        self._unobserveSegmentation()
+        self._unwatchSegment()
         self._drawAllPrompts()
         if message:
             self._setStatus(message)
@@ -457,6 +463,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _poll(self) -> None:
         if self._worker is None:
             return
+        self._checkBinding()  # a reply is never written into a segment selected since its prompt
         for finished in self._worker.poll():
             if not isinstance(finished.tag, Request):
                 continue  # closing a session: nothing to show
@@ -468,10 +475,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                     self._errorText = describe_error(error)
                     logging.error("SegAssist: %s", self._errorText)
                 elif update is not None and self._alive(self._binding):
-                    self._write(update, self._binding)
+                    self._writeOrEnd(update)
             except Exception as exc:
                 self._errorText = describe_error(exc)
                 logging.exception("SegAssist: a reply could not be applied")
+        if self._state.accept_due:
+            self._acceptObject()
         note = self._state.progress_note(self._worker.note.get())
         if self._errorText:
             self._setStatus(self._errorText, True)
@@ -488,19 +497,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if not self._worker.busy and self._timer is not None:
             self._timer.stop()
 
+    def _writeOrEnd(self, update) -> None:
+        """Write an answer the backend has counted; if it cannot be written, the segment and the
+        backend's history no longer agree, so the object ends (the next prompt starts from the segment)."""
+        try:
+            self._write(update, self._binding)
+        except Exception as exc:
+            logging.exception("SegAssist: an answer could not be written into the segment")
+            self._endObject()
+            self._errorText = (
+                f"{describe_error(exc)}. The answer could not be written into the segment, so this object "
+                "ended: the next prompt starts from the segment as it is"
+            )
+
     def _write(self, update, binding) -> None:
         """Set the segment to the update's voxels inside its box only, through the editor (masking, undo)."""
         segmentationNode, segmentId, volumeNode = binding
         add, remove, extent = segments.update_labelmaps(update, segmentationNode, volumeNode)
         extent = [int(e) for e in extent]
         effectClass = slicer.qSlicerSegmentEditorAbstractEffect
-        self._writing = True
-        try:
+        with self._watch.writing() if self._watch is not None else contextlib.nullcontext():
             self.scriptedEffect.saveStateForUndo()
             self.scriptedEffect.modifySelectedSegmentByLabelmap(add, effectClass.ModificationModeAdd, extent)
             self.scriptedEffect.modifySelectedSegmentByLabelmap(remove, effectClass.ModificationModeRemove, extent)
-        finally:
-            self._writing = False
 
     @staticmethod
     def _alive(binding) -> bool:
@@ -513,21 +532,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             and segmentationNode.GetSegmentation().GetSegment(segmentId) is not None
         )
 
-    def _observeSegmentation(self, segmentationNode) -> None:
-        self._unobserveSegmentation()
-        if _SOURCE_MODIFIED is None:
-            return
-        segmentation = segmentationNode.GetSegmentation()
-        self._observedSegmentation = segmentation
-        self._observerTag = segmentation.AddObserver(_SOURCE_MODIFIED, self._onSegmentationModified)
+    def _watchSegment(self, segmentationNode, segmentId) -> None:
+        self._unwatchSegment()
+        self._watch = SegmentChangeWatch(segmentationNode, segmentId, self._onSegmentChangedOutside)
 
-    def _unobserveSegmentation(self) -> None:
-        if self._observedSegmentation is not None and self._observerTag is not None:
-            self._observedSegmentation.RemoveObserver(self._observerTag)
-        self._observedSegmentation, self._observerTag = None, None
+    def _unwatchSegment(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        self._watch = None
 
-    def _onSegmentationModified(self, caller, event) -> None:
-        if not self._writing and self._session is not None:
+    def _onSegmentChangedOutside(self) -> None:
+        if self._session is not None:
             # undo in the editor, another effect, a script: prompts would no longer match the segment
             self._endObject("The segment was changed outside SegAssist: the next prompt starts from it")
 

@@ -92,12 +92,15 @@ class PromptState:
         self._expected = _Stack()
         self.dropped = 0
         self.last_error: Optional[BaseException] = None
+        self.accepting = False  # accept was asked while replies were pending: it waits for them
 
     # ---- requests ---------------------------------------------------------------------------
     def request(self, op: Op, prompt: Optional[Prompt] = None) -> Request:
         """A numbered request for the worker; raises :class:`SessionError` if undo/redo has nothing to do."""
         if (op is Op.PROMPT) != (prompt is not None):
             raise ValueError("a prompt request needs a prompt, undo and redo none")
+        if self.accepting:
+            raise SessionError("the object is being accepted once its pending answers are in: wait for them")
         if not self._expected.allows(op):
             raise SessionError("nothing to undo" if op is Op.UNDO else "nothing to redo")
         self._expected.apply(op, prompt)
@@ -129,9 +132,20 @@ class PromptState:
         self._confirmed.apply(request.op, request.prompt)
         return update if update.voxels.size else None
 
+    def ask_accept(self) -> bool:
+        """The user accepts the object: True when it can end now; False while answers are pending, so
+        the last prompts land before it ends (:attr:`accept_due` says when; no new request meanwhile)."""
+        self.accepting = self.busy
+        return not self.accepting
+
+    @property
+    def accept_due(self) -> bool:
+        return self.accepting and not self.busy
+
     def new_epoch(self) -> int:
         """Start a new object: every pending reply becomes stale, the history empties."""
         self.epoch += 1
+        self.accepting = False
         self._pending.clear()
         self._confirmed = _Stack()
         self._expected = _Stack()

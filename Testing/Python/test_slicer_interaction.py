@@ -309,6 +309,24 @@ def test_requests_are_numbered_and_replies_of_a_past_object_are_dropped():
     assert r3.seq == 3 and r3.epoch == 1
 
 
+def test_accepting_with_answers_pending_waits_for_them_instead_of_dropping_them():
+    """Enter right after a click (or while the backend still loads the model) once ended the object at
+    once and dropped the click's answer; now the accept waits until the pending answers are in."""
+    state = PromptState()
+    assert state.ask_accept() and not state.accepting  # nothing pending: accept now
+    p1, p2 = PointPrompt(position=(1, 2, 3)), PointPrompt(position=(4, 5, 6))
+    r1, r2 = state.request(Op.PROMPT, p1), state.request(Op.PROMPT, p2)
+    assert not state.ask_accept() and state.accepting and not state.accept_due
+    with pytest.raises(SessionError, match="being accepted"):  # the object is closing: no new request
+        state.request(Op.UNDO)
+    assert state.accept(r1, _update()) is not None and not state.accept_due
+    assert state.accept(r2, _update(2)) is not None  # the last answer still lands in the segment
+    assert state.accept_due and state.confirmed_prompts == [p1, p2]
+    state.new_epoch()  # the effect ends the object
+    assert not state.accepting and not state.accept_due
+    state.request(Op.PROMPT, p1)  # the next object takes prompts again
+
+
 def test_undo_and_redo_are_gated_by_the_expected_history():
     state = PromptState()
     with pytest.raises(SessionError, match="nothing to undo"):

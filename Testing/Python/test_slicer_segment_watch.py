@@ -1,0 +1,77 @@
+"""The interactive object notices every change of its segment made outside SegAssist, on real MRML
+scenes (slicer-core): the Segment Editor's undo (which fires SegmentModified only), a script's
+write; and nothing else: its own writes, renaming the segment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mrml_fixtures import add_nested_oblique_volume, random_volume
+
+from SegAssistLib.engine.base import MaskUpdate
+
+slicer = pytest.importorskip("slicer")
+
+from SegAssistLib.slicer import segments  # noqa: E402
+from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
+from SegAssistLib.slicer.segment_watch import SegmentChangeWatch, labelmap_stamp  # noqa: E402
+
+SHAPE = (10, 12, 14)
+
+
+@pytest.fixture
+def scene():
+    with create_headless_scene() as ctx:
+        volume = add_nested_oblique_volume(ctx.scene, random_volume(SHAPE))
+        seg = segments.create_segmentation(ctx.scene, volume, "seg")
+        segments.add_segment(seg, "liver", segment_id="liver")
+        segments.add_segment(seg, "spleen", segment_id="spleen")
+        other = np.zeros(SHAPE, np.uint8)
+        other[6:9, 8:11, 9:13] = 1
+        segments.array_to_segment(other, seg, "spleen", volume)
+        editor = segments.SegmentEditor(seg, volume)
+        yield ctx.scene, volume, seg, editor
+        editor.close()
+
+
+def _box(k, j, i) -> MaskUpdate:
+    voxels = np.ones((2, 2, 2), np.uint8)
+    return MaskUpdate(offset=(k, j, i), voxels=voxels)
+
+
+def test_the_editors_undo_ends_the_object_and_its_own_writes_do_not(scene):
+    _, volume, seg, editor = scene
+    changes = []
+    watch = SegmentChangeWatch(seg, "liver", lambda: changes.append("outside"))
+    for offset in ((1, 1, 1), (3, 4, 5)):  # two answers of the model, written as SegAssist does
+        with watch.writing():
+            editor.write("liver", _box(*offset))
+    assert changes == [] and watch.active
+    seg.GetSegmentation().GetSegment("liver").SetName("liver (edited)")  # a rename is no change of voxels
+    assert changes == []
+
+    editor.undo()  # Ctrl+Z in the Segment Editor
+    assert changes == ["outside"] and not watch.active
+    editor.redo()  # the watch has ended: one call only
+    assert changes == ["outside"]
+
+
+def test_a_scripts_write_ends_the_object(scene):
+    _, volume, seg, _ = scene
+    changes = []
+    watch = SegmentChangeWatch(seg, "liver", lambda: changes.append("outside"))
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[2:4, 2:4, 2:4] = 1
+    segments.array_to_segment(mask, seg, "liver", volume)
+    assert changes == ["outside"] and not watch.active
+
+
+def test_stop_ends_the_watch_without_a_call(scene):
+    _, volume, seg, editor = scene
+    changes = []
+    watch = SegmentChangeWatch(seg, "liver", lambda: changes.append("outside"))
+    watch.stop()
+    editor.write("liver", _box(1, 1, 1))
+    editor.undo()
+    assert changes == [] and not watch.active
+    assert labelmap_stamp(seg, "liver") is not None and labelmap_stamp(seg, "no such segment") is None
