@@ -8,7 +8,7 @@ however it dies: the child watches its standard input, a pipe from the launcher 
 operating system closes when the launcher ends.
 
 A running backend is reused: its URL, token and pid live in a state file (mode 0600) in the
-state directory; a new launcher that finds a healthy backend there with the same model and device
+state directory; a new launcher that finds a healthy backend there with the same model, device, Python and options
 uses it instead of starting another (it lives as long as the process that started it).
 
 The server needs torch, MONAI and FastAPI; when the client runs in a Python without them (Slicer's),
@@ -97,13 +97,14 @@ def _write_private(path: Path, text: str) -> None:
 
 
 class LocalBackend:
-    """Start a backend on loopback, or reuse the one already running with the same model and device.
+    """Start a backend on loopback, or reuse the one already running with the same model, device,
+    Python and options.
 
     >>> with LocalBackend(model="weights.pt") as backend:     # doctest: +SKIP
     ...     session = backend.client().open_session(volume)
     """
 
-    _shared: Dict[Tuple[str, str, str], LocalBackend] = {}
+    _shared: Dict[Tuple[str, str], LocalBackend] = {}
     _shared_lock = threading.Lock()
 
     def __init__(
@@ -131,15 +132,16 @@ class LocalBackend:
         self.pid: Optional[int] = None
         self.owned = False  # True when this object started the process (and will stop it)
         self._process: Optional[subprocess.Popen] = None
-        key = f"{self.model}|{self.device}"
-        self._state_file = self.state_dir / f"backend-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+        # a backend started with other options (threads, another Python) is not the one asked for
+        self._identity = json.dumps([self.model, self.device, self.python, self.extra_args])
+        self._state_file = self.state_dir / f"backend-{hashlib.sha256(self._identity.encode()).hexdigest()[:12]}.json"
         self.log_file = self._state_file.with_suffix(".log")
 
     @classmethod
     def shared(cls, model: Optional[os.PathLike] = None, device: str = "cpu", **kwargs: Any) -> LocalBackend:
-        """One started backend per (model, device, state dir) in this process."""
+        """One started backend per (model, device, Python, options, state dir) in this process."""
         probe = cls(model, device, **kwargs)
-        key = (str(probe.model), probe.device, str(probe.state_dir))
+        key = (probe._identity, str(probe.state_dir))
         with cls._shared_lock:
             backend = cls._shared.get(key)
             if backend is None or not backend.running:
@@ -198,13 +200,14 @@ class LocalBackend:
 
     # ---- internals -------------------------------------------------------------------------------
     def attach(self) -> bool:
-        """Use the healthy backend of the state file if it serves the same model and device."""
+        """Use the healthy backend of the state file if it runs the same model, device, Python and options."""
         try:
             state = json.loads(self._state_file.read_text())
             url, token, pid = str(state["url"]), str(state["token"]), int(state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        if state.get("model") != self.model or state.get("device") != self.device or not process_alive(pid):
+        wanted = {"model": self.model, "device": self.device, "python": self.python, "args": self.extra_args}
+        if any(state.get(field) != value for field, value in wanted.items()) or not process_alive(pid):
             return False
         probe = SegAssistClient(url, token, timeout=(1.0, 10.0), retries=0)
         try:
@@ -246,7 +249,8 @@ class LocalBackend:
         finally:
             if port_file.exists():
                 port_file.unlink()
-        state = {"url": self.url, "token": token, "pid": process.pid, "model": self.model, "device": self.device}
+        state = {"url": self.url, "token": token, "pid": process.pid, "model": self.model, "device": self.device,
+                 "python": self.python, "args": self.extra_args}
         _write_private(self._state_file, json.dumps(state))
 
     def _wait_until_healthy(self, process: subprocess.Popen, port_file: Path, token: str) -> str:

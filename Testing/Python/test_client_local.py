@@ -52,6 +52,9 @@ def test_local_backend_starts_serves_is_reused_and_stops(server_checkpoint, tmp_
         second.stop()  # not its process: nothing happens
         assert backend.running and second.client().health().status == "ok"
         assert LocalBackend.shared(model=server_checkpoint, state_dir=tmp_path).url == backend.url
+        # asked with other options (Slicer's thread setting): not the running one, which ignores them
+        other = LocalBackend(model=server_checkpoint, state_dir=tmp_path, extra_args=["--threads", "1"])
+        assert not other.attach() and other._state_file != state_file
     finally:
         backend.stop()
     assert not process_alive(backend.pid)
