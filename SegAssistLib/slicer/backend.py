@@ -19,7 +19,7 @@ import sys
 import threading
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from SegAssistLib.client import BackendUnavailableError, ClientError, LocalBackend, SegAssistClient
 from SegAssistLib.errors import SegAssistError
@@ -29,6 +29,7 @@ REMOTE = "remote"
 MODES: Tuple[str, ...] = (LOCAL, REMOTE)
 SETTINGS_PREFIX = "SegAssist/Backend/"
 #: The shipped weights, where the local server looks for them when no checkpoint is chosen.
+RETIRE_JOIN_S = 35.0  # LocalBackend.stop waits at most 20 + 5 + 5 s
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "segassist_unet.pt"
 
 
@@ -195,6 +196,7 @@ class BackendManager:
         self._client: Optional[SegAssistClient] = None
         self._generation = 0
         self._stops = 0  # stop_local() calls: a start that a stop overtook is not adopted
+        self._retiring: List[threading.Thread] = []  # backends whose settings changed, stopping
 
     @property
     def generation(self) -> int:
@@ -224,7 +226,11 @@ class BackendManager:
             self._settings = settings
             self._drop_client()
         if retired is not None:
-            retired.stop()
+            # stopping waits for the server to finish (up to 20 s): not on the GUI thread that edits settings
+            thread = threading.Thread(target=retired.stop, name="segassist-retire-backend", daemon=True)
+            thread.start()
+            with self._lock:
+                self._retiring = [t for t in self._retiring if t.is_alive()] + [thread]
 
     # ---- connection --------------------------------------------------------------------------
     def client(self) -> SegAssistClient:
@@ -309,6 +315,10 @@ class BackendManager:
             self._stops += 1
         if local is not None:
             local.stop()
+        with self._lock:
+            retiring, self._retiring = self._retiring, []
+        for thread in retiring:  # backends retired by a settings change: stopped before this returns
+            thread.join(RETIRE_JOIN_S)
 
     def local_status(self) -> BackendStatus:
         """The local backend's state without contacting it."""

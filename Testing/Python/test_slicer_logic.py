@@ -405,6 +405,27 @@ def test_a_crashed_local_backend_is_replaced_once(monkeypatch):
     assert started[-1].stopped and manager._local is None
 
 
+def test_a_settings_change_stops_the_old_backend_off_the_calling_thread():
+    """Each edit of the module's form (a step of the threads box) reaches update_settings on the GUI
+    thread; stopping the old backend waits for its server (up to 20 s), so it happens on a thread of
+    its own, and stop_local (Slicer's exit) waits for it."""
+    release = threading.Event()
+
+    class _SlowToStop(_Backend):
+        def stop(self) -> None:
+            release.wait(30)
+            super().stop()
+
+    manager = BackendManager(BackendSettings(local_threads=1))
+    old = _SlowToStop()
+    manager._local = old
+    manager.update_settings(manager.settings.with_changes(local_threads=2))  # returns while old still stops
+    assert manager._local is None and not old.stopped
+    release.set()
+    manager.stop_local()
+    assert old.stopped
+
+
 def test_shipped_model_segments_a_real_case_with_good_dice(ctx, hippocampus_dir, request, tmp_path):
     if not SHIPPED_MODEL.is_file():
         pytest.skip(
