@@ -63,6 +63,7 @@ NEEDS_ENGINE = ("uncertainty",)
 DEFAULT_DIVERSITY_WEIGHT = 0.5
 DEFAULT_MAX_CANDIDATES = 16
 DEFAULT_PERTURBATIONS = 4
+EngineRunner = Callable[[Callable[[Any], Any]], Any]  # runner(job) -> job(engine), wherever the engine runs
 HIST_BINS = 32
 GRID = 4
 SHIFT_FRACTION = 0.3
@@ -320,6 +321,17 @@ class NextCase:
         }
 
 
+def _propose_case(
+    store: Datastore, case_id: str, engine, runner: Optional[EngineRunner], prior, n_perturbations: int
+) -> Proposal:
+    image = store.load_image(case_id)  # read here, not in the engine's job
+
+    def job(eng) -> Proposal:
+        return propose(eng, image, prior, n_perturbations)
+
+    return runner(job) if runner is not None else job(engine)
+
+
 def candidate_cases(store: Datastore) -> List[CaseRecord]:
     """Cases nobody is working on: ``new``, or ``in_progress`` with an expired lock and no label yet."""
     out = []
@@ -343,6 +355,7 @@ def rank_cases(
     proposals: Optional[Dict[str, Proposal]] = None,
     prior: Optional[StructurePrior] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
+    runner: Optional[EngineRunner] = None,
 ) -> List[CaseScore]:
     """Candidates best first under ``strategy``. Deterministic for a given store, model and seed.
 
@@ -350,10 +363,12 @@ def rank_cases(
     (so a large pool is explored across calls with different seeds). ``proposals``, when given, is
     filled with the proposals computed while scoring uncertainty. ``on_progress(done, total)`` is
     called after each case scored with the model (about ``n_perturbations + 2`` clicks each).
+    ``runner(job)``, when given, runs ``job(engine)`` where the engine lives (a server queues one job
+    per case, so that prompts of open sessions are answered between them); ``engine`` may then be None.
     """
     if strategy not in STRATEGIES:
         raise ActiveLearningError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    if strategy in NEEDS_ENGINE and engine is None:
+    if strategy in NEEDS_ENGINE and engine is None and runner is None:
         raise ActiveLearningError(f"the {strategy!r} strategy needs a model (an engine) to score cases")
     if not math.isfinite(diversity_weight) or diversity_weight < 0:
         raise ActiveLearningError(f"diversity_weight must be a non-negative number, got {diversity_weight!r}")
@@ -378,7 +393,7 @@ def rank_cases(
     else:
         prior = prior or structure_prior(store, label_value)
         for done, c in enumerate(pool, 1):
-            proposal = propose(engine, store.load_image(c.id), prior, n_perturbations)
+            proposal = _propose_case(store, c.id, engine, runner, prior, n_perturbations)
             if on_progress is not None:
                 on_progress(done, len(pool))
             if proposals is not None:
@@ -404,6 +419,7 @@ def next_case(
     n_perturbations: int = DEFAULT_PERTURBATIONS,
     label_value: Optional[int] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
+    runner: Optional[EngineRunner] = None,
 ) -> NextCase:
     """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
 
@@ -414,11 +430,12 @@ def next_case(
     if lock and not user:
         raise ActiveLearningError("locking the next case needs the user it is for")
     proposals: Dict[str, Proposal] = {}
-    prior = structure_prior(store, label_value) if engine is not None else None
+    has_model = engine is not None or runner is not None
+    prior = structure_prior(store, label_value) if has_model else None
     ranking = rank_cases(
         store, engine, strategy, seed=seed, diversity_weight=diversity_weight, max_candidates=max_candidates,
         n_perturbations=n_perturbations, label_value=label_value, proposals=proposals, prior=prior,
-        on_progress=on_progress,
+        on_progress=on_progress, runner=runner,
     )
     for best in ranking:
         case = store.get_case(best.case_id)
@@ -428,9 +445,9 @@ def next_case(
             except CaseLockedError:  # another annotator took it while this ranking ran
                 continue
         proposal = proposals.get(case.id)
-        if proposal is None and with_proposal and engine is not None:
+        if proposal is None and with_proposal and has_model:
             try:
-                proposal = propose(engine, store.load_image(case.id), prior, n_perturbations)
+                proposal = _propose_case(store, case.id, engine, runner, prior, n_perturbations)
             except BaseException:
                 if lock:
                     store.unlock(case.id, user)

@@ -40,7 +40,8 @@ from SegAssistLib.server.deps import current_user, get_state, reply_codec
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
 from SegAssistLib.server.responses import ERROR_RESPONSES
-from SegAssistLib.server.state import ServerState, await_job, queue_job
+from SegAssistLib.server.state import ServerState, queue_job
+from SegAssistLib.server.worker import WorkerStopped
 from SegAssistLib.transport import encode_frame
 
 router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES)
@@ -323,27 +324,26 @@ async def next_case(
     user: str = Depends(current_user),
     codec: str = Depends(reply_codec),
 ) -> NextCaseReply:
-    """Scoring by uncertainty and the proposal run the model: a job on an inference worker, queued
-    fairly with the prompts of open sessions."""
+    """Scoring by uncertainty and the proposal run the model: one job per case on an inference worker,
+    queued fairly with the prompts of open sessions (which are answered between them)."""
     from SegAssistLib.learning import active
 
     needs_model = body.proposal or body.strategy in active.NEEDS_ENGINE
+    worker = state.pool.pick() if needs_model else None
 
-    def run(engine: Any):
-        return active.next_case(
-            learning.store, engine, body.strategy, seed=body.seed, user=user, lock=body.lock,
-            lock_ttl_s=body.lock_ttl_s,
-            with_proposal=body.proposal, diversity_weight=body.diversity_weight, max_candidates=body.max_candidates,
-        )  # fmt: skip
-
-    if needs_model:
-        future = queue_job(state.pool.pick(), f"learn:{user}", run)
+    def on_worker(job: Callable[[Any], T]) -> T:  # called from the thread pool: waits for the job
         try:
-            chosen = await await_job(future)
-        except LEARNING_ERRORS as exc:
-            raise api_error_for(exc) from exc
-    else:
-        chosen = await _call(lambda: run(None))
+            return queue_job(worker, f"learn:{user}", job).result()
+        except WorkerStopped as exc:
+            raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+
+    chosen = await _call(
+        lambda: active.next_case(
+            learning.store, None, body.strategy, seed=body.seed, user=user, lock=body.lock,
+            lock_ttl_s=body.lock_ttl_s, with_proposal=body.proposal, diversity_weight=body.diversity_weight,
+            max_candidates=body.max_candidates, runner=on_worker if needs_model else None,
+        )
+    )  # fmt: skip
     image_id, _ = await _call(lambda: _hold_case_image(state, learning, chosen.case.id))
 
     def build() -> NextCaseReply:

@@ -74,6 +74,7 @@ class Servers:
         data_dir: Optional[Path] = None,
         tls: Optional[tuple] = None,
         learn_store: Optional[Path] = None,
+        engine_factory: Optional[Callable] = None,
         **limits,
     ):
         from SegAssistLib.server.app import create_app
@@ -88,6 +89,8 @@ class Servers:
             limits=Limits(**limits),
         )
         kwargs = {"clock": clock} if clock is not None else {}
+        if engine_factory is not None:
+            kwargs["engine_factory"] = engine_factory
         uvicorn_config = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
         server = ServerThread(create_app(settings, **kwargs), port=port, **uvicorn_config).start()
         self.running.append(server)

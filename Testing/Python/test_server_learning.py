@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import List, Tuple
 
 import numpy as np
 import pytest
 from learning_fixtures import synthetic_case
-from test_server_fixtures import TOKENS, assert_error, raw
+from test_server_fixtures import TOKENS, assert_error, make_volume, raw
 
 from SegAssistLib.client import SegAssistClient
 from SegAssistLib.client.errors import BadRequestError, LearningConflictError, LearningDisabledError, NotFoundError
@@ -141,6 +142,60 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
     with pytest.raises(LearningConflictError):
         bob.learning.save_mask(second.case.id, imported[1][2])
     assert alice.learning.labels(second.case.id) == []
+
+
+def test_prompts_of_open_sessions_are_answered_between_the_cases_a_ranking_scores(server_factory, tmp_path):
+    """Scoring by uncertainty runs the model about six times per candidate; it once ran as one job,
+    so every click of every other session waited for the whole ranking. Each candidate is a job of
+    its own now: a click that arrives meanwhile is answered before the ranking ends."""
+    from SegAssistLib.engine.builtin import load_default_engine
+
+    calls: List[Tuple[int, ...]] = []  # the image shape of each prompt the engine answers, in order
+
+    class _Logged:
+        def __init__(self, engine) -> None:
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def open_session(self, volume, prompts=None):
+            session = self.engine.open_session(volume, prompts)
+            add_prompt = session.add_prompt
+
+            def logged(prompt):
+                time.sleep(0.05)  # a slower machine: the ranking takes seconds
+                calls.append(tuple(volume.array.shape))
+                return add_prompt(prompt)
+
+            session.add_prompt = logged
+            return session
+
+    server = server_factory.start(
+        learn_store=tmp_path / "store",
+        engine_factory=lambda device: _Logged(load_default_engine(server_factory.checkpoint, device=device)),
+    )
+    alice = SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 120.0))
+    bob = SegAssistClient(server.url, TOKENS["bob"], timeout=(5.0, 120.0))
+    for i in range(N_CASES):
+        alice.learning.import_image(synthetic_case(200 + i)[0], name=f"case_{i}")
+    case_shape = tuple(synthetic_case(200)[0].array.shape)
+    bobs_volume = make_volume(shape=(20, 36, 44))
+    bob.upload_image(bobs_volume)
+    ranked = []
+    ranking = threading.Thread(target=lambda: ranked.append(alice.learning.next_case(strategy="uncertainty")))
+    ranking.start()
+    deadline = time.monotonic() + 60
+    while case_shape not in calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with bob.open_session(bobs_volume) as session:
+        session.add_prompt(PointPrompt(position=(22.0, 18.0, 10.0)))
+    ranking.join(120)
+    assert ranked and ranked[0].case.locked_by == "alice"
+    bobs_click = calls.index(tuple(bobs_volume.array.shape))
+    assert case_shape in calls[bobs_click + 1 :], "the click waited for the whole ranking"
+    alice.close()
+    bob.close()
 
 
 def test_a_session_on_another_image_is_not_saved_as_a_label(clients, imported, learn_server):
