@@ -154,8 +154,11 @@ class RemoteSession(EngineSession):
         server's current prompts without the earlier steps: a step it does not know is read back."""
         if known_here:
             self._history.apply(op)
-        else:
+            return
+        try:
             self._history = _History(list(self.prompt_log().prompts))
+        except ClientError:  # the step was done and its update is right: the next call resyncs the rest
+            self._out_of_sync = True
 
     def reset(self) -> MaskUpdate:
         update = self._mutate("reset")

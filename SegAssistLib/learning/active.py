@@ -52,7 +52,7 @@ from SegAssistLib.api_learning import MAX_SEED
 from SegAssistLib.evaluation.simulator import most_interior_voxel
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore
-from SegAssistLib.learning.errors import CaseLockedError
+from SegAssistLib.learning.errors import CaseLockedError, InvalidStateError
 from SegAssistLib.learning.loop_errors import ActiveLearningError, NoCandidateError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.traindata import foreground
@@ -424,8 +424,8 @@ def next_case(
     """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
 
     With ``lock`` the case is locked to ``user`` for ``lock_ttl_s`` seconds; a case another annotator
-    locked while this one ranked passes to the next in the ranking (``NoCandidateError`` when all were
-    taken).
+    locked or labelled while this one ranked passes to the next in the ranking (``NoCandidateError``
+    when all were taken).
     """
     if lock and not user:
         raise ActiveLearningError("locking the next case needs the user it is for")
@@ -441,8 +441,8 @@ def next_case(
         case = store.get_case(best.case_id)
         if lock:
             try:
-                case = store.lock(case.id, user, ttl_s=lock_ttl_s)
-            except CaseLockedError:  # another annotator took it while this ranking ran
+                case = store.lock(case.id, user, ttl_s=lock_ttl_s, unlabelled_only=True)
+            except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
                 continue
         proposal = proposals.get(case.id)
         if proposal is None and with_proposal and has_model:
@@ -453,4 +453,4 @@ def next_case(
                     store.unlock(case.id, user)
                 raise
         return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior)
-    raise NoCandidateError("every case ranked was locked by other annotators meanwhile; ask again")
+    raise NoCandidateError("every case ranked was taken by other annotators meanwhile; ask again")

@@ -420,11 +420,15 @@ class Datastore:
                 "finished label; lock the case first to change it"
             )
 
-    def lock(self, case_id: str, user: str, ttl_s: float = DEFAULT_LOCK_TTL_S) -> CaseRecord:
+    def lock(
+        self, case_id: str, user: str, ttl_s: float = DEFAULT_LOCK_TTL_S, unlabelled_only: bool = False
+    ) -> CaseRecord:
         """Lock a case to ``user`` for ``ttl_s`` seconds (renews the user's own lock).
 
         A ``new`` case becomes ``in_progress``. Raises :class:`CaseLockedError` when another user
-        holds an unexpired lock.
+        holds an unexpired lock; with ``unlabelled_only`` (handing out the next case),
+        :class:`InvalidStateError` when the case has a label version by now, checked in the same
+        transaction as the lock.
         """
         check_case_id(case_id)
         check_user(user)
@@ -435,6 +439,10 @@ class Datastore:
             now = self._clock()
             row = self._case_row(db, case_id)
             self._check_lock(row, user, now)
+            if unlabelled_only:
+                labels = db.execute("SELECT COUNT(*) FROM labels WHERE case_id = ?", (case_id,)).fetchone()[0]
+                if labels:
+                    raise InvalidStateError(f"case {case_id} ({row['name']}) was labelled meanwhile")
             status = CaseStatus.IN_PROGRESS.value if row["status"] == CaseStatus.NEW.value else row["status"]
             db.execute(
                 "UPDATE cases SET locked_by = ?, lock_expires = ?, status = ?, updated_at = ? WHERE id = ?",

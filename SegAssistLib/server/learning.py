@@ -9,6 +9,7 @@ so sessions keep going without a restart and every reply states the version that
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from pathlib import Path
@@ -26,6 +27,7 @@ from SegAssistLib.server.errors import ApiError
 from SegAssistLib.transport import wire_array
 
 log = logging.getLogger("segassist.server")
+MAX_CONCURRENT_RANKINGS = 4
 
 # most specific first: the first match decides (status, code)
 _ERRORS = (
@@ -65,6 +67,14 @@ class LearningState:
         self.checkpoint = Path(checkpoint)
         self._image_ids: Dict[str, str] = {}  # case id -> the image id its image is served under
         self._base_identity: Optional[str] = None
+        self._ranking_slots: Optional[asyncio.Semaphore] = None
+
+    def ranking_slots(self) -> asyncio.Semaphore:
+        """Next-case rankings that run at once: each holds a thread of the server's pool while its
+        cases are scored, so more wait here (without a thread) rather than starve other requests."""
+        if self._ranking_slots is None:  # made in the event loop, on first use
+            self._ranking_slots = asyncio.Semaphore(MAX_CONCURRENT_RANKINGS)
+        return self._ranking_slots
 
     def base_identity(self) -> str:
         """Identity of the base weights the workers load (read once, with torch, on first use):

@@ -7,6 +7,7 @@ process (``SegAssistLib.learning.jobs``), never in the server.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
@@ -337,13 +338,14 @@ async def next_case(
         except WorkerStopped as exc:
             raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
 
-    chosen = await _call(
-        lambda: active.next_case(
-            learning.store, None, body.strategy, seed=body.seed, user=user, lock=body.lock,
-            lock_ttl_s=body.lock_ttl_s, with_proposal=body.proposal, diversity_weight=body.diversity_weight,
-            max_candidates=body.max_candidates, runner=on_worker if needs_model else None,
-        )
-    )  # fmt: skip
+    async with learning.ranking_slots() if needs_model else contextlib.nullcontext():
+        chosen = await _call(
+            lambda: active.next_case(
+                learning.store, None, body.strategy, seed=body.seed, user=user, lock=body.lock,
+                lock_ttl_s=body.lock_ttl_s, with_proposal=body.proposal, diversity_weight=body.diversity_weight,
+                max_candidates=body.max_candidates, runner=on_worker if needs_model else None,
+            )
+        )  # fmt: skip
     image_id, _ = await _call(lambda: _hold_case_image(state, learning, chosen.case.id))
 
     def build() -> NextCaseReply:

@@ -228,9 +228,9 @@ class BackendManager:
         if retired is not None:
             # stopping waits for the server to finish (up to 20 s): not on the GUI thread that edits settings
             thread = threading.Thread(target=retired.stop, name="segassist-retire-backend", daemon=True)
-            thread.start()
             with self._lock:
                 self._retiring = [t for t in self._retiring if t.is_alive()] + [thread]
+            thread.start()
 
     # ---- connection --------------------------------------------------------------------------
     def client(self) -> SegAssistClient:
@@ -259,6 +259,7 @@ class BackendManager:
                     if self._settings != settings or self.local_running:
                         continue  # changed, or started by another thread, while this one waited
                 stops = self._stops
+                self._wait_for_retired()  # never attach to a backend that is shutting down
                 backend = self._start_local(settings)
                 with self._lock:
                     stopped = self._stops != stops
@@ -315,10 +316,16 @@ class BackendManager:
             self._stops += 1
         if local is not None:
             local.stop()
+        self._wait_for_retired()  # backends retired by a settings change: stopped before this returns
+
+    def _wait_for_retired(self) -> None:
         with self._lock:
-            retiring, self._retiring = self._retiring, []
-        for thread in retiring:  # backends retired by a settings change: stopped before this returns
-            thread.join(RETIRE_JOIN_S)
+            retiring = list(self._retiring)
+        for thread in retiring:
+            if thread.is_alive():
+                thread.join(RETIRE_JOIN_S)
+        with self._lock:
+            self._retiring = [t for t in self._retiring if t.is_alive()]
 
     def local_status(self) -> BackendStatus:
         """The local backend's state without contacting it."""

@@ -162,15 +162,14 @@ def find_or_add_segment(
     return segments.add_segment(segmentation_node, segment_name, color)
 
 
-def free_segment_name(
-    segmentation_node: slicer.vtkMRMLSegmentationNode, name: str, volume_node: slicer.vtkMRMLScalarVolumeNode
-) -> str:
-    """``name`` if no segment of that name holds voxels, else the first free "name 2", "name 3", ..."""
+def free_segment_name(segmentation_node: slicer.vtkMRMLSegmentationNode, name: str) -> str:
+    """``name`` if no segment of that name holds voxels (anywhere: also outside the volume being
+    segmented), else the first free "name 2", "name 3", ..."""
     segmentation = segmentation_node.GetSegmentation()
 
     def taken(candidate: str) -> bool:
         existing = segmentation.GetSegmentIdBySegmentName(candidate)
-        return bool(existing) and bool(segments.segment_to_array(segmentation_node, existing, volume_node).any())
+        return bool(existing) and segments.segment_holds_voxels(segmentation_node, existing)
 
     if not taken(name):
         return name
@@ -259,7 +258,7 @@ def write_result(
     if segmentation_node is None:
         segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
     if keep_existing and segment_id is None:
-        segment_name = free_segment_name(segmentation_node, segment_name, volume_node)
+        segment_name = free_segment_name(segmentation_node, segment_name)
     target = find_or_add_segment(segmentation_node, segment_name, segment_id, color)
     segments.array_to_segment(run.mask, segmentation_node, target, volume_node)
     return SegmentationResult(

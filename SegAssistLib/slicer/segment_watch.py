@@ -18,7 +18,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import slicer
 
-BINARY_LABELMAP = "Binary labelmap"
+from SegAssistLib.slicer.segments import BINARY_LABELMAP
+
 SOURCE_MODIFIED = getattr(slicer.vtkSegmentation, "SourceRepresentationModified", None) or getattr(
     slicer.vtkSegmentation, "MasterRepresentationModified", None
 )

@@ -27,6 +27,7 @@ from SegAssistLib.errors import ImageError, SegAssistError, SessionError
 from SegAssistLib.slicer.scene import read_node_file, write_node_file
 
 BINARY_LABELMAP = "Binary labelmap"
+CLOSED_SURFACE = "Closed surface"
 _Logic = slicer.vtkSlicerSegmentationsModuleLogic
 
 
@@ -65,6 +66,20 @@ def _segment(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str)
         ids = list(segmentation_node.GetSegmentation().GetSegmentIDs())
         raise SegAssistError(f"segmentation {segmentation_node.GetName()!r} has no segment {segment_id!r} (has {ids})")
     return segment
+
+
+def segment_holds_voxels(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str) -> bool:
+    """Whether the segment holds anything, wherever it lies: read from its own representation, not
+    resampled onto some volume's grid (which would find a segment outside that grid empty)."""
+    segment = _segment(segmentation_node, segment_id)
+    labelmap = segment.GetRepresentation(BINARY_LABELMAP)
+    if labelmap is not None:
+        scalars = labelmap.GetPointData().GetScalars()
+        if scalars is None:
+            return False
+        return bool(np.any(numpy_support.vtk_to_numpy(scalars) == segment.GetLabelValue()))
+    surface = segment.GetRepresentation(CLOSED_SURFACE)
+    return surface is not None and surface.GetNumberOfPoints() > 0
 
 
 def reference_geometry(
@@ -123,9 +138,21 @@ def oriented_labelmap(
 
 
 def _ensure_binary_labelmap_source(segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
+    """Voxels are written into labelmaps: a segmentation kept as another representation (surfaces of
+    imported models) is converted only while it holds no segment, as converting would replace every
+    segment's own surface by one regenerated from voxels. Slicer's Segment Editor asks first; this asks
+    the caller to convert it deliberately."""
     segmentation = segmentation_node.GetSegmentation()
-    if segmentation.GetSourceRepresentationName() == BINARY_LABELMAP:
+    source = segmentation.GetSourceRepresentationName()
+    if source == BINARY_LABELMAP:
         return
+    if segmentation.GetNumberOfSegments():
+        raise SegAssistError(
+            f"segmentation {segmentation_node.GetName()!r} keeps its segments as {source.lower()}s: writing "
+            "voxels would replace each segment's own surface by one regenerated from a labelmap. Make "
+            "'Binary labelmap' its source representation first (Segmentations module) or choose another "
+            "segmentation"
+        )
     if not segmentation.CreateRepresentation(BINARY_LABELMAP):
         raise SegAssistError(f"segmentation {segmentation_node.GetName()!r} cannot be converted to a binary labelmap")
     segmentation.SetSourceRepresentationName(BINARY_LABELMAP)

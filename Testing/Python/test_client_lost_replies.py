@@ -15,7 +15,7 @@ import pytest
 from test_server_fixtures import TOKENS, make_volume
 
 from SegAssistLib.client import SegAssistClient
-from SegAssistLib.client.errors import BackendTimeoutError, InvalidPromptError
+from SegAssistLib.client.errors import BackendTimeoutError, BackendUnavailableError, InvalidPromptError
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.prompts import PointPrompt
 
@@ -115,6 +115,23 @@ def test_a_prompt_whose_reply_is_lost_is_neither_missed_nor_applied_twice(slow_s
         np.testing.assert_array_equal(attached.result(), mask)
         _agrees_with_server(attached)
         attached.redo()
+        attached.undo()
+        _agrees_with_server(attached)
+        # the read-back fails once (the connection drops): the undo was done and its update stands;
+        # the next call takes the server's prompts and mask
+        attached.redo()
+        real_log = attached.prompt_log
+
+        def dropped():
+            attached.prompt_log = real_log
+            raise BackendUnavailableError("connection dropped")
+
+        attached.prompt_log = dropped
+        seen = attached.result()
+        attached.undo().apply_to(seen)
+        np.testing.assert_array_equal(seen, attached.fetch_result())
+        attached.redo().apply_to(seen)
+        np.testing.assert_array_equal(seen, attached.fetch_result())
         attached.undo()
         _agrees_with_server(attached)
         assert len(attached.local_prompts()) == 4

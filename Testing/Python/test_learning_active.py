@@ -143,9 +143,27 @@ def test_cases_taken_while_ranking_pass_to_the_next_in_line(world, left_free):
         assert got.case.id == pool[0] != got.ranking[0].case_id and got.case.locked_by == "bob"
         assert got.proposal is not None and sorted(s.case_id for s in got.ranking) == sorted(pool)
     else:
-        with pytest.raises(NoCandidateError, match="locked by other annotators meanwhile"):
+        with pytest.raises(NoCandidateError, match="taken by other annotators meanwhile"):
             next_case(store, engine, "uncertainty", user="bob", lock=True, on_progress=carol_takes_cases)
         assert all(store.get_case(c).locked_by == "carol" for c in pool)
+
+
+def test_a_case_labelled_while_ranking_is_not_handed_out_again(world):
+    """Carol locks and submits cases while bob's ranking runs: her submission releases the lock, and
+    locking the case for bob once succeeded (bob could then replace her label and undo its review)."""
+    store, cases, odd, engine = world
+    pool = [c.id for c in candidate_cases(store)]
+
+    def carol_labels_cases(done: int, total: int) -> None:
+        if done == total:
+            for case_id in pool[1:]:
+                store.lock(case_id, "carol")
+                store.save_label(case_id, np.ones(store.get_case(case_id).shape, np.uint8), "carol")
+
+    got = next_case(store, engine, "uncertainty", user="bob", lock=True, on_progress=carol_labels_cases)
+    assert got.case.id == pool[0] and got.case.locked_by == "bob" and got.case.status is CaseStatus.IN_PROGRESS
+    assert all(store.get_case(c).status is CaseStatus.SUBMITTED and store.get_case(c).locked_by is None
+               for c in pool[1:])  # fmt: skip
 
 
 def test_the_next_case_stays_locked_for_a_work_session(tmp_path: Path):

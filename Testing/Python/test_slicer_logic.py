@@ -130,6 +130,15 @@ def test_the_module_button_keeps_a_segment_that_holds_someones_work(ctx):
     replaced = write_result(run(4), volume, segmentation_node=seg)  # the batch API: replaced, as documented
     assert replaced.segment_id == first.segment_id and seg.GetSegmentation().GetNumberOfSegments() == 2
 
+    # the button pressed again on another volume, one that does not overlap the first: the segment's
+    # voxels lie outside its grid, and are still someone's work (it was once replaced whole)
+    elsewhere = _volume(ctx.scene)
+    elsewhere.SetOrigin(500.0, 0.0, 0.0)
+    third = write_result(run(0), elsewhere, segmentation_node=seg, keep_existing=True)
+    assert third.segment_id not in (first.segment_id, second.segment_id)
+    assert seg.GetSegmentation().GetSegment(third.segment_id).GetName() == "SegAssist 3"
+    assert np.array_equal(segments.segment_to_array(seg, first.segment_id, volume), run(4).mask)  # kept
+
 
 def test_markups_of_every_kind_become_prompts(ctx):
     volume = _volume(ctx.scene)
@@ -424,6 +433,23 @@ def test_a_settings_change_stops_the_old_backend_off_the_calling_thread():
     release.set()
     manager.stop_local()
     assert old.stopped
+
+    # back to the first settings while the old backend still shuts down: the start waits for it
+    # (attaching to a backend on its way out would fail on the next request)
+    release.clear()
+    old = _SlowToStop()
+    manager._local = old
+    manager.update_settings(manager.settings.with_changes(local_threads=1))
+    seen_at_start = []
+
+    def start(settings):
+        seen_at_start.append(old.stopped)
+        return _Backend()
+
+    manager._start_local = start
+    threading.Timer(0.3, release.set).start()
+    manager.client()
+    assert seen_at_start == [True]
 
 
 def test_shipped_model_segments_a_real_case_with_good_dice(ctx, hippocampus_dir, request, tmp_path):

@@ -245,6 +245,25 @@ def test_seg_nrrd_written_by_simpleitk_loads_into_slicer(ctx, tmp_path):
         assert np.array_equal(segments.segment_to_array(seg, sid, volume), (labels == value).astype(np.uint8))
 
 
+def test_segments_kept_as_surfaces_are_not_converted_behind_the_users_back(ctx):
+    """A segmentation of imported models keeps closed surfaces; a write once converted it to labelmaps,
+    replacing every segment's surface by one regenerated from voxels."""
+    volume = _volume(ctx.scene)
+    seg = segments.create_segmentation(ctx.scene, volume, "models")
+    seg.GetSegmentation().SetSourceRepresentationName("Closed surface")
+    sphere = vtk.vtkSphereSource()
+    sphere.SetRadius(3.0)
+    sphere.Update()
+    seg.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "liver", [1.0, 0.0, 0.0], "liver")
+    target = segments.add_segment(seg, "SegAssist")
+    points = sphere.GetOutput().GetNumberOfPoints()
+    assert segments.segment_holds_voxels(seg, "liver") and not segments.segment_holds_voxels(seg, target)
+    with pytest.raises(SegAssistError, match="Binary labelmap.*source representation first"):
+        segments.array_to_segment(_masks()["a"], seg, target, volume)
+    assert seg.GetSegmentation().GetSourceRepresentationName() == "Closed surface"
+    assert seg.GetSegmentation().GetSegment("liver").GetRepresentation("Closed surface").GetNumberOfPoints() == points
+
+
 def test_clear_errors(ctx, tmp_path):
     volume = _volume(ctx.scene)
     seg = _segmentation(ctx, volume, {"a": _masks()["a"]})
