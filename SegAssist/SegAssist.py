@@ -459,7 +459,10 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(False)
         self._checkCanApply()
         if finished.error is not None:
-            self.setStatus(self._describe(finished.error), error=True)
+            from SegAssistLib.slicer.logic import Cancelled
+
+            cancelled = isinstance(finished.error, Cancelled)
+            self.setStatus(_("Cancelled") if cancelled else self._describe(finished.error), error=not cancelled)
             return
         volumeNode, segmentationNode, segmentName = self._batchTarget
         with slicer.util.tryWithErrorDisplay(_("Failed to write the segment."), waitCursor=True):
@@ -584,7 +587,11 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         from SegAssistLib.slicer.logic import run_prompts
 
         volume, prompts = prepared
+        if progress is not None:  # a cancel pressed before the backend answers takes effect here
+            progress(0.0, _("Connecting to the backend (a local one starts first)"))
         engine = engineFactory() if engineFactory is not None else self.engine()
+        if progress is not None:
+            progress(0.0, _("Connected"))
         return run_prompts(engine, volume, prompts, progress)
 
     def writeResult(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -127,6 +128,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         run(args, scene, markups_logic)
     except (SegAssistError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception:  # a bug: the traceback, and an exit status (Slicer would otherwise keep running)
+        traceback.print_exc()
         return 1
     finally:
         if context is not None:

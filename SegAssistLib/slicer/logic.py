@@ -126,8 +126,8 @@ def load_prompt_file(
     if path.name.lower().endswith(".mrk.json"):
         if markups_logic is None:
             raise SegAssistError("reading a .mrk.json file needs the Markups module logic")
-        node = markups.load_markups(markups_logic, str(path))
-        return prompts_from_markups(node, volume_node)
+        nodes = markups.load_all_markups(markups_logic, str(path))
+        return [prompt for node in nodes for prompt in prompts_from_markups(node, volume_node)]
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -255,6 +255,11 @@ def write_result(
     previous run, maybe edited since) is kept, and the result goes to a new segment, "name 2", ...
     """
     scene = volume_node.GetScene()
+    for node in (volume_node, segmentation_node):
+        if node is not None and (node.GetScene() is None or node.GetScene() is not scene):
+            # the scene was closed (or the node deleted) while the engine ran: nothing to write into
+            raise SegAssistError(f"{node.GetName()!r} is no longer in the scene (closed or deleted meanwhile): "
+                                 "the result was not written")  # fmt: skip
     if segmentation_node is None:
         segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
     if keep_existing and segment_id is None:

@@ -120,8 +120,22 @@ def load_markups(
     name: Optional[str] = None,
 ) -> slicer.vtkMRMLMarkupsNode:
     """Read a markups file (``.mrk.json``, ``.fcsv``) into the logic's scene through its storage node."""
+    return load_all_markups(logic, path, name)[0]
+
+
+def load_all_markups(
+    logic: slicer.vtkSlicerMarkupsLogic,
+    path: str,
+    name: Optional[str] = None,
+) -> List[slicer.vtkMRMLMarkupsNode]:
+    """Every markups node a file holds (a ``.mrk.json`` may hold several), in the file's order."""
+    scene = logic.GetMRMLScene()
+    before = {scene.GetNthNodeByClass(i, "vtkMRMLMarkupsNode").GetID()
+              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsNode"))}  # fmt: skip
     node_id = logic.LoadMarkups(str(path), name) if name else logic.LoadMarkups(str(path))
-    node = logic.GetMRMLScene().GetNodeByID(node_id) if node_id else None
-    if node is None:
+    first = scene.GetNodeByID(node_id) if node_id else None
+    if first is None:
         raise SegAssistError(f"could not read markups from {path}")
-    return node
+    added = [scene.GetNthNodeByClass(i, "vtkMRMLMarkupsNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsNode"))]  # fmt: skip
+    return [first] + [n for n in added if n.GetID() not in before and n.GetID() != first.GetID()]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SegAssistLib.errors import PromptError
+from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, PromptLog, ScribblePrompt
 
 slicer = pytest.importorskip("slicer")
@@ -140,6 +140,20 @@ def test_the_module_button_keeps_a_segment_that_holds_someones_work(ctx):
     assert np.array_equal(segments.segment_to_array(seg, first.segment_id, volume), run(4).mask)  # kept
 
 
+def test_a_result_for_nodes_removed_meanwhile_is_refused_not_written_into_nothing(ctx):
+    """Close scene while a run goes on: the result once went into a node outside any scene, reported
+    as written, or failed with an AttributeError."""
+    volume = _volume(ctx.scene)
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+    run = EngineRun(np.ones((20, 30, 40), np.uint8), PromptLog(prompts=[]), "test", [])
+    ctx.scene.RemoveNode(seg)
+    with pytest.raises(SegAssistError, match="'seg' is no longer in the scene"):
+        write_result(run, volume, segmentation_node=seg)
+    ctx.scene.RemoveNode(volume)
+    with pytest.raises(SegAssistError, match="'v' is no longer in the scene"):
+        write_result(run, volume)
+
+
 def test_markups_of_every_kind_become_prompts(ctx):
     volume = _volume(ctx.scene)
     ras = lambda ijk: coordinates.ijk_to_ras(ijk, volume)  # noqa: E731
@@ -196,6 +210,17 @@ def test_prompt_files_in_every_format(ctx, tmp_path):
     assert storage.WriteData(node)
     loaded = load_prompt_file(tmp_path / "clicks.mrk.json", volume, ctx.markups_logic)
     assert len(loaded) == 1 and np.allclose(loaded[0].position, (10, 12, 5)) and not loaded[0].positive
+    # a file holding two point lists: every click counts (the second list was once ignored)
+    data = json.loads((tmp_path / "clicks.mrk.json").read_text())
+    second = json.loads(json.dumps(data["markups"][0]))
+    second["controlPoints"][0]["label"] = "inside"
+    r, a, s = coordinates.ijk_to_ras((14, 12, 5), volume)
+    assert second["coordinateSystem"] == "LPS"  # what Slicer writes
+    second["controlPoints"][0]["position"] = [-r, -a, s]
+    data["markups"].append(second)
+    (tmp_path / "two.mrk.json").write_text(json.dumps(data))
+    both = load_prompt_file(tmp_path / "two.mrk.json", volume, ctx.markups_logic)
+    assert [p.positive for p in both] == [False, True] and np.allclose(both[1].position, (14, 12, 5))
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema_version": "9.0", "prompts": []}')
@@ -510,6 +535,20 @@ def test_batch_example_segments_the_bundled_sample(tiny_backend, tmp_path, capsy
         assert segment_id
         assert segments.segment_to_array(seg, segment_id, image).shape == slicer.util.arrayFromVolume(image).shape
     assert example.main(["--image", "x"]) == 2  # usage error
+
+
+def test_batch_example_exits_with_a_status_on_an_unexpected_error(monkeypatch, tmp_path, capsys):
+    """Slicer runs the script with --no-main-window: without an exit status it keeps running, and a
+    cluster job never ends."""
+    example = _example_module()
+
+    def broken(*args):
+        raise RuntimeError("a bug in the script")
+
+    monkeypatch.setattr(example, "run", broken)
+    args = ["--image", str(tmp_path / "x.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "o")]
+    assert example.main(args) == 1
+    assert "RuntimeError: a bug in the script" in capsys.readouterr().err
 
 
 def test_managers_for_explicit_settings_live_as_long_as_the_process():
