@@ -30,8 +30,9 @@ from SegAssistLib.api_learning import (
     NextCaseReply,
     VersionList,
 )
-from SegAssistLib.api_models import API_PREFIX, ArrayPayload
+from SegAssistLib.api_models import API_PREFIX, REQUEST_ID_HEADER, ArrayPayload
 from SegAssistLib.client.errors import BackendTimeoutError, ProtocolError
+from SegAssistLib.client.http import new_request_id
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import MaskPrompt
 from SegAssistLib.transport import available_codecs, decode_frame
@@ -146,9 +147,17 @@ class LearningClient:
             "seconds_spent": float(seconds_spent),
             "n_interactions": n_interactions,
         }
-        return LabelInfo.model_validate(
-            self._http.json("POST", f"{_BASE}/cases/{case_id}/labels", json=body, safe=False)
-        )
+        return LabelInfo.model_validate(self._post_once(f"{_BASE}/cases/{case_id}/labels", body))
+
+    def _post_once(self, path: str, body: dict) -> Any:
+        """A POST that must take effect once (a label version, a lock): it carries a request id, so the
+        HTTP layer may repeat it after a dropped connection, and it is sent once more under that id
+        when its reply times out; the server answers a repeat with the first's result."""
+        headers = {REQUEST_ID_HEADER: new_request_id()}
+        try:
+            return self._http.json("POST", path, json=body, headers=headers)
+        except BackendTimeoutError:
+            return self._http.json("POST", path, json=body, headers=headers)
 
     def save_mask(
         self,
@@ -166,9 +175,7 @@ class LearningClient:
             "seconds_spent": float(seconds_spent),
             "n_interactions": n_interactions,
         }
-        return LabelInfo.model_validate(
-            self._http.json("POST", f"{_BASE}/cases/{case_id}/labels", json=body, safe=False)
-        )
+        return LabelInfo.model_validate(self._post_once(f"{_BASE}/cases/{case_id}/labels", body))
 
     # ---- training --------------------------------------------------------------------------------
     def train(self, kind: str = "salt", **settings: Any) -> JobStatus:
@@ -238,7 +245,7 @@ class LearningClient:
         }
         if lock_ttl_s != DEFAULT_LOCK_TTL_S:  # sent only when asked: servers before it refuse the field
             body["lock_ttl_s"] = lock_ttl_s
-        reply = NextCaseReply.model_validate(self._http.json("POST", f"{_BASE}/next", json=body, safe=False))
+        reply = NextCaseReply.model_validate(self._post_once(f"{_BASE}/next", body))
         mask = None
         if reply.proposal is not None:
             mask = np.zeros(tuple(reply.case.shape), np.uint8)

@@ -24,6 +24,7 @@ from SegAssistLib.learning import loop_errors
 from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.server.errors import ApiError
+from SegAssistLib.server.once import OnceReplies
 from SegAssistLib.transport import wire_array
 
 log = logging.getLogger("segassist.server")
@@ -68,6 +69,7 @@ class LearningState:
         self._image_ids: Dict[str, str] = {}  # case id -> the image id its image is served under
         self._base_identity: Optional[str] = None
         self._ranking_slots: Optional[asyncio.Semaphore] = None
+        self.once = OnceReplies()  # label saves and next-case answers, by request id
 
     def ranking_slots(self) -> asyncio.Semaphore:
         """Next-case rankings that run at once: each holds a thread of the server's pool while its

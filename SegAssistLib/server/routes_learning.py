@@ -37,7 +37,7 @@ from SegAssistLib.api_models import FRAME_MEDIA_TYPE, ArrayPayload, ErrorCode
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.records import CaseRecord
 from SegAssistLib.learning.registry import BASE, adapter_id_of
-from SegAssistLib.server.deps import current_user, get_state, reply_codec
+from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
 from SegAssistLib.server.responses import ERROR_RESPONSES
@@ -199,9 +199,19 @@ async def save_label(
     state: ServerState = Depends(get_state),
     learning: LearningState = Depends(_learning),
     user: str = Depends(current_user),
+    req_id: Optional[str] = Depends(request_id),
 ) -> LabelInfo:
     """From a session of the caller (its mask, prompt log and model version are the provenance) or
-    from a mask; ``submit`` makes the case ``submitted``, otherwise the version is a draft."""
+    from a mask; ``submit`` makes the case ``submitted``, otherwise the version is a draft. A repeat
+    under the same request id gets the first answer (one version saved)."""
+    return await learning.once.run(
+        user, f"label:{case_id}", req_id, lambda: _save_label(body, case_id, state, learning, user)
+    )
+
+
+async def _save_label(
+    body: SaveLabel, case_id: str, state: ServerState, learning: LearningState, user: str
+) -> LabelInfo:
     if (body.session_id is None) == (body.mask is None):
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "give exactly one of session_id and mask")
     case = await _call(lambda: learning.store.get_case(case_id))
@@ -324,9 +334,17 @@ async def next_case(
     learning: LearningState = Depends(_learning),
     user: str = Depends(current_user),
     codec: str = Depends(reply_codec),
+    req_id: Optional[str] = Depends(request_id),
 ) -> NextCaseReply:
     """Scoring by uncertainty and the proposal run the model: one job per case on an inference worker,
-    queued fairly with the prompts of open sessions (which are answered between them)."""
+    queued fairly with the prompts of open sessions (which are answered between them). A repeat under
+    the same request id gets the first answer (one case locked)."""
+    return await learning.once.run(user, "next", req_id, lambda: _next_case(body, state, learning, user, codec))
+
+
+async def _next_case(
+    body: NextCaseRequest, state: ServerState, learning: LearningState, user: str, codec: str
+) -> NextCaseReply:
     from SegAssistLib.learning import active
 
     needs_model = body.proposal or body.strategy in active.NEEDS_ENGINE

@@ -198,6 +198,51 @@ def test_prompts_of_open_sessions_are_answered_between_the_cases_a_ranking_score
     bob.close()
 
 
+def test_a_repeated_save_or_next_case_takes_effect_once(clients, imported, learn_server):
+    """A client whose reply was lost sends the request again under the same request id: the repeat
+    gets the first answer, not a second label version or a second locked case."""
+    from SegAssistLib.api_models import REQUEST_ID_HEADER, ArrayPayload
+
+    alice, _ = clients
+    first, _, truth = imported[0]
+    headers = {REQUEST_ID_HEADER: "save-once-1"}
+    body = {"mask": ArrayPayload.from_array(truth.astype(np.uint8)).model_dump(), "submit": False}
+    path = f"/v1/learn/cases/{first.id}/labels"
+    replies = [raw(learn_server, "POST", path, json=body, headers=headers) for _ in range(2)]
+    assert [r.status_code for r in replies] == [201, 201] and replies[0].json() == replies[1].json()
+    assert len(alice.learning.labels(first.id)) == 1
+    other = raw(learn_server, "POST", path, json=body, headers={REQUEST_ID_HEADER: "save-once-2"})
+    assert other.status_code == 201 and len(alice.learning.labels(first.id)) == 2  # a new id: a new version
+
+    nxt = {"strategy": "first", "proposal": False}
+    picks = [raw(learn_server, "POST", "/v1/learn/next", json=nxt, headers={REQUEST_ID_HEADER: "next-once"})
+             for _ in range(2)]  # fmt: skip
+    assert picks[0].json()["case"]["id"] == picks[1].json()["case"]["id"]
+    locked = [c for c in alice.learning.cases() if c.locked_by == "alice"]
+    assert [c.id for c in locked] == [picks[0].json()["case"]["id"]]  # one case locked, not two
+
+    # the client: a reply that times out after the server saved is asked for again under its id
+    from SegAssistLib.client.errors import BackendTimeoutError
+
+    real, calls = alice.http.request, []
+
+    def reply_lost_once(method, path, **kwargs):
+        response = real(method, path, **kwargs)
+        calls.append(kwargs["headers"])
+        if len(calls) == 1:
+            raise BackendTimeoutError("no answer within the read timeout")
+        return response
+
+    alice.http.request = reply_lost_once
+    try:
+        label = alice.learning.save_mask(first.id, truth, submit=False)
+    finally:
+        alice.http.request = real
+    assert len(calls) == 2 and calls[0] == calls[1]  # the same request id twice
+    assert [v.id for v in alice.learning.labels(first.id)][-1] == label.id
+    assert len(alice.learning.labels(first.id)) == 3
+
+
 def test_a_session_on_another_image_is_not_saved_as_a_label(clients, imported, learn_server):
     alice, _ = clients
     (first, first_volume, truth), (second, second_volume, _) = imported[0], imported[1]
