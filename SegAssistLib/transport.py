@@ -32,12 +32,13 @@ import json
 import math
 import struct
 import zlib
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.image import Volume
 
 try:  # zstandard is optional on the client side (see module docstring)
     import zstandard
@@ -321,3 +322,11 @@ def decode_frame(data: bytes, max_voxels: Optional[int] = None) -> Tuple[Dict[st
     header, payload = unpack_frame(data)
     meta = ArrayMeta.from_dict(header)
     return header, decode_array(meta, payload, max_voxels)
+
+
+def wire_volume(volume: Union[Volume, np.ndarray]) -> Volume:
+    """The volume as it travels (its array in wire form): client and server hash it the same."""
+    if isinstance(volume, np.ndarray):
+        volume = Volume(volume)
+    array = wire_array(volume.array)
+    return volume if array is volume.array else replace(volume, array=array)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -23,19 +22,11 @@ from SegAssistLib.client.session import RemoteSession, wire_prompt
 from SegAssistLib.engine.base import Capabilities, Engine
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import Prompt, parse_prompt
-from SegAssistLib.transport import available_codecs, encode_frame, wire_array
+from SegAssistLib.transport import available_codecs, encode_frame, wire_volume
 
 Progress = Callable[[int, int], None]
 _THREADED_COMPRESSION_BYTES = 16 * 1024 * 1024
 REPLAY_SECONDS_PER_PROMPT = 1.0  # extra read time when opening with a log: a CPU answers one in 0.1-0.5 s
-
-
-def wire_volume(volume: Union[Volume, np.ndarray]) -> Volume:
-    """The volume as the server will see it (little-endian, contiguous), so both hash it the same."""
-    if isinstance(volume, np.ndarray):
-        volume = Volume(volume)
-    array = wire_array(volume.array)
-    return volume if array is volume.array else dataclasses.replace(volume, array=array)
 
 
 class SegAssistClient(Engine):

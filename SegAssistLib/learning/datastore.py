@@ -70,6 +70,7 @@ from SegAssistLib.learning.records import (
 )
 from SegAssistLib.learning.sources import find_sources
 from SegAssistLib.prompts import PromptLog
+from SegAssistLib.transport import wire_volume
 
 SCHEMA_VERSION = 1
 DB_NAME = "segassist.sqlite"
@@ -110,6 +111,10 @@ CREATE TABLE IF NOT EXISTS labels (
     n_foreground INTEGER NOT NULL,
     prompt_log TEXT,
     UNIQUE (case_id, version)
+);
+CREATE TABLE IF NOT EXISTS image_hashes (
+    hash TEXT PRIMARY KEY,
+    case_id TEXT NOT NULL REFERENCES cases(id)
 );
 CREATE TABLE IF NOT EXISTS reviews (
     id TEXT PRIMARY KEY,
@@ -263,6 +268,10 @@ class Datastore:
         digest = atomic_write(path, lambda tmp: sitk.WriteImage(volume_to_sitk(volume), str(tmp), True))
         now = self._clock()
         try:
+            # the image as read back (NIfTI keeps geometry in float32) is what the case serves: a copy
+            # of that imported again is the same case, although its hash differs from the original's
+            hashes = {content_hash, wire_volume(load_volume(path)).content_hash()}
+            self._raise_if_duplicate(*hashes)
             with self._write() as db:
                 db.execute(
                     "INSERT INTO cases (id, name, status, shape, spacing, origin, direction, image_sha256, "
@@ -284,17 +293,25 @@ class Datastore:
                         now,
                     ),
                 )
+                db.executemany(
+                    "INSERT INTO image_hashes (hash, case_id) VALUES (?, ?)", [(h, case_id) for h in sorted(hashes)]
+                )
         except sqlite3.IntegrityError:
             path.unlink(missing_ok=True)
-            self._raise_if_duplicate(content_hash)
+            self._raise_if_duplicate(*hashes)
             raise
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         return self.get_case(case_id)
 
-    def _raise_if_duplicate(self, content_hash: str) -> None:
-        rows = self._read("SELECT id, name FROM cases WHERE content_hash = ?", (content_hash,))
+    def _raise_if_duplicate(self, *hashes: str) -> None:
+        marks = ", ".join("?" * len(hashes))
+        rows = self._read(
+            f"SELECT id, name FROM cases WHERE content_hash IN ({marks}) OR id IN "
+            f"(SELECT case_id FROM image_hashes WHERE hash IN ({marks}))",
+            (*hashes, *hashes),
+        )
         if rows:
             raise DuplicateCaseError(
                 f"{DUPLICATE_REASON} {rows[0]['id']} ({rows[0]['name']})", rows[0]["id"]

@@ -10,7 +10,6 @@ so sessions keep going without a restart and every reply states the version that
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -25,7 +24,7 @@ from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.server.errors import ApiError
 from SegAssistLib.server.once import OnceReplies
-from SegAssistLib.transport import wire_array
+from SegAssistLib.transport import wire_volume
 
 log = logging.getLogger("segassist.server")
 MAX_CONCURRENT_RANKINGS = 4
@@ -96,8 +95,7 @@ class LearningState:
     def case_image(self, case_id: str) -> Tuple[str, Volume]:
         """(image id, image) of a case as ``GET /cases/{id}/image`` serves it: the wire form of the
         stored image, whose content hash is the id sessions on it are opened with."""
-        volume = self.store.load_image(case_id)
-        volume = dataclasses.replace(volume, array=wire_array(volume.array))
+        volume = wire_volume(self.store.load_image(case_id))
         image_id = volume.content_hash()
         self._image_ids[case_id] = image_id
         return image_id, volume

@@ -106,6 +106,24 @@ def write_dicom_series(folder: Path, array: np.ndarray, slice_gap: float = 2.0) 
 # ---------------------------------------------------------------------------------------- import
 
 
+def test_a_cases_image_as_served_is_the_same_case_when_imported_again(store: Datastore):
+    """NIfTI keeps spacing and origin in float32: the image a case serves hashes differently from the
+    one imported when its geometry is not a float32 number (0.7 mm, -180.3 mm); imported again it
+    once became a second case of the same scan."""
+    rng = np.random.default_rng(3)
+    volume = Volume(rng.normal(0, 100, (8, 10, 12)).astype(np.int16), spacing=(0.7, 0.7, 1.3),
+                    origin=(-180.3, 12.1, 7.7))  # fmt: skip
+    case = store.import_volume(volume, name="ct", user="alice")
+    served = store.load_image(case.id)
+    assert served.content_hash() != volume.content_hash()  # what made it look like a new image
+    with pytest.raises(DuplicateCaseError, match=case.id):
+        store.import_volume(served, name="ct again", user="bob")
+    with pytest.raises(DuplicateCaseError, match=case.id):
+        store.import_volume(volume, name="ct again", user="bob")
+    assert [c.id for c in store.list_cases()] == [case.id]
+    assert sorted(p.name for p in (store.root / "images").iterdir()) == [f"{case.id}.nii.gz"]  # nothing left
+
+
 def test_import_folder_of_formats_and_dicom_skips_duplicates_and_bad_images(tmp_path: Path, store: Datastore):
     src = tmp_path / "incoming"
     src.mkdir()

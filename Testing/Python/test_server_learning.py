@@ -81,6 +81,8 @@ def test_import_list_lock_and_download(clients, imported, learn_server):
     downloaded = bob.learning.case_volume(case.id)
     np.testing.assert_array_equal(downloaded.array, volume.array)
     np.testing.assert_allclose(downloaded.spacing, volume.spacing)
+    with pytest.raises(LearningConflictError, match="already"):
+        bob.learning.import_image(downloaded, name="downloaded")  # the case's own image: the same case
 
     assert_error(
         raw(learn_server, "POST", "/v1/learn/cases", json={"image_id": "e" * 64, "name": "x"}), 404, "image_not_found"
