@@ -79,14 +79,27 @@ def load_splits() -> Dict[str, List[str]]:
 
 def split_cases(cases: List[Case], part: str) -> List[Case]:
     """``part`` is ``"evaluation"`` or ``"training"``; datasets absent from the split file are all
-    evaluation (a new folder is never trained on by accident)."""
+    evaluation (a new folder is never trained on by accident). A folder under another name that holds
+    evaluation cases of exactly one known dataset is that dataset (a renamed copy would otherwise
+    count as evaluation whole, training cases included)."""
     if part not in ("evaluation", "training"):
         raise ValueError(f"unknown split part {part!r}")
     splits = load_splits()
+    names: Dict[str, set] = {}
+    for case in cases:
+        names.setdefault(case.dataset, set()).add(case.name)
+    evaluation_of = {dataset: _evaluation_list(dataset, found, splits) for dataset, found in names.items()}
     out = []
     for case in cases:
-        evaluation = splits.get(case.dataset)
+        evaluation = evaluation_of[case.dataset]
         is_eval = True if evaluation is None else case.name in evaluation
         if (part == "evaluation") == is_eval:
             out.append(case)
     return out
+
+
+def _evaluation_list(dataset: str, names: set, splits: Dict[str, List[str]]) -> Optional[List[str]]:
+    if dataset in splits:
+        return splits[dataset]
+    known = [evaluation for evaluation in splits.values() if names & set(evaluation)]
+    return known[0] if len(known) == 1 else None

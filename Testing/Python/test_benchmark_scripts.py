@@ -225,6 +225,20 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
                                   "--baselines-from", str(first / "acceptance.json")])  # fmt: skip
 
 
+def test_acceptance_compares_the_model_with_a_baseline_on_the_records_both_ran() -> None:
+    """The slow random walker runs 2 of the 6 left-atrium cases: the verdict compares the model on
+    those 2, not its mean over all 6; per-case means weigh each case once, whatever its targets."""
+    acceptance = _script("engine_acceptance")
+    model = {("a", "1"): 0.9, ("b", "1"): 0.9, ("c", "1"): 0.5, ("c", "2"): 0.5}
+    baseline = {("a", "1"): 0.86, ("b", "1"): 0.86}
+    paired = acceptance._paired(model, baseline)
+    assert paired["n"] == 2 and paired["model"] == 0.9 and paired["baseline"] == 0.86
+    assert not paired["ahead"]  # 0.04 ahead of 0.86, short of a third of the way to 1 (0.047); over all 4: 0.7
+    assert acceptance._paired(model, {("c", "1"): 0.1, ("c", "2"): 0.1})["ahead"]
+    assert acceptance._mean(model.values()) == 0.7 and acceptance._case_mean(model) == round((0.9 + 0.9 + 0.5) / 3, 4)
+    assert acceptance._paired(model, {})["ahead"] is False
+
+
 def test_training_throughput_times_real_steps_and_accounts_for_them(tmp_path: Path, one_thread) -> None:
     throughput = _script("training_throughput")
     config = tmp_path / "cfg.json"

@@ -1,0 +1,31 @@
+"""The fixed evaluation split follows the cases, not the folder's name: a copy of a known dataset under
+another name keeps its training cases out of evaluation (they once all counted as evaluation, so a
+score on the model's own training cases would have been reported as held out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from SegAssistLib.datasets import Case, list_cases, load_splits, split_cases
+
+
+def test_a_renamed_copy_of_a_known_dataset_keeps_its_split(shared_data: Path, tmp_path: Path):
+    renamed = tmp_path / "Task04_Hippocampus"
+    renamed.symlink_to(shared_data / "hippocampus", target_is_directory=True)
+    original = split_cases(list_cases(shared_data / "hippocampus"), "evaluation")
+    copied = split_cases(list_cases(renamed), "evaluation")
+    assert [c.name for c in copied] == [c.name for c in original]
+    assert sorted(c.name for c in original) == sorted(load_splits()["hippocampus"])
+    training = split_cases(list_cases(renamed), "training")
+    assert training and not {c.name for c in training} & {c.name for c in copied}
+
+
+def test_a_folder_of_unknown_cases_is_all_evaluation_and_an_ambiguous_one_too(tmp_path: Path):
+    def cases(dataset, names):
+        return [Case(dataset, n, tmp_path / f"{n}.nii.gz", tmp_path / f"{n}_label.nii.gz") for n in names]
+
+    new = cases("new_dataset", ["scan_a", "scan_b"])
+    assert split_cases(new, "evaluation") == new and split_cases(new, "training") == []
+    splits = load_splits()
+    mixed = cases("mixed", [splits["hippocampus"][0], splits["left_atrium"][0], "hippocampus_999"])
+    assert split_cases(mixed, "evaluation") == mixed  # names of two datasets: no guess, all evaluation
