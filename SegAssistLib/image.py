@@ -81,7 +81,7 @@ def geometry_difference(a: Volume, b: Volume, tolerance: float = 1e-3) -> Option
     return None
 
 
-_ALLOWED_KINDS = "biuf"
+_ALLOWED_KINDS = "iuf"
 ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I|: float32 storage (NIfTI quaternions) stays far below
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -102,6 +102,8 @@ def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None
         )
     if arr.ndim != 3:
         raise ImageError(f"image must be 3D, got {arr.ndim}D with shape {arr.shape}")
+    if arr.dtype.kind == "b":
+        raise ImageError("image of dtype bool: that is a mask, not an image (cast it to uint8 to segment it anyway)")
     if arr.dtype.kind not in _ALLOWED_KINDS:
         raise ImageError(f"image dtype {arr.dtype} is not numeric (integer or float expected)")
     if arr.size == 0 or min(arr.shape) < 1:

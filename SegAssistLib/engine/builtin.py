@@ -45,6 +45,7 @@ from SegAssistLib.prompts import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
+COMMIT_CHUNK_VOXELS = 8 * 1024 * 1024  # window voxels decided at once when pasting an answer (32 MB of float32)
 
 
 def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
@@ -337,9 +338,15 @@ class BuiltinSession(EngineSession):
             lo, hi = np.asarray(cell[0]) - start, np.asarray(cell[1]) - start
         if np.any(hi <= lo):
             return
-        values = patching.logits_in_box(logits, window, lo, hi) > 0
-        target = tuple(slice(int(a + s), int(b + s)) for a, b, s in zip(lo, hi, start))
-        self.mask[target] = values.numpy()
+        # slab by slab along the first axis: the float temporaries of a whole-body answer on a
+        # 600 x 512 x 512 CT would take gigabytes at once
+        rows = max(1, COMMIT_CHUNK_VOXELS // int((hi[1] - lo[1]) * (hi[2] - lo[2])))
+        for a in range(int(lo[0]), int(hi[0]), rows):
+            b = min(a + rows, int(hi[0]))
+            values = patching.logits_in_box(logits, window, (a, lo[1], lo[2]), (b, hi[1], hi[2])) > 0
+            target = (slice(a + int(start[0]), b + int(start[0])),
+                      *(slice(int(x + t), int(y + t)) for x, y, t in zip(lo[1:], hi[1:], start[1:])))  # fmt: skip
+            self.mask[target] = values.numpy()
 
     def _refine(self, window: patching.Window, prompts, first: int, level: int) -> int:
         """Re-predict the object's bounding box with finer tiles (at most the engine's max_refine_tiles)."""

@@ -97,6 +97,18 @@ def test_replaying_a_log_gives_the_same_mask(engine):
     assert np.array_equal(replayed.result(), session.result())
 
 
+def test_answers_pasted_slab_by_slab_are_the_answers_pasted_at_once(engine, monkeypatch):
+    """A whole-body answer on a 600 x 512 x 512 CT is decided a slab at a time (bounded memory): the
+    same voxels as all at once, here with slabs of a few rows."""
+    from SegAssistLib.engine import builtin
+
+    vol, _ = _blob_volume()
+    prompts = _all_kinds(vol.array.shape)
+    whole = engine.open_session(vol, prompts).result()
+    monkeypatch.setattr(builtin, "COMMIT_CHUNK_VOXELS", 3 * 40 * 40)
+    assert np.array_equal(engine.open_session(vol, prompts).result(), whole) and whole.any()
+
+
 def test_initial_mask_becomes_the_result(engine):
     vol, blob = _blob_volume()
     session = engine.open_session(vol)

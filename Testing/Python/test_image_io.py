@@ -87,6 +87,7 @@ def test_content_hash_depends_on_voxels_and_geometry():
         (np.full((4, 4, 4), np.nan, np.float32), "NaN"),
         (np.ones((4, 4, 4), np.float32), "constant"),
         (np.array([[["a"]]]), "not numeric"),
+        (np.random.default_rng(0).random((4, 4, 4)) > 0.5, "dtype bool: that is a mask"),  # once a TypeError
     ],
 )
 def test_bad_images_are_named(array, message):
