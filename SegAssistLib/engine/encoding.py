@@ -51,7 +51,7 @@ def to_patch_prompt(
     if isinstance(prompt, PointPrompt):
         return PatchPrompt("point", prompt.positive, kji([prompt.position]))
     if isinstance(prompt, BoxPrompt):
-        return PatchPrompt("box", True, kji([prompt.min_corner, prompt.max_corner]))
+        return PatchPrompt("box", True, _box_in_patch(prompt, window))
     if isinstance(prompt, (ScribblePrompt, LassoPrompt)) and prompt.slab is not None:
         scribble = isinstance(prompt, ScribblePrompt)
         return _voxels_in_patch(prompt.slab.voxels_kji(), prompt.slab.shape, scribble, prompt.positive, window)
@@ -71,6 +71,25 @@ def to_patch_prompt(
     if isinstance(prompt, LassoPrompt):
         return PatchPrompt("lasso", prompt.positive, thin_polygon(kji(prompt.points), LASSO_VERTEX_STEP))
     return None
+
+
+def _box_in_patch(box: BoxPrompt, window: Window) -> np.ndarray:
+    """The box's corners in the patch, reaching the outer edges of its end voxels.
+
+    A box holds the voxels its corners fall in and every voxel between (``rasterize.fill_box``'s
+    rule: integer corners are inclusive voxel indices, a rectangle dragged in Slicer includes the
+    voxels under its corners). Mapping only the corners would lose half of each end voxel where
+    the patch magnifies an axis (5 mm slices seen at 1 mm), while training draws boxes around whole
+    objects in the patch. An axis the box is flat along (a 2D box on a slice) keeps its one plane,
+    as training's 2D boxes do.
+    """
+    corners = np.asarray([box.min_corner, box.max_corner], float)[:, ::-1]
+    solid = corners[1] - corners[0] >= 1.0
+    first, last = np.floor(corners[0] + 0.5), np.ceil(corners[1] - 0.5)  # the end voxels
+    half = 0.5 * window.scale
+    lo = np.where(solid, window.to_patch(first[None])[0] - half, window.to_patch(corners[:1])[0])
+    hi = np.where(solid, window.to_patch(last[None])[0] + half, window.to_patch(corners[1:])[0])
+    return np.stack([lo, hi])
 
 
 def thin_polygon(vertices: np.ndarray, step: float) -> np.ndarray:

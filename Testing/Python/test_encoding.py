@@ -106,6 +106,26 @@ def test_each_prompt_kind_lands_in_its_channel_at_the_right_place():
     assert x.shape == (7, 32, 32, 32)
 
 
+def test_a_box_covers_its_end_voxels_whole_in_a_magnifying_patch():
+    """5 mm slices seen at 1 mm: the patch has five voxels per slice along k. A box over slices 2..6
+    must cover their patch voxels 10..34 whole, as training draws boxes around whole objects; mapping
+    only the end slices' centres lost 2 of the 5 patch voxels of each end slice. A 2D box keeps its
+    single plane."""
+    win = patching.Window(start=(0, 0, 0), size=(8, 40, 40), patch=40)  # scale 5 along k, 1 in-plane
+    box = BoxPrompt(min_corner=(4, 6, 2), max_corner=(30, 20, 6))  # (i, j, k)
+    ch = draw_prompts([to_patch_prompt(box, win)], 40)
+    ks = np.flatnonzero(ch[4].any(axis=(1, 2)))
+    assert (ks.min(), ks.max()) == (10, 34)
+    js, is_ = np.flatnonzero(ch[4].any(axis=(0, 2))), np.flatnonzero(ch[4].any(axis=(0, 1)))
+    assert (js.min(), js.max(), is_.min(), is_.max()) == (6, 20, 4, 30)  # scale 1: exactly the voxels
+    dragged = BoxPrompt(min_corner=(4.2, 6.4, 1.6), max_corner=(29.7, 20.3, 6.4))  # corners inside voxels
+    ks = np.flatnonzero(draw_prompts([to_patch_prompt(dragged, win)], 40)[4].any(axis=(1, 2)))
+    assert (ks.min(), ks.max()) == (10, 34)  # the slices its corners fall in, whole
+    flat = to_patch_prompt(BoxPrompt(min_corner=(4, 6, 3), max_corner=(30, 20, 3)), win)
+    ks = np.flatnonzero(draw_prompts([flat], 40)[4].any(axis=(1, 2)))
+    assert len(ks) == 1 and ks[0] == 17  # slice 3's centre, one plane
+
+
 def test_negative_lasso_is_background_ink():
     win = patching.Window(start=(0, 0, 0), size=(16, 16, 16), patch=16)
     pp = to_patch_prompt(LassoPrompt(points=[(2, 2, 8), (10, 2, 8), (10, 10, 8)], positive=False), win)
