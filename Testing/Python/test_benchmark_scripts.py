@@ -225,6 +225,16 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
                                   "--baselines-from", str(first / "acceptance.json")])  # fmt: skip
 
 
+def test_the_whole_body_answer_benchmark_pastes_the_whole_body(tmp_path: Path, one_thread) -> None:
+    bench = _script("whole_body_answer")
+    out = tmp_path / "whole_body.json"
+    assert bench.main(["--shape", "20,48,56", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["result"]
+    body = int((bench._body_ct((20, 48, 56)) > 0).sum())
+    assert result["image_shape_kji"] == [20, 48, 56] and result["answer_voxels"] >= body  # the body, at least
+    assert result["peak_rss_gib_after_click"] >= result["peak_rss_gib_with_image"] > 0
+
+
 def test_acceptance_compares_the_model_with_a_baseline_on_the_records_both_ran() -> None:
     """The slow random walker runs 2 of the 6 left-atrium cases: the verdict compares the model on
     those 2, not its mean over all 6; per-case means weigh each case once, whatever its targets."""
