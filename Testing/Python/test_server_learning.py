@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
@@ -325,6 +326,12 @@ def test_training_job_promotes_a_version_that_answers_without_restart(clients, i
         assert final.state == "done", final
         assert seen and seen[-1].state == "done"
         assert [j.job_id for j in alice.learning.jobs()] == [job.job_id]
+        stat = Path(f"/proc/{final.model_extra['pid']}/stat")  # the finished worker is collected, not a zombie
+        deadline = time.monotonic() + 30
+        while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.1)  # still exiting
+        alice.learning.jobs()
+        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] != "Z"
 
         versions = alice.learning.versions()
         assert versions.current == "v1" and versions.versions[0]["kind"] == "lora"
