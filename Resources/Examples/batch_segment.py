@@ -18,7 +18,8 @@ server instead, and only with ``--send-images-to-remote`` (explicit consent); it
 from ``--token`` or the environment variable ``SEGASSIST_REMOTE_TOKEN``.
 
 The same script runs in any Python with slicer-core (``pip install slicer-core``): then it uses a
-scene of its own. Exit status: 0 on success, 1 on an error (the message says why), 2 on bad usage.
+scene of its own. Exit status: 0 on success, 1 on an error (the message says why; an unexpected
+one prints its traceback), 2 on bad usage.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 Retries: a request is retried (a few times, with a short backoff) when the connection fails or
 the server answers 503, and only if it is *safe* to repeat. Reads are; uploads are (an image is
-stored under its content hash, twice is once); and every state-changing request carries a
-request id that the server uses to answer a repeat from its cache instead of applying it twice.
-Read timeouts are not retried: the server may still be working on the request.
+stored under its content hash, twice is once); and so are the state-changing requests that carry
+a request id (prompts, undo/redo/reset, session opens, label saves, next case), which the server
+answers from its record of the first instead of applying them twice. Training, rollback and adding
+a case carry none and are never repeated. Read timeouts are not retried here: the server may still
+be working on the request (the callers that carry a request id send it once more themselves).
 """
 
 from __future__ import annotations

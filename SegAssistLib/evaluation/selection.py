@@ -1,9 +1,10 @@
 """What ``segassist bench`` runs: datasets, cases and target structures.
 
 Cases always come from the engine's evaluation split (``Resources/splits.json``; a folder the split
-does not know is all evaluation), in sorted order, the first ``cases`` of them: training never saw
-them. Targets are named structures (a label id or a union of ids); datasets whose label ids mean
-different things per case (TotalSegmentator's examples, the brain structures) name them per case.
+does not know is all evaluation, unless it holds evaluation cases of exactly one known dataset), in
+sorted order, the first ``cases`` of them: training never saw them. Targets are named structures
+(a label id or a union of ids); datasets whose label ids mean different things per case
+(TotalSegmentator's examples, the brain structures) name them per case.
 
 The default selection was sized so that three protocols x four engines run on a 2-core CPU in
 well under 60 minutes (``bench.BENCH_BUDGET``; estimated from per-interaction timings of every
