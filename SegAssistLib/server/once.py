@@ -10,30 +10,49 @@ is forgotten, so a repeat of it runs for real.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from typing import Awaitable, Callable, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
-DEFAULT_CAPACITY = 1024  # answers kept, oldest forgotten first (a repeat comes within seconds)
+DEFAULT_CAPACITY = 256  # answers kept at most, oldest forgotten first
+DEFAULT_KEEP_S = 600.0  # and for this long: a repeat comes within a read timeout or two
+Key = Tuple[str, str, str]
 
 
 class OnceReplies:
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    """Answers by (user, what, request id), kept for ``keep_s`` seconds; a next-case answer holds
+    a compressed proposal mask, hence the bounds on count and age."""
+
+    def __init__(
+        self, capacity: int = DEFAULT_CAPACITY, keep_s: float = DEFAULT_KEEP_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.capacity = capacity
-        self._answers: OrderedDict[Tuple[str, str, str], asyncio.Future] = OrderedDict()
+        self.keep_s = keep_s
+        self._clock = clock
+        self._answers: OrderedDict[Key, Tuple[float, asyncio.Future]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def _forget_old(self) -> None:
+        limit = self._clock() - self.keep_s
+        while self._answers and (len(self._answers) > self.capacity or next(iter(self._answers.values()))[0] < limit):
+            self._answers.popitem(last=False)
 
     async def run(self, user: str, what: str, request_id: Optional[str], make: Callable[[], Awaitable[T]]) -> T:
         """``await make()`` once per (user, what, request id); without a request id, every time."""
         if request_id is None:
             return await make()
+        self._forget_old()
         key = (user, what, request_id)
         earlier = self._answers.get(key)
         if earlier is not None:
-            return await asyncio.shield(earlier)
+            return await asyncio.shield(earlier[1])
         answer: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._answers[key] = answer
-        while len(self._answers) > self.capacity:
-            self._answers.popitem(last=False)
+        self._answers[key] = (self._clock(), answer)
+        self._forget_old()
         try:
             result = await make()
         except BaseException as exc:
