@@ -9,6 +9,7 @@ the server answers with the newest promoted version without a restart.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,13 @@ from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayP
 DEFAULT_LOCK_TTL_S = 4 * 3600.0
 MAX_LOCK_TTL_S = 24 * 3600.0
 MAX_SEED = 2**32 - 1  # what every random generator in the loop accepts (numpy, torch)
+
+
+def is_seed(value: object) -> bool:
+    """An integer (numpy's too, not a bool) from 0 to :data:`MAX_SEED`."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value <= MAX_SEED
+
+
 MAX_TRAIN_BUDGET_S = 7 * 24 * 3600.0
 
 CASE_ID_PATTERN = r"^[0-9a-f]{16}$"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.image import Volume
+from SegAssistLib.machine import machine_info
 from SegAssistLib.prompts import PointPrompt
 
 SHAPE = (600, 512, 512)  # k, j, i
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     }
     record = {
         "command": "python benchmarks/whole_body_answer.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {sys.version.split()[0]}",
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d"),
         "result": result,
     }

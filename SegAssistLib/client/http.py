@@ -158,19 +158,23 @@ class HttpClient:
         assert last is not None
         raise last
 
-    def _read_timeout(self, timeout: Optional[Timeout]) -> float:
+    def _pair(self, timeout: Optional[Timeout] = None) -> Tuple[float, float]:
+        """(connect, read) seconds of ``timeout``, else of the client's default."""
         t = timeout or self.timeout
-        return t[1] if isinstance(t, tuple) else t
+        return t if isinstance(t, tuple) else (t, t)
+
+    def _read_timeout(self, timeout: Optional[Timeout]) -> float:
+        return self._pair(timeout)[1]
 
     def upload_timeout(self) -> Tuple[float, float]:
         """Timeouts for a large body: urllib3 sends the body under the *connect* timeout, and a server
         at its upload limit stops reading until a slot frees, so sending gets the read timeout too."""
-        connect, read = self.timeout if isinstance(self.timeout, tuple) else (self.timeout, self.timeout)
+        connect, read = self._pair()
         return (max(connect, read), read)
 
     def read_timeout_plus(self, seconds: float) -> Tuple[float, float]:
         """The default timeouts with ``seconds`` more to read the reply (a replay of many prompts)."""
-        connect, read = self.timeout if isinstance(self.timeout, tuple) else (self.timeout, self.timeout)
+        connect, read = self._pair()
         return (connect, read + seconds)
 
     @staticmethod

@@ -133,7 +133,10 @@ class LocalBackend:
         self.owned = False  # True when this object started the process (and will stop it)
         self._process: Optional[subprocess.Popen] = None
         # a backend started with other options (threads, another Python) is not the one asked for
-        self._identity = json.dumps([self.model, self.device, self.python, self.extra_args])
+        # what a running backend must match to be reused (threads, another Python: another backend)
+        self._identity_fields = {"model": self.model, "device": self.device, "python": self.python,
+                                 "args": self.extra_args}  # fmt: skip
+        self._identity = json.dumps(self._identity_fields, sort_keys=True)
         self._state_file = self.state_dir / f"backend-{hashlib.sha256(self._identity.encode()).hexdigest()[:12]}.json"
         self.log_file = self._state_file.with_suffix(".log")
 
@@ -206,8 +209,7 @@ class LocalBackend:
             url, token, pid = str(state["url"]), str(state["token"]), int(state["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
-        wanted = {"model": self.model, "device": self.device, "python": self.python, "args": self.extra_args}
-        if any(state.get(field) != value for field, value in wanted.items()) or not process_alive(pid):
+        if any(state.get(field) != value for field, value in self._identity_fields.items()) or not process_alive(pid):
             return False
         probe = SegAssistClient(url, token, timeout=(1.0, 10.0), retries=0)
         try:
@@ -249,8 +251,7 @@ class LocalBackend:
         finally:
             if port_file.exists():
                 port_file.unlink()
-        state = {"url": self.url, "token": token, "pid": process.pid, "model": self.model, "device": self.device,
-                 "python": self.python, "args": self.extra_args}
+        state = {"url": self.url, "token": token, "pid": process.pid, **self._identity_fields}
         _write_private(self._state_file, json.dumps(state))
 
     def _wait_until_healthy(self, process: subprocess.Popen, port_file: Path, token: str) -> str:

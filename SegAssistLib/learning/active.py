@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SegAssistLib.api_learning import MAX_SEED
+from SegAssistLib.api_learning import MAX_SEED, is_seed
 from SegAssistLib.evaluation.simulator import most_interior_voxel
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore
@@ -372,7 +372,7 @@ def rank_cases(
         raise ActiveLearningError(f"the {strategy!r} strategy needs a model (an engine) to score cases")
     if not math.isfinite(diversity_weight) or diversity_weight < 0:
         raise ActiveLearningError(f"diversity_weight must be a non-negative number, got {diversity_weight!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+    if not is_seed(seed):
         raise ActiveLearningError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     pool = candidate_cases(store) if candidates is None else list(candidates)
     if not pool:

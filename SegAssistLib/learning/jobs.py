@@ -236,6 +236,8 @@ def start_training(
             )
     finally:
         os.close(fd)  # the worker holds its own copy of the locked descriptor
+    # collect its exit status as soon as it ends, whoever started it (else a zombie until we exit)
+    threading.Thread(target=process.wait, name=f"segassist-reap-{job_id}", daemon=True).start()
     return TrainingJob(job_id, folder, store_root, process)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from SegAssistLib.api_learning import MAX_SEED, MAX_TRAIN_BUDGET_S
+from SegAssistLib.api_learning import MAX_SEED, MAX_TRAIN_BUDGET_S, is_seed
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint, torch_device
@@ -109,9 +109,8 @@ class AdapterTrainConfig:
                 f"time_budget_s must be a positive number of seconds up to {MAX_TRAIN_BUDGET_S:.0f} (a week), "
                 f"got {self.time_budget_s!r}"
             )
-        seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise TrainingError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+        if not is_seed(self.seed):
+            raise TrainingError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         lr = self.lr
         if not (math.isfinite(lr) and lr >= 0):
             raise TrainingError(f"learning_rate must be a non-negative number, got {lr!r}")

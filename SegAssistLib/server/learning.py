@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from SegAssistLib.api_models import ErrorCode
 from SegAssistLib.engine.base import Engine
@@ -70,16 +69,6 @@ class LearningState:
         self._base_identity: Optional[str] = None
         self._ranking_slots: Optional[asyncio.Semaphore] = None
         self.once = OnceReplies()  # label saves and next-case answers, by request id
-        self._trainers: List[subprocess.Popen] = []  # training processes this server started
-
-    def track_trainer(self, process: Optional[subprocess.Popen]) -> None:
-        if process is not None:
-            self._trainers.append(process)
-
-    def reap_trainers(self) -> None:
-        """Collect the exit status of finished training processes (each would stay a zombie until
-        the server exits)."""
-        self._trainers = [p for p in self._trainers if p.poll() is None]
 
     def ranking_slots(self) -> asyncio.Semaphore:
         """Next-case rankings that run at once: each holds a thread of the server's pool while its

@@ -257,9 +257,7 @@ async def train(
 ) -> JobStatus:
     from SegAssistLib.learning.jobs import start_training
 
-    learning.reap_trainers()
     job = await _call(lambda: start_training(learning.store_root, learning.checkpoint, body.settings()))
-    learning.track_trainer(job.process)
     return JobStatus(**job.status())
 
 
@@ -267,7 +265,6 @@ async def train(
 async def list_jobs(learning: LearningState = Depends(_learning), user: str = Depends(current_user)) -> List[JobStatus]:
     from SegAssistLib.learning.jobs import list_jobs as jobs_of
 
-    learning.reap_trainers()
     return [JobStatus(**j) for j in await _call(lambda: jobs_of(learning.store_root))]
 
 
@@ -277,7 +274,6 @@ async def get_job(
 ) -> JobStatus:
     from SegAssistLib.learning.jobs import get_job as job_of
 
-    learning.reap_trainers()
     return JobStatus(**await _call(lambda: job_of(learning.store_root, job_id).status()))
 
 
