@@ -98,8 +98,15 @@ def main(argv=None) -> int:
         if missing:
             parser.error(f"{args.baselines_from} has no run of {', '.join(missing)}")
         for e in reused:
-            for dataset, _, _, limits in chosen:
+            for dataset, targets, _, limits in chosen:
                 run = earlier[f"{e}/{dataset}"]
+                ran = run.get("config", {})
+                asked = {"targets": ["+".join(map(str, t)) for t in parse_targets(targets)],
+                         "protocol": "clicks", "max_clicks": CLICKS}
+                differs = [f"{k} {ran.get(k)!r} (this run: {v!r})" for k, v in asked.items() if ran.get(k) != v]
+                if differs:
+                    parser.error(f"the {e} run on {dataset} in {args.baselines_from} used other settings: "
+                                 f"{'; '.join(differs)}: run the baselines again")
                 had = {r["case"] for r in run["records"] + run.get("skipped", [])}
                 limit = _limit(limits, e, args.cases)
                 wanted = {c.name for c in select_cases(args.data / dataset, "evaluation", limit)}

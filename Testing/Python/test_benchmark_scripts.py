@@ -220,6 +220,12 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
     with pytest.raises(SystemExit):  # the earlier baselines cover one case, this run would cover two
         acceptance.main([a if a != "1" else "2" for a in common] + [
             "--engines", "builtin,growcut", "--out", str(second), "--baselines-from", str(first / "acceptance.json")])
+    stale = json.loads((first / "acceptance.json").read_text())
+    stale["runs"]["growcut/hippocampus"]["config"]["max_clicks"] = 10  # baselines run with other settings
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit):
+        acceptance.main(common + ["--engines", "builtin,growcut", "--out", str(second),
+                                  "--baselines-from", str(tmp_path / "stale.json")])  # fmt: skip
     with pytest.raises(SystemExit):  # the earlier run has no random walker to reuse
         acceptance.main(common + ["--engines", "builtin,randomwalker", "--out", str(second),
                                   "--baselines-from", str(first / "acceptance.json")])  # fmt: skip
