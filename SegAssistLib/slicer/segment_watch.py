@@ -14,7 +14,7 @@ layer share its labelmap, so a change to one of them counts too: the object ends
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import slicer
 
@@ -50,15 +50,14 @@ class SegmentChangeWatch:
         self._on_changed = on_changed
         self._writing = False
         self._stamp = labelmap_stamp(segmentation_node, segment_id)
-        segmentation = segmentation_node.GetSegmentation()
-        self._observed: Optional[Tuple[object, List[int]]] = (segmentation, [])
+        self._segmentation = segmentation_node.GetSegmentation()
+        self._tags: List[int] = [self._segmentation.AddObserver(SEGMENT_MODIFIED, self._onSegmentModified)]
         if SOURCE_MODIFIED is not None:
-            self._observed[1].append(segmentation.AddObserver(SOURCE_MODIFIED, self._onSourceModified))
-        self._observed[1].append(segmentation.AddObserver(SEGMENT_MODIFIED, self._onSegmentModified))
+            self._tags.append(self._segmentation.AddObserver(SOURCE_MODIFIED, self._onSourceModified))
 
     @property
     def active(self) -> bool:
-        return self._observed is not None
+        return bool(self._tags)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -71,12 +70,9 @@ class SegmentChangeWatch:
             self._stamp = labelmap_stamp(self._node, self._segment_id)
 
     def stop(self) -> None:
-        if self._observed is None:
-            return
-        segmentation, tags = self._observed
-        for tag in tags:
-            segmentation.RemoveObserver(tag)
-        self._observed = None
+        for tag in self._tags:
+            self._segmentation.RemoveObserver(tag)
+        self._tags = []
 
     def _onSourceModified(self, caller: object, event: str) -> None:
         if not self._writing and self.active:
