@@ -34,7 +34,7 @@ import threading
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -339,6 +339,12 @@ class Datastore:
             n_labels=int(row["n_labels"]),
             latest_label_id=row["latest_label_id"],
         )
+
+    def image_hashes_of(self, case_id: str) -> Set[str]:
+        """The content hashes a case's image is known by: as imported and as served (read back from
+        its stored file). Empty for a case imported before the store kept the served one."""
+        rows = self._read("SELECT hash FROM image_hashes WHERE case_id = ?", (check_case_id(case_id),))
+        return {row["hash"] for row in rows}
 
     def get_case(self, case_id: str) -> CaseRecord:
         rows = self._read(_CASE_QUERY + " WHERE c.id = ?", (check_case_id(case_id),))

@@ -100,10 +100,15 @@ class LearningState:
         self._image_ids[case_id] = image_id
         return image_id, volume
 
-    def case_image_id(self, case_id: str) -> str:
-        """The image id of :meth:`case_image`, cached (a case's image never changes)."""
-        image_id = self._image_ids.get(case_id)
-        return image_id if image_id is not None else self.case_image(case_id)[0]
+    def is_case_image(self, case_id: str, image_id: str) -> bool:
+        """Whether ``image_id`` is the case's image, as imported or as :meth:`case_image` serves it.
+        The store records both hashes; only a case imported before it did has its image read and
+        hashed (once: a case's image never changes)."""
+        known = self.store.image_hashes_of(case_id)
+        if not known:
+            served = self._image_ids.get(case_id)
+            known = {self.store.get_case(case_id).content_hash, served or self.case_image(case_id)[0]}
+        return image_id in known
 
     def close(self) -> None:
         self.store.close()

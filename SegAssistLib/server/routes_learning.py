@@ -224,9 +224,7 @@ async def _save_label(
                 f"session {body.session_id} is on an image of shape {list(session.shape)}, not the case's "
                 f"{list(case.shape)}: open the session on the case's image (GET /v1/learn/cases/{case_id}/image)",
             )  # fmt: skip
-        if session.image_id != case.content_hash and session.image_id != await _call(
-            lambda: learning.case_image_id(case_id)
-        ):
+        if not await _call(lambda: learning.is_case_image(case_id, session.image_id)):
             raise ApiError(
                 422, ErrorCode.IMAGE_MISMATCH,
                 f"session {body.session_id} is on image {session.image_id[:12]}..., not on case {case_id}'s image "

@@ -35,6 +35,7 @@ from SegAssistLib.learning import (
     open_datastore,
 )
 from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
+from SegAssistLib.transport import wire_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,6 +123,7 @@ def test_a_cases_image_as_served_is_the_same_case_when_imported_again(store: Dat
         store.import_volume(volume, name="ct again", user="bob")
     assert [c.id for c in store.list_cases()] == [case.id]
     assert sorted(p.name for p in (store.root / "images").iterdir()) == [f"{case.id}.nii.gz"]  # nothing left
+    assert store.image_hashes_of(case.id) == {volume.content_hash(), wire_volume(served).content_hash()}
 
 
 def test_import_folder_of_formats_and_dicom_skips_duplicates_and_bad_images(tmp_path: Path, store: Datastore):

@@ -20,6 +20,7 @@ from test_server_fixtures import TOKENS, assert_error, make_volume, raw
 
 from SegAssistLib.client import SegAssistClient
 from SegAssistLib.client.errors import BadRequestError, LearningConflictError, LearningDisabledError, NotFoundError
+from SegAssistLib.image import Volume
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.prompts import PointPrompt
 
@@ -244,6 +245,32 @@ def test_a_repeated_save_or_next_case_takes_effect_once(clients, imported, learn
     assert len(calls) == 2 and calls[0] == calls[1]  # the same request id twice
     assert [v.id for v in alice.learning.labels(first.id)][-1] == label.id
     assert len(alice.learning.labels(first.id)) == 3
+
+
+def test_a_case_image_is_recognised_from_the_store_without_reading_it(tmp_path):
+    """Both hashes of a case's image (as imported, as served) are in the store: a label save after
+    a restart does not read and hash the whole image; a store from before that still works."""
+    from SegAssistLib.server.learning import LearningState
+    from SegAssistLib.transport import wire_volume
+
+    volume = Volume(np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8), spacing=(0.7, 0.7, 1.3),
+                    origin=(-180.3, 12.1, 7.7))  # fmt: skip
+    learning = LearningState(tmp_path / "store", tmp_path / "unused.pt")
+    case = learning.store.import_volume(volume, name="ct", user="alice")
+    served_id = wire_volume(learning.store.load_image(case.id)).content_hash()
+    other_id = make_volume().content_hash()
+    read = []
+    real_load = learning.store.load_image
+    learning.store.load_image = lambda case_id: read.append(case_id) or real_load(case_id)  # type: ignore[method-assign]
+    assert learning.is_case_image(case.id, served_id) and learning.is_case_image(case.id, volume.content_hash())
+    assert not learning.is_case_image(case.id, other_id)
+    assert read == []
+    with learning.store._write() as db:  # as a store written before the table held the served hash
+        db.execute("DELETE FROM image_hashes")
+    assert learning.is_case_image(case.id, served_id) and not learning.is_case_image(case.id, other_id)
+    assert learning.is_case_image(case.id, volume.content_hash())
+    assert read == [case.id]  # read once, then known
+    learning.close()
 
 
 def test_a_session_on_another_image_is_not_saved_as_a_label(clients, imported, learn_server):
