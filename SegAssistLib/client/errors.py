@@ -16,6 +16,9 @@ class ClientError(SegAssistError):
     """Base class of every error the client raises."""
 
     code = "client_error"
+    # set on the error of a request that carries a request id and was sent again after its reply
+    # was lost: the server may have done it all the same (the next request tells)
+    outcome_unknown = False
 
     def __init__(
         self,

@@ -3,10 +3,11 @@
 Retries: a request is retried (a few times, with a short backoff) when the connection fails or
 the server answers 503, and only if it is *safe* to repeat. Reads are; uploads are (an image is
 stored under its content hash, twice is once); and so are the state-changing requests that carry
-a request id (prompts, undo/redo/reset, session opens, label saves, next case), which the server
-answers from its record of the first instead of applying them twice. Training, rollback and adding
-a case carry none and are never repeated. Read timeouts are not retried here: the server may still
-be working on the request (the callers that carry a request id send it once more themselves).
+a request id (``once=True``: prompts, undo/redo/reset, session opens, label saves, next case),
+which the server answers from its record of the first instead of applying them twice. Training,
+rollback and adding a case carry none and are never repeated. A read timeout is not retried (the
+server may still be working on the request) unless the request carries an id: then it is sent once
+more under that id, which waits for the first's outcome.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from SegAssistLib.api_models import ACCEPT_CODECS_HEADER
+from SegAssistLib.api_models import ACCEPT_CODECS_HEADER, REQUEST_ID_HEADER
 from SegAssistLib.client.errors import (
     BackendTimeoutError,
     BackendUnavailableError,
@@ -116,12 +117,41 @@ class HttpClient:
         timeout: Optional[Timeout] = None,
         safe: bool = True,
         auth: bool = True,
+        once: bool = False,
     ) -> requests.Response:
         """Send a request; returns a 2xx response or raises a :class:`ClientError`.
 
         ``body()`` makes a fresh body for each attempt (a file-like object cannot be re-read).
         ``safe``: the request may be repeated after a connection failure or a 503.
+        ``once``: a state-changing request that must take effect once: it carries a new request id,
+        and when no reply comes (connection lost, read timeout) it is sent once more under that id,
+        which the server answers from its record of the first (after the first, if that still
+        runs), never by doing it twice. An error of that second sending has ``outcome_unknown``.
         """
+        if not once:
+            return self._send(method, path, json, body, headers, timeout, safe, auth)
+        headers = {**(headers or {}), REQUEST_ID_HEADER: new_request_id()}
+        try:
+            return self._send(method, path, json, body, headers, timeout, True, auth)
+        except BackendUnavailableError:
+            pass  # no reply, but the server may have done it (it does not stop a request whose client left)
+        try:
+            return self._send(method, path, json, body, headers, timeout, True, auth)
+        except ClientError as exc:
+            exc.outcome_unknown = True
+            raise
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        json: Any,
+        body: Optional[Callable[[], Any]],
+        headers: Optional[Dict[str, str]],
+        timeout: Optional[Timeout],
+        safe: bool,
+        auth: bool,
+    ) -> requests.Response:
         url = self.base_url + path
         attempts = 1 + (self.retries if safe else 0)
         last: Optional[ClientError] = None

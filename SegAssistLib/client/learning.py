@@ -30,9 +30,8 @@ from SegAssistLib.api_learning import (
     NextCaseReply,
     VersionList,
 )
-from SegAssistLib.api_models import API_PREFIX, REQUEST_ID_HEADER, ArrayPayload
+from SegAssistLib.api_models import API_PREFIX, ArrayPayload
 from SegAssistLib.client.errors import BackendTimeoutError, ProtocolError
-from SegAssistLib.client.http import new_request_id
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import MaskPrompt
 from SegAssistLib.transport import available_codecs, decode_frame
@@ -150,14 +149,9 @@ class LearningClient:
         return LabelInfo.model_validate(self._post_once(f"{_BASE}/cases/{case_id}/labels", body))
 
     def _post_once(self, path: str, body: dict) -> Any:
-        """A POST that must take effect once (a label version, a lock): it carries a request id, so the
-        HTTP layer may repeat it after a dropped connection, and it is sent once more under that id
-        when its reply times out; the server answers a repeat with the first's result."""
-        headers = {REQUEST_ID_HEADER: new_request_id()}
-        try:
-            return self._http.json("POST", path, json=body, headers=headers)
-        except BackendTimeoutError:
-            return self._http.json("POST", path, json=body, headers=headers)
+        """A POST that must take effect once (a label version, a lock): see ``HttpClient.request``'s
+        ``once``; the server answers a repeat with the first's result."""
+        return self._http.json("POST", path, json=body, once=True)
 
     def save_mask(
         self,

@@ -9,14 +9,13 @@ import numpy as np
 from SegAssistLib.api_models import (
     API_PREFIX,
     FRAME_MEDIA_TYPE,
-    REQUEST_ID_HEADER,
     Health,
     ServerInfo,
     SessionInfo,
     StoredImage,
 )
-from SegAssistLib.client.errors import BackendTimeoutError, ImageNotFoundError, PayloadTooLargeError
-from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, new_request_id
+from SegAssistLib.client.errors import ImageNotFoundError, PayloadTooLargeError
+from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout
 from SegAssistLib.client.learning import LearningClient
 from SegAssistLib.client.session import RemoteSession, wire_prompt
 from SegAssistLib.engine.base import Capabilities, Engine
@@ -190,13 +189,9 @@ class SegAssistClient(Engine):
         body: dict[str, Any] = {"image_id": image_id, "prompts": [p.model_dump(mode="json") for p in prompts]}
         if modality:
             body["modality"] = modality
-        headers = {REQUEST_ID_HEADER: new_request_id()}
         timeout = self.http.read_timeout_plus(REPLAY_SECONDS_PER_PROMPT * len(prompts))
-        try:
-            reply = self.http.json("POST", f"{API_PREFIX}/sessions", json=body, headers=headers, timeout=timeout)
-        except BackendTimeoutError:
-            # The server finishes an open whose client stopped waiting (a long replay): asking again
-            # under the same id waits for that session instead of opening a second one, which would
-            # hold one of the user's session slots until it expired.
-            reply = self.http.json("POST", f"{API_PREFIX}/sessions", json=body, headers=headers, timeout=timeout)
+        # once: the server finishes an open whose client stopped waiting (a long replay); asking again
+        # under the same id waits for that session instead of opening a second one, which would hold
+        # one of the user's session slots until it expired
+        reply = self.http.json("POST", f"{API_PREFIX}/sessions", json=body, timeout=timeout, once=True)
         return SessionInfo.model_validate(reply)

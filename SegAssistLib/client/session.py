@@ -20,9 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import numpy as np
 
-from SegAssistLib.api_models import API_PREFIX, REQUEST_ID_HEADER, MaskUpdateReply, SessionInfo
-from SegAssistLib.client.errors import BackendUnavailableError, ClientError, ProtocolError, SessionNotFoundError
-from SegAssistLib.client.http import new_request_id
+from SegAssistLib.api_models import API_PREFIX, MaskUpdateReply, SessionInfo
+from SegAssistLib.client.errors import ClientError, ProtocolError, SessionNotFoundError
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
@@ -225,23 +224,16 @@ class RemoteSession(EngineSession):
         if self._out_of_sync:
             self._resync()
         started = time.perf_counter()
-        headers = {REQUEST_ID_HEADER: new_request_id()}
         try:
-            response = self.client.http.request("POST", f"{self._path}/{op}", json=body, headers=headers)
-        except BackendUnavailableError:
-            # No reply, but the server may have done it (it does not stop a request whose client
-            # left): ask again under the same id, which the server answers from its record of that
-            # request (after the original, if that still runs), never by doing it twice.
-            try:
-                response = self.client.http.request("POST", f"{self._path}/{op}", json=body, headers=headers)
-            except SessionNotFoundError:
-                raise  # gone: recover() starts again from the local prompts
-            except Exception:
-                # whatever answered the repeat (lost again, 503, ...), the first try may have been done
+            response = self.client.http.request("POST", f"{self._path}/{op}", json=body, once=True)
+        except ClientError as exc:
+            # a session gone is gone (recover() starts again from the local prompts); any other
+            # failure of the repeat leaves the first try's outcome open: the next call resyncs
+            if exc.outcome_unknown and not isinstance(exc, SessionNotFoundError):
                 if self._seen is None:
                     self._seen = self._mask  # replaced, not changed, by the resync
                 self._out_of_sync = True
-                raise
+            raise
         round_trip = time.perf_counter() - started
         try:
             reply = MaskUpdateReply.model_validate_json(response.content)

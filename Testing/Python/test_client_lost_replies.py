@@ -150,19 +150,19 @@ def test_a_repeat_answered_by_another_error_still_resyncs(slow_server):
     with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 1.0)) as client:
         session = client.open_session(make_volume())
         seen = session.result()
-        real_request, calls = client.http.request, []
+        real_send, calls = client.http._send, []
 
-        def busy_on_repeat(method, path, **kwargs):
+        def busy_on_repeat(method, path, *args):
             calls.append(path)
             if len(calls) == 2:
                 raise ServerBusyError("inference queue full", status=503, code="queue_full")
-            return real_request(method, path, **kwargs)
+            return real_send(method, path, *args)
 
-        client.http.request = busy_on_repeat
+        client.http._send = busy_on_repeat
         delay["s"] = 1.5
         with pytest.raises(ServerBusyError):
             session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0)))
-        client.http.request = real_request
+        client.http._send = real_send
         time.sleep(1.0)
         delay["s"] = 0.0
         assert session.status().n_prompts == 1  # the server did apply it

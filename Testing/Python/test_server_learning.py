@@ -228,20 +228,20 @@ def test_a_repeated_save_or_next_case_takes_effect_once(clients, imported, learn
     # the client: a reply that times out after the server saved is asked for again under its id
     from SegAssistLib.client.errors import BackendTimeoutError
 
-    real, calls = alice.http.request, []
+    real, calls = alice.http._send, []
 
-    def reply_lost_once(method, path, **kwargs):
-        response = real(method, path, **kwargs)
-        calls.append(kwargs["headers"])
+    def reply_lost_once(method, path, json, body, headers, *args):
+        response = real(method, path, json, body, headers, *args)
+        calls.append(headers)
         if len(calls) == 1:
             raise BackendTimeoutError("no answer within the read timeout")
         return response
 
-    alice.http.request = reply_lost_once
+    alice.http._send = reply_lost_once
     try:
         label = alice.learning.save_mask(first.id, truth, submit=False)
     finally:
-        alice.http.request = real
+        alice.http._send = real
     assert len(calls) == 2 and calls[0] == calls[1]  # the same request id twice
     assert [v.id for v in alice.learning.labels(first.id)][-1] == label.id
     assert len(alice.learning.labels(first.id)) == 3
