@@ -72,14 +72,14 @@ class ServerState:
                 worker.before_job = self.learning.sync_hook()
 
     async def submit(self, session: ServerSession, fn: Callable[[EngineSession], Any]) -> Tuple[Any, float]:
-        """Run ``fn(engine_session)`` on the session's worker; returns its value and the queue wait."""
+        """Run ``fn(engine_session)`` on the session's worker; returns its value and the queue wait.
+        The session's model version is left alone: only an answer (:meth:`mutate`, :meth:`open`) sets
+        it, so reading the result under a version swapped in since does not credit that version."""
 
         def job(engine: Engine) -> Any:
             if session.closed:
                 raise SessionGone()
-            value = fn(session.engine_session)  # type: ignore[arg-type]
-            session.model_version = _answering_version(session)
-            return value
+            return fn(session.engine_session)  # type: ignore[arg-type]
 
         return await self._await_job(session, job)
 
@@ -120,6 +120,7 @@ class ServerState:
             if request_id is not None and session.last_request and session.last_request[0] == request_id:
                 return session.last_request[1]
             update = fn(es)
+            session.model_version = _answering_version(session)
             outcome = (update, es.can_undo, es.can_redo)
             session.can_undo, session.can_redo = es.can_undo, es.can_redo
             session.last_request = (request_id, outcome) if request_id is not None else None

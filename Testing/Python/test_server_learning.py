@@ -338,6 +338,11 @@ def test_training_job_promotes_a_version_that_answers_without_restart(clients, i
     alice, bob = clients
     _submit_truths(alice, imported)
     base_version = alice.info().model.version
+    extra_volume, _ = synthetic_case(200)
+    extra = alice.learning.import_image(extra_volume, name="annotated while a version is promoted")
+    alice.learning.lock(extra.id)
+    annotating = alice.open_session(extra_volume)
+    annotating.add_prompt(PointPrompt(position=(14.0, 14.0, 10.0)))
     with alice.open_session(imported[0][1]) as session:
         session.add_prompt(PointPrompt(position=(14.0, 14.0, 10.0)))
         assert session.status().model_version == base_version
@@ -362,6 +367,14 @@ def test_training_job_promotes_a_version_that_answers_without_restart(clients, i
 
         versions = alice.learning.versions()
         assert versions.current == "v1" and versions.versions[0]["kind"] == "lora"
+        # a label keeps the version that answered its prompts, not the one swapped in since
+        annotating.fetch_result()
+        draft = alice.learning.submit(extra.id, annotating, submit=False)
+        assert (draft.model, draft.adapter_version) == (base_version, None)
+        annotating.add_prompt(PointPrompt(position=(15.0, 14.0, 10.0)))
+        label = alice.learning.submit(extra.id, annotating)
+        assert (label.model, label.adapter_version) == (f"{base_version}+v1", "v1")
+        annotating.close()
         update = session.add_prompt(PointPrompt(position=(15.0, 14.0, 10.0)))  # same session, new version
         assert update.info["model_version"] == f"{base_version}+v1"
         assert alice.info(refresh=True).model.version == f"{base_version}+v1"
