@@ -42,6 +42,7 @@ Torch-free: the engine is passed in (anything with ``open_session`` and ``versio
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -67,23 +68,38 @@ EngineRunner = Callable[[Callable[[Any], Any]], Any]  # runner(job) -> job(engin
 HIST_BINS = 32
 GRID = 4
 SHIFT_FRACTION = 0.3
-_CACHE_SIZE = 512
 
 
-class _LRU(OrderedDict):
+class _LRU:
+    """A bounded cache shared by the rankings a server runs at once (each on its own thread). A value
+    is made outside the lock: two threads may make the same one, never corrupt the cache."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
     def get_or(self, key, make):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
         value = make()
-        self[key] = value
-        while len(self) > _CACHE_SIZE:
-            self.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
         return value
 
+    def __len__(self) -> int:
+        return len(self._items)
 
-_EMBEDDINGS = _LRU()
-_LABEL_STATS = _LRU()
+
+# sized for every case of a large store: a diversity score visits every case taken up, and a scan
+# through more cases than an LRU holds never hits (an embedding is 99 floats, a label's stats less)
+_EMBEDDINGS = _LRU(100_000)
+_LABEL_STATS = _LRU(100_000)
 
 
 # ---------------------------------------------------------------------------------------- prior
@@ -167,8 +183,10 @@ def case_embedding(store: Datastore, case: CaseRecord) -> np.ndarray:
 
 
 def diversity_scores(store: Datastore, candidates: Sequence[CaseRecord]) -> Dict[str, float]:
-    """Distance of each candidate to the nearest case already taken up, scaled to [0, 1]."""
-    taken = [c for c in store.list_cases() if c.status is not CaseStatus.NEW and c.id not in {x.id for x in candidates}]
+    """Distance of each candidate to the nearest case already taken up (labelled, or being worked
+    on), scaled to [0, 1]. A case still open to annotation is not taken up, sampled or not."""
+    still_open = {c.id for c in candidate_cases(store)} | {c.id for c in candidates}
+    taken = [c for c in store.list_cases() if c.id not in still_open]
     if not taken or not candidates:
         return {c.id: 0.0 for c in candidates}
     reference = np.stack([case_embedding(store, c) for c in taken])

@@ -91,6 +91,40 @@ def test_diversity_favours_the_case_unlike_the_labelled_ones(world):
     assert np.linalg.norm(e1 - e2) < np.linalg.norm(e1 - image_embedding(store.load_image(odd.id)))
 
 
+def test_diversity_measures_against_cases_taken_up_not_the_candidates_left_out_of_a_sample(tmp_path):
+    """Nothing labelled or locked: every candidate is as new as the others (0), whichever are sampled."""
+    store, cases = make_store(tmp_path / "store", n_labelled=0, n_new=4)
+    store.lock(cases[0].id, "alice", ttl_s=0.001)  # in progress, lock expired, no label: still open
+    for seed in range(4):
+        ranking = rank_cases(store, None, "diversity", seed=seed, max_candidates=2)
+        assert len(ranking) == 2 and all(s.diversity == 0.0 for s in ranking)
+    store.lock(cases[1].id, "bob")  # someone works on it: taken up, the others are measured against it
+    scores = diversity_scores(store, candidate_cases(store))
+    assert cases[1].id not in scores and max(scores.values()) == 1.0
+    store.close()
+
+
+def test_the_embedding_cache_is_safe_across_threads_and_holds_a_large_store():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from SegAssistLib.learning.active import _LRU
+
+    cache, made = _LRU(8), []
+
+    def scan(_):
+        for key in range(32):
+            assert cache.get_or(key, lambda k=key: made.append(k) or k * 2) == key * 2
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(scan, range(200)))  # evictions while other threads read: no KeyError
+    assert len(cache) == 8
+    big, made = _LRU(1000), []
+    for _ in range(3):
+        for key in range(600):
+            big.get_or(key, lambda k=key: made.append(k) or k)
+    assert len(made) == 600  # made once each: a scan through 600 cases hits from the second on
+
+
 def test_structure_prior_and_proposal_follow_the_labels(world):
     store, cases, odd, engine = world
     prior = structure_prior(store)
