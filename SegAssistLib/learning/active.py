@@ -68,6 +68,9 @@ EngineRunner = Callable[[Callable[[Any], Any]], Any]  # runner(job) -> job(engin
 HIST_BINS = 32
 GRID = 4
 SHIFT_FRACTION = 0.3
+# proposals a ranking keeps for the cases it may return (the best, and the next should another
+# annotator take that one meanwhile); one further down is made again
+KEPT_PROPOSALS = 2
 
 
 class _LRU:
@@ -379,7 +382,8 @@ def rank_cases(
 
     ``uncertainty`` and ``diversity`` score at most ``max_candidates`` cases, drawn with ``seed``
     (so a large pool is explored across calls with different seeds). ``proposals``, when given, is
-    filled with the proposals computed while scoring uncertainty. ``on_progress(done, total)`` is
+    filled with the proposals of the best-scored cases (at most ``KEPT_PROPOSALS``: each is a
+    full-size mask). ``on_progress(done, total)`` is
     called after each case scored with the model (about ``n_perturbations + 2`` clicks each).
     ``runner(job)``, when given, runs ``job(engine)`` where the engine lives (a server queues one job
     per case, so that prompts of open sessions are answered between them); ``engine`` may then be None.
@@ -414,12 +418,22 @@ def rank_cases(
             proposal = _propose_case(store, c.id, engine, runner, prior, n_perturbations)
             if on_progress is not None:
                 on_progress(done, len(pool))
-            if proposals is not None:
-                proposals[c.id] = proposal
             u = proposal.uncertainty
             scores.append(CaseScore(c.id, c.name, u + diversity_weight * div[c.id], uncertainty=u, diversity=div[c.id]))
+            if proposals is not None:
+                _keep_best_proposals(proposals, c.id, proposal, scores)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i].score, i))  # ties: import order
     return [scores[i] for i in order]
+
+
+def _keep_best_proposals(
+    proposals: Dict[str, Proposal], case_id: str, proposal: Proposal, scores: List[CaseScore]
+) -> None:
+    """Add ``proposal`` and drop the worst-ranked one beyond ``KEPT_PROPOSALS`` (ties: later import)."""
+    proposals[case_id] = proposal
+    if len(proposals) > KEPT_PROPOSALS:
+        rank = {s.case_id: (-s.score, i) for i, s in enumerate(scores)}
+        del proposals[max(proposals, key=rank.__getitem__)]
 
 
 def next_case(

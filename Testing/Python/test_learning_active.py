@@ -75,6 +75,11 @@ def test_uncertainty_ranking_is_deterministic_and_comes_with_a_proposal(world):
     assert p.uncertainty == pytest.approx(a.score.uncertainty)
     i, j, k = p.prompts[0].position
     assert 0 <= k < a.case.shape[0] and 0 <= j < a.case.shape[1] and 0 <= i < a.case.shape[2]
+    # a ranking keeps the proposals of the cases it may hand out, not a full-size mask per candidate
+    kept = {}
+    ranking = rank_cases(store, engine, "uncertainty", seed=0, proposals=kept)
+    assert set(kept) == {s.case_id for s in ranking[:2]} and len(ranking) == 5
+    assert np.array_equal(kept[a.case.id].mask, p.mask)
     # capped candidate sets are drawn with the seed
     capped = rank_cases(store, engine, "uncertainty", seed=1, max_candidates=2)
     assert len(capped) == 2 and capped == rank_cases(store, engine, "uncertainty", seed=1, max_candidates=2)
