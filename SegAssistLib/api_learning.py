@@ -20,6 +20,7 @@ from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayP
 #: server, the client and the command line (a work session; saving a draft renews nothing, locking again does).
 DEFAULT_LOCK_TTL_S = 4 * 3600.0
 MAX_LOCK_TTL_S = 24 * 3600.0
+MAX_INTERACTIONS = 10**9  # prompts counted for one label version: far above any session, inside SQLite's integers
 MAX_SEED = 2**32 - 1  # what every random generator in the loop accepts (numpy, torch)
 
 
@@ -79,7 +80,7 @@ class SaveLabel(_Model):
     mask: Optional[ArrayPayload] = Field(None, description="uint8 [k, j, i], the case's shape (without session)")
     submit: bool = Field(True, description="true: the case becomes submitted; false: a draft")
     seconds_spent: float = Field(0.0, ge=0)
-    n_interactions: Optional[int] = Field(None, ge=0)
+    n_interactions: Optional[int] = Field(None, ge=0, le=MAX_INTERACTIONS)
 
 
 class LabelInfo(_Model):

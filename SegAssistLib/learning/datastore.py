@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 import SimpleITK as sitk
 
-from SegAssistLib.api_learning import DEFAULT_LOCK_TTL_S, MAX_LOCK_TTL_S
+from SegAssistLib.api_learning import DEFAULT_LOCK_TTL_S, MAX_INTERACTIONS, MAX_LOCK_TTL_S
 from SegAssistLib.errors import ImageError, PromptError
 from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
 from SegAssistLib.image import Volume, validate_image
@@ -527,8 +527,12 @@ class Datastore:
         log = _parse_prompt_log(prompt_log)
         if n_interactions is None:
             n_interactions = len(log.prompts) if log is not None else 0
-        if isinstance(n_interactions, bool) or int(n_interactions) != n_interactions or n_interactions < 0:
-            raise DatastoreError(f"n_interactions must be a non-negative integer, got {n_interactions!r}")
+        if (
+            isinstance(n_interactions, bool)
+            or int(n_interactions) != n_interactions
+            or not 0 <= n_interactions <= MAX_INTERACTIONS
+        ):
+            raise DatastoreError(f"n_interactions must be an integer from 0 to {MAX_INTERACTIONS}, got {n_interactions!r}")
         seconds = float(seconds_spent)
         if not np.isfinite(seconds) or seconds < 0:
             raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")

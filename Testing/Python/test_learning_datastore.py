@@ -374,6 +374,9 @@ def test_bad_input_is_refused_with_clear_errors(store: Datastore):
         store.save_label(case.id, np.full(case.shape, 0.5), "alice")
     with pytest.raises(DatastoreError, match="seconds_spent"):
         store.save_label(case.id, good, "alice", seconds_spent=float("nan"))
+    for count in (-1, 2**63, 1.5):
+        with pytest.raises(DatastoreError, match="n_interactions"):
+            store.save_label(case.id, good, "alice", n_interactions=count)
     with pytest.raises(PromptError, match="invalid prompt log"):
         store.save_label(case.id, good, "alice", prompt_log='{"prompts": [{"kind": "nope"}]}')
     with pytest.raises(DatastoreError, match="model must be printable text") as refused:

@@ -313,6 +313,7 @@ def test_training_settings_out_of_range_are_refused(learn_server, value):
         ("/v1/learn/train", '{"kind": "salt", "seed": 1180591620717411303424}', "seed"),
         ("/v1/learn/train", '{"kind": "salt", "time_budget_s": 1e300}', "time_budget_s"),
         ("/v1/learn/next", '{"strategy": "random", "proposal": false, "seed": -1}', "seed"),
+        ("/v1/learn/cases/0123456789abcdef/labels", '{"n_interactions": 9223372036854775808}', "n_interactions"),
     ],
 )
 def test_seeds_and_budgets_out_of_range_are_refused_not_a_server_error(learn_server, path, body, field):
