@@ -532,7 +532,9 @@ class Datastore:
             or int(n_interactions) != n_interactions
             or not 0 <= n_interactions <= MAX_INTERACTIONS
         ):
-            raise DatastoreError(f"n_interactions must be an integer from 0 to {MAX_INTERACTIONS}, got {n_interactions!r}")
+            raise DatastoreError(
+                f"n_interactions must be an integer from 0 to {MAX_INTERACTIONS}, got {n_interactions!r}"
+            )
         seconds = float(seconds_spent)
         if not np.isfinite(seconds) or seconds < 0:
             raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")

@@ -178,6 +178,16 @@ class TrainingJob:
             self.process.wait()
 
 
+def _check_enough_labels(store_root: Path) -> None:
+    """Refuse at once what the worker would refuse after starting. A label value that leaves too
+    few cases is only found by the worker (it reads every label)."""
+    from SegAssistLib.learning.datastore import Datastore
+    from SegAssistLib.learning.traindata import check_enough_cases, usable_cases
+
+    with Datastore(store_root) as store:
+        check_enough_cases(len(usable_cases(store)))
+
+
 def start_training(
     store_root: Union[str, Path],
     checkpoint: Union[str, Path],
@@ -203,6 +213,7 @@ def start_training(
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_file():
         raise TrainingError(f"model checkpoint not found: {checkpoint}")
+    _check_enough_labels(store_root)
     fd = _take_lock(store_root)
     if fd is None:
         running = [j for j in list_jobs(store_root) if j.get("state") not in FINAL_STATES]

@@ -39,6 +39,15 @@ def holdout_number(case_id: str, salt: str = HOLDOUT_SALT) -> float:
     return int.from_bytes(digest[:8], "big") / float(1 << 64)
 
 
+def check_enough_cases(n_cases: int) -> None:
+    """Training needs two labelled cases: one to learn from, one to validate on."""
+    if n_cases < 2:
+        raise TrainingError(
+            f"training needs at least 2 submitted cases with a non-empty label (one to learn from, one "
+            f"to validate on); the datastore has {n_cases}"
+        )
+
+
 def holdout_split(
     case_ids: Sequence[str],
     fraction: float = 0.2,
@@ -54,11 +63,7 @@ def holdout_split(
     if min_val < 1 or max_val < min_val:
         raise TrainingError(f"need 1 <= min_val <= max_val, got {min_val}, {max_val}")
     ids = list(dict.fromkeys(case_ids))
-    if len(ids) < 2:
-        raise TrainingError(
-            f"training needs at least 2 submitted cases with a non-empty label (one to learn from, one "
-            f"to validate on); the datastore has {len(ids)}"
-        )
+    check_enough_cases(len(ids))
     number = {c: holdout_number((keys or {}).get(c, c)) for c in ids}
     ranked = sorted(ids, key=lambda c: (number[c], c))
     below = [c for c in ranked if number[c] < fraction][:max_val]

@@ -291,6 +291,9 @@ def test_bad_requests_fail_clearly(tmp_path: Path, setup):
     lonely.close()
     with pytest.raises(TrainingError, match="at least 2 submitted cases"):
         run_training(tmp_path / "lonely", ckpt, quick())
+    with pytest.raises(TrainingError, match="at least 2 submitted cases.*has 1"):  # refused before a process starts
+        start_training(tmp_path / "lonely", ckpt, quick())
+    assert list_jobs(tmp_path / "lonely") == [] and not training_running(tmp_path / "lonely")
 
 
 def test_learn_cli(setup, capsys, monkeypatch):
