@@ -6,7 +6,8 @@ same image is held out in every datastore it is imported into, whatever its rand
 stores, or a campaign's modes, validate on the same cases); the validation set is the (at most ``max_val``)
 cases with the smallest ``u`` below ``fraction``, topped up to ``min_val`` with the next smallest.
 Adding cases only pushes a case's rank down, so a case can move from validation into training
-but never from training into validation: a promoted version was never trained on a case that now
+but never from training into validation (a store whose every case is held out that way is refused,
+not split otherwise): a promoted version was never trained on a case that now
 validates its successor. (The incumbent is also re-scored on today's validation cases in the same
 run as the candidate, so the comparison is always like with like.)
 
@@ -67,7 +68,14 @@ def holdout_split(
     number = {c: holdout_number((keys or {}).get(c, c)) for c in ids}
     ranked = sorted(ids, key=lambda c: (number[c], c))
     below = [c for c in ranked if number[c] < fraction][:max_val]
-    n_val = min(max(len(below), min_val), len(ids) - 1)
+    n_val = max(len(below), min_val)
+    if n_val >= len(ids):
+        # shrinking validation to leave one case to train on would train on a case that validates
+        # once the store grows (the split would not be stable): wait for one more case instead
+        raise TrainingError(
+            f"all {len(ids)} usable labelled cases are held out for validation (at least {min_val}, and "
+            f"every case drawn below the validation fraction {fraction:g}): submit one more case to train on"
+        )
     val = set(ranked[:n_val])
     return [c for c in ids if c not in val], [c for c in ids if c in val]
 

@@ -70,6 +70,34 @@ def test_holdout_split_is_deterministic_stable_and_disjoint():
         holdout_split(ids[:1])
 
 
+def test_a_small_store_whose_cases_are_all_held_out_waits_for_one_more_case():
+    """Two cases both drawn for validation: training on one of them (to have something to train on)
+    would put it in validation as soon as a third case arrives, and the version trained on it would
+    be scored on it. Refused instead, with what to do."""
+    from SegAssistLib.learning.traindata import holdout_number
+
+    ids = [f"{n:016x}" for n in range(2000)]
+    low = [c for c in ids if holdout_number(c) < 0.2][:2]
+    high = next(c for c in ids if holdout_number(c) >= 0.2)
+    with pytest.raises(TrainingError, match="all 2 usable labelled cases are held out.*one more case"):
+        holdout_split(low, fraction=0.2)
+    assert holdout_split([*low, high], fraction=0.2) == ([high], low)
+    with pytest.raises(TrainingError, match="all 2 usable"):  # min_val alone can hold out every case too
+        holdout_split([high, ids[-1]], fraction=0.0, min_val=2)
+    # small stores growing case by case: a case trained on never validates later
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        trained: set = set()
+        order = [ids[i] for i in rng.choice(len(ids), 6, replace=False)]
+        for n in range(2, 7):
+            try:
+                train, val = holdout_split(order[:n], fraction=0.2)
+            except TrainingError:
+                continue
+            assert not trained & set(val)
+            trained |= set(train)
+
+
 def test_the_held_out_cases_follow_the_images_not_their_random_case_ids():
     rng = np.random.default_rng(1)
     images = [f"{int(x):016x}" for x in rng.integers(0, 2**62, 30)]  # content hashes
