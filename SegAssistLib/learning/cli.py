@@ -31,7 +31,7 @@ from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
-from SegAssistLib.learning.registry import BASE, AdapterRegistry, version_label
+from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
 
 
 def lock_hours(text: str) -> float:
@@ -226,7 +226,8 @@ def cmd_save(args: argparse.Namespace) -> int:
                 "image's geometry (in Slicer: a labelmap with the volume as reference)"
             )
         label = store.save_label(case.id, mask, user=args.user, prompt_log=log, model=args.model,
-                                 seconds_spent=args.seconds, submit=not args.draft)
+                                 adapter_version=adapter_id_of(args.model), seconds_spent=args.seconds,
+                                 submit=not args.draft)
     what = "draft" if args.draft else "submitted"
     _print(args, label.to_dict(), f"saved label version {label.version} ({label.id}) of {case.name}, {what}")
     return 0

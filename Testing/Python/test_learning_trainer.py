@@ -404,7 +404,7 @@ def test_learn_cli(setup, capsys, monkeypatch):
         with pytest.raises(DatastoreError, match=f"not on the case's voxel grid: {what}"):
             run("save", new_case.id, str(wrong_grid), "--store", str(store_root), "--user", "carol")
     code, out = run("save", new_case.id, str(proposal), "--store", str(store_root), "--user", "carol",
-                    "--seconds", "30", "--model", "tiny-1")
+                    "--seconds", "30", "--model", "tiny-1+v2")
     assert code == 0 and "label version 1" in out and "submitted" in out
     code, out = run("cases", "--store", str(store_root), "--status", "submitted")
     assert out.count("submitted") == 6
@@ -415,6 +415,7 @@ def test_learn_cli(setup, capsys, monkeypatch):
     assert len(list((export / "segmentations").glob("*.seg.nrrd"))) == 6
     provenance = {c["case_id"]: c for c in dataset["segassist"]["cases"]}
     assert provenance[new_case.id]["user"] == "carol" and provenance[new_case.id]["seconds_spent"] == 30.0
+    assert (provenance[new_case.id]["model"], provenance[new_case.id]["adapter_version"]) == ("tiny-1+v2", "v2")
 
 
 def test_a_job_in_its_own_session_really_runs_below_the_server(tmp_path):
