@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SegAssistLib.errors import ImageError
+from SegAssistLib.files import sitk_path
 
 POSITION, ORIENTATION, SLOPE, INTERCEPT = "0020|0032", "0020|0037", "0028|1053", "0028|1052"
 STEP_TOLERANCE = 0.01  # slice steps that differ from their median by more than this share are uneven
@@ -111,7 +112,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM lists every non-DICOM file it skips
     try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
+        series = reader.GetGDCMSeriesIDs(sitk_path(folder))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
     if not series:
@@ -120,7 +121,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         raise ImageError(
             f"{folder} holds {len(series)} DICOM series ({', '.join(series)}): point at one series' folder"
         )
-    files: List[str] = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    files: List[str] = list(reader.GetGDCMSeriesFileNames(sitk_path(folder), series[0]))
     headers = [read_slice_header(f) for f in files]
     check_slice_grid(headers, str(folder))
     if len({(h.slope, h.intercept) for h in headers}) > 1:

@@ -22,6 +22,23 @@ from typing import Any, Callable, Dict, Optional, Type
 TMP_PREFIX = ".tmp-"
 
 
+def sitk_path(path: os.PathLike[str] | str) -> str:
+    """``path`` as SimpleITK takes it; :class:`ImageError` when its name is not valid UTF-8.
+
+    Linux allows any bytes in a name and Python carries the invalid ones as surrogates, which
+    SimpleITK cannot convert: it aborts the whole process instead of raising.
+    """
+    from SegAssistLib.errors import ImageError
+
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise ImageError(f"cannot use {shown}: the name is not valid UTF-8; rename it") from None
+    return text
+
+
 def _first_existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 

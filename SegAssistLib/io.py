@@ -15,12 +15,14 @@ import SimpleITK as sitk
 
 from SegAssistLib.dicom import read_dicom_series
 from SegAssistLib.errors import ImageError
+from SegAssistLib.files import sitk_path
 from SegAssistLib.image import Volume
 
 PathLike = Union[str, Path]
 
 
 def _read_sitk(path: Path) -> sitk.Image:
+    sitk_path(path)
     if path.is_dir():
         return read_dicom_series(path)
     if not path.exists():
@@ -28,7 +30,7 @@ def _read_sitk(path: Path) -> sitk.Image:
     if not os.access(path, os.R_OK):  # ITK would say the file does not exist
         raise ImageError(f"cannot read {path}: permission denied")
     try:
-        return sitk.ReadImage(str(path))
+        return sitk.ReadImage(sitk_path(path))
     except RuntimeError as exc:
         raise ImageError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
 
@@ -74,7 +76,7 @@ def read_geometry(path: PathLike) -> Volume:
     """The spacing, origin and direction of an image file (its first three axes), without its voxels
     (the returned volume's array is empty)."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader.SetFileName(sitk_path(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
@@ -125,7 +127,7 @@ def save_mask_nifti(mask: np.ndarray, reference: Volume, path: PathLike) -> Path
     path = Path(path)
     labels = as_labels(mask)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(volume_to_sitk(reference, labels), str(path), useCompression=True)
+    sitk.WriteImage(volume_to_sitk(reference, labels), sitk_path(path), useCompression=True)
     return path
 
 
@@ -166,7 +168,7 @@ def save_segmentation_nrrd(
         image.SetMetaData(prefix + "Extent", full if value in present else "0 -1 0 -1 0 -1")
         image.SetMetaData(prefix + "Tags", "Segmentation.Status:inprogress|")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    sitk.WriteImage(image, sitk_path(path), useCompression=True)
     return path
 
 

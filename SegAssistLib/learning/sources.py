@@ -7,6 +7,9 @@ from typing import List, Tuple
 
 import SimpleITK as sitk
 
+from SegAssistLib.errors import ImageError
+from SegAssistLib.files import sitk_path
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Files that hold segmentations or sidecar data, not images to annotate.
 _SKIP_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
@@ -31,10 +34,14 @@ def is_image_file(path: Path) -> bool:
 def is_dicom_series_dir(path: Path) -> bool:
     if not path.is_dir():
         return False
+    try:
+        folder = sitk_path(path)
+    except ImageError:
+        return False  # the files in it are listed (and refused by name) on their own
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns for every folder without DICOM
     try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 

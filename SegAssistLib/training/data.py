@@ -69,6 +69,8 @@ def load_training_cases(
         return _load_packs(packs, datasets, click_union_datasets, patch)
     import SimpleITK as sitk  # only here: a pack needs no SimpleITK (GPU machines may lack it)
 
+    from SegAssistLib.files import sitk_path
+
     out: Dict[str, List[TrainCase]] = {}
     for folder in sorted(p for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir()):
         if datasets and folder.name not in datasets:
@@ -76,9 +78,9 @@ def load_training_cases(
         cases = split_cases(list_cases(folder), "training")
         loaded = []
         for case in cases:
-            img = sitk.ReadImage(str(case.image))
+            img = sitk.ReadImage(sitk_path(case.image))
             arr = sitk.GetArrayFromImage(img).astype(np.float32)
-            lab = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label))).astype(np.int16)
+            lab = sitk.GetArrayFromImage(sitk.ReadImage(sitk_path(case.label))).astype(np.int16)
             if arr.shape != lab.shape:
                 continue
             spacing = tuple(float(s) for s in img.GetSpacing()[::-1])

@@ -1,5 +1,8 @@
 """Image IO (NIfTI, NRRD, MHA, DICOM series), geometry, and the checks on bad images."""
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -230,8 +233,6 @@ def test_a_scaled_or_sheared_direction_is_refused(direction):
 
 
 def test_an_unreadable_file_is_called_unreadable_not_missing(tmp_path):
-    import os
-    import shutil
     import subprocess
     import sys
 
@@ -247,3 +248,46 @@ def test_an_unreadable_file_is_called_unreadable_not_missing(tmp_path):
         command = ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "permission denied" in result.stderr and "not found" not in result.stderr
+
+
+def test_a_name_that_is_not_utf8_is_refused_not_a_crash(tmp_path, shared_data):
+    """Linux names may hold any bytes; SimpleITK aborts the whole process on them (no exception to
+    catch), so the check runs in a child process that must survive to report each refusal."""
+    import subprocess
+    import sys
+
+    bad = os.fsdecode(b"caf\xe9")
+    sitk.WriteImage(volume_to_sitk(_oblique_volume()), str(tmp_path / "plain.nii.gz"))
+    (tmp_path / "plain.nii.gz").rename(tmp_path / f"{bad}.nii.gz")  # written by name here, it would abort pytest
+    dicom = tmp_path / f"series_{bad}"
+    shutil.copytree(shared_data / "totalsegmentator_examples" / "dicom_ct", dicom)
+    code = f"""
+import os
+from pathlib import Path
+from SegAssistLib.errors import ImageError
+from SegAssistLib.io import load_mask, load_volume, read_geometry, save_mask_nifti
+from SegAssistLib.learning.sources import find_sources
+from SegAssistLib.image import Volume
+import numpy as np
+root = Path({str(tmp_path)!r})
+image = root / os.fsdecode(b"caf\\xe9.nii.gz")
+ok = Volume(np.zeros((4, 5, 6), np.int16))
+for name, call in [
+    ("load_volume", lambda: load_volume(image)), ("read_geometry", lambda: read_geometry(image)),
+    ("load_mask", lambda: load_mask(image)), ("dicom", lambda: load_volume(root / os.fsdecode(b"series_caf\\xe9"))),
+    ("save", lambda: save_mask_nifti(np.zeros((4, 5, 6), np.uint8), ok, root / os.fsdecode(b"out\\xe9.nii.gz"))),
+]:
+    try:
+        call()
+        print(name, "read")
+    except ImageError as exc:
+        print(name, "refused:", exc)
+print("sources", len(find_sources(root)))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name in ("load_volume", "read_geometry", "load_mask", "dicom", "save"):
+        line = next(x for x in lines if x.startswith(name + " "))
+        assert "refused:" in line and "not valid UTF-8; rename it" in line and "\\xe9" in line, line
+    assert "sources 1" in lines  # the image file is listed (and refused by name when imported)
