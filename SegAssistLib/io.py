@@ -6,9 +6,11 @@ directories. Writes masks as NIfTI (``.nii.gz``) and as Slicer segmentations (``
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,6 +23,21 @@ from SegAssistLib.image import Volume
 PathLike = Union[str, Path]
 
 
+@contextlib.contextmanager
+def _readable_name(path: Path) -> Iterator[str]:
+    """The name to give ITK for ``path``. ITK's NIfTI reader, asked for ``x.nii.gz``, takes the
+    voxels of an ``x.nii`` beside it (under ``x.nii.gz``'s header): such a file is read through a
+    link with no sibling."""
+    name = sitk_path(path)
+    if not (name.lower().endswith(".nii.gz") and Path(name[: -len(".gz")]).exists()):
+        yield name
+        return
+    with tempfile.TemporaryDirectory(prefix="segassist-read-") as folder:
+        link = Path(folder) / "image.nii.gz"
+        link.symlink_to(Path(name).resolve())
+        yield str(link)
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     sitk_path(path)
     if path.is_dir():
@@ -30,7 +47,8 @@ def _read_sitk(path: Path) -> sitk.Image:
     if not os.access(path, os.R_OK):  # ITK would say the file does not exist
         raise ImageError(f"cannot read {path}: permission denied")
     try:
-        return sitk.ReadImage(sitk_path(path))
+        with _readable_name(path) as name:
+            return sitk.ReadImage(name)
     except RuntimeError as exc:
         raise ImageError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
 
@@ -76,9 +94,10 @@ def read_geometry(path: PathLike) -> Volume:
     """The spacing, origin and direction of an image file (its first three axes), without its voxels
     (the returned volume's array is empty)."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(sitk_path(path))
     try:
-        reader.ReadImageInformation()
+        with _readable_name(Path(path)) as name:
+            reader.SetFileName(name)
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ImageError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
     if reader.GetDimension() < 3:

@@ -291,3 +291,16 @@ print("sources", len(find_sources(root)))
         line = next(x for x in lines if x.startswith(name + " "))
         assert "refused:" in line and "not valid UTF-8; rename it" in line and "\\xe9" in line, line
     assert "sources 1" in lines  # the image file is listed (and refused by name when imported)
+
+
+def test_a_nii_gz_is_read_whole_when_a_nii_of_the_same_name_lies_beside_it(tmp_path):
+    """ITK's NIfTI reader takes x.nii's voxels under x.nii.gz's header when both exist."""
+    plain = Volume(np.arange(120, dtype=np.int16).reshape(4, 5, 6))
+    gz = Volume(-np.arange(240, dtype=np.int16).reshape(8, 5, 6), spacing=(2.0, 2.0, 3.0))
+    sitk.WriteImage(volume_to_sitk(plain), str(tmp_path / "case.nii"))
+    sitk.WriteImage(volume_to_sitk(gz), str(tmp_path / "case.nii.gz"))
+    for path in (tmp_path / "case.nii.gz", str(tmp_path / "case.nii.gz")):
+        np.testing.assert_array_equal(load_volume(path).array, gz.array)
+        np.testing.assert_array_equal(load_mask(path), gz.array)
+        assert read_geometry(path).spacing == (2.0, 2.0, 3.0)
+    np.testing.assert_array_equal(load_volume(tmp_path / "case.nii").array, plain.array)
