@@ -133,7 +133,13 @@ def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None
             f"image direction must be a rotation (orthonormal columns; off by {off:.3g}): a scaled or sheared "
             "grid (an image under a non-rigid transform?) cannot be stored as NIfTI; harden or resample it first"
         )
-    if float(arr.max()) == float(arr.min()):
+    lo, hi = arr.min(), arr.max()
+    if arr.dtype.kind == "f" and max(abs(float(lo)), abs(float(hi))) > _FLOAT32_MAX:
+        raise ImageError(
+            f"image values reach {max(abs(float(lo)), abs(float(hi))):.3g}, beyond the float32 range the model "
+            f"computes in (|x| <= {_FLOAT32_MAX:.3g}): rescale the intensities first"
+        )
+    if hi == lo:  # compared in the image's own dtype: 2**62 and 2**62 + 1 differ, as floats they would not
         raise ImageError("image is constant: there is nothing to segment")
 
 

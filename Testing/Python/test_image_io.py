@@ -91,11 +91,19 @@ def test_content_hash_depends_on_voxels_and_geometry():
         (np.ones((4, 4, 4), np.float32), "constant"),
         (np.array([[["a"]]]), "not numeric"),
         (np.random.default_rng(0).random((4, 4, 4)) > 0.5, "dtype bool: that is a mask"),  # once a TypeError
+        (np.random.default_rng(0).random((4, 4, 4)) * 1e300, "beyond the float32 range"),  # once an empty answer
     ],
 )
 def test_bad_images_are_named(array, message):
     with pytest.raises(ImageError, match=message):
         validate_image(Volume(array) if array.ndim == 3 else _raw(array))
+
+
+def test_a_wide_integer_image_is_not_taken_for_constant():
+    array = np.full((4, 4, 4), 2**62, np.int64)
+    array[0, 0, 0] += 1  # equal to the rest as a float64
+    validate_image(Volume(array))
+    validate_image(Volume(np.random.default_rng(0).random((4, 4, 4)) * 3e38))  # float64 inside float32's range
 
 
 def _raw(array):
