@@ -36,9 +36,14 @@ class Volume:
     def __post_init__(self) -> None:
         if isinstance(self.array, np.ndarray) and self.array.dtype.kind == "f" and self.array.dtype.itemsize == 2:
             self.array = self.array.astype(np.float32)  # lossless; see the module docstring
-        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
-        self.origin = tuple(float(s) for s in self.origin)  # type: ignore[assignment]
-        self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        try:
+            self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+            self.origin = tuple(float(s) for s in self.origin)  # type: ignore[assignment]
+            self.direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        except (TypeError, ValueError) as exc:
+            raise ImageError(
+                f"image geometry: spacing and origin must be numbers and direction a 3x3 matrix ({exc})"
+            ) from exc
 
     @property
     def shape_ijk(self) -> Tuple[int, int, int]:

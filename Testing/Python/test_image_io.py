@@ -312,3 +312,11 @@ def test_a_nii_gz_is_read_whole_when_a_nii_of_the_same_name_lies_beside_it(tmp_p
         np.testing.assert_array_equal(load_mask(path), gz.array)
         assert read_geometry(path).spacing == (2.0, 2.0, 3.0)
     np.testing.assert_array_equal(load_volume(tmp_path / "case.nii").array, plain.array)
+
+
+@pytest.mark.parametrize(
+    "geometry", [dict(direction=np.eye(2)), dict(direction=None), dict(spacing=("a", 1, 1)), dict(origin=None)]
+)
+def test_malformed_geometry_is_an_image_error(geometry):
+    with pytest.raises(ImageError, match="image geometry"):
+        Volume(np.zeros((2, 3, 4), np.float32), **geometry)
