@@ -49,7 +49,9 @@ from pydantic import (
 from SegAssistLib import rasterize
 from SegAssistLib.errors import PromptError
 
-SCHEMA_VERSION = "1.1"  # 1.1: scribbles and lassos may be given as a slab instead of points
+# 1.1: scribbles and lassos may be given as a slab instead of points
+# 1.2: a scribble given as points may carry the normal of the slice it was drawn on
+SCHEMA_VERSION = "1.2"
 
 MAX_SLAB_AXIS = 4096  # voxels along any axis of a slab's box
 MAX_SLAB_VOXELS = 4096 * 4096  # voxels in a slab's box: 2 MiB of bits at most, whatever the client sends
@@ -327,7 +329,7 @@ class _PolyPrompt(_Prompt):
     @model_serializer(mode="wrap")
     def _drop_unused_form(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
         out = handler(self)
-        for name in ("points", "slab"):
+        for name in ("points", "slab", "normal"):
             if out.get(name, 0) is None:
                 del out[name]
         return out
@@ -336,14 +338,42 @@ class _PolyPrompt(_Prompt):
 class ScribblePrompt(_PolyPrompt):
     kind: Literal["scribble"] = "scribble"
     width: float = Field(1.0, gt=0, le=20, description="stroke width in voxels")
+    normal: Optional[Vec3] = Field(
+        None,
+        description="points form only: the normal (i, j, k, in voxel index space) of the slice the stroke was "
+        "drawn on, which a straight stroke along an image axis or a single dot does not tell; without it such "
+        "a stroke is taken to lie on an axial slice (k constant), then coronal, then sagittal",
+    )
+
+    @field_validator("normal", mode="before")
+    @classmethod
+    def _check_normal(cls, v):
+        if v is None:
+            return None
+        n = np.asarray(_finite_vec3(v, "normal"))
+        if not np.linalg.norm(n) > 1e-9:
+            raise ValueError("normal must not be the zero vector")
+        return tuple(float(x) for x in n)
 
     @model_validator(mode="after")
     def _check_budget(self):
+        if self.normal is not None:
+            if self.points is None:
+                raise ValueError("a normal goes with a scribble given as points, not as a slab")
+            pts = np.asarray(self.points, float)
+            n = np.asarray(self.normal) / np.linalg.norm(self.normal)
+            off = float(np.abs((pts - pts[0]) @ n).max())
+            if off > SLAB_PLANE_TOLERANCE:
+                raise ValueError(f"the stroke's vertices leave the slice of its normal by up to {off:.2f} voxels")
         if self.points is not None:  # refused here (a 422 on the server) rather than when rasterised
             problem = _scribble_budget_error(np.asarray(self.points, float)[:, ::-1], self.width)  # as to_slab
             if problem:
                 raise ValueError(problem)
         return self
+
+    def normal_kji(self) -> Optional[np.ndarray]:
+        """The slice normal in array order ``[k, j, i]``, when given."""
+        return None if self.normal is None else np.asarray(self.normal, float)[::-1]
 
 
 class LassoPrompt(_PolyPrompt):
@@ -435,16 +465,20 @@ def prompt_vertices_kji(prompt: Prompt) -> np.ndarray:
     return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
 
 
-def _stroke_plane_axes(verts_kji: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _stroke_plane_axes(
+    verts_kji: np.ndarray, normal_kji: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, np.ndarray]:
     """Two orthonormal in-plane directions of the slice a polyline was drawn on.
 
-    Vertices that share a coordinate lie on that axis-aligned slice (axial first, then coronal,
-    sagittal); otherwise the best-fit plane. A straight oblique stroke does not define its slice:
-    the plane through it closest to an axis-aligned one is used.
+    The slice of ``normal_kji`` when given. Otherwise: vertices that share a coordinate lie on that
+    axis-aligned slice (axial first, then coronal, sagittal), else the best-fit plane. A straight
+    oblique stroke does not define its slice: the plane through it closest to an axis-aligned one is used.
     """
     eye = np.eye(3)
     flat = [axis for axis in range(3) if np.ptp(verts_kji[:, axis]) < 1e-6]
-    if flat:
+    if normal_kji is not None:
+        normal = np.asarray(normal_kji, float) / np.linalg.norm(normal_kji)
+    elif flat:
         normal = eye[flat[0]]
     else:
         centred = verts_kji - verts_kji.mean(0)
@@ -478,7 +512,7 @@ def _disc_coefficients(width: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
 _TIE_NUDGE = 1e-9  # voxels: see _scribble_disc
 
 
-def _scribble_disc(verts_kji: np.ndarray, width: float) -> np.ndarray:
+def _scribble_disc(verts_kji: np.ndarray, width: float, normal_kji: Optional[np.ndarray] = None) -> np.ndarray:
     """Offsets (array order) of the points that widen each sample of a stroke: a disc of the
     stroke's width in the slice it was drawn on (one zero offset at width 1).
 
@@ -489,7 +523,7 @@ def _scribble_disc(verts_kji: np.ndarray, width: float) -> np.ndarray:
     coefficients = _disc_coefficients(width)
     if coefficients is None:
         return np.zeros((1, 3))
-    u, v = _stroke_plane_axes(verts_kji)
+    u, v = _stroke_plane_axes(verts_kji, normal_kji)
     a, b = coefficients
     disc = a[:, None] * u + b[:, None] * v
     return disc - _TIE_NUDGE * np.sign(disc)
@@ -514,7 +548,7 @@ def _scribble_budget_error(verts: np.ndarray, width: float) -> Optional[str]:
     )
 
 
-def _scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
+def _scribble_voxels(verts_kji: np.ndarray, width: float, normal_kji: Optional[np.ndarray] = None) -> np.ndarray:
     """Voxels (array order) of a polyline with its width, thickened within the slice it was drawn on.
 
     The line's voxels are the ones the engines, the baselines and the scribble simulator take for
@@ -532,7 +566,7 @@ def _scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
     if problem:
         raise PromptError(problem)
     radius = max((width - 1.0) / 2.0, 0.0)
-    disc = _scribble_disc(verts_kji, width)
+    disc = _scribble_disc(verts_kji, width, normal_kji)
     if len(disc) == 0 or len(verts_kji) == 0:
         return np.zeros((0, 3), np.int64)
     # Each voxel becomes one int64 key in a box holding every point (the samples lie between the
@@ -615,7 +649,7 @@ def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarr
 def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
     """The voxels (array order ``[k, j, i]``, not clipped to any image) of a scribble in points form
     with its width, as :func:`to_slab` draws them."""
-    return _scribble_voxels(np.asarray(prompt.points, float)[:, ::-1], prompt.width)
+    return _scribble_voxels(np.asarray(prompt.points, float)[:, ::-1], prompt.width, prompt.normal_kji())
 
 
 def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
@@ -635,7 +669,7 @@ def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
     verts = np.asarray(prompt.points, float)[:, ::-1]
     outside = f"the {prompt.kind} lies outside the image (array shape k, j, i = {shape.tolist()})"
     if isinstance(prompt, ScribblePrompt):
-        voxels = _scribble_voxels(verts, prompt.width)
+        voxels = _scribble_voxels(verts, prompt.width, prompt.normal_kji())
         voxels = voxels[np.all((voxels >= 0) & (voxels < shape), axis=1)]
         if len(voxels) == 0:
             raise PromptError(outside)
@@ -650,7 +684,7 @@ def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
         if drawn is None or not drawn[0].any():
             raise PromptError(outside)
         box, lo = drawn
-    fields = prompt.model_dump(exclude={"points", "slab", "kind"})
+    fields = prompt.model_dump(exclude={"points", "slab", "kind", "normal"})  # a slab is its own slice
     try:
         return type(prompt)(slab=Slab.from_mask(box, lo), **fields)
     except ValidationError as exc:  # not on one slice, too large

@@ -311,4 +311,8 @@ def simulate_scribble(
             break
     else:
         points = _inside_run(points, target)
-    return ScribblePrompt(points=[tuple(float(x) for x in p[::-1]) for p in points], positive=True, width=width)
+    normal = np.cross(section.row_step, section.col_step)[::-1]  # the section's slice, (i, j, k): as Slicer sends it
+    return ScribblePrompt(
+        points=[tuple(float(x) for x in p[::-1]) for p in points], positive=True, width=width,
+        normal=tuple(float(x) for x in normal),
+    )  # fmt: skip

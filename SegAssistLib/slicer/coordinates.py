@@ -190,9 +190,14 @@ def scribble_prompt(
     positive: bool = True,
     width: float = 1.0,
 ) -> ScribblePrompt:
-    """A stroke (polyline of slice-view positions); ``width`` is in voxels."""
-    points = xy_to_ijk(slice_node, np.atleast_2d(np.asarray(xys, float)), volume_node)
-    return build_prompt(ScribblePrompt, "scribble", points=points, positive=positive, width=width)
+    """A stroke (polyline of slice-view positions); ``width`` is in voxels, widened within the view's
+    slice (whose normal the prompt carries: a straight stroke along an image axis does not tell it)."""
+    xy = np.atleast_2d(np.asarray(xys, float))
+    points = xy_to_ijk(slice_node, xy, volume_node)
+    x, y = float(xy[0, 0]), float(xy[0, 1])
+    corner, right, up = xy_to_ijk(slice_node, [[x, y], [x + 1.0, y], [x, y + 1.0]], volume_node)
+    normal = np.cross(right - corner, up - corner)
+    return build_prompt(ScribblePrompt, "scribble", points=points, positive=positive, width=width, normal=normal)
 
 
 def lasso_prompt(

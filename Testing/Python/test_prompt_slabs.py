@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from scipy import ndimage
 from test_server_fixtures import assert_error, raw
 
@@ -34,6 +35,7 @@ from SegAssistLib.prompts import (
     Slab,
     parse_prompt,
     prompt_vertices_kji,
+    scribble_voxels,
     to_slab,
 )
 from SegAssistLib.server.errors import ApiError
@@ -84,14 +86,14 @@ def test_slab_prompts_round_trip_through_json():
     )
     text = log.to_json()
     again = PromptLog.from_json(text)
-    assert again == log and again.schema_version == SCHEMA_VERSION == "1.1"
+    assert again == log and again.schema_version == SCHEMA_VERSION == "1.2"
     first = again.prompts[0]
     assert first.points is None and first.slab.offset == (12, 20, 25) and first.slab.shape == (1, 10, 15)
     assert np.array_equal(_full(first), stroke) and np.array_equal(_full(again.prompts[1]), stroke)
     assert min(oblique.slab.shape) > 1  # an oblique slice: a 3D box holding a digital plane
     # each form writes only its own key (a points-form prompt is written as in schema 1.0)
     dumped = json.loads(text)["prompts"]
-    assert "points" not in dumped[0] and "slab" not in dumped[3]
+    assert "points" not in dumped[0] and "slab" not in dumped[3] and "normal" not in dumped[3]
     assert parse_prompt(json.dumps(dumped[0])) == first
 
 
@@ -188,6 +190,49 @@ def test_to_slab_of_an_axis_aligned_polyline_is_one_slice(axis, name):
     assert isinstance(slab_prompt, ScribblePrompt) and not slab_prompt.positive and slab_prompt.width == 1.0
     assert slab_prompt.points is None and slab_prompt.slab.shape[axis] == 1 and slab_prompt.slab.offset[axis] == 17
     assert np.array_equal(_full(slab_prompt), _polyline_voxels(prompt.points)), name
+
+
+def test_a_scribble_with_its_slice_normal_widens_within_that_slice():
+    """A straight stroke along i on a coronal slice (j = 12), or a dot, lies on several axis-aligned
+    slices at once: its normal says which one it was drawn on."""
+    line = [(5.0, 12.0, 9.0), (30.0, 12.0, 9.0)]
+    for points in (line, line[:1]):
+        guessed = to_slab(ScribblePrompt(points=points, width=5), SHAPE).slab
+        assert guessed.shape[0] == 1 and guessed.shape[1] == 5  # axial first: widened across coronal slices
+        coronal = ScribblePrompt(points=points, width=5, normal=(0.0, -2.5, 0.0))  # any length, either sign
+        slab = to_slab(coronal, SHAPE).slab
+        assert slab.shape[1] == 1 and slab.offset[1] == 12 and slab.shape[0] == 5
+        assert np.array_equal(slab.voxels_kji(), np.unique(scribble_voxels(coronal), axis=0))
+        assert to_slab(coronal, SHAPE).normal is None  # the slab is its own slice
+    # an oblique stroke's normal is its plane's; the same voxels as the plane the stroke defines
+    normal, u, v = _plane_basis(35)
+    pts_kji = np.array([[20.3, 24.8, 30.1] + a * u + b * v for a, b in [(-12, -5), (-4, 6), (3, -2), (11, 8)]])
+    drawn = ScribblePrompt(points=[tuple(p[::-1]) for p in pts_kji], width=3)
+    told = ScribblePrompt(points=drawn.points, width=3, normal=tuple(normal[::-1]))
+    assert np.array_equal(to_slab(told, SHAPE).slab.voxels_kji(), to_slab(drawn, SHAPE).slab.voxels_kji())
+    # written only when given; read back the same
+    assert "normal" not in drawn.model_dump(mode="json")
+    assert ScribblePrompt.model_validate_json(told.model_dump_json()) == told
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(normal=(0.0, 0.0, 0.0)), "zero vector"),
+        (dict(normal=(0.0, float("nan"), 1.0)), "finite"),
+        (dict(normal=(1.0, 0.0)), "3 coordinates"),
+        (dict(normal=(0.0, 0.0, 1.0)), "leave the slice of its normal"),  # the stroke runs along k
+    ],
+)
+def test_a_bad_scribble_normal_is_refused(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        ScribblePrompt(points=[(5.0, 12.0, 3.0), (5.0, 12.0, 9.0)], width=3, **fields)
+
+
+def test_a_slab_scribble_takes_no_normal():
+    slab = to_slab(ScribblePrompt(points=[(5.0, 12.0, 9.0), (30.0, 12.0, 9.0)]), SHAPE).slab
+    with pytest.raises(ValidationError, match="a normal goes with a scribble given as points"):
+        ScribblePrompt(slab=slab, normal=(0.0, 0.0, 1.0))
 
 
 @pytest.mark.parametrize("width", [1.0, 3.0])

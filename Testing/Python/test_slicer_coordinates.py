@@ -17,7 +17,7 @@ from mrml_fixtures import (
 )
 
 from SegAssistLib.errors import PromptError
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt, to_slab
 
 slicer = pytest.importorskip("slicer")
 from SegAssistLib.slicer import coordinates  # noqa: E402
@@ -151,6 +151,22 @@ def test_scribbles_and_lassos_on_an_oblique_slice(ctx):
     lasso = coordinates.lasso_prompt(view, outline, volume)
     assert isinstance(lasso, LassoPrompt) and len(lasso.points) == 24
     assert np.allclose(lasso.points, _xy_to_ijk_oracle(view, volume, outline), atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", ["Coronal", "Sagittal"])
+def test_a_wide_straight_stroke_or_dot_stays_on_its_coronal_or_sagittal_slice(ctx, orientation):
+    """A straight stroke along an image axis (or a dot) does not say which slice it was drawn on:
+    without the view's normal it was widened across the slices the user never saw."""
+    volume = _lps_volume(ctx.scene)
+    view = add_slice_node(ctx.scene, orientation, DIMS, FOV, center_ras=voxel_world(volume, (14, 12, 8)))
+    flat = coordinates.slice_flat_axis(view, volume)  # the IJK axis the view looks along
+    assert flat is not None
+    shape = volume.GetImageData().GetDimensions()[::-1]
+    for stroke in ([(120.0, 100.0), (170.0, 100.0)], [(150.0, 80.0), (150.0, 120.0)], [(150.0, 100.0)]):
+        scribble = coordinates.scribble_prompt(view, stroke, volume, width=5)
+        voxels = to_slab(scribble, shape).slab.voxels_kji()
+        assert np.ptp(voxels[:, 2 - flat]) == 0, (stroke, np.ptp(voxels, axis=0))
+        assert np.ptp(voxels[:, [a for a in range(3) if a != 2 - flat]], axis=0).min() >= 4  # widened in the slice
 
 
 def test_degenerate_shapes_raise_prompt_errors(ctx):
