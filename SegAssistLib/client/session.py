@@ -219,6 +219,11 @@ class RemoteSession(EngineSession):
         self._out_of_sync = False
         return self
 
+    def move_to(self, client: SegAssistClient, progress: Optional[Callable[[int, int], None]] = None) -> RemoteSession:
+        """Go on with another server (a local backend restarted, on a new port): :meth:`recover` there."""
+        self.client = client
+        return self.recover(progress)
+
     # ---- internals -------------------------------------------------------------------------------
     def _mutate(self, op: str, body: Optional[dict] = None) -> MaskUpdate:
         if self._out_of_sync:

@@ -22,7 +22,12 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from SegAssistLib.client.errors import ClientError, SessionNotFoundError
+from SegAssistLib.client.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ClientError,
+    SessionNotFoundError,
+)
 from SegAssistLib.engine.base import Engine, EngineSession, MaskUpdate
 from SegAssistLib.errors import SegAssistError, SessionError
 from SegAssistLib.image import Volume
@@ -236,7 +241,9 @@ class InteractiveSession:
     Opened on the first request: the image is uploaded (once per content hash) and the segment's
     content at that moment, if any, becomes the session's initial mask, so prompts refine what is
     already there. If the server lost the session (restart, idle expiry) it is recovered once by
-    replaying the prompts of the current mask.
+    replaying the prompts of the current mask; so it is on the backend the engine factory gives now
+    when the one it was opened on cannot be reached and that is another (the local backend was
+    stopped or died, and a new one runs on another port).
     """
 
     def __init__(
@@ -289,8 +296,32 @@ class InteractiveSession:
                 self._note.set("The backend lost the session: restoring it")
                 recover()
                 return self._apply(session, request)
+            except BackendTimeoutError:
+                raise  # reachable, busy: the same backend
+            except BackendUnavailableError:
+                if not self._move_to_current_backend(session):
+                    raise
+                return self._apply(session, request)
         finally:
             self._note.set("")
+
+    def _move_to_current_backend(self, session: EngineSession) -> bool:
+        """Reopen the object on the backend the factory gives now, if that is not the unreachable one
+        (a local backend is started if none runs); False when it is the same backend."""
+        from SegAssistLib.client import SegAssistClient
+
+        move_to = getattr(session, "move_to", None)
+        if move_to is None or self._abandoned.is_set():
+            return False
+        if self._generation is not None and self._generation() != self._opened_under:
+            return False  # the settings changed meanwhile: the next request says so
+        self._note.set("The backend is gone: connecting to the current one")
+        engine = self._engine_factory()
+        if not isinstance(engine, SegAssistClient) or engine.url == session.client.url:  # type: ignore[attr-defined]
+            return False
+        self._note.set("The backend restarted: restoring this object's prompts there")
+        move_to(engine)
+        return True
 
     def close(self) -> None:
         session, self._session = self._session, None

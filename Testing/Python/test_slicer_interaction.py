@@ -20,6 +20,7 @@ from mrml_fixtures import (
     slicer_xy_to_voxel,
     voxel_world,
 )
+from test_server_fixtures import TOKENS
 
 from SegAssistLib.engine.base import MaskUpdate
 from SegAssistLib.errors import PromptError, SessionError
@@ -58,6 +59,7 @@ from SegAssistLib.slicer.worker import BackgroundWorker  # noqa: E402
 
 SHAPE = (20, 32, 36)  # [k, j, i]
 DIMS, FOV, CENTER = (300, 200), (150.0, 100.0), (150.0, 100.0)
+pytest_plugins = ["test_server_fixtures"]
 
 
 class Clock:
@@ -573,4 +575,39 @@ def test_a_session_opened_under_other_backend_settings_sends_nothing_more(tiny_e
     with pytest.raises(SessionError, match="settings changed"):
         session.run(late)
     assert opened == [1] and np.array_equal(session.result(), before)  # not sent, nothing reopened
+    session.close()
+
+
+def test_an_object_goes_on_with_the_backend_that_replaced_a_stopped_one(server_factory):
+    """The local backend was stopped (or died) and another runs now on another port: the object's
+    next prompt reopens it there with its prompts replayed, instead of failing at the old address
+    until the user accepts or resets."""
+    from SegAssistLib.client import SegAssistClient
+    from SegAssistLib.client.errors import BackendUnavailableError
+    from SegAssistLib.image import Volume
+
+    first = server_factory.start()
+    current = {"client": SegAssistClient(first.url, TOKENS["alice"])}
+    volume = Volume(_blob())
+    initial = np.zeros(SHAPE, np.uint8)
+    initial[8:10, 10:14, 12:16] = 1  # the segment held something: the session's initial mask
+    session = InteractiveSession(lambda: current["client"], volume, initial)
+    state = PromptState()
+    requests = [state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))]
+    assert session.run(requests[0]) is not None
+    first.stop()
+    with pytest.raises(BackendUnavailableError):  # nothing else runs: the same address, unreachable
+        session.run(state.request(Op.PROMPT, PointPrompt(position=(19.0, 16.0, 10.0))))
+    second = server_factory.start()
+    current["client"] = SegAssistClient(second.url, TOKENS["alice"])
+    late = state.request(Op.PROMPT, PointPrompt(position=(20.0, 16.0, 10.0)))
+    update = session.run(late)
+    assert update is not None
+    remote = session._session
+    assert remote.client.url == second.url
+    kinds = [p.kind for p in remote.prompt_log().prompts]
+    assert kinds == ["mask", "point", "point"]  # the initial mask and both prompts that took effect
+    np.testing.assert_array_equal(session.result(), remote.fetch_result())
+    undone = session.run(state.request(Op.UNDO))  # the replayed steps are undo steps there too
+    assert undone is not None and [p.kind for p in remote.prompt_log().prompts] == ["mask", "point"]
     session.close()
