@@ -7,8 +7,10 @@ matches. Slicer's editor undo restores segments with ``CopySegment``, which fire
 ``SegmentModified`` only, not ``SourceRepresentationModified``; so both are observed, and a
 ``SegmentModified`` counts when the segment's binary labelmap was modified since SegAssist's own
 last write (its modification time is the stamp). Renaming or recolouring a segment fires
-``SegmentModified`` too and leaves the labelmap alone: it does not count. Segments that share a
-layer share its labelmap, so a change to one of them counts too: the object ends, nothing is lost.
+``SegmentModified`` too and leaves the labelmap alone: it does not count. Both events fire for
+a change to any segment: only one that moves this segment's labelmap counts. Segments that share
+a layer share its labelmap, so a change to one of them counts too: the object ends, nothing is
+lost; a segment in another layer is another labelmap and does not.
 """
 
 from __future__ import annotations
@@ -75,8 +77,7 @@ class SegmentChangeWatch:
         self._tags = []
 
     def _onSourceModified(self, caller: object, event: str) -> None:
-        if not self._writing and self.active:
-            self._changed()
+        self._onSegmentModified(caller, event)  # fired for any segment: counts when this one's labelmap moved
 
     def _onSegmentModified(self, caller: object, event: str) -> None:
         if not self._writing and self.active and labelmap_stamp(self._node, self._segment_id) != self._stamp:

@@ -66,6 +66,28 @@ def test_a_scripts_write_ends_the_object(scene):
     assert changes == ["outside"] and not watch.active
 
 
+def test_a_segment_in_another_layer_changing_leaves_the_object_alone(scene):
+    """Writing "SegAssist 2" from markups while the user prompts on the liver, in another layer of the
+    same segmentation, once ended the liver's object (its pending answers dropped)."""
+    _, volume, seg, editor = scene
+    segmentation = seg.GetSegmentation()
+    liver = np.zeros(SHAPE, np.uint8)
+    liver[5:8, 7:10, 8:11] = 1  # overlaps the spleen: the two go to separate layers
+    segments.array_to_segment(liver, seg, "liver", volume)
+    assert segmentation.GetLayerIndex("liver") != segmentation.GetLayerIndex("spleen")
+    changes = []
+    watch = SegmentChangeWatch(seg, "liver", lambda: changes.append("outside"))
+    spleen = segments.segment_to_array(seg, "spleen", volume)
+    spleen[0:2, 0:2, 10:12] = 1
+    segments.array_to_segment(spleen, seg, "spleen", volume)  # a script writes the other layer
+    editor.write("spleen", _box(5, 5, 5))  # so does the editor
+    assert changes == [] and watch.active
+    assert segmentation.GetLayerIndex("liver") != segmentation.GetLayerIndex("spleen")
+    segments.array_to_segment(liver * 0, seg, "liver", volume)  # the liver itself still counts
+    assert changes == ["outside"]
+    watch.stop()
+
+
 def test_stop_ends_the_watch_without_a_call(scene):
     _, volume, seg, editor = scene
     changes = []
