@@ -305,6 +305,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if IMPORT_ERROR is not None:
             return False
         action = Action(action)
+        self._checkBinding()  # another segment selected meanwhile: undo, reset and accept act on nothing
         if action in TOOL_FOR_ACTION:
             self._recorder.cancel()
             self.scriptedEffect.setParameter("Tool", TOOL_FOR_ACTION[action].value)
@@ -513,7 +514,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _write(self, update, binding) -> None:
         """Set the segment to the update's voxels inside its box only, through the editor (masking, undo)."""
         segmentationNode, segmentId, volumeNode = binding
-        add, remove, extent = segments.update_labelmaps(update, segmentationNode, volumeNode)
+        add, remove, extent = segments.update_labelmaps(update, segmentationNode, volumeNode, segmentId)
         extent = [int(e) for e in extent]
         effectClass = slicer.qSlicerSegmentEditorAbstractEffect
         with self._watch.writing() if self._watch is not None else contextlib.nullcontext():

@@ -162,10 +162,18 @@ def segment_to_array(
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     segment_id: str,
     reference_volume_node: slicer.vtkMRMLVolumeNode,
+    box: Optional[Tuple[Sequence[int], Sequence[int]]] = None,
 ) -> np.ndarray:
-    """The segment as a 0/1 ``uint8`` mask ``[k, j, i]`` on the reference volume's grid."""
+    """The segment as a 0/1 ``uint8`` mask ``[k, j, i]`` on the reference volume's grid; with ``box``
+    (array offset and shape, ``[k, j, i]``, inside the grid) that box of it only (resampled alone)."""
     segment = _segment(segmentation_node, segment_id)
     geometry = reference_geometry(reference_volume_node, segmentation_node)
+    if box is not None:
+        offset, size = box
+        _check_box(MaskUpdate(tuple(offset), np.empty(tuple(size), np.uint8)), _shape_kji(geometry))
+        e = geometry.GetExtent()
+        (ok, oj, oi), (nk, nj, ni) = (int(o) for o in offset), (int(n) for n in size)
+        geometry.SetExtent(e[0] + oi, e[0] + oi + ni - 1, e[2] + oj, e[2] + oj + nj - 1, e[4] + ok, e[4] + ok + nk - 1)
     shape = _shape_kji(geometry)
     segmentation_node.GetSegmentation().CreateRepresentation(BINARY_LABELMAP)
     labelmap = slicer.vtkOrientedImageData()
@@ -218,17 +226,26 @@ def update_labelmaps(
     update: MaskUpdate,
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     reference_volume_node: slicer.vtkMRMLVolumeNode,
+    segment_id: Optional[str] = None,
 ) -> Tuple[slicer.vtkOrientedImageData, slicer.vtkOrientedImageData, Tuple[int, ...]]:
     """A :class:`MaskUpdate` as segment editor input: (voxels to add, voxels to remove, extent).
 
     Both labelmaps cover exactly the update's box; the extent limits the write to it. This is what
     ``scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, mode, extent)`` takes in Slicer.
+    With ``segment_id``, only the voxels where the update differs from that segment (read on the
+    volume's grid) are added or removed: a segment kept on a finer grid than the volume keeps its
+    detail wherever the answer leaves it as it is.
     """
     geometry = reference_geometry(reference_volume_node, segmentation_node)
     _check_box(update, _shape_kji(geometry))
     inside = np.asarray(update.voxels) > 0
-    add = oriented_labelmap(inside, geometry, update.offset)
-    remove = oriented_labelmap(~inside, geometry, update.offset)
+    if segment_id is None:
+        to_add, to_remove = inside, ~inside
+    else:
+        was = segment_to_array(segmentation_node, segment_id, reference_volume_node, (update.offset, inside.shape)) > 0
+        to_add, to_remove = inside & ~was, was & ~inside
+    add = oriented_labelmap(to_add, geometry, update.offset)
+    remove = oriented_labelmap(to_remove, geometry, update.offset)
     return add, remove, tuple(add.GetExtent())
 
 
@@ -275,7 +292,7 @@ class SegmentEditor:
         if update.voxels.size == 0:
             return
         _ensure_binary_labelmap_source(self.segmentation_node)
-        add, remove, extent = update_labelmaps(update, self.segmentation_node, self.source_volume_node)
+        add, remove, extent = update_labelmaps(update, self.segmentation_node, self.source_volume_node, segment_id)
         if save_undo and not self.logic.SaveStateForUndo():
             raise SessionError("the segment editor could not save the state for undo")
         for labelmap, mode in (

@@ -7,6 +7,7 @@ import pytest
 from mrml_fixtures import (
     add_linear_transform,
     add_nested_oblique_volume,
+    add_volume,
     affine,
     random_volume,
     rotation,
@@ -275,3 +276,38 @@ def test_clear_errors(ctx, tmp_path):
         segments.load_segmentation(ctx.scene, tmp_path / "missing.seg.nrrd")
     empty = segments.add_segment(seg, "empty")
     assert not segments.segment_to_array(seg, empty, volume).any()
+
+
+def test_an_answer_adds_and_removes_only_the_voxels_it_changes(ctx):
+    """The segment was drawn on a grid twice as fine as the source volume. An answer's box used to be
+    written whole (add inside, remove outside): where Slicer keeps the segmentation on its own finer
+    grid, that rewrote every coarse voxel of the box, flattening the segment's detail where the
+    answer changed nothing. Now only the voxels that differ from the segment (read on the volume's
+    grid, in the box alone) are added or removed."""
+    coarse = add_volume(ctx.scene, random_volume((10, 12, 14)), affine(np.eye(3) * 2.0, (0.0, 0.0, 0.0)), "coarse")
+    fine = add_volume(ctx.scene, random_volume((20, 24, 28)), affine(np.eye(3), (-0.5, -0.5, -0.5)), "fine")
+    seg = segments.create_segmentation(ctx.scene, fine, "seg")
+    sid = segments.add_segment(seg, "ball")
+    k, j, i = np.meshgrid(*[np.arange(n) for n in (20, 24, 28)], indexing="ij")
+    ball = (((k - 10) ** 2 + (j - 12) ** 2 + (i - 14) ** 2) < 36).astype(np.uint8)
+    segments.array_to_segment(ball, seg, sid, fine)
+    on_coarse = segments.segment_to_array(seg, sid, coarse)
+    box = ((1, 2, 3), (4, 5, 6))
+    assert np.array_equal(segments.segment_to_array(seg, sid, coarse, box), on_coarse[1:5, 2:7, 3:9])
+    with pytest.raises(ImageError, match="does not fit"):
+        segments.segment_to_array(seg, sid, coarse, ((8, 0, 0), (3, 1, 1)))
+    answer = on_coarse[0:8, 0:9, 0:10].copy()
+    answer[0, 0, 0] = 1  # the model adds one voxel far from the ball and removes one of its voxels
+    inside = np.argwhere(answer)[len(np.argwhere(answer)) // 2]
+    answer[tuple(inside)] = 0
+    update = MaskUpdate(offset=(0, 0, 0), voxels=answer)
+    add, remove, _ = segments.update_labelmaps(update, seg, coarse, sid)
+    as_array = lambda image: numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(answer.shape)  # noqa: E731
+    assert np.argwhere(as_array(add)).tolist() == [[0, 0, 0]]
+    assert np.argwhere(as_array(remove)).tolist() == [inside.tolist()]
+    whole_add, whole_remove, _ = segments.update_labelmaps(update, seg, coarse)  # without a segment: the box
+    assert as_array(whole_add).sum() + as_array(whole_remove).sum() == answer.size
+    editor = segments.SegmentEditor(seg, coarse)
+    editor.write(sid, update)  # the result on the volume's grid is the answer, as before
+    assert np.array_equal(segments.segment_to_array(seg, sid, coarse)[0:8, 0:9, 0:10], answer)
+    editor.close()
