@@ -35,7 +35,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from SegAssistLib.client.local import process_alive
 from SegAssistLib.learning.loop_errors import JobNotFoundError, TrainingBusyError, TrainingError
@@ -222,7 +222,7 @@ def start_training(
             f"a training job is already running on this datastore{which}: wait for it or cancel it"
         )
     try:
-        job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         folder = jobs_folder(store_root) / job_id
         folder.mkdir(parents=True)
         spec = {"store_root": str(store_root), "checkpoint": str(checkpoint), "config": cfg.to_dict(), "job_id": job_id}
@@ -252,25 +252,32 @@ def start_training(
     return TrainingJob(job_id, folder, store_root, process)
 
 
-def list_jobs(store_root: Union[str, Path]) -> List[Dict[str, Any]]:
-    """Status of every job of the datastore, newest first."""
-    folder = jobs_folder(store_root)
+def _job_dirs_newest_first(folder: Path) -> List[Path]:
+    """Job folders by when they were started (their ``job.json`` is written once, at the start), not
+    by name: ids of older versions carry local time, which a clock change or time zone reorders."""
+
+    def started(job_dir: Path) -> Tuple[float, str]:
+        spec = job_dir / "job.json"
+        return ((spec if spec.exists() else job_dir).stat().st_mtime, job_dir.name)
+
     if not folder.is_dir():
         return []
-    out = []
-    for job_dir in sorted((p for p in folder.iterdir() if p.is_dir()), reverse=True):
-        out.append(TrainingJob(job_dir.name, job_dir, Path(store_root)).status())
-    return out
+    return sorted((p for p in folder.iterdir() if p.is_dir()), key=started, reverse=True)
+
+
+def list_jobs(store_root: Union[str, Path]) -> List[Dict[str, Any]]:
+    """Status of every job of the datastore, newest first."""
+    return [TrainingJob(d.name, d, Path(store_root)).status() for d in _job_dirs_newest_first(jobs_folder(store_root))]
 
 
 def get_job(store_root: Union[str, Path], job_id: Optional[str] = None) -> TrainingJob:
     """A job by id, or the newest one."""
     folder = jobs_folder(store_root)
     if job_id is None:
-        jobs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        jobs = _job_dirs_newest_first(folder)
         if not jobs:
             raise JobNotFoundError("no training job has run on this datastore yet")
-        return TrainingJob(jobs[-1].name, jobs[-1], Path(store_root))
+        return TrainingJob(jobs[0].name, jobs[0], Path(store_root))
     if not job_id or "/" in job_id or job_id.startswith(".") or not (folder / job_id).is_dir():
         raise JobNotFoundError(f"no training job {job_id!r}")
     return TrainingJob(job_id, folder / job_id, Path(store_root))

@@ -362,7 +362,6 @@ async def _next_case(
                 max_candidates=body.max_candidates, runner=on_worker if needs_model else None,
             )
         )  # fmt: skip
-    image_id, _ = await _call(lambda: _hold_case_image(state, learning, chosen.case.id))
 
     def build() -> NextCaseReply:
         return NextCaseReply(
@@ -370,4 +369,11 @@ async def _next_case(
             proposal=_proposal_reply(chosen.proposal, codec) if chosen.proposal is not None else None,
         )  # fmt: skip
 
-    return await run_in_threadpool(build)
+    try:
+        image_id, _ = await _call(lambda: _hold_case_image(state, learning, chosen.case.id))
+        return await run_in_threadpool(build)
+    except BaseException:
+        if body.lock:  # the caller never learns which case it was: not locked to them for hours
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(lambda: learning.store.unlock(chosen.case.id, user))
+        raise

@@ -457,6 +457,21 @@ def test_a_job_whose_worker_died_is_failed_even_while_another_job_runs(tmp_path:
     assert jobs.TrainingJob(folder.name, folder, tmp_path).status()["state"] == "failed"  # nobody holds the lock
 
 
+def test_the_newest_job_is_the_one_started_last_whatever_its_id_says(tmp_path: Path):
+    """Ids carried local time: after the clocks went back an hour (or in another time zone) a newer
+    job's id sorted first, and ``learn cancel`` (the newest job by default) picked the wrong one."""
+    from SegAssistLib.learning import jobs
+
+    folder = jobs.jobs_folder(tmp_path)
+    for name, started in (("20261025-025900-aaaaaa", 1000.0), ("20261025-021500-bbbbbb", 2000.0)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "job.json").write_text("{}")
+        (folder / name / "status.json").write_text(json.dumps({"state": "done", "job_id": name}))
+        os.utime(folder / name / "job.json", (started, started))
+    assert jobs.get_job(tmp_path).job_id == "20261025-021500-bbbbbb"
+    assert [j["job_id"] for j in jobs.list_jobs(tmp_path)] == ["20261025-021500-bbbbbb", "20261025-025900-aaaaaa"]
+
+
 def test_a_start_waits_out_an_instant_probe_of_the_training_lock(tmp_path: Path):
     """Polling a job's status takes the lock for an instant; a start at that instant is not busy."""
     from SegAssistLib.learning import jobs

@@ -247,6 +247,25 @@ def test_a_repeated_save_or_next_case_takes_effect_once(clients, imported, learn
     assert len(alice.learning.labels(first.id)) == 3
 
 
+def test_a_next_case_that_fails_after_locking_leaves_the_case_unlocked(clients, imported, learn_server):
+    """The case was locked, then its image could not be served: the caller never learned its id, and
+    the case stayed locked to them (invisible to everyone) for the lock's four hours."""
+    alice, _ = clients
+    learning = learn_server.app.state.segassist.learning
+
+    def unreadable(case_id):
+        raise OSError("disk gone")
+
+    learning.case_image = unreadable
+    try:
+        reply = raw(learn_server, "POST", "/v1/learn/next", json={"strategy": "first", "proposal": False, "lock": True})
+        assert reply.status_code == 500
+    finally:
+        del learning.case_image
+    assert [c.locked_by for c in alice.learning.cases()] == [None] * N_CASES
+    assert alice.learning.next_case(strategy="first", proposal=False).case.id == imported[0][0].id
+
+
 def test_a_case_image_is_recognised_from_the_store_without_reading_it(tmp_path):
     """Both hashes of a case's image (as imported, as served) are in the store: a label save after
     a restart does not read and hash the whole image; a store from before that still works."""
