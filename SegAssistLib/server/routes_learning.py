@@ -8,7 +8,7 @@ process (``SegAssistLib.learning.jobs``), never in the server.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Response
@@ -234,7 +234,7 @@ async def _save_label(
         (mask, prompt_log), _ = await state.submit(session, lambda es: (es.result().copy(), es.prompt_log()))
         model = session.model_version
     else:
-        mask = await _call(lambda: body.mask.to_array(max_voxels=state.limits.max_voxels))  # type: ignore[union-attr]
+        mask = await _call(lambda: _label_mask(body.mask, case.shape))  # type: ignore[arg-type]
     adapter = adapter_id_of(model)
 
     def save():
@@ -323,6 +323,19 @@ def _proposal_reply(proposal: Any, codec: str) -> ProposalReply:
         agreement=d["agreement"], uncertainty=d["uncertainty"], members=d["members"],
         engine_version=d["engine_version"], prompts=d["prompts"],
     )  # fmt: skip
+
+
+def _label_mask(payload: ArrayPayload, case_shape: Sequence[int]) -> np.ndarray:
+    """A label sent as a mask: its declared shape and dtype are checked before it is decompressed (a
+    few kilobytes may declare gigabytes; only the case's own voxel count, as uint8, is ever made)."""
+    if list(payload.shape) != [int(n) for n in case_shape]:
+        raise ApiError(
+            422, ErrorCode.INVALID_SHAPE,
+            f"the mask's shape {list(payload.shape)} is not the case's {list(case_shape)} (array order k, j, i)",
+        )  # fmt: skip
+    if payload.dtype not in ("|u1", "uint8"):
+        raise ApiError(422, ErrorCode.UNSUPPORTED_DTYPE, f"a label mask is uint8 ('|u1'), got dtype {payload.dtype!r}")
+    return payload.to_array(max_voxels=int(np.prod(case_shape)))
 
 
 @router.post("/next", response_model=NextCaseReply, summary="The case to annotate next, with the model's proposal")

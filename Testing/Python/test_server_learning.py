@@ -247,6 +247,30 @@ def test_a_repeated_save_or_next_case_takes_effect_once(clients, imported, learn
     assert len(alice.learning.labels(first.id)) == 3
 
 
+def test_a_label_mask_is_checked_against_the_case_before_it_is_decompressed(clients, imported, learn_server):
+    """A few kilobytes of zstd may declare gigabytes: a mask of another shape or dtype is refused
+    from its declaration, before anything is decompressed."""
+    import base64
+
+    import zstandard
+
+    alice, _ = clients
+    case, _, truth = imported[0]
+    alice.learning.lock(case.id)
+    path = f"/v1/learn/cases/{case.id}/labels"
+    declared = (100, 1024, 1024)
+    payload = zstandard.ZstdCompressor().compress(bytes(int(np.prod(declared)) * 8))
+    bomb = {"dtype": "<f8", "shape": list(declared), "codec": "zstd", "nbytes": int(np.prod(declared)) * 8,
+            "payload_nbytes": len(payload), "data": base64.b64encode(payload).decode()}  # fmt: skip
+    assert len(payload) < 100_000
+    message = assert_error(raw(learn_server, "POST", path, json={"mask": bomb}), 422, "invalid_shape")["message"]
+    assert str(list(declared)) in message and str(list(case.shape)) in message
+    wrong_dtype = {**bomb, "shape": list(case.shape), "nbytes": int(np.prod(case.shape)) * 8}
+    assert_error(raw(learn_server, "POST", path, json={"mask": wrong_dtype}), 422, "unsupported_dtype")
+    assert alice.learning.labels(case.id) == []
+    assert alice.learning.save_mask(case.id, truth).submitted  # the client's uint8 mask of the case's shape
+
+
 def test_a_next_case_that_fails_after_locking_leaves_the_case_unlocked(clients, imported, learn_server):
     """The case was locked, then its image could not be served: the caller never learned its id, and
     the case stayed locked to them (invisible to everyone) for the lock's four hours."""
