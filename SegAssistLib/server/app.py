@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from SegAssistLib import __version__
 from SegAssistLib.api_models import API_PREFIX, API_VERSION, Health, ModelInfo, ServerInfo
 from SegAssistLib.server import routes_images, routes_learning, routes_sessions
-from SegAssistLib.server.deps import current_user, get_state
+from SegAssistLib.server.deps import TokenGateMiddleware, current_user, get_state
 from SegAssistLib.server.errors import install_error_handlers
 from SegAssistLib.server.limits import BodyLimitMiddleware
 from SegAssistLib.server.responses import ERROR_RESPONSES
@@ -106,6 +106,8 @@ def create_app(
         BodyLimitMiddleware,
         limit_for=lambda path: limits.max_body_bytes if path == upload_path else limits.max_json_bytes,
     )
+    public = (f"{API_PREFIX}/health", app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
+    app.add_middleware(TokenGateMiddleware, state=state, public=[p for p in public if p])  # outermost: runs first
     for router in (meta, routes_images.router, routes_sessions.router, routes_learning.router):
         app.include_router(router, prefix=API_PREFIX)
     return app

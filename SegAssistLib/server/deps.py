@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from SegAssistLib.api_models import ACCEPT_CODECS_HEADER, REQUEST_ID_PATTERN, ErrorCode, parse_codecs
-from SegAssistLib.server.errors import ApiError
+from SegAssistLib.server.errors import ApiError, error_response
 from SegAssistLib.server.state import ServerState
 from SegAssistLib.transport import best_codec
 
@@ -23,6 +24,15 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.segassist
 
 
+def _unauthorized(token_sent: bool) -> ApiError:
+    reason = "the token is not valid" if token_sent else "no token was sent"
+    return ApiError(
+        401, ErrorCode.UNAUTHORIZED,
+        f"{reason}: send 'Authorization: Bearer <token>' with a token this server issued",
+        headers={"WWW-Authenticate": "Bearer"},
+    )  # fmt: skip
+
+
 def current_user(
     state: ServerState = Depends(get_state),
     credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
@@ -32,13 +42,37 @@ def current_user(
         return ANONYMOUS_USER
     user = state.verifier.user_for(credentials.credentials if credentials else None)
     if user is None:
-        reason = "no token was sent" if credentials is None else "the token is not valid"
-        raise ApiError(
-            401, ErrorCode.UNAUTHORIZED,
-            f"{reason}: send 'Authorization: Bearer <token>' with a token this server issued",
-            headers={"WWW-Authenticate": "Bearer"},
-        )  # fmt: skip
+        raise _unauthorized(credentials is not None)
     return user
+
+
+class TokenGateMiddleware:
+    """Answer 401 before a byte of the body is read when the token is missing or wrong: FastAPI reads
+    and parses a JSON body before it runs the dependencies (``current_user``), so without this a
+    stranger could make the server parse a large body. ``public`` paths (health, the API docs) pass."""
+
+    def __init__(self, app: ASGIApp, state: ServerState, public: Iterable[str]) -> None:
+        self.app = app
+        self.state = state
+        self.public = frozenset(public)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.state.verifier.enabled and scope["path"] not in self.public:
+            token = _bearer_token(scope)
+            if self.state.verifier.user_for(token) is None:
+                err = _unauthorized(token is not None)
+                response = error_response(err.status_code, err.code, err.message, headers=err.headers)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _bearer_token(scope: Scope) -> Optional[str]:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
 
 
 def reply_codec(

@@ -52,6 +52,20 @@ def test_every_endpoint_but_health_needs_a_valid_token(shared_server, method, pa
     assert_error(basic, 401, "unauthorized")
 
 
+def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(shared_server):
+    """FastAPI parses a JSON body before it checks the token: a stranger's malformed body got a 400
+    (so it was parsed), and a large one cost the server its parse. Now the token comes first."""
+    json_type = {"Content-Type": "application/json"}
+    for token in (None, "not-the-token-0123456789"):
+        reply = raw(shared_server, "POST", "/v1/sessions", token=token, data=b'{"image_id": ', headers=json_type)
+        assert_error(reply, 401, "unauthorized")
+    streamed = (b"[" + b"[]," * 100_000 + b"[]]" for _ in range(1))  # chunked: no Content-Length to refuse by
+    assert_error(raw(shared_server, "POST", "/v1/sessions", token=None, data=streamed, headers=json_type),
+                 401, "unauthorized")  # fmt: skip
+    assert raw(shared_server, "GET", "/v1/health", token=None).status_code == 200
+    assert raw(shared_server, "GET", "/openapi.json", token=None).status_code == 200  # the API docs stay public
+
+
 def test_client_raises_authentication_error(shared_server):
     with SegAssistClient(shared_server.url, "wrong-token-0123456789") as bad:
         assert bad.health().status == "ok"
