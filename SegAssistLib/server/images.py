@@ -176,23 +176,37 @@ class ImageStore:
         return self._dir is not None and self._path(image_id).is_file()
 
     def put(self, image_id: str, volume: Volume, frame: Optional[bytes]) -> None:
+        """Hold an uploaded image (in memory, and on disk with a data folder). A disk that refuses the
+        write (full, read-only) costs the copy on disk only: the image is served from memory, and
+        uploaded again by the client if it leaves memory before its sessions end."""
         if self._dir is not None and frame is not None:
-            path = self._path(image_id)
-            if not path.exists():
-                # Not files.atomic_write: that reads the whole file back to hash it, and refuses an
-                # existing target (two processes uploading the same image at once is fine here).
-                fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=UPLOAD_TMP_PREFIX, suffix=UPLOAD_TMP_SUFFIX)
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(frame)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                fsync_dir(self._dir)  # the rename itself survives a power cut
+            try:
+                self._write(image_id, frame)
+            except OSError as exc:
+                log.error("image %s could not be stored on disk (%s): held in memory only", image_id, exc)
         self._remember(image_id, volume)
+
+    def hold(self, image_id: str, volume: Volume) -> None:
+        """Keep an image just uploaded again in memory (its file may be damaged: reading it drops it)."""
+        self._remember(image_id, volume)
+
+    def _write(self, image_id: str, frame: bytes) -> None:
+        path = self._path(image_id)
+        if path.exists():
+            return
+        # Not files.atomic_write: that reads the whole file back to hash it, and refuses an existing
+        # target (two processes uploading the same image at once is fine here).
+        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=UPLOAD_TMP_PREFIX, suffix=UPLOAD_TMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(frame)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        fsync_dir(self._dir)  # the rename itself survives a power cut
 
     def _remember(self, image_id: str, volume: Volume) -> None:
         with self._lock:

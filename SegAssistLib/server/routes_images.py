@@ -86,6 +86,7 @@ async def upload_image(
         known = await run_in_threadpool(state.images.has, image_id)
         if known:
             response.status_code = 200
+            state.images.hold(image_id, volume)  # decoded already: sessions need not read the stored file
         else:
             await run_in_threadpool(state.images.put, image_id, volume, body)
     return image_info(image_id, volume, uploaded=not known)
