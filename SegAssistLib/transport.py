@@ -90,10 +90,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def describe_value(value: Any, limit: int = 60) -> str:
-    """A client-sent value for an error message, shortened (a 4000-digit number stays readable)."""
+def describe_value(value: Any, limit: int = 60, _depth: int = 0) -> str:
+    """A client-sent value for an error message, shortened (a 4000-digit number stays readable, a
+    list nested a thousand deep does not recurse a thousand times)."""
     if isinstance(value, (list, tuple)):
-        text = "[" + ", ".join(describe_value(v, 24) for v in value[:8]) + (", ..." if len(value) > 8 else "") + "]"
+        if _depth >= 3:
+            return "[...]"
+        items = ", ".join(describe_value(v, 24, _depth + 1) for v in value[:8])
+        text = "[" + items + (", ..." if len(value) > 8 else "") + "]"
     else:
         try:
             text = repr(value)
