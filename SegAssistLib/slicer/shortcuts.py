@@ -90,7 +90,7 @@ SHORTCUTS: Tuple[Shortcut, ...] = (
 )
 
 _DIGITS = [str(d) for d in range(10)]
-#: Keys the Segment Editor takes (see SLICER.md): effect selection 0-9 and Shift+0-9 (the shifted
+#: Keys the Segment Editor takes (../shared/docs/SLICER.md): effect selection 0-9 and Shift+0-9 (the shifted
 #: digits' keysyms on a US layout too), Esc, Space, Z/Y (undo/redo), Q/W, / and *, comma and
 #: period, < and >, I. Blocked with any modifier.
 SEGMENT_EDITOR_KEYS = frozenset(

@@ -55,7 +55,7 @@ class TrainConfig:
     corrupt_share: float = 0.2
     checkpoint_minutes: float = 5.0
     device: str = "cpu"  # "cuda" trains on a GPU; patches are still cut on the CPU by the loader
-    threads: int = 1  # see ARCHITECTURE.md: 2 threads beside other work are 4-7x slower than 1
+    threads: int = 1  # see ../shared/docs/ARCHITECTURE.md: 2 threads beside other work are 4-7x slower than 1
     # processes that cut patches and simulate and draw their first prompts while the network trains
     # (0: the training process does it)
     loader_workers: int = 1
