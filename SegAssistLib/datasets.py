@@ -9,12 +9,20 @@ two frames, Sunnybrook's two phases) always fall on the same side.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from SegAssistLib.errors import SegAssistError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_data_root() -> Path:
+    """``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` next to the repository (not the current folder)."""
+    return Path(os.environ.get("SEGASSIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLITS_FILE = REPO_ROOT / "Resources" / "splits.json"

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, TextIO, Tuple
 import numpy as np
 
 from SegAssistLib.cli_types import non_negative_mm, positive_int
+from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
@@ -43,7 +44,6 @@ from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.evaluation.selection import (
     Job,
-    default_data_root,
     default_jobs,
     describe,
     jobs_for,

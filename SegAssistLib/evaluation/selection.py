@@ -16,7 +16,6 @@ volumes fewer. ``--quick`` keeps one structure of each dataset except the two bi
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -25,7 +24,6 @@ from SegAssistLib.datasets import Case, list_cases, split_cases
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.runner import parse_targets
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 UNKNOWN_FOLDER_CASES = 5
 
 
@@ -99,11 +97,6 @@ class Job:
     case: Case
     structures: List[Structure]
     channel: int = 0
-
-
-def default_data_root() -> Path:
-    """``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` next to the repository."""
-    return Path(os.environ.get("SEGASSIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
 def structures_from_dataset_json(folder: Path) -> Tuple[Structure, ...]:

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from SegAssistLib.datasets import default_data_root
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.files import atomic_write_bytes
 
@@ -18,7 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder: state.pt, model.pt, log.jsonl")
     p.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
     p.add_argument("--minutes", type=float, help="wall-clock budget (overrides the config)")
-    p.add_argument("--data-root", help="folder of datasets in MSD layout, or a training pack (default ../shared/data)")
+    p.add_argument("--data-root", help="folder of datasets in MSD layout, or a training pack (default: "
+                   "$SEGASSIST_SHARED_DATA, else ../shared/data beside the repository)")
     p.add_argument("--resume", type=Path, help="state.pt of an earlier run")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu (default) or cuda")
@@ -54,7 +56,35 @@ def load_config(path: Optional[Path]):
     if unknown:
         raise SegAssistError(f"training config {path}: unknown field(s) {', '.join(unknown)} "
                              f"(TrainConfig has {', '.join(sorted(known))})")
+    wrong = [f"{name} ({_json_kind(value)}, not {_json_kind(getattr(TrainConfig(), name))})"
+             for name, value in fields.items() if not _same_kind(value, getattr(TrainConfig(), name))]
+    if wrong:
+        raise SegAssistError(f"training config {path}: wrong type of {', '.join(wrong)}")
     return TrainConfig(**fields)
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _same_kind(value: object, default: object) -> bool:
+    """A config value of the kind its field's default has (a number where a number goes; an int
+    field takes only whole numbers); a field whose default is null takes null or a list."""
+    if default is None:
+        return value is None or isinstance(value, list)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def check_run_folder(out: Path, resume: Optional[Path], overwrite: bool) -> None:
@@ -71,12 +101,14 @@ def check_run_folder(out: Path, resume: Optional[Path], overwrite: bool) -> None
 
 def run_train(args: argparse.Namespace) -> int:
     from SegAssistLib.engine.network import torch_device
-    from SegAssistLib.training.train import Trainer
+    from SegAssistLib.training.train import DEFAULT_DATA_ROOT, Trainer
 
     cfg = load_config(args.config)
     for name in ("minutes", "data_root", "seed", "device"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if cfg.data_root == DEFAULT_DATA_ROOT and args.data_root is None:
+        cfg.data_root = str(default_data_root())  # as bench and the tests find it, from any folder
     if not cfg.minutes > 0:
         raise SegAssistError(f"the training budget must be more than 0 minutes, got {cfg.minutes}")
     if cfg.data_root and not Path(cfg.data_root).is_dir():

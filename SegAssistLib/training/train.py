@@ -38,10 +38,13 @@ from SegAssistLib.training.data import (
     synthetic_train_case,
 )
 
+# the command line reads this default as $SEGASSIST_SHARED_DATA, else the folder beside the repository
+DEFAULT_DATA_ROOT = "../shared/data"
+
 
 @dataclass
 class TrainConfig:
-    data_root: str = "../shared/data"
+    data_root: str = DEFAULT_DATA_ROOT
     datasets: Optional[List[str]] = None
     network: dict = field(default_factory=lambda: asdict(NetworkConfig()))
     batch_size: int = 4

@@ -77,6 +77,9 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     ({}, ["--minutes", "0"], "more than 0 minutes, got 0.0"),
     ({"data_root": "no/such/folder"}, [], "training data folder not found: no/such/folder"),
     ({"learning_rat": 0.1}, [], r"unknown field\(s\) learning_rat"),
+    ({"minutes": "abc"}, [], r"wrong type of minutes \(text, not a number\)"),  # once a TypeError traceback
+    ({"batch_size": 2.5, "network": []}, [],
+     r"wrong type of batch_size \(a number, not a whole number\), network \(a list, not an object\)"),
     ({}, ["--device", "bogus"], "invalid device 'bogus'"),
     ({}, ["--resume", "no_such_state.pt"], "no such checkpoint file"),
 ])
@@ -87,6 +90,19 @@ def test_train_refuses_bad_settings_before_it_starts(tmp_path, capsys, change, a
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_the_default_training_data_is_found_as_bench_finds_it_not_from_the_current_folder(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # ../shared/data from here is nothing
+    monkeypatch.setenv("SEGASSIST_SHARED_DATA", str(tmp_path / "elsewhere"))
+    assert main(["train", "--out", str(tmp_path / "run"), "--minutes", "1"]) == 2
+    assert f"training data folder not found: {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+    monkeypatch.delenv("SEGASSIST_SHARED_DATA")
+    from SegAssistLib.datasets import REPO_ROOT, default_data_root
+
+    assert default_data_root() == REPO_ROOT.parent / "shared" / "data"
 
 
 def test_the_training_entry_point_for_gpu_machines_reports_errors_in_one_line(tmp_path, capsys):
