@@ -130,8 +130,8 @@ def run_demo(
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="interactive session with a simulated user on the bundled sample")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
-    p.add_argument("--image", type=Path, default=SAMPLE_IMAGE, help="image file or DICOM folder")
-    p.add_argument("--label", type=Path, default=SAMPLE_LABEL, help="reference label map on the same grid")
+    p.add_argument("--image", type=Path, help="image file or DICOM folder (default: the bundled sample)")
+    p.add_argument("--label", type=Path, help="reference label map on the image's grid (needed with --image)")
     p.add_argument("--labels", default="1,2", help="label values that make the target (default 1,2)")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
     p.add_argument("--channel", type=non_negative_int, help="volume of a 4D image or component of a vector image")
@@ -139,11 +139,15 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if (args.image is None) != (args.label is None):
+        given, missing = ("--image", "--label") if args.image is not None else ("--label", "--image")
+        raise SegAssistError(f"{given} needs {missing}: the simulated user clicks where the reference label says")
+    image, label = (args.image, args.label) if args.image is not None else (SAMPLE_IMAGE, SAMPLE_LABEL)
     try:
         values = tuple(int(v) for v in args.labels.split(","))
     except ValueError:
         raise SegAssistError(f"--labels {args.labels!r}: give label values separated by commas, e.g. 1,2") from None
     if any(v < 1 for v in values):
         raise SegAssistError(f"--labels {args.labels!r}: label values are 1 or more (0 is the background)")
-    run_demo(args.out, args.image, args.label, values, args.model, args.channel)
+    run_demo(args.out, image, label, values, args.model, args.channel)
     return 0

@@ -34,8 +34,12 @@ def test_demo_writes_every_output(tmp_path, shipped_checkpoint):
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--image", str(tmp_path / "missing.nii.gz")]) == 2
+    missing = str(tmp_path / "missing.nii.gz")
+    assert main(["demo", "--out", str(tmp_path), "--image", missing, "--label", missing]) == 2
     assert "image file not found" in capsys.readouterr().err
+    # an image of one's own without its label once ran against the bundled sample's label
+    assert main(["demo", "--out", str(tmp_path), "--image", missing]) == 2
+    assert "--image needs --label" in capsys.readouterr().err
 
 
 def test_demo_checks_its_inputs_and_output_before_the_model_runs(tmp_path, capsys):
@@ -48,7 +52,8 @@ def test_demo_checks_its_inputs_and_output_before_the_model_runs(tmp_path, capsy
         (["--labels", "abc"], "give label values separated by commas"),
         (["--labels", "0"], "label values are 1 or more"),
         (["--labels", "7"], "holds none of the values 7"),
-        (["--label", str(other_grid)], r"has shape \(3, 4, 5\)"),
+        (["--label", str(other_grid)], "--label needs --image"),
+        (["--image", str(SAMPLE_IMAGE), "--label", str(other_grid)], r"has shape \(3, 4, 5\)"),
     ]
     for argv, message in cases:
         out = [] if argv[0] == "--out" else ["--out", str(tmp_path / "o")]
