@@ -59,6 +59,7 @@ KINDS = ("lora", "salt", FULL)
 # 1e-2 for the adapters: with 2e-3 a 100-step retraining barely moved SALT (benchmarks/results/adapter_lr_sweep)
 DEFAULT_LEARNING_RATES = {"lora": 1e-2, "salt": 1e-2, FULL: 3e-4}
 VALIDATION_MARGIN = 1.25  # the final validation is budgeted at 1.25x the incumbent's
+MAX_ADAPTER_RANK = 256  # a rank above a layer's own size is refused when the adapter is made
 
 
 @dataclass
@@ -118,6 +119,19 @@ class AdapterTrainConfig:
             raise TrainingError(
                 f"min_improvement must be a Dice difference in [-1, 1], got {self.min_improvement!r}"
             )
+        for name, lowest in (("rank", 1), ("lora_rank", 0)):  # lora_rank 0: SALT without its low-rank part
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or int(value) != value:
+                raise TrainingError(f"{name} must be an integer from {lowest} to {MAX_ADAPTER_RANK}, got {value!r}")
+            if not lowest <= value <= MAX_ADAPTER_RANK:
+                raise TrainingError(f"{name} must be an integer from {lowest} to {MAX_ADAPTER_RANK}, got {value!r}")
+        if self.alpha is not None and not (
+            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+            and math.isfinite(self.alpha) and self.alpha > 0
+        ):  # fmt: skip
+            raise TrainingError(f"alpha must be a positive number, got {self.alpha!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise TrainingError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
         if self.validate_every < 0 or self.max_correction_rounds < 0:

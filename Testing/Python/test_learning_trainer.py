@@ -311,6 +311,13 @@ def test_bad_requests_fail_clearly(tmp_path: Path, setup):
             AdapterTrainConfig(min_improvement=bad).check()
     with pytest.raises(TrainingError, match="weight_decay"):
         AdapterTrainConfig(weight_decay=float("nan")).check()
+    for bad in (float("nan"), 0.0, -1.0, "2"):  # once refused only inside the job, after its first validation
+        with pytest.raises(TrainingError, match="alpha must be a positive number"):
+            AdapterTrainConfig(alpha=bad).check()
+    for field_, bad in (("rank", 0), ("rank", 10**6), ("rank", 2.5), ("lora_rank", -1)):
+        with pytest.raises(TrainingError, match=f"{field_} must be an integer"):
+            AdapterTrainConfig(kind="salt", **{field_: bad}).check()
+    AdapterTrainConfig(kind="salt", rank=8, lora_rank=0, alpha=2.0).check()
     with pytest.raises(TrainingError, match="checkpoint not found"):
         start_training(store_root, tmp_path / "missing.pt")
     with pytest.raises(TrainingError, match="no SegAssist datastore"):
