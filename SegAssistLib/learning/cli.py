@@ -389,6 +389,8 @@ def cmd_next(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.active import NEEDS_ENGINE, next_case
 
     if args.out is not None:  # before any case is locked
+        if args.no_proposal:
+            raise SegAssistError("--out writes the model's proposal: it cannot go with --no-proposal")
         check_mask_output(args.out, args.overwrite)
     engine = None
     if args.strategy in NEEDS_ENGINE or not args.no_proposal:

@@ -352,6 +352,9 @@ def test_learn_cli(setup, capsys, monkeypatch):
         run("rollback", "--store", str(store_root))
     code, out = run("next", "--store", str(store_root), "--strategy", "first", "--no-proposal", "--json")
     assert code == 0 and json.loads(out)["case"]["id"] == cases[-1].id
+    with pytest.raises(SegAssistError, match="cannot go with --no-proposal"):  # once wrote nothing, exit 0
+        run("next", "--store", str(store_root), "--strategy", "first", "--no-proposal", "--out",
+            str(store_root.parent / "never.nii.gz"))
     proposal = store_root.parent / "proposal.nii.gz"
     code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
                     "--out", str(proposal))
