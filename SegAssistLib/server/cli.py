@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import ssl
 import sys
 import threading
@@ -215,12 +216,20 @@ def run_serve(args: argparse.Namespace) -> int:
     scheme = "https" if settings.tls_certfile else "http"
     log.info("SegAssist backend on %s://%s:%d (auth %s)", scheme, settings.host, port,
              "on" if settings.auth_required else "off: loopback only")  # fmt: skip
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn shuts down on SIGTERM, then raises it again under the handler found before it ran:
+        # the default one ended the process before the port file below was removed
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         server.run(sockets=[sock])
     finally:  # a launcher must not find the port of a server that is gone
         if args.port_file:
             args.port_file.unlink(missing_ok=True)
     return 0 if server.started else 3
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -21,6 +21,8 @@ from SegAssistLib.server.auth import (
 from SegAssistLib.server.cli import settings_from_args
 from SegAssistLib.server.settings import ServerSettings, check_exposure, is_loopback
 
+pytest_plugins = ["test_server_fixtures"]
+
 
 def serve_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="segassist")
@@ -154,3 +156,28 @@ def test_the_port_file_folder_is_made_when_missing(tmp_path):
     target = tmp_path / "not" / "yet" / "port.txt"
     write_port_file(target, 8471)
     assert target.read_text() == "8471" and [p.name for p in target.parent.iterdir()] == ["port.txt"]
+
+
+def test_a_server_stopped_by_sigterm_removes_its_port_file(tmp_path, server_checkpoint):
+    """systemd and kill send SIGTERM: uvicorn raised it again after shutting down, and the default
+    handler ended the process before the port file was removed (Ctrl-C did remove it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port_file = tmp_path / "port.txt"
+    command = [sys.executable, "-m", "SegAssistLib.server", "--port", "0", "--port-file", str(port_file),
+               "--model", str(server_checkpoint), "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not port_file.exists()
