@@ -734,7 +734,7 @@ class PromptLog(BaseModel):
         try:
             return cls.model_validate_json(text)
         except Exception as exc:
-            raise PromptError(f"invalid prompt log: {exc}") from exc
+            raise PromptError(f"invalid prompt log: {describe_validation_error(exc)}") from exc
 
     def save(self, path: Union[str, Path]) -> None:
         Path(path).write_text(self.to_json())
@@ -742,6 +742,19 @@ class PromptLog(BaseModel):
     @classmethod
     def load(cls, path: Union[str, Path]) -> PromptLog:
         return cls.from_json(Path(path).read_text())
+
+
+def describe_validation_error(exc: Exception, most: int = 3) -> str:
+    """One line for an error: a pydantic validation error's first problems, each with where it is."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    errors = exc.errors()
+    parts = []
+    for err in errors[:most]:
+        where = ".".join(str(x) for x in err.get("loc", ())) or "the log"
+        parts.append(f"{where}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
+    more = f" (and {len(errors) - most} more)" if len(errors) > most else ""
+    return "; ".join(parts) + more
 
 
 def prompt_log_json_schema() -> dict:

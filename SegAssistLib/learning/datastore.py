@@ -69,7 +69,7 @@ from SegAssistLib.learning.records import (
     parse_statuses,
 )
 from SegAssistLib.learning.sources import find_sources
-from SegAssistLib.prompts import PromptLog
+from SegAssistLib.prompts import PromptLog, describe_validation_error
 from SegAssistLib.transport import wire_volume
 
 SCHEMA_VERSION = 1
@@ -781,7 +781,7 @@ def _parse_prompt_log(value: PromptLogLike) -> Optional[PromptLog]:
     except PromptError:
         raise
     except Exception as exc:
-        raise PromptError(f"invalid prompt log: {exc}") from exc
+        raise PromptError(f"invalid prompt log: {describe_validation_error(exc)}") from exc
     raise PromptError(f"a prompt log must be a PromptLog, JSON text or a dict, got {type(value).__name__}")
 
 

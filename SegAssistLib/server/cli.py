@@ -33,7 +33,7 @@ to 127.0.0.1 (then pass --proxy-headers --forwarded-allow-ips <proxy address>). 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8470, help="port (0: any free port; see --port-file)")
+    p.add_argument("--port", type=int, default=8470, help="port (default 8470; 0: any free port, see --port-file)")
     p.add_argument("--model", type=Path, default=None, help="checkpoint file (default: the bundled model)")
     p.add_argument("--device", default="cpu", help="device(s), comma-separated (cpu, cuda:0,cuda:1): one worker each")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")

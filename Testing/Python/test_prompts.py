@@ -86,6 +86,17 @@ def test_truncated_log_is_refused():
         PromptLog.from_json(text[: len(text) // 2])
 
 
+def test_a_bad_log_is_named_in_one_line_with_where_it_is_wrong():
+    """A pydantic report ran over several lines, with a documentation URL, in the command line's error."""
+    text = '{"prompts": [{"kind": "point"}, {"kind": "box"}, {"kind": "box"}]}'
+    with pytest.raises(PromptError) as refused:
+        PromptLog.from_json(text)
+    message = str(refused.value)
+    assert "\n" not in message and "https://" not in message
+    assert message.startswith("invalid prompt log: prompts.0.point.position: Field required;")
+    assert message.endswith("(and 2 more)")
+
+
 def test_mask_prompt_outside_image_is_refused():
     mask = np.zeros((4, 4, 4), np.uint8)
     mask[3, 3, 3] = 1
