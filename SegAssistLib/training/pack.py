@@ -92,6 +92,9 @@ def _case_file_name(dataset: str, name: str) -> str:
     return f"{safe}.npz"
 
 
+MAX_PACK_PATCH = 512  # far beyond the network patches in use (64): larger ones would pack whole images
+
+
 def write_pack(
     data_root: Path,
     out: Path,
@@ -106,8 +109,8 @@ def write_pack(
     out = Path(out)
     if not Path(data_root).is_dir():
         raise PackError(f"data folder not found: {data_root}")
-    if int(patch) < 8:
-        raise PackError(f"the patch must be at least 8 voxels, got {patch}")
+    if not 8 <= int(patch) <= MAX_PACK_PATCH:
+        raise PackError(f"the patch must be from 8 to {MAX_PACK_PATCH} voxels, got {patch}")
     if out.exists() and not out.is_dir():
         raise PackError(f"{out} is a file: a pack is written into a new folder")
     if out.exists() and any(out.iterdir()):

@@ -102,7 +102,8 @@ def test_pack_errors_are_clear(small_data_root: Path, tmp_path: Path):
     refused = [
         ((tmp_path / "nope", tmp_path / "p1"), {}, "data folder not found"),
         ((small_data_root, a_file), {}, "is a file"),
-        ((small_data_root, tmp_path / "p2"), {"patch": 0}, "at least 8 voxels"),
+        ((small_data_root, tmp_path / "p2"), {"patch": 0}, "from 8 to 512 voxels"),
+        ((small_data_root, tmp_path / "p2"), {"patch": 100_000}, "from 8 to 512 voxels"),
         ((small_data_root, tmp_path / "p3"), {"datasets": ["hippocampus", "nosuch"]}, "no training cases of nosuch"),
         ((tmp_path / "empty",), {}, "no training cases found"),
     ]
