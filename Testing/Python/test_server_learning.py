@@ -138,7 +138,7 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
     from SegAssistLib.api_models import ArrayPayload
 
     wrong = ArrayPayload.from_array(np.zeros((3, 3, 3), np.uint8)).model_dump()
-    assert_error(raw(learn_server, "POST", path, json={"mask": wrong}), 422, "invalid_request")
+    assert_error(raw(learn_server, "POST", path, json={"mask": wrong}), 422, "invalid_shape")
     assert_error(raw(learn_server, "POST", path, json={}), 422, "invalid_request")
     for ttl in (0, 25 * 3600):
         assert_error(raw(learn_server, "POST", "/v1/learn/next", json={"lock_ttl_s": ttl}), 422, "invalid_request")
