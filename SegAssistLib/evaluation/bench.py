@@ -40,7 +40,7 @@ from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
 from SegAssistLib.evaluation.progress import ProgressBar
-from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target
+from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target, load_case
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.evaluation.selection import (
     Job,
@@ -50,7 +50,6 @@ from SegAssistLib.evaluation.selection import (
     spec_for_folder,
 )
 from SegAssistLib.files import atomic_write_bytes, output_problem
-from SegAssistLib.io import load_mask, load_volume
 from SegAssistLib.machine import machine_info
 
 BENCH_ENGINES = ("builtin", "ablation", "growcut", "randomwalker")
@@ -164,17 +163,18 @@ def _too_big_for_random_walker(voxels: int, config: BenchConfig) -> bool:
     return config.randomwalker_max_voxels is not None and voxels > config.randomwalker_max_voxels
 
 
-def _warm_up(engines: Dict[str, Engine], job: Job) -> None:
+def _warm_up(engines: Dict[str, Engine], job: Job, config: BenchConfig) -> None:
     """One untimed interaction per engine, so that no record pays for lazy initialisation."""
     from SegAssistLib.evaluation.simulator import first_click
 
-    volume = load_volume(job.case.image)
-    labels = load_mask(job.case.label)
+    volume, labels = load_case(job.case)
     for structure in job.structures:
         mask = np.isin(labels, structure.labels)
         if mask.any():
             click = first_click(mask, volume.spacing)
-            for engine in engines.values():
+            for name, engine in engines.items():
+                if name == "randomwalker" and _too_big_for_random_walker(volume.array.size, config):
+                    continue  # its records are skipped too: no session at all on an image this size
                 session = engine.open_session(volume)
                 try:
                     session.add_prompt(click)
@@ -202,18 +202,14 @@ def run_bench(
         stream.write(f"  {line}\n")
     started = time.time()
     machine = machine_info(config.device)  # now: the commit whose code runs, not the one at the end
-    _warm_up(engines, jobs[0])
+    _warm_up(engines, jobs[0], config)
     bar = ProgressBar(sessions, stream=stream)
     records: List[Dict] = []
     skipped: List[Dict] = []
     index_in_dataset: Dict[str, int] = {}
     try:
         for job in jobs:
-            volume = load_volume(job.case.image)
-            labels = load_mask(job.case.label)
-            if labels.shape != volume.array.shape:
-                raise SegAssistError(f"{job.case.name}: label grid {labels.shape} differs from image grid "
-                                     f"{volume.array.shape}")
+            volume, labels = load_case(job.case)
             for structure in job.structures:
                 mask = np.isin(labels, structure.labels).astype(np.uint8)
                 base = {"dataset": job.dataset, "case": job.case.name, "structure": structure.name,

@@ -42,7 +42,7 @@ from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.files import atomic_write_bytes
-from SegAssistLib.image import geometry_difference
+from SegAssistLib.image import Volume, geometry_difference
 from SegAssistLib.io import load_mask, load_volume, read_geometry
 from SegAssistLib.prompts import Prompt, dumps_prompt
 
@@ -361,6 +361,21 @@ def evaluate_target(
     return record
 
 
+def load_case(case: Case) -> Tuple[Volume, np.ndarray]:
+    """A case's image and label map; SegAssistError when the label is not on the image's grid (a
+    same-shaped label elsewhere, a flipped axis, would make every Dice wrong)."""
+    volume = load_volume(case.image)
+    labels = load_mask(case.label)
+    if labels.shape != volume.array.shape:
+        raise SegAssistError(
+            f"{case.name}: label grid {labels.shape} differs from image grid {volume.array.shape}"
+        )
+    moved = geometry_difference(read_geometry(case.label), volume)
+    if moved:
+        raise SegAssistError(f"{case.name}: the label is not on the image's grid: its {moved}")
+    return volume, labels
+
+
 def evaluate_case(
     engine: Engine,
     case: Case,
@@ -370,15 +385,7 @@ def evaluate_case(
     scribble: Optional[ScribbleSpec] = None,
 ) -> Tuple[List[Dict], List[Dict]]:
     """Records and skips of one case."""
-    volume = load_volume(case.image)
-    labels = load_mask(case.label)
-    if labels.shape != volume.array.shape:
-        raise SegAssistError(
-            f"{case.name}: label grid {labels.shape} differs from image grid {volume.array.shape}"
-        )
-    moved = geometry_difference(read_geometry(case.label), volume)
-    if moved:  # same shape, another place (a flipped axis): every Dice would be wrong
-        raise SegAssistError(f"{case.name}: the label is not on the image's grid: its {moved}")
+    volume, labels = load_case(case)
     records, skipped = [], []
     for target in targets:
         name = target_name(target)

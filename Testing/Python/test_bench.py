@@ -78,6 +78,26 @@ def test_config_errors_are_explained(tmp_path):
     assert BenchConfig().randomwalker_max_voxels is None  # every dataset gets every baseline by default
 
 
+def test_a_label_on_another_grid_of_the_same_shape_stops_the_run(hippocampus_dir, tmp_path):
+    """``segassist eval`` refused it; ``bench`` compared shapes only and scored against a moved label."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    folder = tmp_path / "moved"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    shutil.copy(hippocampus_dir / "dataset.json", folder / "dataset.json")
+    shutil.copy(hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz", folder / "imagesTr")
+    label = sitk.ReadImage(str(hippocampus_dir / "labelsTr" / "hippocampus_001.nii.gz"))
+    label.SetOrigin(tuple(o + 23.0 for o in label.GetOrigin()))
+    sitk.WriteImage(label, str(folder / "labelsTr" / "hippocampus_001.nii.gz"))
+    config = BenchConfig(folders=[folder], cases=1, labels="1", engines=("growcut",), clicks=1, refine_clicks=1,
+                         out=tmp_path / "out")  # fmt: skip
+    with pytest.raises(SegAssistError, match="not on the image's grid: its origin"):
+        run_bench(config, build_engines(config), stream=io.StringIO())
+
+
 # --- a tiny real run and its report ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(hippocampus_dir, tiny_checkpoint, tmp_path_factory):
