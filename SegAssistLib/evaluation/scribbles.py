@@ -36,6 +36,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import dijkstra
 
+from SegAssistLib.errors import PromptError
 from SegAssistLib.prompts import ScribblePrompt
 from SegAssistLib.rasterize import polyline_samples
 
@@ -270,7 +271,8 @@ def make_section(target: np.ndarray, spacing: Sequence[float], orientation: str,
     normal_kji = oblique_normal(seed) if normal is None else np.asarray(normal, float)[::-1]
     section = oblique_section(target, spacing, normal_kji)
     if not section.mask.any():  # a thin object the plane grazes between voxel centres
-        raise ValueError("the oblique plane through the object's centre of mass misses it")
+        # the object's shape, not the caller's mistake: the target is skipped with this reason
+        raise PromptError("no oblique scribble: the plane through the object's centre of mass misses it")
     return section
 
 

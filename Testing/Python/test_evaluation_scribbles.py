@@ -132,3 +132,15 @@ def test_bad_arguments_are_explained(ellipsoid):
         simulate_scribble(ellipsoid, SPACING, "oblique", normal=(0, 0, 0))
     with pytest.raises(ValueError, match="empty"):
         simulate_scribble(np.zeros_like(ellipsoid), SPACING)
+
+
+def test_an_oblique_plane_that_misses_the_object_skips_the_target_not_the_run():
+    """Two blobs on either side of their common centre of mass: the plane through it holds neither.
+    A ValueError once ended the whole evaluation with a traceback (the runners skip a PromptError)."""
+    from SegAssistLib.errors import PromptError
+
+    target = np.zeros((30, 20, 20), np.uint8)
+    target[2:6, 8:12, 8:12] = 1
+    target[24:28, 8:12, 8:12] = 1
+    with pytest.raises(PromptError, match="misses it"):
+        simulate_scribble(target, (1.0, 1.0, 1.0), "oblique", normal=(0.0, 0.0, 1.0))
