@@ -20,6 +20,24 @@ from SegAssistLib.errors import SegAssistError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def dataset_labels(folder: Path) -> Dict[int, str]:
+    """The named, numeric, non-background labels of a dataset folder's ``dataset.json``, by id;
+    SegAssistError naming the file when it is missing, not JSON, or names none."""
+    path = Path(folder) / "dataset.json"
+    if not path.is_file():
+        raise SegAssistError(f"{path} not found: pass --labels")
+    try:
+        labels = json.loads(path.read_text()).get("labels", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise SegAssistError(f"{path} is not a dataset.json (a JSON object with 'labels'): {exc}") from exc
+    if not isinstance(labels, dict):
+        raise SegAssistError(f"{path}: 'labels' must map label ids to names")
+    out = {int(k): v for k, v in labels.items() if k.isascii() and k.isdigit() and int(k) > 0 and isinstance(v, str)}
+    if not out:
+        raise SegAssistError(f"{path} names no numeric labels at its top level: pass --labels")
+    return dict(sorted(out.items()))
+
+
 def default_data_root() -> Path:
     """``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` next to the repository (not the current folder)."""
     return Path(os.environ.get("SEGASSIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -36,7 +36,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from SegAssistLib.datasets import Case, list_cases, split_cases
+from SegAssistLib.datasets import Case, dataset_labels, list_cases, split_cases
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
@@ -71,7 +71,8 @@ def parse_targets(text: str) -> List[Target]:
             raise SegAssistError(f"bad target {part!r}: use label ids such as 1 or 1+2+3+4") from None
         if any(i <= 0 for i in ids):
             raise SegAssistError(f"bad target {part!r}: label ids are positive (0 is background)")
-        targets.append(ids)
+        if ids not in targets:  # "2,2" is one target, not the same one counted twice
+            targets.append(ids)
     if not targets:
         raise SegAssistError(f"no targets in {text!r}")
     return targets
@@ -83,19 +84,7 @@ def target_name(target: Target) -> str:
 
 def default_targets(dataset_dir: Path) -> List[Target]:
     """Every numeric, non-background label of ``dataset.json``."""
-    path = dataset_dir / "dataset.json"
-    if not path.is_file():
-        raise SegAssistError(f"{path} not found: pass --labels")
-    try:
-        labels = json.loads(path.read_text()).get("labels", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise SegAssistError(f"{path} is not a dataset.json (a JSON object with 'labels'): {exc}") from exc
-    if not isinstance(labels, dict):
-        raise SegAssistError(f"{path}: 'labels' must map label ids to names")
-    ids = sorted(int(k) for k, v in labels.items() if str(k).isdigit() and int(k) > 0 and isinstance(v, str))
-    if not ids:
-        raise SegAssistError(f"{path} names no numeric labels at its top level: pass --labels")
-    return [(i,) for i in ids]
+    return [(i,) for i in dataset_labels(dataset_dir)]
 
 
 # --- engines -----------------------------------------------------------------------------------

@@ -15,12 +15,11 @@ volumes fewer. ``--quick`` keeps one structure of each dataset except the two bi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from SegAssistLib.datasets import Case, list_cases, split_cases
+from SegAssistLib.datasets import Case, dataset_labels, list_cases, split_cases
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.runner import parse_targets
 
@@ -101,17 +100,7 @@ class Job:
 
 def structures_from_dataset_json(folder: Path) -> Tuple[Structure, ...]:
     """Every numeric, non-background label of ``dataset.json`` that has a name."""
-    path = folder / "dataset.json"
-    if not path.is_file():
-        raise SegAssistError(f"{path} not found: pass --labels")
-    labels = json.loads(path.read_text()).get("labels", {})
-    out = tuple(
-        _s(int(k), str(v)) for k, v in sorted(labels.items(), key=lambda kv: str(kv[0]).zfill(6))
-        if str(k).isdigit() and int(k) > 0 and isinstance(v, str)
-    )
-    if not out:
-        raise SegAssistError(f"{path} names no numeric labels at its top level: pass --labels")
-    return out
+    return tuple(_s(label, name) for label, name in dataset_labels(folder).items())
 
 
 def _names(folder: Path) -> Dict[int, str]:

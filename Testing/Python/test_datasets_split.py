@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from SegAssistLib.datasets import Case, list_cases, load_splits, split_cases
 
 
@@ -29,3 +31,32 @@ def test_a_folder_of_unknown_cases_is_all_evaluation_and_an_ambiguous_one_too(tm
     splits = load_splits()
     mixed = cases("mixed", [splits["hippocampus"][0], splits["left_atrium"][0], "hippocampus_999"])
     assert split_cases(mixed, "evaluation") == mixed  # names of two datasets: no guess, all evaluation
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"labels": ["background", "blob"]}', "'labels' must map label ids to names"),  # once an AttributeError
+        ("not json", "is not a dataset.json"),  # once a JSONDecodeError
+        ('{"labels": {"\\u00b2": "squared", "0": "background"}}', "names no numeric labels"),  # once int('²')
+        ("[1, 2]", "is not a dataset.json"),
+    ],
+)
+def test_an_odd_dataset_json_is_named_for_eval_and_bench(tmp_path, text, message):
+    from SegAssistLib.errors import SegAssistError
+    from SegAssistLib.evaluation.runner import default_targets
+    from SegAssistLib.evaluation.selection import structures_from_dataset_json
+
+    (tmp_path / "dataset.json").write_text(text)
+    for read in (default_targets, structures_from_dataset_json):
+        with pytest.raises(SegAssistError, match=message):
+            read(tmp_path)
+
+
+def test_labels_of_a_dataset_json_and_targets_given_twice(tmp_path):
+    from SegAssistLib.datasets import dataset_labels
+    from SegAssistLib.evaluation.runner import parse_targets
+
+    (tmp_path / "dataset.json").write_text('{"labels": {"0": "background", "2": "b", "10": "j", "1": "a", "x": "y"}}')
+    assert dataset_labels(tmp_path) == {1: "a", 2: "b", 10: "j"}
+    assert parse_targets("2,2,1+2,2+1") == [(2,), (1, 2)]  # each once: a repeat counted twice in the summary
