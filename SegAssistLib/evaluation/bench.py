@@ -40,7 +40,7 @@ from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
 from SegAssistLib.evaluation.progress import ProgressBar
-from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target, load_case
+from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target, load_case, warm_up
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.evaluation.selection import (
     Job,
@@ -164,23 +164,11 @@ def _too_big_for_random_walker(voxels: int, config: BenchConfig) -> bool:
 
 
 def _warm_up(engines: Dict[str, Engine], job: Job, config: BenchConfig) -> None:
-    """One untimed interaction per engine, so that no record pays for lazy initialisation."""
-    from SegAssistLib.evaluation.simulator import first_click
-
+    """One untimed interaction per engine (the random walker only where its records run)."""
     volume, labels = load_case(job.case)
-    for structure in job.structures:
-        mask = np.isin(labels, structure.labels)
-        if mask.any():
-            click = first_click(mask, volume.spacing)
-            for name, engine in engines.items():
-                if name == "randomwalker" and _too_big_for_random_walker(volume.array.size, config):
-                    continue  # its records are skipped too: no session at all on an image this size
-                session = engine.open_session(volume)
-                try:
-                    session.add_prompt(click)
-                finally:
-                    session.close()
-            return
+    too_big = _too_big_for_random_walker(volume.array.size, config)
+    ready = [e for name, e in engines.items() if not (name == "randomwalker" and too_big)]
+    warm_up(ready, volume, [np.isin(labels, s.labels) for s in job.structures])
 
 
 def run_bench(

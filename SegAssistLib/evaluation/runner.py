@@ -350,6 +350,21 @@ def evaluate_target(
     return record
 
 
+def warm_up(engines: Sequence[Engine], volume: Volume, masks: Sequence[np.ndarray]) -> None:
+    """One untimed click per engine on the first non-empty mask, so that no record's first
+    interaction pays for lazy initialisation (loading weights, first-call allocations)."""
+    mask = next((m for m in masks if m.any()), None)
+    if mask is None:
+        return
+    click = simulator.first_click(mask, volume.spacing)
+    for engine in engines:
+        session = engine.open_session(volume)
+        try:
+            session.add_prompt(click)
+        finally:
+            session.close()
+
+
 def load_case(case: Case) -> Tuple[Volume, np.ndarray]:
     """A case's image and label map; SegAssistError when the label is not on the image's grid (a
     same-shaped label elsewhere, a flipped axis, would make every Dice wrong)."""
@@ -470,6 +485,9 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     records: List[Dict] = []
     skipped: List[Dict] = []
     started = time.time()
+    if cases:
+        volume, labels = load_case(cases[0])
+        warm_up([engine], volume, [np.isin(labels, t) for t in targets])
     for index, case in enumerate(cases, start=1):
         case_records, case_skipped = evaluate_case(
             engine, case, targets, config.protocol, config.max_clicks, config.scribble
