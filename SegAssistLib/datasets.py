@@ -53,6 +53,9 @@ class Case:
     name: str
     image: Path
     label: Path
+    # the channel to take from inside the image file (a 4D or vector image); None when the channel
+    # chose the file itself (``case_0001.nii.gz``)
+    channel: Optional[int] = None
 
     @property
     def patient(self) -> str:
@@ -89,12 +92,13 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
         if stem is None or path.name.startswith("."):
             continue
         match = re.match(r"^(.*)_(\d{4})$", stem)
+        inside = channel
         if match and match.group(1) in labels:
             if int(match.group(2)) != channel:
                 continue
-            stem = match.group(1)
+            stem, inside = match.group(1), None
         if stem in labels:
-            cases.append(Case(root.name, stem, path, labels[stem]))
+            cases.append(Case(root.name, stem, path, labels[stem], inside))
     return cases
 
 

@@ -368,7 +368,7 @@ def warm_up(engines: Sequence[Engine], volume: Volume, masks: Sequence[np.ndarra
 def load_case(case: Case) -> Tuple[Volume, np.ndarray]:
     """A case's image and label map; SegAssistError when the label is not on the image's grid (a
     same-shaped label elsewhere, a flipped axis, would make every Dice wrong)."""
-    volume = load_volume(case.image)
+    volume = load_volume(case.image, channel=case.channel)
     labels = load_mask(case.label)
     if labels.shape != volume.array.shape:
         raise SegAssistError(

@@ -237,3 +237,33 @@ def test_eval_passes_the_correction_zoom_share_to_the_model_and_records_it(hippo
     assert args.func(args) == 0
     config = json.loads(out.read_text())["config"]
     assert config["correction_zoom_share"] == 0.1 and config["refine_depth"] == 1
+
+
+def test_eval_takes_the_channel_from_inside_a_4d_image_file(hippocampus_dir, tmp_path):
+    """An MSD-style 4D file (all channels in one file): --channel was used only to pick ``_000N``
+    files, so eval refused every 4D case ("choose a channel") whatever channel was chosen."""
+    import SimpleITK as sitk
+
+    from SegAssistLib.errors import ImageError
+
+    image = sitk.ReadImage(str(hippocampus_dir / "imagesTr" / "hippocampus_001.nii.gz"))
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    folder = tmp_path / "four_d"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    shutil.copy(hippocampus_dir / "dataset.json", folder)
+    shutil.copy(hippocampus_dir / "labelsTr" / "hippocampus_001.nii.gz", folder / "labelsTr")
+    second = sitk.GetImageFromArray(array.max() - array)
+    second.CopyInformation(image)
+    four_d = sitk.JoinSeries([sitk.Cast(image, sitk.sitkFloat32), second])
+    sitk.WriteImage(four_d, str(folder / "imagesTr" / "hippocampus_001.nii.gz"))
+    runs = [evaluate(EvalConfig(folder, targets=parse_targets("1"), max_clicks=2, engine="growcut", channel=c),
+                     progress=lambda line: None) for c in (0, 1)]  # fmt: skip
+    assert all(len(r["records"]) == 1 for r in runs)
+    assert runs[0]["records"][0]["dice"] != runs[1]["records"][0]["dice"]  # two different images
+    with pytest.raises(ImageError, match="channel 2 does not exist"):
+        evaluate(EvalConfig(folder, targets=parse_targets("1"), max_clicks=1, engine="growcut", channel=2),
+                 progress=lambda line: None)  # fmt: skip
+    with pytest.raises(ImageError, match="channel 3 does not exist"):  # a 3D file has one channel
+        evaluate(EvalConfig(hippocampus_dir, targets=parse_targets("1"), max_clicks=1, cases=1, engine="growcut",
+                            channel=3), progress=lambda line: None)  # fmt: skip
