@@ -89,8 +89,8 @@ class BenchConfig:
             self.clicks = 5 if self.quick else 10
         if self.refine_clicks is None:
             self.refine_clicks = 3 if self.quick else 5
-        if self.clicks < 1 or self.refine_clicks < 0:
-            raise SegAssistError("--clicks must be at least 1 and --refine-clicks at least 0")
+        if self.clicks < 1 or self.refine_clicks < 1:  # a box or scribble alone has no click curve to score
+            raise SegAssistError("--clicks and --refine-clicks must be at least 1")
 
     def max_clicks(self, protocol: str) -> int:
         return int(self.clicks if protocol == "clicks" else self.refine_clicks)

@@ -75,6 +75,8 @@ def test_config_errors_are_explained(tmp_path):
         with pytest.raises(ModelError, match="--engines growcut,randomwalker"):
             build_engines(BenchConfig(engines=("ablation",)))
     assert BenchConfig(quick=True).clicks == 5 and BenchConfig().refine_clicks == 5
+    with pytest.raises(SegAssistError, match="--refine-clicks must be at least 1"):
+        BenchConfig(refine_clicks=0)  # once a ValueError from the AUC of no clicks, after the work
     assert BenchConfig().randomwalker_max_voxels is None  # every dataset gets every baseline by default
 
 
