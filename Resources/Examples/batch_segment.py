@@ -39,6 +39,9 @@ def _ensure_library_path() -> None:
         sys.path.insert(0, str(root))
 
 
+SEGMENTATION_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".nrrd", ".nhdr")
+
+
 def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="batch_segment.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--image", required=True, type=Path, help="image file (NRRD, NIfTI, MHA, ...)")
@@ -57,7 +60,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         "--send-images-to-remote", action="store_true", help="consent to send the image to --url (required)"
     )
     remote.add_argument("--allow-insecure-http", action="store_true", help="allow the token over plain http")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.out.name.lower().endswith(SEGMENTATION_SUFFIXES):  # Slicer would write NRRD under any name
+        p.error(f"--out {args.out}: a segmentation is written as {' or '.join(SEGMENTATION_SUFFIXES)}")
+    return args
 
 
 def backend_settings(args: argparse.Namespace):
@@ -82,10 +88,13 @@ def backend_settings(args: argparse.Namespace):
 
 def run(args: argparse.Namespace, scene, markups_logic):
     """Load, segment, save; returns the SegmentationResult. Raises SegAssistError with the reason."""
+    from SegAssistLib.errors import SegAssistError
     from SegAssistLib.slicer import segments, volumes
     from SegAssistLib.slicer.backend import BackendManager
     from SegAssistLib.slicer.logic import load_prompt_file, segment_volume
 
+    if args.url and not args.send_images_to_remote:
+        raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
     volume_node = volumes.load_volume_file(scene, args.image)
     prompts = []
     for path in args.prompts:
@@ -140,7 +149,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
+    try:
+        status = main()
+    except BaseException:  # before main's own handling (SegAssistLib not found, ...): Slicer must still exit
+        traceback.print_exc()
+        status = 1
     try:
         import slicer
 

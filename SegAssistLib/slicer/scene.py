@@ -212,6 +212,12 @@ def write_node_file(
         storage = storage_class()
         node.GetScene().AddNode(storage)
         node.SetAndObserveStorageNodeID(storage.GetID())
+    writable = storage.GetSupportedWriteFileTypes()
+    kinds = [writable.GetValue(i) for i in range(writable.GetNumberOfValues())]
+    if kinds and not storage.GetSupportedFileExtension(str(path), False, True):  # writable, not just readable
+        # the storage node would write its own format under this name (NRRD bytes in a .nii.gz)
+        suffixes = ", ".join(k[k.find("(") + 1 : k.rfind(")")] for k in kinds)
+        raise error(f"cannot write {what} as {path.name}: choose a name ending in one of {suffixes}")
     storage.SetFileName(str(path))
     storage.SetUseCompression(bool(compress))
     if not storage.WriteData(node):

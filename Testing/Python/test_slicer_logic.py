@@ -523,7 +523,11 @@ def test_batch_example_segments_the_bundled_sample(tiny_backend, tmp_path, capsy
         "--token", tiny_backend.token,
     ]  # fmt: skip
     assert example.main(args) == 1  # no consent yet: nothing is sent
-    assert "Send images to this server" in capsys.readouterr().err and not out.exists()
+    assert "add --send-images-to-remote" in capsys.readouterr().err and not out.exists()
+    nifti = [a if a != str(out) else str(tmp_path / "sample.nii.gz") for a in args]
+    assert example.main([*nifti, "--send-images-to-remote"]) == 2  # Slicer would write NRRD under that name
+    assert "a segmentation is written as .seg.nrrd" in capsys.readouterr().err
+    assert not (tmp_path / "sample.nii.gz").exists()
 
     assert example.main([*args, "--send-images-to-remote"]) == 0
     printed = capsys.readouterr().out
@@ -546,7 +550,8 @@ def test_batch_example_exits_with_a_status_on_an_unexpected_error(monkeypatch, t
         raise RuntimeError("a bug in the script")
 
     monkeypatch.setattr(example, "run", broken)
-    args = ["--image", str(tmp_path / "x.nii.gz"), "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "o")]
+    args = ["--image", str(tmp_path / "x.nii.gz"), "--prompts", str(tmp_path / "p.json"),
+            "--out", str(tmp_path / "o.seg.nrrd")]  # fmt: skip
     assert example.main(args) == 1
     assert "RuntimeError: a bug in the script" in capsys.readouterr().err
 

@@ -276,6 +276,12 @@ def test_clear_errors(ctx, tmp_path):
         segments.load_segmentation(ctx.scene, tmp_path / "missing.seg.nrrd")
     empty = segments.add_segment(seg, "empty")
     assert not segments.segment_to_array(seg, empty, volume).any()
+    # Slicer's segmentation storage writes NRRD whatever the name says: NRRD bytes in a .nii.gz
+    for name in ("labels.nii.gz", "labels.mha", "labels"):
+        with pytest.raises(SegAssistError, match=r"cannot write segmentation as .*\.seg\.nrrd"):
+            segments.save_segmentation(seg, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    assert segments.save_segmentation(seg, tmp_path / "labels.nrrd").read_bytes().startswith(b"NRRD")
 
 
 def test_an_answer_adds_and_removes_only_the_voxels_it_changes(ctx):
