@@ -136,6 +136,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._batchRunning = False
         self._progress = (0.0, "")
         self._batchTarget = None
+        self._backendFormFilled = False  # from the saved settings; until then no edit may save the blank form
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -244,6 +245,8 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
         for widget in (self.ui.backendCollapsibleButton, self.ui.batchCollapsibleButton, self.ui.openEditorButton):
             widget.enabled = not missing
+        if not missing and not self._backendFormFilled:  # installed meanwhile (console, another extension)
+            self.updateBackendGuiFromSettings()
 
     def onInstallDependencies(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to install SegAssist's dependencies."), waitCursor=True):
@@ -296,6 +299,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             for widget, wasBlocked in zip(widgets, blocked):
                 widget.blockSignals(wasBlocked)
+        self._backendFormFilled = True
         self._updateBackendModeGui(settings.mode)
         self._showBackendStatus(self.logic.manager().local_status() if settings.mode == "local" else None)
 
@@ -318,6 +322,8 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onSettingsEdited(self, *args) -> None:
+        if not self._backendFormFilled:  # the form still holds its blank defaults, not the user's settings
+            return
         settings = self._settingsFromGui()
         previous = self.logic.backendSettings()
         if settings.remote_url != previous.remote_url and settings.remote_opt_in:
@@ -734,14 +740,22 @@ class SegAssistTest(ScriptedLoadableModuleTest):
 
     def test_Effect_ClickUpdatesSelectedSegment(self) -> None:
         """The SegAssist effect in a segment editor: a click in the Red view updates the selected segment."""
-        import numpy as np
-
-        from SegAssistLib.slicer import coordinates, segments
         from SegAssistLib.slicer.backend import shared_manager
 
         registerEditorEffect()
         volumeNode, target = self._loadSample()
         shared_manager().update_settings(self._localSettings())
+        try:
+            self._clickUndoRedoReset(volumeNode, target)
+        finally:  # the user's settings again, also when the test fails
+            shared_manager().update_settings(SegAssistLogic().backendSettings())
+        self.delayDisplay("Effect test passed")
+
+    def _clickUndoRedoReset(self, volumeNode, target) -> None:
+        import numpy as np
+
+        from SegAssistLib.slicer import coordinates, segments
+
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
 
@@ -785,5 +799,3 @@ class SegAssistTest(ScriptedLoadableModuleTest):
         effect.self().performAction("reset")
         self.assertEqual(int(segments.segment_to_array(segmentationNode, segmentId, volumeNode).sum()), 0)
         editorWidget.setActiveEffect(None)
-        shared_manager().update_settings(SegAssistLogic().backendSettings())  # the user's settings again
-        self.delayDisplay("Effect test passed")
