@@ -137,6 +137,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._progress = (0.0, "")
         self._batchTarget = None
         self._backendFormFilled = False  # from the saved settings; until then no edit may save the blank form
+        self._batchGeneration = 0
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -439,6 +440,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sources = [node for node in (p.points, p.roi) if node is not None]
             prepared = self.logic.prepare(p.inputVolume, sources)
             self._cancel.clear()
+            self._batchGeneration = self.logic.manager().generation  # the backend settings this run may use
             self._progress = (0.0, _("Starting"))
             self._batchRunning = True
             self._batchTarget = (p.inputVolume, p.outputSegmentation, p.segmentName or "SegAssist")
@@ -454,6 +456,11 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from SegAssistLib.slicer.logic import Cancelled
 
             raise Cancelled("cancelled by the user")
+        if self.logic.manager().generation != self._batchGeneration:
+            from SegAssistLib.errors import SessionError
+
+            # another server, or consent withdrawn, while this run sends its image and prompts
+            raise SessionError(_("The backend settings changed while segmenting: nothing more is sent; run it again"))
 
     def onCancel(self) -> None:
         self._cancel.set()
