@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -34,7 +35,13 @@ def _readable_name(path: Path) -> Iterator[str]:
         return
     with tempfile.TemporaryDirectory(prefix="segassist-read-") as folder:
         link = Path(folder) / "image.nii.gz"
-        link.symlink_to(Path(name).resolve())
+        try:
+            link.symlink_to(Path(name).resolve())
+        except OSError:  # no symlinks (Windows without the privilege): a hard link, else a copy
+            try:
+                os.link(name, link)
+            except OSError:
+                shutil.copyfile(name, link)
         yield str(link)
 
 

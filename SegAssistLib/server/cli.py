@@ -216,20 +216,34 @@ def run_serve(args: argparse.Namespace) -> int:
     scheme = "https" if settings.tls_certfile else "http"
     log.info("SegAssist backend on %s://%s:%d (auth %s)", scheme, settings.host, port,
              "on" if settings.auth_required else "off: loopback only")  # fmt: skip
+    # uvicorn shuts down on SIGTERM, then raises it again under the handler found before it ran: the
+    # default one ended the process before the port file was removed. So this one is there during the
+    # run; afterwards the caller's handler is back and gets the signal (by default: the process ends
+    # by SIGTERM, a clean stop for systemd and other supervisors).
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        # uvicorn shuts down on SIGTERM, then raises it again under the handler found before it ran:
-        # the default one ended the process before the port file below was removed
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    terminated = False
     try:
         server.run(sockets=[sock])
+    except _Terminated:
+        terminated = True
     finally:  # a launcher must not find the port of a server that is gone
         if args.port_file:
             args.port_file.unlink(missing_ok=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)
     return 0 if server.started else 3
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+class _Terminated(BaseException):
+    """SIGTERM, raised again by uvicorn once it has shut down."""
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -314,6 +314,22 @@ def test_a_nii_gz_is_read_whole_when_a_nii_of_the_same_name_lies_beside_it(tmp_p
     np.testing.assert_array_equal(load_volume(tmp_path / "case.nii").array, plain.array)
 
 
+def test_the_nii_gz_beside_a_nii_is_read_whole_where_symlinks_are_refused(tmp_path, monkeypatch):
+    """Windows without the symlink privilege: the link falls back to a hard link, then to a copy."""
+    from pathlib import Path
+
+    def refused(self, target, target_is_directory=False):
+        raise OSError(1314, "A required privilege is not held by the client")
+
+    gz = Volume(-np.arange(240, dtype=np.int16).reshape(8, 5, 6))
+    sitk.WriteImage(volume_to_sitk(Volume(np.arange(120, dtype=np.int16).reshape(4, 5, 6))), str(tmp_path / "c.nii"))
+    sitk.WriteImage(volume_to_sitk(gz), str(tmp_path / "c.nii.gz"))
+    monkeypatch.setattr(Path, "symlink_to", refused)
+    np.testing.assert_array_equal(load_volume(tmp_path / "c.nii.gz").array, gz.array)
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(1, "no hard links here")))
+    np.testing.assert_array_equal(load_volume(tmp_path / "c.nii.gz").array, gz.array)
+
+
 @pytest.mark.parametrize(
     "geometry", [dict(direction=np.eye(2)), dict(direction=None), dict(spacing=("a", 1, 1)), dict(origin=None)]
 )

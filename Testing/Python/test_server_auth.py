@@ -158,6 +158,40 @@ def test_the_port_file_folder_is_made_when_missing(tmp_path):
     assert target.read_text() == "8471" and [p.name for p in target.parent.iterdir()] == ["port.txt"]
 
 
+def test_run_serve_gives_the_callers_sigterm_handler_back(tmp_path, server_checkpoint):
+    """``run_serve`` is public: a program that calls it keeps its own SIGTERM handler afterwards, and
+    a SIGTERM during the run reaches that handler once the server is down and its port file gone."""
+    import signal
+    import threading
+    import time
+
+    from SegAssistLib.cli import build_parser
+
+    received = []
+
+    def mine(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    port_file = tmp_path / "port.txt"
+    try:
+        args = build_parser().parse_args(["serve", "--port", "0", "--port-file", str(port_file),
+                                          "--model", str(server_checkpoint), "--log-level", "warning"])  # fmt: skip
+
+        def stop_when_up():
+            deadline = time.monotonic() + 120
+            while not port_file.is_file() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=stop_when_up, daemon=True).start()
+        run_serve(args)
+        assert received == [signal.SIGTERM] and not port_file.exists()
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_server_stopped_by_sigterm_removes_its_port_file(tmp_path, server_checkpoint):
     """systemd and kill send SIGTERM: uvicorn raised it again after shutting down, and the default
     handler ended the process before the port file was removed (Ctrl-C did remove it)."""
@@ -176,7 +210,7 @@ def test_a_server_stopped_by_sigterm_removes_its_port_file(tmp_path, server_chec
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert process.wait(timeout=60) == -signal.SIGTERM  # ended by the signal: a clean stop for systemd
     finally:
         if process.poll() is None:
             process.kill()
