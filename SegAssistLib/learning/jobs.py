@@ -163,9 +163,9 @@ class TrainingJob:
         while True:
             data = self.status()
             if data.get("state") in FINAL_STATES:
-                if self.process is not None:
+                if self.process is not None:  # its final status is written: the exit follows (torch's teardown)
                     with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.process.wait(timeout=10)
+                        self.process.wait(timeout=30)
                 return data
             if deadline is not None and time.monotonic() >= deadline:
                 return data
