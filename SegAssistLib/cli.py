@@ -41,20 +41,21 @@ def run_handled(args: argparse.Namespace, prog: str = "segassist") -> int:
     Ctrl-C is exit 130; anything else is a bug and keeps its traceback."""
     from SegAssistLib.errors import SegAssistError
 
+    command = " ".join(c for c in (args.command, getattr(args, "learn_command", None)) if c)  # learn save, ...
     try:
         return int(args.func(args) or 0)
     except SegAssistError as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or folder the command was pointed at: name it, no traceback
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"{prog} {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{prog} {command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # a part this install does not have: say which extra brings it
         top = (exc.name or "").split(".")[0]
         if top not in EXTRA_OF:
             raise
-        print(f"{prog} {args.command}: error: this command needs {top}, which this install lacks: "
+        print(f"{prog} {command}: error: this command needs {top}, which this install lacks: "
               f"pip install 'segassist[{EXTRA_OF[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

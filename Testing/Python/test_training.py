@@ -131,6 +131,9 @@ def test_a_file_or_folder_problem_is_one_line_naming_the_path(tmp_path, capsys):
     (tmp_path / "dataset.json").write_text("{not json")
     assert main(["eval", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 2
     assert "is not a dataset.json" in capsys.readouterr().err
+    # a learn subcommand's error names the subcommand, not only "learn"
+    assert main(["learn", "cases", "--store", str(tmp_path / "no_store")]) == 2
+    assert capsys.readouterr().err.startswith("segassist learn cases: error: ")
 
 
 def test_unions_of_touching_structures_start_from_a_box_or_an_outline_never_a_click():
