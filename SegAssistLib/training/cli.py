@@ -39,16 +39,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_pack)
 
 
-def load_config(path: Optional[Path]):
-    """The TrainConfig of a JSON file (the defaults without one); SegAssistError naming the problem."""
+def load_config(path: Optional[Path], fields: Optional[dict] = None):
+    """The TrainConfig of a JSON file, or of ``fields`` (a resumed run's own), else the defaults;
+    SegAssistError naming the problem."""
     from SegAssistLib.training.train import TrainConfig
 
-    if path is None:
+    if path is None and fields is None:
         return TrainConfig()
-    try:
-        fields = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SegAssistError(f"cannot read the training config {path}: {exc}") from exc
+    if path is None:
+        path = Path("the resumed state's config")
+    else:
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SegAssistError(f"cannot read the training config {path}: {exc}") from exc
     if not isinstance(fields, dict):
         raise SegAssistError(f"training config {path} must be a JSON object of TrainConfig fields")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -101,9 +105,14 @@ def check_run_folder(out: Path, resume: Optional[Path], overwrite: bool) -> None
 
 def run_train(args: argparse.Namespace) -> int:
     from SegAssistLib.engine.network import torch_device
-    from SegAssistLib.training.train import DEFAULT_DATA_ROOT, Trainer
+    from SegAssistLib.training.train import DEFAULT_DATA_ROOT, Trainer, read_training_state
 
-    cfg = load_config(args.config)
+    state = None
+    if args.resume is not None and args.resume.is_file():  # read and checked before anything is written
+        state = read_training_state(args.resume)
+    saved = state.get("config") if state is not None and args.config is None else None
+    # a resumed run keeps its own settings (network, rates, ...) unless a --config is given
+    cfg = load_config(args.config, saved if isinstance(saved, dict) else None)
     for name in ("minutes", "data_root", "seed", "device"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -120,7 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
         for name in ("model.pt", "state.pt", "log.jsonl"):
             (args.out / name).unlink(missing_ok=True)
     atomic_write_bytes(args.out / "config.json", json.dumps(asdict(cfg), indent=1).encode(), overwrite=True)
-    Trainer(cfg, args.out, args.resume).run()
+    Trainer(cfg, args.out, state).run()
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from monai.losses import DiceCELoss
 
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.machine import machine_info
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import (
@@ -147,8 +148,26 @@ def _batch_inputs(samples: Sequence[Sample]) -> torch.Tensor:
     return torch.stack([assemble_input(s.image, s.previous, s.channels.numpy()) for s in samples])
 
 
+STATE_KEYS = ("model", "optimizer", "step", "elapsed")
+
+
+def read_training_state(path: Path) -> dict:
+    """A run's ``state.pt`` for ``--resume``: loaded as plain data (no pickled objects run) and
+    checked; SegAssistError naming the file when it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, empty, not a torch file, or objects beyond plain data
+        raise SegAssistError(f"--resume {path}: not a readable training state ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        hint = " (model.pt holds the weights only: resume from the run's state.pt)" if isinstance(state, dict) else ""
+        raise SegAssistError(f"--resume {path}: not a training state, it lacks {', '.join(missing)}{hint}")
+    return state
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: Path, resume: Optional[Path] = None):
+    def __init__(self, cfg: TrainConfig, out: Path, resume: Union[None, Path, dict] = None):
         self.cfg, self.out = cfg, out
         out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
@@ -160,13 +179,17 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.loss = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.step, self.elapsed = 0, 0.0
-        if resume:
-            state = torch.load(resume, map_location=self.device, weights_only=False)
-            self.net.load_state_dict(state["model"])
+        if resume is not None:
+            state = resume if isinstance(resume, dict) else read_training_state(Path(resume))
+            try:
+                self.net.load_state_dict(state["model"])
+            except RuntimeError as exc:
+                raise SegAssistError(f"the state's weights do not fit this network ({self.net_cfg}): resume with "
+                                     f"the run's own network settings ({str(exc).splitlines()[0]})") from exc
             self.opt.load_state_dict(state["optimizer"])
-            self.step, self.elapsed = state["step"], state["elapsed"]
+            self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
             self.rng = np.random.default_rng(cfg.seed + self.step)
-            print(f"resumed from {resume} at step {self.step}", flush=True)
+            print(f"resumed at step {self.step}", flush=True)
         self.hardware = training_hardware(self.device)
         # spawned, not forked: by the first correction this process runs torch's and the loader's threads
         self.pool = (

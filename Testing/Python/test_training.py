@@ -42,7 +42,7 @@ def test_simulated_prompts_land_on_the_object_and_corrections_on_the_error():
     assert click.positive and target[k, j, i] and not prediction[k, j, i]
 
 
-def test_training_runs_checkpoints_and_resumes(tmp_path):
+def test_training_runs_checkpoints_and_resumes(tmp_path, capsys):
     cfg = {
         "data_root": "",  # synthetic data only: the test does not depend on ../shared
         "network": {"channels": [4, 8], "strides": [2], "patch_size": 24},
@@ -61,6 +61,18 @@ def test_training_runs_checkpoints_and_resumes(tmp_path):
     config.write_text(json.dumps(cfg))
     assert main(["train", "--out", str(out), "--config", str(config), "--resume", str(out / "state.pt")]) == 0
     assert torch.load(out / "state.pt", weights_only=False)["step"] == 5
+    # without --config a resumed run keeps its own settings (once: the default network, a traceback,
+    # and config.json overwritten with defaults)
+    assert main(["train", "--out", str(out), "--resume", str(out / "state.pt"), "--minutes", "5"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["network"]["channels"] == [4, 8] and torch.load(out / "state.pt", weights_only=True)["step"] == 5
+    # a file that is not a training state is named, and nothing is written
+    before = (out / "config.json").read_bytes()
+    for bad, message in ((out / "model.pt", "lacks model, optimizer"), (tmp_path / "empty.pt", "not a readable")):
+        bad.touch()
+        assert main(["train", "--out", str(out), "--resume", str(bad)]) == 2
+        assert message in capsys.readouterr().err
+    assert (out / "config.json").read_bytes() == before
     # a finished run's weights are never replaced by a new run without being asked
     weights = (out / "model.pt").read_bytes()
     assert main(["train", "--out", str(out), "--config", str(config)]) == 2
