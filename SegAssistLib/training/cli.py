@@ -122,6 +122,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise SegAssistError(f"the training budget must be more than 0 minutes, got {cfg.minutes}")
     if cfg.data_root and not Path(cfg.data_root).is_dir():
         raise SegAssistError(f"training data folder not found: {cfg.data_root} (--data-root)")
+    if cfg.data_root:
+        _check_training_datasets(Path(cfg.data_root), cfg.datasets)
     torch_device(cfg.device)
     check_run_folder(args.out, args.resume, args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +133,21 @@ def run_train(args: argparse.Namespace) -> int:
     atomic_write_bytes(args.out / "config.json", json.dumps(asdict(cfg), indent=1).encode(), overwrite=True)
     Trainer(cfg, args.out, state).run()
     return 0
+
+
+def _check_training_datasets(data_root: Path, wanted: Optional[list]) -> None:
+    """A folder without datasets (a dataset's own folder given for the data root, a typo in
+    ``datasets``) trained on synthetic volumes alone, with no word but an empty count."""
+    from SegAssistLib.training.data import training_datasets
+
+    found = training_datasets(data_root)
+    if not found:
+        raise SegAssistError(f"{data_root} holds no dataset folders (each with imagesTr/) and no training packs: "
+                             "give the folder that holds the datasets (--data-root), or data_root '' for "
+                             "synthetic data only")
+    missing = sorted(set(wanted or ()) - set(found))
+    if missing:
+        raise SegAssistError(f"datasets {', '.join(missing)} are not in {data_root} (it has {', '.join(found)})")
 
 
 def run_pack(args: argparse.Namespace) -> int:

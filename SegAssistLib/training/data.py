@@ -94,6 +94,15 @@ def load_training_cases(
     return out
 
 
+def training_datasets(data_root: Path) -> List[str]:
+    """The dataset names a training data folder offers (MSD folders, or the datasets of its packs),
+    without reading any image: to refuse a wrong folder before a run trains on synthetic data alone."""
+    packs = pack.packs_in(Path(data_root))
+    if packs:
+        return sorted({name for p in packs for name in pack.read_manifest(p)["datasets"]})
+    return sorted(p.name for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir())
+
+
 def _load_packs(
     folders: Sequence[Path], datasets: Optional[Sequence[str]], click_union_datasets: Sequence[str],
     patch: Optional[int],

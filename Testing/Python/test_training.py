@@ -88,6 +88,7 @@ def test_training_runs_checkpoints_and_resumes(tmp_path, capsys):
 @pytest.mark.parametrize("change, argv, message", [
     ({}, ["--minutes", "0"], "more than 0 minutes, got 0.0"),
     ({"data_root": "no/such/folder"}, [], "training data folder not found: no/such/folder"),
+    ({"data_root": "."}, [], "holds no dataset folders"),  # once: synthetic data only, exit 0
     ({"learning_rat": 0.1}, [], r"unknown field\(s\) learning_rat"),
     ({"minutes": "abc"}, [], r"wrong type of minutes \(text, not a number\)"),  # once a TypeError traceback
     ({"batch_size": 2.5, "network": []}, [],
@@ -272,3 +273,14 @@ def test_drawing_into_channels_of_the_wrong_shape_is_refused():
 
     with pytest.raises(ValueError, match="prompt channels"):
         draw_prompts([], 16, out=np.zeros((5, 8, 8, 8), bool))
+
+
+def test_a_dataset_the_data_root_lacks_is_named_before_training(shared_data, tmp_path, capsys):
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"data_root": str(shared_data), "datasets": ["hipocampus"], "max_steps": 1}))
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "datasets hipocampus are not in" in err and "hippocampus" in err and not (tmp_path / "run").exists()
+    # a dataset's own folder given as the data root
+    assert main(["train", "--out", str(tmp_path / "run"), "--data-root", str(shared_data / "hippocampus")]) == 2
+    assert "holds no dataset folders" in capsys.readouterr().err
