@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -192,7 +193,7 @@ def read_case(folder: Path, entry: Dict) -> Tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as arrays:
             image, labels = decode_image(arrays), np.asarray(arrays["labels"], np.int16)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # BadZipFile: truncated or damaged in transfer
         raise PackError(f"cannot read packed case {path}: {exc}") from exc
     if image.shape != labels.shape:
         raise PackError(f"{path}: image {image.shape} and labels {labels.shape} differ in shape")

@@ -91,6 +91,10 @@ def test_pack_errors_are_clear(small_data_root: Path, tmp_path: Path):
     with pytest.raises(pack.PackError, match="patches of at most 64"):
         load_training_cases(out, patch=96)
     entry = json.loads((out / pack.MANIFEST).read_text())["datasets"]["hippocampus"][0]
+    whole = (out / entry["file"]).read_bytes()
+    (out / entry["file"]).write_bytes(whole[: len(whole) // 2])  # cut short in transfer: once a BadZipFile traceback
+    with pytest.raises(pack.PackError, match="cannot read packed case"):
+        load_training_cases(out)
     (out / entry["file"]).write_bytes(b"not an archive")
     with pytest.raises(pack.PackError, match="cannot read packed case"):
         load_training_cases(out)
