@@ -128,7 +128,10 @@ def check_format(data: object, path: Path, fmt: str, version: int, what: str, er
     of at most ``version``; otherwise ``error``, whose message calls the file a ``what``."""
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise error(f"{path} is not a SegAssist {what} (no 'format': '{fmt}')")
-    if int(data.get("format_version", 0)) > version:
+    stated = data.get("format_version", 0)
+    if isinstance(stated, bool) or not isinstance(stated, int):
+        raise error(f"{path} is not a readable SegAssist {what}: its format_version is {stated!r}, not a number")
+    if stated > version:
         raise error(
             f"{path} has {what} format {data['format_version']}, newer than this SegAssist reads ({version}): "
             "upgrade SegAssist"

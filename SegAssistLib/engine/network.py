@@ -137,11 +137,17 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     path = Path(path)
     device = torch_device(device)
     payload = load_tagged_file(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ModelError)
-    config = NetworkConfig.from_dict(payload.get("config", {}))
-    network = build_network(config)
+    try:
+        config = NetworkConfig.from_dict(payload.get("config", {}))
+        network = build_network(config)
+        meta = dict(payload.get("meta", {}))
+    except (TypeError, ValueError, AttributeError) as exc:  # tagged as a checkpoint, but its fields are not
+        raise ModelError(f"checkpoint {path} has a malformed network config or meta: {exc}") from exc
     try:
         network.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, KeyError) as exc:
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"checkpoint {path} does not match its network config: {exc}") from exc
     network.to(device).eval()
-    return LoadedModel(network, config, dict(payload.get("meta", {})), weights_identity(payload["state_dict"]))
+    # the identity of the weights as loaded (float32): one stored in float16 is the same network, and
+    # adapters check the identity of the network they are applied to
+    return LoadedModel(network, config, meta, weights_identity(network.state_dict()))

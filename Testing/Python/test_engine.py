@@ -216,6 +216,14 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
     with pytest.raises(ModelError, match="holds Python objects beyond tensors") as refused:
         load_checkpoint(pickled)
     assert "weights_only=False" not in str(refused.value) and "\n" not in str(refused.value)
+    # tagged as a checkpoint, with fields of the wrong kind: once AttributeError, TypeError, ValueError
+    for field, value, message in (("config", [1, 2], "malformed network config"), ("meta", [1], "malformed"),
+                                  ("state_dict", [1], "does not match"), ("format_version", "x", "not a number")):
+        broken = {**torch.load(tiny_checkpoint, weights_only=True), field: value}
+        path = tmp_path / f"broken_{field}.pt"
+        torch.save(broken, path)
+        with pytest.raises(ModelError, match=message):
+            load_checkpoint(path)
     with pytest.raises(DeviceError, match="invalid device 'bogus'"):
         load_checkpoint(tiny_checkpoint, device="bogus")
     if not torch.cuda.is_available():
@@ -232,6 +240,15 @@ def test_checkpoint_round_trip_preserves_outputs(tmp_path):
     with torch.no_grad():
         assert torch.equal(net(x), loaded.network(x))
     assert loaded.meta["name"] == "x" and len(loaded.identity) == 16
+    # stored in float16, the same weights (as loaded) are the same base model for adapters
+    from SegAssistLib.engine.network import weights_identity
+
+    half = torch.load(path, weights_only=True)
+    half["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in half["state_dict"].items()}
+    torch.save(half, tmp_path / "half.pt")
+    as_half = load_checkpoint(tmp_path / "half.pt")
+    assert as_half.identity == weights_identity(as_half.network.state_dict())
+    assert load_checkpoint(path).identity == weights_identity(net.state_dict())  # float32: as before
 
 
 @pytest.mark.parametrize("depth, tiles_limit, expected_level", [(1, 8, 1), (2, 64, 0), (2, 1, None)])
