@@ -146,21 +146,27 @@ class EngineSync:
 
         A version that cannot be loaded (made for other base weights, file missing) leaves the
         engine as it is; the reason is kept in ``last_error`` and the check is retried only after
-        the registry changes again.
+        the registry changes again. Any other failure (out of memory while swapping, a file being
+        replaced) also leaves the engine as it is, and is retried at the next call.
         """
         stamp = self.registry.stamp()
         if not force and stamp == self._stamp:
             return False
-        self._stamp = stamp
-        record = self.registry.current()
-        wanted = record.id if record is not None else None
-        if not force and wanted == self._applied:
-            return False
         try:
+            record = self.registry.current()
+            wanted = record.id if record is not None else None
+            if not force and wanted == self._applied:
+                self._stamp = stamp
+                return False
             activate(engine, self.registry, wanted if wanted is not None else None)
         except AdapterError as exc:
+            self._stamp = stamp  # lasting: tried again when the registry changes
             self.last_error = str(exc)
             return False
+        except Exception as exc:  # noqa: BLE001 - not this version's fault: tried again next time
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+        self._stamp = stamp
         self._applied = wanted
         self.last_error = None
         return True

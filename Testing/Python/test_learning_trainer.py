@@ -253,6 +253,22 @@ def test_rollback_history_and_hot_swap(setup, tmp_path: Path):
     assert not other_sync.refresh(other) and "base model" in other_sync.last_error
     assert other.version == "tiny-1"
 
+    # a swap that fails for another reason (out of memory) is tried again at the next job: once the
+    # version was never applied and last_error stayed None
+    fresh = BuiltinEngine.from_checkpoint(ckpt)
+    real_swap, attempts = fresh.swap_network, []
+
+    def swap_once_out_of_memory(network, version):
+        attempts.append(version)
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_swap(network, version)
+
+    fresh.swap_network = swap_once_out_of_memory
+    retrying = EngineSync(registry)
+    assert not retrying.refresh(fresh) and "OutOfMemoryError" in retrying.last_error and fresh.version == "tiny-1"
+    assert retrying.refresh(fresh) and fresh.version == "tiny-1+v2" and retrying.last_error is None
+
 
 def test_background_job_progress_cancel_and_exclusive(setup):
     store_root, ckpt, _ = setup
