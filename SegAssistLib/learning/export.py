@@ -34,11 +34,22 @@ def safe_file_stem(name: str, fallback: str = "case") -> str:
 
 
 def _unique_stems(cases: Sequence[CaseRecord]) -> Dict[str, str]:
+    """A file stem per case, unique also ignoring case (macOS and Windows file systems): a name shared
+    by several cases gets the case id, and any stem still taken a number after it."""
     stems = {c.id: safe_file_stem(c.name) for c in cases}
     counts: Dict[str, int] = {}
     for stem in stems.values():
-        counts[stem] = counts.get(stem, 0) + 1
-    return {cid: (stem if counts[stem] == 1 else f"{stem}_{cid}") for cid, stem in stems.items()}
+        counts[stem.lower()] = counts.get(stem.lower(), 0) + 1
+    taken, out = set(), {}
+    for cid, stem in stems.items():
+        wanted = stem if counts[stem.lower()] == 1 else f"{stem}_{cid}"
+        candidate, n = wanted, 1
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"{wanted}_{n}"
+        taken.add(candidate.lower())
+        out[cid] = candidate
+    return out
 
 
 def _copy_checked(src: Path, digest: str, dest: Path, what: str) -> None:

@@ -582,3 +582,17 @@ def test_sigkill_during_save_leaves_old_or_new_version_never_corrupt(tmp_path: P
         # the store goes on working: the next version gets the next number
         nxt = ds.save_label(case.id, old_mask, "alice")
         assert nxt.version == len(versions) + 1
+
+
+def test_export_file_names_are_unique_also_ignoring_case():
+    """Two cases named "dup" became dup_<id>, which a third case could already be called (the export
+    stopped half-way on FileExistsError); "Liver" and "liver" collide on macOS and Windows."""
+    from types import SimpleNamespace
+
+    from SegAssistLib.learning.export import _unique_stems
+
+    cases = [SimpleNamespace(id=i, name=n) for i, n in
+             [("a1", "dup"), ("b2", "dup"), ("c3", "dup_a1"), ("d4", "Liver"), ("e5", "liver"), ("f6", "x")]]
+    stems = _unique_stems(cases)
+    assert len({s.lower() for s in stems.values()}) == len(cases)
+    assert stems["f6"] == "x" and stems["b2"] == "dup_b2"
