@@ -44,26 +44,28 @@ def load_config(path: Optional[Path], fields: Optional[dict] = None):
     SegAssistError naming the problem."""
     from SegAssistLib.training.train import TrainConfig
 
-    if path is None and fields is None:
-        return TrainConfig()
-    if path is None:
-        path = Path("the resumed state's config")
-    else:
+    if path is not None:
         try:
             fields = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SegAssistError(f"cannot read the training config {path}: {exc}") from exc
+        where = f"training config {path}"
+    elif fields is not None:
+        where = "the resumed run's saved config"
+    else:
+        return TrainConfig()
     if not isinstance(fields, dict):
-        raise SegAssistError(f"training config {path} must be a JSON object of TrainConfig fields")
+        raise SegAssistError(f"{where} must be a JSON object of TrainConfig fields")
+    defaults = TrainConfig()
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise SegAssistError(f"training config {path}: unknown field(s) {', '.join(unknown)} "
+        raise SegAssistError(f"{where}: unknown field(s) {', '.join(unknown)} "
                              f"(TrainConfig has {', '.join(sorted(known))})")
-    wrong = [f"{name} ({_json_kind(value)}, not {_json_kind(getattr(TrainConfig(), name))})"
-             for name, value in fields.items() if not _same_kind(value, getattr(TrainConfig(), name))]
+    wrong = [f"{name} ({_json_kind(value)}, not {_json_kind(getattr(defaults, name))})"
+             for name, value in fields.items() if not _same_kind(value, getattr(defaults, name))]
     if wrong:
-        raise SegAssistError(f"training config {path}: wrong type of {', '.join(wrong)}")
+        raise SegAssistError(f"{where}: wrong type of {', '.join(wrong)}")
     return TrainConfig(**fields)
 
 
