@@ -33,15 +33,20 @@ def _unauthorized(token_sent: bool) -> ApiError:
     )  # fmt: skip
 
 
+USER_SCOPE_KEY = "segassist.user"  # where TokenGateMiddleware leaves the user it verified
+
+
 def current_user(
+    request: Request,
     state: ServerState = Depends(get_state),
-    credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
+    credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer),  # documents the scheme in the API
 ) -> str:
-    """The user a bearer token belongs to (``local`` when the server runs without tokens)."""
+    """The user a bearer token belongs to (``local`` when the server runs without tokens), as the
+    token gate verified it before the request's body was read."""
     if not state.verifier.enabled:
         return ANONYMOUS_USER
-    user = state.verifier.user_for(credentials.credentials if credentials else None)
-    if user is None:
+    user = request.scope.get(USER_SCOPE_KEY)
+    if user is None:  # a public path (the gate let it through unverified) that asks for a user
         raise _unauthorized(credentials is not None)
     return user
 
@@ -59,11 +64,13 @@ class TokenGateMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.state.verifier.enabled and scope["path"] not in self.public:
             token = _bearer_token(scope)
-            if self.state.verifier.user_for(token) is None:
+            user = self.state.verifier.user_for(token)
+            if user is None:
                 err = _unauthorized(token is not None)
                 response = error_response(err.status_code, err.code, err.message, headers=err.headers)
                 await response(scope, receive, send)
                 return
+            scope[USER_SCOPE_KEY] = user  # current_user reads it: the token is checked once
         await self.app(scope, receive, send)
 
 
