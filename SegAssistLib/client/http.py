@@ -16,7 +16,7 @@ import ipaddress
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 import requests
@@ -87,24 +87,35 @@ class HttpClient:
         self.retries = retries
         self.verify = verify
         self._local = threading.local()  # requests.Session is not meant to be shared across threads
+        self._sessions: List[requests.Session] = []  # every thread's, so that close() ends them all
+        self._sessions_lock = threading.Lock()
+        # A proxy from the environment (http_proxy, common on hospital networks) must not see
+        # loopback traffic: it cannot reach this machine's backend, and the token would pass through it
+        self._use_environment_proxies = not _is_loopback_url(base_url)
 
     @property
     def session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
+            s.trust_env = self._use_environment_proxies
             s.headers["User-Agent"] = "segassist-client"
             s.headers[ACCEPT_CODECS_HEADER] = ",".join(c for c in available_codecs() if c != "none")
             if self.token:
                 s.headers["Authorization"] = f"Bearer {self.token}"
             self._local.session = s
+            with self._sessions_lock:
+                self._sessions.append(s)
         return s
 
     def close(self) -> None:
-        s = getattr(self._local, "session", None)
-        if s is not None:
+        """Close the connections of every thread that used this client (a thread that uses it again
+        opens new ones)."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+            self._local = threading.local()
+        for s in sessions:
             s.close()
-            self._local.session = None
 
     def request(
         self,

@@ -97,3 +97,41 @@ def test_an_image_over_the_axis_limit_is_refused_before_it_is_sent(alice):
         alice.upload_image(long_axis)
     assert exc.value.code == "image_too_large"
 
+
+
+def test_a_proxy_from_the_environment_never_sees_loopback_traffic(shared_server, monkeypatch):
+    """Hospital networks set http_proxy; a proxy cannot reach this machine's backend, and the token
+    must not pass through it. Remote servers still go through the proxy the environment names."""
+    proxy = _HalfReply()  # any connection it receives would break the request
+    try:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.setenv(name, proxy.url)
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        client = HttpClient(shared_server.url, "alice-token-123456")
+        assert client.request("GET", "/v1/health").json()["status"] == "ok"
+        assert proxy.connections == 0
+        assert HttpClient("https://segassist.example.org").session.trust_env
+    finally:
+        proxy.close()
+
+
+def test_close_ends_the_connections_of_every_thread(shared_server):
+    """The Slicer module drops a client from the GUI thread while its worker thread holds open
+    connections to the old server."""
+    client = HttpClient(shared_server.url)
+    sessions = []
+
+    def use() -> None:
+        client.request("GET", "/v1/health")
+        sessions.append(client.session)
+
+    worker = threading.Thread(target=use)
+    worker.start()
+    worker.join(30)
+    use()
+    pools = [s.get_adapter(shared_server.url).poolmanager.pools for s in sessions]
+    assert len(sessions) == 2 and all(len(p) == 1 for p in pools)
+    client.close()
+    assert all(len(p) == 0 for p in pools)
+    assert client.request("GET", "/v1/health").json()["status"] == "ok"  # usable again: fresh connections
