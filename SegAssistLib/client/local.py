@@ -47,6 +47,18 @@ class LocalBackendError(ClientError):
     code = "local_backend_failed"
 
 
+class ServerPythonError(LocalBackendError):
+    """The server's Python interpreter could not be executed at all."""
+
+    code = "server_python_failed"
+
+
+# Variables a Python reads at startup to find its standard library and packages. Inside Slicer they
+# point at Slicer's own Python; another interpreter started with them fails or imports the wrong
+# packages, so a server run by a different interpreter starts without them.
+_INTERPRETER_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "PYTHONUSERBASE")
+
+
 def default_state_dir() -> Path:
     if os.environ.get(STATE_DIR_ENV):
         return Path(os.environ[STATE_DIR_ENV])
@@ -81,6 +93,19 @@ def process_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True  # no /proc (macOS): kill(0) said it exists
+
+
+# Windows gives a console program started from a GUI program (Slicer) a visible console window of
+# its own; closing it would kill the backend
+_NO_CONSOLE_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two interpreter paths name the same file (False when either cannot be found)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -155,7 +180,11 @@ class LocalBackend:
     def start(self) -> LocalBackend:
         if self.running:
             return self
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocalBackendError(f"could not create the local backend's state folder {self.state_dir}: {exc}") \
+                from exc
         if self.reuse and self.attach():
             return self
         self._spawn()
@@ -229,30 +258,54 @@ class LocalBackend:
             cmd += ["--model", self.model]
         return cmd + self.extra_args
 
-    def _spawn(self) -> None:
-        token = secrets.token_urlsafe(32)
-        port_file = self.state_dir / f".port-{secrets.token_hex(6)}"
+    def _environment(self, token: str) -> Dict[str, str]:
         env = dict(os.environ)
+        if not _same_file(self.python, sys.executable):
+            for name in _INTERPRETER_VARIABLES:
+                env.pop(name, None)
         env.update(self.env)
         env[_TOKEN_ENV] = token
         env.pop("SEGASSIST_TOKEN_USER", None)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-        with open(self.log_file, "ab") as log:
-            process = subprocess.Popen(
-                self._command(port_file), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env
+        return env
+
+    def _popen(self, port_file: Path, token: str, log: Any) -> subprocess.Popen:
+        try:
+            # cwd: `python -m` imports from the working folder first, where an old checkout of
+            # SegAssistLib (or a file named torch.py) would shadow the real packages
+            return subprocess.Popen(
+                self._command(port_file), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                env=self._environment(token), cwd=self.state_dir, creationflags=_NO_CONSOLE_WINDOW,
             )
+        except OSError as exc:
+            raise ServerPythonError(f"could not run {self.python!r}: {exc}") from exc
+
+    def _spawn(self) -> None:
+        token = secrets.token_urlsafe(32)
+        port_file = self.state_dir / f".port-{secrets.token_hex(6)}"
+        try:
+            with open(self.log_file, "ab") as log:
+                process = self._popen(port_file, token, log)
+        except ServerPythonError:
+            raise
+        except OSError as exc:
+            raise LocalBackendError(f"could not open the local backend's log {self.log_file}: {exc}") from exc
         self._process, self.pid, self.token, self.owned = process, process.pid, token, True
         _register_exit(self)
         try:
             self.url = self._wait_until_healthy(process, port_file, token)
+            state = {"url": self.url, "token": token, "pid": process.pid, **self._identity_fields}
+            try:
+                _write_private(self._state_file, json.dumps(state))
+            except OSError as exc:
+                raise LocalBackendError(f"could not write the local backend's state file {self._state_file}: "
+                                        f"{exc}") from exc
         except BaseException:
             self.stop(timeout=5)
             raise
         finally:
             if port_file.exists():
                 port_file.unlink()
-        state = {"url": self.url, "token": token, "pid": process.pid, **self._identity_fields}
-        _write_private(self._state_file, json.dumps(state))
 
     def _wait_until_healthy(self, process: subprocess.Popen, port_file: Path, token: str) -> str:
         deadline = time.monotonic() + self.startup_timeout

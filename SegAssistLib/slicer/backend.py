@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from SegAssistLib.client import BackendUnavailableError, ClientError, LocalBackend, SegAssistClient
+from SegAssistLib.client import BackendUnavailableError, LocalBackend, SegAssistClient
+from SegAssistLib.client.local import ServerPythonError
 from SegAssistLib.errors import SegAssistError
 
 LOCAL = "local"
@@ -352,11 +353,9 @@ class BackendManager:
         )
         try:
             backend.start()
-        except ClientError:
-            raise
-        except OSError as exc:  # the interpreter could not be executed at all
+        except ServerPythonError as exc:  # the interpreter could not be executed at all
             raise BackendConfigError(
-                f"could not start the local backend with {backend.python!r}: {exc}. Set 'Server Python' to "
+                f"could not start the local backend: {exc}. Set 'Server Python' to "
                 "a Python with torch, MONAI and FastAPI (see docs/slicer.md)"
             ) from exc
         return backend

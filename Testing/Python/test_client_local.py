@@ -14,7 +14,7 @@ import pytest
 from test_server_fixtures import make_volume
 
 from SegAssistLib.client import AuthenticationError, LocalBackend, LocalBackendError, SegAssistClient
-from SegAssistLib.client.local import process_alive
+from SegAssistLib.client.local import ServerPythonError, process_alive
 from SegAssistLib.prompts import PointPrompt
 
 pytest_plugins = ["test_server_fixtures"]
@@ -109,3 +109,53 @@ def test_local_backend_passes_the_token_in_the_environment_only(tmp_path):
     command = backend._command(tmp_path / "port")
     assert "--exit-with-parent" in command and "127.0.0.1" in command
     assert not any("token" in part.lower() for part in command)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the stand-in interpreter is a shell script")
+def test_another_server_python_starts_clean_of_slicers_environment_and_working_folder(
+    server_checkpoint, tmp_path, monkeypatch
+):
+    """Inside Slicer, PYTHONHOME and PYTHONPATH point at Slicer's Python, and the working folder may
+    hold an old checkout: the server run by another interpreter must see neither."""
+    wrapper = tmp_path / "other-python"  # another interpreter, as the 'Server Python' setting names one
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PYTHONHOME", str(tmp_path / "slicer" / "lib" / "Python"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "slicer" / "lib" / "site-packages"))
+    shadow = tmp_path / "cwd" / "SegAssistLib" / "server"
+    shadow.mkdir(parents=True)
+    for folder in (shadow.parent, shadow):
+        (folder / "__init__.py").write_text("")
+    (shadow / "__main__.py").write_text("print('an old checkout answered')\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    backend = LocalBackend(model=server_checkpoint, state_dir=tmp_path / "state", python=str(wrapper),
+                           startup_timeout=120)
+    try:
+        backend.start()
+        assert backend.client().info().model.name == "test"
+    finally:
+        backend.stop()
+    # this interpreter itself keeps the environment it was given
+    same = LocalBackend(model=server_checkpoint, state_dir=tmp_path / "state")
+    assert same._environment("t")["PYTHONHOME"] == str(tmp_path / "slicer" / "lib" / "Python")
+
+
+def test_a_state_file_that_cannot_be_written_stops_the_started_server(server_checkpoint, tmp_path, monkeypatch):
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("SegAssistLib.client.local._write_private", disk_full)
+    backend = LocalBackend(model=server_checkpoint, state_dir=tmp_path, startup_timeout=120)
+    with pytest.raises(LocalBackendError, match="state file .*No space left"):
+        backend.start()
+    assert backend.pid is not None and not process_alive(backend.pid) and not backend.running
+
+
+def test_local_file_problems_are_named_as_such(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(LocalBackendError, match="state folder") as e:
+        LocalBackend(model=tmp_path / "m.pt", state_dir=blocker / "state").start()
+    assert not isinstance(e.value, ServerPythonError)
+    with pytest.raises(ServerPythonError, match="could not run"):
+        LocalBackend(model=tmp_path / "m.pt", state_dir=tmp_path, python=str(tmp_path / "no-python")).start()

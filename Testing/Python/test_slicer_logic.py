@@ -22,7 +22,7 @@ from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, PromptLog, ScribblePrompt
 
 slicer = pytest.importorskip("slicer")
-from SegAssistLib.client import BackendUnavailableError, LocalBackend, SegAssistClient  # noqa: E402
+from SegAssistLib.client import BackendUnavailableError, ClientError, LocalBackend, SegAssistClient  # noqa: E402
 from SegAssistLib.slicer import coordinates, segments, volumes  # noqa: E402
 from SegAssistLib.slicer.backend import (  # noqa: E402
     LOCAL,
@@ -89,6 +89,20 @@ def test_a_remote_backend_is_not_contacted_before_the_user_opts_in():
         BackendSettings(mode=REMOTE, remote_url="seg.example.org", remote_opt_in=True).validate()
     with pytest.raises(BackendConfigError, match="does not exist"):
         BackendSettings(local_model="/nonexistent/model.pt").validate()
+
+
+def test_a_failed_local_start_names_its_cause(tmp_path):
+    """Only an interpreter that cannot run is blamed on the 'Server Python' setting; a state folder
+    that cannot be made (a read-only home on a managed workstation) is named as such."""
+    manager = BackendManager(BackendSettings(local_python=str(tmp_path / "no-python")), state_dir=tmp_path)
+    with pytest.raises(BackendConfigError, match="Server Python"):
+        manager.client()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    manager = BackendManager(BackendSettings(), state_dir=blocker / "state")
+    with pytest.raises(ClientError, match="state folder") as e:
+        manager.client()
+    assert "Server Python" not in str(e.value)
 
 
 def test_unreachable_and_insecure_remotes_are_reported_clearly():
