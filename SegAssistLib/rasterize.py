@@ -113,10 +113,10 @@ def draw_polyline(out: np.ndarray, points: Sequence[Sequence[float]], radius: fl
 def fill_box(out: np.ndarray, lo: Sequence[float], hi: Sequence[float]) -> None:
     """Fill the voxels the box ``[lo, hi]`` overlaps (a voxel spans its centre +- 0.5; at least one
     voxel thick on every axis)."""
-    lo_i = np.maximum(np.floor(np.asarray(lo, float) + 0.5).astype(int), 0)
-    hi_i = np.ceil(np.asarray(hi, float) - 0.5).astype(int) + 1
-    hi_i = np.maximum(hi_i, lo_i + 1)
-    hi_i = np.minimum(hi_i, out.shape)
+    first = np.floor(np.asarray(lo, float) + 0.5).astype(int)
+    stop = np.maximum(np.ceil(np.asarray(hi, float) - 0.5).astype(int) + 1, first + 1)
+    # clipped to ``out`` only now: a box wholly before ``out`` (a window) must not reach its first plane
+    lo_i, hi_i = np.maximum(first, 0), np.minimum(stop, out.shape)
     if np.any(hi_i <= lo_i):
         return
     out[lo_i[0] : hi_i[0], lo_i[1] : hi_i[1], lo_i[2] : hi_i[2]] = True

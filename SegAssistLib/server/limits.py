@@ -145,8 +145,8 @@ def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
             first = pts[np.argmax(out)].tolist()
             bad = f"{prompt.kind} vertex {first} ({int(out.sum())} of {len(pts)} vertices)"
     elif isinstance(prompt, BoxPrompt):
-        lo, hi = np.asarray(prompt.min_corner), np.asarray(prompt.max_corner)
-        if np.any(hi < lo_ok) or np.any(lo > hi_ok):
+        corners = np.asarray([prompt.min_corner, prompt.max_corner], float)
+        if outside(corners).any():  # as strict as the engine: a box corner past the edge is refused
             bad = f"box {list(prompt.min_corner)}..{list(prompt.max_corner)}"
     elif isinstance(prompt, MaskPrompt):
         lo = [int(n) for n in prompt.offset]  # Python ints: a huge client number cannot wrap

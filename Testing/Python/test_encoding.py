@@ -53,6 +53,12 @@ def test_balls_polyline_and_box():
     rasterize.fill_box(out, (2, 2, 2), (4, 5, 2))
     assert out.sum() == 3 * 4 * 1 and out[2:5, 2:6, 2].all()
     out[:] = False
+    rasterize.fill_box(out, (-10, 2, 2), (-5, 4, 4))  # wholly before the array (a window): nothing
+    rasterize.fill_box(out, (2, 2, 12), (4, 4, 14))  # wholly after it
+    assert not out.any()
+    rasterize.fill_box(out, (-10, 2, 2), (0.2, 4, 4))  # reaching into the first plane: that plane
+    assert out[0, 2:5, 2:5].all() and out.sum() == 9
+    out[:] = False
     rasterize.draw_balls(out, [(50, 50, 50)], 2.0)  # outside: nothing, no error
     assert not out.any()
 

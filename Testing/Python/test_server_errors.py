@@ -235,6 +235,7 @@ OUTSIDE = [
     {"kind": "point", "position": [48.0, 5, 5]},  # i runs 0..47
     {"kind": "point", "position": [5, -1.0, 5]},
     {"kind": "box", "min_corner": [50, 50, 30], "max_corner": [60, 60, 40]},
+    {"kind": "box", "min_corner": [-3, 10, 5], "max_corner": [40, 30, 20]},  # one corner past the edge
     {"kind": "scribble", "points": [[5, 5, 5], [5, 5, 30]]},
     {"kind": "lasso", "points": [[1, 1, 2], [70, 1, 2], [70, 20, 2]]},
 ]
