@@ -76,14 +76,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import list_cases, load_splits
+from SegAssistLib.datasets import list_cases, split_cases
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
-from SegAssistLib.evaluation.runner import builtin_engine_record
+from SegAssistLib.evaluation.runner import builtin_engine_record, load_case
 from SegAssistLib.evaluation.simulator import next_click
 from SegAssistLib.image import Volume
-from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.io import load_mask
 from SegAssistLib.learning import Datastore
 from SegAssistLib.learning.active import next_case
 from SegAssistLib.learning.adapters import AdapterKind, apply_adapter
@@ -155,20 +156,23 @@ def campaign_cases(data_root: Path, spec: StructureSpec, count: Optional[int]) -
     folder = Path(data_root) / spec.dataset
     if not (folder / "imagesTr").is_dir():
         raise SystemExit(f"dataset folder {folder} not found (pass --data)")
-    evaluation = set(load_splits().get(spec.dataset, []))
     cases = list_cases(folder, channel=spec.channel)
+    # the library's split rule: a dataset the split file does not know is all evaluation
+    evaluation = {c.name for c in split_cases(cases, "evaluation")}
     ordered = sorted((c for c in cases if c.name in evaluation), key=lambda c: c.name)
     ordered += sorted((c for c in cases if c.name not in evaluation), key=lambda c: c.name)
     out: List[CampaignCase] = []
     for case in ordered:
         if count is not None and len(out) >= count:
             break
-        target = (load_mask(case.label) == spec.label).astype(np.uint8)
-        if int(target.sum()) < MIN_TARGET_VOXELS:
+        if int((load_mask(case.label) == spec.label).sum()) < MIN_TARGET_VOXELS:
             continue
-        volume = load_volume(case.image)
-        if volume.array.shape != target.shape:
+        try:
+            volume, labels = load_case(case)  # the case's channel; the label checked against its grid
+        except SegAssistError as exc:
+            print(f"skipped {case.name}: {exc}", flush=True)
             continue
+        target = (labels == spec.label).astype(np.uint8)
         out.append(CampaignCase(case.name, volume, target, case.name not in evaluation))
     if len(out) < 2:
         raise SystemExit(f"only {len(out)} case(s) of {spec.dataset} hold label {spec.label}: need at least 2")

@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from SegAssistLib.cli_types import positive_int
 from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets, select_cases
 
@@ -34,11 +35,16 @@ SELECTION = [
     ("totalsegmentator_examples", "1,2,3,5,7,52", 0.75, {}),
 ]
 CLICKS = 5
+# the model and the two baselines, each baseline with and without background seeded on the image edge
+ENGINES = ("builtin", "growcut", "growcut-inside", "randomwalker", "randomwalker-inside")
+COLUMNS = {"builtin": "SegAssist Dice@5", "growcut": "Grow-from-seeds", "growcut-inside": "Grow-from-seeds, inside",
+           "randomwalker": "random walker", "randomwalker-inside": "random walker, inside"}
 
 
 def _limit(limits: dict, engine: str, cases: Optional[int]) -> Optional[int]:
     """The case limit of an engine on a dataset: its own (the slow random walker's) or ``--cases``."""
-    return min(filter(None, (limits.get(engine), cases)), default=None)
+    own = limits.get(engine.split("-")[0])  # a variant (randomwalker-inside) shares its method's limit
+    return min((n for n in (own, cases) if n is not None), default=None)
 
 
 def required_margin(baseline: float) -> float:
@@ -71,63 +77,72 @@ def _paired(model: dict, baseline: dict) -> dict:
     return {"n": len(common), "model": m, "baseline": b, "ahead": bool(common) and m - b >= required_margin(b)}
 
 
+def _reusable(earlier: dict, engine: str, spec: tuple, args: argparse.Namespace, results: dict, source: Path) -> bool:
+    """Take ``engine``'s run on a dataset from an earlier acceptance.json into ``results`` when it
+    used this run's settings and cases; otherwise say why it runs again."""
+    dataset, targets, _, limits = spec
+    run = earlier.get(f"{engine}/{dataset}")
+    if run is None:
+        print(f"{source} has no {engine} run on {dataset}: running it", flush=True)
+        return False
+    ran = run.get("config", {})
+    asked = {"targets": ["+".join(map(str, t)) for t in parse_targets(targets)], "protocol": "clicks",
+             "max_clicks": CLICKS}
+    differs = [f"{k} {ran.get(k)!r} (this run: {v!r})" for k, v in asked.items() if ran.get(k) != v]
+    had = {r["case"] for r in run["records"] + run.get("skipped", [])}
+    wanted = {c.name for c in select_cases(args.data / dataset, "evaluation", _limit(limits, engine, args.cases))}
+    if had != wanted:
+        differs.append(f"cases {sorted(had)} (this run: {sorted(wanted)})")
+    if differs:
+        print(f"the {engine} run on {dataset} in {source} used other settings: {'; '.join(differs)}: running it",
+              flush=True)
+        return False
+    results[f"{engine}/{dataset}"] = run
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--model", type=Path)
-    parser.add_argument("--engines", default="builtin,growcut,randomwalker")
+    parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--datasets", help="comma-separated subset of the selection")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--cases", type=int, help="only the first N evaluation cases of each dataset (a quick check)")
+    parser.add_argument("--cases", type=positive_int,
+                        help="only the first N evaluation cases of each dataset (a quick check)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
     parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)
     parser.add_argument("--baselines-from", type=Path, metavar="JSON",
-                        help="take the growcut and randomwalker runs from an earlier acceptance.json (they do not "
-                             "depend on the model's weights) and run only the model")
+                        help="take the baselines' runs from an earlier acceptance.json (they do not depend on the "
+                             "model's weights); the model, and each baseline run that file lacks or made on other "
+                             "cases or settings, run here")
     args = parser.parse_args(argv)
     given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # for the report's command line
     engines = args.engines.split(",")
     chosen = [s for s in SELECTION if not args.datasets or s[0] in args.datasets.split(",")]
     results = {}
-    to_run = engines
+    to_run = [(e, spec) for e in engines for spec in chosen]
     if args.baselines_from:
         earlier = json.loads(args.baselines_from.read_text())["runs"]
-        reused = [e for e in engines if e != "builtin"]
-        missing = [f"{e}/{d}" for e in reused for d, *_ in chosen if f"{e}/{d}" not in earlier]
-        if missing:
-            parser.error(f"{args.baselines_from} has no run of {', '.join(missing)}")
-        for e in reused:
-            for dataset, targets, _, limits in chosen:
-                run = earlier[f"{e}/{dataset}"]
-                ran = run.get("config", {})
-                asked = {"targets": ["+".join(map(str, t)) for t in parse_targets(targets)],
-                         "protocol": "clicks", "max_clicks": CLICKS}
-                differs = [f"{k} {ran.get(k)!r} (this run: {v!r})" for k, v in asked.items() if ran.get(k) != v]
-                if differs:
-                    parser.error(f"the {e} run on {dataset} in {args.baselines_from} used other settings: "
-                                 f"{'; '.join(differs)}: run the baselines again")
-                had = {r["case"] for r in run["records"] + run.get("skipped", [])}
-                limit = _limit(limits, e, args.cases)
-                wanted = {c.name for c in select_cases(args.data / dataset, "evaluation", limit)}
-                if had != wanted:
-                    parser.error(f"the {e} run on {dataset} in {args.baselines_from} covers {len(had)} case(s), "
-                                 f"this run {len(wanted)}: give the same --cases as that run, or run the baselines")
-        results.update({f"{e}/{d}": earlier[f"{e}/{d}"] for e in reused for d, *_ in chosen})
-        to_run = [e for e in engines if e == "builtin"]
+        to_run = [(e, spec) for e, spec in to_run
+                  if e == "builtin" or not _reusable(earlier, e, spec, args, results, args.baselines_from)]
+    taken = sorted(results)  # the runs reused so far: baselines only
     t0 = time.time()
-    for engine_name in to_run:
-        model = str(args.model) if args.model and engine_name == "builtin" else None
-        own = engine_name == "builtin"  # the options are the model's; the baselines take none
-        engine = make_engine(engine_name, model, correction_zoom_share=args.correction_zoom_share if own else None,
-                             edge_band=args.edge_band if own else None)
-        for dataset, targets, _, limits in chosen:
-            limit = _limit(limits, engine_name, args.cases)
-            cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS, limit, "evaluation",
-                             engine_name)
-            print(f"== {engine_name} on {dataset} ({targets})", flush=True)
-            res = evaluate(cfg, engine=engine, progress=lambda line: print("  " + line, flush=True))
-            results[f"{engine_name}/{dataset}"] = res
+    engine_objects = {}
+    for engine_name, (dataset, targets, _, limits) in to_run:
+        if engine_name not in engine_objects:
+            model = str(args.model) if args.model and engine_name == "builtin" else None
+            own = engine_name == "builtin"  # the options are the model's; the baselines take none
+            engine_objects[engine_name] = make_engine(
+                engine_name, model, correction_zoom_share=args.correction_zoom_share if own else None,
+                edge_band=args.edge_band if own else None)
+        limit = _limit(limits, engine_name, args.cases)
+        cfg = EvalConfig(args.data / dataset, parse_targets(targets), "clicks", CLICKS, limit, "evaluation",
+                         engine_name)
+        print(f"== {engine_name} on {dataset} ({targets})", flush=True)
+        res = evaluate(cfg, engine=engine_objects[engine_name], progress=lambda line: print("  " + line, flush=True))
+        results[f"{engine_name}/{dataset}"] = res
     rows = []
     for dataset, targets, floor, _ in chosen:
         row = {"dataset": dataset, "targets": targets, "floor": floor}
@@ -140,33 +155,36 @@ def main(argv=None) -> int:
         if "builtin" in engines:  # each baseline against the model on the records both have
             row["paired"] = {e: _paired(dice5["builtin"], dice5[e]) for e in engines if e != "builtin"}
         rows.append(row)
-    lines = ["| dataset | targets | SegAssist Dice@5 | floor | Grow-from-seeds | random walker | ahead of both |",
-             "|---|---|---|---|---|---|---|"]
+    shown = ["builtin"] + [e for e in ENGINES[1:] if e in engines]
+    lines = ["| dataset | targets | " + " | ".join(COLUMNS[e] for e in shown[:1]) + " | floor | floor met | "
+             + " | ".join(COLUMNS[e] for e in shown[1:]) + " | ahead of every baseline |",
+             "|---|---|---|---|---|" + "---|" * len(shown)]
     for row in rows:
         paired = row.get("paired", {})
         verdict = "yes" if paired and all(p["ahead"] for p in paired.values()) else "no" if paired else "-"
+        if verdict == "yes" and set(paired) != set(ENGINES[1:]):
+            verdict += " (of those run)"
+        met = ("yes" if row["builtin"]["dice5"] >= row["floor"] else "no") if "builtin" in row else "-"
         cells = []
-        for e in ("builtin", "growcut", "randomwalker"):
-            if e not in row:
-                cells.append("-")
-                continue
-            cell = f"{row[e]['dice5']:.3f} (n={row[e]['n']})"
+        for e in shown:
+            cell = f"{row[e]['dice5']:.3f} (n={row[e]['n']})" if e in row else "-"
             if e in paired and paired[e]["n"] != row["builtin"]["n"]:  # compared on fewer records
                 cell += f"; SegAssist {paired[e]['model']:.3f} on these"
             cells.append(cell)
-        lines.append(f"| {row['dataset']} | {row['targets']} | {cells[0]} | {row['floor']} | {cells[1]} | {cells[2]} "
-                     f"| {verdict} |")
+        lines.append(f"| {row['dataset']} | {row['targets']} | {cells[0]} | {row['floor']} | {met} | "
+                     f"{' | '.join(cells[1:])} | {verdict} |")
     command = shlex.join(["python", "benchmarks/engine_acceptance.py", *given])
     machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {sys.version.split()[0]}"
     table = "\n".join(lines)
     md = (f"# Engine acceptance: mean Dice after {CLICKS} clicks, evaluation split\n\n"
-          "Means are over (case, target) records; \"ahead of both\" compares the model with each baseline on the "
+          "Means are over (case, target) records; \"ahead of every baseline\" compares the model with each baseline "
+          "(\"inside\": no background seeded on the image edge, see `SegAssistLib/evaluation/baselines.py`) on the "
           "records both ran (where a baseline ran fewer cases, the model's mean on those is in its cell); "
           "`acceptance.json` also has each mean over cases (`dice5_case_mean`).\n\n"
           f"Command: `{command}`; machine: {machine}; {time.strftime('%Y-%m-%d')}; "
           f"wall time {time.time() - t0:.0f} s"
-          + (f" (baselines taken from an earlier run, `--baselines-from {args.baselines_from}`)" if args.baselines_from
-             else "")
+          + (f" (baseline runs taken from an earlier run, `--baselines-from {args.baselines_from}`: "
+             f"{', '.join(taken) or 'none'})" if args.baselines_from else "")
           + f".\n\n{table}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "acceptance.md").write_text(md)

@@ -9,7 +9,7 @@ from pathlib import Path
 from SegAssistLib.cli_types import non_negative_int, non_negative_mm, number, positive_int
 
 PROTOCOL_CHOICES = ("clicks", "box+clicks", "scribble+clicks")
-ENGINE_CHOICES = ("builtin", "growcut", "randomwalker", "ablation")
+ENGINE_CHOICES = ("builtin", "growcut", "randomwalker", "growcut-inside", "randomwalker-inside", "ablation")
 ORIENTATION_CHOICES = ("axial", "coronal", "sagittal", "oblique")
 CORRECTION_ZOOM_SHARE_HELP = (
     "builtin: a correction zooms out only when it changes more than this share of a window side the mask "

@@ -47,7 +47,7 @@ from SegAssistLib.io import load_mask, load_volume, read_geometry
 from SegAssistLib.prompts import Prompt, dumps_prompt
 
 PROTOCOLS = ("clicks", "box+clicks", "scribble+clicks")
-ENGINES = ("builtin", "growcut", "randomwalker", "ablation")
+ENGINES = ("builtin", "growcut", "randomwalker", "growcut-inside", "randomwalker-inside", "ablation")
 SPLITS = ("evaluation", "training", "all")
 NOC_THRESHOLDS = (0.80, 0.85, 0.90)
 MEMORY_CONVENTION = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_campaign_cases_of_an_unknown_dataset_are_evaluation_and_keep_their_channel(hippocampus_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """A dataset the split file does not know is all evaluation (the library's rule; the campaign
+    once starred every case as trained on), a 4D image gives the chosen channel, and a label off
+    the image's grid is skipped with a message."""
+    import SimpleITK as sitk
+
+    campaign = _script("campaign")
+    folder = tmp_path / "my_scans"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    label = hippocampus_dir / "labelsTr" / "hippocampus_001.nii.gz"
+    for name, source in (("scan_a", "hippocampus_001"), ("scan_b", "hippocampus_001"), ("scan_c", "hippocampus_008")):
+        image = sitk.ReadImage(str(hippocampus_dir / "imagesTr" / f"{source}.nii.gz"), sitk.sitkFloat32)
+        inverted = sitk.GetImageFromArray(sitk.GetArrayFromImage(image).max() - sitk.GetArrayFromImage(image))
+        inverted.CopyInformation(image)
+        sitk.WriteImage(sitk.JoinSeries([image, inverted]), str(folder / "imagesTr" / f"{name}.nii.gz"))
+        shutil.copy(label, folder / "labelsTr" / f"{name}.nii.gz")  # scan_c: another grid than its label
+        if name == "scan_a":
+            expected = sitk.GetArrayFromImage(inverted)
+    spec = campaign.StructureSpec("mine", "my_scans", 1, channel=1)
+    cases = campaign.campaign_cases(tmp_path, spec, None)
+    assert [c.name for c in cases] == ["scan_a", "scan_b"] and not any(c.seen_in_base_training for c in cases)
+    assert np.allclose(cases[0].volume.array, expected)
 
 
 def test_campaign_runs_every_mode_and_writes_results(hippocampus_dir: Path, tiny_checkpoint: Path, tmp_path: Path,
@@ -209,26 +236,29 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
     assert [r["dice"] for r in again["runs"]["builtin/hippocampus"]["records"]] == [
         r["dice"] for r in earlier["runs"]["builtin/hippocampus"]["records"]
     ]  # the model ran again, deterministically
-    assert "baselines taken from an earlier run" in (second / "acceptance.md").read_text()
+    assert "baseline runs taken from an earlier run" in (second / "acceptance.md").read_text()
     assert "--engines builtin,growcut --out" in (second / "acceptance.md").read_text()  # the command as given
     row = (second / "acceptance.md").read_text().splitlines()[-1]
-    assert row.endswith("| yes |") or row.endswith("| no |")  # a verdict against Grow-from-seeds
+    assert row.endswith("| yes (of those run) |") or row.endswith("| no |")  # a verdict on one baseline of four
     alone = tmp_path / "alone"
     assert acceptance.main(common + ["--engines", "builtin", "--out", str(alone)]) == 0
     assert (alone / "acceptance.md").read_text().splitlines()[-1].endswith("| - |")  # no baseline: no verdict
 
-    with pytest.raises(SystemExit):  # the earlier baselines cover one case, this run would cover two
-        acceptance.main([a if a != "1" else "2" for a in common] + [
-            "--engines", "builtin,growcut", "--out", str(second), "--baselines-from", str(first / "acceptance.json")])
+    # a baseline run on other cases or settings, or one the file lacks, runs again instead of being reused
     stale = json.loads((first / "acceptance.json").read_text())
-    stale["runs"]["growcut/hippocampus"]["config"]["max_clicks"] = 10  # baselines run with other settings
+    stale["runs"]["growcut/hippocampus"]["config"]["max_clicks"] = 10
     (tmp_path / "stale.json").write_text(json.dumps(stale))
-    with pytest.raises(SystemExit):
-        acceptance.main(common + ["--engines", "builtin,growcut", "--out", str(second),
-                                  "--baselines-from", str(tmp_path / "stale.json")])  # fmt: skip
-    with pytest.raises(SystemExit):  # the earlier run has no random walker to reuse
-        acceptance.main(common + ["--engines", "builtin,randomwalker", "--out", str(second),
-                                  "--baselines-from", str(first / "acceptance.json")])  # fmt: skip
+    assert acceptance.main(common + ["--engines", "builtin,growcut,growcut-inside", "--out", str(second),
+                                     "--baselines-from", str(tmp_path / "stale.json")]) == 0  # fmt: skip
+    rerun = json.loads((second / "acceptance.json").read_text())["runs"]
+    assert rerun["growcut/hippocampus"]["config"]["max_clicks"] == 5
+    assert rerun["growcut-inside/hippocampus"]["config"]["engine"]["name"] == "growcut-inside"
+    assert "earlier run, `--baselines-from " + str(tmp_path / "stale.json") + "`: none)" in (
+        second / "acceptance.md").read_text()
+    assert acceptance.main([a if a != "1" else "2" for a in common] + [
+        "--engines", "builtin,growcut", "--out", str(second), "--baselines-from", str(first / "acceptance.json")]) == 0
+    assert len({r["case"] for r in json.loads((second / "acceptance.json").read_text())[
+        "runs"]["growcut/hippocampus"]["records"]}) == 2  # the earlier run had one case: run again
 
 
 def test_the_whole_body_answer_benchmark_pastes_the_whole_body(tmp_path: Path, one_thread) -> None:

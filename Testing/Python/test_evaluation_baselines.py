@@ -46,6 +46,32 @@ def test_one_click_segments_a_bright_sphere(engine_cls, sphere):
     assert dice(target, pred) > 0.9
 
 
+@pytest.mark.parametrize("name", ["growcut", "randomwalker"])
+def test_the_inside_variant_seeds_no_background_on_the_image_edge(name):
+    """A structure the image cuts (ACDC's hearts span every slice): the shell on the clipped faces of
+    the working box painted its edge voxels as background, which no user would do."""
+    from SegAssistLib.evaluation.baselines import BASELINES
+
+    rng = np.random.default_rng(1)
+    k, j, i = np.mgrid[:10, :40, :40]
+    target = ((j - 20) ** 2 + (i - 20) ** 2 <= 64).astype(np.uint8)  # a bright column through every slice
+    volume = Volume((100.0 * target + rng.normal(0, 5, target.shape)).astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    click = first_click(target)
+    results = {}
+    for variant in (name, f"{name}-inside"):
+        engine = BASELINES[variant](margin_mm=12)
+        session = engine.open_session(volume)
+        session.add_prompt(click)
+        box = session.roi(session._states[session._current])
+        seeds = session.seeds(session._states[session._current], box)
+        on_edge = seeds[[0, -1], 1:-1, 1:-1]  # the k faces (the image's first and last slices), within the rim
+        assert (on_edge == 2).any() == (variant == name), variant
+        assert (seeds[:, 0] == 2).all() and (seeds[:, -1] == 2).all()  # faces inside the image keep the shell
+        assert engine.capabilities().name == variant
+        results[variant] = dice(target, session.result())
+    assert results[f"{name}-inside"] > 0.9 > results[name]
+
+
 @pytest.mark.parametrize("engine_cls", ENGINES)
 def test_session_history_and_rejected_prompts(engine_cls, sphere):
     volume, target = sphere
