@@ -62,10 +62,14 @@ class Case:
         return patient_of(self.name)
 
 
+# cases of ../shared/data cut from one scan, whose names do not tell
+SAME_SCAN = {"aorta_crop": "totalsegmentator_chest_ct", "pulmonary_crop": "totalsegmentator_chest_ct"}
+
+
 def patient_of(case_name: str) -> str:
     """Group key: ACDC ``patient001_frame01`` -> ``patient001``; Sunnybrook ``SCD0000101_phase08`` ->
-    ``SCD0000101``; otherwise the case name."""
-    return re.sub(r"_(frame|phase)\d+$", "", case_name)
+    ``SCD0000101``; crops of one scan (``SAME_SCAN``) -> the scan; otherwise the case name."""
+    return SAME_SCAN.get(case_name) or re.sub(r"_(frame|phase)\d+$", "", case_name)
 
 
 def _strip_suffix(name: str) -> Optional[str]:
@@ -111,7 +115,8 @@ def split_cases(cases: List[Case], part: str) -> List[Case]:
     """``part`` is ``"evaluation"`` or ``"training"``; datasets absent from the split file are all
     evaluation (a new folder is never trained on by accident). A folder under another name that holds
     evaluation cases of exactly one known dataset is that dataset (a renamed copy would otherwise
-    count as evaluation whole, training cases included)."""
+    count as evaluation whole, training cases included). A case is evaluation when any case of its
+    patient (:func:`patient_of`) is: one patient's cases never sit on both sides."""
     if part not in ("evaluation", "training"):
         raise ValueError(f"unknown split part {part!r}")
     splits = load_splits()
@@ -119,10 +124,11 @@ def split_cases(cases: List[Case], part: str) -> List[Case]:
     for case in cases:
         names.setdefault(case.dataset, set()).add(case.name)
     evaluation_of = {dataset: _evaluation_list(dataset, found, splits) for dataset, found in names.items()}
+    patients_of = {d: None if e is None else {patient_of(n) for n in e} for d, e in evaluation_of.items()}
     out = []
     for case in cases:
-        evaluation = evaluation_of[case.dataset]
-        is_eval = True if evaluation is None else case.name in evaluation
+        patients = patients_of[case.dataset]
+        is_eval = True if patients is None else case.patient in patients
         if (part == "evaluation") == is_eval:
             out.append(case)
     return out

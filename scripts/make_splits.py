@@ -2,6 +2,11 @@
 
 Rule: group cases by patient, sort the groups, and put every 5th group (index 0, 5, 10, ...) in the
 evaluation split. Exceptions for tiny datasets are named below.
+
+totalsegmentator_examples: aorta_crop and pulmonary_crop are crops of one CT scan (the same
+origin in-plane, 36 mm apart along z, overlapping): both are training cases. Until 2026-11-24
+aorta_crop was an evaluation case while v0.3.0 trained on pulmonary_crop, i.e. on most of the
+aorta crop's image (not its aorta label).
 """
 
 import json
@@ -12,7 +17,7 @@ from SegAssistLib.datasets import SPLITS_FILE, list_cases, patient_of
 
 SPECIAL = {
     "brats": ["brats_2013_pat0001_1", "brats_2013_pat0004_1"],
-    "totalsegmentator_examples": ["example_ct_sm", "aorta_crop"],
+    "totalsegmentator_examples": ["example_ct_sm"],  # the two crops share a scan (see above)
     "brain_structures": ["itksnap_mricrop"],
 }
 

@@ -33,6 +33,35 @@ def test_a_folder_of_unknown_cases_is_all_evaluation_and_an_ambiguous_one_too(tm
     assert split_cases(mixed, "evaluation") == mixed  # names of two datasets: no guess, all evaluation
 
 
+def test_one_patients_cases_never_sit_on_both_sides(tmp_path: Path, monkeypatch):
+    def cases(dataset, names):
+        return [Case(dataset, n, tmp_path / f"{n}.nii.gz", tmp_path / f"{n}_label.nii.gz") for n in names]
+
+    # a split that names one frame of a patient (or one crop of a scan) takes the others along
+    monkeypatch.setattr("SegAssistLib.datasets.load_splits",
+                        lambda: {"acdc": ["patient001_frame01"], "totalsegmentator_examples": ["aorta_crop"]})
+    acdc = cases("acdc", ["patient001_frame01", "patient001_frame12", "patient002_frame01"])
+    assert [c.name for c in split_cases(acdc, "evaluation")] == ["patient001_frame01", "patient001_frame12"]
+    crops = cases("totalsegmentator_examples", ["aorta_crop", "example_mr_sm", "pulmonary_crop"])
+    assert [c.name for c in split_cases(crops, "training")] == ["example_mr_sm"]
+
+
+def test_the_shipped_split_keeps_every_scan_on_one_side(shared_data: Path):
+    """aorta_crop and pulmonary_crop are cut from one CT (same in-plane origin, 36 mm apart along z):
+    they were once split across the sides, so the model trained on most of an evaluation image."""
+    import SimpleITK as sitk
+
+    folder = shared_data / "totalsegmentator_examples"
+    training = {c.name: c for c in split_cases(list_cases(folder), "training")}
+    assert {"aorta_crop", "pulmonary_crop"} <= set(training)
+    origins = [sitk.ReadImage(str(training[n].image)).GetOrigin() for n in ("aorta_crop", "pulmonary_crop")]
+    assert origins[0][:2] == origins[1][:2]  # the evidence that they are one scan
+    for folder in sorted(p for p in shared_data.iterdir() if (p / "imagesTr").is_dir()):
+        found = list_cases(folder)
+        sides = [{c.patient for c in split_cases(found, part)} for part in ("evaluation", "training")]
+        assert not sides[0] & sides[1], folder.name
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
