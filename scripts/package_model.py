@@ -11,19 +11,21 @@ Usage: python scripts/package_model.py runs/v1 --version 0.1.0
 import argparse
 import shutil
 from pathlib import Path
+from typing import List, Optional
 
 import torch
 
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT
 from SegAssistLib.engine.network import load_checkpoint, save_checkpoint
-from SegAssistLib.training.train import training_hardware
+from SegAssistLib.files import atomic_write
+from SegAssistLib.training.train import read_training_state, training_hardware
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--version", required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     model = load_checkpoint(args.run / "model.pt")
     meta = dict(model.meta)
     hardware = meta.get("hardware") or training_hardware(torch.device("cpu"))
@@ -35,10 +37,16 @@ def main() -> None:
         "training_data": "training split of ../shared/data (Resources/splits.json) + randomised synthetic volumes",
         "hardware": hardware,
     })
-    save_checkpoint(DEFAULT_CHECKPOINT, model.network, model.config, meta)
     state = DEFAULT_CHECKPOINT.with_name("training_state.pt")
-    if (args.run / "state.pt").is_file():
-        shutil.copyfile(args.run / "state.pt", state)
+    run_state = args.run / "state.pt"
+    if run_state.is_file():
+        step = read_training_state(run_state)["step"]
+        if step != meta.get("steps"):  # the run was stopped between writing the two files
+            raise SystemExit(f"{args.run}: model.pt is from step {meta.get('steps')}, state.pt from step {step}: "
+                             "resume the run until its next checkpoint, then package it")
+    save_checkpoint(DEFAULT_CHECKPOINT, model.network, model.config, meta)
+    if run_state.is_file():
+        atomic_write(state, lambda tmp: shutil.copyfile(run_state, tmp), overwrite=True)
     elif state.exists():
         state.unlink()
         print(f"{args.run} has no state.pt: removed {state}, which belonged to the previous weights")

@@ -12,6 +12,7 @@ import torch
 
 from SegAssistLib.datasets import list_cases, split_cases
 from SegAssistLib.engine import patching
+from SegAssistLib.errors import ImageError
 from SegAssistLib.image import Volume, guess_modality
 from SegAssistLib.training import pack
 from SegAssistLib.training.simulation import EXTENT_KINDS, FIRST_KINDS
@@ -70,6 +71,7 @@ def load_training_cases(
     import SimpleITK as sitk  # only here: a pack needs no SimpleITK (GPU machines may lack it)
 
     from SegAssistLib.files import sitk_path
+    from SegAssistLib.io import volume_from_sitk
 
     out: Dict[str, List[TrainCase]] = {}
     for folder in sorted(p for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir()):
@@ -78,12 +80,18 @@ def load_training_cases(
         cases = split_cases(list_cases(folder), "training")
         loaded = []
         for case in cases:
-            img = sitk.ReadImage(sitk_path(case.image))
-            arr = sitk.GetArrayFromImage(img).astype(np.float32)
+            try:  # the case's channel, as evaluation reads it (a 4D BraTS file: FLAIR)
+                volume = volume_from_sitk(sitk.ReadImage(sitk_path(case.image)), channel=case.channel)
+            except ImageError as exc:
+                print(f"skipped training case {case.name}: {exc}", flush=True)
+                continue
+            arr = volume.array.astype(np.float32)
             lab = sitk.GetArrayFromImage(sitk.ReadImage(sitk_path(case.label))).astype(np.int16)
             if arr.shape != lab.shape:
+                print(f"skipped training case {case.name}: label grid {lab.shape} differs from image grid "
+                      f"{arr.shape}", flush=True)
                 continue
-            spacing = tuple(float(s) for s in img.GetSpacing()[::-1])
+            spacing = tuple(float(s) for s in volume.spacing[::-1])
             modality = guess_modality(Volume(arr, spacing[::-1]))
             tc = TrainCase(case.name, arr, lab, spacing, modality, _targets(lab),
                            click_unions=folder.name in click_union_datasets)

@@ -29,6 +29,7 @@ from monai.losses import DiceCELoss
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.files import atomic_write
 from SegAssistLib.machine import machine_info
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import (
@@ -264,9 +265,9 @@ class Trainer:
             "elapsed": self.elapsed,
             "config": asdict(self.cfg),
         }
-        tmp = self.out / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.out / "state.pt")
+        # a kill mid-write keeps the previous state whole; scripts/package_model.py refuses a
+        # model.pt and state.pt of different steps (a kill between these two writes)
+        atomic_write(self.out / "state.pt", lambda tmp: torch.save(state, tmp), overwrite=True)
         meta = {"name": "segassist-unet", "steps": self.step, "train_seconds": round(self.elapsed),
                 "train_config": asdict(self.cfg), "final": final, "hardware": self.hardware}
         save_checkpoint(self.out / "model.pt", self.net, self.net_cfg, meta)

@@ -327,3 +327,31 @@ def test_a_local_correction_keeps_only_the_change_that_reaches_the_click(monkeyp
     _, kept, _ = predict(session, PointPrompt(position=(16, 10, 10)))  # (i, j, k): beside the growth
     assert kept[5:15, 5:15, 15:18].all() and not kept[8:12, 8:12, 30:34].any()
     assert np.array_equal(kept[old > 0], old[old > 0])
+
+
+def test_package_model_refuses_weights_and_state_of_different_steps(tiny_checkpoint: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """A run stopped between writing state.pt and model.pt would have shipped weights beside the
+    resumable state of another step."""
+    import torch
+
+    from SegAssistLib.engine.network import load_checkpoint, save_checkpoint
+
+    spec = importlib.util.spec_from_file_location("package_model", REPO_ROOT / "scripts" / "package_model.py")
+    package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
+    shipped = tmp_path / "Models" / "segassist_unet.pt"
+    monkeypatch.setattr(package, "DEFAULT_CHECKPOINT", shipped)
+    run = tmp_path / "run"
+    run.mkdir()
+    model = load_checkpoint(tiny_checkpoint)
+    save_checkpoint(run / "model.pt", model.network, model.config, {"name": "tiny-test", "steps": 12})
+    state = {"model": model.network.state_dict(), "optimizer": {}, "step": 11, "elapsed": 3.0}
+    torch.save(state, run / "state.pt")
+    with pytest.raises(SystemExit, match="model.pt is from step 12, state.pt from step 11"):
+        package.main([str(run), "--version", "9.9.9"])
+    assert not shipped.exists()
+    torch.save({**state, "step": 12}, run / "state.pt")
+    package.main([str(run), "--version", "9.9.9"])
+    assert load_checkpoint(shipped).meta["version"] == "9.9.9"
+    assert torch.load(shipped.with_name("training_state.pt"), weights_only=True)["step"] == 12

@@ -154,3 +154,25 @@ def test_training_from_a_pack_needs_neither_simpleitk_nor_fastapi(small_data_roo
     assert "'hippocampus': 2, 'sunnybrook': 2" in run.stdout
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data_root"] == str(tmp_path / "pack")
     assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_training_reads_the_chosen_channel_of_a_4d_image_file(tmp_path, capsys):
+    """An MSD-style 4D file (every channel in one file) gave a 4D array that failed the shape check
+    against its label: the case was dropped without a word and the run trained on synthetic data."""
+    import SimpleITK as sitk
+
+    folder = tmp_path / "brats"  # a known dataset; these case names are not in its evaluation split
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    flair = rng.normal(0, 1, (12, 20, 24)).astype(np.float32)
+    labels = np.zeros(flair.shape, np.uint8)
+    labels[3:9, 5:15, 6:18] = 1
+    channels = [sitk.GetImageFromArray(flair), sitk.GetImageFromArray(flair * 2 + 5)]
+    for name, label in (("brats_new_1", labels), ("brats_new_2", labels[:, :, :20])):  # _2: another grid
+        sitk.WriteImage(sitk.JoinSeries(channels), str(folder / "imagesTr" / f"{name}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(folder / "labelsTr" / f"{name}.nii.gz"))
+    loaded = load_training_cases(tmp_path)
+    (case,) = loaded["brats"]
+    assert case.name == "brats_new_1" and np.array_equal(case.image, flair)  # channel 0, as evaluation reads it
+    assert "skipped training case brats_new_2: label grid" in capsys.readouterr().out
