@@ -190,14 +190,30 @@ def run_bench(
         stream.write(f"  {line}\n")
     started = time.time()
     machine = machine_info(config.device)  # now: the commit whose code runs, not the one at the end
-    _warm_up(engines, jobs[0], config)
+    unreadable: List[SegAssistError] = []
+    for job in jobs:  # warm up on the first readable case; none readable: nothing to measure
+        try:
+            _warm_up(engines, job, config)
+            break
+        except SegAssistError as exc:
+            unreadable.append(exc)
+    if jobs and len(unreadable) == len(jobs):
+        raise unreadable[0]
     bar = ProgressBar(sessions, stream=stream)
     records: List[Dict] = []
     skipped: List[Dict] = []
     index_in_dataset: Dict[str, int] = {}
     try:
         for job in jobs:
-            volume, labels = load_case(job.case)
+            try:
+                volume, labels = load_case(job.case)
+            except SegAssistError as exc:  # one unreadable case must not lose the rest of the run
+                skipped.extend({"dataset": job.dataset, "case": job.case.name, "structure": s.name, "target": s.key,
+                                "engine": name, "protocol": protocol, "reason": f"case not read: {exc}"}
+                               for s in job.structures for protocol in config.protocols for name in engines)
+                bar.update(len(job.structures) * len(config.protocols) * len(engines),
+                           label=f"{job.case.name} (not read)")
+                continue
             for structure in job.structures:
                 mask = np.isin(labels, structure.labels).astype(np.uint8)
                 base = {"dataset": job.dataset, "case": job.case.name, "structure": structure.name,

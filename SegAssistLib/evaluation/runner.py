@@ -388,9 +388,14 @@ def evaluate_case(
     max_clicks: int,
     scribble: Optional[ScribbleSpec] = None,
 ) -> Tuple[List[Dict], List[Dict]]:
-    """Records and skips of one case."""
-    volume, labels = load_case(case)
+    """Records and skips of one case (a case that cannot be read is skipped with the reason: one
+    bad file must not lose the rest of a long run)."""
     records, skipped = [], []
+    try:
+        volume, labels = load_case(case)
+    except SegAssistError as exc:
+        return records, [{"case": case.name, "target": target_name(t), "reason": f"case not read: {exc}"}
+                         for t in targets]
     for target in targets:
         name = target_name(target)
         mask = np.isin(labels, target).astype(np.uint8)
@@ -485,9 +490,17 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     records: List[Dict] = []
     skipped: List[Dict] = []
     started = time.time()
-    if cases:
-        volume, labels = load_case(cases[0])
+    unreadable: List[SegAssistError] = []
+    for case in cases:  # warm up on the first readable case (evaluate_case reports the others)
+        try:
+            volume, labels = load_case(case)
+        except SegAssistError as exc:
+            unreadable.append(exc)
+            continue
         warm_up([engine], volume, [np.isin(labels, t) for t in targets])
+        break
+    if cases and len(unreadable) == len(cases):  # nothing to measure: say why
+        raise unreadable[0]
     for index, case in enumerate(cases, start=1):
         case_records, case_skipped = evaluate_case(
             engine, case, targets, config.protocol, config.max_clicks, config.scribble

@@ -96,8 +96,16 @@ def test_a_label_on_another_grid_of_the_same_shape_stops_the_run(hippocampus_dir
     sitk.WriteImage(label, str(folder / "labelsTr" / "hippocampus_001.nii.gz"))
     config = BenchConfig(folders=[folder], cases=1, labels="1", engines=("growcut",), clicks=1, refine_clicks=1,
                          out=tmp_path / "out")  # fmt: skip
-    with pytest.raises(SegAssistError, match="not on the image's grid: its origin"):
+    with pytest.raises(SegAssistError, match="not on the image's grid: its origin"):  # nothing readable
         run_bench(config, build_engines(config), stream=io.StringIO())
+    # beside a good case, the moved one is skipped with its reason and the run goes on
+    shutil.copy(hippocampus_dir / "imagesTr" / "hippocampus_008.nii.gz", folder / "imagesTr")
+    shutil.copy(hippocampus_dir / "labelsTr" / "hippocampus_008.nii.gz", folder / "labelsTr")
+    config = BenchConfig(folders=[folder], cases=2, labels="1", engines=("growcut",), clicks=1, refine_clicks=1,
+                         protocols=("clicks",), out=tmp_path / "out")  # fmt: skip
+    result = run_bench(config, build_engines(config), stream=io.StringIO())
+    assert {r["case"] for r in result["records"]} == {"hippocampus_008"}
+    assert any(s["case"] == "hippocampus_001" and "case not read" in s["reason"] for s in result["skipped"])
 
 
 # --- a tiny real run and its report ------------------------------------------------------------

@@ -293,3 +293,20 @@ def test_eval_takes_the_channel_from_inside_a_4d_image_file(hippocampus_dir, tmp
     with pytest.raises(ImageError, match="channel 3 does not exist"):  # a 3D file has one channel
         evaluate(EvalConfig(hippocampus_dir, targets=parse_targets("1"), max_clicks=1, cases=1, engine="growcut",
                             channel=3), progress=lambda line: None)  # fmt: skip
+
+
+def test_an_unreadable_case_is_skipped_and_the_run_goes_on(hippocampus_dir, tmp_path):
+    """One bad file (here a label on another grid) stopped the whole run and wrote nothing."""
+    folder = tmp_path / "my_scans"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    shutil.copy(hippocampus_dir / "dataset.json", folder)
+    for name, image, label in (("a_bad", "hippocampus_008", "hippocampus_001"),
+                               ("b_good", "hippocampus_001", "hippocampus_001")):
+        shutil.copy(hippocampus_dir / "imagesTr" / f"{image}.nii.gz", folder / "imagesTr" / f"{name}.nii.gz")
+        shutil.copy(hippocampus_dir / "labelsTr" / f"{label}.nii.gz", folder / "labelsTr" / f"{name}.nii.gz")
+    result = evaluate(EvalConfig(folder, targets=parse_targets("1"), max_clicks=1, engine="growcut"),
+                      progress=lambda line: None)
+    assert [r["case"] for r in result["records"]] == ["b_good"]
+    (skip,) = result["skipped"]
+    assert skip["case"] == "a_bad" and skip["reason"].startswith("case not read: a_bad: label grid")
