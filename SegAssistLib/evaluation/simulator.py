@@ -61,7 +61,7 @@ def most_interior_voxel(region: np.ndarray, spacing: Sequence[float] = (1.0, 1.0
     return tuple(int(x) for x in best[0] + lo)  # type: ignore[return-value]
 
 
-def _largest_component(mask: np.ndarray) -> Tuple[np.ndarray, int]:
+def largest_component(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     labels, n = ndimage.label(mask, structure=_FACE)
     if n == 0:
         return np.zeros(mask.shape, bool), 0
@@ -88,8 +88,8 @@ def next_click(
     hi = [int(r[-1]) + 1 for r in ranges]
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     target, pred = target[box], pred[box]
-    missed, missed_size = _largest_component(target & ~pred)
-    spilled, spilled_size = _largest_component(pred & ~target)
+    missed, missed_size = largest_component(target & ~pred)
+    spilled, spilled_size = largest_component(pred & ~target)
     if missed_size == 0 and spilled_size == 0:
         return None
     positive = missed_size >= spilled_size

@@ -1,7 +1,7 @@
 """Simulated interactions in patch coordinates, for training.
 
 A simulated annotator gives a first prompt of a random kind (click, 3D box, 2D box, scribble,
-lasso), then corrections at the largest error, the same rule the evaluation protocol uses, so the
+lasso), then corrections at the largest error, the rule the evaluation protocol uses, so the
 network learns to answer the prompts users and benchmarks actually give.
 """
 
@@ -15,6 +15,7 @@ from skimage.measure import find_contours
 from skimage.morphology import skeletonize
 
 from SegAssistLib.engine.encoding import PatchPrompt
+from SegAssistLib.evaluation.simulator import largest_component, most_interior_voxel
 
 FIRST_KINDS = ("point", "box3d", "box2d", "scribble", "lasso")
 FIRST_KIND_WEIGHTS = (0.45, 0.13, 0.14, 0.14, 0.14)
@@ -24,15 +25,17 @@ EXTENT_KINDS = ("box3d", "box2d", "lasso")
 
 
 def interior_point(mask: np.ndarray, rng: np.random.Generator, exact: bool) -> Optional[np.ndarray]:
-    """A voxel deep inside ``mask``: the distance-transform maximum, or a random voxel near it."""
+    """A voxel deep inside ``mask``: exactly the evaluation protocol's click (the distance-transform
+    maximum of the largest component, ties to its centre), or a random voxel near the maximum."""
     nz = np.argwhere(mask)
     if len(nz) == 0:
         return None
+    if exact:
+        region, _ = largest_component(mask)
+        return np.asarray(most_interior_voxel(region), float)
     lo, hi = nz.min(0), nz.max(0) + 1  # the transform on the region's box only: errors are often small
     crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     dist = ndimage.distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1, 1:-1]
-    if exact:
-        return np.asarray(np.unravel_index(np.argmax(dist), crop.shape), float) + lo
     candidates = np.argwhere(dist >= 0.5 * dist.max())
     return (candidates[rng.integers(len(candidates))] + lo).astype(float)
 

@@ -284,3 +284,20 @@ def test_a_dataset_the_data_root_lacks_is_named_before_training(shared_data, tmp
     # a dataset's own folder given as the data root
     assert main(["train", "--out", str(tmp_path / "run"), "--data-root", str(shared_data / "hippocampus")]) == 2
     assert "holds no dataset folders" in capsys.readouterr().err
+
+
+def test_the_exact_training_click_is_the_evaluation_protocols_click():
+    """Training took the first maximum in array order over the whole mask; evaluation breaks ties
+    towards the centre and clicks the largest component."""
+    from SegAssistLib.evaluation.simulator import first_click
+    from SegAssistLib.training.simulation import interior_point
+
+    rng = np.random.default_rng(0)
+    box = np.zeros((60, 30, 30), bool)
+    box[10:50, 5:25, 5:25] = True  # a long box: the maximum is a tie along k
+    slab_and_cube = np.zeros((40, 60, 60), bool)
+    slab_and_cube[2:8, 2:58, 2:58] = True  # large and thin: the largest component
+    slab_and_cube[14:32, 20:38, 20:38] = True  # small and thick, apart: the deepest voxel overall
+    for mask in (box, slab_and_cube):
+        expected = first_click(mask.astype(np.uint8)).position[::-1]  # (i, j, k) -> (k, j, i)
+        assert tuple(interior_point(mask, rng, exact=True)) == tuple(float(x) for x in expected)
