@@ -375,6 +375,13 @@ class ScribblePrompt(_PolyPrompt):
         """The slice normal in array order ``[k, j, i]``, when given."""
         return None if self.normal is None else np.asarray(self.normal, float)[::-1]
 
+    @cached_property
+    def _stroke_voxel_bytes(self) -> bytes:
+        # rasterised once per stroke: the engine draws every earlier stroke again in each window of
+        # each click, and the edge snap once more; bytes, as the slab's voxels (equality of prompts)
+        voxels = _scribble_voxels(np.asarray(self.points, float)[:, ::-1], self.width, self.normal_kji())
+        return voxels.astype(np.int64).tobytes()
+
 
 class LassoPrompt(_PolyPrompt):
     kind: Literal["lasso"] = "lasso"
@@ -647,9 +654,9 @@ def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarr
 
 
 def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
-    """The voxels (array order ``[k, j, i]``, not clipped to any image) of a scribble in points form
-    with its width, as :func:`to_slab` draws them."""
-    return _scribble_voxels(np.asarray(prompt.points, float)[:, ::-1], prompt.width, prompt.normal_kji())
+    """The voxels (array order ``[k, j, i]``, not clipped to any image, read-only) of a scribble in
+    points form with its width, as :func:`to_slab` draws them; computed once per prompt."""
+    return np.frombuffer(prompt._stroke_voxel_bytes, np.int64).reshape(-1, 3)  # read-only
 
 
 def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
@@ -669,7 +676,7 @@ def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
     verts = np.asarray(prompt.points, float)[:, ::-1]
     outside = f"the {prompt.kind} lies outside the image (array shape k, j, i = {shape.tolist()})"
     if isinstance(prompt, ScribblePrompt):
-        voxels = _scribble_voxels(verts, prompt.width, prompt.normal_kji())
+        voxels = scribble_voxels(prompt)
         voxels = voxels[np.all((voxels >= 0) & (voxels < shape), axis=1)]
         if len(voxels) == 0:
             raise PromptError(outside)

@@ -66,8 +66,11 @@ def to_patch_prompt(
         extent = voxels.max(0) - voxels.min(0) + 1  # the box of the slab it would make
         return _voxels_in_patch(voxels, tuple(int(n) for n in extent), True, prompt.positive, window)
     if isinstance(prompt, ScribblePrompt):
-        samples = rasterize.polyline_samples(np.asarray(prompt.points, float), step=0.5)
-        return PatchPrompt("scribble", prompt.positive, kji(samples))
+        # sampled in the patch, as training draws strokes: samples every half image voxel fall
+        # several patch voxels apart where the window magnifies an axis (5 mm slices seen at 1 mm),
+        # and the stroke broke into beads
+        samples = rasterize.polyline_samples(kji(prompt.points), step=0.5)
+        return PatchPrompt("scribble", prompt.positive, samples)
     if isinstance(prompt, LassoPrompt):
         return PatchPrompt("lasso", prompt.positive, thin_polygon(kji(prompt.points), LASSO_VERTEX_STEP))
     return None

@@ -208,3 +208,32 @@ def test_large_windows_are_read_with_a_stride_but_keep_their_extent():
     assert crop[:, :, :32].max() == 0 and crop[:, :, 32:].min() == 1
     patch = patching.extract_image_patch(array, win)
     assert patch[:, :, :15].mean() < 0 < patch[:, :, 17:].mean()
+
+
+def test_a_thin_stroke_across_thick_slices_stays_one_line_in_the_patch():
+    """Sampled every half image voxel, a stroke along 5 mm slices landed about 3.5 patch voxels
+    apart in a 1 mm window and broke into beads; training draws strokes as continuous lines."""
+    from scipy import ndimage
+
+    spacing_kji = (5.0, 0.7, 0.7)
+    win = patching.window_around((15, 80, 80), spacing_kji, 64, level=0)
+    stroke = ScribblePrompt(points=[(80, 80, 10), (80, 80, 20)])
+    channel = draw_prompts([to_patch_prompt(stroke, win)], 64)[2]
+    _, pieces = ndimage.label(channel)
+    assert pieces == 1
+    ks = np.flatnonzero(channel.any(axis=(1, 2)))
+    assert len(ks) == ks[-1] - ks[0] + 1 and len(ks) >= 60  # every plane it crosses, the window's depth
+
+
+def test_a_wide_strokes_voxels_are_rasterised_once_per_prompt():
+    """The engine draws every earlier stroke again in each window of each click (and the edge snap
+    once more): a wide stroke in points form was rasterised anew every time."""
+    from SegAssistLib.prompts import scribble_voxels, to_slab
+
+    stroke = ScribblePrompt(points=[(10, 10, 5), (40, 30, 5)], width=9)
+    first, again = scribble_voxels(stroke), scribble_voxels(stroke)
+    assert np.shares_memory(first, again) and not first.flags.writeable
+    twin = ScribblePrompt(points=[(10, 10, 5), (40, 30, 5)], width=9)
+    assert stroke == twin and twin == stroke  # the cached voxels do not enter equality
+    slab = to_slab(stroke, (12, 50, 50)).slab
+    assert np.array_equal(slab.voxels_kji(), first[np.all((first >= 0) & (first < (12, 50, 50)), axis=1)])
