@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import threading
 import time
@@ -54,6 +53,24 @@ MEMORY_CONVENTION = (
     "peak resident set size of the process while the engine opens the session and answers prompts, sampled "
     "every 5 ms from /proc/self/statm (the simulated user and the metrics between interactions are not sampled)"
 )
+# where there is no /proc (macOS, Windows) only the process's lifetime peak can be read: it never
+# falls from one record to the next
+LIFETIME_MEMORY_CONVENTION = (
+    "peak resident set size of the process since it started (getrusage ru_maxrss; no /proc/self/statm on this "
+    "system), so a record's figure includes every earlier record's peak"
+)
+UNMEASURED_MEMORY_CONVENTION = "not measured: this system has neither /proc/self/statm nor getrusage"
+
+
+def memory_convention() -> str:
+    """How this system's ``peak_rss_mb`` figures were measured (written into the results)."""
+    if os.path.exists("/proc/self/statm"):
+        return MEMORY_CONVENTION
+    try:
+        import resource  # noqa: F401  (Unix only)
+    except ImportError:
+        return UNMEASURED_MEMORY_CONVENTION
+    return LIFETIME_MEMORY_CONVENTION
 Target = Tuple[int, ...]
 
 
@@ -186,6 +203,10 @@ class PeakMemory:
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * self._page
         except OSError:  # not Linux: the process-lifetime peak is the best available
+            try:
+                import resource
+            except ImportError:  # Windows: see memory_convention()
+                return 0
             scale = 1 if sys.platform == "darwin" else 1024
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -537,7 +558,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
             "correction_zoom_share": getattr(engine, "correction_zoom_share", None),
             "edge_snap": edge_snap_record(engine),
             "noc_thresholds": list(NOC_THRESHOLDS),
-            "conventions": {**metrics.CONVENTIONS, "memory": MEMORY_CONVENTION},
+            "conventions": {**metrics.CONVENTIONS, "memory": memory_convention()},
             "platform": platform.platform(),
             "python": platform.python_version(),
             "wall_s": round(time.time() - started, 2),

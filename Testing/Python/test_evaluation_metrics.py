@@ -173,3 +173,25 @@ def test_peak_memory_of_the_engine_leaves_out_what_the_harness_allocates_between
         time.sleep(0.25)  # several sampling periods, even on a busy machine
         del engine
     assert memory.peak_bytes - memory.start_bytes >= 60 * 2**20
+
+
+def test_the_memory_convention_says_how_this_system_measured(monkeypatch):
+    """The results said "sampled from /proc/self/statm" on macOS too, where the figure is the
+    process's lifetime peak (it never falls between records); Windows has neither."""
+    import builtins
+    import os
+
+    from SegAssistLib.evaluation import runner
+
+    assert runner.memory_convention() == runner.MEMORY_CONVENTION  # Linux, as CI runs
+    real_exists, real_import = os.path.exists, builtins.__import__
+    monkeypatch.setattr(os.path, "exists", lambda p: False if p == "/proc/self/statm" else real_exists(p))
+    assert runner.memory_convention() == runner.LIFETIME_MEMORY_CONVENTION
+
+    def no_resource(name, *args, **kwargs):
+        if name == "resource":
+            raise ImportError("no resource module on Windows")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_resource)
+    assert runner.memory_convention() == runner.UNMEASURED_MEMORY_CONVENTION
