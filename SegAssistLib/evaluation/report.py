@@ -167,8 +167,17 @@ class Report:
                     if s:
                         per_engine[e][d] = s.final_dice
                 rows.append(row)
-            rows.append(["**mean of datasets**"] + [_f(dataset_means(per_engine[e])) for e in self.engine_names])
+            rows.append(["**mean of datasets**"] + [self._mean_cell(per_engine[e]) for e in self.engine_names])
             self.lines += _table(["dataset"] + [plots.label(e) for e in self.engine_names], rows)
+
+    def _mean_cell(self, per_dataset: Dict[str, Estimate]) -> str:
+        """The macro mean, saying over which datasets when an engine lacks some (the random walker
+        left out of big images): such a mean is not comparable with the others in its row."""
+        cell = _f(dataset_means(per_dataset))
+        have = sum(1 for e in per_dataset.values() if e.n and np.isfinite(e.mean))
+        if have < len(self.datasets):
+            cell += f" ({have} of {len(self.datasets)} datasets)"
+        return cell
 
     def challenge(self) -> None:
         if "box+clicks" not in self.protocols:

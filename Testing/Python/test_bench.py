@@ -173,6 +173,18 @@ def test_report_renders_from_json_alone(tiny_run, tmp_path):
     assert (tmp_path / "plots" / "dice_hippocampus.png").is_file()
 
 
+def test_a_mean_over_fewer_datasets_says_so(tiny_run, tmp_path):
+    """An engine absent from a dataset (the random walker left out of big images) had its mean of
+    datasets printed beside the others' as if it were comparable."""
+    result, _, _, _ = tiny_run
+    result = json.loads(json.dumps(result))
+    copies = [{**r, "dataset": "hippocampus_copy"} for r in result["records"] if r["engine"] != "growcut"]
+    result["records"] += copies
+    text = render_report(result, tmp_path).read_text()
+    means = [line for line in text.splitlines() if line.startswith("| **mean of datasets**")]
+    assert means and all(line.count("(1 of 2 datasets)") == 1 for line in means)  # growcut's cell only
+
+
 # --- command line and progress -----------------------------------------------------------------
 def test_list_prints_the_selection(hippocampus_dir, capsys):
     args = _parser().parse_args(["bench", str(hippocampus_dir), "--cases", "3", "--list"])
