@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import list_cases, split_cases
+from SegAssistLib.datasets import Case, list_cases, split_cases
 from SegAssistLib.engine import patching
 from SegAssistLib.errors import ImageError
 from SegAssistLib.image import Volume, guess_modality
@@ -123,10 +123,22 @@ def _load_packs(
                 continue
             if dataset in out:
                 raise pack.PackError(f"dataset {dataset} is in more than one pack under {Path(folder).parent}")
+            _refuse_evaluation_cases(folder, dataset, entries)
             loaded = _packed_cases(folder, entries, dataset in click_union_datasets)
             if loaded:
                 out[dataset] = loaded
     return dict(sorted(out.items()))
+
+
+def _refuse_evaluation_cases(folder: Path, dataset: str, entries: List[Dict]) -> None:
+    """A pack made before the evaluation split changed may hold cases that are evaluation cases now."""
+    packed = [Case(dataset, str(e["name"]), Path(), Path()) for e in entries]
+    held_out = sorted(c.name for c in split_cases(packed, "evaluation"))
+    if held_out:
+        raise pack.PackError(
+            f"the pack {folder} holds {dataset} case(s) of the evaluation split ({', '.join(held_out[:5])}"
+            f"{', ...' if len(held_out) > 5 else ''}; Resources/splits.json): make the pack again"
+        )
 
 
 def _packed_cases(folder: Path, entries: List[Dict], click_unions: bool) -> List[TrainCase]:
