@@ -2,9 +2,9 @@
 
 The benchmark drives the evaluation harness (:func:`SegAssistLib.evaluation.runner.evaluate_target`)
 over a selection of cases (:mod:`SegAssistLib.evaluation.selection`) with each engine and each
-protocol, feeding every engine exactly the same interactions: the box, the scribble and the first
-click are fixed by the ground truth, and every later click by the simulated user from the engine's
-own current mask (the same rule for every engine). It writes ``results.json`` and the report
+protocol: the box, the scribble and the first click are the same for every engine (fixed by the
+ground truth), and every later click comes from the simulated user by the same rule applied to the
+engine's own current mask. It writes ``results.json`` and the report
 (:mod:`SegAssistLib.evaluation.report`) to the output folder, ``docs/benchmarks`` by default.
 
 Fixed choices, all stated in the report:
@@ -303,7 +303,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Simulated-user benchmark: protocols clicks, box+clicks (CVPR 2025 challenge) and scribble+clicks; "
             "engines builtin (the model), ablation (the model without prompt history), growcut (3D Slicer's "
-            "Grow from seeds) and randomwalker, all fed the same interactions. Dice and HD95 after each "
+            "Grow from seeds) and randomwalker, each given the same first interaction and later clicks by the "
+            "same rule. Dice and HD95 after each "
             "interaction, NoC@80/85/90, latency, peak memory, 95 percent bootstrap intervals. Default selection: "
             f"the evaluation split of every dataset under the data folder ({BENCH_BUDGET})."
         ),

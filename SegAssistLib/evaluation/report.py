@@ -112,7 +112,8 @@ class Report:
         }
         self.lines += ["## How it was measured", ""]
         self.lines += [
-            f"- **Protocols** (every engine gets exactly the same interactions): clicks only ({c['clicks']} "
+            f"- **Protocols** (every engine gets the same box, scribble and first click, and every later click "
+            f"by the same rule from its own mask): clicks only ({c['clicks']} "
             f"clicks); a box (the structure's 3D bounding box) then {c['refine_clicks']} clicks, as in the CVPR "
             f"2025 interactive 3D segmentation challenge; a scribble then {c['refine_clicks']} clicks. "
             "Each click goes to the most interior voxel (distance in mm) of the largest 6-connected error region "
