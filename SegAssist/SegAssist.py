@@ -522,7 +522,7 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
     a ``BackendSettings`` object, or an engine/client.
     """
 
-    REQUIRED_MODULES = {"pydantic": "pydantic>=2.5", "requests": "requests>=2.28"}
+    REQUIRED_MODULES = {"pydantic": "pydantic>=2.6", "requests": "requests>=2.28"}
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)

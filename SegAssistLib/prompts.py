@@ -29,7 +29,7 @@ import base64
 import binascii
 import json
 import zlib
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Annotated, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -375,13 +375,6 @@ class ScribblePrompt(_PolyPrompt):
         """The slice normal in array order ``[k, j, i]``, when given."""
         return None if self.normal is None else np.asarray(self.normal, float)[::-1]
 
-    @cached_property
-    def _stroke_voxel_bytes(self) -> bytes:
-        # rasterised once per stroke: the engine draws every earlier stroke again in each window of
-        # each click, and the edge snap once more; bytes, as the slab's voxels (equality of prompts)
-        voxels = _scribble_voxels(np.asarray(self.points, float)[:, ::-1], self.width, self.normal_kji())
-        return voxels.astype(np.int64).tobytes()
-
 
 class LassoPrompt(_PolyPrompt):
     kind: Literal["lasso"] = "lasso"
@@ -656,7 +649,19 @@ def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarr
 def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
     """The voxels (array order ``[k, j, i]``, not clipped to any image, read-only) of a scribble in
     points form with its width, as :func:`to_slab` draws them; computed once per prompt."""
-    return np.frombuffer(prompt._stroke_voxel_bytes, np.int64).reshape(-1, 3)  # read-only
+    points = tuple(tuple(float(x) for x in p) for p in prompt.points)
+    normal = None if prompt.normal is None else tuple(float(x) for x in prompt.normal)
+    return np.frombuffer(_stroke_voxel_bytes(points, float(prompt.width), normal), np.int64).reshape(-1, 3)
+
+
+@lru_cache(maxsize=64)
+def _stroke_voxel_bytes(points: Tuple[Tuple[float, ...], ...], width: float,
+                        normal: Optional[Tuple[float, ...]]) -> bytes:
+    # rasterised once per stroke: the engine draws every earlier stroke again in each window of each
+    # click, and the edge snap once more. Keyed by the stroke's content, not held on the (frozen)
+    # prompt, so that copies, equality and pickles of prompts stay as they are
+    normal_kji = None if normal is None else np.asarray(normal, float)[::-1]
+    return _scribble_voxels(np.asarray(points, float)[:, ::-1], width, normal_kji).astype(np.int64).tobytes()
 
 
 def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:

@@ -1,10 +1,13 @@
 """The engine issue's acceptance table: Dice after 5 clicks on the evaluation split, for the shipped
-model and the two baselines fed the same clicks (``segassist eval``'s click protocol).
+model and the two baselines (each with and without background seeded on the image edge), all given
+the same first click and later clicks by the same rule on their own masks (``segassist eval``'s
+click protocol).
 
 Writes ``benchmarks/results/acceptance.json`` (every record) and ``acceptance.md`` (the table).
 
 Usage: python benchmarks/engine_acceptance.py [--data ../shared/data] [--model CKPT]
-       [--engines builtin,growcut,randomwalker] [--out benchmarks/results] [--cases N]
+       [--engines builtin,growcut,growcut-inside,randomwalker,randomwalker-inside]
+       [--out benchmarks/results] [--cases N]
        [--correction-zoom-share S] [--edge-band B]
        [--baselines-from benchmarks/results/acceptance.json]   # new weights: rerun only the model
 """

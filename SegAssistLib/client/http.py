@@ -13,6 +13,7 @@ more under that id, which waits for the first's outcome.
 from __future__ import annotations
 
 import ipaddress
+import os
 import threading
 import time
 import uuid
@@ -92,6 +93,11 @@ class HttpClient:
         # A proxy from the environment (http_proxy, common on hospital networks) must not see
         # loopback traffic: it cannot reach this machine's backend, and the token would pass through it
         self._use_environment_proxies = not _is_loopback_url(base_url)
+        # without the environment, requests would also forget the CA bundle it names (an https
+        # tunnel to localhost trusted through REQUESTS_CA_BUNDLE): pass that on by hand
+        self._verify = verify
+        if verify is True and not self._use_environment_proxies:
+            self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
     @property
     def session(self) -> requests.Session:
@@ -177,7 +183,7 @@ class HttpClient:
                     data=body() if body is not None else None,
                     headers=headers,
                     timeout=timeout or self.timeout,
-                    verify=self.verify,
+                    verify=self._verify,
                     auth=None if auth else _NoAuth(),
                 )
             except requests.exceptions.ReadTimeout as exc:

@@ -100,6 +100,14 @@ def process_alive(pid: int) -> bool:
 _NO_CONSOLE_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
 
 
+def _absolute_if_path(program: str) -> str:
+    """``program`` made absolute when it names a file by path (``.venv/bin/python``); a bare name
+    (``python3``) is left for the search path."""
+    if os.sep in program or (os.altsep and os.altsep in program):
+        return str(Path(program).resolve())
+    return program
+
+
 def _same_file(a: str, b: str) -> bool:
     """Whether two interpreter paths name the same file (False when either cannot be found)."""
     try:
@@ -146,8 +154,9 @@ class LocalBackend:
     ) -> None:
         self.model = str(Path(model).resolve()) if model else None
         self.device = device
-        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
-        self.python = python or os.environ.get(PYTHON_ENV) or sys.executable
+        # absolute: the server runs in the state folder, where relative paths would mean other files
+        self.state_dir = Path(state_dir or default_state_dir()).resolve()
+        self.python = _absolute_if_path(python or os.environ.get(PYTHON_ENV) or sys.executable)
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
         self.reuse = reuse

@@ -69,8 +69,13 @@ def to_patch_prompt(
         # sampled in the patch, as training draws strokes: samples every half image voxel fall
         # several patch voxels apart where the window magnifies an axis (5 mm slices seen at 1 mm),
         # and the stroke broke into beads
-        samples = rasterize.polyline_samples(kji(prompt.points), step=0.5)
-        return PatchPrompt("scribble", prompt.positive, samples)
+        # in chunks, keeping what can ink the patch: a stroke along a magnified axis has several
+        # times the samples its budget counted in image voxels
+        reach = SCRIBBLE_RADIUS + 1.0
+        kept = [c[np.all((c > -reach) & (c < window.patch - 1 + reach), axis=1)]
+                for c in rasterize.polyline_sample_chunks(kji(prompt.points), 0.5)]
+        samples = np.concatenate(kept) if kept else np.zeros((0, 3))
+        return PatchPrompt("scribble", prompt.positive, samples) if len(samples) else None
     if isinstance(prompt, LassoPrompt):
         return PatchPrompt("lasso", prompt.positive, thin_polygon(kji(prompt.points), LASSO_VERTEX_STEP))
     return None

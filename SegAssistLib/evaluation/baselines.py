@@ -21,7 +21,7 @@ Seeds, the same for both:
 - a box prompt (the user's statement "the object lies in here") replaces that heuristic: the
   background shell is the surface one voxel outside the newest box. A box paints no object seed,
   so a box alone segments nothing; the clicks that follow grow the object inside it. This is how
-  the box-then-clicks protocol feeds the baselines the same interactions as the model (without
+  the box-then-clicks protocol gives the baselines the box the model gets (without
   the image-edge shell, a box face on the image edge stays unseeded here too).
 
 Later prompts paint over earlier ones. Lassos and masks raise :class:`PromptError`. Each prompt

@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINE_CHOICES,
         default="builtin",
-        help="ablation = the builtin model answering each interaction alone (current mask + newest prompt)",
+        help="ablation = the builtin model answering each interaction alone (current mask + newest prompt); "
+        "*-inside = the baseline with no background seeded where its working box meets the image edge",
     )
     parser.add_argument(
         "--model", default=None, help="checkpoint for the builtin and ablation engines (default: shipped)"

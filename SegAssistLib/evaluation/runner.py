@@ -142,7 +142,8 @@ def make_engine(
     edge_band: Optional[float] = None,
 ) -> Engine:
     """``builtin`` (the shipped model or ``model``), ``ablation`` (the same model without prompt
-    history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut`` or ``randomwalker``.
+    history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut``, ``randomwalker`` or their
+    ``-inside`` variants (no background seeded on the image edge).
     ``refine_depth`` and ``correction_zoom_share`` (None: the engine's default) as for
     :class:`~SegAssistLib.engine.builtin.BuiltinEngine`; ``edge_band``: the band of its edge snap
     (None: the default, 0: no snap)."""

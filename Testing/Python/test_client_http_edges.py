@@ -112,6 +112,10 @@ def test_a_proxy_from_the_environment_never_sees_loopback_traffic(shared_server,
         assert client.request("GET", "/v1/health").json()["status"] == "ok"
         assert proxy.connections == 0
         assert HttpClient("https://segassist.example.org").session.trust_env
+        # the CA bundle the environment names still counts for an https tunnel to localhost
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/tunnel-ca.pem")
+        assert HttpClient("https://localhost:8470")._verify == "/etc/ssl/tunnel-ca.pem"
+        assert HttpClient("https://localhost:8470", verify=False)._verify is False
     finally:
         proxy.close()
 

@@ -159,3 +159,13 @@ def test_local_file_problems_are_named_as_such(tmp_path):
     assert not isinstance(e.value, ServerPythonError)
     with pytest.raises(ServerPythonError, match="could not run"):
         LocalBackend(model=tmp_path / "m.pt", state_dir=tmp_path, python=str(tmp_path / "no-python")).start()
+
+
+def test_relative_paths_are_taken_from_the_callers_folder(tmp_path, monkeypatch):
+    """The server runs in the state folder: a relative state folder or Server Python given from
+    another folder named files that do not exist there (the port file was never seen)."""
+    monkeypatch.chdir(tmp_path)
+    backend = LocalBackend(model=tmp_path / "m.pt", state_dir="state", python=".venv/bin/python")
+    assert backend.state_dir == tmp_path / "state"
+    assert backend.python == str(tmp_path / ".venv" / "bin" / "python")
+    assert LocalBackend(model=tmp_path / "m.pt", state_dir="state", python="python3").python == "python3"

@@ -223,6 +223,11 @@ def test_a_thin_stroke_across_thick_slices_stays_one_line_in_the_patch():
     assert pieces == 1
     ks = np.flatnonzero(channel.any(axis=(1, 2)))
     assert len(ks) == ks[-1] - ks[0] + 1 and len(ks) >= 60  # every plane it crosses, the window's depth
+    # only the samples that can ink the patch are kept (the stroke runs far past this window)
+    long_stroke = ScribblePrompt(points=[(80, 80, 0), (80, 80, 400)])
+    kept = to_patch_prompt(long_stroke, win).coords
+    assert len(kept) and kept[:, 0].min() > -3 and kept[:, 0].max() < 66
+    assert to_patch_prompt(ScribblePrompt(points=[(5, 5, 300), (9, 5, 300)]), win) is None
 
 
 def test_a_wide_strokes_voxels_are_rasterised_once_per_prompt():

@@ -98,21 +98,6 @@ def test_pack_errors_are_clear(small_data_root: Path, tmp_path: Path):
     (out / entry["file"]).write_bytes(b"not an archive")
     with pytest.raises(pack.PackError, match="cannot read packed case"):
         load_training_cases(out)
-
-
-def test_a_pack_holding_cases_that_are_evaluation_cases_now_is_refused(small_data_root: Path, tmp_path: Path,
-                                                                          monkeypatch):
-    """A pack made before the split changed (as aorta_crop's did) would go on training on cases
-    that are held out now: the pack does not record which split it was cut with."""
-    out = tmp_path / "pack"
-    pack.write_pack(small_data_root, out, datasets=["hippocampus"], progress=lambda _: None)
-    packed = [e["name"] for e in json.loads((out / pack.MANIFEST).read_text())["datasets"]["hippocampus"]]
-    from SegAssistLib import datasets
-
-    real = datasets.load_splits()
-    monkeypatch.setattr(datasets, "load_splits", lambda: {**real, "hippocampus": real["hippocampus"] + packed[:1]})
-    with pytest.raises(pack.PackError, match=f"evaluation split \\({packed[0]}"):
-        load_training_cases(out)
     (out / pack.MANIFEST).write_text(json.dumps({"format": "something else"}))
     with pytest.raises(pack.PackError, match="not a SegAssist training pack"):
         load_training_cases(out)
@@ -132,6 +117,21 @@ def test_a_pack_holding_cases_that_are_evaluation_cases_now_is_refused(small_dat
         with pytest.raises(pack.PackError, match=message):
             pack.write_pack(paths[0], target, progress=lambda _: None, **options)
         assert target == a_file or not target.exists()  # nothing left behind
+
+
+def test_a_pack_holding_cases_that_are_evaluation_cases_now_is_refused(small_data_root: Path, tmp_path: Path,
+                                                                          monkeypatch):
+    """A pack made before the split changed (as aorta_crop's did) would go on training on cases
+    that are held out now: the pack does not record which split it was cut with."""
+    out = tmp_path / "pack"
+    pack.write_pack(small_data_root, out, datasets=["hippocampus"], progress=lambda _: None)
+    packed = [e["name"] for e in json.loads((out / pack.MANIFEST).read_text())["datasets"]["hippocampus"]]
+    from SegAssistLib import datasets
+
+    real = datasets.load_splits()
+    monkeypatch.setattr(datasets, "load_splits", lambda: {**real, "hippocampus": real["hippocampus"] + packed[:1]})
+    with pytest.raises(pack.PackError, match=f"evaluation split \\({packed[0]}"):
+        load_training_cases(out)
 
 
 def test_a_folder_of_packs_reads_as_one(small_data_root: Path, tmp_path: Path):
