@@ -104,7 +104,9 @@ def _absolute_if_path(program: str) -> str:
     """``program`` made absolute when it names a file by path (``.venv/bin/python``); a bare name
     (``python3``) is left for the search path."""
     if os.sep in program or (os.altsep and os.altsep in program):
-        return str(Path(program).resolve())
+        # not resolve(): a virtual environment's python is a symlink to the base interpreter, and
+        # started through the link's target it would not see the environment's packages
+        return os.path.abspath(program)
     return program
 
 
@@ -155,7 +157,7 @@ class LocalBackend:
         self.model = str(Path(model).resolve()) if model else None
         self.device = device
         # absolute: the server runs in the state folder, where relative paths would mean other files
-        self.state_dir = Path(state_dir or default_state_dir()).resolve()
+        self.state_dir = Path(os.path.abspath(state_dir or default_state_dir()))
         self.python = _absolute_if_path(python or os.environ.get(PYTHON_ENV) or sys.executable)
         self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout

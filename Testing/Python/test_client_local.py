@@ -169,3 +169,7 @@ def test_relative_paths_are_taken_from_the_callers_folder(tmp_path, monkeypatch)
     assert backend.state_dir == tmp_path / "state"
     assert backend.python == str(tmp_path / ".venv" / "bin" / "python")
     assert LocalBackend(model=tmp_path / "m.pt", state_dir="state", python="python3").python == "python3"
+    # a virtual environment's python stays the link it is: its target would not see the environment
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    assert LocalBackend(model=tmp_path / "m.pt", python="bin/python").python == str(tmp_path / "bin" / "python")
