@@ -195,7 +195,7 @@ class SeedEngine(Engine):
     licence = ""
     description = ""
 
-    def __init__(self, margin_mm: float = 30.0, seed_radius: float = 2.0, shell_on_image_edge: bool = True):
+    def __init__(self, margin_mm: float = 30.0, seed_radius: float = 2.0, *, shell_on_image_edge: bool = True):
         if margin_mm <= 0 or seed_radius < 0:
             raise ValueError("margin_mm must be positive and seed_radius non-negative")
         self.margin_mm = float(margin_mm)
@@ -233,9 +233,9 @@ class GrowCutEngine(SeedEngine):
     licence = "BSD-style (3D Slicer licence)"
     description = "Grow from seeds, 3D Slicer's vtkImageGrowCutSegment."
 
-    def __init__(self, margin_mm: float = 30.0, seed_radius: float = 2.0, shell_on_image_edge: bool = True,
-                 distance_penalty: float = 0.0):
-        super().__init__(margin_mm, seed_radius, shell_on_image_edge)
+    def __init__(self, margin_mm: float = 30.0, seed_radius: float = 2.0, distance_penalty: float = 0.0, *,
+                 shell_on_image_edge: bool = True):
+        super().__init__(margin_mm, seed_radius, shell_on_image_edge=shell_on_image_edge)
         self.distance_penalty = float(distance_penalty)
         try:  # imported here, not on the first prompt, so that no latency includes the import
             import slicer
@@ -280,9 +280,9 @@ class RandomWalkerEngine(SeedEngine):
     licence = "BSD-3-Clause (scikit-image)"
     description = "Random walker, skimage.segmentation.random_walker."
 
-    def __init__(self, margin_mm: float = 30.0, seed_radius: float = 2.0, shell_on_image_edge: bool = True,
-                 beta: float = 130.0):
-        super().__init__(margin_mm, seed_radius, shell_on_image_edge)
+    def __init__(self, margin_mm: float = 30.0, seed_radius: float = 2.0, beta: float = 130.0, *,
+                 shell_on_image_edge: bool = True):
+        super().__init__(margin_mm, seed_radius, shell_on_image_edge=shell_on_image_edge)
         self.beta = float(beta)
         from skimage.segmentation import random_walker
 
