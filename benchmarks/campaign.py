@@ -84,7 +84,6 @@ from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.runner import builtin_engine_record, load_case
 from SegAssistLib.evaluation.simulator import next_click
 from SegAssistLib.image import Volume
-from SegAssistLib.io import load_mask
 from SegAssistLib.learning import Datastore
 from SegAssistLib.learning.active import next_case
 from SegAssistLib.learning.adapters import AdapterKind, apply_adapter
@@ -165,14 +164,14 @@ def campaign_cases(data_root: Path, spec: StructureSpec, count: Optional[int]) -
     for case in ordered:
         if count is not None and len(out) >= count:
             break
-        if int((load_mask(case.label) == spec.label).sum()) < MIN_TARGET_VOXELS:
-            continue
         try:
             volume, labels = load_case(case)  # the case's channel; the label checked against its grid
         except SegAssistError as exc:
             print(f"skipped {case.name}: {exc}", flush=True)
             continue
         target = (labels == spec.label).astype(np.uint8)
+        if int(target.sum()) < MIN_TARGET_VOXELS:
+            continue
         out.append(CampaignCase(case.name, volume, target, case.name not in evaluation))
     if len(out) < 2:
         raise SystemExit(f"only {len(out)} case(s) of {spec.dataset} hold label {spec.label}: need at least 2")

@@ -24,14 +24,18 @@ FIRST_KIND_WEIGHTS = (0.45, 0.13, 0.14, 0.14, 0.14)
 EXTENT_KINDS = ("box3d", "box2d", "lasso")
 
 
-def interior_point(mask: np.ndarray, rng: np.random.Generator, exact: bool) -> Optional[np.ndarray]:
+def interior_point(
+    mask: np.ndarray, rng: np.random.Generator, exact: bool, one_component: bool = False
+) -> Optional[np.ndarray]:
     """A voxel deep inside ``mask``: exactly the evaluation protocol's click (the distance-transform
-    maximum of the largest component, ties to its centre), or a random voxel near the maximum."""
+    maximum of the largest component, ties to its centre), or a random voxel near the maximum.
+    ``one_component``: ``mask`` is one connected region already (a largest error region), so it
+    is not labelled again."""
     nz = np.argwhere(mask)
     if len(nz) == 0:
         return None
     if exact:
-        region, _ = largest_component(mask)
+        region = mask if one_component else largest_component(mask)[0]
         return np.asarray(most_interior_voxel(region), float)
     lo, hi = nz.min(0), nz.max(0) + 1  # the transform on the region's box only: errors are often small
     crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
@@ -151,7 +155,7 @@ def correction_prompt(target: np.ndarray, prediction: np.ndarray, rng: np.random
         scribble = _scribble_on(sl, axis, index, bool(positive), rng)
         if scribble is not None:
             return scribble
-    point = interior_point(region, rng, exact=rng.random() < 0.7)
+    point = interior_point(region, rng, exact=rng.random() < 0.7, one_component=True)
     return PatchPrompt("point", bool(positive), point[None])
 
 
