@@ -534,7 +534,7 @@ def test_batch_example_segments_the_bundled_sample(tiny_backend, tmp_path, capsy
         "--out", str(out),
         "--segment-name", "hippocampus",
         "--url", tiny_backend.url,
-        "--token", tiny_backend.token,
+        f"--token={tiny_backend.token}",  # one argument: a generated token may begin with '-'
     ]  # fmt: skip
     assert example.main(args) == 1  # no consent yet: nothing is sent
     assert "add --send-images-to-remote" in capsys.readouterr().err and not out.exists()
