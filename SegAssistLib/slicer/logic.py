@@ -264,8 +264,14 @@ def write_result(
         segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
     if keep_existing and segment_id is None:
         segment_name = free_segment_name(segmentation_node, segment_name)
+    existing = set(segmentation_node.GetSegmentation().GetSegmentIDs())
     target = find_or_add_segment(segmentation_node, segment_name, segment_id, color)
-    segments.array_to_segment(run.mask, segmentation_node, target, volume_node)
+    try:
+        segments.array_to_segment(run.mask, segmentation_node, target, volume_node)
+    except Exception:
+        if target not in existing:  # no empty segment is left behind by a write that failed
+            segmentation_node.GetSegmentation().RemoveSegment(target)
+        raise
     return SegmentationResult(
         segmentation_node=segmentation_node,
         segment_id=target,

@@ -3,8 +3,11 @@
 Masks are ``uint8`` arrays ``[k, j, i]`` of 0 and 1 with the reference volume's shape. A segment's
 own labelmap may be stored on another grid, cropped, or shared with other segments in one layer
 (label values 1, 2, ...): reads resample it (nearest neighbour) onto the volume's grid and keep only
-this segment's label. Writes go onto the volume's grid expressed in the segmentation's frame, so
-different parent transforms on the volume and the segmentation are accounted for (linear only).
+this segment's label. Writes land on the segmentation's own reference geometry, as Slicer's effects'
+do: an answer on the volume's grid is resampled (nearest neighbour) onto it when the two differ (a
+segmentation made on another series, cropped, or oversampled), so the layer is never re-gridded and
+the other segments in it keep every voxel. Different parent transforms on the volume and the
+segmentation are accounted for (linear only).
 
 The volume-to-segmentation matrix comes from ``vtkMRMLTransformNode.GetMatrixTransformBetweenNodes``,
 not from ``CreateOrientedImageDataFromVolumeNode`` or ``ExportSegmentsToLabelmapNode``: in slicer-core
@@ -15,7 +18,7 @@ not from ``CreateOrientedImageDataFromVolumeNode`` or ``ExportSegmentsToLabelmap
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import slicer
@@ -166,7 +169,6 @@ def segment_to_array(
 ) -> np.ndarray:
     """The segment as a 0/1 ``uint8`` mask ``[k, j, i]`` on the reference volume's grid; with ``box``
     (array offset and shape, ``[k, j, i]``, inside the grid) that box of it only (resampled alone)."""
-    segment = _segment(segmentation_node, segment_id)
     geometry = reference_geometry(reference_volume_node, segmentation_node)
     if box is not None:
         offset, size = box
@@ -174,6 +176,16 @@ def segment_to_array(
         e = geometry.GetExtent()
         (ok, oj, oi), (nk, nj, ni) = (int(o) for o in offset), (int(n) for n in size)
         geometry.SetExtent(e[0] + oi, e[0] + oi + ni - 1, e[2] + oj, e[2] + oj + nj - 1, e[4] + ok, e[4] + ok + nk - 1)
+    return _segment_on_grid(segmentation_node, segment_id, geometry)
+
+
+def _segment_on_grid(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    segment_id: str,
+    geometry: slicer.vtkOrientedImageData,
+) -> np.ndarray:
+    """The segment resampled (nearest neighbour) onto ``geometry`` (its extent), as a 0/1 mask."""
+    segment = _segment(segmentation_node, segment_id)
     shape = _shape_kji(geometry)
     segmentation_node.GetSegmentation().CreateRepresentation(BINARY_LABELMAP)
     labelmap = slicer.vtkOrientedImageData()
@@ -191,6 +203,149 @@ def segment_to_array(
     return (values == segment.GetLabelValue()).astype(np.uint8)
 
 
+def segmentation_geometry(
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+) -> slicer.vtkOrientedImageData:
+    """The grid the segmentation keeps its segments on (its reference image geometry, in its own
+    frame), which Slicer's effects write on; the volume's grid when the segmentation names none."""
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    serialized = segmentation_node.GetSegmentation().GetConversionParameter(parameter)
+    if not serialized:
+        return reference_geometry(reference_volume_node, segmentation_node)
+    geometry = slicer.vtkOrientedImageData()
+    if not slicer.vtkSegmentationConverter.DeserializeImageGeometry(serialized, geometry, False):
+        raise SegAssistError(
+            f"segmentation {segmentation_node.GetName()!r} has an unreadable reference geometry {serialized!r}"
+        )
+    return geometry
+
+
+def _crop_to_box(grid: slicer.vtkOrientedImageData, offset: Sequence[int], shape: Sequence[int]) -> None:
+    e = grid.GetExtent()
+    (ok, oj, oi), (nk, nj, ni) = (int(o) for o in offset), (int(n) for n in shape)
+    grid.SetExtent(e[0] + oi, e[0] + oi + ni - 1, e[2] + oj, e[2] + oj + nj - 1, e[4] + ok, e[4] + ok + nk - 1)
+
+
+def _target_box(
+    source: slicer.vtkOrientedImageData, target: slicer.vtkOrientedImageData
+) -> Optional[slicer.vtkOrientedImageData]:
+    """``target``'s grid cut to the voxels that ``source``'s extent covers; None where they do not meet."""
+    source_to_world, world_to_target = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    source.GetImageToWorldMatrix(source_to_world)
+    target.GetWorldToImageMatrix(world_to_target)
+    se, te = source.GetExtent(), target.GetExtent()
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (se[0] - 0.5, se[1] + 0.5)
+            for j in (se[2] - 0.5, se[3] + 0.5)
+            for k in (se[4] - 0.5, se[5] + 0.5)
+        ]
+    )
+    to_target = _numpy_matrix(world_to_target) @ _numpy_matrix(source_to_world)
+    ijk = (to_target @ corners.T)[:3]
+    lo = np.maximum(np.floor(ijk.min(axis=1)).astype(int), [te[0], te[2], te[4]])
+    hi = np.minimum(np.ceil(ijk.max(axis=1)).astype(int), [te[1], te[3], te[5]])
+    if np.any(hi < lo):
+        return None
+    box = slicer.vtkOrientedImageData()
+    matrix = vtk.vtkMatrix4x4()
+    target.GetImageToWorldMatrix(matrix)
+    box.SetImageToWorldMatrix(matrix)
+    box.SetExtent(int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2]))
+    return box
+
+
+def _numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _resample_mask(labelmap: slicer.vtkOrientedImageData, grid: slicer.vtkOrientedImageData) -> np.ndarray:
+    """``labelmap`` resampled (nearest neighbour, 0 outside it) onto ``grid``'s extent, as booleans."""
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, grid, resampled):
+        raise SegAssistError("could not resample the answer onto the segmentation's geometry")
+    return numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(_shape_kji(grid)) > 0
+
+
+def _to_target_ijk(source: slicer.vtkOrientedImageData, target: slicer.vtkOrientedImageData) -> np.ndarray:
+    """The 4x4 matrix taking ``source``'s IJK to ``target``'s (continuous) IJK."""
+    source_to_world, world_to_target = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    source.GetImageToWorldMatrix(source_to_world)
+    target.GetWorldToImageMatrix(world_to_target)
+    return _numpy_matrix(world_to_target) @ _numpy_matrix(source_to_world)
+
+
+def _count_outside(
+    inside: np.ndarray,
+    offset: Sequence[int],
+    volume_grid: slicer.vtkOrientedImageData,
+    target: slicer.vtkOrientedImageData,
+) -> int:
+    """How many voxels of ``inside`` (a box at ``offset`` of the volume's grid) have no voxel of
+    ``target``'s extent within half a voxel: nearest-neighbour resampling cannot place them."""
+    k, j, i = np.nonzero(inside)
+    if k.size == 0:
+        return 0
+    e, t = volume_grid.GetExtent(), target.GetExtent()
+    ijk = np.stack([i + e[0] + offset[2], j + e[2] + offset[1], k + e[4] + offset[0], np.ones_like(i)]).astype(float)
+    mapped = (_to_target_ijk(volume_grid, target) @ ijk)[:3]
+    lo = np.array([t[0], t[2], t[4]], float)[:, None] - 0.5 - 1e-6
+    hi = np.array([t[1], t[3], t[5]], float)[:, None] + 0.5 + 1e-6
+    return int(np.count_nonzero(np.any((mapped < lo) | (mapped > hi), axis=0)))
+
+
+class _Placed(NamedTuple):
+    """An update placed on the segmentation's geometry: ``grid`` is that geometry cut to the
+    update's box (None if they do not meet), ``inside`` the answer on it, ``touched`` the voxels of
+    it whose nearest volume voxel lies in the box (and, with ``changed``, is one of those);
+    ``resampled`` is False when the segmentation's geometry is the volume's grid."""
+
+    inside: np.ndarray
+    touched: np.ndarray
+    grid: Optional[slicer.vtkOrientedImageData]
+    resampled: bool
+
+
+def _on_segmentation_grid(
+    update: MaskUpdate,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+    changed: Optional[np.ndarray] = None,
+) -> _Placed:
+    """An update on the volume's grid placed on the segmentation's geometry (see :class:`_Placed`).
+
+    Raises when the update holds voxels the segmentation's geometry does not reach: they could not
+    be written, and a silently clipped answer is a wrong segment.
+    """
+    volume_grid = reference_geometry(reference_volume_node, segmentation_node)
+    _check_box(update, _shape_kji(volume_grid))
+    inside = np.asarray(update.voxels) > 0
+    decides = np.ones_like(inside) if changed is None else np.asarray(changed) > 0
+    target = segmentation_geometry(segmentation_node, reference_volume_node)
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target):
+        _crop_to_box(volume_grid, update.offset, inside.shape)
+        return _Placed(inside, decides, volume_grid, resampled=False)
+    outside = _count_outside(inside, update.offset, volume_grid, target)
+    if outside:
+        raise ImageError(
+            f"{outside} voxels of the answer lie outside the geometry of segmentation "
+            f"{segmentation_node.GetName()!r}, so they cannot be written: set its geometry to volume "
+            f"{reference_volume_node.GetName()!r} (Segment Editor, 'Specify geometry') or segment into "
+            "another segmentation"
+        )
+    grid = _target_box(oriented_labelmap(inside, volume_grid, update.offset), target)
+    if grid is None:
+        return _Placed(inside, decides, None, resampled=True)
+    # A margin of empty voxels around the box: VTK's resampling takes a point up to half a voxel
+    # outside an image as on its edge, which would hand ties just past the box to the box.
+    margin = tuple(int(o) - 1 for o in update.offset)
+    answer = oriented_labelmap(np.pad(inside, 1), volume_grid, margin)
+    touched = _resample_mask(oriented_labelmap(np.pad(decides, 1), volume_grid, margin), grid)
+    return _Placed(_resample_mask(answer, grid), touched, grid, resampled=True)
+
+
 def array_to_segment(
     mask: np.ndarray,
     segmentation_node: slicer.vtkMRMLSegmentationNode,
@@ -199,16 +354,20 @@ def array_to_segment(
 ) -> None:
     """Replace the whole segment by ``mask`` (nonzero = inside), ``[k, j, i]`` on the volume's grid.
 
-    Other segments are left as they are (a shared layer is split if they would overlap). No undo:
-    use :class:`SegmentEditor` for that.
+    Written on the segmentation's geometry (resampled when that is not the volume's grid). Other
+    segments are left as they are (a shared layer is split if they would overlap). No undo: use
+    :class:`SegmentEditor` for that.
     """
     _segment(segmentation_node, segment_id)
-    geometry = reference_geometry(reference_volume_node, segmentation_node)
-    shape = _shape_kji(geometry)
+    shape = _shape_kji(reference_geometry(reference_volume_node, segmentation_node))
     if np.shape(mask) != shape:
         raise ImageError(f"mask shape {np.shape(mask)} differs from the reference volume's {shape} [k, j, i]")
     _ensure_binary_labelmap_source(segmentation_node)
-    labelmap = oriented_labelmap(mask, geometry)
+    placed = _on_segmentation_grid(MaskUpdate((0, 0, 0), np.asarray(mask)), segmentation_node, reference_volume_node)
+    if placed.grid is None:
+        labelmap = _nothing_to_write(segmentation_node, reference_volume_node)
+    else:
+        labelmap = oriented_labelmap(placed.inside & placed.touched, placed.grid)
     if not _Logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, _Logic.MODE_REPLACE):
         raise SegAssistError(f"could not write segment {segment_id!r}")
 
@@ -230,23 +389,43 @@ def update_labelmaps(
 ) -> Tuple[slicer.vtkOrientedImageData, slicer.vtkOrientedImageData, Tuple[int, ...]]:
     """A :class:`MaskUpdate` as segment editor input: (voxels to add, voxels to remove, extent).
 
-    Both labelmaps cover exactly the update's box; the extent limits the write to it. This is what
+    Both labelmaps lie on the segmentation's geometry (Slicer's editor masks and writes on that
+    grid) and cover the update's box there; the extent limits the write to it. This is what
     ``scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, mode, extent)`` takes in Slicer.
     With ``segment_id``, only the voxels where the update differs from that segment (read on the
     volume's grid) are added or removed: a segment kept on a finer grid than the volume keeps its
     detail wherever the answer leaves it as it is.
     """
-    geometry = reference_geometry(reference_volume_node, segmentation_node)
-    _check_box(update, _shape_kji(geometry))
-    inside = np.asarray(update.voxels) > 0
+    changed = None
+    if segment_id is not None:
+        was_on_volume = segment_to_array(
+            segmentation_node, segment_id, reference_volume_node, (update.offset, update.voxels.shape)
+        )
+        changed = (np.asarray(update.voxels) > 0) != (was_on_volume > 0)
+    placed = _on_segmentation_grid(update, segmentation_node, reference_volume_node, changed)
+    if placed.grid is None:  # an empty answer wholly outside the segmentation's geometry
+        empty = _nothing_to_write(segmentation_node, reference_volume_node)
+        return empty, empty, tuple(empty.GetExtent())
+    inside, touched = placed.inside, placed.touched
     if segment_id is None:
-        to_add, to_remove = inside, ~inside
+        to_add, to_remove = inside & touched, ~inside & touched
     else:
-        was = segment_to_array(segmentation_node, segment_id, reference_volume_node, (update.offset, inside.shape)) > 0
-        to_add, to_remove = inside & ~was, was & ~inside
-    add = oriented_labelmap(to_add, geometry, update.offset)
-    remove = oriented_labelmap(to_remove, geometry, update.offset)
+        # on the volume's own grid the segment is already read; on another grid, read it there
+        was = _segment_on_grid(segmentation_node, segment_id, placed.grid) if placed.resampled else was_on_volume
+        was = was > 0
+        to_add, to_remove = inside & touched & ~was, ~inside & touched & was
+    add = oriented_labelmap(to_add, placed.grid)
+    remove = oriented_labelmap(to_remove, placed.grid)
     return add, remove, tuple(add.GetExtent())
+
+
+def _nothing_to_write(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, reference_volume_node: slicer.vtkMRMLVolumeNode
+) -> slicer.vtkOrientedImageData:
+    """One empty voxel of the segmentation's geometry: a write that changes nothing."""
+    return oriented_labelmap(
+        np.zeros((1, 1, 1), np.uint8), segmentation_geometry(segmentation_node, reference_volume_node)
+    )
 
 
 class SegmentEditor:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SegAssistLib.errors import PromptError, SegAssistError
+from SegAssistLib.errors import ImageError, PromptError, SegAssistError
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, PromptLog, ScribblePrompt
 
 slicer = pytest.importorskip("slicer")
@@ -144,14 +144,16 @@ def test_the_module_button_keeps_a_segment_that_holds_someones_work(ctx):
     replaced = write_result(run(4), volume, segmentation_node=seg)  # the batch API: replaced, as documented
     assert replaced.segment_id == first.segment_id and seg.GetSegmentation().GetNumberOfSegments() == 2
 
-    # the button pressed again on another volume, one that does not overlap the first: the segment's
-    # voxels lie outside its grid, and are still someone's work (it was once replaced whole)
+    # the button pressed again on another volume, one the segmentation's geometry (the first
+    # volume's grid) does not reach: the result cannot be written there, which is said, and nothing
+    # is left behind (no empty "SegAssist 3"); the segments hold what they held
     elsewhere = _volume(ctx.scene)
     elsewhere.SetOrigin(500.0, 0.0, 0.0)
-    third = write_result(run(0), elsewhere, segmentation_node=seg, keep_existing=True)
-    assert third.segment_id not in (first.segment_id, second.segment_id)
-    assert seg.GetSegmentation().GetSegment(third.segment_id).GetName() == "SegAssist 3"
-    assert np.array_equal(segments.segment_to_array(seg, first.segment_id, volume), run(4).mask)  # kept
+    with pytest.raises(ImageError, match="outside the geometry of segmentation 'seg'"):
+        write_result(run(0), elsewhere, segmentation_node=seg, keep_existing=True)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 2
+    assert np.array_equal(segments.segment_to_array(seg, first.segment_id, volume), run(4).mask)
+    assert np.array_equal(segments.segment_to_array(seg, second.segment_id, volume), run(2).mask)
 
 
 def test_a_result_for_nodes_removed_meanwhile_is_refused_not_written_into_nothing(ctx):

@@ -285,11 +285,12 @@ def test_clear_errors(ctx, tmp_path):
 
 
 def test_an_answer_adds_and_removes_only_the_voxels_it_changes(ctx):
-    """The segment was drawn on a grid twice as fine as the source volume. An answer's box used to be
-    written whole (add inside, remove outside): where Slicer keeps the segmentation on its own finer
-    grid, that rewrote every coarse voxel of the box, flattening the segment's detail where the
-    answer changed nothing. Now only the voxels that differ from the segment (read on the volume's
-    grid, in the box alone) are added or removed."""
+    """The segment was drawn on a grid twice as fine as the source volume (the segmentation's
+    geometry). An answer's box used to be written whole (add inside, remove outside), flattening
+    the segment's detail where the answer changed nothing, and on the volume's grid, which made
+    Slicer re-grid the layer. Now only the fine voxels of the coarse voxels where the answer differs
+    from the segment (read on the volume's grid, in the box alone) are added or removed, on the
+    segmentation's own fine grid."""
     coarse = add_volume(ctx.scene, random_volume((10, 12, 14)), affine(np.eye(3) * 2.0, (0.0, 0.0, 0.0)), "coarse")
     fine = add_volume(ctx.scene, random_volume((20, 24, 28)), affine(np.eye(3), (-0.5, -0.5, -0.5)), "fine")
     seg = segments.create_segmentation(ctx.scene, fine, "seg")
@@ -307,13 +308,126 @@ def test_an_answer_adds_and_removes_only_the_voxels_it_changes(ctx):
     inside = np.argwhere(answer)[len(np.argwhere(answer)) // 2]
     answer[tuple(inside)] = 0
     update = MaskUpdate(offset=(0, 0, 0), voxels=answer)
-    add, remove, _ = segments.update_labelmaps(update, seg, coarse, sid)
-    as_array = lambda image: numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(answer.shape)  # noqa: E731
-    assert np.argwhere(as_array(add)).tolist() == [[0, 0, 0]]
-    assert np.argwhere(as_array(remove)).tolist() == [inside.tolist()]
+    add, remove, extent = segments.update_labelmaps(update, seg, coarse, sid)
+    assert extent[0] == extent[2] == extent[4] == 0  # on the fine grid (coarse voxel c is fine 2c, 2c + 1)
+    fine_voxels = lambda image: {tuple(v) for v in np.argwhere(_labelmap_array(image))}  # noqa: E731
+    assert fine_voxels(add) == {(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)}
+    kk, jj, ii = (2 * int(v) for v in inside)
+    removed = {(a, b, c) for a in (kk, kk + 1) for b in (jj, jj + 1) for c in (ii, ii + 1) if ball[a, b, c]}
+    assert removed and fine_voxels(remove) == removed
     whole_add, whole_remove, _ = segments.update_labelmaps(update, seg, coarse)  # without a segment: the box
-    assert as_array(whole_add).sum() + as_array(whole_remove).sum() == answer.size
+    assert _labelmap_array(whole_add).sum() + _labelmap_array(whole_remove).sum() == 8 * answer.size
+    layer_grid = world_image_geometry(fine)
     editor = segments.SegmentEditor(seg, coarse)
     editor.write(sid, update)  # the result on the volume's grid is the answer, as before
     assert np.array_equal(segments.segment_to_array(seg, sid, coarse)[0:8, 0:9, 0:10], answer)
+    expected = ball.copy()
+    expected[0:2, 0:2, 0:2] = 1
+    expected[kk : kk + 2, jj : jj + 2, ii : ii + 2] = 0
+    assert np.array_equal(segments.segment_to_array(seg, sid, fine), expected)  # the rest of the detail stays
+    assert np.allclose(world_image_geometry(fine), layer_grid)
     editor.close()
+
+
+def _labelmap_array(image) -> np.ndarray:
+    nk, nj, ni = image.GetDimensions()[::-1]
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)
+
+
+def _series_pair(ctx, spacing: float, origin):
+    """A segmentation made on series 1 (its geometry), holding a hand-painted segment, and series 2
+    on another grid (shifted, or coarser) that SegAssist segments into it."""
+    series1 = add_volume(ctx.scene, random_volume((30, 30, 30)), affine(np.eye(3), (0.0, 0.0, 0.0)), "series 1")
+    series2 = add_volume(ctx.scene, random_volume((20, 20, 20)), affine(np.eye(3) * spacing, origin), "series 2")
+    seg = segments.create_segmentation(ctx.scene, series1, "user seg")
+    painted = segments.add_segment(seg, "liver, painted by hand")
+    k, j, i = np.meshgrid(*[np.arange(30)] * 3, indexing="ij")
+    liver = (((k - 8) ** 2 + (j - 9) ** 2 + (i - 10) ** 2) < 30).astype(np.uint8)
+    segments.array_to_segment(liver, seg, painted, series1)
+    return series1, series2, seg, painted, liver
+
+
+@pytest.mark.parametrize(
+    "spacing, origin", [(1.0, (10.5, 10.0, 10.0)), (1.0, (10.0, 10.0, 10.0)), (2.0, (0.0, 0.0, 0.0))]
+)
+def test_writes_on_another_series_keep_the_segmentations_grid_and_its_other_segments(ctx, spacing, origin):
+    """Writes were built on the segmented volume's grid; where the segmentation's geometry was another
+    series', Slicer re-gridded the shared layer and resampled the hand-painted segment in it (181 of
+    691 voxels changed, no undo). Writes now land on the segmentation's geometry."""
+    series1, series2, seg, painted, liver = _series_pair(ctx, spacing, origin)
+    answer = np.zeros((20, 20, 20), np.uint8)
+    answer[12:15, 12:15, 12:15] = 1  # far from the liver
+    whole = segments.add_segment(seg, "SegAssist")
+    segments.array_to_segment(answer, seg, whole, series2)  # the module's button
+    region = segments.add_segment(seg, "SegAssist 2")
+    editor = segments.SegmentEditor(seg, series2)  # the effect's path
+    editor.write(region, MaskUpdate(offset=(12, 12, 12), voxels=np.ones((3, 3, 3), np.uint8)))
+    editor.close()
+    assert np.array_equal(segments.segment_to_array(seg, painted, series1), liver)
+    for written in (whole, region):
+        assert segments.segment_to_array(seg, written, series1).sum() == 27 * spacing**3  # ties: nearest rounds up
+        if origin[0] == int(origin[0]):  # whole voxels apart: nearest neighbour there and back is exact
+            assert np.array_equal(segments.segment_to_array(seg, written, series2), answer)
+    layer = slicer.util.arrayFromVTKMatrix(_layer_image_to_world(seg, painted))
+    assert np.allclose(layer, world_image_geometry(series1))  # the layer keeps the segmentation's grid
+
+
+def _layer_image_to_world(seg, segment_id):
+    matrix = vtk.vtkMatrix4x4()
+    seg.GetSegmentation().GetSegment(segment_id).GetRepresentation(segments.BINARY_LABELMAP).GetImageToWorldMatrix(
+        matrix
+    )
+    return matrix
+
+
+@pytest.mark.parametrize("geometry_from", ["full", "crop"])
+def test_the_editors_masking_applies_when_the_segmentation_has_another_geometry(ctx, geometry_from):
+    """Slicer's editor masks on the segmentation's geometry: a labelmap on the volume's grid made it
+    write nothing under an intensity range (silently), and ignore "outside all segments"."""
+    full = add_volume(ctx.scene, np.full((30, 30, 30), 100, np.int16), affine(np.eye(3), (0.0, 0.0, 0.0)), "full")
+    crop = add_volume(ctx.scene, np.full((20, 20, 20), 100, np.int16), affine(np.eye(3), (10.0, 10.0, 10.0)), "crop")
+    seg = segments.create_segmentation(ctx.scene, full if geometry_from == "full" else crop, "seg")
+    other = segments.add_segment(seg, "other")
+    other_mask = np.zeros((20, 20, 20), np.uint8)
+    other_mask[12:16, 12:16, 12:14] = 1
+    segments.array_to_segment(other_mask, seg, other, crop)
+    sid = segments.add_segment(seg, "s")
+    cube = MaskUpdate(offset=(12, 12, 12), voxels=np.ones((4, 4, 4), np.uint8))
+
+    editor = segments.SegmentEditor(seg, crop)
+    editor.editor_node.SetSourceVolumeIntensityMask(True)
+    editor.editor_node.SetSourceVolumeIntensityMaskRange(50, 150)  # every voxel is 100: all allowed
+    editor.write(sid, cube)
+    assert segments.segment_to_array(seg, sid, crop).sum() == 64
+    assert np.array_equal(segments.segment_to_array(seg, other, crop), other_mask)  # overwrite none
+    editor.editor_node.SetSourceVolumeIntensityMaskRange(500, 600)  # none allowed
+    editor.write(sid, MaskUpdate(offset=(0, 0, 0), voxels=np.ones((2, 2, 2), np.uint8)))
+    assert segments.segment_to_array(seg, sid, crop)[0:2, 0:2, 0:2].sum() == 0
+    editor.close()
+
+    segments.array_to_segment(np.zeros((20, 20, 20), np.uint8), seg, sid, crop)
+    editor = segments.SegmentEditor(seg, crop, overwrite_other_segments=True)
+    editor.editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    editor.write(sid, cube)
+    assert segments.segment_to_array(seg, sid, crop).sum() == 32
+    assert np.array_equal(segments.segment_to_array(seg, other, crop), other_mask)
+    editor.close()
+
+
+def test_an_answer_the_segmentations_geometry_does_not_reach_is_refused_whole(ctx):
+    """A segmentation whose geometry was set before a transform moved it away from the volume: the
+    part of an answer outside its grid cannot be written, and a silently clipped segment is wrong."""
+    volume = add_volume(ctx.scene, np.full((20, 20, 20), 100, np.int16), affine(np.eye(3), (10.0, 10.0, 10.0)))
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+    seg.SetAndObserveTransformNodeID(
+        add_linear_transform(ctx.scene, affine(rotation((0, 0, 1), 30), (3, 2, 1))).GetID()
+    )
+    sid = segments.add_segment(seg, "s")
+    editor = segments.SegmentEditor(seg, volume)
+    with pytest.raises(ImageError, match=r"voxels of the answer lie outside the geometry of segmentation 'seg'"):
+        editor.write(sid, MaskUpdate(offset=(12, 12, 12), voxels=np.ones((4, 4, 4), np.uint8)))
+    assert not segments.segment_holds_voxels(seg, sid) and not editor.can_undo
+    editor.close()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # the fix the message names
+    segments.array_to_segment(np.pad(np.ones((4, 4, 4), np.uint8), 8), seg, sid, volume)
+    assert segments.segment_to_array(seg, sid, volume)[8:12, 8:12, 8:12].all()
