@@ -46,11 +46,20 @@ class Op(str, Enum):
 
 @dataclass(frozen=True)
 class Request:
+    """One prompt, undo or redo of the current object. ``depth``: how many prompts were in effect
+    (as the user saw them) when it was made; an undo or redo acts on the prompt at that depth, so
+    one whose prompt failed meanwhile is moot rather than acting on an earlier one."""
+
     seq: int
     epoch: int
     op: Op
     prompt: Optional[Prompt]
     issued_at: float
+    depth: int = 0
+
+    @property
+    def moves_history(self) -> bool:
+        return self.op is not Op.PROMPT
 
 
 class _Stack:
@@ -108,8 +117,9 @@ class PromptState:
             raise SessionError("the object is being accepted once its pending answers are in: wait for them")
         if not self._expected.allows(op):
             raise SessionError("nothing to undo" if op is Op.UNDO else "nothing to redo")
+        depth = len(self._expected.done)
         self._expected.apply(op, prompt)
-        request = Request(self._next_seq, self.epoch, op, prompt, self._clock())
+        request = Request(self._next_seq, self.epoch, op, prompt, self._clock(), depth)
         self._next_seq += 1
         self._pending[request.seq] = request
         return request
@@ -125,6 +135,8 @@ class PromptState:
             self.dropped += 1
             return None
         del self._pending[request.seq]
+        if request.moves_history and len(self._confirmed.done) != request.depth:
+            return None  # moot: the prompt it was to undo (or redo over) failed; its own error stands
         if error is not None or update is None:
             self.last_error = error
             self._replan()
@@ -162,6 +174,8 @@ class PromptState:
         expected = self._confirmed.copy()
         for seq in sorted(self._pending):
             request = self._pending[seq]
+            if request.moves_history and len(expected.done) != request.depth:
+                continue  # its prompt failed: the undo or redo is moot
             if expected.allows(request.op):
                 expected.apply(request.op, request.prompt)
         self._expected = expected
@@ -357,6 +371,9 @@ class InteractiveSession:
             assert request.prompt is not None
             update = session.add_prompt(request.prompt)
             self._done, self._undone = self._done + 1, 0
+        elif self._done != request.depth:
+            # the prompt this undo or redo was asked for failed: doing it now would act on another
+            return MaskUpdate(offset=(0, 0, 0), voxels=np.zeros((0, 0, 0), np.uint8))
         elif request.op is Op.UNDO:
             if self._done == 0:
                 raise SessionError("nothing to undo: the prompt before it failed")

@@ -517,9 +517,11 @@ def test_an_undo_queued_behind_a_failed_prompt_never_reaches_the_backend(tiny_en
         for request in (outside, undo):
             worker.submit(request, session.run, request)
         replies = worker.wait(timeout=60)
-        assert [type(r.error).__name__ for r in replies] == ["PromptError", "SessionError"]
+        assert type(replies[0].error).__name__ == "PromptError"
+        assert replies[1].ok and replies[1].value.voxels.size == 0  # moot: nothing sent to the backend
         assert all(state.accept(r.tag, r.value, r.error) is None for r in replies)
         assert not state.busy and state.prompts == [] and not state.can_undo
+        assert type(state.last_error).__name__ == "PromptError"  # the user sees why the click failed
         assert np.array_equal(session.result(), baseline)  # the initial mask is still there
 
         click = state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))
@@ -529,6 +531,44 @@ def test_an_undo_queued_behind_a_failed_prompt_never_reaches_the_backend(tiny_en
         for reply in worker.wait(timeout=60):
             assert reply.ok and state.accept(reply.tag, reply.value, reply.error) is not None
         assert np.array_equal(session.result(), baseline) and state.can_redo
+    finally:
+        worker.submit(None, session.close)
+        worker.shutdown(wait=True, cancel_queued=False)
+
+
+def test_an_undo_meant_for_a_prompt_that_failed_leaves_the_earlier_prompt_alone(tiny_engine):
+    """Click 1 lands; click 2 is refused while an undo (meant for click 2) waits behind it. The undo
+    was re-planned onto click 1, which the backend then undid: the user's good click was lost. It is
+    moot now; so is a redo whose undo failed."""
+    from SegAssistLib.image import Volume
+
+    state, worker = PromptState(), BackgroundWorker()
+    session = InteractiveSession(lambda: tiny_engine, Volume(_blob()), None, worker.note)
+    try:
+        good = PointPrompt(position=(18.0, 16.0, 10.0))
+        requests = [
+            state.request(Op.PROMPT, good),
+            state.request(Op.PROMPT, PointPrompt(position=(500.0, 16.0, 10.0))),
+            state.request(Op.UNDO),
+        ]
+        for request in requests:
+            worker.submit(request, session.run, request)
+        replies = worker.wait(timeout=60)
+        assert [r.ok for r in replies] == [True, False, True]
+        written = [state.accept(r.tag, r.value, r.error) for r in replies]
+        assert written[0] is not None and written[1] is None and written[2] is None
+        after_good_click = session.result().copy()
+        assert after_good_click.any()
+        assert state.prompts == state.confirmed_prompts == [good] and state.can_undo and not state.can_redo
+        assert type(state.last_error).__name__ == "PromptError"
+
+        undo, redo = state.request(Op.UNDO), state.request(Op.REDO)
+        assert state.accept(undo, error=SessionError("lost on the way")) is None  # the undo failed
+        assert state.prompts == [good] and state.busy and not state.can_redo  # the redo waits, moot now
+        moot = session.run(redo)
+        assert moot.voxels.size == 0 and state.accept(redo, moot) is None
+        assert state.prompts == state.confirmed_prompts == [good] and not state.busy
+        assert np.array_equal(session.result(), after_good_click)
     finally:
         worker.submit(None, session.close)
         worker.shutdown(wait=True, cancel_queued=False)
@@ -560,8 +600,9 @@ def test_a_session_opened_under_other_backend_settings_sends_nothing_more(tiny_e
 
     manager = BackendManager(BackendSettings())
     opened = []
-    session = InteractiveSession(lambda: opened.append(1) or tiny_engine, Volume(_blob()), None,
-                                 settings_generation=lambda: manager.generation)
+    session = InteractiveSession(
+        lambda: opened.append(1) or tiny_engine, Volume(_blob()), None, settings_generation=lambda: manager.generation
+    )
     state = PromptState()
     first = state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))
     assert session.run(first) is not None and opened == [1]
@@ -594,15 +635,18 @@ def test_an_object_goes_on_with_the_backend_that_replaced_a_stopped_one(server_f
     session = InteractiveSession(lambda: current["client"], volume, initial)
     state = PromptState()
     requests = [state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))]
-    assert session.run(requests[0]) is not None
+    first_update = session.run(requests[0])
+    assert first_update is not None and state.accept(requests[0], first_update) is not None
     first.stop()
-    with pytest.raises(BackendUnavailableError):  # nothing else runs: the same address, unreachable
-        session.run(state.request(Op.PROMPT, PointPrompt(position=(19.0, 16.0, 10.0))))
+    lost = state.request(Op.PROMPT, PointPrompt(position=(19.0, 16.0, 10.0)))
+    with pytest.raises(BackendUnavailableError) as unreachable:  # nothing else runs: the same address
+        session.run(lost)
+    assert state.accept(lost, error=unreachable.value) is None and len(state.prompts) == 1
     second = server_factory.start()
     current["client"] = SegAssistClient(second.url, TOKENS["alice"])
     late = state.request(Op.PROMPT, PointPrompt(position=(20.0, 16.0, 10.0)))
     update = session.run(late)
-    assert update is not None
+    assert update is not None and state.accept(late, update) is not None
     remote = session._session
     assert remote.client.url == second.url
     kinds = [p.kind for p in remote.prompt_log().prompts]
