@@ -20,6 +20,7 @@ from SegAssistLib.dicom import read_dicom_series
 from SegAssistLib.errors import ImageError
 from SegAssistLib.files import sitk_path
 from SegAssistLib.image import Volume
+from SegAssistLib.labels import as_labels  # noqa: F401  (re-exported: part of the IO API)
 
 PathLike = Union[str, Path]
 
@@ -130,22 +131,6 @@ def volume_to_sitk(volume: Volume, array: Optional[np.ndarray] = None) -> sitk.I
     image.SetOrigin(volume.origin)
     image.SetDirection(tuple(np.asarray(volume.direction, float).ravel()))
     return image
-
-
-def as_labels(mask: np.ndarray) -> np.ndarray:
-    """The mask as uint8 label values; :class:`ImageError` unless every value is an integer 0-255
-    (a cast would wrap 256 to 0 and -1 to 255, and truncate 0.9 to 0)."""
-    arr = np.asarray(mask)
-    if arr.dtype == bool:
-        return arr.astype(np.uint8)
-    integral = arr.dtype.kind in "iu" or (
-        arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr)))
-    )
-    if not integral:
-        raise ImageError(f"label values must be integers 0-255, got dtype {arr.dtype} with other values")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise ImageError(f"label values must be 0-255, got {arr.min()}..{arr.max()}")
-    return np.ascontiguousarray(arr.astype(np.uint8))
 
 
 def save_mask_nifti(mask: np.ndarray, reference: Volume, path: PathLike) -> Path:

@@ -33,6 +33,7 @@ from SegAssistLib.api_learning import (
 from SegAssistLib.api_models import API_PREFIX, ArrayPayload
 from SegAssistLib.client.errors import BackendTimeoutError, ProtocolError
 from SegAssistLib.image import Volume
+from SegAssistLib.labels import as_labels
 from SegAssistLib.prompts import MaskPrompt
 from SegAssistLib.transport import available_codecs, decode_frame
 
@@ -161,8 +162,10 @@ class LearningClient:
         submit: bool = True,
         n_interactions: Optional[int] = None,
     ) -> LabelInfo:
-        """Save a mask drawn elsewhere (uint8 ``[k, j, i]``, the case's shape) as a label version."""
-        payload = ArrayPayload.from_array(np.ascontiguousarray(mask, np.uint8), available_codecs()[0])
+        """Save a mask drawn elsewhere (label values 0-255 ``[k, j, i]``, the case's shape) as a label
+        version; :class:`ImageError` for other values, before anything is sent (a cast to uint8 would
+        wrap 300 to 44 and -1 to 255, and truncate a soft mask's 0.9 to 0)."""
+        payload = ArrayPayload.from_array(as_labels(mask), available_codecs()[0])
         body = {
             "mask": payload.model_dump(),
             "submit": submit,

@@ -20,6 +20,7 @@ from test_server_fixtures import TOKENS, assert_error, make_volume, raw
 
 from SegAssistLib.client import SegAssistClient
 from SegAssistLib.client.errors import BadRequestError, LearningConflictError, LearningDisabledError, NotFoundError
+from SegAssistLib.errors import ImageError
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.prompts import PointPrompt
@@ -93,8 +94,11 @@ def test_import_list_lock_and_download(clients, imported, learn_server):
         assert_error(raw(learn_server, "GET", f"/v1/learn/cases/{bad}"), 400, "invalid_id")
     image_id = alice.learning.case(case.id).content_hash
     for name in ("tab\there", "x" * 257):  # a bad name is a bad request, whichever check finds it
-        assert_error(raw(learn_server, "POST", "/v1/learn/cases", json={"image_id": image_id, "name": name}),
-                     422, "invalid_request")
+        assert_error(
+            raw(learn_server, "POST", "/v1/learn/cases", json={"image_id": image_id, "name": name}),
+            422,
+            "invalid_request",
+        )
     for escape in ("../../etc/passwd", "..%2F..%2Fetc"):  # decoded to another path: no such route
         assert_error(raw(learn_server, "GET", f"/v1/learn/cases/{escape}"), 404, "not_found")
     assert_error(raw(learn_server, "GET", "/v1/learn/cases/" + "0" * 16), 404, "case_not_found")
@@ -268,7 +272,16 @@ def test_a_label_mask_is_checked_against_the_case_before_it_is_decompressed(clie
     wrong_dtype = {**bomb, "shape": list(case.shape), "nbytes": int(np.prod(case.shape)) * 8}
     assert_error(raw(learn_server, "POST", path, json={"mask": wrong_dtype}), 422, "unsupported_dtype")
     assert alice.learning.labels(case.id) == []
+    for bad in (truth.astype(np.int16) * 300, -truth.astype(np.int16), truth.astype(np.float32) * 0.9):
+        # were cast to uint8 by the client before the server could check them: 300 was saved as 44,
+        # -1 as 255, and a soft 0.9 as an empty label, submitted
+        with pytest.raises(ImageError, match="label values must be"):
+            alice.learning.save_mask(case.id, bad)
+    assert alice.learning.labels(case.id) == []
     assert alice.learning.save_mask(case.id, truth).submitted  # the client's uint8 mask of the case's shape
+    other, _, other_truth = imported[1]
+    alice.learning.lock(other.id)  # label values given as int16 are fine when they are 0-255
+    assert alice.learning.save_mask(other.id, other_truth.astype(np.int16) * 2).n_foreground == int(other_truth.sum())
 
 
 def test_a_next_case_that_fails_after_locking_leaves_the_case_unlocked(clients, imported, learn_server):
