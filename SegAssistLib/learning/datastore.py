@@ -160,9 +160,7 @@ class Datastore:
         (self.root / "images").mkdir(exist_ok=True)
         (self.root / "labels").mkdir(exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False
-        )
+        self._conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -177,9 +175,7 @@ class Datastore:
         with self._write() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
-                db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row["value"]) > SCHEMA_VERSION:
                 raise DatastoreError(
                     f"datastore {self.root} has schema {row['value']}, newer than this SegAssist reads "
@@ -313,9 +309,7 @@ class Datastore:
             (*hashes, *hashes),
         )
         if rows:
-            raise DuplicateCaseError(
-                f"{DUPLICATE_REASON} {rows[0]['id']} ({rows[0]['name']})", rows[0]["id"]
-            )
+            raise DuplicateCaseError(f"{DUPLICATE_REASON} {rows[0]['id']} ({rows[0]['name']})", rows[0]["id"])
 
     # ------------------------------------------------------------------ cases
 
@@ -386,9 +380,7 @@ class Datastore:
         return counts
 
     def _geometry(self, case_id: str) -> Tuple[Tuple[int, ...], Volume]:
-        rows = self._read(
-            "SELECT shape, spacing, origin, direction FROM cases WHERE id = ?", (check_case_id(case_id),)
-        )
+        rows = self._read("SELECT shape, spacing, origin, direction FROM cases WHERE id = ?", (check_case_id(case_id),))
         if not rows:
             raise NotFoundError(f"no case {case_id}")
         row = rows[0]
@@ -490,8 +482,7 @@ class Datastore:
             if status == CaseStatus.IN_PROGRESS.value and n_labels == 0:
                 status = CaseStatus.NEW.value
             db.execute(
-                "UPDATE cases SET locked_by = NULL, lock_expires = NULL, status = ?, updated_at = ? "
-                "WHERE id = ?",
+                "UPDATE cases SET locked_by = NULL, lock_expires = NULL, status = ?, updated_at = ? WHERE id = ?",
                 (status, now, case_id),
             )
         return self.get_case(case_id)
@@ -620,9 +611,7 @@ class Datastore:
     def label_versions(self, case_id: str) -> List[LabelVersion]:
         """Every label version of a case, oldest first."""
         self.get_case(case_id)
-        rows = self._read(
-            f"SELECT {_LABEL_COLUMNS} FROM labels WHERE case_id = ? ORDER BY version", (case_id,)
-        )
+        rows = self._read(f"SELECT {_LABEL_COLUMNS} FROM labels WHERE case_id = ? ORDER BY version", (case_id,))
         return [self._label_from_row(r) for r in rows]
 
     def latest_label(self, case_id: str, submitted_only: bool = False) -> Optional[LabelVersion]:
@@ -676,9 +665,7 @@ class Datastore:
             if row is None:
                 raise NotFoundError(f"no case {case_id}")
             if row["status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
-                raise InvalidStateError(
-                    f"case {case_id} is {row['status']}: only submitted cases can be reviewed"
-                )
+                raise InvalidStateError(f"case {case_id} is {row['status']}: only submitted cases can be reviewed")
             label = db.execute(
                 "SELECT id FROM labels WHERE case_id = ? AND submitted = 1 ORDER BY version DESC LIMIT 1",
                 (case_id,),
@@ -686,26 +673,21 @@ class Datastore:
             if label is None:
                 raise InvalidStateError(f"case {case_id} has no submitted label to review")
             db.execute(
-                "INSERT INTO reviews (id, label_id, reviewer, accepted, note, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO reviews (id, label_id, reviewer, accepted, note, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (review_id, label["id"], reviewer, int(bool(accepted)), note, now),
             )
             status = CaseStatus.REVIEWED if accepted else CaseStatus.IN_PROGRESS
-            db.execute(
-                "UPDATE cases SET status = ?, updated_at = ? WHERE id = ?", (status.value, now, case_id)
-            )
+            db.execute("UPDATE cases SET status = ?, updated_at = ? WHERE id = ?", (status.value, now, case_id))
         return Review(review_id, label["id"], reviewer, bool(accepted), note, now)
 
     def reviews(self, case_id: str) -> List[Review]:
         self.get_case(case_id)
         rows = self._read(
-            "SELECT r.* FROM reviews r JOIN labels l ON r.label_id = l.id WHERE l.case_id = ? "
-            "ORDER BY r.created_at",
+            "SELECT r.* FROM reviews r JOIN labels l ON r.label_id = l.id WHERE l.case_id = ? ORDER BY r.created_at",
             (case_id,),
         )
         return [
-            Review(r["id"], r["label_id"], r["reviewer"], bool(r["accepted"]), r["note"], r["created_at"])
-            for r in rows
+            Review(r["id"], r["label_id"], r["reviewer"], bool(r["accepted"]), r["note"], r["created_at"]) for r in rows
         ]
 
     # ------------------------------------------------------------------ integrity
@@ -795,8 +777,18 @@ def _check_new_store_folder(root: Path) -> None:
     files = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     if files:
         shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
-        raise DatastoreError(f"{root} holds files ({shown}) and no SegAssist datastore: make the new store in a "
-                             "new folder, or one that holds only folders")
+        raise DatastoreError(
+            f"{root} holds files ({shown}) and no SegAssist datastore: make the new store in a "
+            "new folder, or one that holds only folders"
+        )
+    for sub in ("images", "labels"):
+        if (root / sub).is_dir() and any(p.is_file() for p in (root / sub).rglob("*")):
+            # a store whose database was moved or lost: a new, empty one would call every image and
+            # label in it an orphan, and recovery would delete them
+            raise DatastoreError(
+                f"{root} holds a datastore's {sub}/ but not its database {DB_NAME}: it was moved or lost. "
+                f"Put it back (with its -wal file, if any) to open the store; a new store goes into a new folder"
+            )
 
 
 def _check_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:

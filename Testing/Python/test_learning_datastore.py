@@ -34,6 +34,7 @@ from SegAssistLib.learning import (
     export_seg_nrrd,
     open_datastore,
 )
+from SegAssistLib.learning.datastore import DB_NAME
 from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
 from SegAssistLib.transport import wire_volume
 
@@ -196,6 +197,29 @@ def test_a_new_store_is_never_made_in_a_folder_of_someones_files(tmp_path: Path)
     Datastore(tmp_path / "srv", create=True).close()
     Datastore(tmp_path / "new_store", create=True).close()
     Datastore(tmp_path / "new_store", create=True).close()  # an existing store opens as it is
+
+
+def test_a_store_that_lost_its_database_is_not_made_afresh_over_its_files(tmp_path: Path):
+    """segassist.sqlite moved away (or a partial copy): the folder held only folders, so it was opened
+    as a new, empty store, and recovery then deleted every image and label as an orphan."""
+    root = tmp_path / "store"
+    ds = Datastore(root)
+    case = add_case(ds)
+    ds.save_label(case.id, np.ones(case.shape, np.uint8), user="alice")
+    ds.close()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.parent != root)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for db_file in root.glob(f"{DB_NAME}*"):
+        db_file.rename(moved / db_file.name)
+    with pytest.raises(DatastoreError, match=f"holds a datastore's images/ but not its database {DB_NAME}"):
+        Datastore(root, create=True)
+    assert sorted(p for p in root.rglob("*") if p.is_file()) == files and not (root / DB_NAME).exists()
+    for db_file in moved.iterdir():
+        db_file.rename(root / db_file.name)
+    with Datastore(root) as restored:
+        assert [c.id for c in restored.list_cases()] == [case.id] and restored.recover(min_age_s=0) == []
+        assert restored.latest_label(case.id).n_foreground == int(np.prod(case.shape))
 
 
 def test_learn_import_exit_code_says_whether_every_image_came_in(tmp_path: Path, capsys):
@@ -591,8 +615,10 @@ def test_export_file_names_are_unique_also_ignoring_case():
 
     from SegAssistLib.learning.export import _unique_stems
 
-    cases = [SimpleNamespace(id=i, name=n) for i, n in
-             [("a1", "dup"), ("b2", "dup"), ("c3", "dup_a1"), ("d4", "Liver"), ("e5", "liver"), ("f6", "x")]]
+    cases = [
+        SimpleNamespace(id=i, name=n)
+        for i, n in [("a1", "dup"), ("b2", "dup"), ("c3", "dup_a1"), ("d4", "Liver"), ("e5", "liver"), ("f6", "x")]
+    ]
     stems = _unique_stems(cases)
     assert len({s.lower() for s in stems.values()}) == len(cases)
     assert stems["f6"] == "x" and stems["b2"] == "dup_b2"
