@@ -67,6 +67,7 @@ from SegAssistLib.learning.records import (
     new_case_id,
     new_label_id,
     parse_statuses,
+    printable_text,
 )
 from SegAssistLib.learning.sources import find_sources
 from SegAssistLib.prompts import PromptLog, describe_validation_error
@@ -236,15 +237,27 @@ class Datastore:
         ``source`` is a path on this machine given by the operator, not by a remote client.
         """
         check_user(user)
+        store = self.root.resolve()
+        if store == Path(source).resolve() or store in Path(source).resolve().parents:
+            raise DatastoreError(f"cannot import from {source}: it lies inside the datastore {self.root}")
         try:
-            sources = find_sources(Path(source), recursive=recursive)
+            sources = find_sources(Path(source), recursive=recursive, skip=store)
         except (OSError, RuntimeError) as exc:
             raise DatastoreError(f"cannot import from {source}: {exc}") from exc
         report = ImportReport()
         for path, name in sources:
             try:
                 volume = load_volume(path, channel=channel)
-                report.added.append(self.import_volume(volume, name=name, user=user, source=str(path)))
+                # a file's name may hold a tab or an undecodable byte, and its path be very long:
+                # shown as printable text, not a reason to stop the import halfway
+                report.added.append(
+                    self.import_volume(
+                        volume,
+                        name=printable_text(name) or "?",
+                        user=user,
+                        source=printable_text(str(path), limit=4096, keep_end=True),
+                    )
+                )
             except (ImageError, DuplicateCaseError) as exc:
                 report.skipped.append((str(path), str(exc)))
         return report

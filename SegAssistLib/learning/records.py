@@ -94,6 +94,16 @@ def check_text(value: Any, what: str, limit: int = _TEXT_LIMIT) -> Optional[str]
     return value
 
 
+def printable_text(value: str, limit: int = _TEXT_LIMIT, keep_end: bool = False) -> str:
+    """``value`` made fit for :func:`check_text`: each non-printable character (a tab, a
+    non-breaking space, an undecodable byte of a file name) shown as ``?``, and cut to ``limit``
+    characters, keeping the start (a name) or the end (``keep_end``: a path) after an ellipsis."""
+    shown = "".join(c if c.isprintable() else "?" for c in value)
+    if len(shown) <= limit:
+        return shown
+    return "…" + shown[-(limit - 1) :] if keep_end else shown[: limit - 1] + "…"
+
+
 def iso_time(t: Optional[float]) -> Optional[str]:
     if t is None:
         return None

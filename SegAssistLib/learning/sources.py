@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import SimpleITK as sitk
 
@@ -46,12 +46,14 @@ def is_dicom_series_dir(path: Path) -> bool:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def find_sources(source: Path, recursive: bool = True) -> List[Tuple[Path, str]]:
+def find_sources(source: Path, recursive: bool = True, skip: Optional[Path] = None) -> List[Tuple[Path, str]]:
     """``(path, display name)`` of every image below ``source``, sorted by path.
 
     ``source`` may be one image file, one DICOM series folder, or a folder holding image files and
     DICOM series folders (searched recursively when ``recursive``). For an MSD-style dataset folder
-    only ``imagesTr`` and ``imagesTs`` are read, so its labels are not imported as images.
+    only ``imagesTr`` and ``imagesTs`` are read, so its labels are not imported as images. The
+    folder ``skip`` (a datastore inside ``source``, whose files are not images to annotate) is not
+    entered.
     """
     source = Path(source)
     if source.is_file():
@@ -61,12 +63,13 @@ def find_sources(source: Path, recursive: bool = True) -> List[Tuple[Path, str]]
     msd = [source / d for d in ("imagesTr", "imagesTs") if (source / d).is_dir()]
     roots = msd or [source]
     found: List[Tuple[Path, str]] = []
+    skipped = None if skip is None else skip.resolve()
     for root in roots:
-        found.extend(_scan(root, recursive))
+        found.extend(_scan(root, recursive, skipped))
     return sorted(found, key=lambda item: str(item[0]))
 
 
-def _scan(folder: Path, recursive: bool) -> List[Tuple[Path, str]]:
+def _scan(folder: Path, recursive: bool, skip: Optional[Path]) -> List[Tuple[Path, str]]:
     found: List[Tuple[Path, str]] = []
     if is_dicom_series_dir(folder):
         found.append((folder, folder.name))
@@ -75,6 +78,6 @@ def _scan(folder: Path, recursive: bool) -> List[Tuple[Path, str]]:
             continue
         if is_image_file(child):
             found.append((child, image_stem(child)))
-        elif child.is_dir() and recursive:
-            found.extend(_scan(child, recursive))
+        elif child.is_dir() and recursive and (skip is None or child.resolve() != skip):
+            found.extend(_scan(child, recursive, skip))
     return found

@@ -199,6 +199,27 @@ def test_a_new_store_is_never_made_in_a_folder_of_someones_files(tmp_path: Path)
     Datastore(tmp_path / "new_store", create=True).close()  # an existing store opens as it is
 
 
+def test_odd_file_names_and_the_store_itself_do_not_spoil_a_folder_import(tmp_path: Path):
+    """A file name with a non-breaking space or a tab stopped a folder import halfway (the case name
+    must be printable); re-importing a folder that holds the store imported its label files as
+    images to annotate."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for seed, name in enumerate(["a_case", "b\u00a0case", "c\tcase", "d_case"]):
+        sitk.WriteImage(volume_to_sitk(make_volume((12, 16, 20), seed)), str(data / f"{name}.nii.gz"))
+    with Datastore(data / "store") as ds:
+        report = ds.import_images(data, user="admin")
+        assert sorted(c.name for c in report.added) == ["a_case", "b?case", "c?case", "d_case"]
+        case = report.added[0]
+        ds.save_label(case.id, np.ones(case.shape, np.uint8), user="alice")
+        again = ds.import_images(data, user="admin")  # the store's own images and labels are not sources
+        assert again.added == [] and len(again.skipped) == 4
+        assert all("store" not in Path(path).relative_to(data).parts for path, _ in again.skipped)
+        with pytest.raises(DatastoreError, match="lies inside the datastore"):
+            ds.import_images(data / "store" / "labels", user="admin")
+        assert len(ds.list_cases()) == 4
+
+
 def test_a_store_that_lost_its_database_is_not_made_afresh_over_its_files(tmp_path: Path):
     """segassist.sqlite moved away (or a partial copy): the folder held only folders, so it was opened
     as a new, empty store, and recovery then deleted every image and label as an orphan."""
