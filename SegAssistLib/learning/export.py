@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from SegAssistLib.files import atomic_write, atomic_write_bytes, sha256_file
 from SegAssistLib.image import guess_modality
 from SegAssistLib.io import save_segmentation_nrrd
@@ -80,9 +82,12 @@ def export_seg_nrrd(
     if not dest.name.endswith(".seg.nrrd"):
         raise DatastoreError(f"a Slicer segmentation file name ends in .seg.nrrd, got {dest.name}")
     label = store.get_label(label_id)
-    mask = store.load_label(label_id)
-    reference = store.reference_geometry(label.case_id)
-    atomic_write(dest, lambda tmp: save_segmentation_nrrd(mask, reference, tmp, segment_names=segment_names))
+    return _write_seg_nrrd(store, label.case_id, store.load_label(label_id), dest, segment_names)
+
+
+def _write_seg_nrrd(store: Datastore, case_id: str, mask: np.ndarray, dest: Path, names: Sequence[str]) -> Path:
+    reference = store.reference_geometry(case_id)
+    atomic_write(dest, lambda tmp: save_segmentation_nrrd(mask, reference, tmp, segment_names=names))
     return dest
 
 
@@ -97,6 +102,9 @@ def export_msd(
 ) -> Path:
     """Export each case of the given statuses with its latest submitted label version.
 
+    ``dataset.json`` names every label value the exported labels hold: ``label_names[n - 1]`` for
+    value ``n``, ``Segment n`` past the names given (as the ``.seg.nrrd`` files do).
+
     ``dest`` must be a new or empty folder (default: ``<store>/exports/<time>-<id>``). Returns the
     folder. ``modality`` (``"CT"``/``"MR"``) is guessed from the first image when not given.
     """
@@ -110,19 +118,20 @@ def export_msd(
     if modality is None:
         modality = guess_modality(store.load_image(pairs[0][0].id))
     training, provenance = [], []
+    values = set(range(1, len(label_names) + 1))  # every named label, and every value a label holds
     for case, label in pairs:
         stem = stems[case.id]
-        _copy_checked(
-            store.image_path(case.id), case.image_sha256, out / "imagesTr" / f"{stem}.nii.gz", "image"
-        )
+        _copy_checked(store.image_path(case.id), case.image_sha256, out / "imagesTr" / f"{stem}.nii.gz", "image")
         _copy_checked(
             store.label_path(case.id, label.id),
             label.sha256,
             out / "labelsTr" / f"{stem}.nii.gz",
             f"label version {label.id}",
         )
+        mask = store.load_label(label.id)
+        values.update(int(v) for v in np.unique(mask) if v)
         if seg_nrrd:
-            export_seg_nrrd(store, label.id, out / "segmentations" / f"{stem}.seg.nrrd", label_names)
+            _write_seg_nrrd(store, case.id, mask, out / "segmentations" / f"{stem}.seg.nrrd", label_names)
         training.append({"image": f"./imagesTr/{stem}.nii.gz", "label": f"./labelsTr/{stem}.nii.gz"})
         provenance.append(
             {
@@ -145,7 +154,7 @@ def export_msd(
         "description": "Exported from a SegAssist datastore",
         "tensorImageSize": "3D",
         "modality": {"0": "MRI" if modality == "MR" else modality},
-        "labels": {"0": "background", **{str(i + 1): n for i, n in enumerate(label_names)}},
+        "labels": {"0": "background", **{str(v): _label_name(label_names, v) for v in sorted(values)}},
         "numTraining": len(training),
         "numTest": 0,
         "training": training,
@@ -154,3 +163,8 @@ def export_msd(
     }
     atomic_write_bytes(out / "dataset.json", json.dumps(dataset, indent=1).encode())
     return out
+
+
+def _label_name(names: Sequence[str], value: int) -> str:
+    """The name of label ``value``: given, or ``Segment n`` as in the ``.seg.nrrd`` files."""
+    return names[value - 1] if value <= len(names) else f"Segment {value}"

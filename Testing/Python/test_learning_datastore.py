@@ -545,7 +545,13 @@ def test_export_msd_layout_and_seg_nrrd(tmp_path: Path, store: Datastore):
         export_seg_nrrd(store, la.id, single)
     default = export_msd(store, statuses=["reviewed"], seg_nrrd=False)
     assert default.parent == store.root / "exports"
-    assert json.loads((default / "dataset.json").read_text())["numTraining"] == 1
+    defaults = json.loads((default / "dataset.json").read_text())
+    # the default names one label; the exported one holds value 2, which dataset.json left out
+    assert defaults["numTraining"] == 1 and defaults["labels"] == {
+        "0": "background",
+        "1": "foreground",
+        "2": "Segment 2",
+    }
 
 
 # ------------------------------------------------------------------------------ kill during save
