@@ -531,14 +531,12 @@ class Datastore:
         log = _parse_prompt_log(prompt_log)
         if n_interactions is None:
             n_interactions = len(log.prompts) if log is not None else 0
-        if (
-            isinstance(n_interactions, bool)
-            or int(n_interactions) != n_interactions
-            or not 0 <= n_interactions <= MAX_INTERACTIONS
-        ):
+        if not _is_count(n_interactions, MAX_INTERACTIONS):
             raise DatastoreError(
                 f"n_interactions must be an integer from 0 to {MAX_INTERACTIONS}, got {n_interactions!r}"
             )
+        if isinstance(seconds_spent, (bool, str)) or not isinstance(seconds_spent, (int, float, np.number)):
+            raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")
         seconds = float(seconds_spent)
         if not np.isfinite(seconds) or seconds < 0:
             raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")
@@ -778,6 +776,13 @@ def _parse_prompt_log(value: PromptLogLike) -> Optional[PromptLog]:
     except Exception as exc:
         raise PromptError(f"invalid prompt log: {describe_validation_error(exc)}") from exc
     raise PromptError(f"a prompt log must be a PromptLog, JSON text or a dict, got {type(value).__name__}")
+
+
+def _is_count(value: object, limit: int) -> bool:
+    """An integer 0..limit (a whole float such as 3.0 counts; bools, NaN, text do not)."""
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)):
+        return False
+    return bool(np.isfinite(value)) and int(value) == value and 0 <= value <= limit
 
 
 def _check_new_store_folder(root: Path) -> None:
