@@ -102,6 +102,23 @@ class _Step:
     def after(self) -> np.ndarray:
         return self._unpack(self.after_bits)
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.before_bits.nbytes + self.after_bits.nbytes)
+
+
+#: Least memory one session's undo history may keep, whatever the image's size.
+MIN_HISTORY_BYTES = 64 << 20
+#: The history may also keep this many whole-image changes (bit-packed, before and after).
+HISTORY_WHOLE_IMAGES = 8
+
+
+def history_budget_bytes(shape: Tuple[int, ...]) -> int:
+    """How much one session's undo history may hold: the oldest steps are forgotten past it, so a
+    client sending whole-image masks (or resets) cannot grow a session's memory without bound."""
+    packed_image = (int(np.prod(shape)) + 7) // 8
+    return max(MIN_HISTORY_BYTES, HISTORY_WHOLE_IMAGES * 2 * packed_image)
+
 
 class BuiltinSession(EngineSession):
     def __init__(self, engine: BuiltinEngine, volume: Volume):
@@ -116,6 +133,7 @@ class BuiltinSession(EngineSession):
         self.prompts: List[Prompt] = []
         self._undo: List[_Step] = []
         self._redo: List[_Step] = []
+        self._history_budget = history_budget_bytes(self.shape)
         self._closed = False
         self._refine_level: Optional[int] = None  # the level the last answer was refined at
 
@@ -209,10 +227,17 @@ class BuiltinSession(EngineSession):
             after = before
         self._undo.append(_Step.make(self.prompts, prompts_after, offset, before, after))
         self._redo.clear()
+        self._forget_oldest_steps()
         if after.size:
             self._write(offset, after)
         self.prompts = list(prompts_after)
         return MaskUpdate(offset, after.copy())
+
+    def _forget_oldest_steps(self) -> None:
+        """Keep the undo history within its budget (the latest step is always kept)."""
+        held = sum(step.nbytes for step in self._undo)
+        while held > self._history_budget and len(self._undo) > 1:
+            held -= self._undo.pop(0).nbytes
 
     def _whole(self) -> Tuple[slice, ...]:
         return tuple(slice(0, n) for n in self.shape)

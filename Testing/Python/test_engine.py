@@ -56,6 +56,39 @@ def test_every_prompt_kind_and_updates_reassemble_the_result(engine):
     assert len(session.prompt_log().prompts) == 8
 
 
+def test_undo_history_is_bounded_and_keeps_the_latest_steps(engine, monkeypatch):
+    """Whole-image mask prompts and resets each stored two whole-image bit masks for undo, without
+    bound: 600 of each grew a server by 310 MB on a 96^3 image (90 GiB at the prompt limit on a
+    512x512x300 CT). The history keeps the most recent steps within its budget."""
+    from SegAssistLib.engine import builtin
+
+    monkeypatch.setattr(builtin, "MIN_HISTORY_BYTES", 0)  # the image's own share only: a small test
+    vol, _ = _blob_volume()
+    shape = vol.array.shape
+    budget = builtin.history_budget_bytes(shape)
+    assert budget == builtin.HISTORY_WHOLE_IMAGES * 2 * ((int(np.prod(shape)) + 7) // 8)
+    assert builtin.history_budget_bytes((512, 512, 300)) > 64 << 20  # grows with the image
+    session = engine.open_session(vol)
+    rng = np.random.default_rng(0)
+    states = []
+    for n in range(30):
+        if n % 3 == 2:
+            session.reset()
+        else:
+            session.add_prompt(MaskPrompt.from_array((rng.random(shape) < 0.5).astype(np.uint8)))
+        states.append(session.result())
+        assert sum(step.nbytes for step in session._undo) <= budget
+    kept = len(session._undo)
+    assert 1 < kept < 30
+    for expected in reversed(states[-kept - 1 : -1]):  # every step it kept undoes exactly
+        session.undo()
+        assert np.array_equal(session.result(), expected)
+    with pytest.raises(SessionError, match="nothing to undo"):
+        session.undo()
+    session.redo()
+    assert np.array_equal(session.result(), states[-kept])
+
+
 def test_undo_redo_reset(engine):
     vol, _ = _blob_volume()
     session = engine.open_session(vol)
@@ -217,8 +250,12 @@ def test_checkpoint_errors_name_the_problem(tmp_path, tiny_checkpoint):
         load_checkpoint(pickled)
     assert "weights_only=False" not in str(refused.value) and "\n" not in str(refused.value)
     # tagged as a checkpoint, with fields of the wrong kind: once AttributeError, TypeError, ValueError
-    for field, value, message in (("config", [1, 2], "malformed network config"), ("meta", [1], "malformed"),
-                                  ("state_dict", [1], "does not match"), ("format_version", "x", "not a number")):
+    for field, value, message in (
+        ("config", [1, 2], "malformed network config"),
+        ("meta", [1], "malformed"),
+        ("state_dict", [1], "does not match"),
+        ("format_version", "x", "not a number"),
+    ):
         broken = {**torch.load(tiny_checkpoint, weights_only=True), field: value}
         path = tmp_path / f"broken_{field}.pt"
         torch.save(broken, path)
@@ -252,14 +289,14 @@ def test_checkpoint_round_trip_preserves_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("depth, tiles_limit, expected_level", [(1, 8, 1), (2, 64, 0), (2, 1, None)])
-def test_refine_depth_chooses_how_fine_a_zoomed_out_answer_is_redrawn(tiny_checkpoint, depth, tiles_limit,
-                                                                      expected_level):
+def test_refine_depth_chooses_how_fine_a_zoomed_out_answer_is_redrawn(
+    tiny_checkpoint, depth, tiles_limit, expected_level
+):
     """An answer from a level-2 window is refined ``refine_depth`` levels finer, over the tiles its
     surface crosses, unless that needs more than ``max_refine_tiles`` tiles (then it stays as it is)."""
     from SegAssistLib.engine import patching
 
-    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, refine_depth=depth,
-                                           max_refine_tiles=tiles_limit)
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, refine_depth=depth, max_refine_tiles=tiles_limit)
     vol, _ = _blob_volume(shape=(96, 96, 96))
     session = engine.open_session(vol)
     session.mask[30:66, 30:66, 30:66] = 1  # what the coarse level-2 answer painted
@@ -345,8 +382,9 @@ def test_a_side_the_mask_crossed_zooms_out_only_for_more_than_a_share_of_it(tiny
 
 
 @pytest.mark.parametrize("share, expected_levels", [(0.025, [0]), (0.0, [0, 1])])
-def test_a_correction_that_redraws_a_large_object_by_a_few_voxels_stays_at_its_level(tiny_checkpoint, share,
-                                                                                     expected_levels):
+def test_a_correction_that_redraws_a_large_object_by_a_few_voxels_stays_at_its_level(
+    tiny_checkpoint, share, expected_levels
+):
     """The whole answer path: a click on an object larger than the window, whose answer differs from
     the mask by a few voxels where the object crosses a side, is answered at the first level (no
     coarse re-prediction), unless the share is 0. The network's answer is fixed here (the mask plus
