@@ -378,6 +378,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._setStatus("Select a source volume and a segment first", True)
             return
         segmentationNode, segmentId, volumeNode = binding
+        self._checkBinding()  # another segment or volume: the object ends saying so (and what it drops)
         try:
             width = self.scriptedEffect.doubleParameter("ScribbleWidth")
             prompt = gesture_to_prompt(gesture, viewWidget.mrmlSliceNode(), volumeNode, scribble_width=width)
