@@ -127,7 +127,11 @@ def register(subparsers) -> None:
     add("versions", "the adapter version history", cmd_versions)
 
     p = add("rollback", "make an earlier adapter version (or the base model) current", cmd_rollback)
-    p.add_argument("--to", help="version id or 'base' (default: one step back)")
+    p.add_argument(
+        "--to",
+        help="version id or 'base' (default: one step back, to the previous version made for the same base "
+        "model as the current one, or to the base model)",
+    )
     p.add_argument("--user", help="who rolls back (recorded)")
     p.add_argument("--checkpoint", type=Path,
                    help="the base model the version must belong to (default: the shipped one)")
@@ -353,13 +357,22 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from SegAssistLib.learning.loop_errors import OtherBaseModelError
+
     _open(args).close()
     base_identity = None
     if args.to != BASE:  # a version made for other base weights cannot answer with this one
         from SegAssistLib.engine.network import load_checkpoint
 
         base_identity = load_checkpoint(_checkpoint(args.checkpoint)).identity
-    record = AdapterRegistry(args.store).rollback(args.to, user=args.user, base_identity=base_identity)
+    try:  # one step back goes to the previous version of the current one's base weights, or refuses
+        record = AdapterRegistry(args.store).rollback(args.to, user=args.user, base_identity=base_identity)
+    except OtherBaseModelError as exc:
+        if args.checkpoint is None:
+            raise OtherBaseModelError(
+                f"{exc} (the shipped model: give the base model the version was trained with, --checkpoint)"
+            ) from exc
+        raise
     _print(args, {"current": record.id if record else None}, f"current version: {version_label(record)}")
     return 0
 

@@ -6,7 +6,8 @@
 another terminal) can follow or cancel a job, and a restarted server finds it again:
 
     job.json      what to run (store, checkpoint, settings), written before the start
-    status.json   progress (state, phase, step, loss, validation Dice, result), replaced whole
+    status.json   progress (state, phase, step, loss, validation Dice, result) and the worker's pid
+                  (recorded by the parent as soon as it started), replaced whole
     cancel        created to ask the job to stop; it stops between steps or validation cases
     worker.log    the process's output (tracebacks)
 
@@ -128,12 +129,15 @@ class TrainingJob:
 
     def status(self) -> Dict[str, Any]:
         """The job's latest status; a worker that died without saying so shows as ``failed``."""
+        # the exit is seen before the file is read: a worker that writes its final status and exits
+        # between the two would otherwise read as unfinished, then dead ("failed" with exit code 0)
+        code = self.process.poll() if self.process is not None else None
         data = _read_json(self.folder / "status.json") or {"state": "starting"}
         data["job_id"] = self.job_id
         if data.get("state") in FINAL_STATES:
             return data
         if self.process is not None:
-            dead, code = self.process.poll() is not None, self.process.returncode
+            dead = code is not None
         else:  # started by another process: its worker's pid, then the datastore's training lock
             dead, code = _worker_gone(data.get("pid")) or not training_running(self.store_root), None
             if dead:  # it may have finished between the two reads
@@ -186,6 +190,20 @@ def _check_enough_labels(store_root: Path) -> None:
 
     with Datastore(store_root) as store:
         check_enough_cases(len(usable_cases(store)))
+
+
+def _record_pid(status_path: Path, pid: int) -> None:
+    """Add the worker's pid to the status written before its start, so that any process can tell a
+    worker that died before its own first status write (killed while importing torch) from a live one.
+    A status the worker wrote already carries its pid: it is left as it is."""
+    from SegAssistLib.learning.trainer import write_json_replace
+
+    data = _read_json(status_path) or {}
+    if data.get("pid") is not None:
+        return
+    data["pid"] = pid
+    with contextlib.suppress(OSError):  # the job runs: its own first write records the pid too
+        write_json_replace(status_path, data)
 
 
 def start_training(
@@ -245,6 +263,7 @@ def start_training(
                 pass_fds=(fd,) if fcntl is not None else (),
                 start_new_session=True,  # Ctrl-C in a terminal goes to the CLI, which cancels cleanly
             )
+        _record_pid(folder / "status.json", process.pid)
     finally:
         os.close(fd)  # the worker holds its own copy of the locked descriptor
     # collect its exit status as soon as it ends, whoever started it (else a zombie until we exit)

@@ -39,6 +39,10 @@ class RegistryError(AdapterError):
     code = "adapter_registry_error"
 
 
+class OtherBaseModelError(RegistryError):
+    """The version was made for other base weights than the loaded model's: it cannot answer with them."""
+
+
 class NoCandidateError(SegAssistError, LookupError):
     """Active learning has no case left to propose (every case is labelled or locked)."""
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from SegAssistLib.files import TMP_PREFIX, atomic_write, atomic_write_bytes, check_format
-from SegAssistLib.learning.loop_errors import RegistryError, VersionNotFoundError
+from SegAssistLib.learning.loop_errors import OtherBaseModelError, RegistryError, VersionNotFoundError
 
 try:  # POSIX; on Windows the registry is serialised within one process only
     import fcntl
@@ -260,12 +260,15 @@ class AdapterRegistry:
     ) -> Optional[VersionRecord]:
         """Make an earlier version current; returns it (``None``: the base model now answers).
 
-        ``to=None`` goes back one step: to the newest promoted version older than the current one,
-        or to the base model. ``to="base"`` goes to the base model; ``to="v2"`` to that version,
-        which must have been promoted once (a rejected version never beat its incumbent). The
-        replaced version becomes ``rolled_back``, unless the target is newer than it (going forward
-        again after a rollback leaves it promoted, so one step back returns to it). ``base_identity``,
-        when given, refuses a version made for other base weights.
+        ``to=None`` goes back one step: to the newest promoted version older than the current one and
+        made for the same base weights, or to the base model when there is none (a version made for
+        other base weights is never a step back: it cannot answer with the current one's base model).
+        ``to="base"`` goes to the base model; ``to="v2"`` to that version, which must have been
+        promoted once (a rejected version never beat its incumbent). The replaced version becomes
+        ``rolled_back``, unless the target is newer than it (going forward again after a rollback
+        leaves it promoted, so one step back returns to it). ``base_identity``, when given, is the
+        loaded base model's: a target version made for other base weights is refused, whether named
+        or one step back (never skipped for an older one).
         """
         with self._locked() as state:
             current = state.current_record()
@@ -273,11 +276,16 @@ class AdapterRegistry:
                 if current is None:
                     raise RegistryError("the base model is already current: nothing to roll back")
                 older = [
-                    r for r in state.versions if r.status == PROMOTED and r.number < current.number
+                    r
+                    for r in state.versions
+                    if r.status == PROMOTED and r.number < current.number and r.base_identity == current.base_identity
                 ]
-                if base_identity is not None:
-                    older = [r for r in older if r.base_identity == base_identity]
                 target = older[-1] if older else None
+                if target is not None and base_identity is not None and target.base_identity != base_identity:
+                    raise OtherBaseModelError(
+                        f"one step back from {current.id} is version {target.id}, which belongs to base model "
+                        f"{target.base_identity}, not to the loaded base model {base_identity}"
+                    )
             elif to == BASE:
                 target = None
             else:
@@ -288,7 +296,7 @@ class AdapterRegistry:
                         ": only versions promoted once can become current"
                     )
                 if base_identity is not None and target.base_identity != base_identity:
-                    raise RegistryError(
+                    raise OtherBaseModelError(
                         f"version {target.id} belongs to base model {target.base_identity}, not to the "
                         f"loaded base model {base_identity}"
                     )

@@ -93,3 +93,46 @@ def test_leftovers_of_a_writer_killed_mid_write_are_swept_under_the_registry_loc
     assert sorted(p.name for p in registry.folder.iterdir() if not p.name.startswith(".")) == [
         "registry.json", "v1-salt.pt", "v2-salt.pt"
     ]
+
+
+def test_one_step_back_stays_with_the_base_model_of_the_current_version(tmp_path: Path):
+    """One step back once skipped every version not made for the base model the command line loaded
+    (the shipped one, without --checkpoint): on a store trained with another checkpoint it quietly
+    landed on the base model. It goes to the previous version of the current one's base weights, and
+    refuses, as ``--to`` does, one that the loaded base model cannot run."""
+    import argparse
+
+    import pytest
+
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning import Datastore
+    from SegAssistLib.learning.cli import register
+    from SegAssistLib.learning.loop_errors import RegistryError
+
+    Datastore(tmp_path).close()
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    identity = load_checkpoint(checkpoint).identity
+    registry = AdapterRegistry(tmp_path)
+    add(registry, base_identity=identity)
+    add(registry, base_identity=identity)  # v2, current
+    parser = argparse.ArgumentParser(prog="segassist")
+    register(parser.add_subparsers(dest="command"))
+
+    def rollback(*argv: str) -> int:
+        args = parser.parse_args(["learn", "rollback", "--store", str(tmp_path), *argv])
+        return args.func(args)
+
+    with pytest.raises(
+        RegistryError, match=f"from v2 is version v1, which belongs to base model {identity}.*--checkpoint"
+    ):
+        rollback()  # checked against the shipped base model: not quietly the base model
+    with pytest.raises(RegistryError, match=f"v1 belongs to base model {identity}.*--checkpoint"):
+        rollback("--to", "v1")  # the same answer as naming the version
+    assert registry.read().current == "v2" and registry.get("v2").status == "promoted"
+    assert rollback("--checkpoint", str(checkpoint)) == 0 and registry.read().current == "v1"
+    # a version made for other base weights is never one step back from the current one
+    add(registry, base_identity="base-2")  # v3, current
+    assert registry.rollback() is None and registry.get("v1").status == "promoted"
+    assert registry.rollback(to="v3").id == "v3"
+    add(registry, base_identity=identity)  # v4, current: one step back skips v3 (another base model)
+    assert registry.rollback(base_identity=identity).id == "v1"
