@@ -7,9 +7,12 @@ stores, or a campaign's modes, validate on the same cases); the validation set i
 cases with the smallest ``u`` below ``fraction``, topped up to ``min_val`` with the next smallest.
 Adding cases only pushes a case's rank down, so a case can move from validation into training
 but never from training into validation (a store whose every case is held out that way is refused,
-not split otherwise): a promoted version was never trained on a case that now
-validates its successor. (The incumbent is also re-scored on today's validation cases in the same
-run as the candidate, so the comparison is always like with like.)
+not split otherwise). Cases also leave the usable set (a reviewer rejects one, a draft reopens
+it), which would move the next-ranked case, perhaps one a version was trained on, into
+validation: a case any stored version was trained on (``trained_on``) is never chosen to
+validate. So a promoted version was never trained on a case that now validates its successor.
+(The incumbent is also re-scored on today's validation cases in the same run as the candidate,
+so the comparison is always like with like.)
 
 Torch-free at import (``active`` uses it); ``SegAssistLib.training`` is imported when training.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,10 +58,12 @@ def holdout_split(
     min_val: int = 1,
     max_val: int = 8,
     keys: Optional[Mapping[str, str]] = None,
+    trained_on: Iterable[str] = (),
 ) -> Tuple[List[str], List[str]]:
     """``(training ids, validation ids)``, each in the order given. See the module docstring.
 
-    ``keys``: what each case's number is drawn from (default: the id itself)."""
+    ``keys``: what each case's number is drawn from (default: the id itself). ``trained_on``:
+    cases an earlier version learned from, never chosen to validate."""
     if not 0.0 <= fraction < 1.0:
         raise TrainingError(f"the validation fraction must be in [0, 1), got {fraction}")
     if min_val < 1 or max_val < min_val:
@@ -66,9 +71,16 @@ def holdout_split(
     ids = list(dict.fromkeys(case_ids))
     check_enough_cases(len(ids))
     number = {c: holdout_number((keys or {}).get(c, c)) for c in ids}
-    ranked = sorted(ids, key=lambda c: (number[c], c))
+    trained = set(trained_on)
+    ranked = [c for c in sorted(ids, key=lambda c: (number[c], c)) if c not in trained]
     below = [c for c in ranked if number[c] < fraction][:max_val]
     n_val = max(len(below), min_val)
+    if n_val > len(ranked) and n_val < len(ids):
+        raise TrainingError(
+            f"{len(ids) - len(ranked)} of the {len(ids)} usable labelled cases were trained on by an earlier "
+            f"version, which would then validate its successor, and {len(ranked)} are left to validate on "
+            f"(at least {min_val}): submit {n_val - len(ranked)} more case(s)"
+        )
     if n_val >= len(ids):
         # shrinking validation to leave one case to train on would train on a case that validates
         # once the store grows (the split would not be stable): wait for one more case instead

@@ -418,9 +418,10 @@ def run_training(
         registry = AdapterRegistry(store.root)
         base = load_checkpoint(checkpoint)
         pairs = usable_cases(store, cfg.label_value)
+        trained_on = {c for version in registry.read().versions for c in version.train_cases}
         train_ids, val_ids = holdout_split(
             [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases,
-            keys={c.id: c.content_hash for c, _ in pairs},
+            keys={c.id: c.content_hash for c, _ in pairs}, trained_on=trained_on,
         )
         by_id = {c.id: (c, lv) for c, lv in pairs}
         val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)

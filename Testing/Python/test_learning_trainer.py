@@ -98,6 +98,22 @@ def test_a_small_store_whose_cases_are_all_held_out_waits_for_one_more_case():
             trained |= set(train)
 
 
+def test_a_case_trained_on_never_validates_even_when_validation_cases_leave():
+    """A reviewer rejects the validation case (or a draft reopens it): the next-ranked case, which
+    the current version was trained on, used to become the validation case its successor is
+    promoted on. Cases a stored version learned from are never chosen to validate."""
+    rng = np.random.default_rng(3)
+    ids = [f"{int(x):016x}" for x in rng.integers(0, 2**62, 12)]
+    train, val = holdout_split(ids[:6], fraction=0.2)
+    remaining = [c for c in ids[:6] if c not in val]  # every validation case left the usable set
+    with pytest.raises(TrainingError, match=r"were trained on by an earlier version.*submit \d+ more case"):
+        holdout_split(remaining, fraction=0.2, trained_on=train)
+    assert holdout_split(remaining, fraction=0.2)[1]  # without the history it validated on a trained case
+    grown = remaining + ids[6:]  # new cases arrive: validation comes from them only
+    train_2, val_2 = holdout_split(grown, fraction=0.2, trained_on=train)
+    assert val_2 and not set(val_2) & set(train) and set(train) <= set(train_2)
+
+
 def test_the_held_out_cases_follow_the_images_not_their_random_case_ids():
     rng = np.random.default_rng(1)
     images = [f"{int(x):016x}" for x in rng.integers(0, 2**62, 30)]  # content hashes
@@ -508,3 +524,55 @@ def test_a_start_waits_out_an_instant_probe_of_the_training_lock(tmp_path: Path)
     assert fd is not None
     assert jobs._take_lock(tmp_path, patience_s=0.2) is None  # really held: busy after the patience
     os.close(fd)
+
+
+def test_a_worker_killed_before_its_first_status_write_is_failed_to_other_processes(setup):
+    """The parent records the worker's pid as soon as it starts it: a worker killed before its own first
+    status write (while importing torch) once read as a live "starting" job to every process without its
+    handle for as long as a later job held the training lock, and ``learn cancel`` "asked it to stop"."""
+    from SegAssistLib.learning import jobs
+
+    store_root, ckpt, _ = setup
+    job = start_training(store_root, ckpt, quick().to_dict())
+    job.kill()
+    assert json.loads((job.folder / "status.json").read_text())["pid"] == job.process.pid
+    held = jobs._try_lock(store_root)  # a later job's worker holds the training lock
+    assert held is not None
+    try:
+        status = get_job(store_root, job.job_id).status()
+        assert status["state"] == "failed" and "unexpectedly" in status["error"], status
+        assert jobs.cancel_job(store_root, job.job_id)["state"] == "failed"
+        assert not (job.folder / "cancel").exists()
+    finally:
+        os.close(held)
+
+
+def test_a_job_that_ends_while_its_status_is_read_is_not_reported_failed(tmp_path: Path, monkeypatch):
+    """With a handle on the worker, its status was read before its exit was polled: a worker that wrote
+    "done" and exited between the two was reported "failed (exit code 0)"."""
+    from SegAssistLib.learning import jobs
+
+    folder = jobs.jobs_folder(tmp_path) / "20260101-000000-abcdef"
+    folder.mkdir(parents=True)
+    status_path = folder / "status.json"
+    status_path.write_text(json.dumps({"state": "running", "phase": "training"}))
+    finish = (  # on a line from the test: write the final status (whole), then exit 0
+        "import json, os, sys; sys.stdin.readline(); tmp = sys.argv[1] + '.tmp'; "
+        "open(tmp, 'w').write(json.dumps({'state': 'done'})); os.replace(tmp, sys.argv[1])"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", finish, str(status_path)], stdin=subprocess.PIPE)
+    job = jobs.TrainingJob(folder.name, folder, tmp_path, worker)
+    read = jobs._read_json
+
+    def read_then_the_worker_finishes(path: Path):
+        data = read(path)  # "running" ...
+        monkeypatch.setattr(jobs, "_read_json", read)
+        worker.communicate(b"finish\n", timeout=30)  # ... then it writes "done" and exits
+        return data
+
+    monkeypatch.setattr(jobs, "_read_json", read_then_the_worker_finishes)
+    try:
+        assert job.status()["state"] == "running"  # what it was when its exit was polled
+        assert worker.returncode == 0 and job.status()["state"] == "done"
+    finally:
+        job.kill()
