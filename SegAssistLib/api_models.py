@@ -14,10 +14,10 @@ import base64
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictFloat, TypeAdapter, field_validator
 
 from SegAssistLib import transport
-from SegAssistLib.prompts import AnyPrompt
+from SegAssistLib.prompts import AnyPrompt, Prompt
 
 API_VERSION = "1"
 API_PREFIX = "/v1"
@@ -33,6 +33,9 @@ SESSION_ID_PATTERN = r"^[0-9a-f]{32}$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 Vec3 = Tuple[float, float, float]
+#: a number a client sends: a JSON number only (not true/false, not "1.5", not an integer beyond float range)
+Number = StrictFloat
+StrictVec3 = Tuple[Number, Number, Number]
 Shape3 = Tuple[int, int, int]
 
 
@@ -63,6 +66,7 @@ class ErrorCode:
     CASE_STATE = "case_state"  # 409: the case is not in a state that allows this
     TRAINING_BUSY = "training_busy"  # 409: a training job is running on this datastore
     VERSION_STATE = "version_state"  # 409: that adapter version cannot be made current
+    IMAGE_CONFLICT = "image_conflict"  # 409: the image is held already with another modality
     BODY_TOO_LARGE = "body_too_large"  # 413
     IMAGE_TOO_LARGE = "image_too_large"  # 413: voxel count or an axis above the limit
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415
@@ -172,9 +176,9 @@ class ImageHeader(_Model):
     """
 
     model_config = ConfigDict(extra="ignore")
-    spacing: Vec3 = (1.0, 1.0, 1.0)
-    origin: Vec3 = (0.0, 0.0, 0.0)
-    direction: Tuple[float, float, float, float, float, float, float, float, float] = (
+    spacing: StrictVec3 = (1.0, 1.0, 1.0)
+    origin: StrictVec3 = (0.0, 0.0, 0.0)
+    direction: Tuple[Number, Number, Number, Number, Number, Number, Number, Number, Number] = (
         1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0,
     )  # fmt: skip
     modality: Optional[Literal["CT", "MR"]] = None
@@ -196,8 +200,21 @@ class StoredImage(_Model):
 
 class CreateSession(_Model):
     image_id: str = Field(pattern=IMAGE_ID_PATTERN)
-    prompts: List[AnyPrompt] = Field(default_factory=list, description="replayed first (a stored log)")
+    # Not validated with the body: that runs on the server's event loop, and checking a slab means
+    # decompressing it (up to 4096 x 4096 bits), so a small body of many slabs froze the server. The
+    # server counts them against its prompt limit first, then validates them in its thread pool
+    # (validate_prompts); the schema is List[AnyPrompt] all the same.
+    prompts: SkipValidation[List[AnyPrompt]] = Field(default_factory=list, description="replayed first (a stored log)")
     modality: Optional[Literal["CT", "MR"]] = None
+
+
+_PROMPT_LIST: TypeAdapter = TypeAdapter(List[AnyPrompt])
+
+
+def validate_prompts(prompts: Any) -> List[Prompt]:
+    """``CreateSession.prompts`` as checked prompts; raises pydantic's ValidationError (CPU work: a
+    slab is decompressed to be checked, so the server calls this off its event loop)."""
+    return _PROMPT_LIST.validate_python(prompts)
 
 
 class AddPrompt(_Model):

@@ -36,6 +36,7 @@ from typing import Annotated, List, Literal, Optional, Sequence, Tuple, Union
 import numpy as np
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -76,13 +77,62 @@ MAX_MASK_EXTENT = 2**31  # offset + shape on any axis: no int64 overflow anywher
 Vec3 = Tuple[float, float, float]
 
 
-def _finite_vec3(value: Sequence[float], what: str) -> Vec3:
-    arr = np.asarray(value, dtype=float)
-    if arr.shape != (3,):
-        raise ValueError(f"{what} must have 3 coordinates (i, j, k), got {np.ravel(arr).tolist()}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} has a non-finite coordinate: {arr.tolist()}")
-    return (float(arr[0]), float(arr[1]), float(arr[2]))
+def _real_number(x: object) -> Optional[float]:
+    """``x`` as a float when it is a real number (a Python or numpy int or float, not a bool) within
+    float range; None otherwise (a string, a bool, a list, an object, an int beyond float range)."""
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        x = x[()]
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        return None
+    try:
+        return float(x)
+    except OverflowError:  # a JSON integer such as 10**400
+        return None
+
+
+def _describe(x: object) -> str:
+    """A short account of a value that is not a coordinate (never the whole of a huge one)."""
+    if isinstance(x, (bool, np.bool_)):
+        return "true" if x else "false"
+    if isinstance(x, (int, np.integer)):
+        return "an integer beyond float range"
+    text = repr(x) if isinstance(x, (str, float, np.floating)) else type(x).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite_vec3(value: object, what: str) -> Vec3:
+    """Three finite real numbers (i, j, k); anything else, whatever a client sends, is a ValueError
+    (a 422 on the server): strings and booleans are not numbers here, as in an array's shape."""
+    items = None
+    if not isinstance(value, (str, bytes, dict)) and hasattr(value, "__len__"):
+        try:
+            items = list(value)
+        except (TypeError, ValueError):  # a 0-d array, an object that is not a sequence after all
+            items = None
+    if items is None:
+        raise ValueError(f"{what} must be a list of 3 coordinates (i, j, k), got {_describe(value)}")
+    if len(items) != 3:
+        shown = [_real_number(x) if _real_number(x) is not None else _describe(x) for x in items[:8]]
+        raise ValueError(f"{what} must have 3 coordinates (i, j, k), got {len(items)}: {shown}")
+    out = []
+    for x in items:
+        f = _real_number(x)
+        if f is None:
+            raise ValueError(f"{what} coordinates must be numbers, got {_describe(x)}")
+        if not np.isfinite(f):
+            raise ValueError(f"{what} has a non-finite coordinate: {[_real_number(y) for y in items]}")
+        out.append(f)
+    return (out[0], out[1], out[2])
+
+
+def _integer_not_bool_or_text(x: object) -> object:
+    if isinstance(x, (bool, np.bool_, str, bytes)):
+        raise ValueError(f"must be an integer, got {_describe(x)}")
+    return x
+
+
+#: an array index or size a client sends: an integer (JSON true/false or "3" are refused, as in a frame's shape)
+Index = Annotated[int, BeforeValidator(_integer_not_bool_or_text)]
 
 
 def _pack_bits(box: np.ndarray) -> str:
@@ -179,8 +229,8 @@ class Slab(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    offset: Tuple[int, int, int] = Field(description="array index [k, j, i] of the box's first voxel")
-    shape: Tuple[int, int, int] = Field(description="box size [nk, nj, ni]")
+    offset: Tuple[Index, Index, Index] = Field(description="array index [k, j, i] of the box's first voxel")
+    shape: Tuple[Index, Index, Index] = Field(description="box size [nk, nj, ni]")
     data: str = Field(
         max_length=_MAX_SLAB_DATA_CHARS,
         description="base64 of zlib-compressed np.packbits of the boolean box, C order",
@@ -399,8 +449,8 @@ class MaskPrompt(_Prompt):
     """An initial mask: a box of the image given by its array offset ``[k, j, i]`` and its bits."""
 
     kind: Literal["mask"] = "mask"
-    offset: Tuple[int, int, int]
-    shape: Tuple[int, int, int]
+    offset: Tuple[Index, Index, Index]
+    shape: Tuple[Index, Index, Index]
     data: str = Field(description="base64 of zlib-compressed np.packbits of the boolean box, C order")
 
     @model_validator(mode="after")
@@ -465,9 +515,7 @@ def prompt_vertices_kji(prompt: Prompt) -> np.ndarray:
     return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
 
 
-def _stroke_plane_axes(
-    verts_kji: np.ndarray, normal_kji: Optional[np.ndarray] = None
-) -> Tuple[np.ndarray, np.ndarray]:
+def _stroke_plane_axes(verts_kji: np.ndarray, normal_kji: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Two orthonormal in-plane directions of the slice a polyline was drawn on.
 
     The slice of ``normal_kji`` when given. Otherwise: vertices that share a coordinate lie on that
@@ -655,8 +703,9 @@ def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _stroke_voxel_bytes(points: Tuple[Tuple[float, ...], ...], width: float,
-                        normal: Optional[Tuple[float, ...]]) -> bytes:
+def _stroke_voxel_bytes(
+    points: Tuple[Tuple[float, ...], ...], width: float, normal: Optional[Tuple[float, ...]]
+) -> bytes:
     # rasterised once per stroke: the engine draws every earlier stroke again in each window of each
     # click, and the edge snap once more. Keyed by the stroke's content, not held on the (frozen)
     # prompt, so that copies, equality and pickles of prompts stay as they are

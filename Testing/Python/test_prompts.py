@@ -121,3 +121,43 @@ def test_published_schema_file_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.SCHEMA_FILE.read_text() == module.render(), "run python scripts/export_prompt_schema.py"
+
+
+_SLAB = {"offset": [0, 0, 0], "shape": [1, 2, 2], "data": "eJz7AAAA8QDx"}  # 4 set bits
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [  # each once raised OverflowError or TypeError inside a validator: a 500 on the server
+        ({"kind": "point", "position": [10**400, 1, 1]}, "integer beyond float range"),
+        ({"kind": "point", "position": {}}, "list of 3 coordinates"),
+        ({"kind": "point", "position": [[1], 1, 1]}, "must be numbers, got list"),
+        ({"kind": "box", "min_corner": [0, 0, 0], "max_corner": [{}, 1, 1]}, "must be numbers, got dict"),
+        ({"kind": "scribble", "points": [[1, 1, 1], [10**400, 1, 1]]}, "integer beyond float range"),
+        ({"kind": "scribble", "points": [[1, 1, 1], [5, 1, 1]], "normal": [0, 0, 10**400]}, "normal"),
+        ({"kind": "lasso", "points": [[1, 1, 1], [5, 1, 1], {"a": 1}]}, "list of 3 coordinates"),
+        # JSON true and numeric strings are not numbers, as in an array's shape
+        ({"kind": "point", "position": [True, 1, 1]}, "got true"),
+        ({"kind": "point", "position": ["1", 1, 1]}, "got '1'"),
+        ({"kind": "point", "position": "123"}, "list of 3 coordinates"),
+        ({"kind": "box", "min_corner": [0, 0, False], "max_corner": [5, 5, 5]}, "got false"),
+        ({"kind": "lasso", "points": [[0, 0, 1], [5, 0, 1], [5, "5", 1]]}, "got '5'"),
+        ({"kind": "scribble", "slab": {**_SLAB, "offset": [True, 0, 0]}}, "must be an integer, got true"),
+        ({"kind": "lasso", "slab": {**_SLAB, "shape": ["1", 2, 2]}}, "must be an integer, got '1'"),
+        ({"kind": "mask", "offset": [0, 0, "0"], "shape": [1, 2, 2], "data": "eJz7AAAA8QDx"}, "must be an integer"),
+    ],
+)
+def test_hostile_coordinates_are_a_prompt_error(data, message):
+    with pytest.raises(PromptError, match=message):
+        parse_prompt(data)
+    with pytest.raises(PromptError, match=message):  # the same from JSON text
+        parse_prompt(json.dumps(data))
+
+
+def test_numpy_numbers_are_coordinates():
+    assert PointPrompt(position=np.array([1, 2, 3], np.int64)).position == (1.0, 2.0, 3.0)
+    assert PointPrompt(position=(np.float32(1.5), np.int16(2), np.array(3.0))).position == (1.5, 2.0, 3.0)
+    box = BoxPrompt(min_corner=np.zeros(3), max_corner=np.full(3, 4.0))
+    assert box.max_corner == (4.0, 4.0, 4.0)
+    assert LassoPrompt(points=np.array([[0, 0, 1], [5, 0, 1], [5, 5, 1]])).points[2] == (5.0, 5.0, 1.0)
+    assert parse_prompt({"kind": "scribble", "slab": _SLAB}).slab.shape == (1, 2, 2)

@@ -29,6 +29,7 @@ from SegAssistLib.transport import ArrayMeta, TransportError, decode_frame, enco
 pytest_plugins = ["test_server_fixtures"]
 
 FRAME = {"Content-Type": FRAME_MEDIA_TYPE}
+JSON = {"Content-Type": "application/json"}
 STALE, FRESH = ".upload-stale0001.tmp", ".upload-fresh0001.tmp"
 
 
@@ -237,3 +238,74 @@ def test_a_lasting_read_error_drops_the_stored_copy_so_an_upload_repairs_it(serv
     monkeypatch.undo()
     assert upload(server, frame).json()["image_id"] == first  # uploading again repairs the store
     assert path.is_file() and raw(server, "GET", f"/v1/images/{first}").status_code == 200
+
+
+# ---- prompt coordinates and image geometry -----------------------------------------------------------
+HOSTILE_PROMPTS = {  # each once a 500: numpy raised OverflowError or TypeError inside a validator
+    "position 10**400": {"kind": "point", "position": [10**400, 1, 1]},
+    "position {}": {"kind": "point", "position": {}},
+    "position true": {"kind": "point", "position": [True, 1, 1]},
+    "position '1'": {"kind": "point", "position": ["1", 1, 1]},
+    "box corner {}": {"kind": "box", "min_corner": [0, 0, 0], "max_corner": [{}, 1, 1]},
+    "scribble vertex 10**400": {"kind": "scribble", "points": [[1, 1, 1], [10**400, 1, 1]]},
+    "scribble normal 10**400": {"kind": "scribble", "points": [[1, 1, 1], [5, 1, 1]], "normal": [0, 0, 10**400]},
+    "lasso vertex {}": {"kind": "lasso", "points": [[1, 1, 1], [5, 1, 1], {"a": 1}]},
+}
+
+
+@pytest.fixture(scope="module")
+def session_id(server):
+    image_id = upload(server, encode_frame(make_volume(seed=21).array, {}, codec="zlib")).json()["image_id"]
+    reply = raw(server, "POST", "/v1/sessions", json={"image_id": image_id})
+    assert reply.status_code == 201, reply.text
+    return reply.json()["session_id"]
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_PROMPTS))
+def test_hostile_prompt_coordinates_get_a_422(server, session_id, name):
+    body = json.dumps({"prompt": HOSTILE_PROMPTS[name]})
+    reply = raw(server, "POST", f"/v1/sessions/{session_id}/prompts", data=body, headers=JSON)
+    error = assert_error(reply, 422, "invalid_prompt")
+    assert len(error["message"]) < 2000  # a 400-digit number is not echoed whole
+    image_id = raw(server, "GET", f"/v1/sessions/{session_id}").json()["image_id"]
+    replay = json.dumps({"image_id": image_id, "prompts": [HOSTILE_PROMPTS[name]]})  # a replayed log
+    assert_error(raw(server, "POST", "/v1/sessions", data=replay, headers=JSON), 422, "invalid_prompt")
+    assert_healthy(server)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("spacing", [True, True, True]), ("spacing", ["1", "1", "1.5"]), ("origin", [0, False, 0]),
+     ("direction", ["1", "0", "0", "0", "1", "0", "0", "0", "1"]), ("origin", [10**400, 0, 0])],
+)  # fmt: skip
+def test_image_geometry_takes_numbers_only(server, field, value):
+    volume = make_volume(seed=22)
+    meta, payload = encode_array(volume.array, codec="zlib")
+    before = stored(server)
+    error = assert_error(upload(server, raw_frame(json.dumps({**meta.to_dict(), field: value}), payload)), 400,
+                         "malformed_body")  # fmt: skip
+    assert field in error["message"] and "valid number" in error["message"]
+    assert stored(server) == before
+
+
+# ---- one image, one modality ---------------------------------------------------------------------------
+def test_a_stored_image_keeps_its_modality_when_uploaded_again(server):
+    """Evicted from memory (a cache of 1 byte), the image is compared with its stored copy."""
+    volume = make_volume(seed=23)
+
+    def frame(modality):
+        return encode_frame(volume.array, {"spacing": list(volume.spacing), "modality": modality}, codec="zlib")
+
+    first = upload(server, frame("MR"))
+    assert first.status_code == 201 and first.json()["modality"] == "MR"
+    image_id = first.json()["image_id"]
+    upload(server, encode_frame(make_volume(seed=24).array, {}, codec="zlib"))  # evicts it from memory
+    error = assert_error(upload(server, frame("CT")), 409, "image_conflict")
+    assert "MR" in error["message"] and '"modality": "CT"' in error["message"]
+    assert error["details"] == {"held_modality": "MR", "upload_modality": "CT"}
+    for again in (frame("MR"), frame(None)):  # the same modality, or none: the image as held
+        reply = upload(server, again)
+        assert reply.status_code == 200 and reply.json()["modality"] == "MR" and not reply.json()["uploaded"]
+    assert raw(server, "GET", f"/v1/images/{image_id}").json()["modality"] == "MR"
+    header, _ = decode_frame((server.data_dir / "images" / f"{image_id}.sgaf").read_bytes())
+    assert header["modality"] == "MR"
