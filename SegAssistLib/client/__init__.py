@@ -18,6 +18,7 @@ from SegAssistLib.client.errors import (
     BackendUnavailableError,
     BadRequestError,
     ClientError,
+    ImageConflictError,
     ImageNotFoundError,
     InvalidImageError,
     InvalidPromptError,
@@ -62,5 +63,6 @@ __all__ = [
     "ServerReplyError",
     "SessionNotFoundError",
     "SessionStateError",
+    "ImageConflictError",
     "UploadTimeoutError",
 ]

@@ -109,6 +109,11 @@ class ServerBusyError(ServerReplyError):
     """503: the queue is full or the server is shutting down; retry later."""
 
 
+class ImageConflictError(ServerReplyError):
+    """409: the server holds this image already with another modality (a held image never changes;
+    a session's own modality overrides it, which ``open_session`` sends)."""
+
+
 class LearningConflictError(ServerReplyError):
     """409 from the learning endpoints: the case is locked by someone else or already imported, a
     training job is already running, or that adapter version cannot be made current."""
@@ -134,6 +139,7 @@ _BY_CODE: Dict[str, Type[ServerReplyError]] = {
     "invalid_image": InvalidImageError,
     "unsupported_dtype": InvalidImageError,
     "invalid_shape": InvalidImageError,
+    "image_conflict": ImageConflictError,
     "image_too_large": PayloadTooLargeError,
     "body_too_large": PayloadTooLargeError,
     "learning_disabled": LearningDisabledError,

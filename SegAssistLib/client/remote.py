@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -14,7 +15,7 @@ from SegAssistLib.api_models import (
     SessionInfo,
     StoredImage,
 )
-from SegAssistLib.client.errors import ImageNotFoundError, PayloadTooLargeError
+from SegAssistLib.client.errors import ImageConflictError, ImageNotFoundError, PayloadTooLargeError
 from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout
 from SegAssistLib.client.learning import LearningClient
 from SegAssistLib.client.session import RemoteSession, wire_prompt
@@ -140,7 +141,9 @@ class SegAssistClient(Engine):
         try:
             self.image(image_id)
         except ImageNotFoundError:
-            self.upload_image(vol, progress)
+            # uploaded meanwhile by someone naming another modality: held, and sessions name theirs
+            with contextlib.suppress(ImageConflictError):
+                self.upload_image(vol, progress)
         return image_id
 
     # ---- sessions ----------------------------------------------------------------------------

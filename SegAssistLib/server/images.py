@@ -175,20 +175,24 @@ class ImageStore:
                 return True
         return self._dir is not None and self._path(image_id).is_file()
 
-    def put(self, image_id: str, volume: Volume, frame: Optional[bytes]) -> None:
-        """Hold an uploaded image (in memory, and on disk with a data folder). A disk that refuses the
-        write (full, read-only) costs the copy on disk only: the image is served from memory, and
-        uploaded again by the client if it leaves memory before its sessions end."""
+    def put(self, image_id: str, volume: Volume, frame: Optional[bytes]) -> Volume:
+        """Hold an uploaded image (in memory, and on disk with a data folder); returns the volume held.
+
+        A held image is never replaced: when one is already in memory under this id (an upload of
+        it that came first), that one is kept and returned, modality included. A disk that refuses
+        the write (full, read-only) costs the copy on disk only: the image is served from memory,
+        and uploaded again by the client if it leaves memory before its sessions end."""
+        with self._lock:
+            held = self._cache.get(image_id)
+            if held is not None:
+                self._cache.move_to_end(image_id)
+                return held
         if self._dir is not None and frame is not None:
             try:
                 self._write(image_id, frame)
             except OSError as exc:
                 log.error("image %s could not be stored on disk (%s): held in memory only", image_id, exc)
-        self._remember(image_id, volume)
-
-    def hold(self, image_id: str, volume: Volume) -> None:
-        """Keep an image just uploaded again in memory (its file may be damaged: reading it drops it)."""
-        self._remember(image_id, volume)
+        return self._remember(image_id, volume)
 
     def _write(self, image_id: str, frame: bytes) -> None:
         path = self._path(image_id)
@@ -208,12 +212,14 @@ class ImageStore:
                 os.unlink(tmp)
         fsync_dir(self._dir)  # the rename itself survives a power cut
 
-    def _remember(self, image_id: str, volume: Volume) -> None:
+    def _remember(self, image_id: str, volume: Volume) -> Volume:
+        """Keep ``volume`` in memory unless one is held under ``image_id`` already; returns the one held."""
         with self._lock:
-            self._cache[image_id] = volume
+            held = self._cache.setdefault(image_id, volume)
             self._cache.move_to_end(image_id)
             total = sum(v.array.nbytes for v in self._cache.values())
             # Evict oldest first, but always keep the newest (a single image above the budget).
             while total > self._cache_bytes and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
                 total -= old.array.nbytes
+            return held

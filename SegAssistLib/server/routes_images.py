@@ -30,7 +30,9 @@ The header holds the array metadata (`dtype` such as `<i2`, `shape` in array ord
 
 The image id is the SHA-256 of voxels and geometry. Uploading an image the server already holds
 stores nothing and answers 200; a new image answers 201. Check with `GET /v1/images/{{id}}` first
-and the same image never travels twice."""
+and the same image never travels twice. A held image never changes: the modality of its first
+upload stays, and an upload of it naming another modality answers 409 `image_conflict` (a
+session's `modality` in `POST /v1/sessions` overrides the image's for that session)."""
 
 
 @router.post(
@@ -84,12 +86,35 @@ async def upload_image(
                 "dtype, shape or geometry changed on the way (or the client hashed a different array)",
             )  # fmt: skip
         known = await run_in_threadpool(state.images.has, image_id)
-        if known:
+        # the image held already, from memory or its stored file (None when that file is damaged: dropped)
+        held = await run_in_threadpool(state.images.get, image_id) if known else None
+        if held is None:  # stored now (over a damaged file, too); an upload of it that came first is kept
+            held = await run_in_threadpool(state.images.put, image_id, volume, body)
+        if held is not volume:
+            _check_same_modality(image_id, held, volume)
+        uploaded = held is volume and not known
+        if not uploaded:
             response.status_code = 200
-            state.images.hold(image_id, volume)  # decoded already: sessions need not read the stored file
-        else:
-            await run_in_threadpool(state.images.put, image_id, volume, body)
-    return image_info(image_id, volume, uploaded=not known)
+    return image_info(image_id, held, uploaded=uploaded)
+
+
+def _check_same_modality(image_id: str, held: Volume, upload: Volume) -> None:
+    """A held image is never changed: an upload of it that names another modality is refused (409).
+
+    The image id covers voxels and geometry, not the modality, and every session on the image,
+    whoever opened it, reads the held one (the engine normalises intensities by modality).
+    An upload that names none asks nothing of the held image: it is answered 200.
+    """
+    if upload.modality is None or upload.modality == held.modality:
+        return
+    has = f"modality {held.modality}" if held.modality else "no modality (guessed from its intensities)"
+    raise ApiError(
+        409, ErrorCode.IMAGE_CONFLICT,
+        f"image {image_id} is held already, with {has}, and this upload says {upload.modality}: the image id "
+        "covers voxels and geometry, not modality, and a held image never changes. Open sessions with "
+        f'"modality": "{upload.modality}" in POST /v1/sessions instead (the Python client does this itself)',
+        details={"held_modality": held.modality, "upload_modality": upload.modality},
+    )  # fmt: skip
 
 
 @router.get("/images/{image_id}", response_model=StoredImage, summary="Is this image held? (by content hash)")

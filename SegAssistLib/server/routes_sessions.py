@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from fastapi import APIRouter, Depends, Path, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from SegAssistLib.api_models import (
@@ -18,6 +20,7 @@ from SegAssistLib.api_models import (
     MaskUpdateReply,
     ResultReply,
     SessionInfo,
+    validate_prompts,
 )
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.prompts import Prompt, PromptLog
@@ -87,12 +90,24 @@ async def create_session(
     return state.session_info(session)
 
 
+def _checked_prompts(raw: Any) -> List[Prompt]:
+    """The prompts of a CreateSession body, validated (CPU work: run in the thread pool); a bad one
+    answers as if the body had failed validation (422 invalid_prompt)."""
+    try:
+        return validate_prompts(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", "prompts", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
+        ) from None
+
+
 async def _open_session(body: CreateSession, state: ServerState, user: str) -> ServerSession:
     limit = state.limits.max_prompts_per_session
-    if len(body.prompts) > limit:
+    if isinstance(body.prompts, list) and len(body.prompts) > limit:  # counted before any is validated
         raise ApiError(
             409, ErrorCode.PROMPT_LIMIT, f"{len(body.prompts)} prompts to replay, above the limit of {limit}"
         )
+    checked = await run_in_threadpool(_checked_prompts, body.prompts)  # off the event loop: slabs decompress
     state.sessions.reserve(user)
     try:
         volume = await run_in_threadpool(state.images.get, body.image_id)
@@ -101,12 +116,12 @@ async def _open_session(body: CreateSession, state: ServerState, user: str) -> S
         if body.modality:
             volume = dataclasses.replace(volume, modality=body.modality)
         shape = tuple(int(n) for n in volume.array.shape)
-        for prompt in body.prompts:
+        for prompt in checked:
             _check_prompt(state, shape, prompt)
         session = state.sessions.add(user, body.image_id, shape, state.pool.pick())  # type: ignore[arg-type]
     finally:
         state.sessions.release(user)
-    prompts = list(body.prompts)
+    prompts = list(checked)
     try:
         await state.open(session, lambda engine: engine.open_session(volume, prompts or None))
     except BaseException:

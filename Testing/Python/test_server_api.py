@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_server_fixtures import TOKENS, make_volume, raw
+from test_server_fixtures import TOKENS, assert_error, make_volume, raw
 
 from SegAssistLib.api_models import REQUEST_ID_HEADER
 from SegAssistLib.client import SegAssistClient, SessionNotFoundError, SessionStateError
@@ -135,6 +135,37 @@ def test_an_image_is_uploaded_once(alice):
             assert session.shape == vol.array.shape
 
 
+def test_another_users_upload_never_changes_a_held_images_modality(shared_server, alice):
+    """The image id leaves the modality out, and every session on the image reads the held volume
+    (the engine normalises intensities by modality): a conflicting re-upload is refused, not applied."""
+    from SegAssistLib.client import ImageConflictError, ImageNotFoundError
+    from SegAssistLib.image import Volume
+
+    vol = make_volume(seed=19)
+    ct = Volume(vol.array, spacing=vol.spacing, modality="CT")
+    assert alice.upload_image(ct).modality == "CT"
+    with SegAssistClient(alice.url, TOKENS["bob"]) as bob:
+        mr_volume = Volume(vol.array, spacing=vol.spacing, modality="MR")
+        with pytest.raises(ImageConflictError) as refused:
+            bob.upload_image(mr_volume)
+        assert refused.value.status == 409 and refused.value.code == "image_conflict"
+        assert "CT" in str(refused.value) and "POST /v1/sessions" in str(refused.value)
+
+        def not_yet(image_id):  # bob's check ran just before alice's upload landed
+            raise ImageNotFoundError("not held", status=404, code="image_not_found")
+
+        bob.image, held_check = not_yet, bob.image
+        assert bob.ensure_image(mr_volume) == ct.content_hash()  # held: the session names its modality
+        bob.image = held_check
+        assert bob.upload_image(vol).modality == "CT"  # no modality: the image as held, 200
+        with bob.open_session(Volume(vol.array, spacing=vol.spacing, modality="MR")) as mr:  # MR for bob only
+            sessions = shared_server.app.state.segassist.sessions._sessions
+            assert sessions[mr.session_id].engine_session.modality == "MR"
+            with alice.open_session(ct.content_hash()) as held:
+                assert sessions[held.session_id].engine_session.modality == "CT"
+    assert alice.image(ct.content_hash()).modality == "CT"
+
+
 def test_open_session_uploads_when_the_server_lacks_the_image(alice):
     vol = make_volume(seed=12, dtype=np.int16)
     sent = []
@@ -233,3 +264,65 @@ def test_replies_use_zlib_for_a_client_without_zstd(shared_server, alice, blob_v
             headers={"X-SegAssist-Accept-Codecs": "zlib"},
         )
         assert reply.status_code == 200 and reply.json()["mask"]["codec"] == "zlib"
+
+
+def _slab_log(volume) -> list:
+    """The test volume's scribble and lasso prompts as the client sends them: slabs."""
+    from SegAssistLib.prompts import to_slab
+
+    strokes = [PROMPTS["scribble+"], PROMPTS["lasso+"], PROMPTS["lasso-"]]
+    return [to_slab(p, volume.array.shape).model_dump(mode="json") for p in strokes]
+
+
+def _watch_slab_decoding(monkeypatch) -> list:
+    """Patches slab decoding to record, per call, whether it ran on an event loop's thread."""
+    import asyncio
+
+    from SegAssistLib import prompts
+
+    on_loop, unpack = [], prompts._unpack_bits
+
+    def watched(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a thread-pool worker: no loop runs here
+            on_loop.append(False)
+        return unpack(*args, **kwargs)
+
+    monkeypatch.setattr(prompts, "_unpack_bits", watched)
+    return on_loop
+
+
+def test_replayed_slabs_are_checked_off_the_event_loop(shared_server, alice, blob_volume, monkeypatch):
+    """Checking a slab decompresses it (up to 4096 x 4096 bits): done while the body was validated,
+    on the event loop, a small body of many slabs froze the server for every user."""
+    image_id = alice.upload_image(blob_volume).image_id
+    log = _slab_log(blob_volume)
+    assert all("slab" in p for p in log)
+    on_loop = _watch_slab_decoding(monkeypatch)
+    reply = raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id, "prompts": log})
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["n_prompts"] == 3
+    assert on_loop and not any(on_loop)
+    raw(shared_server, "DELETE", f"/v1/sessions/{reply.json()['session_id']}")
+    # a bad prompt among them still answers like a body that fails validation
+    bad = [*log, {**log[0], "slab": {**log[0]["slab"], "data": "AAAA"}}]
+    reply = raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id, "prompts": bad})
+    error = assert_error(reply, 422, "invalid_prompt")
+    assert "prompts.3" in error["message"] and "slab" in error["message"]
+    assert error["details"]["errors"][0]["loc"][:3] == ["body", "prompts", "3"]
+    assert_error(raw(shared_server, "POST", "/v1/sessions", json={"image_id": image_id, "prompts": 5}),
+                 422, "invalid_prompt")  # fmt: skip
+
+
+def test_a_replay_above_the_prompt_limit_is_refused_before_a_slab_is_decoded(server_factory, monkeypatch):
+    server = server_factory.start(max_prompts_per_session=3)
+    volume = make_volume(seed=31)
+    with SegAssistClient(server.url, TOKENS["alice"]) as client:
+        image_id = client.upload_image(volume).image_id
+    log = _slab_log(volume)
+    on_loop = _watch_slab_decoding(monkeypatch)
+    reply = raw(server, "POST", "/v1/sessions", json={"image_id": image_id, "prompts": log + log[:1]})
+    error = assert_error(reply, 409, "prompt_limit")
+    assert "4 prompts" in error["message"] and on_loop == []
