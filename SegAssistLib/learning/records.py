@@ -101,7 +101,7 @@ def printable_text(value: str, limit: int = _TEXT_LIMIT, keep_end: bool = False)
     shown = "".join(c if c.isprintable() else "?" for c in value)
     if len(shown) <= limit:
         return shown
-    return "…" + shown[-(limit - 1) :] if keep_end else shown[: limit - 1] + "…"
+    return "\u2026" + shown[-(limit - 1) :] if keep_end else shown[: limit - 1] + "\u2026"
 
 
 def iso_time(t: Optional[float]) -> Optional[str]:

@@ -35,7 +35,7 @@ def _module_file(name: str) -> Path:
 
 def _top_level_imports(path: Path) -> Iterable[str]:
     """Modules imported at module level (not inside functions: those are optional features)."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))  # whatever the locale
     for node in tree.body:
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
