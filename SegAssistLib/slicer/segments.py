@@ -208,9 +208,15 @@ def segmentation_geometry(
     reference_volume_node: slicer.vtkMRMLVolumeNode,
 ) -> slicer.vtkOrientedImageData:
     """The grid the segmentation keeps its segments on (its reference image geometry, in its own
-    frame), which Slicer's effects write on; the volume's grid when the segmentation names none."""
+    frame), which Slicer's effects write on. A segmentation that names none (one converted from a
+    labelmap) keeps the grid of the segments it holds, as Slicer's editor takes it; one holding
+    nothing takes the volume's grid."""
+    segmentation = segmentation_node.GetSegmentation()
     parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-    serialized = segmentation_node.GetSegmentation().GetConversionParameter(parameter)
+    serialized = segmentation.GetConversionParameter(parameter)
+    from_segments = not serialized and hasattr(slicer, "vtkSlicerSegmentEditorLogic")
+    if from_segments:
+        serialized = slicer.vtkSlicerSegmentEditorLogic.GetReferenceImageGeometryStringFromSegmentation(segmentation)
     if not serialized:
         return reference_geometry(reference_volume_node, segmentation_node)
     geometry = slicer.vtkOrientedImageData()
@@ -218,6 +224,10 @@ def segmentation_geometry(
         raise SegAssistError(
             f"segmentation {segmentation_node.GetName()!r} has an unreadable reference geometry {serialized!r}"
         )
+    if from_segments:  # their grid, not their extent (cut to what they hold): it also spans the volume
+        spans = _target_box(reference_geometry(reference_volume_node, segmentation_node), geometry, clip=False)
+        e, v = geometry.GetExtent(), spans.GetExtent()
+        geometry.SetExtent(*(min(e[n], v[n]) if n % 2 == 0 else max(e[n], v[n]) for n in range(6)))
     return geometry
 
 
@@ -228,9 +238,10 @@ def _crop_to_box(grid: slicer.vtkOrientedImageData, offset: Sequence[int], shape
 
 
 def _target_box(
-    source: slicer.vtkOrientedImageData, target: slicer.vtkOrientedImageData
+    source: slicer.vtkOrientedImageData, target: slicer.vtkOrientedImageData, clip: bool = True
 ) -> Optional[slicer.vtkOrientedImageData]:
-    """``target``'s grid cut to the voxels that ``source``'s extent covers; None where they do not meet."""
+    """``target``'s grid cut to the voxels that ``source``'s extent covers; None where they do not
+    meet (without ``clip``: ``target``'s grid over the voxels ``source`` covers, inside its extent or not)."""
     source_to_world, world_to_target = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
     source.GetImageToWorldMatrix(source_to_world)
     target.GetWorldToImageMatrix(world_to_target)
@@ -245,8 +256,9 @@ def _target_box(
     )
     to_target = _numpy_matrix(world_to_target) @ _numpy_matrix(source_to_world)
     ijk = (to_target @ corners.T)[:3]
-    lo = np.maximum(np.floor(ijk.min(axis=1)).astype(int), [te[0], te[2], te[4]])
-    hi = np.minimum(np.ceil(ijk.max(axis=1)).astype(int), [te[1], te[3], te[5]])
+    lo, hi = np.floor(ijk.min(axis=1)).astype(int), np.ceil(ijk.max(axis=1)).astype(int)
+    if clip:
+        lo, hi = np.maximum(lo, [te[0], te[2], te[4]]), np.minimum(hi, [te[1], te[3], te[5]])
     if np.any(hi < lo):
         return None
     box = slicer.vtkOrientedImageData()
@@ -283,17 +295,28 @@ def _count_outside(
     volume_grid: slicer.vtkOrientedImageData,
     target: slicer.vtkOrientedImageData,
 ) -> int:
-    """How many voxels of ``inside`` (a box at ``offset`` of the volume's grid) have no voxel of
-    ``target``'s extent within half a voxel: nearest-neighbour resampling cannot place them."""
+    """How many voxels of ``inside`` (a box at ``offset`` of the volume's grid) lie outside
+    ``target``'s extent: farther than half a voxel from it, or exactly half a voxel (a tie, which
+    the resampling may hand to the voxel outside)."""
     k, j, i = np.nonzero(inside)
     if k.size == 0:
         return 0
     e, t = volume_grid.GetExtent(), target.GetExtent()
-    ijk = np.stack([i + e[0] + offset[2], j + e[2] + offset[1], k + e[4] + offset[0], np.ones_like(i)]).astype(float)
-    mapped = (_to_target_ijk(volume_grid, target) @ ijk)[:3]
-    lo = np.array([t[0], t[2], t[4]], float)[:, None] - 0.5 - 1e-6
-    hi = np.array([t[1], t[3], t[5]], float)[:, None] + 0.5 + 1e-6
-    return int(np.count_nonzero(np.any((mapped < lo) | (mapped > hi), axis=0)))
+    to_target = _to_target_ijk(volume_grid, target)
+    lo = np.array([t[0], t[2], t[4]], float)[:, None] - 0.5 + 1e-6
+    hi = np.array([t[1], t[3], t[5]], float)[:, None] + 0.5 - 1e-6
+
+    def outside(points_ijk: np.ndarray) -> np.ndarray:
+        mapped = (to_target @ np.vstack([points_ijk, np.ones(points_ijk.shape[1])]))[:3]
+        return np.any((mapped < lo) | (mapped > hi), axis=0)
+
+    base = np.array([[e[0] + offset[2]], [e[2] + offset[1]], [e[4] + offset[0]]], float)
+    corners = np.array(
+        [[a, b, c] for a in (i.min(), i.max()) for b in (j.min(), j.max()) for c in (k.min(), k.max())], float
+    ).T
+    if not outside(corners + base).any():  # the extent is convex: the box of the voxels lies inside
+        return 0
+    return int(np.count_nonzero(outside(np.stack([i, j, k]).astype(float) + base)))
 
 
 class _Placed(NamedTuple):
@@ -303,7 +326,7 @@ class _Placed(NamedTuple):
     ``resampled`` is False when the segmentation's geometry is the volume's grid."""
 
     inside: np.ndarray
-    touched: np.ndarray
+    touched: Optional[np.ndarray]
     grid: Optional[slicer.vtkOrientedImageData]
     resampled: bool
 
@@ -313,11 +336,14 @@ def _on_segmentation_grid(
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     reference_volume_node: slicer.vtkMRMLVolumeNode,
     changed: Optional[np.ndarray] = None,
+    need_touched: bool = True,
 ) -> _Placed:
-    """An update on the volume's grid placed on the segmentation's geometry (see :class:`_Placed`).
+    """An update on the volume's grid placed on the segmentation's geometry (see :class:`_Placed`;
+    without ``need_touched`` its ``touched`` is not computed, and is None).
 
-    Raises when the update holds voxels the segmentation's geometry does not reach: they could not
-    be written, and a silently clipped answer is a wrong segment.
+    Raises when the update holds voxels the segmentation's geometry does not reach, or voxels of
+    which none lands on it (an answer thinner than a coarser geometry's voxels): they could not be
+    written, and a silently clipped or vanished answer is a wrong segment.
     """
     volume_grid = reference_geometry(reference_volume_node, segmentation_node)
     _check_box(update, _shape_kji(volume_grid))
@@ -341,9 +367,18 @@ def _on_segmentation_grid(
     # A margin of empty voxels around the box: VTK's resampling takes a point up to half a voxel
     # outside an image as on its edge, which would hand ties just past the box to the box.
     margin = tuple(int(o) - 1 for o in update.offset)
-    answer = oriented_labelmap(np.pad(inside, 1), volume_grid, margin)
-    touched = _resample_mask(oriented_labelmap(np.pad(decides, 1), volume_grid, margin), grid)
-    return _Placed(_resample_mask(answer, grid), touched, grid, resampled=True)
+    landed = _resample_mask(oriented_labelmap(np.pad(inside, 1), volume_grid, margin), grid)
+    if inside.any() and not landed.any():
+        raise ImageError(
+            f"the answer ({int(inside.sum())} voxels) is thinner than the voxels of segmentation "
+            f"{segmentation_node.GetName()!r}'s geometry, so none of it would be written: set its geometry to "
+            f"volume {reference_volume_node.GetName()!r} (Segment Editor, 'Specify geometry') or segment into "
+            "another segmentation"
+        )
+    touched = None
+    if need_touched:
+        touched = _resample_mask(oriented_labelmap(np.pad(decides, 1), volume_grid, margin), grid)
+    return _Placed(landed, touched, grid, resampled=True)
 
 
 def array_to_segment(
@@ -359,15 +394,24 @@ def array_to_segment(
     :class:`SegmentEditor` for that.
     """
     _segment(segmentation_node, segment_id)
-    shape = _shape_kji(reference_geometry(reference_volume_node, segmentation_node))
+    volume_grid = reference_geometry(reference_volume_node, segmentation_node)
+    shape = _shape_kji(volume_grid)
     if np.shape(mask) != shape:
         raise ImageError(f"mask shape {np.shape(mask)} differs from the reference volume's {shape} [k, j, i]")
     _ensure_binary_labelmap_source(segmentation_node)
-    placed = _on_segmentation_grid(MaskUpdate((0, 0, 0), np.asarray(mask)), segmentation_node, reference_volume_node)
+    mask = np.asarray(mask)
+    update = MaskUpdate((0, 0, 0), mask)
+    target = segmentation_geometry(segmentation_node, reference_volume_node)
+    if not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target):
+        # resampled: only the box holding the mask (the rest of the segment is replaced by nothing)
+        voxels = np.argwhere(mask)
+        lo, hi = (voxels.min(0), voxels.max(0) + 1) if len(voxels) else (np.zeros(3, int), np.ones(3, int))
+        update = MaskUpdate(tuple(int(v) for v in lo), mask[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    placed = _on_segmentation_grid(update, segmentation_node, reference_volume_node, need_touched=False)
     if placed.grid is None:
         labelmap = _nothing_to_write(segmentation_node, reference_volume_node)
     else:
-        labelmap = oriented_labelmap(placed.inside & placed.touched, placed.grid)
+        labelmap = oriented_labelmap(placed.inside, placed.grid)
     if not _Logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, _Logic.MODE_REPLACE):
         raise SegAssistError(f"could not write segment {segment_id!r}")
 

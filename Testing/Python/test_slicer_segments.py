@@ -431,3 +431,69 @@ def test_an_answer_the_segmentations_geometry_does_not_reach_is_refused_whole(ct
     seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # the fix the message names
     segments.array_to_segment(np.pad(np.ones((4, 4, 4), np.uint8), 8), seg, sid, volume)
     assert segments.segment_to_array(seg, sid, volume)[8:12, 8:12, 8:12].all()
+
+
+def test_a_segmentation_converted_from_a_labelmap_keeps_its_segments_grid(ctx):
+    """Such a segmentation names no geometry: writes took the volume's grid, and Slicer re-gridded
+    the layer under the hand-painted segment (194 of 691 voxels changed). Its segments' grid is kept,
+    over the whole volume (not cut to what the segments hold)."""
+    series1 = add_volume(ctx.scene, random_volume((30, 30, 30)), affine(np.eye(3), (0.0, 0.0, 0.0)), "series 1")
+    series2 = add_volume(ctx.scene, random_volume((20, 20, 20)), affine(np.eye(3), (10.5, 10.0, 10.0)), "series 2")
+    seg = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "converted")
+    seg.CreateDefaultDisplayNodes()
+    k, j, i = np.meshgrid(*[np.arange(30)] * 3, indexing="ij")
+    liver = (((k - 8) ** 2 + (j - 9) ** 2 + (i - 10) ** 2) < 30).astype(np.uint8)
+    labelmap = ctx.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "liver labelmap")
+    slicer.util.updateVolumeFromArray(labelmap, liver)
+    assert _Logic().ImportLabelmapToSegmentationNode(labelmap, seg, "")
+    painted = seg.GetSegmentation().GetNthSegmentID(0)
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    assert not seg.GetSegmentation().GetConversionParameter(parameter)
+    answer = np.zeros((20, 20, 20), np.uint8)
+    answer[2:5, 2:5, 2:5] = 1  # outside the liver's box: the segments' extent is not a border
+    written = segments.add_segment(seg, "SegAssist")
+    segments.array_to_segment(answer, seg, written, series2)
+    assert np.array_equal(segments.segment_to_array(seg, painted, series1), liver)
+    assert segments.segment_to_array(seg, written, series1).sum() == 27
+
+
+def _Logic():
+    return slicer.vtkSlicerSegmentationsModuleLogic
+
+
+def _shifted_geometry(seg, origin, spacing: float = 1.0, size: int = 20) -> None:
+    geometry = slicer.vtkOrientedImageData()
+    geometry.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(affine(np.eye(3) * spacing, origin)))
+    geometry.SetExtent(0, size - 1, 0, size - 1, 0, size - 1)
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    seg.GetSegmentation().SetConversionParameter(
+        parameter, slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry)
+    )
+
+
+def test_an_answer_that_would_vanish_on_the_segmentations_grid_is_refused_not_dropped(ctx):
+    """Two ways an answer wrote nothing, silently: a voxel half a voxel beyond the segmentation's
+    grid (a tie the resampling hands outside), and a sheet thinner than a coarser grid's voxels."""
+    volume = add_volume(ctx.scene, random_volume((20, 20, 20)), affine(np.eye(3), (0.0, 0.0, 0.0)), "volume")
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+    sid = segments.add_segment(seg, "s")
+    _shifted_geometry(seg, (0.5, 0.0, 0.0))  # the volume's grid moved half a voxel along i
+    edge = np.zeros((20, 20, 20), np.uint8)
+    edge[5, 5, 0] = 1
+    with pytest.raises(ImageError, match="1 voxels of the answer lie outside the geometry"):
+        segments.array_to_segment(edge, seg, sid, volume)
+    editor = segments.SegmentEditor(seg, volume)
+    with pytest.raises(ImageError, match="outside the geometry"):
+        editor.write(sid, MaskUpdate((5, 5, 0), np.ones((1, 1, 1), np.uint8)))
+    editor.write(sid, MaskUpdate((5, 5, 19), np.ones((1, 1, 1), np.uint8)))  # the other end is written
+    assert segments.segment_holds_voxels(seg, sid)
+    editor.close()
+
+    _shifted_geometry(seg, (0.5, 0.5, 0.5), spacing=2.0, size=10)  # a 2 mm grid under a 1 mm volume
+    sheet = np.zeros((20, 20, 20), np.uint8)
+    sheet[4:16, 4:16, 8] = 1  # one voxel thick, between the 2 mm grid's samples
+    with pytest.raises(ImageError, match=r"the answer \(144 voxels\) is thinner than the voxels"):
+        segments.array_to_segment(sheet, seg, sid, volume)
+    sheet = np.roll(sheet, 1, axis=2)
+    segments.array_to_segment(sheet, seg, sid, volume)
+    assert segments.segment_to_array(seg, sid, volume).sum() == 288  # on the grid's samples: written
