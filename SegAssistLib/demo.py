@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from SegAssistLib.cli_types import non_negative_int
 from SegAssistLib.datasets import REPO_ROOT
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
+from SegAssistLib.evaluation.runner import label_grid_problem
 from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_prompt
 from SegAssistLib.files import atomic_write, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
@@ -30,6 +31,20 @@ from SegAssistLib.prompts import BoxPrompt, Prompt
 
 SAMPLE_IMAGE = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
 SAMPLE_LABEL = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_label.nii.gz"
+
+
+def segment_name(label: Optional[Path], label_values: Sequence[int]) -> str:
+    """The segment's name in ``segmentation.seg.nrrd``: the bundled sample's structure, else the label
+    file's name and the label values of the target (``liver_seg label 5``)."""
+    if label is None:
+        return "SegAssist"
+    if Path(label).resolve() == SAMPLE_LABEL.resolve():
+        return "hippocampus"
+    stem = Path(label).name
+    for suffix in (".gz", ".nii", ".nrrd", ".seg", ".mha", ".mhd"):
+        stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) and len(stem) > len(suffix) else stem
+    values = "+".join(str(v) for v in label_values)
+    return f"{stem} label{'s' if len(label_values) > 1 else ''} {values}"
 
 
 def axial_box(target: np.ndarray) -> BoxPrompt:
@@ -79,9 +94,9 @@ def run_demo(
         raise SegAssistError(f"--out {out}: {problem}")
     volume = load_volume(image, channel=channel)
     labels = load_mask(label)
-    if labels.shape != volume.array.shape:
-        raise SegAssistError(f"label {label} has shape {labels.shape}, the image {volume.array.shape}: "
-                             "the reference must be on the image's grid")
+    problem = label_grid_problem(label, labels, volume)  # the check of segassist eval: Dice of a moved label lies
+    if problem:
+        raise SegAssistError(f"label {label}: {problem}")
     target = np.isin(labels, label_values)
     if not target.any():
         raise SegAssistError(f"label {label} holds none of the values {', '.join(map(str, label_values))} (--labels)")
@@ -106,7 +121,8 @@ def run_demo(
         atomic_write(out / name, writer, overwrite=True)
 
     write("segmentation.nii.gz", lambda p: save_mask_nifti(mask, volume, p))
-    write("segmentation.seg.nrrd", lambda p: save_segmentation_nrrd(mask, volume, p, segment_names=("hippocampus",)))
+    name = segment_name(label, label_values)
+    write("segmentation.seg.nrrd", lambda p: save_segmentation_nrrd(mask, volume, p, segment_names=(name,)))
     title = f"SegAssist demo: Dice {best_dice:.3f} (orange: result, green: reference)"
     write("overlay.png",
           lambda p: save_overlay_png(volume, mask, p, reference=target, prompts=log.prompts, title=title))

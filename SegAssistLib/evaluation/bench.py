@@ -37,7 +37,7 @@ import numpy as np
 from SegAssistLib.cli_types import non_negative_mm, positive_int
 from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine.base import Engine
-from SegAssistLib.errors import ModelError, PromptError, SegAssistError
+from SegAssistLib.errors import ImageError, ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
 from SegAssistLib.evaluation.progress import ProgressBar
 from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target, load_case, warm_up
@@ -214,6 +214,7 @@ def run_bench(
                 bar.update(len(job.structures) * len(config.protocols) * len(engines),
                            label=f"{job.case.name} (not read)")
                 continue
+            rejected: Dict[str, str] = {}  # engine -> why it refused this image (every session would be refused)
             for structure in job.structures:
                 mask = np.isin(labels, structure.labels).astype(np.uint8)
                 base = {"dataset": job.dataset, "case": job.case.name, "structure": structure.name,
@@ -235,6 +236,10 @@ def run_bench(
                                             "reason": f"image above {config.randomwalker_max_voxels:,} voxels"})
                             bar.update(1)
                             continue
+                        if name in rejected:
+                            skipped.append({**base, "engine": name, "protocol": protocol, "reason": rejected[name]})
+                            bar.update(1)
+                            continue
                         t0 = time.perf_counter()
                         try:
                             record = evaluate_target(engine, volume, mask, job.case.name, structure.key, protocol,
@@ -244,6 +249,12 @@ def run_bench(
                                             "reason": f"prompt rejected: {exc}"})
                             bar.update(1)
                             continue
+                        except ImageError as exc:  # constant, single slice, too big: one case must not stop the run
+                            rejected[name] = f"image rejected: {exc}"
+                            skipped.append({**base, "engine": name, "protocol": protocol, "reason": rejected[name]})
+                            bar.message(f"bench: {job.dataset}/{job.case.name}: {name} skipped ({rejected[name]})")
+                            bar.update(1)
+                            continue
                         record.update(base)
                         record.update({
                             "engine": name,
@@ -251,6 +262,7 @@ def run_bench(
                             "session_wall_s": round(time.perf_counter() - t0, 3),
                             "image": str(job.case.image),
                             "label": str(job.case.label),
+                            "channel": job.case.channel,  # of a 4D or vector image (None: the file is the channel)
                             "labels": list(structure.labels),
                         })
                         records.append(record)
@@ -283,6 +295,42 @@ def run_bench(
         "records": records,
         "skipped": skipped,
     }
+
+
+RECORD_KEYS = {  # what the report reads from every record, and the type it expects
+    "dataset": str, "case": str, "structure": str, "engine": str, "protocol": str, "dice": list,
+    "latency_s": list, "interactions": list, "prompts": list, "labels": list, "noc": dict, "reached": dict,
+    "final_dice": (int, float), "peak_rss_mb": (int, float),
+}
+
+
+def results_problem(result: object) -> Optional[str]:
+    """What makes a loaded ``results.json`` unusable for the report (None: nothing found): a damaged
+    or hand-edited file must be refused with a reason, not fail half-way with a traceback."""
+    if not isinstance(result, dict) or result.get("format") != "segassist-bench":
+        return "not a segassist bench results file"
+    config = result.get("config")
+    if not isinstance(config, dict):
+        return "it has no config"
+    engines = config.get("engines")
+    if not isinstance(engines, list) or not engines or not all(isinstance(e, str) for e in engines):
+        return "its config lists no engines"
+    if not isinstance(config.get("cases", {}), dict):
+        return "its config's cases are not a mapping of dataset to cases"
+    records = result.get("records")
+    if not isinstance(records, list) or not isinstance(result.get("skipped", []), list):
+        return "it has no list of records or of skipped sessions"
+    if records and not isinstance(config.get("refine_clicks"), int):
+        return "its config has no refine_clicks"
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            return f"record {index} is not an object"
+        for key, kind in RECORD_KEYS.items():
+            if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+                return f"record {index} has no {key}" if key not in record else f"record {index}: bad {key}"
+        if not record["dice"] or "final_hd95_mm" not in record:
+            return f"record {index} has no Dice or final HD95"
+    return None
 
 
 def write_results(result: Dict, out: Path) -> Path:
@@ -323,7 +371,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="clicks of the clicks protocol (default 10; quick 5)")
     parser.add_argument("--refine-clicks", type=positive_int, default=None,
                         help="clicks after the box or scribble (default 5, the challenge's; quick 3)")
-    parser.add_argument("--cases", type=positive_int, default=None, help="first N evaluation cases of every dataset")
+    parser.add_argument("--cases", type=positive_int, default=None,
+                        help="first N evaluation cases of every dataset (with --quick too, of the datasets it keeps)")
     parser.add_argument("--labels", default=None,
                         help="targets for the given folders, e.g. 1,2,1+2 (default: dataset.json)")
     parser.add_argument("--model", default=None, help="checkpoint of the model (default: the shipped weights)")
@@ -383,15 +432,24 @@ def run_cli(args: argparse.Namespace) -> int:
             result = json.loads(Path(args.from_json).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SegAssistError(f"cannot read the results file {args.from_json}: {exc}") from exc
-        if not isinstance(result, dict) or result.get("format") != "segassist-bench":
-            raise SegAssistError(f"{args.from_json} is not a segassist bench results file")
-        engines = build_engines(BenchConfig(engines=tuple(result["config"]["engines"]), model=result["config"]["model"]
-                                            if args.model is None else args.model, device=config.device))
-    else:
-        command = "segassist bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
-        engines = build_engines(config)
-        result = run_bench(config, engines, command=command.strip())
-        print(f"wrote {write_results(result, config.out)}")
+        problem = results_problem(result)
+        if problem:
+            raise SegAssistError(f"{args.from_json}: {problem}")
+        model = result["config"].get("model") if args.model is None else args.model
+        engines = build_engines(BenchConfig(engines=tuple(result["config"]["engines"]), model=model,
+                                            device=config.device))
+        try:
+            report = render_report(result, config.out, engines=engines)
+        except SegAssistError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # damaged past the checks
+            raise SegAssistError(f"{args.from_json}: a damaged results file ({type(exc).__name__}: {exc})") from exc
+        print(f"wrote {report}")
+        return 0 if result["records"] else 1
+    command = "segassist bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
+    engines = build_engines(config)
+    result = run_bench(config, engines, command=command.strip())
+    print(f"wrote {write_results(result, config.out)}")
     report = render_report(result, config.out, engines=engines)
     print(f"wrote {report}")
     return 0 if result["records"] else 1

@@ -312,7 +312,9 @@ class Report:
                 if not image.is_file() or not label.is_file():
                     self.lines += [f"({d} {rank}: {image} not found, picture left out.)", ""]
                     continue
-                volume = load_volume(image)
+                # the case's channel of a 4D or vector image; results written before it was recorded
+                # came from channel 0, the bench's only one (and channel 0 of a 3D image is the image)
+                volume = load_volume(image, channel=r.get("channel", 0))
                 reference = np.isin(load_mask(label), r["labels"]).astype(np.uint8)
                 prompts = [parse_prompt(p) for p in r["prompts"]]
                 session = runner.open_session(volume, prompts)

@@ -37,7 +37,7 @@ import numpy as np
 
 from SegAssistLib.datasets import Case, dataset_labels, list_cases, split_cases
 from SegAssistLib.engine.base import Engine
-from SegAssistLib.errors import PromptError, SegAssistError
+from SegAssistLib.errors import ImageError, PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.files import atomic_write_bytes
@@ -387,18 +387,26 @@ def warm_up(engines: Sequence[Engine], volume: Volume, masks: Sequence[np.ndarra
             session.close()
 
 
+def label_grid_problem(label: Union[str, Path], labels: np.ndarray, volume: Volume) -> Optional[str]:
+    """Why the label map ``labels`` read from the file ``label`` is not on ``volume``'s grid (None:
+    it is). A same-shaped label elsewhere, a flipped axis, would make every Dice wrong; nothing is
+    resampled or reoriented."""
+    if labels.shape != volume.array.shape:
+        return f"label grid {labels.shape} differs from image grid {volume.array.shape}"
+    moved = geometry_difference(read_geometry(label), volume)
+    if moved:
+        return f"the label is not on the image's grid: its {moved}"
+    return None
+
+
 def load_case(case: Case) -> Tuple[Volume, np.ndarray]:
-    """A case's image and label map; SegAssistError when the label is not on the image's grid (a
-    same-shaped label elsewhere, a flipped axis, would make every Dice wrong)."""
+    """A case's image and label map; SegAssistError when the label is not on the image's grid (see
+    :func:`label_grid_problem`)."""
     volume = load_volume(case.image, channel=case.channel)
     labels = load_mask(case.label)
-    if labels.shape != volume.array.shape:
-        raise SegAssistError(
-            f"{case.name}: label grid {labels.shape} differs from image grid {volume.array.shape}"
-        )
-    moved = geometry_difference(read_geometry(case.label), volume)
-    if moved:
-        raise SegAssistError(f"{case.name}: the label is not on the image's grid: its {moved}")
+    problem = label_grid_problem(case.label, labels, volume)
+    if problem:
+        raise SegAssistError(f"{case.name}: {problem}")
     return volume, labels
 
 
@@ -410,24 +418,31 @@ def evaluate_case(
     max_clicks: int,
     scribble: Optional[ScribbleSpec] = None,
 ) -> Tuple[List[Dict], List[Dict]]:
-    """Records and skips of one case (a case that cannot be read is skipped with the reason: one
-    bad file must not lose the rest of a long run)."""
+    """Records and skips of one case (a case that cannot be read, or whose image the engine
+    rejects, is skipped with the reason: one bad file must not lose the rest of a long run)."""
     records, skipped = [], []
     try:
         volume, labels = load_case(case)
     except SegAssistError as exc:
         return records, [{"case": case.name, "target": target_name(t), "reason": f"case not read: {exc}"}
                          for t in targets]
+    rejected: Optional[str] = None  # the engine refused the image: every other target would be refused too
     for target in targets:
         name = target_name(target)
         mask = np.isin(labels, target).astype(np.uint8)
         if not mask.any():
             skipped.append({"case": case.name, "target": name, "reason": "target label absent"})
             continue
+        if rejected is not None:
+            skipped.append({"case": case.name, "target": name, "reason": rejected})
+            continue
         try:
             records.append(evaluate_target(engine, volume, mask, case.name, name, protocol, max_clicks, scribble))
         except PromptError as exc:
             skipped.append({"case": case.name, "target": name, "reason": f"prompt rejected: {exc}"})
+        except ImageError as exc:  # a constant, single-slice or too big image: refused when the session opens
+            rejected = f"image rejected: {exc}"
+            skipped.append({"case": case.name, "target": name, "reason": rejected})
     return records, skipped
 
 
@@ -513,13 +528,17 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     skipped: List[Dict] = []
     started = time.time()
     unreadable: List[SegAssistError] = []
-    for case in cases:  # warm up on the first readable case (evaluate_case reports the others)
+    for case in cases:  # warm up on the first usable case (evaluate_case reports the others)
         try:
             volume, labels = load_case(case)
         except SegAssistError as exc:
             unreadable.append(exc)
             continue
-        warm_up([engine], volume, [np.isin(labels, t) for t in targets])
+        try:
+            warm_up([engine], volume, [np.isin(labels, t) for t in targets])
+        except (ImageError, PromptError) as exc:  # the engine refuses this image: warm up on the next
+            unreadable.append(exc)
+            continue
         break
     if cases and len(unreadable) == len(cases):  # nothing to measure: say why
         raise unreadable[0]

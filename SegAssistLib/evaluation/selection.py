@@ -10,7 +10,8 @@ The default selection was sized so that three protocols x four engines run on a 
 well under 60 minutes (``bench.BENCH_BUDGET``; estimated from per-interaction timings of every
 engine on one case of each dataset): small structures get more cases, big
 volumes fewer. ``--quick`` keeps one structure of each dataset except the biggest volumes (left
-atrium), for a run of about 5 minutes.
+atrium), for a run of about 5 minutes. ``--cases N`` sets the number of cases of every dataset,
+with ``--quick`` too (which still leaves the left atrium out).
 """
 
 from __future__ import annotations
@@ -119,18 +120,23 @@ def parse_labels(text: str, folder: Path) -> Tuple[Structure, ...]:
 
 def spec_for_folder(folder: Path, labels: Optional[str], cases: Optional[int]) -> DatasetSpec:
     """The selection of a folder: the default one for a known dataset name, else every named label of
-    its ``dataset.json`` on the first ``UNKNOWN_FOLDER_CASES`` evaluation cases."""
+    its ``dataset.json`` on the first ``UNKNOWN_FOLDER_CASES`` evaluation cases. ``cases`` given
+    wins over both counts, ``--quick``'s included (a dataset that ``--quick`` leaves out stays out)."""
     known = SPECS.get(folder.name)
     if labels:
         structures = parse_labels(labels, folder)
         count = cases if cases is not None else (known.cases if known else UNKNOWN_FOLDER_CASES)
-        return DatasetSpec(folder.name, count, structures, quick_structures=tuple(s.name for s in structures))
+        return DatasetSpec(folder.name, count, structures, quick_cases=1 if cases is None else cases,
+                           quick_structures=tuple(s.name for s in structures))
     if known is not None:
         return known if cases is None else DatasetSpec(
-            known.name, cases, known.structures, known.per_case, known.quick_cases, known.quick_structures, known.note
+            known.name, cases, known.structures, known.per_case, cases if known.quick_cases else 0,
+            known.quick_structures, known.note,
         )
     structures = structures_from_dataset_json(folder)
-    return DatasetSpec(folder.name, UNKNOWN_FOLDER_CASES if cases is None else cases, structures)
+    if cases is None:
+        return DatasetSpec(folder.name, UNKNOWN_FOLDER_CASES, structures)
+    return DatasetSpec(folder.name, cases, structures, quick_cases=cases)
 
 
 def jobs_for(folder: Path, spec: DatasetSpec, quick: bool = False, channel: int = 0) -> List[Job]:

@@ -234,3 +234,93 @@ def test_cli_refuses_bad_numbers_outputs_and_results_files_before_any_work(tmp_p
         args = _parser().parse_args(["bench", "--from-json", str(results), "--out", str(tmp_path / "o")])
         with pytest.raises(SegAssistError, match="cannot read the results file|not a segassist bench results"):
             args.func(args)
+
+
+# --- small synthetic datasets: 4D images, --quick with --cases, damaged results files ----------
+def _synthetic(folder, names=("a", "b", "c"), channels: int = 0):
+    """Cases ``names``: a bright ball (label 1) on noise; ``channels`` > 0: 4D images of that many volumes."""
+    import SimpleITK as sitk
+
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "ball"}}))
+    k, j, i = np.mgrid[:10, :24, :24]
+    ball = ((k - 5) ** 2 + (j - 12) ** 2 + (i - 12) ** 2 <= 16).astype(np.uint8)
+    image = (100.0 * ball + np.random.default_rng(0).normal(0, 5, ball.shape)).astype(np.float32)
+    if channels:
+        image = np.stack([image * (c + 1) for c in range(channels)])
+    for name in names:
+        sitk.WriteImage(sitk.GetImageFromArray(image, isVector=False), str(folder / "imagesTr" / f"{name}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(ball), str(folder / "labelsTr" / f"{name}.nii.gz"))
+    return folder
+
+
+def test_the_report_of_a_dataset_of_4d_images_replays_the_gallery_on_the_case_channel(tmp_path, capsys):
+    """The gallery reloaded each image without its channel: results.json written, then "image is 4D"."""
+    from SegAssistLib.cli import main
+
+    folder = _synthetic(tmp_path / "four", names=("a",), channels=2)
+    out = tmp_path / "out"
+    argv = ["bench", str(folder), "--engines", "growcut", "--protocols", "clicks", "--clicks", "1", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "gallery" / "four_best.png").read_bytes()[:8] == PNG_MAGIC
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["channel"] for r in saved["records"]] == [0]
+    for r in saved["records"]:  # a results file written before the channel was recorded: channel 0, the bench's
+        del r["channel"]
+    (out / "results.json").write_text(json.dumps(saved))
+    (out / "gallery" / "four_best.png").unlink()
+    assert main(["bench", "--from-json", str(out / "results.json"), "--out", str(out)]) == 0
+    assert (out / "gallery" / "four_best.png").is_file() and "gallery left out" not in (out / "report.md").read_text()
+
+
+def test_cases_given_win_over_the_quick_selection(tmp_path):
+    """``--quick`` took its own count of cases whatever ``--cases`` said."""
+    from SegAssistLib.datasets import load_splits
+
+    folder = _synthetic(tmp_path / "mine", names=("a", "b", "c", "d"))
+
+    def quick(cases):
+        return select_jobs(BenchConfig(folders=[folder], quick=True, cases=cases, engines=("growcut",)))
+
+    assert len(quick(None)[0]) == 1 and len(quick(3)[0]) == 3
+    labelled = BenchConfig(folders=[folder], quick=True, cases=2, labels="1", engines=("growcut",))
+    assert len(select_jobs(labelled)[0]) == 2
+    # a dataset of the default selection, under its own name: its evaluation cases
+    root = tmp_path / "data"
+    _synthetic(root / "hippocampus", names=tuple(load_splits()["hippocampus"][:4]))
+    _synthetic(root / "left_atrium", names=tuple(load_splits()["left_atrium"][:2]))
+
+    def jobs(cases):
+        return default_jobs(root, quick=True, datasets=["hippocampus", "left_atrium"], cases=cases)[0]
+
+    assert len(jobs(None)) == 3 and len(jobs(2)) == 2 and len(jobs(4)) == 4
+    assert {j.dataset for j in jobs(2)} == {"hippocampus"}  # --quick still leaves the left atrium out
+    assert len(default_jobs(root, datasets=["left_atrium"], cases=1)[0]) == 1
+
+
+def test_a_damaged_results_file_is_refused_in_one_line(tmp_path, capsys):
+    """``{"format": "segassist-bench"}`` without its config ended in a KeyError traceback."""
+    from SegAssistLib.cli import main
+
+    record = {"dataset": "d", "case": "c", "structure": "s", "engine": "growcut", "protocol": "clicks",
+              "dice": [0.5], "latency_s": [0.1], "interactions": ["point"], "prompts": [], "labels": [1],
+              "noc": {"80": 1, "85": 1, "90": 1}, "reached": {"80": False, "85": False, "90": False},
+              "final_dice": 0.5, "final_hd95_mm": 1.0, "peak_rss_mb": 10.0}
+    config = {"engines": ["growcut"], "model": None, "refine_clicks": 5}
+    damaged = [
+        ({"format": "segassist-bench"}, "it has no config"),
+        ({"format": "segassist-bench", "config": {"model": None}, "records": []}, "lists no engines"),
+        ({"format": "segassist-bench", "config": config}, "no list of records"),
+        ({"format": "segassist-bench", "config": config, "records": [{**record, "dice": None}]}, "record 0: bad dice"),
+        ({"format": "segassist-bench", "config": config, "records": [{k: v for k, v in record.items() if k != "noc"}]},
+         "record 0 has no noc"),
+        ({"format": "segassist-bench", "config": {**config, "refine_clicks": "5"}, "records": [record]},
+         "no refine_clicks"),
+    ]
+    results = tmp_path / "results.json"
+    for content, message in damaged:
+        results.write_text(json.dumps(content))
+        assert main(["bench", "--from-json", str(results), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (content, err)

@@ -7,7 +7,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SegAssistLib.cli import main
-from SegAssistLib.demo import SAMPLE_IMAGE
+from SegAssistLib.demo import SAMPLE_IMAGE, SAMPLE_LABEL
 from SegAssistLib.image import Volume
 from SegAssistLib.io import save_mask_nifti
 from SegAssistLib.prompts import PromptLog
@@ -53,7 +53,7 @@ def test_demo_checks_its_inputs_and_output_before_the_model_runs(tmp_path, capsy
         (["--labels", "0"], "label values are 1 or more"),
         (["--labels", "7"], "holds none of the values 7"),
         (["--label", str(other_grid)], "--label needs --image"),
-        (["--image", str(SAMPLE_IMAGE), "--label", str(other_grid)], r"has shape \(3, 4, 5\)"),
+        (["--image", str(SAMPLE_IMAGE), "--label", str(other_grid)], r"label grid \(3, 4, 5\) differs"),
     ]
     for argv, message in cases:
         out = [] if argv[0] == "--out" else ["--out", str(tmp_path / "o")]
@@ -74,3 +74,34 @@ def test_a_subcommand_whose_module_breaks_shows_the_error_instead_of_vanishing(m
     monkeypatch.setitem(sys.modules, "SegAssistLib.learning.registry", None)  # as if it failed to import
     with pytest.raises(ImportError, match="SegAssistLib.learning.registry"):
         build_parser()
+
+
+def test_a_label_of_the_same_shape_elsewhere_is_refused_as_segassist_eval_refuses_it(tmp_path, capsys):
+    """The demo compared shapes only and printed Dice against a moved or flipped reference."""
+    label = sitk.ReadImage(str(SAMPLE_LABEL))
+    moved = tmp_path / "moved.nii.gz"
+    label.SetOrigin(tuple(o + 23.0 for o in label.GetOrigin()))
+    sitk.WriteImage(label, str(moved))
+    flipped = tmp_path / "flipped.nii.gz"
+    label = sitk.ReadImage(str(SAMPLE_LABEL))
+    label.SetDirection(tuple(-d if n == 0 else d for n, d in enumerate(label.GetDirection())))
+    sitk.WriteImage(label, str(flipped))
+    for path, what in ((moved, "origin"), (flipped, "direction")):
+        argv = ["demo", "--out", str(tmp_path / "o"), "--image", str(SAMPLE_IMAGE), "--label", str(path)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"the label is not on the image's grid: its {what}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_segment_is_named_after_the_label_given(tmp_path, shipped_checkpoint):
+    """Every run named its segment "hippocampus", whatever structure --image and --label held."""
+    label = tmp_path / "liver_seg.nii.gz"
+    label.write_bytes(SAMPLE_LABEL.read_bytes())
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--image", str(SAMPLE_IMAGE), "--label", str(label), "--labels", "2"]) == 0
+    assert sitk.ReadImage(str(out / "segmentation.seg.nrrd")).GetMetaData("Segment0_Name") == "liver_seg label 2"
+    from SegAssistLib.demo import segment_name
+
+    assert segment_name(SAMPLE_LABEL, (1, 2)) == "hippocampus"  # the bundled sample keeps its name
+    assert segment_name(tmp_path / "organs.seg.nrrd", (1, 3)) == "organs labels 1+3"
