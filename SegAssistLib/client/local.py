@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ import time
 import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 from SegAssistLib.client.errors import ClientError
 from SegAssistLib.client.remote import SegAssistClient
@@ -66,6 +68,16 @@ def default_state_dir() -> Path:
         base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
         return base / "SegAssist"
     return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "segassist"
+
+
+def _port_answers(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts connections at the URL's host and port (loopback: immediate)."""
+    parsed = urlsplit(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 80), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def process_alive(pid: int) -> bool:
@@ -205,7 +217,10 @@ class LocalBackend:
     def running(self) -> bool:
         if self.pid is None or not process_alive(self.pid):
             return False
-        return self._process is None or self._process.poll() is None
+        if self._process is not None:
+            return self._process.poll() is None
+        # started by another program: its pid may have been reused by now, so the port must answer too
+        return self.url is not None and _port_answers(self.url)
 
     def client(self, **kwargs: Any) -> SegAssistClient:
         if not self.url:
@@ -254,11 +269,15 @@ class LocalBackend:
         probe = SegAssistClient(url, token, timeout=(1.0, 10.0), retries=0)
         try:
             probe.health()
-            probe.info()  # also proves the token is accepted
+            info = probe.info()
         except ClientError:
             return False
         finally:
             probe.close()
+        if not info.auth_required or info.user != "local":
+            # a server that takes any token (or knows it as another user's) is not one a local
+            # backend runs: the state file is stale and its port now someone else's
+            return False
         self.url, self.token, self.pid, self.owned = url, token, pid, False
         return True
 

@@ -61,6 +61,48 @@ def test_local_backend_starts_serves_is_reused_and_stops(server_checkpoint, tmp_
     assert not list(tmp_path.glob("backend-*.json"))
 
 
+def test_a_stale_state_file_never_attaches_to_a_foreign_server_or_a_reused_pid(server_checkpoint, tmp_path):
+    """The state file of a backend killed with its launcher: its pid now another program's, its port
+    another user's server run without a token (which accepts any token, so the old check that the
+    token is accepted passed): images went to a server the user never chose. And a backend started
+    by another Slicer counted as running while its pid lived, so a reused pid kept the dead URL."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "SEGASSIST_TOKEN"}
+    port_file = tmp_path / "foreign.port"
+    foreign = subprocess.Popen(
+        [sys.executable, "-m", "SegAssistLib.server", "--host", "127.0.0.1", "--port", "0",
+         "--port-file", str(port_file), "--model", str(server_checkpoint)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        assert wait_until(lambda: port_file.is_file() and port_file.read_text().strip(), 60, lambda: time.sleep(0.2))
+        url = f"http://127.0.0.1:{int(port_file.read_text())}"
+        assert wait_until(lambda: _answers(url), 60, lambda: time.sleep(0.2))
+        backend = LocalBackend(model=server_checkpoint, state_dir=tmp_path)
+        stale = {"url": url, "token": "x" * 43, "pid": unrelated.pid, **backend._identity_fields}
+        backend.state_dir.mkdir(parents=True, exist_ok=True)
+        backend._state_file.write_text(json.dumps(stale))
+        assert not backend.attach() and backend.url is None
+
+        foreign.terminate()
+        foreign.wait(30)
+        backend.url, backend.pid = url, unrelated.pid  # attached once; its backend died, the pid lives on
+        assert process_alive(unrelated.pid) and not backend.running
+    finally:
+        for process in (foreign, unrelated):
+            process.kill()
+            process.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return SegAssistClient(url, retries=0).health().status == "ok"
+    except Exception:
+        return False
+
+
 def test_local_backend_stops_when_its_parent_dies(server_checkpoint, tmp_path):
     parent = subprocess.Popen(
         [
