@@ -304,6 +304,7 @@ class _Candidate:
                 p.requires_grad_(True)
             self.network.to(cfg.device)
             self.parameters = list(self.network.parameters())
+            self.undecayed: List[torch.nn.Parameter] = []
             self.trainable = sum(p.numel() for p in self.parameters)
             self.share = 1.0
             return
@@ -325,8 +326,20 @@ class _Candidate:
             )
         self.network.to(cfg.device)  # before the optimiser sees the parameters
         self.parameters = self.adapters.parameters()
+        # weight decay pulls towards 0, which for SALT's singular-value scales (1 = unchanged) would
+        # shrink the top singular values however little there is to learn: scales are not decayed
+        named = list(self.adapters.named_parameters())
+        self.undecayed = [p for name, p in named if name.rsplit(".", 1)[-1] == "scale"]
         self.trainable = self.adapters.trainable_parameter_count()
         self.share = self.adapters.trainable_share()
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The optimiser's parameter groups: everything decayed but SALT's scales."""
+        undecayed = {id(p) for p in self.undecayed}
+        groups = [{"params": [p for p in self.parameters if id(p) not in undecayed]}]
+        if self.undecayed:
+            groups.append({"params": list(self.undecayed), "weight_decay": 0.0})
+        return groups
 
     def _same_shape(self, adapters: AdapterSet) -> bool:
         """Continue from the incumbent only if the requested ranks are the incumbent's."""
@@ -452,7 +465,7 @@ def run_training(
     status.update(force=True, incumbent_dice=inc_val.dice, incumbent_first_click_dice=inc_val.first_click_dice)
 
     candidate = _Candidate(base, registry, incumbent, cfg)
-    optimiser = torch.optim.AdamW(candidate.parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser = torch.optim.AdamW(candidate.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
     patch = int(base.config.patch_size)
     reserve = VALIDATION_MARGIN * inc_val.seconds + 0.5  # time kept for the final validation

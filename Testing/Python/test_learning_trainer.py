@@ -576,3 +576,31 @@ def test_a_job_that_ends_while_its_status_is_read_is_not_reported_failed(tmp_pat
         assert worker.returncode == 0 and job.status()["state"] == "done"
     finally:
         job.kill()
+
+
+def test_salts_singular_value_scales_are_not_pulled_towards_zero(tmp_path: Path):
+    """AdamW's weight decay pulls every parameter towards 0; SALT's scales start at 1 (no change), so
+    decaying them shrank the top singular values with nothing to learn. They are not decayed; the
+    other adapter parameters are."""
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning.trainer import _Candidate
+
+    base = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt"))
+    cfg = quick(kind="salt", weight_decay=0.5)
+    candidate = _Candidate(base, AdapterRegistry(tmp_path), None, cfg)
+    groups = candidate.param_groups()
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0
+    assert sum(p.numel() for g in groups for p in g["params"]) == candidate.trainable
+    optimiser = torch.optim.AdamW(groups, lr=1e-2, weight_decay=cfg.weight_decay)
+    shift_like = list(groups[0]["params"])
+    with torch.no_grad():
+        for p in shift_like:
+            p.fill_(0.1)
+    for _ in range(50):  # zero gradients: only the decay moves anything
+        optimiser.zero_grad()
+        for p in candidate.parameters:
+            p.grad = torch.zeros_like(p)
+        optimiser.step()
+    assert all(torch.equal(p, torch.ones_like(p)) for p in candidate.undecayed)
+    assert all(float(p.abs().max()) < 0.1 for p in shift_like)  # decayed, as before
+    assert len(_Candidate(base, AdapterRegistry(tmp_path), None, quick(kind="lora")).param_groups()) == 1
