@@ -121,6 +121,8 @@ def test_published_schema_file_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.SCHEMA_FILE.read_text() == module.render(), "run python scripts/export_prompt_schema.py"
+    before = module.SCHEMA_FILE.stat().st_mtime_ns
+    assert module.main(["--check"]) == 0 and module.SCHEMA_FILE.stat().st_mtime_ns == before  # checks, writes not
 
 
 _SLAB = {"offset": [0, 0, 0], "shape": [1, 2, 2], "data": "eJz7AAAA8QDx"}  # 4 set bits
