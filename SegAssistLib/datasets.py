@@ -135,7 +135,15 @@ def split_cases(cases: List[Case], part: str) -> List[Case]:
 
 
 def _evaluation_list(dataset: str, names: set, splits: Dict[str, List[str]]) -> Optional[List[str]]:
+    known = split_dataset(dataset, names, splits)
+    return None if known is None else splits[known]
+
+
+def split_dataset(dataset: str, names: set, splits: Optional[Dict[str, List[str]]] = None) -> Optional[str]:
+    """The dataset of the split file whose split a folder named ``dataset`` holding the cases
+    ``names`` follows (see :func:`split_cases`); None: none, every case is evaluation."""
+    splits = load_splits() if splits is None else splits
     if dataset in splits:
-        return splits[dataset]
-    known = [evaluation for evaluation in splits.values() if names & set(evaluation)]
+        return dataset
+    known = [name for name, evaluation in splits.items() if set(names) & set(evaluation)]
     return known[0] if len(known) == 1 else None

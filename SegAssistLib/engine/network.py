@@ -38,7 +38,14 @@ class NetworkConfig:
     patch_size: int = 64
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> NetworkConfig:
+    def from_dict(cls, data: Dict[str, Any], strict: bool = False) -> NetworkConfig:
+        """The config of ``data``; keys it does not know are dropped, or with ``strict`` (a config a
+        person wrote: a typo would otherwise train the default network) a :class:`ModelError` naming them."""
+        if strict:
+            unknown = sorted(str(k) for k in data if k not in cls.__dataclass_fields__)
+            if unknown:
+                raise ModelError(f"unknown network setting(s) {', '.join(unknown)} "
+                                 f"(NetworkConfig has {', '.join(cls.__dataclass_fields__)})")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         for key in ("channels", "strides"):
             if key in known:

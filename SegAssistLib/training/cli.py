@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("data_root", type=Path, help="folder of datasets in MSD layout (for example ../shared/data)")
     p.add_argument("out", type=Path, help="new folder for the pack; train with --data-root OUT")
-    p.add_argument("--patch", type=int, default=64, help="largest network patch the pack serves (default 64)")
+    p.add_argument("--patch", type=int, default=64,
+                   help="the network patch the pack serves (default 64): another patch size needs its own pack")
     p.add_argument("--datasets", help="comma-separated dataset folder names (default: all)")
     p.set_defaults(func=run_pack)
 
@@ -66,6 +67,13 @@ def load_config(path: Optional[Path], fields: Optional[dict] = None):
              for name, value in fields.items() if not _same_kind(value, getattr(defaults, name))]
     if wrong:
         raise SegAssistError(f"{where}: wrong type of {', '.join(wrong)}")
+    if "network" in fields:  # a typo there would train the default network without a word
+        from SegAssistLib.engine.network import NetworkConfig
+
+        try:
+            NetworkConfig.from_dict(fields["network"], strict=True)
+        except (SegAssistError, TypeError, ValueError) as exc:
+            raise SegAssistError(f"{where}: {exc}") from exc
     return TrainConfig(**fields)
 
 
@@ -103,6 +111,14 @@ def check_run_folder(out: Path, resume: Optional[Path], overwrite: bool) -> None
                              f"--resume {out / 'state.pt'}, choose another --out, or pass --overwrite")
     if resume is not None and not resume.is_file():
         raise SegAssistError(f"--resume {resume}: no such checkpoint file")
+    if held and resume is not None and not overwrite and not _resumes_its_own_run(out, resume):
+        raise SegAssistError(f"{out} already holds {' and '.join(held)} of another run than --resume {resume}: "
+                             f"continue that run with --resume {out / 'state.pt'}, choose another --out, or pass "
+                             "--overwrite to replace it")
+
+
+def _resumes_its_own_run(out: Path, resume: Path) -> bool:
+    return resume.resolve() == (out / "state.pt").resolve()
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -125,24 +141,32 @@ def run_train(args: argparse.Namespace) -> int:
     if cfg.data_root and not Path(cfg.data_root).is_dir():
         raise SegAssistError(f"training data folder not found: {cfg.data_root} (--data-root)")
     if cfg.data_root:
-        _check_training_datasets(Path(cfg.data_root), cfg.datasets)
+        from SegAssistLib.engine.network import NetworkConfig
+
+        _check_training_datasets(Path(cfg.data_root), cfg.datasets, NetworkConfig.from_dict(cfg.network).patch_size)
     torch_device(cfg.device)
     check_run_folder(args.out, args.resume, args.overwrite)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.overwrite and args.resume is None:  # afresh: no old weights or log lines mixed with the new run's
-        for name in ("model.pt", "state.pt", "log.jsonl"):
-            (args.out / name).unlink(missing_ok=True)
-    atomic_write_bytes(args.out / "config.json", json.dumps(asdict(cfg), indent=1).encode(), overwrite=True)
-    Trainer(cfg, args.out, state).run()
+    trainer = Trainer(cfg, args.out, state)  # refuses a state that does not fit before anything is written
+    try:
+        # afresh, or another run's state resumed in its place: no old weights or log lines mixed with the new run's
+        if args.overwrite and (args.resume is None or not _resumes_its_own_run(args.out, args.resume)):
+            for name in ("model.pt", "state.pt", "log.jsonl"):
+                (args.out / name).unlink(missing_ok=True)
+        atomic_write_bytes(args.out / "config.json", json.dumps(asdict(cfg), indent=1).encode(), overwrite=True)
+    except BaseException:
+        trainer.close()
+        raise
+    trainer.run()
     return 0
 
 
-def _check_training_datasets(data_root: Path, wanted: Optional[list]) -> None:
+def _check_training_datasets(data_root: Path, wanted: Optional[list], patch: int) -> None:
     """A folder without datasets (a dataset's own folder given for the data root, a typo in
-    ``datasets``) trained on synthetic volumes alone, with no word but an empty count."""
+    ``datasets``) trained on synthetic volumes alone, with no word but an empty count; a pack cut
+    for another network patch failed in the loader."""
     from SegAssistLib.training.data import training_datasets
 
-    found = training_datasets(data_root)
+    found = training_datasets(data_root, patch)
     if not found:
         raise SegAssistError(f"{data_root} holds no dataset folders (each with imagesTr/) and no training packs: "
                              "give the folder that holds the datasets (--data-root), or data_root '' for "

@@ -10,10 +10,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import Case, list_cases, split_cases
+from SegAssistLib.datasets import Case, list_cases, load_splits, split_cases
 from SegAssistLib.engine import patching
 from SegAssistLib.errors import ImageError
-from SegAssistLib.image import Volume, guess_modality
+from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.training import pack
 from SegAssistLib.training.simulation import EXTENT_KINDS, FIRST_KINDS
 from SegAssistLib.training.synthetic import synthetic_case
@@ -70,6 +70,7 @@ def load_training_cases(
         return _load_packs(packs, datasets, click_union_datasets, patch)
     import SimpleITK as sitk  # only here: a pack needs no SimpleITK (GPU machines may lack it)
 
+    from SegAssistLib.evaluation.runner import label_grid_problem
     from SegAssistLib.files import sitk_path
     from SegAssistLib.io import volume_from_sitk
 
@@ -82,14 +83,17 @@ def load_training_cases(
         for case in cases:
             try:  # the case's channel, as evaluation reads it (a 4D BraTS file: FLAIR)
                 volume = volume_from_sitk(sitk.ReadImage(sitk_path(case.image)), channel=case.channel)
+                # what the engine refuses (a NaN voxel: one would make every patch around it, the
+                # loss and then the weights NaN for good) is not trained on either
+                validate_image(volume)
             except ImageError as exc:
                 print(f"skipped training case {case.name}: {exc}", flush=True)
                 continue
             arr = volume.array.astype(np.float32)
             lab = sitk.GetArrayFromImage(sitk.ReadImage(sitk_path(case.label))).astype(np.int16)
-            if arr.shape != lab.shape:
-                print(f"skipped training case {case.name}: label grid {lab.shape} differs from image grid "
-                      f"{arr.shape}", flush=True)
+            problem = label_grid_problem(case.label, lab, volume)  # as evaluation checks it: shape and geometry
+            if problem:
+                print(f"skipped training case {case.name}: {problem}", flush=True)
                 continue
             spacing = tuple(float(s) for s in volume.spacing[::-1])
             modality = guess_modality(Volume(arr, spacing[::-1]))
@@ -102,12 +106,13 @@ def load_training_cases(
     return out
 
 
-def training_datasets(data_root: Path) -> List[str]:
+def training_datasets(data_root: Path, patch: Optional[int] = None) -> List[str]:
     """The dataset names a training data folder offers (MSD folders, or the datasets of its packs),
-    without reading any image: to refuse a wrong folder before a run trains on synthetic data alone."""
+    without reading any image: to refuse a wrong folder before a run trains on synthetic data alone
+    (and a pack cut for another ``patch``)."""
     packs = pack.packs_in(Path(data_root))
     if packs:
-        return sorted({name for p in packs for name in pack.read_manifest(p)["datasets"]})
+        return sorted({name for p in packs for name in pack.read_manifest(p, patch)["datasets"]})
     return sorted(p.name for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir())
 
 
@@ -123,17 +128,26 @@ def _load_packs(
                 continue
             if dataset in out:
                 raise pack.PackError(f"dataset {dataset} is in more than one pack under {Path(folder).parent}")
-            _refuse_evaluation_cases(folder, dataset, entries)
+            _refuse_evaluation_cases(folder, dataset, entries, manifest.get("split_of", {}).get(dataset))
             loaded = _packed_cases(folder, entries, dataset in click_union_datasets)
             if loaded:
                 out[dataset] = loaded
     return dict(sorted(out.items()))
 
 
-def _refuse_evaluation_cases(folder: Path, dataset: str, entries: List[Dict]) -> None:
-    """A pack made before the evaluation split changed may hold cases that are evaluation cases now."""
-    packed = [Case(dataset, str(e["name"]), Path(), Path()) for e in entries]
+def _refuse_evaluation_cases(folder: Path, dataset: str, entries: List[Dict], split_of: Optional[str]) -> None:
+    """A pack made before the evaluation split changed may hold cases that are evaluation cases now.
+    ``split_of``: the known dataset whose split the pack was cut with (a renamed copy's original);
+    packs that do not record it are checked under their own dataset name."""
+    split_as = str(split_of) if split_of else dataset
+    packed = [Case(split_as, str(e["name"]), Path(), Path()) for e in entries]
     held_out = sorted(c.name for c in split_cases(packed, "evaluation"))
+    if held_out and split_as not in load_splits() and len(held_out) == len(packed):
+        why = (f"was cut with the split of {split_as}, which Resources/splits.json no longer lists" if split_of else
+               "does not record which known dataset's split it was cut with (a renamed copy, packed before packs "
+               "recorded it?)")
+        raise pack.PackError(f"the pack {folder} holds {dataset}, a dataset Resources/splits.json does not list, and "
+                             f"{why}: its cases cannot be told from evaluation cases; make the pack again")
     if held_out:
         raise pack.PackError(
             f"the pack {folder} holds {dataset} case(s) of the evaluation split ({', '.join(held_out[:5])}"

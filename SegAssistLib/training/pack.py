@@ -4,11 +4,13 @@ A GPU machine that cannot reach ``../shared`` gets its training data as a folder
 the repository. For every training-split case the pack keeps the box of the image that holds every
 window :func:`~SegAssistLib.training.data.sample_patch` can cut around any of the case's targets
 (the box centre of a target, plus or minus the window size at its zoom level), so sampling from a
-packed case gives exactly the patches the full case gives. Intensities are stored losslessly, in
-the smallest form that holds them: int16 for integer images (raw MRI, CT in HU), an 8- or 16-bit
-index into a table of values for images with few distinct values (the z-scored left-atrium MRIs
-have about 200), float32 otherwise. Files are compressed NumPy archives (``.npz``), one per case,
-and ``pack.json`` lists them with their geometry.
+packed case gives exactly the patches the full case gives, for the network patch size it was packed
+for (only that one: a smaller patch can need a larger zoom level, whose window the box may not
+hold). Intensities are stored losslessly, in the smallest form that holds them: int16 for integer
+images (raw MRI, CT in HU), an 8- or 16-bit index into a table of values for images with few
+distinct values (the z-scored left-atrium MRIs have about 200), float32 otherwise. Files are
+compressed NumPy archives (``.npz``), one per case, and ``pack.json`` lists them with their
+geometry.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def write_pack(
     progress: Callable[[str], None] = print,
 ) -> PackSummary:
     """Pack the training split of every dataset folder under ``data_root`` into ``out`` (new or empty)."""
+    from SegAssistLib.datasets import list_cases, split_dataset
     from SegAssistLib.training.data import load_training_cases, needed_level
 
     started = time.time()
@@ -126,7 +129,7 @@ def write_pack(
     out.mkdir(parents=True, exist_ok=True)
     manifest: Dict = {"format": PACK_FORMAT, "format_version": PACK_VERSION, "patch": int(patch),
                       "source": str(data_root), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "datasets": {}}
+                      "datasets": {}, "split_of": {}}
     total_bytes = source_voxels = packed_voxels = 0
     counts: Dict[str, int] = {}
     for dataset, cases in by_dataset.items():
@@ -148,6 +151,9 @@ def write_pack(
                             "crop_start": [int(v) for v in lo], "spacing_kji": list(case.spacing_kji),
                             "modality": case.modality, "bytes": size})
         manifest["datasets"][dataset] = entries
+        # the known dataset whose split this folder's was cut with (a renamed copy's: its original's),
+        # which the pack alone cannot tell, holding training cases only
+        manifest["split_of"][dataset] = split_dataset(dataset, {c.name for c in list_cases(Path(data_root) / dataset)})
         counts[dataset] = len(entries)
         progress(f"{dataset}: {len(entries)} cases, {sum(e['bytes'] for e in entries) / 2**20:.1f} MiB")
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -181,8 +187,9 @@ def read_manifest(folder: Path, patch: Optional[int] = None) -> Dict:
     except (OSError, ValueError) as exc:
         raise PackError(f"cannot read the training pack manifest {path}: {exc}") from exc
     check_format(data, path, PACK_FORMAT, PACK_VERSION, "training pack", PackError)
-    if patch is not None and int(patch) > int(data["patch"]):
-        raise PackError(f"{folder} was packed for patches of at most {data['patch']} voxels; this network's "
+    # a smaller patch can need the next zoom level, whose window runs past the box packed for this one
+    if patch is not None and int(patch) != int(data["patch"]):
+        raise PackError(f"{folder} was packed for a network patch of {data['patch']} voxels; this network's "
                         f"patch is {patch}: pack the data again with --patch {patch}")
     return data
 

@@ -28,7 +28,7 @@ from monai.losses import DiceCELoss
 
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
-from SegAssistLib.errors import SegAssistError
+from SegAssistLib.errors import ModelError, SegAssistError
 from SegAssistLib.files import atomic_write
 from SegAssistLib.machine import machine_info
 from SegAssistLib.training import simulation
@@ -167,30 +167,54 @@ def read_training_state(path: Path) -> dict:
     return state
 
 
+def _check_resumed_network(state: dict, net_cfg: NetworkConfig) -> None:
+    """Weights of another network can fit this one (other strides or patch size: same tensors):
+    a state is resumed only with the network settings it was trained with."""
+    saved = state.get("config")
+    if not isinstance(saved, dict) or not isinstance(saved.get("network"), dict):
+        return  # a state without its config (an older one): the weights' fit is all there is to check
+    try:
+        saved_cfg = NetworkConfig.from_dict(saved["network"])
+    except (TypeError, ValueError) as exc:
+        raise SegAssistError(f"the state's saved network settings are malformed: {exc}") from exc
+    if saved_cfg != net_cfg:
+        changed = [f"{name} {getattr(saved_cfg, name)} in the state, {getattr(net_cfg, name)} in the config"
+                   for name in NetworkConfig.__dataclass_fields__ if getattr(saved_cfg, name) != getattr(net_cfg, name)]
+        raise SegAssistError(f"the state was trained with other network settings ({'; '.join(changed)}): resume "
+                             "with the run's own network settings")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, resume: Union[None, Path, dict] = None):
         self.cfg, self.out = cfg, out
-        out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
-        self.net_cfg = NetworkConfig.from_dict(cfg.network)
+        try:
+            self.net_cfg = NetworkConfig.from_dict(cfg.network, strict=True)
+        except (ModelError, TypeError, ValueError) as exc:
+            raise SegAssistError(f"the training config's network: {exc}") from exc
         self.device = torch.device(cfg.device)
         self.net = build_network(self.net_cfg).to(self.device)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.loss = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.step, self.elapsed = 0, 0.0
-        if resume is not None:
+        self.skipped_steps = 0  # steps whose loss was not finite: the optimiser never saw them
+        if resume is not None:  # checked before anything is written (out is made below)
             state = resume if isinstance(resume, dict) else read_training_state(Path(resume))
+            _check_resumed_network(state, self.net_cfg)
             try:
                 self.net.load_state_dict(state["model"])
             except RuntimeError as exc:
                 raise SegAssistError(f"the state's weights do not fit this network ({self.net_cfg}): resume with "
                                      f"the run's own network settings ({str(exc).splitlines()[0]})") from exc
             self.opt.load_state_dict(state["optimizer"])
+            for group in self.opt.param_groups:  # the state brings back its own; the config says (lr: per step)
+                group["weight_decay"] = cfg.weight_decay
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
             self.rng = np.random.default_rng(cfg.seed + self.step)
             print(f"resumed at step {self.step}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
         self.hardware = training_hardware(self.device)
         # spawned, not forked: by the first correction this process runs torch's and the loader's threads
         self.pool = (
@@ -249,6 +273,11 @@ class Trainer:
         logits = self.net(x)
         loss = self.loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # one step of NaN gradients would make the weights NaN for good
+            self.skipped_steps += 1
+            print(f"step {self.step + 1}: loss {float(loss.detach())}, not finite: step skipped "
+                  f"({self.skipped_steps} so far)", flush=True)
+            return {"loss": float("nan"), "dice": float("nan"), "rounds": rounds, "skipped": True}
         loss.backward()
         self.opt.step()
         with torch.no_grad():
@@ -284,10 +313,12 @@ class Trainer:
             self.elapsed += time.time() - t0
             history.append(stats)
             if self.step % 25 == 0:
-                recent = history[-25:]
+                recent = [h for h in history[-25:] if not h.get("skipped")]
                 line = {"step": self.step, "elapsed_s": round(self.elapsed), "lr": self._lr(),
-                        "loss": float(np.mean([h["loss"] for h in recent])),
-                        "dice": float(np.mean([h["dice"] for h in recent]))}
+                        "loss": float(np.mean([h["loss"] for h in recent])) if recent else None,
+                        "dice": float(np.mean([h["dice"] for h in recent])) if recent else None}
+                if self.skipped_steps:
+                    line["skipped_steps"] = self.skipped_steps
                 print(json.dumps(line), flush=True)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
@@ -296,4 +327,5 @@ class Trainer:
                 last_ckpt = time.time()
         self.save(final=True)
         self.close()
-        print(f"done: {self.step} steps in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)
+        skipped = f" ({self.skipped_steps} skipped: loss not finite)" if self.skipped_steps else ""
+        print(f"done: {self.step} steps{skipped} in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)

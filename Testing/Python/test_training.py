@@ -301,3 +301,67 @@ def test_the_exact_training_click_is_the_evaluation_protocols_click():
     for mask in (box, slab_and_cube):
         expected = first_click(mask.astype(np.uint8)).position[::-1]  # (i, j, k) -> (k, j, i)
         assert tuple(interior_point(mask, rng, exact=True)) == tuple(float(x) for x in expected)
+
+
+def _tiny_run(tmp_path, name, seed, **change):
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps({"data_root": "", "network": {"channels": [4, 8], "strides": [2], "patch_size": 16},
+                                  "batch_size": 1, "max_steps": 1, "loader_workers": 0, "max_correction_rounds": 0,
+                                  **change}))
+    return config
+
+
+def test_a_resumed_state_never_replaces_another_run_unasked(tmp_path, capsys):
+    """--resume of another run's state into a folder holding a run replaced that run without
+    --overwrite."""
+    config = _tiny_run(tmp_path, "cfg", 0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--out", str(a), "--config", str(config), "--seed", "1"]) == 0
+    assert main(["train", "--out", str(b), "--config", str(config), "--seed", "2"]) == 0
+    capsys.readouterr()
+    held = {name: (b / name).read_bytes() for name in ("model.pt", "state.pt", "config.json", "log.jsonl")}
+    assert main(["train", "--out", str(b), "--config", str(config), "--resume", str(a / "state.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{b} already holds model.pt and state.pt of another run than --resume {a / 'state.pt'}" in err
+    assert "--overwrite" in err and err.count("\n") == 1
+    assert {name: (b / name).read_bytes() for name in held} == held
+    # the run's own state, by any path to it, continues it
+    other_path = tmp_path / "." / "b" / ".." / "b" / "state.pt"
+    assert main(["train", "--out", str(b), "--resume", str(other_path), "--minutes", "5"]) == 0
+    # asked to, another run's state replaces the run: its state continues, the old log goes
+    config = _tiny_run(tmp_path, "cfg", 0, max_steps=2)
+    (b / "log.jsonl").write_text('{"step": 25}\n')
+    assert main(["train", "--out", str(b), "--config", str(config), "--resume", str(a / "state.pt"),
+                 "--overwrite"]) == 0
+    assert torch.load(b / "state.pt", weights_only=True)["step"] == 2 and not (b / "log.jsonl").read_text()
+
+
+def test_a_state_of_other_network_settings_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Other strides or another patch size take the same tensors: the weights loaded without a
+    word. A resume refused for its weights still rewrote config.json first."""
+    a = tmp_path / "a"
+    assert main(["train", "--out", str(a), "--config", str(_tiny_run(tmp_path, "cfg", 0))]) == 0
+    capsys.readouterr()
+    before = (a / "config.json").read_bytes()
+    for network in ({"channels": [8, 16], "strides": [2], "patch_size": 16},  # weights that do not fit
+                    {"channels": [4, 8], "strides": [1], "patch_size": 16},  # weights that fit: same tensors
+                    {"channels": [4, 8], "strides": [2], "patch_size": 24}):
+        other = _tiny_run(tmp_path, "other", 0, network=network, max_steps=2)
+        assert main(["train", "--out", str(a), "--config", str(other), "--resume", str(a / "state.pt")]) == 2
+        assert (a / "config.json").read_bytes() == before
+        err = capsys.readouterr().err
+        assert "the state was trained with other network settings" in err and err.count("\n") == 1
+
+
+def test_resuming_with_a_config_takes_its_weight_decay_not_the_states(tmp_path):
+    from SegAssistLib.training.train import TrainConfig, Trainer
+
+    network = {"channels": [4, 8], "strides": [2], "patch_size": 16}
+    first = Trainer(TrainConfig(data_root="", network=network, loader_workers=0, weight_decay=1e-5), tmp_path / "a")
+    first.save()
+    first.close()
+    state = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+    cfg = TrainConfig(data_root="", network=network, loader_workers=0, weight_decay=0.5)
+    resumed = Trainer(cfg, tmp_path / "b", state)
+    resumed.close()
+    assert [g["weight_decay"] for g in resumed.opt.param_groups] == [0.5]

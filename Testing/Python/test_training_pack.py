@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from training_fixtures import brats_like_folder
 
 from SegAssistLib.training import pack
 from SegAssistLib.training.data import load_training_cases, sample_patch
@@ -88,8 +89,10 @@ def test_pack_errors_are_clear(small_data_root: Path, tmp_path: Path):
     pack.write_pack(small_data_root, out, datasets=["hippocampus"], progress=lambda _: None)
     with pytest.raises(pack.PackError, match="not empty"):
         pack.write_pack(small_data_root, out, progress=lambda _: None)
-    with pytest.raises(pack.PackError, match="patches of at most 64"):
-        load_training_cases(out, patch=96)
+    for other in (96, 56):  # a smaller patch too: it can need the next zoom level, past the packed box
+        with pytest.raises(pack.PackError, match=f"packed for a network patch of 64 voxels; this network's patch "
+                                                 f"is {other}: pack the data again with --patch {other}"):
+            load_training_cases(out, patch=other)
     entry = json.loads((out / pack.MANIFEST).read_text())["datasets"]["hippocampus"][0]
     whole = (out / entry["file"]).read_bytes()
     (out / entry["file"]).write_bytes(whole[: len(whole) // 2])  # cut short in transfer: once a BadZipFile traceback
@@ -152,7 +155,7 @@ def test_a_folder_of_packs_reads_as_one(small_data_root: Path, tmp_path: Path):
 
 def test_training_from_a_pack_needs_neither_simpleitk_nor_fastapi(small_data_root: Path, tmp_path: Path):
     """What a GPU machine with only torch, MONAI and pydantic runs: ``python -m SegAssistLib.training``."""
-    pack.write_pack(small_data_root, tmp_path / "pack", progress=lambda _: None)
+    pack.write_pack(small_data_root, tmp_path / "pack", patch=24, progress=lambda _: None)
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({
         "data_root": str(tmp_path / "pack"), "synthetic_share": 0.0,
@@ -176,13 +179,7 @@ def test_training_reads_the_chosen_channel_of_a_4d_image_file(tmp_path, capsys):
     against its label: the case was dropped without a word and the run trained on synthetic data."""
     import SimpleITK as sitk
 
-    folder = tmp_path / "brats"  # a known dataset; these case names are not in its evaluation split
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    rng = np.random.default_rng(0)
-    flair = rng.normal(0, 1, (12, 20, 24)).astype(np.float32)
-    labels = np.zeros(flair.shape, np.uint8)
-    labels[3:9, 5:15, 6:18] = 1
+    folder, flair, labels = brats_like_folder(tmp_path)
     channels = [sitk.GetImageFromArray(flair), sitk.GetImageFromArray(flair * 2 + 5)]
     for name, label in (("brats_new_1", labels), ("brats_new_2", labels[:, :, :20])):  # _2: another grid
         sitk.WriteImage(sitk.JoinSeries(channels), str(folder / "imagesTr" / f"{name}.nii.gz"))
@@ -191,3 +188,72 @@ def test_training_reads_the_chosen_channel_of_a_4d_image_file(tmp_path, capsys):
     (case,) = loaded["brats"]
     assert case.name == "brats_new_1" and np.array_equal(case.image, flair)  # channel 0, as evaluation reads it
     assert "skipped training case brats_new_2: label grid" in capsys.readouterr().out
+
+
+def test_a_pack_serves_only_the_patch_it_was_packed_for(tmp_path: Path, capsys):
+    """A smaller network patch can need the next zoom level, whose window runs past the box packed
+    for the larger patch: the patches were not those of the original case (docs promised they were)."""
+    import SimpleITK as sitk
+
+    from SegAssistLib.cli import main
+
+    folder = tmp_path / "data" / "hippocampus"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 1000, size=(200, 40, 40)).astype(np.int16)  # long along axis 0
+    labels = np.zeros(image.shape, np.uint8)
+    labels[76:125, 15:26, 15:26] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(image), str(folder / "imagesTr" / "hippocampus_003.nrrd"))
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(folder / "labelsTr" / "hippocampus_003.nrrd"))
+    pack.write_pack(tmp_path / "data", tmp_path / "pack", patch=64, progress=lambda _: None)
+    full = load_training_cases(tmp_path / "data")["hippocampus"][0]
+    packed = load_training_cases(tmp_path / "pack", patch=64)["hippocampus"][0]
+    for seed in range(20):
+        a = sample_patch(full, full.targets[0], np.random.default_rng(seed), 64)
+        b = sample_patch(packed, packed.targets[0], np.random.default_rng(seed), 64)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert np.array_equal(a[0].numpy(), b[0].numpy()) and np.array_equal(a[1], b[1])
+    with pytest.raises(pack.PackError, match="packed for a network patch of 64 voxels; this network's patch is 56"):
+        load_training_cases(tmp_path / "pack", patch=56)
+    # the training command says so before the run folder is made, not from the loader
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"data_root": str(tmp_path / "pack"), "max_steps": 1, "loader_workers": 0,
+                                  "network": {"channels": [4, 8], "strides": [2], "patch_size": 56}}))
+    assert main(["train", "--out", str(tmp_path / "run"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "pack the data again with --patch 56" in err and not (tmp_path / "run").exists()
+
+
+def test_a_pack_of_a_renamed_copy_keeps_its_original_split(hippocampus_dir: Path, tmp_path: Path, monkeypatch):
+    """The pack holds training cases only: without a record of the split they were cut with, a
+    renamed copy of a dataset counted as evaluation whole and its pack was refused, saying it held
+    evaluation cases."""
+    from SegAssistLib import datasets
+
+    folder = tmp_path / "data" / "hippo_copy"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    evaluation = datasets.load_splits()["hippocampus"][0]
+    for name in ("hippocampus_003", "hippocampus_004", evaluation):  # the evaluation case tells the dataset
+        for sub in ("imagesTr", "labelsTr"):
+            shutil.copy(hippocampus_dir / sub / f"{name}.nii.gz", folder / sub / f"{name}.nii.gz")
+    assert [c.name for c in load_training_cases(tmp_path / "data")["hippo_copy"]] == [
+        "hippocampus_003", "hippocampus_004"]
+    out = pack.write_pack(tmp_path / "data", tmp_path / "pack", patch=24, progress=lambda _: None).folder
+    assert [c.name for c in load_training_cases(out, patch=24)["hippo_copy"]] == ["hippocampus_003", "hippocampus_004"]
+    manifest = json.loads((out / pack.MANIFEST).read_text())
+    assert manifest["split_of"] == {"hippo_copy": "hippocampus"}
+    # evaluation cases still never train: the original's split is the one checked
+    real = datasets.load_splits()
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "load_splits", lambda: {**real, "hippocampus": real["hippocampus"] + ["hippocampus_004"]})
+        with pytest.raises(pack.PackError, match="evaluation split \\(hippocampus_004"):
+            load_training_cases(out)
+    # a pack that does not record it (made before packs did) is refused with the true reason
+    del manifest["split_of"]
+    (out / pack.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(pack.PackError, match="hippo_copy, a dataset Resources/splits.json does not list, and does "
+                                             "not record which known dataset's split"):
+        load_training_cases(out)
