@@ -41,11 +41,30 @@ def write_port_file(path: Path, port: int) -> None:
     os.replace(tmp, path)
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but jobs still queued when shutdown starts fail at once (503 ``shutting_down``).
+
+    uvicorn waits for open requests (``timeout_graceful_shutdown``), then cancels them (a plain-text
+    500) and only then runs the app's shutdown, which stopped the workers: a request queued behind
+    others never got the documented 503. Now the queues are drained first; running jobs finish.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: Optional[list] = None) -> None:
+        state = getattr(self._app.state, "segassist", None)
+        if state is not None:
+            state.pool.drain()
+        await super().shutdown(sockets)
+
+
 def uvicorn_server(app: FastAPI, **config: Any) -> uvicorn.Server:
     config.setdefault("log_level", "info")
     config.setdefault("lifespan", "on")  # a model that fails to load stops the server
     config.setdefault("timeout_graceful_shutdown", 10)
-    return uvicorn.Server(uvicorn.Config(app, **config))
+    return _DrainingServer(uvicorn.Config(app, **config), app)
 
 
 class ServerThread:

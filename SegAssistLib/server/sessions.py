@@ -64,6 +64,8 @@ class SessionStore:
         self.max_per_user = max_per_user
         self.max_total = max_total
         self.clock = clock
+        #: called with each session found idle and removed (the server closes its engine session)
+        self.on_expire: Optional[Callable[[ServerSession], None]] = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -142,7 +144,7 @@ class SessionStore:
             raise ApiError(400, ErrorCode.INVALID_ID, "session id must be 32 lowercase hex digits")
         session = self._sessions.get(session_id)
         if session is not None and self._is_idle(session):
-            self.remove(session_id, expired=True)
+            self._expire(session_id)
             session = None
         if session is None or session.user != user:
             if session_id in self._expired:
@@ -175,7 +177,13 @@ class SessionStore:
     def expire_idle(self) -> List[ServerSession]:
         """Remove and return the sessions idle for longer than the timeout."""
         idle = [sid for sid, s in self._sessions.items() if self._is_idle(s)]
-        return [s for s in (self.remove(sid, expired=True) for sid in idle) if s is not None]
+        return [s for s in (self._expire(sid) for sid in idle) if s is not None]
+
+    def _expire(self, session_id: str) -> Optional[ServerSession]:
+        session = self.remove(session_id, expired=True)
+        if session is not None and self.on_expire is not None:
+            self.on_expire(session)
+        return session
 
     def all(self) -> List[ServerSession]:
         return list(self._sessions.values())

@@ -62,6 +62,7 @@ class ServerState:
         self.sessions = SessionStore(
             limits.idle_timeout_s, limits.max_sessions_per_user, limits.max_sessions_total, clock
         )
+        self.sessions.on_expire = self._expired  # found idle by the sweep or by a request: closed
         self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs, limits.max_queued_per_session)
         self.upload_slots: Optional[asyncio.Semaphore] = None  # made on the server's event loop
         self.clock = clock
@@ -161,11 +162,11 @@ class ServerState:
         )
 
     def expire_idle(self) -> int:
-        expired = self.sessions.expire_idle()
-        for session in expired:
-            log.info("session %s expired after %.0f s idle", session.session_id, self.limits.idle_timeout_s)
-            self.close_in_background(session)
-        return len(expired)
+        return len(self.sessions.expire_idle())
+
+    def _expired(self, session: ServerSession) -> None:
+        log.info("session %s expired after %.0f s idle", session.session_id, self.limits.idle_timeout_s)
+        self.close_in_background(session)
 
 
 def queue_job(worker: InferenceWorker, key: str, job: Callable[[Engine], Any]) -> concurrent.futures.Future:

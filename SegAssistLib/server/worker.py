@@ -210,10 +210,14 @@ class InferenceWorker:
             return "running", None, length
         return "idle", None, length
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def drain(self) -> None:
+        """Take no more jobs and fail the queued ones (503 ``shutting_down``); the running one finishes."""
         for item in self._queue.close():
             if item.future.set_running_or_notify_cancel():
                 item.future.set_exception(WorkerStopped("the server is shutting down"))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.drain()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -233,6 +237,10 @@ class WorkerPool:
     def start(self) -> None:
         for w in self.workers:
             w.start()
+
+    def drain(self) -> None:
+        for w in self.workers:
+            w.drain()
 
     def stop(self) -> None:
         for w in self.workers:

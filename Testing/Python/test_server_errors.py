@@ -291,12 +291,17 @@ def test_idle_sessions_expire(server_factory, blob_volume):
     client = SegAssistClient(server.url, TOKENS["alice"])
     session = client.open_session(blob_volume)
     session.add_prompt(PointPrompt(position=(24, 20, 12)))
+    served = server.app.state.segassist.sessions._sessions[session.session_id]
     clock.advance(0.3)
     assert session.status().expires_in_s == pytest.approx(0.4)  # using it keeps it alive
     clock.advance(0.5)
     with pytest.raises(SessionNotFoundError) as e:
         session.add_prompt(PointPrompt(position=(24, 20, 12)))
     assert e.value.code == "session_expired"
+    deadline = _deadline(10)  # found idle by the request, not the sweep: its engine session is closed too
+    while served.engine_session is not None and not deadline():
+        server._thread.join(0.01)
+    assert served.engine_session is None
     other = client.open_session(blob_volume)  # the expired session no longer counts against the limit
     clock.advance(0.5)
     state = server.app.state.segassist

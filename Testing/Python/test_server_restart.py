@@ -111,3 +111,50 @@ def test_a_disk_that_refuses_the_upload_costs_only_the_copy_on_disk(server_facto
         assert session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0))).voxels.size
     assert not list((data_dir / "images").glob("*.sgaf"))
     assert "could not be stored on disk" in caplog.text and "No space left" in caplog.text
+
+
+def test_prompts_queued_when_the_server_stops_get_503_at_once(server_factory, monkeypatch):
+    """uvicorn waits for open requests, cancels them after its grace period (a plain-text 500) and
+    only then ran the app's shutdown, which failed queued jobs with the documented 503: a prompt
+    queued behind others got the 500. The queues are drained when shutdown starts; the running
+    prompt still finishes."""
+    import threading
+    import time
+
+    import requests
+
+    from SegAssistLib.engine import builtin
+
+    add_prompt = builtin.BuiltinSession.add_prompt
+
+    def slow(self, prompt):  # each prompt takes a while: the others wait in the queue
+        time.sleep(1.5)
+        return add_prompt(self, prompt)
+
+    monkeypatch.setattr(builtin.BuiltinSession, "add_prompt", slow)
+    server = server_factory.start()
+    client = SegAssistClient(server.url, TOKENS["alice"])
+    sessions = [client.open_session(make_volume(seed=61)) for _ in range(4)]
+    headers = {"Authorization": f"Bearer {TOKENS['alice']}"}
+    replies = {}
+
+    def prompt(n: int) -> None:
+        url = f"{server.url}/v1/sessions/{sessions[n].session_id}/prompts"
+        body = {"prompt": {"kind": "point", "position": [24, 20, 12]}}
+        replies[n] = requests.post(url, json=body, headers=headers, timeout=60)
+
+    threads = [threading.Thread(target=prompt, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    server.stop()
+    for thread in threads:
+        thread.join(60)
+    assert time.monotonic() - started < 8  # not the 10 s grace period and then a cancel
+    statuses = sorted(reply.status_code for reply in replies.values())
+    assert statuses[0] == 200 and set(statuses[1:]) == {503}, statuses
+    for reply in replies.values():
+        if reply.status_code == 503:
+            assert reply.json()["error"]["code"] == "shutting_down"
+    client.close()
