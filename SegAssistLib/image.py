@@ -164,4 +164,7 @@ def scaled_to_unit(image: np.ndarray) -> np.ndarray:
     seeded methods (the baselines, the engine's edge snap) compare."""
     image = np.asarray(image, np.float32)
     lo, hi = np.percentile(image, [0.5, 99.5])
-    return np.clip((image - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0).astype(np.float32)
+    span = float(hi - lo)
+    if span <= 1e-6 * max(abs(float(lo)), abs(float(hi))) or span == 0.0:  # constant (relative: tiny units)
+        span = 1.0
+    return np.clip((image - lo) / span, 0.0, 1.0).astype(np.float32)

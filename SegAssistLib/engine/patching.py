@@ -205,7 +205,10 @@ def normalise_patch(patch: torch.Tensor) -> torch.Tensor:
     clipped = patch.clamp(float(lo), float(hi))
     sample = np.clip(flat, lo, hi)
     mean, std = float(sample.mean()), float(sample.std())
-    return (clipped - mean) / (std if std > 1e-6 else 1.0)
+    # constant: a spread lost in float rounding; relative, so images in tiny units (an ADC map in
+    # m^2/s, values near 1e-9) are scaled like any other, not passed on as nearly blank
+    constant = std <= 1e-6 * max(abs(float(lo)), abs(float(hi))) or std == 0.0
+    return (clipped - mean) / (1.0 if constant else std)
 
 
 def extract_image_patch(array: np.ndarray, window: Window, modality: str = "MR") -> torch.Tensor:
