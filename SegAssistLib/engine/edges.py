@@ -14,7 +14,7 @@ of the boundary. Measured in the model card (Dice after 5 clicks, with and witho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -176,6 +176,19 @@ def snap_to_edges(
     return out
 
 
+def _may_reach(prompt: Union[ScribblePrompt, LassoPrompt], lo: np.ndarray, hi: np.ndarray) -> bool:
+    """Whether a stroke's or polygon's box (its slab's, or its vertices' widened by its width)
+    meets the array box ``[lo, hi)``: a cheap test before drawing it."""
+    if prompt.slab is not None:
+        first = np.asarray(prompt.slab.offset, float)
+        last = first + np.asarray(prompt.slab.shape, float) - 1
+    else:
+        vertices = np.asarray(prompt.points, float).reshape(-1, 3)[:, ::-1]
+        margin = float(getattr(prompt, "width", 1.0)) + 1.0
+        first, last = vertices.min(axis=0) - margin, vertices.max(axis=0) + margin
+    return bool(np.all(last >= lo) and np.all(first < hi))
+
+
 def seeds_from_prompts(
     prompts: Iterable[Prompt], crop: Tuple[slice, ...], image_shape: Sequence[int]
 ) -> Tuple[np.ndarray, np.ndarray]:
@@ -191,6 +204,8 @@ def seeds_from_prompts(
         if isinstance(prompt, PointPrompt):
             voxels = np.rint(prompt_vertices_kji(prompt)).astype(np.int64)
         elif isinstance(prompt, ScribblePrompt) or (isinstance(prompt, LassoPrompt) and not prompt.positive):
+            if not _may_reach(prompt, lo, lo + np.asarray(shape)):
+                continue  # far from this answer: not drawn (every earlier stroke is looked at per click)
             try:
                 voxels = to_slab(prompt, image_shape).slab.voxels_kji()
             except PromptError:  # nothing of it in the image: the engine has checked it already

@@ -64,16 +64,21 @@ def test_voxels_the_user_marked_keep_their_sign():
 @pytest.mark.parametrize("case", ["empty", "full", "thin", "too large"])
 def test_nothing_to_decide_comes_back_as_it_was(case):
     image, truth = _box_image()
-    mask = {"empty": np.zeros_like(truth), "full": np.ones_like(truth), "thin": np.zeros_like(truth),
-            "too large": truth}[case]
+    mask = {
+        "empty": np.zeros_like(truth),
+        "full": np.ones_like(truth),
+        "thin": np.zeros_like(truth),
+        "too large": truth,
+    }[case]
     if case == "thin":
         mask[15, 20, 20] = True  # no interior beyond the band
     settings = EdgeSnap(max_voxels=truth.size - 1) if case == "too large" else EdgeSnap()
     assert np.array_equal(snap_to_edges(image, mask, (1.0, 1.0, 1.0), settings), mask)
 
 
-@pytest.mark.parametrize("kwargs", [{"band": 0.5}, {"band": float("nan")}, {"beta": 0.0}, {"beta": -1.0},
-                                    {"max_voxels": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"band": 0.5}, {"band": float("nan")}, {"beta": 0.0}, {"beta": -1.0}, {"max_voxels": 0}]
+)
 def test_settings_are_checked(kwargs):
     with pytest.raises(ValueError, match="edge snap"):
         EdgeSnap(**kwargs)
@@ -106,9 +111,36 @@ def test_seeds_come_from_clicks_scribbles_and_erasing_lassos_not_boxes_or_outlin
     positive, negative = seeds_from_prompts(prompts, crop, shape)
     assert positive.shape == negative.shape == (6, 10, 10)
     assert positive[3 - 2, 7 - 5, 6 - 5] and negative[4 - 2, 9 - 5, 8 - 5]
-    assert negative[5 - 2, 12 - 5, (6 - 5):(11 - 5)].all()  # the scribble's voxels
-    assert negative[6 - 2, (6 - 5):(10 - 5), (10 - 5):(14 - 5)].all()  # the erasing lasso's filled square
+    assert negative[5 - 2, 12 - 5, (6 - 5) : (11 - 5)].all()  # the scribble's voxels
+    assert negative[6 - 2, (6 - 5) : (10 - 5), (10 - 5) : (14 - 5)].all()  # the erasing lasso's filled square
     assert positive.sum() == 1 and negative.sum() == 1 + 5 + 16  # nothing from the box, outline or far click
+
+
+def test_strokes_and_erasing_lassos_far_from_the_answer_are_not_drawn(monkeypatch):
+    """Every earlier negative lasso was drawn in full on every click, wherever it lay (25 whole-slice
+    lassos far from the click: 0.8 s a click). Those whose box misses the answer's are skipped; the
+    seeds are the same."""
+    from SegAssistLib.engine import edges
+    from SegAssistLib.prompts import to_slab
+
+    shape = (40, 64, 64)
+    crop = (slice(2, 12), slice(10, 30), slice(10, 30))
+    near = [
+        ScribblePrompt(points=[(12, 15, 5), (20, 15, 5)], positive=False, width=3),
+        LassoPrompt(points=[(14, 12, 8), (18, 12, 8), (18, 16, 8), (14, 16, 8)], positive=False),
+        ScribblePrompt(points=[(30, 12, 6), (40, 12, 6)], width=4),  # starts past the crop, reaches in
+    ]
+    far = [LassoPrompt(points=[(0, 0, k), (63, 0, k), (63, 63, k), (0, 63, k)], positive=False) for k in range(25, 35)]
+    far += [to_slab(ScribblePrompt(points=[(40, 50, 20), (60, 50, 20)], positive=False), shape)]
+    drawn = []
+    monkeypatch.setattr(
+        edges, "to_slab", lambda prompt, image_shape: drawn.append(prompt) or to_slab(prompt, image_shape)
+    )
+    with_far = edges.seeds_from_prompts(near + far, crop, shape)
+    assert drawn == near
+    alone = edges.seeds_from_prompts(near, crop, shape)
+    assert all(np.array_equal(a, b) for a, b in zip(with_far, alone)) and with_far[1].sum() > 0
+    assert with_far[0].any()  # the wide stroke just past the crop reaches into it
 
 
 def test_the_engine_snaps_only_near_the_networks_surface(tiny_checkpoint):
@@ -128,8 +160,9 @@ def test_the_engine_snaps_only_near_the_networks_surface(tiny_checkpoint):
     assert np.array_equal(mirror.astype(bool), answer)
 
 
-@pytest.mark.parametrize("text, ok", [("0", True), ("2", True), ("1.5", True), ("0.5", False), ("nan", False),
-                                      ("11", False), ("x", False)])
+@pytest.mark.parametrize(
+    "text, ok", [("0", True), ("2", True), ("1.5", True), ("0.5", False), ("nan", False), ("11", False), ("x", False)]
+)
 def test_the_command_line_edge_band(text, ok, capsys):
     parser = argparse.ArgumentParser()
     eval_cli.register(parser.add_subparsers(dest="command"))
