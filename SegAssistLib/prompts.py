@@ -699,8 +699,7 @@ def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
     points form with its width, as :func:`to_slab` draws them; computed once per prompt."""
     points = tuple(tuple(float(x) for x in p) for p in prompt.points)
     normal = None if prompt.normal is None else tuple(float(x) for x in prompt.normal)
-    voxels = np.frombuffer(_stroke_voxel_bytes(points, float(prompt.width), normal), np.int32)
-    return voxels.reshape(-1, 3).astype(np.int64)
+    return np.frombuffer(_stroke_voxel_bytes(points, float(prompt.width), normal), np.int64).reshape(-1, 3)
 
 
 # A session's every stroke is looked at on each click: past this many, each click drew them all again.
@@ -712,8 +711,7 @@ def _stroke_voxel_bytes(
     # click, and the edge snap once more. Keyed by the stroke's content, not held on the (frozen)
     # prompt, so that copies, equality and pickles of prompts stay as they are
     normal_kji = None if normal is None else np.asarray(normal, float)[::-1]
-    # int32 (image axes are far below 2**31): half the memory of the cache
-    return _scribble_voxels(np.asarray(points, float)[:, ::-1], width, normal_kji).astype(np.int32).tobytes()
+    return _scribble_voxels(np.asarray(points, float)[:, ::-1], width, normal_kji).astype(np.int64).tobytes()
 
 
 def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
