@@ -44,6 +44,12 @@ class Volume:
             raise ImageError(
                 f"image geometry: spacing and origin must be numbers and direction a 3x3 matrix ({exc})"
             ) from exc
+        if self.modality is not None:  # "ct" was taken for MR: no CT windowing, no word said
+            modality = str(self.modality).strip().upper()
+            modality = {"MRI": "MR"}.get(modality, modality)
+            if modality not in ("CT", "MR"):
+                raise ImageError(f"modality must be 'CT', 'MR' or None (guessed), got {self.modality!r}")
+            self.modality = modality
 
     @property
     def shape_ijk(self) -> Tuple[int, int, int]:

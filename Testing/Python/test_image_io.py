@@ -336,3 +336,12 @@ def test_the_nii_gz_beside_a_nii_is_read_whole_where_symlinks_are_refused(tmp_pa
 def test_malformed_geometry_is_an_image_error(geometry):
     with pytest.raises(ImageError, match="image geometry"):
         Volume(np.zeros((2, 3, 4), np.float32), **geometry)
+
+
+def test_a_volumes_modality_is_ct_mr_or_none_whatever_its_case():
+    """``Volume(modality="ct")`` was taken for MR (the engine compares with "CT"): no CT windowing."""
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert Volume(array, modality="ct").modality == "CT" and Volume(array, modality=" mri ").modality == "MR"
+    assert Volume(array).modality is None
+    with pytest.raises(ImageError, match="modality must be 'CT', 'MR' or None"):
+        Volume(array, modality="PET")
