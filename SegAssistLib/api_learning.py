@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayPayload, Shape3, Vec3
 
@@ -118,7 +118,7 @@ class TrainRequest(_Model):
         None, ge=-1, le=1, description="promote only above the incumbent's validation Dice plus this"
     )
     label_value: Optional[int] = Field(None, ge=1, le=255)
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    seed: Optional[StrictInt] = Field(None, ge=0, le=MAX_SEED)  # strict: true is no seed
     warm_start: Optional[bool] = None
 
     def settings(self) -> Dict[str, Any]:
@@ -162,7 +162,7 @@ class NextCaseRequest(_Model):
         DEFAULT_LOCK_TTL_S, gt=0, le=MAX_LOCK_TTL_S, description="seconds until the lock lapses (with lock)"
     )
     proposal: bool = Field(True, description="include the model's proposal")
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)  # strict: true is no seed
     diversity_weight: float = Field(0.5, ge=0)
     max_candidates: int = Field(16, ge=1, le=256)
 

@@ -332,6 +332,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.jobs import FINAL_STATES, cancel_job
 
+    _open(args).close()  # a missing store says so, as for the other subcommands
     status = cancel_job(args.store, args.job)
     if status.get("state") not in FINAL_STATES:
         _print(args, status, f"asked job {status.get('job_id')} to stop ({status.get('state')})")

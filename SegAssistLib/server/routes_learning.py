@@ -123,7 +123,7 @@ async def import_case(
 async def list_cases(
     status: Optional[List[CaseStatusName]] = Query(None, description="repeat to give several"),
     limit: int = Query(500, ge=1, le=10_000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=2**63 - 1),  # SQLite's integers
     learning: LearningState = Depends(_learning),
     user: str = Depends(current_user),
 ) -> List[CaseInfo]:

@@ -650,3 +650,12 @@ def test_export_file_names_are_unique_also_ignoring_case():
     stems = _unique_stems(cases)
     assert len({s.lower() for s in stems.values()}) == len(cases)
     assert stems["f6"] == "x" and stems["b2"] == "dup_b2"
+
+
+def test_learn_cancel_on_a_missing_store_says_so(tmp_path: Path, capsys):
+    """It said "no training job has run on this datastore yet" where every other subcommand names
+    the missing store."""
+    from SegAssistLib.cli import main
+
+    assert main(["learn", "cancel", "--store", str(tmp_path / "nowhere")]) == 2
+    assert f"no SegAssist datastore at {tmp_path / 'nowhere'}" in capsys.readouterr().err

@@ -369,12 +369,21 @@ def test_training_settings_out_of_range_are_refused(learn_server, value):
         ("/v1/learn/train", '{"kind": "salt", "seed": 1180591620717411303424}', "seed"),
         ("/v1/learn/train", '{"kind": "salt", "time_budget_s": 1e300}', "time_budget_s"),
         ("/v1/learn/next", '{"strategy": "random", "proposal": false, "seed": -1}', "seed"),
+        ("/v1/learn/next", '{"strategy": "random", "proposal": false, "seed": true}', "seed"),  # was seed 1
+        ("/v1/learn/train", '{"kind": "salt", "seed": true}', "seed"),
         ("/v1/learn/cases/0123456789abcdef/labels", '{"n_interactions": 9223372036854775808}', "n_interactions"),
     ],
 )
 def test_seeds_and_budgets_out_of_range_are_refused_not_a_server_error(learn_server, path, body, field):
     reply = raw(learn_server, "POST", path, data=body, headers={"Content-Type": "application/json"})
     assert field in assert_error(reply, 422, "invalid_request")["message"]
+
+
+def test_a_case_list_offset_beyond_sqlites_integers_is_refused_not_a_server_error(learn_server):
+    for offset in ("9223372036854775808", "99999999999999999999999"):  # OverflowError in SQLite: a 500
+        reply = raw(learn_server, "GET", f"/v1/learn/cases?offset={offset}")
+        assert "offset" in assert_error(reply, 422, "invalid_request")["message"]
+    assert raw(learn_server, "GET", "/v1/learn/cases?offset=9223372036854775807").status_code == 200
 
 
 def test_a_damaged_store_is_the_servers_fault_not_the_request(clients, imported, learn_server, tmp_path):
