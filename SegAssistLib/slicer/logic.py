@@ -110,6 +110,21 @@ def collect_prompts(sources: Sequence[PromptSource], volume_node: slicer.vtkMRML
     return prompts
 
 
+def _check_log_image(path: Path, log: PromptLog, volume_node: slicer.vtkMRMLVolumeNode) -> None:
+    """A log recorded on an image of another shape or spacing holds voxel coordinates of that image:
+    replayed here they would land somewhere else, silently."""
+    if log.image is None or volume_node.GetImageData() is None:
+        return
+    shape = tuple(int(n) for n in volume_node.GetImageData().GetDimensions())
+    spacing = tuple(float(x) for x in volume_node.GetSpacing())
+    if shape != tuple(log.image.shape_ijk) or not np.allclose(spacing, log.image.spacing, rtol=1e-3, atol=1e-6):
+        raise PromptError(
+            f"{path}: the prompt log was recorded on an image of {list(log.image.shape_ijk)} voxels (i, j, k) "
+            f"spaced {list(log.image.spacing)} mm; volume {volume_node.GetName()!r} has {list(shape)} spaced "
+            f"{[round(x, 6) for x in spacing]} mm: its voxel coordinates would land elsewhere"
+        )
+
+
 def load_prompt_file(
     path: Union[str, Path],
     volume_node: slicer.vtkMRMLVolumeNode,
@@ -134,9 +149,11 @@ def load_prompt_file(
         raise PromptError(f"cannot read prompts from {path}: {exc}") from exc
     if isinstance(data, dict) and "schema_version" in data:
         try:
-            return list(PromptLog.model_validate(data).prompts)
+            log = PromptLog.model_validate(data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise PromptError(f"{path}: invalid prompt log: {exc}") from exc
+        _check_log_image(path, log, volume_node)
+        return list(log.prompts)
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise PromptError(f"{path}: expected a list of prompts or an object with a 'prompts' list")

@@ -216,6 +216,17 @@ def test_prompt_files_in_every_format(ctx, tmp_path):
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"prompts": [box.model_dump(mode="json")]}))
     assert load_prompt_file(log, volume) == [click, box]
+    # a log records its image: one recorded on another image is refused (it was replayed silently)
+    shape = list(volume.GetImageData().GetDimensions())
+    spacing = list(volume.GetSpacing())
+    same = tmp_path / "same_image.json"
+    PromptLog(prompts=[click], image={"shape_ijk": shape, "spacing": spacing}).save(same)
+    assert load_prompt_file(same, volume) == [click]
+    for other_shape, other_spacing in (([512, 512, 300], spacing), (shape, [s * 2 for s in spacing])):
+        other = tmp_path / "other_image.json"
+        PromptLog(prompts=[click], image={"shape_ijk": other_shape, "spacing": other_spacing}).save(other)
+        with pytest.raises(PromptError, match="recorded on an image of .* would land elsewhere"):
+            load_prompt_file(other, volume)
     assert load_prompt_file(listed, volume) == [click]
     assert load_prompt_file(wrapped, volume) == [box]
 
