@@ -106,6 +106,11 @@ def roi_box_prompt(
     ):
         raise PromptError(f"ROI {roi_node.GetName()!r} is not placed yet")
     corners = ras_to_ijk(roi_corners_ras(roi_node), volume_node)
+    image = volume_node.GetImageData()
+    if image is not None:  # an ROI fitted to the volume ends on its edge up to float noise (-0.5000006)
+        edges = (np.full(3, -0.5), np.asarray(image.GetDimensions(), float) - 0.5)
+        for edge in edges:
+            corners = np.where(np.abs(corners - edge) < 1e-4, edge, corners)
     return build_prompt(
         BoxPrompt,
         f"box from ROI {roi_node.GetName()!r}",

@@ -165,3 +165,29 @@ def test_rotated_roi_gives_its_enclosing_box_and_flat_roi_a_2d_box(ctx):
     line.SetSize(9.0, 0.0, 0.0)
     with pytest.raises(PromptError, match="degenerate"):
         markups.roi_box_prompt(line, volume)
+
+
+def test_an_roi_fitted_to_an_oblique_volume_is_a_box_of_the_whole_image(ctx):
+    """Slicer stores the fitted ROI's matrix with float noise: its box began at -0.5000006, and the
+    engine refused the whole box as reaching outside the image."""
+    from mrml_fixtures import oblique_ijk_to_ras
+
+    from SegAssistLib.engine.builtin import check_prompt_inside
+
+    volume = add_volume(ctx.scene, np.zeros((20, 24, 28), np.int16), oblique_ijk_to_ras(), "oblique")
+    dims, spacing = np.array(volume.GetImageData().GetDimensions()), np.array(volume.GetSpacing())
+    directions = np.zeros((3, 3))
+    volume.GetIJKToRASDirections(directions)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk_to_ras)
+    center = (slicer.util.arrayFromVTKMatrix(ijk_to_ras) @ np.r_[(dims - 1) / 2.0, 1])[:3]
+    roi = ctx.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "fitted")
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3], object_to_node[:3, 3] = directions, center
+    roi.GetObjectToNodeMatrix().DeepCopy(slicer.util.vtkMatrixFromArray(object_to_node))
+    roi.SetSize(*(dims * spacing))
+    if roi.GetNumberOfControlPoints() == 0:
+        roi.AddControlPoint(*center)
+    box = markups.roi_box_prompt(roi, volume)
+    assert box.min_corner == (-0.5, -0.5, -0.5) and np.allclose(box.max_corner, dims - 0.5)
+    check_prompt_inside(box, tuple(dims[::-1]))
