@@ -242,9 +242,6 @@ def _target_box(
 ) -> Optional[slicer.vtkOrientedImageData]:
     """``target``'s grid cut to the voxels that ``source``'s extent covers; None where they do not
     meet (without ``clip``: ``target``'s grid over the voxels ``source`` covers, inside its extent or not)."""
-    source_to_world, world_to_target = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-    source.GetImageToWorldMatrix(source_to_world)
-    target.GetWorldToImageMatrix(world_to_target)
     se, te = source.GetExtent(), target.GetExtent()
     corners = np.array(
         [
@@ -254,8 +251,7 @@ def _target_box(
             for k in (se[4] - 0.5, se[5] + 0.5)
         ]
     )
-    to_target = _numpy_matrix(world_to_target) @ _numpy_matrix(source_to_world)
-    ijk = (to_target @ corners.T)[:3]
+    ijk = (_to_target_ijk(source, target) @ corners.T)[:3]
     lo, hi = np.floor(ijk.min(axis=1)).astype(int), np.ceil(ijk.max(axis=1)).astype(int)
     if clip:
         lo, hi = np.maximum(lo, [te[0], te[2], te[4]]), np.minimum(hi, [te[1], te[3], te[5]])
@@ -331,10 +327,21 @@ class _Placed(NamedTuple):
     resampled: bool
 
 
+def _grids(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, reference_volume_node: slicer.vtkMRMLVolumeNode
+) -> Tuple[slicer.vtkOrientedImageData, slicer.vtkOrientedImageData]:
+    """(the volume's grid in the segmentation's frame, the segmentation's geometry)."""
+    return (
+        reference_geometry(reference_volume_node, segmentation_node),
+        segmentation_geometry(segmentation_node, reference_volume_node),
+    )
+
+
 def _on_segmentation_grid(
     update: MaskUpdate,
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     reference_volume_node: slicer.vtkMRMLVolumeNode,
+    grids: Tuple[slicer.vtkOrientedImageData, slicer.vtkOrientedImageData],
     changed: Optional[np.ndarray] = None,
     need_touched: bool = True,
 ) -> _Placed:
@@ -343,16 +350,17 @@ def _on_segmentation_grid(
 
     Raises when the update holds voxels the segmentation's geometry does not reach, or voxels of
     which none lands on it (an answer thinner than a coarser geometry's voxels): they could not be
-    written, and a silently clipped or vanished answer is a wrong segment.
+    written, and a silently clipped or vanished answer is a wrong segment. ``grids``: :func:`_grids`.
     """
-    volume_grid = reference_geometry(reference_volume_node, segmentation_node)
+    volume_grid, target = grids
     _check_box(update, _shape_kji(volume_grid))
     inside = np.asarray(update.voxels) > 0
     decides = np.ones_like(inside) if changed is None else np.asarray(changed) > 0
-    target = segmentation_geometry(segmentation_node, reference_volume_node)
     if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target):
-        _crop_to_box(volume_grid, update.offset, inside.shape)
-        return _Placed(inside, decides, volume_grid, resampled=False)
+        box = slicer.vtkOrientedImageData()
+        box.DeepCopy(volume_grid)
+        _crop_to_box(box, update.offset, inside.shape)
+        return _Placed(inside, decides, box, resampled=False)
     outside = _count_outside(inside, update.offset, volume_grid, target)
     if outside:
         raise ImageError(
@@ -394,24 +402,21 @@ def array_to_segment(
     :class:`SegmentEditor` for that.
     """
     _segment(segmentation_node, segment_id)
-    volume_grid = reference_geometry(reference_volume_node, segmentation_node)
+    grids = _grids(segmentation_node, reference_volume_node)
+    volume_grid, target = grids
     shape = _shape_kji(volume_grid)
     if np.shape(mask) != shape:
         raise ImageError(f"mask shape {np.shape(mask)} differs from the reference volume's {shape} [k, j, i]")
     _ensure_binary_labelmap_source(segmentation_node)
     mask = np.asarray(mask)
     update = MaskUpdate((0, 0, 0), mask)
-    target = segmentation_geometry(segmentation_node, reference_volume_node)
     if not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target):
         # resampled: only the box holding the mask (the rest of the segment is replaced by nothing)
         voxels = np.argwhere(mask)
         lo, hi = (voxels.min(0), voxels.max(0) + 1) if len(voxels) else (np.zeros(3, int), np.ones(3, int))
         update = MaskUpdate(tuple(int(v) for v in lo), mask[tuple(slice(a, b) for a, b in zip(lo, hi))])
-    placed = _on_segmentation_grid(update, segmentation_node, reference_volume_node, need_touched=False)
-    if placed.grid is None:
-        labelmap = _nothing_to_write(segmentation_node, reference_volume_node)
-    else:
-        labelmap = oriented_labelmap(placed.inside, placed.grid)
+    placed = _on_segmentation_grid(update, segmentation_node, reference_volume_node, grids, need_touched=False)
+    labelmap = _nothing_to_write(target) if placed.grid is None else oriented_labelmap(placed.inside, placed.grid)
     if not _Logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, _Logic.MODE_REPLACE):
         raise SegAssistError(f"could not write segment {segment_id!r}")
 
@@ -446,9 +451,10 @@ def update_labelmaps(
             segmentation_node, segment_id, reference_volume_node, (update.offset, update.voxels.shape)
         )
         changed = (np.asarray(update.voxels) > 0) != (was_on_volume > 0)
-    placed = _on_segmentation_grid(update, segmentation_node, reference_volume_node, changed)
+    grids = _grids(segmentation_node, reference_volume_node)
+    placed = _on_segmentation_grid(update, segmentation_node, reference_volume_node, grids, changed)
     if placed.grid is None:  # an empty answer wholly outside the segmentation's geometry
-        empty = _nothing_to_write(segmentation_node, reference_volume_node)
+        empty = _nothing_to_write(grids[1])
         return empty, empty, tuple(empty.GetExtent())
     inside, touched = placed.inside, placed.touched
     if segment_id is None:
@@ -463,13 +469,9 @@ def update_labelmaps(
     return add, remove, tuple(add.GetExtent())
 
 
-def _nothing_to_write(
-    segmentation_node: slicer.vtkMRMLSegmentationNode, reference_volume_node: slicer.vtkMRMLVolumeNode
-) -> slicer.vtkOrientedImageData:
+def _nothing_to_write(geometry: slicer.vtkOrientedImageData) -> slicer.vtkOrientedImageData:
     """One empty voxel of the segmentation's geometry: a write that changes nothing."""
-    return oriented_labelmap(
-        np.zeros((1, 1, 1), np.uint8), segmentation_geometry(segmentation_node, reference_volume_node)
-    )
+    return oriented_labelmap(np.zeros((1, 1, 1), np.uint8), geometry)
 
 
 class SegmentEditor:
