@@ -27,6 +27,7 @@ from SegAssistLib.evaluation.runner import label_grid_problem
 from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_prompt
 from SegAssistLib.files import atomic_write, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
+from SegAssistLib.learning.sources import image_stem
 from SegAssistLib.prompts import BoxPrompt, Prompt
 
 SAMPLE_IMAGE = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
@@ -40,9 +41,7 @@ def segment_name(label: Optional[Path], label_values: Sequence[int]) -> str:
         return "SegAssist"
     if Path(label).resolve() == SAMPLE_LABEL.resolve():
         return "hippocampus"
-    stem = Path(label).name
-    for suffix in (".gz", ".nii", ".nrrd", ".seg", ".mha", ".mhd"):
-        stem = stem[: -len(suffix)] if stem.lower().endswith(suffix) and len(stem) > len(suffix) else stem
+    stem = image_stem(Path(label))
     values = "+".join(str(v) for v in label_values)
     return f"{stem} label{'s' if len(label_values) > 1 else ''} {values}"
 

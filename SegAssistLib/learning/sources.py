@@ -16,9 +16,10 @@ _SKIP_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
 
 
 def image_stem(path: Path) -> str:
-    """The file name without its image suffix: ``case_001.nii.gz`` -> ``case_001``."""
+    """The file name without its image suffix: ``case_001.nii.gz`` -> ``case_001`` (and a
+    segmentation's: ``organs.seg.nrrd`` -> ``organs``)."""
     name = path.name
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in _SKIP_SUFFIXES + IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
