@@ -107,6 +107,8 @@ class _Step:
         return int(self.before_bits.nbytes + self.after_bits.nbytes)
 
 
+_NOTHING = (slice(0, 0),) * 3  # an empty box: the answer changes no voxel
+
 #: Least memory one session's undo history may keep, whatever the image's size.
 MIN_HISTORY_BYTES = 64 << 20
 #: The history may also keep this many whole-image changes (bit-packed, before and after).
@@ -145,7 +147,10 @@ class BuiltinSession(EngineSession):
             box, new_region, info = self._whole(), prompt.to_array(self.shape), {"levels": []}
         else:
             check_prompt_inside(prompt, self.shape)
-            box, new_region, info = self._predict(prompt)
+            if self._marks_background_only(prompt):
+                box, new_region, info = _NOTHING, np.zeros((0, 0, 0), np.uint8), {"levels": []}
+            else:
+                box, new_region, info = self._predict(prompt)
         update = self._commit(self.prompts + [prompt], box, new_region)
         update.latency_s = time.perf_counter() - t0
         update.info = info
@@ -238,6 +243,16 @@ class BuiltinSession(EngineSession):
         held = sum(step.nbytes for step in self._undo)
         while held > self._history_budget and len(self._undo) > 1:
             held -= self._undo.pop(0).nbytes
+
+    def _marks_background_only(self, prompt: Prompt) -> bool:
+        """A negative prompt in a session with no positive prompt and an empty mask says only what
+        is not the structure: the answer adds nothing (the network, asked with no positive prompt,
+        can draw a blob near a negative click). The prompt is kept and is drawn into later answers."""
+        if getattr(prompt, "positive", True):
+            return False
+        if any(getattr(p, "positive", True) for p in self.prompts):  # a mask prompt counts as positive
+            return False
+        return not self.mask.any()
 
     def _whole(self) -> Tuple[slice, ...]:
         return tuple(slice(0, n) for n in self.shape)

@@ -8,6 +8,7 @@ from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.simulator import first_click, next_click
 from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.prompts import PointPrompt
 
 MIN_DICE_FIVE_CLICKS = 0.55  # after 5 clicks on this case: v0.1.0 0.64, v0.2.0 0.71, v0.3.0 0.73; untrained < 0.1
 # v0.3.0 on this case: 0.728 after 5 clicks with the network's answers alone, 0.833 with the edge snap
@@ -55,3 +56,27 @@ def test_the_edge_snap_improves_the_shipped_networks_answers(shipped_checkpoint,
     _, snapped = _five_clicks(load_default_engine(shipped_checkpoint), hippocampus_dir)
     _, network = _five_clicks(load_default_engine(shipped_checkpoint, edge_snap=None), hippocampus_dir)
     assert snapped[-1] >= network[-1] + 0.05, f"snapped {np.round(snapped, 3).tolist()}, network {network}"
+
+
+def test_a_negative_click_alone_draws_nothing_and_still_counts_later(shipped_engine, shared_data):
+    """On ACDC the network, asked with one negative click and nothing else, drew a blob of up to
+    2,800 voxels around it; a negative prompt before any positive one only says what is not the
+    structure. It stays in the session: undo removes it, and later answers see it."""
+    case = list_cases(shared_data / "acdc")[0]
+    volume = load_volume(case.image)
+    label = load_mask(case.label)
+    inside = np.argwhere(label == 3)  # the left ventricle's cavity
+    k, j, i = (float(v) for v in inside[len(inside) // 2])
+    negative = PointPrompt(position=(i, j, k), positive=False)
+    session = shipped_engine.open_session(volume)
+    update = session.add_prompt(negative)
+    assert not session.result().any() and update.voxels.size == 0
+    assert session.prompt_log().prompts == [negative] and session.can_undo
+    session.undo()
+    assert session.prompt_log().prompts == []
+
+    session.add_prompt(negative)
+    target = label == 2  # the myocardium around that cavity
+    session.add_prompt(first_click(target, volume.spacing))
+    assert session.result().any() and not session.result()[int(k), int(j), int(i)]
+    assert len(session.prompt_log().prompts) == 2
