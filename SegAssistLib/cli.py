@@ -12,6 +12,7 @@ from typing import List, Optional
 # `segassist --help` and torch-free subcommands start fast and work without torch.
 SUBCOMMANDS = [
     ("SegAssistLib.demo", "register"),
+    ("SegAssistLib.segment_cli", "register"),
     ("SegAssistLib.evaluation.cli", "register"),
     ("SegAssistLib.evaluation.bench", "register"),
     ("SegAssistLib.training.cli", "register"),

@@ -18,31 +18,30 @@ The engine is anything with the engine interface: a :class:`~SegAssistLib.client
 
 from __future__ import annotations
 
-import contextlib
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import slicer
 import slicer.util
 
-from SegAssistLib.engine.base import Engine, EngineSession
+from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import PromptError, SegAssistError
-from SegAssistLib.image import Volume
+from SegAssistLib.headless import (  # noqa: F401 - Cancelled and EngineRun: the module's names for them
+    Cancelled,
+    EngineRun,
+    ProgressCallback,
+    no_progress,
+    read_prompt_file,
+    run_prompts,
+)
 from SegAssistLib.prompts import LassoPrompt, Prompt, PromptLog, ScribblePrompt, parse_prompt
 from SegAssistLib.slicer import markups, segments, volumes
 from SegAssistLib.slicer.coordinates import build_prompt, ras_to_ijk
 
-ProgressCallback = Callable[[float, str], None]
 PromptSource = Union[Prompt, Dict[str, Any], slicer.vtkMRMLMarkupsNode]
 DEFAULT_SEGMENT_NAME = "SegAssist"
-
-
-def _no_progress(fraction: float, message: str) -> None:
-    """The default progress callback: nothing to report to."""
 
 
 @dataclass
@@ -110,21 +109,6 @@ def collect_prompts(sources: Sequence[PromptSource], volume_node: slicer.vtkMRML
     return prompts
 
 
-def _check_log_image(path: Path, log: PromptLog, volume_node: slicer.vtkMRMLVolumeNode) -> None:
-    """A log recorded on an image of another shape or spacing holds voxel coordinates of that image:
-    replayed here they would land somewhere else, silently."""
-    if log.image is None or volume_node.GetImageData() is None:
-        return
-    shape = tuple(int(n) for n in volume_node.GetImageData().GetDimensions())
-    spacing = tuple(float(x) for x in volume_node.GetSpacing())
-    if shape != tuple(log.image.shape_ijk) or not np.allclose(spacing, log.image.spacing, rtol=1e-3, atol=1e-6):
-        raise PromptError(
-            f"{path}: the prompt log was recorded on an image of {list(log.image.shape_ijk)} voxels (i, j, k) "
-            f"spaced {list(log.image.spacing)} mm; volume {volume_node.GetName()!r} has {list(shape)} spaced "
-            f"{[round(x, 6) for x in spacing]} mm: its voxel coordinates would land elsewhere"
-        )
-
-
 def load_prompt_file(
     path: Union[str, Path],
     volume_node: slicer.vtkMRMLVolumeNode,
@@ -143,21 +127,11 @@ def load_prompt_file(
             raise SegAssistError("reading a .mrk.json file needs the Markups module logic")
         nodes = markups.load_all_markups(markups_logic, str(path))
         return [prompt for node in nodes for prompt in prompts_from_markups(node, volume_node)]
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PromptError(f"cannot read prompts from {path}: {exc}") from exc
-    if isinstance(data, dict) and "schema_version" in data:
-        try:
-            log = PromptLog.model_validate(data)
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise PromptError(f"{path}: invalid prompt log: {exc}") from exc
-        _check_log_image(path, log, volume_node)
-        return list(log.prompts)
-    items = data.get("prompts") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        raise PromptError(f"{path}: expected a list of prompts or an object with a 'prompts' list")
-    return [parse_prompt(item) for item in items]
+    image_data = volume_node.GetImageData()
+    image = None
+    if image_data is not None:
+        image = (image_data.GetDimensions(), volume_node.GetSpacing(), f"volume {volume_node.GetName()!r}")
+    return read_prompt_file(path, image)
 
 
 # ---- segmentation nodes -------------------------------------------------------------------------
@@ -194,66 +168,6 @@ def free_segment_name(segmentation_node: slicer.vtkMRMLSegmentationNode, name: s
     while segmentation.GetSegmentIdBySegmentName(f"{name} {number}"):
         number += 1
     return f"{name} {number}"
-
-
-class Cancelled(SegAssistError):
-    """The user cancelled a job (raised from a progress callback)."""
-
-    code = "cancelled"
-
-
-@dataclass
-class EngineRun:
-    """What the engine made from the prompts: no nodes, so it can cross threads."""
-
-    mask: np.ndarray  # uint8 [k, j, i] on the volume's grid
-    prompt_log: PromptLog
-    model: str
-    latencies_s: List[float]
-
-
-def _open_session(engine: Engine, volume: Volume, progress: ProgressCallback) -> EngineSession:
-    from SegAssistLib.client import SegAssistClient
-
-    if isinstance(engine, SegAssistClient):
-
-        def uploaded(sent: int, total: int) -> None:
-            progress(0.05 + 0.25 * sent / max(total, 1), f"Uploading the image ({100 * sent // max(total, 1)} %)")
-
-        return engine.open_session(volume, progress=uploaded)
-    return engine.open_session(volume)
-
-
-def run_prompts(
-    engine: Engine,
-    volume: Volume,
-    prompts: Sequence[Prompt],
-    progress: Optional[ProgressCallback] = None,
-) -> EngineRun:
-    """Open a session on ``volume``, apply ``prompts`` in order, return the mask; the session is closed.
-
-    Touches no MRML node: the module runs it on its worker thread. ``progress`` may raise
-    :class:`Cancelled` to stop between steps.
-    """
-    report = progress or _no_progress
-    if not prompts:
-        raise PromptError("no prompts: place at least one point, box, scribble or lasso")
-    report(0.05, "Opening a session")
-    session = _open_session(engine, volume, report)
-    latencies: List[float] = []
-    try:
-        for index, prompt in enumerate(prompts):
-            report(0.3 + 0.65 * index / len(prompts), f"Prompt {index + 1} of {len(prompts)}: {prompt.kind}")
-            started = time.perf_counter()
-            session.add_prompt(prompt)
-            latencies.append(time.perf_counter() - started)
-        mask = np.asarray(session.result(), np.uint8)
-        log = session.prompt_log()
-    finally:
-        with contextlib.suppress(SegAssistError, OSError):
-            session.close()
-    caps = engine.capabilities()
-    return EngineRun(mask=mask, prompt_log=log, model=f"{caps.name} {caps.version}".strip(), latencies_s=latencies)
 
 
 def write_result(
@@ -316,7 +230,7 @@ def segment_volume(
     by the result; other segments are left as they are. Without ``segmentation_node`` a new
     segmentation is created on the volume's geometry. Blocks until done.
     """
-    report = progress or _no_progress
+    report = progress or no_progress
     if volume_node.GetScene() is None:
         raise SegAssistError(f"volume {volume_node.GetName()!r} is not in a scene")
     report(0.0, "Reading the volume")

@@ -31,7 +31,7 @@ LIB = REPO / "SegAssistLib"
 #: what Slicer's own Python imports: the client, prompts, geometry, IO and the Slicer logic
 TORCH_FREE = [
     "client", "slicer", "prompts.py", "api_models.py", "api_learning.py", "transport.py", "image.py",
-    "rasterize.py", "errors.py", "io.py", "files.py", "engine/base.py",
+    "rasterize.py", "errors.py", "io.py", "files.py", "engine/base.py", "headless.py",
 ]  # fmt: skip
 
 

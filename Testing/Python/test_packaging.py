@@ -113,7 +113,7 @@ def test_a_core_install_runs_the_command_line_and_names_the_extra_a_command_need
                               cwd=tmp_path)
 
     assert run("--help").returncode == 0
-    for command in ("demo", "eval", "bench", "train", "pack-training", "serve", "learn"):
+    for command in ("demo", "segment", "eval", "bench", "train", "pack-training", "serve", "learn"):
         result = run(command, "--help")
         assert result.returncode == 0, (command, result.stderr[-500:])
     result = run("demo", "--out", str(tmp_path / "demo"))

@@ -1,0 +1,155 @@
+"""``segassist segment``: prompt files in, a label map or .seg.nrrd out, on the in-process model or a
+real server on loopback; outputs are never replaced without --overwrite."""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_server_fixtures import TOKENS, make_volume
+
+from SegAssistLib.cli import main
+from SegAssistLib.engine.builtin import BuiltinEngine, load_default_engine
+from SegAssistLib.io import load_volume, volume_to_sitk
+from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
+
+pytest_plugins = ["test_server_fixtures"]
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
+SAMPLE_PROMPTS = REPO / "Resources" / "Examples" / "hippocampus_001_prompts.json"
+
+
+def _segment(*args) -> int:
+    return main(["segment", *[str(a) for a in args]])
+
+
+def _voxels(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_the_sample_is_segmented_like_the_engine_does_it_and_its_log_replays(tmp_path, shipped_checkpoint, capsys):
+    seg, log = tmp_path / "out" / "hippo.seg.nrrd", tmp_path / "out" / "log.json"
+    assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", seg, "--log", log, "--segment-name", "Hippo",
+                    "--threads", 1) == 0
+    printed = capsys.readouterr().out
+    assert "Prompt 2 of 2: box" in printed and "2 prompts ->" in printed
+
+    volume = load_volume(SAMPLE)
+    prompts = [PointPrompt(position=(16, 27, 15)), BoxPrompt(min_corner=(9, 20, 13), max_corner=(27, 41, 13))]
+    expected = load_default_engine(threads=1).open_session(volume, prompts).result()
+    image = sitk.ReadImage(str(seg))
+    assert np.array_equal(sitk.GetArrayFromImage(image), expected) and expected.sum() > 500
+    assert image.GetMetaData("Segment0_Name") == "Hippo" and image.GetSpacing() == volume.spacing
+    assert np.allclose(image.GetOrigin(), volume.origin)
+
+    recorded = PromptLog.load(log)
+    assert recorded.prompts == prompts and tuple(recorded.image.shape_ijk) == volume.shape_ijk
+    replay = tmp_path / "replay.nii.gz"
+    assert _segment(SAMPLE, "--prompts", log, "--out", replay, "--threads", 1) == 0
+    assert np.array_equal(_voxels(replay), expected)
+
+
+def test_outputs_are_replaced_only_with_overwrite(tmp_path, shipped_checkpoint, capsys):
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(b"someone's work")
+    assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", out) == 2
+    assert "exists: add --overwrite" in capsys.readouterr().err and out.read_bytes() == b"someone's work"
+    assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", out, "--overwrite", "--threads", 1) == 0
+    assert _voxels(out).sum() > 500
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompts": [{"kind": "point", "position": [1, 2, 3]}, {"kind": "box"}]}', "prompt 2 of 2"),
+        ('{"points": []}', "expected a list of prompts"),
+        ("not json", "cannot read prompts"),
+        ('[{"kind": "point", "position": [16, 27, 99]}]', "lies outside the image"),
+        (json.dumps(PromptLog(image={"shape_ijk": (35, 51, 36), "spacing": (1, 1, 1)},
+                              prompts=[PointPrompt(position=(1, 2, 3))]).model_dump(mode="json")),
+         "recorded on an image of \\[35, 51, 36\\] voxels"),
+    ],
+)
+def test_bad_prompt_files_are_refused_with_the_reason_and_nothing_is_written(
+    tmp_path, shipped_checkpoint, capsys, content, message
+):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(content)
+    out = tmp_path / "out.nii.gz"
+    assert _segment(SAMPLE, "--prompts", prompts, "--out", out, "--threads", 1) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segassist segment: error:") and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_bad_usage_is_refused_before_the_model_loads(tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    missing_model = tmp_path / "no-such-model.pt"  # never read: each refusal comes first
+    cases = [
+        (["--out", out, "--log", out], "same file"),
+        (["--out", out, "--token", "t", "--model", missing_model], "need --url"),
+        (["--out", out, "--url", "http://127.0.0.1:9"], "needs your consent"),
+        (["--out", tmp_path], "is a folder"),
+        (["--out", SAMPLE], "exists: add --overwrite"),
+        (["--out", SAMPLE, "--overwrite"], "is the image itself"),
+    ]
+    for extra, message in cases:
+        assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, *extra) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_remote_server_gives_the_answer_of_the_same_weights_in_process(
+    tmp_path, shared_server, server_checkpoint, monkeypatch
+):
+    volume = make_volume()
+    image = tmp_path / "blob.nii.gz"
+    sitk.WriteImage(volume_to_sitk(volume), str(image))
+    volume = load_volume(image)
+    prompts = [PointPrompt(position=(24, 20, 12)), PointPrompt(position=(24, 20, 20), positive=False)]
+    (tmp_path / "prompts.json").write_text(json.dumps([p.model_dump(mode="json") for p in prompts]))
+    expected = BuiltinEngine.from_checkpoint(server_checkpoint).open_session(volume, prompts).result()
+
+    monkeypatch.setenv("SEGASSIST_REMOTE_TOKEN", TOKENS["alice"])
+    remote = tmp_path / "remote.seg.nrrd"
+    assert _segment(image, "--prompts", tmp_path / "prompts.json", "--out", remote,
+                    "--url", shared_server.url, "--send-images-to-remote") == 0
+    assert np.array_equal(_voxels(remote), expected) and expected.any()
+
+    monkeypatch.setenv("SEGASSIST_REMOTE_TOKEN", "wrong-token-0123456789")
+    refused = tmp_path / "refused.nii.gz"
+    assert _segment(image, "--prompts", tmp_path / "prompts.json", "--out", refused,
+                    "--url", shared_server.url, "--send-images-to-remote") == 2
+    assert not refused.exists()
+
+
+def test_a_core_install_segments_on_a_server_and_names_the_extra_for_the_local_model(tmp_path, shared_server):
+    """Without torch (Slicer's Python, a thin client machine) the remote path works; the local one
+    says which extra to install."""
+    import subprocess
+    import sys
+
+    from test_packaging import BLOCKER
+
+    volume = make_volume()
+    image = tmp_path / "blob.nrrd"
+    sitk.WriteImage(volume_to_sitk(volume), str(image))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"prompts": [PointPrompt(position=(24, 20, 12)).model_dump(mode="json")]}))
+
+    def run(*argv) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", BLOCKER, "segment", str(image), "--prompts", str(prompts),
+                               *[str(a) for a in argv]], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "SEGASSIST_REMOTE_TOKEN": TOKENS["alice"]})
+
+    remote = run("--out", tmp_path / "remote.nii.gz", "--url", shared_server.url, "--send-images-to-remote")
+    assert remote.returncode == 0, remote.stderr[-800:]
+    assert _voxels(tmp_path / "remote.nii.gz").any()
+    local = run("--out", tmp_path / "local.nii.gz")
+    assert local.returncode == 2 and "pip install 'segassist[engine]'" in local.stderr, local.stderr[-800:]
+    assert not (tmp_path / "local.nii.gz").exists()
