@@ -10,6 +10,8 @@ import numpy as np
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
 
+RESULT_COLOUR = "#ff8c1a"  # orange: the result in every picture (negative prompts are red)
+
 
 def _centre(mask: np.ndarray) -> np.ndarray:
     nz = np.argwhere(mask > 0)
@@ -53,7 +55,7 @@ def save_overlay_png(
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin="lower", interpolation="nearest")
         m = np.take(mask, index, axis=axis) > 0
         overlay = np.ma.masked_where(~m, m)
-        ax.imshow(overlay, cmap=ListedColormap(["#ff8c1a"]), alpha=0.5, aspect=aspect, origin="lower",
+        ax.imshow(overlay, cmap=ListedColormap([RESULT_COLOUR]), alpha=0.5, aspect=aspect, origin="lower",
                   interpolation="nearest")
         if reference is not None:
             ref = np.take(reference, index, axis=axis) > 0

@@ -19,6 +19,7 @@ import numpy as np
 
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt, prompt_vertices_kji
+from SegAssistLib.visualize import RESULT_COLOUR
 
 VIEWS = (("axial", 0), ("coronal", 1), ("sagittal", 2))  # name, array axis normal to the view ([k, j, i])
 
@@ -49,6 +50,7 @@ def render_case(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     arr = np.asarray(volume.array, np.float32)
     spacing_kji = np.asarray(volume.spacing[::-1], float)
@@ -72,7 +74,7 @@ def render_case(
         style = {"origin": "lower", "aspect": aspect, "extent": extent, "interpolation": "nearest"}
         ax.imshow(view(arr), cmap="gray", vmin=lo_win, vmax=hi_win, **style)
         m = view(mask) > 0
-        ax.imshow(np.ma.masked_where(~m, m), cmap="autumn", alpha=0.45, **style)
+        ax.imshow(np.ma.masked_where(~m, m), cmap=ListedColormap([RESULT_COLOUR]), alpha=0.45, **style)
         ref = view(reference) > 0
         if ref.any() and not ref.all():
             ax.contour(np.arange(c0, c1), np.arange(r0, r1), ref.astype(float), levels=[0.5], colors="lime",

@@ -324,3 +324,22 @@ def test_a_damaged_results_file_is_refused_in_one_line(tmp_path, capsys):
         assert main(["bench", "--from-json", str(results), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (content, err)
+
+
+def test_the_gallery_draws_the_result_in_the_orange_the_report_names(tmp_path):
+    """The caption says orange result, red negative prompts; the result was drawn red (a negative
+    click inside a spill vanished in it)."""
+    import matplotlib.image
+
+    from SegAssistLib.evaluation.gallery import render_case
+    from SegAssistLib.image import Volume
+
+    k, j, i = np.mgrid[:24, :32, :32]
+    blob = ((k - 12) ** 2 + (j - 16) ** 2 + (i - 16) ** 2 < 64).astype(np.uint8)
+    volume = Volume((blob * 100.0 + 50.0).astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    path = render_case(volume, blob, blob, [], tmp_path / "case.png")
+    rgb = matplotlib.image.imread(str(path))[..., :3]
+    tinted = rgb[(rgb[..., 0] - rgb[..., 2]) > 0.2]  # the result's pixels: red well above blue
+    assert len(tinted) > 100
+    green_share = (tinted[:, 1] - tinted[:, 2]) / (tinted[:, 0] - tinted[:, 2])
+    assert np.median(green_share) > 0.3  # orange #ff8c1a: about 0.5; red: 0
