@@ -663,26 +663,42 @@ class Datastore:
 
     # ------------------------------------------------------------------ reviews
 
-    def review(self, case_id: str, reviewer: str, accepted: bool, note: Optional[str] = None) -> Review:
+    def review(
+        self, case_id: str, reviewer: str, accepted: bool, note: Optional[str] = None, label_id: Optional[str] = None
+    ) -> Review:
         """Record a review of the case's latest submitted label: accepted -> ``reviewed``, rejected ->
-        back to ``in_progress``."""
+        back to ``in_progress``.
+
+        ``label_id``: the version the reviewer looked at; the review is refused when it is no longer
+        the latest submitted one (a newer submission arrived meanwhile), so a verdict never lands on
+        a label nobody reviewed. A case another user holds the lock of (being corrected) is refused too.
+        """
         check_case_id(case_id)
         check_user(reviewer)
+        if label_id is not None:
+            check_label_id(label_id)
         note = check_text(note, "review note", limit=2000)
         review_id = new_label_id()
         with self._write() as db:
             now = self._clock()
-            row = db.execute("SELECT status FROM cases WHERE id = ?", (case_id,)).fetchone()
+            row = db.execute("SELECT status, locked_by, lock_expires FROM cases WHERE id = ?", (case_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no case {case_id}")
             if row["status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
                 raise InvalidStateError(f"case {case_id} is {row['status']}: only submitted cases can be reviewed")
+            holder, expires = row["locked_by"], row["lock_expires"]
+            if holder is not None and holder != reviewer and expires is not None and expires > now:
+                raise InvalidStateError(f"case {case_id} is locked by {holder}, who may submit a new version: "
+                                        "review it once the lock is released")  # fmt: skip
             label = db.execute(
-                "SELECT id FROM labels WHERE case_id = ? AND submitted = 1 ORDER BY version DESC LIMIT 1",
+                "SELECT id, version FROM labels WHERE case_id = ? AND submitted = 1 ORDER BY version DESC LIMIT 1",
                 (case_id,),
             ).fetchone()
             if label is None:
                 raise InvalidStateError(f"case {case_id} has no submitted label to review")
+            if label_id is not None and label["id"] != label_id:
+                raise InvalidStateError(f"label {label_id} is no longer the latest submitted version of case "
+                                        f"{case_id} (version {label['version']} is): review that one")  # fmt: skip
             db.execute(
                 "INSERT INTO reviews (id, label_id, reviewer, accepted, note, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (review_id, label["id"], reviewer, int(bool(accepted)), note, now),

@@ -371,6 +371,24 @@ def test_review_flow_and_training_cases(store: Datastore):
     assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id)]
 
 
+def test_a_review_lands_on_the_version_the_reviewer_saw_or_not_at_all(store: Datastore, clock: Clock):
+    """Carol opens version 1; alice locks the case again and submits version 2 (here empty). Carol's
+    verdict must not make version 2 the reviewed training label."""
+    case = add_case(store)
+    v1 = store.save_label(case.id, box_mask(case.shape, (0, 0, 0), (3, 3, 3)), "alice")
+    store.lock(case.id, "alice")
+    with pytest.raises(InvalidStateError, match="locked by alice"):
+        store.review(case.id, "carol", accepted=True, label_id=v1.id)
+    v2 = store.save_label(case.id, np.zeros(case.shape, np.uint8), "alice")  # submitting releases the lock
+    with pytest.raises(InvalidStateError, match=f"label {v1.id} is no longer the latest.*version 2"):
+        store.review(case.id, "carol", accepted=True, label_id=v1.id)
+    assert store.get_case(case.id).status is CaseStatus.SUBMITTED and store.reviews(case.id) == []
+    review = store.review(case.id, "carol", accepted=False, note="empty", label_id=v2.id)
+    assert review.label_id == v2.id and store.get_case(case.id).status is CaseStatus.IN_PROGRESS
+    with pytest.raises(ValueError):
+        store.review(case.id, "carol", accepted=True, label_id="../x")
+
+
 def test_a_stray_save_cannot_change_a_submitted_or_reviewed_case(store: Datastore):
     a, b = (add_case(store, seed=s) for s in range(2))
     la = store.save_label(a.id, box_mask(a.shape, (0, 0, 0), (3, 3, 3)), "alice")
