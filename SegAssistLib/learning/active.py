@@ -71,6 +71,7 @@ SHIFT_FRACTION = 0.3
 # proposals a ranking keeps for the cases it may return (the best, and the next should another
 # annotator take that one meanwhile); one further down is made again
 KEPT_PROPOSALS = 2
+RESCORING_PASSES = 2  # a ranking that spans model promotions scores the older-scored cases again, at most this often
 
 
 class _LRU:
@@ -318,6 +319,7 @@ class CaseScore:
     score: float
     uncertainty: Optional[float] = None
     diversity: Optional[float] = None
+    engine_version: Optional[str] = None  # the model version that scored the case (None: no model)
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -349,6 +351,16 @@ def _propose_case(
 
     def job(eng) -> Proposal:
         return propose(eng, image, prior, n_perturbations)
+
+    return runner(job) if runner is not None else job(engine)
+
+
+def _engine_version(engine, runner: Optional[EngineRunner]) -> str:
+    """The version answering now (where the engine lives: on a server, the job lets it take up a
+    version promoted meanwhile first)."""
+
+    def job(eng) -> str:
+        return str(getattr(eng, "version", ""))
 
     return runner(job) if runner is not None else job(engine)
 
@@ -414,14 +426,27 @@ def rank_cases(
         scores = [CaseScore(c.id, c.name, div[c.id], diversity=div[c.id]) for c in pool]
     else:
         prior = prior or structure_prior(store, label_value)
-        for done, c in enumerate(pool, 1):
-            proposal = _propose_case(store, c.id, engine, runner, prior, n_perturbations)
-            if on_progress is not None:
-                on_progress(done, len(pool))
-            u = proposal.uncertainty
-            scores.append(CaseScore(c.id, c.name, u + diversity_weight * div[c.id], uncertainty=u, diversity=div[c.id]))
-            if proposals is not None:
-                _keep_best_proposals(proposals, c.id, proposal, scores)
+        todo, total, done = list(range(len(pool))), len(pool), 0
+        scores = [CaseScore(c.id, c.name, -math.inf) for c in pool]
+        for _ in range(1 + RESCORING_PASSES):
+            for index in todo:
+                c = pool[index]
+                proposal = _propose_case(store, c.id, engine, runner, prior, n_perturbations)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+                u = proposal.uncertainty
+                scores[index] = CaseScore(c.id, c.name, u + diversity_weight * div[c.id], uncertainty=u,
+                                          diversity=div[c.id], engine_version=proposal.engine_version)
+                if proposals is not None:
+                    _keep_best_proposals(proposals, c.id, proposal, scores)
+            # a model promoted while the ranking ran: the cases scored before it are scored again, so
+            # that one model's uncertainties are compared (a second promotion meanwhile: once more)
+            latest = scores[todo[-1]].engine_version
+            todo = [i for i, score in enumerate(scores) if score.engine_version != latest]
+            if not todo:
+                break
+            total += len(todo)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i].score, i))  # ties: import order
     return [scores[i] for i in order]
 
@@ -477,6 +502,8 @@ def next_case(
             except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
                 continue
         proposal = proposals.get(case.id)
+        if with_proposal and proposal is not None and proposal.engine_version != _engine_version(engine, runner):
+            proposal = None  # made by a model replaced since: the annotator gets the current model's
         if proposal is None and with_proposal and has_model:
             try:
                 proposal = _propose_case(store, case.id, engine, runner, prior, n_perturbations)

@@ -202,6 +202,33 @@ def test_a_case_labelled_while_ranking_is_not_handed_out_again(world):
                for c in pool[1:])  # fmt: skip
 
 
+def test_a_model_promoted_while_ranking_scores_every_case_and_makes_the_proposal(world):
+    """On a server the ranking runs one worker job per case, and the worker takes up a model promoted
+    meanwhile: uncertainties of two models were compared, and the old model's proposal served."""
+    store, cases, odd, engine = world
+    pool = [c.id for c in candidate_cases(store)]
+    jobs = []
+
+    def runner(job):  # the server's worker: a promotion lands before its second job
+        jobs.append(job)
+        if len(jobs) == 2:
+            engine.swap_network(engine.network, "test+v2")
+        return job(engine)
+
+    got = next_case(store, None, "uncertainty", user="bob", lock=True, runner=runner)
+    assert {s.engine_version for s in got.ranking} == {"test+v2"} and len(got.ranking) == len(pool)
+    assert got.proposal.engine_version == "test+v2"
+    assert len(jobs) == len(pool) + 1 + 1  # each case, the first again, and the version check
+
+    def promote_after_ranking(done: int, total: int) -> None:
+        if done == total:
+            engine.swap_network(engine.network, "test+v3")
+
+    got = next_case(store, engine, "uncertainty", user="bob", lock=True, on_progress=promote_after_ranking)
+    assert {s.engine_version for s in got.ranking} == {"test+v2"}  # scored before the promotion
+    assert got.proposal.engine_version == "test+v3"  # made again by the model answering now
+
+
 def test_the_next_case_stays_locked_for_a_work_session(tmp_path: Path):
     """The case handed out by ``next`` is locked as long as one locked by hand (4 hours unless told):
     it once lapsed after 30 minutes, so a slow annotator's case went to the next caller and her
