@@ -6,7 +6,7 @@ save and remove the adapter.
 
 An adapter file is a ``torch.save`` dict loadable with ``weights_only=True``::
 
-    {"format": "segassist-adapter", "format_version": 1, "kind": "lora" | "salt",
+    {"format": "segassist-adapter", "format_version": 2, "kind": "lora" | "salt",
      "config": {...AdapterConfig...}, "base_identity": "<16 hex>",
      "state": {"<layer>.<parameter>": tensor, ...}, "meta": {...JSON-compatible...}}
 
@@ -35,7 +35,7 @@ from SegAssistLib.learning.adapters.salt import SALTLayer
 from SegAssistLib.learning.errors import AdapterError
 
 ADAPTER_FORMAT = "segassist-adapter"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: SALT's low-rank update spans the whole weight (format 1 SALT files are refused)
 DEFAULT_LORA_RANK = 4
 DEFAULT_SALT_RANK = 8
 DEFAULT_SALT_LORA_RANK = 4
@@ -58,7 +58,7 @@ class AdapterKind(str, Enum):
 @dataclass(frozen=True)
 class AdapterConfig:
     """How an adapter was built. ``rank``: LoRA rank, or for SALT the number of top singular values;
-    ``lora_rank``: SALT's low-rank update of the remaining subspace (0 for LoRA)."""
+    ``lora_rank``: rank of SALT's low-rank update beside the top singular values (0 for LoRA)."""
 
     kind: AdapterKind
     rank: int
@@ -374,9 +374,16 @@ def read_adapter_file(path: Union[str, Path]) -> AdapterFile:
     identity = payload.get("base_identity")
     if not isinstance(identity, str) or not identity:
         raise AdapterError(f"adapter file {path} does not say which base model it belongs to")
+    config = AdapterConfig.from_dict(payload.get("config", {}))
+    if config.kind is AdapterKind.SALT and payload["format_version"] < 2:
+        raise AdapterError(
+            f"adapter file {path} is a SALT adapter of format {payload['format_version']}, whose low-rank part "
+            "could not leave the base weight's row space; this SegAssist defines SALT without that limit: "
+            "train the adapter again"
+        )
     return AdapterFile(
         path=path,
-        config=AdapterConfig.from_dict(payload.get("config", {})),
+        config=config,
         base_identity=identity,
         state=state,
         meta=dict(payload.get("meta") or {}),

@@ -2,20 +2,24 @@
 
 For each adapted weight, in its 2D view ``W`` (``rows x cols``, see ``layers``), the SVD
 ``W = U diag(s) V^T`` is computed once, when the layer is wrapped (in float64, then stored in the
-weight's dtype as non-trainable, non-saved buffers). With ``r`` the number of top singular values
-and ``m = min(rows, cols) - r`` the rest, the adapted weight is
+weight's dtype as non-trainable, non-saved buffers). With ``r`` the number of top singular values,
+``P = I - U_r U_r^T`` and ``Q = I - V_r V_r^T`` the projections away from the top singular
+vectors, the adapted weight is
 
-    W' = U_r diag(relu(scale * s_r + shift)) V_r^T  +  U_m (diag(s_m) + (alpha / q) B A) V_m^T
+    W' = U_r diag(relu(scale * s_r + shift)) V_r^T  +  P W Q  +  (alpha / q) (P B) (A Q)
 
 - ``scale`` and ``shift`` (``r`` each, initialised to 1 and 0) rescale and shift the dominant
   singular values. Only these adapted singular values are kept non-negative (the ``relu``); the
   matrix itself is never clamped.
-- ``B A`` (``m x q`` times ``q x m``, ``q`` the LoRA rank; ``B`` zero at initialisation) is a
-  low-rank update confined to the remaining singular subspace ``span(U_m) x span(V_m)``.
+- ``B A`` (``rows x q`` times ``q x cols``, ``q`` the LoRA rank; ``B`` zero at initialisation) is
+  a low-rank update of everything the top singular vectors leave: the remaining singular subspace
+  *and* the directions the weight does not use at all. (Format 1 confined it to
+  ``span(U_m) x span(V_m)``, the weight's own row space: a convolution's matrix is far wider than
+  tall, so the update could follow about 4 % of the training gradient, and SALT learned little.)
 
 The layer computes the *difference* ``dW = W' - W`` from these parameters,
 
-    dW = U_r diag(relu(scale * s_r + shift) - s_r) V_r^T + (alpha / q) U_m B A V_m^T,
+    dW = U_r diag(relu(scale * s_r + shift) - s_r) V_r^T + (alpha / q) (P B) (A Q),
 
 and adds it to the untouched base weight. This is the same ``W'`` (``U diag(s) V^T`` equals ``W``
 up to rounding) but with no SVD round-off: at initialisation ``dW`` is exactly zero and the adapted
@@ -69,10 +73,9 @@ class SALTLayer(AdaptedLayer):
         lora_rank = _check_rank(lora_rank, "SALT LoRA rank", 0)
         w = base.weight
         u, s, vh = canonical_svd(weight_to_matrix(base, w))
-        n = s.numel()
-        self.rank = min(rank, n)
-        rest = n - self.rank
-        self.lora_rank = min(lora_rank, rest)
+        rows, cols = u.shape[0], vh.shape[1]
+        self.rank = min(rank, s.numel())
+        self.lora_rank = min(lora_rank, rows - self.rank, cols - self.rank)  # P B A Q has no more
         self.alpha = float(alpha) if alpha is not None else float(max(self.lora_rank, 1))
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise AdapterError(f"SALT alpha must be a positive number, got {alpha!r}")
@@ -85,16 +88,14 @@ class SALTLayer(AdaptedLayer):
         self.register_buffer("u_top", buf(u[:, :r]), persistent=False)
         self.register_buffer("s_top", buf(s[:r]), persistent=False)
         self.register_buffer("vh_top", buf(vh[:r]), persistent=False)
-        self.register_buffer("u_rest", buf(u[:, r:]), persistent=False)
-        self.register_buffer("vh_rest", buf(vh[r:]), persistent=False)
         self.scale = nn.Parameter(torch.ones(r, dtype=w.dtype, device=w.device))
         self.shift = nn.Parameter(torch.zeros(r, dtype=w.dtype, device=w.device))
         if self.lora_rank > 0:
             q = self.lora_rank
-            self.lora_A = nn.Parameter(torch.empty(q, rest, dtype=w.dtype, device=w.device))
-            self.lora_B = nn.Parameter(torch.zeros(rest, q, dtype=w.dtype, device=w.device))
+            self.lora_A = nn.Parameter(torch.empty(q, cols, dtype=w.dtype, device=w.device))
+            self.lora_B = nn.Parameter(torch.zeros(rows, q, dtype=w.dtype, device=w.device))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        else:  # the top singular values use up the whole spectrum (e.g. a one-channel output layer)
+        else:  # the top singular vectors span a whole side (e.g. a one-channel output layer)
             self.register_parameter("lora_A", None)
             self.register_parameter("lora_B", None)
 
@@ -106,8 +107,9 @@ class SALTLayer(AdaptedLayer):
         d_top = self.adapted_singular_values() - self.s_top
         delta = (self.u_top * d_top) @ self.vh_top
         if self.lora_A is not None:
-            inner = (self.lora_B @ self.lora_A) * self.scaling
-            delta = delta + self.u_rest @ (inner @ self.vh_rest)
+            b = self.lora_B - self.u_top @ (self.u_top.T @ self.lora_B)  # P B
+            a = self.lora_A - (self.lora_A @ self.vh_top.T) @ self.vh_top  # A Q
+            delta = delta + (b @ a) * self.scaling
         return delta
 
     def hyperparameters(self) -> Dict[str, Any]:
