@@ -50,6 +50,9 @@ FRAME_MEDIA_TYPE = "application/x-segassist-frame"
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NDIM = 4
 
+#: Anything with the buffer protocol that reads as bytes: bytes, bytearray, memoryview, uint8 arrays.
+Buffer = Union[bytes, bytearray, memoryview]
+
 #: dtypes accepted on the wire, all little-endian (or byte-sized). No object, bool or complex.
 WIRE_DTYPES: Tuple[str, ...] = ("|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8")
 
@@ -219,11 +222,55 @@ def compress(raw: bytes, codec: str, level: int = 3, threads: int = 0) -> bytes:
     raise TransportError(f"codec {codec!r} is unknown", "unsupported_codec")
 
 
-def decompress(payload: bytes, codec: str, nbytes: int) -> np.ndarray:
+#: zlib is fed and drained in pieces of these sizes: the only copies are of one piece.
+_ZLIB_IN_CHUNK = 256 << 10
+_ZLIB_OUT_CHUNK = 1 << 20
+
+
+def _zlib_into(payload: Buffer, out: memoryview, nbytes: int) -> None:
+    """Decompress one zlib stream into ``out`` (``nbytes`` long), piece by piece.
+
+    Never more than ``nbytes`` bytes are produced (a decompression bomb stops at the declared
+    size), and the stream must end exactly at the end of ``payload``.
+    """
+    src = memoryview(payload).cast("B")
+    d = zlib.decompressobj()
+    filled = pos = 0
+    while not d.eof:
+        if d.unconsumed_tail:  # input left over from the last call (it stopped at max_length)
+            data: Buffer = d.unconsumed_tail
+        elif pos < len(src):
+            data = src[pos : pos + _ZLIB_IN_CHUNK]
+            pos += len(data)
+        else:
+            break  # the input ended before the stream did
+        room = nbytes - filled
+        # max_length 0 would mean "no limit": with no room left, ask for one byte to see if more comes
+        piece = d.decompress(data, min(room, _ZLIB_OUT_CHUNK) if room else 1)
+        if len(piece) > room:
+            raise TransportError(
+                f"zlib payload decompresses to more bytes, but {nbytes} were declared", "truncated_body"
+            )
+        out[filled : filled + len(piece)] = piece
+        filled += len(piece)
+    if not d.eof or filled != nbytes:
+        raise TransportError(
+            f"zlib payload does not decompress to the declared {nbytes} bytes (truncated or corrupt)",
+            "truncated_body",
+        )
+    trailing = len(d.unused_data) + len(d.unconsumed_tail) + (len(src) - pos)
+    if trailing:
+        raise TransportError(
+            f"zlib payload has {trailing} bytes after the end of its compressed stream (corrupt or mislabelled)"
+        )
+
+
+def decompress(payload: Buffer, codec: str, nbytes: int) -> np.ndarray:
     """Decompress exactly ``nbytes`` bytes into a fresh writable uint8 buffer.
 
-    Anything else (corrupt, short, longer than declared) is refused. zstd streams straight into
-    the output buffer, so a large image is never held twice in memory.
+    Anything else (corrupt, short, longer than declared, bytes after the end of the compressed
+    stream) is refused. Both codecs stream straight into the output buffer, so a large image is
+    never held twice in memory.
     """
     out = np.empty(nbytes, np.uint8)
     try:
@@ -245,14 +292,7 @@ def decompress(payload: bytes, codec: str, nbytes: int) -> np.ndarray:
                     "truncated_body",
                 )
         elif codec == "zlib":
-            d = zlib.decompressobj()
-            raw = d.decompress(payload, nbytes + 1)
-            if len(raw) != nbytes or not d.eof:
-                raise TransportError(
-                    f"zlib payload does not decompress to the declared {nbytes} bytes (truncated or corrupt)",
-                    "truncated_body",
-                )
-            out[:] = np.frombuffer(raw, np.uint8)
+            _zlib_into(payload, memoryview(out), nbytes)
         elif codec == "none":
             if len(payload) != nbytes:
                 raise TransportError(f"raw payload has {len(payload)} bytes, not {nbytes}", "truncated_body")
@@ -274,7 +314,7 @@ def encode_array(array: np.ndarray, codec: str = "zstd", level: int = 3, threads
     return meta, payload
 
 
-def decode_array(meta: ArrayMeta, payload: bytes, max_voxels: Optional[int] = None) -> np.ndarray:
+def decode_array(meta: ArrayMeta, payload: Buffer, max_voxels: Optional[int] = None) -> np.ndarray:
     """Rebuild an array; checks metadata, payload length and decompressed length."""
     meta.check(max_voxels)
     if len(payload) != meta.payload_nbytes:
@@ -294,9 +334,12 @@ def pack_frame(header: Dict[str, Any], payload: bytes) -> bytes:
     return b"".join((FRAME_MAGIC, struct.pack("<I", len(head)), head, payload))
 
 
-def unpack_frame(data: bytes) -> Tuple[Dict[str, Any], memoryview]:
-    """Split a frame into its JSON header and its payload (a view, not a copy)."""
-    view = memoryview(data)
+def unpack_frame(data: Buffer) -> Tuple[Dict[str, Any], memoryview]:
+    """Split a frame into its JSON header and its payload (a view, not a copy).
+
+    ``data`` may be any bytes-like object (bytes, bytearray, memoryview, a uint8 numpy array).
+    """
+    view = memoryview(data).cast("B")
     if len(view) < 8 or bytes(view[:4]) != FRAME_MAGIC:
         raise TransportError(f"body is not a SegAssist frame (it must start with {FRAME_MAGIC!r})", "malformed_body")
     (head_len,) = struct.unpack("<I", view[4:8])
@@ -321,7 +364,7 @@ def encode_frame(array: np.ndarray, extra: Optional[Dict[str, Any]] = None, **kw
     return pack_frame(header, payload)
 
 
-def decode_frame(data: bytes, max_voxels: Optional[int] = None) -> Tuple[Dict[str, Any], np.ndarray]:
+def decode_frame(data: Buffer, max_voxels: Optional[int] = None) -> Tuple[Dict[str, Any], np.ndarray]:
     """The header and the array of a frame, every field checked."""
     header, payload = unpack_frame(data)
     meta = ArrayMeta.from_dict(header)

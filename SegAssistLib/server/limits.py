@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Callable, Sequence
+import struct
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
@@ -12,8 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from SegAssistLib.api_models import ErrorCode
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, Prompt, ScribblePrompt
-from SegAssistLib.server.errors import ApiError, error_response
-from SegAssistLib.transport import describe_value
+from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, error_response, from_library_error
+from SegAssistLib.transport import FRAME_MAGIC, MAX_HEADER_BYTES, TransportError, describe_value, unpack_frame
 
 
 def _too_large(limit: int, what: str) -> ApiError:
@@ -69,16 +70,100 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def read_body(request: Request, timeout_s: float) -> bytes:
+#: Checks a frame's JSON header (and its length in bytes, magic and length field included) as soon
+#: as it has arrived; returns the frame's total length in bytes (or None); raises to refuse it.
+FrameHeaderCheck = Callable[[Dict[str, Any], int], Optional[int]]
+
+
+async def read_body(
+    request: Request, timeout_s: float, check_frame_header: Optional[FrameHeaderCheck] = None
+) -> memoryview:
     """The whole body; raises ApiError on a disconnect, a timeout, or fewer bytes than declared.
 
     The timeout keeps a stalled or deliberately slow upload from holding an upload slot forever.
+
+    The body is held once: with a Content-Length it goes into a buffer of exactly that size (whose
+    memory is committed as the bytes arrive, not up front; :class:`BodyLimitMiddleware` has refused
+    a length above the path's limit already), a chunked body grows as it comes, and the result is
+    a view of that buffer, never a copy.
+
+    With ``check_frame_header`` the body is a SegAssist frame: as soon as its magic, header length
+    and JSON header have arrived, the header is parsed and passed to ``check_frame_header``, so an
+    image that is refused by its header (too large, wrong dtype or shape, malformed, a payload
+    size that does not match the body) is refused before the rest of the body is read. Such a
+    refusal answers with ``Connection: close``: the unread rest of the body is never read.
     """
-    chunks = bytearray()
+    text = request.headers.get("content-length")
+    try:
+        declared: Optional[int] = int(text) if text is not None else None
+    except ValueError:  # the middleware refuses it first; here only when read_body is used alone
+        declared = None
+    if declared is not None and declared < 0:
+        declared = None
+    buffer = memoryview(np.empty(declared, np.uint8)) if declared is not None else None
+    chunks = bytearray()  # a body without Content-Length (chunked transfer) grows here
+    filled = 0
+    header_end: Optional[int] = None  # bytes of magic, header length and header, once known
+    frame_total: Optional[int] = None  # bytes the frame header declares in all
+    need_header = check_frame_header is not None
+
+    def prefix(n: int) -> bytes:  # a small copy (at most 8 + MAX_HEADER_BYTES): the bytearray may grow
+        return bytes(buffer[:n]) if buffer is not None else bytes(chunks[:n])
+
+    def check_header() -> None:
+        nonlocal header_end, frame_total, need_header
+        assert check_frame_header is not None
+        if header_end is None:
+            if filled < 8:
+                return
+            start = prefix(8)
+            (head_len,) = struct.unpack("<I", start[4:8])
+            if start[:4] != FRAME_MAGIC or head_len > MAX_HEADER_BYTES:
+                unpack_frame(start)  # raises the error that decoding the whole body would
+            header_end = 8 + head_len
+        if filled < header_end:
+            return
+        need_header = False
+        header, _ = unpack_frame(prefix(header_end))
+        frame_total = check_frame_header(header, header_end)
+        if frame_total is not None and declared is not None and frame_total != declared:
+            raise TransportError(
+                f"the frame header declares a frame of {frame_total} bytes (header and payload_nbytes), "
+                f"but Content-Length is {declared} (truncated body?)",
+                "truncated_body",
+            )
+
+    def refused(exc: Exception) -> ApiError:
+        """The reply to a frame refused by its header: the rest of its body stays unread."""
+        err = exc if isinstance(exc, ApiError) else from_library_error(exc)
+        err.headers = {**(err.headers or {}), "Connection": "close"}
+        return err
 
     async def receive_all() -> None:
+        nonlocal filled
         async for chunk in request.stream():
-            chunks.extend(chunk)
+            n = len(chunk)
+            if buffer is not None:
+                if filled + n > len(buffer):
+                    raise ApiError(
+                        400, ErrorCode.TRUNCATED_BODY, f"body is longer than the {declared} bytes Content-Length said",
+                        headers={"Connection": "close"},
+                    )  # fmt: skip
+                buffer[filled : filled + n] = chunk
+            else:
+                chunks.extend(chunk)
+            filled += n
+            if need_header:
+                try:
+                    check_header()
+                except (ApiError,) + LIBRARY_ERRORS as exc:
+                    raise refused(exc) from exc
+            if frame_total is not None and filled > frame_total:  # only without Content-Length
+                raise refused(
+                    TransportError(
+                        f"body is longer than the {frame_total} bytes its frame header declares", "truncated_body"
+                    )
+                )
 
     try:
         await asyncio.wait_for(receive_all(), timeout_s)
@@ -87,15 +172,12 @@ async def read_body(request: Request, timeout_s: float) -> bytes:
     except asyncio.TimeoutError as exc:
         raise ApiError(
             408, ErrorCode.UPLOAD_TIMEOUT,
-            f"the body did not arrive within {timeout_s:g} s ({len(chunks)} bytes received)",
+            f"the body did not arrive within {timeout_s:g} s ({filled} bytes received)",
             headers={"Connection": "close"},
         ) from exc  # fmt: skip
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) != len(chunks):
-        raise ApiError(
-            400, ErrorCode.TRUNCATED_BODY, f"body has {len(chunks)} bytes but Content-Length said {declared}"
-        )
-    return bytes(chunks)
+    if declared is not None and declared != filled:
+        raise ApiError(400, ErrorCode.TRUNCATED_BODY, f"body has {filled} bytes but Content-Length said {declared}")
+    return buffer if buffer is not None else memoryview(chunks)
 
 
 def check_image_shape(shape: Sequence[int], max_voxels: int, max_axis: int) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Tuple
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +16,7 @@ from SegAssistLib.server.images import decode_image_frame, image_info
 from SegAssistLib.server.limits import check_image_shape, read_body
 from SegAssistLib.server.responses import ERROR_RESPONSES
 from SegAssistLib.server.state import ServerState
-from SegAssistLib.transport import ArrayMeta, unpack_frame
+from SegAssistLib.transport import ArrayMeta, TransportError, unpack_frame
 
 router = APIRouter(tags=["images"], responses=ERROR_RESPONSES)
 
@@ -67,7 +67,21 @@ async def upload_image(
     assert state.upload_slots is not None
     async with state.upload_slots:  # bounds the memory held by uploads being decoded
         limits = state.limits
-        body = await read_body(request, limits.upload_timeout_s)
+
+        def check_header(header: Dict[str, Any], header_bytes: int) -> int:
+            """The checks of decoding that need the frame header only, in the same order (so the same
+            error comes first), run as soon as the header arrives: a refused image is never read whole.
+            Returns the frame's length in bytes (its header and its declared payload)."""
+            meta = ArrayMeta.from_dict(header)
+            check_image_shape(meta.shape, limits.max_voxels, limits.max_axis)
+            try:
+                ImageHeader.model_validate(header)
+            except ValueError as exc:
+                raise TransportError(f"image header is invalid: {exc}", "malformed_body") from exc
+            meta.check(limits.max_voxels)
+            return header_bytes + meta.payload_nbytes
+
+        body = await read_body(request, limits.upload_timeout_s, check_header)
 
         def decode() -> Tuple[str, Volume, ImageHeader]:
             header, _ = unpack_frame(body)

@@ -6,6 +6,9 @@ import base64
 import subprocess
 import sys
 import textwrap
+import tracemalloc
+import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +100,62 @@ def test_zlib_payloads_that_lie_about_their_size():
         transport.decode_array(short, payload)
     with pytest.raises(TransportError):
         transport.decode_array(meta, payload[:-4] + b"\0\0\0\0")
+
+
+def test_zlib_payloads_with_bytes_after_their_stream_are_refused():
+    """As zstd refuses them: garbage, or a second stream, after a stream of the declared size."""
+    array = np.arange(1000, dtype="<i2").reshape(10, 10, 10)
+    codecs = [c for c in ("zlib", "zstd") if c in transport.available_codecs()]
+    for codec in codecs:
+        meta, payload = transport.encode_array(array, codec=codec)
+        for extra in (b"GARBAGE-AFTER-THE-STREAM", b"\0", zlib.compress(b"x" * 100)):
+            lying = ArrayMeta(meta.dtype, meta.shape, codec, meta.nbytes, len(payload) + len(extra))
+            with pytest.raises(TransportError) as e:
+                transport.decode_array(lying, payload + extra)
+            assert e.value.code == "malformed_array", (codec, extra)
+        assert np.array_equal(transport.decode_array(meta, payload), array)  # the exact stream still decodes
+    meta, payload = transport.encode_array(array, codec="zlib")
+    second = transport.encode_array(np.ones(3, np.uint8), codec="zlib")[1]  # a second, valid stream
+    with pytest.raises(TransportError, match=f"has {len(second)} bytes after the end of its compressed stream"):
+        transport.decode_array(replace(meta, payload_nbytes=len(payload) + len(second)), payload + second)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 65536])
+def test_zlib_decodes_a_stream_fed_in_any_piece_size(monkeypatch, chunk):
+    """Decoding goes piece by piece: any split of input and output gives the same array, and a
+    stream that ends early, or that would write past the declared size, is refused."""
+    monkeypatch.setattr(transport, "_ZLIB_IN_CHUNK", chunk)
+    monkeypatch.setattr(transport, "_ZLIB_OUT_CHUNK", max(1, chunk // 3))
+    array = (np.random.default_rng(1).normal(size=(6, 7, 8)) * 20).astype("<i2")
+    meta, payload = transport.encode_array(array, codec="zlib")
+    assert np.array_equal(transport.decode_array(meta, payload), array)
+    with pytest.raises(TransportError, match="truncated or corrupt"):
+        transport.decode_array(ArrayMeta(meta.dtype, meta.shape, "zlib", meta.nbytes, len(payload) - 4), payload[:-4])
+    smaller = ArrayMeta(meta.dtype, (6, 7, 7), "zlib", 6 * 7 * 7 * 2, len(payload))
+    with pytest.raises(TransportError, match="more bytes"):
+        transport.decode_array(smaller, payload)
+
+
+def test_zlib_decoding_holds_the_image_once():
+    """zlib decompresses straight into the output array (as zstd does), not into a bytes object first."""
+    raw_size = 40_000_000
+    array = (np.arange(raw_size, dtype=np.uint32) % 977).astype(np.uint8)
+    meta, payload = transport.encode_array(array, codec="zlib", level=1)
+    tracemalloc.start()
+    try:
+        out = transport.decode_array(meta, payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(out, array)
+    assert peak < 1.3 * raw_size, f"zlib decoding peaked at {peak / 1e6:.0f} MB for a {raw_size / 1e6:.0f} MB image"
+
+
+def test_frames_split_from_any_bytes_like_object():
+    frame = transport.encode_frame(np.arange(60, dtype=np.int16).reshape(3, 4, 5), {"spacing": [1, 2, 3]})
+    for data in (frame, bytearray(frame), memoryview(frame), np.frombuffer(frame, np.uint8)):
+        header, array = transport.decode_frame(data)
+        assert header["spacing"] == [1, 2, 3] and array.tolist() == np.arange(60).reshape(3, 4, 5).tolist()
 
 
 def test_array_payload_in_json():
