@@ -131,6 +131,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode: Optional[SegAssistParameterNode] = None
         self._parameterNodeGuiTag = None
         self._worker = None
+        self._stopWorker = None  # Stop runs beside the worker: it overtakes a start that may last minutes
         self._timer: Optional[qt.QTimer] = None
         self._cancel = threading.Event()
         self._batchRunning = False
@@ -138,6 +139,9 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._batchTarget = None
         self._backendFormFilled = False  # from the saved settings; until then no edit may save the blank form
         self._batchGeneration = 0
+        self._settingsChangedText = _(  # translated here: the worker thread raises it
+            "The backend settings changed while segmenting: nothing more is sent; run it again"
+        )
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -189,13 +193,17 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
-        if self._worker is not None:
-            self._worker.shutdown(wait=False)
-            self._worker = None
+        for worker in (self._worker, self._stopWorker):
+            if worker is not None:
+                worker.shutdown(wait=False)
+        self._worker = self._stopWorker = None
 
     def enter(self) -> None:
         self.initializeParameterNode()
         self.updateDependenciesGui()
+        if self._backendFormFilled and self.logic.manager().settings.mode == "local":
+            # the SegAssist effect may have started the local backend (or it stopped) meanwhile
+            self._showBackendStatus(self.logic.manager().local_status(), quiet=True)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -205,6 +213,9 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- parameter node ------------------------------------------------------------------------
     def onSceneStartClose(self, caller, event) -> None:
+        if self._batchRunning:  # its nodes go with the scene: the run stops and nothing is written
+            self._cancel.set()
+        self._batchTarget = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -333,10 +344,20 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.remoteOptInCheckBox.blockSignals(True)
             self.ui.remoteOptInCheckBox.checked = False
             self.ui.remoteOptInCheckBox.blockSignals(wasBlocked)
+        self._saveBackendSettings(settings)
+
+    def _saveBackendSettings(self, settings) -> None:
+        manager = self.logic.manager()
+        generation = manager.generation
         self.logic.saveBackendSettings(settings)
         self._updateBackendModeGui(settings.mode)
+        if manager.generation != generation:  # another backend: what the panel showed was about the old one
+            self._showBackendStatus(manager.local_status() if settings.mode == "local" else None, quiet=True)
 
     def onOptInToggled(self, checked: bool) -> None:
+        if checked and self._backendFormFilled:
+            # a URL typed but not committed yet is the one the user is asked about: saved first, without consent
+            self._saveBackendSettings(self._settingsFromGui().with_changes(remote_opt_in=False))
         if checked:
             url = self.ui.remoteUrlLineEdit.text.strip() or _("(no URL yet)")
             unencrypted = url.lower().startswith("http://")
@@ -360,12 +381,15 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- backend actions (worker thread) -------------------------------------------------------
     def _submit(self, tag: str, function: Callable, *args, note: str = "") -> None:
-        if self._worker is None:
-            from SegAssistLib.slicer.worker import BackgroundWorker
+        from SegAssistLib.slicer.worker import BackgroundWorker
 
-            self._worker = BackgroundWorker("segassist-panel")
+        if tag == "stopped":  # not behind a start on the panel's worker (BackendManager lets a stop overtake it)
+            self._stopWorker = self._stopWorker or BackgroundWorker("segassist-panel-stop")
+            worker = self._stopWorker
+        else:
+            self._worker = worker = self._worker or BackgroundWorker("segassist-panel")
         self.onSettingsEdited()
-        self._worker.submit(tag, function, *args)
+        worker.submit(tag, function, *args)
         if note:
             self.setStatus(note)
         self._timer.start()
@@ -382,34 +406,48 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._submit("status", self.logic.manager().test_connection, note=_("Contacting the backend..."))
 
     def _poll(self) -> None:
-        if self._worker is None:
-            self._timer.stop()
-            return
-        for finished in self._worker.poll():
-            if finished.tag == "batch":
-                self._onBatchFinished(finished)
-            elif finished.error is not None:
-                self.setStatus(self._describe(finished.error), error=True)
-            elif finished.tag == "status":
-                self._showBackendStatus(finished.value)
-            elif finished.tag == "stopped":
-                self._showBackendStatus(self.logic.manager().local_status())
+        workers = [worker for worker in (self._worker, self._stopWorker) if worker is not None]
+        for finished in [finished for worker in workers for finished in worker.poll()]:
+            try:  # one result that fails must neither drop the others nor escape the timer
+                self._onJobFinished(finished)
+            except Exception as exc:
+                logging.exception("SegAssist: handling the result of %r failed", finished.tag)
+                self.setStatus(self._describe(exc), error=True)
         if self._batchRunning:
             self.ui.progressBar.value = int(100 * self._progress[0])
             self.setStatus(self._progress[1])
-        if not self._worker.busy:
+        if not any(worker.busy for worker in workers):
             self._timer.stop()
 
-    def _showBackendStatus(self, status) -> None:
+    def _onJobFinished(self, finished) -> None:
+        if finished.tag == "batch":
+            self._onBatchFinished(finished)
+        elif finished.error is not None:
+            self.setStatus(self._describe(finished.error), error=True)
+        elif finished.tag == "status":
+            self._showBackendStatus(finished.value)
+        elif finished.tag == "stopped":
+            self._showBackendStatus(self.logic.manager().local_status())
+
+    def _showBackendStatus(self, status, quiet: bool = False) -> None:
+        """Show a backend's state (None: a remote one not tested); ``quiet``: not in the status line."""
+        if status is None or not status.connected:  # no model, no licence: those shown were another backend's
+            self.ui.modelNameLabel.text = _("(not connected)")
+            self.ui.modelLicenceLabel.text = "-"
         if status is None:
             self.ui.backendStatusLabel.text = _("Remote backend: press 'Test connection' to check it")
+            self.ui.backendStatusLabel.setStyleSheet("")
             return
-        self.ui.backendStatusLabel.text = status.summary()
+        summary = status.summary()
+        if status.connected and not status.model:  # a running local backend, not asked which model it has
+            summary = _("{mode} backend: {state}").format(mode=status.mode, state=status.message)
+        self.ui.backendStatusLabel.text = summary
         self.ui.backendStatusLabel.setStyleSheet("" if status.connected else "color: #b00000")
-        if status.model:
+        if status.connected and status.model:
             self.ui.modelNameLabel.text = status.model_text
             self.ui.modelLicenceLabel.text = status.licence or "-"
-        self.setStatus(status.summary(), error=not status.connected and status.message not in ("stopped", ""))
+        if not quiet:
+            self.setStatus(summary, error=not status.connected and status.message not in ("stopped", ""))
 
     @staticmethod
     def _describe(error: BaseException) -> str:
@@ -440,6 +478,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sources = [node for node in (p.points, p.roi) if node is not None]
             prepared = self.logic.prepare(p.inputVolume, sources)
             self._cancel.clear()
+            self.onSettingsEdited()  # a field typed but not committed yet: part of the settings this run uses
             self._batchGeneration = self.logic.manager().generation  # the backend settings this run may use
             self._progress = (0.0, _("Starting"))
             self._batchRunning = True
@@ -460,37 +499,50 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             from SegAssistLib.errors import SessionError
 
             # another server, or consent withdrawn, while this run sends its image and prompts
-            raise SessionError(_("The backend settings changed while segmenting: nothing more is sent; run it again"))
+            raise SessionError(self._settingsChangedText)
 
     def onCancel(self) -> None:
         self._cancel.set()
         self.setStatus(_("Cancelling after the current step..."))
 
     def _onBatchFinished(self, finished) -> None:
+        from SegAssistLib.slicer.logic import Cancelled
+
+        target, self._batchTarget = self._batchTarget, None  # no node held after the run (a closed scene frees them)
         self._batchRunning = False
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setVisible(False)
         self._checkCanApply()
-        if finished.error is not None:
-            from SegAssistLib.slicer.logic import Cancelled
+        if target is None:  # the scene was closed meanwhile
+            self.setStatus(_("Cancelled: the scene was closed"))
+        elif self._cancel.is_set() or isinstance(finished.error, Cancelled):  # also pressed during the last step
+            self.setStatus(_("Cancelled"))
+        elif finished.error is not None:
+            self.setStatus(self._describe(finished.error), error=True)
+        else:
+            try:  # tryWithErrorDisplay shows the error, then raises it again: not out of the timer
+                with slicer.util.tryWithErrorDisplay(_("Failed to write the segment."), waitCursor=True):
+                    self._writeBatchResult(finished.value, *target)
+            except Exception as exc:
+                self.setStatus(_("The segment was not written: {error}").format(error=self._describe(exc)), error=True)
 
-            cancelled = isinstance(finished.error, Cancelled)
-            self.setStatus(_("Cancelled") if cancelled else self._describe(finished.error), error=not cancelled)
-            return
-        volumeNode, segmentationNode, segmentName = self._batchTarget
-        with slicer.util.tryWithErrorDisplay(_("Failed to write the segment."), waitCursor=True):
-            # a segment of that name that holds voxels (a previous run, maybe edited) is kept
-            result = self.logic.writeResult(
-                finished.value, volumeNode, segmentationNode, segmentName, keepExisting=True
+    def _writeBatchResult(self, run, volumeNode, segmentationNode, segmentName: str) -> None:
+        chosen, note = segmentationNode, ""
+        if chosen is not None and not self.logic.isSegmentationOnVolumeGrid(chosen, volumeNode):
+            # written there it would be resampled (a thin object even lost): a segmentation of this volume instead
+            segmentationNode = None
+            note = _(" in a new segmentation: '{name}' is on another grid").format(name=chosen.GetName())
+        # a segment of that name that holds voxels (a previous run, maybe edited) is kept
+        result = self.logic.writeResult(run, volumeNode, segmentationNode, segmentName, keepExisting=True)
+        p, made = self._parameterNode, result.segmentationNode
+        if p and p.inputVolume is volumeNode and p.outputSegmentation is chosen and chosen is not made:
+            p.outputSegmentation = made  # the selector was empty (or on another grid) and still shows this volume
+        written = result.segmentationNode.GetSegmentation().GetSegment(result.segmentId).GetName()
+        self.setStatus(
+            _("Segment '{name}'{note}: {voxels} voxels ({model})").format(
+                name=written, note=note, voxels=result.voxelCount, model=result.model
             )
-            if self._parameterNode and not self._parameterNode.outputSegmentation:
-                self._parameterNode.outputSegmentation = result.segmentationNode
-            written = result.segmentationNode.GetSegmentation().GetSegment(result.segmentId).GetName()
-            self.setStatus(
-                _("Segment '{name}': {voxels} voxels ({model})").format(
-                    name=written, voxels=result.voxelCount, model=result.model
-                )
-            )
+        )
 
 
 #
@@ -526,6 +578,9 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        # runPrepared's progress texts, translated here: it runs on a worker thread
+        self._connectingText = _("Connecting to the backend (a local one starts first)")
+        self._connectedText = _("Connected")
 
     def getParameterNode(self) -> SegAssistParameterNode:
         return SegAssistParameterNode(super().getParameterNode())
@@ -601,23 +656,34 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
 
         volume, prompts = prepared
         if progress is not None:  # a cancel pressed before the backend answers takes effect here
-            progress(0.0, _("Connecting to the backend (a local one starts first)"))
+            progress(0.0, self._connectingText)
         engine = engineFactory() if engineFactory is not None else self.engine()
         if progress is not None:
-            progress(0.0, _("Connected"))
+            progress(0.0, self._connectedText)
         return run_prompts(engine, volume, prompts, progress)
 
     def writeResult(
         self, run, volumeNode, segmentationNode=None, segmentName: str = "SegAssist", keepExisting: bool = False
     ) -> SegAssistResult:
         """(main thread) Replace (or add) the named segment with an engine run's mask; with
-        ``keepExisting`` a segment of that name that holds voxels is kept and a new one is added."""
+        ``keepExisting`` a segment of that name that holds voxels is kept and a new one is added.
+        ``voxelCount`` is read back from the segment, on the volume's grid."""
         from SegAssistLib.slicer.logic import write_result
+        from SegAssistLib.slicer.segments import segment_to_array
 
-        return SegAssistResult(
+        result = SegAssistResult(
             write_result(run, volumeNode, segmentation_node=segmentationNode, segment_name=segmentName,
                          keep_existing=keepExisting)
         )
+        result.voxelCount = int(segment_to_array(result.segmentationNode, result.segmentId, volumeNode).sum())
+        return result
+
+    @staticmethod
+    def isSegmentationOnVolumeGrid(segmentationNode, volumeNode) -> bool:
+        """Whether the segmentation keeps its segments on the volume's voxels (else a write is resampled)."""
+        from SegAssistLib.slicer.segments import on_volume_grid
+
+        return on_volume_grid(segmentationNode, volumeNode)
 
     def segment(
         self,

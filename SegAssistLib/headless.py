@@ -122,7 +122,7 @@ def run_prompts(
     """Open a session on ``volume``, apply ``prompts`` in order, return the mask; the session is closed.
 
     Touches no MRML node: the Slicer module runs it on its worker thread. ``progress`` may raise
-    :class:`Cancelled` to stop between steps.
+    :class:`Cancelled` to stop between steps (also after the last prompt, before the result).
     """
     report = progress or no_progress
     if not prompts:
@@ -136,6 +136,8 @@ def run_prompts(
             started = time.perf_counter()
             session.add_prompt(prompt)
             latencies.append(time.perf_counter() - started)
+        # a cancel pressed while the last prompt ran takes effect here, before the result is fetched
+        report(0.95, "Reading the result")
         mask = np.asarray(session.result(), np.uint8)
         log = session.prompt_log()
     finally:

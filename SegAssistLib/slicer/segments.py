@@ -337,6 +337,15 @@ def _grids(
     )
 
 
+def on_volume_grid(
+    segmentation_node: slicer.vtkMRMLSegmentationNode, reference_volume_node: slicer.vtkMRMLVolumeNode
+) -> bool:
+    """Whether the segmentation keeps its segments on the volume's voxels; otherwise an answer on
+    the volume is resampled onto its grid when written (and a thin one may not survive that)."""
+    volume_grid, target = _grids(segmentation_node, reference_volume_node)
+    return bool(slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target))
+
+
 def _on_segmentation_grid(
     update: MaskUpdate,
     segmentation_node: slicer.vtkMRMLSegmentationNode,

@@ -372,6 +372,18 @@ def test_writes_on_another_series_keep_the_segmentations_grid_and_its_other_segm
     assert np.allclose(layer, world_image_geometry(series1))  # the layer keeps the segmentation's grid
 
 
+@pytest.mark.parametrize("spacing, origin", [(1.0, (10.5, 10.0, 10.0)), (2.0, (0.0, 0.0, 0.0))])
+def test_a_segmentation_tells_whether_it_is_on_a_volumes_grid(ctx, spacing, origin):
+    """The module writes into a segmentation of another series only knowingly: on its own grid an
+    answer is resampled (a thin one lost), so it makes a segmentation of the volume instead."""
+    series1, series2, seg, _, _ = _series_pair(ctx, spacing, origin)
+    assert segments.on_volume_grid(seg, series1) and not segments.on_volume_grid(seg, series2)
+    own = segments.create_segmentation(ctx.scene, series2, "series 2 seg")
+    assert segments.on_volume_grid(own, series2) and not segments.on_volume_grid(own, series1)
+    empty = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no geometry yet")
+    assert segments.on_volume_grid(empty, series1) and segments.on_volume_grid(empty, series2)
+
+
 def _layer_image_to_world(seg, segment_id):
     matrix = vtk.vtkMatrix4x4()
     seg.GetSegmentation().GetSegment(segment_id).GetRepresentation(segments.BINARY_LABELMAP).GetImageToWorldMatrix(
