@@ -1,8 +1,9 @@
 """Which backend the Slicer module talks to: settings, a local backend started for the user, a remote one.
 
 Qt-free. The Slicer module keeps :class:`BackendSettings` in ``qt.QSettings`` (never in the scene:
-a saved scene must not carry a token); anything with ``value(key, default)`` and
-``setValue(key, value)`` works as a store, so batch scripts and tests use :class:`MemorySettings`.
+a saved scene must not carry a token), except the token, which goes to a file only the user can
+read (:mod:`.tokens`); anything with ``value(key, default)`` and ``setValue(key, value)`` works as
+a store, so batch scripts and tests use :class:`MemorySettings`.
 
 Privacy rule: a remote server is contacted only after the user opted in
 (``remote_opt_in``): until then :meth:`BackendManager.client` refuses, even if a URL is set.
@@ -24,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 from SegAssistLib.client import BackendUnavailableError, LocalBackend, SegAssistClient
 from SegAssistLib.client.local import ServerPythonError
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.slicer.tokens import TokenFile
 
 LOCAL = "local"
 REMOTE = "remote"
@@ -49,7 +51,10 @@ class SettingsStore(Protocol):
 
 
 class MemorySettings:
-    """A settings store in a dict (batch scripts, tests)."""
+    """A settings store in a dict (batch scripts, tests). It is in memory only, so it keeps the
+    token too (``keeps_secrets``); any other store gets the token saved in a :class:`TokenFile`."""
+
+    keeps_secrets = True
 
     def __init__(self, values: Optional[Dict[str, Any]] = None) -> None:
         self.values: Dict[str, Any] = dict(values or {})
@@ -59,6 +64,10 @@ class MemorySettings:
 
     def setValue(self, key: str, value: Any) -> None:
         self.values[key] = value
+
+
+def _keeps_secrets(store: SettingsStore) -> bool:
+    return bool(getattr(store, "keeps_secrets", False))
 
 
 def _as_bool(value: Any) -> bool:
@@ -92,7 +101,10 @@ class BackendSettings:
     local_threads: int = 0  # torch CPU threads of the local server; 0 = torch's choice
 
     @classmethod
-    def load(cls, store: SettingsStore) -> BackendSettings:
+    def load(cls, store: SettingsStore, tokens: Optional[TokenFile] = None) -> BackendSettings:
+        """The settings in ``store``; the token from ``tokens`` (default: the user's :class:`TokenFile`)
+        unless the store keeps secrets itself. A token an earlier version left in the store is used
+        until the next :meth:`save` moves it to the token file."""
         defaults = cls()
         values: Dict[str, Any] = {}
         for f in fields(cls):
@@ -106,11 +118,22 @@ class BackendSettings:
                 values[f.name] = "" if raw is None else str(raw)
         if values["mode"] not in MODES:
             values["mode"] = LOCAL
+        if not _keeps_secrets(store) and values["remote_url"].strip():
+            saved = (tokens or TokenFile()).get(values["remote_url"])
+            values["remote_token"] = saved or values["remote_token"]
         return cls(**values)
 
-    def save(self, store: SettingsStore) -> None:
+    def save(self, store: SettingsStore, tokens: Optional[TokenFile] = None) -> None:
+        """Write the settings to ``store``; the token goes to ``tokens`` (default: the user's
+        :class:`TokenFile`), never into a store other users may read, unless it keeps secrets."""
+        secret_elsewhere = not _keeps_secrets(store)
+        if secret_elsewhere and self.remote_url.strip():
+            (tokens or TokenFile()).set(self.remote_url, self.remote_token)
         for f in fields(self):
-            store.setValue(SETTINGS_PREFIX + f.name, getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.name == "remote_token" and secret_elsewhere:
+                value = ""  # also clears a token an earlier version kept there
+            store.setValue(SETTINGS_PREFIX + f.name, value)
 
     def with_changes(self, **changes: Any) -> BackendSettings:
         return replace(self, **changes)

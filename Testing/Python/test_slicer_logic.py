@@ -76,6 +76,56 @@ def test_settings_round_trip_through_a_qsettings_like_store():
     assert BackendSettings.load(MemorySettings({SETTINGS_PREFIX + "mode": "bogus"})).mode == LOCAL
 
 
+class IniLikeStore:
+    """What the module hands BackendSettings: qt.QSettings's value/setValue, kept in an INI file
+    other users may read; it says nothing about keeping secrets."""
+
+    def __init__(self) -> None:
+        self.values: dict = {}
+
+    def value(self, key, defaultValue=None):
+        return self.values.get(key, defaultValue)
+
+    def setValue(self, key, value) -> None:
+        self.values[key] = value
+
+
+def test_the_token_goes_to_a_private_file_not_into_slicers_settings(tmp_path):
+    import stat
+
+    from SegAssistLib.slicer.tokens import TokenFile, TokenFileError
+
+    tokens = TokenFile(tmp_path / "state" / "remote_tokens.json")
+    store = IniLikeStore()
+    settings = BackendSettings(mode=REMOTE, remote_url="https://seg.example.org:8470/", remote_token="secret-1",
+                               remote_opt_in=True)
+    settings.save(store, tokens)
+    assert store.values[SETTINGS_PREFIX + "remote_token"] == "" and "secret-1" not in repr(store.values)
+    assert stat.S_IMODE(tokens.path.stat().st_mode) == 0o600 and "secret-1" in tokens.path.read_text()
+    assert BackendSettings.load(store, tokens) == settings
+    assert tokens.get("https://seg.example.org:8470") == "secret-1"  # a trailing slash is the same server
+
+    other = settings.with_changes(remote_url="https://gpu.example.org", remote_token="secret-2")
+    other.save(store, tokens)
+    assert BackendSettings.load(store, tokens).remote_token == "secret-2"
+    assert tokens.get(settings.remote_url) == "secret-1"  # switching back finds the first server's token
+    other.with_changes(remote_token="").save(store, tokens)
+    assert tokens.get(other.remote_url) == "" and tokens.get(settings.remote_url) == "secret-1"
+
+    # a token an earlier version kept in Slicer's settings is used, then moved out at the next save
+    old = IniLikeStore()
+    old.values.update({SETTINGS_PREFIX + "mode": REMOTE, SETTINGS_PREFIX + "remote_url": "https://old.example.org",
+                       SETTINGS_PREFIX + "remote_token": "from-the-ini"})
+    loaded = BackendSettings.load(old, tokens)
+    assert loaded.remote_token == "from-the-ini"
+    loaded.save(old, tokens)
+    assert old.values[SETTINGS_PREFIX + "remote_token"] == "" and tokens.get("https://old.example.org") == "from-the-ini"
+
+    tokens.path.write_text("[1, 2]")
+    with pytest.raises(TokenFileError, match="damaged: delete it"):
+        BackendSettings.load(store, tokens)
+
+
 def test_a_remote_backend_is_not_contacted_before_the_user_opts_in():
     settings = BackendSettings(mode=REMOTE, remote_url="https://seg.example.org:8470", remote_token="t")
     manager = BackendManager(settings)
