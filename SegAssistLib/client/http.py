@@ -7,7 +7,13 @@ a request id (``once=True``: prompts, undo/redo/reset, session opens, label save
 which the server answers from its record of the first instead of applying them twice. Training,
 rollback and adding a case carry none and are never repeated. A read timeout is not retried (the
 server may still be working on the request) unless the request carries an id: then it is sent once
-more under that id, which waits for the first's outcome.
+more under that id, which waits for the first's outcome. So is a request with an id answered by a
+gateway instead of the server (a reverse proxy's 502/504, or any 5xx not in SegAssist's error shape):
+the server may have done it all the same.
+
+Authentication: the token travels through the session's ``auth`` (:class:`_BearerAuth`), so that
+requests never takes credentials from ``~/.netrc`` instead (it would for a session without ``auth``),
+not even after a redirect. Ids go into URL paths through :func:`path_id`, queries through ``params``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import threading
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -41,6 +47,20 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+def path_id(value: str, what: str = "id") -> str:
+    """``value`` as one URL path segment, every reserved character escaped.
+
+    An id that could leave its segment even so is refused (``ValueError``) before anything is sent:
+    empty, ``.`` or ``..`` (removed or resolved on the way), or holding a slash or backslash (an ASGI
+    server decodes ``%2F`` before routing) or a control character.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"the {what} must be a string, got {type(value).__name__}")
+    if value in ("", ".", "..") or "/" in value or "\\" in value or not value.isprintable():
+        raise ValueError(f"not a valid {what}: {value!r}")
+    return quote(value, safe="")
+
+
 def _is_loopback_url(url: str) -> bool:
     host = urlsplit(url).hostname or ""
     if host == "localhost":
@@ -59,6 +79,23 @@ _CONNECTION_LOST = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
+
+# the code of an error reply not in SegAssist's shape (a proxy's or a gateway's page); never a server code
+_NOT_SEGASSIST = "http_error"
+# statuses only a gateway in front of the server answers (bad gateway, gateway timeout), whatever the body
+_GATEWAY_ONLY = (502, 504)
+
+
+def _reply_lost(error: ClientError) -> bool:
+    """Whether a request with an id may have been done although ``error`` came back: no reply at
+    all, or a 5xx from a gateway rather than from the server (502, 504, or a 503 or 500 page not
+    in SegAssist's shape). The server's own 503 (queue full, shutting down) says it was not done."""
+    if isinstance(error, BackendUnavailableError):
+        return True
+    status = error.status or 0
+    if error.code == _NOT_SEGASSIST:
+        return status >= 500
+    return status in _GATEWAY_ONLY
 
 
 class HttpClient:
@@ -103,12 +140,14 @@ class HttpClient:
     def session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
-            s = requests.Session()
+            s = _Session()
             s.trust_env = self._use_environment_proxies
             s.headers["User-Agent"] = "segassist-client"
             s.headers[ACCEPT_CODECS_HEADER] = ",".join(c for c in available_codecs() if c != "none")
-            if self.token:
-                s.headers["Authorization"] = f"Bearer {self.token}"
+            # the token as the session's auth, not a header: requests consults ~/.netrc (or $NETRC)
+            # only for a request without auth, and a matching entry would replace the token (and
+            # send that password to this server); set even without a token, so netrc never counts
+            s.auth = _BearerAuth(self.token)
             self._local.session = s
             with self._sessions_lock:
                 self._sessions.append(s)
@@ -135,25 +174,35 @@ class HttpClient:
         safe: bool = True,
         auth: bool = True,
         once: bool = False,
+        params: Optional[Dict[str, Any]] = None,
     ) -> requests.Response:
         """Send a request; returns a 2xx response or raises a :class:`ClientError`.
 
+        ``path``: ids in it go through :func:`path_id`; ``params``: the query (encoded by requests).
         ``body()`` makes a fresh body for each attempt (a file-like object cannot be re-read).
         ``safe``: the request may be repeated after a connection failure or a 503.
         ``once``: a state-changing request that must take effect once: it carries a new request id,
-        and when no reply comes (connection lost, read timeout) it is sent once more under that id,
-        which the server answers from its record of the first (after the first, if that still
-        runs), never by doing it twice. An error of that second sending has ``outcome_unknown``.
+        and when no reply of the server's comes (connection lost, read timeout, a gateway's 502/503/504
+        or any 5xx not in SegAssist's error shape) it is sent once more under that id, which the
+        server answers from its record of the first (after the first, if that still runs), never by
+        doing it twice. An error of that second sending has ``outcome_unknown``; so has a 5xx of the
+        server's own other than 503 (a failure it did not foresee, maybe half-way: not sent again,
+        since the server forgets a failed request and would run it a second time).
         """
         if not once:
-            return self._send(method, path, json, body, headers, timeout, safe, auth)
+            return self._send(method, path, json, body, headers, timeout, safe, auth, params)
         headers = {**(headers or {}), REQUEST_ID_HEADER: new_request_id()}
         try:
-            return self._send(method, path, json, body, headers, timeout, True, auth)
-        except BackendUnavailableError:
-            pass  # no reply, but the server may have done it (it does not stop a request whose client left)
+            return self._send(method, path, json, body, headers, timeout, True, auth, params)
+        except ClientError as exc:
+            # no reply of the server's, but it may have done it (it does not stop a request whose
+            # client left, and a gateway's timeout does not stop it either)
+            if not _reply_lost(exc):
+                if (exc.status or 0) >= 500 and exc.status != 503:
+                    exc.outcome_unknown = True
+                raise
         try:
-            return self._send(method, path, json, body, headers, timeout, True, auth)
+            return self._send(method, path, json, body, headers, timeout, True, auth, params)
         except ClientError as exc:
             exc.outcome_unknown = True
             raise
@@ -168,6 +217,7 @@ class HttpClient:
         timeout: Optional[Timeout],
         safe: bool,
         auth: bool,
+        params: Optional[Dict[str, Any]] = None,
     ) -> requests.Response:
         url = self.base_url + path
         attempts = 1 + (self.retries if safe else 0)
@@ -179,6 +229,7 @@ class HttpClient:
                 response = self.session.request(
                     method,
                     url,
+                    params=params,
                     json=json,
                     data=body() if body is not None else None,
                     headers=headers,
@@ -233,7 +284,7 @@ class HttpClient:
             text = response.text[:200].strip()
             return error_for(
                 response.status_code,
-                "http_error",
+                _NOT_SEGASSIST,
                 f"HTTP {response.status_code} without the SegAssist error shape "
                 f"(is {response.url} a SegAssist server?): {text}",
             )
@@ -245,7 +296,36 @@ class HttpClient:
         try:
             return response.json()
         except ValueError as exc:
-            raise ProtocolError(f"{method} {path}: the reply is not JSON: {response.text[:200]!r}") from exc
+            error = ProtocolError(f"{method} {path}: the reply is not JSON: {response.text[:200]!r}")
+            # a 2xx came back: a request that changes something was done, whatever the reply says
+            error.outcome_unknown = bool(kwargs.get("once"))
+            raise error from exc
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """``Authorization: Bearer <token>`` (nothing without a token), as a session's ``auth``."""
+
+    def __init__(self, token: Optional[str]) -> None:
+        self._token = token
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        if self._token:
+            r.headers["Authorization"] = f"Bearer {self._token}"
+        return r
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(***)"  # never the token
+
+
+class _Session(requests.Session):
+    """A requests session that never takes credentials from ``~/.netrc``: after a redirect to another
+    host, requests drops the Authorization header and then applies netrc when it trusts the
+    environment; here it only drops the header."""
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        headers = prepared_request.headers
+        if "Authorization" in headers and self.should_strip_auth(response.request.url, prepared_request.url):
+            del headers["Authorization"]
 
 
 class _NoAuth(requests.auth.AuthBase):

@@ -32,6 +32,7 @@ from SegAssistLib.api_learning import (
 )
 from SegAssistLib.api_models import API_PREFIX, ArrayPayload
 from SegAssistLib.client.errors import BackendTimeoutError, ProtocolError
+from SegAssistLib.client.http import path_id
 from SegAssistLib.image import Volume
 from SegAssistLib.labels import as_labels
 from SegAssistLib.prompts import MaskPrompt
@@ -43,6 +44,15 @@ if TYPE_CHECKING:
 
 FINAL_JOB_STATES = ("done", "cancelled", "failed")
 _BASE = f"{API_PREFIX}/learn"
+
+
+def _case_path(case_id: str) -> str:
+    """The case's URL path: the id escaped, or refused before anything is sent (:func:`path_id`)."""
+    return f"{_BASE}/cases/{path_id(case_id, 'case id')}"
+
+
+def _job_path(job_id: str) -> str:
+    return f"{_BASE}/jobs/{path_id(job_id, 'job id')}"
 
 
 @dataclass
@@ -95,18 +105,17 @@ class LearningClient:
     def cases(
         self, status: Union[None, str, Sequence[str]] = None, limit: int = 500, offset: int = 0
     ) -> List[CaseInfo]:
-        params: List[str] = [f"limit={int(limit)}", f"offset={int(offset)}"]
-        for s in [status] if isinstance(status, str) else list(status or []):
-            params.append(f"status={s}")
-        reply = self._http.json("GET", f"{_BASE}/cases?" + "&".join(params))
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        params = {"limit": int(limit), "offset": int(offset), "status": [str(s) for s in statuses]}
+        reply = self._http.json("GET", f"{_BASE}/cases", params=params)
         return [CaseInfo.model_validate(c) for c in reply]
 
     def case(self, case_id: str) -> CaseInfo:
-        return CaseInfo.model_validate(self._http.json("GET", f"{_BASE}/cases/{case_id}"))
+        return CaseInfo.model_validate(self._http.json("GET", _case_path(case_id)))
 
     def case_volume(self, case_id: str) -> Volume:
         """The case's image (to display it); the server then holds it for sessions too."""
-        response = self._http.request("GET", f"{_BASE}/cases/{case_id}/image")
+        response = self._http.request("GET", f"{_case_path(case_id)}/image")
         try:
             header, array = decode_frame(response.content)
         except ValueError as exc:
@@ -120,14 +129,14 @@ class LearningClient:
         )
 
     def lock(self, case_id: str, ttl_s: float = DEFAULT_LOCK_TTL_S) -> CaseInfo:
-        reply = self._http.json("POST", f"{_BASE}/cases/{case_id}/lock", json={"ttl_s": ttl_s})
+        reply = self._http.json("POST", f"{_case_path(case_id)}/lock", json={"ttl_s": ttl_s})
         return CaseInfo.model_validate(reply)
 
     def unlock(self, case_id: str) -> CaseInfo:
-        return CaseInfo.model_validate(self._http.json("DELETE", f"{_BASE}/cases/{case_id}/lock"))
+        return CaseInfo.model_validate(self._http.json("DELETE", f"{_case_path(case_id)}/lock"))
 
     def labels(self, case_id: str) -> List[LabelInfo]:
-        return [LabelInfo.model_validate(v) for v in self._http.json("GET", f"{_BASE}/cases/{case_id}/labels")]
+        return [LabelInfo.model_validate(v) for v in self._http.json("GET", f"{_case_path(case_id)}/labels")]
 
     # ---- labels ----------------------------------------------------------------------------------
     def submit(
@@ -147,7 +156,7 @@ class LearningClient:
             "seconds_spent": float(seconds_spent),
             "n_interactions": n_interactions,
         }
-        return LabelInfo.model_validate(self._post_once(f"{_BASE}/cases/{case_id}/labels", body))
+        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body))
 
     def _post_once(self, path: str, body: dict) -> Any:
         """A POST that must take effect once (a label version, a lock): see ``HttpClient.request``'s
@@ -172,7 +181,7 @@ class LearningClient:
             "seconds_spent": float(seconds_spent),
             "n_interactions": n_interactions,
         }
-        return LabelInfo.model_validate(self._post_once(f"{_BASE}/cases/{case_id}/labels", body))
+        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body))
 
     # ---- training --------------------------------------------------------------------------------
     def train(self, kind: str = "salt", **settings: Any) -> JobStatus:
@@ -184,10 +193,10 @@ class LearningClient:
         return [JobStatus.model_validate(j) for j in self._http.json("GET", f"{_BASE}/jobs")]
 
     def job(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(self._http.json("GET", f"{_BASE}/jobs/{job_id}"))
+        return JobStatus.model_validate(self._http.json("GET", _job_path(job_id)))
 
     def cancel(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(self._http.json("POST", f"{_BASE}/jobs/{job_id}/cancel"))
+        return JobStatus.model_validate(self._http.json("POST", f"{_job_path(job_id)}/cancel"))
 
     def wait_for_job(
         self,

@@ -16,7 +16,7 @@ from SegAssistLib.api_models import (
     StoredImage,
 )
 from SegAssistLib.client.errors import ImageConflictError, ImageNotFoundError, PayloadTooLargeError
-from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout
+from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, path_id
 from SegAssistLib.client.learning import LearningClient
 from SegAssistLib.client.session import RemoteSession, wire_prompt
 from SegAssistLib.engine.base import Capabilities, Engine
@@ -94,7 +94,7 @@ class SegAssistClient(Engine):
     # ---- images ------------------------------------------------------------------------------
     def image(self, image_id: str) -> StoredImage:
         """What the server holds under this id; raises ImageNotFoundError when nothing."""
-        return StoredImage.model_validate(self.http.json("GET", f"{API_PREFIX}/images/{image_id}"))
+        return StoredImage.model_validate(self.http.json("GET", f"{API_PREFIX}/images/{path_id(image_id, 'image id')}"))
 
     def upload_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> StoredImage:
         """Upload an image (stored under its content hash; a second upload stores nothing)."""
@@ -183,7 +183,8 @@ class SegAssistClient(Engine):
     def session(self, session_id: str) -> RemoteSession:
         """Attach to an open session by id (the local mask and prompts start from the server's, so
         that ``recover()`` replays them; its earlier undo steps are not known here)."""
-        info = SessionInfo.model_validate(self.http.json("GET", f"{API_PREFIX}/sessions/{session_id}"))
+        path = f"{API_PREFIX}/sessions/{path_id(session_id, 'session id')}"
+        info = SessionInfo.model_validate(self.http.json("GET", path))
         session = RemoteSession(self, info, None, [])
         session._resync()
         return session

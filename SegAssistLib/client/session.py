@@ -22,6 +22,7 @@ import numpy as np
 
 from SegAssistLib.api_models import API_PREFIX, MaskUpdateReply, SessionInfo
 from SegAssistLib.client.errors import ClientError, ProtocolError, SessionNotFoundError
+from SegAssistLib.client.http import path_id
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
@@ -93,8 +94,9 @@ class RemoteSession(EngineSession):
         self._mask = np.zeros(tuple(info.shape), np.uint8)
         self._closed = False
         # a change the server may have made without this client seeing the reply (a read timeout
-        # twice over): the next call fetches the server's mask first, and the next update returned
-        # covers what changed since the mask the caller last saw (``_seen``)
+        # twice over, a gateway's error, a reply damaged on the way): the next call fetches the
+        # server's mask and prompts first (so does recover(), for the prompts), and the next update
+        # returned covers what changed since the mask the caller last saw (``_seen``)
         self._out_of_sync = False
         self._seen: Optional[np.ndarray] = None
         if prompts:  # the replayed prompts made a mask: start from the server's copy
@@ -123,7 +125,7 @@ class RemoteSession(EngineSession):
 
     @property
     def _path(self) -> str:
-        return f"{API_PREFIX}/sessions/{self.session_id}"
+        return f"{API_PREFIX}/sessions/{path_id(self.session_id, 'session id')}"
 
     def status(self) -> SessionInfo:
         """State on the server: ``idle``, ``queued`` (with ``queue_position``) or ``running``."""
@@ -209,6 +211,9 @@ class RemoteSession(EngineSession):
         is uploaded again only if the server no longer holds it.
         """
         prompts = self._history.current
+        if self._out_of_sync:  # a change this client did not see: the server's prompts, if it still has them
+            with contextlib.suppress(SessionNotFoundError):
+                prompts = list(self.prompt_log().prompts)
         if self._volume is not None:
             self.client.ensure_image(self._volume, progress)
         info = self.client._create_session(self.image_id, prompts, self._modality)
@@ -235,19 +240,42 @@ class RemoteSession(EngineSession):
             # a session gone is gone (recover() starts again from the local prompts); any other
             # failure of the repeat leaves the first try's outcome open: the next call resyncs
             if exc.outcome_unknown and not isinstance(exc, SessionNotFoundError):
-                if self._seen is None:
-                    self._seen = self._mask  # replaced, not changed, by the resync
-                self._out_of_sync = True
+                self._lose_track()
             raise
         round_trip = time.perf_counter() - started
         try:
-            reply = MaskUpdateReply.model_validate_json(response.content)
+            return self._take(op, response.content, round_trip)
+        except Exception as exc:
+            # a 2xx came back: the server did it, whatever its reply says; the next call resyncs
+            self._lose_track()
+            if isinstance(exc, ClientError):
+                exc.outcome_unknown = True
+                raise
+            if not isinstance(exc, (ValueError, TypeError, IndexError, KeyError)):
+                raise
+            error = ProtocolError(f"{op}: the reply is not a valid mask update: {exc}")
+            error.outcome_unknown = True
+            raise error from exc
+
+    def _lose_track(self) -> None:
+        """The server may have changed the session without this client applying it: resync next."""
+        if self._seen is None:
+            self._seen = self._mask  # replaced, not changed, by the resync
+        self._out_of_sync = True
+
+    def _take(self, op: str, content: bytes, round_trip: float) -> MaskUpdate:
+        """Apply a mask update reply to the local copy (raises before changing it when it is damaged)."""
+        try:
+            reply = MaskUpdateReply.model_validate_json(content)
         except ValueError as exc:
             raise ProtocolError(f"{op}: the reply is not a mask update: {exc}") from exc
         if reply.mask is not None:
             voxels = reply.mask.to_array()
             if voxels.ndim != 3 or tuple(voxels.shape) != tuple(reply.shape):
                 raise ProtocolError(f"{op}: mask box shape {voxels.shape} differs from the declared {reply.shape}")
+            lo = tuple(int(x) for x in reply.offset)
+            if len(lo) != 3 or any(a < 0 or a + n > m for a, n, m in zip(lo, voxels.shape, self._mask.shape)):
+                raise ProtocolError(f"{op}: mask box {voxels.shape} at {list(lo)} is outside the image {self.shape}")
         else:
             voxels = np.zeros((0, 0, 0), np.uint8)
         update = MaskUpdate(
@@ -260,7 +288,7 @@ class RemoteSession(EngineSession):
                 "queue_wait_s": reply.queue_wait_s,
                 "model_version": reply.model_version,
                 "round_trip_s": round_trip,
-                "reply_bytes": len(response.content),
+                "reply_bytes": len(content),
             },
         )
         update.apply_to(self._mask)

@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+import requests
 
 from SegAssistLib.client.errors import BackendUnavailableError, PayloadTooLargeError, SessionNotFoundError
 from SegAssistLib.client.http import HttpClient
@@ -64,7 +65,8 @@ def test_a_reply_cut_off_mid_body_is_a_lost_connection_and_safe_requests_are_rep
 
 def test_a_token_read_with_its_newline_is_stripped_and_a_bad_one_never_echoed():
     http = HttpClient("http://127.0.0.1:8470", "alice-token-0123456789abcdef\n")
-    assert http.session.headers["Authorization"] == "Bearer alice-token-0123456789abcdef"
+    sent = http.session.prepare_request(requests.Request("GET", http.base_url + "/v1/info"))
+    assert sent.headers["Authorization"] == "Bearer alice-token-0123456789abcdef"
     with pytest.raises(ValueError, match="spaces or control characters") as exc:
         HttpClient("http://127.0.0.1:8470", "alice-token 0123456789abcdef")
     assert "0123456789abcdef" not in str(exc.value)

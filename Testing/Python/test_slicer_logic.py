@@ -119,7 +119,8 @@ def test_the_token_goes_to_a_private_file_not_into_slicers_settings(tmp_path):
     loaded = BackendSettings.load(old, tokens)
     assert loaded.remote_token == "from-the-ini"
     loaded.save(old, tokens)
-    assert old.values[SETTINGS_PREFIX + "remote_token"] == "" and tokens.get("https://old.example.org") == "from-the-ini"
+    assert old.values[SETTINGS_PREFIX + "remote_token"] == ""
+    assert tokens.get("https://old.example.org") == "from-the-ini"
 
     tokens.path.write_text("[1, 2]")
     with pytest.raises(TokenFileError, match="damaged: delete it"):
