@@ -12,25 +12,32 @@
     segassist learn rollback --store DIR [--to v2|base]
     segassist learn next --store DIR [--strategy uncertainty] [--user NAME --lock] [--out proposal.nii.gz]
 
-``train`` follows the job's progress until it ends (Ctrl-C cancels it cleanly) unless ``--detach``.
-Every subcommand takes ``--json`` for machine-readable output. Register with :func:`register`.
+``train`` follows the job's progress until it ends, unless ``--detach``. Ctrl-C (or SIGTERM, or the
+terminal closing: SIGHUP) cancels it cleanly: the command waits for the job to stop, prints how it ended
+and exits 128 + the signal's number (130 for Ctrl-C) when it was cancelled, 3 when the job had got too
+far to cancel (it finished and may have made a new current version), 1 when it failed or is still stopping.
+Every subcommand takes ``--json`` for machine-readable output (progress lines then go to stderr).
+Register with :func:`register`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from SegAssistLib.api_learning import MAX_LOCK_TTL_S
 from SegAssistLib.cli_types import number, positive_int
 from SegAssistLib.errors import SegAssistError
-from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, open_datastore
+from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, import_sources, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
-from SegAssistLib.learning.records import CaseRecord, CaseStatus
+from SegAssistLib.learning.records import CaseRecord, CaseStatus, ImportReport, check_user
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
 
 
@@ -101,25 +108,35 @@ def register(subparsers) -> None:
 
     p = add("train", "train an adapter on the submitted labels in a background process", cmd_train)
     p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
-    p.add_argument("--kind", choices=("lora", "salt", "full"), default="salt")
-    p.add_argument("--rank", type=positive_int)
-    p.add_argument("--lora-rank", type=positive_int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--lr", type=float, dest="learning_rate")
-    p.add_argument("--steps", type=int, dest="max_steps")
+    p.add_argument("--kind", choices=("lora", "salt", "full"), default="salt",
+                   help="what is trained: salt (the top singular values of each layer plus a low-rank "
+                   "update; default), lora (low-rank updates) or full (every weight)")
+    p.add_argument("--rank", type=positive_int,
+                   help="salt: how many top singular values per layer are adapted (default 8); lora: its rank "
+                   "(default 4)")
+    p.add_argument("--lora-rank", type=positive_int, help="salt: rank of its low-rank update (default 4)")
+    p.add_argument("--alpha", type=float, help="scale of the low-rank update (default: its rank, a scale of 1)")
+    p.add_argument("--lr", type=float, dest="learning_rate",
+                   help="learning rate (default 0.01 for salt and lora, 0.0003 for full)")
+    p.add_argument("--steps", type=int, dest="max_steps",
+                   help="most training steps; the time budget may end the run sooner (default 2000)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float)
-    budget.add_argument("--seconds", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--val-clicks", type=int)
-    p.add_argument("--validate-every", type=int)
-    p.add_argument("--min-improvement", type=float)
+    budget.add_argument("--minutes", type=float,
+                        help="time budget of the whole run, validation and registration included (default 5)")
+    budget.add_argument("--seconds", type=float, help="the time budget in seconds instead (default 300)")
+    p.add_argument("--batch-size", type=int, help="patches per step (default 2)")
+    p.add_argument("--val-clicks", type=int, help="simulated clicks per validation case (default 3)")
+    p.add_argument("--validate-every", type=int,
+                   help="steps between progress validations (default 0: only before and after training)")
+    p.add_argument("--min-improvement", type=float,
+                   help="promote only when the validation Dice beats the current version's by more (default 0)")
     p.add_argument("--label-value", type=label_value, help="learn one label value (default: every labelled voxel)")
     p.add_argument("--threads", type=int, help="torch threads of the job (default 1)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the training run (default 0)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--no-warm-start", action="store_true", help="start from the base model, not the current version")
-    p.add_argument("--detach", action="store_true", help="start the job and return at once")
+    p.add_argument("--detach", action="store_true",
+                   help="start the job and return at once (`learn status` follows it, `learn cancel` stops it)")
 
     p = add("cancel", "ask a running training job to stop", cmd_cancel)
     p.add_argument("--job", help="job id (default: the newest)")
@@ -140,7 +157,7 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
     p.add_argument("--strategy", choices=("first", "random", "uncertainty", "diversity"), default="uncertainty")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--user", help="lock the case to this user (with --lock)")
+    p.add_argument("--user", help="lock the case to this user (only with --lock)")
     p.add_argument("--lock", action="store_true")
     p.add_argument("--hours", type=lock_hours, default=DEFAULT_LOCK_TTL_S / 3600,
                    help="lock duration with --lock (default 4)")
@@ -157,6 +174,18 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=1, default=str) if args.json else text)
 
 
+def _progress(args: argparse.Namespace, text: str) -> None:
+    """A line of progress while a command works: on stdout, or on stderr with ``--json`` (stdout is
+    then the JSON alone)."""
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _say(text: str, err: bool = False) -> None:
+    """A line that must not stop what follows: after SIGHUP (the terminal closed) writing may fail."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def _open(args: argparse.Namespace) -> Datastore:
     return open_datastore(args.store)
 
@@ -170,13 +199,21 @@ def _checkpoint(path: Optional[Path]) -> Path:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    with Datastore(args.store, create=True) as store:
-        report = store.import_images(args.source, user=args.user, channel=args.channel,
-                                     recursive=not args.no_recursive)
-    lines = [f"imported {len(report.added)} case(s), skipped {len(report.skipped)}"]
-    lines += [f"  + {c.id}  {c.name}" for c in report.added]
-    lines += [f"  - {s}: {r}" for s, r in report.skipped]
-    _print(args, report.to_dict(), "\n".join(lines))
+    """Import image by image, one line each as it comes in (a large image takes seconds to convert and
+    hash). The sources are found before the store is opened: a source that is missing or holds no image
+    leaves no new empty store behind."""
+    check_user(args.user)
+    sources = import_sources(args.source, args.store, recursive=not args.no_recursive)
+
+    def shown(done: int, total: int, path: Path, result) -> None:
+        line = f"  + {result.id}  {result.name}" if isinstance(result, CaseRecord) else f"  - {path}: {result}"
+        _progress(args, f"[{done}/{total}]{line}")
+
+    report = ImportReport()
+    if sources:
+        with Datastore(args.store, create=True) as store:
+            report = store.import_images(args.source, args.user, args.channel, sources=sources, on_image=shown)
+    _print(args, report.to_dict(), f"imported {len(report.added)} case(s), skipped {len(report.skipped)}")
     if report.failed or not (report.added or report.skipped):
         print("learn import: " + (f"{len(report.failed)} image(s) could not be imported" if report.failed else
                                   f"no image found in {args.source}"), file=sys.stderr)
@@ -241,6 +278,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.export import export_msd
 
     with _open(args) as store:
+        _progress(args, f"exporting the submitted and reviewed cases to {args.out} ...")
         out = export_msd(store, args.out, label_names=args.label_name or ("foreground",),
                          seg_nrrd=not args.no_seg_nrrd)
     n = len(json.loads((out / "dataset.json").read_text())["training"])
@@ -289,8 +327,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+CANCEL_WAIT_S = 120.0  # how long a cancelled job is waited for before the command stops watching it
+POLL_S = 0.5  # between reads of an attached job's status
+FINISHED_DESPITE_CANCEL = 3  # exit code: cancelled too late, the job finished (and may have made a version)
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while ``train`` follows its job: handled as Ctrl-C is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals_cancel() -> Iterator[None]:
+    """While ``train`` follows its job, SIGTERM and SIGHUP (``timeout``, ``kill``, a closed terminal or
+    SSH session) cancel it as Ctrl-C does: the worker runs in its own session and would otherwise go on,
+    watched by nobody. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise _Stopped(signum)
+
+    previous = {}
+    try:
+        for sig in _STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, stop)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _finished_despite_cancel(status: Dict[str, Any], store: Path) -> str:
+    result = status.get("result") or {}
+    version = (result.get("version") or {}).get("id")
+    if version and result.get("promoted"):
+        what = (f"version {version} was promoted and is now the current version (undo: segassist learn "
+                f"rollback --store {store})")
+    elif version:
+        what = f"version {version} was registered but not promoted: the current version is unchanged"
+    else:
+        what = "no version was registered"
+    return f"job {status.get('job_id')} finished before the cancel reached it: {what}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from SegAssistLib.learning.jobs import FINAL_STATES, start_training
+    from SegAssistLib.learning.jobs import start_training
 
     settings: Dict[str, Any] = {"kind": args.kind}
     for name in ("rank", "lora_rank", "alpha", "learning_rate", "max_steps", "batch_size", "val_clicks",
@@ -305,28 +399,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_warm_start:
         settings["warm_start"] = False
     _open(args).close()  # a clear error for a missing store before anything starts
-    job = start_training(args.store, _checkpoint(args.checkpoint), settings)
+    if args.detach:
+        job = start_training(args.store, _checkpoint(args.checkpoint), settings)
+        _print(args, {"job_id": job.job_id, "folder": str(job.folder)}, f"started job {job.job_id}")
+        return 0
+    with _stop_signals_cancel():
+        try:  # a signal during the start: the job, if it began, finds its cancel flag (start_training)
+            job = start_training(args.store, _checkpoint(args.checkpoint), settings)
+        except _Stopped as exc:
+            _say(f"stopped by {_signal_name(exc.signum)}", err=True)
+            return 128 + exc.signum
+        return _follow(args, job)
+
+
+def _follow(args: argparse.Namespace, job: Any) -> int:
+    """Print the job's progress until it ends and its worker has exited (the datastore is then free for
+    the next job); Ctrl-C, SIGTERM or SIGHUP cancel it and wait for it to stop. Returns the exit code."""
+    from SegAssistLib.learning.jobs import FINAL_STATES
+
     last = ""
+    signum: Optional[int] = None
     try:  # from the job's start on: a Ctrl-C cancels it, it never runs on unseen
-        if args.detach:
-            _print(args, {"job_id": job.job_id, "folder": str(job.folder)}, f"started job {job.job_id}")
-            return 0
         while True:
             status = job.status()
             line = _job_line(status)
             if line != last and not args.json:
-                print(line, flush=True)
+                _say(line)
                 last = line
             if status.get("state") in FINAL_STATES:
                 break
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("cancelling ...", file=sys.stderr, flush=True)
-        job.cancel()
-        status = job.wait(timeout=120)
+            time.sleep(POLL_S)
+        status = job.wait()  # final: its worker exits at once, and the training lock goes with it
+    except KeyboardInterrupt as exc:  # Ctrl-C, or _Stopped
+        signum = getattr(exc, "signum", signal.SIGINT)
+        job.cancel()  # first: after SIGHUP even a message may fail
+        _say(f"cancelling job {job.job_id} ({_signal_name(signum)}) ...", err=True)
+        try:
+            status = job.wait(timeout=CANCEL_WAIT_S)
+        except KeyboardInterrupt:  # asked again: stop watching (the job has been asked to stop)
+            status = job.status()
+    state = status.get("state")
     if args.json:
-        print(json.dumps(status, indent=1, default=str))
-    return 0 if status.get("state") in ("done", "cancelled") else 1
+        _say(json.dumps(status, indent=1, default=str))
+    elif _job_line(status) != last:
+        _say(_job_line(status))
+    if signum is None:
+        return 0 if state in ("done", "cancelled") else 1
+    if state not in FINAL_STATES:
+        _say(f"job {job.job_id} is still stopping; see `segassist learn status --store {args.store}`", err=True)
+        return 1
+    if state == "cancelled":
+        return 128 + signum
+    if state == "done":
+        _say(_finished_despite_cancel(status, args.store), err=True)
+        return FINISHED_DESPITE_CANCEL
+    return 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -402,11 +529,16 @@ def check_mask_output(path: Path, overwrite: bool) -> None:
 def cmd_next(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.active import NEEDS_ENGINE, next_case
 
+    if args.user is not None and not args.lock:  # it once did nothing, silently
+        raise SegAssistError("--user names whom --lock locks the case to: add --lock, or leave --user out")
+    if args.lock and args.user is None:  # before the model is loaded, not after
+        raise SegAssistError("--lock locks the case to a user: add --user NAME")
     if args.out is not None:  # before any case is locked
         if args.no_proposal:
             raise SegAssistError("--out writes the model's proposal: it cannot go with --no-proposal")
         check_mask_output(args.out, args.overwrite)
     engine = None
+    _progress(args, f"choosing the next case ({args.strategy}) ...")
     if args.strategy in NEEDS_ENGINE or not args.no_proposal:
         import torch
 

@@ -141,6 +141,20 @@ _LABEL_COLUMNS = (
 PromptLogLike = Union[PromptLog, str, dict, None]
 
 
+
+def import_sources(
+    source: Union[str, Path], store_root: Union[str, Path], recursive: bool = True
+) -> List[Tuple[Path, str]]:
+    """The images (path, case name) an import of ``source`` would read, found without opening the
+    store: a source inside the store (``store_root``) is refused."""
+    store = Path(store_root).resolve()
+    if store == Path(source).resolve() or store in Path(source).resolve().parents:
+        raise DatastoreError(f"cannot import from {source}: it lies inside the datastore {store_root}")
+    try:
+        return find_sources(Path(source), recursive=recursive, skip=store)
+    except (OSError, RuntimeError) as exc:
+        raise DatastoreError(f"cannot import from {source}: {exc}") from exc
+
 class Datastore:
     """Cases, locks and versioned labels in a folder. See the module docstring for the guarantees."""
 
@@ -229,37 +243,40 @@ class Datastore:
         user: str,
         channel: Optional[int] = None,
         recursive: bool = True,
+        sources: Optional[List[Tuple[Path, str]]] = None,
+        on_image: Optional[Callable[[int, int, Path, Union[CaseRecord, str]], None]] = None,
     ) -> ImportReport:
         """Import one image file, one DICOM series folder, or every image in a folder.
 
         Images already in the store (same voxels and geometry) and images that cannot be
         segmented are skipped with the reason; the rest become cases with status ``new``.
         ``source`` is a path on this machine given by the operator, not by a remote client.
+        ``sources``: what :func:`import_sources` found there, when the caller looked first;
+        ``on_image(done, total, path, case or the reason it was skipped)`` after each image (a large
+        image takes seconds to convert and hash).
         """
         check_user(user)
-        store = self.root.resolve()
-        if store == Path(source).resolve() or store in Path(source).resolve().parents:
-            raise DatastoreError(f"cannot import from {source}: it lies inside the datastore {self.root}")
-        try:
-            sources = find_sources(Path(source), recursive=recursive, skip=store)
-        except (OSError, RuntimeError) as exc:
-            raise DatastoreError(f"cannot import from {source}: {exc}") from exc
+        if sources is None:
+            sources = import_sources(source, self.root, recursive)
         report = ImportReport()
-        for path, name in sources:
+        for done, (path, name) in enumerate(sources, 1):
             try:
                 volume = load_volume(path, channel=channel)
                 # a file's name may hold a tab or an undecodable byte, and its path be very long:
                 # shown as printable text, not a reason to stop the import halfway
-                report.added.append(
-                    self.import_volume(
-                        volume,
-                        name=printable_text(name) or "?",
-                        user=user,
-                        source=printable_text(str(path), limit=4096, keep_end=True),
-                    )
+                case = self.import_volume(
+                    volume,
+                    name=printable_text(name) or "?",
+                    user=user,
+                    source=printable_text(str(path), limit=4096, keep_end=True),
                 )
+                report.added.append(case)
+                result: Union[CaseRecord, str] = case
             except (ImageError, DuplicateCaseError) as exc:
                 report.skipped.append((str(path), str(exc)))
+                result = str(exc)
+            if on_image is not None:
+                on_image(done, len(sources), path, result)
         return report
 
     def import_volume(self, volume: Volume, name: str, user: str, source: str = "") -> CaseRecord:

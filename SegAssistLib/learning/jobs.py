@@ -16,8 +16,11 @@ thread pool. The worker runs with ``threads`` torch threads (1 by default) and a
 (``nice``), so interactive inference keeps a core and wins the CPU when both want it.
 
 One job per datastore: the parent takes an exclusive ``flock`` on ``adapters/.train.lock`` and hands
-the locked descriptor to the worker, which holds it until it exits (the kernel releases it even when
-the worker is killed). A second start finds the lock taken and raises :class:`TrainingBusyError`.
+the locked descriptor to the worker, which holds it until it has written its final status (the kernel
+releases it even when the worker is killed), then ends at once (``os._exit``: the interpreter's
+teardown, torch's above all, took seconds with the lock held, and a start right after a job failed).
+A second start finds the lock taken and raises :class:`TrainingBusyError`; while the newest job's
+status is already final (its worker on its way out) a start waits a little longer for the lock.
 The worker also arms a watchdog that ends it if it overruns its time budget by a wide margin.
 (``flock`` is POSIX: on Windows jobs run, but one-at-a-time is not enforced across processes and a
 worker that died silently is not detected by processes other than the one that started it.)
@@ -28,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -50,6 +54,7 @@ except ImportError:  # pragma: no cover - Windows: one job per process only
 FINAL_STATES = ("done", "cancelled", "failed")
 LOCK_NAME = ".train.lock"
 LOCK_PATIENCE_S = 1.0
+FINISHING_PATIENCE_S = 30.0  # for the lock of a job whose final status is written (its worker is ending)
 WATCHDOG_GRACE_S = 60.0
 REGISTERING_GRACE_TURNS = 5  # watchdog turns a job may spend registering its version
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +92,49 @@ def _take_lock(store_root: Union[str, Path], patience_s: float = LOCK_PATIENCE_S
         if fd is not None or time.monotonic() >= deadline:
             return fd
         time.sleep(0.05)
+
+
+def _newest_job_final(store_root: Union[str, Path]) -> bool:
+    """Whether the newest job's status file says it has ended (read as it is: no liveness probe)."""
+    newest = _job_dirs_newest_first(jobs_folder(store_root))[:1]
+    return bool(newest) and (_read_json(newest[0] / "status.json") or {}).get("state") in FINAL_STATES
+
+
+def _take_lock_to_start(store_root: Union[str, Path]) -> Optional[int]:
+    """The training lock for a new job: :func:`_take_lock`, and while the newest job has written its
+    final status (its worker releases the lock right after, and is gone a moment later) up to
+    ``FINISHING_PATIENCE_S`` more. A job that started meanwhile (not final) ends the wait: busy."""
+    fd = _take_lock(store_root)
+    deadline = time.monotonic() + FINISHING_PATIENCE_S
+    while fd is None and time.monotonic() < deadline and _newest_job_final(store_root):
+        time.sleep(0.05)
+        fd = _try_lock(store_root)
+    return fd
+
+
+def _release_lock(fd: Optional[int]) -> None:
+    """Let go of the training lock held by ``fd`` (unlocked for every copy of the descriptor, then closed)."""
+    if fd is None:
+        return
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _death_note(code: Optional[int]) -> str:
+    """What is known of a worker that ended without writing its final status."""
+    if code is None:  # seen from another process: no exit status to read
+        return ("the training process ended unexpectedly: it stopped without writing its final status "
+                "(killed, or it crashed; see worker.log)")
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the training process ended unexpectedly: it was killed ({name})"
+    return f"the training process ended unexpectedly (exit code {code})"
 
 
 def _worker_gone(pid: Any) -> bool:
@@ -148,7 +196,7 @@ class TrainingJob:
         if dead:
             data.update(
                 state="failed",
-                error=f"the training process ended unexpectedly (exit code {code})",
+                error=_death_note(code),
                 log_tail=_log_tail(self.folder),
             )
         return data
@@ -182,14 +230,28 @@ class TrainingJob:
             self.process.wait()
 
 
-def _check_enough_labels(store_root: Path) -> None:
-    """Refuse at once what the worker would refuse after starting. A label value that leaves too
-    few cases is only found by the worker (it reads every label)."""
+def _check_enough_labels(store_root: Path, label_value: Optional[int] = None) -> None:
+    """Refuse at once what the worker would refuse after starting. With a label value, labels are read
+    until two cases hold enough of it (usually the first two): the worker's refusal named no value."""
     from SegAssistLib.learning.datastore import Datastore
-    from SegAssistLib.learning.traindata import check_enough_cases, usable_cases
+    from SegAssistLib.learning.traindata import check_enough_cases, foreground, usable_cases
+    from SegAssistLib.training.data import MIN_TARGET_VOXELS
 
     with Datastore(store_root) as store:
-        check_enough_cases(len(usable_cases(store)))
+        pairs = usable_cases(store)
+        check_enough_cases(len(pairs))
+        if label_value is None:
+            return
+        holding = 0
+        for _, label in pairs:
+            holding += int(foreground(store.load_label(label.id), label_value).sum()) >= MIN_TARGET_VOXELS
+            if holding >= 2:
+                return
+    raise TrainingError(
+        f"training on label value {label_value} (--label-value) needs at least 2 submitted cases whose label "
+        f"has at least {MIN_TARGET_VOXELS} voxels of that value; only {holding} of the datastore's {len(pairs)} "
+        f"submitted case(s) with a label hold it: choose another label value, or none to learn every labelled voxel"
+    )
 
 
 def _record_pid(status_path: Path, pid: int) -> None:
@@ -231,8 +293,8 @@ def start_training(
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_file():
         raise TrainingError(f"model checkpoint not found: {checkpoint}")
-    _check_enough_labels(store_root)
-    fd = _take_lock(store_root)
+    _check_enough_labels(store_root, cfg.label_value)
+    fd = _take_lock_to_start(store_root)
     if fd is None:
         running = [j for j in list_jobs(store_root) if j.get("state") not in FINAL_STATES]
         which = f" (job {running[0]['job_id']})" if running else ""
@@ -253,17 +315,22 @@ def start_training(
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(cfg.threads)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        with open(folder / "worker.log", "ab") as log:
-            process = subprocess.Popen(
-                [python or sys.executable, "-m", "SegAssistLib.learning.jobs", str(folder), str(fd)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                pass_fds=(fd,) if fcntl is not None else (),
-                start_new_session=True,  # Ctrl-C in a terminal goes to the CLI, which cancels cleanly
-            )
-        _record_pid(folder / "status.json", process.pid)
+        try:
+            with open(folder / "worker.log", "ab") as log:
+                process = subprocess.Popen(
+                    [python or sys.executable, "-m", "SegAssistLib.learning.jobs", str(folder), str(fd)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    pass_fds=(fd,) if fcntl is not None else (),
+                    start_new_session=True,  # Ctrl-C in a terminal goes to the CLI, which cancels cleanly
+                )
+            _record_pid(folder / "status.json", process.pid)
+        except BaseException:  # Ctrl-C or SIGTERM in the caller: a worker that started stops at once
+            with contextlib.suppress(OSError):
+                (folder / "cancel").touch()
+            raise
     finally:
         os.close(fd)  # the worker holds its own copy of the locked descriptor
     # collect its exit status as soon as it ends, whoever started it (else a zombie until we exit)
@@ -405,8 +472,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("usage: python -m SegAssistLib.learning.jobs <job folder> [<locked fd>]", file=sys.stderr)
         return 2
     # argv[1] is the locked descriptor inherited from the parent: keeping it open holds the lock
-    return _worker(Path(argv[0]))
+    lock_fd = int(argv[1]) if len(argv) > 1 and argv[1].isdigit() else None
+    code = _worker(Path(argv[0]))
+    # the final status is written (run_training's last write, or the failure above): the datastore is
+    # free for the next job now, not after the interpreter's teardown
+    _release_lock(lock_fd)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the worker without the interpreter's teardown (torch's takes seconds and does nothing the
+    job needs: every file it wrote is complete), its output flushed to worker.log first."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

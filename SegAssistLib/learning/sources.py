@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import SimpleITK as sitk
 
@@ -65,12 +65,20 @@ def find_sources(source: Path, recursive: bool = True, skip: Optional[Path] = No
     roots = msd or [source]
     found: List[Tuple[Path, str]] = []
     skipped = None if skip is None else skip.resolve()
+    seen: Set[Tuple[int, int]] = set()
     for root in roots:
-        found.extend(_scan(root, recursive, skipped))
+        found.extend(_scan(root, recursive, skipped, seen))
     return sorted(found, key=lambda item: str(item[0]))
 
 
-def _scan(folder: Path, recursive: bool, skip: Optional[Path]) -> List[Tuple[Path, str]]:
+def _scan(folder: Path, recursive: bool, skip: Optional[Path], seen: Set[Tuple[int, int]]) -> List[Tuple[Path, str]]:
+    """The images in ``folder`` (and below). ``seen``: the folders (device, inode) scanned already, so
+    a folder reached again through a symbolic link (to an ancestor: a loop; or to a sibling) is
+    not scanned again, and each image is found once."""
+    info = folder.stat()
+    if (info.st_dev, info.st_ino) in seen:
+        return []
+    seen.add((info.st_dev, info.st_ino))
     found: List[Tuple[Path, str]] = []
     if is_dicom_series_dir(folder):
         found.append((folder, folder.name))
@@ -80,5 +88,5 @@ def _scan(folder: Path, recursive: bool, skip: Optional[Path]) -> List[Tuple[Pat
         if is_image_file(child):
             found.append((child, image_stem(child)))
         elif child.is_dir() and recursive and (skip is None or child.resolve() != skip):
-            found.extend(_scan(child, recursive, skip))
+            found.extend(_scan(child, recursive, skip, seen))
     return found

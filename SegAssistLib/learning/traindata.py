@@ -48,7 +48,8 @@ def check_enough_cases(n_cases: int) -> None:
     if n_cases < 2:
         raise TrainingError(
             f"training needs at least 2 submitted cases with a non-empty label (one to learn from, one "
-            f"to validate on); the datastore has {n_cases}"
+            f"to validate on); the datastore has {n_cases} (when one label value is learned, --label-value, "
+            f"only the cases whose label holds enough voxels of that value count)"
         )
 
 

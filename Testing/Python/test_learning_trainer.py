@@ -371,6 +371,7 @@ def test_learn_cli(setup, capsys, monkeypatch):
     register(parser.add_subparsers(dest="command"))
 
     def run(*argv: str):
+        capsys.readouterr()  # what a command that raised printed (its progress line) is not the next one's
         args = parser.parse_args(["learn", *argv])
         code = args.func(args)
         return code, capsys.readouterr().out
