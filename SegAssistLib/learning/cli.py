@@ -280,7 +280,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _open(args) as store:
         _progress(args, f"exporting the submitted and reviewed cases to {args.out} ...")
         out = export_msd(store, args.out, label_names=args.label_name or ("foreground",),
-                         seg_nrrd=not args.no_seg_nrrd)
+                         seg_nrrd=not args.no_seg_nrrd,
+                         on_case=lambda done, total, case: _progress(args, f"[{done}/{total}]  {case.id}  {case.name}"))
     n = len(json.loads((out / "dataset.json").read_text())["training"])
     _print(args, {"folder": str(out), "cases": n}, f"exported {n} case(s) to {out}")
     return 0

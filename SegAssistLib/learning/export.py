@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -99,8 +99,10 @@ def export_msd(
     dataset_name: str = "SegAssist",
     modality: Optional[str] = None,
     seg_nrrd: bool = True,
+    on_case: Optional[Callable[[int, int, CaseRecord], None]] = None,
 ) -> Path:
-    """Export each case of the given statuses with its latest submitted label version.
+    """Export each case of the given statuses with its latest submitted label version;
+    ``on_case(done, total, case)`` after each (a store of CT scans takes minutes).
 
     ``dataset.json`` names every label value the exported labels hold: ``label_names[n - 1]`` for
     value ``n``, ``Segment n`` past the names given (as the ``.seg.nrrd`` files do).
@@ -119,7 +121,7 @@ def export_msd(
         modality = guess_modality(store.load_image(pairs[0][0].id))
     training, provenance = [], []
     values = set(range(1, len(label_names) + 1))  # every named label, and every value a label holds
-    for case, label in pairs:
+    for done, (case, label) in enumerate(pairs, 1):
         stem = stems[case.id]
         _copy_checked(store.image_path(case.id), case.image_sha256, out / "imagesTr" / f"{stem}.nii.gz", "image")
         _copy_checked(
@@ -149,6 +151,8 @@ def export_msd(
                 "seconds_spent": label.seconds_spent,
             }
         )
+        if on_case is not None:
+            on_case(done, len(pairs), case)
     dataset = {
         "name": dataset_name,
         "description": "Exported from a SegAssist datastore",

@@ -361,3 +361,18 @@ def test_import_of_nothing_leaves_no_store_behind(tmp_path: Path, capsys):
     assert main(["learn", "import", str(tmp_path / "one"), "--store", str(store_root), "--user", "admin"]) == 0
     with Datastore(store_root) as ds:
         assert len(ds.list_cases()) == 1
+
+
+def test_export_prints_each_case_as_it_is_written(store, tmp_path: Path, capsys):
+    """An export said nothing until its last case was written (minutes for a store of CT scans)."""
+    store_root, _ = store
+    out = tmp_path / "export"
+    assert main(["learn", "export", str(out), "--store", str(store_root)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    progress = [line for line in lines if line.startswith("[")]
+    assert [line.split("]")[0] + "]" for line in progress] == ["[1/3]", "[2/3]", "[3/3]"]
+    assert lines[-1] == f"exported 3 case(s) to {out}"
+    # with --json the progress goes to stderr, and stdout is the JSON alone
+    assert main(["learn", "export", str(tmp_path / "again"), "--store", str(store_root), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["cases"] == 3 and "[3/3]" in captured.err
