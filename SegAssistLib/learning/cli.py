@@ -554,6 +554,7 @@ def cmd_next(args: argparse.Namespace) -> int:
             store, engine, args.strategy, seed=args.seed, user=args.user, lock=args.lock,
             lock_ttl_s=args.hours * 3600.0, with_proposal=not args.no_proposal, diversity_weight=args.diversity_weight,
             max_candidates=args.max_candidates,
+            on_progress=lambda done, total: _progress(args, f"[{done}/{total}] candidate(s) scored with the model"),
         )
         data = result.to_dict()
         text = f"next case: {result.case.id} ({result.case.name}), {args.strategy} score {result.score.score:.4f}"

@@ -376,3 +376,12 @@ def test_export_prints_each_case_as_it_is_written(store, tmp_path: Path, capsys)
     assert main(["learn", "export", str(tmp_path / "again"), "--store", str(store_root), "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["cases"] == 3 and "[3/3]" in captured.err
+
+
+def test_next_prints_each_candidate_the_model_scores(store, capsys):
+    """Ranking by uncertainty runs the model on every candidate (seconds each): it said nothing meanwhile."""
+    store_root, checkpoint = store
+    assert main(["learn", "next", "--store", str(store_root), "--strategy", "uncertainty", "--checkpoint",
+                 str(checkpoint), "--no-proposal"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "[1/1] candidate(s) scored with the model" in lines and lines[-1].startswith("next case: ")
