@@ -132,7 +132,7 @@ def register(subparsers) -> None:
                    help="promote only when the validation Dice beats the current version's by more (default 0)")
     p.add_argument("--label-value", type=label_value, help="learn one label value (default: every labelled voxel)")
     p.add_argument("--threads", type=int, help="torch threads of the job (default 1)")
-    p.add_argument("--seed", type=int, help="seed of the training run (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the training run (default: a new one per run, recorded)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--no-warm-start", action="store_true", help="start from the base model, not the current version")
     p.add_argument("--detach", action="store_true",

@@ -77,6 +77,10 @@ def load_full_version(base: LoadedModel, path: Union[str, Path]) -> nn.Module:
         network.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, KeyError) as exc:
         raise AdapterError(f"fine-tuned weights {path.name} do not fit the base network: {exc}") from exc
+    state = payload["state_dict"]
+    broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:  # a network of NaN answers nothing and poisons every retraining warm-started from it
+        raise AdapterError(f"fine-tuned weights {path.name} hold NaN or infinite values ({', '.join(broken[:3])})")
     return network.eval()
 
 

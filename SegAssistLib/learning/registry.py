@@ -78,6 +78,7 @@ class VersionRecord:
     warm_start: Optional[str] = None  # the version whose weights the training started from
     reason: str = ""
     config: Dict[str, Any] = field(default_factory=dict)
+    prompt_mix: Dict[str, Any] = field(default_factory=dict)  # the simulated prompts it trained on
     job_id: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:

@@ -12,8 +12,11 @@ One run (:func:`run_training`):
 4. Train with the base model's own recipe (``SegAssistLib.training``): patches cut by
    ``sample_patch`` exactly as the engine cuts them, a simulated first prompt, then either a
    corrupted previous mask with a correction or a few rounds of the network's own predictions
-   with corrections at the largest error, and DiceCE on the last round. Only the adapter's
-   parameters train; the learning rate follows a cosine over the run.
+   with corrections at the largest error, and DiceCE on the last round. The simulated prompts
+   follow the mix of the training labels' prompt logs (``prompt_mix``). Only the adapter's
+   parameters train; the learning rate follows a cosine over the run. A loss that is not finite
+   ends the run at once (nothing is registered), and a candidate whose parameters are not all
+   finite is never registered.
 5. Score the candidate on the same held-out cases; register it (file written once, atomically)
    and promote it only if it beats the incumbent by more than ``min_improvement``.
 
@@ -30,9 +33,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -49,6 +53,7 @@ from SegAssistLib.learning.adapters import AdapterKind, AdapterSet, apply_adapte
 from SegAssistLib.learning.datastore import open_datastore
 from SegAssistLib.learning.deploy import FULL, base_copy, save_full_version, version_network
 from SegAssistLib.learning.loop_errors import TrainingError
+from SegAssistLib.learning.prompt_mix import DEFAULT_MIX, PromptMix, mix_from_logs
 from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord, version_label
 from SegAssistLib.learning.traindata import holdout_split, load_labelled, usable_cases
 from SegAssistLib.learning.validation import ValidationResult, validate
@@ -85,7 +90,7 @@ class AdapterTrainConfig:
     min_improvement: float = 0.0  # promote only if val Dice > incumbent's + this
     warm_start: bool = True
     label_value: Optional[int] = None  # None: every labelled voxel is the structure
-    seed: int = 0
+    seed: Optional[int] = None  # None: a new seed per run, recorded with the version's config
     device: str = "cpu"  # "cuda" for a GPU: training and validation run there
     threads: int = 1  # applied by the background job (see jobs), not by run_training
     nice: int = 10  # idem: the job's CPU priority below interactive inference (POSIX)
@@ -110,7 +115,7 @@ class AdapterTrainConfig:
                 f"time_budget_s must be a positive number of seconds up to {MAX_TRAIN_BUDGET_S:.0f} (a week), "
                 f"got {self.time_budget_s!r}"
             )
-        if not is_seed(self.seed):
+        if self.seed is not None and not is_seed(self.seed):
             raise TrainingError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         lr = self.lr
         if not (math.isfinite(lr) and lr >= 0):
@@ -258,15 +263,22 @@ def simulate_prompts(
     patch: int,
     max_rounds: int,
     corrupt_share: float,
+    mix: PromptMix = DEFAULT_MIX,
 ) -> Tuple[List[torch.Tensor], List[List[PatchPrompt]]]:
     """Previous masks and prompt lists for a batch: the simulated interaction the step learns from.
 
     The same scheme as the base model's training: a first prompt; for a share of the batch a
     corrupted previous mask (as an imperfect proposal would be) with a correction at its largest
-    error; then 0..max_rounds rounds of the network's own answer plus a correction.
+    error; then 0..max_rounds rounds of the network's own answer plus a correction. Prompt kinds
+    are drawn with ``mix``.
     """
     device = next(network.parameters()).device
-    starts = [simulation.starting_point(gt, rng, corrupt_share=corrupt_share) for gt in targets]
+    scribbles = mix.correction_scribble_share
+    starts = [
+        simulation.starting_point(gt, rng, corrupt_share=corrupt_share, weights=mix.first_kind_weights,
+                                  scribble_share=scribbles)
+        for gt in targets
+    ]
     prompts = [start_prompts for start_prompts, _ in starts]
     prevs = [torch.zeros((patch,) * 3) if prior is None else torch.from_numpy(prior.astype(np.float32))
              for _, prior in starts]
@@ -278,7 +290,7 @@ def simulate_prompts(
             for _ in range(rounds):
                 pred = (network(_inputs(images, prevs, prompts, patch).to(device))[:, 0] > 0).cpu()
                 for i, gt in enumerate(targets):
-                    correction = simulation.correction_prompt(gt, pred[i].numpy(), rng)
+                    correction = simulation.correction_prompt(gt, pred[i].numpy(), rng, scribbles)
                     if correction is not None:
                         prompts[i].append(correction)
                     prevs[i] = pred[i].float()
@@ -366,11 +378,14 @@ def train_step(
     patch: int,
     cfg: AdapterTrainConfig,
     lr: float,
+    mix: PromptMix = DEFAULT_MIX,
 ) -> float:
+    """One optimiser step; the loss. A loss that is not finite raises :class:`NonFiniteLossError`
+    before the step, so the parameters stay as they were."""
     network = candidate.network
     images, targets = sample_batch(cases, rng, patch, cfg.batch_size)
     prevs, prompts = simulate_prompts(
-        network, images, targets, rng, patch, cfg.max_correction_rounds, cfg.corrupt_share
+        network, images, targets, rng, patch, cfg.max_correction_rounds, cfg.corrupt_share, mix
     )
     network.train()
     device = next(network.parameters()).device
@@ -379,10 +394,25 @@ def train_step(
     for group in optimiser.param_groups:
         group["lr"] = lr
     loss = loss_fn(network(x), y)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"the training loss became {value} (learning rate {lr:.3g})")
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     optimiser.step()
-    return float(loss.detach())
+    return value
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or the parameters became NaN or infinite: the run cannot go on (usually a learning
+    rate too high). Nothing is registered."""
+
+    code = "training_diverged"
+
+
+def _non_finite_parameters(candidate: _Candidate) -> int:
+    """How many trainable tensors of the candidate hold NaN or infinity."""
+    return sum(not bool(torch.isfinite(p).all()) for p in candidate.parameters)
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -423,7 +453,9 @@ def run_training(
     def elapsed() -> float:
         return time.perf_counter() - t_start
 
-    status.update(force=True, state="running", phase="loading")
+    if cfg.seed is None:  # a new seed per run: a retraining on the same labels draws new samples
+        cfg = replace(cfg, seed=secrets.randbelow(MAX_SEED + 1))
+    status.update(force=True, state="running", phase="loading", seed=cfg.seed)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     store = open_datastore(store_root)
@@ -439,11 +471,12 @@ def run_training(
         by_id = {c.id: (c, lv) for c, lv in pairs}
         val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)
         train_cases = [lc.train_case() for lc in load_labelled(store, [by_id[i] for i in train_ids], cfg.label_value)]
+        mix = mix_from_logs(store.prompt_log(by_id[i][1].id) for i in train_ids)
     finally:
         store.close()
     if not train_cases or not val_cases:
         raise TrainingError("training needs at least one training and one validation case")
-    status.update(force=True, train_cases=len(train_cases), val_cases=len(val_cases))
+    status.update(force=True, train_cases=len(train_cases), val_cases=len(val_cases), prompt_mix=mix.to_dict())
 
     # the incumbent: the current version if it belongs to these base weights
     state = registry.read()
@@ -485,7 +518,13 @@ def run_training(
             break
         progress = max(step / cfg.max_steps, t_train / train_budget if train_budget > 0 else 1.0)
         lr = cfg.lr * max(0.05, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-        losses.append(train_step(candidate, optimiser, loss_fn, train_cases, rng, patch, cfg, lr))
+        try:
+            losses.append(train_step(candidate, optimiser, loss_fn, train_cases, rng, patch, cfg, lr, mix))
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"{exc} at step {step + 1}: the run stopped and registered nothing; try a lower learning_rate "
+                f"(this run: {cfg.lr:g})"
+            ) from None
         step += 1
         status.update(step=step, loss=losses[-1], loss_avg=float(np.mean(losses[-20:])), lr=lr,
                       elapsed_s=elapsed(), train_seconds=time.perf_counter() - t_train0)
@@ -514,6 +553,12 @@ def run_training(
             f"validation took {elapsed():.1f} s): nothing registered",
         )
 
+    broken = _non_finite_parameters(candidate)
+    if broken:
+        raise NonFiniteLossError(
+            f"after {step} steps {broken} trainable tensor(s) hold NaN or infinity: nothing registered; try a "
+            f"lower learning_rate (this run: {cfg.lr:g})"
+        )
     engine.swap_network(candidate.network, "candidate")
     status.update(force=True, phase="validating")
     cand_val: Optional[ValidationResult] = validate(engine, val_cases, cfg.val_clicks, stop)
@@ -539,6 +584,7 @@ def run_training(
         "val_cases": val_ids,
         "steps": step,
         "config": cfg.to_dict(),
+        "prompt_mix": mix.to_dict(),
     }
 
     def writer(path: Path, version_id: str) -> None:
@@ -564,6 +610,7 @@ def run_training(
             "warm_start": candidate.warm_from,
             "reason": reason,
             "config": cfg.to_dict(),
+            "prompt_mix": mix.to_dict(),
             "job_id": job_id,
         },
         promote=better,

@@ -7,7 +7,7 @@ network learns to answer the prompts users and benchmarks actually give.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -19,6 +19,7 @@ from SegAssistLib.evaluation.simulator import largest_component, most_interior_v
 
 FIRST_KINDS = ("point", "box3d", "box2d", "scribble", "lasso")
 FIRST_KIND_WEIGHTS = (0.45, 0.13, 0.14, 0.14, 0.14)
+CORRECTION_SCRIBBLE_SHARE = 0.15  # corrections drawn as a scribble rather than a click
 # A click or a scribble inside one structure names that structure; only a prompt that shows the
 # extent (a box, an outline) can name a group of touching structures such as the whole heart.
 EXTENT_KINDS = ("box3d", "box2d", "lasso")
@@ -110,10 +111,19 @@ def _lasso(mask, rng, positive: bool = True) -> Optional[PatchPrompt]:
     return PatchPrompt("lasso", positive, _lift(verts, axis, index))
 
 
-def first_prompt(mask: np.ndarray, rng: np.random.Generator, kinds: Sequence[str] = FIRST_KINDS) -> PatchPrompt:
-    """A first prompt of one of ``kinds`` (drawn with the default weights, renormalised)."""
-    weights = np.asarray([FIRST_KIND_WEIGHTS[FIRST_KINDS.index(k)] for k in kinds])
-    kind = rng.choice(list(kinds), p=weights / weights.sum())
+def first_prompt(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    kinds: Sequence[str] = FIRST_KINDS,
+    weights: Optional[Mapping[str, float]] = None,
+) -> PatchPrompt:
+    """A first prompt of one of ``kinds``, drawn with ``weights`` (kind -> weight; default
+    :data:`FIRST_KIND_WEIGHTS`), renormalised over ``kinds``."""
+    table = weights if weights is not None else dict(zip(FIRST_KINDS, FIRST_KIND_WEIGHTS))
+    p = np.asarray([float(table.get(k, 0.0)) for k in kinds])
+    if not p.sum() > 0:  # none of these kinds has weight: draw them evenly
+        p = np.ones(len(kinds))
+    kind = rng.choice(list(kinds), p=p / p.sum())
     prompt: Optional[PatchPrompt] = None
     if kind == "box3d":
         prompt = _box3d(mask, rng)
@@ -145,12 +155,18 @@ def largest_error(target: np.ndarray, prediction: np.ndarray):
     return best, best_positive
 
 
-def correction_prompt(target: np.ndarray, prediction: np.ndarray, rng: np.random.Generator) -> Optional[PatchPrompt]:
-    """A click (sometimes a scribble) at the most interior voxel of the largest error region."""
+def correction_prompt(
+    target: np.ndarray,
+    prediction: np.ndarray,
+    rng: np.random.Generator,
+    scribble_share: float = CORRECTION_SCRIBBLE_SHARE,
+) -> Optional[PatchPrompt]:
+    """A click (a scribble with probability ``scribble_share``) at the most interior voxel of the
+    largest error region."""
     region, positive = largest_error(target, prediction)
     if region is None:
         return None
-    if rng.random() < 0.15 and region.sum() > 20:
+    if rng.random() < scribble_share and region.sum() > 20:
         axis, index, sl = _slice_through(region, rng)
         scribble = _scribble_on(sl, axis, index, bool(positive), rng)
         if scribble is not None:
@@ -180,20 +196,26 @@ def corrupt_mask(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def starting_point(
-    mask: np.ndarray, rng: np.random.Generator, kinds: Sequence[str] = FIRST_KINDS, corrupt_share: float = 0.0
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    kinds: Sequence[str] = FIRST_KINDS,
+    corrupt_share: float = 0.0,
+    weights: Optional[Mapping[str, float]] = None,
+    scribble_share: float = CORRECTION_SCRIBBLE_SHARE,
 ) -> Tuple[List[PatchPrompt], Optional[np.ndarray]]:
     """How a training sample begins: (prompts, previous mask or ``None``).
 
     Usually a first prompt on an empty mask; with probability ``corrupt_share`` an imperfect previous
     mask instead (as after an earlier session or a pre-segmentation) with a correction at its largest
-    error, half the time after the first prompt.
+    error, half the time after the first prompt. ``weights``/``scribble_share``: see
+    :func:`first_prompt` and :func:`correction_prompt`.
     """
-    prompts = [first_prompt(mask, rng, kinds)]
+    prompts = [first_prompt(mask, rng, kinds, weights)]
     if rng.random() >= corrupt_share:
         return prompts, None
     prior = corrupt_mask(mask, rng)
-    correction = correction_prompt(mask, prior, rng)
+    correction = correction_prompt(mask, prior, rng, scribble_share)
     prompts = ([] if rng.random() < 0.5 else prompts) + ([correction] if correction else [])
     if not prompts:
-        prompts = [first_prompt(mask, rng, kinds)]
+        prompts = [first_prompt(mask, rng, kinds, weights)]
     return prompts, prior

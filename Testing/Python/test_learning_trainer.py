@@ -605,3 +605,39 @@ def test_salts_singular_value_scales_are_not_pulled_towards_zero(tmp_path: Path)
     assert all(torch.equal(p, torch.ones_like(p)) for p in candidate.undecayed)
     assert all(float(p.abs().max()) < 0.1 for p in shift_like)  # decayed, as before
     assert len(_Candidate(base, AdapterRegistry(tmp_path), None, quick(kind="lora")).param_groups()) == 1
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_registers_nothing(setup, tmp_path: Path):
+    """A learning rate far too high sends the loss to NaN within a few steps: the run stops there,
+    names the cause, and registers nothing (a NaN version would answer nothing and, promoted,
+    poison every retraining warm-started from it)."""
+    store_root, ckpt, _ = setup
+    with pytest.raises(TrainingError, match="lower learning_rate") as failure:
+        run_training(store_root, ckpt, quick(learning_rate=1e12, max_steps=40, min_improvement=-1.0))
+    assert failure.value.code == "training_diverged"
+    assert AdapterRegistry(store_root).read().versions == []
+
+
+def test_fine_tuned_weights_holding_nan_are_refused(tmp_path: Path):
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning.deploy import base_copy, load_full_version, save_full_version
+
+    base = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt"))
+    network = base_copy(base)
+    with torch.no_grad():
+        next(network.parameters()).view(-1)[0] = float("nan")
+    save_full_version(tmp_path / "v1-full.pt", network, base.config, base.identity, {})
+    with pytest.raises(AdapterError, match="NaN"):
+        load_full_version(base, tmp_path / "v1-full.pt")
+
+
+def test_each_run_draws_its_own_seed_unless_given_one_and_records_it(setup):
+    """Two retrainings on the same labels would otherwise replay the same patches and prompts."""
+    store_root, ckpt, _ = setup
+    first = run_training(store_root, ckpt, quick(seed=None, max_steps=2))
+    second = run_training(store_root, ckpt, quick(seed=None, max_steps=2))
+    given = run_training(store_root, ckpt, quick(seed=7, max_steps=2))
+    seeds = [r.version.config["seed"] for r in (first, second, given)]
+    assert all(isinstance(s, int) and 0 <= s <= 2**32 - 1 for s in seeds)
+    assert seeds[0] != seeds[1] and seeds[2] == 7
+    assert AdapterTrainConfig().seed is None
