@@ -327,9 +327,23 @@ class Datastore:
             self._raise_if_duplicate(*hashes)
             raise
         except BaseException:
-            path.unlink(missing_ok=True)
+            self._drop_unrecorded_file(path, "cases", case_id)
             raise
         return self.get_case(case_id)
+
+    def _drop_unrecorded_file(self, path: Path, table: str, row_id: str) -> None:
+        """After a failed write: delete its new file unless the row that names it was committed.
+
+        An interrupt (Ctrl-C) can land after ``COMMIT``: the row is saved, and deleting its file would
+        turn a saved label into a lost one. When the store cannot tell, the file stays (an orphan file
+        costs disk space; a row without its file is lost work).
+        """
+        try:
+            recorded = bool(self._read(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)))
+        except sqlite3.Error:
+            return
+        if not recorded:
+            path.unlink(missing_ok=True)
 
     def _raise_if_duplicate(self, *hashes: str) -> None:
         marks = ", ".join("?" * len(hashes))
@@ -608,7 +622,7 @@ class Datastore:
                         (CaseStatus.IN_PROGRESS.value, now, case_id),
                     )
         except BaseException:
-            path.unlink(missing_ok=True)
+            self._drop_unrecorded_file(path, "labels", label_id)
             raise
         return self.get_label(label_id)
 

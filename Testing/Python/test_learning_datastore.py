@@ -508,6 +508,39 @@ def test_a_failed_commit_leaves_no_label_behind_and_the_store_writable(store: Da
     np.testing.assert_array_equal(store.load_label(first.id), box_mask(case.shape, (1, 1, 1), (4, 4, 4)))
 
 
+class _InterruptAfterCommit:
+    """The store's SQLite connection, with a Ctrl-C that lands just after the next ``COMMIT`` went
+    through (a signal's timing, which a test cannot arrange for real)."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        out = self.conn.execute(sql, *args)
+        if sql == "COMMIT":
+            raise KeyboardInterrupt
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_an_interrupt_just_after_the_commit_keeps_the_saved_label_and_its_file(store: Datastore):
+    case = add_case(store)
+    real = store._conn
+    store._conn = _InterruptAfterCommit(real)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_label(case.id, box_mask(case.shape, (2, 2, 2), (6, 6, 6)), "alice")
+    with pytest.raises(KeyboardInterrupt):
+        add_case(store, seed=5, name="second")
+    store._conn = real
+    saved = store.latest_label(case.id, submitted_only=True)  # the row was committed: so is its file
+    assert saved is not None and store.verify().ok
+    np.testing.assert_array_equal(store.load_label(saved.id), box_mask(case.shape, (2, 2, 2), (6, 6, 6)))
+    second = [c for c in store.list_cases() if c.name == "second"]
+    assert len(second) == 1 and store.load_image(second[0].id).array.shape == case.shape
+
+
 def test_recover_removes_only_old_leftovers(store: Datastore):
     case = add_case(store)
     folder = store.root / "labels" / case.id
