@@ -266,8 +266,9 @@ class AdapterRegistry:
         other base weights is never a step back: it cannot answer with the current one's base model).
         ``to="base"`` goes to the base model; ``to="v2"`` to that version, which must have been
         promoted once (a rejected version never beat its incumbent). The replaced version becomes
-        ``rolled_back``, unless the target is newer than it (going forward again after a rollback
-        leaves it promoted, so one step back returns to it). ``base_identity``, when given, is the
+        ``rolled_back``, and so does every promoted version of its base weights between it and an older
+        target (skipped on the way back: out of service too); going forward again after a rollback leaves the version
+        it leaves promoted, so one step back returns to it. ``base_identity``, when given, is the
         loaded base model's: a target version made for other base weights is refused, whether named
         or one step back (never skipped for an older one).
         """
@@ -308,7 +309,14 @@ class AdapterRegistry:
             target_id = target.id if target is not None else None
             moving_forward = target is not None and current is not None and target.number > current.number
             if current is not None and current.id != target_id and not moving_forward:
-                current.status = ROLLED_BACK  # judged worse; going forward again judges nothing
+                # judged worse, with every promoted version of its base weights that the rollback skipped
+                # on its way back (else "one step back" from a later version could bring back one the
+                # operator took out of service); going forward again judges nothing
+                floor = target.number if target is not None else 0
+                for record in state.versions:
+                    skipped = floor < record.number < current.number and record.base_identity == current.base_identity
+                    if record.status == PROMOTED and (skipped or record is current):
+                        record.status = ROLLED_BACK
             if target is not None:
                 target.status = PROMOTED
             self._event(state, "rollback", **{"from": state.current, "to": target_id, "user": user})

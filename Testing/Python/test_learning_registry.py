@@ -49,6 +49,21 @@ def test_going_forward_after_a_rollback_keeps_the_older_version_one_step_back(tm
     assert registry.read().current == "v3" and registry.rollback() is None
 
 
+def test_one_step_back_never_returns_a_version_a_rollback_skipped(tmp_path: Path):
+    """v1 and v2 in service, the operator goes back to the base model, a new v3 wins over the base
+    model: one step back from v3 is the base model, not v1, which the operator took out of service."""
+    registry = AdapterRegistry(tmp_path)
+    add(registry)
+    add(registry)
+    assert registry.rollback(to="base") is None
+    assert [v.status for v in registry.versions()] == ["rolled_back", "rolled_back"]
+    add(registry)
+    assert registry.rollback() is None and registry.read().current is None
+    # named, a skipped version can still come back (and a step back from it goes past it)
+    assert registry.rollback(to="v1").id == "v1" and registry.get("v1").status == "promoted"
+    assert registry.rollback() is None
+
+
 def test_the_command_line_rolls_back_only_to_versions_of_the_loaded_base_model(tmp_path: Path, capsys):
     import argparse
 
