@@ -200,6 +200,8 @@ class BackendStatus:
         where = "local backend" if self.mode == LOCAL else f"remote backend {self.url}"
         if not self.connected:
             return f"{where}: {self.message or 'not connected'}"
+        if not self.model:  # running (local_status), not asked which model it serves
+            return f"{where}: {self.message or 'running'}"
         return f"{where}: connected, model {self.model_text} ({self.licence}) on {self.devices}"
 
 

@@ -405,6 +405,8 @@ def test_a_local_backend_is_started_and_stopped_for_the_user(ctx, tiny_checkpoin
     try:
         assert status.connected and status.mode == LOCAL and status.model == "tiny-test", status
         assert manager.local_status().connected and "started here" in manager.local_status().message
+        assert manager.local_status().summary() == "local backend: running (started here)"
+        assert status.summary().startswith("local backend: connected, model tiny-test")
         volume = _volume(ctx.scene)
         slicer.util.updateVolumeFromArray(
             volume, (np.random.default_rng(0).normal(0, 1, (20, 30, 40))).astype(np.float32)
