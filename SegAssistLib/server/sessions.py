@@ -74,7 +74,12 @@ class SessionStore:
         return sum(1 for s in self._sessions.values() if s.user == user) + self._reserved.get(user, 0)
 
     def reserve(self, user: str) -> None:
-        """Hold a place for a session about to open; raises 429 when a limit is reached."""
+        """Hold a place for a session about to open; raises 429 when a limit is reached.
+
+        Idle sessions are expired first: the sweep runs only every few seconds, and a session every
+        other route already answers as expired must not hold a place.
+        """
+        self.expire_idle()
         if self.count(user) >= self.max_per_user:
             raise ApiError(
                 429, ErrorCode.TOO_MANY_SESSIONS,

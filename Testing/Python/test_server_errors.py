@@ -313,6 +313,21 @@ def test_idle_sessions_expire(server_factory, blob_volume):
         other.status()
 
 
+def test_a_session_past_its_idle_timeout_no_longer_holds_a_place_before_the_sweep(server_factory, blob_volume):
+    clock = ManualClock()  # a long timeout: the background sweep (every 30 s) does not run in this test
+    server = server_factory.start(clock=clock, idle_timeout_s=120, max_sessions_per_user=1, max_sessions_total=1)
+    client = SegAssistClient(server.url, TOKENS["alice"])
+    first = client.open_session(blob_volume)
+    with pytest.raises(LimitExceededError, match="limit"):
+        client.open_session(blob_volume)
+    clock.advance(121)
+    second = SegAssistClient(server.url, TOKENS["bob"]).open_session(blob_volume)  # the server's limit too
+    with pytest.raises(SessionNotFoundError):
+        first.status()
+    second.close()
+    client.open_session(blob_volume).close()
+
+
 def _deadline(seconds: float):
     import time
 
