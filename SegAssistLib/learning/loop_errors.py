@@ -6,7 +6,7 @@ Each carries a machine-readable ``code`` (the server maps them to 4xx replies).
 from __future__ import annotations
 
 from SegAssistLib.errors import SegAssistError
-from SegAssistLib.learning.errors import AdapterError
+from SegAssistLib.learning.errors import AdapterError, CorruptDataError
 
 
 class TrainingError(SegAssistError, RuntimeError):
@@ -37,6 +37,13 @@ class RegistryError(AdapterError):
     """The version registry refuses the change (nothing to roll back to, a rejected version, ...)."""
 
     code = "adapter_registry_error"
+
+
+class CorruptRegistryError(RegistryError, CorruptDataError):
+    """The registry file cannot be read (not JSON, not a registry, a damaged record): the store's
+    fault, not the request's. ``rollback --to base`` sets it aside and starts a new one."""
+
+    code = "corrupt_data"
 
 
 class OtherBaseModelError(RegistryError):

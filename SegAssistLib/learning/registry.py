@@ -12,7 +12,7 @@ Layout, under the datastore root::
      "current": "v3" | null,          # null: the base model answers
      "next_number": 4,
      "versions": [VersionRecord, ...],   # oldest first
-     "events": [{"time", "action": "promote" | "reject" | "rollback" | "activate", "from", "to", ...}]}
+     "events": [{"time", "action": "promote" | "reject" | "rollback" | "activate" | "set_aside", "from", "to", ...}]}
 
 Why one JSON file and not SQLite: the registry is small, read far more often than written (the
 server checks it before inference to pick up a new version), and a single atomically replaced file
@@ -27,6 +27,7 @@ a rollback replaced it). Only ``promoted`` and ``rolled_back`` versions can beco
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -36,7 +37,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 from SegAssistLib.files import TMP_PREFIX, atomic_write, atomic_write_bytes, check_format
-from SegAssistLib.learning.loop_errors import OtherBaseModelError, RegistryError, VersionNotFoundError
+from SegAssistLib.learning.loop_errors import (
+    CorruptRegistryError,
+    OtherBaseModelError,
+    RegistryError,
+    VersionNotFoundError,
+)
 
 try:  # POSIX; on Windows the registry is serialised within one process only
     import fcntl
@@ -139,17 +145,25 @@ class AdapterRegistry:
             text = self.path.read_text()
         except FileNotFoundError:
             return RegistryState()
+        # named from the store (a server's reply must not show where its files are)
+        shown = Path(FOLDER) / self.path.name
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise RegistryError(f"the adapter registry {self.path} is not valid JSON: {exc}") from exc
-        check_format(data, self.path, REGISTRY_FORMAT, REGISTRY_FORMAT_VERSION, "adapter registry", RegistryError)
-        return RegistryState(
-            current=data.get("current"),
-            next_number=int(data.get("next_number", 1)),
-            versions=[VersionRecord.from_dict(v) for v in data.get("versions", [])],
-            events=list(data.get("events", [])),
-        )
+            raise CorruptRegistryError(f"the datastore's adapter registry {shown} is not valid JSON: {exc}") from exc
+        stated = data.get("format_version") if isinstance(data, dict) else None
+        newer = isinstance(stated, int) and not isinstance(stated, bool) and stated > REGISTRY_FORMAT_VERSION
+        error = RegistryError if newer else CorruptRegistryError  # a newer registry is not damaged: never set aside
+        check_format(data, shown, REGISTRY_FORMAT, REGISTRY_FORMAT_VERSION, "adapter registry", error)
+        try:
+            return RegistryState(
+                current=data.get("current"),
+                next_number=int(data.get("next_number", 1)),
+                versions=[VersionRecord.from_dict(v) for v in data.get("versions", [])],
+                events=list(data.get("events", [])),
+            )
+        except (RegistryError, ValueError, TypeError, AttributeError) as exc:
+            raise CorruptRegistryError(f"the datastore's adapter registry {shown} is damaged: {exc}") from exc
 
     def versions(self) -> List[VersionRecord]:
         return self.read().versions
@@ -178,11 +192,13 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ writing
 
     @contextmanager
-    def _locked(self) -> Iterator[RegistryState]:
+    def _locked(self, set_aside_damaged: bool = False) -> Iterator[RegistryState]:
         """Exclusive read-modify-write: yields the state; it is written back if no error occurs.
 
         Every write to the folder happens under this lock, so a temporary file found here is the
         leftover of a process killed mid-write (a job stopped by its watchdog): it is removed.
+        ``set_aside_damaged``: a registry that cannot be read is renamed ``registry.damaged-<time>.json``
+        (kept for whoever repairs it) and the change starts from an empty one; version files stay.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._thread_lock, open(self._lock_path, "a+") as lock_file:
@@ -191,7 +207,15 @@ class AdapterRegistry:
             try:
                 for leftover in self.folder.glob(f"{TMP_PREFIX}*"):
                     leftover.unlink(missing_ok=True)
-                state = self.read()
+                try:
+                    state = self.read()
+                except CorruptRegistryError:
+                    if not set_aside_damaged:
+                        raise
+                    aside = self.path.with_name(f"registry.damaged-{time.strftime('%Y%m%d-%H%M%S')}.json")
+                    os.replace(self.path, aside)
+                    state = RegistryState()
+                    self._event(state, "set_aside", file=aside.name)
                 yield state
                 payload = json.dumps(state.to_dict(), indent=1).encode()
                 atomic_write_bytes(self.path, payload, overwrite=True)
@@ -264,7 +288,8 @@ class AdapterRegistry:
         ``to=None`` goes back one step: to the newest promoted version older than the current one and
         made for the same base weights, or to the base model when there is none (a version made for
         other base weights is never a step back: it cannot answer with the current one's base model).
-        ``to="base"`` goes to the base model; ``to="v2"`` to that version, which must have been
+        ``to="base"`` goes to the base model, also from a registry that cannot be read (set aside, see
+        ``_locked``: the way back to a working server); ``to="v2"`` to that version, which must have been
         promoted once (a rejected version never beat its incumbent). The replaced version becomes
         ``rolled_back``, and so does every promoted version of its base weights between it and an older
         target (skipped on the way back: out of service too); going forward again after a rollback leaves the version
@@ -272,7 +297,7 @@ class AdapterRegistry:
         loaded base model's: a target version made for other base weights is refused, whether named
         or one step back (never skipped for an older one).
         """
-        with self._locked() as state:
+        with self._locked(set_aside_damaged=to == BASE) as state:
             current = state.current_record()
             if to is None:
                 if current is None:

@@ -42,8 +42,8 @@ _ERRORS = (
     (loop_errors.TrainingBusyError, 409, ErrorCode.TRAINING_BUSY),
     (loop_errors.TrainingError, 422, ErrorCode.TRAINING_REFUSED),
     (loop_errors.ActiveLearningError, 422, ErrorCode.INVALID_REQUEST),
-    (learning_errors.AdapterError, 409, ErrorCode.VERSION_STATE),
     (learning_errors.CorruptDataError, 500, ErrorCode.CORRUPT_DATA),  # the store's fault, not the request's
+    (learning_errors.AdapterError, 409, ErrorCode.VERSION_STATE),
     (learning_errors.DatastoreError, 422, ErrorCode.INVALID_REQUEST),
 )
 LEARNING_ERRORS = tuple(cls for cls, _, _ in _ERRORS)

@@ -151,3 +151,26 @@ def test_one_step_back_stays_with_the_base_model_of_the_current_version(tmp_path
     assert registry.rollback(to="v3").id == "v3"
     add(registry, base_identity=identity)  # v4, current: one step back skips v3 (another base model)
     assert registry.rollback(base_identity=identity).id == "v1"
+
+
+def test_a_damaged_registry_is_corrupt_data_and_a_newer_one_is_never_set_aside(tmp_path: Path):
+    import json
+
+    import pytest
+
+    from SegAssistLib.learning.errors import CorruptDataError
+    from SegAssistLib.learning.loop_errors import RegistryError
+
+    registry = AdapterRegistry(tmp_path)
+    add(registry)
+    good = registry.path.read_text()
+    for damaged in ("[]", '{"format": "segassist-adapter-registry", "format_version": 1, "versions": [{"id": 3}]}'):
+        registry.path.write_text(damaged)
+        with pytest.raises(CorruptDataError, match="adapters/registry.json"):
+            registry.read()
+    registry.path.write_text(json.dumps(dict(json.loads(good), format_version=99)))
+    with pytest.raises(RegistryError, match="upgrade SegAssist") as refused:
+        registry.rollback(to="base")
+    assert not isinstance(refused.value, CorruptDataError)
+    assert json.loads(registry.path.read_text())["format_version"] == 99  # a newer SegAssist's file: untouched
+    assert not list(registry.folder.glob("registry.damaged-*"))

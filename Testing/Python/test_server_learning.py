@@ -394,6 +394,24 @@ def test_a_damaged_store_is_the_servers_fault_not_the_request(clients, imported,
     assert "missing" in assert_error(reply, 500, "corrupt_data")["message"]
 
 
+def test_a_damaged_registry_is_the_servers_fault_and_rollback_to_base_recovers(learn_server, tmp_path):
+    registry = tmp_path / "store" / "adapters" / "registry.json"
+    registry.parent.mkdir(parents=True, exist_ok=True)
+    registry.write_text("{not json")
+    for path in ("/v1/learn/status", "/v1/learn/versions"):
+        error = assert_error(raw(learn_server, "GET", path), 500, "corrupt_data")
+        assert "adapters/registry.json is not valid JSON" in error["message"]
+        assert str(tmp_path) not in error["message"]  # the server's folders are not the client's business
+    assert raw(learn_server, "POST", "/v1/learn/rollback", json={"to": "v1"}).status_code == 500
+    reply = raw(learn_server, "POST", "/v1/learn/rollback", json={"to": "base"})
+    assert reply.status_code == 200, reply.text
+    versions = raw(learn_server, "GET", "/v1/learn/versions").json()
+    assert versions["current"] is None and versions["versions"] == []
+    assert [e["action"] for e in versions["events"]] == ["set_aside", "rollback"]
+    aside = sorted(registry.parent.glob("registry.damaged-*.json"))
+    assert len(aside) == 1 and aside[0].read_text() == "{not json"  # kept for whoever repairs it
+
+
 def _submit_truths(alice, imported) -> None:
     for case, _, truth in imported:
         label = alice.learning.save_mask(case.id, truth, seconds_spent=10.0)
