@@ -41,6 +41,7 @@ Torch-free: the engine is passed in (anything with ``open_session`` and ``versio
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -53,11 +54,13 @@ from SegAssistLib.api_learning import MAX_SEED, is_seed
 from SegAssistLib.evaluation.simulator import most_interior_voxel
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore
-from SegAssistLib.learning.errors import CaseLockedError, InvalidStateError
+from SegAssistLib.learning.errors import CaseLockedError, CorruptDataError, InvalidStateError
 from SegAssistLib.learning.loop_errors import ActiveLearningError, NoCandidateError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.learning.traindata import foreground
 from SegAssistLib.prompts import PointPrompt
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("first", "random", "uncertainty", "diversity")
 NEEDS_ENGINE = ("uncertainty",)
@@ -333,10 +336,14 @@ class NextCase:
     proposal: Optional[Proposal]
     ranking: List[CaseScore] = field(default_factory=list)
     prior: Optional[StructurePrior] = None
+    prepared: Any = None  # what next_case's ``prepare`` returned for the case
+    #: cases passed over because their stored files are damaged (case id -> the error), to repair
+    skipped: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "case": self.case.to_dict(),
+            "skipped": dict(self.skipped),
             "strategy": self.strategy,
             "score": self.score.to_dict(),
             "proposal": self.proposal.to_dict() if self.proposal is not None else None,
@@ -389,6 +396,7 @@ def rank_cases(
     prior: Optional[StructurePrior] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
     runner: Optional[EngineRunner] = None,
+    unreadable: Optional[Dict[str, str]] = None,
 ) -> List[CaseScore]:
     """Candidates best first under ``strategy``. Deterministic for a given store, model and seed.
 
@@ -399,6 +407,9 @@ def rank_cases(
     called after each case scored with the model (about ``n_perturbations + 2`` clicks each).
     ``runner(job)``, when given, runs ``job(engine)`` where the engine lives (a server queues one job
     per case, so that prompts of open sessions are answered between them); ``engine`` may then be None.
+    A case whose image is damaged or missing is left out of the ranking (and added to ``unreadable``,
+    case id -> error, when given) rather than failing it for every case; only when no case can be
+    read does the error reach the caller.
     """
     if strategy not in STRATEGIES:
         raise ActiveLearningError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
@@ -428,13 +439,21 @@ def rank_cases(
         prior = prior or structure_prior(store, label_value)
         todo, total, done = list(range(len(pool))), len(pool), 0
         scores = [CaseScore(c.id, c.name, -math.inf) for c in pool]
+        damaged: Dict[int, CorruptDataError] = {}
         for _ in range(1 + RESCORING_PASSES):
             for index in todo:
                 c = pool[index]
-                proposal = _propose_case(store, c.id, engine, runner, prior, n_perturbations)
+                try:
+                    proposal = _propose_case(store, c.id, engine, runner, prior, n_perturbations)
+                except CorruptDataError as exc:  # one damaged case must not stop the team's next case
+                    log.warning("case %s (%s) left out of the ranking: %s", c.id, c.name, exc)
+                    damaged[index] = exc
+                    proposal = None
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total)
+                if proposal is None:
+                    continue
                 u = proposal.uncertainty
                 scores[index] = CaseScore(c.id, c.name, u + diversity_weight * div[c.id], uncertainty=u,
                                           diversity=div[c.id], engine_version=proposal.engine_version)
@@ -442,11 +461,19 @@ def rank_cases(
                     _keep_best_proposals(proposals, c.id, proposal, scores)
             # a model promoted while the ranking ran: the cases scored before it are scored again, so
             # that one model's uncertainties are compared (a second promotion meanwhile: once more)
-            latest = scores[todo[-1]].engine_version
-            todo = [i for i, score in enumerate(scores) if score.engine_version != latest]
+            scored = [i for i in todo if i not in damaged]
+            if not scored:
+                break
+            latest = scores[scored[-1]].engine_version
+            todo = [i for i, score in enumerate(scores) if i not in damaged and score.engine_version != latest]
             if not todo:
                 break
             total += len(todo)
+        if unreadable is not None:
+            unreadable.update({pool[i].id: str(exc) for i, exc in damaged.items()})
+        if len(damaged) == len(pool):
+            raise next(iter(damaged.values()))
+        scores = [score for i, score in enumerate(scores) if i not in damaged]
     order = sorted(range(len(scores)), key=lambda i: (-scores[i].score, i))  # ties: import order
     return [scores[i] for i in order]
 
@@ -477,39 +504,58 @@ def next_case(
     label_value: Optional[int] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
     runner: Optional[EngineRunner] = None,
+    prepare: Optional[Callable[[CaseRecord], Any]] = None,
 ) -> NextCase:
     """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
 
     With ``lock`` the case is locked to ``user`` for ``lock_ttl_s`` seconds; a case another annotator
     locked or labelled while this one ranked passes to the next in the ranking (``NoCandidateError``
-    when all were taken).
+    when all were taken). ``prepare(case)``, when given, is called for the chosen case before it is
+    returned (a server puts its image in its image store); its result is ``NextCase.prepared``. A case
+    whose stored image is damaged or missing (``CorruptDataError`` from ranking, proposal or
+    ``prepare``) is passed over, unlocked, and named in ``NextCase.skipped``; only when every case
+    was passed over for it does the error reach the caller.
     """
     if lock and not user:
         raise ActiveLearningError("locking the next case needs the user it is for")
     proposals: Dict[str, Proposal] = {}
     has_model = engine is not None or runner is not None
     prior = structure_prior(store, label_value) if has_model else None
+    skipped: Dict[str, str] = {}
     ranking = rank_cases(
         store, engine, strategy, seed=seed, diversity_weight=diversity_weight, max_candidates=max_candidates,
         n_perturbations=n_perturbations, label_value=label_value, proposals=proposals, prior=prior,
-        on_progress=on_progress, runner=runner,
+        on_progress=on_progress, runner=runner, unreadable=skipped,
     )
+    damage: Optional[CorruptDataError] = None
+    taken = 0
     for best in ranking:
         case = store.get_case(best.case_id)
         if lock:
             try:
                 case = store.lock(case.id, user, ttl_s=lock_ttl_s, unlabelled_only=True)
             except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
+                taken += 1
                 continue
         proposal = proposals.get(case.id)
         if with_proposal and proposal is not None and proposal.engine_version != _engine_version(engine, runner):
             proposal = None  # made by a model replaced since: the annotator gets the current model's
-        if proposal is None and with_proposal and has_model:
-            try:
+        try:
+            if proposal is None and with_proposal and has_model:
                 proposal = _propose_case(store, case.id, engine, runner, prior, n_perturbations)
-            except BaseException:
-                if lock:
-                    store.unlock(case.id, user)
+            prepared = prepare(case) if prepare is not None else None
+        except BaseException as exc:
+            if lock:
+                store.unlock(case.id, user)
+            if not isinstance(exc, CorruptDataError):
                 raise
-        return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior)
-    raise NoCandidateError("every case ranked was taken by other annotators meanwhile; ask again")
+            log.warning("case %s (%s) passed over: %s", case.id, case.name, exc)
+            skipped[case.id], damage = str(exc), exc
+            continue
+        return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior, prepared, skipped)
+    if damage is not None and not taken:  # every case left is damaged: that is the answer
+        raise damage
+    raise NoCandidateError(
+        "every case ranked was taken by other annotators meanwhile"
+        + (f" or has a damaged image ({len(skipped)})" if skipped else "") + "; ask again"
+    )

@@ -557,6 +557,8 @@ def cmd_next(args: argparse.Namespace) -> int:
             on_progress=lambda done, total: _progress(args, f"[{done}/{total}] candidate(s) scored with the model"),
         )
         data = result.to_dict()
+        for case_id, error in result.skipped.items():  # damaged or missing files, for someone to repair
+            _progress(args, f"passed over case {case_id}: {error}")
         text = f"next case: {result.case.id} ({result.case.name}), {args.strategy} score {result.score.score:.4f}"
         if result.proposal is not None:
             p = result.proposal

@@ -373,8 +373,10 @@ async def _next_case(
                 learning.store, None, body.strategy, seed=body.seed, user=user, lock=body.lock,
                 lock_ttl_s=body.lock_ttl_s, with_proposal=body.proposal, diversity_weight=body.diversity_weight,
                 max_candidates=body.max_candidates, runner=on_worker if needs_model else None,
+                prepare=lambda case: _hold_case_image(state, learning, case.id)[0],  # a damaged image: skipped
             )
         )  # fmt: skip
+    image_id = chosen.prepared
 
     def build() -> NextCaseReply:
         return NextCaseReply(
@@ -383,7 +385,6 @@ async def _next_case(
         )  # fmt: skip
 
     try:
-        image_id, _ = await _call(lambda: _hold_case_image(state, learning, chosen.case.id))
         return await run_in_threadpool(build)
     except BaseException:
         if body.lock:  # the caller never learns which case it was: not locked to them for hours

@@ -303,6 +303,22 @@ def test_a_next_case_that_fails_after_locking_leaves_the_case_unlocked(clients, 
     assert alice.learning.next_case(strategy="first", proposal=False).case.id == imported[0][0].id
 
 
+def test_one_damaged_case_is_passed_over_not_a_failure_for_everyone(clients, imported, learn_server, tmp_path):
+    alice, _ = clients
+    damaged = imported[0][0]
+    (tmp_path / "store" / "images" / f"{damaged.id}.nii.gz").unlink()
+    for strategy, proposal in (("first", False), ("random", False), ("uncertainty", True)):
+        for seed in (0, 1):
+            chosen = alice.learning.next_case(strategy=strategy, proposal=proposal, seed=seed, lock=True)
+            assert chosen.case.id != damaged.id and chosen.image_id
+            alice.learning.unlock(chosen.case.id)
+    assert all(c.locked_by is None for c in alice.learning.cases())  # the damaged case was unlocked again
+    for case, _, _ in imported[1:]:  # with no readable case left, the damage is the answer
+        (tmp_path / "store" / "images" / f"{case.id}.nii.gz").unlink()
+    reply = raw(learn_server, "POST", "/v1/learn/next", json={"strategy": "first", "proposal": False})
+    assert "missing" in assert_error(reply, 500, "corrupt_data")["message"]
+
+
 def test_a_case_image_is_recognised_from_the_store_without_reading_it(tmp_path):
     """Both hashes of a case's image (as imported, as served) are in the store: a label save after
     a restart does not read and hash the whole image; a store from before that still works."""
