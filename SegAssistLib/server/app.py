@@ -34,6 +34,8 @@ async def health() -> Health:
 
 @meta.get("/info", response_model=ServerInfo, summary="Model, prompt kinds, devices, limits")
 async def info(state: ServerState = Depends(get_state), user: str = Depends(current_user)) -> ServerInfo:
+    if state.learning is not None:  # a version promoted meanwhile: name the one that answers next
+        await state.learning.settle_version(state.pool.workers)
     caps = state.pool.capabilities
     return ServerInfo(
         version=__version__,

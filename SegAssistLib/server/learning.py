@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from SegAssistLib.api_models import ErrorCode
 from SegAssistLib.engine.base import Engine
@@ -24,10 +24,12 @@ from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.server.errors import ApiError
 from SegAssistLib.server.once import OnceReplies
+from SegAssistLib.server.worker import InferenceWorker, QueueFull, WorkerStopped
 from SegAssistLib.transport import wire_volume
 
 log = logging.getLogger("segassist.server")
 MAX_CONCURRENT_RANKINGS = 4
+VERSION_SETTLE_S = 2.0  # how long a status reply waits for busy workers to take up a new version
 
 # most specific first: the first match decides (status, code)
 _ERRORS = (
@@ -68,6 +70,7 @@ class LearningState:
         self._image_ids: Dict[str, str] = {}  # case id -> the image id its image is served under
         self._base_identity: Optional[str] = None
         self._ranking_slots: Optional[asyncio.Semaphore] = None
+        self._settled_stamp: Optional[tuple] = None  # the registry as the workers last took it up
         self.once = OnceReplies()  # label saves and next-case answers, by request id
 
     def ranking_slots(self) -> asyncio.Semaphore:
@@ -112,6 +115,29 @@ class LearningState:
 
     def close(self) -> None:
         self.store.close()
+
+    async def settle_version(self, workers: Sequence[InferenceWorker], timeout_s: float = VERSION_SETTLE_S) -> None:
+        """Let the workers take up a version promoted or rolled back since their last job, so that the
+        version a reply names (``/v1/info``, ``/v1/learn/status``) is the one that answers next.
+
+        A worker swaps only before a job: without one (no session active) it would keep naming the
+        old version. An empty job on each does it; a busy worker is waited for at most ``timeout_s``
+        (its empty job stays queued and swaps it when its turn comes).
+        """
+        stamp = self.registry.stamp()
+        if stamp == self._settled_stamp:
+            return
+        waits = []
+        for worker in workers:
+            try:
+                future = asyncio.wrap_future(worker.submit("learn:version", lambda engine: None))
+            except (QueueFull, WorkerStopped):
+                return  # busy or stopping: the reply names what answered last
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody else reads it
+            waits.append(future)
+        _, pending = await asyncio.wait(waits, timeout=timeout_s)
+        if not pending:
+            self._settled_stamp = stamp
 
     def sync_hook(self):
         """A per-worker hook that keeps that worker's engine on the registry's current version."""

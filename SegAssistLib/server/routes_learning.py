@@ -89,6 +89,8 @@ async def status(
 ) -> LearningStatus:
     from SegAssistLib.learning.jobs import list_jobs
 
+    await learning.settle_version(state.pool.workers)
+
     def read() -> LearningStatus:
         current = learning.registry.current()
         jobs = list_jobs(learning.store_root)

@@ -566,3 +566,24 @@ def test_rolling_back_to_base_works_even_when_the_base_file_is_gone(clients, lea
             alice.learning.rollback("v1")
     finally:
         moved.rename(server_checkpoint)
+
+
+def test_status_and_info_name_a_version_promoted_while_no_session_ran(clients, learn_server, tmp_path,
+                                                                     server_checkpoint):
+    """The workers swap versions before a job; with no session active, status and info once kept naming
+    the old model although the next prompt would be answered by the new one."""
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning.deploy import save_full_version
+
+    alice, _ = clients
+    before = alice.learning.status().engine_version
+    base = load_checkpoint(server_checkpoint)
+    fields = {"base_identity": base.identity, "val_dice": 0.5, "incumbent": None, "incumbent_dice": 0.4}
+    AdapterRegistry(tmp_path / "store").add_version(
+        "full", lambda path, _: save_full_version(path, base.network, base.config, base.identity, {}), fields,
+        promote=True, expected_current=None,
+    )  # fmt: skip
+    assert alice.learning.status().engine_version == f"{before}+v1"
+    assert alice.info(refresh=True).model.version == f"{before}+v1"
+    assert alice.learning.rollback("base") is None
+    assert raw(learn_server, "GET", "/v1/info").json()["model"]["version"] == before
