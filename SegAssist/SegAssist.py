@@ -669,8 +669,10 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         ``keepExisting`` a segment of that name that holds voxels is kept and a new one is added.
         ``voxelCount`` is read back from the segment, on the volume's grid."""
         from SegAssistLib.slicer.logic import write_result
-        from SegAssistLib.slicer.segments import segment_to_array
+        from SegAssistLib.slicer.segments import save_editor_undo_state, segment_to_array
 
+        if segmentationNode is not None:  # the Segment Editor's Ctrl+Z then undoes this write, not the one before
+            save_editor_undo_state(segmentationNode)
         result = SegAssistResult(
             write_result(run, volumeNode, segmentation_node=segmentationNode, segment_name=segmentName,
                          keep_existing=keepExisting)
@@ -836,6 +838,10 @@ class SegAssistTest(ScriptedLoadableModuleTest):
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentId = segmentationNode.GetSegmentation().AddEmptySegment("hippocampus")
+        # another segment where the answer lands: the editor's default overwrite mode takes voxels from it
+        otherId = segmentationNode.GetSegmentation().AddEmptySegment("other")
+        segments.array_to_segment(target, segmentationNode, otherId, volumeNode)
+        other = segments.segment_to_array(segmentationNode, otherId, volumeNode)
 
         editorWidget = slicer.qMRMLSegmentEditorWidget()
         editorWidget.setMRMLScene(slicer.mrmlScene)
@@ -866,9 +872,11 @@ class SegAssistTest(ScriptedLoadableModuleTest):
         effect.self().performAction("undo")
         self.assertTrue(effect.self().waitUntilIdle(timeout_s=120))
         self.assertEqual(int(segments.segment_to_array(segmentationNode, segmentId, volumeNode).sum()), 0)
+        self.assertTrue(np.array_equal(segments.segment_to_array(segmentationNode, otherId, volumeNode), other))
         effect.self().performAction("redo")
         self.assertTrue(effect.self().waitUntilIdle(timeout_s=120))
         self.assertTrue(np.array_equal(segments.segment_to_array(segmentationNode, segmentId, volumeNode), mask))
         effect.self().performAction("reset")
         self.assertEqual(int(segments.segment_to_array(segmentationNode, segmentId, volumeNode).sum()), 0)
+        self.assertTrue(np.array_equal(segments.segment_to_array(segmentationNode, otherId, volumeNode), other))
         editorWidget.setActiveEffect(None)

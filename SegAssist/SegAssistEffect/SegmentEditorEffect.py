@@ -10,8 +10,11 @@ it and every MRML write happens here, on the main thread, through
 One *object* at a time: the prompts placed on the selected segment since the last accept or
 reset. The segment's content when the first prompt is placed becomes the session's initial mask,
 so prompts refine what is there. Reset restores that content; accept keeps the result and starts
-a new object. Switching segment or volume, or editing the segment by other means (including the
-editor's own undo), accepts the current object.
+a new object. With the editor's overwrite setting (by default: all segments) an answer takes its
+new voxels from other segments; undoing the prompt, or reset, gives them back
+(``object_writes.ObjectWrites``). Switching segment or volume, or editing the segment by other
+means (including the editor's own undo), accepts the current object; so does deactivating the
+effect, once the pending answers are in.
 """
 
 import contextlib
@@ -30,7 +33,6 @@ from SegAssistEffect.overlay import PromptOverlay, cursorFor
 from SegAssistLib.slicer.shortcuts import TOOL_FOR_ACTION, TOOL_TITLES, Action, Tool, help_rows, mouse_help, tooltip
 
 try:  # needs the packages the SegAssist module installs (pydantic, ...): report, do not fail to register
-    from SegAssistLib.engine.base import MaskUpdate
     from SegAssistLib.errors import SegAssistError
     from SegAssistLib.slicer import coordinates, segments, volumes
     from SegAssistLib.slicer.backend import REMOTE, BackendSettings, shared_manager
@@ -42,6 +44,7 @@ try:  # needs the packages the SegAssist module installs (pydantic, ...): report
         prompt_points_ijk,
         resolve_key,
     )
+    from SegAssistLib.slicer.object_writes import ObjectWrites
     from SegAssistLib.slicer.segment_watch import SegmentChangeWatch
     from SegAssistLib.slicer.session_state import InteractiveSession, Op, PromptState, Request, describe_error
     from SegAssistLib.slicer.worker import BackgroundWorker
@@ -69,6 +72,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._session = None
         self._binding: Optional[Tuple] = None  # (segmentation node, segment ID, source volume node)
         self._baseline = None  # the segment when this object's first prompt was placed
+        self._writes = None  # the object's writes, and the voxels they took from other segments
         self._overlays = {}
         self._watch = None  # ends the object when the segment changes outside SegAssist
         self._lastBusy = False
@@ -132,9 +136,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         actionLayout = qt.QHBoxLayout()
         self.actionButtons = {}
         for action, text, description in (
-            (Action.UNDO, "Undo prompt", "Undo the last prompt"),
+            (Action.UNDO, "Undo prompt", "Undo the last prompt; voxels it took from other segments come back"),
             (Action.REDO, "Redo prompt", "Redo the last undone prompt"),
-            (Action.RESET, "Reset", "Drop this object's prompts and restore the segment"),
+            (
+                Action.RESET,
+                "Reset",
+                "Drop this object's prompts, restore the segment and give back the voxels its answers "
+                "took from other segments",
+            ),
             (Action.ACCEPT, "Accept", "Keep the result and start a new object"),
         ):
             button = qt.QPushButton(text)
@@ -225,7 +234,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if IMPORT_ERROR is not None:
             return
         self._recorder.cancel()
-        self._endObject("SegAssist deactivated: the result stays in the segment")
+        if self._session is not None:  # as Accept: pending answers are written first, then the object ends
+            if self._state.ask_accept():
+                self._acceptObject()
+            else:
+                count = len(self._state.pending)
+                self._setStatus(
+                    f"SegAssist deactivated: accepting once the {count} pending answer"
+                    f"{'s are' if count > 1 else ' is'} in"
+                )
         for overlay in self._overlays.values():
             overlay.remove()
         self._overlays = {}
@@ -260,15 +277,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if eventId == vtk.vtkCommand.KeyPressEvent:
             action = resolve_key(callerInteractor.GetKeySym() or "", shift, ctrl, alt)
             return action is not None and self.performAction(action)
-        view = viewWidget.mrmlSliceNode().GetLayoutName()
+        sliceNode = viewWidget.mrmlSliceNode()
+        view = sliceNode.GetLayoutName()
         xy = callerInteractor.GetEventPosition()
-        if eventId == vtk.vtkCommand.LeftButtonPressEvent:
+        # A double-click's second press is a press: Slicer would maximize the view and lose the click.
+        if eventId in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.LeftButtonDoubleClickEvent):
             if shift or alt:
                 return False  # Slicer's: translate slice, crosshair, slice intersections
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
             if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
                 return True  # as the Draw effect: a dialog took the matching release
-            gesture = self._recorder.press(view, xy, self._tool, self._positive != ctrl)
+            xyToRas = slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS())
+            gesture = self._recorder.press(view, xy, self._tool, self._positive != ctrl, xyToRas)
             self._afterGesture(gesture, viewWidget)
             return True
         if eventId == vtk.vtkCommand.MouseMoveEvent:
@@ -280,14 +300,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             gesture = self._recorder.release(view, xy)
             self._afterGesture(gesture, viewWidget)
             return wasPressed
-        if eventId == vtk.vtkCommand.LeftButtonDoubleClickEvent and self._recorder.drawing_lasso:
-            self._afterGesture(self._recorder.finish(), viewWidget)
-            return True
         return False
 
     def processViewNodeEvents(self, callerViewNode, eventId, viewWidget):
         if IMPORT_ERROR is None and callerViewNode and callerViewNode.IsA("vtkMRMLSliceNode"):
+            self._followView(viewWidget)
             self._drawPrompts(viewWidget)
+
+    def _followView(self, viewWidget) -> None:
+        """An open lasso follows zoom and pan; a new slice plane cancels it (saying so)."""
+        sliceNode = viewWidget.mrmlSliceNode()
+        xyToRas = slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS())
+        if self._recorder.view_changed(sliceNode.GetLayoutName(), xyToRas):
+            if self._recorder.hint:
+                self._setStatus(self._recorder.hint)
+            self._drawGesture(viewWidget)
 
     def _afterGesture(self, gesture, viewWidget) -> None:
         if gesture is not None:
@@ -320,6 +347,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         elif action is Action.ACCEPT:
             if self._recorder.drawing_lasso:
                 view = self._lassoView()  # before finish(): it forgets the view
+                if view is not None:
+                    self._followView(view)  # in case the view moved since the last event
                 gesture = self._recorder.finish()
                 if view is not None:
                     self._afterGesture(gesture, view)
@@ -400,6 +429,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             manager.client, volume, self._baseline, worker.note, settings_generation=lambda: manager.generation
         )
         self._binding = binding
+        self._writes = ObjectWrites(
+            segmentationNode,
+            segmentId,
+            volumeNode,
+            self._modifySelectedSegment,
+            save_undo=lambda: self.scriptedEffect.saveStateForUndo(),  # the editor's undo: one step per answer
+        )
         self._watchSegment(segmentationNode, binding[1])
 
     def _acceptObject(self) -> None:
@@ -416,7 +452,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._session.abandon()
         self._worker.submit(None, self._session.close)
         self._startPolling()
-        self._session, self._baseline, self._binding = None, None, None
+        self._session, self._baseline, self._binding, self._writes = None, None, None, None
         self._unwatchSegment()
         self._drawAllPrompts()
         if message:
@@ -426,15 +462,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._session is None:
             self._setStatus("Nothing to reset")
             return
-        binding, baseline = self._binding, self._baseline
+        binding, baseline, writes = self._binding, self._baseline, self._writes
         self._endObject()
-        segmentationNode, segmentId, volumeNode = binding
         if self._alive(binding):
-            current = segments.segment_to_array(segmentationNode, segmentId, volumeNode)
-            update = MaskUpdate.between(current, baseline)
-            if update.voxels.size:
-                self._write(update, binding)
-        self._setStatus("Reset: the segment is back to where this object started")
+            writes.reset(baseline)  # and gives back what the answers took from other segments
+        self._setStatus("Reset: the segments are back to where this object started")
 
     def _submitRequest(self, op, prompt=None) -> None:
         if self._session is None:
@@ -471,13 +503,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 continue  # closing a session: nothing to show
             try:  # one reply that cannot be written must not lose the replies after it
                 current = self._state.is_current(finished.tag)  # else stale: accept drops it
+                depth = len(self._state.confirmed_prompts)
                 update = self._state.accept(finished.tag, finished.value, finished.error)
                 error = self._state.last_error if current else None
+                moved = current and len(self._state.confirmed_prompts) != depth  # the backend counted it
                 if error is not None:
                     self._errorText = describe_error(error)
                     logging.error("SegAssist: %s", self._errorText)
-                elif update is not None and self._alive(self._binding):
-                    self._writeOrEnd(update)
+                elif moved and self._alive(self._binding):
+                    self._writeOrEnd(update, finished.tag.op)
             except Exception as exc:
                 self._errorText = describe_error(exc)
                 logging.exception("SegAssist: a reply could not be applied")
@@ -499,11 +533,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if not self._worker.busy and self._timer is not None:
             self._timer.stop()
 
-    def _writeOrEnd(self, update) -> None:
-        """Write an answer the backend has counted; if it cannot be written, the segment and the
-        backend's history no longer agree, so the object ends (the next prompt starts from the segment)."""
+    def _writeOrEnd(self, update, op) -> None:
+        """Write an answer the backend has counted (None: the segment does not change); if it cannot be
+        written, the segment and the backend's history no longer agree, so the object ends (the next
+        prompt starts from the segment)."""
         try:
-            self._write(update, self._binding)
+            with self._watch.writing() if self._watch is not None else contextlib.nullcontext():
+                depth = len(self._state.confirmed_prompts)
+                self._writes.apply(update, depth, undo=op is Op.UNDO)
         except Exception as exc:
             logging.exception("SegAssist: an answer could not be written into the segment")
             self._endObject()
@@ -512,16 +549,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 "ended: the next prompt starts from the segment as it is"
             )
 
-    def _write(self, update, binding) -> None:
-        """Set the segment to the update's voxels inside its box only, through the editor (masking, undo)."""
-        segmentationNode, segmentId, volumeNode = binding
-        add, remove, extent = segments.update_labelmaps(update, segmentationNode, volumeNode, segmentId)
-        extent = [int(e) for e in extent]
+    def _modifySelectedSegment(self, add, remove, extent) -> None:
+        """The object's writes, through the editor: its masking and overwrite settings apply (after
+        ``saveStateForUndo``, which ``ObjectWrites`` calls)."""
         effectClass = slicer.qSlicerSegmentEditorAbstractEffect
-        with self._watch.writing() if self._watch is not None else contextlib.nullcontext():
-            self.scriptedEffect.saveStateForUndo()
-            self.scriptedEffect.modifySelectedSegmentByLabelmap(add, effectClass.ModificationModeAdd, extent)
-            self.scriptedEffect.modifySelectedSegmentByLabelmap(remove, effectClass.ModificationModeRemove, extent)
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(add, effectClass.ModificationModeAdd, extent)
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(remove, effectClass.ModificationModeRemove, extent)
 
     @staticmethod
     def _alive(binding) -> bool:
@@ -581,7 +614,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         hint = mouse_help(self._tool, self._positive)
         for sliceWidget in self._sliceWidgets():
-            sliceWidget.sliceView().setDefaultViewCursor(self.createCursor(sliceWidget))
+            cursor = self.createCursor(sliceWidget)
+            sliceWidget.sliceView().setViewCursor(cursor)  # both, as qMRMLSegmentEditorWidget sets them
+            sliceWidget.sliceView().setDefaultViewCursor(cursor)
             sliceWidget.sliceView().setToolTip(hint)
 
     def _overlay(self, sliceWidget):

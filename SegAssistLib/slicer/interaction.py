@@ -96,10 +96,16 @@ class GestureRecorder:
     - click: press and release within ``click_tolerance_px`` (a longer drag is not a click);
     - box: press, drag, release; both sides at least ``click_tolerance_px`` long;
     - scribble: press, drag, release; a vertex every ``min_step_px``;
-    - lasso: a click per corner (a drag adds corners along the way); clicking within
-      ``close_radius_px`` of the first corner, or :meth:`finish`, closes it (3 corners at least).
+    - lasso: a click per corner (a drag adds corners along the way; a click on the last corner,
+      as the second click of a double-click, adds none); clicking within ``close_radius_px`` of the
+      first corner, or :meth:`finish` (Enter), closes it (3 corners at least).
 
-    ``hint`` says why the last gesture produced nothing.
+    A lasso stays open while the user zooms, pans or scrolls between clicks, so its corners are
+    tied to the slice plane: given the view's XY-to-RAS matrix (``xy_to_ras`` of :meth:`press`,
+    and :meth:`view_changed` whenever the slice node changes), the corners follow zoom and pan
+    (they keep their RAS position); once the plane itself moves (another slice, a rotation) the
+    lasso is cancelled, as Slicer's Draw effect does. ``hint`` says why the last gesture produced
+    nothing.
     """
 
     def __init__(self, click_tolerance_px: float = 4.0, min_step_px: float = 2.0, close_radius_px: float = 8.0):
@@ -116,6 +122,7 @@ class GestureRecorder:
         self._points: List[XY] = []
         self._current: Optional[XY] = None
         self._pressed = False
+        self._xy_to_ras: Optional[np.ndarray] = None  # the view's matrix the XY points are in
 
     @property
     def active(self) -> bool:
@@ -136,20 +143,58 @@ class GestureRecorder:
         self._reset()
         return was_active
 
-    def press(self, view: str, xy: Sequence[float], tool: Tool, positive: bool) -> Optional[Gesture]:
+    def press(
+        self,
+        view: str,
+        xy: Sequence[float],
+        tool: Tool,
+        positive: bool,
+        xy_to_ras: Optional[np.ndarray] = None,
+    ) -> Optional[Gesture]:
+        """A left-button press (or the second press of a double-click). ``xy_to_ras``: the slice
+        node's ``GetXYToRAS()`` as a 4x4 array, so an open lasso can follow the view."""
         point = (float(xy[0]), float(xy[1]))
         self.hint = ""
+        if xy_to_ras is not None:
+            self.view_changed(view, xy_to_ras)
         if tool is Tool.LASSO and self.drawing_lasso and self._view == view:
             if len(self._points) >= 3 and _distance(point, self._points[0]) <= self.close_radius_px:
                 return self.finish()
             self._pressed = True
-            self._add(point, force=True)
+            if _distance(point, self._points[-1]) > self.click_tolerance_px:  # not a double-click's 2nd press
+                self._add(point, force=True)
             return None
         self._reset()
         self._view, self._tool, self._positive, self._pressed = view, tool, positive, True
         self._points = [point]
         self._current = point
+        self._xy_to_ras = None if xy_to_ras is None else np.array(xy_to_ras, float)
         return None
+
+    def view_changed(self, view: str, xy_to_ras: np.ndarray) -> bool:
+        """The slice view ``view`` now maps XY to RAS by ``xy_to_ras`` (4x4). An open lasso there
+        follows a zoom or pan; it is cancelled (with a hint) if the slice plane moved. True when
+        what to draw changed."""
+        if not self.drawing_lasso or view != self._view or self._xy_to_ras is None:
+            return False
+        new = np.asarray(xy_to_ras, float)
+        old = self._xy_to_ras
+        if np.allclose(new, old, rtol=0.0, atol=1e-9):
+            return False
+        if not _same_plane(old, new):
+            self._reset()
+            self.hint = "The slice changed while the lasso was open: lasso cancelled, draw it again on this slice"
+            return True
+        to_new = np.linalg.solve(new, old)  # old XY -> RAS -> new XY (both map z = 0 to the plane)
+
+        def follow(point: XY) -> XY:
+            x, y = (to_new @ np.array([point[0], point[1], 0.0, 1.0]))[:2]
+            return (float(x), float(y))
+
+        self._points = [follow(p) for p in self._points]
+        self._current = None if self._current is None else follow(self._current)
+        self._xy_to_ras = new.copy()
+        return True
 
     def move(self, view: str, xy: Sequence[float]) -> bool:
         """Track the pointer; True when the feedback changed (redraw)."""
@@ -217,6 +262,7 @@ class GestureRecorder:
         return None
 
     def _add(self, point: XY, force: bool = False) -> bool:
+        """Append a vertex ``min_step_px`` or more from the last one (``force``: any distance)."""
         if not force and self._points and _distance(point, self._points[-1]) < self.min_step_px:
             return False
         self._points.append(point)
@@ -226,6 +272,17 @@ class GestureRecorder:
         assert self._view is not None and self._tool is not None
         positive = True if self._tool is Tool.BOX else self._positive
         return Gesture(self._tool, positive, self._view, xy)
+
+
+def _same_plane(a: np.ndarray, b: np.ndarray, tolerance_mm: float = 1e-3) -> bool:
+    """Whether two XY-to-RAS matrices put z = 0 on the same plane (zoom and pan do not move it)."""
+    na, nb = np.cross(a[:3, 0], a[:3, 1]), np.cross(b[:3, 0], b[:3, 1])
+    la, lb = np.linalg.norm(na), np.linalg.norm(nb)
+    if la == 0 or lb == 0:
+        return False
+    na, nb = na / la, nb / lb
+    parallel = abs(float(na @ nb)) > 1.0 - 1e-9
+    return parallel and abs(float((b[:3, 3] - a[:3, 3]) @ na)) <= tolerance_mm
 
 
 # ---- prompts from gestures ----------------------------------------------------------------------

@@ -176,10 +176,10 @@ def segment_to_array(
         e = geometry.GetExtent()
         (ok, oj, oi), (nk, nj, ni) = (int(o) for o in offset), (int(n) for n in size)
         geometry.SetExtent(e[0] + oi, e[0] + oi + ni - 1, e[2] + oj, e[2] + oj + nj - 1, e[4] + ok, e[4] + ok + nk - 1)
-    return _segment_on_grid(segmentation_node, segment_id, geometry)
+    return segment_on_grid(segmentation_node, segment_id, geometry)
 
 
-def _segment_on_grid(
+def segment_on_grid(
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     segment_id: str,
     geometry: slicer.vtkOrientedImageData,
@@ -470,7 +470,7 @@ def update_labelmaps(
         to_add, to_remove = inside & touched, ~inside & touched
     else:
         # on the volume's own grid the segment is already read; on another grid, read it there
-        was = _segment_on_grid(segmentation_node, segment_id, placed.grid) if placed.resampled else was_on_volume
+        was = segment_on_grid(segmentation_node, segment_id, placed.grid) if placed.resampled else was_on_volume
         was = was > 0
         to_add, to_remove = inside & touched & ~was, ~inside & touched & was
     add = oriented_labelmap(to_add, placed.grid)
@@ -565,6 +565,28 @@ class SegmentEditor:
         scene = self.editor_node.GetScene()
         if scene is not None:
             scene.RemoveNode(self.editor_node)
+
+
+def save_editor_undo_state(segmentation_node: slicer.vtkMRMLSegmentationNode, modules: object = None) -> bool:
+    """Before a write the Segment Editor does not make itself (a batch result): if the editor is
+    editing ``segmentation_node``, save its state for undo. Its undo restores whole segmentations,
+    so otherwise the user's next Ctrl+Z there would also delete the batch result (and with it the
+    redo of their own stroke). ``modules``: ``slicer.modules`` (where the Segment Editor module, once
+    its panel was built, keeps ``SegmentEditorWidget``); anything missing means no editor to tell.
+    True when a state was saved."""
+    if modules is None:
+        modules = getattr(slicer, "modules", None)
+    editor = getattr(getattr(modules, "SegmentEditorWidget", None), "editor", None)
+    if editor is None or segmentation_node is None:
+        return False
+    try:
+        edited = editor.segmentationNode()
+        if edited is None or edited.GetID() != segmentation_node.GetID():
+            return False
+        editor.saveStateForUndo()
+    except (AttributeError, TypeError, RuntimeError):  # another Slicer's editor API: the write still happens
+        return False
+    return True
 
 
 def save_segmentation(

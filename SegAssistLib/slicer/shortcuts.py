@@ -120,13 +120,16 @@ def reserved_key(keysym: str) -> bool:
 
 
 def resolve_key(keysym: str, shift: bool = False, ctrl: bool = False, alt: bool = False) -> Optional[Action]:
-    """The effect's action for a key press, or None to leave the key to Slicer."""
+    """The effect's action for a key press, or None to leave the key to Slicer.
+
+    Shift is the interactor's Shift flag only: a letter's case also follows Caps Lock, so an
+    upper-case keysym does not mean Shift (with Caps Lock on, ``X`` without Shift is not Reset).
+    """
     if ctrl or alt or not keysym:
         return None
-    shifted = shift or (len(keysym) == 1 and keysym.isalpha() and keysym.isupper())
     key = normalize_key(keysym)
     for shortcut in SHORTCUTS:
-        if shortcut.key == key and shortcut.shift == shifted:
+        if shortcut.key == key and shortcut.shift == bool(shift):
             return shortcut.action
     return None
 

@@ -110,9 +110,11 @@ def test_shortcuts_avoid_the_segment_editor_and_slice_view_keys():
 def test_keys_resolve_with_shift_and_leave_ctrl_and_alt_to_slicer():
     assert resolve_key("c") is Action.CLICK_TOOL
     assert resolve_key("u") is Action.UNDO
-    assert resolve_key("U") is Action.REDO  # VTK reports Shift+u as "U"
+    assert resolve_key("U", shift=True) is Action.REDO  # VTK reports Shift+u as "U", with the Shift flag
     assert resolve_key("u", shift=True) is Action.REDO
-    assert resolve_key("x") is None and resolve_key("X") is Action.RESET
+    assert resolve_key("x") is None and resolve_key("X", shift=True) is Action.RESET
+    # Caps Lock: an upper-case keysym without the Shift flag is the plain key, never the shifted one
+    assert resolve_key("X") is None and resolve_key("U") is Action.UNDO and resolve_key("C") is Action.CLICK_TOOL
     assert resolve_key("Return") is resolve_key("KP_Enter") is Action.ACCEPT
     assert resolve_key("c", ctrl=True) is None and resolve_key("u", alt=True) is None
     assert resolve_key("") is None and resolve_key("h") is None

@@ -1,0 +1,173 @@
+"""An object's answers take voxels from other segments (the Segment Editor's default overwrite mode);
+reset and prompt undo give them back, redo takes them again. Real MRML (slicer-core), written
+through vtkSlicerSegmentEditorLogic as the effect writes through modifySelectedSegmentByLabelmap.
+Also: a batch write into the segmentation the Segment Editor edits is one step of its undo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mrml_fixtures import add_volume, affine, random_volume
+
+from SegAssistLib.engine.base import MaskUpdate
+
+slicer = pytest.importorskip("slicer")
+
+from SegAssistLib.slicer import segments  # noqa: E402
+from SegAssistLib.slicer.object_writes import ObjectWrites  # noqa: E402
+from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
+
+SHAPE = (10, 12, 14)
+
+
+@pytest.fixture
+def ctx():
+    with create_headless_scene() as context:
+        yield context
+
+
+def _setup(ctx, volume_spacing=1.0):
+    scene = ctx.scene
+    vol = add_volume(scene, random_volume(SHAPE), affine(np.eye(3) * volume_spacing, (0, 0, 0)), "v")
+    seg = segments.create_segmentation(scene, vol, "seg")
+    segments.add_segment(seg, "tumor", segment_id="tumor")
+    segments.add_segment(seg, "liver", segment_id="liver")
+    liver = np.zeros(SHAPE, np.uint8)
+    liver[2:8, 2:10, 2:12] = 1
+    segments.array_to_segment(liver, seg, "liver", vol)
+    editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")  # Slicer's defaults: overwrite all
+    assert editor_node.GetOverwriteMode() == slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editor_node)
+    logic.SetSegmentationNode(seg)
+    logic.SetSourceVolumeNode(vol)
+    editor_node.SetSelectedSegmentID("tumor")
+
+    def modify(add, remove, extent):  # what the effect's modifySelectedSegmentByLabelmap calls do
+        logic.ModifySegmentByLabelmap(seg, "tumor", add, logic.ModificationModeAdd, extent, True, False)
+        logic.ModifySegmentByLabelmap(seg, "tumor", remove, logic.ModificationModeRemove, extent, True, False)
+
+    writes = ObjectWrites(seg, "tumor", vol, modify, logic.SaveStateForUndo)
+    return vol, seg, liver, writes, logic
+
+
+def _read(seg, sid, vol):
+    return segments.segment_to_array(seg, sid, vol)
+
+
+@pytest.mark.parametrize("layers", ["shared", "separate"])
+def test_reset_gives_back_what_the_answers_took(ctx, layers):
+    vol, seg, liver, writes, _ = _setup(ctx)
+    spleen = np.zeros(SHAPE, np.uint8)
+    if layers == "separate":  # overlapping the liver: in a layer of its own
+        spleen[6:9, 8:12, 10:14] = 1
+        segments.add_segment(seg, "spleen", segment_id="spleen")
+        segments.array_to_segment(spleen, seg, "spleen", vol)
+        assert seg.GetSegmentation().GetNumberOfLayers() == 2
+    baseline = _read(seg, "tumor", vol)
+    first = np.zeros(SHAPE, np.uint8)
+    first[3:6, 3:7, 3:9] = 1
+    writes.apply(MaskUpdate.between(baseline, first), depth=1)
+    second = first.copy()
+    second[6:9, 6:11, 8:13] = 1  # partly outside the liver
+    writes.apply(MaskUpdate.between(first, second), depth=2)
+    assert np.array_equal(_read(seg, "liver", vol), liver & ~second)  # the editor took them
+    assert writes.taken_voxels == int((liver & second).sum() + (spleen & second).sum())
+
+    writes.reset(baseline)
+    assert not _read(seg, "tumor", vol).any()
+    assert np.array_equal(_read(seg, "liver", vol), liver)
+    if layers == "separate":
+        assert np.array_equal(_read(seg, "spleen", vol), spleen)
+    assert writes.taken_voxels == 0
+
+
+def test_undo_gives_back_and_redo_takes_again(ctx):
+    vol, seg, liver, writes, logic = _setup(ctx)
+    empty = _read(seg, "tumor", vol)
+    a = np.zeros(SHAPE, np.uint8)
+    a[3:5, 3:5, 3:5] = 1
+    b = a.copy()
+    b[5:7, 5:8, 5:9] = 1
+    writes.apply(MaskUpdate.between(empty, a), depth=1)
+    writes.apply(MaskUpdate.between(a, b), depth=2)
+    writes.apply(MaskUpdate.between(b, a), depth=1, undo=True)  # the backend's answer to undo
+    assert np.array_equal(_read(seg, "tumor", vol), a)
+    assert np.array_equal(_read(seg, "liver", vol), liver & ~a)  # only prompt 2's voxels came back
+    writes.apply(MaskUpdate.between(a, b), depth=2)  # redo
+    assert np.array_equal(_read(seg, "liver", vol), liver & ~b)
+    writes.apply(MaskUpdate.between(b, a), depth=1, undo=True)
+    writes.apply(MaskUpdate.between(a, empty), depth=0, undo=True)
+    assert np.array_equal(_read(seg, "liver", vol), liver)
+    logic.Undo()  # one editor undo step holds the answer and what was given back
+    assert np.array_equal(_read(seg, "tumor", vol), a)
+    assert np.array_equal(_read(seg, "liver", vol), liver & ~a)
+
+
+def test_a_new_prompt_after_undo_forgets_the_undone_branch(ctx):
+    vol, seg, liver, writes, _ = _setup(ctx)
+    empty = _read(seg, "tumor", vol)
+    a = np.zeros(SHAPE, np.uint8)
+    a[3:5, 3:5, 3:5] = 1
+    writes.apply(MaskUpdate.between(empty, a), depth=1)
+    writes.apply(MaskUpdate.between(a, empty), depth=0, undo=True)
+    c = np.zeros(SHAPE, np.uint8)
+    c[6:8, 6:8, 6:8] = 1
+    writes.apply(MaskUpdate.between(empty, c), depth=1)
+    assert writes.taken_voxels == int(c.sum())
+    writes.reset(empty)
+    assert np.array_equal(_read(seg, "liver", vol), liver)
+
+
+def test_nothing_is_held_when_the_editor_overwrites_nothing(ctx):
+    vol, seg, liver, writes, logic = _setup(ctx)
+    logic.GetSegmentEditorNode().SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    a = np.zeros(SHAPE, np.uint8)
+    a[3:5, 3:5, 3:5] = 1
+    writes.apply(MaskUpdate.between(_read(seg, "tumor", vol), a), depth=1)
+    assert np.array_equal(_read(seg, "liver", vol), liver)
+    assert writes.taken_voxels == 0
+
+
+class _Editor:
+    """What SegAssist uses of Slicer's qMRMLSegmentEditorWidget, over a real segment editor logic."""
+
+    def __init__(self, editor):
+        self._editor = editor
+
+    def segmentationNode(self):
+        return self._editor.segmentation_node
+
+    def saveStateForUndo(self):
+        self._editor.logic.SaveStateForUndo()
+
+
+def test_a_batch_write_into_the_edited_segmentation_is_one_editor_undo_step(ctx):
+    from types import SimpleNamespace
+
+    from SegAssistLib.headless import EngineRun
+    from SegAssistLib.slicer.logic import write_result
+
+    vol = add_volume(ctx.scene, random_volume(SHAPE), affine(np.eye(3), (0, 0, 0)), "v")
+    seg = segments.create_segmentation(ctx.scene, vol, "seg")
+    segments.add_segment(seg, "liver", segment_id="liver")
+    other = segments.create_segmentation(ctx.scene, vol, "other")
+    editor = segments.SegmentEditor(seg, vol)  # the Segment Editor editing this segmentation
+    modules = SimpleNamespace(SegmentEditorWidget=SimpleNamespace(editor=_Editor(editor)))
+    paint = np.zeros(SHAPE, np.uint8)
+    paint[1:3, 1:3, 1:3] = 1
+    editor.write("liver", MaskUpdate((0, 0, 0), paint))  # the user's stroke
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[5:8, 5:8, 5:8] = 1
+
+    assert not segments.save_editor_undo_state(other, modules)  # not the one being edited
+    assert not segments.save_editor_undo_state(seg, SimpleNamespace())  # no Segment Editor panel
+    assert segments.save_editor_undo_state(seg, modules)  # what SegAssistLogic.writeResult does first
+    result = write_result(EngineRun(mask, None, "m", []), vol, segmentation_node=seg, segment_name="SegAssist")
+    editor.undo()  # Ctrl+Z undoes the batch result
+    assert seg.GetSegmentation().GetSegment(result.segment_id) is None
+    assert np.array_equal(_read(seg, "liver", vol), paint)  # the stroke is still there
+    editor.redo()
+    assert np.array_equal(_read(seg, result.segment_id, vol), mask)
+    editor.close()
