@@ -14,8 +14,11 @@ Modules:
 - :mod:`.markups`: point lists and ROIs as prompts.
 - :mod:`.backend`: backend settings (kept in ``qt.QSettings`` by the module), local/remote backend.
 - :mod:`.logic`: batch segmentation, nodes in and nodes out (the module's logic without Qt).
-- :mod:`.shortcuts`, :mod:`.interaction`, :mod:`.session_state`, :mod:`.worker`: the segment
-  editor effect without Qt (keys, gestures, prompt bookkeeping, the worker thread).
+- :mod:`.shortcuts`, :mod:`.interaction`, :mod:`.session_state`, :mod:`.worker`,
+  :mod:`.object_writes`, :mod:`.segment_watch`: the segment editor effect without Qt (keys,
+  gestures, prompt bookkeeping, the worker thread, writes that give back what they took from other
+  segments, edits made outside the effect).
+- :mod:`.tokens`: the remote backend's token in a private file, not in Slicer's settings.
 
 Conventions: RAS is Slicer's world frame; IJK is continuous voxel index ``(i, j, k)`` of the
 reference volume (voxel centres at integers), the frame of every SegAssist prompt. Parent
@@ -38,10 +41,13 @@ __all__ = [
     "interaction",
     "logic",
     "markups",
+    "object_writes",
     "scene",
+    "segment_watch",
     "segments",
     "session_state",
     "shortcuts",
+    "tokens",
     "volumes",
     "worker",
 ]
