@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictFloat, TypeAdapter, field_validator
+from typing_extensions import TypeAliasType
 
 from SegAssistLib import transport
 from SegAssistLib.prompts import AnyPrompt, Prompt
@@ -209,6 +210,7 @@ class CreateSession(_Model):
 
 
 _PROMPT_LIST: TypeAdapter = TypeAdapter(List[AnyPrompt])
+_PROMPT: TypeAdapter = TypeAdapter(AnyPrompt)
 
 
 def validate_prompts(prompts: Any) -> List[Prompt]:
@@ -217,8 +219,21 @@ def validate_prompts(prompts: Any) -> List[Prompt]:
     return _PROMPT_LIST.validate_python(prompts)
 
 
+def validate_prompt(prompt: Any) -> Prompt:
+    """``AddPrompt.prompt`` as a checked prompt; raises pydantic's ValidationError (off the event loop,
+    as :func:`validate_prompts`)."""
+    return _PROMPT.validate_python(prompt)
+
+
+#: AnyPrompt under a name: SkipValidation[AnyPrompt] leaves its discriminator on an unvalidated field,
+#: which FastAPI cannot turn into a schema; the alias keeps it inside (the schema is the same)
+_NamedPrompt = TypeAliasType("Prompt", AnyPrompt)  # type: ignore[valid-type]
+
+
 class AddPrompt(_Model):
-    prompt: AnyPrompt
+    # Not validated with the body, as CreateSession.prompts (a slab is decompressed to be checked):
+    # the server validates it in its thread pool (validate_prompt); the schema is AnyPrompt all the same.
+    prompt: SkipValidation[_NamedPrompt]  # type: ignore[valid-type]
 
 
 SessionState = Literal["idle", "queued", "running"]
@@ -239,7 +254,9 @@ class SessionInfo(_Model):
     queue_length: int = Field(description="jobs waiting on this session's device, all sessions")
     idle_timeout_s: float
     expires_in_s: float
-    model_version: Optional[str] = Field(None, description="the model (and adapter) version answering it")
+    model_version: Optional[str] = Field(
+        None, description="the model (and adapter) version that made the current mask (null: none did yet, or a reset)"
+    )
 
 
 class MaskUpdateReply(_Model):
@@ -254,7 +271,11 @@ class MaskUpdateReply(_Model):
     n_prompts: int
     latency_s: float = Field(description="engine time")
     queue_wait_s: float = Field(description="time spent queued behind other sessions")
-    model_version: Optional[str] = Field(None, description="the model (and adapter) version that answered")
+    model_version: Optional[str] = Field(
+        None,
+        description="the model (and adapter) version that made the mask now current: undo and redo bring back "
+        "the version of the mask they bring back (null: no model made it, as after a reset)",
+    )
     info: Dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("info", mode="before")

@@ -95,6 +95,13 @@ class EngineSession(abc.ABC):
         """Release memory held for this session."""
 
     @property
+    def model_version(self) -> Optional[str]:
+        """The version of the model that made the current mask: set by each prompt, brought back with
+        the mask by undo and redo; None when no model made it (no prompt yet, a reset) or when the
+        engine does not keep track (this default)."""
+        return None
+
+    @property
     def can_undo(self) -> bool:
         return False
 

@@ -75,8 +75,9 @@ def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
 
 @dataclass
 class _Step:
-    """One undoable change: the prompt list before and after, and the changed box of the mask,
-    bit-packed (a long session on a large organ keeps its history in a few MB)."""
+    """One undoable change: the prompt list before and after, the changed box of the mask,
+    bit-packed (a long session on a large organ keeps its history in a few MB), and the model version
+    that made the mask before and after (None: no model, as for an empty or reset mask)."""
 
     prompts_before: List[Prompt]
     prompts_after: List[Prompt]
@@ -84,11 +85,14 @@ class _Step:
     shape: Tuple[int, int, int]
     before_bits: np.ndarray
     after_bits: np.ndarray
+    version_before: Optional[str] = None
+    version_after: Optional[str] = None
 
     @classmethod
-    def make(cls, prompts_before, prompts_after, offset, before: np.ndarray, after: np.ndarray) -> _Step:
+    def make(cls, prompts_before, prompts_after, offset, before: np.ndarray, after: np.ndarray,
+             version_before: Optional[str], version_after: Optional[str]) -> _Step:
         return cls(list(prompts_before), list(prompts_after), offset, before.shape,
-                   np.packbits(before.ravel()), np.packbits(after.ravel()))
+                   np.packbits(before.ravel()), np.packbits(after.ravel()), version_before, version_after)
 
     def _unpack(self, bits: np.ndarray) -> np.ndarray:
         n = int(np.prod(self.shape))
@@ -133,6 +137,7 @@ class BuiltinSession(EngineSession):
         self.modality = guess_modality(volume)
         self.mask = np.zeros(self.shape, np.uint8)
         self.prompts: List[Prompt] = []
+        self._version: Optional[str] = None  # the model version that made the current mask
         self._undo: List[_Step] = []
         self._redo: List[_Step] = []
         self._history_budget = history_budget_bytes(self.shape)
@@ -151,7 +156,7 @@ class BuiltinSession(EngineSession):
                 box, new_region, info = _NOTHING, np.zeros((0, 0, 0), np.uint8), {"levels": []}
             else:
                 box, new_region, info = self._predict(prompt)
-        update = self._commit(self.prompts + [prompt], box, new_region)
+        update = self._commit(self.prompts + [prompt], box, new_region, self.engine.version)
         update.latency_s = time.perf_counter() - t0
         update.info = info
         return update
@@ -165,6 +170,7 @@ class BuiltinSession(EngineSession):
         before = step.before
         self._write(step.offset, before)
         self.prompts = list(step.prompts_before)
+        self._version = step.version_before
         return MaskUpdate(step.offset, before)
 
     def redo(self) -> MaskUpdate:
@@ -176,25 +182,32 @@ class BuiltinSession(EngineSession):
         after = step.after
         self._write(step.offset, after)
         self.prompts = list(step.prompts_after)
+        self._version = step.version_after
         return MaskUpdate(step.offset, after)
 
     def reset(self) -> MaskUpdate:
         self._check_open()
-        return self._commit([], self._whole(), np.zeros(self.shape, np.uint8))
+        return self._commit([], self._whole(), np.zeros(self.shape, np.uint8), None)
 
     def result(self) -> np.ndarray:
         self._check_open()
         return self.mask.copy()
 
     def prompt_log(self) -> PromptLog:
-        return PromptLog(model=self.engine.capabilities().name + "@" + self.engine.capabilities().version,
-                         prompts=list(self.prompts))
+        """The prompts of the current mask; ``model`` names the version that made it (not the one
+        answering now: a version swapped in since did not)."""
+        model = None if self._version is None else f"{self.engine.capabilities().name}@{self._version}"
+        return PromptLog(model=model, prompts=list(self.prompts))
 
     def close(self) -> None:
         self._closed = True
         self.mask = np.zeros((0, 0, 0), np.uint8)
         self._undo.clear()
         self._redo.clear()
+
+    @property
+    def model_version(self) -> Optional[str]:
+        return self._version
 
     @property
     def can_undo(self) -> bool:
@@ -213,8 +226,11 @@ class BuiltinSession(EngineSession):
         sl = tuple(slice(o, o + n) for o, n in zip(offset, voxels.shape))
         self.mask[sl] = voxels
 
-    def _commit(self, prompts_after: List[Prompt], box: Tuple[slice, ...], new_region: np.ndarray) -> MaskUpdate:
-        """Make ``new_region`` (the mask inside ``box``) current; record the change for undo."""
+    def _commit(
+        self, prompts_after: List[Prompt], box: Tuple[slice, ...], new_region: np.ndarray, version: Optional[str]
+    ) -> MaskUpdate:
+        """Make ``new_region`` (the mask inside ``box``, made by model ``version``) current; record the
+        change for undo."""
         old_region = self.mask[box]
         changed = old_region != new_region
         offset0 = tuple(s.start for s in box)
@@ -230,12 +246,13 @@ class BuiltinSession(EngineSession):
         else:
             offset, before = (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
             after = before
-        self._undo.append(_Step.make(self.prompts, prompts_after, offset, before, after))
+        self._undo.append(_Step.make(self.prompts, prompts_after, offset, before, after, self._version, version))
         self._redo.clear()
         self._forget_oldest_steps()
         if after.size:
             self._write(offset, after)
         self.prompts = list(prompts_after)
+        self._version = version
         return MaskUpdate(offset, after.copy())
 
     def _forget_oldest_steps(self) -> None:

@@ -105,6 +105,24 @@ def _validation_code(exc: RequestValidationError) -> tuple:
     return 422, ErrorCode.INVALID_REQUEST
 
 
+def _not_json(request: Request, exc: RequestValidationError) -> Optional[str]:
+    """The media type of a body that failed validation because it was not read as JSON, else None.
+
+    FastAPI reads a body as JSON only when its Content-Type says JSON; any other body (one of another
+    type, or one with no Content-Type) it validates as raw bytes, which fails as a "malformed" body
+    with a message about the model. That is the client's content type, not its body: 415.
+    """
+    if not any(tuple(e.get("loc", ()))[:1] == ("body",) for e in exc.errors()):
+        return None
+    declared = request.headers.get("content-type")
+    media = (declared or "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return None
+    if declared is None and not isinstance(exc.body, (bytes, bytearray)):  # no body was sent at all
+        return None
+    return media or "untyped"
+
+
 def _describe(errors: list) -> str:
     parts = []
     for e in errors[:5]:
@@ -121,6 +139,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        media = _not_json(request, exc)
+        if media is not None:
+            sent = "a body without a Content-Type" if media == "untyped" else f"a body of type {media}"
+            return error_response(
+                415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                f"{request.method} {request.url.path} takes a JSON body: send it with 'Content-Type: "
+                f"application/json', not {sent}",
+            )  # fmt: skip
         status, code = _validation_code(exc)
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         errors = [{**e, "loc": [str(x) for x in e.get("loc", ())]} for e in errors]

@@ -15,9 +15,10 @@ ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
         (408, "upload body not received in time"),
         (409, "nothing to undo or redo; prompt limit reached"),
         (413, "body or image above the limits"),
-        (415, "wrong content type"),
+        (415, "wrong content type: a JSON body needs application/json, an image upload its frame type"),
         (422, "invalid prompt, image, dtype or shape"),
         (429, "too many sessions"),
+        (500, "internal_error (a bug: the server log has the details); corrupt_data (a damaged datastore file)"),
         (503, "queue full or shutting down"),
     )
 }

@@ -41,6 +41,7 @@ session's `modality` in `POST /v1/sessions` overrides the image's for that sessi
     status_code=201,
     summary="Upload an image",
     description=_UPLOAD_DOC,
+    responses={200: {"model": StoredImage, "description": "the server held the image already: nothing stored"}},
     openapi_extra={
         "requestBody": {
             "required": True,

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from typing import Any, Callable, List, Optional
 
+import anyio
 from fastapi import APIRouter, Depends, Path, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ from SegAssistLib.api_models import (
     MaskUpdateReply,
     ResultReply,
     SessionInfo,
+    validate_prompt,
     validate_prompts,
 )
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
@@ -34,6 +36,10 @@ from SegAssistLib.server.state import Outcome, ServerState
 router = APIRouter(tags=["sessions"], responses=ERROR_RESPONSES)
 
 SessionId = Path(pattern=SESSION_ID_PATTERN, description="32 lowercase hex digits, from POST /v1/sessions")
+#: Threads that check added prompts at once. A slab's check is tens of ms of CPU, mostly under the
+#: GIL: a flood of them on every pool thread starved the event loop of the GIL (health took 100 ms);
+#: bounded, they queue here and every other request goes on.
+PROMPT_CHECK_THREADS = 2
 
 
 def _check_prompt(state: ServerState, session_shape, prompt: Prompt) -> None:
@@ -93,11 +99,20 @@ async def create_session(
 def _checked_prompts(raw: Any) -> List[Prompt]:
     """The prompts of a CreateSession body, validated (CPU work: run in the thread pool); a bad one
     answers as if the body had failed validation (422 invalid_prompt)."""
+    return _checked(validate_prompts, raw, "prompts")
+
+
+def _checked_prompt(raw: Any) -> Prompt:
+    """The prompt of an AddPrompt body, validated as :func:`_checked_prompts` validates a replay."""
+    return _checked(validate_prompt, raw, "prompt")
+
+
+def _checked(validate: Callable[[Any], Any], raw: Any, field: str) -> Any:
     try:
-        return validate_prompts(raw)
+        return validate(raw)
     except ValidationError as exc:
         raise RequestValidationError(
-            [{**e, "loc": ("body", "prompts", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
+            [{**e, "loc": ("body", field, *e.get("loc", ()))} for e in exc.errors(include_url=False)]
         ) from None
 
 
@@ -166,8 +181,12 @@ async def add_prompt(
     codec: str = Depends(reply_codec),
     req_id: Optional[str] = Depends(request_id),
 ) -> MaskUpdateReply:
+    if state.prompt_checks is None:
+        state.prompt_checks = anyio.CapacityLimiter(PROMPT_CHECK_THREADS)  # made on the event loop
+    # off the event loop (a slab decompresses), a few at a time
+    prompt = await anyio.to_thread.run_sync(_checked_prompt, body.prompt, limiter=state.prompt_checks)
     session = state.sessions.get(user, session_id)
-    _check_prompt(state, session.shape, body.prompt)
+    _check_prompt(state, session.shape, prompt)
     limit = state.limits.max_prompts_per_session
 
     def add(es: EngineSession) -> MaskUpdate:
@@ -176,7 +195,7 @@ async def add_prompt(
                 409, ErrorCode.PROMPT_LIMIT,
                 f"this session has had {limit} prompts (the limit): accept the result and open a new session",
             )  # fmt: skip
-        update = es.add_prompt(body.prompt)
+        update = es.add_prompt(prompt)
         session.n_prompts += 1
         return update
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple
 
+import anyio
+
 from SegAssistLib.api_models import ErrorCode, SessionInfo
 from SegAssistLib.engine.base import Engine, EngineSession, MaskUpdate
 from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
@@ -65,6 +67,7 @@ class ServerState:
         self.sessions.on_expire = self._expired  # found idle by the sweep or by a request: closed
         self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs, limits.max_queued_per_session)
         self.upload_slots: Optional[asyncio.Semaphore] = None  # made on the server's event loop
+        self.prompt_checks: Optional[anyio.CapacityLimiter] = None  # threads checking added prompts (routes_sessions)
         self.clock = clock
         self.learning: Optional[LearningState] = None
         if settings.learn_store is not None:
@@ -74,8 +77,9 @@ class ServerState:
 
     async def submit(self, session: ServerSession, fn: Callable[[EngineSession], Any]) -> Tuple[Any, float]:
         """Run ``fn(engine_session)`` on the session's worker; returns its value and the queue wait.
-        The session's model version is left alone: only an answer (:meth:`mutate`, :meth:`open`) sets
-        it, so reading the result under a version swapped in since does not credit that version."""
+        The session's model version is left alone: only a change of the mask (:meth:`mutate`,
+        :meth:`open`) sets it, so reading the result under a version swapped in since does not credit
+        that version."""
 
         def job(engine: Engine) -> Any:
             if session.closed:
@@ -107,7 +111,7 @@ class ServerState:
                 return
             es = fn(engine)
             session.engine_session = es
-            session.model_version = _answering_version(session)
+            session.model_version = es.model_version
             session.can_undo, session.can_redo = es.can_undo, es.can_redo
 
         await self._await_job(session, job)
@@ -115,13 +119,15 @@ class ServerState:
     async def mutate(
         self, session: ServerSession, request_id: Optional[str], fn: Callable[[EngineSession], MaskUpdate]
     ) -> Tuple[Outcome, float]:
-        """A state-changing operation, answered from the cache when it repeats the last request id."""
+        """A state-changing operation, answered from the cache when it repeats the last request id.
+        The session's model version becomes the one that made the mask now current (undo and redo
+        bring back an earlier mask and its version; a model swapped in since runs for no undo)."""
 
         def op(es: EngineSession) -> Outcome:
             if request_id is not None and session.last_request and session.last_request[0] == request_id:
                 return session.last_request[1]
             update = fn(es)
-            session.model_version = _answering_version(session)
+            session.model_version = es.model_version
             outcome = (update, es.can_undo, es.can_redo)
             session.can_undo, session.can_redo = es.can_undo, es.can_redo
             session.last_request = (request_id, outcome) if request_id is not None else None
@@ -188,12 +194,6 @@ async def await_job(future: concurrent.futures.Future) -> Any:
         return await asyncio.wrap_future(future)
     except WorkerStopped as exc:
         raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
-
-
-def _answering_version(session: ServerSession) -> Optional[str]:
-    """The model version of the session's worker, read on that worker right after a job."""
-    caps = session.worker.capabilities
-    return caps.version if caps is not None else None
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:

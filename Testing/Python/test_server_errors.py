@@ -96,6 +96,26 @@ def test_malformed_json_bodies(shared_server, session):
     assert_error(raw(shared_server, "POST", "/v1/sessions", json={}), 422, "invalid_request")
 
 
+def test_a_json_body_of_another_content_type_is_refused_as_such(shared_server, session):
+    """FastAPI reads a body as JSON only under a JSON content type: any other body (or one with no
+    type) failed validation as raw bytes, a 400 malformed_body about the model, not about the type."""
+    path = f"/v1/sessions/{session.session_id}/prompts"
+    body = json.dumps({"prompt": {"kind": "point", "position": [24.0, 20.0, 12.0]}}).encode()
+    for media in ("text/plain", FRAME["Content-Type"], "application/x-www-form-urlencoded", None):
+        headers = {"Content-Type": media} if media else {}
+        reply = raw(shared_server, "POST", path, data=body, headers=headers)
+        error = assert_error(reply, 415, "unsupported_media_type")
+        assert "application/json" in error["message"] and (media or "without a Content-Type") in error["message"]
+    opening = json.dumps({"image_id": session.image_id}).encode()
+    reply = raw(shared_server, "POST", "/v1/sessions", data=opening, headers={"Content-Type": "text/plain"})
+    assert_error(reply, 415, "unsupported_media_type")
+    # a JSON type with parameters is JSON; no body at all is a malformed request, whatever its type
+    charset = {"Content-Type": "application/json; charset=utf-8"}
+    assert raw(shared_server, "POST", path, data=body, headers=charset).status_code == 200
+    assert_error(raw(shared_server, "POST", "/v1/sessions"), 400, "malformed_body")
+    assert session.status().n_prompts == 1
+
+
 def test_malformed_and_truncated_uploads(shared_server, blob_volume):
     frame = frame_for(blob_volume.array)
     assert_error(raw(shared_server, "POST", "/v1/images", data=frame[:-10], headers=FRAME), 400, "truncated_body")

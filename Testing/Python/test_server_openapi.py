@@ -34,3 +34,17 @@ def test_every_operation_documents_the_error_shape():
                 assert ref.endswith("/ErrorReply"), (method, path, status)
     assert all(code in schema["components"]["schemas"]["ErrorBody"]["properties"]["code"]["description"]
                for code in ErrorCode.all())  # fmt: skip
+
+
+def test_the_schema_documents_what_the_server_answers():
+    """An upload of a held image answers 200, a new one 201; a bug or a damaged datastore 500."""
+    schema = _exporter().build_schema()
+    upload = schema["paths"]["/v1/images"]["post"]["responses"]
+    for status in ("200", "201"):
+        assert upload[status]["content"]["application/json"]["schema"]["$ref"].endswith("/StoredImage"), status
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            for status in ("415", "500"):
+                ref = operation["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ErrorReply"), (method, path, status)
+    assert "corrupt_data" in operation["responses"]["500"]["description"]

@@ -1,0 +1,89 @@
+"""Which model version a session credits: the one that made the mask it shows.
+
+A real server on loopback with a datastore; a version is promoted through the registry (as a
+training job does) while a session is open. Undo, redo and reset run no model: they bring back the
+mask of an earlier step, and with it the version that made that mask, in the replies, the session's
+state, its prompt log and a label saved from it.
+"""
+
+from __future__ import annotations
+
+from test_server_fixtures import TOKENS, make_volume
+
+from SegAssistLib.client import SegAssistClient
+from SegAssistLib.prompts import PointPrompt
+
+pytest_plugins = ["test_server_fixtures"]
+
+
+def _promote_a_version(store, checkpoint) -> None:
+    """Record a version and make it current, as a finished training job does (the base weights
+    as a full fine-tune: what matters here is the swap, not the weights)."""
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning.deploy import save_full_version
+    from SegAssistLib.learning.registry import AdapterRegistry
+
+    base = load_checkpoint(checkpoint)
+    fields = {"base_identity": base.identity, "val_dice": 0.5, "incumbent": None, "incumbent_dice": 0.4}
+    registry = AdapterRegistry(store)
+    registry.add_version(
+        "full",
+        lambda path, _: save_full_version(path, base.network, base.config, base.identity, {}),
+        fields,
+        promote=True,
+        expected_current=None,
+    )
+    assert registry.read().current == "v1"
+
+
+def test_undo_redo_and_reset_credit_the_version_that_made_the_mask(server_factory, tmp_path):
+    store = tmp_path / "store"
+    server = server_factory.start(learn_store=store)
+    volume = make_volume(seed=41)
+    with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 120.0)) as alice:
+        case = alice.learning.import_image(volume, name="swapped while annotated")
+        alice.learning.lock(case.id)
+        base = alice.info().model.version
+        adapted = f"{base}+v1"
+        with alice.open_session(volume) as session:
+            assert session.status().model_version is None  # no model has made a mask yet
+            first = session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0)))
+            second = session.add_prompt(PointPrompt(position=(20.0, 18.0, 12.0)))
+            assert first.info["model_version"] == second.info["model_version"] == base
+
+            _promote_a_version(store, server_factory.checkpoint)
+            undone = session.undo()  # the mask of the first prompt: base made it
+            assert undone.info["model_version"] == base
+            assert session.status().model_version == base
+            assert session.prompt_log().model.endswith("@" + base)
+            draft = alice.learning.submit(case.id, session, submit=False)
+            assert (draft.model, draft.adapter_version) == (base, None)
+            assert session.redo().info["model_version"] == base  # the second prompt's mask: base too
+
+            third = session.add_prompt(PointPrompt(position=(26.0, 22.0, 12.0)))
+            assert third.info["model_version"] == adapted  # the promoted version answers the next prompt
+            assert session.prompt_log().model.endswith("@" + adapted)
+            label = alice.learning.submit(case.id, session, submit=False)
+            assert (label.model, label.adapter_version) == (adapted, "v1")
+            assert session.undo().info["model_version"] == base
+            assert session.redo().info["model_version"] == adapted
+
+            cleared = session.reset()  # an empty mask no model made
+            assert cleared.info["model_version"] is None and session.status().model_version is None
+            assert session.prompt_log().model is None
+            assert session.undo().info["model_version"] == adapted  # the reset undone: v1's mask again
+            assert session.status().model_version == adapted
+
+
+def test_a_replayed_session_credits_the_version_answering_its_replay(server_factory, tmp_path):
+    store = tmp_path / "store"
+    server = server_factory.start(learn_store=store)
+    volume = make_volume(seed=42)
+    with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 120.0)) as alice:
+        adapted = alice.info().model.version + "+v1"
+        _promote_a_version(store, server_factory.checkpoint)
+        prompts = [PointPrompt(position=(24.0, 20.0, 12.0))]
+        with alice.open_session(volume, prompts) as session:  # the open's job swaps the version in
+            assert session.status().model_version == adapted
+            assert session.prompt_log().model.endswith("@" + adapted)
+            assert session.undo().info["model_version"] is None  # back to the empty mask
