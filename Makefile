@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# --overwrite: out/demo is the target's own folder, so a second `make demo` replaces the first run's files
 demo: setup
-	$(VENV)/bin/segassist demo --out $(OUT)
+	$(VENV)/bin/segassist demo --out $(OUT) --overwrite
 
 test: setup
 	$(PY) -m pytest -q

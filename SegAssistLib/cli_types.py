@@ -35,3 +35,14 @@ def non_negative_mm(text: str) -> float:
     if not 0.0 <= value < float("inf"):  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a finite number of mm, at least 0, got {text}")
     return value
+
+
+
+# the mask files the subcommands write (segment --out, learn next --out): SimpleITK picks its writer
+# by the suffix, so another suffix wrote a PNG slice, or failed after the model had run
+MASK_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
+
+
+def is_mask_path(path) -> bool:
+    """Whether ``path``'s name ends in one of :data:`MASK_SUFFIXES` (any case)."""
+    return str(path).lower().endswith(MASK_SUFFIXES)

@@ -28,10 +28,23 @@ from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_
 from SegAssistLib.files import atomic_write, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
 from SegAssistLib.learning.sources import image_stem
-from SegAssistLib.prompts import BoxPrompt, Prompt
+from SegAssistLib.prompts import BoxPrompt, ImageInfo, Prompt
 
 SAMPLE_IMAGE = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
 SAMPLE_LABEL = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_label.nii.gz"
+OUTPUT_NAMES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "overlay.png", "prompts.json", "summary.json")
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse, before the model runs, an output folder that cannot be written or holds an earlier run's
+    files (replaced only with ``overwrite``)."""
+    problem = output_problem(out, folder=True)
+    if problem:
+        raise SegAssistError(f"--out {out}: {problem}")
+    held = [name for name in OUTPUT_NAMES if (out / name).exists()]
+    if held and not overwrite:
+        raise SegAssistError(f"--out {out} already holds {', '.join(held)} of an earlier run: "
+                             "pass --overwrite to replace them, or choose another --out")
 
 
 def segment_name(label: Optional[Path], label_values: Sequence[int]) -> str:
@@ -84,13 +97,14 @@ def run_demo(
     label_values: tuple = (1, 2),
     model: Optional[Path] = None,
     channel: Optional[int] = None,
+    overwrite: bool = True,
 ) -> dict:
+    """Run the two sessions and write the outputs into ``out``; ``overwrite=False`` refuses, before the
+    model runs, a folder that holds an earlier run's files (the command line's default)."""
     from SegAssistLib.engine.builtin import load_default_engine
     from SegAssistLib.visualize import save_overlay_png
 
-    problem = output_problem(out, folder=True)  # before the model runs, not after
-    if problem:
-        raise SegAssistError(f"--out {out}: {problem}")
+    check_output_folder(out, overwrite)  # before the model runs, not after
     volume = load_volume(image, channel=channel)
     labels = load_mask(label)
     problem = label_grid_problem(label, labels, volume)  # the check of segassist eval: Dice of a moved label lies
@@ -125,6 +139,8 @@ def run_demo(
     title = f"SegAssist demo: Dice {best_dice:.3f} (orange: result, green: reference)"
     write("overlay.png",
           lambda p: save_overlay_png(volume, mask, p, reference=target, prompts=log.prompts, title=title))
+    # with the image it was made on, as `segassist segment --log` writes it: replayed on another image, refused
+    log = log.model_copy(update={"image": ImageInfo(shape_ijk=volume.shape_ijk, spacing=volume.spacing)})
     write("prompts.json", lambda p: log.save(p))
     latencies = [r[3] for r in rows]
     summary = {
@@ -150,6 +166,7 @@ def register(subparsers) -> None:
     p.add_argument("--labels", default="1,2", help="label values that make the target (default 1,2)")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped model)")
     p.add_argument("--channel", type=non_negative_int, help="volume of a 4D image or component of a vector image")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     p.set_defaults(func=_main)
 
 
@@ -164,5 +181,5 @@ def _main(args: argparse.Namespace) -> int:
         raise SegAssistError(f"--labels {args.labels!r}: give label values separated by commas, e.g. 1,2") from None
     if any(v < 1 for v in values):
         raise SegAssistError(f"--labels {args.labels!r}: label values are 1 or more (0 is the background)")
-    run_demo(args.out, image, label, values, args.model, args.channel)
+    run_demo(args.out, image, label, values, args.model, args.channel, overwrite=args.overwrite)
     return 0

@@ -3,27 +3,31 @@
 The command-line twin of the Slicer batch script (``Resources/Examples/batch_segment.py``), without
 Slicer: SegAssist JSON prompts (voxel coordinates ``(i, j, k)``: a prompt log, an object with a
 ``prompts`` list, or a list) are applied in order, and the mask is written on the image's grid as a
-label map (``.nii.gz``, ``.nrrd``, ``.mha``, ...) or a Slicer segmentation (``.seg.nrrd``).
+label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or a Slicer segmentation (``.seg.nrrd``); any other
+``--out`` is refused before the image is read.
 
 The model runs in this process by default (the shipped weights, or ``--model``); ``--url`` sends
-the image to a SegAssist server instead, only with ``--send-images-to-remote``. Outputs are written
+the image to a SegAssist server instead (``http(s)://host:port``), only with ``--send-images-to-remote``;
+a token goes over plain http only to this computer, or with ``--allow-insecure-http``. Outputs are written
 whole or not at all, and an existing file is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import statistics
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
+from urllib.parse import urlsplit
 
-from SegAssistLib.cli_types import non_negative_int
+from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, non_negative_int
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.files import output_problem
 
-SEGMENTATION_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
+SEGMENTATION_SUFFIXES = (".seg.nrrd",)  # the rest of MASK_SUFFIXES are label maps
 TOKEN_VARIABLE = "SEGASSIST_REMOTE_TOKEN"
 
 
@@ -37,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, type=Path, action="append", metavar="FILE",
                    help="SegAssist JSON prompts in voxel coordinates; repeat to apply several files in order")
     p.add_argument("--out", required=True, type=Path,
-                   help="result: a label map (.nii.gz, .nrrd, .mha, ...) or a Slicer segmentation (.seg.nrrd)")
+                   help="result: a label map (.nii.gz, .nii, .nrrd, .mha) or a Slicer segmentation (.seg.nrrd)")
     p.add_argument("--log", type=Path, default=None, help="also write the session's prompt log (JSON) here")
     p.add_argument("--overwrite", action="store_true", help="replace --out and --log when they exist")
     p.add_argument("--segment-name", default="SegAssist", help="segment name in a .seg.nrrd (default SegAssist)")
@@ -48,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     local.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     local.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads (0: torch's choice)")
     remote = p.add_argument_group("remote server")
-    remote.add_argument("--url", default="", help="SegAssist server URL, for example https://host:8470")
+    remote.add_argument("--url", default="", help="SegAssist server URL with its scheme, for example https://host:8470")
     remote.add_argument("--token", default=None, help=f"access token (default: ${TOKEN_VARIABLE})")
     remote.add_argument("--send-images-to-remote", action="store_true",
                         help="consent to send the image to --url (required with --url)")
@@ -67,22 +71,56 @@ def _check_outputs(args: argparse.Namespace) -> None:
         problem = output_problem(path)
         if problem:
             raise SegAssistError(f"{flag} {path}: {problem}")
+        if flag == "--out" and not is_mask_path(path):  # SimpleITK picks its writer by the suffix: .png was a slice
+            raise SegAssistError(f"--out {path}: write the result as {', '.join(MASK_SUFFIXES)} "
+                                 "(a label map, or a Slicer segmentation with .seg.nrrd)")
         if path.exists() and not args.overwrite:
             raise SegAssistError(f"{flag} {path} exists: add --overwrite to replace it")
     if args.out.absolute() == args.image.absolute():
         raise SegAssistError(f"--out is the image itself: {args.out}")
 
 
-def _engine(args: argparse.Namespace):
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _remote_token(args: argparse.Namespace) -> Optional[str]:
+    """The token for --url (``--token``, else ``$SEGASSIST_REMOTE_TOKEN``; None: none), refused with the
+    flag to change when the client would refuse it: checked before the image is read."""
+    if not args.url:
+        if args.token is not None or args.send_images_to_remote or args.allow_insecure_http:
+            raise SegAssistError("--token, --send-images-to-remote and --allow-insecure-http need --url")
+        return None
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SegAssistError(f"--url {args.url}: give the server as http(s)://host:port, for example "
+                             f"https://{parts.netloc or args.url.split('://')[-1]}")
+    if not args.send_images_to_remote:
+        raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
+    token = args.token if args.token is not None else os.environ.get(TOKEN_VARIABLE, "")
+    token = token.strip() or None  # a token read from a file keeps its newline
+    source = "--token" if args.token is not None else f"${TOKEN_VARIABLE}"
+    if token and any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise SegAssistError(f"the token ({source}) holds spaces or control characters")  # never echo it
+    if token and parts.scheme == "http" and not _is_loopback(parts.hostname or "") and not args.allow_insecure_http:
+        raise SegAssistError(f"refusing to send the token ({source}) in clear text to {parts.hostname}: use an "
+                             "https:// --url, or add --allow-insecure-http on a network you trust")
+    return token
+
+
+def _engine(args: argparse.Namespace, token: Optional[str]):
     if args.url:
-        if not args.send_images_to_remote:
-            raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
         from SegAssistLib.client import SegAssistClient
 
-        token = args.token if args.token is not None else os.environ.get(TOKEN_VARIABLE, "")
-        return SegAssistClient(args.url, token or None, allow_insecure_token=args.allow_insecure_http)
-    if args.token is not None or args.send_images_to_remote or args.allow_insecure_http:
-        raise SegAssistError("--token, --send-images-to-remote and --allow-insecure-http need --url")
+        try:
+            return SegAssistClient(args.url, token, allow_insecure_token=args.allow_insecure_http)
+        except ValueError as exc:  # what _remote_token did not foresee: one line, not a traceback
+            raise SegAssistError(f"--url {args.url}: {exc}") from exc
     from SegAssistLib.engine.builtin import load_default_engine
 
     return load_default_engine(args.model, args.device, args.threads or None)
@@ -115,10 +153,11 @@ def run_segment(args: argparse.Namespace) -> int:
     from SegAssistLib.io import load_volume
 
     _check_outputs(args)
+    token = _remote_token(args)
     volume = load_volume(args.image, channel=args.channel)
     image = (volume.shape_ijk, volume.spacing, f"image {args.image}")
     prompts = [prompt for path in args.prompts for prompt in read_prompt_file(path, image)]
-    engine = _engine(args)
+    engine = _engine(args, token)
     try:
         run = run_prompts(engine, volume, prompts, _progress)
     finally:

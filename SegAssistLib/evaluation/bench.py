@@ -5,7 +5,8 @@ over a selection of cases (:mod:`SegAssistLib.evaluation.selection`) with each e
 protocol: the box, the scribble and the first click are the same for every engine (fixed by the
 ground truth), and every later click comes from the simulated user by the same rule applied to the
 engine's own current mask. It writes ``results.json`` and the report
-(:mod:`SegAssistLib.evaluation.report`) to the output folder, ``docs/benchmarks`` by default.
+(:mod:`SegAssistLib.evaluation.report`) to the output folder, ``docs/benchmarks`` by default; a folder
+that holds an earlier run's results or report is refused before any work unless ``--overwrite``.
 
 Fixed choices, all stated in the report:
 
@@ -40,7 +41,14 @@ from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
 from SegAssistLib.evaluation.progress import ProgressBar
-from SegAssistLib.evaluation.runner import PROTOCOLS, evaluate_target, load_case, warm_up
+from SegAssistLib.evaluation.runner import (
+    PROTOCOLS,
+    check_targets,
+    evaluate_target,
+    load_case,
+    parse_targets,
+    warm_up,
+)
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.evaluation.selection import (
     Job,
@@ -132,6 +140,8 @@ def select_jobs(config: BenchConfig) -> Tuple[List[Job], List[str]]:
     if config.folders:
         jobs: List[Job] = []
         for folder in config.folders:
+            if config.labels:  # a label the folder's dataset.json lacks: refused, not skipped case by case
+                check_targets(Path(folder), parse_targets(config.labels))
             spec = spec_for_folder(Path(folder), config.labels, config.cases)
             jobs.extend(jobs_for(Path(folder), spec, config.quick))
         missing: List[str] = []
@@ -364,6 +374,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--datasets", default=None,
                         help="only these datasets of the default selection (comma-separated)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default docs/benchmarks)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results.json and report of an earlier run in --out")
     parser.add_argument("--quick", action="store_true", help="a subset that runs in about 5 minutes on a 2-core CPU")
     parser.add_argument("--engines", default=",".join(BENCH_ENGINES), help=f"default {','.join(BENCH_ENGINES)}")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"default {','.join(PROTOCOLS)}")
@@ -413,6 +425,22 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
+def check_out_folder(out: Path, overwrite: bool, from_json: bool = False) -> None:
+    """Refuse, before hours of work, an output folder that cannot be written or that holds an earlier
+    run's results or report (the default, docs/benchmarks, holds the committed one): replaced only with
+    ``overwrite``. ``from_json``: only the report is written."""
+    from SegAssistLib.evaluation.report import PER_CASE_NAME, REPORT_NAME
+
+    problem = output_problem(out, folder=True)
+    if problem:
+        raise SegAssistError(f"--out {out}: {problem}")
+    names = (REPORT_NAME, PER_CASE_NAME) if from_json else (RESULTS_NAME, REPORT_NAME, PER_CASE_NAME)
+    held = [name for name in names if (out / name).exists()]
+    if held and not overwrite:
+        raise SegAssistError(f"--out {out} already holds {', '.join(held)} of an earlier run: pass --overwrite "
+                             "to replace them, or choose another --out")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from SegAssistLib.evaluation.report import render_report
 
@@ -424,9 +452,7 @@ def run_cli(args: argparse.Namespace) -> int:
         for name in missing:
             print(f"{name}: not found")
         return 0
-    problem = output_problem(config.out, folder=True)  # before hours of work, not after
-    if problem:
-        raise SegAssistError(f"--out {config.out}: {problem}")
+    check_out_folder(config.out, args.overwrite, from_json=bool(args.from_json))  # before hours of work
     if args.from_json:
         try:
             result = json.loads(Path(args.from_json).read_text())
@@ -447,6 +473,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"wrote {report}")
         return 0 if result["records"] else 1
     command = "segassist bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
+    select_jobs(config)  # a missing folder or a label its dataset.json lacks: said before the model loads
     engines = build_engines(config)
     result = run_bench(config, engines, command=command.strip())
     print(f"wrote {write_results(result, config.out)}")

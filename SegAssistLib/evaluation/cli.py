@@ -88,19 +88,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--scribble-jitter", type=non_negative_mm, default=0.0, metavar="MM", help="hand jitter in mm (default 0)"
     )
     parser.add_argument("--json", required=True, metavar="OUT", help="where to write the results")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json when it exists")
     parser.set_defaults(func=run_eval)
     return parser
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from SegAssistLib.errors import SegAssistError
-    from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets, write_json
+    from SegAssistLib.evaluation.runner import EvalConfig, check_json_output, evaluate, parse_targets, write_json
     from SegAssistLib.evaluation.scribbles import ScribbleSpec
-    from SegAssistLib.files import output_problem
 
-    problem = output_problem(Path(args.json))  # before the evaluation, not after it
-    if problem:
-        raise SegAssistError(f"--json {args.json}: {problem}")
+    check_json_output(args.json, args.overwrite)  # before the evaluation, not after it
     if not Path(args.dataset_dir).is_dir():
         raise SegAssistError(f"dataset folder not found: {args.dataset_dir}")
 

@@ -104,6 +104,21 @@ def default_targets(dataset_dir: Path) -> List[Target]:
     return [(i,) for i in dataset_labels(dataset_dir)]
 
 
+def check_targets(dataset_dir: Union[str, Path], targets: Sequence[Target]) -> None:
+    """Refuse, before any engine loads, a target label that the folder's ``dataset.json`` does not name
+    (a typo once gave empty results, or with another label dropped it case by case). Nothing is checked
+    where ``dataset.json`` is missing or names no numeric labels at its top level (per-case labels)."""
+    try:
+        named = dataset_labels(Path(dataset_dir))
+    except SegAssistError:
+        return
+    unknown = sorted({i for target in targets for i in target} - set(named))
+    if unknown:
+        labels = ", ".join(f"{i} ({name})" for i, name in named.items())
+        raise SegAssistError(f"--labels: label{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} "
+                             f"not in {Path(dataset_dir) / 'dataset.json'}, which has {labels}")
+
+
 # --- engines -----------------------------------------------------------------------------------
 def builtin_options(correction_zoom_share: Optional[float] = None, edge_band: Optional[float] = None) -> Dict:
     """Keyword options of the builtin engine for the command lines' ``--correction-zoom-share`` and
@@ -494,6 +509,16 @@ class EvalConfig:
     scribble: ScribbleSpec = ScribbleSpec()
 
 
+def progress_part(record: Dict) -> str:
+    """A record on the progress line: Dice after the first, fifth and last interaction (each count
+    once), NoC@85, and the median latency per interaction."""
+    d = record["dice"]
+    dice = " ".join(f"@{k} {d[k - 1]:.3f}" for k in sorted({1, min(5, len(d)), len(d)}))
+    noc = record["noc"]["85"] if record["reached"]["85"] else "not reached"
+    latency = float(np.median(record["latency_s"])) if record["latency_s"] else 0.0
+    return f"target {record['target']}: Dice {dice}, NoC@85 {noc}, median latency {latency:.2f} s"
+
+
 def select_cases(dataset_dir: Path, split: str, count: Optional[int], channel: int = 0) -> List[Case]:
     if split not in SPLITS:
         raise SegAssistError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
@@ -514,6 +539,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     if config.max_clicks < 1:
         raise SegAssistError("max_clicks must be at least 1")
     targets = config.targets or default_targets(dataset_dir)
+    check_targets(dataset_dir, targets)
     cases = select_cases(dataset_dir, config.split, config.cases, config.channel)
     engine = engine or make_engine(config.engine, config.model, config.device, refine_depth=config.refine_depth,
                                   correction_zoom_share=config.correction_zoom_share, edge_band=config.edge_band)
@@ -548,15 +574,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         )
         records.extend(case_records)
         skipped.extend(case_skipped)
-        parts = []
-        for r in case_records:
-            d = r["dice"]
-            parts.append(
-                f"target {r['target']}: Dice@1 {d[0]:.3f} @{min(5, len(d))} {d[min(4, len(d) - 1)]:.3f} "
-                f"@{len(d)} {d[-1]:.3f} "
-                f"NoC85 {r['noc']['85']}{'' if r['reached']['85'] else '*'} "
-                f"{np.median(r['latency_s']) if r['latency_s'] else 0:.2f} s"
-            )
+        parts = [progress_part(r) for r in case_records]
         parts += [f"target {s['target']}: skipped ({s['reason']})" for s in case_skipped]
         progress(f"[{index}/{len(cases)}] {case.name} " + "; ".join(parts))
     per_target = {}
@@ -590,8 +608,23 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     }
 
 
+def check_json_output(path: Union[str, Path], overwrite: bool) -> None:
+    """Refuse, before the evaluation, a ``--json`` that cannot be written or holds earlier results
+    (replaced only with ``overwrite``)."""
+    from SegAssistLib.files import output_problem
+
+    path = Path(path)
+    problem = output_problem(path)
+    if problem:
+        raise SegAssistError(f"--json {path}: {problem}")
+    if path.exists() and not overwrite:
+        raise SegAssistError(f"--json {path} exists (earlier results): pass --overwrite to replace it, "
+                             "or choose another file")
+
+
 def write_json(result: Dict, path: Union[str, Path]) -> Path:
-    """Write the results whole or not at all (an interrupted run leaves the earlier file as it was)."""
+    """Write the results whole or not at all (an interrupted run leaves the earlier file as it was).
+    It replaces an existing file: the command line refuses one up front (:func:`check_json_output`)."""
     path = Path(path)
     atomic_write_bytes(path, json.dumps(result, indent=1).encode(), overwrite=True)
     return path

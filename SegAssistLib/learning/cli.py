@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from SegAssistLib.api_learning import MAX_LOCK_TTL_S
-from SegAssistLib.cli_types import number, positive_int
+from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, number, positive_int
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, import_sources, open_datastore
 from SegAssistLib.learning.errors import DatastoreError
@@ -177,7 +177,7 @@ def _print(args: argparse.Namespace, data: Any, text: str) -> None:
 def _progress(args: argparse.Namespace, text: str) -> None:
     """A line of progress while a command works: on stdout, or on stderr with ``--json`` (stdout is
     then the JSON alone)."""
-    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+    _say(text, err=args.json)
 
 
 def _say(text: str, err: bool = False) -> None:
@@ -424,8 +424,8 @@ def _follow(args: argparse.Namespace, job: Any) -> int:
         while True:
             status = job.status()
             line = _job_line(status)
-            if line != last and not args.json:
-                _say(line)
+            if line != last:  # with --json on stderr: stdout is the final status's JSON alone
+                _progress(args, line)
                 last = line
             if status.get("state") in FINAL_STATES:
                 break
@@ -511,14 +511,11 @@ _KEEP_EXISTING = (
 )
 
 
-MASK_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
-
-
 def check_mask_output(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, a mask output path that could not be written or would replace a file."""
     from SegAssistLib.files import output_problem
 
-    if not str(path).lower().endswith(MASK_SUFFIXES):
+    if not is_mask_path(path):
         raise SegAssistError(f"--out {path}: write the proposal as {', '.join(MASK_SUFFIXES)}")
     problem = output_problem(path)
     if problem:

@@ -13,6 +13,7 @@ Usage: ``segassist train --out runs/v1 --minutes 120 [--resume runs/v1/state.pt]
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -302,10 +303,45 @@ class Trainer:
         save_checkpoint(self.out / "model.pt", self.net, self.net_cfg, meta)
 
     def run(self) -> None:
+        """Train until the budget or ``max_steps``; a Ctrl-C saves the state of the last finished step
+        (as the periodic checkpoint does), says how to resume, and is raised again (exit 130)."""
+        log = (self.out / "log.jsonl").open("a")
+        try:
+            try:
+                self._train(log)
+            except KeyboardInterrupt:
+                self._save_interrupted()
+                raise
+        finally:
+            log.close()
+        self.save(final=True)
+        self.close()
+        skipped = f" ({self.skipped_steps} skipped: loss not finite)" if self.skipped_steps else ""
+        print(f"done: {self.step} steps{skipped} in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)
+
+    def _save_interrupted(self) -> None:
+        """After a Ctrl-C: the state of the last finished step, saved as the periodic checkpoint saves it
+        (the step under way is dropped), and the --resume that continues it."""
+        try:
+            if self.step == 0:
+                print("interrupted before the first step: nothing to save", flush=True)
+                return
+            try:
+                self.save()
+            except KeyboardInterrupt:  # asked again: the previous state.pt stays whole (written atomically)
+                print("interrupted again while saving: the previous checkpoint, if any, is kept", flush=True)
+                return
+            print(f"interrupted at step {self.step}: saved {self.out / 'state.pt'}; continue with "
+                  f"--resume {self.out / 'state.pt'}", flush=True)
+        finally:
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def _train(self, log) -> None:
+        """The steps, with the periodic checkpoints and the log lines."""
         budget = self.cfg.minutes * 60.0
         last_ckpt = time.time()
         history = []
-        log = (self.out / "log.jsonl").open("a")
         while self.step < self.cfg.max_steps and self.elapsed < budget:
             t0 = time.time()
             stats = self.train_step()
@@ -325,7 +361,3 @@ class Trainer:
             if time.time() - last_ckpt > self.cfg.checkpoint_minutes * 60:
                 self.save()
                 last_ckpt = time.time()
-        self.save(final=True)
-        self.close()
-        skipped = f" ({self.skipped_steps} skipped: loss not finite)" if self.skipped_steps else ""
-        print(f"done: {self.step} steps{skipped} in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)

@@ -236,6 +236,25 @@ def test_cli_refuses_bad_numbers_outputs_and_results_files_before_any_work(tmp_p
             args.func(args)
 
 
+def test_an_earlier_runs_results_and_report_are_replaced_only_with_overwrite(tmp_path, capsys):
+    """``bench --out D`` replaced an earlier run's results.json and report without a word; the default
+    --out, docs/benchmarks, holds the committed report."""
+    from SegAssistLib.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("an earlier run")
+    missing = tmp_path / "no-such-model.pt"  # never loaded: the refusal comes first
+    assert main(["bench", str(tmp_path / "nowhere"), "--model", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"segassist bench: error: --out {out} already holds results.json of an earlier run: pass "
+                   "--overwrite to replace them, or choose another --out\n")
+    assert (out / "results.json").read_text() == "an earlier run"
+    # --overwrite lets it go on, to the next problem here (no dataset)
+    assert main(["bench", str(tmp_path / "nowhere"), "--model", str(missing), "--out", str(out), "--overwrite"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
 # --- small synthetic datasets: 4D images, --quick with --cases, damaged results files ----------
 def _synthetic(folder, names=("a", "b", "c"), channels: int = 0):
     """Cases ``names``: a bright ball (label 1) on noise; ``channels`` > 0: 4D images of that many volumes."""
@@ -270,7 +289,9 @@ def test_the_report_of_a_dataset_of_4d_images_replays_the_gallery_on_the_case_ch
         del r["channel"]
     (out / "results.json").write_text(json.dumps(saved))
     (out / "gallery" / "four_best.png").unlink()
-    assert main(["bench", "--from-json", str(out / "results.json"), "--out", str(out)]) == 0
+    assert main(["bench", "--from-json", str(out / "results.json"), "--out", str(out)]) == 2  # its report: kept
+    assert "already holds report.md, per_case.md of an earlier run: pass --overwrite" in capsys.readouterr().err
+    assert main(["bench", "--from-json", str(out / "results.json"), "--out", str(out), "--overwrite"]) == 0
     assert (out / "gallery" / "four_best.png").is_file() and "gallery left out" not in (out / "report.md").read_text()
 
 

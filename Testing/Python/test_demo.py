@@ -13,7 +13,23 @@ from SegAssistLib.io import save_mask_nifti
 from SegAssistLib.prompts import PromptLog
 
 
-def test_demo_writes_every_output(tmp_path, shipped_checkpoint):
+def check_prompt_log_names_its_image_and_is_refused_on_another(out, tmp_path, capsys):
+    """The demo's prompts.json recorded no image ("image": null): `segassist segment` replayed it on any
+    image without a word."""
+    log = PromptLog.load(out / "prompts.json")
+    image = sitk.ReadImage(str(SAMPLE_IMAGE))
+    assert log.image is not None and tuple(log.image.shape_ijk) == image.GetSize()
+    assert tuple(log.image.spacing) == image.GetSpacing()
+    other = tmp_path / "other.nii.gz"
+    save_mask_nifti(np.zeros((20, 30, 40), np.uint8), Volume(np.zeros((20, 30, 40), np.float32)), other)
+    capsys.readouterr()
+    result = tmp_path / "other_result.nii.gz"
+    assert main(["segment", str(other), "--prompts", str(out / "prompts.json"), "--out", str(result)]) == 2
+    assert "the prompt log was recorded on an image of [35, 51, 35] voxels" in capsys.readouterr().err
+    assert not result.exists()
+
+
+def test_demo_writes_every_output(tmp_path, shipped_checkpoint, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -31,6 +47,23 @@ def test_demo_writes_every_output(tmp_path, shipped_checkpoint):
     assert summary["final_dice"] > 0.5
     assert sorted(p.name for p in out.iterdir()) == [  # every file whole, no temporary left
         "overlay.png", "prompts.json", "segmentation.nii.gz", "segmentation.seg.nrrd", "summary.json"]
+    check_prompt_log_names_its_image_and_is_refused_on_another(out, tmp_path, capsys)
+
+
+def test_a_second_run_replaces_the_first_only_with_overwrite(tmp_path, capsys):
+    """``demo --out D`` replaced an earlier run's files without a word."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "summary.json").write_text("an earlier run")
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds summary.json of an earlier run: pass --overwrite" in err and err.count("\n") == 1, err
+    assert (out / "summary.json").read_text() == "an earlier run"
+    # with --overwrite it goes on (to the next check here: no model run needed to show it)
+    assert main(["demo", "--out", str(out), "--overwrite", "--labels", "7"]) == 2
+    assert "holds none of the values 7" in capsys.readouterr().err
+
+
 
 
 def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):

@@ -176,12 +176,18 @@ def test_runner_writes_json_for_two_hippocampus_cases(hippocampus_dir, tmp_path)
     assert set(data["per_target"]) == {"1", "1+2"}
 
 
-def test_runner_records_absent_targets_and_refuses_unsupported_protocols(hippocampus_dir):
-    result = evaluate(
-        EvalConfig(hippocampus_dir, targets=parse_targets("7"), max_clicks=1, cases=1, engine="growcut"),
-        progress=lambda line: None,
-    )
+def test_runner_records_absent_targets_and_refuses_unsupported_protocols(hippocampus_dir, tmp_path):
+    # a label dataset.json names that a case lacks is skipped in that case; one it does not name is refused
+    folder = tmp_path / "with_seven"
+    for sub in ("imagesTr", "labelsTr"):
+        (folder / sub).mkdir(parents=True)
+        shutil.copy(hippocampus_dir / sub / "hippocampus_001.nii.gz", folder / sub)
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"1": "a", "2": "b", "7": "seven"}}))
+    result = evaluate(EvalConfig(folder, targets=parse_targets("7"), max_clicks=1, engine="growcut"),
+                      progress=lambda line: None)  # fmt: skip
     assert result["records"] == [] and result["skipped"][0]["reason"] == "target label absent"
+    with pytest.raises(SegAssistError, match="label 7 not in"):
+        evaluate(EvalConfig(hippocampus_dir, targets=parse_targets("7"), max_clicks=1, cases=1, engine="growcut"))
     with pytest.raises(SegAssistError, match="unknown protocol"):
         evaluate(EvalConfig(hippocampus_dir, protocol="lasso+clicks", cases=1, engine="growcut"))
 

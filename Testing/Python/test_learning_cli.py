@@ -385,3 +385,27 @@ def test_next_prints_each_candidate_the_model_scores(store, capsys):
                  str(checkpoint), "--no-proposal"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "[1/1] candidate(s) scored with the model" in lines and lines[-1].startswith("next case: ")
+
+
+def test_an_attached_train_with_json_prints_its_progress_on_stderr(monkeypatch, capsys):
+    """With --json an attached ``learn train`` printed no progress at all (the docstring promised stderr);
+    stdout stays the final status's JSON alone."""
+    statuses = [{"job_id": "j1", "state": "running", "phase": "training", "step": s, "max_steps": 2}
+                for s in (1, 2)] + [{"job_id": "j1", "state": "done", "phase": "finished"}]
+
+    class Job:
+        job_id = "j1"
+
+        def status(self):
+            return statuses.pop(0) if len(statuses) > 1 else statuses[0]
+
+        def wait(self, timeout=None):
+            return statuses[-1]
+
+    monkeypatch.setattr(learn_cli, "time", types.SimpleNamespace(sleep=lambda s: None, monotonic=time.monotonic))
+    args = types.SimpleNamespace(json=True, store="store")
+    assert learn_cli._follow(args, Job()) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["state"] == "done"
+    assert "job j1: running, training, step 1/2" in captured.err and "step 2/2" in captured.err, captured.err
+    assert "job j1: done, finished" in captured.err

@@ -153,3 +153,44 @@ def test_a_core_install_segments_on_a_server_and_names_the_extra_for_the_local_m
     local = run("--out", tmp_path / "local.nii.gz")
     assert local.returncode == 2 and "pip install 'segassist[engine]'" in local.stderr, local.stderr[-800:]
     assert not (tmp_path / "local.nii.gz").exists()
+
+
+@pytest.mark.parametrize("name", ["res.png", "res.txt", "res", "res.dcm", "res.seg.nhdr"])
+def test_an_output_of_no_mask_format_is_refused_before_the_model_loads(tmp_path, capsys, name):
+    """``--out res.png`` wrote a 2D PNG slice (exit 0); ``.txt`` or no suffix ran the model, then died with a
+    SimpleITK traceback."""
+    out = tmp_path / name
+    missing_model = tmp_path / "no-such-model.pt"  # never read: the refusal comes first
+    assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", out, "--model", missing_model) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"segassist segment: error: --out {out}: write the result as .nii.gz, .nii, .seg.nrrd")
+    assert err.count("\n") == 1 and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["--url", "gpu-server:8470"], {}, "--url gpu-server:8470: give the server as http(s)://host:port, "
+                                           "for example https://gpu-server:8470"),
+        (["--url", "http://10.0.0.5:8470", "--token", "abc"], {},
+         "refusing to send the token (--token) in clear text to 10.0.0.5: use an https:// --url, or add "
+         "--allow-insecure-http"),
+        (["--url", "http://10.0.0.5:8470"], {"SEGASSIST_REMOTE_TOKEN": "abc"},
+         "refusing to send the token ($SEGASSIST_REMOTE_TOKEN) in clear text"),
+        (["--url", "https://10.0.0.5:8470", "--token", "a b"], {}, "the token (--token) holds spaces"),
+    ],
+)
+def test_a_bad_url_or_token_is_one_line_naming_the_flag_before_the_image_is_read(
+    tmp_path, capsys, monkeypatch, argv, env, message
+):
+    """A URL without its scheme, or a token over plain http to another host, ended in a ValueError traceback
+    (exit 1) naming the Python argument allow_insecure_token, not the flag."""
+    monkeypatch.delenv("SEGASSIST_REMOTE_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out.nii.gz"
+    missing = tmp_path / "no-such-image.nii.gz"  # never read: the refusal comes first
+    assert _segment(missing, "--prompts", SAMPLE_PROMPTS, "--out", out, "--send-images-to-remote", *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segassist segment: error: ") and message in err and err.count("\n") == 1, err
+    assert "allow_insecure_token" not in err and not out.exists()

@@ -365,3 +365,42 @@ def test_resuming_with_a_config_takes_its_weight_decay_not_the_states(tmp_path):
     resumed = Trainer(cfg, tmp_path / "b", state)
     resumed.close()
     assert [g["weight_decay"] for g in resumed.opt.param_groups] == [0.5]
+
+
+def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
+    """Ctrl-C exited 130 but saved nothing: the work since the last checkpoint (every 5 minutes) was lost."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = {"data_root": "", "network": {"channels": [4, 8], "strides": [2], "patch_size": 24}, "batch_size": 1,
+           "minutes": 5, "max_steps": 100000, "loader_workers": 0, "max_correction_rounds": 0}
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "SegAssistLib.cli", "train", "--out", str(out), "--config",
+                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in process.stdout:  # the first log line: 25 steps done, none saved yet
+            if line.startswith('{"step": 25'):
+                break
+            assert time.monotonic() < deadline, "no training step in 120 s"
+        assert not (out / "state.pt").exists()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().endswith("interrupted"), stderr[-2000:]
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert step >= 25 and load_checkpoint(out / "model.pt").meta["steps"] == step
+    resume = out / "state.pt"
+    assert re.search(rf"interrupted at step {step}: saved .*; continue with --resume {re.escape(str(resume))}$",
+                     stdout.strip()), stdout[-1000:]
+    cfg["max_steps"] = step + 1  # the hint works: the run goes on from there
+    config.write_text(json.dumps(cfg))
+    assert main(["train", "--out", str(out), "--config", str(config), "--resume", str(resume)]) == 0
+    assert torch.load(resume, weights_only=True)["step"] == step + 1
