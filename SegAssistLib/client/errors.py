@@ -51,6 +51,12 @@ class BackendTimeoutError(BackendUnavailableError):
     code = "backend_timeout"
 
 
+class JobWaitTimeoutError(ClientError, TimeoutError):
+    """A training job is still running when ``wait_for_job``'s time is up (the job goes on)."""
+
+    code = "job_wait_timeout"
+
+
 class ProtocolError(ClientError):
     """The reply is not what the API promises (wrong server, or a proxy answering instead)."""
 

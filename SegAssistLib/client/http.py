@@ -19,6 +19,7 @@ not even after a redirect. Ids go into URL paths through :func:`path_id`, querie
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import threading
 import time
@@ -39,7 +40,8 @@ from SegAssistLib.client.errors import (
 )
 from SegAssistLib.transport import available_codecs
 
-Timeout = Union[float, Tuple[float, float]]
+#: seconds, or (connect, read) seconds; None (or None in the pair) waits without limit, as in requests
+Timeout = Union[None, float, Tuple[Optional[float], Optional[float]]]
 DEFAULT_TIMEOUT: Tuple[float, float] = (5.0, 120.0)  # connect, read (a click may wait in a queue)
 
 
@@ -98,6 +100,20 @@ def _reply_lost(error: ClientError) -> bool:
     return status in _GATEWAY_ONLY
 
 
+def _checked_timeout(timeout: Timeout) -> Timeout:
+    """``timeout`` if it is seconds > 0, None (no limit), or a (connect, read) pair of those."""
+    values = timeout if isinstance(timeout, tuple) else (timeout,)
+    fine = len(values) == (2 if isinstance(timeout, tuple) else 1) and all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0)
+        for v in values
+    )
+    if not fine:
+        raise ValueError(
+            f"timeout must be seconds above 0, None (no limit) or a (connect, read) pair of those; got {timeout!r}"
+        )
+    return timeout
+
+
 class HttpClient:
     def __init__(
         self,
@@ -121,7 +137,7 @@ class HttpClient:
             raise ValueError("the token holds spaces or control characters; check the token file")  # never echo it
         self.base_url = base_url.rstrip("/")
         self.token = token
-        self.timeout = timeout
+        self.timeout = _checked_timeout(timeout)
         self.retries = retries
         self.verify = verify
         self._local = threading.local()  # requests.Session is not meant to be shared across threads
@@ -256,24 +272,26 @@ class HttpClient:
         assert last is not None
         raise last
 
-    def _pair(self, timeout: Optional[Timeout] = None) -> Tuple[float, float]:
-        """(connect, read) seconds of ``timeout``, else of the client's default."""
+    def _pair(self, timeout: Optional[Timeout] = None) -> Tuple[Optional[float], Optional[float]]:
+        """(connect, read) seconds of ``timeout``, else of the client's default (None: no limit)."""
         t = timeout or self.timeout
         return t if isinstance(t, tuple) else (t, t)
 
-    def _read_timeout(self, timeout: Optional[Timeout]) -> float:
+    def _read_timeout(self, timeout: Optional[Timeout]) -> Optional[float]:
         return self._pair(timeout)[1]
 
-    def upload_timeout(self) -> Tuple[float, float]:
+    def upload_timeout(self) -> Tuple[Optional[float], Optional[float]]:
         """Timeouts for a large body: urllib3 sends the body under the *connect* timeout, and a server
         at its upload limit stops reading until a slot frees, so sending gets the read timeout too."""
         connect, read = self._pair()
+        if connect is None or read is None:
+            return (None, read)
         return (max(connect, read), read)
 
-    def read_timeout_plus(self, seconds: float) -> Tuple[float, float]:
+    def read_timeout_plus(self, seconds: float) -> Tuple[Optional[float], Optional[float]]:
         """The default timeouts with ``seconds`` more to read the reply (a replay of many prompts)."""
         connect, read = self._pair()
-        return (connect, read + seconds)
+        return (connect, None if read is None else read + seconds)
 
     @staticmethod
     def _error(response: requests.Response) -> ClientError:

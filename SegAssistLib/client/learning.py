@@ -31,7 +31,7 @@ from SegAssistLib.api_learning import (
     VersionList,
 )
 from SegAssistLib.api_models import API_PREFIX, ArrayPayload
-from SegAssistLib.client.errors import BackendTimeoutError, ProtocolError
+from SegAssistLib.client.errors import BackendUnavailableError, JobWaitTimeoutError, ProtocolError
 from SegAssistLib.client.http import path_id
 from SegAssistLib.image import Volume
 from SegAssistLib.labels import as_labels
@@ -205,20 +205,34 @@ class LearningClient:
         poll_s: float = 1.0,
         progress: Optional[Callable[[JobStatus], None]] = None,
     ) -> JobStatus:
-        """Poll a job until it ends; ``progress(status)`` sees every change of step or state."""
+        """Poll a job until it ends (its final status, ``failed`` included: check ``state``);
+        ``progress(status)`` sees every change of step or state.
+
+        The job runs in its own process on the server: a server out of reach for a while (a restart)
+        does not end the wait, which goes on until ``timeout``; then :class:`JobWaitTimeoutError`
+        (or, if the server was never reached again, the last connection error).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Any = None
+        state = "unknown"
         while True:
-            status = self.job(job_id)
-            seen = (status.state, getattr(status, "step", None), getattr(status, "phase", None))
-            if progress is not None and seen != last:
-                progress(status)
-            last = seen
-            if status.state in FINAL_JOB_STATES:
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise BackendTimeoutError(f"training job {job_id} still {status.state} after {timeout} s")
-            time.sleep(poll_s)
+            try:
+                status = self.job(job_id)
+            except BackendUnavailableError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            else:
+                state = status.state
+                seen = (status.state, getattr(status, "step", None), getattr(status, "phase", None))
+                if progress is not None and seen != last:
+                    progress(status)
+                last = seen
+                if status.state in FINAL_JOB_STATES:
+                    return status
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise JobWaitTimeoutError(f"training job {job_id} still {state} after {timeout} s (it goes on)")
+            time.sleep(poll_s if remaining is None else min(poll_s, remaining))
 
     # ---- versions --------------------------------------------------------------------------------
     def versions(self) -> VersionList:

@@ -1,0 +1,62 @@
+"""How long the client waits: no limit when asked (as in requests), and a training job waited for
+through a server that is briefly out of reach, until the caller's own deadline and no later."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+
+import pytest
+from test_server_fixtures import TOKENS
+
+from SegAssistLib.client import SegAssistClient
+from SegAssistLib.client.errors import BackendUnavailableError, JobWaitTimeoutError
+from SegAssistLib.learning.jobs import _lock_path, jobs_folder
+from SegAssistLib.prompts import PointPrompt
+
+pytest_plugins = ["test_server_fixtures"]
+
+
+@pytest.mark.parametrize("timeout", [None, (5.0, None)])
+def test_no_read_limit_is_a_timeout_requests_users_know(server_factory, blob_volume, timeout):
+    server = server_factory.start()
+    client = SegAssistClient(server.url, TOKENS["alice"], timeout=timeout)
+    with client, client.open_session(blob_volume, prompts=[PointPrompt(position=(24, 20, 12))]) as session:
+        assert session.add_prompt(PointPrompt(position=(25, 20, 12))) is not None
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), (5.0,), (5.0, 0), "30", True])
+def test_a_timeout_that_is_no_duration_is_refused_at_once(timeout):
+    with pytest.raises(ValueError, match="timeout must be seconds above 0"):
+        SegAssistClient("http://127.0.0.1:9", timeout=timeout)
+
+
+def test_waiting_for_a_job_ends_at_the_callers_deadline_not_a_poll_later(server_factory, tmp_path):
+    server = server_factory.start(learn_store=tmp_path / "store")
+    job_id = "20261124-185500-abcdef"  # a job that runs as long as this test does (its pid: ours)
+    folder = jobs_folder(tmp_path / "store") / job_id
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"job_id": job_id, "state": "running", "pid": os.getpid()}))
+    with open(_lock_path(tmp_path / "store"), "a+") as lock:  # the training lock a running worker holds
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        client = SegAssistClient(server.url, TOKENS["alice"])
+        assert client.learning.job(job_id).state == "running"
+        t0 = time.monotonic()
+        with pytest.raises(JobWaitTimeoutError, match="still running after 1.0 s"):
+            client.learning.wait_for_job(job_id, timeout=1.0, poll_s=30.0)
+        assert time.monotonic() - t0 < 10
+
+
+def test_waiting_for_a_job_outlasts_a_server_out_of_reach_until_the_deadline():
+    with socket.socket() as free:  # a port nobody listens on: a server restarting
+        free.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{free.getsockname()[1]}"
+    client = SegAssistClient(url, TOKENS["alice"])
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailableError):
+        client.learning.wait_for_job("20261124-185500-abcdef", timeout=2.0, poll_s=0.2)
+    waited = time.monotonic() - t0
+    assert 2.0 <= waited < 10  # polled on through the outage, gave up at the deadline
