@@ -140,7 +140,7 @@ def run_demo(
     write("overlay.png",
           lambda p: save_overlay_png(volume, mask, p, reference=target, prompts=log.prompts, title=title))
     # with the image it was made on, as `segassist segment --log` writes it: replayed on another image, refused
-    log = log.model_copy(update={"image": ImageInfo(shape_ijk=volume.shape_ijk, spacing=volume.spacing)})
+    log = log.model_copy(update={"image": ImageInfo.from_volume(volume)})
     write("prompts.json", lambda p: log.save(p))
     latencies = [r[3] for r in rows]
     summary = {

@@ -13,13 +13,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
-from SegAssistLib.image import Volume
+from SegAssistLib.image import Volume, geometry_difference
 from SegAssistLib.prompts import Prompt, PromptLog, describe_validation_error, parse_prompt
 
 ProgressCallback = Callable[[float, str], None]
@@ -50,29 +50,57 @@ class EngineRun:
 
 
 def check_log_image(
-    path: Path, log: PromptLog, shape_ijk: Sequence[int], spacing: Sequence[float], image_name: str
+    path: Path,
+    log: PromptLog,
+    shape_ijk: Sequence[int],
+    spacing: Sequence[float],
+    image_name: str,
+    origin: Optional[Sequence[float]] = None,
+    direction: Optional[Sequence[Sequence[float]]] = None,
 ) -> None:
-    """A log recorded on an image of another shape or spacing holds voxel coordinates of that image:
-    replayed here they would land somewhere else, silently."""
+    """A log recorded on an image of another shape, spacing, origin or direction holds voxel
+    coordinates of that image: replayed here they would land somewhere else, silently (a flipped
+    copy of the same scan has the same shape and spacing). Origin and direction (ITK's, LPS) are
+    compared when both the log (schema 1.3) and the caller give them, with the tolerances of
+    :func:`~SegAssistLib.image.geometry_difference`."""
     if log.image is None:
         return
+    recorded = log.image
     shape = tuple(int(n) for n in shape_ijk)
-    if shape != tuple(log.image.shape_ijk) or not np.allclose(spacing, log.image.spacing, rtol=1e-3, atol=1e-6):
+    if shape != tuple(recorded.shape_ijk) or not np.allclose(spacing, recorded.spacing, rtol=1e-3, atol=1e-6):
         raise PromptError(
-            f"{path}: the prompt log was recorded on an image of {list(log.image.shape_ijk)} voxels (i, j, k) "
-            f"spaced {list(log.image.spacing)} mm; {image_name} has {list(shape)} spaced "
+            f"{path}: the prompt log was recorded on an image of {list(recorded.shape_ijk)} voxels (i, j, k) "
+            f"spaced {list(recorded.spacing)} mm; {image_name} has {list(shape)} spaced "
             f"{[round(float(x), 6) for x in spacing]} mm: its voxel coordinates would land elsewhere"
+        )
+    # each side's geometry on a 1-voxel stand-in; origin and direction only when both sides have them
+    here, there = Volume(np.zeros((1, 1, 1)), spacing), Volume(np.zeros((1, 1, 1)), recorded.spacing)
+    if origin is not None and recorded.origin is not None:
+        here.origin, there.origin = tuple(float(x) for x in origin), recorded.origin
+    if direction is not None and recorded.direction is not None:
+        here.direction = np.asarray(direction, float).reshape(3, 3)
+        there.direction = np.asarray(recorded.direction, float)
+    difference = geometry_difference(here, there)
+    if difference:
+        raise PromptError(
+            f"{path}: the prompt log was recorded on an image placed otherwise in space: {image_name} has "
+            f"{difference} recorded in the log (same shape and spacing: a flipped, reoriented or moved copy?): "
+            "its voxel coordinates would land elsewhere"
         )
 
 
-def read_prompt_file(
-    path: Union[str, Path], image: Optional[Tuple[Sequence[int], Sequence[float], str]] = None
-) -> List[Prompt]:
+def image_of(volume: Volume, name: str) -> tuple:
+    """What :func:`read_prompt_file` checks a prompt log against: the volume's whole geometry."""
+    return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction)
+
+
+def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> List[Prompt]:
     """Prompts from a SegAssist JSON file: a prompt log (``{"schema_version": ..., "prompts": [...]}``),
     an object with a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices.
 
-    ``image``: ``(shape_ijk, spacing, name)`` of the image the prompts are for; a prompt log that
-    records another image is refused (see :func:`check_log_image`).
+    ``image``: ``(shape_ijk, spacing, name)`` or ``(shape_ijk, spacing, name, origin, direction)`` of the
+    image the prompts are for (origin and direction as ITK's, LPS: see :func:`image_of`); a prompt log
+    that records another image is refused (see :func:`check_log_image`).
     """
     path = Path(path)
     if not path.is_file():

@@ -8,7 +8,8 @@ Kinds:
 
 - ``point``: a positive or negative click.
 - ``box``: an axis-aligned box in IJK, inclusive corners. It is a 2D box when one axis has zero
-  thickness (drawn on an axial, coronal or sagittal slice) and a 3D box otherwise. A box drawn on an
+  thickness (drawn on an axial, coronal or sagittal slice) and a 3D box otherwise; an axis thinner
+  than a voxel but not flat still holds one voxel. A box drawn on an
   oblique slice is sent as a 4-vertex ``lasso``: both say "the object lies within this outline".
 - ``scribble``: a positive or negative stroke drawn on a slice of any orientation.
 - ``lasso``: a closed, planar polygon drawn on a slice of any orientation. Positive: the object's
@@ -18,7 +19,8 @@ Kinds:
 A scribble or lasso comes in one of two forms: ``points`` (the polyline or polygon vertices, as
 drawn) or ``slab`` (a :class:`Slab`: the voxels it covers on its slice, as a small bit-packed box
 one voxel thick plus its offset). :func:`to_slab` turns the first into the second; the remote
-client sends slabs, so what travels is a 2D stroke, never a volume.
+client sends lassos and scribbles of width 2 or more as slabs (a thinner scribble as drawn, so that
+the engine draws it as it does in-process), so what travels is a 2D stroke, never a volume.
 
 A :class:`PromptLog` is versioned (``schema_version``) so that logs written today stay readable.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import zlib
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -52,8 +55,10 @@ from SegAssistLib.errors import PromptError
 
 # 1.1: scribbles and lassos may be given as a slab instead of points
 # 1.2: a scribble given as points may carry the normal of the slice it was drawn on
-SCHEMA_VERSION = "1.2"
+# 1.3: a log's image may record its origin and direction (a log replayed on a flipped copy is refused)
+SCHEMA_VERSION = "1.3"
 
+BOX_FLAT_TOLERANCE = 1e-4  # voxels: a box axis this thin is flat (float noise of corners on one plane)
 MAX_SLAB_AXIS = 4096  # voxels along any axis of a slab's box
 MAX_SLAB_VOXELS = 4096 * 4096  # voxels in a slab's box: 2 MiB of bits at most, whatever the client sends
 SLAB_PLANE_TOLERANCE = 1.0  # voxels: half the thickness of the layer that must hold a slab's voxel centres
@@ -198,11 +203,11 @@ class BoxPrompt(_Prompt):
         lo, hi = np.asarray(self.min_corner), np.asarray(self.max_corner)
         if np.any(hi < lo):
             raise ValueError(f"box max_corner {self.max_corner} is below min_corner {self.min_corner}")
-        flat = int(np.sum(hi - lo < 1.0))
+        flat = int(np.sum(hi - lo <= BOX_FLAT_TOLERANCE))
         if flat > 1:
             raise ValueError(
-                f"degenerate box {self.min_corner}..{self.max_corner}: it is thinner than one voxel "
-                "along more than one axis (a 2D box may be flat along one axis only)"
+                f"degenerate box {self.min_corner}..{self.max_corner}: it is flat along more than one axis "
+                "(a 2D box is flat along one axis only, the normal of the slice it was drawn on)"
             )
         if not self.positive:
             raise ValueError("negative boxes are not supported: use a negative lasso or scribble")
@@ -210,7 +215,10 @@ class BoxPrompt(_Prompt):
 
     @property
     def is_2d(self) -> bool:
-        return bool(np.any(np.asarray(self.max_corner) - np.asarray(self.min_corner) < 1.0))
+        """Flat along one axis (drawn on a slice). An axis thinner than a voxel but not flat (a box
+        dragged on a coronal view of thick slices, 0.8 slice tall) is no slice normal: the box still
+        holds at least one voxel along it (``rasterize.fill_box``)."""
+        return bool(np.any(np.asarray(self.max_corner) - np.asarray(self.min_corner) <= BOX_FLAT_TOLERANCE))
 
 
 def _slab_too_large(shape: Sequence[int]) -> str:
@@ -401,9 +409,12 @@ class ScribblePrompt(_PolyPrompt):
         if v is None:
             return None
         n = np.asarray(_finite_vec3(v, "normal"))
-        if not np.linalg.norm(n) > 1e-9:
+        largest = float(np.max(np.abs(n)))
+        if not largest > 0:
             raise ValueError("normal must not be the zero vector")
-        return tuple(float(x) for x in n)
+        # kept scaled so that its largest coordinate is +-1: its norm (1 to sqrt(3)) can neither overflow
+        # (1e200 squared was inf: the stroke drew nothing) nor vanish, and a second scaling changes nothing
+        return tuple(float(x) for x in n / largest)
 
     @model_validator(mode="after")
     def _check_budget(self):
@@ -481,6 +492,10 @@ class MaskPrompt(_Prompt):
             lo, hi = nz.min(0), nz.max(0) + 1
             box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
         return cls(offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box))
+
+    def to_box(self) -> np.ndarray:
+        """The boolean box, shape :attr:`shape` (array order ``[k, j, i]``)."""
+        return _unpack_bits(self.data, self.shape, "initial mask")
 
     def to_array(self, image_shape: Sequence[int]) -> np.ndarray:
         lo = np.asarray(self.offset, np.int64)
@@ -764,11 +779,58 @@ def parse_prompt(data: Union[dict, str]) -> Prompt:
         raise PromptError(f"invalid prompt: {exc}") from exc
 
 
+def _schema_version(v: object) -> Optional[Tuple[int, int]]:
+    """(major, minor) of a ``schema_version`` such as "1.2"; None when it is not "major.minor"."""
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", v):
+        return None
+    major, minor = v.split(".")
+    return int(major), int(minor)
+
+
+_SCHEMA: Tuple[int, int] = (int(SCHEMA_VERSION.split(".")[0]), int(SCHEMA_VERSION.split(".")[1]))
+
+
 class ImageInfo(BaseModel):
+    """The image a log was recorded on: its voxel coordinates mean something on that grid only."""
+
     model_config = ConfigDict(extra="forbid")
     shape_ijk: Tuple[int, int, int]
     spacing: Vec3
+    origin: Optional[Vec3] = Field(
+        None, description="1.3: physical position (mm, LPS as in ITK) of the centre of voxel (0, 0, 0)"
+    )
+    direction: Optional[Tuple[Vec3, Vec3, Vec3]] = Field(
+        None,
+        description="1.3: the 3x3 direction matrix as ITK's, by rows: its columns are the physical directions "
+        "of the i, j and k axes",
+    )
     sha256: Optional[str] = None
+
+    @field_validator("origin", mode="before")
+    @classmethod
+    def _check_origin(cls, v):
+        return None if v is None else _finite_vec3(v, "image origin")
+
+    @field_validator("direction", mode="before")
+    @classmethod
+    def _check_direction(cls, v):
+        if v is None:
+            return None
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+        if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__len__") or len(v) != 3:
+            raise ValueError(f"image direction must be a 3x3 matrix (3 rows of 3 numbers), got {_describe(v)}")
+        return tuple(_finite_vec3(row, "image direction row") for row in v)
+
+    @classmethod
+    def from_volume(cls, volume) -> ImageInfo:
+        """The grid of a :class:`~SegAssistLib.image.Volume`: shape, spacing, origin and direction."""
+        return cls(
+            shape_ijk=tuple(int(n) for n in volume.shape_ijk),
+            spacing=tuple(float(x) for x in volume.spacing),
+            origin=tuple(float(x) for x in volume.origin),
+            direction=np.asarray(volume.direction, float).reshape(3, 3),
+        )
 
 
 class PromptLog(BaseModel):
@@ -783,10 +845,31 @@ class PromptLog(BaseModel):
     @field_validator("schema_version")
     @classmethod
     def _check_version(cls, v: str) -> str:
-        major = v.split(".")[0]
-        if major != SCHEMA_VERSION.split(".")[0]:
-            raise ValueError(f"prompt log schema {v} is not readable by this version (reads {SCHEMA_VERSION})")
+        version = _schema_version(v)
+        if version is None:
+            raise ValueError(f"prompt log schema_version must be 'major.minor' (such as {SCHEMA_VERSION!r}), got {v!r}")
+        if version[0] != _SCHEMA[0]:
+            raise ValueError(
+                f"prompt log schema {v} is not readable by this version (reads {_SCHEMA[0]}.0 to {SCHEMA_VERSION})"
+            )
         return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_a_newer_schema(cls, data, handler):
+        """A log of a newer 1.x schema reads when it uses nothing this reader lacks; otherwise the error
+        says so, instead of only "Extra inputs are not permitted" about a field added since."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            version = _schema_version(data.get("schema_version")) if isinstance(data, dict) else None
+            if version is None or version[0] != _SCHEMA[0] or version <= _SCHEMA:
+                raise
+            raise ValueError(
+                f"written by a newer SegAssist (prompt log schema {version[0]}.{version[1]}; this reader reads "
+                f"{_SCHEMA[0]}.0 to {SCHEMA_VERSION}), with what this reader lacks: upgrade SegAssist to read it "
+                f"({describe_validation_error(exc, most=1)})"
+            ) from None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

@@ -5,7 +5,7 @@ indices, voxel centres at integers) and writes into a boolean array of that grid
 them on model patches (prompt coordinates mapped through the patch's affine), the evaluation code on
 full images.
 
-Memory is bounded whatever the coordinates: polylines, polygon candidates and the even-odd test are
+Memory is bounded whatever the coordinates: polylines, polygon candidates and the inside test are
 handled in chunks of at most :data:`CHUNK_ROWS` rows, so no working array grows with the length of
 a stroke or the size of a polygon's bounding box (the voxels drawn are the same as in one pass).
 """
@@ -122,8 +122,14 @@ def fill_box(out: np.ndarray, lo: Sequence[float], hi: Sequence[float]) -> None:
     out[lo_i[0] : hi_i[0], lo_i[1] : hi_i[1], lo_i[2] : hi_i[2]] = True
 
 
-def points_in_polygon(xy: np.ndarray, polygon: np.ndarray) -> np.ndarray:
-    """Even-odd rule test of many 2D points against one polygon (vertices in order).
+def points_in_polygon(xy: np.ndarray, polygon: np.ndarray, rule: str = "even-odd") -> np.ndarray:
+    """Whether many 2D points lie inside one polygon (vertices in order), by ``rule``:
+
+    ``"even-odd"``: inside where a ray crosses the outline an odd number of times. ``"nonzero"``:
+    inside where the outline winds around the point (each crossing counts +1 or -1 by the edge's
+    direction, inside where the sum is not 0): an area a self-overlapping outline goes around twice
+    (a freehand lasso whose end overshoots its start) is inside, not a hole. The two agree on every
+    simple polygon, whichever way round it is drawn (its winding number is 0 or +-1).
 
     A point's ray (towards +x) crosses an edge only where the point's y lies in the edge's
     half-open y range, so the points are sorted by y (a chunk of :data:`CHUNK_ROWS` at a time) and
@@ -131,12 +137,15 @@ def points_in_polygon(xy: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     work is the number of (point, crossed edge) pairs, not points times vertices. The crossing test
     is the same float expression for every pair, so the answer is that of a dense test.
     """
+    if rule not in ("even-odd", "nonzero"):
+        raise ValueError(f"unknown fill rule {rule!r}: 'even-odd' or 'nonzero'")
     xy = np.asarray(xy, float).reshape(-1, 2)
     poly = np.asarray(polygon, float).reshape(-1, 2)
     px, py = poly[:, 0], poly[:, 1]
     qx, qy = np.roll(px, -1), np.roll(py, -1)
     edges = np.flatnonzero(py != qy)  # a horizontal edge is crossed by no ray
     y_low, y_high = np.minimum(py, qy)[edges], np.maximum(py, qy)[edges]
+    upward = (qy > py)[edges]
     inside = np.zeros(len(xy), bool)
     for start in range(0, len(xy), CHUNK_ROWS):
         chunk = xy[start : start + CHUNK_ROWS]
@@ -144,13 +153,22 @@ def points_in_polygon(xy: np.ndarray, polygon: np.ndarray) -> np.ndarray:
         xs, ys = chunk[order, 0], chunk[order, 1]
         first = np.searchsorted(ys, y_low, "left")  # (py > y) != (qy > y)  <=>  y_low <= y < y_high
         stop = np.searchsorted(ys, y_high, "left")
-        odd = np.zeros(len(ys), bool)
+        if rule == "even-odd":
+            odd = np.zeros(len(ys), bool)
+        else:
+            winding = np.zeros(len(ys), np.int32)  # at most MAX_STROKE_VERTICES crossings either way
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for e in np.flatnonzero(stop > first):
                 i, lo, hi = edges[e], first[e], stop[e]
                 x_at = px[i] + (ys[lo:hi] - py[i]) * (qx[i] - px[i]) / (qy[i] - py[i])
-                odd[lo:hi] ^= xs[lo:hi] < x_at
-        inside[start + order] = odd
+                crossed = xs[lo:hi] < x_at
+                if rule == "even-odd":
+                    odd[lo:hi] ^= crossed
+                elif upward[e]:
+                    winding[lo:hi] += crossed
+                else:
+                    winding[lo:hi] -= crossed
+        inside[start + order] = odd if rule == "even-odd" else winding != 0
     return inside
 
 
@@ -198,7 +216,9 @@ def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) ->
     """Fill a closed polygon that lies on a plane of any orientation, one voxel thick.
 
     The voxels kept form the standard digital plane (centre within ``|n|_1 / 2`` of the polygon's
-    plane, which leaves no 6-connected gaps on oblique planes) and project inside the polygon.
+    plane, which leaves no 6-connected gaps on oblique planes) and project inside the polygon by the
+    nonzero winding rule (:func:`points_in_polygon`): where a hand-drawn outline overlaps itself
+    (its end overshooting its start) the area it goes around twice is filled, not left a hole.
     The outline itself is drawn too, so thin polygons never vanish. The bounding box (clipped to
     ``out``) is scanned in chunks of columns, so memory does not grow with its size.
     """
@@ -213,6 +233,6 @@ def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) ->
     polygon_2d = np.stack([(verts - centre) @ u, (verts - centre) @ v], 1)
     half = 0.5 * np.abs(normal).sum() + 1e-9
     for candidates, rel in _near_plane_chunks(lo, hi, centre, normal, half):
-        inside = points_in_polygon(np.stack([rel @ u, rel @ v], 1), polygon_2d)
+        inside = points_in_polygon(np.stack([rel @ u, rel @ v], 1), polygon_2d, "nonzero")
         _scatter(out, candidates[inside])
     draw_polyline(out, np.concatenate([verts, verts[:1]]))

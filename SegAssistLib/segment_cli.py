@@ -142,20 +142,20 @@ def _write_outputs(args: argparse.Namespace, run, volume) -> List[Path]:
         atomic_write(args.out, lambda tmp: save_mask_nifti(run.mask, volume, tmp), args.overwrite)
     written = [args.out]
     if args.log is not None:
-        log = run.prompt_log.model_copy(update={"image": ImageInfo(shape_ijk=volume.shape_ijk, spacing=volume.spacing)})
+        log = run.prompt_log.model_copy(update={"image": ImageInfo.from_volume(volume)})  # refused on another grid
         atomic_write(args.log, lambda tmp: log.save(tmp), args.overwrite)
         written.append(args.log)
     return written
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from SegAssistLib.headless import read_prompt_file, run_prompts
+    from SegAssistLib.headless import image_of, read_prompt_file, run_prompts
     from SegAssistLib.io import load_volume
 
     _check_outputs(args)
     token = _remote_token(args)
     volume = load_volume(args.image, channel=args.channel)
-    image = (volume.shape_ijk, volume.spacing, f"image {args.image}")
+    image = image_of(volume, f"image {args.image}")
     prompts = [prompt for path in args.prompts for prompt in read_prompt_file(path, image)]
     engine = _engine(args, token)
     try:

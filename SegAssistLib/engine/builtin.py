@@ -126,6 +126,14 @@ def history_budget_bytes(shape: Tuple[int, ...]) -> int:
     return max(MIN_HISTORY_BYTES, HISTORY_WHOLE_IMAGES * 2 * packed_image)
 
 
+def _says_where_the_structure_is(prompt: Prompt) -> bool:
+    """A positive prompt; an initial mask counts when it has a voxel set (an empty one, a cleared
+    result sent back, says nothing of where the structure is)."""
+    if isinstance(prompt, MaskPrompt):
+        return bool(prompt.to_box().any())
+    return bool(getattr(prompt, "positive", True))
+
+
 class BuiltinSession(EngineSession):
     def __init__(self, engine: BuiltinEngine, volume: Volume):
         validate_image(volume)
@@ -267,7 +275,7 @@ class BuiltinSession(EngineSession):
         can draw a blob near a negative click). The prompt is kept and is drawn into later answers."""
         if getattr(prompt, "positive", True):
             return False
-        if any(getattr(p, "positive", True) for p in self.prompts):  # a mask prompt counts as positive
+        if any(_says_where_the_structure_is(p) for p in self.prompts):
             return False
         return not self.mask.any()
 

@@ -86,7 +86,7 @@ def test_slab_prompts_round_trip_through_json():
     )
     text = log.to_json()
     again = PromptLog.from_json(text)
-    assert again == log and again.schema_version == SCHEMA_VERSION == "1.2"
+    assert again == log and again.schema_version == SCHEMA_VERSION == "1.3"
     first = again.prompts[0]
     assert first.points is None and first.slab.offset == (12, 20, 25) and first.slab.shape == (1, 10, 15)
     assert np.array_equal(_full(first), stroke) and np.array_equal(_full(again.prompts[1]), stroke)
@@ -427,7 +427,11 @@ def test_baselines_take_a_slab_scribble_as_its_voxels():
 
 
 # ---- wire ----------------------------------------------------------------------------------------
-def test_the_client_sends_a_polyline_scribble_as_a_small_slab(shared_server, alice, blob_volume, monkeypatch):
+def test_the_client_sends_a_wide_scribble_as_a_small_slab_and_a_thin_one_as_drawn(shared_server, alice, blob_volume,
+                                                                                      monkeypatch):
+    """A scribble of width 2 or more and a lasso travel as slabs (small, exact on the image's grid); a
+    thinner scribble travels as drawn, since the engine draws its points form inside the patch and a
+    slab would give the network other input than the same stroke in-process."""
     bodies = []
     send = alice.http.request
 
@@ -438,9 +442,10 @@ def test_the_client_sends_a_polyline_scribble_as_a_small_slab(shared_server, ali
         return response
 
     monkeypatch.setattr(alice.http, "request", recording)
-    # a typical stroke: 25 voxels long, 6 vertices, on axial slice 12
-    stroke = ScribblePrompt(points=[(14.0, 12.0, 12.0), (18.0, 15.0, 12.0), (22.0, 17.5, 12.0), (26.0, 19.0, 12.0),
-                                    (30.0, 22.0, 12.0), (34.0, 26.0, 12.0)])  # fmt: skip
+    # a typical stroke: 25 voxels long, 6 vertices, on axial slice 12, drawn with a 3-voxel brush
+    vertices = [(14.0, 12.0, 12.0), (18.0, 15.0, 12.0), (22.0, 17.5, 12.0), (26.0, 19.0, 12.0), (30.0, 22.0, 12.0),
+                (34.0, 26.0, 12.0)]  # fmt: skip
+    stroke = ScribblePrompt(points=vertices, width=3.0)
     lasso = LassoPrompt(points=[(30.0, 2.0, 2.0), (30.0, 10.0, 2.0), (30.0, 10.0, 8.0)], positive=False)  # sagittal
     with alice.open_session(blob_volume) as session:
         for prompt in (stroke, lasso):
@@ -454,10 +459,16 @@ def test_the_client_sends_a_polyline_scribble_as_a_small_slab(shared_server, ali
         expected = session.result()
     sent = [json.loads(body)["prompt"] for body in bodies]
     assert [set(p) for p in sent] == [{"kind", "slab", "positive", "width"}, {"kind", "slab", "positive"}]
-    assert sent[0]["slab"]["shape"] == [1, 15, 21]  # the stroke's 2D box, not a volume
-    assert len(bodies[0]) < 1024, f"{len(bodies[0])} bytes for a 25-voxel stroke"  # measured: 192
+    shape = to_slab(stroke, blob_volume.array.shape).slab.shape
+    assert sent[0]["slab"]["shape"] == list(shape) and shape[0] == 1  # the stroke's 2D box, not a volume
+    assert len(bodies[0]) < 1024, f"{len(bodies[0])} bytes for a 25-voxel stroke"
     with alice.open_session(blob_volume, prompts=log.prompts) as replay:  # the log replays to the same mask
         assert np.array_equal(replay.result(), expected)
+    bodies.clear()
+    with alice.open_session(blob_volume) as session:
+        session.add_prompt(ScribblePrompt(points=vertices))  # width 1
+        assert session.prompt_log().prompts[0].points is not None
+    assert set(json.loads(bodies[0])["prompt"]) >= {"kind", "points"}
 
 
 def test_the_server_refuses_bad_slabs(shared_server, alice, blob_volume):

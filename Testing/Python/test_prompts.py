@@ -163,3 +163,72 @@ def test_numpy_numbers_are_coordinates():
     assert box.max_corner == (4.0, 4.0, 4.0)
     assert LassoPrompt(points=np.array([[0, 0, 1], [5, 0, 1], [5, 5, 1]])).points[2] == (5.0, 5.0, 1.0)
     assert parse_prompt({"kind": "scribble", "slab": _SLAB}).slab.shape == (1, 2, 2)
+
+
+def test_a_box_thinner_than_a_voxel_on_a_second_axis_is_accepted_and_holds_a_voxel_along_it():
+    """Dragged on a coronal view (j flat) of 5 mm slices around a 4 mm lesion: 0.8 slice tall."""
+    from SegAssistLib.rasterize import fill_box
+
+    box = parse_prompt({"kind": "box", "min_corner": [100, 80, 12.1], "max_corner": [112, 80, 12.9]})
+    assert box.is_2d  # flat along j: the coronal slice it was drawn on
+    drawn = np.zeros((20, 100, 120), bool)
+    fill_box(drawn, np.asarray(box.min_corner)[::-1], np.asarray(box.max_corner)[::-1])
+    assert np.array_equal(np.argwhere(drawn), [[k, 80, i] for k in (12, 13) for i in range(100, 113)])  # 12.9: in 13
+    thin = BoxPrompt(min_corner=(3, 4, 5.2), max_corner=(9, 4.6, 5.7))  # thin on two axes, flat on none
+    assert not thin.is_2d
+    for corners in (((0, 0, 3), (5, 0, 3)), ((0, 0, 3), (0, 0, 3)), ((2, 7, 3), (2, 7.5, 3))):  # flat on 2 or 3 axes
+        with pytest.raises(PromptError, match="degenerate box .* flat along more than one axis"):
+            parse_prompt({"kind": "box", "min_corner": corners[0], "max_corner": corners[1]})
+
+
+@pytest.mark.parametrize("normal", [(0, 0, 1e200), (0, 0, -1e308), (0, 0, 1e-300), (1e308, 1e308, 0)])
+def test_a_scribble_normal_of_any_finite_length_is_kept_as_its_direction(normal):
+    """1e200 squared overflowed to inf: the normal passed validation and the stroke drew nothing."""
+    from SegAssistLib.prompts import scribble_voxels, to_slab
+
+    points = [[5, 5, 5], [9, 5, 5]] if normal[0] == 0 else [[5, 5, 5], [5, 5, 9]]
+    prompt = parse_prompt(json.dumps({"kind": "scribble", "points": points, "width": 3, "normal": normal}))
+    expected = np.asarray(normal, float) / np.max(np.abs(normal))
+    assert np.array_equal(prompt.normal, expected) and np.all(np.isfinite(prompt.normal))
+    assert ScribblePrompt.model_validate_json(prompt.model_dump_json()) == prompt  # the same once read back
+    unit = ScribblePrompt(points=points, width=3, normal=tuple(expected / np.linalg.norm(expected)))
+    assert len(scribble_voxels(prompt)) > 15 and np.array_equal(scribble_voxels(prompt), scribble_voxels(unit))
+    assert to_slab(prompt, (12, 12, 12)).slab == to_slab(unit, (12, 12, 12)).slab
+
+
+@pytest.mark.parametrize("version", ["1.4", "1.10"])
+def test_a_log_of_a_newer_minor_schema_reads_or_says_this_reader_needs_upgrading(version):
+    plain = {"schema_version": version, "prompts": [{"kind": "point", "position": [1, 2, 3]}]}
+    assert PromptLog.from_json(json.dumps(plain)).prompts == [PointPrompt(position=(1, 2, 3))]  # nothing new in it
+    text = json.dumps({**plain, "prompts": [{"kind": "point", "position": [1, 2, 3], "confidence": 0.9}]})
+    with pytest.raises(PromptError, match=rf"written by a newer SegAssist \(prompt log schema {version}; this reader "
+                                          rf"reads 1\.0 to {SCHEMA_VERSION}\).*upgrade SegAssist"):  # fmt: skip
+        PromptLog.from_json(text)
+    # this reader's own version (and older ones) still refuse an unknown field, without talk of upgrading
+    with pytest.raises(PromptError, match="Extra inputs are not permitted") as refused:
+        PromptLog.from_json(text.replace(version, SCHEMA_VERSION, 1))
+    assert "newer" not in str(refused.value)
+
+
+@pytest.mark.parametrize("version", ["1", "1.", "1.x", "v1.2", " 1.2", "1.2.0", ""])
+def test_a_schema_version_must_be_major_dot_minor(version):
+    with pytest.raises(PromptError, match="must be 'major.minor'"):
+        PromptLog.from_json(json.dumps({"schema_version": version, "prompts": []}))
+
+
+def test_a_log_records_its_images_origin_and_direction_and_older_logs_read_without_them():
+    from SegAssistLib.image import Volume
+    from SegAssistLib.prompts import ImageInfo
+
+    direction = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    volume = Volume(np.zeros((4, 5, 6), np.float32), (0.5, 0.7, 2.0), (-10.0, 20.5, 3.0), direction)
+    log = PromptLog(image=ImageInfo.from_volume(volume), prompts=[PointPrompt(position=(1, 2, 3))])
+    again = PromptLog.from_json(log.to_json())
+    assert again == log and again.image.shape_ijk == (6, 5, 4) and again.image.origin == (-10.0, 20.5, 3.0)
+    assert np.array_equal(again.image.direction, direction)  # rows, as ITK's matrix: columns are the i, j, k axes
+    old = {"schema_version": "1.2", "image": {"shape_ijk": [6, 5, 4], "spacing": [1, 1, 1], "sha256": None},
+           "prompts": []}  # fmt: skip
+    assert PromptLog.from_json(json.dumps(old)).image.origin is None
+    for bad in ({"origin": [0, float("nan"), 0]}, {"direction": [[1, 0, 0], [0, 1, 0]]}):
+        with pytest.raises(ValueError, match="image (origin|direction)"):
+            PromptLog.model_validate({"image": {**old["image"], **bad}})

@@ -48,9 +48,17 @@ def test_the_sample_is_segmented_like_the_engine_does_it_and_its_log_replays(tmp
 
     recorded = PromptLog.load(log)
     assert recorded.prompts == prompts and tuple(recorded.image.shape_ijk) == volume.shape_ijk
+    assert np.allclose(recorded.image.origin, volume.origin) and np.allclose(recorded.image.direction, volume.direction)
     replay = tmp_path / "replay.nii.gz"
     assert _segment(SAMPLE, "--prompts", log, "--out", replay, "--threads", 1) == 0
     assert np.array_equal(_voxels(replay), expected)
+
+    # the same scan with its j axis the other way (same shape and spacing): the log's clicks would land elsewhere
+    flipped = sitk.Flip(sitk.ReadImage(str(SAMPLE)), [False, True, False])
+    sitk.WriteImage(flipped, str(tmp_path / "flipped.nii.gz"))
+    capsys.readouterr()
+    assert _segment(tmp_path / "flipped.nii.gz", "--prompts", log, "--out", tmp_path / "no.nii.gz") == 2
+    assert "placed otherwise in space" in capsys.readouterr().err and not (tmp_path / "no.nii.gz").exists()
 
 
 def test_outputs_are_replaced_only_with_overwrite(tmp_path, shipped_checkpoint, capsys):
