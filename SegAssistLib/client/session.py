@@ -16,8 +16,10 @@ that the server's network sees the stroke the local engine's would.
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
@@ -107,7 +109,24 @@ class _History:
             self.cursor = min(len(self.states) - 1, self.cursor + 1)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_at_a_time(method: F) -> F:
+    """Run the session method under the session's lock (calls from several threads take turns)."""
+
+    @functools.wraps(method)
+    def locked(self: RemoteSession, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 class RemoteSession(EngineSession):
+    """A session on a SegAssist server. Its methods may be called from several threads: they take
+    turns (one request of the session at a time), so the local mask and undo history stay the server's."""
+
     def __init__(
         self,
         client: SegAssistClient,
@@ -129,8 +148,16 @@ class RemoteSession(EngineSession):
         # returned covers what changed since the mask the caller last saw (``_seen``)
         self._out_of_sync = False
         self._seen: Optional[np.ndarray] = None
+        # one call at a time: replies applied and undo steps moved in the order threads happen to
+        # finish would leave the local mask and prompts other than the server's, silently
+        self._lock = threading.RLock()
         if prompts:  # the replayed prompts made a mask: start from the server's copy
-            self._mask = self.fetch_result()
+            try:
+                self._mask = self.fetch_result()
+            except BaseException:  # the caller gets no session: the server's must not hold a place
+                with contextlib.suppress(Exception):
+                    self.client.http.request("DELETE", self._path)
+                raise
 
     # ---- identity and state --------------------------------------------------------------------
     @property
@@ -163,6 +190,7 @@ class RemoteSession(EngineSession):
         return self.info
 
     # ---- the engine session interface ------------------------------------------------------------
+    @_one_at_a_time
     def add_prompt(self, prompt: Union[Prompt, Dict[str, Any], str]) -> MaskUpdate:
         p = prompt if not isinstance(prompt, (dict, str)) else parse_prompt(prompt)
         p = wire_prompt(p, self.shape)
@@ -170,11 +198,13 @@ class RemoteSession(EngineSession):
         self._history.apply("prompt", p)
         return update
 
+    @_one_at_a_time
     def undo(self) -> MaskUpdate:
         update = self._mutate("undo")
         self._follow("undo", self._history.cursor > 0)
         return update
 
+    @_one_at_a_time
     def redo(self) -> MaskUpdate:
         update = self._mutate("redo")
         self._follow("redo", self._history.cursor < len(self._history.states) - 1)
@@ -191,6 +221,7 @@ class RemoteSession(EngineSession):
         except ClientError:  # the step was done and its update is right: the next call resyncs the rest
             self._out_of_sync = True
 
+    @_one_at_a_time
     def reset(self) -> MaskUpdate:
         update = self._mutate("reset")
         self._history.apply("reset")
@@ -214,6 +245,7 @@ class RemoteSession(EngineSession):
         """The prompts behind the current mask, as this client saw them (what recover() replays)."""
         return self._history.current
 
+    @_one_at_a_time
     def close(self) -> None:
         if self._closed:
             return
@@ -234,6 +266,7 @@ class RemoteSession(EngineSession):
             self.close()
 
     # ---- recovery --------------------------------------------------------------------------------
+    @_one_at_a_time
     def recover(self, progress: Optional[Callable[[int, int], None]] = None) -> RemoteSession:
         """Open a new server session on the same image and replay the prompts of the current mask.
 
@@ -254,6 +287,7 @@ class RemoteSession(EngineSession):
         self._out_of_sync = False
         return self
 
+    @_one_at_a_time
     def move_to(self, client: SegAssistClient, progress: Optional[Callable[[int, int], None]] = None) -> RemoteSession:
         """Go on with another server (a local backend restarted, on a new port): :meth:`recover` there."""
         self.client = client
