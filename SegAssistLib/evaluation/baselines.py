@@ -176,7 +176,7 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
         return self._mask.copy()
 
     def prompt_log(self) -> PromptLog:
-        info = ImageInfo(shape_ijk=self._volume.shape_ijk, spacing=self._volume.spacing)
+        info = ImageInfo.from_volume(self._volume)
         prompts = list(self._states[self._current])
         return PromptLog(image=info, model=self._engine.capabilities().name, prompts=prompts)
 

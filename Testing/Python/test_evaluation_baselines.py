@@ -88,6 +88,8 @@ def test_session_history_and_rejected_prompts(engine_cls, sphere):
     session.redo()
     assert np.array_equal(session.result(), after)
     assert [p.kind for p in session.prompt_log().prompts] == ["point", "point"]
+    image = session.prompt_log().image  # where the log's voxel coordinates lie, placement included
+    assert image.origin == tuple(volume.origin) and np.allclose(image.direction, np.reshape(volume.direction, (3, 3)))
     session.reset()
     assert not session.result().any() and session.can_undo
     with pytest.raises(PromptError, match="not support lasso"):
