@@ -15,7 +15,6 @@ whole or not at all, and an existing file is replaced only with ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import statistics
 import sys
@@ -80,18 +79,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise SegAssistError(f"--out is the image itself: {args.out}")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _remote_token(args: argparse.Namespace) -> Optional[str]:
     """The token for --url (``--token``, else ``$SEGASSIST_REMOTE_TOKEN``; None: none), refused with the
     flag to change when the client would refuse it: checked before the image is read."""
+    from SegAssistLib.client.http import is_loopback_host
+
     if not args.url:
         if args.token is not None or args.send_images_to_remote or args.allow_insecure_http:
             raise SegAssistError("--token, --send-images-to-remote and --allow-insecure-http need --url")
@@ -107,7 +99,7 @@ def _remote_token(args: argparse.Namespace) -> Optional[str]:
     source = "--token" if args.token is not None else f"${TOKEN_VARIABLE}"
     if token and any(ch.isspace() or not ch.isprintable() for ch in token):
         raise SegAssistError(f"the token ({source}) holds spaces or control characters")  # never echo it
-    if token and parts.scheme == "http" and not _is_loopback(parts.hostname or "") and not args.allow_insecure_http:
+    if token and parts.scheme == "http" and not is_loopback_host(parts.hostname or "") and not args.allow_insecure_http:
         raise SegAssistError(f"refusing to send the token ({source}) in clear text to {parts.hostname}: use an "
                              "https:// --url, or add --allow-insecure-http on a network you trust")
     return token

@@ -63,14 +63,18 @@ def path_id(value: str, what: str = "id") -> str:
     return quote(value, safe="")
 
 
-def _is_loopback_url(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this computer: a token may go there over plain http."""
+    if host.lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _is_loopback_url(url: str) -> bool:
+    return is_loopback_host(urlsplit(url).hostname or "")
 
 
 # the connection failed or a reply was cut off: nothing (or not all) came back, so the request may be
