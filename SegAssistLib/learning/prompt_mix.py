@@ -41,8 +41,7 @@ def simulated_kind(prompt: Prompt) -> Optional[str]:
     if isinstance(prompt, PointPrompt):
         return "point"
     if isinstance(prompt, BoxPrompt):
-        flat = any(lo == hi for lo, hi in zip(prompt.min_corner, prompt.max_corner))
-        return "box2d" if flat else "box3d"
+        return "box2d" if prompt.is_2d else "box3d"
     if isinstance(prompt, ScribblePrompt):
         return "scribble"
     if isinstance(prompt, LassoPrompt):

@@ -121,8 +121,9 @@ class LearningState:
         version a reply names (``/v1/info``, ``/v1/learn/status``) is the one that answers next.
 
         A worker swaps only before a job: without one (no session active) it would keep naming the
-        old version. An empty job on each does it; a busy worker is waited for at most ``timeout_s``
-        (its empty job stays queued and swaps it when its turn comes).
+        old version. An empty job on each does it, once per registry change; a busy worker is waited
+        for at most ``timeout_s`` (its empty job stays queued and swaps it when its turn comes, so
+        later replies need not ask again).
         """
         stamp = self.registry.stamp()
         if stamp == self._settled_stamp:
@@ -132,12 +133,11 @@ class LearningState:
             try:
                 future = asyncio.wrap_future(worker.submit("learn:version", lambda engine: None))
             except (QueueFull, WorkerStopped):
-                return  # busy or stopping: the reply names what answered last
+                return  # busy or stopping: the reply names what answered last; the next one asks again
             future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody else reads it
             waits.append(future)
-        _, pending = await asyncio.wait(waits, timeout=timeout_s)
-        if not pending:
-            self._settled_stamp = stamp
+        self._settled_stamp = stamp  # queued on every worker: each takes the version up before its next job
+        await asyncio.wait(waits, timeout=timeout_s)
 
     def sync_hook(self):
         """A per-worker hook that keeps that worker's engine on the registry's current version."""

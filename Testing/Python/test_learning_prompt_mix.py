@@ -26,6 +26,7 @@ def test_each_prompt_kind_gets_the_simulators_name():
     assert simulated_kind(PointPrompt(position=(1, 2, 3))) == "point"
     assert simulated_kind(BoxPrompt(min_corner=(1, 2, 3), max_corner=(5, 6, 7))) == "box3d"
     assert simulated_kind(BoxPrompt(min_corner=(1, 2, 3), max_corner=(5, 6, 3))) == "box2d"  # flat on k
+    assert simulated_kind(BoxPrompt(min_corner=(1, 2, 3), max_corner=(5, 6, 3 + 1e-9))) == "box2d"  # as validated
     assert simulated_kind(ScribblePrompt(points=[(1, 2, 3), (4, 5, 3)])) == "scribble"
     assert simulated_kind(LassoPrompt(points=[(1, 2, 3), (6, 2, 3), (4, 7, 3)])) == "lasso"
     assert simulated_kind(MaskPrompt.from_array(np.ones((2, 2, 2), bool))) is None  # not simulated
