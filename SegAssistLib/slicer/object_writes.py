@@ -104,27 +104,34 @@ class ObjectWrites:
         if depth is None:
             return
         records = self._taken.setdefault(depth, [])
-        after = self._others_on(add) if before else {}
+        after = self._others_on(add, only=set(before)) if before else {}
         for other, had in before.items():
-            taken = had & ~after.get(other, np.zeros_like(had))
-            if other in after and taken.any():  # (a segment deleted meanwhile has nothing to get back)
-                lo, hi = np.argwhere(taken).min(0), np.argwhere(taken).max(0) + 1
+            if other not in after:  # a segment deleted meanwhile has nothing to get back
+                continue
+            taken = had & ~after[other]
+            if taken.any():
+                where = np.argwhere(taken)
+                lo, hi = where.min(0), where.max(0) + 1
                 box = tuple(slice(a, b) for a, b in zip(lo, hi))
                 records.append((other, segments.oriented_labelmap(taken[box], add, tuple(int(v) for v in lo))))
 
-    def _others_on(self, grid: slicer.vtkOrientedImageData) -> Dict[str, np.ndarray]:
-        """The other segments on ``grid`` (its extent), as masks: each layer is resampled once, not
-        each segment (a segmentation of a hundred organs in a few shared layers stays quick)."""
+    def _others_on(
+        self, grid: slicer.vtkOrientedImageData, only: Optional[set] = None
+    ) -> Dict[str, np.ndarray]:
+        """The other segments (``only`` these, when given) on ``grid`` (its extent), as masks: each layer
+        is resampled once, not each segment (a segmentation of a hundred organs in a few shared layers
+        stays quick), and a layer holding none of them not at all."""
         segmentation = self.segmentation_node.GetSegmentation()
         ni, nj, nk = grid.GetDimensions()
         found: Dict[str, np.ndarray] = {}
         if segmentation.GetSourceRepresentationName() != segments.BINARY_LABELMAP:
             for other in segmentation.GetSegmentIDs():
-                if other != self.segment_id:
+                if other != self.segment_id and (only is None or other in only):
                     found[other] = segments.segment_on_grid(self.segmentation_node, other, grid) > 0
             return found
         for layer in range(segmentation.GetNumberOfLayers()):
-            ids = [i for i in segmentation.GetSegmentIDsForLayer(layer) if i != self.segment_id]
+            ids = [i for i in segmentation.GetSegmentIDsForLayer(layer)
+                   if i != self.segment_id and (only is None or i in only)]
             labelmap = segmentation.GetLayerDataObject(layer)
             if not ids or labelmap is None or labelmap.GetPointData().GetScalars() is None:
                 continue
