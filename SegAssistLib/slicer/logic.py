@@ -27,7 +27,7 @@ import slicer
 import slicer.util
 
 from SegAssistLib.engine.base import Engine
-from SegAssistLib.errors import PromptError, SegAssistError
+from SegAssistLib.errors import ImageError, PromptError, SegAssistError
 from SegAssistLib.headless import (  # noqa: F401 - Cancelled and EngineRun: the module's names for them
     Cancelled,
     EngineRun,
@@ -118,6 +118,8 @@ def load_prompt_file(
 
     SegAssist JSON is a prompt log (``{"schema_version": ..., "prompts": [...]}``), an object with
     a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices of the volume.
+    A prompt log recorded on another image (shape, spacing and, schema 1.3, origin and direction:
+    a flipped or moved copy of the same scan) is refused, see :func:`~SegAssistLib.headless.check_log_image`.
     """
     path = Path(path)
     if not path.is_file():
@@ -130,7 +132,20 @@ def load_prompt_file(
     image_data = volume_node.GetImageData()
     image = None
     if image_data is not None:
-        image = (image_data.GetDimensions(), volume_node.GetSpacing(), f"volume {volume_node.GetName()!r}")
+        name = f"volume {volume_node.GetName()!r}"
+        image = (image_data.GetDimensions(), volume_node.GetSpacing(), name)
+        # The node's own IJK-to-RAS, not its world geometry: the log's voxel indices address the node's
+        # own grid, which a parent transform (a registration) places elsewhere in the world without
+        # changing which voxel holds what; and a log records its file's geometry (ITK, LPS), which is the
+        # node's own once that file is loaded (save_volume_file writes it, transforms not applied).
+        try:
+            spacing, origin, direction = volumes.geometry_from_ijk_to_ras(
+                volumes.ijk_to_ras_matrix(volume_node, world=False)
+            )
+        except ImageError:  # a degenerate matrix: shape and spacing are all there is to check
+            pass
+        else:
+            image = (image_data.GetDimensions(), spacing, name, origin, direction)
     return read_prompt_file(path, image)
 
 
