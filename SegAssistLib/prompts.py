@@ -19,8 +19,9 @@ Kinds:
 A scribble or lasso comes in one of two forms: ``points`` (the polyline or polygon vertices, as
 drawn) or ``slab`` (a :class:`Slab`: the voxels it covers on its slice, as a small bit-packed box
 one voxel thick plus its offset). :func:`to_slab` turns the first into the second; the remote
-client sends lassos and scribbles of width 2 or more as slabs (a thinner scribble as drawn, so that
-the engine draws it as it does in-process), so what travels is a 2D stroke, never a volume.
+client sends lassos and scribbles of width 2 (:data:`WIDE_SCRIBBLE_WIDTH`) or more as slabs (a
+thinner scribble as drawn, so that the engine draws it as it does in-process), so what travels is
+a 2D stroke, never a volume.
 
 A :class:`PromptLog` is versioned (``schema_version``) so that logs written today stay readable.
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Annotated, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -79,7 +81,29 @@ _SCRIBBLE_CHUNK_POINTS = 2**18  # points rounded at once: ~6 MB per working arra
 MAX_MASK_VOXELS = 2**31  # voxels in a mask prompt's box
 MAX_MASK_EXTENT = 2**31  # offset + shape on any axis: no int64 overflow anywhere
 
+#: voxels: a scribble this wide or wider is a tube, its samples widened by a disc of its width in the
+#: slice it was drawn on (:func:`scribble_voxels`, as its slab form holds it); a thinner one is its
+#: samples along the polyline alone, which the engine draws in its patch (the remote client sends
+#: it as drawn, so that the server draws it the same way)
+WIDE_SCRIBBLE_WIDTH = 2.0
+
 Vec3 = Tuple[float, float, float]
+
+
+def inside_image(points_kji: npt.ArrayLike, shape_kji: Sequence[int]) -> np.ndarray:
+    """Which points lie inside an image of array shape ``shape_kji``: a boolean array, one per point.
+
+    Points and shape are both in array order ``[k, j, i]`` (as :func:`prompt_vertices_kji` gives
+    them): reverse points held as ``(i, j, k)`` first (``points_ijk[:, ::-1]``). Voxel centres lie
+    at integer indices and an image reaches half a voxel beyond its outer ones, so a point is inside
+    when every coordinate ``x`` on an axis of ``n`` voxels has ``-0.5 <= x <= n - 0.5``, both ends
+    included. A non-finite coordinate is outside. ``points_kji``: one point ``(3,)`` or ``(N, 3)``.
+    """
+    pts = np.asarray(points_kji, float).reshape(-1, 3)
+    upper = np.asarray(tuple(shape_kji), float) - 0.5
+    if upper.shape != (3,):
+        raise ValueError(f"inside_image needs a 3D image shape (k, j, i), got {list(shape_kji)}")
+    return np.all((pts >= -0.5) & (pts <= upper), axis=1)
 
 
 def _real_number(x: object) -> Optional[float]:

@@ -40,6 +40,7 @@ from SegAssistLib.prompts import (
     MaskPrompt,
     Prompt,
     PromptLog,
+    inside_image,
     prompt_vertices_kji,
 )
 
@@ -49,7 +50,7 @@ COMMIT_CHUNK_VOXELS = 8 * 1024 * 1024  # window voxels decided at once when past
 
 
 def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
-    """Raise PromptError unless every coordinate of the prompt lies within the image."""
+    """Raise PromptError unless every coordinate of the prompt lies within the image (:func:`inside_image`)."""
     if isinstance(prompt, MaskPrompt):
         prompt.to_array(shape_kji)  # raises when the mask box is outside
         return
@@ -63,8 +64,7 @@ def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
             )
         return
     pts = prompt_vertices_kji(prompt)
-    upper = np.asarray(shape_kji, float) - 0.5
-    outside = np.any((pts < -0.5) | (pts > upper), axis=1)
+    outside = ~inside_image(pts, shape_kji)
     if outside.any():
         bad = pts[np.argmax(outside)][::-1]
         raise PromptError(

@@ -17,7 +17,15 @@ import torch
 from SegAssistLib import rasterize
 from SegAssistLib.engine import patching
 from SegAssistLib.engine.patching import Window
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt, scribble_voxels
+from SegAssistLib.prompts import (
+    WIDE_SCRIBBLE_WIDTH,
+    BoxPrompt,
+    LassoPrompt,
+    PointPrompt,
+    Prompt,
+    ScribblePrompt,
+    scribble_voxels,
+)
 
 CHANNELS = ("image", "previous_mask", "point+", "point-", "scribble+", "scribble-", "box_or_lasso+")
 POINT_RADIUS = 1.5  # patch voxels
@@ -55,7 +63,7 @@ def to_patch_prompt(
     if isinstance(prompt, (ScribblePrompt, LassoPrompt)) and prompt.slab is not None:
         scribble = isinstance(prompt, ScribblePrompt)
         return _voxels_in_patch(prompt.slab.voxels_kji(), prompt.slab.shape, scribble, prompt.positive, window)
-    if isinstance(prompt, ScribblePrompt) and prompt.width >= 2.0:
+    if isinstance(prompt, ScribblePrompt) and prompt.width >= WIDE_SCRIBBLE_WIDTH:
         # widened in the image, as its slab form is (the remote client sends that form): the same
         # stroke gives the same input whichever form it came in
         voxels = scribble_voxels(prompt)

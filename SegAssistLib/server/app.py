@@ -8,6 +8,7 @@ import logging
 import time
 from typing import AsyncIterator, Callable, Optional
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -70,6 +71,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.upload_slots = asyncio.Semaphore(settings.limits.max_concurrent_uploads)
+        state.prompt_checks = anyio.CapacityLimiter(routes_sessions.PROMPT_CHECK_THREADS)
         await run_in_threadpool(state.pool.start)
         caps = state.pool.capabilities
         log.info("model %s %s on %s", caps.name, caps.version, ", ".join(settings.devices))

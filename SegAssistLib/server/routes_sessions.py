@@ -181,8 +181,7 @@ async def add_prompt(
     codec: str = Depends(reply_codec),
     req_id: Optional[str] = Depends(request_id),
 ) -> MaskUpdateReply:
-    if state.prompt_checks is None:
-        state.prompt_checks = anyio.CapacityLimiter(PROMPT_CHECK_THREADS)  # made on the event loop
+    assert state.prompt_checks is not None  # made by the app's lifespan, which runs before any request
     # off the event loop (a slab decompresses), a few at a time
     prompt = await anyio.to_thread.run_sync(_checked_prompt, body.prompt, limiter=state.prompt_checks)
     session = state.sessions.get(user, session_id)

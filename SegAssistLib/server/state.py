@@ -66,7 +66,8 @@ class ServerState:
         )
         self.sessions.on_expire = self._expired  # found idle by the sweep or by a request: closed
         self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs, limits.max_queued_per_session)
-        self.upload_slots: Optional[asyncio.Semaphore] = None  # made on the server's event loop
+        # made by the app's lifespan on the server's event loop (the state is built before it runs)
+        self.upload_slots: Optional[asyncio.Semaphore] = None  # uploads decoded at once (routes_images)
         self.prompt_checks: Optional[anyio.CapacityLimiter] = None  # threads checking added prompts (routes_sessions)
         self.clock = clock
         self.learning: Optional[LearningState] = None

@@ -16,7 +16,15 @@ import numpy as np
 import slicer
 
 from SegAssistLib.errors import PromptError
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt, prompt_vertices_kji
+from SegAssistLib.prompts import (
+    BoxPrompt,
+    LassoPrompt,
+    PointPrompt,
+    Prompt,
+    ScribblePrompt,
+    inside_image,
+    prompt_vertices_kji,
+)
 from SegAssistLib.slicer import coordinates
 from SegAssistLib.slicer.shortcuts import (
     SEGMENT_EDITOR_KEYS,
@@ -288,10 +296,8 @@ def _same_plane(a: np.ndarray, b: np.ndarray, tolerance_mm: float = 1e-3) -> boo
 # ---- prompts from gestures ----------------------------------------------------------------------
 def check_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
     """Raise :class:`PromptError` when a prompt's coordinates leave the volume (with half a voxel of slack)."""
-    points = prompt_vertices_kji(prompt)[:, ::-1]  # the click, box corners, vertices, or a slab's voxels
-    upper = np.asarray(shape_kji[::-1], float) - 0.5
-    outside = np.any((points < -0.5) | (points > upper), axis=1)
-    if outside.any():
+    # the click, box corners, vertices, or a slab's voxels: the engine's rule (prompts.inside_image)
+    if not inside_image(prompt_vertices_kji(prompt), shape_kji).all():
         what = "click" if isinstance(prompt, PointPrompt) else prompt.kind
         raise PromptError(f"the {what} is outside the volume: draw inside the image")
 
