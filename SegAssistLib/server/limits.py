@@ -12,7 +12,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from SegAssistLib.api_models import ErrorCode
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, Prompt, ScribblePrompt
+from SegAssistLib.prompts import (
+    BoxPrompt,
+    LassoPrompt,
+    MaskPrompt,
+    PointPrompt,
+    Prompt,
+    ScribblePrompt,
+    inside_image,
+)
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, error_response, from_library_error
 from SegAssistLib.transport import FRAME_MAGIC, MAX_HEADER_BYTES, TransportError, describe_value, unpack_frame
 
@@ -207,10 +215,9 @@ def check_image_shape(shape: Sequence[int], max_voxels: int, max_axis: int) -> N
 def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
     """Refuse a prompt that lies outside the image (voxel centres at integers, half a voxel of slack)."""
     size_ijk = np.asarray(shape_kji[::-1], float)
-    lo_ok, hi_ok = -0.5, size_ijk - 0.5
 
-    def outside(points: np.ndarray) -> np.ndarray:
-        return np.any((points < lo_ok) | (points > hi_ok), axis=1)
+    def outside(points_ijk: np.ndarray) -> np.ndarray:  # the engine's rule, on (i, j, k) points
+        return ~inside_image(np.asarray(points_ijk, float)[:, ::-1], shape_kji)
 
     bad = None
     if isinstance(prompt, PointPrompt):

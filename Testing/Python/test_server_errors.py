@@ -269,6 +269,16 @@ def test_prompts_outside_the_image_are_refused(shared_server, session, prompt):
     assert session.status().n_prompts == 0  # nothing applied
 
 
+def test_the_server_and_the_engine_share_the_half_voxel_edge(shared_server, session):
+    """prompts.inside_image: the last voxel's outer face (i = 47.5 on 48 voxels) is inside, a hair beyond is not."""
+    path = f"/v1/sessions/{session.session_id}/prompts"
+    beyond = {"kind": "point", "position": [float(np.nextafter(47.5, 48.0)), 5, 5]}
+    assert_error(raw(shared_server, "POST", path, json={"prompt": beyond}), 422, "prompt_outside_image")
+    on_edge = raw(shared_server, "POST", path, json={"prompt": {"kind": "point", "position": [47.5, 5, -0.5]}})
+    assert on_edge.status_code == 200, on_edge.text
+    assert session.status().n_prompts == 1
+
+
 def test_mask_prompt_outside_and_typed_client_errors(session, alice, blob_volume):
     mask = MaskPrompt(offset=(20, 0, 0), shape=(10, 4, 4), data=MaskPrompt.from_array(np.ones((10, 4, 4))).data)
     with pytest.raises(InvalidPromptError) as e:
