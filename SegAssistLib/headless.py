@@ -20,6 +20,7 @@ import numpy as np
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.image import Volume, geometry_difference
+from SegAssistLib.prompt_mirror import Flips, mirror_prompt, mirrored_axes
 from SegAssistLib.prompts import Prompt, PromptLog, describe_validation_error, parse_prompt
 
 ProgressCallback = Callable[[float, str], None]
@@ -89,6 +90,17 @@ def check_log_image(
         )
 
 
+def _stored_in_reverse(log: PromptLog, image: tuple) -> Optional[Flips]:
+    """The axes along which ``image`` holds the log's image in reverse order (None: not that image)."""
+    recorded = log.image
+    if recorded is None or recorded.origin is None or recorded.direction is None or len(image) < 5:
+        return None
+    shape_ijk, spacing, _, origin, direction = image[:5]
+    if origin is None or direction is None or tuple(int(n) for n in shape_ijk) != tuple(recorded.shape_ijk):
+        return None
+    return mirrored_axes(shape_ijk, spacing, origin, direction, recorded.spacing, recorded.origin, recorded.direction)
+
+
 def image_of(volume: Volume, name: str) -> tuple:
     """What :func:`read_prompt_file` checks a prompt log against: the volume's whole geometry."""
     return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction)
@@ -100,7 +112,9 @@ def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> L
 
     ``image``: ``(shape_ijk, spacing, name)`` or ``(shape_ijk, spacing, name, origin, direction)`` of the
     image the prompts are for (origin and direction as ITK's, LPS: see :func:`image_of`); a prompt log
-    that records another image is refused (see :func:`check_log_image`).
+    that records another image is refused (see :func:`check_log_image`). A log of the same image whose
+    voxels the caller holds in reverse order along some axes (Slicer's copy of a left-handed file) has its
+    prompts moved to the caller's order (:mod:`SegAssistLib.prompt_mirror`).
     """
     path = Path(path)
     if not path.is_file():
@@ -114,8 +128,16 @@ def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> L
             log = PromptLog.model_validate(data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise PromptError(f"{path}: invalid prompt log: {describe_validation_error(exc)}") from exc
-        if image is not None:
+        if image is None:
+            return list(log.prompts)
+        try:
             check_log_image(path, log, *image)
+        except PromptError:
+            flips = _stored_in_reverse(log, image)
+            if flips is None:
+                raise
+            # the same image with its voxels in another order (Slicer's, of a left-handed file)
+            return [mirror_prompt(p, flips, tuple(image[0])[::-1]) for p in log.prompts]
         return list(log.prompts)
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list):

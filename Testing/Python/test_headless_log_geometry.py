@@ -1,5 +1,6 @@
-"""A prompt log replays only on the grid it was recorded on: shape and spacing, and (schema 1.3) origin
-and direction, so that a flipped copy of the same scan (same shape, same spacing) is refused."""
+"""A prompt log replays only on the image it was recorded on: shape and spacing, and (schema 1.3) origin
+and direction, so that a mirror image or a moved copy of the scan (same shape, same spacing) is refused;
+the same scan stored with its voxels in another order gets the prompts moved onto the same anatomy."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _log_on(volume: Volume, path: Path, info: ImageInfo = None) -> Path:
     return path
 
 
-def test_a_log_is_refused_on_a_flipped_copy_of_its_image_and_read_on_the_image_itself(tmp_path):
+def test_a_log_reads_on_its_image_and_on_a_copy_stored_the_other_way_and_is_refused_elsewhere(tmp_path):
     sitk.WriteImage(volume_to_sitk(_flipped_along_j(load_volume(SAMPLE))), str(tmp_path / "flipped.nii.gz"))
     original, flipped = load_volume(SAMPLE), load_volume(tmp_path / "flipped.nii.gz")
     assert flipped.shape_ijk == original.shape_ijk and flipped.spacing == original.spacing
@@ -42,8 +43,10 @@ def test_a_log_is_refused_on_a_flipped_copy_of_its_image_and_read_on_the_image_i
     recorded = PromptLog.load(log).image
     assert np.allclose(recorded.origin, original.origin) and np.allclose(recorded.direction, original.direction)
     assert read_prompt_file(log, image_of(load_volume(SAMPLE), "the sample")) == [CLICK]  # read again from disk
-    with pytest.raises(PromptError, match=r"placed otherwise in space: flipped\.nii\.gz has origin .* would land"):
-        read_prompt_file(log, image_of(flipped, "flipped.nii.gz"))
+    # the same voxels in space, j stored the other way: the click moves to the voxel it named
+    (moved_click,) = read_prompt_file(log, image_of(flipped, "flipped.nii.gz"))
+    assert moved_click.position == (16.0, 51 - 1 - 27.0, 15.0)
+    assert np.allclose(flipped.ijk_to_physical(moved_click.position), original.ijk_to_physical(CLICK.position))
 
     turned = Volume(original.array, original.spacing, original.origin, flipped.direction)  # same origin
     with pytest.raises(PromptError, match="has direction"):
@@ -64,16 +67,18 @@ def test_a_log_without_origin_and_direction_still_reads_and_a_caller_without_the
         read_prompt_file(new, (original.shape_ijk, (1.0, 1.0, 2.0), "thicker"))
 
 
-def test_the_dicom_series_refuses_a_log_recorded_on_the_datasets_nifti_of_it(shared_data, tmp_path):
-    """The dataset's NIfTI of the series runs j the other way: same shape, same spacing."""
+def test_a_log_recorded_on_the_datasets_nifti_of_the_dicom_series_replays_on_the_series(shared_data, tmp_path):
+    """The dataset's NIfTI of the series runs j the other way: same shape, same spacing, the same voxels
+    in space; the log's click is moved to the series' voxel at the same place."""
     folder = shared_data / "totalsegmentator_examples"
     if not (folder / "dicom_ct").is_dir():
         pytest.skip(f"no DICOM example at {folder}")
     dicom, nifti = load_volume(folder / "dicom_ct"), load_volume(folder / "dicom_ct_seg.nii.gz")
     assert dicom.shape_ijk == nifti.shape_ijk and np.allclose(dicom.spacing, nifti.spacing)
     on_nifti = _log_on(nifti, tmp_path / "on_nifti.json")
-    with pytest.raises(PromptError, match="has (origin|direction)"):
-        read_prompt_file(on_nifti, image_of(dicom, "dicom_ct"))
+    (on_series,) = read_prompt_file(on_nifti, image_of(dicom, "dicom_ct"))
+    assert on_series.position != CLICK.position
+    assert np.allclose(dicom.ijk_to_physical(on_series.position), nifti.ijk_to_physical(CLICK.position), atol=1e-2)
     assert read_prompt_file(on_nifti, image_of(nifti, "the NIfTI")) == [CLICK]
     # the series written as NIfTI (float32 origin) is the same grid: its log replays on the series
     sitk.WriteImage(volume_to_sitk(dicom), str(tmp_path / "ct.nii.gz"))

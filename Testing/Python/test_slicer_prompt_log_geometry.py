@@ -1,6 +1,7 @@
 """In Slicer, a prompt log replays only on the volume node it was recorded for: shape and spacing, and
 (schema 1.3) origin and direction, so that a flipped or moved copy of the same scan (same shape, same
-spacing) is refused rather than prompted at the wrong anatomy. Real MRML scenes (slicer-core), the
+spacing) is refused rather than prompted at the wrong anatomy, and the same scan stored in another
+voxel order (Slicer's copy of a left-handed file) gets the prompts moved onto the same anatomy. Real MRML scenes (slicer-core), the
 image a real NIfTI written by SimpleITK and read by Slicer's own storage node, the log written as
 ``segassist segment --log`` writes it (the image's ITK geometry, LPS)."""
 
@@ -94,7 +95,8 @@ def test_the_log_is_refused_on_a_node_flipped_along_one_axis(ctx, scan, tmp_path
         load_prompt_file(log, flipped)
 
     # the same scan stored the other way along j (every voxel in the same place in space, as another
-    # converter may write it), read from its file: the log's voxel indices name other voxels there
+    # converter may write it), read from its file: the log's voxel indices name other voxels there,
+    # so the prompts are moved to them (and land on the same anatomy)
     original = load_volume(scan)
     last = original.shape_ijk[1] - 1
     direction = original.direction.copy()
@@ -108,8 +110,11 @@ def test_the_log_is_refused_on_a_node_flipped_along_one_axis(ctx, scan, tmp_path
     assert np.array_equal(slicer.util.arrayFromVolume(reread), original.array[::-1, ::-1, :])
     here = volumes.volume_from_node(reread).ijk_to_physical((3, last - 4, top - 5))
     assert np.allclose(here, original.ijk_to_physical((3, 4, 5)), atol=1e-3)
-    with pytest.raises(PromptError, match=r"placed otherwise in space: volume 'other way' has origin .* would land"):
-        load_prompt_file(log, reread)
+    point, box = load_prompt_file(log, reread)
+    assert point.position == (16.0, last - 27.0, top - 15.0)
+    assert np.allclose(volumes.volume_from_node(reread).ijk_to_physical(point.position),
+                       original.ijk_to_physical(PROMPTS[0].position), atol=1e-3)  # fmt: skip
+    assert box.min_corner == (9.0, last - 41.0, top - 13.0) and box.max_corner == (27.0, last - 20.0, top - 13.0)
 
 
 def test_the_log_is_refused_on_a_node_moved_by_20_mm(ctx, scan, tmp_path):
@@ -139,11 +144,11 @@ def test_a_log_without_origin_and_direction_still_loads_where_shape_and_spacing_
         load_prompt_file(old, _placed(ctx, node, thicker, "thicker"))
 
 
-def test_a_log_recorded_on_a_left_handed_file_is_refused_on_slicers_node_of_that_file(ctx, shared_data, tmp_path):
+def test_a_log_recorded_on_a_left_handed_file_replays_on_the_same_voxels_of_slicers_node(ctx, shared_data, tmp_path):
     """The dataset's NIfTI of the DICOM series has a left-handed grid: Slicer reads it with its slices
     in reverse order (and k's direction reversed), so voxel (i, j, k) of the file as SimpleITK reads it
     (what ``segassist segment --log`` records) is voxel (i, j, last - k) of the node; same shape, same
-    spacing. Replayed there, every prompt would land on the mirrored slice."""
+    spacing. Replayed as recorded, every prompt would land on the mirrored slice: it is moved."""
     path = shared_data / "totalsegmentator_examples" / "dicom_ct_seg.nii.gz"
     if not path.is_file():
         pytest.skip(f"no {path.name} at {path.parent}")
@@ -154,5 +159,10 @@ def test_a_log_recorded_on_a_left_handed_file_is_refused_on_slicers_node_of_that
     assert np.array_equal(slicer.util.arrayFromVolume(node), recorded.array[::-1])
     assert node.GetImageData().GetDimensions() == recorded.shape_ijk
     assert np.allclose(node.GetSpacing(), recorded.spacing)
-    with pytest.raises(PromptError, match=r"placed otherwise in space: volume 'dicom_ct_seg' has origin"):
-        load_prompt_file(log, node)
+    point, box = load_prompt_file(log, node)
+    last = recorded.shape_ijk[2] - 1
+    assert point.position == (16.0, 27.0, last - 15.0) and box.min_corner == (9.0, 20.0, last - 13.0)
+    (i, j, k), (ni, nj, nk) = np.rint(PROMPTS[0].position).astype(int), np.rint(point.position).astype(int)
+    assert slicer.util.arrayFromVolume(node)[nk, nj, ni] == recorded.array[k, j, i]  # the voxel the log named
+    assert np.allclose(volumes.volume_from_node(node).ijk_to_physical(point.position),
+                       recorded.ijk_to_physical(PROMPTS[0].position), atol=1e-3)  # fmt: skip
