@@ -53,11 +53,22 @@ def test_the_sample_is_segmented_like_the_engine_does_it_and_its_log_replays(tmp
     assert _segment(SAMPLE, "--prompts", log, "--out", replay, "--threads", 1) == 0
     assert np.array_equal(_voxels(replay), expected)
 
-    # the same scan with its j axis the other way (same shape and spacing): the log's clicks would land elsewhere
-    flipped = sitk.Flip(sitk.ReadImage(str(SAMPLE)), [False, True, False])
-    sitk.WriteImage(flipped, str(tmp_path / "flipped.nii.gz"))
+    # the same scan stored with its j axis the other way (sitk.Flip keeps every voxel where it was in
+    # space): the log's prompts move to the voxels they named, and segment the same hippocampus
+    original = sitk.ReadImage(str(SAMPLE))
+    sitk.WriteImage(sitk.Flip(original, [False, True, False]), str(tmp_path / "reordered.nii.gz"))
+    assert _segment(tmp_path / "reordered.nii.gz", "--prompts", log, "--out", tmp_path / "same.nii.gz",
+                    "--threads", 1) == 0  # fmt: skip
+    back = _voxels(tmp_path / "same.nii.gz")[:, ::-1, :] > 0
+    assert 2 * np.sum(back & (expected > 0)) / (back.sum() + (expected > 0).sum()) > 0.8
+    # the scan's voxels placed as their mirror image in space (j's direction reversed, the same origin):
+    # the log's clicks would land elsewhere
+    mirror = sitk.Image(original)
+    direction = np.asarray(original.GetDirection()).reshape(3, 3) * [1.0, -1.0, 1.0]
+    mirror.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(mirror, str(tmp_path / "mirror.nii.gz"))
     capsys.readouterr()
-    assert _segment(tmp_path / "flipped.nii.gz", "--prompts", log, "--out", tmp_path / "no.nii.gz") == 2
+    assert _segment(tmp_path / "mirror.nii.gz", "--prompts", log, "--out", tmp_path / "no.nii.gz") == 2
     assert "placed otherwise in space" in capsys.readouterr().err and not (tmp_path / "no.nii.gz").exists()
 
 
