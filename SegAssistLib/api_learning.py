@@ -62,11 +62,19 @@ class CaseInfo(_Model):
     lock_expires_iso: Optional[str] = None
     n_labels: int
     latest_label_id: Optional[str] = None
+    subject: Optional[str] = Field(None, description="the patient it shows; null: its own subject")
+
+
+SUBJECT_DESCRIPTION = (
+    "the subject (patient) the image shows: training never splits a subject's cases between training and "
+    "validation (ACDC's two frames of a patient, follow-up scans, series of one study). Omitted: its own subject"
+)
 
 
 class ImportCase(_Model):
     image_id: str = Field(pattern=IMAGE_ID_PATTERN, description="an image this server holds (upload it first)")
     name: str = Field(min_length=1, max_length=256)
+    subject: Optional[str] = Field(None, min_length=1, max_length=256, description=SUBJECT_DESCRIPTION)
 
 
 class LockRequest(_Model):

@@ -96,10 +96,15 @@ class LearningClient:
         volume: Union[Volume, np.ndarray],
         name: str,
         progress: Optional[Callable[[int, int], None]] = None,
+        subject: Optional[str] = None,
     ) -> CaseInfo:
-        """Add an image as a new case (uploaded only if the server does not hold it yet)."""
+        """Add an image as a new case (uploaded only if the server does not hold it yet). ``subject``:
+        the patient it shows; training keeps a subject's cases on one side of its split (None: its own)."""
         image_id = self._client.ensure_image(volume, progress)
-        reply = self._http.json("POST", f"{_BASE}/cases", json={"image_id": image_id, "name": name}, safe=False)
+        body = {"image_id": image_id, "name": name}
+        if subject is not None:  # sent only when given: a server from before subjects still takes the rest
+            body["subject"] = subject
+        reply = self._http.json("POST", f"{_BASE}/cases", json=body, safe=False)
         return CaseInfo.model_validate(reply)
 
     def cases(

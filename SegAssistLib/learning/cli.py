@@ -1,8 +1,10 @@
 """``segassist learn ...``: the human-in-the-loop learning loop from a terminal.
 
     segassist learn import SOURCE --store DIR --user NAME     images (folder, file, DICOM series) -> cases
+                      [--subject-pattern REGEX]              ... with each case's subject (patient) from its name
     segassist learn status --store DIR                       cases by status, current version, last job
     segassist learn cases --store DIR [--status new]         list cases (by status)
+    segassist learn subject (CASE SUBJECT | --pattern REGEX) --store DIR   set subjects after the import
     segassist learn lock CASE --store DIR --user NAME        lock a case to an annotator (unlock: release)
     segassist learn save CASE MASK --store DIR --user NAME   a label version from a mask file (--draft)
     segassist learn export OUT --store DIR                   MSD layout + .seg.nrrd of the submitted labels
@@ -35,9 +37,16 @@ from typing import Any, Dict, Iterator, Optional
 from SegAssistLib.api_learning import MAX_LOCK_TTL_S
 from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, number, positive_int
 from SegAssistLib.errors import SegAssistError
-from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore, import_sources, open_datastore
+from SegAssistLib.learning.datastore import (
+    DEFAULT_LOCK_TTL_S,
+    Datastore,
+    compile_subject_pattern,
+    import_sources,
+    open_datastore,
+    subjects_from_names,
+)
 from SegAssistLib.learning.errors import DatastoreError
-from SegAssistLib.learning.records import CaseRecord, CaseStatus, ImportReport, check_user
+from SegAssistLib.learning.records import CaseRecord, CaseStatus, ImportReport, check_user, printable_text
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
 
 
@@ -75,6 +84,18 @@ def register(subparsers) -> None:
     p.add_argument("--user", required=True)
     p.add_argument("--channel", type=int, help="channel of multi-channel / 4D images")
     p.add_argument("--no-recursive", action="store_true")
+    p.add_argument("--subject-pattern", metavar="REGEX",
+                   help="the subject (patient) of each case, found in its name by this Python regular expression: "
+                   "its first group, or the whole match; training never splits a subject's cases between "
+                   r"training and validation. ACDC: '^(patient\d+)_'. A name it does not match stops the "
+                   "import (add '|^.+' to make such a case its own subject). Default: each case is its own subject. "
+                   "Images already in the store keep theirs (learn subject changes it)")
+
+    p = add("subject", "set the subject (patient) of a case, or of every case from its name", cmd_subject)
+    p.add_argument("case", nargs="?", help="case id (with SUBJECT)")
+    p.add_argument("subject", nargs="?", help="the case's subject")
+    p.add_argument("--pattern", metavar="REGEX",
+                   help="every case's subject from its name, as import's --subject-pattern (instead of CASE SUBJECT)")
 
     add("status", "cases by status, the current adapter version, the last training job", cmd_status)
 
@@ -203,17 +224,30 @@ def cmd_import(args: argparse.Namespace) -> int:
     hash). The sources are found before the store is opened: a source that is missing or holds no image
     leaves no new empty store behind."""
     check_user(args.user)
+    pattern = compile_subject_pattern(args.subject_pattern) if args.subject_pattern is not None else None
     sources = import_sources(args.source, args.store, recursive=not args.no_recursive)
+    subject_of: Dict[Path, str] = {}
+    if pattern is not None:  # a name the pattern finds no subject in: refused before the store is made
+        found = subjects_from_names([printable_text(name) or "?" for _, name in sources], pattern)
+        subject_of = {path: subject for (path, _), subject in zip(sources, found)}
 
     def shown(done: int, total: int, path: Path, result) -> None:
         line = f"  + {result.id}  {result.name}" if isinstance(result, CaseRecord) else f"  - {path}: {result}"
+        if isinstance(result, CaseRecord) and path in subject_of:
+            line += f"  (subject {subject_of[path]})"
         _progress(args, f"[{done}/{total}]{line}")
 
     report = ImportReport()
+    data = report.to_dict()
     if sources:
         with Datastore(args.store, create=True) as store:
-            report = store.import_images(args.source, args.user, args.channel, sources=sources, on_image=shown)
-    _print(args, report.to_dict(), f"imported {len(report.added)} case(s), skipped {len(report.skipped)}")
+            report = store.import_images(args.source, args.user, args.channel, sources=sources, on_image=shown,
+                                         subject_pattern=pattern)
+            subjects = store.subjects(c.id for c in report.added)
+        data = report.to_dict()
+        for case in data["added"]:
+            case["subject"] = subjects[case["id"]]
+    _print(args, data, f"imported {len(report.added)} case(s), skipped {len(report.skipped)}")
     if report.failed or not (report.added or report.skipped):
         print("learn import: " + (f"{len(report.failed)} image(s) could not be imported" if report.failed else
                                   f"no image found in {args.source}"), file=sys.stderr)
@@ -221,16 +255,33 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _case_line(c: CaseRecord) -> str:
+def _case_line(c: CaseRecord, subject: Optional[str] = None) -> str:
     lock = f", locked by {c.locked_by}" if c.locked_by else ""
-    return f"{c.id}  {c.status.value:<11} {c.n_labels} label(s){lock}  {c.name}"
+    of = f"  (subject {subject})" if subject is not None else ""
+    return f"{c.id}  {c.status.value:<11} {c.n_labels} label(s){lock}  {c.name}{of}"
 
 
 def cmd_cases(args: argparse.Namespace) -> int:
     with _open(args) as store:
         cases = store.list_cases(status=args.status)
-    text = "\n".join(_case_line(c) for c in cases) or "no case"
-    _print(args, [c.to_dict() for c in cases], text)
+        subjects = store.subjects()
+    text = "\n".join(_case_line(c, subjects.get(c.id)) for c in cases) or "no case"
+    _print(args, [dict(c.to_dict(), subject=subjects.get(c.id)) for c in cases], text)
+    return 0
+
+
+def cmd_subject(args: argparse.Namespace) -> int:
+    """One case's subject (``CASE SUBJECT``), or every case's from its name (``--pattern``)."""
+    if (args.pattern is None) == (args.case is None) or (args.case is not None and args.subject is None):
+        raise SegAssistError("learn subject: give CASE SUBJECT, or --pattern REGEX for every case")
+    with _open(args) as store:
+        if args.pattern is not None:
+            changed = store.set_subjects(pattern=args.pattern)
+        else:
+            changed = store.set_subjects({args.case: args.subject})
+        names = {c.id: c.name for c in store.list_cases()}
+    text = "\n".join(f"{case_id}  {names.get(case_id, '?')}  subject {subject}" for case_id, subject in changed.items())
+    _print(args, changed, text or "no case")
     return 0
 
 

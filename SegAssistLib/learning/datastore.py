@@ -18,7 +18,17 @@ Rules that make it safe to kill the process at any moment:
 - Every stored file's SHA-256 is recorded; labels are checked on every read.
 
 All ids are generated here (random hex) and validated on the way in; user-supplied names (case
-names, users, model names) are never used to build a file path.
+names, users, model names, subjects) are never used to build a file path.
+
+A case may name its *subject* (the patient it shows): the hold-out split keeps a subject's cases
+together (``traindata``). None (the default, and every case of a store made before subjects
+existed) makes the case its own subject. It is set at import, given or drawn from the case's name
+by a pattern (:func:`subject_from_name`), or later (:meth:`Datastore.set_subjects`).
+
+Schema versions (``meta.schema_version``): 1, the first; 2, ``cases.subject``. A store of schema 1 is
+migrated when it is opened (the column is added, every case its own subject, nothing else changes);
+a store of a newer schema than this code knows is refused, never changed. Schema-1 code refuses a
+migrated store: it would split a subject's cases between training and validation.
 
 The store may be opened by several processes at once (the server and a background trainer):
 SQLite serialises writers, and a connection here is shared by threads behind a lock. Keep the
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -73,7 +84,7 @@ from SegAssistLib.learning.sources import find_sources
 from SegAssistLib.prompts import PromptLog, describe_validation_error
 from SegAssistLib.transport import wire_volume
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "segassist.sqlite"
 DEFAULT_RECOVER_AGE_S = 600.0
 
@@ -94,7 +105,8 @@ CREATE TABLE IF NOT EXISTS cases (
     imported_by TEXT NOT NULL,
     locked_by TEXT,
     lock_expires REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    subject TEXT
 );
 CREATE INDEX IF NOT EXISTS cases_status ON cases(status);
 CREATE TABLE IF NOT EXISTS labels (
@@ -139,7 +151,59 @@ _LABEL_COLUMNS = (
 )
 
 PromptLogLike = Union[PromptLog, str, dict, None]
+SubjectPattern = Union[str, re.Pattern]
+_SHOWN_NAMES = 5  # non-matching case names an error lists
 
+
+def check_subject(value: object) -> Optional[str]:
+    """A subject as stored: None (the case is its own subject), or printable text of at most 256
+    characters with its surrounding spaces dropped; an empty or blank one is refused."""
+    if value is None:
+        return None
+    text = check_text(value, "subject") or ""
+    if not text.strip():
+        raise DatastoreError("a subject must not be empty: give none to make a case its own subject")
+    return text.strip()
+
+
+def compile_subject_pattern(pattern: SubjectPattern) -> re.Pattern[str]:
+    """A subject pattern (a Python regular expression) compiled; a bad one is a :class:`DatastoreError`."""
+    if isinstance(pattern, re.Pattern):
+        return pattern
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise DatastoreError(f"invalid subject pattern {pattern!r}: {exc}") from None
+
+
+def subject_from_name(name: str, pattern: SubjectPattern) -> Optional[str]:
+    """The subject ``pattern`` finds in a case name (``re.search``): its first group that took part
+    in the match, else the whole match. None when the pattern does not match or finds only spaces
+    (the caller refuses such a name rather than guess).
+
+    ``^(patient\\d+)_`` makes ``patient001_frame01`` and ``patient001_frame12`` subject ``patient001``;
+    ``^(patient\\d+)_|^.+`` also lets a name it does not match be its own subject (the whole name)."""
+    match = compile_subject_pattern(pattern).search(name)
+    if match is None:
+        return None
+    found = next((g for g in match.groups() if g is not None), match.group(0))
+    return found.strip() or None
+
+
+def subjects_from_names(names: Sequence[str], pattern: SubjectPattern) -> List[str]:
+    """The subject of each case name (see :func:`subject_from_name`); a :class:`DatastoreError` naming
+    the cases the pattern finds no subject in, so that nothing is imported or changed with a guess."""
+    compiled = compile_subject_pattern(pattern)
+    found = [subject_from_name(name, compiled) for name in names]
+    missing = [name for name, subject in zip(names, found) if subject is None]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:_SHOWN_NAMES]) + (", ..." if len(missing) > _SHOWN_NAMES else "")
+        raise DatastoreError(
+            f"the subject pattern {compiled.pattern!r} finds no subject in {len(missing)} of the {len(names)} "
+            f"case name(s): {shown}. No case was imported or changed: fix the pattern (an alternative such as "
+            "'|^.+' makes a name it does not match its own subject), or import those images separately"
+        )
+    return [check_subject(s) for s in found]  # type: ignore[misc]
 
 
 def import_sources(
@@ -154,6 +218,7 @@ def import_sources(
         return find_sources(Path(source), recursive=recursive, skip=store)
     except (OSError, RuntimeError) as exc:
         raise DatastoreError(f"cannot import from {source}: {exc}") from exc
+
 
 class Datastore:
     """Cases, locks and versioned labels in a folder. See the module docstring for the guarantees."""
@@ -187,15 +252,20 @@ class Datastore:
     def _init_schema(self) -> None:
         with self._lock:
             self._conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); runs outside a transaction
-        with self._write() as db:
+        with self._write() as db:  # one transaction: a migration is done whole or not at all
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) > SCHEMA_VERSION:
+            if row is not None and int(row["value"]) > SCHEMA_VERSION:
                 raise DatastoreError(
                     f"datastore {self.root} has schema {row['value']}, newer than this SegAssist reads "
                     f"({SCHEMA_VERSION}): upgrade SegAssist"
                 )
+            columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
+            if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
+                db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row["value"]) < SCHEMA_VERSION:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -245,6 +315,7 @@ class Datastore:
         recursive: bool = True,
         sources: Optional[List[Tuple[Path, str]]] = None,
         on_image: Optional[Callable[[int, int, Path, Union[CaseRecord, str]], None]] = None,
+        subject_pattern: Optional[SubjectPattern] = None,
     ) -> ImportReport:
         """Import one image file, one DICOM series folder, or every image in a folder.
 
@@ -254,21 +325,29 @@ class Datastore:
         ``sources``: what :func:`import_sources` found there, when the caller looked first;
         ``on_image(done, total, path, case or the reason it was skipped)`` after each image (a large
         image takes seconds to convert and hash).
+        ``subject_pattern``: each case's subject is drawn from its name (:func:`subject_from_name`);
+        a name it finds none in stops the import before any image is read. None: each case is its
+        own subject.
         """
         check_user(user)
         if sources is None:
             sources = import_sources(source, self.root, recursive)
+        # a file's name may hold a tab or an undecodable byte, and its path be very long:
+        # shown as printable text, not a reason to stop the import halfway
+        names = [printable_text(name) or "?" for _, name in sources]
+        subjects: List[Optional[str]] = [None] * len(names)
+        if subject_pattern is not None:
+            subjects = list(subjects_from_names(names, subject_pattern))
         report = ImportReport()
-        for done, (path, name) in enumerate(sources, 1):
+        for done, ((path, _), name, subject) in enumerate(zip(sources, names, subjects), 1):
             try:
                 volume = load_volume(path, channel=channel)
-                # a file's name may hold a tab or an undecodable byte, and its path be very long:
-                # shown as printable text, not a reason to stop the import halfway
                 case = self.import_volume(
                     volume,
-                    name=printable_text(name) or "?",
+                    name=name,
                     user=user,
                     source=printable_text(str(path), limit=4096, keep_end=True),
+                    subject=subject,
                 )
                 report.added.append(case)
                 result: Union[CaseRecord, str] = case
@@ -279,13 +358,17 @@ class Datastore:
                 on_image(done, len(sources), path, result)
         return report
 
-    def import_volume(self, volume: Volume, name: str, user: str, source: str = "") -> CaseRecord:
-        """Add an in-memory image as a new case; raises :class:`DuplicateCaseError` if already stored."""
+    def import_volume(
+        self, volume: Volume, name: str, user: str, source: str = "", subject: Optional[str] = None
+    ) -> CaseRecord:
+        """Add an in-memory image as a new case; raises :class:`DuplicateCaseError` if already stored.
+        ``subject``: the patient it shows (see :func:`check_subject`); None: its own subject."""
         check_user(user)
         name = check_text(name, "case name") or ""
         if not name:
             raise DatastoreError("a case needs a non-empty name")
         source = check_text(source, "source", limit=4096) or ""
+        subject = check_subject(subject)
         validate_image(volume)
         content_hash = volume.content_hash()
         self._raise_if_duplicate(content_hash)
@@ -301,8 +384,8 @@ class Datastore:
             with self._write() as db:
                 db.execute(
                     "INSERT INTO cases (id, name, status, shape, spacing, origin, direction, image_sha256, "
-                    "content_hash, source, imported_at, imported_by, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "content_hash, source, imported_at, imported_by, updated_at, subject) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         case_id,
                         name,
@@ -317,6 +400,7 @@ class Datastore:
                         now,
                         user,
                         now,
+                        subject,
                     ),
                 )
                 db.executemany(
@@ -383,6 +467,46 @@ class Datastore:
         its stored file). Empty for a case imported before the store kept the served one."""
         rows = self._read("SELECT hash FROM image_hashes WHERE case_id = ?", (check_case_id(case_id),))
         return {row["hash"] for row in rows}
+
+    def subjects(self, case_ids: Optional[Iterable[str]] = None) -> Dict[str, Optional[str]]:
+        """Each case's subject (None: the case is its own subject), of the given cases or of all."""
+        if case_ids is None:
+            return {row["id"]: row["subject"] for row in self._read("SELECT id, subject FROM cases")}
+        wanted = [check_case_id(c) for c in case_ids]
+        found: Dict[str, Optional[str]] = {}
+        for start in range(0, len(wanted), 500):  # below SQLite's limit of parameters
+            chunk = wanted[start : start + 500]
+            rows = self._read(f"SELECT id, subject FROM cases WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+            found.update((row["id"], row["subject"]) for row in rows)
+        missing = next((c for c in wanted if c not in found), None)
+        if missing is not None:
+            raise NotFoundError(f"no case {missing}")
+        return {c: found[c] for c in wanted}
+
+    def set_subjects(
+        self, subjects: Optional[Dict[str, Optional[str]]] = None, pattern: Optional[SubjectPattern] = None
+    ) -> Dict[str, Optional[str]]:
+        """Set the subject of some cases (``subjects``: case id -> subject, None: its own) or of every
+        case from its name (``pattern``, see :func:`subject_from_name`), in one transaction: a case that
+        is not there, a bad subject or a name the pattern finds none in changes nothing. Returns what
+        was set. A case an adapter version was trained on never validates, whatever its subject
+        becomes, and neither does any case of its subject (``traindata``)."""
+        if (subjects is None) == (pattern is None):
+            raise DatastoreError("give either subjects by case or a pattern, not both")
+        with self._write() as db:
+            if pattern is not None:
+                rows = db.execute("SELECT id, name FROM cases ORDER BY imported_at, rowid").fetchall()
+                found = subjects_from_names([r["name"] for r in rows], pattern)
+                wanted: Dict[str, Optional[str]] = dict(zip([r["id"] for r in rows], found))
+            else:
+                wanted = {check_case_id(c): check_subject(s) for c, s in (subjects or {}).items()}
+                for case_id in wanted:
+                    self._case_row(db, case_id)
+            now = self._clock()
+            db.executemany(
+                "UPDATE cases SET subject = ?, updated_at = ? WHERE id = ?", [(s, now, c) for c, s in wanted.items()]
+            )
+        return wanted
 
     def get_case(self, case_id: str) -> CaseRecord:
         rows = self._read(_CASE_QUERY + " WHERE c.id = ?", (check_case_id(case_id),))

@@ -234,12 +234,14 @@ def _check_enough_labels(store_root: Path, label_value: Optional[int] = None) ->
     """Refuse at once what the worker would refuse after starting. With a label value, labels are read
     until two cases hold enough of it (usually the first two): the worker's refusal named no value."""
     from SegAssistLib.learning.datastore import Datastore
-    from SegAssistLib.learning.traindata import check_enough_cases, foreground, usable_cases
+    from SegAssistLib.learning.traindata import check_enough_cases, check_enough_subjects, foreground, usable_cases
     from SegAssistLib.training.data import MIN_TARGET_VOXELS
 
     with Datastore(store_root) as store:
         pairs = usable_cases(store)
         check_enough_cases(len(pairs))
+        ids = [case.id for case, _ in pairs]
+        check_enough_subjects(ids, store.subjects(ids))
         if label_value is None:
             return
         holding = 0

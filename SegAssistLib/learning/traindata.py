@@ -14,6 +14,14 @@ validate. So a promoted version was never trained on a case that now validates i
 (The incumbent is also re-scored on today's validation cases in the same run as the candidate,
 so the comparison is always like with like.)
 
+Subjects: cases of one patient (ACDC's two frames, follow-up scans, several series of a study) are
+near-duplicates, and one in training would inflate the validation Dice of the other. A case that
+names a subject (``Datastore.subjects``) draws its number from the subject's name instead, so all
+cases of a subject rank together and land on the same side; everything above holds with subjects in
+place of cases (``min_val``/``max_val`` count subjects, each held out with all its cases), and a
+subject with any case a stored version was trained on never validates. A case without a subject is
+its own subject, with the number it always had: a store without subjects splits as before.
+
 Torch-free at import (``active`` uses it); ``SegAssistLib.training`` is imported when training.
 """
 
@@ -21,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,6 +42,7 @@ if TYPE_CHECKING:
     from SegAssistLib.training.data import TrainCase
 
 HOLDOUT_SALT = "segassist-holdout-v1"
+SUBJECT_KEY = "subject:"  # before a subject's name in its key (an image's key is a hex content hash)
 TARGET = (1,)
 
 
@@ -53,6 +62,32 @@ def check_enough_cases(n_cases: int) -> None:
         )
 
 
+def subject_groups(
+    case_ids: Sequence[str], subjects: Optional[Mapping[str, Optional[str]]] = None
+) -> Dict[str, List[str]]:
+    """The cases by subject, in the order given: a subject's cases under ``subject:<name>`` (the
+    key its hold-out number is drawn from), a case without a subject alone under its id."""
+    groups: Dict[str, List[str]] = {}
+    for c in dict.fromkeys(case_ids):
+        subject = (subjects or {}).get(c)
+        groups.setdefault(SUBJECT_KEY + subject if subject is not None else c, []).append(c)
+    return groups
+
+
+def check_enough_subjects(
+    case_ids: Sequence[str], subjects: Optional[Mapping[str, Optional[str]]] = None
+) -> Dict[str, List[str]]:
+    """:func:`subject_groups`, refused unless there are two: one subject to learn from, one to validate on."""
+    groups = subject_groups(case_ids, subjects)
+    if len(groups) < 2 and case_ids:
+        raise TrainingError(
+            f"training needs labelled cases of at least 2 subjects (one to learn from, one to validate on): "
+            f"the {len(list(dict.fromkeys(case_ids)))} usable labelled cases all belong to subject "
+            f"{(subjects or {}).get(case_ids[0])!r}; submit a case of another subject"
+        )
+    return groups
+
+
 def holdout_split(
     case_ids: Sequence[str],
     fraction: float = 0.2,
@@ -60,36 +95,62 @@ def holdout_split(
     max_val: int = 8,
     keys: Optional[Mapping[str, str]] = None,
     trained_on: Iterable[str] = (),
+    subjects: Optional[Mapping[str, Optional[str]]] = None,
 ) -> Tuple[List[str], List[str]]:
     """``(training ids, validation ids)``, each in the order given. See the module docstring.
 
     ``keys``: what each case's number is drawn from (default: the id itself). ``trained_on``:
-    cases an earlier version learned from, never chosen to validate."""
+    cases an earlier version learned from, never chosen to validate, nor any case of their subjects.
+    ``subjects``: each case's subject (missing or None: its own); ``min_val`` and ``max_val`` count
+    subjects."""
     if not 0.0 <= fraction < 1.0:
         raise TrainingError(f"the validation fraction must be in [0, 1), got {fraction}")
     if min_val < 1 or max_val < min_val:
         raise TrainingError(f"need 1 <= min_val <= max_val, got {min_val}, {max_val}")
     ids = list(dict.fromkeys(case_ids))
     check_enough_cases(len(ids))
-    number = {c: holdout_number((keys or {}).get(c, c)) for c in ids}
+    subjects = subjects or {}
+    groups = check_enough_subjects(ids, subjects)
+    by_subject = any(subjects.get(c) is not None for c in ids)
+    # a case without a subject keeps the number it always had (from its key): the split is unchanged
+    number = {
+        g: holdout_number(g if subjects.get(members[0]) is not None else (keys or {}).get(g, g))
+        for g, members in groups.items()
+    }
     trained = set(trained_on)
-    ranked = [c for c in sorted(ids, key=lambda c: (number[c], c)) if c not in trained]
-    below = [c for c in ranked if number[c] < fraction][:max_val]
+    ranked = [
+        g for g in sorted(groups, key=lambda g: (number[g], min(groups[g])))
+        if not trained.intersection(groups[g])
+    ]  # fmt: skip
+    below = [g for g in ranked if number[g] < fraction][:max_val]
     n_val = max(len(below), min_val)
-    if n_val > len(ranked) and n_val < len(ids):
+    if n_val > len(ranked) and n_val < len(groups):
+        if not by_subject:
+            raise TrainingError(
+                f"{len(ids) - len(ranked)} of the {len(ids)} usable labelled cases were trained on by an earlier "
+                f"version, which would then validate its successor, and {len(ranked)} are left to validate on "
+                f"(at least {min_val}): submit {n_val - len(ranked)} more case(s)"
+            )
         raise TrainingError(
-            f"{len(ids) - len(ranked)} of the {len(ids)} usable labelled cases were trained on by an earlier "
-            f"version, which would then validate its successor, and {len(ranked)} are left to validate on "
-            f"(at least {min_val}): submit {n_val - len(ranked)} more case(s)"
+            f"{len(groups) - len(ranked)} of the {len(groups)} subjects of the {len(ids)} usable labelled cases "
+            f"have a case an earlier version was trained on, which would then validate its successor (the "
+            f"subject's other cases as near-duplicates of it), and {len(ranked)} are left to validate on (at "
+            f"least {min_val}): submit cases of {n_val - len(ranked)} more subject(s)"
         )
-    if n_val >= len(ids):
+    if n_val >= len(groups):
         # shrinking validation to leave one case to train on would train on a case that validates
         # once the store grows (the split would not be stable): wait for one more case instead
+        if not by_subject:
+            raise TrainingError(
+                f"all {len(ids)} usable labelled cases are held out for validation (at least {min_val}, and "
+                f"every case drawn below the validation fraction {fraction:g}): submit one more case to train on"
+            )
         raise TrainingError(
-            f"all {len(ids)} usable labelled cases are held out for validation (at least {min_val}, and "
-            f"every case drawn below the validation fraction {fraction:g}): submit one more case to train on"
+            f"all {len(groups)} subjects of the {len(ids)} usable labelled cases are held out for validation, "
+            f"each with all its cases (at least {min_val}, and every subject drawn below the validation fraction "
+            f"{fraction:g}): submit a case of one more subject to train on"
         )
-    val = set(ranked[:n_val])
+    val = {c for g in ranked[:n_val] for c in groups[g]}
     return [c for c in ids if c not in val], [c for c in ids if c in val]
 
 

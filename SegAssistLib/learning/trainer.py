@@ -3,7 +3,7 @@
 One run (:func:`run_training`):
 
 1. Read the submitted labels; split them into training and held-out validation cases
-   (deterministic and stable, see ``traindata``).
+   (deterministic and stable, a subject's cases on one side, see ``traindata``).
 2. Score the incumbent (the registry's current version, or the base model) on the held-out cases
    with simulated interactive sessions (see ``validation``).
 3. Build the candidate on a fresh copy of the base weights: a new adapter, or (``warm_start``) the
@@ -55,7 +55,7 @@ from SegAssistLib.learning.deploy import FULL, base_copy, save_full_version, ver
 from SegAssistLib.learning.loop_errors import TrainingError
 from SegAssistLib.learning.prompt_mix import DEFAULT_MIX, PromptMix, mix_from_logs
 from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord, version_label
-from SegAssistLib.learning.traindata import holdout_split, load_labelled, usable_cases
+from SegAssistLib.learning.traindata import holdout_split, load_labelled, subject_groups, usable_cases
 from SegAssistLib.learning.validation import ValidationResult, validate
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import TrainCase, sample_patch
@@ -173,6 +173,7 @@ class TrainingResult:
     incumbent: Optional[str] = None
     incumbent_dice: Optional[float] = None
     val_dice: Optional[float] = None
+    val_subjects: Optional[int] = None  # the subjects (patients) of the validation cases
     steps: int = 0
     train_seconds: float = 0.0
     total_seconds: float = 0.0
@@ -464,10 +465,12 @@ def run_training(
         base = load_checkpoint(checkpoint)
         pairs = usable_cases(store, cfg.label_value)
         trained_on = {c for version in registry.read().versions for c in version.train_cases}
+        subjects = store.subjects([c.id for c, _ in pairs])
         train_ids, val_ids = holdout_split(
             [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases,
-            keys={c.id: c.content_hash for c, _ in pairs}, trained_on=trained_on,
+            keys={c.id: c.content_hash for c, _ in pairs}, trained_on=trained_on, subjects=subjects,
         )
+        val_subjects = len(subject_groups(val_ids, subjects))
         by_id = {c.id: (c, lv) for c, lv in pairs}
         val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)
         train_cases = [lc.train_case() for lc in load_labelled(store, [by_id[i] for i in train_ids], cfg.label_value)]
@@ -476,7 +479,8 @@ def run_training(
         store.close()
     if not train_cases or not val_cases:
         raise TrainingError("training needs at least one training and one validation case")
-    status.update(force=True, train_cases=len(train_cases), val_cases=len(val_cases), prompt_mix=mix.to_dict())
+    status.update(force=True, train_cases=len(train_cases), val_cases=len(val_cases), val_subjects=val_subjects,
+                  prompt_mix=mix.to_dict())
 
     # the incumbent: the current version if it belongs to these base weights
     state = registry.read()
@@ -491,7 +495,8 @@ def run_training(
         engine.swap_network(version_network(base, registry, incumbent), f"incumbent {incumbent.id}")
     status.update(force=True, phase="validating incumbent", incumbent=version_label(incumbent))
     inc_val = validate(engine, val_cases, cfg.val_clicks, stop)
-    result = TrainingResult(state="cancelled", incumbent=version_label(incumbent), current=expected_current)
+    result = TrainingResult(state="cancelled", incumbent=version_label(incumbent), current=expected_current,
+                            val_subjects=val_subjects)
     if inc_val is None:
         return _finish(status, result, t_start, "cancelled before training")
     result.incumbent_dice = inc_val.dice
@@ -582,6 +587,7 @@ def run_training(
         "incumbent_dice": inc_val.dice,
         "train_cases": train_ids,
         "val_cases": val_ids,
+        "val_subjects": val_subjects,
         "steps": step,
         "config": cfg.to_dict(),
         "prompt_mix": mix.to_dict(),

@@ -66,8 +66,14 @@ def _learning(state: ServerState = Depends(get_state)) -> LearningState:
     return learning_or_404(state)
 
 
-def _case(record: CaseRecord) -> CaseInfo:
-    return CaseInfo(**record.to_dict())
+def _case(learning: LearningState, record: CaseRecord) -> CaseInfo:
+    """The case's reply with its subject (reads the store: call it in the thread pool, ``_call``)."""
+    return _cases(learning, [record])[0]
+
+
+def _cases(learning: LearningState, records: Sequence[CaseRecord]) -> List[CaseInfo]:
+    subjects = learning.store.subjects(r.id for r in records)
+    return [CaseInfo(**r.to_dict(), subject=subjects[r.id]) for r in records]
 
 
 def _hold_case_image(state: ServerState, learning: LearningState, case_id: str) -> Tuple[str, Volume]:
@@ -117,8 +123,8 @@ async def import_case(
     volume = await run_in_threadpool(state.images.get, body.image_id)
     if volume is None:
         raise ApiError(404, ErrorCode.IMAGE_NOT_FOUND, f"no image {body.image_id} on this server: upload it first")
-    record = await _call(lambda: learning.store.import_volume(volume, name=body.name, user=user, source="upload"))
-    return _case(record)
+    return await _call(lambda: _case(learning, learning.store.import_volume(
+        volume, name=body.name, user=user, source="upload", subject=body.subject)))  # fmt: skip
 
 
 @router.get("/cases", response_model=List[CaseInfo], summary="Cases in import order, optionally by status")
@@ -129,15 +135,14 @@ async def list_cases(
     learning: LearningState = Depends(_learning),
     user: str = Depends(current_user),
 ) -> List[CaseInfo]:
-    records = await _call(lambda: learning.store.list_cases(status=status, limit=limit, offset=offset))
-    return [_case(r) for r in records]
+    return await _call(lambda: _cases(learning, learning.store.list_cases(status=status, limit=limit, offset=offset)))
 
 
 @router.get("/cases/{case_id}", response_model=CaseInfo, summary="One case")
 async def get_case(
     case_id: str = CaseId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
 ) -> CaseInfo:
-    return _case(await _call(lambda: learning.store.get_case(case_id)))
+    return await _call(lambda: _case(learning, learning.store.get_case(case_id)))
 
 
 @router.get(
@@ -176,14 +181,14 @@ async def lock_case(
     user: str = Depends(current_user),
 ) -> CaseInfo:
     ttl = (body or LockRequest()).ttl_s
-    return _case(await _call(lambda: learning.store.lock(case_id, user, ttl_s=ttl)))
+    return await _call(lambda: _case(learning, learning.store.lock(case_id, user, ttl_s=ttl)))
 
 
 @router.delete("/cases/{case_id}/lock", response_model=CaseInfo, summary="Release the caller's lock")
 async def unlock_case(
     case_id: str = CaseId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
 ) -> CaseInfo:
-    return _case(await _call(lambda: learning.store.unlock(case_id, user)))
+    return await _call(lambda: _case(learning, learning.store.unlock(case_id, user)))
 
 
 @router.get("/cases/{case_id}/labels", response_model=List[LabelInfo], summary="The case's label versions")
@@ -382,7 +387,7 @@ async def _next_case(
 
     def build() -> NextCaseReply:
         return NextCaseReply(
-            case=_case(chosen.case), image_id=image_id, strategy=body.strategy, score=chosen.score.to_dict(),
+            case=_case(learning, chosen.case), image_id=image_id, strategy=body.strategy, score=chosen.score.to_dict(),
             proposal=_proposal_reply(chosen.proposal, codec) if chosen.proposal is not None else None,
         )  # fmt: skip
 
