@@ -1,9 +1,9 @@
 """In Slicer, a prompt log replays only on the volume node it was recorded for: shape and spacing, and
 (schema 1.3) origin and direction, so that a flipped or moved copy of the same scan (same shape, same
 spacing) is refused rather than prompted at the wrong anatomy, and the same scan stored in another
-voxel order (Slicer's copy of a left-handed file) gets the prompts moved onto the same anatomy. Real MRML scenes (slicer-core), the
-image a real NIfTI written by SimpleITK and read by Slicer's own storage node, the log written as
-``segassist segment --log`` writes it (the image's ITK geometry, LPS)."""
+voxel order (Slicer's copy of a left-handed file) gets the prompts moved onto the same anatomy. Real
+MRML scenes (slicer-core), the image a real NIfTI written by SimpleITK and read by Slicer's own
+storage node, the log written as ``segassist segment --log`` writes it (the image's ITK geometry, LPS)."""
 
 from __future__ import annotations
 
