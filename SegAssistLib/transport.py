@@ -18,6 +18,9 @@ Large uploads travel as a *frame*, one self-describing byte string::
 
     b"SGAF" | uint32 little-endian header length | UTF-8 JSON header | payload
 
+(the client sends the part before the payload and the payload one after the other,
+:func:`encode_frame_parts`, rather than joining them into a second copy of the compressed image).
+
 The JSON header holds the :class:`ArrayMeta` fields plus whatever else the sender adds (an
 image's spacing, origin and direction). Small arrays in JSON replies travel as base64 of the
 same compressed payload (see :class:`SegAssistLib.api_models.ArrayPayload`).
@@ -326,12 +329,17 @@ def decode_array(meta: ArrayMeta, payload: Buffer, max_voxels: Optional[int] = N
     return raw.view(np.dtype(meta.dtype)).reshape(meta.shape)
 
 
-def pack_frame(header: Dict[str, Any], payload: bytes) -> bytes:
-    """One byte string: magic, header length, JSON header, payload."""
+def frame_prefix(header: Dict[str, Any]) -> bytes:
+    """What comes before a frame's payload: magic, header length, JSON header."""
     head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(head) > MAX_HEADER_BYTES:
         raise TransportError(f"frame header is {len(head)} bytes, above {MAX_HEADER_BYTES}", "malformed_body")
-    return b"".join((FRAME_MAGIC, struct.pack("<I", len(head)), head, payload))
+    return b"".join((FRAME_MAGIC, struct.pack("<I", len(head)), head))
+
+
+def pack_frame(header: Dict[str, Any], payload: bytes) -> bytes:
+    """One byte string: magic, header length, JSON header, payload."""
+    return b"".join((frame_prefix(header), payload))
 
 
 def unpack_frame(data: Buffer) -> Tuple[Dict[str, Any], memoryview]:
@@ -356,12 +364,19 @@ def unpack_frame(data: Buffer) -> Tuple[Dict[str, Any], memoryview]:
     return header, view[8 + head_len :]
 
 
-def encode_frame(array: np.ndarray, extra: Optional[Dict[str, Any]] = None, **kwargs: Any) -> bytes:
-    """An array and extra header fields as one frame."""
+def encode_frame_parts(array: np.ndarray, extra: Optional[Dict[str, Any]] = None, **kwargs: Any) -> Tuple[bytes, bytes]:
+    """An array and extra header fields as a frame in two parts, its prefix (:func:`frame_prefix`)
+    and its compressed payload: the frame is ``prefix + payload``. A sender that sends the two one
+    after the other never holds the compressed array twice, as joining them would."""
     meta, payload = encode_array(array, **kwargs)
     header = dict(extra or {})
     header.update(meta.to_dict())
-    return pack_frame(header, payload)
+    return frame_prefix(header), payload
+
+
+def encode_frame(array: np.ndarray, extra: Optional[Dict[str, Any]] = None, **kwargs: Any) -> bytes:
+    """An array and extra header fields as one frame."""
+    return b"".join(encode_frame_parts(array, extra, **kwargs))
 
 
 def decode_frame(data: Buffer, max_voxels: Optional[int] = None) -> Tuple[Dict[str, Any], np.ndarray]:

@@ -176,3 +176,16 @@ def error_for(status: int, code: str, message: str, details: Optional[Dict[str, 
     """The typed exception for a server error reply."""
     cls = _BY_CODE.get(code) or _BY_STATUS.get(status) or (ServerError if status >= 500 else ServerReplyError)
     return cls(message, status=status, code=code, details=details)
+
+
+class ImageMismatchError(ClientError, ValueError):
+    """The volume given to :meth:`RemoteSession.recover` (or ``move_to``) is not the session's image:
+    its content hash (voxels and geometry, the server's image id) differs. Nothing was changed."""
+
+    code = "image_mismatch"
+
+
+class ImageLostError(ImageNotFoundError):
+    """:meth:`RemoteSession.recover` found the server without the session's image and the session
+    holds no copy of it (opened by image id, or attached by session id): call ``recover(volume=...)``
+    with that image. The session's prompts are kept, so that call brings the mask back."""

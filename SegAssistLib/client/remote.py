@@ -22,7 +22,7 @@ from SegAssistLib.client.session import RemoteSession, wire_prompt
 from SegAssistLib.engine.base import Capabilities, Engine
 from SegAssistLib.image import Volume
 from SegAssistLib.prompts import Prompt, parse_prompt
-from SegAssistLib.transport import available_codecs, encode_frame, wire_volume
+from SegAssistLib.transport import available_codecs, encode_frame_parts, wire_volume
 
 Progress = Callable[[int, int], None]
 _THREADED_COMPRESSION_BYTES = 16 * 1024 * 1024
@@ -117,18 +117,19 @@ class SegAssistClient(Engine):
         if refusal is not None:  # found before compressing and sending it
             raise PayloadTooLargeError(f"the image is too large: {refusal}", status=413, code="image_too_large")
         threads = -1 if vol.array.nbytes > _THREADED_COMPRESSION_BYTES else 0
-        frame = encode_frame(vol.array, header, codec=codec, threads=threads)
-        if len(frame) > limits.max_body_bytes:
+        # the frame's two parts, sent one after the other: joined, the compressed image would be held twice
+        prefix, payload = encode_frame_parts(vol.array, header, codec=codec, threads=threads)
+        size = len(prefix) + len(payload)
+        if size > limits.max_body_bytes:
             raise PayloadTooLargeError(
-                f"the image is {len(frame)} bytes compressed, above this server's limit of "
-                f"{limits.max_body_bytes} bytes",
+                f"the image is {size} bytes compressed, above this server's limit of {limits.max_body_bytes} bytes",
                 status=413,
                 code="body_too_large",
             )
         reply = self.http.json(
             "POST",
             f"{API_PREFIX}/images",
-            body=lambda: ProgressBody(frame, progress),
+            body=lambda: FrameBody(prefix, payload, progress),  # a fresh one for each attempt
             headers={"Content-Type": FRAME_MEDIA_TYPE},
             timeout=self.http.upload_timeout(),
         )
@@ -199,3 +200,28 @@ class SegAssistClient(Engine):
         # one of the user's session slots until it expired
         reply = self.http.json("POST", f"{API_PREFIX}/sessions", json=body, timeout=timeout, once=True)
         return SessionInfo.model_validate(reply)
+
+
+class FrameBody:
+    """An upload body made of a frame's prefix and its payload, read one after the other (never
+    joined). Like :class:`~SegAssistLib.client.http.ProgressBody`, which reads the payload, it has a
+    length (Content-Length is sent) and reports ``progress(sent, total)`` over the whole frame."""
+
+    def __init__(self, prefix: bytes, payload: bytes, progress: Optional[Progress] = None) -> None:
+        self._prefix = prefix
+        self._pos = 0
+        head = len(prefix)
+        report = None if progress is None else (lambda sent, total: progress(head + sent, head + total))
+        self._payload = ProgressBody(payload, report)
+        self.len = head + len(payload)
+
+    def __len__(self) -> int:
+        return self.len
+
+    def read(self, size: int = -1) -> bytes:
+        if self._pos < len(self._prefix) and size != 0:
+            end = len(self._prefix) if size is None or size < 0 else min(len(self._prefix), self._pos + size)
+            out = self._prefix[self._pos : end]
+            self._pos = end
+            return out
+        return self._payload.read(size)

@@ -6,7 +6,8 @@ for the whole mask (the two are equal; the tests check it).
 
 The session also remembers which prompts produced the current mask, so that after the server
 lost the session (restart, idle expiry) :meth:`RemoteSession.recover` opens a new one and
-replays them: the mask comes back, the undo history does not.
+replays them: the mask comes back, the undo history does not. A session opened by image id holds
+no copy of the image: if the server lost that too, ``recover(volume=...)`` sends it again.
 
 Lassos and wide scribbles travel as the slab they cover on their slice (:func:`wire_prompt`): a few
 hundred bytes of packed bits and an offset, never a volume. A thin scribble travels as drawn, so
@@ -24,21 +25,32 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 
 from SegAssistLib.api_models import API_PREFIX, MaskUpdateReply, SessionInfo
-from SegAssistLib.client.errors import ClientError, ProtocolError, SessionNotFoundError
+from SegAssistLib.client.errors import (
+    ClientError,
+    ImageConflictError,
+    ImageLostError,
+    ImageMismatchError,
+    ImageNotFoundError,
+    ProtocolError,
+    SessionNotFoundError,
+)
 from SegAssistLib.client.http import path_id
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
-from SegAssistLib.prompts import Prompt, PromptLog, ScribblePrompt, parse_prompt, to_slab
+from SegAssistLib.prompts import (
+    WIDE_SCRIBBLE_WIDTH,
+    Prompt,
+    PromptLog,
+    ScribblePrompt,
+    inside_image,
+    parse_prompt,
+    to_slab,
+)
+from SegAssistLib.transport import wire_volume
 
 if TYPE_CHECKING:
     from SegAssistLib.client.remote import SegAssistClient
-
-
-# Below this width the engine samples a scribble's polyline in the model's patch, as training draws
-# strokes (SegAssistLib.engine.encoding.to_patch_prompt); from it on, it draws the stroke's image
-# voxels, the same in points and in slab form.
-_THIN_SCRIBBLE_WIDTH = 2.0
 
 
 def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
@@ -60,7 +72,7 @@ def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
     if (
         isinstance(prompt, ScribblePrompt)
         and prompt.slab is None
-        and prompt.width < _THIN_SCRIBBLE_WIDTH
+        and prompt.width < WIDE_SCRIBBLE_WIDTH
         and _vertices_inside(prompt.points, shape_kji)
     ):
         return prompt
@@ -73,9 +85,8 @@ def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
 def _vertices_inside(points_ijk: Sequence[Sequence[float]], shape_kji: Sequence[int]) -> bool:
     """Whether every vertex lies in the image by the server's rule (voxel centres at integers, half
     a voxel of slack): a stroke that leaves it is sent as its slab, cropped to the image, as before."""
-    points = np.asarray(points_ijk, float).reshape(-1, 3)
-    upper = np.asarray(tuple(shape_kji)[::-1], float) - 0.5
-    return bool(np.all((points >= -0.5) & (points <= upper)))
+    points_kji = np.asarray(points_ijk, float).reshape(-1, 3)[:, ::-1]
+    return bool(inside_image(points_kji, shape_kji).all())
 
 
 class _History:
@@ -267,31 +278,103 @@ class RemoteSession(EngineSession):
 
     # ---- recovery --------------------------------------------------------------------------------
     @_one_at_a_time
-    def recover(self, progress: Optional[Callable[[int, int], None]] = None) -> RemoteSession:
+    def recover(
+        self,
+        progress: Optional[Callable[[int, int], None]] = None,
+        volume: Optional[Union[Volume, np.ndarray]] = None,
+    ) -> RemoteSession:
         """Open a new server session on the same image and replay the prompts of the current mask.
 
         Use it after :class:`SessionNotFoundError` (server restarted, session expired). The image
-        is uploaded again only if the server no longer holds it.
+        is uploaded again only if the server no longer holds it: the session's own volume (opened
+        with one), else ``volume``. A session opened by image id holds none; when the server lost
+        the image too, this raises :class:`ImageLostError` (an :class:`ImageNotFoundError`) and keeps
+        the session's prompts: call ``recover(volume=...)`` with the image to bring the mask back.
+        A ``volume`` other than the session's image (its content hash, of voxels and geometry, is
+        the image id) is refused with :class:`ImageMismatchError` before anything is sent or
+        changed; the right one is kept for later recoveries.
         """
+        vol = self._checked_volume(volume)
+        if vol is not None:
+            self._volume = vol
         prompts = self._history.current
         if self._out_of_sync:  # a change this client did not see: the server's prompts, if it still has them
             with contextlib.suppress(SessionNotFoundError):
                 prompts = list(self.prompt_log().prompts)
-        if self._volume is not None:
-            self.client.ensure_image(self._volume, progress)
-        info = self.client._create_session(self.image_id, prompts, self._modality)
+        # the session first, the upload only on 404: one round trip when the server holds the image,
+        # and an image the server dropped from its memory between a check and the open is sent again
+        try:
+            info = self.client._create_session(self.image_id, prompts, self._modality)
+        except ImageNotFoundError as exc:
+            if self._volume is None:
+                raise self._image_lost(exc, len(prompts)) from exc
+            with contextlib.suppress(ImageConflictError):  # held meanwhile, with another modality
+                self.client.upload_image(self._volume, progress)
+            info = self.client._create_session(self.image_id, prompts, self._modality)
+        # the new session exists: from here on this object is it (a failure of the mask's transfer
+        # below leaves it to be taken by the next call, as after a lost reply)
         self.info = info
         self._history = _History(prompts)
-        self._mask = self.fetch_result() if prompts else np.zeros(tuple(info.shape), np.uint8)
         self._closed = False
         self._out_of_sync = False
+        if not prompts:
+            self._mask = np.zeros(tuple(info.shape), np.uint8)
+            return self
+        try:
+            self._mask = self.fetch_result()
+        except BaseException:
+            self._lose_track()
+            raise
         return self
 
     @_one_at_a_time
-    def move_to(self, client: SegAssistClient, progress: Optional[Callable[[int, int], None]] = None) -> RemoteSession:
-        """Go on with another server (a local backend restarted, on a new port): :meth:`recover` there."""
+    def move_to(
+        self,
+        client: SegAssistClient,
+        progress: Optional[Callable[[int, int], None]] = None,
+        volume: Optional[Union[Volume, np.ndarray]] = None,
+    ) -> RemoteSession:
+        """Go on with another server (a local backend restarted, on a new port): :meth:`recover` there.
+
+        A ``volume`` that is not the session's image is refused before the session changes server."""
+        vol = self._checked_volume(volume)
         self.client = client
-        return self.recover(progress)
+        return self.recover(progress, vol)
+
+    def _checked_volume(self, volume: Optional[Union[Volume, np.ndarray]]) -> Optional[Volume]:
+        """``volume`` in wire form if it is the session's image (None stays None); else
+        :class:`ImageMismatchError` (the prompts are voxel positions in the session's image)."""
+        if volume is None:
+            return None
+        if volume is self._volume:
+            return self._volume  # the session's own, checked when it was opened
+        vol = wire_volume(volume)
+        image_id = vol.content_hash()
+        if image_id == self.image_id:
+            return vol
+        shape = tuple(int(n) for n in vol.array.shape)
+        how = (
+            f"its shape is {list(shape)}, the session's {list(self.shape)}"
+            if shape != self.shape
+            else "its voxels or geometry (spacing, origin, direction) differ"
+        )
+        raise ImageMismatchError(
+            f"the volume given is not this session's image ({how}): its id is {image_id}, the session's "
+            f"{self.image_id}. The session's prompts are positions in its own image, so they cannot be "
+            "replayed on another; pass the image the session was opened on (nothing was changed)"
+        )
+
+    def _image_lost(self, exc: ImageNotFoundError, n_prompts: int) -> ImageLostError:
+        kept = f"the session keeps its prompts ({n_prompts})" if n_prompts else "the session had no prompts"
+        return ImageLostError(
+            f"the server at {self.client.url} no longer holds this session's image {self.image_id} (it "
+            "restarted without a data directory, or dropped it), and this session has no copy to upload "
+            f"again (it was opened by image id, or attached by session id): call recover(volume=...) with "
+            f"that image; {kept}",
+            status=exc.status,
+            code=exc.code,
+            details=exc.details,
+        )
 
     # ---- internals -------------------------------------------------------------------------------
     def _mutate(self, op: str, body: Optional[dict] = None) -> MaskUpdate:
