@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayPayload, Shape3, Vec3
+from SegAssistLib.api_models import IMAGE_ID_PATTERN, SESSION_ID_PATTERN, ArrayPayload, ReplyModel, Shape3, Vec3
 
 #: How long a case stays locked to its annotator unless told otherwise: one default for the datastore, the
 #: server, the client and the command line (a work session; saving a draft renews nothing, locking again does).
@@ -40,10 +40,10 @@ AdapterKindName = Literal["lora", "salt", "full"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")  # requests: unknown fields refused (replies: ReplyModel)
 
 
-class CaseInfo(_Model):
+class CaseInfo(ReplyModel):
     """A case of the datastore (see ``SegAssistLib.learning.records.CaseRecord``)."""
 
     id: str
@@ -91,7 +91,7 @@ class SaveLabel(_Model):
     n_interactions: Optional[int] = Field(None, ge=0, le=MAX_INTERACTIONS)
 
 
-class LabelInfo(_Model):
+class LabelInfo(ReplyModel):
     id: str
     case_id: str
     version: int
@@ -142,7 +142,7 @@ class JobStatus(BaseModel):
     state: str
 
 
-class VersionList(_Model):
+class VersionList(ReplyModel):
     current: Optional[str] = Field(None, description="the version that answers; null: the base model")
     versions: List[Dict[str, Any]]
     events: List[Dict[str, Any]] = Field(default_factory=list)
@@ -152,11 +152,11 @@ class RollbackRequest(_Model):
     to: Optional[str] = Field(None, pattern=VERSION_ID_PATTERN, description="a version id, 'base', or one step back")
 
 
-class CurrentVersion(_Model):
+class CurrentVersion(ReplyModel):
     current: Optional[str]
 
 
-class LearningStatus(_Model):
+class LearningStatus(ReplyModel):
     cases: Dict[str, int]
     current_version: Optional[Dict[str, Any]] = None
     last_job: Optional[Dict[str, Any]] = None
@@ -175,7 +175,7 @@ class NextCaseRequest(_Model):
     max_candidates: int = Field(16, ge=1, le=256)
 
 
-class ProposalReply(_Model):
+class ProposalReply(ReplyModel):
     offset: Shape3 = Field(description="array order [k, j, i] of the mask box")
     shape: Shape3
     mask: Optional[ArrayPayload] = Field(None, description="uint8 box; null when the proposal is empty")
@@ -186,7 +186,7 @@ class ProposalReply(_Model):
     prompts: List[Dict[str, Any]]
 
 
-class NextCaseReply(_Model):
+class NextCaseReply(ReplyModel):
     case: CaseInfo
     image_id: str = Field(description="open a session on this image to annotate the case")
     strategy: Strategy

@@ -94,34 +94,43 @@ class ErrorCode:
 
 
 class _Model(BaseModel):
+    """Requests, and what a reader must understand whole (an array's encoding): unknown fields refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class ErrorBody(_Model):
+class ReplyModel(BaseModel):
+    """A server's reply: fields a newer server adds within the same API version (additive changes)
+    are ignored, so an older client (Slicer's, updated less often than a server) goes on working."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorBody(ReplyModel):
     status: int = Field(description="HTTP status, repeated for clients that only see the body")
     code: str = Field(description="machine-readable code, one of: " + ", ".join(ErrorCode.all()))
     message: str = Field(description="what went wrong and what to do about it")
     details: Optional[Dict[str, Any]] = None
 
 
-class ErrorReply(_Model):
+class ErrorReply(ReplyModel):
     error: ErrorBody
 
 
-class Health(_Model):
+class Health(ReplyModel):
     status: Literal["ok"] = "ok"
     version: str
     api_version: str = API_VERSION
 
 
-class ModelInfo(_Model):
+class ModelInfo(ReplyModel):
     name: str
     version: str
     licence: str
     description: str = ""
 
 
-class LimitsInfo(_Model):
+class LimitsInfo(ReplyModel):
     max_voxels: int
     max_axis: int
     max_body_bytes: int
@@ -132,7 +141,7 @@ class LimitsInfo(_Model):
     idle_timeout_s: float
 
 
-class ServerInfo(_Model):
+class ServerInfo(ReplyModel):
     version: str
     api_version: str = API_VERSION
     model: ModelInfo
@@ -188,7 +197,7 @@ class ImageHeader(_Model):
     )
 
 
-class StoredImage(_Model):
+class StoredImage(ReplyModel):
     image_id: str = Field(description="SHA-256 of voxels and geometry (Volume.content_hash)")
     shape: Shape3 = Field(description="array order [k, j, i]")
     dtype: str
@@ -239,7 +248,7 @@ class AddPrompt(_Model):
 SessionState = Literal["idle", "queued", "running"]
 
 
-class SessionInfo(_Model):
+class SessionInfo(ReplyModel):
     session_id: str
     image_id: str
     shape: Shape3
@@ -259,7 +268,7 @@ class SessionInfo(_Model):
     )
 
 
-class MaskUpdateReply(_Model):
+class MaskUpdateReply(ReplyModel):
     """The box of the mask that changed and its new voxels; ``mask`` is null when nothing changed."""
 
     session_id: str
@@ -284,7 +293,7 @@ class MaskUpdateReply(_Model):
         return {str(k): _jsonable(x) for k, x in dict(v or {}).items()}
 
 
-class ResultReply(_Model):
+class ResultReply(ReplyModel):
     session_id: str
     mask: ArrayPayload
     n_prompts: int
