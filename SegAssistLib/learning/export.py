@@ -3,7 +3,8 @@
 An MSD export is a folder ``imagesTr/<name>.nii.gz``, ``labelsTr/<name>.nii.gz`` (optionally
 ``segmentations/<name>.seg.nrrd``) and ``dataset.json``, written last: a folder without
 ``dataset.json`` is an interrupted export. ``dataset.json`` carries, beside the MSD keys, a
-``segassist`` section with each case's label version and provenance.
+``segassist`` section with each case's label version, provenance and subject (the patient, null
+when the case is its own: see ``Datastore.subjects``).
 
 File names come from case names, reduced to ``[A-Za-z0-9_-]`` (a case name may have come from a
 client) and made unique with the case id when two cases share a name.
@@ -120,6 +121,7 @@ def export_msd(
     if modality is None:
         modality = guess_modality(store.load_image(pairs[0][0].id))
     training, provenance = [], []
+    subjects = store.subjects([c.id for c, _ in pairs])  # a patient-level split downstream needs them
     values = set(range(1, len(label_names) + 1))  # every named label, and every value a label holds
     for done, (case, label) in enumerate(pairs, 1):
         stem = stems[case.id]
@@ -140,6 +142,7 @@ def export_msd(
                 "file": f"{stem}.nii.gz",
                 "case_id": case.id,
                 "case_name": case.name,
+                "subject": subjects[case.id],
                 "status": case.status.value,
                 "label_id": label.id,
                 "label_version": label.version,

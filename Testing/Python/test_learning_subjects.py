@@ -476,6 +476,19 @@ def test_a_training_run_validates_on_whole_subjects(tmp_path: Path):
     assert not set(result.version.train_cases) & set(held)
 
 
+def test_an_export_names_each_cases_subject(tmp_path: Path):
+    from SegAssistLib.learning.export import export_msd
+
+    store, cases = make_store(tmp_path / "store", n_labelled=3, n_new=0)
+    store.set_subjects({cases[0].id: "patient001", cases[1].id: "patient001"})
+    out = export_msd(store, tmp_path / "export", label_names=("object",), seg_nrrd=False)
+    store.close()
+    exported = json.loads((out / "dataset.json").read_text())["segassist"]["cases"]
+    assert {c["case_id"]: c["subject"] for c in exported} == {
+        cases[0].id: "patient001", cases[1].id: "patient001", cases[2].id: None,
+    }  # fmt: skip
+
+
 def test_a_store_of_one_subject_is_refused_before_a_training_process_starts(tmp_path: Path):
     from SegAssistLib.learning.jobs import list_jobs, start_training, training_running
 
