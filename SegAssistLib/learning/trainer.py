@@ -470,7 +470,8 @@ def run_training(
             [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases,
             keys={c.id: c.content_hash for c, _ in pairs}, trained_on=trained_on, subjects=subjects,
         )
-        val_subjects = len(subject_groups(val_ids, subjects))
+        val_groups = {c: key for key, members in subject_groups(val_ids, subjects).items() for c in members}
+        val_subjects = len(set(val_groups.values()))
         by_id = {c.id: (c, lv) for c, lv in pairs}
         val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)
         train_cases = [lc.train_case() for lc in load_labelled(store, [by_id[i] for i in train_ids], cfg.label_value)]
@@ -494,7 +495,7 @@ def run_training(
     if incumbent is not None:
         engine.swap_network(version_network(base, registry, incumbent), f"incumbent {incumbent.id}")
     status.update(force=True, phase="validating incumbent", incumbent=version_label(incumbent))
-    inc_val = validate(engine, val_cases, cfg.val_clicks, stop)
+    inc_val = validate(engine, val_cases, cfg.val_clicks, stop, val_groups)
     result = TrainingResult(state="cancelled", incumbent=version_label(incumbent), current=expected_current,
                             val_subjects=val_subjects)
     if inc_val is None:
@@ -537,7 +538,7 @@ def run_training(
         if due and cfg.time_budget_s - elapsed() - reserve > reserve:  # room for this and the final one
             engine.swap_network(candidate.network, "candidate")
             status.update(force=True, phase="validating")
-            last_val = validate(engine, val_cases, cfg.val_clicks, stop)
+            last_val = validate(engine, val_cases, cfg.val_clicks, stop, val_groups)
             candidate.network.train()
             if last_val is None:
                 cancelled = True
@@ -566,7 +567,7 @@ def run_training(
         )
     engine.swap_network(candidate.network, "candidate")
     status.update(force=True, phase="validating")
-    cand_val: Optional[ValidationResult] = validate(engine, val_cases, cfg.val_clicks, stop)
+    cand_val: Optional[ValidationResult] = validate(engine, val_cases, cfg.val_clicks, stop, val_groups)
     if cand_val is None:
         return _finish(status, result, t_start, "cancelled")
     result.val_dice = cand_val.dice

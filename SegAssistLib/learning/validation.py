@@ -6,14 +6,15 @@ refinement a user gets) with clicks from the evaluation's click simulator
 error). The score of a case is the mean Dice over its first ``n_clicks`` clicks, so a version
 wins both by a better first answer and by answering corrections better, which is what makes a
 case cost fewer clicks. A case the simulated annotator finishes early keeps its final Dice for
-the remaining clicks.
+the remaining clicks. With ``groups`` (each case's subject, the patient) a subject counts once,
+however many of its images are held out: the mean over subjects of their cases' mean.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def click_dice_curve(engine, case: LabelledCase, n_clicks: int = DEFAULT_VAL_CLI
 
 @dataclass
 class ValidationResult:
-    dice: float  # mean over cases of the mean Dice over clicks
+    dice: float  # mean over cases (over subjects, given groups) of the mean Dice over clicks
     per_case: Dict[str, List[float]] = field(default_factory=dict)
     first_click_dice: float = 0.0
     seconds: float = 0.0
@@ -69,18 +70,27 @@ def validate(
     cases: Sequence[LabelledCase],
     n_clicks: int = DEFAULT_VAL_CLICKS,
     should_stop: Optional[Callable[[], bool]] = None,
+    groups: Optional[Mapping[str, str]] = None,
 ) -> Optional[ValidationResult]:
-    """Score the engine's current network on the cases; ``None`` if ``should_stop`` interrupted it."""
+    """Score the engine's current network on the cases; ``None`` if ``should_stop`` interrupted it.
+    ``groups``: case id -> subject key; a subject weighs as much as a case of its own (see above)."""
     t0 = time.perf_counter()
     per_case: Dict[str, List[float]] = {}
     for case in cases:
         if should_stop is not None and should_stop():
             return None
         per_case[case.case.id] = click_dice_curve(engine, case, n_clicks)
-    curves = list(per_case.values())
     return ValidationResult(
-        dice=float(np.mean([np.mean(c) for c in curves])) if curves else 0.0,
+        dice=_mean_by_group({c: float(np.mean(curve)) for c, curve in per_case.items()}, groups),
         per_case=per_case,
-        first_click_dice=float(np.mean([c[0] for c in curves])) if curves else 0.0,
+        first_click_dice=_mean_by_group({c: curve[0] for c, curve in per_case.items()}, groups),
         seconds=time.perf_counter() - t0,
     )
+
+
+def _mean_by_group(scores: Mapping[str, float], groups: Optional[Mapping[str, str]]) -> float:
+    """The mean over groups of each group's mean score (a case without a group is its own)."""
+    by_group: Dict[str, List[float]] = {}
+    for case_id, score in scores.items():
+        by_group.setdefault((groups or {}).get(case_id, case_id), []).append(score)
+    return float(np.mean([np.mean(v) for v in by_group.values()])) if by_group else 0.0

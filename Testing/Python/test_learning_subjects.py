@@ -476,6 +476,30 @@ def test_a_training_run_validates_on_whole_subjects(tmp_path: Path):
     assert not set(result.version.train_cases) & set(held)
 
 
+def test_validation_weighs_each_subject_once():
+    """Two held-out frames of one patient and one image of another: the patient does not count twice."""
+    import tempfile
+
+    from SegAssistLib.engine.builtin import BuiltinEngine
+    from SegAssistLib.learning.traindata import load_labelled, usable_cases
+    from SegAssistLib.learning.validation import validate
+
+    with tempfile.TemporaryDirectory() as folder:
+        store, _ = make_store(Path(folder) / "store", n_labelled=3, n_new=0)
+        cases = load_labelled(store, usable_cases(store))
+        store.close()
+        engine = BuiltinEngine.from_checkpoint(make_checkpoint(Path(folder) / "tiny.pt"))
+        a, b, c = (case.case.id for case in cases)
+        plain = validate(engine, cases, n_clicks=2)
+        grouped = validate(engine, cases, n_clicks=2, groups={a: "subject:p1", b: "subject:p1"})
+    score = {k: float(np.mean(v)) for k, v in plain.per_case.items()}
+    assert grouped.per_case == plain.per_case  # the same sessions, only weighed otherwise
+    assert plain.dice == pytest.approx(np.mean([score[a], score[b], score[c]]))
+    assert grouped.dice == pytest.approx(np.mean([(score[a] + score[b]) / 2, score[c]]))
+    first = {k: v[0] for k, v in plain.per_case.items()}
+    assert grouped.first_click_dice == pytest.approx(np.mean([(first[a] + first[b]) / 2, first[c]]))
+
+
 def test_an_export_names_each_cases_subject(tmp_path: Path):
     from SegAssistLib.learning.export import export_msd
 
