@@ -9,12 +9,13 @@ it and every MRML write happens here, on the main thread, through
 
 One *object* at a time: the prompts placed on the selected segment since the last accept or
 reset. The segment's content when the first prompt is placed becomes the session's initial mask,
-so prompts refine what is there. Reset restores that content; accept keeps the result and starts
-a new object. With the editor's overwrite setting (by default: all segments) an answer takes its
-new voxels from other segments; undoing the prompt, or reset, gives them back
-(``object_writes.ObjectWrites``). Switching segment or volume, or editing the segment by other
-means (including the editor's own undo), accepts the current object; so does deactivating the
-effect, once the pending answers are in.
+so prompts refine what is there. Reset (and undo of the first prompt) restores that content
+exactly, on the segment's own grid; accept keeps the result and starts a new object. With the
+editor's overwrite setting (by default: all segments) an answer takes its new voxels from other
+segments; undoing the prompt, or reset, gives them back (``object_writes.ObjectWrites``).
+Switching segment or volume, editing the segment by other means (including the editor's own
+undo), or moving the volume or the segmentation (a transform changed), accepts the current
+object; so does deactivating the effect, once the pending answers are in.
 """
 
 import contextlib
@@ -44,7 +45,7 @@ try:  # needs the packages the SegAssist module installs (pydantic, ...): report
         prompt_points_ijk,
         resolve_key,
     )
-    from SegAssistLib.slicer.object_writes import ObjectWrites
+    from SegAssistLib.slicer.object_writes import ObjectWrites, PlacementChanged, PlacementWatch
     from SegAssistLib.slicer.segment_watch import SegmentChangeWatch
     from SegAssistLib.slicer.session_state import InteractiveSession, Op, PromptState, Request, describe_error
     from SegAssistLib.slicer.worker import BackgroundWorker
@@ -71,10 +72,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._timer: Optional[qt.QTimer] = None
         self._session = None
         self._binding: Optional[Tuple] = None  # (segmentation node, segment ID, source volume node)
-        self._baseline = None  # the segment when this object's first prompt was placed
         self._writes = None  # the object's writes, and the voxels they took from other segments
         self._overlays = {}
         self._watch = None  # ends the object when the segment changes outside SegAssist
+        self._placementWatch = None  # ends the object when the volume or the segmentation moves
         self._lastBusy = False
         self._errorText = ""
 
@@ -422,21 +423,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._endObject()
         segmentationNode, segmentId, volumeNode = binding
         volume = volumes.volume_from_node(volumeNode)
-        self._baseline = segments.segment_to_array(segmentationNode, segmentId, volumeNode)
-        worker = self._ensureWorker()
-        manager = shared_manager()
-        self._session = InteractiveSession(
-            manager.client, volume, self._baseline, worker.note, settings_generation=lambda: manager.generation
-        )
-        self._binding = binding
-        self._writes = ObjectWrites(
+        baseline = segments.segment_to_array(segmentationNode, segmentId, volumeNode)
+        writes = ObjectWrites(  # keeps the segment as it is now (its own voxels) for reset
             segmentationNode,
             segmentId,
             volumeNode,
             self._modifySelectedSegment,
             save_undo=lambda: self.scriptedEffect.saveStateForUndo(),  # the editor's undo: one step per answer
         )
+        worker = self._ensureWorker()
+        manager = shared_manager()
+        self._session = InteractiveSession(
+            manager.client, volume, baseline, worker.note, settings_generation=lambda: manager.generation
+        )
+        self._binding, self._writes = binding, writes
         self._watchSegment(segmentationNode, binding[1])
+        self._placementWatch = PlacementWatch(self._writes, self._onMoved)
 
     def _acceptObject(self) -> None:
         self._endObject("Accepted: the result stays in the segment; the next prompt starts a new object")
@@ -452,7 +454,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._session.abandon()
         self._worker.submit(None, self._session.close)
         self._startPolling()
-        self._session, self._baseline, self._binding, self._writes = None, None, None, None
+        self._session, self._binding, self._writes = None, None, None
         self._unwatchSegment()
         self._drawAllPrompts()
         if message:
@@ -462,10 +464,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._session is None:
             self._setStatus("Nothing to reset")
             return
-        binding, baseline, writes = self._binding, self._baseline, self._writes
+        binding, writes = self._binding, self._writes
         self._endObject()
         if self._alive(binding):
-            writes.reset(baseline)  # and gives back what the answers took from other segments
+            writes.reset()  # the segment as it was, on its own grid; and what the answers took from others
         self._setStatus("Reset: the segments are back to where this object started")
 
     def _submitRequest(self, op, prompt=None) -> None:
@@ -541,6 +543,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             with self._watch.writing() if self._watch is not None else contextlib.nullcontext():
                 depth = len(self._state.confirmed_prompts)
                 self._writes.apply(update, depth, undo=op is Op.UNDO)
+        except PlacementChanged as exc:  # the object is over; its message says so
+            self._endObject()
+            self._errorText = describe_error(exc)
         except Exception as exc:
             logging.exception("SegAssist: an answer could not be written into the segment")
             self._endObject()
@@ -575,11 +580,22 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._watch is not None:
             self._watch.stop()
         self._watch = None
+        if self._placementWatch is not None:
+            self._placementWatch.stop()
+        self._placementWatch = None
 
     def _onSegmentChangedOutside(self) -> None:
         if self._session is not None:
             # undo in the editor, another effect, a script: prompts would no longer match the segment
             self._endObject("The segment was changed outside SegAssist: the next prompt starts from it")
+
+    def _onMoved(self) -> None:
+        if self._session is not None:
+            # answers are on the volume's grid as it lay when the object started: they would land elsewhere
+            self._endObject(
+                "The volume or the segmentation moved (a transform changed): this object ended and what it "
+                "wrote stays; the next prompt starts a new object"
+            )
 
     # ---- display -------------------------------------------------------------------------------
     def _setStatus(self, text: str, error: bool = False) -> None:

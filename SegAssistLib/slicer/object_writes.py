@@ -7,17 +7,32 @@ write remembers, under the prompt count it leaves the object at, which voxels of
 segments it took: only inside the box it wrote, only segments that lost some, cropped to what they
 lost. Undo of that prompt and reset give them back (where the segment does not hold them then);
 redo writes the answer again, which takes them again. Qt-free: the effect passes the write itself.
+
+Reset, and an undo back to before the first prompt, put the segment back exactly as it was when the
+object started: a copy of its own labelmap, on its own grid, is kept from the start. Not the
+segment as read on the volume's grid (the model's starting mask): a segment kept on a finer grid
+than the volume (thin slices drawn on another series, an oversampled geometry, a rotated series)
+would come back with the detail between the volume's voxels lost.
+
+Answers are on the volume's grid and land in the segmentation where the volume lies when they are
+written: if the volume or the segmentation moves while the object is open (a parent transform
+changes, the volume's origin or spacing is edited), the model's masks no longer describe the
+segment there, so writes are refused (:class:`PlacementChanged`) and the object is over; what was
+written stays, and reset still restores the segment, which needs no volume. :class:`PlacementWatch`
+notices the move when it happens.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import slicer
+import vtk
 from vtk.util import numpy_support
 
 from SegAssistLib.engine.base import MaskUpdate
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.slicer import segments
 
 #: ``modify(add, remove, extent)``: add then remove voxels of the object's segment, limited to the
@@ -32,9 +47,83 @@ def _mask(image: slicer.vtkOrientedImageData) -> np.ndarray:
     return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni) > 0
 
 
+#: How much an entry of the volume's IJK-to-segmentation matrix (mm, mm per voxel step) may change
+#: before the volume counts as moved: far below any voxel, far above rounding.
+PLACEMENT_TOLERANCE = 1e-6
+
+
+class PlacementChanged(SegAssistError):
+    """The volume or the segmentation moved while an object was open: its answers are refused."""
+
+
+class _Snapshot(NamedTuple):
+    """A segment's own voxels: ``mask`` [k, j, i] (cropped to what it holds) at array ``offset`` of
+    ``grid`` (its labelmap's geometry, in the segmentation's frame; an empty segment: no voxel)."""
+
+    grid: slicer.vtkOrientedImageData
+    offset: Tuple[int, int, int]
+    mask: np.ndarray
+
+    def same(self, other: _Snapshot) -> bool:
+        """Whether both hold the same voxels of the same grid (both empty: the same)."""
+        if not self.mask.any() or not other.mask.any():
+            return not self.mask.any() and not other.mask.any()
+        return (
+            self._first_voxel() == other._first_voxel()
+            and _matrix(self.grid) == _matrix(other.grid)
+            and np.array_equal(self.mask, other.mask)
+        )
+
+    def _first_voxel(self) -> List[int]:
+        """The IJK index of the mask's first voxel on the grid."""
+        return [int(e) + int(o) for e, o in zip(self.grid.GetExtent()[::2], self.offset[::-1])]
+
+    def labelmap(self) -> slicer.vtkOrientedImageData:
+        """As a 0/1 labelmap on the grid (an empty segment: one empty voxel)."""
+        if not self.mask.size:
+            return segments.oriented_labelmap(np.zeros((1, 1, 1), np.uint8), self.grid)
+        return segments.oriented_labelmap(self.mask, self.grid, self.offset)
+
+
+def _matrix(grid: slicer.vtkOrientedImageData) -> List[float]:
+    matrix = vtk.vtkMatrix4x4()
+    grid.GetImageToWorldMatrix(matrix)
+    return [matrix.GetElement(r, c) for r in range(4) for c in range(4)]
+
+
+def _snapshot(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str) -> _Snapshot:
+    """The segment's own binary labelmap, copied (not resampled): its voxels of its label value only
+    (a shared layer holds other segments too), cropped to the box holding them."""
+    segmentation = segmentation_node.GetSegmentation()
+    segmentation.CreateRepresentation(segments.BINARY_LABELMAP)
+    labelmap = slicer.vtkOrientedImageData()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap, False
+    ):
+        raise SegAssistError(f"segment {segment_id!r} has no binary labelmap representation")
+    grid = slicer.vtkOrientedImageData()  # the geometry only
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    grid.SetImageToWorldMatrix(matrix)
+    grid.SetExtent(labelmap.GetExtent())
+    scalars = labelmap.GetPointData().GetScalars()
+    if labelmap.IsEmpty() or scalars is None:
+        return _Snapshot(grid, (0, 0, 0), np.zeros((0, 0, 0), bool))
+    ni, nj, nk = labelmap.GetDimensions()
+    label = segmentation.GetSegment(segment_id).GetLabelValue()
+    held = numpy_support.vtk_to_numpy(scalars).reshape(nk, nj, ni) == label
+    where = np.argwhere(held)
+    if not len(where):
+        return _Snapshot(grid, (0, 0, 0), np.zeros((0, 0, 0), bool))
+    lo, hi = where.min(0), where.max(0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return _Snapshot(grid, tuple(int(v) for v in lo), held[box].copy())
+
+
 class ObjectWrites:
     """The answers of one object written into its segment; what they took from other segments is
-    given back on undo of the prompt that took it and on :meth:`reset`.
+    given back on undo of the prompt that took it and on :meth:`reset`, and the segment itself comes
+    back as it was at the start (made when the object starts: the segment as it is then).
 
     ``save_undo()`` is called once before each change (the editor's ``saveStateForUndo``: one editor
     undo step holds the answer and the voxels given back).
@@ -54,18 +143,49 @@ class ObjectWrites:
         self._modify = modify
         self._save_undo = save_undo
         self._taken: Dict[int, List[_Taken]] = {}  # prompt count after the write -> what it took
+        self._start = _snapshot(segmentation_node, segment_id)  # the segment before the first prompt
+        self._placement = segments.volume_placement(volume_node, segmentation_node)
+        self._moved = False
 
     @property
     def taken_voxels(self) -> int:
         """How many voxels (of the segmentation's grid) are held to give back."""
         return sum(int(_mask(image).sum()) for records in self._taken.values() for _, image in records)
 
+    @property
+    def moved(self) -> bool:
+        """Whether the volume's grid lies elsewhere in the segmentation's frame than when the object
+        started (a parent transform of either node, or the volume's origin, spacing or directions,
+        changed; or they cannot be related any more). Once moved, always moved: the object is over."""
+        if not self._moved:
+            try:
+                now = segments.volume_placement(self.volume_node, self.segmentation_node)
+            except SegAssistError:  # a non-linear transform between them now
+                self._moved = True
+            else:
+                self._moved = not np.allclose(now, self._placement, rtol=0.0, atol=PLACEMENT_TOLERANCE)
+        return self._moved
+
     def apply(self, update: Optional[MaskUpdate], depth: int, undo: bool = False) -> None:
         """Write an answer that leaves the object at ``depth`` prompts in effect (after a prompt, a
-        redo, or with ``undo`` an undo; ``update`` None or empty: the segment does not change)."""
+        redo, or with ``undo`` an undo; ``update`` None or empty: the segment does not change). An
+        undo back to ``depth`` 0 puts the segment back exactly as it was at the start instead.
+
+        Raises :class:`PlacementChanged`, writing nothing, once the volume or the segmentation moved
+        (:attr:`moved`): the answer is on the volume's grid as it lay when the object started."""
+        if self.moved:
+            raise PlacementChanged(
+                f"volume {self.volume_node.GetName()!r} or segmentation {self.segmentation_node.GetName()!r} "
+                "moved while SegAssist was segmenting (a transform, or the volume's origin, spacing or "
+                "directions, changed): the answer would land in the wrong place, so it was not written and "
+                "this object ended; what was written stays, and the next prompt starts a new object"
+            )
         if not undo:  # a prompt or redo replaces what was done at this depth and above
             self._taken = {d: r for d, r in self._taken.items() if d < depth}
         back = self._pop_above(depth) if undo else []
+        if undo and depth <= 0:  # before the first prompt: the segment's own voxels, not the model's mask
+            self._restore(back)
+            return
         writes = update is not None and update.voxels.size > 0
         if not writes and not back:
             return
@@ -75,17 +195,25 @@ class ObjectWrites:
             self._write(update, depth)
         self._give_back(back)
 
-    def reset(self, baseline: np.ndarray) -> None:
-        """Put the segment back to ``baseline`` ([k, j, i] on the volume's grid) and give back every
-        voxel the object's answers took from other segments."""
-        current = segments.segment_to_array(self.segmentation_node, self.segment_id, self.volume_node)
-        update = MaskUpdate.between(current, baseline)
-        back = self._pop_above(-1)
-        if update.voxels.size == 0 and not back:
+    def reset(self) -> None:
+        """Put the segment back exactly as it was when the object started (its own voxels, on its own
+        grid) and give back every voxel the object's answers took from other segments. Needs no
+        volume: it works also after the volume or the segmentation moved."""
+        self._restore(self._pop_above(-1))
+
+    def _restore(self, back: List[_Taken]) -> None:
+        """The segment as at the start, then ``back`` given back: one undo step, none if nothing changes."""
+        node, sid = self.segmentation_node, self.segment_id
+        changed = not self._start.same(_snapshot(node, sid))
+        if not changed and not back:
             return
         self._save_undo()
-        if update.voxels.size:
-            self._write(update, None)
+        if changed:
+            # Replaces the segment's labelmap by the copy (on the grid it came from, so nothing is
+            # resampled); other segments keep theirs (a shared layer is split where they would overlap).
+            logic = slicer.vtkSlicerSegmentationsModuleLogic
+            if not logic.SetBinaryLabelmapToSegment(self._start.labelmap(), node, sid, logic.MODE_REPLACE):
+                raise SegAssistError(f"could not put segment {sid!r} back as it was")
         self._give_back(back)
 
     def _pop_above(self, depth: int) -> List[_Taken]:
@@ -93,16 +221,14 @@ class ObjectWrites:
         above = sorted((d for d in self._taken if d > depth), reverse=True)
         return [record for d in above for record in reversed(self._taken.pop(d))]
 
-    def _write(self, update: MaskUpdate, depth: Optional[int]) -> None:
+    def _write(self, update: MaskUpdate, depth: int) -> None:
         node, sid = self.segmentation_node, self.segment_id
         add, remove, extent = segments.update_labelmaps(update, node, self.volume_node, sid)
         adds = _mask(add)
         before: Dict[str, np.ndarray] = {}
-        if depth is not None and adds.any():  # only added voxels can be taken from another segment
+        if adds.any():  # only added voxels can be taken from another segment
             before = {other: had & adds for other, had in self._others_on(add).items() if (had & adds).any()}
         self._modify(add, remove, [int(e) for e in extent])
-        if depth is None:
-            return
         records = self._taken.setdefault(depth, [])
         after = self._others_on(add, only=set(before)) if before else {}
         for other, had in before.items():
@@ -162,6 +288,39 @@ class ObjectWrites:
             labelmap = segments.oriented_labelmap(free, image)
             extent = [int(e) for e in labelmap.GetExtent()]
             logic.ModifySegmentByLabelmap(node, other, labelmap, logic.ModificationModeAdd, extent, True, True)
+
+
+class PlacementWatch:
+    """Calls ``on_moved()`` once, the first time the object's volume or segmentation moves
+    (:attr:`ObjectWrites.moved`); then stops observing. :meth:`stop` ends the watch without a call.
+
+    Observes both nodes' ``TransformModifiedEvent`` (a parent transform, or one above it, changed or
+    was swapped) and ``ModifiedEvent`` (the volume's origin, spacing or directions set); each event
+    only compares two matrices, so renaming a node or the like costs nothing and counts for nothing.
+    """
+
+    def __init__(self, writes: ObjectWrites, on_moved: Callable[[], None]) -> None:
+        self._writes = writes
+        self._on_moved = on_moved
+        self._observed: List[Tuple[vtk.vtkObject, int]] = []
+        events = (slicer.vtkMRMLTransformableNode.TransformModifiedEvent, vtk.vtkCommand.ModifiedEvent)
+        for node in (writes.volume_node, writes.segmentation_node):
+            for event in events:
+                self._observed.append((node, node.AddObserver(event, self._onEvent)))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._observed)
+
+    def stop(self) -> None:
+        for node, tag in self._observed:
+            node.RemoveObserver(tag)
+        self._observed = []
+
+    def _onEvent(self, caller: object, event: str) -> None:
+        if self.active and self._writes.moved:
+            self.stop()
+            self._on_moved()
 
 
 def _plain_editor_logic(segmentation_node: slicer.vtkMRMLSegmentationNode) -> slicer.vtkSlicerSegmentEditorLogic:

@@ -7,7 +7,8 @@ this segment's label. Writes land on the segmentation's own reference geometry, 
 do: an answer on the volume's grid is resampled (nearest neighbour) onto it when the two differ (a
 segmentation made on another series, cropped, or oversampled), so the layer is never re-gridded and
 the other segments in it keep every voxel. Different parent transforms on the volume and the
-segmentation are accounted for (linear only).
+segmentation are accounted for (linear only), as they are at each call (:func:`volume_placement`;
+an interactive object records it and refuses to write once it changed, see ``object_writes``).
 
 The volume-to-segmentation matrix comes from ``vtkMRMLTransformNode.GetMatrixTransformBetweenNodes``,
 not from ``CreateOrientedImageDataFromVolumeNode`` or ``ExportSegmentsToLabelmapNode``: in slicer-core
@@ -93,6 +94,26 @@ def reference_geometry(
     image_data = reference_volume_node.GetImageData()
     if image_data is None:
         raise ImageError(f"volume {reference_volume_node.GetName()!r} has no image data")
+    geometry = slicer.vtkOrientedImageData()
+    geometry.SetExtent(image_data.GetExtent())
+    geometry.SetImageToWorldMatrix(_volume_to_segmentation_ijk(reference_volume_node, segmentation_node))
+    return geometry
+
+
+def volume_placement(
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+) -> np.ndarray:
+    """The 4x4 matrix from the volume's IJK to the segmentation node's frame: where each voxel of
+    the volume lands among the segment's voxels. It changes when a parent transform of either node,
+    or the volume's own placement (origin, spacing, directions), changes."""
+    return _numpy_matrix(_volume_to_segmentation_ijk(reference_volume_node, segmentation_node))
+
+
+def _volume_to_segmentation_ijk(
+    reference_volume_node: slicer.vtkMRMLVolumeNode,
+    segmentation_node: slicer.vtkMRMLSegmentationNode,
+) -> vtk.vtkMatrix4x4:
     volume_to_segmentation = vtk.vtkMatrix4x4()
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
         reference_volume_node.GetParentTransformNode(),
@@ -107,10 +128,7 @@ def reference_geometry(
     reference_volume_node.GetIJKToRASMatrix(ijk_to_ras)
     image_to_segmentation = vtk.vtkMatrix4x4()
     vtk.vtkMatrix4x4.Multiply4x4(volume_to_segmentation, ijk_to_ras, image_to_segmentation)
-    geometry = slicer.vtkOrientedImageData()
-    geometry.SetExtent(image_data.GetExtent())
-    geometry.SetImageToWorldMatrix(image_to_segmentation)
-    return geometry
+    return image_to_segmentation
 
 
 def _shape_kji(image: vtk.vtkImageData) -> Tuple[int, int, int]:

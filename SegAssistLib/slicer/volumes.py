@@ -16,7 +16,7 @@ import slicer.util
 import vtk
 
 from SegAssistLib.errors import ImageError, SegAssistError
-from SegAssistLib.image import Volume
+from SegAssistLib.image import ORTHONORMAL_TOLERANCE, Volume
 from SegAssistLib.slicer.scene import read_node_file, write_node_file
 
 #: Multiplying RAS coordinates by this gives LPS ones, and back (it is its own inverse).
@@ -71,12 +71,36 @@ def ijk_to_ras_from_volume(volume: Volume) -> np.ndarray:
     return RAS_TO_LPS @ lps
 
 
+def nearest_orthogonal(direction: np.ndarray) -> np.ndarray:
+    """``direction`` itself when its columns are orthonormal (within what :func:`~SegAssistLib.image.validate_image`
+    allows), else the orthogonal matrix nearest to it: the orthogonal factor of its polar decomposition
+    (``U @ Vt`` of its SVD), which keeps its handedness (a mirrored grid stays mirrored)."""
+    d = np.asarray(direction, float)
+    if np.abs(d.T @ d - np.eye(3)).max() <= ORTHONORMAL_TOLERANCE:
+        return d
+    u, _, vt = np.linalg.svd(d)
+    return u @ vt
+
+
 def volume_from_node(volume_node: slicer.vtkMRMLVolumeNode, world: bool = True) -> Volume:
     """A copy of the node's voxels with its geometry.
 
     With ``world`` (the default) the geometry is where the image is displayed: linear parent
     transforms are folded into spacing, origin and direction (the node itself is not changed).
     Without it, the geometry is the node's own, ignoring its transforms.
+
+    A :class:`Volume`'s grid is a rotated box (direction: a rotation, possibly mirrored), and a
+    sheared or anisotropically scaled transform (an affine registration) makes the world grid a
+    skewed one that no image file can hold: such a geometry is approximated by the nearest rotated
+    box, so the image can still be segmented. Spacing is the length of each world voxel step (the
+    world matrix's column norms: the true distance between neighbouring voxels along i, j and k,
+    what a model resamples by); origin is where voxel (0, 0, 0) is; direction is the orthogonal
+    matrix nearest to the unit world axes (:func:`nearest_orthogonal`, of the normalised columns, so
+    a thick-slice axis weighs no more than the others). :meth:`Volume.ijk_to_physical` then misses
+    the displayed position by the shear (a voxel's position, not which voxel it is): prompts and
+    answers go by the node's voxel indices, which the approximation does not touch, but physical
+    points must come from the node's matrices (:func:`ijk_to_ras_matrix`). A geometry that is a
+    rotated box already (rigid transforms) is returned exactly as composed.
     """
     if volume_node is None or volume_node.GetImageData() is None:
         raise ImageError("the volume node has no image data")
@@ -87,6 +111,7 @@ def volume_from_node(volume_node: slicer.vtkMRMLVolumeNode, world: bool = True) 
             "a single-component scalar volume is needed (extract one component first)"
         )
     spacing, origin, direction = geometry_from_ijk_to_ras(ijk_to_ras_matrix(volume_node, world=world))
+    direction = nearest_orthogonal(direction)
     return Volume(array=np.array(array, copy=True), spacing=spacing, origin=origin, direction=direction)
 
 

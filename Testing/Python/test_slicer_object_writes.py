@@ -1,20 +1,22 @@
 """An object's answers take voxels from other segments (the Segment Editor's default overwrite mode);
 reset and prompt undo give them back, redo takes them again. Real MRML (slicer-core), written
 through vtkSlicerSegmentEditorLogic as the effect writes through modifySelectedSegmentByLabelmap.
+A volume or segmentation that moves while the object is open (a transform changes) refuses the
+object's later answers, and reset still restores the segment.
 Also: a batch write into the segmentation the Segment Editor edits is one step of its undo."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from mrml_fixtures import add_volume, affine, random_volume
+from mrml_fixtures import add_linear_transform, add_volume, affine, random_volume
 
 from SegAssistLib.engine.base import MaskUpdate
 
 slicer = pytest.importorskip("slicer")
 
 from SegAssistLib.slicer import segments  # noqa: E402
-from SegAssistLib.slicer.object_writes import ObjectWrites  # noqa: E402
+from SegAssistLib.slicer.object_writes import ObjectWrites, PlacementChanged, PlacementWatch  # noqa: E402
 from SegAssistLib.slicer.scene import create_headless_scene  # noqa: E402
 
 SHAPE = (10, 12, 14)
@@ -26,15 +28,17 @@ def ctx():
         yield context
 
 
-def _setup(ctx, volume_spacing=1.0):
+def _setup(ctx, volume_spacing=1.0, parent=None, tumor=None):
     scene = ctx.scene
-    vol = add_volume(scene, random_volume(SHAPE), affine(np.eye(3) * volume_spacing, (0, 0, 0)), "v")
+    vol = add_volume(scene, random_volume(SHAPE), affine(np.eye(3) * volume_spacing, (0, 0, 0)), "v", parent)
     seg = segments.create_segmentation(scene, vol, "seg")
     segments.add_segment(seg, "tumor", segment_id="tumor")
     segments.add_segment(seg, "liver", segment_id="liver")
     liver = np.zeros(SHAPE, np.uint8)
     liver[2:8, 2:10, 2:12] = 1
     segments.array_to_segment(liver, seg, "liver", vol)
+    if tumor is not None:  # what the tumor holds when the object starts
+        segments.array_to_segment(tumor, seg, "tumor", vol)
     editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")  # Slicer's defaults: overwrite all
     assert editor_node.GetOverwriteMode() == slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments
     logic = slicer.vtkSlicerSegmentEditorLogic()
@@ -75,7 +79,7 @@ def test_reset_gives_back_what_the_answers_took(ctx, layers):
     assert np.array_equal(_read(seg, "liver", vol), liver & ~second)  # the editor took them
     assert writes.taken_voxels == int((liver & second).sum() + (spleen & second).sum())
 
-    writes.reset(baseline)
+    writes.reset()
     assert not _read(seg, "tumor", vol).any()
     assert np.array_equal(_read(seg, "liver", vol), liver)
     if layers == "separate":
@@ -116,7 +120,7 @@ def test_a_new_prompt_after_undo_forgets_the_undone_branch(ctx):
     c[6:8, 6:8, 6:8] = 1
     writes.apply(MaskUpdate.between(empty, c), depth=1)
     assert writes.taken_voxels == int(c.sum())
-    writes.reset(empty)
+    writes.reset()
     assert np.array_equal(_read(seg, "liver", vol), liver)
 
 
@@ -128,6 +132,89 @@ def test_nothing_is_held_when_the_editor_overwrites_nothing(ctx):
     writes.apply(MaskUpdate.between(_read(seg, "tumor", vol), a), depth=1)
     assert np.array_equal(_read(seg, "liver", vol), liver)
     assert writes.taken_voxels == 0
+
+
+def _move(transform, shift):
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(affine(np.eye(3), shift)))
+
+
+@pytest.mark.parametrize("undo", [False, True])
+def test_answers_after_the_volume_moved_are_refused_and_reset_still_restores(ctx, undo):
+    registration = add_linear_transform(ctx.scene, affine(np.eye(3), (0, 0, 0)), "registration")
+    start = np.zeros(SHAPE, np.uint8)
+    start[6:9, 6:9, 6:9] = 1
+    vol, seg, liver, writes, _ = _setup(ctx, parent=registration, tumor=start)  # the segmentation is not under it
+    first = start.copy()
+    first[5:11, 5:12, 5:13] = 1
+    writes.apply(MaskUpdate.between(start, first), depth=1)
+    assert not writes.moved
+    written = (_read(seg, "tumor", vol), _read(seg, "liver", vol))
+
+    _move(registration, (4, 0, 0))  # the user nudges the registration while the object is open
+    assert writes.moved
+    second = first.copy()
+    second[5:10, 5:10, 12:14] = 1
+    update = MaskUpdate.between(second, first) if undo else MaskUpdate.between(first, second)
+    with pytest.raises(PlacementChanged, match="moved"):
+        writes.apply(update, depth=1 if undo else 2, undo=undo)
+    _move(registration, (0, 0, 0))  # back where it was: the object stays over
+    assert writes.moved
+    with pytest.raises(PlacementChanged):
+        writes.apply(update, depth=2)
+    assert np.array_equal(_read(seg, "tumor", vol), written[0])  # nothing written, nothing lost
+    assert np.array_equal(_read(seg, "liver", vol), written[1])
+
+    _move(registration, (-3, 2, 0))
+    writes.reset()  # the segment's own voxels: wherever the volume lies now
+    _move(registration, (0, 0, 0))
+    assert np.array_equal(_read(seg, "tumor", vol), start)
+    assert np.array_equal(_read(seg, "liver", vol), liver)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["volume transform", "outer transform", "segmentation transform", "volume origin", "nothing: both move together"],
+)
+def test_placement_watch_notices_a_move_once(ctx, change):
+    outer = add_linear_transform(ctx.scene, affine(np.eye(3), (0, 0, 0)), "outer")
+    inner = add_linear_transform(ctx.scene, affine(np.eye(3), (0, 0, 0)), "inner", outer)
+    vol, seg, _, writes, _ = _setup(ctx, parent=inner)
+    calls = []
+    watch = PlacementWatch(writes, lambda: calls.append(writes.moved))
+    vol.SetName("renamed")  # fires ModifiedEvent: no move
+    seg.SetAndObserveTransformNodeID(outer.GetID())
+    seg.SetAndObserveTransformNodeID(None)  # swapped and back: where it was
+    _move(ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode"), (9, 9, 9))  # an unrelated transform
+    assert calls == [] and watch.active
+    if change == "volume transform":
+        _move(inner, (0, 2.5, 0))
+    elif change == "outer transform":
+        _move(outer, (0, 0, -1))
+    elif change == "segmentation transform":
+        own = add_linear_transform(ctx.scene, affine(np.eye(3), (0, 0, 0)), "own")
+        seg.SetAndObserveTransformNodeID(own.GetID())  # under an identity: still where it was
+        assert calls == []
+        _move(own, (1, 0, 0))
+    elif change == "nothing: both move together":
+        seg.SetAndObserveTransformNodeID(inner.GetID())
+        _move(outer, (5, 0, 0))
+        _move(inner, (0, 5, 0))
+        assert calls == [] and watch.active and not writes.moved
+        return
+    else:
+        vol.SetOrigin(0.5, 0, 0)
+    assert calls == [True] and not watch.active
+    _move(outer, (7, 7, 7))  # stopped: no second call
+    assert calls == [True]
+
+
+def test_a_stopped_placement_watch_stays_silent(ctx):
+    registration = add_linear_transform(ctx.scene, affine(np.eye(3), (0, 0, 0)), "registration")
+    _, _, _, writes, _ = _setup(ctx, parent=registration)
+    calls = []
+    PlacementWatch(writes, lambda: calls.append(1)).stop()
+    _move(registration, (3, 0, 0))
+    assert calls == [] and writes.moved
 
 
 class _Editor:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from mrml_fixtures import (
+    add_linear_transform,
     add_nested_oblique_volume,
     add_volume,
+    affine,
     local_ijk_to_ras,
     oblique_ijk_to_ras,
     random_volume,
@@ -15,7 +17,7 @@ from mrml_fixtures import (
 )
 
 from SegAssistLib.errors import ImageError, SegAssistError
-from SegAssistLib.image import Volume
+from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.io import load_volume, volume_to_sitk
 
 slicer = pytest.importorskip("slicer")
@@ -59,6 +61,44 @@ def test_oblique_transformed_volume_round_trips_exactly(ctx):
     assert np.allclose(local_ijk_to_ras(again), local_ijk_to_ras(node), atol=1e-9)
     assert np.allclose(world_image_geometry(again), world, atol=1e-9)
     assert np.array_equal(slicer.util.arrayFromVolume(again), array)
+
+
+def test_rigid_transforms_give_the_composed_geometry_exactly(ctx):
+    node, _ = _transformed_oblique_volume(ctx)  # rotations and shifts only
+    volume = volumes.volume_from_node(node)
+    spacing, origin, direction = volumes.geometry_from_ijk_to_ras(volumes.ijk_to_ras_matrix(node))
+    assert volume.spacing == spacing and volume.origin == origin
+    assert np.array_equal(volume.direction, direction)  # not re-orthonormalised: bit for bit
+    validate_image(volume)
+
+
+#: An affine registration's result: a little shear and anisotropic scale.
+SHEARED = np.array([[1.04, 0.03, 0.0], [0.0, 0.97, 0.02], [0.01, 0.0, 1.01]])
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_a_sheared_or_scaled_transform_gives_a_volume_that_can_be_segmented(ctx, mirrored):
+    linear = SHEARED @ np.diag([1.0, 1.0, -1.0]) if mirrored else SHEARED
+    registration = add_linear_transform(ctx.scene, affine(linear, (3, -2, 1)), "affine registration")
+    array = random_volume((20, 24, 28))
+    node = add_volume(ctx.scene, array, oblique_ijk_to_ras(), "followup", parent=registration)
+    world = world_image_geometry(node)  # Slicer's own composition: a skewed grid
+    volume = volumes.volume_from_node(node)
+
+    validate_image(volume)  # refused before ("image direction must be a rotation")
+    assert np.array_equal(volume.array, array)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ world[:3, :3]
+    assert np.allclose(volume.spacing, np.linalg.norm(lps, axis=0), rtol=0, atol=1e-12)  # world voxel steps
+    assert np.allclose(volume.ijk_to_physical((0, 0, 0)), world[:3, 3] * [-1, -1, 1], atol=1e-12)
+    d = volume.direction
+    assert np.allclose(d.T @ d, np.eye(3), atol=1e-12)
+    assert np.sign(np.linalg.det(d)) == np.sign(np.linalg.det(lps))  # a mirrored grid stays mirrored
+    unit = lps / np.linalg.norm(lps, axis=0)
+    assert np.abs(d - unit).max() < 0.05  # the nearest rotation: off by about the shear
+    assert np.abs(d - unit).max() > 1e-3  # (which is there)
+    # The geometry a model sees is a box near the displayed one: a far corner within a voxel or two.
+    corner = np.array([27.0, 23.0, 19.0])
+    assert np.linalg.norm(volume.ijk_to_physical(corner) - (world @ np.append(corner, 1))[:3] * [-1, -1, 1]) < 3.0
 
 
 def test_local_geometry_ignores_transforms_and_hardening_matches_world(ctx):
