@@ -45,6 +45,8 @@ def dice_curves(
     from matplotlib import ticker
 
     protocols = [p for p in protocols if any((p, e) in curves for e in engines)]
+    hd95 = np.array([v for s in curves.values() for v in s.hd95_median_curve if v is not None], float)
+    log_hd95 = bool(np.any(np.isfinite(hd95) & (hd95 > 0)))  # all 0 (every answer exact) or none: linear
     fig, axes = plt.subplots(2, len(protocols), figsize=(4.2 * len(protocols), 6.4), squeeze=False, sharey="row")
     for col, protocol in enumerate(protocols):
         top, bottom = axes[0, col], axes[1, col]
@@ -73,10 +75,11 @@ def dice_curves(
         top.set_title(protocol)
         top.set_ylim(0, 1)
         bottom.set_xlabel("interaction" if protocol == "clicks" else "interaction (then clicks)")
-        bottom.set_yscale("log")
-        bottom.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        bottom.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        bottom.yaxis.set_minor_formatter(ticker.NullFormatter())
+        if log_hd95:
+            bottom.set_yscale("log")
+            bottom.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            bottom.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            bottom.yaxis.set_minor_formatter(ticker.NullFormatter())
         if col == 0:
             top.set_ylabel("Dice (mean, 95 % CI)")
             bottom.set_ylabel("HD95 mm (median)")

@@ -274,6 +274,7 @@ def _synthetic(folder, names=("a", "b", "c"), channels: int = 0):
     return folder
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # the plots too: HD95 all 0 there, no log scale to fail
 def test_the_report_of_a_dataset_of_4d_images_replays_the_gallery_on_the_case_channel(tmp_path, capsys):
     """The gallery reloaded each image without its channel: results.json written, then "image is 4D"."""
     from SegAssistLib.cli import main
