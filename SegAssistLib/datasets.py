@@ -13,17 +13,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from SegAssistLib.errors import SegAssistError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def dataset_labels(folder: Path) -> Dict[int, str]:
-    """The named, numeric, non-background labels of a dataset folder's ``dataset.json``, by id;
-    SegAssistError naming the file when it is missing, not JSON, or names none."""
-    path = Path(folder) / "dataset.json"
+def _label_entries(path: Path) -> Dict[Tuple[int, ...], str]:
+    """The named, non-background entries of ``dataset.json``'s ``labels`` by label ids, in the file's order:
+    MSD's ``{"1": "liver"}`` and nnU-Net v2's ``{"liver": 1}`` are ``(1,)``; an nnU-Net v2 region
+    (region-based training, ``{"whole tumour": [1, 2, 3]}``) is the union ``(1, 2, 3)``. Entries of
+    neither kind (a note, per-case labels) and nnU-Net's ``"ignore"`` label are passed over; the first
+    name of the same ids is kept."""
     if not path.is_file():
         raise SegAssistError(f"{path} not found: pass --labels")
     try:
@@ -31,11 +33,55 @@ def dataset_labels(folder: Path) -> Dict[int, str]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
         raise SegAssistError(f"{path} is not a dataset.json (a JSON object with 'labels'): {exc}") from exc
     if not isinstance(labels, dict):
-        raise SegAssistError(f"{path}: 'labels' must map label ids to names")
-    out = {int(k): v for k, v in labels.items() if k.isascii() and k.isdigit() and int(k) > 0 and isinstance(v, str)}
-    if not out:
+        raise SegAssistError(f"{path}: 'labels' must map label ids to names (MSD) or names to label values (nnU-Net)")
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    out: Dict[Tuple[int, ...], str] = {}
+    for key, value in labels.items():
+        if key.isascii() and key.isdigit() and isinstance(value, str):  # MSD: id -> name
+            ids, name = (int(key),), value
+        elif whole(value):  # nnU-Net v2: name -> value ("ignore": voxels left unannotated, no structure)
+            if key == "ignore":
+                continue
+            ids, name = (int(value),), key
+        elif isinstance(value, list):  # nnU-Net v2 region: name -> the values it unites
+            if not value or not all(whole(v) and v >= 0 for v in value):
+                raise SegAssistError(f"{path}: label {key!r} is {json.dumps(value)}: an nnU-Net region lists "
+                                     "label values (whole numbers, 0 or more), e.g. [1, 2, 3]")
+            ids, name = tuple(sorted({int(v) for v in value if v > 0})), key
+        else:
+            continue
+        if ids and min(ids) > 0 and ids not in out:
+            out[ids] = name
+    return out
+
+
+def dataset_targets(folder: Path) -> Dict[Tuple[int, ...], str]:
+    """The named, non-background targets of a dataset folder's ``dataset.json`` by label ids: each label
+    (MSD's ``{"1": "liver"}`` or nnU-Net v2's ``{"liver": 1}``) by id, then each nnU-Net region
+    (``{"whole tumour": [1, 2, 3]}``) as the union of its labels, in the file's order; SegAssistError
+    naming the file when it is missing, not JSON, names none, or holds a region that lists no label values."""
+    path = Path(folder) / "dataset.json"
+    entries = _label_entries(path)
+    if not entries:
         raise SegAssistError(f"{path} names no numeric labels at its top level: pass --labels")
-    return dict(sorted(out.items()))
+    singles = sorted((ids, name) for ids, name in entries.items() if len(ids) == 1)
+    return {**dict(singles), **{ids: name for ids, name in entries.items() if len(ids) > 1}}
+
+
+def dataset_labels(folder: Path) -> Dict[int, str]:
+    """The named, numeric, non-background labels of a dataset folder's ``dataset.json``, by id (MSD's
+    ``{"1": "liver"}`` or nnU-Net v2's ``{"liver": 1}``; nnU-Net regions are :func:`dataset_targets`');
+    SegAssistError naming the file when it is missing, not JSON, or names none."""
+    path = Path(folder) / "dataset.json"
+    targets = dataset_targets(folder)
+    out = {ids[0]: name for ids, name in targets.items() if len(ids) == 1}
+    if not out:
+        regions = ", ".join(f"{'+'.join(map(str, ids))} ({name})" for ids, name in targets.items())
+        raise SegAssistError(f"{path} names only nnU-Net regions, {regions}: pass them as --labels")
+    return out
 
 
 def default_data_root() -> Path:
@@ -91,6 +137,7 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
         if stem is not None and not path.name.startswith("."):
             labels[stem] = path
     cases = []
+    channels = set()  # of the labelled cases' per-channel files (case_0000.nii.gz)
     for path in sorted(images_dir.iterdir()):
         stem = _strip_suffix(path.name)
         if stem is None or path.name.startswith("."):
@@ -98,11 +145,16 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
         match = re.match(r"^(.*)_(\d{4})$", stem)
         inside = channel
         if match and match.group(1) in labels:
+            channels.add(int(match.group(2)))
             if int(match.group(2)) != channel:
                 continue
             stem, inside = match.group(1), None
         if stem in labels:
             cases.append(Case(root.name, stem, path, labels[stem], inside))
+    if not cases and channels:  # not "no cases": the channel asked for is not there
+        names = ", ".join(str(c) for c in sorted(channels))
+        raise SegAssistError(f"channel {channel} does not exist in {root}: its images have channel"
+                             f"{'s' if len(channels) > 1 else ''} {names} (imagesTr/<case>_{min(channels):04d}...)")
     return cases
 
 

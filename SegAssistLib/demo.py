@@ -23,7 +23,7 @@ from SegAssistLib.cli_types import non_negative_int
 from SegAssistLib.datasets import REPO_ROOT
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
-from SegAssistLib.evaluation.runner import label_grid_problem
+from SegAssistLib.evaluation.runner import label_on_image_grid
 from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_prompt
 from SegAssistLib.files import atomic_write, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
@@ -106,8 +106,8 @@ def run_demo(
 
     check_output_folder(out, overwrite)  # before the model runs, not after
     volume = load_volume(image, channel=channel)
-    labels = load_mask(label)
-    problem = label_grid_problem(label, labels, volume)  # the check of segassist eval: Dice of a moved label lies
+    # the check of segassist eval (Dice of a moved label lies); a label stored with an axis reversed is turned back
+    labels, problem = label_on_image_grid(label, load_mask(label), volume)
     if problem:
         raise SegAssistError(f"label {label}: {problem}")
     target = np.isin(labels, label_values)

@@ -35,7 +35,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from SegAssistLib.datasets import Case, dataset_labels, list_cases, split_cases
+from SegAssistLib.datasets import Case, dataset_targets, list_cases, split_cases
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
@@ -43,6 +43,7 @@ from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.files import atomic_write_bytes
 from SegAssistLib.image import Volume, geometry_difference
 from SegAssistLib.io import load_mask, load_volume, read_geometry
+from SegAssistLib.prompt_mirror import mirrored_axes
 from SegAssistLib.prompts import Prompt, dumps_prompt
 
 PROTOCOLS = ("clicks", "box+clicks", "scribble+clicks")
@@ -100,21 +101,23 @@ def target_name(target: Target) -> str:
 
 
 def default_targets(dataset_dir: Path) -> List[Target]:
-    """Every numeric, non-background label of ``dataset.json``."""
-    return [(i,) for i in dataset_labels(dataset_dir)]
+    """Every named, non-background label of ``dataset.json`` (MSD's or nnU-Net v2's layout), and each
+    nnU-Net region as the union of its labels (see :func:`~SegAssistLib.datasets.dataset_targets`)."""
+    return list(dataset_targets(dataset_dir))
 
 
 def check_targets(dataset_dir: Union[str, Path], targets: Sequence[Target]) -> None:
     """Refuse, before any engine loads, a target label that the folder's ``dataset.json`` does not name
-    (a typo once gave empty results, or with another label dropped it case by case). Nothing is checked
-    where ``dataset.json`` is missing or names no numeric labels at its top level (per-case labels)."""
+    (a typo once gave empty results, or with another label dropped it case by case); a label named only
+    inside an nnU-Net region is known. Nothing is checked where ``dataset.json`` is missing or names no
+    numeric labels at its top level (per-case labels)."""
     try:
-        named = dataset_labels(Path(dataset_dir))
+        named = dataset_targets(Path(dataset_dir))
     except SegAssistError:
         return
-    unknown = sorted({i for target in targets for i in target} - set(named))
+    unknown = sorted({i for target in targets for i in target} - {i for ids in named for i in ids})
     if unknown:
-        labels = ", ".join(f"{i} ({name})" for i, name in named.items())
+        labels = ", ".join(f"{target_name(ids)} ({name})" for ids, name in named.items())
         raise SegAssistError(f"--labels: label{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} "
                              f"not in {Path(dataset_dir) / 'dataset.json'}, which has {labels}")
 
@@ -405,7 +408,8 @@ def warm_up(engines: Sequence[Engine], volume: Volume, masks: Sequence[np.ndarra
 def label_grid_problem(label: Union[str, Path], labels: np.ndarray, volume: Volume) -> Optional[str]:
     """Why the label map ``labels`` read from the file ``label`` is not on ``volume``'s grid (None:
     it is). A same-shaped label elsewhere, a flipped axis, would make every Dice wrong; nothing is
-    resampled or reoriented."""
+    resampled or reoriented. Strict: a label that holds the image's voxels in reverse order along
+    some axes is a problem here too; :func:`label_on_image_grid` takes it, reversed back."""
     if labels.shape != volume.array.shape:
         return f"label grid {labels.shape} differs from image grid {volume.array.shape}"
     moved = geometry_difference(read_geometry(label), volume)
@@ -414,12 +418,30 @@ def label_grid_problem(label: Union[str, Path], labels: np.ndarray, volume: Volu
     return None
 
 
+def label_on_image_grid(
+    label: Union[str, Path], labels: np.ndarray, volume: Volume
+) -> Tuple[np.ndarray, Optional[str]]:
+    """The label map ``labels`` read from the file ``label`` on ``volume``'s grid, and why it cannot be
+    (None: it is). A label stored with some axes in reverse order, every voxel at the same place in
+    space (a DICOM series and a NIfTI label written from it with j reversed: direction diag(1, -1, 1),
+    origin at the other end), is reversed back along those axes; any other grid is refused with
+    :func:`label_grid_problem`'s reason, and the array is returned as read."""
+    problem = label_grid_problem(label, labels, volume)
+    if problem is None or labels.shape != volume.array.shape:
+        return labels, problem
+    there = read_geometry(label)
+    flips = mirrored_axes(volume.shape_ijk, there.spacing, there.origin, there.direction,
+                          volume.spacing, volume.origin, volume.direction)  # fmt: skip
+    if flips is None:
+        return labels, problem
+    return np.ascontiguousarray(np.flip(labels, axis=tuple(a for a in range(3) if flips[a]))), None
+
+
 def load_case(case: Case) -> Tuple[Volume, np.ndarray]:
-    """A case's image and label map; SegAssistError when the label is not on the image's grid (see
-    :func:`label_grid_problem`)."""
+    """A case's image and label map on the image's grid (reversed along an axis the label file stores
+    in reverse order, see :func:`label_on_image_grid`); SegAssistError when the label is on another grid."""
     volume = load_volume(case.image, channel=case.channel)
-    labels = load_mask(case.label)
-    problem = label_grid_problem(case.label, labels, volume)
+    labels, problem = label_on_image_grid(case.label, load_mask(case.label), volume)
     if problem:
         raise SegAssistError(f"{case.name}: {problem}")
     return volume, labels

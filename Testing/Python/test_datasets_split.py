@@ -4,6 +4,7 @@ score on the model's own training cases would have been reported as held out).""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,94 @@ def test_labels_of_a_dataset_json_and_targets_given_twice(tmp_path):
     (tmp_path / "dataset.json").write_text('{"labels": {"0": "background", "2": "b", "10": "j", "1": "a", "x": "y"}}')
     assert dataset_labels(tmp_path) == {1: "a", 2: "b", 10: "j"}
     assert parse_targets("2,2,1+2,2+1") == [(2,), (1, 2)]  # each once: a repeat counted twice in the summary
+
+
+def _channel_files(folder: Path, cases: dict) -> Path:
+    """Files of ``imagesTr/<case>_<channel>.nii.gz`` (empty: only their names are read) and labels."""
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    for case, channels in cases.items():
+        for channel in channels:
+            (folder / "imagesTr" / f"{case}_{channel:04d}.nii.gz").write_bytes(b"")
+        (folder / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "cases, channel, message",
+    [
+        ({"c1": (0,), "c2": (0,)}, 1, r"channel 1 does not exist in \S*ds: its images have channel 0 \(imagesTr/"),
+        ({"c1": (0, 1)}, 2, r"channel 2 does not exist in \S*ds: its images have channels 0, 1 \(imagesTr/"),
+        ({"c1": (1, 2)}, 0, r"channel 0 does not exist in \S*ds: its images have channels 1, 2 \(imagesTr/<case>_0001"),
+    ],
+)
+def test_a_channel_the_cases_lack_is_named_not_no_cases(tmp_path, cases, channel, message):
+    """``eval --channel 1`` on a single-channel ``_0000`` dataset answered "no evaluation cases in ds"."""
+    from SegAssistLib.errors import SegAssistError
+
+    folder = _channel_files(tmp_path / "ds", cases)
+    with pytest.raises(SegAssistError, match=message):
+        list_cases(folder, channel=channel)
+    present = sorted(cases.values())[0][0]
+    assert [c.name for c in list_cases(folder, channel=present)] == sorted(c for c in cases if present in cases[c])
+
+
+def test_a_folder_without_per_channel_files_still_lists_no_cases_quietly(tmp_path):
+    folder = tmp_path / "ds"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "imagesTr" / "unlabelled_0000.nii.gz").write_bytes(b"")  # no label: not a case, no channel
+    assert list_cases(folder, channel=1) == []
+    (folder / "imagesTr" / "c1.nii.gz").write_bytes(b"")
+    (folder / "labelsTr" / "c1.nii.gz").write_bytes(b"")
+    assert [(c.name, c.channel) for c in list_cases(folder, channel=1)] == [("c1", 1)]  # inside the file
+
+
+@pytest.mark.parametrize(
+    "labels, targets",
+    [
+        ({"0": "background", "2": "b", "1": "a"}, {(1,): "a", (2,): "b"}),  # MSD: id -> name
+        ({"background": 0, "b": 2, "a": 1}, {(1,): "a", (2,): "b"}),  # nnU-Net v2: name -> value
+        ({"background": 0, "whole": [1, 2, 3], "core": [3, 2], "enhancing": 3},  # nnU-Net v2 regions
+         {(3,): "enhancing", (1, 2, 3): "whole", (2, 3): "core"}),
+        ({"background": 0, "all": [0, 1, 2], "one": [1]}, {(1,): "one", (1, 2): "all"}),
+        ({"note": "see class_map.json", "liver": 1, "on": True, "half": 1.5}, {(1,): "liver"}),
+        ({"background": 0, "liver": 1, "ignore": 2}, {(1,): "liver"}),  # nnU-Net's unannotated voxels
+    ],
+)
+def test_dataset_json_labels_in_the_msd_and_the_nnunet_layouts(tmp_path, labels, targets):
+    """nnU-Net v2's ``{"liver": 1}`` was "names no numeric labels ...: pass --labels"."""
+    from SegAssistLib.datasets import dataset_labels, dataset_targets
+    from SegAssistLib.evaluation.runner import default_targets
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    assert dataset_targets(tmp_path) == targets and list(dataset_targets(tmp_path)) == list(targets)
+    assert default_targets(tmp_path) == list(targets)
+    assert dataset_labels(tmp_path) == {ids[0]: name for ids, name in targets.items() if len(ids) == 1}
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ({"background": 0, "whole": [1, "2"]}, r"""label 'whole' is \[1, "2"\]: an nnU-Net region lists label"""),
+        ({"background": 0, "whole": []}, r"label 'whole' is \[\]: an nnU-Net region lists label values"),
+        ({"background": 0, "none": [0]}, "names no numeric labels at its top level: pass --labels"),
+    ],
+)
+def test_an_nnunet_region_that_lists_no_label_values_is_named(tmp_path, labels, message):
+    from SegAssistLib.datasets import dataset_targets
+    from SegAssistLib.errors import SegAssistError
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with pytest.raises(SegAssistError, match=message):
+        dataset_targets(tmp_path)
+
+
+def test_a_dataset_json_of_regions_only_tells_bench_to_pass_them(tmp_path):
+    from SegAssistLib.datasets import dataset_labels
+    from SegAssistLib.errors import SegAssistError
+
+    labels = {"background": 0, "whole": [1, 2, 3], "core": [2, 3]}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels}))
+    with pytest.raises(SegAssistError, match=r"names only nnU-Net regions, 1\+2\+3 \(whole\), 2\+3 \(core\): pass "):
+        dataset_labels(tmp_path)

@@ -138,3 +138,33 @@ def test_the_segment_is_named_after_the_label_given(tmp_path, shipped_checkpoint
 
     assert segment_name(SAMPLE_LABEL, (1, 2)) == "hippocampus"  # the bundled sample keeps its name
     assert segment_name(tmp_path / "organs.seg.nrrd", (1, 3)) == "organs labels 1+3"
+
+
+def test_a_label_stored_with_axes_reversed_is_the_reference_itself(tmp_path, capsys, monkeypatch):
+    """A label holding the image's grid with i and k stored in reverse order (every voxel at the same place:
+    the DICOM CT of ../shared/data and its NIfTI label, j reversed) was refused as "not on the image's grid";
+    now it is reversed back: every Dice as with the label as stored by the image. Growcut stands in for the
+    model (the label check is the demo's, whatever engine runs)."""
+    import SegAssistLib.engine.builtin as builtin
+    from SegAssistLib.evaluation.runner import make_engine
+
+    monkeypatch.setattr(builtin, "load_default_engine", lambda model=None: make_engine("growcut", None, "cpu"))
+    original = sitk.ReadImage(str(SAMPLE_LABEL))
+    size = original.GetSize()
+    reversed_ = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayFromImage(original)[::-1, :, ::-1]))
+    reversed_.SetSpacing(original.GetSpacing())
+    reversed_.SetOrigin(original.TransformIndexToPhysicalPoint((size[0] - 1, 0, size[2] - 1)))
+    direction = np.asarray(original.GetDirection()).reshape(3, 3) * np.array([-1.0, 1.0, -1.0])
+    reversed_.SetDirection(direction.ravel().tolist())
+    label = tmp_path / "reversed_label.nii.gz"
+    sitk.WriteImage(reversed_, str(label))
+    summaries = []
+    for name, path in (("plain", SAMPLE_LABEL), ("reversed", label)):
+        out = tmp_path / name
+        argv = ["demo", "--out", str(out), "--image", str(SAMPLE_IMAGE), "--label", str(path)]
+        assert main(argv) == 0, capsys.readouterr().err
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    assert [r["dice"] for r in summaries[0]["interactions"]] == [r["dice"] for r in summaries[1]["interactions"]]
+    assert summaries[1]["final_dice"] > 0.5
+    reference = sitk.ReadImage(str(tmp_path / "reversed" / "segmentation.nii.gz"))  # on the image's grid
+    assert np.allclose(reference.GetOrigin(), sitk.ReadImage(str(SAMPLE_IMAGE)).GetOrigin())

@@ -112,3 +112,51 @@ def test_eval_replaces_earlier_results_only_with_overwrite(tmp_path, capsys):
             "--json", str(out), "--overwrite"]
     assert main(argv) == 0
     assert json.loads(out.read_text())["summary"]["records"] == 1
+
+
+NNUNET_LABELS = {"background": 0, "ball": 1, "pip": 2}  # nnU-Net v2: name -> value (MSD: "1": "ball")
+
+
+@pytest.mark.parametrize("labels", [{"0": "background", "1": "ball", "2": "pip"}, NNUNET_LABELS,
+                                    {"pip": 2, "background": 0, "ball": 1}])
+def test_the_labels_of_an_nnunet_dataset_json_are_known_and_checked(tmp_path, capsys, labels):
+    """nnU-Net v2's ``{"ball": 1}`` was "names no numeric labels ...: pass --labels", and a --labels id it
+    did not name was not refused up front (it gave empty results)."""
+    folder = _dataset(tmp_path / "ds", {"labels": labels, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"})
+    missing = tmp_path / "no-such-model.pt"  # never loaded: the refusal comes first
+    for command, out in (("eval", ["--json", str(tmp_path / "eval.json")]), ("bench", ["--out", str(tmp_path / "b")])):
+        assert main([command, str(folder), "--labels", "1,7", "--model", str(missing), *out]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"segassist {command}: error: --labels: label 7 not in {folder / 'dataset.json'}, "
+                       "which has 1 (ball), 2 (pip)\n")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(folder), "--engine", "growcut", "--max-clicks", "1", "--split", "all",
+                 "--json", str(out)]) == 0  # every label of dataset.json: no --labels needed
+    saved = json.loads(out.read_text())
+    assert saved["config"]["targets"] == ["1", "2"] and saved["summary"]["records"] == 2
+
+
+def test_the_regions_of_an_nnunet_dataset_json_are_union_targets(tmp_path, capsys):
+    """Region-based nnU-Net (``"both": [1, 2]``): a region is the union of its labels, and a label named
+    only inside a region is known."""
+    folder = _dataset(tmp_path / "ds", {"labels": {"background": 0, "both": [1, 2], "pip": 2}})
+    missing = tmp_path / "no-such-model.pt"
+    assert main(["eval", str(folder), "--labels", "1+3", "--model", str(missing), "--json", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err == (f"segassist eval: error: --labels: label 3 not in {folder / 'dataset.json'}, "
+                                       "which has 2 (pip), 1+2 (both)\n")
+    result = evaluate(EvalConfig(folder, max_clicks=1, engine="growcut", split="all"), progress=lambda line: None)
+    assert result["config"]["targets"] == ["2", "1+2"] and result["summary"]["records"] == 2
+    result = evaluate(EvalConfig(folder, targets=parse_targets("1"), max_clicks=1, engine="growcut", split="all"),
+                      progress=lambda line: None)  # fmt: skip
+    assert result["summary"]["records"] == 1  # label 1, named only in the region: not refused
+
+
+def test_a_channel_the_dataset_lacks_is_named(tmp_path, capsys):
+    """``eval --channel 1`` on a single-channel ``_0000`` dataset answered "no evaluation cases in ds"."""
+    folder = _dataset(tmp_path / "ds")
+    (folder / "imagesTr" / "a.nii.gz").rename(folder / "imagesTr" / "a_0000.nii.gz")
+    expected = f"channel 1 does not exist in {folder}: its images have channel 0 (imagesTr/<case>_0000...)\n"
+    assert main(["eval", str(folder), "--channel", "1", "--engine", "growcut", "--json", str(tmp_path / "e")]) == 2
+    assert capsys.readouterr().err == f"segassist eval: error: {expected}"
+    assert main(["eval", str(folder), "--channel", "0", "--engine", "growcut", "--max-clicks", "1", "--split", "all",
+                 "--json", str(tmp_path / "e")]) == 0
