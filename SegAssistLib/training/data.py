@@ -70,7 +70,7 @@ def load_training_cases(
         return _load_packs(packs, datasets, click_union_datasets, patch)
     import SimpleITK as sitk  # only here: a pack needs no SimpleITK (GPU machines may lack it)
 
-    from SegAssistLib.evaluation.runner import label_grid_problem
+    from SegAssistLib.evaluation.runner import label_on_image_grid
     from SegAssistLib.files import sitk_path
     from SegAssistLib.io import volume_from_sitk
 
@@ -91,7 +91,7 @@ def load_training_cases(
                 continue
             arr = volume.array.astype(np.float32)
             lab = sitk.GetArrayFromImage(sitk.ReadImage(sitk_path(case.label))).astype(np.int16)
-            problem = label_grid_problem(case.label, lab, volume)  # as evaluation checks it: shape and geometry
+            lab, problem = label_on_image_grid(case.label, lab, volume)  # as evaluation reads it (reversed axes too)
             if problem:
                 print(f"skipped training case {case.name}: {problem}", flush=True)
                 continue

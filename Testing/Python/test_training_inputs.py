@@ -43,8 +43,13 @@ def test_cases_the_engine_or_evaluation_would_refuse_are_skipped_and_named(tmp_p
     _write_case(folder, "brats_new_inf", with_inf, labels)
     _write_case(folder, "brats_new_moved", image, labels, label_origin=(20.0, 0.0, 0.0))
     _write_case(folder, "brats_new_flipped", image, labels, label_direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    # the same label stored with i reversed, every voxel at its place (origin at the far end): read back
+    last_i = image.shape[2] - 1
+    _write_case(folder, "brats_new_reversed", image, np.ascontiguousarray(labels[:, :, ::-1]),
+                label_origin=(float(last_i), 0.0, 0.0), label_direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1))  # fmt: skip
     loaded = load_training_cases(tmp_path)
-    assert [c.name for c in loaded["brats"]] == ["brats_new_ok"]
+    assert [c.name for c in loaded["brats"]] == ["brats_new_ok", "brats_new_reversed"]
+    assert np.array_equal(loaded["brats"][1].labels, loaded["brats"][0].labels)
     out = capsys.readouterr().out
     assert "skipped training case brats_new_nan: image has 1 NaN or infinite voxels" in out
     assert "skipped training case brats_new_inf: image has 1 NaN or infinite voxels" in out
