@@ -88,7 +88,7 @@ def default_data_root() -> Path:
     """``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` next to the repository (not the current folder)."""
     return Path(os.environ.get("SEGASSIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
 SPLITS_FILE = REPO_ROOT / "Resources" / "splits.json"
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
