@@ -4,6 +4,9 @@ before any work starts. Torch-free."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from SegAssistLib.files import IMAGE_SUFFIXES, image_suffix
 
 
 def number(text: str) -> float:
@@ -37,12 +40,13 @@ def non_negative_mm(text: str) -> float:
     return value
 
 
-
 # the mask files the subcommands write (segment --out, learn next --out): SimpleITK picks its writer
-# by the suffix, so another suffix wrote a PNG slice, or failed after the model had run
-MASK_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
+# by the suffix, so another suffix wrote a PNG slice, or failed after the model had run. Any case is
+# accepted: the file is written under a temporary name with the suffix in lower case
+# (files.temp_path_for), then renamed to the name given.
+MASK_SUFFIXES = IMAGE_SUFFIXES
 
 
 def is_mask_path(path) -> bool:
     """Whether ``path``'s name ends in one of :data:`MASK_SUFFIXES` (any case)."""
-    return str(path).lower().endswith(MASK_SUFFIXES)
+    return image_suffix(Path(path).name) is not None

@@ -7,19 +7,34 @@ Each such file is a dict tagged ``"format"`` and ``"format_version"``, checked o
 
 A reader (or a process restarted after a crash) sees either no file or the complete file, never a
 partial one. Temporary files are named ``.tmp-<random>-<final name>`` so that recovery can find
-and remove the ones a killed writer left behind; they keep the final name's suffix because
-SimpleITK picks the file format from it.
+and remove the ones a killed writer left behind. SimpleITK picks the file format from the suffix, and
+its writers reject or rename some spellings of it (``.NII.GZ``, ``.Nii``, ``.MHA``; a dot inside the
+name as in ``scan.img.nii.gz``): a name ending in one of :data:`IMAGE_SUFFIXES`, in any case, gets a
+temporary name with the suffix in lower case and no other dot (``.tmp-<random>-scan_img.nii.gz``),
+renamed to the exact name asked for once it is written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 TMP_PREFIX = ".tmp-"
+
+# the single-file image formats written through SimpleITK, which picks its writer by the suffix; the
+# longest first (".nii.gz" before ".nii")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
+
+
+def image_suffix(name: str) -> Optional[str]:
+    """The one of :data:`IMAGE_SUFFIXES` that ``name`` ends in, in any case (returned in lower case)."""
+    lower = name.lower()
+    return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), None)
 
 
 def sitk_path(path: os.PathLike[str] | str) -> str:
@@ -62,7 +77,27 @@ def output_problem(path: Path, folder: bool = False) -> Optional[str]:
 
 
 def temp_path_for(dest: Path) -> Path:
-    return dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}")
+    """A new temporary name beside ``dest``: ``.tmp-<random>-<name>``; for an image (see the module's
+    docstring) the suffix in lower case and the rest of the name without dots."""
+    name = dest.name
+    suffix = image_suffix(name)
+    if suffix:
+        name = (name[: len(name) - len(suffix)].replace(".", "_") or "image") + suffix
+    return dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+
+
+def _remove_temp_family(tmp: Path) -> None:
+    """Remove ``tmp`` and what a writer left beside it under the same ``.tmp-<random>-`` (a header and
+    data pair that SimpleITK wrote instead of one file)."""
+    token = tmp.name[len(TMP_PREFIX) :].split("-", 1)[0]
+    tmp.unlink(missing_ok=True)
+    try:
+        siblings = list(tmp.parent.glob(f"{TMP_PREFIX}{token}-*"))
+    except OSError:
+        return
+    for sibling in siblings:
+        with contextlib.suppress(OSError):  # a folder a writer made: not ours to empty
+            sibling.unlink(missing_ok=True)
 
 
 def is_temp_file(path: Path) -> bool:
@@ -95,28 +130,88 @@ def atomic_write(dest: Path, writer: Callable[[Path], object], overwrite: bool =
     """Write ``dest`` through ``writer(temp_path)``; returns the SHA-256 of the written file.
 
     With ``overwrite=False`` (the default) an existing ``dest`` is an error: stored data is never
-    replaced in place.
+    replaced in place. On any failure nothing is replaced and no temporary file is left.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_many([(dest, writer)], overwrite=overwrite)[0]
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    if dest.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder has the name of the file to write", str(dest))
     if not overwrite and dest.exists():
         raise FileExistsError(f"refusing to overwrite {dest}")
-    tmp = temp_path_for(dest)
-    try:
-        writer(tmp)
-        if not tmp.is_file():
-            raise OSError(f"the writer did not create {tmp}")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
+
+
+def atomic_write_many(files: Sequence[Tuple[Path, Callable[[Path], object]]], overwrite: bool = False) -> List[str]:
+    """Write several files, all of them or none: each ``(dest, writer)`` through ``writer(temp_path)``
+    beside its ``dest``; once every one is written and synced they are renamed into place, and a rename
+    that fails puts back the ones already made (the file each replaced, or none). Returns their SHA-256.
+    """
+    files = [(Path(dest), writer) for dest, writer in files]
+    for dest, _ in files:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if not overwrite and dest.exists():
             raise FileExistsError(f"refusing to overwrite {dest}")
-        os.replace(tmp, dest)
+    temps: List[Path] = []
+    digests: List[str] = []
+    try:
+        for dest, writer in files:
+            tmp = temp_path_for(dest)
+            temps.append(tmp)
+            writer(tmp)
+            if not tmp.is_file():
+                raise OSError(f"the writer did not create {tmp}")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digests.append(sha256_file(tmp))
+        for dest, _ in files:
+            _check_destination(dest, overwrite)
+        _rename_all([(tmp, dest) for tmp, (dest, _) in zip(temps, files)])
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            _remove_temp_family(tmp)
         raise
-    fsync_dir(dest.parent)
-    return digest
+    for folder in dict.fromkeys(dest.parent for dest, _ in files):
+        fsync_dir(folder)
+    return digests
+
+
+def _rename_all(pairs: List[Tuple[Path, Path]]) -> None:
+    """``os.replace`` each temporary file onto its destination; when one fails, undo the ones made.
+
+    Before each rename but the last, a file it would replace is kept under a backup name (a hard link,
+    else the file itself moved aside), so that it can be put back."""
+    done: List[Tuple[Path, Optional[Path]]] = []
+    try:
+        for index, (tmp, dest) in enumerate(pairs):
+            backup = None
+            if index < len(pairs) - 1 and os.path.lexists(dest):
+                backup = dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-old-{dest.name}")
+                try:
+                    os.link(dest, backup, follow_symlinks=False)
+                except (OSError, NotImplementedError):
+                    os.replace(dest, backup)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                if backup is not None:  # a file moved aside goes back; a link is the file itself
+                    os.replace(backup, dest)
+                raise
+            done.append((dest, backup))
+    except BaseException:
+        for dest, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, dest)
+                else:
+                    dest.unlink(missing_ok=True)
+            except OSError:
+                pass  # the earlier file stays under its backup name, for someone to find
+        raise
+    for _, backup in done:
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                backup.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(dest: Path, data: bytes, overwrite: bool = False) -> str:

@@ -2,6 +2,11 @@
 
 Reads NIfTI, NRRD, MHA and any other single-file format SimpleITK knows, and DICOM series
 directories. Writes masks as NIfTI (``.nii.gz``) and as Slicer segmentations (``.seg.nrrd``).
+
+ITK's NIfTI reader turns NaN and infinite voxels of float data into 0; they are read back from the
+file and put back (:func:`_keep_nonfinite`), so that such an image is refused as it is in any other
+format. Every mask written is read back and compared (:func:`_write_image`): SimpleITK's NIfTI writer
+reports no failed write, and a full disk left an empty or truncated file behind a success.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import SimpleITK as sitk
 
 from SegAssistLib.dicom import read_dicom_series
 from SegAssistLib.errors import ImageError
-from SegAssistLib.files import sitk_path
+from SegAssistLib.files import image_suffix, sitk_path
 from SegAssistLib.image import Volume
 from SegAssistLib.labels import as_labels  # noqa: F401  (re-exported: part of the IO API)
 
@@ -28,14 +33,19 @@ PathLike = Union[str, Path]
 @contextlib.contextmanager
 def _readable_name(path: Path) -> Iterator[str]:
     """The name to give ITK for ``path``. ITK's NIfTI reader, asked for ``x.nii.gz``, takes the
-    voxels of an ``x.nii`` beside it (under ``x.nii.gz``'s header): such a file is read through a
-    link with no sibling."""
+    voxels of an ``x.nii`` beside it (under ``x.nii.gz``'s header); and ITK finds no reader for a NIfTI
+    or MetaImage suffix in mixed case (``.Nii``, ``.nii.GZ``, ``.Mha``: names ``segment --out`` writes)
+    nor for a name that is only ``.nii.gz``. Such a file is read through a link named ``image`` and the
+    suffix in lower case, with no sibling."""
     name = sitk_path(path)
-    if not (name.lower().endswith(".nii.gz") and Path(name[: -len(".gz")]).exists()):
+    suffix = image_suffix(Path(name).name)
+    shadowed = name.lower().endswith(".nii.gz") and Path(name[: -len(".gz")]).exists()
+    unknown = suffix in (".nii.gz", ".nii", ".mha") and (not name.endswith(suffix) or Path(name).name == suffix)
+    if not (shadowed or unknown):
         yield name
         return
     with tempfile.TemporaryDirectory(prefix="segassist-read-") as folder:
-        link = Path(folder) / "image.nii.gz"
+        link = Path(folder) / f"image{suffix}"
         try:
             link.symlink_to(Path(name).resolve())
         except OSError:  # no symlinks (Windows without the privilege): a hard link, else a copy
@@ -44,6 +54,12 @@ def _readable_name(path: Path) -> Iterator[str]:
             except OSError:
                 shutil.copyfile(name, link)
         yield str(link)
+
+
+def _reason(exc: BaseException) -> str:
+    """The last line of a SimpleITK error (the line that says what went wrong)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def _read_sitk(path: Path) -> sitk.Image:
@@ -56,9 +72,57 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise ImageError(f"cannot read {path}: permission denied")
     try:
         with _readable_name(path) as name:
-            return sitk.ReadImage(name)
+            image = sitk.ReadImage(name)
+            if sitk.ImageFileReader.GetImageIOFromFileName(name) == "NiftiImageIO":
+                image = _keep_nonfinite(image, Path(name))
+            return image
     except RuntimeError as exc:
-        raise ImageError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
+        raise ImageError(f"cannot read {path}: {_reason(exc)}") from exc
+
+
+_NONFINITE = "image has {} NaN or infinite voxels: fill or mask them before segmenting"  # validate_image's
+_SCAN_VOXELS = 4 << 20  # voxels read at once when looking for non-finite ones
+
+
+def _keep_nonfinite(image: sitk.Image, path: Path) -> sitk.Image:
+    """``image`` as ITK read it from the NIfTI file ``path``, with the NaN and infinite voxels the file
+    holds put back: ITK's NIfTI reader sets them to 0, so a NaN-filled scan was segmented as if those
+    voxels were 0, where the same scan in NRRD is refused. nibabel reads the file's floats as stored, a
+    slab at a time; an image whose layout ITK reads otherwise (a vector or complex image) with such
+    voxels is refused here, with the message of :func:`SegAssistLib.image.validate_image`."""
+    import nibabel  # only for NIfTI files: the Slicer side never reads one through here
+
+    try:
+        nifti = nibabel.load(str(path), keep_file_open=True)  # one open file: no re-reading of a .gz per slab
+        if nifti.get_data_dtype().kind not in "fc":
+            return image
+        shape = tuple(int(n) for n in nifti.shape)
+        per_slab = max(1, _SCAN_VOXELS // max(1, int(np.prod(shape[:-1], dtype=np.int64))))
+        positions, values = [], []
+        for first in range(0, shape[-1], per_slab):
+            slab = np.asarray(nifti.dataobj[..., first : first + per_slab])
+            bad = np.argwhere(~np.isfinite(slab))
+            if bad.size:
+                values.append(slab[tuple(bad.T)])
+                bad[:, -1] += first
+                positions.append(bad)
+        del nifti
+    except Exception:  # what ITK read and nibabel cannot (any reason): left as ITK read it
+        return image
+    if not positions:
+        return image
+    where, found = np.concatenate(positions), np.concatenate(values)
+    array = sitk.GetArrayFromImage(image)
+    while where.shape[1] > array.ndim and np.all(where[:, -1] == 0):  # trailing axes of one voxel
+        where, shape = where[:, :-1], shape[:-1]
+    if np.iscomplexobj(found) or image.GetNumberOfComponentsPerPixel() != 1 or array.shape != shape[::-1]:
+        raise ImageError(_NONFINITE.format(len(where)))
+    array[tuple(where[:, ::-1].T)] = found.astype(array.dtype)  # nibabel's (i, j, k, ...) is ITK's reversed
+    restored = sitk.GetImageFromArray(array, isVector=False)
+    restored.CopyInformation(image)
+    for key in image.GetMetaDataKeys():
+        restored.SetMetaData(key, image.GetMetaData(key))
+    return restored
 
 
 def _check_channel(channel: object, count: int, what: str) -> int:
@@ -107,7 +171,7 @@ def read_geometry(path: PathLike) -> Volume:
             reader.SetFileName(name)
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise ImageError(f"cannot read {path}: {str(exc).strip().splitlines()[-1]}") from exc
+        raise ImageError(f"cannot read {path}: {_reason(exc)}") from exc
     if reader.GetDimension() < 3:
         raise ImageError(f"image must be 3D, got {reader.GetDimension()}D (size {reader.GetSize()})")
     n = reader.GetDimension()
@@ -133,12 +197,43 @@ def volume_to_sitk(volume: Volume, array: Optional[np.ndarray] = None) -> sitk.I
     return image
 
 
+_FULL_DISK = "is the disk full?"
+
+
+def _write_image(image: sitk.Image, path: Path) -> None:
+    """Write ``image`` to ``path`` (compressed) and read it back whole: :class:`ImageError` naming the file
+    when SimpleITK fails, or wrote a file that is empty, unreadable or holds other voxels (its NIfTI
+    writer reports no failed write: a full disk left a 0-byte or truncated file and no error)."""
+    name = sitk_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sitk.WriteImage(image, name, useCompression=True)
+    except RuntimeError as exc:
+        raise ImageError(f"cannot write {path}: {_reason(exc)} ({_FULL_DISK})") from exc
+    failed = f"writing {path} failed"
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise ImageError(f"{failed}: SimpleITK wrote no file of that name") from None
+    if not size:
+        raise ImageError(f"{failed}: the file written is empty ({_FULL_DISK})")
+    try:
+        with _readable_name(path) as readable:
+            back = sitk.ReadImage(readable)
+    except RuntimeError as exc:
+        raise ImageError(f"{failed}: the file written cannot be read back: {_reason(exc)} ({_FULL_DISK})") from exc
+    if back.GetSize() != image.GetSize() or not np.array_equal(
+        sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
+    ):
+        raise ImageError(f"{failed}: the file written does not hold the whole mask ({_FULL_DISK})")
+
+
 def save_mask_nifti(mask: np.ndarray, reference: Volume, path: PathLike) -> Path:
-    """Write a label mask on the reference image's grid (``.nii.gz`` or any SimpleITK format)."""
+    """Write a label mask on the reference image's grid (``.nii.gz`` or any SimpleITK format), checked
+    by reading it back (see :func:`_write_image`)."""
     path = Path(path)
     labels = as_labels(mask)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(volume_to_sitk(reference, labels), sitk_path(path), useCompression=True)
+    _write_image(volume_to_sitk(reference, labels), path)
     return path
 
 
@@ -154,7 +249,7 @@ def save_segmentation_nrrd(
     Label value ``n`` becomes segment ``n``, named ``segment_names[n - 1]`` (``Segment n`` past the
     names given); every named label has a segment, present or not (an absent one with an empty
     extent), and so has every label present. The metadata keys are the ones Slicer's segmentation
-    storage node reads.
+    storage node reads. The file is checked by reading it back (see :func:`_write_image`).
     """
     path = Path(path)
     labels = as_labels(mask)
@@ -178,8 +273,7 @@ def save_segmentation_nrrd(
         image.SetMetaData(prefix + "Layer", "0")
         image.SetMetaData(prefix + "Extent", full if value in present else "0 -1 0 -1 0 -1")
         image.SetMetaData(prefix + "Tags", "Segmentation.Status:inprogress|")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, sitk_path(path), useCompression=True)
+    _write_image(image, path)
     return path
 
 

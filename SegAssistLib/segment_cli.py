@@ -9,7 +9,8 @@ label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or a Slicer segmentation 
 The model runs in this process by default (the shipped weights, or ``--model``); ``--url`` sends
 the image to a SegAssist server instead (``http(s)://host:port``), only with ``--send-images-to-remote``;
 a token goes over plain http only to this computer, or with ``--allow-insecure-http``. Outputs are written
-whole or not at all, and an existing file is replaced only with ``--overwrite``.
+whole or not at all (``--out`` and ``--log`` both or neither), and an existing file is replaced only with
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -61,10 +62,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: through ``..``, links and a folder's other names
+    (``os.path.samefile`` when both exist, else the paths resolved)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a link that loops (RuntimeError before Python 3.13)
+        return a.absolute() == b.absolute()
+
+
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse before any work: an output that cannot be written, or would replace a file."""
     outputs = [("--out", args.out)] + ([("--log", args.log)] if args.log is not None else [])
-    if args.log is not None and args.log.absolute() == args.out.absolute():
+    if args.log is not None and _same_file(args.log, args.out):
         raise SegAssistError(f"--log and --out are the same file: {args.out}")
     for flag, path in outputs:
         problem = output_problem(path)
@@ -75,8 +87,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
                                  "(a label map, or a Slicer segmentation with .seg.nrrd)")
         if path.exists() and not args.overwrite:
             raise SegAssistError(f"{flag} {path} exists: add --overwrite to replace it")
-    if args.out.absolute() == args.image.absolute():
-        raise SegAssistError(f"--out is the image itself: {args.out}")
+        if _same_file(path, args.image):  # through '..' or a link: --overwrite replaced the scan
+            raise SegAssistError(f"{flag} is the image itself: {path}")
 
 
 def _remote_token(args: argparse.Namespace) -> Optional[str]:
@@ -123,21 +135,29 @@ def _progress(fraction: float, message: str) -> None:
 
 
 def _write_outputs(args: argparse.Namespace, run, volume) -> List[Path]:
-    from SegAssistLib.files import atomic_write
+    """Write --out and --log, both or neither (each checked, then both renamed into place)."""
+    from SegAssistLib.errors import ImageError
+    from SegAssistLib.files import atomic_write_many
     from SegAssistLib.io import save_mask_nifti, save_segmentation_nrrd
     from SegAssistLib.prompts import ImageInfo
 
     if args.out.name.lower().endswith(SEGMENTATION_SUFFIXES):
         names = (args.segment_name,)
-        atomic_write(args.out, lambda tmp: save_segmentation_nrrd(run.mask, volume, tmp, names), args.overwrite)
+        files = [(args.out, lambda tmp: save_segmentation_nrrd(run.mask, volume, tmp, names))]
     else:
-        atomic_write(args.out, lambda tmp: save_mask_nifti(run.mask, volume, tmp), args.overwrite)
-    written = [args.out]
+        files = [(args.out, lambda tmp: save_mask_nifti(run.mask, volume, tmp))]
     if args.log is not None:
         log = run.prompt_log.model_copy(update={"image": ImageInfo.from_volume(volume)})  # refused on another grid
-        atomic_write(args.log, lambda tmp: log.save(tmp), args.overwrite)
-        written.append(args.log)
-    return written
+        files.append((args.log, lambda tmp: log.save(tmp)))
+    try:
+        atomic_write_many(files, args.overwrite)
+    except (ImageError, OSError) as exc:  # a full disk, a folder where the log goes, ...: neither file is kept
+        reason = str(exc)
+        if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] ..." reads as the strerror and the file
+            reason = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        flags = " and ".join(f"{flag} {path}" for flag, path in zip(("--out", "--log"), (p for p, _ in files)))
+        raise SegAssistError(f"{flags} not written, nothing replaced: {reason}") from exc
+    return [path for path, _ in files]
 
 
 def run_segment(args: argparse.Namespace) -> int:

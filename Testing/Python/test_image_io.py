@@ -1,7 +1,9 @@
 """Image IO (NIfTI, NRRD, MHA, DICOM series), geometry, and the checks on bad images."""
 
+import gzip
 import os
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -345,3 +347,91 @@ def test_a_volumes_modality_is_ct_mr_or_none_whatever_its_case():
     assert Volume(array).modality is None
     with pytest.raises(ImageError, match="modality must be 'CT', 'MR' or None"):
         Volume(array, modality="PET")
+
+
+def _with_nonfinite(shape=(5, 6, 7), dtype=np.float32) -> np.ndarray:
+    array = np.random.default_rng(1).normal(size=shape).astype(dtype)
+    flat = array.reshape(-1)
+    flat[[3, 40, 41, -1]] = [np.nan, np.inf, -np.inf, np.nan]
+    return array
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".hdr", ".NII.GZ"])
+def test_nan_and_infinite_voxels_of_a_nifti_file_are_read_as_from_nrrd(tmp_path, suffix, dtype):
+    """ITK's NIfTI reader sets NaN and infinite floats to 0: such a scan was segmented as NIfTI and refused as
+    NRRD (validate_image's refusal never fired for NIfTI)."""
+    array = _with_nonfinite(dtype=dtype)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 0.6, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "scan.nrrd"))
+    sitk.WriteImage(image, str(tmp_path / f"scan{suffix.lower()}"))
+    if suffix != suffix.lower():
+        os.rename(tmp_path / f"scan{suffix.lower()}", tmp_path / f"scan{suffix}")
+    nrrd, nifti = load_volume(tmp_path / "scan.nrrd"), load_volume(tmp_path / f"scan{suffix}")
+    assert nifti.array.dtype == dtype and np.array_equal(nifti.array, array, equal_nan=True)
+    assert np.array_equal(nifti.array, nrrd.array, equal_nan=True) and np.allclose(nifti.spacing, nrrd.spacing)
+    assert np.array_equal(load_mask(tmp_path / f"scan{suffix}"), array, equal_nan=True)
+    for volume in (nrrd, nifti):
+        with pytest.raises(ImageError, match="^image has 4 NaN or infinite voxels: fill or mask them"):
+            validate_image(volume)
+
+
+def test_a_four_d_nifti_keeps_its_nan_voxels_in_their_volume(tmp_path):
+    array = np.random.default_rng(2).normal(size=(2, 4, 5, 6)).astype(np.float32)
+    array[1, 2, 3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=False), str(tmp_path / "4d.nii.gz"))
+    first, second = (load_volume(tmp_path / "4d.nii.gz", channel=c) for c in (0, 1))
+    assert np.array_equal(first.array, array[0]) and np.array_equal(second.array, array[1], equal_nan=True)
+
+
+def _nifti2(array: np.ndarray, spacing=(0.5, 0.6, 2.0)) -> bytes:
+    """A NIfTI-2 file (float32, little-endian, no qform or sform) holding ``array`` ([k, j, i])."""
+    header = bytearray(540)
+    struct.pack_into("<i8s2h", header, 0, 540, b"n+2\0\r\n\x1a\n", 16, 32)  # sizeof_hdr, magic, datatype, bitpix
+    struct.pack_into("<8q", header, 16, 3, *array.shape[::-1], 1, 1, 1, 1)  # dim
+    struct.pack_into("<8d", header, 104, 1.0, *spacing, 0, 0, 0, 0)  # pixdim
+    struct.pack_into("<qd", header, 168, 544, 1.0)  # vox_offset, scl_slope
+    struct.pack_into("<i", header, 500, 2)  # xyzt_units: mm
+    return bytes(header) + bytes(4) + array.astype("<f4").tobytes()
+
+
+def test_nan_voxels_of_a_nifti_2_file_are_found(tmp_path):
+    """The SimpleITK here reads no NIfTI-2 file (one that does sets its NaN to 0 as well): the voxels are put
+    back into what it would read."""
+    from SegAssistLib.io import _keep_nonfinite
+
+    array = _with_nonfinite()
+    (tmp_path / "scan2.nii").write_bytes(_nifti2(array))
+    with gzip.open(tmp_path / "scan2.nii.gz", "wb") as f:
+        f.write(_nifti2(array))
+    as_itk_reads_it = sitk.GetImageFromArray(np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0))
+    for name in ("scan2.nii", "scan2.nii.gz"):
+        kept = _keep_nonfinite(as_itk_reads_it, tmp_path / name)
+        assert np.array_equal(sitk.GetArrayViewFromImage(kept), array, equal_nan=True)
+    try:
+        volume = load_volume(tmp_path / "scan2.nii")
+    except ImageError:  # not read here
+        return
+    assert np.array_equal(volume.array, array, equal_nan=True)
+
+
+def test_a_nifti_vector_image_with_nan_components_is_refused_on_reading(tmp_path):
+    """Its components lie apart in the file: the NaN cannot be put back in place, so the image is refused
+    with validate_image's message."""
+    array = np.random.default_rng(3).normal(size=(4, 5, 6, 2)).astype(np.float32)
+    array[1, 2, 3, 1] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=True), str(tmp_path / "vec.nii.gz"))
+    with pytest.raises(ImageError, match="^image has 1 NaN or infinite voxels: fill or mask them"):
+        load_volume(tmp_path / "vec.nii.gz", channel=0)
+    finite = np.nan_to_num(array)
+    sitk.WriteImage(sitk.GetImageFromArray(finite, isVector=True), str(tmp_path / "ok.nii.gz"))
+    assert np.array_equal(load_volume(tmp_path / "ok.nii.gz", channel=1).array, finite[..., 1])
+
+
+def test_integer_and_finite_nifti_files_are_read_as_itk_reads_them(tmp_path):
+    for array in (np.arange(210, dtype=np.int16).reshape(5, 6, 7) - 100, _with_nonfinite().clip(-1, 1)):
+        array = np.nan_to_num(array)
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "plain.nii.gz"))
+        volume = load_volume(tmp_path / "plain.nii.gz")
+        assert volume.array.dtype == array.dtype and np.array_equal(volume.array, array)

@@ -13,7 +13,7 @@ from test_server_fixtures import TOKENS, make_volume
 
 from SegAssistLib.cli import main
 from SegAssistLib.engine.builtin import BuiltinEngine, load_default_engine
-from SegAssistLib.io import load_volume, volume_to_sitk
+from SegAssistLib.io import load_mask, load_volume, volume_to_sitk
 from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
 
 pytest_plugins = ["test_server_fixtures"]
@@ -213,3 +213,103 @@ def test_a_bad_url_or_token_is_one_line_naming_the_flag_before_the_image_is_read
     err = capsys.readouterr().err
     assert err.startswith("segassist segment: error: ") and message in err and err.count("\n") == 1, err
     assert "allow_insecure_token" not in err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def sample_result() -> np.ndarray:
+    """What the shipped model makes of the sample's prompts."""
+    prompts = [PointPrompt(position=(16, 27, 15)), BoxPrompt(min_corner=(9, 20, 13), max_corner=(27, 41, 13))]
+    return load_default_engine(threads=1).open_session(load_volume(SAMPLE), prompts).result()
+
+
+@pytest.mark.parametrize("name", ["RESULT.NII.GZ", "result.Nii", "result.MHA", "scan.img.nii.gz", "x.nii.nii.gz",
+                                  "R.SEG.NRRD"])  # fmt: skip
+def test_every_output_name_accepted_up_front_is_written_under_that_name(
+    tmp_path, shipped_checkpoint, capsys, sample_result, name
+):
+    """Accepted before the model ran, then: a "Bad Nifti file name" traceback (RESULT.NII.GZ, result.Nii), a
+    .mhd and .zraw pair left under temporary names (result.MHA), or "the writer did not create" and an
+    Analyze .hdr.gz left behind (scan.img.nii.gz, x.nii.nii.gz)."""
+    out = tmp_path / name
+    assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", out, "--segment-name", "Hippo", "--threads", 1) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert np.array_equal(load_mask(out), sample_result)
+    if name.endswith(".SEG.NRRD"):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(out))
+        reader.ReadImageInformation()
+        assert reader.GetMetaData("Segment0_Name") == "Hippo"
+
+
+def test_an_output_that_names_the_image_another_way_is_refused(tmp_path, capsys):
+    """``--out sub/../in.nii.gz --overwrite`` replaced the input image with the mask: the paths were compared
+    without resolving '..' or links."""
+    image, sub, mask = tmp_path / "in.nii.gz", tmp_path / "sub", tmp_path / "mask.nii.gz"
+    image.write_bytes(SAMPLE.read_bytes())
+    mask.write_bytes(b"an earlier mask")
+    sub.mkdir()
+    (sub / "link.nii.gz").symlink_to(image)  # a link to the image
+    (sub / "mask-link.nii.gz").symlink_to(mask)
+    missing_model = tmp_path / "no-such-model.pt"  # never read: each refusal comes first
+    cases = [
+        (image, ["--out", sub / ".." / "in.nii.gz"], "--out is the image itself"),
+        (image, ["--out", sub / "link.nii.gz"], "--out is the image itself"),
+        (sub / "link.nii.gz", ["--out", image], "--out is the image itself"),  # the image given through a link
+        (sub / ".." / "in.nii.gz", ["--out", image], "--out is the image itself"),
+        (image, ["--out", mask, "--log", sub / ".." / "in.nii.gz"], "--log is the image itself"),
+        (image, ["--out", mask, "--log", sub / ".." / "mask.nii.gz"], "--log and --out are the same file"),
+        (image, ["--out", sub / "mask-link.nii.gz", "--log", mask], "--log and --out are the same file"),
+        (image, ["--out", sub / ".." / "new.nii.gz", "--log", tmp_path / "new.nii.gz"], "the same file"),  # neither yet
+    ]
+    for source, extra, message in cases:
+        assert _segment(source, "--prompts", SAMPLE_PROMPTS, *extra, "--overwrite", "--model", missing_model) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+    assert image.read_bytes() == SAMPLE.read_bytes() and mask.read_bytes() == b"an earlier mask"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz", "mask.nii.gz", "sub"]
+
+
+def test_a_log_that_cannot_be_written_leaves_no_new_mask(tmp_path, shipped_checkpoint, capsys, monkeypatch):
+    """The mask was written, then the log failed: the mask stayed (over the earlier one, with --overwrite)
+    and a rerun was refused for the mask that exists."""
+    import SegAssistLib.headless as headless
+
+    out, log = tmp_path / "mask.nii.gz", tmp_path / "log.json"
+    out.write_bytes(b"someone's work")
+    run_prompts = headless.run_prompts
+
+    def run_then_put_a_folder_where_the_log_goes(*args, **kwargs):  # after the checks made up front
+        run = run_prompts(*args, **kwargs)
+        log.mkdir()
+        return run
+
+    monkeypatch.setattr(headless, "run_prompts", run_then_put_a_folder_where_the_log_goes)
+    for extra in (["--overwrite"], []):
+        assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", out, "--log", log, "--threads", 1, *extra) == 2
+        err = capsys.readouterr().err
+        assert not extra or out.read_bytes() == b"someone's work"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["log.json", "mask.nii.gz"][: len(extra) + 1])
+        assert f"--out {out} and --log {log} not written, nothing replaced" in err and str(log) in err, err
+        log.rmdir()
+        out.unlink(missing_ok=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nifti_image_with_nan_voxels_is_refused_as_in_nrrd(tmp_path, shipped_checkpoint, capsys):
+    """ITK's NIfTI reader turns NaN voxels into 0: the same scan was refused as NRRD and segmented as NIfTI."""
+    image = sitk.Cast(sitk.ReadImage(str(SAMPLE)), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[3, 4, 5] = np.nan
+    array[6, 7, 8] = np.inf
+    nan_image = sitk.GetImageFromArray(array)
+    nan_image.CopyInformation(image)
+    errors = []
+    for index, name in enumerate(("nan.nrrd", "nan.nii.gz", "nan.nii")):
+        sitk.WriteImage(nan_image, str(tmp_path / name))
+        out = tmp_path / f"out{index}.nii.gz"
+        assert _segment(tmp_path / name, "--prompts", SAMPLE_PROMPTS, "--out", out, "--threads", 1) == 2
+        errors.append(capsys.readouterr().err.strip().splitlines()[-1])
+        assert not out.exists()
+    assert errors[0].endswith("image has 2 NaN or infinite voxels: fill or mask them before segmenting"), errors
+    assert errors == [errors[0]] * 3
