@@ -4,7 +4,7 @@
                       [--subject-pattern REGEX]              ... with each case's subject (patient) from its name
     segassist learn status --store DIR                       cases by status, current version, last job
     segassist learn cases --store DIR [--status new]         list cases (by status)
-    segassist learn subject (CASE SUBJECT | --pattern REGEX) --store DIR   set subjects after the import
+    segassist learn subject (CASE SUBJECT | CASE --none | --pattern REGEX) --store DIR   set subjects later
     segassist learn lock CASE --store DIR --user NAME        lock a case to an annotator (unlock: release)
     segassist learn save CASE MASK --store DIR --user NAME   a label version from a mask file (--draft)
     segassist learn export OUT --store DIR                   MSD layout + .seg.nrrd of the submitted labels
@@ -94,6 +94,8 @@ def register(subparsers) -> None:
     p = add("subject", "set the subject (patient) of a case, or of every case from its name", cmd_subject)
     p.add_argument("case", nargs="?", help="case id (with SUBJECT)")
     p.add_argument("subject", nargs="?", help="the case's subject")
+    p.add_argument("--none", action="store_true", dest="no_subject",
+                   help="make CASE its own subject again (instead of SUBJECT)")
     p.add_argument("--pattern", metavar="REGEX",
                    help="every case's subject from its name, as import's --subject-pattern (instead of CASE SUBJECT)")
 
@@ -271,16 +273,27 @@ def cmd_cases(args: argparse.Namespace) -> int:
 
 
 def cmd_subject(args: argparse.Namespace) -> int:
-    """One case's subject (``CASE SUBJECT``), or every case's from its name (``--pattern``)."""
-    if (args.pattern is None) == (args.case is None) or (args.case is not None and args.subject is None):
-        raise SegAssistError("learn subject: give CASE SUBJECT, or --pattern REGEX for every case")
+    """One case's subject (``CASE SUBJECT``; ``CASE --none``: its own again), or every case's from its
+    name (``--pattern``)."""
+    if args.pattern is not None:
+        valid = args.case is None and not args.no_subject
+    else:
+        valid = args.case is not None and (args.subject is not None) != args.no_subject
+    if not valid:
+        raise SegAssistError(
+            "learn subject: give CASE SUBJECT, CASE --none (the case its own subject), or --pattern REGEX for "
+            "every case"
+        )
     with _open(args) as store:
         if args.pattern is not None:
             changed = store.set_subjects(pattern=args.pattern)
         else:
-            changed = store.set_subjects({args.case: args.subject})
+            changed = store.set_subjects({args.case: None if args.no_subject else args.subject})
         names = {c.id: c.name for c in store.list_cases()}
-    text = "\n".join(f"{case_id}  {names.get(case_id, '?')}  subject {subject}" for case_id, subject in changed.items())
+    text = "\n".join(
+        f"{case_id}  {names.get(case_id, '?')}  " + (f"subject {subject}" if subject is not None else "its own subject")
+        for case_id, subject in changed.items()
+    )
     _print(args, changed, text or "no case")
     return 0
 

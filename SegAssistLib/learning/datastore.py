@@ -26,9 +26,15 @@ existed) makes the case its own subject. It is set at import, given or drawn fro
 by a pattern (:func:`subject_from_name`), or later (:meth:`Datastore.set_subjects`).
 
 Schema versions (``meta.schema_version``): 1, the first; 2, ``cases.subject``. A store of schema 1 is
-migrated when it is opened (the column is added, every case its own subject, nothing else changes);
-a store of a newer schema than this code knows is refused, never changed. Schema-1 code refuses a
-migrated store: it would split a subject's cases between training and validation.
+migrated when it is opened (the column is added, every case its own subject, nothing else changes),
+in one transaction; a store of a newer schema than this code knows is refused before anything is
+written to it, never changed. Schema-1 code refuses a migrated store: it would split a subject's
+cases between training and validation. Opening a store of the current schema writes nothing.
+
+A store this user can only read (another user's, on a read-only disk) can still be read (``learn
+status``, ``cases``, ``export``); a change to it is refused with a :class:`StoreAccessError`, and so is
+any failure of the database itself (locked by another process for too long, a disk error). A damaged
+database file is a :class:`DamagedStoreError`. Each names the store.
 
 The store may be opened by several processes at once (the server and a background trainer):
 SQLite serialises writers, and a connection here is shared by threads behind a lock. Keep the
@@ -58,10 +64,12 @@ from SegAssistLib.io import as_labels, load_mask, load_volume, save_mask_nifti, 
 from SegAssistLib.learning.errors import (
     CaseLockedError,
     CorruptDataError,
+    DamagedStoreError,
     DatastoreError,
     DuplicateCaseError,
     InvalidStateError,
     NotFoundError,
+    StoreAccessError,
 )
 from SegAssistLib.learning.records import (
     DUPLICATE_REASON,
@@ -138,6 +146,9 @@ CREATE TABLE IF NOT EXISTS reviews (
     created_at REAL NOT NULL
 );
 """
+_SCHEMA_STATEMENTS = tuple(s.strip() for s in _SCHEMA.split(";") if s.strip())  # run one by one in a transaction
+# errors of the calling code, not of the store: never turned into a StoreAccessError
+_CODE_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError)
 
 _CASE_QUERY = """
 SELECT c.*,
@@ -162,7 +173,10 @@ def check_subject(value: object) -> Optional[str]:
         return None
     text = check_text(value, "subject") or ""
     if not text.strip():
-        raise DatastoreError("a subject must not be empty: give none to make a case its own subject")
+        raise DatastoreError(
+            "a subject must not be empty: to make a case its own subject give none "
+            "(segassist learn subject CASE --none; at an import, leave the subject out)"
+        )
     return text.strip()
 
 
@@ -231,50 +245,177 @@ class Datastore:
     ) -> None:
         self.root = Path(root)
         self._clock = clock
+        self.read_only = False  # read as it is on disk, this user cannot write its folder (see _connect)
         db_path = self.root / DB_NAME
         if not db_path.is_file():
             if not create:
                 raise DatastoreError(f"no SegAssist datastore at {self.root} (missing {DB_NAME})")
             _check_new_store_folder(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "images").mkdir(exist_ok=True)
-        (self.root / "labels").mkdir(exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(str(db_path), timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._init_schema()
+        self._conn = self._connect(db_path)
+        try:
+            self._init_schema()
+            if not self.read_only:  # after the checks: a store refused is left as it was
+                (self.root / "images").mkdir(exist_ok=True)
+                (self.root / "labels").mkdir(exist_ok=True)
+        except BaseException:
+            self._conn.close()
+            raise
 
     # ------------------------------------------------------------------ plumbing
 
+    def _connect(self, db_path: Path) -> sqlite3.Connection:
+        """A connection to the store's database, its first read done: a file that is no database fails here.
+
+        Nothing is written. A WAL database is read through its index file (``-shm``), which SQLite makes
+        beside it when no process holding the store open has: in a folder this user cannot write (or on
+        a read-only disk), a store nobody has open is read instead as it is on disk, read-only
+        (``immutable``; ``self.read_only``). A write another process starts meanwhile is not seen by
+        that reader; a store with changes still in its ``-wal`` file is refused rather than read
+        without them.
+        """
+        conn: Optional[sqlite3.Connection] = None
+        try:
+            with self._sqlite_errors():
+                try:
+                    conn = _connect(str(db_path))
+                    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                except sqlite3.OperationalError as exc:
+                    if conn is None or not (_is_read_only_error(exc) or _is_cant_open_error(exc)):
+                        raise
+                    conn.close()
+                    conn = None
+                    wal = db_path.with_name(DB_NAME + "-wal")
+                    if wal.is_file() and wal.stat().st_size > 0:
+                        raise StoreAccessError(
+                            f"datastore {self.root} is read-only here and holds changes not yet in its "
+                            f"database file (its {wal.name}): open it once with write access to its folder",
+                            "the datastore is read-only to this server and holds changes not yet in its database",
+                        ) from exc
+                    conn = _connect(f"{db_path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+                    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                    self.read_only = True
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        return conn
+
     def _init_schema(self) -> None:
-        with self._lock:
-            self._conn.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); runs outside a transaction
-        with self._write() as db:  # one transaction: a migration is done whole or not at all
-            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is not None and int(row["value"]) > SCHEMA_VERSION:
-                raise DatastoreError(
-                    f"datastore {self.root} has schema {row['value']}, newer than this SegAssist reads "
-                    f"({SCHEMA_VERSION}): upgrade SegAssist"
+        """A store of a newer schema is refused before anything is written; one of the current schema is
+        opened as it is; a new or older one is made current in one transaction (whole or not at all; of
+        two processes opening it at once, the second finds it done)."""
+        with self._lock, self._sqlite_errors():
+            version = self._schema_version(self._conn)
+            self._refuse_newer(version)
+            if version == SCHEMA_VERSION:
+                self._use_wal()
+                return
+            if self.read_only:
+                what = "setting up" if version is None else f"its schema {version} upgraded to {SCHEMA_VERSION}"
+                raise StoreAccessError(
+                    f"datastore {self.root} is read-only here and needs {what}: open it once with "
+                    "write access to its folder",
+                    f"the datastore is read-only to this server and needs {what}",
                 )
-            columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
-            if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
-                db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
-            if row is None:
-                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row["value"]) < SCHEMA_VERSION:
-                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            self._use_wal()
+            with self._write() as db:
+                version = self._schema_version(db)  # again, holding the write lock: another process may have
+                self._refuse_newer(version)
+                if version == SCHEMA_VERSION:
+                    return
+                for statement in _SCHEMA_STATEMENTS:  # IF NOT EXISTS: a new store, or what schema 1 lacks
+                    db.execute(statement)
+                columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
+                if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
+                    db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+
+    def _schema_version(self, db: sqlite3.Connection) -> Optional[int]:
+        """The store's schema version, read only; None for a database without one (a new store)."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            return None
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise DamagedStoreError(
+                f"datastore {self.root}: its database {DB_NAME} is damaged (schema version {row[0]!r})",
+                f"the datastore's database is damaged (schema version {row[0]!r})",
+            ) from None
+
+    def _refuse_newer(self, version: Optional[int]) -> None:
+        if version is not None and version > SCHEMA_VERSION:
+            raise DatastoreError(
+                f"datastore {self.root} has schema {version}, newer than this SegAssist reads "
+                f"({SCHEMA_VERSION}): upgrade SegAssist"
+            )
+
+    def _use_wal(self) -> None:
+        """WAL journal (readers never wait for the writer). It stays in the file once set, when the store
+        is made: a store made otherwise is switched when it can be, and read as it is when it cannot."""
+        deadline = time.monotonic() + 30.0
+        while not self.read_only and str(self._conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:
+                if _is_read_only_error(exc):
+                    return
+                # another process opening the new store at once switches it: look again (no busy handler here)
+                if "database is locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """A failure of the database (not of the calling code) as a :class:`StoreAccessError` naming the store."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, _CODE_ERRORS):
+                raise
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: sqlite3.Error) -> StoreAccessError:
+        name = getattr(exc, "sqlite_errorname", "") or ""  # Python 3.11+; the message before
+        text = str(exc)
+        where = f"datastore {self.root}"
+        if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or text in _DAMAGED_MESSAGES:
+            return DamagedStoreError(
+                f"{where}: its database {DB_NAME} is damaged or is not a SegAssist database ({text}); "
+                "restore it from a backup",
+                f"the datastore's database is damaged ({text})",
+            )
+        if _is_read_only_error(exc):
+            return StoreAccessError(
+                f"{where} is read-only here ({text}): reading it works, a change needs write access "
+                "to its folder and files",
+                f"the datastore is read-only to this server ({text})",
+            )
+        if name.startswith("SQLITE_BUSY") or "database is locked" in text:
+            return StoreAccessError(
+                f"{where} is kept locked by another process ({text}): try again",
+                f"the datastore is kept locked by another process ({text}): try again",
+            )
+        return StoreAccessError(f"{where}: its database {DB_NAME} failed ({text})", f"the datastore failed ({text})")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; ``BEGIN IMMEDIATE`` takes the write lock up front (no upgrade deadlock).
 
         A failed ``COMMIT`` (disk full, I/O error) is rolled back too: left open, the transaction would
-        show its rows to every reader of this shared connection and refuse every later write.
+        show its rows to every reader of this shared connection and refuse every later write. A failure
+        of the database is a :class:`StoreAccessError` (an ``IntegrityError`` stays itself: the caller's).
         """
-        with self._lock:
+        self._refuse_if_read_only()
+        with self._lock, self._sqlite_errors():
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
@@ -285,8 +426,16 @@ class Datastore:
                         self._conn.execute("ROLLBACK")
                 raise
 
+    def _refuse_if_read_only(self) -> None:
+        """Before a change (and before the file it writes, if any): a store read as it is on disk refuses it."""
+        if self.read_only:
+            raise StoreAccessError(
+                f"datastore {self.root} is read-only here: reading it works, a change needs write access to its folder",
+                "the datastore is read-only to this server",
+            )
+
     def _read(self, sql: str, params: Sequence = ()) -> List[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             return self._conn.execute(sql, tuple(params)).fetchall()
 
     def close(self) -> None:
@@ -370,6 +519,7 @@ class Datastore:
         source = check_text(source, "source", limit=4096) or ""
         subject = check_subject(subject)
         validate_image(volume)
+        self._refuse_if_read_only()
         content_hash = volume.content_hash()
         self._raise_if_duplicate(content_hash)
         case_id = new_case_id()
@@ -424,7 +574,7 @@ class Datastore:
         """
         try:
             recorded = bool(self._read(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)))
-        except sqlite3.Error:
+        except (sqlite3.Error, StoreAccessError):
             return
         if not recorded:
             path.unlink(missing_ok=True)
@@ -697,10 +847,13 @@ class Datastore:
             raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")
         shape, reference = self._geometry(case_id)
         labels = _check_mask(mask, shape)
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+        rows = self._read("SELECT * FROM cases WHERE id = ?", (case_id,))
+        if not rows:
+            raise NotFoundError(f"no case {case_id}")
+        row = rows[0]
         self._check_lock(row, user, self._clock())  # fail before the (slow) write
         self._check_finished(row, user, self._clock())
+        self._refuse_if_read_only()
 
         label_id = new_label_id()
         path = self.label_path(case_id, label_id)
@@ -934,6 +1087,27 @@ class Datastore:
         return [p for p in self._stored_files() if is_temp_file(p)]
 
 
+_DAMAGED_MESSAGES = ("file is not a database", "database disk image is malformed")
+
+
+def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(target, uri=uri, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def _is_read_only_error(exc: sqlite3.Error) -> bool:
+    """SQLite refused to write (the file, its folder or the disk is read-only to this user)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith("SQLITE_READONLY") or "readonly database" in str(exc)
+
+
+def _is_cant_open_error(exc: sqlite3.Error) -> bool:
+    """SQLite could not open a file it needs (on a read-only disk: the WAL index it would make)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith("SQLITE_CANTOPEN") or "unable to open database file" in str(exc)
+
+
 def _parse_prompt_log(value: PromptLogLike) -> Optional[PromptLog]:
     if value is None or isinstance(value, PromptLog):
         return value
@@ -963,7 +1137,8 @@ def _check_new_store_folder(root: Path) -> None:
         return
     if not root.is_dir():
         raise DatastoreError(f"{root} is a file, not a datastore folder")
-    files = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    # a database beside it: another process made the store a moment ago (opening it at once with this one)
+    files = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith((".", DB_NAME)))
     if files:
         shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
         raise DatastoreError(

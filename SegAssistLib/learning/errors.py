@@ -51,6 +51,24 @@ class CorruptDataError(DatastoreError):
     code = "corrupt_data"
 
 
+class StoreAccessError(DatastoreError):
+    """The store's database cannot be read or written: read-only to this user, locked by another
+    process for too long, a disk error. The store's state, not the request's fault. ``public``: the
+    message without the store's path (a server's reply must not show where its files are)."""
+
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, public: str = "") -> None:
+        super().__init__(message)
+        self.public = public or message
+
+
+class DamagedStoreError(StoreAccessError, CorruptDataError):
+    """The store's database file is damaged, or is not a SQLite database at all."""
+
+    code = "corrupt_data"
+
+
 class AdapterError(SegAssistError, RuntimeError):
     """An adapter cannot be applied, saved or loaded (wrong base model, wrong file, bad rank)."""
 

@@ -59,6 +59,10 @@ PROMOTED = "promoted"
 REJECTED = "rejected"
 ROLLED_BACK = "rolled_back"
 STATUSES = (PROMOTED, REJECTED, ROLLED_BACK)
+# how a damaged registry is recovered (``rollback`` with ``to=BASE``)
+SET_ASIDE_HINT = (
+    " (`segassist learn rollback --to base` sets it aside and makes the base model current; the version files are kept)"
+)
 
 
 @dataclass
@@ -150,20 +154,29 @@ class AdapterRegistry:
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise CorruptRegistryError(f"the datastore's adapter registry {shown} is not valid JSON: {exc}") from exc
+            raise CorruptRegistryError(
+                f"the datastore's adapter registry {shown} is not valid JSON: {exc}{SET_ASIDE_HINT}"
+            ) from exc
         stated = data.get("format_version") if isinstance(data, dict) else None
         newer = isinstance(stated, int) and not isinstance(stated, bool) and stated > REGISTRY_FORMAT_VERSION
         error = RegistryError if newer else CorruptRegistryError  # a newer registry is not damaged: never set aside
         check_format(data, shown, REGISTRY_FORMAT, REGISTRY_FORMAT_VERSION, "adapter registry", error)
         try:
-            return RegistryState(
+            state = RegistryState(
                 current=data.get("current"),
                 next_number=int(data.get("next_number", 1)),
                 versions=[VersionRecord.from_dict(v) for v in data.get("versions", [])],
                 events=list(data.get("events", [])),
             )
         except (RegistryError, ValueError, TypeError, AttributeError) as exc:
-            raise CorruptRegistryError(f"the datastore's adapter registry {shown} is damaged: {exc}") from exc
+            problem = str(exc) or type(exc).__name__
+        else:  # it parses, but a version twice, or a current one missing: damaged as surely as a file cut short
+            problem = _inconsistency(state)
+        if problem:
+            raise CorruptRegistryError(
+                f"the datastore's adapter registry {shown} is damaged: {problem}{SET_ASIDE_HINT}"
+            )
+        return state
 
     def versions(self) -> List[VersionRecord]:
         return self.read().versions
@@ -212,7 +225,12 @@ class AdapterRegistry:
                 except CorruptRegistryError:
                     if not set_aside_damaged:
                         raise
-                    aside = self.path.with_name(f"registry.damaged-{time.strftime('%Y%m%d-%H%M%S')}.json")
+                    stamp = time.strftime("%Y%m%d-%H%M%S")
+                    aside = self.path.with_name(f"registry.damaged-{stamp}.json")
+                    for n in range(2, 1000):  # never over one set aside earlier in the same second
+                        if not aside.exists():
+                            break
+                        aside = self.path.with_name(f"registry.damaged-{stamp}-{n}.json")
                     os.replace(self.path, aside)
                     state = RegistryState()
                     self._event(state, "set_aside", file=aside.name)
@@ -298,7 +316,10 @@ class AdapterRegistry:
         or one step back (never skipped for an older one).
         """
         with self._locked(set_aside_damaged=to == BASE) as state:
-            current = state.current_record()
+            # to the base model: the current record is needed only to mark it rolled back
+            current = next((r for r in state.versions if r.id == state.current), None)
+            if to != BASE:
+                current = state.current_record()
             if to is None:
                 if current is None:
                     raise RegistryError("the base model is already current: nothing to roll back")
@@ -351,6 +372,19 @@ class AdapterRegistry:
     def write_file(self, path: Path, writer: Callable[[Path], object]) -> str:
         """Write a version file atomically (used by ``add_version`` writers)."""
         return atomic_write(path, writer, overwrite=False)
+
+
+def _inconsistency(state: RegistryState) -> str:
+    """What makes a registry that parses unusable (empty: nothing): two records of one version id, or a
+    current version that is not among the records."""
+    ids = [record.id for record in state.versions]  # a list: a damaged file may hold any JSON value here
+    twice = [i for n, i in enumerate(ids) if i in ids[:n]]
+    if twice:
+        return f"two records of version {twice[0]!r}"
+    if state.current is not None and state.current not in ids:
+        known = ", ".join(str(i) for i in ids) or "none"
+        return f"its current version {state.current!r} is not among its versions ({known})"
+    return ""
 
 
 def version_label(record: Optional[VersionRecord]) -> str:

@@ -35,6 +35,7 @@ from SegAssistLib.api_learning import (
 )
 from SegAssistLib.api_models import FRAME_MEDIA_TYPE, ArrayPayload, ErrorCode
 from SegAssistLib.image import Volume
+from SegAssistLib.learning.errors import CorruptDataError, StoreAccessError
 from SegAssistLib.learning.records import CaseRecord
 from SegAssistLib.learning.registry import BASE, adapter_id_of
 from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
@@ -56,6 +57,10 @@ async def _call(fn: Callable[[], T]) -> T:
     """Run blocking learning-library code in the thread pool, mapping its errors to the error shape."""
     try:
         return await run_in_threadpool(fn)
+    except StoreAccessError as exc:  # the store's database, not the request: its path stays out of the reply
+        if isinstance(exc, CorruptDataError):
+            raise ApiError(500, ErrorCode.CORRUPT_DATA, exc.public) from exc
+        raise ApiError(503, ErrorCode.STORAGE_UNAVAILABLE, exc.public, headers={"Retry-After": "2"}) from exc
     except LEARNING_ERRORS as exc:
         raise api_error_for(exc) from exc
     except LIBRARY_ERRORS as exc:

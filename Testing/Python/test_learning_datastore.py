@@ -35,10 +35,12 @@ from SegAssistLib.learning import (
     open_datastore,
 )
 from SegAssistLib.learning.datastore import DB_NAME
+from SegAssistLib.learning.errors import DamagedStoreError, StoreAccessError
 from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
 from SegAssistLib.transport import wire_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+pytest_plugins = ["test_server_fixtures"]
 
 
 def make_volume(shape=(12, 16, 20), seed=0, spacing=(0.8, 0.9, 2.0)) -> Volume:
@@ -495,8 +497,9 @@ def test_a_failed_commit_leaves_no_label_behind_and_the_store_writable(store: Da
     first = store.save_label(case.id, box_mask(case.shape, (1, 1, 1), (4, 4, 4)), "alice", submit=False)
     real = store._conn
     store._conn = _DiskFailsAtCommit(real)
-    with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+    with pytest.raises(StoreAccessError, match="disk I/O error") as failed:  # named, not a raw sqlite3 error
         store.save_label(case.id, box_mask(case.shape, (2, 2, 2), (6, 6, 6)), "alice")
+    assert str(store.root) in str(failed.value) and str(store.root) not in failed.value.public
     store._conn = real
     assert not real.in_transaction  # rolled back: no row without its file for any reader
     assert [v.id for v in store.label_versions(case.id)] == [first.id]
@@ -539,6 +542,162 @@ def test_an_interrupt_just_after_the_commit_keeps_the_saved_label_and_its_file(s
     np.testing.assert_array_equal(store.load_label(saved.id), box_mask(case.shape, (2, 2, 2), (6, 6, 6)))
     second = [c for c in store.list_cases() if c.name == "second"]
     assert len(second) == 1 and store.load_image(second[0].id).array.shape == case.shape
+
+
+def test_a_damaged_database_file_is_one_line_naming_the_store_and_is_left_as_it_is(tmp_path: Path, capsys):
+    """Garbage where segassist.sqlite should be was a sqlite3 traceback ("file is not a database")."""
+    from SegAssistLib.cli import main
+
+    root = tmp_path / "store"
+    root.mkdir()
+    garbage = b"not a database at all " * 300
+    (root / DB_NAME).write_bytes(garbage)
+    with pytest.raises(DamagedStoreError, match="is damaged or is not a SegAssist database") as refused:
+        Datastore(root, create=False)
+    assert isinstance(refused.value, CorruptDataError) and str(root) in str(refused.value)
+    for command in ("status", "cases", "versions"):
+        assert main(["learn", command, "--store", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"segassist learn {command}: error: datastore {root}: its database {DB_NAME} is damaged")
+    assert (root / DB_NAME).read_bytes() == garbage and os.listdir(root) == [DB_NAME]
+
+
+def test_a_failing_read_names_the_store(store: Datastore):
+    case = add_case(store)
+
+    class DiskFailsAtRead:
+        def execute(self, sql, *args):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    real = store._conn
+    store._conn = DiskFailsAtRead()
+    try:
+        with pytest.raises(StoreAccessError, match=f"datastore {store.root}: its database {DB_NAME} failed"):
+            store.get_case(case.id)
+    finally:
+        store._conn = real
+    assert store.get_case(case.id).id == case.id
+
+
+# run argv read-only: the store folder ($1) bound read-only over itself in a private mount namespace
+_READ_ONLY_MOUNT = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+
+
+def test_a_failing_database_answers_over_http_without_the_stores_path(server_factory, tmp_path: Path):
+    from test_server_fixtures import raw
+
+    server = server_factory.start(learn_store=tmp_path / "store")
+    store = server.app.state.segassist.learning.store
+    real = store._conn
+
+    class Failing:
+        def __init__(self, error: sqlite3.Error) -> None:
+            self.error = error
+
+        def execute(self, sql, *args):
+            raise self.error
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    for error, status, code in (
+        (sqlite3.OperationalError("database is locked"), 503, "storage_unavailable"),
+        (sqlite3.DatabaseError("database disk image is malformed"), 500, "corrupt_data"),
+    ):
+        store._conn = Failing(error)
+        try:
+            reply = raw(server, "GET", "/v1/learn/cases")
+        finally:
+            store._conn = real
+        assert reply.status_code == status and reply.json()["error"]["code"] == code, reply.text
+        assert str(error) in reply.json()["error"]["message"] and str(tmp_path) not in reply.text
+    assert raw(server, "GET", "/v1/learn/cases").status_code == 200
+
+
+def _read_only_runner(store_root: Path):
+    """``run(*argv)``: ``segassist`` in a process that can read the store and not write it, and ``undo()``.
+
+    As root (whose writes no permission stops): in a private mount namespace where the store folder is a
+    read-only bind mount of itself, a read-only disk to that process alone (root's writes fail there with
+    EROFS); gone when the process ends. As another user: the store's write permissions taken away."""
+    root_user = os.geteuid() == 0
+    paths = [store_root, *store_root.rglob("*")]
+    modes = {path: os.stat(path).st_mode for path in paths}
+    if root_user:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            pytest.skip("as root (permissions never stop root) and without unshare(1) to mount the store read-only")
+        prefix = [unshare, "--mount", "sh", "-c", _READ_ONLY_MOUNT, "sh", str(store_root)]
+    else:
+        for path in paths:
+            os.chmod(path, 0o555 if path.is_dir() else 0o444)
+        prefix = []
+
+    def undo() -> None:
+        if not root_user:
+            for path, mode in modes.items():
+                os.chmod(path, mode)
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        return subprocess.run([*prefix, sys.executable, "-m", "SegAssistLib.cli", *argv], cwd=str(REPO_ROOT),
+                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    if root_user:
+        probe = subprocess.run([*prefix, "sh", "-c", f"touch '{store_root}/probe'"], capture_output=True, text=True)
+        if probe.returncode == 0 or "Read-only file system" not in probe.stderr:
+            (store_root / "probe").unlink(missing_ok=True)
+            pytest.skip(f"running as root, and no read-only mount of the store could be made: {probe.stderr.strip()}")
+    return run, undo
+
+
+def test_a_store_this_user_can_only_read_can_be_read_and_a_change_is_one_line(tmp_path: Path):
+    """A read-only store could not even be read: every open set the WAL journal, ran the schema's DDL and a
+    write transaction (sqlite3 traceback, "attempt to write a readonly database")."""
+    from learning_fixtures import make_store
+
+    root = tmp_path / "store"
+    ds, cases = make_store(root, n_labelled=2, n_new=1)
+    ds.close()
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    run, undo = _read_only_runner(root)
+    try:
+        # nobody holds the store open: there is no WAL index (-shm) to read it through, and none can be made
+        status = run("learn", "status", "--store", str(root))
+        assert status.returncode == 0, status.stderr
+        assert "submitted 2" in status.stdout and "new 1" in status.stdout
+        listed = run("learn", "cases", "--store", str(root), "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(c["id"] for c in json.loads(listed.stdout)) == sorted(c.id for c in cases)
+        exported = run("learn", "export", str(out), "--store", str(root))
+        assert exported.returncode == 0, exported.stderr
+        assert len(json.loads((out / "dataset.json").read_text())["training"]) == 2
+        locked = run("learn", "lock", cases[2].id, "--user", "bob", "--store", str(root))
+        assert locked.returncode == 2 and locked.stderr.strip() == (
+            f"segassist learn lock: error: datastore {root} is read-only here: reading it works, a change needs "
+            "write access to its folder"
+        ), locked.stderr
+        assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # nothing written
+        if os.geteuid() != 0:
+            return  # below, a process that writes the store: this user cannot
+        # a process that writes it holds it open (a server): the reader reads through that one's WAL index
+        # and sees what it wrote
+        with Datastore(root) as writer:
+            writer.lock(cases[2].id, "alice")
+            listed = run("learn", "cases", "--store", str(root), "--status", "in_progress")
+            assert listed.returncode == 0, listed.stderr
+            assert cases[2].id in listed.stdout and "locked by alice" in listed.stdout
+            unlocked = run("learn", "unlock", cases[2].id, "--user", "alice", "--store", str(root))
+            assert unlocked.returncode == 2 and "Traceback" not in unlocked.stderr, unlocked.stderr
+            assert f"datastore {root} is read-only here" in unlocked.stderr
+            assert writer.get_case(cases[2].id).locked_by == "alice"
+    finally:
+        undo()
 
 
 def test_recover_removes_only_old_leftovers(store: Datastore):

@@ -174,3 +174,58 @@ def test_a_damaged_registry_is_corrupt_data_and_a_newer_one_is_never_set_aside(t
     assert not isinstance(refused.value, CorruptDataError)
     assert json.loads(registry.path.read_text())["format_version"] == 99  # a newer SegAssist's file: untouched
     assert not list(registry.folder.glob("registry.damaged-*"))
+
+
+def test_a_registry_whose_current_version_is_not_among_its_versions_is_damaged_and_base_recovers(tmp_path: Path):
+    """It parsed, so it was never set aside: status and ``rollback --to base`` both failed with "no adapter
+    version 'v1'", and nothing but editing the file by hand got the store going again."""
+    import json
+
+    import pytest
+
+    from SegAssistLib.learning.loop_errors import CorruptRegistryError
+
+    registry = AdapterRegistry(tmp_path)
+    add(registry)
+    good = json.loads(registry.path.read_text())
+    record = good["versions"][0]
+    damaged = (
+        dict(good, current="v7"),  # current names a version the file does not hold
+        dict(good, versions=[record, dict(record, file="v1-other.pt")]),  # two records of one version
+    )
+    for n, data in enumerate(damaged):
+        registry.path.write_text(json.dumps(data))
+        with pytest.raises(CorruptRegistryError, match="adapters/registry.json is damaged.*rollback --to base"):
+            registry.read()
+        with pytest.raises(CorruptRegistryError):
+            registry.current()
+        assert registry.rollback(to="base") is None  # sets it aside and starts a new one
+        state = registry.read()
+        assert state.current is None and state.versions == [] and state.events[-2]["action"] == "set_aside"
+        assert len(list(registry.folder.glob("registry.damaged-*.json"))) == n + 1  # also within one second
+        assert (registry.folder / record["file"]).is_file()  # version files are kept
+        registry.path.write_text(json.dumps(good))
+
+
+def test_the_command_line_recovers_a_registry_whose_current_version_is_missing(tmp_path: Path, capsys):
+    import json
+
+    from SegAssistLib.cli import main
+    from SegAssistLib.learning import Datastore
+
+    Datastore(tmp_path).close()
+    registry = AdapterRegistry(tmp_path)
+    registry.folder.mkdir()
+    registry.path.write_text(json.dumps(
+        {"format": "segassist-adapter-registry", "format_version": 1, "current": "v1", "versions": []}
+    ))  # fmt: skip
+    store = ["--store", str(tmp_path)]
+    for command in ("status", "versions"):
+        assert main(["learn", command, *store]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert "its current version 'v1' is not among its versions" in err and "rollback --to base" in err
+    assert main(["learn", "rollback", "--to", "base", *store]) == 0
+    assert "current version: base" in capsys.readouterr().out
+    assert main(["learn", "status", *store]) == 0 and "current version: base" in capsys.readouterr().out
+    assert len(list(registry.folder.glob("registry.damaged-*.json"))) == 1

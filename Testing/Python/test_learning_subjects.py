@@ -251,6 +251,34 @@ def test_subjects_set_at_import_and_later(tmp_path: Path):
         assert store.subjects() == {a: "patient001", b: "patient001", c: "scan"}
         store.set_subjects({c: None})
         assert store.subjects()[c] is None
+        with pytest.raises(DatastoreError, match="--none"):  # a blank subject says how to give none
+            store.set_subjects({a: " "})
+
+
+def test_learn_subject_none_makes_a_case_its_own_subject_again(tmp_path: Path, capsys):
+    """``learn subject CASE ' '`` said "give none", which neither the command line nor HTTP could."""
+    root = tmp_path / "store"
+    store, cases = make_store(root, n_labelled=1, n_new=1)
+    a, b = (c.id for c in cases)
+    store.set_subjects({a: "patient001", b: "patient001"})
+    store.close()
+
+    def subject(*argv: str) -> int:
+        return main(["learn", "subject", *argv, "--store", str(root)])
+
+    assert subject(a, "--none") == 0
+    assert capsys.readouterr().out.strip() == f"{a}  {cases[0].name}  its own subject"
+    assert subject(b, "--none", "--json") == 0 and json.loads(capsys.readouterr().out) == {b: None}
+    with Datastore(root, create=False) as store:
+        assert store.subjects() == {a: None, b: None}
+    assert subject(a, " ") == 2
+    err = capsys.readouterr().err
+    assert "a subject must not be empty" in err and "learn subject CASE --none" in err
+    for wrong in ((a, "patient002", "--none"), (a,), ("--pattern", ACDC, "--none"), ("--none",)):
+        assert subject(*wrong) == 2
+        assert "CASE --none" in capsys.readouterr().err
+    with Datastore(root, create=False) as store:
+        assert store.subjects() == {a: None, b: None}
 
 
 def test_an_import_whose_pattern_misses_a_name_imports_nothing(tmp_path: Path):
@@ -399,6 +427,39 @@ def test_a_store_of_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path)
     assert columns_of(root / DB_NAME) == before and "subject" not in before
 
 
+def test_a_newer_store_that_dropped_a_table_and_an_index_is_refused_before_anything_is_written(tmp_path: Path):
+    """The schema's CREATE ... IF NOT EXISTS ran (each statement committed) before the version was read:
+    an older SegAssist made again what a newer schema had dropped, then refused the store."""
+    import gc
+
+    root = tmp_path / "store"
+    store, _ = make_store(root, n_labelled=1, n_new=1)
+    store.close()
+    db = root / DB_NAME
+    con = sqlite3.connect(db)
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    con.execute("DROP INDEX cases_status")
+    con.execute("DROP TABLE image_hashes")
+    con.commit()
+    con.close()
+
+    def schema() -> list:
+        con = sqlite3.connect(db)
+        try:
+            return con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+        finally:
+            con.close()
+
+    before, file_before = schema(), db.read_bytes()
+    assert "image_hashes" not in {row[1] for row in before}
+    with pytest.raises(DatastoreError, match="newer than this SegAssist reads"):
+        Datastore(root, create=False)
+    gc.collect()  # a connection the refusal left open is closed (and checkpointed) now, not later
+    assert db.read_bytes() == file_before
+    assert schema() == before
+    assert not db.with_name(DB_NAME + "-wal").exists()
+
+
 # ---------------------------------------------------------------------------------------- command line
 
 
@@ -447,7 +508,7 @@ def test_learn_import_draws_each_cases_subject_from_its_name(acdc_frames: Path, 
     assert main(["learn", "subject", first, "someone", "--store", str(other)]) == 0
     assert "subject someone" in capsys.readouterr().out
     assert main(["learn", "subject", "--store", str(other)]) == 2
-    assert "CASE SUBJECT, or --pattern" in capsys.readouterr().err
+    assert "CASE SUBJECT, CASE --none (the case its own subject), or --pattern" in capsys.readouterr().err
     assert main(["learn", "subject", "--pattern", ACDC, "--store", str(other), "--json"]) == 0
     assert sorted(json.loads(capsys.readouterr().out).values()) == ["patient001", "patient001", "patient002"]
 
