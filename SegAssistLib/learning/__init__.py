@@ -9,11 +9,13 @@ from SegAssistLib.learning.errors import (
     AdapterError,
     CaseLockedError,
     CorruptDataError,
+    DamagedStoreError,
     DatastoreError,
     DuplicateCaseError,
     InvalidIdentifierError,
     InvalidStateError,
     NotFoundError,
+    StoreAccessError,
 )
 from SegAssistLib.learning.export import export_msd, export_seg_nrrd
 from SegAssistLib.learning.records import (
@@ -32,6 +34,7 @@ __all__ = [
     "CaseRecord",
     "CaseStatus",
     "CorruptDataError",
+    "DamagedStoreError",
     "Datastore",
     "DatastoreError",
     "DuplicateCaseError",
@@ -42,6 +45,7 @@ __all__ = [
     "LabelVersion",
     "NotFoundError",
     "Review",
+    "StoreAccessError",
     "export_msd",
     "export_seg_nrrd",
     "open_datastore",

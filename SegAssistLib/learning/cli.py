@@ -630,7 +630,7 @@ def cmd_next(args: argparse.Namespace) -> int:
                 from SegAssistLib.files import atomic_write
                 from SegAssistLib.io import save_mask_nifti, save_segmentation_nrrd
 
-                save = save_segmentation_nrrd if str(args.out).endswith(".seg.nrrd") else save_mask_nifti
+                save = save_segmentation_nrrd if args.out.name.lower().endswith(".seg.nrrd") else save_mask_nifti
                 try:  # written whole or not at all, and never over a file that appeared meanwhile
                     atomic_write(args.out, lambda tmp: save(p.mask, reference, tmp), overwrite=args.overwrite)
                 except BaseException as exc:

@@ -153,10 +153,13 @@ def training_running(store_root: Union[str, Path]) -> bool:
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object (a damaged
+    status file reads as no status, as a half-written one does)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _log_tail(folder: Path, lines: int = 8) -> str:

@@ -265,6 +265,21 @@ def test_a_killed_worker_is_said_to_be_killed(tmp_path: Path, capsys):
     assert "without writing its final status" in capsys.readouterr().out
 
 
+def test_a_status_file_that_is_not_an_object_reads_as_no_status(store, capsys):
+    """A damaged job status (JSON, but a list) made ``learn status`` and ``learn cancel`` end in a traceback."""
+    from SegAssistLib.learning import jobs
+
+    store_root, _ = store
+    folder = jobs.jobs_folder(store_root) / "20260101-000000-abcdef"
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text("{}")
+    (folder / "status.json").write_text("[1, 2]")
+    assert main(["learn", "status", "--store", str(store_root)]) == 0
+    assert "failed" in capsys.readouterr().out  # no live worker, no final status: it died
+    assert main(["learn", "cancel", "--store", str(store_root)]) == 1
+    assert "had already ended (failed): nothing to stop" in capsys.readouterr().out
+
+
 def test_train_help_describes_the_budget_steps_and_kind_with_their_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["learn", "train", "--help"])

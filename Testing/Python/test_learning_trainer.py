@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from learning_fixtures import (
     make_store,
@@ -401,6 +402,10 @@ def test_learn_cli(setup, capsys, monkeypatch):
     code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
                     "--out", str(proposal), "--overwrite")
     assert code == 0 and proposal.is_file() and not list(proposal.parent.glob(".*proposal.nii.gz"))
+    loud = store_root.parent / "PROPOSAL.SEG.NRRD"  # a Slicer segmentation whatever the case of its name
+    code, out = run("next", "--store", str(store_root), "--strategy", "first", "--checkpoint", str(ckpt),
+                    "--out", str(loud))
+    assert code == 0 and sitk.ReadImage(str(loud)).HasMetaDataKey("Segment0_Name")
     # an output that cannot be written is refused before the case is locked, and a write that fails
     # after the lock (here: a full disk) releases it: nobody holds a case whose proposal never came
     not_a_folder = store_root.parent / "afile"
