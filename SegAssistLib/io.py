@@ -5,7 +5,7 @@ directories. Writes masks as NIfTI (``.nii.gz``) and as Slicer segmentations (``
 
 ITK's NIfTI reader turns NaN and infinite voxels of float data into 0; they are read back from the
 file and put back (:func:`_keep_nonfinite`), so that such an image is refused as it is in any other
-format. Every mask written is read back and compared (:func:`_write_image`): SimpleITK's NIfTI writer
+format. Every mask written is read back and compared (:func:`write_image_checked`): SimpleITK's NIfTI writer
 reports no failed write, and a full disk left an empty or truncated file behind a success.
 """
 
@@ -200,7 +200,7 @@ def volume_to_sitk(volume: Volume, array: Optional[np.ndarray] = None) -> sitk.I
 _FULL_DISK = "is the disk full?"
 
 
-def _write_image(image: sitk.Image, path: Path) -> None:
+def write_image_checked(image: sitk.Image, path: Path) -> None:
     """Write ``image`` to ``path`` (compressed) and read it back whole: :class:`ImageError` naming the file
     when SimpleITK fails, or wrote a file that is empty, unreadable or holds other voxels (its NIfTI
     writer reports no failed write: a full disk left a 0-byte or truncated file and no error)."""
@@ -225,15 +225,15 @@ def _write_image(image: sitk.Image, path: Path) -> None:
     if back.GetSize() != image.GetSize() or not np.array_equal(
         sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)
     ):
-        raise ImageError(f"{failed}: the file written does not hold the whole mask ({_FULL_DISK})")
+        raise ImageError(f"{failed}: the file written does not hold the whole image ({_FULL_DISK})")
 
 
 def save_mask_nifti(mask: np.ndarray, reference: Volume, path: PathLike) -> Path:
     """Write a label mask on the reference image's grid (``.nii.gz`` or any SimpleITK format), checked
-    by reading it back (see :func:`_write_image`)."""
+    by reading it back (see :func:`write_image_checked`)."""
     path = Path(path)
     labels = as_labels(mask)
-    _write_image(volume_to_sitk(reference, labels), path)
+    write_image_checked(volume_to_sitk(reference, labels), path)
     return path
 
 
@@ -249,7 +249,7 @@ def save_segmentation_nrrd(
     Label value ``n`` becomes segment ``n``, named ``segment_names[n - 1]`` (``Segment n`` past the
     names given); every named label has a segment, present or not (an absent one with an empty
     extent), and so has every label present. The metadata keys are the ones Slicer's segmentation
-    storage node reads. The file is checked by reading it back (see :func:`_write_image`).
+    storage node reads. The file is checked by reading it back (see :func:`write_image_checked`).
     """
     path = Path(path)
     labels = as_labels(mask)
@@ -273,7 +273,7 @@ def save_segmentation_nrrd(
         image.SetMetaData(prefix + "Layer", "0")
         image.SetMetaData(prefix + "Extent", full if value in present else "0 -1 0 -1 0 -1")
         image.SetMetaData(prefix + "Tags", "Segmentation.Status:inprogress|")
-    _write_image(image, path)
+    write_image_checked(image, path)
     return path
 
 

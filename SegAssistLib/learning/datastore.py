@@ -54,13 +54,12 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
-import SimpleITK as sitk
 
 from SegAssistLib.api_learning import DEFAULT_LOCK_TTL_S, MAX_INTERACTIONS, MAX_LOCK_TTL_S
 from SegAssistLib.errors import ImageError, PromptError
-from SegAssistLib.files import atomic_write, is_temp_file, sha256_file, sitk_path
+from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
 from SegAssistLib.image import Volume, validate_image
-from SegAssistLib.io import as_labels, load_mask, load_volume, save_mask_nifti, volume_to_sitk
+from SegAssistLib.io import as_labels, load_mask, load_volume, save_mask_nifti, volume_to_sitk, write_image_checked
 from SegAssistLib.learning.errors import (
     CaseLockedError,
     CorruptDataError,
@@ -524,7 +523,8 @@ class Datastore:
         self._raise_if_duplicate(content_hash)
         case_id = new_case_id()
         path = self.image_path(case_id)
-        digest = atomic_write(path, lambda tmp: sitk.WriteImage(volume_to_sitk(volume), sitk_path(tmp), True))
+        # read back whole before it is the case's image: a full disk leaves a short file and no error
+        digest = atomic_write(path, lambda tmp: write_image_checked(volume_to_sitk(volume), Path(tmp)))
         now = self._clock()
         try:
             # the image as read back (NIfTI keeps geometry in float32) is what the case serves: a copy

@@ -195,3 +195,45 @@ def test_files_written_together_are_all_replaced_or_none(tmp_path, monkeypatch):
     assert new_log.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == [
         "fresh", "log.json", "mask.nii.gz"
     ]  # fmt: skip
+
+
+# A datastore import in a child process whose writes fail past RLIMIT_FSIZE bytes (argv[2])
+_LIMITED_IMPORT = """
+import resource, signal, sys
+import numpy as np
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from SegAssistLib.image import Volume
+from SegAssistLib.learning.datastore import Datastore
+store = Datastore(sys.argv[1])
+volume = Volume(np.random.default_rng(1).normal(size=(40, 50, 60)).astype(np.float32), (0.8, 0.9, 2.0))
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), hard))
+try:
+    store.import_volume(volume, name="big", user="admin")
+    print("imported")
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}")
+"""
+
+
+@needs_fsize_limit
+def test_an_import_on_a_full_disk_stores_no_short_image(tmp_path):
+    """The store's copy of an image is read back whole before it becomes a case: on a full disk the
+    import fails and leaves neither a case nor a file (a cut-off NIfTI reads back as other voxels)."""
+    from learning_fixtures import make_store
+
+    store, cases = make_store(tmp_path / "store", n_labelled=1, n_new=0)
+    store.close()
+    images = sorted(p.name for p in (tmp_path / "store" / "images").iterdir())
+    for limit in (0, 4000, 200_000):  # the float image is ~700 KB compressed
+        child = subprocess.run([sys.executable, "-c", _LIMITED_IMPORT, str(tmp_path / "store"), str(limit)],
+                               capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
+        assert child.returncode == 0, child.stderr
+        assert child.stdout.startswith("ImageError") and "is the disk full?" in child.stdout, child.stdout
+    from SegAssistLib.learning.datastore import Datastore
+
+    with Datastore(tmp_path / "store") as store:
+        assert [c.id for c in store.list_cases()] == [c.id for c in cases]
+        assert store.verify().ok
+    assert sorted(p.name for p in (tmp_path / "store" / "images").iterdir()) == images
+
