@@ -451,9 +451,18 @@ def test_learn_cli(setup, capsys, monkeypatch):
         save_mask_nifti(proposal_mask, moved, wrong_grid)
         with pytest.raises(DatastoreError, match=f"not on the case's voxel grid: {what}"):
             run("save", new_case.id, str(wrong_grid), "--store", str(store_root), "--user", "carol")
-    code, out = run("save", new_case.id, str(proposal), "--store", str(store_root), "--user", "carol",
+    # the case's grid with k stored in reverse (Slicer's labelmap of a left-handed image): reversed back
+    last_k = proposal_mask.shape[0] - 1
+    reversed_k = Volume(np.zeros(proposal_mask.shape, np.float32), reference.spacing,
+                        tuple(reference.ijk_to_physical((0, 0, last_k))),
+                        np.asarray(reference.direction) * [1.0, 1.0, -1.0])  # fmt: skip
+    slicer_copy = store_root.parent / "slicer_copy.nii.gz"
+    save_mask_nifti(np.ascontiguousarray(proposal_mask[::-1]), reversed_k, slicer_copy)
+    code, out = run("save", new_case.id, str(slicer_copy), "--store", str(store_root), "--user", "carol",
                     "--seconds", "30", "--model", "tiny-1+v2")
     assert code == 0 and "label version 1" in out and "submitted" in out
+    with Datastore(store_root) as ds:
+        assert np.array_equal(ds.load_label(ds.latest_label(new_case.id).id), proposal_mask)
     code, out = run("cases", "--store", str(store_root), "--status", "submitted")
     assert out.count("submitted") == 6
     export = store_root.parent / "export"
