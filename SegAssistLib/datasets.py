@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -138,6 +139,7 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
             labels[stem] = path
     cases = []
     channels = set()  # of the labelled cases' per-channel files (case_0000.nii.gz)
+    per_channel = set()  # the labelled cases stored as per-channel files
     for path in sorted(images_dir.iterdir()):
         stem = _strip_suffix(path.name)
         if stem is None or path.name.startswith("."):
@@ -146,6 +148,7 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
         inside = channel
         if match and match.group(1) in labels:
             channels.add(int(match.group(2)))
+            per_channel.add(match.group(1))
             if int(match.group(2)) != channel:
                 continue
             stem, inside = match.group(1), None
@@ -155,6 +158,11 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
         names = ", ".join(str(c) for c in sorted(channels))
         raise SegAssistError(f"channel {channel} does not exist in {root}: its images have channel"
                              f"{'s' if len(channels) > 1 else ''} {names} (imagesTr/<case>_{min(channels):04d}...)")
+    lacking = sorted(per_channel - {c.name for c in cases})
+    if lacking:  # said, not dropped in silence: a mean over fewer cases than the folder holds
+        shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+        warnings.warn(f"{root}: {len(lacking)} labelled case(s) have no channel {channel} file and are left out: "
+                      f"{shown}", stacklevel=2)
     return cases
 
 

@@ -122,6 +122,18 @@ def test_a_channel_the_cases_lack_is_named_not_no_cases(tmp_path, cases, channel
     assert [c.name for c in list_cases(folder, channel=present)] == sorted(c for c in cases if present in cases[c])
 
 
+def test_cases_that_lack_the_channel_are_named_when_others_have_it(tmp_path):
+    """A mean over fewer cases than the folder holds is said, not reached in silence."""
+    import warnings
+
+    folder = _channel_files(tmp_path / "ds", {"c1": (0, 1), "c2": (0,), "c3": (0, 1)})
+    with pytest.warns(UserWarning, match=r"1 labelled case\(s\) have no channel 1 file and are left out: c2$"):
+        assert [c.name for c in list_cases(folder, channel=1)] == ["c1", "c3"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every case has channel 0: nothing to say
+        assert [c.name for c in list_cases(folder, channel=0)] == ["c1", "c2", "c3"]
+
+
 def test_a_folder_without_per_channel_files_still_lists_no_cases_quietly(tmp_path):
     folder = tmp_path / "ds"
     (folder / "imagesTr").mkdir(parents=True)
