@@ -18,6 +18,7 @@ from SegAssistLib import rasterize
 from SegAssistLib.engine import patching
 from SegAssistLib.engine.patching import Window
 from SegAssistLib.prompts import (
+    BOX_FLAT_TOLERANCE,
     WIDE_SCRIBBLE_WIDTH,
     BoxPrompt,
     LassoPrompt,
@@ -100,7 +101,7 @@ def _box_in_patch(box: BoxPrompt, window: Window) -> np.ndarray:
     as training's 2D boxes do.
     """
     corners = np.asarray([box.min_corner, box.max_corner], float)[:, ::-1]
-    solid = corners[1] - corners[0] >= 1.0
+    solid = corners[1] - corners[0] > BOX_FLAT_TOLERANCE  # thinner than a voxel but not flat: whole voxels too
     first, last = np.floor(corners[0] + 0.5), np.ceil(corners[1] - 0.5)  # the end voxels
     half = 0.5 * window.scale
     lo = np.where(solid, window.to_patch(first[None])[0] - half, window.to_patch(corners[:1])[0])

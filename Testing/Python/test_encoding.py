@@ -130,6 +130,15 @@ def test_a_box_covers_its_end_voxels_whole_in_a_magnifying_patch():
     flat = to_patch_prompt(BoxPrompt(min_corner=(4, 6, 3), max_corner=(30, 20, 3)), win)
     ks = np.flatnonzero(draw_prompts([flat], 40)[4].any(axis=(1, 2)))
     assert len(ks) == 1 and ks[0] == 17  # slice 3's centre, one plane
+    # thinner than a slice but not flat (dragged on a coronal view, 0.8 of a slice tall): the slices its
+    # corners fall in, whole, as fill_box holds them; a drag 0.01 voxel longer changed nothing there
+    for k0, k1, slices in ((3.1, 3.9, (3, 4)), (3.0, 3.99, (3, 4)), (3.0, 4.0, (3, 4)), (3.2, 3.4, (3,))):
+        thin = BoxPrompt(min_corner=(4, 6, k0), max_corner=(30, 20, k1))
+        drawn = np.zeros((8, 40, 40), bool)
+        rasterize.fill_box(drawn, np.asarray(thin.min_corner)[::-1], np.asarray(thin.max_corner)[::-1])
+        assert tuple(np.flatnonzero(drawn.any(axis=(1, 2)))) == slices
+        ks = np.flatnonzero(draw_prompts([to_patch_prompt(thin, win)], 40)[4].any(axis=(1, 2)))
+        assert (ks.min(), ks.max()) == (5 * slices[0], 5 * slices[-1] + 4), (k0, k1)
 
 
 def test_negative_lasso_is_background_ink():
