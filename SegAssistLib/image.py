@@ -168,9 +168,9 @@ def guess_modality(volume: Volume) -> str:
 def scaled_to_unit(image: np.ndarray) -> np.ndarray:
     """Intensities clipped to their 0.5-99.5 percentiles and scaled to [0, 1] (float32): what the
     seeded methods (the baselines, the engine's edge snap) compare."""
-    image = np.asarray(image, np.float32)
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    span = float(hi - lo)
-    if span <= 1e-6 * max(abs(float(lo)), abs(float(hi))) or span == 0.0:  # constant (relative: tiny units)
+    image = np.asarray(image, np.float64)  # float32 near its limit overflows hi - lo and image - lo
+    lo, hi = (float(x) for x in np.percentile(image, [0.5, 99.5]))
+    span = hi - lo
+    if span <= 1e-6 * max(abs(lo), abs(hi)) or span == 0.0:  # constant (relative: tiny units)
         span = 1.0
     return np.clip((image - lo) / span, 0.0, 1.0).astype(np.float32)

@@ -201,14 +201,15 @@ def normalise_patch(patch: torch.Tensor) -> torch.Tensor:
     flat = patch.reshape(-1).numpy()
     if flat.size > 32768:
         flat = flat[:: flat.size // 32768]
-    lo, hi = np.percentile(flat, [0.5, 99.5])
-    clipped = patch.clamp(float(lo), float(hi))
-    sample = np.clip(flat, lo, hi)
+    lo, hi = (float(x) for x in np.percentile(flat, [0.5, 99.5]))
+    clipped = patch.clamp(lo, hi)
+    sample = np.clip(flat.astype(np.float64), lo, hi)  # float64: values near float32's limit overflow its sums
     mean, std = float(sample.mean()), float(sample.std())
     # constant: a spread lost in float rounding; relative, so images in tiny units (an ADC map in
     # m^2/s, values near 1e-9) are scaled like any other, not passed on as nearly blank
-    constant = std <= 1e-6 * max(abs(float(lo)), abs(float(hi))) or std == 0.0
-    return (clipped - mean) / (1.0 if constant else std)
+    constant = std <= 1e-6 * max(abs(lo), abs(hi)) or std == 0.0
+    # in float64 too: a patch spanning both signs near float32's limit made x - mean infinite (NaN logits)
+    return ((clipped.double() - mean) / (1.0 if constant else std)).float()
 
 
 def extract_image_patch(array: np.ndarray, window: Window, modality: str = "MR") -> torch.Tensor:

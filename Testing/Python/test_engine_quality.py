@@ -80,3 +80,21 @@ def test_a_negative_click_alone_draws_nothing_and_still_counts_later(shipped_eng
     session.add_prompt(first_click(target, volume.spacing))
     assert session.result().any() and not session.result()[int(k), int(j), int(i)]
     assert len(session.prompt_log().prompts) == 2
+
+
+def test_intensities_near_the_float32_limit_segment_as_the_same_image_in_unit_range(shipped_engine):
+    """The z-score is blind to scale, but computed in float32 a patch spanning both signs near the
+    limit (values the image checks accept) made x - mean infinite: NaN logits, an empty answer, no error."""
+    from pathlib import Path
+
+    from SegAssistLib.image import Volume
+
+    sample = load_volume(Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "hippocampus_001_image.nii.gz")
+    centred = sample.array.astype(np.float64) - sample.array.mean()
+    unit = centred / np.abs(centred).max()
+    masks = []
+    for scale in (1.0, 3e38):
+        volume = Volume((unit * scale).astype(np.float32), sample.spacing, sample.origin, sample.direction)
+        masks.append(shipped_engine.open_session(volume, [PointPrompt(position=(16, 27, 15))]).result())
+    assert masks[0].sum() > 300
+    assert dice(masks[1], masks[0]) > 0.98
