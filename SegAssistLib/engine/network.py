@@ -16,8 +16,9 @@ import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Tuple, Type, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
+import numpy as np
 import torch
 from monai.networks.nets import UNet
 
@@ -51,6 +52,40 @@ class NetworkConfig:
             if key in known:
                 known[key] = tuple(known[key])
         return cls(**known)
+
+
+MAX_WIDTH = 512  # feature channels of a level: at most ~0.5 GB of weights for the deepest config allowed
+
+
+def config_problem(config: NetworkConfig) -> Optional[str]:
+    """What makes ``config`` a network the engine cannot run (None: nothing): it must take the engine's
+    input channels and give one logit, with a patch its strides divide, within sane sizes. Checked
+    before the network is built: a config of a few bytes (channels of 30000) asked for 97 GB."""
+    from SegAssistLib.engine.encoding import CHANNELS
+
+    def ints(values: Any) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+    if not ints((config.in_channels, config.out_channels, config.num_res_units, config.patch_size)):
+        return "in_channels, out_channels, num_res_units and patch_size must be integers"
+    if config.in_channels != len(CHANNELS):
+        return (f"its network takes {config.in_channels} input channels; the engine encodes {len(CHANNELS)} "
+                f"({', '.join(CHANNELS)})")
+    if config.out_channels != 1:
+        return f"its network gives {config.out_channels} output channels; the engine reads one logit"
+    if not ints(config.channels) or not ints(config.strides) or not 2 <= len(config.channels) <= 8:
+        return f"channels {list(config.channels)} must be 2 to 8 integers, strides integers"
+    if len(config.strides) != len(config.channels) - 1:
+        return f"strides {list(config.strides)} must have one entry fewer than channels {list(config.channels)}"
+    if not all(1 <= c <= MAX_WIDTH for c in config.channels) or not all(1 <= s <= 4 for s in config.strides):
+        return (f"channels must be 1 to {MAX_WIDTH} and strides 1 to 4, got {list(config.channels)}, "
+                f"{list(config.strides)}")
+    if not 0 <= config.num_res_units <= 8:
+        return f"num_res_units {config.num_res_units} must be 0 to 8"
+    step = int(np.prod(config.strides))
+    if not 8 <= config.patch_size <= 512 or config.patch_size % step:
+        return f"patch_size {config.patch_size} must be 8 to 512 and a multiple of the strides' product {step}"
+    return None
 
 
 def build_network(config: NetworkConfig) -> torch.nn.Module:
@@ -146,14 +181,21 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     payload = load_tagged_file(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ModelError)
     try:
         config = NetworkConfig.from_dict(payload.get("config", {}))
+        problem = config_problem(config)
+        if problem:
+            raise ModelError(f"checkpoint {path} is not a network this engine runs: {problem}")
         network = build_network(config)
         meta = dict(payload.get("meta", {}))
-    except (TypeError, ValueError, AttributeError) as exc:  # tagged as a checkpoint, but its fields are not
+    except (TypeError, ValueError, AttributeError, RuntimeError) as exc:  # tagged as a checkpoint, fields not
         raise ModelError(f"checkpoint {path} has a malformed network config or meta: {exc}") from exc
     try:
         network.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
         raise ModelError(f"checkpoint {path} does not match its network config: {exc}") from exc
+    bad = next((name for name, t in network.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
+               None)  # fmt: skip
+    if bad is not None:  # every answer would be NaN: an empty mask, said by no error
+        raise ModelError(f"checkpoint {path} holds NaN or infinite weights ({bad}): it cannot segment")
     network.to(device).eval()
     # the identity of the weights as loaded (float32): one stored in float16 is the same network, and
     # adapters check the identity of the network they are applied to

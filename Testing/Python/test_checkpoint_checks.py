@@ -1,0 +1,62 @@
+"""A checkpoint the engine cannot run is refused when it loads, with what is wrong, instead of failing at
+the first prompt (a raw torch error), answering empty masks (NaN weights), using the wrong output, or
+asking for gigabytes from a config of a few bytes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from SegAssistLib.engine.network import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    NetworkConfig,
+    build_network,
+    load_checkpoint,
+    save_checkpoint,
+)
+from SegAssistLib.errors import ModelError
+
+TINY = NetworkConfig(channels=(4, 8), strides=(2,), patch_size=16)
+
+
+def _saved(tmp_path, name: str, config: NetworkConfig):
+    return save_checkpoint(tmp_path / name, build_network(config), config, {})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"in_channels": 5}, "takes 5 input channels; the engine encodes 7"),
+        ({"out_channels": 3}, "gives 3 output channels; the engine reads one logit"),
+        ({"patch_size": 0}, "patch_size 0 must be 8 to 512"),
+        ({"patch_size": 17}, "a multiple of the strides' product 2"),
+    ],
+)
+def test_a_network_the_engine_cannot_run_is_refused_on_loading(tmp_path, change, message):
+    config = NetworkConfig(**{**TINY.__dict__, **change})
+    with pytest.raises(ModelError, match=message):
+        load_checkpoint(_saved(tmp_path, "odd.pt", config))
+
+
+def test_a_few_bytes_of_config_cannot_ask_for_gigabytes(tmp_path):
+    for channels in ([30000, 30000], [-1, 5]):
+        payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                   "config": {**TINY.__dict__, "channels": channels}, "state_dict": {}, "meta": {}}  # fmt: skip
+        torch.save(payload, tmp_path / "hostile.pt")
+        started = time.perf_counter()
+        with pytest.raises(ModelError, match=r"channels must be 1 to \d+"):
+            load_checkpoint(tmp_path / "hostile.pt")
+        assert time.perf_counter() - started < 5.0  # refused before any network is built
+
+
+def test_nan_weights_are_refused_not_answered_with_empty_masks(tmp_path):
+    network = build_network(TINY)
+    with torch.no_grad():
+        next(iter(network.parameters())).fill_(float("nan"))
+    path = save_checkpoint(tmp_path / "nan.pt", network, TINY, {})
+    with pytest.raises(ModelError, match="NaN or infinite weights"):
+        load_checkpoint(path)
+    assert load_checkpoint(_saved(tmp_path, "fine.pt", TINY)).config == TINY  # the same network, finite: loads
