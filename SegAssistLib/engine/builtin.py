@@ -108,7 +108,11 @@ class _Step:
 
     @property
     def nbytes(self) -> int:
-        return int(self.before_bits.nbytes + self.after_bits.nbytes)
+        """What the step holds: its bits, its two prompt lists (the prompts themselves are shared
+        with the session and the other steps: a reference each) and a fixed overhead, so a step that
+        changes no voxel (a reset of an empty mask) still counts against the history budget."""
+        refs = len(self.prompts_before) + len(self.prompts_after)
+        return int(self.before_bits.nbytes + self.after_bits.nbytes) + STEP_OVERHEAD_BYTES + 8 * refs
 
 
 _NOTHING = (slice(0, 0),) * 3  # an empty box: the answer changes no voxel
@@ -117,6 +121,12 @@ _NOTHING = (slice(0, 0),) * 3  # an empty box: the answer changes no voxel
 MIN_HISTORY_BYTES = 64 << 20
 #: The history may also keep this many whole-image changes (bit-packed, before and after).
 HISTORY_WHOLE_IMAGES = 8
+#: Most steps the undo history keeps, however small: a step that changes no voxel still costs its
+#: object and prompt lists, and thousands of resets of an empty mask were all kept.
+MAX_HISTORY_STEPS = 1000
+#: What one step is counted to hold besides its bits and prompt references (its objects; measured
+#: about 600 bytes).
+STEP_OVERHEAD_BYTES = 1024
 
 
 def history_budget_bytes(shape: Tuple[int, ...]) -> int:
@@ -264,9 +274,10 @@ class BuiltinSession(EngineSession):
         return MaskUpdate(offset, after.copy())
 
     def _forget_oldest_steps(self) -> None:
-        """Keep the undo history within its budget (the latest step is always kept)."""
+        """Keep the undo history within its budget and :data:`MAX_HISTORY_STEPS` steps (the latest
+        step is always kept)."""
         held = sum(step.nbytes for step in self._undo)
-        while held > self._history_budget and len(self._undo) > 1:
+        while (held > self._history_budget or len(self._undo) > MAX_HISTORY_STEPS) and len(self._undo) > 1:
             held -= self._undo.pop(0).nbytes
 
     def _marks_background_only(self, prompt: Prompt) -> bool:

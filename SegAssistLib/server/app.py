@@ -17,7 +17,7 @@ from SegAssistLib.api_models import API_PREFIX, API_VERSION, Health, ModelInfo, 
 from SegAssistLib.server import routes_images, routes_learning, routes_sessions
 from SegAssistLib.server.deps import TokenGateMiddleware, current_user, get_state
 from SegAssistLib.server.errors import install_error_handlers
-from SegAssistLib.server.limits import BodyLimitMiddleware
+from SegAssistLib.server.limits import LARGE_JSON_PARSES, BodyLimitMiddleware, ParseSlots, release_parse_slot
 from SegAssistLib.server.responses import ERROR_RESPONSES
 from SegAssistLib.server.settings import ServerSettings
 from SegAssistLib.server.state import EngineFactory, ServerState, default_engine_factory
@@ -72,6 +72,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.upload_slots = asyncio.Semaphore(settings.limits.max_concurrent_uploads)
         state.prompt_checks = anyio.CapacityLimiter(routes_sessions.PROMPT_CHECK_THREADS)
+        state.json_parses = ParseSlots(LARGE_JSON_PARSES)
         await run_in_threadpool(state.pool.start)
         caps = state.pool.capabilities
         log.info("model %s %s on %s", caps.name, caps.version, ", ".join(settings.devices))
@@ -101,6 +102,7 @@ def create_app(
             "open a session, send prompts, receive only the changed box of the mask. See docs/api.md."
         ),
         lifespan=lifespan,
+        dependencies=[Depends(release_parse_slot)],  # the body is parsed: the next large one may be read
     )
     app.state.segassist = state
     install_error_handlers(app)
@@ -109,6 +111,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware,
         limit_for=lambda path: limits.max_body_bytes if path == upload_path else limits.max_json_bytes,
+        parse_slots=lambda path: None if path == upload_path else state.json_parses,
     )
     public = (f"{API_PREFIX}/health", app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
     app.add_middleware(TokenGateMiddleware, state=state, public=[p for p in public if p])  # outermost: runs first

@@ -32,16 +32,78 @@ def _too_large(limit: int, what: str) -> ApiError:
     )  # fmt: skip
 
 
+#: A JSON body above this many bytes (or of no declared length) waits for a :class:`ParseSlots` slot
+#: before it is read: parsed, JSON costs about 25 times its size in Python objects, and the parse
+#: holds the event loop, so a few large bodies at once could take gigabytes and stall every request.
+LARGE_JSON_BYTES = 1024**2
+#: Large JSON bodies read and parsed at once; the others wait their turn.
+LARGE_JSON_PARSES = 2
+#: The scope key under which a request holds its slot (see :func:`release_parse_slot`).
+PARSE_SLOT_KEY = "segassist.parse_slot"
+
+
+class ParseSlots:
+    """At most ``size`` large bodies read and parsed at once; ``active``, ``waiting`` and ``peak``
+    (the most held at once) count them. Made on the server's event loop (its lifespan)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._semaphore = asyncio.Semaphore(size)
+        self.active = 0
+        self.waiting = 0
+        self.peak = 0
+
+    async def acquire(self) -> Callable[[], None]:
+        """Waits for a slot; returns its release, which may be called more than once."""
+        self.waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        held = [True]
+
+        def release() -> None:
+            if held[0]:
+                held[0] = False
+                self.active -= 1
+                self._semaphore.release()
+
+        return release
+
+
+def release_parse_slot(request: Request) -> None:
+    """A dependency of every route: the body has been parsed once dependencies run, so the request's
+    large-body slot (if it holds one) goes to the next while the route itself runs."""
+    release = request.scope.pop(PARSE_SLOT_KEY, None)
+    if release is not None:
+        release()
+
+
 class BodyLimitMiddleware:
     """Refuse bodies above a per-path limit: early from Content-Length, else while streaming.
 
     ``limit_for(path)`` gives the byte limit of a request path. A declared length above it is
     answered 413 before a byte of the body is read.
+
+    ``parse_slots(path)`` gives the :class:`ParseSlots` a large body to this path waits for (None:
+    it waits for none, as an upload, which is streamed and bounded by its own slots). A body
+    declared above :data:`LARGE_JSON_BYTES`, or of no declared length, is received here (a slow
+    sender holds no slot) and handed on to be parsed only once it holds a slot; the slot is
+    released when the route starts (:func:`release_parse_slot`), at the latest
+    when the reply starts or the request ends.
     """
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit_for: Callable[[str], int],
+        parse_slots: Callable[[str], Optional[ParseSlots]] = lambda path: None,
+    ) -> None:
         self.app = app
         self.limit_for = limit_for
+        self.parse_slots = parse_slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,7 +137,41 @@ class BodyLimitMiddleware:
                     raise _too_large(limit, "request body")
             return message
 
-        await self.app(scope, limited_receive, send)
+        slots = self.parse_slots(scope["path"]) if scope.get("method") not in ("GET", "HEAD") else None
+        if slots is None or (declared is not None and declared <= LARGE_JSON_BYTES):
+            await self.app(scope, limited_receive, send)
+            return
+        # the body first (a slow sender holds no slot), then the slot, then the app parses it
+        body = bytearray()
+        more = True
+        while more:
+            message = await limited_receive()
+            if message["type"] != "http.request":  # gone: the app answers as to any disconnect
+                await self.app(scope, receive, send)
+                return
+            body.extend(message.get("body", b""))
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        release = await slots.acquire()
+        scope[PARSE_SLOT_KEY] = release
+
+        async def releasing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            await self.app(scope, replay_receive, releasing_send)
+        finally:
+            release()
 
 
 #: Checks a frame's JSON header (and its length in bytes, magic and length field included) as soon

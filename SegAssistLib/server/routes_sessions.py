@@ -122,12 +122,16 @@ async def _open_session(body: CreateSession, state: ServerState, user: str) -> S
         raise ApiError(
             409, ErrorCode.PROMPT_LIMIT, f"{len(body.prompts)} prompts to replay, above the limit of {limit}"
         )
-    checked = await run_in_threadpool(_checked_prompts, body.prompts)  # off the event loop: slabs decompress
+    # the cheap checks first (the user's session limit, the image), so a create that would be refused
+    # anyway does no prompt work; then the prompts, off the event loop (slabs decompress) and a few
+    # at a time, on the threads that check added prompts
     state.sessions.reserve(user)
     try:
         volume = await run_in_threadpool(state.images.get, body.image_id)
         if volume is None:
             raise ApiError(404, ErrorCode.IMAGE_NOT_FOUND, f"no image {body.image_id} on this server: upload it first")
+        assert state.prompt_checks is not None  # made by the app's lifespan, which runs before any request
+        checked = await anyio.to_thread.run_sync(_checked_prompts, body.prompts, limiter=state.prompt_checks)
         if body.modality:
             volume = dataclasses.replace(volume, modality=body.modality)
         shape = tuple(int(n) for n in volume.array.shape)
@@ -182,9 +186,9 @@ async def add_prompt(
     req_id: Optional[str] = Depends(request_id),
 ) -> MaskUpdateReply:
     assert state.prompt_checks is not None  # made by the app's lifespan, which runs before any request
+    session = state.sessions.get(user, session_id)  # first: an unknown session costs no prompt work
     # off the event loop (a slab decompresses), a few at a time
     prompt = await anyio.to_thread.run_sync(_checked_prompt, body.prompt, limiter=state.prompt_checks)
-    session = state.sessions.get(user, session_id)
     _check_prompt(state, session.shape, prompt)
     limit = state.limits.max_prompts_per_session
 

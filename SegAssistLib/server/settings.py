@@ -21,7 +21,11 @@ class Limits(BaseModel):
     max_voxels: int = Field(600 * 1024 * 1024, gt=0, description="voxels per image")
     max_axis: int = Field(2048, gt=0, description="voxels along any one axis")
     max_body_bytes: int = Field(2 * 1024**3, gt=0, description="bytes of one image upload")
-    max_json_bytes: int = Field(32 * 1024**2, gt=0, description="bytes of any other request body")
+    # 16 MiB: one prompt at its largest (a slab of 4096 x 4096 random bits: 2.8 MB of JSON) five times
+    # over, and a replay of max_prompts_per_session (2000) slab prompts of 8 KB each (a lasso about
+    # 1,300 voxels across on its slice: 2000 such are 16 MB; of 400 voxels, 5 MB). Parsed JSON costs
+    # up to 25 times its size in memory, so the limit is no larger than legitimate bodies need.
+    max_json_bytes: int = Field(16 * 1024**2, gt=0, description="bytes of any other request body")
     max_sessions_per_user: int = Field(8, gt=0)
     max_sessions_total: int = Field(64, gt=0)
     max_prompts_per_session: int = Field(2000, gt=0)

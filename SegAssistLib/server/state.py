@@ -18,6 +18,7 @@ from SegAssistLib.server.auth import TokenVerifier
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.images import ImageStore
 from SegAssistLib.server.learning import LearningState, base_checkpoint
+from SegAssistLib.server.limits import ParseSlots
 from SegAssistLib.server.sessions import ServerSession, SessionStore
 from SegAssistLib.server.settings import ServerSettings
 from SegAssistLib.server.worker import InferenceWorker, QueueFull, WorkerPool, WorkerStopped
@@ -69,6 +70,7 @@ class ServerState:
         # made by the app's lifespan on the server's event loop (the state is built before it runs)
         self.upload_slots: Optional[asyncio.Semaphore] = None  # uploads decoded at once (routes_images)
         self.prompt_checks: Optional[anyio.CapacityLimiter] = None  # threads checking added prompts (routes_sessions)
+        self.json_parses: Optional[ParseSlots] = None  # large JSON bodies read and parsed at once (limits)
         self.clock = clock
         self.learning: Optional[LearningState] = None
         if settings.learn_store is not None:

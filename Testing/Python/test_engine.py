@@ -484,3 +484,31 @@ def test_an_image_in_tiny_units_is_segmented_like_the_same_image_in_ordinary_one
         results.append(session.result())
     agree = 2 * np.logical_and(*results).sum() / max(1, results[0].sum() + results[1].sum())
     assert results[0].any() and agree > 0.99
+
+
+def test_steps_that_change_no_voxel_keep_the_history_bounded(engine, monkeypatch):
+    """Each reset of an empty mask kept a step counted as 0 bytes: 3000 resets kept 3000 steps. A step
+    counts a fixed overhead and its prompt lists, and the history keeps at most MAX_HISTORY_STEPS."""
+    from SegAssistLib.engine import builtin
+
+    vol, _ = _blob_volume()
+    session = engine.open_session(vol)
+    for _ in range(builtin.MAX_HISTORY_STEPS + 200):
+        session.reset()
+    assert len(session._undo) == builtin.MAX_HISTORY_STEPS
+    assert all(step.nbytes >= builtin.STEP_OVERHEAD_BYTES for step in session._undo)
+    for _ in range(5):  # the latest steps still undo and redo
+        session.undo()
+    session.redo()
+    assert session.can_undo and not session.result().any()
+
+    monkeypatch.setattr(builtin, "MIN_HISTORY_BYTES", 0)  # the image's own share only: a small budget
+    session = engine.open_session(vol)
+    budget = builtin.history_budget_bytes(vol.array.shape)
+    n = budget // builtin.STEP_OVERHEAD_BYTES + 50
+    assert n < builtin.MAX_HISTORY_STEPS  # the byte budget, not the step cap, bounds these
+    for _ in range(n):
+        session.reset()
+    assert sum(step.nbytes for step in session._undo) <= budget
+    assert 1 < len(session._undo) < n
+    session.undo()
