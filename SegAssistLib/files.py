@@ -26,15 +26,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 TMP_PREFIX = ".tmp-"
 
-# the single-file image formats written through SimpleITK, which picks its writer by the suffix; the
-# longest first (".nii.gz" before ".nii")
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha")
+# the single-file image formats written through SimpleITK, which picks its writer by the suffix; a
+# suffix before every shorter one it ends in (".seg.nrrd" before ".nrrd", ".nii.gz" before ".nii")
+IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha")
 
 
 def image_suffix(name: str) -> Optional[str]:
     """The one of :data:`IMAGE_SUFFIXES` that ``name`` ends in, in any case (returned in lower case)."""
     lower = name.lower()
-    return next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if lower.endswith(s)), None)
+    return next((s for s in IMAGE_SUFFIXES if lower.endswith(s)), None)
 
 
 def sitk_path(path: os.PathLike[str] | str) -> str:

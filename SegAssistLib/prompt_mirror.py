@@ -65,6 +65,17 @@ def mirrored_axes(
     return tuple(bool(f) for f in flipped_ijk[::-1])  # type: ignore[return-value]
 
 
+def reversed_back(array: np.ndarray, there, reference) -> Optional[np.ndarray]:
+    """``array`` (array order ``[k, j, i]``) on grid ``there`` put on ``reference``'s grid when ``there``
+    is that grid with some axes stored in reverse order (:func:`mirrored_axes`; both have ``spacing``,
+    ``origin`` and ``direction``, as a :class:`~SegAssistLib.image.Volume` does); None when it is not."""
+    flips = mirrored_axes(tuple(array.shape[::-1]), there.spacing, there.origin, there.direction,
+                          reference.spacing, reference.origin, reference.direction)  # fmt: skip
+    if flips is None:
+        return None
+    return np.ascontiguousarray(np.flip(array, axis=tuple(a for a in range(3) if flips[a])))
+
+
 def mirror_prompt(prompt: Prompt, flips_kji: Flips, shape_kji: Sequence[int]) -> Prompt:
     """``prompt`` on the image whose voxels run in reverse order along the axes ``flips_kji``
     (array order ``[k, j, i]``) of an image of shape ``shape_kji``: index ``x`` becomes ``n - 1 - x``.

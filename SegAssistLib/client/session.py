@@ -338,8 +338,10 @@ class RemoteSession(EngineSession):
 
         A ``volume`` that is not the session's image is refused before the session changes server."""
         vol = self._checked_volume(volume)
+        if vol is not None:
+            self._volume = vol  # checked: recover() uses it without hashing it again
         self.client = client
-        return self.recover(progress, vol)
+        return self.recover(progress)
 
     def _checked_volume(self, volume: Optional[Union[Volume, np.ndarray]]) -> Optional[Volume]:
         """``volume`` in wire form if it is the session's image (None stays None); else

@@ -43,7 +43,7 @@ from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.files import atomic_write_bytes
 from SegAssistLib.image import Volume, geometry_difference
 from SegAssistLib.io import load_mask, load_volume, read_geometry
-from SegAssistLib.prompt_mirror import mirrored_axes
+from SegAssistLib.prompt_mirror import reversed_back
 from SegAssistLib.prompts import Prompt, dumps_prompt
 
 PROTOCOLS = ("clicks", "box+clicks", "scribble+clicks")
@@ -429,12 +429,8 @@ def label_on_image_grid(
     problem = label_grid_problem(label, labels, volume)
     if problem is None or labels.shape != volume.array.shape:
         return labels, problem
-    there = read_geometry(label)
-    flips = mirrored_axes(volume.shape_ijk, there.spacing, there.origin, there.direction,
-                          volume.spacing, volume.origin, volume.direction)  # fmt: skip
-    if flips is None:
-        return labels, problem
-    return np.ascontiguousarray(np.flip(labels, axis=tuple(a for a in range(3) if flips[a]))), None
+    back = reversed_back(labels, read_geometry(label), volume)  # read again only for a label off the grid
+    return (labels, problem) if back is None else (back, None)
 
 
 def load_case(case: Case) -> Tuple[Volume, np.ndarray]:

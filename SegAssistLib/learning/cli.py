@@ -312,24 +312,10 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
-def _on_reversed_grid(mask, there, reference, difference: str):
-    """``mask`` (on grid ``there``) on the case's grid ``reference`` when ``there`` is that grid with
-    some axes stored in reverse order, every voxel at its place (Slicer saves a labelmap of a
-    left-handed image with its slices reversed): ``(mask reversed back, None)``; else unchanged."""
-    import numpy as np
-
-    from SegAssistLib.prompt_mirror import mirrored_axes
-
-    flips = mirrored_axes(tuple(mask.shape[::-1]), there.spacing, there.origin, there.direction,
-                          reference.spacing, reference.origin, reference.direction)  # fmt: skip
-    if flips is None:
-        return mask, difference
-    return np.ascontiguousarray(np.flip(mask, axis=tuple(a for a in range(3) if flips[a]))), None
-
-
 def cmd_save(args: argparse.Namespace) -> int:
     from SegAssistLib.image import geometry_difference
     from SegAssistLib.io import load_mask, read_geometry
+    from SegAssistLib.prompt_mirror import reversed_back
 
     mask = load_mask(args.mask)
     log = args.prompt_log.read_text() if args.prompt_log is not None else None
@@ -340,9 +326,10 @@ def cmd_save(args: argparse.Namespace) -> int:
             if tuple(mask.shape) != tuple(case.shape)
             else geometry_difference(read_geometry(args.mask), store.reference_geometry(case.id))
         )
-        if difference is not None:  # the case's grid stored with axes reversed (Slicer's left-handed files)?
-            mask, difference = _on_reversed_grid(mask, read_geometry(args.mask), store.reference_geometry(case.id),
-                                                 difference)  # fmt: skip
+        if difference is not None and tuple(mask.shape) == tuple(case.shape):
+            # the case's grid stored with axes reversed (Slicer's labelmap of a left-handed image)?
+            back = reversed_back(mask, read_geometry(args.mask), store.reference_geometry(case.id))
+            mask, difference = (mask, difference) if back is None else (back, None)
         if difference is not None:  # same shape on another grid: stored as is, it would lie misplaced
             raise DatastoreError(
                 f"{args.mask} is not on the case's voxel grid: {difference}. Export the segmentation on the "

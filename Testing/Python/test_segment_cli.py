@@ -182,7 +182,8 @@ def test_an_output_of_no_mask_format_is_refused_before_the_model_loads(tmp_path,
     missing_model = tmp_path / "no-such-model.pt"  # never read: the refusal comes first
     assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", out, "--model", missing_model) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"segassist segment: error: --out {out}: write the result as .nii.gz, .nii, .seg.nrrd")
+    assert err.startswith(f"segassist segment: error: --out {out}: write the result as "
+                          ".seg.nrrd, .nii.gz, .nrrd, .nii, .mha")  # fmt: skip
     assert err.count("\n") == 1 and not out.exists() and list(tmp_path.iterdir()) == []
 
 
