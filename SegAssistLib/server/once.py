@@ -22,7 +22,8 @@ Key = Tuple[str, str, str]
 
 class OnceReplies:
     """Answers by (user, what, request id), kept for ``keep_s`` seconds; a next-case answer holds
-    a compressed proposal mask, hence the bounds on count and age."""
+    a compressed proposal mask, hence the bounds on count and age. Requests still running are
+    kept beyond both bounds."""
 
     def __init__(
         self, capacity: int = DEFAULT_CAPACITY, keep_s: float = DEFAULT_KEEP_S,
@@ -37,9 +38,14 @@ class OnceReplies:
         return len(self._answers)
 
     def _forget_old(self) -> None:
+        """Drops answers past ``keep_s`` or over ``capacity``, oldest first, but never one whose
+        request still runs: its repeat must wait for it rather than save a second time."""
         limit = self._clock() - self.keep_s
-        while self._answers and (len(self._answers) > self.capacity or next(iter(self._answers.values()))[0] < limit):
-            self._answers.popitem(last=False)
+        for key, (started, answer) in list(self._answers.items()):
+            if len(self._answers) <= self.capacity and started >= limit:
+                break
+            if answer.done():
+                del self._answers[key]
 
     async def run(self, user: str, what: str, request_id: Optional[str], make: Callable[[], Awaitable[T]]) -> T:
         """``await make()`` once per (user, what, request id); without a request id, every time."""

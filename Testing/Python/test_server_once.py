@@ -58,3 +58,38 @@ def test_a_failure_is_forgotten_and_answers_expire_and_are_bounded():
         return once
 
     asyncio.run(scenario())
+
+
+def test_a_running_request_is_not_forgotten_when_many_others_arrive():
+    """More requests than ``capacity`` while a slow save runs: its repeat still waits for it
+    instead of saving a second version."""
+    calls = []
+
+    async def slow(release: asyncio.Event):
+        calls.append("slow")
+        await release.wait()
+        return "saved once"
+
+    async def quick():
+        calls.append("quick")
+        return "quick"
+
+    async def scenario():
+        once = OnceReplies(capacity=2)
+        release = asyncio.Event()
+        first = asyncio.ensure_future(once.run("alice", "label", "save", lambda: slow(release)))
+        await asyncio.sleep(0)
+        for i in range(5):
+            await once.run("alice", "label", f"other{i}", quick)
+        repeat = asyncio.ensure_future(once.run("alice", "label", "save", lambda: slow(release)))
+        await asyncio.sleep(0)
+        release.set()
+        answers = await asyncio.gather(first, repeat)
+        for i in range(5, 8):  # once done, the slow answer is bounded like the rest
+            await once.run("alice", "label", f"other{i}", quick)
+        return answers, len(once)
+
+    answers, kept = asyncio.run(scenario())
+    assert answers == ["saved once", "saved once"]
+    assert calls.count("slow") == 1
+    assert kept == 2
