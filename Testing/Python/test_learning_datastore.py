@@ -683,6 +683,7 @@ def test_a_store_this_user_can_only_read_can_be_read_and_a_change_is_one_line(tm
             "write access to its folder"
         ), locked.stderr
         assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # nothing written
+        _a_server_on_it_is_refused_at_start(run, root, tmp_path)
         if os.geteuid() != 0:
             return  # below, a process that writes the store: this user cannot
         # a process that writes it holds it open (a server): the reader reads through that one's WAL index
@@ -698,6 +699,13 @@ def test_a_store_this_user_can_only_read_can_be_read_and_a_change_is_one_line(tm
             assert writer.get_case(cases[2].id).locked_by == "alice"
     finally:
         undo()
+
+
+def _a_server_on_it_is_refused_at_start(run, root: Path, tmp_path: Path) -> None:
+    """Not started to answer 503 to the first label save."""
+    served = run("serve", "--port", "0", "--learn-store", str(root), "--data-dir", str(tmp_path / "data"))
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.strip() == f"segassist serve: error: --learn-store {root}: folder {root} is not writable"
 
 
 def test_recover_removes_only_old_leftovers(store: Datastore):
