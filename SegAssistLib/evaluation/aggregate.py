@@ -2,8 +2,11 @@
 
 A record is one session: one structure of one case, segmented by one engine under one protocol
 (see :func:`SegAssistLib.evaluation.runner.evaluate_target`). Means come with a 95 % bootstrap
-interval that resamples cases (:func:`SegAssistLib.evaluation.stats.bootstrap_mean`); curves of
-different lengths (a user who stopped on a perfect mask) carry their last value forward.
+interval that resamples patients (:func:`SegAssistLib.evaluation.stats.bootstrap_mean`): every
+structure of every case of one patient (:func:`SegAssistLib.datasets.patient_of`: ACDC's two frames,
+Sunnybrook's two phases, crops of one scan) is drawn together, since they share the anatomy and
+are not independent. Curves of different lengths (a user who stopped on a perfect mask) carry their
+last value forward.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from SegAssistLib.datasets import patient_of
 from SegAssistLib.evaluation.stats import Estimate, bootstrap_mean, latency_summary
 
 NOC_KEYS = ("80", "85", "90")
@@ -37,13 +41,14 @@ def padded(curves: Sequence[Sequence[Optional[float]]], missing: float = np.inf)
 
 
 def cluster(r: Dict) -> str:
-    return f"{r.get('dataset')}/{r.get('case')}"
+    """The bootstrap's resampling unit of a record: its dataset and patient (not its case)."""
+    return f"{r.get('dataset')}/{patient_of(str(r.get('case')))}"
 
 
 @dataclass
 class Summary:
     n: int
-    cases: int
+    patients: int  # distinct resampling units (:func:`cluster`), not cases
     dice_curve: List[Estimate]
     hd95_median_curve: List[float]
     first_dice: Estimate
@@ -77,7 +82,7 @@ def summarise(records: Sequence[Dict], seed: int = 0) -> Optional[Summary]:
     cuda = [r["peak_cuda_mb"] for r in records if "peak_cuda_mb" in r]
     return Summary(
         n=len(records),
-        cases=len(set(groups)),
+        patients=len(set(groups)),
         dice_curve=[est(col) for col in dice.T],
         hd95_median_curve=[x if np.isfinite(x) else float("nan") for x in hd_median],
         first_dice=est([r["dice"][0] for r in records]),

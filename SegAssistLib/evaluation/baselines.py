@@ -21,8 +21,11 @@ Seeds, the same for both:
 - a box prompt (the user's statement "the object lies in here") replaces that heuristic: the
   background shell is the surface one voxel outside the newest box. A box paints no object seed,
   so a box alone segments nothing; the clicks that follow grow the object inside it. This is how
-  the box-then-clicks protocol gives the baselines the box the model gets (without
-  the image-edge shell, a box face on the image edge stays unseeded here too).
+  the box-then-clicks protocol gives the baselines the box the model gets. Where a box face lies
+  on the image edge there is no voxel outside it, and that face (the box's own voxels, which the
+  box says may be object) stays unseeded, with or without ``shell_on_image_edge``; a shell face
+  outside the box that lies on the image edge is seeded only with ``shell_on_image_edge``, as
+  without a box.
 
 Later prompts paint over earlier ones. Lassos and masks raise :class:`PromptError`. Each prompt
 recomputes the result from all prompts, so undo and redo simply recompute.
@@ -101,16 +104,27 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
                 pts.append(prompt_vertices_kji(p))
         return np.rint(np.concatenate(pts)).astype(int) if pts else np.zeros((0, 3), int)
 
+    @staticmethod
+    def _box_voxels(prompts: Sequence[Prompt]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """The newest box prompt's voxels as array indices ``[k, j, i]``: first, and one past the last
+        (not clipped); ``None`` without a box."""
+        boxes = [p for p in prompts if isinstance(p, BoxPrompt)]
+        if not boxes:
+            return None
+        lo = np.floor(np.asarray(boxes[-1].min_corner, float)[::-1] + 0.5).astype(int)
+        hi = np.ceil(np.asarray(boxes[-1].max_corner, float)[::-1] - 0.5).astype(int) + 1
+        return lo, hi
+
     def roi(self, prompts: Sequence[Prompt]) -> Optional[Box]:
         """The box the baseline works in: the newest box prompt enlarged by one voxel, else the
         object seeds enlarged by the margin; clipped to the image. ``None`` without object seeds."""
         pts = self._object_points(prompts)
         if len(pts) == 0:
             return None
-        boxes = [p for p in prompts if isinstance(p, BoxPrompt)]
-        if boxes:
-            lo = np.maximum(np.floor(np.asarray(boxes[-1].min_corner)[::-1] + 0.5).astype(int) - 1, 0)
-            hi = np.minimum(np.ceil(np.asarray(boxes[-1].max_corner)[::-1] - 0.5).astype(int) + 2, self._shape)
+        box = self._box_voxels(prompts)
+        if box is not None:
+            lo = np.maximum(box[0] - 1, 0)
+            hi = np.minimum(box[1] + 1, self._shape)
             return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
         margin = np.ceil(self._engine.margin_mm / self._spacing_kji).astype(int)
         lo = np.maximum(pts.min(0) - margin, 0)
@@ -118,13 +132,23 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
         return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))  # type: ignore[return-value]
 
     def seeds(self, prompts: Sequence[Prompt], box: Box) -> np.ndarray:
-        """Seed labels inside ``box``: 0 unknown, 1 object, 2 background."""
+        """Seed labels inside ``box``: 0 unknown, 1 object, 2 background.
+
+        The background shell is the surface of ``box``; a face on the image edge only with
+        ``shell_on_image_edge``. With a box prompt, only faces that lie outside the prompt's box: where
+        the box meets the image edge, the working box is clipped to the box's own face, which the box
+        says may hold object, and it stays unseeded whatever ``shell_on_image_edge`` says."""
         lo = np.asarray([s.start for s in box])
         shape = tuple(s.stop - s.start for s in box)
         seeds = np.zeros(shape, np.uint8)
+        prompt_box = self._box_voxels(prompts)
         for axis in range(3):
-            for face, on_image_edge in ((0, box[axis].start == 0), (-1, box[axis].stop == self._shape[axis])):
-                if not on_image_edge or self._engine.shell_on_image_edge:
+            on_edge = (box[axis].start == 0, box[axis].stop == self._shape[axis])
+            beyond = (True, True)  # the face lies outside the box prompt (none: every face does)
+            if prompt_box is not None:
+                beyond = (box[axis].start < prompt_box[0][axis], box[axis].stop > prompt_box[1][axis])
+            for face, edge, outside in ((0, on_edge[0], beyond[0]), (-1, on_edge[1], beyond[1])):
+                if outside and (not edge or self._engine.shell_on_image_edge):
                     index = [slice(None)] * 3
                     index[axis] = face
                     seeds[tuple(index)] = BACKGROUND

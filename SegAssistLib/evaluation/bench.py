@@ -18,7 +18,8 @@ Fixed choices, all stated in the report:
 - the random walker runs on every image (its conjugate-gradient solve, restricted to the seeds'
   region like Grow from seeds, takes ~10 s per click on the 2.3 M-voxel left-atrium images on a
   2-core CPU); ``--randomwalker-max-voxels N`` skips it on bigger images for a faster run;
-- one untimed warm-up interaction per engine before the first record.
+- one untimed warm-up interaction per engine before the first record, on the first readable case
+  that holds one of its structures.
 """
 
 from __future__ import annotations
@@ -173,12 +174,15 @@ def _too_big_for_random_walker(voxels: int, config: BenchConfig) -> bool:
     return config.randomwalker_max_voxels is not None and voxels > config.randomwalker_max_voxels
 
 
-def _warm_up(engines: Dict[str, Engine], job: Job, config: BenchConfig) -> None:
-    """One untimed interaction per engine (the random walker only where its records run)."""
+def _warm_up(engines: Dict[str, Engine], job: Job, config: BenchConfig) -> List[str]:
+    """One untimed interaction per engine (the random walker only where its records run); the names
+    of the engines warmed up (none where the case holds none of its structures)."""
     volume, labels = load_case(job.case)
     too_big = _too_big_for_random_walker(volume.array.size, config)
-    ready = [e for name, e in engines.items() if not (name == "randomwalker" and too_big)]
-    warm_up(ready, volume, [np.isin(labels, s.labels) for s in job.structures])
+    ready = {name: e for name, e in engines.items() if not (name == "randomwalker" and too_big)}
+    if ready and warm_up(list(ready.values()), volume, [np.isin(labels, s.labels) for s in job.structures]):
+        return list(ready)
+    return []
 
 
 def run_bench(
@@ -201,10 +205,13 @@ def run_bench(
     started = time.time()
     machine = machine_info(config.device)  # now: the commit whose code runs, not the one at the end
     unreadable: List[SegAssistError] = []
-    for job in jobs:  # warm up on the first readable case; none readable: nothing to measure
-        try:
-            _warm_up(engines, job, config)
+    cold = dict(engines)  # warm up on the first readable cases holding a structure; none readable: nothing to measure
+    for job in jobs:
+        if not cold:
             break
+        try:
+            for name in _warm_up(cold, job, config):
+                del cold[name]
         except SegAssistError as exc:
             unreadable.append(exc)
     if jobs and len(unreadable) == len(jobs):
@@ -362,8 +369,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Simulated-user benchmark: protocols clicks, box+clicks (CVPR 2025 challenge) and scribble+clicks; "
             "engines builtin (the model), ablation (the model without prompt history), growcut (3D Slicer's "
             "Grow from seeds) and randomwalker, each given the same first interaction and later clicks by the "
-            "same rule. Dice and HD95 after each "
-            "interaction, NoC@80/85/90, latency, peak memory, 95 percent bootstrap intervals. Default selection: "
+            "same rule from its own mask. Dice and HD95 after each interaction, NoC@80/85/90, latency, peak "
+            "memory, 95 percent bootstrap intervals resampling patients. Default selection: "
             f"the evaluation split of every dataset under the data folder ({BENCH_BUDGET})."
         ),
     )

@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Simulated-user evaluation: clicks at the most interior voxel of the largest error "
             "region; Dice after each interaction, NoC@80/85/90, latency, peak memory. "
             "NoC counts interactions (a box or scribble is one); when a threshold is never "
-            "reached NoC is the number allowed and 'reached' is false."
+            "reached NoC is the number allowed (--max-clicks, plus one after a box or scribble) and "
+            "'reached' is false."
         ),
     )
     parser.add_argument("dataset_dir", metavar="DATASET_DIR", help="folder with imagesTr/, labelsTr/, dataset.json")

@@ -4,10 +4,12 @@ Conventions (also written into every evaluation JSON, see :data:`CONVENTIONS`):
 
 - Dice of two empty masks is 1.0 (nothing to find, nothing found); of one empty mask, 0.0.
 - NoC@t (number of clicks to reach Dice ``t``) is the 1-based index of the first interaction whose
-  Dice is at least ``t``. When ``t`` is never reached, NoC is the number of interactions allowed
-  (``max_clicks``, the usual convention of the interactive segmentation literature, which caps NoC
-  instead of inventing a penalty) and a separate ``reached`` flag is False. Mean NoC therefore
-  under-states the effort on hard cases: read it with the fraction reached.
+  Dice is at least ``t``; a box or scribble is an interaction, the first. When ``t`` is never
+  reached, NoC is the number of interactions allowed (the usual convention of the interactive
+  segmentation literature, which caps NoC instead of inventing a penalty): ``max_clicks`` with the
+  clicks-only protocol, ``max_clicks + 1`` with ``box+clicks`` and ``scribble+clicks``; a separate
+  ``reached`` flag is False. Mean NoC therefore under-states the effort on hard cases: read it
+  with the fraction reached.
 - HD95 is the 95th percentile of the pooled distances, in mm, from each surface voxel of one mask
   to the nearest surface voxel of the other, both directions together. Surface voxels are the
   mask's voxels with a face neighbour outside the mask (the image border counts as outside).
@@ -29,8 +31,9 @@ from scipy import ndimage
 CONVENTIONS = {
     "dice": "2|A&B|/(|A|+|B|); both empty = 1.0",
     "noc": (
-        "1-based index of the first interaction with Dice >= threshold; when never reached, "
-        "noc = number of interactions allowed and reached = false"
+        "1-based index of the first interaction (a box or scribble included) with Dice >= threshold; when "
+        "never reached, noc = number of interactions allowed (max_clicks with clicks only, max_clicks + 1 after "
+        "a box or scribble) and reached = false"
     ),
     "hd95_mm": (
         "95th percentile of pooled surface-to-surface distances in mm (both directions, as medpy; MONAI's "
@@ -66,7 +69,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def number_of_clicks(
     dice_per_interaction: Sequence[float], threshold: float, max_clicks: Optional[int] = None
 ) -> Tuple[int, bool]:
-    """``(noc, reached)`` for one threshold; ``max_clicks`` defaults to the number of interactions."""
+    """``(noc, reached)`` for one threshold. ``max_clicks``: the number of interactions allowed, the
+    NoC when ``threshold`` is never reached (the harness passes every interaction of the session: a
+    box or scribble and ``max_clicks`` clicks make ``max_clicks + 1``); defaults to the number of
+    interactions given."""
     values = list(dice_per_interaction)
     limit = len(values) if max_clicks is None else int(max_clicks)
     for n, value in enumerate(values[:limit], start=1):

@@ -105,7 +105,8 @@ class Report:
             "mask is kept). Its latency includes opening that session",
             "growcut": "3D Slicer's Grow from seeds (`vtkImageGrowCutSegment`); clicks and scribbles become seed "
             "balls, background on a shell 30 mm around the object seeds (without the ground truth), or one voxel "
-            "outside the box when there is one (a box alone paints no object seed: Dice 0 at the box step)",
+            "outside the box when there is one, none where the box meets the image edge (a box alone paints no "
+            "object seed: Dice 0 at the box step)",
             "randomwalker": "scikit-image's random walker with the same seeds, in the same region as Grow from "
             "seeds" + (f"; run only on images of at most {rw:,} voxels, so it is absent where the image is larger"
                        if rw else " (it needs ~10 s per click on the 2.3 M-voxel left-atrium images on 2 CPU cores)"),
@@ -129,13 +130,15 @@ class Report:
         self.lines += [
             "- **Metrics** after every interaction: Dice and HD95 (mm, 95th percentile of the symmetric "
             "surface distances using the voxel spacing). NoC@t: interactions (box or scribble included) until "
-            "Dice ≥ t; when never reached it counts as the number allowed, and the percentage reached is "
-            "given in brackets. Dice AUC: the challenge's area under the Dice curve over the clicks after the "
-            "box (trapezoid, unit steps, 0 to 4 with 5 clicks); *AUC norm* divides it by its maximum. "
-            "Latency: the engine's wall-clock time per interaction (median / 95th percentile). Memory: the "
-            "process's peak resident set size during a session.",
+            "Dice ≥ t; when never reached it counts as the number allowed (the clicks, plus one after a box or "
+            "scribble), and the percentage reached is given in brackets. Dice AUC: the challenge's area under "
+            "the Dice curve over the clicks after the box (trapezoid, unit steps, 0 to 4 with 5 clicks); "
+            "*AUC norm* divides it by its maximum. Latency: the engine's wall-clock time per interaction "
+            "(median / 95th percentile). Memory: the process's peak resident set size during a session.",
             f"- **Uncertainty**: means with a {CONFIDENCE:.0%} percentile bootstrap interval ({N_RESAMPLES} "
-            f"resamples of cases, seed {self.seed}), written `mean [low, high]`. HD95 means leave out "
+            f"resamples of patients, seed {self.seed}: all structures and cases of one patient, such as "
+            "ACDC's two frames or Sunnybrook's two phases, are drawn together), written `mean [low, high]`. "
+            "*sessions (patients)* counts the sessions and the patients they come from. HD95 means leave out "
             "sessions that ended with an empty mask (counted as *empty*).",
             "",
         ]
@@ -215,9 +218,9 @@ class Report:
             self.lines += [f"![Dice and HD95 after each interaction, {d}](plots/{png.name})", ""]
             rows = []
             for (p, e), s in curves.items():
-                rows.append([p, plots.label(e), f"{s.n} ({s.cases})", s.first_dice.format(), s.final_dice.format(),
+                rows.append([p, plots.label(e), f"{s.n} ({s.patients})", s.first_dice.format(), s.final_dice.format(),
                              _f(s.auc_norm.mean), *(_noc(s, k) for k in NOC_KEYS), _hd(s), _latency(s)])
-            self.lines += _table(["protocol", "engine", "sessions (cases)", "Dice first", "Dice final", "AUC norm",
+            self.lines += _table(["protocol", "engine", "sessions (patients)", "Dice first", "Dice final", "AUC norm",
                                   "NoC@80", "NoC@85", "NoC@90", "HD95 final mm", "latency s (median / p95)"], rows)
 
     def per_structure(self) -> None:
@@ -302,7 +305,9 @@ class Report:
         if runner is None:
             self.lines += [f"(No {engine} engine was given to replay the sessions: gallery left out.)", ""]
             return
-        from SegAssistLib.io import load_mask, load_volume
+        from SegAssistLib.datasets import Case
+        from SegAssistLib.errors import SegAssistError
+        from SegAssistLib.evaluation.runner import load_case
 
         for d in self.datasets:
             recs = [r for r in self.records
@@ -313,9 +318,15 @@ class Report:
                     self.lines += [f"({d} {rank}: {image} not found, picture left out.)", ""]
                     continue
                 # the case's channel of a 4D or vector image; results written before it was recorded
-                # came from channel 0, the bench's only one (and channel 0 of a 3D image is the image)
-                volume = load_volume(image, channel=r.get("channel", 0))
-                reference = np.isin(load_mask(label), r["labels"]).astype(np.uint8)
+                # came from channel 0, the bench's only one (and channel 0 of a 3D image is the image).
+                # The label on the image's grid as the Dice was measured (a label stored with an axis
+                # reversed is reversed back), not as stored.
+                try:
+                    volume, labels = load_case(Case(d, r["case"], image, label, r.get("channel", 0)))
+                except SegAssistError as exc:
+                    self.lines += [f"({d} {rank}: {exc}; picture left out.)", ""]
+                    continue
+                reference = np.isin(labels, r["labels"]).astype(np.uint8)
                 prompts = [parse_prompt(p) for p in r["prompts"]]
                 session = runner.open_session(volume, prompts)
                 try:

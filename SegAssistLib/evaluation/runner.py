@@ -390,12 +390,13 @@ def evaluate_target(
     return record
 
 
-def warm_up(engines: Sequence[Engine], volume: Volume, masks: Sequence[np.ndarray]) -> None:
+def warm_up(engines: Sequence[Engine], volume: Volume, masks: Sequence[np.ndarray]) -> bool:
     """One untimed click per engine on the first non-empty mask, so that no record's first
-    interaction pays for lazy initialisation (loading weights, first-call allocations)."""
+    interaction pays for lazy initialisation (loading weights, first-call allocations). False when
+    every mask is empty and nothing was clicked: the caller warms up on another case."""
     mask = next((m for m in masks if m.any()), None)
     if mask is None:
-        return
+        return False
     click = simulator.first_click(mask, volume.spacing)
     for engine in engines:
         session = engine.open_session(volume)
@@ -403,6 +404,7 @@ def warm_up(engines: Sequence[Engine], volume: Volume, masks: Sequence[np.ndarra
             session.add_prompt(click)
         finally:
             session.close()
+    return True
 
 
 def label_grid_problem(label: Union[str, Path], labels: np.ndarray, volume: Volume) -> Optional[str]:
@@ -572,18 +574,18 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
     skipped: List[Dict] = []
     started = time.time()
     unreadable: List[SegAssistError] = []
-    for case in cases:  # warm up on the first usable case (evaluate_case reports the others)
+    # warm up on the first usable case that holds a target (evaluate_case reports the others)
+    for case in cases:
         try:
             volume, labels = load_case(case)
         except SegAssistError as exc:
             unreadable.append(exc)
             continue
         try:
-            warm_up([engine], volume, [np.isin(labels, t) for t in targets])
+            if warm_up([engine], volume, [np.isin(labels, t) for t in targets]):
+                break
         except (ImageError, PromptError) as exc:  # the engine refuses this image: warm up on the next
             unreadable.append(exc)
-            continue
-        break
     if cases and len(unreadable) == len(cases):  # nothing to measure: say why
         raise unreadable[0]
     for index, case in enumerate(cases, start=1):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from SegAssistLib.datasets import Case, dataset_labels, list_cases, split_cases
+from SegAssistLib.datasets import Case, dataset_targets, list_cases, split_cases
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.runner import parse_targets
 
@@ -101,26 +101,34 @@ class Job:
 
 
 def structures_from_dataset_json(folder: Path) -> Tuple[Structure, ...]:
-    """Every numeric, non-background label of ``dataset.json`` that has a name."""
-    return tuple(_s(label, name) for label, name in dataset_labels(folder).items())
+    """The targets ``segassist eval`` takes by default (:func:`~SegAssistLib.datasets.dataset_targets`):
+    every named, numeric, non-background label of ``dataset.json``, then each nnU-Net region as the
+    union of its labels."""
+    return tuple(Structure(ids, name) for ids, name in dataset_targets(folder).items())
 
 
-def _names(folder: Path) -> Dict[int, str]:
+def _names(folder: Path) -> Dict[Tuple[int, ...], str]:
     try:
-        return {int(s.labels[0]): s.name for s in structures_from_dataset_json(folder)}
+        return dict(dataset_targets(folder))
     except SegAssistError:
         return {}
 
 
 def parse_labels(text: str, folder: Path) -> Tuple[Structure, ...]:
-    """``"1,2,1+2"`` -> structures named from ``dataset.json`` where it names them."""
+    """``"1,2,1+2"`` -> structures named from ``dataset.json`` where it names them (a union by its
+    nnU-Net region's name, else by its labels' names)."""
     names = _names(folder)
-    return tuple(Structure(ids, " + ".join(names.get(i, f"label {i}") for i in ids)) for ids in parse_targets(text))
+
+    def name(ids: Tuple[int, ...]) -> str:
+        return names.get(ids) or " + ".join(names.get((i,), f"label {i}") for i in ids)
+
+    return tuple(Structure(ids, name(ids)) for ids in parse_targets(text))
 
 
 def spec_for_folder(folder: Path, labels: Optional[str], cases: Optional[int]) -> DatasetSpec:
-    """The selection of a folder: the default one for a known dataset name, else every named label of
-    its ``dataset.json`` on the first ``UNKNOWN_FOLDER_CASES`` evaluation cases. ``cases`` given
+    """The selection of a folder: the default one for a known dataset name, else every target of its
+    ``dataset.json`` (named labels and nnU-Net regions, as ``segassist eval`` takes them) on the first
+    ``UNKNOWN_FOLDER_CASES`` evaluation cases. ``cases`` given
     wins over both counts, ``--quick``'s included (a dataset that ``--quick`` leaves out stays out)."""
     known = SPECS.get(folder.name)
     if labels:

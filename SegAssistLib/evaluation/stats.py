@@ -1,9 +1,11 @@
 """Summary statistics of the benchmark: means with seeded bootstrap intervals, latency percentiles.
 
 The bootstrap is the percentile bootstrap of the mean. When ``groups`` are given it resamples
-groups (cases) rather than single values: structures of one case share the image, its noise and
-its anatomy, so they are not independent draws, and resampling cases keeps that dependence (a
-cluster bootstrap). The statistic of one resample is the pooled mean of every value of the drawn
+groups rather than single values: the benchmark's groups are patients
+(:func:`SegAssistLib.evaluation.aggregate.cluster`), since structures of one case share the image,
+its noise and its anatomy, and cases of one patient (ACDC's two frames, Sunnybrook's two phases) the
+anatomy, so they are not independent draws; resampling patients keeps that dependence (a cluster
+bootstrap). The statistic of one resample is the pooled mean of every value of the drawn
 groups, so the point estimate is the plain mean of all values.
 """
 

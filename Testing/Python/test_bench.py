@@ -365,3 +365,140 @@ def test_the_gallery_draws_the_result_in_the_orange_the_report_names(tmp_path):
     assert len(tinted) > 100
     green_share = (tinted[:, 1] - tinted[:, 2]) / (tinted[:, 0] - tinted[:, 2])
     assert np.median(green_share) > 0.3  # orange #ff8c1a: about 0.5; red: 0
+
+
+def _record(dataset: str, case: str, final: float, engine: str = "growcut") -> dict:
+    """A results.json record with what the report reads (one click)."""
+    return {"dataset": dataset, "case": case, "structure": "s", "target": "1", "engine": engine,
+            "protocol": "clicks", "dice": [final], "hd95_mm": [1.0], "latency_s": [0.1], "interactions": ["point"],
+            "prompts": [], "labels": [1], "noc": {"80": 1, "85": 1, "90": 1},
+            "reached": {"80": True, "85": True, "90": True}, "final_dice": final, "final_hd95_mm": 1.0,
+            "dice_auc": 0.0, "dice_auc_norm": final, "peak_rss_mb": 10.0}
+
+
+def test_the_bootstrap_resamples_patients_and_the_report_counts_them(tmp_path):
+    """The interval resampled cases: Sunnybrook's two phases (or ACDC's two frames) of one patient
+    counted as two independent draws, an interval [0.70, 0.90] from one patient."""
+    from SegAssistLib.evaluation.aggregate import summarise
+
+    one_patient = [_record("sunnybrook", "SCD0000101_phase08", 0.7), _record("sunnybrook", "SCD0000101_phase19", 0.9)]
+    s = summarise(one_patient)
+    assert s.final_dice.format() == "0.800"  # one patient: no interval, not [0.700, 0.900]
+    assert (s.n, s.patients) == (2, 1)
+    two = one_patient + [_record("acdc", "patient001_frame01", 0.5), _record("acdc", "patient001_frame12", 0.6),
+                         _record("acdc", "patient002_frame01", 0.9)]
+    assert summarise(two).patients == 3
+    result = {"format": "segassist-bench", "records": two, "skipped": [],
+              "config": {"engines": ["growcut"], "clicks": 1, "refine_clicks": 1,
+                         "cases": {"sunnybrook": ["SCD0000101_phase08", "SCD0000101_phase19"],
+                                   "acdc": ["patient001_frame01", "patient001_frame12", "patient002_frame01"]}}}
+    text = render_report(result, tmp_path).read_text()
+    assert "| sessions (patients) |" in text and "(cases)" not in text
+    assert "| clicks | Grow from seeds | 2 (1) |" in text and "| clicks | Grow from seeds | 3 (2) |" in text
+    assert "resamples of patients" in text
+
+
+def test_the_gallery_draws_a_label_stored_with_an_axis_reversed_where_it_was_scored(tmp_path, monkeypatch):
+    """A label written with j reversed (direction diag(1, -1, 1), origin at the other end: every voxel at
+    its place) is scored reversed back onto the image's grid; the gallery drew it as stored, mirrored."""
+    import SimpleITK as sitk
+
+    from SegAssistLib.evaluation import report as report_module
+
+    folder = tmp_path / "flipped"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"1": "thing"}}))
+    truth = np.zeros((12, 30, 30), np.uint8)
+    truth[3:9, 2:10, 8:20] = 1  # off-centre in j: mirrored, it would not overlap
+    image = sitk.GetImageFromArray((truth + np.random.default_rng(0).normal(0, 0.1, truth.shape)).astype(np.float32))
+    image.SetSpacing((1.0, 1.5, 2.0))
+    image.SetOrigin((10.0, 20.0, 30.0))
+    sitk.WriteImage(image, str(folder / "imagesTr" / "c.nii.gz"))
+    label = sitk.GetImageFromArray(truth[:, ::-1, :].copy())
+    label.SetSpacing((1.0, 1.5, 2.0))
+    label.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    label.SetOrigin((10.0, 20.0 + 29 * 1.5, 30.0))
+    sitk.WriteImage(label, str(folder / "labelsTr" / "c.nii.gz"))
+    config = BenchConfig(folders=[folder], engines=("growcut",), protocols=("clicks",), clicks=2, out=tmp_path / "o")
+    engines = build_engines(config)
+    result = run_bench(config, engines, stream=io.StringIO())
+    assert result["records"][0]["final_dice"] > 0.9  # scored against the label reversed back
+    drawn = []
+    real = report_module.render_case
+
+    def render_case(volume, mask, reference, *args, **kwargs):
+        drawn.append(reference.copy())
+        return real(volume, mask, reference, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "render_case", render_case)
+    text = render_report(result, tmp_path / "o", engines=engines).read_text()
+    assert drawn and all(np.array_equal(reference, truth) for reference in drawn)
+    assert "flipped_best.png" in text
+
+
+def test_eval_and_bench_warm_up_on_a_later_case_when_the_first_lacks_every_target(tmp_path):
+    """The first readable case held none of the targets: the warm-up clicked nothing and the loop
+    stopped there, so the first record paid the engine's lazy start."""
+    import SimpleITK as sitk
+
+    from SegAssistLib.evaluation.baselines import GrowCutEngine
+    from SegAssistLib.evaluation.runner import EvalConfig, evaluate
+
+    folder = tmp_path / "partly"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"1": "one", "2": "two"}}))
+    rng = np.random.default_rng(0)
+    for name, has_two in (("a0", False), ("a1", True), ("a2", True)):
+        labels = np.zeros((10, 24, 24), np.uint8)
+        labels[3:7, 3:10, 6:18] = 1
+        if has_two:
+            labels[3:7, 14:21, 6:18] = 2
+        image = (labels > 0) + rng.normal(0, 0.1, labels.shape)
+        sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.float32)), str(folder / "imagesTr" / f"{name}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(folder / "labelsTr" / f"{name}.nii.gz"))
+
+    class Counted(GrowCutEngine):
+        opened = 0
+
+        def open_session(self, volume, prompts=None):
+            Counted.opened += 1
+            return super().open_session(volume, prompts)
+
+    evaluated = evaluate(EvalConfig(folder, targets=[(2,)], max_clicks=1), engine=Counted(), progress=lambda line: None)
+    opened = [Counted.opened]
+    config = BenchConfig(folders=[folder], labels="2", engines=("growcut",), protocols=("clicks",), clicks=1,
+                         out=tmp_path / "o")  # fmt: skip
+    benched = run_bench(config, {"growcut": Counted()}, stream=io.StringIO())
+    opened.append(Counted.opened - opened[0])
+    assert len(evaluated["records"]) == len(benched["records"]) == 2
+    assert opened == [2 + 1, 2 + 1]  # eval's, bench's: the records' sessions and one warm-up
+
+
+@pytest.mark.parametrize("labels, structures", [
+    ({"background": 0, "both": [1, 2]}, {"both": (1, 2)}),  # regions only: bench refused the folder
+    ({"background": 0, "left": 1, "right": 2, "both": [1, 2]}, {"left": (1,), "right": (2,), "both": (1, 2)}),
+])
+def test_bench_takes_the_nnunet_regions_eval_takes_by_default(tmp_path, labels, structures):
+    """Bench built its default structures from the labels alone: a region was dropped, and a
+    dataset.json naming only regions stopped the run ("names only nnU-Net regions")."""
+    import SimpleITK as sitk
+
+    from SegAssistLib.evaluation.runner import default_targets
+
+    folder = tmp_path / "regions"
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    (folder / "dataset.json").write_text(json.dumps({"labels": labels}))
+    truth = np.zeros((10, 24, 24), np.uint8)
+    truth[3:7, 3:11, 6:18] = 1
+    truth[3:7, 11:20, 6:18] = 2
+    image = (truth > 0) + np.random.default_rng(0).normal(0, 0.1, truth.shape)
+    sitk.WriteImage(sitk.GetImageFromArray(image.astype(np.float32)), str(folder / "imagesTr" / "c.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(truth), str(folder / "labelsTr" / "c.nii.gz"))
+    assert [s.labels for s in spec_for_folder(folder, None, None).structures] == default_targets(folder)
+    config = BenchConfig(folders=[folder], engines=("growcut",), protocols=("clicks",), clicks=1, out=tmp_path / "o")
+    result = run_bench(config, build_engines(config), stream=io.StringIO())
+    assert {r["structure"]: tuple(r["labels"]) for r in result["records"]} == structures
+    assert spec_for_folder(folder, "1+2", None).structures[0].name == "both"  # --labels names a region by its name

@@ -112,6 +112,35 @@ def test_a_box_alone_segments_nothing_and_bounds_the_clicks(engine_cls, sphere):
     assert i.min() >= 10 and i.max() <= 24 and j.min() >= 8 and j.max() <= 22 and k.min() >= 5 and k.max() <= 19
 
 
+@pytest.mark.parametrize("name", ["growcut", "randomwalker", "growcut-inside", "randomwalker-inside"])
+def test_a_box_on_the_image_edge_seeds_no_background_inside_the_box(name):
+    """The working box is the box prompt plus one voxel, clipped to the image: where the box reached the
+    image edge its clipped face was the box's own (object) voxels, and the engines that seed the image
+    edge painted them background, against the box (Dice 0.13 after a click, 1.0 for the -inside ones)."""
+    from SegAssistLib.evaluation.baselines import BASELINES
+    from SegAssistLib.evaluation.simulator import box_prompt
+
+    rng = np.random.default_rng(0)
+    target = np.zeros((10, 40, 40), np.uint8)
+    target[0:6, 10:30, 10:40] = 1  # on the image's first slice (k = 0) and last column (i = 39)
+    volume = Volume((target + rng.normal(0, 0.05, target.shape)).astype(np.float32), spacing=(1.0, 1.0, 1.0))
+    session = BASELINES[name]().open_session(volume)
+    session.add_prompt(box_prompt(target))
+    session.add_prompt(first_click(target))
+    prompts = session._states[session._current]
+    box = session.roi(prompts)
+    assert box == (slice(0, 7), slice(9, 31), slice(9, 40))  # clipped at k = 0 and i = 39
+    outside = np.ones((7, 22, 31), bool)
+    outside[:6, 1:-1, 1:] = False  # the box's voxels: background only on the faces beyond it, none on the edge
+    assert np.array_equal(session.seeds(prompts, box) == 2, outside)
+    assert dice(target, session.result()) > 0.95
+    # a box one voxel inside the image: the slice outside it, on the image edge, is background as without a box
+    inner = target.copy()
+    inner[0] = 0
+    prompts = [box_prompt(inner), first_click(inner)]
+    assert (session.seeds(prompts, session.roi(prompts))[0, 1:-1, 1:-1] == 2).all() == (not name.endswith("-inside"))
+
+
 def test_a_positive_scribble_seeds_the_object(sphere):
     volume, target = sphere
     session = GrowCutEngine(margin_mm=10).open_session(volume)
