@@ -283,7 +283,8 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateBackendGuiFromSettings(self) -> None:
         if self.logic.dependenciesMissing():
             return
-        settings = self.logic.backendSettings()
+        loaded = self.logic.readBackendSettings()  # a damaged token file: no token, and why
+        settings = loaded.settings
         widgets = [
             self.ui.localRadioButton,
             self.ui.remoteRadioButton,
@@ -314,14 +315,15 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._backendFormFilled = True
         self._updateBackendModeGui(settings.mode)
         self._showBackendStatus(self.logic.manager().local_status() if settings.mode == "local" else None)
+        if loaded.problem:
+            self.setStatus(loaded.problem, error=True)
 
     def _updateBackendModeGui(self, mode: str) -> None:
         self.ui.localGroupBox.setVisible(mode == "local")
         self.ui.remoteGroupBox.setVisible(mode == "remote")
 
-    def _settingsFromGui(self):
-        settings = self.logic.backendSettings()
-        return settings.with_changes(
+    def _settingsFromGui(self, previous):
+        return previous.with_changes(
             mode="remote" if self.ui.remoteRadioButton.checked else "local",
             local_model=self.ui.localModelPathLineEdit.currentPath.strip(),
             local_device=self.ui.localDeviceLineEdit.text.strip() or "cpu",
@@ -333,43 +335,58 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             allow_insecure_http=bool(self.ui.allowInsecureCheckBox.checked),
         )
 
+    def _editedSettings(self, showConsent: bool = True):
+        """The settings the form holds now (``settings_from_form``: a new server address takes its own
+        saved token, never the previous server's, and needs consent again); the form shows them."""
+        from SegAssistLib.slicer.backend import settings_from_form
+
+        previous = self.logic.backendSettings()
+        settings = settings_from_form(previous, self._settingsFromGui(previous))
+        widgets = [self.ui.remoteTokenLineEdit] + ([self.ui.remoteOptInCheckBox] if showConsent else [])
+        blocked = [w.blockSignals(True) for w in widgets]
+        try:
+            if self.ui.remoteTokenLineEdit.text.strip() != settings.remote_token:
+                self.ui.remoteTokenLineEdit.text = settings.remote_token
+            if showConsent:
+                self.ui.remoteOptInCheckBox.checked = settings.remote_opt_in
+        finally:
+            for widget, wasBlocked in zip(widgets, blocked):
+                widget.blockSignals(wasBlocked)
+        return settings
+
     def onSettingsEdited(self, *args) -> None:
         if not self._backendFormFilled:  # the form still holds its blank defaults, not the user's settings
             return
-        settings = self._settingsFromGui()
-        previous = self.logic.backendSettings()
-        if settings.remote_url != previous.remote_url and settings.remote_opt_in:
-            # consent was given for one server: a new address needs it again
-            settings = settings.with_changes(remote_opt_in=False)
-            wasBlocked = self.ui.remoteOptInCheckBox.blockSignals(True)
-            self.ui.remoteOptInCheckBox.checked = False
-            self.ui.remoteOptInCheckBox.blockSignals(wasBlocked)
-        self._saveBackendSettings(settings)
+        self._saveBackendSettings(self._editedSettings())
 
     def _saveBackendSettings(self, settings) -> None:
         manager = self.logic.manager()
         generation = manager.generation
-        self.logic.saveBackendSettings(settings)
+        problem = self.logic.saveBackendSettings(settings)
         self._updateBackendModeGui(settings.mode)
         if manager.generation != generation:  # another backend: what the panel showed was about the old one
             self._showBackendStatus(manager.local_status() if settings.mode == "local" else None, quiet=True)
+        if problem:  # the token file cannot take the token: the rest is saved, the token used until exit
+            self.setStatus(problem, error=True)
 
     def onOptInToggled(self, checked: bool) -> None:
         if checked and self._backendFormFilled:
             # a URL typed but not committed yet is the one the user is asked about: saved first, without consent
-            self._saveBackendSettings(self._settingsFromGui().with_changes(remote_opt_in=False))
+            self._saveBackendSettings(self._editedSettings(showConsent=False).with_changes(remote_opt_in=False))
         if checked:
             url = self.ui.remoteUrlLineEdit.text.strip() or _("(no URL yet)")
             unencrypted = url.lower().startswith("http://")
             warning = (
                 _(" The address starts with http://: the images travel unencrypted, readable on the way.")
-                if unencrypted else ""
+                if unencrypted
+                else ""
             )
             agreed = slicer.util.confirmOkCancelDisplay(
                 _(
                     "Images you segment with SegAssist will be sent to {url}. Only agree if you may share "
                     "these images with that server."
-                ).format(url=url) + warning,
+                ).format(url=url)
+                + warning,
                 windowTitle=_("Send images to a remote server?"),
             )
             if not agreed:
@@ -571,7 +588,8 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
     >>> result.segmentationNode, result.segmentId                              # doctest: +SKIP
 
     The backend is the one configured in the module panel (``qt.QSettings``), or the one given:
-    a ``BackendSettings`` object, or an engine/client.
+    a ``BackendSettings`` object (``segment`` starts a backend for that call and stops it when the
+    call returns, unless the panel uses these very settings), or an engine/client.
     """
 
     REQUIRED_MODULES = {"pydantic": "pydantic>=2.6", "requests": "requests>=2.28"}
@@ -607,13 +625,20 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
 
     # ---- backend -------------------------------------------------------------------------------
     def backendSettings(self):
+        return self.readBackendSettings().settings
+
+    def readBackendSettings(self):
+        """The saved settings and why their token is missing ("" when nothing went wrong: a damaged
+        token file gives settings without a token rather than an error)."""
         from SegAssistLib.slicer.backend import BackendSettings
 
-        return BackendSettings.load(qt.QSettings())
+        return BackendSettings.read(qt.QSettings())
 
-    def saveBackendSettings(self, settings) -> None:
-        settings.save(qt.QSettings())
+    def saveBackendSettings(self, settings) -> str:
+        """Save and use ``settings``; returns "" or why the token could not be saved (used until exit)."""
+        problem = settings.save(qt.QSettings())
         self.manager().update_settings(settings)
+        return problem
 
     def manager(self):
         """The backend manager shared with the SegAssist effect (created with the saved settings)."""
@@ -622,7 +647,9 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         return shared_manager(self.backendSettings)
 
     def engine(self, backend: Any = None):
-        """A client or engine for ``backend`` (None: the panel's settings; or BackendSettings; or an engine)."""
+        """A client or engine for ``backend`` (None: the panel's settings; or BackendSettings, whose
+        manager is kept until Slicer exits, since the client is the caller's; or an engine).
+        ``segment`` does not use it for BackendSettings: its backend is stopped when the call ends."""
         from SegAssistLib.slicer.backend import BackendSettings, manager_for
 
         if backend is None:
@@ -674,8 +701,13 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         if segmentationNode is not None:  # the Segment Editor's Ctrl+Z then undoes this write, not the one before
             save_editor_undo_state(segmentationNode)
         result = SegAssistResult(
-            write_result(run, volumeNode, segmentation_node=segmentationNode, segment_name=segmentName,
-                         keep_existing=keepExisting)
+            write_result(
+                run,
+                volumeNode,
+                segmentation_node=segmentationNode,
+                segment_name=segmentName,
+                keep_existing=keepExisting,
+            )
         )
         result.voxelCount = int(segment_to_array(result.segmentationNode, result.segmentId, volumeNode).sum())
         return result
@@ -697,16 +729,19 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         backend: Any = None,
     ) -> SegAssistResult:
         """Segment ``volumeNode`` from prompts (SegAssist prompts, their dicts, or markups nodes). Blocks."""
+        from SegAssistLib.slicer.backend import engine_for_call
         from SegAssistLib.slicer.logic import segment_volume
 
-        result = segment_volume(
-            self.engine(backend),
-            volumeNode,
-            list(prompts),
-            segmentation_node=segmentationNode,
-            segment_name=segmentName,
-            progress=progress,
-        )
+        # BackendSettings other than the panel's: a backend for this call, stopped when it ends
+        with engine_for_call(backend, self.manager) as engine:
+            result = segment_volume(
+                engine,
+                volumeNode,
+                list(prompts),
+                segmentation_node=segmentationNode,
+                segment_name=segmentName,
+                progress=progress,
+            )
         return SegAssistResult(result)
 
     def segmentFromFile(self, volumeNode, promptFile: str, **kwargs) -> SegAssistResult:

@@ -4,8 +4,8 @@ Thin Qt layer. Decisions live in ``SegAssistLib.slicer``: gestures and keys in `
 request numbering and stale replies in ``session_state``, the backend in ``backend``. Threads:
 one worker thread talks to the backend (``worker.BackgroundWorker``); a 50 ms ``qt.QTimer`` polls
 it and every MRML write happens here, on the main thread, through
-``scriptedEffect.modifySelectedSegmentByLabelmap`` limited to the reply's box, after
-``saveStateForUndo`` (so the editor's masking, overwrite settings and undo apply).
+``scriptedEffect.modifySegmentByLabelmap`` into the object's segment, limited to the reply's box,
+after ``saveStateForUndo`` (so the editor's masking, overwrite settings and undo apply).
 
 One *object* at a time: the prompts placed on the selected segment since the last accept or
 reset. The segment's content when the first prompt is placed becomes the session's initial mask,
@@ -15,7 +15,9 @@ editor's overwrite setting (by default: all segments) an answer takes its new vo
 segments; undoing the prompt, or reset, gives them back (``object_writes.ObjectWrites``).
 Switching segment or volume, editing the segment by other means (including the editor's own
 undo), or moving the volume or the segmentation (a transform changed), accepts the current
-object; so does deactivating the effect, once the pending answers are in.
+object; so does deactivating the effect, once the pending answers are in. After Accept (with
+answers still pending) a switch does not drop them: the object writes into its own segment
+(``modifySegmentByLabelmap``, not the selected one) until they are in (``PromptState.ends_on_reselect``).
 """
 
 import contextlib
@@ -222,13 +224,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 f"SegAssist cannot run: {IMPORT_ERROR}. Open the SegAssist module to install its packages.", True
             )
             return
-        settings = shared_manager(lambda: BackendSettings.load(qt.QSettings())).settings
+        loaded = BackendSettings.read(qt.QSettings())  # a damaged token file: no token, and why
+        settings = shared_manager(lambda: loaded.settings).settings
         if settings.mode == REMOTE:
             consent = "images are sent there" if settings.remote_opt_in else "not enabled: nothing is sent"
             self.backendLabel.text = f"Backend: remote {settings.remote_url or '(no URL)'} ({consent})"
         else:
             self.backendLabel.text = "Backend: local (starts with the first prompt)"
-        self._setStatus("Ready: " + mouse_help(self._tool, self._positive))
+        if settings.mode == REMOTE and loaded.problem:
+            self._setStatus(loaded.problem, True)
+        else:
+            self._setStatus("Ready: " + mouse_help(self._tool, self._positive))
         self._updateCursors()
 
     def deactivate(self):
@@ -399,7 +405,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return (segmentationNode, segmentId, volumeNode)
 
     def _checkBinding(self) -> None:
-        if self._session is not None and self._currentBinding() != self._binding:
+        # while accepting, the object's last answers still go to its own segment; it ends once they are in
+        if self._session is not None and self._currentBinding() != self._binding and self._state.ends_on_reselect:
             self._endObject("Another segment or volume was selected: the previous result stays")
 
     def _onGesture(self, gesture, viewWidget) -> None:
@@ -409,6 +416,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         segmentationNode, segmentId, volumeNode = binding
         self._checkBinding()  # another segment or volume: the object ends saying so (and what it drops)
+        if self._session is not None:
+            try:  # an accepted object's last answers are on their way: no new prompt, no new object yet
+                self._state.check_open()
+            except SegAssistError as exc:
+                self._setStatus(str(exc).capitalize())
+                return
         try:
             width = self.scriptedEffect.doubleParameter("ScribbleWidth")
             prompt = gesture_to_prompt(gesture, viewWidget.mrmlSliceNode(), volumeNode, scribble_width=width)
@@ -428,7 +441,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             segmentationNode,
             segmentId,
             volumeNode,
-            self._modifySelectedSegment,
+            # into this segment, also once another is selected (an accepted object's last answers)
+            lambda add, remove, extent: self._modifySegment(segmentationNode, segmentId, add, remove),
             save_undo=lambda: self.scriptedEffect.saveStateForUndo(),  # the editor's undo: one step per answer
         )
         worker = self._ensureWorker()
@@ -499,7 +513,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _poll(self) -> None:
         if self._worker is None:
             return
-        self._checkBinding()  # a reply is never written into a segment selected since its prompt
+        self._checkBinding()  # another segment selected: the object ends (unless accepting: its answers go to it)
         for finished in self._worker.poll():
             if not isinstance(finished.tag, Request):
                 continue  # closing a session: nothing to show
@@ -554,12 +568,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 "ended: the next prompt starts from the segment as it is"
             )
 
-    def _modifySelectedSegment(self, add, remove, extent) -> None:
-        """The object's writes, through the editor: its masking and overwrite settings apply (after
-        ``saveStateForUndo``, which ``ObjectWrites`` calls)."""
+    def _modifySegment(self, segmentationNode, segmentId, add, remove) -> None:
+        """The object's writes into its own segment, through the editor: its masking and overwrite
+        settings apply (after ``saveStateForUndo``, which ``ObjectWrites`` calls). Not the selected
+        segment: after Accept, the last answers land where they were asked for even if the user
+        selected the next segment meanwhile. Both labelmaps cover just the answer's box (their extent)."""
         effectClass = slicer.qSlicerSegmentEditorAbstractEffect
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(add, effectClass.ModificationModeAdd, extent)
-        self.scriptedEffect.modifySelectedSegmentByLabelmap(remove, effectClass.ModificationModeRemove, extent)
+        self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, add, effectClass.ModificationModeAdd)
+        self.scriptedEffect.modifySegmentByLabelmap(
+            segmentationNode, segmentId, remove, effectClass.ModificationModeRemove
+        )
 
     @staticmethod
     def _alive(binding) -> bool:

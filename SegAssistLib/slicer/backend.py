@@ -10,6 +10,10 @@ Privacy rule: a remote server is contacted only after the user opted in
 
 Every :class:`BackendManager` method that talks to a server blocks (a local start loads the model,
 up to minutes): the GUI calls them on its worker thread, batch scripts call them directly.
+
+A token belongs to one server: the panel's form goes through :func:`settings_from_form`, so a new
+address never takes the token of the previous one. A token file that cannot be read or written
+leaves the settings usable without it and says why (:meth:`BackendSettings.read`, :meth:`~BackendSettings.save`).
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import os
 import shutil
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 from SegAssistLib.client import BackendUnavailableError, LocalBackend, SegAssistClient
 from SegAssistLib.client.local import ServerPythonError
 from SegAssistLib.errors import SegAssistError
-from SegAssistLib.slicer.tokens import TokenFile
+from SegAssistLib.slicer.tokens import TokenFile, TokenFileError
 
 LOCAL = "local"
 REMOTE = "remote"
@@ -101,10 +106,13 @@ class BackendSettings:
     local_threads: int = 0  # torch CPU threads of the local server; 0 = torch's choice
 
     @classmethod
-    def load(cls, store: SettingsStore, tokens: Optional[TokenFile] = None) -> BackendSettings:
+    def read(cls, store: SettingsStore, tokens: Optional[TokenFile] = None) -> LoadedSettings:
         """The settings in ``store``; the token from ``tokens`` (default: the user's :class:`TokenFile`)
         unless the store keeps secrets itself. A token an earlier version left in the store is used
-        until the next :meth:`save` moves it to the token file."""
+        until the next :meth:`save` moves it to the token file.
+
+        Never fails for the token file: one that cannot be read (damaged, unreadable) gives no token,
+        and :attr:`LoadedSettings.problem` says why (for the status line) and what to do."""
         defaults = cls()
         values: Dict[str, Any] = {}
         for f in fields(cls):
@@ -118,22 +126,39 @@ class BackendSettings:
                 values[f.name] = "" if raw is None else str(raw)
         if values["mode"] not in MODES:
             values["mode"] = LOCAL
+        problem = ""
         if not _keeps_secrets(store) and values["remote_url"].strip():
-            saved = (tokens or TokenFile()).get(values["remote_url"])
+            try:
+                saved = (tokens or TokenFile()).get(values["remote_url"])
+            except TokenFileError as exc:
+                saved, problem = "", f"The remote server's token was not loaded: {exc}"
             values["remote_token"] = saved or values["remote_token"]
-        return cls(**values)
+        return LoadedSettings(cls(**values), problem)
 
-    def save(self, store: SettingsStore, tokens: Optional[TokenFile] = None) -> None:
+    @classmethod
+    def load(cls, store: SettingsStore, tokens: Optional[TokenFile] = None) -> BackendSettings:
+        """The settings as :meth:`read` finds them (without a token the token file could not give)."""
+        return cls.read(store, tokens).settings
+
+    def save(self, store: SettingsStore, tokens: Optional[TokenFile] = None) -> str:
         """Write the settings to ``store``; the token goes to ``tokens`` (default: the user's
-        :class:`TokenFile`), never into a store other users may read, unless it keeps secrets."""
+        :class:`TokenFile`), never into a store other users may read, unless it keeps secrets.
+
+        Returns "" or, when the token file cannot take the token (damaged, not writable), why: the
+        other settings are saved all the same and the token file is left as it is (the other
+        servers' tokens in it are not overwritten)."""
         secret_elsewhere = not _keeps_secrets(store)
-        if secret_elsewhere and self.remote_url.strip():
-            (tokens or TokenFile()).set(self.remote_url, self.remote_token)
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "remote_token" and secret_elsewhere:
                 value = ""  # also clears a token an earlier version kept there
             store.setValue(SETTINGS_PREFIX + f.name, value)
+        if secret_elsewhere and self.remote_url.strip():
+            try:
+                (tokens or TokenFile()).set(self.remote_url, self.remote_token)
+            except TokenFileError as exc:
+                return f"The remote server's token was not saved (it is used until Slicer exits): {exc}"
+        return ""
 
     def with_changes(self, **changes: Any) -> BackendSettings:
         return replace(self, **changes)
@@ -175,6 +200,42 @@ class BackendSettings:
             return str(exe)
         beside = shutil.which("PythonSlicer", path=str(exe.parent))
         return beside or shutil.which("PythonSlicer") or str(exe)
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    """:meth:`BackendSettings.read`'s answer: the settings, and why their token is missing ("" when
+    nothing went wrong), for the panel's or the effect's status line."""
+
+    settings: BackendSettings
+    problem: str = ""
+
+
+def settings_from_form(
+    previous: BackendSettings, form: BackendSettings, tokens: Optional[TokenFile] = None
+) -> BackendSettings:
+    """The settings to save after an edit of the module panel's form.
+
+    ``previous``: the settings saved before the edit; ``form``: what the form's fields hold now. The
+    token field was filled for the server saved then; when the edit gives another server address, the
+    field still holds that server's token. Saved as it is, it would replace the new server's own token
+    in the token file and, once the user agrees to send images there, be sent to that server. So a new
+    address takes the token saved for it (none when there is none; also none when the token file
+    cannot be read), never the one the field holds; and it needs the user's consent again (``remote_opt_in``
+    off). The panel shows both in its form. Only a first address (none saved before) keeps the token
+    typed in: it was entered for no other server.
+    """
+    if form.remote_url.strip() == previous.remote_url.strip():
+        return form
+    if not previous.remote_url.strip() and form.remote_token.strip():
+        return form.with_changes(remote_opt_in=False)  # typed before the address, for it
+    token = ""
+    if form.remote_url.strip():
+        try:
+            token = (tokens or TokenFile()).get(form.remote_url)
+        except TokenFileError:
+            token = ""  # the status line says why when the settings are saved
+    return form.with_changes(remote_token=token, remote_opt_in=False)
 
 
 @dataclass(frozen=True)
@@ -399,8 +460,13 @@ def _connection_key(settings: BackendSettings) -> Tuple[Any, ...]:
     """What decides where prompts and images go: an edit of anything else (the remote address while
     working locally) leaves open sessions alone."""
     if settings.mode == REMOTE:
-        return (REMOTE, settings.remote_url.strip(), settings.remote_token.strip(), settings.remote_opt_in,
-                settings.allow_insecure_http)
+        return (
+            REMOTE,
+            settings.remote_url.strip(),
+            settings.remote_token.strip(),
+            settings.remote_opt_in,
+            settings.allow_insecure_http,
+        )
     return (LOCAL,) + _local_key(settings)
 
 
@@ -429,7 +495,9 @@ _by_settings: Dict[BackendSettings, BackendManager] = {}
 
 
 def manager_for(settings: BackendSettings) -> BackendManager:
-    """A manager for these exact settings, kept as long as the process runs.
+    """A manager for these exact settings, kept as long as the process runs (for callers that keep a
+    client of it; a local backend it starts runs until the process exits or :meth:`BackendManager.close`).
+    A single call uses :func:`engine_for_call` instead, which stops what it started.
 
     A local backend lives as long as the object that started it (its stdin pipe is the lifeline),
     so a manager made for one call must not be dropped while its client is still in use.
@@ -443,3 +511,35 @@ def manager_for(settings: BackendSettings) -> BackendManager:
         if manager is None:
             manager = _by_settings[settings] = BackendManager(settings)
         return manager
+
+
+@contextmanager
+def engine_for_call(
+    backend: Any = None,
+    shared: Optional[Callable[[], BackendManager]] = None,
+    state_dir: Optional[os.PathLike] = None,
+) -> Iterator[Any]:
+    """The engine one blocking call (``SegAssistLogic.segment``) uses, for as long as it runs.
+
+    ``backend`` None: the shared manager's (``shared()``, default :func:`shared_manager`), left as it
+    is. :class:`BackendSettings`: the shared manager's if it has exactly these settings; else a manager
+    made for this call, closed when the call ends, also when it fails: a local backend it started is
+    stopped rather than left running until Slicer exits. Anything else is an engine (or client), used as
+    it is (its owner closes it). ``state_dir``: where a call's own local backend keeps its log.
+    """
+    if backend is None:
+        yield (shared or shared_manager)().client()
+        return
+    if not isinstance(backend, BackendSettings):
+        yield backend
+        return
+    with _shared_lock:
+        current = _shared
+    if current is not None and current.settings == backend:
+        yield current.client()
+        return
+    manager = BackendManager(backend, state_dir)
+    try:
+        yield manager.client()
+    finally:
+        manager.close()

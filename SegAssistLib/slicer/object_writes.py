@@ -1,7 +1,7 @@
 """One interactive object's writes into its segment, and the voxels they take from other segments.
 
 Slicer's Segment Editor lets a segment's new voxels overwrite the other segments (its default
-overwrite mode is "all segments"): each answer written with ``modifySelectedSegmentByLabelmap``
+overwrite mode is "all segments"): each answer written with ``modifySegmentByLabelmap``
 erases those voxels from every other segment. Reset and prompt undo must give them back, so each
 write remembers, under the prompt count it leaves the object at, which voxels of which other
 segments it took: only inside the box it wrote, only segments that lost some, cropped to what they
@@ -36,7 +36,9 @@ from SegAssistLib.errors import SegAssistError
 from SegAssistLib.slicer import segments
 
 #: ``modify(add, remove, extent)``: add then remove voxels of the object's segment, limited to the
-#: extent (the effect: ``modifySelectedSegmentByLabelmap`` twice, honouring masking and overwrite).
+#: extent (the effect: ``modifySegmentByLabelmap`` twice, honouring masking and overwrite). Into the
+#: object's own segment, not the one selected: after Accept the last answers arrive while the user may
+#: have selected the next segment already.
 Modify = Callable[[slicer.vtkOrientedImageData, slicer.vtkOrientedImageData, List[int]], None]
 
 _Taken = Tuple[str, slicer.vtkOrientedImageData]  # (other segment ID, the voxels it lost, cropped)
@@ -241,9 +243,7 @@ class ObjectWrites:
                 box = tuple(slice(a, b) for a, b in zip(lo, hi))
                 records.append((other, segments.oriented_labelmap(taken[box], add, tuple(int(v) for v in lo))))
 
-    def _others_on(
-        self, grid: slicer.vtkOrientedImageData, only: Optional[set] = None
-    ) -> Dict[str, np.ndarray]:
+    def _others_on(self, grid: slicer.vtkOrientedImageData, only: Optional[set] = None) -> Dict[str, np.ndarray]:
         """The other segments (``only`` these, when given) on ``grid`` (its extent), as masks: each layer
         is resampled once, not each segment (a segmentation of a hundred organs in a few shared layers
         stays quick), and a layer holding none of them not at all."""
@@ -256,8 +256,11 @@ class ObjectWrites:
                     found[other] = segments.segment_on_grid(self.segmentation_node, other, grid) > 0
             return found
         for layer in range(segmentation.GetNumberOfLayers()):
-            ids = [i for i in segmentation.GetSegmentIDsForLayer(layer)
-                   if i != self.segment_id and (only is None or i in only)]
+            ids = [
+                i
+                for i in segmentation.GetSegmentIDsForLayer(layer)
+                if i != self.segment_id and (only is None or i in only)
+            ]
             labelmap = segmentation.GetLayerDataObject(layer)
             if not ids or labelmap is None or labelmap.GetPointData().GetScalars() is None:
                 continue

@@ -36,6 +36,13 @@ from SegAssistLib.slicer.worker import ProgressNote
 
 #: Seconds a request may take before the effect shows a progress note (before that: a wait cursor).
 NOTE_AFTER_S = 1.0
+#: Why an object's request is refused once the backend settings changed (consent withdrawn, another server).
+SETTINGS_CHANGED = "the backend settings changed since this object was started: accept or reset it, then prompt again"
+#: Why an upload stopped half-way: the settings changed while the image was on its way.
+UPLOAD_STOPPED = (
+    "the backend settings changed while the image was uploading: the upload stopped and nothing more "
+    "was sent; the next prompt uses the new settings"
+)
 
 
 class Op(str, Enum):
@@ -113,8 +120,7 @@ class PromptState:
         """A numbered request for the worker; raises :class:`SessionError` if undo/redo has nothing to do."""
         if (op is Op.PROMPT) != (prompt is not None):
             raise ValueError("a prompt request needs a prompt, undo and redo none")
-        if self.accepting:
-            raise SessionError("the object is being accepted once its pending answers are in: wait for them")
+        self.check_open()
         if not self._expected.allows(op):
             raise SessionError("nothing to undo" if op is Op.UNDO else "nothing to redo")
         depth = len(self._expected.done)
@@ -158,6 +164,20 @@ class PromptState:
     @property
     def accept_due(self) -> bool:
         return self.accepting and not self.busy
+
+    def check_open(self) -> None:
+        """Raise :class:`SessionError` while the object is being accepted: no new request, and no new
+        object (on another segment either), until its pending answers are in."""
+        if self.accepting:
+            raise SessionError("the object is being accepted once its pending answers are in: wait for them")
+
+    @property
+    def ends_on_reselect(self) -> bool:
+        """Whether selecting another segment or volume ends this object at once (it is accepted as it
+        is; answers still on their way are not applied). Not while it is being accepted: the user
+        asked for its last answers, so they still land in the object's own segment (the effect writes
+        there, whatever is selected now), and the object ends once they are in (:attr:`accept_due`)."""
+        return not self.accepting
 
     def new_epoch(self) -> int:
         """Start a new object: every pending reply becomes stale, the history empties."""
@@ -270,7 +290,8 @@ class InteractiveSession:
     ) -> None:
         """``settings_generation``: the backend settings' generation (``BackendManager.generation``);
         once it changes, this object's requests are refused instead of going to the backend it was
-        opened on (the user may have withdrawn consent to send images there)."""
+        opened on (the user may have withdrawn consent to send images there): an upload under way
+        stops, and a session that was opening sends no prompt."""
         self._engine_factory = engine_factory
         self._generation = settings_generation
         self._opened_under: Optional[int] = None
@@ -295,12 +316,12 @@ class InteractiveSession:
     def run(self, request: Request) -> Optional[MaskUpdate]:
         if self._abandoned.is_set():
             return None
-        if self._session is not None and self._generation is not None and self._generation() != self._opened_under:
-            raise SessionError(
-                "the backend settings changed since this object was started: accept or reset it, then prompt again"
-            )
+        if self._session is not None and self._settings_changed():
+            raise SessionError(SETTINGS_CHANGED)
         try:
             session = self._open()
+            if self._settings_changed():  # changed while it opened (a local start, the upload): nothing sent
+                raise SessionError(SETTINGS_CHANGED)
             try:
                 return self._apply(session, request)
             except SessionNotFoundError:
@@ -308,7 +329,7 @@ class InteractiveSession:
                 if recover is None:
                     raise
                 self._note.set("The backend lost the session: restoring it")
-                recover()
+                recover(progress=self._uploaded)
                 return self._apply(session, request)
             except BackendTimeoutError:
                 raise  # reachable, busy: the same backend
@@ -319,6 +340,17 @@ class InteractiveSession:
         finally:
             self._note.set("")
 
+    def _settings_changed(self) -> bool:
+        """Whether the backend settings changed since this object's session was (being) opened."""
+        return self._generation is not None and self._generation() != self._opened_under
+
+    def _uploaded(self, sent: int, total: int) -> None:
+        """Upload progress (worker thread): shown, and the upload stops (:class:`SessionError`) once
+        the settings changed: the user may have withdrawn consent to send images to that server."""
+        if self._settings_changed():
+            raise SessionError(UPLOAD_STOPPED)
+        self._note.set(f"Uploading the image ({100 * sent // max(total, 1)} %)")
+
     def _move_to_current_backend(self, session: EngineSession) -> bool:
         """Reopen the object on the backend the factory gives now, if that is not the unreachable one
         (a local backend is started if none runs); False when it is the same backend."""
@@ -327,14 +359,14 @@ class InteractiveSession:
         move_to = getattr(session, "move_to", None)
         if move_to is None or self._abandoned.is_set():
             return False
-        if self._generation is not None and self._generation() != self._opened_under:
+        if self._settings_changed():
             return False  # the settings changed meanwhile: the next request says so
         self._note.set("The backend is gone: connecting to the current one")
         engine = self._engine_factory()
         if not isinstance(engine, SegAssistClient) or engine.url == session.client.url:  # type: ignore[attr-defined]
             return False
         self._note.set("The backend restarted: restoring this object's prompts there")
-        move_to(engine)
+        move_to(engine, progress=self._uploaded)
         return True
 
     def close(self) -> None:
@@ -356,11 +388,7 @@ class InteractiveSession:
         from SegAssistLib.client import SegAssistClient
 
         if isinstance(engine, SegAssistClient):
-
-            def uploaded(sent: int, total: int) -> None:
-                self._note.set(f"Uploading the image ({100 * sent // max(total, 1)} %)")
-
-            self._session = engine.open_session(self._volume, prompts, progress=uploaded)
+            self._session = engine.open_session(self._volume, prompts, progress=self._uploaded)
         else:
             self._session = engine.open_session(self._volume, prompts)
         self._note.set("Segmenting")

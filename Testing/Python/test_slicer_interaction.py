@@ -657,3 +657,107 @@ def test_an_object_goes_on_with_the_backend_that_replaced_a_stopped_one(server_f
     undone = session.run(state.request(Op.UNDO))  # the replayed steps are undo steps there too
     assert undone is not None and [p.kind for p in remote.prompt_log().prompts] == ["mask", "point"]
     session.close()
+
+
+def test_withdrawn_consent_stops_an_upload_under_way_and_sends_no_prompt(server_factory):
+    """The user unticked 'Send images to this server' (or changed the backend) while the object's first
+    prompt uploaded the image: the upload went on to the end and the prompt was sent after it."""
+    from SegAssistLib.client import SegAssistClient
+    from SegAssistLib.client.errors import ImageNotFoundError
+    from SegAssistLib.image import Volume
+    from SegAssistLib.slicer.backend import BackendManager, BackendSettings
+    from SegAssistLib.transport import wire_volume
+
+    server = server_factory.start()
+    client = SegAssistClient(server.url, TOKENS["alice"])
+    manager = BackendManager(BackendSettings(mode="remote", remote_url=server.url, remote_opt_in=True))
+    volume = Volume(_blob())
+
+    def withdrawn_once_the_upload_runs():  # the user unticks consent right after the upload began
+        generation = manager.generation
+        if opened:
+            manager.update_settings(manager.settings.with_changes(remote_opt_in=False))
+        opened.append(generation)
+        return generation
+
+    opened: list = []
+    session = InteractiveSession(lambda: client, volume, None, settings_generation=withdrawn_once_the_upload_runs)
+    state = PromptState()
+    first = state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))
+    with pytest.raises(SessionError, match="upload stopped"):
+        session.run(first)
+    assert manager.generation != opened[0] and session.result() is None
+    with pytest.raises(ImageNotFoundError):  # the image never arrived whole: nothing was kept, no session opened
+        client.image(wire_volume(volume).content_hash())
+    assert state.accept(first, error=SessionError("upload stopped")) is None and state.prompts == []
+    client.close()
+
+
+def test_settings_changed_while_the_session_opened_send_no_prompt(tiny_engine):
+    """The settings changed while the object's session opened (a local backend starting, an upload
+    that ended before a progress report saw it): the first prompt was sent right after the open."""
+    from SegAssistLib.image import Volume
+
+    values = iter([0] + [1] * 10)  # the generation when the open began, then after the change
+    session = InteractiveSession(lambda: tiny_engine, Volume(_blob()), None, settings_generation=lambda: next(values))
+    state = PromptState()
+    with pytest.raises(SessionError, match="settings changed"):
+        session.run(state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0))))
+    assert not session.result().any()  # opened, but the prompt was not sent
+    with pytest.raises(SessionError, match="settings changed"):  # nor any later one
+        session.run(state.request(Op.PROMPT, PointPrompt(position=(20.0, 16.0, 10.0))))
+    session.close()
+
+
+def test_an_accepted_objects_last_answer_lands_in_its_segment_after_another_is_selected(ctx, tiny_engine):
+    """Click, Enter, next segment (the usual way through a list of structures): the Enter waited for the
+    click's answer, but selecting the next segment then ended the object and dropped it ("1 pending
+    prompt not applied"). Now the answer lands in the segment it was asked for, not the selected one."""
+    from SegAssistLib.slicer.object_writes import ObjectWrites
+
+    volume_node = add_volume(ctx.scene, _blob(), affine(np.eye(3), (0.0, 0.0, 0.0)), "blob")
+    seg = segments.create_segmentation(ctx.scene, volume_node, "seg")
+    segments.add_segment(seg, "tumor", segment_id="tumor")
+    segments.add_segment(seg, "liver", segment_id="liver")
+    liver = np.zeros(SHAPE, np.uint8)
+    liver[0:3, 0:4, 0:5] = 1  # away from the blob the click is on
+    segments.array_to_segment(liver, seg, "liver", volume_node)
+    editor_node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(ctx.scene)
+    logic.SetSegmentEditorNode(editor_node)
+    logic.SetSegmentationNode(seg)
+    logic.SetSourceVolumeNode(volume_node)
+    editor_node.SetSelectedSegmentID("tumor")
+
+    def modify(add, remove, extent):  # the effect's write: into the object's segment, through the editor
+        logic.ModifySegmentByLabelmap(seg, writes.segment_id, add, logic.ModificationModeAdd, extent, True, False)
+        logic.ModifySegmentByLabelmap(seg, writes.segment_id, remove, logic.ModificationModeRemove, extent, True, False)
+
+    writes = ObjectWrites(seg, editor_node.GetSelectedSegmentID(), volume_node, modify, logic.SaveStateForUndo)
+    state, worker = PromptState(), BackgroundWorker()
+    session = InteractiveSession(lambda: tiny_engine, volume_from_node(volume_node), None, worker.note)
+    try:
+        click = state.request(Op.PROMPT, PointPrompt(position=(18.0, 16.0, 10.0)))
+        worker.submit(click, session.run, click)
+        assert not state.ask_accept()  # Enter: the answer is still on its way, the accept waits for it
+        editor_node.SetSelectedSegmentID("liver")  # the next structure, before the answer is in
+        assert not state.ends_on_reselect  # the effect keeps the object until its answer is in
+        with pytest.raises(SessionError, match="being accepted"):  # a prompt on the liver waits till then
+            state.check_open()
+        for done in worker.wait(timeout=60):
+            update = state.accept(done.tag, done.value, done.error)
+            assert update is not None, done.error
+            writes.apply(update, len(state.confirmed_prompts))
+        assert state.accept_due  # the effect now ends the object
+        answer = session.result()
+        assert answer.any()
+        assert np.array_equal(segments.segment_to_array(seg, "tumor", volume_node), answer)  # where it was asked for
+        assert np.array_equal(segments.segment_to_array(seg, "liver", volume_node), liver & ~answer)  # not here
+        assert editor_node.GetSelectedSegmentID() == "liver"
+        state.new_epoch()
+        assert state.ends_on_reselect  # the next object (on the liver) ends at a switch as before
+        state.check_open()
+    finally:
+        worker.submit(None, session.close)
+        worker.shutdown(wait=True, cancel_queued=False)

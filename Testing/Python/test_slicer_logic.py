@@ -97,8 +97,9 @@ def test_the_token_goes_to_a_private_file_not_into_slicers_settings(tmp_path):
 
     tokens = TokenFile(tmp_path / "state" / "remote_tokens.json")
     store = IniLikeStore()
-    settings = BackendSettings(mode=REMOTE, remote_url="https://seg.example.org:8470/", remote_token="secret-1",
-                               remote_opt_in=True)
+    settings = BackendSettings(
+        mode=REMOTE, remote_url="https://seg.example.org:8470/", remote_token="secret-1", remote_opt_in=True
+    )
     settings.save(store, tokens)
     assert store.values[SETTINGS_PREFIX + "remote_token"] == "" and "secret-1" not in repr(store.values)
     assert stat.S_IMODE(tokens.path.stat().st_mode) == 0o600 and "secret-1" in tokens.path.read_text()
@@ -114,8 +115,13 @@ def test_the_token_goes_to_a_private_file_not_into_slicers_settings(tmp_path):
 
     # a token an earlier version kept in Slicer's settings is used, then moved out at the next save
     old = IniLikeStore()
-    old.values.update({SETTINGS_PREFIX + "mode": REMOTE, SETTINGS_PREFIX + "remote_url": "https://old.example.org",
-                       SETTINGS_PREFIX + "remote_token": "from-the-ini"})
+    old.values.update(
+        {
+            SETTINGS_PREFIX + "mode": REMOTE,
+            SETTINGS_PREFIX + "remote_url": "https://old.example.org",
+            SETTINGS_PREFIX + "remote_token": "from-the-ini",
+        }
+    )
     loaded = BackendSettings.load(old, tokens)
     assert loaded.remote_token == "from-the-ini"
     loaded.save(old, tokens)
@@ -124,7 +130,85 @@ def test_the_token_goes_to_a_private_file_not_into_slicers_settings(tmp_path):
 
     tokens.path.write_text("[1, 2]")
     with pytest.raises(TokenFileError, match="damaged: delete it"):
-        BackendSettings.load(store, tokens)
+        tokens.get(settings.remote_url)
+
+
+def test_a_new_server_address_takes_its_own_token_never_the_previous_servers(tmp_path):
+    """The panel's token field is filled for the server saved at the time. The user typed another
+    address: the field still held the first server's token, which was saved for the new server
+    (replacing its own) and, once the user ticked consent, sent to it."""
+    from SegAssistLib.slicer.backend import settings_from_form
+    from SegAssistLib.slicer.tokens import TokenFile
+
+    tokens = TokenFile(tmp_path / "remote_tokens.json")
+    store = IniLikeStore()
+    server_a, server_b = "https://a.example.org:8470", "https://b.example.org:8470"
+    BackendSettings(mode=REMOTE, remote_url=server_b, remote_token="TOKEN-B", remote_opt_in=True).save(store, tokens)
+    BackendSettings(mode=REMOTE, remote_url=server_a, remote_token="TOKEN-A", remote_opt_in=True).save(store, tokens)
+    previous = BackendSettings.load(store, tokens)  # what the form was filled from
+    assert previous.remote_token == "TOKEN-A"
+
+    form = previous.with_changes(remote_url=server_b)  # the user typed B; the token field still says TOKEN-A
+    edited = settings_from_form(previous, form, tokens)
+    assert edited.remote_url == server_b and edited.remote_token == "TOKEN-B"  # B's own token, shown in the form
+    assert not edited.remote_opt_in  # a new address needs consent again
+    assert edited.save(store, tokens) == ""
+    assert tokens.get(server_b) == "TOKEN-B" and tokens.get(server_a) == "TOKEN-A"  # neither overwritten
+    agreed = BackendSettings.load(store, tokens).with_changes(remote_opt_in=True)  # the user ticks consent
+    assert agreed.remote_token == "TOKEN-B"  # what would be sent to B
+
+    # a server never used before gets no token (not A's, not B's); an empty address none either
+    unknown = settings_from_form(agreed, agreed.with_changes(remote_url="https://c.example.org"), tokens)
+    assert unknown.remote_token == "" and not unknown.remote_opt_in
+    assert settings_from_form(agreed, agreed.with_changes(remote_url=""), tokens).remote_token == ""
+    unknown.save(store, tokens)
+    assert tokens.get(server_a) == "TOKEN-A" and tokens.get(server_b) == "TOKEN-B"
+    # the same address (a token typed for it, consent ticked): the form is saved as it is
+    same = agreed.with_changes(remote_token="TOKEN-B2")
+    assert settings_from_form(agreed, same, tokens) == same
+    # a first server (no address before): the token typed before its address is for it
+    first = BackendSettings(mode=REMOTE, remote_token="typed-first")
+    typed = settings_from_form(first, first.with_changes(remote_url="https://new.example.org"), tokens)
+    assert typed.remote_token == "typed-first" and not typed.remote_opt_in
+    # switching back finds A's token
+    back = settings_from_form(unknown, unknown.with_changes(remote_url=server_a + "/"), tokens)
+    assert back.remote_token == "TOKEN-A"
+
+
+def test_a_damaged_token_file_leaves_the_settings_usable_and_says_why(tmp_path):
+    """A damaged token file made loading the settings raise: the module panel failed to set up, every
+    settings edit raised in a Qt slot, and the effect could not be activated."""
+    from SegAssistLib.slicer.tokens import TokenFile
+
+    tokens = TokenFile(tmp_path / "remote_tokens.json")
+    store = IniLikeStore()
+    saved = BackendSettings(mode=REMOTE, remote_url="https://a.example.org", remote_token="t", remote_opt_in=True)
+    assert not saved.save(store, tokens)
+    tokens.path.write_text('{"https://a.example.org": 1}')  # damaged (by hand, a crash of another tool)
+
+    # load never raises for the token file: everything but the token
+    assert BackendSettings.load(store, tokens) == saved.with_changes(remote_token="")
+    loaded = BackendSettings.read(store, tokens)  # and why the token is missing, for the status line
+    assert loaded.settings == saved.with_changes(remote_token="")
+    assert "damaged: delete it and enter the token again" in loaded.problem and str(tokens.path) in loaded.problem
+    assert BackendSettings.read(IniLikeStore(), tokens).problem == ""  # no remote address: the file is not read
+
+    # an edit (a new address; a token typed in) saves everything else and says the token was not saved
+    from SegAssistLib.slicer.backend import settings_from_form
+
+    new_address = loaded.settings.with_changes(remote_url="https://b.example.org")
+    edited = settings_from_form(loaded.settings, new_address, tokens)
+    assert edited.remote_token == "" and edited.remote_url == "https://b.example.org"
+    problem = edited.with_changes(remote_token="typed", local_threads=3).save(store, tokens)
+    assert "not saved" in problem and "damaged" in problem
+    assert BackendSettings.load(store, tokens).local_threads == 3
+    assert store.values[SETTINGS_PREFIX + "remote_token"] == ""
+    assert tokens.path.read_text() == '{"https://a.example.org": 1}'  # left for the user to delete, not clobbered
+
+    tokens.path.unlink()  # deleted, as the message says: the token is saved again
+    assert BackendSettings.read(store, tokens).problem == ""
+    assert edited.with_changes(remote_token="typed").save(store, tokens) == ""
+    assert BackendSettings.read(store, tokens).settings.remote_token == "typed"
 
 
 def test_a_remote_backend_is_not_contacted_before_the_user_opts_in():
@@ -634,6 +718,23 @@ def test_batch_example_exits_with_a_status_on_an_unexpected_error(monkeypatch, t
             "--out", str(tmp_path / "o.seg.nrrd")]  # fmt: skip
     assert example.main(args) == 1
     assert "RuntimeError: a bug in the script" in capsys.readouterr().err
+
+
+def test_a_backend_started_for_one_call_is_stopped_when_the_call_ends(tiny_checkpoint, tmp_path):
+    """logic.segment(backend=BackendSettings(...)) kept a manager per settings for the whole process:
+    the local backend it started (a server process holding the model) ran until Slicer exited."""
+    from SegAssistLib.slicer.backend import engine_for_call
+
+    settings = BackendSettings(local_model=str(tiny_checkpoint), local_threads=1)
+    with pytest.raises(RuntimeError, match="the call failed"), engine_for_call(settings, state_dir=tmp_path) as engine:
+        url = engine.url
+        assert engine.health().status == "ok"  # started for this call
+        raise RuntimeError("the call failed")  # a failing call stops it too
+    with pytest.raises(BackendUnavailableError):
+        SegAssistClient(url, retries=0).health()  # the server process is gone
+    given = SegAssistClient("http://127.0.0.1:9", retries=0)
+    with engine_for_call(given) as engine:  # an engine the caller owns: used as it is
+        assert engine is given
 
 
 def test_managers_for_explicit_settings_live_as_long_as_the_process():

@@ -294,7 +294,9 @@ def test_effect_follows_the_segment_editor_effect_template():
     assert required <= _methods(effect), sorted(required - _methods(effect))
     source = EFFECT_FILE.read_text()
     assert 'scriptedEffect.name = "SegAssist"' in source
-    assert "saveStateForUndo()" in source and "modifySelectedSegmentByLabelmap(" in source
+    assert "saveStateForUndo()" in source and "modifySegmentByLabelmap(" in source
+    # answers go to the object's own segment: after Accept the user may have selected the next one already
+    assert "modifySelectedSegmentByLabelmap(" not in source
     assert "ThreadPoolExecutor" not in source  # the one worker thread is BackgroundWorker's
     assert (MODULE_DIR / "Resources" / "Icons" / "SegAssistEffect.png").is_file()
     registration = ast.unparse(
