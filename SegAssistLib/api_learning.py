@@ -30,6 +30,12 @@ def is_seed(value: object) -> bool:
 
 
 MAX_TRAIN_BUDGET_S = 7 * 24 * 3600.0
+#: Patches per training step: the default is 2; 64 patches of the base model's size already take gigabytes
+#: of activations, and a larger request would exhaust the server's memory rather than train faster.
+MAX_TRAIN_BATCH_SIZE = 64
+#: Simulated clicks per validation case: the default is 3; 20 is the most the interactive segmentation
+#: literature counts (NoC@20), and each click is one more model answer per case at every validation.
+MAX_VAL_CLICKS = 20
 
 CASE_ID_PATTERN = r"^[0-9a-f]{16}$"
 JOB_ID_PATTERN = r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
@@ -119,8 +125,8 @@ class TrainRequest(_Model):
     learning_rate: Optional[float] = Field(None, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)
     time_budget_s: Optional[float] = Field(None, gt=0, le=MAX_TRAIN_BUDGET_S)
-    batch_size: Optional[int] = Field(None, gt=0)
-    val_clicks: Optional[int] = Field(None, gt=0)
+    batch_size: Optional[int] = Field(None, gt=0, le=MAX_TRAIN_BATCH_SIZE, description="patches per step")
+    val_clicks: Optional[int] = Field(None, gt=0, le=MAX_VAL_CLICKS, description="simulated clicks per validation case")
     validate_every: Optional[int] = Field(None, gt=0)
     min_improvement: Optional[float] = Field(
         None, ge=-1, le=1, description="promote only above the incumbent's validation Dice plus this"

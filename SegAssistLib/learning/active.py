@@ -144,8 +144,17 @@ def _label_stats(store: Datastore, case: CaseRecord, label_id: str, label_value:
 
 
 def structure_prior(store: Datastore, label_value: Optional[int] = None) -> StructurePrior:
-    """The prior from every submitted or reviewed case's latest submitted label."""
-    stats = [s for s in (_label_stats(store, c, lv.id, label_value) for c, lv in store.training_cases()) if s]
+    """The prior from every submitted or reviewed case's latest submitted label. A label whose file is
+    damaged or missing is left out (logged): it must not stop the team's next case."""
+    stats = []
+    for case, label in store.training_cases():
+        try:
+            s = _label_stats(store, case, label.id, label_value)
+        except CorruptDataError as exc:
+            log.warning("label of case %s (%s) left out of the structure prior: %s", case.id, case.name, exc)
+            continue
+        if s:
+            stats.append(s)
     if not stats:
         return StructurePrior()
     rel = np.mean([s[0] for s in stats], axis=0)
@@ -189,18 +198,38 @@ def case_embedding(store: Datastore, case: CaseRecord) -> np.ndarray:
     return _EMBEDDINGS.get_or(case.image_sha256, lambda: image_embedding(store.load_image(case.id)))
 
 
-def diversity_scores(store: Datastore, candidates: Sequence[CaseRecord]) -> Dict[str, float]:
+def diversity_scores(
+    store: Datastore, candidates: Sequence[CaseRecord], unreadable: Optional[Dict[str, CorruptDataError]] = None
+) -> Dict[str, float]:
     """Distance of each candidate to the nearest case already taken up (labelled, or being worked
-    on), scaled to [0, 1]. A case still open to annotation is not taken up, sampled or not."""
+    on), scaled to [0, 1]. A case still open to annotation is not taken up, sampled or not.
+
+    One damaged or missing image must not fail the ranking for everyone: a taken-up case whose image
+    cannot be read is left out of the comparison (logged); a candidate whose image cannot be read gets
+    no score (it is missing from the result) and is added to ``unreadable`` (case id -> the error),
+    when given."""
     still_open = {c.id for c in candidate_cases(store)} | {c.id for c in candidates}
     taken = [c for c in store.list_cases() if c.id not in still_open]
-    if not taken or not candidates:
+    references = []
+    for c in taken:
+        try:
+            references.append(case_embedding(store, c))
+        except CorruptDataError as exc:
+            log.warning("case %s (%s) left out of the diversity measure: %s", c.id, c.name, exc)
+    if not references or not candidates:
         return {c.id: 0.0 for c in candidates}
-    reference = np.stack([case_embedding(store, c) for c in taken])
+    reference = np.stack(references)
     raw = {}
     for c in candidates:
-        e = case_embedding(store, c)
+        try:
+            e = case_embedding(store, c)
+        except CorruptDataError as exc:
+            if unreadable is not None:
+                unreadable[c.id] = exc
+            continue
         raw[c.id] = float(np.sqrt(((reference - e) ** 2).sum(1)).min())
+    if not raw:
+        return {}
     top = max(raw.values())
     return {k: (v / top if top > 0 else 0.0) for k, v in raw.items()}
 
@@ -372,13 +401,16 @@ def _engine_version(engine, runner: Optional[EngineRunner]) -> str:
     return runner(job) if runner is not None else job(engine)
 
 
+def is_candidate(case: CaseRecord) -> bool:
+    """Nobody is working on it: ``new``, or ``in_progress`` with an expired lock and no label yet."""
+    return case.status is CaseStatus.NEW or (
+        case.status is CaseStatus.IN_PROGRESS and case.locked_by is None and case.n_labels == 0
+    )
+
+
 def candidate_cases(store: Datastore) -> List[CaseRecord]:
     """Cases nobody is working on: ``new``, or ``in_progress`` with an expired lock and no label yet."""
-    out = []
-    for case in store.list_cases(status=[CaseStatus.NEW, CaseStatus.IN_PROGRESS]):
-        if case.status is CaseStatus.NEW or (case.locked_by is None and case.n_labels == 0):
-            out.append(case)
-    return out
+    return [case for case in store.list_cases(status=[CaseStatus.NEW, CaseStatus.IN_PROGRESS]) if is_candidate(case)]
 
 
 def rank_cases(
@@ -431,7 +463,17 @@ def rank_cases(
     if len(pool) > max_candidates:
         keep = np.sort(rng.choice(len(pool), size=max(1, int(max_candidates)), replace=False))
         pool = [pool[i] for i in keep]
-    div = diversity_scores(store, pool)
+    unread: Dict[str, CorruptDataError] = {}
+    div = diversity_scores(store, pool, unread)
+    if unread:  # one damaged case must not stop the team's next case
+        for c in pool:
+            if c.id in unread:
+                log.warning("case %s (%s) left out of the ranking: %s", c.id, c.name, unread[c.id])
+        if unreadable is not None:
+            unreadable.update({case_id: str(exc) for case_id, exc in unread.items()})
+        pool = [c for c in pool if c.id not in unread]
+        if not pool:
+            raise next(iter(unread.values()))
     scores: List[CaseScore] = []
     if strategy == "diversity":
         scores = [CaseScore(c.id, c.name, div[c.id], diversity=div[c.id]) for c in pool]
@@ -510,11 +552,13 @@ def next_case(
 
     With ``lock`` the case is locked to ``user`` for ``lock_ttl_s`` seconds; a case another annotator
     locked or labelled while this one ranked passes to the next in the ranking (``NoCandidateError``
-    when all were taken). ``prepare(case)``, when given, is called for the chosen case before it is
-    returned (a server puts its image in its image store); its result is ``NextCase.prepared``. A case
-    whose stored image is damaged or missing (``CorruptDataError`` from ranking, proposal or
-    ``prepare``) is passed over, unlocked, and named in ``NextCase.skipped``; only when every case
-    was passed over for it does the error reach the caller.
+    when all were taken); without ``lock`` such a case is passed over just the same. A failure once
+    the case is locked (the version check, the proposal, ``prepare``) unlocks it. ``prepare(case)``,
+    when given, is called for the chosen case before it is returned (a server puts its image in its
+    image store); its result is ``NextCase.prepared``. A case whose stored image is damaged or
+    missing (``CorruptDataError`` from ranking, proposal or ``prepare``) is passed over, unlocked,
+    and named in ``NextCase.skipped``; only when every case was passed over for it does the error
+    reach the caller.
     """
     if lock and not user:
         raise ActiveLearningError("locking the next case needs the user it is for")
@@ -537,10 +581,13 @@ def next_case(
             except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
                 taken += 1
                 continue
-        proposal = proposals.get(case.id)
-        if with_proposal and proposal is not None and proposal.engine_version != _engine_version(engine, runner):
-            proposal = None  # made by a model replaced since: the annotator gets the current model's
-        try:
+        elif not (is_candidate(case) or (case.locked_by == user and case.n_labels == 0)):
+            taken += 1  # as a lock would have found: locked by another annotator meanwhile, or labelled
+            continue
+        try:  # from here on a failure unlocks the case: the caller never learns which case it was
+            proposal = proposals.get(case.id)
+            if with_proposal and proposal is not None and proposal.engine_version != _engine_version(engine, runner):
+                proposal = None  # made by a model replaced since: the annotator gets the current model's
             if proposal is None and with_proposal and has_model:
                 proposal = _propose_case(store, case.id, engine, runner, prior, n_perturbations)
             prepared = prepare(case) if prepare is not None else None

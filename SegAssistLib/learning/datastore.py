@@ -711,10 +711,17 @@ class Datastore:
         return tuple(json.loads(row["shape"])), reference
 
     def load_image(self, case_id: str) -> Volume:
-        self.get_case(case_id)
+        """The case's image, checked against the recorded checksum first: a file cut short (a full
+        disk, a copy interrupted) can still decode, as zeros where its data ended."""
+        case = self.get_case(case_id)
         path = self.image_path(case_id)
         if not path.is_file():
             raise CorruptDataError(f"the image file of case {case_id} is missing from the store")
+        if sha256_file(path) != case.image_sha256:
+            raise CorruptDataError(
+                f"the image file of case {case_id} ({case.name}) does not match its checksum: it is damaged "
+                "or was replaced"
+            )
         return load_volume(path)
 
     def reference_geometry(self, case_id: str) -> Volume:

@@ -350,8 +350,10 @@ class AdapterRegistry:
                     )
             if target is not None:
                 path = self.file_path(target)
-                if not path.is_file():
-                    raise RegistryError(f"the file of version {target.id} is missing: {path}")
+                if not path.is_file():  # named from the store (a server's reply must not show where its files are)
+                    raise RegistryError(
+                        f"the file of version {target.id} is missing from the datastore: {FOLDER}/{path.name}"
+                    )
             target_id = target.id if target is not None else None
             moving_forward = target is not None and current is not None and target.number > current.number
             if current is not None and current.id != target_id and not moving_forward:

@@ -27,6 +27,7 @@ from SegAssistLib.learning.active import (
     rank_cases,
     structure_prior,
 )
+from SegAssistLib.learning.errors import CorruptDataError
 from SegAssistLib.learning.loop_errors import ActiveLearningError, NoCandidateError
 
 
@@ -251,6 +252,101 @@ def test_the_next_case_stays_locked_for_a_work_session(tmp_path: Path):
         assert next_case(store, None, "first", user="carol", lock=True).case.id == bob.case.id
         with pytest.raises(DatastoreError, match="lock duration"):
             next_case(store, None, "first", user="dave", lock=True, lock_ttl_s=25 * 3600)
+
+
+def test_a_failure_after_the_next_case_is_locked_unlocks_it(world):
+    """The check of the model version after locking runs on the server's worker: a full queue or a
+    shutdown there (503) left the case locked to a caller who never learned its id, invisible to
+    everyone else for the lock's four hours."""
+    store, cases, odd, engine = world
+    ranked = [False]
+
+    def ranking_done(done: int, total: int) -> None:
+        ranked[0] = done == total
+
+    def runner(job):  # the worker stops between the ranking and the version check
+        if ranked[0]:
+            raise RuntimeError("the server is shutting down")
+        return job(engine)
+
+    with pytest.raises(RuntimeError, match="shutting down"):
+        next_case(store, None, "uncertainty", user="bob", lock=True, runner=runner, on_progress=ranking_done,
+                  n_perturbations=1)  # fmt: skip
+    assert [c.locked_by for c in store.list_cases()] == [None] * len(store.list_cases())
+    assert len(candidate_cases(store)) == 5  # every case is open to the next caller again
+
+
+@pytest.mark.parametrize("left_free", [True, False])
+def test_without_a_lock_a_case_taken_while_ranking_is_not_handed_out(world, left_free):
+    """Without ``lock`` the case was read again after the ranking and returned as it was: one another
+    annotator had locked or submitted meanwhile went to a second annotator, who then could not save."""
+    store, cases, odd, engine = world
+    order = [s.case_id for s in rank_cases(store, engine, "uncertainty", n_perturbations=1)]
+    free = order[-1] if left_free else None  # the case ranked last: never the answer by chance
+
+    def others_take_cases(done: int, total: int) -> None:
+        if done != total:
+            return
+        store.lock(order[0], "carol")
+        store.save_label(order[0], np.ones(store.get_case(order[0]).shape, np.uint8), "carol")  # submitted
+        for case_id in order[1:]:
+            if case_id != free:
+                store.lock(case_id, "dave")
+
+    if left_free:
+        got = next_case(store, engine, "uncertainty", user="bob", on_progress=others_take_cases, n_perturbations=1)
+        assert got.case.id == free and got.case.locked_by is None and got.case.status is CaseStatus.NEW
+        assert got.proposal is not None and got.ranking[0].case_id == order[0]
+    else:
+        with pytest.raises(NoCandidateError, match="taken by other annotators meanwhile"):
+            next_case(store, engine, "uncertainty", user="bob", on_progress=others_take_cases, n_perturbations=1)
+
+
+def test_a_damaged_image_is_left_out_of_the_diversity_measure_not_a_failure(tmp_path: Path):
+    """Diversity read the image of every candidate and of every case taken up before any per-case error
+    handling: once a case was submitted, one lost or damaged image file failed every ranking that
+    measures diversity (500 over HTTP), for the whole team."""
+    # images no other test embedded: embeddings are cached per process by the file's checksum
+    store, cases = make_store(tmp_path / "store", n_labelled=3, n_new=4, seed=41)
+    labelled, new = cases[:3], cases[3:]
+    store.image_path(labelled[0].id).unlink()  # a case taken up: it is left out of the comparison
+    store.image_path(new[0].id).unlink()  # a candidate's image lost
+    cut = store.image_path(new[1].id)
+    cut.write_bytes(cut.read_bytes()[:200])  # a candidate's image cut short (once read as zeros)
+    damaged = {new[0].id, new[1].id}
+    readable = {c.id for c in new[2:]}
+
+    reported = {}
+    ranking = rank_cases(store, None, "diversity", unreadable=reported)
+    assert {s.case_id for s in ranking} == readable and set(reported) == damaged
+    assert "missing" in reported[new[0].id] and "checksum" in reported[new[1].id]
+    unreadable = {}
+    scores = diversity_scores(store, candidate_cases(store), unreadable)
+    assert set(scores) == readable and max(scores.values()) == 1.0
+    assert set(unreadable) == damaged and "checksum" in str(unreadable[new[1].id])
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt"))
+    for strategy in ("diversity", "uncertainty"):
+        got = next_case(store, engine, strategy, user="bob", lock=True, n_perturbations=1)
+        assert got.case.id in readable and set(got.skipped) == damaged and got.case.locked_by == "bob"
+        store.unlock(got.case.id, "bob")
+    assert all(c.locked_by is None for c in store.list_cases())
+    with pytest.raises(CorruptDataError, match="missing"):  # no candidate can be read: the damage is the answer
+        rank_cases(store, None, "diversity", candidates=new[:2])
+    store.close()
+
+
+def test_a_damaged_label_is_left_out_of_the_structure_prior_not_a_failure(tmp_path: Path):
+    """The prior read every submitted label: one label file lost or damaged failed every request for a
+    proposal or an uncertainty ranking."""
+    store, cases = make_store(tmp_path / "store", n_labelled=3, n_new=2, seed=42)
+    store.label_path(cases[0].id, store.latest_label(cases[0].id).id).write_bytes(b"not a label")
+    store.label_path(cases[1].id, store.latest_label(cases[1].id).id).unlink()
+    prior = structure_prior(store)
+    assert len(store.training_cases()) == 3 and prior.n_cases == 1
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt"))
+    got = next_case(store, engine, "uncertainty", n_perturbations=1)
+    assert got.case.id in {c.id for c in cases[3:]} and got.prior.n_cases == 1 and got.proposal is not None
+    store.close()
 
 
 def test_adapted_model_proposes_the_structure(tmp_path: Path):

@@ -475,6 +475,20 @@ def test_reopen_keeps_everything_and_corruption_is_detected(tmp_path: Path):
         assert not report.ok and "checksum mismatch" in report.corrupt[0]
 
 
+def test_an_image_file_cut_short_is_refused_not_read_as_zeros(tmp_path: Path):
+    """A truncated image file still decoded (zeros where its data ended) and was ranked, proposed on and
+    trained on as if it were the case's image; it is checked against the recorded checksum as labels are."""
+    with Datastore(tmp_path / "store") as ds:
+        case = ds.import_volume(make_volume(seed=3), name="cut short", user="admin")
+        path = ds.image_path(case.id)
+        path.write_bytes(path.read_bytes()[:200])
+        with pytest.raises(CorruptDataError, match="checksum") as refused:
+            ds.load_image(case.id)
+        message = str(refused.value)
+        assert case.id in message and "cut short" in message
+        assert str(tmp_path) not in message  # reaches HTTP replies: the server's folders are not shown
+
+
 class _DiskFailsAtCommit:
     """The store's SQLite connection with a disk that fails the next ``COMMIT`` (a full disk or an
     I/O error at the moment SQLite writes its pages): the one part a test cannot make fail for real."""

@@ -388,11 +388,29 @@ def test_training_settings_out_of_range_are_refused(learn_server, value):
         ("/v1/learn/next", '{"strategy": "random", "proposal": false, "seed": true}', "seed"),  # was seed 1
         ("/v1/learn/train", '{"kind": "salt", "seed": true}', "seed"),
         ("/v1/learn/cases/0123456789abcdef/labels", '{"n_interactions": 9223372036854775808}', "n_interactions"),
+        ("/v1/learn/train", '{"kind": "salt", "batch_size": 1000000000}', "batch_size"),  # exhausted memory
+        ("/v1/learn/train", '{"kind": "salt", "batch_size": 65}', "batch_size"),
+        ("/v1/learn/train", '{"kind": "salt", "val_clicks": 1000000000}', "val_clicks"),
+        ("/v1/learn/train", '{"kind": "salt", "val_clicks": 21}', "val_clicks"),
     ],
 )
 def test_seeds_and_budgets_out_of_range_are_refused_not_a_server_error(learn_server, path, body, field):
     reply = raw(learn_server, "POST", path, data=body, headers={"Content-Type": "application/json"})
     assert field in assert_error(reply, 422, "invalid_request")["message"]
+
+
+def test_training_batch_size_and_validation_clicks_have_upper_bounds_above_their_defaults():
+    from pydantic import ValidationError
+
+    from SegAssistLib.api_learning import MAX_TRAIN_BATCH_SIZE, MAX_VAL_CLICKS, TrainRequest
+    from SegAssistLib.learning.trainer import AdapterTrainConfig
+
+    defaults = AdapterTrainConfig()
+    assert defaults.batch_size < MAX_TRAIN_BATCH_SIZE == 64 and defaults.val_clicks < MAX_VAL_CLICKS == 20
+    assert TrainRequest(batch_size=64, val_clicks=20).settings() == {"kind": "salt", "batch_size": 64, "val_clicks": 20}
+    for name, bound in (("batch_size", MAX_TRAIN_BATCH_SIZE), ("val_clicks", MAX_VAL_CLICKS)):
+        with pytest.raises(ValidationError, match=rf"(?s){name}.*less than or equal to {bound}"):
+            TrainRequest(**{name: bound + 1})
 
 
 def test_a_case_list_offset_beyond_sqlites_integers_is_refused_not_a_server_error(learn_server):
@@ -408,6 +426,41 @@ def test_a_damaged_store_is_the_servers_fault_not_the_request(clients, imported,
     (tmp_path / "store" / "images" / f"{case.id}.nii.gz").unlink()
     reply = raw(learn_server, "GET", f"/v1/learn/cases/{case.id}/image")
     assert "missing" in assert_error(reply, 500, "corrupt_data")["message"]
+
+
+def test_a_damaged_image_does_not_fail_the_diversity_ranking_for_everyone(clients, learn_server, tmp_path):
+    """Once a case was submitted, diversity read every candidate's image and every submitted case's
+    before any per-case error handling: one lost image file failed ``next`` (500) for the whole team."""
+    alice, _ = clients
+    cases = []
+    for i in range(5):  # images no other test ranked: the server caches embeddings by the file's checksum
+        volume, truth = synthetic_case(700 + i)
+        cases.append((alice.learning.import_image(volume, name=f"case_{i}"), truth))
+    for case, truth in cases[:2]:
+        assert alice.learning.save_mask(case.id, truth).submitted  # taken up: candidates are measured against them
+    images = tmp_path / "store" / "images"
+    (images / f"{cases[0][0].id}.nii.gz").unlink()  # a submitted case's image lost
+    (images / f"{cases[4][0].id}.nii.gz").unlink()  # a candidate's image lost
+    readable = {cases[2][0].id, cases[3][0].id}
+    for strategy in ("diversity", "uncertainty"):
+        body = {"strategy": strategy, "proposal": False, "lock": False}
+        reply = raw(learn_server, "POST", "/v1/learn/next", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["case"]["id"] in readable
+
+
+def test_a_rollback_to_a_version_whose_file_is_gone_names_it_from_the_store(learn_server, tmp_path):
+    """The 409 once named the file by the server's absolute path: where its files are is not the client's
+    business (the registry's own errors name ``adapters/...``)."""
+    learning = learn_server.app.state.segassist.learning
+    registry = AdapterRegistry(tmp_path / "store")
+    fields = {"base_identity": learning.base_identity(), "val_dice": 0.5, "incumbent": None, "incumbent_dice": 0.4}
+    record = registry.add_version("salt", lambda path, _: path.write_bytes(b"weights"), fields, promote=True,
+                                  expected_current=None)  # fmt: skip
+    registry.file_path(record).unlink()
+    error = assert_error(raw(learn_server, "POST", "/v1/learn/rollback", json={"to": record.id}), 409, "version_state")
+    assert f"the file of version {record.id} is missing" in error["message"]
+    assert f"adapters/{record.file}" in error["message"] and str(tmp_path) not in error["message"]
 
 
 def test_a_damaged_registry_is_the_servers_fault_and_rollback_to_base_recovers(learn_server, tmp_path):
