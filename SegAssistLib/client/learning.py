@@ -31,8 +31,13 @@ from SegAssistLib.api_learning import (
     VersionList,
 )
 from SegAssistLib.api_models import API_PREFIX, ArrayPayload
-from SegAssistLib.client.errors import BackendUnavailableError, JobWaitTimeoutError, ProtocolError
-from SegAssistLib.client.http import path_id
+from SegAssistLib.client.errors import (
+    BackendTimeoutError,
+    BackendUnavailableError,
+    JobWaitTimeoutError,
+    ProtocolError,
+)
+from SegAssistLib.client.http import Timeout, path_id
 from SegAssistLib.image import Volume
 from SegAssistLib.labels import as_labels
 from SegAssistLib.prompts import MaskPrompt
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     from SegAssistLib.client.session import RemoteSession
 
 FINAL_JOB_STATES = ("done", "cancelled", "failed")
+_MIN_POLL_S = 0.05  # the shortest timeout a poll is sent with (the last one, at the deadline)
 _BASE = f"{API_PREFIX}/learn"
 
 
@@ -197,8 +203,9 @@ class LearningClient:
     def jobs(self) -> List[JobStatus]:
         return [JobStatus.model_validate(j) for j in self._http.json("GET", f"{_BASE}/jobs")]
 
-    def job(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(self._http.json("GET", _job_path(job_id)))
+    def job(self, job_id: str, timeout: Optional[Timeout] = None) -> JobStatus:
+        """The job's status (``timeout``: this request's, else the client's)."""
+        return JobStatus.model_validate(self._http.json("GET", _job_path(job_id), timeout=timeout))
 
     def cancel(self, job_id: str) -> JobStatus:
         return JobStatus.model_validate(self._http.json("POST", f"{_job_path(job_id)}/cancel"))
@@ -214,15 +221,23 @@ class LearningClient:
         ``progress(status)`` sees every change of step or state.
 
         The job runs in its own process on the server: a server out of reach for a while (a restart)
-        does not end the wait, which goes on until ``timeout``; then :class:`JobWaitTimeoutError`
-        (or, if the server was never reached again, the last connection error).
+        or slow to answer does not end the wait, which goes on until ``timeout``; then
+        :class:`JobWaitTimeoutError` (or, if the server could not be reached again, the last connection
+        error). No poll waits past ``timeout``: each is sent with the client's timeouts cut to the
+        time left, and one whose reply has not come by then ends the wait with JobWaitTimeoutError.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Any = None
         state = "unknown"
         while True:
             try:
-                status = self.job(job_id)
+                status = self.job(job_id, timeout=self._poll_timeout(deadline))
+            except BackendTimeoutError as exc:  # no reply in time: a hung or very busy server
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobWaitTimeoutError(
+                        f"training job {job_id}: no reply from the server within the {timeout} s waited "
+                        f"(last seen {state}; the job goes on)"
+                    ) from exc
             except BackendUnavailableError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
@@ -238,6 +253,14 @@ class LearningClient:
             if remaining is not None and remaining <= 0:
                 raise JobWaitTimeoutError(f"training job {job_id} still {state} after {timeout} s (it goes on)")
             time.sleep(poll_s if remaining is None else min(poll_s, remaining))
+
+    def _poll_timeout(self, deadline: Optional[float]) -> Optional[Timeout]:
+        """The client's (connect, read) timeouts, each cut to the time left before ``deadline``."""
+        if deadline is None:
+            return None
+        left = max(deadline - time.monotonic(), _MIN_POLL_S)
+        connect, read = self._http._pair()
+        return (left if connect is None else min(connect, left), left if read is None else min(read, left))
 
     # ---- versions --------------------------------------------------------------------------------
     def versions(self) -> VersionList:

@@ -8,8 +8,11 @@ however it dies: the child watches its standard input, a pipe from the launcher 
 operating system closes when the launcher ends.
 
 A running backend is reused: its URL, token and pid live in a state file (mode 0600) in the
-state directory; a new launcher that finds a healthy backend there with the same model, device, Python and options
-uses it instead of starting another (it lives as long as the process that started it).
+state directory; a new launcher that finds a healthy backend there with the same model (path, size
+and modification time), device, Python, options and environment (``env``) uses it instead of
+starting another (it lives as long as the process that started it). The server runs in the state
+directory: relative paths among the options (``--data-dir store``) are made absolute against the
+launcher's working folder first, so two projects giving the same relative path get their own.
 
 The server needs torch, MONAI and FastAPI; when the client runs in a Python without them (Slicer's),
 give ``python=`` (or ``SEGASSIST_SERVER_PYTHON``) pointing at a Python that has them.
@@ -122,6 +125,59 @@ def _absolute_if_path(program: str) -> str:
     return program
 
 
+#: The server's options that name files or folders (``python -m SegAssistLib.server --help``). The
+#: server runs in the state folder, so a relative path given in ``extra_args`` is made absolute
+#: against the caller's working folder, where it was meant, before it joins the backend's identity.
+PATH_OPTIONS = ("--model", "--token-file", "--data-dir", "--learn-store", "--tls-cert", "--tls-key")
+
+
+def _path_option(name: str) -> Optional[str]:
+    """The path option ``name`` stands for: itself, or an abbreviation of exactly one (the server's
+    parser takes unambiguous abbreviations); None for any other option."""
+    if not name.startswith("--") or len(name) < 3:
+        return None
+    matches = [option for option in PATH_OPTIONS if option.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _absolute_path_args(args: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``args`` with the values of :data:`PATH_OPTIONS` made absolute, given as ``--opt value`` or
+    ``--opt=value``; and the checkpoints among them (the values of ``--model``)."""
+    out: List[str] = []
+    models: List[str] = []
+    pending: Optional[str] = None  # the path option whose value comes next
+    for arg in (str(a) for a in args):
+        if pending is not None:
+            value = os.path.abspath(arg) if arg else arg
+            out.append(value)
+            if pending == "--model":
+                models.append(value)
+            pending = None
+            continue
+        name, eq, value = arg.partition("=")
+        option = _path_option(name)
+        if option is None:
+            out.append(arg)
+        elif eq:
+            value = os.path.abspath(value) if value else value
+            out.append(f"{name}={value}")
+            if option == "--model":
+                models.append(value)
+        else:
+            out.append(arg)
+            pending = option
+    return out, models
+
+
+def _file_stamp(path: str) -> Optional[List[int]]:
+    """Size and modification time (ns) of a file: weights overwritten in place make another backend."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _same_file(a: str, b: str) -> bool:
     """Whether two interpreter paths name the same file (False when either cannot be found)."""
     try:
@@ -144,8 +200,8 @@ def _write_private(path: Path, text: str) -> None:
 
 
 class LocalBackend:
-    """Start a backend on loopback, or reuse the one already running with the same model, device,
-    Python and options.
+    """Start a backend on loopback, or reuse the one already running with the same model (and
+    checkpoint contents, by size and modification time), device, Python, options and ``env``.
 
     >>> with LocalBackend(model="weights.pt") as backend:     # doctest: +SKIP
     ...     session = backend.client().open_session(volume)
@@ -171,26 +227,30 @@ class LocalBackend:
         # absolute: the server runs in the state folder, where relative paths would mean other files
         self.state_dir = Path(os.path.abspath(state_dir or default_state_dir()))
         self.python = _absolute_if_path(python or os.environ.get(PYTHON_ENV) or sys.executable)
-        self.extra_args = list(extra_args)
+        # relative paths in the options meant the caller's folder (the server runs in the state folder)
+        self.extra_args, extra_models = _absolute_path_args(extra_args)
         self.startup_timeout = startup_timeout
         self.reuse = reuse
-        self.env = dict(env or {})
+        self.env = {str(k): str(v) for k, v in (env or {}).items()}
         self.url: Optional[str] = None
         self.token: Optional[str] = None
         self.pid: Optional[int] = None
         self.owned = False  # True when this object started the process (and will stop it)
         self._process: Optional[subprocess.Popen] = None
-        # a backend started with other options (threads, another Python) is not the one asked for
-        # what a running backend must match to be reused (threads, another Python: another backend)
+        # what a running backend must match to be reused: started with other options (threads, another
+        # Python), another environment (CUDA_VISIBLE_DEVICES: another GPU) or from weights since
+        # overwritten in place (size and modification time of each checkpoint named), it is another
+        models = ([self.model] if self.model else []) + extra_models
         self._identity_fields = {"model": self.model, "device": self.device, "python": self.python,
-                                 "args": self.extra_args}  # fmt: skip
+                                 "args": self.extra_args, "env": [[k, v] for k, v in sorted(self.env.items())],
+                                 "model_files": [[m, _file_stamp(m)] for m in models]}  # fmt: skip
         self._identity = json.dumps(self._identity_fields, sort_keys=True)
         self._state_file = self.state_dir / f"backend-{hashlib.sha256(self._identity.encode()).hexdigest()[:12]}.json"
         self.log_file = self._state_file.with_suffix(".log")
 
     @classmethod
     def shared(cls, model: Optional[os.PathLike] = None, device: str = "cpu", **kwargs: Any) -> LocalBackend:
-        """One started backend per (model, device, Python, options, state dir) in this process."""
+        """One started backend per (model, device, Python, options, env, state dir) in this process."""
         probe = cls(model, device, **kwargs)
         key = (probe._identity, str(probe.state_dir))
         with cls._shared_lock:
@@ -206,8 +266,9 @@ class LocalBackend:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LocalBackendError(f"could not create the local backend's state folder {self.state_dir}: {exc}") \
-                from exc
+            raise LocalBackendError(
+                f"could not create the local backend's state folder {self.state_dir}: {exc}"
+            ) from exc
         if self.reuse and self.attach():
             return self
         self._spawn()
@@ -258,7 +319,7 @@ class LocalBackend:
 
     # ---- internals -------------------------------------------------------------------------------
     def attach(self) -> bool:
-        """Use the healthy backend of the state file if it runs the same model, device, Python and options."""
+        """Use the healthy backend of the state file if it runs the same model, device, Python, options and env."""
         try:
             state = json.loads(self._state_file.read_text())
             url, token, pid = str(state["url"]), str(state["token"]), int(state["pid"])
@@ -304,8 +365,13 @@ class LocalBackend:
             # cwd: `python -m` imports from the working folder first, where an old checkout of
             # SegAssistLib (or a file named torch.py) would shadow the real packages
             return subprocess.Popen(
-                self._command(port_file), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                env=self._environment(token), cwd=self.state_dir, creationflags=_NO_CONSOLE_WINDOW,
+                self._command(port_file),
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._environment(token),
+                cwd=self.state_dir,
+                creationflags=_NO_CONSOLE_WINDOW,
             )
         except OSError as exc:
             raise ServerPythonError(f"could not run {self.python!r}: {exc}") from exc
@@ -328,8 +394,9 @@ class LocalBackend:
             try:
                 _write_private(self._state_file, json.dumps(state))
             except OSError as exc:
-                raise LocalBackendError(f"could not write the local backend's state file {self._state_file}: "
-                                        f"{exc}") from exc
+                raise LocalBackendError(
+                    f"could not write the local backend's state file {self._state_file}: {exc}"
+                ) from exc
         except BaseException:
             self.stop(timeout=5)
             raise

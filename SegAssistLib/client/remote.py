@@ -80,7 +80,10 @@ class SegAssistClient(Engine):
         return self._info
 
     def capabilities(self) -> Capabilities:
-        info = self.info()
+        """What the server runs, read again on each call (one small GET): the server swaps in a promoted
+        adapter, or rolls back, under a long-lived client, and the version is what a mask's
+        provenance records. Not called per prompt: a mask update carries its own ``model_version``."""
+        info = self.info(refresh=True)
         return Capabilities(
             name=info.model.name,
             version=info.model.version,
@@ -109,13 +112,19 @@ class SegAssistClient(Engine):
             "sha256": image_id,
         }
         limits = self.info().limits
-        refusal, longest = None, max(vol.array.shape)
-        if longest > limits.max_axis:
-            refusal = f"its longest axis has {longest} voxels, above this server's limit of {limits.max_axis}"
-        elif vol.array.size > limits.max_voxels:
+        # found before compressing and sending it; checked in the server's order, and refused with the
+        # details its 413 would carry (``details['limit']``: the limit the image is above)
+        refusal, limit, longest = None, 0, max(vol.array.shape)
+        if vol.array.size > limits.max_voxels:
             refusal = f"{vol.array.size} voxels, above this server's limit of {limits.max_voxels}"
-        if refusal is not None:  # found before compressing and sending it
-            raise PayloadTooLargeError(f"the image is too large: {refusal}", status=413, code="image_too_large")
+            limit = limits.max_voxels
+        elif longest > limits.max_axis:
+            refusal = f"its longest axis has {longest} voxels, above this server's limit of {limits.max_axis}"
+            limit = limits.max_axis
+        if refusal is not None:
+            raise PayloadTooLargeError(
+                f"the image is too large: {refusal}", status=413, code="image_too_large", details={"limit": limit}
+            )
         threads = -1 if vol.array.nbytes > _THREADED_COMPRESSION_BYTES else 0
         # the frame's two parts, sent one after the other: joined, the compressed image would be held twice
         prefix, payload = encode_frame_parts(vol.array, header, codec=codec, threads=threads)
@@ -125,6 +134,7 @@ class SegAssistClient(Engine):
                 f"the image is {size} bytes compressed, above this server's limit of {limits.max_body_bytes} bytes",
                 status=413,
                 code="body_too_large",
+                details={"limit": limits.max_body_bytes},
             )
         reply = self.http.json(
             "POST",

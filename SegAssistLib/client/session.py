@@ -89,6 +89,10 @@ def _vertices_inside(points_ijk: Sequence[Sequence[float]], shape_kji: Sequence[
     return bool(inside_image(points_kji, shape_kji).all())
 
 
+# longest waits (connect, read) for closing a replaced session: its server may be the one that is gone
+_CLOSE_OLD_TIMEOUT = (2.0, 5.0)
+
+
 class _History:
     """The prompt lists behind each undo step, mirroring the server's undo/redo (for recovery).
 
@@ -134,6 +138,11 @@ def _one_at_a_time(method: F) -> F:
     return locked  # type: ignore[return-value]
 
 
+#: what a status reply read before a prompt's (or undo's) reply may still bring: the server's queue
+#: and expiry, not the undo state, prompt count or mask version, which the later reply set
+_VOLATILE_FIELDS = ("state", "queue_position", "queue_length", "idle_timeout_s", "expires_in_s", "device")
+
+
 class RemoteSession(EngineSession):
     """A session on a SegAssist server. Its methods may be called from several threads: they take
     turns (one request of the session at a time), so the local mask and undo history stay the server's."""
@@ -162,6 +171,11 @@ class RemoteSession(EngineSession):
         # one call at a time: replies applied and undo steps moved in the order threads happen to
         # finish would leave the local mask and prompts other than the server's, silently
         self._lock = threading.RLock()
+        # status() runs beside a call that holds the lock (a UI polls the queue while a prompt runs):
+        # ``info`` changes under this one, and every change by a call that moves the session's state
+        # counts in ``_info_generation``, so that a status reply read before it cannot undo it
+        self._info_lock = threading.Lock()
+        self._info_generation = 0
         if prompts:  # the replayed prompts made a mask: start from the server's copy
             try:
                 self._mask = self.fetch_result()
@@ -196,9 +210,28 @@ class RemoteSession(EngineSession):
         return f"{API_PREFIX}/sessions/{path_id(self.session_id, 'session id')}"
 
     def status(self) -> SessionInfo:
-        """State on the server: ``idle``, ``queued`` (with ``queue_position``) or ``running``."""
-        self.info = SessionInfo.model_validate(self.client.http.json("GET", self._path))
-        return self.info
+        """State on the server: ``idle``, ``queued`` (with ``queue_position``) or ``running``.
+
+        It does not wait for a call of the session that runs on another thread (a prompt), and takes
+        from a reply read before such a call's own only the queue, state and expiry: the undo state
+        and prompt count stay those of the later reply."""
+        with self._info_lock:
+            generation, path = self._info_generation, self._path
+        reply = SessionInfo.model_validate(self.client.http.json("GET", path))
+        with self._info_lock:
+            if reply.session_id != self.info.session_id:  # recovered meanwhile: the reply is the old session's
+                return self.info
+            if generation == self._info_generation:
+                self.info = reply
+            else:
+                self.info = self.info.model_copy(update={name: getattr(reply, name) for name in _VOLATILE_FIELDS})
+            return self.info
+
+    def _set_info(self, info: SessionInfo) -> None:
+        """Take ``info`` as the session's, from a call that moved the session's state (see status())."""
+        with self._info_lock:
+            self.info = info
+            self._info_generation += 1
 
     # ---- the engine session interface ------------------------------------------------------------
     @_one_at_a_time
@@ -292,11 +325,23 @@ class RemoteSession(EngineSession):
         the session's prompts: call ``recover(volume=...)`` with the image to bring the mask back.
         A ``volume`` other than the session's image (its content hash, of voxels and geometry, is
         the image id) is refused with :class:`ImageMismatchError` before anything is sent or
-        changed; the right one is kept for later recoveries.
+        changed; the right one is kept for later recoveries. The server session it replaces is
+        closed if the server still holds it (a recover() after a timeout, or to be safe): left open,
+        it would hold one of the user's session slots until it expired.
         """
+        return self._recover(self.client, progress, volume)
+
+    def _recover(
+        self,
+        previous: SegAssistClient,
+        progress: Optional[Callable[[int, int], None]],
+        volume: Optional[Union[Volume, np.ndarray]],
+    ) -> RemoteSession:
+        """recover(); ``previous``: the client of the server that held the session until now."""
         vol = self._checked_volume(volume)
         if vol is not None:
             self._volume = vol
+        old_path = self._path
         prompts = self._history.current
         if self._out_of_sync:  # a change this client did not see: the server's prompts, if it still has them
             with contextlib.suppress(SessionNotFoundError):
@@ -313,7 +358,8 @@ class RemoteSession(EngineSession):
             info = self.client._create_session(self.image_id, prompts, self._modality)
         # the new session exists: from here on this object is it (a failure of the mask's transfer
         # below leaves it to be taken by the next call, as after a lost reply)
-        self.info = info
+        self._set_info(info)
+        self._close_old(previous, old_path)
         self._history = _History(prompts)
         self._closed = False
         self._out_of_sync = False
@@ -334,14 +380,25 @@ class RemoteSession(EngineSession):
         progress: Optional[Callable[[int, int], None]] = None,
         volume: Optional[Union[Volume, np.ndarray]] = None,
     ) -> RemoteSession:
-        """Go on with another server (a local backend restarted, on a new port): :meth:`recover` there.
+        """Go on with another server (a local backend restarted, on a new port): :meth:`recover` there
+        (and close the session on the first server, if it still answers).
 
         A ``volume`` that is not the session's image is refused before the session changes server."""
         vol = self._checked_volume(volume)
         if vol is not None:
             self._volume = vol  # checked: recover() uses it without hashing it again
-        self.client = client
-        return self.recover(progress)
+        previous, self.client = self.client, client
+        return self._recover(previous, progress, None)
+
+    def _close_old(self, client: SegAssistClient, path: str) -> None:
+        """Close the session this one replaced, if its server still holds it (recover() on a session
+        that was alive, after a timeout or to be safe): else it would hold one of the user's session
+        slots until it expired. Best effort, one try with short timeouts: a server that lost it or
+        cannot be reached (a backend that restarted elsewhere) has nothing to free."""
+        connect, read = client.http._pair()
+        timeout = tuple(min(mine or cap, cap) for mine, cap in zip((connect, read), _CLOSE_OLD_TIMEOUT))
+        with contextlib.suppress(ClientError):
+            client.http.request("DELETE", path, timeout=timeout, safe=False)
 
     def _checked_volume(self, volume: Optional[Union[Volume, np.ndarray]]) -> Optional[Volume]:
         """``volume`` in wire form if it is the session's image (None stays None); else
@@ -441,9 +498,12 @@ class RemoteSession(EngineSession):
             },
         )
         update.apply_to(self._mask)
-        self.info = self.info.model_copy(
-            update={"can_undo": reply.can_undo, "can_redo": reply.can_redo, "n_prompts": reply.n_prompts}
-        )
+        fields = {"can_undo": reply.can_undo, "can_redo": reply.can_redo, "n_prompts": reply.n_prompts}
+        if "model_version" in reply.model_fields_set:  # the mask's, as a status reply would say
+            fields["model_version"] = reply.model_version
+        with self._info_lock:
+            self.info = self.info.model_copy(update=fields)
+            self._info_generation += 1
         if self._seen is not None:  # also what changed while out of sync: the caller never saw it
             update = MaskUpdate.between(self._seen, self._mask, latency_s=update.latency_s, info=update.info)
             self._seen = None

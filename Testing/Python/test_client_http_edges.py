@@ -11,10 +11,13 @@ import threading
 import numpy as np
 import pytest
 import requests
+from test_server_fixtures import raw
 
+from SegAssistLib.api_models import FRAME_MEDIA_TYPE
 from SegAssistLib.client.errors import BackendUnavailableError, PayloadTooLargeError, SessionNotFoundError
 from SegAssistLib.client.http import HttpClient
 from SegAssistLib.image import Volume
+from SegAssistLib.transport import encode_frame
 
 pytest_plugins = ["test_server_fixtures"]
 
@@ -41,7 +44,7 @@ class _HalfReply:
                 conn.recv(65536)
                 conn.sendall(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    b"40\r\n{\"status\": \"o"
+                    b'40\r\n{"status": "o'
                 )
 
     def close(self) -> None:
@@ -99,6 +102,31 @@ def test_an_image_over_the_axis_limit_is_refused_before_it_is_sent(alice):
         alice.upload_image(long_axis)
     assert exc.value.code == "image_too_large"
 
+
+@pytest.mark.parametrize(
+    "shape, limit",
+    [((8, 8, 300), 256), ((80, 80, 80), 400_000), ((10, 300, 300), 400_000)],
+    ids=["axis", "voxels", "both"],
+)
+def test_an_image_refused_before_it_is_sent_names_the_limit_as_the_server_would(alice, shared_server, shape, limit):
+    """``details['limit']`` (errors.py and docs/api.md promise it) was empty in the client's own
+    refusals; an image above both limits is refused on the voxel count first, as the server does."""
+    array = np.zeros(shape, np.float32)
+    with pytest.raises(PayloadTooLargeError) as exc:
+        alice.upload_image(Volume(array))
+    server = raw(shared_server, "POST", "/v1/images", data=encode_frame(array, {}),
+                 headers={"Content-Type": FRAME_MEDIA_TYPE}).json()["error"]  # fmt: skip
+    assert (exc.value.status, exc.value.code, exc.value.details) == (413, "image_too_large", {"limit": limit})
+    assert (server["status"], server["code"], server["details"]) == (413, "image_too_large", {"limit": limit})
+
+
+def test_an_image_over_the_body_limit_once_compressed_names_the_limit(alice):
+    info = alice.info()
+    alice._info = info.model_copy(update={"limits": info.limits.model_copy(update={"max_body_bytes": 100})})
+    noise = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)  # does not compress
+    with pytest.raises(PayloadTooLargeError, match="above this server's limit of 100 bytes") as exc:
+        alice.upload_image(Volume(noise))
+    assert (exc.value.code, exc.value.details) == ("body_too_large", {"limit": 100})
 
 
 def test_a_proxy_from_the_environment_never_sees_loopback_traffic(shared_server, monkeypatch):

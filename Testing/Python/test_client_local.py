@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -66,8 +68,6 @@ def test_a_stale_state_file_never_attaches_to_a_foreign_server_or_a_reused_pid(s
     another user's server run without a token (which accepts any token, so the old check that the
     token is accepted passed): images went to a server the user never chose. And a backend started
     by another Slicer counted as running while its pid lived, so a reused pid kept the dead URL."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "SEGASSIST_TOKEN"}
     port_file = tmp_path / "foreign.port"
     foreign = subprocess.Popen(
@@ -170,8 +170,9 @@ def test_another_server_python_starts_clean_of_slicers_environment_and_working_f
         (folder / "__init__.py").write_text("")
     (shadow / "__main__.py").write_text("print('an old checkout answered')\n")
     monkeypatch.chdir(tmp_path / "cwd")
-    backend = LocalBackend(model=server_checkpoint, state_dir=tmp_path / "state", python=str(wrapper),
-                           startup_timeout=120)
+    backend = LocalBackend(
+        model=server_checkpoint, state_dir=tmp_path / "state", python=str(wrapper), startup_timeout=120
+    )
     try:
         backend.start()
         assert backend.client().info().model.name == "test"
@@ -215,3 +216,66 @@ def test_relative_paths_are_taken_from_the_callers_folder(tmp_path, monkeypatch)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python").symlink_to(sys.executable)
     assert LocalBackend(model=tmp_path / "m.pt", python="bin/python").python == str(tmp_path / "bin" / "python")
+
+
+def test_relative_paths_in_the_server_options_are_the_callers_and_part_of_the_identity(tmp_path, monkeypatch):
+    """The server runs in the state folder: ``--learn-store store`` given by two projects named one
+    store there (and the same relative string in both identities: one backend for both)."""
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"weights")
+    args = ["--learn-store", "store", "--data-dir=images", "--token", "tokens.txt", "--threads", "1",
+            "--tls-cert", "/etc/cert.pem", "--model", "other.pt"]  # fmt: skip
+    state_files = []
+    for project in ("a", "b"):
+        here = tmp_path / project
+        here.mkdir()
+        monkeypatch.chdir(here)
+        backend = LocalBackend(model=model, state_dir=tmp_path / "state", extra_args=args)
+        assert backend.extra_args == [
+            "--learn-store", str(here / "store"), f"--data-dir={here / 'images'}", "--token", str(here / "tokens.txt"),
+            "--threads", "1", "--tls-cert", "/etc/cert.pem", "--model", str(here / "other.pt"),
+        ]  # fmt: skip
+        assert backend._command(tmp_path / "port")[-len(args) :] == backend.extra_args
+        state_files.append(backend._state_file)
+    assert state_files[0] != state_files[1]
+
+
+def test_another_environment_or_rewritten_weights_are_another_backend(tmp_path):
+    """``env={"CUDA_VISIBLE_DEVICES": "1"}`` attached to the backend running on GPU 0, and weights
+    overwritten in place (same path) kept the backend that had loaded the old ones."""
+    model = tmp_path / "m.pt"
+    model.write_bytes(b"weights v1")
+
+    def state_file(env=None, extra_args=()):
+        return LocalBackend(model=model, state_dir=tmp_path, env=env, extra_args=extra_args)._state_file
+
+    gpu0 = state_file({"CUDA_VISIBLE_DEVICES": "0"})
+    assert state_file({"CUDA_VISIBLE_DEVICES": "0"}) == gpu0
+    assert state_file({"CUDA_VISIBLE_DEVICES": "1"}) != gpu0 and state_file() != gpu0
+    on_options = state_file(extra_args=["--model", str(model)])
+    stat = model.stat()
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # new weights, same path
+    assert state_file({"CUDA_VISIBLE_DEVICES": "0"}) != gpu0
+    assert state_file(extra_args=["--model", str(model)]) != on_options
+
+
+def test_a_started_backend_keeps_relative_paths_in_the_callers_folder_and_serves_only_its_own_env(
+    server_checkpoint, tmp_path, monkeypatch
+):
+    model = tmp_path / "m.pt"
+    shutil.copyfile(server_checkpoint, model)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    options = {"model": model, "state_dir": tmp_path / "state", "extra_args": ["--data-dir", "images"]}
+    backend = LocalBackend(env={"SEGASSIST_TEST_MARK": "A"}, startup_timeout=120, **options).start()
+    try:
+        backend.client().upload_image(make_volume(seed=47))
+        assert any((tmp_path / "project" / "images").rglob("*")), "the image was not kept where the caller meant"
+        assert not (tmp_path / "state" / "images").exists()
+        assert LocalBackend(env={"SEGASSIST_TEST_MARK": "A"}, **options).attach()
+        assert not LocalBackend(env={"SEGASSIST_TEST_MARK": "B"}, **options).attach()  # another GPU, say
+        stat = model.stat()
+        os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # weights replaced in place
+        assert not LocalBackend(env={"SEGASSIST_TEST_MARK": "A"}, **options).attach()
+    finally:
+        backend.stop()

@@ -180,3 +180,34 @@ def test_an_image_dropped_from_a_running_servers_memory_is_uploaded_again(server
     assert uploads and np.array_equal(session.fetch_result(), before)
     session.close()
     client.close()
+
+
+def test_recovering_a_live_session_closes_the_one_it_replaces(server_factory):
+    """recover() after a timeout, or to be safe, on a session the server still held opened a new one
+    and left the old one open: each held one of the user's session slots until it expired, and a
+    few recoveries later opening a session was refused (429). move_to() left one on the first server."""
+    first = server_factory.start(max_sessions_per_user=2)
+    client = SegAssistClient(first.url, TOKENS["alice"], retries=1)
+    session = client.open_session(make_volume(seed=47))
+    session.add_prompt(PROMPTS[0])
+    before = session.result()
+    replaced = []
+    for _ in range(3):
+        replaced.append(session.session_id)
+        session.recover()
+        assert np.array_equal(session.result(), before)
+    for session_id in replaced:
+        with pytest.raises(SessionNotFoundError):
+            client.session(session_id)
+    client.open_session(make_volume(seed=48)).close()  # the user's second slot is free
+
+    second = server_factory.start()
+    other = SegAssistClient(second.url, TOKENS["alice"], retries=1)
+    on_first = session.session_id
+    session.move_to(other)
+    assert np.array_equal(session.result(), before)
+    with pytest.raises(SessionNotFoundError):  # not left open on the server it left
+        client.session(on_first)
+    session.close()
+    other.close()
+    client.close()

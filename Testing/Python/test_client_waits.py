@@ -60,3 +60,16 @@ def test_waiting_for_a_job_outlasts_a_server_out_of_reach_until_the_deadline():
         client.learning.wait_for_job("20261124-185500-abcdef", timeout=2.0, poll_s=0.2)
     waited = time.monotonic() - t0
     assert 2.0 <= waited < 10  # polled on through the outage, gave up at the deadline
+
+
+def test_waiting_for_a_job_on_a_server_that_never_answers_ends_at_the_deadline():
+    """A hung server (it takes the connection, never replies): each poll waited the client's whole
+    read timeout, so the wait overran its deadline by it and raised BackendTimeoutError, not the
+    JobWaitTimeoutError it promises."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hung:  # never accepts: the kernel queues
+        client = SegAssistClient(f"http://127.0.0.1:{hung.getsockname()[1]}", TOKENS["alice"], timeout=(5.0, 8.0))
+        t0 = time.monotonic()
+        with pytest.raises(JobWaitTimeoutError, match="no reply from the server within the 1.0 s"):
+            client.learning.wait_for_job("20261124-185500-abcdef", timeout=1.0, poll_s=0.2)
+        assert time.monotonic() - t0 < 4
+        client.close()
