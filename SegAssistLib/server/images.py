@@ -4,7 +4,8 @@ Decoded volumes stay in memory (least recently used first out, within a byte bud
 directory, the upload frame is also written to ``<data_dir>/images/<sha256>.sgaf`` (atomically:
 temporary file, fsync, rename, fsync of the folder), so images survive a restart. File names are
 always the server-computed hash, checked against a strict pattern; nothing a client sends becomes a
-path.
+path. A stored image is read and decoded once however many requests want it at once (they share
+the one read), and "is it held?" (:meth:`ImageStore.info`) reads only the stored frame's header.
 
 A stored file that no longer decodes (damaged, or above a since-lowered limit) is removed, and the
 image is simply uploaded again. A file that cannot be *read* right now (too many open files, out of
@@ -18,16 +19,18 @@ server processes, so a fresh one may belong to a live upload).
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import os
 import re
+import struct
 import tempfile
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -36,7 +39,7 @@ from SegAssistLib.errors import ImageError
 from SegAssistLib.files import fsync_dir
 from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.server.errors import ApiError
-from SegAssistLib.transport import ArrayMeta, TransportError, decode_array, unpack_frame
+from SegAssistLib.transport import MAX_HEADER_BYTES, ArrayMeta, TransportError, decode_array, unpack_frame
 
 _ID = re.compile(IMAGE_ID_PATTERN)
 log = logging.getLogger("segassist.server")
@@ -85,6 +88,38 @@ def decode_image_frame(body: bytes, max_voxels: int) -> Tuple[Volume, ImageHeade
     return volume, geometry, meta
 
 
+def header_info(image_id: str, prefix: bytes, frame_bytes: int, max_voxels: int) -> StoredImage:
+    """What :func:`image_info` says of a stored frame, from its first bytes (magic, header length and
+    header) and its length; raises what decoding the whole frame would for anything but the voxels."""
+    header, rest = unpack_frame(prefix)
+    meta = ArrayMeta.from_dict(header)
+    meta.check(max_voxels)
+    try:
+        geometry = ImageHeader.model_validate(header)
+    except ValueError as exc:
+        raise TransportError(f"image header is invalid: {exc}", "malformed_body") from exc
+    head_bytes = len(prefix) - len(rest)
+    if frame_bytes != head_bytes + meta.payload_nbytes:
+        raise TransportError(
+            f"the frame has {frame_bytes} bytes, its header declares {head_bytes + meta.payload_nbytes}",
+            "truncated_body",
+        )
+    shape = tuple(int(n) for n in meta.shape)
+    if len(shape) != 3 or min(shape) < 2:
+        raise ImageError(f"image must be a 3D volume, got shape {list(shape)}")
+    # the checks of validate_image that read no voxels (geometry, dtype), on a stand-in of 8 voxels
+    # that passes those that do (a Volume also turns float16 into float32, as the decoded image is)
+    volume = Volume(
+        array=np.arange(8).reshape(2, 2, 2).astype(meta.dtype),
+        spacing=geometry.spacing,
+        origin=geometry.origin,
+        direction=np.asarray(geometry.direction, float).reshape(3, 3),
+        modality=geometry.modality,
+    )
+    validate_image(volume, max_voxels=max_voxels)
+    return image_info(image_id, volume).model_copy(update={"shape": shape})
+
+
 def image_info(image_id: str, volume: Volume, uploaded: bool = False) -> StoredImage:
     return StoredImage(
         image_id=image_id,
@@ -108,6 +143,8 @@ class ImageStore:
         self._cache_bytes = cache_bytes
         self._max_voxels = max_voxels
         self._lock = threading.Lock()
+        #: reads of stored images under way, by id: a request for one of them waits for its result
+        self._loading: Dict[str, concurrent.futures.Future] = {}
 
     def _sweep_stale_uploads(self, now: Optional[float] = None) -> None:
         """Remove the temporary upload files a killed server left behind (see the module docstring)."""
@@ -128,8 +165,18 @@ class ImageStore:
             raise ValueError(f"not an image id: {image_id!r}")
         return self._dir / f"{image_id}.sgaf"
 
+    def _held(self, image_id: str) -> Optional[Volume]:
+        with self._lock:
+            volume = self._cache.get(image_id)
+            if volume is not None:
+                self._cache.move_to_end(image_id)
+            return volume
+
     def get(self, image_id: str) -> Optional[Volume]:
-        """The volume, from memory or the data directory; None when not held. Blocking I/O."""
+        """The volume, from memory or the data directory; None when not held. Blocking I/O.
+
+        A stored image is read and decoded once however many requests ask for it at once: the
+        first reads it, the others wait for that read and share its volume (or its error)."""
         if not is_image_id(image_id):
             return None
         with self._lock:
@@ -137,8 +184,29 @@ class ImageStore:
             if volume is not None:
                 self._cache.move_to_end(image_id)
                 return volume
-        if self._dir is None:
-            return None
+            if self._dir is None:
+                return None
+            loading = self._loading.get(image_id)
+            first = loading is None
+            if first:
+                loading = self._loading[image_id] = concurrent.futures.Future()
+        assert loading is not None
+        if not first:
+            return loading.result()  # what the first read found: the volume, None, or its error
+        try:
+            volume = self._load(image_id)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[image_id]
+            loading.set_exception(exc)
+            raise
+        with self._lock:  # remembered first (by _load): a request from now on finds it held
+            del self._loading[image_id]
+        loading.set_result(volume)
+        return volume
+
+    def _load(self, image_id: str) -> Optional[Volume]:
+        """Read and decode the stored frame of an image, and keep it in memory (see :meth:`get`)."""
         path = self._path(image_id)
         if not path.is_file():
             return None
@@ -147,25 +215,66 @@ class ImageStore:
         except FileNotFoundError:  # removed meanwhile (by a process sharing the data directory)
             return None
         except OSError as exc:
-            if exc.errno in TRANSIENT_ERRNOS:  # the file may be fine: keep it, ask to retry
-                log.warning("stored image %s cannot be read right now (%s): kept", image_id, exc)
-                raise _unavailable(image_id, exc) from exc
-            # a lasting failure (EIO, EACCES, ...): the file is a copy of an upload; dropping it lets
-            # the client upload the image again, which writes it anew, rather than leaving it stuck
-            log.warning("stored image %s cannot be read (%s): removed; it will be uploaded again", image_id, exc)
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as gone:
-                log.error("could not remove the unreadable stored image %s: %s", path, gone)
+            self._unreadable(image_id, path, exc)
             return None
         try:
             volume, _, _ = decode_image_frame(data, self._max_voxels)
         except (TransportError, ImageError, ValueError) as exc:  # damaged, or above a since-lowered limit
-            log.warning("stored image %s does not decode (%s): removed; it will be uploaded again", image_id, exc)
-            path.unlink(missing_ok=True)
+            self._damaged(image_id, path, exc)
             return None
-        self._remember(image_id, volume)
-        return volume
+        return self._remember(image_id, volume)
+
+    def _unreadable(self, image_id: str, path: Path, exc: OSError) -> None:
+        """A stored file that cannot be read: 503 when that may pass, else it is removed."""
+        if exc.errno in TRANSIENT_ERRNOS:  # the file may be fine: keep it, ask to retry
+            log.warning("stored image %s cannot be read right now (%s): kept", image_id, exc)
+            raise _unavailable(image_id, exc) from exc
+        # a lasting failure (EIO, EACCES, ...): the file is a copy of an upload; dropping it lets
+        # the client upload the image again, which writes it anew, rather than leaving it stuck
+        log.warning("stored image %s cannot be read (%s): removed; it will be uploaded again", image_id, exc)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as gone:
+            log.error("could not remove the unreadable stored image %s: %s", path, gone)
+
+    @staticmethod
+    def _damaged(image_id: str, path: Path, exc: Exception) -> None:
+        log.warning("stored image %s does not decode (%s): removed; it will be uploaded again", image_id, exc)
+        path.unlink(missing_ok=True)
+
+    def info(self, image_id: str) -> Optional[StoredImage]:
+        """What :func:`image_info` says of the image, without decoding its voxels; None when not held.
+        Blocking I/O.
+
+        A held volume answers from memory; a stored one from its frame's header alone (its first
+        bytes), checked as decoding checks it, but for the voxels: a file whose header is damaged,
+        whose length does not match that header, or whose image is above a since-lowered limit is
+        removed as :meth:`get` removes it. Damaged voxels are found (and the file removed) when a
+        session is opened on the image, which then answers 404 ``image_not_found``."""
+        if not is_image_id(image_id):
+            return None
+        volume = self._held(image_id)
+        if volume is not None:
+            return image_info(image_id, volume)
+        if self._dir is None:
+            return None
+        path = self._path(image_id)
+        try:
+            with open(path, "rb") as f:
+                start = f.read(8)
+                head_len = struct.unpack("<I", start[4:8])[0] if len(start) == 8 else 0
+                prefix = start + f.read(min(head_len, MAX_HEADER_BYTES + 1))
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._unreadable(image_id, path, exc)
+            return None
+        try:
+            return header_info(image_id, prefix, size, self._max_voxels)
+        except (TransportError, ImageError, ValueError) as exc:
+            self._damaged(image_id, path, exc)
+            return None
 
     def has(self, image_id: str) -> bool:
         if not is_image_id(image_id):

@@ -117,14 +117,18 @@ class BodyLimitMiddleware:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-        if declared is not None and (declared < 0 or declared > limit):
-            if declared < 0:
-                response = error_response(400, ErrorCode.MALFORMED_BODY, "Content-Length is not a number")
-            else:
-                err = _too_large(limit, f"request body ({declared} bytes)")
-                response = error_response(err.status_code, err.code, err.message, err.details)
+
+        async def refuse(err: ApiError) -> None:
+            """Answer ``err`` without reading the rest of the body (the connection closes after it)."""
+            response = error_response(err.status_code, err.code, err.message, err.details)
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
+
+        if declared is not None and (declared < 0 or declared > limit):
+            if declared < 0:
+                await refuse(ApiError(400, ErrorCode.MALFORMED_BODY, "Content-Length is not a number"))
+            else:
+                await refuse(_too_large(limit, f"request body ({declared} bytes)"))
             return
         received = 0
 
@@ -145,7 +149,11 @@ class BodyLimitMiddleware:
         body = bytearray()
         more = True
         while more:
-            message = await limited_receive()
+            try:
+                message = await limited_receive()
+            except ApiError as err:  # above the limit: raised here, outside the app and its error handlers
+                await refuse(err)
+                return
             if message["type"] != "http.request":  # gone: the app answers as to any disconnect
                 await self.app(scope, receive, send)
                 return

@@ -138,10 +138,11 @@ async def get_image(
     state: ServerState = Depends(get_state),
     user: str = Depends(current_user),
 ) -> StoredImage:
+    # from the stored frame's header: the reply holds no voxels, so none are read or decoded
     try:
-        volume = await run_in_threadpool(state.images.get, image_id)
+        info = await run_in_threadpool(state.images.info, image_id)
     except (ImageError, ValueError) as exc:  # a stored file that no longer decodes
         raise ApiError(404, ErrorCode.IMAGE_NOT_FOUND, f"image {image_id} is unreadable: upload it again") from exc
-    if volume is None:
+    if info is None:
         raise ApiError(404, ErrorCode.IMAGE_NOT_FOUND, f"no image {image_id} on this server: upload it")
-    return image_info(image_id, volume)
+    return info

@@ -53,21 +53,21 @@ def _check_prompt(state: ServerState, session_shape, prompt: Prompt) -> None:
 
 
 async def _reply(session: ServerSession, outcome: Outcome, queue_wait_s: float, codec: str) -> MaskUpdateReply:
-    update, can_undo, can_redo = outcome
+    update = outcome.update
 
     def build() -> MaskUpdateReply:  # compression runs in the thread pool, off the worker
         empty = update.voxels.size == 0
-        return MaskUpdateReply(
+        return MaskUpdateReply(  # the session as the operation left it, not as it is now (see Outcome)
             session_id=session.session_id,
             offset=update.offset,
             shape=(0, 0, 0) if empty else tuple(int(n) for n in update.voxels.shape),
             mask=None if empty else ArrayPayload.from_array(update.voxels.astype("uint8", copy=False), codec),
-            can_undo=can_undo,
-            can_redo=can_redo,
-            n_prompts=session.n_prompts,
+            can_undo=outcome.can_undo,
+            can_redo=outcome.can_redo,
+            n_prompts=outcome.n_prompts,
             latency_s=float(update.latency_s),
             queue_wait_s=queue_wait_s,
-            model_version=session.model_version,
+            model_version=outcome.model_version,
             info=update.info,
         )
 
@@ -238,11 +238,12 @@ async def get_result(
     codec: str = Depends(reply_codec),
 ) -> ResultReply:
     session = state.sessions.get(user, session_id)
-    mask, _ = await state.submit(session, lambda es: es.result().copy())
+    # the prompt count read with the mask: a prompt queued behind this may run before the reply is built
+    (mask, n_prompts), _ = await state.submit(session, lambda es: (es.result().copy(), session.n_prompts))
 
     def build() -> ResultReply:
         payload = ArrayPayload.from_array(mask.astype("uint8", copy=False), codec)
-        return ResultReply(session_id=session_id, mask=payload, n_prompts=session.n_prompts)
+        return ResultReply(session_id=session_id, mask=payload, n_prompts=n_prompts)
 
     return await run_in_threadpool(build)
 

@@ -7,7 +7,7 @@ import concurrent.futures
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import anyio
 
@@ -26,8 +26,20 @@ from SegAssistLib.server.worker import InferenceWorker, QueueFull, WorkerPool, W
 log = logging.getLogger("segassist.server")
 
 EngineFactory = Callable[[str], Engine]
-#: what a session operation returns from the worker: the update and the undo/redo state after it
-Outcome = Tuple[MaskUpdate, bool, bool]
+
+
+class Outcome(NamedTuple):
+    """What a session operation returns from the worker, all of it read there, when the operation
+    ran: a later request of the same session may run before the reply is built, and a repeat of the
+    request id is answered with this same outcome."""
+
+    update: MaskUpdate
+    can_undo: bool
+    can_redo: bool
+    #: prompts the session had taken once the operation ran
+    n_prompts: int
+    #: the version that made the mask now current (None: no model made it, as after a reset)
+    model_version: Optional[str]
 
 
 def default_engine_factory(
@@ -40,8 +52,9 @@ def default_engine_factory(
         from SegAssistLib.engine import builtin
         from SegAssistLib.engine.edges import EdgeSnap
 
-        return builtin.load_default_engine(model, device=device, refine_depth=refine_depth,
-                                           edge_snap=EdgeSnap.from_band(edge_band))
+        return builtin.load_default_engine(
+            model, device=device, refine_depth=refine_depth, edge_snap=EdgeSnap.from_band(edge_band)
+        )
 
     return build
 
@@ -131,8 +144,8 @@ class ServerState:
                 return session.last_request[1]
             update = fn(es)
             session.model_version = es.model_version
-            outcome = (update, es.can_undo, es.can_redo)
             session.can_undo, session.can_redo = es.can_undo, es.can_redo
+            outcome = Outcome(update, es.can_undo, es.can_redo, session.n_prompts, session.model_version)
             session.last_request = (request_id, outcome) if request_id is not None else None
             return outcome
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Tuple
 
 import pytest
 from test_server_api import _slab_log
@@ -110,6 +113,53 @@ def test_a_body_just_over_the_default_json_limit_is_refused(default_server):
         reply = conn.getresponse()
         assert reply.status == 413
         assert b"body_too_large" in reply.read()
+    finally:
+        conn.close()
+
+
+def _chunked_json_request(server, path: str, body: bytes) -> Tuple[int, Dict[bytes, bytes], dict]:
+    """POST ``body`` as one chunk with no Content-Length and no final chunk (a body over the limit is
+    refused once it has arrived, so nothing the server leaves unread resets the connection); returns
+    the reply's status, headers (lowercase names) and JSON body."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKENS['alice']}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + f"{len(body):x}\r\n".encode() + body + b"\r\n")
+        data = b""
+        while True:
+            got = sock.recv(65536)
+            assert got, f"the server closed the connection without a full reply: {data!r}"
+            data += got
+            top, sep, rest = data.partition(b"\r\n\r\n")
+            if not sep:
+                continue
+            lines = top.split(b"\r\n")
+            headers = {k.strip().lower(): v.strip() for k, v in (line.split(b":", 1) for line in lines[1:])}
+            if len(rest) >= int(headers[b"content-length"]):
+                return int(lines[0].split()[1]), headers, json.loads(rest[: int(headers[b"content-length"])])
+
+
+def test_a_chunked_json_body_over_the_limit_is_refused_as_a_declared_one_is(shared_server):
+    """A JSON body of no declared length is read whole before it is parsed; the limit's refusal was
+    raised there, outside the app's error handling: a 500 internal_error and a traceback in the log."""
+    limit = 512_000  # the shared server's max_json_bytes
+    body = b'{"image_id": "' + NO_IMAGE.encode() + b'", "prompts": []' + b" " * limit + b"}"
+    status, headers, reply = _chunked_json_request(shared_server, "/v1/sessions", body)
+    assert (status, reply["error"]["code"]) == (413, "body_too_large"), reply
+    assert reply["error"]["details"] == {"limit": limit}
+    assert headers[b"connection"] == b"close"  # as the refusal by Content-Length: the rest stays unread
+    conn = http.client.HTTPConnection(shared_server.host, shared_server.port, timeout=30)
+    try:  # the same body with its length declared (and not sent: it is refused by that length)
+        conn.putrequest("POST", "/v1/sessions")
+        conn.putheader("Authorization", f"Bearer {TOKENS['alice']}")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        declared = conn.getresponse()
+        assert declared.status == 413 and declared.getheader("Connection") == "close"
+        assert json.loads(declared.read())["error"]["code"] == "body_too_large"
     finally:
         conn.close()
 

@@ -158,3 +158,99 @@ def test_prompts_queued_when_the_server_stops_get_503_at_once(server_factory, mo
         if reply.status_code == 503:
             assert reply.json()["error"]["code"] == "shutting_down"
     client.close()
+
+
+def _upload_frame(server, array: np.ndarray, **geometry) -> dict:
+    from test_server_fixtures import raw
+
+    from SegAssistLib.transport import encode_frame
+
+    reply = raw(server, "POST", "/v1/images", data=encode_frame(array, geometry, codec="zlib"),
+                headers={"Content-Type": "application/x-segassist-frame"})  # fmt: skip
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+def _count_decodes(monkeypatch, delay_s: float = 0.0) -> list:
+    """Counts the stored frames the server decodes (each call still decodes, after ``delay_s``)."""
+    import time
+
+    from SegAssistLib.server import images as images_module
+
+    calls = []
+    decode = images_module.decode_image_frame
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        time.sleep(delay_s)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(images_module, "decode_image_frame", counted)
+    return calls
+
+
+def test_is_an_image_held_is_answered_from_the_stored_header_alone(server_factory, tmp_path, monkeypatch):
+    """GET /v1/images/{id} read and decoded the whole stored volume (once per request at once) to
+    answer its shape and geometry; it now reads the frame's header, and answers as before."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_server_fixtures import assert_error, raw
+
+    data_dir = tmp_path / "data"
+    first = server_factory.start(data_dir=data_dir)
+    rotation = [0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    rng = np.random.default_rng(5)
+    uploads = [  # float16 is held as float32; a modality and a direction travel in the header
+        _upload_frame(
+            first,
+            rng.normal(0, 300, (6, 7, 8)).astype(np.float16),
+            spacing=[0.5, 0.7, 2.0],
+            origin=[-10.0, 3.5, 7.0],
+            direction=rotation,
+            modality="CT",
+        ),  # fmt: skip
+        _upload_frame(first, rng.integers(0, 255, (5, 4, 3), dtype=np.uint8)),
+        _upload_frame(first, rng.integers(-1000, 2000, (3, 9, 2)).astype("<i2"), modality="MR"),
+    ]
+    from_memory = [raw(first, "GET", f"/v1/images/{u['image_id']}").json() for u in uploads]
+    assert from_memory == [{**u, "uploaded": False} for u in uploads]
+    assert from_memory[0]["dtype"] == "<f4"
+    first.stop()
+
+    decodes = _count_decodes(monkeypatch)
+    second = server_factory.start(data_dir=data_dir)
+    paths = [f"/v1/images/{u['image_id']}" for u in uploads] * 3
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda path: raw(second, "GET", path), paths))
+    assert [r.json() for r in replies] == from_memory * 3
+    assert decodes == []  # no stored image read whole
+    assert not second.app.state.segassist.images._cache  # nor kept in memory
+
+    # a stored frame shorter than its header declares is damaged: dropped, to be uploaded again
+    stored = data_dir / "images" / f"{uploads[1]['image_id']}.sgaf"
+    stored.write_bytes(stored.read_bytes()[:-1])
+    assert_error(raw(second, "GET", f"/v1/images/{uploads[1]['image_id']}"), 404, "image_not_found")
+    assert not stored.exists()
+
+
+def test_concurrent_opens_on_a_stored_image_decode_it_once(server_factory, tmp_path, monkeypatch):
+    """After a restart every open of a session on an image held on disk only read and decoded the
+    whole frame by itself: eight opens at once, eight decoded copies. The first read is shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_server_fixtures import raw
+
+    data_dir = tmp_path / "data"
+    first = server_factory.start(data_dir=data_dir)
+    image_id = SegAssistClient(first.url, TOKENS["alice"]).upload_image(make_volume(seed=35)).image_id
+    first.stop()
+
+    decodes = _count_decodes(monkeypatch, delay_s=0.5)  # slow: every open arrives while it reads
+    second = server_factory.start(data_dir=data_dir)
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: raw(second, "POST", "/v1/sessions", json={"image_id": image_id}), range(6)))
+    assert [r.status_code for r in replies] == [201] * 6, [r.text for r in replies]
+    assert len(decodes) == 1
+    assert not second.app.state.segassist.images._loading
+    for reply in replies:
+        raw(second, "DELETE", f"/v1/sessions/{reply.json()['session_id']}")
