@@ -243,8 +243,10 @@ async def _save_label(
                 f"(same shape, other voxels or geometry): its mask is not a label of this case; open the session "
                 f"on the case's image (GET /v1/learn/cases/{case_id}/image)",
             )  # fmt: skip
-        (mask, prompt_log), _ = await state.submit(session, lambda es: (es.result().copy(), es.prompt_log()))
-        model = session.model_version
+        # the version is read in the same job as the mask: a prompt queued behind this save may change it
+        (mask, prompt_log, model), _ = await state.submit(
+            session, lambda es: (es.result().copy(), es.prompt_log(), session.model_version)
+        )
     else:
         mask = await _call(lambda: _label_mask(body.mask, case.shape))  # type: ignore[arg-type]
     adapter = adapter_id_of(model)
