@@ -145,10 +145,11 @@ def register(subparsers) -> None:
                    help="most training steps; the time budget may end the run sooner (default 2000)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float,
-                        help="time budget of the whole run, validation and registration included (default 5)")
+                        help="time budget of the whole run, validation and registration included (default 5): "
+                        "a validation that cannot finish in it stops, and its candidate is not registered")
     budget.add_argument("--seconds", type=float, help="the time budget in seconds instead (default 300)")
-    p.add_argument("--batch-size", type=int, help="patches per step (default 2)")
-    p.add_argument("--val-clicks", type=int, help="simulated clicks per validation case (default 3)")
+    p.add_argument("--batch-size", type=int, help="patches per step, 1 to 64 (default 2)")
+    p.add_argument("--val-clicks", type=int, help="simulated clicks per validation case, 1 to 20 (default 3)")
     p.add_argument("--validate-every", type=int,
                    help="steps between progress validations (default 0: only before and after training)")
     p.add_argument("--min-improvement", type=float,

@@ -14,25 +14,34 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, Optional
 
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, PromptLog, ScribblePrompt
-from SegAssistLib.training.simulation import CORRECTION_SCRIBBLE_SHARE, FIRST_KIND_WEIGHTS, FIRST_KINDS
+from SegAssistLib.training.simulation import (
+    CORRECTION_LASSO_SHARE,
+    CORRECTION_SCRIBBLE_SHARE,
+    FIRST_KIND_WEIGHTS,
+    FIRST_KINDS,
+)
 
 DEFAULT_SHARE = 0.2  # of the default mix kept beside the observed one
 
 
 @dataclass(frozen=True)
 class PromptMix:
-    """Weights of the simulated first prompt (kind -> weight over ``FIRST_KINDS``) and the share of
-    corrections drawn as scribbles; ``sessions``: the prompt logs measured (0: the defaults)."""
+    """Weights of the simulated first prompt (kind -> weight over ``FIRST_KINDS``) and the shares of
+    corrections drawn as scribbles and as lassos (the rest are clicks); ``sessions``: the prompt
+    logs measured (0: the defaults)."""
 
     first_kind_weights: Dict[str, float]
     correction_scribble_share: float
     sessions: int = 0
+    correction_lasso_share: float = CORRECTION_LASSO_SHARE
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
-DEFAULT_MIX = PromptMix(dict(zip(FIRST_KINDS, FIRST_KIND_WEIGHTS)), CORRECTION_SCRIBBLE_SHARE, 0)
+DEFAULT_MIX = PromptMix(
+    dict(zip(FIRST_KINDS, FIRST_KIND_WEIGHTS)), CORRECTION_SCRIBBLE_SHARE, 0, CORRECTION_LASSO_SHARE
+)
 
 
 def simulated_kind(prompt: Prompt) -> Optional[str]:
@@ -53,9 +62,10 @@ def mix_from_logs(logs: Iterable[Optional[PromptLog]], default_share: float = DE
     """The prompt mix of ``logs`` (``None`` entries: labels saved without a log, skipped), blended
     with ``default_share`` of :data:`DEFAULT_MIX`; the defaults alone when no log holds a prompt.
 
-    The first prompt of each log that the simulator can draw counts as its first kind; clicks and
-    scribbles after it count as corrections (boxes and lassos later in a session are new parts,
-    which the correction rule does not draw).
+    The first prompt of each log that the simulator can draw counts as its first kind; clicks,
+    scribbles and lassos after it count as corrections (a later lasso outlines a part to add or,
+    negative, to erase, as the simulated correction lasso does; later boxes are new parts, which
+    the correction rule does not draw).
     """
     if not 0.0 <= default_share <= 1.0:
         raise ValueError(f"default_share must be in [0, 1], got {default_share}")
@@ -70,7 +80,7 @@ def mix_from_logs(logs: Iterable[Optional[PromptLog]], default_share: float = DE
             continue
         sessions += 1
         firsts[kinds[0]] += 1
-        corrections.update(k for k in kinds[1:] if k in ("point", "scribble"))
+        corrections.update(k for k in kinds[1:] if k in ("point", "scribble", "lasso"))
     if not sessions:
         return DEFAULT_MIX
     keep = 1.0 - default_share
@@ -81,4 +91,5 @@ def mix_from_logs(logs: Iterable[Optional[PromptLog]], default_share: float = DE
     n_corrections = sum(corrections.values())
     observed = corrections["scribble"] / n_corrections if n_corrections else CORRECTION_SCRIBBLE_SHARE
     share = keep * observed + default_share * CORRECTION_SCRIBBLE_SHARE
-    return PromptMix(weights, share, sessions)
+    lassos = corrections["lasso"] / n_corrections if n_corrections else CORRECTION_LASSO_SHARE
+    return PromptMix(weights, share, sessions, keep * lassos + default_share * CORRECTION_LASSO_SHARE)

@@ -14,18 +14,31 @@ One run (:func:`run_training`):
    corrupted previous mask with a correction or a few rounds of the network's own predictions
    with corrections at the largest error, and DiceCE on the last round. The simulated prompts
    follow the mix of the training labels' prompt logs (``prompt_mix``). Only the adapter's
-   parameters train; the learning rate follows a cosine over the run. A loss that is not finite
+   parameters train; the learning rate follows a cosine over ``max_steps``, or over the training
+   time once that is projected to end the run first (``training.schedule``: with a seed, a run
+   that reaches ``max_steps`` gives the same weights on any machine). A loss that is not finite
    ends the run at once (nothing is registered), and a candidate whose parameters are not all
    finite is never registered.
 5. Score the candidate on the same held-out cases; register it (file written once, atomically)
    and promote it only if it beats the incumbent by more than ``min_improvement``.
 
 Progress (phase, step, loss, validation Dice) goes to a small JSON status file and/or a
-callback; ``should_stop`` cancels between steps and between validation cases. The time budget
-covers the whole run: training stops early enough to leave time for the final validation, whose
-cost is estimated from the incumbent's. This module does not change process settings (threads,
-priority): ``jobs`` does that in the separate process it starts, so that interactive inference
-keeps its core.
+callback; ``should_stop`` cancels between steps and between validation cases.
+
+The time budget covers the whole run, loading included. Every validation has a deadline and
+starts no click that would end past it (``validation``): the incumbent's may use
+``INCUMBENT_VALIDATION_SHARE`` of the time left after loading (if it cannot finish, nothing is
+trained: the comparison would be impossible), the final one runs until ``REGISTRATION_RESERVE_S``
+before the end. Training stops early enough to leave the final validation its clicks at the
+measured cost per click times ``VALIDATION_MARGIN``: the incumbent's cost at first, then, halfway
+through the training time, the candidate's own from one click on each held-out case (a network
+that segments answers far slower than a base model that segments nothing). A candidate whose
+validation could not finish is neither promoted nor registered, and the result says why. What can
+run past the budget: loading that alone exceeds it, one click slower than every click before it,
+and a registration slower than ``REGISTRATION_RESERVE_S``.
+
+This module does not change process settings (threads, priority): ``jobs`` does that in the
+separate process it starts, so that interactive inference keeps its core.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from SegAssistLib.api_learning import MAX_SEED, MAX_TRAIN_BUDGET_S, is_seed
+from SegAssistLib.api_learning import MAX_SEED, MAX_TRAIN_BATCH_SIZE, MAX_TRAIN_BUDGET_S, MAX_VAL_CLICKS, is_seed
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint, torch_device
@@ -59,11 +72,15 @@ from SegAssistLib.learning.traindata import holdout_split, load_labelled, subjec
 from SegAssistLib.learning.validation import ValidationResult, validate
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import TrainCase, sample_patch
+from SegAssistLib.training.schedule import CosineSchedule
 
 KINDS = ("lora", "salt", FULL)
 # 1e-2 for the adapters: with 2e-3 a 100-step retraining barely moved SALT (benchmarks/results/adapter_lr_sweep)
 DEFAULT_LEARNING_RATES = {"lora": 1e-2, "salt": 1e-2, FULL: 3e-4}
-VALIDATION_MARGIN = 1.25  # the final validation is budgeted at 1.25x the incumbent's
+VALIDATION_MARGIN = 1.5  # the final validation is budgeted at 1.5x its clicks at the measured cost per click
+REGISTRATION_RESERVE_S = 0.5  # kept at the end of the budget for writing the version and the registry
+INCUMBENT_VALIDATION_SHARE = 0.4  # of the budget left after loading: the incumbent's validation at most
+PROBE_AT = 0.5  # of the training time: the candidate's cost per click is measured there
 MAX_ADAPTER_RANK = 256  # a rank above a layer's own size is refused when the adapter is made
 
 
@@ -77,7 +94,7 @@ class AdapterTrainConfig:
     alpha: Optional[float] = None
     learning_rate: Optional[float] = None  # None: DEFAULT_LEARNING_RATES[kind]
     weight_decay: float = 1e-5
-    batch_size: int = 2  # >= 2: fp32 batch-1 3D convolutions hit a slow CPU kernel
+    batch_size: int = 2  # up to MAX_TRAIN_BATCH_SIZE (64); >= 2: fp32 batch-1 3D convolutions hit a slow CPU kernel
     max_steps: int = 2000
     time_budget_s: float = 300.0  # the whole run, validation included
     max_correction_rounds: int = 3
@@ -85,7 +102,7 @@ class AdapterTrainConfig:
     val_fraction: float = 0.2
     min_val_cases: int = 1
     max_val_cases: int = 8
-    val_clicks: int = 3
+    val_clicks: int = 3  # 1 to MAX_VAL_CLICKS (20)
     validate_every: int = 0  # steps between progress validations (0: only before and after)
     min_improvement: float = 0.0  # promote only if val Dice > incumbent's + this
     warm_start: bool = True
@@ -110,6 +127,9 @@ class AdapterTrainConfig:
         for name, value in positive_ints.items():
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise TrainingError(f"{name} must be a positive integer, got {value!r}")
+        for name, most in (("batch_size", MAX_TRAIN_BATCH_SIZE), ("val_clicks", MAX_VAL_CLICKS)):  # as the HTTP API
+            if getattr(self, name) > most:
+                raise TrainingError(f"{name} must be an integer from 1 to {most}, got {getattr(self, name)!r}")
         if not (math.isfinite(self.time_budget_s) and 0 < self.time_budget_s <= MAX_TRAIN_BUDGET_S):
             raise TrainingError(
                 f"time_budget_s must be a positive number of seconds up to {MAX_TRAIN_BUDGET_S:.0f} (a week), "
@@ -274,10 +294,10 @@ def simulate_prompts(
     are drawn with ``mix``.
     """
     device = next(network.parameters()).device
-    scribbles = mix.correction_scribble_share
+    scribbles, lassos = mix.correction_scribble_share, mix.correction_lasso_share
     starts = [
         simulation.starting_point(gt, rng, corrupt_share=corrupt_share, weights=mix.first_kind_weights,
-                                  scribble_share=scribbles)
+                                  scribble_share=scribbles, lasso_share=lassos)
         for gt in targets
     ]
     prompts = [start_prompts for start_prompts, _ in starts]
@@ -291,7 +311,7 @@ def simulate_prompts(
             for _ in range(rounds):
                 pred = (network(_inputs(images, prevs, prompts, patch).to(device))[:, 0] > 0).cpu()
                 for i, gt in enumerate(targets):
-                    correction = simulation.correction_prompt(gt, pred[i].numpy(), rng, scribbles)
+                    correction = simulation.correction_prompt(gt, pred[i].numpy(), rng, scribbles, lassos)
                     if correction is not None:
                         prompts[i].append(correction)
                     prevs[i] = pred[i].float()
@@ -404,6 +424,27 @@ def train_step(
     return value
 
 
+class _ValidationBudget:
+    """The time kept for the final validation: its clicks at the measured cost per click, with a
+    margin. The cost is the incumbent's until the candidate's own is measured (then the larger)."""
+
+    def __init__(self, per_click: float, clicks: int) -> None:
+        self.incumbent_per_click, self.clicks = per_click, clicks
+        self.per_click, self.measured = per_click, False
+
+    def measure(self, validation: ValidationResult) -> None:
+        if validation.clicks:
+            self.per_click = max(self.incumbent_per_click, validation.seconds_per_click)
+            self.measured = True
+
+    def reserve(self) -> float:
+        return VALIDATION_MARGIN * self.per_click * self.clicks
+
+
+def _scored(validation: ValidationResult) -> str:
+    return f"{len(validation.per_case)} of {validation.cases} cases scored in {validation.seconds:.1f} s"
+
+
 class NonFiniteLossError(TrainingError):
     """The loss or the parameters became NaN or infinite: the run cannot go on (usually a learning
     rate too high). Nothing is registered."""
@@ -476,6 +517,8 @@ def run_training(
         val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)
         train_cases = [lc.train_case() for lc in load_labelled(store, [by_id[i] for i in train_ids], cfg.label_value)]
         mix = mix_from_logs(store.prompt_log(by_id[i][1].id) for i in train_ids)
+        # torch builds its first optimiser with an import of seconds: here, before the time is shared out
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     finally:
         store.close()
     if not train_cases or not val_cases:
@@ -494,22 +537,43 @@ def run_training(
     engine = BuiltinEngine(base, device=cfg.device)
     if incumbent is not None:
         engine.swap_network(version_network(base, registry, incumbent), f"incumbent {incumbent.id}")
+    # the budget: validations stop before a click that would end past their deadline, training
+    # before a step that would eat into the time kept for the final validation
+    end_of_validation = t_start + cfg.time_budget_s - REGISTRATION_RESERVE_S
     status.update(force=True, phase="validating incumbent", incumbent=version_label(incumbent))
-    inc_val = validate(engine, val_cases, cfg.val_clicks, stop, val_groups)
+    now = time.perf_counter()
+    inc_val = validate(engine, val_cases, cfg.val_clicks, stop, val_groups,
+                       deadline=now + INCUMBENT_VALIDATION_SHARE * (end_of_validation - now))
     result = TrainingResult(state="cancelled", incumbent=version_label(incumbent), current=expected_current,
                             val_subjects=val_subjects)
     if inc_val is None:
         return _finish(status, result, t_start, "cancelled before training")
+    if not inc_val.finished:
+        result.state = "done"
+        return _finish(
+            status, result, t_start,
+            f"the validation of {version_label(incumbent)} did not fit in its share of the time budget of "
+            f"{cfg.time_budget_s:.0f} s ({_scored(inc_val)} after {elapsed():.1f} s): nothing trained or "
+            f"registered; give a larger time_budget_s, or fewer val_clicks or max_val_cases",
+        )
     result.incumbent_dice = inc_val.dice
     status.update(force=True, incumbent_dice=inc_val.dice, incumbent_first_click_dice=inc_val.first_click_dice)
 
+    torch.manual_seed(cfg.seed)  # a new adapter's start: the same whether or not an incumbent was built
     candidate = _Candidate(base, registry, incumbent, cfg)
     optimiser = torch.optim.AdamW(candidate.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
     patch = int(base.config.patch_size)
-    reserve = VALIDATION_MARGIN * inc_val.seconds + 0.5  # time kept for the final validation
-    train_budget = max(0.0, cfg.time_budget_s - elapsed() - reserve)
+    # what one click of validation costs: the incumbent's, until the candidate's own is measured (a
+    # base model that segments nothing answers far faster than one that does)
+    budget = _ValidationBudget(inc_val.seconds_per_click, len(val_cases) * cfg.val_clicks)
+
+    def train_end() -> float:  # when training must stop to leave the final validation its time
+        return end_of_validation - budget.reserve()
+
     t_train0 = time.perf_counter()
+    probe_at = t_train0 + PROBE_AT * (train_end() - t_train0)
+    schedule = CosineSchedule(cfg.lr, cfg.max_steps, floor=0.05)
     losses: List[float] = []
     step, cancelled, last_val = 0, False, None
     status.update(force=True, phase="training", warm_start=candidate.warm_from,
@@ -518,12 +582,23 @@ def run_training(
         if stop():
             cancelled = True
             break
-        t_train = time.perf_counter() - t_train0
-        per_step = t_train / step if step else 0.0
-        if cfg.time_budget_s - elapsed() - reserve < per_step:  # the next step would overrun
+        now = time.perf_counter()
+        if step and not budget.measured and now >= probe_at:
+            # halfway: the candidate answers one click on each case, to measure its cost per click
+            engine.swap_network(candidate.network, "candidate")
+            probe = validate(engine, val_cases, 1, stop, val_groups, deadline=train_end(),
+                             click_estimate=budget.per_click)
+            candidate.network.train()
+            if probe is None:
+                cancelled = True
+                break
+            budget.measure(probe)
+            status.update(validation_seconds_per_click=budget.per_click)
+            now = time.perf_counter()
+        if now + schedule.pace() > train_end():  # the next step would overrun
             break
-        progress = max(step / cfg.max_steps, t_train / train_budget if train_budget > 0 else 1.0)
-        lr = cfg.lr * max(0.05, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        lr = schedule.rate(now - t_train0, train_end() - t_train0)
+        t_step = time.perf_counter()
         try:
             losses.append(train_step(candidate, optimiser, loss_fn, train_cases, rng, patch, cfg, lr, mix))
         except NonFiniteLossError as exc:
@@ -532,20 +607,26 @@ def run_training(
                 f"(this run: {cfg.lr:g})"
             ) from None
         step += 1
+        schedule.done(time.perf_counter() - t_step)
         status.update(step=step, loss=losses[-1], loss_avg=float(np.mean(losses[-20:])), lr=lr,
                       elapsed_s=elapsed(), train_seconds=time.perf_counter() - t_train0)
         due = bool(cfg.validate_every) and step % cfg.validate_every == 0 and step < cfg.max_steps
-        if due and cfg.time_budget_s - elapsed() - reserve > reserve:  # room for this and the final one
+        if due and train_end() - time.perf_counter() > budget.reserve():  # room for this and the final one
             engine.swap_network(candidate.network, "candidate")
             status.update(force=True, phase="validating")
-            last_val = validate(engine, val_cases, cfg.val_clicks, stop, val_groups)
+            last_val = validate(engine, val_cases, cfg.val_clicks, stop, val_groups, deadline=train_end(),
+                                click_estimate=budget.per_click)
             candidate.network.train()
             if last_val is None:
                 cancelled = True
                 break
-            loss_avg = float(np.mean(losses[-20:]))
-            result.history.append({"step": step, "val_dice": last_val.dice, "loss_avg": loss_avg})
-            status.update(force=True, phase="training", val_dice=last_val.dice)
+            budget.measure(last_val)
+            if last_val.finished:  # one cut short by the budget scores only some cases: not a point of the curve
+                loss_avg = float(np.mean(losses[-20:]))
+                result.history.append({"step": step, "val_dice": last_val.dice, "loss_avg": loss_avg})
+                status.update(force=True, phase="training", val_dice=last_val.dice)
+            else:
+                status.update(force=True, phase="training")
     train_seconds = time.perf_counter() - t_train0
     result.steps, result.train_seconds = step, train_seconds
     status.update(force=True, step=step, train_seconds=train_seconds)
@@ -567,9 +648,18 @@ def run_training(
         )
     engine.swap_network(candidate.network, "candidate")
     status.update(force=True, phase="validating")
-    cand_val: Optional[ValidationResult] = validate(engine, val_cases, cfg.val_clicks, stop, val_groups)
+    cand_val: Optional[ValidationResult] = validate(engine, val_cases, cfg.val_clicks, stop, val_groups,
+                                                    deadline=end_of_validation, click_estimate=budget.per_click)
     if cand_val is None:
         return _finish(status, result, t_start, "cancelled")
+    if not cand_val.finished:
+        result.state = "done"
+        return _finish(
+            status, result, t_start,
+            f"the candidate's validation did not finish within the time budget of {cfg.time_budget_s:.0f} s "
+            f"({_scored(cand_val)} after {step} training steps): not promoted, nothing registered; give a larger "
+            f"time_budget_s, or fewer val_clicks or max_val_cases",
+        )
     result.val_dice = cand_val.dice
     status.update(force=True, phase="registering", val_dice=cand_val.dice,
                   val_first_click_dice=cand_val.first_click_dice)

@@ -2,7 +2,9 @@
 
 A simulated annotator gives a first prompt of a random kind (click, 3D box, 2D box, scribble,
 lasso), then corrections at the largest error, the rule the evaluation protocol uses, so the
-network learns to answer the prompts users and benchmarks actually give.
+network learns to answer the prompts users and benchmarks actually give. A correction is a click,
+a scribble, or a lasso drawn around the error on one slice: negative around a spill (the engine
+erases inside it), positive around a missed part.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ from scipy import ndimage
 from skimage.measure import find_contours
 from skimage.morphology import skeletonize
 
+from SegAssistLib import rasterize
 from SegAssistLib.engine.encoding import PatchPrompt
 from SegAssistLib.evaluation.simulator import largest_component, most_interior_voxel
 
 FIRST_KINDS = ("point", "box3d", "box2d", "scribble", "lasso")
 FIRST_KIND_WEIGHTS = (0.45, 0.13, 0.14, 0.14, 0.14)
 CORRECTION_SCRIBBLE_SHARE = 0.15  # corrections drawn as a scribble rather than a click
+CORRECTION_LASSO_SHARE = 0.1  # the trainers' share of corrections drawn as a lasso around the error
+# a correction lasso is kept only if at most this share of what it fills on its slice (its outline
+# drawn included) lies farther than a voxel from the error there: the outline of a spill shaped
+# like a shell would enclose the object too, and a click is given instead
+LASSO_OFF_ERROR_SHARE = 0.1
 # A click or a scribble inside one structure names that structure; only a prompt that shows the
 # extent (a box, an outline) can name a group of touching structures such as the whole heart.
 EXTENT_KINDS = ("box3d", "box2d", "lasso")
@@ -95,20 +103,43 @@ def _scribble(mask, rng) -> Optional[PatchPrompt]:
     return _scribble_on(sl, axis, index, True, rng)
 
 
-def _lasso(mask, rng, positive: bool = True) -> Optional[PatchPrompt]:
-    axis, index, sl = _slice_through(mask, rng)
-    grow = int(rng.integers(0, 3))
-    if grow:
-        sl = ndimage.binary_dilation(sl, iterations=grow)
+def _outline(sl: np.ndarray, rng) -> Optional[np.ndarray]:
+    """A hand-drawn outline of the largest contour of a 2D mask: up to about 40 jittered vertices."""
     contours = find_contours(np.pad(sl, 1).astype(float), 0.5)
     if not contours:
         return None
     contour = max(contours, key=len)[:-1] - 1.0
     step = max(1, len(contour) // 40)
     verts = contour[::step] + rng.normal(0, 0.4, size=contour[::step].shape)
-    if len(verts) < 3:
+    return verts if len(verts) >= 3 else None
+
+
+def _lasso(mask, rng, positive: bool = True) -> Optional[PatchPrompt]:
+    axis, index, sl = _slice_through(mask, rng)
+    grow = int(rng.integers(0, 3))
+    if grow:
+        sl = ndimage.binary_dilation(sl, iterations=grow)
+    verts = _outline(sl, rng)
+    return None if verts is None else PatchPrompt("lasso", positive, _lift(verts, axis, index))
+
+
+def _correction_lasso(region: np.ndarray, positive: bool, rng) -> Optional[PatchPrompt]:
+    """A lasso drawn tightly around the error ``region`` on a slice of a random orientation through
+    it (negative around a spill, positive around a missed part), or ``None`` where the filled
+    outline would not be mostly that error."""
+    axis, index, sl = _slice_through(region, rng)
+    if sl.sum() < 6:
         return None
-    return PatchPrompt("lasso", positive, _lift(verts, axis, index))
+    verts = _outline(sl, rng)
+    if verts is None:
+        return None
+    lasso = PatchPrompt("lasso", positive, _lift(verts, axis, index))
+    filled = np.zeros(region.shape, bool)
+    rasterize.fill_planar_polygon(filled, lasso.coords)  # on the slice's plane: the slice's voxels
+    filled = np.take(filled, index, axis=axis)
+    if (filled & ~ndimage.binary_dilation(sl)).sum() > LASSO_OFF_ERROR_SHARE * filled.sum():
+        return None
+    return lasso
 
 
 def first_prompt(
@@ -160,17 +191,24 @@ def correction_prompt(
     prediction: np.ndarray,
     rng: np.random.Generator,
     scribble_share: float = CORRECTION_SCRIBBLE_SHARE,
+    lasso_share: float = 0.0,
 ) -> Optional[PatchPrompt]:
-    """A click (a scribble with probability ``scribble_share``) at the most interior voxel of the
-    largest error region."""
+    """A correction of the largest error region: with probability ``scribble_share`` a scribble on
+    it, with probability ``lasso_share`` a lasso around it (both on a slice through it, for a region
+    of more than 20 voxels), else a click at its most interior voxel. Negative where the region is
+    a spill. (The trainers pass :data:`CORRECTION_LASSO_SHARE`.)"""
     region, positive = largest_error(target, prediction)
     if region is None:
         return None
-    if rng.random() < scribble_share and region.sum() > 20:
-        axis, index, sl = _slice_through(region, rng)
-        scribble = _scribble_on(sl, axis, index, bool(positive), rng)
-        if scribble is not None:
-            return scribble
+    draw = rng.random()
+    if draw < scribble_share + lasso_share and region.sum() > 20:
+        if draw < scribble_share:
+            axis, index, sl = _slice_through(region, rng)
+            drawn = _scribble_on(sl, axis, index, bool(positive), rng)
+        else:
+            drawn = _correction_lasso(region, bool(positive), rng)
+        if drawn is not None:
+            return drawn
     point = interior_point(region, rng, exact=rng.random() < 0.7, one_component=True)
     return PatchPrompt("point", bool(positive), point[None])
 
@@ -202,19 +240,20 @@ def starting_point(
     corrupt_share: float = 0.0,
     weights: Optional[Mapping[str, float]] = None,
     scribble_share: float = CORRECTION_SCRIBBLE_SHARE,
+    lasso_share: float = 0.0,
 ) -> Tuple[List[PatchPrompt], Optional[np.ndarray]]:
     """How a training sample begins: (prompts, previous mask or ``None``).
 
     Usually a first prompt on an empty mask; with probability ``corrupt_share`` an imperfect previous
     mask instead (as after an earlier session or a pre-segmentation) with a correction at its largest
-    error, half the time after the first prompt. ``weights``/``scribble_share``: see
+    error, half the time after the first prompt. ``weights``/``scribble_share``/``lasso_share``: see
     :func:`first_prompt` and :func:`correction_prompt`.
     """
     prompts = [first_prompt(mask, rng, kinds, weights)]
     if rng.random() >= corrupt_share:
         return prompts, None
     prior = corrupt_mask(mask, rng)
-    correction = correction_prompt(mask, prior, rng, scribble_share)
+    correction = correction_prompt(mask, prior, rng, scribble_share, lasso_share)
     prompts = ([] if rng.random() < 0.5 else prompts) + ([correction] if correction else [])
     if not prompts:
         prompts = [first_prompt(mask, rng, kinds, weights)]

@@ -3,9 +3,12 @@
 Each step: cut a batch of patches (real training-split cases and synthetic volumes), give each a
 simulated first prompt (or a corrupted previous mask and a correction of it) and draw it (both in
 the loader processes), optionally run the network a few rounds without gradients and add a
-correction at the largest error each round, then learn from the final round. The schedule is a
-cosine over a wall-clock budget, so a run of any length ends at a low learning rate; checkpoints
-are written atomically and a run resumes from them.
+correction at the largest error each round, then learn from the final round. The learning rate is
+a cosine over ``max_steps`` or over the wall-clock budget, whichever is projected to end the run
+(``training.schedule``), so a run of any length ends at a low rate. Each batch's randomness comes
+from the seed and the batch's number (:func:`batch_rng`), so a seed gives the same weights at any
+speed when ``max_steps`` ends the run; checkpoints are written atomically and a run resumed from
+one goes on exactly as the run would have.
 
 Usage: ``segassist train --out runs/v1 --minutes 120 [--resume runs/v1/state.pt] [--config cfg.json]``
 (the subcommand lives in ``training/cli.py`` so that ``segassist --help`` needs no torch).
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import multiprocessing
+import os
+import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -40,6 +45,7 @@ from SegAssistLib.training.data import (
     sample_patch,
     synthetic_train_case,
 )
+from SegAssistLib.training.schedule import CosineSchedule
 
 # the command line reads this default as $SEGASSIST_SHARED_DATA, else the folder beside the repository
 DEFAULT_DATA_ROOT = "../shared/data"
@@ -69,6 +75,12 @@ class TrainConfig:
     # On a GPU the network is fast and this CPU work is what a step waits for.
     simulation_workers: int = 0
     seed: int = 0
+    # corrections drawn as a lasso around the largest error region (negative around a spill)
+    correction_lasso_share: float = simulation.CORRECTION_LASSO_SHARE
+    # GPU runs: deterministic kernels (torch.use_deterministic_algorithms, cuDNN's deterministic
+    # choice), so a seed gives the same weights on the same machine, somewhat slower. CPU runs are
+    # deterministic without it (same machine and threads).
+    deterministic: bool = False
 
 
 @dataclass
@@ -90,17 +102,63 @@ class Sample:
 
 
 def start_sample(
-    image: torch.Tensor, target: np.ndarray, kinds: Sequence[str], rng: np.random.Generator, corrupt_share: float
+    image: torch.Tensor,
+    target: np.ndarray,
+    kinds: Sequence[str],
+    rng: np.random.Generator,
+    corrupt_share: float,
+    lasso_share: float = simulation.CORRECTION_LASSO_SHARE,
 ) -> Sample:
-    prompts, prior = simulation.starting_point(target, rng, kinds, corrupt_share)
+    prompts, prior = simulation.starting_point(target, rng, kinds, corrupt_share, lasso_share=lasso_share)
     previous = torch.zeros(target.shape) if prior is None else torch.from_numpy(prior.astype(np.float32))
     channels = torch.from_numpy(draw_prompts(prompts, target.shape[0]))
     return Sample(image, target, prompts, previous, channels)
 
 
+# the random streams of a run, each drawn for one batch from (seed, stream, batch index): a resumed run
+# replays exactly what the uninterrupted one would have drawn, and no two seeds share a stream
+LOADER_STREAM, ROUNDS_STREAM, SYNTHETIC_STREAM = 0, 1, 2
+
+
+def batch_rng(seed: int, stream: int, *index: int) -> np.random.Generator:
+    """The generator of one batch's draws in one of the run's streams."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), stream, *(int(i) for i in index)]))
+
+
+class _SyntheticPool:
+    """Synthetic volumes are costly to make: each loader process draws from a pool of ``SLOTS``, each
+    slot replaced after ``lifetime`` of the process's batches (the slots staggered, so one is renewed
+    every ``lifetime / SLOTS`` batches). What a slot holds is a function of (seed, lane, slot, its
+    generation), made when first drawn: the pool at a batch is the same on a resumed run."""
+
+    SLOTS = 12
+    USES = 120  # synthetic patches cut from a slot's volume before it is renewed, on average
+
+    def __init__(self, seed: int, lane: int, draws_per_batch: float):
+        self.seed, self.lane = seed, lane
+        self.lifetime = max(1, round(self.USES / max(draws_per_batch, 1e-9)))
+        self.held: dict = {}  # slot -> (generation, case)
+
+    def draw(self, rng: np.random.Generator, lane_batch: int) -> TrainCase:
+        slot = int(rng.integers(self.SLOTS))
+        generation = (lane_batch + slot * self.lifetime // self.SLOTS) // self.lifetime
+        held = self.held.get(slot)
+        if held is None or held[0] != generation:
+            made = synthetic_train_case(batch_rng(self.seed, SYNTHETIC_STREAM, self.lane, slot, generation))
+            held = self.held[slot] = (generation, made)
+        return held[1]
+
+
 class PatchStream(torch.utils.data.IterableDataset):
     """An endless stream of :class:`Sample`: real or synthetic patches, each with its start (a first
-    prompt, or a corrupted previous mask and its correction) simulated and drawn."""
+    prompt, or a corrupted previous mask and its correction) simulated and drawn.
+
+    Batch by batch: the stream's batches are numbered from ``offset`` (the step a run resumes at),
+    and with ``W`` loader processes process ``w`` makes batches ``offset + w``, ``offset + w + W``, ...
+    (the order in which the loader hands them out), each of ``batch_size`` samples drawn with
+    :func:`batch_rng` of the batch's number. So batch ``n`` is the same whenever the stream starts
+    (given the same ``loader_workers``: a volume of the synthetic pool depends on its process's lane).
+    """
 
     def __init__(self, cfg: TrainConfig, patch: int, offset: int = 0):
         self.cfg, self.patch, self.offset = cfg, patch, offset
@@ -109,7 +167,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         if info is not None:  # a loader process; in the training process cfg.threads holds
             torch.set_num_threads(1)
-        rng = np.random.default_rng([self.cfg.seed, self.offset, info.id if info else 0])
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         real = (
             load_training_cases(Path(self.cfg.data_root), self.cfg.datasets, self.cfg.click_union_datasets, self.patch)
             if self.cfg.data_root
@@ -117,20 +175,38 @@ class PatchStream(torch.utils.data.IterableDataset):
         )
         print(f"training cases: { {k: len(v) for k, v in real.items()} }", flush=True)
         names = sorted(real)
-        pool: List[TrainCase] = []
+        batch = self.offset + worker
+        share = self.cfg.synthetic_share if real else 1.0
+        pool = _SyntheticPool(self.cfg.seed, batch % workers, self.cfg.batch_size * share)
+        while True:
+            rng = batch_rng(self.cfg.seed, LOADER_STREAM, batch)
+            for _ in range(self.cfg.batch_size):
+                yield self._sample(rng, real, names, pool, batch // workers)
+            batch += workers
+
+    def _sample(self, rng: np.random.Generator, real: dict, names: List[str], pool: _SyntheticPool,
+                lane_batch: int) -> Sample:
         while True:
             if not real or rng.random() < self.cfg.synthetic_share:
-                # synthetic volumes are costly to make: keep a small pool and refresh it slowly
-                if len(pool) < 12 or rng.random() < 0.1:
-                    pool = (pool + [synthetic_train_case(rng)])[-12:]
-                case = pool[int(rng.integers(len(pool)))]
+                case = pool.draw(rng, lane_batch)
             else:
                 cases = real[names[int(rng.integers(len(names)))]]
                 case = cases[int(rng.integers(len(cases)))]
             target = case.targets[int(rng.integers(len(case.targets)))]
             cut = sample_patch(case, target, rng, self.patch)
             if cut is not None:
-                yield start_sample(cut[0], cut[1], case.first_prompt_kinds(target), rng, self.cfg.corrupt_share)
+                return start_sample(cut[0], cut[1], case.first_prompt_kinds(target), rng, self.cfg.corrupt_share,
+                                    self.cfg.correction_lasso_share)
+
+
+def use_deterministic_kernels() -> None:
+    """Deterministic GPU kernels for this process (``TrainConfig.deterministic``): cuBLAS's fixed
+    workspace (before CUDA starts), torch's deterministic algorithms (an operation without one
+    warns rather than stopping the run) and cuDNN's deterministic, not benchmarked, choice."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def training_hardware(device: torch.device) -> str:
@@ -141,9 +217,9 @@ def training_hardware(device: torch.device) -> str:
     return f"{info['cpu']}, {info['cpu_count']} cores, CPU only"
 
 
-def _correction_job(job: Tuple[np.ndarray, np.ndarray, int]) -> Optional[PatchPrompt]:
-    target, prediction, seed = job
-    return simulation.correction_prompt(target, prediction, np.random.default_rng(seed))
+def _correction_job(job: Tuple[np.ndarray, np.ndarray, int, float]) -> Optional[PatchPrompt]:
+    target, prediction, seed, lasso_share = job
+    return simulation.correction_prompt(target, prediction, np.random.default_rng(seed), lasso_share=lasso_share)
 
 
 def _batch_inputs(samples: Sequence[Sample]) -> torch.Tensor:
@@ -151,6 +227,30 @@ def _batch_inputs(samples: Sequence[Sample]) -> torch.Tensor:
 
 
 STATE_KEYS = ("model", "optimizer", "step", "elapsed")
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """A Ctrl-C that arrives inside is raised when it ends: an optimiser step and the step count
+    that goes with it happen together or not at all (outside the main thread: nothing deferred)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: List[Tuple[int, object]] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append((signum, frame)))
+    except (ValueError, OSError):  # no signals here (an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)  # None: not set in Python
+        if arrived:
+            if callable(previous):
+                previous(*arrived[0])
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 def read_training_state(path: Path) -> dict:
@@ -189,8 +289,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, resume: Union[None, Path, dict] = None):
         self.cfg, self.out = cfg, out
         torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            use_deterministic_kernels()
         torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
         try:
             self.net_cfg = NetworkConfig.from_dict(cfg.network, strict=True)
         except (ModelError, TypeError, ValueError) as exc:
@@ -201,6 +302,7 @@ class Trainer:
         self.loss = DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.step, self.elapsed = 0, 0.0
         self.skipped_steps = 0  # steps whose loss was not finite: the optimiser never saw them
+        time_limited = False  # the schedule follows the time budget (see training.schedule)
         if resume is not None:  # checked before anything is written (out is made below)
             state = resume if isinstance(resume, dict) else read_training_state(Path(resume))
             _check_resumed_network(state, self.net_cfg)
@@ -213,8 +315,12 @@ class Trainer:
             for group in self.opt.param_groups:  # the state brings back its own; the config says (lr: per step)
                 group["weight_decay"] = cfg.weight_decay
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
-            self.rng = np.random.default_rng(cfg.seed + self.step)
+            # a state saved before the schedule could follow the steps followed the time
+            time_limited = bool(state.get("time_limited", True))
             print(f"resumed at step {self.step}", flush=True)
+        self.schedule = CosineSchedule(cfg.learning_rate, cfg.max_steps, floor=0.03, step=self.step,
+                                       time_limited=time_limited)
+        self._pending: Optional[List[Sample]] = None  # a batch drawn before the clock started
         out.mkdir(parents=True, exist_ok=True)
         self.hardware = training_hardware(self.device)
         # spawned, not forked: by the first correction this process runs torch's and the loader's threads
@@ -235,11 +341,17 @@ class Trainer:
         )
 
     def corrections(
-        self, targets: Sequence[np.ndarray], predictions: Sequence[np.ndarray]
+        self,
+        targets: Sequence[np.ndarray],
+        predictions: Sequence[np.ndarray],
+        rng: Optional[np.random.Generator] = None,
     ) -> List[Optional[PatchPrompt]]:
-        """The simulated user's next click (or scribble) on each sample, from one seed per sample, so
-        the answer is the same whether the pool or this process finds it."""
-        jobs = [(t, p, int(s)) for t, p, s in zip(targets, predictions, self.rng.integers(2**62, size=len(targets)))]
+        """The simulated user's next click (or scribble, or lasso) on each sample, from one seed per
+        sample drawn from ``rng`` (default: this step's), so the answer is the same whether the
+        pool or this process finds it."""
+        rng = rng if rng is not None else self._step_rng()
+        share = self.cfg.correction_lasso_share
+        jobs = [(t, p, int(s), share) for t, p, s in zip(targets, predictions, rng.integers(2**62, size=len(targets)))]
         if self.pool is None:
             return [_correction_job(job) for job in jobs]
         return list(self.pool.map(_correction_job, jobs))
@@ -250,18 +362,38 @@ class Trainer:
             self.pool = None
 
     def _lr(self) -> float:
-        frac = min(1.0, self.elapsed / (self.cfg.minutes * 60.0))
-        return self.cfg.learning_rate * max(0.03, 0.5 * (1 + math.cos(math.pi * frac)))
+        """This step's rate: a cosine over ``max_steps``, or over the time budget once that is
+        projected to end the run first (see ``training.schedule``)."""
+        return self.schedule.rate(self.elapsed, self.cfg.minutes * 60.0)
+
+    def _step_rng(self) -> np.random.Generator:
+        return batch_rng(self.cfg.seed, ROUNDS_STREAM, self.step)
+
+    def next_batch(self) -> List[Sample]:
+        if self._pending is not None:
+            samples, self._pending = self._pending, None
+            return samples
+        return next(self.stream)
+
+    def _step_done(self, t0: float) -> None:
+        seconds = time.time() - t0
+        self.step += 1
+        self.schedule.done(seconds)
+        self.elapsed += seconds
 
     def train_step(self) -> dict:
-        samples: List[Sample] = next(self.stream)
-        rounds = int(self.rng.integers(0, self.cfg.max_correction_rounds + 1))
+        """One step on the next batch; the step count and the training time are updated with the
+        weights (a Ctrl-C inside the update is raised after both)."""
+        t0 = time.time()
+        samples = self.next_batch()
+        rng = self._step_rng()  # this batch's correction rounds: the same on a resumed run
+        rounds = int(rng.integers(0, self.cfg.max_correction_rounds + 1))
         self.net.eval()
         with torch.no_grad():
             targets = [s.target for s in samples]
             for _ in range(rounds):
                 pred = (self.net(_batch_inputs(samples).to(self.device))[:, 0] > 0).cpu()
-                found = self.corrections(targets, [mask.numpy() for mask in pred])
+                found = self.corrections(targets, [mask.numpy() for mask in pred], rng)
                 for sample, mask, correction in zip(samples, pred, found):
                     if correction is not None:
                         sample.add_correction(correction)
@@ -275,12 +407,16 @@ class Trainer:
         loss = self.loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):  # one step of NaN gradients would make the weights NaN for good
-            self.skipped_steps += 1
-            print(f"step {self.step + 1}: loss {float(loss.detach())}, not finite: step skipped "
+            with _ctrl_c_deferred():
+                self.skipped_steps += 1
+                self._step_done(t0)
+            print(f"step {self.step}: loss {float(loss.detach())}, not finite: step skipped "
                   f"({self.skipped_steps} so far)", flush=True)
             return {"loss": float("nan"), "dice": float("nan"), "rounds": rounds, "skipped": True}
         loss.backward()
-        self.opt.step()
+        with _ctrl_c_deferred():
+            self.opt.step()
+            self._step_done(t0)
         with torch.no_grad():
             pred = logits > 0
             inter = (pred & (y > 0)).sum((1, 2, 3, 4)).float()
@@ -293,6 +429,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "step": self.step,
             "elapsed": self.elapsed,
+            "time_limited": self.schedule.time_limited,
             "config": asdict(self.cfg),
         }
         # a kill mid-write keeps the previous state whole; scripts/package_model.py refuses a
@@ -340,13 +477,12 @@ class Trainer:
     def _train(self, log) -> None:
         """The steps, with the periodic checkpoints and the log lines."""
         budget = self.cfg.minutes * 60.0
-        last_ckpt = time.time()
         history = []
+        if self.step < self.cfg.max_steps and self.elapsed < budget and self._pending is None:
+            self._pending = next(self.stream)  # the loader's start (reading the cases) is not training time
+        last_ckpt = time.time()
         while self.step < self.cfg.max_steps and self.elapsed < budget:
-            t0 = time.time()
             stats = self.train_step()
-            self.step += 1
-            self.elapsed += time.time() - t0
             history.append(stats)
             if self.step % 25 == 0:
                 recent = [h for h in history[-25:] if not h.get("skipped")]
