@@ -2,10 +2,11 @@
 
 SimpleITK (GDCM) sorts a series' slices by position and stacks them with the mean step between
 them; it does not check that they form one regular grid. A series with a gantry tilt, missing
-slices, several echoes or phases at each position, or a localizer in another orientation would load
-without an error and put voxels millimetres away from where the scanner saw them. Such series are
-refused here, with the reason. Slices with their own rescale slope or intercept are read as float,
-so that no slice is truncated to the first one's integer type.
+slices, several echoes or phases at each position, a localizer in another orientation, or slices of
+other pixel spacings or sizes would load without an error (with the first slice's spacing) and put
+voxels millimetres away from where the scanner saw them. Such series are refused here, with the
+reason. Slices with their own rescale slope or intercept are read as float, so that no slice is
+truncated to the first one's integer type.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from SegAssistLib.errors import ImageError
 from SegAssistLib.files import sitk_path
 
 POSITION, ORIENTATION, SLOPE, INTERCEPT = "0020|0032", "0020|0037", "0028|1053", "0028|1052"
+PIXEL_SPACING, ROWS, COLUMNS, DESCRIPTION = "0028|0030", "0028|0010", "0028|0011", "0008|103e"
+PIXEL_SPACING_TOLERANCE = 1e-4  # relative: spacings written with fewer digits on some slices are the same
 STEP_TOLERANCE = 0.01  # slice steps that differ from their median by more than this share are uneven
 TILT_TOLERANCE = 0.01  # a slice shifted in its own plane by more than this share of the step: a tilt
 POSITION_ROUNDING_MM = 0.02  # positions written with 2 decimals: steps and shifts within this are even
@@ -33,6 +36,9 @@ class SliceHeader:
     orientation: Optional[np.ndarray]  # row and column direction cosines, 6 numbers
     slope: float
     intercept: float
+    pixel_spacing: Optional[np.ndarray] = None  # row and column spacing, mm
+    rows: Optional[int] = None
+    columns: Optional[int] = None
 
 
 def _numbers(reader: sitk.ImageFileReader, tag: str, count: int) -> Optional[np.ndarray]:
@@ -54,12 +60,45 @@ def read_slice_header(path: str) -> SliceHeader:
     except RuntimeError as exc:
         raise ImageError(f"cannot read DICOM file {path}: {str(exc).strip().splitlines()[-1]}") from exc
     slope, intercept = _numbers(reader, SLOPE, 1), _numbers(reader, INTERCEPT, 1)
+    rows, columns = _numbers(reader, ROWS, 1), _numbers(reader, COLUMNS, 1)
     return SliceHeader(
         position=_numbers(reader, POSITION, 3),
         orientation=_numbers(reader, ORIENTATION, 6),
         slope=1.0 if slope is None else float(slope[0]),
         intercept=0.0 if intercept is None else float(intercept[0]),
+        pixel_spacing=_numbers(reader, PIXEL_SPACING, 2),
+        rows=None if rows is None else int(rows[0]),
+        columns=None if columns is None else int(columns[0]),
     )
+
+
+def check_slice_planes(headers: Sequence[SliceHeader], where: str) -> None:
+    """Raise :class:`ImageError` unless every slice has the same rows and columns and the same pixel
+    spacing (0028,0030): the reader stacks them with the first slice's, so a slice of another spacing
+    would be stretched onto the grid of the others."""
+    sizes = sorted({(h.rows, h.columns) for h in headers}, key=str)
+    if len(sizes) > 1:
+        shown = ", ".join("?" if None in size else f"{size[0]} x {size[1]}" for size in sizes[:4])
+        raise ImageError(
+            f"{where}: the slices have {len(sizes)} different sizes (rows x columns {shown}): keep only the "
+            "slices of one acquisition in the folder"
+        )
+    spacings: List[Optional[np.ndarray]] = []
+    for h in headers:
+        if not any(_same_spacing(h.pixel_spacing, seen) for seen in spacings):
+            spacings.append(h.pixel_spacing)
+    if len(spacings) > 1:
+        shown = ", ".join("none" if s is None else " x ".join(f"{v:.7g}" for v in s) for s in spacings[:4])
+        raise ImageError(
+            f"{where}: the slices have {len(spacings)} different pixel spacings ({shown} mm): the series would "
+            "load with one slice's spacing; keep only the slices of one acquisition in the folder, or resample them"
+        )
+
+
+def _same_spacing(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.allclose(a, b, rtol=PIXEL_SPACING_TOLERANCE, atol=1e-6))
 
 
 def check_slice_grid(headers: Sequence[SliceHeader], where: str) -> None:
@@ -105,6 +144,25 @@ def check_slice_grid(headers: Sequence[SliceHeader], where: str) -> None:
         )
 
 
+def _series_name(reader: sitk.ImageSeriesReader, folder: Path, uid: str) -> str:
+    """One series of a folder, for a person: its description, its UID (GDCM's series id) or that it has
+    none, its number of files and the name of one (which tells the series apart when their UIDs do not)."""
+    files = list(reader.GetGDCMSeriesFileNames(sitk_path(folder), uid))
+    name = f"UID {uid}" if uid.strip() else "no series UID"
+    if files:
+        header = sitk.ImageFileReader()
+        header.SetImageIO("GDCMImageIO")
+        header.SetFileName(files[0])
+        try:
+            header.ReadImageInformation()
+            if header.HasMetaDataKey(DESCRIPTION) and header.GetMetaData(DESCRIPTION).strip():
+                name = f"'{header.GetMetaData(DESCRIPTION).strip()}', {name}"
+        except RuntimeError:
+            pass
+    first = f", such as {Path(files[0]).name}" if files else ""
+    return f"{name}: {len(files)} file{'s' if len(files) != 1 else ''}{first}"
+
+
 def read_dicom_series(folder: Path) -> sitk.Image:
     """The one DICOM series in ``folder`` as a SimpleITK image; :class:`ImageError` with the reason
     when the folder holds no series, several, or one that is not a regular grid."""
@@ -118,11 +176,15 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     if not series:
         raise ImageError(f"no DICOM series found in directory {folder}")
     if len(series) > 1:
+        named = "; ".join(_series_name(reader, folder, uid) for uid in series[:4])
+        more = f"; and {len(series) - 4} more" if len(series) > 4 else ""
         raise ImageError(
-            f"{folder} holds {len(series)} DICOM series ({', '.join(series)}): point at one series' folder"
+            f"{folder} holds {len(series)} DICOM series ({named}{more}): move each series to a folder of its "
+            "own and point at one"
         )
     files: List[str] = list(reader.GetGDCMSeriesFileNames(sitk_path(folder), series[0]))
     headers = [read_slice_header(f) for f in files]
+    check_slice_planes(headers, str(folder))
     check_slice_grid(headers, str(folder))
     if len({(h.slope, h.intercept) for h in headers}) > 1:
         reader.SetOutputPixelType(sitk.sitkFloat32)

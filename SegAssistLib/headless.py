@@ -1,9 +1,12 @@
 """Prompts in, a mask out, with no scene: the part of batch segmentation that needs neither Slicer
 nor torch. The Slicer logic (:mod:`SegAssistLib.slicer.logic`) and ``segassist segment`` share it.
 
-- :func:`read_prompt_file`: SegAssist JSON prompts (voxel coordinates of the image) from a file;
+- :func:`read_prompt_file`: SegAssist JSON prompts (voxel coordinates of the image) from a file
+  (:func:`read_prompts`: with the engine settings a prompt log records);
 - :func:`run_prompts`: open a session on any engine (a :class:`~SegAssistLib.client.SegAssistClient`
-  or an in-process engine), apply the prompts in order, return the mask and the prompt log.
+  or an in-process engine), apply the prompts in order, return the mask and the prompt log. Given a
+  log's engine settings (:func:`recorded_settings`), an in-process engine answers with them, and
+  the run notes where the backend answered with others (a server's own settings).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -21,7 +24,7 @@ from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.image import Volume, geometry_difference
 from SegAssistLib.prompt_mirror import Flips, mirror_prompt, mirrored_axes
-from SegAssistLib.prompts import Prompt, PromptLog, describe_validation_error, parse_prompt
+from SegAssistLib.prompts import EngineSettings, Prompt, PromptLog, describe_validation_error, parse_prompt
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -44,6 +47,9 @@ class EngineRun:
     prompt_log: PromptLog
     model: str
     latencies_s: List[float]
+    #: what the caller should know about the run, one line each: the backend answered with engine
+    #: settings other than those the prompts were recorded with, so the mask may differ
+    notes: List[str] = field(default_factory=list)
 
     @property
     def voxel_count(self) -> int:
@@ -106,9 +112,21 @@ def image_of(volume: Volume, name: str) -> tuple:
     return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction)
 
 
+@dataclass
+class PromptFile:
+    """The prompts of one file, and what its prompt log records of the engine that answered them
+    (None: not recorded, as in a bare list of prompts or a log of schema 1.3 or before)."""
+
+    path: Path
+    prompts: List[Prompt]
+    settings: Optional[EngineSettings] = None
+    model: Optional[str] = None
+
+
 def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> List[Prompt]:
     """Prompts from a SegAssist JSON file: a prompt log (``{"schema_version": ..., "prompts": [...]}``),
     an object with a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices.
+    :func:`read_prompts` also gives the engine settings a log records.
 
     ``image``: ``(shape_ijk, spacing, name)`` or ``(shape_ijk, spacing, name, origin, direction)`` of the
     image the prompts are for (origin and direction as ITK's, LPS: see :func:`image_of`); a prompt log
@@ -116,6 +134,12 @@ def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> L
     voxels the caller holds in reverse order along some axes (Slicer's copy of a left-handed file) has its
     prompts moved to the caller's order (:mod:`SegAssistLib.prompt_mirror`).
     """
+    return read_prompts(path, image).prompts
+
+
+def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> PromptFile:
+    """The prompts of a file as :func:`read_prompt_file` reads them, with the engine settings and model
+    its prompt log records (schema 1.4), which a replay needs to give the recorded mask."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}")
@@ -123,22 +147,24 @@ def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> L
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PromptError(f"cannot read prompts from {path}: {exc}") from exc
+    except RecursionError:  # JSON nested thousands deep: no prompt file is
+        raise PromptError(f"cannot read prompts from {path}: its JSON is nested too deeply to be prompts") from None
     if isinstance(data, dict) and "schema_version" in data:
         try:
             log = PromptLog.model_validate(data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise PromptError(f"{path}: invalid prompt log: {describe_validation_error(exc)}") from exc
-        if image is None:
-            return list(log.prompts)
-        try:
-            check_log_image(path, log, *image)
-        except PromptError:
-            flips = _stored_in_reverse(log, image)
-            if flips is None:
-                raise
-            # the same image with its voxels in another order (Slicer's, of a left-handed file)
-            return [mirror_prompt(p, flips, tuple(image[0])[::-1]) for p in log.prompts]
-        return list(log.prompts)
+        prompts = list(log.prompts)
+        if image is not None:
+            try:
+                check_log_image(path, log, *image)
+            except PromptError:
+                flips = _stored_in_reverse(log, image)
+                if flips is None:
+                    raise
+                # the same image with its voxels in another order (Slicer's, of a left-handed file)
+                prompts = [mirror_prompt(p, flips, tuple(image[0])[::-1]) for p in log.prompts]
+        return PromptFile(path, prompts, log.engine, log.model)
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise PromptError(f"{path}: expected a list of prompts or an object with a 'prompts' list")
@@ -148,18 +174,53 @@ def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> L
             prompts.append(parse_prompt(item))
         except PromptError as exc:
             raise PromptError(f"{path}: prompt {index + 1} of {len(items)}: {exc}") from exc
-    return prompts
+    return PromptFile(path, prompts)
 
 
-def _open_session(engine: Engine, volume: Volume, progress: ProgressCallback) -> EngineSession:
+def recorded_settings(files: Sequence[PromptFile]) -> Optional[EngineSettings]:
+    """The engine settings the prompt logs among ``files`` were recorded with (None: none records any).
+    Logs recorded with different settings are refused: no one setting replays them both."""
+    recorded = [f for f in files if f.settings is not None]
+    for other in recorded[1:]:
+        if other.settings != recorded[0].settings:
+            differ = "; ".join(recorded[0].settings.differences(other.settings))
+            raise PromptError(
+                f"{recorded[0].path} and {other.path} were recorded with different engine settings ({differ}): "
+                "replay them separately"
+            )
+    return recorded[0].settings if recorded else None
+
+
+def settings_note(recorded: EngineSettings, used: Optional[EngineSettings], backend: str) -> Optional[str]:
+    """What to tell the user when prompts recorded with ``recorded`` were answered with ``used`` (None:
+    the same, nothing to tell)."""
+    if used == recorded:
+        return None
+    if used is None:
+        return (
+            f"the prompts were recorded with engine settings that {backend} does not report "
+            "(it cannot apply them): the mask may differ from the recorded one"
+        )
+    differ = "; ".join(recorded.differences(used))
+    return (
+        f"the prompts were recorded with engine settings other than those {backend} answered with "
+        f"({differ}; recorded vs used): the mask may differ from the recorded one"
+    )
+
+
+def _open_session(
+    engine: Engine, volume: Volume, progress: ProgressCallback, settings: Optional[EngineSettings] = None
+) -> EngineSession:
     from SegAssistLib.client import SegAssistClient
 
-    if isinstance(engine, SegAssistClient):
+    if isinstance(engine, SegAssistClient):  # a server answers with its own settings
 
         def uploaded(sent: int, total: int) -> None:
             progress(0.05 + 0.25 * sent / max(total, 1), f"Uploading the image ({100 * sent // max(total, 1)} %)")
 
         return engine.open_session(volume, progress=uploaded)
+    if settings is not None and isinstance(getattr(engine, "settings", None), EngineSettings):
+        return engine.open_session(volume, settings=settings)  # the built-in engine: a session of those settings
     return engine.open_session(volume)
 
 
@@ -168,17 +229,21 @@ def run_prompts(
     volume: Volume,
     prompts: Sequence[Prompt],
     progress: Optional[ProgressCallback] = None,
+    settings: Optional[EngineSettings] = None,
 ) -> EngineRun:
     """Open a session on ``volume``, apply ``prompts`` in order, return the mask; the session is closed.
 
     Touches no MRML node: the Slicer module runs it on its worker thread. ``progress`` may raise
     :class:`Cancelled` to stop between steps (also after the last prompt, before the result).
+    ``settings``: the engine settings the prompts were recorded with (:func:`recorded_settings`): the
+    built-in engine answers with them; where the backend cannot (a server answers with its own), the
+    run's ``notes`` say so when its settings differ.
     """
     report = progress or no_progress
     if not prompts:
         raise PromptError("no prompts: place at least one point, box, scribble or lasso")
     report(0.05, "Opening a session")
-    session = _open_session(engine, volume, report)
+    session = _open_session(engine, volume, report, settings)
     latencies: List[float] = []
     try:
         for index, prompt in enumerate(prompts):
@@ -194,4 +259,6 @@ def run_prompts(
         with contextlib.suppress(SegAssistError, OSError):
             session.close()
     caps = engine.capabilities()
-    return EngineRun(mask=mask, prompt_log=log, model=f"{caps.name} {caps.version}".strip(), latencies_s=latencies)
+    model = f"{caps.name} {caps.version}".strip()
+    note = None if settings is None else settings_note(settings, log.engine, model)
+    return EngineRun(mask=mask, prompt_log=log, model=model, latencies_s=latencies, notes=[note] if note else [])

@@ -58,7 +58,9 @@ from SegAssistLib.errors import PromptError
 # 1.1: scribbles and lassos may be given as a slab instead of points
 # 1.2: a scribble given as points may carry the normal of the slice it was drawn on
 # 1.3: a log's image may record its origin and direction (a log replayed on a flipped copy is refused)
-SCHEMA_VERSION = "1.3"
+# 1.4: a log may record the built-in engine's settings that shape its answers (``engine``), so that a
+#      replay answers as the session did (``segassist segment`` applies them)
+SCHEMA_VERSION = "1.4"
 
 BOX_FLAT_TOLERANCE = 1e-4  # voxels: a box axis this thin is flat (float noise of corners on one plane)
 MAX_SLAB_AXIS = 4096  # voxels along any axis of a slab's box
@@ -794,13 +796,20 @@ def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
 
 
 def parse_prompt(data: Union[dict, str]) -> Prompt:
-    """Parse one prompt from a dict or JSON text; raises :class:`PromptError` with the reason."""
+    """Parse one prompt from a dict or JSON text; raises :class:`PromptError` with the reason, in one
+    line (:func:`describe_validation_error`: where in the prompt, and what is wrong there)."""
+    if not isinstance(data, (dict, str, BaseModel)):  # pydantic: "a valid dictionary or object to extract fields from"
+        shown = repr(data) if len(repr(data)) <= 40 else repr(data)[:37] + "..."
+        raise PromptError(
+            f"invalid prompt: expected an object with a kind ({', '.join(PROMPT_KINDS)}), "
+            f"got {type(data).__name__} {shown}"
+        )
     try:
         if isinstance(data, str):
             return _PROMPT_ADAPTER.validate_json(data)
         return _PROMPT_ADAPTER.validate_python(data)
     except Exception as exc:  # pydantic.ValidationError, json errors
-        raise PromptError(f"invalid prompt: {exc}") from exc
+        raise PromptError(f"invalid prompt: {describe_validation_error(exc, whole='')}") from exc
 
 
 def _schema_version(v: object) -> Optional[Tuple[int, int]]:
@@ -857,6 +866,40 @@ class ImageInfo(BaseModel):
         )
 
 
+class EngineSettings(BaseModel):
+    """1.4: the built-in engine's settings that shape its answers beyond the model's weights: a session
+    answered with other settings (segassist serve --edge-band 0 or --refine-depth 2) gives another mask
+    for the same prompts. Plain numbers, checked as the engine checks them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    refine_depth: int = Field(ge=1, le=16, description="zoom levels finer than a zoomed-out answer it is refined at")
+    max_refine_tiles: int = Field(ge=1, le=4096, description="no refinement when it would need more tiles")
+    min_view_mm: float = Field(ge=0, le=1e5, description="the narrowest view (mm) a prompt is first looked at")
+    correction_zoom_share: float = Field(
+        ge=0, lt=1, description="share of a window side a correction must change to zoom out"
+    )
+    edge_band: float = Field(
+        ge=0, le=100, description="half-width (voxels) of the band snapped to the image's edges; 0: no snap"
+    )
+    edge_beta: float = Field(gt=0, le=1e9, description="the edge snap's random walker sensitivity")
+    edge_max_voxels: int = Field(ge=1, le=2**40, description="answers with a larger box are not snapped")
+
+    @field_validator("edge_band")
+    @classmethod
+    def _check_band(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError(f"edge_band must be 0 (no snap) or at least 1 voxel, got {v}")
+        return v
+
+    def differences(self, other: EngineSettings) -> List[str]:
+        """``"name a (here) vs b (other)"`` for each setting that differs, in field order."""
+        return [
+            f"{name} {getattr(self, name)!r} vs {getattr(other, name)!r}"
+            for name in type(self).model_fields
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+
 class PromptLog(BaseModel):
     """A replayable record of one interactive session."""
 
@@ -864,6 +907,11 @@ class PromptLog(BaseModel):
     schema_version: str = SCHEMA_VERSION
     image: Optional[ImageInfo] = None
     model: Optional[str] = None
+    engine: Optional[EngineSettings] = Field(
+        None,
+        description="1.4: the built-in engine's settings the session answered with (absent: not recorded, "
+        "a log of 1.3 or before or of another engine); segassist segment applies them when it replays the log",
+    )
     prompts: List[AnyPrompt] = Field(default_factory=list)
 
     @field_validator("schema_version")
@@ -895,6 +943,14 @@ class PromptLog(BaseModel):
                 f"({describe_validation_error(exc, most=1)})"
             ) from None
 
+    @model_serializer(mode="wrap")
+    def _drop_unrecorded_engine(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
+        """A log without engine settings is written without the key: a reader of 1.3 reads it."""
+        out = handler(self)
+        if isinstance(out, dict) and out.get("engine", 0) is None:
+            del out["engine"]
+        return out
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
 
@@ -913,15 +969,17 @@ class PromptLog(BaseModel):
         return cls.from_json(Path(path).read_text())
 
 
-def describe_validation_error(exc: Exception, most: int = 3) -> str:
-    """One line for an error: a pydantic validation error's first problems, each with where it is."""
+def describe_validation_error(exc: Exception, most: int = 3, whole: str = "the log") -> str:
+    """One line for an error: a pydantic validation error's first problems, each with where it is
+    (``whole``: what a problem of the whole input is said to be of; empty: no place named)."""
     if not isinstance(exc, ValidationError):
         return " ".join(str(exc).split())
     errors = exc.errors()
     parts = []
     for err in errors[:most]:
-        where = ".".join(str(x) for x in err.get("loc", ())) or "the log"
-        parts.append(f"{where}: {str(err.get('msg', '')).removeprefix('Value error, ')}")
+        where = ".".join(str(x) for x in err.get("loc", ())) or whole
+        message = " ".join(str(err.get("msg", "")).removeprefix("Value error, ").split())
+        parts.append(f"{where}: {message}" if where else message)
     more = f" (and {len(errors) - most} more)" if len(errors) > most else ""
     return "; ".join(parts) + more
 

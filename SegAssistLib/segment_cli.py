@@ -11,6 +11,11 @@ the image to a SegAssist server instead (``http(s)://host:port``), only with ``-
 a token goes over plain http only to this computer, or with ``--allow-insecure-http``. Outputs are written
 whole or not at all (``--out`` and ``--log`` both or neither), and an existing file is replaced only with
 ``--overwrite``.
+
+A prompt log that records the engine settings it was answered with (schema 1.4: ``segassist serve
+--edge-band 0``, ``--refine-depth 2``, ...) is replayed with them, so that it gives the recorded mask;
+``--refine-depth`` and ``--edge-band`` replace the log's (a note says so). A server (``--url``) answers
+with its own settings: a warning says when they differ from the log's.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from urllib.parse import urlsplit
 
 from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, non_negative_int
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.evaluation.cli import edge_band
 from SegAssistLib.files import output_problem
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd",)  # the rest of MASK_SUFFIXES are label maps
@@ -51,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     local.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
     local.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     local.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads (0: torch's choice)")
+    local.add_argument("--refine-depth", type=int, default=None, choices=(1, 2, 3, 4),
+                       help="re-predict zoomed-out answers this many levels finer (default: the prompt log's, else 1)")
+    local.add_argument("--edge-band", type=edge_band, default=None, metavar="B",
+                       help="half-width in voxels of the band of each answer's surface snapped to the image's edges "
+                            "(default: the prompt log's, else 2; 0: off)")
     remote = p.add_argument_group("remote server")
     remote.add_argument("--url", default="", help="SegAssist server URL with its scheme, for example https://host:8470")
     remote.add_argument("--token", default=None, help=f"access token (default: ${TOKEN_VARIABLE})")
@@ -100,6 +111,9 @@ def _remote_token(args: argparse.Namespace) -> Optional[str]:
         if args.token is not None or args.send_images_to_remote or args.allow_insecure_http:
             raise SegAssistError("--token, --send-images-to-remote and --allow-insecure-http need --url")
         return None
+    if args.refine_depth is not None or args.edge_band is not None:
+        raise SegAssistError("--refine-depth and --edge-band set the local model: a server answers with its own "
+                             "(segassist serve --refine-depth, --edge-band)")
     parts = urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SegAssistError(f"--url {args.url}: give the server as http(s)://host:port, for example "
@@ -126,8 +140,35 @@ def _engine(args: argparse.Namespace, token: Optional[str]):
         except ValueError as exc:  # what _remote_token did not foresee: one line, not a traceback
             raise SegAssistError(f"--url {args.url}: {exc}") from exc
     from SegAssistLib.engine.builtin import load_default_engine
+    from SegAssistLib.engine.edges import EdgeSnap
 
-    return load_default_engine(args.model, args.device, args.threads or None)
+    options = {}
+    if args.refine_depth is not None:
+        options["refine_depth"] = args.refine_depth
+    if args.edge_band is not None:
+        options["edge_snap"] = EdgeSnap.from_band(args.edge_band)
+    return load_default_engine(args.model, args.device, args.threads or None, **options)
+
+
+def _replay_settings(args: argparse.Namespace, engine, recorded):
+    """The engine settings the prompts are answered with: the logs' (``recorded``; None: none recorded,
+    the engine's own), but for those --refine-depth and --edge-band set on the local model (a note says
+    which differ from the log's). A server answers with its own (:func:`run_prompts` compares them)."""
+    if recorded is None or args.url:
+        return recorded
+    own, update, flags = engine.settings, {}, []
+    if args.refine_depth is not None:
+        update.update(refine_depth=own.refine_depth, max_refine_tiles=own.max_refine_tiles)
+        flags.append(f"--refine-depth {args.refine_depth}")
+    if args.edge_band is not None:
+        update.update(edge_band=own.edge_band, edge_beta=own.edge_beta, edge_max_voxels=own.edge_max_voxels)
+        flags.append(f"--edge-band {args.edge_band:g}")
+    settings = recorded.model_copy(update=update)
+    if settings != recorded:
+        print(f"note: {' and '.join(flags)} replace the engine settings the prompt log was recorded with "
+              f"({'; '.join(recorded.differences(settings))}; recorded vs used): the mask may differ from the "
+              "recorded one", file=sys.stderr, flush=True)
+    return settings
 
 
 def _progress(fraction: float, message: str) -> None:
@@ -161,17 +202,20 @@ def _write_outputs(args: argparse.Namespace, run, volume) -> List[Path]:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from SegAssistLib.headless import image_of, read_prompt_file, run_prompts
+    from SegAssistLib.headless import image_of, read_prompts, recorded_settings, run_prompts
     from SegAssistLib.io import load_volume
 
     _check_outputs(args)
     token = _remote_token(args)
     volume = load_volume(args.image, channel=args.channel)
     image = image_of(volume, f"image {args.image}")
-    prompts = [prompt for path in args.prompts for prompt in read_prompt_file(path, image)]
+    files = [read_prompts(path, image) for path in args.prompts]
+    prompts = [prompt for file in files for prompt in file.prompts]
+    recorded = recorded_settings(files)  # refuses logs of different settings before the model loads
     engine = _engine(args, token)
     try:
-        run = run_prompts(engine, volume, prompts, _progress)
+        settings = _replay_settings(args, engine, recorded)
+        run = run_prompts(engine, volume, prompts, _progress, settings)
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
@@ -180,6 +224,12 @@ def run_segment(args: argparse.Namespace) -> int:
     median_ms = 1000 * statistics.median(run.latencies_s)
     print(f"{len(prompts)} prompts -> {run.voxel_count} voxels ({run.model}); median {median_ms:.0f} ms per prompt; "
           f"wrote {', '.join(str(p) for p in written)}", flush=True)
+    for note in run.notes:  # a server answered with other engine settings than the log's
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    models = sorted({file.model for file in files if file.model})
+    if len(models) == 1 and run.prompt_log.model and run.prompt_log.model != models[0]:
+        print(f"warning: the prompt log was recorded with model {models[0]}, replayed with {run.prompt_log.model}: "
+              "the mask may differ from the recorded one", file=sys.stderr, flush=True)
     if not run.voxel_count:
         print("warning: the result is empty", file=sys.stderr, flush=True)
     return 0

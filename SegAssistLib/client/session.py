@@ -283,7 +283,10 @@ class RemoteSession(EngineSession):
         return reply.mask.to_array()
 
     def prompt_log(self) -> PromptLog:
-        return PromptLog.model_validate(self.client.http.json("GET", self._path + "/prompt-log"))
+        """The server's log of the session, with the engine settings it answered with (a server
+        older than schema 1.4 sends none)."""
+        reply = self.client.http.json("GET", self._path + "/prompt-log", params={"engine": "true"})
+        return PromptLog.model_validate(reply)
 
     def local_prompts(self) -> List[Prompt]:
         """The prompts behind the current mask, as this client saw them (what recover() replays)."""

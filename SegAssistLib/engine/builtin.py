@@ -37,6 +37,7 @@ from SegAssistLib.errors import PromptError, SessionError
 from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.prompts import (
     PROMPT_KINDS,
+    EngineSettings,
     MaskPrompt,
     Prompt,
     PromptLog,
@@ -144,10 +145,21 @@ def _says_where_the_structure_is(prompt: Prompt) -> bool:
     return bool(getattr(prompt, "positive", True))
 
 
+def edge_snap_of(settings: EngineSettings) -> Optional[EdgeSnap]:
+    """The edge snap ``settings`` describe (None: none, an edge band of 0)."""
+    if settings.edge_band == 0:
+        return None
+    return EdgeSnap(band=settings.edge_band, beta=settings.edge_beta, max_voxels=settings.edge_max_voxels)
+
+
 class BuiltinSession(EngineSession):
-    def __init__(self, engine: BuiltinEngine, volume: Volume):
+    """``settings``: how this session answers (the engine's own when None): a replayed log's."""
+
+    def __init__(self, engine: BuiltinEngine, volume: Volume, settings: Optional[EngineSettings] = None):
         validate_image(volume)
         self.engine = engine
+        self.settings = engine.settings if settings is None else settings
+        self.edge_snap = edge_snap_of(self.settings)
         self.volume = volume
         self.array = volume.array
         self.shape = tuple(volume.array.shape)
@@ -213,9 +225,10 @@ class BuiltinSession(EngineSession):
 
     def prompt_log(self) -> PromptLog:
         """The prompts of the current mask; ``model`` names the version that made it (not the one
-        answering now: a version swapped in since did not)."""
+        answering now: a version swapped in since did not); ``engine``: the session's settings, which
+        a replay needs as much as the prompts (an edge band of 0 or a deeper refinement answers otherwise)."""
         model = None if self._version is None else f"{self.engine.capabilities().name}@{self._version}"
-        return PromptLog(model=model, prompts=list(self.prompts))
+        return PromptLog(model=model, engine=self.settings, prompts=list(self.prompts))
 
     def close(self) -> None:
         self._closed = True
@@ -316,7 +329,7 @@ class BuiltinSession(EngineSession):
         spacing = np.asarray(self.spacing_kji)
         for level in range(top + 1):
             size = np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, level))
-            if np.all(size >= extent * 1.25) and np.min(size * spacing) >= self.engine.min_view_mm * 0.99:
+            if np.all(size >= extent * 1.25) and np.min(size * spacing) >= self.settings.min_view_mm * 0.99:
                 return level
         return top
 
@@ -340,7 +353,7 @@ class BuiltinSession(EngineSession):
                     continue
                 face = changed.select(axis, index)
                 crossed_before = bool(held.select(axis, index).any())
-                allowed = self.engine.correction_zoom_share * face.numel() if crossed_before else 0.0
+                allowed = self.settings.correction_zoom_share * face.numel() if crossed_before else 0.0
                 if int(face.sum()) > allowed:
                     return True
         return False
@@ -380,7 +393,7 @@ class BuiltinSession(EngineSession):
     def _snap(self, box: Tuple[slice, ...], new: np.ndarray, prompts: List[Prompt]) -> np.ndarray:
         """``new`` (the answer inside ``box``) with its surface snapped to the image's edges, within
         ``box`` (the rest of the mask is earlier answers, already snapped)."""
-        settings = self.engine.edge_snap
+        settings = self.edge_snap
         if settings is None or not new.any():
             return new
         margin = int(np.ceil(settings.band)) + 2
@@ -441,10 +454,10 @@ class BuiltinSession(EngineSession):
         hi = np.minimum(np.array([b for _, b in lo_hi]) + offset + 2, [s.stop for s in img_sl])
         extent = hi - lo
         # refine_depth levels finer than the answer (default one: halves the blur at a bounded cost)
-        r = max(0, level - self.engine.refine_depth)
+        r = max(0, level - self.settings.refine_depth)
         size = np.asarray(patching.window_size(self.spacing_kji, self.engine.patch, r))
         counts = np.maximum(1, np.ceil(extent / (size * 0.8)).astype(int))
-        if counts.prod() > self.engine.max_refine_tiles:
+        if counts.prod() > self.settings.max_refine_tiles:
             return 0
         self._refine_level = r
         edges = [np.linspace(a, b, n + 1).round().astype(int) for a, b, n in zip(lo, hi, counts)]
@@ -511,6 +524,18 @@ class BuiltinEngine(Engine):
         self.network = model.network.to(self.device).eval()
         self.patch = int(model.config.patch_size)
         self.version = str(model.meta.get("version", model.identity))
+        snap = edge_snap or EdgeSnap()  # no snap: the default beta and max_voxels are recorded, unused
+        #: what a prompt log records (:class:`~SegAssistLib.prompts.EngineSettings`); a session may be
+        #: opened with others (a replayed log's)
+        self.settings = EngineSettings(
+            refine_depth=self.refine_depth,
+            max_refine_tiles=self.max_refine_tiles,
+            min_view_mm=self.min_view_mm,
+            correction_zoom_share=self.correction_zoom_share,
+            edge_band=0.0 if edge_snap is None else float(edge_snap.band),
+            edge_beta=float(snap.beta),
+            edge_max_voxels=int(snap.max_voxels),
+        )
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None, **options):
@@ -535,8 +560,12 @@ class BuiltinEngine(Engine):
             description=str(meta.get("description", "promptable 3D U-Net (MONAI), prompts as input channels")),
         )
 
-    def open_session(self, volume: Volume, prompts: Optional[List[Prompt]] = None) -> BuiltinSession:
-        session = BuiltinSession(self, volume)
+    def open_session(
+        self, volume: Volume, prompts: Optional[List[Prompt]] = None, settings: Optional[EngineSettings] = None
+    ) -> BuiltinSession:
+        """``settings``: the session's (None: this engine's, :attr:`settings`), such as a replayed
+        log's, so that its prompts answer as they did; the weights are the engine's either way."""
+        session = BuiltinSession(self, volume, settings)
         for prompt in prompts or []:
             session.add_prompt(prompt)
         return session

@@ -6,7 +6,10 @@ the output is one logit channel. A checkpoint is a ``torch.save`` dict::
     {"format": "segassist-checkpoint", "format_version": 1,
      "config": NetworkConfig as dict, "state_dict": ..., "meta": {...free-form provenance...}}
 
-loaded with ``weights_only=True`` (no pickle of arbitrary objects).
+loaded with ``weights_only=True`` (no pickle of arbitrary objects). The ``config`` is required, and
+when ``meta`` records how the network was trained (``train_config.network``, as ``segassist train``
+writes it) the two must agree: a config edited after training (another ``patch_size``) would run the
+weights on inputs they were never trained on, without an error.
 """
 
 from __future__ import annotations
@@ -174,18 +177,46 @@ def torch_device(name: Union[str, torch.device]) -> torch.device:
     return device
 
 
+def trained_config_problem(config: NetworkConfig, meta: Dict[str, Any]) -> Optional[str]:
+    """How ``config`` disagrees with the network ``meta`` says was trained (``meta["train_config"]
+    ["network"]``, the keys it gives; keys NetworkConfig does not know are left out); None: it agrees,
+    or ``meta`` records no training config."""
+    train_config = meta.get("train_config")
+    trained = train_config.get("network") if isinstance(train_config, dict) else None
+    if not isinstance(trained, dict):
+        return None
+    differ = []
+    for name in NetworkConfig.__dataclass_fields__:
+        if name not in trained:
+            continue
+        value = trained[name]
+        value = tuple(value) if isinstance(value, (list, tuple)) else value
+        if value != getattr(config, name):
+            differ.append(f"{name} {getattr(config, name)!r} in its config, {value!r} in meta.train_config.network")
+    return "; ".join(differ) or None
+
+
 def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedModel:
     """Load a SegAssist checkpoint; raises :class:`ModelError` saying what is wrong."""
     path = Path(path)
     device = torch_device(device)
     payload = load_tagged_file(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint", ModelError)
+    if "config" not in payload:  # the defaults would be a guess at the network the weights belong to
+        raise ModelError(f"checkpoint {path} has no network config (its 'config' entry is missing): cannot tell "
+                         "which network its weights belong to")
     try:
-        config = NetworkConfig.from_dict(payload.get("config", {}))
+        config = NetworkConfig.from_dict(payload["config"])
         problem = config_problem(config)
         if problem:
             raise ModelError(f"checkpoint {path} is not a network this engine runs: {problem}")
-        network = build_network(config)
         meta = dict(payload.get("meta", {}))
+        disagrees = trained_config_problem(config, meta)
+        if disagrees:
+            raise ModelError(f"checkpoint {path}: its network config disagrees with the one it was trained with "
+                             f"({disagrees}): the config was edited after training; use the trained one")
+        network = build_network(config)
+    except ModelError:
+        raise
     except (TypeError, ValueError, AttributeError, RuntimeError) as exc:  # tagged as a checkpoint, fields not
         raise ModelError(f"checkpoint {path} has a malformed network config or meta: {exc}") from exc
     try:

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any, Callable, List, Optional
 
 import anyio
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -255,12 +255,17 @@ async def get_result(
 )
 async def get_prompt_log(
     session_id: str = SessionId,
+    engine: bool = Query(
+        False,
+        description="include the engine settings the session answered with (prompt log schema 1.4); "
+        "without it they are left out, so that a client reading schema 1.3 logs reads the log",
+    ),
     state: ServerState = Depends(get_state),
     user: str = Depends(current_user),
 ) -> PromptLog:
     session = state.sessions.get(user, session_id)
     log, _ = await state.submit(session, lambda es: es.prompt_log())
-    return log
+    return log if engine else log.model_copy(update={"engine": None})
 
 
 @router.delete("/sessions/{session_id}", status_code=204, summary="Close a session and free its memory")

@@ -5,6 +5,7 @@ asking for gigabytes from a config of a few bytes."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +61,40 @@ def test_nan_weights_are_refused_not_answered_with_empty_masks(tmp_path):
     with pytest.raises(ModelError, match="NaN or infinite weights"):
         load_checkpoint(path)
     assert load_checkpoint(_saved(tmp_path, "fine.pt", TINY)).config == TINY  # the same network, finite: loads
+
+
+def _with(tmp_path, name: str, change, config: NetworkConfig = TINY) -> Path:
+    """A real checkpoint of ``config`` whose payload ``change`` edits, as a hand-edited file would be."""
+    payload = torch.load(_saved(tmp_path, "base.pt", config), weights_only=True)
+    change(payload)
+    torch.save(payload, tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_checkpoint_without_its_config_is_refused_not_given_the_default_network(tmp_path):
+    # weights of the default network: without its config, they loaded as the defaults, silently
+    path = _with(tmp_path, "no_config.pt", lambda payload: payload.pop("config"), NetworkConfig())
+    with pytest.raises(ModelError, match=r"has no network config \(its 'config' entry is missing\)"):
+        load_checkpoint(path)
+
+
+def test_a_config_edited_after_training_is_refused_and_one_that_agrees_loads(tmp_path):
+    trained = {**TINY.__dict__, "channels": list(TINY.channels), "strides": list(TINY.strides)}  # as JSON gives it
+
+    def edited(payload):  # the network was trained at 16; its config now says 32 (the weights still fit)
+        payload["meta"] = {"train_config": {"network": trained}}
+        payload["config"]["patch_size"] = 32
+
+    with pytest.raises(ModelError, match=r"disagrees with the one it was trained with \(patch_size 32 in its config, "
+                                         r"16 in meta.train_config.network\)"):  # fmt: skip
+        load_checkpoint(_with(tmp_path, "edited.pt", edited))
+
+    def agreeing(payload):  # a training config may give only some fields, and fields a newer version added
+        payload["meta"] = {"train_config": {"network": {"patch_size": 16, "channels": [4, 8], "added_later": 1}}}
+
+    assert load_checkpoint(_with(tmp_path, "agrees.pt", agreeing)).config == TINY
+    for meta in ({"train_config": {}}, {"train_config": {"network": None}}, {"name": "x"}):  # nothing to compare
+        assert (
+            load_checkpoint(_with(tmp_path, "plain.pt", lambda payload, meta=meta: payload.update(meta=meta))).config
+            == TINY
+        )

@@ -512,3 +512,25 @@ def test_steps_that_change_no_voxel_keep_the_history_bounded(engine, monkeypatch
     assert sum(step.nbytes for step in session._undo) <= budget
     assert 1 < len(session._undo) < n
     session.undo()
+
+
+def test_a_session_records_its_engine_settings_and_answers_with_a_logs_when_opened_with_them(tiny_checkpoint):
+    """What shaped the answers besides the weights is in the log; a session opened with a log's settings
+    answers as an engine built with them does, and the engine keeps its own for other sessions."""
+    from SegAssistLib.prompts import EngineSettings
+
+    engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1)
+    assert engine.settings == EngineSettings(refine_depth=1, max_refine_tiles=8, min_view_mm=64.0,
+                                             correction_zoom_share=0.025, edge_band=2.0, edge_beta=500.0,
+                                             edge_max_voxels=200_000)  # fmt: skip
+    other = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, min_view_mm=0.0, refine_depth=2, edge_snap=None)
+    assert other.settings.model_dump() == {**engine.settings.model_dump(), "min_view_mm": 0.0, "refine_depth": 2,
+                                           "max_refine_tiles": 27, "edge_band": 0.0}  # fmt: skip
+    vol, _ = _blob_volume(shape=(160, 160, 160), spacing=(0.6, 0.6, 0.6))  # min_view_mm decides the first level
+    click = PointPrompt(position=(80, 80, 80))
+    session = engine.open_session(vol, settings=other.settings)
+    assert session.add_prompt(click).info["levels"][0] == 0  # the engine's own 64 mm would start at level 2
+    assert np.array_equal(session.result(), other.open_session(vol, [click]).result())
+    log = PromptLog.from_json(session.prompt_log().to_json())
+    assert log.engine == other.settings and log.prompts == [click]
+    assert engine.open_session(vol).prompt_log().engine == engine.settings

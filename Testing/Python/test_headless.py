@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.errors import PromptError
-from SegAssistLib.headless import Cancelled, run_prompts
+from SegAssistLib.headless import Cancelled, image_of, read_prompt_file, run_prompts
 from SegAssistLib.image import Volume
+from SegAssistLib.io import load_volume
 from SegAssistLib.prompts import PointPrompt
 
 
@@ -53,3 +55,77 @@ def test_a_cancel_pressed_during_the_last_prompt_stops_before_the_result(engine)
 def test_no_prompts_is_refused(engine):
     with pytest.raises(PromptError, match="no prompts"):
         run_prompts(engine, _volume(), [])
+
+
+SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
+SAMPLE_PROMPTS = SAMPLE.parents[1] / "Examples" / "hippocampus_001_prompts.json"
+
+
+def test_a_log_replays_to_its_mask_with_the_engine_settings_it_records(shipped_checkpoint, tmp_path):
+    """A session of the shipped model with no edge snap (segassist serve --edge-band 0) gives another
+    mask than the default engine: replayed with the settings its log records, the same mask."""
+    from SegAssistLib.headless import PromptFile, read_prompts, recorded_settings
+
+    volume = load_volume(SAMPLE)
+    prompts = read_prompt_file(SAMPLE_PROMPTS)
+    recorder = BuiltinEngine.from_checkpoint(shipped_checkpoint, threads=1, edge_snap=None)
+    session = recorder.open_session(volume, prompts)
+    recorded, log = session.result(), session.prompt_log()
+    assert log.engine == recorder.settings and log.engine.edge_band == 0 and log.engine.refine_depth == 1
+    path = tmp_path / "log.json"
+    log.save(path)
+
+    replayer = BuiltinEngine.from_checkpoint(shipped_checkpoint, threads=1)  # the default settings
+    assert not np.array_equal(run_prompts(replayer, volume, prompts).mask, recorded)  # the settings matter
+    file = read_prompts(path, image_of(volume, "the sample"))
+    assert file.prompts == prompts and file.settings == log.engine and file.model == log.model
+    settings = recorded_settings([file, PromptFile(SAMPLE_PROMPTS, prompts)])  # a bare list records none
+    run = run_prompts(replayer, volume, file.prompts, settings=settings)
+    assert np.array_equal(run.mask, recorded) and recorded.any()
+    assert run.prompt_log.engine == log.engine and run.notes == []
+    assert replayer.settings.edge_band == 2.0  # the engine keeps its own for other sessions
+
+
+def test_logs_of_other_settings_are_refused_together_and_an_engine_that_cannot_apply_them_is_noted(engine):
+    from SegAssistLib.evaluation.baselines import GrowCutEngine
+    from SegAssistLib.headless import PromptFile, recorded_settings
+
+    snapless = engine.settings.model_copy(update={"edge_band": 0.0})
+    files = [PromptFile(Path("a.json"), PROMPTS, engine.settings), PromptFile(Path("b.json"), PROMPTS, snapless)]
+    with pytest.raises(PromptError, match=r"a\.json and b\.json were recorded with different engine settings "
+                                          r"\(edge_band 2\.0 vs 0\.0\): replay them separately"):  # fmt: skip
+        recorded_settings(files)
+    run = run_prompts(GrowCutEngine(), _volume(), PROMPTS, settings=snapless)  # records no settings
+    assert len(run.notes) == 1 and "recorded with engine settings that growcut" in run.notes[0]
+    assert "does not report" in run.notes[0] and "the mask may differ" in run.notes[0]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "[1]",
+            "prompt 1 of 1: invalid prompt: expected an object with a kind (point, box, scribble, lasso, "
+            "mask), got int 1",
+        ),
+        (
+            '[{"kind": "point", "position": [NaN, 1, 1]}]',
+            "prompt 1 of 1: invalid prompt: point.position: "
+            "point position has a non-finite coordinate: [nan, 1.0, 1.0]",
+        ),
+        (
+            '[{"kind": "point", "position": [1e400, 1, 1]}]',
+            "prompt 1 of 1: invalid prompt: point.position: "
+            "point position has a non-finite coordinate: [inf, 1.0, 1.0]",
+        ),
+        ("[" * 100_000 + "]" * 100_000, "cannot read prompts from {path}: its JSON is nested too deeply to be prompts"),
+    ],
+)
+def test_a_bad_prompt_file_is_one_line_naming_the_prompt_and_the_problem(tmp_path, text, message):
+    path = tmp_path / "prompts.json"
+    path.write_text(text)
+    with pytest.raises(PromptError) as refused:
+        read_prompt_file(path)
+    said = str(refused.value)
+    assert "\n" not in said and "validation error" not in said and "pydantic" not in said, said
+    assert said.endswith(message.format(path=path)), said

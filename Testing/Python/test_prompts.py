@@ -196,7 +196,7 @@ def test_a_scribble_normal_of_any_finite_length_is_kept_as_its_direction(normal)
     assert to_slab(prompt, (12, 12, 12)).slab == to_slab(unit, (12, 12, 12)).slab
 
 
-@pytest.mark.parametrize("version", ["1.4", "1.10"])
+@pytest.mark.parametrize("version", ["1.5", "1.10"])
 def test_a_log_of_a_newer_minor_schema_reads_or_says_this_reader_needs_upgrading(version):
     plain = {"schema_version": version, "prompts": [{"kind": "point", "position": [1, 2, 3]}]}
     assert PromptLog.from_json(json.dumps(plain)).prompts == [PointPrompt(position=(1, 2, 3))]  # nothing new in it
@@ -232,3 +232,61 @@ def test_a_log_records_its_images_origin_and_direction_and_older_logs_read_witho
     for bad in ({"origin": [0, float("nan"), 0]}, {"direction": [[1, 0, 0], [0, 1, 0]]}):
         with pytest.raises(ValueError, match="image (origin|direction)"):
             PromptLog.model_validate({"image": {**old["image"], **bad}})
+
+
+_SETTINGS = {
+    "refine_depth": 1,
+    "max_refine_tiles": 8,
+    "min_view_mm": 64.0,
+    "correction_zoom_share": 0.025,
+    "edge_band": 0.0,
+    "edge_beta": 500.0,
+    "edge_max_voxels": 200000,
+}
+
+
+def test_a_log_records_engine_settings_and_a_log_without_them_is_written_as_before():
+    log = PromptLog(engine=_SETTINGS, prompts=[PointPrompt(position=(1, 2, 3))])
+    again = PromptLog.from_json(log.to_json())
+    assert again == log and again.engine.edge_band == 0.0 and json.loads(log.to_json())["engine"] == _SETTINGS
+    plain = PromptLog(prompts=[PointPrompt(position=(1, 2, 3))])
+    assert "engine" not in json.loads(plain.to_json())  # a 1.3 reader reads it (nothing new in it)
+    old = {"schema_version": "1.3", "model": "segassist-unet@0.3.0", "prompts": []}
+    assert PromptLog.from_json(json.dumps(old)).engine is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"refine_depth": True}, "engine.refine_depth: Input should be a valid integer"),
+        ({"refine_depth": 0}, "engine.refine_depth: Input should be greater than or equal to 1"),
+        ({"min_view_mm": "64"}, "engine.min_view_mm: Input should be a valid number"),
+        ({"edge_band": 0.5}, "engine.edge_band: edge_band must be 0 \\(no snap\\) or at least 1 voxel"),
+        ({"correction_zoom_share": 1.0}, "engine.correction_zoom_share: Input should be less than 1"),
+        ({"edge_max_voxels": 10**400}, "engine.edge_max_voxels"),
+        ({"min_view_mm": float("nan")}, "engine.min_view_mm: Input should be a finite number"),
+        ({"dropout": 0.1}, "engine.dropout: Extra inputs are not permitted"),
+    ],
+)
+def test_engine_settings_a_log_cannot_apply_are_refused_in_one_line(change, message):
+    text = json.dumps({"schema_version": "1.4", "engine": {**_SETTINGS, **change}, "prompts": []})
+    with pytest.raises(PromptError, match=message) as refused:
+        PromptLog.from_json(text)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (1, "invalid prompt: expected an object with a kind \\(point, box, scribble, lasso, mask\\), got int 1$"),
+        ([1, 2], "got list \\[1, 2\\]$"),
+        (
+            {"kind": "point", "position": [float("nan"), 1, 1]},
+            "^invalid prompt: point.position: point position has a non-finite coordinate: \\[nan, 1.0, 1.0\\]$",
+        ),
+        ({"kind": "point"}, "^invalid prompt: point.position: Field required$"),
+    ],
+)
+def test_a_bad_prompt_is_one_line_saying_where_and_what(data, message):
+    with pytest.raises(PromptError, match=message):
+        parse_prompt(data)

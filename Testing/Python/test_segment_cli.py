@@ -92,6 +92,9 @@ def test_outputs_are_replaced_only_with_overwrite(tmp_path, shipped_checkpoint, 
         (json.dumps(PromptLog(image={"shape_ijk": (35, 51, 36), "spacing": (1, 1, 1)},
                               prompts=[PointPrompt(position=(1, 2, 3))]).model_dump(mode="json")),
          "recorded on an image of \\[35, 51, 36\\] voxels"),
+        ("[" * 50_000 + "]" * 50_000, "nested too deeply to be prompts"),  # was a RecursionError traceback
+        ('[{"kind": "point", "position": [NaN, 1, 1]}]', "prompt 1 of 1: invalid prompt: point.position: point "
+                                                         "position has a non-finite coordinate"),
     ],
 )
 def test_bad_prompt_files_are_refused_with_the_reason_and_nothing_is_written(
@@ -103,6 +106,7 @@ def test_bad_prompt_files_are_refused_with_the_reason_and_nothing_is_written(
     assert _segment(SAMPLE, "--prompts", prompts, "--out", out, "--threads", 1) == 2
     err = capsys.readouterr().err
     assert err.startswith("segassist segment: error:") and re.search(message, err), err
+    assert err.count("\n") == 1, err  # one line: no traceback, no pydantic dump
     assert not out.exists()
 
 
@@ -314,3 +318,69 @@ def test_a_nifti_image_with_nan_voxels_is_refused_as_in_nrrd(tmp_path, shipped_c
         assert not out.exists()
     assert errors[0].endswith("image has 2 NaN or infinite voxels: fill or mask them before segmenting"), errors
     assert errors == [errors[0]] * 3
+
+
+def test_a_log_replays_with_the_engine_settings_it_was_recorded_with_unless_a_flag_replaces_them(
+    tmp_path, shipped_checkpoint, capsys
+):
+    """A session on a server started with --edge-band 0 records it; `segassist segment` replays its log
+    with it (the default engine gave another mask); --edge-band replaces it, with a note."""
+    from SegAssistLib.prompts import ImageInfo
+
+    volume = load_volume(SAMPLE)
+    prompts = [PointPrompt(position=(16, 27, 15)), BoxPrompt(min_corner=(9, 20, 13), max_corner=(27, 41, 13))]
+    session = load_default_engine(threads=1, edge_snap=None).open_session(volume, prompts)
+    recorded = session.result()
+    log = session.prompt_log().model_copy(update={"image": ImageInfo.from_volume(volume)})
+    log.save(tmp_path / "recorded.json")
+    default = load_default_engine(threads=1).open_session(volume, prompts).result()
+    assert not np.array_equal(default, recorded) and recorded.sum() > 500
+
+    out, out_log = tmp_path / "replay.nii.gz", tmp_path / "replay.json"
+    assert _segment(SAMPLE, "--prompts", tmp_path / "recorded.json", "--out", out, "--log", out_log,
+                    "--threads", 1) == 0
+    assert np.array_equal(_voxels(out), recorded)
+    assert "warning" not in capsys.readouterr().err
+    assert PromptLog.load(out_log).engine == log.engine  # its own log replays the same way again
+
+    overridden = tmp_path / "overridden.nii.gz"
+    assert _segment(SAMPLE, "--prompts", tmp_path / "recorded.json", "--out", overridden, "--edge-band", 2,
+                    "--threads", 1) == 0
+    assert np.array_equal(_voxels(overridden), default)
+    err = capsys.readouterr().err
+    assert "note: --edge-band 2 replace the engine settings the prompt log was recorded with (edge_band 0.0 vs " \
+           "2.0; recorded vs used): the mask may differ" in err, err
+
+    # two logs of different settings: no one setting replays both
+    load_default_engine(threads=1).open_session(volume, prompts[:1]).prompt_log().save(tmp_path / "default.json")
+    refused = tmp_path / "refused.nii.gz"
+    assert _segment(SAMPLE, "--prompts", tmp_path / "recorded.json", "--prompts", tmp_path / "default.json",
+                    "--out", refused) == 2
+    assert "were recorded with different engine settings (edge_band 0.0 vs 2.0)" in capsys.readouterr().err
+    assert not refused.exists()
+
+
+def test_a_server_answering_with_other_settings_than_the_log_is_named_in_a_warning(
+    tmp_path, shared_server, server_checkpoint, monkeypatch, capsys
+):
+    volume = make_volume()
+    image = tmp_path / "blob.nii.gz"
+    sitk.WriteImage(volume_to_sitk(volume), str(image))
+    volume = load_volume(image)
+    session = BuiltinEngine.from_checkpoint(server_checkpoint, edge_snap=None, refine_depth=2).open_session(
+        volume, [PointPrompt(position=(24, 20, 12))])
+    session.prompt_log().save(tmp_path / "log.json")
+
+    monkeypatch.setenv("SEGASSIST_REMOTE_TOKEN", TOKENS["alice"])
+    out = tmp_path / "remote.nii.gz"
+    remote = ("--url", shared_server.url, "--send-images-to-remote")
+    assert _segment(image, "--prompts", tmp_path / "log.json", "--out", out, *remote) == 0
+    err = capsys.readouterr().err
+    assert "warning: the prompts were recorded with engine settings other than those test " in err, err
+    assert "(refine_depth 2 vs 1; max_refine_tiles 27 vs 8; edge_band 0.0 vs 2.0; recorded vs used)" in err, err
+    assert out.exists()
+    # the server's settings are its own: the local model's flags are refused before the image is sent
+    for flag in ("--edge-band", "--refine-depth"):
+        assert _segment(image, "--prompts", tmp_path / "log.json", "--out", tmp_path / "x.nii.gz", flag, 1,
+                        *remote) == 2
+        assert "--refine-depth and --edge-band set the local model" in capsys.readouterr().err

@@ -382,3 +382,18 @@ def test_added_prompts_are_checked_a_few_at_a_time(shared_server, alice, blob_vo
             replies = list(pool.map(lambda _: raw(shared_server, "POST", path, json=body), range(8)))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     assert most[0] == PROMPT_CHECK_THREADS
+
+
+def test_the_prompt_log_carries_engine_settings_only_for_a_client_that_asks(alice, shared_server, blob_volume):
+    """Schema 1.4 added the engine's settings to a log; a client reading 1.3 logs refuses a log with
+    them (an unknown field), and the client reads the server's log to resynchronise. So they travel
+    only to a client that asks (this one does), and the log still replays to the same mask."""
+    from test_server_fixtures import raw
+
+    with alice.open_session(blob_volume) as session:
+        session.add_prompt(PROMPTS["point+"])
+        log = session.prompt_log()
+        plain = raw(shared_server, "GET", f"/v1/sessions/{session.session_id}/prompt-log").json()
+        asked = raw(shared_server, "GET", f"/v1/sessions/{session.session_id}/prompt-log?engine=true").json()
+    assert log.engine is not None and asked["engine"] == log.engine.model_dump()
+    assert "engine" not in plain and {k: v for k, v in asked.items() if k != "engine"} == plain
