@@ -168,6 +168,9 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
 
 def load_splits() -> Dict[str, List[str]]:
     """Evaluation cases per dataset name."""
+    from SegAssistLib.files import check_bundled
+
+    check_bundled(SPLITS_FILE, "evaluation split")
     return json.loads(SPLITS_FILE.read_text())["evaluation"]
 
 

@@ -25,7 +25,7 @@ from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.runner import label_on_image_grid
 from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_prompt
-from SegAssistLib.files import atomic_write, output_problem
+from SegAssistLib.files import atomic_write, check_bundled, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
 from SegAssistLib.learning.sources import image_stem
 from SegAssistLib.prompts import BoxPrompt, ImageInfo, Prompt
@@ -175,6 +175,9 @@ def _main(args: argparse.Namespace) -> int:
         given, missing = ("--image", "--label") if args.image is not None else ("--label", "--image")
         raise SegAssistError(f"{given} needs {missing}: the simulated user clicks where the reference label says")
     image, label = (args.image, args.label) if args.image is not None else (SAMPLE_IMAGE, SAMPLE_LABEL)
+    if args.image is None:
+        check_bundled(SAMPLE_IMAGE, "sample image")
+        check_bundled(SAMPLE_LABEL, "sample label")
     try:
         values = tuple(int(v) for v in args.labels.split(","))
     except ValueError:

@@ -232,3 +232,16 @@ def check_format(data: object, path: Path, fmt: str, version: int, what: str, er
             "upgrade SegAssist"
         )
     return data
+
+
+def check_bundled(path: Path, what: str) -> None:
+    """The bundled files (model, sample, split) live in the repository's ``Resources/``, beside the
+    package: an install from a built wheel has the code alone. Say so, rather than "file not found"."""
+    from SegAssistLib.errors import SegAssistError
+
+    if not Path(path).is_file():
+        raise SegAssistError(
+            f"the bundled {what} is not at {path}: it ships in the repository's Resources/ folder, which an "
+            "install from a built wheel lacks; install from a checkout of the repository (pip install -e DIR) "
+            "or name your own file"
+        )

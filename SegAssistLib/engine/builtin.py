@@ -34,6 +34,7 @@ from SegAssistLib.engine.edges import EdgeSnap, seeds_from_prompts, snap_to_edge
 from SegAssistLib.engine.encoding import assemble_input, draw_prompts, prompts_in_window
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
 from SegAssistLib.errors import PromptError, SessionError
+from SegAssistLib.files import check_bundled
 from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.prompts import (
     PROMPT_KINDS,
@@ -575,4 +576,7 @@ def load_default_engine(
     checkpoint: Optional[Union[str, Path]] = None, device: str = "cpu", threads: Optional[int] = None, **options
 ) -> BuiltinEngine:
     """The engine with the shipped weights (or ``checkpoint``); ``options`` as for :class:`BuiltinEngine`."""
+    if checkpoint is None:
+        check_bundled(DEFAULT_CHECKPOINT, "model")
     return BuiltinEngine.from_checkpoint(checkpoint or DEFAULT_CHECKPOINT, device, threads, **options)
+

@@ -24,8 +24,8 @@ BACKEND_ENTRY_MODULES = (
     "SegAssistLib.learning.active",
     "SegAssistLib.training.train",
 )
-# import name -> the distribution that brings it (starlette comes with fastapi)
-DISTRIBUTION_OF = {"skimage": "scikit-image", "SimpleITK": "simpleitk", "starlette": "fastapi"}
+# import name -> the distribution that brings it (starlette is imported directly: declared itself)
+DISTRIBUTION_OF = {"skimage": "scikit-image", "SimpleITK": "simpleitk"}
 
 
 def _module_file(name: str) -> Path:
@@ -119,3 +119,22 @@ def test_a_core_install_runs_the_command_line_and_names_the_extra_a_command_need
     result = run("demo", "--out", str(tmp_path / "demo"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "needs torch, which this install lacks: pip install 'segassist[engine]'" in result.stderr
+
+
+def test_the_package_without_the_repositorys_resources_says_where_the_bundled_files_are(tmp_path):
+    """A built wheel holds the code alone (the model, sample and split are in the repository's
+    Resources/): the demo said "image file not found", as if the user had named a wrong file."""
+    import shutil
+    import subprocess
+
+    site = tmp_path / "site"
+    shutil.copytree(PACKAGE, site / "SegAssistLib", ignore=shutil.ignore_patterns("__pycache__"))
+    run = subprocess.run(
+        [sys.executable, "-m", "SegAssistLib.cli", "demo", "--out", str(tmp_path / "out")],
+        cwd=str(tmp_path), env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert f"the bundled sample image is not at {site / 'Resources'}" in run.stderr
+    assert "install from a checkout of the repository (pip install -e DIR)" in run.stderr
