@@ -170,6 +170,11 @@ def test_extension_cmake_has_the_catalog_metadata_and_installs_segassistlib():
     for resource in sets["SEGASSISTLIB_RESOURCES"]:
         assert (ROOT / resource).is_file(), f"listed for install but missing: {resource}"
     assert "Resources/Models/segassist_unet.pt" in text
+    # what the installed package reads (the split: eval/bench), documents (the card) or runs (examples)
+    listed = set(sets["SEGASSISTLIB_RESOURCES"])
+    assert {"Resources/splits.json", "Resources/Models/MODEL_CARD.md"} <= listed
+    examples = {f"Resources/Examples/{p.name}" for p in (ROOT / "Resources" / "Examples").iterdir() if p.is_file()}
+    assert examples <= listed, f"examples not installed: {sorted(examples - listed)}"
     licence = (ROOT / "LICENSE").read_text()
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence and len(licence) > 10000
 
