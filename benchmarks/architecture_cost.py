@@ -8,12 +8,16 @@ AdamW step, 1 thread (the trainer's, beside its patch-cutting process). Random i
 the cost of a dense 3D convolution network does not depend on the values.
 
 Usage: python benchmarks/architecture_cost.py [--threads 2] [--repeats 12] [--out benchmarks/results]
+
+``--out`` defaults to ``benchmarks/results`` of the repository, wherever it is run from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -22,6 +26,8 @@ import torch
 
 from SegAssistLib.engine.network import NetworkConfig, build_network
 from SegAssistLib.machine import machine_info
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CANDIDATES = [
     ((16, 32, 64, 128), 0),  # shipped (v0.1.0 to v0.3.0)
@@ -70,12 +76,17 @@ def measure(channels, res_units: int, threads: int, repeats: int, patch: int = 6
             "inference_ms": round(infer * 1000, 1), "train_step_ms": round(train * 1000, 1)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads for inference (default 2)")
     parser.add_argument("--repeats", type=int, default=12)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     rows: List[Dict] = []
     print("| channels | res units | parameters | inference ms (1 patch) | training step ms (batch 4) |")
     print("|---|---|---|---|---|")
@@ -85,7 +96,8 @@ def main(argv=None) -> int:
         print(f"| {row['channels']} | {res_units} | {row['parameters'] / 1e6:.2f} M | {row['inference_ms']} | "
               f"{row['train_step_ms']} |", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"rows": rows, "inference_threads": args.threads, "train_threads": 1, "repeats": args.repeats,
+    result = {"command": shlex.join(["python", "benchmarks/architecture_cost.py", *given]), "argv": given,
+              "rows": rows, "inference_threads": args.threads, "train_threads": 1, "repeats": args.repeats,
               "machine": machine_info("cpu"), "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     path = args.out / "architecture_cost.json"
     path.write_text(json.dumps(result, indent=1))

@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -76,7 +77,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import list_cases, split_cases
+from SegAssistLib.datasets import default_data_root, list_cases, split_cases
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
 from SegAssistLib.errors import SegAssistError
@@ -600,11 +601,13 @@ def parse_learning_rates(items: Sequence[str]) -> Dict[str, float]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--structure", default="hippocampus",
                    help=f"{', '.join(STRUCTURES)}, or dataset:label[:channel] (default hippocampus)")
-    p.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    p.add_argument("--data", type=Path, default=default_data_root(),
+                   help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                        "repository)")
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--cases", type=int, help="number of cases (default: the structure's, 24 or 5)")
     p.add_argument("--k", type=int, help="retrain after every k submitted cases (default 4; 2 for the myocardium)")
@@ -629,7 +632,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     p.add_argument("--from-json", type=Path, nargs="+", metavar="RESULTS",
                    help="only re-render the .md beside each of these results files (no campaign is run)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.from_json:
         for json_path in args.from_json:
             md_path = json_path.with_suffix(".md")
@@ -657,6 +664,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json_path, _ = results_paths(args.out, spec, args.device)
     previous = json.loads(json_path.read_text()) if json_path.is_file() else None
     result = run_campaign(spec, cases, args.model.resolve(), cfg, args.work, previous)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    command = shlex.join(["python", "benchmarks/campaign.py", *given])
+    result["command"], result["argv"] = command, given  # this run's; each mode keeps the run that made it
+    for mode in cfg.modes:
+        result["modes"][mode]["command"] = command
     paths = write_results(result, args.out, spec, args.device)
     print(render_markdown(result))
     print("written:", ", ".join(str(x) for x in paths))

@@ -13,15 +13,18 @@ It also reports where the error left after the last click lies: the share at the
 two hippocampus labels (an anatomical convention no image edge shows) against the object's outer
 boundary.
 
-Usage: python benchmarks/correction_locality.py [--cases 10] [--clicks 20] [--radius 10]
+Usage: python benchmarks/correction_locality.py [--data DIR] [--cases 10] [--clicks 20] [--radius 10]
        [--out benchmarks/results/correction_locality]
+
+``--data`` defaults to ``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` beside the repository;
+``--out`` to ``benchmarks/results/correction_locality`` of the repository, wherever it is run from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,11 +33,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine import builtin
 from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.evaluation.runner import run_session, select_cases
 from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.machine import machine_info
 from SegAssistLib.prompts import PointPrompt, prompt_vertices_kji
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def keep_local_change(radius_mm: float):
@@ -104,14 +111,20 @@ def run(variant: str, cases, clicks: int, radius: float) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--data", type=Path, default=default_data_root(),
+                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                             "repository)")
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--radius", type=float, default=10.0, help="mm around a correction click (default 10)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/correction_locality"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "correction_locality")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     cases = select_cases(args.data / "hippocampus", "evaluation", args.cases)
     started = time.time()
     rows = []
@@ -119,11 +132,11 @@ def main(argv=None) -> int:
         rows.append(run(variant, cases, args.clicks, args.radius))
         print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    given = sys.argv[1:] if argv is None else argv
-    result = {"command": "python benchmarks/correction_locality.py " + " ".join(given),
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    machine = machine_info("cpu")
+    result = {"command": shlex.join(["python", "benchmarks/correction_locality.py", *given]), "argv": given,
               "cases": [c.name for c in cases], "clicks": args.clicks, "radius_mm": args.radius, "rows": rows,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - started)}
+              "machine": machine, "date": time.strftime("%Y-%m-%d"), "wall_s": round(time.time() - started)}
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     header = (f"| variant | Dice@1 | Dice@5 | Dice@10 | Dice@{args.clicks} | NoC@85 | NoC@90 | median latency s "
               "| final error at the label-1/2 interface |")
@@ -133,8 +146,8 @@ def main(argv=None) -> int:
         m = r["mean_dice"]
         lines.append(f"| {r['variant']} | {m['1']} | {m['5']} | {m['10']} | {m[str(args.clicks)]} | {r['noc85']} | "
                      f"{r['noc90']} | {r['median_latency_s']} | {r['final_error_at_label_interface']:.0%} |")
-    lines += ["", f"Command: `{result['command'].strip()}`; {result['machine']}; {result['date']}; "
-              f"{result['wall_s']} s."]
+    lines += ["", f"Command: `{result['command']}`; {machine['cpu']}, {machine.get('torch_threads')} torch threads, "
+              f"commit {machine.get('commit', 'unknown')}; {result['date']}; {result['wall_s']} s."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'results.md'}")
     return 0

@@ -7,16 +7,17 @@ first ``--cases`` training cases of each dataset; "off" is the network's answers
 
 Writes ``edge_snap_sweep.json`` (every run's summary) and ``edge_snap_sweep.md`` (the table).
 
-Usage: python benchmarks/edge_snap_sweep.py [--data ../shared/data] [--cases 16]
+Usage: python benchmarks/edge_snap_sweep.py [--data DIR] [--cases 16]
        [--bands 1,2] [--betas 30,130,500,2000] [--out benchmarks/results/edge_snap_sweep]
+
+``--data`` defaults to ``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` beside the repository;
+``--out`` to ``benchmarks/results/edge_snap_sweep`` of the repository, wherever it is run from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -24,9 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.engine.edges import EdgeSnap
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets
+from SegAssistLib.machine import machine_info
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DATASETS = [("hippocampus", "1,2"), ("acdc", "1,2,3"), ("brats", "1+2+3+4"),
             ("totalsegmentator_examples", "1,2,3,5,7,52")]
@@ -36,14 +41,20 @@ def _floats(text: str):
     return [float(x) for x in text.split(",") if x]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--data", type=Path, default=default_data_root(),
+                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                             "repository)")
     parser.add_argument("--cases", type=int, default=16, help="training cases per dataset (default 16)")
     parser.add_argument("--bands", type=_floats, default=[1.0, 2.0])
     parser.add_argument("--betas", type=_floats, default=[30.0, 130.0, 500.0, 2000.0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/edge_snap_sweep"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "edge_snap_sweep")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     settings = [None] + [EdgeSnap(band=b, beta=beta) for b in args.bands for beta in args.betas]
     rows, started = [], time.time()
     for snap in settings:
@@ -65,9 +76,13 @@ def main(argv=None) -> int:
               + f"  mean {row['mean_dice5']:.3f}", flush=True)
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "benchmarks/edge_snap_sweep.py", *(sys.argv[1:] if argv is None else argv)])
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    (args.out / "edge_snap_sweep.json").write_text(json.dumps({"command": command, "machine": machine,
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    command = shlex.join(["python", "benchmarks/edge_snap_sweep.py", *given])
+    info = machine_info("cpu")
+    machine = (f"{info['cpu']}, {info['cpu_count']} cores, Python {info['python']}, "
+               f"commit {info.get('commit', 'unknown')}")
+    (args.out / "edge_snap_sweep.json").write_text(json.dumps({"command": command, "argv": given, "machine": info,
+                                                               "date": time.strftime("%Y-%m-%d"),
                                                                "wall_s": round(time.time() - started),
                                                                "rows": rows}, indent=1))
     names = [d for d, _ in DATASETS]

@@ -5,18 +5,20 @@ click protocol).
 
 Writes ``benchmarks/results/acceptance.json`` (every record) and ``acceptance.md`` (the table).
 
-Usage: python benchmarks/engine_acceptance.py [--data ../shared/data] [--model CKPT]
+Usage: python benchmarks/engine_acceptance.py [--data DIR] [--model CKPT]
        [--engines builtin,growcut,growcut-inside,randomwalker,randomwalker-inside]
        [--out benchmarks/results] [--cases N]
        [--correction-zoom-share S] [--edge-band B]
        [--baselines-from benchmarks/results/acceptance.json]   # new weights: rerun only the model
+
+``--data`` defaults to ``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` beside the repository;
+``--out`` to ``benchmarks/results`` of the repository, wherever it is run from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -26,8 +28,12 @@ from typing import Optional
 import numpy as np
 
 from SegAssistLib.cli_types import positive_int
+from SegAssistLib.datasets import default_data_root
 from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets, select_cases
+from SegAssistLib.machine import machine_info
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # dataset, targets, minimum Dice@5 for the model, case limit per engine (None: whole evaluation split)
 SELECTION = [
@@ -104,13 +110,15 @@ def _reusable(earlier: dict, engine: str, spec: tuple, args: argparse.Namespace,
     return True
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--data", type=Path, default=default_data_root(),
+                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                             "repository)")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--datasets", help="comma-separated subset of the selection")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--cases", type=positive_int,
                         help="only the first N evaluation cases of each dataset (a quick check)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
@@ -120,7 +128,22 @@ def main(argv=None) -> int:
                         help="take the baselines' runs from an earlier acceptance.json (they do not depend on the "
                              "model's weights); the model, and each baseline run that file lacks or made on other "
                              "cases or settings, run here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _model_record(engine, checkpoint: Optional[Path]) -> Optional[dict]:
+    """The builtin engine's weights: path, version and identity (a hash of the weights); None when
+    the model did not run."""
+    if engine is None:
+        return None
+    if checkpoint is None:
+        from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT as checkpoint
+    return {"path": str(checkpoint), "version": getattr(engine, "version", None),
+            "identity": getattr(getattr(engine, "model", None), "identity", None)}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # for the report's command line
     engines = args.engines.split(",")
     chosen = [s for s in SELECTION if not args.datasets or s[0] in args.datasets.split(",")]
@@ -177,7 +200,9 @@ def main(argv=None) -> int:
         lines.append(f"| {row['dataset']} | {row['targets']} | {cells[0]} | {row['floor']} | {met} | "
                      f"{' | '.join(cells[1:])} | {verdict} |")
     command = shlex.join(["python", "benchmarks/engine_acceptance.py", *given])
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {sys.version.split()[0]}"
+    info = machine_info("cpu")
+    machine = (f"{info['cpu']}, {info['cpu_count']} cores, Python {info['python']}, "
+               f"commit {info.get('commit', 'unknown')}")
     table = "\n".join(lines)
     md = (f"# Engine acceptance: mean Dice after {CLICKS} clicks, evaluation split\n\n"
           "Means are over (case, target) records; \"ahead of every baseline\" compares the model with each baseline "
@@ -191,7 +216,10 @@ def main(argv=None) -> int:
           + f".\n\n{table}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "acceptance.md").write_text(md)
-    (args.out / "acceptance.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=1, default=str))
+    record = {"command": command, "argv": given, "machine": info, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "wall_s": round(time.time() - t0), "model": _model_record(engine_objects.get("builtin"), args.model),
+              "rows": rows, "runs": results}
+    (args.out / "acceptance.json").write_text(json.dumps(record, indent=1, default=str))
     print(md)
     return 0
 

@@ -1,6 +1,6 @@
 """Warm per-interaction latency and peak memory of the in-process engine on full-size volumes.
 
-Volumes (built from real data in ../shared/data, so the model sees real anatomy):
+Volumes (built from real data in ``--data``, so the model sees real anatomy):
 
 - CT 512x512x300: TotalSegmentator's example_ct_sm (3 mm) resampled to 0.75 x 0.75 x 1 mm and
   padded with air to 512 x 512 x 300 voxels; targets liver, spleen, left kidney, aorta, pancreas.
@@ -10,31 +10,36 @@ Each target: a first click at the most interior voxel, then 4 correction clicks 
 protocol's simulated user). One untimed target first warms the engine up. Reports median and 95th
 percentile latency per interaction and the process's peak resident memory.
 
-Usage: python benchmarks/engine_latency.py [--data ../shared/data] [--threads 2] [--out benchmarks/results]
+Usage: python benchmarks/engine_latency.py [--data DIR] [--threads 2] [--out benchmarks/results]
        [--correction-zoom-share S] [--edge-band B]
+
+``--data`` defaults to ``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` beside the repository;
+``--out`` to ``benchmarks/results`` of the repository, wherever it is run from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from SegAssistLib.engine.builtin import load_default_engine
+from SegAssistLib.datasets import default_data_root
+from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine
 from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.runner import builtin_engine_record, builtin_options
 from SegAssistLib.evaluation.simulator import first_click, next_click
 from SegAssistLib.image import Volume
+from SegAssistLib.machine import machine_info
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CT_TARGETS = {"liver": (5,), "spleen": (1,), "kidney_left": (3,), "aorta": (52,), "pancreas": (7,)}
 
 
@@ -125,17 +130,24 @@ class RssSampler:
 SAMPLER = RssSampler()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--data", type=Path, default=default_data_root(),
+                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                             "repository)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--refine-depth", type=int, default=1, help="the engine's refine depth (default 1)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
     parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     options = builtin_options(args.correction_zoom_share, args.edge_band)
     engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth, **options)
     cases = []
@@ -167,15 +179,10 @@ def main(argv=None) -> int:
                          "p95_ms": round(1000 * float(np.percentile(lat, 95)), 1), "interactions": int(lat.size)}
     summary["engine_peak_rss_gib"] = max(round(SAMPLER.peak / 1024**3, 3), peak_300)
     summary["process_peak_rss_gib_incl_simulated_user"] = round(peak_rss_gib(), 3)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": sys.version.split()[0],
-               "date": time.strftime("%Y-%m-%d")}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        machine["cpu"] = names[0] if names else machine["cpu"]
-    report = {"machine": machine, "model": engine.capabilities().to_dict(),
+    machine = {**machine_info("cpu"), "date": time.strftime("%Y-%m-%d")}  # torch_threads: the engine's
+    report = {"command": shlex.join(["python", "benchmarks/engine_latency.py", *given]), "argv": given,
+              "machine": machine, "model": engine.capabilities().to_dict(),
+              "model_path": str(args.model or DEFAULT_CHECKPOINT), "model_identity": engine.model.identity,
               "engine_options": builtin_engine_record(engine), "summary": summary, "cases": cases}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_latency.json").write_text(json.dumps(report, indent=1))

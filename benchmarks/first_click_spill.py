@@ -7,14 +7,19 @@ the share of the returned mask that lies in *other* labels (0 is ideal; backgrou
 counted, so this isolates the "which structure did the click mean" error), per target label and
 overall, for each checkpoint given.
 
-Usage: python benchmarks/first_click_spill.py [--dataset ../shared/data/acdc] [--labels 1,2,3]
+Usage: python benchmarks/first_click_spill.py [--dataset DIR] [--labels 1,2,3]
     [--model CKPT ...] [--cases N] [--out benchmarks/results/first_click_spill.json]
+
+``--dataset`` defaults to ``acdc`` in ``$SEGASSIST_SHARED_DATA``, else in ``../shared/data`` beside
+the repository.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -22,10 +27,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import list_cases, split_cases
+from SegAssistLib.datasets import default_data_root, list_cases, split_cases
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.evaluation.simulator import first_click
 from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.machine import machine_info
 from SegAssistLib.training.data import MIN_TARGET_VOXELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +68,7 @@ def measure(checkpoint: Path, dataset: Path, targets: Sequence[int], cases: Opti
     return {
         "model": str(checkpoint),
         "model_version": engine.version,
+        "model_identity": engine.model.identity,  # a hash of the weights: the same path may hold others later
         "cases": [c.name for c in chosen],
         "spill_by_target": {str(t): round(float(np.mean(v)), 4) if v else None for t, v in per_target.items()},
         "spill_overall": round(float(np.mean(every)), 4) if every else None,
@@ -70,23 +77,32 @@ def measure(checkpoint: Path, dataset: Path, targets: Sequence[int], cases: Opti
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "acdc")
+    p.add_argument("--dataset", type=Path, default=default_data_root() / "acdc",
+                   help="the dataset's folder (default: acdc in $SEGASSIST_SHARED_DATA, else in ../shared/data "
+                        "beside the repository)")
     p.add_argument("--labels", default="1,2,3", help="target labels, comma-separated")
     p.add_argument("--model", type=Path, action="append", help="checkpoint (repeatable; default: shipped)")
     p.add_argument("--cases", type=int, help="only the first N evaluation cases")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "first_click_spill.json")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     torch.set_num_threads(args.threads)
     targets = [int(x) for x in args.labels.split(",")]
     runs = [measure(m, args.dataset, targets, args.cases) for m in (args.model or [DEFAULT_CHECKPOINT])]
     for run in runs:
         print(f"{run['model_version']}: spill {run['spill_overall']} overall, by target {run['spill_by_target']} "
               f"({run['targets_measured']} targets, {run['empty_answers']} empty answers)")
-    result = {"benchmark": "first-click spill into neighbouring labels", "dataset": str(args.dataset),
-              "labels": targets, "runs": runs, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result = {"benchmark": "first-click spill into neighbouring labels",
+              "command": shlex.join(["python", "benchmarks/first_click_spill.py", *given]), "argv": given,
+              "machine": machine_info("cpu"), "dataset": str(args.dataset), "labels": targets, "runs": runs,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print("written:", args.out)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -49,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import list_cases, load_splits
+from SegAssistLib.datasets import default_data_root, list_cases, load_splits
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import load_checkpoint
 from SegAssistLib.evaluation.metrics import dice
@@ -300,6 +301,7 @@ def run_benchmark(
         root = Path(work) if work is not None else Path(tmp)
         store_root = build_training_store(root / "store", train_cases)
         base = load_checkpoint(checkpoint)
+        model_version, model_identity = str(base.meta.get("version", "")), base.identity
         engine = BuiltinEngine(base)
         for n_threads in threads:
             torch.set_num_threads(int(n_threads))
@@ -316,6 +318,8 @@ def run_benchmark(
         "benchmark": "interactive latency while an adapter trains in the background (issue 5)",
         "target": f"median latency under training <= {TARGET_RATIO} x idle",
         "model": str(checkpoint),
+        "model_version": model_version,
+        "model_identity": model_identity,  # a hash of the weights: the same path may hold others later
         "cases": [c.name for c in cases],
         "training_cases": [c.name for c in train_cases],
         "clicks_per_case": clicks,
@@ -328,9 +332,11 @@ def run_benchmark(
     }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    p.add_argument("--data", type=Path, default=default_data_root(),
+                   help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                        "repository)")
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--threads", default=None, help="engine torch threads, comma-separated (default: torch's choice)")
     p.add_argument("--clicks", type=int, default=5, help="clicks per case (a first click and corrections)")
@@ -341,7 +347,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--nice", type=int, default=10)
     p.add_argument("--work", type=Path, help="keep the job's datastore here (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if not args.model.is_file():
         raise SystemExit(f"model not found: {args.model} (until the shipped weights exist, pass "
                          "--model runs/v1/model.pt)")
@@ -351,6 +361,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = AdapterTrainConfig(kind=args.train_kind, time_budget_s=3600.0, max_steps=10_000_000,
                              threads=args.job_threads, nice=args.nice)
     result = run_benchmark(cases, train_cases, args.model.resolve(), threads, args.clicks, args.rounds, cfg, args.work)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    result = {"command": shlex.join(["python", "benchmarks/latency_under_training.py", *given]), "argv": given,
+              **result}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "latency_under_training.json"
     path.write_text(json.dumps(result, indent=1))

@@ -1,7 +1,7 @@
 """Interaction latency and bytes on the wire through the server, against the in-process engine.
 
 Volumes and clicks are those of ``benchmarks/engine_latency.py`` (real CT 512x512x300 and MRI
-256^3 from ../shared/data; a first click at the most interior voxel, then corrections at the
+256^3 from ``--data``; a first click at the most interior voxel, then corrections at the
 largest error, by the evaluation's simulated user). Each click is made in-process and then, the same
 click, through a real server over loopback (a child process started by the client's
 ``LocalBackend`` with the same model and thread count), alternately, so that both see the same load
@@ -20,8 +20,10 @@ Reports, per volume:
 and, on the MRI, eight concurrent sessions (eight client threads, one server): median and p95
 latency per click and throughput in clicks per second.
 
-Usage: python benchmarks/server_benchmark.py [--data ../shared/data] [--model M] [--threads 2]
+Usage: python benchmarks/server_benchmark.py [--data DIR] [--model M] [--threads 2]
        [--clicks 5] [--concurrent 8] [--concurrent-clicks 3] [--out benchmarks/results]
+
+``--data`` defaults to ``$SEGASSIST_SHARED_DATA``, else ``../shared/data`` beside the repository.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
+import shlex
 import sys
 import tempfile
 import threading
@@ -46,8 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from SegAssistLib.client import LocalBackend, SegAssistClient  # noqa: E402
+from SegAssistLib.datasets import default_data_root  # noqa: E402
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine  # noqa: E402
 from SegAssistLib.evaluation.simulator import first_click, next_click  # noqa: E402
+from SegAssistLib.machine import machine_info  # noqa: E402
 
 CT_TARGETS = {"liver": (5,), "kidney_left": (3,)}
 MRI_TARGETS = {"whole_tumour": (1, 2, 3, 4)}
@@ -179,38 +183,37 @@ def concurrent_sessions(url: str, token: str, volume, prompts, n: int) -> Dict:
     }
 
 
-def machine_info(threads: int) -> Dict:
-    info = {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+def machine_record(threads: int) -> Dict:
+    """``machine_info`` (commit included) and what this benchmark adds: threads, load, niceness, time."""
+    return {
+        **machine_info("cpu"),
         "torch_threads": threads,
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "nice": os.nice(0),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return info
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=default_data_root(),
+                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                             "repository)")
     parser.add_argument("--model", type=Path, default=None, help=f"default: {DEFAULT_CHECKPOINT}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clicks", type=int, default=5)
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--concurrent-clicks", type=int, default=3, help="clicks per concurrent session")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     model = (args.model or DEFAULT_CHECKPOINT).resolve()
     torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
+    machine = machine_record(args.threads)
     engine = load_default_engine(model, threads=args.threads)
     ct_volume, mri_volume = _volumes()
 
@@ -219,7 +222,9 @@ def main(argv=None) -> int:
     backend.start()
     client = backend.client(timeout=(10.0, 600.0))
     counter = WireCounter(client)
-    report: Dict = {"machine": machine, "model": engine.capabilities().to_dict(), "volumes": {}}
+    report: Dict = {"command": shlex.join(["python", "benchmarks/server_benchmark.py", *given]), "argv": given,
+                    "machine": machine, "model": engine.capabilities().to_dict(), "model_path": str(model),
+                    "model_identity": engine.model.identity, "volumes": {}}
     try:
         for name, loader, targets in (
             ("CT 512x512x300", ct_volume, CT_TARGETS),

@@ -7,12 +7,17 @@ tells whether the GPU or the CPU work around it bounds a step (see docs/training
 
 Usage: python benchmarks/training_throughput.py [--config cfg.json] [--steps 60] [--warmup 10]
        [--out benchmarks/results/training_throughput.json]
+
+``--out`` defaults to ``benchmarks/results/training_throughput.json`` of the repository, wherever it
+is run from.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +27,8 @@ import numpy as np
 
 from SegAssistLib.machine import machine_info
 from SegAssistLib.training.train import TrainConfig, Trainer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Timed:
@@ -75,18 +82,26 @@ def measure(cfg: TrainConfig, steps: int, warmup: int) -> Dict:
     }
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="a training config (JSON); default: TrainConfig's defaults")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/training_throughput.json"))
+    parser.add_argument("--out", type=Path,
+                        default=REPO_ROOT / "benchmarks" / "results" / "training_throughput.json")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
     cfg = TrainConfig(**json.loads(args.config.read_text())) if args.config else TrainConfig()
     result = measure(cfg, args.steps, args.warmup)
-    report = {"config": str(args.config) if args.config else "defaults", "machine": machine_info(cfg.device),
+    report = {"command": shlex.join(["python", "benchmarks/training_throughput.py", *given]), "argv": given,
+              "config": str(args.config) if args.config else "defaults", "machine": machine_info(cfg.device),
               "result": result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

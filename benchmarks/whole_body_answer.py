@@ -6,6 +6,9 @@ network is replaced by one that answers "inside" everywhere, so every level zoom
 image is pasted; the rest (windows, pasting, undo, reset) is the engine's real path.
 
 Usage: python benchmarks/whole_body_answer.py [--out benchmarks/results/whole_body_answer.json]
+
+``--out`` defaults to ``benchmarks/results/whole_body_answer.json`` of the repository, wherever it is
+run from.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ from SegAssistLib.prompts import PointPrompt
 SHAPE = (600, 512, 512)  # k, j, i
 SPACING_IJK = (0.7, 0.7, 0.8)
 GIB = 2**30
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _InsideEverywhere(torch.nn.Module):
@@ -48,11 +53,16 @@ def _body_ct(shape) -> np.ndarray:
     return array
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/whole_body_answer.json"))
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "whole_body_answer.json")
     parser.add_argument("--shape", default=",".join(map(str, SHAPE)), help="k,j,i (a smaller one for a quick check)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     shape = tuple(int(n) for n in args.shape.split(","))
     engine = load_default_engine(threads=2)
     engine.swap_network(_InsideEverywhere(), "inside-everywhere")
@@ -83,7 +93,8 @@ def main(argv=None) -> int:
         "target_gib": 2.0,
     }
     record = {
-        "command": "python benchmarks/whole_body_answer.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "benchmarks/whole_body_answer.py", *given]),
+        "argv": given,
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d"),
         "result": result,

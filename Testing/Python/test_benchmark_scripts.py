@@ -174,8 +174,12 @@ def test_first_click_spill_counts_only_the_other_labels(hippocampus_dir: Path, t
     out = tmp_path / "spill.json"
     assert spill.main(["--dataset", str(hippocampus_dir), "--labels", "1,2", "--cases", "1",
                        "--model", str(tiny_checkpoint), "--out", str(out)]) == 0  # fmt: skip
-    (run,) = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
     assert run["cases"] == ["hippocampus_001"] and run["targets_measured"] + run["empty_answers"] == 2
+    assert run["model_version"] == "0" and len(run["model_identity"]) == 16  # the weights, not only their path
+    assert result["command"].startswith("python benchmarks/first_click_spill.py --dataset ")
+    assert result["argv"][:2] == ["--dataset", str(hippocampus_dir)] and "platform" in result["machine"]
     assert all(v is None or 0.0 <= v <= 1.0 for v in run["spill_by_target"].values())
 
 
@@ -228,6 +232,11 @@ def test_acceptance_reruns_only_the_model_with_baselines_from_an_earlier_run(
     assert acceptance.main(common + ["--engines", "builtin,growcut", "--out", str(first)]) == 0
     earlier = json.loads((first / "acceptance.json").read_text())
     assert earlier["rows"][0]["builtin"]["n"] == earlier["rows"][0]["growcut"]["n"] == 2  # labels 1 and 2
+    assert earlier["argv"] == common + ["--engines", "builtin,growcut", "--out", str(first)]
+    assert earlier["command"].startswith("python benchmarks/engine_acceptance.py --data ")
+    assert earlier["model"] == {"path": str(tiny_checkpoint), "version": "0",
+                                "identity": earlier["model"]["identity"]} and len(earlier["model"]["identity"]) == 16
+    assert "platform" in earlier["machine"] and "cpu_count" in earlier["machine"]  # machine_info, commit included
 
     assert acceptance.main(common + ["--engines", "builtin,growcut", "--out", str(second),
                                      "--baselines-from", str(first / "acceptance.json")]) == 0  # fmt: skip
@@ -265,7 +274,9 @@ def test_the_whole_body_answer_benchmark_pastes_the_whole_body(tmp_path: Path, o
     bench = _script("whole_body_answer")
     out = tmp_path / "whole_body.json"
     assert bench.main(["--shape", "20,48,56", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())["result"]
+    record = json.loads(out.read_text())
+    assert record["argv"] == ["--shape", "20,48,56", "--out", str(out)] and "platform" in record["machine"]
+    result = record["result"]
     body = int((bench._body_ct((20, 48, 56)) > 0).sum())
     assert result["image_shape_kji"] == [20, 48, 56] and result["answer_voxels"] >= body  # the body, at least
     assert result["peak_rss_gib_after_click"] >= result["peak_rss_gib_with_image"] > 0
@@ -292,7 +303,10 @@ def test_training_throughput_times_real_steps_and_accounts_for_them(tmp_path: Pa
                                   "batch_size": 2, "loader_workers": 0, "max_correction_rounds": 2}))
     out = tmp_path / "throughput.json"
     assert throughput.main(["--config", str(config), "--steps", "4", "--warmup", "1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())["result"]
+    report = json.loads(out.read_text())
+    assert report["argv"] == ["--config", str(config), "--steps", "4", "--warmup", "1", "--out", str(out)]
+    assert report["command"].startswith("python benchmarks/training_throughput.py --config ")
+    result = report["result"]
     assert result["steps"] == 4 and result["batch_size"] == 2 and 0 <= result["mean_correction_rounds"] <= 2
     assert result["samples_per_s"] == pytest.approx(2 * 1000 / result["step_ms_mean"], rel=0.02)
     assert result["step_ms_median"] > 0 and result["corrections_ms"] < result["step_ms_mean"]
@@ -355,3 +369,98 @@ def test_package_model_refuses_weights_and_state_of_different_steps(tiny_checkpo
     package.main([str(run), "--version", "9.9.9"])
     assert load_checkpoint(shipped).meta["version"] == "9.9.9"
     assert torch.load(shipped.with_name("training_state.pt"), weights_only=True)["step"] == 12
+
+
+# --- defaults, records and scripts/make_splits.py: no model runs -------------------------------------------------
+# every script with its result's default location (--out) in the repository, as the committed results lie
+DEFAULT_OUT = {
+    "architecture_cost": "benchmarks/results",
+    "campaign": "benchmarks/results",
+    "correction_locality": "benchmarks/results/correction_locality",
+    "edge_snap_sweep": "benchmarks/results/edge_snap_sweep",
+    "engine_acceptance": "benchmarks/results",
+    "engine_latency": "benchmarks/results",
+    "first_click_spill": "benchmarks/results/first_click_spill.json",
+    "latency_under_training": "benchmarks/results",
+    "server_benchmark": "benchmarks/results",
+    "training_throughput": "benchmarks/results/training_throughput.json",
+    "whole_body_answer": "benchmarks/results/whole_body_answer.json",
+}
+
+
+def test_every_benchmark_script_is_in_the_table_of_defaults() -> None:
+    assert set(DEFAULT_OUT) == {p.stem for p in (REPO_ROOT / "benchmarks").glob("*.py")}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_OUT))
+def test_benchmark_defaults_take_the_shared_data_and_write_where_the_committed_results_lie(
+    name: str, tmp_path: Path, monkeypatch
+) -> None:
+    """``--data`` follows ``$SEGASSIST_SHARED_DATA`` (else ``../shared/data`` beside the repository,
+    wherever the script runs from), and ``--out`` is the committed result's place in the repository."""
+    from SegAssistLib.datasets import default_data_root
+
+    script = _script(name)
+    monkeypatch.chdir(tmp_path)  # a relative default would land here
+    monkeypatch.setenv("SEGASSIST_SHARED_DATA", str(tmp_path / "data"))
+    args = script.build_parser().parse_args([])
+    data = getattr(args, "data", None) or getattr(args, "dataset", None)
+    if data is not None:
+        assert data in (tmp_path / "data", tmp_path / "data" / "acdc")  # first_click_spill: its dataset
+        monkeypatch.delenv("SEGASSIST_SHARED_DATA")
+        again = script.build_parser().parse_args([])
+        assert (getattr(again, "data", None) or again.dataset) in (REPO_ROOT.parent / "shared" / "data",
+                                                                   REPO_ROOT.parent / "shared" / "data" / "acdc")
+        assert default_data_root() == REPO_ROOT.parent / "shared" / "data"
+    assert args.out == REPO_ROOT / DEFAULT_OUT[name]
+    assert args.out.exists()  # the committed result (a file) or its folder
+
+
+def _make_splits() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_splits", REPO_ROOT / "scripts" / "make_splits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_splits_help_exits_0_and_names_its_modes(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        _make_splits().main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--write" in out and "--check" in out
+
+
+def test_make_splits_writes_only_with_write_and_check_fails_on_a_difference(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    make_splits = _make_splits()
+    data = tmp_path / "data"
+    for folder in ("imagesTr", "labelsTr"):
+        (data / "scans" / folder).mkdir(parents=True)
+        for n in range(7):  # seven patients: the first and the sixth are evaluation
+            (data / "scans" / folder / f"case{n:03d}.nii.gz").touch()
+    splits_file = tmp_path / "splits.json"
+    splits_file.write_text('{"rule": "old", "evaluation": {}}')
+    monkeypatch.setattr(make_splits, "SPLITS_FILE", splits_file)
+
+    assert make_splits.main([str(data)]) == 0  # a summary, nothing written
+    assert splits_file.read_text() == '{"rule": "old", "evaluation": {}}'
+    assert "scans: 2 evaluation cases" in capsys.readouterr().out
+    assert make_splits.main(["--check", str(data)]) == 1
+    assert "scans: not in the committed file" in capsys.readouterr().out
+    assert make_splits.main(["--write", str(data)]) == 0
+    written = json.loads(splits_file.read_text())
+    assert written["evaluation"] == {"scans": ["case000", "case005"]}
+    assert written["rule"] == make_splits.__doc__.strip()
+    assert make_splits.main(["--check", str(data)]) == 0
+    with pytest.raises(SystemExit):
+        make_splits.main(["--write", "--check", str(data)])  # one mode at a time
+
+
+def test_make_splits_check_passes_on_the_committed_file(shared_data: Path) -> None:
+    make_splits = _make_splits()
+    committed = json.loads(make_splits.SPLITS_FILE.read_text())
+    missing = [d for d in committed["evaluation"] if not (shared_data / d / "imagesTr").is_dir()]
+    if missing:
+        pytest.skip(f"{shared_data} lacks {', '.join(missing)}")
+    assert make_splits.main(["--check", str(shared_data)]) == 0
