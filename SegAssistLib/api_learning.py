@@ -38,6 +38,7 @@ MAX_TRAIN_BATCH_SIZE = 64
 MAX_VAL_CLICKS = 20
 
 CASE_ID_PATTERN = r"^[0-9a-f]{16}$"
+LABEL_ID_PATTERN = r"^[0-9a-f]{32}$"
 JOB_ID_PATTERN = r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$"
 VERSION_ID_PATTERN = r"^(v[0-9]{1,9}|base)$"
 CaseStatusName = Literal["new", "in_progress", "submitted", "reviewed"]
@@ -112,6 +113,31 @@ class LabelInfo(ReplyModel):
     submitted: bool
     n_foreground: int
     has_prompt_log: bool
+
+
+class ReviewRequest(_Model):
+    """A reviewer's verdict on the case's latest submitted label version."""
+
+    accepted: bool = Field(description="true: the case becomes reviewed; false: back to in_progress (out of training)")
+    note: Optional[str] = Field(None, max_length=2000, description="the reviewer's note")
+    label_id: Optional[str] = Field(
+        None,
+        pattern=LABEL_ID_PATTERN,
+        description="the version the reviewer looked at: refused (409 case_state) when a newer one was submitted since",
+    )
+
+
+class ReviewInfo(ReplyModel):
+    """A recorded review, with the case as it stands after it."""
+
+    id: str
+    label_id: str
+    reviewer: str
+    accepted: bool
+    note: Optional[str] = None
+    created_at: float
+    created_at_iso: Optional[str] = None
+    case: CaseInfo
 
 
 class TrainRequest(_Model):

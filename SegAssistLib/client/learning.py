@@ -28,6 +28,7 @@ from SegAssistLib.api_learning import (
     LabelInfo,
     LearningStatus,
     NextCaseReply,
+    ReviewInfo,
     VersionList,
 )
 from SegAssistLib.api_models import API_PREFIX, ArrayPayload
@@ -193,6 +194,20 @@ class LearningClient:
             "n_interactions": n_interactions,
         }
         return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body))
+
+    def review(
+        self, case_id: str, accepted: bool, note: Optional[str] = None, label_id: Optional[str] = None
+    ) -> ReviewInfo:
+        """Review the case's latest submitted label as the caller: ``accepted`` makes the case
+        ``reviewed``, a rejection sends it back to ``in_progress``. ``label_id``: the version looked at
+        (refused, ``LearningConflictError``, once a newer one was submitted). Takes effect once, also
+        when sent again after a lost reply."""
+        body: dict = {"accepted": bool(accepted)}
+        if note is not None:
+            body["note"] = note
+        if label_id is not None:
+            body["label_id"] = label_id
+        return ReviewInfo.model_validate(self._post_once(f"{_case_path(case_id)}/review", body))
 
     # ---- training --------------------------------------------------------------------------------
     def train(self, kind: str = "salt", **settings: Any) -> JobStatus:

@@ -7,7 +7,9 @@
     segassist learn subject (CASE SUBJECT | CASE --none | --pattern REGEX) --store DIR   set subjects later
     segassist learn lock CASE --store DIR --user NAME        lock a case to an annotator (unlock: release)
     segassist learn save CASE MASK --store DIR --user NAME   a label version from a mask file (--draft)
+    segassist learn review CASE (--accept | --reject) --store DIR --user NAME   review the submitted label
     segassist learn export OUT --store DIR                   MSD layout + .seg.nrrd of the submitted labels
+    segassist learn verify --store DIR [--recover]           check every stored file; remove old leftovers
     segassist learn train --store DIR [--kind salt] [--minutes 5] [--detach]
     segassist learn cancel --store DIR [--job ID]
     segassist learn versions --store DIR
@@ -18,6 +20,8 @@
 terminal closing: SIGHUP) cancels it cleanly: the command waits for the job to stop, prints how it ended
 and exits 128 + the signal's number (130 for Ctrl-C) when it was cancelled, 3 when the job had got too
 far to cancel (it finished and may have made a new current version), 1 when it failed or is still stopping.
+``unlock`` exits 4 when the case is not locked (nothing released); ``verify`` exits 1 when a stored file
+is missing or damaged.
 Every subcommand takes ``--json`` for machine-readable output (progress lines then go to stderr).
 Register with :func:`register`.
 """
@@ -34,18 +38,22 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+import numpy as np
+
 from SegAssistLib.api_learning import MAX_LOCK_TTL_S
 from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, number, positive_int
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import (
     DEFAULT_LOCK_TTL_S,
+    DEFAULT_RECOVER_AGE_S,
     Datastore,
+    NotLockedError,
     compile_subject_pattern,
     import_sources,
     open_datastore,
     subjects_from_names,
 )
-from SegAssistLib.learning.errors import DatastoreError
+from SegAssistLib.learning.errors import CaseLockedError, DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus, ImportReport, check_user, printable_text
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
 
@@ -72,7 +80,7 @@ def register(subparsers) -> None:
     sub = learn.add_subparsers(dest="learn_command", required=True)
 
     def add(name: str, help_text: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--store", required=True, type=Path, help="datastore folder")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.set_defaults(func=func)
@@ -80,7 +88,11 @@ def register(subparsers) -> None:
 
     p = add("import", "import images as new cases (creates the store if needed, never in a folder of other files)",
             cmd_import)
-    p.add_argument("source", type=Path, help="an image file, a DICOM series folder or a folder of images")
+    p.add_argument("source", type=Path,
+                   help="an image file, a DICOM series folder or a folder of images. Labels are never imported: "
+                   "a folder holding imagesTr/imagesTs (an MSD or nnU-Net dataset, an earlier learn export), at "
+                   "any depth, is read only there, and folders named labelsTr, labelsTs or segmentations are not "
+                   "entered (each folder passed over is named)")
     p.add_argument("--user", required=True)
     p.add_argument("--channel", type=int, help="channel of multi-channel / 4D images")
     p.add_argument("--no-recursive", action="store_true")
@@ -105,7 +117,8 @@ def register(subparsers) -> None:
     p.add_argument("--status", action="append", choices=[s.value for s in CaseStatus], help="repeatable")
 
     for name, func, text in (("lock", cmd_lock, "lock a case to an annotator"),
-                             ("unlock", cmd_unlock, "release an annotator's lock on a case")):
+                             ("unlock", cmd_unlock, "release an annotator's lock on a case (exit 4: the case is "
+                              "not locked, nothing released)")):
         p = add(name, text, func)
         p.add_argument("case", help="case id")
         p.add_argument("--user", required=True)
@@ -120,14 +133,41 @@ def register(subparsers) -> None:
     p.add_argument("mask", type=Path, help=".nii.gz, .nrrd or .seg.nrrd with the case's voxel grid")
     p.add_argument("--user", required=True)
     p.add_argument("--draft", action="store_true", help="keep the case in progress (not submitted)")
-    p.add_argument("--prompt-log", type=Path, help="the prompt log that produced the mask (JSON)")
-    p.add_argument("--model", help="model version that produced it (provenance)")
-    p.add_argument("--seconds", type=float, default=0.0, help="annotation time spent")
+    p.add_argument("--prompt-log", type=Path,
+                   help="the prompt log that produced the mask (JSON), recorded with the label: one recorded on "
+                   "another image than the case's (shape, spacing, placement) is refused")
+    p.add_argument("--model", help="model version that produced it (provenance; default: the one the prompt log "
+                   "records; its adapter version, 0.3.0+v3 -> v3, is recorded too)")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="annotation time spent (default 0: not measured, as over HTTP)")
+    p.add_argument("--interactions", type=int, dest="n_interactions",
+                   help="prompts it took (default: the prompt log's count of prompts, else 0)")
+
+    p = add("review", "accept or reject the latest submitted label of a case (accepted: reviewed; rejected: back "
+            "to in_progress)", cmd_review)
+    p.add_argument("case", help="case id")
+    p.add_argument("--user", required=True, help="the reviewer")
+    verdict = p.add_mutually_exclusive_group(required=True)
+    verdict.add_argument("--accept", action="store_true", help="the label is right: the case becomes reviewed")
+    verdict.add_argument("--reject", action="store_true",
+                         help="the label needs work: the case goes back to in_progress (it leaves the training set)")
+    p.add_argument("--note", help="the reviewer's note (at most 2000 characters)")
+    p.add_argument("--label", metavar="ID",
+                   help="the label version reviewed: refused if it is no longer the latest submitted one")
 
     p = add("export", "export the submitted and reviewed cases (MSD layout, .seg.nrrd)", cmd_export)
-    p.add_argument("out", type=Path, help="a new or empty folder")
+    p.add_argument("out", type=Path, help="a new or empty folder; it appears complete or not at all")
     p.add_argument("--label-name", action="append", help="name of label 1, 2, ... (default: foreground)")
     p.add_argument("--no-seg-nrrd", action="store_true")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="leave out the cases whose stored image or label is missing or damaged (each named, and "
+                   "listed in dataset.json); without it such a case stops the export before anything is written")
+
+    p = add("verify", "check every stored image and label against its checksum; list leftovers of interrupted "
+            "writes (exit 1 when a file is missing or damaged)", cmd_verify)
+    p.add_argument("--recover", action="store_true",
+                   help=f"also delete the leftovers older than {DEFAULT_RECOVER_AGE_S / 60:g} minutes (younger "
+                   "ones may be a write in progress); damaged files are never deleted")
 
     p = add("train", "train an adapter on the submitted labels in a background process", cmd_train)
     p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
@@ -228,7 +268,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     leaves no new empty store behind."""
     check_user(args.user)
     pattern = compile_subject_pattern(args.subject_pattern) if args.subject_pattern is not None else None
-    sources = import_sources(args.source, args.store, recursive=not args.no_recursive)
+    passed_over: list = []
+    sources = import_sources(args.source, args.store, recursive=not args.no_recursive, passed_over=passed_over)
+    for folder, why in passed_over:  # labels of a dataset: never imported as images to annotate
+        _progress(args, f"not read: {folder} ({why})")
     subject_of: Dict[Path, str] = {}
     if pattern is not None:  # a name the pattern finds no subject in: refused before the store is made
         found = subjects_from_names([printable_text(name) or "?" for _, name in sources], pattern)
@@ -242,6 +285,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     report = ImportReport()
     data = report.to_dict()
+    not_read = [{"folder": str(folder), "reason": why} for folder, why in passed_over]
     if sources:
         with Datastore(args.store, create=True) as store:
             report = store.import_images(args.source, args.user, args.channel, sources=sources, on_image=shown,
@@ -250,6 +294,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         data = report.to_dict()
         for case in data["added"]:
             case["subject"] = subjects[case["id"]]
+    data["not_read"] = not_read
     _print(args, data, f"imported {len(report.added)} case(s), skipped {len(report.skipped)}")
     if report.failed or not (report.added or report.skipped):
         print("learn import: " + (f"{len(report.failed)} image(s) could not be imported" if report.failed else
@@ -306,11 +351,44 @@ def cmd_lock(args: argparse.Namespace) -> int:
     return 0
 
 
+NOT_LOCKED = 4  # exit code of unlock: the case is not locked, nothing was released
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     with _open(args) as store:
-        case = store.unlock(args.case, args.user, force=args.force)
-    _print(args, case.to_dict(), _case_line(case))
+        before = store.get_case(args.case)
+        try:
+            case = store.unlock(args.case, args.user, force=args.force, require_lock=True)
+        except NotLockedError as exc:
+            print(f"segassist learn unlock: {exc}", file=sys.stderr)
+            return NOT_LOCKED
+        except CaseLockedError as exc:
+            raise CaseLockedError(f"{exc} (an administrator can release it: add --force)") from exc
+    text = f"released the lock of {before.locked_by or 'its holder'} on case {case.id}"
+    if before.status != case.status:
+        text += f": it has no label yet, so it is {case.status.value} again"
+    _print(args, case.to_dict(), f"{text}\n{_case_line(case)}")
     return 0
+
+
+def _prompt_log_of(args: argparse.Namespace, store: Datastore, case: CaseRecord) -> Optional[Any]:
+    """The ``--prompt-log`` file checked against the case: a log recorded on another image (shape,
+    spacing, or, where the log records them, origin and direction) is refused, as a replay refuses it;
+    one of the case's image held with its axes reversed (Slicer's copy of a left-handed image) is taken."""
+    from SegAssistLib.headless import read_prompts
+    from SegAssistLib.prompts import PromptLog
+
+    reference = store.reference_geometry(case.id)
+    image = (tuple(case.shape)[::-1], case.spacing, f"case {case.id} ({case.name})", reference.origin,
+             np.asarray(reference.direction, float).reshape(3, 3))
+    read_prompts(args.prompt_log, image)  # the checks: a PromptError naming both images
+    try:
+        return PromptLog.from_json(args.prompt_log.read_text())
+    except SegAssistError:
+        raise
+    except Exception as exc:  # a bare list of prompts: no log to record
+        raise SegAssistError(f"{args.prompt_log}: not a prompt log (a list of prompts records no model, no image): "
+                             f"{exc}") from exc
 
 
 def cmd_save(args: argparse.Namespace) -> int:
@@ -319,9 +397,15 @@ def cmd_save(args: argparse.Namespace) -> int:
     from SegAssistLib.prompt_mirror import reversed_back
 
     mask = load_mask(args.mask)
-    log = args.prompt_log.read_text() if args.prompt_log is not None else None
     with _open(args) as store:
         case = store.get_case(args.case)
+        log = _prompt_log_of(args, store, case) if args.prompt_log is not None else None
+        model = args.model
+        if log is not None and log.model is not None:
+            if model is not None and model != log.model:
+                raise SegAssistError(f"--model {model}, but the prompt log records model {log.model}: leave "
+                                     "--model out to record the log's")
+            model = log.model
         difference = (
             f"shape {list(mask.shape)} (k, j, i) instead of {list(case.shape)}"
             if tuple(mask.shape) != tuple(case.shape)
@@ -336,24 +420,68 @@ def cmd_save(args: argparse.Namespace) -> int:
                 f"{args.mask} is not on the case's voxel grid: {difference}. Export the segmentation on the "
                 "image's geometry (in Slicer: a labelmap with the volume as reference)"
             )
-        label = store.save_label(case.id, mask, user=args.user, prompt_log=log, model=args.model,
-                                 adapter_version=adapter_id_of(args.model), seconds_spent=args.seconds,
-                                 submit=not args.draft)
+        label = store.save_label(case.id, mask, user=args.user, prompt_log=log, model=model,
+                                 adapter_version=adapter_id_of(model), n_interactions=args.n_interactions,
+                                 seconds_spent=args.seconds, submit=not args.draft)
     what = "draft" if args.draft else "submitted"
     _print(args, label.to_dict(), f"saved label version {label.version} ({label.id}) of {case.name}, {what}")
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        review = store.review(args.case, args.user, accepted=args.accept, note=args.note, label_id=args.label)
+        case = store.get_case(args.case)
+        label = store.get_label(review.label_id)
+    verdict = "accepted" if review.accepted else "rejected"
+    data = dict(review.to_dict(), case=case.to_dict())
+    text = (f"{verdict} label version {label.version} ({label.id}) of case {case.id} ({case.name}) by "
+            f"{label.user}: the case is {case.status.value}")
+    _print(args, data, text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _open(args) as store:
+        report = store.verify()
+        removed = store.recover() if args.recover else []
+    leftovers = [o for o in report.orphans if o not in removed]
+    data = {"ok": report.ok, "damaged": list(report.corrupt), "leftovers": leftovers, "removed": removed}
+    lines = [f"damaged: {what}" for what in report.corrupt]
+    if report.corrupt:
+        lines.append(f"{len(report.corrupt)} stored file(s) missing or damaged: restore them from a backup (an export "
+                     "stops at such a case unless --skip-damaged)")
+    lines += [f"removed leftover: {name}" for name in removed]
+    if leftovers:
+        lines.append(f"{len(leftovers)} leftover file(s) of interrupted (or running) writes: "
+                     + ", ".join(leftovers[:5]) + (", ..." if len(leftovers) > 5 else "")
+                     + ("" if args.recover else f"; --recover deletes those older than "
+                        f"{DEFAULT_RECOVER_AGE_S / 60:g} minutes"))
+    if report.ok:
+        lines.append("every stored image and label matches its checksum")
+    _print(args, data, "\n".join(lines))
+    return 0 if report.ok else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.export import export_msd
+
+    skipped = []
+
+    def damaged(case: CaseRecord, problem: str) -> None:
+        skipped.append({"case_id": case.id, "case_name": case.name, "problem": problem})
+        _say(f"warning: case {case.id} ({case.name}) not exported: {problem}", err=True)
 
     with _open(args) as store:
         _progress(args, f"exporting the submitted and reviewed cases to {args.out} ...")
         out = export_msd(store, args.out, label_names=args.label_name or ("foreground",),
-                         seg_nrrd=not args.no_seg_nrrd,
+                         seg_nrrd=not args.no_seg_nrrd, skip_damaged=args.skip_damaged, on_damaged=damaged,
                          on_case=lambda done, total, case: _progress(args, f"[{done}/{total}]  {case.id}  {case.name}"))
     n = len(json.loads((out / "dataset.json").read_text())["training"])
-    _print(args, {"folder": str(out), "cases": n}, f"exported {n} case(s) to {out}")
+    text = f"exported {n} case(s) to {out}"
+    if skipped:
+        text += f"; {len(skipped)} damaged case(s) left out (see `segassist learn verify --store {args.store}`)"
+    _print(args, {"folder": str(out), "cases": n, "skipped_damaged": skipped}, text)
     return 0
 
 

@@ -82,6 +82,7 @@ from SegAssistLib.learning.records import (
     check_label_id,
     check_text,
     check_user,
+    iso_time,
     new_case_id,
     new_label_id,
     parse_statuses,
@@ -92,6 +93,13 @@ from SegAssistLib.prompts import PromptLog, describe_validation_error
 from SegAssistLib.transport import wire_volume
 
 SCHEMA_VERSION = 2
+
+
+class NotLockedError(InvalidStateError):
+    """Releasing the lock of a case nobody holds a live lock of (``unlock(require_lock=True)``)."""
+
+    code = "not_locked"
+
 DB_NAME = "segassist.sqlite"
 DEFAULT_RECOVER_AGE_S = 600.0
 
@@ -220,15 +228,30 @@ def subjects_from_names(names: Sequence[str], pattern: SubjectPattern) -> List[s
 
 
 def import_sources(
-    source: Union[str, Path], store_root: Union[str, Path], recursive: bool = True
+    source: Union[str, Path],
+    store_root: Union[str, Path],
+    recursive: bool = True,
+    passed_over: Optional[List[Tuple[Path, str]]] = None,
 ) -> List[Tuple[Path, str]]:
     """The images (path, case name) an import of ``source`` would read, found without opening the
-    store: a source inside the store (``store_root``) is refused."""
+    store (see :func:`~SegAssistLib.learning.sources.find_sources`; ``passed_over`` receives the
+    folders not read, with the reason). A source that is the store folder or lies inside it is
+    refused; a store folder inside the source is not entered."""
     store = Path(store_root).resolve()
-    if store == Path(source).resolve() or store in Path(source).resolve().parents:
-        raise DatastoreError(f"cannot import from {source}: it lies inside the datastore {store_root}")
+    resolved = Path(source).resolve()
+    if store == resolved:
+        raise DatastoreError(
+            f"cannot import from {source} into {store_root}: the store folder must not be the source folder "
+            "(nor hold it); choose another --store, a new folder outside the source"
+        )
+    if store in resolved.parents:
+        what = "the datastore" if (store / DB_NAME).is_file() else "the store folder"
+        raise DatastoreError(
+            f"cannot import from {source}: it lies inside {what} {store_root}; the store folder must not be "
+            "the source folder nor hold it: choose another --store, a new folder outside the source"
+        )
     try:
-        return find_sources(Path(source), recursive=recursive, skip=store)
+        return find_sources(Path(source), recursive=recursive, skip=store, passed_over=passed_over)
     except (OSError, RuntimeError) as exc:
         raise DatastoreError(f"cannot import from {source}: {exc}") from exc
 
@@ -790,16 +813,25 @@ class Datastore:
             )
         return self.get_case(case_id)
 
-    def unlock(self, case_id: str, user: str, force: bool = False) -> CaseRecord:
+    def unlock(self, case_id: str, user: str, force: bool = False, require_lock: bool = False) -> CaseRecord:
         """Release a lock. Only its holder may, unless ``force`` (an administrator's override).
 
-        An ``in_progress`` case without any label goes back to ``new``.
+        An ``in_progress`` case without any label goes back to ``new``. A case nobody holds a live lock
+        of is left as it is: unchanged when ``require_lock`` (a :class:`NotLockedError` says so, and whose
+        lock lapsed when one did), otherwise (a client releasing what it may no longer hold) its status is
+        tidied as for a release.
         """
         check_case_id(case_id)
         check_user(user)
         with self._write() as db:
             now = self._clock()
             row = self._case_row(db, case_id)
+            holder, expires = row["locked_by"], row["lock_expires"]
+            if require_lock and (holder is None or expires is None or expires <= now):
+                lapsed = (
+                    f" (the lock of {holder} lapsed at {iso_time(expires)})" if holder is not None and expires else ""
+                )
+                raise NotLockedError(f"case {case_id} ({row['name']}) is not locked{lapsed}: nothing to release")
             if not force:
                 self._check_lock(row, user, now)
             n_labels = db.execute("SELECT COUNT(*) FROM labels WHERE case_id = ?", (case_id,)).fetchone()[0]

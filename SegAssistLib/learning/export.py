@@ -1,10 +1,15 @@
 """Exporting the datastore: the MSD / nnU-Net layout and Slicer ``.seg.nrrd`` files. Torch-free.
 
 An MSD export is a folder ``imagesTr/<name>.nii.gz``, ``labelsTr/<name>.nii.gz`` (optionally
-``segmentations/<name>.seg.nrrd``) and ``dataset.json``, written last: a folder without
-``dataset.json`` is an interrupted export. ``dataset.json`` carries, beside the MSD keys, a
-``segassist`` section with each case's label version, provenance and subject (the patient, null
-when the case is its own: see ``Datastore.subjects``).
+``segmentations/<name>.seg.nrrd``) and ``dataset.json``. ``dataset.json`` carries, beside the MSD
+keys, a ``segassist`` section with each case's label version, provenance and subject (the patient,
+null when the case is its own: see ``Datastore.subjects``).
+
+Every file to export is checked against its recorded checksum before anything is written: a damaged
+image or label stops the export naming its cases (``skip_damaged``: they are left out, each named,
+and listed in ``dataset.json``). The folder is written under a hidden temporary name beside its
+target (``.<name>.exporting-<id>``) and renamed into place when complete: an export that fails is
+removed, and one killed leaves only that hidden folder, never a half export under the target name.
 
 File names come from case names, reduced to ``[A-Za-z0-9_-]`` (a case name may have come from a
 client) and made unique with the case id when two cases share a name.
@@ -13,6 +18,7 @@ client) and made unique with the case id when two cases share a name.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -21,14 +27,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from SegAssistLib.files import atomic_write, atomic_write_bytes, sha256_file
+from SegAssistLib.files import atomic_write, atomic_write_bytes, fsync_dir, sha256_file
 from SegAssistLib.image import guess_modality
-from SegAssistLib.io import save_segmentation_nrrd
+from SegAssistLib.io import load_mask, save_segmentation_nrrd
 from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.errors import CorruptDataError, DatastoreError
 from SegAssistLib.learning.records import CaseRecord, CaseStatus, LabelVersion, iso_time, new_label_id
 
 DEFAULT_EXPORT_STATUSES = (CaseStatus.SUBMITTED, CaseStatus.REVIEWED)
+_SHOWN_DAMAGED = 5  # damaged cases a refusal names
 
 
 def safe_file_stem(name: str, fallback: str = "case") -> str:
@@ -56,20 +63,59 @@ def _unique_stems(cases: Sequence[CaseRecord]) -> Dict[str, str]:
 
 
 def _copy_checked(src: Path, digest: str, dest: Path, what: str) -> None:
-    if not src.is_file() or sha256_file(src) != digest:
-        raise CorruptDataError(f"{what} is missing or does not match its checksum: run verify()")
-    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
+    """Copy a stored file checked beforehand (:func:`_damage`); the copy's checksum is compared too, so
+    a file changed since is not exported either."""
+    copied = atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
+    if copied != digest:
+        raise CorruptDataError(f"{what} changed during the export: it no longer matches its checksum")
 
 
-def _fresh_dest(store: Datastore, dest: Optional[Union[str, Path]]) -> Path:
+def _file_problem(path: Path, digest: str, what: str) -> Optional[str]:
+    if not path.is_file():
+        return f"{what} is missing"
+    if sha256_file(path) != digest:
+        return f"{what} does not match its checksum"
+    return None
+
+
+def _damage(store: Datastore, case: CaseRecord, label: LabelVersion) -> Optional[str]:
+    """What is wrong with the stored files of a case to export (None: both match their checksums)."""
+    problems = [
+        _file_problem(store.image_path(case.id), case.image_sha256, "its image file"),
+        _file_problem(store.label_path(case.id, label.id), label.sha256, f"the file of label version {label.id}"),
+    ]
+    found = [p for p in problems if p]
+    return "; ".join(found) if found else None
+
+
+def _check_dest(dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise DatastoreError(f"export folder {dest} is a file: choose a new folder")
+    if dest.exists() and any(dest.iterdir()):
+        raise DatastoreError(f"export folder {dest} is not empty: choose a new folder")
+
+
+def _default_dest(store: Datastore, dest: Optional[Union[str, Path]]) -> Path:
     if dest is None:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         dest = store.root / "exports" / f"{stamp}-{new_label_id()[:6]}"
-    dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()):
-        raise DatastoreError(f"export folder {dest} is not empty: choose a new folder")
-    dest.mkdir(parents=True, exist_ok=True)
-    return dest
+    return Path(dest)
+
+
+def _move_into_place(work: Path, dest: Path) -> None:
+    """Rename the finished export folder onto ``dest`` (missing, or an empty folder)."""
+    try:
+        os.replace(work, dest)  # POSIX: replaces an empty folder in one step
+    except OSError as exc:
+        if not dest.is_dir():
+            raise
+        if any(dest.iterdir()):
+            raise DatastoreError(
+                f"export folder {dest} was filled during the export: export again to a new folder"
+            ) from exc
+        dest.rmdir()  # where a folder cannot be replaced (Windows)
+        os.rename(work, dest)
+    fsync_dir(dest.parent)
 
 
 def export_seg_nrrd(
@@ -101,22 +147,71 @@ def export_msd(
     modality: Optional[str] = None,
     seg_nrrd: bool = True,
     on_case: Optional[Callable[[int, int, CaseRecord], None]] = None,
+    skip_damaged: bool = False,
+    on_damaged: Optional[Callable[[CaseRecord, str], None]] = None,
 ) -> Path:
     """Export each case of the given statuses with its latest submitted label version;
     ``on_case(done, total, case)`` after each (a store of CT scans takes minutes).
 
+    Every file is checked first: a case whose image or label file is missing or damaged stops the
+    export before anything is written (:class:`CorruptDataError` naming the cases), unless
+    ``skip_damaged``: the case is then left out, ``on_damaged(case, problem)`` told, and
+    ``dataset.json`` lists it under ``segassist.skipped_damaged``.
+
     ``dataset.json`` names every label value the exported labels hold: ``label_names[n - 1]`` for
     value ``n``, ``Segment n`` past the names given (as the ``.seg.nrrd`` files do).
 
-    ``dest`` must be a new or empty folder (default: ``<store>/exports/<time>-<id>``). Returns the
-    folder. ``modality`` (``"CT"``/``"MR"``) is guessed from the first image when not given.
+    ``dest`` must be a new or empty folder (default: ``<store>/exports/<time>-<id>``); it appears
+    complete or not at all (see the module's docstring). Returns the folder. ``modality``
+    (``"CT"``/``"MR"``) is guessed from the first image when not given.
     """
     pairs: List[Tuple[CaseRecord, LabelVersion]] = store.training_cases(statuses)
     if not pairs:
         raise DatastoreError("nothing to export: no case of those statuses has a submitted label")
     if not label_names:
         raise DatastoreError("label_names must name at least one label")
-    out = _fresh_dest(store, dest)
+    dest = _default_dest(store, dest)
+    _check_dest(dest)
+    damaged = [(case, problem) for case, label in pairs for problem in [_damage(store, case, label)] if problem]
+    if damaged and not skip_damaged:
+        shown = "; ".join(f"case {c.id} ({c.name}): {p}" for c, p in damaged[:_SHOWN_DAMAGED])
+        more = f"; and {len(damaged) - _SHOWN_DAMAGED} more" if len(damaged) > _SHOWN_DAMAGED else ""
+        raise CorruptDataError(
+            f"nothing exported: {len(damaged)} of the {len(pairs)} case(s) to export have damaged files in the "
+            f"store ({shown}{more}). `segassist learn verify --store {store.root}` lists every damaged file; "
+            "restore them from a backup, or export the other cases with --skip-damaged (the damaged cases' "
+            "annotations are then left out)"
+        )
+    left_out = {case.id for case, _ in damaged}
+    pairs = [(case, label) for case, label in pairs if case.id not in left_out]
+    for case, problem in damaged:
+        if on_damaged is not None:
+            on_damaged(case, problem)
+    if not pairs:
+        raise CorruptDataError("nothing to export: every case to export has damaged files in the store")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = dest.parent / f".{dest.name}.exporting-{new_label_id()[:8]}"
+    work.mkdir()
+    try:
+        _write_msd(store, work, pairs, damaged, label_names, dataset_name, modality, seg_nrrd, on_case)
+        _move_into_place(work, dest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return dest
+
+
+def _write_msd(
+    store: Datastore,
+    out: Path,
+    pairs: List[Tuple[CaseRecord, LabelVersion]],
+    damaged: List[Tuple[CaseRecord, str]],
+    label_names: Sequence[str],
+    dataset_name: str,
+    modality: Optional[str],
+    seg_nrrd: bool,
+    on_case: Optional[Callable[[int, int, CaseRecord], None]],
+) -> None:
     stems = _unique_stems([c for c, _ in pairs])
     if modality is None:
         modality = guess_modality(store.load_image(pairs[0][0].id))
@@ -126,13 +221,9 @@ def export_msd(
     for done, (case, label) in enumerate(pairs, 1):
         stem = stems[case.id]
         _copy_checked(store.image_path(case.id), case.image_sha256, out / "imagesTr" / f"{stem}.nii.gz", "image")
-        _copy_checked(
-            store.label_path(case.id, label.id),
-            label.sha256,
-            out / "labelsTr" / f"{stem}.nii.gz",
-            f"label version {label.id}",
-        )
-        mask = store.load_label(label.id)
+        label_file = out / "labelsTr" / f"{stem}.nii.gz"
+        _copy_checked(store.label_path(case.id, label.id), label.sha256, label_file, f"label version {label.id}")
+        mask = load_mask(label_file).astype(np.uint8, copy=False)  # the copy, checked: not hashed again
         values.update(int(v) for v in np.unique(mask) if v)
         if seg_nrrd:
             _write_seg_nrrd(store, case.id, mask, out / "segmentations" / f"{stem}.seg.nrrd", label_names)
@@ -166,10 +257,14 @@ def export_msd(
         "numTest": 0,
         "training": training,
         "test": [],
-        "segassist": {"exported_at": iso_time(time.time()), "cases": provenance},
+        "segassist": {
+            "exported_at": iso_time(time.time()),
+            "cases": provenance,
+            # left out with skip_damaged: their stored files did not match their checksums
+            "skipped_damaged": [{"case_id": c.id, "case_name": c.name, "problem": p} for c, p in damaged],
+        },
     }
     atomic_write_bytes(out / "dataset.json", json.dumps(dataset, indent=1).encode())
-    return out
 
 
 def _label_name(names: Sequence[str], value: int) -> str:

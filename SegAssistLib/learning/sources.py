@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple
 
 import SimpleITK as sitk
 
@@ -47,39 +47,82 @@ def is_dicom_series_dir(path: Path) -> bool:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def find_sources(source: Path, recursive: bool = True, skip: Optional[Path] = None) -> List[Tuple[Path, str]]:
+#: Sub-folders of a dataset that hold its labels, never images to annotate: an MSD / nnU-Net dataset's
+#: ``labelsTr``/``labelsTs`` and an export's ``segmentations`` (Slicer ``.seg.nrrd`` files). Never read.
+LABEL_FOLDERS = ("labelsTr", "labelsTs", "segmentations")
+#: The image folders of an MSD / nnU-Net dataset: a folder holding one of them is read only there.
+MSD_IMAGE_FOLDERS = ("imagesTr", "imagesTs")
+
+
+def _named(folder: Path, names: Sequence[str]) -> bool:
+    return folder.name.lower() in {n.lower() for n in names}
+
+
+def msd_image_folders(folder: Path) -> List[Path]:
+    """``imagesTr`` and ``imagesTs`` of ``folder`` when it is an MSD / nnU-Net dataset (an earlier
+    export too); empty otherwise."""
+    try:
+        children = sorted(c for c in folder.iterdir() if c.is_dir())
+    except OSError:
+        return []
+    return [c for c in children if _named(c, MSD_IMAGE_FOLDERS)]
+
+
+def find_sources(
+    source: Path,
+    recursive: bool = True,
+    skip: Optional[Path] = None,
+    passed_over: Optional[List[Tuple[Path, str]]] = None,
+) -> List[Tuple[Path, str]]:
     """``(path, display name)`` of every image below ``source``, sorted by path.
 
     ``source`` may be one image file, one DICOM series folder, or a folder holding image files and
-    DICOM series folders (searched recursively when ``recursive``). For an MSD-style dataset folder
-    only ``imagesTr`` and ``imagesTs`` are read, so its labels are not imported as images. The
-    folder ``skip`` (a datastore inside ``source``, whose files are not images to annotate) is not
-    entered.
+    DICOM series folders (searched recursively when ``recursive``). Labels are never imported as
+    images, at any depth: a folder holding ``imagesTr`` or ``imagesTs`` (an MSD / nnU-Net dataset, or
+    an earlier ``learn export``) is read only there, and folders named ``labelsTr``, ``labelsTs`` or
+    ``segmentations`` are not entered. The folder ``skip`` (a datastore inside ``source``, whose files
+    are not images to annotate) is not entered. ``passed_over`` (when given) receives each folder
+    not read, with the reason, for the caller to show.
     """
     source = Path(source)
     if source.is_file():
         return [(source, image_stem(source))]
     if not source.is_dir():
         raise FileNotFoundError(f"nothing to import: {source} is neither a file nor a folder")
-    msd = [source / d for d in ("imagesTr", "imagesTs") if (source / d).is_dir()]
-    roots = msd or [source]
-    found: List[Tuple[Path, str]] = []
     skipped = None if skip is None else skip.resolve()
     seen: Set[Tuple[int, int]] = set()
-    for root in roots:
-        found.extend(_scan(root, recursive, skipped, seen))
+    passed = passed_over if passed_over is not None else []
+    found = _scan(source, recursive, skipped, seen, passed)
     return sorted(found, key=lambda item: str(item[0]))
 
 
-def _scan(folder: Path, recursive: bool, skip: Optional[Path], seen: Set[Tuple[int, int]]) -> List[Tuple[Path, str]]:
+def _scan(
+    folder: Path,
+    recursive: bool,
+    skip: Optional[Path],
+    seen: Set[Tuple[int, int]],
+    passed: List[Tuple[Path, str]],
+) -> List[Tuple[Path, str]]:
     """The images in ``folder`` (and below). ``seen``: the folders (device, inode) scanned already, so
     a folder reached again through a symbolic link (to an ancestor: a loop; or to a sibling) is
-    not scanned again, and each image is found once."""
+    not scanned again, and each image is found once. A dataset folder (``imagesTr``/``imagesTs``) is
+    read only there, at any depth; label folders are never entered (``passed`` names them)."""
     info = folder.stat()
     if (info.st_dev, info.st_ino) in seen:
         return []
     seen.add((info.st_dev, info.st_ino))
-    found: List[Tuple[Path, str]] = []
+    dataset = msd_image_folders(folder)
+    if dataset:  # an MSD / nnU-Net dataset or an export: its images folders only, never its labels
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and child not in dataset and (
+                skip is None or child.resolve() != skip
+            ):
+                passed.append((child, _why_not_read(child)))
+        found: List[Tuple[Path, str]] = []
+        for images in dataset:  # the dataset folder given itself, or met while recursing
+            found.extend(_scan(images, recursive, skip, seen, passed))
+        return found
+    found = []
     if is_dicom_series_dir(folder):
         found.append((folder, folder.name))
     for child in sorted(folder.iterdir()):
@@ -88,5 +131,14 @@ def _scan(folder: Path, recursive: bool, skip: Optional[Path], seen: Set[Tuple[i
         if is_image_file(child):
             found.append((child, image_stem(child)))
         elif child.is_dir() and recursive and (skip is None or child.resolve() != skip):
-            found.extend(_scan(child, recursive, skip, seen))
+            if _named(child, LABEL_FOLDERS):
+                passed.append((child, _why_not_read(child)))
+                continue
+            found.extend(_scan(child, recursive, skip, seen, passed))
     return found
+
+
+def _why_not_read(folder: Path) -> str:
+    if _named(folder, LABEL_FOLDERS):
+        return "labels, not images to annotate"
+    return "beside the imagesTr/imagesTs of a dataset, which alone are read"

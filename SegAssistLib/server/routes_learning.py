@@ -28,6 +28,8 @@ from SegAssistLib.api_learning import (
     NextCaseReply,
     NextCaseRequest,
     ProposalReply,
+    ReviewInfo,
+    ReviewRequest,
     RollbackRequest,
     SaveLabel,
     TrainRequest,
@@ -36,7 +38,7 @@ from SegAssistLib.api_learning import (
 from SegAssistLib.api_models import FRAME_MEDIA_TYPE, ArrayPayload, ErrorCode
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.errors import CorruptDataError, StoreAccessError
-from SegAssistLib.learning.records import CaseRecord
+from SegAssistLib.learning.records import CaseRecord, iso_time
 from SegAssistLib.learning.registry import BASE, adapter_id_of
 from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
@@ -258,6 +260,31 @@ async def _save_label(
         )  # fmt: skip
 
     return LabelInfo(**(await _call(save)).to_dict())
+
+
+@router.post("/cases/{case_id}/review", response_model=ReviewInfo, status_code=201,
+             summary="Accept or reject the case's latest submitted label")
+async def review_case(
+    body: ReviewRequest,
+    case_id: str = CaseId,
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
+    req_id: Optional[str] = Depends(request_id),
+) -> ReviewInfo:
+    """The caller reviews the latest submitted label version: accepted, the case becomes ``reviewed``;
+    rejected, it goes back to ``in_progress`` (out of the training set until submitted again). Refused
+    (409 ``case_state``) for a case not submitted, one another user holds the lock of, or when
+    ``label_id`` is no longer the latest submitted version. A repeat under the same request id gets
+    the first answer (one review recorded)."""
+
+    def review() -> ReviewInfo:
+        done = learning.store.review(case_id, user, body.accepted, note=body.note, label_id=body.label_id)
+        return ReviewInfo(
+            **done.to_dict(), created_at_iso=iso_time(done.created_at),
+            case=_case(learning, learning.store.get_case(case_id)),
+        )  # fmt: skip
+
+    return await learning.once.run(user, f"review:{case_id}", req_id, lambda: _call(review))
 
 
 # ---------------------------------------------------------------------------------------- training

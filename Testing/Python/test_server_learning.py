@@ -251,6 +251,44 @@ def test_a_repeated_save_or_next_case_takes_effect_once(clients, imported, learn
     assert len(alice.learning.labels(first.id)) == 3
 
 
+def test_a_reviewer_accepts_or_rejects_a_submitted_label_once(clients, imported, learn_server):
+    """No endpoint (nor command) reviewed a label: no case could become ``reviewed``. The caller is
+    the reviewer; a repeat under the same request id records one review."""
+    from SegAssistLib.api_models import REQUEST_ID_HEADER
+
+    alice, bob = clients
+    (first, _, truth), (second, _, _), (third, _, _) = imported[0], imported[1], imported[2]
+    label = alice.learning.save_mask(first.id, truth)
+    alice.learning.save_mask(second.id, truth)
+
+    reviewed = bob.learning.review(first.id, accepted=True, note="clean edges", label_id=label.id)
+    assert reviewed.reviewer == "bob" and reviewed.accepted and reviewed.note == "clean edges"
+    assert reviewed.label_id == label.id and reviewed.case.status == "reviewed"
+    assert alice.learning.case(first.id).status == "reviewed"
+    assert alice.learning.status().cases["reviewed"] == 1
+
+    path = f"/v1/learn/cases/{second.id}/review"
+    headers = {REQUEST_ID_HEADER: "review-once-1"}
+    replies = [raw(learn_server, "POST", path, json={"accepted": False}, headers=headers) for _ in range(2)]
+    assert [r.status_code for r in replies] == [201, 201] and replies[0].json() == replies[1].json()
+    assert replies[0].json()["reviewer"] == "alice" and replies[0].json()["case"]["status"] == "in_progress"
+    # once more under a new id: the case is in progress again, nothing to review
+    assert_error(raw(learn_server, "POST", path, json={"accepted": False}), 409, "case_state")
+
+    assert_error(raw(learn_server, "POST", f"/v1/learn/cases/{third.id}/review", json={"accepted": True}),
+                 409, "case_state")  # never submitted  # fmt: skip
+    alice.learning.lock(first.id)
+    newer = alice.learning.save_mask(first.id, truth)
+    with pytest.raises(LearningConflictError, match="no longer the latest"):
+        bob.learning.review(first.id, accepted=True, label_id=label.id)
+    assert bob.learning.review(first.id, accepted=False, label_id=newer.id).case.status == "in_progress"
+    for bad in ({}, {"accepted": True, "label_id": "x"}, {"accepted": True, "note": "n" * 2001},
+                {"accepted": True, "extra": 1}):  # fmt: skip
+        assert_error(raw(learn_server, "POST", path, json=bad), 422, "invalid_request")
+    assert_error(raw(learn_server, "POST", "/v1/learn/cases/" + "0" * 16 + "/review", json={"accepted": True}),
+                 404, "case_not_found")  # fmt: skip
+
+
 def test_a_label_mask_is_checked_against_the_case_before_it_is_decompressed(clients, imported, learn_server):
     """A few kilobytes of zstd may declare gigabytes: a mask of another shape or dtype is refused
     from its declaration, before anything is decompressed."""
