@@ -119,11 +119,8 @@ def test_pipelined_replies_carry_the_state_their_own_operation_left(shared_serve
     job ran: with requests pipelined on one session, a job queued behind ran in between and the
     reply carried that job's count and version (a reset's null). Deterministic: the worker is held
     while the requests queue, and the server's event loop is held until all of them have run."""
-    from test_server_fixtures import raw
+    from test_server_fixtures import raw, run_pipelined
 
-    state = shared_server.app.state.segassist
-    worker = state.pool.workers[0]
-    loop = shared_server.server.servers[0].get_loop()
     with SegAssistClient(shared_server.url, TOKENS["alice"]) as client:
         version = client.info().model.version
         session = client.open_session(blob_volume)
@@ -136,35 +133,7 @@ def test_pipelined_replies_carry_the_state_their_own_operation_left(shared_serve
         ("POST", f"/v1/sessions/{sid}/prompts", {"prompt": other}),
         ("POST", f"/v1/sessions/{sid}/reset", None),
     ]
-    gate, ran = threading.Event(), threading.Event()
-    blocker = worker.submit("another-session", lambda engine: gate.wait(60))  # occupies the worker
-    replies = [None] * len(requests_)
-    threads = []
-    try:
-        for n, (method, path, body) in enumerate(requests_):
-
-            def send(n=n, method=method, path=path, body=body) -> None:
-                replies[n] = raw(shared_server, method, path, json=body)
-
-            threads.append(threading.Thread(target=send))
-            threads[-1].start()
-            deadline = time.monotonic() + 30
-            while worker.state(sid)[2] < n + 1 and time.monotonic() < deadline:  # queued, in order
-                time.sleep(0.005)
-            assert worker.state(sid)[2] == n + 1
-        worker.submit(sid, lambda engine: ran.set())  # runs after the four
-
-        def hold_the_loop() -> None:  # no reply is built until every job has run
-            gate.set()
-            ran.wait(30)
-
-        loop.call_soon_threadsafe(hold_the_loop)
-        assert ran.wait(30)
-    finally:
-        gate.set()
-        for thread in threads:
-            thread.join(60)
-    assert blocker.result(10) is True
+    replies = run_pipelined(shared_server, sid, requests_)
     first, result, second, reset = [r.json() for r in replies]
     assert (first["n_prompts"], first["model_version"]) == (1, version)
     assert result["n_prompts"] == 1

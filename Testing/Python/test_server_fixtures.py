@@ -7,9 +7,10 @@ real app with the real built-in engine on a tiny network, served by uvicorn on 1
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -150,3 +151,44 @@ def assert_error(response: requests.Response, status: int, code: str) -> dict:
     assert isinstance(error["message"], str) and len(error["message"]) > 10
     assert code in ErrorCode.all()
     return error
+
+
+Pipelined = Sequence[Tuple[str, str, Optional[dict]]]  # (method, path, JSON body) of each request
+
+
+def run_pipelined(server, session_id: str, requests_: Pipelined) -> List[requests.Response]:
+    """Send ``requests_`` (method, path, JSON body) on one session so that their jobs queue in this
+    order behind a job that holds the worker, then hold the server's event loop until all of them
+    have run: no reply is built before the last job ran, whatever the timing. The replies, in order."""
+    worker = server.app.state.segassist.pool.workers[0]
+    loop = server.server.servers[0].get_loop()
+    gate, ran = threading.Event(), threading.Event()
+    blocker = worker.submit("another-session", lambda engine: gate.wait(60))  # occupies the worker
+    replies: List[Optional[requests.Response]] = [None] * len(requests_)
+    threads = []
+    try:
+        for n, (method, path, body) in enumerate(requests_):
+
+            def send(n=n, method=method, path=path, body=body) -> None:
+                replies[n] = raw(server, method, path, json=body)
+
+            threads.append(threading.Thread(target=send))
+            threads[-1].start()
+            deadline = time.monotonic() + 30
+            while worker.state(session_id)[2] < n + 1 and time.monotonic() < deadline:  # queued, in order
+                time.sleep(0.005)
+            assert worker.state(session_id)[2] == n + 1
+        worker.submit(session_id, lambda engine: ran.set())  # runs after them
+
+        def hold_the_loop() -> None:  # no reply is built until every job has run
+            gate.set()
+            ran.wait(30)
+
+        loop.call_soon_threadsafe(hold_the_loop)
+        assert ran.wait(30)
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join(60)
+    assert blocker.result(10) is True
+    return replies  # type: ignore[return-value]

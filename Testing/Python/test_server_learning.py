@@ -16,7 +16,7 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 from learning_fixtures import synthetic_case
-from test_server_fixtures import TOKENS, assert_error, make_volume, raw
+from test_server_fixtures import TOKENS, assert_error, make_volume, raw, run_pipelined
 
 from SegAssistLib.client import SegAssistClient
 from SegAssistLib.client.errors import BadRequestError, LearningConflictError, LearningDisabledError, NotFoundError
@@ -687,9 +687,6 @@ def test_a_label_credits_the_version_that_made_its_mask_with_a_reset_queued_behi
     alice, _ = clients
     case, volume, truth = imported[0]
     alice.learning.lock(case.id)
-    state = learn_server.app.state.segassist
-    worker = state.pool.workers[0]
-    loop = learn_server.server.servers[0].get_loop()
     session = alice.open_session(alice.learning.case(case.id).content_hash)
     centre = np.argwhere(truth).mean(0)
     version = session.add_prompt(PointPrompt(position=tuple(float(x) for x in centre[::-1]))).info["model_version"]
@@ -698,35 +695,7 @@ def test_a_label_credits_the_version_that_made_its_mask_with_a_reset_queued_behi
         ("POST", f"/v1/learn/cases/{case.id}/labels", {"session_id": sid, "submit": False}),
         ("POST", f"/v1/sessions/{sid}/reset", None),
     ]
-    gate, ran = threading.Event(), threading.Event()
-    blocker = worker.submit("another-session", lambda engine: gate.wait(60))
-    replies: List = [None] * len(queued)
-    threads = []
-    try:
-        for n, (method, path, body) in enumerate(queued):
-
-            def send(n=n, method=method, path=path, body=body) -> None:
-                replies[n] = raw(learn_server, method, path, json=body)
-
-            threads.append(threading.Thread(target=send))
-            threads[-1].start()
-            deadline = time.monotonic() + 30
-            while worker.state(sid)[2] < n + 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert worker.state(sid)[2] == n + 1
-        worker.submit(sid, lambda engine: ran.set())
-
-        def hold_the_loop() -> None:
-            gate.set()
-            ran.wait(30)
-
-        loop.call_soon_threadsafe(hold_the_loop)
-        assert ran.wait(30)
-    finally:
-        gate.set()
-        for thread in threads:
-            thread.join(60)
-    assert blocker.result(10) is True
+    replies = run_pipelined(learn_server, sid, queued)
     saved, reset = replies
     assert saved.status_code == 201 and reset.status_code == 200, (saved.text, reset.text)
     assert version is not None and saved.json()["model"] == version
