@@ -102,6 +102,11 @@ class FairQueue:
             except ValueError:
                 return None
 
+    def waiting(self, key: str) -> int:
+        """How many of ``key``'s items wait (not counting one being run)."""
+        with self._cond:
+            return len(self._queues.get(key, ()))
+
     def __len__(self) -> int:
         with self._cond:
             return self._count
@@ -209,6 +214,10 @@ class InferenceWorker:
         if self._running_key == key:
             return "running", None, length
         return "idle", None, length
+
+    def waiting(self, key: str) -> int:
+        """Jobs of session ``key`` waiting on this worker (the queue length counts every session's)."""
+        return self._queue.waiting(key)
 
     def drain(self) -> None:
         """Take no more jobs and fail the queued ones (503 ``shutting_down``); the running one finishes."""

@@ -32,6 +32,7 @@ def test_fair_queue_serves_sessions_in_turn():
     q.put("other", "other0")
     assert q.position("busy") == 0 and q.position("quick") == 1 and q.position("other") == 2
     assert q.position("absent") is None and len(q) == 6
+    assert (q.waiting("busy"), q.waiting("quick"), q.waiting("absent")) == (4, 1, 0)  # each session's own
     order = [q.get()[1] for _ in range(6)]
     # one job per session per turn: the session that sent four does not hold up the others
     assert order == ["busy0", "quick0", "other0", "busy1", "busy2", "busy3"]

@@ -175,9 +175,10 @@ def run_pipelined(server, session_id: str, requests_: Pipelined) -> List[request
             threads.append(threading.Thread(target=send))
             threads[-1].start()
             deadline = time.monotonic() + 30
-            while worker.state(session_id)[2] < n + 1 and time.monotonic() < deadline:  # queued, in order
+            # queued, in order: this session's own jobs (other sessions' closes may wait beside them)
+            while worker.waiting(session_id) < n + 1 and time.monotonic() < deadline:
                 time.sleep(0.005)
-            assert worker.state(session_id)[2] == n + 1
+            assert worker.waiting(session_id) == n + 1
         worker.submit(session_id, lambda engine: ran.set())  # runs after them
 
         def hold_the_loop() -> None:  # no reply is built until every job has run
