@@ -12,6 +12,11 @@ object with a ``prompts`` list, or a list) or a Slicer markups file (``.mrk.json
 are clicks, a label starting with ``-`` makes a point negative; an ROI is a box; a closed curve
 a lasso; an open curve a scribble). Several ``--prompts`` files are applied in order.
 
+A prompt log records the engine settings its answers came from (edge band, refine depth: schema 1.4).
+``--in-process`` runs the model in this Python (it needs torch and MONAI there) and answers with
+those settings, giving the recorded mask. A backend answers with its own settings: the script warns
+when they differ from the log's (the mask may differ), as it does for another model.
+
 The backend: by default a local one on this computer's CPU with the shipped model (``--model``,
 ``--device``, ``--server-python`` change it). ``--url`` sends the image to a remote SegAssist
 server instead, and only with ``--send-images-to-remote`` (explicit consent); its token comes
@@ -53,6 +58,12 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     local.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     local.add_argument("--threads", type=int, default=0, help="CPU threads of the model (0: default)")
     local.add_argument("--server-python", default="", help="a Python with torch, MONAI and FastAPI")
+    local.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the model in this Python (needs torch and MONAI), no backend: a prompt log is answered with "
+        "the engine settings it records",
+    )
     remote = p.add_argument_group("remote backend")
     remote.add_argument("--url", default="", help="SegAssist server URL, for example https://host:8470")
     remote.add_argument("--token", default=os.environ.get("SEGASSIST_REMOTE_TOKEN", ""), help="access token")
@@ -63,6 +74,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.out.name.lower().endswith(SEGMENTATION_SUFFIXES):  # Slicer would write NRRD under any name
         p.error(f"--out {args.out}: a segmentation is written as {' or '.join(SEGMENTATION_SUFFIXES)}")
+    if args.in_process and (args.url or args.server_python):
+        p.error("--in-process runs the model in this Python: not with --url or --server-python")
     return args
 
 
@@ -86,32 +99,57 @@ def backend_settings(args: argparse.Namespace):
     )
 
 
+def in_process_engine(args: argparse.Namespace):
+    """The model in this Python (--in-process): a session of it answers with a log's engine settings."""
+    from SegAssistLib.errors import SegAssistError
+
+    try:
+        from SegAssistLib.engine.builtin import load_default_engine
+    except ImportError as exc:  # Slicer's Python has no torch unless it was installed there
+        raise SegAssistError(
+            f"--in-process needs torch and MONAI in this Python ({exc}): install them, or leave it out to use a backend"
+        ) from exc
+    return load_default_engine(args.model, args.device, args.threads or None)
+
+
 def run(args: argparse.Namespace, scene, markups_logic):
     """Load, segment, save; returns the SegmentationResult. Raises SegAssistError with the reason."""
     from SegAssistLib.errors import SegAssistError
     from SegAssistLib.slicer import segments, volumes
     from SegAssistLib.slicer.backend import BackendManager
-    from SegAssistLib.slicer.logic import load_prompt_file, segment_volume
+    from SegAssistLib.slicer.logic import load_prompts, recorded_settings, segment_volume
 
     if args.url and not args.send_images_to_remote:
         raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
     volume_node = volumes.load_volume_file(scene, args.image)
-    prompts = []
-    for path in args.prompts:
-        prompts.extend(load_prompt_file(path, volume_node, markups_logic))
-    manager = BackendManager(backend_settings(args))
+    files = [load_prompts(path, volume_node, markups_logic) for path in args.prompts]
+    prompts = [prompt for file in files for prompt in file.prompts]
+    settings = recorded_settings(files)  # logs recorded with different settings are refused here
+    manager = None if args.in_process else BackendManager(backend_settings(args))
     try:
         result = segment_volume(
-            manager.client(),
+            in_process_engine(args) if manager is None else manager.client(),
             volume_node,
             prompts,
             segment_name=args.segment_name,
             progress=lambda fraction, message: print(f"[{100 * fraction:5.1f} %] {message}", flush=True),
+            settings=settings,
         )
     finally:
-        manager.close()
+        if manager is not None:
+            manager.close()
     segments.save_segmentation(result.segmentation_node, args.out)
     print(f"{len(prompts)} prompts -> {result.voxel_count} voxels ({result.model}); wrote {args.out}", flush=True)
+    for note in result.notes:  # the backend answered with other engine settings than the log's
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    models = sorted({file.model for file in files if file.model})
+    if len(models) == 1 and result.prompt_log.model and result.prompt_log.model != models[0]:
+        print(
+            f"warning: the prompt log was recorded with model {models[0]}, replayed with {result.prompt_log.model}: "
+            "the mask may differ from the recorded one",
+            file=sys.stderr,
+            flush=True,
+        )
     return result
 
 

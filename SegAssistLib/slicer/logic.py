@@ -13,7 +13,10 @@ markups nodes, converted with the volume's geometry and every parent transform:
 - closed curve -> a lasso through its curve points; open curve or line -> a scribble.
 
 The engine is anything with the engine interface: a :class:`~SegAssistLib.client.SegAssistClient`
-(local or remote backend, see :mod:`.backend`) or an in-process engine.
+(local or remote backend, see :mod:`.backend`) or an in-process engine. A prompt log is replayed with
+the engine settings it records (:func:`load_prompts`, ``segment_volume(settings=...)``): an in-process
+engine answers with them, giving the recorded mask; a server answers with its own, and the result's
+``notes`` say when they differ.
 """
 
 from __future__ import annotations
@@ -28,15 +31,18 @@ import slicer.util
 
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, PromptError, SegAssistError
-from SegAssistLib.headless import (  # noqa: F401 - Cancelled and EngineRun: the module's names for them
+from SegAssistLib.headless import (  # noqa: F401 - Cancelled, EngineRun, ...: the module's names for them
     Cancelled,
     EngineRun,
     ProgressCallback,
+    PromptFile,
     no_progress,
     read_prompt_file,
+    read_prompts,
+    recorded_settings,
     run_prompts,
 )
-from SegAssistLib.prompts import LassoPrompt, Prompt, PromptLog, ScribblePrompt, parse_prompt
+from SegAssistLib.prompts import EngineSettings, LassoPrompt, Prompt, PromptLog, ScribblePrompt, parse_prompt
 from SegAssistLib.slicer import markups, segments, volumes
 from SegAssistLib.slicer.coordinates import build_prompt, ras_to_ijk
 
@@ -54,6 +60,9 @@ class SegmentationResult:
     prompt_log: PromptLog
     model: str
     latencies_s: List[float] = field(default_factory=list)
+    #: what a script should tell its user, one line each (:attr:`EngineRun.notes`): the backend answered
+    #: with engine settings other than those the prompts were recorded with, so the mask may differ
+    notes: List[str] = field(default_factory=list)
 
     @property
     def voxel_count(self) -> int:
@@ -120,7 +129,19 @@ def load_prompt_file(
     a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices of the volume.
     A prompt log recorded on another image (shape, spacing and, schema 1.3, origin and direction:
     a flipped or moved copy of the same scan) is refused, see :func:`~SegAssistLib.headless.check_log_image`.
+    :func:`load_prompts` also gives the engine settings a log records, which replay its mask.
     """
+    return load_prompts(path, volume_node, markups_logic).prompts
+
+
+def load_prompts(
+    path: Union[str, Path],
+    volume_node: slicer.vtkMRMLVolumeNode,
+    markups_logic: Optional[slicer.vtkSlicerMarkupsLogic] = None,
+) -> PromptFile:
+    """The prompts of a file as :func:`load_prompt_file` reads them, with the engine settings and model
+    its prompt log records (schema 1.4; None for markups and bare lists): a replay gives the recorded
+    mask only with those settings (``segment_volume(..., settings=file.settings)``)."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}")
@@ -128,7 +149,7 @@ def load_prompt_file(
         if markups_logic is None:
             raise SegAssistError("reading a .mrk.json file needs the Markups module logic")
         nodes = markups.load_all_markups(markups_logic, str(path))
-        return [prompt for node in nodes for prompt in prompts_from_markups(node, volume_node)]
+        return PromptFile(path, [prompt for node in nodes for prompt in prompts_from_markups(node, volume_node)])
     image_data = volume_node.GetImageData()
     image = None
     if image_data is not None:
@@ -146,7 +167,7 @@ def load_prompt_file(
             pass
         else:
             image = (image_data.GetDimensions(), spacing, name, origin, direction)
-    return read_prompt_file(path, image)
+    return read_prompts(path, image)
 
 
 # ---- segmentation nodes -------------------------------------------------------------------------
@@ -225,6 +246,7 @@ def write_result(
         prompt_log=run.prompt_log,
         model=run.model,
         latencies_s=run.latencies_s,
+        notes=list(run.notes),
     )
 
 
@@ -238,12 +260,18 @@ def segment_volume(
     segment_id: Optional[str] = None,
     color: Optional[Sequence[float]] = None,
     progress: Optional[ProgressCallback] = None,
+    settings: Optional[EngineSettings] = None,
 ) -> SegmentationResult:
     """Segment one object of ``volume_node`` from ``prompts`` into a segment, and return it.
 
     The segment (``segment_id``, else the one called ``segment_name``, else a new one) is replaced
     by the result; other segments are left as they are. Without ``segmentation_node`` a new
     segmentation is created on the volume's geometry. Blocks until done.
+
+    ``settings``: the engine settings the prompts were recorded with (:func:`load_prompts`, or
+    :func:`recorded_settings` of several files; None: the engine's own). An in-process built-in engine
+    answers with them, giving the recorded mask; a backend (a server, local or remote) answers with its
+    own, and the result's ``notes`` say so when they differ.
     """
     report = progress or no_progress
     if volume_node.GetScene() is None:
@@ -251,7 +279,7 @@ def segment_volume(
     report(0.0, "Reading the volume")
     prompt_list = collect_prompts(prompts, volume_node)
     volume = volumes.volume_from_node(volume_node)
-    run = run_prompts(engine, volume, prompt_list, report)
+    run = run_prompts(engine, volume, prompt_list, report, settings)
     report(0.97, "Writing the segment")
     result = write_result(
         run,
