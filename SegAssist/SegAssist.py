@@ -578,6 +578,8 @@ class SegAssistResult:
         self.promptLog = result.prompt_log
         self.model = result.model
         self.voxelCount = result.voxel_count
+        #: one line each for the user: the backend answered with engine settings other than the prompt log's
+        self.notes = list(result.notes)
 
 
 class SegAssistLogic(ScriptedLoadableModuleLogic):
@@ -727,8 +729,13 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         segmentName: str = "SegAssist",
         progress: Optional[Callable[[float, str], None]] = None,
         backend: Any = None,
+        settings: Any = None,
     ) -> SegAssistResult:
-        """Segment ``volumeNode`` from prompts (SegAssist prompts, their dicts, or markups nodes). Blocks."""
+        """Segment ``volumeNode`` from prompts (SegAssist prompts, their dicts, or markups nodes). Blocks.
+
+        ``settings``: the engine settings the prompts were recorded with (a prompt log's, see
+        ``segmentFromFile``); an in-process engine answers with them, a backend with its own, and the
+        result's ``notes`` then say the mask may differ from the recorded one."""
         from SegAssistLib.slicer.backend import engine_for_call
         from SegAssistLib.slicer.logic import segment_volume
 
@@ -741,15 +748,19 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
                 segmentation_node=segmentationNode,
                 segment_name=segmentName,
                 progress=progress,
+                settings=settings,
             )
         return SegAssistResult(result)
 
     def segmentFromFile(self, volumeNode, promptFile: str, **kwargs) -> SegAssistResult:
-        """Segment from a prompt file: SegAssist JSON (voxel coordinates) or a ``.mrk.json`` markups file."""
-        from SegAssistLib.slicer.logic import load_prompt_file
+        """Segment from a prompt file: SegAssist JSON (voxel coordinates) or a ``.mrk.json`` markups file.
+        A prompt log is replayed with the engine settings it records (see ``segment``)."""
+        from SegAssistLib.slicer.logic import load_prompts
 
         markupsLogic = slicer.modules.markups.logic()
-        return self.segment(volumeNode, load_prompt_file(promptFile, volumeNode, markupsLogic), **kwargs)
+        file = load_prompts(promptFile, volumeNode, markupsLogic)
+        kwargs.setdefault("settings", file.settings)
+        return self.segment(volumeNode, file.prompts, **kwargs)
 
     @staticmethod
     def sampleFiles() -> tuple:
