@@ -2,7 +2,8 @@
 nor torch. The Slicer logic (:mod:`SegAssistLib.slicer.logic`) and ``segassist segment`` share it.
 
 - :func:`read_prompt_file`: SegAssist JSON prompts (voxel coordinates of the image) from a file
-  (:func:`read_prompts`: with the engine settings a prompt log records);
+  (:func:`read_prompts`: with the engine settings a prompt log records, and notes such as a log
+  recorded on an image of the same grid with other voxel values: another scan);
 - :func:`run_prompts`: open a session on any engine (a :class:`~SegAssistLib.client.SegAssistClient`
   or an in-process engine), apply the prompts in order, return the mask and the prompt log. Given a
   log's engine settings (:func:`recorded_settings`), an in-process engine answers with them, and
@@ -22,7 +23,7 @@ import numpy as np
 
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
-from SegAssistLib.image import Volume, geometry_difference
+from SegAssistLib.image import Volume, geometry_difference, voxel_digest
 from SegAssistLib.prompt_mirror import Flips, mirror_prompt, mirrored_axes
 from SegAssistLib.prompts import EngineSettings, Prompt, PromptLog, describe_validation_error, parse_prompt
 
@@ -64,14 +65,19 @@ def check_log_image(
     image_name: str,
     origin: Optional[Sequence[float]] = None,
     direction: Optional[Sequence[Sequence[float]]] = None,
-) -> None:
+    voxels: Optional[np.ndarray] = None,
+) -> Optional[str]:
     """A log recorded on an image of another shape, spacing, origin or direction holds voxel
     coordinates of that image: replayed here they would land somewhere else, silently (a flipped
     copy of the same scan has the same shape and spacing). Origin and direction (ITK's, LPS) are
     compared when both the log (schema 1.3) and the caller give them, with the tolerances of
-    :func:`~SegAssistLib.image.geometry_difference`."""
+    :func:`~SegAssistLib.image.geometry_difference`.
+
+    On the same grid, the note of :func:`voxels_note` when the caller gives the image's ``voxels``
+    (array order ``[k, j, i]``) and they are not those the log records: returned, not raised (None: no
+    note)."""
     if log.image is None:
-        return
+        return None
     recorded = log.image
     shape = tuple(int(n) for n in shape_ijk)
     if shape != tuple(recorded.shape_ijk) or not np.allclose(spacing, recorded.spacing, rtol=1e-3, atol=1e-6):
@@ -94,6 +100,26 @@ def check_log_image(
             f"{difference} recorded in the log (same shape and spacing: a flipped, reoriented or moved copy?): "
             "its voxel coordinates would land elsewhere"
         )
+    return voxels_note(path, log, voxels, image_name)
+
+
+def voxels_note(path: Path, log: PromptLog, voxels: Optional[np.ndarray], image_name: str) -> Optional[str]:
+    """What to tell the user when the log's image (same grid, checked by the caller) held other voxel
+    values than ``voxels`` (``[k, j, i]``): another scan of the same protocol, a follow-up, another
+    reconstruction of the series. A note, not a refusal: the prompts still name voxels of this grid.
+    None when they are the same, or when either side has no digest (a log written before the digest
+    was, ``voxels`` not given): :func:`~SegAssistLib.image.voxel_digest` is computed only when the log
+    records one."""
+    recorded = None if log.image is None else log.image.recorded_digest()
+    if recorded is None or voxels is None:
+        return None
+    if voxel_digest(voxels) == recorded:
+        return None
+    return (
+        f"{path}: the prompt log was recorded on an image with other voxel values than {image_name} (the same "
+        "grid, but another image.sha256: another scan, or another series of the same protocol?): the mask may "
+        "differ from the recorded one"
+    )
 
 
 def _stored_in_reverse(log: PromptLog, image: tuple) -> Optional[Flips]:
@@ -108,8 +134,9 @@ def _stored_in_reverse(log: PromptLog, image: tuple) -> Optional[Flips]:
 
 
 def image_of(volume: Volume, name: str) -> tuple:
-    """What :func:`read_prompt_file` checks a prompt log against: the volume's whole geometry."""
-    return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction)
+    """What :func:`read_prompt_file` checks a prompt log against: the volume's whole geometry, and its
+    voxels (a log recorded on other voxel values of the same grid is noted, see :func:`voxels_note`)."""
+    return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction, volume.array)
 
 
 @dataclass
@@ -121,6 +148,9 @@ class PromptFile:
     prompts: List[Prompt]
     settings: Optional[EngineSettings] = None
     model: Optional[str] = None
+    #: what the user should know before the mask is trusted, one line each: the log was recorded on an
+    #: image of the same grid with other voxel values (:func:`voxels_note`)
+    notes: List[str] = field(default_factory=list)
 
 
 def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> List[Prompt]:
@@ -128,11 +158,13 @@ def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> L
     an object with a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices.
     :func:`read_prompts` also gives the engine settings a log records.
 
-    ``image``: ``(shape_ijk, spacing, name)`` or ``(shape_ijk, spacing, name, origin, direction)`` of the
-    image the prompts are for (origin and direction as ITK's, LPS: see :func:`image_of`); a prompt log
-    that records another image is refused (see :func:`check_log_image`). A log of the same image whose
+    ``image``: ``(shape_ijk, spacing, name)``, ``(shape_ijk, spacing, name, origin, direction)`` or
+    ``(shape_ijk, spacing, name, origin, direction, voxels)`` of the image the prompts are for (origin and
+    direction as ITK's, LPS; voxels its array, ``[k, j, i]``: see :func:`image_of`); a prompt log that
+    records another image is refused (see :func:`check_log_image`). A log of the same image whose
     voxels the caller holds in reverse order along some axes (Slicer's copy of a left-handed file) has its
-    prompts moved to the caller's order (:mod:`SegAssistLib.prompt_mirror`).
+    prompts moved to the caller's order (:mod:`SegAssistLib.prompt_mirror`). A log recorded on the same
+    grid with other voxel values is read; :func:`read_prompts` gives the note that says so.
     """
     return read_prompts(path, image).prompts
 
@@ -154,17 +186,21 @@ def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> Promp
             log = PromptLog.model_validate(data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise PromptError(f"{path}: invalid prompt log: {describe_validation_error(exc)}") from exc
-        prompts = list(log.prompts)
+        prompts, note = list(log.prompts), None
         if image is not None:
             try:
-                check_log_image(path, log, *image)
+                note = check_log_image(path, log, *image)
             except PromptError:
                 flips = _stored_in_reverse(log, image)
                 if flips is None:
                     raise
                 # the same image with its voxels in another order (Slicer's, of a left-handed file)
                 prompts = [mirror_prompt(p, flips, tuple(image[0])[::-1]) for p in log.prompts]
-        return PromptFile(path, prompts, log.engine, log.model)
+                voxels = image[5] if len(image) > 5 else None
+                if voxels is not None:  # the log's order back: a view, the digest reads it in slabs
+                    voxels = np.asarray(voxels)[tuple(slice(None, None, -1 if f else 1) for f in flips)]
+                note = voxels_note(path, log, voxels, image[2])
+        return PromptFile(path, prompts, log.engine, log.model, [note] if note else [])
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise PromptError(f"{path}: expected a list of prompts or an object with a 'prompts' list")

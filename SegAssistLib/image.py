@@ -10,6 +10,10 @@ upload frame, the client before it hashes) sees, hashes and stores the same floa
 Geometry must fit the files images are stored in: NIfTI keeps spacing and origin as float32, so
 :func:`validate_image` refuses a NaN, infinite or out-of-float32-range origin or spacing instead of
 letting it become NaN or 0 on disk.
+
+:func:`voxel_digest` is the digest of an image's voxel values alone (not their dtype, not the file
+they came from), which a prompt log records (``image.sha256``) to tell a replay on another scan of the
+same grid.
 """
 
 from __future__ import annotations
@@ -74,6 +78,94 @@ class Volume:
         h.update(np.asarray(self.direction, np.float64).tobytes())
         h.update(memoryview(arr).cast("B"))
         return h.hexdigest()
+
+
+VOXEL_DIGEST_TAG = "segassist-voxels-v1"
+VOXEL_DIGEST_CHUNK = 1 << 20  # voxels converted and hashed at a time: 8 MiB as float64, whatever the image
+_INTEGER_CLASSES = (("int16", "<i2"), ("int32", "<i4"), ("int64", "<i8"), ("uint64", "<u8"))
+
+
+def _c_order_chunks(arr: np.ndarray, chunk_voxels: int):
+    """Consecutive pieces of ``arr`` in C order (slabs of whole slices, else rows, else parts of a row),
+    each of at most ``chunk_voxels`` voxels: no copy of the whole array, whatever its strides."""
+    if arr.ndim == 0:
+        yield arr.reshape(1)
+    elif arr.size <= chunk_voxels:
+        yield arr
+    else:
+        per = arr[0].size  # > 0: arr.size > chunk_voxels >= 1
+        if per <= chunk_voxels:
+            step = chunk_voxels // per
+            for start in range(0, arr.shape[0], step):
+                yield arr[start : start + step]
+        else:
+            for index in range(arr.shape[0]):
+                yield from _c_order_chunks(arr[index], chunk_voxels)
+
+
+def _digest_class(arr: np.ndarray, chunk_voxels: int) -> Tuple[str, str]:
+    """The canonical type the values of ``arr`` are hashed in (name, numpy dtype), from the values alone."""
+    kind = arr.dtype.kind
+    if kind not in "biuf":
+        raise ImageError(f"image dtype {arr.dtype} is not numeric (integer or float expected)")
+    if arr.size == 0:
+        return _INTEGER_CLASSES[0]
+    if kind in "biu":
+        lo, hi = int(arr.min()), int(arr.max())
+    else:  # a float image: of integers (a CT stored as float32), or not
+        lo, hi = np.inf, -np.inf
+        for chunk in _c_order_chunks(arr, chunk_voxels):
+            if not (np.isfinite(chunk).all() and np.array_equal(chunk, np.trunc(chunk))):
+                with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: inf, not equal
+                    fits32 = arr.dtype.itemsize <= 4 or all(
+                        np.array_equal(part.astype(np.float32), part, equal_nan=True)
+                        for part in _c_order_chunks(arr, chunk_voxels)
+                    )
+                return ("float32", "<f4") if fits32 else ("float64", "<f8")
+            lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+        if lo < -(2.0**63) or hi >= 2.0**64:
+            return "float64", "<f8"  # whole numbers beyond int64 and uint64: as float64, which holds them
+        lo, hi = int(lo), int(hi)
+    for name, dtype in _INTEGER_CLASSES:
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return name, dtype
+    return "float64", "<f8"  # a float image of integers from below int64's range to above it
+
+
+def voxel_digest(array: np.ndarray, chunk_voxels: int = VOXEL_DIGEST_CHUNK) -> str:
+    """SHA-256 (hex) of an image's voxel values, the same for every representation of the same values:
+    the image read from NIfTI, NRRD or MHA, or re-saved as another dtype that holds them exactly.
+
+    The values are hashed in the first of these types that holds every one of them exactly: ``int16``,
+    ``int32``, ``int64``, ``uint64`` when all are integers (a float image of whole numbers too),
+    else ``float32``, else ``float64`` (a negative zero as zero, every NaN as one NaN). The bytes hashed
+    are the ASCII line ``"segassist-voxels-v1 <type> <ni> <nj> <nk>\\n"`` (the shape, i first), then
+    the values in that type, little-endian, i varying fastest, then j, then k: the order NIfTI, NRRD
+    and MHA store them in (``array`` is indexed ``[k, j, i]``, C order). Geometry is not part of it.
+
+    Hashed ``chunk_voxels`` at a time (the digest does not depend on it): a 512x512x600 CT is never
+    copied whole. It reads the values twice (their range, then the hash): about 0.15 s for a
+    512x512x300 int16 CT on one core, as it hashes the stored bytes; 0.2 to 0.3 s for the same
+    values as int32 or float32; a float64 image of that size up to 1.7 s (its values checked, then
+    converted).
+    """
+    arr = np.asarray(array)
+    chunk_voxels = max(1, int(chunk_voxels))
+    name, dtype = _digest_class(arr, chunk_voxels)
+    h = hashlib.sha256(f"{VOXEL_DIGEST_TAG} {name} {' '.join(str(n) for n in arr.shape[::-1])}\n".encode("ascii"))
+    floating = name.startswith("float")
+    with np.errstate(invalid="ignore"):
+        for chunk in _c_order_chunks(arr, chunk_voxels):
+            values = np.ascontiguousarray(chunk, dtype=dtype)  # no copy when already so stored
+            if floating:
+                values = values + values.dtype.type(0)  # -0.0 + 0.0 is 0.0
+                nan = np.isnan(values)
+                if nan.any():
+                    values[nan] = np.nan
+            if values.size:
+                h.update(values)  # C-contiguous: its bytes, as they lie
+    return h.hexdigest()
 
 
 def geometry_difference(a: Volume, b: Volume, tolerance: float = 1e-3) -> Optional[str]:

@@ -15,7 +15,9 @@ whole or not at all (``--out`` and ``--log`` both or neither), and an existing f
 A prompt log that records the engine settings it was answered with (schema 1.4: ``segassist serve
 --edge-band 0``, ``--refine-depth 2``, ...) is replayed with them, so that it gives the recorded mask;
 ``--refine-depth`` and ``--edge-band`` replace the log's (a note says so). A server (``--url``) answers
-with its own settings: a warning says when they differ from the log's.
+with its own settings: a warning says when they differ from the log's. A log recorded on an image of
+the same grid with other voxel values (its ``image.sha256``: another scan of the same protocol, a
+follow-up) is replayed, with a warning that the mask may differ; ``--log`` records the image's digest.
 """
 
 from __future__ import annotations
@@ -224,7 +226,8 @@ def run_segment(args: argparse.Namespace) -> int:
     median_ms = 1000 * statistics.median(run.latencies_s)
     print(f"{len(prompts)} prompts -> {run.voxel_count} voxels ({run.model}); median {median_ms:.0f} ms per prompt; "
           f"wrote {', '.join(str(p) for p in written)}", flush=True)
-    for note in run.notes:  # a server answered with other engine settings than the log's
+    # the log was recorded on other voxel values (another scan), a server answered with other engine settings
+    for note in [note for file in files for note in file.notes] + run.notes:
         print(f"warning: {note}", file=sys.stderr, flush=True)
     models = sorted({file.model for file in files if file.model})
     if len(models) == 1 and run.prompt_log.model and run.prompt_log.model != models[0]:

@@ -82,6 +82,7 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
         self._current = 0
         self._mask = np.zeros(self._shape, np.uint8)
         self._closed = False
+        self._image: Optional[ImageInfo] = None  # made once: its voxel digest reads the whole image
 
     # --- prompts -------------------------------------------------------------------------------
     def _check(self, prompt: Prompt) -> None:
@@ -200,9 +201,10 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
         return self._mask.copy()
 
     def prompt_log(self) -> PromptLog:
-        info = ImageInfo.from_volume(self._volume)
+        if self._image is None:
+            self._image = ImageInfo.from_volume(self._volume)
         prompts = list(self._states[self._current])
-        return PromptLog(image=info, model=self._engine.capabilities().name, prompts=prompts)
+        return PromptLog(image=self._image.model_copy(), model=self._engine.capabilities().name, prompts=prompts)
 
     def close(self) -> None:
         self._closed = True
