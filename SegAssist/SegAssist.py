@@ -760,7 +760,9 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         markupsLogic = slicer.modules.markups.logic()
         file = load_prompts(promptFile, volumeNode, markupsLogic)
         kwargs.setdefault("settings", file.settings)
-        return self.segment(volumeNode, file.prompts, **kwargs)
+        result = self.segment(volumeNode, file.prompts, **kwargs)
+        result.notes = [*file.notes, *result.notes]  # a log recorded on another scan of this grid, first
+        return result
 
     @staticmethod
     def sampleFiles() -> tuple:

@@ -140,6 +140,9 @@ def run(args: argparse.Namespace, scene, markups_logic):
             manager.close()
     segments.save_segmentation(result.segmentation_node, args.out)
     print(f"{len(prompts)} prompts -> {result.voxel_count} voxels ({result.model}); wrote {args.out}", flush=True)
+    for file in files:  # a log recorded on another scan of this grid (same geometry, other voxel values)
+        for note in file.notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
     for note in result.notes:  # the backend answered with other engine settings than the log's
         print(f"warning: {note}", file=sys.stderr, flush=True)
     models = sorted({file.model for file in files if file.model})

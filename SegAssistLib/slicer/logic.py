@@ -166,7 +166,9 @@ def load_prompts(
         except ImageError:  # a degenerate matrix: shape and spacing are all there is to check
             pass
         else:
-            image = (image_data.GetDimensions(), spacing, name, origin, direction)
+            voxels = slicer.util.arrayFromVolume(volume_node)  # a view: hashed only if the log records a digest
+            # a log recorded on another scan of this grid is noted in the file's notes, not refused
+            image = (image_data.GetDimensions(), spacing, name, origin, direction, voxels if voxels.ndim == 3 else None)
     return read_prompts(path, image)
 
 

@@ -172,3 +172,34 @@ def test_a_markups_file_beside_a_log_keeps_the_logs_settings(ctx, recorded):
     bad.write_text(json.dumps({"schema_version": "1.4", "engine": {"edge_band": 0.5}, "prompts": []}))
     with pytest.raises(PromptError, match="invalid prompt log"):
         load_prompts(bad, node)
+
+
+def test_a_log_replayed_on_another_scan_of_the_same_grid_is_noted_in_the_scene_and_by_the_example(
+    ctx, recorded, tmp_path, capsys
+):
+    """The log records its image's voxel digest: a volume of the same grid with other values (a
+    follow-up, another patient of the protocol) is read, with a note; the recorded scan gives none."""
+    import SimpleITK as sitk
+
+    path, log, mask = recorded
+    assert log.image is not None and log.image.recorded_digest()
+    image = sitk.ReadImage(str(SAMPLE))
+    changed = sitk.GetArrayFromImage(image)
+    changed[tuple(n // 2 for n in changed.shape)] += 1  # one voxel: another scan as far as a digest can tell
+    follow_up = sitk.GetImageFromArray(changed)
+    follow_up.CopyInformation(image)
+    other = tmp_path / "follow_up.nrrd"
+    sitk.WriteImage(follow_up, str(other))
+
+    assert load_prompts(path, volumes.load_volume_file(ctx.scene, SAMPLE)).notes == []
+    file = load_prompts(path, volumes.load_volume_file(ctx.scene, other))
+    assert file.prompts == list(log.prompts)  # read all the same: the prompts name voxels of this grid
+    assert len(file.notes) == 1 and "recorded on an image with other voxel values" in file.notes[0]
+
+    example = _example_module()
+    out = tmp_path / "follow_up.seg.nrrd"
+    args = ["--image", str(other), "--prompts", str(path), "--out", str(out), "--segment-name", "hippocampus",
+            "--threads", "1", "--in-process"]  # fmt: skip
+    assert example.main(args) == 0
+    assert "warning: " in (err := capsys.readouterr().err) and "other voxel values" in err
+    assert out.is_file()
