@@ -163,6 +163,6 @@ def help_rows() -> List[Tuple[str, str]]:
     """(keys, what they do) for the help text, mouse first."""
     rows = [
         ("Left click / drag", "use the active tool with the active polarity"),
-        ("Ctrl + left click / drag", "the same with the opposite polarity"),
+        ("Ctrl + left click / drag", "the same with the opposite polarity (a box is always positive)"),
     ]
     return rows + [(s.label, s.description) for s in SHORTCUTS]
