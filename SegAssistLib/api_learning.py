@@ -94,8 +94,15 @@ class SaveLabel(_Model):
     session_id: Optional[str] = Field(None, pattern=SESSION_ID_PATTERN)
     mask: Optional[ArrayPayload] = Field(None, description="uint8 [k, j, i], the case's shape (without session)")
     submit: bool = Field(True, description="true: the case becomes submitted; false: a draft")
-    seconds_spent: float = Field(0.0, ge=0)
-    n_interactions: Optional[int] = Field(None, ge=0, le=MAX_INTERACTIONS)
+    seconds_spent: Optional[float] = Field(
+        None, ge=0, description="annotation time in seconds; omitted or null: not measured, recorded as unknown (null)"
+    )
+    n_interactions: Optional[int] = Field(
+        None,
+        ge=0,
+        le=MAX_INTERACTIONS,
+        description="prompts it took; omitted or null: the session's count of prompts, and for a mask unknown (null)",
+    )
 
 
 class LabelInfo(ReplyModel):
@@ -108,8 +115,10 @@ class LabelInfo(ReplyModel):
     sha256: str
     model: Optional[str] = None
     adapter_version: Optional[str] = None
-    n_interactions: int
-    seconds_spent: float
+    n_interactions: Optional[int] = Field(
+        description="prompts it took; null: unknown (a mask saved without a count; never recorded as 0)"
+    )
+    seconds_spent: Optional[float] = Field(description="annotation time in seconds; null: not measured")
     submitted: bool
     n_foreground: int
     has_prompt_log: bool

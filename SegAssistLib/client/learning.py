@@ -62,6 +62,12 @@ def _job_path(job_id: str) -> str:
     return f"{_BASE}/jobs/{path_id(job_id, 'job id')}"
 
 
+def _seconds(seconds_spent: Optional[float]) -> dict:
+    """The body's ``seconds_spent``: left out when not measured (the server records it as unknown; a
+    server before that defaults it to 0 and would refuse a null)."""
+    return {} if seconds_spent is None else {"seconds_spent": float(seconds_spent)}
+
+
 @dataclass
 class NextCase:
     """The chosen case, the image id to open a session on, and the proposal as a full mask."""
@@ -155,19 +161,17 @@ class LearningClient:
         self,
         case_id: str,
         session: Union[RemoteSession, str],
-        seconds_spent: float = 0.0,
+        seconds_spent: Optional[float] = None,
         submit: bool = True,
         n_interactions: Optional[int] = None,
     ) -> LabelInfo:
         """Save the session's current mask as a label version, with its prompt log and the model
-        version that answered as provenance (``submit=False``: a draft, the case stays in progress)."""
+        version that answered as provenance (``submit=False``: a draft, the case stays in progress).
+        ``n_interactions`` None: the session's count of prompts; ``seconds_spent`` None: not measured
+        (the label version says null, unknown)."""
         session_id = session if isinstance(session, str) else session.session_id
-        body = {
-            "session_id": session_id,
-            "submit": submit,
-            "seconds_spent": float(seconds_spent),
-            "n_interactions": n_interactions,
-        }
+        body = {"session_id": session_id, "submit": submit, "n_interactions": n_interactions}
+        body.update(_seconds(seconds_spent))
         return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body))
 
     def _post_once(self, path: str, body: dict) -> Any:
@@ -179,20 +183,17 @@ class LearningClient:
         self,
         case_id: str,
         mask: np.ndarray,
-        seconds_spent: float = 0.0,
+        seconds_spent: Optional[float] = None,
         submit: bool = True,
         n_interactions: Optional[int] = None,
     ) -> LabelInfo:
         """Save a mask drawn elsewhere (label values 0-255 ``[k, j, i]``, the case's shape) as a label
         version; :class:`ImageError` for other values, before anything is sent (a cast to uint8 would
-        wrap 300 to 44 and -1 to 255, and truncate a soft mask's 0.9 to 0)."""
+        wrap 300 to 44 and -1 to 255, and truncate a soft mask's 0.9 to 0). ``n_interactions`` and
+        ``seconds_spent`` None: unknown, recorded as such (null), not as 0."""
         payload = ArrayPayload.from_array(as_labels(mask), available_codecs()[0])
-        body = {
-            "mask": payload.model_dump(),
-            "submit": submit,
-            "seconds_spent": float(seconds_spent),
-            "n_interactions": n_interactions,
-        }
+        body = {"mask": payload.model_dump(), "submit": submit, "n_interactions": n_interactions}
+        body.update(_seconds(seconds_spent))
         return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body))
 
     def review(

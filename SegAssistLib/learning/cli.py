@@ -54,7 +54,14 @@ from SegAssistLib.learning.datastore import (
     subjects_from_names,
 )
 from SegAssistLib.learning.errors import CaseLockedError, DatastoreError
-from SegAssistLib.learning.records import CaseRecord, CaseStatus, ImportReport, check_user, printable_text
+from SegAssistLib.learning.records import (
+    CaseRecord,
+    CaseStatus,
+    ImportReport,
+    LabelVersion,
+    check_user,
+    printable_text,
+)
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
 
 
@@ -138,10 +145,11 @@ def register(subparsers) -> None:
                    "another image than the case's (shape, spacing, placement) is refused")
     p.add_argument("--model", help="model version that produced it (provenance; default: the one the prompt log "
                    "records; its adapter version, 0.3.0+v3 -> v3, is recorded too)")
-    p.add_argument("--seconds", type=float, default=0.0,
-                   help="annotation time spent (default 0: not measured, as over HTTP)")
+    p.add_argument("--seconds", type=float,
+                   help="annotation time spent (default: not measured, recorded as unknown, not as 0)")
     p.add_argument("--interactions", type=int, dest="n_interactions",
-                   help="prompts it took (default: the prompt log's count of prompts, else 0)")
+                   help="prompts it took (default: the prompt log's count of prompts; without a log, unknown, "
+                   "not 0)")
 
     p = add("review", "accept or reject the latest submitted label of a case (accepted: reviewed; rejected: back "
             "to in_progress)", cmd_review)
@@ -424,8 +432,16 @@ def cmd_save(args: argparse.Namespace) -> int:
                                  adapter_version=adapter_id_of(model), n_interactions=args.n_interactions,
                                  seconds_spent=args.seconds, submit=not args.draft)
     what = "draft" if args.draft else "submitted"
-    _print(args, label.to_dict(), f"saved label version {label.version} ({label.id}) of {case.name}, {what}")
+    _print(args, label.to_dict(), f"saved label version {label.version} ({label.id}) of {case.name}, {what}; "
+           f"{_label_effort(label)}")
     return 0
+
+
+def _label_effort(label: LabelVersion) -> str:
+    """A label version's count of prompts and annotation time as text, "unknown" where it is (never 0)."""
+    prompts = "unknown" if label.n_interactions is None else str(label.n_interactions)
+    seconds = "not measured" if label.seconds_spent is None else f"{label.seconds_spent:.1f} s"
+    return f"interactions: {prompts}, time spent: {seconds}"
 
 
 def cmd_review(args: argparse.Namespace) -> int:

@@ -25,11 +25,22 @@ together (``traindata``). None (the default, and every case of a store made befo
 existed) makes the case its own subject. It is set at import, given or drawn from the case's name
 by a pattern (:func:`subject_from_name`), or later (:meth:`Datastore.set_subjects`).
 
-Schema versions (``meta.schema_version``): 1, the first; 2, ``cases.subject``. A store of schema 1 is
-migrated when it is opened (the column is added, every case its own subject, nothing else changes),
-in one transaction; a store of a newer schema than this code knows is refused before anything is
-written to it, never changed. Schema-1 code refuses a migrated store: it would split a subject's
-cases between training and validation. Opening a store of the current schema writes nothing.
+Schema versions (``meta.schema_version``): 1, the first; 2, ``cases.subject``; 3, a label version's
+``n_interactions`` and ``seconds_spent`` may be NULL, unknown: a label saved without a prompt log or a
+count of prompts (a mask file, a mask over HTTP), or without a measured time, is no longer recorded
+as made in 0 prompts and 0 seconds (read back as None; see :meth:`Datastore.save_label`).
+
+A store of an older schema is migrated when it is opened, in one transaction (whole or not at all: a
+crash midway leaves the store of its old schema, as it was; of two processes opening it at once, the
+second finds it done): 1 -> 2 adds the column, every case its own subject; 2 -> 3 rebuilds the labels
+table (SQLite cannot drop a NOT NULL constraint in place: a new table, every row copied with its
+rowid, the old one dropped, the new one renamed, its indexes made again), every row and value kept as
+it was. A 0 recorded before schema 3 stays 0: it may have been the old default for "not given" (a
+label saved without a prompt log) as well as a real count, and the store cannot tell which. A store
+of a newer schema than this code knows is refused before anything is written to it, never changed.
+Older code refuses a migrated store: schema-1 code would split a subject's cases between training and
+validation, schema-2 code cannot read an unknown count. Opening a store of the current schema writes
+nothing.
 
 A store this user can only read (another user's, on a read-only disk) can still be read (``learn
 status``, ``cases``, ``export``); a change to it is refused with a :class:`StoreAccessError`, and so is
@@ -92,7 +103,7 @@ from SegAssistLib.learning.sources import find_sources
 from SegAssistLib.prompts import PromptLog, describe_validation_error
 from SegAssistLib.transport import wire_volume
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class NotLockedError(InvalidStateError):
@@ -133,8 +144,8 @@ CREATE TABLE IF NOT EXISTS labels (
     created_at REAL NOT NULL,
     model TEXT,
     adapter_version TEXT,
-    n_interactions INTEGER NOT NULL,
-    seconds_spent REAL NOT NULL,
+    n_interactions INTEGER,
+    seconds_spent REAL,
     submitted INTEGER NOT NULL,
     n_foreground INTEGER NOT NULL,
     prompt_log TEXT,
@@ -154,6 +165,9 @@ CREATE TABLE IF NOT EXISTS reviews (
 );
 """
 _SCHEMA_STATEMENTS = tuple(s.strip() for s in _SCHEMA.split(";") if s.strip())  # run one by one in a transaction
+_LABELS_TABLE = next(s for s in _SCHEMA_STATEMENTS if s.startswith("CREATE TABLE IF NOT EXISTS labels ("))
+_UNKNOWABLE = ("n_interactions", "seconds_spent")  # NULL when unknown (schema 3); NOT NULL before
+_LABELS_REBUILT = "labels_v3"  # the labels table of schema 3 while it is filled (only inside the upgrade)
 # errors of the calling code, not of the store: never turned into a StoreAccessError
 _CODE_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError)
 
@@ -344,19 +358,62 @@ class Datastore:
                     f"the datastore is read-only to this server and needs {what}",
                 )
             self._use_wal()
-            with self._write() as db:
-                version = self._schema_version(db)  # again, holding the write lock: another process may have
-                self._refuse_newer(version)
-                if version == SCHEMA_VERSION:
-                    return
-                for statement in _SCHEMA_STATEMENTS:  # IF NOT EXISTS: a new store, or what schema 1 lacks
-                    db.execute(statement)
-                columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
-                if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
-                    db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
-                db.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                )
+            # the labels table is rebuilt (2 -> 3) while the reviews point at it: foreign keys are checked
+            # again once it is back (a pragma that only takes effect outside a transaction)
+            self._conn.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with self._write() as db:
+                    version = self._schema_version(db)  # again, holding the write lock: another process may have
+                    self._refuse_newer(version)
+                    if version == SCHEMA_VERSION:
+                        return
+                    for statement in _SCHEMA_STATEMENTS:  # IF NOT EXISTS: a new store, or what schema 1 lacks
+                        db.execute(statement)
+                    columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
+                    if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
+                        db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
+                    self._rebuild_labels(db)  # 2 -> 3: unknown counts and times may be NULL
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                    )
+            finally:
+                self._conn.execute("PRAGMA foreign_keys=ON")
+
+    def _rebuild_labels(self, db: sqlite3.Connection) -> None:
+        """Schema 2 (or 1) -> 3, in the caller's transaction: the labels table made again without NOT NULL
+        on ``n_interactions`` and ``seconds_spent`` (SQLite cannot drop it in place). Every row is copied
+        with its rowid (the order of saving) and every value as it was, a 0 included; the indexes and
+        triggers made on the old table are made again. Nothing to do for a table that allows NULL."""
+        info = db.execute("PRAGMA table_info(labels)").fetchall()
+        old = [c["name"] for c in info]
+        if not any(c["notnull"] for c in info if c["name"] in _UNKNOWABLE):
+            return
+        extras = [r["sql"] for r in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') AND tbl_name = 'labels' "
+            "AND sql IS NOT NULL ORDER BY type, name"
+        )]  # fmt: skip
+        db.execute(_LABELS_TABLE.replace("CREATE TABLE IF NOT EXISTS labels (", f"CREATE TABLE {_LABELS_REBUILT} (", 1))
+        new = {c["name"] for c in db.execute(f"PRAGMA table_info({_LABELS_REBUILT})")}
+        unknown = [name for name in old if name not in new]
+        if unknown:  # never dropped with the old table: refused, the store left as it was (rolled back)
+            raise DatastoreError(
+                f"datastore {self.root}: its labels table has column(s) {', '.join(unknown)} that schema "
+                f"{SCHEMA_VERSION} does not know; it was not upgraded"
+            )
+        columns = ", ".join(f'"{name}"' for name in old)
+        before = db.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
+        db.execute(f"INSERT INTO {_LABELS_REBUILT} (rowid, {columns}) SELECT rowid, {columns} FROM labels")
+        copied = db.execute(f"SELECT COUNT(*) FROM {_LABELS_REBUILT}").fetchone()[0]
+        if copied != before:
+            raise DamagedStoreError(
+                f"datastore {self.root}: copying its {before} label versions for the schema upgrade copied "
+                f"{copied}; it was not upgraded",
+                "the datastore's label versions could not be copied for its schema upgrade",
+            )
+        db.execute("DROP TABLE labels")
+        db.execute(f"ALTER TABLE {_LABELS_REBUILT} RENAME TO labels")
+        for sql in extras:
+            db.execute(sql)
 
     def _schema_version(self, db: sqlite3.Connection) -> Optional[int]:
         """The store's schema version, read only; None for a database without one (a new store)."""
@@ -855,13 +912,16 @@ class Datastore:
         model: Optional[str] = None,
         adapter_version: Optional[str] = None,
         n_interactions: Optional[int] = None,
-        seconds_spent: float = 0.0,
+        seconds_spent: Optional[float] = None,
         submit: bool = True,
     ) -> LabelVersion:
         """Save a new label version of a case with its provenance; never changes an earlier version.
 
         ``mask`` is in array order ``[k, j, i]`` on the case's grid, integer values 0-255.
-        ``n_interactions`` defaults to the number of prompts in ``prompt_log``. With ``submit``
+        ``n_interactions``: the prompts it took; None: the number of prompts in ``prompt_log``, and
+        without a prompt log unknown (stored as NULL, read back as None: a mask drawn elsewhere is not
+        a label made in 0 prompts). ``seconds_spent``: the annotation time; None: not measured
+        (unknown, as the count). An explicit 0 is recorded as 0. With ``submit``
         the case becomes ``submitted`` and its lock is released; otherwise the version is a draft
         and the case is ``in_progress``. Raises :class:`CaseLockedError` when another user holds
         the case, and :class:`InvalidStateError` for any save to a submitted or reviewed case whose
@@ -873,17 +933,21 @@ class Datastore:
         model = check_text(model, "model")
         adapter_version = check_text(adapter_version, "adapter version")
         log = _parse_prompt_log(prompt_log)
-        if n_interactions is None:
-            n_interactions = len(log.prompts) if log is not None else 0
-        if not _is_count(n_interactions, MAX_INTERACTIONS):
+        if n_interactions is None and log is not None:
+            n_interactions = len(log.prompts)
+        if n_interactions is not None and not _is_count(n_interactions, MAX_INTERACTIONS):
             raise DatastoreError(
-                f"n_interactions must be an integer from 0 to {MAX_INTERACTIONS}, got {n_interactions!r}"
+                f"n_interactions must be an integer from 0 to {MAX_INTERACTIONS} (or None: unknown), "
+                f"got {n_interactions!r}"
             )
-        if isinstance(seconds_spent, (bool, str)) or not isinstance(seconds_spent, (int, float, np.number)):
-            raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")
-        seconds = float(seconds_spent)
-        if not np.isfinite(seconds) or seconds < 0:
-            raise DatastoreError(f"seconds_spent must be a finite non-negative number, got {seconds_spent!r}")
+        seconds: Optional[float] = None
+        if seconds_spent is not None:
+            number = not isinstance(seconds_spent, (bool, str)) and isinstance(seconds_spent, (int, float, np.number))
+            seconds = float(seconds_spent) if number else float("nan")
+            if not np.isfinite(seconds) or seconds < 0:
+                raise DatastoreError(
+                    f"seconds_spent must be a finite non-negative number (or None: not measured), got {seconds_spent!r}"
+                )
         shape, reference = self._geometry(case_id)
         labels = _check_mask(mask, shape)
         rows = self._read("SELECT * FROM cases WHERE id = ?", (case_id,))
@@ -919,7 +983,7 @@ class Datastore:
                         now,
                         model,
                         adapter_version,
-                        int(n_interactions),
+                        int(n_interactions) if n_interactions is not None else None,
                         seconds,
                         int(bool(submit)),
                         int(np.count_nonzero(labels)),
@@ -953,8 +1017,8 @@ class Datastore:
             sha256=row["sha256"],
             model=row["model"],
             adapter_version=row["adapter_version"],
-            n_interactions=int(row["n_interactions"]),
-            seconds_spent=float(row["seconds_spent"]),
+            n_interactions=None if row["n_interactions"] is None else int(row["n_interactions"]),  # None: unknown
+            seconds_spent=None if row["seconds_spent"] is None else float(row["seconds_spent"]),
             submitted=bool(row["submitted"]),
             n_foreground=int(row["n_foreground"]),
             has_prompt_log=bool(row["has_prompt_log"]),

@@ -3,7 +3,10 @@
 An MSD export is a folder ``imagesTr/<name>.nii.gz``, ``labelsTr/<name>.nii.gz`` (optionally
 ``segmentations/<name>.seg.nrrd``) and ``dataset.json``. ``dataset.json`` carries, beside the MSD
 keys, a ``segassist`` section with each case's label version, provenance and subject (the patient,
-null when the case is its own: see ``Datastore.subjects``).
+null when the case is its own: see ``Datastore.subjects``). A label version's ``n_interactions`` and
+``seconds_spent`` are null where they are unknown (a mask saved without a prompt log or a count, a
+time not measured), never 0: a script summing them must leave those cases out, not count them as
+labels made in no prompt and no time.
 
 Every file to export is checked against its recorded checksum before anything is written: a damaged
 image or label stops the export naming its cases (``skip_damaged``: they are left out, each named,

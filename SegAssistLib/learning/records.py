@@ -147,8 +147,8 @@ class LabelVersion:
     sha256: str
     model: Optional[str]
     adapter_version: Optional[str]
-    n_interactions: int
-    seconds_spent: float
+    n_interactions: Optional[int]  # prompts it took; None: unknown (saved without a prompt log or a count)
+    seconds_spent: Optional[float]  # annotation time; None: not measured
     submitted: bool
     n_foreground: int
     has_prompt_log: bool

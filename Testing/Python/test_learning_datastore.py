@@ -437,7 +437,8 @@ def test_bad_input_is_refused_with_clear_errors(store: Datastore):
         store.save_label(case.id, np.full(case.shape, 300, np.int32), "alice")
     with pytest.raises(DatastoreError, match="integers"):
         store.save_label(case.id, np.full(case.shape, 0.5), "alice")
-    for seconds in (float("nan"), "abc", None, True):  # text and None raised ValueError, TypeError
+    # text raised ValueError; None is no error: not measured (test_learning_unknown_effort)
+    for seconds in (float("nan"), float("inf"), -1.0, "abc", True):
         with pytest.raises(DatastoreError, match="seconds_spent"):
             store.save_label(case.id, good, "alice", seconds_spent=seconds)
     for count in (-1, 2**63, 1.5, float("nan"), float("inf"), "3"):  # NaN, inf: ValueError, OverflowError

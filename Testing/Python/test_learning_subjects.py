@@ -360,8 +360,11 @@ def schema_1_store(root: Path, schema_version: str = "1") -> Dict[str, list]:
     con.execute("ATTACH DATABASE ? AS current", (str(db),))
     rows = {}
     for table in ("cases", "labels", "image_hashes", "reviews"):
-        columns = ", ".join(r[1] for r in con.execute(f"PRAGMA main.table_info({table})"))
-        con.execute(f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM current.{table}")
+        names = [r[1] for r in con.execute(f"PRAGMA main.table_info({table})")]
+        columns = ", ".join(names)
+        # a count or a time not given (NULL since schema 3) was written as 0 then
+        chosen = ", ".join(f"COALESCE({n}, 0)" if n in ("n_interactions", "seconds_spent") else n for n in names)
+        con.execute(f"INSERT INTO main.{table} ({columns}) SELECT {chosen} FROM current.{table}")
         rows[table] = con.execute(f"SELECT {columns} FROM main.{table} ORDER BY rowid").fetchall()
     con.execute("INSERT INTO main.meta (key, value) VALUES ('schema_version', ?)", (schema_version,))
     con.commit()
