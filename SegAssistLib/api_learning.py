@@ -36,6 +36,8 @@ MAX_TRAIN_BATCH_SIZE = 64
 #: Simulated clicks per validation case: the default is 3; 20 is the most the interactive segmentation
 #: literature counts (NoC@20), and each click is one more model answer per case at every validation.
 MAX_VAL_CLICKS = 20
+#: most held-back cases one validation runs (each costs val_clicks simulated clicks per version compared)
+MAX_VAL_CASES = 200
 
 CASE_ID_PATTERN = r"^[0-9a-f]{16}$"
 LABEL_ID_PATTERN = r"^[0-9a-f]{32}$"
@@ -162,6 +164,9 @@ class TrainRequest(_Model):
     time_budget_s: Optional[float] = Field(None, gt=0, le=MAX_TRAIN_BUDGET_S)
     batch_size: Optional[int] = Field(None, gt=0, le=MAX_TRAIN_BATCH_SIZE, description="patches per step")
     val_clicks: Optional[int] = Field(None, gt=0, le=MAX_VAL_CLICKS, description="simulated clicks per validation case")
+    max_val_cases: Optional[int] = Field(
+        None, gt=0, le=MAX_VAL_CASES, description="most submitted cases held back for validation (default 8)"
+    )
     validate_every: Optional[int] = Field(None, gt=0)
     min_improvement: Optional[float] = Field(
         None, ge=-1, le=1, description="promote only above the incumbent's validation Dice plus this"

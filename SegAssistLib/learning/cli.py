@@ -198,6 +198,9 @@ def register(subparsers) -> None:
     budget.add_argument("--seconds", type=float, help="the time budget in seconds instead (default 300)")
     p.add_argument("--batch-size", type=int, help="patches per step, 1 to 64 (default 2)")
     p.add_argument("--val-clicks", type=int, help="simulated clicks per validation case, 1 to 20 (default 3)")
+    p.add_argument("--max-val-cases", type=int,
+                   help="most submitted cases held back for validation, 1 to 200 (default 8; fewer: a shorter "
+                   "validation, less reliable)")
     p.add_argument("--validate-every", type=int,
                    help="steps between progress validations (default 0: only before and after training)")
     p.add_argument("--min-improvement", type=float,
@@ -603,7 +606,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings: Dict[str, Any] = {"kind": args.kind}
     for name in ("rank", "lora_rank", "alpha", "learning_rate", "max_steps", "batch_size", "val_clicks",
-                 "validate_every", "min_improvement", "label_value", "threads", "seed", "device"):
+                 "max_val_cases", "validate_every", "min_improvement", "label_value", "threads", "seed", "device"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value

@@ -292,6 +292,19 @@ def test_train_help_describes_the_budget_steps_and_kind_with_their_defaults(caps
     assert f"{defaults.kind} (" in options["kind"] and "default" in options["kind"], options["kind"]
 
 
+def test_the_validation_size_the_trainers_advice_names_can_be_set_from_the_command_line(store, capsys):
+    """A validation that could not finish advised "fewer val_clicks or max_val_cases", and no
+    command-line flag (nor HTTP field) set max_val_cases."""
+    store_root, ckpt = store
+    assert main(train_args(store_root, ckpt, *SHORT, "--max-val-cases", "1")) == 0
+    folder = jobs._job_dirs_newest_first(jobs.jobs_folder(store_root))[0]
+    assert jobs._read_json(folder / "job.json")["config"]["max_val_cases"] == 1
+    assert jobs._read_json(folder / "status.json")["state"] == "done"
+    capsys.readouterr()
+    assert main(train_args(store_root, ckpt, *SHORT, "--max-val-cases", "0")) == 2
+    assert "max_val_cases must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_next_refuses_a_user_without_lock(store, capsys):
     """``learn next --user alice`` without ``--lock`` locked nothing and said nothing."""
     store_root, _ = store

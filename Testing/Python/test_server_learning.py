@@ -440,13 +440,16 @@ def test_seeds_and_budgets_out_of_range_are_refused_not_a_server_error(learn_ser
 def test_training_batch_size_and_validation_clicks_have_upper_bounds_above_their_defaults():
     from pydantic import ValidationError
 
-    from SegAssistLib.api_learning import MAX_TRAIN_BATCH_SIZE, MAX_VAL_CLICKS, TrainRequest
+    from SegAssistLib.api_learning import MAX_TRAIN_BATCH_SIZE, MAX_VAL_CASES, MAX_VAL_CLICKS, TrainRequest
     from SegAssistLib.learning.trainer import AdapterTrainConfig
 
     defaults = AdapterTrainConfig()
     assert defaults.batch_size < MAX_TRAIN_BATCH_SIZE == 64 and defaults.val_clicks < MAX_VAL_CLICKS == 20
-    assert TrainRequest(batch_size=64, val_clicks=20).settings() == {"kind": "salt", "batch_size": 64, "val_clicks": 20}
-    for name, bound in (("batch_size", MAX_TRAIN_BATCH_SIZE), ("val_clicks", MAX_VAL_CLICKS)):
+    assert defaults.max_val_cases < MAX_VAL_CASES == 200
+    assert TrainRequest(batch_size=64, val_clicks=20, max_val_cases=200).settings() == {
+        "kind": "salt", "batch_size": 64, "val_clicks": 20, "max_val_cases": 200}  # fmt: skip
+    bounds = (("batch_size", MAX_TRAIN_BATCH_SIZE), ("val_clicks", MAX_VAL_CLICKS), ("max_val_cases", MAX_VAL_CASES))
+    for name, bound in bounds:
         with pytest.raises(ValidationError, match=rf"(?s){name}.*less than or equal to {bound}"):
             TrainRequest(**{name: bound + 1})
 
