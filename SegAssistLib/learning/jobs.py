@@ -9,6 +9,7 @@ another terminal) can follow or cancel a job, and a restarted server finds it ag
     status.json   progress (state, phase, step, loss, validation Dice, result) and the worker's pid
                   (recorded by the parent as soon as it started), replaced whole
     cancel        created to ask the job to stop; it stops between steps or validation cases
+    alive         locked (``flock``) for the worker's whole life: the job's liveness for any process
     worker.log    the process's output (tracebacks)
 
 Why a process and not a thread: training and inference would share the interpreter lock and torch's
@@ -21,7 +22,20 @@ releases it even when the worker is killed), then ends at once (``os._exit``: th
 teardown, torch's above all, took seconds with the lock held, and a start right after a job failed).
 A second start finds the lock taken and raises :class:`TrainingBusyError`; while the newest job's
 status is already final (its worker on its way out) a start waits a little longer for the lock.
-The worker also arms a watchdog that ends it if it overruns its time budget by a wide margin.
+
+Whether a job whose status is not final still runs: the process that started it polls its worker;
+any other process probes the job's ``alive`` file, which the parent creates locked and hands to
+the worker, which keeps it until it ends (the kernel releases the lock with the process, however it
+ends). A recorded pid says less: after a restart (a container's above all) another process, even
+the next job's worker, may have it. Job folders without that file (written before it existed) are
+judged by their recorded pid and the training lock.
+
+The worker also arms a watchdog that ends it if it overruns its time budget by a wide margin. The
+watchdog and the worker's main thread share a lock: the main thread holds it for each status write
+and from the start of its registration until its final status is written, so the watchdog never
+stops a job that is recording its version; a registration stuck for ``COMMIT_GRACE_S`` more is
+stopped all the same, with a final status that agrees with the registry (``done`` with the version
+when the registry names one made by this job, else ``failed``).
 (``flock`` is POSIX: on Windows jobs run, but one-at-a-time is not enforced across processes and a
 worker that died silently is not detected by processes other than the one that started it.)
 """
@@ -29,6 +43,7 @@ worker that died silently is not detected by processes other than the one that s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -40,7 +55,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, NoReturn, Optional, Tuple, Union
 
 from SegAssistLib.client.local import process_alive
 from SegAssistLib.learning.loop_errors import JobNotFoundError, TrainingBusyError, TrainingError
@@ -56,7 +71,9 @@ LOCK_NAME = ".train.lock"
 LOCK_PATIENCE_S = 1.0
 FINISHING_PATIENCE_S = 30.0  # for the lock of a job whose final status is written (its worker is ending)
 WATCHDOG_GRACE_S = 60.0
-REGISTERING_GRACE_TURNS = 5  # watchdog turns a job may spend registering its version
+COMMIT_GRACE_S = 300.0  # how much longer the watchdog waits for a job that is recording its version
+REGISTRY_LOCK_WAIT_S = 10.0  # for the registry's lock, before a stopped job's status is decided
+ALIVE_NAME = "alive"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -143,6 +160,55 @@ def _worker_gone(pid: Any) -> bool:
     return known and not process_alive(pid)
 
 
+def _hold_alive(folder: Path) -> Optional[int]:
+    """A descriptor holding an exclusive ``flock`` on the job's ``alive`` file, for its worker to
+    inherit (``None`` without ``flock``). Locked under a temporary name, then renamed: no reader
+    ever finds the file unlocked while the job lives, nor takes the lock before its owner."""
+    if fcntl is None:  # pragma: no cover - Windows: the recorded pid only
+        return None
+    tmp = folder / f".{ALIVE_NAME}.{uuid.uuid4().hex[:8]}"
+    fd = os.open(str(tmp), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(tmp, folder / ALIVE_NAME)
+    except BaseException as exc:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):  # a file system without flock: the job is judged by its pid
+            return None
+        raise
+    return fd
+
+
+def _job_alive(folder: Path) -> Optional[bool]:
+    """Whether the job's worker still runs, from its ``alive`` file's lock (held by the worker for its
+    whole life, whatever its pid has become since); ``None`` when that cannot tell: a job folder from
+    before the file existed, or no ``flock``."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(str(folder / ALIVE_NAME), os.O_RDONLY)
+    except OSError:  # missing (an older job), or unreadable
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        # the worker holds it; any other error (a file system without flock) tells nothing
+        return True if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)  # closing releases a lock this probe took
+    return False
+
+
+def _close_all(fds: List[int]) -> None:
+    """Close each descriptor once: taken off the list before it is closed (an interruption between the
+    two leaves it open, never closes a number another open has been given since)."""
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
+
+
 def training_running(store_root: Union[str, Path]) -> bool:
     """Whether some process holds this datastore's training lock right now."""
     fd = _try_lock(store_root)
@@ -189,8 +255,11 @@ class TrainingJob:
             return data
         if self.process is not None:
             dead = code is not None
-        else:  # started by another process: its worker's pid, then the datastore's training lock
-            dead, code = _worker_gone(data.get("pid")) or not training_running(self.store_root), None
+        else:  # started by another process: the lock its worker holds on the job's alive file
+            alive = _job_alive(self.folder)
+            if alive is None:  # an older job folder: its worker's pid, then the datastore's training lock
+                alive = not _worker_gone(data.get("pid")) and training_running(self.store_root)
+            dead, code = not alive, None
             if dead:  # it may have finished between the two reads
                 data = _read_json(self.folder / "status.json") or data
                 data["job_id"] = self.job_id
@@ -282,7 +351,9 @@ def start_training(
     """Start a training job in a new process; raises :class:`TrainingBusyError` if one is running.
 
     ``config`` is an ``AdapterTrainConfig`` or a dict of its fields (checked here, so a bad setting
-    fails at once, not in the worker).
+    fails at once, not in the worker). An exception that interrupts the start once the worker has
+    started (Ctrl-C, or SIGTERM turned into an exception by the caller's handler) writes the job's
+    cancel flag before it leaves, and carries the job as its ``training_job`` attribute, to wait for.
     """
     from SegAssistLib.learning.trainer import AdapterTrainConfig  # torch: only when training
 
@@ -306,10 +377,16 @@ def start_training(
         raise TrainingBusyError(
             f"a training job is already running on this datastore{which}: wait for it or cancel it"
         )
+    held = [fd]  # descriptors to close here: the worker holds its own copies
+    process: Optional[subprocess.Popen] = None
+    launching = False
     try:
         job_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         folder = jobs_folder(store_root) / job_id
         folder.mkdir(parents=True)
+        alive_fd = _hold_alive(folder)
+        if alive_fd is not None:
+            held.append(alive_fd)
         spec = {"store_root": str(store_root), "checkpoint": str(checkpoint), "config": cfg.to_dict(), "job_id": job_id}
         (folder / "job.json").write_text(json.dumps(spec, indent=1))
         from SegAssistLib.learning.trainer import write_json_replace
@@ -320,27 +397,33 @@ def start_training(
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(cfg.threads)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        try:
-            with open(folder / "worker.log", "ab") as log:
-                process = subprocess.Popen(
-                    [python or sys.executable, "-m", "SegAssistLib.learning.jobs", str(folder), str(fd)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    pass_fds=(fd,) if fcntl is not None else (),
-                    start_new_session=True,  # Ctrl-C in a terminal goes to the CLI, which cancels cleanly
-                )
-            _record_pid(folder / "status.json", process.pid)
-        except BaseException:  # Ctrl-C or SIGTERM in the caller: a worker that started stops at once
+        with open(folder / "worker.log", "ab") as log:
+            launching = True  # from here on the worker may run (the interruption may come before process is set)
+            process = subprocess.Popen(
+                [python or sys.executable, "-m", "SegAssistLib.learning.jobs", str(folder), str(fd),
+                 str(alive_fd if alive_fd is not None else "-")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=tuple(held) if fcntl is not None else (),
+                start_new_session=True,  # Ctrl-C in a terminal goes to the CLI, which cancels cleanly
+            )
+        # the worker runs: up to the return, whatever interrupts this start cancels it (below)
+        _record_pid(folder / "status.json", process.pid)
+        _close_all(held)
+        job = TrainingJob(job_id, folder, store_root, process)
+        # collect its exit status as soon as it ends, whoever started it (else a zombie until we exit)
+        threading.Thread(target=process.wait, name=f"segassist-reap-{job_id}", daemon=True).start()
+        return job
+    except BaseException as exc:  # Ctrl-C, or SIGTERM raised by the caller's handler: a started worker stops
+        if launching:
             with contextlib.suppress(OSError):
                 (folder / "cancel").touch()
-            raise
-    finally:
-        os.close(fd)  # the worker holds its own copy of the locked descriptor
-    # collect its exit status as soon as it ends, whoever started it (else a zombie until we exit)
-    threading.Thread(target=process.wait, name=f"segassist-reap-{job_id}", daemon=True).start()
-    return TrainingJob(job_id, folder, store_root, process)
+            with contextlib.suppress(Exception):  # for the caller to wait for it to stop
+                exc.training_job = TrainingJob(job_id, folder, store_root, process)  # type: ignore[attr-defined]
+        _close_all(held)
+        raise
 
 
 def _job_dirs_newest_first(folder: Path) -> List[Path]:
@@ -410,7 +493,7 @@ def lower_priority(nice: int) -> Dict[str, Any]:
 
 def _worker(folder: Path) -> int:
     spec = json.loads((folder / "job.json").read_text())
-    from SegAssistLib.learning.trainer import AdapterTrainConfig, StatusWriter, run_training
+    from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
 
     cfg = AdapterTrainConfig.from_dict(spec["config"])
     status_path = folder / "status.json"
@@ -421,30 +504,25 @@ def _worker(folder: Path) -> int:
     with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
 
+    # held by the main thread for each status write and from the start of its registration until its
+    # final status is written (run_training's status_lock); the watchdog judges the job holding it
+    status_lock = threading.RLock()
+    overrun = (f"the job overran its time budget of {cfg.time_budget_s:.0f} s by more than "
+               f"{max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s):.0f} s and was stopped")
+
     def watchdog() -> None:
+        if not status_lock.acquire(timeout=COMMIT_GRACE_S):  # recording its version for minutes: stuck
+            _stop_overrun(folder, spec, _read_json(status_path) or {},
+                          f"{overrun} (its registration had not ended {COMMIT_GRACE_S:.0f} s later)")
         latest = _read_json(status_path) or {}
         if latest.get("state") in FINAL_STATES:
+            status_lock.release()
             return  # finished meanwhile: the worker is on its way out
-        if latest.get("phase") == "registering" and len(timers) <= REGISTERING_GRACE_TURNS:
-            arm(WATCHDOG_GRACE_S)  # recording a version: stopped now, the registry and this status would
-            return  # disagree (promoted, yet "failed"); a registration stuck for minutes is stopped
-        writer = StatusWriter(status_path)
-        writer.data.update(latest)
-        writer.update(
-            force=True, state="failed", phase="finished",
-            error=f"the job overran its time budget of {cfg.time_budget_s:.0f} s by more than "
-            f"{max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s):.0f} s and was stopped",
-        )
-        os._exit(3)
+        _stop_overrun(folder, spec, latest, overrun)  # with the lock: the main thread writes nothing more
 
-    timers: List[threading.Timer] = []
-
-    def arm(delay_s: float) -> None:
-        timers.append(threading.Timer(delay_s, watchdog))
-        timers[-1].daemon = True
-        timers[-1].start()
-
-    arm(cfg.time_budget_s + max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s))
+    timer = threading.Timer(cfg.time_budget_s + max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s), watchdog)
+    timer.daemon = True
+    timer.start()
     cancel_flag = folder / "cancel"
     try:
         run_training(
@@ -455,29 +533,74 @@ def _worker(folder: Path) -> int:
             status_path=status_path,
             should_stop=cancel_flag.exists,
             status_extra={"threads": torch.get_num_threads(), "nice": cfg.nice},
+            status_lock=status_lock,
         )
         return 0
     except Exception as exc:
         traceback.print_exc()
-        data = _read_json(status_path) or {}
-        data.update(state="failed", phase="finished", error=str(exc), error_code=getattr(exc, "code", "internal"),
-                    updated_at=time.time())
         from SegAssistLib.learning.trainer import write_json_replace
 
-        write_json_replace(status_path, data)
+        with status_lock:
+            data = _read_json(status_path) or {}
+            data.update(state="failed", phase="finished", error=str(exc), error_code=getattr(exc, "code", "internal"),
+                        updated_at=time.time())
+            write_json_replace(status_path, data)
         return 1
     finally:
-        for timer in timers:
-            timer.cancel()
+        timer.cancel()
+
+
+def _stop_overrun(folder: Path, spec: Dict[str, Any], latest: Dict[str, Any], error: str) -> NoReturn:
+    """End a worker that overran its budget (exit code 3), after a final status that agrees with the
+    registry: ``done`` with this job's version when the registry names one (it overran after recording
+    it), else ``failed``. The registry's lock is taken first and kept until the exit, so that no thread
+    of this process records a version after the registry was read (not taken within
+    ``REGISTRY_LOCK_WAIT_S``, by a registration stuck while holding it: the registry is read as it is)."""
+    from SegAssistLib.learning.registry import BASE, REJECTED, AdapterRegistry
+    from SegAssistLib.learning.trainer import StatusWriter, TrainingResult
+
+    try:
+        registry = AdapterRegistry(spec["store_root"])
+        with contextlib.suppress(Exception):
+            registry.lock_until_exit(REGISTRY_LOCK_WAIT_S)
+        try:
+            state = registry.read()
+            record = next((v for v in reversed(state.versions) if v.job_id == spec["job_id"]), None)
+        except Exception:  # unreadable: nothing known to be recorded
+            state, record = None, None
+        writer = StatusWriter(folder / "status.json")
+        writer.data.update(latest)
+        if record is None or state is None:
+            writer.update(force=True, state="failed", phase="finished", error=error)
+        else:
+            promoted = record.status != REJECTED  # rolled back since: it was promoted first
+            what = f"version {record.id} was registered{' and promoted' if promoted else ''}"
+            reason = f"{record.reason}; {what}, then {error}" if record.reason else f"{what}, then {error}"
+            result = TrainingResult(
+                state="done", version=record, promoted=promoted, current=state.current,
+                incumbent=record.incumbent or BASE, incumbent_dice=record.incumbent_dice, val_dice=record.val_dice,
+                steps=record.steps, train_seconds=record.train_seconds, reason=reason,
+                total_seconds=time.time() - float(latest.get("started_at") or time.time()),
+            )
+            writer.update(force=True, state="done", phase="finished", message=reason, result=result.to_dict())
+    except Exception:  # a full disk...: the worker ends all the same
+        traceback.print_exc()
+    finally:
+        _exit_now(3)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        print("usage: python -m SegAssistLib.learning.jobs <job folder> [<locked fd>]", file=sys.stderr)
+        print("usage: python -m SegAssistLib.learning.jobs <job folder> [<locked fd> [<alive fd>]]",
+              file=sys.stderr)
         return 2
     # argv[1] is the locked descriptor inherited from the parent: keeping it open holds the lock
     lock_fd = int(argv[1]) if len(argv) > 1 and argv[1].isdigit() else None
+    # argv[2], the locked descriptor of the job's alive file: never closed, the exit releases it
+    if len(argv) > 2 and argv[2].isdigit():
+        with contextlib.suppress(OSError):
+            os.set_inheritable(int(argv[2]), False)  # a process this one starts must not keep the job "alive"
     code = _worker(Path(argv[0]))
     # the final status is written (run_training's last write, or the failure above): the datastore is
     # free for the next job now, not after the interpreter's teardown

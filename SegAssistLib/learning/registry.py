@@ -241,6 +241,31 @@ class AdapterRegistry:
                 if fcntl is not None:
                     fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
 
+    def lock_until_exit(self, timeout_s: float) -> bool:
+        """Take the registry's file lock and keep it until this process ends: from then on no version can
+        be recorded, by another process or by another thread of this one (``flock`` on a descriptor of
+        its own conflicts with theirs). For a training job's watchdog about to stop its worker: what it
+        reads of the registry stays true until the exit releases the lock. False when the lock was not
+        free within ``timeout_s`` (a writer holds it, perhaps this process's stuck main thread), or
+        without ``flock``."""
+        if fcntl is None:  # pragma: no cover - not on the platforms CI runs
+            return False
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(str(self._lock_path), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return False
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True  # the descriptor stays open: the lock goes with the process
+            except OSError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.05)
+
     def _event(self, state: RegistryState, action: str, **details: Any) -> None:
         state.events.append({"time": self._clock(), "action": action, **details})
 

@@ -43,6 +43,7 @@ separate process it starts, so that interactive inference keeps its core.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -57,7 +58,14 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from SegAssistLib.api_learning import MAX_SEED, MAX_TRAIN_BATCH_SIZE, MAX_TRAIN_BUDGET_S, MAX_VAL_CLICKS, is_seed
+from SegAssistLib.api_learning import (
+    MAX_SEED,
+    MAX_TRAIN_BATCH_SIZE,
+    MAX_TRAIN_BUDGET_S,
+    MAX_VAL_CASES,
+    MAX_VAL_CLICKS,
+    is_seed,
+)
 from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint, torch_device
@@ -127,7 +135,9 @@ class AdapterTrainConfig:
         for name, value in positive_ints.items():
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise TrainingError(f"{name} must be a positive integer, got {value!r}")
-        for name, most in (("batch_size", MAX_TRAIN_BATCH_SIZE), ("val_clicks", MAX_VAL_CLICKS)):  # as the HTTP API
+        bounds = (("batch_size", MAX_TRAIN_BATCH_SIZE), ("val_clicks", MAX_VAL_CLICKS),
+                  ("max_val_cases", MAX_VAL_CASES))  # fmt: skip
+        for name, most in bounds:  # as the HTTP API
             if getattr(self, name) > most:
                 raise TrainingError(f"{name} must be an integer from 1 to {most}, got {getattr(self, name)!r}")
         if not (math.isfinite(self.time_budget_s) and 0 < self.time_budget_s <= MAX_TRAIN_BUDGET_S):
@@ -210,7 +220,9 @@ class StatusWriter:
     """The job's status as a JSON file, replaced whole on each write (readers never see a partial one).
 
     Not fsynced: it is progress for a person or a poller, recreated by the next write; what must
-    survive a crash (versions, the registry) is written with ``SegAssistLib.files``.
+    survive a crash (versions, the registry) is written with ``SegAssistLib.files``. ``lock``: held
+    for each write of the file (a job's watchdog holds it to write its own final status, then ends
+    the process: no write of this writer lands after that one).
     """
 
     def __init__(
@@ -218,11 +230,13 @@ class StatusWriter:
         path: Optional[Path],
         min_interval_s: float = 0.5,
         callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+        lock: Optional[Any] = None,
         **initial: Any,
     ) -> None:
         self.path = Path(path) if path is not None else None
         self.min_interval_s = min_interval_s
         self.callback = callback
+        self.lock = lock if lock is not None else contextlib.nullcontext()
         self.data: Dict[str, Any] = {"state": "starting", "pid": os.getpid(), "started_at": time.time()}
         self.data.update(initial)
         self._last = 0.0
@@ -235,7 +249,8 @@ class StatusWriter:
         self._last = now
         self.data["updated_at"] = now
         if self.path is not None:
-            write_json_replace(self.path, self.data)
+            with self.lock:
+                write_json_replace(self.path, self.data)
         if self.callback is not None:
             self.callback(dict(self.data))
 
@@ -470,12 +485,18 @@ def run_training(
     should_stop: Optional[Callable[[], bool]] = None,
     on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
     status_extra: Optional[Dict[str, Any]] = None,
+    status_lock: Optional[Any] = None,
 ) -> TrainingResult:
     """One training run in this process (see the module docstring). ``jobs`` runs it in another.
 
     ``status_path``: where to keep the JSON status; ``on_progress(status)``: called with the same
     data (at most every ``status_every_s``, and at every phase change); ``should_stop()``: polled
     between steps and validation cases; ``status_extra``: fields added to the status.
+    ``status_lock``: a re-entrant lock (``threading.RLock``) held for every write of the status file,
+    and from just before the registration until the final status is written. ``jobs``' watchdog
+    takes it before it judges the job: it never stops a job that is recording its version (the
+    registry would name a version that the job's status calls failed), nor writes over its final
+    status.
     """
     t_start = time.perf_counter()
     cfg = (config or AdapterTrainConfig()).check()
@@ -484,6 +505,7 @@ def run_training(
         status_path,
         cfg.status_every_s,
         on_progress,
+        status_lock,
         job_id=job_id,
         kind=cfg.kind,
         max_steps=cfg.max_steps,
@@ -661,63 +683,65 @@ def run_training(
             f"time_budget_s, or fewer val_clicks or max_val_cases",
         )
     result.val_dice = cand_val.dice
-    status.update(force=True, phase="registering", val_dice=cand_val.dice,
-                  val_first_click_dice=cand_val.first_click_dice)
-    better = cand_val.dice > inc_val.dice + cfg.min_improvement
-    reason = (
-        f"validation Dice {cand_val.dice:.4f} vs {inc_val.dice:.4f} of {version_label(incumbent)}"
-        f" ({'better' if better else 'not better'}"
-        f"{f' by more than {cfg.min_improvement}' if cfg.min_improvement else ''})"
-    )
-    if note:
-        reason += f"; {note}"
-    meta = {
-        "job_id": job_id,
-        "val_dice": cand_val.dice,
-        "incumbent": version_label(incumbent),
-        "incumbent_dice": inc_val.dice,
-        "train_cases": train_ids,
-        "val_cases": val_ids,
-        "val_subjects": val_subjects,
-        "steps": step,
-        "config": cfg.to_dict(),
-        "prompt_mix": mix.to_dict(),
-    }
-
-    def writer(path: Path, version_id: str) -> None:
-        candidate.save(path, dict(meta, version=version_id))
-
-    if stop():  # a cancel that arrived during the final validation still wins: nothing is registered
-        return _finish(status, result, t_start, "cancelled")
-
-    record = registry.add_version(
-        cfg.kind,
-        writer,
-        {
-            "base_identity": base.identity,
+    # from here to the final status the job records its result: the watchdog waits for it (status_lock)
+    with status_lock if status_lock is not None else contextlib.nullcontext():
+        status.update(force=True, phase="registering", val_dice=cand_val.dice,
+                      val_first_click_dice=cand_val.first_click_dice)
+        better = cand_val.dice > inc_val.dice + cfg.min_improvement
+        reason = (
+            f"validation Dice {cand_val.dice:.4f} vs {inc_val.dice:.4f} of {version_label(incumbent)}"
+            f" ({'better' if better else 'not better'}"
+            f"{f' by more than {cfg.min_improvement}' if cfg.min_improvement else ''})"
+        )
+        if note:
+            reason += f"; {note}"
+        meta = {
+            "job_id": job_id,
             "val_dice": cand_val.dice,
-            "incumbent": incumbent.id if incumbent is not None else None,
+            "incumbent": version_label(incumbent),
             "incumbent_dice": inc_val.dice,
             "train_cases": train_ids,
             "val_cases": val_ids,
+            "val_subjects": val_subjects,
             "steps": step,
-            "train_seconds": round(train_seconds, 3),
-            "trainable_parameters": int(candidate.trainable),
-            "trainable_share": float(candidate.share),
-            "warm_start": candidate.warm_from,
-            "reason": reason,
             "config": cfg.to_dict(),
             "prompt_mix": mix.to_dict(),
-            "job_id": job_id,
-        },
-        promote=better,
-        expected_current=expected_current,
-    )
-    result.state = "done"
-    result.version = record
-    result.promoted = record.status == "promoted"
-    result.current = registry.read().current
-    return _finish(status, result, t_start, record.reason)
+        }
+
+        def writer(path: Path, version_id: str) -> None:
+            candidate.save(path, dict(meta, version=version_id))
+
+        if stop():  # a cancel that arrived during the final validation still wins: nothing is registered
+            return _finish(status, result, t_start, "cancelled")
+
+        record = registry.add_version(
+            cfg.kind,
+            writer,
+            {
+                "base_identity": base.identity,
+                "val_dice": cand_val.dice,
+                "incumbent": incumbent.id if incumbent is not None else None,
+                "incumbent_dice": inc_val.dice,
+                "train_cases": train_ids,
+                "val_cases": val_ids,
+                "steps": step,
+                "train_seconds": round(train_seconds, 3),
+                "trainable_parameters": int(candidate.trainable),
+                "trainable_share": float(candidate.share),
+                "warm_start": candidate.warm_from,
+                "reason": reason,
+                "config": cfg.to_dict(),
+                "prompt_mix": mix.to_dict(),
+                "job_id": job_id,
+            },
+            promote=better,
+            expected_current=expected_current,
+        )
+        result.state = "done"
+        result.version = record
+        result.promoted = record.status == "promoted"
+        result.current = registry.read().current
+        return _finish(status, result, t_start, record.reason)
 
 
 def _finish(status: StatusWriter, result: TrainingResult, t_start: float, reason: str) -> TrainingResult:

@@ -303,6 +303,8 @@ def test_the_validation_size_the_trainers_advice_names_can_be_set_from_the_comma
     capsys.readouterr()
     assert main(train_args(store_root, ckpt, *SHORT, "--max-val-cases", "0")) == 2
     assert "max_val_cases must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(train_args(store_root, ckpt, *SHORT, "--max-val-cases", "201")) == 2  # as the HTTP API's bound
+    assert "max_val_cases must be an integer from 1 to 200, got 201" in capsys.readouterr().err
 
 
 def test_next_refuses_a_user_without_lock(store, capsys):
