@@ -62,6 +62,11 @@ def _job_path(job_id: str) -> str:
     return f"{_BASE}/jobs/{path_id(job_id, 'job id')}"
 
 
+# label replies with an unknown count or time as null (a server sends 0 to a client that does not ask: one
+# from before unknown counts requires a number); a server from before them ignores it and sends its numbers
+_UNKNOWN_AS_NULL = {"unknown": "null"}
+
+
 def _seconds(seconds_spent: Optional[float]) -> dict:
     """The body's ``seconds_spent``: left out when not measured (the server records it as unknown; a
     server before that defaults it to 0 and would refuse a null)."""
@@ -154,7 +159,8 @@ class LearningClient:
         return CaseInfo.model_validate(self._http.json("DELETE", f"{_case_path(case_id)}/lock"))
 
     def labels(self, case_id: str) -> List[LabelInfo]:
-        return [LabelInfo.model_validate(v) for v in self._http.json("GET", f"{_case_path(case_id)}/labels")]
+        reply = self._http.json("GET", f"{_case_path(case_id)}/labels", params=_UNKNOWN_AS_NULL)
+        return [LabelInfo.model_validate(v) for v in reply]
 
     # ---- labels ----------------------------------------------------------------------------------
     def submit(
@@ -172,12 +178,12 @@ class LearningClient:
         session_id = session if isinstance(session, str) else session.session_id
         body = {"session_id": session_id, "submit": submit, "n_interactions": n_interactions}
         body.update(_seconds(seconds_spent))
-        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body))
+        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body, _UNKNOWN_AS_NULL))
 
-    def _post_once(self, path: str, body: dict) -> Any:
+    def _post_once(self, path: str, body: dict, params: Optional[dict] = None) -> Any:
         """A POST that must take effect once (a label version, a lock): see ``HttpClient.request``'s
         ``once``; the server answers a repeat with the first's result."""
-        return self._http.json("POST", path, json=body, once=True)
+        return self._http.json("POST", path, json=body, once=True, params=params)
 
     def save_mask(
         self,
@@ -194,7 +200,7 @@ class LearningClient:
         payload = ArrayPayload.from_array(as_labels(mask), available_codecs()[0])
         body = {"mask": payload.model_dump(), "submit": submit, "n_interactions": n_interactions}
         body.update(_seconds(seconds_spent))
-        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body))
+        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body, _UNKNOWN_AS_NULL))
 
     def review(
         self, case_id: str, accepted: bool, note: Optional[str] = None, label_id: Optional[str] = None

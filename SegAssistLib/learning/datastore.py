@@ -43,7 +43,8 @@ validation, schema-2 code cannot read an unknown count. Opening a store of the c
 nothing.
 
 A store this user can only read (another user's, on a read-only disk) can still be read (``learn
-status``, ``cases``, ``export``); a change to it is refused with a :class:`StoreAccessError`, and so is
+status``, ``cases``, ``export``), one of an older schema too (read as it is, not upgraded: see
+:meth:`Datastore._read_older_schema`); a change to it is refused with a :class:`StoreAccessError`, and so is
 any failure of the database itself (locked by another process for too long, a disk error). A damaged
 database file is a :class:`DamagedStoreError`. Each names the store.
 
@@ -351,33 +352,64 @@ class Datastore:
                 self._use_wal()
                 return
             if self.read_only:
-                what = "setting up" if version is None else f"its schema {version} upgraded to {SCHEMA_VERSION}"
-                raise StoreAccessError(
-                    f"datastore {self.root} is read-only here and needs {what}: open it once with "
-                    "write access to its folder",
-                    f"the datastore is read-only to this server and needs {what}",
-                )
+                self._read_older_schema(version)
+                return
             self._use_wal()
             # the labels table is rebuilt (2 -> 3) while the reviews point at it: foreign keys are checked
             # again once it is back (a pragma that only takes effect outside a transaction)
             self._conn.execute("PRAGMA foreign_keys=OFF")
             try:
-                with self._write() as db:
-                    version = self._schema_version(db)  # again, holding the write lock: another process may have
-                    self._refuse_newer(version)
-                    if version == SCHEMA_VERSION:
-                        return
-                    for statement in _SCHEMA_STATEMENTS:  # IF NOT EXISTS: a new store, or what schema 1 lacks
-                        db.execute(statement)
-                    columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
-                    if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
-                        db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
-                    self._rebuild_labels(db)  # 2 -> 3: unknown counts and times may be NULL
-                    db.execute(
-                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-                    )
+                try:
+                    self._upgrade()
+                except StoreAccessError as exc:
+                    # opened as usual (a database not in WAL mode, or one a writer holds open: read through
+                    # its WAL index), yet this user cannot write it: read it as it is
+                    cause = exc.__cause__
+                    if not (isinstance(cause, sqlite3.Error) and _is_read_only_error(cause)):
+                        raise
+                    self.read_only = True
+                    self._read_older_schema(version)
             finally:
                 self._conn.execute("PRAGMA foreign_keys=ON")
+
+    def _read_older_schema(self, version: Optional[int]) -> None:
+        """A store of an older schema that this user can only read, read as it is: its rows hold what the
+        current schema reads (a 0 where an unknown count is NULL now: as after the upgrade, which keeps
+        them). What it lacks is supplied for this connection alone, in its temporary schema (which names
+        resolve to first; nothing is written to the store): schema 1's ``cases.subject``, NULL (every
+        case its own subject, as the upgrade makes it), and a table an early schema-1 store lacks, empty.
+        Every change is refused (:meth:`_refuse_if_read_only`). A store never set up is refused."""
+        if version is None:
+            raise StoreAccessError(
+                f"datastore {self.root} is read-only here and needs setting up: open it once with "
+                "write access to its folder",
+                "the datastore is read-only to this server and needs setting up",
+            )
+        db = self._conn
+        db.execute("PRAGMA temp_store=MEMORY")  # the disk may be read-only as a whole
+        tables = {r["name"] for r in db.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
+        for statement in _SCHEMA_STATEMENTS:
+            table = re.match(r"CREATE TABLE IF NOT EXISTS (\w+) \(", statement)
+            if table and table.group(1) not in tables:
+                db.execute(statement.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE", 1))
+        columns = {c["name"] for c in db.execute("PRAGMA main.table_info(cases)")}
+        if "subject" not in columns:
+            db.execute("CREATE TEMP VIEW cases AS SELECT *, NULL AS subject FROM main.cases")
+
+    def _upgrade(self) -> None:
+        """A new or older store made current, in one transaction (see :meth:`_init_schema`)."""
+        with self._write() as db:
+            version = self._schema_version(db)  # again, holding the write lock: another process may have
+            self._refuse_newer(version)
+            if version == SCHEMA_VERSION:
+                return
+            for statement in _SCHEMA_STATEMENTS:  # IF NOT EXISTS: a new store, or what schema 1 lacks
+                db.execute(statement)
+            columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
+            if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
+                db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
+            self._rebuild_labels(db)  # 2 -> 3: unknown counts and times may be NULL
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _rebuild_labels(self, db: sqlite3.Connection) -> None:
         """Schema 2 (or 1) -> 3, in the caller's transaction: the labels table made again without NOT NULL

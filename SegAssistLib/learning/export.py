@@ -10,9 +10,14 @@ labels made in no prompt and no time.
 
 Every file to export is checked against its recorded checksum before anything is written: a damaged
 image or label stops the export naming its cases (``skip_damaged``: they are left out, each named,
-and listed in ``dataset.json``). The folder is written under a hidden temporary name beside its
-target (``.<name>.exporting-<id>``) and renamed into place when complete: an export that fails is
-removed, and one killed leaves only that hidden folder, never a half export under the target name.
+and listed in ``dataset.json``). A target that is not empty is refused before anything is read.
+The export is written in a hidden work folder and put in place when complete: an export that fails is
+removed, and one killed leaves only that hidden folder, never a half export under the target's name. A
+new target: the work folder is made beside it (``.<name>.exporting-<id>``) and renamed to it. An
+existing empty folder (``.``, a link to a folder, a mount point): it stays as it is (its permissions,
+owner and ACLs), the work folder is made inside it (``.exporting-<id>``) and its entries are moved up
+into it, ``dataset.json`` last, the work folder then removed. A target that got entries of anyone's
+during the export is refused then, nothing of theirs replaced, nothing of the export left.
 
 File names come from case names, reduced to ``[A-Za-z0-9_-]`` (a case name may have come from a
 client) and made unique with the case id when two cases share a name.
@@ -20,11 +25,13 @@ client) and made unique with the case id when two cases share a name.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -39,6 +46,8 @@ from SegAssistLib.learning.records import CaseRecord, CaseStatus, LabelVersion, 
 
 DEFAULT_EXPORT_STATUSES = (CaseStatus.SUBMITTED, CaseStatus.REVIEWED)
 _SHOWN_DAMAGED = 5  # damaged cases a refusal names
+_WORK_INSIDE = ".exporting-"  # the work folder's name inside an existing (empty) target, before its id
+_DATASET_JSON = "dataset.json"  # moved into place last: an export that has it is whole
 
 
 def safe_file_stem(name: str, fallback: str = "case") -> str:
@@ -94,7 +103,13 @@ def _damage(store: Datastore, case: CaseRecord, label: LabelVersion) -> Optional
 def _check_dest(dest: Path) -> None:
     if dest.exists() and not dest.is_dir():
         raise DatastoreError(f"export folder {dest} is a file: choose a new folder")
-    if dest.exists() and any(dest.iterdir()):
+    entries = sorted(os.listdir(dest)) if dest.exists() else []
+    if entries and all(name.startswith(_WORK_INSIDE) for name in entries):
+        raise DatastoreError(
+            f"export folder {dest} holds only what an interrupted export left ({', '.join(entries)}): "
+            "remove it, or choose a new folder"
+        )
+    if entries:
         raise DatastoreError(f"export folder {dest} is not empty: choose a new folder")
 
 
@@ -105,20 +120,70 @@ def _default_dest(store: Datastore, dest: Optional[Union[str, Path]]) -> Path:
     return Path(dest)
 
 
+def _filled(dest: Path) -> DatastoreError:
+    return DatastoreError(f"export folder {dest} was filled during the export: export again to a new folder")
+
+
 def _move_into_place(work: Path, dest: Path) -> None:
-    """Rename the finished export folder onto ``dest`` (missing, or an empty folder)."""
+    """Rename the finished export folder ``work`` (beside ``dest``) to ``dest``, which did not exist when
+    the export began; one made meanwhile, empty, gets the export's entries (:func:`_move_entries_up`)."""
     try:
-        os.replace(work, dest)  # POSIX: replaces an empty folder in one step
+        os.rename(work, dest)  # POSIX: also onto a folder made empty meanwhile; never onto one with entries
     except OSError as exc:
         if not dest.is_dir():
             raise
         if any(dest.iterdir()):
-            raise DatastoreError(
-                f"export folder {dest} was filled during the export: export again to a new folder"
-            ) from exc
-        dest.rmdir()  # where a folder cannot be replaced (Windows)
-        os.rename(work, dest)
+            raise _filled(dest) from exc
+        _move_entries_up(work, dest)  # it cannot be replaced (a mount point, Windows): it stays as it is
+        return
     fsync_dir(dest.parent)
+
+
+def _move_entries_up(work: Path, dest: Path) -> None:
+    """Move the finished export's entries from ``work`` into ``dest``, an existing folder that stays as it
+    is, ``dataset.json`` last, then remove ``work``. Refused (:func:`_filled`) when ``dest`` holds other
+    entries, before or meanwhile: no entry of anyone's is replaced, and the entries moved go back into
+    ``work`` (which the caller removes)."""
+    if any(name != work.name for name in os.listdir(dest)):
+        raise _filled(dest)
+    moved: List[str] = []
+    try:
+        for name in sorted(os.listdir(work), key=lambda n: (n == _DATASET_JSON, n)):
+            _rename_new(work / name, dest / name)
+            moved.append(name)
+    except BaseException as exc:
+        for name in reversed(moved):
+            with suppress(OSError):
+                os.rename(dest / name, work / name)
+        if isinstance(exc, FileExistsError):
+            raise _filled(dest) from exc
+        raise
+    work.rmdir()
+    fsync_dir(dest)
+
+
+def _rename_new(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, which must not exist: a :class:`FileExistsError` when it does, never
+    replacing it (a file by a hard link then the old name removed; a folder is never renamed onto a
+    folder with entries or onto a file, and the check before keeps it off an empty one)."""
+    if not src.is_dir():
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: checked, then renamed
+            pass
+        else:
+            os.unlink(src)
+            return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(exc.errno, exc.strerror, str(dst)) from exc
+        raise
 
 
 def export_seg_nrrd(
@@ -192,12 +257,22 @@ def export_msd(
             on_damaged(case, problem)
     if not pairs:
         raise CorruptDataError("nothing to export: every case to export has damaged files in the store")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = dest.parent / f".{dest.name}.exporting-{new_label_id()[:8]}"
+    # the folder itself: "." has no name to put a work folder beside, a link or a mount point is no
+    # folder a rename can replace
+    target = dest.resolve()
+    inside = target.is_dir()  # an existing empty folder: it stays, with its permissions, owner and ACLs
+    if inside:
+        work = target / f"{_WORK_INSIDE}{new_label_id()[:8]}"
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = target.parent / f".{target.name}.exporting-{new_label_id()[:8]}"
     work.mkdir()
     try:
         _write_msd(store, work, pairs, damaged, label_names, dataset_name, modality, seg_nrrd, on_case)
-        _move_into_place(work, dest)
+        if inside:
+            _move_entries_up(work, target)
+        else:
+            _move_into_place(work, target)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -8,7 +8,7 @@ process (``SegAssistLib.learning.jobs``), never in the server.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Response
@@ -52,6 +52,13 @@ router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES
 
 CaseId = Path(pattern=CASE_ID_PATTERN, description="16 lowercase hex digits")
 JobId = Path(pattern=JOB_ID_PATTERN, description="as returned by POST /v1/learn/train")
+UnknownAs = Literal["0", "null"]
+Unknown = Query(
+    "0",
+    description="how a label version's n_interactions and seconds_spent are sent when they are unknown (a mask "
+    "saved without a count, a time not measured): null (ask for it), or 0 (the default, for a client from before "
+    "unknown counts, which requires a number; it reads such a label as made in 0 prompts and 0 seconds)",
+)
 T = TypeVar("T")
 
 
@@ -81,6 +88,17 @@ def _case(learning: LearningState, record: CaseRecord) -> CaseInfo:
 def _cases(learning: LearningState, records: Sequence[CaseRecord]) -> List[CaseInfo]:
     subjects = learning.store.subjects(r.id for r in records)
     return [CaseInfo(**r.to_dict(), subject=subjects[r.id]) for r in records]
+
+
+def _label_reply(label: LabelInfo, unknown: UnknownAs) -> LabelInfo:
+    """A label version's reply: an unknown count or time as null only to a client that asks
+    (``?unknown=null``); to any other, 0, as before unknown counts (its ``LabelInfo`` requires a number:
+    a null would fail it after the save, and a save again would make a second version)."""
+    if unknown == "null":
+        return label
+    return label.model_copy(
+        update={"n_interactions": label.n_interactions or 0, "seconds_spent": label.seconds_spent or 0.0}
+    )
 
 
 def _hold_case_image(state: ServerState, learning: LearningState, case_id: str) -> Tuple[str, Volume]:
@@ -200,16 +218,20 @@ async def unlock_case(
 
 @router.get("/cases/{case_id}/labels", response_model=List[LabelInfo], summary="The case's label versions")
 async def list_labels(
-    case_id: str = CaseId, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+    case_id: str = CaseId,
+    unknown: UnknownAs = Unknown,
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
 ) -> List[LabelInfo]:
     versions = await _call(lambda: learning.store.label_versions(case_id))
-    return [LabelInfo(**v.to_dict()) for v in versions]
+    return [_label_reply(LabelInfo(**v.to_dict()), unknown) for v in versions]
 
 
 @router.post("/cases/{case_id}/labels", response_model=LabelInfo, status_code=201, summary="Save a label version")
 async def save_label(
     body: SaveLabel,
     case_id: str = CaseId,
+    unknown: UnknownAs = Unknown,
     state: ServerState = Depends(get_state),
     learning: LearningState = Depends(_learning),
     user: str = Depends(current_user),
@@ -218,9 +240,10 @@ async def save_label(
     """From a session of the caller (its mask, prompt log and model version are the provenance) or
     from a mask; ``submit`` makes the case ``submitted``, otherwise the version is a draft. A repeat
     under the same request id gets the first answer (one version saved)."""
-    return await learning.once.run(
+    saved = await learning.once.run(
         user, f"label:{case_id}", req_id, lambda: _save_label(body, case_id, state, learning, user)
     )
+    return _label_reply(saved, unknown)
 
 
 async def _save_label(

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pytest
 import requests
-from test_server_fixtures import TOKENS, assert_error, raw
+from test_server_fixtures import TOKENS, assert_error, make_volume, raw
 
 from SegAssistLib.api_learning import CaseInfo, ImportCase
-from SegAssistLib.api_models import ArrayPayload, CreateSession
+from SegAssistLib.api_models import ArrayPayload, CreateSession, ReplyModel
 from SegAssistLib.client import InvalidPromptError, SegAssistClient
 from SegAssistLib.prompts import PointPrompt
 
@@ -118,3 +119,57 @@ def test_requests_and_array_payloads_stay_strict(shared_server):
             "image_sha256": "0" * 64, "content_hash": "1" * 64, "source": "upload", "imported_at": 0.0,
             "imported_by": "alice", "n_labels": 0}  # fmt: skip
     assert CaseInfo.model_validate({**case, ADDED: {"x": 1}}).id == "c1"  # a learning reply reads too
+
+
+class OldLabelInfo(ReplyModel):
+    """``LabelInfo`` of a client from before unknown counts (a count and a time were always numbers)."""
+
+    id: str
+    case_id: str
+    version: int
+    user: str
+    created_at: float
+    created_at_iso: Optional[str] = None
+    sha256: str
+    model: Optional[str] = None
+    adapter_version: Optional[str] = None
+    n_interactions: int
+    seconds_spent: float
+    submitted: bool
+    n_foreground: int
+    has_prompt_log: bool
+
+
+def test_an_older_client_reads_a_label_saved_without_a_count(server_factory, tmp_path: Path):
+    """A newer server records a mask saved without a count as unknown (null). An older client, whose
+    LabelInfo wants a number, failed on the reply to a save that had succeeded (a save again made a second
+    version) and on every later listing of the case's labels. Null goes only to a client that asks
+    (``?unknown=null``, as this one does); any other reads 0, as from the server it knew."""
+    server = server_factory.start(learn_store=tmp_path / "store", max_json_bytes=2_000_000)
+    volume = make_volume(shape=(12, 16, 16))
+    mask = (volume.array > 100).astype(np.uint8)
+    with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 120.0)) as alice:
+        case = alice.learning.import_image(volume, name="case")
+        path = f"/v1/learn/cases/{case.id}/labels"
+        payload = ArrayPayload.from_array(mask).model_dump()
+        # what the older client's save_mask sent: its default time 0.0, no count
+        old_body = {"mask": payload, "submit": True, "seconds_spent": 0.0, "n_interactions": None}
+        reply = raw(server, "POST", path, json=old_body)
+        assert reply.status_code == 201, reply.text
+        saved = OldLabelInfo.model_validate(reply.json())
+        assert (saved.n_interactions, saved.seconds_spent, saved.version) == (0, 0.0, 1)
+
+        alice.learning.lock(case.id)
+        new = alice.learning.save_mask(case.id, mask, submit=False)  # this client: unknown reads None
+        assert (new.n_interactions, new.seconds_spent) == (None, None)
+        assert [(v.n_interactions, v.seconds_spent) for v in alice.learning.labels(case.id)] == [
+            (None, 0.0),  # the older client sent its time, 0.0: recorded as given
+            (None, None),
+        ]
+        listed = raw(server, "GET", path)
+        assert listed.status_code == 200, listed.text
+        old_view = [OldLabelInfo.model_validate(v) for v in listed.json()]
+        assert [(v.n_interactions, v.seconds_spent) for v in old_view] == [(0, 0.0), (0, 0.0)]
+        asked = raw(server, "GET", path, params={"unknown": "null"}).json()
+        assert [(v["n_interactions"], v["seconds_spent"]) for v in asked] == [(None, 0.0), (None, None)]
+        assert raw(server, "GET", path, params={"unknown": "maybe"}).status_code == 422

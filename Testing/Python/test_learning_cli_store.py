@@ -272,6 +272,131 @@ def test_an_interrupted_export_leaves_no_folder_under_its_name(tmp_path: Path, c
     assert len(json.loads((target / "dataset.json").read_text())["training"]) == 3
 
 
+EXPORTED = ["dataset.json", "imagesTr", "labelsTr", "segmentations"]
+
+
+def test_an_export_into_the_current_folder_a_link_or_an_empty_folder_keeps_that_folder(
+    tmp_path: Path, capsys, monkeypatch
+):
+    """Since the export was written beside its target and renamed onto it, `learn export .` (a work
+    folder inside the target: "was filled during the export"), a link to an empty folder (ENOTDIR) and an
+    empty mount point (EBUSY) failed after all the work, exporting nothing. An existing empty folder is
+    kept as it is: the same folder, its permissions (a group's shared folder: setgid) kept."""
+    root = tmp_path / "store"
+    submitted_store(root, 2)[0].close()
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, out, err = run(capsys, "learn", "export", ".", "--store", str(root))
+    assert code == 0, err
+    assert "exported 2 case(s) to ." in out
+    assert sorted(os.listdir(here)) == EXPORTED  # no work folder left inside
+    assert len(json.loads((here / "dataset.json").read_text())["training"]) == 2
+    monkeypatch.chdir(tmp_path)
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    code, _, err = run(capsys, "learn", "export", str(link), "--store", str(root), "--json")
+    assert code == 0, err
+    assert link.is_symlink() and sorted(os.listdir(real)) == EXPORTED
+    assert len(json.loads((link / "dataset.json").read_text())["training"]) == 2
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o2750)
+    before = os.stat(shared)
+    assert run(capsys, "learn", "export", str(shared), "--store", str(root))[0] == 0
+    after = os.stat(shared)
+    assert (after.st_ino, after.st_mode, after.st_uid, after.st_gid) == (
+        before.st_ino, before.st_mode, before.st_uid, before.st_gid
+    )  # fmt: skip
+    assert sorted(os.listdir(shared)) == EXPORTED
+    assert sorted(os.listdir(tmp_path)) == ["here", "link", "real", "shared", "store"]  # nothing left beside
+
+
+def _filling(monkeypatch, fill) -> None:
+    """The export's writing of its files, then ``fill(work)``: another process adding to the target."""
+    real = export_module._write_msd
+
+    def write_then_fill(store, out, *args):
+        real(store, out, *args)
+        fill(out)
+
+    monkeypatch.setattr(export_module, "_write_msd", write_then_fill)
+
+
+def test_an_empty_folder_filled_during_the_export_is_refused_and_keeps_what_was_put_there(
+    tmp_path: Path, capsys, monkeypatch
+):
+    root = tmp_path / "store"
+    submitted_store(root, 2)[0].close()
+    target = tmp_path / "out"
+    target.mkdir()
+    _filling(monkeypatch, lambda work: (target / "notes.txt").write_text("mine"))
+    code, _, err = run(capsys, "learn", "export", str(target), "--store", str(root))
+    assert code == 2 and f"export folder {target} was filled during the export" in err, err
+    assert os.listdir(target) == ["notes.txt"] and (target / "notes.txt").read_text() == "mine"
+
+    # an entry of the export's own name, made while its entries are moved up: never replaced, and the
+    # entries already moved are taken back out
+    (target / "notes.txt").unlink()
+    real_rename = export_module._rename_new
+
+    def someone_writes_dataset_json(src: Path, dst: Path) -> None:
+        if dst.name == "dataset.json":
+            dst.write_text("theirs")
+        real_rename(src, dst)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(export_module, "_rename_new", someone_writes_dataset_json)
+    code, _, err = run(capsys, "learn", "export", str(target), "--store", str(root))
+    assert code == 2 and f"export folder {target} was filled during the export" in err, err
+    assert os.listdir(target) == ["dataset.json"] and (target / "dataset.json").read_text() == "theirs"
+    assert sorted(os.listdir(tmp_path)) == ["out", "store"]
+
+    # a new target made and filled meanwhile: refused too, what is there kept
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+
+    def make_and_fill(work: Path) -> None:
+        fresh.mkdir()
+        (fresh / "notes.txt").write_text("mine")
+
+    _filling(monkeypatch, make_and_fill)
+    code, _, err = run(capsys, "learn", "export", str(fresh), "--store", str(root))
+    assert code == 2 and f"export folder {fresh} was filled during the export" in err, err
+    assert os.listdir(fresh) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["fresh", "out", "store"]
+
+    monkeypatch.undo()
+    assert run(capsys, "learn", "export", str(target), "--store", str(root))[0] == 2  # theirs is still there
+    (target / "dataset.json").unlink()
+    assert run(capsys, "learn", "export", str(target), "--store", str(root))[0] == 0
+    assert sorted(os.listdir(target)) == EXPORTED
+
+
+def test_a_target_not_empty_is_refused_before_any_file_is_read(tmp_path: Path, capsys, monkeypatch):
+    root = tmp_path / "store"
+    submitted_store(root, 2)[0].close()
+    checked = []
+    monkeypatch.setattr(export_module, "_damage", lambda *args: checked.append(args))
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "learn", "export", str(target), "--store", str(root))
+    assert code == 2 and f"export folder {target} is not empty" in err, err
+    assert checked == []  # nothing hashed
+
+    # what a killed export left in its target: said so
+    (target / "notes.txt").unlink()
+    (target / ".exporting-0123abcd").mkdir()
+    code, _, err = run(capsys, "learn", "export", str(target), "--store", str(root))
+    assert code == 2 and checked == []
+    assert "holds only what an interrupted export left (.exporting-0123abcd): remove it" in err, err
+
+
 # ---------------------------------------------------------------------------------- save with a prompt log
 
 

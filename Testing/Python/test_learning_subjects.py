@@ -421,6 +421,50 @@ def test_a_schema_1_store_is_migrated_when_opened_and_keeps_everything(tmp_path:
         assert store.subjects()[rows["cases"][0][0]] == "patient001"
 
 
+@pytest.mark.parametrize(
+    "image_hashes, journal", [(True, "wal"), (False, "delete")], ids=["schema-1", "early-schema-1"]
+)
+def test_a_schema_1_store_this_user_can_only_read_is_read_every_case_its_own_subject(
+    tmp_path: Path, image_hashes: bool, journal: str
+):
+    """Refused since subjects ("needs its schema 1 upgraded"): read as it is now, every case its own
+    subject (as the upgrade makes it). A store of the first schema-1 releases has no image_hashes table.
+    A WAL database is read as it is on disk; another opens as usual, its upgrade refused by the disk."""
+    from test_learning_datastore import _read_only_runner
+
+    root = tmp_path / "store"
+    rows = schema_1_store(root)
+    con = sqlite3.connect(root / DB_NAME)
+    if not image_hashes:
+        con.execute("DROP TABLE image_hashes")
+        con.commit()
+    assert con.execute(f"PRAGMA journal_mode={journal}").fetchone()[0] == journal
+    con.close()
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    run, undo = _read_only_runner(root)
+    try:
+        listed = run("learn", "cases", "--store", str(root), "--json")
+        assert listed.returncode == 0, listed.stderr
+        cases = json.loads(listed.stdout)
+        assert [c["id"] for c in cases] == [r[0] for r in rows["cases"]]
+        assert [c["subject"] for c in cases] == [None] * len(cases)
+        status = run("learn", "status", "--store", str(root), "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)["cases"]["submitted"] == 2, status.stderr
+        verified = run("learn", "verify", "--store", str(root), "--json")
+        assert verified.returncode == 0 and json.loads(verified.stdout)["ok"] is True, verified.stderr
+        out = tmp_path / "export"
+        exported = run("learn", "export", str(out), "--store", str(root), "--no-seg-nrrd")
+        assert exported.returncode == 0, exported.stderr
+        provenance = json.loads((out / "dataset.json").read_text())["segassist"]["cases"]
+        assert len(provenance) == 3 and [c["subject"] for c in provenance] == [None] * 3
+        named = run("learn", "subject", cases[0]["id"], "p1", "--store", str(root))
+        assert named.returncode == 2 and f"datastore {root} is read-only here" in named.stderr, named.stderr
+    finally:
+        undo()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files  # not upgraded, nothing written
+    assert columns_of(root / DB_NAME)[-1] != "subject"
+
+
 def test_a_store_of_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path):
     root = tmp_path / "store"
     schema_1_store(root, schema_version=str(SCHEMA_VERSION + 1))

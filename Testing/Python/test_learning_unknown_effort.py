@@ -249,6 +249,85 @@ def test_a_schema_2_store_is_upgraded_to_3_when_opened_keeping_every_row_and_val
     assert schema_of(db) == schema and schema_version(db) == "3"
 
 
+def journal(db: Path, mode: str) -> None:
+    """Set the database's journal mode (WAL stays in the file: what a store made by SegAssist has)."""
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute(f"PRAGMA journal_mode={mode}").fetchone()[0] == mode
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("mode", ["wal", "delete"])
+def test_a_schema_2_store_this_user_can_only_read_is_read_as_it_is(tmp_path: Path, mode: str):
+    """Since schema 3, a schema-2 store on a read-only disk (or another user's) was refused ("needs its
+    schema 2 upgraded to 3") where the release before read it: `learn status`, `cases`, `export`. A WAL
+    database (as SegAssist makes them) is read as it is on disk; one of another journal mode opens as
+    usual, and its upgrade is refused by the disk."""
+    from test_learning_datastore import _read_only_runner
+
+    root = tmp_path / "store"
+    before = schema_2_store(root)
+    journal(root / DB_NAME, mode)
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    case_ids = [r[0] for r in before["cases"]]
+    run, undo = _read_only_runner(root)
+    try:
+        status = run("learn", "status", "--store", str(root), "--json")
+        assert status.returncode == 0, status.stderr
+        counts = json.loads(status.stdout)["cases"]
+        assert (counts["reviewed"], counts["submitted"], counts["in_progress"]) == (1, 1, 1), counts
+        listed = run("learn", "cases", "--store", str(root), "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [c["id"] for c in json.loads(listed.stdout)] == case_ids
+        assert [c["n_labels"] for c in json.loads(listed.stdout)] == [1, 1, 1]
+        verified = run("learn", "verify", "--store", str(root), "--json")
+        assert verified.returncode == 0 and json.loads(verified.stdout)["ok"] is True, verified.stderr
+        out = tmp_path / "export"
+        exported = run("learn", "export", str(out), "--store", str(root), "--no-seg-nrrd")
+        assert exported.returncode == 0, exported.stderr
+        provenance = json.loads((out / "dataset.json").read_text())["segassist"]["cases"]
+        # read as stored: the 0 the schema-2 release recorded (as the upgrade keeps it)
+        assert [(c["case_id"], c["n_interactions"], c["seconds_spent"]) for c in provenance] == [
+            (case_ids[0], 0, 0.0),
+            (case_ids[1], 3, 12.5),
+        ]
+        locked = run("learn", "lock", case_ids[1], "--user", "bob", "--store", str(root))
+        assert locked.returncode == 2 and f"datastore {root} is read-only here" in locked.stderr, locked.stderr
+    finally:
+        undo()
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files  # not upgraded, nothing written
+    assert schema_version(root / DB_NAME) == "2"
+
+
+def test_a_schema_2_store_whose_upgrade_is_refused_as_read_only_is_read_as_it_is(tmp_path: Path, monkeypatch):
+    """A store a writer holds open is read through that one's WAL index, not as a read-only file: the
+    upgrade is tried and refused (the folder is this user's to read only). Read as it is, then."""
+    root = tmp_path / "store"
+    schema_2_store(root)
+
+    def refused(self: Datastore) -> None:
+        with self._sqlite_errors():
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(Datastore, "_upgrade", refused)
+    with Datastore(root, create=False) as store:
+        assert store.read_only
+        cases = store.list_cases()
+        assert [store.latest_label(c.id).n_interactions for c in cases] == [0, 3, 7]
+        with pytest.raises(StoreAccessError, match="is read-only here"):
+            store.lock(cases[0].id, "dave")
+    assert schema_version(root / DB_NAME) == "2"
+
+    def failed(self: Datastore) -> None:  # any other failure of the upgrade stays one
+        with self._sqlite_errors():
+            raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Datastore, "_upgrade", failed)
+    with pytest.raises(StoreAccessError, match="disk I/O error"):
+        Datastore(root, create=False)
+
+
 def failing_connect(statement: str):
     """``datastore._connect`` whose connections fail the first statement holding ``statement``, as a
     disk error there would (the upgrade is then midway through its transaction)."""
@@ -462,9 +541,12 @@ def test_over_http_a_mask_without_a_count_reads_back_null(server_factory, tmp_pa
         assert (label.n_interactions, label.seconds_spent) == (None, None)
         given = alice.learning.save_mask(cases[1].id, mask, seconds_spent=20.0, n_interactions=4)
         assert (given.n_interactions, given.seconds_spent) == (4, 20.0)
-        reply = raw(server, "GET", f"/v1/learn/cases/{cases[0].id}/labels")
+        reply = raw(server, "GET", f"/v1/learn/cases/{cases[0].id}/labels?unknown=null")
         assert reply.status_code == 200 and reply.json()[0]["n_interactions"] is None, reply.text
         assert reply.json()[0]["seconds_spent"] is None
+        # a client that does not ask (one from before unknown counts requires a number) reads 0
+        reply = raw(server, "GET", f"/v1/learn/cases/{cases[0].id}/labels")
+        assert (reply.json()[0]["n_interactions"], reply.json()[0]["seconds_spent"]) == (0, 0.0), reply.text
 
         with alice.open_session(volumes[2]) as session:  # a session: its prompts are counted, time not sent
             session.add_prompt(PointPrompt(position=(8.0, 8.0, 6.0)))
@@ -477,7 +559,7 @@ def test_over_http_a_mask_without_a_count_reads_back_null(server_factory, tmp_pa
         extra = alice.learning.import_image(server_volume(shape=(12, 16, 16), seed=9), name="extra")
         payload = ArrayPayload.from_array(mask, available_codecs()[0]).model_dump()
         body = {"mask": payload, "n_interactions": None, "seconds_spent": None}
-        reply = raw(server, "POST", f"/v1/learn/cases/{extra.id}/labels", json=body)
+        reply = raw(server, "POST", f"/v1/learn/cases/{extra.id}/labels?unknown=null", json=body)
         assert reply.status_code == 201, reply.text
         assert (reply.json()["n_interactions"], reply.json()["seconds_spent"]) == (None, None)
     with Datastore(tmp_path / "store", create=False) as store:
