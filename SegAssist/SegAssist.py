@@ -731,7 +731,8 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         backend: Any = None,
         settings: Any = None,
     ) -> SegAssistResult:
-        """Segment ``volumeNode`` from prompts (SegAssist prompts, their dicts, or markups nodes). Blocks.
+        """Segment ``volumeNode`` from prompts (SegAssist prompts, their dicts, markups nodes, or prompt files
+        as ``load_prompts`` reads them). Blocks.
 
         ``settings``: the engine settings the prompts were recorded with (a prompt log's, see
         ``segmentFromFile``); an in-process engine answers with them, a backend with its own, and the
@@ -754,13 +755,15 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
 
     def segmentFromFile(self, volumeNode, promptFile: str, **kwargs) -> SegAssistResult:
         """Segment from a prompt file: SegAssist JSON (voxel coordinates) or a ``.mrk.json`` markups file.
-        A prompt log is replayed with the engine settings it records (see ``segment``)."""
+        A prompt log is replayed with the engine settings it records (see ``segment``), on the voxels in
+        the order it was recorded in (a log of a left-handed file as SimpleITK reads it names them in
+        another order than the node holds them): the recorded mask."""
         from SegAssistLib.slicer.logic import load_prompts
 
         markupsLogic = slicer.modules.markups.logic()
         file = load_prompts(promptFile, volumeNode, markupsLogic)
         kwargs.setdefault("settings", file.settings)
-        result = self.segment(volumeNode, file.prompts, **kwargs)
+        result = self.segment(volumeNode, [file], **kwargs)  # the file whole: see segment_volume
         result.notes = [*file.notes, *result.notes]  # a log recorded on another scan of this grid, first
         return result
 

@@ -8,6 +8,11 @@ nor torch. The Slicer logic (:mod:`SegAssistLib.slicer.logic`) and ``segassist s
   or an in-process engine), apply the prompts in order, return the mask and the prompt log. Given a
   log's engine settings (:func:`recorded_settings`), an in-process engine answers with them, and
   the run notes where the backend answered with others (a server's own settings).
+- :func:`replay_prompts`: the prompts of several files in the voxel order their logs were recorded in.
+  A log recorded on the same image stored with some axes in reverse order (Slicer's copy of a
+  left-handed file, a copy re-saved the other way) gives its recorded mask only on the voxels in the
+  log's order: the network is not flip-symmetric. ``run_prompts(..., flips=)`` runs the session on
+  the image put back in that order, with the log's own prompts, and turns the mask back.
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.image import Volume, geometry_difference, voxel_digest
-from SegAssistLib.prompt_mirror import Flips, mirror_prompt, mirrored_axes
+from SegAssistLib.prompt_mirror import Flips, mirror_prompt, mirrored_axes, reverse_axes, reversed_volume
 from SegAssistLib.prompts import EngineSettings, Prompt, PromptLog, describe_validation_error, parse_prompt
 
 ProgressCallback = Callable[[float, str], None]
@@ -51,6 +56,11 @@ class EngineRun:
     #: what the caller should know about the run, one line each: the backend answered with engine
     #: settings other than those the prompts were recorded with, so the mask may differ
     notes: List[str] = field(default_factory=list)
+    #: the axes ``[k, j, i]`` along which the engine saw the volume reversed (``run_prompts(flips=)``:
+    #: the replayed log's voxel order; None: the volume's own). ``prompt_log``'s prompts name voxels of
+    #: that order (:func:`~SegAssistLib.prompt_mirror.reversed_volume` of the volume), the mask is in
+    #: the volume's own
+    flips: Optional[Flips] = None
 
     @property
     def voxel_count(self) -> int:
@@ -103,17 +113,43 @@ def check_log_image(
     return voxels_note(path, log, voxels, image_name)
 
 
-def voxels_note(path: Path, log: PromptLog, voxels: Optional[np.ndarray], image_name: str) -> Optional[str]:
+class Voxels:
+    """An image's voxels (``[k, j, i]``) and their digest (:func:`~SegAssistLib.image.voxel_digest`) in each
+    voxel order asked for, computed once each, when first asked for: one replay reads several logs of the
+    same voxels and may write one (``ImageInfo.from_volume(..., digest=)``), and a digest of a CT takes
+    a tenth of a second or more. The array must not change while the object is in use."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self._digests: Dict[Flips, str] = {}
+
+    def digest(self, flips: Optional[Flips] = None) -> str:
+        """The digest of the voxels reversed along the axes ``flips`` (``[k, j, i]``; None: as they are)."""
+        key = tuple(bool(f) for f in (flips or (False, False, False)))
+        if key not in self._digests:  # a reversed view: the digest reads it in slabs, nothing copied whole
+            self._digests[key] = voxel_digest(reverse_axes(np.asarray(self.array), key))  # type: ignore[arg-type]
+        return self._digests[key]
+
+
+def voxels_note(
+    path: Path,
+    log: PromptLog,
+    voxels: Union[np.ndarray, Voxels, None],
+    image_name: str,
+    flips: Optional[Flips] = None,
+) -> Optional[str]:
     """What to tell the user when the log's image (same grid, checked by the caller) held other voxel
-    values than ``voxels`` (``[k, j, i]``): another scan of the same protocol, a follow-up, another
-    reconstruction of the series. A note, not a refusal: the prompts still name voxels of this grid.
-    None when they are the same, or when either side has no digest (a log written before the digest
-    was, ``voxels`` not given): :func:`~SegAssistLib.image.voxel_digest` is computed only when the log
-    records one."""
+    values than ``voxels`` (``[k, j, i]``, in the log's order once reversed along ``flips``): another scan
+    of the same protocol, a follow-up, another reconstruction of the series. A note, not a refusal: the
+    prompts still name voxels of this grid. None when they are the same, or when either side has no
+    digest (a log written before the digest was, ``voxels`` not given): the digest is computed only when
+    the log records one, and once per :class:`Voxels` and order."""
     recorded = None if log.image is None else log.image.recorded_digest()
     if recorded is None or voxels is None:
         return None
-    if voxel_digest(voxels) == recorded:
+    if not isinstance(voxels, Voxels):
+        voxels = Voxels(voxels)
+    if voxels.digest(flips) == recorded:
         return None
     return (
         f"{path}: the prompt log was recorded on an image with other voxel values than {image_name} (the same "
@@ -133,10 +169,21 @@ def _stored_in_reverse(log: PromptLog, image: tuple) -> Optional[Flips]:
     return mirrored_axes(shape_ijk, spacing, origin, direction, recorded.spacing, recorded.origin, recorded.direction)
 
 
+def _order_known(log: PromptLog, image: tuple) -> bool:
+    """Whether both the log and the caller give the image's origin and direction: then a log that reads
+    without being reversed was recorded in the caller's voxel order."""
+    recorded = log.image
+    return (
+        recorded is not None and recorded.origin is not None and recorded.direction is not None
+        and len(image) >= 5 and image[3] is not None and image[4] is not None
+    )  # fmt: skip
+
+
 def image_of(volume: Volume, name: str) -> tuple:
     """What :func:`read_prompt_file` checks a prompt log against: the volume's whole geometry, and its
-    voxels (a log recorded on other voxel values of the same grid is noted, see :func:`voxels_note`)."""
-    return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction, volume.array)
+    voxels (a log recorded on other voxel values of the same grid is noted, see :func:`voxels_note`) as
+    :class:`Voxels`, so that reading several logs with one such tuple computes their digest once."""
+    return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction, Voxels(volume.array))
 
 
 @dataclass
@@ -151,6 +198,24 @@ class PromptFile:
     #: what the user should know before the mask is trusted, one line each: the log was recorded on an
     #: image of the same grid with other voxel values (:func:`voxels_note`)
     notes: List[str] = field(default_factory=list)
+    #: the voxel order the prompts were recorded in: the axes ``[k, j, i]`` along which the caller's image
+    #: holds the log's image in reverse (all False: the caller's own order). None: a file that records no
+    #: order (markups, a bare list of prompts, a log without its image's origin and direction, a caller
+    #: that gives none): its prompts are taken in the caller's order. :func:`replay_prompts`
+    flips: Optional[Flips] = None
+    #: the prompts as the log records them, in its own voxel order, when that is not the caller's
+    #: (``prompts`` are these moved to the caller's order): what a replay that gives the recorded
+    #: mask applies, on the voxels in that order
+    recorded_prompts: Optional[List[Prompt]] = None
+
+    def prompts_in(self, flips: Optional[Flips], shape_kji: Sequence[int]) -> List[Prompt]:
+        """The prompts on the caller's image (``shape_kji``) reversed along ``flips`` (None: as it is):
+        the log's own when that is its order, else ``prompts`` moved (:func:`mirror_prompt`)."""
+        if flips is None or not any(flips):
+            return list(self.prompts)
+        if self.recorded_prompts is not None and self.flips == tuple(flips):
+            return list(self.recorded_prompts)
+        return [mirror_prompt(p, flips, tuple(shape_kji)) for p in self.prompts]
 
 
 def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> List[Prompt]:
@@ -186,7 +251,7 @@ def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> Promp
             log = PromptLog.model_validate(data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise PromptError(f"{path}: invalid prompt log: {describe_validation_error(exc)}") from exc
-        prompts, note = list(log.prompts), None
+        prompts, note, flips, recorded = list(log.prompts), None, None, None
         if image is not None:
             try:
                 note = check_log_image(path, log, *image)
@@ -194,13 +259,15 @@ def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> Promp
                 flips = _stored_in_reverse(log, image)
                 if flips is None:
                     raise
-                # the same image with its voxels in another order (Slicer's, of a left-handed file)
+                # the same image with its voxels in another order (Slicer's, of a left-handed file): the
+                # prompts moved to the caller's order; the digest compared in the log's
+                recorded = prompts
                 prompts = [mirror_prompt(p, flips, tuple(image[0])[::-1]) for p in log.prompts]
-                voxels = image[5] if len(image) > 5 else None
-                if voxels is not None:  # the log's order back: a view, the digest reads it in slabs
-                    voxels = np.asarray(voxels)[tuple(slice(None, None, -1 if f else 1) for f in flips)]
-                note = voxels_note(path, log, voxels, image[2])
-        return PromptFile(path, prompts, log.engine, log.model, [note] if note else [])
+                note = voxels_note(path, log, image[5] if len(image) > 5 else None, image[2], flips)
+            else:
+                if _order_known(log, image):  # the log's order is the caller's
+                    flips = (False, False, False)
+        return PromptFile(path, prompts, log.engine, log.model, [note] if note else [], flips, recorded)
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise PromptError(f"{path}: expected a list of prompts or an object with a 'prompts' list")
@@ -213,18 +280,68 @@ def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> Promp
     return PromptFile(path, prompts)
 
 
-def recorded_settings(files: Sequence[PromptFile]) -> Optional[EngineSettings]:
-    """The engine settings the prompt logs among ``files`` were recorded with (None: none records any).
-    Logs recorded with different settings are refused: no one setting replays them both."""
+def _order_words(flips: Flips) -> str:
+    axes = [name for name, f in zip("kji", flips) if f][::-1]
+    return f"reversed along {' and '.join(axes)}" if axes else "in its own order"
+
+
+def replay_order(files: Sequence[PromptFile]) -> Optional[Flips]:
+    """The voxel order a replay of ``files`` runs in, so that a log's prompts meet the voxels they were
+    recorded on: the axes ``[k, j, i]`` along which the caller's image holds their logs' image in
+    reverse (None: the caller's own order, also when no file records an order). Logs recorded in
+    different orders of the image (one by ``segassist segment --log`` on a left-handed file, one in
+    Slicer on its copy of it) are refused: no one order replays them both."""
+    ordered = [f for f in files if f.flips is not None]
+    for other in ordered[1:]:
+        if tuple(other.flips) != tuple(ordered[0].flips):  # type: ignore[arg-type]
+            raise PromptError(
+                f"{ordered[0].path} and {other.path} were recorded on this image with its voxels in different "
+                f"orders (this image {_order_words(ordered[0].flips)} vs {_order_words(other.flips)}): "
+                "replay them separately"
+            )
+    flips = ordered[0].flips if ordered else None
+    return tuple(bool(f) for f in flips) if flips is not None and any(flips) else None  # type: ignore[return-value]
+
+
+def replay_prompts(files: Sequence[PromptFile], shape_kji: Sequence[int]) -> Tuple[List[Prompt], Optional[Flips]]:
+    """The prompts of ``files`` in order, all in the voxel order of :func:`replay_order`, and that order
+    (``run_prompts(..., flips=)``): a log's as it records them, the others (markups, a bare list: the
+    caller's order) moved to it. ``shape_kji``: the caller's image."""
+    flips = replay_order(files)
+    return [prompt for file in files for prompt in file.prompts_in(flips, shape_kji)], flips
+
+
+def distinct_settings(files: Sequence[PromptFile]) -> List[EngineSettings]:
+    """The different engine settings the prompt logs among ``files`` record, in order of first use."""
+    found: List[EngineSettings] = []
+    for file in files:
+        if file.settings is not None and file.settings not in found:
+            found.append(file.settings)
+    return found
+
+
+def recorded_settings(files: Sequence[PromptFile], replaced: Sequence[str] = ()) -> Optional[EngineSettings]:
+    """The engine settings the prompt logs among ``files`` were recorded with (None: none records any),
+    to be applied in process. Logs recorded with settings that differ in other fields than ``replaced``
+    (those the caller sets itself: ``--edge-band`` replaces ``edge_band``, ``edge_beta`` and
+    ``edge_max_voxels``) are refused: no one setting replays them both. Where the settings are not
+    applied (a server answers with its own) call nothing: :func:`settings_notes` after the run tells."""
     recorded = [f for f in files if f.settings is not None]
+    if not recorded:
+        return None
+    blank = {name: getattr(recorded[0].settings, name) for name in replaced}
+
+    def kept(settings: EngineSettings) -> EngineSettings:
+        return settings.model_copy(update=blank)
+
     for other in recorded[1:]:
-        if other.settings != recorded[0].settings:
-            differ = "; ".join(recorded[0].settings.differences(other.settings))
+        if kept(other.settings) != kept(recorded[0].settings):  # type: ignore[arg-type]
+            differ = "; ".join(recorded[0].settings.differences(other.settings))  # type: ignore[union-attr]
             raise PromptError(
                 f"{recorded[0].path} and {other.path} were recorded with different engine settings ({differ}): "
                 "replay them separately"
             )
-    return recorded[0].settings if recorded else None
+    return recorded[0].settings
 
 
 def settings_note(recorded: EngineSettings, used: Optional[EngineSettings], backend: str) -> Optional[str]:
@@ -242,6 +359,22 @@ def settings_note(recorded: EngineSettings, used: Optional[EngineSettings], back
         f"the prompts were recorded with engine settings other than those {backend} answered with "
         f"({differ}; recorded vs used): the mask may differ from the recorded one"
     )
+
+
+def settings_notes(files: Sequence[PromptFile], used: Optional[EngineSettings], backend: str) -> List[str]:
+    """:func:`settings_note` for each of the different settings the logs among ``files`` record (a
+    backend that answered every prompt with its own ``used``); with more than one, each note names
+    its files."""
+    found = distinct_settings(files)
+    notes = []
+    for settings in found:
+        note = settings_note(settings, used, backend)
+        if note and len(found) > 1:
+            names = ", ".join(str(f.path) for f in files if f.settings == settings)
+            note = f"{names}: {note}"
+        if note:
+            notes.append(note)
+    return notes
 
 
 def _open_session(
@@ -266,6 +399,7 @@ def run_prompts(
     prompts: Sequence[Prompt],
     progress: Optional[ProgressCallback] = None,
     settings: Optional[EngineSettings] = None,
+    flips: Optional[Flips] = None,
 ) -> EngineRun:
     """Open a session on ``volume``, apply ``prompts`` in order, return the mask; the session is closed.
 
@@ -274,10 +408,19 @@ def run_prompts(
     ``settings``: the engine settings the prompts were recorded with (:func:`recorded_settings`): the
     built-in engine answers with them; where the backend cannot (a server answers with its own), the
     run's ``notes`` say so when its settings differ.
+
+    ``flips`` (:func:`replay_prompts`): the prompts name voxels of ``volume`` reversed along these axes
+    ``[k, j, i]`` (a log's voxel order): the session, in process or on a server, is opened on that
+    image (:func:`~SegAssistLib.prompt_mirror.reversed_volume`, a copy), as the log was recorded, and
+    the mask is turned back to ``volume``'s order. The run's prompt log stays in the log's order
+    (:attr:`EngineRun.flips`).
     """
     report = progress or no_progress
     if not prompts:
         raise PromptError("no prompts: place at least one point, box, scribble or lasso")
+    flips = tuple(bool(f) for f in flips) if flips is not None and any(flips) else None  # type: ignore[assignment]
+    if flips is not None:
+        volume = reversed_volume(volume, flips)
     report(0.05, "Opening a session")
     session = _open_session(engine, volume, report, settings)
     latencies: List[float] = []
@@ -294,7 +437,10 @@ def run_prompts(
     finally:
         with contextlib.suppress(SegAssistError, OSError):
             session.close()
+    if flips is not None:  # back to the caller's voxel order
+        mask = np.ascontiguousarray(reverse_axes(mask, flips))
     caps = engine.capabilities()
     model = f"{caps.name} {caps.version}".strip()
     note = None if settings is None else settings_note(settings, log.engine, model)
-    return EngineRun(mask=mask, prompt_log=log, model=model, latencies_s=latencies, notes=[note] if note else [])
+    return EngineRun(mask=mask, prompt_log=log, model=model, latencies_s=latencies, notes=[note] if note else [],
+                     flips=flips)  # fmt: skip

@@ -104,33 +104,41 @@ def _c_order_chunks(arr: np.ndarray, chunk_voxels: int):
 
 
 def _digest_class(arr: np.ndarray, chunk_voxels: int) -> Tuple[str, str]:
-    """The canonical type the values of ``arr`` are hashed in (name, numpy dtype), from the values alone."""
+    """The canonical type the values of ``arr`` are hashed in (name, numpy dtype), from the values alone:
+    the first integer class that holds them all when all are whole numbers, else float32 when each is
+    one exactly (also whole numbers no integer class holds: beyond uint64, or below int64's range and
+    above it at once), else float64."""
     kind = arr.dtype.kind
     if kind not in "biuf":
         raise ImageError(f"image dtype {arr.dtype} is not numeric (integer or float expected)")
     if arr.size == 0:
         return _INTEGER_CLASSES[0]
-    if kind in "biu":
+    if kind in "biu":  # int64 or uint64 holds every numpy integer array
         lo, hi = int(arr.min()), int(arr.max())
+        for name, dtype in _INTEGER_CLASSES:
+            info = np.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return name, dtype
     else:  # a float image: of integers (a CT stored as float32), or not
-        lo, hi = np.inf, -np.inf
+        whole, flo, fhi = True, np.inf, -np.inf
         for chunk in _c_order_chunks(arr, chunk_voxels):
             if not (np.isfinite(chunk).all() and np.array_equal(chunk, np.trunc(chunk))):
-                with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: inf, not equal
-                    fits32 = arr.dtype.itemsize <= 4 or all(
-                        np.array_equal(part.astype(np.float32), part, equal_nan=True)
-                        for part in _c_order_chunks(arr, chunk_voxels)
-                    )
-                return ("float32", "<f4") if fits32 else ("float64", "<f8")
-            lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
-        if lo < -(2.0**63) or hi >= 2.0**64:
-            return "float64", "<f8"  # whole numbers beyond int64 and uint64: as float64, which holds them
-        lo, hi = int(lo), int(hi)
-    for name, dtype in _INTEGER_CLASSES:
-        info = np.iinfo(dtype)
-        if info.min <= lo and hi <= info.max:
-            return name, dtype
-    return "float64", "<f8"  # a float image of integers from below int64's range to above it
+                whole = False
+                break
+            flo, fhi = min(flo, float(chunk.min())), max(fhi, float(chunk.max()))
+        if whole and flo >= -(2.0**63) and fhi < 2.0**64:  # exact as Python integers then
+            lo, hi = int(flo), int(fhi)
+            for name, dtype in _INTEGER_CLASSES:
+                info = np.iinfo(dtype)
+                if info.min <= lo and hi <= info.max:
+                    return name, dtype
+    # not all whole numbers, or whole numbers no integer class holds (beyond uint64; or below 0 and
+    # above int64's range at once): float32 when each value is one exactly, as the definition says
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: inf, not equal
+        fits32 = arr.dtype.itemsize <= 4 or all(
+            np.array_equal(part.astype(np.float32), part, equal_nan=True) for part in _c_order_chunks(arr, chunk_voxels)
+        )
+    return ("float32", "<f4") if fits32 else ("float64", "<f8")
 
 
 def voxel_digest(array: np.ndarray, chunk_voxels: int = VOXEL_DIGEST_CHUNK) -> str:

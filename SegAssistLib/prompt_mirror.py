@@ -7,6 +7,11 @@ spacing and another origin and direction. A prompt log recorded on the file by `
 --log`` names voxels in SimpleITK's order; :func:`mirrored_axes` tells that the two grids are one
 image, and :func:`mirror_prompt` moves each prompt onto the same anatomy in the other order.
 
+The network is not flip-symmetric: the same prompts on the voxels in another order give another mask.
+A replay that must give the recorded mask runs on :func:`reversed_volume` (the caller's image put back
+in the log's order) with the log's own prompts, and reverses the mask back (:func:`reverse_axes`):
+``headless.run_prompts(..., flips=)``.
+
 No torch: this runs in Slicer's Python.
 """
 
@@ -16,6 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from SegAssistLib.image import Volume
 from SegAssistLib.prompts import (
     BoxPrompt,
     LassoPrompt,
@@ -63,6 +69,31 @@ def mirrored_axes(
     if np.any(np.abs(np.asarray(origin, float) - expected) > tolerance * float(there_sp.min())):
         return None
     return tuple(bool(f) for f in flipped_ijk[::-1])  # type: ignore[return-value]
+
+
+def reverse_axes(array: np.ndarray, flips_kji: Flips) -> np.ndarray:
+    """``array`` (``[k, j, i]``) with its voxels in reverse order along the axes ``flips_kji``: a view."""
+    return np.flip(array, axis=tuple(a for a in range(3) if flips_kji[a]))
+
+
+def reversed_volume(volume: Volume, flips_kji: Flips) -> Volume:
+    """The same image stored with its voxels in reverse order along the array axes ``flips_kji``
+    (``[k, j, i]``), every voxel at the same place in space: the grid :func:`mirrored_axes` tells is
+    ``volume`` reversed along those axes. Its array is a C-contiguous copy (the engine makes tensors of
+    crops of it); the modality is kept. Applied twice with the same ``flips_kji``: ``volume`` again."""
+    flips_ijk = np.asarray(flips_kji, bool)[::-1]
+    spacing = np.asarray(volume.spacing, float)
+    direction = np.asarray(volume.direction, float).reshape(3, 3)
+    # voxel 0 of the reversed grid is the last voxel along each reversed axis
+    last_ijk = (np.asarray(volume.shape_ijk, float) - 1.0) * flips_ijk
+    origin = np.asarray(volume.origin, float) + direction @ (last_ijk * spacing)
+    return Volume(
+        array=np.ascontiguousarray(reverse_axes(volume.array, flips_kji)),
+        spacing=volume.spacing,
+        origin=tuple(float(x) for x in origin),
+        direction=direction * np.where(flips_ijk, -1.0, 1.0),  # columns: the i, j and k axes
+        modality=volume.modality,
+    )
 
 
 def reversed_back(array: np.ndarray, there, reference) -> Optional[np.ndarray]:

@@ -53,7 +53,7 @@ from pydantic import (
 )
 
 from SegAssistLib import rasterize
-from SegAssistLib.errors import PromptError
+from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.image import voxel_digest
 
 # 1.1: scribbles and lassos may be given as a slab instead of points
@@ -843,8 +843,9 @@ class ImageInfo(BaseModel):
         description="the digest of the image's voxel values (SegAssistLib.image.voxel_digest, 64 lowercase hex "
         "digits; absent or null: not recorded): SHA-256 of the ASCII line 'segassist-voxels-v1 <type> <ni> <nj> "
         "<nk>' and a newline, then every value as <type>, little-endian, i fastest, then j, then k; <type> is the "
-        "first of int16, int32, int64, uint64 that holds them all when all are integers, else float32 when each "
-        "is one exactly, else float64 (-0.0 as 0.0, one NaN). The same values give the same digest whatever the "
+        "first of int16, int32, int64, uint64 that holds them all when all are integers, else (also integers none "
+        "of those holds) float32 when each is one exactly, else float64 (-0.0 as 0.0, one NaN). The same values "
+        "give the same digest whatever the "
         "file format or dtype they are stored in; a replay on an image of the same grid with another digest is "
         "noted (another scan?), never refused",
     )
@@ -866,16 +867,17 @@ class ImageInfo(BaseModel):
         return tuple(_finite_vec3(row, "image direction row") for row in v)
 
     @classmethod
-    def from_volume(cls, volume) -> ImageInfo:
+    def from_volume(cls, volume, digest: Optional[str] = None) -> ImageInfo:
         """The grid of a :class:`~SegAssistLib.image.Volume` (shape, spacing, origin and direction) and the
         digest of its voxel values (``sha256``: :func:`~SegAssistLib.image.voxel_digest`, about 0.15 s for
-        a 512x512x300 int16 CT)."""
+        a 512x512x300 int16 CT; ``digest``: that of ``volume.array`` when the caller already computed it,
+        as a replay that read logs of the same voxels has, :class:`~SegAssistLib.headless.Voxels`)."""
         return cls(
             shape_ijk=tuple(int(n) for n in volume.shape_ijk),
             spacing=tuple(float(x) for x in volume.spacing),
             origin=tuple(float(x) for x in volume.origin),
             direction=np.asarray(volume.direction, float).reshape(3, 3),
-            sha256=voxel_digest(volume.array),
+            sha256=voxel_digest(volume.array) if digest is None else digest,
         )
 
     def recorded_digest(self) -> Optional[str]:
@@ -885,23 +887,77 @@ class ImageInfo(BaseModel):
         return value if re.fullmatch(r"[0-9a-f]{64}", value) else None
 
 
+#: The bounds of :class:`EngineSettings` (inclusive), which the command-line options that set them share
+#: (``segassist eval --refine-depth``, the benchmarks' ``--betas``, ...): a value the engine would refuse is
+#: refused by argparse with one line, not by pydantic with a traceback.
+MAX_REFINE_DEPTH = 16
+MAX_REFINE_TILES = 4096
+MAX_MIN_VIEW_MM = 1e5
+MAX_EDGE_BAND = 100
+MAX_EDGE_BETA = 1e9
+MAX_EDGE_MAX_VOXELS = 2**40
+
+
+class SettingsError(SegAssistError, ValueError):
+    """Engine settings out of their range (:class:`EngineSettings`): a refine depth of 17, a negative view."""
+
+    code = "invalid_settings"
+
+
 class EngineSettings(BaseModel):
     """1.4: the built-in engine's settings that shape its answers beyond the model's weights: a session
     answered with other settings (segassist serve --edge-band 0 or --refine-depth 2) gives another mask
     for the same prompts. Plain numbers, checked as the engine checks them."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    refine_depth: int = Field(ge=1, le=16, description="zoom levels finer than a zoomed-out answer it is refined at")
-    max_refine_tiles: int = Field(ge=1, le=4096, description="no refinement when it would need more tiles")
-    min_view_mm: float = Field(ge=0, le=1e5, description="the narrowest view (mm) a prompt is first looked at")
+    refine_depth: int = Field(
+        ge=1, le=MAX_REFINE_DEPTH, description="zoom levels finer than a zoomed-out answer it is refined at"
+    )
+    max_refine_tiles: int = Field(ge=1, le=MAX_REFINE_TILES, description="no refinement when it would need more tiles")
+    min_view_mm: float = Field(
+        ge=0, le=MAX_MIN_VIEW_MM, description="the narrowest view (mm) a prompt is first looked at"
+    )
     correction_zoom_share: float = Field(
         ge=0, lt=1, description="share of a window side a correction must change to zoom out"
     )
     edge_band: float = Field(
-        ge=0, le=100, description="half-width (voxels) of the band snapped to the image's edges; 0: no snap"
+        ge=0, le=MAX_EDGE_BAND, description="half-width (voxels) of the band snapped to the image's edges; 0: no snap"
     )
-    edge_beta: float = Field(gt=0, le=1e9, description="the edge snap's random walker sensitivity")
-    edge_max_voxels: int = Field(ge=1, le=2**40, description="answers with a larger box are not snapped")
+    edge_beta: float = Field(gt=0, le=MAX_EDGE_BETA, description="the edge snap's random walker sensitivity")
+    edge_max_voxels: int = Field(ge=1, le=MAX_EDGE_MAX_VOXELS, description="answers with a larger box are not snapped")
+
+    @classmethod
+    def checked(cls, **values) -> EngineSettings:
+        """Settings from the engine's own options: out of range, a :class:`SettingsError` (a ValueError)
+        that says which in one line, such as ``refine_depth must be at least 1 and at most 16, got 17``."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                name = ".".join(str(x) for x in err.get("loc", ()))
+                if name in cls.model_fields and str(err.get("type", "")).endswith(("_than", "_than_equal")):
+                    problems.append(f"{name} must be {cls.range_of(name)}, got {err.get('input')!r}")
+                else:
+                    problems.append(describe_validation_error(ValidationError.from_exception_data(
+                        exc.title, [err]), whole=""))  # fmt: skip
+            raise SettingsError(f"engine settings out of range: {'; '.join(problems)}") from exc
+
+    @classmethod
+    def range_of(cls, name: str) -> str:
+        """The range of setting ``name`` in words: ``at least 1 and at most 16``."""
+        words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+
+        def number(value: float) -> str:
+            return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+        parts = [
+            f"{words[key]} {number(getattr(bound, key))}"
+            for bound in cls.model_fields[name].metadata
+            for key in words
+            if getattr(bound, key, None) is not None
+        ]
+        return " and ".join(parts)
 
     @field_validator("edge_band")
     @classmethod

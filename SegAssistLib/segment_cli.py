@@ -14,10 +14,17 @@ whole or not at all (``--out`` and ``--log`` both or neither), and an existing f
 
 A prompt log that records the engine settings it was answered with (schema 1.4: ``segassist serve
 --edge-band 0``, ``--refine-depth 2``, ...) is replayed with them, so that it gives the recorded mask;
-``--refine-depth`` and ``--edge-band`` replace the log's (a note says so). A server (``--url``) answers
-with its own settings: a warning says when they differ from the log's. A log recorded on an image of
-the same grid with other voxel values (its ``image.sha256``: another scan of the same protocol, a
-follow-up) is replayed, with a warning that the mask may differ; ``--log`` records the image's digest.
+``--refine-depth`` and ``--edge-band`` replace the log's (a note says so). Logs recorded with settings
+that differ where no option replaces them are refused together (no one setting replays them both). A
+server (``--url``) answers with its own settings: a warning says when they differ from a log's. A log
+recorded on an image of the same grid with other voxel values (its ``image.sha256``: another scan of
+the same protocol, a follow-up) is replayed, with a warning that the mask may differ; ``--log`` records
+the image's digest (computed once for the whole replay).
+
+A log recorded on the same scan stored with some axes in reverse order (a copy re-saved the other way)
+is replayed on the image put back in the log's voxel order, and the mask turned back: the network is
+not flip-symmetric, so this is what gives the recorded mask. ``--log`` then records the prompts and the
+image in that order.
 """
 
 from __future__ import annotations
@@ -152,24 +159,39 @@ def _engine(args: argparse.Namespace, token: Optional[str]):
     return load_default_engine(args.model, args.device, args.threads or None, **options)
 
 
-def _replay_settings(args: argparse.Namespace, engine, recorded):
-    """The engine settings the prompts are answered with: the logs' (``recorded``; None: none recorded,
-    the engine's own), but for those --refine-depth and --edge-band set on the local model (a note says
-    which differ from the log's). A server answers with its own (:func:`run_prompts` compares them)."""
-    if recorded is None or args.url:
-        return recorded
-    own, update, flags = engine.settings, {}, []
+REFINE_FIELDS = ("refine_depth", "max_refine_tiles")  # the engine settings --refine-depth sets
+EDGE_FIELDS = ("edge_band", "edge_beta", "edge_max_voxels")  # those --edge-band sets
+
+
+def _replaced_fields(args: argparse.Namespace) -> List[str]:
+    """The engine settings the options replace on the local model (those the logs may differ in)."""
+    return [*(REFINE_FIELDS if args.refine_depth is not None else ()),
+            *(EDGE_FIELDS if args.edge_band is not None else ())]  # fmt: skip
+
+
+def _replay_settings(args: argparse.Namespace, engine, files):
+    """The engine settings the prompts are answered with on the local model: the logs' (None: none
+    recorded, the engine's own; :func:`recorded_settings` refused logs that differ elsewhere), but for
+    those --refine-depth and --edge-band set (a note says which differ from each log's)."""
+    from SegAssistLib.headless import distinct_settings, recorded_settings
+
+    recorded = recorded_settings(files, _replaced_fields(args))
+    if recorded is None:
+        return None
+    own, flags = engine.settings, []
+    update = {name: getattr(own, name) for name in _replaced_fields(args)}
     if args.refine_depth is not None:
-        update.update(refine_depth=own.refine_depth, max_refine_tiles=own.max_refine_tiles)
         flags.append(f"--refine-depth {args.refine_depth}")
     if args.edge_band is not None:
-        update.update(edge_band=own.edge_band, edge_beta=own.edge_beta, edge_max_voxels=own.edge_max_voxels)
         flags.append(f"--edge-band {args.edge_band:g}")
     settings = recorded.model_copy(update=update)
-    if settings != recorded:
-        print(f"note: {' and '.join(flags)} replace the engine settings the prompt log was recorded with "
-              f"({'; '.join(recorded.differences(settings))}; recorded vs used): the mask may differ from the "
-              "recorded one", file=sys.stderr, flush=True)
+    found = distinct_settings(files)
+    for logged in found:
+        if settings != logged:
+            names = "" if len(found) == 1 else " of " + ", ".join(str(f.path) for f in files if f.settings == logged)
+            print(f"note: {' and '.join(flags)} replace the engine settings the prompt log{names} was recorded "
+                  f"with ({'; '.join(logged.differences(settings))}; recorded vs used): the mask may differ from "
+                  "the recorded one", file=sys.stderr, flush=True)
     return settings
 
 
@@ -177,11 +199,15 @@ def _progress(fraction: float, message: str) -> None:
     print(f"[{100 * fraction:5.1f} %] {message}", flush=True)
 
 
-def _write_outputs(args: argparse.Namespace, run, volume) -> List[Path]:
-    """Write --out and --log, both or neither (each checked, then both renamed into place)."""
+def _write_outputs(args: argparse.Namespace, run, volume, voxels) -> List[Path]:
+    """Write --out and --log, both or neither (each checked, then both renamed into place). The log
+    records the image in the voxel order the engine saw it in (``run.flips``: a replayed log's), its
+    prompts name voxels of that order; its digest is ``voxels``' (:class:`~SegAssistLib.headless.Voxels`,
+    computed once for the whole replay)."""
     from SegAssistLib.errors import ImageError
     from SegAssistLib.files import atomic_write_many
     from SegAssistLib.io import save_mask_nifti, save_segmentation_nrrd
+    from SegAssistLib.prompt_mirror import reversed_volume
     from SegAssistLib.prompts import ImageInfo
 
     if args.out.name.lower().endswith(SEGMENTATION_SUFFIXES):
@@ -190,7 +216,9 @@ def _write_outputs(args: argparse.Namespace, run, volume) -> List[Path]:
     else:
         files = [(args.out, lambda tmp: save_mask_nifti(run.mask, volume, tmp))]
     if args.log is not None:
-        log = run.prompt_log.model_copy(update={"image": ImageInfo.from_volume(volume)})  # refused on another grid
+        seen = volume if run.flips is None else reversed_volume(volume, run.flips)
+        image = ImageInfo.from_volume(seen, digest=voxels.digest(run.flips))  # refused on another grid
+        log = run.prompt_log.model_copy(update={"image": image})
         files.append((args.log, lambda tmp: log.save(tmp)))
     try:
         atomic_write_many(files, args.overwrite)
@@ -204,25 +232,36 @@ def _write_outputs(args: argparse.Namespace, run, volume) -> List[Path]:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from SegAssistLib.headless import image_of, read_prompts, recorded_settings, run_prompts
+    from SegAssistLib.headless import (
+        image_of,
+        read_prompts,
+        recorded_settings,
+        replay_prompts,
+        run_prompts,
+        settings_notes,
+    )
     from SegAssistLib.io import load_volume
 
     _check_outputs(args)
     token = _remote_token(args)
     volume = load_volume(args.image, channel=args.channel)
-    image = image_of(volume, f"image {args.image}")
+    image = image_of(volume, f"image {args.image}")  # one digest for every log and --log
     files = [read_prompts(path, image) for path in args.prompts]
-    prompts = [prompt for file in files for prompt in file.prompts]
-    recorded = recorded_settings(files)  # refuses logs of different settings before the model loads
+    # in the logs' voxel order (a copy stored the other way: the image is put back in it for the run)
+    prompts, flips = replay_prompts(files, volume.array.shape)
+    if not args.url:  # applied here: logs of settings no one setting replays are refused before the model loads
+        recorded_settings(files, _replaced_fields(args))
     engine = _engine(args, token)
     try:
-        settings = _replay_settings(args, engine, recorded)
-        run = run_prompts(engine, volume, prompts, _progress, settings)
+        settings = None if args.url else _replay_settings(args, engine, files)
+        run = run_prompts(engine, volume, prompts, _progress, settings, flips=flips)
     finally:
         close = getattr(engine, "close", None)
         if close is not None:
             close()
-    written = _write_outputs(args, run, volume)
+    if args.url:  # the server answered with its own settings: each log's that differ is told
+        run.notes.extend(settings_notes(files, run.prompt_log.engine, run.model))
+    written = _write_outputs(args, run, volume, image[5])
     median_ms = 1000 * statistics.median(run.latencies_s)
     print(f"{len(prompts)} prompts -> {run.voxel_count} voxels ({run.model}); median {median_ms:.0f} ms per prompt; "
           f"wrote {', '.join(str(p) for p in written)}", flush=True)

@@ -28,6 +28,7 @@ import numpy as np
 from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.engine.edges import EdgeSnap
+from SegAssistLib.evaluation.cli import edge_band, edge_beta
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, parse_targets
 from SegAssistLib.machine import machine_info
 
@@ -37,8 +38,25 @@ DATASETS = [("hippocampus", "1,2"), ("acdc", "1,2,3"), ("brats", "1+2+3+4"),
             ("totalsegmentator_examples", "1,2,3,5,7,52")]
 
 
-def _floats(text: str):
-    return [float(x) for x in text.split(",") if x]
+def _list_of(item):
+    """argparse type of a comma-separated list, each item checked by ``item`` (the engine's bounds: a
+    beta of 1e10 is refused here with one line, not by the engine after the sweep started)."""
+
+    def parse(text: str):
+        values = [item(x) for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+def _band(text: str) -> float:
+    """A band of the sweep: 1 to 10 voxels ("off", a band of 0, is always swept)."""
+    value = edge_band(text)
+    if value == 0.0:
+        raise argparse.ArgumentTypeError("the sweep always runs with the snap off: give bands of 1 to 10 voxels")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
                              "repository)")
     parser.add_argument("--cases", type=int, default=16, help="training cases per dataset (default 16)")
-    parser.add_argument("--bands", type=_floats, default=[1.0, 2.0])
-    parser.add_argument("--betas", type=_floats, default=[30.0, 130.0, 500.0, 2000.0])
+    parser.add_argument("--bands", type=_list_of(_band), default=[1.0, 2.0], help="1 to 10 voxels each")
+    parser.add_argument("--betas", type=_list_of(edge_beta), default=[30.0, 130.0, 500.0, 2000.0],
+                        help="above 0 and at most 1e9 each")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "edge_snap_sweep")
     return parser
 

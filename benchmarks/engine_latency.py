@@ -32,7 +32,13 @@ import SimpleITK as sitk
 
 from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine
-from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
+from SegAssistLib.evaluation.cli import (
+    CORRECTION_ZOOM_SHARE_HELP,
+    EDGE_BAND_HELP,
+    edge_band,
+    refine_depth,
+    share_of_a_side,
+)
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.runner import builtin_engine_record, builtin_options
 from SegAssistLib.evaluation.simulator import first_click, next_click
@@ -138,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--refine-depth", type=int, default=1, help="the engine's refine depth (default 1)")
+    parser.add_argument("--refine-depth", type=refine_depth, default=1,
+                        help="the engine's refine depth, 1 to 16 (default 1)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
     parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)

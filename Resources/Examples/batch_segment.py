@@ -14,8 +14,11 @@ a lasso; an open curve a scribble). Several ``--prompts`` files are applied in o
 
 A prompt log records the engine settings its answers came from (edge band, refine depth: schema 1.4).
 ``--in-process`` runs the model in this Python (it needs torch and MONAI there) and answers with
-those settings, giving the recorded mask. A backend answers with its own settings: the script warns
-when they differ from the log's (the mask may differ), as it does for another model.
+those settings, giving the recorded mask (logs recorded with different settings are then refused
+together: no one setting replays them both). A backend answers with its own settings: the script warns
+when they differ from a log's (the mask may differ), as it does for another model. A log recorded on
+the image file as SimpleITK reads it (``segassist segment --log``) is replayed on the voxels in that
+order, also where Slicer holds them in another (a left-handed file), so that it gives its mask.
 
 The backend: by default a local one on this computer's CPU with the shipped model (``--model``,
 ``--device``, ``--server-python`` change it). ``--url`` sends the image to a remote SegAssist
@@ -115,22 +118,27 @@ def in_process_engine(args: argparse.Namespace):
 def run(args: argparse.Namespace, scene, markups_logic):
     """Load, segment, save; returns the SegmentationResult. Raises SegAssistError with the reason."""
     from SegAssistLib.errors import SegAssistError
+    from SegAssistLib.headless import distinct_settings, replay_order, settings_notes
     from SegAssistLib.slicer import segments, volumes
     from SegAssistLib.slicer.backend import BackendManager
-    from SegAssistLib.slicer.logic import load_prompts, recorded_settings, segment_volume
+    from SegAssistLib.slicer.logic import load_prompt_files, recorded_settings, segment_volume
 
     if args.url and not args.send_images_to_remote:
         raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
     volume_node = volumes.load_volume_file(scene, args.image)
-    files = [load_prompts(path, volume_node, markups_logic) for path in args.prompts]
+    files = load_prompt_files(args.prompts, volume_node, markups_logic)  # the voxel digest once for all
     prompts = [prompt for file in files for prompt in file.prompts]
-    settings = recorded_settings(files)  # logs recorded with different settings are refused here
+    replay_order(files)  # logs recorded in different voxel orders of the image: refused before any model loads
+    # in process the logs' settings are applied: logs recorded with different ones are refused here; a
+    # backend answers with its own, and each log's that differ is told after the run
+    recorded = distinct_settings(files)
+    settings = recorded_settings(files) if args.in_process else (recorded[0] if len(recorded) == 1 else None)
     manager = None if args.in_process else BackendManager(backend_settings(args))
     try:
         result = segment_volume(
             in_process_engine(args) if manager is None else manager.client(),
             volume_node,
-            prompts,
+            files,  # whole: each log replayed in the voxel order it was recorded in
             segment_name=args.segment_name,
             progress=lambda fraction, message: print(f"[{100 * fraction:5.1f} %] {message}", flush=True),
             settings=settings,
@@ -138,6 +146,8 @@ def run(args: argparse.Namespace, scene, markups_logic):
     finally:
         if manager is not None:
             manager.close()
+    if settings is None and len(recorded) > 1:  # a backend, logs of several settings
+        result.notes.extend(settings_notes(files, result.prompt_log.engine, result.model))
     segments.save_segmentation(result.segmentation_node, args.out)
     print(f"{len(prompts)} prompts -> {result.voxel_count} voxels ({result.model}); wrote {args.out}", flush=True)
     for file in files:  # a log recorded on another scan of this grid (same geometry, other voxel values)

@@ -508,11 +508,19 @@ class BuiltinEngine(Engine):
         the network's answer as it is)."""
         if max_refine_tiles is None:
             max_refine_tiles = min(64, (int(refine_depth) + 1) ** 3)
-        if int(refine_depth) < 1 or int(max_refine_tiles) < 1:
-            raise ValueError(f"refine_depth and max_refine_tiles must be at least 1, got {refine_depth}, "
-                             f"{max_refine_tiles}")
-        if not 0.0 <= float(correction_zoom_share) < 1.0:
-            raise ValueError(f"correction_zoom_share must be in [0, 1), got {correction_zoom_share}")
+        snap = edge_snap or EdgeSnap()  # no snap: the default beta and max_voxels are recorded, unused
+        #: what a prompt log records (:class:`~SegAssistLib.prompts.EngineSettings`); a session may be
+        #: opened with others (a replayed log's). Out of its range (a refine depth of 17): a SettingsError
+        #: (a ValueError) that says which, before anything else is set up
+        self.settings = EngineSettings.checked(
+            refine_depth=int(refine_depth),
+            max_refine_tiles=int(max_refine_tiles),
+            min_view_mm=float(min_view_mm),
+            correction_zoom_share=float(correction_zoom_share),
+            edge_band=0.0 if edge_snap is None else float(edge_snap.band),
+            edge_beta=float(snap.beta),
+            edge_max_voxels=int(snap.max_voxels),
+        )
         if threads:
             torch.set_num_threads(threads)
         self.correction_zoom_share = float(correction_zoom_share)
@@ -525,18 +533,6 @@ class BuiltinEngine(Engine):
         self.network = model.network.to(self.device).eval()
         self.patch = int(model.config.patch_size)
         self.version = str(model.meta.get("version", model.identity))
-        snap = edge_snap or EdgeSnap()  # no snap: the default beta and max_voxels are recorded, unused
-        #: what a prompt log records (:class:`~SegAssistLib.prompts.EngineSettings`); a session may be
-        #: opened with others (a replayed log's)
-        self.settings = EngineSettings(
-            refine_depth=self.refine_depth,
-            max_refine_tiles=self.max_refine_tiles,
-            min_view_mm=self.min_view_mm,
-            correction_zoom_share=self.correction_zoom_share,
-            edge_band=0.0 if edge_snap is None else float(edge_snap.band),
-            edge_beta=float(snap.beta),
-            edge_max_voxels=int(snap.max_voxels),
-        )
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], device: str = "cpu", threads: Optional[int] = None, **options):

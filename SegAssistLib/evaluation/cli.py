@@ -25,6 +25,27 @@ def share_of_a_side(text: str) -> float:
     return value
 
 
+def refine_depth(text: str) -> int:
+    """argparse type of ``--refine-depth``: a whole number from 1 to 16, the engine's range
+    (:class:`~SegAssistLib.prompts.EngineSettings`)."""
+    from SegAssistLib.prompts import MAX_REFINE_DEPTH  # here: the command line starts without pydantic
+
+    value = positive_int(text)
+    if value > MAX_REFINE_DEPTH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_REFINE_DEPTH}, got {value}")
+    return value
+
+
+def edge_beta(text: str) -> float:
+    """argparse type of an edge snap's beta (the benchmarks' ``--betas``): above 0, at most 1e9."""
+    from SegAssistLib.prompts import MAX_EDGE_BETA
+
+    value = number(text)
+    if not 0.0 < value <= MAX_EDGE_BETA:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_EDGE_BETA:g}, got {text}")
+    return value
+
+
 EDGE_BAND_HELP = (
     "builtin: half-width in voxels of the band around each answer's surface that a random walker snaps to "
     "the image's edges (default 2; 0: off, the network's answer as it is)"
@@ -72,9 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--model", default=None, help="checkpoint for the builtin and ablation engines (default: shipped)"
     )
     parser.add_argument("--device", default="cpu", help="device of the builtin engine (cpu, cuda)")
-    parser.add_argument("--refine-depth", type=positive_int, default=1, metavar="N",
-                        help="builtin: re-predict zoomed-out answers N levels finer (default 1; 2 sharpens large "
-                             "structures at about twice the latency of such clicks)")
+    parser.add_argument("--refine-depth", type=refine_depth, default=1, metavar="N",
+                        help="builtin: re-predict zoomed-out answers N levels finer, 1 to 16 (default 1; 2 sharpens "
+                             "large structures at about twice the latency of such clicks)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",
                         help=CORRECTION_ZOOM_SHARE_HELP)
     parser.add_argument("--edge-band", type=edge_band, default=None, metavar="B", help=EDGE_BAND_HELP)

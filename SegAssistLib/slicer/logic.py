@@ -17,6 +17,13 @@ The engine is anything with the engine interface: a :class:`~SegAssistLib.client
 the engine settings it records (:func:`load_prompts`, ``segment_volume(settings=...)``): an in-process
 engine answers with them, giving the recorded mask; a server answers with its own, and the result's
 ``notes`` say when they differ.
+
+Give ``segment_volume`` the :class:`~SegAssistLib.headless.PromptFile` itself (not only its prompts):
+a log recorded on the file as SimpleITK reads it (``segassist segment --log``) names the voxels of a
+left-handed image in another order than Slicer's node holds them, and the network is not
+flip-symmetric; with the file, the session runs on the voxels in the log's order with the log's own
+prompts (any markups given beside it moved to that order), and the segment is written back in the
+node's, so that the replay gives the recorded mask.
 """
 
 from __future__ import annotations
@@ -36,17 +43,22 @@ from SegAssistLib.headless import (  # noqa: F401 - Cancelled, EngineRun, ...: t
     EngineRun,
     ProgressCallback,
     PromptFile,
+    Voxels,
     no_progress,
     read_prompt_file,
     read_prompts,
     recorded_settings,
+    replay_order,
     run_prompts,
 )
+from SegAssistLib.prompt_mirror import Flips, mirror_prompt
 from SegAssistLib.prompts import EngineSettings, LassoPrompt, Prompt, PromptLog, ScribblePrompt, parse_prompt
 from SegAssistLib.slicer import markups, segments, volumes
 from SegAssistLib.slicer.coordinates import build_prompt, ras_to_ijk
 
-PromptSource = Union[Prompt, Dict[str, Any], slicer.vtkMRMLMarkupsNode]
+#: a prompt, its JSON dict, a markups node, or a file's prompts as :func:`load_prompts` reads them (given
+#: whole, a prompt log's are replayed in the voxel order it was recorded in: see ``segment_volume``)
+PromptSource = Union[Prompt, Dict[str, Any], slicer.vtkMRMLMarkupsNode, PromptFile]
 DEFAULT_SEGMENT_NAME = "SegAssist"
 
 
@@ -63,6 +75,9 @@ class SegmentationResult:
     #: what a script should tell its user, one line each (:attr:`EngineRun.notes`): the backend answered
     #: with engine settings other than those the prompts were recorded with, so the mask may differ
     notes: List[str] = field(default_factory=list)
+    #: :attr:`EngineRun.flips`: the axes ``[k, j, i]`` along which the engine saw the volume reversed (a
+    #: replayed log's voxel order; None: the node's); ``prompt_log`` names voxels of that order
+    flips: Optional[Flips] = None
 
     @property
     def voxel_count(self) -> int:
@@ -103,10 +118,19 @@ def prompts_from_markups(
     return list(prompts)
 
 
-def collect_prompts(sources: Sequence[PromptSource], volume_node: slicer.vtkMRMLVolumeNode) -> List[Prompt]:
-    """Prompts from a mix of prompt objects, prompt dicts and markups nodes, in the given order."""
+def collect_prompts(
+    sources: Sequence[PromptSource], volume_node: slicer.vtkMRMLVolumeNode, flips: Optional[Flips] = None
+) -> List[Prompt]:
+    """Prompts from a mix of prompt objects, prompt dicts, markups nodes and prompt files, in the given
+    order, in the node's voxel order; reversed along ``flips`` (``[k, j, i]``, :func:`replay_order`), in
+    that order: a prompt file's log its own prompts, the others moved."""
+    shape_kji = slicer.util.arrayFromVolume(volume_node).shape[:3] if flips is not None else ()
     prompts: List[Prompt] = []
     for source in sources:
+        if isinstance(source, PromptFile):
+            prompts.extend(source.prompts_in(flips, shape_kji))
+            continue
+        before = len(prompts)
         if isinstance(source, slicer.vtkMRMLMarkupsNode):
             prompts.extend(prompts_from_markups(source, volume_node))
         elif isinstance(source, dict):
@@ -115,6 +139,8 @@ def collect_prompts(sources: Sequence[PromptSource], volume_node: slicer.vtkMRML
             prompts.append(source)  # type: ignore[arg-type]
         else:
             raise PromptError(f"not a prompt: {type(source).__name__} (give prompts, prompt dicts or markups nodes)")
+        if flips is not None and any(flips):  # in the node's order: moved to the replay's
+            prompts[before:] = [mirror_prompt(p, flips, shape_kji) for p in prompts[before:]]
     return prompts
 
 
@@ -134,14 +160,35 @@ def load_prompt_file(
     return load_prompts(path, volume_node, markups_logic).prompts
 
 
+def load_prompt_files(
+    paths: Sequence[Union[str, Path]],
+    volume_node: slicer.vtkMRMLVolumeNode,
+    markups_logic: Optional[slicer.vtkSlicerMarkupsLogic] = None,
+) -> List[PromptFile]:
+    """:func:`load_prompts` of each file, the node's voxel digest computed at most once for them all."""
+    voxels = _node_voxels(volume_node)
+    return [load_prompts(path, volume_node, markups_logic, voxels=voxels) for path in paths]
+
+
+def _node_voxels(volume_node: slicer.vtkMRMLVolumeNode) -> Optional[Voxels]:
+    if volume_node.GetImageData() is None:
+        return None
+    array = slicer.util.arrayFromVolume(volume_node)  # a view: hashed only if a log records a digest
+    return Voxels(array) if array.ndim == 3 else None
+
+
 def load_prompts(
     path: Union[str, Path],
     volume_node: slicer.vtkMRMLVolumeNode,
     markups_logic: Optional[slicer.vtkSlicerMarkupsLogic] = None,
+    voxels: Optional[Voxels] = None,
 ) -> PromptFile:
     """The prompts of a file as :func:`load_prompt_file` reads them, with the engine settings and model
     its prompt log records (schema 1.4; None for markups and bare lists): a replay gives the recorded
-    mask only with those settings (``segment_volume(..., settings=file.settings)``)."""
+    mask only with those settings, and on the voxels in the order the log was recorded in: give the
+    file itself to ``segment_volume(engine, node, [file], settings=file.settings)`` (its ``prompts`` are
+    in the node's voxel order, for display; a left-handed file's log names them in another).
+    ``voxels``: the node's, shared by several calls (:func:`load_prompt_files`): their digest once."""
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}")
@@ -166,9 +213,9 @@ def load_prompts(
         except ImageError:  # a degenerate matrix: shape and spacing are all there is to check
             pass
         else:
-            voxels = slicer.util.arrayFromVolume(volume_node)  # a view: hashed only if the log records a digest
             # a log recorded on another scan of this grid is noted in the file's notes, not refused
-            image = (image_data.GetDimensions(), spacing, name, origin, direction, voxels if voxels.ndim == 3 else None)
+            image = (image_data.GetDimensions(), spacing, name, origin, direction,
+                     _node_voxels(volume_node) if voxels is None else voxels)  # fmt: skip
     return read_prompts(path, image)
 
 
@@ -249,6 +296,7 @@ def write_result(
         model=run.model,
         latencies_s=run.latencies_s,
         notes=list(run.notes),
+        flips=run.flips,
     )
 
 
@@ -274,14 +322,21 @@ def segment_volume(
     :func:`recorded_settings` of several files; None: the engine's own). An in-process built-in engine
     answers with them, giving the recorded mask; a backend (a server, local or remote) answers with its
     own, and the result's ``notes`` say so when they differ.
+
+    ``prompts`` may hold :class:`~SegAssistLib.headless.PromptFile` objects (:func:`load_prompts`): a
+    log recorded on the node's image stored in another voxel order (the file of a left-handed image
+    as SimpleITK reads it) is then replayed as recorded, the engine (in process or a server) seeing the
+    voxels in the log's order, the other prompts moved to it, and the segment written in the node's
+    order: the recorded mask. Logs recorded in different orders are refused (:func:`replay_order`).
     """
     report = progress or no_progress
     if volume_node.GetScene() is None:
         raise SegAssistError(f"volume {volume_node.GetName()!r} is not in a scene")
     report(0.0, "Reading the volume")
-    prompt_list = collect_prompts(prompts, volume_node)
+    flips = replay_order([source for source in prompts if isinstance(source, PromptFile)])
+    prompt_list = collect_prompts(prompts, volume_node, flips)
     volume = volumes.volume_from_node(volume_node)
-    run = run_prompts(engine, volume, prompt_list, report, settings)
+    run = run_prompts(engine, volume, prompt_list, report, settings, flips=flips)
     report(0.97, "Writing the segment")
     result = write_result(
         run,

@@ -129,3 +129,77 @@ def test_a_bad_prompt_file_is_one_line_naming_the_prompt_and_the_problem(tmp_pat
     said = str(refused.value)
     assert "\n" not in said and "validation error" not in said and "pydantic" not in said, said
     assert said.endswith(message.format(path=path)), said
+
+
+# ---- replays in the log's voxel order -----------------------------------------------------------
+def test_run_prompts_with_flips_opens_the_session_on_the_reversed_image_and_turns_the_mask_back(
+    engine, monkeypatch
+):
+    """Any engine (a server's client as much as the built-in one) is given the image in the log's order."""
+    from SegAssistLib.prompt_mirror import reversed_volume
+
+    volume = _volume()
+    flips = (True, False, True)
+    seen = []
+    open_session = engine.open_session
+
+    def recording(volume, *args, **kwargs):
+        seen.append(volume)
+        return open_session(volume, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "open_session", recording)
+    run = run_prompts(engine, volume, PROMPTS, flips=flips)
+    monkeypatch.undo()
+    there = reversed_volume(volume, flips)
+    assert np.array_equal(seen[0].array, there.array) and np.allclose(seen[0].origin, there.origin)
+    expected = engine.open_session(there, PROMPTS).result()
+    assert np.array_equal(run.mask, np.flip(expected, axis=(0, 2))) and run.flips == flips
+    assert run.prompt_log.prompts == PROMPTS  # in the order the engine saw
+    assert run_prompts(engine, volume, PROMPTS, flips=(False, False, False)).flips is None
+
+
+def test_replay_prompts_puts_every_file_in_the_logs_order_and_refuses_two_orders():
+    from SegAssistLib.headless import PromptFile, replay_order, replay_prompts
+    from SegAssistLib.prompt_mirror import mirror_prompt
+
+    shape = (20, 24, 24)
+    recorded = [PointPrompt(position=(1.3, 2.7, 3.1))]  # fractions: the log's own, not mirrored twice
+    flips = (True, False, False)
+    log = PromptFile(Path("log.json"), [mirror_prompt(p, flips, shape) for p in recorded], flips=flips,
+                     recorded_prompts=recorded)  # fmt: skip
+    here = PromptFile(Path("list.json"), [PointPrompt(position=(5.0, 6.0, 7.0))])  # no order: the caller's
+    same = PromptFile(Path("same.json"), [PointPrompt(position=(8.0, 9.0, 10.0))], flips=(False, False, False))
+    prompts, order = replay_prompts([here, log], shape)
+    assert order == flips and prompts == [PointPrompt(position=(5.0, 6.0, 12.0)), *recorded]
+    assert replay_prompts([here, same], shape) == ([*here.prompts, *same.prompts], None)
+    assert replay_order([here]) is None
+    with pytest.raises(PromptError, match=r"log\.json and same\.json were recorded on this image with its voxels in "
+                                          r"different orders \(this image reversed along k vs in its own order\)"):
+        replay_prompts([log, here, same], shape)
+
+
+def test_recorded_settings_compares_only_what_the_caller_does_not_replace(engine):
+    from SegAssistLib.headless import PromptFile, recorded_settings, settings_notes
+
+    a = PromptFile(Path("a.json"), PROMPTS, engine.settings.model_copy(update={"edge_band": 0.0}))
+    b = PromptFile(Path("b.json"), PROMPTS, engine.settings)
+    assert recorded_settings([a, b], ("edge_band", "edge_beta", "edge_max_voxels")) == a.settings
+    with pytest.raises(PromptError, match="replay them separately"):
+        recorded_settings([a, b], ("refine_depth", "max_refine_tiles"))
+    notes = settings_notes([a, b], engine.settings, "server")
+    assert notes == ["a.json: the prompts were recorded with engine settings other than those server answered "
+                     "with (edge_band 0.0 vs 2.0; recorded vs used): the mask may differ from the recorded one"]
+
+
+def test_voxels_hash_once_per_order(monkeypatch):
+    import SegAssistLib.headless as headless
+    from SegAssistLib.image import voxel_digest
+
+    calls = []
+    monkeypatch.setattr(headless, "voxel_digest", lambda a: calls.append(a.shape) or voxel_digest(a))
+    array = _volume().array
+    voxels = headless.Voxels(array)
+    assert voxels.digest() == voxels.digest((False, False, False)) == voxel_digest(array)
+    assert voxels.digest((True, False, False)) == voxel_digest(array[::-1]) != voxel_digest(array)
+    voxels.digest((True, False, False))
+    assert len(calls) == 2

@@ -76,6 +76,83 @@ def test_the_canonical_type_follows_the_values_not_the_dtype():
     assert np.isnan(other_nan[0, 0, 0]) and voxel_digest(quiet) == voxel_digest(other_nan)
 
 
+def _straight_from_the_definition(array: np.ndarray) -> str:
+    """The published definition, one value at a time in Python numbers (no numpy range logic): <type> is
+    the first of int16, int32, int64, uint64 that holds every value when all are integers, else float32
+    when every value is exactly a float32, else float64; -0.0 as 0.0, every NaN as the quiet NaN."""
+    import math
+    import struct
+
+    values = [v.item() for v in np.asarray(array).reshape(-1)]  # C order of [k, j, i]: i fastest
+    whole = all(isinstance(v, (bool, int)) or (math.isfinite(v) and v == int(v)) for v in values)
+    ranges = (("int16", "<h", -(2**15), 2**15 - 1), ("int32", "<i", -(2**31), 2**31 - 1),
+              ("int64", "<q", -(2**63), 2**63 - 1), ("uint64", "<Q", 0, 2**64 - 1))  # fmt: skip
+    chosen = None
+    if whole:
+        ints = [int(v) for v in values]
+        chosen = next(((name, fmt) for name, fmt, lo, hi in ranges if all(lo <= v <= hi for v in ints)), None)
+    if chosen is not None:
+        name, fmt = chosen
+        body = b"".join(struct.pack(fmt, int(v)) for v in values)
+    else:
+
+        def exact32(v: float) -> bool:  # struct rounds to the nearest float32 (and refuses one beyond its range)
+            if math.isnan(v):
+                return True
+            return abs(v) <= 3.4028234663852886e38 and struct.unpack("<f", struct.pack("<f", v))[0] == v
+
+        name, fmt = ("float32", "<f") if all(exact32(float(v)) for v in values) else ("float64", "<d")
+        canonical = [float("nan") if math.isnan(float(v)) else float(v) + 0.0 for v in values]
+        body = b"".join(struct.pack(fmt, v) for v in canonical)
+    header = f"segassist-voxels-v1 {name} {' '.join(str(n) for n in np.shape(array)[::-1])}\n".encode("ascii")
+    return hashlib.sha256(header + body).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "values, dtype",
+    [
+        ([0.0, 2.0**70], np.float32),  # whole numbers beyond uint64, each a float32: float32
+        ([0.0, 2.0**70], np.float64),
+        ([-1.0, 2.0**63], np.float32),  # neither int64 nor uint64 holds both: float32
+        ([-1.0, 2.0**63], np.float64),
+        ([0.0, 2.0**64], np.float64),  # 2**64 is a float32
+        ([0.0, 2.0**64 + 4096.0], np.float64),  # not a float32: float64
+        ([-(2.0**63), 2.0**63 - 1024.0], np.float64),  # int64 holds both
+        ([0.0, 2.0**64 - 2048.0], np.float64),  # uint64 holds both
+        ([1e30, -1e30], np.float32),
+        ([1e300, 0.0], np.float64),
+        ([-0.0, 2.0**80, float("nan")], np.float64),
+        ([3.0, 2.0**127 * 1.5], np.float32),
+    ],
+)
+def test_the_digest_follows_its_definition_also_for_whole_numbers_beyond_64_bits(values, dtype):
+    """Whole numbers no integer type holds were hashed as float64 even where each is a float32, unlike
+    the definition another tool implements: another digest, a false "another scan" note on replay."""
+    array = np.asarray(values, dtype).reshape(1, 1, -1)
+    assert voxel_digest(array) == _straight_from_the_definition(array)
+    assert voxel_digest(array, chunk_voxels=1) == _straight_from_the_definition(array)
+
+
+def test_the_definition_and_the_digest_agree_on_random_images():
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        shape = tuple(int(n) for n in rng.integers(1, 4, 3))
+        kind = trial % 6
+        if kind == 0:
+            array = rng.integers(-(2**15), 2**15, shape).astype(np.int32)
+        elif kind == 1:
+            array = rng.integers(0, 2**62, shape).astype(np.uint64) * np.uint64(3)
+        elif kind == 2:
+            array = (rng.integers(-100, 100, shape) / 4).astype(np.float64)
+        elif kind == 3:
+            array = rng.normal(0, 1, shape)
+        elif kind == 4:
+            array = (rng.integers(1, 2**20, shape).astype(np.float64) * 2.0 ** rng.integers(40, 90, shape))
+        else:
+            array = rng.integers(-(2**40), 2**40, shape).astype(np.float64) * rng.choice([1.0, 2.0**30], shape)
+        assert voxel_digest(array) == _straight_from_the_definition(array), (trial, array.ravel()[:4])
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 35, 51 * 35 - 1, 51 * 35, 3 * 51 * 35 + 2, 10**9])
 def test_the_digest_hashed_in_chunks_is_the_digest_in_one_piece(chunk):
     array = load_volume(SAMPLE).array

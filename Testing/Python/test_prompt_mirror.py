@@ -142,3 +142,35 @@ def test_a_log_read_on_a_copy_stored_the_other_way_names_the_same_places(tmp_pat
     mirror_image = Volume(original.array, original.spacing, original.origin, direction * [1.0, 1.0, -1.0])
     with pytest.raises(PromptError, match="placed otherwise in space"):
         read_prompt_file(log, image_of(mirror_image, "mirror image"))
+
+
+@pytest.mark.parametrize("flips", ALL_FLIPS)
+def test_the_reversed_volume_is_the_same_image_stored_the_other_way(flips):
+    """reversed_volume: the voxels reversed along the axes, every voxel where it was in space; the grid
+    mirrored_axes tells is that image; twice: the volume again."""
+    from SegAssistLib.prompt_mirror import reversed_volume
+
+    rng = np.random.default_rng(1)
+    volume = Volume(rng.normal(size=SHAPE_KJI).astype(np.float32), (0.8, 1.1, 2.5), (5.0, -3.0, 7.0),
+                    sitk_direction(), modality="MR")  # fmt: skip
+    there = reversed_volume(volume, flips)
+    assert there.array.flags.c_contiguous and there.modality == "MR"
+    assert np.array_equal(there.array, _flip(volume.array, flips))
+    last = np.asarray(SHAPE_KJI[::-1]) - 1
+    for ijk in [(0, 0, 0), (3, 4, 5), tuple(last)]:
+        moved = np.where(np.asarray(flips[::-1]), last - np.asarray(ijk), ijk)
+        assert np.allclose(there.ijk_to_physical(moved), volume.ijk_to_physical(ijk))
+        assert there.array[tuple(moved[::-1])] == volume.array[tuple(np.asarray(ijk)[::-1])]
+    assert mirrored_axes(there.shape_ijk, there.spacing, there.origin, there.direction, volume.spacing,
+                         volume.origin, volume.direction) == flips  # fmt: skip
+    back = reversed_volume(there, flips)
+    assert np.array_equal(back.array, volume.array) and np.allclose(back.origin, volume.origin)
+    assert np.allclose(back.direction, volume.direction)
+
+
+def sitk_direction() -> np.ndarray:
+    """An oblique rotation, nothing like the identity."""
+    angle = np.deg2rad(23.0)
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0],
+                                                                          [0.0, 1.0, 0.0]])  # fmt: skip

@@ -203,3 +203,31 @@ def test_a_log_replayed_on_another_scan_of_the_same_grid_is_noted_in_the_scene_a
     assert example.main(args) == 0
     assert "warning: " in (err := capsys.readouterr().err) and "other voxel values" in err
     assert out.is_file()
+
+
+def test_the_batch_example_sends_logs_of_different_settings_to_a_backend_and_warns_for_each(
+    recorded, tiny_checkpoint, tmp_path, capsys
+):
+    """A backend answers every prompt with its own settings: logs recorded with different ones are not
+    refused there (only --in-process applies them), and the script names each log whose settings
+    differ from the backend's."""
+    path, log, _ = recorded
+    other = tmp_path / "other_log.json"
+    log.model_copy(update={"engine": log.engine.model_copy(update={"edge_band": 3.0})}).save(other)
+    backend = LocalBackend(model=tiny_checkpoint, state_dir=tmp_path / "state", reuse=False,
+                           extra_args=["--threads", "1"]).start()  # fmt: skip
+    try:
+        example = _example_module()
+        out = tmp_path / "served.seg.nrrd"
+        args = ["--image", str(SAMPLE), "--prompts", str(path), "--prompts", str(other), "--out", str(out),
+                "--segment-name", "hippocampus", "--url", backend.url, f"--token={backend.token}",
+                "--send-images-to-remote"]  # fmt: skip
+        assert example.main(args) == 0
+    finally:
+        backend.stop()
+    err = capsys.readouterr().err
+    assert f"warning: {path}: the prompts were recorded with engine settings other than those" in err, err
+    assert "(edge_band 0.0 vs 2.0; recorded vs used)" in err, err
+    assert f"warning: {other}: the prompts were recorded with engine settings other than those" in err, err
+    assert "(edge_band 3.0 vs 2.0; recorded vs used)" in err, err
+    assert out.is_file()
