@@ -58,3 +58,61 @@ def make_store(root: Path, n_labelled: int, n_new: int, seed: int = 0) -> Tuple[
             store.save_label(case.id, mask, user="alice")
         cases.append(case)
     return store, cases
+
+
+# ---- stores of earlier schemas, as earlier releases wrote them (datastore.py's _SCHEMA then) --------
+#: schema 1: the tables before subjects
+SCHEMA_1_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cases (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    spacing TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    direction TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    content_hash TEXT NOT NULL UNIQUE,
+    source TEXT NOT NULL,
+    imported_at REAL NOT NULL,
+    imported_by TEXT NOT NULL,
+    locked_by TEXT,
+    lock_expires REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cases_status ON cases(status);
+CREATE TABLE IF NOT EXISTS labels (
+    id TEXT PRIMARY KEY,
+    case_id TEXT NOT NULL REFERENCES cases(id),
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    user TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    model TEXT,
+    adapter_version TEXT,
+    n_interactions INTEGER NOT NULL,
+    seconds_spent REAL NOT NULL,
+    submitted INTEGER NOT NULL,
+    n_foreground INTEGER NOT NULL,
+    prompt_log TEXT,
+    UNIQUE (case_id, version)
+);
+CREATE TABLE IF NOT EXISTS image_hashes (
+    hash TEXT PRIMARY KEY,
+    case_id TEXT NOT NULL REFERENCES cases(id)
+);
+CREATE TABLE IF NOT EXISTS reviews (
+    id TEXT PRIMARY KEY,
+    label_id TEXT NOT NULL REFERENCES labels(id),
+    reviewer TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
+    note TEXT,
+    created_at REAL NOT NULL
+);
+"""
+#: schema 2: cases.subject; the counts of a label still NOT NULL (unknown ones were written as 0)
+SCHEMA_2_DDL = SCHEMA_1_DDL.replace(
+    "    updated_at REAL NOT NULL\n);", "    updated_at REAL NOT NULL,\n    subject TEXT\n);", 1
+)
+assert SCHEMA_2_DDL.count("subject TEXT") == 1  # the replacement above found its place

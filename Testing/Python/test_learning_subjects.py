@@ -20,6 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import pytest
 from learning_fixtures import (
+    SCHEMA_1_DDL,
     make_store,
     one_thread,  # noqa: F401  (autouse fixture)
     synthetic_case,
@@ -296,55 +297,6 @@ def test_an_import_whose_pattern_misses_a_name_imports_nothing(tmp_path: Path):
         assert sorted(store.subjects([c.id for c in report.added]).values()) == ["odd", "patient001", "patient001"]
 
 
-OLD_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cases (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    status TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    spacing TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    direction TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    content_hash TEXT NOT NULL UNIQUE,
-    source TEXT NOT NULL,
-    imported_at REAL NOT NULL,
-    imported_by TEXT NOT NULL,
-    locked_by TEXT,
-    lock_expires REAL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS cases_status ON cases(status);
-CREATE TABLE IF NOT EXISTS labels (
-    id TEXT PRIMARY KEY,
-    case_id TEXT NOT NULL REFERENCES cases(id),
-    version INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    user TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    model TEXT,
-    adapter_version TEXT,
-    n_interactions INTEGER NOT NULL,
-    seconds_spent REAL NOT NULL,
-    submitted INTEGER NOT NULL,
-    n_foreground INTEGER NOT NULL,
-    prompt_log TEXT,
-    UNIQUE (case_id, version)
-);
-CREATE TABLE IF NOT EXISTS image_hashes (
-    hash TEXT PRIMARY KEY,
-    case_id TEXT NOT NULL REFERENCES cases(id)
-);
-CREATE TABLE IF NOT EXISTS reviews (
-    id TEXT PRIMARY KEY,
-    label_id TEXT NOT NULL REFERENCES labels(id),
-    reviewer TEXT NOT NULL,
-    accepted INTEGER NOT NULL,
-    note TEXT,
-    created_at REAL NOT NULL
-);
-"""  # the schema-1 tables, as the release before subjects wrote them
 
 
 def schema_1_store(root: Path, schema_version: str = "1") -> Dict[str, list]:
@@ -356,7 +308,7 @@ def schema_1_store(root: Path, schema_version: str = "1") -> Dict[str, list]:
     db = root / DB_NAME
     rebuilt = root.parent / "schema1.sqlite"
     con = sqlite3.connect(rebuilt)
-    con.executescript(OLD_SCHEMA)
+    con.executescript(SCHEMA_1_DDL)
     con.execute("ATTACH DATABASE ? AS current", (str(db),))
     rows = {}
     for table in ("cases", "labels", "image_hashes", "reviews"):

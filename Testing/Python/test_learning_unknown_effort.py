@@ -23,6 +23,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from learning_fixtures import SCHEMA_2_DDL
 from test_server_fixtures import TOKENS, raw
 from test_server_fixtures import make_volume as server_volume
 
@@ -43,56 +44,6 @@ pytest_plugins = ["test_server_fixtures"]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (8, 10, 12)  # array order k, j, i
 
-SCHEMA_2 = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cases (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    status TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    spacing TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    direction TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    content_hash TEXT NOT NULL UNIQUE,
-    source TEXT NOT NULL,
-    imported_at REAL NOT NULL,
-    imported_by TEXT NOT NULL,
-    locked_by TEXT,
-    lock_expires REAL,
-    updated_at REAL NOT NULL,
-    subject TEXT
-);
-CREATE INDEX IF NOT EXISTS cases_status ON cases(status);
-CREATE TABLE IF NOT EXISTS labels (
-    id TEXT PRIMARY KEY,
-    case_id TEXT NOT NULL REFERENCES cases(id),
-    version INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    user TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    model TEXT,
-    adapter_version TEXT,
-    n_interactions INTEGER NOT NULL,
-    seconds_spent REAL NOT NULL,
-    submitted INTEGER NOT NULL,
-    n_foreground INTEGER NOT NULL,
-    prompt_log TEXT,
-    UNIQUE (case_id, version)
-);
-CREATE TABLE IF NOT EXISTS image_hashes (
-    hash TEXT PRIMARY KEY,
-    case_id TEXT NOT NULL REFERENCES cases(id)
-);
-CREATE TABLE IF NOT EXISTS reviews (
-    id TEXT PRIMARY KEY,
-    label_id TEXT NOT NULL REFERENCES labels(id),
-    reviewer TEXT NOT NULL,
-    accepted INTEGER NOT NULL,
-    note TEXT,
-    created_at REAL NOT NULL
-);
-"""  # the schema-2 tables, as the release before unknown counts wrote them (datastore.py's _SCHEMA then)
 TABLES = ("cases", "labels", "image_hashes", "reviews", "meta")
 
 
@@ -158,7 +109,7 @@ def schema_2_store(root: Path) -> Dict[str, list]:
     db = root / DB_NAME
     rebuilt = root.parent / "schema2.sqlite"
     con = sqlite3.connect(rebuilt)
-    con.executescript(SCHEMA_2)
+    con.executescript(SCHEMA_2_DDL)
     con.execute("ATTACH DATABASE ? AS current", (str(db),))
     for table in ("cases", "labels", "image_hashes", "reviews"):
         names = [r[1] for r in con.execute(f"PRAGMA main.table_info({table})")]
