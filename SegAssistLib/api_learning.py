@@ -196,10 +196,20 @@ class VersionList(ReplyModel):
 
 class RollbackRequest(_Model):
     to: Optional[str] = Field(None, pattern=VERSION_ID_PATTERN, description="a version id, 'base', or one step back")
+    expected_current: Optional[str] = Field(
+        None,
+        pattern=VERSION_ID_PATTERN,
+        description="the version the caller saw current ('base': the base model): refused (409 version_state), "
+        "nothing changed, when another is current now (a job promoted one since, or another rollback ran); "
+        "null: no check",
+    )
 
 
 class CurrentVersion(ReplyModel):
-    current: Optional[str]
+    current: Optional[str] = Field(description="the version that answers now; null: the base model")
+    previous: Optional[str] = Field(
+        None, description="the version the rollback replaced; null: the base model (or a server that does not say)"
+    )
 
 
 class LearningStatus(ReplyModel):

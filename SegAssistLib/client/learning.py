@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -288,9 +288,18 @@ class LearningClient:
     def versions(self) -> VersionList:
         return VersionList.model_validate(self._http.json("GET", f"{_BASE}/versions"))
 
-    def rollback(self, to: Optional[str] = None) -> Optional[str]:
-        """Make an earlier version current (``to``: a version id, ``"base"``, or one step back)."""
-        reply = CurrentVersion.model_validate(self._http.json("POST", f"{_BASE}/rollback", json={"to": to}, safe=False))
+    def rollback(self, to: Optional[str] = None, expected_current: Optional[str] = None) -> Optional[str]:
+        """Make an earlier version current (``to``: a version id, ``"base"``, or one step back); returns the
+        version current now (``None``: the base model).
+
+        ``expected_current``: the version the caller saw current (``"base"``: the base model). When another
+        is current by the time the server acts (a job promoted one since), nothing changes and
+        :class:`LearningConflictError` (``version_state``) says which is; without it, one step back goes
+        back from whatever is current then. A server older than this option refuses it (422)."""
+        body: Dict[str, Any] = {"to": to}
+        if expected_current is not None:  # sent only when given: an older server refuses unknown fields
+            body["expected_current"] = expected_current
+        reply = CurrentVersion.model_validate(self._http.json("POST", f"{_BASE}/rollback", json=body, safe=False))
         return reply.current
 
     # ---- active learning -------------------------------------------------------------------------

@@ -13,7 +13,7 @@
     segassist learn train --store DIR [--kind salt] [--minutes 5] [--detach]
     segassist learn cancel --store DIR [--job ID]
     segassist learn versions --store DIR
-    segassist learn rollback --store DIR [--to v2|base]
+    segassist learn rollback --store DIR [--to v2|base] [--from v3|base]
     segassist learn next --store DIR [--strategy uncertainty] [--user NAME --lock] [--out proposal.nii.gz]
 
 ``train`` follows the job's progress until it ends, unless ``--detach``. Ctrl-C (or SIGTERM, or the
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import signal
 import sys
 import threading
@@ -40,7 +41,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
-from SegAssistLib.api_learning import MAX_LOCK_TTL_S
+from SegAssistLib.api_learning import MAX_LOCK_TTL_S, VERSION_ID_PATTERN
 from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, number, positive_int
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import (
@@ -72,6 +73,13 @@ def lock_hours(text: str) -> float:
     if not 0 < value <= longest:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most {longest:g} hours, got {text}")
     return value
+
+
+def version_or_base(text: str) -> str:
+    """argparse type of ``rollback --from``: a version id (v3) or ``base``, as the server takes it."""
+    if not re.fullmatch(VERSION_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"a version id such as v3, or 'base', got {text!r}")
+    return text
 
 
 def label_value(text: str) -> int:
@@ -224,6 +232,11 @@ def register(subparsers) -> None:
         help="version id or 'base' (default: one step back, to the previous version made for the same base "
         "model as the current one, or to the base model)",
     )
+    p.add_argument("--from", dest="expected_current", metavar="VERSION", type=version_or_base,
+                   help="the version you mean to replace (a version id or 'base'): if another is current by the "
+                   "time the rollback runs (a training job promoted one since you looked), nothing changes and "
+                   "the command fails (exit 2) naming both. Without it, the rollback starts from whatever is "
+                   "current then, and says which version it replaced")
     p.add_argument("--user", help="who rolls back (recorded)")
     p.add_argument("--checkpoint", type=Path,
                    help="the base model the version must belong to (default: the shipped one)")
@@ -622,12 +635,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print(args, {"job_id": job.job_id, "folder": str(job.folder)}, f"started job {job.job_id}")
         return 0
     with _stop_signals_cancel():
-        try:  # a signal during the start: the job, if it began, finds its cancel flag (start_training)
+        job = None
+        try:  # one try from the start on: a signal at any point cancels the job once its worker has started
             job = start_training(args.store, _checkpoint(args.checkpoint), settings)
-        except _Stopped as exc:
-            _say(f"stopped by {_signal_name(exc.signum)}", err=True)
-            return 128 + exc.signum
-        return _follow(args, job)
+            return _follow(args, job)  # it handles a signal in its loop itself (knowing what it printed)
+        except KeyboardInterrupt as exc:  # Ctrl-C or _Stopped: during the start, or before _follow's own try
+            signum = getattr(exc, "signum", signal.SIGINT)
+            if job is None:  # interrupted start: a worker that had started has its cancel flag and comes along
+                job = getattr(exc, "training_job", None)
+            if job is None:  # no worker started: nothing to cancel
+                _say(f"stopped by {_signal_name(signum)}", err=True)
+                return 128 + signum
+            return _stop_and_report(args, job, signum, last="")
 
 
 def _follow(args: argparse.Namespace, job: Any) -> int:
@@ -636,7 +655,6 @@ def _follow(args: argparse.Namespace, job: Any) -> int:
     from SegAssistLib.learning.jobs import FINAL_STATES
 
     last = ""
-    signum: Optional[int] = None
     try:  # from the job's start on: a Ctrl-C cancels it, it never runs on unseen
         while True:
             status = job.status()
@@ -649,13 +667,29 @@ def _follow(args: argparse.Namespace, job: Any) -> int:
             time.sleep(POLL_S)
         status = job.wait()  # final: its worker exits at once, and the training lock goes with it
     except KeyboardInterrupt as exc:  # Ctrl-C, or _Stopped
-        signum = getattr(exc, "signum", signal.SIGINT)
+        return _stop_and_report(args, job, getattr(exc, "signum", signal.SIGINT), last)
+    return _report(args, job, status, last, None)
+
+
+def _stop_and_report(args: argparse.Namespace, job: Any, signum: int, last: str) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP reached ``train`` while its job runs (or starts): cancel the job, wait
+    for it to stop, say how it ended. ``last``: the progress line printed last."""
+    try:
         job.cancel()  # first: after SIGHUP even a message may fail
-        _say(f"cancelling job {job.job_id} ({_signal_name(signum)}) ...", err=True)
-        try:
-            status = job.wait(timeout=CANCEL_WAIT_S)
-        except KeyboardInterrupt:  # asked again: stop watching (the job has been asked to stop)
-            status = job.status()
+    except KeyboardInterrupt:  # a second signal at once: the flag must still be written
+        job.cancel()
+    _say(f"cancelling job {job.job_id} ({_signal_name(signum)}) ...", err=True)
+    try:
+        status = job.wait(timeout=CANCEL_WAIT_S)
+    except KeyboardInterrupt:  # asked again: stop watching (the job has been asked to stop)
+        status = job.status()
+    return _report(args, job, status, last, signum)
+
+
+def _report(args: argparse.Namespace, job: Any, status: Dict[str, Any], last: str, signum: Optional[int]) -> int:
+    """Print how the job ended and return the exit code (``signum``: the signal that cancelled it, if any)."""
+    from SegAssistLib.learning.jobs import FINAL_STATES
+
     state = status.get("state")
     if args.json:
         _say(json.dumps(status, indent=1, default=str))
@@ -712,14 +746,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
         base_identity = load_checkpoint(_checkpoint(args.checkpoint)).identity
     try:  # one step back goes to the previous version of the current one's base weights, or refuses
-        record = AdapterRegistry(args.store).rollback(args.to, user=args.user, base_identity=base_identity)
+        done = AdapterRegistry(args.store).rollback_detailed(
+            args.to, user=args.user, base_identity=base_identity, expected_current=args.expected_current
+        )
     except OtherBaseModelError as exc:
         if args.checkpoint is None:
             raise OtherBaseModelError(
                 f"{exc} (the shipped model: give the base model the version was trained with, --checkpoint)"
             ) from exc
         raise
-    _print(args, {"current": record.id if record else None}, f"current version: {version_label(record)}")
+    record = done.record
+    # which version it replaced, read under the registry's lock: without --from, a version a job promoted
+    # just before the rollback ran is the one replaced, and the operator must see that
+    _print(args, {"current": record.id if record else None, "previous": done.previous},
+           f"current version: {version_label(record)} (rolled back from {done.previous or BASE})")
     return 0
 
 

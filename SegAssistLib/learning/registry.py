@@ -34,7 +34,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
 
 from SegAssistLib.files import TMP_PREFIX, atomic_write, atomic_write_bytes, check_format
 from SegAssistLib.learning.loop_errors import (
@@ -129,6 +129,13 @@ class RegistryState:
             "versions": [r.to_dict() for r in self.versions],
             "events": self.events[-MAX_EVENTS:],
         }
+
+
+class RollbackResult(NamedTuple):
+    """What a rollback changed: the version current before and the one current now (``None``: the base model)."""
+
+    previous: Optional[str]
+    record: Optional[VersionRecord]
 
 
 class AdapterRegistry:
@@ -324,9 +331,14 @@ class AdapterRegistry:
         return record
 
     def rollback(
-        self, to: Optional[str] = None, user: Optional[str] = None, base_identity: Optional[str] = None
+        self,
+        to: Optional[str] = None,
+        user: Optional[str] = None,
+        base_identity: Optional[str] = None,
+        expected_current: Optional[str] = None,
     ) -> Optional[VersionRecord]:
         """Make an earlier version current; returns it (``None``: the base model now answers).
+        :meth:`rollback_detailed` also says which version it replaced.
 
         ``to=None`` goes back one step: to the newest promoted version older than the current one and
         made for the same base weights, or to the base model when there is none (a version made for
@@ -339,8 +351,32 @@ class AdapterRegistry:
         it leaves promoted, so one step back returns to it. ``base_identity``, when given, is the
         loaded base model's: a target version made for other base weights is refused, whether named
         or one step back (never skipped for an older one).
+
+        ``expected_current``, when given, is the version the caller saw current (``"base"``: the base
+        model): if another is current now (a training job promoted one since, or another rollback ran),
+        the rollback is refused and nothing changes, so that one step back never puts back the version
+        the caller meant to take out of service. ``None``: no such check. A registry that cannot be
+        read has no current version to compare with: it is refused then (not set aside), also with
+        ``to="base"``.
         """
-        with self._locked(set_aside_damaged=to == BASE) as state:
+        return self.rollback_detailed(to, user, base_identity, expected_current).record
+
+    def rollback_detailed(
+        self,
+        to: Optional[str] = None,
+        user: Optional[str] = None,
+        base_identity: Optional[str] = None,
+        expected_current: Optional[str] = None,
+    ) -> RollbackResult:
+        """:meth:`rollback`, also returning the version it replaced (read under the same lock)."""
+        set_aside = to == BASE and expected_current is None  # a damaged registry's current cannot be compared
+        with self._locked(set_aside_damaged=set_aside) as state:
+            if expected_current is not None and (state.current or BASE) != expected_current:
+                raise RegistryError(
+                    f"the current version is {state.current or BASE}, not {expected_current} as expected: it changed "
+                    "since (a training job promoted a version, or another rollback ran), and nothing was rolled "
+                    "back; look at the versions again, and roll back from the current one if it should go"
+                )
             # to the base model: the current record is needed only to mark it rolled back
             current = next((r for r in state.versions if r.id == state.current), None)
             if to != BASE:
@@ -392,9 +428,10 @@ class AdapterRegistry:
                         record.status = ROLLED_BACK
             if target is not None:
                 target.status = PROMOTED
-            self._event(state, "rollback", **{"from": state.current, "to": target_id, "user": user})
+            previous = state.current
+            self._event(state, "rollback", **{"from": previous, "to": target_id, "user": user})
             state.current = target_id
-        return target
+        return RollbackResult(previous, target)
 
     def write_file(self, path: Path, writer: Callable[[Path], object]) -> str:
         """Write a version file atomically (used by ``add_version`` writers)."""

@@ -361,12 +361,15 @@ async def versions(learning: LearningState = Depends(_learning), user: str = Dep
 async def rollback(
     body: RollbackRequest, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
 ) -> CurrentVersion:
-    record = await _call(
-        lambda: learning.registry.rollback(
-            body.to, user=user, base_identity=None if body.to == BASE else learning.base_identity()
+    done = await _call(
+        lambda: learning.registry.rollback_detailed(
+            body.to,
+            user=user,
+            base_identity=None if body.to == BASE else learning.base_identity(),
+            expected_current=body.expected_current,
         )
     )
-    return CurrentVersion(current=record.id if record is not None else None)
+    return CurrentVersion(current=done.record.id if done.record is not None else None, previous=done.previous)
 
 
 # ---------------------------------------------------------------------------------------- next case

@@ -235,6 +235,69 @@ def test_sigterm_or_sighup_cancel_an_attached_train_as_ctrl_c_does(store, sig):
         end_worker(pid)
 
 
+# a `segassist learn train` that signals itself at one chosen moment: argv[1] the signal's number, argv[2] where
+# ("reaper": as start_training starts its reaper thread, after the worker started, before it returns;
+# "follow": as _follow is entered, before its own try), the rest the command line
+SIGNAL_AT = """
+import os, sys, threading
+sig, point = int(sys.argv[1]), sys.argv[2]
+if point == "reaper":
+    real_start = threading.Thread.start
+    def start(self):
+        if self.name.startswith("segassist-reap-"):
+            os.kill(os.getpid(), sig)  # its handler runs as this call returns: inside start_training
+        return real_start(self)
+    threading.Thread.start = start
+else:
+    from SegAssistLib.learning import cli as learn_cli
+    real_follow = learn_cli._follow
+    def follow(args, job):
+        os.kill(os.getpid(), sig)  # its handler runs here, before _follow's own try
+        return real_follow(args, job)
+    learn_cli._follow = follow
+from SegAssistLib.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "point, sig",
+    [("reaper", signal.SIGTERM), ("reaper", signal.SIGINT), ("follow", signal.SIGTERM), ("follow", signal.SIGHUP)],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else value,
+)
+def test_a_signal_as_the_job_starts_cancels_it_and_waits_for_it_to_stop(store, tmp_path, point, sig):
+    """A signal once the worker had started but before ``start_training`` returned ended the command at once
+    ("stopped by SIGTERM", exit 143) with nobody waiting for the job; one as ``_follow`` was entered, before
+    its ``try``, ended it as "interrupted" (exit 130 whatever the signal) without even cancelling the job,
+    which trained on unwatched and could promote a version. Now the job is cancelled, waited for, and its end
+    reported, as for a signal while it trains."""
+    store_root, ckpt = store
+    script = tmp_path / "signal_at.py"
+    script.write_text(SIGNAL_AT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))))
+    cli = subprocess.Popen([sys.executable, str(script), str(int(sig)), point, *train_args(store_root, ckpt, *LONG)],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        out, err = cli.communicate(timeout=WAIT_S)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    final = newest_status(store_root)
+    try:
+        assert cli.returncode == 128 + sig, (cli.returncode, out, err)
+        job_id = final["job_id"]
+        assert (jobs.jobs_folder(store_root) / job_id / "cancel").exists()  # the flag was written
+        assert final["state"] == "cancelled", final  # already when the command ended: it waited for the job
+        assert f"cancelling job {job_id} ({sig.name}) ..." in err, err
+        assert has_line(out, f"job {job_id}: cancelled"), (out, err)
+        assert not process_alive(final["pid"]) and not jobs.training_running(store_root)
+        assert not (store_root / "adapters" / "registry.json").exists()  # nothing registered
+    finally:
+        end_worker(final.get("pid"))
+
+
 # ---------------------------------------------------------------------------------- train: messages
 
 

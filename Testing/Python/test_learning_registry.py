@@ -229,3 +229,76 @@ def test_the_command_line_recovers_a_registry_whose_current_version_is_missing(t
     assert "current version: base" in capsys.readouterr().out
     assert main(["learn", "status", *store]) == 0 and "current version: base" in capsys.readouterr().out
     assert len(list(registry.folder.glob("registry.damaged-*.json"))) == 1
+
+
+def test_a_rollback_from_a_version_a_job_replaced_meanwhile_is_refused_and_changes_nothing(tmp_path: Path):
+    """The operator saw v1 current and rolled it back one step while a job promoted v2: one step back from v2
+    put v1, the version meant to go, back in service and retired the new v2. With the version the operator
+    saw (``expected_current``) the rollback is refused, naming both, and the registry is left as it was."""
+    import pytest
+
+    from SegAssistLib.learning.loop_errors import CorruptRegistryError, RegistryError
+
+    registry = AdapterRegistry(tmp_path)
+    add(registry)
+    seen = registry.read().current
+    assert seen == "v1"  # the operator decides to take v1 out of service ...
+    add(registry)  # ... and a training job promotes v2 before the rollback runs
+    before = registry.path.read_bytes()
+    for to in (None, "base", "v1"):
+        with pytest.raises(RegistryError, match="the current version is v2, not v1 as expected.*nothing was rolled"):
+            registry.rollback(to=to, user="operator", expected_current=seen)
+        assert registry.path.read_bytes() == before  # not a status, not an event changed
+    with pytest.raises(RegistryError, match="the current version is v2, not base as expected"):
+        registry.rollback(to="v1", expected_current="base")
+    # from the version current now it goes through, and says which version it replaced
+    done = registry.rollback_detailed(expected_current="v2", user="operator")
+    assert done.previous == "v2" and done.record.id == "v1" and registry.get("v2").status == "rolled_back"
+    event = registry.read().events[-1]
+    assert (event["action"], event["from"], event["to"], event["user"]) == ("rollback", "v2", "v1", "operator")
+    assert registry.rollback(to="base", expected_current="v1") is None
+    assert registry.rollback(to="v2", expected_current="base").id == "v2"  # the base model: "base"
+    assert registry.rollback_detailed(to="base").previous == "v2"  # without a check: the same as before
+    # a registry that cannot be read has no current version to compare: refused, and not set aside
+    registry.path.write_text("{not json")
+    with pytest.raises(CorruptRegistryError):
+        registry.rollback(to="base", expected_current="v2")
+    assert registry.path.read_text() == "{not json" and not list(registry.folder.glob("registry.damaged-*"))
+
+
+def test_the_command_line_rolls_back_from_the_version_named_or_refuses_and_says_what_it_replaced(
+    tmp_path: Path, capsys
+):
+    """``learn rollback`` (one step back) said only "current version: v1": after a job had promoted v2 just
+    before it ran, the operator was not told that v2, not v1, was the version taken out. It names both, and
+    ``--from`` refuses (exit 2, as other refusals) when the version named is no longer current."""
+    import json
+
+    import pytest
+
+    from SegAssistLib.cli import main
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning import Datastore
+
+    Datastore(tmp_path).close()
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
+    identity = load_checkpoint(checkpoint).identity
+    registry = AdapterRegistry(tmp_path)
+    for _ in range(3):
+        add(registry, base_identity=identity)  # v3 current
+    store = ["--store", str(tmp_path), "--checkpoint", str(checkpoint)]
+    before = registry.path.read_bytes()
+    assert main(["learn", "rollback", *store, "--from", "v2"]) == 2  # the operator saw v2; a job promoted v3
+    out, err = capsys.readouterr()
+    assert "error: the current version is v3, not v2 as expected" in err and err.count("\n") == 1, err
+    assert registry.path.read_bytes() == before
+    assert main(["learn", "rollback", *store, "--from", "v3"]) == 0
+    assert "current version: v2 (rolled back from v3)" in capsys.readouterr().out
+    assert main(["learn", "rollback", *store, "--json"]) == 0  # no --from: whatever is current, named
+    assert json.loads(capsys.readouterr().out) == {"current": "v1", "previous": "v2"}
+    assert main(["learn", "rollback", *store, "--to", "v3", "--from", "v1"]) == 0 and registry.read().current == "v3"
+    for bad in ("3", "V3", "v3 "):
+        with pytest.raises(SystemExit) as stopped:
+            main(["learn", "rollback", *store, "--from", bad])
+        assert stopped.value.code == 2 and "a version id such as v3, or 'base'" in capsys.readouterr().err
+    assert registry.read().current == "v3"

@@ -409,6 +409,42 @@ def test_rollback_refuses_a_version_made_for_other_base_weights(clients, learn_s
     assert exc.value.code == "version_state" and alice.learning.versions().current is None
 
 
+def test_a_rollback_from_a_version_a_job_replaced_meanwhile_is_refused(clients, learn_server, tmp_path):
+    """The operator saw v1 current and asked for one step back while a job promoted v2: the server went back
+    from v2 to v1, putting the version meant to go back in service. With the version the operator saw
+    (``expected_current``) it answers 409 ``version_state`` naming both and changes nothing."""
+    alice, _ = clients
+    learning = learn_server.app.state.segassist.learning
+    registry = AdapterRegistry(tmp_path / "store")
+
+    def promote(expected_current):
+        fields = {"base_identity": learning.base_identity(), "val_dice": 0.5, "incumbent": None,
+                  "incumbent_dice": 0.4}  # fmt: skip
+        return registry.add_version("salt", lambda path, _: path.write_bytes(b"weights"), fields, promote=True,
+                                    expected_current=expected_current)  # fmt: skip
+
+    promote(None)
+    seen = alice.learning.versions().current
+    assert seen == "v1"  # the operator decides to take v1 out of service ...
+    promote("v1")  # ... and a training job promotes v2 before the rollback arrives
+    before = registry.path.read_bytes()
+    with pytest.raises(LearningConflictError, match="the current version is v2, not v1 as expected") as exc:
+        alice.learning.rollback(expected_current=seen)
+    assert exc.value.code == "version_state"
+    for body in ({"expected_current": "v1"}, {"to": "base", "expected_current": "v1"},
+                 {"to": "v1", "expected_current": "base"}):  # fmt: skip
+        error = assert_error(raw(learn_server, "POST", "/v1/learn/rollback", json=body), 409, "version_state")
+        assert "the current version is v2, not" in error["message"], error
+    assert_error(raw(learn_server, "POST", "/v1/learn/rollback", json={"expected_current": "../v2"}), 422,
+                 "invalid_request")  # fmt: skip
+    assert registry.path.read_bytes() == before  # nothing changed
+    assert alice.learning.rollback(expected_current="v2") == "v1"  # from the version current now: done
+    reply = raw(learn_server, "POST", "/v1/learn/rollback", json={"to": "base", "expected_current": "v1"})
+    assert reply.status_code == 200 and reply.json() == {"current": None, "previous": "v1"}, reply.text
+    reply = raw(learn_server, "POST", "/v1/learn/rollback", json={"to": "v2"})  # without a check, as before
+    assert reply.status_code == 200 and reply.json() == {"current": "v2", "previous": None}, reply.text
+
+
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "2"])
 def test_training_settings_out_of_range_are_refused(learn_server, value):
     body = f'{{"kind": "salt", "min_improvement": {value}}}'
