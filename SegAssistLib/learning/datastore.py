@@ -394,7 +394,9 @@ class Datastore:
                 db.execute(statement.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE", 1))
         columns = {c["name"] for c in db.execute("PRAGMA main.table_info(cases)")}
         if "subject" not in columns:
-            db.execute("CREATE TEMP VIEW cases AS SELECT *, NULL AS subject FROM main.cases")
+            # the rowid named: a view has none of its own (an error in SQLite >= 3.36 built without
+            # SQLITE_ALLOW_ROWID_IN_VIEW, NULL with it), and case lists are ordered by it
+            db.execute("CREATE TEMP VIEW cases AS SELECT rowid AS rowid, *, NULL AS subject FROM main.cases")
 
     def _upgrade(self) -> None:
         """A new or older store made current, in one transaction (see :meth:`_init_schema`)."""

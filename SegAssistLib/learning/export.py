@@ -12,7 +12,10 @@ Every file to export is checked against its recorded checksum before anything is
 image or label stops the export naming its cases (``skip_damaged``: they are left out, each named,
 and listed in ``dataset.json``). A target that is not empty is refused before anything is read.
 The export is written in a hidden work folder and put in place when complete: an export that fails is
-removed, and one killed leaves only that hidden folder, never a half export under the target's name. A
+removed. One killed leaves that hidden folder; into a new target, nothing else, never a half export
+under the target's name; into an existing empty folder, killed while its entries moved up (a few renames),
+some entries beside the hidden folder, which still holds ``dataset.json`` (moved last): a next export
+there names what the interrupted one left, as it does for a lone hidden folder. A
 new target: the work folder is made beside it (``.<name>.exporting-<id>``) and renamed to it. An
 existing empty folder (``.``, a link to a folder, a mount point): it stays as it is (its permissions,
 owner and ACLs), the work folder is made inside it (``.exporting-<id>``) and its entries are moved up
@@ -104,7 +107,10 @@ def _check_dest(dest: Path) -> None:
     if dest.exists() and not dest.is_dir():
         raise DatastoreError(f"export folder {dest} is a file: choose a new folder")
     entries = sorted(os.listdir(dest)) if dest.exists() else []
-    if entries and all(name.startswith(_WORK_INSIDE) for name in entries):
+    work = [name for name in entries if name.startswith(_WORK_INSIDE) and (dest / name).is_dir()]
+    # killed while moving its entries up: dataset.json (moved last) is still in the hidden folder
+    moving = _DATASET_JSON not in entries and any((dest / name / _DATASET_JSON).exists() for name in work)
+    if entries and (len(work) == len(entries) or moving):
         raise DatastoreError(
             f"export folder {dest} holds only what an interrupted export left ({', '.join(entries)}): "
             "remove it, or choose a new folder"

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import List, Tuple
@@ -24,6 +27,8 @@ from SegAssistLib.learning import export as export_module
 from SegAssistLib.learning.datastore import DEFAULT_RECOVER_AGE_S, Datastore
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
 from SegAssistLib.prompts import ImageInfo, PointPrompt, PromptLog
+
+REPO = Path(__file__).resolve().parents[2]
 
 SHAPE = (8, 10, 12)  # array order k, j, i
 
@@ -395,6 +400,35 @@ def test_a_target_not_empty_is_refused_before_any_file_is_read(tmp_path: Path, c
     code, _, err = run(capsys, "learn", "export", str(target), "--store", str(root))
     assert code == 2 and checked == []
     assert "holds only what an interrupted export left (.exporting-0123abcd): remove it" in err, err
+
+
+def test_an_export_killed_while_moving_its_entries_up_is_named_as_interrupted(tmp_path: Path, capsys):
+    """A real kill after the first entry moved up into an existing empty target: a next export said
+    only "not empty", as if the entries were someone else's."""
+    root = tmp_path / "store"
+    submitted_store(root, 2)[0].close()
+    target = tmp_path / "out"
+    target.mkdir()
+    code = (
+        "import os, signal, sys\n"
+        "from SegAssistLib.learning import export\n"
+        "real = export._rename_new\n"
+        "def killed_after_one(src, dst):\n"
+        "    real(src, dst)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "export._rename_new = killed_after_one\n"
+        "from SegAssistLib.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    killed = subprocess.run([sys.executable, "-c", code, "learn", "export", str(target), "--store", str(root)],
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = sorted(os.listdir(target))
+    assert len(left) == 2 and left[0].startswith(".exporting-"), left  # one entry moved up, the rest hidden
+    assert not (target / "dataset.json").exists() and (target / left[0] / "dataset.json").exists()
+    code, _, err = run(capsys, "learn", "export", str(target), "--store", str(root))
+    assert code == 2 and "holds only what an interrupted export left" in err and left[0] in err, err
 
 
 # ---------------------------------------------------------------------------------- save with a prompt log

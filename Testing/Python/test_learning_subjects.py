@@ -29,7 +29,7 @@ from learning_fixtures import tiny_checkpoint as make_checkpoint
 
 from SegAssistLib.cli import main
 from SegAssistLib.learning.datastore import DB_NAME, SCHEMA_VERSION, Datastore, subject_from_name
-from SegAssistLib.learning.errors import DatastoreError, NotFoundError
+from SegAssistLib.learning.errors import DatastoreError, NotFoundError, StoreAccessError
 from SegAssistLib.learning.loop_errors import TrainingError
 from SegAssistLib.learning.traindata import holdout_number, holdout_split, subject_groups
 
@@ -604,3 +604,34 @@ def test_import_over_http_with_a_subject(server_factory, tmp_path: Path):
     for bad in ("", " ", "x" * 300):
         reply = raw(server, "POST", "/v1/learn/cases", json={"image_id": image_id, "name": "n", "subject": bad})
         assert reply.status_code == 422, (bad, reply.text)
+
+
+def test_a_schema_1_store_read_as_it_is_lists_its_cases_in_import_order_by_their_rowid(tmp_path: Path, monkeypatch):
+    """Read as it is, a schema-1 store's cases come through a view adding ``subject``; a view has no
+    rowid of its own (the case lists' tie-break): an error in SQLite >= 3.36 built without
+    SQLITE_ALLOW_ROWID_IN_VIEW ("no such column: c.rowid", every listing failed), NULL with it (ties
+    in no order). The view names the table's rowid."""
+    import sqlite3 as sqlite
+
+    root = tmp_path / "store"
+    rows = schema_1_store(root)
+    con = sqlite.connect(root / DB_NAME)
+    expected = [r[0] for r in con.execute("SELECT id FROM cases ORDER BY rowid")]
+    con.execute("UPDATE cases SET imported_at = 1.0")  # one import time: the rowid decides the order
+    con.commit()
+    con.close()
+
+    def refused_by_the_disk(self):
+        cause = sqlite.OperationalError("attempt to write a readonly database")
+        raise StoreAccessError("read-only", "read-only") from cause
+
+    monkeypatch.setattr(Datastore, "_upgrade", refused_by_the_disk)
+    store = Datastore(root, create=False)
+    try:
+        assert store.read_only
+        view_rowids = [r[0] for r in store._conn.execute("SELECT rowid FROM cases ORDER BY rowid")]
+        table_rowids = [r[0] for r in store._conn.execute("SELECT rowid FROM main.cases ORDER BY rowid")]
+        assert view_rowids == table_rowids and None not in view_rowids
+        assert [c.id for c in store.list_cases()] == expected and len(expected) == len(rows["cases"])
+    finally:
+        store.close()
