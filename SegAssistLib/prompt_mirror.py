@@ -76,19 +76,21 @@ def reverse_axes(array: np.ndarray, flips_kji: Flips) -> np.ndarray:
     return np.flip(array, axis=tuple(a for a in range(3) if flips_kji[a]))
 
 
-def reversed_volume(volume: Volume, flips_kji: Flips) -> Volume:
+def reversed_volume(volume: Volume, flips_kji: Flips, copy: bool = True) -> Volume:
     """The same image stored with its voxels in reverse order along the array axes ``flips_kji``
     (``[k, j, i]``), every voxel at the same place in space: the grid :func:`mirrored_axes` tells is
     ``volume`` reversed along those axes. Its array is a C-contiguous copy (the engine makes tensors of
-    crops of it); the modality is kept. Applied twice with the same ``flips_kji``: ``volume`` again."""
+    crops of it; ``copy=False``: a view, for the grid alone); the modality is kept. Applied twice with the
+    same ``flips_kji``: ``volume`` again."""
     flips_ijk = np.asarray(flips_kji, bool)[::-1]
     spacing = np.asarray(volume.spacing, float)
     direction = np.asarray(volume.direction, float).reshape(3, 3)
     # voxel 0 of the reversed grid is the last voxel along each reversed axis
     last_ijk = (np.asarray(volume.shape_ijk, float) - 1.0) * flips_ijk
     origin = np.asarray(volume.origin, float) + direction @ (last_ijk * spacing)
+    array = reverse_axes(volume.array, flips_kji)
     return Volume(
-        array=np.ascontiguousarray(reverse_axes(volume.array, flips_kji)),
+        array=np.ascontiguousarray(array) if copy else array,
         spacing=volume.spacing,
         origin=tuple(float(x) for x in origin),
         direction=direction * np.where(flips_ijk, -1.0, 1.0),  # columns: the i, j and k axes

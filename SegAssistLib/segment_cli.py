@@ -216,7 +216,7 @@ def _write_outputs(args: argparse.Namespace, run, volume, voxels) -> List[Path]:
     else:
         files = [(args.out, lambda tmp: save_mask_nifti(run.mask, volume, tmp))]
     if args.log is not None:
-        seen = volume if run.flips is None else reversed_volume(volume, run.flips)
+        seen = volume if run.flips is None else reversed_volume(volume, run.flips, copy=False)  # its grid alone
         image = ImageInfo.from_volume(seen, digest=voxels.digest(run.flips))  # refused on another grid
         log = run.prompt_log.model_copy(update={"image": image})
         files.append((args.log, lambda tmp: log.save(tmp)))
