@@ -580,6 +580,9 @@ class SegAssistResult:
         self.voxelCount = result.voxel_count
         #: one line each for the user: the backend answered with engine settings other than the prompt log's
         self.notes = list(result.notes)
+        #: the axes [k, j, i] along which promptLog's voxels are the volume node's reversed (a prompt log of a
+        #: left-handed file replayed in its own order; None or all False: the node's order)
+        self.flips = result.flips
 
 
 class SegAssistLogic(ScriptedLoadableModuleLogic):
