@@ -578,7 +578,8 @@ class SegAssistResult:
         self.promptLog = result.prompt_log
         self.model = result.model
         self.voxelCount = result.voxel_count
-        #: one line each for the user: the backend answered with engine settings other than the prompt log's
+        #: one line each for the user: the prompt log was recorded on other voxel values of this grid (another
+        #: scan?), or the backend answered with engine settings other than the log's
         self.notes = list(result.notes)
         #: the axes [k, j, i] along which promptLog's voxels are the volume node's reversed (a prompt log of a
         #: left-handed file replayed in its own order; None or all False: the node's order)
@@ -761,13 +762,16 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         A prompt log is replayed with the engine settings it records (see ``segment``), on the voxels in
         the order it was recorded in (a log of a left-handed file as SimpleITK reads it names them in
         another order than the node holds them): the recorded mask."""
+        from SegAssistLib.headless import model_note
         from SegAssistLib.slicer.logic import load_prompts
 
         markupsLogic = slicer.modules.markups.logic()
         file = load_prompts(promptFile, volumeNode, markupsLogic)
         kwargs.setdefault("settings", file.settings)
         result = self.segment(volumeNode, [file], **kwargs)  # the file whole: see segment_volume
-        result.notes = [*file.notes, *result.notes]  # a log recorded on another scan of this grid, first
+        other_model = model_note([file], result.promptLog.model)  # another model answered than recorded it
+        # a log recorded on another scan of this grid first
+        result.notes = [*file.notes, *result.notes, *([other_model] if other_model else [])]
         return result
 
     @staticmethod

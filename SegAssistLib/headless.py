@@ -377,6 +377,18 @@ def settings_notes(files: Sequence[PromptFile], used: Optional[EngineSettings], 
     return notes
 
 
+def model_note(files: Sequence[PromptFile], used: Optional[str]) -> Optional[str]:
+    """What to tell the user when the logs among ``files`` were recorded with one model and ``used`` (the
+    replay's ``prompt_log.model``) answered (None: the same, or nothing recorded to compare)."""
+    models = sorted({file.model for file in files if file.model})
+    if len(models) != 1 or not used or used == models[0]:
+        return None
+    return (
+        f"the prompt log was recorded with model {models[0]}, replayed with {used}: the mask may differ from "
+        "the recorded one"
+    )
+
+
 def _open_session(
     engine: Engine, volume: Volume, progress: ProgressCallback, settings: Optional[EngineSettings] = None
 ) -> EngineSession:

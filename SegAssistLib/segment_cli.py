@@ -234,6 +234,7 @@ def _write_outputs(args: argparse.Namespace, run, volume, voxels) -> List[Path]:
 def run_segment(args: argparse.Namespace) -> int:
     from SegAssistLib.headless import (
         image_of,
+        model_note,
         read_prompts,
         recorded_settings,
         replay_prompts,
@@ -265,13 +266,11 @@ def run_segment(args: argparse.Namespace) -> int:
     median_ms = 1000 * statistics.median(run.latencies_s)
     print(f"{len(prompts)} prompts -> {run.voxel_count} voxels ({run.model}); median {median_ms:.0f} ms per prompt; "
           f"wrote {', '.join(str(p) for p in written)}", flush=True)
-    # the log was recorded on other voxel values (another scan), a server answered with other engine settings
-    for note in [note for file in files for note in file.notes] + run.notes:
+    # the log was recorded on other voxel values (another scan), a server answered with other engine settings,
+    # another model answered
+    other_model = model_note(files, run.prompt_log.model)
+    for note in [note for file in files for note in file.notes] + run.notes + ([other_model] if other_model else []):
         print(f"warning: {note}", file=sys.stderr, flush=True)
-    models = sorted({file.model for file in files if file.model})
-    if len(models) == 1 and run.prompt_log.model and run.prompt_log.model != models[0]:
-        print(f"warning: the prompt log was recorded with model {models[0]}, replayed with {run.prompt_log.model}: "
-              "the mask may differ from the recorded one", file=sys.stderr, flush=True)
     if not run.voxel_count:
         print("warning: the result is empty", file=sys.stderr, flush=True)
     return 0

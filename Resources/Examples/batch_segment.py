@@ -118,7 +118,7 @@ def in_process_engine(args: argparse.Namespace):
 def run(args: argparse.Namespace, scene, markups_logic):
     """Load, segment, save; returns the SegmentationResult. Raises SegAssistError with the reason."""
     from SegAssistLib.errors import SegAssistError
-    from SegAssistLib.headless import distinct_settings, replay_order, settings_notes
+    from SegAssistLib.headless import distinct_settings, model_note, replay_order, settings_notes
     from SegAssistLib.slicer import segments, volumes
     from SegAssistLib.slicer.backend import BackendManager
     from SegAssistLib.slicer.logic import load_prompt_files, recorded_settings, segment_volume
@@ -155,14 +155,9 @@ def run(args: argparse.Namespace, scene, markups_logic):
             print(f"warning: {note}", file=sys.stderr, flush=True)
     for note in result.notes:  # the backend answered with other engine settings than the log's
         print(f"warning: {note}", file=sys.stderr, flush=True)
-    models = sorted({file.model for file in files if file.model})
-    if len(models) == 1 and result.prompt_log.model and result.prompt_log.model != models[0]:
-        print(
-            f"warning: the prompt log was recorded with model {models[0]}, replayed with {result.prompt_log.model}: "
-            "the mask may differ from the recorded one",
-            file=sys.stderr,
-            flush=True,
-        )
+    other_model = model_note(files, result.prompt_log.model)
+    if other_model:
+        print(f"warning: {other_model}", file=sys.stderr, flush=True)
     return result
 
 

@@ -608,7 +608,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return code
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     """End the worker without the interpreter's teardown (torch's takes seconds and does nothing the
     job needs: every file it wrote is complete), its output flushed to worker.log first."""
     for stream in (sys.stdout, sys.stderr):

@@ -684,7 +684,7 @@ def run_training(
         )
     result.val_dice = cand_val.dice
     # from here to the final status the job records its result: the watchdog waits for it (status_lock)
-    with status_lock if status_lock is not None else contextlib.nullcontext():
+    with status.lock:  # status_lock (or no lock), as for each status write
         status.update(force=True, phase="registering", val_dice=cand_val.dice,
                       val_first_click_dice=cand_val.first_click_dice)
         better = cand_val.dice > inc_val.dice + cfg.min_improvement

@@ -203,3 +203,19 @@ def test_voxels_hash_once_per_order(monkeypatch):
     assert voxels.digest((True, False, False)) == voxel_digest(array[::-1]) != voxel_digest(array)
     voxels.digest((True, False, False))
     assert len(calls) == 2
+
+
+def test_the_model_note_names_the_recorded_and_the_answering_model_only_when_they_differ(tmp_path):
+    """One wording for ``segassist segment``, the Slicer batch example and ``segmentFromFile`` (it was
+    written in two of them, and missing in the third)."""
+    from SegAssistLib.headless import PromptFile, model_note
+
+    log = PromptFile(tmp_path / "a.json", [], model="segassist-unet 0.3.0")
+    bare = PromptFile(tmp_path / "b.json", [])  # a bare list or markups: no model recorded
+    assert model_note([log, bare], "segassist-unet 0.3.0") is None
+    assert model_note([bare], "tiny-test 1") is None and model_note([log], None) is None
+    note = model_note([log, bare], "tiny-test 1")
+    assert note == ("the prompt log was recorded with model segassist-unet 0.3.0, replayed with tiny-test 1: "
+                    "the mask may differ from the recorded one")  # fmt: skip
+    other = PromptFile(tmp_path / "c.json", [], model="segassist-unet 0.2.0")
+    assert model_note([log, other], "tiny-test 1") is None  # two recorded models: no one to name

@@ -239,7 +239,11 @@ def test_sigterm_or_sighup_cancel_an_attached_train_as_ctrl_c_does(store, sig):
 # ("reaper": as start_training starts its reaper thread, after the worker started, before it returns;
 # "follow": as _follow is entered, before its own try), the rest the command line
 SIGNAL_AT = """
-import os, sys, threading
+import os, signal, sys, threading
+# Ctrl-C raises KeyboardInterrupt as in a terminal: a shell's background job (a CI runner's, say) starts
+# with SIGINT ignored, and Python then installs no handler for it
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})  # nor blocked
 sig, point = int(sys.argv[1]), sys.argv[2]
 if point == "reaper":
     real_start = threading.Thread.start
