@@ -103,6 +103,15 @@ def _c_order_chunks(arr: np.ndarray, chunk_voxels: int):
                 yield from _c_order_chunks(arr[index], chunk_voxels)
 
 
+def _integer_class(lo: int, hi: int) -> Optional[Tuple[str, str]]:
+    """The first of the digest's integer classes that holds every value from ``lo`` to ``hi`` (None: none)."""
+    for name, dtype in _INTEGER_CLASSES:
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return name, dtype
+    return None
+
+
 def _digest_class(arr: np.ndarray, chunk_voxels: int) -> Tuple[str, str]:
     """The canonical type the values of ``arr`` are hashed in (name, numpy dtype), from the values alone:
     the first integer class that holds them all when all are whole numbers, else float32 when each is
@@ -114,11 +123,9 @@ def _digest_class(arr: np.ndarray, chunk_voxels: int) -> Tuple[str, str]:
     if arr.size == 0:
         return _INTEGER_CLASSES[0]
     if kind in "biu":  # int64 or uint64 holds every numpy integer array
-        lo, hi = int(arr.min()), int(arr.max())
-        for name, dtype in _INTEGER_CLASSES:
-            info = np.iinfo(dtype)
-            if info.min <= lo and hi <= info.max:
-                return name, dtype
+        found = _integer_class(int(arr.min()), int(arr.max()))
+        if found is not None:
+            return found
     else:  # a float image: of integers (a CT stored as float32), or not
         whole, flo, fhi = True, np.inf, -np.inf
         for chunk in _c_order_chunks(arr, chunk_voxels):
@@ -126,12 +133,9 @@ def _digest_class(arr: np.ndarray, chunk_voxels: int) -> Tuple[str, str]:
                 whole = False
                 break
             flo, fhi = min(flo, float(chunk.min())), max(fhi, float(chunk.max()))
-        if whole and flo >= -(2.0**63) and fhi < 2.0**64:  # exact as Python integers then
-            lo, hi = int(flo), int(fhi)
-            for name, dtype in _INTEGER_CLASSES:
-                info = np.iinfo(dtype)
-                if info.min <= lo and hi <= info.max:
-                    return name, dtype
+        found = _integer_class(int(flo), int(fhi)) if whole and flo >= -(2.0**63) and fhi < 2.0**64 else None
+        if found is not None:  # (the bounds: exact as Python integers then)
+            return found
     # not all whole numbers, or whole numbers no integer class holds (beyond uint64; or below 0 and
     # above int64's range at once): float32 when each value is one exactly, as the definition says
     with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: inf, not equal
