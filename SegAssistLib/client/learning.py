@@ -296,11 +296,15 @@ class LearningClient:
         is current by the time the server acts (a job promoted one since), nothing changes and
         :class:`LearningConflictError` (``version_state``) says which is; without it, one step back goes
         back from whatever is current then. A server older than this option refuses it (422)."""
+        return self.rollback_detailed(to, expected_current).current
+
+    def rollback_detailed(self, to: Optional[str] = None, expected_current: Optional[str] = None) -> CurrentVersion:
+        """:meth:`rollback`, also saying which version it replaced (``previous``; ``None``: the base model, or a
+        server too old to say)."""
         body: Dict[str, Any] = {"to": to}
         if expected_current is not None:  # sent only when given: an older server refuses unknown fields
             body["expected_current"] = expected_current
-        reply = CurrentVersion.model_validate(self._http.json("POST", f"{_BASE}/rollback", json=body, safe=False))
-        return reply.current
+        return CurrentVersion.model_validate(self._http.json("POST", f"{_BASE}/rollback", json=body, safe=False))
 
     # ---- active learning -------------------------------------------------------------------------
     def next_case(

@@ -438,7 +438,8 @@ def test_a_rollback_from_a_version_a_job_replaced_meanwhile_is_refused(clients, 
     assert_error(raw(learn_server, "POST", "/v1/learn/rollback", json={"expected_current": "../v2"}), 422,
                  "invalid_request")  # fmt: skip
     assert registry.path.read_bytes() == before  # nothing changed
-    assert alice.learning.rollback(expected_current="v2") == "v1"  # from the version current now: done
+    done = alice.learning.rollback_detailed(expected_current="v2")  # from the version current now: done
+    assert (done.current, done.previous) == ("v1", "v2")
     reply = raw(learn_server, "POST", "/v1/learn/rollback", json={"to": "base", "expected_current": "v1"})
     assert reply.status_code == 200 and reply.json() == {"current": None, "previous": "v1"}, reply.text
     reply = raw(learn_server, "POST", "/v1/learn/rollback", json={"to": "v2"})  # without a check, as before
