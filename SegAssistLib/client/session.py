@@ -283,9 +283,9 @@ class RemoteSession(EngineSession):
         return reply.mask.to_array()
 
     def prompt_log(self) -> PromptLog:
-        """The server's log of the session, with the engine settings it answered with (a server
-        older than schema 1.4 sends none)."""
-        reply = self.client.http.json("GET", self._path + "/prompt-log", params={"engine": "true"})
+        """The server's log of the session, with the engine settings it answered with and the image it
+        works on (grid and voxel digest; a server older than either sends none)."""
+        reply = self.client.http.json("GET", self._path + "/prompt-log", params={"engine": "true", "image": "true"})
         return PromptLog.model_validate(reply)
 
     def local_prompts(self) -> List[Prompt]:

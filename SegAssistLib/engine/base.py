@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from SegAssistLib.image import Volume
-from SegAssistLib.prompts import Prompt, PromptLog
+from SegAssistLib.prompts import ImageInfo, Prompt, PromptLog
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,11 @@ class EngineSession(abc.ABC):
     @abc.abstractmethod
     def prompt_log(self) -> PromptLog:
         """The prompts that produced the current result, replayable."""
+
+    def image_info(self) -> Optional[ImageInfo]:
+        """The image this session works on, as a prompt log records it (grid and voxel digest), for the
+        logs that are kept (a submitted label's); None when the engine does not say (this default)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release memory held for this session."""

@@ -39,6 +39,7 @@ from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.prompts import (
     PROMPT_KINDS,
     EngineSettings,
+    ImageInfo,
     MaskPrompt,
     Prompt,
     PromptLog,
@@ -174,6 +175,7 @@ class BuiltinSession(EngineSession):
         self._history_budget = history_budget_bytes(self.shape)
         self._closed = False
         self._refine_level: Optional[int] = None  # the level the last answer was refined at
+        self._image_info: Optional[ImageInfo] = None  # computed when first asked for (the digest takes time)
 
     # ----- public API ---------------------------------------------------------------------------
     def add_prompt(self, prompt: Prompt) -> MaskUpdate:
@@ -230,6 +232,13 @@ class BuiltinSession(EngineSession):
         a replay needs as much as the prompts (an edge band of 0 or a deeper refinement answers otherwise)."""
         model = None if self._version is None else f"{self.engine.capabilities().name}@{self._version}"
         return PromptLog(model=model, engine=self.settings, prompts=list(self.prompts))
+
+    def image_info(self) -> ImageInfo:
+        """The session's image (grid and voxel digest, about 0.15 s for a CT the first time; the volume
+        does not change while the session is open)."""
+        if self._image_info is None:
+            self._image_info = ImageInfo.from_volume(self.volume)
+        return self._image_info
 
     def close(self) -> None:
         self._closed = True

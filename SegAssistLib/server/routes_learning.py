@@ -268,9 +268,12 @@ async def _save_label(
                 f"(same shape, other voxels or geometry): its mask is not a label of this case; open the session "
                 f"on the case's image (GET /v1/learn/cases/{case_id}/image)",
             )  # fmt: skip
-        # the version is read in the same job as the mask: a prompt queued behind this save may change it
+        # the version is read in the same job as the mask: a prompt queued behind this save may change it;
+        # the stored log names its image (grid and voxel digest), as a log written by segassist segment does
         (mask, prompt_log, model), _ = await state.submit(
-            session, lambda es: (es.result().copy(), es.prompt_log(), session.model_version)
+            session,
+            lambda es: (es.result().copy(), es.prompt_log().model_copy(update={"image": es.image_info()}),
+                        session.model_version),  # fmt: skip
         )
     else:
         mask = await _call(lambda: _label_mask(body.mask, case.shape))  # type: ignore[arg-type]

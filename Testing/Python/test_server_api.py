@@ -397,3 +397,22 @@ def test_the_prompt_log_carries_engine_settings_only_for_a_client_that_asks(alic
         asked = raw(shared_server, "GET", f"/v1/sessions/{session.session_id}/prompt-log?engine=true").json()
     assert log.engine is not None and asked["engine"] == log.engine.model_dump()
     assert "engine" not in plain and {k: v for k, v in asked.items() if k != "engine"} == plain
+    assert plain["image"] is None  # nor the image: a client that does not ask gets the log it always got
+
+
+def test_the_prompt_log_names_its_image_for_a_client_that_asks(alice, shared_server, blob_volume):
+    """The client asks for the image the session works on (grid and voxel digest), so a log it saves
+    says which image its voxel coordinates belong to, as a log written by ``segassist segment`` does."""
+    from test_server_fixtures import raw
+
+    from SegAssistLib.image import voxel_digest
+    from SegAssistLib.prompts import ImageInfo
+
+    with alice.open_session(blob_volume) as session:
+        session.add_prompt(PROMPTS["point+"])
+        log = session.prompt_log()
+        asked = raw(shared_server, "GET", f"/v1/sessions/{session.session_id}/prompt-log?image=true").json()
+    assert log.image is not None and log.image.shape_ijk == blob_volume.shape_ijk
+    assert log.image.sha256 == voxel_digest(blob_volume.array) and log.image.spacing == blob_volume.spacing
+    assert log.image.origin == blob_volume.origin
+    assert ImageInfo.model_validate(asked["image"]) == log.image and "engine" not in asked

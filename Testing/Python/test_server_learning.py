@@ -21,7 +21,7 @@ from test_server_fixtures import TOKENS, assert_error, make_volume, raw, run_pip
 from SegAssistLib.client import SegAssistClient
 from SegAssistLib.client.errors import BadRequestError, LearningConflictError, LearningDisabledError, NotFoundError
 from SegAssistLib.errors import ImageError
-from SegAssistLib.image import Volume
+from SegAssistLib.image import Volume, voxel_digest
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.prompts import PointPrompt
 
@@ -128,6 +128,10 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
         result = session.result()
     assert label.submitted and label.user == "alice" and label.has_prompt_log
     assert label.n_interactions == len(prompts) + 1 and label.seconds_spent == 42.0
+    stored = learn_server.app.state.segassist.learning.store.prompt_log(label.id)  # names the image it is on
+    assert stored.image is not None and stored.image.shape_ijk == volume.shape_ijk
+    assert stored.image.sha256 == voxel_digest(volume.array) and stored.image.spacing == volume.spacing
+    assert len(stored.prompts) == len(prompts) + 1
     assert label.model == update.info["model_version"]
     assert label.n_foreground == int(np.count_nonzero(result))
     case = alice.learning.case(first.id)
