@@ -51,43 +51,44 @@ database file is a :class:`DamagedStoreError`. Each names the store.
 The store may be opened by several processes at once (the server and a background trainer):
 SQLite serialises writers, and a connection here is shared by threads behind a lock. Keep the
 store on a local disk: SQLite's WAL mode does not work on network file systems.
+
+The parts with a job of their own are in modules of their own: :class:`Datastore` stands on the
+database (``store_db``: connecting, the schema and its upgrades, transactions) and on the folder's
+files (``store_files``: their paths, verify and recover); a case's subject is checked and drawn from
+its name in ``subjects``, a label version's inputs are checked in ``label_input``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import numpy as np
 
 from SegAssistLib.api_learning import DEFAULT_LOCK_TTL_S, MAX_INTERACTIONS, MAX_LOCK_TTL_S
-from SegAssistLib.errors import ImageError, PromptError
-from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
+from SegAssistLib.errors import ImageError
+from SegAssistLib.files import atomic_write, sha256_file
 from SegAssistLib.image import Volume, validate_image
-from SegAssistLib.io import as_labels, load_mask, load_volume, save_mask_nifti, volume_to_sitk, write_image_checked
+from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, volume_to_sitk, write_image_checked
 from SegAssistLib.learning.errors import (
     CaseLockedError,
     CorruptDataError,
-    DamagedStoreError,
     DatastoreError,
     DuplicateCaseError,
     InvalidStateError,
     NotFoundError,
-    StoreAccessError,
 )
+from SegAssistLib.learning.label_input import PromptLogLike, check_mask, is_count, parse_prompt_log
 from SegAssistLib.learning.records import (
     DUPLICATE_REASON,
     CaseRecord,
     CaseStatus,
     ImportReport,
-    IntegrityReport,
     LabelVersion,
     Review,
     check_case_id,
@@ -101,10 +102,65 @@ from SegAssistLib.learning.records import (
     printable_text,
 )
 from SegAssistLib.learning.sources import find_sources
-from SegAssistLib.prompts import PromptLog, describe_validation_error
+from SegAssistLib.learning.store_db import (
+    _CODE_ERRORS,
+    _DAMAGED_MESSAGES,
+    _LABELS_REBUILT,
+    _LABELS_TABLE,
+    _SCHEMA,
+    _SCHEMA_STATEMENTS,
+    _UNKNOWABLE,
+    DB_NAME,
+    SCHEMA_VERSION,
+    _is_cant_open_error,
+    _is_read_only_error,
+)
+from SegAssistLib.learning.store_db import open_connection as _connect
+from SegAssistLib.learning.store_files import DEFAULT_RECOVER_AGE_S, StoreFiles, check_new_store_folder
+from SegAssistLib.learning.subjects import (
+    _SHOWN_NAMES,
+    SubjectPattern,
+    check_subject,
+    compile_subject_pattern,
+    subject_from_name,
+    subjects_from_names,
+)
+from SegAssistLib.prompts import PromptLog
 from SegAssistLib.transport import wire_volume
 
-SCHEMA_VERSION = 3
+__all__ = [
+    # the store's public names, some of them defined in the modules it was split into
+    "DB_NAME",
+    "DEFAULT_LOCK_TTL_S",
+    "DEFAULT_RECOVER_AGE_S",
+    "SCHEMA_VERSION",
+    "Datastore",
+    "NotLockedError",
+    "PromptLogLike",
+    "SubjectPattern",
+    "check_subject",
+    "compile_subject_pattern",
+    "import_sources",
+    "open_datastore",
+    "subject_from_name",
+    "subjects_from_names",
+    # private names this module defined before the split, kept importable from here (see the end)
+    "_CODE_ERRORS",
+    "_DAMAGED_MESSAGES",
+    "_LABELS_REBUILT",
+    "_LABELS_TABLE",
+    "_SCHEMA",
+    "_SCHEMA_STATEMENTS",
+    "_SHOWN_NAMES",
+    "_UNKNOWABLE",
+    "_check_mask",
+    "_check_new_store_folder",
+    "_connect",
+    "_is_cant_open_error",
+    "_is_count",
+    "_is_read_only_error",
+    "_parse_prompt_log",
+]
 
 
 class NotLockedError(InvalidStateError):
@@ -112,65 +168,6 @@ class NotLockedError(InvalidStateError):
 
     code = "not_locked"
 
-DB_NAME = "segassist.sqlite"
-DEFAULT_RECOVER_AGE_S = 600.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cases (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    status TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    spacing TEXT NOT NULL,
-    origin TEXT NOT NULL,
-    direction TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    content_hash TEXT NOT NULL UNIQUE,
-    source TEXT NOT NULL,
-    imported_at REAL NOT NULL,
-    imported_by TEXT NOT NULL,
-    locked_by TEXT,
-    lock_expires REAL,
-    updated_at REAL NOT NULL,
-    subject TEXT
-);
-CREATE INDEX IF NOT EXISTS cases_status ON cases(status);
-CREATE TABLE IF NOT EXISTS labels (
-    id TEXT PRIMARY KEY,
-    case_id TEXT NOT NULL REFERENCES cases(id),
-    version INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    user TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    model TEXT,
-    adapter_version TEXT,
-    n_interactions INTEGER,
-    seconds_spent REAL,
-    submitted INTEGER NOT NULL,
-    n_foreground INTEGER NOT NULL,
-    prompt_log TEXT,
-    UNIQUE (case_id, version)
-);
-CREATE TABLE IF NOT EXISTS image_hashes (
-    hash TEXT PRIMARY KEY,
-    case_id TEXT NOT NULL REFERENCES cases(id)
-);
-CREATE TABLE IF NOT EXISTS reviews (
-    id TEXT PRIMARY KEY,
-    label_id TEXT NOT NULL REFERENCES labels(id),
-    reviewer TEXT NOT NULL,
-    accepted INTEGER NOT NULL,
-    note TEXT,
-    created_at REAL NOT NULL
-);
-"""
-_SCHEMA_STATEMENTS = tuple(s.strip() for s in _SCHEMA.split(";") if s.strip())  # run one by one in a transaction
-_LABELS_TABLE = next(s for s in _SCHEMA_STATEMENTS if s.startswith("CREATE TABLE IF NOT EXISTS labels ("))
-_UNKNOWABLE = ("n_interactions", "seconds_spent")  # NULL when unknown (schema 3); NOT NULL before
-_LABELS_REBUILT = "labels_v3"  # the labels table of schema 3 while it is filled (only inside the upgrade)
-# errors of the calling code, not of the store: never turned into a StoreAccessError
-_CODE_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError)
 
 _CASE_QUERY = """
 SELECT c.*,
@@ -182,64 +179,6 @@ _LABEL_COLUMNS = (
     "id, case_id, version, sha256, user, created_at, model, adapter_version, n_interactions, "
     "seconds_spent, submitted, n_foreground, prompt_log IS NOT NULL AS has_prompt_log"
 )
-
-PromptLogLike = Union[PromptLog, str, dict, None]
-SubjectPattern = Union[str, re.Pattern]
-_SHOWN_NAMES = 5  # non-matching case names an error lists
-
-
-def check_subject(value: object) -> Optional[str]:
-    """A subject as stored: None (the case is its own subject), or printable text of at most 256
-    characters with its surrounding spaces dropped; an empty or blank one is refused."""
-    if value is None:
-        return None
-    text = check_text(value, "subject") or ""
-    if not text.strip():
-        raise DatastoreError(
-            "a subject must not be empty: to make a case its own subject give none "
-            "(segassist learn subject CASE --none; at an import, leave the subject out)"
-        )
-    return text.strip()
-
-
-def compile_subject_pattern(pattern: SubjectPattern) -> re.Pattern[str]:
-    """A subject pattern (a Python regular expression) compiled; a bad one is a :class:`DatastoreError`."""
-    if isinstance(pattern, re.Pattern):
-        return pattern
-    try:
-        return re.compile(pattern)
-    except (re.error, TypeError) as exc:
-        raise DatastoreError(f"invalid subject pattern {pattern!r}: {exc}") from None
-
-
-def subject_from_name(name: str, pattern: SubjectPattern) -> Optional[str]:
-    """The subject ``pattern`` finds in a case name (``re.search``): its first group that took part
-    in the match, else the whole match. None when the pattern does not match or finds only spaces
-    (the caller refuses such a name rather than guess).
-
-    ``^(patient\\d+)_`` makes ``patient001_frame01`` and ``patient001_frame12`` subject ``patient001``;
-    ``^(patient\\d+)_|^.+`` also lets a name it does not match be its own subject (the whole name)."""
-    match = compile_subject_pattern(pattern).search(name)
-    if match is None:
-        return None
-    found = next((g for g in match.groups() if g is not None), match.group(0))
-    return found.strip() or None
-
-
-def subjects_from_names(names: Sequence[str], pattern: SubjectPattern) -> List[str]:
-    """The subject of each case name (see :func:`subject_from_name`); a :class:`DatastoreError` naming
-    the cases the pattern finds no subject in, so that nothing is imported or changed with a guess."""
-    compiled = compile_subject_pattern(pattern)
-    found = [subject_from_name(name, compiled) for name in names]
-    missing = [name for name, subject in zip(names, found) if subject is None]
-    if missing:
-        shown = ", ".join(repr(n) for n in missing[:_SHOWN_NAMES]) + (", ..." if len(missing) > _SHOWN_NAMES else "")
-        raise DatastoreError(
-            f"the subject pattern {compiled.pattern!r} finds no subject in {len(missing)} of the {len(names)} "
-            f"case name(s): {shown}. No case was imported or changed: fix the pattern (an alternative such as "
-            "'|^.+' makes a name it does not match its own subject), or import those images separately"
-        )
-    return [check_subject(s) for s in found]  # type: ignore[misc]
 
 
 def import_sources(
@@ -271,7 +210,7 @@ def import_sources(
         raise DatastoreError(f"cannot import from {source}: {exc}") from exc
 
 
-class Datastore:
+class Datastore(StoreFiles):
     """Cases, locks and versioned labels in a folder. See the module docstring for the guarantees."""
 
     def __init__(
@@ -287,10 +226,10 @@ class Datastore:
         if not db_path.is_file():
             if not create:
                 raise DatastoreError(f"no SegAssist datastore at {self.root} (missing {DB_NAME})")
-            _check_new_store_folder(self.root)
+            check_new_store_folder(self.root)
             self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._conn = self._connect(db_path)
+        self._conn = self._connect(db_path, _connect)  # this module's, looked up now: a test may replace it
         try:
             self._init_schema()
             if not self.read_only:  # after the checks: a store refused is left as it was
@@ -300,272 +239,11 @@ class Datastore:
             self._conn.close()
             raise
 
-    # ------------------------------------------------------------------ plumbing
-
-    def _connect(self, db_path: Path) -> sqlite3.Connection:
-        """A connection to the store's database, its first read done: a file that is no database fails here.
-
-        Nothing is written. A WAL database is read through its index file (``-shm``), which SQLite makes
-        beside it when no process holding the store open has: in a folder this user cannot write (or on
-        a read-only disk), a store nobody has open is read instead as it is on disk, read-only
-        (``immutable``; ``self.read_only``). A write another process starts meanwhile is not seen by
-        that reader; a store with changes still in its ``-wal`` file is refused rather than read
-        without them.
-        """
-        conn: Optional[sqlite3.Connection] = None
-        try:
-            with self._sqlite_errors():
-                try:
-                    conn = _connect(str(db_path))
-                    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-                except sqlite3.OperationalError as exc:
-                    if conn is None or not (_is_read_only_error(exc) or _is_cant_open_error(exc)):
-                        raise
-                    conn.close()
-                    conn = None
-                    wal = db_path.with_name(DB_NAME + "-wal")
-                    if wal.is_file() and wal.stat().st_size > 0:
-                        raise StoreAccessError(
-                            f"datastore {self.root} is read-only here and holds changes not yet in its "
-                            f"database file (its {wal.name}): open it once with write access to its folder",
-                            "the datastore is read-only to this server and holds changes not yet in its database",
-                        ) from exc
-                    conn = _connect(f"{db_path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
-                    conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-                    self.read_only = True
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
-        return conn
-
-    def _init_schema(self) -> None:
-        """A store of a newer schema is refused before anything is written; one of the current schema is
-        opened as it is; a new or older one is made current in one transaction (whole or not at all; of
-        two processes opening it at once, the second finds it done)."""
-        with self._lock, self._sqlite_errors():
-            version = self._schema_version(self._conn)
-            self._refuse_newer(version)
-            if version == SCHEMA_VERSION:
-                self._use_wal()
-                return
-            if self.read_only:
-                self._read_older_schema(version)
-                return
-            self._use_wal()
-            # the labels table is rebuilt (2 -> 3) while the reviews point at it: foreign keys are checked
-            # again once it is back (a pragma that only takes effect outside a transaction)
-            self._conn.execute("PRAGMA foreign_keys=OFF")
-            try:
-                try:
-                    self._upgrade()
-                except StoreAccessError as exc:
-                    # opened as usual (a database not in WAL mode, or one a writer holds open: read through
-                    # its WAL index), yet this user cannot write it: read it as it is
-                    cause = exc.__cause__
-                    if not (isinstance(cause, sqlite3.Error) and _is_read_only_error(cause)):
-                        raise
-                    self.read_only = True
-                    self._read_older_schema(version)
-            finally:
-                self._conn.execute("PRAGMA foreign_keys=ON")
-
-    def _read_older_schema(self, version: Optional[int]) -> None:
-        """A store of an older schema that this user can only read, read as it is: its rows hold what the
-        current schema reads (a 0 where an unknown count is NULL now: as after the upgrade, which keeps
-        them). What it lacks is supplied for this connection alone, in its temporary schema (which names
-        resolve to first; nothing is written to the store): schema 1's ``cases.subject``, NULL (every
-        case its own subject, as the upgrade makes it), and a table an early schema-1 store lacks, empty.
-        Every change is refused (:meth:`_refuse_if_read_only`). A store never set up is refused."""
-        if version is None:
-            raise StoreAccessError(
-                f"datastore {self.root} is read-only here and needs setting up: open it once with "
-                "write access to its folder",
-                "the datastore is read-only to this server and needs setting up",
-            )
-        db = self._conn
-        db.execute("PRAGMA temp_store=MEMORY")  # the disk may be read-only as a whole
-        tables = {r["name"] for r in db.execute("SELECT name FROM main.sqlite_master WHERE type = 'table'")}
-        for statement in _SCHEMA_STATEMENTS:
-            table = re.match(r"CREATE TABLE IF NOT EXISTS (\w+) \(", statement)
-            if table and table.group(1) not in tables:
-                db.execute(statement.replace("CREATE TABLE IF NOT EXISTS", "CREATE TEMP TABLE", 1))
-        columns = {c["name"] for c in db.execute("PRAGMA main.table_info(cases)")}
-        if "subject" not in columns:
-            # the rowid named: a view has none of its own (an error in SQLite >= 3.36 built without
-            # SQLITE_ALLOW_ROWID_IN_VIEW, NULL with it), and case lists are ordered by it
-            db.execute("CREATE TEMP VIEW cases AS SELECT rowid AS rowid, *, NULL AS subject FROM main.cases")
-
-    def _upgrade(self) -> None:
-        """A new or older store made current, in one transaction (see :meth:`_init_schema`)."""
-        with self._write() as db:
-            version = self._schema_version(db)  # again, holding the write lock: another process may have
-            self._refuse_newer(version)
-            if version == SCHEMA_VERSION:
-                return
-            for statement in _SCHEMA_STATEMENTS:  # IF NOT EXISTS: a new store, or what schema 1 lacks
-                db.execute(statement)
-            columns = {c["name"] for c in db.execute("PRAGMA table_info(cases)")}
-            if "subject" not in columns:  # schema 1 -> 2: every case stays its own subject
-                db.execute("ALTER TABLE cases ADD COLUMN subject TEXT")
-            self._rebuild_labels(db)  # 2 -> 3: unknown counts and times may be NULL
-            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-
-    def _rebuild_labels(self, db: sqlite3.Connection) -> None:
-        """Schema 2 (or 1) -> 3, in the caller's transaction: the labels table made again without NOT NULL
-        on ``n_interactions`` and ``seconds_spent`` (SQLite cannot drop it in place). Every row is copied
-        with its rowid (the order of saving) and every value as it was, a 0 included; the indexes and
-        triggers made on the old table are made again. Nothing to do for a table that allows NULL."""
-        info = db.execute("PRAGMA table_info(labels)").fetchall()
-        old = [c["name"] for c in info]
-        if not any(c["notnull"] for c in info if c["name"] in _UNKNOWABLE):
-            return
-        extras = [r["sql"] for r in db.execute(
-            "SELECT sql FROM sqlite_master WHERE type IN ('index', 'trigger') AND tbl_name = 'labels' "
-            "AND sql IS NOT NULL ORDER BY type, name"
-        )]  # fmt: skip
-        db.execute(_LABELS_TABLE.replace("CREATE TABLE IF NOT EXISTS labels (", f"CREATE TABLE {_LABELS_REBUILT} (", 1))
-        new = {c["name"] for c in db.execute(f"PRAGMA table_info({_LABELS_REBUILT})")}
-        unknown = [name for name in old if name not in new]
-        if unknown:  # never dropped with the old table: refused, the store left as it was (rolled back)
-            raise DatastoreError(
-                f"datastore {self.root}: its labels table has column(s) {', '.join(unknown)} that schema "
-                f"{SCHEMA_VERSION} does not know; it was not upgraded"
-            )
-        columns = ", ".join(f'"{name}"' for name in old)
-        before = db.execute("SELECT COUNT(*) FROM labels").fetchone()[0]
-        db.execute(f"INSERT INTO {_LABELS_REBUILT} (rowid, {columns}) SELECT rowid, {columns} FROM labels")
-        copied = db.execute(f"SELECT COUNT(*) FROM {_LABELS_REBUILT}").fetchone()[0]
-        if copied != before:
-            raise DamagedStoreError(
-                f"datastore {self.root}: copying its {before} label versions for the schema upgrade copied "
-                f"{copied}; it was not upgraded",
-                "the datastore's label versions could not be copied for its schema upgrade",
-            )
-        db.execute("DROP TABLE labels")
-        db.execute(f"ALTER TABLE {_LABELS_REBUILT} RENAME TO labels")
-        for sql in extras:
-            db.execute(sql)
-
-    def _schema_version(self, db: sqlite3.Connection) -> Optional[int]:
-        """The store's schema version, read only; None for a database without one (a new store)."""
-        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
-            return None
-        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            return None
-        try:
-            return int(row[0])
-        except (TypeError, ValueError):
-            raise DamagedStoreError(
-                f"datastore {self.root}: its database {DB_NAME} is damaged (schema version {row[0]!r})",
-                f"the datastore's database is damaged (schema version {row[0]!r})",
-            ) from None
-
-    def _refuse_newer(self, version: Optional[int]) -> None:
-        if version is not None and version > SCHEMA_VERSION:
-            raise DatastoreError(
-                f"datastore {self.root} has schema {version}, newer than this SegAssist reads "
-                f"({SCHEMA_VERSION}): upgrade SegAssist"
-            )
-
-    def _use_wal(self) -> None:
-        """WAL journal (readers never wait for the writer). It stays in the file once set, when the store
-        is made: a store made otherwise is switched when it can be, and read as it is when it cannot."""
-        deadline = time.monotonic() + 30.0
-        while not self.read_only and str(self._conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-            try:
-                self._conn.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.OperationalError as exc:
-                if _is_read_only_error(exc):
-                    return
-                # another process opening the new store at once switches it: look again (no busy handler here)
-                if "database is locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    @contextmanager
-    def _sqlite_errors(self) -> Iterator[None]:
-        """A failure of the database (not of the calling code) as a :class:`StoreAccessError` naming the store."""
-        try:
-            yield
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, _CODE_ERRORS):
-                raise
-            raise self._store_error(exc) from exc
-
-    def _store_error(self, exc: sqlite3.Error) -> StoreAccessError:
-        name = getattr(exc, "sqlite_errorname", "") or ""  # Python 3.11+; the message before
-        text = str(exc)
-        where = f"datastore {self.root}"
-        if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or text in _DAMAGED_MESSAGES:
-            return DamagedStoreError(
-                f"{where}: its database {DB_NAME} is damaged or is not a SegAssist database ({text}); "
-                "restore it from a backup",
-                f"the datastore's database is damaged ({text})",
-            )
-        if _is_read_only_error(exc):
-            return StoreAccessError(
-                f"{where} is read-only here ({text}): reading it works, a change needs write access "
-                "to its folder and files",
-                f"the datastore is read-only to this server ({text})",
-            )
-        if name.startswith("SQLITE_BUSY") or "database is locked" in text:
-            return StoreAccessError(
-                f"{where} is kept locked by another process ({text}): try again",
-                f"the datastore is kept locked by another process ({text}): try again",
-            )
-        return StoreAccessError(f"{where}: its database {DB_NAME} failed ({text})", f"the datastore failed ({text})")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; ``BEGIN IMMEDIATE`` takes the write lock up front (no upgrade deadlock).
-
-        A failed ``COMMIT`` (disk full, I/O error) is rolled back too: left open, the transaction would
-        show its rows to every reader of this shared connection and refuse every later write. A failure
-        of the database is a :class:`StoreAccessError` (an ``IntegrityError`` stays itself: the caller's).
-        """
-        self._refuse_if_read_only()
-        with self._lock, self._sqlite_errors():
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    with suppress(sqlite3.Error):  # the original error says more
-                        self._conn.execute("ROLLBACK")
-                raise
-
-    def _refuse_if_read_only(self) -> None:
-        """Before a change (and before the file it writes, if any): a store read as it is on disk refuses it."""
-        if self.read_only:
-            raise StoreAccessError(
-                f"datastore {self.root} is read-only here: reading it works, a change needs write access to its folder",
-                "the datastore is read-only to this server",
-            )
-
-    def _read(self, sql: str, params: Sequence = ()) -> List[sqlite3.Row]:
-        with self._lock, self._sqlite_errors():
-            return self._conn.execute(sql, tuple(params)).fetchall()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
     def __enter__(self) -> Datastore:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def image_path(self, case_id: str) -> Path:
-        return self.root / "images" / f"{check_case_id(case_id)}.nii.gz"
-
-    def label_path(self, case_id: str, label_id: str) -> Path:
-        return self.root / "labels" / check_case_id(case_id) / f"{check_label_id(label_id)}.nii.gz"
 
     # ------------------------------------------------------------------ import
 
@@ -678,20 +356,6 @@ class Datastore:
             self._drop_unrecorded_file(path, "cases", case_id)
             raise
         return self.get_case(case_id)
-
-    def _drop_unrecorded_file(self, path: Path, table: str, row_id: str) -> None:
-        """After a failed write: delete its new file unless the row that names it was committed.
-
-        An interrupt (Ctrl-C) can land after ``COMMIT``: the row is saved, and deleting its file would
-        turn a saved label into a lost one. When the store cannot tell, the file stays (an orphan file
-        costs disk space; a row without its file is lost work).
-        """
-        try:
-            recorded = bool(self._read(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)))
-        except (sqlite3.Error, StoreAccessError):
-            return
-        if not recorded:
-            path.unlink(missing_ok=True)
 
     def _raise_if_duplicate(self, *hashes: str) -> None:
         marks = ", ".join("?" * len(hashes))
@@ -966,10 +630,10 @@ class Datastore:
         check_user(user)
         model = check_text(model, "model")
         adapter_version = check_text(adapter_version, "adapter version")
-        log = _parse_prompt_log(prompt_log)
+        log = parse_prompt_log(prompt_log)
         if n_interactions is None and log is not None:
             n_interactions = len(log.prompts)
-        if n_interactions is not None and not _is_count(n_interactions, MAX_INTERACTIONS):
+        if n_interactions is not None and not is_count(n_interactions, MAX_INTERACTIONS):
             raise DatastoreError(
                 f"n_interactions must be an integer from 0 to {MAX_INTERACTIONS} (or None: unknown), "
                 f"got {n_interactions!r}"
@@ -983,7 +647,7 @@ class Datastore:
                     f"seconds_spent must be a finite non-negative number (or None: not measured), got {seconds_spent!r}"
                 )
         shape, reference = self._geometry(case_id)
-        labels = _check_mask(mask, shape)
+        labels = check_mask(mask, shape)
         rows = self._read("SELECT * FROM cases WHERE id = ?", (case_id,))
         if not rows:
             raise NotFoundError(f"no case {case_id}")
@@ -1162,147 +826,16 @@ class Datastore:
             Review(r["id"], r["label_id"], r["reviewer"], bool(r["accepted"]), r["note"], r["created_at"]) for r in rows
         ]
 
-    # ------------------------------------------------------------------ integrity
-
-    def _referenced_files(self) -> Dict[Path, Tuple[str, str]]:
-        """Every file a record points at -> (what, recorded sha256)."""
-        files: Dict[Path, Tuple[str, str]] = {}
-        for row in self._read("SELECT id, image_sha256 FROM cases"):
-            files[self.image_path(row["id"])] = (f"image of case {row['id']}", row["image_sha256"])
-        for row in self._read("SELECT id, case_id, sha256 FROM labels"):
-            files[self.label_path(row["case_id"], row["id"])] = (f"label version {row['id']}", row["sha256"])
-        return files
-
-    def _stored_files(self) -> List[Path]:
-        out = [p for p in (self.root / "images").iterdir() if p.is_file()]
-        for folder in (self.root / "labels").iterdir():
-            if folder.is_dir():
-                out.extend(p for p in folder.iterdir() if p.is_file())
-        return out
-
-    def verify(self, check_images: bool = True) -> IntegrityReport:
-        """Check every referenced file exists and matches its checksum; list unreferenced files."""
-        referenced = self._referenced_files()
-        corrupt = []
-        for path, (what, digest) in sorted(referenced.items()):
-            if not check_images and path.parent.name == "images":
-                continue
-            if not path.is_file():
-                corrupt.append(f"{what}: file missing")
-            elif sha256_file(path) != digest:
-                corrupt.append(f"{what}: checksum mismatch")
-        orphans = sorted(str(p.relative_to(self.root)) for p in self._stored_files() if p not in referenced)
-        return IntegrityReport(corrupt=tuple(corrupt), orphans=tuple(orphans))
-
-    def recover(self, min_age_s: float = DEFAULT_RECOVER_AGE_S) -> List[str]:
-        """Delete leftovers of interrupted writes (temporary files and files no record points at).
-
-        Only files older than ``min_age_s`` are removed, so that a write in progress in another
-        process is left alone; pass 0 when no other process uses the store.
-        """
-        referenced = self._referenced_files()
-        now = time.time()
-        removed = []
-        for path in self._stored_files():
-            if path in referenced:
-                continue
-            try:
-                if now - path.stat().st_mtime < min_age_s:
-                    continue
-                path.unlink()
-                removed.append(str(path.relative_to(self.root)))
-            except FileNotFoundError:
-                continue
-        for folder in (self.root / "labels").iterdir():
-            if folder.is_dir() and not any(folder.iterdir()):
-                with suppress(OSError):
-                    folder.rmdir()
-        return sorted(removed)
-
-    def pending_writes(self) -> List[Path]:
-        """Temporary files of writes in progress (or interrupted) right now."""
-        return [p for p in self._stored_files() if is_temp_file(p)]
-
-
-_DAMAGED_MESSAGES = ("file is not a database", "database disk image is malformed")
-
-
-def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(target, uri=uri, timeout=30.0, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def _is_read_only_error(exc: sqlite3.Error) -> bool:
-    """SQLite refused to write (the file, its folder or the disk is read-only to this user)."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return name.startswith("SQLITE_READONLY") or "readonly database" in str(exc)
-
-
-def _is_cant_open_error(exc: sqlite3.Error) -> bool:
-    """SQLite could not open a file it needs (on a read-only disk: the WAL index it would make)."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return name.startswith("SQLITE_CANTOPEN") or "unable to open database file" in str(exc)
-
-
-def _parse_prompt_log(value: PromptLogLike) -> Optional[PromptLog]:
-    if value is None or isinstance(value, PromptLog):
-        return value
-    try:
-        if isinstance(value, str):
-            return PromptLog.from_json(value)
-        if isinstance(value, dict):
-            return PromptLog.model_validate(value)
-    except PromptError:
-        raise
-    except Exception as exc:
-        raise PromptError(f"invalid prompt log: {describe_validation_error(exc)}") from exc
-    raise PromptError(f"a prompt log must be a PromptLog, JSON text or a dict, got {type(value).__name__}")
-
-
-def _is_count(value: object, limit: int) -> bool:
-    """An integer 0..limit (a whole float such as 3.0 counts; bools, NaN, text do not)."""
-    if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)):
-        return False
-    return bool(np.isfinite(value)) and int(value) == value and 0 <= value <= limit
-
-
-def _check_new_store_folder(root: Path) -> None:
-    """A new store goes into a new folder or one holding only folders (a server's upload folder, a
-    disk's lost+found): never into a folder of someone's files, which it would mix with its own."""
-    if not root.exists():
-        return
-    if not root.is_dir():
-        raise DatastoreError(f"{root} is a file, not a datastore folder")
-    # a database beside it: another process made the store a moment ago (opening it at once with this one)
-    files = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith((".", DB_NAME)))
-    if files:
-        shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
-        raise DatastoreError(
-            f"{root} holds files ({shown}) and no SegAssist datastore: make the new store in a "
-            "new folder, or one that holds only folders"
-        )
-    for sub in ("images", "labels"):
-        if (root / sub).is_dir() and any(p.is_file() for p in (root / sub).rglob("*")):
-            # a store whose database was moved or lost: a new, empty one would call every image and
-            # label in it an orphan, and recovery would delete them
-            raise DatastoreError(
-                f"{root} holds a datastore's {sub}/ but not its database {DB_NAME}: it was moved or lost. "
-                f"Put it back (with its -wal file, if any) to open the store; a new store goes into a new folder"
-            )
-
-
-def _check_mask(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    arr = np.asarray(mask)
-    if arr.ndim != 3 or tuple(arr.shape) != tuple(shape):
-        raise DatastoreError(f"label shape {arr.shape} does not match the case's image shape {tuple(shape)}")
-    try:
-        return as_labels(arr)
-    except ImageError as exc:
-        raise DatastoreError(str(exc)) from exc
-
 
 def open_datastore(root: Union[str, Path], create: bool = False) -> Datastore:
     """Open an existing store (``create=False``: a missing store is an error, not a new empty one)."""
     root = Path(os.fspath(root))
     return Datastore(root, create=create)
+
+
+# ---- the names these helpers had when this module defined them, kept importable from here
+# (``_connect``, imported above, is also where Datastore() finds how to open its connection)
+_check_mask = check_mask
+_check_new_store_folder = check_new_store_folder
+_is_count = is_count
+_parse_prompt_log = parse_prompt_log

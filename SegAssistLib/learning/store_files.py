@@ -1,0 +1,128 @@
+"""The datastore's folder: where its image and label files lie, whether a folder is fit for a new
+store, and its files checked against the database's records (verify, recover). Torch-free."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from SegAssistLib.files import is_temp_file, sha256_file
+from SegAssistLib.learning.errors import DatastoreError, StoreAccessError
+from SegAssistLib.learning.records import IntegrityReport, check_case_id, check_label_id
+from SegAssistLib.learning.store_db import DB_NAME, StoreDatabase
+
+DEFAULT_RECOVER_AGE_S = 600.0
+
+
+def check_new_store_folder(root: Path) -> None:
+    """A new store goes into a new folder or one holding only folders (a server's upload folder, a
+    disk's lost+found): never into a folder of someone's files, which it would mix with its own."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DatastoreError(f"{root} is a file, not a datastore folder")
+    # a database beside it: another process made the store a moment ago (opening it at once with this one)
+    files = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith((".", DB_NAME)))
+    if files:
+        shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        raise DatastoreError(
+            f"{root} holds files ({shown}) and no SegAssist datastore: make the new store in a "
+            "new folder, or one that holds only folders"
+        )
+    for sub in ("images", "labels"):
+        if (root / sub).is_dir() and any(p.is_file() for p in (root / sub).rglob("*")):
+            # a store whose database was moved or lost: a new, empty one would call every image and
+            # label in it an orphan, and recovery would delete them
+            raise DatastoreError(
+                f"{root} holds a datastore's {sub}/ but not its database {DB_NAME}: it was moved or lost. "
+                f"Put it back (with its -wal file, if any) to open the store; a new store goes into a new folder"
+            )
+
+
+class StoreFiles(StoreDatabase):
+    """The files of the store in the folder ``root``, each named by the id of the record that makes it
+    visible (see the datastore's module docstring)."""
+
+    def image_path(self, case_id: str) -> Path:
+        return self.root / "images" / f"{check_case_id(case_id)}.nii.gz"
+
+    def label_path(self, case_id: str, label_id: str) -> Path:
+        return self.root / "labels" / check_case_id(case_id) / f"{check_label_id(label_id)}.nii.gz"
+
+    def _drop_unrecorded_file(self, path: Path, table: str, row_id: str) -> None:
+        """After a failed write: delete its new file unless the row that names it was committed.
+
+        An interrupt (Ctrl-C) can land after ``COMMIT``: the row is saved, and deleting its file would
+        turn a saved label into a lost one. When the store cannot tell, the file stays (an orphan file
+        costs disk space; a row without its file is lost work).
+        """
+        try:
+            recorded = bool(self._read(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)))
+        except (sqlite3.Error, StoreAccessError):
+            return
+        if not recorded:
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ integrity
+
+    def _referenced_files(self) -> Dict[Path, Tuple[str, str]]:
+        """Every file a record points at -> (what, recorded sha256)."""
+        files: Dict[Path, Tuple[str, str]] = {}
+        for row in self._read("SELECT id, image_sha256 FROM cases"):
+            files[self.image_path(row["id"])] = (f"image of case {row['id']}", row["image_sha256"])
+        for row in self._read("SELECT id, case_id, sha256 FROM labels"):
+            files[self.label_path(row["case_id"], row["id"])] = (f"label version {row['id']}", row["sha256"])
+        return files
+
+    def _stored_files(self) -> List[Path]:
+        out = [p for p in (self.root / "images").iterdir() if p.is_file()]
+        for folder in (self.root / "labels").iterdir():
+            if folder.is_dir():
+                out.extend(p for p in folder.iterdir() if p.is_file())
+        return out
+
+    def verify(self, check_images: bool = True) -> IntegrityReport:
+        """Check every referenced file exists and matches its checksum; list unreferenced files."""
+        referenced = self._referenced_files()
+        corrupt = []
+        for path, (what, digest) in sorted(referenced.items()):
+            if not check_images and path.parent.name == "images":
+                continue
+            if not path.is_file():
+                corrupt.append(f"{what}: file missing")
+            elif sha256_file(path) != digest:
+                corrupt.append(f"{what}: checksum mismatch")
+        orphans = sorted(str(p.relative_to(self.root)) for p in self._stored_files() if p not in referenced)
+        return IntegrityReport(corrupt=tuple(corrupt), orphans=tuple(orphans))
+
+    def recover(self, min_age_s: float = DEFAULT_RECOVER_AGE_S) -> List[str]:
+        """Delete leftovers of interrupted writes (temporary files and files no record points at).
+
+        Only files older than ``min_age_s`` are removed, so that a write in progress in another
+        process is left alone; pass 0 when no other process uses the store.
+        """
+        referenced = self._referenced_files()
+        now = time.time()
+        removed = []
+        for path in self._stored_files():
+            if path in referenced:
+                continue
+            try:
+                if now - path.stat().st_mtime < min_age_s:
+                    continue
+                path.unlink()
+                removed.append(str(path.relative_to(self.root)))
+            except FileNotFoundError:
+                continue
+        for folder in (self.root / "labels").iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                with suppress(OSError):
+                    folder.rmdir()
+        return sorted(removed)
+
+    def pending_writes(self) -> List[Path]:
+        """Temporary files of writes in progress (or interrupted) right now."""
+        return [p for p in self._stored_files() if is_temp_file(p)]
