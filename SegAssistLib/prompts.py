@@ -23,7 +23,9 @@ client sends lassos and scribbles of width 2 (:data:`WIDE_SCRIBBLE_WIDTH`) or mo
 thinner scribble as drawn, so that the engine draws it as it does in-process), so what travels is
 a 2D stroke, never a volume.
 
-A :class:`PromptLog` is versioned (``schema_version``) so that logs written today stay readable.
+The prompt log that records a session's prompts is :mod:`SegAssistLib.prompt_log`; the voxels of a
+stroke, :mod:`SegAssistLib.stroke_voxels`; the limits on a prompt's size, :mod:`SegAssistLib.prompt_limits`.
+Their names are also importable from here, as they were when this module held them all.
 """
 
 from __future__ import annotations
@@ -31,11 +33,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import zlib
-from functools import cached_property, lru_cache
-from pathlib import Path
-from typing import Annotated, List, Literal, Optional, Sequence, Tuple, Union
+from functools import cached_property
+from typing import TYPE_CHECKING, Annotated, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -52,37 +52,49 @@ from pydantic import (
     model_validator,
 )
 
-from SegAssistLib import rasterize
-from SegAssistLib.errors import PromptError, SegAssistError
-from SegAssistLib.image import voxel_digest
+from SegAssistLib.errors import PromptError
 
-# 1.1: scribbles and lassos may be given as a slab instead of points
-# 1.2: a scribble given as points may carry the normal of the slice it was drawn on
-# 1.3: a log's image may record its origin and direction (a log replayed on a flipped copy is refused)
-# 1.4: a log may record the built-in engine's settings that shape its answers (``engine``), so that a
-#      replay answers as the session did (``segassist segment`` applies them)
-SCHEMA_VERSION = "1.4"
+# Names that moved to modules of their own stay importable from here: `import X as X` re-exports X.
+from SegAssistLib.image import voxel_digest as voxel_digest  # ImageInfo's (prompt_log.py)
+from SegAssistLib.prompt_limits import _MAX_SLAB_DATA_CHARS as _MAX_SLAB_DATA_CHARS
+from SegAssistLib.prompt_limits import MAX_MASK_EXTENT as MAX_MASK_EXTENT
+from SegAssistLib.prompt_limits import MAX_MASK_VOXELS as MAX_MASK_VOXELS
+from SegAssistLib.prompt_limits import MAX_SCRIBBLE_POINTS as MAX_SCRIBBLE_POINTS
+from SegAssistLib.prompt_limits import MAX_SCRIBBLE_SAMPLES as MAX_SCRIBBLE_SAMPLES
+from SegAssistLib.prompt_limits import MAX_SLAB_AXIS as MAX_SLAB_AXIS
+from SegAssistLib.prompt_limits import MAX_SLAB_OFFSET as MAX_SLAB_OFFSET
+from SegAssistLib.prompt_limits import MAX_SLAB_VOXELS as MAX_SLAB_VOXELS
+from SegAssistLib.prompt_limits import MAX_STROKE_VERTICES as MAX_STROKE_VERTICES
+from SegAssistLib.stroke_voxels import _SCRIBBLE_CHUNK_POINTS as _SCRIBBLE_CHUNK_POINTS
+from SegAssistLib.stroke_voxels import _TIE_NUDGE as _TIE_NUDGE
+from SegAssistLib.stroke_voxels import _disc_coefficients as _disc_coefficients
+from SegAssistLib.stroke_voxels import _lasso_box as _lasso_box
+from SegAssistLib.stroke_voxels import _lasso_voxels as _lasso_voxels
+from SegAssistLib.stroke_voxels import _scribble_budget_error as _scribble_budget_error
+from SegAssistLib.stroke_voxels import _scribble_disc as _scribble_disc
+from SegAssistLib.stroke_voxels import _scribble_voxels as _scribble_voxels
+from SegAssistLib.stroke_voxels import _stroke_plane_axes as _stroke_plane_axes
+from SegAssistLib.stroke_voxels import _stroke_voxel_bytes as _stroke_voxel_bytes
+from SegAssistLib.stroke_voxels import scribble_voxels as scribble_voxels
+
+if TYPE_CHECKING:  # for type checkers: what __getattr__ at the end of this module gives at run time
+    from SegAssistLib.prompt_log import _SCHEMA as _SCHEMA
+    from SegAssistLib.prompt_log import MAX_EDGE_BAND as MAX_EDGE_BAND
+    from SegAssistLib.prompt_log import MAX_EDGE_BETA as MAX_EDGE_BETA
+    from SegAssistLib.prompt_log import MAX_EDGE_MAX_VOXELS as MAX_EDGE_MAX_VOXELS
+    from SegAssistLib.prompt_log import MAX_MIN_VIEW_MM as MAX_MIN_VIEW_MM
+    from SegAssistLib.prompt_log import MAX_REFINE_DEPTH as MAX_REFINE_DEPTH
+    from SegAssistLib.prompt_log import MAX_REFINE_TILES as MAX_REFINE_TILES
+    from SegAssistLib.prompt_log import SCHEMA_VERSION as SCHEMA_VERSION
+    from SegAssistLib.prompt_log import EngineSettings as EngineSettings
+    from SegAssistLib.prompt_log import ImageInfo as ImageInfo
+    from SegAssistLib.prompt_log import PromptLog as PromptLog
+    from SegAssistLib.prompt_log import SettingsError as SettingsError
+    from SegAssistLib.prompt_log import _schema_version as _schema_version
+    from SegAssistLib.prompt_log import prompt_log_json_schema as prompt_log_json_schema
 
 BOX_FLAT_TOLERANCE = 1e-4  # voxels: a box axis this thin is flat (float noise of corners on one plane)
-MAX_SLAB_AXIS = 4096  # voxels along any axis of a slab's box
-MAX_SLAB_VOXELS = 4096 * 4096  # voxels in a slab's box: 2 MiB of bits at most, whatever the client sends
 SLAB_PLANE_TOLERANCE = 1.0  # voxels: half the thickness of the layer that must hold a slab's voxel centres
-_MAX_SLAB_DATA_CHARS = 4 * ((MAX_SLAB_VOXELS // 8 + 4096) // 3 + 1)  # base64 of the worst zlib output
-MAX_SLAB_OFFSET = 2**31  # |offset| of a slab's box on any axis: past any image, and no int64 overflow
-
-# Strokes given as points: whatever a client sends, rasterising one takes bounded memory and time.
-# Real strokes are far below these: a Slicer curve or a simulated scribble (one vertex per pixel of a
-# skeleton or an outline) has at most a few thousand vertices on the largest images (2048 per axis).
-MAX_STROKE_VERTICES = 16384  # vertices of a scribble's polyline or a lasso's polygon
-# A scribble is rasterised as its samples every half voxel, each widened by the points of a disc of
-# its width (1 point at width 1, about 1,100 at width 20), in chunks of _SCRIBBLE_CHUNK_POINTS.
-MAX_SCRIBBLE_SAMPLES = 2**19  # samples: a stroke about 260,000 voxels long (any width)
-MAX_SCRIBBLE_POINTS = 2**23  # samples x disc points: at width 20, a stroke about 3,700 voxels long
-_SCRIBBLE_CHUNK_POINTS = 2**18  # points rounded at once: ~6 MB per working array
-
-# An initial mask's box: a whole image of the largest size a server takes (600 Mi voxels) fits.
-MAX_MASK_VOXELS = 2**31  # voxels in a mask prompt's box
-MAX_MASK_EXTENT = 2**31  # offset + shape on any axis: no int64 overflow anywhere
 
 #: voxels: a scribble this wide or wider is a tube, its samples widened by a disc of its width in the
 #: slice it was drawn on (:func:`scribble_voxels`, as its slab form holds it); a thinner one is its
@@ -557,205 +569,6 @@ def prompt_vertices_kji(prompt: Prompt) -> np.ndarray:
     return np.asarray(pts, float).reshape(-1, 3)[:, ::-1]
 
 
-def _stroke_plane_axes(verts_kji: np.ndarray, normal_kji: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Two orthonormal in-plane directions of the slice a polyline was drawn on.
-
-    The slice of ``normal_kji`` when given. Otherwise: vertices that share a coordinate lie on that
-    axis-aligned slice (axial first, then coronal, sagittal), else the best-fit plane. A straight
-    oblique stroke does not define its slice: the plane through it closest to an axis-aligned one is used.
-    """
-    eye = np.eye(3)
-    flat = [axis for axis in range(3) if np.ptp(verts_kji[:, axis]) < 1e-6]
-    if normal_kji is not None:
-        normal = np.asarray(normal_kji, float) / np.linalg.norm(normal_kji)
-    elif flat:
-        normal = eye[flat[0]]
-    else:
-        centred = verts_kji - verts_kji.mean(0)
-        _, sv, vt = np.linalg.svd(centred, full_matrices=False)
-        if len(sv) == 3 and sv[1] > 1e-6 * max(sv[0], 1.0):
-            normal = vt[2]
-        else:  # collinear: the plane holding the line whose normal is nearest an axis
-            direction = vt[0]
-            axis = int(np.argmin(np.abs(direction)))
-            normal = eye[axis] - direction * direction[axis]
-            normal /= np.linalg.norm(normal)
-    u = np.cross(normal, eye[int(np.argmin(np.abs(normal)))])
-    u /= np.linalg.norm(u)
-    return u, np.cross(normal, u)
-
-
-def _disc_coefficients(width: float) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """In-plane coordinates of the points that widen each sample of a stroke of ``width``: a disc on
-    the half-voxel grid centred on the sample, so a stroke widens by the same amount on both sides
-    whatever its width (None below width 2, where the disc holds the sample alone)."""
-    radius = (width - 1.0) / 2.0
-    half_steps = int(np.floor(2.0 * radius + 1e-9)) if radius > 0 else 0
-    if half_steps == 0:
-        return None
-    steps = 0.5 * np.arange(-half_steps, half_steps + 1)
-    a, b = np.meshgrid(steps, steps, indexing="ij")
-    keep = a**2 + b**2 <= radius**2 + 1e-9
-    return a[keep], b[keep]
-
-
-_TIE_NUDGE = 1e-9  # voxels: see _scribble_disc
-
-
-def _scribble_disc(verts_kji: np.ndarray, width: float, normal_kji: Optional[np.ndarray] = None) -> np.ndarray:
-    """Offsets (array order) of the points that widen each sample of a stroke: a disc of the
-    stroke's width in the slice it was drawn on (one zero offset at width 1).
-
-    Each offset is nudged towards the disc's centre by far less than any coordinate's precision,
-    so that a point half-way between two voxels rounds to the one nearer the sample: otherwise
-    rounding (half to even) made a stroke on an even row wider or narrower than one on an odd row.
-    """
-    coefficients = _disc_coefficients(width)
-    if coefficients is None:
-        return np.zeros((1, 3))
-    u, v = _stroke_plane_axes(verts_kji, normal_kji)
-    a, b = coefficients
-    disc = a[:, None] * u + b[:, None] * v
-    return disc - _TIE_NUDGE * np.sign(disc)
-
-
-def _scribble_budget_error(verts: np.ndarray, width: float) -> Optional[str]:
-    """Why a polyline of ``width`` is beyond :data:`MAX_SCRIBBLE_SAMPLES` or :data:`MAX_SCRIBBLE_POINTS`
-    (None when within both): the work and memory of :func:`_scribble_voxels` follow these counts."""
-    coefficients = _disc_coefficients(width)
-    n_disc = 1 if coefficients is None else len(coefficients[0])
-    n_samples = rasterize.polyline_sample_count(verts, step=0.5)
-    n_points = n_samples * n_disc
-    if n_samples <= MAX_SCRIBBLE_SAMPLES and n_points <= MAX_SCRIBBLE_POINTS:
-        return None
-    with np.errstate(over="ignore", invalid="ignore"):
-        length = float(np.sum(np.linalg.norm(np.diff(verts, axis=0), axis=1)))
-    return (
-        f"scribble too large to rasterise: {n_samples} samples (every half voxel along its {length:.0f} voxels, "
-        f"{len(verts)} vertices) x {n_disc} points of its width {width:g} = {n_points} points, above the limits of "
-        f"MAX_SCRIBBLE_SAMPLES = {MAX_SCRIBBLE_SAMPLES} samples and MAX_SCRIBBLE_POINTS = {MAX_SCRIBBLE_POINTS} "
-        "points; draw a shorter or thinner stroke"
-    )
-
-
-def _scribble_voxels(verts_kji: np.ndarray, width: float, normal_kji: Optional[np.ndarray] = None) -> np.ndarray:
-    """Voxels (array order) of a polyline with its width, thickened within the slice it was drawn on.
-
-    The line's voxels are the ones the engines, the baselines and the scribble simulator take for
-    "the voxels a polyline passes through": its points every half voxel, rounded to the nearest
-    voxel. Every one of them, and every point of the width's disc, lies on the slice's plane, so the
-    voxels form a digital plane (one voxel thick along the slice normal).
-
-    The samples are widened and rounded in chunks (``_SCRIBBLE_CHUNK_POINTS`` points), so memory
-    stays bounded; a stroke of more than :data:`MAX_SCRIBBLE_SAMPLES` samples, or more than
-    :data:`MAX_SCRIBBLE_POINTS` samples times disc points, is refused with a :class:`PromptError`.
-    Returns the sorted unique voxels, shape ``(N, 3)``.
-    """
-    verts_kji = np.asarray(verts_kji, float).reshape(-1, 3)
-    problem = _scribble_budget_error(verts_kji, width)
-    if problem:
-        raise PromptError(problem)
-    radius = max((width - 1.0) / 2.0, 0.0)
-    disc = _scribble_disc(verts_kji, width, normal_kji)
-    if len(disc) == 0 or len(verts_kji) == 0:
-        return np.zeros((0, 3), np.int64)
-    # Each voxel becomes one int64 key in a box holding every point (the samples lie between the
-    # vertices, the disc within the radius); a sort of keys is a sort of rows, (k, j, i) order.
-    base = np.floor(verts_kji.min(0) - radius) - 2
-    top = np.ceil(verts_kji.max(0) + radius) + 2
-    keyed = bool(np.all(np.abs(np.concatenate([base, top])) < 2.0**52))
-    if keyed:
-        lo = base.astype(np.int64)
-        ext = (top - base + 1).astype(np.int64)
-        keyed = int(ext[0]) * int(ext[1]) * int(ext[2]) < 2**62
-    rows = max(1, _SCRIBBLE_CHUNK_POINTS // len(disc))
-    widen = radius > 0
-    merge = np.unique if keyed else (lambda rows_: np.unique(rows_, axis=0))
-    found, pending, n_pending = [], [], 0  # found: the unique voxels so far (0 or 1 array)
-    for samples in rasterize.polyline_sample_chunks(verts_kji, step=0.5, rows=rows):
-        points = (samples[:, None, :] + disc[None]).reshape(-1, 3) if widen else samples
-        voxels = np.rint(points).astype(np.int64)
-        del points
-        if keyed:
-            voxels -= lo
-            voxels = (voxels[:, 0] * ext[1] + voxels[:, 1]) * ext[2] + voxels[:, 2]
-        # else: coordinates beyond 2**52, rows compared directly (slower, same voxels)
-        pending.append(merge(voxels))
-        n_pending += len(pending[-1])
-        if n_pending > max(_SCRIBBLE_CHUNK_POINTS, len(found[0]) if found else 0):  # merged: memory ~ the result
-            found, pending, n_pending = [merge(np.concatenate(found + pending))], [], 0
-    keys = merge(np.concatenate(found + pending))
-    del found, pending
-    if not keyed:
-        return keys
-    out = np.empty((len(keys), 3), np.int64)
-    out[:, 2] = keys % ext[2]
-    keys //= ext[2]
-    out[:, 1] = keys % ext[1]
-    keys //= ext[1]
-    out[:, 0] = keys
-    out += lo
-    return out
-
-
-def _lasso_box(verts_kji: np.ndarray, image_shape: Sequence[int]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
-    """A filled planar polygon, outline included (``fill_planar_polygon``), drawn on a grid the size
-    of its bounding box (clipped to the image) only: (the boolean box, its offset), or None when the
-    box misses the image.
-
-    Raises :class:`PromptError` before drawing when the polygon's voxels could not fit a slab
-    (:data:`MAX_SLAB_AXIS`, :data:`MAX_SLAB_VOXELS`): the voxel nearest each vertex inside the
-    image is drawn, so their extent is a lower bound of the slab's box.
-    """
-    shape = np.asarray(image_shape, np.int64)
-    lo = np.maximum(np.floor(verts_kji.min(0)).astype(np.int64) - 1, 0)
-    hi = np.minimum(np.ceil(verts_kji.max(0)).astype(np.int64) + 2, shape)
-    if np.any(hi <= lo):
-        return None
-    held = verts_kji[np.all((verts_kji >= 0) & (verts_kji <= shape - 1), axis=1)]
-    if len(held):
-        # a margin of a voxel for rounding: the voxel drawn nearest a vertex is within 0.5 (+ float error)
-        least = np.maximum(np.ceil(held.max(0) - 0.51) - np.floor(held.min(0) + 0.51) + 1, 1).astype(np.int64)
-        if np.any(least > MAX_SLAB_AXIS) or int(np.prod(least)) > MAX_SLAB_VOXELS:
-            raise PromptError(
-                f"the lasso cannot be made a slab: its voxels span at least {least.tolist()} (array order k, j, i), "
-                f"too large: at most {MAX_SLAB_AXIS} voxels along an axis and {MAX_SLAB_VOXELS} in its box"
-            )
-    local = np.zeros(tuple(hi - lo), bool)
-    rasterize.fill_planar_polygon(local, verts_kji - lo)
-    return local, lo
-
-
-def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
-    """Voxels (array order) of a filled planar polygon, outline included (``fill_planar_polygon``),
-    drawn on a grid the size of its bounding box only."""
-    drawn = _lasso_box(verts_kji, image_shape)
-    if drawn is None:
-        return np.zeros((0, 3), np.int64)
-    local, lo = drawn
-    return np.argwhere(local) + lo
-
-
-def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
-    """The voxels (array order ``[k, j, i]``, not clipped to any image, read-only) of a scribble in
-    points form with its width, as :func:`to_slab` draws them; computed once per prompt."""
-    points = tuple(tuple(float(x) for x in p) for p in prompt.points)
-    normal = None if prompt.normal is None else tuple(float(x) for x in prompt.normal)
-    return np.frombuffer(_stroke_voxel_bytes(points, float(prompt.width), normal), np.int64).reshape(-1, 3)
-
-
-# A session's every stroke is looked at on each click: past this many, each click drew them all again.
-@lru_cache(maxsize=256)
-def _stroke_voxel_bytes(
-    points: Tuple[Tuple[float, ...], ...], width: float, normal: Optional[Tuple[float, ...]]
-) -> bytes:
-    # rasterised once per stroke: the engine draws every earlier stroke again in each window of each
-    # click, and the edge snap once more. Keyed by the stroke's content, not held on the (frozen)
-    # prompt, so that copies, equality and pickles of prompts stay as they are
-    normal_kji = None if normal is None else np.asarray(normal, float)[::-1]
-    return _scribble_voxels(np.asarray(points, float)[:, ::-1], width, normal_kji).astype(np.int64).tobytes()
-
-
 def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
     """The same prompt in slab form: a polyline scribble (with its width, in the plane it was drawn
     on) or a lasso polygon (filled, outline included) rasterised into the image grid
@@ -813,237 +626,6 @@ def parse_prompt(data: Union[dict, str]) -> Prompt:
         raise PromptError(f"invalid prompt: {describe_validation_error(exc, whole='')}") from exc
 
 
-def _schema_version(v: object) -> Optional[Tuple[int, int]]:
-    """(major, minor) of a ``schema_version`` such as "1.2"; None when it is not "major.minor"."""
-    if not isinstance(v, str) or not re.fullmatch(r"[0-9]{1,9}\.[0-9]{1,9}", v):
-        return None
-    major, minor = v.split(".")
-    return int(major), int(minor)
-
-
-_SCHEMA: Tuple[int, int] = (int(SCHEMA_VERSION.split(".")[0]), int(SCHEMA_VERSION.split(".")[1]))
-
-
-class ImageInfo(BaseModel):
-    """The image a log was recorded on: its voxel coordinates mean something on that grid only."""
-
-    model_config = ConfigDict(extra="forbid")
-    shape_ijk: Tuple[int, int, int]
-    spacing: Vec3
-    origin: Optional[Vec3] = Field(
-        None, description="1.3: physical position (mm, LPS as in ITK) of the centre of voxel (0, 0, 0)"
-    )
-    direction: Optional[Tuple[Vec3, Vec3, Vec3]] = Field(
-        None,
-        description="1.3: the 3x3 direction matrix as ITK's, by rows: its columns are the physical directions "
-        "of the i, j and k axes",
-    )
-    sha256: Optional[str] = Field(
-        None,
-        description="the digest of the image's voxel values (SegAssistLib.image.voxel_digest, 64 lowercase hex "
-        "digits; absent or null: not recorded): SHA-256 of the ASCII line 'segassist-voxels-v1 <type> <ni> <nj> "
-        "<nk>' and a newline, then every value as <type>, little-endian, i fastest, then j, then k; <type> is the "
-        "first of int16, int32, int64, uint64 that holds them all when all are integers, else (also integers none "
-        "of those holds) float32 when each is one exactly, else float64 (-0.0 as 0.0, one NaN). The same values "
-        "give the same digest whatever the "
-        "file format or dtype they are stored in; a replay on an image of the same grid with another digest is "
-        "noted (another scan?), never refused",
-    )
-
-    @field_validator("origin", mode="before")
-    @classmethod
-    def _check_origin(cls, v):
-        return None if v is None else _finite_vec3(v, "image origin")
-
-    @field_validator("direction", mode="before")
-    @classmethod
-    def _check_direction(cls, v):
-        if v is None:
-            return None
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-        if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__len__") or len(v) != 3:
-            raise ValueError(f"image direction must be a 3x3 matrix (3 rows of 3 numbers), got {_describe(v)}")
-        return tuple(_finite_vec3(row, "image direction row") for row in v)
-
-    @classmethod
-    def from_volume(cls, volume, digest: Optional[str] = None) -> ImageInfo:
-        """The grid of a :class:`~SegAssistLib.image.Volume` (shape, spacing, origin and direction) and the
-        digest of its voxel values (``sha256``: :func:`~SegAssistLib.image.voxel_digest`, about 0.15 s for
-        a 512x512x300 int16 CT; ``digest``: that of ``volume.array`` when the caller already computed it,
-        as a replay that read logs of the same voxels has, :class:`~SegAssistLib.headless.Voxels`)."""
-        return cls(
-            shape_ijk=tuple(int(n) for n in volume.shape_ijk),
-            spacing=tuple(float(x) for x in volume.spacing),
-            origin=tuple(float(x) for x in volume.origin),
-            direction=np.asarray(volume.direction, float).reshape(3, 3),
-            sha256=voxel_digest(volume.array) if digest is None else digest,
-        )
-
-    def recorded_digest(self) -> Optional[str]:
-        """``sha256`` when it is a voxel digest (64 hex digits, in lowercase), else None: a log without one,
-        or whose ``sha256`` some other tool wrote in another form, is not compared (nor refused)."""
-        value = (self.sha256 or "").strip().lower()
-        return value if re.fullmatch(r"[0-9a-f]{64}", value) else None
-
-
-#: The bounds of :class:`EngineSettings` (inclusive), which the command-line options that set them share
-#: (``segassist eval --refine-depth``, the benchmarks' ``--betas``, ...): a value the engine would refuse is
-#: refused by argparse with one line, not by pydantic with a traceback.
-MAX_REFINE_DEPTH = 16
-MAX_REFINE_TILES = 4096
-MAX_MIN_VIEW_MM = 1e5
-MAX_EDGE_BAND = 100
-MAX_EDGE_BETA = 1e9
-MAX_EDGE_MAX_VOXELS = 2**40
-
-
-class SettingsError(SegAssistError, ValueError):
-    """Engine settings out of their range (:class:`EngineSettings`): a refine depth of 17, a negative view."""
-
-    code = "invalid_settings"
-
-
-class EngineSettings(BaseModel):
-    """1.4: the built-in engine's settings that shape its answers beyond the model's weights: a session
-    answered with other settings (segassist serve --edge-band 0 or --refine-depth 2) gives another mask
-    for the same prompts. Plain numbers, checked as the engine checks them."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-    refine_depth: int = Field(
-        ge=1, le=MAX_REFINE_DEPTH, description="zoom levels finer than a zoomed-out answer it is refined at"
-    )
-    max_refine_tiles: int = Field(ge=1, le=MAX_REFINE_TILES, description="no refinement when it would need more tiles")
-    min_view_mm: float = Field(
-        ge=0, le=MAX_MIN_VIEW_MM, description="the narrowest view (mm) a prompt is first looked at"
-    )
-    correction_zoom_share: float = Field(
-        ge=0, lt=1, description="share of a window side a correction must change to zoom out"
-    )
-    edge_band: float = Field(
-        ge=0, le=MAX_EDGE_BAND, description="half-width (voxels) of the band snapped to the image's edges; 0: no snap"
-    )
-    edge_beta: float = Field(gt=0, le=MAX_EDGE_BETA, description="the edge snap's random walker sensitivity")
-    edge_max_voxels: int = Field(ge=1, le=MAX_EDGE_MAX_VOXELS, description="answers with a larger box are not snapped")
-
-    @classmethod
-    def checked(cls, **values) -> EngineSettings:
-        """Settings from the engine's own options: out of range, a :class:`SettingsError` (a ValueError)
-        that says which in one line, such as ``refine_depth must be at least 1 and at most 16, got 17``."""
-        try:
-            return cls(**values)
-        except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                name = ".".join(str(x) for x in err.get("loc", ()))
-                if name in cls.model_fields and str(err.get("type", "")).endswith(("_than", "_than_equal")):
-                    problems.append(f"{name} must be {cls.range_of(name)}, got {err.get('input')!r}")
-                else:
-                    problems.append(describe_validation_error(ValidationError.from_exception_data(
-                        exc.title, [err]), whole=""))  # fmt: skip
-            raise SettingsError(f"engine settings out of range: {'; '.join(problems)}") from exc
-
-    @classmethod
-    def range_of(cls, name: str) -> str:
-        """The range of setting ``name`` in words: ``at least 1 and at most 16``."""
-        words = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
-
-        def number(value: float) -> str:
-            return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
-
-        parts = [
-            f"{words[key]} {number(getattr(bound, key))}"
-            for bound in cls.model_fields[name].metadata
-            for key in words
-            if getattr(bound, key, None) is not None
-        ]
-        return " and ".join(parts)
-
-    @field_validator("edge_band")
-    @classmethod
-    def _check_band(cls, v: float) -> float:
-        if 0 < v < 1:
-            raise ValueError(f"edge_band must be 0 (no snap) or at least 1 voxel, got {v}")
-        return v
-
-    def differences(self, other: EngineSettings) -> List[str]:
-        """``"name a (here) vs b (other)"`` for each setting that differs, in field order."""
-        return [
-            f"{name} {getattr(self, name)!r} vs {getattr(other, name)!r}"
-            for name in type(self).model_fields
-            if getattr(self, name) != getattr(other, name)
-        ]
-
-
-class PromptLog(BaseModel):
-    """A replayable record of one interactive session."""
-
-    model_config = ConfigDict(extra="forbid")
-    schema_version: str = SCHEMA_VERSION
-    image: Optional[ImageInfo] = None
-    model: Optional[str] = None
-    engine: Optional[EngineSettings] = Field(
-        None,
-        description="1.4: the built-in engine's settings the session answered with (absent: not recorded, "
-        "a log of 1.3 or before or of another engine); segassist segment applies them when it replays the log",
-    )
-    prompts: List[AnyPrompt] = Field(default_factory=list)
-
-    @field_validator("schema_version")
-    @classmethod
-    def _check_version(cls, v: str) -> str:
-        version = _schema_version(v)
-        if version is None:
-            raise ValueError(f"prompt log schema_version must be 'major.minor' (such as {SCHEMA_VERSION!r}), got {v!r}")
-        if version[0] != _SCHEMA[0]:
-            raise ValueError(
-                f"prompt log schema {v} is not readable by this version (reads {_SCHEMA[0]}.0 to {SCHEMA_VERSION})"
-            )
-        return v
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _name_a_newer_schema(cls, data, handler):
-        """A log of a newer 1.x schema reads when it uses nothing this reader lacks; otherwise the error
-        says so, instead of only "Extra inputs are not permitted" about a field added since."""
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            version = _schema_version(data.get("schema_version")) if isinstance(data, dict) else None
-            if version is None or version[0] != _SCHEMA[0] or version <= _SCHEMA:
-                raise
-            raise ValueError(
-                f"written by a newer SegAssist (prompt log schema {version[0]}.{version[1]}; this reader reads "
-                f"{_SCHEMA[0]}.0 to {SCHEMA_VERSION}), with what this reader lacks: upgrade SegAssist to read it "
-                f"({describe_validation_error(exc, most=1)})"
-            ) from None
-
-    @model_serializer(mode="wrap")
-    def _drop_unrecorded_engine(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
-        """A log without engine settings is written without the key: a reader of 1.3 reads it."""
-        out = handler(self)
-        if isinstance(out, dict) and out.get("engine", 0) is None:
-            del out["engine"]
-        return out
-
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> PromptLog:
-        try:
-            return cls.model_validate_json(text)
-        except Exception as exc:
-            raise PromptError(f"invalid prompt log: {describe_validation_error(exc)}") from exc
-
-    def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(self.to_json())
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> PromptLog:
-        return cls.from_json(Path(path).read_text())
-
-
 def describe_validation_error(exc: Exception, most: int = 3, whole: str = "the log") -> str:
     """One line for an error: a pydantic validation error's first problems, each with where it is
     (``whole``: what a problem of the whole input is said to be of; empty: no place named)."""
@@ -1059,9 +641,41 @@ def describe_validation_error(exc: Exception, most: int = 3, whole: str = "the l
     return "; ".join(parts) + more
 
 
-def prompt_log_json_schema() -> dict:
-    return PromptLog.model_json_schema()
-
-
 def dumps_prompt(prompt: Prompt) -> str:
     return json.dumps(prompt.model_dump(mode="json"))
+
+
+# The prompt log's schema (prompt_log.py) is built on the prompts above, so this module cannot import it
+# while it loads: its names, defined here before, are imported from it on first use (PEP 562).
+_PROMPT_LOG_NAMES = frozenset(
+    {
+        "SCHEMA_VERSION",
+        "_schema_version",
+        "_SCHEMA",
+        "ImageInfo",
+        "MAX_REFINE_DEPTH",
+        "MAX_REFINE_TILES",
+        "MAX_MIN_VIEW_MM",
+        "MAX_EDGE_BAND",
+        "MAX_EDGE_BETA",
+        "MAX_EDGE_MAX_VOXELS",
+        "SettingsError",
+        "EngineSettings",
+        "PromptLog",
+        "prompt_log_json_schema",
+    }
+)
+
+if not TYPE_CHECKING:  # type checkers read the imports at the top instead (and refuse any other name)
+
+    def __getattr__(name: str) -> object:
+        if name in _PROMPT_LOG_NAMES:
+            from SegAssistLib import prompt_log
+
+            value = getattr(prompt_log, name)
+            globals()[name] = value  # once: the next lookup finds it here
+            return value
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> List[str]:
+        return sorted(set(globals()) | _PROMPT_LOG_NAMES)
