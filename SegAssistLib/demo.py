@@ -28,7 +28,8 @@ from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_
 from SegAssistLib.files import atomic_write, check_bundled, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
 from SegAssistLib.learning.sources import image_stem
-from SegAssistLib.prompts import BoxPrompt, ImageInfo, Prompt
+from SegAssistLib.prompt_log import ImageInfo
+from SegAssistLib.prompts import BoxPrompt, Prompt
 
 SAMPLE_IMAGE = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
 SAMPLE_LABEL = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_label.nii.gz"

@@ -29,8 +29,9 @@ import numpy as np
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.image import Volume, geometry_difference, voxel_digest
+from SegAssistLib.prompt_log import EngineSettings, PromptLog
 from SegAssistLib.prompt_mirror import Flips, mirror_prompt, mirrored_axes, reverse_axes, reversed_volume
-from SegAssistLib.prompts import EngineSettings, Prompt, PromptLog, describe_validation_error, parse_prompt
+from SegAssistLib.prompts import Prompt, describe_validation_error, parse_prompt
 
 ProgressCallback = Callable[[float, str], None]
 

@@ -25,7 +25,8 @@ a 2D stroke, never a volume.
 
 The prompt log that records a session's prompts is :mod:`SegAssistLib.prompt_log`; the voxels of a
 stroke, :mod:`SegAssistLib.stroke_voxels`; the limits on a prompt's size, :mod:`SegAssistLib.prompt_limits`.
-Their names are also importable from here, as they were when this module held them all.
+Their public names are also importable from here, as they were when this module held them all
+(import them from their own modules in new code).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ from pydantic import (
 
 from SegAssistLib.errors import PromptError
 
-# Names that moved to modules of their own stay importable from here: `import X as X` re-exports X.
-from SegAssistLib.image import voxel_digest as voxel_digest  # ImageInfo's (prompt_log.py)
-from SegAssistLib.prompt_limits import _MAX_SLAB_DATA_CHARS as _MAX_SLAB_DATA_CHARS
+# Names that moved to modules of their own: the public ones stay importable from here (`import X as X`
+# re-exports X); the private ones are imported for this module's own use only.
+from SegAssistLib.prompt_limits import _MAX_SLAB_DATA_CHARS
 from SegAssistLib.prompt_limits import MAX_MASK_EXTENT as MAX_MASK_EXTENT
 from SegAssistLib.prompt_limits import MAX_MASK_VOXELS as MAX_MASK_VOXELS
 from SegAssistLib.prompt_limits import MAX_SCRIBBLE_POINTS as MAX_SCRIBBLE_POINTS
@@ -65,20 +66,10 @@ from SegAssistLib.prompt_limits import MAX_SLAB_AXIS as MAX_SLAB_AXIS
 from SegAssistLib.prompt_limits import MAX_SLAB_OFFSET as MAX_SLAB_OFFSET
 from SegAssistLib.prompt_limits import MAX_SLAB_VOXELS as MAX_SLAB_VOXELS
 from SegAssistLib.prompt_limits import MAX_STROKE_VERTICES as MAX_STROKE_VERTICES
-from SegAssistLib.stroke_voxels import _SCRIBBLE_CHUNK_POINTS as _SCRIBBLE_CHUNK_POINTS
-from SegAssistLib.stroke_voxels import _TIE_NUDGE as _TIE_NUDGE
-from SegAssistLib.stroke_voxels import _disc_coefficients as _disc_coefficients
-from SegAssistLib.stroke_voxels import _lasso_box as _lasso_box
-from SegAssistLib.stroke_voxels import _lasso_voxels as _lasso_voxels
-from SegAssistLib.stroke_voxels import _scribble_budget_error as _scribble_budget_error
-from SegAssistLib.stroke_voxels import _scribble_disc as _scribble_disc
-from SegAssistLib.stroke_voxels import _scribble_voxels as _scribble_voxels
-from SegAssistLib.stroke_voxels import _stroke_plane_axes as _stroke_plane_axes
-from SegAssistLib.stroke_voxels import _stroke_voxel_bytes as _stroke_voxel_bytes
+from SegAssistLib.stroke_voxels import _lasso_box, _scribble_budget_error
 from SegAssistLib.stroke_voxels import scribble_voxels as scribble_voxels
 
 if TYPE_CHECKING:  # for type checkers: what __getattr__ at the end of this module gives at run time
-    from SegAssistLib.prompt_log import _SCHEMA as _SCHEMA
     from SegAssistLib.prompt_log import MAX_EDGE_BAND as MAX_EDGE_BAND
     from SegAssistLib.prompt_log import MAX_EDGE_BETA as MAX_EDGE_BETA
     from SegAssistLib.prompt_log import MAX_EDGE_MAX_VOXELS as MAX_EDGE_MAX_VOXELS
@@ -90,7 +81,6 @@ if TYPE_CHECKING:  # for type checkers: what __getattr__ at the end of this modu
     from SegAssistLib.prompt_log import ImageInfo as ImageInfo
     from SegAssistLib.prompt_log import PromptLog as PromptLog
     from SegAssistLib.prompt_log import SettingsError as SettingsError
-    from SegAssistLib.prompt_log import _schema_version as _schema_version
     from SegAssistLib.prompt_log import prompt_log_json_schema as prompt_log_json_schema
 
 BOX_FLAT_TOLERANCE = 1e-4  # voxels: a box axis this thin is flat (float noise of corners on one plane)
@@ -646,12 +636,10 @@ def dumps_prompt(prompt: Prompt) -> str:
 
 
 # The prompt log's schema (prompt_log.py) is built on the prompts above, so this module cannot import it
-# while it loads: its names, defined here before, are imported from it on first use (PEP 562).
+# while it loads: its public names, defined here before, are imported from it on first use (PEP 562).
 _PROMPT_LOG_NAMES = frozenset(
     {
         "SCHEMA_VERSION",
-        "_schema_version",
-        "_SCHEMA",
         "ImageInfo",
         "MAX_REFINE_DEPTH",
         "MAX_REFINE_TILES",

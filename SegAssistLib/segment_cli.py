@@ -207,8 +207,8 @@ def _write_outputs(args: argparse.Namespace, run, volume, voxels) -> List[Path]:
     from SegAssistLib.errors import ImageError
     from SegAssistLib.files import atomic_write_many
     from SegAssistLib.io import save_mask_nifti, save_segmentation_nrrd
+    from SegAssistLib.prompt_log import ImageInfo
     from SegAssistLib.prompt_mirror import reversed_volume
-    from SegAssistLib.prompts import ImageInfo
 
     if args.out.name.lower().endswith(SEGMENTATION_SUFFIXES):
         names = (args.segment_name,)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from SegAssistLib.prompts import prompt_log_json_schema
+from SegAssistLib.prompt_log import prompt_log_json_schema
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "docs" / "prompt-log.schema.json"
 

@@ -38,15 +38,8 @@ from SegAssistLib.client.http import path_id
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
-from SegAssistLib.prompts import (
-    WIDE_SCRIBBLE_WIDTH,
-    Prompt,
-    PromptLog,
-    ScribblePrompt,
-    inside_image,
-    parse_prompt,
-    to_slab,
-)
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import WIDE_SCRIBBLE_WIDTH, Prompt, ScribblePrompt, inside_image, parse_prompt, to_slab
 from SegAssistLib.transport import wire_volume
 
 if TYPE_CHECKING:
@@ -62,7 +55,7 @@ def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
     sampled in the patch; across 5 mm slices seen at 1 mm the slab inked about twice the voxels
     and the server answered differently from a local engine given the same stroke. The vertices
     cost some tens of bytes each (a long freehand stroke: a few kB, against a few hundred bytes of
-    slab), far below the server's request limit (:data:`~SegAssistLib.prompts.MAX_STROKE_VERTICES`
+    slab), far below the server's request limit (:data:`~SegAssistLib.prompt_limits.MAX_STROKE_VERTICES`
     bounds them).
 
     A stroke that cannot be a slab travels as drawn and the server judges it: one outside the

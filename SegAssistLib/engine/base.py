@@ -15,7 +15,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from SegAssistLib.image import Volume
-from SegAssistLib.prompts import ImageInfo, Prompt, PromptLog
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import Prompt
 
 
 @dataclass(frozen=True)

@@ -36,16 +36,8 @@ from SegAssistLib.engine.network import LoadedModel, load_checkpoint
 from SegAssistLib.errors import PromptError, SessionError
 from SegAssistLib.files import check_bundled
 from SegAssistLib.image import Volume, guess_modality, validate_image
-from SegAssistLib.prompts import (
-    PROMPT_KINDS,
-    EngineSettings,
-    ImageInfo,
-    MaskPrompt,
-    Prompt,
-    PromptLog,
-    inside_image,
-    prompt_vertices_kji,
-)
+from SegAssistLib.prompt_log import EngineSettings, ImageInfo, PromptLog
+from SegAssistLib.prompts import PROMPT_KINDS, MaskPrompt, Prompt, inside_image, prompt_vertices_kji
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
@@ -518,7 +510,7 @@ class BuiltinEngine(Engine):
         if max_refine_tiles is None:
             max_refine_tiles = min(64, (int(refine_depth) + 1) ** 3)
         snap = edge_snap or EdgeSnap()  # no snap: the default beta and max_voxels are recorded, unused
-        #: what a prompt log records (:class:`~SegAssistLib.prompts.EngineSettings`); a session may be
+        #: what a prompt log records (:class:`~SegAssistLib.prompt_log.EngineSettings`); a session may be
         #: opened with others (a replayed log's). Out of its range (a refine depth of 17): a SettingsError
         #: (a ValueError) that says which, before anything else is set up
         self.settings = EngineSettings.checked(

@@ -25,8 +25,8 @@ from SegAssistLib.prompts import (
     PointPrompt,
     Prompt,
     ScribblePrompt,
-    scribble_voxels,
 )
+from SegAssistLib.stroke_voxels import scribble_voxels
 
 CHANNELS = ("image", "previous_mask", "point+", "point-", "scribble+", "scribble-", "box_or_lasso+")
 POINT_RADIUS = 1.5  # patch voxels

@@ -29,7 +29,8 @@ from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUp
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.history import StateListHistory
 from SegAssistLib.image import Volume, validate_image
-from SegAssistLib.prompts import MaskPrompt, Prompt, PromptLog
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import MaskPrompt, Prompt
 
 
 class NoHistorySession(StateListHistory, EngineSession):

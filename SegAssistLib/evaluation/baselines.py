@@ -45,15 +45,8 @@ from SegAssistLib.engine.base import Capabilities, Engine, EngineSession, MaskUp
 from SegAssistLib.errors import PromptError
 from SegAssistLib.evaluation.history import StateListHistory
 from SegAssistLib.image import Volume, scaled_to_unit, validate_image
-from SegAssistLib.prompts import (
-    BoxPrompt,
-    ImageInfo,
-    PointPrompt,
-    Prompt,
-    PromptLog,
-    ScribblePrompt,
-    prompt_vertices_kji,
-)
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import BoxPrompt, PointPrompt, Prompt, ScribblePrompt, prompt_vertices_kji
 from SegAssistLib.rasterize import ball_offsets_mm, polyline_samples
 
 OBJECT, BACKGROUND = 1, 2

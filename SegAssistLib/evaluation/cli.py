@@ -27,8 +27,8 @@ def share_of_a_side(text: str) -> float:
 
 def refine_depth(text: str) -> int:
     """argparse type of ``--refine-depth``: a whole number from 1 to 16, the engine's range
-    (:class:`~SegAssistLib.prompts.EngineSettings`)."""
-    from SegAssistLib.prompts import MAX_REFINE_DEPTH  # here: the command line starts without pydantic
+    (:class:`~SegAssistLib.prompt_log.EngineSettings`)."""
+    from SegAssistLib.prompt_log import MAX_REFINE_DEPTH  # here: the command line starts without pydantic
 
     value = positive_int(text)
     if value > MAX_REFINE_DEPTH:
@@ -38,7 +38,7 @@ def refine_depth(text: str) -> int:
 
 def edge_beta(text: str) -> float:
     """argparse type of an edge snap's beta (the benchmarks' ``--betas``): above 0, at most 1e9."""
-    from SegAssistLib.prompts import MAX_EDGE_BETA
+    from SegAssistLib.prompt_log import MAX_EDGE_BETA
 
     value = number(text)
     if not 0.0 < value <= MAX_EDGE_BETA:  # also refuses nan

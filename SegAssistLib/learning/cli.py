@@ -46,13 +46,10 @@ from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, number, positive
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import (
     DEFAULT_LOCK_TTL_S,
-    DEFAULT_RECOVER_AGE_S,
     Datastore,
     NotLockedError,
-    compile_subject_pattern,
     import_sources,
     open_datastore,
-    subjects_from_names,
 )
 from SegAssistLib.learning.errors import CaseLockedError, DatastoreError
 from SegAssistLib.learning.records import (
@@ -64,6 +61,8 @@ from SegAssistLib.learning.records import (
     printable_text,
 )
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
+from SegAssistLib.learning.store_files import DEFAULT_RECOVER_AGE_S
+from SegAssistLib.learning.subjects import compile_subject_pattern, subjects_from_names
 
 
 def lock_hours(text: str) -> float:
@@ -400,7 +399,7 @@ def _prompt_log_of(args: argparse.Namespace, store: Datastore, case: CaseRecord)
     spacing, or, where the log records them, origin and direction) is refused, as a replay refuses it;
     one of the case's image held with its axes reversed (Slicer's copy of a left-handed image) is taken."""
     from SegAssistLib.headless import read_prompts
-    from SegAssistLib.prompts import PromptLog
+    from SegAssistLib.prompt_log import PromptLog
 
     reference = store.reference_geometry(case.id)
     image = (tuple(case.shape)[::-1], case.spacing, f"case {case.id} ({case.name})", reference.origin,

@@ -102,30 +102,17 @@ from SegAssistLib.learning.records import (
     printable_text,
 )
 from SegAssistLib.learning.sources import find_sources
-from SegAssistLib.learning.store_db import (
-    _CODE_ERRORS,
-    _DAMAGED_MESSAGES,
-    _LABELS_REBUILT,
-    _LABELS_TABLE,
-    _SCHEMA,
-    _SCHEMA_STATEMENTS,
-    _UNKNOWABLE,
-    DB_NAME,
-    SCHEMA_VERSION,
-    _is_cant_open_error,
-    _is_read_only_error,
-)
-from SegAssistLib.learning.store_db import open_connection as _connect
+from SegAssistLib.learning.store_db import DB_NAME, SCHEMA_VERSION
+from SegAssistLib.learning.store_db import open_connection as _connect  # where Datastore() finds how to connect
 from SegAssistLib.learning.store_files import DEFAULT_RECOVER_AGE_S, StoreFiles, check_new_store_folder
 from SegAssistLib.learning.subjects import (
-    _SHOWN_NAMES,
     SubjectPattern,
     check_subject,
     compile_subject_pattern,
     subject_from_name,
     subjects_from_names,
 )
-from SegAssistLib.prompts import PromptLog
+from SegAssistLib.prompt_log import PromptLog
 from SegAssistLib.transport import wire_volume
 
 __all__ = [
@@ -144,22 +131,6 @@ __all__ = [
     "open_datastore",
     "subject_from_name",
     "subjects_from_names",
-    # private names this module defined before the split, kept importable from here (see the end)
-    "_CODE_ERRORS",
-    "_DAMAGED_MESSAGES",
-    "_LABELS_REBUILT",
-    "_LABELS_TABLE",
-    "_SCHEMA",
-    "_SCHEMA_STATEMENTS",
-    "_SHOWN_NAMES",
-    "_UNKNOWABLE",
-    "_check_mask",
-    "_check_new_store_folder",
-    "_connect",
-    "_is_cant_open_error",
-    "_is_count",
-    "_is_read_only_error",
-    "_parse_prompt_log",
 ]
 
 
@@ -831,11 +802,3 @@ def open_datastore(root: Union[str, Path], create: bool = False) -> Datastore:
     """Open an existing store (``create=False``: a missing store is an error, not a new empty one)."""
     root = Path(os.fspath(root))
     return Datastore(root, create=create)
-
-
-# ---- the names these helpers had when this module defined them, kept importable from here
-# (``_connect``, imported above, is also where Datastore() finds how to open its connection)
-_check_mask = check_mask
-_check_new_store_folder = check_new_store_folder
-_is_count = is_count
-_parse_prompt_log = parse_prompt_log

@@ -9,7 +9,8 @@ import numpy as np
 from SegAssistLib.errors import ImageError, PromptError
 from SegAssistLib.io import as_labels
 from SegAssistLib.learning.errors import DatastoreError
-from SegAssistLib.prompts import PromptLog, describe_validation_error
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import describe_validation_error
 
 PromptLogLike = Union[PromptLog, str, dict, None]
 

@@ -13,7 +13,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, Optional
 
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, PromptLog, ScribblePrompt
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, Prompt, ScribblePrompt
 from SegAssistLib.training.simulation import (
     CORRECTION_LASSO_SHARE,
     CORRECTION_SCRIBBLE_SHARE,

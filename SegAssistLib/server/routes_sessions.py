@@ -25,7 +25,8 @@ from SegAssistLib.api_models import (
     validate_prompts,
 )
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
-from SegAssistLib.prompts import Prompt, PromptLog
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import Prompt
 from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
 from SegAssistLib.server.errors import ApiError
 from SegAssistLib.server.limits import check_prompt_inside

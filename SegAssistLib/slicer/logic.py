@@ -51,8 +51,9 @@ from SegAssistLib.headless import (  # noqa: F401 - Cancelled, EngineRun, ...: t
     replay_order,
     run_prompts,
 )
+from SegAssistLib.prompt_log import EngineSettings, PromptLog
 from SegAssistLib.prompt_mirror import Flips, mirror_prompt
-from SegAssistLib.prompts import EngineSettings, LassoPrompt, Prompt, PromptLog, ScribblePrompt, parse_prompt
+from SegAssistLib.prompts import LassoPrompt, Prompt, ScribblePrompt, parse_prompt
 from SegAssistLib.slicer import markups, segments, volumes
 from SegAssistLib.slicer.coordinates import build_prompt, ras_to_ijk
 

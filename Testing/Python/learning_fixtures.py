@@ -60,7 +60,7 @@ def make_store(root: Path, n_labelled: int, n_new: int, seed: int = 0) -> Tuple[
     return store, cases
 
 
-# ---- stores of earlier schemas, as earlier releases wrote them (datastore.py's _SCHEMA then) --------
+# ---- stores of earlier schemas, as earlier releases wrote them (learning/store_db.py's _SCHEMA then) ---
 #: schema 1: the tables before subjects
 SCHEMA_1_DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

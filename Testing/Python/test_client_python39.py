@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 LIB = REPO / "SegAssistLib"
 #: what Slicer's own Python imports: the client, prompts, geometry, IO and the Slicer logic
 TORCH_FREE = [
-    "client", "slicer", "prompts.py", "api_models.py", "api_learning.py", "transport.py", "image.py",
-    "rasterize.py", "errors.py", "io.py", "files.py", "engine/base.py", "headless.py",
+    "client", "slicer", "prompts.py", "prompt_log.py", "stroke_voxels.py", "prompt_limits.py", "api_models.py",
+    "api_learning.py", "transport.py", "image.py", "rasterize.py", "errors.py", "io.py", "files.py", "engine/base.py",
+    "headless.py", "prompt_mirror.py",
 ]  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from SegAssistLib.cli import main
 from SegAssistLib.demo import SAMPLE_IMAGE, SAMPLE_LABEL
 from SegAssistLib.image import Volume
 from SegAssistLib.io import save_mask_nifti
-from SegAssistLib.prompts import PromptLog
+from SegAssistLib.prompt_log import PromptLog
 
 
 def check_prompt_log_names_its_image_and_is_refused_on_another(out, tmp_path, capsys):

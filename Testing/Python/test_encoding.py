@@ -242,7 +242,8 @@ def test_a_thin_stroke_across_thick_slices_stays_one_line_in_the_patch():
 def test_a_wide_strokes_voxels_are_rasterised_once_per_prompt():
     """The engine draws every earlier stroke again in each window of each click (and the edge snap
     once more): a wide stroke in points form was rasterised anew every time."""
-    from SegAssistLib.prompts import scribble_voxels, to_slab
+    from SegAssistLib.prompts import to_slab
+    from SegAssistLib.stroke_voxels import scribble_voxels
 
     stroke = ScribblePrompt(points=[(10, 10, 5), (40, 30, 5)], width=9)
     first, again = scribble_voxels(stroke), scribble_voxels(stroke)

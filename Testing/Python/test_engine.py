@@ -13,7 +13,8 @@ from SegAssistLib.engine.builtin import BuiltinEngine
 from SegAssistLib.engine.network import NetworkConfig, build_network, load_checkpoint, save_checkpoint
 from SegAssistLib.errors import DeviceError, ImageError, ModelError, PromptError, SessionError
 from SegAssistLib.image import Volume
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, PromptLog, ScribblePrompt
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, ScribblePrompt
 
 
 @pytest.fixture(scope="module")
@@ -517,7 +518,7 @@ def test_steps_that_change_no_voxel_keep_the_history_bounded(engine, monkeypatch
 def test_a_session_records_its_engine_settings_and_answers_with_a_logs_when_opened_with_them(tiny_checkpoint):
     """What shaped the answers besides the weights is in the log; a session opened with a log's settings
     answers as an engine built with them does, and the engine keeps its own for other sessions."""
-    from SegAssistLib.prompts import EngineSettings
+    from SegAssistLib.prompt_log import EngineSettings
 
     engine = BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1)
     assert engine.settings == EngineSettings(refine_depth=1, max_refine_tiles=8, min_view_mm=64.0,

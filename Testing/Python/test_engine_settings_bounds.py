@@ -73,7 +73,7 @@ def test_the_argparse_types_accept_exactly_the_engines_range():
     import argparse
 
     from SegAssistLib.evaluation.cli import edge_band, edge_beta, refine_depth
-    from SegAssistLib.prompts import MAX_EDGE_BAND, MAX_EDGE_BETA, MAX_REFINE_DEPTH, EngineSettings
+    from SegAssistLib.prompt_log import MAX_EDGE_BAND, MAX_EDGE_BETA, MAX_REFINE_DEPTH, EngineSettings
 
     assert refine_depth("16") == 16 == MAX_REFINE_DEPTH
     assert edge_beta("1e9") == MAX_EDGE_BETA and edge_beta("1e-3") == 1e-3
@@ -99,7 +99,7 @@ def test_the_argparse_types_accept_exactly_the_engines_range():
     ],
 )
 def test_the_engine_refuses_settings_out_of_range_with_a_settings_error(tiny_checkpoint, options, message):
-    from SegAssistLib.prompts import SettingsError
+    from SegAssistLib.prompt_log import SettingsError
 
     with pytest.raises(SettingsError) as error:
         BuiltinEngine.from_checkpoint(tiny_checkpoint, threads=1, **options)

@@ -14,7 +14,8 @@ from SegAssistLib.errors import PromptError
 from SegAssistLib.headless import image_of, read_prompt_file
 from SegAssistLib.image import Volume
 from SegAssistLib.io import load_volume, volume_to_sitk
-from SegAssistLib.prompts import ImageInfo, PointPrompt, PromptLog
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import PointPrompt
 
 SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
 CLICK = PointPrompt(position=(16.0, 27.0, 15.0))

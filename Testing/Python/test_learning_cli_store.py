@@ -24,9 +24,11 @@ from SegAssistLib.cli import build_parser, main
 from SegAssistLib.image import Volume
 from SegAssistLib.io import volume_to_sitk
 from SegAssistLib.learning import export as export_module
-from SegAssistLib.learning.datastore import DEFAULT_RECOVER_AGE_S, Datastore
+from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.records import CaseRecord, CaseStatus
-from SegAssistLib.prompts import ImageInfo, PointPrompt, PromptLog
+from SegAssistLib.learning.store_files import DEFAULT_RECOVER_AGE_S
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import PointPrompt
 
 REPO = Path(__file__).resolve().parents[2]
 

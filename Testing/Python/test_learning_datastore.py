@@ -34,9 +34,10 @@ from SegAssistLib.learning import (
     export_seg_nrrd,
     open_datastore,
 )
-from SegAssistLib.learning.datastore import DB_NAME
 from SegAssistLib.learning.errors import DamagedStoreError, StoreAccessError
-from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
+from SegAssistLib.learning.store_db import DB_NAME
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import BoxPrompt, PointPrompt
 from SegAssistLib.transport import wire_volume
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,8 @@ from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.prompt_mix import DEFAULT_MIX, DEFAULT_SHARE, mix_from_logs, simulated_kind
 from SegAssistLib.learning.registry import AdapterRegistry
 from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, PromptLog, ScribblePrompt
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, ScribblePrompt
 from SegAssistLib.training import simulation
 
 

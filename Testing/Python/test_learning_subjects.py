@@ -28,9 +28,11 @@ from learning_fixtures import (
 from learning_fixtures import tiny_checkpoint as make_checkpoint
 
 from SegAssistLib.cli import main
-from SegAssistLib.learning.datastore import DB_NAME, SCHEMA_VERSION, Datastore, subject_from_name
+from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.errors import DatastoreError, NotFoundError, StoreAccessError
 from SegAssistLib.learning.loop_errors import TrainingError
+from SegAssistLib.learning.store_db import DB_NAME, SCHEMA_VERSION
+from SegAssistLib.learning.subjects import subject_from_name
 from SegAssistLib.learning.traindata import holdout_number, holdout_split, subject_groups
 
 pytest_plugins = ["test_server_fixtures"]

@@ -34,9 +34,11 @@ from SegAssistLib.image import Volume
 from SegAssistLib.io import volume_to_sitk
 from SegAssistLib.learning import datastore as datastore_module
 from SegAssistLib.learning import export_msd
-from SegAssistLib.learning.datastore import DB_NAME, Datastore
+from SegAssistLib.learning.datastore import Datastore
 from SegAssistLib.learning.errors import StoreAccessError
-from SegAssistLib.prompts import PointPrompt, PromptLog
+from SegAssistLib.learning.store_db import DB_NAME
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import PointPrompt
 from SegAssistLib.transport import available_codecs
 
 pytest_plugins = ["test_server_fixtures"]

@@ -11,20 +11,16 @@ import zlib
 import numpy as np
 import pytest
 
-from SegAssistLib import prompts, rasterize
+from SegAssistLib import rasterize, stroke_voxels
 from SegAssistLib.errors import PromptError
-from SegAssistLib.prompts import (
+from SegAssistLib.prompt_limits import (
     MAX_MASK_VOXELS,
     MAX_SCRIBBLE_POINTS,
     MAX_SCRIBBLE_SAMPLES,
+    MAX_SLAB_VOXELS,
     MAX_STROKE_VERTICES,
-    LassoPrompt,
-    MaskPrompt,
-    ScribblePrompt,
-    Slab,
-    parse_prompt,
-    to_slab,
 )
+from SegAssistLib.prompts import LassoPrompt, MaskPrompt, ScribblePrompt, Slab, parse_prompt, to_slab
 
 MEMORY_LIMIT = 200e6  # bytes: what any one rasterisation below may hold at its peak
 
@@ -49,7 +45,7 @@ def _old_scribble_voxels(verts_kji: np.ndarray, width: float) -> np.ndarray:
     points = rasterize.polyline_samples(verts_kji, step=0.5)
     radius = (width - 1.0) / 2.0
     if radius > 0:
-        u, v = prompts._stroke_plane_axes(verts_kji)
+        u, v = stroke_voxels._stroke_plane_axes(verts_kji)
         half_steps = int(np.floor(2 * radius + 1e-9))  # the disc's grid is centred on each sample
         steps = 0.5 * np.arange(-half_steps, half_steps + 1)
         a, b = np.meshgrid(steps, steps, indexing="ij")
@@ -133,7 +129,7 @@ def test_a_hostile_thick_zigzag_scribble_is_refused_naming_the_limit_without_mem
     assert peak < MEMORY_LIMIT
     # the rasteriser itself refuses it too (a caller that built the polyline without a prompt)
     verts = np.asarray(json.loads(body)["points"], float)[:, ::-1]
-    error, peak = _peak_bytes(prompts._scribble_voxels, verts, 20.0)
+    error, peak = _peak_bytes(stroke_voxels._scribble_voxels, verts, 20.0)
     assert isinstance(error, PromptError) and "MAX_SCRIBBLE_POINTS" in str(error)
     assert peak < MEMORY_LIMIT
 
@@ -149,7 +145,7 @@ def test_the_largest_accepted_scribble_rasterises_in_bounded_memory(width, plana
     """A stroke just within the limits (a zig-zag, across the plane or, worse, in 3D) stays far
     below the memory limit; the old rasteriser held every point at once (~200 MB at width 20)."""
     rng = np.random.default_rng(3)
-    n_disc = len(prompts._scribble_disc(np.eye(3), width))
+    n_disc = len(stroke_voxels._scribble_disc(np.eye(3), width))
     budget = min(MAX_SCRIBBLE_SAMPLES, MAX_SCRIBBLE_POINTS // n_disc)
     span = 400.0 if width > 1 else 2000.0
     pts, n = [rng.uniform(0, span, 3)], 1
@@ -164,15 +160,15 @@ def test_the_largest_accepted_scribble_rasterises_in_bounded_memory(width, plana
         n += step - 1
     prompt = ScribblePrompt(points=[tuple(p[::-1]) for p in pts], width=width)  # within the limits
     verts = np.asarray(prompt.points, float)[:, ::-1]
-    voxels, peak = _peak_bytes(prompts._scribble_voxels, verts, width)
+    voxels, peak = _peak_bytes(stroke_voxels._scribble_voxels, verts, width)
     assert not isinstance(voxels, Exception), voxels
     assert n > budget * 0.75 and len(voxels) > 0
     assert peak < MEMORY_LIMIT, f"{peak / 1e6:.0f} MB"
 
 
-@pytest.mark.parametrize("chunk", [1, 97, 5000, prompts._SCRIBBLE_CHUNK_POINTS])
+@pytest.mark.parametrize("chunk", [1, 97, 5000, stroke_voxels._SCRIBBLE_CHUNK_POINTS])
 def test_scribble_voxels_are_those_of_the_previous_rasteriser(monkeypatch, chunk):
-    monkeypatch.setattr(prompts, "_SCRIBBLE_CHUNK_POINTS", chunk)
+    monkeypatch.setattr(stroke_voxels, "_SCRIBBLE_CHUNK_POINTS", chunk)
     rng = np.random.default_rng(chunk)
     for trial in range(24):
         width = float(rng.choice([1.0, 1.5, 1.8, 2.0, 3.0, 4.5, 7.0, 12.3, 20.0]))
@@ -180,7 +176,7 @@ def test_scribble_voxels_are_those_of_the_previous_rasteriser(monkeypatch, chunk
         if trial % 3 == 0:
             verts = np.round(verts * 2) / 2  # vertices on half voxels: rounding ties
         expected = _old_scribble_voxels(verts, width)
-        got = prompts._scribble_voxels(verts, width)
+        got = stroke_voxels._scribble_voxels(verts, width)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, expected, err_msg=f"trial {trial} width {width}")
 
@@ -189,7 +185,7 @@ def test_a_realistic_long_thick_oblique_scribble_keeps_its_voxels_and_its_slab()
     rng = np.random.default_rng(11)
     verts_kji = _stroke(rng, 300, oblique=True, centre=(150, 200, 200), spread=2.5)  # ~1,000 voxels long
     expected = _old_scribble_voxels(verts_kji, 20.0)
-    np.testing.assert_array_equal(prompts._scribble_voxels(verts_kji, 20.0), expected)
+    np.testing.assert_array_equal(stroke_voxels._scribble_voxels(verts_kji, 20.0), expected)
     # to_slab: the old slab was the box of these voxels, cropped to the image
     shape = np.array([300, 400, 400])
     prompt = ScribblePrompt(points=[tuple(p) for p in verts_kji[:, ::-1]], width=20.0)
@@ -275,7 +271,7 @@ def test_a_lasso_too_large_for_a_slab_is_refused_before_it_is_drawn():
     verts = np.array([300.0, 256.0, 256.0]) + 240 * np.cos(angle)[:, None] * e1 + 240 * np.sin(angle)[:, None] * e2
     prompt = LassoPrompt(points=[tuple(p) for p in verts[:, ::-1]])
     error, peak = _peak_bytes(to_slab, prompt, (600, 512, 512))
-    assert isinstance(error, PromptError) and "too large" in str(error) and str(prompts.MAX_SLAB_VOXELS) in str(error)
+    assert isinstance(error, PromptError) and "too large" in str(error) and str(MAX_SLAB_VOXELS) in str(error)
     assert peak < 10e6
 
 

@@ -17,7 +17,8 @@ from SegAssistLib.cli import main
 from SegAssistLib.headless import image_of, read_prompts
 from SegAssistLib.image import Volume, voxel_digest
 from SegAssistLib.io import load_volume, volume_to_sitk
-from SegAssistLib.prompts import ImageInfo, PointPrompt, PromptLog
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import PointPrompt
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"

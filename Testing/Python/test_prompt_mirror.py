@@ -13,17 +13,9 @@ from SegAssistLib.errors import PromptError
 from SegAssistLib.headless import image_of, read_prompt_file
 from SegAssistLib.image import Volume
 from SegAssistLib.io import load_volume, volume_to_sitk
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
 from SegAssistLib.prompt_mirror import mirror_prompt, mirrored_axes
-from SegAssistLib.prompts import (
-    BoxPrompt,
-    ImageInfo,
-    LassoPrompt,
-    MaskPrompt,
-    PointPrompt,
-    PromptLog,
-    ScribblePrompt,
-    to_slab,
-)
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, ScribblePrompt, to_slab
 
 SHAPE_KJI = (7, 9, 11)
 ALL_FLIPS = [f for f in itertools.product((False, True), repeat=3) if any(f)]

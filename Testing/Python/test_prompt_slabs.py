@@ -25,21 +25,20 @@ from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.scribbles import simulate_scribble
 from SegAssistLib.image import Volume
 from SegAssistLib.io import load_mask, load_volume
+from SegAssistLib.prompt_limits import MAX_SLAB_AXIS
+from SegAssistLib.prompt_log import SCHEMA_VERSION, PromptLog
 from SegAssistLib.prompts import (
-    MAX_SLAB_AXIS,
-    SCHEMA_VERSION,
     LassoPrompt,
     PointPrompt,
-    PromptLog,
     ScribblePrompt,
     Slab,
     parse_prompt,
     prompt_vertices_kji,
-    scribble_voxels,
     to_slab,
 )
 from SegAssistLib.server.errors import ApiError
 from SegAssistLib.server.limits import check_prompt_inside as server_check_prompt_inside
+from SegAssistLib.stroke_voxels import scribble_voxels
 
 pytest_plugins = ["test_server_fixtures"]
 

@@ -6,17 +6,8 @@ import numpy as np
 import pytest
 
 from SegAssistLib.errors import PromptError
-from SegAssistLib.prompts import (
-    SCHEMA_VERSION,
-    BoxPrompt,
-    LassoPrompt,
-    MaskPrompt,
-    PointPrompt,
-    PromptLog,
-    ScribblePrompt,
-    parse_prompt,
-    prompt_log_json_schema,
-)
+from SegAssistLib.prompt_log import SCHEMA_VERSION, PromptLog, prompt_log_json_schema
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, MaskPrompt, PointPrompt, ScribblePrompt, parse_prompt
 
 
 def test_every_kind_round_trips_through_json():
@@ -184,7 +175,8 @@ def test_a_box_thinner_than_a_voxel_on_a_second_axis_is_accepted_and_holds_a_vox
 @pytest.mark.parametrize("normal", [(0, 0, 1e200), (0, 0, -1e308), (0, 0, 1e-300), (1e308, 1e308, 0)])
 def test_a_scribble_normal_of_any_finite_length_is_kept_as_its_direction(normal):
     """1e200 squared overflowed to inf: the normal passed validation and the stroke drew nothing."""
-    from SegAssistLib.prompts import scribble_voxels, to_slab
+    from SegAssistLib.prompts import to_slab
+    from SegAssistLib.stroke_voxels import scribble_voxels
 
     points = [[5, 5, 5], [9, 5, 5]] if normal[0] == 0 else [[5, 5, 5], [5, 5, 9]]
     prompt = parse_prompt(json.dumps({"kind": "scribble", "points": points, "width": 3, "normal": normal}))
@@ -218,7 +210,7 @@ def test_a_schema_version_must_be_major_dot_minor(version):
 
 def test_a_log_records_its_images_origin_and_direction_and_older_logs_read_without_them():
     from SegAssistLib.image import Volume
-    from SegAssistLib.prompts import ImageInfo
+    from SegAssistLib.prompt_log import ImageInfo
 
     direction = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
     volume = Volume(np.zeros((4, 5, 6), np.float32), (0.5, 0.7, 2.0), (-10.0, 20.5, 3.0), direction)

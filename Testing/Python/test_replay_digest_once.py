@@ -12,10 +12,11 @@ import SimpleITK as sitk
 
 import SegAssistLib.headless as headless
 import SegAssistLib.image as image_module
-import SegAssistLib.prompts as prompts_module
+import SegAssistLib.prompt_log as prompt_log_module
 from SegAssistLib.cli import main
 from SegAssistLib.io import load_volume
-from SegAssistLib.prompts import ImageInfo, PointPrompt, PromptLog
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import PointPrompt
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
@@ -31,7 +32,7 @@ def digests(monkeypatch):
         calls.append(array.shape)
         return original(array, *args, **kwargs)
 
-    for module in (image_module, headless, prompts_module):
+    for module in (image_module, headless, prompt_log_module):  # each module that calls it
         monkeypatch.setattr(module, "voxel_digest", counting)
     return calls
 

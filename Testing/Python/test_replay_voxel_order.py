@@ -20,7 +20,8 @@ from test_server_fixtures import TOKENS, make_volume
 
 from SegAssistLib.cli import main
 from SegAssistLib.io import load_mask, load_volume, volume_to_sitk
-from SegAssistLib.prompts import BoxPrompt, ImageInfo, PointPrompt, PromptLog
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import BoxPrompt, PointPrompt
 
 pytest_plugins = ["test_server_fixtures"]
 

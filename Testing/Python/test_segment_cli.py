@@ -14,7 +14,8 @@ from test_server_fixtures import TOKENS, make_volume
 from SegAssistLib.cli import main
 from SegAssistLib.engine.builtin import BuiltinEngine, load_default_engine
 from SegAssistLib.io import load_mask, load_volume, volume_to_sitk
-from SegAssistLib.prompts import BoxPrompt, PointPrompt, PromptLog
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import BoxPrompt, PointPrompt
 
 pytest_plugins = ["test_server_fixtures"]
 
@@ -325,7 +326,7 @@ def test_a_log_replays_with_the_engine_settings_it_was_recorded_with_unless_a_fl
 ):
     """A session on a server started with --edge-band 0 records it; `segassist segment` replays its log
     with it (the default engine gave another mask); --edge-band replaces it, with a note."""
-    from SegAssistLib.prompts import ImageInfo
+    from SegAssistLib.prompt_log import ImageInfo
 
     volume = load_volume(SAMPLE)
     prompts = [PointPrompt(position=(16, 27, 15)), BoxPrompt(min_corner=(9, 20, 13), max_corner=(27, 41, 13))]

@@ -406,7 +406,7 @@ def test_the_prompt_log_names_its_image_for_a_client_that_asks(alice, shared_ser
     from test_server_fixtures import raw
 
     from SegAssistLib.image import voxel_digest
-    from SegAssistLib.prompts import ImageInfo
+    from SegAssistLib.prompt_log import ImageInfo
 
     with alice.open_session(blob_volume) as session:
         session.add_prompt(PROMPTS["point+"])

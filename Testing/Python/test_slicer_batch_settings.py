@@ -17,7 +17,7 @@ import pytest
 from SegAssistLib.errors import PromptError
 from SegAssistLib.headless import read_prompt_file
 from SegAssistLib.io import load_volume
-from SegAssistLib.prompts import ImageInfo
+from SegAssistLib.prompt_log import ImageInfo
 
 slicer = pytest.importorskip("slicer")
 pytest.importorskip("torch", reason="the shipped model needs torch")

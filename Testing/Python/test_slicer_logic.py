@@ -19,7 +19,8 @@ import pytest
 from scipy import ndimage
 
 from SegAssistLib.errors import ImageError, PromptError, SegAssistError
-from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, PromptLog, ScribblePrompt
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
 
 slicer = pytest.importorskip("slicer")
 from SegAssistLib.client import BackendUnavailableError, ClientError, LocalBackend, SegAssistClient  # noqa: E402

@@ -17,7 +17,8 @@ from mrml_fixtures import add_linear_transform, add_volume, affine, local_ijk_to
 from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
 from SegAssistLib.io import load_volume, volume_to_sitk
-from SegAssistLib.prompts import BoxPrompt, ImageInfo, PointPrompt, PromptLog
+from SegAssistLib.prompt_log import ImageInfo, PromptLog
+from SegAssistLib.prompts import BoxPrompt, PointPrompt
 
 slicer = pytest.importorskip("slicer")
 

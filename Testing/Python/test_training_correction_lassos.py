@@ -14,7 +14,8 @@ from SegAssistLib.engine.encoding import draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network
 from SegAssistLib.learning.prompt_mix import DEFAULT_MIX, mix_from_logs
 from SegAssistLib.learning.trainer import simulate_prompts
-from SegAssistLib.prompts import LassoPrompt, PointPrompt, PromptLog
+from SegAssistLib.prompt_log import PromptLog
+from SegAssistLib.prompts import LassoPrompt, PointPrompt
 from SegAssistLib.training import simulation
 from SegAssistLib.training.train import TrainConfig, _correction_job, start_sample
 
