@@ -433,11 +433,11 @@ class Datastore(StoreFiles):
             params.extend([check_user(locked_by), self._clock()])
         sql = _CASE_QUERY + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY c.imported_at, c.rowid"
-        if limit is not None:
-            if int(limit) < 0 or int(offset) < 0:
-                raise DatastoreError("limit and offset must not be negative")
+        if (limit is not None and int(limit) < 0) or int(offset) < 0:
+            raise DatastoreError("limit and offset must not be negative")
+        if limit is not None or int(offset):  # SQLite takes an offset only after a limit (-1: none)
             sql += " LIMIT ? OFFSET ?"
-            params.extend([int(limit), int(offset)])
+            params.extend([-1 if limit is None else int(limit), int(offset)])
         return [self._case_from_row(r) for r in self._read(sql, params)]
 
     def count_by_status(self) -> Dict[str, int]:

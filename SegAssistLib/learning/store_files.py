@@ -77,11 +77,18 @@ class StoreFiles(StoreDatabase):
             files[self.label_path(row["case_id"], row["id"])] = (f"label version {row['id']}", row["sha256"])
         return files
 
+    def _label_folders(self) -> List[Path]:
+        """The per-case folders of ``labels/`` (none when ``labels/`` itself is gone)."""
+        labels = self.root / "labels"
+        return [p for p in labels.iterdir() if p.is_dir()] if labels.is_dir() else []
+
     def _stored_files(self) -> List[Path]:
-        out = [p for p in (self.root / "images").iterdir() if p.is_file()]
-        for folder in (self.root / "labels").iterdir():
-            if folder.is_dir():
-                out.extend(p for p in folder.iterdir() if p.is_file())
+        """Every file in ``images/`` and the label folders; a folder that is gone holds none (verify then
+        names each of its recorded files as missing, instead of failing on the folder)."""
+        images = self.root / "images"
+        out = [p for p in images.iterdir() if p.is_file()] if images.is_dir() else []
+        for folder in self._label_folders():
+            out.extend(p for p in folder.iterdir() if p.is_file())
         return out
 
     def verify(self, check_images: bool = True) -> IntegrityReport:
@@ -102,8 +109,10 @@ class StoreFiles(StoreDatabase):
         """Delete leftovers of interrupted writes (temporary files and files no record points at).
 
         Only files older than ``min_age_s`` are removed, so that a write in progress in another
-        process is left alone; pass 0 when no other process uses the store.
+        process is left alone; pass 0 when no other process uses the store. A store read-only here
+        refuses (:class:`StoreAccessError`), as every change does.
         """
+        self._refuse_if_read_only()
         referenced = self._referenced_files()
         now = time.time()
         removed = []
@@ -117,8 +126,8 @@ class StoreFiles(StoreDatabase):
                 removed.append(str(path.relative_to(self.root)))
             except FileNotFoundError:
                 continue
-        for folder in (self.root / "labels").iterdir():
-            if folder.is_dir() and not any(folder.iterdir()):
+        for folder in self._label_folders():
+            if not any(folder.iterdir()):
                 with suppress(OSError):
                     folder.rmdir()
         return sorted(removed)

@@ -284,6 +284,10 @@ def test_list_and_filter_by_status(store: Datastore):
     assert [c.id for c in store.list_cases(status=["submitted", "reviewed"])] == [cases[2].id, cases[3].id]
     assert [c.id for c in store.list_cases(locked_by="alice")] == [cases[1].id]
     assert [c.id for c in store.list_cases(limit=2, offset=1)] == [cases[1].id, cases[2].id]
+    assert [c.id for c in store.list_cases(offset=3)] == [cases[3].id, cases[4].id]  # was ignored without a limit
+    for bad in ({"offset": -1}, {"limit": -1}):
+        with pytest.raises(DatastoreError, match="must not be negative"):
+            store.list_cases(**bad)
     assert store.count_by_status() == {"new": 2, "in_progress": 1, "submitted": 1, "reviewed": 1}
     with pytest.raises(InvalidIdentifierError, match="unknown case status"):
         store.list_cases(status="done")
@@ -698,6 +702,11 @@ def test_a_store_this_user_can_only_read_can_be_read_and_a_change_is_one_line(tm
             f"segassist learn lock: error: datastore {root} is read-only here: reading it works, a change needs "
             "write access to its folder"
         ), locked.stderr
+        verified = run("learn", "verify", "--store", str(root))
+        assert verified.returncode == 0, verified.stderr
+        recovered = run("learn", "verify", "--recover", "--store", str(root))  # a change: refused, in one line
+        assert recovered.returncode == 2 and "Traceback" not in recovered.stderr, recovered.stderr
+        assert f"datastore {root} is read-only here" in recovered.stderr
         assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # nothing written
         _a_server_on_it_is_refused_at_start(run, root, tmp_path)
         if os.geteuid() != 0:
@@ -736,6 +745,21 @@ def test_recover_removes_only_old_leftovers(store: Datastore):
     os.utime(leftover, (old, old))
     assert store.recover() == [f"labels/{case.id}/.tmp-abc-0123.nii.gz"]
     assert store.verify().orphans == ()
+
+
+def test_verify_names_the_files_of_a_folder_that_is_gone(store: Datastore):
+    """A store whose images/ or labels/ folder was deleted (or never restored from a backup): verify
+    names each recorded file as missing, and recover leaves nothing to do; both failed on the folder
+    (FileNotFoundError, a traceback)."""
+    case = add_case(store)
+    label = store.save_label(case.id, box_mask(case.shape, (1, 1, 1), (4, 4, 4)), "alice")
+    shutil.rmtree(store.root / "labels")
+    report = store.verify()
+    assert report.corrupt == (f"label version {label.id}: file missing",), report
+    assert store.recover(min_age_s=0) == []
+    shutil.rmtree(store.root / "images")
+    report = store.verify()
+    assert f"image of case {case.id}: file missing" in report.corrupt, report
 
 
 # ------------------------------------------------------------------------------------- export
