@@ -47,11 +47,10 @@ from SegAssistLib.errors import SegAssistError
 from SegAssistLib.learning.datastore import (
     DEFAULT_LOCK_TTL_S,
     Datastore,
-    NotLockedError,
     import_sources,
     open_datastore,
 )
-from SegAssistLib.learning.errors import CaseLockedError, DatastoreError
+from SegAssistLib.learning.errors import CaseLockedError, DatastoreError, NotLockedError
 from SegAssistLib.learning.records import (
     CaseRecord,
     CaseStatus,

@@ -82,6 +82,7 @@ from SegAssistLib.learning.errors import (
     DuplicateCaseError,
     InvalidStateError,
     NotFoundError,
+    NotLockedError,
 )
 from SegAssistLib.learning.label_input import PromptLogLike, check_mask, is_count, parse_prompt_log
 from SegAssistLib.learning.records import (
@@ -132,12 +133,6 @@ __all__ = [
     "subject_from_name",
     "subjects_from_names",
 ]
-
-
-class NotLockedError(InvalidStateError):
-    """Releasing the lock of a case nobody holds a live lock of (``unlock(require_lock=True)``)."""
-
-    code = "not_locked"
 
 
 _CASE_QUERY = """

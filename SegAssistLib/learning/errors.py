@@ -45,6 +45,12 @@ class InvalidStateError(DatastoreError):
     code = "invalid_state"
 
 
+class NotLockedError(InvalidStateError):
+    """Releasing the lock of a case nobody holds a live lock of (``unlock(require_lock=True)``)."""
+
+    code = "not_locked"
+
+
 class CorruptDataError(DatastoreError):
     """A stored file does not match the checksum recorded when it was written."""
 
