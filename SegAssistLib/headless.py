@@ -76,7 +76,7 @@ def check_log_image(
     image_name: str,
     origin: Optional[Sequence[float]] = None,
     direction: Optional[Sequence[Sequence[float]]] = None,
-    voxels: Optional[np.ndarray] = None,
+    voxels: Union[np.ndarray, Voxels, None] = None,
 ) -> Optional[str]:
     """A log recorded on an image of another shape, spacing, origin or direction holds voxel
     coordinates of that image: replayed here they would land somewhere else, silently (a flipped
@@ -159,32 +159,69 @@ def voxels_note(
     )
 
 
-def _stored_in_reverse(log: PromptLog, image: tuple) -> Optional[Flips]:
+@dataclass(frozen=True, eq=False)  # eq: an array field has no one truth value
+class ReplayImage:
+    """The image prompts are read for, as :func:`read_prompts` checks a prompt log against it: its grid
+    (``origin`` and ``direction`` as ITK's, LPS; None: not known, then not compared), the name the
+    messages give it, and its voxels (``[k, j, i]``, best as :class:`Voxels`, so that reading several
+    logs computes their digest once; None: not compared, no note on another scan of the same grid)."""
+
+    shape_ijk: Tuple[int, int, int]
+    spacing: Tuple[float, float, float]
+    name: str
+    origin: Optional[Tuple[float, float, float]] = None
+    direction: Optional[np.ndarray] = None
+    voxels: Union[Voxels, np.ndarray, None] = None
+
+    def __post_init__(self) -> None:  # plain numbers, whatever sequence (VTK's, numpy's) they came in
+        set_field = object.__setattr__  # frozen
+        set_field(self, "shape_ijk", tuple(int(n) for n in self.shape_ijk))
+        set_field(self, "spacing", tuple(float(x) for x in self.spacing))
+        if self.origin is not None:
+            set_field(self, "origin", tuple(float(x) for x in self.origin))
+        if self.direction is not None:
+            set_field(self, "direction", np.asarray(self.direction, float).reshape(3, 3))
+
+    @classmethod
+    def coerce(cls, image: Union[ReplayImage, Sequence, None]) -> Optional[ReplayImage]:
+        """``image`` as given to :func:`read_prompts`: one of these, or the tuple form of earlier versions
+        (``(shape_ijk, spacing, name)``, with ``origin, direction`` and then ``voxels`` optionally after)."""
+        if image is None or isinstance(image, ReplayImage):
+            return image
+        if not 3 <= len(image) <= 6:
+            raise TypeError(f"image: a ReplayImage or (shape_ijk, spacing, name[, origin, direction[, voxels]]), "
+                            f"got a sequence of {len(image)}")  # fmt: skip
+        return cls(*image)
+
+    @property
+    def placed(self) -> bool:
+        """Whether its origin and direction are known (a log's voxel order can then be compared)."""
+        return self.origin is not None and self.direction is not None
+
+
+def _stored_in_reverse(log: PromptLog, image: ReplayImage) -> Optional[Flips]:
     """The axes along which ``image`` holds the log's image in reverse order (None: not that image)."""
     recorded = log.image
-    if recorded is None or recorded.origin is None or recorded.direction is None or len(image) < 5:
+    if recorded is None or recorded.origin is None or recorded.direction is None or not image.placed:
         return None
-    shape_ijk, spacing, _, origin, direction = image[:5]
-    if origin is None or direction is None or tuple(int(n) for n in shape_ijk) != tuple(recorded.shape_ijk):
+    if tuple(image.shape_ijk) != tuple(recorded.shape_ijk):
         return None
-    return mirrored_axes(shape_ijk, spacing, origin, direction, recorded.spacing, recorded.origin, recorded.direction)
+    return mirrored_axes(image.shape_ijk, image.spacing, image.origin, image.direction,  # type: ignore[arg-type]
+                         recorded.spacing, recorded.origin, recorded.direction)  # fmt: skip
 
 
-def _order_known(log: PromptLog, image: tuple) -> bool:
+def _order_known(log: PromptLog, image: ReplayImage) -> bool:
     """Whether both the log and the caller give the image's origin and direction: then a log that reads
     without being reversed was recorded in the caller's voxel order."""
     recorded = log.image
-    return (
-        recorded is not None and recorded.origin is not None and recorded.direction is not None
-        and len(image) >= 5 and image[3] is not None and image[4] is not None
-    )  # fmt: skip
+    return recorded is not None and recorded.origin is not None and recorded.direction is not None and image.placed
 
 
-def image_of(volume: Volume, name: str) -> tuple:
+def image_of(volume: Volume, name: str) -> ReplayImage:
     """What :func:`read_prompt_file` checks a prompt log against: the volume's whole geometry, and its
     voxels (a log recorded on other voxel values of the same grid is noted, see :func:`voxels_note`) as
-    :class:`Voxels`, so that reading several logs with one such tuple computes their digest once."""
-    return (volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction, Voxels(volume.array))
+    :class:`Voxels`, so that reading several logs with one :class:`ReplayImage` computes their digest once."""
+    return ReplayImage(volume.shape_ijk, volume.spacing, name, volume.origin, volume.direction, Voxels(volume.array))
 
 
 @dataclass
@@ -219,26 +256,25 @@ class PromptFile:
         return [mirror_prompt(p, flips, tuple(shape_kji)) for p in self.prompts]
 
 
-def read_prompt_file(path: Union[str, Path], image: Optional[tuple] = None) -> List[Prompt]:
+def read_prompt_file(path: Union[str, Path], image: Union[ReplayImage, Sequence, None] = None) -> List[Prompt]:
     """Prompts from a SegAssist JSON file: a prompt log (``{"schema_version": ..., "prompts": [...]}``),
     an object with a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices.
     :func:`read_prompts` also gives the engine settings a log records.
 
-    ``image``: ``(shape_ijk, spacing, name)``, ``(shape_ijk, spacing, name, origin, direction)`` or
-    ``(shape_ijk, spacing, name, origin, direction, voxels)`` of the image the prompts are for (origin and
-    direction as ITK's, LPS; voxels its array, ``[k, j, i]``: see :func:`image_of`); a prompt log that
-    records another image is refused (see :func:`check_log_image`). A log of the same image whose
-    voxels the caller holds in reverse order along some axes (Slicer's copy of a left-handed file) has its
-    prompts moved to the caller's order (:mod:`SegAssistLib.prompt_mirror`). A log recorded on the same
+    ``image``: the image the prompts are for, a :class:`ReplayImage` (:func:`image_of` makes one of a
+    volume; the tuple form of earlier versions is read too); a prompt log that records another image is
+    refused (see :func:`check_log_image`). A log of the same image whose voxels the caller holds in
+    reverse order along some axes (Slicer's copy of a left-handed file) has its prompts moved to the
+    caller's order (:mod:`SegAssistLib.prompt_mirror`). A log recorded on the same
     grid with other voxel values is read; :func:`read_prompts` gives the note that says so.
     """
     return read_prompts(path, image).prompts
 
 
-def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> PromptFile:
+def read_prompts(path: Union[str, Path], image: Union[ReplayImage, Sequence, None] = None) -> PromptFile:
     """The prompts of a file as :func:`read_prompt_file` reads them, with the engine settings and model
     its prompt log records (schema 1.4), which a replay needs to give the recorded mask."""
-    path = Path(path)
+    path, image = Path(path), ReplayImage.coerce(image)
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}")
     try:
@@ -255,7 +291,8 @@ def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> Promp
         prompts, note, flips, recorded = list(log.prompts), None, None, None
         if image is not None:
             try:
-                note = check_log_image(path, log, *image)
+                note = check_log_image(path, log, image.shape_ijk, image.spacing, image.name, image.origin,
+                                       image.direction, image.voxels)  # fmt: skip
             except PromptError:
                 flips = _stored_in_reverse(log, image)
                 if flips is None:
@@ -263,8 +300,8 @@ def read_prompts(path: Union[str, Path], image: Optional[tuple] = None) -> Promp
                 # the same image with its voxels in another order (Slicer's, of a left-handed file): the
                 # prompts moved to the caller's order; the digest compared in the log's
                 recorded = prompts
-                prompts = [mirror_prompt(p, flips, tuple(image[0])[::-1]) for p in log.prompts]
-                note = voxels_note(path, log, image[5] if len(image) > 5 else None, image[2], flips)
+                prompts = [mirror_prompt(p, flips, tuple(image.shape_ijk)[::-1]) for p in log.prompts]
+                note = voxels_note(path, log, image.voxels, image.name, flips)
             else:
                 if _order_known(log, image):  # the log's order is the caller's
                     flips = (False, False, False)

@@ -262,7 +262,7 @@ def run_segment(args: argparse.Namespace) -> int:
             close()
     if args.url:  # the server answered with its own settings: each log's that differ is told
         run.notes.extend(settings_notes(files, run.prompt_log.engine, run.model))
-    written = _write_outputs(args, run, volume, image[5])
+    written = _write_outputs(args, run, volume, image.voxels)
     median_ms = 1000 * statistics.median(run.latencies_s)
     print(f"{len(prompts)} prompts -> {run.voxel_count} voxels ({run.model}); median {median_ms:.0f} ms per prompt; "
           f"wrote {', '.join(str(p) for p in written)}", flush=True)

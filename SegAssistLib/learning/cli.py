@@ -39,8 +39,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-import numpy as np
-
 from SegAssistLib.api_learning import MAX_LOCK_TTL_S, VERSION_ID_PATTERN
 from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, number, positive_int
 from SegAssistLib.errors import SegAssistError
@@ -397,12 +395,12 @@ def _prompt_log_of(args: argparse.Namespace, store: Datastore, case: CaseRecord)
     """The ``--prompt-log`` file checked against the case: a log recorded on another image (shape,
     spacing, or, where the log records them, origin and direction) is refused, as a replay refuses it;
     one of the case's image held with its axes reversed (Slicer's copy of a left-handed image) is taken."""
-    from SegAssistLib.headless import read_prompts
+    from SegAssistLib.headless import ReplayImage, read_prompts
     from SegAssistLib.prompt_log import PromptLog
 
     reference = store.reference_geometry(case.id)
-    image = (tuple(case.shape)[::-1], case.spacing, f"case {case.id} ({case.name})", reference.origin,
-             np.asarray(reference.direction, float).reshape(3, 3))
+    image = ReplayImage(tuple(case.shape)[::-1], case.spacing, f"case {case.id} ({case.name})", reference.origin,
+                        reference.direction)  # fmt: skip
     read_prompts(args.prompt_log, image)  # the checks: a PromptError naming both images
     try:
         return PromptLog.from_json(args.prompt_log.read_text())

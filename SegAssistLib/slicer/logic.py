@@ -43,6 +43,7 @@ from SegAssistLib.headless import (  # noqa: F401 - Cancelled, EngineRun, ...: t
     EngineRun,
     ProgressCallback,
     PromptFile,
+    ReplayImage,
     Voxels,
     no_progress,
     read_prompt_file,
@@ -202,7 +203,7 @@ def load_prompts(
     image = None
     if image_data is not None:
         name = f"volume {volume_node.GetName()!r}"
-        image = (image_data.GetDimensions(), volume_node.GetSpacing(), name)
+        image = ReplayImage(image_data.GetDimensions(), volume_node.GetSpacing(), name)
         # The node's own IJK-to-RAS, not its world geometry: the log's voxel indices address the node's
         # own grid, which a parent transform (a registration) places elsewhere in the world without
         # changing which voxel holds what; and a log records its file's geometry (ITK, LPS), which is the
@@ -215,8 +216,8 @@ def load_prompts(
             pass
         else:
             # a log recorded on another scan of this grid is noted in the file's notes, not refused
-            image = (image_data.GetDimensions(), spacing, name, origin, direction,
-                     _node_voxels(volume_node) if voxels is None else voxels)  # fmt: skip
+            image = ReplayImage(image_data.GetDimensions(), spacing, name, origin, direction,
+                                _node_voxels(volume_node) if voxels is None else voxels)  # fmt: skip
     return read_prompts(path, image)
 
 

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from SegAssistLib.errors import PromptError
-from SegAssistLib.headless import image_of, read_prompt_file
+from SegAssistLib.headless import ReplayImage, image_of, read_prompt_file
 from SegAssistLib.image import Volume
 from SegAssistLib.io import load_volume, volume_to_sitk
 from SegAssistLib.prompt_log import ImageInfo, PromptLog
@@ -66,6 +66,15 @@ def test_a_log_without_origin_and_direction_still_reads_and_a_caller_without_the
     assert read_prompt_file(new, (flipped.shape_ijk, flipped.spacing, "flipped")) == [CLICK]  # the Slicer caller
     with pytest.raises(PromptError, match=r"recorded on an image of \[35, 51, 35\] voxels"):
         read_prompt_file(new, (original.shape_ijk, (1.0, 1.0, 2.0), "thicker"))
+    # the tuple form of earlier versions is a ReplayImage: with origin and direction, the log's order counts
+    placed = (flipped.shape_ijk, flipped.spacing, "flipped", flipped.origin, flipped.direction)
+    image = ReplayImage.coerce(placed)
+    assert (image.shape_ijk, image.spacing, image.name, image.origin, image.voxels) == (
+        flipped.shape_ijk, flipped.spacing, "flipped", flipped.origin, None)  # fmt: skip
+    assert np.array_equal(image.direction, flipped.direction) and image.placed
+    assert read_prompt_file(new, placed)[0].position == (16.0, 51 - 1 - 27.0, 15.0)
+    with pytest.raises(TypeError, match="got a sequence of 2"):
+        read_prompt_file(new, (flipped.shape_ijk, flipped.spacing))
 
 
 def test_a_log_recorded_on_the_datasets_nifti_of_the_dicom_series_replays_on_the_series(shared_data, tmp_path):
