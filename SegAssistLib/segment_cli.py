@@ -169,13 +169,13 @@ def _replaced_fields(args: argparse.Namespace) -> List[str]:
             *(EDGE_FIELDS if args.edge_band is not None else ())]  # fmt: skip
 
 
-def _replay_settings(args: argparse.Namespace, engine, files):
-    """The engine settings the prompts are answered with on the local model: the logs' (None: none
-    recorded, the engine's own; :func:`recorded_settings` refused logs that differ elsewhere), but for
-    those --refine-depth and --edge-band set (a note says which differ from each log's)."""
-    from SegAssistLib.headless import distinct_settings, recorded_settings
+def _replay_settings(args: argparse.Namespace, engine, files, recorded):
+    """The engine settings the prompts are answered with on the local model: the logs' (``recorded``,
+    :func:`~SegAssistLib.headless.recorded_settings`, which refused logs that differ elsewhere; None:
+    none recorded, the engine's own), but for those --refine-depth and --edge-band set (a note says
+    which differ from each log's)."""
+    from SegAssistLib.headless import distinct_settings
 
-    recorded = recorded_settings(files, _replaced_fields(args))
     if recorded is None:
         return None
     own, flags = engine.settings, []
@@ -250,11 +250,11 @@ def run_segment(args: argparse.Namespace) -> int:
     files = [read_prompts(path, image) for path in args.prompts]
     # in the logs' voxel order (a copy stored the other way: the image is put back in it for the run)
     prompts, flips = replay_prompts(files, volume.array.shape)
-    if not args.url:  # applied here: logs of settings no one setting replays are refused before the model loads
-        recorded_settings(files, _replaced_fields(args))
+    # applied here: logs of settings no one setting replays are refused before the model loads
+    recorded = None if args.url else recorded_settings(files, _replaced_fields(args))
     engine = _engine(args, token)
     try:
-        settings = None if args.url else _replay_settings(args, engine, files)
+        settings = None if args.url else _replay_settings(args, engine, files, recorded)
         run = run_prompts(engine, volume, prompts, _progress, settings, flips=flips)
     finally:
         close = getattr(engine, "close", None)
