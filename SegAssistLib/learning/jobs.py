@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Tuple, Union
 
 from SegAssistLib.client.local import process_alive
+from SegAssistLib.file_locks import exclusive_lock
 from SegAssistLib.learning.loop_errors import JobNotFoundError, TrainingBusyError, TrainingError
 from SegAssistLib.learning.registry import FOLDER
 
@@ -87,28 +88,13 @@ def _lock_path(store_root: Union[str, Path]) -> Path:
 
 def _try_lock(store_root: Union[str, Path]) -> Optional[int]:
     """An fd holding the training lock, or ``None`` if another process holds it."""
-    path = _lock_path(store_root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
-    if fcntl is None:
-        return fd
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    return exclusive_lock(_lock_path(store_root))
 
 
 def _take_lock(store_root: Union[str, Path], patience_s: float = LOCK_PATIENCE_S) -> Optional[int]:
     """:func:`_try_lock`, retried for ``patience_s``: :func:`training_running` holds the lock for an
     instant to probe it, and a start at that instant is not a busy datastore."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        fd = _try_lock(store_root)
-        if fd is not None or time.monotonic() >= deadline:
-            return fd
-        time.sleep(0.05)
+    return exclusive_lock(_lock_path(store_root), patience_s)
 
 
 def _newest_job_final(store_root: Union[str, Path]) -> bool:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
 
+from SegAssistLib.file_locks import HAVE_FLOCK, exclusive_lock
 from SegAssistLib.files import TMP_PREFIX, atomic_write, atomic_write_bytes, check_format
 from SegAssistLib.learning.loop_errors import (
     CorruptRegistryError,
@@ -255,23 +256,12 @@ class AdapterRegistry:
         reads of the registry stays true until the exit releases the lock. False when the lock was not
         free within ``timeout_s`` (a writer holds it, perhaps this process's stuck main thread), or
         without ``flock``."""
-        if fcntl is None:  # pragma: no cover - not on the platforms CI runs
+        if not HAVE_FLOCK:  # pragma: no cover - not on the platforms CI runs
             return False
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(str(self._lock_path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # the descriptor stays open: the lock goes with the process
+            return exclusive_lock(self._lock_path, timeout_s) is not None
         except OSError:
             return False
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True  # the descriptor stays open: the lock goes with the process
-            except OSError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(0.05)
 
     def _event(self, state: RegistryState, action: str, **details: Any) -> None:
         state.events.append({"time": self._clock(), "action": action, **details})
