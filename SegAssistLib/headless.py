@@ -30,7 +30,14 @@ from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.image import Volume, geometry_difference, voxel_digest
 from SegAssistLib.prompt_log import EngineSettings, PromptLog
-from SegAssistLib.prompt_mirror import Flips, mirror_prompt, mirrored_axes, reverse_axes, reversed_volume
+from SegAssistLib.prompt_mirror import (
+    Flips,
+    mirror_prompt,
+    mirrored_axes,
+    reverse_axes,
+    reversed_volume,
+    some_flips,
+)
 from SegAssistLib.prompts import Prompt, describe_validation_error, parse_prompt
 
 ProgressCallback = Callable[[float, str], None]
@@ -337,8 +344,7 @@ def replay_order(files: Sequence[PromptFile]) -> Optional[Flips]:
                 f"orders (this image {_order_words(ordered[0].flips)} vs {_order_words(other.flips)}): "
                 "replay them separately"
             )
-    flips = ordered[0].flips if ordered else None
-    return tuple(bool(f) for f in flips) if flips is not None and any(flips) else None  # type: ignore[return-value]
+    return some_flips(ordered[0].flips if ordered else None)
 
 
 def replay_prompts(files: Sequence[PromptFile], shape_kji: Sequence[int]) -> Tuple[List[Prompt], Optional[Flips]]:
@@ -468,7 +474,7 @@ def run_prompts(
     report = progress or no_progress
     if not prompts:
         raise PromptError("no prompts: place at least one point, box, scribble or lasso")
-    flips = tuple(bool(f) for f in flips) if flips is not None and any(flips) else None  # type: ignore[assignment]
+    flips = some_flips(flips)
     if flips is not None:
         volume = reversed_volume(volume, flips)
     report(0.05, "Opening a session")

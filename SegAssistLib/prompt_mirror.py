@@ -35,6 +35,12 @@ from SegAssistLib.prompts import (
 Flips = Tuple[bool, bool, bool]  # per array axis [k, j, i]: stored in reverse order
 
 
+def some_flips(flips: Optional[Sequence[bool]]) -> Optional[Flips]:
+    """``flips`` as a :data:`Flips` of plain booleans when it reverses some axis; None when it reverses
+    none (or is None): the voxel order is then the caller's own, nothing to do."""
+    return tuple(bool(f) for f in flips) if flips is not None and any(flips) else None  # type: ignore[return-value]
+
+
 def mirrored_axes(
     shape_ijk: Sequence[int],
     spacing: Sequence[float],

@@ -166,3 +166,11 @@ def sitk_direction() -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0],
                                                                           [0.0, 1.0, 0.0]])  # fmt: skip
+
+
+def test_some_flips_is_none_when_no_axis_is_reversed():
+    from SegAssistLib.prompt_mirror import some_flips
+
+    assert some_flips(None) is None and some_flips((False, False, False)) is None
+    assert some_flips(np.array([0, 1, 0])) == (False, True, False)  # plain booleans, whatever came in
+    assert all(type(f) is bool for f in some_flips([np.True_, 0, 1]))
