@@ -139,6 +139,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._batchTarget = None
         self._backendFormFilled = False  # from the saved settings; until then no edit may save the blank form
         self._batchGeneration = 0
+        self._cancellingText = _("Cancelling after the current step...")
         self._settingsChangedText = _(  # translated here: the worker thread raises it
             "The backend settings changed while segmenting: nothing more is sent; run it again"
         )
@@ -431,8 +432,13 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.exception("SegAssist: handling the result of %r failed", finished.tag)
                 self.setStatus(self._describe(exc), error=True)
         if self._batchRunning:
+            from SegAssistLib.slicer.worker import progress_status
+
             self.ui.progressBar.value = int(100 * self._progress[0])
-            self.setStatus(self._progress[1])
+            # a cancel pressed is not hidden by the progress of the step it waits for
+            self.setStatus(
+                progress_status(self._progress[1], self._cancel.is_set(), self._cancellingText, _(" (cancelling)"))
+            )
         if not any(worker.busy for worker in workers):
             self._timer.stop()
 
@@ -520,7 +526,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancel(self) -> None:
         self._cancel.set()
-        self.setStatus(_("Cancelling after the current step..."))
+        self.setStatus(self._cancellingText)
 
     def _onBatchFinished(self, finished) -> None:
         from SegAssistLib.slicer.logic import Cancelled
@@ -611,15 +617,18 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
 
     # ---- dependencies --------------------------------------------------------------------------
     def dependenciesMissing(self) -> List[str]:
-        import importlib.util
+        """The packages still missing, looked up afresh (installed meanwhile: found, no restart needed)."""
+        from SegAssistLib.slicer.dependencies import missing_packages
 
-        return [pkg for module, pkg in self.REQUIRED_MODULES.items() if importlib.util.find_spec(module) is None]
+        return missing_packages(self.REQUIRED_MODULES)
 
     def installDependencies(self, requirementsPath: str) -> None:
         """Install a requirements file into Slicer's Python (with the user's confirmation)."""
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
-            packaging.pip_ensure(packaging.load_requirements(requirementsPath), requester="SegAssist")
+        from SegAssistLib.slicer.dependencies import pip_ensure_installer
+
+        install = pip_ensure_installer()  # slicer.packaging.pip_ensure (Slicer >= 5.12)
+        if install is not None:
+            install(requirementsPath, "SegAssist")
             return
         lines = [ln.strip() for ln in Path(requirementsPath).read_text().splitlines()]
         requirements = [ln for ln in lines if ln and not ln.startswith("#")]
@@ -702,10 +711,9 @@ class SegAssistLogic(ScriptedLoadableModuleLogic):
         ``keepExisting`` a segment of that name that holds voxels is kept and a new one is added.
         ``voxelCount`` is read back from the segment, on the volume's grid."""
         from SegAssistLib.slicer.logic import write_result
-        from SegAssistLib.slicer.segments import save_editor_undo_state, segment_to_array
+        from SegAssistLib.slicer.segments import segment_to_array
 
-        if segmentationNode is not None:  # the Segment Editor's Ctrl+Z then undoes this write, not the one before
-            save_editor_undo_state(segmentationNode)
+        # write_result saves the Segment Editor's undo state first: its Ctrl+Z undoes this write, not the one before
         result = SegAssistResult(
             write_result(
                 run,

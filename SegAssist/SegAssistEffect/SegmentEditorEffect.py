@@ -33,9 +33,16 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 import SegAssistEffect  # noqa: F401  (makes SegAssistLib importable from a source checkout)
 from SegAssistEffect.overlay import PromptOverlay, cursorFor
+from SegAssistLib.slicer.dependencies import import_again
 from SegAssistLib.slicer.shortcuts import TOOL_FOR_ACTION, TOOL_TITLES, Action, Tool, help_rows, mouse_help, tooltip
 
-try:  # needs the packages the SegAssist module installs (pydantic, ...): report, do not fail to register
+
+def _loadLibrary() -> None:
+    """Import what needs the packages the SegAssist module installs (pydantic, ...) as this module's names."""
+    global SegAssistError, coordinates, segments, volumes, REMOTE, BackendSettings, shared_manager
+    global Gesture, GestureRecorder, gesture_to_prompt, project_to_slice, prompt_points_ijk, resolve_key
+    global ObjectWrites, PlacementChanged, PlacementWatch, SegmentChangeWatch, BackgroundWorker
+    global InteractiveSession, ObjectOutOfStep, Op, PromptState, Request, describe_error
     from SegAssistLib.errors import SegAssistError
     from SegAssistLib.slicer import coordinates, segments, volumes
     from SegAssistLib.slicer.backend import REMOTE, BackendSettings, shared_manager
@@ -49,12 +56,19 @@ try:  # needs the packages the SegAssist module installs (pydantic, ...): report
     )
     from SegAssistLib.slicer.object_writes import ObjectWrites, PlacementChanged, PlacementWatch
     from SegAssistLib.slicer.segment_watch import SegmentChangeWatch
-    from SegAssistLib.slicer.session_state import InteractiveSession, Op, PromptState, Request, describe_error
+    from SegAssistLib.slicer.session_state import (
+        InteractiveSession,
+        ObjectOutOfStep,
+        Op,
+        PromptState,
+        Request,
+        describe_error,
+    )
     from SegAssistLib.slicer.worker import BackgroundWorker
 
-    IMPORT_ERROR = None
-except ImportError as exc:
-    IMPORT_ERROR = exc
+
+# needs those packages: report, do not fail to register; tried again on activation (installed meanwhile)
+IMPORT_ERROR = import_again(_loadLibrary)
 
 POLL_MS = 50
 
@@ -79,7 +93,6 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._watch = None  # ends the object when the segment changes outside SegAssist
         self._placementWatch = None  # ends the object when the volume or the segmentation moves
         self._lastBusy = False
-        self._errorText = ""
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -219,11 +232,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def activate(self):
+        global IMPORT_ERROR
+        if IMPORT_ERROR is not None:  # installed from the SegAssist module since? then no restart is needed
+            IMPORT_ERROR = import_again(_loadLibrary)
         if IMPORT_ERROR is not None:
             self._setStatus(
-                f"SegAssist cannot run: {IMPORT_ERROR}. Open the SegAssist module to install its packages.", True
+                f"SegAssist cannot run: {IMPORT_ERROR}. Open the SegAssist module to install its packages, "
+                "then select the effect again.",
+                True,
             )
             return
+        if self._state is None:  # the packages came after this effect was made
+            self._recorder, self._state = GestureRecorder(), PromptState()
         loaded = BackendSettings.read(qt.QSettings())  # a damaged token file: no token, and why
         settings = shared_manager(lambda: loaded.settings).settings
         if settings.mode == REMOTE:
@@ -493,8 +513,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except SegAssistError as exc:
             self._setStatus(str(exc).capitalize())
             return
-        self._worker.submit(request, self._session.run, request)
-        self._errorText = ""
+        self._worker.submit(request, self._session.run, request)  # the request cleared the last error
         self._startPolling()
         self._drawAllPrompts()
         self._updateActionButtons()
@@ -523,26 +542,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 update = self._state.accept(finished.tag, finished.value, finished.error)
                 error = self._state.last_error if current else None
                 moved = current and len(self._state.confirmed_prompts) != depth  # the backend counted it
+                if isinstance(error, ObjectOutOfStep):  # the backend and the segment disagree: the object is over
+                    self._endObject()
                 if error is not None:
-                    self._errorText = describe_error(error)
-                    logging.error("SegAssist: %s", self._errorText)
+                    self._state.error_text = describe_error(error)
+                    logging.error("SegAssist: %s", self._state.error_text)
                 elif moved and self._alive(self._binding):
                     self._writeOrEnd(update, finished.tag.op)
             except Exception as exc:
-                self._errorText = describe_error(exc)
+                self._state.error_text = describe_error(exc)
                 logging.exception("SegAssist: a reply could not be applied")
         if self._state.accept_due:
             self._acceptObject()
         note = self._state.progress_note(self._worker.note.get())
-        if self._errorText:
-            self._setStatus(self._errorText, True)
-        elif note:
-            self._setStatus(note)
-        elif not self._state.busy and self._session is not None:
-            count = len(self._state.prompts)
-            self._setStatus(
-                f"{count} prompt{'s' if count != 1 else ''} on this object. {mouse_help(self._tool, self._positive)}"
-            )
+        # an object's error stays until the next request or until the object ends (accept, reset)
+        line = self._state.status_line(note, self._session is not None, mouse_help(self._tool, self._positive))
+        if line is not None:
+            self._setStatus(*line)
         self._updateBusy()
         self._drawAllPrompts()
         self._updateActionButtons()
@@ -558,12 +574,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 depth = len(self._state.confirmed_prompts)
                 self._writes.apply(update, depth, undo=op is Op.UNDO)
         except PlacementChanged as exc:  # the object is over; its message says so
-            self._endObject()
-            self._errorText = describe_error(exc)
+            self._endObject()  # clears the object's error: this one is set after it
+            self._state.error_text = describe_error(exc)
         except Exception as exc:
             logging.exception("SegAssist: an answer could not be written into the segment")
             self._endObject()
-            self._errorText = (
+            self._state.error_text = (
                 f"{describe_error(exc)}. The answer could not be written into the segment, so this object "
                 "ended: the next prompt starts from the segment as it is"
             )

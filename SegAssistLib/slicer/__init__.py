@@ -19,6 +19,7 @@ Modules:
   gestures, prompt bookkeeping, the worker thread, writes that give back what they took from other
   segments, edits made outside the effect).
 - :mod:`.tokens`: the remote backend's token in a private file, not in Slicer's settings.
+- :mod:`.dependencies`: the packages the module installs, found (and imported again) without a restart.
 
 Conventions: RAS is Slicer's world frame; IJK is continuous voxel index ``(i, j, k)`` of the
 reference volume (voxel centres at integers), the frame of every SegAssist prompt. Parent
@@ -38,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = [
     "backend",
     "coordinates",
+    "dependencies",
     "interaction",
     "logic",
     "markups",

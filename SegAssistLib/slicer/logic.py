@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import slicer
@@ -120,19 +120,35 @@ def prompts_from_markups(
     return list(prompts)
 
 
+def _places_nothing(node: slicer.vtkMRMLMarkupsNode) -> bool:
+    """Whether a point list, curve or line has no placed control point (the point list Slicer's
+    selector makes before anything is placed). An ROI is its box, whatever its control points."""
+    if any(node.IsA(kind) for kind in ("vtkMRMLMarkupsROINode", "vtkMRMLMarkupsPlaneNode", "vtkMRMLMarkupsAngleNode")):
+        return False
+    return node.GetNumberOfDefinedControlPoints() == 0
+
+
 def collect_prompts(
     sources: Sequence[PromptSource], volume_node: slicer.vtkMRMLVolumeNode, flips: Optional[Flips] = None
 ) -> List[Prompt]:
     """Prompts from a mix of prompt objects, prompt dicts, markups nodes and prompt files, in the given
     order, in the node's voxel order; reversed along ``flips`` (``[k, j, i]``, :func:`replay_order`), in
-    that order: a prompt file's log its own prompts, the others moved."""
+    that order: a prompt file's log its own prompts, the others moved.
+
+    A point list, curve or line with no placed control point gives no prompt: it is left out when the
+    other sources give some (an empty point list picked beside an ROI: the ROI's box), and refused
+    (:class:`PromptError`, naming it) when nothing gives any."""
     shape_kji = slicer.util.arrayFromVolume(volume_node).shape[:3] if flips is not None else ()
     prompts: List[Prompt] = []
+    unplaced: List[str] = []
     for source in sources:
         if isinstance(source, PromptFile):
             prompts.extend(source.prompts_in(flips, shape_kji))
             continue
         before = len(prompts)
+        if isinstance(source, slicer.vtkMRMLMarkupsNode) and _places_nothing(source):
+            unplaced.append(source.GetName())
+            continue
         if isinstance(source, slicer.vtkMRMLMarkupsNode):
             prompts.extend(prompts_from_markups(source, volume_node))
         elif isinstance(source, dict):
@@ -143,6 +159,9 @@ def collect_prompts(
             raise PromptError(f"not a prompt: {type(source).__name__} (give prompts, prompt dicts or markups nodes)")
         if flips is not None and any(flips):  # in the node's order: moved to the replay's
             prompts[before:] = [mirror_prompt(p, flips, shape_kji) for p in prompts[before:]]
+    if not prompts and unplaced:
+        names = ", ".join(repr(name) for name in unplaced)
+        raise PromptError(f"markups {names} {'has' if len(unplaced) == 1 else 'have'} no placed control points")
     return prompts
 
 
@@ -266,11 +285,18 @@ def write_result(
     segment_id: Optional[str] = None,
     color: Optional[Sequence[float]] = None,
     keep_existing: bool = False,
+    save_undo: Callable[[slicer.vtkMRMLSegmentationNode], object] = segments.save_editor_undo_state,
 ) -> SegmentationResult:
     """Write an engine run into a segment (main thread): replaced whole, other segments left as they are.
 
     ``keep_existing`` (the module's button): a segment of that name that already holds voxels (a
     previous run, maybe edited since) is kept, and the result goes to a new segment, "name 2", ...
+
+    Before it changes ``segmentation_node``, ``save_undo(segmentation_node)`` is called: by default
+    :func:`~SegAssistLib.slicer.segments.save_editor_undo_state`, so that when the Segment Editor is
+    editing that segmentation the write is one step of its undo (else the user's next Ctrl+Z there
+    would take the result away together with their own last stroke). Every batch write goes through
+    here: the module's *Segment* button, ``SegAssistLogic.segment`` and ``segmentFromFile``.
     """
     scene = volume_node.GetScene()
     for node in (volume_node, segmentation_node):
@@ -278,8 +304,10 @@ def write_result(
             # the scene was closed (or the node deleted) while the engine ran: nothing to write into
             raise SegAssistError(f"{node.GetName()!r} is no longer in the scene (closed or deleted meanwhile): "
                                  "the result was not written")  # fmt: skip
-    if segmentation_node is None:
+    if segmentation_node is None:  # a new one: no editor edits it yet, nothing to undo there
         segmentation_node = segments.create_segmentation(scene, volume_node, f"{volume_node.GetName()} SegAssist")
+    else:
+        save_undo(segmentation_node)
     if keep_existing and segment_id is None:
         segment_name = free_segment_name(segmentation_node, segment_name)
     existing = set(segmentation_node.GetSegmentation().GetSegmentIDs())

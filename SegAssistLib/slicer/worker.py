@@ -48,6 +48,21 @@ class ProgressNote:
             return self._text
 
 
+def progress_status(
+    message: str,
+    cancelling: bool,
+    cancelling_text: str = "Cancelling after the current step...",
+    suffix: str = " (cancelling)",
+) -> str:
+    """The status line of a cancellable run: its progress ``message``, and while a cancel is pending
+    (``cancelling``) that it is (``suffix``; with no progress yet, ``cancelling_text``), so that the
+    progress shown meanwhile does not hide the cancel the user asked for. The texts are parameters:
+    the module passes them translated."""
+    if not cancelling:
+        return message
+    return f"{message}{suffix}" if message else cancelling_text
+
+
 class BackgroundWorker(Generic[T]):
     """A single worker thread; results come back in submission order through :meth:`poll`."""
 
