@@ -29,16 +29,7 @@ def _label_entries(path: Path) -> Dict[Tuple[int, ...], str]:
     name of the same ids is kept."""
     if not path.is_file():
         raise SegAssistError(f"{path} not found: pass --labels")
-    try:
-        labels = json.loads(path.read_text()).get("labels", {})
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise SegAssistError(f"{path} is not a dataset.json (a JSON object with 'labels'): {exc}") from exc
-    if not isinstance(labels, dict):
-        raise SegAssistError(f"{path}: 'labels' must map label ids to names (MSD) or names to label values (nnU-Net)")
-
-    def whole(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
+    labels = _labels_of(path)
     out: Dict[Tuple[int, ...], str] = {}
     for key, value in labels.items():
         if key.isascii() and key.isdigit() and isinstance(value, str):  # MSD: id -> name
@@ -57,6 +48,36 @@ def _label_entries(path: Path) -> Dict[Tuple[int, ...], str]:
         if ids and min(ids) > 0 and ids not in out:
             out[ids] = name
     return out
+
+
+def whole(value: object) -> bool:
+    """A label value of ``dataset.json``: an int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _labels_of(path: Path) -> dict:
+    """The ``labels`` object of a ``dataset.json`` (a UTF-8 byte order mark is allowed); SegAssistError
+    naming the file when it cannot be read or is not a JSON object with a ``labels`` mapping."""
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8-sig")).get("labels", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise SegAssistError(f"{path} is not a dataset.json (a JSON object with 'labels'): {exc}") from exc
+    if not isinstance(labels, dict):
+        raise SegAssistError(f"{path}: 'labels' must map label ids to names (MSD) or names to label values (nnU-Net)")
+    return labels
+
+
+def dataset_ignore_label(folder: Union[str, Path]) -> Optional[int]:
+    """The value of nnU-Net v2's ``"ignore"`` label in a dataset folder's ``dataset.json``
+    (``{"ignore": 3}``: voxels left unannotated, neither a structure nor background), None where it names
+    none or there is no readable ``dataset.json``. The evaluation leaves these voxels out of the metrics
+    and of the simulated user's error regions, as nnU-Net does."""
+    path = Path(folder) / "dataset.json"
+    try:
+        value = _labels_of(path).get("ignore") if path.is_file() else None
+    except SegAssistError:
+        return None
+    return int(value) if whole(value) and value > 0 else None
 
 
 def dataset_targets(folder: Path) -> Dict[Tuple[int, ...], str]:
@@ -126,27 +147,77 @@ def _strip_suffix(name: str) -> Optional[str]:
     return None
 
 
+def _is_dataset(folder: Path) -> bool:
+    return (folder / "imagesTr").is_dir() and (folder / "labelsTr").is_dir()
+
+
+def dataset_folder_problem(dataset_dir: Union[str, Path]) -> Optional[str]:
+    """Why ``dataset_dir`` is not a dataset folder (None: it has ``imagesTr/`` and ``labelsTr/``); for a
+    folder that holds dataset folders (``../shared/data``) the reason names a few of them."""
+    root = Path(dataset_dir)
+    if _is_dataset(root):
+        return None
+    lacking = " or ".join(f"{name}/" for name in ("imagesTr", "labelsTr") if not (root / name).is_dir())
+    text = f"{root} is not a dataset folder: it needs imagesTr/ and labelsTr/ (it has no {lacking})"
+    try:
+        inside = sorted(p.name for p in root.iterdir() if p.is_dir() and _is_dataset(p))
+    except OSError:
+        inside = []
+    if inside:
+        shown = ", ".join(inside[:5]) + (", ..." if len(inside) > 5 else "")
+        text += (f"; it holds {len(inside)} dataset folder{'s' if len(inside) > 1 else ''} ({shown}): "
+                 f"pass one of them, e.g. {root / inside[0]}")
+    return text
+
+
+def _image_files(folder: Path) -> List[Tuple[str, Path]]:
+    """``(name without suffix, path)`` of the image files of a folder, in name order (hidden files and
+    other suffixes passed over)."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        stem = _strip_suffix(path.name)
+        if stem is not None and not path.name.startswith("."):
+            out.append((stem, path))
+    return out
+
+
+def _channel_file(stem: str, labels: Dict[str, Path]) -> Optional[re.Match]:
+    """The match ``(case, channel)`` of a labelled case's per-channel image name ``case_0000``."""
+    match = re.match(r"^(.*)_(\d{4})$", stem)
+    return match if match and match.group(1) in labels else None
+
+
+def unpaired_files(dataset_dir: Union[str, Path]) -> Tuple[List[str], List[str]]:
+    """The file names in ``imagesTr/`` that have no label in ``labelsTr/`` (a case's per-channel files
+    ``case_0000...`` pair with the label ``case``), and those in ``labelsTr/`` that have no image: no
+    list of cases holds them."""
+    root = Path(dataset_dir)
+    labels = dict(_image_files(root / "labelsTr"))
+    paired, images = set(), []
+    for stem, path in _image_files(root / "imagesTr"):
+        match = _channel_file(stem, labels)
+        case = match.group(1) if match else stem
+        if case in labels:
+            paired.add(case)
+        else:
+            images.append(path.name)
+    return images, [path.name for stem, path in labels.items() if stem not in paired]
+
+
 def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
     """Cases that have both an image (channel ``channel`` for multi-channel cases) and a label."""
     root = Path(dataset_dir)
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    if not images_dir.is_dir() or not labels_dir.is_dir():
-        raise SegAssistError(f"{root} is not a dataset folder: it needs imagesTr/ and labelsTr/")
-    labels: Dict[str, Path] = {}
-    for path in labels_dir.iterdir():
-        stem = _strip_suffix(path.name)
-        if stem is not None and not path.name.startswith("."):
-            labels[stem] = path
+    problem = dataset_folder_problem(root)
+    if problem:
+        raise SegAssistError(problem)
+    labels = dict(_image_files(root / "labelsTr"))
     cases = []
     channels = set()  # of the labelled cases' per-channel files (case_0000.nii.gz)
     per_channel = set()  # the labelled cases stored as per-channel files
-    for path in sorted(images_dir.iterdir()):
-        stem = _strip_suffix(path.name)
-        if stem is None or path.name.startswith("."):
-            continue
-        match = re.match(r"^(.*)_(\d{4})$", stem)
+    for stem, path in _image_files(root / "imagesTr"):
+        match = _channel_file(stem, labels)
         inside = channel
-        if match and match.group(1) in labels:
+        if match:
             channels.add(int(match.group(2)))
             per_channel.add(match.group(1))
             if int(match.group(2)) != channel:

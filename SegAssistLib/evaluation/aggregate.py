@@ -5,8 +5,8 @@ A record is one session: one structure of one case, segmented by one engine unde
 interval that resamples patients (:func:`SegAssistLib.evaluation.stats.bootstrap_mean`): every
 structure of every case of one patient (:func:`SegAssistLib.datasets.patient_of`: ACDC's two frames,
 Sunnybrook's two phases, crops of one scan) is drawn together, since they share the anatomy and
-are not independent. Curves of different lengths (a user who stopped on a perfect mask) carry their
-last value forward.
+are not independent. A record holds the interactions made; curves of different lengths (a user who
+stopped on a perfect mask) carry their last value forward to the number of interactions allowed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from SegAssistLib.datasets import patient_of
+from SegAssistLib.evaluation.metrics import carried_forward
 from SegAssistLib.evaluation.stats import Estimate, bootstrap_mean, latency_summary
 
 NOC_KEYS = ("80", "85", "90")
@@ -30,14 +31,18 @@ def group_by(records: Iterable[Dict], *keys: str) -> Dict[Tuple, List[Dict]]:
     return out
 
 
-def padded(curves: Sequence[Sequence[Optional[float]]], missing: float = np.inf) -> np.ndarray:
-    """Curves as one array, each carried forward to the longest; ``None`` becomes ``missing``."""
-    n = max(len(c) for c in curves)
-    rows = []
-    for c in curves:
-        values = [missing if v is None else float(v) for v in c]
-        rows.append(values + [values[-1]] * (n - len(values)))
-    return np.asarray(rows, float)
+def padded(curves: Sequence[Sequence[Optional[float]]], missing: float = np.inf, length: int = 0) -> np.ndarray:
+    """Curves as one array, each carried forward to the longest or to ``length`` where that is longer
+    (the interactions allowed: a group whose users all stopped early still has a value after each);
+    ``None`` becomes ``missing``."""
+    n = max(length, *(len(c) for c in curves))
+    return np.asarray([carried_forward([missing if v is None else float(v) for v in c], n) for c in curves], float)
+
+
+def allowed(records: Sequence[Dict]) -> int:
+    """The most interactions any of the records allowed (``interactions_allowed``; results written
+    before it was recorded held that many Dice values, carried forward after an early stop)."""
+    return max(int(r.get("interactions_allowed", len(r["dice"]))) for r in records)
 
 
 def cluster(r: Dict) -> str:
@@ -74,8 +79,9 @@ def summarise(records: Sequence[Dict], seed: int = 0) -> Optional[Summary]:
     def est(values: Sequence[float]) -> Estimate:
         return bootstrap_mean(values, groups, seed=seed)
 
-    dice = padded([r["dice"] for r in records])
-    hd = padded([r.get("hd95_mm") or [None] for r in records])
+    n = allowed(records)
+    dice = padded([r["dice"] for r in records], length=n)
+    hd = padded([r.get("hd95_mm") or [None] for r in records], length=n)
     finals_hd = [np.inf if r["final_hd95_mm"] is None else r["final_hd95_mm"] for r in records]
     with np.errstate(invalid="ignore"):
         hd_median = [float(np.median(col)) for col in hd.T]

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, TextIO, Tuple
 import numpy as np
 
 from SegAssistLib.cli_types import non_negative_mm, positive_int
-from SegAssistLib.datasets import default_data_root
+from SegAssistLib.datasets import dataset_ignore_label, default_data_root
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
@@ -46,8 +46,10 @@ from SegAssistLib.evaluation.runner import (
     PROTOCOLS,
     check_targets,
     evaluate_target,
+    label_values,
     load_case,
     parse_targets,
+    target_masks,
     warm_up,
 )
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
@@ -232,13 +234,16 @@ def run_bench(
                            label=f"{job.case.name} (not read)")
                 continue
             rejected: Dict[str, str] = {}  # engine -> why it refused this image (every session would be refused)
+            ignore_label = dataset_ignore_label(job.case.image.parent.parent)  # the folder's dataset.json
+            held: Optional[str] = None  # the label map's values, read once, when a structure is absent
             for structure in job.structures:
-                mask = np.isin(labels, structure.labels).astype(np.uint8)
+                mask, ignore = target_masks(labels, structure.labels, ignore_label)
                 base = {"dataset": job.dataset, "case": job.case.name, "structure": structure.name,
                         "target": structure.key}
                 if not mask.any():
+                    held = held or label_values(labels)  # beside the reason, which the report groups by
                     skipped.extend({**base, "engine": name, "protocol": protocol,
-                                    "reason": "structure absent in this case"}
+                                    "reason": "structure absent in this case", "label_values": held}
                                    for protocol in config.protocols for name in engines)
                     bar.update(len(config.protocols) * len(engines), label=f"{job.case.name} (absent)")
                     continue
@@ -260,7 +265,7 @@ def run_bench(
                         t0 = time.perf_counter()
                         try:
                             record = evaluate_target(engine, volume, mask, job.case.name, structure.key, protocol,
-                                                     config.max_clicks(protocol), scribble)
+                                                     config.max_clicks(protocol), scribble, ignore)
                         except PromptError as exc:
                             skipped.append({**base, "engine": name, "protocol": protocol,
                                             "reason": f"prompt rejected: {exc}"})

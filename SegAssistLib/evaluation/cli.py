@@ -92,8 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", default=None, help="checkpoint for the builtin and ablation engines (default: shipped)"
     )
-    parser.add_argument("--device", default="cpu", help="device of the builtin engine (cpu, cuda)")
-    parser.add_argument("--refine-depth", type=refine_depth, default=1, metavar="N",
+    parser.add_argument("--device", default=None,
+                        help="builtin and ablation: device of the model (cpu, cuda; default cpu)")
+    parser.add_argument("--refine-depth", type=refine_depth, default=None, metavar="N",
                         help="builtin: re-predict zoomed-out answers N levels finer, 1 to 16 (default 1; 2 sharpens "
                              "large structures at about twice the latency of such clicks)")
     parser.add_argument("--correction-zoom-share", type=share_of_a_side, default=None, metavar="S",

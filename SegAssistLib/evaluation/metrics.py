@@ -19,11 +19,18 @@ Conventions (also written into every evaluation JSON, see :data:`CONVENTIONS`):
   box or scribble, which the challenge treats as optional). With 5 clicks it lies in [0, 4]. The
   normalised AUC divides by (number of clicks - 1), giving a mean-Dice-like number in [0, 1] that is
   comparable between protocols with different numbers of clicks.
+- Voxels of nnU-Net's ignore label (``"ignore": N`` in ``dataset.json``: left unannotated) are
+  neither target nor background: Dice and HD95 are computed over the other voxels only (the
+  prediction inside them is dropped, as nnU-Net's evaluation does) and the simulated user never
+  clicks in them.
+- A user stops when no error is left (Dice 1.0): the session's record holds only the interactions
+  made (``stopped`` says why), and means per interaction, NoC and the Dice AUC carry its last value
+  forward to the number of interactions allowed (:func:`carried_forward`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -51,15 +58,46 @@ CONVENTIONS = {
         "trapezoidal area under Dice vs interaction index (unit steps) over the click steps after "
         "the box or scribble (CVPR 2025 challenge DSC_AUC); dice_auc_norm = dice_auc / (clicks - 1)"
     ),
+    "ignore": (
+        "voxels of nnU-Net's ignore label (dataset.json \"ignore\": N, unannotated) are left out of Dice and "
+        "HD95 (the prediction there is dropped, as nnU-Net's evaluation does) and of the simulated user's "
+        "error regions"
+    ),
+    "stopped": (
+        "the user stops when no error is left: the record holds only the interactions made (dice, hd95_mm, "
+        "latency_s, interactions, prompts of one length) and stopped = \"dice 1.0\" (null: every interaction "
+        "allowed was made); means per interaction, NoC and dice_auc carry the last value forward to "
+        "interactions_allowed"
+    ),
 }
 
 _FACE = ndimage.generate_binary_structure(3, 1)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
+def outside(mask: np.ndarray, ignore: Optional[np.ndarray]) -> np.ndarray:
+    """``mask`` as booleans, without the voxels of ``ignore`` (None: nothing ignored)."""
+    mask = np.asarray(mask) > 0
+    if ignore is None:
+        return mask
+    ignore = np.asarray(ignore, bool)
+    if ignore.shape != mask.shape:
+        raise ValueError(f"ignore mask shape {ignore.shape} differs from mask shape {mask.shape}")
+    return mask & ~ignore
+
+
+def carried_forward(values: Sequence, length: int) -> List:
+    """``values`` with the last one repeated up to ``length`` (a user who stopped early keeps the mask
+    it stopped on); as given where already that long. Empty stays empty."""
+    values = list(values)
+    return values + values[-1:] * (int(length) - len(values))
+
+
+def dice(a: np.ndarray, b: np.ndarray, ignore: Optional[np.ndarray] = None) -> float:
+    """Dice of two masks; ``ignore``: voxels left out of both (nnU-Net's ignore label)."""
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
     if a.shape != b.shape:
         raise ValueError(f"dice: shapes differ, {a.shape} and {b.shape}")
+    a, b = outside(a, ignore), outside(b, ignore)
     total = int(a.sum()) + int(b.sum())
     if total == 0:
         return 1.0
@@ -105,11 +143,15 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=_FACE, border_value=0)
 
 
-def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
-    """95th-percentile symmetric Hausdorff distance in mm; ``spacing`` is ``(i, j, k)``."""
+def hd95(
+    a: np.ndarray, b: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0), ignore: Optional[np.ndarray] = None
+) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm; ``spacing`` is ``(i, j, k)``; ``ignore``:
+    voxels left out of both masks first (nnU-Net's ignore label)."""
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
     if a.shape != b.shape:
         raise ValueError(f"hd95: shapes differ, {a.shape} and {b.shape}")
+    a, b = outside(a, ignore), outside(b, ignore)
     if not a.any() and not b.any():
         return 0.0
     if not a.any() or not b.any():

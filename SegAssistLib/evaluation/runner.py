@@ -8,9 +8,18 @@ engine's wall-clock latency per interaction (the simulator and the metrics are n
 peak memory.
 
 Counting: ``max_clicks`` is the number of clicks. With ``box+clicks`` and ``scribble+clicks`` the
-box or scribble is one more interaction, the first, so every record has ``max_clicks`` (clicks) or
-``max_clicks + 1`` interactions; NoC counts interactions, the box or scribble included. When the
-prediction is already perfect the user stops; the remaining Dice values repeat the last one.
+box or scribble is one more interaction, the first, so a record allows ``max_clicks`` (clicks) or
+``max_clicks + 1`` interactions (``interactions_allowed``); NoC counts interactions, the box or
+scribble included. When the prediction is already perfect the user stops: the record holds only the
+interactions made, every per-interaction list (``dice``, ``hd95_mm``, ``latency_s``,
+``interactions``, ``prompts``) the same length, and ``stopped`` says why; NoC, the Dice AUC and the
+means per interaction carry the last value forward to the number allowed. A target whose bounding
+box is flat along two or more axes (a voxel, a line) cannot be sent as a box: with ``box+clicks`` its
+first interaction is a click instead (``first_prompt``).
+
+Voxels of nnU-Net's ``"ignore"`` label (``dataset.json``) are unannotated: left out of Dice and HD95
+and of the simulated user's error regions (:data:`SegAssistLib.evaluation.metrics.CONVENTIONS`).
+The JSON layout is described in ``docs/evaluation.md``.
 
 Memory: the resident set size of this process is sampled every 5 ms by a background thread
 reading ``/proc/self/statm`` while the engine opens each session and answers its prompts
@@ -35,10 +44,20 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from SegAssistLib.datasets import Case, dataset_targets, list_cases, split_cases
+from SegAssistLib.datasets import (
+    Case,
+    dataset_folder_problem,
+    dataset_ignore_label,
+    dataset_targets,
+    list_cases,
+    split_cases,
+    split_dataset,
+    unpaired_files,
+)
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
+from SegAssistLib.evaluation.aggregate import allowed, padded
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.files import atomic_write_bytes
 from SegAssistLib.image import Volume, geometry_difference
@@ -150,34 +169,55 @@ def builtin_engine_record(engine: Engine) -> Dict:
             "edge_snap": edge_snap_record(engine)}
 
 
+MODEL_ENGINES = ("builtin", "ablation")  # the engines that run the model and take its options
+
+
+def engine_options_problem(name: str, **options: object) -> Optional[str]:
+    """Why the model's options (``model``, ``device``, ``refine_depth``, ``correction_zoom_share``,
+    ``edge_band``; None: not given) cannot go with the engine ``name`` (None: they can): the baselines
+    run on the CPU and have no checkpoint, refinement, correction zoom or edge snap, so these options
+    given with them would be accepted and ignored. ``device="cpu"`` is where they run anyway."""
+    if name in MODEL_ENGINES:
+        return None
+    given = [f"--{key.replace('_', '-')}" for key, value in options.items()
+             if value is not None and not (key == "device" and value == "cpu")]
+    if not given:
+        return None
+    verb = "applies" if len(given) == 1 else "apply"
+    return f"{', '.join(given)} {verb} to the builtin and ablation engines only, not {name}"
+
+
 def make_engine(
     name: str,
     model: Optional[str] = None,
-    device: str = "cpu",
+    device: Optional[str] = None,
     threads: Optional[int] = None,
-    refine_depth: int = 1,
+    refine_depth: Optional[int] = None,
     correction_zoom_share: Optional[float] = None,
     edge_band: Optional[float] = None,
 ) -> Engine:
     """``builtin`` (the shipped model or ``model``), ``ablation`` (the same model without prompt
     history, see :mod:`SegAssistLib.evaluation.ablation`), ``growcut``, ``randomwalker`` or their
     ``-inside`` variants (no background seeded on the image edge).
-    ``refine_depth`` and ``correction_zoom_share`` (None: the engine's default) as for
-    :class:`~SegAssistLib.engine.builtin.BuiltinEngine`; ``edge_band``: the band of its edge snap
-    (None: the default, 0: no snap)."""
-    if name in ("builtin", "ablation"):
+    ``device`` (None: cpu), ``refine_depth`` (None: 1) and ``correction_zoom_share`` (None: the
+    engine's default) as for :class:`~SegAssistLib.engine.builtin.BuiltinEngine`; ``edge_band``: the
+    band of its edge snap (None: the default, 0: no snap). These are the model's: SegAssistError when
+    one is given with a baseline (:func:`engine_options_problem`)."""
+    if name in MODEL_ENGINES:
         from SegAssistLib.engine.builtin import load_default_engine
 
         options = builtin_options(correction_zoom_share, edge_band)
-        builtin = load_default_engine(checkpoint=model, device=device, threads=threads, refine_depth=refine_depth,
-                                      **options)
+        builtin = load_default_engine(checkpoint=model, device=device or "cpu", threads=threads,
+                                      refine_depth=1 if refine_depth is None else refine_depth, **options)
         if name == "builtin":
             return builtin
         from SegAssistLib.evaluation.ablation import NoHistoryEngine
 
         return NoHistoryEngine(builtin)
-    if model is not None:
-        raise SegAssistError(f"--model applies to the builtin and ablation engines only, not {name}")
+    problem = engine_options_problem(name, model=model, device=device, refine_depth=refine_depth,
+                                     correction_zoom_share=correction_zoom_share, edge_band=edge_band)
+    if problem:
+        raise SegAssistError(problem)
     from SegAssistLib.evaluation.baselines import BASELINES
 
     if name not in BASELINES:
@@ -263,9 +303,14 @@ def _cuda_peak_mb_reset() -> Optional[Callable[[], float]]:
 
 
 # --- one case ----------------------------------------------------------------------------------
+BOX_DEGENERATE = "click (box degenerate)"
+
+
 def initial_prompt(
     protocol: str, target: np.ndarray, spacing: Sequence[float], scribble: Optional[ScribbleSpec] = None
 ) -> Optional[Prompt]:
+    """The protocol's first prompt (None: clicks only). PromptError from ``box+clicks`` when the
+    target's bounding box is flat along two or more axes (see :func:`first_interaction`)."""
     if protocol == "clicks":
         return None
     if protocol == "box+clicks":
@@ -278,6 +323,22 @@ def initial_prompt(
     raise SegAssistError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
 
 
+def first_interaction(
+    protocol: str, target: np.ndarray, spacing: Sequence[float], scribble: Optional[ScribbleSpec] = None
+) -> Tuple[Optional[Prompt], str]:
+    """The protocol's first prompt (None: clicks only) and what it is: ``"click"`` (clicks only),
+    ``"box"``, ``"scribble"`` or, for a target whose bounding box is flat along two or more axes (a
+    single voxel, a line) that no box can be sent for, :data:`BOX_DEGENERATE`: the first click in
+    the box's place, still one interaction of ``max_clicks + 1``."""
+    try:
+        first = initial_prompt(protocol, target, spacing, scribble)
+    except PromptError:
+        if protocol != "box+clicks":
+            raise
+        return simulator.first_click(target, spacing), BOX_DEGENERATE
+    return first, "click" if first is None else first.kind
+
+
 def run_session(
     engine: Engine,
     volume,
@@ -287,10 +348,19 @@ def run_session(
     scribble: Optional[ScribbleSpec] = None,
     hd95_each: bool = False,
     memory: Optional[PeakMemory] = None,
+    ignore: Optional[np.ndarray] = None,
+    carry_forward: bool = True,
 ) -> Dict:
     """Drive one session; returns the prompts and the Dice, latency (and, with ``hd95_each``, HD95
-    in mm after every interaction; ``inf`` when one mask is empty) lists and the final mask.
-    ``memory``: sampled while the engine works (see :class:`PeakMemory`)."""
+    in mm after every interaction; ``inf`` when one mask is empty) lists, the final mask,
+    ``interactions_allowed``, ``first_prompt`` (see :func:`first_interaction`) and ``stopped``: why
+    the user stopped before the number allowed (``"dice 1.0"``: no error left), None when it did not.
+    With ``carry_forward`` (for callers that take Dice after the k-th interaction of every session)
+    the Dice and HD95 lists repeat their last value up to the number allowed; without it every list
+    holds one value per interaction made, as ``latency_s`` and ``prompts`` always do.
+    ``memory``: sampled while the engine works (see :class:`PeakMemory`); ``ignore``: voxels left
+    unannotated (nnU-Net's ignore label), left out of the metrics and the simulated user's error
+    regions."""
     spacing = volume.spacing
 
     def engine_call():
@@ -302,19 +372,18 @@ def run_session(
     dices: List[float] = []
     hds: List[float] = []
     latencies: List[float] = []
+    stopped: Optional[str] = None
     try:
-        first = initial_prompt(protocol, target, spacing, scribble)
+        first, first_kind = first_interaction(protocol, target, spacing, scribble)
         planned = max_clicks + (first is not None)
         pred = np.zeros(target.shape, np.uint8)
         while len(dices) < planned:
             if first is not None and not prompts:
                 prompt: Optional[Prompt] = first
             else:
-                prompt = simulator.next_click(target, pred, spacing)
+                prompt = simulator.next_click(target, pred, spacing, ignore)
             if prompt is None:  # perfect: the user stops
-                dices.extend([dices[-1] if dices else 1.0] * (planned - len(dices)))
-                if hd95_each:
-                    hds.extend([hds[-1] if hds else 0.0] * (planned - len(hds)))
+                stopped = "dice 1.0"
                 break
             with engine_call():
                 start = time.perf_counter()
@@ -322,13 +391,16 @@ def run_session(
                 latencies.append(time.perf_counter() - start)
             update.apply_to(pred)
             prompts.append(prompt)
-            dices.append(metrics.dice(target, pred))
+            dices.append(metrics.dice(target, pred, ignore))
             if hd95_each:
-                hds.append(metrics.hd95(target, pred, spacing))
+                hds.append(metrics.hd95(target, pred, spacing, ignore))
         final = session.result()
     finally:
         session.close()
-    out = {"prompts": prompts, "dice": dices, "latency_s": latencies, "final": final}
+    if carry_forward:
+        dices, hds = metrics.carried_forward(dices, planned), metrics.carried_forward(hds, planned)
+    out = {"prompts": prompts, "dice": dices, "latency_s": latencies, "final": final,
+           "interactions_allowed": planned, "first_prompt": first_kind, "stopped": stopped}
     if hd95_each:
         out["hd95_mm"] = hds
     return out
@@ -347,39 +419,48 @@ def evaluate_target(
     protocol: str,
     max_clicks: int,
     scribble: Optional[ScribbleSpec] = None,
+    ignore: Optional[np.ndarray] = None,
 ) -> Dict:
-    """The record of one session on one target (``mask``: uint8, the image's grid, not empty).
+    """The record of one session on one target (``mask``: uint8, the image's grid, not empty;
+    ``ignore``: the voxels of nnU-Net's ignore label, or None). Its per-interaction lists hold the
+    interactions made (see the module's docstring; ``docs/evaluation.md`` lists every field).
 
     Raises :class:`PromptError` when the engine rejects a prompt of the protocol.
     """
     cuda_peak = _cuda_peak_mb_reset()
     with PeakMemory(engine_only=True) as memory:
-        out = run_session(engine, volume, mask, protocol, max_clicks, scribble, hd95_each=True, memory=memory)
+        out = run_session(engine, volume, mask, protocol, max_clicks, scribble, hd95_each=True, memory=memory,
+                          ignore=ignore, carry_forward=False)
     dices = out["dice"]
-    allowed = len(dices)
+    limit = out["interactions_allowed"]
+    carried = metrics.carried_forward(dices, limit)  # the user who stopped keeps its mask
     noc, reached = {}, {}
     for t in NOC_THRESHOLDS:
         key = f"{round(t * 100)}"
-        noc[key], reached[key] = metrics.number_of_clicks(dices, t, allowed)
-    clicks = dices[1:] if protocol != "clicks" else dices  # the challenge's AUC is over the clicks
+        noc[key], reached[key] = metrics.number_of_clicks(carried, t, limit)
+    clicks = carried[1:] if protocol != "clicks" else carried  # the challenge's AUC is over the clicks
     record = {
         "case": case_name,
         "target": target,
         "protocol": protocol,
+        "first_prompt": out["first_prompt"],
         "interactions": [p.kind for p in out["prompts"]],
         "prompts": [json.loads(dumps_prompt(p)) for p in out["prompts"]],
         "dice": [round(d, 6) for d in dices],
         "hd95_mm": [_finite_or_none(round(h, 4)) for h in out["hd95_mm"]],
         "latency_s": [round(x, 6) for x in out["latency_s"]],
+        "interactions_allowed": limit,
+        "stopped": out["stopped"],
         "noc": noc,
         "reached": reached,
         "dice_auc": round(metrics.dice_auc(clicks), 6),
         "dice_auc_norm": round(metrics.normalised_dice_auc(clicks), 6),
         "final_dice": round(dices[-1], 6),
-        "final_hd95_mm": _finite_or_none(metrics.hd95(mask, out["final"], volume.spacing)),
+        "final_hd95_mm": _finite_or_none(metrics.hd95(mask, out["final"], volume.spacing, ignore)),
         "peak_rss_mb": round(memory.peak_mb, 1),
         "rss_before_mb": round(memory.start_bytes / 2**20, 1),
         "target_voxels": int(mask.sum()),
+        "ignored_voxels": 0 if ignore is None else int(np.count_nonzero(ignore)),
         "image_shape_ijk": list(volume.shape_ijk),
         "spacing": list(volume.spacing),
     }
@@ -435,14 +516,47 @@ def label_on_image_grid(
     return (labels, problem) if back is None else (back, None)
 
 
+def label_values(labels: np.ndarray, most: int = 6) -> str:
+    """The first few distinct values of a label map, for a reason: ``"0, 255"``, ``"0, 1, 2, ... (9 values)"``."""
+    values = np.unique(labels)
+    shown = ", ".join(str(v) for v in values[:most])
+    return shown + (f", ... ({len(values)} values)" if len(values) > most else "")
+
+
+def non_integer_labels(labels: np.ndarray) -> Optional[str]:
+    """Why a label map holds no label ids (None: its values are whole numbers): a probability map, or
+    a label resampled with interpolation, holds values such as 0.9999999 that match no label."""
+    if labels.dtype.kind not in "fc":
+        return None
+    fractional = labels[np.mod(labels.real, 1) != 0]  # NaN too
+    if fractional.size == 0:
+        return None
+    return (f"the label map holds values that are not whole numbers ({label_values(fractional, 3)}; dtype "
+            f"{labels.dtype}): label maps hold label ids (0, 1, 2...), not a probability map or an interpolated "
+            "label")
+
+
 def load_case(case: Case) -> Tuple[Volume, np.ndarray]:
     """A case's image and label map on the image's grid (reversed along an axis the label file stores
-    in reverse order, see :func:`label_on_image_grid`); SegAssistError when the label is on another grid."""
+    in reverse order, see :func:`label_on_image_grid`); SegAssistError when the label is on another grid
+    or holds values that are not whole numbers (:func:`non_integer_labels`)."""
     volume = load_volume(case.image, channel=case.channel)
     labels, problem = label_on_image_grid(case.label, load_mask(case.label), volume)
+    problem = problem or non_integer_labels(labels)
     if problem:
         raise SegAssistError(f"{case.name}: {problem}")
     return volume, labels
+
+
+def target_masks(labels: np.ndarray, target: Target, ignore_label: Optional[int] = None
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The target's mask (uint8) of a label map and the voxels of nnU-Net's ignore label (None: the
+    dataset has none, or the label map holds no such voxel); the ignore label is never part of a target."""
+    ignore = None if ignore_label is None else labels == ignore_label
+    if ignore is not None and not ignore.any():
+        ignore = None
+    mask = np.isin(labels, [t for t in target if t != ignore_label]).astype(np.uint8)
+    return mask, ignore
 
 
 def evaluate_case(
@@ -452,9 +566,12 @@ def evaluate_case(
     protocol: str,
     max_clicks: int,
     scribble: Optional[ScribbleSpec] = None,
+    ignore_label: Optional[int] = None,
 ) -> Tuple[List[Dict], List[Dict]]:
     """Records and skips of one case (a case that cannot be read, or whose image the engine
-    rejects, is skipped with the reason: one bad file must not lose the rest of a long run)."""
+    rejects, is skipped with the reason: one bad file must not lose the rest of a long run; a target
+    the label map lacks is skipped with the values it holds). ``ignore_label``: the value of nnU-Net's
+    ignore label (:func:`~SegAssistLib.datasets.dataset_ignore_label`), None: none."""
     records, skipped = [], []
     try:
         volume, labels = load_case(case)
@@ -462,17 +579,21 @@ def evaluate_case(
         return records, [{"case": case.name, "target": target_name(t), "reason": f"case not read: {exc}"}
                          for t in targets]
     rejected: Optional[str] = None  # the engine refused the image: every other target would be refused too
+    held: Optional[str] = None  # the label map's values, read once, when a target is absent
     for target in targets:
         name = target_name(target)
-        mask = np.isin(labels, target).astype(np.uint8)
+        mask, ignore = target_masks(labels, target, ignore_label)
         if not mask.any():
-            skipped.append({"case": case.name, "target": name, "reason": "target label absent"})
+            held = held or label_values(labels)
+            skipped.append({"case": case.name, "target": name,
+                            "reason": f"target label absent (the label map holds {held})"})
             continue
         if rejected is not None:
             skipped.append({"case": case.name, "target": name, "reason": rejected})
             continue
         try:
-            records.append(evaluate_target(engine, volume, mask, case.name, name, protocol, max_clicks, scribble))
+            records.append(evaluate_target(engine, volume, mask, case.name, name, protocol, max_clicks, scribble,
+                                           ignore))
         except PromptError as exc:
             skipped.append({"case": case.name, "target": name, "reason": f"prompt rejected: {exc}"})
         except ImageError as exc:  # a constant, single-slice or too big image: refused when the session opens
@@ -485,9 +606,9 @@ def evaluate_case(
 def summarise(records: Sequence[Dict]) -> Dict:
     if not records:
         return {"records": 0}
-    n = max(len(r["dice"]) for r in records)
-    # carry the last value forward so records of different lengths average per interaction
-    dice = np.asarray([r["dice"] + [r["dice"][-1]] * (n - len(r["dice"])) for r in records])
+    # carry the last value forward (a user who stopped early keeps its mask) so that every record
+    # has a value after each interaction allowed
+    dice = padded([r["dice"] for r in records], length=allowed(records))
     latencies = np.concatenate([np.asarray(r["latency_s"], float) for r in records])
     hd = [r["final_hd95_mm"] for r in records if r["final_hd95_mm"] is not None]  # None: one mask empty
     out = {
@@ -519,10 +640,10 @@ class EvalConfig:
     max_clicks: int = 10
     cases: Optional[int] = None
     split: str = "evaluation"
-    engine: str = "growcut"
+    engine: str = "builtin"  # as the command line's --engine
     model: Optional[str] = None
-    device: str = "cpu"
-    refine_depth: int = 1  # builtin engine: see BuiltinEngine
+    device: Optional[str] = None  # builtin engine: None = cpu
+    refine_depth: Optional[int] = None  # builtin engine: None = 1, see BuiltinEngine
     correction_zoom_share: Optional[float] = None  # builtin engine: None = BuiltinEngine's default
     edge_band: Optional[float] = None  # builtin engine: None = the default edge snap, 0 = none
     channel: int = 0
@@ -530,24 +651,70 @@ class EvalConfig:
 
 
 def progress_part(record: Dict) -> str:
-    """A record on the progress line: Dice after the first, fifth and last interaction (each count
-    once), NoC@85, and the median latency per interaction."""
+    """A record on the progress line: Dice after the first, fifth and last interaction made (each count
+    once), why the user stopped early, NoC@85, and the median latency per interaction; a first click in
+    place of a box is said."""
     d = record["dice"]
     dice = " ".join(f"@{k} {d[k - 1]:.3f}" for k in sorted({1, min(5, len(d)), len(d)}))
+    if record.get("stopped"):
+        dice += f" (stopped after {len(d)}: {record['stopped']})"
+    first = record.get("first_prompt", "")
+    first = f", first prompt a {first}" if first.startswith("click (") else ""
     noc = record["noc"]["85"] if record["reached"]["85"] else "not reached"
     latency = float(np.median(record["latency_s"])) if record["latency_s"] else 0.0
-    return f"target {record['target']}: Dice {dice}, NoC@85 {noc}, median latency {latency:.2f} s"
+    return f"target {record['target']}: Dice {dice}{first}, NoC@85 {noc}, median latency {latency:.2f} s"
+
+
+def _examples(names: Sequence[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
+def unpaired_warning(dataset_dir: Union[str, Path]) -> Optional[str]:
+    """A line on the files of a dataset folder that no case holds (an image without a label, a label
+    without an image), None when there are none."""
+    images, labels = unpaired_files(dataset_dir)
+    parts = []
+    if images:
+        parts.append(f"{len(images)} image{'s' if len(images) > 1 else ''} in imagesTr/ without a label "
+                     f"({_examples(images)})")
+    if labels:
+        parts.append(f"{len(labels)} label{'s' if len(labels) > 1 else ''} in labelsTr/ without an image "
+                     f"({_examples(labels)})")
+    return f"warning: {dataset_dir}: {' and '.join(parts)}: left out" if parts else None
+
+
+def _no_cases(dataset_dir: Path) -> str:
+    """Why a dataset folder has no case: no image has a label of the same name."""
+    images, labels = unpaired_files(dataset_dir)  # no pair: every image and every label
+    text = (f"no cases in {dataset_dir}: none of the {len(images)} image(s) in imagesTr/ has a label of the same "
+            f"name among the {len(labels)} in labelsTr/ (a case is imagesTr/<case>.nii.gz or <case>_0000.nii.gz "
+            "with labelsTr/<case>.nii.gz; .nii, .nrrd, .mha, .mhd also)")
+    examples = [f"{kind} {names[0]}" for kind, names in (("image", images), ("label", labels)) if names]
+    return text + (f"; e.g. {', '.join(examples)}" if examples else "")
 
 
 def select_cases(dataset_dir: Path, split: str, count: Optional[int], channel: int = 0) -> List[Case]:
+    """The first ``count`` (None: all) cases of a split of a dataset folder; SegAssistError saying why
+    when there are none: no image has a label, or every case is on the other side of the split."""
     if split not in SPLITS:
         raise SegAssistError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    dataset_dir = Path(dataset_dir)
     cases = list_cases(dataset_dir, channel=channel)
-    if split != "all":
-        cases = split_cases(cases, split)
     if not cases:
-        raise SegAssistError(f"no {split} cases in {dataset_dir}")
-    return cases if count is None else cases[: max(0, int(count))]
+        raise SegAssistError(_no_cases(dataset_dir))
+    chosen = cases if split == "all" else split_cases(cases, split)
+    if not chosen:
+        known = split_dataset(dataset_dir.name, {c.name for c in cases})
+        if split == "evaluation":
+            raise SegAssistError(
+                f"no evaluation cases in {dataset_dir}: it is the dataset {known} of Resources/splits.json and "
+                f"none of its {len(cases)} cases is among that dataset's evaluation cases (they are training "
+                "cases): pass --split all (or --split training) to evaluate them")
+        why = (f"of {known} in Resources/splits.json" if known else
+               "a folder that Resources/splits.json does not name is evaluation whole")
+        raise SegAssistError(f"no training cases in {dataset_dir}: all {len(cases)} of its cases are evaluation "
+                             f"cases ({why}): pass --split all to use every case")
+    return chosen if count is None else chosen[: max(0, int(count))]
 
 
 def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Callable[[str], None] = print) -> Dict:
@@ -558,9 +725,24 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         raise SegAssistError(f"unknown protocol {config.protocol!r} (choose from {', '.join(PROTOCOLS)})")
     if config.max_clicks < 1:
         raise SegAssistError("max_clicks must be at least 1")
+    if engine is None:  # the model's options with a baseline: refused before any work
+        problem = engine_options_problem(config.engine, model=config.model, device=config.device,
+                                         refine_depth=config.refine_depth,
+                                         correction_zoom_share=config.correction_zoom_share, edge_band=config.edge_band)
+        if problem:
+            raise SegAssistError(problem)
+    # a folder without dataset.json (a parent of datasets) is said to be no dataset folder, not asked for
+    # --labels; one with a dataset.json is meant as a dataset: a broken file is its first problem
+    problem = None if (dataset_dir / "dataset.json").is_file() else dataset_folder_problem(dataset_dir)
+    if problem:
+        raise SegAssistError(problem)
     targets = config.targets or default_targets(dataset_dir)
     check_targets(dataset_dir, targets)
     cases = select_cases(dataset_dir, config.split, config.cases, config.channel)
+    unpaired = unpaired_warning(dataset_dir)
+    if unpaired:
+        progress(unpaired)
+    ignore_label = dataset_ignore_label(dataset_dir)
     engine = engine or make_engine(config.engine, config.model, config.device, refine_depth=config.refine_depth,
                                   correction_zoom_share=config.correction_zoom_share, edge_band=config.edge_band)
     caps = engine.capabilities()
@@ -590,7 +772,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         raise unreadable[0]
     for index, case in enumerate(cases, start=1):
         case_records, case_skipped = evaluate_case(
-            engine, case, targets, config.protocol, config.max_clicks, config.scribble
+            engine, case, targets, config.protocol, config.max_clicks, config.scribble, ignore_label
         )
         records.extend(case_records)
         skipped.extend(case_skipped)
@@ -611,6 +793,7 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
             "protocol": config.protocol,
             "max_clicks": config.max_clicks,
             "channel": config.channel,
+            "ignore_label": ignore_label,
             "engine": caps.to_dict(),
             "refine_depth": getattr(engine, "refine_depth", None),
             "correction_zoom_share": getattr(engine, "correction_zoom_share", None),

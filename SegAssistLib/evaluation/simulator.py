@@ -10,6 +10,8 @@ Protocol (deterministic, the same for every engine):
   positive click) and of the spilled voxels (predicted and not target: a negative click). The
   largest region by voxel count wins; ties go to the missed region, then to the lowest label.
 - The image border counts as a region border (the region is padded with background first).
+- Voxels of nnU-Net's ignore label (left unannotated) belong to no error region: the prediction
+  there is neither missed nor spilled, and no click lands there.
 - Among voxels at the same distance the one closest to the region's centre of mass wins, then the
   first in array order.
 
@@ -25,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from SegAssistLib.errors import PromptError
+from SegAssistLib.evaluation.metrics import outside
 from SegAssistLib.evaluation.scribbles import simulate_scribble
 from SegAssistLib.prompts import BoxPrompt, PointPrompt, ScribblePrompt
 
@@ -71,13 +74,19 @@ def largest_component(mask: np.ndarray) -> Tuple[np.ndarray, int]:
 
 
 def next_click(
-    target: np.ndarray, prediction: Optional[np.ndarray], spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    target: np.ndarray,
+    prediction: Optional[np.ndarray],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    ignore: Optional[np.ndarray] = None,
 ) -> Optional[PointPrompt]:
-    """The click the simulated user makes next, or ``None`` when the prediction is already perfect."""
+    """The click the simulated user makes next, or ``None`` when the prediction is already perfect.
+    ``ignore``: voxels left unannotated (nnU-Net's ignore label), in neither error region."""
     target = np.asarray(target) > 0
     pred = np.zeros_like(target) if prediction is None else np.asarray(prediction) > 0
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    if ignore is not None:
+        target, pred = outside(target, ignore), outside(pred, ignore)
     # Work in the box of target | prediction: every error region lies in it and keeps its shape and
     # scan order there, so the click is the same as on the whole image, only cheaper on big images.
     either = target | pred

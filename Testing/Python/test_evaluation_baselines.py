@@ -190,6 +190,8 @@ def test_runner_writes_json_for_two_hippocampus_cases(hippocampus_dir, tmp_path)
     )
     path = write_json(result, tmp_path / "eval.json")
     data = json.loads(path.read_text())
+    warning, *lines = lines  # the folder holds an image without a label and labels without an image
+    assert warning.startswith(f"warning: {hippocampus_dir}: 1 image in imagesTr/ without a label")
     assert len(lines) == 2 and "hippocampus_" in lines[0]
     assert {(r["case"], r["target"]) for r in data["records"]} == {
         (c, t) for c in data["config"]["cases"] for t in ("1", "1+2")
@@ -216,7 +218,8 @@ def test_runner_records_absent_targets_and_refuses_unsupported_protocols(hippoca
     (folder / "dataset.json").write_text(json.dumps({"labels": {"1": "a", "2": "b", "7": "seven"}}))
     result = evaluate(EvalConfig(folder, targets=parse_targets("7"), max_clicks=1, engine="growcut"),
                       progress=lambda line: None)  # fmt: skip
-    assert result["records"] == [] and result["skipped"][0]["reason"] == "target label absent"
+    assert result["records"] == []
+    assert result["skipped"][0]["reason"] == "target label absent (the label map holds 0, 1, 2)"
     with pytest.raises(SegAssistError, match="label 7 not in"):
         evaluate(EvalConfig(hippocampus_dir, targets=parse_targets("7"), max_clicks=1, cases=1, engine="growcut"))
     with pytest.raises(SegAssistError, match="unknown protocol"):
