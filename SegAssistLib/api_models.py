@@ -59,6 +59,7 @@ class ErrorCode:
     VERSION_NOT_FOUND = "version_not_found"  # 404: no such adapter version
     NO_CASE_LEFT = "no_case_left"  # 404: every case is labelled or being worked on
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
+    NOT_ACCEPTABLE = "not_acceptable"  # 406: an uncompressed reply above its limit (accept zlib or zstd)
     UPLOAD_TIMEOUT = "upload_timeout"  # 408: the body did not arrive within the upload time limit
     SESSION_STATE = "session_state"  # 409: nothing to undo / redo
     PROMPT_LIMIT = "prompt_limit"  # 409: the session has had its maximum number of prompts
@@ -83,6 +84,7 @@ class ErrorCode:
     TRAINING_REFUSED = "training_refused"  # 422: bad settings, or too few submitted labels to train on
     TOO_MANY_SESSIONS = "too_many_sessions"  # 429: per user or in total
     QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
+    UPLOADS_BUSY = "uploads_busy"  # 503: no upload slot came free in time (or the user's own is taken); retry
     SHUTTING_DOWN = "shutting_down"  # 503
     STORAGE_UNAVAILABLE = "storage_unavailable"  # 503: a stored file cannot be read right now (kept); retry
     CORRUPT_DATA = "corrupt_data"  # 500: a datastore file is missing or fails its recorded checksum

@@ -66,7 +66,9 @@ def available_codecs() -> Tuple[str, ...]:
 
 
 def best_codec(accepted: Optional[Sequence[str]]) -> str:
-    """The best codec both this side and a peer that accepts ``accepted`` can use."""
+    """The best codec both this side and a peer that accepts ``accepted`` can use: ``none`` when the
+    peer lists none we write (every reader takes uncompressed bytes; a server bounds such replies,
+    ``Limits.max_uncompressed_reply_bytes``, answering 406 above it)."""
     ours = available_codecs()
     if not accepted:
         return ours[0]

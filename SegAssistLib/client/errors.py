@@ -40,7 +40,8 @@ class ClientError(SegAssistError):
 
 
 class BackendUnavailableError(ClientError):
-    """The server cannot be reached (not running, restarting, network down)."""
+    """The server cannot be reached (not running, restarting, network down), or the request failed
+    in the HTTP library for another reason (the message names the URL)."""
 
     code = "backend_unavailable"
 
@@ -58,7 +59,9 @@ class JobWaitTimeoutError(ClientError, TimeoutError):
 
 
 class ProtocolError(ClientError):
-    """The reply is not what the API promises (wrong server, or a proxy answering instead)."""
+    """The reply is not what the API promises (wrong server, or a proxy answering instead): not JSON,
+    a field missing or of the wrong type, an array that does not decode, a redirect loop. The message
+    names the route."""
 
     code = "protocol_error"
 
@@ -68,7 +71,8 @@ class ServerReplyError(ClientError):
 
 
 class BadRequestError(ServerReplyError, ValueError):
-    """400/422: the request itself is malformed (body, id, dtype, shape)."""
+    """400/422: the request itself is malformed (body, id, dtype, shape); 406: a reply the client's
+    codecs would have to take uncompressed is above the server's limit for that."""
 
 
 class AuthenticationError(ServerReplyError):
@@ -162,6 +166,7 @@ _BY_STATUS: Dict[int, Type[ServerReplyError]] = {
     403: AuthenticationError,
     404: NotFoundError,
     405: BadRequestError,
+    406: BadRequestError,
     408: UploadTimeoutError,
     409: SessionStateError,
     413: PayloadTooLargeError,

@@ -24,10 +24,11 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar, Union
 from urllib.parse import quote, urlsplit
 
 import requests
+from pydantic import BaseModel, ValidationError
 
 from SegAssistLib.api_models import ACCEPT_CODECS_HEADER, REQUEST_ID_HEADER
 from SegAssistLib.client.errors import (
@@ -38,7 +39,11 @@ from SegAssistLib.client.errors import (
     ServerBusyError,
     error_for,
 )
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.transport import available_codecs
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 #: seconds, or (connect, read) seconds; None (or None in the pair) waits without limit, as in requests
 Timeout = Union[None, float, Tuple[Optional[float], Optional[float]]]
@@ -266,6 +271,14 @@ class HttpClient:
                 self.close()  # drop pooled connections: the server may have restarted
                 last = BackendUnavailableError(f"cannot reach the SegAssist backend at {self.base_url}: {exc}")
                 continue
+            except requests.exceptions.TooManyRedirects as exc:  # a SegAssist server never redirects
+                raise ProtocolError(
+                    f"{method} {path}: {url} redirects again and again (is {self.base_url} a SegAssist server?)"
+                ) from exc
+            except requests.exceptions.RequestException as exc:  # any other failure of requests itself
+                raise BackendUnavailableError(
+                    f"{method} {path}: the request to {url} failed: {one_line(exc)}"
+                ) from exc
             if response.status_code < 400:
                 return response
             error = self._error(response)
@@ -322,6 +335,53 @@ class HttpClient:
             # a 2xx came back: a request that changes something was done, whatever the reply says
             error.outcome_unknown = bool(kwargs.get("once"))
             raise error from exc
+
+    def reply(self, method: str, path: str, parse: Callable[[Any], T], **kwargs: Any) -> T:
+        """The JSON reply to a request (``kwargs`` as for :meth:`request`), read by ``parse`` (a reply
+        model's ``model_validate``, :func:`list_of`, ...); a reply ``parse`` refuses raises
+        :class:`ProtocolError` (see :func:`parsed_reply`)."""
+        return parsed_reply(f"{method} {path}", parse, self.json(method, path, **kwargs), bool(kwargs.get("once")))
+
+
+def parsed_reply(route: str, parse: Callable[[Any], T], data: Any, once: bool = False) -> T:
+    """``parse(data)``, where ``data`` is what the server answered to ``route`` with a 2xx. A reply that
+    is not what the API promises (a field missing or of the wrong type, ``null``, a list for an
+    object, an array that does not decode) raises :class:`ProtocolError` with one line naming the
+    route, never the parser's own exception: every error the client raises is a ClientError.
+    ``once``: the request was one that must take effect once; a 2xx says it did, so the error has
+    ``outcome_unknown``."""
+    try:
+        return parse(data)
+    except ClientError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, SegAssistError) as exc:
+        error = ProtocolError(f"{route}: the reply is not what the API promises ({one_line(exc)})")
+        error.outcome_unknown = once
+        raise error from exc
+
+
+def list_of(model: Type[M]) -> Callable[[Any], List[M]]:
+    """A ``parse`` for :meth:`HttpClient.reply` of a JSON list of ``model`` (a JSON object is no list)."""
+
+    def parse(data: Any) -> List[M]:
+        if not isinstance(data, list):
+            raise TypeError(f"a list was expected, not {type(data).__name__}")
+        return [model.model_validate(item) for item in data]
+
+    return parse
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (pydantic's lists every field on lines of its own)."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False)
+        first = errors[0] if errors else {}
+        where = "".join(f".{x}" if isinstance(x, str) else f"[{x}]" for x in first.get("loc", ()))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        text = f"{exc.title}{where}: {first.get('msg', 'invalid')}{more}"
+    else:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _BearerAuth(requests.auth.AuthBase):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from SegAssistLib.client.errors import (
     JobWaitTimeoutError,
     ProtocolError,
 )
-from SegAssistLib.client.http import Timeout, path_id
+from SegAssistLib.client.http import Timeout, list_of, parsed_reply, path_id
 from SegAssistLib.image import Volume
 from SegAssistLib.labels import as_labels
 from SegAssistLib.prompts import MaskPrompt
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 FINAL_JOB_STATES = ("done", "cancelled", "failed")
 _MIN_POLL_S = 0.05  # the shortest timeout a poll is sent with (the last one, at the deadline)
 _BASE = f"{API_PREFIX}/learn"
+T = TypeVar("T")
 
 
 def _case_path(case_id: str) -> str:
@@ -107,7 +108,7 @@ class LearningClient:
 
     # ---- status and cases --------------------------------------------------------------------------
     def status(self) -> LearningStatus:
-        return LearningStatus.model_validate(self._http.json("GET", f"{_BASE}/status"))
+        return self._http.reply("GET", f"{_BASE}/status", LearningStatus.model_validate)
 
     def import_image(
         self,
@@ -122,45 +123,43 @@ class LearningClient:
         body = {"image_id": image_id, "name": name}
         if subject is not None:  # sent only when given: a server from before subjects still takes the rest
             body["subject"] = subject
-        reply = self._http.json("POST", f"{_BASE}/cases", json=body, safe=False)
-        return CaseInfo.model_validate(reply)
+        return self._http.reply("POST", f"{_BASE}/cases", CaseInfo.model_validate, json=body, safe=False)
 
     def cases(
         self, status: Union[None, str, Sequence[str]] = None, limit: int = 500, offset: int = 0
     ) -> List[CaseInfo]:
         statuses = [status] if isinstance(status, str) else list(status or [])
         params = {"limit": int(limit), "offset": int(offset), "status": [str(s) for s in statuses]}
-        reply = self._http.json("GET", f"{_BASE}/cases", params=params)
-        return [CaseInfo.model_validate(c) for c in reply]
+        return self._http.reply("GET", f"{_BASE}/cases", list_of(CaseInfo), params=params)
 
     def case(self, case_id: str) -> CaseInfo:
-        return CaseInfo.model_validate(self._http.json("GET", _case_path(case_id)))
+        return self._http.reply("GET", _case_path(case_id), CaseInfo.model_validate)
 
     def case_volume(self, case_id: str) -> Volume:
         """The case's image (to display it); the server then holds it for sessions too."""
-        response = self._http.request("GET", f"{_case_path(case_id)}/image")
-        try:
-            header, array = decode_frame(response.content)
-        except ValueError as exc:
-            raise ProtocolError(f"the image of case {case_id} is not a valid frame: {exc}") from exc
-        return Volume(
-            array,
-            spacing=tuple(header["spacing"]),
-            origin=tuple(header["origin"]),
-            direction=np.asarray(header["direction"], float).reshape(3, 3),
-            modality=header.get("modality"),
-        )
+        path = f"{_case_path(case_id)}/image"
+        response = self._http.request("GET", path)
+
+        def volume(frame: bytes) -> Volume:
+            header, array = decode_frame(frame)
+            return Volume(
+                array,
+                spacing=tuple(header["spacing"]),
+                origin=tuple(header["origin"]),
+                direction=np.asarray(header["direction"], float).reshape(3, 3),
+                modality=header.get("modality"),
+            )
+
+        return parsed_reply(f"GET {path}", volume, response.content)
 
     def lock(self, case_id: str, ttl_s: float = DEFAULT_LOCK_TTL_S) -> CaseInfo:
-        reply = self._http.json("POST", f"{_case_path(case_id)}/lock", json={"ttl_s": ttl_s})
-        return CaseInfo.model_validate(reply)
+        return self._http.reply("POST", f"{_case_path(case_id)}/lock", CaseInfo.model_validate, json={"ttl_s": ttl_s})
 
     def unlock(self, case_id: str) -> CaseInfo:
-        return CaseInfo.model_validate(self._http.json("DELETE", f"{_case_path(case_id)}/lock"))
+        return self._http.reply("DELETE", f"{_case_path(case_id)}/lock", CaseInfo.model_validate)
 
     def labels(self, case_id: str) -> List[LabelInfo]:
-        reply = self._http.json("GET", f"{_case_path(case_id)}/labels", params=_UNKNOWN_AS_NULL)
-        return [LabelInfo.model_validate(v) for v in reply]
+        return self._http.reply("GET", f"{_case_path(case_id)}/labels", list_of(LabelInfo), params=_UNKNOWN_AS_NULL)
 
     # ---- labels ----------------------------------------------------------------------------------
     def submit(
@@ -178,12 +177,12 @@ class LearningClient:
         session_id = session if isinstance(session, str) else session.session_id
         body = {"session_id": session_id, "submit": submit, "n_interactions": n_interactions}
         body.update(_seconds(seconds_spent))
-        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body, _UNKNOWN_AS_NULL))
+        return self._post_once(f"{_case_path(case_id)}/labels", body, LabelInfo.model_validate, _UNKNOWN_AS_NULL)
 
-    def _post_once(self, path: str, body: dict, params: Optional[dict] = None) -> Any:
+    def _post_once(self, path: str, body: dict, parse: Callable[[Any], T], params: Optional[dict] = None) -> T:
         """A POST that must take effect once (a label version, a lock): see ``HttpClient.request``'s
-        ``once``; the server answers a repeat with the first's result."""
-        return self._http.json("POST", path, json=body, once=True, params=params)
+        ``once``; the server answers a repeat with the first's result, read by ``parse``."""
+        return self._http.reply("POST", path, parse, json=body, once=True, params=params)
 
     def save_mask(
         self,
@@ -200,7 +199,7 @@ class LearningClient:
         payload = ArrayPayload.from_array(as_labels(mask), available_codecs()[0])
         body = {"mask": payload.model_dump(), "submit": submit, "n_interactions": n_interactions}
         body.update(_seconds(seconds_spent))
-        return LabelInfo.model_validate(self._post_once(f"{_case_path(case_id)}/labels", body, _UNKNOWN_AS_NULL))
+        return self._post_once(f"{_case_path(case_id)}/labels", body, LabelInfo.model_validate, _UNKNOWN_AS_NULL)
 
     def review(
         self, case_id: str, accepted: bool, note: Optional[str] = None, label_id: Optional[str] = None
@@ -214,23 +213,23 @@ class LearningClient:
             body["note"] = note
         if label_id is not None:
             body["label_id"] = label_id
-        return ReviewInfo.model_validate(self._post_once(f"{_case_path(case_id)}/review", body))
+        return self._post_once(f"{_case_path(case_id)}/review", body, ReviewInfo.model_validate)
 
     # ---- training --------------------------------------------------------------------------------
     def train(self, kind: str = "salt", **settings: Any) -> JobStatus:
         """Start a training job on the submitted labels (``LearningConflictError`` when one runs)."""
         body = {"kind": kind, **{k: v for k, v in settings.items() if v is not None}}
-        return JobStatus.model_validate(self._http.json("POST", f"{_BASE}/train", json=body, safe=False))
+        return self._http.reply("POST", f"{_BASE}/train", JobStatus.model_validate, json=body, safe=False)
 
     def jobs(self) -> List[JobStatus]:
-        return [JobStatus.model_validate(j) for j in self._http.json("GET", f"{_BASE}/jobs")]
+        return self._http.reply("GET", f"{_BASE}/jobs", list_of(JobStatus))
 
     def job(self, job_id: str, timeout: Optional[Timeout] = None) -> JobStatus:
         """The job's status (``timeout``: this request's, else the client's)."""
-        return JobStatus.model_validate(self._http.json("GET", _job_path(job_id), timeout=timeout))
+        return self._http.reply("GET", _job_path(job_id), JobStatus.model_validate, timeout=timeout)
 
     def cancel(self, job_id: str) -> JobStatus:
-        return JobStatus.model_validate(self._http.json("POST", f"{_job_path(job_id)}/cancel"))
+        return self._http.reply("POST", f"{_job_path(job_id)}/cancel", JobStatus.model_validate)
 
     def wait_for_job(
         self,
@@ -286,7 +285,7 @@ class LearningClient:
 
     # ---- versions --------------------------------------------------------------------------------
     def versions(self) -> VersionList:
-        return VersionList.model_validate(self._http.json("GET", f"{_BASE}/versions"))
+        return self._http.reply("GET", f"{_BASE}/versions", VersionList.model_validate)
 
     def rollback(self, to: Optional[str] = None, expected_current: Optional[str] = None) -> Optional[str]:
         """Make an earlier version current (``to``: a version id, ``"base"``, or one step back); returns the
@@ -304,7 +303,7 @@ class LearningClient:
         body: Dict[str, Any] = {"to": to}
         if expected_current is not None:  # sent only when given: an older server refuses unknown fields
             body["expected_current"] = expected_current
-        return CurrentVersion.model_validate(self._http.json("POST", f"{_BASE}/rollback", json=body, safe=False))
+        return self._http.reply("POST", f"{_BASE}/rollback", CurrentVersion.model_validate, json=body, safe=False)
 
     # ---- active learning -------------------------------------------------------------------------
     def next_case(
@@ -328,14 +327,19 @@ class LearningClient:
         }
         if lock_ttl_s != DEFAULT_LOCK_TTL_S:  # sent only when asked: servers before it refuse the field
             body["lock_ttl_s"] = lock_ttl_s
-        reply = NextCaseReply.model_validate(self._post_once(f"{_BASE}/next", body))
-        mask = None
-        if reply.proposal is not None:
-            mask = np.zeros(tuple(reply.case.shape), np.uint8)
-            if reply.proposal.mask is not None:
-                box = reply.proposal.mask.to_array()
-                lo = np.asarray(reply.proposal.offset)
-                if tuple(box.shape) != tuple(reply.proposal.shape) or np.any(lo + box.shape > mask.shape):
-                    raise ProtocolError(f"the proposal box {box.shape} at {lo.tolist()} does not fit the case")
-                mask[tuple(slice(a, a + n) for a, n in zip(lo, box.shape))] = box
-        return NextCase(reply, mask)
+        return self._post_once(f"{_BASE}/next", body, _next_case)
+
+
+def _next_case(data: Any) -> NextCase:
+    """A next-case reply with its proposal's box written into a mask of the case's shape."""
+    reply = NextCaseReply.model_validate(data)
+    mask = None
+    if reply.proposal is not None:
+        mask = np.zeros(tuple(reply.case.shape), np.uint8)
+        if reply.proposal.mask is not None:
+            box = reply.proposal.mask.to_array()
+            lo = np.asarray(reply.proposal.offset)
+            if tuple(box.shape) != tuple(reply.proposal.shape) or np.any(lo + box.shape > mask.shape):
+                raise ProtocolError(f"the proposal box {box.shape} at {lo.tolist()} does not fit the case")
+            mask[tuple(slice(a, a + n) for a, n in zip(lo, box.shape))] = box
+    return NextCase(reply, mask)

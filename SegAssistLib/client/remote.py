@@ -72,11 +72,11 @@ class SegAssistClient(Engine):
 
     # ---- server ------------------------------------------------------------------------------
     def health(self, timeout: Optional[Timeout] = None) -> Health:
-        return Health.model_validate(self.http.json("GET", f"{API_PREFIX}/health", timeout=timeout, auth=False))
+        return self.http.reply("GET", f"{API_PREFIX}/health", Health.model_validate, timeout=timeout, auth=False)
 
     def info(self, refresh: bool = False) -> ServerInfo:
         if self._info is None or refresh:
-            self._info = ServerInfo.model_validate(self.http.json("GET", f"{API_PREFIX}/info"))
+            self._info = self.http.reply("GET", f"{API_PREFIX}/info", ServerInfo.model_validate)
         return self._info
 
     def capabilities(self) -> Capabilities:
@@ -97,7 +97,8 @@ class SegAssistClient(Engine):
     # ---- images ------------------------------------------------------------------------------
     def image(self, image_id: str) -> StoredImage:
         """What the server holds under this id; raises ImageNotFoundError when nothing."""
-        return StoredImage.model_validate(self.http.json("GET", f"{API_PREFIX}/images/{path_id(image_id, 'image id')}"))
+        path = f"{API_PREFIX}/images/{path_id(image_id, 'image id')}"
+        return self.http.reply("GET", path, StoredImage.model_validate)
 
     def upload_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> StoredImage:
         """Upload an image (stored under its content hash; a second upload stores nothing)."""
@@ -136,14 +137,14 @@ class SegAssistClient(Engine):
                 code="body_too_large",
                 details={"limit": limits.max_body_bytes},
             )
-        reply = self.http.json(
+        return self.http.reply(
             "POST",
             f"{API_PREFIX}/images",
+            StoredImage.model_validate,
             body=lambda: FrameBody(prefix, payload, progress),  # a fresh one for each attempt
             headers={"Content-Type": FRAME_MEDIA_TYPE},
             timeout=self.http.upload_timeout(),
         )
-        return StoredImage.model_validate(reply)
 
     def ensure_image(self, volume: Union[Volume, np.ndarray], progress: Optional[Progress] = None) -> str:
         """The image's id, uploading it only if the server does not hold it yet."""
@@ -195,7 +196,7 @@ class SegAssistClient(Engine):
         """Attach to an open session by id (the local mask and prompts start from the server's, so
         that ``recover()`` replays them; its earlier undo steps are not known here)."""
         path = f"{API_PREFIX}/sessions/{path_id(session_id, 'session id')}"
-        info = SessionInfo.model_validate(self.http.json("GET", path))
+        info = self.http.reply("GET", path, SessionInfo.model_validate)
         session = RemoteSession(self, info, None, [])
         session._resync()
         return session
@@ -208,8 +209,9 @@ class SegAssistClient(Engine):
         # once: the server finishes an open whose client stopped waiting (a long replay); asking again
         # under the same id waits for that session instead of opening a second one, which would hold
         # one of the user's session slots until it expired
-        reply = self.http.json("POST", f"{API_PREFIX}/sessions", json=body, timeout=timeout, once=True)
-        return SessionInfo.model_validate(reply)
+        return self.http.reply(
+            "POST", f"{API_PREFIX}/sessions", SessionInfo.model_validate, json=body, timeout=timeout, once=True
+        )
 
 
 class FrameBody:

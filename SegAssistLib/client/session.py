@@ -34,7 +34,7 @@ from SegAssistLib.client.errors import (
     ProtocolError,
     SessionNotFoundError,
 )
-from SegAssistLib.client.http import path_id
+from SegAssistLib.client.http import one_line, parsed_reply, path_id
 from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
@@ -210,7 +210,7 @@ class RemoteSession(EngineSession):
         and prompt count stay those of the later reply."""
         with self._info_lock:
             generation, path = self._info_generation, self._path
-        reply = SessionInfo.model_validate(self.client.http.json("GET", path))
+        reply = self.client.http.reply("GET", path, SessionInfo.model_validate)
         with self._info_lock:
             if reply.session_id != self.info.session_id:  # recovered meanwhile: the reply is the old session's
                 return self.info
@@ -272,14 +272,19 @@ class RemoteSession(EngineSession):
         """The current mask as the server holds it (one full transfer)."""
         from SegAssistLib.api_models import ResultReply
 
-        reply = ResultReply.model_validate(self.client.http.json("GET", self._path + "/result"))
-        return reply.mask.to_array()
+        def mask(data: Any) -> np.ndarray:
+            array = ResultReply.model_validate(data).mask.to_array()
+            if tuple(array.shape) != self.shape:
+                raise ValueError(f"the mask's shape {array.shape} is not the session's {self.shape}")
+            return array
+
+        return self.client.http.reply("GET", self._path + "/result", mask)
 
     def prompt_log(self) -> PromptLog:
         """The server's log of the session, with the engine settings it answered with and the image it
         works on (grid and voxel digest; a server older than either sends none)."""
-        reply = self.client.http.json("GET", self._path + "/prompt-log", params={"engine": "true", "image": "true"})
-        return PromptLog.model_validate(reply)
+        params = {"engine": "true", "image": "true"}
+        return self.client.http.reply("GET", self._path + "/prompt-log", PromptLog.model_validate, params=params)
 
     def local_prompts(self) -> List[Prompt]:
         """The prompts behind the current mask, as this client saw them (what recover() replays)."""
@@ -455,7 +460,7 @@ class RemoteSession(EngineSession):
                 raise
             if not isinstance(exc, (ValueError, TypeError, IndexError, KeyError)):
                 raise
-            error = ProtocolError(f"{op}: the reply is not a valid mask update: {exc}")
+            error = ProtocolError(f"POST {self._path}/{op}: the reply is not a valid mask update: {one_line(exc)}")
             error.outcome_unknown = True
             raise error from exc
 
@@ -467,19 +472,20 @@ class RemoteSession(EngineSession):
 
     def _take(self, op: str, content: bytes, round_trip: float) -> MaskUpdate:
         """Apply a mask update reply to the local copy (raises before changing it when it is damaged)."""
-        try:
-            reply = MaskUpdateReply.model_validate_json(content)
-        except ValueError as exc:
-            raise ProtocolError(f"{op}: the reply is not a mask update: {exc}") from exc
-        if reply.mask is not None:
+
+        def decoded(data: bytes) -> Tuple[MaskUpdateReply, np.ndarray]:
+            reply = MaskUpdateReply.model_validate_json(data)
+            if reply.mask is None:
+                return reply, np.zeros((0, 0, 0), np.uint8)
             voxels = reply.mask.to_array()
             if voxels.ndim != 3 or tuple(voxels.shape) != tuple(reply.shape):
-                raise ProtocolError(f"{op}: mask box shape {voxels.shape} differs from the declared {reply.shape}")
+                raise ValueError(f"mask box shape {voxels.shape} differs from the declared {reply.shape}")
             lo = tuple(int(x) for x in reply.offset)
             if len(lo) != 3 or any(a < 0 or a + n > m for a, n, m in zip(lo, voxels.shape, self._mask.shape)):
-                raise ProtocolError(f"{op}: mask box {voxels.shape} at {list(lo)} is outside the image {self.shape}")
-        else:
-            voxels = np.zeros((0, 0, 0), np.uint8)
+                raise ValueError(f"mask box {voxels.shape} at {list(lo)} is outside the image {self.shape}")
+            return reply, voxels
+
+        reply, voxels = parsed_reply(f"POST {self._path}/{op}", decoded, content, once=True)
         update = MaskUpdate(
             offset=tuple(reply.offset),  # type: ignore[arg-type]
             voxels=voxels,

@@ -328,6 +328,16 @@ def _record_pid(status_path: Path, pid: int) -> None:
         write_json_replace(status_path, data)
 
 
+class TrainingSetupError(TrainingError):
+    """A training job cannot start because a file it needs is missing. The message names the file's
+    path (for the CLI); ``public`` says the same without it, as a server's reply must (it never shows
+    where the server's files are)."""
+
+    def __init__(self, message: str, public: str) -> None:
+        super().__init__(message)
+        self.public = public
+
+
 def start_training(
     store_root: Union[str, Path],
     checkpoint: Union[str, Path],
@@ -351,10 +361,12 @@ def start_training(
         cfg = config.check()
     store_root = Path(store_root).resolve()
     if not (store_root / "segassist.sqlite").is_file():
-        raise TrainingError(f"no SegAssist datastore at {store_root}")
+        raise TrainingSetupError(f"no SegAssist datastore at {store_root}", "the learning datastore is missing")
     checkpoint = Path(checkpoint).resolve()
     if not checkpoint.is_file():
-        raise TrainingError(f"model checkpoint not found: {checkpoint}")
+        raise TrainingSetupError(
+            f"model checkpoint not found: {checkpoint}", "the base model's checkpoint file is missing on the server"
+        )
     _check_enough_labels(store_root, cfg.label_value)
     fd = _take_lock_to_start(store_root)
     if fd is None:

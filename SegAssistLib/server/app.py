@@ -17,7 +17,13 @@ from SegAssistLib.api_models import API_PREFIX, API_VERSION, Health, ModelInfo, 
 from SegAssistLib.server import routes_images, routes_learning, routes_sessions
 from SegAssistLib.server.deps import TokenGateMiddleware, current_user, get_state
 from SegAssistLib.server.errors import install_error_handlers
-from SegAssistLib.server.limits import LARGE_JSON_PARSES, BodyLimitMiddleware, ParseSlots, release_parse_slot
+from SegAssistLib.server.limits import (
+    LARGE_JSON_PARSES,
+    BodyLimitMiddleware,
+    ParseSlots,
+    UploadSlots,
+    release_parse_slot,
+)
 from SegAssistLib.server.responses import ERROR_RESPONSES
 from SegAssistLib.server.settings import ServerSettings
 from SegAssistLib.server.state import EngineFactory, ServerState, default_engine_factory
@@ -70,7 +76,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.upload_slots = asyncio.Semaphore(settings.limits.max_concurrent_uploads)
+        state.upload_slots = UploadSlots(settings.limits.max_concurrent_uploads, settings.limits.upload_slot_wait_s)
         state.prompt_checks = anyio.CapacityLimiter(routes_sessions.PROMPT_CHECK_THREADS)
         state.json_parses = ParseSlots(LARGE_JSON_PARSES)
         await run_in_threadpool(state.pool.start)

@@ -16,7 +16,13 @@ from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
 from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band
 from SegAssistLib.files import output_problem
 from SegAssistLib.server.auth import env_token_entry, issue_token, parse_token_file
-from SegAssistLib.server.settings import Limits, ServerSettings, check_exposure
+from SegAssistLib.server.settings import (
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_LIMIT_CONCURRENCY,
+    Limits,
+    ServerSettings,
+    check_exposure,
+)
 
 log = logging.getLogger("segassist.server")
 
@@ -53,6 +59,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from --forwarded-allow-ips")
     p.add_argument("--forwarded-allow-ips", default="127.0.0.1", help="reverse proxy addresses to trust")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    c = p.add_argument_group("connections")
+    c.add_argument(
+        "--limit-concurrency",
+        type=positive_int,
+        default=DEFAULT_LIMIT_CONCURRENCY,
+        metavar="N",
+        help="open connections (and requests in progress) above which new requests are answered 503 "
+        "(default: %(default)s); a server beyond loopback belongs behind a reverse proxy with header "
+        "timeouts (see docs/api.md)",
+    )
+    c.add_argument(
+        "--timeout-keep-alive",
+        type=positive_int,
+        default=DEFAULT_KEEP_ALIVE_S,
+        metavar="S",
+        help="seconds an idle connection stays open after its last reply (default: %(default)s)",
+    )
     g = p.add_argument_group("limits")
     defaults = Limits()
     for name, field in Limits.model_fields.items():
@@ -208,6 +231,8 @@ def run_serve(args: argparse.Namespace) -> int:
         ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
         proxy_headers=args.proxy_headers,
         forwarded_allow_ips=args.forwarded_allow_ips,
+        limit_concurrency=args.limit_concurrency,
+        timeout_keep_alive=args.timeout_keep_alive,
     )
     if args.exit_with_parent:
         _watch_parent(server)

@@ -52,10 +52,11 @@ LEARNING_ERRORS = tuple(cls for cls, _, _ in _ERRORS)
 
 
 def api_error_for(exc: SegAssistError) -> ApiError:
-    """The HTTP answer to an error of the learning library."""
+    """The HTTP answer to an error of the learning library: its ``public`` message where it has one
+    (the message without the server's paths), else its message."""
     for cls, status, code in _ERRORS:
         if isinstance(exc, cls):
-            return ApiError(status, code, str(exc))
+            return ApiError(status, code, getattr(exc, "public", None) or str(exc))
     raise TypeError(f"not a learning error: {exc!r}")
 
 

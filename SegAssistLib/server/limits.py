@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import struct
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Dict, Optional, Sequence
 
 import numpy as np
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from SegAssistLib.api_models import ErrorCode
+from SegAssistLib.api_models import ACCEPT_CODECS_HEADER, ErrorCode
 from SegAssistLib.prompts import (
     BoxPrompt,
     LassoPrompt,
@@ -71,6 +72,60 @@ class ParseSlots:
                 self._semaphore.release()
 
         return release
+
+
+class UploadSlots:
+    """At most ``size`` uploads received and decoded at once, and one of each user at a time.
+
+    An upload holds its slot while its body arrives (up to ``upload_timeout_s``), so without the
+    per-user bound one user's slow uploads (a bad link, or on purpose) would take every slot and hold
+    every other user's uploads for minutes. A user's further upload waits for that user's own first;
+    any upload waits at most ``wait_s`` in all for its slots, then is answered 503 ``uploads_busy``
+    with ``Retry-After``. Made on the server's event loop (its lifespan)."""
+
+    def __init__(self, size: int, wait_s: float) -> None:
+        self.size = size
+        self.wait_s = wait_s
+        self._slots = asyncio.Semaphore(size)
+        self._users: Dict[str, asyncio.Semaphore] = {}  # the slot of each user with an upload in here
+        self._holders: Dict[str, int] = {}  # each such user's uploads holding or waiting for it
+
+    @contextlib.asynccontextmanager
+    async def hold(self, user: str) -> AsyncIterator[None]:
+        """Holds the user's slot and then one of the server's while the block runs."""
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        mine = self._users.setdefault(user, asyncio.Semaphore(1))
+        self._holders[user] = self._holders.get(user, 0) + 1
+        try:
+            await self._acquire(mine, deadline, "this user's other upload is still being received")
+            try:
+                await self._acquire(self._slots, deadline, f"all {self.size} upload slots are taken")
+                try:
+                    yield
+                finally:
+                    self._slots.release()
+            finally:
+                mine.release()
+        finally:
+            self._holders[user] -= 1
+            if not self._holders[user]:
+                del self._holders[user], self._users[user]
+
+    async def _acquire(self, semaphore: asyncio.Semaphore, deadline: float, why: str) -> None:
+        if not semaphore.locked():  # free: taken at once, however little of the wait is left
+            await semaphore.acquire()
+            return
+        try:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise asyncio.TimeoutError()
+            await asyncio.wait_for(semaphore.acquire(), left)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                503, ErrorCode.UPLOADS_BUSY,
+                f"no upload slot came free within {self.wait_s:g} s ({why}): send it again later",
+                headers={"Retry-After": str(max(1, math.ceil(self.wait_s / 3))), "Connection": "close"},
+            ) from None  # fmt: skip
 
 
 def release_parse_slot(request: Request) -> None:
@@ -290,6 +345,21 @@ async def read_body(
     if declared is not None and declared != filled:
         raise ApiError(400, ErrorCode.TRUNCATED_BODY, f"body has {filled} bytes but Content-Length said {declared}")
     return buffer if buffer is not None else memoryview(chunks)
+
+
+def check_reply_codec(codec: str, nbytes: int, limit: int) -> None:
+    """Refuse (406 ``not_acceptable``) a reply that would carry ``nbytes`` of array uncompressed (codec
+    ``none``, the answer to a client that lists no codec the server writes) above ``limit``: such
+    replies (base64 in JSON, a third larger) cost the server their size several times over while
+    they are built and sent. Below the limit a client that reads neither zlib nor zstd is still
+    answered."""
+    if codec == "none" and nbytes > limit:
+        raise ApiError(
+            406, ErrorCode.NOT_ACCEPTABLE,
+            f"this reply would carry {nbytes} bytes uncompressed, above the server's limit of {limit} for "
+            f"uncompressed replies: list zlib (in every standard library) or zstd in {ACCEPT_CODECS_HEADER}",
+            {"limit": limit},
+        )  # fmt: skip
 
 
 def check_image_shape(shape: Sequence[int], max_voxels: int, max_axis: int) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Union
 
+import pydantic_core
+from fastapi import Response
+from pydantic import BaseModel
+
 from SegAssistLib.api_models import ErrorReply
 
 ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
@@ -22,3 +26,20 @@ ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
         (503, "queue full or shutting down"),
     )
 }
+
+#: What the routes whose replies carry arrays add to :data:`ERROR_RESPONSES`.
+ARRAY_REPLY_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
+    406: {
+        "model": ErrorReply,
+        "description": "not_acceptable: the client reads neither zstd nor zlib (X-SegAssist-Accept-Codecs) and the "
+        "array is above max_uncompressed_reply_bytes",
+    }
+}
+
+
+def json_reply(model: BaseModel) -> Response:
+    """``model`` as a JSON reply, serialised here: call it in the thread pool. A route that returns the
+    model instead has FastAPI validate and serialise it on the event loop, which for a whole mask in
+    base64 (tens of megabytes) holds every other request, /v1/health included. The route keeps its
+    ``response_model`` for the schema; the bytes are the ones FastAPI would send."""
+    return Response(pydantic_core.to_json(model), media_type="application/json")

@@ -66,7 +66,7 @@ async def upload_image(
             f"an image upload must be a SegAssist frame ({FRAME_MEDIA_TYPE}), not {media or 'untyped'}",
         )  # fmt: skip
     assert state.upload_slots is not None
-    async with state.upload_slots:  # bounds the memory held by uploads being decoded
+    async with state.upload_slots.hold(user):  # bounds the memory held by uploads, one per user at a time
         limits = state.limits
 
         def check_header(header: Dict[str, Any], header_bytes: int) -> int:

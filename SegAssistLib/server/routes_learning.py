@@ -43,7 +43,8 @@ from SegAssistLib.learning.registry import BASE, adapter_id_of
 from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
-from SegAssistLib.server.responses import ERROR_RESPONSES
+from SegAssistLib.server.limits import check_reply_codec
+from SegAssistLib.server.responses import ARRAY_REPLY_RESPONSES, ERROR_RESPONSES, json_reply
 from SegAssistLib.server.state import ServerState, queue_job
 from SegAssistLib.server.worker import WorkerStopped
 from SegAssistLib.transport import encode_frame
@@ -174,7 +175,10 @@ async def get_case(
     "/cases/{case_id}/image",
     summary="The case's image as an upload frame; the server holds it for sessions",
     response_class=Response,
-    responses={200: {"content": {FRAME_MEDIA_TYPE: {}}, "description": "the frame (see docs/api.md)"}},
+    responses={
+        200: {"content": {FRAME_MEDIA_TYPE: {}}, "description": "the frame (see docs/api.md)"},
+        **ARRAY_REPLY_RESPONSES,
+    },
 )
 async def case_image(
     case_id: str = CaseId,
@@ -186,8 +190,9 @@ async def case_image(
     """The same frame format as ``POST /v1/images``; its header's ``sha256`` is the image id to open
     a session on (``POST /v1/sessions``)."""
 
-    def frame() -> bytes:
+    def frame() -> bytes:  # in the thread pool: the frame is the whole image
         image_id, volume = _hold_case_image(state, learning, case_id)
+        check_reply_codec(codec, volume.array.nbytes, state.limits.max_uncompressed_reply_bytes)
         header = {
             "spacing": list(volume.spacing), "origin": list(volume.origin),
             "direction": [float(x) for x in np.asarray(volume.direction).ravel()],
@@ -378,12 +383,13 @@ async def rollback(
 # ---------------------------------------------------------------------------------------- next case
 
 
-def _proposal_reply(proposal: Any, codec: str) -> ProposalReply:
+def _proposal_reply(proposal: Any, codec: str, max_uncompressed: int) -> ProposalReply:
     mask = np.asarray(proposal.mask, np.uint8)
     nz = np.argwhere(mask)
     if len(nz):
         lo, hi = nz.min(0), nz.max(0) + 1
         box = mask[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        check_reply_codec(codec, box.nbytes, max_uncompressed)
         payload: Optional[ArrayPayload] = ArrayPayload.from_array(np.ascontiguousarray(box), codec)
     else:
         lo, box, payload = np.zeros(3, int), np.zeros((0, 0, 0), np.uint8), None
@@ -408,7 +414,12 @@ def _label_mask(payload: ArrayPayload, case_shape: Sequence[int]) -> np.ndarray:
     return payload.to_array(max_voxels=int(np.prod(case_shape)))
 
 
-@router.post("/next", response_model=NextCaseReply, summary="The case to annotate next, with the model's proposal")
+@router.post(
+    "/next",
+    response_model=NextCaseReply,
+    responses=ARRAY_REPLY_RESPONSES,
+    summary="The case to annotate next, with the model's proposal",
+)
 async def next_case(
     body: NextCaseRequest,
     state: ServerState = Depends(get_state),
@@ -416,7 +427,7 @@ async def next_case(
     user: str = Depends(current_user),
     codec: str = Depends(reply_codec),
     req_id: Optional[str] = Depends(request_id),
-) -> NextCaseReply:
+) -> Response:
     """Scoring by uncertainty and the proposal run the model: one job per case on an inference worker,
     queued fairly with the prompts of open sessions (which are answered between them). A repeat under
     the same request id gets the first answer (one case locked)."""
@@ -425,7 +436,7 @@ async def next_case(
 
 async def _next_case(
     body: NextCaseRequest, state: ServerState, learning: LearningState, user: str, codec: str
-) -> NextCaseReply:
+) -> Response:
     from SegAssistLib.learning import active
 
     needs_model = body.proposal or body.strategy in active.NEEDS_ENGINE
@@ -448,11 +459,12 @@ async def _next_case(
         )  # fmt: skip
     image_id = chosen.prepared
 
-    def build() -> NextCaseReply:
-        return NextCaseReply(
+    def build() -> Response:  # the proposal may be a whole mask: compressed and serialised off the event loop
+        limit = state.limits.max_uncompressed_reply_bytes
+        return json_reply(NextCaseReply(
             case=_case(learning, chosen.case), image_id=image_id, strategy=body.strategy, score=chosen.score.to_dict(),
-            proposal=_proposal_reply(chosen.proposal, codec) if chosen.proposal is not None else None,
-        )  # fmt: skip
+            proposal=_proposal_reply(chosen.proposal, codec, limit) if chosen.proposal is not None else None,
+        ))  # fmt: skip
 
     try:
         return await run_in_threadpool(build)

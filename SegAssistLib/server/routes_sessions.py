@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import time
 from typing import Any, Callable, List, Optional
 
 import anyio
@@ -29,8 +31,8 @@ from SegAssistLib.prompt_log import PromptLog
 from SegAssistLib.prompts import Prompt
 from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
 from SegAssistLib.server.errors import ApiError
-from SegAssistLib.server.limits import check_prompt_inside
-from SegAssistLib.server.responses import ERROR_RESPONSES
+from SegAssistLib.server.limits import check_prompt_inside, check_reply_codec
+from SegAssistLib.server.responses import ARRAY_REPLY_RESPONSES, ERROR_RESPONSES, json_reply
 from SegAssistLib.server.sessions import ServerSession
 from SegAssistLib.server.state import Outcome, ServerState
 
@@ -41,6 +43,9 @@ SessionId = Path(pattern=SESSION_ID_PATTERN, description="32 lowercase hex digit
 #: GIL: a flood of them on every pool thread starved the event loop of the GIL (health took 100 ms);
 #: bounded, they queue here and every other request goes on.
 PROMPT_CHECK_THREADS = 2
+#: Engine seconds a job of a replayed log (``POST /v1/sessions`` with prompts) runs before it gives the
+#: worker to the other sessions' jobs (at least one prompt per job).
+REPLAY_SLICE_S = 0.05
 
 
 def _check_prompt(state: ServerState, session_shape, prompt: Prompt) -> None:
@@ -53,12 +58,18 @@ def _check_prompt(state: ServerState, session_shape, prompt: Prompt) -> None:
     check_prompt_inside(prompt, session_shape)
 
 
-async def _reply(session: ServerSession, outcome: Outcome, queue_wait_s: float, codec: str) -> MaskUpdateReply:
+def _check_codec(state: ServerState, session: ServerSession, codec: str) -> None:
+    """Refuse (406) a reply of this session's mask, whole or a box of it, that could be too large to
+    send uncompressed: checked before the request changes anything, by the whole mask's size."""
+    check_reply_codec(codec, math.prod(session.shape), state.limits.max_uncompressed_reply_bytes)
+
+
+async def _reply(session: ServerSession, outcome: Outcome, queue_wait_s: float, codec: str) -> Response:
     update = outcome.update
 
-    def build() -> MaskUpdateReply:  # compression runs in the thread pool, off the worker
+    def build() -> Response:  # compression and serialisation run in the thread pool, off the worker and loop
         empty = update.voxels.size == 0
-        return MaskUpdateReply(  # the session as the operation left it, not as it is now (see Outcome)
+        reply = MaskUpdateReply(  # the session as the operation left it, not as it is now (see Outcome)
             session_id=session.session_id,
             offset=update.offset,
             shape=(0, 0, 0) if empty else tuple(int(n) for n in update.voxels.shape),
@@ -71,6 +82,7 @@ async def _reply(session: ServerSession, outcome: Outcome, queue_wait_s: float, 
             model_version=outcome.model_version,
             info=update.info,
         )
+        return json_reply(reply)
 
     return await run_in_threadpool(build)
 
@@ -141,14 +153,40 @@ async def _open_session(body: CreateSession, state: ServerState, user: str) -> S
         session = state.sessions.add(user, body.image_id, shape, state.pool.pick())  # type: ignore[arg-type]
     finally:
         state.sessions.release(user)
-    prompts = list(checked)
     try:
-        await state.open(session, lambda engine: engine.open_session(volume, prompts or None))
-    except BaseException:
+        await state.open(session, lambda engine: engine.open_session(volume))
+        await _replay(state, session, list(checked))
+    except BaseException:  # the create fails whole: the user gets no session, and its memory is freed
         state.sessions.remove(session.session_id)
+        state.close_in_background(session)
         raise
-    session.n_prompts = len(prompts)
     return session
+
+
+async def _replay(state: ServerState, session: ServerSession, prompts: List[Prompt]) -> None:
+    """Apply a create's prompts to its new (empty) engine session as the engine's own
+    ``open_session(volume, prompts)`` does, one ``add_prompt`` (one undo step) each, but in jobs of
+    about :data:`REPLAY_SLICE_S` of engine time on the session's queue: other sessions' jobs on the
+    worker run between them (a replay of hundreds of prompts held every other user's click for
+    minutes as one job). A prompt that fails fails the create (the caller removes the session)."""
+    done = 0
+    while done < len(prompts):
+
+        def job(es: EngineSession, start: int = done) -> int:
+            began, n = time.perf_counter(), start
+            try:
+                while n < len(prompts):
+                    es.add_prompt(prompts[n])
+                    n += 1
+                    if time.perf_counter() - began >= REPLAY_SLICE_S:
+                        break
+            finally:
+                session.n_prompts = n
+                session.model_version = es.model_version
+                session.can_undo, session.can_redo = es.can_undo, es.can_redo
+            return n
+
+        done, _ = await state.submit(session, job)
 
 
 @router.get("/sessions/{session_id}", response_model=SessionInfo, summary="Session state and queue position")
@@ -167,8 +205,9 @@ async def _mutate(
     req_id: Optional[str],
     codec: str,
     fn: Callable[[EngineSession], MaskUpdate],
-) -> MaskUpdateReply:
+) -> Response:
     session = state.sessions.get(user, session_id)
+    _check_codec(state, session, codec)
     outcome, wait = await state.mutate(session, req_id, fn)
     return await _reply(session, outcome, wait, codec)
 
@@ -176,6 +215,7 @@ async def _mutate(
 @router.post(
     "/sessions/{session_id}/prompts",
     response_model=MaskUpdateReply,
+    responses=ARRAY_REPLY_RESPONSES,
     summary="Add a prompt; the reply holds only the changed box of the mask",
 )
 async def add_prompt(
@@ -185,9 +225,10 @@ async def add_prompt(
     user: str = Depends(current_user),
     codec: str = Depends(reply_codec),
     req_id: Optional[str] = Depends(request_id),
-) -> MaskUpdateReply:
+) -> Response:
     assert state.prompt_checks is not None  # made by the app's lifespan, which runs before any request
     session = state.sessions.get(user, session_id)  # first: an unknown session costs no prompt work
+    _check_codec(state, session, codec)
     # off the event loop (a slab decompresses), a few at a time
     prompt = await anyio.to_thread.run_sync(_checked_prompt, body.prompt, limiter=state.prompt_checks)
     _check_prompt(state, session.shape, prompt)
@@ -213,7 +254,7 @@ def _simple_op(name: str, summary: str) -> None:
         user: str = Depends(current_user),
         codec: str = Depends(reply_codec),
         req_id: Optional[str] = Depends(request_id),
-    ) -> MaskUpdateReply:
+    ) -> Response:
         return await _mutate(state, user, session_id, req_id, codec, lambda es: getattr(es, name)())
 
     endpoint.__name__ = name
@@ -222,6 +263,7 @@ def _simple_op(name: str, summary: str) -> None:
         endpoint,
         methods=["POST"],
         response_model=MaskUpdateReply,
+        responses=ARRAY_REPLY_RESPONSES,
         summary=summary,
     )
 
@@ -231,20 +273,26 @@ _simple_op("redo", "Redo the last undone prompt (409 when there is nothing to re
 _simple_op("reset", "Clear the mask and forget the prompts (itself undoable)")
 
 
-@router.get("/sessions/{session_id}/result", response_model=ResultReply, summary="The full current mask")
+@router.get(
+    "/sessions/{session_id}/result",
+    response_model=ResultReply,
+    responses=ARRAY_REPLY_RESPONSES,
+    summary="The full current mask",
+)
 async def get_result(
     session_id: str = SessionId,
     state: ServerState = Depends(get_state),
     user: str = Depends(current_user),
     codec: str = Depends(reply_codec),
-) -> ResultReply:
+) -> Response:
     session = state.sessions.get(user, session_id)
+    _check_codec(state, session, codec)
     # the prompt count read with the mask: a prompt queued behind this may run before the reply is built
     (mask, n_prompts), _ = await state.submit(session, lambda es: (es.result().copy(), session.n_prompts))
 
-    def build() -> ResultReply:
+    def build() -> Response:  # a whole mask: compressed and serialised off the event loop
         payload = ArrayPayload.from_array(mask.astype("uint8", copy=False), codec)
-        return ResultReply(session_id=session_id, mask=payload, n_prompts=n_prompts)
+        return json_reply(ResultReply(session_id=session_id, mask=payload, n_prompts=n_prompts))
 
     return await run_in_threadpool(build)
 

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import uvicorn
 from fastapi import FastAPI
 
+from SegAssistLib.server.settings import DEFAULT_KEEP_ALIVE_S, DEFAULT_LIMIT_CONCURRENCY
+
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -64,6 +66,8 @@ def uvicorn_server(app: FastAPI, **config: Any) -> uvicorn.Server:
     config.setdefault("log_level", "info")
     config.setdefault("lifespan", "on")  # a model that fails to load stops the server
     config.setdefault("timeout_graceful_shutdown", 10)
+    config.setdefault("limit_concurrency", DEFAULT_LIMIT_CONCURRENCY)
+    config.setdefault("timeout_keep_alive", DEFAULT_KEEP_ALIVE_S)
     return _DrainingServer(uvicorn.Config(app, **config), app)
 
 

@@ -12,6 +12,13 @@ from SegAssistLib.api_models import LimitsInfo
 from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
 
 LOOPBACK_NAMES = ("localhost",)
+#: Open connections (and requests in progress) above which uvicorn answers new requests 503 rather than
+#: let them in (``segassist serve --limit-concurrency``): without a bound, thousands of idle or slowly
+#: sending connections all stay open. uvicorn has no timeout for a request's headers: a server beyond
+#: loopback belongs behind a reverse proxy that has one (docs/api.md).
+DEFAULT_LIMIT_CONCURRENCY = 256
+#: Seconds an idle keep-alive connection stays open after its last reply (uvicorn's default, stated).
+DEFAULT_KEEP_ALIVE_S = 5
 
 
 class Limits(BaseModel):
@@ -31,12 +38,22 @@ class Limits(BaseModel):
     max_prompts_per_session: int = Field(2000, gt=0)
     idle_timeout_s: float = Field(1800.0, gt=0)
     upload_timeout_s: float = Field(600.0, gt=0, description="seconds to receive one upload's body")
-    max_concurrent_uploads: int = Field(2, gt=0, description="uploads decoded at once (bounds memory)")
+    max_concurrent_uploads: int = Field(
+        2, gt=0, description="uploads received and decoded at once (bounds memory); one user's take one at a time"
+    )
+    upload_slot_wait_s: float = Field(
+        30.0, gt=0, description="seconds an upload waits for a free upload slot before 503 uploads_busy"
+    )
     max_queued_jobs: int = Field(256, gt=0, description="inference jobs waiting per device")
     max_queued_per_session: int = Field(
         16, gt=0, description="inference jobs one session (or one user's learning requests) may have waiting"
     )
     image_cache_bytes: int = Field(8 * 1024**3, ge=0, description="decoded images kept in memory")
+    # a client that reads neither zlib nor zstd is answered uncompressed (codec none, base64 in JSON);
+    # a CT's whole mask that way is 100 MB of JSON per reply: above this the reply is refused (406)
+    max_uncompressed_reply_bytes: int = Field(
+        16 * 1024**2, gt=0, description="raw bytes of an array a reply may send uncompressed (codec none)"
+    )
 
     def info(self) -> LimitsInfo:
         return LimitsInfo(**self.model_dump(include=set(LimitsInfo.model_fields)))

@@ -18,7 +18,7 @@ from SegAssistLib.server.auth import TokenVerifier
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.images import ImageStore
 from SegAssistLib.server.learning import LearningState, base_checkpoint
-from SegAssistLib.server.limits import ParseSlots
+from SegAssistLib.server.limits import ParseSlots, UploadSlots
 from SegAssistLib.server.sessions import ServerSession, SessionStore
 from SegAssistLib.server.settings import ServerSettings
 from SegAssistLib.server.worker import InferenceWorker, QueueFull, WorkerPool, WorkerStopped
@@ -81,7 +81,7 @@ class ServerState:
         self.sessions.on_expire = self._expired  # found idle by the sweep or by a request: closed
         self.pool = WorkerPool(settings.devices, engine_factory, limits.max_queued_jobs, limits.max_queued_per_session)
         # made by the app's lifespan on the server's event loop (the state is built before it runs)
-        self.upload_slots: Optional[asyncio.Semaphore] = None  # uploads decoded at once (routes_images)
+        self.upload_slots: Optional[UploadSlots] = None  # uploads received and decoded at once (routes_images)
         self.prompt_checks: Optional[anyio.CapacityLimiter] = None  # threads checking added prompts (routes_sessions)
         self.json_parses: Optional[ParseSlots] = None  # large JSON bodies read and parsed at once (limits)
         self.clock = clock
