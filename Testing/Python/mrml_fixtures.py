@@ -123,3 +123,25 @@ def local_ijk_to_ras(volume_node) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
     return slicer.util.arrayFromVTKMatrix(m)
+
+
+class EditorWidget:
+    """What SegAssist uses of Slicer's qMRMLSegmentEditorWidget, over a real segment editor logic
+    (``SegAssistLib.slicer.segments.SegmentEditor``)."""
+
+    def __init__(self, editor):
+        self._editor = editor
+
+    def segmentationNode(self):
+        return self._editor.segmentation_node
+
+    def saveStateForUndo(self):
+        self._editor.logic.SaveStateForUndo()
+
+
+def editor_modules(editor):
+    """A stand-in for ``slicer.modules`` whose Segment Editor edits with ``editor`` (where
+    ``save_editor_undo_state`` looks for it)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(SegmentEditorWidget=SimpleNamespace(editor=EditorWidget(editor)))

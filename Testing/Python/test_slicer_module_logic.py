@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from mrml_fixtures import add_volume, affine, random_volume
+from mrml_fixtures import add_volume, affine, editor_modules, random_volume
 
 from SegAssistLib.engine.base import MaskUpdate
 from SegAssistLib.errors import PromptError
@@ -66,19 +66,6 @@ def test_an_empty_point_list_beside_an_roi_gives_the_roi_box(ctx):
 
 
 # ---- batch writes and the Segment Editor's undo -----------------------------------------------------
-class _Editor:
-    """What SegAssist uses of Slicer's qMRMLSegmentEditorWidget, over a real segment editor logic."""
-
-    def __init__(self, editor):
-        self._editor = editor
-
-    def segmentationNode(self):
-        return self._editor.segmentation_node
-
-    def saveStateForUndo(self):
-        self._editor.logic.SaveStateForUndo()
-
-
 def test_a_scripted_segmentation_is_one_undo_step_of_the_editor_editing_it(ctx, tiny_checkpoint, monkeypatch):
     """SegAssistLogic.segment and segmentFromFile write through segment_volume: the user's next Ctrl+Z
     in the Segment Editor takes the result away, not also their own stroke before it."""
@@ -88,7 +75,7 @@ def test_a_scripted_segmentation_is_one_undo_step_of_the_editor_editing_it(ctx, 
     seg = segments.create_segmentation(ctx.scene, volume, "seg")
     segments.add_segment(seg, "liver", segment_id="liver")
     editor = segments.SegmentEditor(seg, volume)  # the Segment Editor editing this segmentation
-    modules = SimpleNamespace(SegmentEditorWidget=SimpleNamespace(editor=_Editor(editor)))
+    modules = editor_modules(editor)
     monkeypatch.setattr(slicer, "modules", modules, raising=False)  # where save_editor_undo_state looks
     stroke = np.zeros(SHAPE, np.uint8)
     stroke[1:3, 1:3, 1:3] = 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mrml_fixtures import add_linear_transform, add_volume, affine, random_volume
+from mrml_fixtures import add_linear_transform, add_volume, affine, editor_modules, random_volume
 
 from SegAssistLib.engine.base import MaskUpdate
 
@@ -217,19 +217,6 @@ def test_a_stopped_placement_watch_stays_silent(ctx):
     assert calls == [] and writes.moved
 
 
-class _Editor:
-    """What SegAssist uses of Slicer's qMRMLSegmentEditorWidget, over a real segment editor logic."""
-
-    def __init__(self, editor):
-        self._editor = editor
-
-    def segmentationNode(self):
-        return self._editor.segmentation_node
-
-    def saveStateForUndo(self):
-        self._editor.logic.SaveStateForUndo()
-
-
 def test_a_batch_write_into_the_edited_segmentation_is_one_editor_undo_step(ctx):
     from types import SimpleNamespace
 
@@ -241,7 +228,7 @@ def test_a_batch_write_into_the_edited_segmentation_is_one_editor_undo_step(ctx)
     segments.add_segment(seg, "liver", segment_id="liver")
     other = segments.create_segmentation(ctx.scene, vol, "other")
     editor = segments.SegmentEditor(seg, vol)  # the Segment Editor editing this segmentation
-    modules = SimpleNamespace(SegmentEditorWidget=SimpleNamespace(editor=_Editor(editor)))
+    modules = editor_modules(editor)
     paint = np.zeros(SHAPE, np.uint8)
     paint[1:3, 1:3, 1:3] = 1
     editor.write("liver", MaskUpdate((0, 0, 0), paint))  # the user's stroke
