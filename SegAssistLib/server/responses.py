@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Union
 
-import pydantic_core
 from fastapi import Response
 from pydantic import BaseModel
 
@@ -42,4 +41,4 @@ def json_reply(model: BaseModel) -> Response:
     model instead has FastAPI validate and serialise it on the event loop, which for a whole mask in
     base64 (tens of megabytes) holds every other request, /v1/health included. The route keeps its
     ``response_model`` for the schema; the bytes are the ones FastAPI would send."""
-    return Response(pydantic_core.to_json(model), media_type="application/json")
+    return Response(model.model_dump_json(), media_type="application/json")
