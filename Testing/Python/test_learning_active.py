@@ -4,6 +4,7 @@ diversity term favours the case unlike the labelled ones; locking and exhaustion
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,7 @@ def test_diversity_measures_against_cases_taken_up_not_the_candidates_left_out_o
     """Nothing labelled or locked: every candidate is as new as the others (0), whichever are sampled."""
     store, cases = make_store(tmp_path / "store", n_labelled=0, n_new=4)
     store.lock(cases[0].id, "alice", ttl_s=0.001)  # in progress, lock expired, no label: still open
+    time.sleep(0.05)  # expired for sure: a ranking within the millisecond saw the lock held (a flake)
     for seed in range(4):
         ranking = rank_cases(store, None, "diversity", seed=seed, max_candidates=2)
         assert len(ranking) == 2 and all(s.diversity == 0.0 for s in ranking)
