@@ -36,6 +36,7 @@ from scipy import ndimage
 from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine import builtin
 from SegAssistLib.engine.builtin import load_default_engine
+from SegAssistLib.evaluation.metrics import carried_forward
 from SegAssistLib.evaluation.runner import run_session, select_cases
 from SegAssistLib.io import load_mask, load_volume
 from SegAssistLib.machine import machine_info
@@ -92,7 +93,7 @@ def run(variant: str, cases, clicks: int, radius: float) -> dict:
             for value in (1, 2):
                 target = (labels == value).astype(np.uint8)
                 out = run_session(engine, volume, target, max_clicks=clicks)
-                dice.append(out["dice"])
+                dice.append(carried_forward(out["dice"], clicks))  # a session that reached 1.0 stopped early
                 latencies += out["latency_s"]
                 errors = (out["final"] > 0) != (target > 0)
                 other = ndimage.binary_dilation((labels > 0) & (labels != value), iterations=2)

@@ -349,15 +349,13 @@ def run_session(
     hd95_each: bool = False,
     memory: Optional[PeakMemory] = None,
     ignore: Optional[np.ndarray] = None,
-    carry_forward: bool = True,
 ) -> Dict:
     """Drive one session; returns the prompts and the Dice, latency (and, with ``hd95_each``, HD95
     in mm after every interaction; ``inf`` when one mask is empty) lists, the final mask,
     ``interactions_allowed``, ``first_prompt`` (see :func:`first_interaction`) and ``stopped``: why
     the user stopped before the number allowed (``"dice 1.0"``: no error left), None when it did not.
-    With ``carry_forward`` (for callers that take Dice after the k-th interaction of every session)
-    the Dice and HD95 lists repeat their last value up to the number allowed; without it every list
-    holds one value per interaction made, as ``latency_s`` and ``prompts`` always do.
+    Every list holds one value per interaction made (a caller that takes Dice after the k-th
+    interaction of every session carries the last one forward: :func:`metrics.carried_forward`).
     ``memory``: sampled while the engine works (see :class:`PeakMemory`); ``ignore``: voxels left
     unannotated (nnU-Net's ignore label), left out of the metrics and the simulated user's error
     regions."""
@@ -397,8 +395,6 @@ def run_session(
         final = session.result()
     finally:
         session.close()
-    if carry_forward:
-        dices, hds = metrics.carried_forward(dices, planned), metrics.carried_forward(hds, planned)
     out = {"prompts": prompts, "dice": dices, "latency_s": latencies, "final": final,
            "interactions_allowed": planned, "first_prompt": first_kind, "stopped": stopped}
     if hd95_each:
@@ -430,7 +426,7 @@ def evaluate_target(
     cuda_peak = _cuda_peak_mb_reset()
     with PeakMemory(engine_only=True) as memory:
         out = run_session(engine, volume, mask, protocol, max_clicks, scribble, hd95_each=True, memory=memory,
-                          ignore=ignore, carry_forward=False)
+                          ignore=ignore)
     dices = out["dice"]
     limit = out["interactions_allowed"]
     carried = metrics.carried_forward(dices, limit)  # the user who stopped keeps its mask
