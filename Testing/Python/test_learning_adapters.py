@@ -195,6 +195,80 @@ def test_bad_files_and_settings_are_refused_clearly(tmp_path: Path):
     assert not any(isinstance(m, LoRALayer) for m in net.modules())
 
 
+def _flags(net: nn.Module) -> dict:
+    return {key: p.requires_grad for key, p in net.named_parameters()}
+
+
+def _with_one_frozen(net: nn.Module) -> nn.Module:
+    """A network whose caller froze one parameter itself: refusals and removals must keep that too."""
+    net.get_parameter("model.1.submodule.0.conv.bias").requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("kind, settings, message", [
+    ("lora", {"rank": 0}, "LoRA rank must be"),
+    ("salt", {"rank": 0}, r"SALT rank \(number of top singular values\) must be an integer >= 1"),
+    ("salt", {"lora_rank": -1}, "SALT LoRA rank must be an integer >= 0"),
+    ("salt", {"alpha": float("nan")}, "alpha must be a positive number"),
+    ("lora", {}, r"layer 'model.2.conv' \(ConvTranspose3d\): its weight holds NaN or infinite values"),
+    ("salt", {}, r"layer 'model.2.conv' \(ConvTranspose3d\): its weight holds NaN or infinite values"),
+])
+def test_a_refused_apply_leaves_the_network_as_it_was(kind: str, settings: dict, message: str):
+    """The layers built before the refusal kept their base frozen (a caller that went on to train the
+    whole network never updated them), and a NaN weight was a raw torch error from SALT's SVD."""
+    net = _with_one_frozen(tiny_network())
+    if not settings:  # the output layer, built last: every other layer was built (and frozen) before it
+        with torch.no_grad():
+            net.get_parameter("model.2.conv.weight").view(-1)[0] = float("nan")
+    flags, modules = _flags(net), [type(m) for m in net.modules()]
+    with pytest.raises(AdapterError, match=message):
+        apply_adapter(net, kind, **settings)
+    assert _flags(net) == flags and [type(m) for m in net.modules()] == modules
+
+
+def test_a_refused_load_leaves_the_network_as_it_was(tmp_path: Path):
+    path = apply_adapter(tiny_network(), "lora").save(tmp_path / "a.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["rank"] = 0
+    torch.save(payload, tmp_path / "rank0.pt")
+    net = _with_one_frozen(tiny_network())
+    flags = _flags(net)
+    with pytest.raises(AdapterError, match="LoRA rank must be"):
+        load_adapter(net, tmp_path / "rank0.pt")
+    assert _flags(net) == flags and not any(isinstance(m, LoRALayer) for m in net.modules())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_remove_adapters_without_the_handle_restores_trainability(kind: str, x: torch.Tensor, tmp_path: Path):
+    """remove_adapters left every base parameter frozen: the restored network could not be fine-tuned."""
+    net = _with_one_frozen(tiny_network())
+    flags = _flags(net)
+    remove_adapters(load_adapter(net, apply_adapter(tiny_network(), kind).save(tmp_path / "a.pt")).network)
+    assert _flags(net) == flags
+    net(x).sum().backward()
+    assert all((p.grad is not None) == flags[key] for key, p in net.named_parameters())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda payload: payload.pop("format_version"), "SALT adapter of format 0"),
+    (lambda payload: payload.update(meta="hello"), "damaged: its meta is str, not an object"),
+    (lambda payload: payload.update(trainable_parameters="many"), "its trainable_parameters is 'many', not a number"),
+    (lambda payload: payload["config"].update(targets="model.0.conv"),
+     "its targets must be a list of layer names, got 'model.0.conv'"),
+    (lambda payload: payload.update(config="salt"), "invalid adapter config 'salt'"),
+])
+def test_a_malformed_adapter_file_is_an_adapter_error_saying_what_is_wrong(change, message: str, tmp_path: Path):
+    """A KeyError or ValueError instead: EngineSync retried such a file before every job (only an
+    AdapterError is a lasting fault of the version), and the command line showed no clear reason."""
+    payload = torch.load(apply_adapter(tiny_network(), "salt").save(tmp_path / "a.pt"), weights_only=True)
+    change(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    net = tiny_network()
+    with pytest.raises(AdapterError, match=message):
+        load_adapter(net, tmp_path / "bad.pt")
+    assert not any(isinstance(m, SALTLayer) for m in net.modules())
+
+
 def test_a_salt_file_of_format_1_is_refused_and_a_lora_file_of_format_1_still_loads(x: torch.Tensor, tmp_path: Path):
     """Format 2 redefined SALT's low-rank part (it spans the whole weight): a format 1 SALT file's
     tensors mean something else, so it is refused with the reason; LoRA did not change."""

@@ -17,9 +17,7 @@ base weights, since an adapter is meaningless (and SALT's singular basis wrong) 
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -28,8 +26,8 @@ import torch
 from torch import nn
 
 from SegAssistLib.engine.network import load_tagged_file, weights_identity
-from SegAssistLib.files import atomic_write
-from SegAssistLib.learning.adapters.layers import AdaptedLayer, is_supported
+from SegAssistLib.files import atomic_write, plain_data
+from SegAssistLib.learning.adapters.layers import AdaptedLayer, check_adaptable, check_alpha, check_rank, is_supported
 from SegAssistLib.learning.adapters.lora import LoRALayer
 from SegAssistLib.learning.adapters.salt import SALTLayer
 from SegAssistLib.learning.errors import AdapterError
@@ -74,15 +72,21 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> AdapterConfig:
+        if not isinstance(data, dict):
+            raise AdapterError(f"invalid adapter config {data!r}: not an object of settings")
+        targets = data.get("targets", ())
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            # a string would be taken letter by letter: "no layer named 'm'"
+            raise AdapterError(f"invalid adapter config: its targets must be a list of layer names, got {targets!r}")
         try:
             return cls(
                 kind=AdapterKind.parse(data["kind"]),
                 rank=int(data["rank"]),
                 lora_rank=int(data.get("lora_rank", 0)),
                 alpha=None if data.get("alpha") is None else float(data["alpha"]),
-                targets=tuple(str(t) for t in data.get("targets", ())),
+                targets=tuple(targets),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise AdapterError(f"invalid adapter config {data!r}: {exc}") from exc
 
 
@@ -139,6 +143,26 @@ def _make_layer(base: nn.Module, config: AdapterConfig) -> AdaptedLayer:
     if config.kind is AdapterKind.LORA:
         return LoRALayer(base, rank=config.rank, alpha=config.alpha)
     return SALTLayer(base, rank=config.rank, lora_rank=config.lora_rank, alpha=config.alpha)
+
+
+# An adapted network keeps, under this attribute, each parameter's requires_grad from before
+# apply_adapter froze them all, so that remove_adapters (without the handle) can restore them too.
+_FLAGS_ATTRIBUTE = "_segassist_requires_grad"
+
+
+def _restore_flags(network: nn.Module, flags: Dict[str, bool]) -> None:
+    for key, p in network.named_parameters():
+        p.requires_grad_(flags.get(key, True))
+
+
+def _unwrap(network: nn.Module, layers: Dict[str, AdaptedLayer], flags: Dict[str, bool]) -> None:
+    """Put the base layers back in place of ``layers`` and restore each parameter's ``requires_grad``."""
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = network.get_submodule(parent_name) if parent_name else network
+        setattr(parent, child, layer.base)
+    _restore_flags(network, flags)
+    vars(network).pop(_FLAGS_ATTRIBUTE, None)
 
 
 class AdapterSet:
@@ -235,11 +259,7 @@ class AdapterSet:
     ) -> Path:
         """Write the adapter file atomically (``meta``: JSON-compatible provenance, e.g. version, data)."""
         self._check_alive()
-        meta = dict(meta or {})
-        try:
-            meta = json.loads(json.dumps(meta))  # only plain data, so weights_only loading accepts it
-        except (TypeError, ValueError) as exc:
-            raise AdapterError(f"adapter meta must be JSON-compatible: {exc}") from exc
+        meta = plain_data(dict(meta or {}), "adapter meta", AdapterError)  # so that weights_only loading reads it
         payload = {
             "format": ADAPTER_FORMAT,
             "format_version": ADAPTER_FORMAT_VERSION,
@@ -267,12 +287,7 @@ class AdapterSet:
             self.merge()
         else:
             self.unmerge()
-        for name, layer in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = self.network.get_submodule(parent_name) if parent_name else self.network
-            setattr(parent, child, layer.base)
-        for key, p in self.network.named_parameters():
-            p.requires_grad_(self._frozen_flags.get(key, True))
+        _unwrap(self.network, self.layers, self._frozen_flags)
         self._removed = True
         return self.network
 
@@ -320,37 +335,49 @@ def apply_adapter(
             f"the network's weights (identity {identity}) are not the expected base model "
             f"(identity {expected_identity})"
         )
-    if kind is AdapterKind.LORA:
-        if lora_rank not in (None, 0):
-            raise AdapterError("lora_rank is a SALT setting; for LoRA use rank")
-        config = AdapterConfig(kind, rank if rank is not None else DEFAULT_LORA_RANK, 0, alpha)
-    else:
-        lr = lora_rank if lora_rank is not None else DEFAULT_SALT_LORA_RANK
-        config = AdapterConfig(kind, rank if rank is not None else DEFAULT_SALT_RANK, lr, alpha)
-    if config.alpha is not None and (not math.isfinite(config.alpha) or config.alpha <= 0):
-        raise AdapterError(f"alpha must be a positive number, got {alpha!r}")
+    # every setting and every layer checked before anything is frozen: a refusal leaves the network as it was
+    config = _checked_config(kind, rank, lora_rank, alpha)
     names = _select_targets(network, targets)
-    config = AdapterConfig(config.kind, config.rank, config.lora_rank, config.alpha, tuple(names))
-    frozen_flags = {key: p.requires_grad for key, p in network.named_parameters()}
-    layers: Dict[str, AdaptedLayer] = {}
     for name in names:
-        layers[name] = _make_layer(network.get_submodule(name), config)  # validates ranks first
+        check_adaptable(network.get_submodule(name), name)
+    config = replace(config, targets=tuple(names))
+    frozen_flags = {key: p.requires_grad for key, p in network.named_parameters()}
+    try:
+        layers = {name: _make_layer(network.get_submodule(name), config) for name in names}
+    except BaseException:  # each layer built froze its base layer: unfrozen again (nothing was wrapped)
+        _restore_flags(network, frozen_flags)
+        raise
     for p in network.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = network.get_submodule(parent_name) if parent_name else network
         setattr(parent, child, layer)
+    setattr(network, _FLAGS_ATTRIBUTE, frozen_flags)
     return AdapterSet(network, config, identity, layers, frozen_flags)
 
 
+def _checked_config(
+    kind: AdapterKind, rank: Optional[int], lora_rank: Optional[int], alpha: Optional[float]
+) -> AdapterConfig:
+    """The config of these settings (defaults filled in); :class:`AdapterError` for a bad one."""
+    if kind is AdapterKind.LORA:
+        if lora_rank not in (None, 0):
+            raise AdapterError("lora_rank is a SALT setting; for LoRA use rank")
+        rank = check_rank(DEFAULT_LORA_RANK if rank is None else rank, "LoRA rank", 1)
+        return AdapterConfig(kind, rank, 0, check_alpha(alpha, "LoRA"))
+    rank = check_rank(DEFAULT_SALT_RANK if rank is None else rank, "SALT rank (number of top singular values)", 1)
+    lora_rank = check_rank(DEFAULT_SALT_LORA_RANK if lora_rank is None else lora_rank, "SALT LoRA rank", 0)
+    return AdapterConfig(kind, rank, lora_rank, check_alpha(alpha, "SALT"))
+
+
 def remove_adapters(network: nn.Module) -> nn.Module:
-    """Unwrap every adapted layer of a network (original weights back), without its handle."""
-    for name, layer in _adapted_layers(network).items():
+    """Unwrap every adapted layer of a network (original weights back) without its handle, and restore
+    each parameter's ``requires_grad`` as it was before :func:`apply_adapter`, as ``AdapterSet.remove`` does."""
+    layers = _adapted_layers(network)
+    for layer in layers.values():
         layer.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = network.get_submodule(parent_name) if parent_name else network
-        setattr(parent, child, layer.base)
+    _unwrap(network, layers, getattr(network, _FLAGS_ATTRIBUTE, {}))
     return network
 
 
@@ -375,19 +402,21 @@ def read_adapter_file(path: Union[str, Path]) -> AdapterFile:
     if not isinstance(identity, str) or not identity:
         raise AdapterError(f"adapter file {path} does not say which base model it belongs to")
     config = AdapterConfig.from_dict(payload.get("config", {}))
-    if config.kind is AdapterKind.SALT and payload["format_version"] < 2:
+    version = payload.get("format_version", 0)  # check_format reads a missing one as 0
+    if config.kind is AdapterKind.SALT and version < 2:
         raise AdapterError(
-            f"adapter file {path} is a SALT adapter of format {payload['format_version']}, whose low-rank part "
+            f"adapter file {path} is a SALT adapter of format {version}, whose low-rank part "
             "could not leave the base weight's row space; this SegAssist defines SALT without that limit: "
             "train the adapter again"
         )
+    meta = {} if payload.get("meta") is None else payload["meta"]
+    if not isinstance(meta, dict):
+        raise AdapterError(f"adapter file {path} is damaged: its meta is {type(meta).__name__}, not an object")
+    count = payload.get("trainable_parameters", 0)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise AdapterError(f"adapter file {path} is damaged: its trainable_parameters is {count!r}, not a number")
     return AdapterFile(
-        path=path,
-        config=config,
-        base_identity=identity,
-        state=state,
-        meta=dict(payload.get("meta") or {}),
-        trainable_parameters=int(payload.get("trainable_parameters", 0)),
+        path=path, config=config, base_identity=identity, state=state, meta=dict(meta), trainable_parameters=count
     )
 
 
@@ -414,7 +443,7 @@ def load_adapter(network: nn.Module, path: Union[str, Path], merge: bool = False
     )
     try:
         adapters.load_state_dict(file.state)
-    except AdapterError:
+    except BaseException:  # the network as it was: unwrapped, and trainable as before
         adapters.remove()
         raise
     if merge:

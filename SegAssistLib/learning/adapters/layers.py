@@ -26,7 +26,8 @@ transposed convolution stores ``(in, out/groups, *k)``, so it is transposed to
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Type
+import math
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -48,6 +49,42 @@ _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 def is_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS) and getattr(module, "groups", 1) == 1
+
+
+def check_rank(value: Any, what: str, minimum: int) -> int:
+    """``value`` as an int; :class:`AdapterError` unless it is a whole number of at least ``minimum``."""
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or value < minimum:
+        raise AdapterError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_alpha(value: Optional[float], what: str) -> Optional[float]:
+    """``value`` as a float (None: the default, the rank); :class:`AdapterError` unless it is positive."""
+    if value is None:
+        return None
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(f"{what} alpha must be a positive number, got {value!r}")
+    return alpha
+
+
+def check_adaptable(module: nn.Module, name: str = "") -> None:
+    """:class:`AdapterError` (naming the layer ``name``, when given) unless ``module`` can be adapted:
+    a supported layer whose weight is finite (SALT's SVD of NaN is a raw torch error)."""
+    layer = f"layer {name!r} ({type(module).__name__})" if name else f"a {type(module).__name__}"
+    if not is_supported(module):
+        groups = getattr(module, "groups", 1)
+        why = f", a grouped convolution (groups={groups})" if groups != 1 else ""
+        raise AdapterError(f"cannot adapt {layer}{why}: supported are Linear and (transposed) convolutions")
+    if not torch.isfinite(module.weight).all():
+        raise AdapterError(f"cannot adapt {layer}: its weight holds NaN or infinite values")
 
 
 def matrix_shape(module: nn.Module) -> Tuple[int, int]:
@@ -75,17 +112,15 @@ class AdaptedLayer(nn.Module):
     """A frozen base layer plus a trainable weight update ``dW`` (see the module docstring).
 
     Subclasses register their trainable parameters directly on themselves (not on ``base``) and
-    implement :meth:`delta_matrix`.
+    implement :meth:`delta_matrix`. They check their own settings before calling this constructor,
+    which freezes the base layer's parameters once the layer is known to be adaptable.
     """
 
     kind = "base"
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        if not is_supported(base):
-            groups = getattr(base, "groups", 1)
-            why = f"grouped convolution (groups={groups})" if groups != 1 else type(base).__name__
-            raise AdapterError(f"cannot adapt a {why}: supported are Linear and (transposed) convolutions")
+        check_adaptable(base)
         for p in base.parameters():
             p.requires_grad_(False)
         self.base = base

@@ -13,21 +13,18 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from SegAssistLib.learning.adapters.layers import AdaptedLayer
-from SegAssistLib.learning.errors import AdapterError
+from SegAssistLib.learning.adapters.layers import AdaptedLayer, check_alpha, check_rank
 
 
 class LoRALayer(AdaptedLayer):
     kind = "lora"
 
     def __init__(self, base: nn.Module, rank: int = 4, alpha: Optional[float] = None) -> None:
+        rank = check_rank(rank, "LoRA rank", 1)  # checked before the base layer is frozen
+        alpha = check_alpha(alpha, "LoRA")
         super().__init__(base)
-        if isinstance(rank, bool) or int(rank) != rank or rank < 1:
-            raise AdapterError(f"LoRA rank must be a positive integer, got {rank!r}")
-        self.rank = int(min(rank, self.rows, self.cols))
-        self.alpha = float(alpha) if alpha is not None else float(self.rank)
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise AdapterError(f"LoRA alpha must be a positive number, got {alpha!r}")
+        self.rank = min(rank, self.rows, self.cols)
+        self.alpha = alpha if alpha is not None else float(self.rank)
         self.scaling = self.alpha / self.rank
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.cols, dtype=w.dtype, device=w.device))

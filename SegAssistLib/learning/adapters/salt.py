@@ -39,14 +39,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from SegAssistLib.learning.adapters.layers import AdaptedLayer, weight_to_matrix
-from SegAssistLib.learning.errors import AdapterError
-
-
-def _check_rank(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or int(value) != value or value < minimum:
-        raise AdapterError(f"{what} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+from SegAssistLib.learning.adapters.layers import AdaptedLayer, check_alpha, check_rank, weight_to_matrix
 
 
 def canonical_svd(matrix: torch.Tensor):
@@ -68,17 +61,17 @@ class SALTLayer(AdaptedLayer):
         lora_rank: int = 4,
         alpha: Optional[float] = None,
     ) -> None:
-        super().__init__(base)
-        rank = _check_rank(rank, "SALT rank (number of top singular values)", 1)
-        lora_rank = _check_rank(lora_rank, "SALT LoRA rank", 0)
+        # checked before the base layer is frozen
+        rank = check_rank(rank, "SALT rank (number of top singular values)", 1)
+        lora_rank = check_rank(lora_rank, "SALT LoRA rank", 0)
+        alpha = check_alpha(alpha, "SALT")
+        super().__init__(base)  # refuses a non-finite weight, whose SVD would be a raw torch error
         w = base.weight
         u, s, vh = canonical_svd(weight_to_matrix(base, w))
         rows, cols = u.shape[0], vh.shape[1]
         self.rank = min(rank, s.numel())
         self.lora_rank = min(lora_rank, rows - self.rank, cols - self.rank)  # P B A Q has no more
-        self.alpha = float(alpha) if alpha is not None else float(max(self.lora_rank, 1))
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise AdapterError(f"SALT alpha must be a positive number, got {alpha!r}")
+        self.alpha = alpha if alpha is not None else float(max(self.lora_rank, 1))
         self.scaling = self.alpha / max(self.lora_rank, 1)
         r = self.rank
 
