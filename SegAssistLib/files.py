@@ -1,6 +1,8 @@
 """Files SegAssist writes for itself (checkpoints, adapters, the version registry, the datastore). Torch-free.
 
 Atomic file writes: write a temporary file beside the target, fsync it, rename it, fsync the folder.
+A write that must not replace a file publishes it as a hard link instead of renaming it, so that a
+file another process created meanwhile is not replaced either.
 
 Each such file is a dict tagged ``"format"`` and ``"format_version"``, checked on reading by
 :func:`check_format`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -129,8 +132,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def atomic_write(dest: Path, writer: Callable[[Path], object], overwrite: bool = False) -> str:
     """Write ``dest`` through ``writer(temp_path)``; returns the SHA-256 of the written file.
 
-    With ``overwrite=False`` (the default) an existing ``dest`` is an error: stored data is never
-    replaced in place. On any failure nothing is replaced and no temporary file is left.
+    With ``overwrite=False`` (the default) an existing ``dest`` is an error (:class:`FileExistsError`),
+    also one created by another process while ``writer`` ran: stored data is never replaced in place.
+    On any failure nothing is replaced and no temporary file is left.
     """
     return atomic_write_many([(dest, writer)], overwrite=overwrite)[0]
 
@@ -166,7 +170,7 @@ def atomic_write_many(files: Sequence[Tuple[Path, Callable[[Path], object]]], ov
             digests.append(sha256_file(tmp))
         for dest, _ in files:
             _check_destination(dest, overwrite)
-        _rename_all([(tmp, dest) for tmp, (dest, _) in zip(temps, files)])
+        _rename_all([(tmp, dest) for tmp, (dest, _) in zip(temps, files)], overwrite)
     except BaseException:
         for tmp in temps:
             _remove_temp_family(tmp)
@@ -176,23 +180,48 @@ def atomic_write_many(files: Sequence[Tuple[Path, Callable[[Path], object]]], ov
     return digests
 
 
-def _rename_all(pairs: List[Tuple[Path, Path]]) -> None:
-    """``os.replace`` each temporary file onto its destination; when one fails, undo the ones made.
+# os.link's errors on a filesystem without hard links (FAT, some network shares)
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP})
 
-    Before each rename but the last, a file it would replace is kept under a backup name (a hard link,
-    else the file itself moved aside), so that it can be put back."""
+
+def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Move ``tmp`` to ``dest``: with ``overwrite`` a rename; without, a hard link (then ``tmp`` removed),
+    which unlike a rename fails when ``dest`` exists, even one another process made after the check."""
+    if overwrite:
+        os.replace(tmp, dest)
+        return
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise FileExistsError(f"refusing to overwrite {dest}") from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        _check_destination(dest, overwrite)  # no hard links here: checked, then renamed, as before
+        os.replace(tmp, dest)
+        return
+    with contextlib.suppress(OSError):  # published; a temporary name left is swept as any other
+        tmp.unlink()
+
+
+def _rename_all(pairs: List[Tuple[Path, Path]], overwrite: bool) -> None:
+    """Publish each temporary file as its destination (:func:`_publish`); when one fails, undo the ones made.
+
+    With ``overwrite``, before each rename but the last, a file it would replace is kept under a backup
+    name (a hard link, else the file itself moved aside), so that it can be put back; without, no file
+    is replaced (:func:`_publish`)."""
     done: List[Tuple[Path, Optional[Path]]] = []
     try:
         for index, (tmp, dest) in enumerate(pairs):
             backup = None
-            if index < len(pairs) - 1 and os.path.lexists(dest):
+            if overwrite and index < len(pairs) - 1 and os.path.lexists(dest):
                 backup = dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-old-{dest.name}")
                 try:
                     os.link(dest, backup, follow_symlinks=False)
                 except (OSError, NotImplementedError):
                     os.replace(dest, backup)
             try:
-                os.replace(tmp, dest)
+                _publish(tmp, dest, overwrite)
             except BaseException:
                 if backup is not None:  # a file moved aside goes back; a link is the file itself
                     os.replace(backup, dest)
@@ -232,6 +261,48 @@ def check_format(data: object, path: Path, fmt: str, version: int, what: str, er
             "upgrade SegAssist"
         )
     return data
+
+
+def plain_data(value: Any, what: str, error: Type[Exception] = ValueError) -> Any:
+    """``value`` as plain data, through a JSON round trip: what a file loaded with torch's
+    ``weights_only=True`` reads back (a path or a numpy number pickles as an object it refuses).
+
+    A path becomes its text and a numpy (or 0-d torch) number a Python number; as in JSON a tuple
+    becomes a list and a number used as a key its text. Anything else is an ``error`` (its message
+    calls ``value`` a ``what``) saying where ``value`` holds it, raised before any file is written.
+    """
+    refused: List[object] = []
+
+    def convert(item: Any) -> Any:
+        if isinstance(item, os.PathLike):
+            return os.fspath(item)
+        if getattr(item, "shape", None) == () and callable(getattr(item, "item", None)):
+            return item.item()
+        refused.append(item)
+        raise TypeError(f"a value of type {type(item).__name__}")
+
+    try:
+        return json.loads(json.dumps(value, default=convert))
+    except (TypeError, ValueError) as exc:
+        where = _path_to(value, refused[-1]) if refused else None
+        raise error(f"{what} must be plain data (JSON-compatible): {exc}{f' at {where}' if where else ''}") from exc
+
+
+def _path_to(value: Any, target: object, path: str = "") -> Optional[str]:
+    """Where ``target`` is in ``value``'s dicts and lists, as ``['key'][0]``; None: nowhere."""
+    if value is target:
+        return path
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _path_to(item, target, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def check_bundled(path: Path, what: str) -> None:

@@ -26,7 +26,7 @@ import torch
 from monai.networks.nets import UNet
 
 from SegAssistLib.errors import DeviceError, ModelError
-from SegAssistLib.files import atomic_write, check_format
+from SegAssistLib.files import atomic_write, check_format, plain_data
 
 CHECKPOINT_FORMAT = "segassist-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -121,7 +121,10 @@ def weights_identity(state_dict: Dict[str, torch.Tensor]) -> str:
 def save_checkpoint(
     path: Union[str, Path], network: torch.nn.Module, config: NetworkConfig, meta: Dict[str, Any]
 ) -> Path:
+    """Write a checkpoint atomically; ``meta`` is stored as plain data (see
+    :func:`~SegAssistLib.files.plain_data`: a :class:`ModelError` for what ``load_checkpoint`` would refuse)."""
     path = Path(path)
+    meta = plain_data(meta, "checkpoint meta", ModelError)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,

@@ -30,7 +30,7 @@ from SegAssistLib.engine.network import (
     load_tagged_file,
     weights_identity,
 )
-from SegAssistLib.files import atomic_write
+from SegAssistLib.files import atomic_write, plain_data
 from SegAssistLib.learning.adapters import base_state_dict, load_adapter
 from SegAssistLib.learning.errors import AdapterError
 from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord, model_version
@@ -51,14 +51,16 @@ def base_copy(base: LoadedModel) -> nn.Module:
 def save_full_version(
     path: Path, network: nn.Module, config: NetworkConfig, base_identity: str, meta: Dict[str, Any]
 ) -> Path:
-    """A fully fine-tuned network (the reference the adapters are compared with), written once."""
+    """A fully fine-tuned network (the reference the adapters are compared with), written once;
+    ``meta`` as plain data (:class:`AdapterError` for what its loader would refuse)."""
+    meta = plain_data(dict(meta), "fine-tuned weights meta", AdapterError)
     payload = {
         "format": FINETUNE_FORMAT,
         "format_version": FINETUNE_FORMAT_VERSION,
         "base_identity": base_identity,
         "config": asdict(config),
         "state_dict": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
-        "meta": dict(meta),
+        "meta": meta,
     }
     atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
     return Path(path)

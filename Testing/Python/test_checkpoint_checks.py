@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from SegAssistLib.engine.network import (
     save_checkpoint,
 )
 from SegAssistLib.errors import ModelError
+from SegAssistLib.learning.errors import AdapterError
 
 TINY = NetworkConfig(channels=(4, 8), strides=(2,), patch_size=16)
 
@@ -98,3 +100,42 @@ def test_a_config_edited_after_training_is_refused_and_one_that_agrees_loads(tmp
             load_checkpoint(_with(tmp_path, "plain.pt", lambda payload, meta=meta: payload.update(meta=meta))).config
             == TINY
         )
+
+
+META = {"data_root": Path("/data/msd"), "dice": np.float32(0.75), "steps": np.int64(3), "splits": ("a", "b")}
+PLAIN = {"data_root": "/data/msd", "dice": 0.75, "steps": 3, "splits": ["a", "b"]}
+
+
+def _writers(tmp_path):
+    """Each writer of a SegAssist torch file with free-form meta: (save, read its meta back through the
+    file's own loader, the error)."""
+    from SegAssistLib.learning.adapters import apply_adapter, read_adapter_file
+    from SegAssistLib.learning.deploy import load_full_version, save_full_version
+
+    base = load_checkpoint(_saved(tmp_path, "base.pt", TINY))
+
+    def full_version_meta(path):
+        load_full_version(base, path)  # its loader has no meta to give: it must accept the file, then the meta
+        return torch.load(path, weights_only=True)["meta"]
+
+    return {
+        "checkpoint": (lambda path, meta: save_checkpoint(path, build_network(TINY), TINY, meta),
+                       lambda path: load_checkpoint(path).meta, ModelError),
+        "fine-tuned weights": (lambda path, meta: save_full_version(path, base.network, TINY, base.identity, meta),
+                               full_version_meta, AdapterError),
+        "adapter": (lambda path, meta: apply_adapter(build_network(TINY), "lora").save(path, meta),
+                    lambda path: read_adapter_file(path).meta, AdapterError),
+    }
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "fine-tuned weights", "adapter"])
+def test_meta_its_loader_would_refuse_is_made_plain_or_refused_before_writing(tmp_path, what):
+    """A Path or a numpy number in meta was saved without a word, and the file's own loader
+    (weights_only=True) refused it: a finished run could not be loaded."""
+    save, read_meta, error = _writers(tmp_path)[what]
+    save(tmp_path / "plain.pt", META)
+    assert read_meta(tmp_path / "plain.pt") == PLAIN
+    with pytest.raises(error, match=r"must be plain data \(JSON-compatible\): a value of type object at "
+                                    r"\['train'\]\['data'\]\[1\]"):  # fmt: skip
+        save(tmp_path / "refused.pt", {"train": {"data": ["ok", object()]}})
+    assert not (tmp_path / "refused.pt").exists()

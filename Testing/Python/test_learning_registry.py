@@ -302,3 +302,55 @@ def test_the_command_line_rolls_back_from_the_version_named_or_refuses_and_says_
             main(["learn", "rollback", *store, "--from", bad])
         assert stopped.value.code == 2 and "a version id such as v3, or 'base'" in capsys.readouterr().err
     assert registry.read().current == "v3"
+
+
+# A process (argv: datastore root, its name) adding 10 versions to one registry, each promoted against the
+# current version it read, and rolling back one step after every third, as trainers and operators do
+_BUSY_PROCESS = """
+import sys
+from pathlib import Path
+from SegAssistLib.learning.loop_errors import RegistryError
+from SegAssistLib.learning.registry import AdapterRegistry
+registry, me = AdapterRegistry(sys.argv[1]), sys.argv[2]
+for i in range(10):
+    current = registry.read().current
+    def writer(path, version_id):
+        registry.write_file(path, lambda tmp: Path(tmp).write_text(f"{version_id} by {me}"))
+    fields = {"base_identity": "base-1", "val_dice": 0.5, "incumbent": current, "incumbent_dice": 0.4}
+    print(registry.add_version("lora", writer, fields, promote=True, expected_current=current).id, flush=True)
+    if i % 3 == 2:
+        try:
+            registry.rollback()
+        except RegistryError:  # another process's rollback took the registry back to the base model
+            print("refused", flush=True)
+"""
+
+
+def test_processes_adding_and_rolling_back_versions_at_once_lose_no_update(tmp_path: Path):
+    import subprocess
+    import sys
+
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    processes = [subprocess.Popen([sys.executable, "-c", _BUSY_PROCESS, str(tmp_path), f"p{i}"], **pipes)
+                 for i in range(4)]  # fmt: skip
+    try:
+        outputs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert [p.returncode for p in processes] == [0] * 4, [err[-2000:] for _, err in outputs]
+    lines = [(f"p{i}", line) for i, (out, _) in enumerate(outputs) for line in out.split()]
+    added = {line: name for name, line in lines if line != "refused"}
+    refused = sum(line == "refused" for _, line in lines)
+    registry = AdapterRegistry(tmp_path)
+    state = registry.read()
+    assert sorted(v.number for v in state.versions) == list(range(1, 41)) and len(added) == 40
+    assert all(registry.file_path(v).read_text() == f"{v.id} by {added[v.id]}" for v in state.versions)
+    # every change started from the current version the one before it left: none was lost
+    assert [e["from"] for e in state.events] == [None] + [e["to"] for e in state.events[:-1]]
+    assert state.events[-1]["to"] == state.current
+    assert sum(e["action"] == "rollback" for e in state.events) + refused == 12
+    assert sorted(p.name for p in registry.folder.iterdir()) == sorted(
+        [".registry.lock", "registry.json", *(v.file for v in state.versions)]
+    )  # no temporary file left

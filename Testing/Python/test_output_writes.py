@@ -186,15 +186,68 @@ def test_files_written_together_are_all_replaced_or_none(tmp_path, monkeypatch):
 
     fresh = tmp_path / "fresh"
     writes = [(fresh / "mask.nii.gz", lambda p: Path(p).write_bytes(b"m")), (new_log, lambda p: Path(p).write_text(""))]
+    real_link = os.link
+
+    def link(src, dst, **kwargs):  # without overwrite, files are published as hard links
+        if Path(dst) == new_log:
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_link(src, dst, **kwargs)
+
+    monkeypatch.setattr(files.os, "link", link)
     with pytest.raises(PermissionError):
         files.atomic_write_many(writes)
-    assert list(fresh.iterdir()) == []  # the first file, renamed, is taken back
+    assert list(fresh.iterdir()) == []  # the first file, published, is taken back
 
     monkeypatch.setattr(files.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "link", real_link)
     assert len(files.atomic_write_many(writes)) == 2 and (fresh / "mask.nii.gz").read_bytes() == b"m"
     assert new_log.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == [
         "fresh", "log.json", "mask.nii.gz"
     ]  # fmt: skip
+
+
+# A writer process (argv: folder, its name, writers, rounds): each round every writer writes file-<round>
+# without overwrite, all of them past the first check and their file written before any publishes it;
+# prints the rounds it won
+_RACING_WRITER = """
+import contextlib, os, sys, time
+from pathlib import Path
+from SegAssistLib.files import atomic_write
+folder, me, writers, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+deadline = time.monotonic() + 60  # a writer that never came (it failed) leaves the others waiting no longer
+for n in range(rounds):
+    def writer(tmp):
+        tmp.write_bytes(me.encode())
+        (folder / f"ready-{n}-{me}").touch()
+        while sum(name.startswith(f"ready-{n}-") for name in os.listdir(folder)) < writers:
+            if time.monotonic() > deadline:
+                sys.exit("the other writers never came")
+    with contextlib.suppress(FileExistsError):
+        atomic_write(folder / f"file-{n}", writer)
+        print(n, flush=True)
+"""
+
+
+def test_a_write_that_must_not_replace_never_replaces_a_file_made_meanwhile(tmp_path):
+    """The no-overwrite check came before a rename, and a rename replaces: writers of one name (two
+    saves of an adapter to one path) could both pass the check, the second replacing the first's file
+    (in about half of these rounds)."""
+    writers, rounds = 2, 100
+    argv = [sys.executable, "-c", _RACING_WRITER, str(tmp_path)]
+    processes = [subprocess.Popen([*argv, f"w{i}", str(writers), str(rounds)], stdout=subprocess.PIPE, text=True)
+                 for i in range(writers)]  # fmt: skip
+    try:
+        won = {f"w{i}": set(map(int, p.communicate(timeout=120)[0].split())) for i, p in enumerate(processes)}
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert all(p.returncode == 0 for p in processes)
+    for n in range(rounds):
+        winners = [name for name, rounds_won in won.items() if n in rounds_won]
+        assert len(winners) == 1, f"round {n}: {winners or 'no writer'} published file-{n}"
+        assert (tmp_path / f"file-{n}").read_text() == winners[0]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
 # A datastore import in a child process whose writes fail past RLIMIT_FSIZE bytes (argv[2])
