@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from SegAssistLib.datasets import default_data_root
 from SegAssistLib.errors import SegAssistError
@@ -117,6 +118,19 @@ def check_run_folder(out: Path, resume: Optional[Path], overwrite: bool) -> None
                              "--overwrite to replace it")
 
 
+# the settings each batch's random draws depend on (training.train.batch_rng and PatchStream)
+EXACT_RESUME_SETTINGS = ("seed", "batch_size", "loader_workers")
+
+
+def _inexact_resume(saved: object, cfg) -> List[str]:
+    """Which of :data:`EXACT_RESUME_SETTINGS` ``cfg`` changes from a resumed state's saved config
+    (``saved``; nothing to compare for a state without one)."""
+    if not isinstance(saved, dict):
+        return []
+    return [f"{name} {getattr(cfg, name)!r} (the state's run had {saved[name]!r})"
+            for name in EXACT_RESUME_SETTINGS if name in saved and saved[name] != getattr(cfg, name)]
+
+
 def _resumes_its_own_run(out: Path, resume: Path) -> bool:
     return resume.resolve() == (out / "state.pt").resolve()
 
@@ -147,6 +161,10 @@ def run_train(args: argparse.Namespace) -> int:
     torch_device(cfg.device)
     check_run_folder(args.out, args.resume, args.overwrite)
     trainer = Trainer(cfg, args.out, state)  # refuses a state that does not fit before anything is written
+    changed = _inexact_resume(state.get("config") if state is not None else None, cfg)
+    if changed:  # a warning, not a refusal: going on from a state under other draws is a fair choice
+        print(f"warning: resuming with {', '.join(changed)}: the run goes on, but no longer exactly as the "
+              "interrupted run would have (each batch's random draws depend on these)", file=sys.stderr, flush=True)
     try:
         # afresh, or another run's state resumed in its place: no old weights or log lines mixed with the new run's
         if args.overwrite and (args.resume is None or not _resumes_its_own_run(args.out, args.resume)):

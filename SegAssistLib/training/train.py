@@ -8,7 +8,8 @@ a cosine over ``max_steps`` or over the wall-clock budget, whichever is projecte
 (``training.schedule``), so a run of any length ends at a low rate. Each batch's randomness comes
 from the seed and the batch's number (:func:`batch_rng`), so a seed gives the same weights at any
 speed when ``max_steps`` ends the run; checkpoints are written atomically and a run resumed from
-one goes on exactly as the run would have.
+one goes on exactly as the run would have (given the same seed, batch_size and loader_workers, which
+the draws depend on: ``segassist train`` warns when a resume changes them).
 
 Usage: ``segassist train --out runs/v1 --minutes 120 [--resume runs/v1/state.pt] [--config cfg.json]``
 (the subcommand lives in ``training/cli.py`` so that ``segassist --help`` needs no torch).
@@ -35,7 +36,7 @@ from monai.losses import DiceCELoss
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
 from SegAssistLib.errors import ModelError, SegAssistError
-from SegAssistLib.files import atomic_write
+from SegAssistLib.files import atomic_write, plain_data
 from SegAssistLib.machine import machine_info
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import (
@@ -296,6 +297,7 @@ class Trainer:
             self.net_cfg = NetworkConfig.from_dict(cfg.network, strict=True)
         except (ModelError, TypeError, ValueError) as exc:
             raise SegAssistError(f"the training config's network: {exc}") from exc
+        self._plain_config()  # what state.pt and model.pt could not hold is refused now, not after training
         self.device = torch.device(cfg.device)
         self.net = build_network(self.net_cfg).to(self.device)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -315,6 +317,7 @@ class Trainer:
             for group in self.opt.param_groups:  # the state brings back its own; the config says (lr: per step)
                 group["weight_decay"] = cfg.weight_decay
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))  # a state saved before it was kept: 0
             # a state saved before the schedule could follow the steps followed the time
             time_limited = bool(state.get("time_limited", True))
             print(f"resumed at step {self.step}", flush=True)
@@ -423,20 +426,26 @@ class Trainer:
             dice = (2 * inter / (pred.sum((1, 2, 3, 4)) + (y > 0).sum((1, 2, 3, 4)) + 1e-6)).mean()
         return {"loss": float(loss.detach()), "dice": float(dice), "rounds": rounds}
 
+    def _plain_config(self) -> dict:
+        """The config as plain data (a path as its text), which ``weights_only`` loading reads back."""
+        return plain_data(asdict(self.cfg), "the training config", SegAssistError)
+
     def save(self, final: bool = False) -> None:
+        config = self._plain_config()
         state = {
             "model": {k: v.cpu() for k, v in self.net.state_dict().items()},
             "optimizer": self.opt.state_dict(),
             "step": self.step,
             "elapsed": self.elapsed,
             "time_limited": self.schedule.time_limited,
-            "config": asdict(self.cfg),
+            "skipped_steps": self.skipped_steps,
+            "config": config,
         }
         # a kill mid-write keeps the previous state whole; scripts/package_model.py refuses a
         # model.pt and state.pt of different steps (a kill between these two writes)
         atomic_write(self.out / "state.pt", lambda tmp: torch.save(state, tmp), overwrite=True)
         meta = {"name": "segassist-unet", "steps": self.step, "train_seconds": round(self.elapsed),
-                "train_config": asdict(self.cfg), "final": final, "hardware": self.hardware}
+                "train_config": config, "final": final, "hardware": self.hardware}
         save_checkpoint(self.out / "model.pt", self.net, self.net_cfg, meta)
 
     def run(self) -> None:

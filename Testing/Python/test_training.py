@@ -409,3 +409,44 @@ def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
     config.write_text(json.dumps(cfg))
     assert main(["train", "--out", str(out), "--config", str(config), "--resume", str(resume)]) == 0
     assert torch.load(resume, weights_only=True)["step"] == step + 1
+
+
+def test_a_config_holding_a_path_saves_a_run_that_loads_and_one_holding_objects_is_refused_at_once(tmp_path):
+    """A Path in the config (the field is text; an easy mistake from Python) trained and saved without a
+    word, and then neither model.pt nor state.pt could be loaded (weights_only=True): the run was lost."""
+    from pathlib import Path
+
+    from SegAssistLib.errors import SegAssistError
+    from SegAssistLib.training.train import TrainConfig, Trainer, read_training_state
+
+    network = {"channels": [4, 8], "strides": [2], "patch_size": 16}
+    trainer = Trainer(TrainConfig(data_root=Path(tmp_path / "data"), network=network, loader_workers=0),
+                      tmp_path / "run")
+    try:
+        trainer.save()
+    finally:
+        trainer.close()
+    assert read_training_state(tmp_path / "run" / "state.pt")["config"]["data_root"] == str(tmp_path / "data")
+    assert load_checkpoint(tmp_path / "run" / "model.pt").meta["train_config"]["data_root"] == str(tmp_path / "data")
+    with pytest.raises(SegAssistError, match=r"the training config must be plain data \(JSON-compatible\): "
+                                             r"a value of type object at \['datasets'\]\[0\]"):  # fmt: skip
+        Trainer(TrainConfig(data_root="", network=network, loader_workers=0, datasets=[object()]), tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # refused before anything is written, not after the training
+
+
+def test_a_resume_under_other_draws_goes_on_with_a_warning(tmp_path, capsys):
+    """--seed, batch_size or loader_workers changed on resume was taken without a word, though each
+    batch's draws depend on them: the run no longer went on as the interrupted one would have."""
+    first = _tiny_run(tmp_path, "cfg", 0)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--config", str(first), "--seed", "1"]) == 0
+    same = _tiny_run(tmp_path, "same", 0, max_steps=2)
+    resume = ["--resume", str(out / "state.pt")]
+    assert main(["train", "--out", str(out), "--config", str(same), "--seed", "1", *resume]) == 0
+    assert "warning" not in capsys.readouterr().err
+    other = _tiny_run(tmp_path, "other", 0, max_steps=3, batch_size=2)  # and its seed, 0
+    assert main(["train", "--out", str(out), "--config", str(other), *resume]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: resuming with seed 0 (the state's run had 1), batch_size 2 (the state's run had 1): the run "
+            "goes on, but no longer exactly as the interrupted run would have") in err
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 3

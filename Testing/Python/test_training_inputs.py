@@ -113,3 +113,24 @@ def test_unknown_network_settings_are_refused_but_checkpoints_load_as_before(tmp
     payload["config"]["added_later"] = 1
     torch.save(payload, tmp_path / "model.pt")
     assert load_checkpoint(tmp_path / "model.pt").config == net_cfg
+
+
+def test_steps_skipped_for_a_loss_that_is_not_finite_are_still_counted_after_a_resume(tmp_path):
+    """state.pt did not keep the count: a resumed run's log and final line said fewer than were skipped."""
+    from SegAssistLib.training.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(data_root="", network=TINY_NETWORK, batch_size=1, loader_workers=0, max_correction_rounds=0)
+    trainer = Trainer(cfg, tmp_path / "run")
+    real_loss = trainer.loss
+    try:
+        trainer.loss = lambda logits, y: real_loss(logits, y) * float("nan")
+        assert trainer.train_step().get("skipped")
+        trainer.save()
+    finally:
+        trainer.close()
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["skipped_steps"] == 1
+    for saved, expected in ((state, 1), ({k: v for k, v in state.items() if k != "skipped_steps"}, 0)):  # older
+        resumed = Trainer(cfg, tmp_path / "resumed", saved)
+        resumed.close()
+        assert resumed.skipped_steps == expected
