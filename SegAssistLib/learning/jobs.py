@@ -10,7 +10,11 @@ another terminal) can follow or cancel a job, and a restarted server finds it ag
                   (recorded by the parent as soon as it started), replaced whole
     cancel        created to ask the job to stop; it stops between steps or validation cases
     alive         locked (``flock``) for the worker's whole life: the job's liveness for any process
-    worker.log    the process's output (tracebacks)
+    worker.log    the process's output (tracebacks, with the paths of files)
+
+A status names no file by its path on this machine (a server serves it as it is, and its replies
+never show where its files are): a failure's text names a datastore file from the store
+(``adapters/v1-lora.pt``) and any other by its last part; worker.log keeps the full text.
 
 Why a process and not a thread: training and inference would share the interpreter lock and torch's
 thread pool. The worker runs with ``threads`` torch threads (1 by default) and a lower CPU priority
@@ -35,7 +39,9 @@ watchdog and the worker's main thread share a lock: the main thread holds it for
 and from the start of its registration until its final status is written, so the watchdog never
 stops a job that is recording its version; a registration stuck for ``COMMIT_GRACE_S`` more is
 stopped all the same, with a final status that agrees with the registry (``done`` with the version
-when the registry names one made by this job, else ``failed``).
+when the registry names one made by this job, else ``failed``). A worker that fails in any other way
+ends with a status that agrees with the registry in the same way (a failure after its version was
+recorded, such as a final status write on a full disk, is ``done`` with that version).
 (``flock`` is POSIX: on Windows jobs run, but one-at-a-time is not enforced across processes and a
 worker that died silently is not detected by processes other than the one that started it.)
 """
@@ -46,6 +52,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,6 +228,45 @@ def _log_tail(folder: Path, lines: int = 8) -> str:
         return ""
 
 
+# an absolute path of two parts or more: POSIX (not after a word, a dot, ~, : or another path's parts) or Windows
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~/:\\-])/(?:[^\s/'"]+/)+[^\s/'"]*|\b[A-Za-z]:\\(?:[^\s\\'"]+\\)+[^\s\\'"]*""")
+
+
+def public_text(
+    text: str, store_root: Union[str, Path, None] = None, checkpoint: Union[str, Path, None] = None
+) -> str:
+    """``text`` without the server's file paths, as a job's status must be (a server serves it, and its
+    replies never show where its files are): a file of the datastore named from it (``adapters/v1-lora.pt``,
+    as the registry names them), the checkpoint as such, any other absolute path by its last part
+    (``…/name``). The full text stays in the job's worker.log."""
+    if checkpoint is not None:
+        for shown in _spellings(checkpoint):
+            text = text.replace(shown, "the base model's checkpoint")
+    if store_root is not None:
+        for shown in _spellings(store_root):
+            text = text.replace(shown + os.sep, "").replace(shown, "the datastore")
+    return _ABSOLUTE_PATH.sub(_last_part, text)
+
+
+def _spellings(path: Union[str, Path]) -> List[str]:
+    """A path as given and resolved (a link in it), the longer first."""
+    return sorted({str(Path(path)), str(Path(path).resolve())}, key=len, reverse=True)
+
+
+def _last_part(match: re.Match) -> str:
+    path = match.group(0)
+    return "\u2026" + ("/" if path.startswith("/") else "\\") + re.split(r"[/\\]", path)[-1]
+
+
+def _public_status(data: Dict[str, Any], store_root: Path) -> Dict[str, Any]:
+    """The status with its free texts (error, message, log tail) made :func:`public_text`: a job folder
+    of an older release, or a worker that died mid-traceback, may have left paths in them."""
+    for key in ("error", "message", "log_tail"):
+        if isinstance(data.get(key), str):
+            data[key] = public_text(data[key], store_root)
+    return data
+
+
 @dataclass
 class TrainingJob:
     """A handle on a job (the process, when this process started it)."""
@@ -231,7 +277,11 @@ class TrainingJob:
     process: Optional[subprocess.Popen] = None
 
     def status(self) -> Dict[str, Any]:
-        """The job's latest status; a worker that died without saying so shows as ``failed``."""
+        """The job's latest status; a worker that died without saying so shows as ``failed``. Its texts
+        name no file by its path on this machine (:func:`public_text`): worker.log has the details."""
+        return _public_status(self._status(), self.store_root)
+
+    def _status(self) -> Dict[str, Any]:
         # the exit is seen before the file is read: a worker that writes its final status and exits
         # between the two would otherwise read as unfinished, then dead ("failed" with exit code 0)
         code = self.process.poll() if self.process is not None else None
@@ -292,12 +342,17 @@ def _check_enough_labels(store_root: Path, label_value: Optional[int] = None) ->
     """Refuse at once what the worker would refuse after starting. With a label value, labels are read
     until two cases hold enough of it (usually the first two): the worker's refusal named no value."""
     from SegAssistLib.learning.datastore import Datastore
-    from SegAssistLib.learning.traindata import check_enough_cases, check_enough_subjects, foreground, usable_cases
+    from SegAssistLib.learning.traindata import (
+        check_enough_cases,
+        check_enough_subjects,
+        foreground,
+        usable_and_too_small,
+    )
     from SegAssistLib.training.data import MIN_TARGET_VOXELS
 
     with Datastore(store_root) as store:
-        pairs = usable_cases(store)
-        check_enough_cases(len(pairs))
+        pairs, too_small = usable_and_too_small(store)
+        check_enough_cases(len(pairs), [case.name for case in too_small])
         ids = [case.id for case, _ in pairs]
         check_enough_subjects(ids, store.subjects(ids))
         if label_value is None:
@@ -491,22 +546,51 @@ def lower_priority(nice: int) -> Dict[str, Any]:
 
 def _worker(folder: Path) -> int:
     spec = json.loads((folder / "job.json").read_text())
-    from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
-
-    cfg = AdapterTrainConfig.from_dict(spec["config"])
     status_path = folder / "status.json"
-    lower_priority(cfg.nice)
-    import torch
-
-    torch.set_num_threads(cfg.threads)
-    with contextlib.suppress(RuntimeError):  # already set in this process
-        torch.set_num_interop_threads(1)
-
     # held by the main thread for each status write and from the start of its registration until its
     # final status is written (run_training's status_lock); the watchdog judges the job holding it
     status_lock = threading.RLock()
-    overrun = (f"the job overran its time budget of {cfg.time_budget_s:.0f} s by more than "
-               f"{max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s):.0f} s and was stopped")
+    timer: Optional[threading.Timer] = None
+    try:  # from here on a failure is written to the status (a bad setting, the priority, torch...)
+        from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
+
+        cfg = AdapterTrainConfig.from_dict(spec["config"])
+        lower_priority(cfg.nice)
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        with contextlib.suppress(RuntimeError):  # already set in this process
+            torch.set_num_interop_threads(1)
+        timer = _arm_watchdog(folder, spec, cfg.time_budget_s, status_lock)
+        run_training(
+            spec["store_root"],
+            spec["checkpoint"],
+            cfg,
+            job_id=spec["job_id"],
+            status_path=status_path,
+            should_stop=(folder / "cancel").exists,
+            status_extra={"threads": torch.get_num_threads(), "nice": cfg.nice},
+            status_lock=status_lock,
+        )
+        return 0
+    except Exception as exc:
+        traceback.print_exc()  # the details, paths included, for worker.log; the status gets a public form
+        error = public_text(getattr(exc, "public", None) or str(exc), spec["store_root"], spec["checkpoint"])
+        with status_lock:
+            _write_final(folder, spec, _read_json(status_path) or {}, error,
+                         error_code=getattr(exc, "code", "internal"), then=f"the job ended with an error: {error}")
+        return 1
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _arm_watchdog(folder: Path, spec: Dict[str, Any], budget_s: float, status_lock: Any) -> threading.Timer:
+    """Start the timer that stops the worker once it overran ``budget_s`` by a wide margin (see the
+    module docstring); it judges the job holding ``status_lock``."""
+    grace = max(WATCHDOG_GRACE_S, 0.25 * budget_s)
+    overrun = f"the job overran its time budget of {budget_s:.0f} s by more than {grace:.0f} s and was stopped"
+    status_path = folder / "status.json"
 
     def watchdog() -> None:
         if not status_lock.acquire(timeout=COMMIT_GRACE_S):  # recording its version for minutes: stuck
@@ -518,73 +602,62 @@ def _worker(folder: Path) -> int:
             return  # finished meanwhile: the worker is on its way out
         _stop_overrun(folder, spec, latest, overrun)  # with the lock: the main thread writes nothing more
 
-    timer = threading.Timer(cfg.time_budget_s + max(WATCHDOG_GRACE_S, 0.25 * cfg.time_budget_s), watchdog)
+    timer = threading.Timer(budget_s + grace, watchdog)
     timer.daemon = True
     timer.start()
-    cancel_flag = folder / "cancel"
-    try:
-        run_training(
-            spec["store_root"],
-            spec["checkpoint"],
-            cfg,
-            job_id=spec["job_id"],
-            status_path=status_path,
-            should_stop=cancel_flag.exists,
-            status_extra={"threads": torch.get_num_threads(), "nice": cfg.nice},
-            status_lock=status_lock,
-        )
-        return 0
-    except Exception as exc:
-        traceback.print_exc()
-        from SegAssistLib.learning.trainer import write_json_replace
-
-        with status_lock:
-            data = _read_json(status_path) or {}
-            data.update(state="failed", phase="finished", error=str(exc), error_code=getattr(exc, "code", "internal"),
-                        updated_at=time.time())
-            write_json_replace(status_path, data)
-        return 1
-    finally:
-        timer.cancel()
+    return timer
 
 
 def _stop_overrun(folder: Path, spec: Dict[str, Any], latest: Dict[str, Any], error: str) -> NoReturn:
     """End a worker that overran its budget (exit code 3), after a final status that agrees with the
-    registry: ``done`` with this job's version when the registry names one (it overran after recording
-    it), else ``failed``. The registry's lock is taken first and kept until the exit, so that no thread
-    of this process records a version after the registry was read (not taken within
+    registry (:func:`_write_final`). The registry's lock is taken first and kept until the exit, so that
+    no thread of this process records a version after the registry was read (not taken within
     ``REGISTRY_LOCK_WAIT_S``, by a registration stuck while holding it: the registry is read as it is)."""
-    from SegAssistLib.learning.registry import BASE, REJECTED, AdapterRegistry
-    from SegAssistLib.learning.trainer import StatusWriter, TrainingResult
+    from SegAssistLib.learning.registry import AdapterRegistry
 
     try:
-        registry = AdapterRegistry(spec["store_root"])
         with contextlib.suppress(Exception):
-            registry.lock_until_exit(REGISTRY_LOCK_WAIT_S)
-        try:
-            state = registry.read()
-            record = next((v for v in reversed(state.versions) if v.job_id == spec["job_id"]), None)
-        except Exception:  # unreadable: nothing known to be recorded
-            state, record = None, None
-        writer = StatusWriter(folder / "status.json")
-        writer.data.update(latest)
-        if record is None or state is None:
-            writer.update(force=True, state="failed", phase="finished", error=error)
-        else:
-            promoted = record.status != REJECTED  # rolled back since: it was promoted first
-            what = f"version {record.id} was registered{' and promoted' if promoted else ''}"
-            reason = f"{record.reason}; {what}, then {error}" if record.reason else f"{what}, then {error}"
-            result = TrainingResult(
-                state="done", version=record, promoted=promoted, current=state.current,
-                incumbent=record.incumbent or BASE, incumbent_dice=record.incumbent_dice, val_dice=record.val_dice,
-                steps=record.steps, train_seconds=record.train_seconds, reason=reason,
-                total_seconds=time.time() - float(latest.get("started_at") or time.time()),
-            )
-            writer.update(force=True, state="done", phase="finished", message=reason, result=result.to_dict())
+            AdapterRegistry(spec["store_root"]).lock_until_exit(REGISTRY_LOCK_WAIT_S)
+        _write_final(folder, spec, latest, error)
     except Exception:  # a full disk...: the worker ends all the same
         traceback.print_exc()
     finally:
         _exit_now(3)
+
+
+def _write_final(
+    folder: Path, spec: Dict[str, Any], latest: Dict[str, Any], error: str, error_code: Optional[str] = None,
+    then: Optional[str] = None,
+) -> None:
+    """The job's final status, in agreement with the registry: ``done`` with this job's version when the
+    registry names one (the job failed or was stopped after recording it: the version serves, so the job
+    did not fail; ``then`` or ``error`` says what came after), else ``failed`` with ``error`` (and
+    ``error_code``). ``latest``: the status so far, kept."""
+    from SegAssistLib.learning.registry import BASE, REJECTED, AdapterRegistry
+    from SegAssistLib.learning.trainer import StatusWriter, TrainingResult
+
+    try:
+        state = AdapterRegistry(spec["store_root"]).read()
+        record = next((v for v in reversed(state.versions) if v.job_id == spec["job_id"]), None)
+    except Exception:  # unreadable: nothing known to be recorded
+        state, record = None, None
+    writer = StatusWriter(folder / "status.json")
+    writer.data.update(latest)
+    if record is None or state is None:
+        codes = {"error_code": error_code} if error_code is not None else {}
+        writer.update(force=True, state="failed", phase="finished", error=error, **codes)
+        return
+    promoted = record.status != REJECTED  # rolled back since: it was promoted first
+    what = f"version {record.id} was registered{' and promoted' if promoted else ''}"
+    after = then or error
+    reason = f"{record.reason}; {what}, then {after}" if record.reason else f"{what}, then {after}"
+    result = TrainingResult(
+        state="done", version=record, promoted=promoted, current=state.current,
+        incumbent=record.incumbent or BASE, incumbent_dice=record.incumbent_dice, val_dice=record.val_dice,
+        steps=record.steps, train_seconds=record.train_seconds, reason=reason,
+        total_seconds=time.time() - float(latest.get("started_at") or time.time()),
+    )  # fmt: skip
+    writer.update(force=True, state="done", phase="finished", message=reason, result=result.to_dict())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

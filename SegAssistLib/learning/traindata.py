@@ -19,8 +19,16 @@ near-duplicates, and one in training would inflate the validation Dice of the ot
 names a subject (``Datastore.subjects``) draws its number from the subject's name instead, so all
 cases of a subject rank together and land on the same side; everything above holds with subjects in
 place of cases (``min_val``/``max_val`` count subjects, each held out with all its cases), and a
-subject with any case a stored version was trained on never validates. A case without a subject is
-its own subject, with the number it always had: a store without subjects splits as before.
+subject with any case a stored version was trained on never validates, even when that case has since
+left the usable set (the trainer looks up the subjects of every trained-on case still in the store).
+A case without a subject is its own subject, with the number it always had: a store without subjects
+splits as before.
+
+Memory: a run holds its cases in memory from loading to the end. :func:`fit_in_memory` keeps the
+training cases within a budget once the validation cases are counted, the most recently submitted
+first; the cost of each case is estimated before it is read (:func:`training_bytes`,
+:func:`validation_bytes`), from the shape the store recorded and, for a validation case, the pixel
+type in its image file's header.
 
 Torch-free at import (``active`` uses it); ``SegAssistLib.training`` is imported when training.
 """
@@ -32,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import SimpleITK as sitk
 
 from SegAssistLib.image import Volume, guess_modality
 from SegAssistLib.learning.datastore import Datastore
@@ -44,6 +53,8 @@ if TYPE_CHECKING:
 HOLDOUT_SALT = "segassist-holdout-v1"
 SUBJECT_KEY = "subject:"  # before a subject's name in its key (an image's key is a hex content hash)
 TARGET = (1,)
+TRAIN_BYTES_PER_VOXEL = 6  # a training case as held: its image as float32 and its target as int16 (TrainCase)
+NAMES_SHOWN = 5  # cases a message names, before "and N more"
 
 
 def holdout_number(case_id: str, salt: str = HOLDOUT_SALT) -> float:
@@ -52,14 +63,28 @@ def holdout_number(case_id: str, salt: str = HOLDOUT_SALT) -> float:
     return int.from_bytes(digest[:8], "big") / float(1 << 64)
 
 
-def check_enough_cases(n_cases: int) -> None:
-    """Training needs two labelled cases: one to learn from, one to validate on."""
-    if n_cases < 2:
-        raise TrainingError(
-            f"training needs at least 2 submitted cases with a non-empty label (one to learn from, one "
-            f"to validate on); the datastore has {n_cases} (when one label value is learned, --label-value, "
-            f"only the cases whose label holds enough voxels of that value count)"
-        )
+def named_cases(names: Sequence[str], shown: int = NAMES_SHOWN) -> str:
+    """Case names for a message: the first ``shown``, then how many more."""
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def check_enough_cases(n_cases: int, too_small: Sequence[str] = ()) -> None:
+    """Training needs two labelled cases: one to learn from, one to validate on. ``too_small``: the
+    names of the submitted cases left out because their label holds fewer than ``MIN_TARGET_VOXELS``
+    voxels (of the label value learned), named in the refusal."""
+    if n_cases >= 2:
+        return
+    from SegAssistLib.training.data import MIN_TARGET_VOXELS  # torch: only to refuse
+    left_out = (
+        f"; left out, their label holding fewer than {MIN_TARGET_VOXELS} voxels: {named_cases(too_small)}"
+        if too_small else ""
+    )  # fmt: skip
+    raise TrainingError(
+        f"training needs at least 2 submitted cases whose label holds at least {MIN_TARGET_VOXELS} voxels of the "
+        f"structure (one to learn from, one to validate on); the datastore has {n_cases}{left_out} (when one "
+        f"label value is learned, --label-value, only the voxels of that value count)"
+    )
 
 
 def subject_groups(
@@ -101,8 +126,9 @@ def holdout_split(
 
     ``keys``: what each case's number is drawn from (default: the id itself). ``trained_on``:
     cases an earlier version learned from, never chosen to validate, nor any case of their subjects.
-    ``subjects``: each case's subject (missing or None: its own); ``min_val`` and ``max_val`` count
-    subjects."""
+    ``subjects``: each case's subject (missing or None: its own), for the cases given and for the
+    ``trained_on`` cases that are not given (no longer usable): their subjects never validate either.
+    ``min_val`` and ``max_val`` count subjects."""
     if not 0.0 <= fraction < 1.0:
         raise TrainingError(f"the validation fraction must be in [0, 1), got {fraction}")
     if min_val < 1 or max_val < min_val:
@@ -118,9 +144,10 @@ def holdout_split(
         for g, members in groups.items()
     }
     trained = set(trained_on)
+    trained_subjects = {SUBJECT_KEY + s for c in trained if (s := subjects.get(c)) is not None}
     ranked = [
         g for g in sorted(groups, key=lambda g: (number[g], min(groups[g])))
-        if not trained.intersection(groups[g])
+        if not trained.intersection(groups[g]) and g not in trained_subjects
     ]  # fmt: skip
     below = [g for g in ranked if number[g] < fraction][:max_val]
     n_val = max(len(below), min_val)
@@ -181,22 +208,71 @@ class LabelledCase:
         )
 
 
+def usable_and_too_small(
+    store: Datastore, label_value: Optional[int] = None
+) -> Tuple[List[Tuple[CaseRecord, LabelVersion]], List[CaseRecord]]:
+    """:func:`usable_cases`, and the submitted cases left out because their label holds fewer than
+    ``MIN_TARGET_VOXELS`` voxels (of ``label_value``), in import order."""
+    from SegAssistLib.training.data import MIN_TARGET_VOXELS
+
+    usable, too_small = [], []
+    for case, label in store.training_cases():
+        enough = label.n_foreground >= MIN_TARGET_VOXELS
+        if enough and label_value is not None:
+            enough = int(foreground(store.load_label(label.id), label_value).sum()) >= MIN_TARGET_VOXELS
+        (usable if enough else too_small).append((case, label))
+    return usable, [case for case, _ in too_small]
+
+
 def usable_cases(
     store: Datastore, label_value: Optional[int] = None
 ) -> List[Tuple[CaseRecord, LabelVersion]]:
     """Submitted and reviewed cases whose latest submitted label has enough foreground to learn from."""
-    from SegAssistLib.training.data import MIN_TARGET_VOXELS
+    return usable_and_too_small(store, label_value)[0]
 
-    out = []
-    for case, label in store.training_cases():
-        if label.n_foreground >= MIN_TARGET_VOXELS:
-            out.append((case, label))
-    if label_value is not None:
-        out = [
-            (c, lv) for c, lv in out
-            if int(foreground(store.load_label(lv.id), label_value).sum()) >= MIN_TARGET_VOXELS
-        ]
-    return out
+
+# ---------------------------------------------------------------------------------------- memory
+
+
+def voxels(case: CaseRecord) -> int:
+    return int(np.prod([int(n) for n in case.shape], dtype=np.int64))
+
+
+def training_bytes(case: CaseRecord) -> int:
+    """What a training case holds for the whole run: its image as float32 and its target as int16."""
+    return voxels(case) * TRAIN_BYTES_PER_VOXEL
+
+
+def validation_bytes(store: Datastore, case: CaseRecord) -> int:
+    """What a validation case holds for the whole run: its image as stored (the pixel type read from the
+    file's header, 8 bytes a voxel when it cannot be read) and its target as bool."""
+    return voxels(case) * (_stored_itemsize(store, case) + 1)
+
+
+def _stored_itemsize(store: Datastore, case: CaseRecord) -> int:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(store.image_path(case.id)))
+    try:
+        reader.ReadImageInformation()
+        probe = sitk.Image([1, 1, 1], reader.GetPixelID(), reader.GetNumberOfComponents())
+        return int(sitk.GetArrayViewFromImage(probe).dtype.itemsize) * reader.GetNumberOfComponents()
+    except RuntimeError:  # missing or unreadable: loading it says so; counted at the most a voxel takes
+        return 8
+
+
+def fit_in_memory(
+    pairs: Sequence[Tuple[CaseRecord, LabelVersion]], room: int
+) -> Tuple[List[Tuple[CaseRecord, LabelVersion]], List[Tuple[CaseRecord, LabelVersion]]]:
+    """``(kept, left out)``, each in the order given: the training cases whose :func:`training_bytes`
+    fit in ``room`` bytes, taken from the most recently submitted label back (a case too large for
+    what is left is passed over, and older, smaller ones may still fit)."""
+    kept = set()
+    for i in sorted(range(len(pairs)), key=lambda i: (pairs[i][1].created_at, i), reverse=True):
+        cost = training_bytes(pairs[i][0])
+        if cost <= room:
+            kept.add(i)
+            room -= cost
+    return [p for i, p in enumerate(pairs) if i in kept], [p for i, p in enumerate(pairs) if i not in kept]
 
 
 def load_labelled(

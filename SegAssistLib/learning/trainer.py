@@ -3,7 +3,9 @@
 One run (:func:`run_training`):
 
 1. Read the submitted labels; split them into training and held-out validation cases
-   (deterministic and stable, a subject's cases on one side, see ``traindata``).
+   (deterministic and stable, a subject's cases on one side, see ``traindata``). Load the
+   validation cases, then the training cases that fit in ``max_case_memory_gib`` beside them (the
+   most recently submitted first; the status and the result say how many were left out).
 2. Score the incumbent (the registry's current version, or the base model) on the held-out cases
    with simulated interactive sessions (see ``validation``).
 3. Build the candidate on a fresh copy of the base weights: a new adapter, or (``warm_start``) the
@@ -22,8 +24,9 @@ One run (:func:`run_training`):
 5. Score the candidate on the same held-out cases; register it (file written once, atomically)
    and promote it only if it beats the incumbent by more than ``min_improvement``.
 
-Progress (phase, step, loss, validation Dice) goes to a small JSON status file and/or a
-callback; ``should_stop`` cancels between steps and between validation cases.
+Progress (phase, step, loss, validation Dice, while loading ``progress``: "loading case i of n")
+goes to a small JSON status file and/or a callback; ``should_stop`` cancels between case loads,
+steps and validation cases.
 
 The time budget covers the whole run, loading included. Every validation has a deadline and
 starts no click that would end past it (``validation``): the incumbent's may use
@@ -46,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import secrets
 import time
@@ -71,12 +75,23 @@ from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_promp
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint, torch_device
 from SegAssistLib.errors import DeviceError
 from SegAssistLib.learning.adapters import AdapterKind, AdapterSet, apply_adapter, load_adapter
-from SegAssistLib.learning.datastore import open_datastore
+from SegAssistLib.learning.datastore import Datastore, open_datastore
 from SegAssistLib.learning.deploy import FULL, base_copy, save_full_version, version_network
 from SegAssistLib.learning.loop_errors import TrainingError
 from SegAssistLib.learning.prompt_mix import DEFAULT_MIX, PromptMix, mix_from_logs
+from SegAssistLib.learning.records import CaseRecord, LabelVersion
 from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord, version_label
-from SegAssistLib.learning.traindata import holdout_split, load_labelled, subject_groups, usable_cases
+from SegAssistLib.learning.traindata import (
+    LabelledCase,
+    check_enough_cases,
+    fit_in_memory,
+    holdout_split,
+    load_labelled,
+    subject_groups,
+    training_bytes,
+    usable_and_too_small,
+    validation_bytes,
+)
 from SegAssistLib.learning.validation import ValidationResult, validate
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import TrainCase, sample_patch
@@ -90,6 +105,24 @@ REGISTRATION_RESERVE_S = 0.5  # kept at the end of the budget for writing the ve
 INCUMBENT_VALIDATION_SHARE = 0.4  # of the budget left after loading: the incumbent's validation at most
 PROBE_AT = 0.5  # of the training time: the candidate's cost per click is measured there
 MAX_ADAPTER_RANK = 256  # a rank above a layer's own size is refused when the adapter is made
+MAX_NICE = 19  # POSIX's lowest priority
+GIB = 1024**3
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (not a bool, not text)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_integer(name: str, value: Any, lowest: int, most: Optional[int] = None, name_range: bool = False) -> None:
+    """A whole number (an integral float too, as JSON may write one) from ``lowest`` (0 or 1) to ``most``.
+    The refusal names the range, or (without ``name_range``) below it or not whole, the sign."""
+    whole = _is_number(value) and float(value).is_integer()
+    if whole and value >= lowest and (most is None or value <= most):
+        return
+    if most is not None and (name_range or (whole and value > most)):
+        raise TrainingError(f"{name} must be an integer from {lowest} to {most}, got {value!r}")
+    raise TrainingError(f"{name} must be a {'positive' if lowest else 'non-negative'} integer, got {value!r}")
 
 
 @dataclass
@@ -118,66 +151,72 @@ class AdapterTrainConfig:
     seed: Optional[int] = None  # None: a new seed per run, recorded with the version's config
     device: str = "cpu"  # "cuda" for a GPU: training and validation run there
     threads: int = 1  # applied by the background job (see jobs), not by run_training
-    nice: int = 10  # idem: the job's CPU priority below interactive inference (POSIX)
+    nice: int = 10  # idem: the job's CPU priority below interactive inference (POSIX), 0 to MAX_NICE
     status_every_s: float = 0.5
+    # the cases held in memory for the run (see traindata's "Memory"): the validation cases first, then
+    # the most recently submitted training cases that fit; those left out are named in the status
+    max_case_memory_gib: float = 6.0
 
     def check(self) -> AdapterTrainConfig:
-        if self.kind not in KINDS:
+        """This config, each setting checked (type and range); a bad one raises :class:`TrainingError`
+        naming it, before a job starts rather than in its worker."""
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise TrainingError(f"unknown training kind {self.kind!r} (known: {', '.join(KINDS)})")
-        positive_ints = {
-            "batch_size": self.batch_size,
-            "max_steps": self.max_steps,
-            "val_clicks": self.val_clicks,
-            "threads": self.threads,
-            "min_val_cases": self.min_val_cases,
-            "max_val_cases": self.max_val_cases,
-        }
-        for name, value in positive_ints.items():
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise TrainingError(f"{name} must be a positive integer, got {value!r}")
-        bounds = (("batch_size", MAX_TRAIN_BATCH_SIZE), ("val_clicks", MAX_VAL_CLICKS),
-                  ("max_val_cases", MAX_VAL_CASES))  # fmt: skip
-        for name, most in bounds:  # as the HTTP API
-            if getattr(self, name) > most:
-                raise TrainingError(f"{name} must be an integer from 1 to {most}, got {getattr(self, name)!r}")
-        if not (math.isfinite(self.time_budget_s) and 0 < self.time_budget_s <= MAX_TRAIN_BUDGET_S):
+        bounded = (("batch_size", 1, MAX_TRAIN_BATCH_SIZE), ("val_clicks", 1, MAX_VAL_CLICKS),
+                   ("max_val_cases", 1, MAX_VAL_CASES), ("max_steps", 1, None), ("threads", 1, None),
+                   ("min_val_cases", 1, None), ("validate_every", 0, None), ("max_correction_rounds", 0, None),
+                   ("nice", 0, MAX_NICE))  # fmt: skip
+        for name, lowest, most in bounded:  # the bounds as the HTTP API's
+            _check_integer(name, getattr(self, name), lowest, most, name_range=name == "nice")
+        if self.min_val_cases > self.max_val_cases:
             raise TrainingError(
-                f"time_budget_s must be a positive number of seconds up to {MAX_TRAIN_BUDGET_S:.0f} (a week), "
-                f"got {self.time_budget_s!r}"
+                f"min_val_cases ({self.min_val_cases}) must not be above max_val_cases ({self.max_val_cases})"
             )
+        if self.label_value is not None:  # labels are stored as 8-bit values; 0 is the background
+            _check_integer("label_value", self.label_value, 1, 255, name_range=True)
         if self.seed is not None and not is_seed(self.seed):
             raise TrainingError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
-        lr = self.lr
-        if not (math.isfinite(lr) and lr >= 0):
-            raise TrainingError(f"learning_rate must be a non-negative number, got {lr!r}")
-        if not (math.isfinite(self.min_improvement) and -1.0 <= self.min_improvement <= 1.0):
-            raise TrainingError(
-                f"min_improvement must be a Dice difference in [-1, 1], got {self.min_improvement!r}"
-            )
+        self._check_numbers()
         for name, lowest in (("rank", 1), ("lora_rank", 0)):  # lora_rank 0: SALT without its low-rank part
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or int(value) != value:
-                raise TrainingError(f"{name} must be an integer from {lowest} to {MAX_ADAPTER_RANK}, got {value!r}")
-            if not lowest <= value <= MAX_ADAPTER_RANK:
-                raise TrainingError(f"{name} must be an integer from {lowest} to {MAX_ADAPTER_RANK}, got {value!r}")
-        if self.alpha is not None and not (
-            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
-            and math.isfinite(self.alpha) and self.alpha > 0
-        ):  # fmt: skip
-            raise TrainingError(f"alpha must be a positive number, got {self.alpha!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise TrainingError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
-        if self.validate_every < 0 or self.max_correction_rounds < 0:
-            raise TrainingError("validate_every and max_correction_rounds must not be negative")
-        if not 0.0 <= self.corrupt_share <= 1.0:
-            raise TrainingError(f"corrupt_share must be in [0, 1], got {self.corrupt_share}")
+            if getattr(self, name) is not None:
+                _check_integer(name, getattr(self, name), lowest, MAX_ADAPTER_RANK, name_range=True)
+        if not isinstance(self.warm_start, bool):
+            raise TrainingError(f"warm_start must be true or false, got {self.warm_start!r}")
+        if not isinstance(self.device, str):
+            raise TrainingError(f"device must be text such as 'cpu' or 'cuda', got {self.device!r}")
         try:
             torch_device(self.device)
         except DeviceError as exc:
             raise TrainingError(str(exc)) from None
         return self
+
+    def _check_numbers(self) -> None:
+        if not (_is_number(self.time_budget_s) and 0 < self.time_budget_s <= MAX_TRAIN_BUDGET_S):
+            raise TrainingError(
+                f"time_budget_s must be a positive number of seconds up to {MAX_TRAIN_BUDGET_S:.0f} (a week), "
+                f"got {self.time_budget_s!r}"
+            )
+        if self.learning_rate is not None and not (_is_number(self.learning_rate) and self.learning_rate >= 0):
+            raise TrainingError(f"learning_rate must be a non-negative number, got {self.learning_rate!r}")
+        if not (_is_number(self.min_improvement) and -1.0 <= self.min_improvement <= 1.0):
+            raise TrainingError(
+                f"min_improvement must be a Dice difference in [-1, 1], got {self.min_improvement!r}"
+            )
+        if self.alpha is not None and not (_is_number(self.alpha) and self.alpha > 0):
+            raise TrainingError(f"alpha must be a positive number, got {self.alpha!r}")
+        ranges = (("weight_decay", 0.0, math.inf, "a non-negative number"),
+                  ("status_every_s", 0.0, math.inf, "a non-negative number of seconds"),
+                  ("corrupt_share", 0.0, 1.0, "a number in [0, 1]"))  # fmt: skip
+        for name, lowest, highest, what in ranges:
+            value = getattr(self, name)
+            if not (_is_number(value) and lowest <= value <= highest):
+                raise TrainingError(f"{name} must be {what}, got {value!r}")
+        if not (_is_number(self.val_fraction) and 0.0 <= self.val_fraction < 1.0):  # as holdout_split
+            raise TrainingError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
+        if not (_is_number(self.max_case_memory_gib) and self.max_case_memory_gib > 0):
+            raise TrainingError(
+                f"max_case_memory_gib must be a positive number of GiB, got {self.max_case_memory_gib!r}"
+            )
 
     @property
     def lr(self) -> float:
@@ -472,6 +511,90 @@ def _non_finite_parameters(candidate: _Candidate) -> int:
     return sum(not bool(torch.isfinite(p).all()) for p in candidate.parameters)
 
 
+# ---------------------------------------------------------------------------------------- the cases
+
+
+@dataclass
+class _Split:
+    """The usable cases split for one run: training and validation pairs, and each validation case's subject key."""
+
+    train: List[Tuple[CaseRecord, LabelVersion]]
+    val: List[Tuple[CaseRecord, LabelVersion]]
+    groups: Dict[str, str]
+
+
+def _split(store: Datastore, registry: AdapterRegistry, cfg: AdapterTrainConfig) -> _Split:
+    """The hold-out split of the usable cases (``traindata``), with the subjects of every case in the
+    store: a subject whose trained-on case has left the usable set (rejected in review, reopened) keeps
+    its other cases out of validation all the same."""
+    pairs, too_small = usable_and_too_small(store, cfg.label_value)
+    check_enough_cases(len(pairs), [case.name for case in too_small])
+    trained_on = {c for version in registry.read().versions for c in version.train_cases}
+    subjects = store.subjects()
+    train_ids, val_ids = holdout_split(
+        [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases,
+        keys={c.id: c.content_hash for c, _ in pairs}, trained_on=trained_on, subjects=subjects,
+    )  # fmt: skip
+    by_id = {c.id: (c, lv) for c, lv in pairs}
+    groups = {c: key for key, members in subject_groups(val_ids, subjects).items() for c in members}
+    return _Split([by_id[i] for i in train_ids], [by_id[i] for i in val_ids], groups)
+
+
+def _within_memory(
+    store: Datastore, cfg: AdapterTrainConfig, train: List[Tuple[CaseRecord, LabelVersion]],
+    val: List[Tuple[CaseRecord, LabelVersion]],
+) -> Tuple[List[Tuple[CaseRecord, LabelVersion]], str]:
+    """The training cases that fit in ``max_case_memory_gib`` beside the validation cases, and a note on
+    those left out ("" when none was), both estimated before anything is read (``traindata``)."""
+    budget = int(cfg.max_case_memory_gib * GIB)
+    val_bytes = sum(validation_bytes(store, case) for case, _ in val)
+    if val_bytes > budget:
+        raise TrainingError(
+            f"the {len(val)} validation case(s) alone would take about {val_bytes / GIB:.2f} GiB in memory, more "
+            f"than max_case_memory_gib ({cfg.max_case_memory_gib:g} GiB): give a larger max_case_memory_gib, or "
+            f"a smaller max_val_cases"
+        )
+    kept, left = fit_in_memory(train, budget - val_bytes)
+    if not kept:
+        smallest = min(training_bytes(case) for case, _ in train)
+        raise TrainingError(
+            f"no training case fits in max_case_memory_gib ({cfg.max_case_memory_gib:g} GiB) beside the "
+            f"{len(val)} validation case(s) ({val_bytes / GIB:.2f} GiB): the smallest would take "
+            f"{smallest / GIB:.2f} GiB; give a larger max_case_memory_gib"
+        )
+    if not left:
+        return kept, ""
+    return kept, (
+        f"{len(left)} of the {len(train)} training cases left out (not trained on): they did not fit in "
+        f"max_case_memory_gib ({cfg.max_case_memory_gib:g} GiB) beside the validation cases; trained on the "
+        f"{len(kept)} most recently submitted that fit"
+    )
+
+
+def _load_cases(
+    store: Datastore, cfg: AdapterTrainConfig, val: List[Tuple[CaseRecord, LabelVersion]],
+    train: List[Tuple[CaseRecord, LabelVersion]], status: StatusWriter, stop: Callable[[], bool],
+) -> Optional[Tuple[List[LabelledCase], List[TrainCase]]]:
+    """The validation cases and the training cases, read one at a time (``progress`` in the status says
+    which); ``None`` when ``stop()`` asked to stop before one of them. A training case keeps only what
+    training needs (``LabelledCase.train_case``)."""
+    total = len(val) + len(train)
+    val_cases: List[LabelledCase] = []
+    train_cases: List[TrainCase] = []
+    for i, pair in enumerate([*val, *train]):
+        if stop():
+            status.update(progress=None)
+            return None
+        status.update(progress=f"loading case {i + 1} of {total}")
+        case = load_labelled(store, [pair], cfg.label_value)[0]
+        if i < len(val):
+            val_cases.append(case)
+        else:
+            train_cases.append(case.train_case())
+    status.update(progress=None)
+    return val_cases, train_cases
+
+
 # ---------------------------------------------------------------------------------------- the run
 
 
@@ -491,7 +614,7 @@ def run_training(
 
     ``status_path``: where to keep the JSON status; ``on_progress(status)``: called with the same
     data (at most every ``status_every_s``, and at every phase change); ``should_stop()``: polled
-    between steps and validation cases; ``status_extra``: fields added to the status.
+    between case loads, steps and validation cases; ``status_extra``: fields added to the status.
     ``status_lock``: a re-entrant lock (``threading.RLock``) held for every write of the status file,
     and from just before the registration until the final status is written. ``jobs``' watchdog
     takes it before it judges the job: it never stops a job that is recording its version (the
@@ -526,23 +649,21 @@ def run_training(
     try:
         registry = AdapterRegistry(store.root)
         base = load_checkpoint(checkpoint)
-        pairs = usable_cases(store, cfg.label_value)
-        trained_on = {c for version in registry.read().versions for c in version.train_cases}
-        subjects = store.subjects([c.id for c, _ in pairs])
-        train_ids, val_ids = holdout_split(
-            [c.id for c, _ in pairs], cfg.val_fraction, cfg.min_val_cases, cfg.max_val_cases,
-            keys={c.id: c.content_hash for c, _ in pairs}, trained_on=trained_on, subjects=subjects,
-        )
-        val_groups = {c: key for key, members in subject_groups(val_ids, subjects).items() for c in members}
-        val_subjects = len(set(val_groups.values()))
-        by_id = {c.id: (c, lv) for c, lv in pairs}
-        val_cases = load_labelled(store, [by_id[i] for i in val_ids], cfg.label_value)
-        train_cases = [lc.train_case() for lc in load_labelled(store, [by_id[i] for i in train_ids], cfg.label_value)]
-        mix = mix_from_logs(store.prompt_log(by_id[i][1].id) for i in train_ids)
-        # torch builds its first optimiser with an import of seconds: here, before the time is shared out
-        torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+        split = _split(store, registry, cfg)
+        train_pairs, memory_note = _within_memory(store, cfg, split.train, split.val)
+        status.update(force=True, memory_note=memory_note or None)
+        loaded = _load_cases(store, cfg, split.val, train_pairs, status, stop)
+        if loaded is not None:
+            mix = mix_from_logs(store.prompt_log(label.id) for _, label in train_pairs)
+            # torch builds its first optimiser with an import of seconds: here, before the time is shared out
+            torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
     finally:
         store.close()
+    if loaded is None:
+        return _finish(status, TrainingResult(state="cancelled"), t_start, "cancelled while loading the cases")
+    val_cases, train_cases = loaded
+    train_ids, val_ids = [c.id for c, _ in train_pairs], [c.id for c, _ in split.val]
+    val_groups, val_subjects = split.groups, len(set(split.groups.values()))
     if not train_cases or not val_cases:
         raise TrainingError("training needs at least one training and one validation case")
     status.update(force=True, train_cases=len(train_cases), val_cases=len(val_cases), val_subjects=val_subjects,
@@ -552,9 +673,9 @@ def run_training(
     state = registry.read()
     incumbent = state.current_record()
     expected_current = state.current
-    note = ""
+    notes = [memory_note] if memory_note else []
     if incumbent is not None and incumbent.base_identity != base.identity:
-        note = f"current version {incumbent.id} belongs to other base weights; compared with the base model"
+        notes.append(f"current version {incumbent.id} belongs to other base weights; compared with the base model")
         incumbent = None
     engine = BuiltinEngine(base, device=cfg.device)
     if incumbent is not None:
@@ -693,7 +814,7 @@ def run_training(
             f" ({'better' if better else 'not better'}"
             f"{f' by more than {cfg.min_improvement}' if cfg.min_improvement else ''})"
         )
-        if note:
+        for note in notes:
             reason += f"; {note}"
         meta = {
             "job_id": job_id,

@@ -229,6 +229,52 @@ def test_a_registration_stuck_before_recording_anything_is_stopped_as_failed(tmp
     assert mine == [] and AdapterRegistry(setup[0]).read().versions == []
 
 
+FAILING_FINISH = r'''
+"""The real training worker, whose final status write fails once its version is recorded (a full disk)."""
+import sys
+
+args = sys.argv[1:]
+if args[:1] == ["-m"]:
+    args = args[2:]
+from SegAssistLib.learning import jobs, trainer
+
+finish = trainer._finish
+
+
+def failing_finish(status, result, t_start, reason):
+    if result.version is not None:
+        raise OSError(28, "No space left on device")
+    return finish(status, result, t_start, reason)
+
+
+trainer._finish = failing_finish
+jobs._exit_now(jobs.main(args))
+'''
+
+
+def test_a_job_that_fails_after_recording_its_version_is_done_with_it(tmp_path, setup):
+    """The worker's failure handler wrote "failed" whatever the registry held: a job whose last status
+    write failed after it registered and promoted v1 read "failed" while v1 served. Like the watchdog,
+    it now ends "done" with its version, and says what failed after."""
+    store_root, ckpt = setup
+    injector = tmp_path / "worker_fail.py"
+    injector.write_text(FAILING_FINISH)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{injector}" "$@"\n')
+    wrapper.chmod(0o755)
+    job = start_training(store_root, ckpt, quick(), python=str(wrapper))
+    try:
+        final = job.wait(timeout=120)
+    finally:
+        job.kill()
+    mine = [v for v in AdapterRegistry(store_root).read().versions if v.job_id == job.job_id]
+    assert len(mine) == 1 and mine[0].status == "promoted", mine
+    assert_agrees_with_registry(final, mine)
+    assert "No space left on device" in final["message"] and "was registered and promoted, then" in final["message"]
+    assert "No space left on device" in (job.folder / "worker.log").read_text()
+    assert get_job(store_root, job.job_id).status()["state"] == "done"
+
+
 # ------------------------------------------------------------------------------------ pid reuse
 
 

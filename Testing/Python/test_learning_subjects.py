@@ -159,6 +159,49 @@ def test_a_subject_with_a_case_trained_on_never_validates():
     assert first not in val_after and sibling not in val_after and val_after
 
 
+
+def lowest_subject_name(prefix: str = "pat") -> str:
+    """A subject name whose hold-out number is below 0.002: its subject ranks first to validate."""
+    return next(f"{prefix}{i}" for i in range(100_000) if holdout_number(f"subject:{prefix}{i}") < 0.002)
+
+
+def test_a_subject_whose_trained_case_left_the_usable_set_never_validates():
+    """A version trained on frame A of a patient; A then leaves the usable set (rejected in review, or
+    reopened): the patient's other frame B was held out, and the version and its successor were both
+    scored on a near-duplicate of A. The subjects of trained-on cases no longer given count too."""
+    rng = np.random.default_rng(4)
+    others = random_ids(rng, 8)
+    frame_a, frame_b = random_ids(rng, 2)
+    patient = lowest_subject_name()
+    subjects = {frame_a: patient, frame_b: patient}
+    assert frame_b in holdout_split([frame_b, *others], 0.2, subjects=subjects)[1]  # no history: B validates
+    train, val = holdout_split([frame_b, *others], 0.2, subjects=subjects, trained_on=[frame_a])
+    assert frame_b in train and frame_b not in val and val
+
+
+def test_a_training_run_never_validates_on_the_sibling_of_a_rejected_trained_case(tmp_path: Path):
+    """The same through a run: a stored version learned from frame A, which a reviewer then rejected;
+    frame B of the same patient, submitted later, trains and never validates."""
+    from SegAssistLib.learning.registry import AdapterRegistry
+    from SegAssistLib.learning.trainer import AdapterTrainConfig, run_training
+
+    store, cases = make_store(tmp_path / "store", n_labelled=6, n_new=0)
+    frame_a, frame_b = cases[0], cases[1]
+    patient = lowest_subject_name()  # without the fix B, ranked first, would validate
+    store.set_subjects({frame_a.id: patient, frame_b.id: patient})
+    store.review(frame_a.id, "bob", accepted=False, note="redo")  # A leaves the usable set
+    store.close()
+    fields = {"base_identity": "another base", "val_dice": 0.5, "incumbent": None, "incumbent_dice": 0.4,
+              "train_cases": [frame_a.id], "val_cases": [cases[5].id]}  # fmt: skip
+    AdapterRegistry(tmp_path / "store").add_version(
+        "lora", lambda path, _: path.write_bytes(b"weights"), fields, promote=False, expected_current=None
+    )
+    cfg = AdapterTrainConfig(kind="lora", rank=2, max_steps=2, time_budget_s=60.0, val_clicks=1, seed=0)
+    result = run_training(tmp_path / "store", make_checkpoint(tmp_path / "tiny.pt"), cfg)
+    assert result.state == "done" and result.version.val_cases, result.reason
+    assert frame_b.id in result.version.train_cases and frame_b.id not in result.version.val_cases
+
+
 def test_the_split_with_subjects_is_stable_as_the_store_grows():
     """New cases arrive, of new subjects or of subjects already there: a case (and so its subject)
     that trained never validates later."""

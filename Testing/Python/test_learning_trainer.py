@@ -669,3 +669,170 @@ def test_each_run_draws_its_own_seed_unless_given_one_and_records_it(setup):
     assert all(isinstance(s, int) and 0 <= s <= 2**32 - 1 for s in seeds)
     assert seeds[0] != seeds[1] and seeds[2] == 7
     assert AdapterTrainConfig().seed is None
+
+
+# ------------------------------------------------------------------ settings, failures, loading, memory
+
+
+BAD_SETTINGS = [
+    ({"label_value": 0}, "label_value must be an integer from 1 to 255"),  # 0 learned the background
+    ({"label_value": -3}, "label_value"),
+    ({"label_value": 256}, "label_value"),
+    ({"label_value": "1"}, "label_value"),
+    ({"val_fraction": 1.5}, r"val_fraction must be a number in \[0, 1\)"),
+    ({"val_fraction": "0.2"}, "val_fraction"),
+    ({"min_val_cases": 9, "max_val_cases": 8}, "min_val_cases .9. must not be above max_val_cases"),
+    ({"time_budget_s": "300"}, "time_budget_s must be a positive number"),
+    ({"validate_every": None}, "validate_every must be a non-negative integer"),
+    ({"max_steps": "x"}, "max_steps must be a positive integer"),
+    ({"nice": "x"}, "nice must be an integer from 0 to 19"),
+    ({"nice": -5}, "nice"),
+    ({"status_every_s": float("nan")}, "status_every_s"),
+    ({"corrupt_share": None}, "corrupt_share"),
+    ({"learning_rate": "1e-3"}, "learning_rate"),
+    ({"warm_start": "no"}, "warm_start must be true or false"),
+    ({"device": 0}, "device must be text"),
+    ({"max_case_memory_gib": 0}, "max_case_memory_gib must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_SETTINGS, ids=[str(b) for b, _ in BAD_SETTINGS])
+def test_every_setting_is_checked_before_a_job_starts(setup, bad: dict, message: str):
+    """``start_training`` promises that a dict of settings is checked at once: ``label_value`` 0 once
+    trained (and promoted) a model of the background, ``nice`` "x" crashed the worker before its first
+    status write, and bad types raised raw TypeErrors inside the job."""
+    store_root, ckpt, _ = setup
+    with pytest.raises(TrainingError, match=message):
+        AdapterTrainConfig.from_dict(dict(quick().to_dict(), **bad))
+    with pytest.raises(TrainingError, match=message):
+        start_training(store_root, ckpt, dict(quick().to_dict(), **bad))
+    assert list_jobs(store_root) == []
+
+
+def test_a_worker_that_fails_before_training_says_why_in_its_status(setup):
+    """Everything the worker does after reading its job (its settings, its priority, torch's threads)
+    is inside the handler that writes the failure to the status: a bad ``nice`` once ended the process
+    before any status write, and the job read "ended unexpectedly (exit code 1)"."""
+    from SegAssistLib.learning import jobs
+
+    store_root, ckpt, _ = setup
+    folder = jobs.jobs_folder(store_root) / "20260101-000000-abcdef"
+    folder.mkdir(parents=True)
+    config = dict(quick().to_dict(), nice="x")  # as a job.json written by hand, or by an older release
+    (folder / "job.json").write_text(json.dumps({"store_root": str(store_root), "checkpoint": str(ckpt),
+                                                 "config": config, "job_id": folder.name}))  # fmt: skip
+    (folder / "status.json").write_text(json.dumps({"state": "starting", "job_id": folder.name}))
+    env = dict(os.environ, PYTHONPATH=str(jobs.REPO_ROOT))
+    worker = subprocess.run([sys.executable, "-m", "SegAssistLib.learning.jobs", str(folder)], env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    status = json.loads((folder / "status.json").read_text())
+    assert worker.returncode == 1 and status["state"] == "failed", (status, worker.stderr)
+    assert "nice must be an integer" in status["error"] and status["error_code"] == "training_error"
+
+
+def test_a_failed_jobs_status_names_no_file_by_its_path(setup, tmp_path: Path):
+    """A job's status is served over HTTP as it is: a worker's failure once read "adapter file not found:
+    /srv/.../store/adapters/v1-lora.pt", and a dead worker's log tail carried its traceback's paths. The
+    status names a datastore file from the store and any other by its last part; worker.log keeps all."""
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning import jobs
+
+    store_root, ckpt, _ = setup
+    registry = AdapterRegistry(store_root)
+    fields = {"base_identity": load_checkpoint(ckpt).identity, "val_dice": 0.5, "incumbent": None,
+              "incumbent_dice": 0.4}  # fmt: skip
+    record = registry.add_version("lora", lambda path, _: path.write_bytes(b"weights"), fields, promote=True,
+                                  expected_current=None)  # fmt: skip
+    registry.file_path(record).unlink()  # the current version's file is lost: the job fails loading it
+    job = start_training(store_root, ckpt, quick().to_dict())
+    final = job.wait(timeout=120)
+    assert final["state"] == "failed" and record.file in final["error"], final
+    assert str(tmp_path) not in json.dumps(final) and str(tmp_path) not in json.dumps(list_jobs(store_root))
+    assert str(store_root) in (job.folder / "worker.log").read_text()  # the details stay in the log
+    # a worker that died mid-traceback: its log tail, in the status of any process, names no path either
+    ghost = jobs.jobs_folder(store_root) / "29990101-000000-dead00"
+    ghost.mkdir()
+    (ghost / "status.json").write_text(json.dumps({"state": "running", "phase": "training", "pid": 2**22 + 7}))
+    (ghost / "worker.log").write_text(
+        f'Traceback (most recent call last):\n  File "{jobs.__file__}", line 1, in main\n'
+        f"OSError: [Errno 5] Input/output error: '{store_root}/images/0123456789abcdef.nii.gz'\n"
+    )
+    status = get_job(store_root, ghost.name).status()
+    assert status["state"] == "failed" and "images/0123456789abcdef.nii.gz" in status["log_tail"], status
+    assert str(tmp_path) not in json.dumps(status) and str(jobs.REPO_ROOT) not in json.dumps(status)
+    assert '"\u2026/jobs.py", line 1' in status["log_tail"]
+
+
+def test_a_cancel_while_loading_stops_before_the_next_case(setup):
+    """Loading read every case before the first poll of ``should_stop`` (in the incumbent's validation):
+    minutes on a large store, with a cancel ignored. Now each case load reports its progress and a
+    cancel stops the run between two of them."""
+    store_root, ckpt, _ = setup
+    seen: list = []
+
+    def asked_to_stop() -> bool:
+        return any(s.get("progress") == "loading case 2 of 5" for s in seen)
+
+    result = run_training(store_root, ckpt, quick(status_every_s=0.0), on_progress=seen.append,
+                          should_stop=asked_to_stop)  # fmt: skip
+    assert result.state == "cancelled" and "loading" in result.reason, result
+    progress = [s["progress"] for s in seen if s.get("progress")]
+    assert progress == ["loading case 1 of 5", "loading case 2 of 5"]
+    assert [p for p in dict.fromkeys(s.get("phase") for s in seen)] == ["loading", "finished"]
+    assert AdapterRegistry(store_root).read().versions == []
+
+
+def test_the_training_cases_beyond_the_memory_budget_are_left_out_the_newest_kept(setup):
+    """Every usable case was read into memory with no bound (a store of 50 CT scans: about 24 GB, and
+    the worker was killed). The validation cases count first; the training cases fit in what is left,
+    the most recently submitted first; the status and the result say how many were left out."""
+    from SegAssistLib.learning.traindata import load_labelled, training_bytes, usable_cases, validation_bytes
+
+    gib = 1024**3
+
+    store_root, ckpt, _ = setup
+    with Datastore(store_root, create=False) as store:
+        pairs = usable_cases(store)
+        content = {c.id: c.content_hash for c, _ in pairs}
+        val_ids = holdout_split(list(content), keys=content)[1]
+        val = [(c, lv) for c, lv in pairs if c.id in val_ids]
+        train = [(c, lv) for c, lv in pairs if c.id not in val_ids]
+        loaded = load_labelled(store, val[:1])[0]  # the estimates, made before reading, are what is held
+        assert validation_bytes(store, val[0][0]) == loaded.volume.array.nbytes + loaded.target.nbytes
+        held = load_labelled(store, train[:1])[0].train_case()
+        assert training_bytes(train[0][0]) == held.image.nbytes + held.labels.nbytes
+        val_bytes = sum(validation_bytes(store, c) for c, _ in val)
+    room_for_two = (val_bytes + training_bytes(train[0][0]) * 2.5) / gib
+    seen: list = []
+    result = run_training(store_root, ckpt, quick(max_case_memory_gib=room_for_two, status_every_s=0.0),
+                          on_progress=seen.append)  # fmt: skip
+    newest_two = [c.id for c, _ in train][-2:]  # make_store submits in import order
+    assert result.state == "done" and result.version.train_cases == newest_two
+    assert result.version.val_cases == val_ids
+    note = f"{len(train) - 2} of the {len(train)} training cases left out"
+    assert note in seen[-1]["memory_note"] and note in result.reason and "max_case_memory_gib" in result.reason
+    with pytest.raises(TrainingError, match=r"validation case\(s\) alone would take"):
+        run_training(store_root, ckpt, quick(max_case_memory_gib=val_bytes / 2 / gib))
+    with pytest.raises(TrainingError, match="no training case fits"):
+        run_training(store_root, ckpt, quick(max_case_memory_gib=(val_bytes + 1000) / gib))
+
+
+def test_a_refusal_for_too_few_labels_names_the_voxel_minimum_and_the_cases_too_small(tmp_path: Path):
+    """Two submitted, non-empty labels, one a 20-voxel lesion: the refusal said the store had 1 "with a
+    non-empty label", so the user could not tell why a non-empty label did not count."""
+    store = Datastore(tmp_path / "store")
+    for name, kept in (("big", None), ("small_lesion", 20)):
+        volume, mask = synthetic_case(len(name))
+        if kept is not None:
+            small = np.zeros_like(mask)
+            small[tuple(np.argwhere(mask)[:kept].T)] = 1
+            mask = small
+        case = store.import_volume(volume, name=name, user="admin")
+        store.save_label(case.id, mask, user="alice")
+    store.close()
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    expected = r"at least 30 voxels.*has 1; left out, their label holding fewer than 30 voxels: 'small_lesion'"
+    with pytest.raises(TrainingError, match=expected):
+        start_training(tmp_path / "store", ckpt, quick().to_dict())
+    with pytest.raises(TrainingError, match=expected):
+        run_training(tmp_path / "store", ckpt, quick())

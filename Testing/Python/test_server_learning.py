@@ -545,6 +545,40 @@ def test_a_rollback_to_a_version_whose_file_is_gone_names_it_from_the_store(lear
     assert f"adapters/{record.file}" in error["message"] and str(tmp_path) not in error["message"]
 
 
+
+def test_a_failed_jobs_status_shows_no_server_path(learn_server, tmp_path):
+    """A job's status is served as its worker wrote it: a failure named the server's files by their
+    absolute paths ("adapter file not found: /srv/.../store/adapters/v1-lora.pt"), and a dead worker's
+    log tail carried its traceback's. Here a job folder as an older release left it, and a worker that
+    died mid-traceback: the replies name files from the store, or by their last part."""
+    import json
+
+    from SegAssistLib.learning.jobs import jobs_folder
+
+    store = tmp_path / "store"
+    older = jobs_folder(store) / "20260101-000000-0dd000"
+    older.mkdir(parents=True)
+    (older / "status.json").write_text(json.dumps({
+        "state": "failed", "phase": "finished", "error": f"adapter file not found: {store}/adapters/v1-lora.pt",
+    }))  # fmt: skip
+    dead = jobs_folder(store) / "20260101-000001-dead00"
+    dead.mkdir()
+    (dead / "status.json").write_text(json.dumps({"state": "running", "phase": "training", "pid": 2**22 + 7}))
+    (dead / "worker.log").write_text(
+        f"Traceback (most recent call last):\n  File \"{tmp_path}/lib/trainer.py\", line 9, in run\n"
+        f"OSError: [Errno 5] Input/output error: '{store}/images/0123456789abcdef.nii.gz'\n"
+    )
+    replies = {path: raw(learn_server, "GET", path) for path in (
+        "/v1/learn/jobs", f"/v1/learn/jobs/{older.name}", f"/v1/learn/jobs/{dead.name}", "/v1/learn/status"
+    )}  # fmt: skip
+    for path, reply in replies.items():
+        assert reply.status_code == 200, (path, reply.text)
+        assert str(tmp_path) not in reply.text, (path, reply.text)
+    assert replies[f"/v1/learn/jobs/{older.name}"].json()["error"] == "adapter file not found: adapters/v1-lora.pt"
+    died = replies[f"/v1/learn/jobs/{dead.name}"].json()
+    assert died["state"] == "failed" and "images/0123456789abcdef.nii.gz" in died["log_tail"]
+
+
 def test_a_damaged_registry_is_the_servers_fault_and_rollback_to_base_recovers(learn_server, tmp_path):
     registry = tmp_path / "store" / "adapters" / "registry.json"
     registry.parent.mkdir(parents=True, exist_ok=True)
