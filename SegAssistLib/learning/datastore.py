@@ -152,11 +152,13 @@ def import_sources(
     store_root: Union[str, Path],
     recursive: bool = True,
     passed_over: Optional[List[Tuple[Path, str]]] = None,
+    include_label_maps: bool = False,
 ) -> List[Tuple[Path, str]]:
     """The images (path, case name) an import of ``source`` would read, found without opening the
     store (see :func:`~SegAssistLib.learning.sources.find_sources`; ``passed_over`` receives the
-    folders not read, with the reason). A source that is the store folder or lies inside it is
-    refused; a store folder inside the source is not entered."""
+    folders and label-map files not read, with the reason; ``include_label_maps``: a file named as
+    the label map of an image beside it is read too). A source that is the store folder or lies
+    inside it is refused; a store folder inside the source is not entered."""
     store = Path(store_root).resolve()
     resolved = Path(source).resolve()
     if store == resolved:
@@ -171,7 +173,8 @@ def import_sources(
             "the source folder nor hold it: choose another --store, a new folder outside the source"
         )
     try:
-        return find_sources(Path(source), recursive=recursive, skip=store, passed_over=passed_over)
+        return find_sources(Path(source), recursive=recursive, skip=store, passed_over=passed_over,
+                            include_label_maps=include_label_maps)
     except (OSError, RuntimeError) as exc:
         raise DatastoreError(f"cannot import from {source}: {exc}") from exc
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import SimpleITK as sitk
 
@@ -13,6 +13,11 @@ from SegAssistLib.files import sitk_path
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Files that hold segmentations or sidecar data, not images to annotate.
 _SKIP_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
+#: The name endings of a label map stored beside its image: ``<stem>_label`` (and the others) is the
+#: label map of the image ``<stem>`` or ``<stem>_image`` in the same folder (case ignored).
+LABEL_MAP_ENDINGS = ("_label", "_labels", "_seg", "_mask", "_segmentation")
+#: The name endings an image may carry beside its label map: ``case_image`` beside ``case_label``.
+IMAGE_ENDINGS = ("", "_image")
 
 
 def image_stem(path: Path) -> str:
@@ -68,21 +73,46 @@ def msd_image_folders(folder: Path) -> List[Path]:
     return [c for c in children if _named(c, MSD_IMAGE_FOLDERS)]
 
 
+def label_map_image(path: Path, images: Sequence[Path]) -> Optional[Path]:
+    """The image of ``images`` (files of the same folder) whose label map ``path`` is by its name, or
+    None: ``<stem>_label``, ``_labels``, ``_seg``, ``_mask`` or ``_segmentation`` (any image suffix)
+    beside ``<stem>`` or ``<stem>_image``, case ignored. ``hippocampus_001_label.nii.gz`` is the
+    label map of ``hippocampus_001_image.nii.gz``; ``brain_mask.nii.gz`` alone is an image."""
+    stem = image_stem(path).lower()
+    ending = next((e for e in LABEL_MAP_ENDINGS if stem.endswith(e) and len(stem) > len(e)), None)
+    if ending is None:
+        return None
+    base = stem[: -len(ending)]
+    wanted = {base + e for e in IMAGE_ENDINGS}
+    return next((image for image in images if image != path and image_stem(image).lower() in wanted), None)
+
+
+class _ScanRules(NamedTuple):
+    """What a scan takes: below sub-folders too, a folder never entered (resolved), label-map files too."""
+
+    recursive: bool
+    skip: Optional[Path]
+    include_label_maps: bool
+
+
 def find_sources(
     source: Path,
     recursive: bool = True,
     skip: Optional[Path] = None,
     passed_over: Optional[List[Tuple[Path, str]]] = None,
+    include_label_maps: bool = False,
 ) -> List[Tuple[Path, str]]:
     """``(path, display name)`` of every image below ``source``, sorted by path.
 
-    ``source`` may be one image file, one DICOM series folder, or a folder holding image files and
-    DICOM series folders (searched recursively when ``recursive``). Labels are never imported as
-    images, at any depth: a folder holding ``imagesTr`` or ``imagesTs`` (an MSD / nnU-Net dataset, or
-    an earlier ``learn export``) is read only there, and folders named ``labelsTr``, ``labelsTs`` or
-    ``segmentations`` are not entered. The folder ``skip`` (a datastore inside ``source``, whose files
-    are not images to annotate) is not entered. ``passed_over`` (when given) receives each folder
-    not read, with the reason, for the caller to show.
+    ``source`` may be one image file (always taken), one DICOM series folder, or a folder holding
+    image files and DICOM series folders (searched recursively when ``recursive``). Labels are not
+    imported as images, at any depth: a folder holding ``imagesTr`` or ``imagesTs`` (an MSD / nnU-Net
+    dataset, or an earlier ``learn export``) is read only there; folders named ``labelsTr``,
+    ``labelsTs`` or ``segmentations`` are not entered; ``.seg.nrrd`` files are not images; and a file
+    that is by its name the label map of an image file in the same folder (:func:`label_map_image`)
+    is passed over, unless ``include_label_maps``. The folder ``skip`` (a datastore inside
+    ``source``, whose files are not images to annotate) is not entered. ``passed_over`` (when given)
+    receives each folder and label-map file not read, with the reason, for the caller to show.
     """
     source = Path(source)
     if source.is_file():
@@ -92,21 +122,22 @@ def find_sources(
     skipped = None if skip is None else skip.resolve()
     seen: Set[Tuple[int, int]] = set()
     passed = passed_over if passed_over is not None else []
-    found = _scan(source, recursive, skipped, seen, passed)
+    found = _scan(source, _ScanRules(recursive, skipped, include_label_maps), seen, passed)
     return sorted(found, key=lambda item: str(item[0]))
+
 
 
 def _scan(
     folder: Path,
-    recursive: bool,
-    skip: Optional[Path],
+    rules: _ScanRules,
     seen: Set[Tuple[int, int]],
     passed: List[Tuple[Path, str]],
 ) -> List[Tuple[Path, str]]:
     """The images in ``folder`` (and below). ``seen``: the folders (device, inode) scanned already, so
     a folder reached again through a symbolic link (to an ancestor: a loop; or to a sibling) is
     not scanned again, and each image is found once. A dataset folder (``imagesTr``/``imagesTs``) is
-    read only there, at any depth; label folders are never entered (``passed`` names them)."""
+    read only there, at any depth; label folders are never entered, label-map files beside their
+    image not taken (``passed`` names them)."""
     info = folder.stat()
     if (info.st_dev, info.st_ino) in seen:
         return []
@@ -115,26 +146,31 @@ def _scan(
     if dataset:  # an MSD / nnU-Net dataset or an export: its images folders only, never its labels
         for child in sorted(folder.iterdir()):
             if child.is_dir() and not child.name.startswith(".") and child not in dataset and (
-                skip is None or child.resolve() != skip
+                rules.skip is None or child.resolve() != rules.skip
             ):
                 passed.append((child, _why_not_read(child)))
         found: List[Tuple[Path, str]] = []
         for images in dataset:  # the dataset folder given itself, or met while recursing
-            found.extend(_scan(images, recursive, skip, seen, passed))
+            found.extend(_scan(images, rules, seen, passed))
         return found
     found = []
     if is_dicom_series_dir(folder):
         found.append((folder, folder.name))
-    for child in sorted(folder.iterdir()):
-        if child.name.startswith("."):
-            continue
-        if is_image_file(child):
+    children = [child for child in sorted(folder.iterdir()) if not child.name.startswith(".")]
+    images = [child for child in children if is_image_file(child)]
+    for child in children:
+        if child in images:
+            image = None if rules.include_label_maps else label_map_image(child, images)
+            if image is not None:
+                passed.append((child, f"the label map of {image.name} beside it, not an image to annotate; "
+                               "--include-label-maps imports it"))
+                continue
             found.append((child, image_stem(child)))
-        elif child.is_dir() and recursive and (skip is None or child.resolve() != skip):
+        elif child.is_dir() and rules.recursive and (rules.skip is None or child.resolve() != rules.skip):
             if _named(child, LABEL_FOLDERS):
                 passed.append((child, _why_not_read(child)))
                 continue
-            found.extend(_scan(child, recursive, skip, seen, passed))
+            found.extend(_scan(child, rules, seen, passed))
     return found
 
 

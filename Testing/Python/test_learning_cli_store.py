@@ -122,6 +122,48 @@ def test_import_never_takes_the_labels_of_a_dataset_or_an_export_below_the_folde
     assert "labelsTr" in help_text and "segmentations" in help_text and "imagesTr" in help_text
 
 
+def test_import_passes_over_the_label_maps_beside_their_images_and_names_each(tmp_path: Path, capsys):
+    """``learn import Resources/Samples`` imported hippocampus_001_label as a case to annotate (and a
+    folder's ``x_mask`` beside ``x``), although the help said labels were never imported; ``learn next``
+    then proposed the label map as the next case."""
+    samples = REPO / "Resources" / "Samples"
+    store = tmp_path / "store"
+    code, out, err = run(capsys, "learn", "import", str(samples), "--store", str(store), "--user", "admin", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [c["name"] for c in report["added"]] == ["hippocampus_001_image"], report
+    assert report["not_read"] == [{"file": str(samples / "hippocampus_001_label.nii.gz"), "reason": (
+        "the label map of hippocampus_001_image.nii.gz beside it, not an image to annotate; --include-label-maps "
+        "imports it")}], report  # fmt: skip
+    assert f"not read: {samples / 'hippocampus_001_label.nii.gz'} (the label map of" in err
+
+    scans = tmp_path / "scans"  # each ending beside its image; alone (no image of that stem) it is an image
+    image = write_image(scans / "x.nii.gz", 1)
+    write_mask(scans / "x_mask.nii.gz", image)
+    write_mask(scans / "X_Seg.nrrd", image, 2)  # values differ: each a case of its own with the override
+    write_mask(scans / "x.seg.nrrd", image, 4)
+    write_image(scans / "y_image.nii.gz", 2)
+    write_mask(scans / "y_labels.nii.gz", scans / "y_image.nii.gz", 3)
+    write_image(scans / "brain_mask.nii.gz", 3)  # no brain.nii.gz beside it: an image to annotate
+    code, out, err = run(capsys, "learn", "import", str(scans), "--store", str(tmp_path / "s2"), "--user", "admin",
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert sorted(c["name"] for c in report["added"]) == ["brain_mask", "x", "y_image"], report
+    assert sorted(Path(f["file"]).name for f in report["not_read"]) == ["X_Seg.nrrd", "x_mask.nii.gz",
+                                                                        "y_labels.nii.gz"]  # fmt: skip
+    # the override, and a label-map file given alone: imported
+    code, out, err = run(capsys, "learn", "import", str(scans), "--store", str(tmp_path / "s3"), "--user", "admin",
+                         "--json", "--include-label-maps")  # fmt: skip
+    assert code == 0 and len(json.loads(out)["added"]) == 6 and json.loads(out)["not_read"] == [], err
+    code, out, err = run(capsys, "learn", "import", str(scans / "x_mask.nii.gz"), "--store", str(tmp_path / "s4"),
+                         "--user", "admin", "--json")  # fmt: skip
+    assert code == 0 and [c["name"] for c in json.loads(out)["added"]] == ["x_mask"], err
+    help_text = " ".join(_help(["learn", "import"]).split())
+    assert "_label, _labels, _seg, _mask or _segmentation" in help_text and "STEM_image" in help_text, help_text
+    assert "never imported" not in help_text
+
+
 def test_a_store_folder_that_is_the_source_folder_is_named_for_what_it_is(tmp_path: Path, capsys):
     """``--store`` the source folder itself was refused as "it lies inside the datastore", though no
     datastore was there."""
