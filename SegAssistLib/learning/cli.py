@@ -1,6 +1,7 @@
 """``segassist learn ...``: the human-in-the-loop learning loop from a terminal.
 
-    segassist learn import SOURCE --store DIR --user NAME     images (folder, file, DICOM series) -> cases
+    segassist learn import SOURCE --store DIR --user NAME     images (folder, file, DICOM series) -> cases;
+                      [--include-label-maps]                 label maps beside their images passed over
                       [--subject-pattern REGEX]              ... with each case's subject (patient) from its name
     segassist learn status --store DIR                       cases by status, current version, last job
     segassist learn cases --store DIR [--status new]         list cases (by status)
@@ -16,10 +17,13 @@
     segassist learn rollback --store DIR [--to v2|base] [--from v3|base]
     segassist learn next --store DIR [--strategy uncertainty] [--user NAME --lock] [--out proposal.nii.gz]
 
-``train`` follows the job's progress until it ends, unless ``--detach``. Ctrl-C (or SIGTERM, or the
-terminal closing: SIGHUP) cancels it cleanly: the command waits for the job to stop, prints how it ended
-and exits 128 + the signal's number (130 for Ctrl-C) when it was cancelled, 3 when the job had got too
-far to cancel (it finished and may have made a new current version), 1 when it failed or is still stopping.
+``train`` follows the job's progress until it ends, unless ``--detach``, and exits 0 when the job
+registered a version (promoted or not), 5 when it ended without one (its time budget too small for the
+validation or a step, or cancelled from elsewhere: ``learn cancel``, the server; the reason on stderr),
+1 when it failed. Ctrl-C (or SIGTERM, or the terminal closing: SIGHUP) cancels it cleanly: the command
+waits for the job to stop, prints how it ended and exits 128 + the signal's number (130 for Ctrl-C) when
+it was cancelled, 3 when the job had got too far to cancel (it finished and may have made a new current
+version), 1 when it failed or is still stopping.
 ``unlock`` exits 4 when the case is not locked (nothing released); ``verify`` exits 1 when a stored file
 is missing or damaged.
 Every subcommand takes ``--json`` for machine-readable output (progress lines then go to stderr).
@@ -100,10 +104,15 @@ def register(subparsers) -> None:
     p = add("import", "import images as new cases (creates the store if needed, never in a folder of other files)",
             cmd_import)
     p.add_argument("source", type=Path,
-                   help="an image file, a DICOM series folder or a folder of images. Labels are never imported: "
-                   "a folder holding imagesTr/imagesTs (an MSD or nnU-Net dataset, an earlier learn export), at "
-                   "any depth, is read only there, and folders named labelsTr, labelsTs or segmentations are not "
-                   "entered (each folder passed over is named)")
+                   help="an image file (always imported), a DICOM series folder or a folder of images. In a folder, "
+                   "at any depth, label maps are passed over (each one named): a folder holding imagesTr/imagesTs "
+                   "(an MSD or nnU-Net dataset, an earlier learn export) is read only there; folders named "
+                   "labelsTr, labelsTs or segmentations are not entered; .seg.nrrd files are not images; and a "
+                   "file named STEM_label, _labels, _seg, _mask or _segmentation (any image suffix, case ignored) "
+                   "is not imported when an image file named STEM or STEM_image lies in the same folder "
+                   "(hippocampus_001_label beside hippocampus_001_image)")
+    p.add_argument("--include-label-maps", action="store_true",
+                   help="import a file named as the label map of an image beside it too (it is an image to annotate)")
     p.add_argument("--user", required=True)
     p.add_argument("--channel", type=int, help="channel of multi-channel / 4D images")
     p.add_argument("--no-recursive", action="store_true")
@@ -182,6 +191,10 @@ def register(subparsers) -> None:
                    "ones may be a write in progress); damaged files are never deleted")
 
     p = add("train", "train an adapter on the submitted labels in a background process", cmd_train)
+    p.epilog = ("Exit status: 0 when the job registered a version (promoted or not); 5 when it ended without one "
+                "(its time budget too small, or cancelled from elsewhere: learn cancel, the server; the reason on "
+                "stderr); 1 when it failed. Ctrl-C, SIGTERM and SIGHUP cancel the job: 128 + the signal's number "
+                "(130 for Ctrl-C), or 3 when it had finished first (a new version may be current).")
     p.add_argument("--checkpoint", type=Path, help="base model (default: the shipped one)")
     p.add_argument("--kind", choices=("lora", "salt", "full"), default="salt",
                    help="what is trained: salt (the top singular values of each layer plus a low-rank "
@@ -226,7 +239,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--to",
         help="version id or 'base' (default: one step back, to the previous version made for the same base "
-        "model as the current one, or to the base model)",
+        "model as the current one, or to the base model). A target already current is refused (exit 2, nothing "
+        "changed), as one step back from the base model is; --to base after a damaged registry sets it aside",
     )
     p.add_argument("--from", dest="expected_current", metavar="VERSION", type=version_or_base,
                    help="the version you mean to replace (a version id or 'base'): if another is current by the "
@@ -289,9 +303,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     check_user(args.user)
     pattern = compile_subject_pattern(args.subject_pattern) if args.subject_pattern is not None else None
     passed_over: list = []
-    sources = import_sources(args.source, args.store, recursive=not args.no_recursive, passed_over=passed_over)
-    for folder, why in passed_over:  # labels of a dataset: never imported as images to annotate
-        _progress(args, f"not read: {folder} ({why})")
+    sources = import_sources(args.source, args.store, recursive=not args.no_recursive, passed_over=passed_over,
+                             include_label_maps=args.include_label_maps)
+    for path, why in passed_over:  # labels (folders and label-map files): not imported as images to annotate
+        _progress(args, f"not read: {path} ({why})")
     subject_of: Dict[Path, str] = {}
     if pattern is not None:  # a name the pattern finds no subject in: refused before the store is made
         found = subjects_from_names([printable_text(name) or "?" for _, name in sources], pattern)
@@ -305,7 +320,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     report = ImportReport()
     data = report.to_dict()
-    not_read = [{"folder": str(folder), "reason": why} for folder, why in passed_over]
+    not_read = [{"file" if path.is_file() else "folder": str(path), "reason": why} for path, why in passed_over]
     if sources:
         with Datastore(args.store, create=True) as store:
             report = store.import_images(args.source, args.user, args.channel, sources=sources, on_image=shown,
@@ -557,6 +572,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 CANCEL_WAIT_S = 120.0  # how long a cancelled job is waited for before the command stops watching it
 POLL_S = 0.5  # between reads of an attached job's status
 FINISHED_DESPITE_CANCEL = 3  # exit code: cancelled too late, the job finished (and may have made a version)
+NOTHING_REGISTERED = 5  # exit code: the job ended without a version (budget too small, cancelled from elsewhere)
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -692,7 +708,7 @@ def _report(args: argparse.Namespace, job: Any, status: Dict[str, Any], last: st
     elif _job_line(status) != last:
         _say(_job_line(status))
     if signum is None:
-        return 0 if state in ("done", "cancelled") else 1
+        return _ended_code(job, status, args.store)
     if state not in FINAL_STATES:
         _say(f"job {job.job_id} is still stopping; see `segassist learn status --store {args.store}`", err=True)
         return 1
@@ -701,6 +717,33 @@ def _report(args: argparse.Namespace, job: Any, status: Dict[str, Any], last: st
     if state == "done":
         _say(_finished_despite_cancel(status, args.store), err=True)
         return FINISHED_DESPITE_CANCEL
+    return 1
+
+
+def _registered_version(status: Dict[str, Any]) -> Optional[str]:
+    """The id of the version a finished job registered (promoted or not); None when it registered none."""
+    result = status.get("result")
+    version = result.get("version") if isinstance(result, dict) else None
+    return version.get("id") if isinstance(version, dict) else None
+
+
+def _ended_code(job: Any, status: Dict[str, Any], store: Path) -> int:
+    """The exit code of a job that ended on its own, watched to its end (no signal here): 0 when it
+    registered a version (promoted or not), NOTHING_REGISTERED when it ended without one (the time
+    budget too small, or cancelled by `learn cancel` from elsewhere: the reason in one line on stderr),
+    1 when it failed."""
+    state = status.get("state")
+    if state == "done" and _registered_version(status) is not None:
+        return 0
+    if state == "done":
+        result = status.get("result")
+        why = status.get("message") or (result.get("reason") if isinstance(result, dict) else None) or "no reason given"
+        _say(f"learn train: job {job.job_id} ended without registering a version: {why}", err=True)
+        return NOTHING_REGISTERED
+    if state == "cancelled":
+        _say(f"learn train: job {job.job_id} was cancelled from elsewhere (`segassist learn cancel --store {store}`, "
+             "or through the server): nothing registered", err=True)
+        return NOTHING_REGISTERED
     return 1
 
 
@@ -743,7 +786,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         base_identity = load_checkpoint(_checkpoint(args.checkpoint)).identity
     try:  # one step back goes to the previous version of the current one's base weights, or refuses
         done = AdapterRegistry(args.store).rollback_detailed(
-            args.to, user=args.user, base_identity=base_identity, expected_current=args.expected_current
+            args.to, user=args.user, base_identity=base_identity, expected_current=args.expected_current,
+            require_change=True,  # --to the version already current: nothing to roll back (exit 2), as one step back
         )
     except OtherBaseModelError as exc:
         if args.checkpoint is None:
@@ -754,8 +798,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     record = done.record
     # which version it replaced, read under the registry's lock: without --from, a version a job promoted
     # just before the rollback ran is the one replaced, and the operator must see that
-    _print(args, {"current": record.id if record else None, "previous": done.previous},
-           f"current version: {version_label(record)} (rolled back from {done.previous or BASE})")
+    data = {"current": record.id if record else None, "previous": done.previous}
+    replaced = f"rolled back from {done.previous or BASE}"
+    if done.set_aside is not None:  # the damaged registry named a current version nobody can read now
+        data["set_aside"] = done.set_aside
+        replaced = f"the damaged registry set aside as adapters/{done.set_aside}; the version it named is unknown"
+    _print(args, data, f"current version: {version_label(record)} ({replaced})")
     return 0
 
 

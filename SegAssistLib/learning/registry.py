@@ -110,6 +110,8 @@ class RegistryState:
     next_number: int = 1
     versions: List[VersionRecord] = field(default_factory=list)
     events: List[Dict[str, Any]] = field(default_factory=list)
+    # the name of the damaged registry file set aside for this change (not saved; None: none was)
+    set_aside: Optional[str] = None
 
     def find(self, version_id: str) -> VersionRecord:
         for record in self.versions:
@@ -133,10 +135,12 @@ class RegistryState:
 
 
 class RollbackResult(NamedTuple):
-    """What a rollback changed: the version current before and the one current now (``None``: the base model)."""
+    """What a rollback changed: the version current before and the one current now (``None``: the base
+    model); ``set_aside``: the damaged registry file set aside (then ``previous`` is unknown, None)."""
 
     previous: Optional[str]
     record: Optional[VersionRecord]
+    set_aside: Optional[str] = None
 
 
 class AdapterRegistry:
@@ -240,7 +244,7 @@ class AdapterRegistry:
                             break
                         aside = self.path.with_name(f"registry.damaged-{stamp}-{n}.json")
                     os.replace(self.path, aside)
-                    state = RegistryState()
+                    state = RegistryState(set_aside=aside.name)
                     self._event(state, "set_aside", file=aside.name)
                 yield state
                 payload = json.dumps(state.to_dict(), indent=1).encode()
@@ -357,8 +361,13 @@ class AdapterRegistry:
         user: Optional[str] = None,
         base_identity: Optional[str] = None,
         expected_current: Optional[str] = None,
+        require_change: bool = False,
     ) -> RollbackResult:
-        """:meth:`rollback`, also returning the version it replaced (read under the same lock)."""
+        """:meth:`rollback`, also returning the version it replaced (read under the same lock).
+        ``require_change``: a target that is already current (``to="base"`` while the base model
+        answers, ``to="v2"`` while v2 does) is refused, nothing changed, as one step back from the
+        base model is; without it such a rollback is recorded and changes nothing. Recovering a damaged
+        registry (``to="base"``, set aside) is a change."""
         set_aside = to == BASE and expected_current is None  # a damaged registry's current cannot be compared
         with self._locked(set_aside_damaged=set_aside) as state:
             if expected_current is not None and (state.current or BASE) != expected_current:
@@ -406,6 +415,8 @@ class AdapterRegistry:
                         f"the file of version {target.id} is missing from the datastore: {FOLDER}/{path.name}"
                     )
             target_id = target.id if target is not None else None
+            if require_change and target_id == state.current and state.set_aside is None:
+                raise RegistryError(f"{version_label(target)} is already current: nothing to roll back")
             moving_forward = target is not None and current is not None and target.number > current.number
             if current is not None and current.id != target_id and not moving_forward:
                 # judged worse, with every promoted version of its base weights that the rollback skipped
@@ -421,7 +432,7 @@ class AdapterRegistry:
             previous = state.current
             self._event(state, "rollback", **{"from": previous, "to": target_id, "user": user})
             state.current = target_id
-        return RollbackResult(previous, target)
+        return RollbackResult(previous, target, state.set_aside)
 
     def write_file(self, path: Path, writer: Callable[[Path], object]) -> str:
         """Write a version file atomically (used by ``add_version`` writers)."""

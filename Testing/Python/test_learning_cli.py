@@ -180,6 +180,43 @@ def test_a_ctrl_c_too_late_to_cancel_says_the_job_finished_and_exits_3(store, ca
     assert ("promoted" if final["result"]["promoted"] else "not promoted") in err
 
 
+def test_a_job_that_registers_nothing_exits_5_with_its_reason(store, capsys):
+    """A job whose incumbent's validation did not fit its budget "finished" having trained nothing, and
+    ``learn train`` exited 0 as if a version had been made: a script could not tell."""
+    store_root, ckpt = store
+    assert main(train_args(store_root, ckpt, "--seconds", "1", "--val-clicks", "1")) == 5  # NOTHING_REGISTERED
+    out, err = capsys.readouterr()
+    final = newest_status(store_root)
+    assert final["state"] == "done" and final["result"]["version"] is None, final
+    assert has_line(out, f"job {final['job_id']}: done"), out
+    line = f"learn train: job {final['job_id']} ended without registering a version: "
+    assert line in err and "nothing" in err.split(line)[1], err
+    assert not (store_root / "adapters" / "registry.json").exists()
+    with pytest.raises(SystemExit):
+        main(["learn", "train", "--help"])
+    assert "5 when it ended without one" in " ".join(capsys.readouterr().out.split())  # the help says so
+
+
+def test_a_job_cancelled_from_another_terminal_exits_5(store, capsys):
+    """``learn cancel`` from another terminal stopped the job, and the attached ``learn train`` exited 0."""
+    store_root, ckpt = store
+
+    def cancel_once_training() -> None:
+        wait_for(lambda: newest_status(store_root).get("phase") == "training", "the job's training phase")
+        jobs.cancel_job(store_root, None)  # what `segassist learn cancel --store` does
+
+    canceller = threading.Thread(target=cancel_once_training, daemon=True)
+    canceller.start()
+    code = main(train_args(store_root, ckpt, *LONG))
+    canceller.join(timeout=WAIT_S)
+    out, err = capsys.readouterr()
+    final = newest_status(store_root)
+    assert final["state"] == "cancelled", final
+    assert code == 5, (code, out, err)
+    assert f"learn train: job {final['job_id']} was cancelled" in err and "nothing registered" in err, err
+    assert not process_alive(final["pid"])
+
+
 def test_a_cancel_that_outlasts_the_wait_says_the_job_is_still_stopping(store, capsys, monkeypatch):
     """A worker that does not stop within the wait (here: stopped with SIGSTOP) ended the command with
     exit 1 and only "cancelling ..."."""
@@ -488,7 +525,8 @@ def test_an_attached_train_with_json_prints_its_progress_on_stderr(monkeypatch, 
     """With --json an attached ``learn train`` printed no progress at all (the docstring promised stderr);
     stdout stays the final status's JSON alone."""
     statuses = [{"job_id": "j1", "state": "running", "phase": "training", "step": s, "max_steps": 2}
-                for s in (1, 2)] + [{"job_id": "j1", "state": "done", "phase": "finished"}]
+                for s in (1, 2)] + [{"job_id": "j1", "state": "done", "phase": "finished",
+                                     "result": {"version": {"id": "v1"}, "promoted": True}}]
 
     class Job:
         job_id = "j1"

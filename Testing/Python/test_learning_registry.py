@@ -354,3 +354,41 @@ def test_processes_adding_and_rolling_back_versions_at_once_lose_no_update(tmp_p
     assert sorted(p.name for p in registry.folder.iterdir()) == sorted(
         [".registry.lock", "registry.json", *(v.file for v in state.versions)]
     )  # no temporary file left
+
+
+def test_a_rollback_to_the_version_already_current_changes_nothing_and_exits_2(tmp_path: Path, capsys):
+    """``learn rollback --to base`` while the base model answered printed "current version: base (rolled back
+    from base)" and exited 0 (plain ``rollback`` there: "nothing to roll back", exit 2); after recovering a
+    damaged registry it also said "rolled back from base", the version the file named being unknown."""
+    import json
+
+    import pytest
+
+    from SegAssistLib.cli import main
+    from SegAssistLib.learning import Datastore
+    from SegAssistLib.learning.loop_errors import RegistryError
+
+    Datastore(tmp_path).close()
+    store = ["--store", str(tmp_path)]
+    registry = AdapterRegistry(tmp_path)
+    for argv in ([], ["--to", "base"], ["--to", "base", "--from", "base"]):
+        assert main(["learn", "rollback", *store, *argv]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and "nothing to roll back" in err and err.count("\n") == 1, (argv, err)
+    assert registry.read().events == []  # nothing recorded
+    add(registry)  # v1, current
+    before = registry.path.read_text()
+    with pytest.raises(RegistryError, match="v1 is already current: nothing to roll back"):
+        registry.rollback_detailed(to="v1", require_change=True)
+    assert registry.path.read_text() == before
+    assert registry.rollback_detailed(to="v1").previous == "v1"  # the library's default: as before, recorded
+    assert main(["learn", "rollback", *store, "--to", "base"]) == 0
+    assert "current version: base (rolled back from v1)" in capsys.readouterr().out
+
+    registry.path.write_text(json.dumps(dict(json.loads(registry.path.read_text()), current="v7")))  # damaged
+    assert main(["learn", "rollback", *store, "--to", "base", "--json"]) == 0  # recovered: a change
+    reply = json.loads(capsys.readouterr().out)
+    aside = reply["set_aside"]
+    assert reply["current"] is None and reply["previous"] is None and (registry.folder / aside).is_file(), reply
+    assert main(["learn", "rollback", *store, "--to", "base"]) == 2  # and now nothing to roll back
+    assert "base is already current: nothing to roll back" in capsys.readouterr().err
