@@ -6,7 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 # (module, attribute) of each subcommand's register(subparsers); imported lazily so that
 # `segassist --help` and torch-free subcommands start fast and work without torch.
@@ -42,26 +42,34 @@ def run_handled(args: argparse.Namespace, prog: str = "segassist") -> int:
     Ctrl-C is exit 130; anything else is a bug and keeps its traceback."""
     from SegAssistLib.errors import SegAssistError
 
-    command = " ".join(c for c in (args.command, getattr(args, "learn_command", None)) if c)  # learn save, ...
+    # "segassist learn save", or a script's name alone (run_script)
+    command = " ".join(c for c in (prog, args.command, getattr(args, "learn_command", None)) if c)
     try:
         return int(args.func(args) or 0)
     except SegAssistError as exc:
-        print(f"{prog} {command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or folder the command was pointed at: name it, no traceback
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"{prog} {command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # a part this install does not have: say which extra brings it
         top = (exc.name or "").split(".")[0]
         if top not in EXTRA_OF:
             raise
-        print(f"{prog} {command}: error: this command needs {top}, which this install lacks: "
+        print(f"{command}: error: this command needs {top}, which this install lacks: "
               f"pip install 'segassist[{EXTRA_OF[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_script(main: Callable[[], int], prog: str) -> int:
+    """Run a script's ``main`` (``benchmarks/*.py``) as :func:`run_handled` runs a subcommand: bad input
+    (a SegAssistError, a missing file or folder) is one line on stderr, ``PROG: error: ...``, exit 2,
+    not a traceback; Ctrl-C is exit 130."""
+    return run_handled(argparse.Namespace(func=lambda _args: main(), command=None), prog=prog)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

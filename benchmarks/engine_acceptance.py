@@ -27,8 +27,10 @@ from typing import Optional
 
 import numpy as np
 
+from SegAssistLib.cli import run_script
 from SegAssistLib.cli_types import positive_int
 from SegAssistLib.datasets import default_data_root
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets, select_cases
 from SegAssistLib.machine import machine_info
@@ -84,6 +86,18 @@ def _paired(model: dict, baseline: dict) -> dict:
     common = sorted(set(model) & set(baseline))
     m, b = _mean(model[k] for k in common), _mean(baseline[k] for k in common)
     return {"n": len(common), "model": m, "baseline": b, "ahead": bool(common) and m - b >= required_margin(b)}
+
+
+def read_baseline_runs(path: Path) -> dict:
+    """The runs of an earlier acceptance.json (``--baselines-from``); a SegAssistError naming the file when
+    it cannot be read or holds no runs."""
+    try:
+        runs = json.loads(path.read_text()).get("runs")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+        raise SegAssistError(f"--baselines-from {path}: cannot read it as an acceptance.json: {exc}") from exc
+    if not isinstance(runs, dict):
+        raise SegAssistError(f"--baselines-from {path}: not an acceptance.json (no runs)")
+    return runs
 
 
 def _reusable(earlier: dict, engine: str, spec: tuple, args: argparse.Namespace, results: dict, source: Path) -> bool:
@@ -150,7 +164,7 @@ def main(argv=None) -> int:
     results = {}
     to_run = [(e, spec) for e in engines for spec in chosen]
     if args.baselines_from:
-        earlier = json.loads(args.baselines_from.read_text())["runs"]
+        earlier = read_baseline_runs(args.baselines_from)
         to_run = [(e, spec) for e, spec in to_run
                   if e == "builtin" or not _reusable(earlier, e, spec, args, results, args.baselines_from)]
     taken = sorted(results)  # the runs reused so far: baselines only
@@ -225,4 +239,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "engine_acceptance.py"))

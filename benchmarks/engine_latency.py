@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from SegAssistLib.cli import run_script
 from SegAssistLib.datasets import default_data_root
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine
+from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.cli import (
     CORRECTION_ZOOM_SHARE_HELP,
     EDGE_BAND_HELP,
@@ -47,6 +49,18 @@ from SegAssistLib.machine import machine_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CT_TARGETS = {"liver": (5,), "spleen": (1,), "kidney_left": (3,), "aorta": (52,), "pancreas": (7,)}
+# the files the volumes are built from, under --data
+CT_FILES = ("totalsegmentator_examples/imagesTr/example_ct_sm.nii.gz",
+            "totalsegmentator_examples/labelsTr/example_ct_sm.nii.gz")
+MRI_FILES = ("brats/imagesTr/brats_2013_pat0001_1_0000.nii.gz", "brats/labelsTr/brats_2013_pat0001_1.nii.gz")
+
+
+def check_data(data: Path) -> None:
+    """Refuse, before the model loads, a ``--data`` folder that lacks a file the volumes are built from."""
+    for name in CT_FILES + MRI_FILES:
+        if not (data / name).is_file():
+            raise SegAssistError(f"--data {data}: {name} not found there (give the datasets' folder, which holds "
+                                 "totalsegmentator_examples and brats)")
 
 
 def _resample(image: sitk.Image, spacing, size, interpolator, default) -> sitk.Image:
@@ -58,8 +72,7 @@ def _resample(image: sitk.Image, spacing, size, interpolator, default) -> sitk.I
 
 
 def ct_volume(data: Path, slices: int = 300):
-    img = sitk.ReadImage(str(data / "totalsegmentator_examples/imagesTr/example_ct_sm.nii.gz"))
-    lab = sitk.ReadImage(str(data / "totalsegmentator_examples/labelsTr/example_ct_sm.nii.gz"))
+    img, lab = (sitk.ReadImage(str(data / name)) for name in CT_FILES)
     spacing, size = (0.75, 0.75, 300.0 / slices), (512, 512, slices)
     img = _resample(img, spacing, size, sitk.sitkLinear, -1024)
     lab = _resample(lab, spacing, size, sitk.sitkNearestNeighbor, 0)
@@ -69,8 +82,7 @@ def ct_volume(data: Path, slices: int = 300):
 
 
 def mri_volume(data: Path):
-    img = sitk.ReadImage(str(data / "brats/imagesTr/brats_2013_pat0001_1_0000.nii.gz"))
-    lab = sitk.ReadImage(str(data / "brats/labelsTr/brats_2013_pat0001_1.nii.gz"))
+    img, lab = (sitk.ReadImage(str(data / name)) for name in MRI_FILES)
     arr = sitk.GetArrayFromImage(img)
     img = _resample(img, (1.0, 1.0, 1.0), (256, 256, 256), sitk.sitkLinear, float(arr.min()))
     lab = _resample(lab, (1.0, 1.0, 1.0), (256, 256, 256), sitk.sitkNearestNeighbor, 0)
@@ -155,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    check_data(args.data)
     options = builtin_options(args.correction_zoom_share, args.edge_band)
     engine = load_default_engine(args.model, threads=args.threads, refine_depth=args.refine_depth, **options)
     cases = []
@@ -198,4 +211,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "engine_latency.py"))

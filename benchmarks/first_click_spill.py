@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from SegAssistLib.cli import run_script
+from SegAssistLib.cli_types import positive_int
 from SegAssistLib.datasets import default_data_root, list_cases, split_cases
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.evaluation.simulator import first_click
@@ -77,12 +79,17 @@ def measure(checkpoint: Path, dataset: Path, targets: Sequence[int], cases: Opti
     }
 
 
+def label_list(text: str) -> List[int]:
+    """argparse type of ``--labels``: label values, comma-separated (``1,2,3``)."""
+    return [positive_int(x.strip()) for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", type=Path, default=default_data_root() / "acdc",
                    help="the dataset's folder (default: acdc in $SEGASSIST_SHARED_DATA, else in ../shared/data "
                         "beside the repository)")
-    p.add_argument("--labels", default="1,2,3", help="target labels, comma-separated")
+    p.add_argument("--labels", type=label_list, default="1,2,3", help="target labels, comma-separated")
     p.add_argument("--model", type=Path, action="append", help="checkpoint (repeatable; default: shipped)")
     p.add_argument("--cases", type=int, help="only the first N evaluation cases")
     p.add_argument("--threads", type=int, default=1)
@@ -94,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     torch.set_num_threads(args.threads)
-    targets = [int(x) for x in args.labels.split(",")]
+    targets = args.labels
     runs = [measure(m, args.dataset, targets, args.cases) for m in (args.model or [DEFAULT_CHECKPOINT])]
     for run in runs:
         print(f"{run['model_version']}: spill {run['spill_overall']} overall, by target {run['spill_by_target']} "
@@ -110,4 +117,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "first_click_spill.py"))

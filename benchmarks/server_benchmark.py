@@ -47,6 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from SegAssistLib.cli import run_script  # noqa: E402
 from SegAssistLib.client import LocalBackend, SegAssistClient  # noqa: E402
 from SegAssistLib.datasets import default_data_root  # noqa: E402
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine  # noqa: E402
@@ -57,12 +58,13 @@ CT_TARGETS = {"liver": (5,), "kidney_left": (3,)}
 MRI_TARGETS = {"whole_tumour": (1, 2, 3, 4)}
 
 
-def _volumes():
-    """The volume loaders of engine_latency.py, so both benchmarks measure the same images."""
+def _engine_latency():
+    """engine_latency.py, whose volume loaders (and check of --data) this benchmark shares, so both
+    measure the same images."""
     spec = importlib.util.spec_from_file_location("engine_latency", REPO / "benchmarks" / "engine_latency.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.ct_volume, module.mri_volume
+    return module
 
 
 class WireCounter:
@@ -212,10 +214,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     model = (args.model or DEFAULT_CHECKPOINT).resolve()
+    volumes = _engine_latency()
+    volumes.check_data(args.data)  # before the model loads and the backend starts
+    ct_volume, mri_volume = volumes.ct_volume, volumes.mri_volume
     torch.set_num_threads(args.threads)
     machine = machine_record(args.threads)
     engine = load_default_engine(model, threads=args.threads)
-    ct_volume, mri_volume = _volumes()
 
     state_dir = Path(tempfile.mkdtemp(prefix="segassist-bench-"))
     backend = LocalBackend(model, state_dir=state_dir, reuse=False, extra_args=["--threads", str(args.threads)])
@@ -291,4 +295,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "server_benchmark.py"))

@@ -25,7 +25,9 @@ from typing import Dict, List
 
 import numpy as np
 
+from SegAssistLib.cli import run_script
 from SegAssistLib.machine import machine_info
+from SegAssistLib.training.cli import load_config
 from SegAssistLib.training.train import TrainConfig, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     given = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be at least 1 and --warmup at least 0")
-    cfg = TrainConfig(**json.loads(args.config.read_text())) if args.config else TrainConfig()
+    cfg = load_config(args.config)  # a missing or bad file: one line naming it (TrainConfig's defaults without)
     result = measure(cfg, args.steps, args.warmup)
     report = {"command": shlex.join(["python", "benchmarks/training_throughput.py", *given]), "argv": given,
               "config": str(args.config) if args.config else "defaults", "machine": machine_info(cfg.device),
@@ -110,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main, "training_throughput.py"))

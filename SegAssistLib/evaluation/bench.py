@@ -5,8 +5,10 @@ over a selection of cases (:mod:`SegAssistLib.evaluation.selection`) with each e
 protocol: the box, the scribble and the first click are the same for every engine (fixed by the
 ground truth), and every later click comes from the simulated user by the same rule applied to the
 engine's own current mask. It writes ``results.json`` and the report
-(:mod:`SegAssistLib.evaluation.report`) to the output folder, ``docs/benchmarks`` by default; a folder
+(:mod:`SegAssistLib.evaluation.report`) to the output folder, by default ``docs/benchmarks`` of the
+repository wherever the command runs from (as ``--data`` is found beside the repository); a folder
 that holds an earlier run's results or report is refused before any work unless ``--overwrite``.
+Each slow part of the report (a plot, a gallery session replayed) is announced on stderr as it starts.
 
 Fixed choices, all stated in the report:
 
@@ -37,7 +39,7 @@ from typing import Dict, List, Optional, TextIO, Tuple
 import numpy as np
 
 from SegAssistLib.cli_types import non_negative_mm, positive_int
-from SegAssistLib.datasets import dataset_ignore_label, default_data_root
+from SegAssistLib.datasets import REPO_ROOT, dataset_ignore_label, default_data_root
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
@@ -64,7 +66,7 @@ from SegAssistLib.files import atomic_write_bytes, output_problem
 from SegAssistLib.machine import machine_info
 
 BENCH_ENGINES = ("builtin", "ablation", "growcut", "randomwalker")
-DEFAULT_OUT = Path("docs") / "benchmarks"
+DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks"  # the committed report, wherever the command runs from
 RESULTS_NAME = "results.json"
 BENCH_BUDGET = "about 25-40 minutes on a 2-core CPU, within the 60-minute budget; --quick about 5 minutes"
 
@@ -385,7 +387,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="folder holding the datasets (default: $SEGASSIST_SHARED_DATA or ../shared/data)")
     parser.add_argument("--datasets", default=None,
                         help="only these datasets of the default selection (comma-separated)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default docs/benchmarks)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help=f"output folder (default: docs/benchmarks of the repository, {DEFAULT_OUT}, wherever "
+                        "the command runs from)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results.json and report of an earlier run in --out")
     parser.add_argument("--quick", action="store_true", help="a subset that runs in about 5 minutes on a 2-core CPU")
@@ -453,6 +457,11 @@ def check_out_folder(out: Path, overwrite: bool, from_json: bool = False) -> Non
                              "to replace them, or choose another --out")
 
 
+def _progress(line: str) -> None:
+    """A line of the report's progress on stderr (stdout names the files written)."""
+    print(f"bench: {line}", file=sys.stderr, flush=True)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from SegAssistLib.evaluation.report import render_report
 
@@ -474,10 +483,13 @@ def run_cli(args: argparse.Namespace) -> int:
         if problem:
             raise SegAssistError(f"{args.from_json}: {problem}")
         model = result["config"].get("model") if args.model is None else args.model
+        _progress(f"{len(result['records'])} session(s) read from {args.from_json}; loading the engines "
+                  f"{', '.join(result['config']['engines'])} to replay the gallery sessions")
         engines = build_engines(BenchConfig(engines=tuple(result["config"]["engines"]), model=model,
                                             device=config.device))
+        _progress(f"writing the report to {config.out}")
         try:
-            report = render_report(result, config.out, engines=engines)
+            report = render_report(result, config.out, engines=engines, progress=_progress)
         except SegAssistError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # damaged past the checks
@@ -489,6 +501,6 @@ def run_cli(args: argparse.Namespace) -> int:
     engines = build_engines(config)
     result = run_bench(config, engines, command=command.strip())
     print(f"wrote {write_results(result, config.out)}")
-    report = render_report(result, config.out, engines=engines)
+    report = render_report(result, config.out, engines=engines, progress=_progress)
     print(f"wrote {report}")
     return 0 if result["records"] else 1

@@ -8,7 +8,7 @@ a fresh session of the same engine (every engine here is deterministic for the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -58,10 +58,14 @@ def _hd(s: Summary) -> str:
 
 
 class Report:
-    def __init__(self, result: Dict, out: Path, engines: Optional[Dict[str, Engine]] = None):
+    """``progress``: called with a line before each slow part (a plot, a gallery session replayed)."""
+
+    def __init__(self, result: Dict, out: Path, engines: Optional[Dict[str, Engine]] = None,
+                 progress: Optional[Callable[[str], None]] = None):
         self.result = result
         self.out = Path(out)
         self.engines = engines or {}
+        self.progress = progress or (lambda line: None)
         self.records: List[Dict] = result["records"]
         self.config = result["config"]
         self.seed = int(self.config.get("seed", 0))
@@ -205,6 +209,7 @@ class Report:
     def per_dataset(self) -> None:
         self.lines += ["## Per dataset", ""]
         for d in self.datasets:
+            self.progress(f"summarising and plotting {d}")
             self.lines += [f"### {d}", ""]
             if d in SPECS and SPECS[d].note:
                 self.lines += [f"Note: {SPECS[d].note}.", ""]
@@ -266,6 +271,7 @@ class Report:
         self.lines += _table(["orientation", "drawn along"] + [plots.label(e) for e in self.engine_names], rows)
 
     def latency_memory(self) -> None:
+        self.progress("summarising and plotting latency and memory")
         self.lines += ["## Latency and memory", ""]
         latencies = {}
         rows = []
@@ -313,6 +319,7 @@ class Report:
             recs = [r for r in self.records
                     if r["dataset"] == d and r["engine"] == engine and r["protocol"] == protocol]
             for rank, r in pick_best_median_worst(recs):
+                self.progress(f"gallery: replaying {d} {rank} ({r['case']}, {r['structure']}) with {engine}")
                 image, label = Path(r.get("image", "")), Path(r.get("label", ""))
                 if not image.is_file() or not label.is_file():
                     self.lines += [f"({d} {rank}: {image} not found, picture left out.)", ""]
@@ -397,9 +404,11 @@ class Report:
         return path
 
 
-def render_report(result: Dict, out: Path, engines: Optional[Dict[str, Engine]] = None) -> Path:
-    """Write ``report.md``, ``per_case.md``, ``plots/*.png`` and ``gallery/*.png`` into ``out``."""
-    return Report(result, out, engines).render()
+def render_report(result: Dict, out: Path, engines: Optional[Dict[str, Engine]] = None,
+                  progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Write ``report.md``, ``per_case.md``, ``plots/*.png`` and ``gallery/*.png`` into ``out``;
+    ``progress`` is told each slow part as it starts (see :class:`Report`)."""
+    return Report(result, out, engines, progress).render()
 
 
 __all__ = ["render_report", "Report", "Estimate"]

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from SegAssistLib.datasets import list_cases, split_cases
+from SegAssistLib.datasets import REPO_ROOT, list_cases, split_cases
 from SegAssistLib.errors import ModelError, SegAssistError
 from SegAssistLib.evaluation import bench
 from SegAssistLib.evaluation.bench import BenchConfig, build_engines, run_bench, scribble_for, select_jobs
@@ -196,7 +196,7 @@ def test_list_prints_the_selection(hippocampus_dir, capsys):
 def test_cli_defaults():
     args = _parser().parse_args(["bench"])
     config = bench.config_from_args(args)
-    assert str(config.out) == "docs/benchmarks" and config.engines == bench.BENCH_ENGINES
+    assert config.out == REPO_ROOT / "docs" / "benchmarks" and config.engines == bench.BENCH_ENGINES
     assert config.protocols == ("clicks", "box+clicks", "scribble+clicks") and config.clicks == 10
 
 
@@ -294,6 +294,50 @@ def test_the_report_of_a_dataset_of_4d_images_replays_the_gallery_on_the_case_ch
     assert "already holds report.md, per_case.md of an earlier run: pass --overwrite" in capsys.readouterr().err
     assert main(["bench", "--from-json", str(out / "results.json"), "--out", str(out), "--overwrite"]) == 0
     assert (out / "gallery" / "four_best.png").is_file() and "gallery left out" not in (out / "report.md").read_text()
+
+
+def test_the_default_out_is_the_repositorys_docs_benchmarks_wherever_bench_runs(tmp_path, capsys, monkeypatch):
+    """Run from another folder, ``bench`` wrote (and checked for an earlier report) ``./docs/benchmarks``
+    there, leaving the repository's committed report stale without a word; ``--data`` is found from the
+    repository."""
+    from SegAssistLib.cli import main
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"format": "segassist-bench", "config": {"engines": ["growcut"], "cases": {}},
+                                   "records": [], "skipped": []}))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    committed = REPO_ROOT / "docs" / "benchmarks"
+    assert (committed / "report.md").is_file()  # so the default is refused without --overwrite, untouched
+    before = (committed / "report.md").read_bytes()
+    assert main(["bench", "--from-json", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {committed} already holds report.md" in err, err
+    assert not (tmp_path / "docs").exists() and (committed / "report.md").read_bytes() == before
+    bench_parser = bench.register(argparse.ArgumentParser(prog="segassist").add_subparsers())
+    help_text = " ".join(bench_parser.format_help().split())
+    assert "docs/benchmarks of the repository" in help_text
+
+
+def test_a_report_from_json_says_what_it_is_doing(tmp_path, capsys):
+    """``bench --from-json`` replayed the gallery sessions for about 50 s printing nothing but the last
+    line; each slow part (engines, plots, each gallery session) is now announced on stderr as it starts."""
+    from SegAssistLib.cli import main
+
+    folder = _synthetic(tmp_path / "balls", names=("a", "b", "c"))
+    out = tmp_path / "out"
+    argv = ["bench", str(folder), "--engines", "growcut", "--protocols", "clicks", "--clicks", "1", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["bench", "--from-json", str(out / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines() or [""]
+    assert lines[0] == (f"bench: 3 session(s) read from {out / 'results.json'}; loading the engines growcut to "
+                        "replay the gallery sessions"), lines  # fmt: skip
+    assert f"bench: writing the report to {tmp_path / 'again'}" in lines
+    assert "bench: summarising and plotting balls" in lines and any("latency" in line for line in lines)
+    replayed = [line for line in lines if line.startswith("bench: gallery: replaying balls ")]
+    assert len(replayed) == 3 and all(line.endswith("with growcut") for line in replayed), lines
+    assert captured.out == f"wrote {tmp_path / 'again' / 'report.md'}\n"
 
 
 def test_cases_given_win_over_the_quick_selection(tmp_path):

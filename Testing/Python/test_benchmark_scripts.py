@@ -464,3 +464,34 @@ def test_make_splits_check_passes_on_the_committed_file(shared_data: Path) -> No
     if missing:
         pytest.skip(f"{shared_data} lacks {', '.join(missing)}")
     assert make_splits.main(["--check", str(shared_data)]) == 0
+
+
+# --- bad input: one line, exit 2, as the segassist commands (SegAssistLib.cli.run_script) --------------------------
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("engine_latency", ["--data", "{tmp}/nowhere"], "--data {tmp}/nowhere: totalsegmentator_examples/imagesTr/"),
+        ("server_benchmark", ["--data", "{tmp}/nowhere"], "--data {tmp}/nowhere: totalsegmentator_examples/"),
+        ("engine_acceptance", ["--baselines-from", "{tmp}/none.json"], "--baselines-from {tmp}/none.json: cannot"),
+        ("engine_acceptance", ["--baselines-from", "{tmp}/bad.json"], "--baselines-from {tmp}/bad.json: cannot"),
+        ("first_click_spill", ["--model", "{tmp}/none.pt", "--out", "{tmp}/out/spill.json"],
+         "checkpoint not found: {tmp}/none.pt"),
+        ("training_throughput", ["--config", "{tmp}/none.json", "--out", "{tmp}/out/t.json"],
+         "cannot read the training config {tmp}/none.json"),
+    ],
+)
+def test_a_benchmark_script_refuses_bad_input_in_one_line(script: str, argv, message: str, tmp_path: Path) -> None:
+    """A missing --data, --model, --config or --baselines-from (or a damaged one) ended each of these scripts
+    in a traceback (exit 1); they now say it in one line and exit 2, before any work, writing nothing."""
+    import subprocess
+
+    (tmp_path / "bad.json").write_text("{not json")
+    given = [a.format(tmp=tmp_path) for a in argv]
+    if "--out" not in given:
+        given += ["--out", str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / f"{script}.py"), *given], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"{script}.py: error: {message.format(tmp=tmp_path)}"), done.stderr
+    assert not (tmp_path / "out").exists()
