@@ -218,6 +218,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-val-cases", type=int,
                    help="most submitted cases held back for validation, 1 to 200 (default 8; fewer: a shorter "
                    "validation, less reliable)")
+    p.add_argument("--max-case-memory-gib", type=float,
+                   help="most memory the job's loaded cases may hold, in GiB (default 6): beyond it the job trains "
+                   "on the most recently submitted cases that fit and says how many it left out")
     p.add_argument("--validate-every", type=int,
                    help="steps between progress validations (default 0: only before and after training)")
     p.add_argument("--min-improvement", type=float,
@@ -532,6 +535,8 @@ def _job_line(status: Dict[str, Any]) -> str:
     parts = [f"job {status.get('job_id')}: {status.get('state')}"]
     if status.get("phase"):
         parts.append(str(status["phase"]))
+    if status.get("progress"):
+        parts.append(str(status["progress"]))  # "loading case 3 of 40"
     if status.get("step") is not None:
         parts.append(f"step {status['step']}/{status.get('max_steps', '?')}")
     if status.get("loss_avg") is not None:
@@ -543,6 +548,8 @@ def _job_line(status: Dict[str, Any]) -> str:
     if status.get("elapsed_s") is not None:
         parts.append(f"{status['elapsed_s']:.0f}/{status.get('time_budget_s', 0):.0f} s")
     line = ", ".join(parts)
+    if status.get("memory_note"):
+        line += f"\n  {status['memory_note']}"
     if status.get("message"):
         line += f"\n  {status['message']}"
     if status.get("error"):
@@ -631,7 +638,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings: Dict[str, Any] = {"kind": args.kind}
     for name in ("rank", "lora_rank", "alpha", "learning_rate", "max_steps", "batch_size", "val_clicks",
-                 "max_val_cases", "validate_every", "min_improvement", "label_value", "threads", "seed", "device"):
+                 "max_val_cases", "max_case_memory_gib", "validate_every", "min_improvement", "label_value",
+                 "threads", "seed", "device"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value

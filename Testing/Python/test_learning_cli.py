@@ -544,3 +544,22 @@ def test_an_attached_train_with_json_prints_its_progress_on_stderr(monkeypatch, 
     assert json.loads(captured.out)["state"] == "done"
     assert "job j1: running, training, step 1/2" in captured.err and "step 2/2" in captured.err, captured.err
     assert "job j1: done, finished" in captured.err
+
+
+def test_the_memory_budget_reaches_the_job_from_the_command_line(store, capsys):
+    """``--max-case-memory-gib``: the job's bound on the cases it loads, settable where the job starts. A
+    budget smaller than the validation cases alone is refused by the job, naming the setting."""
+    store_root, ckpt = store
+    assert main(train_args(store_root, ckpt, *SHORT, "--max-case-memory-gib", "1e-9")) == 1
+    out, err = capsys.readouterr()
+    final = newest_status(store_root)
+    assert final["state"] == "failed" and "max_case_memory_gib (1e-09 GiB)" in final["error"], final
+    assert "max_case_memory_gib" in out + err
+
+
+def test_a_jobs_status_line_shows_its_loading_progress_and_the_cases_its_memory_left_out():
+    status = {"job_id": "j1", "state": "running", "phase": "loading", "progress": "loading case 3 of 40",
+              "memory_note": "12 training cases left out beyond max_case_memory_gib (6 GiB)"}
+    line = learn_cli._job_line(status)
+    assert line.splitlines()[0] == "job j1: running, loading, loading case 3 of 40"
+    assert "  12 training cases left out beyond max_case_memory_gib (6 GiB)" in line.splitlines()
