@@ -30,16 +30,17 @@ image in that order.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, non_negative_int
 from SegAssistLib.errors import SegAssistError
-from SegAssistLib.evaluation.cli import edge_band
+from SegAssistLib.evaluation.cli import edge_band, refine_depth
 from SegAssistLib.files import output_problem
 
 SEGMENTATION_SUFFIXES = (".seg.nrrd",)  # the rest of MASK_SUFFIXES are label maps
@@ -66,18 +67,24 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     local.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
     local.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     local.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads (0: torch's choice)")
-    local.add_argument("--refine-depth", type=int, default=None, choices=(1, 2, 3, 4),
-                       help="re-predict zoomed-out answers this many levels finer (default: the prompt log's, else 1)")
+    local.add_argument("--refine-depth", type=refine_depth, default=None, metavar="N",
+                       help="re-predict zoomed-out answers this many levels finer (default: the prompt log's, "
+                            "else 1)")
     local.add_argument("--edge-band", type=edge_band, default=None, metavar="B",
                        help="half-width in voxels of the band of each answer's surface snapped to the image's edges "
                             "(default: the prompt log's, else 2; 0: off)")
     remote = p.add_argument_group("remote server")
     remote.add_argument("--url", default="", help="SegAssist server URL with its scheme, for example https://host:8470")
-    remote.add_argument("--token", default=None, help=f"access token (default: ${TOKEN_VARIABLE})")
+    remote.add_argument("--token", default=None,
+                        help=f"access token (default: ${TOKEN_VARIABLE}); give it as --token=TOKEN when it starts "
+                             "with '-'")
     remote.add_argument("--send-images-to-remote", action="store_true",
                         help="consent to send the image to --url (required with --url)")
     remote.add_argument("--allow-insecure-http", action="store_true",
                         help="allow sending the token over plain http to a host that is not this computer")
+    remote.add_argument("--ca-bundle", type=Path, default=None, metavar="PATH",
+                        help="PEM file of the certificate authorities (or the self-signed certificate) an https "
+                             "--url is verified with (default: the system's)")
     p.set_defaults(func=run_segment)
     return p
 
@@ -93,22 +100,33 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.absolute() == b.absolute()
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Refuse before any work: an output that cannot be written, or would replace a file."""
-    outputs = [("--out", args.out)] + ([("--log", args.log)] if args.log is not None else [])
-    if args.log is not None and _same_file(args.log, args.out):
-        raise SegAssistError(f"--log and --out are the same file: {args.out}")
+def check_output_files(outputs: Sequence[Tuple[str, Path]], image: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output (``(flag, path)`` pairs, named by their flag) that cannot be
+    written (:func:`~SegAssistLib.files.output_problem`), that exists while ``overwrite`` is false, or
+    that is the image itself; and two outputs that are one file. Shared by ``segassist segment`` and
+    the Slicer batch script (``Resources/Examples/batch_segment.py``)."""
+    for (flag, path), (other_flag, other) in itertools.combinations(outputs, 2):
+        if _same_file(path, other):
+            raise SegAssistError(f"{other_flag} and {flag} are the same file: {path}")
     for flag, path in outputs:
         problem = output_problem(path)
         if problem:
             raise SegAssistError(f"{flag} {path}: {problem}")
-        if flag == "--out" and not is_mask_path(path):  # SimpleITK picks its writer by the suffix: .png was a slice
-            raise SegAssistError(f"--out {path}: write the result as {', '.join(MASK_SUFFIXES)} "
-                                 "(a label map, or a Slicer segmentation with .seg.nrrd)")
-        if path.exists() and not args.overwrite:
+        if path.exists() and not overwrite:
             raise SegAssistError(f"{flag} {path} exists: add --overwrite to replace it")
-        if _same_file(path, args.image):  # through '..' or a link: --overwrite replaced the scan
+        if _same_file(path, image):  # through '..' or a link: --overwrite replaced the scan
             raise SegAssistError(f"{flag} is the image itself: {path}")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse before any work: an --out SimpleITK would write in another format than a mask, an output
+    that cannot be written, or would replace a file (:func:`check_output_files`)."""
+    # SimpleITK picks its writer by the suffix (.png was a slice); a path that cannot be written says that first
+    if not is_mask_path(args.out) and not output_problem(args.out):
+        raise SegAssistError(f"--out {args.out}: write the result as {', '.join(MASK_SUFFIXES)} "
+                             "(a label map, or a Slicer segmentation with .seg.nrrd)")
+    outputs = [("--out", args.out)] + ([("--log", args.log)] if args.log is not None else [])
+    check_output_files(outputs, args.image, args.overwrite)
 
 
 def _remote_token(args: argparse.Namespace) -> Optional[str]:
@@ -117,8 +135,8 @@ def _remote_token(args: argparse.Namespace) -> Optional[str]:
     from SegAssistLib.client.http import is_loopback_host
 
     if not args.url:
-        if args.token is not None or args.send_images_to_remote or args.allow_insecure_http:
-            raise SegAssistError("--token, --send-images-to-remote and --allow-insecure-http need --url")
+        if args.token is not None or args.send_images_to_remote or args.allow_insecure_http or args.ca_bundle:
+            raise SegAssistError("--token, --send-images-to-remote, --allow-insecure-http and --ca-bundle need --url")
         return None
     if args.refine_depth is not None or args.edge_band is not None:
         raise SegAssistError("--refine-depth and --edge-band set the local model: a server answers with its own "
@@ -127,6 +145,7 @@ def _remote_token(args: argparse.Namespace) -> Optional[str]:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SegAssistError(f"--url {args.url}: give the server as http(s)://host:port, for example "
                              f"https://{parts.netloc or args.url.split('://')[-1]}")
+    _check_ca_bundle(args.ca_bundle, parts.scheme)
     if not args.send_images_to_remote:
         raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
     token = args.token if args.token is not None else os.environ.get(TOKEN_VARIABLE, "")
@@ -140,12 +159,37 @@ def _remote_token(args: argparse.Namespace) -> Optional[str]:
     return token
 
 
+def _check_ca_bundle(ca_bundle: Optional[Path], scheme: str) -> None:
+    """--ca-bundle names certificates to verify an https server with: refused for http, or when missing."""
+    if ca_bundle is None:
+        return
+    if scheme != "https":
+        raise SegAssistError("--ca-bundle verifies the certificate of an https:// --url: plain http has none")
+    if not ca_bundle.exists():  # requests takes a PEM file, or a folder of hashed certificates
+        raise SegAssistError(f"--ca-bundle {ca_bundle}: no such file")
+
+
+def _tls_hint(exc: SegAssistError, ca_bundle: Optional[Path]) -> Optional[SegAssistError]:
+    """When ``exc`` says the server's TLS certificate was not trusted: one line that says to give the
+    certificate (or its authority's) with --ca-bundle; None for any other error."""
+    from SegAssistLib.client.http import TLS_UNTRUSTED  # here: the command line starts without requests
+
+    if getattr(exc, "code", None) != TLS_UNTRUSTED:
+        return None
+    url, reason = exc.details.get("url"), exc.details.get("reason") or "not trusted"
+    if ca_bundle is not None:
+        return SegAssistError(f"the TLS certificate of {url} did not verify with --ca-bundle {ca_bundle} ({reason})")
+    return SegAssistError(f"the TLS certificate of {url} could not be verified ({reason}): give the server's "
+                          "certificate, or its certificate authority's, with --ca-bundle PATH")
+
+
 def _engine(args: argparse.Namespace, token: Optional[str]):
     if args.url:
         from SegAssistLib.client import SegAssistClient
 
+        verify = str(args.ca_bundle) if args.ca_bundle is not None else True
         try:
-            return SegAssistClient(args.url, token, allow_insecure_token=args.allow_insecure_http)
+            return SegAssistClient(args.url, token, verify=verify, allow_insecure_token=args.allow_insecure_http)
         except ValueError as exc:  # what _remote_token did not foresee: one line, not a traceback
             raise SegAssistError(f"--url {args.url}: {exc}") from exc
     from SegAssistLib.engine.builtin import load_default_engine
@@ -256,6 +300,11 @@ def run_segment(args: argparse.Namespace) -> int:
     try:
         settings = None if args.url else _replay_settings(args, engine, files, recorded)
         run = run_prompts(engine, volume, prompts, _progress, settings, flips=flips)
+    except SegAssistError as exc:
+        hint = _tls_hint(exc, args.ca_bundle)
+        if hint is None:
+            raise
+        raise hint from exc
     finally:
         close = getattr(engine, "close", None)
         if close is not None:

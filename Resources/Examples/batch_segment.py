@@ -25,6 +25,9 @@ The backend: by default a local one on this computer's CPU with the shipped mode
 server instead, and only with ``--send-images-to-remote`` (explicit consent); its token comes
 from ``--token`` or the environment variable ``SEGASSIST_REMOTE_TOKEN``.
 
+An existing ``--out`` is replaced only with ``--overwrite``, and never when it is the image itself
+(checked before the image is read).
+
 The same script runs in any Python with slicer-core (``pip install slicer-core``): then it uses a
 scene of its own. Exit status: 0 on success, 1 on an error (the message says why; an unexpected
 one prints its traceback), 2 on bad usage.
@@ -55,6 +58,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--image", required=True, type=Path, help="image file (NRRD, NIfTI, MHA, ...)")
     p.add_argument("--prompts", required=True, type=Path, action="append", help="SegAssist JSON or .mrk.json")
     p.add_argument("--out", required=True, type=Path, help="result .seg.nrrd")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (never the image)")
     p.add_argument("--segment-name", default="SegAssist", help="name of the segment (default SegAssist)")
     local = p.add_argument_group("local backend (default)")
     local.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
@@ -69,7 +73,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     )
     remote = p.add_argument_group("remote backend")
     remote.add_argument("--url", default="", help="SegAssist server URL, for example https://host:8470")
-    remote.add_argument("--token", default=os.environ.get("SEGASSIST_REMOTE_TOKEN", ""), help="access token")
+    remote.add_argument("--token", default=os.environ.get("SEGASSIST_REMOTE_TOKEN", ""),
+                        help="access token (give it as --token=TOKEN when it starts with '-')")
     remote.add_argument(
         "--send-images-to-remote", action="store_true", help="consent to send the image to --url (required)"
     )
@@ -119,10 +124,13 @@ def run(args: argparse.Namespace, scene, markups_logic):
     """Load, segment, save; returns the SegmentationResult. Raises SegAssistError with the reason."""
     from SegAssistLib.errors import SegAssistError
     from SegAssistLib.headless import distinct_settings, model_note, replay_order, settings_notes
+    from SegAssistLib.segment_cli import check_output_files
     from SegAssistLib.slicer import segments, volumes
     from SegAssistLib.slicer.backend import BackendManager
     from SegAssistLib.slicer.logic import load_prompt_files, recorded_settings, segment_volume
 
+    # as segassist segment: an existing --out only with --overwrite, never the image itself
+    check_output_files([("--out", args.out)], args.image, args.overwrite)
     if args.url and not args.send_images_to_remote:
         raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
     volume_node = volumes.load_volume_file(scene, args.image)

@@ -385,3 +385,43 @@ def test_a_server_answering_with_other_settings_than_the_log_is_named_in_a_warni
         assert _segment(image, "--prompts", tmp_path / "log.json", "--out", tmp_path / "x.nii.gz", flag, 1,
                         *remote) == 2
         assert "--refine-depth and --edge-band set the local model" in capsys.readouterr().err
+
+
+def test_refine_depth_takes_the_engines_range_in_every_command(tmp_path, capsys, server_checkpoint, shipped_checkpoint):
+    """segment and serve took 1-4 (argparse choices), eval and the engine 1-16: a log recorded at depth 5
+    replayed in the library but `segment --refine-depth 5` refused it. One limit now, the engine's."""
+    from SegAssistLib.cli import build_parser
+    from SegAssistLib.prompt_log import MAX_REFINE_DEPTH
+    from SegAssistLib.server.cli import settings_from_args
+
+    parser = build_parser()
+    commands = {"segment": ["segment", "img.nii.gz", "--prompts", "p.json", "--out", "o.nii.gz"], "serve": ["serve"],
+                "eval": ["eval", "data", "--json", "r.json"]}
+    for name, argv in commands.items():
+        assert parser.parse_args([*argv, "--refine-depth", "5"]).refine_depth == 5, name
+        assert parser.parse_args([*argv, "--refine-depth", str(MAX_REFINE_DEPTH)]).refine_depth == MAX_REFINE_DEPTH
+        for refused in (str(MAX_REFINE_DEPTH + 1), "0"):
+            with pytest.raises(SystemExit):
+                parser.parse_args([*argv, "--refine-depth", refused])
+            assert "argument --refine-depth: must be" in capsys.readouterr().err, name
+    serve = parser.parse_args(["serve", "--refine-depth", str(MAX_REFINE_DEPTH), "--model", str(server_checkpoint)])
+    assert settings_from_args(serve).refine_depth == MAX_REFINE_DEPTH  # the server's settings take it too
+
+    out = tmp_path / "depth5.nii.gz"  # and the engine answers at that depth
+    assert _segment(SAMPLE, "--prompts", SAMPLE_PROMPTS, "--out", out, "--refine-depth", 5, "--threads", 1) == 0
+    assert _voxels(out).any()
+
+
+def test_ca_bundle_is_checked_before_the_image_is_read(tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    cases = [
+        (["--ca-bundle", SAMPLE], "--ca-bundle need --url"),
+        (["--url", "http://127.0.0.1:9", "--send-images-to-remote", "--ca-bundle", SAMPLE], "plain http has none"),
+        (["--url", "https://127.0.0.1:9", "--send-images-to-remote", "--ca-bundle", tmp_path / "none.pem"],
+         "none.pem: no such file"),
+    ]
+    for extra, message in cases:
+        assert _segment(tmp_path / "not-read.nii.gz", "--prompts", SAMPLE_PROMPTS, "--out", out, *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)
+    assert not out.exists()

@@ -131,7 +131,7 @@ def test_the_batch_example_replays_a_log_in_process_with_its_settings(recorded, 
     # a second log recorded with other settings: no one setting replays both, refused before any model loads
     other = tmp_path / "other_log.json"
     log.model_copy(update={"engine": log.engine.model_copy(update={"edge_band": 3.0})}).save(other)
-    assert example.main([*args, "--prompts", str(other), "--in-process"]) == 1
+    assert example.main([*args, "--prompts", str(other), "--in-process", "--overwrite"]) == 1  # out: the run above's
     assert "were recorded with different engine settings (edge_band 0.0 vs 3.0)" in capsys.readouterr().err
     assert example.main([*args, "--in-process", "--url", "https://example.org"]) == 2
     assert "not with --url" in capsys.readouterr().err
