@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -230,28 +230,104 @@ def _batch_inputs(samples: Sequence[Sample]) -> torch.Tensor:
 STATE_KEYS = ("model", "optimizer", "step", "elapsed")
 
 
+#: what ends a run as Ctrl-C does (``timeout``, ``kill``, a batch system ending the job, a closed terminal
+#: or SSH session): the state is saved first (see :meth:`Trainer.run`)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while a run trains: handled as Ctrl-C is (``signum``: which)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _restore(previous: Dict[int, Any]) -> None:
+    """Put back the handlers ``signal.signal`` returned (None: one set outside Python, the default)."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _deliver(handler: Any, signum: int, frame: Any) -> None:
+    """A signal held back, given to the handler that was set for it: a Python handler is called; by
+    default Ctrl-C raises KeyboardInterrupt and another signal ends the process as it would have."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:  # SIG_DFL, or None (not set in Python): the default
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.raise_signal(signum)  # its handler is back: the default action
+
+
 @contextlib.contextmanager
-def _ctrl_c_deferred():
-    """A Ctrl-C that arrives inside is raised when it ends: an optimiser step and the step count
-    that goes with it happen together or not at all (outside the main thread: nothing deferred)."""
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM or SIGHUP arriving inside is given to its handler when it ends: an optimiser step
+    and the step count that goes with it happen together or not at all (outside the main thread:
+    nothing deferred)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     arrived: List[Tuple[int, object]] = []
+    previous: Dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: arrived.append((signum, frame)))
+        for sig in (signal.SIGINT, *STOP_SIGNALS):
+            previous[sig] = signal.signal(sig, lambda signum, frame: arrived.append((signum, frame)))
     except (ValueError, OSError):  # no signals here (an embedded interpreter)
+        _restore(previous)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)  # None: not set in Python
+        _restore(previous)
         if arrived:
-            if callable(previous):
-                previous(*arrived[0])
-            elif previous != signal.SIG_IGN:
-                raise KeyboardInterrupt
+            _deliver(previous[arrived[0][0]], *arrived[0])
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP raise :class:`Stopped` (a KeyboardInterrupt), so that a run saves its
+    state as on Ctrl-C; one set to be ignored (``nohup``) stays ignored. On the way out the previous
+    handlers come back and the signal that stopped the run is given to its previous handler: by default
+    the process then ends by it (exit status 128 + its number in a shell: 143, 129), once what was
+    inside has cleaned up. Outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous: Dict[int, Any] = {}
+    try:
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, stop)
+    except (ValueError, OSError):  # no signals here (an embedded interpreter)
+        _restore(previous)
+        previous = {}
+    try:
+        yield
+    except Stopped as exc:
+        _restore(previous)
+        _deliver(previous.get(exc.signum), exc.signum, None)
+        raise  # a handler of the caller's took it: the run still ended early
+    finally:
+        _restore(previous)
+
+
+def _say(text: str) -> None:
+    """A line that must not stop what follows: after SIGHUP (the terminal closed) writing may fail."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, flush=True)
 
 
 def read_training_state(path: Path) -> dict:
@@ -360,9 +436,14 @@ class Trainer:
         return list(self.pool.map(_correction_job, jobs))
 
     def close(self) -> None:
+        """Stop the helper processes, the correction pool's and the loader's (a loader process outliving
+        this one waits on its queue for good); calling it again does nothing."""
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+        shutdown = getattr(self.stream, "_shutdown_workers", None)  # torch's iterator of loader processes
+        if shutdown is not None:
+            shutdown()
 
     def _lr(self) -> float:
         """This step's rate: a cosine over ``max_steps``, or over the time budget once that is
@@ -410,14 +491,14 @@ class Trainer:
         loss = self.loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):  # one step of NaN gradients would make the weights NaN for good
-            with _ctrl_c_deferred():
+            with _signals_deferred():
                 self.skipped_steps += 1
                 self._step_done(t0)
             print(f"step {self.step}: loss {float(loss.detach())}, not finite: step skipped "
                   f"({self.skipped_steps} so far)", flush=True)
             return {"loss": float("nan"), "dice": float("nan"), "rounds": rounds, "skipped": True}
         loss.backward()
-        with _ctrl_c_deferred():
+        with _signals_deferred():
             self.opt.step()
             self._step_done(t0)
         with torch.no_grad():
@@ -449,39 +530,47 @@ class Trainer:
         save_checkpoint(self.out / "model.pt", self.net, self.net_cfg, meta)
 
     def run(self) -> None:
-        """Train until the budget or ``max_steps``; a Ctrl-C saves the state of the last finished step
-        (as the periodic checkpoint does), says how to resume, and is raised again (exit 130)."""
-        log = (self.out / "log.jsonl").open("a")
-        try:
+        """Train until the budget or ``max_steps``. Ctrl-C, SIGTERM or SIGHUP (``timeout``, ``kill``, a batch
+        system, a closed terminal) save the state of the last finished step (as the periodic checkpoint
+        does) and say how to resume; then the loader's and the pool's processes are stopped and the
+        interrupt goes on (Ctrl-C: KeyboardInterrupt, exit 130; SIGTERM, SIGHUP: to the handler set
+        before, by default the process ends by that signal, 143 or 129)."""
+        with _stop_signals_interrupt():  # the signal goes on once the helper processes are stopped
             try:
-                self._train(log)
-            except KeyboardInterrupt:
-                self._save_interrupted()
+                self._train_and_save()
+            except BaseException:  # Ctrl-C, a signal, a failure: what ended the run is told, not a failed stop
+                with contextlib.suppress(Exception):
+                    self.close()
                 raise
-        finally:
-            log.close()
-        self.save(final=True)
-        self.close()
+            self.close()
         skipped = f" ({self.skipped_steps} skipped: loss not finite)" if self.skipped_steps else ""
         print(f"done: {self.step} steps{skipped} in {self.elapsed:.0f} s -> {self.out / 'model.pt'}", flush=True)
 
-    def _save_interrupted(self) -> None:
-        """After a Ctrl-C: the state of the last finished step, saved as the periodic checkpoint saves it
-        (the step under way is dropped), and the --resume that continues it."""
-        try:
-            if self.step == 0:
-                print("interrupted before the first step: nothing to save", flush=True)
-                return
+    def _train_and_save(self) -> None:
+        """The run's steps, then its final save; an interrupted run saves its last finished step."""
+        with (self.out / "log.jsonl").open("a") as log:
             try:
-                self.save()
-            except KeyboardInterrupt:  # asked again: the previous state.pt stays whole (written atomically)
-                print("interrupted again while saving: the previous checkpoint, if any, is kept", flush=True)
-                return
-            print(f"interrupted at step {self.step}: saved {self.out / 'state.pt'}; continue with "
-                  f"--resume {self.out / 'state.pt'}", flush=True)
-        finally:
-            with contextlib.suppress(Exception):
-                self.close()
+                self._train(log)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or Stopped
+                self._save_interrupted(exc)
+                raise
+        self.save(final=True)
+
+    def _save_interrupted(self, interrupt: KeyboardInterrupt) -> None:
+        """After Ctrl-C, SIGTERM or SIGHUP: the state of the last finished step, saved as the periodic
+        checkpoint saves it (the step under way is dropped), and the --resume that continues it. Its lines
+        never stop it: after SIGHUP the terminal may be gone."""
+        why = f"stopped by {signal_name(interrupt.signum)}" if isinstance(interrupt, Stopped) else "interrupted"
+        if self.step == 0:
+            _say(f"{why} before the first step: nothing to save")
+            return
+        try:
+            self.save()
+        except KeyboardInterrupt:  # asked again: the previous state.pt stays whole (written atomically)
+            _say(f"{why} again while saving: the previous checkpoint, if any, is kept")
+            return
+        state = self.out / "state.pt"
+        _say(f"{why} at step {self.step}: saved {state}; continue with --resume {state}")
 
     def _train(self, log) -> None:
         """The steps, with the periodic checkpoints and the log lines."""

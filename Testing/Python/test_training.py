@@ -1,7 +1,9 @@
 """The training script: synthetic data, simulated interactions, checkpoints, resume."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -409,6 +411,76 @@ def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
     config.write_text(json.dumps(cfg))
     assert main(["train", "--out", str(out), "--config", str(config), "--resume", str(resume)]) == 0
     assert torch.load(resume, weights_only=True)["step"] == step + 1
+
+
+def _children(pid: int) -> list:
+    """The processes whose parent is ``pid`` (Linux: /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            pass
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the loader process through /proc")
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_save_the_state_like_ctrl_c_and_leave_no_loader_process(tmp_path, signame):
+    """`timeout`, a batch system, systemd or a closed SSH session end a run with SIGTERM or SIGHUP: the
+    process died at once, saved nothing (up to checkpoint_minutes of work lost), and its loader process,
+    blocked on a queue nobody read, ran on for good. Patches of 32 voxels: a batch is more than a pipe holds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    signum = getattr(signal, signame)
+    cfg = {"data_root": "", "network": {"channels": [4, 8], "strides": [2], "patch_size": 32}, "batch_size": 1,
+           "minutes": 5, "max_steps": 100000, "loader_workers": 1, "max_correction_rounds": 0}
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+
+    def default_signals() -> None:  # as from a shell: not whatever ignore or mask the test runner passes down
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        signal.signal(signum, signal.SIG_DFL)
+
+    process = subprocess.Popen([sys.executable, "-m", "SegAssistLib.cli", "train", "--out", str(out), "--config",
+                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_signals, start_new_session=True)  # fmt: skip
+    loaders = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in process.stdout:  # the first log line: 25 steps done, none saved yet
+            if line.startswith('{"step": 25'):
+                break
+            assert time.monotonic() < deadline, "no training step in 120 s"
+        loaders = _children(process.pid)
+        assert loaders and not (out / "state.pt").exists()
+        process.send_signal(signum)  # to the training process alone, as kill does
+        stdout, stderr = process.communicate(timeout=60)  # a loader left behind holds the pipes open
+    finally:
+        for pid in [process.pid, *loaders]:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert process.returncode == -signum, stderr[-2000:]  # ended by the signal, once saved: 128 + n in a shell
+    assert "Traceback" not in stderr, stderr[-2000:]
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert step >= 25 and load_checkpoint(out / "model.pt").meta["steps"] == step
+    resume = out / "state.pt"
+    hint = rf"stopped by {signame} at step {step}: saved .*; continue with --resume {re.escape(str(resume))}$"
+    assert re.search(hint, stdout.strip()), stdout[-1000:]
+    assert not [pid for pid in loaders if _running(pid)]
 
 
 def test_a_config_holding_a_path_saves_a_run_that_loads_and_one_holding_objects_is_refused_at_once(tmp_path):
