@@ -30,7 +30,13 @@ TOKEN_USER_ENV = "SEGASSIST_TOKEN_USER"
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    """32 random bytes as URL-safe text, never starting with ``-``: a command line would read such a
+    token as an option (``--token -umAS...`` fails), so such a draw (one in 64) is drawn again; the
+    token keeps more than 255 bits of randomness."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def hash_token(token: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import ssl
@@ -13,7 +14,7 @@ from typing import List, Optional
 
 from SegAssistLib.cli_types import positive_int
 from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
-from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band
+from SegAssistLib.evaluation.cli import EDGE_BAND_HELP, edge_band, refine_depth
 from SegAssistLib.files import output_problem
 from SegAssistLib.server.auth import env_token_entry, issue_token, parse_token_file
 from SegAssistLib.server.settings import (
@@ -43,7 +44,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="checkpoint file (default: the bundled model)")
     p.add_argument("--device", default="cpu", help="device(s), comma-separated (cpu, cuda:0,cuda:1): one worker each")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--refine-depth", type=int, default=1, choices=(1, 2, 3, 4),
+    p.add_argument("--refine-depth", type=refine_depth, default=1, metavar="N",
                    help="re-predict zoomed-out answers this many levels finer (default 1; 2 sharpens large "
                         "structures at about twice the latency of such clicks)")
     p.add_argument("--edge-band", type=edge_band, default=DEFAULT_EDGE_BAND, metavar="B",
@@ -180,6 +181,36 @@ def check_paths(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {path}: {problem}")
 
 
+def missing_extras() -> Optional[str]:
+    """What ``serve`` needs that this install lacks, as one message naming every extra that brings it
+    (``pip install 'segassist[engine,server]'``), so that one install fixes it; None: nothing missing."""
+    from SegAssistLib.cli import EXTRA_OF
+
+    needed = {name: extra for name, extra in EXTRA_OF.items() if extra in ("engine", "server")}
+    missing = [name for name in needed if not _installed(name)]
+    if not missing:
+        return None
+    extras = ",".join(sorted({needed[name] for name in missing}))
+    return f"this command needs {', '.join(missing)}, which this install lacks: pip install 'segassist[{extras}]'"
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be found (not imported: torch takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a module without a spec
+        return False
+
+
+def check_model(model: Optional[Path]) -> None:
+    """Load the model the workers will load (None: the bundled one) once, on the CPU, before the port is
+    bound: a file that is not a checkpoint it can run is a one-line error (a
+    :class:`~SegAssistLib.errors.ModelError`), not a traceback of the failed start."""
+    from SegAssistLib.engine.builtin import load_default_engine
+
+    load_default_engine(model)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.issue_token is not None:
@@ -202,13 +233,17 @@ def run_serve(args: argparse.Namespace) -> int:
         check_exposure(settings)
     except (ValueError, OSError) as exc:
         return _fail(_one_line(exc))
+    missing = missing_extras()
+    if missing:
+        return _fail(missing)
     from SegAssistLib.engine.network import torch_device
-    from SegAssistLib.errors import DeviceError
+    from SegAssistLib.errors import SegAssistError
 
     try:
         for device in settings.devices:
             torch_device(device)
-    except DeviceError as exc:
+        check_model(settings.model)
+    except SegAssistError as exc:  # an unknown device, a file that is not a checkpoint
         return _fail(exc)
     if args.threads:
         import torch
@@ -221,8 +256,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         sock = bind_socket(settings.host, settings.port)
     except OSError as exc:
-        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {exc}")
     port = sock.getsockname()[1]
     server = uvicorn_server(
         create_app(settings),

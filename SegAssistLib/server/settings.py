@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from SegAssistLib.api_models import LimitsInfo
 from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
+from SegAssistLib.prompt_log import MAX_REFINE_DEPTH
 
 LOOPBACK_NAMES = ("localhost",)
 #: Open connections (and requests in progress) above which uvicorn answers new requests 503 rather than
@@ -65,7 +66,9 @@ class ServerSettings(BaseModel):
     port: int = Field(8470, ge=0, le=65535)
     model: Optional[Path] = Field(None, description="checkpoint; None: the bundled default model")
     devices: Tuple[str, ...] = ("cpu",)
-    refine_depth: int = Field(1, ge=1, le=4, description="zoom levels finer than a zoomed-out answer it is refined at")
+    refine_depth: int = Field(
+        1, ge=1, le=MAX_REFINE_DEPTH, description="zoom levels finer than a zoomed-out answer it is refined at"
+    )
     edge_band: float = Field(
         DEFAULT_EDGE_BAND, ge=0, le=10, description="edge snap band in voxels (0: off; otherwise at least 1)"
     )

@@ -82,6 +82,19 @@ def test_verifier_finds_the_user_of_a_token():
     assert not TokenVerifier([]).enabled
 
 
+def test_issued_tokens_never_start_with_a_dash_so_that_token_TOKEN_is_one_argument(tmp_path):
+    """One token in 64 started with '-' (``-umASnB5...``): ``segassist segment --token TOKEN`` then read it
+    as an option. 2,000 draws hold one starting with '-' but with a chance of 1 in 10^13."""
+    tokens = [new_token() for _ in range(2000)]
+    assert not [t for t in tokens if t.startswith("-")]
+    assert len(set(tokens)) == len(tokens) and {len(t) for t in tokens} == {43}  # still 256 random bits
+    assert any("-" in t for t in tokens)  # the alphabet is unchanged: a dash elsewhere is fine
+    path = tmp_path / "tokens.txt"
+    issued = [issue_token(path, f"user{n}") for n in range(200)]
+    assert not [t for t in issued if t.startswith("-")]
+    assert [h for _, h in parse_token_file(path)] == [hash_token(t) for t in issued]
+
+
 def test_token_from_the_environment():
     assert env_token_entry({}) is None
     assert env_token_entry({"SEGASSIST_TOKEN": "x" * 20}) == ("local", hash_token("x" * 20))
