@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -90,6 +91,28 @@ _CONNECTION_LOST = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
+
+#: the code of the BackendUnavailableError of a server whose TLS certificate could not be verified
+#: (its ``details``: ``url`` and ``reason``); never a server code
+TLS_UNTRUSTED = "tls_untrusted"
+
+
+def _certificate_failure(exc: BaseException) -> Optional[ssl.SSLCertVerificationError]:
+    """The verification failure of the server's certificate behind ``exc`` (requests wraps urllib3's
+    error, which wraps ssl's), if that is why the request failed."""
+    pending: List[BaseException] = [exc]
+    seen = set()
+    while pending:
+        error = pending.pop()
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return error
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        linked = (*error.args, getattr(error, "reason", None), error.__cause__, error.__context__)
+        pending.extend(x for x in linked if isinstance(x, BaseException))
+    return None
+
 
 # the code of an error reply not in SegAssist's shape (a proxy's or a gateway's page); never a server code
 _NOT_SEGASSIST = "http_error"
@@ -268,6 +291,9 @@ class HttpClient:
                     f"({self._read_timeout(timeout)} s); the server may be busy"
                 ) from exc
             except _CONNECTION_LOST as exc:
+                failure = _certificate_failure(exc)
+                if failure is not None:  # not retried: the same certificate comes back
+                    raise self._untrusted(failure) from exc
                 self.close()  # drop pooled connections: the server may have restarted
                 last = BackendUnavailableError(f"cannot reach the SegAssist backend at {self.base_url}: {exc}")
                 continue
@@ -288,6 +314,17 @@ class HttpClient:
             raise error
         assert last is not None
         raise last
+
+    def _untrusted(self, failure: ssl.SSLCertVerificationError) -> BackendUnavailableError:
+        """The error of a server certificate that did not verify: one line that says what to pass."""
+        reason = failure.verify_message or failure.reason or str(failure)
+        where = f"the CA bundle {self._verify}" if isinstance(self._verify, str) else "the system's certificates"
+        return BackendUnavailableError(
+            f"the TLS certificate of {self.base_url} could not be verified against {where} ({reason}): pass "
+            "the server's certificate, or its certificate authority's, as verify=PATH",
+            code=TLS_UNTRUSTED,
+            details={"url": self.base_url, "reason": reason},
+        )
 
     def _pair(self, timeout: Optional[Timeout] = None) -> Tuple[Optional[float], Optional[float]]:
         """(connect, read) seconds of ``timeout``, else of the client's default (None: no limit)."""

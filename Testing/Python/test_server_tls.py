@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from test_server_fixtures import TOKENS
@@ -43,3 +44,58 @@ def test_tls_served_directly(server_factory, certificate, blob_volume):
     plain = server.url.replace("https://", "http://")
     with SegAssistClient(plain, TOKENS["alice"], retries=0) as client, pytest.raises(BackendUnavailableError):
         client.health()
+
+
+def test_segment_reaches_a_self_signed_server_with_ca_bundle_and_says_so_without(
+    server_factory, certificate, tmp_path, capsys, monkeypatch
+):
+    """README's GPU recipe serves a self-signed certificate: `segment --url https://...` could not reach it
+    (a raw urllib3 text after three tries) and had no option for it. --ca-bundle passes the certificate."""
+    import json
+
+    import SimpleITK as sitk
+    from test_server_fixtures import make_volume
+
+    from SegAssistLib.cli import main
+    from SegAssistLib.io import volume_to_sitk
+
+    cert, key = certificate
+    server = server_factory.start(tls=(cert, key))
+    image, prompts = tmp_path / "blob.nii.gz", tmp_path / "prompts.json"
+    sitk.WriteImage(volume_to_sitk(make_volume()), str(image))
+    prompts.write_text(json.dumps([PointPrompt(position=(24.0, 20.0, 12.0)).model_dump(mode="json")]))
+    monkeypatch.setenv("SEGASSIST_REMOTE_TOKEN", TOKENS["alice"])
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+
+    def segment(out, *extra) -> int:
+        return main(["segment", str(image), "--prompts", str(prompts), "--out", str(out), "--url", server.url,
+                     "--send-images-to-remote", *map(str, extra)])  # fmt: skip
+
+    assert segment(tmp_path / "refused.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the TLS certificate of {server.url} could not be verified" in err, err
+    assert "--ca-bundle PATH" in err and "Max retries" not in err and "HTTPSConnectionPool" not in err, err
+    assert not (tmp_path / "refused.nii.gz").exists()
+
+    assert segment(tmp_path / "trusted.nii.gz", "--ca-bundle", cert) == 0, capsys.readouterr().err
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "trusted.nii.gz"))).any()
+
+    other = tmp_path / "other.pem"  # a bundle that does not hold the server's certificate
+    other.write_text(Path(certifi_bundle()).read_text())
+    assert segment(tmp_path / "other.nii.gz", "--ca-bundle", other) == 2
+    err = capsys.readouterr().err
+    assert f"did not verify with --ca-bundle {other}" in err and err.count("\n") == 1, err
+
+    # the Python client: one typed error naming verify=, at once (the same certificate would come back)
+    from SegAssistLib.client.http import TLS_UNTRUSTED
+
+    with SegAssistClient(server.url, TOKENS["alice"]) as untrusting, pytest.raises(BackendUnavailableError) as raised:
+        untrusting.health()
+    assert raised.value.code == TLS_UNTRUSTED and "verify=PATH" in str(raised.value)
+    assert raised.value.details["url"] == server.url and "self-signed" in raised.value.details["reason"]
+
+
+def certifi_bundle() -> str:
+    certifi = pytest.importorskip("certifi")  # requests' own dependency
+    return certifi.where()
