@@ -161,13 +161,19 @@ jobs._exit_now(jobs.main(args))
 '''
 
 
-def run_with_watchdog(tmp_path: Path, setup, monkeypatch, scenario: str):
-    store_root, ckpt = setup
-    injector = tmp_path / "worker_inject.py"
-    injector.write_text(INJECTOR)
+def python_running(tmp_path: Path, name: str, script: str) -> Path:
+    """A stand-in for the worker's python: runs ``script`` (saved as ``name``) with the worker's arguments."""
+    injector = tmp_path / name
+    injector.write_text(script)
     wrapper = tmp_path / "python"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{injector}" "$@"\n')
     wrapper.chmod(0o755)
+    return wrapper
+
+
+def run_with_watchdog(tmp_path: Path, setup, monkeypatch, scenario: str):
+    store_root, ckpt = setup
+    wrapper = python_running(tmp_path, "worker_inject.py", INJECTOR)
     monkeypatch.setenv("SEGASSIST_TEST_WATCHDOG", scenario)
     job = start_training(store_root, ckpt, quick(), python=str(wrapper))
     try:
@@ -257,11 +263,7 @@ def test_a_job_that_fails_after_recording_its_version_is_done_with_it(tmp_path, 
     write failed after it registered and promoted v1 read "failed" while v1 served. Like the watchdog,
     it now ends "done" with its version, and says what failed after."""
     store_root, ckpt = setup
-    injector = tmp_path / "worker_fail.py"
-    injector.write_text(FAILING_FINISH)
-    wrapper = tmp_path / "python"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{injector}" "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper = python_running(tmp_path, "worker_fail.py", FAILING_FINISH)
     job = start_training(store_root, ckpt, quick(), python=str(wrapper))
     try:
         final = job.wait(timeout=120)

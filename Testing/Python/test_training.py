@@ -3,6 +3,10 @@
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -369,31 +373,40 @@ def test_resuming_with_a_config_takes_its_weight_decay_not_the_states(tmp_path):
     assert [g["weight_decay"] for g in resumed.opt.param_groups] == [0.5]
 
 
+def _start_training_until_step_25(config: Path, out: Path, signum: int, **popen) -> subprocess.Popen:
+    """``segassist train`` in a process that takes ``signum`` as from a shell (not whatever ignore or mask
+    the test runner passes down), read until its first log line (25 steps done, none saved yet)."""
+
+    def default_signal() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+        signal.signal(signum, signal.SIG_DFL)
+
+    process = subprocess.Popen([sys.executable, "-m", "SegAssistLib.cli", "train", "--out", str(out), "--config",
+                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_signal, **popen)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        for line in process.stdout:
+            if line.startswith('{"step": 25'):
+                return process
+            assert time.monotonic() < deadline, "no training step in 120 s"
+        raise AssertionError("the run ended before its first log line")
+    except BaseException:
+        process.kill()
+        raise
+
+
 def test_ctrl_c_saves_the_state_and_says_how_to_resume(tmp_path):
     """Ctrl-C exited 130 but saved nothing: the work since the last checkpoint (every 5 minutes) was lost."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     cfg = {"data_root": "", "network": {"channels": [4, 8], "strides": [2], "patch_size": 24}, "batch_size": 1,
            "minutes": 5, "max_steps": 100000, "loader_workers": 0, "max_correction_rounds": 0}
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(cfg))
     out = tmp_path / "run"
-    def ctrl_c_as_in_a_terminal() -> None:  # not whatever ignore or mask the test runner passes down
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    process = subprocess.Popen([sys.executable, "-m", "SegAssistLib.cli", "train", "--out", str(out), "--config",
-                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=ctrl_c_as_in_a_terminal)  # fmt: skip
+    process = _start_training_until_step_25(config, out, signal.SIGINT)
     try:
-        deadline = time.monotonic() + 120
-        for line in process.stdout:  # the first log line: 25 steps done, none saved yet
-            if line.startswith('{"step": 25'):
-                break
-            assert time.monotonic() < deadline, "no training step in 120 s"
         assert not (out / "state.pt").exists()
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)  # a loaded 2-core CI machine: saving is not instant
@@ -440,9 +453,6 @@ def test_sigterm_and_sighup_save_the_state_like_ctrl_c_and_leave_no_loader_proce
     process died at once, saved nothing (up to checkpoint_minutes of work lost), and its loader process,
     blocked on a queue nobody read, ran on for good. Patches of 32 voxels: a batch is more than a pipe holds."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     signum = getattr(signal, signame)
     cfg = {"data_root": "", "network": {"channels": [4, 8], "strides": [2], "patch_size": 32}, "batch_size": 1,
@@ -450,21 +460,9 @@ def test_sigterm_and_sighup_save_the_state_like_ctrl_c_and_leave_no_loader_proce
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(cfg))
     out = tmp_path / "run"
-
-    def default_signals() -> None:  # as from a shell: not whatever ignore or mask the test runner passes down
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
-        signal.signal(signum, signal.SIG_DFL)
-
-    process = subprocess.Popen([sys.executable, "-m", "SegAssistLib.cli", "train", "--out", str(out), "--config",
-                                str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=default_signals, start_new_session=True)  # fmt: skip
+    process = _start_training_until_step_25(config, out, signum, start_new_session=True)
     loaders = []
     try:
-        deadline = time.monotonic() + 120
-        for line in process.stdout:  # the first log line: 25 steps done, none saved yet
-            if line.startswith('{"step": 25'):
-                break
-            assert time.monotonic() < deadline, "no training step in 120 s"
         loaders = _children(process.pid)
         assert loaders and not (out / "state.pt").exists()
         process.send_signal(signum)  # to the training process alone, as kill does
