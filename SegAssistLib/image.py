@@ -197,6 +197,12 @@ def geometry_difference(a: Volume, b: Volume, tolerance: float = 1e-3) -> Option
 
 
 _ALLOWED_KINDS = "iuf"
+#: mm: the finest and coarsest voxel spacing taken as millimetres. Finer is a file whose spacing is in
+#: metres (0.0005 for 0.5 mm), or corrupt: the engine's windows (millimetres wide, in voxels) grew
+#: past any integer (a raw OverflowError at 1e-30)
+MIN_SPACING_MM = 1e-3
+#: mm: ten metres a voxel is no medical image either (a spacing in micrometres?)
+MAX_SPACING_MM = 1e4
 ORTHONORMAL_TOLERANCE = 1e-3  # |D^T D - I|: float32 storage (NIfTI quaternions) stays far below
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -204,6 +210,22 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 def _fits_float32(values: np.ndarray) -> bool:
     """Finite, and still finite once stored as float32 (NIfTI's spacing and origin)."""
     return bool(np.all(np.isfinite(values)) and np.all(np.abs(values) <= _FLOAT32_MAX))
+
+
+def _check_spacing_is_millimetres(spacing: np.ndarray) -> None:
+    """Refuse a spacing outside :data:`MIN_SPACING_MM` .. :data:`MAX_SPACING_MM`, saying what it may be."""
+    shown = [float(f"{x:.6g}") for x in spacing]
+    if np.any(spacing < MIN_SPACING_MM):
+        raise ImageError(
+            f"image spacing {shown} is implausibly fine: below {MIN_SPACING_MM:g} mm per voxel. SegAssist reads "
+            "spacing in millimetres; is it in metres (0.0005 for 0.5 mm)? Fix the file's spacing (or its units) "
+            "first"
+        )
+    if np.any(spacing > MAX_SPACING_MM):
+        raise ImageError(
+            f"image spacing {shown} is implausibly coarse: above {MAX_SPACING_MM:g} mm per voxel. SegAssist reads "
+            "spacing in millimetres; is it in micrometres? Fix the file's spacing (or its units) first"
+        )
 
 
 def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None:
@@ -233,6 +255,7 @@ def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None
     sp = np.asarray(volume.spacing, dtype=float)
     if sp.shape != (3,) or not _fits_float32(sp) or np.any(sp.astype(np.float32) <= 0):
         raise ImageError(f"image spacing must be 3 positive finite numbers within float32 range, got {volume.spacing}")
+    _check_spacing_is_millimetres(sp)
     origin = np.asarray(volume.origin, dtype=float)
     if origin.shape != (3,) or not _fits_float32(origin):
         raise ImageError(
@@ -275,6 +298,8 @@ def scaled_to_unit(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image, np.float64)  # float32 near its limit overflows hi - lo and image - lo
     lo, hi = (float(x) for x in np.percentile(image, [0.5, 99.5]))
     span = hi - lo
-    if span <= 1e-6 * max(abs(lo), abs(hi)) or span == 0.0:  # constant (relative: tiny units)
+    # constant (relative: tiny units) only where float64 rounding could have made the spread: at
+    # float32's 1e-6, an image of 2e9 + 0..100 (int32) or 1e8 + 0..5 was taken as constant and blanked
+    if span <= 1e-12 * max(abs(lo), abs(hi)) or span == 0.0:
         span = 1.0
     return np.clip((image - lo) / span, 0.0, 1.0).astype(np.float32)

@@ -19,9 +19,9 @@ Kinds:
 A scribble or lasso comes in one of two forms: ``points`` (the polyline or polygon vertices, as
 drawn) or ``slab`` (a :class:`Slab`: the voxels it covers on its slice, as a small bit-packed box
 one voxel thick plus its offset). :func:`to_slab` turns the first into the second; the remote
-client sends lassos and scribbles of width 2 (:data:`WIDE_SCRIBBLE_WIDTH`) or more as slabs (a
-thinner scribble as drawn, so that the engine draws it as it does in-process), so what travels is
-a 2D stroke, never a volume.
+client sends scribbles of width 2 (:data:`WIDE_SCRIBBLE_WIDTH`) or more, and strokes reaching past
+the image, as slabs, and lassos and thinner scribbles as drawn (so that the engine draws them as it
+does in-process), so what travels is a 2D stroke, never a volume.
 
 The prompt log that records a session's prompts is :mod:`SegAssistLib.prompt_log`; the voxels of a
 stroke, :mod:`SegAssistLib.stroke_voxels`; the limits on a prompt's size, :mod:`SegAssistLib.prompt_limits`.
@@ -36,7 +36,7 @@ import binascii
 import json
 import zlib
 from functools import cached_property
-from typing import TYPE_CHECKING, Annotated, List, Literal, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Annotated, Callable, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -109,6 +109,38 @@ def inside_image(points_kji: npt.ArrayLike, shape_kji: Sequence[int]) -> np.ndar
     if upper.shape != (3,):
         raise ValueError(f"inside_image needs a 3D image shape (k, j, i), got {list(shape_kji)}")
     return np.all((pts >= -0.5) & (pts <= upper), axis=1)
+
+
+#: voxels of a mask looked at at once when finding its bounding box (:func:`set_voxel_bounds`): 4 MB of
+#: bool temporaries, whatever the mask's size
+_BOUNDS_CHUNK_VOXELS = 1 << 22
+
+
+def set_voxel_bounds(
+    shape: Sequence[int], is_set: Callable[[slice], np.ndarray]
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(first, one past the last) index per axis of the set voxels of a 3D array of ``shape``, or
+    None when no voxel is set. ``is_set(rows)`` gives the boolean array of the rows ``rows`` of the
+    first axis (``mask[rows] > 0``, ``before[rows] != after[rows]``).
+
+    Per-axis ``any()`` reductions over a few rows at a time (:data:`_BOUNDS_CHUNK_VOXELS` voxels):
+    memory stays a few MB, where listing every set voxel (``np.argwhere``, 24 bytes each) took
+    gigabytes for a segment of a CT.
+    """
+    n0, n1, n2 = (int(n) for n in shape)
+    rows_set = np.zeros(n0, bool)
+    cols_set = [np.zeros(n1, bool), np.zeros(n2, bool)]
+    step = max(1, _BOUNDS_CHUNK_VOXELS // max(1, n1 * n2))
+    for a in range(0, n0, step):
+        chunk = np.asarray(is_set(slice(a, min(a + step, n0))), bool)
+        along_j = chunk.any(axis=2)  # (rows, n1): small, and the other two reductions come from it
+        rows_set[a : a + len(chunk)] = along_j.any(axis=1)
+        cols_set[0] |= along_j.any(axis=0)
+        cols_set[1] |= chunk.any(axis=(0, 1))
+    hits = [np.flatnonzero(x) for x in (rows_set, *cols_set)]
+    if any(len(h) == 0 for h in hits):
+        return None
+    return np.array([h[0] for h in hits], np.int64), np.array([h[-1] + 1 for h in hits], np.int64)
 
 
 def _real_number(x: object) -> Optional[float]:
@@ -293,11 +325,10 @@ class Slab(BaseModel):
         mask = np.asarray(mask)
         if mask.ndim != 3:
             raise PromptError(f"a slab is made from a 3D array, got shape {mask.shape}")
-        nz = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-        if any(len(x) == 0 for x in nz):
+        bounds = set_voxel_bounds(mask.shape, lambda rows: mask[rows] != 0)
+        if bounds is None:
             raise PromptError("empty slab: no voxel is set (an empty stroke is not a prompt)")
-        lo = np.array([x[0] for x in nz])
-        hi = np.array([x[-1] + 1 for x in nz])
+        lo, hi = bounds
         box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
         start = np.asarray(offset, np.int64) + lo
         return cls(offset=tuple(int(x) for x in start), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box))
@@ -509,16 +540,17 @@ class MaskPrompt(_Prompt):
 
     @classmethod
     def from_array(cls, mask: np.ndarray) -> MaskPrompt:
-        """Encode a full-image mask (array order ``[k, j, i]``), keeping only its bounding box."""
+        """Encode a full-image mask (array order ``[k, j, i]``), keeping only its bounding box (found
+        in bounded memory, :func:`set_voxel_bounds`; the box itself is held once as bool)."""
         mask = np.asarray(mask)
         if mask.ndim != 3:
             raise PromptError(f"an initial mask must be 3D, got shape {mask.shape}")
-        nz = np.argwhere(mask > 0)
-        if len(nz) == 0:
-            lo, hi = np.zeros(3, int), np.zeros(3, int)
+        bounds = set_voxel_bounds(mask.shape, lambda rows: mask[rows] > 0)
+        if bounds is None:
+            lo = np.zeros(3, int)
             box = np.zeros((1, 1, 1), bool)
         else:
-            lo, hi = nz.min(0), nz.max(0) + 1
+            lo, hi = bounds
             box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
         return cls(offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box))
 
@@ -597,6 +629,83 @@ def to_slab(prompt: Prompt, image_shape: Sequence[int]) -> Prompt:
     except ValidationError as exc:  # not on one slice, too large
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise PromptError(f"the {prompt.kind} cannot be made a slab: {reasons}") from exc
+
+
+_PROMPT_TYPES = (PointPrompt, BoxPrompt, ScribblePrompt, LassoPrompt, MaskPrompt)
+
+
+def require_prompt(value: object) -> Prompt:
+    """``value`` when it is a prompt (one of the prompt models); a :class:`PromptError` naming what
+    it is otherwise (a dict read from a JSON log, JSON text, a tuple, None), before anything looks at it."""
+    if isinstance(value, _PROMPT_TYPES):
+        return value
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    hint = (
+        ": parse it first with SegAssistLib.prompts.parse_prompt (a dict or JSON text of one prompt)"
+        if isinstance(value, (dict, str, bytes))
+        else ""
+    )
+    raise PromptError(
+        f"expected a prompt ({', '.join(t.__name__ for t in _PROMPT_TYPES)}), got {type(value).__name__} {shown}{hint}"
+    )
+
+
+def _outside(what: str, shape_kji: Sequence[int]) -> PromptError:
+    return PromptError(f"{what} lies outside the image (i, j, k sizes {[int(n) for n in shape_kji][::-1]})")
+
+
+def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
+    """Raise :class:`PromptError` unless the prompt lies in the image of array shape ``shape_kji``:
+    the rule of the engine and of the server alike (which answers it with ``prompt_outside_image``).
+
+    Every click, box corner and scribble vertex must be inside (:func:`inside_image`: voxel centres
+    at integers, half a voxel of slack), and a slab's or mask's box within the image. A lasso in
+    points form may reach past the image's edge, as one drawn around an object at the edge of the
+    field of view does: its part in the image counts (:func:`lasso_in_image`), as when the remote
+    client sends it as its slab, cropped; one whose vertices' bounding box misses the image is
+    refused here, and one whose box meets the image but whose polygon misses it (passing by a
+    corner) when it is drawn (:func:`lasso_in_image`). Cheap: nothing is rasterised, and a mask's
+    bits are not decoded.
+    """
+    if isinstance(prompt, MaskPrompt):
+        lo = [int(n) for n in prompt.offset]  # Python ints: a huge client number cannot wrap
+        hi = [a + int(n) for a, n in zip(lo, prompt.shape)]
+        if any(a < 0 for a in lo) or any(b > int(n) for b, n in zip(hi, shape_kji)):
+            raise _outside(f"mask box {lo}..{hi} (array order k, j, i)", shape_kji)
+        return
+    slab = getattr(prompt, "slab", None)
+    if slab is not None:
+        lo, hi = slab.bounds()
+        if np.any(lo < 0) or np.any(hi > np.asarray(shape_kji)):
+            raise _outside(f"{prompt.kind} slab box {lo.tolist()}..{hi.tolist()} (array order k, j, i)", shape_kji)
+        return
+    pts = prompt_vertices_kji(prompt)
+    outside = ~inside_image(pts, shape_kji)
+    if not outside.any():
+        return
+    if isinstance(prompt, LassoPrompt):
+        upper = np.asarray(tuple(shape_kji), float) - 0.5
+        if np.all(pts.max(0) >= -0.5) and np.all(pts.min(0) <= upper):
+            return  # reaches into the image: its part there is drawn
+        raise _outside(f"lasso (its {len(pts)} vertices and all between them)", shape_kji)
+    if isinstance(prompt, PointPrompt):
+        raise _outside(f"point {list(prompt.position)}", shape_kji)
+    if isinstance(prompt, BoxPrompt):  # as strict as a click: a box corner past the edge is refused
+        raise _outside(f"box {list(prompt.min_corner)}..{list(prompt.max_corner)}", shape_kji)
+    first = pts[np.argmax(outside)][::-1].tolist()
+    raise _outside(f"{prompt.kind} vertex {first} ({int(outside.sum())} of {len(pts)} vertices)", shape_kji)
+
+
+def lasso_in_image(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
+    """The form of a prompt an engine draws on the image of array shape ``shape_kji``: a lasso in
+    points form with a vertex outside the image as its slab (:func:`to_slab`: the polygon rasterised
+    on the image's grid, the part in the image kept), what the remote client sends for it; any
+    other prompt as it is. Raises :class:`PromptError` when nothing of the lasso lies in the image."""
+    if not isinstance(prompt, LassoPrompt) or prompt.points is None:
+        return prompt
+    if inside_image(prompt_vertices_kji(prompt), shape_kji).all():
+        return prompt
+    return to_slab(prompt, shape_kji)
 
 
 def parse_prompt(data: Union[dict, str]) -> Prompt:

@@ -170,7 +170,8 @@ class SegAssistClient(Engine):
         """Open a session on an image (a Volume, an array, or the id of an image the server holds).
 
         The image is uploaded only when the server does not hold it already; ``prompts`` (a
-        stored log) are replayed first, lassos and wide scribbles sent as slabs (:func:`wire_prompt`);
+        stored log) are replayed first, each stroke in the form :func:`wire_prompt` chooses (as drawn when
+        it lies in the image and is a lasso or a thin scribble, else as its slab);
         ``progress(sent, total)`` reports the upload.
         """
         plist: List[Prompt] = [p if not isinstance(p, dict) else parse_prompt(p) for p in (prompts or [])]

@@ -9,9 +9,10 @@ lost the session (restart, idle expiry) :meth:`RemoteSession.recover` opens a ne
 replays them: the mask comes back, the undo history does not. A session opened by image id holds
 no copy of the image: if the server lost that too, ``recover(volume=...)`` sends it again.
 
-Lassos and wide scribbles travel as the slab they cover on their slice (:func:`wire_prompt`): a few
-hundred bytes of packed bits and an offset, never a volume. A thin scribble travels as drawn, so
-that the server's network sees the stroke the local engine's would.
+Lassos and thin scribbles inside the image travel as drawn (:func:`wire_prompt`), so that the
+server's network sees the stroke the local engine's would; wide scribbles, and strokes reaching
+past the image, travel as the slab they cover on their slice: a few hundred bytes of packed bits
+and an offset, never a volume.
 """
 
 from __future__ import annotations
@@ -39,7 +40,16 @@ from SegAssistLib.engine.base import EngineSession, MaskUpdate
 from SegAssistLib.errors import PromptError
 from SegAssistLib.image import Volume
 from SegAssistLib.prompt_log import PromptLog
-from SegAssistLib.prompts import WIDE_SCRIBBLE_WIDTH, Prompt, ScribblePrompt, inside_image, parse_prompt, to_slab
+from SegAssistLib.prompts import (
+    WIDE_SCRIBBLE_WIDTH,
+    LassoPrompt,
+    Prompt,
+    ScribblePrompt,
+    inside_image,
+    parse_prompt,
+    require_prompt,
+    to_slab,
+)
 from SegAssistLib.transport import wire_volume
 
 if TYPE_CHECKING:
@@ -47,27 +57,24 @@ if TYPE_CHECKING:
 
 
 def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
-    """The form a prompt travels in: a lasso or a wide scribble in points form as its slab
-    (:func:`to_slab`) on the image of array shape ``shape_kji``; anything else as it is.
+    """The form a prompt travels in to a server, for the image of array shape ``shape_kji``.
 
-    A thin scribble (width below 2) travels as drawn when every vertex lies in the image: a slab
-    holds whole image voxels, which the engine resamples into its patch, while the points are
-    sampled in the patch; across 5 mm slices seen at 1 mm the slab inked about twice the voxels
-    and the server answered differently from a local engine given the same stroke. The vertices
-    cost some tens of bytes each (a long freehand stroke: a few kB, against a few hundred bytes of
-    slab), far below the server's request limit (:data:`~SegAssistLib.prompt_limits.MAX_STROKE_VERTICES`
-    bounds them).
+    A lasso, or a thin scribble (width below 2), travels as drawn when every vertex lies in the
+    image (:func:`travels_as_drawn`): the engine draws the points form inside its patch, where a
+    slab holds whole image voxels that the engine resamples into the patch; across 5 to 10 mm
+    slices the slab of a scribble inked about twice the voxels, and the server answered otherwise
+    than a local engine given the same stroke. The vertices cost some tens of bytes each (a long
+    freehand stroke: a few kB, against a few hundred bytes of slab), far below the server's request
+    limit (:data:`~SegAssistLib.prompt_limits.MAX_STROKE_VERTICES` bounds them).
 
-    A stroke that cannot be a slab travels as drawn and the server judges it: one outside the
-    image (the server's error says where), one not on a single slice, or one larger than a slab
-    may be.
+    A wide scribble (width 2 or more), and a lasso or scribble reaching past the image, travel as
+    their slab (:func:`to_slab`): the stroke rasterised on the image's grid, cropped to the image
+    (a server of any version takes that; the engine draws a points-form lasso past the image as
+    this same slab). A stroke that cannot be a slab travels as drawn and the server judges it: one
+    outside the image (the server's error says where), one not on a single slice, or one larger
+    than a slab may be. Any other prompt travels as it is.
     """
-    if (
-        isinstance(prompt, ScribblePrompt)
-        and prompt.slab is None
-        and prompt.width < WIDE_SCRIBBLE_WIDTH
-        and _vertices_inside(prompt.points, shape_kji)
-    ):
+    if travels_as_drawn(prompt, shape_kji):
         return prompt
     try:
         return to_slab(prompt, shape_kji)
@@ -75,10 +82,15 @@ def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
         return prompt
 
 
-def _vertices_inside(points_ijk: Sequence[Sequence[float]], shape_kji: Sequence[int]) -> bool:
-    """Whether every vertex lies in the image by the server's rule (voxel centres at integers, half
-    a voxel of slack): a stroke that leaves it is sent as its slab, cropped to the image, as before."""
-    points_kji = np.asarray(points_ijk, float).reshape(-1, 3)[:, ::-1]
+def travels_as_drawn(prompt: Prompt, shape_kji: Sequence[int]) -> bool:
+    """Whether :func:`wire_prompt` sends a scribble or lasso in points form as it is: a lasso or a
+    scribble of width below :data:`~SegAssistLib.prompts.WIDE_SCRIBBLE_WIDTH`, every vertex in the
+    image by the server's rule (voxel centres at integers, half a voxel of slack)."""
+    if not isinstance(prompt, (ScribblePrompt, LassoPrompt)) or prompt.points is None:
+        return False
+    if isinstance(prompt, ScribblePrompt) and prompt.width >= WIDE_SCRIBBLE_WIDTH:
+        return False
+    points_kji = np.asarray(prompt.points, float).reshape(-1, 3)[:, ::-1]
     return bool(inside_image(points_kji, shape_kji).all())
 
 
@@ -229,7 +241,7 @@ class RemoteSession(EngineSession):
     # ---- the engine session interface ------------------------------------------------------------
     @_one_at_a_time
     def add_prompt(self, prompt: Union[Prompt, Dict[str, Any], str]) -> MaskUpdate:
-        p = prompt if not isinstance(prompt, (dict, str)) else parse_prompt(prompt)
+        p = require_prompt(prompt if not isinstance(prompt, (dict, str)) else parse_prompt(prompt))
         p = wire_prompt(p, self.shape)
         update = self._mutate("prompts", {"prompt": p.model_dump(mode="json")})
         self._history.apply("prompt", p)

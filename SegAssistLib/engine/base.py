@@ -16,7 +16,7 @@ import numpy as np
 
 from SegAssistLib.image import Volume
 from SegAssistLib.prompt_log import ImageInfo, PromptLog
-from SegAssistLib.prompts import Prompt
+from SegAssistLib.prompts import Prompt, set_voxel_bounds
 
 
 @dataclass(frozen=True)
@@ -56,17 +56,28 @@ class MaskUpdate:
 
     @classmethod
     def between(cls, before: np.ndarray, after: np.ndarray, **kwargs) -> MaskUpdate:
-        """The smallest box holding every voxel that differs between two masks."""
-        changed = np.argwhere(before != after)
-        if len(changed) == 0:
+        """The smallest box holding every voxel that differs between two masks (of the same 3D shape),
+        found a few rows at a time (:func:`~SegAssistLib.prompts.set_voxel_bounds`): memory stays a
+        few MB besides the box's copy, whatever the masks' size."""
+        if before.shape != after.shape or before.ndim != 3:
+            raise ValueError(f"masks of the same 3D shape expected, got {before.shape} and {after.shape}")
+        bounds = set_voxel_bounds(before.shape, lambda rows: before[rows] != after[rows])
+        if bounds is None:
             return cls(offset=(0, 0, 0), voxels=np.zeros((0, 0, 0), np.uint8), **kwargs)
-        lo, hi = changed.min(0), changed.max(0) + 1
+        lo, hi = bounds
         box = tuple(slice(a, b) for a, b in zip(lo, hi))
         return cls(offset=tuple(int(x) for x in lo), voxels=after[box].copy(), **kwargs)
 
 
 class EngineSession(abc.ABC):
-    """One image, one target structure, a history of prompts with undo and redo."""
+    """One image, one target structure, a history of prompts with undo and redo.
+
+    Not thread-safe: a session's methods must not run at the same time on several threads, readers
+    included (while a prompt is answered, :meth:`result` may show a mask that is never committed, and
+    concurrent prompts or undos corrupt the history). Callers serialise the calls of a session: the
+    server runs each session's jobs on one worker at a time, the Slicer module from its own thread.
+    Separate sessions may be used from separate threads as far as their engine allows (the built-in
+    engine: see :class:`~SegAssistLib.engine.builtin.BuiltinEngine`)."""
 
     @abc.abstractmethod
     def add_prompt(self, prompt: Prompt) -> MaskUpdate:

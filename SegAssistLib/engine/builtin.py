@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,35 +37,19 @@ from SegAssistLib.errors import PromptError, SessionError
 from SegAssistLib.files import check_bundled
 from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.prompt_log import EngineSettings, ImageInfo, PromptLog
-from SegAssistLib.prompts import PROMPT_KINDS, MaskPrompt, Prompt, inside_image, prompt_vertices_kji
+from SegAssistLib.prompts import (
+    PROMPT_KINDS,
+    MaskPrompt,
+    Prompt,
+    check_prompt_inside,
+    lasso_in_image,
+    prompt_vertices_kji,
+    require_prompt,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
 COMMIT_CHUNK_VOXELS = 8 * 1024 * 1024  # window voxels decided at once when pasting an answer (32 MB of float32)
-
-
-def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
-    """Raise PromptError unless every coordinate of the prompt lies within the image (:func:`inside_image`)."""
-    if isinstance(prompt, MaskPrompt):
-        prompt.to_array(shape_kji)  # raises when the mask box is outside
-        return
-    slab = getattr(prompt, "slab", None)
-    if slab is not None:
-        lo, hi = slab.bounds()
-        if np.any(lo < 0) or np.any(hi > np.asarray(shape_kji)):
-            raise PromptError(
-                f"{prompt.kind} slab box {lo.tolist()}..{hi.tolist()} (array order k, j, i) lies outside the image "
-                f"(shape k, j, i = {list(shape_kji)})"
-            )
-        return
-    pts = prompt_vertices_kji(prompt)
-    outside = ~inside_image(pts, shape_kji)
-    if outside.any():
-        bad = pts[np.argmax(outside)][::-1]
-        raise PromptError(
-            f"{prompt.kind} coordinate (i, j, k) = {np.round(bad, 2).tolist()} lies outside the image "
-            f"(size i, j, k = {list(shape_kji[::-1])})"
-        )
 
 
 @dataclass
@@ -168,15 +152,23 @@ class BuiltinSession(EngineSession):
         self._closed = False
         self._refine_level: Optional[int] = None  # the level the last answer was refined at
         self._image_info: Optional[ImageInfo] = None  # computed when first asked for (the digest takes time)
+        # the slab form of each points-form lasso reaching past the image (see _drawn), by id(prompt)
+        # with the prompt itself, so that the id stays its own while it is held
+        self._clipped: Dict[int, Tuple[Prompt, Prompt]] = {}
 
     # ----- public API ---------------------------------------------------------------------------
     def add_prompt(self, prompt: Prompt) -> MaskUpdate:
+        """Answer one prompt. A dict or JSON text is refused (parse it with
+        :func:`~SegAssistLib.prompts.parse_prompt`); a lasso reaching past the image's edge is drawn
+        as its part in the image (:func:`~SegAssistLib.prompts.lasso_in_image`) and kept as given."""
         self._check_open()
+        prompt = require_prompt(prompt)
         t0 = time.perf_counter()
         if isinstance(prompt, MaskPrompt):  # to_array checks the box before it decodes (once)
             box, new_region, info = self._whole(), prompt.to_array(self.shape), {"levels": []}
         else:
             check_prompt_inside(prompt, self.shape)
+            self._drawn(prompt)  # a lasso with nothing in the image is refused before anything changes
             if self._marks_background_only(prompt):
                 box, new_region, info = _NOTHING, np.zeros((0, 0, 0), np.uint8), {"levels": []}
             else:
@@ -237,6 +229,7 @@ class BuiltinSession(EngineSession):
         self.mask = np.zeros((0, 0, 0), np.uint8)
         self._undo.clear()
         self._redo.clear()
+        self._clipped.clear()
 
     @property
     def model_version(self) -> Optional[str]:
@@ -305,6 +298,18 @@ class BuiltinSession(EngineSession):
             return False
         return not self.mask.any()
 
+    def _drawn(self, prompt: Prompt) -> Prompt:
+        """The form of ``prompt`` the network and the edge snap are given (:func:`lasso_in_image`): a
+        points-form lasso reaching past the image as its slab, cropped to the image, as the remote
+        client sends it (the same lasso answers the same either way); made once per prompt."""
+        held = self._clipped.get(id(prompt))
+        if held is not None and held[0] is prompt:
+            return held[1]
+        drawn = lasso_in_image(prompt, self.shape)
+        if drawn is not prompt:
+            self._clipped[id(prompt)] = (prompt, drawn)
+        return drawn
+
     def _whole(self) -> Tuple[slice, ...]:
         return tuple(slice(0, n) for n in self.shape)
 
@@ -363,11 +368,11 @@ class BuiltinSession(EngineSession):
     def _predict(self, prompt: Prompt) -> Tuple[Tuple[slice, ...], np.ndarray, dict]:
         """(box of the image, new mask inside it, info). The session mask is left as it was."""
         patch = self.engine.patch
-        prompts = self.prompts + [prompt]
-        pts = prompt_vertices_kji(prompt)
+        prompts = [self._drawn(p) for p in self.prompts + [prompt]]
+        pts = prompt_vertices_kji(prompts[-1])
         anchor = (pts.min(0) + pts.max(0)) / 2.0
         top = patching.max_level(self.shape, self.spacing_kji, patch)
-        level = first = self._first_level(prompt)
+        level = first = self._first_level(prompts[-1])
         while True:
             window = patching.window_around(anchor, self.spacing_kji, patch, level)
             logits, previous = self._forward(window, prompts)
@@ -562,7 +567,14 @@ class BuiltinEngine(Engine):
         self, volume: Volume, prompts: Optional[List[Prompt]] = None, settings: Optional[EngineSettings] = None
     ) -> BuiltinSession:
         """``settings``: the session's (None: this engine's, :attr:`settings`), such as a replayed
-        log's, so that its prompts answer as they did; the weights are the engine's either way."""
+        log's, so that its prompts answer as they did; the weights are the engine's either way.
+        ``prompts``: a list of prompt models (a log's ``PromptLog.prompts``; a dict or JSON text is
+        refused with a :class:`PromptError`: parse it with :func:`~SegAssistLib.prompts.parse_prompt`)."""
+        if prompts is not None and not isinstance(prompts, (list, tuple)):
+            raise PromptError(
+                f"prompts must be a list of prompts, got {type(prompts).__name__} (a JSON prompt log: "
+                "read it with PromptLog.from_json and pass its .prompts)"
+            )
         session = BuiltinSession(self, volume, settings)
         for prompt in prompts or []:
             session.add_prompt(prompt)

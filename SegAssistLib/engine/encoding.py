@@ -40,7 +40,7 @@ class PatchPrompt:
 
     ``kind``: ``point`` (one coordinate), ``scribble`` (dense samples along the stroke, or the patch
     voxels a scribble slab covers), ``lasso`` (polygon vertices on a plane), ``box`` (two corners),
-    ``region`` (the patch voxels a lasso slab covers: marked as they are).
+    ``region`` (the patch voxels a lasso slab inks, :func:`_voxels_in_patch`: marked as they are).
     """
 
     kind: str
@@ -129,10 +129,20 @@ def _voxels_in_patch(
     voxels_kji: np.ndarray, box_shape: Tuple[int, ...], scribble: bool, positive: bool, window: Window
 ) -> PatchPrompt:
     """Image voxels (a slab's, in a box of ``box_shape``, or a wide stroke's) as the patch voxels
-    that cover them."""
+    that cover them.
+
+    A slab one voxel thick along an axis (drawn on an axial, coronal or sagittal slice) inks the
+    one patch plane nearest that slice. A lasso's slab on an oblique slice inks the layer of its
+    plane (:func:`~SegAssistLib.engine.patching.slab_plane_patch_voxels`), not the whole footprint
+    of its voxels, which across thick slices made it a block several patch voxels thick. A
+    scribble's slab keeps its voxels' footprints (a wide stroke in points form is drawn so too).
+    """
     flat = [n == 1 for n in box_shape] if min(box_shape) == 1 else [False] * 3
     pad = int(np.ceil(SCRIBBLE_RADIUS)) if scribble else 0
-    covered = patching.slab_patch_voxels(window, voxels_kji, pad, flat)
+    if not scribble and not any(flat):
+        covered = patching.slab_plane_patch_voxels(window, voxels_kji)
+    else:
+        covered = patching.slab_patch_voxels(window, voxels_kji, pad, flat)
     return PatchPrompt("scribble" if scribble else "region", positive, covered.astype(float))
 
 

@@ -11,7 +11,7 @@ is what it saw in training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +19,10 @@ import torch.nn.functional as F
 
 MIN_BASE_SPACING_MM = 0.6  # finer images are looked at in 0.6 mm steps at zoom level 0
 CT_CLIP = (-1024.0, 3071.0)
+#: |value| beyond which (all on one side of zero) :func:`crop_window` shifts a window's values before
+#: the float32 cast: there float32's step is 1/8 and grows with the value (8 at 1e8, 256 at 2e9); HU
+#: and MR values stay below
+FAR_FROM_ZERO = 2.0**20
 
 
 @dataclass(frozen=True)
@@ -108,12 +112,35 @@ def _strided_overlap(window: Window, image_shape: Sequence[int]):
     return tuple(img), tuple(out)
 
 
+def _far_from_zero_reference(region: np.ndarray) -> float:
+    """What :func:`crop_window` subtracts from ``region`` before its float32 cast: the region's
+    smallest value when all its values lie beyond :data:`FAR_FROM_ZERO` on one side of zero, 0
+    (nothing) otherwise. Values of both signs gain nothing from a shift (their spread is at least
+    their magnitude), and near float32's limit it would overflow; 8 and 16 bit integers (masks among
+    them) never reach it."""
+    if region.size == 0 or region.dtype.kind not in "iuf" or (region.dtype.kind in "iu" and region.dtype.itemsize <= 2):
+        return 0.0
+    lo, hi = float(region.min()), float(region.max())
+    return lo if lo > FAR_FROM_ZERO or hi < -FAR_FROM_ZERO else 0.0
+
+
 def crop_window(array: np.ndarray, window: Window, pad_value=None) -> np.ndarray:
     """The (strided) window as a new float32 array (never a view of ``array``: callers clip it in
     place, and ``array`` may be the user's image or read-only), padded outside the image with
-    ``pad_value`` (default: the smallest value inside)."""
+    ``pad_value`` (default: the smallest value inside).
+
+    Values all beyond :data:`FAR_FROM_ZERO` (an int32 image of 2e9 + 0..100, a float64 one of
+    1e8 + 0..5) are first shifted, in float64, by the window's smallest value (``pad_value`` too):
+    cast as they are, float32 kept 2 of their 100 levels. Every later step (resampling, the
+    per-patch z-score of :func:`normalise_patch`) is blind to a shift; ordinary images (CT in
+    Hounsfield units, MR) are not shifted and come out bit for bit as before.
+    """
     img_sl, out_sl = _strided_overlap(window, array.shape)
     region = array[img_sl]
+    reference = _far_from_zero_reference(region)
+    if reference:
+        region = region.astype(np.float64) - reference
+        pad_value = None if pad_value is None else float(pad_value) - reference
     if pad_value is None:
         pad_value = float(region.min()) if region.size else 0.0
     shape = tuple(-(-n // st) for n, st in zip(window.size, sampling_strides(window)))
@@ -191,6 +218,64 @@ def slab_patch_voxels(window: Window, voxels_kji: np.ndarray, pad: int = 0, flat
                 ok = (dk < lengths[0]) & (dj < lengths[1]) & (di < lengths[2])
                 inked[firsts[0][ok] + dk, firsts[1][ok] + dj, firsts[2][ok] + di] = True
     return np.argwhere(inked) + corner
+
+
+def _fitted_plane(voxels_kji: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(a point, the unit normal) of the least-squares plane through voxel centres (array order), or
+    None when they do not define one (a line of voxels)."""
+    pts = np.asarray(voxels_kji, np.float64).reshape(-1, 3)
+    centre = pts.mean(0)
+    centred = pts - centre
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    if values[1] <= 1e-9 * max(float(values[2]), 1.0):
+        return None
+    return centre, vectors[:, 0]
+
+
+def _nearest_plane_layer(inked: np.ndarray, centre: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Which of the ``inked`` patch voxels (int ``(N, 3)``) form the thin layer of the plane through
+    ``centre`` with ``normal`` (patch coordinates) that they hold.
+
+    Along the axis nearest the normal, each column of the patch keeps its inked voxels whose centre
+    lies within ``|normal|_1 / 2`` of the plane (the standard digital plane that
+    :func:`~SegAssistLib.rasterize.fill_planar_polygon` draws a lasso with); a column whose inked
+    voxels the plane misses keeps the one nearest it, so no inked column is left empty.
+    """
+    axis = int(np.argmax(np.abs(normal)))
+    others = [a for a in range(3) if a != axis]
+    rel = inked - centre
+    crossing = -(rel[:, others] @ normal[others]) / normal[axis]  # the plane's height in each column
+    distance = np.abs(rel[:, axis] - crossing)
+    half = 0.5 * float(np.abs(normal).sum()) / abs(float(normal[axis])) + 1e-9
+    _, column = np.unique(inked[:, others], axis=0, return_inverse=True)
+    nearest = np.full(int(column.max()) + 1, np.inf)
+    np.minimum.at(nearest, column.ravel(), distance)
+    return distance <= np.maximum(half, nearest[column.ravel()] + 1e-9)
+
+
+def slab_plane_patch_voxels(window: Window, voxels_kji: np.ndarray) -> np.ndarray:
+    """Patch voxels ``[z, y, x]`` (int ``(N, 3)``) a lasso's slab on an oblique slice inks: one plane
+    thick where the window magnifies an axis, as the polygon it was drawn from is filled in the patch.
+
+    :func:`slab_patch_voxels` gives each image voxel its whole footprint: across 10 mm slices seen
+    at 1.4 mm, about 7 patch voxels along the slice axis, so a digital plane tilted off the axial
+    plane became a block several patch voxels thick, where a polygon (and every lasso of training)
+    is one voxel thick. Here the block is thinned to the layer of the slab's least-squares plane
+    (mapped into the patch) that it holds (:func:`_nearest_plane_layer`): the outline stays the
+    slab's, the thickness becomes the polygon's. A window that magnifies no axis (a slab seen at its
+    own resolution or coarser), or a slab whose voxels lie on a line, keeps the footprints as they are.
+    """
+    inked = slab_patch_voxels(window, voxels_kji)
+    if len(inked) == 0 or not np.any(np.asarray(window.size) < window.patch):
+        return inked
+    plane = _fitted_plane(voxels_kji)
+    if plane is None:
+        return inked
+    centre, normal = plane
+    # n . x = c in image voxels is (n / scale) . p = c' in patch voxels (p = (x - start + 0.5) * scale - 0.5)
+    normal_p = normal / window.scale
+    normal_p /= np.linalg.norm(normal_p)
+    return inked[_nearest_plane_layer(inked, window.to_patch(centre[None])[0], normal_p)]
 
 
 def normalise_patch(patch: torch.Tensor) -> torch.Tensor:

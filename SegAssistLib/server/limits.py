@@ -13,15 +13,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from SegAssistLib.api_models import ACCEPT_CODECS_HEADER, ErrorCode
-from SegAssistLib.prompts import (
-    BoxPrompt,
-    LassoPrompt,
-    MaskPrompt,
-    PointPrompt,
-    Prompt,
-    ScribblePrompt,
-    inside_image,
-)
+from SegAssistLib.errors import PromptError
+from SegAssistLib.prompts import Prompt
+from SegAssistLib.prompts import check_prompt_inside as library_check_prompt_inside
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, error_response, from_library_error
 from SegAssistLib.transport import FRAME_MAGIC, MAX_HEADER_BYTES, TransportError, describe_value, unpack_frame
 
@@ -387,39 +381,14 @@ def check_image_shape(shape: Sequence[int], max_voxels: int, max_axis: int) -> N
 
 
 def check_prompt_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
-    """Refuse a prompt that lies outside the image (voxel centres at integers, half a voxel of slack)."""
-    size_ijk = np.asarray(shape_kji[::-1], float)
-
-    def outside(points_ijk: np.ndarray) -> np.ndarray:  # the engine's rule, on (i, j, k) points
-        return ~inside_image(np.asarray(points_ijk, float)[:, ::-1], shape_kji)
-
-    bad = None
-    if isinstance(prompt, PointPrompt):
-        if outside(np.asarray([prompt.position]))[0]:
-            bad = f"point {list(prompt.position)}"
-    elif isinstance(prompt, (ScribblePrompt, LassoPrompt)) and prompt.slab is not None:
-        lo, hi = prompt.slab.bounds()
-        if np.any(lo < 0) or np.any(hi > np.asarray(shape_kji)):
-            bad = f"{prompt.kind} slab box {lo.tolist()}..{hi.tolist()} (array order k, j, i)"
-    elif isinstance(prompt, (ScribblePrompt, LassoPrompt)):
-        pts = np.asarray(prompt.points, float)
-        out = outside(pts)
-        if out.any():
-            first = pts[np.argmax(out)].tolist()
-            bad = f"{prompt.kind} vertex {first} ({int(out.sum())} of {len(pts)} vertices)"
-    elif isinstance(prompt, BoxPrompt):
-        corners = np.asarray([prompt.min_corner, prompt.max_corner], float)
-        if outside(corners).any():  # as strict as the engine: a box corner past the edge is refused
-            bad = f"box {list(prompt.min_corner)}..{list(prompt.max_corner)}"
-    elif isinstance(prompt, MaskPrompt):
-        lo = [int(n) for n in prompt.offset]  # Python ints: a huge client number cannot wrap
-        hi = [a + int(n) for a, n in zip(lo, prompt.shape)]
-        if any(a < 0 for a in lo) or any(b > int(n) for b, n in zip(hi, shape_kji)):
-            bad = f"mask box {lo}..{hi} (array order k, j, i)"
-    if bad:
+    """Refuse (422 ``prompt_outside_image``) a prompt that lies outside the image, by the engine's
+    rule (:func:`SegAssistLib.prompts.check_prompt_inside`: half a voxel of slack; a lasso in points
+    form may reach past the edge, its part in the image is drawn)."""
+    try:
+        library_check_prompt_inside(prompt, shape_kji)
+    except PromptError as exc:
         raise ApiError(
             422,
             ErrorCode.PROMPT_OUTSIDE_IMAGE,
-            f"{bad} lies outside the image (i, j, k sizes {[int(s) for s in size_ijk]}); prompts are "
-            "voxel indices (i, j, k) of the image the session was opened on",
-        )
+            f"{exc}; prompts are voxel indices (i, j, k) of the image the session was opened on",
+        ) from None

@@ -21,6 +21,9 @@ STROKES = {
     "sagittal width 1.5": ScribblePrompt(points=[(20, 12, 2), (20, 25, 9)], normal=(1, 0, 0), width=1.5),
     "sagittal width 3": ScribblePrompt(points=[(20, 12, 2), (20, 25, 9)], normal=(1, 0, 0), width=3),
     "at the image's edges": ScribblePrompt(points=[(-0.5, 0, 0), (39.5, 39, 11.5)], normal=None),
+    # a lasso drawn in a view oblique to the slices: its slab spans several 5 mm slices
+    "oblique lasso": LassoPrompt(points=[(8, 10, 4), (30, 12, 6.5), (28, 30, 7.5), (10, 28, 5)]),
+    "coronal lasso": LassoPrompt(points=[(10, 20, 2), (30, 20, 2), (30, 20, 9), (10, 20, 9)], positive=False),
 }
 
 
@@ -42,17 +45,18 @@ def test_a_scribble_sent_to_the_server_is_the_network_input_of_a_local_engine(na
     assert np.array_equal(remote, local), f"{int(local.sum())} voxels inked locally, {int(remote.sum())} remotely"
 
 
-def test_thin_scribbles_travel_as_drawn_and_the_rest_as_before():
+def test_thin_scribbles_and_lassos_travel_as_drawn_and_the_rest_as_before():
     thin = STROKES["sagittal"]
     assert wire_prompt(thin, SHAPE) is thin
     assert wire_prompt(STROKES["sagittal width 1.5"], SHAPE).slab is None
     assert wire_prompt(STROKES["sagittal width 3"], SHAPE).slab is not None  # drawn in image voxels either way
     lasso = LassoPrompt(points=[(10, 20, 2), (30, 20, 2), (30, 20, 9), (10, 20, 9)])
-    assert wire_prompt(lasso, SHAPE).slab is not None
-    # a vertex past the image: the server refuses the points, the slab is cropped to the image
-    leaving = ScribblePrompt(points=[(20, 12, 2), (20, 45, 2)])
-    sent = wire_prompt(leaving, SHAPE)
-    assert sent.slab is not None and sent.slab.bounds()[1][1] <= SHAPE[1]
+    assert wire_prompt(lasso, SHAPE) is lasso and wire_prompt(STROKES["oblique lasso"], SHAPE).slab is None
+    # a vertex past the image: sent as the slab, cropped to the image (what any server version takes)
+    for leaving in (ScribblePrompt(points=[(20, 12, 2), (20, 45, 2)]),
+                    LassoPrompt(points=[(20, 12, 2), (20, 45, 2), (30, 45, 2)])):  # fmt: skip
+        sent = wire_prompt(leaving, SHAPE)
+        assert sent.slab is not None and sent.slab.bounds()[1][1] <= SHAPE[1]
     slab = sent
     assert wire_prompt(slab, SHAPE) is slab  # already a slab
     point = PointPrompt(position=(3, 4, 5))

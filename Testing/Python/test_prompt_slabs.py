@@ -17,7 +17,7 @@ from test_server_fixtures import assert_error, raw
 
 from SegAssistLib import rasterize
 from SegAssistLib.engine import patching
-from SegAssistLib.engine.builtin import BuiltinEngine, check_prompt_inside, load_default_engine
+from SegAssistLib.engine.builtin import BuiltinEngine, load_default_engine
 from SegAssistLib.engine.encoding import SCRIBBLE_RADIUS, draw_prompts, prompts_in_window
 from SegAssistLib.errors import PromptError
 from SegAssistLib.evaluation.baselines import GrowCutEngine, _stroke_voxels
@@ -32,6 +32,7 @@ from SegAssistLib.prompts import (
     PointPrompt,
     ScribblePrompt,
     Slab,
+    check_prompt_inside,
     parse_prompt,
     prompt_vertices_kji,
     to_slab,
@@ -428,9 +429,9 @@ def test_baselines_take_a_slab_scribble_as_its_voxels():
 # ---- wire ----------------------------------------------------------------------------------------
 def test_the_client_sends_a_wide_scribble_as_a_small_slab_and_a_thin_one_as_drawn(shared_server, alice, blob_volume,
                                                                                       monkeypatch):
-    """A scribble of width 2 or more and a lasso travel as slabs (small, exact on the image's grid); a
-    thinner scribble travels as drawn, since the engine draws its points form inside the patch and a
-    slab would give the network other input than the same stroke in-process."""
+    """A scribble of width 2 or more travels as a slab (small, exact on the image's grid); a thinner
+    scribble, and a lasso inside the image, travel as drawn, since the engine draws their points form
+    inside the patch and a slab would give the network other input than the same stroke in-process."""
     bodies = []
     send = alice.http.request
 
@@ -451,13 +452,12 @@ def test_the_client_sends_a_wide_scribble_as_a_small_slab_and_a_thin_one_as_draw
             session.add_prompt(prompt)
             assert np.array_equal(session.result(), session.fetch_result())  # the replies reassemble
         log = session.prompt_log()
-        assert [(p.kind, p.points, p.slab is not None) for p in log.prompts] == [("scribble", None, True),
-                                                                                 ("lasso", None, True)]  # fmt: skip
-        assert log.prompts == session.local_prompts() == [to_slab(stroke, blob_volume.array.shape),
-                                                          to_slab(lasso, blob_volume.array.shape)]  # fmt: skip
+        forms = [(p.kind, "slab" if p.slab is not None else "points") for p in log.prompts]
+        assert forms == [("scribble", "slab"), ("lasso", "points")]
+        assert log.prompts == session.local_prompts() == [to_slab(stroke, blob_volume.array.shape), lasso]
         expected = session.result()
     sent = [json.loads(body)["prompt"] for body in bodies]
-    assert [set(p) for p in sent] == [{"kind", "slab", "positive", "width"}, {"kind", "slab", "positive"}]
+    assert [set(p) for p in sent] == [{"kind", "slab", "positive", "width"}, {"kind", "points", "positive"}]
     shape = to_slab(stroke, blob_volume.array.shape).slab.shape
     assert sent[0]["slab"]["shape"] == list(shape) and shape[0] == 1  # the stroke's 2D box, not a volume
     assert len(bodies[0]) < 1024, f"{len(bodies[0])} bytes for a 25-voxel stroke"

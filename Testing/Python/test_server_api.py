@@ -109,7 +109,8 @@ def test_prompt_log_replays_to_the_same_mask(alice, blob_volume):
             session.add_prompt(PROMPTS[name])
         log = session.prompt_log()
         assert [p.kind for p in log.prompts] == ["point", "scribble", "lasso"]
-        assert log.prompts[1].slab is not None and log.prompts[2].slab is not None  # sent as slabs
+        assert log.prompts[1].slab is not None  # a wide scribble: sent as its slab
+        assert log.prompts[2].points is not None  # a lasso inside the image: sent as drawn
         assert log.prompts == session.local_prompts()
         expected = session.result()
     with alice.open_session(blob_volume, prompts=log.prompts) as replay:

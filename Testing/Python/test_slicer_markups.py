@@ -172,7 +172,7 @@ def test_an_roi_fitted_to_an_oblique_volume_is_a_box_of_the_whole_image(ctx):
     engine refused the whole box as reaching outside the image."""
     from mrml_fixtures import oblique_ijk_to_ras
 
-    from SegAssistLib.engine.builtin import check_prompt_inside
+    from SegAssistLib.prompts import check_prompt_inside
 
     volume = add_volume(ctx.scene, np.zeros((20, 24, 28), np.int16), oblique_ijk_to_ras(), "oblique")
     dims, spacing = np.array(volume.GetImageData().GetDimensions()), np.array(volume.GetSpacing())
