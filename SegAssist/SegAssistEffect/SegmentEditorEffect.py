@@ -41,7 +41,7 @@ def _loadLibrary() -> None:
     """Import what needs the packages the SegAssist module installs (pydantic, ...) as this module's names."""
     global SegAssistError, coordinates, segments, volumes, REMOTE, BackendSettings, shared_manager
     global Gesture, GestureRecorder, gesture_to_prompt, project_to_slice, prompt_points_ijk, resolve_key
-    global ObjectWrites, PlacementChanged, PlacementWatch, SegmentChangeWatch, BackgroundWorker
+    global ObjectWrites, PlacementChanged, PlacementWatch, SegmentChangeWatch, BackgroundWorker, editing_segment
     global InteractiveSession, ObjectOutOfStep, Op, PromptState, Request, describe_error
     from SegAssistLib.errors import SegAssistError
     from SegAssistLib.slicer import coordinates, segments, volumes
@@ -54,7 +54,7 @@ def _loadLibrary() -> None:
         prompt_points_ijk,
         resolve_key,
     )
-    from SegAssistLib.slicer.object_writes import ObjectWrites, PlacementChanged, PlacementWatch
+    from SegAssistLib.slicer.object_writes import ObjectWrites, PlacementChanged, PlacementWatch, editing_segment
     from SegAssistLib.slicer.segment_watch import SegmentChangeWatch
     from SegAssistLib.slicer.session_state import (
         InteractiveSession,
@@ -588,12 +588,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """The object's writes into its own segment, through the editor: its masking and overwrite
         settings apply (after ``saveStateForUndo``, which ``ObjectWrites`` calls). Not the selected
         segment: after Accept, the last answers land where they were asked for even if the user
-        selected the next segment meanwhile. Both labelmaps cover just the answer's box (their extent)."""
+        selected the next segment meanwhile, masked for their own segment (``editing_segment``: the
+        editor masks for the selected one). Both labelmaps cover just the answer's box (their extent)."""
         effectClass = slicer.qSlicerSegmentEditorAbstractEffect
-        self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, add, effectClass.ModificationModeAdd)
-        self.scriptedEffect.modifySegmentByLabelmap(
-            segmentationNode, segmentId, remove, effectClass.ModificationModeRemove
-        )
+        with editing_segment(self.scriptedEffect.parameterSetNode(), segmentId):
+            self.scriptedEffect.modifySegmentByLabelmap(
+                segmentationNode, segmentId, add, effectClass.ModificationModeAdd
+            )
+            self.scriptedEffect.modifySegmentByLabelmap(
+                segmentationNode, segmentId, remove, effectClass.ModificationModeRemove
+            )
 
     @staticmethod
     def _alive(binding) -> bool:

@@ -3,7 +3,9 @@
 XY is a slice view's pixel position (origin bottom-left, as Slicer's interactor reports it; the
 third coordinate is the lightbox slice index, 0 in a normal view). ``vtkMRMLSliceNode.GetXYToRAS()``
 takes it to world RAS; the volume's parent transforms (even non-linear ones) and its RAS-to-IJK
-matrix take it to continuous IJK, voxel centres at integers.
+matrix take it to continuous IJK, voxel centres at integers. IJK here, as in prompts, indexes the
+node's voxel array from 0 (``arrayFromVolume``, what the engine gets): image data whose extent
+starts elsewhere has its IJK shifted by that start (:func:`~SegAssistLib.slicer.volumes.extent_start`).
 
 Boxes: a box drawn on a slice whose plane is aligned with the volume's grid (any two IJK axes in
 the view, so the usual axial, sagittal and coronal views of a non-oblique volume) becomes a
@@ -24,6 +26,7 @@ from pydantic import ValidationError
 
 from SegAssistLib.errors import PromptError
 from SegAssistLib.prompts import BoxPrompt, LassoPrompt, PointPrompt, ScribblePrompt
+from SegAssistLib.slicer.volumes import extent_start
 
 #: Largest angle (radians) between a slice axis and an IJK axis for the slice to count as aligned.
 ALIGNMENT_TOLERANCE_RAD = 1e-3
@@ -69,7 +72,8 @@ def node_to_world_transform(node: slicer.vtkMRMLTransformableNode) -> Optional[v
 
 
 def ras_to_ijk(points_ras: Points, volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
-    """World RAS point(s) -> continuous IJK of the volume, through its parent transforms."""
+    """World RAS point(s) -> continuous IJK of the volume (its voxel array's, from 0), through its
+    parent transforms."""
     pts, single = _as_points(points_ras, 3, "RAS point")
     transform = world_to_node_transform(volume_node)
     if transform is not None:
@@ -77,17 +81,18 @@ def ras_to_ijk(points_ras: Points, volume_node: slicer.vtkMRMLVolumeNode) -> np.
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetRASToIJKMatrix(matrix)
     m = slicer.util.arrayFromVTKMatrix(matrix)
-    ijk = pts @ m[:3, :3].T + m[:3, 3]
+    ijk = pts @ m[:3, :3].T + m[:3, 3] - extent_start(volume_node)
     return ijk[0] if single else ijk
 
 
 def ijk_to_ras(points_ijk: Points, volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
-    """Continuous IJK point(s) of the volume -> world RAS, through its parent transforms."""
+    """Continuous IJK point(s) of the volume (its voxel array's, from 0) -> world RAS, through its
+    parent transforms."""
     pts, single = _as_points(points_ijk, 3, "IJK point")
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     m = slicer.util.arrayFromVTKMatrix(matrix)
-    ras = pts @ m[:3, :3].T + m[:3, 3]
+    ras = (pts + extent_start(volume_node)) @ m[:3, :3].T + m[:3, 3]
     transform = node_to_world_transform(volume_node)
     if transform is not None:
         ras = _transform_points(transform, ras)

@@ -22,7 +22,8 @@ from SegAssistLib.prompts import (
     PointPrompt,
     Prompt,
     ScribblePrompt,
-    inside_image,
+    check_prompt_inside,
+    lasso_in_image,
     prompt_vertices_kji,
 )
 from SegAssistLib.slicer import coordinates
@@ -295,11 +296,20 @@ def _same_plane(a: np.ndarray, b: np.ndarray, tolerance_mm: float = 1e-3) -> boo
 
 # ---- prompts from gestures ----------------------------------------------------------------------
 def check_inside(prompt: Prompt, shape_kji: Sequence[int]) -> None:
-    """Raise :class:`PromptError` when a prompt's coordinates leave the volume (with half a voxel of slack)."""
-    # the click, box corners, vertices, or a slab's voxels: the engine's rule (prompts.inside_image)
-    if not inside_image(prompt_vertices_kji(prompt), shape_kji).all():
-        what = "click" if isinstance(prompt, PointPrompt) else prompt.kind
-        raise PromptError(f"the {what} is outside the volume: draw inside the image")
+    """Raise :class:`PromptError` when a prompt does not lie in the volume of array shape ``shape_kji``,
+    by the engine's and the server's rule (:func:`~SegAssistLib.prompts.check_prompt_inside`): a click,
+    each box corner and each scribble vertex inside, with half a voxel of slack; a lasso may reach
+    past the edge (one drawn around an object at the edge of the field of view, or a box dragged on
+    an oblique slice near it, which becomes a 4-vertex lasso): its part in the image counts, and one
+    with no part there is refused here (:func:`~SegAssistLib.prompts.lasso_in_image`), not by the
+    backend."""
+    what = "click" if isinstance(prompt, PointPrompt) else prompt.kind
+    try:
+        check_prompt_inside(prompt, shape_kji)
+    except PromptError as exc:
+        raise PromptError(f"the {what} is outside the volume: draw inside the image") from exc
+    if isinstance(prompt, LassoPrompt):
+        lasso_in_image(prompt, shape_kji)  # rasterises (its part in the image) only one reaching past the edge
 
 
 def gesture_to_prompt(

@@ -24,7 +24,8 @@ notices the move when it happens.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+import contextlib
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import slicer
@@ -33,13 +34,39 @@ from vtk.util import numpy_support
 
 from SegAssistLib.engine.base import MaskUpdate
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.prompts import set_voxel_bounds
 from SegAssistLib.slicer import segments
 
 #: ``modify(add, remove, extent)``: add then remove voxels of the object's segment, limited to the
 #: extent (the effect: ``modifySegmentByLabelmap`` twice, honouring masking and overwrite). Into the
 #: object's own segment, not the one selected: after Accept the last answers arrive while the user may
-#: have selected the next segment already.
+#: have selected the next segment already; the editor's mask must then be made for the object's
+#: segment too (:func:`editing_segment`).
 Modify = Callable[[slicer.vtkOrientedImageData, slicer.vtkOrientedImageData, List[int]], None]
+
+
+@contextlib.contextmanager
+def editing_segment(editor_node: Optional[slicer.vtkMRMLSegmentEditorNode], segment_id: str) -> Iterator[None]:
+    """While inside, ``editor_node``'s selected segment is ``segment_id``: a write into that segment
+    through the segment editor logic (``modifySegmentByLabelmap``) is masked for it. The logic builds
+    its editable-area mask (``GenerateEditMask``) for the *selected* segment, so with "outside all
+    segments" (or "outside visible segments") a segment selected after Accept would count as
+    editable while the accepted object's last answer is written, and (overwrite: all segments) lose
+    its voxels to it. The node's Modified events are held meanwhile, so nothing observing it sees the
+    other selection; the selection is put back afterwards (one Modified event then, if it was changed).
+    ``editor_node`` None, or already on ``segment_id``: nothing changes."""
+    if editor_node is None or (editor_node.GetSelectedSegmentID() or "") == segment_id:
+        yield
+        return
+    selected = editor_node.GetSelectedSegmentID()
+    was_modifying = editor_node.StartModify()
+    editor_node.SetSelectedSegmentID(segment_id)
+    try:
+        yield
+    finally:
+        editor_node.SetSelectedSegmentID(selected)
+        editor_node.EndModify(was_modifying)
+
 
 _Taken = Tuple[str, slicer.vtkOrientedImageData]  # (other segment ID, the voxels it lost, cropped)
 
@@ -113,13 +140,13 @@ def _snapshot(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id: str
         return _Snapshot(grid, (0, 0, 0), np.zeros((0, 0, 0), bool))
     ni, nj, nk = labelmap.GetDimensions()
     label = segmentation.GetSegment(segment_id).GetLabelValue()
-    held = numpy_support.vtk_to_numpy(scalars).reshape(nk, nj, ni) == label
-    where = np.argwhere(held)
-    if not len(where):
+    values = numpy_support.vtk_to_numpy(scalars).reshape(nk, nj, ni)  # a view: nothing copied
+    # the box by a few rows at a time: listing the voxels (np.argwhere) took 24 bytes each
+    bounds = set_voxel_bounds(values.shape, lambda rows: values[rows] == label)
+    if bounds is None:
         return _Snapshot(grid, (0, 0, 0), np.zeros((0, 0, 0), bool))
-    lo, hi = where.min(0), where.max(0) + 1
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    return _Snapshot(grid, tuple(int(v) for v in lo), held[box].copy())
+    box = tuple(slice(int(a), int(b)) for a, b in zip(*bounds))
+    return _Snapshot(grid, tuple(int(v) for v in bounds[0]), values[box] == label)
 
 
 class ObjectWrites:
@@ -237,11 +264,10 @@ class ObjectWrites:
             if other not in after:  # a segment deleted meanwhile has nothing to get back
                 continue
             taken = had & ~after[other]
-            if taken.any():
-                where = np.argwhere(taken)
-                lo, hi = where.min(0), where.max(0) + 1
-                box = tuple(slice(a, b) for a, b in zip(lo, hi))
-                records.append((other, segments.oriented_labelmap(taken[box], add, tuple(int(v) for v in lo))))
+            bounds = set_voxel_bounds(taken.shape, lambda rows, t=taken: t[rows])
+            if bounds is not None:
+                box = tuple(slice(int(a), int(b)) for a, b in zip(*bounds))
+                records.append((other, segments.oriented_labelmap(taken[box], add, tuple(int(v) for v in bounds[0]))))
 
     def _others_on(self, grid: slicer.vtkOrientedImageData, only: Optional[set] = None) -> Dict[str, np.ndarray]:
         """The other segments (``only`` these, when given) on ``grid`` (its extent), as masks: each layer

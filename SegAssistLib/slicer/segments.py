@@ -28,6 +28,7 @@ from vtk.util import numpy_support
 
 from SegAssistLib.engine.base import MaskUpdate
 from SegAssistLib.errors import ImageError, SegAssistError, SessionError
+from SegAssistLib.prompts import set_voxel_bounds
 from SegAssistLib.slicer.scene import read_node_file, write_node_file
 
 BINARY_LABELMAP = "Binary labelmap"
@@ -202,7 +203,13 @@ def segment_on_grid(
     segment_id: str,
     geometry: slicer.vtkOrientedImageData,
 ) -> np.ndarray:
-    """The segment resampled (nearest neighbour) onto ``geometry`` (its extent), as a 0/1 mask."""
+    """The segment resampled (nearest neighbour) onto ``geometry`` (its extent), as a 0/1 mask.
+
+    The segment's labelmap is read with a margin of one empty voxel: VTK's resampling takes a point
+    up to half a voxel outside an image as on its edge, so a voxel of ``geometry`` exactly on the
+    outer boundary of a cropped labelmap (a tie: a 2x oversampled geometry puts its boundaries on
+    the volume's voxel centres) would read as inside on every face, a whole extra layer of voxels;
+    inside the margin such ties go one way, as everywhere else in the labelmap."""
     segment = _segment(segmentation_node, segment_id)
     shape = _shape_kji(geometry)
     segmentation_node.GetSegmentation().CreateRepresentation(BINARY_LABELMAP)
@@ -213,7 +220,7 @@ def segment_on_grid(
         return np.zeros(shape, np.uint8)
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        labelmap, geometry, resampled
+        _padded(labelmap), geometry, resampled
     ):
         raise SegAssistError(f"could not resample segment {segment_id!r} onto the reference grid")
     values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape)
@@ -221,19 +228,38 @@ def segment_on_grid(
     return (values == segment.GetLabelValue()).astype(np.uint8)
 
 
+def _padded(labelmap: slicer.vtkOrientedImageData) -> slicer.vtkOrientedImageData:
+    """``labelmap`` (any scalar type) with one voxel of 0 around it, on its grid."""
+    e = labelmap.GetExtent()
+    pad = vtk.vtkImageConstantPad()
+    pad.SetInputData(labelmap)
+    pad.SetConstant(0)
+    pad.SetOutputWholeExtent(e[0] - 1, e[1] + 1, e[2] - 1, e[3] + 1, e[4] - 1, e[5] + 1)
+    pad.Update()
+    padded = slicer.vtkOrientedImageData()
+    padded.ShallowCopy(pad.GetOutput())
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    padded.SetImageToWorldMatrix(matrix)
+    return padded
+
+
 def segmentation_geometry(
     segmentation_node: slicer.vtkMRMLSegmentationNode,
     reference_volume_node: slicer.vtkMRMLVolumeNode,
 ) -> slicer.vtkOrientedImageData:
-    """The grid the segmentation keeps its segments on (its reference image geometry, in its own
-    frame), which Slicer's effects write on. A segmentation that names none (one converted from a
-    labelmap) keeps the grid of the segments it holds, as Slicer's editor takes it; one holding
-    nothing takes the volume's grid."""
+    """The grid the segmentation keeps its segments on (in its own frame), which Slicer's effects
+    write on, taken as Slicer's editor takes it (``vtkSlicerSegmentEditorLogic.
+    GetReferenceImageGeometryStringFromSegmentation``): its reference image geometry, widened to
+    contain every segment it holds (an imported segment, or a geometry cropped since, may reach
+    beyond it). A segmentation that names none (one converted from a labelmap) keeps the grid of the
+    segments it holds, over their extent and the volume's; one holding nothing takes the volume's
+    grid."""
     segmentation = segmentation_node.GetSegmentation()
     parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
     serialized = segmentation.GetConversionParameter(parameter)
-    from_segments = not serialized and hasattr(slicer, "vtkSlicerSegmentEditorLogic")
-    if from_segments:
+    from_segments = not serialized
+    if hasattr(slicer, "vtkSlicerSegmentEditorLogic"):  # before Slicer 5.10: the parameter as it is
         serialized = slicer.vtkSlicerSegmentEditorLogic.GetReferenceImageGeometryStringFromSegmentation(segmentation)
     if not serialized:
         return reference_geometry(reference_volume_node, segmentation_node)
@@ -312,8 +338,8 @@ def _count_outside(
     """How many voxels of ``inside`` (a box at ``offset`` of the volume's grid) lie outside
     ``target``'s extent: farther than half a voxel from it, or exactly half a voxel (a tie, which
     the resampling may hand to the voxel outside)."""
-    k, j, i = np.nonzero(inside)
-    if k.size == 0:
+    bounds = set_voxel_bounds(inside.shape, lambda rows: inside[rows])
+    if bounds is None:
         return 0
     e, t = volume_grid.GetExtent(), target.GetExtent()
     to_target = _to_target_ijk(volume_grid, target)
@@ -325,11 +351,11 @@ def _count_outside(
         return np.any((mapped < lo) | (mapped > hi), axis=0)
 
     base = np.array([[e[0] + offset[2]], [e[2] + offset[1]], [e[4] + offset[0]]], float)
-    corners = np.array(
-        [[a, b, c] for a in (i.min(), i.max()) for b in (j.min(), j.max()) for c in (k.min(), k.max())], float
-    ).T
+    (k0, j0, i0), (k1, j1, i1) = bounds[0], bounds[1] - 1
+    corners = np.array([[a, b, c] for a in (i0, i1) for b in (j0, j1) for c in (k0, k1)], float).T
     if not outside(corners + base).any():  # the extent is convex: the box of the voxels lies inside
         return 0
+    k, j, i = np.nonzero(inside)  # some lie outside: count them (rare, and the write is refused)
     return int(np.count_nonzero(outside(np.stack([i, j, k]).astype(float) + base)))
 
 
@@ -337,7 +363,8 @@ class _Placed(NamedTuple):
     """An update placed on the segmentation's geometry: ``grid`` is that geometry cut to the
     update's box (None if they do not meet), ``inside`` the answer on it, ``touched`` the voxels of
     it whose nearest volume voxel lies in the box (and, with ``changed``, is one of those);
-    ``resampled`` is False when the segmentation's geometry is the volume's grid."""
+    ``resampled`` is False when the segmentation's geometry holds the box voxel for voxel
+    (:func:`_same_grid`)."""
 
     inside: np.ndarray
     touched: Optional[np.ndarray]
@@ -355,13 +382,27 @@ def _grids(
     )
 
 
+def _same_grid(grid: slicer.vtkOrientedImageData, target: slicer.vtkOrientedImageData) -> bool:
+    """Whether ``target`` has ``grid``'s voxels (origin, spacing, directions) and its extent covers
+    ``grid``'s: then every voxel of ``grid`` is one of ``target``, written as it is. Not
+    ``DoGeometriesMatch`` alone, which ignores extents: a geometry on the volume's lattice but cut
+    smaller (Slicer's *Specify geometry* from a segmentation crops to what its segments hold) does
+    not reach every voxel of the volume."""
+    if not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(grid, target):
+        return False
+    g, t = grid.GetExtent(), target.GetExtent()
+    return all(t[2 * n] <= g[2 * n] and g[2 * n + 1] <= t[2 * n + 1] for n in range(3))
+
+
 def on_volume_grid(
     segmentation_node: slicer.vtkMRMLSegmentationNode, reference_volume_node: slicer.vtkMRMLVolumeNode
 ) -> bool:
-    """Whether the segmentation keeps its segments on the volume's voxels; otherwise an answer on
-    the volume is resampled onto its grid when written (and a thin one may not survive that)."""
+    """Whether the segmentation keeps its segments on the volume's voxels, all of them (its geometry
+    is the volume's grid, extent included: :func:`_same_grid`); otherwise an answer on the volume is
+    resampled onto its geometry when written, and refused where it reaches beyond it (or is too thin
+    to land)."""
     volume_grid, target = _grids(segmentation_node, reference_volume_node)
-    return bool(slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target))
+    return _same_grid(volume_grid, target)
 
 
 def _on_segmentation_grid(
@@ -383,10 +424,10 @@ def _on_segmentation_grid(
     _check_box(update, _shape_kji(volume_grid))
     inside = np.asarray(update.voxels) > 0
     decides = np.ones_like(inside) if changed is None else np.asarray(changed) > 0
-    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target):
-        box = slicer.vtkOrientedImageData()
-        box.DeepCopy(volume_grid)
-        _crop_to_box(box, update.offset, inside.shape)
+    box = slicer.vtkOrientedImageData()  # a geometry only: no voxels to copy
+    box.DeepCopy(volume_grid)
+    _crop_to_box(box, update.offset, inside.shape)
+    if _same_grid(box, target):  # the segmentation holds the box voxel for voxel
         return _Placed(inside, decides, box, resampled=False)
     outside = _count_outside(inside, update.offset, volume_grid, target)
     if outside:
@@ -437,11 +478,11 @@ def array_to_segment(
     _ensure_binary_labelmap_source(segmentation_node)
     mask = np.asarray(mask)
     update = MaskUpdate((0, 0, 0), mask)
-    if not slicer.vtkOrientedImageDataResample.DoGeometriesMatch(volume_grid, target):
+    if not _same_grid(volume_grid, target):
         # resampled: only the box holding the mask (the rest of the segment is replaced by nothing)
-        voxels = np.argwhere(mask)
-        lo, hi = (voxels.min(0), voxels.max(0) + 1) if len(voxels) else (np.zeros(3, int), np.ones(3, int))
-        update = MaskUpdate(tuple(int(v) for v in lo), mask[tuple(slice(a, b) for a, b in zip(lo, hi))])
+        bounds = set_voxel_bounds(shape, lambda rows: mask[rows] != 0)
+        lo, hi = (np.zeros(3, int), np.ones(3, int)) if bounds is None else bounds
+        update = MaskUpdate(tuple(int(v) for v in lo), mask[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))])
     placed = _on_segmentation_grid(update, segmentation_node, reference_volume_node, grids, need_touched=False)
     labelmap = _nothing_to_write(target) if placed.grid is None else oriented_labelmap(placed.inside, placed.grid)
     if not _Logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, _Logic.MODE_REPLACE):

@@ -41,9 +41,24 @@ def transform_to_world(node: slicer.vtkMRMLTransformableNode) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(matrix)
 
 
+def extent_start(volume_node: slicer.vtkMRMLVolumeNode) -> np.ndarray:
+    """The (i, j, k) of the first voxel of the node's image data: its extent's start, 0 for nearly
+    every volume (one put together by VTK filters, ``vtkExtractVOI``, may start elsewhere)."""
+    image_data = volume_node.GetImageData()
+    if image_data is None:
+        return np.zeros(3)
+    e = image_data.GetExtent()
+    return np.array([e[0], e[2], e[4]], float)
+
+
 def ijk_to_ras_matrix(volume_node: slicer.vtkMRMLVolumeNode, world: bool = True) -> np.ndarray:
-    """The 4x4 IJK-to-RAS matrix of a volume node; with ``world`` its parent transforms are applied."""
-    matrix = slicer.util.arrayFromVTKMatrix(_vtk_ijk_to_ras(volume_node))
+    """The 4x4 matrix from a voxel's index in the node's voxel array (``arrayFromVolume``'s
+    ``[k, j, i]`` reversed, from 0: the indices of prompts and of :class:`Volume`) to RAS; with
+    ``world`` its parent transforms are applied. That is the node's IJK-to-RAS matrix after a shift
+    by :func:`extent_start` (none for image data starting at 0, where both indices agree)."""
+    shift = np.eye(4)
+    shift[:3, 3] = extent_start(volume_node)
+    matrix = slicer.util.arrayFromVTKMatrix(_vtk_ijk_to_ras(volume_node)) @ shift
     return transform_to_world(volume_node) @ matrix if world else matrix
 
 
@@ -94,7 +109,8 @@ def volume_from_node(volume_node: slicer.vtkMRMLVolumeNode, world: bool = True) 
     skewed one that no image file can hold: such a geometry is approximated by the nearest rotated
     box, so the image can still be segmented. Spacing is the length of each world voxel step (the
     world matrix's column norms: the true distance between neighbouring voxels along i, j and k,
-    what a model resamples by); origin is where voxel (0, 0, 0) is; direction is the orthogonal
+    what a model resamples by); origin is where array voxel (0, 0, 0) is (the image data's first
+    voxel, also when its extent does not start at 0: :func:`ijk_to_ras_matrix`); direction is the orthogonal
     matrix nearest to the unit world axes (:func:`nearest_orthogonal`, of the normalised columns, so
     a thick-slice axis weighs no more than the others). :meth:`Volume.ijk_to_physical` then misses
     the displayed position by the shear (a voxel's position, not which voxel it is): prompts and

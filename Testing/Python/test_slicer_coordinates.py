@@ -190,3 +190,60 @@ def test_degenerate_shapes_raise_prompt_errors(ctx):
         coordinates.xy_to_ijk(axial, [(1.0, 2.0, 3.0, 4.0)], volume)
     with pytest.raises(PromptError, match="non-finite"):
         coordinates.point_prompt(axial, (np.nan, 3.0), volume)
+
+
+def _volume_with_extent_start(scene, start=(5, 3, 2), shape=(10, 12, 14), bright=(4, 6, 3)):
+    """A volume node whose image data's extent starts at ``start`` (i, j, k), as a VTK filter's output
+    (``vtkExtractVOI``) put into a node has it; one bright voxel at array index ``bright`` [k, j, i]."""
+    import vtk
+    from vtk.util import numpy_support
+
+    voxels = np.zeros(shape, np.int16)
+    voxels[bright] = 1000
+    nk, nj, ni = shape
+    image = vtk.vtkImageData()
+    image.SetExtent(start[0], start[0] + ni - 1, start[1], start[1] + nj - 1, start[2], start[2] + nk - 1)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    image.GetPointData().GetScalars().DeepCopy(numpy_support.numpy_to_vtk(voxels.ravel()))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "extracted")
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(affine(np.diag([-1.0, -1.0, 2.0]), (4.0, -3.0, 1.0))))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def test_prompts_index_the_voxel_array_when_the_image_data_does_not_start_at_zero(ctx):
+    """Prompts are indices of the voxel array the engine gets (``arrayFromVolume``, from 0). For image
+    data whose extent starts elsewhere, Slicer's IJK is that index plus the start: a click on the
+    bright voxel became a prompt five voxels off, and the inside check was shifted the same way."""
+    from SegAssistLib.slicer import volumes
+    from SegAssistLib.slicer.interaction import Gesture, Tool, gesture_to_prompt
+
+    start = np.array([5, 3, 2])
+    volume = _volume_with_extent_start(ctx.scene, tuple(start))
+    array = volumes.volume_from_node(volume).array
+    bright = (3, 6, 4)  # (i, j, k) of the bright voxel in the array
+    assert array[bright[::-1]] == 1000
+    view = add_slice_node(ctx.scene, "Axial", DIMS, FOV, center_ras=voxel_world(volume, start + bright))
+    assert np.array_equal(slicer_xy_to_voxel(view, CENTER, volume), start + bright)  # Slicer's IJK
+
+    prompt = gesture_to_prompt(Gesture(Tool.CLICK, True, "Red", (CENTER,)), view, volume)
+    assert coordinates.voxel_index(prompt.position) == bright
+    ijk = np.array([[0.0, 0.0, 0.0], [3.25, 9.5, 1.75], [13.0, 11.0, 9.0]])
+    ras = coordinates.ijk_to_ras(ijk, volume)
+    assert np.allclose(ras, [voxel_world(volume, start + p) for p in ijk], atol=1e-9)
+    assert np.allclose(coordinates.ras_to_ijk(ras, volume), ijk, atol=1e-9)
+    # the Volume's origin is where array voxel (0, 0, 0) is
+    origin = volumes.ijk_to_ras_from_volume(volumes.volume_from_node(volume))[:3, 3]
+    assert np.allclose(origin, voxel_world(volume, start))
+
+    # the array's last voxel along i is inside; one past its first is outside
+    for array_i, inside in ((13, True), (-1, False)):
+        at = voxel_world(volume, start + (array_i, 6, 4))
+        view = add_slice_node(ctx.scene, "Axial", DIMS, FOV, center_ras=at)
+        gesture = Gesture(Tool.CLICK, True, "Red", (CENTER,))
+        if inside:
+            assert coordinates.voxel_index(gesture_to_prompt(gesture, view, volume).position) == (array_i, 6, 4)
+        else:
+            with pytest.raises(PromptError, match="outside"):
+                gesture_to_prompt(gesture, view, volume)

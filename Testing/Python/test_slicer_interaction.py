@@ -761,3 +761,39 @@ def test_an_accepted_objects_last_answer_lands_in_its_segment_after_another_is_s
     finally:
         worker.submit(None, session.close)
         worker.shutdown(wait=True, cancel_queued=False)
+
+
+def test_a_lasso_reaching_past_the_edge_keeps_its_part_in_the_image_as_the_engine_does(ctx):
+    """The engine and the server accept a lasso drawn around an object at the edge of the field of
+    view (its part in the image counts); the effect refused any with a corner past the edge, and so
+    every box dragged on an oblique slice near the edge (a 4-vertex lasso there). Clicks, boxes and
+    scribbles stay strict."""
+    from SegAssistLib.prompts import check_prompt_inside, lasso_in_image
+
+    shape = (20, 24, 28)  # [k, j, i]
+    volume = add_volume(ctx.scene, np.zeros(shape, np.int16), affine(np.diag([-1.0, -1.0, 2.0]), (0, 0, 0)), "v")
+    at_edge = voxel_world(volume, (1, 12, 10))  # 1 px = 0.5 voxel along i and j
+    axial = add_slice_node(ctx.scene, "Axial", DIMS, FOV, center_ras=at_edge)
+    oblique = add_slice_node(ctx.scene, (0.3, -0.5, 0.8), DIMS, FOV, center_ras=at_edge, layout_name="Yellow")
+    outline = ((144.0, 94.0), (158.0, 94.0), (158.0, 106.0), (144.0, 106.0))  # i from -2 to 5
+    drawn = [
+        gesture_to_prompt(Gesture(Tool.LASSO, True, "Red", outline), axial, volume),
+        gesture_to_prompt(Gesture(Tool.BOX, True, "Yellow", ((140.0, 90.0), (160.0, 110.0))), oblique, volume),
+    ]
+    for prompt in drawn:
+        assert isinstance(prompt, LassoPrompt)
+        assert np.asarray(prompt.points)[:, 0].min() < -0.5  # a corner past the edge: accepted
+        check_prompt_inside(prompt, shape)  # the engine's and the server's rule agree
+        lo, hi = lasso_in_image(prompt, shape).slab.bounds()  # what the engine draws: its part inside
+        assert np.all(lo >= 0) and np.all(hi <= np.asarray(shape)) and lo[2] == 0
+
+    with pytest.raises(PromptError, match="box is outside the volume"):  # an aligned view: a flat box, strict
+        gesture_to_prompt(Gesture(Tool.BOX, True, "Red", ((140.0, 90.0), (160.0, 110.0))), axial, volume)
+    with pytest.raises(PromptError, match="scribble is outside the volume"):
+        gesture_to_prompt(Gesture(Tool.SCRIBBLE, True, "Red", ((140.0, 100.0), (160.0, 100.0))), axial, volume)
+    gone = tuple((x - 40.0, y) for x, y in outline)  # wholly past the edge
+    with pytest.raises(PromptError, match="lasso is outside the volume"):
+        gesture_to_prompt(Gesture(Tool.LASSO, True, "Red", gone), axial, volume)
+    by_a_corner = LassoPrompt(points=[(-3.0, 2.0, 5.0), (2.0, -3.0, 5.0), (-3.0, -3.0, 5.0)])  # misses voxel (0, 0)
+    with pytest.raises(PromptError, match="lasso lies outside the image"):
+        check_inside(by_a_corner, shape)

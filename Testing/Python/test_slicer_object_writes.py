@@ -245,3 +245,82 @@ def test_a_batch_write_into_the_edited_segmentation_is_one_editor_undo_step(ctx)
     editor.redo()
     assert np.array_equal(_read(seg, result.segment_id, vol), mask)
     editor.close()
+
+
+@pytest.mark.parametrize("mask_mode", ["EditAllowedOutsideAllSegments", "EditAllowedOutsideVisibleSegments"])
+def test_an_answer_after_accept_is_masked_for_its_own_segment_not_the_selected_one(ctx, mask_mode):
+    """After Accept, with an answer still pending, the user selects 'liver'; the answer lands in
+    'tumor'. The editor builds its editable-area mask for the selected segment, so without
+    ``editing_segment`` 'liver' would count as editable and lose voxels to the tumor."""
+    import vtk
+
+    from SegAssistLib.slicer.object_writes import editing_segment
+
+    vol, seg, liver, _, logic = _setup(ctx)
+    editor_node = logic.GetSegmentEditorNode()
+    editor_node.SetMaskMode(getattr(slicer.vtkMRMLSegmentationNode, mask_mode))
+    editor_node.SetSelectedSegmentID("liver")  # the next segment, selected after Accept
+    seen = []  # the selection each Modified event of the editor node shows
+    editor_node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda node, event: seen.append(node.GetSelectedSegmentID()))
+
+    def write(add, remove, extent):  # the effect's _modifySegment: into 'tumor', through the editor
+        logic.ModifySegmentByLabelmap(seg, "tumor", add, logic.ModificationModeAdd, extent, True, False)
+        logic.ModifySegmentByLabelmap(seg, "tumor", remove, logic.ModificationModeRemove, extent, True, False)
+
+    def modify(add, remove, extent):
+        with editing_segment(editor_node, "tumor"):
+            write(add, remove, extent)
+
+    answer = np.zeros(SHAPE, np.uint8)
+    answer[3:7, 3:8, 8:14] = 1  # half in the liver, half outside every segment
+    ObjectWrites(seg, "tumor", vol, modify, logic.SaveStateForUndo).apply(MaskUpdate((0, 0, 0), answer), 1)
+    assert np.array_equal(_read(seg, "liver", vol), liver)  # not editable: the tumor took none of it
+    assert np.array_equal(_read(seg, "tumor", vol), answer & ~liver)
+    assert editor_node.GetSelectedSegmentID() == "liver"
+    assert seen and set(seen) == {"liver"}  # no observer ever saw 'tumor' selected
+
+    # what the editor does unasked: masked for 'liver', the liver is editable and loses voxels
+    segments.array_to_segment(np.zeros(SHAPE, np.uint8), seg, "tumor", vol)
+    ObjectWrites(seg, "tumor", vol, write, logic.SaveStateForUndo).apply(MaskUpdate((0, 0, 0), answer), 1)
+    assert _read(seg, "liver", vol).sum() < liver.sum()
+
+
+def test_editing_segment_changes_nothing_when_the_segment_is_selected_or_there_is_no_editor(ctx):
+    import vtk
+
+    from SegAssistLib.slicer.object_writes import editing_segment
+
+    editor_node = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor_node.SetSelectedSegmentID("tumor")
+    events = []
+    editor_node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda node, event: events.append(event))
+    with editing_segment(editor_node, "tumor"), editing_segment(None, "tumor"):
+        assert editor_node.GetSelectedSegmentID() == "tumor"
+    assert not events
+    with pytest.raises(RuntimeError), editing_segment(editor_node, "liver"):  # a failed write: put back
+        raise RuntimeError("write failed")
+    assert editor_node.GetSelectedSegmentID() == "tumor"
+
+
+def test_an_object_on_a_large_segment_does_not_list_its_voxels(ctx):
+    """The first prompt keeps a copy of the segment (for reset): its box is found a few rows at a
+    time, not by listing every voxel (np.argwhere, 24 bytes each: gigabytes for a body segment)."""
+    import tracemalloc
+
+    shape = (64, 160, 160)
+    vol = add_volume(ctx.scene, np.zeros(shape, np.int16), affine(np.eye(3), (0, 0, 0)), "v")
+    seg = segments.create_segmentation(ctx.scene, vol, "seg")
+    segments.add_segment(seg, "body", segment_id="body")
+    body = np.zeros(shape, np.uint8)
+    body[2:62, 5:155, 5:155] = 1
+    segments.array_to_segment(body, seg, "body", vol)
+    tracemalloc.start()
+    try:
+        writes = ObjectWrites(seg, "body", vol, lambda add, remove, extent: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    voxels = int(body.sum())
+    assert peak < 4 * voxels  # the copy itself is 1 byte a voxel; listing them took 24 and more
+    writes.reset()  # nothing changed: the copy is the segment
+    assert np.array_equal(_read(seg, "body", vol), body)

@@ -509,3 +509,134 @@ def test_an_answer_that_would_vanish_on_the_segmentations_grid_is_refused_not_dr
     sheet = np.roll(sheet, 1, axis=2)
     segments.array_to_segment(sheet, seg, sid, volume)
     assert segments.segment_to_array(seg, sid, volume).sum() == 288  # on the grid's samples: written
+
+
+def _set_geometry(seg, image_to_world: np.ndarray, extent) -> None:
+    """Set the segmentation's reference geometry parameter (its grid, in its own frame)."""
+    geometry = slicer.vtkOrientedImageData()
+    geometry.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(np.asarray(image_to_world, float)))
+    geometry.SetExtent(*extent)
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    seg.GetSegmentation().SetConversionParameter(
+        parameter, slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry)
+    )
+
+
+def test_a_geometry_on_the_volumes_voxels_but_cut_smaller_is_not_the_volumes_grid(ctx):
+    """Slicer's *Specify geometry* from a segmentation crops it to what the segments hold. Such a
+    geometry has the volume's origin, spacing and directions (``DoGeometriesMatch`` holds, as it
+    ignores extents), and answers beyond its extent were written there without the check: they are
+    refused whole, as on any other geometry; the module makes a new segmentation instead."""
+    volume = add_volume(ctx.scene, random_volume((10, 12, 14)), affine(np.diag([-1.0, -1.0, 2.0]), (5, 6, 7)), "v")
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ijk_to_ras)
+    _set_geometry(seg, slicer.util.arrayFromVTKMatrix(ijk_to_ras), (0, 6, 0, 5, 0, 4))  # i 0..6, j 0..5, k 0..4
+    sid = segments.add_segment(seg, "s")
+    assert not segments.on_volume_grid(seg, volume)
+    editor = segments.SegmentEditor(seg, volume)
+    beyond = MaskUpdate((6, 6, 6), np.ones((4, 4, 4), np.uint8))
+    with pytest.raises(ImageError, match="64 voxels of the answer lie outside the geometry of segmentation 'seg'"):
+        editor.write(sid, beyond)
+    whole = np.zeros((10, 12, 14), np.uint8)
+    whole[6:10, 6:10, 6:10] = 1
+    with pytest.raises(ImageError, match="64 voxels of the answer lie outside"):
+        segments.array_to_segment(whole, seg, sid, volume)
+    assert not segments.segment_holds_voxels(seg, sid)
+
+    inside = np.zeros((10, 12, 14), np.uint8)
+    inside[1:4, 2:5, 3:6] = 1
+    editor.write(sid, MaskUpdate((0, 0, 0), inside[:5, :6, :7]))  # the box is the geometry's extent
+    crossing = np.zeros((4, 4, 4), np.uint8)
+    crossing[:2, :3, :4] = 1  # a box reaching beyond the extent, its voxels not
+    editor.write(sid, MaskUpdate((3, 3, 3), crossing))
+    editor.close()
+    expected = inside.copy()
+    expected[3:7, 3:7, 3:7] = crossing
+    assert np.array_equal(segments.segment_to_array(seg, sid, volume), expected)
+
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # the whole volume: its grid again
+    assert segments.on_volume_grid(seg, volume)
+
+
+def test_the_segmentations_geometry_holds_its_segments_as_the_editors_does(ctx):
+    """An imported segment beyond the geometry parameter's extent: Slicer's editor widens the
+    geometry to contain every segment; an answer trimming that segment was refused as outside."""
+    volume = add_volume(ctx.scene, random_volume((10, 12, 14)), affine(np.eye(3), (0, 0, 0)), "v")
+    seg = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    seg.CreateDefaultDisplayNodes()
+    fine = affine(np.eye(3) * 0.5, (0.25, 0.25, 0.25))  # 2x oversampled: covers volume voxels 0..5
+    _set_geometry(seg, fine, (0, 11, 0, 11, 0, 11))
+    sid = segments.add_segment(seg, "imported")
+    imported = slicer.vtkOrientedImageData()
+    imported.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(fine))
+    imported.SetExtent(14, 17, 14, 17, 14, 17)  # volume voxels 7..8
+    imported.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    imported.GetPointData().GetScalars().Fill(1)
+    assert _Logic().SetBinaryLabelmapToSegment(imported, seg, sid, _Logic().MODE_REPLACE)
+    slicers = slicer.vtkSlicerSegmentEditorLogic.GetReferenceImageGeometryStringFromSegmentation(seg.GetSegmentation())
+    expected_extent = tuple(int(v) for v in slicers.strip(";").split(";")[-6:])
+    assert segments.segmentation_geometry(seg, volume).GetExtent() == expected_extent == (0, 17, 0, 17, 0, 17)
+
+    trimmed = np.ones((2, 2, 2), np.uint8)
+    trimmed[0, 0, 0] = 0  # the model trims one voxel of the imported segment
+    editor = segments.SegmentEditor(seg, volume)
+    editor.write(sid, MaskUpdate((7, 7, 7), trimmed))
+    editor.close()
+    assert np.array_equal(segments.segment_to_array(seg, sid, volume)[7:9, 7:9, 7:9], trimmed)
+    assert segments.segment_to_array(seg, sid, volume).sum() == 7
+
+
+@pytest.mark.parametrize("fine_range", [(8, 13), (9, 12), (8, 12), (9, 13)])
+def test_a_segment_on_an_oversampled_geometry_reads_without_an_extra_layer(ctx, fine_range):
+    """With Slicer's oversampling factor 2 the fine voxels' boundaries lie on the volume's voxel
+    centres. VTK takes a point up to half a voxel outside an image as on its edge, so such a centre
+    on the outer boundary of the segment's (cropped) labelmap read as inside on every face: one
+    layer of volume voxels too many (one whole slice of a thick-slice volume's starting mask).
+    Ties now go one way everywhere: half up, as nearest-neighbour resampling rounds them."""
+    volume = add_volume(ctx.scene, random_volume((12, 12, 12)), affine(np.eye(3), (0, 0, 0)), "v")
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+    geometry = segments.reference_geometry(volume, seg)
+    slicer.vtkCalculateOversamplingFactor.ApplyOversamplingOnImageGeometry(geometry, 2.0)  # as Slicer's editor
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    seg.GetSegmentation().SetConversionParameter(
+        parameter, slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry)
+    )
+    sid = segments.add_segment(seg, "s")
+    lo, hi = fine_range
+    fine = np.zeros((24, 24, 24), np.uint8)
+    fine[lo:hi, lo:hi, lo:hi] = 1
+    assert _Logic().SetBinaryLabelmapToSegment(
+        segments.oriented_labelmap(fine, geometry), seg, sid, _Logic().MODE_REPLACE
+    )
+    # oracle: the fine voxel each volume voxel centre falls in, a tie rounded up
+    centres = (np.arange(12) - geometry.GetOrigin()[0]) / geometry.GetSpacing()[0]
+    nearest = np.floor(centres + 0.5).astype(int)
+    along = ((nearest >= lo) & (nearest < hi)).astype(np.uint8)
+    expected = along[:, None, None] * along[None, :, None] * along[None, None, :]
+    assert geometry.GetSpacing() == (0.5, 0.5, 0.5)
+    assert np.array_equal(segments.segment_to_array(seg, sid, volume), expected)
+    box = ((3, 3, 3), (5, 5, 5))  # a box of it, resampled alone, reads the same
+    assert np.array_equal(segments.segment_to_array(seg, sid, volume, box), expected[3:8, 3:8, 3:8])
+
+
+def test_writing_a_large_mask_on_another_geometry_does_not_list_its_voxels(ctx):
+    """The box of a whole-segment write onto another geometry was found with np.argwhere (24 bytes
+    a voxel of the segment, then more); a few bytes a voxel now, for the resampling itself."""
+    import tracemalloc
+
+    shape = (64, 160, 160)
+    volume = add_volume(ctx.scene, np.zeros(shape, np.int16), affine(np.eye(3), (0, 0, 0)), "v")
+    seg = segments.create_segmentation(ctx.scene, volume, "seg")
+    _set_geometry(seg, affine(np.eye(3), (0.5, 0.0, 0.0)), (-2, 170, -2, 170, -2, 70))  # half a voxel along i
+    sid = segments.add_segment(seg, "body")
+    body = np.zeros(shape, np.uint8)
+    body[2:62, 5:155, 5:155] = 1
+    tracemalloc.start()
+    try:
+        segments.array_to_segment(body, seg, sid, volume)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * int(body.sum())
+    assert segments.segment_to_array(seg, sid, volume).sum() == body.sum()
