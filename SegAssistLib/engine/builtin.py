@@ -164,16 +164,18 @@ class BuiltinSession(EngineSession):
         self._check_open()
         prompt = require_prompt(prompt)
         t0 = time.perf_counter()
+        # the version credited with the mask: the one answering, when the network ran
         if isinstance(prompt, MaskPrompt):  # to_array checks the box before it decodes (once)
-            box, new_region, info = self._whole(), prompt.to_array(self.shape), {"levels": []}
+            # the caller's mask (a segment, a proposal): no model answered it here
+            box, new_region, info, version = self._whole(), prompt.to_array(self.shape), {"levels": []}, None
         else:
             check_prompt_inside(prompt, self.shape)
             self._drawn(prompt)  # a lasso with nothing in the image is refused before anything changes
-            if self._marks_background_only(prompt):
-                box, new_region, info = _NOTHING, np.zeros((0, 0, 0), np.uint8), {"levels": []}
+            if self._marks_background_only(prompt):  # nothing drawn: the mask's maker is unchanged
+                box, new_region, info, version = _NOTHING, np.zeros((0, 0, 0), np.uint8), {"levels": []}, self._version
             else:
-                box, new_region, info = self._predict(prompt)
-        update = self._commit(self.prompts + [prompt], box, new_region, self.engine.version)
+                (box, new_region, info), version = self._predict(prompt), self.engine.version
+        update = self._commit(self.prompts + [prompt], box, new_region, version)
         update.latency_s = time.perf_counter() - t0
         update.info = info
         return update

@@ -87,3 +87,30 @@ def test_a_replayed_session_credits_the_version_answering_its_replay(server_fact
             assert session.status().model_version == adapted
             assert session.prompt_log().model.endswith("@" + adapted)
             assert session.undo().info["model_version"] is None  # back to the empty mask
+
+
+def test_an_initial_mask_and_a_first_negative_click_are_credited_to_no_model(server_factory, tmp_path):
+    """A session opened from a mask the caller sent (``/next``'s proposal, a segment) was credited to the
+    version answering when it opened, and a label saved from it named that version, which made none of
+    it (the proposal came from the version before a promotion); a first negative click, for which the
+    model does not run, was credited the same way."""
+    from SegAssistLib.prompts import MaskPrompt
+
+    store = tmp_path / "store"
+    server = server_factory.start(learn_store=store)
+    volume = make_volume(seed=43)
+    with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 120.0)) as alice:
+        case = alice.learning.import_image(volume, name="from a proposal")
+        alice.learning.lock(case.id)
+        base = alice.info().model.version
+        proposal = volume.array > volume.array.mean()
+        with alice.open_session(volume, [MaskPrompt.from_array(proposal)]) as session:
+            assert session.status().model_version is None
+            assert session.prompt_log().model is None
+            label = alice.learning.submit(case.id, session, submit=False)
+            assert (label.model, label.adapter_version) == (None, None)
+            corrected = session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0)))
+            assert corrected.info["model_version"] == base  # the model answered the correction
+        with alice.open_session(volume) as session:
+            background = session.add_prompt(PointPrompt(position=(24.0, 20.0, 12.0), positive=False))
+            assert background.info["model_version"] is None and session.status().model_version is None
