@@ -46,7 +46,14 @@ from SegAssistLib.errors import PromptError
 from SegAssistLib.evaluation.history import StateListHistory
 from SegAssistLib.image import Volume, scaled_to_unit, validate_image
 from SegAssistLib.prompt_log import ImageInfo, PromptLog
-from SegAssistLib.prompts import BoxPrompt, PointPrompt, Prompt, ScribblePrompt, prompt_vertices_kji
+from SegAssistLib.prompts import (
+    BoxPrompt,
+    PointPrompt,
+    Prompt,
+    ScribblePrompt,
+    check_prompt_inside,
+    prompt_vertices_kji,
+)
 from SegAssistLib.rasterize import ball_offsets_mm, polyline_samples
 
 OBJECT, BACKGROUND = 1, 2
@@ -84,12 +91,7 @@ class SeedSegmentationSession(StateListHistory, EngineSession):
                 f"{self._engine.capabilities().name} does not support {prompt.kind} prompts "
                 f"(supported: {', '.join(SUPPORTED_KINDS)})"
             )
-        positions = prompt_vertices_kji(prompt)[:, ::-1]  # (i, j, k); a slab's voxels
-        upper = np.asarray(self._shape[::-1]) - 0.5
-        outside = np.any((positions < -0.5) | (positions >= upper), axis=1)
-        if outside.any():
-            p = tuple(float(x) for x in positions[np.argmax(outside)])
-            raise PromptError(f"prompt position {p} lies outside the image (size i, j, k {self._shape[::-1]})")
+        check_prompt_inside(prompt, self._shape)  # the engine's rule
 
     def _object_points(self, prompts: Sequence[Prompt]) -> np.ndarray:
         pts = []
