@@ -77,6 +77,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from SegAssistLib.cli import run_script
 from SegAssistLib.datasets import default_data_root, list_cases, split_cases
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
@@ -133,11 +134,13 @@ def parse_structure(text: str) -> StructureSpec:
         return STRUCTURES[text]
     parts = text.split(":")
     if len(parts) not in (2, 3):
-        raise SystemExit(f"unknown structure {text!r}: use one of {', '.join(STRUCTURES)} or dataset:label[:channel]")
+        raise SegAssistError(
+            f"unknown structure {text!r}: use one of {', '.join(STRUCTURES)} or dataset:label[:channel]"
+        )
     try:
         label, channel = int(parts[1]), int(parts[2]) if len(parts) == 3 else 0
     except ValueError:
-        raise SystemExit(f"bad structure {text!r}: label and channel are integers") from None
+        raise SegAssistError(f"bad structure {text!r}: label and channel are integers") from None
     return StructureSpec(f"{parts[0]}_label{label}", parts[0], label, channel)
 
 
@@ -155,7 +158,7 @@ def campaign_cases(data_root: Path, spec: StructureSpec, count: Optional[int]) -
     """The first ``count`` cases holding the structure: evaluation split first, then training split."""
     folder = Path(data_root) / spec.dataset
     if not (folder / "imagesTr").is_dir():
-        raise SystemExit(f"dataset folder {folder} not found (pass --data)")
+        raise SegAssistError(f"dataset folder {folder} not found (pass --data)")
     cases = list_cases(folder, channel=spec.channel)
     # the library's split rule: a dataset the split file does not know is all evaluation
     evaluation = {c.name for c in split_cases(cases, "evaluation")}
@@ -175,7 +178,7 @@ def campaign_cases(data_root: Path, spec: StructureSpec, count: Optional[int]) -
             continue
         out.append(CampaignCase(case.name, volume, target, case.name not in evaluation))
     if len(out) < 2:
-        raise SystemExit(f"only {len(out)} case(s) of {spec.dataset} hold label {spec.label}: need at least 2")
+        raise SegAssistError(f"only {len(out)} case(s) of {spec.dataset} hold label {spec.label}: need at least 2")
     return out
 
 
@@ -597,7 +600,7 @@ def parse_learning_rates(items: Sequence[str]) -> Dict[str, float]:
         try:
             out[mode.strip()] = float(value)
         except ValueError:
-            raise SystemExit(f"--learning-rate wants MODE=LR (for example salt=1e-2), got {item!r}") from None
+            raise SegAssistError(f"--learning-rate wants MODE=LR (for example salt=1e-2), got {item!r}") from None
     return out
 
 
@@ -644,7 +647,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("written:", md_path)
         return 0
     if not args.model.is_file():
-        raise SystemExit(f"model not found: {args.model} (until the shipped weights exist, pass "
+        raise SegAssistError(f"model not found: {args.model} (until the shipped weights exist, pass "
                          "--model runs/v1/model.pt)")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -659,7 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg.check()
     except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+        raise SegAssistError(str(exc)) from None
     cases = campaign_cases(args.data, spec, args.cases or spec.default_cases)
     json_path, _ = results_paths(args.out, spec, args.device)
     previous = json.loads(json_path.read_text()) if json_path.is_file() else None
@@ -676,4 +679,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "campaign.py"))

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("torch")
 
 from SegAssistLib.engine.edges import EdgeSnap  # noqa: E402
+from SegAssistLib.errors import SegAssistError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -147,7 +148,7 @@ def test_campaign_learning_rates_reach_the_trainer_and_keep_old_results_comparab
     campaign = _script("campaign")
     assert campaign.parse_learning_rates(["salt=1e-2", "lora=0.004"]) == {"salt": 0.01, "lora": 0.004}
     for bad in (["salt"], ["salt=fast"]):
-        with pytest.raises(SystemExit, match="MODE=LR"):
+        with pytest.raises(SegAssistError, match="MODE=LR"):
             campaign.parse_learning_rates(bad)
     tuned = campaign.CampaignConfig(learning_rates={"salt": 0.01}).check()
     assert tuned.train_config("salt").lr == 0.01
@@ -478,6 +479,9 @@ def test_make_splits_check_passes_on_the_committed_file(shared_data: Path) -> No
          "checkpoint not found: {tmp}/none.pt"),
         ("training_throughput", ["--config", "{tmp}/none.json", "--out", "{tmp}/out/t.json"],
          "cannot read the training config {tmp}/none.json"),
+        ("campaign", ["--data", "{tmp}/nowhere"], "dataset folder {tmp}/nowhere/hippocampus not found"),
+        ("campaign", ["--model", "{tmp}/none.pt"], "model not found: {tmp}/none.pt"),
+        ("campaign", ["--structure", "liver"], "unknown structure 'liver'"),
     ],
 )
 def test_a_benchmark_script_refuses_bad_input_in_one_line(script: str, argv, message: str, tmp_path: Path) -> None:
