@@ -103,7 +103,8 @@ class SaveLabel(_Model):
         None,
         ge=0,
         le=MAX_INTERACTIONS,
-        description="prompts it took; omitted or null: the session's count of prompts, and for a mask unknown (null)",
+        description="prompts it took; omitted or null: the session's count of prompts (its n_prompts, undone and "
+        "reset ones included), and for a mask unknown (null)",
     )
 
 
@@ -217,11 +218,21 @@ class LearningStatus(ReplyModel):
     current_version: Optional[Dict[str, Any]] = None
     last_job: Optional[Dict[str, Any]] = None
     engine_version: str = Field(description="the model version answering sessions now")
+    version_error: Optional[str] = Field(
+        None,
+        description="why the workers could not switch to current_version (a version promoted by a training job, "
+        "or made current from a terminal, that this server cannot load): engine_version goes on answering; "
+        "null when they answer with the current version",
+    )
 
 
 class NextCaseRequest(_Model):
     strategy: Strategy = "uncertainty"
-    lock: bool = Field(True, description="lock the case to the caller")
+    lock: bool = Field(
+        True,
+        description="lock the case to the caller; a case they hold locked with no label version yet is handed back "
+        "first (resumed), before any other is locked",
+    )
     lock_ttl_s: float = Field(
         DEFAULT_LOCK_TTL_S, gt=0, le=MAX_LOCK_TTL_S, description="seconds until the lock lapses (with lock)"
     )
@@ -248,3 +259,8 @@ class NextCaseReply(ReplyModel):
     strategy: Strategy
     score: Dict[str, Any]
     proposal: Optional[ProposalReply] = None
+    resumed: bool = Field(
+        False,
+        description="the caller's own case handed back (locked to them before, no label version yet: an earlier "
+        "answer that never reached them, or a lock by hand), its lock renewed, instead of a new case locked",
+    )

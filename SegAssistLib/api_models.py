@@ -83,6 +83,7 @@ class ErrorCode:
     UNSUPPORTED_PROMPT = "unsupported_prompt"  # 422: the model does not take this prompt kind
     TRAINING_REFUSED = "training_refused"  # 422: bad settings, or too few submitted labels to train on
     TOO_MANY_SESSIONS = "too_many_sessions"  # 429: per user or in total
+    CLIENT_GONE = "client_gone"  # 499: the client left before its request took effect (the server's log sees it)
     QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
     UPLOADS_BUSY = "uploads_busy"  # 503: no upload slot came free in time (or the user's own is taken); retry
     SHUTTING_DOWN = "shutting_down"  # 503
@@ -130,6 +131,11 @@ class ModelInfo(ReplyModel):
     version: str
     licence: str
     description: str = ""
+    version_error: Optional[str] = Field(
+        None,
+        description="with a learning datastore: why the workers could not switch to the registry's current "
+        "adapter version (this version goes on answering); null when they did, or without a datastore",
+    )
 
 
 class LimitsInfo(ReplyModel):

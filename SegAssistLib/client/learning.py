@@ -34,11 +34,12 @@ from SegAssistLib.api_learning import (
 from SegAssistLib.api_models import API_PREFIX, ArrayPayload
 from SegAssistLib.client.errors import (
     BackendTimeoutError,
-    BackendUnavailableError,
+    ClientError,
     JobWaitTimeoutError,
     ProtocolError,
+    ServerBusyError,
 )
-from SegAssistLib.client.http import Timeout, list_of, parsed_reply, path_id
+from SegAssistLib.client.http import Timeout, _reply_lost, list_of, parsed_reply, path_id
 from SegAssistLib.image import Volume
 from SegAssistLib.labels import as_labels
 from SegAssistLib.prompts import MaskPrompt
@@ -88,6 +89,12 @@ class NextCase:
     @property
     def image_id(self) -> str:
         return self.reply.image_id
+
+    @property
+    def resumed(self) -> bool:
+        """Whether this is the caller's own case handed back (locked to them before, no label version yet),
+        not a new one (False from a server before resuming)."""
+        return self.reply.resumed
 
     def proposal_prompt(self) -> Optional[MaskPrompt]:
         """The proposal as an initial-mask prompt (the first prompt of the correcting session)."""
@@ -172,8 +179,9 @@ class LearningClient:
     ) -> LabelInfo:
         """Save the session's current mask as a label version, with its prompt log and the model
         version that answered as provenance (``submit=False``: a draft, the case stays in progress).
-        ``n_interactions`` None: the session's count of prompts; ``seconds_spent`` None: not measured
-        (the label version says null, unknown)."""
+        ``n_interactions`` None: the session's count of prompts (its ``n_prompts``: undone and reset ones
+        included, and those it was opened with); ``seconds_spent`` None: not measured (the label version
+        says null, unknown)."""
         session_id = session if isinstance(session, str) else session.session_id
         body = {"session_id": session_id, "submit": submit, "n_interactions": n_interactions}
         body.update(_seconds(seconds_spent))
@@ -244,8 +252,11 @@ class LearningClient:
         The job runs in its own process on the server: a server out of reach for a while (a restart)
         or slow to answer does not end the wait, which goes on until ``timeout``; then
         :class:`JobWaitTimeoutError` (or, if the server could not be reached again, the last connection
-        error). No poll waits past ``timeout``: each is sent with the client's timeouts cut to the
-        time left, and one whose reply has not come by then ends the wait with JobWaitTimeoutError.
+        error). Out of reach is also what a restart looks like behind a reverse proxy or gateway (its
+        502, 503 or 504 page, any 5xx not in SegAssist's error shape) and a busy server's 503
+        (:class:`ServerBusyError`: queue full, shutting down, storage unavailable). No poll waits past
+        ``timeout``: each is sent with the client's timeouts cut to the time left, and one whose reply
+        has not come by then ends the wait with JobWaitTimeoutError.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Any = None
@@ -259,8 +270,8 @@ class LearningClient:
                         f"training job {job_id}: no reply from the server within the {timeout} s waited "
                         f"(last seen {state}; the job goes on)"
                     ) from exc
-            except BackendUnavailableError:
-                if deadline is not None and time.monotonic() >= deadline:
+            except ClientError as exc:
+                if not _out_of_reach(exc) or (deadline is not None and time.monotonic() >= deadline):
                     raise
             else:
                 state = status.state
@@ -316,7 +327,11 @@ class LearningClient:
         max_candidates: int = 16,
         lock_ttl_s: float = DEFAULT_LOCK_TTL_S,
     ) -> NextCase:
-        """The case to annotate next (locked to me by default) and the current model's proposal."""
+        """The case to annotate next (locked to me by default) and the current model's proposal.
+
+        With ``lock``, a case I hold locked and have not saved a label version of yet (an answer that never
+        reached me, a lock by hand) comes back first, its lock renewed (``NextCase.resumed``); a new case
+        is locked once that one is labelled (a draft counts) or unlocked."""
         body = {
             "strategy": strategy,
             "lock": lock,
@@ -328,6 +343,12 @@ class LearningClient:
         if lock_ttl_s != DEFAULT_LOCK_TTL_S:  # sent only when asked: servers before it refuse the field
             body["lock_ttl_s"] = lock_ttl_s
         return self._post_once(f"{_BASE}/next", body, _next_case)
+
+
+def _out_of_reach(error: ClientError) -> bool:
+    """Whether a poll failed for want of the server, not because of the request: no reply, a gateway's
+    or proxy's 5xx page (a server restarting behind it), or the server's own 503 (busy, stopping)."""
+    return isinstance(error, ServerBusyError) or _reply_lost(error)
 
 
 def _next_case(data: Any) -> NextCase:

@@ -368,10 +368,13 @@ class NextCase:
     prepared: Any = None  # what next_case's ``prepare`` returned for the case
     #: cases passed over because their stored files are damaged (case id -> the error), to repair
     skipped: Dict[str, str] = field(default_factory=dict)
+    #: the user's own locked, unlabelled case handed back (``next_case(resume=True)``), not a ranked one
+    resumed: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "case": self.case.to_dict(),
+            "resumed": self.resumed,
             "skipped": dict(self.skipped),
             "strategy": self.strategy,
             "score": self.score.to_dict(),
@@ -530,6 +533,21 @@ def _keep_best_proposals(
         del proposals[max(proposals, key=rank.__getitem__)]
 
 
+def own_unlabelled_case(store: Datastore, user: str) -> Optional[CaseRecord]:
+    """The case ``user`` holds a live lock of and has no label version of yet (of several, the one whose
+    lock lasts longest: normally the one handed out last); None when there is none."""
+    held = [c for c in store.list_cases(status=[CaseStatus.IN_PROGRESS], locked_by=user) if c.n_labels == 0]
+    return max(held, key=lambda c: c.lock_expires or 0.0, default=None)
+
+
+@dataclass
+class _Passes:
+    """What ``next_case`` passed over on its way: cases taken meanwhile, and the last damaged one."""
+
+    taken: int = 0
+    damage: Optional[CorruptDataError] = None
+
+
 def next_case(
     store: Datastore,
     engine=None,
@@ -547,6 +565,8 @@ def next_case(
     on_progress: Optional[Callable[[int, int], None]] = None,
     runner: Optional[EngineRunner] = None,
     prepare: Optional[Callable[[CaseRecord], Any]] = None,
+    resume: bool = False,
+    before_lock: Optional[Callable[[CaseRecord], None]] = None,
 ) -> NextCase:
     """The case to annotate next and (with an engine and ``with_proposal``) the model's proposal.
 
@@ -559,49 +579,73 @@ def next_case(
     missing (``CorruptDataError`` from ranking, proposal or ``prepare``) is passed over, unlocked,
     and named in ``NextCase.skipped``; only when every case was passed over for it does the error
     reach the caller.
+
+    ``resume`` (with ``lock``): a case the user already holds locked and has not labelled (see
+    :func:`own_unlabelled_case`: one handed out before whose answer never reached them, or one they
+    locked by hand) is handed back first, its lock renewed, with a fresh proposal and nothing ranked
+    (``NextCase.resumed``); a new case is locked only once it is labelled (a draft counts) or released.
+    ``before_lock(case)``, when given, is called just before a case is locked; what it raises ends the
+    call with nothing locked (a server checks that its caller is still there).
     """
     if lock and not user:
         raise ActiveLearningError("locking the next case needs the user it is for")
-    proposals: Dict[str, Proposal] = {}
     has_model = engine is not None or runner is not None
     prior = structure_prior(store, label_value) if has_model else None
     skipped: Dict[str, str] = {}
+    passes = _Passes()
+
+    def hand_out(ranking: List[CaseScore], proposals: Dict[str, Proposal], resumed: bool) -> Optional[NextCase]:
+        """The first case of ``ranking`` still free (locked to the user with ``lock``), with its
+        proposal; None when every one was taken or is damaged."""
+        for best in ranking:
+            case = store.get_case(best.case_id)
+            if lock:
+                if before_lock is not None:
+                    before_lock(case)
+                try:
+                    case = store.lock(case.id, user, ttl_s=lock_ttl_s, unlabelled_only=True)  # type: ignore[arg-type]
+                except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
+                    passes.taken += 1
+                    continue
+            elif not (is_candidate(case) or (case.locked_by == user and case.n_labels == 0)):
+                passes.taken += 1  # as a lock would have found: locked by another annotator meanwhile, or labelled
+                continue
+            try:  # from here on a failure unlocks the case: the caller never learns which case it was
+                proposal = proposals.get(case.id)
+                kept = proposal if with_proposal else None  # the version is asked (a worker job) only for one kept
+                if kept is not None and kept.engine_version != _engine_version(engine, runner):
+                    proposal = None  # made by a model replaced since: the annotator gets the current model's
+                if proposal is None and with_proposal and has_model:
+                    proposal = _propose_case(store, case.id, engine, runner, prior, n_perturbations)
+                prepared = prepare(case) if prepare is not None else None
+            except BaseException as exc:
+                if lock:
+                    store.unlock(case.id, user)  # type: ignore[arg-type]
+                if not isinstance(exc, CorruptDataError):
+                    raise
+                log.warning("case %s (%s) passed over: %s", case.id, case.name, exc)
+                skipped[case.id], passes.damage = str(exc), exc
+                continue
+            return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior, prepared,
+                            skipped, resumed=resumed)  # fmt: skip
+        return None
+
+    held = own_unlabelled_case(store, user) if resume and lock and user else None
+    if held is not None:
+        chosen = hand_out([CaseScore(held.id, held.name, 0.0)], {}, resumed=True)
+        if chosen is not None:
+            return chosen
+    proposals: Dict[str, Proposal] = {}
     ranking = rank_cases(
         store, engine, strategy, seed=seed, diversity_weight=diversity_weight, max_candidates=max_candidates,
         n_perturbations=n_perturbations, label_value=label_value, proposals=proposals, prior=prior,
         on_progress=on_progress, runner=runner, unreadable=skipped,
     )
-    damage: Optional[CorruptDataError] = None
-    taken = 0
-    for best in ranking:
-        case = store.get_case(best.case_id)
-        if lock:
-            try:
-                case = store.lock(case.id, user, ttl_s=lock_ttl_s, unlabelled_only=True)
-            except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
-                taken += 1
-                continue
-        elif not (is_candidate(case) or (case.locked_by == user and case.n_labels == 0)):
-            taken += 1  # as a lock would have found: locked by another annotator meanwhile, or labelled
-            continue
-        try:  # from here on a failure unlocks the case: the caller never learns which case it was
-            proposal = proposals.get(case.id)
-            if with_proposal and proposal is not None and proposal.engine_version != _engine_version(engine, runner):
-                proposal = None  # made by a model replaced since: the annotator gets the current model's
-            if proposal is None and with_proposal and has_model:
-                proposal = _propose_case(store, case.id, engine, runner, prior, n_perturbations)
-            prepared = prepare(case) if prepare is not None else None
-        except BaseException as exc:
-            if lock:
-                store.unlock(case.id, user)
-            if not isinstance(exc, CorruptDataError):
-                raise
-            log.warning("case %s (%s) passed over: %s", case.id, case.name, exc)
-            skipped[case.id], damage = str(exc), exc
-            continue
-        return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior, prepared, skipped)
-    if damage is not None and not taken:  # every case left is damaged: that is the answer
-        raise damage
+    chosen = hand_out(ranking, proposals, resumed=False)
+    if chosen is not None:
+        return chosen
+    if passes.damage is not None and not passes.taken:  # every case left is damaged: that is the answer
+        raise passes.damage
     raise NoCandidateError(
         "every case ranked was taken by other annotators meanwhile"
         + (f" or has a damaged image ({len(skipped)})" if skipped else "") + "; ask again"

@@ -72,7 +72,7 @@ import numpy as np
 
 from SegAssistLib.api_learning import DEFAULT_LOCK_TTL_S, MAX_INTERACTIONS, MAX_LOCK_TTL_S
 from SegAssistLib.errors import ImageError
-from SegAssistLib.files import atomic_write, sha256_file
+from SegAssistLib.files import sha256_file
 from SegAssistLib.image import Volume, validate_image
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, volume_to_sitk, write_image_checked
 from SegAssistLib.learning.errors import (
@@ -285,7 +285,9 @@ class Datastore(StoreFiles):
         case_id = new_case_id()
         path = self.image_path(case_id)
         # read back whole before it is the case's image: a full disk leaves a short file and no error
-        digest = atomic_write(path, lambda tmp: write_image_checked(volume_to_sitk(volume), Path(tmp)))
+        digest = self._write_new_file(
+            path, lambda tmp: write_image_checked(volume_to_sitk(volume), Path(tmp)), "the image"
+        )
         now = self._clock()
         try:
             # the image as read back (NIfTI keeps geometry in float32) is what the case serves: a copy
@@ -587,13 +589,18 @@ class Datastore(StoreFiles):
         ``mask`` is in array order ``[k, j, i]`` on the case's grid, integer values 0-255.
         ``n_interactions``: the prompts it took; None: the number of prompts in ``prompt_log``, and
         without a prompt log unknown (stored as NULL, read back as None: a mask drawn elsewhere is not
-        a label made in 0 prompts). ``seconds_spent``: the annotation time; None: not measured
-        (unknown, as the count). An explicit 0 is recorded as 0. With ``submit``
-        the case becomes ``submitted`` and its lock is released; otherwise the version is a draft
-        and the case is ``in_progress``. Raises :class:`CaseLockedError` when another user holds
-        the case, and :class:`InvalidStateError` for any save to a submitted or reviewed case whose
-        lock the user does not hold (a draft would reopen the case and take it out of training, a
-        submission would replace its training label and undo its review).
+        a label made in 0 prompts). A session's log holds only the prompts behind its mask (an undo or
+        reset drops some): a caller saving from an interactive session passes its count of prompts,
+        undone ones included (the effort; the server passes ``SessionInfo.n_prompts``); a log of a run
+        without undo (``segassist segment``, ``headless.run_prompts``) counts them all.
+        ``seconds_spent``: the annotation time; None: not measured (unknown, as the count). An
+        explicit 0 is recorded as 0. With ``submit`` the case becomes ``submitted`` and its lock is
+        released; otherwise the version is a draft and the case is ``in_progress``. Raises
+        :class:`CaseLockedError` when another user holds the case, and :class:`InvalidStateError` for any
+        save to a submitted or reviewed case whose lock the user does not hold (a draft would reopen the
+        case and take it out of training, a submission would replace its training label and undo its
+        review). A label file the file system refuses to write (a full disk) is a :class:`StoreAccessError`,
+        nothing saved.
         """
         check_case_id(case_id)
         check_user(user)
@@ -627,7 +634,7 @@ class Datastore(StoreFiles):
 
         label_id = new_label_id()
         path = self.label_path(case_id, label_id)
-        digest = atomic_write(path, lambda tmp: save_mask_nifti(labels, reference, tmp))
+        digest = self._write_new_file(path, lambda tmp: save_mask_nifti(labels, reference, tmp), "a label file")
         try:
             with self._write() as db:
                 now = self._clock()

@@ -138,6 +138,18 @@ def activate(engine, registry: AdapterRegistry, version: Optional[str] = CURRENT
     return engine.version
 
 
+def check_version(engine, registry: AdapterRegistry, record: VersionRecord) -> None:
+    """Whether ``engine`` can take up ``record``: its network is built as a swap would build it
+    (:func:`version_network`: the file read and checked, made for this base model, weights that fit)
+    and dropped; the engine is left as it is. :class:`AdapterError` says why not, also for an engine
+    that cannot swap versions at all (not the built-in engine). Call it where the engine lives (a
+    server's inference worker), before a version is made current."""
+    base = getattr(engine, "model", None)
+    if base is None or not callable(getattr(engine, "swap_network", None)):
+        raise AdapterError(f"this server's engine ({type(engine).__name__}) cannot take up adapter versions")
+    version_network(base, registry, record)
+
+
 class EngineSync:
     """Keeps an engine on the registry's current version (see the module docstring)."""
 
@@ -151,9 +163,10 @@ class EngineSync:
         """Swap the engine if the current version changed; returns whether it swapped.
 
         A version that cannot be loaded (made for other base weights, file missing) leaves the
-        engine as it is; the reason is kept in ``last_error`` and the check is retried only after
-        the registry changes again. Any other failure (out of memory while swapping, a file being
-        replaced) also leaves the engine as it is, and is retried at the next call.
+        engine as it is; the reason is kept in ``last_error`` (None again once the engine answers
+        with the current version) and the check is retried only after the registry changes again. Any
+        other failure (out of memory while swapping, a file being replaced) also leaves the engine as it
+        is, and is retried at the next call.
         """
         stamp = self.registry.stamp()
         if not force and stamp == self._stamp:
@@ -161,8 +174,9 @@ class EngineSync:
         try:
             record = self.registry.current()
             wanted = record.id if record is not None else None
-            if not force and wanted == self._applied:
-                self._stamp = stamp
+            if not force and wanted == self._applied:  # back to the version answering (a rollback after a
+                self._stamp = stamp  # version that could not be loaded): nothing to swap, nothing wrong
+                self.last_error = None
                 return False
             activate(engine, self.registry, wanted if wanted is not None else None)
         except AdapterError as exc:

@@ -362,12 +362,17 @@ class AdapterRegistry:
         base_identity: Optional[str] = None,
         expected_current: Optional[str] = None,
         require_change: bool = False,
+        check: Optional[Callable[[VersionRecord], None]] = None,
     ) -> RollbackResult:
         """:meth:`rollback`, also returning the version it replaced (read under the same lock).
         ``require_change``: a target that is already current (``to="base"`` while the base model
         answers, ``to="v2"`` while v2 does) is refused, nothing changed, as one step back from the
         base model is; without it such a rollback is recorded and changes nothing. Recovering a damaged
-        registry (``to="base"``, set aside) is a change."""
+        registry (``to="base"``, set aside) is a change. ``check(target)``, when given, is called with
+        the target version (never for the base model) under the lock, once its file is known to be
+        there and before anything is written: what it raises refuses the rollback, nothing changed (a
+        server loads the version first, ``deploy.check_version``: one its workers cannot load would
+        leave the replaced version answering)."""
         set_aside = to == BASE and expected_current is None  # a damaged registry's current cannot be compared
         with self._locked(set_aside_damaged=set_aside) as state:
             if expected_current is not None and (state.current or BASE) != expected_current:
@@ -417,6 +422,8 @@ class AdapterRegistry:
             target_id = target.id if target is not None else None
             if require_change and target_id == state.current and state.set_aside is None:
                 raise RegistryError(f"{version_label(target)} is already current: nothing to roll back")
+            if target is not None and check is not None:
+                check(target)
             moving_forward = target is not None and current is not None and target.number > current.number
             if current is not None and current.id != target_id and not moving_forward:
                 # judged worse, with every promoted version of its base weights that the rollback skipped

@@ -7,9 +7,10 @@ import sqlite3
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
-from SegAssistLib.files import is_temp_file, sha256_file
+from SegAssistLib.errors import ImageError
+from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
 from SegAssistLib.learning.errors import DatastoreError, StoreAccessError
 from SegAssistLib.learning.records import IntegrityReport, check_case_id, check_label_id
 from SegAssistLib.learning.store_db import DB_NAME, StoreDatabase
@@ -51,6 +52,24 @@ class StoreFiles(StoreDatabase):
 
     def label_path(self, case_id: str, label_id: str) -> Path:
         return self.root / "labels" / check_case_id(case_id) / f"{check_label_id(label_id)}.nii.gz"
+
+    def _write_new_file(self, path: Path, writer: Callable[[Path], object], what: str) -> str:
+        """Write a new file of the store (``atomic_write``); returns its SHA-256.
+
+        A write the file system refuses (a full disk, an I/O error, a folder that cannot be made, a
+        file written short: ``OSError``, or the ``ImageError`` of a file that does not read back
+        whole) is the store's state, not the caller's fault: :class:`StoreAccessError`, its ``public``
+        message without the store's path. Nothing is left behind and nothing was recorded, so the
+        change can be tried again."""
+        try:
+            return atomic_write(path, writer)
+        except (OSError, ImageError) as exc:
+            reason = (exc.strerror or type(exc).__name__) if isinstance(exc, OSError) else "it did not read back whole"
+            raise StoreAccessError(
+                f"datastore {self.root}: cannot write {what} ({exc}); nothing was saved",
+                f"the datastore cannot write {what} right now ({reason}): nothing was saved; try again later, "
+                "or ask the server's operator (a full disk?)",
+            ) from exc
 
     def _drop_unrecorded_file(self, path: Path, table: str, row_id: str) -> None:
         """After a failed write: delete its new file unless the row that names it was committed.

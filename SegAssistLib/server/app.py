@@ -44,9 +44,13 @@ async def info(state: ServerState = Depends(get_state), user: str = Depends(curr
     if state.learning is not None:  # a version promoted meanwhile: name the one that answers next
         await state.learning.settle_version(state.pool.workers)
     caps = state.pool.capabilities
+    version_error = state.learning.version_error() if state.learning is not None else None
     return ServerInfo(
         version=__version__,
-        model=ModelInfo(name=caps.name, version=caps.version, licence=caps.licence, description=caps.description),
+        model=ModelInfo(
+            name=caps.name, version=caps.version, licence=caps.licence, description=caps.description,
+            version_error=version_error,
+        ),  # fmt: skip
         prompt_kinds=list(caps.prompt_kinds),
         patch_size=tuple(caps.patch_size),
         devices=[w.device for w in state.pool.workers],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from SegAssistLib.api_models import ErrorCode
 from SegAssistLib.engine.base import Engine
@@ -26,6 +26,9 @@ from SegAssistLib.server.errors import ApiError
 from SegAssistLib.server.once import OnceReplies
 from SegAssistLib.server.worker import InferenceWorker, QueueFull, WorkerStopped
 from SegAssistLib.transport import wire_volume
+
+if TYPE_CHECKING:  # torch: imported by the workers only
+    from SegAssistLib.learning.deploy import EngineSync
 
 log = logging.getLogger("segassist.server")
 MAX_CONCURRENT_RANKINGS = 4
@@ -72,6 +75,7 @@ class LearningState:
         self._base_identity: Optional[str] = None
         self._ranking_slots: Optional[asyncio.Semaphore] = None
         self._settled_stamp: Optional[tuple] = None  # the registry as the workers last took it up
+        self._syncs: List[EngineSync] = []  # each worker's (sync_hook), for its last swap error
         self.once = OnceReplies()  # label saves and next-case answers, by request id
 
     def ranking_slots(self) -> asyncio.Semaphore:
@@ -140,11 +144,24 @@ class LearningState:
         self._settled_stamp = stamp  # queued on every worker: each takes the version up before its next job
         await asyncio.wait(waits, timeout=timeout_s)
 
+    def version_error(self) -> Optional[str]:
+        """Why a worker could not switch to the registry's current version (it goes on answering with
+        the one it has: a version a training job promoted, or a rollback from a terminal, that this server
+        cannot load), the store's files named from the store; None when every worker took it up."""
+        from SegAssistLib.learning.jobs import public_text
+
+        for sync in self._syncs:
+            if sync.last_error:
+                return public_text(f"cannot switch to the current version: {sync.last_error}",
+                                   self.store_root, self.checkpoint)  # fmt: skip
+        return None
+
     def sync_hook(self):
         """A per-worker hook that keeps that worker's engine on the registry's current version."""
         from SegAssistLib.learning.deploy import EngineSync  # torch: the worker has it loaded already
 
         sync = EngineSync(self.registry)
+        self._syncs.append(sync)
         reported = {"error": None}
 
         def before_job(engine: Engine) -> bool:

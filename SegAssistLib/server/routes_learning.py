@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, List, Literal, Optional, Sequence, Tuple, TypeVar
 
+import anyio.from_thread
 import numpy as np
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from SegAssistLib.api_learning import (
@@ -37,16 +38,16 @@ from SegAssistLib.api_learning import (
 )
 from SegAssistLib.api_models import FRAME_MEDIA_TYPE, ArrayPayload, ErrorCode
 from SegAssistLib.image import Volume
-from SegAssistLib.learning.errors import CorruptDataError, StoreAccessError
+from SegAssistLib.learning.errors import AdapterError, CorruptDataError, StoreAccessError
 from SegAssistLib.learning.records import CaseRecord, iso_time
-from SegAssistLib.learning.registry import BASE, adapter_id_of
+from SegAssistLib.learning.registry import BASE, VersionRecord, adapter_id_of
 from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
 from SegAssistLib.server.limits import check_reply_codec
 from SegAssistLib.server.responses import ARRAY_REPLY_RESPONSES, ERROR_RESPONSES, json_reply
 from SegAssistLib.server.state import ServerState, queue_job
-from SegAssistLib.server.worker import WorkerStopped
+from SegAssistLib.server.worker import InferenceWorker, WorkerStopped
 from SegAssistLib.transport import encode_frame
 
 router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES)
@@ -131,6 +132,7 @@ async def status(
             current_version=current.to_dict() if current is not None else None,
             last_job=jobs[0] if jobs else None,
             engine_version=state.pool.capabilities.version,
+            version_error=learning.version_error(),
         )
 
     return await _call(read)
@@ -242,8 +244,9 @@ async def save_label(
     user: str = Depends(current_user),
     req_id: Optional[str] = Depends(request_id),
 ) -> LabelInfo:
-    """From a session of the caller (its mask, prompt log and model version are the provenance) or
-    from a mask; ``submit`` makes the case ``submitted``, otherwise the version is a draft. A repeat
+    """From a session of the caller (its mask, prompt log and model version are the provenance; its
+    count of prompts, undone and reset ones included, the ``n_interactions`` unless the body gives one)
+    or from a mask; ``submit`` makes the case ``submitted``, otherwise the version is a draft. A repeat
     under the same request id gets the first answer (one version saved)."""
     saved = await learning.once.run(
         user, f"label:{case_id}", req_id, lambda: _save_label(body, case_id, state, learning, user)
@@ -258,6 +261,7 @@ async def _save_label(
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "give exactly one of session_id and mask")
     case = await _call(lambda: learning.store.get_case(case_id))
     prompt_log, model = None, None  # a mask drawn elsewhere: no model to credit
+    n_interactions = body.n_interactions  # for a mask: given, or unknown
     if body.session_id is not None:
         session = state.sessions.get(user, body.session_id)
         if tuple(session.shape) != tuple(case.shape):
@@ -273,13 +277,16 @@ async def _save_label(
                 f"(same shape, other voxels or geometry): its mask is not a label of this case; open the session "
                 f"on the case's image (GET /v1/learn/cases/{case_id}/image)",
             )  # fmt: skip
-        # the version is read in the same job as the mask: a prompt queued behind this save may change it;
-        # the stored log names its image (grid and voxel digest), as a log written by segassist segment does
-        (mask, prompt_log, model), _ = await state.submit(
+        # the version and the count of prompts are read in the same job as the mask: a prompt queued behind
+        # this save may change them; the stored log names its image (grid and voxel digest), as a log written
+        # by segassist segment does
+        (mask, prompt_log, model, n_prompts), _ = await state.submit(
             session,
             lambda es: (es.result().copy(), es.prompt_log().model_copy(update={"image": es.image_info()}),
-                        session.model_version),  # fmt: skip
+                        session.model_version, session.n_prompts),  # fmt: skip
         )
+        if n_interactions is None:  # the effort: every prompt the session took, undone and reset ones too
+            n_interactions = n_prompts
     else:
         mask = await _call(lambda: _label_mask(body.mask, case.shape))  # type: ignore[arg-type]
     adapter = adapter_id_of(model)
@@ -287,7 +294,7 @@ async def _save_label(
     def save():
         return learning.store.save_label(
             case_id, mask, user=user, prompt_log=prompt_log, model=model, adapter_version=adapter,
-            n_interactions=body.n_interactions, seconds_spent=body.seconds_spent, submit=body.submit,
+            n_interactions=n_interactions, seconds_spent=body.seconds_spent, submit=body.submit,
         )  # fmt: skip
 
     return LabelInfo(**(await _call(save)).to_dict())
@@ -367,17 +374,58 @@ async def versions(learning: LearningState = Depends(_learning), user: str = Dep
 
 @router.post("/rollback", response_model=CurrentVersion, summary="Make an earlier version (or the base) current")
 async def rollback(
-    body: RollbackRequest, learning: LearningState = Depends(_learning), user: str = Depends(current_user)
+    body: RollbackRequest,
+    state: ServerState = Depends(get_state),
+    learning: LearningState = Depends(_learning),
+    user: str = Depends(current_user),
 ) -> CurrentVersion:
+    """The target version is loaded on an inference worker before the registry changes: one this server
+    cannot load (a damaged file, weights that do not fit) is refused, 409 ``version_state``, nothing changed
+    (made current, the workers would go on answering with the version it was meant to replace)."""
+    worker = state.pool.pick()
+
+    def loads(record: VersionRecord) -> None:  # in the thread pool, under the registry's lock
+        _version_loads(worker, learning, record)
+
     done = await _call(
         lambda: learning.registry.rollback_detailed(
             body.to,
             user=user,
             base_identity=None if body.to == BASE else learning.base_identity(),
             expected_current=body.expected_current,
+            check=loads,
         )
     )
     return CurrentVersion(current=done.record.id if done.record is not None else None, previous=done.previous)
+
+
+def _version_loads(worker: InferenceWorker, learning: LearningState, record: VersionRecord) -> None:
+    """Load ``record`` on ``worker`` as a swap would (``deploy.check_version``), and drop it; a version it
+    cannot load is a 409 ``version_state`` naming why (the store's files named from the store)."""
+    from SegAssistLib.learning.jobs import public_text
+
+    def job(engine: Any) -> None:
+        from SegAssistLib.learning.deploy import check_version  # torch: the worker has it loaded already
+
+        check_version(engine, learning.registry, record)
+
+    try:
+        _wait_on_worker(worker, "learn:rollback", job)
+    except AdapterError as exc:
+        reason = public_text(str(exc), learning.store_root, learning.checkpoint)
+        raise ApiError(
+            409, ErrorCode.VERSION_STATE,
+            f"version {record.id} cannot be loaded by this server ({reason}): nothing was rolled back",
+        ) from exc  # fmt: skip
+
+
+def _wait_on_worker(worker: InferenceWorker, key: str, job: Callable[[Any], T]) -> T:
+    """Run ``job(engine)`` on ``worker`` behind ``key``'s earlier jobs and wait for it (from the thread
+    pool); a full queue or a stopping worker is a 503."""
+    try:
+        return queue_job(worker, key, job).result()
+    except WorkerStopped as exc:
+        raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------- next case
@@ -421,6 +469,7 @@ def _label_mask(payload: ArrayPayload, case_shape: Sequence[int]) -> np.ndarray:
     summary="The case to annotate next, with the model's proposal",
 )
 async def next_case(
+    request: Request,
     body: NextCaseRequest,
     state: ServerState = Depends(get_state),
     learning: LearningState = Depends(_learning),
@@ -430,12 +479,37 @@ async def next_case(
 ) -> Response:
     """Scoring by uncertainty and the proposal run the model: one job per case on an inference worker,
     queued fairly with the prompts of open sessions (which are answered between them). A repeat under
-    the same request id gets the first answer (one case locked)."""
-    return await learning.once.run(user, "next", req_id, lambda: _next_case(body, state, learning, user, codec))
+    the same request id gets the first answer (one case locked).
+
+    With ``lock``, a case the caller holds locked and has not labelled yet (an answer that never
+    reached them, a lock by hand) is handed back first (``resumed``), its lock renewed, nothing ranked:
+    a caller who gave up waiting does not leave a case locked for hours while it gets another. A
+    request without a request id whose caller went away while it ranked locks nothing (with an id,
+    its resend gets the first answer)."""
+    still_there = _caller_still_there(request) if req_id is None else None
+    return await learning.once.run(
+        user, "next", req_id, lambda: _next_case(body, state, learning, user, codec, still_there)
+    )
+
+
+def _caller_still_there(request: Request) -> Callable[[CaseRecord], None]:
+    """A check, for the thread pool, that the caller has not gone away (a read timeout, the app closed):
+    a case locked for a caller who never learns which it was stays locked to them for hours."""
+
+    def check(case: CaseRecord) -> None:
+        if anyio.from_thread.run(request.is_disconnected):
+            raise ApiError(499, ErrorCode.CLIENT_GONE, "the client went away before a case was locked: none was")
+
+    return check
 
 
 async def _next_case(
-    body: NextCaseRequest, state: ServerState, learning: LearningState, user: str, codec: str
+    body: NextCaseRequest,
+    state: ServerState,
+    learning: LearningState,
+    user: str,
+    codec: str,
+    before_lock: Optional[Callable[[CaseRecord], None]] = None,
 ) -> Response:
     from SegAssistLib.learning import active
 
@@ -443,10 +517,7 @@ async def _next_case(
     worker = state.pool.pick() if needs_model else None
 
     def on_worker(job: Callable[[Any], T]) -> T:  # called from the thread pool: waits for the job
-        try:
-            return queue_job(worker, f"learn:{user}", job).result()
-        except WorkerStopped as exc:
-            raise ApiError(503, ErrorCode.SHUTTING_DOWN, str(exc)) from exc
+        return _wait_on_worker(worker, f"learn:{user}", job)  # type: ignore[arg-type]
 
     async with learning.ranking_slots() if needs_model else contextlib.nullcontext():
         chosen = await _call(
@@ -455,6 +526,7 @@ async def _next_case(
                 lock_ttl_s=body.lock_ttl_s, with_proposal=body.proposal, diversity_weight=body.diversity_weight,
                 max_candidates=body.max_candidates, runner=on_worker if needs_model else None,
                 prepare=lambda case: _hold_case_image(state, learning, case.id)[0],  # a damaged image: skipped
+                resume=True, before_lock=before_lock,
             )
         )  # fmt: skip
     image_id = chosen.prepared
@@ -464,6 +536,7 @@ async def _next_case(
         return json_reply(NextCaseReply(
             case=_case(learning, chosen.case), image_id=image_id, strategy=body.strategy, score=chosen.score.to_dict(),
             proposal=_proposal_reply(chosen.proposal, codec, limit) if chosen.proposal is not None else None,
+            resumed=chosen.resumed,
         ))  # fmt: skip
 
     try:

@@ -8,7 +8,7 @@ simulated click take milliseconds with the tiny network.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ import torch
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
 from SegAssistLib.image import Volume
 from SegAssistLib.learning import CaseRecord, Datastore
+from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord
 
 TINY = NetworkConfig(channels=(8, 16, 32), strides=(2, 2), patch_size=32)
 SHAPE = (20, 28, 28)
@@ -35,6 +36,22 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     network = build_network(TINY)
     return save_checkpoint(path, network, TINY, {"name": "tiny-unet", "version": "tiny-1"})
+
+
+def promote_base_weights(
+    registry: AdapterRegistry, checkpoint: Path, expected_current: Optional[str] = None
+) -> VersionRecord:
+    """A version a server on ``checkpoint`` can load, recorded and promoted as a training job does: the
+    base weights as a full fine-tune (what matters is the registry and the swap, not the weights)."""
+    from SegAssistLib.engine.network import load_checkpoint
+    from SegAssistLib.learning.deploy import save_full_version
+
+    base = load_checkpoint(checkpoint)
+    fields = {"base_identity": base.identity, "val_dice": 0.5, "incumbent": None, "incumbent_dice": 0.4}
+    return registry.add_version(
+        "full", lambda path, _: save_full_version(path, base.network, base.config, base.identity, {}), fields,
+        promote=True, expected_current=expected_current,
+    )  # fmt: skip
 
 
 def synthetic_case(seed: int, shape=SHAPE, brightness: float = 100.0) -> Tuple[Volume, np.ndarray]:

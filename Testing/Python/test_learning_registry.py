@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from learning_fixtures import tiny_checkpoint
 
 from SegAssistLib.learning.registry import AdapterRegistry, VersionRecord
@@ -392,3 +393,25 @@ def test_a_rollback_to_the_version_already_current_changes_nothing_and_exits_2(t
     assert reply["current"] is None and reply["previous"] is None and (registry.folder / aside).is_file(), reply
     assert main(["learn", "rollback", *store, "--to", "base"]) == 2  # and now nothing to roll back
     assert "base is already current: nothing to roll back" in capsys.readouterr().err
+
+
+def test_a_rollback_whose_check_refuses_the_target_changes_nothing(tmp_path: Path):
+    """A server loads the target before a rollback is recorded (``check``): a version it cannot load once
+    became current all the same, while its workers went on answering with the one it replaced."""
+    registry = AdapterRegistry(tmp_path)
+    add(registry)
+    add(registry)
+    before = registry.path.read_bytes()
+    checked = []
+
+    def cannot_load(record: VersionRecord) -> None:
+        checked.append(record.id)
+        raise RuntimeError(f"{record.id} does not load")
+
+    for to in ("v1", None):  # named, and one step back
+        with pytest.raises(RuntimeError, match="v1 does not load"):
+            registry.rollback_detailed(to, user="alice", check=cannot_load)
+    assert checked == ["v1", "v1"] and registry.path.read_bytes() == before  # nothing written
+    assert registry.rollback_detailed("base", check=cannot_load).record is None  # the base model: not checked
+    assert checked == ["v1", "v1"]
+    assert registry.rollback_detailed("v2", check=checked.append).record.id == "v2" and checked[-1].id == "v2"

@@ -15,7 +15,7 @@ from typing import List, Tuple
 
 import numpy as np
 import pytest
-from learning_fixtures import synthetic_case
+from learning_fixtures import promote_base_weights, synthetic_case
 from test_server_fixtures import TOKENS, assert_error, make_volume, raw, run_pipelined
 
 from SegAssistLib.client import SegAssistClient
@@ -421,11 +421,8 @@ def test_a_rollback_from_a_version_a_job_replaced_meanwhile_is_refused(clients, 
     learning = learn_server.app.state.segassist.learning
     registry = AdapterRegistry(tmp_path / "store")
 
-    def promote(expected_current):
-        fields = {"base_identity": learning.base_identity(), "val_dice": 0.5, "incumbent": None,
-                  "incumbent_dice": 0.4}  # fmt: skip
-        return registry.add_version("salt", lambda path, _: path.write_bytes(b"weights"), fields, promote=True,
-                                    expected_current=expected_current)  # fmt: skip
+    def promote(expected_current):  # a version the server can load (a rollback to it loads it first)
+        return promote_base_weights(registry, learning.checkpoint, expected_current)
 
     promote(None)
     seen = alice.learning.versions().current
