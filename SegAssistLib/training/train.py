@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -324,6 +325,19 @@ def _stop_signals_interrupt() -> Iterator[None]:
         _restore(previous)
 
 
+def _quiet_when_the_trainer_leaves(_worker_id: int) -> None:
+    """In a loader process: a trainer stopped (Ctrl-C, SIGTERM) while it fetched a batch's shared memory
+    resets the connection multiprocessing's handle sharer is serving, whose thread then printed a
+    traceback through ``sys.excepthook``; a connection the trainer dropped is no error to report."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback) -> None:
+        if not issubclass(kind, ConnectionError):
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
 def _say(text: str) -> None:
     """A line that must not stop what follows: after SIGHUP (the terminal closed) writing may fail."""
     with contextlib.suppress(OSError, ValueError):
@@ -416,6 +430,7 @@ class Trainer:
                 collate_fn=list,
                 persistent_workers=cfg.loader_workers > 0,
                 prefetch_factor=4 if cfg.loader_workers > 0 else None,
+                worker_init_fn=_quiet_when_the_trainer_leaves,
             )
         )
 

@@ -282,7 +282,9 @@ def test_an_import_on_a_full_disk_stores_no_short_image(tmp_path):
         child = subprocess.run([sys.executable, "-c", _LIMITED_IMPORT, str(tmp_path / "store"), str(limit)],
                                capture_output=True, text=True, timeout=120, cwd=REPO)  # fmt: skip
         assert child.returncode == 0, child.stderr
-        assert child.stdout.startswith("ImageError") and "is the disk full?" in child.stdout, child.stdout
+        # the store's storage error (503 storage_unavailable over HTTP), saying why and that nothing was saved
+        assert child.stdout.startswith("StoreAccessError") and "is the disk full?" in child.stdout, child.stdout
+        assert "nothing was saved" in child.stdout, child.stdout
     from SegAssistLib.learning.datastore import Datastore
 
     with Datastore(tmp_path / "store") as store:
