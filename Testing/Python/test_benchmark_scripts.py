@@ -482,6 +482,8 @@ def test_make_splits_check_passes_on_the_committed_file(shared_data: Path) -> No
         ("campaign", ["--data", "{tmp}/nowhere"], "dataset folder {tmp}/nowhere/hippocampus not found"),
         ("campaign", ["--model", "{tmp}/none.pt"], "model not found: {tmp}/none.pt"),
         ("campaign", ["--structure", "liver"], "unknown structure 'liver'"),
+        ("lasso_forms", ["--data", "{tmp}/nowhere", "--out", "{tmp}/out/lasso_forms.json"],
+         "--data {tmp}/nowhere: sunnybrook/imagesTr/"),
     ],
 )
 def test_a_benchmark_script_refuses_bad_input_in_one_line(script: str, argv, message: str, tmp_path: Path) -> None:
