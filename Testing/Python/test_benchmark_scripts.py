@@ -382,6 +382,7 @@ DEFAULT_OUT = {
     "engine_acceptance": "benchmarks/results",
     "engine_latency": "benchmarks/results",
     "first_click_spill": "benchmarks/results/first_click_spill.json",
+    "lasso_forms": "benchmarks/results/lasso_forms.json",
     "latency_under_training": "benchmarks/results",
     "server_benchmark": "benchmarks/results",
     "training_throughput": "benchmarks/results/training_throughput.json",
