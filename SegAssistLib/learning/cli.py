@@ -64,6 +64,7 @@ from SegAssistLib.learning.records import (
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
 from SegAssistLib.learning.store_files import DEFAULT_RECOVER_AGE_S
 from SegAssistLib.learning.subjects import compile_subject_pattern, subjects_from_names
+from SegAssistLib.stop_signals import STOP_SIGNALS, Stopped, restore_handlers, signal_name
 
 
 def lock_hours(text: str) -> float:
@@ -580,17 +581,6 @@ CANCEL_WAIT_S = 120.0  # how long a cancelled job is waited for before the comma
 POLL_S = 0.5  # between reads of an attached job's status
 FINISHED_DESPITE_CANCEL = 3  # exit code: cancelled too late, the job finished (and may have made a version)
 NOTHING_REGISTERED = 5  # exit code: the job ended without a version (budget too small, cancelled from elsewhere)
-_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-class _Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP while ``train`` follows its job: handled as Ctrl-C is."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 @contextlib.contextmanager
 def _stop_signals_cancel() -> Iterator[None]:
     """While ``train`` follows its job, SIGTERM and SIGHUP (``timeout``, ``kill``, a closed terminal or
@@ -601,23 +591,15 @@ def _stop_signals_cancel() -> Iterator[None]:
         return
 
     def stop(signum: int, _frame: Any) -> None:
-        raise _Stopped(signum)
+        raise Stopped(signum)
 
     previous = {}
     try:
-        for sig in _STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, stop)
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+        restore_handlers(previous)
 
 
 def _finished_despite_cancel(status: Dict[str, Any], store: Path) -> str:
@@ -659,12 +641,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:  # one try from the start on: a signal at any point cancels the job once its worker has started
             job = start_training(args.store, _checkpoint(args.checkpoint), settings)
             return _follow(args, job)  # it handles a signal in its loop itself (knowing what it printed)
-        except KeyboardInterrupt as exc:  # Ctrl-C or _Stopped: during the start, or before _follow's own try
+        except KeyboardInterrupt as exc:  # Ctrl-C or Stopped: during the start, or before _follow's own try
             signum = getattr(exc, "signum", signal.SIGINT)
             if job is None:  # interrupted start: a worker that had started has its cancel flag and comes along
                 job = getattr(exc, "training_job", None)
             if job is None:  # no worker started: nothing to cancel
-                _say(f"stopped by {_signal_name(signum)}", err=True)
+                _say(f"stopped by {signal_name(signum)}", err=True)
                 return 128 + signum
             return _stop_and_report(args, job, signum, last="")
 
@@ -686,7 +668,7 @@ def _follow(args: argparse.Namespace, job: Any) -> int:
                 break
             time.sleep(POLL_S)
         status = job.wait()  # final: its worker exits at once, and the training lock goes with it
-    except KeyboardInterrupt as exc:  # Ctrl-C, or _Stopped
+    except KeyboardInterrupt as exc:  # Ctrl-C, or Stopped
         return _stop_and_report(args, job, getattr(exc, "signum", signal.SIGINT), last)
     return _report(args, job, status, last, None)
 
@@ -698,7 +680,7 @@ def _stop_and_report(args: argparse.Namespace, job: Any, signum: int, last: str)
         job.cancel()  # first: after SIGHUP even a message may fail
     except KeyboardInterrupt:  # a second signal at once: the flag must still be written
         job.cancel()
-    _say(f"cancelling job {job.job_id} ({_signal_name(signum)}) ...", err=True)
+    _say(f"cancelling job {job.job_id} ({signal_name(signum)}) ...", err=True)
     try:
         status = job.wait(timeout=CANCEL_WAIT_S)
     except KeyboardInterrupt:  # asked again: stop watching (the job has been asked to stop)

@@ -39,6 +39,7 @@ from SegAssistLib.engine.network import NetworkConfig, build_network, save_check
 from SegAssistLib.errors import ModelError, SegAssistError
 from SegAssistLib.files import atomic_write, plain_data
 from SegAssistLib.machine import machine_info
+from SegAssistLib.stop_signals import STOP_SIGNALS, Stopped, restore_handlers, signal_name
 from SegAssistLib.training import simulation
 from SegAssistLib.training.data import (
     CLICK_UNION_DATASETS,
@@ -231,32 +232,6 @@ def _batch_inputs(samples: Sequence[Sample]) -> torch.Tensor:
 STATE_KEYS = ("model", "optimizer", "step", "elapsed")
 
 
-#: what ends a run as Ctrl-C does (``timeout``, ``kill``, a batch system ending the job, a closed terminal
-#: or SSH session): the state is saved first (see :meth:`Trainer.run`)
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP while a run trains: handled as Ctrl-C is (``signum``: which)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def _restore(previous: Dict[int, Any]) -> None:
-    """Put back the handlers ``signal.signal`` returned (None: one set outside Python, the default)."""
-    for sig, handler in previous.items():
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
 def _deliver(handler: Any, signum: int, frame: Any) -> None:
     """A signal held back, given to the handler that was set for it: a Python handler is called; by
     default Ctrl-C raises KeyboardInterrupt and another signal ends the process as it would have."""
@@ -282,13 +257,13 @@ def _signals_deferred() -> Iterator[None]:
         for sig in (signal.SIGINT, *STOP_SIGNALS):
             previous[sig] = signal.signal(sig, lambda signum, frame: arrived.append((signum, frame)))
     except (ValueError, OSError):  # no signals here (an embedded interpreter)
-        _restore(previous)
+        restore_handlers(previous)
         yield
         return
     try:
         yield
     finally:
-        _restore(previous)
+        restore_handlers(previous)
         if arrived:
             _deliver(previous[arrived[0][0]], *arrived[0])
 
@@ -313,16 +288,16 @@ def _stop_signals_interrupt() -> Iterator[None]:
             if signal.getsignal(sig) != signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, stop)
     except (ValueError, OSError):  # no signals here (an embedded interpreter)
-        _restore(previous)
+        restore_handlers(previous)
         previous = {}
     try:
         yield
     except Stopped as exc:
-        _restore(previous)
+        restore_handlers(previous)
         _deliver(previous.get(exc.signum), exc.signum, None)
         raise  # a handler of the caller's took it: the run still ended early
     finally:
-        _restore(previous)
+        restore_handlers(previous)
 
 
 def _quiet_when_the_trainer_leaves(_worker_id: int) -> None:
