@@ -22,3 +22,4 @@ MAX_SCRIBBLE_POINTS = 2**23  # samples x disc points: at width 20, a stroke abou
 # An initial mask's box: a whole image of the largest size a server takes (600 Mi voxels) fits.
 MAX_MASK_VOXELS = 2**31  # voxels in a mask prompt's box
 MAX_MASK_EXTENT = 2**31  # offset + shape on any axis: no int64 overflow anywhere
+MAX_MADE_BY_CHARS = 200  # a mask prompt's model version (made_by): a name, not a payload

@@ -32,7 +32,9 @@ from SegAssistLib.prompts import AnyPrompt, Vec3, _describe, _finite_vec3, descr
 # 1.3: a log's image may record its origin and direction (a log replayed on a flipped copy is refused)
 # 1.4: a log may record the built-in engine's settings that shape its answers (``engine``), so that a
 #      replay answers as the session did (``segassist segment`` applies them)
-SCHEMA_VERSION = "1.4"
+# 1.5: an initial mask may name the model version that made it (``made_by``: a proposal's), credited with
+#      the session's mask until a prompt changes it
+SCHEMA_VERSION = "1.5"
 
 
 def _schema_version(v: object) -> Optional[Tuple[int, int]]:

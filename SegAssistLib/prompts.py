@@ -58,6 +58,7 @@ from SegAssistLib.errors import PromptError
 # Names that moved to modules of their own: the public ones stay importable from here (`import X as X`
 # re-exports X); the private ones are imported for this module's own use only.
 from SegAssistLib.prompt_limits import _MAX_SLAB_DATA_CHARS
+from SegAssistLib.prompt_limits import MAX_MADE_BY_CHARS as MAX_MADE_BY_CHARS
 from SegAssistLib.prompt_limits import MAX_MASK_EXTENT as MAX_MASK_EXTENT
 from SegAssistLib.prompt_limits import MAX_MASK_VOXELS as MAX_MASK_VOXELS
 from SegAssistLib.prompt_limits import MAX_SCRIBBLE_POINTS as MAX_SCRIBBLE_POINTS
@@ -523,6 +524,29 @@ class MaskPrompt(_Prompt):
     offset: Tuple[Index, Index, Index]
     shape: Tuple[Index, Index, Index]
     data: str = Field(description="base64 of zlib-compressed np.packbits of the boolean box, C order")
+    made_by: Optional[str] = Field(
+        None,
+        min_length=1,
+        max_length=MAX_MADE_BY_CHARS,
+        description="1.5: the model version that made this mask (a proposal: the version that proposed it), "
+        "credited with the session's mask until a prompt changes it; absent or null: no model's (drawn by hand, "
+        "an existing segment)",
+    )
+
+    @field_validator("made_by")
+    @classmethod
+    def _check_made_by(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (not v.isprintable() or v != v.strip()):
+            raise ValueError(f"made_by must be a model version (printable, no surrounding spaces), got {v!r}")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _drop_unknown_maker(self, handler: SerializerFunctionWrapHandler):  # no return type: keeps the schema
+        """A mask no model made is written without ``made_by``: a reader of 1.4 reads it."""
+        out = handler(self)
+        if isinstance(out, dict) and out.get("made_by", 0) is None:
+            del out["made_by"]
+        return out
 
     @model_validator(mode="after")
     def _check_box(self) -> MaskPrompt:
@@ -539,9 +563,10 @@ class MaskPrompt(_Prompt):
         return self
 
     @classmethod
-    def from_array(cls, mask: np.ndarray) -> MaskPrompt:
+    def from_array(cls, mask: np.ndarray, made_by: Optional[str] = None) -> MaskPrompt:
         """Encode a full-image mask (array order ``[k, j, i]``), keeping only its bounding box (found
-        in bounded memory, :func:`set_voxel_bounds`; the box itself is held once as bool)."""
+        in bounded memory, :func:`set_voxel_bounds`; the box itself is held once as bool). ``made_by``:
+        the model version that made it (a proposal's), None when no model did."""
         mask = np.asarray(mask)
         if mask.ndim != 3:
             raise PromptError(f"an initial mask must be 3D, got shape {mask.shape}")
@@ -552,7 +577,10 @@ class MaskPrompt(_Prompt):
         else:
             lo, hi = bounds
             box = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0
-        return cls(offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box))
+        return cls(
+            offset=tuple(int(x) for x in lo), shape=tuple(int(x) for x in box.shape), data=_pack_bits(box),
+            made_by=made_by,
+        )
 
     def to_box(self) -> np.ndarray:
         """The boolean box, shape :attr:`shape` (array order ``[k, j, i]``)."""

@@ -97,10 +97,12 @@ class NextCase:
         return self.reply.resumed
 
     def proposal_prompt(self) -> Optional[MaskPrompt]:
-        """The proposal as an initial-mask prompt (the first prompt of the correcting session)."""
+        """The proposal as an initial-mask prompt (the first prompt of the correcting session), naming the
+        model version that proposed it: a label saved from it uncorrected credits that version."""
         if self.proposal is None or not self.proposal.any():
             return None
-        return MaskPrompt.from_array(self.proposal)
+        maker = self.reply.proposal.engine_version if self.reply.proposal is not None else None
+        return MaskPrompt.from_array(self.proposal, made_by=maker or None)
 
     def initial_prompts(self) -> List[MaskPrompt]:
         """What to open the correcting session with: the proposal, when there is one."""

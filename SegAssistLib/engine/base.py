@@ -115,8 +115,9 @@ class EngineSession(abc.ABC):
     def model_version(self) -> Optional[str]:
         """The version of the model that made the current mask: set by each prompt, brought back with
         the mask by undo and redo; None when no model made it (no prompt yet, a reset, an initial mask
-        given by the caller, such as a proposal, not yet corrected) or when the engine does not keep
-        track (this default). A prompt the model does not run for (a first negative click) leaves it as it was."""
+        given by the caller without a ``made_by``, such as a segment drawn by hand) or when the engine does
+        not keep track (this default). An initial mask that names its maker (a proposal) is credited to
+        it. A prompt the model does not run for (a first negative click) leaves it as it was."""
         return None
 
     @property

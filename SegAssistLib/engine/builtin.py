@@ -166,8 +166,8 @@ class BuiltinSession(EngineSession):
         t0 = time.perf_counter()
         # the version credited with the mask: the one answering, when the network ran
         if isinstance(prompt, MaskPrompt):  # to_array checks the box before it decodes (once)
-            # the caller's mask (a segment, a proposal): no model answered it here
-            box, new_region, info, version = self._whole(), prompt.to_array(self.shape), {"levels": []}, None
+            # the caller's mask: credited to the model that made it (a proposal), else to none (a segment)
+            box, new_region, info, version = self._whole(), prompt.to_array(self.shape), {"levels": []}, prompt.made_by
         else:
             check_prompt_inside(prompt, self.shape)
             self._drawn(prompt)  # a lasso with nothing in the image is refused before anything changes

@@ -171,7 +171,7 @@ def test_a_log_records_the_digest_and_it_reads_in_every_1x_reader():
     assert info.sha256 == voxel_digest(volume.array) and len(info.sha256) == 64
     log = PromptLog(image=info, prompts=[CLICK])
     data = json.loads(log.to_json())
-    assert data["schema_version"] == "1.4" and data["image"]["sha256"] == info.sha256
+    assert data["schema_version"] == "1.5" and data["image"]["sha256"] == info.sha256
     assert PromptLog.model_validate(data) == log
 
 

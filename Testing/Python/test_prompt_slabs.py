@@ -86,7 +86,7 @@ def test_slab_prompts_round_trip_through_json():
     )
     text = log.to_json()
     again = PromptLog.from_json(text)
-    assert again == log and again.schema_version == SCHEMA_VERSION == "1.4"
+    assert again == log and again.schema_version == SCHEMA_VERSION == "1.5"
     first = again.prompts[0]
     assert first.points is None and first.slab.offset == (12, 20, 25) and first.slab.shape == (1, 10, 15)
     assert np.array_equal(_full(first), stroke) and np.array_equal(_full(again.prompts[1]), stroke)

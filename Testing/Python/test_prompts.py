@@ -95,6 +95,18 @@ def test_mask_prompt_outside_image_is_refused():
         MaskPrompt.from_array(mask).to_array((2, 2, 2))
 
 
+def test_a_mask_names_its_maker_only_when_one_made_it():
+    mask = np.zeros((4, 4, 4), np.uint8)
+    mask[1:3, 1:3, 1:3] = 1
+    drawn = json.loads(MaskPrompt.from_array(mask).model_dump_json())
+    assert "made_by" not in drawn  # written as 1.4 wrote it: a 1.4 reader reads it
+    proposed = MaskPrompt.from_array(mask, made_by="0.3.0+v4")
+    assert parse_prompt(proposed.model_dump_json()) == proposed
+    for bad in ("", " 0.3.0", "0.3.0\n", "x" * 201):
+        with pytest.raises(ValueError, match="made_by"):
+            MaskPrompt(**{**drawn, "made_by": bad})
+
+
 def test_json_schema_is_published():
     schema = prompt_log_json_schema()
     assert "prompts" in schema["properties"]
@@ -188,7 +200,7 @@ def test_a_scribble_normal_of_any_finite_length_is_kept_as_its_direction(normal)
     assert to_slab(prompt, (12, 12, 12)).slab == to_slab(unit, (12, 12, 12)).slab
 
 
-@pytest.mark.parametrize("version", ["1.5", "1.10"])
+@pytest.mark.parametrize("version", ["1.6", "1.10"])
 def test_a_log_of_a_newer_minor_schema_reads_or_says_this_reader_needs_upgrading(version):
     plain = {"schema_version": version, "prompts": [{"kind": "point", "position": [1, 2, 3]}]}
     assert PromptLog.from_json(json.dumps(plain)).prompts == [PointPrompt(position=(1, 2, 3))]  # nothing new in it

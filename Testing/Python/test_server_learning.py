@@ -120,6 +120,7 @@ def test_next_case_proposal_correction_and_submission(clients, imported, learn_s
 
     prompts = nxt.initial_prompts()
     assert len(prompts) == int(nxt.proposal.any())
+    assert all(p.made_by == nxt.reply.proposal.engine_version for p in prompts)  # its maker travels with it
     with alice.open_session(nxt.image_id, prompts) as session:
         centre = np.argwhere(truth).mean(0)
         update = session.add_prompt(PointPrompt(position=tuple(float(x) for x in centre[::-1])))

@@ -89,6 +89,26 @@ def test_a_replayed_session_credits_the_version_answering_its_replay(server_fact
             assert session.undo().info["model_version"] is None  # back to the empty mask
 
 
+def test_a_label_from_an_uncorrected_proposal_credits_the_version_that_proposed_it(server_factory, tmp_path):
+    """``/next``'s proposal travels as a mask naming its maker (``made_by``): a label saved from it as it
+    is names the version (and adapter) that proposed it, not no model; undoing the mask credits none."""
+    from SegAssistLib.prompts import MaskPrompt
+
+    server = server_factory.start(learn_store=tmp_path / "store")
+    volume = make_volume(seed=44)
+    with SegAssistClient(server.url, TOKENS["alice"], timeout=(5.0, 120.0)) as alice:
+        case = alice.learning.import_image(volume, name="accepted as proposed")
+        alice.learning.lock(case.id)
+        proposer = alice.info().model.version + "+v7"  # the version before a promotion, say
+        proposal = MaskPrompt.from_array(volume.array > volume.array.mean(), made_by=proposer)
+        with alice.open_session(volume, [proposal]) as session:
+            assert session.status().model_version == proposer
+            assert session.prompt_log().prompts[0].made_by == proposer
+            label = alice.learning.submit(case.id, session, submit=False)
+            assert (label.model, label.adapter_version) == (proposer, "v7")
+            assert session.undo().info["model_version"] is None  # the empty mask before it
+
+
 def test_an_initial_mask_and_a_first_negative_click_are_credited_to_no_model(server_factory, tmp_path):
     """A session opened from a mask the caller sent (``/next``'s proposal, a segment) was credited to the
     version answering when it opened, and a label saved from it named that version, which made none of
