@@ -52,7 +52,7 @@ from SegAssistLib.learning.datastore import (
     import_sources,
     open_datastore,
 )
-from SegAssistLib.learning.errors import CaseLockedError, DatastoreError, NotLockedError
+from SegAssistLib.learning.errors import AdapterError, CaseLockedError, DatastoreError, NotLockedError
 from SegAssistLib.learning.records import (
     CaseRecord,
     CaseStatus,
@@ -61,7 +61,7 @@ from SegAssistLib.learning.records import (
     check_user,
     printable_text,
 )
-from SegAssistLib.learning.registry import BASE, AdapterRegistry, adapter_id_of, version_label
+from SegAssistLib.learning.registry import BASE, AdapterRegistry, VersionRecord, adapter_id_of, version_label
 from SegAssistLib.learning.store_files import DEFAULT_RECOVER_AGE_S
 from SegAssistLib.learning.subjects import compile_subject_pattern, subjects_from_names
 from SegAssistLib.stop_signals import STOP_SIGNALS, Stopped, restore_handlers, signal_name
@@ -769,15 +769,28 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from SegAssistLib.learning.loop_errors import OtherBaseModelError
 
     _open(args).close()
-    base_identity = None
+    base_identity, loads = None, None
     if args.to != BASE:  # a version made for other base weights cannot answer with this one
         from SegAssistLib.engine.network import load_checkpoint
+        from SegAssistLib.learning.deploy import version_network
 
-        base_identity = load_checkpoint(_checkpoint(args.checkpoint)).identity
+        base = load_checkpoint(_checkpoint(args.checkpoint))
+        base_identity = base.identity
+
+        def loads(record: VersionRecord) -> None:
+            """Build the target's network as a server's swap would, before the registry changes: a damaged
+            file is refused here, not made current for every server to fail on."""
+            try:
+                version_network(base, registry, record)
+            except AdapterError as exc:
+                raise AdapterError(f"version {record.id} cannot be loaded ({exc}): nothing was rolled back") from exc
+
+    registry = AdapterRegistry(args.store)
     try:  # one step back goes to the previous version of the current one's base weights, or refuses
-        done = AdapterRegistry(args.store).rollback_detailed(
+        done = registry.rollback_detailed(
             args.to, user=args.user, base_identity=base_identity, expected_current=args.expected_current,
             require_change=True,  # --to the version already current: nothing to roll back (exit 2), as one step back
+            check=loads,
         )
     except OtherBaseModelError as exc:
         if args.checkpoint is None:

@@ -415,3 +415,31 @@ def test_a_rollback_whose_check_refuses_the_target_changes_nothing(tmp_path: Pat
     assert registry.rollback_detailed("base", check=cannot_load).record is None  # the base model: not checked
     assert checked == ["v1", "v1"]
     assert registry.rollback_detailed("v2", check=checked.append).record.id == "v2" and checked[-1].id == "v2"
+
+
+def test_a_terminal_rollback_to_a_version_that_cannot_load_is_refused_and_changes_nothing(
+    tmp_path: Path, tiny_checkpoint: Path, capsys
+):
+    """``learn rollback`` checked only the version's base model: a version whose file was damaged became
+    current, and every server swapping to it failed and went on answering with the version it replaced."""
+    from learning_fixtures import promote_base_weights
+
+    from SegAssistLib.cli import main
+    from SegAssistLib.learning import Datastore
+
+    Datastore(tmp_path).close()
+    registry = AdapterRegistry(tmp_path)
+    v1 = promote_base_weights(registry, tiny_checkpoint)
+    promote_base_weights(registry, tiny_checkpoint, expected_current="v1")
+    registry.file_path(v1).write_bytes(b"cut short by a full disk")
+    before = registry.path.read_bytes()
+    store = ["--store", str(tmp_path), "--checkpoint", str(tiny_checkpoint)]
+    for argv in (["--to", "v1"], []):  # named, and one step back
+        assert main(["learn", "rollback", *store, *argv]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, err
+        assert "version v1 cannot be loaded" in err and "nothing was rolled back" in err, err
+    assert registry.path.read_bytes() == before  # v2 still current, nothing recorded
+    promote_base_weights(registry, tiny_checkpoint, expected_current="v2")  # v3, loadable
+    assert main(["learn", "rollback", *store, "--to", "v2"]) == 0
+    assert "current version: v2" in capsys.readouterr().out
