@@ -167,6 +167,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.remoteTokenLineEdit.connect("editingFinished()", self.onSettingsEdited)
         self.ui.remoteOptInCheckBox.connect("toggled(bool)", self.onOptInToggled)
         self.ui.allowInsecureCheckBox.connect("toggled(bool)", self.onSettingsEdited)
+        self.ui.remoteCaBundlePathLineEdit.connect("currentPathChanged(QString)", self.onSettingsEdited)
         self.ui.startLocalButton.connect("clicked(bool)", self.onStartLocal)
         self.ui.stopLocalButton.connect("clicked(bool)", self.onStopLocal)
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
@@ -297,6 +298,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.remoteTokenLineEdit,
             self.ui.remoteOptInCheckBox,
             self.ui.allowInsecureCheckBox,
+            self.ui.remoteCaBundlePathLineEdit,
         ]
         blocked = [w.blockSignals(True) for w in widgets]
         try:
@@ -310,6 +312,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.remoteTokenLineEdit.text = settings.remote_token
             self.ui.remoteOptInCheckBox.checked = settings.remote_opt_in
             self.ui.allowInsecureCheckBox.checked = settings.allow_insecure_http
+            self.ui.remoteCaBundlePathLineEdit.currentPath = settings.remote_ca_bundle
         finally:
             for widget, wasBlocked in zip(widgets, blocked):
                 widget.blockSignals(wasBlocked)
@@ -334,6 +337,7 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             remote_token=self.ui.remoteTokenLineEdit.text.strip(),
             remote_opt_in=bool(self.ui.remoteOptInCheckBox.checked),
             allow_insecure_http=bool(self.ui.allowInsecureCheckBox.checked),
+            remote_ca_bundle=self.ui.remoteCaBundlePathLineEdit.currentPath.strip(),
         )
 
     def _editedSettings(self, showConsent: bool = True):

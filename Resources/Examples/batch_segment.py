@@ -79,9 +79,13 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
         "--send-images-to-remote", action="store_true", help="consent to send the image to --url (required)"
     )
     remote.add_argument("--allow-insecure-http", action="store_true", help="allow the token over plain http")
+    remote.add_argument("--ca-bundle", type=Path, default=None, metavar="PATH",
+                        help="PEM file of the certificates to trust for an https --url (a self-signed server's own)")
     args = p.parse_args(argv)
     if not args.out.name.lower().endswith(SEGMENTATION_SUFFIXES):  # Slicer would write NRRD under any name
         p.error(f"--out {args.out}: a segmentation is written as {' or '.join(SEGMENTATION_SUFFIXES)}")
+    if args.ca_bundle is not None and not args.url:
+        p.error("--ca-bundle verifies the certificate of an https --url: give --url")
     if args.in_process and (args.url or args.server_python):
         p.error("--in-process runs the model in this Python: not with --url or --server-python")
     return args
@@ -97,6 +101,7 @@ def backend_settings(args: argparse.Namespace):
             remote_token=args.token,
             remote_opt_in=bool(args.send_images_to_remote),
             allow_insecure_http=bool(args.allow_insecure_http),
+            remote_ca_bundle=str(args.ca_bundle or ""),
         )
     return BackendSettings(
         mode="local",

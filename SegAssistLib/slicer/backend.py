@@ -100,6 +100,9 @@ class BackendSettings:
     remote_opt_in: bool = False
     #: Send the token over plain http to a non-loopback host (a trusted network only).
     allow_insecure_http: bool = False
+    #: A PEM file of the certificates to trust for an https server (its own self-signed certificate, or
+    #: the authority that signed it); "" = the system's, or REQUESTS_CA_BUNDLE's.
+    remote_ca_bundle: str = ""
     local_model: str = ""  # checkpoint file; "" = the shipped model
     local_device: str = "cpu"
     local_python: str = ""  # the Python that runs the server; "" = SEGASSIST_SERVER_PYTHON or this one
@@ -173,6 +176,14 @@ class BackendSettings:
                 raise BackendConfigError("remote backend: enter the server URL (for example https://host:8470)")
             if not url.startswith(("http://", "https://")):
                 raise BackendConfigError(f"remote backend URL must start with https:// or http://, got {url!r}")
+            bundle = self.remote_ca_bundle.strip()
+            if bundle and not url.lower().startswith("https://"):
+                raise BackendConfigError(
+                    "remote backend: a trusted certificate verifies an https:// server; plain http has none "
+                    "(use https://, or clear the certificate)"
+                )
+            if bundle and not Path(bundle).exists():
+                raise BackendConfigError(f"remote backend: the trusted certificate file {bundle!r} does not exist")
             if not self.remote_opt_in:
                 raise BackendConfigError(
                     "remote backend: images are sent to another computer only after you agree; tick "
@@ -336,6 +347,7 @@ class BackendManager:
                         settings.remote_url.strip(),
                         settings.remote_token.strip() or None,
                         allow_insecure_token=settings.allow_insecure_http,
+                        verify=settings.remote_ca_bundle.strip() or True,
                     )
                     return self._client
                 if self.local_running and self._local is not None:
@@ -466,6 +478,7 @@ def _connection_key(settings: BackendSettings) -> Tuple[Any, ...]:
             settings.remote_token.strip(),
             settings.remote_opt_in,
             settings.allow_insecure_http,
+            settings.remote_ca_bundle.strip(),
         )
     return (LOCAL,) + _local_key(settings)
 

@@ -99,3 +99,66 @@ def test_segment_reaches_a_self_signed_server_with_ca_bundle_and_says_so_without
 def certifi_bundle() -> str:
     certifi = pytest.importorskip("certifi")  # requests' own dependency
     return certifi.where()
+
+
+def test_the_slicer_backend_trusts_a_self_signed_server_by_its_certificate(server_factory, certificate, tmp_path,
+                                                                          monkeypatch):
+    """The module and the batch example could reach a self-signed server only when Slicer was started with
+    REQUESTS_CA_BUNDLE; the remote settings now name the certificate to trust (``remote_ca_bundle``)."""
+    from SegAssistLib.slicer.backend import REMOTE, BackendConfigError, BackendManager, BackendSettings
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    cert, key = certificate
+    server = server_factory.start(tls=(cert, key))
+    plain = BackendSettings(mode=REMOTE, remote_url=server.url, remote_token=TOKENS["alice"], remote_opt_in=True)
+    trusting = BackendManager(plain.with_changes(remote_ca_bundle=str(cert)))
+    try:
+        assert trusting.client().info().user == "alice"
+    finally:
+        trusting.close()
+    untrusting = BackendManager(plain)
+    try:
+        untrusting.client().retries = 0
+        with pytest.raises(BackendUnavailableError):
+            untrusting.client().health()
+    finally:
+        untrusting.close()
+    for bad, problem in (
+        (plain.with_changes(remote_ca_bundle=str(tmp_path / "missing.pem")), "does not exist"),
+        (plain.with_changes(remote_url=server.url.replace("https", "http"), remote_ca_bundle=str(cert)), "https"),
+    ):
+        with pytest.raises(BackendConfigError, match=problem):
+            bad.validate()
+
+
+def test_the_batch_example_reaches_a_self_signed_server_with_ca_bundle(server_factory, certificate, tmp_path,
+                                                                       capsys, monkeypatch):
+    """``batch_segment.py --url https://...`` had no way to name the certificate of a self-signed server."""
+    import importlib.util
+
+    pytest.importorskip("slicer")
+    import SimpleITK as sitk
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("segassist_batch_tls", root / "Resources/Examples/batch_segment.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cert, key = certificate
+    server = server_factory.start(tls=(cert, key))
+    image = tmp_path / "sample.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(root / "Resources/Samples/hippocampus_001_image.nii.gz")), str(image))
+    base = ["--image", str(image), "--prompts", str(root / "Resources/Examples/hippocampus_001_prompts.json"),
+            "--url", server.url, f"--token={TOKENS['alice']}", "--send-images-to-remote"]  # fmt: skip
+    assert example.main([*base, "--out", str(tmp_path / "refused.seg.nrrd")]) == 1
+    assert "certificate" in capsys.readouterr().err and not (tmp_path / "refused.seg.nrrd").exists()
+    out = tmp_path / "trusted.seg.nrrd"
+    assert example.main([*base, "--out", str(out), "--ca-bundle", str(cert)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    # the certificate of no server: refused before anything runs
+    assert example.main(["--image", str(image), "--prompts", str(image), "--out", str(out), "--ca-bundle",
+                         str(cert)]) == 2  # fmt: skip
+    assert "--ca-bundle verifies the certificate of an https --url" in capsys.readouterr().err
