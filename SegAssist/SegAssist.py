@@ -458,9 +458,11 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showBackendStatus(self, status, quiet: bool = False) -> None:
         """Show a backend's state (None: a remote one not tested); ``quiet``: not in the status line."""
-        if status is None or not status.connected:  # no model, no licence: those shown were another backend's
-            self.ui.modelNameLabel.text = _("(not connected)")
-            self.ui.modelLicenceLabel.text = "-"
+        from SegAssistLib.slicer.backend import model_labels
+
+        labels = model_labels(status)  # None: no model named; those shown were another backend's
+        self.ui.modelNameLabel.text = _("(not connected)") if labels is None else labels[0]
+        self.ui.modelLicenceLabel.text = "-" if labels is None else labels[1]
         if status is None:
             self.ui.backendStatusLabel.text = _("Remote backend: press 'Test connection' to check it")
             self.ui.backendStatusLabel.setStyleSheet("")
@@ -470,9 +472,6 @@ class SegAssistWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             summary = _("{mode} backend: {state}").format(mode=status.mode, state=status.message)
         self.ui.backendStatusLabel.text = summary
         self.ui.backendStatusLabel.setStyleSheet("" if status.connected else "color: #b00000")
-        if status.connected and status.model:
-            self.ui.modelNameLabel.text = status.model_text
-            self.ui.modelLicenceLabel.text = status.licence or "-"
         if not quiet:
             self.setStatus(summary, error=not status.connected and status.message not in ("stopped", ""))
 

@@ -17,7 +17,11 @@ Switching segment or volume, editing the segment by other means (including the e
 undo), or moving the volume or the segmentation (a transform changed), accepts the current
 object; so does deactivating the effect, once the pending answers are in. After Accept (with
 answers still pending) a switch does not drop them: the object writes into its own segment
-(``modifySegmentByLabelmap``, not the selected one) until they are in (``PromptState.ends_on_reselect``).
+(``modifySegmentByLabelmap``, not the selected one) until they are in (``PromptState.ends_on_reselect``);
+another segmentation or source volume selected drops them (``PromptState.ends_on_switch``).
+An answer takes no voxels from a segment edited outside SegAssist after its request was made (the
+user paints the next segment while the last answers are on their way): ``SegmentChangeWatch.edited_since``.
+An accept that ends an object whose last request failed says so (``PromptState.accepted_line``).
 """
 
 import contextlib
@@ -91,6 +95,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._writes = None  # the object's writes, and the voxels they took from other segments
         self._overlays = {}
         self._watch = None  # ends the object when the segment changes outside SegAssist
+        self._requestMarks = {}  # request seq -> the watch's mark when it was made (edits after it are spared)
         self._placementWatch = None  # ends the object when the volume or the segmentation moves
         self._lastBusy = False
 
@@ -263,7 +268,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._recorder.cancel()
         if self._session is not None:  # as Accept: pending answers are written first, then the object ends
             if self._state.ask_accept():
-                self._acceptObject()
+                self._acceptObject(leaving=True)
             else:
                 count = len(self._state.pending)
                 self._setStatus(
@@ -425,8 +430,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return (segmentationNode, segmentId, volumeNode)
 
     def _checkBinding(self) -> None:
-        # while accepting, the object's last answers still go to its own segment; it ends once they are in
-        if self._session is not None and self._currentBinding() != self._binding and self._state.ends_on_reselect:
+        # while accepting, the object's last answers still go to its own segment (of the segmentation and
+        # volume the editor still edits: it masks by them); it ends once they are in
+        if self._session is None or self._currentBinding() == self._binding:
+            return
+        p = self.scriptedEffect.parameterSetNode()
+        segmentationNode, _, volumeNode = self._binding
+        same = p is not None and p.GetSegmentationNode() == segmentationNode and p.GetSourceVolumeNode() == volumeNode
+        if self._state.ends_on_switch(same):
             self._endObject("Another segment or volume was selected: the previous result stays")
 
     def _onGesture(self, gesture, viewWidget) -> None:
@@ -474,10 +485,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._watchSegment(segmentationNode, binding[1])
         self._placementWatch = PlacementWatch(self._writes, self._onMoved)
 
-    def _acceptObject(self) -> None:
-        self._endObject("Accepted: the result stays in the segment; the next prompt starts a new object")
+    def _acceptObject(self, leaving: bool = False) -> None:
+        """End the object as accepted; ``leaving``: the effect is being deactivated (its panel hides)."""
+        message, error = self._state.accepted_line()
+        self._endObject(message, error)
+        if error and (leaving or not self.scriptedEffect.active()):  # the options panel is not shown
+            slicer.util.showStatusMessage("SegAssist: " + message, 20000)
 
-    def _endObject(self, message: str = "") -> None:
+    def _endObject(self, message: str = "", error: bool = False) -> None:
         """Stop prompting on the current object; its result stays, its pending replies become stale."""
         if self._session is None:
             return
@@ -489,10 +504,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._worker.submit(None, self._session.close)
         self._startPolling()
         self._session, self._binding, self._writes = None, None, None
+        self._requestMarks = {}
         self._unwatchSegment()
         self._drawAllPrompts()
         if message:
-            self._setStatus(message)
+            self._setStatus(message, error)
 
     def _reset(self) -> None:
         if self._session is None:
@@ -513,6 +529,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         except SegAssistError as exc:
             self._setStatus(str(exc).capitalize())
             return
+        self._requestMarks[request.seq] = self._watch.mark() if self._watch is not None else 0
         self._worker.submit(request, self._session.run, request)  # the request cleared the last error
         self._startPolling()
         self._drawAllPrompts()
@@ -548,7 +565,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                     self._state.error_text = describe_error(error)
                     logging.error("SegAssist: %s", self._state.error_text)
                 elif moved and self._alive(self._binding):
-                    self._writeOrEnd(update, finished.tag.op)
+                    self._writeOrEnd(update, finished.tag)
             except Exception as exc:
                 self._state.error_text = describe_error(exc)
                 logging.exception("SegAssist: a reply could not be applied")
@@ -565,14 +582,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if not self._worker.busy and self._timer is not None:
             self._timer.stop()
 
-    def _writeOrEnd(self, update, op) -> None:
-        """Write an answer the backend has counted (None: the segment does not change); if it cannot be
-        written, the segment and the backend's history no longer agree, so the object ends (the next
-        prompt starts from the segment)."""
+    def _writeOrEnd(self, update, request) -> None:
+        """Write the answer to ``request`` the backend has counted (None: the segment does not change);
+        if it cannot be written, the segment and the backend's history no longer agree, so the object
+        ends (the next prompt starts from the segment). Segments edited outside SegAssist since the
+        request was made keep their voxels (a newer edit wins)."""
+        mark = self._requestMarks.pop(request.seq, 0)
         try:
             with self._watch.writing() if self._watch is not None else contextlib.nullcontext():
                 depth = len(self._state.confirmed_prompts)
-                self._writes.apply(update, depth, undo=op is Op.UNDO)
+                spare = self._watch.edited_since(mark) if self._watch is not None else ()
+                self._writes.apply(update, depth, undo=request.op is Op.UNDO, spare=spare)
         except PlacementChanged as exc:  # the object is over; its message says so
             self._endObject()  # clears the object's error: this one is set after it
             self._state.error_text = describe_error(exc)

@@ -15,7 +15,11 @@ directory: relative paths among the options (``--data-dir store``) are made abso
 launcher's working folder first, so two projects giving the same relative path get their own.
 
 The server needs torch, MONAI and FastAPI; when the client runs in a Python without them (Slicer's),
-give ``python=`` (or ``SEGASSIST_SERVER_PYTHON``) pointing at a Python that has them.
+give ``python=`` (or ``SEGASSIST_SERVER_PYTHON``) pointing at a Python that has them. A start that
+fails says why in one line, from this start's own lines of the log (each start appends a marker line
+to ``backend-*.log`` and reads only what follows it); :attr:`LocalBackendError.missing_modules` names
+the packages that Python lacks. :meth:`LocalBackend.cancel` ends a start under way from another
+thread at once (the child is loading the model: nothing to shut down gracefully).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -47,9 +52,34 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding SegAss
 
 
 class LocalBackendError(ClientError):
-    """The local backend could not be started (the message holds the end of its log)."""
+    """The local backend could not be started: the message says why in one line (the last line this
+    start wrote to its log) and names the log; ``log_lines`` holds this start's last lines, and
+    ``missing_modules`` the packages the server's Python lacks (empty when that was not the cause)."""
 
     code = "local_backend_failed"
+
+    def __init__(self, message: str, log_lines: Sequence[str] = (), log_file: Optional[os.PathLike] = None) -> None:
+        super().__init__(message)
+        self.log_lines: List[str] = list(log_lines)
+        self.log_file = log_file
+        self.missing_modules: List[str] = missing_modules(self.log_lines)
+
+
+#: How the server says that its Python lacks packages (``segassist serve``'s own check, SegAssistLib.server.cli)
+_LACKS = re.compile(r"needs (.+?), which this install lacks")
+#: ... and how Python says it (an import before that check: numpy, pydantic)
+_NO_MODULE = re.compile(r"No module named '([A-Za-z0-9_]+)")
+
+
+def missing_modules(log_lines: Sequence[str]) -> List[str]:
+    """The packages a failed start's log lines say the server's Python lacks (top-level names; not
+    SegAssistLib itself, whose absence is a broken checkout, not a package to install)."""
+    found: List[str] = []
+    for line in log_lines:
+        lacks = _LACKS.search(line)
+        names = [n.strip() for n in lacks.group(1).split(",")] if lacks else _NO_MODULE.findall(line)
+        found += [n for n in names if n and n != "SegAssistLib" and n not in found]
+    return found
 
 
 class ServerPythonError(LocalBackendError):
@@ -237,6 +267,8 @@ class LocalBackend:
         self.pid: Optional[int] = None
         self.owned = False  # True when this object started the process (and will stop it)
         self._process: Optional[subprocess.Popen] = None
+        self._cancelled = threading.Event()
+        self._log_offset = 0  # where this start's lines begin in the log (after its marker line)
         # what a running backend must match to be reused: started with other options (threads, another
         # Python), another environment (CUDA_VISIBLE_DEVICES: another GPU) or from weights since
         # overwritten in place (size and modification time of each checkpoint named), it is another
@@ -263,6 +295,7 @@ class LocalBackend:
     def start(self) -> LocalBackend:
         if self.running:
             return self
+        self._check_cancelled()
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -310,6 +343,24 @@ class LocalBackend:
                     process.kill()
                     process.wait(5)
         self._forget_state()
+
+    def cancel(self) -> None:
+        """End a :meth:`start` under way in another thread: a child still loading its model is
+        terminated at once and :meth:`start` raises :class:`LocalBackendError` ("stopped while it
+        started"); a start not begun yet raises at once. A backend that is up is left to :meth:`stop`."""
+        self._cancelled.set()
+        process = self._process
+        if process is not None and self.url is None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.terminate()
+
+    def _check_cancelled(self, process: Optional[subprocess.Popen] = None) -> None:
+        if not self._cancelled.is_set():
+            return
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.terminate()
+        raise LocalBackendError("the local backend was stopped while it started")
 
     def __enter__(self) -> LocalBackend:
         return self.start()
@@ -381,6 +432,10 @@ class LocalBackend:
         port_file = self.state_dir / f".port-{secrets.token_hex(6)}"
         try:
             with open(self.log_file, "ab") as log:
+                # the log is shared by every start of this backend: this start's lines follow its marker
+                log.write(f"==== SegAssist local backend start, {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
+                log.flush()
+                self._log_offset = log.tell()
                 process = self._popen(port_file, token, log)
         except ServerPythonError:
             raise
@@ -408,11 +463,9 @@ class LocalBackend:
         deadline = time.monotonic() + self.startup_timeout
         url: Optional[str] = None
         while time.monotonic() < deadline:
+            self._check_cancelled(process)
             if process.poll() is not None:
-                raise LocalBackendError(
-                    f"the local backend exited with code {process.returncode} during startup; "
-                    f"end of {self.log_file}:\n{self._log_tail()}"
-                )
+                raise self._start_failed(f"the local backend exited with code {process.returncode} during startup")
             if url is None and port_file.exists():
                 text = port_file.read_text().strip()
                 url = f"http://127.0.0.1:{int(text)}" if text.isdigit() else None
@@ -427,16 +480,25 @@ class LocalBackend:
                     probe.close()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(0.05)  # a pause that ends early if the child exits
-        raise LocalBackendError(
-            f"the local backend did not become healthy within {self.startup_timeout:.0f} s; "
-            f"end of {self.log_file}:\n{self._log_tail()}"
-        )
+        raise self._start_failed(f"the local backend did not become healthy within {self.startup_timeout:.0f} s")
 
-    def _log_tail(self, lines: int = 20) -> str:
+    def _start_failed(self, what: str) -> LocalBackendError:
+        """``what`` went wrong, with the last line this start wrote (its cause, as a rule) and the log."""
+        lines = self._log_lines()
+        cause = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        said = f": {cause}" if cause else " (it wrote nothing to its log)"
+        return LocalBackendError(f"{what}{said}; details in {self.log_file}", lines, self.log_file)
+
+    def _log_lines(self, lines: int = 20) -> List[str]:
+        """The last ``lines`` lines this start wrote to the log (not those of earlier starts)."""
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log_file, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(self._log_offset, size - 65536))  # the end is enough: its last lines
+                text = log.read().decode(errors="replace")
         except OSError:
-            return "(no log)"
+            return []
+        return text.splitlines()[-lines:]
 
     def _forget_state(self) -> None:
         try:

@@ -26,8 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+from urllib.parse import urlsplit
 
-from SegAssistLib.client import BackendUnavailableError, LocalBackend, SegAssistClient
+from SegAssistLib.client import BackendUnavailableError, LocalBackend, LocalBackendError, SegAssistClient
+from SegAssistLib.client.http import is_loopback_host
 from SegAssistLib.client.local import ServerPythonError
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.slicer.tokens import TokenFile, TokenFileError
@@ -39,6 +41,8 @@ SETTINGS_PREFIX = "SegAssist/Backend/"
 #: The shipped weights, where the local server looks for them when no checkpoint is chosen.
 RETIRE_JOIN_S = 35.0  # LocalBackend.stop waits at most 20 + 5 + 5 s
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "segassist_unet.pt"
+#: Why a request fails when the local backend was stopped while it started.
+STOPPED_WHILE_STARTING = "the local backend was stopped while it started"
 
 
 class BackendConfigError(SegAssistError):
@@ -134,7 +138,7 @@ class BackendSettings:
             try:
                 saved = (tokens or TokenFile()).get(values["remote_url"])
             except TokenFileError as exc:
-                saved, problem = "", f"The remote server's token was not loaded: {exc}"
+                saved, problem = "", _token_file_problem(bool(values["remote_token"].strip()), exc)
             values["remote_token"] = saved or values["remote_token"]
         return LoadedSettings(cls(**values), problem)
 
@@ -151,16 +155,23 @@ class BackendSettings:
         other settings are saved all the same and the token file is left as it is (the other
         servers' tokens in it are not overwritten)."""
         secret_elsewhere = not _keeps_secrets(store)
+        token_key = SETTINGS_PREFIX + "remote_token"
+        legacy = (str(store.value(SETTINGS_PREFIX + "remote_url", "") or ""), str(store.value(token_key, "") or ""))
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "remote_token" and secret_elsewhere:
-                value = ""  # also clears a token an earlier version kept there
-            store.setValue(SETTINGS_PREFIX + f.name, value)
+            if f.name != "remote_token" or not secret_elsewhere:
+                store.setValue(SETTINGS_PREFIX + f.name, getattr(self, f.name))
         if secret_elsewhere and self.remote_url.strip():
             try:
                 (tokens or TokenFile()).set(self.remote_url, self.remote_token)
             except TokenFileError as exc:
+                # a token an earlier version kept in the store stays there while the file cannot take
+                # it (else it would be lost everywhere), as long as it is the one in use for its server
+                if self.remote_token and legacy == (self.remote_url, self.remote_token):
+                    return _token_file_problem(True, exc)
+                store.setValue(token_key, "")
                 return f"The remote server's token was not saved (it is used until Slicer exits): {exc}"
+        if secret_elsewhere:
+            store.setValue(token_key, "")  # the token file holds it (also one an earlier version kept here)
         return ""
 
     def with_changes(self, **changes: Any) -> BackendSettings:
@@ -176,6 +187,13 @@ class BackendSettings:
                 raise BackendConfigError("remote backend: enter the server URL (for example https://host:8470)")
             if not url.startswith(("http://", "https://")):
                 raise BackendConfigError(f"remote backend URL must start with https:// or http://, got {url!r}")
+            host = _checked_host(url)
+            clear_text = url.startswith("http://") and not is_loopback_host(host) and not self.allow_insecure_http
+            if clear_text and self.remote_token.strip():
+                raise BackendConfigError(
+                    f"remote backend: the token would cross the network in clear text to {host} (http://): "
+                    "use https://, or tick 'Allow the token over plain http' on a network you trust"
+                )
             bundle = self.remote_ca_bundle.strip()
             if bundle and not url.lower().startswith("https://"):
                 raise BackendConfigError(
@@ -211,6 +229,32 @@ class BackendSettings:
             return str(exe)
         beside = shutil.which("PythonSlicer", path=str(exe.parent))
         return beside or shutil.which("PythonSlicer") or str(exe)
+
+
+def _checked_host(url: str) -> str:
+    """The URL's host; :class:`BackendConfigError` when it has none, or a port that is no port."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        valid = bool(host) and parts.port != -1 and not any(ch.isspace() for ch in parts.netloc)
+    except ValueError:  # .port for "84a0" or 99999
+        valid = False
+    if not valid:
+        raise BackendConfigError(
+            f"remote backend URL {url!r} is not https://host:port (for example https://seg.example.org:8470)"
+        )
+    return host
+
+
+def _token_file_problem(legacy_token: bool, error: TokenFileError) -> str:
+    """Why the token file gave no token, for the status line; ``legacy_token``: a token an earlier
+    version kept in Slicer's settings is used instead (it stays there until the file takes it)."""
+    if legacy_token:
+        return (
+            "The remote server's token is used from Slicer's settings (where an earlier version kept it); "
+            f"it cannot move to the token file: {error}"
+        )
+    return f"The remote server's token was not loaded: {error}"
 
 
 @dataclass(frozen=True)
@@ -277,6 +321,15 @@ class BackendStatus:
         return f"{where}: connected, model {self.model_text} ({self.licence}) on {self.devices}"
 
 
+def model_labels(status: Optional[BackendStatus]) -> Optional[Tuple[str, str]]:
+    """The model and licence the module panel shows for ``status``; None: clear them (no status, or
+    one that names no model: a remote server not tested, a local backend not asked, a failed test);
+    the labels must never keep another backend's model or licence."""
+    if status is None or not status.connected or not status.model:
+        return None
+    return status.model_text, status.licence or "-"
+
+
 class BackendManager:
     """Owns the backend connection: starts a local server on demand or connects to the remote one.
 
@@ -291,6 +344,8 @@ class BackendManager:
         self._lock = threading.RLock()
         self._start_lock = threading.Lock()
         self._local: Optional[LocalBackend] = None
+        self._starting: Optional[LocalBackend] = None  # a start under way: stop_local ends it at once
+        self._start_stops = 0  # _stops when the start under way began
         self._client: Optional[SegAssistClient] = None
         self._generation = 0
         self._stops = 0  # stop_local() calls: a start that a stop overtook is not adopted
@@ -343,12 +398,7 @@ class BackendManager:
                     return self._client
                 self._drop_client()
                 if settings.mode == REMOTE:
-                    self._client = SegAssistClient(
-                        settings.remote_url.strip(),
-                        settings.remote_token.strip() or None,
-                        allow_insecure_token=settings.allow_insecure_http,
-                        verify=settings.remote_ca_bundle.strip() or True,
-                    )
+                    self._client = _remote_client(settings)
                     return self._client
                 if self.local_running and self._local is not None:
                     self._client = self._local.client()
@@ -357,7 +407,7 @@ class BackendManager:
                 with self._lock:
                     if self._settings != settings or self.local_running:
                         continue  # changed, or started by another thread, while this one waited
-                stops = self._stops
+                    stops = self._start_stops = self._stops
                 self._wait_for_retired()  # never attach to a backend that is shutting down
                 backend = self._start_local(settings)
                 with self._lock:
@@ -368,7 +418,7 @@ class BackendManager:
                 if backend is not None:  # a dead predecessor, or a start the settings or a stop overtook
                     backend.stop()
                 if stopped:
-                    raise BackendUnavailableError("the local backend was stopped while it started")
+                    raise BackendUnavailableError(STOPPED_WHILE_STARTING)
                 if not wanted:
                     continue
 
@@ -408,11 +458,16 @@ class BackendManager:
         return self.test_connection()
 
     def stop_local(self) -> None:
-        """Stop the local backend if this manager started it (one started by another process stays)."""
+        """Stop the local backend if this manager started it (one started by another process stays).
+        A start under way ends at once: its server, still loading the model, is terminated, and the
+        request that started it fails saying so."""
         with self._lock:
             self._drop_client()
             local, self._local = self._local, None
             self._stops += 1
+            starting = self._starting
+        if starting is not None:
+            starting.cancel()
         if local is not None:
             local.stop()
         self._wait_for_retired()  # backends retired by a settings change: stopped before this returns
@@ -440,15 +495,21 @@ class BackendManager:
 
     # ---- internals ---------------------------------------------------------------------------
     def _start_local(self, settings: BackendSettings) -> LocalBackend:
-        """A started local backend for ``settings`` (called without ``_lock``)."""
+        """A started local backend for ``settings`` (called without ``_lock``, under ``_start_lock``);
+        a :meth:`stop_local` meanwhile ends it at once (:data:`STOPPED_WHILE_STARTING`)."""
         extra = ["--threads", str(settings.local_threads)] if settings.local_threads > 0 else []
+        python = settings.server_python()
         backend = LocalBackend(
             model=settings.local_model or None,
             device=settings.local_device or "cpu",
             state_dir=self._state_dir,
-            python=settings.server_python(),
+            python=python,
             extra_args=extra,
         )
+        with self._lock:
+            if self._stops != self._start_stops:  # stopped before the child was even started
+                raise BackendUnavailableError(STOPPED_WHILE_STARTING)
+            self._starting = backend
         try:
             backend.start()
         except ServerPythonError as exc:  # the interpreter could not be executed at all
@@ -456,6 +517,22 @@ class BackendManager:
                 f"could not start the local backend: {exc}. Set 'Server Python' to "
                 "a Python with torch, MONAI and FastAPI (see docs/slicer.md)"
             ) from exc
+        except LocalBackendError as exc:
+            with self._lock:
+                stopped = self._stops != self._start_stops
+            if stopped:
+                raise BackendUnavailableError(STOPPED_WHILE_STARTING) from None
+            if exc.missing_modules:  # Slicer's Python (or the one chosen) lacks the server's packages
+                raise BackendConfigError(
+                    f"the local backend cannot start: its Python ({python}) lacks {', '.join(exc.missing_modules)}. "
+                    "Press 'Install backend packages...' in the SegAssist module, or set 'Server Python' to a "
+                    f"Python that has them; details in {exc.log_file}"
+                ) from exc
+            raise
+        finally:
+            with self._lock:
+                if self._starting is backend:
+                    self._starting = None
         return backend
 
     def _drop_client(self) -> None:
@@ -466,6 +543,20 @@ class BackendManager:
     @staticmethod
     def _url_for(settings: BackendSettings) -> str:
         return settings.remote_url.strip() if settings.mode == REMOTE else ""
+
+
+def _remote_client(settings: BackendSettings) -> SegAssistClient:
+    """The client of the remote server; what the client refuses (validated settings rarely get here)
+    is a :class:`BackendConfigError`, not a bare ValueError."""
+    try:
+        return SegAssistClient(
+            settings.remote_url.strip(),
+            settings.remote_token.strip() or None,
+            allow_insecure_token=settings.allow_insecure_http,
+            verify=settings.remote_ca_bundle.strip() or True,
+        )
+    except ValueError as exc:
+        raise BackendConfigError(f"remote backend settings: {exc}") from exc
 
 
 def _connection_key(settings: BackendSettings) -> Tuple[Any, ...]:

@@ -5,8 +5,13 @@ overwrite mode is "all segments"): each answer written with ``modifySegmentByLab
 erases those voxels from every other segment. Reset and prompt undo must give them back, so each
 write remembers, under the prompt count it leaves the object at, which voxels of which other
 segments it took: only inside the box it wrote, only segments that lost some, cropped to what they
-lost. Undo of that prompt and reset give them back (where the segment does not hold them then);
-redo writes the answer again, which takes them again. Qt-free: the effect passes the write itself.
+lost. Undo of that prompt and reset give them back, also where the object's segment holds them
+then (the two overlapped before that prompt: a segment that overlapped the object's segment when
+the object started gets its overlap back); redo writes the answer again, which takes them again.
+An undo's own answer puts the segment back as it was before that prompt, when the other segments
+held all they hold now: what it takes from them is given back at once. So is what an answer takes
+from a segment edited outside SegAssist after its request was made (``spare``): the newer edit
+wins. Qt-free: the effect passes the write itself.
 
 Reset, and an undo back to before the first prompt, put the segment back exactly as it was when the
 object started: a copy of its own labelmap, on its own grid, is kept from the start. Not the
@@ -25,7 +30,7 @@ notices the move when it happens.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Collection, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import slicer
@@ -195,10 +200,14 @@ class ObjectWrites:
                 self._moved = not np.allclose(now, self._placement, rtol=0.0, atol=PLACEMENT_TOLERANCE)
         return self._moved
 
-    def apply(self, update: Optional[MaskUpdate], depth: int, undo: bool = False) -> None:
+    def apply(self, update: Optional[MaskUpdate], depth: int, undo: bool = False, spare: Collection[str] = ()) -> None:
         """Write an answer that leaves the object at ``depth`` prompts in effect (after a prompt, a
         redo, or with ``undo`` an undo; ``update`` None or empty: the segment does not change). An
         undo back to ``depth`` 0 puts the segment back exactly as it was at the start instead.
+
+        ``spare``: other segments this answer must take no voxel from (edited outside SegAssist after
+        its request was made: the newer edit wins); an undo's answer takes from none. What the
+        editor's overwrite takes from them anyway is given back in the same undo step.
 
         Raises :class:`PlacementChanged`, writing nothing, once the volume or the segmentation moved
         (:attr:`moved`): the answer is on the volume's grid as it lay when the object started."""
@@ -221,7 +230,13 @@ class ObjectWrites:
         self._save_undo()
         if writes:
             assert update is not None
-            self._write(update, depth)
+            taken = self._write(update)
+            kept = [record for record in taken if not undo and record[0] not in spare]
+            if kept:
+                self._taken[depth] = kept
+            # an undo restores the segment as it was before that prompt, when the others held all
+            # they hold now; a spared segment keeps its newer edit
+            back = [record for record in taken if undo or record[0] in spare] + back
         self._give_back(back)
 
     def reset(self) -> None:
@@ -250,7 +265,8 @@ class ObjectWrites:
         above = sorted((d for d in self._taken if d > depth), reverse=True)
         return [record for d in above for record in reversed(self._taken.pop(d))]
 
-    def _write(self, update: MaskUpdate, depth: int) -> None:
+    def _write(self, update: MaskUpdate) -> List[_Taken]:
+        """Write the answer through ``modify``; what it took from each other segment (cropped)."""
         node, sid = self.segmentation_node, self.segment_id
         add, remove, extent = segments.update_labelmaps(update, node, self.volume_node, sid)
         adds = _mask(add)
@@ -258,7 +274,7 @@ class ObjectWrites:
         if adds.any():  # only added voxels can be taken from another segment
             before = {other: had & adds for other, had in self._others_on(add).items() if (had & adds).any()}
         self._modify(add, remove, [int(e) for e in extent])
-        records = self._taken.setdefault(depth, [])
+        records: List[_Taken] = []
         after = self._others_on(add, only=set(before)) if before else {}
         for other, had in before.items():
             if other not in after:  # a segment deleted meanwhile has nothing to get back
@@ -268,6 +284,7 @@ class ObjectWrites:
             if bounds is not None:
                 box = tuple(slice(int(a), int(b)) for a, b in zip(*bounds))
                 records.append((other, segments.oriented_labelmap(taken[box], add, tuple(int(v) for v in bounds[0]))))
+        return records
 
     def _others_on(self, grid: slicer.vtkOrientedImageData, only: Optional[set] = None) -> Dict[str, np.ndarray]:
         """The other segments (``only`` these, when given) on ``grid`` (its extent), as masks: each layer
@@ -300,23 +317,21 @@ class ObjectWrites:
         return found
 
     def _give_back(self, records: List[_Taken]) -> None:
-        """Add the voxels back to their segments where the object's segment does not hold them now.
-        Through a segment editor logic of its own (no masking, no overwriting; shared layers as the
-        editor handles them): ``SetBinaryLabelmapToSegment`` merges raw 0/1 values into a shared layer,
+        """Add the voxels back to their segments, also where the object's segment holds them now: each
+        segment held them just before the write that took them, and an undo or reset puts the segments
+        back to before that write (the two overlapped then). Through a segment editor logic of its own
+        (no masking, no overwriting; shared layers as the editor handles them, split where two
+        segments overlap): ``SetBinaryLabelmapToSegment`` merges raw 0/1 values into a shared layer,
         which hands the voxels to whichever segment has label value 1."""
         node = self.segmentation_node
         logic = None
         for other, image in records:
             if node.GetSegmentation().GetSegment(other) is None:
                 continue  # deleted meanwhile: nothing to give back to
-            free = _mask(image) & ~(segments.segment_on_grid(node, self.segment_id, image) > 0)
-            if not free.any():
-                continue
             if logic is None:
                 logic = _plain_editor_logic(node)
-            labelmap = segments.oriented_labelmap(free, image)
-            extent = [int(e) for e in labelmap.GetExtent()]
-            logic.ModifySegmentByLabelmap(node, other, labelmap, logic.ModificationModeAdd, extent, True, True)
+            extent = [int(e) for e in image.GetExtent()]
+            logic.ModifySegmentByLabelmap(node, other, image, logic.ModificationModeAdd, extent, True, True)
 
 
 class PlacementWatch:

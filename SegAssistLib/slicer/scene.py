@@ -7,6 +7,7 @@ the functions of this package take the scene or nodes explicitly and work on eit
 
 from __future__ import annotations
 
+import getpass
 import os
 import tempfile
 import types
@@ -28,9 +29,22 @@ def _empty_home_directory() -> str:
     slicer-core ships no colour files; pointing the application logic at an empty folder lets the
     Colors logic start quietly instead of logging an error for each scene.
     """
-    home = os.path.join(tempfile.gettempdir(), f"segassist-slicer-home-{os.getuid()}")
+    home = os.path.join(tempfile.gettempdir(), f"segassist-slicer-home-{_user_tag()}")
     os.makedirs(os.path.join(home, "share", "ColorFiles"), exist_ok=True)
     return home
+
+
+def _user_tag() -> str:
+    """Who runs this, for a per-user folder name: the uid; on Windows (no ``os.getuid``) the user's
+    name, reduced to characters a folder name takes everywhere."""
+    getuid = getattr(os, "getuid", None)
+    if getuid is not None:
+        return str(getuid())
+    try:
+        name = getpass.getuser()
+    except Exception:  # no user name in the environment and no password database: one shared folder
+        name = ""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "user"
 
 
 @dataclass

@@ -11,12 +11,17 @@ last write (its modification time is the stamp). Renaming or recolouring a segme
 a change to any segment: only one that moves this segment's labelmap counts. Segments that share
 a layer share its labelmap, so a change to one of them counts too: the object ends, nothing is
 lost; a segment in another layer is another labelmap and does not.
+
+A segment in another layer edited outside SegAssist is remembered instead (:meth:`SegmentChangeWatch.mark`,
+:meth:`~SegmentChangeWatch.edited_since`): an answer to a request made before that edit must not
+take its voxels (the editor's "overwrite all segments" would erase the user's newer strokes, for
+example paint added while the last answers of an accepted object were on their way).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Set
 
 import slicer
 
@@ -39,7 +44,8 @@ def labelmap_stamp(segmentation_node: slicer.vtkMRMLSegmentationNode, segment_id
 
 class SegmentChangeWatch:
     """Calls ``on_changed()`` once, the first time the segment changes other than inside
-    :meth:`writing`; then stops observing. :meth:`stop` ends the watch without a call."""
+    :meth:`writing`; then stops observing. :meth:`stop` ends the watch without a call. Meanwhile it
+    counts the edits of segments in other layers made outside :meth:`writing` (:meth:`edited_since`)."""
 
     def __init__(
         self,
@@ -53,6 +59,9 @@ class SegmentChangeWatch:
         self._writing = False
         self._stamp = labelmap_stamp(segmentation_node, segment_id)
         self._segmentation = segmentation_node.GetSegmentation()
+        self._other_stamps = self._others()
+        self._edits = 0  # edits of other segments seen outside SegAssist's writes
+        self._edited_at: Dict[str, int] = {}  # other segment -> the edit count when it last changed
         self._tags: List[int] = [self._segmentation.AddObserver(SEGMENT_MODIFIED, self._onSegmentModified)]
         if SOURCE_MODIFIED is not None:
             self._tags.append(self._segmentation.AddObserver(SOURCE_MODIFIED, self._onSourceModified))
@@ -61,27 +70,51 @@ class SegmentChangeWatch:
     def active(self) -> bool:
         return bool(self._tags)
 
+    def mark(self) -> int:
+        """A mark of now (when a request is made), for :meth:`edited_since`."""
+        return self._edits
+
+    def edited_since(self, mark: int) -> Set[str]:
+        """The other segments (in other layers than this one) edited outside SegAssist after ``mark``."""
+        return {segment_id for segment_id, at in self._edited_at.items() if at > mark}
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        """SegAssist's own writes: not a change from outside; the stamp follows them."""
+        """SegAssist's own writes: not a change from outside; the stamps follow them (its answers
+        take voxels from other segments, and give them back)."""
         self._writing = True
         try:
             yield
         finally:
             self._writing = False
             self._stamp = labelmap_stamp(self._node, self._segment_id)
+            self._other_stamps = self._others()
 
     def stop(self) -> None:
         for tag in self._tags:
             self._segmentation.RemoveObserver(tag)
         self._tags = []
 
+    def _others(self) -> Dict[str, Optional[int]]:
+        """The labelmap stamp of every other segment."""
+        ids = self._segmentation.GetSegmentIDs()
+        return {i: labelmap_stamp(self._node, i) for i in ids if i != self._segment_id}
+
     def _onSourceModified(self, caller: object, event: str) -> None:
         self._onSegmentModified(caller, event)  # fired for any segment: counts when this one's labelmap moved
 
     def _onSegmentModified(self, caller: object, event: str) -> None:
-        if not self._writing and self.active and labelmap_stamp(self._node, self._segment_id) != self._stamp:
+        if self._writing or not self.active:
+            return
+        if labelmap_stamp(self._node, self._segment_id) != self._stamp:
             self._changed()
+            return
+        others = self._others()
+        edited = [i for i, stamp in others.items() if stamp != self._other_stamps.get(i)]
+        self._other_stamps = others
+        if edited:
+            self._edits += 1
+            self._edited_at.update((i, self._edits) for i in edited)
 
     def _changed(self) -> None:
         self.stop()

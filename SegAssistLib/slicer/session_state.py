@@ -56,6 +56,9 @@ UPLOAD_STOPPED = (
 )
 
 
+#: The status line once an object is accepted with all its answers in the segment.
+ACCEPTED = "Accepted: the result stays in the segment; the next prompt starts a new object"
+
 #: Why an object ends when a lost answer cannot be matched with the server's history.
 OUT_OF_STEP = (
     "the backend's answer to a request was lost, and what the backend did since cannot be matched with "
@@ -228,6 +231,14 @@ class PromptState:
         if self.accepting:
             raise SessionError("the object is being accepted once its pending answers are in: wait for them")
 
+    def accepted_line(self) -> Tuple[str, bool]:
+        """The status line for ending this object as accepted (Accept, Enter, leaving the effect), and
+        whether it is an error: accepted while the error of a failed request still shows (no request
+        made since), that request is not in the segment, and the line keeps saying why."""
+        if self.error_text:
+            return f"Accepted, but a request failed and is not in the segment: {self.error_text}", True
+        return ACCEPTED, False
+
     @property
     def ends_on_reselect(self) -> bool:
         """Whether selecting another segment or volume ends this object at once (it is accepted as it
@@ -235,6 +246,15 @@ class PromptState:
         asked for its last answers, so they still land in the object's own segment (the effect writes
         there, whatever is selected now), and the object ends once they are in (:attr:`accept_due`)."""
         return not self.accepting
+
+    def ends_on_switch(self, same_segmentation_and_volume: bool) -> bool:
+        """Whether a selection change ends this object at once (:attr:`ends_on_reselect`), given whether
+        the editor still edits the object's segmentation and source volume. Another segment of them
+        keeps an object being accepted; another segmentation or volume does not: the editor masks a
+        write by its editable-area mask and intensity range, made from the segmentation and volume it
+        edits, so the last answers would be masked by another segmentation's segments (with "outside
+        all segments" they would overwrite the object's neighbours): they are dropped, saying so."""
+        return self.ends_on_reselect or not same_segmentation_and_volume
 
     def new_epoch(self) -> int:
         """Start a new object: every pending reply becomes stale, the history empties."""

@@ -331,6 +331,48 @@ def test_accepting_with_answers_pending_waits_for_them_instead_of_dropping_them(
     state.request(Op.PROMPT, p1)  # the next object takes prompts again
 
 
+@pytest.mark.parametrize("failure", ["unreachable", "busy", "refused"])
+def test_an_accept_that_waited_for_a_failed_answer_keeps_its_error(failure):
+    """Click, then Enter at once: the accept waits for the click's answer, which fails. The effect
+    (``_poll``) stored the error, then ended the object as accepted in the same poll: the object's end
+    cleared the error and the status line said only "Accepted", in black; the click was lost unsaid."""
+    from SegAssistLib.client.errors import BackendUnavailableError, InvalidPromptError, ServerBusyError
+    from SegAssistLib.slicer.session_state import ACCEPTED
+
+    error = {
+        "unreachable": BackendUnavailableError("connection refused at http://127.0.0.1:40000"),
+        "busy": ServerBusyError("queue full", 503),
+        "refused": InvalidPromptError("outside the image", 422),
+    }[failure]
+    state = PromptState()
+    click = state.request(Op.PROMPT, PointPrompt(position=(5.0, 5.0, 5.0)))
+    assert not state.ask_accept()  # Enter: waits for the answer
+    assert state.accept(click, None, error) is None  # the answer is an error
+    state.error_text = describe_error(state.last_error)  # as the effect's _poll records it
+    assert state.accept_due
+    line, is_error = state.accepted_line()  # what the effect shows as it ends the object
+    state.new_epoch()
+    assert is_error and line.startswith("Accepted, but a request failed")
+    assert describe_error(error) in line
+
+    # an accept with every answer in says just that
+    state.request(Op.PROMPT, PointPrompt(position=(5.0, 5.0, 5.0)))  # a new request clears an old error
+    assert state.accepted_line() == (ACCEPTED, False)
+
+
+def test_an_object_being_accepted_ends_when_another_segmentation_or_volume_is_selected():
+    """Its last answers still go to its own segment after another segment of the same segmentation
+    is selected; but the editor masks a write by the segmentation and volume it edits now, so after
+    a switch to another segmentation they would be masked by that one's segments (with "outside all
+    segments", overwriting the object's neighbours): the object ends and they are dropped."""
+    state = PromptState()
+    assert state.ends_on_switch(True) and state.ends_on_switch(False)  # not accepting: any switch ends it
+    state.request(Op.PROMPT, PointPrompt(position=(1.0, 2.0, 3.0)))
+    assert not state.ask_accept()  # Enter: waits for the answer
+    assert not state.ends_on_switch(True)  # the next segment of the same segmentation: it waits on
+    assert state.ends_on_switch(False)  # another segmentation or source volume: it ends
+
+
 def test_undo_and_redo_are_gated_by_the_expected_history():
     state = PromptState()
     with pytest.raises(SessionError, match="nothing to undo"):

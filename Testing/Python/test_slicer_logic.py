@@ -249,7 +249,8 @@ def test_unreachable_and_insecure_remotes_are_reported_clearly():
     insecure = BackendManager(
         BackendSettings(mode=REMOTE, remote_url="http://seg.example.org", remote_token="t", remote_opt_in=True)
     )
-    assert "refusing to send a token in clear text" in insecure.test_connection().message
+    message = insecure.test_connection().message  # refused before the client is made, naming the checkbox
+    assert "in clear text" in message and "'Allow the token over plain http'" in message
 
 
 # ---- markups and files -> prompts ---------------------------------------------------------------

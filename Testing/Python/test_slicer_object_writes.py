@@ -324,3 +324,126 @@ def test_an_object_on_a_large_segment_does_not_list_its_voxels(ctx):
     assert peak < 4 * voxels  # the copy itself is 1 byte a voxel; listing them took 24 and more
     writes.reset()  # nothing changed: the copy is the segment
     assert np.array_equal(_read(seg, "body", vol), body)
+
+
+# ---- a segment that overlapped the object's segment, and one edited after the request ----------------
+def _overlapping(ctx):
+    """'tumor' (the object's) and 'node' overlap in 8 voxels when the object starts (an imported
+    segmentation, 'allow overlap'): separate layers. Written through the editor as the effect writes."""
+    tumor = np.zeros(SHAPE, np.uint8)
+    tumor[2:6, 2:6, 2:6] = 1
+    vol, seg, liver, writes, logic = _setup(ctx, tumor=tumor)
+    node = np.zeros(SHAPE, np.uint8)
+    node[4:8, 4:8, 4:8] = 1
+    segments.add_segment(seg, "node", segment_id="node")
+    segments.array_to_segment(node, seg, "node", vol)
+    assert seg.GetSegmentation().GetLayerIndex("node") != seg.GetSegmentation().GetLayerIndex("tumor")
+    assert int((tumor & node).sum()) == 8
+    writes = ObjectWrites(seg, "tumor", vol, writes._modify, logic.SaveStateForUndo)  # starts with the overlap
+    return vol, seg, tumor, node, writes
+
+
+@pytest.mark.parametrize("how", ["reset", "undo every prompt"])
+def test_a_segment_overlapping_the_object_at_the_start_gets_its_overlap_back(ctx, how):
+    """A negative click drops the overlap from the tumor, the next click brings it back, which the
+    editor's overwrite takes from 'node'. Reset once gave 'node' nothing back there, because the
+    tumor held those voxels again (as it did at the start): 'node' lost them for good."""
+    vol, seg, tumor, node, writes = _overlapping(ctx)
+    without = tumor.copy()
+    without[4:6, 4:6, 4:6] = 0  # the answer to a negative click: the overlap leaves the tumor
+    writes.apply(MaskUpdate.between(tumor, without), depth=1)
+    writes.apply(MaskUpdate.between(without, tumor), depth=2)  # the next click brings it back
+    assert int(_read(seg, "node", vol).sum()) == int(node.sum()) - 8  # taken by the editor's overwrite
+    if how == "reset":
+        writes.reset()
+    else:
+        writes.apply(MaskUpdate.between(tumor, without), depth=1, undo=True)
+        writes.apply(MaskUpdate.between(without, tumor), depth=0, undo=True)
+    assert np.array_equal(_read(seg, "tumor", vol), tumor)
+    assert np.array_equal(_read(seg, "node", vol), node)  # the overlap is back in both
+    assert writes.taken_voxels == 0
+
+
+def test_an_undo_takes_nothing_from_other_segments(ctx):
+    """Undoing a negative click puts the overlap back into the tumor; written through the editor, the
+    undo's answer took it from 'node', which held it at that prompt (prompt 1 never touched it)."""
+    vol, seg, tumor, node, writes = _overlapping(ctx)
+    first = tumor.copy()
+    first[0:2, 0:2, 0:2] = 1  # prompt 1: a corner away from 'node'
+    second = first.copy()
+    second[4:6, 4:6, 4:6] = 0  # prompt 2 (negative): the overlap leaves the tumor
+    writes.apply(MaskUpdate.between(tumor, first), depth=1)
+    writes.apply(MaskUpdate.between(first, second), depth=2)
+    writes.apply(MaskUpdate.between(second, first), depth=1, undo=True)  # Undo prompt: the backend's answer
+    assert np.array_equal(_read(seg, "tumor", vol), first)
+    assert np.array_equal(_read(seg, "node", vol), node)  # as it was at prompt 1
+    writes.apply(MaskUpdate.between(first, tumor), depth=0, undo=True)
+    assert np.array_equal(_read(seg, "tumor", vol), tumor) and np.array_equal(_read(seg, "node", vol), node)
+
+
+def test_every_other_segment_is_as_it_was_at_each_depth_over_random_prompts_undos_and_redos(ctx):
+    """Random prompts, undos and redos over three segments that overlap when the object starts: after
+    each undo the other segments are exactly as they were when the object was last at that depth,
+    and after reset every segment is as it started."""
+    rng = np.random.default_rng(7)
+    vol, seg, _, _, logic = _setup(ctx)
+    start = {}
+    for sid in ("tumor", "liver", "node"):
+        if seg.GetSegmentation().GetSegment(sid) is None:
+            segments.add_segment(seg, sid, segment_id=sid)
+        segments.array_to_segment((rng.random(SHAPE) < 0.25).astype(np.uint8), seg, sid, vol)
+        start[sid] = _read(seg, sid, vol)
+    writes = ObjectWrites(seg, "tumor", vol, _editor_write(logic, seg), logic.SaveStateForUndo)
+    others = lambda: {sid: _read(seg, sid, vol) for sid in ("liver", "node")}  # noqa: E731
+    masks, undone, seen = [start["tumor"]], [], [others()]
+    for _ in range(14):
+        op = rng.choice(["prompt", "prompt", "undo", "redo"])
+        if op == "undo" and len(masks) > 1:
+            undone.append(masks.pop())
+            seen.pop()
+            writes.apply(MaskUpdate.between(undone[-1], masks[-1]), len(masks) - 1, undo=True)
+            now = others()
+            assert all(np.array_equal(now[sid], seen[-1][sid]) for sid in now)
+        elif op == "redo" and undone:
+            masks.append(undone.pop())
+            writes.apply(MaskUpdate.between(masks[-2], masks[-1]), len(masks) - 1)
+            seen.append(others())
+        else:
+            new = masks[-1].copy()
+            lo = rng.integers(0, 6, 3)
+            hi = lo + rng.integers(1, 5, 3)
+            new[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = rng.random() < 0.7
+            undone = []
+            masks.append(new)
+            writes.apply(MaskUpdate.between(masks[-2], new), len(masks) - 1)
+            seen.append(others())
+    writes.reset()
+    assert all(np.array_equal(_read(seg, sid, vol), start[sid]) for sid in start)
+
+
+def _editor_write(logic, seg):
+    def modify(add, remove, extent):  # the effect's write: into 'tumor', through the editor (overwrite all)
+        logic.ModifySegmentByLabelmap(seg, "tumor", add, logic.ModificationModeAdd, extent, True, False)
+        logic.ModifySegmentByLabelmap(seg, "tumor", remove, logic.ModificationModeRemove, extent, True, False)
+
+    return modify
+
+
+def test_an_answer_takes_nothing_from_a_segment_spared_for_a_newer_edit(ctx):
+    """The user painted 'node' after the request was made (the effect's watch tells which): the answer
+    lands in the tumor and 'node' keeps every voxel; the liver, not edited since, loses its part as
+    the editor's overwrite wants; undo gives the liver back and leaves 'node' alone."""
+    vol, seg, liver, writes, _ = _setup(ctx)
+    node = np.zeros(SHAPE, np.uint8)
+    node[4:8, 6:10, 6:10] = 1  # overlapping the liver: a layer of its own
+    segments.add_segment(seg, "node", segment_id="node")
+    segments.array_to_segment(node, seg, "node", vol)
+    answer = np.zeros(SHAPE, np.uint8)
+    answer[3:7, 5:9, 5:9] = 1
+    empty = np.zeros(SHAPE, np.uint8)
+    writes.apply(MaskUpdate.between(empty, answer), depth=1, spare={"node"})
+    assert np.array_equal(_read(seg, "tumor", vol), answer)
+    assert np.array_equal(_read(seg, "node", vol), node)  # the newer edit wins
+    assert np.array_equal(_read(seg, "liver", vol), liver & ~answer)
+    writes.apply(MaskUpdate.between(answer, empty), depth=0, undo=True)
+    assert np.array_equal(_read(seg, "liver", vol), liver) and np.array_equal(_read(seg, "node", vol), node)

@@ -60,3 +60,20 @@ def test_slice_nodes_by_name_or_normal():
             add_slice_node(ctx.scene, "Diagonal", layout_name="Yellow")
         with pytest.raises(SegAssistError, match="normal"):
             add_slice_node(ctx.scene, (0.0, 0.0, 0.0), layout_name="Yellow")
+
+
+def test_a_headless_scene_starts_on_windows_where_os_has_no_getuid(monkeypatch):
+    """Resources/Examples/batch_segment.py outside the Slicer application on Windows: the per-user
+    Slicer home was named after os.getuid(), which Windows lacks (AttributeError)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    monkeypatch.delattr(os, "getuid")
+    monkeypatch.setenv("USERNAME", "Dr. Jane/Doe")  # getpass.getuser() reads it on Windows
+    for name in ("LOGNAME", "USER", "LNAME"):
+        monkeypatch.delenv(name, raising=False)
+    with create_headless_scene() as ctx:
+        assert ctx.scene is not None
+    home = Path(tempfile.gettempdir()) / "segassist-slicer-home-Dr._Jane_Doe"  # a plain folder name
+    assert (home / "share" / "ColorFiles").is_dir()

@@ -97,3 +97,77 @@ def test_stop_ends_the_watch_without_a_call(scene):
     editor.undo()
     assert changes == [] and not watch.active
     assert labelmap_stamp(seg, "liver") is not None and labelmap_stamp(seg, "no such segment") is None
+
+
+def test_edits_of_segments_in_other_layers_are_remembered_for_the_answers_of_earlier_requests(scene):
+    """The object goes on when a segment in another layer changes; the watch remembers which changed
+    after each request was made (its mark), and SegAssist's own writes, which take voxels from other
+    segments and give them back, are no such edit."""
+    _, volume, seg, editor = scene
+    segmentation = seg.GetSegmentation()
+    liver = np.zeros(SHAPE, np.uint8)
+    liver[5:8, 7:10, 8:11] = 1  # overlaps the spleen: separate layers
+    segments.array_to_segment(liver, seg, "liver", volume)
+    assert segmentation.GetLayerIndex("liver") != segmentation.GetLayerIndex("spleen")
+    changes = []
+    watch = SegmentChangeWatch(seg, "liver", lambda: changes.append("outside"))
+    before = watch.mark()  # a request is made
+    assert watch.edited_since(before) == set()
+    with watch.writing():  # SegAssist's answer, taking spleen voxels (overwrite all segments)
+        segments.SegmentEditor(seg, volume, overwrite_other_segments=True).write("liver", _box(6, 8, 9))
+    assert watch.edited_since(before) == set() and changes == []
+    editor.write("spleen", _box(0, 0, 0))  # the user paints the spleen meanwhile
+    assert watch.edited_since(before) == {"spleen"} and changes == [] and watch.active
+    after = watch.mark()  # a request made after the paint
+    assert watch.edited_since(after) == set()
+    watch.stop()
+
+
+def test_a_late_answer_keeps_the_paint_the_user_added_to_another_segment_after_the_request(scene):
+    """Click, then switch to Paint before the answer is in, and paint a segment in another layer: the
+    answer, written with the editor's "overwrite all segments", erased the new strokes (27 of 64
+    voxels); the watch ignored that layer. Now the answer spares a segment edited after its request."""
+    import slicer
+
+    from SegAssistLib.slicer.object_writes import ObjectWrites, editing_segment
+
+    scene_, volume, seg, _ = scene
+    segments.add_segment(seg, "node", segment_id="node")
+    corner = np.zeros(SHAPE, np.uint8)
+    corner[0:3, 0:3, 0:3] = 1
+    segments.array_to_segment(corner, seg, "node", volume)
+    segments.array_to_segment(corner, seg, "liver", volume)  # node overlaps liver: another layer than the liver
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetLayerIndex("node") != segmentation.GetLayerIndex("liver")
+    editor_node = scene_.AddNewNodeByClass("vtkMRMLSegmentEditorNode")  # Slicer's defaults: overwrite all
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene_)
+    logic.SetSegmentEditorNode(editor_node)
+    logic.SetSegmentationNode(seg)
+    logic.SetSourceVolumeNode(volume)
+    editor_node.SetSelectedSegmentID("liver")
+
+    def modify(add, remove, extent):  # the effect's _modifySegment
+        with editing_segment(editor_node, "liver"):
+            logic.ModifySegmentByLabelmap(seg, "liver", add, logic.ModificationModeAdd, extent, True, False)
+            logic.ModifySegmentByLabelmap(seg, "liver", remove, logic.ModificationModeRemove, extent, True, False)
+
+    writes = ObjectWrites(seg, "liver", volume, modify, logic.SaveStateForUndo)
+    watch = SegmentChangeWatch(seg, "liver", lambda: None)
+    mark = watch.mark()  # the click's request is made
+    editor_node.SetSelectedSegmentID("node")  # Enter, the next segment, the Paint effect
+    paint = np.zeros(SHAPE, np.uint8)
+    paint[4:8, 4:8, 4:8] = 1
+    logic.SaveStateForUndo()
+    grid = segments.reference_geometry(volume, seg)
+    stroke = segments.oriented_labelmap(paint, grid)
+    logic.ModifySegmentByLabelmap(seg, "node", stroke, logic.ModificationModeAdd, [0, 13, 0, 11, 0, 9], True, False)
+    painted = segments.segment_to_array(seg, "node", volume)
+    assert painted[4:8, 4:8, 4:8].all() and watch.active
+    answer = segments.segment_to_array(seg, "liver", volume)
+    answer[3:7, 3:7, 3:7] = 1  # the click's answer arrives
+    with watch.writing():  # as the effect's _writeOrEnd
+        writes.apply(MaskUpdate.between(corner, answer), depth=1, spare=watch.edited_since(mark))
+    assert np.array_equal(segments.segment_to_array(seg, "node", volume), painted)  # every stroke kept
+    assert np.array_equal(segments.segment_to_array(seg, "liver", volume), answer)
+    watch.stop()
