@@ -90,7 +90,9 @@ def test_the_command_line_rolls_back_only_to_versions_of_the_loaded_base_model(t
     with pytest.raises(RegistryError, match="belongs to base model base-1"):
         rollback("--to", "v1", "--checkpoint", str(checkpoint))
     assert registry.read().current is None
-    add(registry, base_identity=load_checkpoint(checkpoint).identity)  # v2, now current
+    from learning_fixtures import promote_base_weights
+
+    promote_base_weights(registry, checkpoint)  # v2, now current: made for these weights, and loadable
     assert rollback("--to", "base") == 0
     assert rollback("--to", "v2", "--checkpoint", str(checkpoint)) == 0 and registry.read().current == "v2"
     assert "current version: v2" in capsys.readouterr().out
@@ -129,8 +131,10 @@ def test_one_step_back_stays_with_the_base_model_of_the_current_version(tmp_path
     checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
     identity = load_checkpoint(checkpoint).identity
     registry = AdapterRegistry(tmp_path)
-    add(registry, base_identity=identity)
-    add(registry, base_identity=identity)  # v2, current
+    from learning_fixtures import promote_base_weights
+
+    promote_base_weights(registry, checkpoint)  # v1: loadable, as a rollback to it builds it first
+    promote_base_weights(registry, checkpoint, expected_current="v1")  # v2, current
     parser = argparse.ArgumentParser(prog="segassist")
     register(parser.add_subparsers(dest="command"))
 
@@ -285,8 +289,11 @@ def test_the_command_line_rolls_back_from_the_version_named_or_refuses_and_says_
     checkpoint = tiny_checkpoint(tmp_path / "tiny.pt")
     identity = load_checkpoint(checkpoint).identity
     registry = AdapterRegistry(tmp_path)
-    for _ in range(3):
-        add(registry, base_identity=identity)  # v3 current
+    from learning_fixtures import promote_base_weights
+
+    for current in (None, "v1", "v2"):  # loadable versions: a rollback builds its target first
+        promote_base_weights(registry, checkpoint, expected_current=current)  # v3 current at the end
+    assert registry.get("v3").base_identity == identity
     store = ["--store", str(tmp_path), "--checkpoint", str(checkpoint)]
     before = registry.path.read_bytes()
     assert main(["learn", "rollback", *store, "--from", "v2"]) == 2  # the operator saw v2; a job promoted v3
