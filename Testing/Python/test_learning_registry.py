@@ -70,7 +70,6 @@ def test_the_command_line_rolls_back_only_to_versions_of_the_loaded_base_model(t
 
     import pytest
 
-    from SegAssistLib.engine.network import load_checkpoint
     from SegAssistLib.learning import Datastore
     from SegAssistLib.learning.cli import register
     from SegAssistLib.learning.loop_errors import RegistryError
