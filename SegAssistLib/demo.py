@@ -25,7 +25,7 @@ from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
 from SegAssistLib.evaluation.runner import label_on_image_grid
 from SegAssistLib.evaluation.simulator import first_click, next_click, scribble_prompt
-from SegAssistLib.files import atomic_write, check_bundled, output_problem
+from SegAssistLib.files import atomic_write_many, check_bundled, output_problem
 from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmentation_nrrd
 from SegAssistLib.learning.sources import image_stem
 from SegAssistLib.prompt_log import ImageInfo
@@ -129,20 +129,10 @@ def run_demo(
     _run(session, target, volume.spacing, [axial_box(target), scribble_prompt(target, volume.spacing)], 1, "box", rows)
     finals.append((dice(session.result(), target), session.result(), session.prompt_log()))
     best_dice, mask, log = max(finals, key=lambda f: f[0])
-    out.mkdir(parents=True, exist_ok=True)
-
-    def write(name: str, writer) -> None:  # whole files only: an interrupted run leaves no half-written one
-        atomic_write(out / name, writer, overwrite=True)
-
-    write("segmentation.nii.gz", lambda p: save_mask_nifti(mask, volume, p))
     name = segment_name(label, label_values)
-    write("segmentation.seg.nrrd", lambda p: save_segmentation_nrrd(mask, volume, p, segment_names=(name,)))
     title = f"SegAssist demo: Dice {best_dice:.3f} (orange: result, green: reference)"
-    write("overlay.png",
-          lambda p: save_overlay_png(volume, mask, p, reference=target, prompts=log.prompts, title=title))
     # with the image it was made on, as `segassist segment --log` writes it: replayed on another image, refused
     log = log.model_copy(update={"image": ImageInfo.from_volume(volume)})
-    write("prompts.json", lambda p: log.save(p))
     latencies = [r[3] for r in rows]
     summary = {
         "image": str(image),
@@ -153,10 +143,31 @@ def run_demo(
         "final_dice": round(best_dice, 4),
         "median_latency_s": round(float(np.median(latencies)), 4),
     }
-    write("summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1)))  # last: the run finished
+    files = [
+        ("segmentation.nii.gz", lambda p: save_mask_nifti(mask, volume, p)),
+        ("segmentation.seg.nrrd", lambda p: save_segmentation_nrrd(mask, volume, p, segment_names=(name,))),
+        ("overlay.png",
+         lambda p: save_overlay_png(volume, mask, p, reference=target, prompts=log.prompts, title=title)),
+        ("prompts.json", lambda p: log.save(p)),
+        ("summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=1), encoding="utf-8")),
+    ]
+    _write_all(out, files, overwrite)
     print(f"final Dice {best_dice:.3f}; median latency {1000 * summary['median_latency_s']:.1f} ms")
     print(f"wrote {out}/segmentation.nii.gz, segmentation.seg.nrrd, overlay.png, prompts.json, summary.json")
     return summary
+
+
+def _write_all(out: Path, files: list, overwrite: bool) -> None:
+    """Write the demo's files into ``out`` all or none, each whole (an interrupted run leaves no half-written
+    one); without ``overwrite`` none replaces a file, also one that appeared since the folder was checked
+    (another run into the same folder): the run is refused, and nothing of it is kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_many([(out / name, writer) for name, writer in files], overwrite=overwrite)
+    except FileExistsError:
+        held = [name for name, _ in files if (out / name).exists()]
+        raise SegAssistError(f"--out {out}: {', '.join(held)} appeared while the demo ran (another run?): nothing "
+                             "written; pass --overwrite to replace them, or choose another --out") from None
 
 
 def register(subparsers) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from SegAssistLib.engine.base import Engine, EngineSession
 from SegAssistLib.errors import PromptError, SegAssistError
 from SegAssistLib.image import Volume, geometry_difference, voxel_digest
-from SegAssistLib.prompt_log import EngineSettings, PromptLog
+from SegAssistLib.prompt_log import LOG_KEYS, READ, EngineSettings, PromptLog, describe_log_error
 from SegAssistLib.prompt_mirror import (
     Flips,
     mirror_prompt,
@@ -38,7 +38,7 @@ from SegAssistLib.prompt_mirror import (
     reversed_volume,
     some_flips,
 )
-from SegAssistLib.prompts import Prompt, describe_validation_error, parse_prompt
+from SegAssistLib.prompts import Prompt, check_prompt_inside, parse_prompt
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -252,6 +252,9 @@ class PromptFile:
     #: (``prompts`` are these moved to the caller's order): what a replay that gives the recorded
     #: mask applies, on the voxels in that order
     recorded_prompts: Optional[List[Prompt]] = None
+    #: every model version that answered the log's prompts when more than one did (schema 1.5: a version
+    #: promoted while the session was open): no one model replays it to its mask (:func:`model_note`)
+    models: Optional[List[str]] = None
 
     def prompts_in(self, flips: Optional[Flips], shape_kji: Sequence[int]) -> List[Prompt]:
         """The prompts on the caller's image (``shape_kji``) reversed along ``flips`` (None: as it is):
@@ -265,7 +268,10 @@ class PromptFile:
 
 def read_prompt_file(path: Union[str, Path], image: Union[ReplayImage, Sequence, None] = None) -> List[Prompt]:
     """Prompts from a SegAssist JSON file: a prompt log (``{"schema_version": ..., "prompts": [...]}``),
-    an object with a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices.
+    an object with a ``prompts`` list, or a bare list of prompts; coordinates are voxel indices. An object
+    with any key of a log (:data:`~SegAssistLib.prompt_log.LOG_KEYS`: ``image``, ``engine``, ``model``, ...)
+    is read as a log, which must then name its ``schema_version``: its image and engine settings are never
+    dropped unread. A Slicer markups file is refused with a line that says where markups are read.
     :func:`read_prompts` also gives the engine settings a log records.
 
     ``image``: the image the prompts are for, a :class:`ReplayImage` (:func:`image_of` makes one of a
@@ -282,19 +288,16 @@ def read_prompts(path: Union[str, Path], image: Union[ReplayImage, Sequence, Non
     """The prompts of a file as :func:`read_prompt_file` reads them, with the engine settings and model
     its prompt log records (schema 1.4), which a replay needs to give the recorded mask."""
     path, image = Path(path), ReplayImage.coerce(image)
-    if not path.is_file():
-        raise PromptError(f"prompt file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PromptError(f"cannot read prompts from {path}: {exc}") from exc
-    except RecursionError:  # JSON nested thousands deep: no prompt file is
-        raise PromptError(f"cannot read prompts from {path}: its JSON is nested too deeply to be prompts") from None
-    if isinstance(data, dict) and "schema_version" in data:
+    data = _read_json(path)
+    if _is_markups(data):
+        raise PromptError(f"{path} is a Slicer markups file: only Slicer reads markups, from a .mrk.json file "
+                          "(Resources/Examples/batch_segment.py, or the SegAssist module); give SegAssist JSON "
+                          "prompts here (docs/prompts.md)")  # fmt: skip
+    if isinstance(data, dict) and LOG_KEYS & data.keys():  # a log: also one without schema_version is checked
         try:
-            log = PromptLog.model_validate(data)
+            log = PromptLog.model_validate(data, context=READ)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise PromptError(f"{path}: invalid prompt log: {describe_validation_error(exc)}") from exc
+            raise PromptError(f"{path}: invalid prompt log: {describe_log_error(exc, data)}") from exc
         prompts, note, flips, recorded = list(log.prompts), None, None, None
         if image is not None:
             try:
@@ -312,7 +315,8 @@ def read_prompts(path: Union[str, Path], image: Union[ReplayImage, Sequence, Non
             else:
                 if _order_known(log, image):  # the log's order is the caller's
                     flips = (False, False, False)
-        return PromptFile(path, prompts, log.engine, log.model, [note] if note else [], flips, recorded)
+        return PromptFile(path, prompts, log.engine, log.model, [note] if note else [], flips, recorded,
+                          list(log.models) if log.models else None)  # fmt: skip
     items = data.get("prompts") if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise PromptError(f"{path}: expected a list of prompts or an object with a 'prompts' list")
@@ -323,6 +327,43 @@ def read_prompts(path: Union[str, Path], image: Union[ReplayImage, Sequence, Non
         except PromptError as exc:
             raise PromptError(f"{path}: prompt {index + 1} of {len(items)}: {exc}") from exc
     return PromptFile(path, prompts)
+
+
+def _read_json(path: Path) -> object:
+    """The JSON of a prompt file, read as UTF-8 whatever the locale's encoding (a byte order mark skipped)."""
+    if not path.is_file():
+        raise PromptError(f"prompt file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise PromptError(f"cannot read prompts from {path}: {exc}") from exc
+    except RecursionError:  # JSON nested thousands deep: no prompt file is
+        raise PromptError(f"cannot read prompts from {path}: its JSON is nested too deeply to be prompts") from None
+
+
+def _is_markups(data: object) -> bool:
+    """Whether ``data`` is a Slicer markups file's JSON (``{"@schema": ".../markups-schema-...", "markups": [...]}``:
+    its coordinates are physical, which only Slicer converts)."""
+    if not isinstance(data, dict):
+        return False
+    schema = data.get("@schema")
+    return isinstance(data.get("markups"), list) or (isinstance(schema, str) and "markups" in schema.lower())
+
+
+def check_prompts(files: Sequence[PromptFile], shape_kji: Sequence[int]) -> None:
+    """Refuse, before a model loads or an image is sent anywhere, files that hold no prompt at all, and
+    a prompt that lies outside the image of array shape ``shape_kji`` (the engine's rule,
+    :func:`~SegAssistLib.prompts.check_prompt_inside`), naming its file and its place there (``prompt 2
+    of 3``, as a file's unreadable prompts are named). ``files``' prompts are in the caller's voxel order."""
+    if not any(file.prompts for file in files):
+        names = ", ".join(str(file.path) for file in files)
+        raise PromptError(f"no prompts in {names}: place at least one point, box, scribble or lasso")
+    for file in files:
+        for index, prompt in enumerate(file.prompts):
+            try:
+                check_prompt_inside(prompt, shape_kji)
+            except PromptError as exc:
+                raise PromptError(f"{file.path}: prompt {index + 1} of {len(file.prompts)}: {exc}") from exc
 
 
 def _order_words(flips: Flips) -> str:
@@ -423,7 +464,17 @@ def settings_notes(files: Sequence[PromptFile], used: Optional[EngineSettings], 
 
 def model_note(files: Sequence[PromptFile], used: Optional[str]) -> Optional[str]:
     """What to tell the user when the logs among ``files`` were recorded with one model and ``used`` (the
-    replay's ``prompt_log.model``) answered (None: the same, or nothing recorded to compare)."""
+    replay's ``prompt_log.model``) answered (None: the same, or nothing recorded to compare); or, first,
+    when a log's prompts were answered by more than one model version (``PromptFile.models``: one promoted
+    while the session was open), which no replay by one model gives back exactly."""
+    mixed = [file for file in files if file.models and len(file.models) > 1]
+    if mixed:
+        versions = ", ".join(dict.fromkeys(model for file in mixed for model in file.models))  # type: ignore[union-attr]
+        return (
+            f"{', '.join(str(file.path) for file in mixed)}: the prompt log's answers came from more than one model "
+            f"version ({versions}: one went live while the session was open), replayed with {used or 'one'}: the "
+            "mask may differ from the recorded one"
+        )
     models = sorted({file.model for file in files if file.model})
     if len(models) != 1 or not used or used == models[0]:
         return None

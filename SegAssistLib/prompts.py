@@ -202,6 +202,25 @@ def _integer_not_bool_or_text(x: object) -> object:
 Index = Annotated[int, BeforeValidator(_integer_not_bool_or_text)]
 
 
+def _true_or_false(x: object) -> bool:
+    if not isinstance(x, (bool, np.bool_)):  # pydantic's lax bool read "yes", "off", 1 and 0: not JSON booleans
+        raise ValueError(f"must be true or false, got {x!r}" if isinstance(x, (int, np.integer)) else
+                         f"must be true or false, got {_describe(x)}")  # fmt: skip
+    return bool(x)
+
+
+def _number_not_bool_or_text(x: object) -> object:
+    if _real_number(x) is None:  # pydantic's lax float read "2" and true
+        raise ValueError(f"must be a number, got {_describe(x)}")
+    return x
+
+
+#: a prompt's polarity: JSON true or false only, as the published schema says (not "yes", not 1)
+Polarity = Annotated[bool, BeforeValidator(_true_or_false)]
+#: a plain number: a JSON string such as "2", or true, is refused as the published schema refuses it
+Number = Annotated[float, BeforeValidator(_number_not_bool_or_text)]
+
+
 def _pack_bits(box: np.ndarray) -> str:
     """base64 of zlib-compressed ``np.packbits`` of a boolean array, C order."""
     return base64.b64encode(zlib.compress(np.packbits(np.asarray(box, bool).ravel()).tobytes(), 6)).decode("ascii")
@@ -241,7 +260,7 @@ class _Prompt(BaseModel):
 class PointPrompt(_Prompt):
     kind: Literal["point"] = "point"
     position: Vec3
-    positive: bool = True
+    positive: Polarity = True
 
     @field_validator("position", mode="before")
     @classmethod
@@ -253,7 +272,7 @@ class BoxPrompt(_Prompt):
     kind: Literal["box"] = "box"
     min_corner: Vec3
     max_corner: Vec3
-    positive: bool = True
+    positive: Polarity = True
 
     @field_validator("min_corner", "max_corner", mode="before")
     @classmethod
@@ -410,7 +429,7 @@ class _PolyPrompt(_Prompt):
 
     points: Optional[List[Vec3]] = None
     slab: Optional[Slab] = None
-    positive: bool = True
+    positive: Polarity = True
 
     @field_validator("points", mode="before")
     @classmethod
@@ -456,7 +475,7 @@ class _PolyPrompt(_Prompt):
 
 class ScribblePrompt(_PolyPrompt):
     kind: Literal["scribble"] = "scribble"
-    width: float = Field(1.0, gt=0, le=20, description="stroke width in voxels")
+    width: Number = Field(1.0, gt=0, le=20, description="stroke width in voxels")
     normal: Optional[Vec3] = Field(
         None,
         description="points form only: the normal (i, j, k, in voxel index space) of the slice the stroke was "
@@ -753,15 +772,19 @@ def parse_prompt(data: Union[dict, str]) -> Prompt:
         raise PromptError(f"invalid prompt: {describe_validation_error(exc, whole='')}") from exc
 
 
-def describe_validation_error(exc: Exception, most: int = 3, whole: str = "the log") -> str:
+def describe_validation_error(
+    exc: Exception, most: int = 3, whole: str = "the log", place: Optional[Callable[[Tuple], str]] = None
+) -> str:
     """One line for an error: a pydantic validation error's first problems, each with where it is
-    (``whole``: what a problem of the whole input is said to be of; empty: no place named)."""
+    (``whole``: what a problem of the whole input is said to be of; empty: no place named; ``place``:
+    how a location is named, such as a log's prompts counted from 1; default: its parts joined by dots)."""
     if not isinstance(exc, ValidationError):
         return " ".join(str(exc).split())
     errors = exc.errors()
     parts = []
     for err in errors[:most]:
-        where = ".".join(str(x) for x in err.get("loc", ())) or whole
+        loc = tuple(err.get("loc", ()))
+        where = (place(loc) if place is not None and loc else ".".join(str(x) for x in loc)) or whole
         message = " ".join(str(err.get("msg", "")).removeprefix("Value error, ").split())
         parts.append(f"{where}: {message}" if where else message)
     more = f" (and {len(errors) - most} more)" if len(errors) > most else ""

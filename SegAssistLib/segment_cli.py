@@ -8,9 +8,11 @@ label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``) or a Slicer segmentation 
 
 The model runs in this process by default (the shipped weights, or ``--model``); ``--url`` sends
 the image to a SegAssist server instead (``http(s)://host:port``), only with ``--send-images-to-remote``;
-a token goes over plain http only to this computer, or with ``--allow-insecure-http``. Outputs are written
-whole or not at all (``--out`` and ``--log`` both or neither), and an existing file is replaced only with
-``--overwrite``.
+a token goes over plain http only to this computer, or with ``--allow-insecure-http``; the local model's
+options are refused with it. Outputs are written whole or not at all (``--out`` and ``--log`` both or
+neither), an existing file is replaced only with ``--overwrite``, and never the image or a ``--prompts``
+file. Every prompt is checked against the image (one outside it named by its file and its number there)
+before the model loads or the image is sent.
 
 A prompt log that records the engine settings it was answered with (schema 1.4: ``segassist serve
 --edge-band 0``, ``--refine-depth 2``, ...) is replayed with them, so that it gives the recorded mask;
@@ -63,10 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--segment-name", default="SegAssist", help="segment name in a .seg.nrrd (default SegAssist)")
     p.add_argument("--channel", type=non_negative_int, default=None,
                    help="volume of a 4D image or component of a vector image")
-    local = p.add_argument_group("local model (default)")
+    local = p.add_argument_group("local model (default; not with --url)")
     local.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
-    local.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
-    local.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads (0: torch's choice)")
+    local.add_argument("--device", default=None, help="cpu or cuda:N (default cpu)")
+    local.add_argument("--threads", type=non_negative_int, default=None, help="CPU threads (default 0: torch's choice)")
     local.add_argument("--refine-depth", type=refine_depth, default=None, metavar="N",
                        help="re-predict zoomed-out answers this many levels finer (default: the prompt log's, "
                             "else 1)")
@@ -100,11 +102,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.absolute() == b.absolute()
 
 
-def check_output_files(outputs: Sequence[Tuple[str, Path]], image: Path, overwrite: bool) -> None:
+def check_output_files(
+    outputs: Sequence[Tuple[str, Path]], image: Path, overwrite: bool, prompts: Sequence[Path] = ()
+) -> None:
     """Refuse, before any work, an output (``(flag, path)`` pairs, named by their flag) that cannot be
     written (:func:`~SegAssistLib.files.output_problem`), that exists while ``overwrite`` is false, or
-    that is the image itself; and two outputs that are one file. Shared by ``segassist segment`` and
-    the Slicer batch script (``Resources/Examples/batch_segment.py``)."""
+    that is the image itself or one of the ``prompts`` files (the inputs, never replaced, even with
+    ``overwrite``); and two outputs that are one file. Shared by ``segassist segment`` and the Slicer
+    batch script (``Resources/Examples/batch_segment.py``)."""
     for (flag, path), (other_flag, other) in itertools.combinations(outputs, 2):
         if _same_file(path, other):
             raise SegAssistError(f"{other_flag} and {flag} are the same file: {path}")
@@ -112,10 +117,12 @@ def check_output_files(outputs: Sequence[Tuple[str, Path]], image: Path, overwri
         problem = output_problem(path)
         if problem:
             raise SegAssistError(f"{flag} {path}: {problem}")
-        if path.exists() and not overwrite:
-            raise SegAssistError(f"{flag} {path} exists: add --overwrite to replace it")
         if _same_file(path, image):  # through '..' or a link: --overwrite replaced the scan
             raise SegAssistError(f"{flag} is the image itself: {path}")
+        if any(_same_file(path, given) for given in prompts):  # the user's prompts replaced by the log
+            raise SegAssistError(f"{flag} is one of the --prompts files: {path}; write it elsewhere")
+        if path.exists() and not overwrite:
+            raise SegAssistError(f"{flag} {path} exists: add --overwrite to replace it")
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -126,7 +133,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
         raise SegAssistError(f"--out {args.out}: write the result as {', '.join(MASK_SUFFIXES)} "
                              "(a label map, or a Slicer segmentation with .seg.nrrd)")
     outputs = [("--out", args.out)] + ([("--log", args.log)] if args.log is not None else [])
-    check_output_files(outputs, args.image, args.overwrite)
+    check_output_files(outputs, args.image, args.overwrite, args.prompts)
+
+
+#: the options of the model in this process (flag: argparse name), refused with --url
+LOCAL_OPTIONS = {"--model": "model", "--device": "device", "--threads": "threads", "--refine-depth": "refine_depth",
+                 "--edge-band": "edge_band"}  # fmt: skip
 
 
 def _remote_token(args: argparse.Namespace) -> Optional[str]:
@@ -138,9 +150,12 @@ def _remote_token(args: argparse.Namespace) -> Optional[str]:
         if args.token is not None or args.send_images_to_remote or args.allow_insecure_http or args.ca_bundle:
             raise SegAssistError("--token, --send-images-to-remote, --allow-insecure-http and --ca-bundle need --url")
         return None
-    if args.refine_depth is not None or args.edge_band is not None:
-        raise SegAssistError("--refine-depth and --edge-band set the local model: a server answers with its own "
-                             "(segassist serve --refine-depth, --edge-band)")
+    local = [flag for flag, value in LOCAL_OPTIONS.items() if getattr(args, value) is not None]
+    if local:
+        flags = " and ".join([", ".join(local[:-1]), local[-1]] if len(local) > 1 else local)
+        raise SegAssistError(f"{flags} {'sets' if len(local) == 1 else 'set'} the local model: a server (--url) "
+                             "answers with its own model and settings (segassist serve --model, --device, "
+                             "--refine-depth, --edge-band)")
     parts = urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise SegAssistError(f"--url {args.url}: give the server as http(s)://host:port, for example "
@@ -200,7 +215,7 @@ def _engine(args: argparse.Namespace, token: Optional[str]):
         options["refine_depth"] = args.refine_depth
     if args.edge_band is not None:
         options["edge_snap"] = EdgeSnap.from_band(args.edge_band)
-    return load_default_engine(args.model, args.device, args.threads or None, **options)
+    return load_default_engine(args.model, args.device or "cpu", args.threads or None, **options)
 
 
 REFINE_FIELDS = ("refine_depth", "max_refine_tiles")  # the engine settings --refine-depth sets
@@ -277,6 +292,7 @@ def _write_outputs(args: argparse.Namespace, run, volume, voxels) -> List[Path]:
 
 def run_segment(args: argparse.Namespace) -> int:
     from SegAssistLib.headless import (
+        check_prompts,
         image_of,
         model_note,
         read_prompts,
@@ -294,6 +310,7 @@ def run_segment(args: argparse.Namespace) -> int:
     files = [read_prompts(path, image) for path in args.prompts]
     # in the logs' voxel order (a copy stored the other way: the image is put back in it for the run)
     prompts, flips = replay_prompts(files, volume.array.shape)
+    check_prompts(files, volume.array.shape)  # none, or one outside the image: before the model loads or the upload
     # applied here: logs of settings no one setting replays are refused before the model loads
     recorded = None if args.url else recorded_settings(files, _replaced_fields(args))
     engine = _engine(args, token)

@@ -21,12 +21,18 @@ the image file as SimpleITK reads it (``segassist segment --log``) is replayed o
 order, also where Slicer holds them in another (a left-handed file), so that it gives its mask.
 
 The backend: by default a local one on this computer's CPU with the shipped model (``--model``,
-``--device``, ``--server-python`` change it). ``--url`` sends the image to a remote SegAssist
+``--device``, ``--threads``, ``--server-python`` change it). ``--url`` sends the image to a remote SegAssist
 server instead, and only with ``--send-images-to-remote`` (explicit consent); its token comes
-from ``--token`` or the environment variable ``SEGASSIST_REMOTE_TOKEN``.
+from ``--token`` or the environment variable ``SEGASSIST_REMOTE_TOKEN``. The local backend's options
+are refused with ``--url`` (a server answers with its own model). Every prompt is checked against the
+image (one outside it is named with its file and its number there) before a backend starts.
 
-An existing ``--out`` is replaced only with ``--overwrite``, and never when it is the image itself
-(checked before the image is read).
+``--out`` is a ``.seg.nrrd`` (or ``.nrrd``) file, written whole or not at all: under a temporary name
+beside it, then renamed into place, so that a failed write (a full disk) replaces nothing and leaves
+nothing. A detached header (``.nhdr``, ``.seg.nhdr``) is refused: its data file, another name, could be
+neither checked nor replaced as one with it. An existing ``--out`` is replaced only with
+``--overwrite`` (also one that appears while the script runs), and never when it is the image itself or
+one of the ``--prompts`` files (checked before the image is read).
 
 The same script runs in any Python with slicer-core (``pip install slicer-core``): then it uses a
 scene of its own. Exit status: 0 on success, 1 on an error (the message says why; an unexpected
@@ -50,7 +56,7 @@ def _ensure_library_path() -> None:
         sys.path.insert(0, str(root))
 
 
-SEGMENTATION_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".nrrd", ".nhdr")
+SEGMENTATION_SUFFIXES = (".seg.nrrd", ".nrrd")  # one file: a detached .nhdr header writes its data beside it
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -60,11 +66,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="result .seg.nrrd")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists (never the image)")
     p.add_argument("--segment-name", default="SegAssist", help="name of the segment (default SegAssist)")
-    local = p.add_argument_group("local backend (default)")
+    from SegAssistLib.cli_types import non_negative_int
+
+    local = p.add_argument_group("local backend (default; not with --url)")
     local.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped model)")
-    local.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
-    local.add_argument("--threads", type=int, default=0, help="CPU threads of the model (0: default)")
-    local.add_argument("--server-python", default="", help="a Python with torch, MONAI and FastAPI")
+    local.add_argument("--device", default=None, help="cpu or cuda:N (default cpu)")
+    local.add_argument("--threads", type=non_negative_int, default=None,
+                       help="CPU threads of the model (default 0: torch's choice)")
+    local.add_argument("--server-python", default=None, help="a Python with torch, MONAI and FastAPI")
     local.add_argument(
         "--in-process",
         action="store_true",
@@ -83,12 +92,20 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="PEM file of the certificates to trust for an https --url (a self-signed server's own)")
     args = p.parse_args(argv)
     if not args.out.name.lower().endswith(SEGMENTATION_SUFFIXES):  # Slicer would write NRRD under any name
-        p.error(f"--out {args.out}: a segmentation is written as {' or '.join(SEGMENTATION_SUFFIXES)}")
+        p.error(f"--out {args.out}: a segmentation is written as {' or '.join(SEGMENTATION_SUFFIXES)} (one file; "
+                "not a detached .nhdr header)")
     if args.ca_bundle is not None and not args.url:
         p.error("--ca-bundle verifies the certificate of an https --url: give --url")
     if args.in_process and (args.url or args.server_python):
         p.error("--in-process runs the model in this Python: not with --url or --server-python")
+    local = [flag for flag, name in LOCAL_OPTIONS.items() if getattr(args, name) is not None]
+    if args.url and local:
+        p.error(f"{', '.join(local)}: the local backend's, not --url: a server answers with its own model")
     return args
+
+
+#: the local backend's options (flag: argparse name), refused with --url
+LOCAL_OPTIONS = {"--model": "model", "--device": "device", "--threads": "threads", "--server-python": "server_python"}
 
 
 def backend_settings(args: argparse.Namespace):
@@ -106,9 +123,9 @@ def backend_settings(args: argparse.Namespace):
     return BackendSettings(
         mode="local",
         local_model=str(args.model or ""),
-        local_device=args.device,
-        local_threads=int(args.threads),
-        local_python=args.server_python,
+        local_device=args.device or "cpu",
+        local_threads=int(args.threads or 0),
+        local_python=args.server_python or "",
     )
 
 
@@ -122,26 +139,49 @@ def in_process_engine(args: argparse.Namespace):
         raise SegAssistError(
             f"--in-process needs torch and MONAI in this Python ({exc}): install them, or leave it out to use a backend"
         ) from exc
-    return load_default_engine(args.model, args.device, args.threads or None)
+    return load_default_engine(args.model, args.device or "cpu", args.threads or None)
+
+
+def write_segmentation(node, out: Path, overwrite: bool) -> None:
+    """Write ``node`` as ``out`` whole or not at all: under a temporary name beside it, then renamed into
+    place (without ``overwrite`` published as a hard link, which fails on a file that appeared meanwhile),
+    so that a failed write (a full disk) replaces nothing and leaves no partial file."""
+    from SegAssistLib.errors import SegAssistError
+    from SegAssistLib.files import atomic_write
+    from SegAssistLib.slicer import segments
+
+    try:
+        atomic_write(out, lambda tmp: segments.save_segmentation(node, tmp), overwrite=overwrite)
+    except FileExistsError:
+        raise SegAssistError(f"--out {out} appeared while the script ran: not replaced (add --overwrite to "
+                             "replace it)") from None  # fmt: skip
+    except (SegAssistError, OSError) as exc:  # the temporary file is gone: name the one asked for
+        reason = "Slicer's segmentation writer failed (a full disk?)" if isinstance(exc, SegAssistError) else (
+            exc.strerror or str(exc))  # fmt: skip
+        raise SegAssistError(f"--out {out} not written, nothing replaced: {reason}") from exc
+    storage = node.GetStorageNode()
+    if storage is not None:  # the node's file is the one published, not the temporary name
+        storage.SetFileName(str(out))
 
 
 def run(args: argparse.Namespace, scene, markups_logic):
     """Load, segment, save; returns the SegmentationResult. Raises SegAssistError with the reason."""
     from SegAssistLib.errors import SegAssistError
-    from SegAssistLib.headless import distinct_settings, model_note, replay_order, settings_notes
+    from SegAssistLib.headless import check_prompts, distinct_settings, model_note, replay_order, settings_notes
     from SegAssistLib.segment_cli import check_output_files
-    from SegAssistLib.slicer import segments, volumes
+    from SegAssistLib.slicer import volumes
     from SegAssistLib.slicer.backend import BackendManager
     from SegAssistLib.slicer.logic import load_prompt_files, recorded_settings, segment_volume
 
-    # as segassist segment: an existing --out only with --overwrite, never the image itself
-    check_output_files([("--out", args.out)], args.image, args.overwrite)
+    # as segassist segment: an existing --out only with --overwrite, never the image itself nor a prompt file
+    check_output_files([("--out", args.out)], args.image, args.overwrite, args.prompts)
     if args.url and not args.send_images_to_remote:
         raise SegAssistError(f"sending the image to {args.url} needs your consent: add --send-images-to-remote")
     volume_node = volumes.load_volume_file(scene, args.image)
     files = load_prompt_files(args.prompts, volume_node, markups_logic)  # the voxel digest once for all
     prompts = [prompt for file in files for prompt in file.prompts]
     replay_order(files)  # logs recorded in different voxel orders of the image: refused before any model loads
+    check_prompts(files, volume_node.GetImageData().GetDimensions()[::-1])  # none, or outside: before a backend
     # in process the logs' settings are applied: logs recorded with different ones are refused here; a
     # backend answers with its own, and each log's that differ is told after the run
     recorded = distinct_settings(files)
@@ -161,7 +201,7 @@ def run(args: argparse.Namespace, scene, markups_logic):
             manager.close()
     if settings is None and len(recorded) > 1:  # a backend, logs of several settings
         result.notes.extend(settings_notes(files, result.prompt_log.engine, result.model))
-    segments.save_segmentation(result.segmentation_node, args.out)
+    write_segmentation(result.segmentation_node, args.out, args.overwrite)
     print(f"{len(prompts)} prompts -> {result.voxel_count} voxels ({result.model}); wrote {args.out}", flush=True)
     for file in files:  # a log recorded on another scan of this grid (same geometry, other voxel values)
         for note in file.notes:

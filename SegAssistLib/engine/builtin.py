@@ -55,8 +55,9 @@ COMMIT_CHUNK_VOXELS = 8 * 1024 * 1024  # window voxels decided at once when past
 @dataclass
 class _Step:
     """One undoable change: the prompt list before and after, the changed box of the mask,
-    bit-packed (a long session on a large organ keeps its history in a few MB), and the model version
-    that made the mask before and after (None: no model, as for an empty or reset mask)."""
+    bit-packed (a long session on a large organ keeps its history in a few MB), the model version
+    that made the mask before and after (None: no model, as for an empty or reset mask), and the
+    versions that answered the prompts of the list before and after (:attr:`BuiltinSession.answered_by`)."""
 
     prompts_before: List[Prompt]
     prompts_after: List[Prompt]
@@ -66,12 +67,16 @@ class _Step:
     after_bits: np.ndarray
     version_before: Optional[str] = None
     version_after: Optional[str] = None
+    answered_before: Tuple[str, ...] = ()
+    answered_after: Tuple[str, ...] = ()
 
     @classmethod
     def make(cls, prompts_before, prompts_after, offset, before: np.ndarray, after: np.ndarray,
-             version_before: Optional[str], version_after: Optional[str]) -> _Step:
+             version_before: Optional[str], version_after: Optional[str],
+             answered_before: Tuple[str, ...] = (), answered_after: Tuple[str, ...] = ()) -> _Step:
         return cls(list(prompts_before), list(prompts_after), offset, before.shape,
-                   np.packbits(before.ravel()), np.packbits(after.ravel()), version_before, version_after)
+                   np.packbits(before.ravel()), np.packbits(after.ravel()), version_before, version_after,
+                   answered_before, answered_after)  # fmt: skip
 
     def _unpack(self, bits: np.ndarray) -> np.ndarray:
         n = int(np.prod(self.shape))
@@ -146,6 +151,9 @@ class BuiltinSession(EngineSession):
         self.mask = np.zeros(self.shape, np.uint8)
         self.prompts: List[Prompt] = []
         self._version: Optional[str] = None  # the model version that made the current mask
+        #: the model versions whose network answered a prompt of ``prompts``, in order of first use: more
+        #: than one when a version went live while the session was open (the prompt log names them all)
+        self.answered_by: Tuple[str, ...] = ()
         self._undo: List[_Step] = []
         self._redo: List[_Step] = []
         self._history_budget = history_budget_bytes(self.shape)
@@ -164,6 +172,7 @@ class BuiltinSession(EngineSession):
         self._check_open()
         prompt = require_prompt(prompt)
         t0 = time.perf_counter()
+        answered = self.answered_by  # the versions whose network answered the prompts, with this one's
         # the version credited with the mask: the one answering, when the network ran
         if isinstance(prompt, MaskPrompt):  # to_array checks the box before it decodes (once)
             # the caller's mask: credited to the model that made it (a proposal), else to none (a segment)
@@ -175,7 +184,8 @@ class BuiltinSession(EngineSession):
                 box, new_region, info, version = _NOTHING, np.zeros((0, 0, 0), np.uint8), {"levels": []}, self._version
             else:
                 (box, new_region, info), version = self._predict(prompt), self.engine.version
-        update = self._commit(self.prompts + [prompt], box, new_region, version)
+                answered = self.answered_by + (() if version in self.answered_by else (version,))
+        update = self._commit(self.prompts + [prompt], box, new_region, version, answered)
         update.latency_s = time.perf_counter() - t0
         update.info = info
         return update
@@ -190,6 +200,7 @@ class BuiltinSession(EngineSession):
         self._write(step.offset, before)
         self.prompts = list(step.prompts_before)
         self._version = step.version_before
+        self.answered_by = step.answered_before
         return MaskUpdate(step.offset, before)
 
     def redo(self) -> MaskUpdate:
@@ -202,11 +213,12 @@ class BuiltinSession(EngineSession):
         self._write(step.offset, after)
         self.prompts = list(step.prompts_after)
         self._version = step.version_after
+        self.answered_by = step.answered_after
         return MaskUpdate(step.offset, after)
 
     def reset(self) -> MaskUpdate:
         self._check_open()
-        return self._commit([], self._whole(), np.zeros(self.shape, np.uint8), None)
+        return self._commit([], self._whole(), np.zeros(self.shape, np.uint8), None, ())
 
     def result(self) -> np.ndarray:
         self._check_open()
@@ -214,10 +226,14 @@ class BuiltinSession(EngineSession):
 
     def prompt_log(self) -> PromptLog:
         """The prompts of the current mask; ``model`` names the version that made it (not the one
-        answering now: a version swapped in since did not); ``engine``: the session's settings, which
-        a replay needs as much as the prompts (an edge band of 0 or a deeper refinement answers otherwise)."""
-        model = None if self._version is None else f"{self.engine.capabilities().name}@{self._version}"
-        return PromptLog(model=model, engine=self.settings, prompts=list(self.prompts))
+        answering now: a version swapped in since did not); ``models``, every version that answered its
+        prompts when more than one did (a version promoted mid-session: no one model replays the log to
+        its mask); ``engine``: the session's settings, which a replay needs as much as the prompts (an edge
+        band of 0 or a deeper refinement answers otherwise)."""
+        name = self.engine.capabilities().name
+        model = None if self._version is None else f"{name}@{self._version}"
+        models = [f"{name}@{v}" for v in self.answered_by] if len(self.answered_by) > 1 else None
+        return PromptLog(model=model, models=models, engine=self.settings, prompts=list(self.prompts))
 
     def image_info(self) -> ImageInfo:
         """The session's image (grid and voxel digest, about 0.15 s for a CT the first time; the volume
@@ -255,10 +271,15 @@ class BuiltinSession(EngineSession):
         self.mask[sl] = voxels
 
     def _commit(
-        self, prompts_after: List[Prompt], box: Tuple[slice, ...], new_region: np.ndarray, version: Optional[str]
+        self,
+        prompts_after: List[Prompt],
+        box: Tuple[slice, ...],
+        new_region: np.ndarray,
+        version: Optional[str],
+        answered: Tuple[str, ...],
     ) -> MaskUpdate:
-        """Make ``new_region`` (the mask inside ``box``, made by model ``version``) current; record the
-        change for undo."""
+        """Make ``new_region`` (the mask inside ``box``, made by model ``version``) current, and ``answered``
+        the versions that answered ``prompts_after``; record the change for undo."""
         old_region = self.mask[box]
         changed = old_region != new_region
         offset0 = tuple(s.start for s in box)
@@ -274,13 +295,15 @@ class BuiltinSession(EngineSession):
         else:
             offset, before = (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
             after = before
-        self._undo.append(_Step.make(self.prompts, prompts_after, offset, before, after, self._version, version))
+        self._undo.append(_Step.make(self.prompts, prompts_after, offset, before, after, self._version, version,
+                                     self.answered_by, answered))  # fmt: skip
         self._redo.clear()
         self._forget_oldest_steps()
         if after.size:
             self._write(offset, after)
         self.prompts = list(prompts_after)
         self._version = version
+        self.answered_by = answered
         return MaskUpdate(offset, after.copy())
 
     def _forget_oldest_steps(self) -> None:

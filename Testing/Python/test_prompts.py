@@ -79,12 +79,14 @@ def test_truncated_log_is_refused():
 
 def test_a_bad_log_is_named_in_one_line_with_where_it_is_wrong():
     """A pydantic report ran over several lines, with a documentation URL, in the command line's error."""
-    text = '{"prompts": [{"kind": "point"}, {"kind": "box"}, {"kind": "box"}]}'
+    text = '{"schema_version": "1.5", "prompts": [{"kind": "point"}, {"kind": "box"}, {"kind": "box"}]}'
     with pytest.raises(PromptError) as refused:
         PromptLog.from_json(text)
     message = str(refused.value)
     assert "\n" not in message and "https://" not in message
-    assert message.startswith("invalid prompt log: prompts.0.point.position: Field required;")
+    # a prompt counted from 1, as in a list of prompts ("prompt 2 of 3"), not "prompts.0"
+    assert message.startswith("invalid prompt log: prompt 1 of 3: point.position: Field required; "
+                              "prompt 2 of 3: box.min_corner: Field required;")  # fmt: skip
     assert message.endswith("(and 2 more)")
 
 

@@ -119,7 +119,7 @@ def test_bad_usage_is_refused_before_the_model_loads(tmp_path, capsys):
         (["--out", out, "--token", "t", "--model", missing_model], "need --url"),
         (["--out", out, "--url", "http://127.0.0.1:9"], "needs your consent"),
         (["--out", tmp_path], "is a folder"),
-        (["--out", SAMPLE], "exists: add --overwrite"),
+        (["--out", SAMPLE], "is the image itself"),  # said first: --overwrite would not help
         (["--out", SAMPLE, "--overwrite"], "is the image itself"),
     ]
     for extra, message in cases:
@@ -384,7 +384,7 @@ def test_a_server_answering_with_other_settings_than_the_log_is_named_in_a_warni
     for flag in ("--edge-band", "--refine-depth"):
         assert _segment(image, "--prompts", tmp_path / "log.json", "--out", tmp_path / "x.nii.gz", flag, 1,
                         *remote) == 2
-        assert "--refine-depth and --edge-band set the local model" in capsys.readouterr().err
+        assert f"{flag} sets the local model: a server (--url) answers with its own" in capsys.readouterr().err
 
 
 def test_refine_depth_takes_the_engines_range_in_every_command(tmp_path, capsys, server_checkpoint, shipped_checkpoint):

@@ -37,7 +37,7 @@ def test_the_scan_given_as_out_is_never_replaced(tmp_path, capsys):
     before = scan.read_bytes()
     (tmp_path / "sub").mkdir()
     for out, extra, message in [
-        (scan, (), f"--out {scan} exists: add --overwrite to replace it"),
+        (scan, (), f"--out is the image itself: {scan}"),  # said first: --overwrite would not help
         (scan, ("--overwrite",), f"--out is the image itself: {scan}"),
         (tmp_path / "sub" / ".." / "scan.nrrd", ("--overwrite",), "--out is the image itself"),
     ]:
