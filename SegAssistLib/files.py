@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 TMP_PREFIX = ".tmp-"
@@ -103,7 +103,7 @@ def _remove_temp_family(tmp: Path) -> None:
             sibling.unlink(missing_ok=True)
 
 
-def is_temp_file(path: Path) -> bool:
+def is_temp_file(path: PurePath) -> bool:
     return path.name.startswith(TMP_PREFIX)
 
 
@@ -119,6 +119,16 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def make_folder_durable(folder: Path) -> None:
+    """Make ``folder`` and its missing parents, each new one's entry synced in its parent: a file renamed
+    into a new folder (a case's first label) is durable only once the folder's own entry is, and a power
+    loss could otherwise leave the file's record (synced by SQLite) pointing into a folder that is gone."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for made in reversed(missing):  # outermost first
+        fsync_dir(made.parent)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -153,7 +163,7 @@ def atomic_write_many(files: Sequence[Tuple[Path, Callable[[Path], object]]], ov
     """
     files = [(Path(dest), writer) for dest, writer in files]
     for dest, _ in files:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_folder_durable(dest.parent)
         if not overwrite and dest.exists():
             raise FileExistsError(f"refusing to overwrite {dest}")
     temps: List[Path] = []

@@ -5,8 +5,10 @@ directories. Writes masks as NIfTI (``.nii.gz``) and as Slicer segmentations (``
 
 ITK's NIfTI reader turns NaN and infinite voxels of float data into 0; they are read back from the
 file and put back (:func:`_keep_nonfinite`), so that such an image is refused as it is in any other
-format. Every mask written is read back and compared (:func:`write_image_checked`): SimpleITK's NIfTI writer
-reports no failed write, and a full disk left an empty or truncated file behind a success.
+format. It also reads a NIfTI file cut short with zeros for the missing voxels: such a file is refused,
+naming it (:func:`_check_nifti_whole`), as a truncated NRRD or MetaImage is by ITK itself. Every mask
+written is read back and compared (:func:`write_image_checked`): SimpleITK's NIfTI writer reports no
+failed write, and a full disk left an empty or truncated file behind a success.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import contextlib
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -74,10 +77,77 @@ def _read_sitk(path: Path) -> sitk.Image:
         with _readable_name(path) as name:
             image = sitk.ReadImage(name)
             if sitk.ImageFileReader.GetImageIOFromFileName(name) == "NiftiImageIO":
+                _check_nifti_whole(Path(name), path)
                 image = _keep_nonfinite(image, Path(name))
             return image
     except RuntimeError as exc:
         raise ImageError(f"cannot read {path}: {_reason(exc)}") from exc
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
+
+
+def _check_nifti_whole(name: Path, shown: Path) -> None:
+    """:class:`ImageError` naming ``shown`` when the NIfTI file ``name`` holds less data than its header
+    says: ITK's NIfTI reader fills what is missing with zeros and reports nothing, so a file cut short (a
+    copy or download interrupted, a full disk) became an image, or a mask, with zeros where its data
+    ended. A header nibabel cannot read is left to ITK's reading."""
+    import nibabel  # only for NIfTI files
+
+    try:
+        nifti = nibabel.load(str(name))
+        proxy = nifti.dataobj
+        voxels = int(np.prod(proxy.shape, dtype=np.int64))
+        needed = int(proxy.offset) + voxels * np.dtype(proxy.dtype).itemsize
+        data_file = Path(nifti.file_map["image"].filename)
+    except Exception:  # what ITK read and nibabel cannot (any reason): left as ITK read it
+        return
+    try:
+        found, damage = _data_length(data_file, needed)
+    except OSError as exc:
+        raise ImageError(f"cannot read {shown}: {exc.strerror or exc}") from exc
+    if found < needed:
+        why = f"its compressed data is damaged ({damage})" if damage else "the file is truncated"
+        raise ImageError(
+            f"cannot read {shown}: {why} (it holds {found} of the {needed} bytes its header announces, "
+            "uncompressed); its missing voxels would be read as zeros: copy or download it again"
+        )
+
+
+def _data_length(path: Path, needed: int) -> Tuple[int, Optional[str]]:
+    """How many bytes of ``path`` can be read, decompressed when it is gzip, up to ``needed`` (enough to
+    tell), and what damage stopped the reading (None: none, or the file just ends). A gzip file whose
+    trailer records the expected length (modulo 2**32, as gzip does) is taken as whole unread: a file cut
+    short ends in compressed data, which matches that by chance once in 2**32."""
+    with open(path, "rb") as raw:
+        size = os.fstat(raw.fileno()).st_size
+        if raw.read(2) != _GZIP_MAGIC:
+            return size, None
+        if size >= 6:
+            raw.seek(-4, os.SEEK_END)
+            if int.from_bytes(raw.read(4), "little") == needed % (1 << 32):
+                return needed, None
+    found = 0
+    stream = zlib.decompressobj(wbits=31)  # gzip
+    with open(path, "rb") as raw:
+        data = b""
+        while found < needed:
+            if not data:
+                data = raw.read(_CHUNK)
+                if not data:  # the file ends before the data does
+                    break
+            try:
+                found += len(stream.decompress(data, _CHUNK))  # bounded: a block of zeros inflates a thousandfold
+            except zlib.error as exc:
+                return found, str(exc)
+            data = stream.unconsumed_tail
+            if stream.eof:  # a member ends: another may follow (gzip allows several), or nothing
+                data = stream.unused_data + data
+                if not data.startswith(_GZIP_MAGIC):
+                    break
+                stream = zlib.decompressobj(wbits=31)
+    return found, None
 
 
 _NONFINITE = "image has {} NaN or infinite voxels: fill or mask them before segmenting"  # validate_image's

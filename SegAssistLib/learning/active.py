@@ -405,14 +405,23 @@ def _engine_version(engine, runner: Optional[EngineRunner]) -> str:
 
 
 def is_candidate(case: CaseRecord) -> bool:
-    """Nobody is working on it: ``new``, or ``in_progress`` with an expired lock and no label yet."""
+    """Nobody is working on it: ``new`` (an unlabelled case whose lock lapsed is read as new), or
+    ``in_progress``, unlocked, with no label yet or rejected in review with nothing saved since (a case to
+    rework: ``CaseRecord.needs_rework``). A case holding a draft nobody submitted is someone's work in
+    progress: not handed to another annotator (``learn cases --status in_progress`` lists it)."""
     return case.status is CaseStatus.NEW or (
-        case.status is CaseStatus.IN_PROGRESS and case.locked_by is None and case.n_labels == 0
+        case.status is CaseStatus.IN_PROGRESS and case.locked_by is None and (case.n_labels == 0 or case.needs_rework)
     )
 
 
+NO_CASE_LEFT = (
+    "no case left to annotate: every case is submitted, reviewed, locked by an annotator, or holds a draft "
+    "nobody submitted yet (`learn cases --status in_progress` lists those; lock one to go on with it)"
+)
+
+
 def candidate_cases(store: Datastore) -> List[CaseRecord]:
-    """Cases nobody is working on: ``new``, or ``in_progress`` with an expired lock and no label yet."""
+    """Cases nobody is working on (:func:`is_candidate`): new ones, and ones rejected in review."""
     return [case for case in store.list_cases(status=[CaseStatus.NEW, CaseStatus.IN_PROGRESS]) if is_candidate(case)]
 
 
@@ -456,7 +465,7 @@ def rank_cases(
         raise ActiveLearningError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     pool = candidate_cases(store) if candidates is None else list(candidates)
     if not pool:
-        raise NoCandidateError("no case left to annotate: every case is labelled or being worked on")
+        raise NoCandidateError(NO_CASE_LEFT)
     rng = np.random.default_rng(seed)
     if strategy == "first":
         return [CaseScore(c.id, c.name, float(-i)) for i, c in enumerate(pool)]
@@ -534,9 +543,11 @@ def _keep_best_proposals(
 
 
 def own_unlabelled_case(store: Datastore, user: str) -> Optional[CaseRecord]:
-    """The case ``user`` holds a live lock of and has no label version of yet (of several, the one whose
-    lock lasts longest: normally the one handed out last); None when there is none."""
-    held = [c for c in store.list_cases(status=[CaseStatus.IN_PROGRESS], locked_by=user) if c.n_labels == 0]
+    """The case ``user`` holds a live lock of and has saved nothing to yet: no label version, or (a case to
+    rework) none since the rejected one (of several, the one whose lock lasts longest: normally the one
+    handed out last); None when there is none."""
+    held = [c for c in store.list_cases(status=[CaseStatus.IN_PROGRESS], locked_by=user)
+            if c.n_labels == 0 or c.needs_rework]  # fmt: skip
     return max(held, key=lambda c: c.lock_expires or 0.0, default=None)
 
 
@@ -607,7 +618,7 @@ def next_case(
                 except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
                     passes.taken += 1
                     continue
-            elif not (is_candidate(case) or (case.locked_by == user and case.n_labels == 0)):
+            elif not (is_candidate(case) or (case.locked_by == user and (case.n_labels == 0 or case.needs_rework))):
                 passes.taken += 1  # as a lock would have found: locked by another annotator meanwhile, or labelled
                 continue
             try:  # from here on a failure unlocks the case: the caller never learns which case it was

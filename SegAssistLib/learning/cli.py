@@ -10,7 +10,7 @@
     segassist learn save CASE MASK --store DIR --user NAME   a label version from a mask file (--draft)
     segassist learn review CASE (--accept | --reject) --store DIR --user NAME   review the submitted label
     segassist learn export OUT --store DIR                   MSD layout + .seg.nrrd of the submitted labels
-    segassist learn verify --store DIR [--recover]           check every stored file; remove old leftovers
+    segassist learn verify --store DIR [--recover]           check every stored file; tidy old leftovers
     segassist learn train --store DIR [--kind salt] [--minutes 5] [--detach]
     segassist learn cancel --store DIR [--job ID]
     segassist learn versions --store DIR
@@ -58,6 +58,7 @@ from SegAssistLib.learning.records import (
     CaseStatus,
     ImportReport,
     LabelVersion,
+    RecoveryReport,
     check_user,
     printable_text,
 )
@@ -105,15 +106,18 @@ def register(subparsers) -> None:
     p = add("import", "import images as new cases (creates the store if needed, never in a folder of other files)",
             cmd_import)
     p.add_argument("source", type=Path,
-                   help="an image file (always imported), a DICOM series folder or a folder of images. In a folder, "
-                   "at any depth, label maps are passed over (each one named): a folder holding imagesTr/imagesTs "
-                   "(an MSD or nnU-Net dataset, an earlier learn export) is read only there; folders named "
-                   "labelsTr, labelsTs or segmentations are not entered; .seg.nrrd files are not images; and a "
-                   "file named STEM_label, _labels, _seg, _mask or _segmentation (any image suffix, case ignored) "
-                   "is not imported when an image file named STEM or STEM_image lies in the same folder "
-                   "(hippocampus_001_label beside hippocampus_001_image)")
+                   help="an image file, a DICOM series folder or a folder of images. In a folder, at any depth, "
+                   "label maps are passed over (each one named): a folder holding imagesTr/imagesTs (an MSD or "
+                   "nnU-Net dataset, an earlier learn export) is read only there; folders named labelsTr, labelsTs "
+                   "or segmentations are not entered; .seg.nrrd files are not images; and a file named STEM_label, "
+                   "_labels, _seg, _mask, _segmentation or _gt (any image suffix, case ignored) is not imported "
+                   "when an image file named STEM or STEM_image, or a DICOM series folder STEM, lies in the same "
+                   "folder (hippocampus_001_label beside hippocampus_001_image, ACDC's patient001_frame01_gt). "
+                   "A SOURCE that is itself a label folder or a .seg.nrrd is refused; any other file given alone "
+                   "is imported")
     p.add_argument("--include-label-maps", action="store_true",
-                   help="import a file named as the label map of an image beside it too (it is an image to annotate)")
+                   help="import label maps as images to annotate too: a file named as the label map of an image "
+                   "beside it, and a label folder or .seg.nrrd given as SOURCE")
     p.add_argument("--user", required=True)
     p.add_argument("--channel", type=int, help="channel of multi-channel / 4D images")
     p.add_argument("--no-recursive", action="store_true")
@@ -153,7 +157,9 @@ def register(subparsers) -> None:
     p.add_argument("case", help="case id")
     p.add_argument("mask", type=Path, help=".nii.gz, .nrrd or .seg.nrrd with the case's voxel grid")
     p.add_argument("--user", required=True)
-    p.add_argument("--draft", action="store_true", help="keep the case in progress (not submitted)")
+    p.add_argument("--draft", action="store_true",
+                   help="save a draft, not submitted: a new case stays in_progress; a submitted or reviewed case "
+                   "(locked to correct it) keeps its status and its submitted label until a new one is submitted")
     p.add_argument("--prompt-log", type=Path,
                    help="the prompt log that produced the mask (JSON), recorded with the label: one recorded on "
                    "another image than the case's (shape, spacing, placement) is refused")
@@ -172,13 +178,15 @@ def register(subparsers) -> None:
     verdict = p.add_mutually_exclusive_group(required=True)
     verdict.add_argument("--accept", action="store_true", help="the label is right: the case becomes reviewed")
     verdict.add_argument("--reject", action="store_true",
-                         help="the label needs work: the case goes back to in_progress (it leaves the training set)")
+                         help="the label needs work: the case goes back to in_progress (it leaves the training set; "
+                         "learn next hands it out again)")
     p.add_argument("--note", help="the reviewer's note (at most 2000 characters)")
     p.add_argument("--label", metavar="ID",
                    help="the label version reviewed: refused if it is no longer the latest submitted one")
 
     p = add("export", "export the submitted and reviewed cases (MSD layout, .seg.nrrd)", cmd_export)
-    p.add_argument("out", type=Path, help="a new or empty folder; it appears complete or not at all")
+    p.add_argument("out", type=Path, help="a new or empty folder, outside the store or under its exports/ folder; "
+                   "it appears complete or not at all")
     p.add_argument("--label-name", action="append", help="name of label 1, 2, ... (default: foreground)")
     p.add_argument("--no-seg-nrrd", action="store_true")
     p.add_argument("--skip-damaged", action="store_true",
@@ -186,10 +194,12 @@ def register(subparsers) -> None:
                    "listed in dataset.json); without it such a case stops the export before anything is written")
 
     p = add("verify", "check every stored image and label against its checksum; list leftovers of interrupted "
-            "writes (exit 1 when a file is missing or damaged)", cmd_verify)
+            "writes and files no record names (exit 1 when a file is missing or damaged)", cmd_verify)
     p.add_argument("--recover", action="store_true",
-                   help=f"also delete the leftovers older than {DEFAULT_RECOVER_AGE_S / 60:g} minutes (younger "
-                   "ones may be a write in progress); damaged files are never deleted")
+                   help=f"also tidy what is older than {DEFAULT_RECOVER_AGE_S / 60:g} minutes (younger may be a "
+                   "write in progress): delete the temporary files of interrupted writes, and move each complete "
+                   "image or label file no record names to the store's quarantine/ folder (it may be the only "
+                   "copy of an annotation: never deleted); damaged files are never touched")
 
     p = add("train", "train an adapter on the submitted labels in a background process", cmd_train)
     p.epilog = ("Exit status: 0 when the job registered a version (promoted or not); 5 when it ended without one "
@@ -344,8 +354,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _case_line(c: CaseRecord, subject: Optional[str] = None) -> str:
     lock = f", locked by {c.locked_by}" if c.locked_by else ""
+    rework = ", rejected in review" if c.needs_rework else ""
     of = f"  (subject {subject})" if subject is not None else ""
-    return f"{c.id}  {c.status.value:<11} {c.n_labels} label(s){lock}  {c.name}{of}"
+    return f"{c.id}  {c.status.value:<11} {c.n_labels} label(s){rework}{lock}  {c.name}{of}"
 
 
 def cmd_cases(args: argparse.Namespace) -> int:
@@ -405,7 +416,9 @@ def cmd_unlock(args: argparse.Namespace) -> int:
             raise CaseLockedError(f"{exc} (an administrator can release it: add --force)") from exc
     text = f"released the lock of {before.locked_by or 'its holder'} on case {case.id}"
     if before.status != case.status:
-        text += f": it has no label yet, so it is {case.status.value} again"
+        text += (f": it has no label yet, so it is {case.status.value} again" if case.n_labels == 0 else
+                 f": back to {case.status.value}, as its latest submitted label left it (the drafts saved "
+                 "since stay stored; a new submission replaces that label)")
     _print(args, case.to_dict(), f"{text}\n{_case_line(case)}")
     return 0
 
@@ -491,23 +504,41 @@ def cmd_review(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     with _open(args) as store:
         report = store.verify()
-        removed = store.recover() if args.recover else []
-    leftovers = [o for o in report.orphans if o not in removed]
-    data = {"ok": report.ok, "damaged": list(report.corrupt), "leftovers": leftovers, "removed": removed}
+        recovery = store.recover() if args.recover else RecoveryReport()
+        quarantine = store.quarantine_folder()
+        in_quarantine = len(store.quarantined_files())
+    moved = {old for old, _ in recovery.quarantined}
+    leftovers = [o for o in report.temporary if o not in recovery.removed]
+    unrecorded = [o for o in report.unrecorded if o not in moved]
+    data = {"ok": report.ok, "damaged": list(report.corrupt), "leftovers": leftovers, "unrecorded": unrecorded,
+            **recovery.to_dict(), "quarantine": str(quarantine), "files_in_quarantine": in_quarantine}
     lines = [f"damaged: {what}" for what in report.corrupt]
     if report.corrupt:
         lines.append(f"{len(report.corrupt)} stored file(s) missing or damaged: restore them from a backup (an export "
                      "stops at such a case unless --skip-damaged)")
-    lines += [f"removed leftover: {name}" for name in removed]
+    lines += [f"removed temporary file: {name}" for name in recovery.removed]
+    lines += [f"moved to quarantine: {old} -> {new}" for old, new in recovery.quarantined]
     if leftovers:
-        lines.append(f"{len(leftovers)} leftover file(s) of interrupted (or running) writes: "
-                     + ", ".join(leftovers[:5]) + (", ..." if len(leftovers) > 5 else "")
+        lines.append(f"{len(leftovers)} temporary file(s) of interrupted (or running) writes: " + _shown(leftovers)
                      + ("" if args.recover else f"; --recover deletes those older than "
                         f"{DEFAULT_RECOVER_AGE_S / 60:g} minutes"))
+    if unrecorded:
+        lines.append(f"{len(unrecorded)} complete image or label file(s) that no record names: {_shown(unrecorded)}. "
+                     "Each is a write killed just before its record was saved, or an annotation whose record "
+                     "the database lost (restored from an older backup?): nothing deletes them"
+                     + ("" if args.recover else f"; --recover moves those older than {DEFAULT_RECOVER_AGE_S / 60:g} "
+                        f"minutes to {quarantine}"))
+    if in_quarantine:
+        lines.append(f"{in_quarantine} file(s) in {quarantine} (moved there by --recover; delete them once you "
+                     "know they are not needed)")
     if report.ok:
-        lines.append("every stored image and label matches its checksum")
+        lines.append("every image and label the database records matches its checksum")
     _print(args, data, "\n".join(lines))
     return 0 if report.ok else 1
+
+
+def _shown(names: Any, most: int = 5) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@ Layout of the store folder::
     segassist.sqlite              cases, label versions (with provenance and prompt logs), reviews
     images/<case id>.nii.gz       the imported image, converted once to NIfTI
     labels/<case id>/<label id>.nii.gz   one file per label version, written once, never changed
+    quarantine/<time>-<id>/...    files no record points at, moved there by recover (see below)
+    exports/<time>-<id>/          exports made without a target folder (the one place inside the store
+                                  an export may go)
 
 Rules that make it safe to kill the process at any moment:
 
@@ -13,8 +16,13 @@ Rules that make it safe to kill the process at any moment:
 - The database row that makes a file visible is inserted only after the file is complete, in one
   SQLite transaction (WAL journal, ``synchronous=FULL``). A killed writer leaves either no row (the
   old version stays the latest) or a row pointing at a complete file (the new version).
-- Leftovers of an interrupted write (temporary files, files without a row) are ignored by readers,
-  reported by :meth:`Datastore.verify` and removed by :meth:`Datastore.recover`.
+- Leftovers of an interrupted write (temporary files, files without a row) are ignored by readers and
+  reported by :meth:`Datastore.verify`. :meth:`Datastore.recover` deletes the temporary files only: a
+  complete image or label without a row (also every label saved since the backup a database was
+  restored from) is moved to ``quarantine/``, never deleted.
+- A database file without SegAssist's schema is never set up over: one with other tables (another
+  program's) is refused, and so is an empty one (a 0-byte file) unless a new store is being made in a
+  folder without stored files (``create``); a read never makes a store.
 - Every stored file's SHA-256 is recorded; labels are checked on every read.
 
 All ids are generated here (random hex) and validated on the way in; user-supplied names (case
@@ -135,11 +143,39 @@ __all__ = [
 ]
 
 
-_CASE_QUERY = """
-SELECT c.*,
-       (SELECT COUNT(*) FROM labels l WHERE l.case_id = c.id) AS n_labels,
-       (SELECT l.id FROM labels l WHERE l.case_id = c.id ORDER BY l.version DESC LIMIT 1) AS latest_label_id
-FROM cases c
+# A case's status as stored is what the last change made it. Read, an ``in_progress`` case nobody holds a
+# live lock of (released, or its lock lapsed) is at rest again (see records.CaseStatus): ``new`` without
+# a label; ``in_progress`` with drafts only; otherwise as its latest submitted label left it (accepted:
+# ``reviewed``; rejected: ``in_progress``, to rework; not reviewed: ``submitted``), a later draft aside.
+# One ``?``: the time now. (A store of an earlier release left a case ``in_progress`` after a draft on its
+# finished label: read, it is finished again.)
+_LATEST_SUBMITTED = (
+    "(SELECT l.id FROM labels l WHERE l.case_id = c.id AND l.submitted = 1 ORDER BY l.version DESC LIMIT 1)"
+)
+_VERDICT = f"(SELECT r.accepted FROM reviews r WHERE r.label_id = {_LATEST_SUBMITTED} ORDER BY r.rowid DESC LIMIT 1)"
+_STATUS_SQL = f"""CASE
+    WHEN c.status != 'in_progress' OR (c.locked_by IS NOT NULL AND c.lock_expires > ?) THEN c.status
+    WHEN NOT EXISTS (SELECT 1 FROM labels l WHERE l.case_id = c.id) THEN 'new'
+    WHEN {_LATEST_SUBMITTED} IS NULL THEN 'in_progress'
+    ELSE (CASE {_VERDICT} WHEN 1 THEN 'reviewed' WHEN 0 THEN 'in_progress' ELSE 'submitted' END)
+END"""
+# 1 when the case's latest version is a submitted label rejected in review (nothing saved since: a
+# case to rework, which ``next`` hands out again once nobody holds it); read for in_progress cases only
+_REWORK_SQL = """(CASE WHEN c.status = 'in_progress' THEN COALESCE((
+    SELECT r.accepted = 0 FROM reviews r JOIN labels l ON l.id = r.label_id
+    WHERE l.id = (SELECT l2.id FROM labels l2 WHERE l2.case_id = c.id ORDER BY l2.version DESC LIMIT 1)
+      AND l.submitted = 1
+    ORDER BY r.rowid DESC LIMIT 1), 0) ELSE 0 END)"""
+# every case as read (its status as above); one ``?``, the time now, before any of a WHERE that follows
+_CASE_QUERY = f"""
+SELECT * FROM (
+    SELECT c.*, c.rowid AS seq,
+           (SELECT COUNT(*) FROM labels l WHERE l.case_id = c.id) AS n_labels,
+           (SELECT l.id FROM labels l WHERE l.case_id = c.id ORDER BY l.version DESC LIMIT 1) AS latest_label_id,
+           {_STATUS_SQL} AS current_status,
+           {_REWORK_SQL} AS rework
+    FROM cases c
+) AS c
 """
 _LABEL_COLUMNS = (
     "id, case_id, version, sha256, user, created_at, model, adapter_version, n_interactions, "
@@ -175,6 +211,8 @@ def import_sources(
     try:
         return find_sources(Path(source), recursive=recursive, skip=store, passed_over=passed_over,
                             include_label_maps=include_label_maps)
+    except DatastoreError:
+        raise
     except (OSError, RuntimeError) as exc:
         raise DatastoreError(f"cannot import from {source}: {exc}") from exc
 
@@ -191,6 +229,7 @@ class Datastore(StoreFiles):
         self.root = Path(root)
         self._clock = clock
         self.read_only = False  # read as it is on disk, this user cannot write its folder (see _connect)
+        self.may_create = create  # an empty database may be set up (see _check_empty_database)
         db_path = self.root / DB_NAME
         if not db_path.is_file():
             if not create:
@@ -347,7 +386,7 @@ class Datastore(StoreFiles):
         return CaseRecord(
             id=row["id"],
             name=row["name"],
-            status=CaseStatus(row["status"]),
+            status=CaseStatus(row["current_status"]),
             shape=tuple(json.loads(row["shape"])),
             spacing=tuple(json.loads(row["spacing"])),
             image_sha256=row["image_sha256"],
@@ -359,6 +398,7 @@ class Datastore(StoreFiles):
             lock_expires=expires,
             n_labels=int(row["n_labels"]),
             latest_label_id=row["latest_label_id"],
+            needs_rework=row["current_status"] == CaseStatus.IN_PROGRESS.value and bool(row["rework"]),
         )
 
     def image_hashes_of(self, case_id: str) -> Set[str]:
@@ -408,7 +448,7 @@ class Datastore(StoreFiles):
         return wanted
 
     def get_case(self, case_id: str) -> CaseRecord:
-        rows = self._read(_CASE_QUERY + " WHERE c.id = ?", (check_case_id(case_id),))
+        rows = self._read(_CASE_QUERY + " WHERE c.id = ?", (self._clock(), check_case_id(case_id)))
         if not rows:
             raise NotFoundError(f"no case {case_id}")
         return self._case_from_row(rows[0])
@@ -420,19 +460,22 @@ class Datastore(StoreFiles):
         limit: Optional[int] = None,
         offset: int = 0,
     ) -> List[CaseRecord]:
-        """Cases in import order, optionally only those of some statuses or locked by one user."""
-        where, params = [], []
+        """Cases in import order, optionally only those of some statuses (as read: see
+        :class:`~SegAssistLib.learning.records.CaseStatus`) or locked by one user."""
+        now = self._clock()
+        where: List[str] = []
+        params: List[object] = [now]
         statuses = parse_statuses(status)
         if statuses is not None:
             if not statuses:
                 return []
-            where.append(f"c.status IN ({', '.join('?' * len(statuses))})")
+            where.append(f"c.current_status IN ({', '.join('?' * len(statuses))})")
             params.extend(s.value for s in statuses)
         if locked_by is not None:
             where.append("c.locked_by = ? AND c.lock_expires > ?")
-            params.extend([check_user(locked_by), self._clock()])
+            params.extend([check_user(locked_by), now])
         sql = _CASE_QUERY + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY c.imported_at, c.rowid"
+        sql += " ORDER BY c.imported_at, c.seq"
         if (limit is not None and int(limit) < 0) or int(offset) < 0:
             raise DatastoreError("limit and offset must not be negative")
         if limit is not None or int(offset):  # SQLite takes an offset only after a limit (-1: none)
@@ -441,8 +484,10 @@ class Datastore(StoreFiles):
         return [self._case_from_row(r) for r in self._read(sql, params)]
 
     def count_by_status(self) -> Dict[str, int]:
+        """How many cases are of each status, as read (see :meth:`list_cases`)."""
         counts = {s.value: 0 for s in CaseStatus}
-        for row in self._read("SELECT status, COUNT(*) AS n FROM cases GROUP BY status"):
+        rows = self._read(f"SELECT {_STATUS_SQL} AS status, COUNT(*) AS n FROM cases c GROUP BY 1", (self._clock(),))
+        for row in rows:
             counts[row["status"]] = int(row["n"])
         return counts
 
@@ -479,10 +524,15 @@ class Datastore(StoreFiles):
 
     # ------------------------------------------------------------------ locks
 
-    @staticmethod
-    def _case_row(db: sqlite3.Connection, case_id: str) -> sqlite3.Row:
-        """The case's whole row, read in ``db``'s transaction; :class:`NotFoundError` when there is none."""
-        row = db.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+    def _case_row(self, db: sqlite3.Connection, case_id: str, now: Optional[float] = None) -> sqlite3.Row:
+        """The case's whole row, read in ``db``'s transaction, with its status as read at ``now``
+        (``current_status``), whether it is a case to rework (``rework``) and its count of label versions
+        (``n_labels``); :class:`NotFoundError` when there is none."""
+        row = db.execute(
+            f"SELECT c.*, {_STATUS_SQL} AS current_status, {_REWORK_SQL} AS rework, "
+            "(SELECT COUNT(*) FROM labels l WHERE l.case_id = c.id) AS n_labels FROM cases c WHERE c.id = ?",
+            (self._clock() if now is None else now, case_id),
+        ).fetchone()
         if row is None:
             raise NotFoundError(f"no case {case_id}")
         return row
@@ -497,15 +547,16 @@ class Datastore(StoreFiles):
             )
 
     def _check_finished(self, row: sqlite3.Row, user: str, now: float) -> None:
-        """Any save to a submitted or reviewed case changes a finished label: a draft reopens the case
-        (back to ``in_progress``, out of the training set), a submission replaces the training label
-        and undoes a review. Only a user who locked the case may do either, never a stray save."""
-        if row["status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
+        """Any save to a submitted or reviewed case is a change of a finished label: a draft starts a
+        correction (the case stays as it is, its submitted label the training label), a submission replaces
+        the training label and undoes a review. Only a user who locked the case may do either, never a
+        stray save."""
+        if row["current_status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
             return
         expires = row["lock_expires"]
         if row["locked_by"] != user or expires is None or expires <= now:
             raise InvalidStateError(
-                f"case {row['id']} ({row['name']}) is {row['status']}: a new version would replace its "
+                f"case {row['id']} ({row['name']}) is {row['current_status']}: a new version would replace its "
                 "finished label; lock the case first to change it"
             )
 
@@ -514,9 +565,11 @@ class Datastore(StoreFiles):
     ) -> CaseRecord:
         """Lock a case to ``user`` for ``ttl_s`` seconds (renews the user's own lock).
 
-        A ``new`` case becomes ``in_progress``. Raises :class:`CaseLockedError` when another user
-        holds an unexpired lock; with ``unlabelled_only`` (handing out the next case),
-        :class:`InvalidStateError` when the case has a label version by now, checked in the same
+        A ``new`` case becomes ``in_progress``; any other keeps its status (as read: see
+        :class:`~SegAssistLib.learning.records.CaseStatus`). Raises :class:`CaseLockedError` when another
+        user holds an unexpired lock; with ``unlabelled_only`` (handing out the next case),
+        :class:`InvalidStateError` when the case has a label version by now, unless it is a case to
+        rework (its latest version a submitted label rejected in review), checked in the same
         transaction as the lock.
         """
         check_case_id(case_id)
@@ -526,13 +579,13 @@ class Datastore(StoreFiles):
             raise DatastoreError(f"lock duration must be between 0 and {MAX_LOCK_TTL_S:.0f} s, got {ttl_s}")
         with self._write() as db:
             now = self._clock()
-            row = self._case_row(db, case_id)
+            row = self._case_row(db, case_id, now)
             self._check_lock(row, user, now)
-            if unlabelled_only:
-                labels = db.execute("SELECT COUNT(*) FROM labels WHERE case_id = ?", (case_id,)).fetchone()[0]
-                if labels:
-                    raise InvalidStateError(f"case {case_id} ({row['name']}) was labelled meanwhile")
-            status = CaseStatus.IN_PROGRESS.value if row["status"] == CaseStatus.NEW.value else row["status"]
+            if unlabelled_only and row["n_labels"] and not row["rework"]:
+                raise InvalidStateError(f"case {case_id} ({row['name']}) was labelled meanwhile")
+            status = row["current_status"]
+            if status == CaseStatus.NEW.value:
+                status = CaseStatus.IN_PROGRESS.value
             db.execute(
                 "UPDATE cases SET locked_by = ?, lock_expires = ?, status = ?, updated_at = ? WHERE id = ?",
                 (user, now + ttl, status, now, case_id),
@@ -542,16 +595,18 @@ class Datastore(StoreFiles):
     def unlock(self, case_id: str, user: str, force: bool = False, require_lock: bool = False) -> CaseRecord:
         """Release a lock. Only its holder may, unless ``force`` (an administrator's override).
 
-        An ``in_progress`` case without any label goes back to ``new``. A case nobody holds a live lock
-        of is left as it is: unchanged when ``require_lock`` (a :class:`NotLockedError` says so, and whose
-        lock lapsed when one did), otherwise (a client releasing what it may no longer hold) its status is
+        An ``in_progress`` case is at rest again (see :class:`~SegAssistLib.learning.records.CaseStatus`):
+        without any label ``new``; with a submitted label and only drafts after it, what that label made
+        it (a draft never takes a finished label out of training). A case nobody holds a live lock of is
+        left as it is: unchanged when ``require_lock`` (a :class:`NotLockedError` says so, and whose lock
+        lapsed when one did), otherwise (a client releasing what it may no longer hold) its status is
         tidied as for a release.
         """
         check_case_id(case_id)
         check_user(user)
         with self._write() as db:
             now = self._clock()
-            row = self._case_row(db, case_id)
+            row = self._case_row(db, case_id, now)
             holder, expires = row["locked_by"], row["lock_expires"]
             if require_lock and (holder is None or expires is None or expires <= now):
                 lapsed = (
@@ -560,14 +615,11 @@ class Datastore(StoreFiles):
                 raise NotLockedError(f"case {case_id} ({row['name']}) is not locked{lapsed}: nothing to release")
             if not force:
                 self._check_lock(row, user, now)
-            n_labels = db.execute("SELECT COUNT(*) FROM labels WHERE case_id = ?", (case_id,)).fetchone()[0]
-            status = row["status"]
-            if status == CaseStatus.IN_PROGRESS.value and n_labels == 0:
-                status = CaseStatus.NEW.value
             db.execute(
-                "UPDATE cases SET locked_by = NULL, lock_expires = NULL, status = ?, updated_at = ? WHERE id = ?",
-                (status, now, case_id),
+                "UPDATE cases SET locked_by = NULL, lock_expires = NULL, updated_at = ? WHERE id = ?", (now, case_id)
             )
+            status = self._case_row(db, case_id, now)["current_status"]  # unlocked: at rest
+            db.execute("UPDATE cases SET status = ? WHERE id = ?", (status, case_id))
         return self.get_case(case_id)
 
     # ------------------------------------------------------------------ labels
@@ -595,7 +647,9 @@ class Datastore(StoreFiles):
         without undo (``segassist segment``, ``headless.run_prompts``) counts them all.
         ``seconds_spent``: the annotation time; None: not measured (unknown, as the count). An
         explicit 0 is recorded as 0. With ``submit`` the case becomes ``submitted`` and its lock is
-        released; otherwise the version is a draft and the case is ``in_progress``. Raises
+        released; otherwise the version is a draft: a submitted or reviewed case keeps its status (its
+        submitted label stays the one trained on and exported until a new one is submitted), any other
+        is ``in_progress``. Raises
         :class:`CaseLockedError` when another user holds the case, and :class:`InvalidStateError` for any
         save to a submitted or reviewed case whose lock the user does not hold (a draft would reopen the
         case and take it out of training, a submission would replace its training label and undo its
@@ -624,10 +678,8 @@ class Datastore(StoreFiles):
                 )
         shape, reference = self._geometry(case_id)
         labels = check_mask(mask, shape)
-        rows = self._read("SELECT * FROM cases WHERE id = ?", (case_id,))
-        if not rows:
-            raise NotFoundError(f"no case {case_id}")
-        row = rows[0]
+        with self._lock, self._sqlite_errors():
+            row = self._case_row(self._conn, case_id)
         self._check_lock(row, user, self._clock())  # fail before the (slow) write
         self._check_finished(row, user, self._clock())
         self._refuse_if_read_only()
@@ -638,7 +690,7 @@ class Datastore(StoreFiles):
         try:
             with self._write() as db:
                 now = self._clock()
-                row = self._case_row(db, case_id)
+                row = self._case_row(db, case_id, now)
                 self._check_lock(row, user, now)
                 self._check_finished(row, user, now)
                 version = db.execute(
@@ -670,11 +722,11 @@ class Datastore(StoreFiles):
                         "WHERE id = ?",
                         (CaseStatus.SUBMITTED.value, now, case_id),
                     )
-                else:
-                    db.execute(
-                        "UPDATE cases SET status = ?, updated_at = ? WHERE id = ?",
-                        (CaseStatus.IN_PROGRESS.value, now, case_id),
-                    )
+                else:  # a draft: a finished case stays finished until a new label is submitted
+                    status = row["current_status"]
+                    if status not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
+                        status = CaseStatus.IN_PROGRESS.value
+                    db.execute("UPDATE cases SET status = ?, updated_at = ? WHERE id = ?", (status, now, case_id))
         except BaseException:
             self._drop_unrecorded_file(path, "labels", label_id)
             raise
@@ -766,11 +818,11 @@ class Datastore(StoreFiles):
         review_id = new_label_id()
         with self._write() as db:
             now = self._clock()
-            row = db.execute("SELECT status, locked_by, lock_expires FROM cases WHERE id = ?", (case_id,)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no case {case_id}")
-            if row["status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
-                raise InvalidStateError(f"case {case_id} is {row['status']}: only submitted cases can be reviewed")
+            row = self._case_row(db, case_id, now)
+            if row["current_status"] not in (CaseStatus.SUBMITTED.value, CaseStatus.REVIEWED.value):
+                raise InvalidStateError(
+                    f"case {case_id} is {row['current_status']}: only submitted cases can be reviewed"
+                )
             holder, expires = row["locked_by"], row["lock_expires"]
             if holder is not None and holder != reviewer and expires is not None and expires > now:
                 raise InvalidStateError(f"case {case_id} is locked by {holder}, who may submit a new version: "

@@ -10,7 +10,8 @@ labels made in no prompt and no time.
 
 Every file to export is checked against its recorded checksum before anything is written: a damaged
 image or label stops the export naming its cases (``skip_damaged``: they are left out, each named,
-and listed in ``dataset.json``). A target that is not empty is refused before anything is read.
+and listed in ``dataset.json``). A target that is not empty, lies under a file, or lies inside the store
+elsewhere than under its ``exports/`` is refused before anything is read.
 The export is written in a hidden work folder and put in place when complete: an export that fails is
 removed. One killed leaves that hidden folder; into a new target, nothing else, never a half export
 under the target's name; into an existing empty folder, killed while its entries moved up (a few renames),
@@ -40,7 +41,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from SegAssistLib.files import atomic_write, atomic_write_bytes, fsync_dir, sha256_file
+from SegAssistLib.files import atomic_write, atomic_write_bytes, fsync_dir, output_problem, sha256_file
 from SegAssistLib.image import guess_modality
 from SegAssistLib.io import load_mask, save_segmentation_nrrd
 from SegAssistLib.learning.datastore import Datastore
@@ -103,9 +104,13 @@ def _damage(store: Datastore, case: CaseRecord, label: LabelVersion) -> Optional
     return "; ".join(found) if found else None
 
 
-def _check_dest(dest: Path) -> None:
+def _check_dest(dest: Path, store_root: Path) -> None:
+    """Refuse a target the export cannot fill as a new folder of its own, before anything is read: a
+    file, a folder under a file, one that is not empty (or holds what an interrupted export left), a
+    folder this user cannot write, or one inside the store but under its ``exports/``."""
     if dest.exists() and not dest.is_dir():
         raise DatastoreError(f"export folder {dest} is a file: choose a new folder")
+    _refuse_inside_store(dest, store_root)
     entries = sorted(os.listdir(dest)) if dest.exists() else []
     work = [name for name in entries if name.startswith(_WORK_INSIDE) and (dest / name).is_dir()]
     # killed while moving its entries up: dataset.json (moved last) is still in the hidden folder
@@ -117,6 +122,26 @@ def _check_dest(dest: Path) -> None:
         )
     if entries:
         raise DatastoreError(f"export folder {dest} is not empty: choose a new folder")
+    problem = output_problem(dest, folder=True)  # under a file, or in a folder this user cannot write
+    if problem is not None:
+        raise DatastoreError(f"cannot export to {dest}: {problem}")
+
+
+def _refuse_inside_store(dest: Path, store_root: Path) -> None:
+    """An export inside the store goes under its ``exports/`` (the default) and nowhere else: in
+    ``images/`` or ``labels/`` its files would be taken for the store's own (``verify`` would call them
+    unrecorded, ``recover`` move them away)."""
+    root = store_root.resolve()
+    target = dest.resolve()
+    if target != root and root not in target.parents:
+        return
+    if (root / "exports") in target.parents:
+        return
+    raise DatastoreError(
+        f"cannot export to {dest}: it lies inside the datastore {store_root}, where only its exports/ folder "
+        f"may hold exports (its images/ and labels/ are the store's own files): choose a folder outside the "
+        f"store, or one under {store_root / 'exports'}"
+    )
 
 
 def _default_dest(store: Datastore, dest: Optional[Union[str, Path]]) -> Path:
@@ -235,9 +260,9 @@ def export_msd(
     ``dataset.json`` names every label value the exported labels hold: ``label_names[n - 1]`` for
     value ``n``, ``Segment n`` past the names given (as the ``.seg.nrrd`` files do).
 
-    ``dest`` must be a new or empty folder (default: ``<store>/exports/<time>-<id>``); it appears
-    complete or not at all (see the module's docstring). Returns the folder. ``modality``
-    (``"CT"``/``"MR"``) is guessed from the first image when not given.
+    ``dest`` must be a new or empty folder (default: ``<store>/exports/<time>-<id>``), outside the store
+    or under its ``exports/``; it appears complete or not at all (see the module's docstring). Returns
+    the folder. ``modality`` (``"CT"``/``"MR"``) is guessed from the first image when not given.
     """
     pairs: List[Tuple[CaseRecord, LabelVersion]] = store.training_cases(statuses)
     if not pairs:
@@ -245,11 +270,14 @@ def export_msd(
     if not label_names:
         raise DatastoreError("label_names must name at least one label")
     dest = _default_dest(store, dest)
-    _check_dest(dest)
+    _check_dest(dest, store.root)
     damaged = [(case, problem) for case, label in pairs for problem in [_damage(store, case, label)] if problem]
-    if damaged and not skip_damaged:
+    if damaged and (not skip_damaged or len(damaged) == len(pairs)):
         shown = "; ".join(f"case {c.id} ({c.name}): {p}" for c, p in damaged[:_SHOWN_DAMAGED])
         more = f"; and {len(damaged) - _SHOWN_DAMAGED} more" if len(damaged) > _SHOWN_DAMAGED else ""
+        if len(damaged) == len(pairs):
+            raise CorruptDataError(f"nothing to export: every case to export has damaged files in the store "
+                                   f"({shown}{more})")  # fmt: skip
         raise CorruptDataError(
             f"nothing exported: {len(damaged)} of the {len(pairs)} case(s) to export have damaged files in the "
             f"store ({shown}{more}). `segassist learn verify --store {store.root}` lists every damaged file; "
@@ -258,11 +286,6 @@ def export_msd(
         )
     left_out = {case.id for case, _ in damaged}
     pairs = [(case, label) for case, label in pairs if case.id not in left_out]
-    for case, problem in damaged:
-        if on_damaged is not None:
-            on_damaged(case, problem)
-    if not pairs:
-        raise CorruptDataError("nothing to export: every case to export has damaged files in the store")
     # the folder itself: "." has no name to put a work folder beside, a link or a mount point is no
     # folder a rename can replace
     target = dest.resolve()
@@ -274,6 +297,9 @@ def export_msd(
         work = target.parent / f".{target.name}.exporting-{new_label_id()[:8]}"
     work.mkdir()
     try:
+        for case, problem in damaged:  # told once the export is under way: these cases are left out of it
+            if on_damaged is not None:
+                on_damaged(case, problem)
         _write_msd(store, work, pairs, damaged, label_names, dataset_name, modality, seg_nrrd, on_case)
         if inside:
             _move_entries_up(work, target)

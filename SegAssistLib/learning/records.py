@@ -10,8 +10,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
+from pathlib import PurePosixPath
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+from SegAssistLib.files import is_temp_file
 from SegAssistLib.learning.errors import DatastoreError, InvalidIdentifierError
 from SegAssistLib.users import USER_NAME_RULE, is_user_name
 
@@ -21,7 +23,15 @@ class CaseStatus(str, Enum):
 
     ``new`` -> ``in_progress`` (locked by an annotator) -> ``submitted`` (a label version was
     submitted) -> ``reviewed`` (a reviewer accepted it). A rejected review sends the case back to
-    ``in_progress``.
+    ``in_progress``: a case to rework (``CaseRecord.needs_rework``), which ``next`` hands out again
+    once nobody holds it.
+
+    A draft saved to a ``submitted`` or ``reviewed`` case (a correction, by the holder of its lock)
+    leaves its status as it is: its submitted label stays the one trained on and exported until a new
+    one is submitted. An ``in_progress`` case nobody holds a live lock of (released, or its lock
+    lapsed) is read at rest: ``new`` while it has no label version, ``in_progress`` while it has
+    drafts only or its latest submitted label was rejected, otherwise what its latest submitted label
+    made it (a store of an earlier release kept such a case ``in_progress`` after a draft).
     """
 
     NEW = "new"
@@ -126,6 +136,8 @@ class CaseRecord:
     lock_expires: Optional[float]
     n_labels: int
     latest_label_id: Optional[str]
+    # in_progress with its latest version a submitted label rejected in review (nothing saved since)
+    needs_rework: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -195,8 +207,10 @@ class ImportReport:
 @dataclass(frozen=True)
 class IntegrityReport:
     """What :meth:`Datastore.verify` found. ``corrupt`` lists referenced files that are missing or
-    whose checksum differs; ``orphans`` lists files no record points at (leftovers of an
-    interrupted write, removed by :meth:`Datastore.recover`)."""
+    whose checksum differs; ``orphans`` lists the files in ``images/`` and ``labels/`` no record points
+    at: :attr:`temporary` ones (``.tmp-*``, of an interrupted write) and :attr:`unrecorded` complete
+    images and labels (of a write killed just before its record was saved, or annotations whose records
+    the database lost: restored from an older backup), which :meth:`Datastore.recover` never deletes."""
 
     corrupt: Tuple[str, ...]
     orphans: Tuple[str, ...]
@@ -204,3 +218,27 @@ class IntegrityReport:
     @property
     def ok(self) -> bool:
         return not self.corrupt
+
+    @property
+    def temporary(self) -> Tuple[str, ...]:
+        return tuple(o for o in self.orphans if is_temp_file(PurePosixPath(o)))
+
+    @property
+    def unrecorded(self) -> Tuple[str, ...]:
+        return tuple(o for o in self.orphans if not is_temp_file(PurePosixPath(o)))
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What :meth:`Datastore.recover` did: ``removed`` the temporary files of interrupted writes;
+    ``quarantined`` moved each complete file no record points at (``(where it was, where it is now)``,
+    relative to the store) into the store's ``quarantine/`` folder, never deleting one."""
+
+    removed: Tuple[str, ...] = ()
+    quarantined: Tuple[Tuple[str, str], ...] = ()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "removed": list(self.removed),
+            "quarantined": [{"file": old, "moved_to": new} for old, new in self.quarantined],
+        }

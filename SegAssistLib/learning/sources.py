@@ -9,13 +9,15 @@ import SimpleITK as sitk
 
 from SegAssistLib.errors import ImageError
 from SegAssistLib.files import sitk_path
+from SegAssistLib.learning.errors import DatastoreError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Files that hold segmentations or sidecar data, not images to annotate.
 _SKIP_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
 #: The name endings of a label map stored beside its image: ``<stem>_label`` (and the others) is the
-#: label map of the image ``<stem>`` or ``<stem>_image`` in the same folder (case ignored).
-LABEL_MAP_ENDINGS = ("_label", "_labels", "_seg", "_mask", "_segmentation")
+#: label map of the image ``<stem>`` or ``<stem>_image`` in the same folder, or of the DICOM series
+#: folder ``<stem>`` beside it (case ignored). ``_gt``: ACDC's ``patient001_frame01_gt``.
+LABEL_MAP_ENDINGS = ("_label", "_labels", "_seg", "_mask", "_segmentation", "_gt")
 #: The name endings an image may carry beside its label map: ``case_image`` beside ``case_label``.
 IMAGE_ENDINGS = ("", "_image")
 
@@ -73,18 +75,44 @@ def msd_image_folders(folder: Path) -> List[Path]:
     return [c for c in children if _named(c, MSD_IMAGE_FOLDERS)]
 
 
-def label_map_image(path: Path, images: Sequence[Path]) -> Optional[Path]:
+def label_map_image(path: Path, images: Sequence[Path], folders: Optional[Sequence[Path]] = None) -> Optional[Path]:
     """The image of ``images`` (files of the same folder) whose label map ``path`` is by its name, or
-    None: ``<stem>_label``, ``_labels``, ``_seg``, ``_mask`` or ``_segmentation`` (any image suffix)
-    beside ``<stem>`` or ``<stem>_image``, case ignored. ``hippocampus_001_label.nii.gz`` is the
-    label map of ``hippocampus_001_image.nii.gz``; ``brain_mask.nii.gz`` alone is an image."""
+    None: ``<stem>_label``, ``_labels``, ``_seg``, ``_mask``, ``_segmentation`` or ``_gt`` (any image
+    suffix) beside ``<stem>`` or ``<stem>_image``, case ignored; without such a file, a DICOM series
+    folder ``<stem>`` beside it (of ``folders``, the folders beside it; None: looked up).
+    ``hippocampus_001_label.nii.gz`` is the label map of ``hippocampus_001_image.nii.gz``,
+    ``ct_seg.nii.gz`` that of the series folder ``ct``; ``brain_mask.nii.gz`` alone is an image."""
     stem = image_stem(path).lower()
     ending = next((e for e in LABEL_MAP_ENDINGS if stem.endswith(e) and len(stem) > len(e)), None)
     if ending is None:
         return None
     base = stem[: -len(ending)]
     wanted = {base + e for e in IMAGE_ENDINGS}
-    return next((image for image in images if image != path and image_stem(image).lower() in wanted), None)
+    image = next((image for image in images if image != path and image_stem(image).lower() in wanted), None)
+    if image is not None:
+        return image
+    if folders is None:
+        try:
+            folders = [f for f in path.parent.iterdir() if f.is_dir()]
+        except OSError:
+            return None
+    named = sorted(f for f in folders if f.name.lower() == base)
+    return next((folder for folder in named if is_dicom_series_dir(folder)), None)
+
+
+def _label_source_reason(source: Path) -> Optional[str]:
+    """Why ``source``, given itself to import, holds labels rather than images to annotate (None: it
+    does not): a label folder (``labelsTr``, ``labelsTs``, ``segmentations``) or a Slicer segmentation
+    file. Any other file given alone is taken as the image it was named as, a label-map name included."""
+    if source.is_dir():
+        return f"it is a folder of labels ({source.name})" if _named(source, LABEL_FOLDERS) else None
+    if any(source.name.lower().endswith(s) for s in _SKIP_SUFFIXES):
+        return "it is a Slicer segmentation"
+    return None
+
+
+class LabelSourceError(DatastoreError):
+    """The source given to import is a label folder or label file, not images to annotate."""
 
 
 class _ScanRules(NamedTuple):
@@ -104,17 +132,27 @@ def find_sources(
 ) -> List[Tuple[Path, str]]:
     """``(path, display name)`` of every image below ``source``, sorted by path.
 
-    ``source`` may be one image file (always taken), one DICOM series folder, or a folder holding
-    image files and DICOM series folders (searched recursively when ``recursive``). Labels are not
-    imported as images, at any depth: a folder holding ``imagesTr`` or ``imagesTs`` (an MSD / nnU-Net
-    dataset, or an earlier ``learn export``) is read only there; folders named ``labelsTr``,
-    ``labelsTs`` or ``segmentations`` are not entered; ``.seg.nrrd`` files are not images; and a file
-    that is by its name the label map of an image file in the same folder (:func:`label_map_image`)
-    is passed over, unless ``include_label_maps``. The folder ``skip`` (a datastore inside
-    ``source``, whose files are not images to annotate) is not entered. ``passed_over`` (when given)
-    receives each folder and label-map file not read, with the reason, for the caller to show.
+    ``source`` may be one image file, one DICOM series folder, or a folder holding image files and
+    DICOM series folders (searched recursively when ``recursive``). Labels are not imported as images,
+    at any depth: a folder holding ``imagesTr`` or ``imagesTs`` (an MSD / nnU-Net dataset, or an earlier
+    ``learn export``) is read only there; folders named ``labelsTr``, ``labelsTs`` or ``segmentations``
+    are not entered; ``.seg.nrrd`` files are not images; and a file that is by its name the label map of
+    an image file or DICOM series folder in the same folder (:func:`label_map_image`) is passed over,
+    unless ``include_label_maps``. A ``source`` that is itself a label folder or a ``.seg.nrrd`` is
+    refused (:class:`LabelSourceError`), unless ``include_label_maps``; any other file given alone is
+    taken. The folder ``skip`` (a datastore
+    inside ``source``, whose files are not images to annotate) is not entered. ``passed_over`` (when
+    given) receives each folder and label-map file not read, with the reason, for the caller to show.
     """
     source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"nothing to import: {source} is neither a file nor a folder")
+    reason = None if include_label_maps else _label_source_reason(source)
+    if reason is not None:
+        raise LabelSourceError(
+            f"cannot import {source}: {reason}, not images to annotate. Import the images it labels (of an MSD "
+            "dataset: its folder or its imagesTr), or add --include-label-maps to annotate it as an image"
+        )
     if source.is_file():
         return [(source, image_stem(source))]
     if not source.is_dir():
@@ -158,9 +196,10 @@ def _scan(
         found.append((folder, folder.name))
     children = [child for child in sorted(folder.iterdir()) if not child.name.startswith(".")]
     images = [child for child in children if is_image_file(child)]
+    folders = [child for child in children if child.is_dir()]
     for child in children:
         if child in images:
-            image = None if rules.include_label_maps else label_map_image(child, images)
+            image = None if rules.include_label_maps else label_map_image(child, images, folders)
             if image is not None:
                 passed.append((child, f"the label map of {image.name} beside it, not an image to annotate; "
                                "--include-label-maps imports it"))

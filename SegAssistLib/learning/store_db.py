@@ -79,7 +79,22 @@ _LABELS_REBUILT = "labels_v3"  # the labels table of schema 3 while it is filled
 # errors of the calling code, not of the store: never turned into a StoreAccessError
 _CODE_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError)
 
+# a writer waiting for another process's write lock tries in steps this long, this process's lock released
+# between them (StoreDatabase._begin_immediate)
+_BEGIN_TRY_MS = 50
+_BEGIN_PAUSE_S = 0.005
+
 _DAMAGED_MESSAGES = ("file is not a database", "database disk image is malformed")
+STORE_FOLDERS = ("images", "labels")  # the store's folders of stored files
+
+
+def store_folders_with_files(root: Path) -> List[str]:
+    """Which of the store's folders (``images/``, ``labels/``) under ``root`` hold a file, at any depth."""
+    return [f"{sub}/" for sub in STORE_FOLDERS if _holds_a_file(root / sub)]
+
+
+def _holds_a_file(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
 
 
 def open_connection(target: str, uri: bool = False) -> sqlite3.Connection:
@@ -96,6 +111,12 @@ def _is_read_only_error(exc: sqlite3.Error) -> bool:
     return name.startswith("SQLITE_READONLY") or "readonly database" in str(exc)
 
 
+def _is_busy_error(exc: sqlite3.Error) -> bool:
+    """Another connection holds the lock SQLite waited for."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith("SQLITE_BUSY") or "database is locked" in str(exc)
+
+
 def _is_cant_open_error(exc: sqlite3.Error) -> bool:
     """SQLite could not open a file it needs (on a read-only disk: the WAL index it would make)."""
     name = getattr(exc, "sqlite_errorname", "") or ""
@@ -109,6 +130,7 @@ class StoreDatabase:
     # set by Datastore.__init__, which opens the store
     root: Path
     read_only: bool
+    may_create: bool  # an empty database may be set up as a new store (Datastore(create=True))
     _conn: sqlite3.Connection
     _lock: threading.RLock
 
@@ -157,13 +179,16 @@ class StoreDatabase:
     def _init_schema(self) -> None:
         """A store of a newer schema is refused before anything is written; one of the current schema is
         opened as it is; a new or older one is made current in one transaction (whole or not at all; of
-        two processes opening it at once, the second finds it done)."""
+        two processes opening it at once, the second finds it done). A database holding no SegAssist
+        schema is never set up as a new store unless :meth:`_check_empty_database` allows it."""
         with self._lock, self._sqlite_errors():
             version = self._schema_version(self._conn)
             self._refuse_newer(version)
             if version == SCHEMA_VERSION:
                 self._use_wal()
                 return
+            if version is None:
+                self._check_empty_database()
             if self.read_only:
                 self._read_older_schema(version)
                 return
@@ -263,12 +288,24 @@ class StoreDatabase:
             db.execute(sql)
 
     def _schema_version(self, db: sqlite3.Connection) -> Optional[int]:
-        """The store's schema version, read only; None for a database without one (a new store)."""
-        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        """The store's schema version, read only; None for an empty database (no table at all: a new
+        store). A database with tables but no SegAssist schema version (another program's, or a store's
+        that lost its ``meta`` row) is refused (:class:`DamagedStoreError`), never set up over them."""
+        tables = [r[0] for r in db.execute("SELECT name FROM main.sqlite_master WHERE type = 'table' ORDER BY name")]
+        if not tables:
             return None
-        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        row = None
+        if "meta" in tables:
+            row = db.execute("SELECT value FROM main.meta WHERE key = 'schema_version'").fetchone()
         if row is None:
-            return None
+            shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+            raise DamagedStoreError(
+                f"datastore {self.root}: its database {DB_NAME} is not a SegAssist datastore (it holds the "
+                f"table(s) {shown} but no SegAssist schema version): another program's database, or a store's "
+                "that lost its schema. Restore the store's database from a backup, or make a new store in a "
+                "new folder; nothing was changed",
+                "the datastore's database is not a SegAssist datastore (no schema version)",
+            )
         try:
             return int(row[0])
         except (TypeError, ValueError):
@@ -276,6 +313,26 @@ class StoreDatabase:
                 f"datastore {self.root}: its database {DB_NAME} is damaged (schema version {row[0]!r})",
                 f"the datastore's database is damaged (schema version {row[0]!r})",
             ) from None
+
+    def _check_empty_database(self) -> None:
+        """An empty database (a 0-byte file, or one without a table) is set up as a new store only when the
+        store is being made (``create``) in a folder whose ``images/`` and ``labels/`` hold no file: the
+        file another process making the store created a moment ago. Otherwise it is refused, nothing
+        written: a read never makes a store, and an emptied database beside stored files would make every
+        image and label an orphan."""
+        holding = store_folders_with_files(self.root)
+        if holding:
+            raise DamagedStoreError(
+                f"datastore {self.root}: its database {DB_NAME} is empty, yet its {' and '.join(holding)} hold "
+                "files: the database was emptied or replaced. Restore it from a backup (with its -wal file, if "
+                "any); nothing was changed",
+                "the datastore's database is empty, yet the store holds images and labels",
+            )
+        if not self.may_create:
+            raise DatastoreError(
+                f"no SegAssist datastore at {self.root}: its database {DB_NAME} is empty (never set up); "
+                "`segassist learn import` makes a store"
+            )
 
     def _refuse_newer(self, version: Optional[int]) -> None:
         if version is not None and version > SCHEMA_VERSION:
@@ -285,8 +342,9 @@ class StoreDatabase:
             )
 
     def _use_wal(self) -> None:
-        """WAL journal (readers never wait for the writer). It stays in the file once set, when the store
-        is made: a store made otherwise is switched when it can be, and read as it is when it cannot."""
+        """WAL journal (readers never wait for the writer; see :meth:`_begin_immediate`). It stays in the
+        file once set, when the store is made: a store made otherwise is switched when it can be, and read
+        as it is when it cannot."""
         deadline = time.monotonic() + 30.0
         while not self.read_only and str(self._conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
             try:
@@ -325,7 +383,7 @@ class StoreDatabase:
                 "to its folder and files",
                 f"the datastore is read-only to this server ({text})",
             )
-        if name.startswith("SQLITE_BUSY") or "database is locked" in text:
+        if _is_busy_error(exc):
             return StoreAccessError(
                 f"{where} is kept locked by another process ({text}): try again",
                 f"the datastore is kept locked by another process ({text}): try again",
@@ -341,8 +399,8 @@ class StoreDatabase:
         of the database is a :class:`StoreAccessError` (an ``IntegrityError`` stays itself: the caller's).
         """
         self._refuse_if_read_only()
-        with self._lock, self._sqlite_errors():
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._sqlite_errors():
+            self._begin_immediate()  # returns holding self._lock, until the transaction ends
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
@@ -351,6 +409,39 @@ class StoreDatabase:
                     with suppress(sqlite3.Error):  # the original error says more
                         self._conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._lock.release()
+
+    def _begin_immediate(self) -> None:
+        """``BEGIN IMMEDIATE`` on the shared connection, returning with ``self._lock`` held.
+
+        While another process holds the store's write lock, the wait (up to the connection's busy
+        timeout, 30 s) is spent outside ``self._lock``: tries of :data:`_BEGIN_TRY_MS` each, the lock
+        released between them, so that this process's readers go on (WAL: they never wait for a writer)
+        instead of queueing behind a writer that waits. Past the timeout, SQLite's "database is locked".
+        """
+        deadline: Optional[float] = None
+        while True:
+            self._lock.acquire()
+            timeout_ms = 0
+            try:
+                timeout_ms = int(self._conn.execute("PRAGMA busy_timeout").fetchone()[0])
+                self._conn.execute(f"PRAGMA busy_timeout = {min(timeout_ms, _BEGIN_TRY_MS)}")
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    self._conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+                return
+            except sqlite3.OperationalError as exc:
+                self._lock.release()
+                if deadline is None:
+                    deadline = time.monotonic() + timeout_ms / 1000.0
+                if not _is_busy_error(exc) or time.monotonic() >= deadline:
+                    raise
+            except BaseException:
+                self._lock.release()
+                raise
+            time.sleep(_BEGIN_PAUSE_S)
 
     def _refuse_if_read_only(self) -> None:
         """Before a change (and before the file it writes, if any): a store read as it is on disk refuses it."""

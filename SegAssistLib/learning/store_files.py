@@ -1,8 +1,10 @@
 """The datastore's folder: where its image and label files lie, whether a folder is fit for a new
-store, and its files checked against the database's records (verify, recover). Torch-free."""
+store, and its files checked against the database's records (verify, recover: temporary files deleted,
+complete files no record names moved to ``quarantine/``, never deleted). Torch-free."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from contextlib import suppress
@@ -10,12 +12,27 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 from SegAssistLib.errors import ImageError
-from SegAssistLib.files import atomic_write, is_temp_file, sha256_file
+from SegAssistLib.files import atomic_write, fsync_dir, is_temp_file, make_folder_durable, sha256_file
 from SegAssistLib.learning.errors import DatastoreError, StoreAccessError
-from SegAssistLib.learning.records import IntegrityReport, check_case_id, check_label_id
-from SegAssistLib.learning.store_db import DB_NAME, StoreDatabase
+from SegAssistLib.learning.records import (
+    IntegrityReport,
+    RecoveryReport,
+    check_case_id,
+    check_label_id,
+    new_label_id,
+)
+from SegAssistLib.learning.store_db import DB_NAME, StoreDatabase, store_folders_with_files
 
 DEFAULT_RECOVER_AGE_S = 600.0
+QUARANTINE = "quarantine"  # the store's folder of files no record points at, moved there by recover
+
+
+def _move_aside(path: Path, target: Path) -> None:
+    """Move ``path`` to ``target`` (a new name in the same store: a rename), its folders made and synced."""
+    make_folder_durable(target.parent)
+    os.rename(path, target)
+    fsync_dir(target.parent)
+    fsync_dir(path.parent)
 
 
 def check_new_store_folder(root: Path) -> None:
@@ -33,14 +50,13 @@ def check_new_store_folder(root: Path) -> None:
             f"{root} holds files ({shown}) and no SegAssist datastore: make the new store in a "
             "new folder, or one that holds only folders"
         )
-    for sub in ("images", "labels"):
-        if (root / sub).is_dir() and any(p.is_file() for p in (root / sub).rglob("*")):
-            # a store whose database was moved or lost: a new, empty one would call every image and
-            # label in it an orphan, and recovery would delete them
-            raise DatastoreError(
-                f"{root} holds a datastore's {sub}/ but not its database {DB_NAME}: it was moved or lost. "
-                f"Put it back (with its -wal file, if any) to open the store; a new store goes into a new folder"
-            )
+    for sub in store_folders_with_files(root):
+        # a store whose database was moved or lost: a new, empty one would call every image and label
+        # in it unrecorded
+        raise DatastoreError(
+            f"{root} holds a datastore's {sub} but not its database {DB_NAME}: it was moved or lost. "
+            f"Put it back (with its -wal file, if any) to open the store; a new store goes into a new folder"
+        )
 
 
 class StoreFiles(StoreDatabase):
@@ -124,32 +140,54 @@ class StoreFiles(StoreDatabase):
         orphans = sorted(str(p.relative_to(self.root)) for p in self._stored_files() if p not in referenced)
         return IntegrityReport(corrupt=tuple(corrupt), orphans=tuple(orphans))
 
-    def recover(self, min_age_s: float = DEFAULT_RECOVER_AGE_S) -> List[str]:
-        """Delete leftovers of interrupted writes (temporary files and files no record points at).
+    def recover(self, min_age_s: float = DEFAULT_RECOVER_AGE_S) -> RecoveryReport:
+        """Tidy the leftovers of interrupted writes: delete the temporary files (``.tmp-*``, never a whole
+        image or label) and move each complete file no record points at into the quarantine folder
+        (:meth:`quarantine_folder`), never deleting it.
 
-        Only files older than ``min_age_s`` are removed, so that a write in progress in another
-        process is left alone; pass 0 when no other process uses the store. A store read-only here
-        refuses (:class:`StoreAccessError`), as every change does.
+        Such a file is normally one a write published just before it was killed, before its record was
+        saved; it is also every label saved since the backup a database was restored from, the only copy
+        of that annotation. Only files older than ``min_age_s`` are touched, so that a write in progress
+        in another process is left alone; pass 0 when no other process uses the store. A store read-only
+        here refuses (:class:`StoreAccessError`), as every change does.
         """
         self._refuse_if_read_only()
         referenced = self._referenced_files()
         now = time.time()
-        removed = []
-        for path in self._stored_files():
+        removed: List[str] = []
+        quarantined: List[Tuple[str, str]] = []
+        batch = self.quarantine_folder() / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{new_label_id()[:6]}"
+        for path in sorted(self._stored_files()):
             if path in referenced:
                 continue
+            relative = path.relative_to(self.root)
             try:
                 if now - path.stat().st_mtime < min_age_s:
                     continue
-                path.unlink()
-                removed.append(str(path.relative_to(self.root)))
+                if is_temp_file(path):
+                    path.unlink()
+                    removed.append(relative.as_posix())
+                else:
+                    target = batch / relative
+                    _move_aside(path, target)
+                    quarantined.append((relative.as_posix(), target.relative_to(self.root).as_posix()))
             except FileNotFoundError:
                 continue
         for folder in self._label_folders():
             if not any(folder.iterdir()):
                 with suppress(OSError):
                     folder.rmdir()
-        return sorted(removed)
+        return RecoveryReport(removed=tuple(removed), quarantined=tuple(quarantined))
+
+    def quarantine_folder(self) -> Path:
+        """Where :meth:`recover` moves complete files no record points at: ``quarantine/<time>-<id>/``
+        below it, each file under its path in the store (``labels/<case id>/<label id>.nii.gz``)."""
+        return self.root / QUARANTINE
+
+    def quarantined_files(self) -> List[Path]:
+        """The files earlier recoveries moved into the quarantine folder (kept until someone deletes them)."""
+        folder = self.quarantine_folder()
+        return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
     def pending_writes(self) -> List[Path]:
         """Temporary files of writes in progress (or interrupted) right now."""

@@ -160,7 +160,7 @@ def test_import_passes_over_the_label_maps_beside_their_images_and_names_each(tm
                          "--user", "admin", "--json")  # fmt: skip
     assert code == 0 and [c["name"] for c in json.loads(out)["added"]] == ["x_mask"], err
     help_text = " ".join(_help(["learn", "import"]).split())
-    assert "_label, _labels, _seg, _mask or _segmentation" in help_text and "STEM_image" in help_text, help_text
+    assert "_label, _labels, _seg, _mask, _segmentation or _gt" in help_text and "STEM_image" in help_text, help_text
     assert "never imported" not in help_text
 
 
@@ -225,14 +225,15 @@ def test_review_accepts_or_rejects_the_latest_submitted_label(tmp_path: Path, ca
 # ---------------------------------------------------------------------------------- verify
 
 
-def test_verify_reports_damaged_files_and_recover_removes_old_leftovers(tmp_path: Path, capsys):
-    """verify() and recover() had no command: a damaged store could only be found by a failing export."""
+def test_verify_reports_damaged_files_and_recover_tidies_old_leftovers(tmp_path: Path, capsys):
+    """verify() and recover() had no command: a damaged store could only be found by a failing export.
+    A complete file no record names is moved to quarantine/, never deleted (it may be an annotation)."""
     root = tmp_path / "store"
     store, cases = submitted_store(root, 2)
     label = store.latest_label(cases[0].id)
     store.close()
     code, out, _ = run(capsys, "learn", "verify", "--store", str(root))
-    assert code == 0 and "every stored image and label matches its checksum" in out, out
+    assert code == 0 and "every image and label the database records matches its checksum" in out, out
 
     label_file = root / "labels" / cases[0].id / f"{label.id}.nii.gz"
     good = label_file.read_bytes()
@@ -248,13 +249,16 @@ def test_verify_reports_damaged_files_and_recover_removes_old_leftovers(tmp_path
     assert code == 1
     report = json.loads(out)
     assert report["ok"] is False and report["damaged"] == [f"label version {label.id}: checksum mismatch"]
-    assert sorted(report["leftovers"]) == sorted([str(old.relative_to(root)), str(young.relative_to(root))])
-    assert report["removed"] == []
+    assert report["leftovers"] == [str(young.relative_to(root))]
+    assert report["unrecorded"] == [str(old.relative_to(root))]
+    assert report["removed"] == [] and report["quarantined"] == []
 
     code, out, _ = run(capsys, "learn", "verify", "--store", str(root), "--recover")
     assert code == 1  # still damaged: a damaged file is never deleted
-    assert f"removed leftover: {old.relative_to(root)}" in out and "damaged: label version" in out, out
-    assert not old.exists() and young.exists() and label_file.exists()
+    moved = next((root / "quarantine").rglob(old.name))
+    assert f"moved to quarantine: {old.relative_to(root)} -> {moved.relative_to(root)}" in out, out
+    assert "damaged: label version" in out, out
+    assert not old.exists() and moved.read_bytes() == b"left over" and young.exists() and label_file.exists()
 
     label_file.write_bytes(good)
     young.unlink()
@@ -549,7 +553,7 @@ def test_unlock_of_a_case_nobody_locked_says_so_with_its_own_exit_code(tmp_path:
     code, _, err = run(capsys, "learn", "unlock", case.id, "--user", "bob", *base)
     assert code == 4 and "lapsed" in err and "alice" in err, err
     with Datastore(root) as ds:
-        assert ds.get_case(case.id).status is CaseStatus.IN_PROGRESS  # left as it was, not reset behind a lie
+        assert ds.get_case(case.id).status is CaseStatus.NEW  # nothing released; read as new: its lock lapsed
     code, _, err = run(capsys, "learn", "unlock", case.id, "--user", "admin", "--force", *base)
     assert code == 4, err  # --force releases a lock; there is none
 

@@ -35,6 +35,7 @@ from SegAssistLib.learning import (
     open_datastore,
 )
 from SegAssistLib.learning.errors import DamagedStoreError, StoreAccessError
+from SegAssistLib.learning.records import RecoveryReport
 from SegAssistLib.learning.store_db import DB_NAME
 from SegAssistLib.prompt_log import PromptLog
 from SegAssistLib.prompts import BoxPrompt, PointPrompt
@@ -242,7 +243,7 @@ def test_a_store_that_lost_its_database_is_not_made_afresh_over_its_files(tmp_pa
     for db_file in moved.iterdir():
         db_file.rename(root / db_file.name)
     with Datastore(root) as restored:
-        assert [c.id for c in restored.list_cases()] == [case.id] and restored.recover(min_age_s=0) == []
+        assert [c.id for c in restored.list_cases()] == [case.id] and restored.recover(min_age_s=0) == RecoveryReport()
         assert restored.latest_label(case.id).n_foreground == int(np.prod(case.shape))
 
 
@@ -404,21 +405,23 @@ def test_a_stray_save_cannot_change_a_submitted_or_reviewed_case(store: Datastor
     draft = box_mask(a.shape, (0, 0, 0), (2, 2, 2))
     for case, status in ((a, CaseStatus.SUBMITTED), (b, CaseStatus.REVIEWED)):
         for user in ("alice", "dave"):  # neither the author nor anyone else, without the lock
-            for submit in (False, True):  # a draft would reopen it, a submission undo its review
+            for submit in (False, True):  # a draft would start a correction, a submission undo its review
                 with pytest.raises(InvalidStateError, match="lock the case first"):
                     store.save_label(case.id, draft, user, submit=submit)
         assert store.get_case(case.id).status is status and len(store.label_versions(case.id)) == 1
     assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id), (b.id, lb.id)]
-    # reopening is deliberate: lock, then the draft takes the case back to in progress
+    # a correction is deliberate: lock, then save a draft; the case stays reviewed and its accepted label
+    # stays the training label until a new one is submitted
     store.lock(b.id, "dave")
     store.save_label(b.id, draft, "dave", submit=False)
-    assert store.get_case(b.id).status is CaseStatus.IN_PROGRESS
-    assert [cs.id for cs, _ in store.training_cases()] == [a.id]
+    assert store.get_case(b.id).status is CaseStatus.REVIEWED
+    assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la.id), (b.id, lb.id)]
     # a deliberate resubmission: lock, submit; the new version becomes the training label
     store.lock(a.id, "dave")
     la2 = store.save_label(a.id, draft, "dave")
     assert store.get_case(a.id).status is CaseStatus.SUBMITTED
-    assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la2.id)] and la2.id != la.id
+    assert [(cs.id, lv.id) for cs, lv in store.training_cases()] == [(a.id, la2.id), (b.id, lb.id)]
+    assert la2.id != la.id
 
 
 def test_bad_input_is_refused_with_clear_errors(store: Datastore):
@@ -740,10 +743,10 @@ def test_recover_removes_only_old_leftovers(store: Datastore):
     leftover = folder / ".tmp-abc-0123.nii.gz"
     leftover.write_bytes(b"partial")
     assert store.verify().orphans == (f"labels/{case.id}/.tmp-abc-0123.nii.gz",)
-    assert store.recover() == []  # too recent: it may be another process's write in progress
+    assert store.recover() == RecoveryReport()  # too recent: it may be another process's write in progress
     old = time.time() - 3600
     os.utime(leftover, (old, old))
-    assert store.recover() == [f"labels/{case.id}/.tmp-abc-0123.nii.gz"]
+    assert store.recover().removed == (f"labels/{case.id}/.tmp-abc-0123.nii.gz",)
     assert store.verify().orphans == ()
 
 
@@ -756,7 +759,7 @@ def test_verify_names_the_files_of_a_folder_that_is_gone(store: Datastore):
     shutil.rmtree(store.root / "labels")
     report = store.verify()
     assert report.corrupt == (f"label version {label.id}: file missing",), report
-    assert store.recover(min_age_s=0) == []
+    assert store.recover(min_age_s=0) == RecoveryReport()
     shutil.rmtree(store.root / "images")
     report = store.verify()
     assert f"image of case {case.id}: file missing" in report.corrupt, report
@@ -887,7 +890,10 @@ def test_sigkill_during_save_leaves_old_or_new_version_never_corrupt(tmp_path: P
         assert np.array_equal(ds.load_label(old.id), old_mask)
         report = ds.verify(check_images=False)
         assert report.ok, report.corrupt
-        assert ds.recover(min_age_s=0) == sorted(report.orphans)
+        recovery = ds.recover(min_age_s=0)  # a killed write's complete file is moved aside, never deleted
+        assert recovery.removed == report.temporary and [old for old, _ in recovery.quarantined] == list(
+            report.unrecorded
+        )
         assert ds.verify().orphans == ()
         # the store goes on working: the next version gets the next number
         nxt = ds.save_label(case.id, old_mask, "alice")
