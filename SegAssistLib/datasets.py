@@ -205,7 +205,25 @@ def unpaired_files(dataset_dir: Union[str, Path]) -> Tuple[List[str], List[str]]
 
 
 def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
-    """Cases that have both an image (channel ``channel`` for multi-channel cases) and a label."""
+    """Cases that have both an image (channel ``channel`` for multi-channel cases) and a label; labelled
+    cases that lack the channel's file are left out with a :class:`UserWarning` (the command lines
+    print :func:`left_out_text` as a ``warning:`` line instead, see :func:`cases_and_left_out`)."""
+    cases, lacking = cases_and_left_out(dataset_dir, channel)
+    if lacking:  # said, not dropped in silence: a mean over fewer cases than the folder holds
+        warnings.warn(left_out_text(dataset_dir, channel, lacking), stacklevel=2)
+    return cases
+
+
+def left_out_text(dataset_dir: Union[str, Path], channel: int, lacking: List[str]) -> str:
+    """The notice on the labelled cases of a folder that have no file of channel ``channel``."""
+    shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+    return (f"{dataset_dir}: {len(lacking)} labelled case(s) have no channel {channel} file and are left out: "
+            f"{shown}")
+
+
+def cases_and_left_out(dataset_dir: Union[str, Path], channel: int = 0) -> Tuple[List[Case], List[str]]:
+    """:func:`list_cases` without its warning: the cases, and the names of the labelled cases stored
+    as per-channel files that have no file of channel ``channel`` (left out)."""
     root = Path(dataset_dir)
     problem = dataset_folder_problem(root)
     if problem:
@@ -229,12 +247,7 @@ def list_cases(dataset_dir: Union[str, Path], channel: int = 0) -> List[Case]:
         names = ", ".join(str(c) for c in sorted(channels))
         raise SegAssistError(f"channel {channel} does not exist in {root}: its images have channel"
                              f"{'s' if len(channels) > 1 else ''} {names} (imagesTr/<case>_{min(channels):04d}...)")
-    lacking = sorted(per_channel - {c.name for c in cases})
-    if lacking:  # said, not dropped in silence: a mean over fewer cases than the folder holds
-        shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
-        warnings.warn(f"{root}: {len(lacking)} labelled case(s) have no channel {channel} file and are left out: "
-                      f"{shown}", stacklevel=2)
-    return cases
+    return cases, sorted(per_channel - {c.name for c in cases})
 
 
 def load_splits() -> Dict[str, List[str]]:

@@ -7,7 +7,11 @@ ground truth), and every later click comes from the simulated user by the same r
 engine's own current mask. It writes ``results.json`` and the report
 (:mod:`SegAssistLib.evaluation.report`) to the output folder, by default ``docs/benchmarks`` of the
 repository wherever the command runs from (as ``--data`` is found beside the repository); a folder
-that holds an earlier run's results or report is refused before any work unless ``--overwrite``.
+that holds an earlier run's results or report, or pictures in its plots/ or gallery/, is refused
+before any work unless ``--overwrite`` (which then removes only the pictures the earlier report
+links). The results are written over a file only with ``--overwrite``, also one that appeared
+during the run; when they cannot be written they are saved to a rescue file
+(:mod:`SegAssistLib.evaluation.output`). Ctrl-C writes the sessions finished, marked as partial.
 Each slow part of the report (a plot, a gallery session replayed) is announced on stderr as it starts.
 
 Fixed choices, all stated in the report:
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -39,10 +44,12 @@ from typing import Dict, List, Optional, TextIO, Tuple
 import numpy as np
 
 from SegAssistLib.cli_types import non_negative_mm, positive_int
-from SegAssistLib.datasets import REPO_ROOT, dataset_ignore_label, default_data_root
+from SegAssistLib.datasets import REPO_ROOT, dataset_folder_problem, dataset_ignore_label, default_data_root
 from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, ModelError, PromptError, SegAssistError
 from SegAssistLib.evaluation import scribbles
+from SegAssistLib.evaluation.dataset_json import passed_over_warning
+from SegAssistLib.evaluation.output import write_results_file
 from SegAssistLib.evaluation.progress import ProgressBar
 from SegAssistLib.evaluation.runner import (
     PROTOCOLS,
@@ -50,19 +57,22 @@ from SegAssistLib.evaluation.runner import (
     evaluate_target,
     label_values,
     load_case,
+    model_record,
     parse_targets,
     target_masks,
     warm_up,
 )
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
 from SegAssistLib.evaluation.selection import (
+    SPECS,
     Job,
+    cases_left_out,
     default_jobs,
     describe,
     jobs_for,
     spec_for_folder,
 )
-from SegAssistLib.files import atomic_write_bytes, output_problem
+from SegAssistLib.files import output_problem
 from SegAssistLib.machine import machine_info
 
 BENCH_ENGINES = ("builtin", "ablation", "growcut", "randomwalker")
@@ -92,6 +102,14 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # each once: "clicks,clicks" ran every session twice and counted both in the report
+        self.engines = tuple(dict.fromkeys(self.engines))
+        self.protocols = tuple(dict.fromkeys(self.protocols))
+        # absolute: "." is named after the folder (and takes its dataset's selection), and the image and
+        # label paths recorded hold wherever the report is rendered again; not resolved, a link keeps its name
+        self.folders = [Path(os.path.abspath(f)) for f in self.folders]
+        if self.data_root is not None:
+            self.data_root = Path(os.path.abspath(self.data_root))
         unknown = [e for e in self.engines if e not in BENCH_ENGINES]
         if unknown or not self.engines:
             raise SegAssistError(f"unknown engine(s) {unknown} (choose from {', '.join(BENCH_ENGINES)})")
@@ -145,6 +163,7 @@ def select_jobs(config: BenchConfig) -> Tuple[List[Job], List[str]]:
     if config.folders:
         jobs: List[Job] = []
         for folder in config.folders:
+            folder_problem(Path(folder))
             if config.labels:  # a label the folder's dataset.json lacks: refused, not skipped case by case
                 check_targets(Path(folder), parse_targets(config.labels))
             spec = spec_for_folder(Path(folder), config.labels, config.cases)
@@ -158,6 +177,34 @@ def select_jobs(config: BenchConfig) -> Tuple[List[Job], List[str]]:
     if not jobs:
         raise SegAssistError("nothing to run: no evaluation cases with the selected structures were found")
     return jobs, missing
+
+
+def folder_problem(folder: Path) -> None:
+    """Refuse, as ``segassist eval`` does, a folder that is not there (a typo was said to lack a
+    dataset.json, with advice to pass --labels) or, without a dataset.json, is no dataset folder."""
+    if not folder.is_dir():
+        raise SegAssistError(f"dataset folder not found: {folder}")
+    problem = None if (folder / "dataset.json").is_file() else dataset_folder_problem(folder)
+    if problem:
+        raise SegAssistError(problem)
+
+
+def folder_warnings(config: BenchConfig, jobs: List[Job]) -> Tuple[List[str], Dict[str, List[str]]]:
+    """The ``warning:`` lines on what the selection leaves out, and the cases left out per dataset:
+    labelled cases without the channel's file, and, where the structures come from a folder's
+    dataset.json, label entries passed over."""
+    lines: List[str] = []
+    left_out: Dict[str, List[str]] = {}
+    for dataset, folder in dict.fromkeys((j.dataset, j.case.image.parent.parent) for j in jobs):
+        lacking, text = cases_left_out(folder)
+        if lacking:
+            left_out[dataset] = lacking
+            lines.append(f"warning: {text}")
+        if dataset not in SPECS and not config.labels:  # structures read from its dataset.json
+            passed = passed_over_warning(folder)
+            if passed:
+                lines.append(passed)
+    return lines, left_out
 
 
 def scribble_for(dataset: str, case: str, structure: str, index: int, config: BenchConfig) -> ScribbleSpec:
@@ -194,13 +241,20 @@ def run_bench(
     engines: Optional[Dict[str, Engine]] = None,
     stream: Optional[TextIO] = None,
     command: str = "",
+    built_from_config: bool = False,
 ) -> Dict:
-    """Run every job with every protocol and engine; returns the JSON-ready result."""
+    """Run every job with every protocol and engine; returns the JSON-ready result. ``built_from_config``:
+    the ``engines`` given were loaded from ``config`` (:func:`build_engines`), so that no ``config.model``
+    means the shipped weights in the record of the checkpoint (see :func:`~.runner.model_record`)."""
     jobs, missing = select_jobs(config)
+    loaded_here = engines is None or built_from_config
     engines = engines if engines is not None else build_engines(config)
     stream = stream if stream is not None else sys.stderr
     for name in missing:
         stream.write(f"bench: dataset {name} not found under the data folder; left out\n")
+    notices, left_out = folder_warnings(config, jobs)
+    for line in notices:
+        stream.write(f"bench: {line}\n")
     sessions = sum(len(j.structures) for j in jobs) * len(config.protocols) * len(engines)
     stream.write(f"bench: {len(jobs)} case(s), {sessions} sessions; engines {', '.join(engines)}; "
                  f"protocols {', '.join(config.protocols)}\n")
@@ -224,8 +278,11 @@ def run_bench(
     records: List[Dict] = []
     skipped: List[Dict] = []
     index_in_dataset: Dict[str, int] = {}
+    interrupted: Optional[str] = None
+    current = 0  # the case being run, from 1
     try:
         for job in jobs:
+            current += 1
             try:
                 volume, labels = load_case(job.case)
             except SegAssistError as exc:  # one unreadable case must not lose the rest of the run
@@ -291,10 +348,12 @@ def run_bench(
                         })
                         records.append(record)
                         bar.update(1)
+    except KeyboardInterrupt:  # the sessions finished are kept, for the caller to write
+        interrupted = f"interrupted in case {current} of {len(jobs)}, after {len(records)} session(s)"
     finally:
         bar.close()
     capabilities = {name: e.capabilities().to_dict() for name, e in engines.items()}
-    return {
+    result = {
         "format": "segassist-bench",
         "format_version": 1,
         "config": {
@@ -303,6 +362,8 @@ def run_bench(
             "engines": list(engines),
             "engine_capabilities": capabilities,
             "model": config.model,
+            "model_weights": next((model_record(e, config.model, shipped=loaded_here) for n, e in engines.items()
+                                   if n in ("builtin", "ablation")), None),
             "protocols": list(config.protocols),
             "clicks": config.clicks,
             "refine_clicks": config.refine_clicks,
@@ -311,6 +372,7 @@ def run_bench(
             "seed": config.seed,
             "selection": describe(jobs),
             "missing_datasets": missing,
+            "left_out": left_out,
             "cases": {d: [j.case.name for j in jobs if j.dataset == d] for d in dict.fromkeys(j.dataset for j in jobs)},
         },
         "machine": machine,
@@ -319,6 +381,19 @@ def run_bench(
         "records": records,
         "skipped": skipped,
     }
+    if interrupted:
+        result["interrupted"] = interrupted
+        raise BenchInterrupted(result)
+    return result
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_bench`: ``partial`` holds the sessions finished before it (its
+    ``interrupted`` says where), for the caller to write; still a KeyboardInterrupt."""
+
+    def __init__(self, partial: Dict):
+        super().__init__(partial.get("interrupted", "interrupted"))
+        self.partial = partial
 
 
 RECORD_KEYS = {  # what the report reads from every record, and the type it expects
@@ -357,10 +432,12 @@ def results_problem(result: object) -> Optional[str]:
     return None
 
 
-def write_results(result: Dict, out: Path) -> Path:
-    path = out / RESULTS_NAME
-    atomic_write_bytes(path, json.dumps(result, separators=(",", ":")).encode(), overwrite=True)
-    return path
+def write_results(result: Dict, out: Path, overwrite: bool = False) -> Path:
+    """Write ``results.json`` into ``out`` whole or not at all; an existing one, also one that appeared
+    during the run, is replaced only with ``overwrite``. When the write fails the results are saved to
+    a rescue file and :class:`~SegAssistLib.evaluation.output.ResultsSavedElsewhere` says where."""
+    data = json.dumps(result, separators=(",", ":")).encode()
+    return write_results_file(data, Path(out) / RESULTS_NAME, overwrite, "bench results")
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -391,7 +468,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help=f"output folder (default: docs/benchmarks of the repository, {DEFAULT_OUT}, wherever "
                         "the command runs from)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results.json and report of an earlier run in --out")
+                        help="replace the results.json and report of an earlier run in --out (and the pictures "
+                        "its report links; other pictures there are kept)")
     parser.add_argument("--quick", action="store_true", help="a subset that runs in about 5 minutes on a 2-core CPU")
     parser.add_argument("--engines", default=",".join(BENCH_ENGINES), help=f"default {','.join(BENCH_ENGINES)}")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"default {','.join(PROTOCOLS)}")
@@ -443,18 +521,28 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def check_out_folder(out: Path, overwrite: bool, from_json: bool = False) -> None:
     """Refuse, before hours of work, an output folder that cannot be written or that holds an earlier
-    run's results or report (the default, docs/benchmarks, holds the committed one): replaced only with
-    ``overwrite``. ``from_json``: only the report is written."""
-    from SegAssistLib.evaluation.report import PER_CASE_NAME, REPORT_NAME
+    run's results or report (the default, docs/benchmarks, holds the committed one), or pictures in
+    its ``plots/`` or ``gallery/`` (the report writes its own there, and once removed every picture
+    found): replaced only with ``overwrite``, and then only the pictures the earlier report links are
+    removed. ``from_json``: only the report is written."""
+    from SegAssistLib.evaluation.report import PER_CASE_NAME, PICTURE_FOLDERS, REPORT_NAME
 
     problem = output_problem(out, folder=True)
     if problem:
         raise SegAssistError(f"--out {out}: {problem}")
+    if overwrite:
+        return
     names = (REPORT_NAME, PER_CASE_NAME) if from_json else (RESULTS_NAME, REPORT_NAME, PER_CASE_NAME)
     held = [name for name in names if (out / name).exists()]
-    if held and not overwrite:
+    if held:
         raise SegAssistError(f"--out {out} already holds {', '.join(held)} of an earlier run: pass --overwrite "
                              "to replace them, or choose another --out")
+    pictures = sorted(f"{p.parent.name}/{p.name}" for folder in PICTURE_FOLDERS for p in (out / folder).glob("*.png"))
+    if pictures:
+        shown = ", ".join(pictures[:3]) + (", ..." if len(pictures) > 3 else "")
+        raise SegAssistError(f"--out {out} already holds {len(pictures)} picture(s) ({shown}) where the report "
+                             "writes its own: choose another --out, or pass --overwrite (the pictures an earlier "
+                             "report.md links are replaced, the others kept)")
 
 
 def _progress(line: str) -> None:
@@ -489,7 +577,8 @@ def run_cli(args: argparse.Namespace) -> int:
                                             device=config.device))
         _progress(f"writing the report to {config.out}")
         try:
-            report = render_report(result, config.out, engines=engines, progress=_progress)
+            report = render_report(result, config.out, engines=engines, progress=_progress,
+                                   overwrite=args.overwrite)
         except SegAssistError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # damaged past the checks
@@ -499,8 +588,14 @@ def run_cli(args: argparse.Namespace) -> int:
     command = "segassist bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
     select_jobs(config)  # a missing folder or a label its dataset.json lacks: said before the model loads
     engines = build_engines(config)
-    result = run_bench(config, engines, command=command.strip())
-    print(f"wrote {write_results(result, config.out)}")
-    report = render_report(result, config.out, engines=engines, progress=_progress)
+    try:
+        result = run_bench(config, engines, command=command.strip(), built_from_config=True)
+    except BenchInterrupted as stop:  # Ctrl-C: the sessions finished are written, the report is not
+        path = write_results(stop.partial, config.out, overwrite=args.overwrite)
+        print(f"bench: {stop.partial['interrupted']}: partial results written to {path} (a report of them: "
+              f"segassist bench --from-json {path} --out DIR)", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    print(f"wrote {write_results(result, config.out, overwrite=args.overwrite)}")
+    report = render_report(result, config.out, engines=engines, progress=_progress, overwrite=args.overwrite)
     print(f"wrote {report}")
     return 0 if result["records"] else 1

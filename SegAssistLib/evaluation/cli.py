@@ -116,9 +116,35 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+def _progress(line: str) -> None:
+    """A line of eval's progress: ``warning:`` lines on stderr, as the other commands', the rest on stdout."""
+    print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+
+
+def _summary_line(result: dict) -> None:
+    s = result["summary"]
+    if s.get("records"):
+        dice = s["mean_dice"]
+        noc = ", ".join(f"NoC@{k} {v:.2f} ({s['fraction_reached'][k]:.0%} reached)" for k, v in s["mean_noc"].items())
+        print(
+            f"{s['records']} records, {len(result['skipped'])} skipped; mean Dice first {dice[0]:.3f}, "
+            f"last {dice[-1]:.3f}; {noc}; median latency {s['median_latency_s']:.3f} s; "
+            f"peak RSS {s['max_peak_rss_mb']:.0f} MB"
+        )
+    else:
+        print(f"no records ({len(result['skipped'])} skipped)", file=sys.stderr)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from SegAssistLib.errors import SegAssistError
-    from SegAssistLib.evaluation.runner import EvalConfig, check_json_output, evaluate, parse_targets, write_json
+    from SegAssistLib.evaluation.runner import (
+        EvalConfig,
+        EvaluationInterrupted,
+        check_json_output,
+        evaluate,
+        parse_targets,
+        write_json,
+    )
     from SegAssistLib.evaluation.scribbles import ScribbleSpec
 
     check_json_output(args.json, args.overwrite)  # before the evaluation, not after it
@@ -141,18 +167,13 @@ def run_eval(args: argparse.Namespace) -> int:
         channel=args.channel,
         scribble=ScribbleSpec(args.scribble_orientation, args.scribble_source, args.scribble_jitter),
     )
-    result = evaluate(config, progress=lambda line: print(line, flush=True))
-    path = write_json(result, args.json)
-    s = result["summary"]
-    if s.get("records"):
-        dice = s["mean_dice"]
-        noc = ", ".join(f"NoC@{k} {v:.2f} ({s['fraction_reached'][k]:.0%} reached)" for k, v in s["mean_noc"].items())
-        print(
-            f"{s['records']} records, {len(result['skipped'])} skipped; mean Dice first {dice[0]:.3f}, "
-            f"last {dice[-1]:.3f}; {noc}; median latency {s['median_latency_s']:.3f} s; "
-            f"peak RSS {s['max_peak_rss_mb']:.0f} MB"
-        )
-    else:
-        print(f"no records ({len(result['skipped'])} skipped)", file=sys.stderr)
+    try:
+        result = evaluate(config, progress=_progress)
+    except EvaluationInterrupted as stop:  # Ctrl-C: the cases finished are written, marked as partial
+        path = write_json(stop.partial, args.json, overwrite=args.overwrite)
+        print(f"{stop.partial['config']['interrupted']}: partial results written to {path}", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    _summary_line(result)
+    path = write_json(result, args.json, overwrite=args.overwrite)
     print(f"wrote {path}")
-    return 0 if s.get("records") else 1
+    return 0 if result["summary"].get("records") else 1

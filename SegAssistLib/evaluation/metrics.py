@@ -14,6 +14,9 @@ Conventions (also written into every evaluation JSON, see :data:`CONVENTIONS`):
   to the nearest surface voxel of the other, both directions together. Surface voxels are the
   mask's voxels with a face neighbour outside the mask (the image border counts as outside).
   Both masks empty: 0.0; exactly one empty: ``inf``.
+- The first click follows the same rule with an empty prediction: the whole object is the error,
+  and the click goes to the most interior voxel of its largest 6-connected piece (not the global
+  maximum of the distance transform, which for an object in several pieces may lie in a smaller one).
 - Dice AUC (the CVPR 2025 interactive 3D segmentation challenge's DSC_AUC): the trapezoidal area
   under Dice against the interaction index with unit steps, over the click steps only (after the
   box or scribble, which the challenge treats as optional). With 5 clicks it lies in [0, 4]. The
@@ -53,6 +56,13 @@ CONVENTIONS = {
         "(negative click), a missed region winning a size tie; distance ties go to the voxel nearest the "
         "region's centre of mass, then the first in array order. The CVPR 2025 challenge's own rule differs: "
         "one error mask, 26-connectivity, voxel-unit distances, a random tie-break"
+    ),
+    "first_click": (
+        "the same rule applied to an empty prediction: the whole object is the error, so the first click goes "
+        "to the most interior voxel of the object's largest 6-connected piece, not to the global maximum of "
+        "the object's distance transform. The two differ only for an object in several pieces (a union such "
+        "as 1+2+3+4, a structure on both sides such as caudates or ventricles) whose deepest voxel lies in a "
+        "smaller piece"
     ),
     "dice_auc": (
         "trapezoidal area under Dice vs interaction index (unit steps) over the click steps after "

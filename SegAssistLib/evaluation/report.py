@@ -7,6 +7,7 @@ a fresh session of the same engine (every engine here is deterministic for the s
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -20,11 +21,14 @@ from SegAssistLib.evaluation.metrics import CONVENTIONS
 from SegAssistLib.evaluation.runner import PROTOCOLS
 from SegAssistLib.evaluation.selection import SPECS
 from SegAssistLib.evaluation.stats import CONFIDENCE, N_RESAMPLES, Estimate
-from SegAssistLib.files import atomic_write_bytes
+from SegAssistLib.files import atomic_write_many
 from SegAssistLib.prompts import parse_prompt
 
 REPORT_NAME = "report.md"
 PER_CASE_NAME = "per_case.md"
+PICTURE_FOLDERS = ("plots", "gallery")
+_PICTURE_LINK = re.compile(r"\]\(((?:plots|gallery)/[^)/\s]+\.png)\)")
+BASELINES = ("growcut", "randomwalker")
 ENGINE_ORDER = ("builtin", "ablation", "growcut", "randomwalker")
 PROTOCOL_TEXT = {
     "clicks": "clicks only",
@@ -57,12 +61,25 @@ def _hd(s: Summary) -> str:
     return text + (f" ({s.hd95_empty} empty)" if s.hd95_empty else "")
 
 
+def linked_pictures(out: Path) -> List[Path]:
+    """The pictures in ``out``'s ``plots/`` and ``gallery/`` that the report.md there links: an earlier
+    run's, which a new report replaces; any other picture there is someone else's and is kept."""
+    try:
+        text = (Path(out) / REPORT_NAME).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [Path(out) / name for name in dict.fromkeys(_PICTURE_LINK.findall(text))]
+
+
 class Report:
-    """``progress``: called with a line before each slow part (a plot, a gallery session replayed)."""
+    """``progress``: called with a line before each slow part (a plot, a gallery session replayed);
+    ``overwrite``: an existing report.md or per_case.md is replaced (else FileExistsError, also for one
+    that appeared while the report was made)."""
 
     def __init__(self, result: Dict, out: Path, engines: Optional[Dict[str, Engine]] = None,
-                 progress: Optional[Callable[[str], None]] = None):
+                 progress: Optional[Callable[[str], None]] = None, overwrite: bool = True):
         self.result = result
+        self.overwrite = overwrite
         self.out = Path(out)
         self.engines = engines or {}
         self.progress = progress or (lambda line: None)
@@ -71,6 +88,8 @@ class Report:
         self.seed = int(self.config.get("seed", 0))
         self.engine_names = ordered((r["engine"] for r in self.records), ENGINE_ORDER) or list(self.config["engines"])
         self.protocols = ordered((r["protocol"] for r in self.records), PROTOCOLS)
+        # the protocols that ran (the records' alone would leave out one whose sessions were all skipped)
+        self.protocols_run = ordered(list(self.config.get("protocols") or []) + self.protocols, PROTOCOLS)
         self.datasets = list(dict.fromkeys(r["dataset"] for r in self.records))
         self.lines: List[str] = []
 
@@ -98,38 +117,59 @@ class Report:
             self.lines += [f"Model: {model['name']} {model['version']} ({c.get('model') or 'shipped weights'}).", ""]
         if c.get("command"):
             self.lines += ["Command:", "", f"    {c['command']}", ""]
+        if self.result.get("interrupted"):
+            self.lines += [f"**Partial results**: the run was {self.result['interrupted']}; the tables hold the "
+                           "sessions finished before it.", ""]
+
+    def protocol_text(self) -> str:
+        """The protocols that ran, each with its clicks, and the click rule."""
+        c = self.config
+        phrases = {
+            "clicks": f"clicks only ({c['clicks']} clicks)",
+            "box+clicks": f"a box (the structure's 3D bounding box) then {c['refine_clicks']} clicks, as in the "
+                          "CVPR 2025 interactive 3D segmentation challenge",
+            "scribble+clicks": f"a scribble then {c['refine_clicks']} clicks",
+        }
+        kinds = (("box+clicks", "box"), ("scribble+clicks", "scribble"), ("clicks", "first click"))
+        firsts = [first for protocol, first in kinds if protocol in self.protocols_run]
+        same = firsts[0] if len(firsts) == 1 else ", ".join(firsts[:-1]) + " and " + firsts[-1]
+        return (
+            f"- **Protocol{'s' if len(self.protocols_run) > 1 else ''}** (every engine gets the same {same}, and "
+            f"every later click by the same rule from its own mask): "
+            f"{'; '.join(phrases.get(p, p) for p in self.protocols_run)}. "
+            "Each click goes to the most interior voxel (distance in mm) of the largest 6-connected error region "
+            "(positive in a miss, negative in a spill), computed from the engine's own current mask; a first "
+            "click follows the rule with nothing predicted yet, so it goes to the most interior voxel of the "
+            "structure's largest connected piece. The challenge's own click rule differs in details (one error "
+            "mask, 26-connectivity, voxel units, random ties), so its numbers and these are close but not "
+            "identical."
+        )
 
     def method(self) -> None:
         c = self.config
         rw = c.get("randomwalker_max_voxels")
+        box = "box+clicks" in self.protocols_run
         engines = {
             "builtin": "the SegAssist model with its full prompt history",
             "ablation": "the same model without prompt history: each interaction alone, in a fresh session with "
             "the current mask as its initial mask prompt (earlier clicks, box and scribble are forgotten; the "
             "mask is kept). Its latency includes opening that session",
             "growcut": "3D Slicer's Grow from seeds (`vtkImageGrowCutSegment`); clicks and scribbles become seed "
-            "balls, background on a shell 30 mm around the object seeds (without the ground truth), or one voxel "
-            "outside the box when there is one, none where the box meets the image edge (a box alone paints no "
-            "object seed: Dice 0 at the box step)",
+            "balls, background on a shell 30 mm around the object seeds (without the ground truth)"
+            + (", or one voxel outside the box when there is one, none where the box meets the image edge (a box "
+               "alone paints no object seed: Dice 0 at the box step)" if box else ""),
             "randomwalker": "scikit-image's random walker with the same seeds, in the same region as Grow from "
             "seeds" + (f"; run only on images of at most {rw:,} voxels, so it is absent where the image is larger"
                        if rw else " (it needs ~10 s per click on the 2.3 M-voxel left-atrium images on 2 CPU cores)"),
         }
-        self.lines += ["## How it was measured", ""]
-        self.lines += [
-            f"- **Protocols** (every engine gets the same box, scribble and first click, and every later click "
-            f"by the same rule from its own mask): clicks only ({c['clicks']} "
-            f"clicks); a box (the structure's 3D bounding box) then {c['refine_clicks']} clicks, as in the CVPR "
-            f"2025 interactive 3D segmentation challenge; a scribble then {c['refine_clicks']} clicks. "
-            "Each click goes to the most interior voxel (distance in mm) of the largest 6-connected error region "
-            "(positive in a miss, negative in a spill), computed from the engine's own current mask; the "
-            "challenge's own click rule differs in details (one error mask, 26-connectivity, voxel units, random "
-            "ties), so its numbers and these are close but not identical.",
-            "- **Scribbles** are drawn on a slice through the structure: axial, coronal, sagittal and oblique "
-            "(35° tilt) in turn over the structures of a dataset, along the skeleton or just inside the outline "
-            f"(alternating every four), with {c.get('scribble_jitter_mm', 0)} mm of smooth hand jitter that "
-            "never leaves the structure.",
-        ]
+        self.lines += ["## How it was measured", "", self.protocol_text()]
+        if "scribble+clicks" in self.protocols_run:
+            self.lines += [
+                "- **Scribbles** are drawn on a slice through the structure: axial, coronal, sagittal and oblique "
+                "(35° tilt) in turn over the structures of a dataset, along the skeleton or just inside the outline "
+                f"(alternating every four), with {c.get('scribble_jitter_mm', 0)} mm of smooth hand jitter that "
+                "never leaves the structure.",
+            ]
         self.lines += [f"- **{e}**: {engines.get(e, e)}." for e in self.engine_names]
         self.lines += [
             "- **Metrics** after every interaction: Dice and HD95 (mm, 95th percentile of the symmetric "
@@ -295,9 +335,12 @@ class Report:
         self.lines += [f"![Latency per interaction](plots/{png.name})", ""]
         self.lines += _table(["engine", "dataset", "interactions", "median s", "p95 s", "peak RSS MB",
                               "RSS increase in a session MB", "peak CUDA MB"], rows)
-        self.lines += ["Peak RSS is the whole process (Python, libraries, the loaded image and model); the increase "
-                       "is the most one session added on top of what was resident when it started. The baselines' "
-                       "box step computes nothing (a box paints no object seed), hence their near-zero minimum.", ""]
+        note = ("Peak RSS is the whole process (Python, libraries, the loaded image and model); the increase is the "
+                "most one session added on top of what was resident when it started.")
+        if "box+clicks" in self.protocols_run and any(e in BASELINES for e in self.engine_names):
+            note += (" The baselines' box step computes nothing (a box paints no object seed), hence their near-zero "
+                     "minimum.")
+        self.lines += [note, ""]
 
     def gallery(self) -> None:
         engine = next((e for e in ENGINE_ORDER if e in self.engine_names), self.engine_names[0])
@@ -380,9 +423,9 @@ class Report:
 
     def render(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        for folder in ("plots", "gallery"):  # pictures of an earlier run would be linked to nothing
-            for old in (self.out / folder).glob("*.png"):
-                old.unlink()
+        if self.overwrite:  # an earlier run's pictures would be linked to nothing; anyone else's are kept
+            for old in linked_pictures(self.out):
+                old.unlink(missing_ok=True)
         self.header()
         if not self.records:
             self.lines += ["No sessions were recorded.", ""]
@@ -398,17 +441,20 @@ class Report:
             self.gallery()
         self.skipped()
         self.footer()
-        atomic_write_bytes(self.out / PER_CASE_NAME, ("\n".join(self.per_case()) + "\n").encode(), overwrite=True)
+        per_case = ("\n".join(self.per_case()) + "\n").encode()
+        report = ("\n".join(self.lines) + "\n").encode()
         path = self.out / REPORT_NAME
-        atomic_write_bytes(path, ("\n".join(self.lines) + "\n").encode(), overwrite=True)
+        atomic_write_many([(self.out / PER_CASE_NAME, lambda p: Path(p).write_bytes(per_case)),
+                           (path, lambda p: Path(p).write_bytes(report))], overwrite=self.overwrite)
         return path
 
 
 def render_report(result: Dict, out: Path, engines: Optional[Dict[str, Engine]] = None,
-                  progress: Optional[Callable[[str], None]] = None) -> Path:
+                  progress: Optional[Callable[[str], None]] = None, overwrite: bool = True) -> Path:
     """Write ``report.md``, ``per_case.md``, ``plots/*.png`` and ``gallery/*.png`` into ``out``;
-    ``progress`` is told each slow part as it starts (see :class:`Report`)."""
-    return Report(result, out, engines, progress).render()
+    ``progress`` is told each slow part as it starts; ``overwrite``: an earlier report is replaced (and the
+    pictures it links removed), else FileExistsError (see :class:`Report`)."""
+    return Report(result, out, engines, progress, overwrite).render()
 
 
 __all__ = ["render_report", "Report", "Estimate"]

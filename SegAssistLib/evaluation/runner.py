@@ -37,8 +37,10 @@ import platform
 import sys
 import threading
 import time
+import warnings
+import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -46,10 +48,11 @@ import numpy as np
 
 from SegAssistLib.datasets import (
     Case,
+    cases_and_left_out,
     dataset_folder_problem,
     dataset_ignore_label,
     dataset_targets,
-    list_cases,
+    left_out_text,
     split_cases,
     split_dataset,
     unpaired_files,
@@ -58,8 +61,9 @@ from SegAssistLib.engine.base import Engine
 from SegAssistLib.errors import ImageError, PromptError, SegAssistError
 from SegAssistLib.evaluation import metrics, simulator
 from SegAssistLib.evaluation.aggregate import allowed, padded
+from SegAssistLib.evaluation.dataset_json import named_targets, passed_over_labels, passed_over_warning
+from SegAssistLib.evaluation.output import probe_file, write_results_file
 from SegAssistLib.evaluation.scribbles import ScribbleSpec
-from SegAssistLib.files import atomic_write_bytes
 from SegAssistLib.image import Volume, geometry_difference
 from SegAssistLib.io import load_mask, load_volume, read_geometry
 from SegAssistLib.prompt_mirror import reversed_back
@@ -121,8 +125,9 @@ def target_name(target: Target) -> str:
 
 def default_targets(dataset_dir: Path) -> List[Target]:
     """Every named, non-background label of ``dataset.json`` (MSD's or nnU-Net v2's layout), and each
-    nnU-Net region as the union of its labels (see :func:`~SegAssistLib.datasets.dataset_targets`)."""
-    return list(dataset_targets(dataset_dir))
+    nnU-Net region as the union of its labels (see :func:`~SegAssistLib.datasets.dataset_targets`); the
+    error when it names none also names the entries meant as labels that were passed over."""
+    return list(named_targets(dataset_dir))
 
 
 def check_targets(dataset_dir: Union[str, Path], targets: Sequence[Target]) -> None:
@@ -135,10 +140,18 @@ def check_targets(dataset_dir: Union[str, Path], targets: Sequence[Target]) -> N
     except SegAssistError:
         return
     unknown = sorted({i for target in targets for i in target} - {i for ids in named for i in ids})
-    if unknown:
-        labels = ", ".join(f"{target_name(ids)} ({name})" for ids, name in named.items())
-        raise SegAssistError(f"--labels: label{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} "
-                             f"not in {Path(dataset_dir) / 'dataset.json'}, which has {labels}")
+    if not unknown:
+        return
+    path = Path(dataset_dir) / "dataset.json"
+    labels = ", ".join(f"{target_name(ids)} ({name})" for ids, name in named.items())
+    ignore = dataset_ignore_label(dataset_dir)
+    if ignore in unknown:  # in the file, but as the voxels nobody annotated
+        raise SegAssistError(f"--labels: label {ignore} is the \"ignore\" label of {path} (voxels left unannotated, "
+                             f"never a target); its structures are {labels}")
+    passed = passed_over_labels(dataset_dir)
+    why = f" (passed over: {'; '.join(passed)})" if passed else ""
+    raise SegAssistError(f"--labels: label{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} "
+                         f"not in {path}, which has {labels}{why}")
 
 
 # --- engines -----------------------------------------------------------------------------------
@@ -555,6 +568,16 @@ def target_masks(labels: np.ndarray, target: Target, ignore_label: Optional[int]
     return mask, ignore
 
 
+def case_scribble(spec: Optional[ScribbleSpec], case_name: str, target: str) -> Optional[ScribbleSpec]:
+    """The scribble of one case and target: with hand jitter, its own noise stream and oblique tilt
+    (the seed is ``crc32("case/target")`` xor the spec's seed, as the benchmark derives one), so that
+    the jitter is independent across cases; without jitter the spec as given (nothing random but the
+    oblique tilt, kept as it was)."""
+    if spec is None or spec.jitter_mm <= 0:
+        return spec
+    return replace(spec, seed=zlib.crc32(f"{case_name}/{target}".encode()) ^ int(spec.seed))
+
+
 def evaluate_case(
     engine: Engine,
     case: Case,
@@ -588,8 +611,8 @@ def evaluate_case(
             skipped.append({"case": case.name, "target": name, "reason": rejected})
             continue
         try:
-            records.append(evaluate_target(engine, volume, mask, case.name, name, protocol, max_clicks, scribble,
-                                           ignore))
+            records.append(evaluate_target(engine, volume, mask, case.name, name, protocol, max_clicks,
+                                           case_scribble(scribble, case.name, name), ignore))
         except PromptError as exc:
             skipped.append({"case": case.name, "target": name, "reason": f"prompt rejected: {exc}"})
         except ImageError as exc:  # a constant, single-slice or too big image: refused when the session opens
@@ -689,13 +712,14 @@ def _no_cases(dataset_dir: Path) -> str:
     return text + (f"; e.g. {', '.join(examples)}" if examples else "")
 
 
-def select_cases(dataset_dir: Path, split: str, count: Optional[int], channel: int = 0) -> List[Case]:
-    """The first ``count`` (None: all) cases of a split of a dataset folder; SegAssistError saying why
-    when there are none: no image has a label, or every case is on the other side of the split."""
+def _split_of(dataset_dir: Path, split: str, channel: int) -> Tuple[List[Case], List[str]]:
+    """Every case of a split of a dataset folder, and the labelled cases left out for lacking the
+    channel's file; SegAssistError saying why when there are none: no image has a label, or every case
+    is on the other side of the split."""
     if split not in SPLITS:
         raise SegAssistError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     dataset_dir = Path(dataset_dir)
-    cases = list_cases(dataset_dir, channel=channel)
+    cases, lacking = cases_and_left_out(dataset_dir, channel=channel)
     if not cases:
         raise SegAssistError(_no_cases(dataset_dir))
     chosen = cases if split == "all" else split_cases(cases, split)
@@ -710,13 +734,84 @@ def select_cases(dataset_dir: Path, split: str, count: Optional[int], channel: i
                "a folder that Resources/splits.json does not name is evaluation whole")
         raise SegAssistError(f"no training cases in {dataset_dir}: all {len(cases)} of its cases are evaluation "
                              f"cases ({why}): pass --split all to use every case")
+    return chosen, lacking
+
+
+def select_cases(dataset_dir: Path, split: str, count: Optional[int], channel: int = 0) -> List[Case]:
+    """The first ``count`` (None: all) cases of a split of a dataset folder; SegAssistError saying why
+    when there are none: no image has a label, or every case is on the other side of the split.
+    Labelled cases without the channel's file are left out with a UserWarning, as
+    :func:`~SegAssistLib.datasets.list_cases` does (:func:`evaluate` prints a ``warning:`` line)."""
+    chosen, lacking = _split_of(Path(dataset_dir), split, channel)
+    if lacking:
+        warnings.warn(left_out_text(dataset_dir, channel, lacking), stacklevel=2)
     return chosen if count is None else chosen[: max(0, int(count))]
+
+
+def model_record(engine: Engine, checkpoint: Optional[Union[str, Path]], shipped: bool = True) -> Optional[Dict]:
+    """Which weights an engine that runs the model answered with (None: a baseline): the checkpoint's
+    resolved path, its SHA-256 and the engine's weights identity, so that results can be traced to
+    their weights even where a fine-tune kept the version. ``checkpoint`` None means the shipped
+    weights where the engine was loaded here (``shipped``); for an engine a caller made, only its
+    identity is known."""
+    from SegAssistLib.evaluation.ablation import NoHistoryEngine
+    from SegAssistLib.files import sha256_file
+
+    inner = engine.inner if isinstance(engine, NoHistoryEngine) else engine
+    model = getattr(inner, "model", None)
+    if model is None:
+        return None
+    identity = getattr(model, "identity", "") or None
+    if checkpoint is None and shipped:
+        from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT
+
+        checkpoint = DEFAULT_CHECKPOINT
+    if checkpoint is None:
+        return {"checkpoint": None, "sha256": None, "weights_identity": identity}
+    path = Path(checkpoint).resolve()
+    try:
+        digest: Optional[str] = sha256_file(path)
+    except OSError:  # loaded, then moved or removed: the identity still says which weights
+        digest = None
+    return {"checkpoint": str(path), "sha256": digest, "weights_identity": identity}
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`evaluate`: ``partial`` holds the results of the cases finished before it
+    (``config.interrupted`` says how many), for the caller to write; still a KeyboardInterrupt."""
+
+    def __init__(self, partial: Dict):
+        super().__init__(partial["config"].get("interrupted", "interrupted"))
+        self.partial = partial
+
+
+def _notices(dataset_dir: Path, config: EvalConfig, chosen: Sequence[Case], lacking: Sequence[str]) -> List[str]:
+    """The ``warning:`` lines on what the run leaves out: files without a partner, cases without the
+    channel, label entries of ``dataset.json`` passed over, and a ``--cases`` beyond the cases there."""
+    lines = [unpaired_warning(dataset_dir), passed_over_warning(dataset_dir)]
+    if lacking:
+        lines.append(f"warning: {left_out_text(dataset_dir, config.channel, list(lacking))}")
+    if config.cases is not None and config.cases > len(chosen):
+        part = "" if config.split == "all" else f"{config.split} "
+        lines.append(f"warning: --cases {config.cases}: {dataset_dir} has {len(chosen)} {part}case(s); "
+                     f"all {len(chosen)} are evaluated")
+    return [line for line in lines if line]
+
+
+def _left_out(dataset_dir: Path, lacking: Sequence[str]) -> Dict[str, List[str]]:
+    images, labels = unpaired_files(dataset_dir)
+    return {"images_without_label": images, "labels_without_image": labels,
+            "cases_without_channel": list(lacking), "label_entries_passed_over": passed_over_labels(dataset_dir)}
 
 
 def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Callable[[str], None] = print) -> Dict:
     """Run the evaluation and return the JSON-ready result (``config``, ``records``, ``skipped``,
-    ``summary``, ``per_target``)."""
-    dataset_dir = Path(config.dataset_dir)
+    ``summary``, ``per_target``). What the run leaves out is said through ``progress`` as ``warning:``
+    lines and listed in ``config.left_out``. Ctrl-C between or inside cases raises
+    :class:`EvaluationInterrupted` holding the results of the cases finished."""
+    # absolute, so that "." is named after the folder (and its split found) and the path recorded holds
+    # wherever the results are read; not resolved: a link keeps the name it was given
+    dataset_dir = Path(os.path.abspath(config.dataset_dir))
     if config.protocol not in PROTOCOLS:
         raise SegAssistError(f"unknown protocol {config.protocol!r} (choose from {', '.join(PROTOCOLS)})")
     if config.max_clicks < 1:
@@ -734,11 +829,12 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         raise SegAssistError(problem)
     targets = config.targets or default_targets(dataset_dir)
     check_targets(dataset_dir, targets)
-    cases = select_cases(dataset_dir, config.split, config.cases, config.channel)
-    unpaired = unpaired_warning(dataset_dir)
-    if unpaired:
-        progress(unpaired)
+    chosen, lacking = _split_of(dataset_dir, config.split, config.channel)
+    cases = chosen if config.cases is None else chosen[: max(0, int(config.cases))]
+    for line in _notices(dataset_dir, config, chosen, lacking):
+        progress(line)
     ignore_label = dataset_ignore_label(dataset_dir)
+    loaded_here = engine is None
     engine = engine or make_engine(config.engine, config.model, config.device, refine_depth=config.refine_depth,
                                   correction_zoom_share=config.correction_zoom_share, edge_band=config.edge_band)
     caps = engine.capabilities()
@@ -760,26 +856,32 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
             unreadable.append(exc)
             continue
         try:
-            if warm_up([engine], volume, [np.isin(labels, t) for t in targets]):
+            if warm_up([engine], volume, [target_masks(labels, t, ignore_label)[0] for t in targets]):
                 break
         except (ImageError, PromptError) as exc:  # the engine refuses this image: warm up on the next
             unreadable.append(exc)
     if cases and len(unreadable) == len(cases):  # nothing to measure: say why
         raise unreadable[0]
-    for index, case in enumerate(cases, start=1):
-        case_records, case_skipped = evaluate_case(
-            engine, case, targets, config.protocol, config.max_clicks, config.scribble, ignore_label
-        )
-        records.extend(case_records)
-        skipped.extend(case_skipped)
-        parts = [progress_part(r) for r in case_records]
-        parts += [f"target {s['target']}: skipped ({s['reason']})" for s in case_skipped]
-        progress(f"[{index}/{len(cases)}] {case.name} " + "; ".join(parts))
+    done = 0
+    interrupted: Optional[str] = None
+    try:
+        for index, case in enumerate(cases, start=1):
+            case_records, case_skipped = evaluate_case(
+                engine, case, targets, config.protocol, config.max_clicks, config.scribble, ignore_label
+            )
+            records.extend(case_records)
+            skipped.extend(case_skipped)
+            done = index
+            parts = [progress_part(r) for r in case_records]
+            parts += [f"target {s['target']}: skipped ({s['reason']})" for s in case_skipped]
+            progress(f"[{index}/{len(cases)}] {case.name} " + "; ".join(parts))
+    except KeyboardInterrupt:  # the cases finished are kept, for the caller to write
+        interrupted = f"interrupted after {done} of {len(cases)} case(s)"
     per_target = {}
     for target in targets:
         name = target_name(target)
         per_target[name] = summarise([r for r in records if r["target"] == name])
-    return {
+    result = {
         "config": {
             "dataset": str(dataset_dir),
             "dataset_name": dataset_dir.name,
@@ -790,10 +892,13 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
             "max_clicks": config.max_clicks,
             "channel": config.channel,
             "ignore_label": ignore_label,
+            "left_out": _left_out(dataset_dir, lacking),
             "engine": caps.to_dict(),
+            "model": model_record(engine, config.model, shipped=loaded_here),
             "refine_depth": getattr(engine, "refine_depth", None),
             "correction_zoom_share": getattr(engine, "correction_zoom_share", None),
             "edge_snap": edge_snap_record(engine),
+            "scribble": config.scribble.to_dict() if config.protocol == "scribble+clicks" else None,
             "noc_thresholds": list(NOC_THRESHOLDS),
             "conventions": {**metrics.CONVENTIONS, "memory": memory_convention()},
             "platform": platform.platform(),
@@ -805,11 +910,16 @@ def evaluate(config: EvalConfig, engine: Optional[Engine] = None, progress: Call
         "summary": summarise(records),
         "per_target": per_target,
     }
+    if interrupted:
+        result["config"]["interrupted"] = interrupted
+        raise EvaluationInterrupted(result)
+    return result
 
 
 def check_json_output(path: Union[str, Path], overwrite: bool) -> None:
     """Refuse, before the evaluation, a ``--json`` that cannot be written or holds earlier results
-    (replaced only with ``overwrite``)."""
+    (replaced only with ``overwrite``). The write's own temporary file is tried, not only the folder's
+    permissions: a name that is just short enough failed only at the end, with the whole run lost."""
     from SegAssistLib.files import output_problem
 
     path = Path(path)
@@ -819,11 +929,14 @@ def check_json_output(path: Union[str, Path], overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise SegAssistError(f"--json {path} exists (earlier results): pass --overwrite to replace it, "
                              "or choose another file")
+    problem = probe_file(path)
+    if problem:
+        raise SegAssistError(f"--json {path}: {problem}")
 
 
-def write_json(result: Dict, path: Union[str, Path]) -> Path:
-    """Write the results whole or not at all (an interrupted run leaves the earlier file as it was).
-    It replaces an existing file: the command line refuses one up front (:func:`check_json_output`)."""
-    path = Path(path)
-    atomic_write_bytes(path, json.dumps(result, indent=1).encode(), overwrite=True)
-    return path
+def write_json(result: Dict, path: Union[str, Path], overwrite: bool = False) -> Path:
+    """Write the results whole or not at all (an interrupted write leaves the earlier file as it was).
+    An existing file, also one that appeared during the run, is replaced only with ``overwrite``; when
+    the write fails the results are saved to a rescue file and
+    :class:`~SegAssistLib.evaluation.output.ResultsSavedElsewhere` says where."""
+    return write_results_file(json.dumps(result, indent=1).encode(), path, overwrite, "--json")

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from SegAssistLib.datasets import Case, dataset_targets, list_cases, split_cases
+from SegAssistLib.datasets import Case, cases_and_left_out, dataset_targets, left_out_text, split_cases
 from SegAssistLib.errors import SegAssistError
+from SegAssistLib.evaluation.dataset_json import named_targets
 from SegAssistLib.evaluation.runner import parse_targets
 
 UNKNOWN_FOLDER_CASES = 5
@@ -103,8 +104,8 @@ class Job:
 def structures_from_dataset_json(folder: Path) -> Tuple[Structure, ...]:
     """The targets ``segassist eval`` takes by default (:func:`~SegAssistLib.datasets.dataset_targets`):
     every named, numeric, non-background label of ``dataset.json``, then each nnU-Net region as the
-    union of its labels."""
-    return tuple(Structure(ids, name) for ids, name in dataset_targets(folder).items())
+    union of its labels; the error when it names none also names the entries meant as labels."""
+    return tuple(Structure(ids, name) for ids, name in named_targets(folder).items())
 
 
 def _names(folder: Path) -> Dict[Tuple[int, ...], str]:
@@ -151,7 +152,7 @@ def jobs_for(folder: Path, spec: DatasetSpec, quick: bool = False, channel: int 
     """The evaluation-split cases of ``folder`` that the spec selects, with their structures."""
     if not folder.is_dir():
         raise SegAssistError(f"dataset folder not found: {folder}")
-    cases = split_cases(list_cases(folder, channel=channel), "evaluation")
+    cases = split_cases(cases_and_left_out(folder, channel=channel)[0], "evaluation")  # left out: cases_left_out
     if spec.per_case:
         cases = [c for c in cases if c.name in spec.per_case]
     count = spec.quick_cases if quick else spec.cases
@@ -166,6 +167,13 @@ def jobs_for(folder: Path, spec: DatasetSpec, quick: bool = False, channel: int 
         if structures:
             jobs.append(Job(spec.name, case, structures, channel))
     return jobs
+
+
+def cases_left_out(folder: Path, channel: int = 0) -> Tuple[List[str], str]:
+    """The labelled cases of ``folder`` that :func:`jobs_for` leaves out for lacking the channel's file,
+    and the notice saying so (empty when there are none)."""
+    lacking = cases_and_left_out(folder, channel=channel)[1]
+    return lacking, left_out_text(folder, channel, lacking) if lacking else ""
 
 
 def default_jobs(data_root: Path, quick: bool = False, datasets: Optional[Sequence[str]] = None,

@@ -108,7 +108,10 @@ def next_click(
 
 
 def first_click(target: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> PointPrompt:
-    """The most interior voxel of the object's largest connected component, as a positive click."""
+    """The most interior voxel of the object's largest connected component, as a positive click: the
+    next-click rule applied to an empty prediction (the whole object is the error). For an object in
+    several pieces this is not the global maximum of its distance transform when that lies in a smaller
+    piece; the benchmark's numbers depend on this convention (``metrics.CONVENTIONS["first_click"]``)."""
     click = next_click(target, None, spacing)
     if click is None:
         raise ValueError("first_click: the target is empty")

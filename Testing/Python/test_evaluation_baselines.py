@@ -6,6 +6,8 @@ import argparse
 import json
 import shutil
 import time
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,7 +290,10 @@ def test_eval_subcommand_runs_the_ablation_with_an_oblique_scribble(hippocampus_
     record = data["records"][0]
     assert data["config"]["engine"]["name"].endswith("-nohistory")
     assert record["interactions"] == ["scribble", "point"] and len(record["hd95_mm"]) == 2
-    assert record["scribble"] == {"orientation": "oblique", "source": "contour", "jitter_mm": 1.0, "seed": 0}
+    # with jitter every case and target draws its own stream (the seed of bench's scribbles, from their names)
+    seed = zlib.crc32(f"{record['case']}/1".encode())
+    assert record["scribble"] == {"orientation": "oblique", "source": "contour", "jitter_mm": 1.0, "seed": seed}
+    assert data["config"]["model"]["checkpoint"] == str(Path(tiny_checkpoint).resolve())
 
 
 def test_eval_passes_the_correction_zoom_share_to_the_model_and_records_it(hippocampus_dir, tiny_checkpoint,
