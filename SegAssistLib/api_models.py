@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictFloat, 
 from typing_extensions import TypeAliasType
 
 from SegAssistLib import transport
+from SegAssistLib.errors import ImageError
+from SegAssistLib.image import Volume
 from SegAssistLib.prompts import AnyPrompt, Prompt
 
 API_VERSION = "1"
@@ -57,7 +59,7 @@ class ErrorCode:
     CASE_NOT_FOUND = "case_not_found"  # 404: no such case (or label version) in the datastore
     JOB_NOT_FOUND = "job_not_found"  # 404: no such training job
     VERSION_NOT_FOUND = "version_not_found"  # 404: no such adapter version
-    NO_CASE_LEFT = "no_case_left"  # 404: every case is labelled or being worked on
+    NO_CASE_LEFT = "no_case_left"  # 404: every case is labelled, being worked on, or holds someone's drafts
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
     NOT_ACCEPTABLE = "not_acceptable"  # 406: an uncompressed reply above its limit (accept zlib or zstd)
     UPLOAD_TIMEOUT = "upload_timeout"  # 408: the body did not arrive within the upload time limit
@@ -186,23 +188,53 @@ class ArrayPayload(_Model):
         return transport.decode_array(meta, payload, max_voxels)
 
 
+_MODALITY_DOC = "CT or MR, spelt as a Volume takes it: any case, and MRI for MR (null: guessed from intensities)"
+_ONE_VOXEL = np.zeros((1, 1, 1), np.uint8)
+
+
+def normalise_modality(value: Optional[str]) -> Optional[str]:
+    """A modality as :class:`~SegAssistLib.image.Volume` spells it (``"ct"`` is ``"CT"``, ``"MRI"``
+    is ``"MR"``; None stays None), by Volume's own rule, so that the wire takes what the library
+    takes. Raises :class:`~SegAssistLib.errors.ImageError` for one Volume refuses."""
+    if value is None:
+        return None
+    return Volume(_ONE_VOXEL, modality=value).modality
+
+
+def _spelt_as_volume(value: Any) -> Any:
+    """A request's modality normalised (:func:`normalise_modality`); anything else, a string Volume
+    refuses included, is left for the field's own check to refuse with its usual message."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return normalise_modality(value)
+    except ImageError:
+        return value
+
+
 class ImageHeader(_Model):
     """The JSON header of an image upload frame (``POST /v1/images``).
 
     The frame also carries the :class:`~SegAssistLib.transport.ArrayMeta` fields (dtype, shape,
-    codec, nbytes, payload_nbytes) of the voxels, array order ``[k, j, i]``.
+    codec, nbytes, payload_nbytes) of the voxels, array order ``[k, j, i]``; the server takes those
+    out and validates the rest with this model, which refuses any field it does not know (a
+    misspelt ``"spacnig"`` would otherwise be a silent 1 mm spacing).
     """
 
-    model_config = ConfigDict(extra="ignore")
     spacing: StrictVec3 = (1.0, 1.0, 1.0)
     origin: StrictVec3 = (0.0, 0.0, 0.0)
     direction: Tuple[Number, Number, Number, Number, Number, Number, Number, Number, Number] = (
         1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0,
     )  # fmt: skip
-    modality: Optional[Literal["CT", "MR"]] = None
+    modality: Optional[Literal["CT", "MR"]] = Field(None, description=_MODALITY_DOC)
     sha256: Optional[str] = Field(
         None, pattern=IMAGE_ID_PATTERN, description="the client's content hash; checked when given"
     )
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _modality_spelt_as_volume(cls, value: Any) -> Any:
+        return _spelt_as_volume(value)
 
 
 class StoredImage(ReplyModel):
@@ -223,7 +255,12 @@ class CreateSession(_Model):
     # server counts them against its prompt limit first, then validates them in its thread pool
     # (validate_prompts); the schema is List[AnyPrompt] all the same.
     prompts: SkipValidation[List[AnyPrompt]] = Field(default_factory=list, description="replayed first (a stored log)")
-    modality: Optional[Literal["CT", "MR"]] = None
+    modality: Optional[Literal["CT", "MR"]] = Field(None, description=_MODALITY_DOC)
+
+    @field_validator("modality", mode="before")
+    @classmethod
+    def _modality_spelt_as_volume(cls, value: Any) -> Any:
+        return _spelt_as_volume(value)
 
 
 _PROMPT_LIST: TypeAdapter = TypeAdapter(List[AnyPrompt])

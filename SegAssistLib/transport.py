@@ -79,14 +79,16 @@ def best_codec(accepted: Optional[Sequence[str]]) -> str:
 
 
 class TransportError(SegAssistError, ValueError):
-    """An array payload or frame is malformed; ``code`` names the problem for the error reply."""
+    """An array payload or frame is malformed; ``code`` names the problem for the error reply, and
+    ``details`` (when given) go into it as they are (such as the ``errors`` of a frame's header)."""
 
     code = "malformed_array"
 
-    def __init__(self, message: str, code: Optional[str] = None) -> None:
+    def __init__(self, message: str, code: Optional[str] = None, details: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(message)
         if code:
             self.code = code
+        self.details = details
 
 
 #: Above this many bytes no array can exist on this machine (numpy's index limit).

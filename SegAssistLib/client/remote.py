@@ -14,6 +14,7 @@ from SegAssistLib.api_models import (
     ServerInfo,
     SessionInfo,
     StoredImage,
+    normalise_modality,
 )
 from SegAssistLib.client.errors import ImageConflictError, ImageNotFoundError, PayloadTooLargeError
 from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, path_id
@@ -172,8 +173,11 @@ class SegAssistClient(Engine):
         The image is uploaded only when the server does not hold it already; ``prompts`` (a
         stored log) are replayed first, each stroke in the form :func:`wire_prompt` chooses (as drawn when
         it lies in the image and is a lasso or a thin scribble, else as its slab);
-        ``progress(sent, total)`` reports the upload.
+        ``progress(sent, total)`` reports the upload. ``modality`` is spelt as a Volume takes it
+        (``"ct"``, ``"MRI"``: sent as ``CT``, ``MR``); one it refuses raises ImageError before
+        anything is sent.
         """
+        modality = normalise_modality(modality) if modality else None  # an older server takes CT and MR only
         plist: List[Prompt] = [p if not isinstance(p, dict) else parse_prompt(p) for p in (prompts or [])]
         if isinstance(volume, str):
             if any(p.kind in ("scribble", "lasso") for p in plist):
@@ -189,7 +193,9 @@ class SegAssistClient(Engine):
         try:
             info = self._create_session(image_id, plist, modality)
         except ImageNotFoundError:
-            self.upload_image(vol, progress)
+            # uploaded meanwhile by someone naming another modality: held, and the session names its own
+            with contextlib.suppress(ImageConflictError):
+                self.upload_image(vol, progress)
             info = self._create_session(image_id, plist, modality)
         return RemoteSession(self, info, vol, plist, modality)
 

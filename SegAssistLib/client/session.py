@@ -98,6 +98,12 @@ def travels_as_drawn(prompt: Prompt, shape_kji: Sequence[int]) -> bool:
 _CLOSE_OLD_TIMEOUT = (2.0, 5.0)
 
 
+def _short_timeout(client: SegAssistClient) -> Tuple[float, float]:
+    """The client's (connect, read) timeouts, each at most :data:`_CLOSE_OLD_TIMEOUT`'s."""
+    connect, read = client.http._pair()
+    return tuple(min(mine or cap, cap) for mine, cap in zip((connect, read), _CLOSE_OLD_TIMEOUT))  # type: ignore[return-value]
+
+
 class _History:
     """The prompt lists behind each undo step, mirroring the server's undo/redo (for recovery).
 
@@ -295,8 +301,13 @@ class RemoteSession(EngineSession):
     def prompt_log(self) -> PromptLog:
         """The server's log of the session, with the engine settings it answered with and the image it
         works on (grid and voxel digest; a server older than either sends none)."""
+        return self._prompt_log()
+
+    def _prompt_log(self, timeout: Optional[Tuple[float, float]] = None) -> PromptLog:
         params = {"engine": "true", "image": "true"}
-        return self.client.http.reply("GET", self._path + "/prompt-log", PromptLog.model_validate, params=params)
+        return self.client.http.reply(
+            "GET", self._path + "/prompt-log", PromptLog.model_validate, params=params, timeout=timeout
+        )
 
     def local_prompts(self) -> List[Prompt]:
         """The prompts behind the current mask, as this client saw them (what recover() replays)."""
@@ -346,31 +357,33 @@ class RemoteSession(EngineSession):
 
     def _recover(
         self,
-        previous: SegAssistClient,
+        client: SegAssistClient,
         progress: Optional[Callable[[int, int], None]],
         volume: Optional[Union[Volume, np.ndarray]],
     ) -> RemoteSession:
-        """recover(); ``previous``: the client of the server that held the session until now."""
+        """recover() on the server of ``client``: this session's own, or the one it moves to. Until the
+        new session is open, nothing of this object changes (its client, its id): a failure leaves it
+        on its server as it was (move_to() to a server that cannot be reached, or refuses the open)."""
         vol = self._checked_volume(volume)
         if vol is not None:
             self._volume = vol
-        old_path = self._path
+        previous, old_path = self.client, self._path
         prompts = self._history.current
         if self._out_of_sync:  # a change this client did not see: the server's prompts, if it still has them
-            with contextlib.suppress(SessionNotFoundError):
-                prompts = list(self.prompt_log().prompts)
+            prompts = self._server_prompts(moving=client is not previous) or prompts
         # the session first, the upload only on 404: one round trip when the server holds the image,
         # and an image the server dropped from its memory between a check and the open is sent again
         try:
-            info = self.client._create_session(self.image_id, prompts, self._modality)
+            info = client._create_session(self.image_id, prompts, self._modality)
         except ImageNotFoundError as exc:
             if self._volume is None:
-                raise self._image_lost(exc, len(prompts)) from exc
+                raise self._image_lost(client, exc, len(prompts)) from exc
             with contextlib.suppress(ImageConflictError):  # held meanwhile, with another modality
-                self.client.upload_image(self._volume, progress)
-            info = self.client._create_session(self.image_id, prompts, self._modality)
+                client.upload_image(self._volume, progress)
+            info = client._create_session(self.image_id, prompts, self._modality)
         # the new session exists: from here on this object is it (a failure of the mask's transfer
         # below leaves it to be taken by the next call, as after a lost reply)
+        self.client = client
         self._set_info(info)
         self._close_old(previous, old_path)
         self._history = _History(prompts)
@@ -396,22 +409,32 @@ class RemoteSession(EngineSession):
         """Go on with another server (a local backend restarted, on a new port): :meth:`recover` there
         (and close the session on the first server, if it still answers).
 
-        A ``volume`` that is not the session's image is refused before the session changes server."""
-        vol = self._checked_volume(volume)
-        if vol is not None:
-            self._volume = vol  # checked: recover() uses it without hashing it again
-        previous, self.client = self.client, client
-        return self._recover(previous, progress, None)
+        A ``volume`` that is not the session's image is refused before the session changes server.
+        The session changes server only once its new session is open there: when that fails (the
+        server cannot be reached, or refuses), it raises and the session goes on where it was."""
+        return self._recover(client, progress, volume)
+
+    def _server_prompts(self, moving: bool) -> Optional[List[Prompt]]:
+        """The prompts of the session on its server (the mask's, after a change this client did not
+        see), or None when the server lost the session. When moving to another server, the one it
+        leaves may be gone (a backend that restarted elsewhere): it is asked once, with short
+        timeouts, and None when it does not answer (the local prompts serve)."""
+        try:
+            return list(self._prompt_log(_short_timeout(self.client) if moving else None).prompts)
+        except SessionNotFoundError:
+            return None
+        except ClientError:
+            if not moving:
+                raise
+            return None
 
     def _close_old(self, client: SegAssistClient, path: str) -> None:
         """Close the session this one replaced, if its server still holds it (recover() on a session
         that was alive, after a timeout or to be safe): else it would hold one of the user's session
         slots until it expired. Best effort, one try with short timeouts: a server that lost it or
         cannot be reached (a backend that restarted elsewhere) has nothing to free."""
-        connect, read = client.http._pair()
-        timeout = tuple(min(mine or cap, cap) for mine, cap in zip((connect, read), _CLOSE_OLD_TIMEOUT))
         with contextlib.suppress(ClientError):
-            client.http.request("DELETE", path, timeout=timeout, safe=False)
+            client.http.request("DELETE", path, timeout=_short_timeout(client), safe=False)
 
     def _checked_volume(self, volume: Optional[Union[Volume, np.ndarray]]) -> Optional[Volume]:
         """``volume`` in wire form if it is the session's image (None stays None); else
@@ -436,10 +459,10 @@ class RemoteSession(EngineSession):
             "replayed on another; pass the image the session was opened on (nothing was changed)"
         )
 
-    def _image_lost(self, exc: ImageNotFoundError, n_prompts: int) -> ImageLostError:
+    def _image_lost(self, client: SegAssistClient, exc: ImageNotFoundError, n_prompts: int) -> ImageLostError:
         kept = f"the session keeps its prompts ({n_prompts})" if n_prompts else "the session had no prompts"
         return ImageLostError(
-            f"the server at {self.client.url} no longer holds this session's image {self.image_id} (it "
+            f"the server at {client.url} no longer holds this session's image {self.image_id} (it "
             "restarted without a data directory, or dropped it), and this session has no copy to upload "
             f"again (it was opened by image id, or attached by session id): call recover(volume=...) with "
             f"that image; {kept}",

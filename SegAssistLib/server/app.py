@@ -16,7 +16,7 @@ from SegAssistLib import __version__
 from SegAssistLib.api_models import API_PREFIX, API_VERSION, Health, ModelInfo, ServerInfo
 from SegAssistLib.server import routes_images, routes_learning, routes_sessions
 from SegAssistLib.server.deps import TokenGateMiddleware, current_user, get_state
-from SegAssistLib.server.errors import install_error_handlers
+from SegAssistLib.server.errors import install_error_handlers, route_methods
 from SegAssistLib.server.limits import (
     LARGE_JSON_PARSES,
     BodyLimitMiddleware,
@@ -112,6 +112,9 @@ def create_app(
             "open a session, send prompts, receive only the changed box of the mask. See docs/api.md."
         ),
         lifespan=lifespan,
+        # a path with a trailing slash is no endpoint (404 in the error shape): starlette would answer
+        # 307 to the path without it, with an empty body and a Location built from the Host header
+        redirect_slashes=False,
         dependencies=[Depends(release_parse_slot)],  # the body is parsed: the next large one may be read
     )
     app.state.segassist = state
@@ -125,6 +128,8 @@ def create_app(
     )
     public = (f"{API_PREFIX}/health", app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
     app.add_middleware(TokenGateMiddleware, state=state, public=[p for p in public if p])  # outermost: runs first
-    for router in (meta, routes_images.router, routes_sessions.router, routes_learning.router):
+    routers = (meta, routes_images.router, routes_sessions.router, routes_learning.router)
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX)
+    app.state.route_methods = route_methods(API_PREFIX, routers)  # the Allow header of a 405
     return app

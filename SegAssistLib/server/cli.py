@@ -10,7 +10,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from SegAssistLib.cli_types import positive_int
 from SegAssistLib.engine.edges import DEFAULT_EDGE_BAND
@@ -120,7 +120,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         host=args.host,
         port=args.port,
         model=args.model,
-        devices=tuple(d.strip() for d in args.device.split(",") if d.strip()),
+        devices=devices_from_arg(args.device),
         refine_depth=args.refine_depth,
         edge_band=args.edge_band,
         token_hashes=entries,
@@ -130,6 +130,15 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         tls_certfile=args.tls_cert,
         tls_keyfile=args.tls_key,
     )
+
+
+def devices_from_arg(text: str) -> Tuple[str, ...]:
+    """The devices of ``--device`` (comma-separated); one that names none (``--device "$GPUS"`` with
+    the variable unset) is refused here, not by a traceback once the model is loaded."""
+    devices = tuple(d.strip() for d in text.split(",") if d.strip())
+    if not devices:
+        raise ValueError(f"--device {text!r} names no device: give one or more, comma-separated (cpu, cuda:0,cuda:1)")
+    return devices
 
 
 def _watch_parent(server) -> None:

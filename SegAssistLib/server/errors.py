@@ -8,12 +8,14 @@ message pointing at the server log, never a traceback.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Pattern, Sequence, Tuple
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from SegAssistLib.api_models import ErrorBody, ErrorCode, ErrorReply
 from SegAssistLib.errors import ImageError, PromptError, SessionError
@@ -27,6 +29,7 @@ _TRANSPORT_STATUS = {
     ErrorCode.UNSUPPORTED_DTYPE: 422,
     ErrorCode.INVALID_SHAPE: 422,
     ErrorCode.UNSUPPORTED_CODEC: 422,
+    ErrorCode.INVALID_REQUEST: 422,  # a field an upload frame's header does not have
 }
 
 
@@ -57,7 +60,7 @@ def error_response(
 def from_library_error(exc: Exception) -> ApiError:
     """The API error for an exception the library raises on purpose."""
     if isinstance(exc, TransportError):
-        return ApiError(_TRANSPORT_STATUS.get(exc.code, 400), exc.code, str(exc))
+        return ApiError(_TRANSPORT_STATUS.get(exc.code, 400), exc.code, str(exc), exc.details)
     if isinstance(exc, PromptError):
         return ApiError(422, ErrorCode.INVALID_PROMPT, str(exc))
     if isinstance(exc, ImageError):
@@ -123,13 +126,45 @@ def _not_json(request: Request, exc: RequestValidationError) -> Optional[str]:
     return media or "untyped"
 
 
-def _describe(errors: list) -> str:
+def describe_errors(errors: Sequence[Dict[str, Any]]) -> str:
+    """Pydantic's errors as one line, ``field: message`` each (the first five): the message of a
+    request that fails validation, never pydantic's multi-line text."""
     parts = []
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
+
+
+def error_list(errors: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Pydantic's errors as the ``details.errors`` of a reply: ``loc`` (as strings), ``msg`` and
+    ``type`` of the first 20 (not the input, which may be large or private)."""
+    return [
+        {"loc": [str(x) for x in e.get("loc", ())], **{k: e[k] for k in ("msg", "type") if k in e}} for e in errors[:20]
+    ]
+
+
+RouteMethods = List[Tuple[Pattern[str], FrozenSet[str]]]
+
+
+def route_methods(prefix: str, routers: Sequence[APIRouter]) -> RouteMethods:
+    """The path pattern and methods of every route of ``routers`` (included under ``prefix``), for
+    :func:`allowed_methods`; the app keeps them as ``app.state.route_methods``."""
+    return [
+        (compile_path(prefix + route.path)[0], frozenset(route.methods))
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute)
+    ]
+
+
+def allowed_methods(request: Request) -> List[str]:
+    """Every method some route takes at the request's path. Starlette's own 405 names only those of
+    the first route that matches the path (``GET /v1/sessions/{id}``, not its ``DELETE`` beside it)."""
+    table: RouteMethods = getattr(request.app.state, "route_methods", [])
+    path = request.scope.get("path", "")
+    return sorted({m for pattern, methods in table if pattern.match(path) for m in methods})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -148,17 +183,19 @@ def install_error_handlers(app: FastAPI) -> None:
                 f"application/json', not {sent}",
             )  # fmt: skip
         status, code = _validation_code(exc)
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        errors = [{**e, "loc": [str(x) for x in e.get("loc", ())]} for e in errors]
-        return error_response(status, code, _describe(exc.errors()), {"errors": errors[:20]})
+        return error_response(status, code, describe_errors(exc.errors()), {"errors": error_list(exc.errors())})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, ErrorCode.MALFORMED_BODY)
         message = str(exc.detail)
+        headers = getattr(exc, "headers", None)
         if exc.status_code == 404:
             message = f"no endpoint {request.method} {request.url.path}: see /docs or docs/api.md"
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        elif exc.status_code == 405 and (allowed := allowed_methods(request)):
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            message = f"{request.url.path} takes {', '.join(allowed)}, not {request.method}"
+        return error_response(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -7,11 +7,13 @@ always the server-computed hash, checked against a strict pattern; nothing a cli
 path. A stored image is read and decoded once however many requests want it at once (they share
 the one read), and "is it held?" (:meth:`ImageStore.info`) reads only the stored frame's header.
 
-A stored file that no longer decodes (damaged, or above a since-lowered limit) is removed, and the
-image is simply uploaded again. A file that cannot be *read* right now (too many open files, out of
-memory, interrupted: :data:`TRANSIENT_ERRNOS`) is kept and the request answers 503 (retry later); a
-lasting read error (EIO, EACCES) removes it like a damaged one, so that uploading the image again
-repairs the store.
+A stored file that no longer decodes (damaged, or above a since-lowered voxel or axis limit) is
+removed, and the image is simply uploaded again. So is one whose voxels decode but no longer hash to
+its id (a flipped bit in a frame without a checksum, codec ``none`` or zstd without one): the hash is
+checked once each time the file is read into memory, never per request. A file that cannot be
+*read* right now (too many open files, out of memory, interrupted: :data:`TRANSIENT_ERRNOS`) is kept
+and the request answers 503 (retry later); a lasting read error (EIO, EACCES) removes it like a
+damaged one, so that uploading the image again repairs the store.
 Temporary ``.upload-*.tmp`` files that a killed server left behind are removed when the store is
 opened, once they are older than :data:`STALE_UPLOAD_S` (a data directory may be shared by several
 server processes, so a fresh one may belong to a live upload).
@@ -20,6 +22,7 @@ server processes, so a fresh one may belong to a live upload).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import errno
 import logging
 import os
@@ -30,16 +33,25 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+from pydantic import ValidationError
 
 from SegAssistLib.api_models import IMAGE_ID_PATTERN, ErrorCode, ImageHeader, StoredImage
 from SegAssistLib.errors import ImageError
 from SegAssistLib.files import fsync_dir
 from SegAssistLib.image import Volume, validate_image
-from SegAssistLib.server.errors import ApiError
-from SegAssistLib.transport import MAX_HEADER_BYTES, ArrayMeta, TransportError, decode_array, unpack_frame
+from SegAssistLib.server.errors import ApiError, describe_errors, error_list
+from SegAssistLib.server.limits import check_image_shape
+from SegAssistLib.transport import (
+    MAX_HEADER_BYTES,
+    ArrayMeta,
+    TransportError,
+    decode_array,
+    describe_value,
+    unpack_frame,
+)
 
 _ID = re.compile(IMAGE_ID_PATTERN)
 log = logging.getLogger("segassist.server")
@@ -49,6 +61,10 @@ TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EI
 UPLOAD_TMP_PREFIX, UPLOAD_TMP_SUFFIX = ".upload-", ".tmp"
 #: A temporary upload file untouched for this long belongs to no live writer (a write takes seconds).
 STALE_UPLOAD_S = 15 * 60.0
+#: the fields of a frame header that describe the voxels (ArrayMeta); the others are ImageHeader's
+ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(ArrayMeta))
+#: a stored image that cannot be kept: the errors of decoding it (a 413 or 422 ApiError: above a limit)
+_DAMAGED = (TransportError, ImageError, ValueError, ApiError)
 
 
 def _read_file(path: Path) -> bytes:
@@ -68,14 +84,34 @@ def is_image_id(value: str) -> bool:
     return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
-def decode_image_frame(body: bytes, max_voxels: int) -> Tuple[Volume, ImageHeader, ArrayMeta]:
-    """Check and decode an upload frame into a validated :class:`Volume` (CPU work: run off the loop)."""
+def image_header(header: Dict[str, Any]) -> ImageHeader:
+    """The geometry of a frame header: every field that is not one of :data:`ARRAY_FIELDS`, checked
+    by :class:`ImageHeader`. A field it does not know is refused (``invalid_request``, 422, naming
+    it), as in a JSON body; a field of the wrong type is ``malformed_body`` (400). Either way the
+    message is one line and ``details.errors`` lists each problem."""
+    try:
+        return ImageHeader.model_validate({k: v for k, v in header.items() if k not in ARRAY_FIELDS})
+    except ValidationError as exc:
+        errors = exc.errors()
+        details = {"errors": error_list(errors)}
+        unknown = [str(e["loc"][0]) for e in errors if e.get("type") == "extra_forbidden" and e.get("loc")]
+        if unknown:
+            known = ", ".join(list(ImageHeader.model_fields) + list(ARRAY_FIELDS))
+            named = ", ".join(describe_value(name, 40) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise TransportError(
+                f"the image header has fields this server does not know: {named} (it knows {known})",
+                ErrorCode.INVALID_REQUEST, details,
+            ) from None  # fmt: skip
+        raise TransportError(f"image header is invalid: {describe_errors(errors)}", "malformed_body", details) from None
+
+
+def decode_image_frame(body: bytes, max_voxels: int, max_axis: int) -> Tuple[Volume, ImageHeader, ArrayMeta]:
+    """Check and decode an upload frame into a validated :class:`Volume` (CPU work: run off the loop).
+    An image above the voxel or axis limit is refused (413) before anything is decompressed."""
     header, payload = unpack_frame(body)
     meta = ArrayMeta.from_dict(header)
-    try:
-        geometry = ImageHeader.model_validate(header)
-    except ValueError as exc:
-        raise TransportError(f"image header is invalid: {exc}", "malformed_body") from exc
+    check_image_shape(meta.shape, max_voxels, max_axis)
+    geometry = image_header(header)
     array = decode_array(meta, payload, max_voxels)
     volume = Volume(
         array=array,
@@ -88,16 +124,14 @@ def decode_image_frame(body: bytes, max_voxels: int) -> Tuple[Volume, ImageHeade
     return volume, geometry, meta
 
 
-def header_info(image_id: str, prefix: bytes, frame_bytes: int, max_voxels: int) -> StoredImage:
+def header_info(image_id: str, prefix: bytes, frame_bytes: int, max_voxels: int, max_axis: int) -> StoredImage:
     """What :func:`image_info` says of a stored frame, from its first bytes (magic, header length and
     header) and its length; raises what decoding the whole frame would for anything but the voxels."""
     header, rest = unpack_frame(prefix)
     meta = ArrayMeta.from_dict(header)
+    check_image_shape(meta.shape, max_voxels, max_axis)
+    geometry = image_header(header)
     meta.check(max_voxels)
-    try:
-        geometry = ImageHeader.model_validate(header)
-    except ValueError as exc:
-        raise TransportError(f"image header is invalid: {exc}", "malformed_body") from exc
     head_bytes = len(prefix) - len(rest)
     if frame_bytes != head_bytes + meta.payload_nbytes:
         raise TransportError(
@@ -134,7 +168,7 @@ def image_info(image_id: str, volume: Volume, uploaded: bool = False) -> StoredI
 
 
 class ImageStore:
-    def __init__(self, data_dir: Optional[Path], cache_bytes: int, max_voxels: int) -> None:
+    def __init__(self, data_dir: Optional[Path], cache_bytes: int, max_voxels: int, max_axis: int) -> None:
         self._dir = Path(data_dir) / "images" if data_dir else None
         if self._dir:
             self._dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +176,7 @@ class ImageStore:
         self._cache: OrderedDict[str, Volume] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._max_voxels = max_voxels
+        self._max_axis = max_axis
         self._lock = threading.Lock()
         #: reads of stored images under way, by id: a request for one of them waits for its result
         self._loading: Dict[str, concurrent.futures.Future] = {}
@@ -218,9 +253,14 @@ class ImageStore:
             self._unreadable(image_id, path, exc)
             return None
         try:
-            volume, _, _ = decode_image_frame(data, self._max_voxels)
-        except (TransportError, ImageError, ValueError) as exc:  # damaged, or above a since-lowered limit
+            volume, _, _ = decode_image_frame(data, self._max_voxels, self._max_axis)
+        except _DAMAGED as exc:  # damaged, or above a since-lowered limit
             self._damaged(image_id, path, exc)
+            return None
+        del data  # the frame: only the volume stays
+        actual = volume.content_hash()  # once per read from disk: a codec without a checksum misses a flipped bit
+        if actual != image_id:
+            self._damaged(image_id, path, ValueError(f"its voxels and geometry hash to {actual}"))
             return None
         return self._remember(image_id, volume)
 
@@ -239,8 +279,16 @@ class ImageStore:
 
     @staticmethod
     def _damaged(image_id: str, path: Path, exc: Exception) -> None:
-        log.warning("stored image %s does not decode (%s): removed; it will be uploaded again", image_id, exc)
-        path.unlink(missing_ok=True)
+        """A stored file that cannot be kept (see the module docstring): removed, so that the image
+        is uploaded again. A data directory that refuses the removal (read-only) costs a log line:
+        the request is answered as if the file were gone, and an upload of the image is then served
+        from memory."""
+        log.warning("stored image %s is damaged or above a limit (%s): removed; it will be uploaded again",
+                    image_id, describe_value(str(exc), 300))  # fmt: skip
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as gone:
+            log.error("could not remove the damaged stored image %s: %s", path, gone)
 
     def info(self, image_id: str) -> Optional[StoredImage]:
         """What :func:`image_info` says of the image, without decoding its voxels; None when not held.
@@ -271,8 +319,8 @@ class ImageStore:
             self._unreadable(image_id, path, exc)
             return None
         try:
-            return header_info(image_id, prefix, size, self._max_voxels)
-        except (TransportError, ImageError, ValueError) as exc:
+            return header_info(image_id, prefix, size, self._max_voxels, self._max_axis)
+        except _DAMAGED as exc:
             self._damaged(image_id, path, exc)
             return None
 

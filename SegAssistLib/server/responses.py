@@ -16,7 +16,6 @@ ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
         (401, "token missing or wrong"),
         (404, "unknown image or session, or expired session"),
         (408, "upload body not received in time"),
-        (409, "nothing to undo or redo; prompt limit reached"),
         (413, "body or image above the limits"),
         (415, "wrong content type: a JSON body needs application/json, an image upload its frame type"),
         (422, "invalid prompt, image, dtype or shape"),
@@ -25,6 +24,21 @@ ERROR_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {
         (503, "queue full or shutting down"),
     )
 }
+
+
+def conflict(description: str) -> Dict[Union[int, str], Dict[str, Any]]:
+    """The 409 of a route that can answer one, described by the codes it sends (each route its own:
+    a 409 of an upload is not one of a session)."""
+    return {409: {"model": ErrorReply, "description": description}}
+
+
+PROMPT_LIMIT = "prompt_limit: the session has had its maximum number of prompts (max_prompts_per_session)"
+SESSION_STATE = "session_state: nothing to undo or redo"
+IMAGE_CONFLICT = "image_conflict: the image is held already, with another modality than this upload names"
+LEARNING_CONFLICTS = (
+    "duplicate_case, case_locked, case_state, training_busy or version_state: the learning datastore's state "
+    "does not allow this (the message says why)"
+)
 
 #: What the routes whose replies carry arrays add to :data:`ERROR_RESPONSES`.
 ARRAY_REPLY_RESPONSES: Dict[Union[int, str], Dict[str, Any]] = {

@@ -12,13 +12,26 @@ from SegAssistLib.errors import ImageError
 from SegAssistLib.image import Volume
 from SegAssistLib.server.deps import current_user, get_state
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
-from SegAssistLib.server.images import decode_image_frame, image_info
+from SegAssistLib.server.images import ARRAY_FIELDS, decode_image_frame, image_header, image_info
 from SegAssistLib.server.limits import check_image_shape, read_body
-from SegAssistLib.server.responses import ERROR_RESPONSES
+from SegAssistLib.server.responses import ERROR_RESPONSES, IMAGE_CONFLICT, conflict
 from SegAssistLib.server.state import ServerState
-from SegAssistLib.transport import ArrayMeta, TransportError, unpack_frame
+from SegAssistLib.transport import ArrayMeta
 
 router = APIRouter(tags=["images"], responses=ERROR_RESPONSES)
+
+
+def _frame_header_schema() -> Dict[str, Any]:
+    """ImageHeader's schema as the frame header's: the header also holds the array's fields, which
+    ImageHeader leaves to ArrayMeta (so its ``additionalProperties: false`` would say otherwise)."""
+    schema = ImageHeader.model_json_schema()
+    schema.pop("additionalProperties", None)
+    return {
+        "description": f"the frame's JSON header: these fields plus {', '.join(ARRAY_FIELDS)}; any other field "
+        "is refused (422 invalid_request, naming it)",
+        **schema,
+    }
+
 
 _UPLOAD_DOC = f"""Upload an image as one frame (`Content-Type: {FRAME_MEDIA_TYPE}`):
 
@@ -26,7 +39,8 @@ _UPLOAD_DOC = f"""Upload an image as one frame (`Content-Type: {FRAME_MEDIA_TYPE
 
 The header holds the array metadata (`dtype` such as `<i2`, `shape` in array order [k, j, i],
 `codec` zstd|zlib|none, `nbytes` raw, `payload_nbytes` compressed) and the image geometry
-(`spacing`, `origin`, `direction`, optional `modality` and `sha256`, see ImageHeader).
+(`spacing`, `origin`, `direction`, optional `modality` and `sha256`, see ImageHeader); any other
+field is refused, 422 `invalid_request` naming it.
 
 The image id is the SHA-256 of voxels and geometry. Uploading an image the server already holds
 stores nothing and answers 200; a new image answers 201. Check with `GET /v1/images/{{id}}` first
@@ -41,15 +55,15 @@ session's `modality` in `POST /v1/sessions` overrides the image's for that sessi
     status_code=201,
     summary="Upload an image",
     description=_UPLOAD_DOC,
-    responses={200: {"model": StoredImage, "description": "the server held the image already: nothing stored"}},
+    responses={
+        200: {"model": StoredImage, "description": "the server held the image already: nothing stored"},
+        **conflict(IMAGE_CONFLICT),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
             "content": {FRAME_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
-            "x-segassist-frame-header": {
-                "description": "the frame's JSON header: these fields plus dtype, shape, codec, nbytes, payload_nbytes",
-                **ImageHeader.model_json_schema(),
-            },
+            "x-segassist-frame-header": _frame_header_schema(),
         }
     },
 )
@@ -75,19 +89,14 @@ async def upload_image(
             Returns the frame's length in bytes (its header and its declared payload)."""
             meta = ArrayMeta.from_dict(header)
             check_image_shape(meta.shape, limits.max_voxels, limits.max_axis)
-            try:
-                ImageHeader.model_validate(header)
-            except ValueError as exc:
-                raise TransportError(f"image header is invalid: {exc}", "malformed_body") from exc
+            image_header(header)
             meta.check(limits.max_voxels)
             return header_bytes + meta.payload_nbytes
 
         body = await read_body(request, limits.upload_timeout_s, check_header)
 
         def decode() -> Tuple[str, Volume, ImageHeader]:
-            header, _ = unpack_frame(body)
-            check_image_shape(ArrayMeta.from_dict(header).shape, limits.max_voxels, limits.max_axis)
-            volume, geometry, _ = decode_image_frame(body, limits.max_voxels)
+            volume, geometry, _ = decode_image_frame(body, limits.max_voxels, limits.max_axis)
             return volume.content_hash(), volume, geometry
 
         try:

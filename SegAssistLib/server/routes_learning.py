@@ -45,12 +45,18 @@ from SegAssistLib.server.deps import current_user, get_state, reply_codec, reque
 from SegAssistLib.server.errors import LIBRARY_ERRORS, ApiError, from_library_error
 from SegAssistLib.server.learning import LEARNING_ERRORS, LearningState, api_error_for, learning_or_404
 from SegAssistLib.server.limits import check_reply_codec
-from SegAssistLib.server.responses import ARRAY_REPLY_RESPONSES, ERROR_RESPONSES, json_reply
+from SegAssistLib.server.responses import (
+    ARRAY_REPLY_RESPONSES,
+    ERROR_RESPONSES,
+    LEARNING_CONFLICTS,
+    conflict,
+    json_reply,
+)
 from SegAssistLib.server.state import ServerState, queue_job
 from SegAssistLib.server.worker import InferenceWorker, WorkerStopped
 from SegAssistLib.transport import encode_frame
 
-router = APIRouter(prefix="/learn", tags=["learning"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/learn", tags=["learning"], responses={**ERROR_RESPONSES, **conflict(LEARNING_CONFLICTS)})
 
 CaseId = Path(pattern=CASE_ID_PATTERN, description="16 lowercase hex digits")
 JobId = Path(pattern=JOB_ID_PATTERN, description="as returned by POST /v1/learn/train")
@@ -310,7 +316,8 @@ async def review_case(
     req_id: Optional[str] = Depends(request_id),
 ) -> ReviewInfo:
     """The caller reviews the latest submitted label version: accepted, the case becomes ``reviewed``;
-    rejected, it goes back to ``in_progress`` (out of the training set until submitted again). Refused
+    rejected, it goes back to ``in_progress`` (out of the training set until submitted again; ``/next`` hands
+    it out again). Refused
     (409 ``case_state``) for a case not submitted, one another user holds the lock of, or when
     ``label_id`` is no longer the latest submitted version. A repeat under the same request id gets
     the first answer (one review recorded)."""

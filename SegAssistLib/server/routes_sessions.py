@@ -32,7 +32,14 @@ from SegAssistLib.prompts import Prompt
 from SegAssistLib.server.deps import current_user, get_state, reply_codec, request_id
 from SegAssistLib.server.errors import ApiError
 from SegAssistLib.server.limits import check_prompt_inside, check_reply_codec
-from SegAssistLib.server.responses import ARRAY_REPLY_RESPONSES, ERROR_RESPONSES, json_reply
+from SegAssistLib.server.responses import (
+    ARRAY_REPLY_RESPONSES,
+    ERROR_RESPONSES,
+    PROMPT_LIMIT,
+    SESSION_STATE,
+    conflict,
+    json_reply,
+)
 from SegAssistLib.server.sessions import ServerSession
 from SegAssistLib.server.state import Outcome, ServerState
 
@@ -87,7 +94,13 @@ async def _reply(session: ServerSession, outcome: Outcome, queue_wait_s: float, 
     return await run_in_threadpool(build)
 
 
-@router.post("/sessions", response_model=SessionInfo, status_code=201, summary="Open a session on a held image")
+@router.post(
+    "/sessions",
+    response_model=SessionInfo,
+    status_code=201,
+    summary="Open a session on a held image",
+    responses=conflict("prompt_limit: more prompts to replay than max_prompts_per_session"),
+)
 async def create_session(
     body: CreateSession,
     state: ServerState = Depends(get_state),
@@ -215,7 +228,7 @@ async def _mutate(
 @router.post(
     "/sessions/{session_id}/prompts",
     response_model=MaskUpdateReply,
-    responses=ARRAY_REPLY_RESPONSES,
+    responses={**ARRAY_REPLY_RESPONSES, **conflict(PROMPT_LIMIT)},
     summary="Add a prompt; the reply holds only the changed box of the mask",
 )
 async def add_prompt(
@@ -247,7 +260,7 @@ async def add_prompt(
     return await _mutate(state, user, session_id, req_id, codec, add)
 
 
-def _simple_op(name: str, summary: str) -> None:
+def _simple_op(name: str, summary: str, conflicts: Optional[str] = None) -> None:
     async def endpoint(
         session_id: str = SessionId,
         state: ServerState = Depends(get_state),
@@ -263,13 +276,13 @@ def _simple_op(name: str, summary: str) -> None:
         endpoint,
         methods=["POST"],
         response_model=MaskUpdateReply,
-        responses=ARRAY_REPLY_RESPONSES,
+        responses={**ARRAY_REPLY_RESPONSES, **(conflict(conflicts) if conflicts else {})},
         summary=summary,
     )
 
 
-_simple_op("undo", "Undo the last prompt (409 when there is nothing to undo)")
-_simple_op("redo", "Redo the last undone prompt (409 when there is nothing to redo)")
+_simple_op("undo", "Undo the last prompt (409 when there is nothing to undo)", SESSION_STATE)
+_simple_op("redo", "Redo the last undone prompt (409 when there is nothing to redo)", SESSION_STATE)
 _simple_op("reset", "Clear the mask and forget the prompts (itself undoable)")
 
 

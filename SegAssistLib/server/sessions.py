@@ -36,7 +36,8 @@ class ServerSession:
     can_undo: bool = False
     can_redo: bool = False
     closed: bool = False
-    #: the id and outcome of the last mutating request: a retried request gets the same answer
+    #: the id and outcome of the last mutating request (a state.KeptOutcome: the changed box's place,
+    #: not its voxels): a retried request gets the same answer
     last_request: Optional[Tuple[str, Any]] = None
     pending: int = 0  # requests in flight: a session with work in progress does not expire
     meta: Dict[str, Any] = field(default_factory=dict)

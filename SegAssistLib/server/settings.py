@@ -37,13 +37,19 @@ class Limits(BaseModel):
     max_sessions_per_user: int = Field(8, gt=0)
     max_sessions_total: int = Field(64, gt=0)
     max_prompts_per_session: int = Field(2000, gt=0)
-    idle_timeout_s: float = Field(1800.0, gt=0)
-    upload_timeout_s: float = Field(600.0, gt=0, description="seconds to receive one upload's body")
+    # finite (allow_inf_nan=False): an "inf" went out as null in /v1/info, which no client could read
+    idle_timeout_s: float = Field(1800.0, gt=0, allow_inf_nan=False)
+    upload_timeout_s: float = Field(
+        600.0, gt=0, allow_inf_nan=False, description="seconds to receive one upload's body"
+    )
     max_concurrent_uploads: int = Field(
         2, gt=0, description="uploads received and decoded at once (bounds memory); one user's take one at a time"
     )
     upload_slot_wait_s: float = Field(
-        30.0, gt=0, description="seconds an upload waits for a free upload slot before 503 uploads_busy"
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds an upload waits for a free upload slot before 503 uploads_busy",
     )
     max_queued_jobs: int = Field(256, gt=0, description="inference jobs waiting per device")
     max_queued_per_session: int = Field(
@@ -65,7 +71,7 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8470, ge=0, le=65535)
     model: Optional[Path] = Field(None, description="checkpoint; None: the bundled default model")
-    devices: Tuple[str, ...] = ("cpu",)
+    devices: Tuple[str, ...] = Field(("cpu",), min_length=1, description="one inference worker each")
     refine_depth: int = Field(
         1, ge=1, le=MAX_REFINE_DEPTH, description="zoom levels finer than a zoomed-out answer it is refined at"
     )

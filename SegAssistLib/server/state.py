@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import anyio
+import numpy as np
 
 from SegAssistLib.api_models import ErrorCode, SessionInfo
 from SegAssistLib.engine.base import Engine, EngineSession, MaskUpdate
@@ -40,6 +43,32 @@ class Outcome(NamedTuple):
     n_prompts: int
     #: the version that made the mask now current (None: no model made it, as after a reset)
     model_version: Optional[str]
+
+
+class KeptOutcome(NamedTuple):
+    """An :class:`Outcome` as a session keeps it for a repeat of its request id: the changed box's
+    place and size, not its voxels (after a reset or a large re-prediction they are the whole mask,
+    tens of MB of a CT, held by every session beside its undo history). A repeat is answered only
+    while its request is still the session's last change, so the box's voxels are those of the mask
+    now: they are read again from it (:meth:`replayed`)."""
+
+    outcome: Outcome  # its update without voxels
+    box: Tuple[int, ...]  # the shape of the update's voxels
+
+    @classmethod
+    def keep(cls, outcome: Outcome) -> KeptOutcome:
+        update = outcome.update
+        light = dataclasses.replace(update, voxels=np.zeros((0, 0, 0), np.uint8))
+        return cls(outcome._replace(update=light), tuple(int(n) for n in update.voxels.shape))
+
+    def replayed(self, es: EngineSession) -> Outcome:
+        """The outcome as first answered, its voxels read from the session's mask (on its worker)."""
+        update = self.outcome.update
+        if math.prod(self.box) == 0:  # nothing changed
+            return self.outcome
+        box = tuple(slice(o, o + n) for o, n in zip(update.offset, self.box))
+        voxels = np.array(es.result()[box], dtype=np.uint8)
+        return self.outcome._replace(update=dataclasses.replace(update, voxels=voxels))
 
 
 def default_engine_factory(
@@ -74,7 +103,7 @@ class ServerState:
         self.settings = settings
         self.limits = limits
         self.verifier = TokenVerifier(settings.token_hashes)
-        self.images = ImageStore(settings.data_dir, limits.image_cache_bytes, limits.max_voxels)
+        self.images = ImageStore(settings.data_dir, limits.image_cache_bytes, limits.max_voxels, limits.max_axis)
         self.sessions = SessionStore(
             limits.idle_timeout_s, limits.max_sessions_per_user, limits.max_sessions_total, clock
         )
@@ -141,12 +170,12 @@ class ServerState:
 
         def op(es: EngineSession) -> Outcome:
             if request_id is not None and session.last_request and session.last_request[0] == request_id:
-                return session.last_request[1]
+                return session.last_request[1].replayed(es)  # nothing changed the mask since (see KeptOutcome)
             update = fn(es)
             session.model_version = es.model_version
             session.can_undo, session.can_redo = es.can_undo, es.can_redo
             outcome = Outcome(update, es.can_undo, es.can_redo, session.n_prompts, session.model_version)
-            session.last_request = (request_id, outcome) if request_id is not None else None
+            session.last_request = (request_id, KeptOutcome.keep(outcome)) if request_id is not None else None
             return outcome
 
         return await self.submit(session, op)
