@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from eval_fixtures import ball_dataset
 
 from SegAssistLib.datasets import REPO_ROOT, list_cases, split_cases
 from SegAssistLib.errors import ModelError, SegAssistError
@@ -256,22 +257,7 @@ def test_an_earlier_runs_results_and_report_are_replaced_only_with_overwrite(tmp
 
 
 # --- small synthetic datasets: 4D images, --quick with --cases, damaged results files ----------
-def _synthetic(folder, names=("a", "b", "c"), channels: int = 0):
-    """Cases ``names``: a bright ball (label 1) on noise; ``channels`` > 0: 4D images of that many volumes."""
-    import SimpleITK as sitk
-
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    (folder / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "ball"}}))
-    k, j, i = np.mgrid[:10, :24, :24]
-    ball = ((k - 5) ** 2 + (j - 12) ** 2 + (i - 12) ** 2 <= 16).astype(np.uint8)
-    image = (100.0 * ball + np.random.default_rng(0).normal(0, 5, ball.shape)).astype(np.float32)
-    if channels:
-        image = np.stack([image * (c + 1) for c in range(channels)])
-    for name in names:
-        sitk.WriteImage(sitk.GetImageFromArray(image, isVector=False), str(folder / "imagesTr" / f"{name}.nii.gz"))
-        sitk.WriteImage(sitk.GetImageFromArray(ball), str(folder / "labelsTr" / f"{name}.nii.gz"))
-    return folder
+_synthetic = ball_dataset
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # the plots too: HD95 all 0 there, no log scale to fail

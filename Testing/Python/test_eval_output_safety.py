@@ -9,9 +9,8 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
+from eval_fixtures import ball_dataset
 
 from SegAssistLib.cli import main
 from SegAssistLib.errors import SegAssistError
@@ -24,16 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _dataset(folder: Path, names=("a", "b")) -> Path:
     """Cases ``names``: a bright ball (label 1) on noise."""
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    (folder / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "ball"}}))
-    k, j, i = np.mgrid[:10, :24, :24]
-    ball = ((k - 5) ** 2 + (j - 12) ** 2 + (i - 12) ** 2 <= 16).astype(np.uint8)
-    image = (100.0 * ball + np.random.default_rng(0).normal(0, 5, ball.shape)).astype(np.float32)
-    for name in names:
-        sitk.WriteImage(sitk.GetImageFromArray(image), str(folder / "imagesTr" / f"{name}.nii.gz"))
-        sitk.WriteImage(sitk.GetImageFromArray(ball), str(folder / "labelsTr" / f"{name}.nii.gz"))
-    return folder
+    return ball_dataset(folder, names)
 
 
 def _bench(folder: Path, out: Path, *extra: str) -> int:
