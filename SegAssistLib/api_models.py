@@ -19,7 +19,7 @@ from typing_extensions import TypeAliasType
 
 from SegAssistLib import transport
 from SegAssistLib.errors import ImageError
-from SegAssistLib.image import Volume
+from SegAssistLib.image import normalise_modality
 from SegAssistLib.prompts import AnyPrompt, Prompt
 
 API_VERSION = "1"
@@ -189,16 +189,6 @@ class ArrayPayload(_Model):
 
 
 _MODALITY_DOC = "CT or MR, spelt as a Volume takes it: any case, and MRI for MR (null: guessed from intensities)"
-_ONE_VOXEL = np.zeros((1, 1, 1), np.uint8)
-
-
-def normalise_modality(value: Optional[str]) -> Optional[str]:
-    """A modality as :class:`~SegAssistLib.image.Volume` spells it (``"ct"`` is ``"CT"``, ``"MRI"``
-    is ``"MR"``; None stays None), by Volume's own rule, so that the wire takes what the library
-    takes. Raises :class:`~SegAssistLib.errors.ImageError` for one Volume refuses."""
-    if value is None:
-        return None
-    return Volume(_ONE_VOXEL, modality=value).modality
 
 
 def _spelt_as_volume(value: Any) -> Any:

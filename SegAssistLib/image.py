@@ -48,12 +48,8 @@ class Volume:
             raise ImageError(
                 f"image geometry: spacing and origin must be numbers and direction a 3x3 matrix ({exc})"
             ) from exc
-        if self.modality is not None:  # "ct" was taken for MR: no CT windowing, no word said
-            modality = str(self.modality).strip().upper()
-            modality = {"MRI": "MR"}.get(modality, modality)
-            if modality not in ("CT", "MR"):
-                raise ImageError(f"modality must be 'CT', 'MR' or None (guessed), got {self.modality!r}")
-            self.modality = modality
+        # "ct" was taken for MR: no CT windowing, no word said
+        self.modality = normalise_modality(self.modality)
 
     @property
     def shape_ijk(self) -> Tuple[int, int, int]:
@@ -279,6 +275,18 @@ def validate_image(volume: Volume, max_voxels: int = MAX_VOXELS_DEFAULT) -> None
         )
     if hi == lo:  # compared in the image's own dtype: 2**62 and 2**62 + 1 differ, as floats they would not
         raise ImageError("image is constant: there is nothing to segment")
+
+
+def normalise_modality(value: Optional[str]) -> Optional[str]:
+    """A modality as SegAssist spells it: ``"CT"`` or ``"MR"`` whatever the case and spaces (``"MRI"``
+    is ``"MR"``); None (guess from the intensities) stays None. :class:`ImageError` for anything else."""
+    if value is None:
+        return None
+    modality = str(value).strip().upper()
+    modality = {"MRI": "MR"}.get(modality, modality)
+    if modality not in ("CT", "MR"):
+        raise ImageError(f"modality must be 'CT', 'MR' or None (guessed), got {value!r}")
+    return modality
 
 
 def guess_modality(volume: Volume) -> str:

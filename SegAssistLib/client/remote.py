@@ -14,14 +14,13 @@ from SegAssistLib.api_models import (
     ServerInfo,
     SessionInfo,
     StoredImage,
-    normalise_modality,
 )
 from SegAssistLib.client.errors import ImageConflictError, ImageNotFoundError, PayloadTooLargeError
 from SegAssistLib.client.http import DEFAULT_TIMEOUT, HttpClient, ProgressBody, Timeout, path_id
 from SegAssistLib.client.learning import LearningClient
 from SegAssistLib.client.session import RemoteSession, wire_prompt
 from SegAssistLib.engine.base import Capabilities, Engine
-from SegAssistLib.image import Volume
+from SegAssistLib.image import Volume, normalise_modality
 from SegAssistLib.prompts import Prompt, parse_prompt
 from SegAssistLib.transport import available_codecs, encode_frame_parts, wire_volume
 
