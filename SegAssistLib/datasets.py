@@ -111,6 +111,13 @@ def default_data_root() -> Path:
     return Path(os.environ.get("SEGASSIST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+def add_data_root_argument(parser) -> None:
+    """``--data``, the datasets' folder (default :func:`default_data_root`), as every benchmark takes it."""
+    parser.add_argument("--data", type=Path, default=default_data_root(),
+                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
+                             "repository)")  # fmt: skip
+
+
 SPLITS_FILE = REPO_ROOT / "Resources" / "splits.json"
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 

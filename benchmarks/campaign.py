@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 from SegAssistLib.cli import run_script
-from SegAssistLib.datasets import default_data_root, list_cases, split_cases
+from SegAssistLib.datasets import add_data_root_argument, list_cases, split_cases
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import LoadedModel, load_checkpoint
 from SegAssistLib.errors import SegAssistError
@@ -608,9 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--structure", default="hippocampus",
                    help=f"{', '.join(STRUCTURES)}, or dataset:label[:channel] (default hippocampus)")
-    p.add_argument("--data", type=Path, default=default_data_root(),
-                   help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                        "repository)")
+    add_data_root_argument(p)
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--cases", type=int, help="number of cases (default: the structure's, 24 or 5)")
     p.add_argument("--k", type=int, help="retrain after every k submitted cases (default 4; 2 for the myocardium)")

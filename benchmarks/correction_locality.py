@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from SegAssistLib.datasets import default_data_root
+from SegAssistLib.datasets import add_data_root_argument
 from SegAssistLib.engine import builtin
 from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.evaluation.metrics import carried_forward
@@ -114,9 +114,7 @@ def run(variant: str, cases, clicks: int, radius: float) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=default_data_root(),
-                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                             "repository)")
+    add_data_root_argument(parser)
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--radius", type=float, default=10.0, help="mm around a correction click (default 10)")

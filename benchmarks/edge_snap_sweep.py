@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SegAssistLib.datasets import default_data_root
+from SegAssistLib.datasets import add_data_root_argument
 from SegAssistLib.engine.builtin import load_default_engine
 from SegAssistLib.engine.edges import EdgeSnap
 from SegAssistLib.evaluation.cli import edge_band, edge_beta
@@ -62,9 +62,7 @@ def _band(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data_root(),
-                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                             "repository)")
+    add_data_root_argument(parser)
     parser.add_argument("--cases", type=int, default=16, help="training cases per dataset (default 16)")
     parser.add_argument("--bands", type=_list_of(_band), default=[1.0, 2.0], help="1 to 10 voxels each")
     parser.add_argument("--betas", type=_list_of(edge_beta), default=[30.0, 130.0, 500.0, 2000.0],

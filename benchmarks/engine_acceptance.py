@@ -29,7 +29,7 @@ import numpy as np
 
 from SegAssistLib.cli import run_script
 from SegAssistLib.cli_types import positive_int
-from SegAssistLib.datasets import default_data_root
+from SegAssistLib.datasets import add_data_root_argument
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.cli import CORRECTION_ZOOM_SHARE_HELP, EDGE_BAND_HELP, edge_band, share_of_a_side
 from SegAssistLib.evaluation.runner import EvalConfig, evaluate, make_engine, parse_targets, select_cases
@@ -126,9 +126,7 @@ def _reusable(earlier: dict, engine: str, spec: tuple, args: argparse.Namespace,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=default_data_root(),
-                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                             "repository)")
+    add_data_root_argument(parser)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--datasets", help="comma-separated subset of the selection")

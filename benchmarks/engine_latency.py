@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from SegAssistLib.cli import run_script
-from SegAssistLib.datasets import default_data_root
+from SegAssistLib.datasets import add_data_root_argument
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.cli import (
@@ -150,9 +150,7 @@ SAMPLER = RssSampler()
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data_root(),
-                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                             "repository)")
+    add_data_root_argument(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")

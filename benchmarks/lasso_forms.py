@@ -41,7 +41,7 @@ import numpy as np
 
 from SegAssistLib.cli import run_script
 from SegAssistLib.cli_types import positive_int
-from SegAssistLib.datasets import default_data_root
+from SegAssistLib.datasets import add_data_root_argument
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine
 from SegAssistLib.errors import SegAssistError
 from SegAssistLib.evaluation.metrics import dice
@@ -201,9 +201,7 @@ def markdown_table(rows: List[Dict]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data_root(),
-                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                             "repository)")
+    add_data_root_argument(parser)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="runs of each answer; its latency is their median (default 5)")

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import default_data_root, list_cases, load_splits
+from SegAssistLib.datasets import add_data_root_argument, list_cases, load_splits
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, BuiltinEngine
 from SegAssistLib.engine.network import load_checkpoint
 from SegAssistLib.evaluation.metrics import dice
@@ -334,9 +334,7 @@ def run_benchmark(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=default_data_root(),
-                   help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                        "repository)")
+    add_data_root_argument(p)
     p.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--threads", default=None, help="engine torch threads, comma-separated (default: torch's choice)")
     p.add_argument("--clicks", type=int, default=5, help="clicks per case (a first click and corrections)")

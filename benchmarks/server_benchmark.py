@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from SegAssistLib.cli import run_script  # noqa: E402
 from SegAssistLib.client import LocalBackend, SegAssistClient  # noqa: E402
-from SegAssistLib.datasets import default_data_root  # noqa: E402
+from SegAssistLib.datasets import add_data_root_argument  # noqa: E402
 from SegAssistLib.engine.builtin import DEFAULT_CHECKPOINT, load_default_engine  # noqa: E402
 from SegAssistLib.evaluation.simulator import first_click, next_click  # noqa: E402
 from SegAssistLib.machine import machine_info  # noqa: E402
@@ -198,9 +198,7 @@ def machine_record(threads: int) -> Dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=default_data_root(),
-                        help="the datasets' folder (default: $SEGASSIST_SHARED_DATA, else ../shared/data beside the "
-                             "repository)")
+    add_data_root_argument(parser)
     parser.add_argument("--model", type=Path, default=None, help=f"default: {DEFAULT_CHECKPOINT}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clicks", type=int, default=5)

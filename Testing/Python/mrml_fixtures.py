@@ -145,3 +145,16 @@ def editor_modules(editor):
     from types import SimpleNamespace
 
     return SimpleNamespace(SegmentEditorWidget=SimpleNamespace(editor=EditorWidget(editor)))
+
+
+def segment_editor_logic(scene, segmentation_node, volume_node, segment_id: str):
+    """Slicer's segment editor logic on ``segmentation_node`` and ``volume_node`` with the editor's defaults
+    (overwrite all segments), ``segment_id`` selected: (logic, editor node)."""
+    editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editor_node)
+    logic.SetSegmentationNode(segmentation_node)
+    logic.SetSourceVolumeNode(volume_node)
+    editor_node.SetSelectedSegmentID(segment_id)
+    return logic, editor_node

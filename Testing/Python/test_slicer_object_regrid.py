@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mrml_fixtures import add_volume, affine, random_volume, rotation
+from mrml_fixtures import add_volume, affine, random_volume, rotation, segment_editor_logic
 
 from SegAssistLib.engine.base import MaskUpdate
 
@@ -76,13 +76,7 @@ SETUPS = {"oversampled": _oversampled, "thin slices": _thin_slices, "rotated ser
 
 
 def _editor(scene, seg, vol, segment_id="tumor"):
-    editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")  # Slicer's defaults: overwrite all
-    logic = slicer.vtkSlicerSegmentEditorLogic()
-    logic.SetMRMLScene(scene)
-    logic.SetSegmentEditorNode(editor_node)
-    logic.SetSegmentationNode(seg)
-    logic.SetSourceVolumeNode(vol)
-    editor_node.SetSelectedSegmentID(segment_id)
+    logic, _ = segment_editor_logic(scene, seg, vol, segment_id)  # Slicer's defaults: overwrite all
 
     def modify(add, remove, extent):  # what the effect's modifySelectedSegmentByLabelmap calls do
         logic.ModifySegmentByLabelmap(seg, segment_id, add, logic.ModificationModeAdd, extent, True, False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from mrml_fixtures import add_nested_oblique_volume, random_volume
+from mrml_fixtures import add_nested_oblique_volume, random_volume, segment_editor_logic
 
 from SegAssistLib.engine.base import MaskUpdate
 
@@ -127,7 +127,6 @@ def test_a_late_answer_keeps_the_paint_the_user_added_to_another_segment_after_t
     """Click, then switch to Paint before the answer is in, and paint a segment in another layer: the
     answer, written with the editor's "overwrite all segments", erased the new strokes (27 of 64
     voxels); the watch ignored that layer. Now the answer spares a segment edited after its request."""
-    import slicer
 
     from SegAssistLib.slicer.object_writes import ObjectWrites, editing_segment
 
@@ -139,13 +138,7 @@ def test_a_late_answer_keeps_the_paint_the_user_added_to_another_segment_after_t
     segments.array_to_segment(corner, seg, "liver", volume)  # node overlaps liver: another layer than the liver
     segmentation = seg.GetSegmentation()
     assert segmentation.GetLayerIndex("node") != segmentation.GetLayerIndex("liver")
-    editor_node = scene_.AddNewNodeByClass("vtkMRMLSegmentEditorNode")  # Slicer's defaults: overwrite all
-    logic = slicer.vtkSlicerSegmentEditorLogic()
-    logic.SetMRMLScene(scene_)
-    logic.SetSegmentEditorNode(editor_node)
-    logic.SetSegmentationNode(seg)
-    logic.SetSourceVolumeNode(volume)
-    editor_node.SetSelectedSegmentID("liver")
+    logic, editor_node = segment_editor_logic(scene_, seg, volume, "liver")  # Slicer's defaults: overwrite all
 
     def modify(add, remove, extent):  # the effect's _modifySegment
         with editing_segment(editor_node, "liver"):
