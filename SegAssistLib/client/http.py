@@ -446,6 +446,19 @@ class _Session(requests.Session):
         if "Authorization" in headers and self.should_strip_auth(response.request.url, prepared_request.url):
             del headers["Authorization"]
 
+    def close(self) -> None:
+        """Close every pooled connection now. urllib3 2 closes a pool's connections only once nothing
+        holds the pool, and a reply does (an error raised from a local variable keeps its frame, and
+        so its reply, in a reference cycle until the garbage collector runs): the connection of a
+        failed request stayed open after close(), and a TLS server's shutdown waited for it."""
+        for adapter in self.adapters.values():
+            pools = getattr(getattr(adapter, "poolmanager", None), "pools", None)
+            for key in list(pools.keys()) if pools is not None else []:
+                pool = pools.get(key)
+                if pool is not None:
+                    pool.close()
+        super().close()
+
 
 class _NoAuth(requests.auth.AuthBase):
     """Strip the session's Authorization header (health needs no token)."""

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 import requests
-from test_server_fixtures import raw
+from test_server_fixtures import TOKENS, raw
 
 from SegAssistLib.api_models import FRAME_MEDIA_TYPE
 from SegAssistLib.client.errors import BackendUnavailableError, PayloadTooLargeError, SessionNotFoundError
@@ -169,3 +169,35 @@ def test_close_ends_the_connections_of_every_thread(shared_server):
     client.close()
     assert all(len(p) == 0 for p in pools)
     assert client.request("GET", "/v1/health").json()["status"] == "ok"  # usable again: fresh connections
+
+
+def test_close_ends_the_connection_of_a_request_that_failed(server_factory):
+    """urllib3 2 closes a pool's connections only when nothing holds the pool any more, and an error
+    raised from a local variable holds its reply (and so the pool) in a reference cycle until the
+    garbage collector runs: close() after a 404 left the connection open, and a TLS server then
+    waited its whole graceful-shutdown time for it."""
+    import gc
+    import time
+
+    from SegAssistLib.client import SegAssistClient
+    from SegAssistLib.client.errors import ImageNotFoundError
+
+    server = server_factory.start()
+    connections = server.server.server_state.connections
+    client = SegAssistClient(server.url, TOKENS["alice"])
+    gc.disable()  # the cycle, if any, must not be collected behind the test's back
+    try:
+        try:  # as a caller would write it
+            client.open_session("0" * 64)  # an image the server does not hold
+        except ImageNotFoundError:
+            pass
+        else:
+            pytest.fail("a session on an image the server does not hold opened")
+        assert len(connections) == 1
+        client.close()
+        deadline = time.monotonic() + 1  # well inside the server's keep-alive time, which would end it too
+        while connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not connections, "the failed request's connection is still open after close()"
+    finally:
+        gc.enable()
