@@ -14,6 +14,7 @@ Reached as ``SegAssistClient(...).learning``. A typical annotator's round::
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar, Union
@@ -36,7 +37,6 @@ from SegAssistLib.client.errors import (
     BackendTimeoutError,
     ClientError,
     JobWaitTimeoutError,
-    ProtocolError,
     ServerBusyError,
 )
 from SegAssistLib.client.http import Timeout, _reply_lost, list_of, parsed_reply, path_id
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 FINAL_JOB_STATES = ("done", "cancelled", "failed")
 _MIN_POLL_S = 0.05  # the shortest timeout a poll is sent with (the last one, at the deadline)
+MIN_POLL_INTERVAL_S = 0.05  # wait_for_job polls no more often than this, whatever poll_s says
 _BASE = f"{API_PREFIX}/learn"
 T = TypeVar("T")
 
@@ -137,8 +138,9 @@ class LearningClient:
     def cases(
         self, status: Union[None, str, Sequence[str]] = None, limit: int = 500, offset: int = 0
     ) -> List[CaseInfo]:
+        """The cases, of the given status or statuses (a name such as ``"new"`` or a :class:`CaseStatus`)."""
         statuses = [status] if isinstance(status, str) else list(status or [])
-        params = {"limit": int(limit), "offset": int(offset), "status": [str(s) for s in statuses]}
+        params = {"limit": int(limit), "offset": int(offset), "status": [_wire_text(s) for s in statuses]}
         return self._http.reply("GET", f"{_BASE}/cases", list_of(CaseInfo), params=params)
 
     def case(self, case_id: str) -> CaseInfo:
@@ -259,7 +261,13 @@ class LearningClient:
         (:class:`ServerBusyError`: queue full, shutting down, storage unavailable). No poll waits past
         ``timeout``: each is sent with the client's timeouts cut to the time left, and one whose reply
         has not come by then ends the wait with JobWaitTimeoutError.
+
+        ``poll_s``: seconds between polls, above 0 (a ``ValueError`` otherwise, as for the client's
+        timeouts), at least :data:`MIN_POLL_INTERVAL_S`; ``timeout``: seconds, 0 or more, or None.
         """
+        poll_s = _checked_poll(poll_s)
+        if timeout is not None and not (_is_seconds(timeout) and timeout >= 0):
+            raise ValueError(f"timeout must be seconds, 0 or more, or None (no limit); got {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Any = None
         state = "unknown"
@@ -347,6 +355,24 @@ class LearningClient:
         return self._post_once(f"{_BASE}/next", body, _next_case)
 
 
+def _wire_text(value: Any) -> str:
+    """A query value as sent: an enum (``CaseStatus.NEW``, a ``str`` enum) by its value, ``"new"``, not
+    by ``str()``, which is ``"CaseStatus.NEW"`` on Python 3.11."""
+    return str(getattr(value, "value", value))
+
+
+def _is_seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked_poll(poll_s: Any) -> float:
+    """``poll_s`` if it is finite seconds above 0, raised to :data:`MIN_POLL_INTERVAL_S` (a smaller
+    one would poll the server in a tight loop); ``ValueError`` otherwise, before anything is sent."""
+    if not (_is_seconds(poll_s) and poll_s > 0):
+        raise ValueError(f"poll_s must be seconds above 0; got {poll_s!r}")
+    return max(float(poll_s), MIN_POLL_INTERVAL_S)
+
+
 def _out_of_reach(error: ClientError) -> bool:
     """Whether a poll failed for want of the server, not because of the request: no reply, a gateway's
     or proxy's 5xx page (a server restarting behind it), or the server's own 503 (busy, stopping)."""
@@ -354,15 +380,23 @@ def _out_of_reach(error: ClientError) -> bool:
 
 
 def _next_case(data: Any) -> NextCase:
-    """A next-case reply with its proposal's box written into a mask of the case's shape."""
+    """A next-case reply with its proposal's box written into a mask of the case's shape. A box that
+    does not lie within the case (an offset below 0 too: numpy would count it from the far end) or
+    whose data is not of its declared shape is a ``ValueError``, a :class:`ProtocolError` to the
+    caller (:func:`parsed_reply`); the data is decompressed only up to the box's size."""
     reply = NextCaseReply.model_validate(data)
     mask = None
     if reply.proposal is not None:
-        mask = np.zeros(tuple(reply.case.shape), np.uint8)
+        shape = tuple(int(n) for n in reply.case.shape)
+        lo = tuple(int(n) for n in reply.proposal.offset)
+        size = tuple(int(n) for n in reply.proposal.shape)
+        if len(lo) != 3 or any(a < 0 or n < 0 or a + n > m for a, n, m in zip(lo, size, shape)):
+            raise ValueError(f"the proposal box {list(size)} at {list(lo)} does not fit the case of shape "
+                             f"{list(shape)}")
+        mask = np.zeros(shape, np.uint8)
         if reply.proposal.mask is not None:
-            box = reply.proposal.mask.to_array()
-            lo = np.asarray(reply.proposal.offset)
-            if tuple(box.shape) != tuple(reply.proposal.shape) or np.any(lo + box.shape > mask.shape):
-                raise ProtocolError(f"the proposal box {box.shape} at {lo.tolist()} does not fit the case")
-            mask[tuple(slice(a, a + n) for a, n in zip(lo, box.shape))] = box
+            box = reply.proposal.mask.to_array(max_voxels=int(np.prod(size, dtype=np.int64)))
+            if tuple(box.shape) != size:
+                raise ValueError(f"the proposal box holds an array of shape {list(box.shape)}, not {list(size)}")
+            mask[tuple(slice(a, a + n) for a, n in zip(lo, size))] = box
     return NextCase(reply, mask)

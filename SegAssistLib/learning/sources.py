@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import SimpleITK as sitk
 
@@ -20,6 +21,15 @@ _SKIP_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
 LABEL_MAP_ENDINGS = ("_label", "_labels", "_seg", "_mask", "_segmentation", "_gt")
 #: The name endings an image may carry beside its label map: ``case_image`` beside ``case_label``.
 IMAGE_ENDINGS = ("", "_image")
+# a label-map name, its ending after ``_`` or ``-`` (BraTS 2023: ``BraTS-GLI-00000-000-seg``)
+_LABEL_MAP_NAME = re.compile(
+    r"^(?P<base>.+)(?P<sep>[_-])(?:" + "|".join(e[1:] for e in LABEL_MAP_ENDINGS) + r")$", re.IGNORECASE
+)
+# KiTS's ``segmentation`` beside ``imaging``, LiTS's ``segmentation-N`` beside ``volume-N``
+_SEGMENTATION_NAME = re.compile(r"^segmentation(?P<tail>[-_].+)?$", re.IGNORECASE)
+_SEGMENTED_IMAGE_NAMES = ("imaging", "volume")
+# nnU-Net's per-channel image file ``<case>_NNNN`` (channel NNNN of the case ``<case>``)
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>[0-9]{4})$")
 
 
 def image_stem(path: Path) -> str:
@@ -77,18 +87,32 @@ def msd_image_folders(folder: Path) -> List[Path]:
 
 def label_map_image(path: Path, images: Sequence[Path], folders: Optional[Sequence[Path]] = None) -> Optional[Path]:
     """The image of ``images`` (files of the same folder) whose label map ``path`` is by its name, or
-    None: ``<stem>_label``, ``_labels``, ``_seg``, ``_mask``, ``_segmentation`` or ``_gt`` (any image
-    suffix) beside ``<stem>`` or ``<stem>_image``, case ignored; without such a file, a DICOM series
-    folder ``<stem>`` beside it (of ``folders``, the folders beside it; None: looked up).
+    None. ``<stem>_label``, ``_labels``, ``_seg``, ``_mask``, ``_segmentation`` or ``_gt`` (any image
+    suffix; ``-`` for ``_`` too) is the label map of ``<stem>`` or ``<stem>_image`` beside it, else of
+    an image ``<stem>_<anything>`` beside it that is not itself so named (BraTS: ``<id>_seg`` beside
+    ``<id>_flair``, ``<id>_t1``), else of a DICOM series folder ``<stem>`` beside it (of ``folders``,
+    the folders beside it; None: looked up). ``segmentation`` and ``segmentation-N`` are the label
+    maps of ``imaging`` (KiTS) and ``volume-N`` (LiTS) beside them. Case ignored.
     ``hippocampus_001_label.nii.gz`` is the label map of ``hippocampus_001_image.nii.gz``,
     ``ct_seg.nii.gz`` that of the series folder ``ct``; ``brain_mask.nii.gz`` alone is an image."""
+    others = [image for image in images if image != path]
     stem = image_stem(path).lower()
-    ending = next((e for e in LABEL_MAP_ENDINGS if stem.endswith(e) and len(stem) > len(e)), None)
-    if ending is None:
+    kits = _SEGMENTATION_NAME.match(stem)
+    if kits is not None:
+        wanted = {name + (kits.group("tail") or "") for name in _SEGMENTED_IMAGE_NAMES}
+        image = next((image for image in others if image_stem(image).lower() in wanted), None)
+        if image is not None:
+            return image
+    named = _LABEL_MAP_NAME.match(stem)
+    if named is None:
         return None
-    base = stem[: -len(ending)]
+    base = named.group("base")
     wanted = {base + e for e in IMAGE_ENDINGS}
-    image = next((image for image in images if image != path and image_stem(image).lower() in wanted), None)
+    image = next((image for image in others if image_stem(image).lower() in wanted), None)
+    if image is None:
+        prefix = base + named.group("sep")
+        image = next((image for image in others if image_stem(image).lower().startswith(prefix)
+                      and _LABEL_MAP_NAME.match(image_stem(image)) is None), None)
     if image is not None:
         return image
     if folders is None:
@@ -96,8 +120,49 @@ def label_map_image(path: Path, images: Sequence[Path], folders: Optional[Sequen
             folders = [f for f in path.parent.iterdir() if f.is_dir()]
         except OSError:
             return None
-    named = sorted(f for f in folders if f.name.lower() == base)
-    return next((folder for folder in named if is_dicom_series_dir(folder)), None)
+    series = sorted(f for f in folders if f.name.lower() == base)
+    return next((folder for folder in series if is_dicom_series_dir(folder)), None)
+
+
+def nnunet_channel_files(folder: Path, images: Sequence[Path]) -> Dict[Path, Tuple[str, int]]:
+    """``path -> (case, channel)`` of the image files of ``folder`` (an ``imagesTr``/``imagesTs``) when
+    they are in nnU-Net's per-channel naming, ``<case>_0000``, ``<case>_0001``...; empty when not.
+
+    They are when every file is so named and every case has the same channels 0..n-1, as nnU-Net
+    requires, and the case names are names: the labels folder beside (``labelsTr``/``labelsTs``), if
+    it holds any, names cases (``<case>``) and no channel file; without labels, at least two cases
+    (an export whose cases happen to be named ``scan_0000``, ``scan_0001``... is one "case" of many
+    channels, and stays as it is)."""
+    found: Dict[Path, Tuple[str, int]] = {}
+    channels: Dict[str, Set[int]] = {}
+    for image in images:
+        match = _CHANNEL_FILE.match(image_stem(image))
+        if match is None:
+            return {}
+        case, channel = match.group("case"), int(match.group("channel"))
+        found[image] = (case, channel)
+        channels.setdefault(case, set()).add(channel)
+    sets = {frozenset(c) for c in channels.values()}
+    if len(sets) != 1 or next(iter(sets)) != frozenset(range(len(next(iter(sets))))):
+        return {}
+    labels = _label_stems(folder)
+    if labels:
+        named = any(case.lower() in labels for case in channels)
+        if not named or any(image_stem(image).lower() in labels for image in found):
+            return {}
+    elif len(channels) < 2:
+        return {}
+    return found
+
+
+def _label_stems(images_folder: Path) -> Set[str]:
+    """The names (lower case, no suffix) of the files in the labels folder beside an MSD / nnU-Net
+    images folder (``imagesTr`` -> ``labelsTr``, ``imagesTs`` -> ``labelsTs``); empty when none."""
+    labels = images_folder.parent / ("labels" + images_folder.name[len("images"):])
+    try:
+        return {image_stem(f).lower() for f in labels.iterdir() if is_image_file(f)}
+    except OSError:
+        return set()
 
 
 def _label_source_reason(source: Path) -> Optional[str]:
@@ -116,11 +181,13 @@ class LabelSourceError(DatastoreError):
 
 
 class _ScanRules(NamedTuple):
-    """What a scan takes: below sub-folders too, a folder never entered (resolved), label-map files too."""
+    """What a scan takes: below sub-folders too, a folder never entered (resolved), label-map files too,
+    the channel whose file an nnU-Net case is imported from."""
 
     recursive: bool
     skip: Optional[Path]
     include_label_maps: bool
+    channel: int = 0
 
 
 def find_sources(
@@ -129,6 +196,7 @@ def find_sources(
     skip: Optional[Path] = None,
     passed_over: Optional[List[Tuple[Path, str]]] = None,
     include_label_maps: bool = False,
+    channel: int = 0,
 ) -> List[Tuple[Path, str]]:
     """``(path, display name)`` of every image below ``source``, sorted by path.
 
@@ -141,8 +209,11 @@ def find_sources(
     unless ``include_label_maps``. A ``source`` that is itself a label folder or a ``.seg.nrrd`` is
     refused (:class:`LabelSourceError`), unless ``include_label_maps``; any other file given alone is
     taken. The folder ``skip`` (a datastore
-    inside ``source``, whose files are not images to annotate) is not entered. ``passed_over`` (when
-    given) receives each folder and label-map file not read, with the reason, for the caller to show.
+    inside ``source``, whose files are not images to annotate) is not entered. An ``imagesTr``/``imagesTs``
+    in nnU-Net's per-channel naming (:func:`nnunet_channel_files`) gives one image per case, named
+    ``<case>``: the file of ``channel`` (a patient's channels never become cases, and subjects, of their
+    own). ``passed_over`` (when given) receives each folder, label-map file and other channel's file not
+    read, with the reason, for the caller to show.
     """
     source = Path(source)
     if not source.exists():
@@ -160,7 +231,7 @@ def find_sources(
     skipped = None if skip is None else skip.resolve()
     seen: Set[Tuple[int, int]] = set()
     passed = passed_over if passed_over is not None else []
-    found = _scan(source, _ScanRules(recursive, skipped, include_label_maps), seen, passed)
+    found = _scan(source, _ScanRules(recursive, skipped, include_label_maps, channel), seen, passed)
     return sorted(found, key=lambda item: str(item[0]))
 
 
@@ -197,8 +268,16 @@ def _scan(
     children = [child for child in sorted(folder.iterdir()) if not child.name.startswith(".")]
     images = [child for child in children if is_image_file(child)]
     folders = [child for child in children if child.is_dir()]
+    channel_of = nnunet_channel_files(folder, images) if _named(folder, MSD_IMAGE_FOLDERS) else {}
     for child in children:
-        if child in images:
+        if child in channel_of:
+            case, channel = channel_of[child]
+            if channel == rules.channel:
+                found.append((child, case))
+            else:
+                passed.append((child, f"channel {channel} of the nnU-Net case {case}, imported once, from its "
+                               f"channel {rules.channel} file ({case}_{rules.channel:04d})"))
+        elif child in images:
             image = None if rules.include_label_maps else label_map_image(child, images, folders)
             if image is not None:
                 passed.append((child, f"the label map of {image.name} beside it, not an image to annotate; "
