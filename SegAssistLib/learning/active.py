@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SegAssistLib.api_learning import MAX_SEED, is_seed
+from SegAssistLib.api_learning import MAX_LOCK_TTL_S, MAX_SEED, is_seed
 from SegAssistLib.evaluation.simulator import most_interior_voxel
 from SegAssistLib.image import Volume
 from SegAssistLib.learning.datastore import DEFAULT_LOCK_TTL_S, Datastore
@@ -370,6 +370,9 @@ class NextCase:
     skipped: Dict[str, str] = field(default_factory=dict)
     #: the user's own locked, unlabelled case handed back (``next_case(resume=True)``), not a ranked one
     resumed: bool = False
+    #: the time the user's own lock of the case had left before this call renewed it (a resumed case);
+    #: None when this call took the lock. :func:`release_next_case` reads it.
+    held_lock_s: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -551,6 +554,35 @@ def own_unlabelled_case(store: Datastore, user: str) -> Optional[CaseRecord]:
     return max(held, key=lambda c: c.lock_expires or 0.0, default=None)
 
 
+def _held_lock_left(before: CaseRecord, renewed: CaseRecord, user: str, ttl_s: float) -> Optional[float]:
+    """The time the user's own lock of a case had left when ``renewed`` (locked for ``ttl_s`` seconds)
+    renewed it, on the store's clock; None when the case was not locked to the user before."""
+    if before.locked_by != user or before.lock_expires is None or renewed.lock_expires is None:
+        return None
+    return before.lock_expires - (renewed.lock_expires - ttl_s)
+
+
+def _give_back_lock(store: Datastore, case_id: str, user: str, held_s: Optional[float]) -> None:
+    """Undo the lock a failed hand-out took: a case the user did not hold is unlocked (nobody learns it was
+    theirs, and it must not stay locked to them for hours); a lock the user held before the call is kept
+    as it was, with the time it had left (they may have the case open: released, another annotator's next
+    case would be this one)."""
+    if held_s is None:
+        store.unlock(case_id, user)
+        return
+    try:
+        store.lock(case_id, user, ttl_s=min(max(held_s, 1.0), MAX_LOCK_TTL_S))
+    except Exception as exc:  # the renewed lock stands: still the user's
+        log.warning("case %s: the lock of %s was kept but its time not restored: %s", case_id, user, exc)
+
+
+def release_next_case(store: Datastore, chosen: NextCase, user: str) -> None:
+    """After a failure once :func:`next_case` returned (the reply could not be made or sent): a case the
+    call locked to ``user`` is unlocked; their own case handed back keeps its lock, as they held it."""
+    if chosen.case.locked_by == user:
+        _give_back_lock(store, chosen.case.id, user, chosen.held_lock_s)
+
+
 @dataclass
 class _Passes:
     """What ``next_case`` passed over on its way: cases taken meanwhile, and the last damaged one."""
@@ -584,12 +616,14 @@ def next_case(
     With ``lock`` the case is locked to ``user`` for ``lock_ttl_s`` seconds; a case another annotator
     locked or labelled while this one ranked passes to the next in the ranking (``NoCandidateError``
     when all were taken); without ``lock`` such a case is passed over just the same. A failure once
-    the case is locked (the version check, the proposal, ``prepare``) unlocks it. ``prepare(case)``,
+    the case is locked (the version check, the proposal, ``prepare``) unlocks it, unless the user held
+    its lock before the call (a resumed case): that lock is kept, with the time it had left
+    (:func:`release_next_case` does the same for a failure after the call). ``prepare(case)``,
     when given, is called for the chosen case before it is returned (a server puts its image in its
     image store); its result is ``NextCase.prepared``. A case whose stored image is damaged or
-    missing (``CorruptDataError`` from ranking, proposal or ``prepare``) is passed over, unlocked,
-    and named in ``NextCase.skipped``; only when every case was passed over for it does the error
-    reach the caller.
+    missing (``CorruptDataError`` from ranking, proposal or ``prepare``) is passed over, unlocked
+    (unless the user held its lock before), and named in ``NextCase.skipped``; only when every case
+    was passed over for it does the error reach the caller.
 
     ``resume`` (with ``lock``): a case the user already holds locked and has not labelled (see
     :func:`own_unlabelled_case`: one handed out before whose answer never reached them, or one they
@@ -610,18 +644,21 @@ def next_case(
         proposal; None when every one was taken or is damaged."""
         for best in ranking:
             case = store.get_case(best.case_id)
+            held_s: Optional[float] = None  # the user's own lock before this call: kept whatever fails below
             if lock:
                 if before_lock is not None:
                     before_lock(case)
+                before = case
                 try:
                     case = store.lock(case.id, user, ttl_s=lock_ttl_s, unlabelled_only=True)  # type: ignore[arg-type]
                 except (CaseLockedError, InvalidStateError):  # another annotator took or labelled it meanwhile
                     passes.taken += 1
                     continue
+                held_s = _held_lock_left(before, case, user, lock_ttl_s)  # type: ignore[arg-type]
             elif not (is_candidate(case) or (case.locked_by == user and (case.n_labels == 0 or case.needs_rework))):
                 passes.taken += 1  # as a lock would have found: locked by another annotator meanwhile, or labelled
                 continue
-            try:  # from here on a failure unlocks the case: the caller never learns which case it was
+            try:  # from here on a failure unlocks a case this call locked: the caller never learns which it was
                 proposal = proposals.get(case.id)
                 kept = proposal if with_proposal else None  # the version is asked (a worker job) only for one kept
                 if kept is not None and kept.engine_version != _engine_version(engine, runner):
@@ -631,14 +668,14 @@ def next_case(
                 prepared = prepare(case) if prepare is not None else None
             except BaseException as exc:
                 if lock:
-                    store.unlock(case.id, user)  # type: ignore[arg-type]
+                    _give_back_lock(store, case.id, user, held_s)  # type: ignore[arg-type]
                 if not isinstance(exc, CorruptDataError):
                     raise
                 log.warning("case %s (%s) passed over: %s", case.id, case.name, exc)
                 skipped[case.id], passes.damage = str(exc), exc
                 continue
             return NextCase(case, strategy, best, proposal if with_proposal else None, ranking, prior, prepared,
-                            skipped, resumed=resumed)  # fmt: skip
+                            skipped, resumed=resumed, held_lock_s=held_s)  # fmt: skip
         return None
 
     held = own_unlabelled_case(store, user) if resume and lock and user else None

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from SegAssistLib.api_learning import MAX_LOCK_TTL_S, VERSION_ID_PATTERN
 from SegAssistLib.cli_types import MASK_SUFFIXES, is_mask_path, number, positive_int
@@ -63,6 +63,7 @@ from SegAssistLib.learning.records import (
     printable_text,
 )
 from SegAssistLib.learning.registry import BASE, AdapterRegistry, VersionRecord, adapter_id_of, version_label
+from SegAssistLib.learning.store_db import DB_NAME
 from SegAssistLib.learning.store_files import DEFAULT_RECOVER_AGE_S
 from SegAssistLib.learning.subjects import compile_subject_pattern, subjects_from_names
 from SegAssistLib.stop_signals import STOP_SIGNALS, Stopped, restore_handlers, signal_name
@@ -228,7 +229,8 @@ def register(subparsers) -> None:
     p.add_argument("--val-clicks", type=int, help="simulated clicks per validation case, 1 to 20 (default 3)")
     p.add_argument("--max-val-cases", type=int,
                    help="most submitted cases held back for validation, 1 to 200 (default 8; fewer: a shorter "
-                   "validation, less reliable)")
+                   "validation, less reliable); whole subjects (patients) only, so a subject's cases are never "
+                   "split between training and validation")
     p.add_argument("--max-case-memory-gib", type=float,
                    help="most memory the job's loaded cases may hold, in GiB (default 6): beyond it the job trains "
                    "on the most recently submitted cases that fit and says how many it left out")
@@ -310,10 +312,28 @@ def _checkpoint(path: Optional[Path]) -> Path:
     return DEFAULT_CHECKPOINT
 
 
+def _none_reads(sources: List[Tuple[Path, str]], channel: Optional[int]) -> Optional[List[Tuple[str, str]]]:
+    """Before a new store is made: each source with the reason it is no image to segment, when none is;
+    None as soon as one is (the import reads that one again: one image read twice, no empty store made)."""
+    from SegAssistLib.errors import ImageError
+    from SegAssistLib.image import validate_image
+    from SegAssistLib.io import load_volume
+
+    reasons = []
+    for path, _ in sources:
+        try:
+            validate_image(load_volume(path, channel=channel))
+        except ImageError as exc:  # as the import itself would skip it
+            reasons.append((str(path), str(exc)))
+        else:
+            return None
+    return reasons
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     """Import image by image, one line each as it comes in (a large image takes seconds to convert and
-    hash). The sources are found before the store is opened: a source that is missing or holds no image
-    leaves no new empty store behind."""
+    hash). The sources are found before the store is opened: a source that is missing, holds no image
+    or only files that do not read as one leaves no new empty store behind."""
     check_user(args.user)
     pattern = compile_subject_pattern(args.subject_pattern) if args.subject_pattern is not None else None
     passed_over: list = []
@@ -335,7 +355,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     report = ImportReport()
     data = report.to_dict()
     not_read = [{"file" if path.is_file() else "folder": str(path), "reason": why} for path, why in passed_over]
-    if sources:
+    unread = None if (args.store / DB_NAME).is_file() or not sources else _none_reads(sources, args.channel)
+    if unread is not None:  # no store is made for nothing
+        report.skipped.extend(unread)
+        for done, ((path, _), (_, why)) in enumerate(zip(sources, unread), 1):
+            shown(done, len(sources), path, why)
+        data = report.to_dict()
+    elif sources:
         with Datastore(args.store, create=True) as store:
             report = store.import_images(args.source, args.user, args.channel, sources=sources, on_image=shown,
                                          subject_pattern=pattern)
@@ -859,8 +885,19 @@ def check_mask_output(path: Path, overwrite: bool) -> None:
         raise SegAssistError(_KEEP_EXISTING.format(path=path))
 
 
+def refuse_output_in_store(path: Path, store_root: Path) -> None:
+    """Refuse a proposal output inside the datastore (symlinks followed): in ``images/`` or ``labels/`` it
+    would replace a stored annotation or be taken for an unrecorded file of the store's own."""
+    root, target = Path(store_root).resolve(), Path(path).resolve()
+    if target == root or root in target.parents:
+        raise SegAssistError(
+            f"--out {path} lies inside the datastore {store_root}, whose files are its own: write the proposal "
+            "outside the store"
+        )
+
+
 def cmd_next(args: argparse.Namespace) -> int:
-    from SegAssistLib.learning.active import NEEDS_ENGINE, next_case
+    from SegAssistLib.learning.active import NEEDS_ENGINE, next_case, release_next_case
 
     if args.user is not None and not args.lock:  # it once did nothing, silently
         raise SegAssistError("--user names whom --lock locks the case to: add --lock, or leave --user out")
@@ -869,6 +906,7 @@ def cmd_next(args: argparse.Namespace) -> int:
     if args.out is not None:  # before any case is locked
         if args.no_proposal:
             raise SegAssistError("--out writes the model's proposal: it cannot go with --no-proposal")
+        refuse_output_in_store(args.out, args.store)
         check_mask_output(args.out, args.overwrite)
     engine = None
     _progress(args, f"choosing the next case ({args.strategy}) ...")
@@ -887,6 +925,9 @@ def cmd_next(args: argparse.Namespace) -> int:
             lock_ttl_s=args.hours * 3600.0, with_proposal=not args.no_proposal, diversity_weight=args.diversity_weight,
             max_candidates=args.max_candidates,
             on_progress=lambda done, total: _progress(args, f"[{done}/{total}] candidate(s) scored with the model"),
+            # with no proposal nothing else reads the chosen case's image: a damaged or missing one is
+            # passed over here (as a server's next does), not handed out (and locked) to be found later
+            prepare=(lambda case: store.load_image(case.id)) if args.no_proposal else None,
         )
         data = result.to_dict()
         for case_id, error in result.skipped.items():  # damaged or missing files, for someone to repair
@@ -906,7 +947,7 @@ def cmd_next(args: argparse.Namespace) -> int:
                     atomic_write(args.out, lambda tmp: save(p.mask, reference, tmp), overwrite=args.overwrite)
                 except BaseException as exc:
                     if args.lock:  # the case is not left locked to someone who never got its proposal
-                        store.unlock(result.case.id, args.user)
+                        release_next_case(store, result, args.user)
                     if isinstance(exc, FileExistsError) and args.out.exists():
                         raise SegAssistError(_KEEP_EXISTING.format(path=args.out)) from exc
                     raise

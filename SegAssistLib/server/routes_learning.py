@@ -491,6 +491,7 @@ async def next_case(
     With ``lock``, a case the caller holds locked and has not labelled yet (an answer that never
     reached them, a lock by hand) is handed back first (``resumed``), its lock renewed, nothing ranked:
     a caller who gave up waiting does not leave a case locked for hours while it gets another. A
+    request that fails after that unlocks a case it locked, but leaves that lock as the caller held it. A
     request without a request id whose caller went away while it ranked locks nothing (with an id,
     its resend gets the first answer)."""
     still_there = _caller_still_there(request) if req_id is None else None
@@ -526,7 +527,8 @@ async def _next_case(
     def on_worker(job: Callable[[Any], T]) -> T:  # called from the thread pool: waits for the job
         return _wait_on_worker(worker, f"learn:{user}", job)  # type: ignore[arg-type]
 
-    async with learning.ranking_slots() if needs_model else contextlib.nullcontext():
+    # AsyncExitStack, not nullcontext: that one takes ``async with`` only from Python 3.10
+    async with learning.ranking_slots() if needs_model else contextlib.AsyncExitStack():
         chosen = await _call(
             lambda: active.next_case(
                 learning.store, None, body.strategy, seed=body.seed, user=user, lock=body.lock,
@@ -549,7 +551,7 @@ async def _next_case(
     try:
         return await run_in_threadpool(build)
     except BaseException:
-        if body.lock:  # the caller never learns which case it was: not locked to them for hours
-            with contextlib.suppress(Exception):
-                await run_in_threadpool(lambda: learning.store.unlock(chosen.case.id, user))
+        if body.lock:  # the caller never learns which case it was: not locked to them for hours, unless it
+            with contextlib.suppress(Exception):  # is their own case handed back, whose lock they keep
+                await run_in_threadpool(lambda: active.release_next_case(learning.store, chosen, user))
         raise
