@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from SegAssistLib.cli import run_script
 from SegAssistLib.datasets import SPLITS_FILE, default_data_root, list_cases, patient_of
 
 SPECIAL = {
@@ -112,5 +113,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # bad input (an incomplete dataset folder) is one line, not a traceback
+    sys.exit(run_script(main, "make_splits.py"))

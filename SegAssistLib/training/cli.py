@@ -19,11 +19,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train the built-in network (CPU or GPU)")
     p.add_argument("--out", required=True, type=Path, help="run folder: state.pt, model.pt, log.jsonl")
     p.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
-    p.add_argument("--minutes", type=float, help="wall-clock budget (overrides the config)")
+    p.add_argument("--minutes", type=float,
+                   help="the run's total wall-clock budget, including earlier sessions of a resumed run "
+                        "(overrides the config)")
     p.add_argument("--data-root", help="folder of datasets in MSD layout, or a training pack (default: "
                    "$SEGASSIST_SHARED_DATA, else ../shared/data beside the repository)")
     p.add_argument("--resume", type=Path, help="state.pt of an earlier run")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="the seed of every random draw (overrides the config)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that already holds weights (they are replaced)")
@@ -44,7 +46,7 @@ def register(subparsers) -> None:
 def load_config(path: Optional[Path], fields: Optional[dict] = None):
     """The TrainConfig of a JSON file, or of ``fields`` (a resumed run's own), else the defaults;
     SegAssistError naming the problem."""
-    from SegAssistLib.training.train import TrainConfig
+    from SegAssistLib.training.train import TrainConfig, config_problem
 
     if path is not None:
         try:
@@ -68,14 +70,34 @@ def load_config(path: Optional[Path], fields: Optional[dict] = None):
              for name, value in fields.items() if not _same_kind(value, getattr(defaults, name))]
     if wrong:
         raise SegAssistError(f"{where}: wrong type of {', '.join(wrong)}")
-    if "network" in fields:  # a typo there would train the default network without a word
-        from SegAssistLib.engine.network import NetworkConfig
+    fields = _whole_numbers(fields, defaults)
+    for name in ("datasets", "click_union_datasets"):
+        if isinstance(fields.get(name), list) and not all(isinstance(v, str) for v in fields[name]):
+            raise SegAssistError(f"{where}: {name} must be a list of dataset folder names (text)")
+    cfg = TrainConfig(**fields)
+    # ranges, and a network the engine runs (a typo there would train the default network without a word)
+    problem = config_problem(cfg)
+    if problem:
+        raise SegAssistError(f"{where}: {problem}")
+    return cfg
 
-        try:
-            NetworkConfig.from_dict(fields["network"], strict=True)
-        except (SegAssistError, TypeError, ValueError) as exc:
-            raise SegAssistError(f"{where}: {exc}") from exc
-    return TrainConfig(**fields)
+
+def _whole_numbers(fields: dict, defaults) -> dict:
+    """``fields`` with whole numbers written as such (``4.0``: JSON writers do) made ints where the field,
+    or a network setting, takes one: torch refuses a float batch size or thread count."""
+    out = dict(fields)
+    for name, value in fields.items():
+        default = getattr(defaults, name)
+        if isinstance(default, int) and not isinstance(default, bool):
+            out[name] = _as_int(value)
+    if isinstance(fields.get("network"), dict):  # every network setting is a whole number or a list of them
+        out["network"] = {key: [_as_int(v) for v in value] if isinstance(value, list) else _as_int(value)
+                          for key, value in fields["network"].items()}
+    return out
+
+
+def _as_int(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _json_kind(value: object) -> str:
@@ -118,8 +140,9 @@ def check_run_folder(out: Path, resume: Optional[Path], overwrite: bool) -> None
                              "--overwrite to replace it")
 
 
-# the settings each batch's random draws depend on (training.train.batch_rng and PatchStream)
-EXACT_RESUME_SETTINGS = ("seed", "batch_size", "loader_workers")
+# the settings a resumed run needs to go on exactly: each batch's random draws depend on the first three
+# (training.train.batch_rng and PatchStream), the CPU kernels' results on threads
+EXACT_RESUME_SETTINGS = ("seed", "batch_size", "loader_workers", "threads")
 
 
 def _inexact_resume(saved: object, cfg) -> List[str]:
@@ -135,10 +158,20 @@ def _resumes_its_own_run(out: Path, resume: Path) -> bool:
     return resume.resolve() == (out / "state.pt").resolve()
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    from SegAssistLib.training.train import MAX_SEED
+
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise SegAssistError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
+    if args.minutes is not None and not args.minutes > 0:
+        raise SegAssistError(f"the training budget must be more than 0 minutes, got {args.minutes}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from SegAssistLib.engine.network import torch_device
-    from SegAssistLib.training.train import DEFAULT_DATA_ROOT, Trainer, read_training_state
+    from SegAssistLib.training.train import DEFAULT_DATA_ROOT, Trainer, config_problem, read_training_state
 
+    _check_arguments(args)
     state = None
     if args.resume is not None and args.resume.is_file():  # read and checked before anything is written
         state = read_training_state(args.resume)
@@ -150,8 +183,9 @@ def run_train(args: argparse.Namespace) -> int:
             setattr(cfg, name, getattr(args, name))
     if cfg.data_root == DEFAULT_DATA_ROOT and args.data_root is None:
         cfg.data_root = str(default_data_root())  # as bench and the tests find it, from any folder
-    if not cfg.minutes > 0:
-        raise SegAssistError(f"the training budget must be more than 0 minutes, got {cfg.minutes}")
+    problem = config_problem(cfg)  # the options' values as well as the config's
+    if problem:
+        raise SegAssistError(problem)
     if cfg.data_root and not Path(cfg.data_root).is_dir():
         raise SegAssistError(f"training data folder not found: {cfg.data_root} (--data-root)")
     if cfg.data_root:
@@ -160,12 +194,16 @@ def run_train(args: argparse.Namespace) -> int:
         _check_training_datasets(Path(cfg.data_root), cfg.datasets, NetworkConfig.from_dict(cfg.network).patch_size)
     torch_device(cfg.device)
     check_run_folder(args.out, args.resume, args.overwrite)
-    trainer = Trainer(cfg, args.out, state)  # refuses a state that does not fit before anything is written
+    # refuses a state that does not fit, or whose budget is spent, before anything is written
+    trainer = Trainer(cfg, args.out, state)
     changed = _inexact_resume(state.get("config") if state is not None else None, cfg)
     if changed:  # a warning, not a refusal: going on from a state under other draws is a fair choice
         print(f"warning: resuming with {', '.join(changed)}: the run goes on, but no longer exactly as the "
-              "interrupted run would have (each batch's random draws depend on these)", file=sys.stderr, flush=True)
+              "interrupted run would have (each batch's random draws depend on seed, batch_size and "
+              "loader_workers; the CPU's arithmetic on threads)", file=sys.stderr, flush=True)
     try:
+        trainer.start()  # the loader's first batch: what it cannot read is told before anything is replaced
+        args.out.mkdir(parents=True, exist_ok=True)
         # afresh, or another run's state resumed in its place: no old weights or log lines mixed with the new run's
         if args.overwrite and (args.resume is None or not _resumes_its_own_run(args.out, args.resume)):
             for name in ("model.pt", "state.pt", "log.jsonl"):
@@ -181,10 +219,11 @@ def run_train(args: argparse.Namespace) -> int:
 def _check_training_datasets(data_root: Path, wanted: Optional[list], patch: int) -> None:
     """A folder without datasets (a dataset's own folder given for the data root, a typo in
     ``datasets``) trained on synthetic volumes alone, with no word but an empty count; a pack cut
-    for another network patch failed in the loader."""
-    from SegAssistLib.training.data import training_datasets
+    for another network patch, a damaged pack file, a pack holding evaluation cases or an incomplete
+    dataset folder failed in the loader, in a worker's traceback, after the run folder was written."""
+    from SegAssistLib.training.data import check_training_data
 
-    found = training_datasets(data_root, patch)
+    found = check_training_data(data_root, wanted, patch)
     if not found:
         raise SegAssistError(f"{data_root} holds no dataset folders (each with imagesTr/) and no training packs: "
                              "give the folder that holds the datasets (--data-root), or data_root '' for "

@@ -10,9 +10,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from SegAssistLib.datasets import Case, list_cases, load_splits, split_cases
+from SegAssistLib.datasets import Case, cases_and_left_out, list_cases, load_splits, split_cases
 from SegAssistLib.engine import patching
-from SegAssistLib.errors import ImageError
+from SegAssistLib.errors import ImageError, SegAssistError
 from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.training import pack
 from SegAssistLib.training.simulation import EXTENT_KINDS, FIRST_KINDS
@@ -65,55 +65,100 @@ def load_training_cases(
     """Every training-split case under ``data_root``, grouped by dataset: dataset folders in MSD
     layout, or a training pack (see :mod:`SegAssistLib.training.pack`; ``patch`` is checked
     against the patch size it was cut for), or a folder of packs."""
-    packs = pack.packs_in(Path(data_root))
+    packs, folders = training_sources(Path(data_root))
     if packs:
         return _load_packs(packs, datasets, click_union_datasets, patch)
-    import SimpleITK as sitk  # only here: a pack needs no SimpleITK (GPU machines may lack it)
-
-    from SegAssistLib.evaluation.runner import label_on_image_grid
-    from SegAssistLib.files import sitk_path
-    from SegAssistLib.io import volume_from_sitk
-
     out: Dict[str, List[TrainCase]] = {}
-    for folder in sorted(p for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir()):
+    for folder in folders:
         if datasets and folder.name not in datasets:
             continue
-        cases = split_cases(list_cases(folder), "training")
-        loaded = []
-        for case in cases:
-            try:  # the case's channel, as evaluation reads it (a 4D BraTS file: FLAIR)
-                volume = volume_from_sitk(sitk.ReadImage(sitk_path(case.image)), channel=case.channel)
-                # what the engine refuses (a NaN voxel: one would make every patch around it, the
-                # loss and then the weights NaN for good) is not trained on either
-                validate_image(volume)
-            except ImageError as exc:
-                print(f"skipped training case {case.name}: {exc}", flush=True)
-                continue
-            arr = volume.array.astype(np.float32)
-            lab = sitk.GetArrayFromImage(sitk.ReadImage(sitk_path(case.label))).astype(np.int16)
-            lab, problem = label_on_image_grid(case.label, lab, volume)  # as evaluation reads it (reversed axes too)
-            if problem:
-                print(f"skipped training case {case.name}: {problem}", flush=True)
-                continue
-            spacing = tuple(float(s) for s in volume.spacing[::-1])
-            modality = guess_modality(Volume(arr, spacing[::-1]))
-            tc = TrainCase(case.name, arr, lab, spacing, modality, _targets(lab),
-                           click_unions=folder.name in click_union_datasets)
-            if tc.targets:
-                loaded.append(tc)
+        loaded = _load_dataset_folder(folder, folder.name in click_union_datasets)
         if loaded:
             out[folder.name] = loaded
     return out
 
 
-def training_datasets(data_root: Path, patch: Optional[int] = None) -> List[str]:
-    """The dataset names a training data folder offers (MSD folders, or the datasets of its packs),
-    without reading any image: to refuse a wrong folder before a run trains on synthetic data alone
-    (and a pack cut for another ``patch``)."""
-    packs = pack.packs_in(Path(data_root))
-    if packs:
-        return sorted({name for p in packs for name in pack.read_manifest(p, patch)["datasets"]})
-    return sorted(p.name for p in Path(data_root).iterdir() if (p / "imagesTr").is_dir())
+def _load_dataset_folder(folder: Path, click_unions: bool) -> List[TrainCase]:
+    """The training-split cases of one dataset folder; a case that cannot be read, or that the engine
+    or evaluation would refuse, is skipped and named with the reason."""
+    loaded = []
+    for case in split_cases(list_cases(folder), "training"):
+        try:
+            volume, labels = _read_case(case)
+        except SegAssistError as exc:
+            print(f"skipped training case {case.name}: {exc}", flush=True)
+            continue
+        arr = volume.array.astype(np.float32)
+        spacing = tuple(float(s) for s in volume.spacing[::-1])
+        modality = guess_modality(Volume(arr, spacing[::-1]))
+        tc = TrainCase(case.name, arr, labels, spacing, modality, _targets(labels), click_unions=click_unions)
+        if tc.targets:
+            loaded.append(tc)
+    return loaded
+
+
+def _read_case(case: Case) -> Tuple[Volume, np.ndarray]:
+    """A case's image and labels (int16, on the image's grid), read and checked as evaluation and the
+    engine read them: through :mod:`SegAssistLib.io` (a NIfTI file cut short is refused, not read with
+    zeros; its NaN voxels stay NaN), the image checks of ``validate_image`` (a NaN voxel would make
+    every patch around it, the loss and then the weights NaN for good) and the label's grid.
+    SegAssistError naming the problem."""
+    # only here: training from a pack needs no SimpleITK (GPU machines may lack it)
+    from SegAssistLib.evaluation.runner import label_on_image_grid, non_integer_labels
+    from SegAssistLib.io import load_mask, load_volume
+
+    volume = load_volume(case.image, channel=case.channel)  # the case's channel (a 4D BraTS file: FLAIR)
+    validate_image(volume)
+    labels, problem = label_on_image_grid(case.label, load_mask(case.label), volume)  # reversed axes too
+    problem = problem or non_integer_labels(labels)
+    if problem:
+        raise ImageError(problem)
+    return volume, labels.astype(np.int16)
+
+
+def training_sources(data_root: Path) -> Tuple[List[Path], List[Path]]:
+    """(training packs, dataset folders in MSD layout) that ``data_root`` offers: it is a pack, or a
+    folder of packs, or a folder of dataset folders. A folder that holds packs and dataset folders
+    side by side is refused: training on one kind would leave the other out without a word."""
+    root = Path(data_root)
+    packs = pack.packs_in(root)
+    if pack.is_pack(root):
+        return packs, []
+    folders = sorted(p for p in root.iterdir() if (p / "imagesTr").is_dir())
+    if packs and folders:
+        raise SegAssistError(
+            f"{root} holds both training packs ({', '.join(p.name for p in packs)}) and dataset folders "
+            f"({', '.join(f.name for f in folders)}): give a folder that holds one or the other (move the packs "
+            "into a folder of their own)"
+        )
+    return packs, folders
+
+
+def check_training_data(data_root: Path, datasets: Optional[Sequence[str]] = None,
+                        patch: Optional[int] = None) -> List[str]:
+    """The dataset names ``data_root`` offers, after checking, without reading any image, what the
+    loader would otherwise find only once a run has started: each wanted dataset folder is complete,
+    and each wanted pack dataset is packed for ``patch``, holds no evaluation case, is in one pack
+    only and has readable case files. SegAssistError naming the problem."""
+    packs, folders = training_sources(Path(data_root))
+    if not packs:
+        for folder in folders:
+            if not datasets or folder.name in datasets:
+                cases_and_left_out(folder)  # a folder without labelsTr/: "is not a dataset folder"
+        return [f.name for f in folders]
+    found: Dict[str, Path] = {}
+    for folder in packs:
+        manifest = pack.read_manifest(folder, patch)
+        for dataset, entries in sorted(manifest["datasets"].items()):
+            if dataset in found:
+                raise pack.PackError(f"dataset {dataset} is in more than one pack under {Path(folder).parent}")
+            found[dataset] = folder
+            if datasets and dataset not in datasets:
+                continue
+            _refuse_evaluation_cases(folder, dataset, entries, manifest.get("split_of", {}).get(dataset))
+            for entry in entries:
+                pack.check_case_file(folder, entry)
+    return sorted(found)
 
 
 def _load_packs(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -194,13 +195,35 @@ def read_manifest(folder: Path, patch: Optional[int] = None) -> Dict:
     return data
 
 
+def _case_path(folder: Path, entry: object) -> Path:
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise PackError(f"the training pack manifest {Path(folder) / MANIFEST} lists a case without its file: "
+                        "make the pack again")
+    return Path(folder) / entry["file"]
+
+
+def check_case_file(folder: Path, entry: Dict) -> None:
+    """PackError unless one packed case's file is there and its archive's directory lists its arrays:
+    a file cut short in transfer is found at once, before a run starts, without decompressing it."""
+    path = _case_path(folder, entry)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise PackError(f"cannot read packed case {path}: {exc}") from exc
+    if "labels.npy" not in names or not names & {"image.npy", "image_index.npy"}:
+        raise PackError(f"cannot read packed case {path}: it lacks its image or labels (it holds "
+                        f"{', '.join(sorted(names)) or 'nothing'})")
+
+
 def read_case(folder: Path, entry: Dict) -> Tuple[np.ndarray, np.ndarray]:
     """(image float32, labels int16) of one packed case, as cropped."""
-    path = Path(folder) / entry["file"]
+    path = _case_path(folder, entry)
     try:
         with np.load(path) as arrays:
             image, labels = decode_image(arrays), np.asarray(arrays["labels"], np.int16)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # BadZipFile: truncated or damaged in transfer
+    # BadZipFile: truncated or damaged in transfer; zlib.error: compressed data damaged inside a whole archive
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise PackError(f"cannot read packed case {path}: {exc}") from exc
     if image.shape != labels.shape:
         raise PackError(f"{path}: image {image.shape} and labels {labels.shape} differ in shape")

@@ -9,7 +9,7 @@ a cosine over ``max_steps`` or over the wall-clock budget, whichever is projecte
 from the seed and the batch's number (:func:`batch_rng`), so a seed gives the same weights at any
 speed when ``max_steps`` ends the run; checkpoints are written atomically and a run resumed from
 one goes on exactly as the run would have (given the same seed, batch_size and loader_workers, which
-the draws depend on: ``segassist train`` warns when a resume changes them).
+the draws depend on, and on a CPU the same threads: ``segassist train`` warns when a resume changes them).
 
 Usage: ``segassist train --out runs/v1 --minutes 120 [--resume runs/v1/state.pt] [--config cfg.json]``
 (the subcommand lives in ``training/cli.py`` so that ``segassist --help`` needs no torch).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -28,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from monai.losses import DiceCELoss
 
 from SegAssistLib.engine.encoding import PatchPrompt, assemble_input, draw_prompts
 from SegAssistLib.engine.network import NetworkConfig, build_network, save_checkpoint
+from SegAssistLib.engine.network import config_problem as network_problem
 from SegAssistLib.errors import ModelError, SegAssistError
 from SegAssistLib.files import atomic_write, plain_data
 from SegAssistLib.machine import machine_info
@@ -86,6 +88,62 @@ class TrainConfig:
     deterministic: bool = False
 
 
+# whole-number settings and their least values
+_WHOLE_AT_LEAST = {"batch_size": 1, "max_steps": 1, "threads": 1, "loader_workers": 0, "simulation_workers": 0,
+                   "max_correction_rounds": 0}
+_SHARES = ("synthetic_share", "corrupt_share", "correction_lasso_share")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def config_problem(cfg: TrainConfig) -> Optional[str]:
+    """What makes ``cfg`` a run that cannot train, or whose ``model.pt`` the engine would refuse to load
+    (None: nothing). Checked before anything is written: torch found most of these only at its first
+    use, after the run folder was made (a seed out of range in the loader, a patch its strides do not
+    divide at the first step), and a network the engine refuses trained to the end."""
+    for name, least in _WHOLE_AT_LEAST.items():
+        value = getattr(cfg, name)
+        if not _whole(value) or value < least:
+            return f"{name} must be a whole number of at least {least}, got {value!r}"
+    if not _whole(cfg.seed) or not 0 <= cfg.seed <= MAX_SEED:
+        return f"seed must be a whole number from 0 to {MAX_SEED}, got {cfg.seed!r}"
+    if not _number(cfg.minutes) or not cfg.minutes > 0:
+        return f"the training budget must be more than 0 minutes, got {cfg.minutes}"
+    if not _number(cfg.checkpoint_minutes) or not cfg.checkpoint_minutes > 0:
+        return f"checkpoint_minutes must be more than 0, got {cfg.checkpoint_minutes!r}"
+    if not _number(cfg.learning_rate) or not 0 < cfg.learning_rate < math.inf:
+        return f"learning_rate must be a finite number above 0, got {cfg.learning_rate!r}"
+    if not _number(cfg.weight_decay) or not 0 <= cfg.weight_decay < math.inf:
+        return f"weight_decay must be a finite number of at least 0, got {cfg.weight_decay!r}"
+    for name in _SHARES:
+        if not _number(getattr(cfg, name)) or not 0 <= getattr(cfg, name) <= 1:
+            return f"{name} must be from 0 to 1, got {getattr(cfg, name)!r}"
+    try:
+        network = NetworkConfig.from_dict(cfg.network, strict=True)
+    except (ModelError, TypeError, ValueError, AttributeError) as exc:
+        return f"network: {exc}"
+    problem = network_problem(network)
+    return f"network: {problem} (the engine would not load the trained model)" if problem else None
+
+
+def nothing_left(cfg: TrainConfig, step: int, elapsed: float) -> Optional[str]:
+    """Why a run at ``step`` after ``elapsed`` seconds has no time left to train (None: it has): it would
+    train no step and save its weights as final. ``minutes`` is the run's whole budget, earlier
+    sessions included."""
+    if elapsed < cfg.minutes * 60.0:
+        return None
+    used = f"{elapsed / 60.0:.4g}"
+    return (f"the state has used {used} of the run's {cfg.minutes:g} minutes: give --minutes above {used} (the "
+            "total budget, including earlier sessions of the run) to continue it")
+
+
 @dataclass
 class Sample:
     """A training patch and how its simulated session starts (made where patches are cut: in the
@@ -116,6 +174,14 @@ def start_sample(
     previous = torch.zeros(target.shape) if prior is None else torch.from_numpy(prior.astype(np.float32))
     channels = torch.from_numpy(draw_prompts(prompts, target.shape[0]))
     return Sample(image, target, prompts, previous, channels)
+
+
+class LoaderFailure(NamedTuple):
+    """What a loader process hands over in place of samples when the training data cannot be read (a
+    pack file damaged in transfer): the message alone, told in one line by the training process, not
+    torch's re-raised worker traceback."""
+
+    message: str
 
 
 # the random streams of a run, each drawn for one batch from (seed, stream, batch index): a resumed run
@@ -171,11 +237,13 @@ class PatchStream(torch.utils.data.IterableDataset):
         if info is not None:  # a loader process; in the training process cfg.threads holds
             torch.set_num_threads(1)
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        real = (
-            load_training_cases(Path(self.cfg.data_root), self.cfg.datasets, self.cfg.click_union_datasets, self.patch)
-            if self.cfg.data_root
-            else {}
-        )
+        try:
+            real = self._real_cases()
+        except SegAssistError as exc:
+            if info is None:  # the training process: the error is its own
+                raise
+            yield LoaderFailure(str(exc))
+            return
         print(f"training cases: { {k: len(v) for k, v in real.items()} }", flush=True)
         names = sorted(real)
         batch = self.offset + worker
@@ -186,6 +254,12 @@ class PatchStream(torch.utils.data.IterableDataset):
             for _ in range(self.cfg.batch_size):
                 yield self._sample(rng, real, names, pool, batch // workers)
             batch += workers
+
+    def _real_cases(self) -> Dict[str, List[TrainCase]]:
+        if not self.cfg.data_root:
+            return {}
+        return load_training_cases(Path(self.cfg.data_root), self.cfg.datasets, self.cfg.click_union_datasets,
+                                   self.patch)
 
     def _sample(self, rng: np.random.Generator, real: dict, names: List[str], pool: _SyntheticPool,
                 lane_batch: int) -> Sample:
@@ -319,18 +393,20 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def read_training_state(path: Path) -> dict:
+def read_training_state(path: Path, what: Optional[str] = None) -> dict:
     """A run's ``state.pt`` for ``--resume``: loaded as plain data (no pickled objects run) and
-    checked; SegAssistError naming the file when it is not one."""
+    checked; SegAssistError naming the file when it is not one, as ``what`` (default ``--resume PATH``:
+    a caller without that option names it its own way)."""
+    what = what or f"--resume {path}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, empty, not a torch file, or objects beyond plain data
-        raise SegAssistError(f"--resume {path}: not a readable training state ({type(exc).__name__}: "
+        raise SegAssistError(f"{what}: not a readable training state ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         hint = " (model.pt holds the weights only: resume from the run's state.pt)" if isinstance(state, dict) else ""
-        raise SegAssistError(f"--resume {path}: not a training state, it lacks {', '.join(missing)}{hint}")
+        raise SegAssistError(f"{what}: not a training state, it lacks {', '.join(missing)}{hint}")
     return state
 
 
@@ -354,14 +430,14 @@ def _check_resumed_network(state: dict, net_cfg: NetworkConfig) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, resume: Union[None, Path, dict] = None):
         self.cfg, self.out = cfg, out
+        problem = config_problem(cfg)
+        if problem:
+            raise SegAssistError(f"the training config: {problem}")
         torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
             use_deterministic_kernels()
         torch.manual_seed(cfg.seed)
-        try:
-            self.net_cfg = NetworkConfig.from_dict(cfg.network, strict=True)
-        except (ModelError, TypeError, ValueError) as exc:
-            raise SegAssistError(f"the training config's network: {exc}") from exc
+        self.net_cfg = NetworkConfig.from_dict(cfg.network, strict=True)
         self._plain_config()  # what state.pt and model.pt could not hold is refused now, not after training
         self.device = torch.device(cfg.device)
         self.net = build_network(self.net_cfg).to(self.device)
@@ -385,11 +461,16 @@ class Trainer:
             self.skipped_steps = int(state.get("skipped_steps", 0))  # a state saved before it was kept: 0
             # a state saved before the schedule could follow the steps followed the time
             time_limited = bool(state.get("time_limited", True))
+            spent = nothing_left(cfg, self.step, self.elapsed)
+            if spent:
+                raise SegAssistError(spent)
+            if self.step >= cfg.max_steps:
+                print(f"warning: the state is at step {self.step}, the run's max_steps: nothing is left to train "
+                      "(a --config with a larger max_steps continues it)", file=sys.stderr, flush=True)
             print(f"resumed at step {self.step}", flush=True)
         self.schedule = CosineSchedule(cfg.learning_rate, cfg.max_steps, floor=0.03, step=self.step,
                                        time_limited=time_limited)
         self._pending: Optional[List[Sample]] = None  # a batch drawn before the clock started
-        out.mkdir(parents=True, exist_ok=True)
         self.hardware = training_hardware(self.device)
         # spawned, not forked: by the first correction this process runs torch's and the loader's threads
         self.pool = (
@@ -447,7 +528,19 @@ class Trainer:
         if self._pending is not None:
             samples, self._pending = self._pending, None
             return samples
-        return next(self.stream)
+        return self._fetch()
+
+    def _fetch(self) -> List[Sample]:
+        batch = next(self.stream)
+        if batch and isinstance(batch[0], LoaderFailure):
+            raise SegAssistError(batch[0].message)
+        return batch
+
+    def start(self) -> None:
+        """Wait for the loader's first batch (reading the cases: not training time) unless there is nothing
+        to train: a data problem the loader finds is raised here, before the caller replaces anything."""
+        if self._pending is None and self.step < self.cfg.max_steps and self.elapsed < self.cfg.minutes * 60.0:
+            self._pending = self._fetch()
 
     def _step_done(self, t0: float) -> None:
         seconds = time.time() - t0
@@ -514,6 +607,7 @@ class Trainer:
         }
         # a kill mid-write keeps the previous state whole; scripts/package_model.py refuses a
         # model.pt and state.pt of different steps (a kill between these two writes)
+        self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out / "state.pt", lambda tmp: torch.save(state, tmp), overwrite=True)
         meta = {"name": "segassist-unet", "steps": self.step, "train_seconds": round(self.elapsed),
                 "train_config": config, "final": final, "hardware": self.hardware}
@@ -538,6 +632,7 @@ class Trainer:
 
     def _train_and_save(self) -> None:
         """The run's steps, then its final save; an interrupted run saves its last finished step."""
+        self.out.mkdir(parents=True, exist_ok=True)
         with (self.out / "log.jsonl").open("a") as log:
             try:
                 self._train(log)
@@ -566,8 +661,7 @@ class Trainer:
         """The steps, with the periodic checkpoints and the log lines."""
         budget = self.cfg.minutes * 60.0
         history = []
-        if self.step < self.cfg.max_steps and self.elapsed < budget and self._pending is None:
-            self._pending = next(self.stream)  # the loader's start (reading the cases) is not training time
+        self.start()  # the loader's start (reading the cases) is not training time
         last_ckpt = time.time()
         while self.step < self.cfg.max_steps and self.elapsed < budget:
             stats = self.train_step()
