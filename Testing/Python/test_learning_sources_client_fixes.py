@@ -24,15 +24,14 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from test_server_fixtures import TOKENS
+from test_store_label_sources import image, label
 
 from SegAssistLib.api_models import ArrayPayload
 from SegAssistLib.cli import main
 from SegAssistLib.client import SegAssistClient
 from SegAssistLib.client.errors import ProtocolError
 from SegAssistLib.image import Volume
-from SegAssistLib.io import volume_to_sitk
 from SegAssistLib.learning.prompt_mix import DEFAULT_MIX, DEFAULT_SHARE, mix_from_logs
 from SegAssistLib.learning.records import CaseStatus
 from SegAssistLib.learning.sources import find_sources
@@ -85,22 +84,6 @@ def test_only_sessions_begun_from_nothing_shape_the_first_kind_weights():
 SHAPE = (6, 8, 10)
 
 
-def _image(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = (rng.random(SHAPE) * 100 + seed).astype(np.int16)
-    sitk.WriteImage(volume_to_sitk(Volume(array, spacing=(1.0, 1.0, 2.0))), str(path))
-    return path
-
-
-def _label(path: Path) -> Path:
-    array = np.zeros(SHAPE, np.uint8)
-    array[2:4, 3:6, 4:8] = 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(volume_to_sitk(Volume(array, spacing=(1.0, 1.0, 2.0))), str(path))
-    return path
-
-
 def _names(source: Path, **kwargs: Any) -> Tuple[List[str], List[str]]:
     passed: List[Tuple[Path, str]] = []
     found = find_sources(source, passed_over=passed, **kwargs)
@@ -110,9 +93,9 @@ def _names(source: Path, **kwargs: Any) -> Tuple[List[str], List[str]]:
 def _nnunet(root: Path, cases: List[str], channels: int, labels: bool = True) -> Path:
     for n, case in enumerate(cases):
         for channel in range(channels):
-            _image(root / "imagesTr" / f"{case}_{channel:04d}.nii.gz", 10 * n + channel)
+            image(root / "imagesTr" / f"{case}_{channel:04d}.nii.gz", 10 * n + channel)
         if labels:
-            _label(root / "labelsTr" / f"{case}.nii.gz")
+            label(root / "labelsTr" / f"{case}.nii.gz", 0)
     return root
 
 
@@ -146,28 +129,28 @@ def test_files_merely_named_like_channels_stay_cases_of_their_own(tmp_path: Path
     # labels named as the files, not as cases: the files are the cases
     named = tmp_path / "named"
     for n, stem in enumerate(["x_0000", "x_0001", "y_0000", "y_0001"]):
-        _image(named / "imagesTr" / f"{stem}.nii.gz", n)
-        _label(named / "labelsTr" / f"{stem}.nii.gz")
+        image(named / "imagesTr" / f"{stem}.nii.gz", n)
+        label(named / "labelsTr" / f"{stem}.nii.gz", 0)
     assert _names(named)[0] == ["x_0000", "x_0001", "y_0000", "y_0001"]
     # channels that differ between cases are not nnU-Net's
     uneven = tmp_path / "uneven"
     for stem in ["p_0000", "p_0001", "q_0000"]:
-        _image(uneven / "imagesTr" / f"{stem}.nii.gz", 1)
+        image(uneven / "imagesTr" / f"{stem}.nii.gz", 1)
     assert _names(uneven)[0] == ["p_0000", "p_0001", "q_0000"]
 
 
 def test_public_label_map_names_are_passed_over_beside_their_images(tmp_path: Path):
     brats = tmp_path / "BraTS2021_00000"
     for n, modality in enumerate(["flair", "t1", "t1ce", "t2"]):
-        _image(brats / f"BraTS2021_00000_{modality}.nii.gz", n)
-    _label(brats / "BraTS2021_00000_seg.nii.gz")
+        image(brats / f"BraTS2021_00000_{modality}.nii.gz", n)
+    label(brats / "BraTS2021_00000_seg.nii.gz", 0)
     brats23 = tmp_path / "BraTS-GLI-00000-000"
-    _image(brats23 / "BraTS-GLI-00000-000-t1c.nii.gz", 5)
-    _label(brats23 / "BraTS-GLI-00000-000-seg.nii.gz")
-    _image(tmp_path / "kits" / "case_00000" / "imaging.nii.gz", 6)
-    _label(tmp_path / "kits" / "case_00000" / "segmentation.nii.gz")
-    _image(tmp_path / "lits" / "volume-0.nii", 7)
-    _label(tmp_path / "lits" / "segmentation-0.nii")
+    image(brats23 / "BraTS-GLI-00000-000-t1c.nii.gz", 5)
+    label(brats23 / "BraTS-GLI-00000-000-seg.nii.gz", 0)
+    image(tmp_path / "kits" / "case_00000" / "imaging.nii.gz", 6)
+    label(tmp_path / "kits" / "case_00000" / "segmentation.nii.gz", 0)
+    image(tmp_path / "lits" / "volume-0.nii", 7)
+    label(tmp_path / "lits" / "segmentation-0.nii", 0)
     names, passed = _names(tmp_path)
     assert names == ["BraTS-GLI-00000-000-t1c", "BraTS2021_00000_flair", "BraTS2021_00000_t1", "BraTS2021_00000_t1ce",
                      "BraTS2021_00000_t2", "imaging", "volume-0"]
@@ -179,14 +162,14 @@ def test_public_label_map_names_are_passed_over_beside_their_images(tmp_path: Pa
 def test_images_named_like_label_maps_with_no_image_of_theirs_beside_are_still_images(tmp_path: Path):
     for n, stem in enumerate(["brain_mask", "segmentation", "heart_seg", "lung_t1", "segmentation-3", "volume-4",
                               "case1_label", "case10_t1"]):
-        _image(tmp_path / f"{stem}.nii.gz", n)
+        image(tmp_path / f"{stem}.nii.gz", n)
     names, passed = _names(tmp_path)
     assert passed == []
     assert sorted(names) == sorted(["brain_mask", "segmentation", "heart_seg", "lung_t1", "segmentation-3",
                                     "volume-4", "case1_label", "case10_t1"])
     # a label map beside another label map of the same stem only: neither is an image of the other's
-    _image(tmp_path / "both" / "p_seg.nii.gz", 1)
-    _image(tmp_path / "both" / "p_mask.nii.gz", 2)
+    image(tmp_path / "both" / "p_seg.nii.gz", 1)
+    image(tmp_path / "both" / "p_mask.nii.gz", 2)
     assert _names(tmp_path / "both") == (["p_mask", "p_seg"], [])
 
 
