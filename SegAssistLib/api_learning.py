@@ -157,16 +157,19 @@ class TrainRequest(_Model):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON bodies may carry NaN/Infinity
     kind: AdapterKindName = "salt"
-    rank: Optional[int] = Field(None, gt=0)
-    lora_rank: Optional[int] = Field(None, gt=0)
-    alpha: Optional[float] = Field(None, gt=0)
+    rank: Optional[int] = Field(None, gt=0, description="salt: its top singular values per layer; lora: its rank")
+    lora_rank: Optional[int] = Field(None, gt=0, description="salt only: the rank of its low-rank update")
+    alpha: Optional[float] = Field(None, gt=0, description="salt and lora: the scale of the low-rank update")
     learning_rate: Optional[float] = Field(None, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)
     time_budget_s: Optional[float] = Field(None, gt=0, le=MAX_TRAIN_BUDGET_S)
     batch_size: Optional[int] = Field(None, gt=0, le=MAX_TRAIN_BATCH_SIZE, description="patches per step")
     val_clicks: Optional[int] = Field(None, gt=0, le=MAX_VAL_CLICKS, description="simulated clicks per validation case")
     max_val_cases: Optional[int] = Field(
-        None, gt=0, le=MAX_VAL_CASES, description="most submitted cases held back for validation (default 8)"
+        None,
+        gt=0,
+        le=MAX_VAL_CASES,
+        description="most submitted cases held back for validation (default 8), a subject's cases all or none",
     )
     validate_every: Optional[int] = Field(None, gt=0)
     min_improvement: Optional[float] = Field(

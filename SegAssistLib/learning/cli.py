@@ -213,9 +213,11 @@ def register(subparsers) -> None:
                    "update; default), lora (low-rank updates) or full (every weight)")
     p.add_argument("--rank", type=positive_int,
                    help="salt: how many top singular values per layer are adapted (default 8); lora: its rank "
-                   "(default 4)")
-    p.add_argument("--lora-rank", type=positive_int, help="salt: rank of its low-rank update (default 4)")
-    p.add_argument("--alpha", type=float, help="scale of the low-rank update (default: its rank, a scale of 1)")
+                   "(default 4); not for kind full")
+    p.add_argument("--lora-rank", type=positive_int,
+                   help="salt only: rank of its low-rank update, 1 to 256 (default 4)")
+    p.add_argument("--alpha", type=float,
+                   help="scale of the low-rank update (default: its rank, a scale of 1); not for kind full")
     p.add_argument("--lr", type=float, dest="learning_rate",
                    help="learning rate (default 0.01 for salt and lora, 0.0003 for full)")
     p.add_argument("--steps", type=int, dest="max_steps",
@@ -239,7 +241,7 @@ def register(subparsers) -> None:
     p.add_argument("--min-improvement", type=float,
                    help="promote only when the validation Dice beats the current version's by more (default 0)")
     p.add_argument("--label-value", type=label_value, help="learn one label value (default: every labelled voxel)")
-    p.add_argument("--threads", type=int, help="torch threads of the job (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads of the job, 1 to this machine's cores (default 1)")
     p.add_argument("--seed", type=int, help="seed of the training run (default: a new one per run, recorded)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--no-warm-start", action="store_true", help="start from the base model, not the current version")

@@ -67,6 +67,9 @@ def save_full_version(
 
 
 def load_full_version(base: LoadedModel, path: Union[str, Path]) -> nn.Module:
+    """The fully fine-tuned network saved at ``path``. Whatever is wrong with the file (made for other
+    base weights, damaged, weights that do not fit the network) is an :class:`AdapterError`: lasting,
+    so a server's :class:`EngineSync` tries it again only once the registry changes."""
     path = Path(path)
     payload = load_tagged_file(path, FINETUNE_FORMAT, FINETUNE_FORMAT_VERSION, "fine-tuned weights file", AdapterError)
     if payload.get("base_identity") != base.identity:
@@ -75,15 +78,30 @@ def load_full_version(base: LoadedModel, path: Union[str, Path]) -> nn.Module:
             f"model is {base.identity}"
         )
     network = build_network(base.config)
+    state = payload.get("state_dict")
+    _check_full_state(path, state, network.state_dict())
     try:
-        network.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, KeyError) as exc:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise AdapterError(f"fine-tuned weights {path.name} do not fit the base network: {exc}") from exc
-    state = payload["state_dict"]
     broken = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:  # a network of NaN answers nothing and poisons every retraining warm-started from it
         raise AdapterError(f"fine-tuned weights {path.name} hold NaN or infinite values ({', '.join(broken[:3])})")
     return network.eval()
+
+
+def _check_full_state(path: Path, state: Any, expected: Dict[str, torch.Tensor]) -> None:
+    """:class:`AdapterError` unless ``state`` is a dict of tensors, each floating point exactly where the
+    network's own is (``load_state_dict`` would silently turn integers into weights)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"fine-tuned weights file {path.name} is damaged: it holds no valid 'state_dict'")
+    for name, value in state.items():
+        own = expected.get(name)
+        if own is not None and value.is_floating_point() != own.is_floating_point():
+            raise AdapterError(
+                f"fine-tuned weights file {path.name} is damaged: {name} is {value.dtype}, where the network "
+                f"holds {own.dtype}"
+            )
 
 
 def version_network(

@@ -97,11 +97,48 @@ class VersionRecord:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> VersionRecord:
+        """A record read from the registry; :class:`RegistryError` naming the field when one is missing or
+        of the wrong type (a hand-edited ``"number": "2"`` would fail later, in a rollback's comparison)."""
+        if not isinstance(data, dict):
+            raise RegistryError(f"a version record is {type(data).__name__}, not an object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         try:
-            return cls(**known)
+            record = cls(**known)
         except TypeError as exc:
             raise RegistryError(f"invalid version record {data.get('id')!r}: {exc}") from exc
+        problem = record._type_problem()
+        if problem:
+            raise RegistryError(f"invalid version record {data.get('id')!r}: {problem}")
+        return record
+
+    def _type_problem(self) -> str:
+        """What is wrong with this record's field types ("" when nothing is)."""
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                return f"its {name} is {value!r}, not {_TYPE_NAMES[kinds]}"
+        for name in ("train_cases", "val_cases"):
+            if not all(isinstance(c, str) for c in getattr(self, name)):
+                return f"its {name} holds something other than case ids"
+        if self.status not in STATUSES:
+            return f"its status is {self.status!r}, not one of {', '.join(STATUSES)}"
+        if self.id != f"v{self.number}":
+            return f"its id {self.id!r} does not match its number {self.number}"
+        return ""
+
+
+_NUMBER = (int, float)
+_TEXT_OR_NONE = (str, type(None))
+# each field's types in a record read from registry.json (a bool is no number)
+_FIELD_TYPES: Dict[str, tuple] = {
+    "id": (str,), "number": (int,), "kind": (str,), "file": (str,), "base_identity": (str,),
+    "created_at": _NUMBER, "status": (str,), "val_dice": _NUMBER, "incumbent": _TEXT_OR_NONE,
+    "incumbent_dice": _NUMBER, "train_cases": (list,), "val_cases": (list,), "steps": (int,),
+    "train_seconds": _NUMBER, "trainable_parameters": (int,), "trainable_share": _NUMBER,
+    "warm_start": _TEXT_OR_NONE, "reason": (str,), "config": (dict,), "prompt_mix": (dict,), "job_id": _TEXT_OR_NONE,
+}  # fmt: skip
+_TYPE_NAMES = {(str,): "text", (int,): "an integer", _NUMBER: "a number", _TEXT_OR_NONE: "text or null",
+               (list,): "a list", (dict,): "an object"}  # fmt: skip
 
 
 @dataclass
@@ -286,11 +323,7 @@ class AdapterRegistry:
         stale, and the version is recorded as rejected instead of promoted.
         """
         with self._locked() as state:
-            number = state.next_number
-            while any(self.folder.glob(f"v{number}-*.pt")):
-                # a file the registry does not list: a writer killed before it could record its version,
-                # or versions of a registry file restored from an older copy. Kept, never replaced.
-                number += 1
+            number = self._free_number(state)
             version_id = f"v{number}"
             file_name = f"{version_id}-{kind}.pt"
             reason = str(fields.pop("reason", ""))
@@ -323,6 +356,18 @@ class AdapterRegistry:
                 **{"from": previous, "to": state.current, "version": version_id},
             )
         return record
+
+    def _free_number(self, state: RegistryState) -> int:
+        """The new version's number: after every recorded one (``next_number`` may lag behind them in a
+        registry edited by hand or restored from a copy: a second record of one id would leave it
+        unreadable), and past every ``v<n>-*.pt`` file the registry does not list (a writer killed before
+        it could record its version, or versions of a registry restored from an older copy: kept, never
+        replaced)."""
+        number = max([state.next_number, 1, *(record.number + 1 for record in state.versions)])
+        recorded = {record.id for record in state.versions}
+        while f"v{number}" in recorded or any(self.folder.glob(f"v{number}-*.pt")):
+            number += 1
+        return number
 
     def rollback(
         self,

@@ -18,9 +18,13 @@ Subjects: cases of one patient (ACDC's two frames, follow-up scans, several seri
 near-duplicates, and one in training would inflate the validation Dice of the other. A case that
 names a subject (``Datastore.subjects``) draws its number from the subject's name instead, so all
 cases of a subject rank together and land on the same side; everything above holds with subjects in
-place of cases (``min_val``/``max_val`` count subjects, each held out with all its cases), and a
-subject with any case a stored version was trained on never validates, even when that case has since
-left the usable set (the trainer looks up the subjects of every trained-on case still in the store).
+place of cases, each held out with all its cases, and a subject with any case a stored version was
+trained on never validates, even when that case has since left the usable set (the trainer looks up
+the subjects of every trained-on case still in the store). ``max_val`` still counts cases: subjects
+validate in rank order while their cases fit in it (so it bounds the validation's cost whatever a
+subject holds; the first that does not fit ends the validation set, so the split stays stable), and
+``min_val`` counts subjects (the units the validation score averages over); a split that cannot hold
+``min_val`` subjects within ``max_val`` cases is refused, naming what to change.
 A case without a subject is its own subject, with the number it always had: a store without subjects
 splits as before.
 
@@ -128,7 +132,7 @@ def holdout_split(
     cases an earlier version learned from, never chosen to validate, nor any case of their subjects.
     ``subjects``: each case's subject (missing or None: its own), for the cases given and for the
     ``trained_on`` cases that are not given (no longer usable): their subjects never validate either.
-    ``min_val`` and ``max_val`` count subjects."""
+    ``min_val`` counts subjects, ``max_val`` cases (see :func:`_validation_subjects`)."""
     if not 0.0 <= fraction < 1.0:
         raise TrainingError(f"the validation fraction must be in [0, 1), got {fraction}")
     if min_val < 1 or max_val < min_val:
@@ -149,9 +153,15 @@ def holdout_split(
         g for g in sorted(groups, key=lambda g: (number[g], min(groups[g])))
         if not trained.intersection(groups[g]) and g not in trained_subjects
     ]  # fmt: skip
-    below = [g for g in ranked if number[g] < fraction][:max_val]
-    n_val = max(len(below), min_val)
-    if n_val > len(ranked) and n_val < len(groups):
+    chosen = _validation_subjects(ranked, groups, number, fraction, min_val, max_val)
+    n_val = max(len(chosen), min_val)
+    if len(chosen) < min_val and n_val < len(groups):
+        if len(chosen) < len(ranked):  # the next subject in line does not fit in what max_val leaves
+            raise TrainingError(
+                f"max_val_cases is {max_val}, but at least {min_val} subject(s) must validate, each with all its "
+                f"cases: {len(chosen)} fitted ({sum(len(groups[g]) for g in chosen)} cases) and the next in line "
+                f"holds {len(groups[ranked[len(chosen)]])} cases; give a larger max_val_cases"
+            )
         if not by_subject:
             raise TrainingError(
                 f"{len(ids) - len(ranked)} of the {len(ids)} usable labelled cases were trained on by an earlier "
@@ -177,8 +187,29 @@ def holdout_split(
             f"each with all its cases (at least {min_val}, and every subject drawn below the validation fraction "
             f"{fraction:g}): submit a case of one more subject to train on"
         )
-    val = {c for g in ranked[:n_val] for c in groups[g]}
+    val = {c for g in chosen for c in groups[g]}
     return [c for c in ids if c not in val], [c for c in ids if c in val]
+
+
+def _validation_subjects(
+    ranked: Sequence[str], groups: Mapping[str, List[str]], number: Mapping[str, float], fraction: float,
+    min_val: int, max_val: int,
+) -> List[str]:
+    """The subjects that validate: the ranked ones from the first on, while each is drawn below
+    ``fraction`` or fewer than ``min_val`` are taken, and up to the first whose cases would take the
+    total past ``max_val`` (never one after it: so a subject that grows never lets a later one in,
+    and the split stays stable). A subject is never split, so ``max_val`` bounds the validation's
+    cases, its cost; ``min_val`` counts subjects, the units its score averages over. Without subjects
+    (one case each) this is the first ``max(below, min_val)`` ranked, as it always was."""
+    chosen: List[str] = []
+    cases = 0
+    for g in ranked:
+        wanted = number[g] < fraction or len(chosen) < min_val
+        if not wanted or cases + len(groups[g]) > max_val:
+            break
+        chosen.append(g)
+        cases += len(groups[g])
+    return chosen
 
 
 def foreground(labels: np.ndarray, label_value: Optional[int] = None) -> np.ndarray:

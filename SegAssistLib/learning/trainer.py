@@ -35,10 +35,15 @@ trained: the comparison would be impossible), the final one runs until ``REGISTR
 before the end. Training stops early enough to leave the final validation its clicks at the
 measured cost per click times ``VALIDATION_MARGIN``: the incumbent's cost at first, then, halfway
 through the training time, the candidate's own from one click on each held-out case (a network
-that segments answers far slower than a base model that segments nothing). A candidate whose
-validation could not finish is neither promoted nor registered, and the result says why. What can
-run past the budget: loading that alone exceeds it, one click slower than every click before it,
-and a registration slower than ``REGISTRATION_RESERVE_S``.
+that segments answers far slower than a base model that segments nothing). A step starts only if
+it is expected to end before then: the first as :func:`first_step_estimate` says (one timed forward
+pass, before any step), each later one as the slowest of the last ``RECENT_STEP_TIMES``; a budget
+too small for the first step ends the run untrained, and says so. A candidate whose validation
+could not finish is neither promoted nor registered, and the result says why (naming a training
+step that ran into the validation's time). What can run past the budget: loading that alone
+exceeds it, one click slower than every click before it, one training step slower than expected
+(the first than its estimate, a later one than the slowest recent one), and a registration slower
+than ``REGISTRATION_RESERVE_S``.
 
 This module does not change process settings (threads, priority): ``jobs`` does that in the
 separate process it starts, so that interactive inference keeps its core.
@@ -54,6 +59,7 @@ import os
 import secrets
 import time
 import uuid
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -104,9 +110,19 @@ VALIDATION_MARGIN = 1.5  # the final validation is budgeted at 1.5x its clicks a
 REGISTRATION_RESERVE_S = 0.5  # kept at the end of the budget for writing the version and the registry
 INCUMBENT_VALIDATION_SHARE = 0.4  # of the budget left after loading: the incumbent's validation at most
 PROBE_AT = 0.5  # of the training time: the candidate's cost per click is measured there
+# a step's passes, in forward passes without gradients: its correction rounds, then a forward with
+# gradients and the backward (about twice a forward); the first step's estimate counts them with a margin
+STEP_PASSES_BEYOND_ROUNDS = 3
+STEP_ESTIMATE_MARGIN = 1.5
+RECENT_STEP_TIMES = 20  # a step is expected to take as long as the slowest of this many last ones
 MAX_ADAPTER_RANK = 256  # a rank above a layer's own size is refused when the adapter is made
 MAX_NICE = 19  # POSIX's lowest priority
 GIB = 1024**3
+
+
+def max_threads() -> int:
+    """The most torch threads a job may use: this machine's cores (more only slows everything down)."""
+    return max(1, os.cpu_count() or 1)
 
 
 def _is_number(value: Any) -> bool:
@@ -114,12 +130,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_integer(name: str, value: Any, lowest: int, most: Optional[int] = None, name_range: bool = False) -> None:
-    """A whole number (an integral float too, as JSON may write one) from ``lowest`` (0 or 1) to ``most``.
-    The refusal names the range, or (without ``name_range``) below it or not whole, the sign."""
+def _check_integer(name: str, value: Any, lowest: int, most: Optional[int] = None, name_range: bool = False) -> int:
+    """``value`` as an ``int``: a whole number (an integral float too, as JSON may write one) from ``lowest``
+    (0 or 1) to ``most``. The refusal names the range, or (without ``name_range``) below it or not whole,
+    the sign. The caller stores the ``int`` back: ``range``, slices and ``torch.set_num_threads`` refuse
+    a float."""
     whole = _is_number(value) and float(value).is_integer()
     if whole and value >= lowest and (most is None or value <= most):
-        return
+        return int(value)
     if most is not None and (name_range or (whole and value > most)):
         raise TrainingError(f"{name} must be an integer from {lowest} to {most}, got {value!r}")
     raise TrainingError(f"{name} must be a {'positive' if lowest else 'non-negative'} integer, got {value!r}")
@@ -127,7 +145,8 @@ def _check_integer(name: str, value: Any, lowest: int, most: Optional[int] = Non
 
 @dataclass
 class AdapterTrainConfig:
-    """Settings of one training run. ``rank``/``lora_rank``/``alpha``: see ``apply_adapter``."""
+    """Settings of one training run. ``rank``/``lora_rank``/``alpha``: see ``apply_adapter``; ``lora_rank``
+    is SALT's alone, and kind ``full`` takes none of the three (:meth:`check` refuses what the kind ignores)."""
 
     kind: str = "salt"
     rank: Optional[int] = None
@@ -141,8 +160,8 @@ class AdapterTrainConfig:
     max_correction_rounds: int = 3
     corrupt_share: float = 0.3
     val_fraction: float = 0.2
-    min_val_cases: int = 1
-    max_val_cases: int = 8
+    min_val_cases: int = 1  # the fewest subjects (patients) held out, each with all its cases
+    max_val_cases: int = 8  # the most held-out cases (whole subjects only), up to MAX_VAL_CASES (200)
     val_clicks: int = 3  # 1 to MAX_VAL_CLICKS (20)
     validate_every: int = 0  # steps between progress validations (0: only before and after)
     min_improvement: float = 0.0  # promote only if val Dice > incumbent's + this
@@ -150,7 +169,7 @@ class AdapterTrainConfig:
     label_value: Optional[int] = None  # None: every labelled voxel is the structure
     seed: Optional[int] = None  # None: a new seed per run, recorded with the version's config
     device: str = "cpu"  # "cuda" for a GPU: training and validation run there
-    threads: int = 1  # applied by the background job (see jobs), not by run_training
+    threads: int = 1  # applied by the background job (see jobs), not by run_training; at most the cores
     nice: int = 10  # idem: the job's CPU priority below interactive inference (POSIX), 0 to MAX_NICE
     status_every_s: float = 0.5
     # the cases held in memory for the run (see traindata's "Memory"): the validation cases first, then
@@ -158,28 +177,30 @@ class AdapterTrainConfig:
     max_case_memory_gib: float = 6.0
 
     def check(self) -> AdapterTrainConfig:
-        """This config, each setting checked (type and range); a bad one raises :class:`TrainingError`
-        naming it, before a job starts rather than in its worker."""
+        """This config, each setting checked (type and range, and whether the kind uses it) and each integer
+        setting stored back as an ``int``; a bad one raises :class:`TrainingError` naming it, before a job
+        starts rather than in its worker."""
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise TrainingError(f"unknown training kind {self.kind!r} (known: {', '.join(KINDS)})")
         bounded = (("batch_size", 1, MAX_TRAIN_BATCH_SIZE), ("val_clicks", 1, MAX_VAL_CLICKS),
-                   ("max_val_cases", 1, MAX_VAL_CASES), ("max_steps", 1, None), ("threads", 1, None),
+                   ("max_val_cases", 1, MAX_VAL_CASES), ("max_steps", 1, None), ("threads", 1, max_threads()),
                    ("min_val_cases", 1, None), ("validate_every", 0, None), ("max_correction_rounds", 0, None),
                    ("nice", 0, MAX_NICE))  # fmt: skip
         for name, lowest, most in bounded:  # the bounds as the HTTP API's
-            _check_integer(name, getattr(self, name), lowest, most, name_range=name == "nice")
+            named = name in ("nice", "threads")
+            setattr(self, name, _check_integer(name, getattr(self, name), lowest, most, name_range=named))
         if self.min_val_cases > self.max_val_cases:
             raise TrainingError(
                 f"min_val_cases ({self.min_val_cases}) must not be above max_val_cases ({self.max_val_cases})"
             )
         if self.label_value is not None:  # labels are stored as 8-bit values; 0 is the background
-            _check_integer("label_value", self.label_value, 1, 255, name_range=True)
-        if self.seed is not None and not is_seed(self.seed):
-            raise TrainingError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
+            self.label_value = _check_integer("label_value", self.label_value, 1, 255, name_range=True)
+        if self.seed is not None:
+            if not is_seed(self.seed):
+                raise TrainingError(f"seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
+            self.seed = int(self.seed)  # numpy's integers too: recorded in JSON with the version
         self._check_numbers()
-        for name, lowest in (("rank", 1), ("lora_rank", 0)):  # lora_rank 0: SALT without its low-rank part
-            if getattr(self, name) is not None:
-                _check_integer(name, getattr(self, name), lowest, MAX_ADAPTER_RANK, name_range=True)
+        self._check_kind_settings()
         if not isinstance(self.warm_start, bool):
             raise TrainingError(f"warm_start must be true or false, got {self.warm_start!r}")
         if not isinstance(self.device, str):
@@ -189,6 +210,26 @@ class AdapterTrainConfig:
         except DeviceError as exc:
             raise TrainingError(str(exc)) from None
         return self
+
+    def _check_kind_settings(self) -> None:
+        """The adapter's ranks (1 to ``MAX_ADAPTER_RANK``, as the command line and the HTTP API take them),
+        and none the kind does not use: it would be ignored, yet recorded in the version's config."""
+        for name in ("rank", "lora_rank"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _check_integer(name, getattr(self, name), 1, MAX_ADAPTER_RANK, name_range=True))
+        if self.kind == FULL:
+            unused = [name for name in ("rank", "lora_rank", "alpha") if getattr(self, name) is not None]
+            if unused:
+                raise TrainingError(
+                    f"{' and '.join(unused)} {'are adapter settings' if len(unused) > 1 else 'is an adapter setting'}"
+                    f": kind 'full' trains every weight of the network; leave {'them' if len(unused) > 1 else 'it'} "
+                    "out, or train kind 'salt' or 'lora'"
+                )
+        if self.kind == "lora" and self.lora_rank is not None:
+            raise TrainingError(
+                "lora_rank is a SALT setting (the rank of its low-rank update): for kind 'lora' give its rank as "
+                "rank, and leave lora_rank out"
+            )
 
     def _check_numbers(self) -> None:
         if not (_is_number(self.time_budget_s) and 0 < self.time_budget_s <= MAX_TRAIN_BUDGET_S):
@@ -495,6 +536,61 @@ class _ValidationBudget:
         return VALIDATION_MARGIN * self.per_click * self.clicks
 
 
+def first_step_estimate(network: torch.nn.Module, cfg: AdapterTrainConfig, patch: int) -> float:
+    """What the first training step may take, before any was taken: one forward pass of ``network`` on a
+    batch of the step's shape, timed, for each pass a step makes at most (``max_correction_rounds`` and
+    ``STEP_PASSES_BEYOND_ROUNDS``), with ``STEP_ESTIMATE_MARGIN``. Without gradients, in eval mode and
+    on zeros: it draws nothing from a random generator, so a seeded run's weights stay the same."""
+    device = next(network.parameters()).device
+    zeros = [torch.zeros((patch,) * 3)] * cfg.batch_size
+    x = _inputs(zeros, zeros, [[] for _ in zeros], patch).to(device)
+    was_training = network.training
+    network.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        network(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    network.train(was_training)
+    return STEP_ESTIMATE_MARGIN * seconds * (cfg.max_correction_rounds + STEP_PASSES_BEYOND_ROUNDS)
+
+
+class _StepCost:
+    """What the next training step is expected to take: the estimate before the first one, then the
+    slowest of the last ``RECENT_STEP_TIMES`` (not their median: a step runs 0 to ``max_correction_rounds``
+    correction rounds, and one that starts with only a typical step's time left overruns)."""
+
+    def __init__(self, estimate: float) -> None:
+        self.estimate = estimate
+        self.last = 0.0
+        self._recent: deque = deque(maxlen=RECENT_STEP_TIMES)
+
+    def done(self, seconds: float) -> None:
+        self.last = seconds
+        self._recent.append(seconds)
+
+    def next(self) -> float:
+        return max(self._recent) if self._recent else self.estimate
+
+
+def _unfinished_reason(
+    cfg: AdapterTrainConfig, validation: ValidationResult, steps: int, late: float, step_cost: _StepCost
+) -> str:
+    """Why the candidate's validation did not finish, and what to change: when training ran into the
+    time kept for it (a step slower than expected), fewer validation clicks would not have helped."""
+    said = (
+        f"the candidate's validation did not finish within the time budget of {cfg.time_budget_s:.0f} s "
+        f"({_scored(validation)} after {steps} training steps): not promoted, nothing registered; "
+    )
+    if late > 0:
+        return said + (
+            f"the last training step took {step_cost.last:.1f} s and ran {late:.1f} s into the time kept for the "
+            f"validation; give a larger time_budget_s"
+        )
+    return said + "give a larger time_budget_s, or fewer val_clicks or max_val_cases"
+
+
 def _scored(validation: ValidationResult) -> str:
     return f"{len(validation.per_case)} of {validation.cases} cases scored in {validation.seconds:.1f} s"
 
@@ -716,9 +812,10 @@ def run_training(
 
     t_train0 = time.perf_counter()
     probe_at = t_train0 + PROBE_AT * (train_end() - t_train0)
+    step_cost = _StepCost(first_step_estimate(candidate.network, cfg, patch))
     schedule = CosineSchedule(cfg.lr, cfg.max_steps, floor=0.05)
     losses: List[float] = []
-    step, cancelled, last_val = 0, False, None
+    step, cancelled, last_val, late = 0, False, None, 0.0
     status.update(force=True, phase="training", warm_start=candidate.warm_from,
                   trainable_parameters=candidate.trainable, trainable_share=candidate.share)
     while step < cfg.max_steps:
@@ -738,7 +835,7 @@ def run_training(
             budget.measure(probe)
             status.update(validation_seconds_per_click=budget.per_click)
             now = time.perf_counter()
-        if now + schedule.pace() > train_end():  # the next step would overrun
+        if now + step_cost.next() > train_end():  # the next step would eat into the final validation's time
             break
         lr = schedule.rate(now - t_train0, train_end() - t_train0)
         t_step = time.perf_counter()
@@ -750,7 +847,10 @@ def run_training(
                 f"(this run: {cfg.lr:g})"
             ) from None
         step += 1
-        schedule.done(time.perf_counter() - t_step)
+        step_seconds = time.perf_counter() - t_step
+        schedule.done(step_seconds)
+        step_cost.done(step_seconds)
+        late = time.perf_counter() - train_end()  # > 0: this step ate into the final validation's time
         status.update(step=step, loss=losses[-1], loss_avg=float(np.mean(losses[-20:])), lr=lr,
                       elapsed_s=elapsed(), train_seconds=time.perf_counter() - t_train0)
         due = bool(cfg.validate_every) and step % cfg.validate_every == 0 and step < cfg.max_steps
@@ -779,8 +879,11 @@ def run_training(
         result.state = "done"
         return _finish(
             status, result, t_start,
-            f"no training step fitted in the time budget of {cfg.time_budget_s:.0f} s (loading and "
-            f"validation took {elapsed():.1f} s): nothing registered",
+            f"the time budget of {cfg.time_budget_s:.0f} s was too small for even one training step (loading and "
+            f"the validation of {version_label(incumbent)} took {elapsed():.1f} s; a step of batch_size "
+            f"{cfg.batch_size} is expected to take about {step_cost.estimate:.1f} s, and "
+            f"{max(0.0, train_end() - t_train0):.1f} s were left for training once the final validation's time "
+            f"was kept): nothing registered; give a larger time_budget_s, or a smaller batch_size",
         )
 
     broken = _non_finite_parameters(candidate)
@@ -797,12 +900,7 @@ def run_training(
         return _finish(status, result, t_start, "cancelled")
     if not cand_val.finished:
         result.state = "done"
-        return _finish(
-            status, result, t_start,
-            f"the candidate's validation did not finish within the time budget of {cfg.time_budget_s:.0f} s "
-            f"({_scored(cand_val)} after {step} training steps): not promoted, nothing registered; give a larger "
-            f"time_budget_s, or fewer val_clicks or max_val_cases",
-        )
+        return _finish(status, result, t_start, _unfinished_reason(cfg, cand_val, step, late, step_cost))
     result.val_dice = cand_val.dice
     # from here to the final status the job records its result: the watchdog waits for it (status_lock)
     with status.lock:  # status_lock (or no lock), as for each status write

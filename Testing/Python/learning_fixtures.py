@@ -133,3 +133,13 @@ SCHEMA_2_DDL = SCHEMA_1_DDL.replace(
     "    updated_at REAL NOT NULL\n);", "    updated_at REAL NOT NULL,\n    subject TEXT\n);", 1
 )
 assert SCHEMA_2_DDL.count("subject TEXT") == 1  # the replacement above found its place
+
+
+def adapter_settings(defaults: dict, overrides: dict) -> dict:
+    """``defaults`` updated by ``overrides``, less the defaults the chosen kind does not take
+    (``AdapterTrainConfig.check`` refuses ``lora_rank`` unless the kind is salt, and ``rank``,
+    ``lora_rank`` and ``alpha`` for full): a test helper's small ranks suit every kind."""
+    settings = {**defaults, **overrides}
+    kind = settings.get("kind", "lora")
+    unused = {"rank", "lora_rank", "alpha"} if kind == "full" else set() if kind == "salt" else {"lora_rank"}
+    return {k: v for k, v in settings.items() if k in overrides or k not in unused}

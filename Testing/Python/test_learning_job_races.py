@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from learning_fixtures import make_store, one_thread, tiny_checkpoint  # noqa: F401  (autouse fixture)
+from learning_fixtures import adapter_settings, make_store, one_thread, tiny_checkpoint  # noqa: F401  (autouse fixture)
 
 from SegAssistLib.learning import jobs
 from SegAssistLib.learning.jobs import get_job, list_jobs, start_training
@@ -43,9 +43,9 @@ def setup(tmp_path: Path):
 
 def quick(**kw) -> dict:
     """A few steps on the tiny network, one click per validation case; promoted whatever it scores."""
-    base = dict(kind="lora", rank=2, lora_rank=2, max_steps=3, time_budget_s=600.0, val_clicks=1, seed=0,
-                nice=0, min_improvement=-1.0)
-    base.update(kw)
+    defaults = dict(kind="lora", rank=2, lora_rank=2, max_steps=3, time_budget_s=600.0, val_clicks=1, seed=0,
+                    nice=0, min_improvement=-1.0)
+    base = adapter_settings(defaults, kw)
     return AdapterTrainConfig(**base).to_dict()
 
 

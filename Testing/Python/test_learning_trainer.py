@@ -19,6 +19,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from learning_fixtures import (
+    adapter_settings,
     make_store,
     one_thread,  # noqa: F401  (autouse fixture)
     synthetic_case,
@@ -51,8 +52,8 @@ def setup(tmp_path: Path):
 
 def quick(**kw) -> AdapterTrainConfig:
     """A run of a few seconds on the tiny network."""
-    base = dict(kind="lora", rank=2, lora_rank=2, max_steps=12, time_budget_s=60.0, val_clicks=2, seed=0)
-    base.update(kw)
+    defaults = dict(kind="lora", rank=2, lora_rank=2, max_steps=12, time_budget_s=60.0, val_clicks=2, seed=0)
+    base = adapter_settings(defaults, kw)
     return AdapterTrainConfig(**base)
 
 
@@ -364,7 +365,7 @@ def test_bad_requests_fail_clearly(tmp_path: Path, setup):
     for field_, bad in (("rank", 0), ("rank", 10**6), ("rank", 2.5), ("lora_rank", -1)):
         with pytest.raises(TrainingError, match=f"{field_} must be an integer"):
             AdapterTrainConfig(kind="salt", **{field_: bad}).check()
-    AdapterTrainConfig(kind="salt", rank=8, lora_rank=0, alpha=2.0).check()
+    AdapterTrainConfig(kind="salt", rank=8, lora_rank=1, alpha=2.0).check()
     with pytest.raises(TrainingError, match="checkpoint not found"):
         start_training(store_root, tmp_path / "missing.pt")
     with pytest.raises(TrainingError, match="no SegAssist datastore"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from learning_fixtures import make_store, one_thread, tiny_checkpoint  # noqa: F401  (autouse fixture)
+from learning_fixtures import adapter_settings, make_store, one_thread, tiny_checkpoint  # noqa: F401  (autouse fixture)
 
 from SegAssistLib.engine.builtin import BuiltinEngine, BuiltinSession
 from SegAssistLib.learning import trainer as trainer_module
@@ -58,10 +58,10 @@ def slow_clicks(monkeypatch):
 
 
 def settings(**kw) -> AdapterTrainConfig:
-    base = dict(
+    defaults = dict(
         kind="lora", rank=2, lora_rank=2, max_steps=100_000, val_clicks=2, val_fraction=0.5, max_val_cases=4, seed=0
     )
-    base.update(kw)
+    base = adapter_settings(defaults, kw)
     return AdapterTrainConfig(**base)
 
 

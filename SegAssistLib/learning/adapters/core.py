@@ -244,6 +244,8 @@ class AdapterSet:
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise AdapterError(f"adapter parameter {name}: expected shape {tuple(p.shape)}, got {got}")
+            if not value.is_floating_point():  # copied into a float parameter, integers would pass unnoticed
+                raise AdapterError(f"adapter parameter {name}: expected floating point values, got {value.dtype}")
             if not torch.isfinite(value).all():
                 raise AdapterError(f"adapter parameter {name} holds NaN or infinite values")
         was_merged = self.merged
@@ -292,8 +294,22 @@ class AdapterSet:
         return self.network
 
     def _check_alive(self) -> None:
+        """:class:`AdapterError` once the adapter is off its network: removed through this handle, or by
+        :func:`remove_adapters` (then each layer's base module is back in its place, and a merge through
+        this handle would change what looks like a plain base network)."""
+        if not self._removed and not all(self._in_place(name, layer) for name, layer in self.layers.items()):
+            self._removed = True
         if self._removed:
-            raise AdapterError("this adapter was removed from its network")
+            raise AdapterError(
+                "this adapter was removed from its network (its remove(), or remove_adapters): apply or load it "
+                "again to use it"
+            )
+
+    def _in_place(self, name: str, layer: AdaptedLayer) -> bool:
+        try:
+            return self.network.get_submodule(name) is layer
+        except AttributeError:
+            return False
 
     def summary(self) -> Dict[str, Any]:
         return {
