@@ -11,17 +11,20 @@ Kinds:
   thickness (drawn on an axial, coronal or sagittal slice) and a 3D box otherwise; an axis thinner
   than a voxel but not flat still holds one voxel. A box drawn on an
   oblique slice is sent as a 4-vertex ``lasso``: both say "the object lies within this outline".
-- ``scribble``: a positive or negative stroke drawn on a slice of any orientation.
+- ``scribble``: a positive or negative stroke drawn on a slice of any orientation. Negative: the
+  answer to it has none of its voxels set (an edit, not only a hint to the network).
 - ``lasso``: a closed, planar polygon drawn on a slice of any orientation. Positive: the object's
-  outline on that slice lies close to it. Negative: everything inside is background.
+  outline on that slice lies close to it. Negative: everything inside is background (erased, as a
+  negative scribble's voxels are). Its vertices may lie past the image's edge (:func:`lasso_in_image`).
 - ``mask``: an initial mask, stored compressed in the log, which becomes the current result.
 
 A scribble or lasso comes in one of two forms: ``points`` (the polyline or polygon vertices, as
 drawn) or ``slab`` (a :class:`Slab`: the voxels it covers on its slice, as a small bit-packed box
 one voxel thick plus its offset). :func:`to_slab` turns the first into the second; the remote
-client sends scribbles of width 2 (:data:`WIDE_SCRIBBLE_WIDTH`) or more, and strokes reaching past
-the image, as slabs, and lassos and thinner scribbles as drawn (so that the engine draws them as it
-does in-process), so what travels is a 2D stroke, never a volume.
+client sends scribbles of width 2 (:data:`WIDE_SCRIBBLE_WIDTH`) or more, and lassos reaching past
+the image, as slabs, and other lassos and thinner scribbles as drawn (so that the engine draws them
+as it does in-process), so what travels is a 2D stroke, never a volume. A scribble with a vertex
+past the image is refused in-process and sent as drawn, so the server refuses it alike.
 
 The prompt log that records a session's prompts is :mod:`SegAssistLib.prompt_log`; the voxels of a
 stroke, :mod:`SegAssistLib.stroke_voxels`; the limits on a prompt's size, :mod:`SegAssistLib.prompt_limits`.
@@ -35,7 +38,6 @@ import base64
 import binascii
 import json
 import zlib
-from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Callable, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -67,7 +69,7 @@ from SegAssistLib.prompt_limits import MAX_SLAB_AXIS as MAX_SLAB_AXIS
 from SegAssistLib.prompt_limits import MAX_SLAB_OFFSET as MAX_SLAB_OFFSET
 from SegAssistLib.prompt_limits import MAX_SLAB_VOXELS as MAX_SLAB_VOXELS
 from SegAssistLib.prompt_limits import MAX_STROKE_VERTICES as MAX_STROKE_VERTICES
-from SegAssistLib.stroke_voxels import _lasso_box, _scribble_budget_error
+from SegAssistLib.stroke_voxels import VOXEL_CACHE_BYTES, ByteBudgetCache, _lasso_box, _scribble_budget_error
 from SegAssistLib.stroke_voxels import scribble_voxels as scribble_voxels
 
 if TYPE_CHECKING:  # for type checkers: what __getattr__ at the end of this module gives at run time
@@ -358,13 +360,16 @@ class Slab(BaseModel):
         return _unpack_bits(self.data, self.shape, "slab")
 
     def voxels_kji(self) -> np.ndarray:
-        """``(N, 3)`` int array of the set voxels, image array indices ``[k, j, i]`` (read-only)."""
-        return np.frombuffer(self._voxel_bytes, np.int64).reshape(-1, 3)
+        """``(N, 3)`` int array of the set voxels, image array indices ``[k, j, i]`` (read-only).
 
-    @cached_property
+        The engine asks in every window of every click: the list (24 bytes a voxel) is kept in a
+        process-wide cache bounded by :data:`~SegAssistLib.stroke_voxels.VOXEL_CACHE_BYTES`, not on
+        the slab, which a session holds for its life (a slab of a 1024 x 1024 slice, a 300-byte
+        request, held 24 MB)."""
+        key = (tuple(int(n) for n in self.offset), tuple(int(n) for n in self.shape), self.data)
+        return np.frombuffer(_SLAB_VOXELS.get(key, self._voxel_bytes, len(self.data)), np.int64).reshape(-1, 3)
+
     def _voxel_bytes(self) -> bytes:
-        # decoded once per slab (the engine asks in every window); bytes, so that equality of two
-        # slabs, which compares their __dict__ first, works whether or not either has decoded
         return (np.argwhere(self.to_box()) + np.asarray(self.offset, np.int64)).astype(np.int64).tobytes()
 
     def bounds(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -422,6 +427,9 @@ class Slab(BaseModel):
             else:
                 step /= 2.0
         return best
+
+
+_SLAB_VOXELS = ByteBudgetCache(VOXEL_CACHE_BYTES)  # Slab.voxels_kji's, by the slab's content
 
 
 class _PolyPrompt(_Prompt):

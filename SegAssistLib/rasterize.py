@@ -8,6 +8,8 @@ full images.
 Memory is bounded whatever the coordinates: polylines, polygon candidates and the inside test are
 handled in chunks of at most :data:`CHUNK_ROWS` rows, so no working array grows with the length of
 a stroke or the size of a polygon's bounding box (the voxels drawn are the same as in one pass).
+Time is bounded too: a polygon reaching far past the grid is clipped to the grid (widened by
+:data:`POLYGON_CLIP_MARGIN`) before its outline is drawn (:func:`clip_polygon_to_box`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from typing import Iterator, Sequence, Tuple
 import numpy as np
 
 CHUNK_ROWS = 1 << 18  # points (or candidate voxels) a chunked rasteriser handles at once: ~6 MB per (N, 3) array
+#: voxels: a polygon with a vertex farther than this past the grid it is filled on is first clipped to the
+#: grid widened by this much (:func:`fill_planar_polygon`): its outline was drawn every half voxel along its
+#: whole length, so a lasso with vertices 1e7 voxels out took half a minute, and one at 1e19 never ended.
+#: Polygons within it (every lasso drawn on an image) are filled exactly as they always were.
+POLYGON_CLIP_MARGIN = 4096.0
 
 
 def _ball_offsets(radius: float) -> np.ndarray:
@@ -212,6 +219,46 @@ def _near_plane_chunks(
         yield grid[near], rel[near]
 
 
+def _clip_half_space(poly: np.ndarray, axis: int, bound: float, below: bool) -> np.ndarray:
+    """One Sutherland-Hodgman step: the closed polygon ``poly`` ``(N, 3)`` cut to the half-space
+    ``x[axis] <= bound`` (``below``) or ``x[axis] >= bound``. Each crossing point is interpolated from
+    the edge's end nearer the bound (the other may lie 1e19 voxels away) and put on the bound exactly."""
+    x = poly[:, axis]
+    inside = x <= bound if below else x >= bound
+    if inside.all() or not inside.any():
+        return poly if inside.all() else poly[:0]
+    nxt = np.roll(poly, -1, axis=0)
+    crossing = inside != np.roll(inside, -1)
+    p, q = poly[crossing], nxt[crossing]
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = (bound - p[:, axis]) / (q[:, axis] - p[:, axis])
+        from_p = p + t[:, None] * (q - p)
+        from_q = q + (1.0 - t)[:, None] * (p - q)
+    point = np.where((t <= 0.5)[:, None], from_p, from_q)
+    point[:, axis] = bound
+    rows = np.zeros((len(poly), 2, 3))
+    rows[:, 0] = poly
+    rows[crossing, 1] = point
+    keep = np.stack([inside, crossing], axis=1)  # each vertex kept, then the crossing of its edge
+    return rows[keep]
+
+
+def clip_polygon_to_box(vertices: Sequence[Sequence[float]], lo: Sequence[float], hi: Sequence[float]) -> np.ndarray:
+    """The part of a closed polygon ``(N, 3)`` inside the box ``lo <= x <= hi``, as a closed polygon
+    (Sutherland-Hodgman, one of the box's six half-spaces at a time); empty when none.
+
+    A planar polygon stays planar, and every point inside the box keeps its winding number (what
+    is cut away, with the piece of the box's face that replaces it, is a loop outside the box), so
+    both fill rules of :func:`points_in_polygon` answer there as for the whole polygon.
+    """
+    poly = np.asarray(vertices, float).reshape(-1, 3)
+    for axis in range(3):
+        for bound, below in ((float(lo[axis]), False), (float(hi[axis]), True)):
+            if len(poly):
+                poly = _clip_half_space(poly, axis, bound, below)
+    return poly
+
+
 def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) -> None:
     """Fill a closed polygon that lies on a plane of any orientation, one voxel thick.
 
@@ -220,14 +267,25 @@ def fill_planar_polygon(out: np.ndarray, vertices: Sequence[Sequence[float]]) ->
     nonzero winding rule (:func:`points_in_polygon`): where a hand-drawn outline overlaps itself
     (its end overshooting its start) the area it goes around twice is filled, not left a hole.
     The outline itself is drawn too, so thin polygons never vanish. The bounding box (clipped to
-    ``out``) is scanned in chunks of columns, so memory does not grow with its size.
+    ``out``) is scanned in chunks of columns, so memory does not grow with its size. A polygon with
+    a vertex more than :data:`POLYGON_CLIP_MARGIN` voxels past ``out`` is clipped to ``out`` widened
+    by that margin first (on its own plane), so the time does not grow with how far it reaches.
     """
     verts = np.asarray(vertices, float).reshape(-1, 3)
     centre = verts.mean(0)
     _, _, vt = np.linalg.svd(verts - centre, full_matrices=len(verts) < 3)  # V only: no (n, n) U
     u, v, normal = vt[0], vt[1], vt[2]
-    lo = np.maximum(np.floor(verts.min(0)).astype(int) - 1, 0)
-    hi = np.minimum(np.ceil(verts.max(0)).astype(int) + 2, out.shape)
+    reach_lo = np.full(3, -POLYGON_CLIP_MARGIN)
+    reach_hi = np.asarray(out.shape, float) - 1.0 + POLYGON_CLIP_MARGIN
+    if np.any(verts < reach_lo) or np.any(verts > reach_hi):
+        verts = clip_polygon_to_box(verts, reach_lo, reach_hi)
+        if len(verts) < 3:  # the plane misses the widened grid, or only touches its faces: nothing near out
+            return
+        near = verts.mean(0)
+        centre = near - float((near - centre) @ normal) * normal  # the same plane, through a point near out
+    # bounds in float before the cast: a vertex beyond int64 (1e19) wrapped to the other side
+    lo = np.maximum(np.floor(verts.min(0)) - 1, 0).astype(int)
+    hi = np.minimum(np.ceil(verts.max(0)) + 2, out.shape).astype(int)
     if np.any(hi <= lo):
         return
     polygon_2d = np.stack([(verts - centre) @ u, (verts - centre) @ v], 1)

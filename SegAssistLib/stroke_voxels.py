@@ -10,8 +10,9 @@ time: a stroke beyond :mod:`SegAssistLib.prompt_limits` is refused before it is 
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable, Hashable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -19,10 +20,55 @@ from SegAssistLib import rasterize
 from SegAssistLib.errors import PromptError
 from SegAssistLib.prompt_limits import MAX_SCRIBBLE_POINTS, MAX_SCRIBBLE_SAMPLES, MAX_SLAB_AXIS, MAX_SLAB_VOXELS
 
-if TYPE_CHECKING:  # a type only: prompts imports this module
-    from SegAssistLib.prompts import ScribblePrompt
+if TYPE_CHECKING:  # types only: prompts imports this module
+    from SegAssistLib.prompts import LassoPrompt, ScribblePrompt
 
 _SCRIBBLE_CHUNK_POINTS = 2**18  # points rounded at once: ~6 MB per working array
+
+#: bytes of voxel lists each process keeps of the strokes it drew (:func:`scribble_voxels`) and, apart,
+#: of the slabs it decoded (:meth:`~SegAssistLib.prompts.Slab.voxels_kji`): 24 bytes a voxel, so a
+#: cache counted in entries (or a list held on each prompt for a session's life) grew without bound
+VOXEL_CACHE_BYTES = 64 << 20
+
+
+class ByteBudgetCache:
+    """Bytes values made once per key and kept while their total size, with what their keys hold,
+    stays within ``max_bytes`` (the least recently used go first); a value above a quarter of it is
+    made each time it is asked for and never kept. Thread-safe: a server's sessions share one."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Hashable, Tuple[bytes, int]] = OrderedDict()
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held_bytes(self) -> int:
+        """What the kept values and their keys hold, as counted."""
+        return self._held
+
+    def get(self, key: Hashable, make: Callable[[], bytes], key_bytes: int = 0) -> bytes:
+        """The value of ``key``, made by ``make()`` when not kept; ``key_bytes``: what the key holds."""
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+                return found[0]
+        value = make()  # outside the lock: another thread's lookups do not wait for it
+        size = len(value) + int(key_bytes)
+        if size <= self.max_bytes // 4:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = (value, size)
+                    self._held += size
+                    while self._held > self.max_bytes:
+                        self._held -= self._items.popitem(last=False)[1][1]
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._held = 0
 
 
 def _stroke_plane_axes(verts_kji: np.ndarray, normal_kji: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -166,22 +212,26 @@ def _scribble_voxels(verts_kji: np.ndarray, width: float, normal_kji: Optional[n
     return out
 
 
-def _lasso_box(verts_kji: np.ndarray, image_shape: Sequence[int]) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def _lasso_box(
+    verts_kji: np.ndarray, image_shape: Sequence[int], slab_limits: bool = True
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """A filled planar polygon, outline included (``fill_planar_polygon``), drawn on a grid the size
     of its bounding box (clipped to the image) only: (the boolean box, its offset), or None when the
     box misses the image.
 
-    Raises :class:`PromptError` before drawing when the polygon's voxels could not fit a slab
-    (:data:`MAX_SLAB_AXIS`, :data:`MAX_SLAB_VOXELS`): the voxel nearest each vertex inside the
-    image is drawn, so their extent is a lower bound of the slab's box.
+    With ``slab_limits``, raises :class:`PromptError` before drawing when the polygon's voxels could
+    not fit a slab (:data:`MAX_SLAB_AXIS`, :data:`MAX_SLAB_VOXELS`): the voxel nearest each vertex
+    inside the image is drawn, so their extent is a lower bound of the slab's box.
     """
     shape = np.asarray(image_shape, np.int64)
-    lo = np.maximum(np.floor(verts_kji.min(0)).astype(np.int64) - 1, 0)
-    hi = np.minimum(np.ceil(verts_kji.max(0)).astype(np.int64) + 2, shape)
+    # clipped in float before the cast: a vertex beyond int64 (1e19) wrapped, and a lasso enclosing
+    # the image was refused as lying outside it
+    lo = np.maximum(np.floor(verts_kji.min(0)) - 1, 0).astype(np.int64)
+    hi = np.minimum(np.ceil(verts_kji.max(0)) + 2, shape).astype(np.int64)
     if np.any(hi <= lo):
         return None
     held = verts_kji[np.all((verts_kji >= 0) & (verts_kji <= shape - 1), axis=1)]
-    if len(held):
+    if slab_limits and len(held):
         # a margin of a voxel for rounding: the voxel drawn nearest a vertex is within 0.5 (+ float error)
         least = np.maximum(np.ceil(held.max(0) - 0.51) - np.floor(held.min(0) + 0.51) + 1, 1).astype(np.int64)
         if np.any(least > MAX_SLAB_AXIS) or int(np.prod(least)) > MAX_SLAB_VOXELS:
@@ -194,31 +244,53 @@ def _lasso_box(verts_kji: np.ndarray, image_shape: Sequence[int]) -> Optional[Tu
     return local, lo
 
 
-def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int]) -> np.ndarray:
+def _lasso_voxels(verts_kji: np.ndarray, image_shape: Sequence[int], slab_limits: bool = True) -> np.ndarray:
     """Voxels (array order) of a filled planar polygon, outline included (``fill_planar_polygon``),
-    drawn on a grid the size of its bounding box only."""
-    drawn = _lasso_box(verts_kji, image_shape)
+    drawn on a grid the size of its bounding box (clipped to the image) only."""
+    drawn = _lasso_box(verts_kji, image_shape, slab_limits)
     if drawn is None:
         return np.zeros((0, 3), np.int64)
     local, lo = drawn
     return np.argwhere(local) + lo
 
 
+def stroke_voxels_in_image(prompt: Union[ScribblePrompt, LassoPrompt], image_shape: Sequence[int]) -> np.ndarray:
+    """The voxels (array order ``[k, j, i]``, ``(N, 3)``) a scribble or lasso covers in the image of
+    ``image_shape``: its slab's, or for the points form those its slab would hold
+    (:func:`~SegAssistLib.prompts.to_slab`: a scribble's with its width, a lasso's polygon filled,
+    outline included, both cropped to the image). Unlike a slab, not bounded by the slab's size
+    limits: an oblique lasso across a whole CT covers a larger box than a slab may hold."""
+    if prompt.slab is not None:
+        return prompt.slab.voxels_kji()
+    shape = np.asarray(tuple(image_shape), np.int64)
+    if prompt.kind == "lasso":
+        return _lasso_voxels(np.asarray(prompt.points, float)[:, ::-1], shape, slab_limits=False)
+    voxels = scribble_voxels(prompt)
+    return voxels[np.all((voxels >= 0) & (voxels < shape), axis=1)]
+
+
 def scribble_voxels(prompt: ScribblePrompt) -> np.ndarray:
     """The voxels (array order ``[k, j, i]``, not clipped to any image, read-only) of a scribble in
-    points form with its width, as :func:`~SegAssistLib.prompts.to_slab` draws them; computed once per prompt."""
+    points form with its width, as :func:`~SegAssistLib.prompts.to_slab` draws them; drawn once per
+    stroke while they fit :data:`VOXEL_CACHE_BYTES` with the other strokes'.
+
+    Kept by the stroke's content, not on the (frozen) prompt, so that copies, equality and pickles
+    of prompts stay as they are: the engine draws every earlier stroke again in each window of each
+    click, and the edge snap once more."""
     points = tuple(tuple(float(x) for x in p) for p in prompt.points)
     normal = None if prompt.normal is None else tuple(float(x) for x in prompt.normal)
-    return np.frombuffer(_stroke_voxel_bytes(points, float(prompt.width), normal), np.int64).reshape(-1, 3)
+    width = float(prompt.width)
+    key_bytes = _KEY_BYTES_PER_VERTEX * len(points)
+    held = _STROKE_VOXELS.get((points, width, normal), lambda: _stroke_voxel_bytes(points, width, normal), key_bytes)
+    return np.frombuffer(held, np.int64).reshape(-1, 3)
 
 
-# A session's every stroke is looked at on each click: past this many, each click drew them all again.
-@lru_cache(maxsize=256)
+_STROKE_VOXELS = ByteBudgetCache(VOXEL_CACHE_BYTES)
+_KEY_BYTES_PER_VERTEX = 128  # a vertex as a tuple of 3 Python floats
+
+
 def _stroke_voxel_bytes(
     points: Tuple[Tuple[float, ...], ...], width: float, normal: Optional[Tuple[float, ...]]
 ) -> bytes:
-    # rasterised once per stroke: the engine draws every earlier stroke again in each window of each
-    # click, and the edge snap once more. Keyed by the stroke's content, not held on the (frozen)
-    # prompt, so that copies, equality and pickles of prompts stay as they are
     normal_kji = None if normal is None else np.asarray(normal, float)[::-1]
     return _scribble_voxels(np.asarray(points, float)[:, ::-1], width, normal_kji).astype(np.int64).tobytes()

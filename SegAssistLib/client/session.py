@@ -10,9 +10,10 @@ replays them: the mask comes back, the undo history does not. A session opened b
 no copy of the image: if the server lost that too, ``recover(volume=...)`` sends it again.
 
 Lassos and thin scribbles inside the image travel as drawn (:func:`wire_prompt`), so that the
-server's network sees the stroke the local engine's would; wide scribbles, and strokes reaching
+server's network sees the stroke the local engine's would; wide scribbles, and lassos reaching
 past the image, travel as the slab they cover on their slice: a few hundred bytes of packed bits
-and an offset, never a volume.
+and an offset, never a volume. A scribble with a vertex past the image travels as drawn, and the
+server refuses it as the engine does in-process.
 """
 
 from __future__ import annotations
@@ -67,19 +68,29 @@ def wire_prompt(prompt: Prompt, shape_kji: Sequence[int]) -> Prompt:
     freehand stroke: a few kB, against a few hundred bytes of slab), far below the server's request
     limit (:data:`~SegAssistLib.prompt_limits.MAX_STROKE_VERTICES` bounds them).
 
-    A wide scribble (width 2 or more), and a lasso or scribble reaching past the image, travel as
+    A wide scribble (width 2 or more) inside the image, and a lasso reaching past it, travel as
     their slab (:func:`to_slab`): the stroke rasterised on the image's grid, cropped to the image
     (a server of any version takes that; the engine draws a points-form lasso past the image as
-    this same slab). A stroke that cannot be a slab travels as drawn and the server judges it: one
-    outside the image (the server's error says where), one not on a single slice, or one larger
-    than a slab may be. Any other prompt travels as it is.
+    this same slab). A scribble with a vertex past the image travels as drawn: the engine refuses it
+    in-process (every scribble vertex must lie in the image, :func:`~SegAssistLib.prompts.check_prompt_inside`),
+    and the server with the same message (its cropped slab used to travel, and the server answered
+    a stroke the engine refused in-process). A stroke that cannot be a slab travels as drawn too and the
+    server judges it: one outside the image, one not on a single slice, or one larger than a slab
+    may be. Any other prompt travels as it is.
     """
-    if travels_as_drawn(prompt, shape_kji):
+    if travels_as_drawn(prompt, shape_kji) or _scribble_past_the_image(prompt, shape_kji):
         return prompt
     try:
         return to_slab(prompt, shape_kji)
     except PromptError:
         return prompt
+
+
+def _scribble_past_the_image(prompt: Prompt, shape_kji: Sequence[int]) -> bool:
+    """A scribble in points form with a vertex outside the image (by the server's rule)."""
+    if not isinstance(prompt, ScribblePrompt) or prompt.points is None:
+        return False
+    return not bool(inside_image(np.asarray(prompt.points, float).reshape(-1, 3)[:, ::-1], shape_kji).all())
 
 
 def travels_as_drawn(prompt: Prompt, shape_kji: Sequence[int]) -> bool:

@@ -12,7 +12,10 @@ Answering a prompt:
    object's bounding box (each tile sees the coarse answer as its previous mask).
 4. Snap the answer's surface to the image's edges (:mod:`SegAssistLib.engine.edges`: a random
    walker re-decides a band two voxels wide around it).
-5. Paste into the full mask; only the changed box is returned and kept for undo.
+5. A negative scribble or lasso then clears its own voxels (its slab's: a lasso's inside, a
+   scribble's stroke), whatever the network answered: "erase" is an edit, not a hint. Later
+   prompts may set them again.
+6. Paste into the full mask; only the changed box is returned and kept for undo.
 
 Every prompt of the session's history is drawn into the windows it falls in, so corrections keep
 the effect of earlier prompts.
@@ -39,13 +42,16 @@ from SegAssistLib.image import Volume, guess_modality, validate_image
 from SegAssistLib.prompt_log import EngineSettings, ImageInfo, PromptLog
 from SegAssistLib.prompts import (
     PROMPT_KINDS,
+    LassoPrompt,
     MaskPrompt,
     Prompt,
+    ScribblePrompt,
     check_prompt_inside,
     lasso_in_image,
     prompt_vertices_kji,
     require_prompt,
 )
+from SegAssistLib.stroke_voxels import stroke_voxels_in_image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "Resources" / "Models" / "segassist_unet.pt"
@@ -168,7 +174,8 @@ class BuiltinSession(EngineSession):
     def add_prompt(self, prompt: Prompt) -> MaskUpdate:
         """Answer one prompt. A dict or JSON text is refused (parse it with
         :func:`~SegAssistLib.prompts.parse_prompt`); a lasso reaching past the image's edge is drawn
-        as its part in the image (:func:`~SegAssistLib.prompts.lasso_in_image`) and kept as given."""
+        as its part in the image (:func:`~SegAssistLib.prompts.lasso_in_image`) and kept as given. A
+        negative scribble or lasso clears its own voxels in the answer (:meth:`_erase`)."""
         self._check_open()
         prompt = require_prompt(prompt)
         t0 = time.perf_counter()
@@ -419,8 +426,31 @@ class BuiltinSession(EngineSession):
             new = self._snap(box, self.mask[box].copy(), prompts)
         finally:
             self.mask[box] = old
+        box, new = self._erase(prompts[-1], box, new)
         info = {"levels": list(range(first, level + 1)), "refine_tiles": tiles, "refine_level": self._refine_level}
         return box, new, info
+
+    def _erase(self, prompt: Prompt, box: Tuple[slice, ...], new: np.ndarray) -> Tuple[Tuple[slice, ...], np.ndarray]:
+        """(box, new mask inside it): ``new`` (the answer inside ``box``) with the voxels of ``prompt``
+        (the newest prompt, as drawn) cleared when it is a negative scribble or lasso, as the prompt
+        kinds promise (a lasso: everything inside is background; a scribble: its stroke is). The
+        network's answer and the edge snap only take them as a hint. Where the stroke reaches past
+        ``box`` (a window smaller than the lasso) the box grows to hold it, so the returned update
+        covers every voxel that changes."""
+        if not isinstance(prompt, (ScribblePrompt, LassoPrompt)) or prompt.positive:
+            return box, new
+        voxels = stroke_voxels_in_image(prompt, self.shape)  # the voxels of its slab, in the image
+        if len(voxels) == 0:
+            return box, new
+        start, stop = np.array([s.start for s in box]), np.array([s.stop for s in box])
+        first, last = np.minimum(start, voxels.min(0)), np.maximum(stop, voxels.max(0) + 1)
+        if np.any(first < start) or np.any(last > stop):
+            grown_box = tuple(slice(int(a), int(b)) for a, b in zip(first, last))
+            grown = self.mask[grown_box].copy()
+            grown[tuple(slice(int(a - f), int(b - f)) for a, b, f in zip(start, stop, first))] = new
+            box, new = grown_box, grown
+        new[tuple((voxels - first).T)] = 0
+        return box, new
 
     def _snap(self, box: Tuple[slice, ...], new: np.ndarray, prompts: List[Prompt]) -> np.ndarray:
         """``new`` (the answer inside ``box``) with its surface snapped to the image's edges, within
