@@ -13,9 +13,10 @@ written as ``.nii.gz`` and ``.seg.nrrd`` with a PNG of three orthogonal slices a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,22 +31,50 @@ from SegAssistLib.io import load_mask, load_volume, save_mask_nifti, save_segmen
 from SegAssistLib.learning.sources import image_stem
 from SegAssistLib.prompt_log import ImageInfo
 from SegAssistLib.prompts import BoxPrompt, Prompt
+from SegAssistLib.segment_cli import same_file
 
 SAMPLE_IMAGE = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_image.nii.gz"
 SAMPLE_LABEL = REPO_ROOT / "Resources" / "Samples" / "hippocampus_001_label.nii.gz"
 OUTPUT_NAMES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "overlay.png", "prompts.json", "summary.json")
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse, before the model runs, an output folder that cannot be written or holds an earlier run's
-    files (replaced only with ``overwrite``)."""
+def check_output_folder(out: Path, overwrite: bool, inputs: Sequence[Tuple[str, Optional[Path]]] = ()) -> None:
+    """Refuse, before the model runs, an output folder that cannot be written, one where an output would
+    be one of the ``inputs`` (``(flag, path)``: the image and the label, never replaced, even with
+    ``overwrite``), or that holds an earlier run's files (replaced only with ``overwrite``)."""
     problem = output_problem(out, folder=True)
     if problem:
         raise SegAssistError(f"--out {out}: {problem}")
+    for name in OUTPUT_NAMES:
+        for flag, given in inputs:
+            if given is not None and same_file(out / name, Path(given)):  # through '..' or a link as well
+                raise SegAssistError(f"--out {out}: its {name} is the {flag} file {given}, which the demo never "
+                                     "replaces (even with --overwrite): choose another --out")
     held = [name for name in OUTPUT_NAMES if (out / name).exists()]
     if held and not overwrite:
         raise SegAssistError(f"--out {out} already holds {', '.join(held)} of an earlier run: "
                              "pass --overwrite to replace them, or choose another --out")
+
+
+def check_extras() -> None:
+    """The model needs the engine's packages and the PNG of the result matplotlib: what this install lacks
+    is said at once, in one line naming every extra that brings it, before the model loads (not after
+    both sessions ran)."""
+    from SegAssistLib.cli import EXTRA_OF
+
+    missing = [name for name, extra in EXTRA_OF.items() if extra in ("engine", "evaluation") and not _importable(name)]
+    if missing:
+        extras = ",".join(sorted({EXTRA_OF[name] for name in missing}))
+        raise SegAssistError(f"segassist demo needs {', '.join(missing)}, which this install lacks: "
+                             f"pip install 'segassist[{extras}]'")
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be found (not imported: torch takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a module without a spec
+        return False
 
 
 def segment_name(label: Optional[Path], label_values: Sequence[int]) -> str:
@@ -61,11 +90,20 @@ def segment_name(label: Optional[Path], label_values: Sequence[int]) -> str:
 
 
 def axial_box(target: np.ndarray) -> BoxPrompt:
-    """The bounding box of the target on its largest axial slice, as a 2D box."""
+    """The bounding box of the target on its largest axial slice, as a 2D box. A cross-section one voxel
+    wide (a thin structure) is widened by a voxel on each side, within the image: a box flat along two
+    axes is no box."""
     k = int(np.argmax(target.sum(axis=(1, 2))))
     nz = np.argwhere(target[k])
-    (j0, i0), (j1, i1) = nz.min(0), nz.max(0)
-    return BoxPrompt(min_corner=(i0, j0, k), max_corner=(i1, j1, k))
+    lo, hi = nz.min(0), nz.max(0)
+    for axis, size in enumerate(target.shape[1:]):
+        if lo[axis] == hi[axis]:
+            lo[axis], hi[axis] = max(lo[axis] - 1, 0), min(hi[axis] + 1, size - 1)
+    (j0, i0), (j1, i1) = lo, hi
+    try:
+        return BoxPrompt(min_corner=(i0, j0, k), max_corner=(i1, j1, k))
+    except ValueError as exc:  # an image one voxel wide: no box fits
+        raise SegAssistError(f"the target's axial cross-section cannot be sent as a box: {exc}") from exc
 
 
 def _run(session, target, spacing, prompts: List[Prompt], n_clicks: int, label: str, rows: list):
@@ -105,7 +143,8 @@ def run_demo(
     from SegAssistLib.engine.builtin import load_default_engine
     from SegAssistLib.visualize import save_overlay_png
 
-    check_output_folder(out, overwrite)  # before the model runs, not after
+    check_output_folder(out, overwrite, (("--image", image), ("--label", label)))  # before the model runs
+    check_extras()
     volume = load_volume(image, channel=channel)
     # the check of segassist eval (Dice of a moved label lies); a label stored with an axis reversed is turned back
     labels, problem = label_on_image_grid(label, load_mask(label), volume)
@@ -114,6 +153,9 @@ def run_demo(
     target = np.isin(labels, label_values)
     if not target.any():
         raise SegAssistError(f"label {label} holds none of the values {', '.join(map(str, label_values))} (--labels)")
+    # the simulated user's first prompts, from the target alone: one it cannot make is refused before the model loads
+    clicks = [first_click(target, volume.spacing)]
+    box = [axial_box(target), scribble_prompt(target, volume.spacing)]
     engine = load_default_engine(model)
     caps = engine.capabilities()
     print(
@@ -123,10 +165,10 @@ def run_demo(
     rows: list = []
     finals = []
     session = engine.open_session(volume)
-    _run(session, target, volume.spacing, [first_click(target, volume.spacing)], 4, "clicks", rows)
+    _run(session, target, volume.spacing, clicks, 4, "clicks", rows)
     finals.append((dice(session.result(), target), session.result(), session.prompt_log()))
     session = engine.open_session(volume)
-    _run(session, target, volume.spacing, [axial_box(target), scribble_prompt(target, volume.spacing)], 1, "box", rows)
+    _run(session, target, volume.spacing, box, 1, "box", rows)
     finals.append((dice(session.result(), target), session.result(), session.prompt_log()))
     best_dice, mask, log = max(finals, key=lambda f: f[0])
     name = segment_name(label, label_values)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -101,25 +101,61 @@ def _same_spacing(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> bool:
     return bool(np.allclose(a, b, rtol=PIXEL_SPACING_TOLERANCE, atol=1e-6))
 
 
+def check_geometry_tags(headers: Sequence[SliceHeader], names: Sequence[str], where: str) -> None:
+    """Raise :class:`ImageError` naming the files when some slices have a position (0020,0032) or an
+    orientation (0020,0037) and others do not: GDCM places a slice without them at the origin (a secondary
+    capture or a screen save filed in the series), and the grid checks could not see it."""
+    for what, missing in (
+        ("position (0020,0032)", [h.position is None for h in headers]),
+        ("orientation (0020,0037)", [h.orientation is None for h in headers]),
+    ):
+        if any(missing) and not all(missing):
+            lacking = [Path(name).name for name, gone in zip(names, missing) if gone]
+            shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+            raise ImageError(
+                f"{where}: {len(lacking)} of the {len(headers)} slices {'has' if len(lacking) == 1 else 'have'} no "
+                f"image {what} ({shown}; a secondary capture or a screen save filed with the series?): keep only "
+                "the slices of one acquisition in the folder"
+            )
+
+
+def _stack_normal(headers: Sequence[SliceHeader], positions: np.ndarray, where: str) -> Tuple[np.ndarray, bool]:
+    """The direction the slices are stacked along, and whether it is their orientation's normal: without
+    an orientation, the direction their positions move in (the reader stacks them the same way)."""
+    if headers[0].orientation is not None:
+        orientations = np.stack([h.orientation for h in headers])
+        if np.abs(orientations - orientations[0]).max() > 1e-4:
+            kinds = len(np.unique(np.round(orientations, 4), axis=0))
+            raise ImageError(
+                f"{where}: the slices have {kinds} different orientations (a localizer or a reformatted slice in "
+                "the series?): keep only the slices of one acquisition in the folder"
+            )
+        return np.cross(orientations[0][:3], orientations[0][3:]), True
+    spread = positions - positions.mean(axis=0)
+    if np.linalg.norm(spread, axis=1).max() < SAME_POSITION_MM:
+        raise ImageError(
+            f"{where}: {len(headers)} slices at only 1 position and none has an orientation (0020,0037): a "
+            "regular grid cannot be told; put each volume's slices in a folder of its own"
+        )
+    direction = np.linalg.svd(spread, full_matrices=False)[2][0]
+    return direction if (positions[-1] - positions[0]) @ direction >= 0 else -direction, False
+
+
 def check_slice_grid(headers: Sequence[SliceHeader], where: str) -> None:
     """Raise :class:`ImageError` unless the slices are parallel, at distinct positions, evenly spaced
-    and stacked straight along their normal. Series without positions or orientations are left to
-    the reader (GDCM cannot sort them either)."""
-    if len(headers) < 2 or any(h.position is None or h.orientation is None for h in headers):
+    and stacked straight along their normal (without orientations: along the line their positions
+    move on, in the order the reader stacks them). Series without positions are left to the reader
+    (GDCM cannot sort them either); a series where only some slices have them is refused first
+    (:func:`check_geometry_tags`)."""
+    if len(headers) < 2 or any(h.position is None for h in headers):
         return
-    orientations = np.stack([h.orientation for h in headers])
-    if np.abs(orientations - orientations[0]).max() > 1e-4:
-        kinds = len(np.unique(np.round(orientations, 4), axis=0))
-        raise ImageError(
-            f"{where}: the slices have {kinds} different orientations (a localizer or a reformatted slice in "
-            "the series?): keep only the slices of one acquisition in the folder"
-        )
-    row, column = orientations[0][:3], orientations[0][3:]
-    normal = np.cross(row, column)
-    positions = np.stack([h.position for h in headers])
-    along = positions @ normal
+    if any(h.orientation is None for h in headers) and not all(h.orientation is None for h in headers):
+        return  # check_geometry_tags refuses it
+    given = np.stack([h.position for h in headers])  # in the reader's order
+    normal, oriented = _stack_normal(headers, given, where)
+    along = given @ normal
     order = np.argsort(along, kind="stable")
-    positions, along = positions[order], along[order]
+    positions, along = given[order], along[order]
     steps = np.diff(along)
     at_one = int(np.sum(steps < SAME_POSITION_MM))
     if at_one:
@@ -137,10 +173,20 @@ def check_slice_grid(headers: Sequence[SliceHeader], where: str) -> None:
     moves = np.diff(positions, axis=0)
     in_plane = np.linalg.norm(moves - np.outer(moves @ normal, normal), axis=1)
     if in_plane.max() > max(TILT_TOLERANCE * median, POSITION_ROUNDING_MM):
+        if not oriented:
+            raise ImageError(
+                f"{where}: the slices have no orientation (0020,0037) and their positions do not lie on one line: "
+                "the slices do not stack into one box; resample the series onto a regular grid first"
+            )
         angle = float(np.degrees(np.arctan2(np.median(in_plane), median)))
         raise ImageError(
             f"{where}: each slice is shifted in its own plane from the last (gantry tilt of about {angle:.1f} "
             "degrees): the slices do not stack into one box; resample the series onto a regular grid first"
+        )
+    if not oriented and np.any(np.diff(given @ normal) <= 0):
+        raise ImageError(
+            f"{where}: the slices have no orientation (0020,0037) and the reader would not stack them in the "
+            "order of their positions: add the orientation, or resample the series onto a regular grid first"
         )
 
 
@@ -184,6 +230,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         )
     files: List[str] = list(reader.GetGDCMSeriesFileNames(sitk_path(folder), series[0]))
     headers = [read_slice_header(f) for f in files]
+    check_geometry_tags(headers, files, str(folder))
     check_slice_planes(headers, str(folder))
     check_slice_grid(headers, str(folder))
     if len({(h.slope, h.intercept) for h in headers}) > 1:

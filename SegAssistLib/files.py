@@ -65,6 +65,11 @@ def output_problem(path: Path, folder: bool = False) -> Optional[str]:
     """Why ``path`` could not be written as a file (``folder``: created or filled as a folder), found
     before any work is done; None when nothing stands in the way."""
     path = Path(path).absolute()
+    try:
+        os.stat(path)  # a symbolic link that loops, on the way: exists() says no file, and writing fails late
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} goes through a symbolic link that loops: it cannot be written"
     if path.exists():
         if folder and not path.is_dir():
             return f"{path} is a file, not a folder"

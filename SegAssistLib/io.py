@@ -6,7 +6,8 @@ directories. Writes masks as NIfTI (``.nii.gz``) and as Slicer segmentations (``
 ITK's NIfTI reader turns NaN and infinite voxels of float data into 0; they are read back from the
 file and put back (:func:`_keep_nonfinite`), so that such an image is refused as it is in any other
 format. It also reads a NIfTI file cut short with zeros for the missing voxels: such a file is refused,
-naming it (:func:`_check_nifti_whole`), as a truncated NRRD or MetaImage is by ITK itself. Every mask
+naming it (:func:`_check_nifti_header`), before its voxels are allocated, as a truncated NRRD or MetaImage is
+by ITK itself; so is a NIfTI file whose qform and sform disagree (programs differ in which they take). Every mask
 written is read back and compared (:func:`write_image_checked`): SimpleITK's NIfTI writer reports no
 failed write, and a full disk left an empty or truncated file behind a success.
 """
@@ -27,7 +28,7 @@ import SimpleITK as sitk
 from SegAssistLib.dicom import read_dicom_series
 from SegAssistLib.errors import ImageError
 from SegAssistLib.files import image_suffix, sitk_path
-from SegAssistLib.image import Volume
+from SegAssistLib.image import MAX_VOXELS_DEFAULT, Volume, geometry_difference
 from SegAssistLib.labels import as_labels  # noqa: F401  (re-exported: part of the IO API)
 
 PathLike = Union[str, Path]
@@ -65,7 +66,21 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
+def _image_reader(name: str) -> sitk.ImageFileReader:
+    """A reader of the file ``name``. ITK picks its reader by the suffix and finds none for ``.MHD`` (a
+    MetaImage header of another case; unlike ``.mha`` it cannot be read through a link, whose folder would
+    not hold its data file): it is given the MetaImage reader."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(name)
+    if name.lower().endswith(".mhd"):
+        reader.SetImageIO("MetaImageIO")
+    return reader
+
+
 def _read_sitk(path: Path) -> sitk.Image:
+    """The image file ``path`` (or DICOM series folder) as SimpleITK reads it, checked first by its header
+    (:func:`_check_announced`): a file that announces more voxels than it holds, or than SegAssist takes,
+    is refused before its voxels are allocated."""
     sitk_path(path)
     if path.is_dir():
         return read_dicom_series(path)
@@ -73,26 +88,67 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise ImageError(f"image file not found: {path}")
     if not os.access(path, os.R_OK):  # ITK would say the file does not exist
         raise ImageError(f"cannot read {path}: permission denied")
+    with _readable_name(path) as name:
+        reader = _image_reader(name)
+        try:
+            reader.ReadImageInformation()
+            nifti = sitk.ImageFileReader.GetImageIOFromFileName(name) == "NiftiImageIO"
+            _check_announced(reader, Path(name) if nifti else None, path)
+            image = reader.Execute()
+            return _keep_nonfinite(image, Path(name)) if nifti else image
+        except RuntimeError as exc:
+            raise ImageError(f"cannot read {path}: {_unreadable(Path(name), exc)}") from exc
+
+
+def _check_announced(reader: sitk.ImageFileReader, nifti: Optional[Path], shown: Path) -> None:
+    """Refuse, from the header ``reader`` read, an image of more voxels (on its first three axes) than
+    :data:`~SegAssistLib.image.MAX_VOXELS_DEFAULT`, and a NIfTI file (``nifti``, else None) that holds less
+    data than it announces or whose two geometries disagree (:func:`_check_nifti_header`)."""
+    size = reader.GetSize()
+    voxels = int(np.prod(size[:3], dtype=np.int64))
+    if voxels > MAX_VOXELS_DEFAULT:
+        raise ImageError(
+            f"cannot read {shown}: its header announces {voxels} voxels (size {size}), above the limit of "
+            f"{MAX_VOXELS_DEFAULT}"
+        )
+    if nifti is not None:
+        _check_nifti_header(nifti, shown)
+
+
+def _unreadable(name: Path, exc: RuntimeError) -> str:
+    """Why ITK could not read the file ``name``, for a person: for a NIfTI name, what is wrong with the
+    file (gzip data under a ``.nii`` name, damaged compressed data), where ITK says only that it has no
+    reader for it, which reads as an unsupported format."""
+    reason = _reason(exc)
+    suffix = image_suffix(name.name)
+    if suffix not in (".nii", ".nii.gz"):
+        return reason
     try:
-        with _readable_name(path) as name:
-            image = sitk.ReadImage(name)
-            if sitk.ImageFileReader.GetImageIOFromFileName(name) == "NiftiImageIO":
-                _check_nifti_whole(Path(name), path)
-                image = _keep_nonfinite(image, Path(name))
-            return image
-    except RuntimeError as exc:
-        raise ImageError(f"cannot read {path}: {_reason(exc)}") from exc
+        with open(name, "rb") as raw:
+            gzipped = raw.read(2) == _GZIP_MAGIC
+        if gzipped and suffix == ".nii":
+            return "the file is gzip-compressed but named .nii: rename it to .nii.gz"
+        damage = _data_length(name, _WHOLE_FILE, trust_trailer=False)[1] if gzipped else None
+    except OSError as err:
+        return err.strerror or str(err)
+    if damage:
+        return f"the file is damaged: its compressed data cannot be read ({damage}); copy or download it again"
+    if "Unable to determine ImageIO reader" in reason:
+        return "the file is damaged or not NIfTI: its header cannot be read"
+    return reason
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 
 
-def _check_nifti_whole(name: Path, shown: Path) -> None:
+def _check_nifti_header(name: Path, shown: Path) -> None:
     """:class:`ImageError` naming ``shown`` when the NIfTI file ``name`` holds less data than its header
-    says: ITK's NIfTI reader fills what is missing with zeros and reports nothing, so a file cut short (a
-    copy or download interrupted, a full disk) became an image, or a mask, with zeros where its data
-    ended. A header nibabel cannot read is left to ITK's reading."""
+    says, or when its qform and sform disagree. ITK's NIfTI reader fills what is missing with zeros (after
+    allocating all the header announces) and reports nothing, so a file cut short (a copy or download
+    interrupted, a full disk) became an image, or a mask, with zeros where its data ended. ITK reads the
+    qform unless the sform's code is 1 (scanner), nibabel, FSL and SPM the sform: a mask written on the
+    one would sit elsewhere in the others. A header nibabel cannot read is left to ITK's reading."""
     import nibabel  # only for NIfTI files
 
     try:
@@ -101,12 +157,15 @@ def _check_nifti_whole(name: Path, shown: Path) -> None:
         voxels = int(np.prod(proxy.shape, dtype=np.int64))
         needed = int(proxy.offset) + voxels * np.dtype(proxy.dtype).itemsize
         data_file = Path(nifti.file_map["image"].filename)
+        header = nifti.header
     except Exception:  # what ITK read and nibabel cannot (any reason): left as ITK read it
         return
+    _check_nifti_forms(header, shown)
     try:
         found, damage = _data_length(data_file, needed)
-    except OSError as exc:
-        raise ImageError(f"cannot read {shown}: {exc.strerror or exc}") from exc
+    except OSError as exc:  # a .hdr whose .img is missing: named
+        where = f" ({data_file.name})" if data_file != name else ""
+        raise ImageError(f"cannot read {shown}: {exc.strerror or exc}{where}") from exc
     if found < needed:
         why = f"its compressed data is damaged ({damage})" if damage else "the file is truncated"
         raise ImageError(
@@ -115,16 +174,50 @@ def _check_nifti_whole(name: Path, shown: Path) -> None:
         )
 
 
-def _data_length(path: Path, needed: int) -> Tuple[int, Optional[str]]:
+def _affine_geometry(affine: np.ndarray) -> Volume:
+    """The spacing, origin and direction of a NIfTI affine (RAS), as a volume without voxels."""
+    linear = np.asarray(affine, float)[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    return Volume(np.zeros((0, 0, 0), np.uint8), spacing, affine[:3, 3], linear / np.where(spacing > 0, spacing, 1))
+
+
+def _check_nifti_forms(header, shown: Path) -> None:
+    """Refuse a NIfTI header whose qform and sform are both set and place the voxels differently (beyond
+    :func:`~SegAssistLib.image.geometry_difference`'s float32 tolerance): programs differ in which one
+    they take, so no mask written for it lines up with it in all of them."""
+    codes = int(header["qform_code"]), int(header["sform_code"])
+    if min(codes) <= 0:
+        return
+    try:
+        qform, sform = _affine_geometry(header.get_qform()), _affine_geometry(header.get_sform())
+    except Exception:  # a header nibabel cannot turn into affines: left as ITK read it
+        return
+    if min(qform.spacing) <= 0 or min(sform.spacing) <= 0:
+        return  # a degenerate form: ITK refuses it or takes the other, as before
+    difference = geometry_difference(sform, qform)
+    if difference:
+        raise ImageError(
+            f"cannot read {shown}: its NIfTI header holds two geometries that disagree, the sform (code "
+            f"{codes[1]}) has {difference} in the qform (code {codes[0]}; RAS, mm): programs differ in which "
+            "one they use, so a mask made on it would sit elsewhere in some of them; make the two agree, or set "
+            "the wrong one's code to 0 (e.g. with nibabel or fslorient), first"
+        )
+
+
+_WHOLE_FILE = 1 << 62  # bytes "needed" to read a file to its end
+
+
+def _data_length(path: Path, needed: int, trust_trailer: bool = True) -> Tuple[int, Optional[str]]:
     """How many bytes of ``path`` can be read, decompressed when it is gzip, up to ``needed`` (enough to
     tell), and what damage stopped the reading (None: none, or the file just ends). A gzip file whose
     trailer records the expected length (modulo 2**32, as gzip does) is taken as whole unread: a file cut
-    short ends in compressed data, which matches that by chance once in 2**32."""
+    short ends in compressed data, which matches that by chance once in 2**32 (``trust_trailer`` False:
+    read all the same, to find damage inside)."""
     with open(path, "rb") as raw:
         size = os.fstat(raw.fileno()).st_size
         if raw.read(2) != _GZIP_MAGIC:
             return size, None
-        if size >= 6:
+        if size >= 6 and trust_trailer:
             raw.seek(-4, os.SEEK_END)
             if int.from_bytes(raw.read(4), "little") == needed % (1 << 32):
                 return needed, None
@@ -201,6 +294,20 @@ def _check_channel(channel: object, count: int, what: str) -> int:
     return int(channel)
 
 
+def _check_time_axis_last(image: sitk.Image) -> None:
+    """Refuse a 4D image whose 4th axis is not apart from the three spatial ones (its direction mixes
+    them: axes stored as x, y, t, z). One volume taken from it would be given a made-up direction, and
+    its time step as its slice spacing."""
+    direction = np.asarray(image.GetDirection(), float).reshape(4, 4)
+    apart = np.eye(4)[3]
+    if np.abs(np.abs(direction[3]) - apart).max() > 1e-6 or np.abs(np.abs(direction[:, 3]) - apart).max() > 1e-6:
+        raise ImageError(
+            f"image is 4D (size {image.GetSize()}) but its 4th axis is not its time (or channel) axis: its "
+            "direction matrix mixes it with the spatial axes (axes stored as x, y, t, z?); store the image with "
+            "the time axis last"
+        )
+
+
 def volume_from_sitk(image: sitk.Image, channel: Optional[int] = None) -> Volume:
     """A 3D volume from a SimpleITK image; ``channel`` picks one volume of a 4D image or one component
     of a vector image (a 4D image with one volume needs none; channel 0 of a scalar image is the
@@ -210,9 +317,10 @@ def volume_from_sitk(image: sitk.Image, channel: Optional[int] = None) -> Volume
         if channel is None and count > 1:
             raise ImageError(f"image is 4D (size {image.GetSize()}): choose a channel")
         index = _check_channel(0 if channel is None else channel, count, f"{count} volumes along its 4th axis")
+        _check_time_axis_last(image)
         size = list(image.GetSize())
         size[3] = 0
-        image = sitk.Extract(image, size, [0, 0, 0, index])
+        image = sitk.Extract(image, size, [0, 0, 0, index], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
         channel = None
     if image.GetDimension() != 3:
         raise ImageError(f"image must be 3D, got {image.GetDimension()}D (size {image.GetSize()})")
@@ -235,10 +343,9 @@ def volume_from_sitk(image: sitk.Image, channel: Optional[int] = None) -> Volume
 def read_geometry(path: PathLike) -> Volume:
     """The spacing, origin and direction of an image file (its first three axes), without its voxels
     (the returned volume's array is empty)."""
-    reader = sitk.ImageFileReader()
     try:
         with _readable_name(Path(path)) as name:
-            reader.SetFileName(name)
+            reader = _image_reader(name)
             reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ImageError(f"cannot read {path}: {_reason(exc)}") from exc
@@ -255,7 +362,17 @@ def load_volume(path: PathLike, channel: Optional[int] = None) -> Volume:
 
 
 def volume_to_sitk(volume: Volume, array: Optional[np.ndarray] = None) -> sitk.Image:
+    """``array`` (default: the volume's own voxels) as a SimpleITK image on ``volume``'s grid. An array
+    of another shape than the volume's (an ``(i, j, k)`` array, a mask of another image) is an
+    :class:`ImageError`: it would be written with this grid's spacing and origin on a grid of another size.
+    A volume without voxels (a geometry read alone) takes any shape."""
     values = np.asarray(volume.array if array is None else array)
+    reference = np.shape(volume.array)
+    if np.size(volume.array) and values.shape != reference:
+        raise ImageError(
+            f"the mask's shape {values.shape} is not the image's {reference} (both [k, j, i]): a mask of "
+            "another image, or with its axes in another order?"
+        )
     if values.dtype == bool:
         values = values.astype(np.uint8)
     elif not values.dtype.isnative:  # SimpleITK takes native byte order only

@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     """Whether ``a`` and ``b`` name one file: through ``..``, links and a folder's other names
     (``os.path.samefile`` when both exist, else the paths resolved)."""
     try:
@@ -111,15 +111,15 @@ def check_output_files(
     ``overwrite``); and two outputs that are one file. Shared by ``segassist segment`` and the Slicer
     batch script (``Resources/Examples/batch_segment.py``)."""
     for (flag, path), (other_flag, other) in itertools.combinations(outputs, 2):
-        if _same_file(path, other):
+        if same_file(path, other):
             raise SegAssistError(f"{other_flag} and {flag} are the same file: {path}")
     for flag, path in outputs:
         problem = output_problem(path)
         if problem:
             raise SegAssistError(f"{flag} {path}: {problem}")
-        if _same_file(path, image):  # through '..' or a link: --overwrite replaced the scan
+        if same_file(path, image):  # through '..' or a link: --overwrite replaced the scan
             raise SegAssistError(f"{flag} is the image itself: {path}")
-        if any(_same_file(path, given) for given in prompts):  # the user's prompts replaced by the log
+        if any(same_file(path, given) for given in prompts):  # the user's prompts replaced by the log
             raise SegAssistError(f"{flag} is one of the --prompts files: {path}; write it elsewhere")
         if path.exists() and not overwrite:
             raise SegAssistError(f"{flag} {path} exists: add --overwrite to replace it")

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional, Tuple, Union
 
 from SegAssistLib.client.local import process_alive
-from SegAssistLib.file_locks import exclusive_lock
+from SegAssistLib.file_locks import LockUnsupportedError, exclusive_lock
 from SegAssistLib.learning.loop_errors import JobNotFoundError, TrainingBusyError, TrainingError
 from SegAssistLib.learning.registry import FOLDER
 
@@ -203,8 +203,12 @@ def _close_all(fds: List[int]) -> None:
 
 
 def training_running(store_root: Union[str, Path]) -> bool:
-    """Whether some process holds this datastore's training lock right now."""
-    fd = _try_lock(store_root)
+    """Whether some process holds this datastore's training lock right now; True also where the file
+    system cannot tell (no working ``flock``): a job is then judged by its worker's pid alone."""
+    try:
+        fd = _try_lock(store_root)
+    except LockUnsupportedError:
+        return True
     if fd is None:
         return True
     os.close(fd)
@@ -423,7 +427,13 @@ def start_training(
             f"model checkpoint not found: {checkpoint}", "the base model's checkpoint file is missing on the server"
         )
     _check_enough_labels(store_root, cfg.label_value)
-    fd = _take_lock_to_start(store_root)
+    try:
+        fd = _take_lock_to_start(store_root)
+    except LockUnsupportedError as exc:  # not a busy datastore: one job at a time cannot be enforced there
+        raise TrainingSetupError(
+            f"cannot start a training job: {exc.strerror}: {exc.filename}",
+            "the learning datastore's file system does not support file locks",
+        ) from None
     if fd is None:
         running = [j for j in list_jobs(store_root) if j.get("state") not in FINAL_STATES]
         which = f" (job {running[0]['job_id']})" if running else ""
