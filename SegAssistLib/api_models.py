@@ -89,7 +89,7 @@ class ErrorCode:
     QUEUE_FULL = "queue_full"  # 503: inference queue full, retry later
     UPLOADS_BUSY = "uploads_busy"  # 503: no upload slot came free in time (or the user's own is taken); retry
     SHUTTING_DOWN = "shutting_down"  # 503
-    STORAGE_UNAVAILABLE = "storage_unavailable"  # 503: a stored file cannot be read right now (kept); retry
+    STORAGE_UNAVAILABLE = "storage_unavailable"  # 503: a stored file cannot be read now, or by this server (kept)
     CORRUPT_DATA = "corrupt_data"  # 500: a datastore file is missing or fails its recorded checksum
     INTERNAL_ERROR = "internal_error"  # 500: a bug; the message says where to look
 
@@ -186,6 +186,39 @@ class ArrayPayload(_Model):
         except ValueError as exc:
             raise transport.TransportError(f"array data is not valid base64: {exc}", "malformed_body") from exc
         return transport.decode_array(meta, payload, max_voxels)
+
+
+def check_box(
+    offset: Sequence[int], shape: Sequence[int], within: Sequence[int], what: str = "mask box", whole: str = "image"
+) -> Tuple[slice, ...]:
+    """The slices of a reply's box (``offset`` and ``shape`` in array order) in an array of shape
+    ``within``; a ``ValueError`` unless it has three offsets and sizes, none below 0 (numpy would count
+    from the far end), each ending within."""
+    lo, size, bound = (tuple(int(n) for n in values) for values in (offset, shape, within))
+    in_bounds = all(a >= 0 and n >= 0 and a + n <= m for a, n, m in zip(lo, size, bound))
+    if not (len(lo) == len(size) == len(bound) == 3 and in_bounds):
+        raise ValueError(f"the {what} {list(size)} at {list(lo)} does not fit the {whole} of shape {list(bound)}")
+    return tuple(slice(a, a + n) for a, n in zip(lo, size))
+
+
+def box_voxels(
+    offset: Sequence[int], shape: Sequence[int], mask: ArrayPayload, within: Sequence[int],
+    what: str = "mask box", whole: str = "image",
+) -> np.ndarray:  # fmt: skip
+    """The voxels of a reply's box (``offset`` and ``shape`` in array order, ``mask`` its compressed
+    voxels) that must lie within an array of shape ``within``.
+
+    A reader's defence against a broken or hostile reply: the box is checked first (three offsets and
+    sizes, none below 0, which numpy would count from the far end, each ending within), then the
+    declared array against the box, and only then is it decompressed, to no more than the box's voxel
+    count. So a small reply that declares a huge array never costs its declared size in memory.
+    A ``ValueError`` (a :class:`~SegAssistLib.transport.TransportError` for data that does not decode)
+    otherwise."""
+    check_box(offset, shape, within, what, whole)
+    size = tuple(int(n) for n in shape)
+    if list(mask.shape) != list(size):
+        raise ValueError(f"the {what} {list(size)} holds an array of shape {transport.describe_value(mask.shape)}")
+    return mask.to_array(max_voxels=int(np.prod(size, dtype=np.int64)))
 
 
 _MODALITY_DOC = "CT or MR, spelt as a Volume takes it: any case, and MRI for MR (null: guessed from intensities)"

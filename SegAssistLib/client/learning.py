@@ -32,7 +32,7 @@ from SegAssistLib.api_learning import (
     ReviewInfo,
     VersionList,
 )
-from SegAssistLib.api_models import API_PREFIX, ArrayPayload
+from SegAssistLib.api_models import API_PREFIX, ArrayPayload, box_voxels, check_box
 from SegAssistLib.client.errors import (
     BackendTimeoutError,
     ClientError,
@@ -388,15 +388,9 @@ def _next_case(data: Any) -> NextCase:
     mask = None
     if reply.proposal is not None:
         shape = tuple(int(n) for n in reply.case.shape)
-        lo = tuple(int(n) for n in reply.proposal.offset)
-        size = tuple(int(n) for n in reply.proposal.shape)
-        if len(lo) != 3 or any(a < 0 or n < 0 or a + n > m for a, n, m in zip(lo, size, shape)):
-            raise ValueError(f"the proposal box {list(size)} at {list(lo)} does not fit the case of shape "
-                             f"{list(shape)}")
+        lo, size = reply.proposal.offset, reply.proposal.shape
+        where = check_box(lo, size, shape, "proposal box", "case")
         mask = np.zeros(shape, np.uint8)
         if reply.proposal.mask is not None:
-            box = reply.proposal.mask.to_array(max_voxels=int(np.prod(size, dtype=np.int64)))
-            if tuple(box.shape) != size:
-                raise ValueError(f"the proposal box holds an array of shape {list(box.shape)}, not {list(size)}")
-            mask[tuple(slice(a, a + n) for a, n in zip(lo, size))] = box
+            mask[where] = box_voxels(lo, size, reply.proposal.mask, shape, "proposal box", "case")
     return NextCase(reply, mask)

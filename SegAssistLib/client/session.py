@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 import numpy as np
 
-from SegAssistLib.api_models import API_PREFIX, MaskUpdateReply, SessionInfo
+from SegAssistLib.api_models import API_PREFIX, MaskUpdateReply, SessionInfo, box_voxels
 from SegAssistLib.client.errors import (
     ClientError,
     ImageConflictError,
@@ -301,11 +301,8 @@ class RemoteSession(EngineSession):
         """The current mask as the server holds it (one full transfer)."""
         from SegAssistLib.api_models import ResultReply
 
-        def mask(data: Any) -> np.ndarray:
-            array = ResultReply.model_validate(data).mask.to_array()
-            if tuple(array.shape) != self.shape:
-                raise ValueError(f"the mask's shape {array.shape} is not the session's {self.shape}")
-            return array
+        def mask(data: Any) -> np.ndarray:  # the whole image's box: decompressed no further than the image
+            return box_voxels((0, 0, 0), self.shape, ResultReply.model_validate(data).mask, self.shape, "mask")
 
         return self.client.http.reply("GET", self._path + "/result", mask)
 
@@ -523,13 +520,8 @@ class RemoteSession(EngineSession):
             reply = MaskUpdateReply.model_validate_json(data)
             if reply.mask is None:
                 return reply, np.zeros((0, 0, 0), np.uint8)
-            voxels = reply.mask.to_array()
-            if voxels.ndim != 3 or tuple(voxels.shape) != tuple(reply.shape):
-                raise ValueError(f"mask box shape {voxels.shape} differs from the declared {reply.shape}")
-            lo = tuple(int(x) for x in reply.offset)
-            if len(lo) != 3 or any(a < 0 or a + n > m for a, n, m in zip(lo, voxels.shape, self._mask.shape)):
-                raise ValueError(f"mask box {voxels.shape} at {list(lo)} is outside the image {self.shape}")
-            return reply, voxels
+            # checked against the image before it is decompressed, and no further than the box
+            return reply, box_voxels(reply.offset, reply.shape, reply.mask, self._mask.shape)
 
         reply, voxels = parsed_reply(f"POST {self._path}/{op}", decoded, content, once=True)
         update = MaskUpdate(

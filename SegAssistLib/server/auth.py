@@ -70,10 +70,19 @@ def issue_token(path: Path, user: str) -> str:
     if path.exists() and any(u == user for u, _ in parse_token_file(path)):
         raise ValueError(f"{path} already has a token for {user!r}: remove its line first to replace it")
     token = new_token()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(f"{user}:sha256:{hash_token(token)}\n")
+    line = f"{user}:sha256:{hash_token(token)}\n".encode()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "r+b") as f:
+        if not _ends_line(f.fileno()):  # a file edited by hand often lacks its final newline
+            line = b"\n" + line
+        f.write(line)  # one write, at the end (O_APPEND): the other entries are never rewritten
     return token
+
+
+def _ends_line(fd: int) -> bool:
+    """Whether the open file is empty or ends with a newline (so that an appended line starts a line)."""
+    size = os.fstat(fd).st_size
+    return size == 0 or os.pread(fd, 1, size - 1) == b"\n"
 
 
 def env_token_entry(environ: Optional[dict] = None) -> Optional[Tuple[str, str]]:

@@ -315,6 +315,12 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m SegAssistLib.server``: :func:`run_serve` run as ``segassist serve`` runs it, so that
+    bad settings it finds only when building the app (a ``--learn-store`` folder holding other files, a
+    damaged store, a ``--data-dir`` whose ``images`` is a file) are the same one line and exit 2, not a
+    traceback in the log that :class:`~SegAssistLib.client.local.LocalBackend` shows the user."""
+    from SegAssistLib.cli import run_handled
+
     parser = argparse.ArgumentParser(
         prog="python -m SegAssistLib.server",
         description="Run the SegAssist backend server (same options as `segassist serve`).",
@@ -322,4 +328,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_serve_arguments(parser)
-    return run_serve(parser.parse_args(argv))
+    parser.set_defaults(func=run_serve, command="serve")
+    return run_handled(parser.parse_args(argv), prog="segassist")

@@ -7,13 +7,17 @@ always the server-computed hash, checked against a strict pattern; nothing a cli
 path. A stored image is read and decoded once however many requests want it at once (they share
 the one read), and "is it held?" (:meth:`ImageStore.info`) reads only the stored frame's header.
 
-A stored file that no longer decodes (damaged, or above a since-lowered voxel or axis limit) is
-removed, and the image is simply uploaded again. So is one whose voxels decode but no longer hash to
-its id (a flipped bit in a frame without a checksum, codec ``none`` or zstd without one): the hash is
-checked once each time the file is read into memory, never per request. A file that cannot be
-*read* right now (too many open files, out of memory, interrupted: :data:`TRANSIENT_ERRNOS`) is kept
-and the request answers 503 (retry later); a lasting read error (EIO, EACCES) removes it like a
-damaged one, so that uploading the image again repairs the store.
+A stored file that no longer decodes (damaged) is removed, and the image is simply uploaded again.
+So is one whose voxels decode but no longer hash to its id (a flipped bit in a frame without a
+checksum, codec ``none`` or zstd without one): the hash is checked once each time the file is read
+into memory, never per request. A stored image above *this* server's voxel or axis limit is not
+damaged: a data directory may be shared by servers with other limits (one per GPU, a CPU box), or
+the limit was lowered since. It is answered 413 ``image_too_large`` and its file is left alone. A
+file that cannot be *read* right now (too many open files, out of memory, interrupted:
+:data:`TRANSIENT_ERRNOS`), or that this server's account may not read (:data:`PERMISSION_ERRNOS`: a
+data directory shared by servers under other accounts), is kept and the request answers 503
+``storage_unavailable``; another lasting read error (EIO) removes it like a damaged one, so that
+uploading the image again repairs the store.
 Temporary ``.upload-*.tmp`` files that a killed server left behind are removed when the store is
 opened, once they are older than :data:`STALE_UPLOAD_S` (a data directory may be shared by several
 server processes, so a fresh one may belong to a live upload).
@@ -63,7 +67,10 @@ UPLOAD_TMP_PREFIX, UPLOAD_TMP_SUFFIX = ".upload-", ".tmp"
 STALE_UPLOAD_S = 15 * 60.0
 #: the fields of a frame header that describe the voxels (ArrayMeta); the others are ImageHeader's
 ARRAY_FIELDS = tuple(f.name for f in dataclasses.fields(ArrayMeta))
-#: a stored image that cannot be kept: the errors of decoding it (a 413 or 422 ApiError: above a limit)
+#: read errors that say "this server may not read it", not "this file is bad": the file is kept
+PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+#: a stored image that cannot be kept: the errors of decoding it (an ApiError other than
+#: ``image_too_large``, such as 422 for a shape that is not 3D; see :func:`_raise_if_over_limit`)
 _DAMAGED = (TransportError, ImageError, ValueError, ApiError)
 
 
@@ -78,6 +85,28 @@ def _unavailable(image_id: str, exc: OSError) -> ApiError:
         f"stored image {image_id} cannot be read right now ({exc.strerror or exc}); it is kept: retry later",
         headers={"Retry-After": "2"},
     )  # fmt: skip
+
+
+def _refused(image_id: str, exc: OSError) -> ApiError:
+    return ApiError(
+        503, ErrorCode.STORAGE_UNAVAILABLE,
+        f"stored image {image_id} cannot be read by this server ({exc.strerror or exc}); it is kept: the data "
+        "directory's permissions must let this server's account read it",
+    )  # fmt: skip
+
+
+def _raise_if_over_limit(image_id: str, exc: Exception) -> None:
+    """Raise a 413 for a stored image above this server's limits (the file is left alone: it is not
+    damaged, and servers sharing the data directory may have higher limits); return for other errors."""
+    code = getattr(exc, "code", None)
+    if code != ErrorCode.IMAGE_TOO_LARGE:
+        return
+    message = getattr(exc, "message", None) or str(exc)
+    raise ApiError(
+        413, ErrorCode.IMAGE_TOO_LARGE,
+        f"stored image {image_id} is above this server's limits: {message}",
+        getattr(exc, "details", None),
+    ) from exc  # fmt: skip
 
 
 def is_image_id(value: str) -> bool:
@@ -254,7 +283,8 @@ class ImageStore:
             return None
         try:
             volume, _, _ = decode_image_frame(data, self._max_voxels, self._max_axis)
-        except _DAMAGED as exc:  # damaged, or above a since-lowered limit
+        except _DAMAGED as exc:
+            _raise_if_over_limit(image_id, exc)  # above this server's limits: 413, the file kept
             self._damaged(image_id, path, exc)
             return None
         del data  # the frame: only the volume stays
@@ -265,11 +295,15 @@ class ImageStore:
         return self._remember(image_id, volume)
 
     def _unreadable(self, image_id: str, path: Path, exc: OSError) -> None:
-        """A stored file that cannot be read: 503 when that may pass, else it is removed."""
+        """A stored file that cannot be read: 503 when that may pass or is this server's permission,
+        else (EIO) it is removed."""
         if exc.errno in TRANSIENT_ERRNOS:  # the file may be fine: keep it, ask to retry
             log.warning("stored image %s cannot be read right now (%s): kept", image_id, exc)
             raise _unavailable(image_id, exc) from exc
-        # a lasting failure (EIO, EACCES, ...): the file is a copy of an upload; dropping it lets
+        if exc.errno in PERMISSION_ERRNOS:  # another account's file, fine for it: never this server's to remove
+            log.error("stored image %s cannot be read by this server (%s): kept", image_id, exc)
+            raise _refused(image_id, exc) from exc
+        # a lasting failure (EIO, ...): the file is a copy of an upload; dropping it lets
         # the client upload the image again, which writes it anew, rather than leaving it stuck
         log.warning("stored image %s cannot be read (%s): removed; it will be uploaded again", image_id, exc)
         try:
@@ -283,7 +317,7 @@ class ImageStore:
         is uploaded again. A data directory that refuses the removal (read-only) costs a log line:
         the request is answered as if the file were gone, and an upload of the image is then served
         from memory."""
-        log.warning("stored image %s is damaged or above a limit (%s): removed; it will be uploaded again",
+        log.warning("stored image %s is damaged (%s): removed; it will be uploaded again",
                     image_id, describe_value(str(exc), 300))  # fmt: skip
         try:
             path.unlink(missing_ok=True)
@@ -295,10 +329,11 @@ class ImageStore:
         Blocking I/O.
 
         A held volume answers from memory; a stored one from its frame's header alone (its first
-        bytes), checked as decoding checks it, but for the voxels: a file whose header is damaged,
-        whose length does not match that header, or whose image is above a since-lowered limit is
-        removed as :meth:`get` removes it. Damaged voxels are found (and the file removed) when a
-        session is opened on the image, which then answers 404 ``image_not_found``."""
+        bytes), checked as decoding checks it, but for the voxels: a file whose header is damaged or
+        whose length does not match that header is removed as :meth:`get` removes it; an image above
+        this server's limits is a 413 ``image_too_large`` and its file is kept (as :meth:`get` does).
+        Damaged voxels are found (and the file removed) when a session is opened on the image, which
+        then answers 404 ``image_not_found``."""
         if not is_image_id(image_id):
             return None
         volume = self._held(image_id)
@@ -321,6 +356,7 @@ class ImageStore:
         try:
             return header_info(image_id, prefix, size, self._max_voxels, self._max_axis)
         except _DAMAGED as exc:
+            _raise_if_over_limit(image_id, exc)  # above this server's limits: 413, the file kept
             self._damaged(image_id, path, exc)
             return None
 

@@ -33,7 +33,8 @@ def _frame_header_schema() -> Dict[str, Any]:
     }
 
 
-_UPLOAD_DOC = f"""Upload an image as one frame (`Content-Type: {FRAME_MEDIA_TYPE}`):
+_UPLOAD_DOC = f"""Upload an image as one frame (`Content-Type: {FRAME_MEDIA_TYPE}`; any other type is
+415 `unsupported_media_type`):
 
     b"SGAF" | uint32 little-endian header length | UTF-8 JSON header | compressed voxels
 
@@ -74,7 +75,7 @@ async def upload_image(
     user: str = Depends(current_user),
 ) -> StoredImage:
     media = request.headers.get("content-type", "").split(";")[0].strip()
-    if media not in (FRAME_MEDIA_TYPE, "application/octet-stream"):
+    if media != FRAME_MEDIA_TYPE:  # as documented: no client version has sent any other type
         raise ApiError(
             415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"an image upload must be a SegAssist frame ({FRAME_MEDIA_TYPE}), not {media or 'untyped'}",
@@ -116,7 +117,8 @@ async def upload_image(
             held = await run_in_threadpool(state.images.put, image_id, volume, body)
         if held is not volume:
             _check_same_modality(image_id, held, volume)
-        uploaded = held is volume and not known
+        # this request's volume is the one held only when this request stored it (put keeps an earlier one)
+        uploaded = held is volume
         if not uploaded:
             response.status_code = 200
     return image_info(image_id, held, uploaded=uploaded)

@@ -89,7 +89,7 @@ def test_an_image_uploaded_again_over_a_damaged_file_opens_at_once(server_factor
                                         "direction": np.asarray(volume.direction).ravel().tolist()})  # fmt: skip
     headers = {"Content-Type": "application/x-segassist-frame"}
     upload = raw(second, "POST", "/v1/images", data=frame, headers=headers)
-    assert upload.status_code == 200 and upload.json()["image_id"] == image_id
+    assert upload.status_code == 201 and upload.json()["image_id"] == image_id  # this request stored it
     opened = raw(second, "POST", "/v1/sessions", json={"image_id": image_id})
     assert opened.status_code == 201, opened.text
 
