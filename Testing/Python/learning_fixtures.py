@@ -143,3 +143,13 @@ def adapter_settings(defaults: dict, overrides: dict) -> dict:
     kind = settings.get("kind", "lora")
     unused = {"rank", "lora_rank", "alpha"} if kind == "full" else set() if kind == "salt" else {"lora_rank"}
     return {k: v for k, v in settings.items() if k in overrides or k not in unused}
+
+
+def labelled_store(folder: Path, n_labelled: int) -> Tuple[Path, Path]:
+    """``(store root, base checkpoint)``: a closed store of ``n_labelled`` submitted cases under
+    ``folder`` and a tiny base network beside it; torch's first optimiser is imported here (seconds)
+    so that it does not count against the time budget of the run under test."""
+    made, _ = make_store(folder / "store", n_labelled=n_labelled, n_new=0)
+    made.close()
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    return folder / "store", tiny_checkpoint(folder / "tiny.pt")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from learning_fixtures import make_store, one_thread, tiny_checkpoint  # noqa: F401  (autouse fixture)
+from learning_fixtures import labelled_store, one_thread, tiny_checkpoint  # noqa: F401  (autouse fixture)
 from torch import nn
 
 from SegAssistLib.engine.builtin import BuiltinEngine
@@ -44,10 +44,7 @@ GRACE_S = 0.5  # what docs/training.md allows past the budget
 
 @pytest.fixture
 def store(tmp_path: Path):
-    made, _ = make_store(tmp_path / "store", n_labelled=6, n_new=0)
-    made.close()
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch's first optimiser imports for seconds
-    return tmp_path / "store", tiny_checkpoint(tmp_path / "tiny.pt")
+    return labelled_store(tmp_path, n_labelled=6)
 
 
 # ---------------------------------------------------------------------------------------- settings

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from learning_fixtures import adapter_settings, make_store, one_thread, tiny_checkpoint  # noqa: F401  (autouse fixture)
+from learning_fixtures import adapter_settings, labelled_store, one_thread  # noqa: F401  (autouse fixture)
 
 from SegAssistLib.engine.builtin import BuiltinEngine, BuiltinSession
 from SegAssistLib.learning import trainer as trainer_module
@@ -33,10 +33,7 @@ GRACE_S = 0.5  # what docs/training.md allows past the budget: a click slower th
 
 @pytest.fixture
 def store(tmp_path: Path):
-    made, _ = make_store(tmp_path / "store", n_labelled=8, n_new=0)
-    made.close()
-    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # torch's first optimiser imports for seconds
-    return tmp_path / "store", tiny_checkpoint(tmp_path / "tiny.pt")
+    return labelled_store(tmp_path, n_labelled=8)
 
 
 @pytest.fixture
