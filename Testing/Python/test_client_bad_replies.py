@@ -8,13 +8,12 @@ naming the route, never pydantic's ValidationError, a TypeError or requests' Too
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
 import requests
+from http_fakes import QuietHandler, serving
 
 from SegAssistLib.api_models import SessionInfo
 from SegAssistLib.client import SegAssistClient
@@ -36,29 +35,18 @@ BODIES: Dict[str, bytes] = {
 }
 
 
-class _Fake(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Fake(QuietHandler):
     mode: Dict[str, Any] = {}
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
     def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        self.read_body()
         if self.mode["body"] == "redirect":  # to itself, forever
             self.send_response(302)
             self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}{self.path}")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = BODIES[self.mode["body"]]
-        self.send_response(self.mode.get("status", 200))
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_json(BODIES[self.mode["body"]], self.mode.get("status", 200))
 
     do_GET = do_POST = do_DELETE = _answer
 
@@ -66,14 +54,8 @@ class _Fake(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def fake() -> Iterator[Tuple[str, Dict[str, Any]]]:
     mode: Dict[str, Any] = {"body": "object"}
-    handler = type("Handler", (_Fake,), {"mode": mode})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", mode
-    server.shutdown()
-    server.server_close()
+    with serving(type("Handler", (_Fake,), {"mode": mode})) as url:
+        yield url, mode
 
 
 def _session(client: SegAssistClient) -> RemoteSession:

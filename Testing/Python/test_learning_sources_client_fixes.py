@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
 import tracemalloc
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pytest
+from http_fakes import QuietHandler, serving
 from test_server_fixtures import TOKENS
 from test_store_label_sources import image, label
 
@@ -204,28 +203,18 @@ def _next_reply(offset: List[int], shape: List[int], mask: Dict[str, Any]) -> by
     return json.dumps(reply).encode()
 
 
-class _Answers(BaseHTTPRequestHandler):
+class _Answers(QuietHandler):
     """Answers each request with the next body of ``replies`` (the last one again when they run out)."""
 
-    protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # each reply at once: no delayed-ACK wait between polls to measure
     replies: List[bytes] = []
     seen: List[float] = []
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
     def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
+        self.read_body()
         body = self.replies[min(len(self.seen), len(self.replies) - 1)]
         self.seen.append(time.monotonic())
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_json(body)
 
     do_GET = do_POST = _answer
 
@@ -233,16 +222,12 @@ class _Answers(BaseHTTPRequestHandler):
 @pytest.fixture()
 def answering() -> Iterator[Tuple[SegAssistClient, type]]:
     handler = type("Handler", (_Answers,), {"replies": [], "seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    client = SegAssistClient(f"http://127.0.0.1:{server.server_address[1]}", TOKENS["alice"])
-    try:
-        yield client, handler
-    finally:
-        client.close()
-        server.shutdown()
-        server.server_close()
+    with serving(handler, poll_interval=0.02) as url:
+        client = SegAssistClient(url, TOKENS["alice"])
+        try:
+            yield client, handler
+        finally:
+            client.close()
 
 
 def test_a_proposal_box_at_a_negative_offset_is_refused_not_written_at_the_far_end(answering):
